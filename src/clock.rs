@@ -1,0 +1,235 @@
+//! Time: the only module that reads a clock.
+//!
+//! Throttles run on monotonic time ([quanta], nanoseconds since the clock was
+//! made); calendar windows run on UTC wall time. [`Clock::system`] reads the
+//! machine's clocks; [`ManualClock`] is moved by hand, so tests about time are
+//! exact and fast. Clones of a clock share one time.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::gcra::Nanos;
+
+/// A source of time for a store.
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate::{Clock, ManualClock};
+///
+/// let manual = ManualClock::new();
+/// let clock = Clock::from(manual.clone());
+/// let before = clock.now();
+/// manual.advance(Duration::from_secs(2));
+/// assert_eq!(clock.now() - before, Duration::from_secs(2));
+/// ```
+#[derive(Clone)]
+pub struct Clock {
+    inner: Inner,
+}
+
+#[derive(Clone)]
+enum Inner {
+    System(Arc<SystemClock>),
+    Manual(ManualClock),
+}
+
+struct SystemClock {
+    clock: quanta::Clock,
+    start: u64,
+}
+
+impl Clock {
+    /// The machine's clocks: quanta's calibrated monotonic counter for
+    /// throttles, the system time for calendar windows.
+    pub fn system() -> Self {
+        let clock = quanta::Clock::new();
+        let start = clock.raw();
+        Clock {
+            inner: Inner::System(Arc::new(SystemClock { clock, start })),
+        }
+    }
+
+    /// Monotonic time since the clock was made.
+    pub fn now(&self) -> Duration {
+        Duration::from_nanos(self.nanos())
+    }
+
+    /// Monotonic nanoseconds since the clock was made.
+    ///
+    /// Counters from different cores can disagree by a little; the result is
+    /// then simply a little earlier, which every user of it tolerates (an
+    /// earlier `now` never grants capacity).
+    #[inline]
+    pub(crate) fn nanos(&self) -> Nanos {
+        match &self.inner {
+            Inner::System(s) => {
+                let raw = s.clock.raw();
+                // `delta_as_nanos` saturates at zero if the counter reads below the start.
+                s.clock.delta_as_nanos(s.start, raw)
+            }
+            Inner::Manual(m) => m.shared.mono.load(Ordering::Acquire),
+        }
+    }
+
+    /// UTC wall time.
+    pub fn wall(&self) -> SystemTime {
+        match &self.inner {
+            Inner::System(_) => SystemTime::now(),
+            Inner::Manual(m) => m.wall(),
+        }
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::system()
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            Inner::System(_) => f.write_str("Clock::System"),
+            Inner::Manual(m) => f.debug_tuple("Clock::Manual").field(m).finish(),
+        }
+    }
+}
+
+impl From<ManualClock> for Clock {
+    fn from(manual: ManualClock) -> Self {
+        Clock {
+            inner: Inner::Manual(manual),
+        }
+    }
+}
+
+/// A clock moved by hand, for tests. Clones share one time.
+///
+/// Monotonic time starts at one hour (so that "an hour ago" exists); wall time
+/// starts at 2024-01-01T00:00:00Z unless set. [`advance`](Self::advance) moves
+/// both; [`rewind`](Self::rewind) moves both back, to test clocks that step
+/// backwards.
+#[derive(Clone)]
+pub struct ManualClock {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    mono: AtomicU64,
+    /// Wall time as nanoseconds since the Unix epoch (may be negative).
+    wall: AtomicI64,
+}
+
+/// 2024-01-01T00:00:00Z in seconds since the Unix epoch.
+const DEFAULT_WALL_SECS: i64 = 1_704_067_200;
+
+impl ManualClock {
+    /// A new manual clock.
+    pub fn new() -> Self {
+        ManualClock {
+            shared: Arc::new(Shared {
+                mono: AtomicU64::new(3_600 * crate::gcra::NANOS_PER_SEC),
+                wall: AtomicI64::new(DEFAULT_WALL_SECS * 1_000_000_000),
+            }),
+        }
+    }
+
+    /// Moves monotonic and wall time forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        let n = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.shared.mono.fetch_add(n, Ordering::AcqRel);
+        self.shared
+            .wall
+            .fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Ordering::AcqRel);
+    }
+
+    /// Moves monotonic and wall time back by `by` (monotonic time stops at zero).
+    pub fn rewind(&self, by: Duration) {
+        let n = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        let _ = self
+            .shared
+            .mono
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| {
+                Some(m.saturating_sub(n))
+            });
+        self.shared
+            .wall
+            .fetch_sub(i64::try_from(n).unwrap_or(i64::MAX), Ordering::AcqRel);
+    }
+
+    /// Sets the wall time (monotonic time is left alone).
+    pub fn set_wall(&self, at: SystemTime) {
+        let nanos = match at.duration_since(UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+            Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+        };
+        self.shared.wall.store(nanos, Ordering::Release);
+    }
+
+    /// The current wall time.
+    pub fn wall(&self) -> SystemTime {
+        let n = self.shared.wall.load(Ordering::Acquire);
+        if n >= 0 {
+            UNIX_EPOCH + Duration::from_nanos(n as u64)
+        } else {
+            UNIX_EPOCH - Duration::from_nanos(n.unsigned_abs())
+        }
+    }
+}
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        ManualClock::new()
+    }
+}
+
+impl fmt::Debug for ManualClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ManualClock")
+            .field("mono_nanos", &self.shared.mono.load(Ordering::Relaxed))
+            .field("wall", &self.wall())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clones_share_one_time() {
+        let a = ManualClock::new();
+        let b = a.clone();
+        let clock = Clock::from(a.clone());
+        let t0 = clock.nanos();
+        b.advance(Duration::from_millis(1500));
+        assert_eq!(clock.nanos() - t0, 1_500_000_000);
+        assert_eq!(
+            a.wall().duration_since(UNIX_EPOCH).unwrap(),
+            Duration::from_secs(DEFAULT_WALL_SECS as u64) + Duration::from_millis(1500)
+        );
+    }
+
+    #[test]
+    fn rewind_saturates_and_never_panics() {
+        let m = ManualClock::new();
+        let clock = Clock::from(m.clone());
+        m.rewind(Duration::from_secs(10));
+        assert_eq!(clock.nanos(), 3_590 * 1_000_000_000);
+        m.rewind(Duration::MAX);
+        assert_eq!(clock.nanos(), 0);
+        m.set_wall(UNIX_EPOCH - Duration::from_secs(5));
+        assert_eq!(m.wall(), UNIX_EPOCH - Duration::from_secs(5));
+    }
+
+    #[test]
+    fn system_clock_moves_forward() {
+        let c = Clock::system();
+        let a = c.nanos();
+        std::thread::sleep(Duration::from_millis(5));
+        let b = c.nanos();
+        assert!(b >= a + 4_000_000, "{a} -> {b}");
+    }
+}

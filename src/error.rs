@@ -1,0 +1,75 @@
+//! Errors in the configuration of limits, plans and keys.
+
+use std::fmt;
+
+/// A limit, plan or key that cannot be built.
+///
+/// Every invalid parameter is caught here, when the configuration is built,
+/// never as a panic while serving.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A throttle rate that is zero, negative, NaN, infinite or out of range.
+    InvalidRate(f64),
+    /// A throttle burst (bucket size) of zero.
+    ZeroBurst,
+    /// `burst / rate` is longer than about 146 years, or `rate` is above one per nanosecond.
+    SpanOutOfRange {
+        /// The rate given.
+        rate: f64,
+        /// The burst given.
+        burst: u32,
+    },
+    /// Two plans share a name.
+    DuplicatePlan(String),
+    /// Two API keys share an id.
+    DuplicateKeyId(String),
+    /// Two API keys share a secret value (the value is not shown).
+    DuplicateKeyValue {
+        /// The id of the second key with the value.
+        id: String,
+    },
+    /// An API key names a plan that does not exist.
+    UnknownPlan {
+        /// The key's id.
+        key: String,
+        /// The plan it names.
+        plan: String,
+    },
+    /// An API key's id or value is empty, too long or not visible ASCII.
+    InvalidKey {
+        /// The key's id (empty if the id itself is invalid).
+        id: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A store parameter is out of range.
+    InvalidStore(&'static str),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::InvalidRate(r) => {
+                write!(f, "invalid rate {r}: must be a finite number above zero")
+            }
+            ConfigError::ZeroBurst => f.write_str("invalid burst 0: must be at least 1"),
+            ConfigError::SpanOutOfRange { rate, burst } => write!(
+                f,
+                "throttle out of range: rate {rate} with burst {burst} (rate at most 1e9/s, burst/rate at most ~146 years)"
+            ),
+            ConfigError::DuplicatePlan(name) => write!(f, "duplicate plan name `{name}`"),
+            ConfigError::DuplicateKeyId(id) => write!(f, "duplicate api key id `{id}`"),
+            ConfigError::DuplicateKeyValue { id } => {
+                write!(f, "api key `{id}` has the same value as another key")
+            }
+            ConfigError::UnknownPlan { key, plan } => {
+                write!(f, "api key `{key}` names unknown plan `{plan}`")
+            }
+            ConfigError::InvalidKey { id, reason } => write!(f, "invalid api key `{id}`: {reason}"),
+            ConfigError::InvalidStore(why) => write!(f, "invalid store configuration: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}

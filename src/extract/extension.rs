@@ -1,0 +1,4 @@
+// placeholder until the extractors land
+/// stub
+#[derive(Debug)]
+pub struct ExtensionKey;

@@ -1,0 +1,286 @@
+//! The generic cell rate algorithm: a token bucket kept as one number.
+//!
+//! A throttle of `rate` units per second and bucket size `burst` is kept per key
+//! as a *theoretical arrival time* (TAT, nanoseconds on the store's monotonic
+//! time line). The bucket is full when `tat <= now`; each unit of cost moves the
+//! TAT forward by the emission interval `t = 1/rate`; a request of cost `n` passes
+//! when the moved TAT stays within `burst * t` of now. Everything here is a pure
+//! function of `(state, now, cost)`: no clock is read and nothing is stored.
+//!
+//! Time that goes backwards (a `now` earlier than a previous one) only makes the
+//! bucket look emptier, never fuller: the TAT never moves back.
+
+/// Nanoseconds on a monotonic time line.
+pub(crate) type Nanos = u64;
+
+/// Nanoseconds per second.
+pub(crate) const NANOS_PER_SEC: u64 = 1_000_000_000;
+
+/// The largest bucket span (`burst / rate`) accepted, so that all arithmetic
+/// stays far from `u64` overflow: about 146 years.
+pub(crate) const MAX_SPAN: Nanos = 1 << 62;
+
+/// The parameters of one throttle, in the units the algorithm works in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Gcra {
+    /// Emission interval: nanoseconds one unit of cost takes to refill (>= 1).
+    interval: Nanos,
+    /// Bucket size in units (>= 1).
+    burst: u32,
+    /// `interval * burst`: how far ahead of now the TAT may run.
+    tolerance: Nanos,
+}
+
+/// What a decision found, and the state to store when it is allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The request fits: store `tat`.
+    Allow(Snapshot),
+    /// The bucket lacks capacity now; the request passes after `retry_after`.
+    Deny {
+        /// How the bucket stands (unchanged by the request).
+        snapshot: Snapshot,
+        /// How long until the request's cost fits.
+        retry_after: Nanos,
+    },
+    /// The cost is larger than the whole bucket: it will never pass.
+    TooCostly(Snapshot),
+}
+
+/// How a bucket stands after a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Snapshot {
+    /// The TAT after the decision (the new one when allowed).
+    pub(crate) tat: Nanos,
+    /// Whole units left in the bucket.
+    pub(crate) remaining: u32,
+    /// Time until the bucket is full again.
+    pub(crate) reset: Nanos,
+}
+
+impl Gcra {
+    /// Builds the parameters; the caller has validated that `rate` is finite and
+    /// positive and `burst >= 1`. Returns `None` when the numbers are out of the
+    /// representable range (rate above one per nanosecond, span above [`MAX_SPAN`]).
+    pub(crate) fn new(rate: f64, burst: u32) -> Option<Self> {
+        if !(rate.is_finite() && rate > 0.0 && rate <= NANOS_PER_SEC as f64) || burst == 0 {
+            return None;
+        }
+        let interval = (NANOS_PER_SEC as f64 / rate).round();
+        if !(1.0..=MAX_SPAN as f64).contains(&interval) {
+            return None;
+        }
+        let interval = interval as Nanos;
+        let tolerance = interval.checked_mul(u64::from(burst))?;
+        if tolerance > MAX_SPAN {
+            return None;
+        }
+        Some(Self {
+            interval,
+            burst,
+            tolerance,
+        })
+    }
+
+    /// The bucket size in units.
+    pub(crate) fn burst(&self) -> u32 {
+        self.burst
+    }
+
+    /// Time for an empty bucket to refill completely.
+    pub(crate) fn span(&self) -> Nanos {
+        self.tolerance
+    }
+
+    /// Decides a request of `cost` units against the stored `tat` at `now`.
+    ///
+    /// `tat == 0` is a key never seen (a full bucket). A cost of 0 is a peek:
+    /// it always "passes" and reports the state without changing it.
+    pub(crate) fn decide(&self, tat: Nanos, now: Nanos, cost: u32) -> Outcome {
+        let base = tat.max(now);
+        if cost > self.burst {
+            return Outcome::TooCostly(self.snapshot(base, now));
+        }
+        // cost <= burst, so cost * interval <= tolerance <= MAX_SPAN: no overflow.
+        let new_tat = base + u64::from(cost) * self.interval;
+        let limit = now.saturating_add(self.tolerance);
+        if new_tat <= limit {
+            // A peek stores nothing: keep the old TAT so that a peek never moves state.
+            let stored = if cost == 0 { tat } else { new_tat };
+            let mut snap = self.snapshot(new_tat, now);
+            snap.tat = stored;
+            Outcome::Allow(snap)
+        } else {
+            Outcome::Deny {
+                snapshot: self.snapshot(base, now),
+                retry_after: new_tat - limit,
+            }
+        }
+    }
+
+    /// Gives back `cost` units to a bucket whose TAT is `tat` (a refund after a
+    /// failed multi-limit decision or an over-estimate). The TAT never moves
+    /// below `now`, so a refund can refill the bucket but never overfill it.
+    pub(crate) fn refund(&self, tat: Nanos, now: Nanos, cost: u32) -> Nanos {
+        tat.saturating_sub(u64::from(cost) * self.interval)
+            .max(now.min(tat))
+    }
+
+    /// The state of a bucket with TAT `tat` at `now`.
+    fn snapshot(&self, tat: Nanos, now: Nanos) -> Snapshot {
+        let ahead = tat.saturating_sub(now);
+        let free = self.tolerance.saturating_sub(ahead);
+        Snapshot {
+            tat,
+            remaining: (free / self.interval).min(u64::from(self.burst)) as u32,
+            reset: ahead,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = NANOS_PER_SEC;
+
+    /// Runs `n` requests of cost 1 at `now` on `tat`, returning how many passed.
+    fn admit(g: &Gcra, tat: &mut Nanos, now: Nanos, n: u32) -> u32 {
+        let mut passed = 0;
+        for _ in 0..n {
+            if let Outcome::Allow(s) = g.decide(*tat, now, 1) {
+                *tat = s.tat;
+                passed += 1;
+            }
+        }
+        passed
+    }
+
+    #[test]
+    fn burst_then_one_per_interval() {
+        let g = Gcra::new(2.0, 5).unwrap();
+        let mut tat = 0;
+        let t0 = 10 * S;
+        assert_eq!(admit(&g, &mut tat, t0, 10), 5);
+        // Just before one interval: nothing; at it: exactly one.
+        assert_eq!(admit(&g, &mut tat, t0 + S / 2 - 1, 3), 0);
+        assert_eq!(admit(&g, &mut tat, t0 + S / 2, 3), 1);
+        assert_eq!(admit(&g, &mut tat, t0 + S, 3), 1);
+        // Ten seconds idle refill the bucket to 5, not more.
+        assert_eq!(admit(&g, &mut tat, t0 + 11 * S, 10), 5);
+    }
+
+    #[test]
+    fn fractional_rate() {
+        // One request every 4 s, bucket of 1.
+        let g = Gcra::new(0.25, 1).unwrap();
+        let mut tat = 0;
+        assert_eq!(admit(&g, &mut tat, S, 2), 1);
+        assert_eq!(admit(&g, &mut tat, 5 * S - 1, 1), 0);
+        assert_eq!(admit(&g, &mut tat, 5 * S, 1), 1);
+        // 3 per second: intervals of 333_333_333 ns.
+        let g = Gcra::new(3.0, 1).unwrap();
+        let mut tat = 0;
+        assert_eq!(admit(&g, &mut tat, S, 1), 1);
+        assert_eq!(admit(&g, &mut tat, S + 333_333_332, 1), 0);
+        assert_eq!(admit(&g, &mut tat, S + 333_333_333, 1), 1);
+    }
+
+    #[test]
+    fn cost_n_and_retry_after() {
+        let g = Gcra::new(1.0, 10).unwrap();
+        let now = 100 * S;
+        let Outcome::Allow(s) = g.decide(0, now, 7) else {
+            panic!("7 of 10 must pass")
+        };
+        assert_eq!(s.remaining, 3);
+        assert_eq!(s.reset, 7 * S);
+        match g.decide(s.tat, now, 5) {
+            Outcome::Deny {
+                retry_after,
+                snapshot,
+            } => {
+                assert_eq!(retry_after, 2 * S);
+                assert_eq!(snapshot.remaining, 3);
+                assert_eq!(snapshot.tat, s.tat);
+            }
+            other => panic!("expected deny, got {other:?}"),
+        }
+        assert!(matches!(g.decide(s.tat, now, 3), Outcome::Allow(_)));
+    }
+
+    #[test]
+    fn cost_above_burst_is_its_own_reason() {
+        let g = Gcra::new(100.0, 10).unwrap();
+        assert!(matches!(g.decide(0, S, 11), Outcome::TooCostly(_)));
+        assert!(matches!(g.decide(0, S, 10), Outcome::Allow(_)));
+    }
+
+    #[test]
+    fn peek_changes_nothing() {
+        let g = Gcra::new(1.0, 3).unwrap();
+        let Outcome::Allow(s) = g.decide(0, S, 2) else {
+            panic!()
+        };
+        let Outcome::Allow(p) = g.decide(s.tat, S, 0) else {
+            panic!("a peek always passes")
+        };
+        assert_eq!(p.tat, s.tat);
+        assert_eq!(p.remaining, 1);
+        // A peek of an unseen key stores nothing either.
+        let Outcome::Allow(p) = g.decide(0, S, 0) else {
+            panic!()
+        };
+        assert_eq!((p.tat, p.remaining, p.reset), (0, 3, 0));
+    }
+
+    #[test]
+    fn invalid_parameters() {
+        for rate in [
+            0.0,
+            -1.0,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            1.5e9,
+            1e-30,
+        ] {
+            assert_eq!(Gcra::new(rate, 1), None, "rate {rate}");
+        }
+        assert_eq!(Gcra::new(1.0, 0), None);
+        // A span above ~146 years is out of range.
+        assert_eq!(Gcra::new(1e-9, u32::MAX), None);
+        assert!(Gcra::new(1e9, u32::MAX).is_some());
+    }
+
+    #[test]
+    fn time_going_backwards_grants_nothing() {
+        let g = Gcra::new(1.0, 2).unwrap();
+        let mut tat = 0;
+        assert_eq!(admit(&g, &mut tat, 50 * S, 2), 2);
+        // The clock steps back 10 s: the bucket looks emptier, not fuller.
+        assert_eq!(admit(&g, &mut tat, 40 * S, 5), 0);
+        match g.decide(tat, 40 * S, 1) {
+            Outcome::Deny { retry_after, .. } => assert_eq!(retry_after, 11 * S),
+            other => panic!("{other:?}"),
+        }
+        // And back at the old time, exactly what was owed.
+        assert_eq!(admit(&g, &mut tat, 51 * S, 5), 1);
+    }
+
+    #[test]
+    fn refund_never_overfills() {
+        let g = Gcra::new(1.0, 5).unwrap();
+        let now = 10 * S;
+        let Outcome::Allow(s) = g.decide(0, now, 3) else {
+            panic!()
+        };
+        let back = g.refund(s.tat, now, 3);
+        assert_eq!(back, now);
+        assert_eq!(g.refund(s.tat, now, 100), now);
+        let Outcome::Allow(s) = g.decide(back, now, 5) else {
+            panic!("a full refund restores the whole bucket")
+        };
+        assert_eq!(s.remaining, 0);
+    }
+}

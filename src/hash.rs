@@ -1,0 +1,69 @@
+//! Keyed hashing of attacker-chosen keys.
+//!
+//! Keys (IP addresses, API keys) are chosen by clients, so they are hashed with
+//! SipHash-1-3 under a random 128-bit key drawn once per process: a client
+//! cannot predict where its keys land, so it cannot aim a flood of keys at one
+//! neighbourhood of the store's table, nor find two keys that share a slot.
+
+use std::hash::{BuildHasher, Hasher as _, RandomState};
+use std::sync::OnceLock;
+
+use siphasher::sip128::{Hasher128, SipHasher13};
+
+/// A 128-bit keyed digest of a key's bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Digest(pub(crate) u128);
+
+impl std::fmt::Debug for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Digest(..)")
+    }
+}
+
+fn seeds() -> (u64, u64) {
+    static SEEDS: OnceLock<(u64, u64)> = OnceLock::new();
+    *SEEDS.get_or_init(|| {
+        // std's RandomState is seeded from the operating system's randomness.
+        let s = RandomState::new();
+        (s.hash_one(0x746f_6c6c_u64), s.hash_one(0x6761_7465_u64))
+    })
+}
+
+/// The keyed digest of `bytes` (the same within one process).
+#[inline]
+pub(crate) fn digest(bytes: &[u8]) -> Digest {
+    let (k0, k1) = seeds();
+    let mut h = SipHasher13::new_with_keys(k0, k1);
+    h.write(bytes);
+    let h = h.finish128();
+    Digest(u128::from(h.h1) << 64 | u128::from(h.h2))
+}
+
+/// A random salt, so that each limit places a key's state somewhere else.
+pub(crate) fn random_salt() -> u64 {
+    RandomState::new().hash_one(0x73616c74_u64)
+}
+
+/// The 64-bit finaliser of MurmurHash3: a bijection that spreads every input bit.
+#[inline]
+pub(crate) const fn mix(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_is_stable_and_distinguishes() {
+        assert_eq!(digest(b"abc"), digest(b"abc"));
+        assert_ne!(digest(b"abc"), digest(b"abd"));
+        assert_ne!(digest(b""), digest(b"\0"));
+        assert_eq!(format!("{:?}", digest(b"secret")), "Digest(..)");
+    }
+}

@@ -1,0 +1,184 @@
+use std::fmt;
+use std::sync::Arc;
+
+use tower_layer::Layer;
+
+use super::{RateLimit, Shared, SharedState};
+use crate::extract::{ApiKeyHeader, KeyExtractor};
+use crate::plan::Policy;
+use crate::response::{HeaderStyle, OnRejection};
+use crate::store::MemoryStore;
+
+/// Applies usage-plan rate limits to a service.
+///
+/// The layer owns the limit state (behind an `Arc`): every service it makes,
+/// and every clone of those, shares one budget. This is why the state is made
+/// when the layer is built, not in [`Layer::layer`]: axum calls `layer` once per
+/// route, and a budget per route would multiply the limit.
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use tollgate::{ApiKey, Policy, RateLimitLayer, Throttle, UsagePlan};
+///
+/// let policy = Policy::builder()
+///     .plan(UsagePlan::new("free").throttle(Throttle::new(2.0, 5)?))
+///     .key(ApiKey::new("free-1", "demo-free-key", "free"))
+///     .build()?;
+/// let app: Router = Router::new()
+///     .route("/v1/completions", get(|| async { "ok" }))
+///     .layer(RateLimitLayer::new(policy));
+/// # Ok::<(), tollgate::ConfigError>(())
+/// ```
+pub struct RateLimitLayer<K = ApiKeyHeader> {
+    shared: SharedState<K>,
+}
+
+impl RateLimitLayer<ApiKeyHeader> {
+    /// A layer for `policy`, with keys from the `x-api-key` header, the
+    /// in-memory store and IETF rate-limit headers.
+    pub fn new(policy: Policy) -> Self {
+        Self::builder(policy).build()
+    }
+
+    /// Configures a layer for `policy`.
+    pub fn builder(policy: Policy) -> RateLimitLayerBuilder<ApiKeyHeader> {
+        RateLimitLayerBuilder {
+            extractor: ApiKeyHeader::default(),
+            policy,
+            store: None,
+            headers: HeaderStyle::default(),
+            on_rejection: None,
+        }
+    }
+}
+
+impl<K> RateLimitLayer<K> {
+    /// The store that holds this layer's limit state.
+    pub fn store(&self) -> &MemoryStore {
+        &self.shared.store
+    }
+}
+
+impl<K> Clone for RateLimitLayer<K> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<K> fmt::Debug for RateLimitLayer<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("policy", &self.shared.policy)
+            .field("store", &self.shared.store)
+            .field("headers", &self.shared.headers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K> Layer<S> for RateLimitLayer<K> {
+    type Service = RateLimit<S, K>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit::from_shared(inner, Arc::clone(&self.shared))
+    }
+}
+
+/// Configures a [`RateLimitLayer`].
+///
+/// ```
+/// use tollgate::extract::ClientIp;
+/// use tollgate::{HeaderStyle, MemoryStore, Policy, RateLimitLayer, Throttle, UsagePlan};
+///
+/// // 10 requests per second per client IP, bursts of 20, legacy headers too.
+/// let layer = RateLimitLayer::builder(Policy::per_key(
+///     UsagePlan::new("per-ip").throttle(Throttle::new(10.0, 20)?),
+/// ))
+/// .extractor(ClientIp::new())
+/// .store(MemoryStore::builder().max_keys(100_000).build()?)
+/// .headers(HeaderStyle::ietf().x_ratelimit(true))
+/// .build();
+/// # Ok::<(), tollgate::ConfigError>(())
+/// ```
+#[must_use]
+pub struct RateLimitLayerBuilder<K> {
+    extractor: K,
+    policy: Policy,
+    store: Option<MemoryStore>,
+    headers: HeaderStyle,
+    on_rejection: Option<Arc<dyn OnRejection>>,
+}
+
+impl<K> RateLimitLayerBuilder<K> {
+    /// Where keys come from (default: [`ApiKeyHeader`], the `x-api-key` header).
+    pub fn extractor<K2: KeyExtractor>(self, extractor: K2) -> RateLimitLayerBuilder<K2> {
+        RateLimitLayerBuilder {
+            extractor,
+            policy: self.policy,
+            store: self.store,
+            headers: self.headers,
+            on_rejection: self.on_rejection,
+        }
+    }
+
+    /// The store (default: a new [`MemoryStore`]). Layers given clones of one
+    /// store keep their state apart (each limit places its state by its own salt).
+    pub fn store(mut self, store: MemoryStore) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Which rate-limit headers to send (default: [`HeaderStyle::ietf`]).
+    pub fn headers(mut self, headers: HeaderStyle) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// Builds rejection responses with `f` instead of the defaults. Rate-limit
+    /// headers and `Retry-After` are still added, and the [`Rejection`](crate::Rejection)
+    /// is still put in the response extensions.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use tollgate::{Policy, RateLimitLayer, Rejection, Throttle, UsagePlan};
+    ///
+    /// let policy = Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(1.0, 1)?));
+    /// let layer = RateLimitLayer::builder(policy)
+    ///     .on_rejection(|r: &Rejection| {
+    ///         http::Response::builder()
+    ///             .status(r.status())
+    ///             .body(Bytes::from(format!("slow down: {r}")))
+    ///             .unwrap()
+    ///     })
+    ///     .build();
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// ```
+    pub fn on_rejection(mut self, f: impl OnRejection) -> Self {
+        self.on_rejection = Some(Arc::new(f));
+        self
+    }
+
+    /// Builds the layer and its shared state.
+    pub fn build(self) -> RateLimitLayer<K> {
+        RateLimitLayer {
+            shared: Arc::new(Shared {
+                extractor: self.extractor,
+                policy: self.policy,
+                store: self.store.unwrap_or_default(),
+                headers: self.headers,
+                on_rejection: self.on_rejection,
+            }),
+        }
+    }
+}
+
+impl<K: fmt::Debug> fmt::Debug for RateLimitLayerBuilder<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayerBuilder")
+            .field("extractor", &self.extractor)
+            .field("policy", &self.policy)
+            .field("headers", &self.headers)
+            .finish_non_exhaustive()
+    }
+}

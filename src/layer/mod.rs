@@ -1,0 +1,86 @@
+//! The tower layer, service and future.
+
+mod future;
+#[allow(clippy::module_inception)]
+mod layer;
+mod service;
+
+pub use self::future::ResponseFuture;
+pub use self::layer::{RateLimitLayer, RateLimitLayerBuilder};
+pub use self::service::RateLimit;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::Response;
+
+use crate::extract::{KeyExtractor, RequestView};
+use crate::hash;
+use crate::plan::{Keys, Policy};
+use crate::response::{HeaderStyle, Reason, Rejection, SharedOnRejection, is_grpc};
+use crate::store::{MemoryStore, Report};
+
+/// What every clone of a layer and its services share.
+pub(crate) struct Shared<K> {
+    pub(crate) extractor: K,
+    pub(crate) policy: Policy,
+    pub(crate) store: MemoryStore,
+    pub(crate) headers: HeaderStyle,
+    pub(crate) on_rejection: Option<SharedOnRejection>,
+}
+
+impl<K: KeyExtractor> Shared<K> {
+    /// Decides one request: key, plan, then every limit of the plan at once.
+    #[inline]
+    pub(crate) fn decide(
+        &self,
+        req: &RequestView<'_>,
+    ) -> Result<Report, (Rejection, Option<Report>)> {
+        let grpc = || is_grpc(req.headers);
+        let key = self
+            .extractor
+            .extract(req)
+            .map_err(|e| (Rejection::key(Reason::Key(e), grpc()), None))?;
+        let digest = hash::digest(key.as_bytes());
+        let (plan, state) = match &*self.policy.keys {
+            Keys::Any(plan) => (plan, digest),
+            Keys::Registered(keys) => {
+                let entry = keys
+                    .get(&digest)
+                    .ok_or_else(|| (Rejection::key(Reason::UnknownKey, grpc()), None))?;
+                if !entry.enabled {
+                    return Err((Rejection::key(Reason::DisabledKey, grpc()), None));
+                }
+                (&entry.plan, entry.state)
+            }
+        };
+        self.store.acquire(&plan.limits, state, 1).map_err(|d| {
+            (
+                Rejection::denied(d.denial, &d.report, grpc()),
+                Some(d.report),
+            )
+        })
+    }
+
+    /// The response for a rejected request.
+    #[cold]
+    pub(crate) fn reject(&self, rejection: Rejection, report: Option<Report>) -> Response<Bytes> {
+        let mut res = match &self.on_rejection {
+            Some(f) => f.response(&rejection),
+            None => rejection.default_response(),
+        };
+        let headers = res.headers_mut();
+        if let Some(secs) = rejection.retry_after_secs() {
+            headers
+                .entry(http::header::RETRY_AFTER)
+                .or_insert_with(|| http::HeaderValue::from(secs));
+        }
+        if let Some(report) = report {
+            self.headers.write(&report, headers);
+        }
+        res.extensions_mut().insert(rejection);
+        res
+    }
+}
+
+pub(crate) type SharedState<K> = Arc<Shared<K>>;

@@ -1,0 +1,68 @@
+//! API-gateway usage plans as a tower layer.
+//!
+//! tollgate puts what an API gateway gives a service (API keys bound to usage
+//! plans, a throttle of rate and burst per key, standard rejections and
+//! rate-limit headers) into any [axum], hyper or [tonic] service, without a
+//! gateway in front.
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use tollgate::{ApiKey, Policy, RateLimitLayer, Throttle, UsagePlan};
+//!
+//! let policy = Policy::builder()
+//!     // 2 requests per second, bursts of 5, per key.
+//!     .plan(UsagePlan::new("free").throttle(Throttle::new(2.0, 5)?))
+//!     .key(ApiKey::new("free-1", "demo-free-key", "free"))
+//!     .build()?;
+//!
+//! let app: Router = Router::new()
+//!     .route("/v1/completions", post(|| async { "{}" }))
+//!     .layer(RateLimitLayer::new(policy));
+//! # Ok::<(), tollgate::ConfigError>(())
+//! ```
+//!
+//! # How it decides
+//!
+//! For each request the layer takes a key ([`extract`]: the `x-api-key` header
+//! by default, a bearer token, an upstream extension, the client IP…), finds
+//! the key's plan in the [`Policy`] (a missing, unknown or disabled key is
+//! answered `403 {"message":"Forbidden"}`), then decides every limit of the
+//! plan in one atomic step in the [`MemoryStore`]: all limits have room and all
+//! are charged, or the request is rejected and none is. A throttled request
+//! gets `429 {"message":"Too Many Requests"}` with `Retry-After` (whole
+//! seconds, rounded up); gRPC calls get a trailers-only `grpc-status: 8`.
+//! Allowed and rejected responses carry the IETF `RateLimit-Policy` and
+//! `RateLimit` headers. The decision for a key already tracked is a hash, a
+//! clock read and one compare-and-swap: no lock and no allocation.
+//!
+//! Throttles are GCRA token buckets: a new key starts with a full bucket of
+//! `burst`, which refills at `rate` per second.
+//!
+//! # Feature flags
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `axum` | yes | [`extract::ClientIp`] reads axum's `ConnectInfo<SocketAddr>` |
+//!
+//! [axum]: https://docs.rs/axum
+//! [tonic]: https://docs.rs/tonic
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod clock;
+mod error;
+pub mod extract;
+mod gcra;
+mod hash;
+mod layer;
+mod plan;
+mod response;
+mod store;
+
+pub use crate::body::ResponseBody;
+pub use crate::clock::{Clock, ManualClock};
+pub use crate::error::ConfigError;
+pub use crate::layer::{RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseFuture};
+pub use crate::plan::{ApiKey, Policy, PolicyBuilder, Throttle, UsagePlan};
+pub use crate::response::{DefaultOnRejection, HeaderStyle, OnRejection, Reason, Rejection};
+pub use crate::store::{MemoryStore, MemoryStoreBuilder};

@@ -1,0 +1,478 @@
+//! Rejections and rate-limit headers.
+//!
+//! | case | HTTP | gRPC (`content-type: application/grpc*`) |
+//! |---|---|---|
+//! | missing, malformed, unknown or disabled key | 403 `{"message":"Forbidden"}` | `grpc-status: 16` (UNAUTHENTICATED) |
+//! | throttled | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8` (RESOURCE_EXHAUSTED) |
+//! | cost larger than a whole limit | 429 `{"message":"Cost Exceeds Limit"}` (no `Retry-After`: it never fits) | `grpc-status: 8` |
+//! | store cannot track another key | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8` |
+//! | no peer address for [`ClientIp`](crate::extract::ClientIp) | 500 with the fix in the message | `grpc-status: 13` (INTERNAL) |
+//!
+//! gRPC rejections are trailers-only: HTTP 200, an empty body, and
+//! `grpc-status` / `grpc-message` in the headers. `Retry-After` is in whole
+//! seconds, rounded up. Every rejection carries its [`Rejection`] in the
+//! response extensions.
+
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+
+use crate::extract::KeyError;
+use crate::gcra::{NANOS_PER_SEC, Nanos};
+use crate::store::{Denial, Report};
+
+/// Why a request was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reason {
+    /// No usable key could be taken from the request.
+    Key(KeyError),
+    /// The key is not registered.
+    UnknownKey,
+    /// The key is registered but disabled.
+    DisabledKey,
+    /// A limit has no room now.
+    Limited,
+    /// The request costs more than a limit can ever hold.
+    CostExceedsLimit,
+    /// The store cannot track another key until one goes idle.
+    KeyCapacity,
+}
+
+/// A rejected request: the reason, the limit that rejected it and when to retry.
+///
+/// The default response is built from it; a custom one can be set with
+/// [`RateLimitLayerBuilder::on_rejection`](crate::RateLimitLayerBuilder::on_rejection).
+/// It is also put in the response's extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    reason: Reason,
+    limit: Option<&'static str>,
+    retry_after: Option<Duration>,
+    grpc: bool,
+}
+
+impl Rejection {
+    pub(crate) fn key(reason: Reason, grpc: bool) -> Self {
+        Rejection {
+            reason,
+            limit: None,
+            retry_after: None,
+            grpc,
+        }
+    }
+
+    pub(crate) fn denied(denial: Denial, report: &Report, grpc: bool) -> Self {
+        let (reason, retry) = match denial {
+            Denial::Limited { retry_after } => (Reason::Limited, Some(retry_after)),
+            Denial::TooCostly => (Reason::CostExceedsLimit, None),
+            Denial::Capacity { retry_after } => (Reason::KeyCapacity, Some(retry_after)),
+        };
+        Rejection {
+            reason,
+            limit: report.items().first().map(|a| a.name),
+            retry_after: retry.map(Duration::from_nanos),
+            grpc,
+        }
+    }
+
+    /// Why the request was rejected.
+    pub fn reason(&self) -> Reason {
+        self.reason
+    }
+
+    /// The name of the limit that rejected the request (`"throttle"`), if a limit did.
+    pub fn limit(&self) -> Option<&'static str> {
+        self.limit
+    }
+
+    /// How long until the request would pass, if it ever will.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// Whether the request was a gRPC call.
+    pub fn is_grpc(&self) -> bool {
+        self.grpc
+    }
+
+    /// The HTTP status of the default (non-gRPC) response.
+    pub fn status(&self) -> StatusCode {
+        match self.reason {
+            Reason::Key(e) if e.is_configuration() => StatusCode::INTERNAL_SERVER_ERROR,
+            Reason::Key(_) | Reason::UnknownKey | Reason::DisabledKey => StatusCode::FORBIDDEN,
+            Reason::Limited | Reason::CostExceedsLimit | Reason::KeyCapacity => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+        }
+    }
+
+    /// The message of the default response body.
+    pub fn message(&self) -> &'static str {
+        match self.reason {
+            Reason::Key(KeyError::MissingPeerAddr) => {
+                "rate limit misconfigured: peer address unavailable; serve with into_make_service_with_connect_info::<SocketAddr>() or insert the peer SocketAddr as a request extension"
+            }
+            Reason::Key(_) | Reason::UnknownKey | Reason::DisabledKey => "Forbidden",
+            Reason::Limited | Reason::KeyCapacity => "Too Many Requests",
+            Reason::CostExceedsLimit => "Cost Exceeds Limit",
+        }
+    }
+
+    /// The gRPC status code of the default gRPC response.
+    pub fn grpc_status(&self) -> u16 {
+        match self.reason {
+            Reason::Key(e) if e.is_configuration() => 13,
+            Reason::Key(_) | Reason::UnknownKey | Reason::DisabledKey => 16,
+            Reason::Limited | Reason::CostExceedsLimit | Reason::KeyCapacity => 8,
+        }
+    }
+
+    /// `Retry-After` in whole seconds, rounded up.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after
+            .map(|d| ceil_secs(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)).max(1))
+    }
+
+    /// The default response: JSON for HTTP, trailers-only for gRPC, with
+    /// `Retry-After` when the request can pass later.
+    pub fn default_response(&self) -> Response<Bytes> {
+        let mut res = if self.grpc {
+            let mut res = Response::new(Bytes::new());
+            let h = res.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            h.insert(GRPC_STATUS, HeaderValue::from(self.grpc_status()));
+            // grpc-message is percent-encoded; our messages are plain ASCII without '%'.
+            h.insert(GRPC_MESSAGE, HeaderValue::from_static(self.message()));
+            res
+        } else {
+            let mut body = String::with_capacity(self.message().len() + 16);
+            body.push_str("{\"message\":\"");
+            body.push_str(self.message());
+            body.push_str("\"}");
+            let mut res = Response::new(Bytes::from(body));
+            *res.status_mut() = self.status();
+            res.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            res
+        };
+        if let Some(secs) = self.retry_after_secs() {
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.reason {
+            Reason::Key(e) => write!(f, "rejected: {e}"),
+            Reason::UnknownKey => f.write_str("rejected: unknown key"),
+            Reason::DisabledKey => f.write_str("rejected: disabled key"),
+            Reason::Limited => write!(f, "rejected: {} limit reached", self.limit.unwrap_or("a")),
+            Reason::CostExceedsLimit => write!(
+                f,
+                "rejected: cost exceeds the whole {} limit",
+                self.limit.unwrap_or("")
+            ),
+            Reason::KeyCapacity => f.write_str("rejected: store cannot track another key now"),
+        }
+    }
+}
+
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// Builds rejection responses in place of the default one.
+///
+/// Implemented for closures `Fn(&Rejection) -> http::Response<Bytes>`.
+/// Rate-limit headers (and `Retry-After`, unless the closure set it) are added
+/// to whatever it returns.
+pub trait OnRejection: Send + Sync + 'static {
+    /// The response for `rejection`.
+    fn response(&self, rejection: &Rejection) -> Response<Bytes>;
+}
+
+impl<F> OnRejection for F
+where
+    F: Fn(&Rejection) -> Response<Bytes> + Send + Sync + 'static,
+{
+    fn response(&self, rejection: &Rejection) -> Response<Bytes> {
+        self(rejection)
+    }
+}
+
+/// The default rejection responses (see the [module docs](self)).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DefaultOnRejection;
+
+impl OnRejection for DefaultOnRejection {
+    fn response(&self, rejection: &Rejection) -> Response<Bytes> {
+        rejection.default_response()
+    }
+}
+
+pub(crate) type SharedOnRejection = Arc<dyn OnRejection>;
+
+/// Which rate-limit headers responses carry.
+///
+/// By default, the IETF draft headers (`draft-ietf-httpapi-ratelimit-headers`):
+///
+/// ```text
+/// RateLimit-Policy: "throttle";q=5;w=3
+/// RateLimit: "throttle";r=4;t=1
+/// ```
+///
+/// `q` is the limit's size (a throttle's burst), `w` its window in seconds (the
+/// time an empty bucket takes to refill), `r` the units left and `t` the seconds
+/// until the limit is full again. `RateLimit-Policy` lists every limit that
+/// applied; `RateLimit` shows the tightest one. The legacy
+/// `X-RateLimit-Limit` / `-Remaining` / `-Reset` (seconds) can be added, and
+/// all can be turned off.
+///
+/// ```
+/// use tollgate::HeaderStyle;
+///
+/// let style = HeaderStyle::ietf().x_ratelimit(true);
+/// assert!(style.has_ietf() && style.has_x_ratelimit());
+/// assert!(!HeaderStyle::none().has_ietf());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderStyle {
+    ietf: bool,
+    x_ratelimit: bool,
+}
+
+impl HeaderStyle {
+    /// The IETF draft `RateLimit-Policy` and `RateLimit` headers (the default).
+    pub const fn ietf() -> Self {
+        HeaderStyle {
+            ietf: true,
+            x_ratelimit: false,
+        }
+    }
+
+    /// No rate-limit headers at all (`Retry-After` is still sent on rejections).
+    pub const fn none() -> Self {
+        HeaderStyle {
+            ietf: false,
+            x_ratelimit: false,
+        }
+    }
+
+    /// Turns the IETF headers on or off.
+    #[must_use]
+    pub const fn with_ietf(mut self, on: bool) -> Self {
+        self.ietf = on;
+        self
+    }
+
+    /// Turns `X-RateLimit-Limit`, `-Remaining` and `-Reset` on or off.
+    #[must_use]
+    pub const fn x_ratelimit(mut self, on: bool) -> Self {
+        self.x_ratelimit = on;
+        self
+    }
+
+    /// Whether the IETF headers are sent.
+    pub const fn has_ietf(&self) -> bool {
+        self.ietf
+    }
+
+    /// Whether the `X-RateLimit-*` headers are sent.
+    pub const fn has_x_ratelimit(&self) -> bool {
+        self.x_ratelimit
+    }
+
+    /// Writes the headers for `report` into `headers`.
+    pub(crate) fn write(&self, report: &Report, headers: &mut HeaderMap) {
+        let Some(tight) = report.tightest() else {
+            return;
+        };
+        if self.ietf {
+            let mut buf = HeaderBuf::new();
+            for (i, a) in report.items().iter().enumerate() {
+                let sep = if i == 0 { "" } else { ", " };
+                let _ = write!(buf, "{sep}\"{}\";q={};w={}", a.name, a.quota, a.window_secs);
+            }
+            if let Some(v) = buf.value() {
+                headers.insert(RATELIMIT_POLICY, v);
+            }
+            let mut buf = HeaderBuf::new();
+            let _ = write!(
+                buf,
+                "\"{}\";r={};t={}",
+                tight.name,
+                tight.remaining,
+                ceil_secs(tight.reset)
+            );
+            if let Some(v) = buf.value() {
+                headers.insert(RATELIMIT, v);
+            }
+        }
+        if self.x_ratelimit {
+            headers.insert(X_LIMIT, HeaderValue::from(tight.quota));
+            headers.insert(X_REMAINING, HeaderValue::from(tight.remaining));
+            headers.insert(X_RESET, HeaderValue::from(ceil_secs(tight.reset)));
+        }
+    }
+}
+
+impl Default for HeaderStyle {
+    fn default() -> Self {
+        HeaderStyle::ietf()
+    }
+}
+
+fn ceil_secs(n: Nanos) -> u64 {
+    n.div_ceil(NANOS_PER_SEC)
+}
+
+/// A small stack buffer for formatting a header value without a `String`.
+struct HeaderBuf {
+    buf: [u8; 256],
+    len: usize,
+    overflow: bool,
+}
+
+impl HeaderBuf {
+    fn new() -> Self {
+        HeaderBuf {
+            buf: [0; 256],
+            len: 0,
+            overflow: false,
+        }
+    }
+
+    fn value(&self) -> Option<HeaderValue> {
+        if self.overflow {
+            return None;
+        }
+        HeaderValue::from_bytes(&self.buf[..self.len]).ok()
+    }
+}
+
+impl fmt::Write for HeaderBuf {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        if end > self.buf.len() {
+            self.overflow = true;
+            return Err(fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// Whether a request is a gRPC call (`content-type: application/grpc`, `application/grpc+proto`, …).
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.len() >= 16
+            && v[..16].eq_ignore_ascii_case(b"application/grpc")
+            && matches!(v.get(16), None | Some(b'+' | b';'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Applied;
+
+    fn report(items: &[(&'static str, u32, u64, u32, Nanos)]) -> Report {
+        let mut r = Report::default();
+        for &(name, quota, window_secs, remaining, reset) in items {
+            r.push(Applied {
+                name,
+                quota,
+                window_secs,
+                remaining,
+                reset,
+            });
+        }
+        r
+    }
+
+    #[test]
+    fn ietf_headers_list_every_limit_and_show_the_tightest() {
+        let r = report(&[
+            ("throttle", 5, 3, 4, 500_000_000),
+            ("quota", 1000, 86_400, 2, 3_600 * NANOS_PER_SEC),
+        ]);
+        let mut h = HeaderMap::new();
+        HeaderStyle::ietf().x_ratelimit(true).write(&r, &mut h);
+        assert_eq!(
+            h["ratelimit-policy"],
+            "\"throttle\";q=5;w=3, \"quota\";q=1000;w=86400"
+        );
+        assert_eq!(h["ratelimit"], "\"quota\";r=2;t=3600");
+        assert_eq!(h["x-ratelimit-limit"], "1000");
+        assert_eq!(h["x-ratelimit-remaining"], "2");
+        assert_eq!(h["x-ratelimit-reset"], "3600");
+        let mut h = HeaderMap::new();
+        HeaderStyle::none().write(&r, &mut h);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        let mut r = Rejection::denied(
+            Denial::Limited {
+                retry_after: 1_000_000_001,
+            },
+            &report(&[("throttle", 5, 3, 0, 0)]),
+            false,
+        );
+        assert_eq!(r.retry_after_secs(), Some(2));
+        r.retry_after = Some(Duration::from_nanos(1));
+        assert_eq!(r.retry_after_secs(), Some(1));
+        let res = r.default_response();
+        assert_eq!(res.status(), 429);
+        assert_eq!(res.headers()["retry-after"], "1");
+        assert_eq!(res.body(), r#"{"message":"Too Many Requests"}"#);
+    }
+
+    #[test]
+    fn grpc_rejections_are_trailers_only() {
+        let r = Rejection::denied(
+            Denial::Limited {
+                retry_after: NANOS_PER_SEC,
+            },
+            &Report::default(),
+            true,
+        );
+        let res = r.default_response();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["grpc-status"], "8");
+        assert_eq!(res.headers()["content-type"], "application/grpc");
+        assert!(res.body().is_empty());
+        let k = Rejection::key(Reason::UnknownKey, true).default_response();
+        assert_eq!(k.headers()["grpc-status"], "16");
+    }
+
+    #[test]
+    fn grpc_detection() {
+        let mut h = HeaderMap::new();
+        for (ct, grpc) in [
+            ("application/grpc", true),
+            ("application/grpc+proto", true),
+            ("Application/GRPC", true),
+            ("application/grpc-web", false),
+            ("application/json", false),
+        ] {
+            h.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+            assert_eq!(is_grpc(&h), grpc, "{ct}");
+        }
+    }
+}

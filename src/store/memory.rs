@@ -1,0 +1,601 @@
+//! The in-memory store: a fixed-size, lock-free table of 16-byte slots.
+//!
+//! Each slot is one 128-bit atomic word holding a key's 64-bit fingerprint and
+//! its throttle state (the GCRA TAT). Deciding for a key already tracked is a
+//! load and a compare-and-swap of that word: no lock, no allocation. Because the
+//! fingerprint and the state change together in one atomic operation, a slot can
+//! be handed from one key to another safely while other threads decide.
+//!
+//! Memory is bounded by construction: the table has room for `max_keys` keys,
+//! allocated in 4 KiB pages as they are first touched. A key whose bucket is
+//! full again (its TAT has passed) is *idle*: its state is the same as a key
+//! never seen, so its slot is reused by the next new key that needs one. No
+//! sweeper thread and nothing for the user to schedule.
+//!
+//! At the cap: a key lives within [`WINDOW`] slots of its hash position. When
+//! every slot of a new key's window holds a key with live state, the new key is
+//! refused (the layer answers 429 with a `Retry-After` of the time until the
+//! first of those slots goes idle). Keys already tracked are never evicted while
+//! they hold state: forgetting one would hand it a fresh burst, i.e. over-admit.
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
+use portable_atomic::{AtomicU128, Ordering};
+
+use super::{Applied, Denial, Denied, MAX_LIMITS, Report};
+use crate::clock::Clock;
+use crate::error::ConfigError;
+use crate::gcra::{Nanos, Outcome};
+use crate::hash::{Digest, mix};
+use crate::plan::Limit;
+
+/// Slots a key may live in, counted from its hash position.
+const WINDOW: u64 = 32;
+/// Slots per lazily allocated page (4 KiB).
+const PAGE_BITS: u32 = 8;
+const PAGE: u64 = 1 << PAGE_BITS;
+/// Stripes of the insertion lock (taken only to add a key, never to decide).
+const STRIPES: usize = 1024;
+/// The default cap on tracked keys.
+const DEFAULT_MAX_KEYS: usize = 1_000_000;
+/// The largest cap accepted (2^32 keys, 64 GiB of table).
+const MAX_MAX_KEYS: usize = 1 << 32;
+
+/// The default store: state in this process, lock-free per key, bounded memory.
+///
+/// Clones share one table.
+///
+/// ```
+/// use tollgate::MemoryStore;
+///
+/// let store = MemoryStore::builder().max_keys(100_000).build().unwrap();
+/// assert!(store.capacity() >= 100_000);
+/// assert_eq!(store.tracked_keys(), 0);
+/// ```
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    clock: Clock,
+    table: Table,
+}
+
+impl MemoryStore {
+    /// A store with the system clock and room for 1,000,000 keys.
+    pub fn new() -> Self {
+        Self::builder().build().expect("the defaults are valid")
+    }
+
+    /// Configures a store.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder {
+            max_keys: DEFAULT_MAX_KEYS,
+            clock: None,
+        }
+    }
+
+    /// How many keys the table has room for.
+    pub fn capacity(&self) -> usize {
+        self.inner.table.slots() as usize
+    }
+
+    /// Keys that hold live state now (buckets not yet full again). This walks
+    /// the whole table: for tests and occasional metrics, not per request.
+    pub fn tracked_keys(&self) -> usize {
+        self.inner.table.live(self.inner.clock.nanos())
+    }
+
+    /// Bytes of table allocated so far (pages are allocated on first touch).
+    pub fn allocated_bytes(&self) -> usize {
+        self.inner.table.allocated_pages() * (PAGE as usize) * std::mem::size_of::<AtomicU128>()
+    }
+
+    /// The store's clock.
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    /// Decides a request of `cost` units for the key with `digest` against
+    /// every limit in `limits`: all are charged, or none.
+    pub(crate) fn acquire(
+        &self,
+        limits: &[Limit],
+        digest: Digest,
+        cost: u32,
+    ) -> Result<Report, Denied> {
+        let now = self.inner.clock.nanos();
+        let table = &self.inner.table;
+        let mut report = Report::default();
+        for (i, limit) in limits.iter().take(MAX_LIMITS).enumerate() {
+            let slot = SlotKey::new(digest, limit.salt);
+            let outcome = table.update(slot, now, |tat| {
+                let o = limit.gcra.decide(tat, now, cost);
+                match o {
+                    Outcome::Allow(s) => (Some(s.tat), o),
+                    _ => (None, o),
+                }
+            });
+            let denial = match outcome {
+                Ok(Outcome::Allow(s)) => {
+                    report.push(applied(limit, s.remaining, s.reset));
+                    continue;
+                }
+                Ok(Outcome::Deny {
+                    snapshot,
+                    retry_after,
+                }) => (
+                    Denial::Limited { retry_after },
+                    applied(limit, snapshot.remaining, snapshot.reset),
+                ),
+                Ok(Outcome::TooCostly(s)) => {
+                    (Denial::TooCostly, applied(limit, s.remaining, s.reset))
+                }
+                Err(retry_after) => (
+                    Denial::Capacity { retry_after },
+                    applied(limit, limit.gcra.burst(), 0),
+                ),
+            };
+            // Give back what the limits before this one took.
+            if cost > 0 {
+                for earlier in &limits[..i] {
+                    let slot = SlotKey::new(digest, earlier.salt);
+                    let _ = table.update(slot, now, |tat| {
+                        (Some(earlier.gcra.refund(tat, now, cost)), ())
+                    });
+                }
+            }
+            let mut report = Report::default();
+            report.push(denial.1);
+            return Err(Denied {
+                denial: denial.0,
+                report,
+            });
+        }
+        Ok(report)
+    }
+}
+
+fn applied(limit: &Limit, remaining: u32, reset: Nanos) -> Applied {
+    Applied {
+        name: limit.name,
+        quota: limit.gcra.burst(),
+        window_secs: limit.window_secs,
+        remaining,
+        reset,
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("capacity", &self.capacity())
+            .field("allocated_bytes", &self.allocated_bytes())
+            .field("clock", &self.inner.clock)
+            .finish()
+    }
+}
+
+/// Configures a [`MemoryStore`].
+#[derive(Debug)]
+#[must_use]
+pub struct MemoryStoreBuilder {
+    max_keys: usize,
+    clock: Option<Clock>,
+}
+
+impl MemoryStoreBuilder {
+    /// Room for at least `n` keys (rounded up to a power of two; 16 bytes each,
+    /// allocated as first touched). Default 1,000,000.
+    pub fn max_keys(mut self, n: usize) -> Self {
+        self.max_keys = n;
+        self
+    }
+
+    /// The clock (default: [`Clock::system`]).
+    pub fn clock(mut self, clock: impl Into<Clock>) -> Self {
+        self.clock = Some(clock.into());
+        self
+    }
+
+    /// Builds the store; errors when `max_keys` is 0 or above 2^32.
+    pub fn build(self) -> Result<MemoryStore, ConfigError> {
+        if self.max_keys == 0 {
+            return Err(ConfigError::InvalidStore("max_keys must be at least 1"));
+        }
+        if self.max_keys > MAX_MAX_KEYS {
+            return Err(ConfigError::InvalidStore("max_keys must be at most 2^32"));
+        }
+        let slots = (self.max_keys as u64)
+            .next_power_of_two()
+            .max(WINDOW.max(PAGE));
+        Ok(MemoryStore {
+            inner: Arc::new(Inner {
+                clock: self.clock.unwrap_or_default(),
+                table: Table::new(slots),
+            }),
+        })
+    }
+}
+
+/// Where a (limit, key) lives: a nonzero fingerprint and a hash position.
+#[derive(Debug, Clone, Copy)]
+struct SlotKey {
+    fp: u64,
+    pos: u64,
+}
+
+impl SlotKey {
+    #[inline]
+    fn new(d: Digest, salt: u64) -> Self {
+        let lo = d.0 as u64;
+        let hi = (d.0 >> 64) as u64;
+        SlotKey {
+            // Bit 0 set: a fingerprint is never 0, the mark of an empty slot.
+            fp: mix(lo ^ salt) | 1,
+            pos: mix(hi ^ salt.rotate_left(32)),
+        }
+    }
+}
+
+#[inline]
+fn pack(fp: u64, tat: Nanos) -> u128 {
+    u128::from(fp) << 64 | u128::from(tat)
+}
+
+#[inline]
+fn unpack(w: u128) -> (u64, Nanos) {
+    ((w >> 64) as u64, w as u64)
+}
+
+struct Table {
+    pages: Box<[OnceLock<Box<[AtomicU128]>>]>,
+    mask: u64,
+    stripes: Box<[Mutex<()>]>,
+}
+
+impl Table {
+    fn new(slots: u64) -> Self {
+        debug_assert!(slots.is_power_of_two() && slots >= PAGE);
+        Table {
+            pages: (0..slots / PAGE).map(|_| OnceLock::new()).collect(),
+            mask: slots - 1,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    fn slots(&self) -> u64 {
+        self.mask + 1
+    }
+
+    /// The slot at `i` if its page exists.
+    #[inline]
+    fn get(&self, i: u64) -> Option<&AtomicU128> {
+        let i = i & self.mask;
+        let page = self.pages[(i >> PAGE_BITS) as usize].get()?;
+        Some(&page[(i & (PAGE - 1)) as usize])
+    }
+
+    /// The slot at `i`, allocating its page.
+    fn get_or_alloc(&self, i: u64) -> &AtomicU128 {
+        let i = i & self.mask;
+        let page = self.pages[(i >> PAGE_BITS) as usize]
+            .get_or_init(|| (0..PAGE).map(|_| AtomicU128::new(0)).collect());
+        &page[(i & (PAGE - 1)) as usize]
+    }
+
+    /// Finds the key's slot and the word it held. Keys never sit past an empty
+    /// slot of their window (slots are never emptied once used), so the search
+    /// stops at the first one.
+    #[inline]
+    fn find(&self, key: SlotKey) -> Option<(&AtomicU128, u128)> {
+        for i in 0..WINDOW {
+            let slot = self.get(key.pos.wrapping_add(i))?;
+            let w = slot.load(Ordering::Acquire);
+            let (fp, _) = unpack(w);
+            if fp == key.fp {
+                return Some((slot, w));
+            }
+            if fp == 0 {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Applies `op` to the key's TAT (0 for a key not tracked): when it returns
+    /// `Some(new)`, stores `new` atomically, retrying `op` on contention.
+    /// Errors with the time until a slot frees when a new key finds no room.
+    #[inline]
+    fn update<R>(
+        &self,
+        key: SlotKey,
+        now: Nanos,
+        mut op: impl FnMut(Nanos) -> (Option<Nanos>, R),
+    ) -> Result<R, Nanos> {
+        loop {
+            if let Some((slot, w)) = self.find(key) {
+                let (_, tat) = unpack(w);
+                let (new, r) = op(tat);
+                match new {
+                    Some(n) if n != tat => {
+                        if slot
+                            .compare_exchange_weak(
+                                w,
+                                pack(key.fp, n),
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            )
+                            .is_ok()
+                        {
+                            return Ok(r);
+                        }
+                        // Another thread changed the slot (or handed it to
+                        // another key): look again.
+                        continue;
+                    }
+                    _ => return Ok(r),
+                }
+            }
+            let (new, r) = op(0);
+            let Some(n) = new.filter(|&n| n != 0) else {
+                // Nothing to store: an idle key needs no slot.
+                return Ok(r);
+            };
+            match self.insert(key, n, now) {
+                Inserted::Done => return Ok(r),
+                Inserted::Present => continue,
+                Inserted::Full(retry) => return Err(retry),
+            }
+        }
+    }
+
+    /// Puts a key not found by `find` into the first empty or idle slot of its
+    /// window. Inserts of one key are serialised by a stripe lock so that a key
+    /// can never be placed twice; deciding on tracked keys never takes it.
+    #[cold]
+    fn insert(&self, key: SlotKey, tat: Nanos, now: Nanos) -> Inserted {
+        let _guard = self.stripes[(key.pos as usize) & (STRIPES - 1)].lock();
+        if self.find(key).is_some() {
+            return Inserted::Present;
+        }
+        let mut soonest = Nanos::MAX;
+        for i in 0..WINDOW {
+            let slot = self.get_or_alloc(key.pos.wrapping_add(i));
+            let mut w = slot.load(Ordering::Acquire);
+            loop {
+                let (fp, old_tat) = unpack(w);
+                if fp != 0 && old_tat > now {
+                    soonest = soonest.min(old_tat - now);
+                    break;
+                }
+                // Empty, or idle (its bucket is full again): take it.
+                match slot.compare_exchange(
+                    w,
+                    pack(key.fp, tat),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return Inserted::Done,
+                    Err(current) => w = current,
+                }
+            }
+        }
+        Inserted::Full(soonest)
+    }
+
+    fn allocated_pages(&self) -> usize {
+        self.pages.iter().filter(|p| p.get().is_some()).count()
+    }
+
+    fn live(&self, now: Nanos) -> usize {
+        self.pages
+            .iter()
+            .filter_map(|p| p.get())
+            .flat_map(|p| p.iter())
+            .filter(|s| {
+                let (fp, tat) = unpack(s.load(Ordering::Acquire));
+                fp != 0 && tat > now
+            })
+            .count()
+    }
+}
+
+enum Inserted {
+    Done,
+    Present,
+    Full(Nanos),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::hash::digest;
+    use crate::plan::{Plan, Policy, Throttle, UsagePlan};
+
+    fn plan(rate: f64, burst: u32) -> Arc<Plan> {
+        let policy =
+            Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(rate, burst).unwrap()));
+        match &*policy.keys {
+            crate::plan::Keys::Any(p) => Arc::clone(p),
+            crate::plan::Keys::Registered(_) => unreachable!(),
+        }
+    }
+
+    fn store(max_keys: usize) -> (MemoryStore, ManualClock) {
+        let clock = ManualClock::new();
+        let s = MemoryStore::builder()
+            .max_keys(max_keys)
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        (s, clock)
+    }
+
+    #[test]
+    fn burst_then_one_per_interval_through_the_table() {
+        let (s, clock) = store(1024);
+        let p = plan(2.0, 5);
+        let k = digest(b"client");
+        let admitted = (0..10)
+            .filter(|_| s.acquire(&p.limits, k, 1).is_ok())
+            .count();
+        assert_eq!(admitted, 5);
+        let denied = s.acquire(&p.limits, k, 1).unwrap_err();
+        assert_eq!(
+            denied.denial,
+            Denial::Limited {
+                retry_after: 500_000_000
+            }
+        );
+        clock.advance(Duration::from_millis(499));
+        assert!(s.acquire(&p.limits, k, 1).is_err());
+        clock.advance(Duration::from_millis(1));
+        assert!(s.acquire(&p.limits, k, 1).is_ok());
+        assert!(s.acquire(&p.limits, k, 1).is_err());
+        // Another key has its own bucket.
+        assert!(s.acquire(&p.limits, digest(b"other"), 1).is_ok());
+        assert_eq!(s.tracked_keys(), 2);
+    }
+
+    #[test]
+    fn peek_of_unseen_key_takes_no_slot() {
+        let (s, _clock) = store(1024);
+        let p = plan(1.0, 3);
+        let r = s.acquire(&p.limits, digest(b"k"), 0).unwrap();
+        assert_eq!(r.items()[0].remaining, 3);
+        assert_eq!(s.tracked_keys(), 0);
+        assert_eq!(s.allocated_bytes(), 0);
+    }
+
+    #[test]
+    fn idle_keys_are_evicted_by_reuse() {
+        // 256 slots; fill far more keys than that over time: the idle ones make room.
+        let (s, clock) = store(256);
+        let p = plan(10.0, 1); // a key is idle 100 ms after its request
+        for round in 0..20u32 {
+            for i in 0..100u32 {
+                let k = digest(&[round.to_le_bytes(), i.to_le_bytes()].concat());
+                assert!(s.acquire(&p.limits, k, 1).is_ok(), "round {round} key {i}");
+            }
+            clock.advance(Duration::from_millis(100));
+        }
+        assert!(s.allocated_bytes() <= 256 * 16);
+        assert_eq!(s.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn the_cap_holds_and_refuses_new_keys_without_evicting_live_ones() {
+        let (s, clock) = store(256);
+        let p = plan(1.0, 10); // a key stays live for 1 s after one request
+        let mut refused = 0;
+        for i in 0..10_000u32 {
+            match s.acquire(&p.limits, digest(&i.to_le_bytes()), 1) {
+                Ok(_) => {}
+                Err(d) => {
+                    assert!(
+                        matches!(d.denial, Denial::Capacity { retry_after } if retry_after > 0 && retry_after <= 1_000_000_000)
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        assert!(s.tracked_keys() <= s.capacity());
+        assert!(refused >= 10_000 - 256);
+        assert_eq!(s.allocated_bytes(), 256 * 16, "memory stays at the cap");
+        // A tracked key keeps its state: it was charged once, 9 more pass.
+        let first = digest(&0u32.to_le_bytes());
+        assert_eq!(
+            (0..20)
+                .filter(|_| s.acquire(&p.limits, first, 1).is_ok())
+                .count(),
+            9
+        );
+        // Once the keys go idle, new keys get in again.
+        clock.advance(Duration::from_secs(11));
+        assert!(s.acquire(&p.limits, digest(b"late"), 1).is_ok());
+    }
+
+    #[test]
+    fn threads_hammering_one_key_admit_exactly_burst() {
+        let (s, _clock) = store(1024);
+        let p = plan(1.0, 1000);
+        let admitted = AtomicU32::new(0);
+        let k = digest(b"hot");
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..5_000 {
+                        if s.acquire(&p.limits, k, 1).is_ok() {
+                            admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.into_inner(), 1000);
+    }
+
+    #[test]
+    fn threads_inserting_the_same_new_keys_never_duplicate_them() {
+        let (s, _clock) = store(4096);
+        let p = plan(1.0, 3);
+        let admitted = AtomicU32::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for i in 0..500u32 {
+                        for _ in 0..2 {
+                            if s.acquire(&p.limits, digest(&i.to_le_bytes()), 1).is_ok() {
+                                admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        // 500 keys, 8 attempts each, a bucket of 3: exactly 3 each.
+        assert_eq!(admitted.into_inner(), 1500);
+        assert_eq!(s.tracked_keys(), 500);
+    }
+
+    #[test]
+    fn clock_going_backwards_grants_nothing() {
+        let (s, clock) = store(1024);
+        let p = plan(1.0, 2);
+        let k = digest(b"k");
+        assert!(s.acquire(&p.limits, k, 1).is_ok());
+        assert!(s.acquire(&p.limits, k, 1).is_ok());
+        clock.rewind(Duration::from_secs(30));
+        assert!(s.acquire(&p.limits, k, 1).is_err());
+        clock.advance(Duration::from_secs(30));
+        assert!(s.acquire(&p.limits, k, 1).is_err());
+        clock.advance(Duration::from_secs(1));
+        assert!(s.acquire(&p.limits, k, 1).is_ok());
+    }
+
+    #[test]
+    fn invalid_store_parameters() {
+        assert!(matches!(
+            MemoryStore::builder().max_keys(0).build(),
+            Err(ConfigError::InvalidStore(_))
+        ));
+        assert!(matches!(
+            MemoryStore::builder().max_keys(usize::MAX).build(),
+            Err(ConfigError::InvalidStore(_))
+        ));
+    }
+}
