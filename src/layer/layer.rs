@@ -6,7 +6,7 @@ use tower_layer::Layer;
 use super::{RateLimit, Shared, SharedState};
 use crate::extract::{ApiKeyHeader, KeyExtractor};
 use crate::plan::Policy;
-use crate::response::{HeaderStyle, OnRejection};
+use crate::response::{HeaderStyle, OnRejection, Rejection};
 use crate::store::MemoryStore;
 
 /// Applies usage-plan rate limits to a service.
@@ -53,6 +53,30 @@ impl RateLimitLayer<ApiKeyHeader> {
 }
 
 impl<K> RateLimitLayer<K> {
+    /// Decides a request of `cost` units for `key` directly, without an HTTP
+    /// request: the same plan lookup and limits as the layer applies. A cost of
+    /// 0 peeks without charging anything.
+    ///
+    /// ```
+    /// use tollgate::{Policy, RateLimitLayer, Reason, Throttle, UsagePlan};
+    ///
+    /// let layer = RateLimitLayer::new(Policy::per_key(
+    ///     UsagePlan::new("jobs").throttle(Throttle::new(1.0, 2)?),
+    /// ));
+    /// assert!(layer.check(b"tenant-7", 1).is_ok());
+    /// assert!(layer.check(b"tenant-7", 1).is_ok());
+    /// let rejected = layer.check(b"tenant-7", 1).unwrap_err();
+    /// assert_eq!(rejected.reason(), Reason::Limited);
+    /// assert!(rejected.retry_after().is_some());
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// ```
+    pub fn check(&self, key: &[u8], cost: u32) -> Result<(), Rejection> {
+        match self.shared.decide_key(key, cost, false) {
+            Ok(_) => Ok(()),
+            Err((rejection, _)) => Err(rejection),
+        }
+    }
+
     /// The store that holds this layer's limit state.
     pub fn store(&self) -> &MemoryStore {
         &self.shared.store

@@ -36,30 +36,40 @@ impl<K: KeyExtractor> Shared<K> {
         &self,
         req: &RequestView<'_>,
     ) -> Result<Report, (Rejection, Option<Report>)> {
-        let grpc = || is_grpc(req.headers);
-        let key = self
-            .extractor
-            .extract(req)
-            .map_err(|e| (Rejection::key(Reason::Key(e), grpc()), None))?;
-        let digest = hash::digest(key.as_bytes());
+        let grpc = is_grpc(req.headers);
+        match self.extractor.extract(req) {
+            Ok(key) => self.decide_key(key.as_bytes(), 1, grpc),
+            Err(e) => Err((Rejection::key(Reason::Key(e), grpc), None)),
+        }
+    }
+}
+
+impl<K> Shared<K> {
+    /// Decides a request of `cost` units for `key`: plan lookup, then every
+    /// limit of the plan at once.
+    #[inline]
+    pub(crate) fn decide_key(
+        &self,
+        key: &[u8],
+        cost: u32,
+        grpc: bool,
+    ) -> Result<Report, (Rejection, Option<Report>)> {
+        let digest = hash::digest(key);
         let (plan, state) = match &*self.policy.keys {
             Keys::Any(plan) => (plan, digest),
             Keys::Registered(keys) => {
-                let entry = keys
-                    .get(&digest)
-                    .ok_or_else(|| (Rejection::key(Reason::UnknownKey, grpc()), None))?;
+                let Some(entry) = keys.get(&digest) else {
+                    return Err((Rejection::key(Reason::UnknownKey, grpc), None));
+                };
                 if !entry.enabled {
-                    return Err((Rejection::key(Reason::DisabledKey, grpc()), None));
+                    return Err((Rejection::key(Reason::DisabledKey, grpc), None));
                 }
                 (&entry.plan, entry.state)
             }
         };
-        self.store.acquire(&plan.limits, state, 1).map_err(|d| {
-            (
-                Rejection::denied(d.denial, &d.report, grpc()),
-                Some(d.report),
-            )
-        })
+        self.store
+            .acquire(&plan.limits, state, cost)
+            .map_err(|d| (Rejection::denied(d.denial, &d.report, grpc), Some(d.report)))
     }
 
     /// The response for a rejected request.
