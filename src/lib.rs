@@ -66,3 +66,8 @@ pub use crate::layer::{RateLimit, RateLimitLayer, RateLimitLayerBuilder, Respons
 pub use crate::plan::{ApiKey, Policy, PolicyBuilder, Throttle, UsagePlan};
 pub use crate::response::{DefaultOnRejection, HeaderStyle, OnRejection, Reason, Rejection};
 pub use crate::store::{MemoryStore, MemoryStoreBuilder};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

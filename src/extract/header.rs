@@ -1,14 +1,365 @@
-// placeholder until the extractors land
-use super::*;
-/// stub
-#[derive(Debug, Clone, Default)]
-pub struct ApiKeyHeader;
-impl KeyExtractor for ApiKeyHeader {
-    fn extract<'r>(&self, req: &RequestView<'r>) -> Result<Key<'r>, KeyError> {
-        let v = req.headers.get("x-api-key").ok_or(KeyError::Missing)?;
-        Ok(Key::borrowed(validate(v.as_bytes(), DEFAULT_MAX_KEY_LEN)?))
+//! Keys taken from request headers: [`ApiKeyHeader`] and [`Bearer`].
+
+use http::HeaderMap;
+use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
+
+use super::{DEFAULT_MAX_KEY_LEN, Key, KeyError, KeyExtractor, RequestView, validate};
+
+/// The default header read by [`ApiKeyHeader`].
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// Returns the only value of `name`, or an error if it is absent or repeated.
+///
+/// A repeated header is ambiguous (which value is the key?), so it is
+/// rejected as malformed rather than resolved by picking one.
+fn single<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<&'a HeaderValue, KeyError> {
+    let mut values = headers.get_all(name).iter();
+    let value = values.next().ok_or(KeyError::Missing)?;
+    if values.next().is_some() {
+        return Err(KeyError::Malformed);
+    }
+    Ok(value)
+}
+
+/// Uses an API key header as the key: `x-api-key` unless configured otherwise.
+///
+/// The key borrows the header value's bytes. A request without the header is
+/// rejected with [`KeyError::Missing`], one that repeats it with
+/// [`KeyError::Malformed`]. The value must be non-empty, at most
+/// [`max_len`](Self::max_len) bytes ([`DEFAULT_MAX_KEY_LEN`] by default) and
+/// visible ASCII only.
+///
+/// ```
+/// use tollgate::extract::{ApiKeyHeader, KeyExtractor, RequestView};
+///
+/// let extractor = ApiKeyHeader::new();
+/// let req = http::Request::builder()
+///     .header("x-api-key", "k-123")
+///     .body(())
+///     .unwrap();
+/// let key = extractor.extract(&RequestView::new(&req)).unwrap();
+/// assert_eq!(key.as_bytes(), b"k-123");
+/// ```
+#[derive(Debug, Clone)]
+pub struct ApiKeyHeader {
+    name: HeaderName,
+    max_len: usize,
+}
+
+impl ApiKeyHeader {
+    /// Reads the `x-api-key` header.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with_name(X_API_KEY)
+    }
+
+    /// Reads the header `name` instead of `x-api-key`.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use tollgate::extract::ApiKeyHeader;
+    ///
+    /// let extractor = ApiKeyHeader::with_name(HeaderName::from_static("x-client-id"));
+    /// # let _ = extractor;
+    /// ```
+    #[must_use]
+    pub fn with_name(name: HeaderName) -> Self {
+        Self {
+            name,
+            max_len: DEFAULT_MAX_KEY_LEN,
+        }
+    }
+
+    /// Sets the longest accepted key, in bytes; longer keys are rejected with
+    /// [`KeyError::TooLong`].
+    #[must_use]
+    pub fn max_len(mut self, max_len: usize) -> Self {
+        self.max_len = max_len;
+        self
+    }
+
+    /// The header this extractor reads.
+    pub fn name(&self) -> &HeaderName {
+        &self.name
     }
 }
-/// stub
-#[derive(Debug, Clone, Default)]
-pub struct Bearer;
+
+impl Default for ApiKeyHeader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl KeyExtractor for ApiKeyHeader {
+    fn extract<'r>(&self, req: &RequestView<'r>) -> Result<Key<'r>, KeyError> {
+        let value = single(req.headers, &self.name)?;
+        validate(value.as_bytes(), self.max_len).map(Key::borrowed)
+    }
+}
+
+/// Uses the token of an `Authorization: Bearer <token>` header as the key.
+///
+/// The scheme is matched case-insensitively, one or more spaces may separate
+/// it from the token, and whitespace around the credentials is ignored. A
+/// request without an `Authorization` header, or with another scheme (such as
+/// `Basic`), is rejected with [`KeyError::Missing`]; `Bearer` without a token
+/// with [`KeyError::Empty`]; several `Authorization` headers with
+/// [`KeyError::Malformed`]. The token must be at most
+/// [`max_len`](Self::max_len) bytes ([`DEFAULT_MAX_KEY_LEN`] by default) and
+/// visible ASCII only. The key borrows the header value's bytes.
+///
+/// ```
+/// use tollgate::extract::{Bearer, KeyExtractor, RequestView};
+///
+/// let extractor = Bearer::new();
+/// let req = http::Request::builder()
+///     .header("authorization", "Bearer abc.def")
+///     .body(())
+///     .unwrap();
+/// let key = extractor.extract(&RequestView::new(&req)).unwrap();
+/// assert_eq!(key.as_bytes(), b"abc.def");
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Bearer {
+    max_len: usize,
+}
+
+impl Bearer {
+    /// Reads bearer tokens of at most [`DEFAULT_MAX_KEY_LEN`] bytes.
+    #[must_use]
+    pub const fn new() -> Self {
+        Self {
+            max_len: DEFAULT_MAX_KEY_LEN,
+        }
+    }
+
+    /// Sets the longest accepted token, in bytes; longer tokens are rejected
+    /// with [`KeyError::TooLong`].
+    #[must_use]
+    pub const fn max_len(mut self, max_len: usize) -> Self {
+        self.max_len = max_len;
+        self
+    }
+}
+
+impl Default for Bearer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl KeyExtractor for Bearer {
+    fn extract<'r>(&self, req: &RequestView<'r>) -> Result<Key<'r>, KeyError> {
+        let value = single(req.headers, &AUTHORIZATION)?;
+        let token = bearer_token(value.as_bytes()).ok_or(KeyError::Missing)?;
+        validate(token, self.max_len).map(Key::borrowed)
+    }
+}
+
+/// Returns the (possibly empty) token of a `Bearer` credential, or `None` if
+/// the credential uses another scheme.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    const SCHEME: &[u8] = b"bearer";
+    let value = value.trim_ascii();
+    let (scheme, rest) = value.split_at_checked(SCHEME.len())?;
+    if !scheme.eq_ignore_ascii_case(SCHEME) {
+        return None;
+    }
+    match rest.first() {
+        // `Bearer` alone: the scheme, without a token.
+        None => Some(rest),
+        // The separator is one or more spaces; whatever follows is the token.
+        Some(b' ') => Some(rest.trim_ascii_start()),
+        // Another scheme that starts with `bearer`, such as `BearerX`.
+        Some(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &[u8])]) -> http::Request<()> {
+        let mut req = http::Request::new(());
+        for (name, value) in headers {
+            req.headers_mut().append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        req
+    }
+
+    fn extract(
+        extractor: &impl KeyExtractor,
+        headers: &[(&str, &[u8])],
+    ) -> Result<Vec<u8>, KeyError> {
+        let req = request(headers);
+        extractor
+            .extract(&RequestView::new(&req))
+            .map(|key| key.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn api_key_default_header() {
+        let e = ApiKeyHeader::default();
+        assert_eq!(e.name(), "x-api-key");
+        assert_eq!(
+            extract(&e, &[("x-api-key", b"secret")]),
+            Ok(b"secret".to_vec())
+        );
+        assert_eq!(
+            extract(&e, &[("X-Api-Key", b"secret")]),
+            Ok(b"secret".to_vec())
+        );
+    }
+
+    #[test]
+    fn api_key_borrows_header_bytes() {
+        let req = request(&[("x-api-key", b"secret")]);
+        let key = ApiKeyHeader::new()
+            .extract(&RequestView::new(&req))
+            .unwrap();
+        let header = req.headers().get("x-api-key").unwrap().as_bytes();
+        assert_eq!(key.as_bytes().as_ptr(), header.as_ptr());
+    }
+
+    #[test]
+    fn api_key_custom_header() {
+        let e = ApiKeyHeader::with_name(HeaderName::from_static("x-client"));
+        assert_eq!(extract(&e, &[("x-client", b"c1")]), Ok(b"c1".to_vec()));
+        assert_eq!(extract(&e, &[("x-api-key", b"c1")]), Err(KeyError::Missing));
+    }
+
+    #[test]
+    fn api_key_errors() {
+        let e = ApiKeyHeader::new().max_len(4);
+        assert_eq!(extract(&e, &[]), Err(KeyError::Missing));
+        assert_eq!(extract(&e, &[("x-api-key", b"")]), Err(KeyError::Empty));
+        assert_eq!(extract(&e, &[("x-api-key", b"abcd")]), Ok(b"abcd".to_vec()));
+        assert_eq!(
+            extract(&e, &[("x-api-key", b"abcde")]),
+            Err(KeyError::TooLong)
+        );
+        assert_eq!(
+            extract(&e, &[("x-api-key", b"a b")]),
+            Err(KeyError::Malformed)
+        );
+        assert_eq!(
+            extract(&e, &[("x-api-key", b"a\tb")]),
+            Err(KeyError::Malformed)
+        );
+        assert_eq!(
+            extract(&e, &[("x-api-key", b"\xc3\xa9")]),
+            Err(KeyError::Malformed)
+        );
+        assert_eq!(
+            extract(&e, &[("x-api-key", b"\xff")]),
+            Err(KeyError::Malformed)
+        );
+    }
+
+    #[test]
+    fn api_key_repeated_header_is_ambiguous() {
+        let e = ApiKeyHeader::new();
+        let headers: &[(&str, &[u8])] = &[("x-api-key", b"a"), ("x-api-key", b"b")];
+        assert_eq!(extract(&e, headers), Err(KeyError::Malformed));
+    }
+
+    #[test]
+    fn bearer_token_is_the_key() {
+        let e = Bearer::default();
+        for value in [
+            &b"Bearer tok"[..],
+            b"bearer tok",
+            b"BEARER tok",
+            b"bEaReR tok",
+            b"Bearer    tok",
+            b"Bearer tok  ",
+            b"Bearer tok\t",
+            b"  Bearer tok",
+        ] {
+            assert_eq!(
+                extract(&e, &[("authorization", value)]),
+                Ok(b"tok".to_vec()),
+                "{:?}",
+                String::from_utf8_lossy(value)
+            );
+        }
+    }
+
+    #[test]
+    fn bearer_borrows_header_bytes() {
+        let req = request(&[("authorization", b"Bearer tok")]);
+        let key = Bearer::new().extract(&RequestView::new(&req)).unwrap();
+        let header = req.headers().get("authorization").unwrap().as_bytes();
+        assert_eq!(key.as_bytes().as_ptr(), header[7..].as_ptr());
+    }
+
+    #[test]
+    fn bearer_other_schemes_are_missing() {
+        let e = Bearer::new();
+        assert_eq!(extract(&e, &[]), Err(KeyError::Missing));
+        for value in [
+            &b"Basic dXNlcjpwYXNz"[..],
+            b"Bearertok",
+            b"Bear tok",
+            b"Digest username=x",
+            b"",
+            b"tok",
+        ] {
+            assert_eq!(
+                extract(&e, &[("authorization", value)]),
+                Err(KeyError::Missing),
+                "{:?}",
+                String::from_utf8_lossy(value)
+            );
+        }
+    }
+
+    #[test]
+    fn bearer_errors() {
+        let e = Bearer::new().max_len(3);
+        assert_eq!(
+            extract(&e, &[("authorization", b"Bearer")]),
+            Err(KeyError::Empty)
+        );
+        assert_eq!(
+            extract(&e, &[("authorization", b"Bearer   ")]),
+            Err(KeyError::Empty)
+        );
+        assert_eq!(
+            extract(&e, &[("authorization", b"Bearer abcd")]),
+            Err(KeyError::TooLong)
+        );
+        assert_eq!(
+            extract(&e, &[("authorization", b"Bearer a b")]),
+            Err(KeyError::Malformed)
+        );
+        assert_eq!(
+            extract(&e, &[("authorization", b"Bearer \xff")]),
+            Err(KeyError::Malformed)
+        );
+        assert_eq!(
+            extract(&e, &[("authorization", b"Bearer\tab")]),
+            Err(KeyError::Missing)
+        );
+        let headers: &[(&str, &[u8])] = &[
+            ("authorization", b"Bearer a"),
+            ("authorization", b"Bearer b"),
+        ];
+        assert_eq!(extract(&e, headers), Err(KeyError::Malformed));
+        let headers: &[(&str, &[u8])] = &[
+            ("authorization", b"Basic x"),
+            ("authorization", b"Bearer b"),
+        ];
+        assert_eq!(extract(&e, headers), Err(KeyError::Malformed));
+    }
+
+    #[test]
+    fn extractors_are_send_sync_static() {
+        fn check<T: KeyExtractor + Clone + std::fmt::Debug>() {}
+        check::<ApiKeyHeader>();
+        check::<Bearer>();
+    }
+}

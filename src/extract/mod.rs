@@ -25,7 +25,7 @@ use http::{Extensions, HeaderMap, Method, Uri};
 
 pub use self::extension::ExtensionKey;
 pub use self::header::{ApiKeyHeader, Bearer};
-pub use self::ip::ClientIp;
+pub use self::ip::{ClientIp, ForwardedHeader};
 
 /// The longest key accepted by the built-in extractors unless configured otherwise, in bytes.
 pub const DEFAULT_MAX_KEY_LEN: usize = 256;

@@ -1,0 +1,318 @@
+//! Run with `cargo run --release --example inference_server -- [--listen ADDR]`
+//!
+//! A mock OpenAI-style inference API behind tollgate: the reference server of
+//! the README and of the black-box tests.
+//!
+//! - `POST /v1/completions` with `{"model":"m","prompt":"…","max_tokens":N,"stream":false}`
+//! - `POST /v1/chat/completions` with `"messages":[{"role":"user","content":"…"}]` instead of `prompt`
+//! - `GET /health`, never limited
+//!
+//! With no flags it listens on `127.0.0.1:3000` with the in-memory store and the
+//! demo configuration: plan `free` (2 requests/s, bursts of 5) with the key
+//! `demo-free-key`, and plan `pro` (50/s, bursts of 100).
+//!
+//! ```text
+//! curl -i -X POST localhost:3000/v1/completions -H 'x-api-key: demo-free-key' \
+//!      -H 'content-type: application/json' -d '{"model":"m","prompt":"hello"}'
+//! ```
+//!
+//! The mock generates `max_tokens` tokens (default 16), or `mock_completion_tokens`
+//! when the request names it, and reports `usage`; prompt tokens are
+//! `ceil(prompt_chars / 4)`. With `"stream": true` it answers server-sent events,
+//! one per token, `mock_token_ms` apart (default 5), the last one with the usage.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_stream::wrappers::ReceiverStream;
+use tollgate::{ApiKey, ConfigError, Policy, RateLimitLayer, Throttle, UsagePlan};
+
+/// The default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
+
+/// Limits on what one mock request may ask for, so that a request cannot make
+/// the mock work for minutes.
+const MAX_TOKENS_CAP: u32 = 100_000;
+const MAX_TOKEN_MS: u64 = 10_000;
+
+/// The demo configuration: the plans and key of the README.
+pub fn demo_policy() -> Result<Policy, ConfigError> {
+    Policy::builder()
+        .plan(UsagePlan::new("free").throttle(Throttle::new(2.0, 5)?))
+        .plan(UsagePlan::new("pro").throttle(Throttle::new(50.0, 100)?))
+        .key(ApiKey::new("free-1", "demo-free-key", "free"))
+        .build()
+}
+
+/// The server's routes: the inference routes behind `limit`, `/health` outside it.
+pub fn router(limit: RateLimitLayer) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .layer(limit)
+        .route("/health", get(health))
+}
+
+/// Serves `router` on `listener` with connection info (for client-IP limits)
+/// until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+struct Args {
+    listen: SocketAddr,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut listen = DEFAULT_LISTEN.to_owned();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--listen" => listen = args.next().ok_or("--listen needs an address")?,
+            "-h" | "--help" => {
+                return Err("usage: inference_server [--listen ADDR]".to_owned());
+            }
+            other => return Err(format!("unknown argument `{other}` (try --help)")),
+        }
+    }
+    let listen = listen
+        .parse()
+        .map_err(|e| format!("--listen `{listen}`: {e}"))?;
+    Ok(Args { listen })
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(msg) => {
+            eprintln!("{msg}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let policy = match demo_policy() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("invalid configuration: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot listen on {}: {e}", args.listen);
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "inference_server listening on http://{}",
+        listener.local_addr().map_or(args.listen, |a| a)
+    );
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match serve(listener, router(RateLimitLayer::new(policy)), shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("server error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    model: String,
+    prompt: String,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<Message>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    #[allow(dead_code)]
+    role: String,
+    content: String,
+}
+
+#[derive(Deserialize)]
+struct Common {
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    mock_completion_tokens: Option<u32>,
+    mock_token_ms: Option<u64>,
+}
+
+/// What the mock will generate for one request.
+struct Job {
+    chat: bool,
+    model: String,
+    prompt_tokens: u64,
+    completion_tokens: u32,
+    token_ms: u64,
+    stream: bool,
+}
+
+impl Job {
+    fn new(chat: bool, model: String, prompt_chars: usize, c: &Common) -> Result<Job, Response> {
+        let max_tokens = c.max_tokens.unwrap_or(16);
+        let completion_tokens = c.mock_completion_tokens.unwrap_or(max_tokens);
+        if max_tokens > MAX_TOKENS_CAP || completion_tokens > MAX_TOKENS_CAP {
+            return Err(bad_request(&format!(
+                "max_tokens and mock_completion_tokens must be at most {MAX_TOKENS_CAP}"
+            )));
+        }
+        let token_ms = c.mock_token_ms.unwrap_or(5);
+        if token_ms > MAX_TOKEN_MS {
+            return Err(bad_request(&format!(
+                "mock_token_ms must be at most {MAX_TOKEN_MS}"
+            )));
+        }
+        Ok(Job {
+            chat,
+            model,
+            prompt_tokens: (prompt_chars as u64).div_ceil(4),
+            completion_tokens,
+            token_ms,
+            stream: c.stream,
+        })
+    }
+
+    fn usage(&self) -> Value {
+        let completion = u64::from(self.completion_tokens);
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        })
+    }
+
+    fn object(&self) -> &'static str {
+        match (self.chat, self.stream) {
+            (true, false) => "chat.completion",
+            (true, true) => "chat.completion.chunk",
+            (false, _) => "text_completion",
+        }
+    }
+
+    fn answer(self) -> Response {
+        if self.stream {
+            return self.stream_answer();
+        }
+        let text = "tok ".repeat(self.completion_tokens as usize);
+        let choice = if self.chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
+        } else {
+            json!({"index": 0, "text": text, "finish_reason": "length"})
+        };
+        Json(json!({
+            "id": "mock-1",
+            "object": self.object(),
+            "model": self.model,
+            "choices": [choice],
+            "usage": self.usage(),
+        }))
+        .into_response()
+    }
+
+    fn stream_answer(self) -> Response {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(1);
+        tokio::spawn(async move {
+            let n = self.completion_tokens;
+            for i in 0..n {
+                if self.token_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(self.token_ms)).await;
+                }
+                let choice = if self.chat {
+                    json!({"index": 0, "delta": {"content": "tok "}})
+                } else {
+                    json!({"index": 0, "text": "tok "})
+                };
+                let mut chunk = json!({
+                    "id": "mock-1",
+                    "object": self.object(),
+                    "model": self.model,
+                    "choices": [choice],
+                });
+                if i + 1 == n {
+                    chunk["usage"] = self.usage();
+                }
+                // A closed channel means the client went away: stop generating.
+                if tx
+                    .send(Ok(Event::default().data(chunk.to_string())))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if n == 0 {
+                let chunk = json!({"id": "mock-1", "object": self.object(), "model": self.model, "choices": [], "usage": self.usage()});
+                let _ = tx.send(Ok(Event::default().data(chunk.to_string()))).await;
+            }
+            let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+        });
+        Sse::new(ReceiverStream::new(rx)).into_response()
+    }
+}
+
+async fn completions(body: Bytes) -> Response {
+    let req: CompletionRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(&format!("invalid request body: {e}")),
+    };
+    match Job::new(false, req.model, req.prompt.chars().count(), &req.common) {
+        Ok(job) => job.answer(),
+        Err(res) => res,
+    }
+}
+
+async fn chat_completions(body: Bytes) -> Response {
+    let req: ChatRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(&format!("invalid request body: {e}")),
+    };
+    let chars = req.messages.iter().map(|m| m.content.chars().count()).sum();
+    match Job::new(true, req.model, chars, &req.common) {
+        Ok(job) => job.answer(),
+        Err(res) => res,
+    }
+}
+
+fn bad_request(message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": {"message": message, "type": "invalid_request_error"}})),
+    )
+        .into_response()
+}
