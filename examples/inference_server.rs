@@ -184,19 +184,17 @@ struct Job {
 }
 
 impl Job {
-    fn new(chat: bool, model: String, prompt_chars: usize, c: &Common) -> Result<Job, Response> {
+    fn new(chat: bool, model: String, prompt_chars: usize, c: &Common) -> Result<Job, String> {
         let max_tokens = c.max_tokens.unwrap_or(16);
         let completion_tokens = c.mock_completion_tokens.unwrap_or(max_tokens);
         if max_tokens > MAX_TOKENS_CAP || completion_tokens > MAX_TOKENS_CAP {
-            return Err(bad_request(&format!(
+            return Err(format!(
                 "max_tokens and mock_completion_tokens must be at most {MAX_TOKENS_CAP}"
-            )));
+            ));
         }
         let token_ms = c.mock_token_ms.unwrap_or(5);
         if token_ms > MAX_TOKEN_MS {
-            return Err(bad_request(&format!(
-                "mock_token_ms must be at most {MAX_TOKEN_MS}"
-            )));
+            return Err(format!("mock_token_ms must be at most {MAX_TOKEN_MS}"));
         }
         Ok(Job {
             chat,
@@ -293,7 +291,7 @@ async fn completions(body: Bytes) -> Response {
     };
     match Job::new(false, req.model, req.prompt.chars().count(), &req.common) {
         Ok(job) => job.answer(),
-        Err(res) => res,
+        Err(msg) => bad_request(&msg),
     }
 }
 
@@ -305,7 +303,7 @@ async fn chat_completions(body: Bytes) -> Response {
     let chars = req.messages.iter().map(|m| m.content.chars().count()).sum();
     match Job::new(true, req.model, chars, &req.common) {
         Ok(job) => job.answer(),
-        Err(res) => res,
+        Err(msg) => bad_request(&msg),
     }
 }
 

@@ -23,7 +23,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::extract::KeyError;
 use crate::gcra::{NANOS_PER_SEC, Nanos};
-use crate::store::{Denial, Report};
+use crate::store::{Applied, Denial, Report};
 
 /// Why a request was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +66,7 @@ impl Rejection {
         }
     }
 
-    pub(crate) fn denied(denial: Denial, report: &Report, grpc: bool) -> Self {
+    pub(crate) fn denied(denial: Denial, limit: &Applied, grpc: bool) -> Self {
         let (reason, retry) = match denial {
             Denial::Limited { retry_after } => (Reason::Limited, Some(retry_after)),
             Denial::TooCostly => (Reason::CostExceedsLimit, None),
@@ -74,7 +74,7 @@ impl Rejection {
         };
         Rejection {
             reason,
-            limit: report.items().first().map(|a| a.name),
+            limit: Some(limit.name),
             retry_after: retry.map(Duration::from_nanos),
             grpc,
         }
@@ -388,7 +388,6 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Applied;
 
     fn report(items: &[(&'static str, u32, u64, u32, Nanos)]) -> Report {
         let mut r = Report::default();
@@ -431,7 +430,7 @@ mod tests {
             Denial::Limited {
                 retry_after: 1_000_000_001,
             },
-            &report(&[("throttle", 5, 3, 0, 0)]),
+            &report(&[("throttle", 5, 3, 0, 0)]).items()[0],
             false,
         );
         assert_eq!(r.retry_after_secs(), Some(2));

@@ -18,7 +18,7 @@ use crate::extract::{KeyExtractor, RequestView};
 use crate::hash;
 use crate::plan::{Keys, Policy};
 use crate::response::{HeaderStyle, Reason, Rejection, SharedOnRejection, is_grpc};
-use crate::store::{MemoryStore, Report};
+use crate::store::{Applied, MemoryStore, Report};
 
 /// What every clone of a layer and its services share.
 pub(crate) struct Shared<K> {
@@ -35,7 +35,7 @@ impl<K: KeyExtractor> Shared<K> {
     pub(crate) fn decide(
         &self,
         req: &RequestView<'_>,
-    ) -> Result<Report, (Rejection, Option<Report>)> {
+    ) -> Result<Report, (Rejection, Option<Applied>)> {
         let grpc = is_grpc(req.headers);
         match self.extractor.extract(req) {
             Ok(key) => self.decide_key(key.as_bytes(), 1, grpc),
@@ -53,7 +53,7 @@ impl<K> Shared<K> {
         key: &[u8],
         cost: u32,
         grpc: bool,
-    ) -> Result<Report, (Rejection, Option<Report>)> {
+    ) -> Result<Report, (Rejection, Option<Applied>)> {
         let digest = hash::digest(key);
         let (plan, state) = match &*self.policy.keys {
             Keys::Any(plan) => (plan, digest),
@@ -69,12 +69,12 @@ impl<K> Shared<K> {
         };
         self.store
             .acquire(&plan.limits, state, cost)
-            .map_err(|d| (Rejection::denied(d.denial, &d.report, grpc), Some(d.report)))
+            .map_err(|d| (Rejection::denied(d.denial, &d.limit, grpc), Some(d.limit)))
     }
 
     /// The response for a rejected request.
     #[cold]
-    pub(crate) fn reject(&self, rejection: Rejection, report: Option<Report>) -> Response<Bytes> {
+    pub(crate) fn reject(&self, rejection: Rejection, limit: Option<Applied>) -> Response<Bytes> {
         let mut res = match &self.on_rejection {
             Some(f) => f.response(&rejection),
             None => rejection.default_response(),
@@ -85,7 +85,9 @@ impl<K> Shared<K> {
                 .entry(http::header::RETRY_AFTER)
                 .or_insert_with(|| http::HeaderValue::from(secs));
         }
-        if let Some(report) = report {
+        if let Some(limit) = limit {
+            let mut report = Report::default();
+            report.push(limit);
             self.headers.write(&report, headers);
         }
         res.extensions_mut().insert(rejection);

@@ -148,11 +148,9 @@ impl MemoryStore {
                     });
                 }
             }
-            let mut report = Report::default();
-            report.push(denial.1);
             return Err(Denied {
                 denial: denial.0,
-                report,
+                limit: denial.1,
             });
         }
         Ok(report)

@@ -68,9 +68,9 @@ pub(crate) enum Denial {
     Capacity { retry_after: Nanos },
 }
 
-/// A denied decision: why, and the report of the limit that denied.
+/// A denied decision: why, and how the limit that denied stands.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Denied {
     pub(crate) denial: Denial,
-    pub(crate) report: Report,
+    pub(crate) limit: Applied,
 }
