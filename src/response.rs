@@ -448,7 +448,7 @@ mod tests {
             Denial::Limited {
                 retry_after: NANOS_PER_SEC,
             },
-            &Report::default(),
+            &Applied::default(),
             true,
         );
         let res = r.default_response();
