@@ -39,6 +39,31 @@ pub(crate) fn digest(bytes: &[u8]) -> Digest {
     Digest(u128::from(h.h1) << 64 | u128::from(h.h2))
 }
 
+/// Hashes a [`Digest`] for a `HashMap` by taking 64 of its bits: the digest is
+/// already a keyed hash, so hashing it again would only cost time.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only digests are hashed with this hasher; fold anything else anyway.
+        for &b in bytes {
+            self.0 = mix(self.0 ^ u64::from(b));
+        }
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        self.0 ^= n as u64;
+    }
+}
+
+/// The `BuildHasher` of maps keyed by [`Digest`].
+pub(crate) type BuildDigestHasher = std::hash::BuildHasherDefault<DigestHasher>;
+
 /// A random salt, so that each limit places a key's state somewhere else.
 pub(crate) fn random_salt() -> u64 {
     RandomState::new().hash_one(0x73616c74_u64)
@@ -65,5 +90,7 @@ mod tests {
         assert_ne!(digest(b"abc"), digest(b"abd"));
         assert_ne!(digest(b""), digest(b"\0"));
         assert_eq!(format!("{:?}", digest(b"secret")), "Digest(..)");
+        let d = digest(b"k");
+        assert_eq!(BuildDigestHasher::default().hash_one(d), d.0 as u64);
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::error::ConfigError;
 use crate::gcra::{Gcra, NANOS_PER_SEC};
-use crate::hash::{self, Digest};
+use crate::hash::{self, BuildDigestHasher, Digest};
 
 /// A throttle: a token bucket of `burst` requests refilled at `rate` per second.
 ///
@@ -180,7 +180,7 @@ pub(crate) enum Keys {
     /// Every key is limited under this plan.
     Any(Arc<Plan>),
     /// Registered keys, by the digest of their value.
-    Registered(HashMap<Digest, KeyEntry>),
+    Registered(HashMap<Digest, KeyEntry, BuildDigestHasher>),
 }
 
 /// A key as the hot path sees it.
@@ -297,7 +297,8 @@ impl PolicyBuilder {
             }
         }
         let mut ids = std::collections::HashSet::new();
-        let mut keys = HashMap::with_capacity(self.keys.len());
+        let mut keys =
+            HashMap::with_capacity_and_hasher(self.keys.len(), BuildDigestHasher::default());
         for k in &self.keys {
             let max = crate::extract::DEFAULT_MAX_KEY_LEN;
             if crate::extract::validate(k.id.as_bytes(), max).is_err() {
