@@ -45,6 +45,20 @@ pub enum ConfigError {
     },
     /// A store parameter is out of range.
     InvalidStore(&'static str),
+    /// A quota's limit or offset is out of range.
+    InvalidQuota(&'static str),
+    /// A method override's path is not an AWS methodPath (`"/resource/METHOD"`).
+    InvalidMethodPath {
+        /// The path given.
+        path: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A plan has a quota but the policy has no registered keys: quotas are
+    /// counted per registered key.
+    QuotaNeedsKeys(String),
+    /// The usage history is longer than the 3,660 days (ten years) accepted, or zero.
+    InvalidHistory(usize),
 }
 
 impl fmt::Display for ConfigError {
@@ -68,6 +82,17 @@ impl fmt::Display for ConfigError {
             }
             ConfigError::InvalidKey { id, reason } => write!(f, "invalid api key `{id}`: {reason}"),
             ConfigError::InvalidStore(why) => write!(f, "invalid store configuration: {why}"),
+            ConfigError::InvalidQuota(why) => write!(f, "invalid quota: {why}"),
+            ConfigError::InvalidMethodPath { path, reason } => {
+                write!(f, "invalid method path `{path}`: {reason}")
+            }
+            ConfigError::QuotaNeedsKeys(plan) => write!(
+                f,
+                "plan `{plan}` has a quota, which needs registered api keys (Policy::builder)"
+            ),
+            ConfigError::InvalidHistory(days) => {
+                write!(f, "invalid usage history of {days} days: must be 1 to 3660")
+            }
         }
     }
 }

@@ -64,11 +64,6 @@ impl std::hash::Hasher for DigestHasher {
 /// The `BuildHasher` of maps keyed by [`Digest`].
 pub(crate) type BuildDigestHasher = std::hash::BuildHasherDefault<DigestHasher>;
 
-/// A random salt, so that each limit places a key's state somewhere else.
-pub(crate) fn random_salt() -> u64 {
-    RandomState::new().hash_one(0x73616c74_u64)
-}
-
 /// The 64-bit finaliser of MurmurHash3: a bijection that spreads every input bit.
 #[inline]
 pub(crate) const fn mix(mut x: u64) -> u64 {

@@ -56,16 +56,23 @@ mod gcra;
 mod hash;
 mod layer;
 mod plan;
+mod policy;
+mod quota;
 mod response;
 mod store;
+mod usage;
+mod window;
 
 pub use crate::body::ResponseBody;
 pub use crate::clock::{Clock, ManualClock};
 pub use crate::error::ConfigError;
 pub use crate::layer::{RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseFuture};
-pub use crate::plan::{ApiKey, Policy, PolicyBuilder, Throttle, UsagePlan};
+pub use crate::plan::{Anonymous, ApiKey, FailureMode, Quota, Stage, Throttle, UsagePlan};
+pub use crate::policy::{DEFAULT_HISTORY_DAYS, Policy, PolicyBuilder};
 pub use crate::response::{DefaultOnRejection, HeaderStyle, OnRejection, Reason, Rejection};
 pub use crate::store::{MemoryStore, MemoryStoreBuilder};
+pub use crate::usage::{Admin, AdminError, KeyInfo, UsageReport};
+pub use crate::window::{Date, Period, Weekday};
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -1,12 +1,16 @@
-//! Usage plans, API keys and the policy that maps a request's key to its limits.
+//! Usage plans, their limits, and API keys.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+use http::Method;
+
 use crate::error::ConfigError;
+use crate::extract::ClientIp;
 use crate::gcra::{Gcra, NANOS_PER_SEC};
-use crate::hash::{self, BuildDigestHasher, Digest};
+use crate::hash;
+use crate::quota::QuotaSpec;
+use crate::window::Period;
 
 /// A throttle: a token bucket of `burst` requests refilled at `rate` per second.
 ///
@@ -70,21 +74,106 @@ impl fmt::Debug for Throttle {
     }
 }
 
+/// A calendar quota: at most `limit` requests per UTC day, week or month.
+///
+/// `offset` (as in AWS API Gateway) is deducted from the limit in the window in
+/// which the plan was created.
+///
+/// ```
+/// use tollgate::{Period, Quota};
+///
+/// let q = Quota::new(1000, Period::Day)?.with_offset(200)?;
+/// assert_eq!((q.limit(), q.offset()), (1000, 200));
+/// assert!(Quota::new(0, Period::Month).is_err());
+/// # Ok::<(), tollgate::ConfigError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    limit: u64,
+    period: Period,
+    offset: u64,
+}
+
+/// The largest quota limit: 2^53, so that it survives a trip through JSON.
+const MAX_QUOTA: u64 = 1 << 53;
+
+impl Quota {
+    /// `limit` requests per `period`; errors when `limit` is 0 or above 2^53.
+    pub fn new(limit: u64, period: Period) -> Result<Self, ConfigError> {
+        if limit == 0 || limit > MAX_QUOTA {
+            return Err(ConfigError::InvalidQuota(
+                "limit must be between 1 and 2^53",
+            ));
+        }
+        Ok(Quota {
+            limit,
+            period,
+            offset: 0,
+        })
+    }
+
+    /// Deducts `offset` from the limit in the window in which the plan is
+    /// created; errors when `offset` is not below `limit`.
+    pub fn with_offset(mut self, offset: u64) -> Result<Self, ConfigError> {
+        if offset >= self.limit {
+            return Err(ConfigError::InvalidQuota("offset must be below the limit"));
+        }
+        self.offset = offset;
+        Ok(self)
+    }
+
+    /// Requests per window.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The window.
+    pub fn period(&self) -> Period {
+        self.period
+    }
+
+    /// Requests deducted in the plan's first window.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+/// What a plan does when its store fails (times out or is unreachable).
+///
+/// The in-memory store cannot fail; this matters with a remote store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailureMode {
+    /// Let requests through (the AWS and Kong default).
+    #[default]
+    Open,
+    /// Answer 503.
+    Closed,
+}
+
 /// A usage plan: the limits that apply to every key bound to it.
 ///
-/// Throttles are counted per (plan, key), across all routes of the plan, as
-/// AWS API Gateway counts them.
+/// Throttles and quotas are counted per (plan, key), across all routes of the
+/// plan, as AWS API Gateway counts them. A method override adds its own bucket
+/// for the routes it matches; the plan-wide throttle and quota still apply.
 ///
 /// ```
-/// use tollgate::{Throttle, UsagePlan};
+/// use tollgate::{Period, Quota, Throttle, UsagePlan};
 ///
-/// let free = UsagePlan::new("free").throttle(Throttle::new(2.0, 5).unwrap());
+/// let free = UsagePlan::new("free")
+///     .throttle(Throttle::new(2.0, 5)?)
+///     .quota(Quota::new(1000, Period::Day)?)
+///     .method("/v1/chat/completions/POST", Throttle::new(1.0, 2)?);
 /// assert_eq!(free.name(), "free");
+/// # Ok::<(), tollgate::ConfigError>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UsagePlan {
     name: String,
     throttle: Option<Throttle>,
+    quota: Option<Quota>,
+    methods: Vec<(String, Throttle)>,
+    failure: FailureMode,
+    shadow: bool,
 }
 
 impl UsagePlan {
@@ -93,6 +182,10 @@ impl UsagePlan {
         Self {
             name: name.into(),
             throttle: None,
+            quota: None,
+            methods: Vec::new(),
+            failure: FailureMode::Open,
+            shadow: false,
         }
     }
 
@@ -103,9 +196,62 @@ impl UsagePlan {
         self
     }
 
+    /// Sets the plan's calendar quota.
+    #[must_use]
+    pub fn quota(mut self, quota: Quota) -> Self {
+        self.quota = Some(quota);
+        self
+    }
+
+    /// Adds a throttle for the routes matching `method_path`, an AWS methodPath:
+    /// the route then the method, `"/v1/completions/POST"`. A `*` segment
+    /// matches any one segment, a `*` method any method, and `"/*/*"` every
+    /// route. When several overrides match, the most literal one applies.
+    /// The route of a request is axum's `MatchedPath` when present (so
+    /// `"/users/{id}/GET"` matches the route as declared), else its path.
+    #[must_use]
+    pub fn method(mut self, method_path: impl Into<String>, throttle: Throttle) -> Self {
+        self.methods.push((method_path.into(), throttle));
+        self
+    }
+
+    /// What to do when the store fails (default [`FailureMode::Open`]).
+    #[must_use]
+    pub fn failure(mut self, mode: FailureMode) -> Self {
+        self.failure = mode;
+        self
+    }
+
+    /// A shadow plan decides, counts and sends headers, but never rejects.
+    #[must_use]
+    pub fn shadow(mut self, shadow: bool) -> Self {
+        self.shadow = shadow;
+        self
+    }
+
     /// The plan's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The plan-wide throttle.
+    pub fn get_throttle(&self) -> Option<Throttle> {
+        self.throttle
+    }
+
+    /// The quota.
+    pub fn get_quota(&self) -> Option<Quota> {
+        self.quota
+    }
+
+    /// The failure mode.
+    pub fn get_failure(&self) -> FailureMode {
+        self.failure
+    }
+
+    /// Whether the plan is a shadow plan.
+    pub fn is_shadow(&self) -> bool {
+        self.shadow
     }
 }
 
@@ -115,10 +261,10 @@ impl UsagePlan {
 /// never printed (`Debug` shows only the id).
 #[derive(Clone)]
 pub struct ApiKey {
-    id: String,
-    value: String,
-    plan: String,
-    enabled: bool,
+    pub(crate) id: String,
+    pub(crate) value: String,
+    pub(crate) plan: String,
+    pub(crate) enabled: bool,
 }
 
 impl ApiKey {
@@ -143,6 +289,16 @@ impl ApiKey {
     pub fn id(&self) -> &str {
         &self.id
     }
+
+    /// The plan the key is bound to.
+    pub fn plan(&self) -> &str {
+        &self.plan
+    }
+
+    /// Whether the key is enabled.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
 }
 
 impl fmt::Debug for ApiKey {
@@ -155,55 +311,88 @@ impl fmt::Debug for ApiKey {
     }
 }
 
-/// Which limits apply to which keys.
-///
-/// - [`Policy::per_key`]: every key the extractor finds is limited under one
-///   plan (a throttle per client IP, per tenant…).
-/// - [`Policy::builder`]: API keys registered in advance, each bound to a plan;
-///   a missing, unknown or disabled key is answered 403 `{"message":"Forbidden"}`.
+/// Limits shared by all callers together, as AWS stage throttling: one bucket
+/// for every client, protecting the backend's total capacity. A request must
+/// pass the stage limits and its plan's limits in the same decision.
 ///
 /// ```
-/// use tollgate::{ApiKey, Policy, Throttle, UsagePlan};
+/// use tollgate::{Stage, Throttle};
 ///
-/// let policy = Policy::builder()
-///     .plan(UsagePlan::new("free").throttle(Throttle::new(2.0, 5)?))
-///     .key(ApiKey::new("free-1", "demo-free-key", "free"))
-///     .build()?;
+/// let stage = Stage::new()
+///     .throttle(Throttle::new(100.0, 200)?)
+///     .method("/v1/chat/completions/POST", Throttle::new(20.0, 40)?);
 /// # Ok::<(), tollgate::ConfigError>(())
 /// ```
-#[derive(Clone)]
-pub struct Policy {
-    pub(crate) keys: Arc<Keys>,
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stage {
+    throttle: Option<Throttle>,
+    methods: Vec<(String, Throttle)>,
 }
 
-pub(crate) enum Keys {
-    /// Every key is limited under this plan.
-    Any(Arc<Plan>),
-    /// Registered keys, by the digest of their value.
-    Registered(HashMap<Digest, KeyEntry, BuildDigestHasher>),
+impl Stage {
+    /// No stage limits yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The throttle shared by every request.
+    #[must_use]
+    pub fn throttle(mut self, throttle: Throttle) -> Self {
+        self.throttle = Some(throttle);
+        self
+    }
+
+    /// A throttle shared by every request to the routes matching `method_path`
+    /// (see [`UsagePlan::method`]).
+    #[must_use]
+    pub fn method(mut self, method_path: impl Into<String>, throttle: Throttle) -> Self {
+        self.methods.push((method_path.into(), throttle));
+        self
+    }
 }
 
-/// A key as the hot path sees it.
-pub(crate) struct KeyEntry {
-    /// Where the key's state lives: the digest of its id, so that counters follow
-    /// the key, not its secret.
-    pub(crate) state: Digest,
-    pub(crate) plan: Arc<Plan>,
-    pub(crate) enabled: bool,
+/// What happens to requests that carry no API key.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub enum Anonymous {
+    /// Answer 403 `{"message":"Forbidden"}` (the default).
+    #[default]
+    Forbid,
+    /// Limit them by client IP with this throttle.
+    ByIp {
+        /// The throttle per client IP.
+        throttle: Throttle,
+        /// How the client IP is found (trusted proxies, IPv6 grouping).
+        client_ip: ClientIp,
+    },
 }
 
-/// A plan compiled for deciding.
-#[derive(Debug)]
-pub(crate) struct Plan {
-    #[allow(dead_code)]
-    pub(crate) name: String,
-    pub(crate) limits: Box<[Limit]>,
+/// The kind of a limit, named in headers and rejections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LimitKind {
+    Throttle,
+    Method,
+    Quota,
+    Stage,
+    StageMethod,
 }
 
-/// One limit of a plan, with the salt that places its state in the store.
+impl LimitKind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            LimitKind::Throttle => "throttle",
+            LimitKind::Method => "method",
+            LimitKind::Quota => "quota",
+            LimitKind::Stage => "stage",
+            LimitKind::StageMethod => "stage-method",
+        }
+    }
+}
+
+/// One throttle compiled for deciding, with the salt that places its state.
 #[derive(Debug, Clone)]
 pub(crate) struct Limit {
-    pub(crate) name: &'static str,
+    pub(crate) kind: LimitKind,
     pub(crate) gcra: Gcra,
     pub(crate) salt: u64,
     /// The `w` of the `RateLimit-Policy` item: seconds to refill the whole bucket.
@@ -211,131 +400,219 @@ pub(crate) struct Limit {
 }
 
 impl Limit {
-    fn throttle(name: &'static str, t: &Throttle) -> Self {
+    /// The salt derives from the plan and the limit's place in it, not from
+    /// its numbers: replacing a plan's rate keeps every key's state.
+    pub(crate) fn new(kind: LimitKind, t: &Throttle, owner: &str, path: &str) -> Self {
+        let id = [
+            owner.as_bytes(),
+            b"\0",
+            kind.name().as_bytes(),
+            b"\0",
+            path.as_bytes(),
+        ]
+        .concat();
         Self {
-            name,
+            kind,
             gcra: *t.gcra(),
-            salt: hash::random_salt(),
+            salt: hash::digest(&id).0 as u64,
             window_secs: t.gcra().span().div_ceil(NANOS_PER_SEC),
         }
     }
 }
 
+/// An AWS methodPath compiled for matching: `"/v1/completions/POST"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MethodPath {
+    /// `None`: every route (`/*`).
+    segments: Option<Box<[Segment]>>,
+    /// `None`: every method.
+    method: Option<Method>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(Box<str>),
+    Any,
+}
+
+impl MethodPath {
+    pub(crate) fn parse(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &'static str| ConfigError::InvalidMethodPath {
+            path: s.to_owned(),
+            reason: why,
+        };
+        if !s.starts_with('/') {
+            return Err(bad("must start with `/`"));
+        }
+        let (path, method) = s
+            .rsplit_once('/')
+            .ok_or_else(|| bad("must end with `/METHOD`"))?;
+        let method = match method {
+            "*" => None,
+            "" => return Err(bad("must end with `/METHOD`")),
+            m => Some(
+                Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                    .map_err(|_| bad("the method is not a valid HTTP method"))?,
+            ),
+        };
+        let segments = match path {
+            "/*" => None,
+            "" | "/" => Some(Box::default()),
+            p => Some(
+                p.trim_start_matches('/')
+                    .split('/')
+                    .map(|seg| match seg {
+                        "*" => Ok(Segment::Any),
+                        "" => Err(bad("empty path segment")),
+                        lit => Ok(Segment::Literal(lit.into())),
+                    })
+                    .collect::<Result<Box<[_]>, _>>()?,
+            ),
+        };
+        Ok(MethodPath { segments, method })
+    }
+
+    /// How literal the pattern is: more literal patterns win.
+    fn specificity(&self) -> usize {
+        let segs = self.segments.as_ref().map_or(0, |s| {
+            1 + 2 * s
+                .iter()
+                .filter(|s| matches!(s, Segment::Literal(_)))
+                .count()
+                + s.len()
+        });
+        2 * segs + usize::from(self.method.is_some())
+    }
+
+    fn matches(&self, route: &str, method: &Method) -> bool {
+        if self.method.as_ref().is_some_and(|m| m != method) {
+            return false;
+        }
+        let Some(segments) = &self.segments else {
+            return true;
+        };
+        // Empty parts are ignored: "/v1/completions/" is "/v1/completions".
+        let mut parts = route.split('/').filter(|p| !p.is_empty());
+        for seg in segments.iter() {
+            match (seg, parts.next()) {
+                (_, None) => return false,
+                (Segment::Literal(lit), Some(part)) if **lit != *part => return false,
+                _ => {}
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
+/// A method override compiled for deciding.
+#[derive(Debug, Clone)]
+pub(crate) struct MethodLimit {
+    pub(crate) path: MethodPath,
+    pub(crate) limit: Limit,
+}
+
+/// The most literal override matching `route` and `method`.
+pub(crate) fn match_method<'a>(
+    methods: &'a [MethodLimit],
+    route: &str,
+    method: &Method,
+) -> Option<&'a Limit> {
+    let mut best: Option<(&MethodLimit, usize)> = None;
+    for m in methods {
+        if m.path.matches(route, method) {
+            let s = m.path.specificity();
+            if best.is_none_or(|(_, b)| s > b) {
+                best = Some((m, s));
+            }
+        }
+    }
+    best.map(|(m, _)| &m.limit)
+}
+
+fn compile_methods(
+    methods: &[(String, Throttle)],
+    kind: LimitKind,
+    owner: &str,
+) -> Result<Box<[MethodLimit]>, ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    methods
+        .iter()
+        .map(|(path, t)| {
+            if !seen.insert(path.as_str()) {
+                return Err(ConfigError::InvalidMethodPath {
+                    path: path.clone(),
+                    reason: "listed twice",
+                });
+            }
+            Ok(MethodLimit {
+                path: MethodPath::parse(path)?,
+                limit: Limit::new(kind, t, owner, path),
+            })
+        })
+        .collect()
+}
+
+/// A plan compiled for deciding.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub(crate) name: Arc<str>,
+    pub(crate) throttle: Option<Limit>,
+    pub(crate) methods: Box<[MethodLimit]>,
+    pub(crate) quota: Option<QuotaSpec>,
+    pub(crate) shadow: bool,
+    pub(crate) source: UsagePlan,
+}
+
 impl Plan {
-    fn compile(plan: &UsagePlan) -> Self {
-        let limits = plan
-            .throttle
-            .iter()
-            .map(|t| Limit::throttle("throttle", t))
-            .collect();
+    /// Compiles `plan`; `created_at` is when the plan first existed (wall nanoseconds).
+    pub(crate) fn compile(plan: &UsagePlan, created_at: i64) -> Result<Self, ConfigError> {
+        let owner = format!("plan\0{}", plan.name);
+        Ok(Plan {
+            name: plan.name.as_str().into(),
+            throttle: plan
+                .throttle
+                .as_ref()
+                .map(|t| Limit::new(LimitKind::Throttle, t, &owner, "")),
+            methods: compile_methods(&plan.methods, LimitKind::Method, &owner)?,
+            quota: plan.quota.map(|q| QuotaSpec {
+                limit: q.limit,
+                period: q.period,
+                offset: q.offset,
+                created_at,
+            }),
+            shadow: plan.shadow,
+            source: plan.clone(),
+        })
+    }
+
+    /// A plan of one throttle for keys that are not registered.
+    pub(crate) fn anonymous(name: &str, throttle: &Throttle) -> Self {
         Plan {
-            name: plan.name.clone(),
-            limits,
+            name: name.into(),
+            throttle: Some(Limit::new(LimitKind::Throttle, throttle, name, "")),
+            methods: Box::default(),
+            quota: None,
+            shadow: false,
+            source: UsagePlan::new(name).throttle(*throttle),
         }
     }
 }
 
-impl Policy {
-    /// Limits every key the extractor finds under `plan`.
-    pub fn per_key(plan: UsagePlan) -> Self {
-        Policy {
-            keys: Arc::new(Keys::Any(Arc::new(Plan::compile(&plan)))),
-        }
-    }
-
-    /// Starts a policy of registered API keys.
-    pub fn builder() -> PolicyBuilder {
-        PolicyBuilder::default()
-    }
+/// Stage limits compiled for deciding.
+#[derive(Debug)]
+pub(crate) struct StageLimits {
+    pub(crate) throttle: Option<Limit>,
+    pub(crate) methods: Box<[MethodLimit]>,
 }
 
-impl fmt::Debug for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &*self.keys {
-            Keys::Any(plan) => f.debug_tuple("Policy::PerKey").field(&plan.name).finish(),
-            Keys::Registered(keys) => f
-                .debug_struct("Policy::Registered")
-                .field("keys", &keys.len())
-                .finish(),
-        }
-    }
-}
-
-/// Builds a [`Policy`] of plans and registered API keys.
-#[derive(Debug, Default)]
-pub struct PolicyBuilder {
-    plans: Vec<UsagePlan>,
-    keys: Vec<ApiKey>,
-}
-
-impl PolicyBuilder {
-    /// Adds a plan.
-    #[must_use]
-    pub fn plan(mut self, plan: UsagePlan) -> Self {
-        self.plans.push(plan);
-        self
-    }
-
-    /// Adds an API key.
-    #[must_use]
-    pub fn key(mut self, key: ApiKey) -> Self {
-        self.keys.push(key);
-        self
-    }
-
-    /// Checks the plans and keys and builds the policy.
-    ///
-    /// Errors on duplicate plan names, duplicate key ids or values, a key that
-    /// names an unknown plan, and key ids or values that are empty, longer than
-    /// [`DEFAULT_MAX_KEY_LEN`](crate::extract::DEFAULT_MAX_KEY_LEN) bytes or not
-    /// visible ASCII.
-    pub fn build(self) -> Result<Policy, ConfigError> {
-        let mut plans: HashMap<&str, Arc<Plan>> = HashMap::new();
-        for p in &self.plans {
-            if plans.insert(p.name(), Arc::new(Plan::compile(p))).is_some() {
-                return Err(ConfigError::DuplicatePlan(p.name.clone()));
-            }
-        }
-        let mut ids = std::collections::HashSet::new();
-        let mut keys =
-            HashMap::with_capacity_and_hasher(self.keys.len(), BuildDigestHasher::default());
-        for k in &self.keys {
-            let max = crate::extract::DEFAULT_MAX_KEY_LEN;
-            if crate::extract::validate(k.id.as_bytes(), max).is_err() {
-                return Err(ConfigError::InvalidKey {
-                    id: String::new(),
-                    reason: "id must be 1 to 256 visible ASCII characters",
-                });
-            }
-            if crate::extract::validate(k.value.as_bytes(), max).is_err() {
-                return Err(ConfigError::InvalidKey {
-                    id: k.id.clone(),
-                    reason: "value must be 1 to 256 visible ASCII characters",
-                });
-            }
-            if !ids.insert(k.id.as_str()) {
-                return Err(ConfigError::DuplicateKeyId(k.id.clone()));
-            }
-            let plan = plans
-                .get(k.plan.as_str())
-                .ok_or_else(|| ConfigError::UnknownPlan {
-                    key: k.id.clone(),
-                    plan: k.plan.clone(),
-                })?;
-            let entry = KeyEntry {
-                state: hash::digest(k.id.as_bytes()),
-                plan: Arc::clone(plan),
-                enabled: k.enabled,
-            };
-            if keys
-                .insert(hash::digest(k.value.as_bytes()), entry)
-                .is_some()
-            {
-                return Err(ConfigError::DuplicateKeyValue { id: k.id.clone() });
-            }
-        }
-        Ok(Policy {
-            keys: Arc::new(Keys::Registered(keys)),
+impl StageLimits {
+    pub(crate) fn compile(stage: &Stage) -> Result<Self, ConfigError> {
+        Ok(StageLimits {
+            throttle: stage
+                .throttle
+                .as_ref()
+                .map(|t| Limit::new(LimitKind::Stage, t, "stage", "")),
+            methods: compile_methods(&stage.methods, LimitKind::StageMethod, "stage")?,
         })
     }
 }
@@ -344,12 +621,8 @@ impl PolicyBuilder {
 mod tests {
     use super::*;
 
-    fn free() -> UsagePlan {
-        UsagePlan::new("free").throttle(Throttle::new(2.0, 5).unwrap())
-    }
-
     #[test]
-    fn invalid_throttles_are_config_errors() {
+    fn invalid_throttles_and_quotas_are_config_errors() {
         assert_eq!(Throttle::new(0.0, 1), Err(ConfigError::InvalidRate(0.0)));
         assert_eq!(Throttle::new(-2.0, 1), Err(ConfigError::InvalidRate(-2.0)));
         assert!(matches!(
@@ -369,36 +642,89 @@ mod tests {
             Throttle::new(0.0, 1).unwrap_err().to_string(),
             "invalid rate 0: must be a finite number above zero"
         );
+        assert!(Quota::new(0, Period::Day).is_err());
+        assert!(
+            Quota::new(10, Period::Day)
+                .unwrap()
+                .with_offset(10)
+                .is_err()
+        );
+    }
+
+    fn mp(s: &str) -> MethodPath {
+        MethodPath::parse(s).unwrap()
     }
 
     #[test]
-    fn policy_checks_keys_and_plans() {
-        let dup_plan = Policy::builder().plan(free()).plan(free()).build();
-        assert!(matches!(dup_plan, Err(ConfigError::DuplicatePlan(n)) if n == "free"));
+    fn method_paths_match_like_aws() {
+        let post = Method::POST;
+        assert!(mp("/v1/completions/POST").matches("/v1/completions", &post));
+        assert!(!mp("/v1/completions/POST").matches("/v1/completions", &Method::GET));
+        assert!(!mp("/v1/completions/POST").matches("/v1/chat/completions", &post));
+        assert!(mp("/v1/*/POST").matches("/v1/completions", &post));
+        assert!(!mp("/v1/*/POST").matches("/v1/chat/completions", &post));
+        assert!(mp("/*/*").matches("/v1/chat/completions", &Method::DELETE));
+        assert!(mp("/*/*").matches("/", &post));
+        assert!(mp("//GET").matches("/", &Method::GET));
+        assert!(mp("/users/{id}/get").matches("/users/{id}", &Method::GET));
+        assert!(mp("/v1/completions/POST").matches("/v1/completions/", &post));
+        for bad in ["v1/POST", "/v1/", "/v1//x/POST", "/v1/PO ST"] {
+            assert!(MethodPath::parse(bad).is_err(), "{bad}");
+        }
+    }
 
-        let unknown = Policy::builder()
-            .plan(free())
-            .key(ApiKey::new("k1", "v1", "pro"))
-            .build();
-        assert!(matches!(unknown, Err(ConfigError::UnknownPlan { plan, .. }) if plan == "pro"));
-
-        let dup_value = Policy::builder()
-            .plan(free())
-            .key(ApiKey::new("k1", "s3cr3t-v4lue", "free"))
-            .key(ApiKey::new("k2", "s3cr3t-v4lue", "free"))
-            .build();
-        let err = dup_value.unwrap_err();
-        assert!(matches!(&err, ConfigError::DuplicateKeyValue { id } if id == "k2"));
-        assert!(
-            !err.to_string().contains("s3cr3t-v4lue"),
-            "the secret must not be shown"
+    #[test]
+    fn the_most_literal_override_wins() {
+        let t = Throttle::new(1.0, 1).unwrap();
+        let methods = compile_methods(
+            &[
+                ("/*/*".into(), t),
+                ("/v1/*/POST".into(), t),
+                ("/v1/completions/POST".into(), t),
+                ("/v1/completions/*".into(), t),
+            ],
+            LimitKind::Method,
+            "p",
+        )
+        .unwrap();
+        let pick = |route: &str, m: &Method| {
+            let l = match_method(&methods, route, m).unwrap();
+            methods.iter().position(|x| x.limit.salt == l.salt).unwrap()
+        };
+        assert_eq!(pick("/v1/completions", &Method::POST), 2);
+        assert_eq!(pick("/v1/completions", &Method::GET), 3);
+        assert_eq!(pick("/v1/embeddings", &Method::POST), 1);
+        assert_eq!(pick("/health", &Method::GET), 0);
+        let dup = compile_methods(
+            &[("/a/GET".into(), t), ("/a/GET".into(), t)],
+            LimitKind::Method,
+            "p",
         );
+        assert!(dup.is_err());
+    }
 
-        let bad_value = Policy::builder()
-            .plan(free())
-            .key(ApiKey::new("k1", "has space", "free"))
-            .build();
-        assert!(matches!(bad_value, Err(ConfigError::InvalidKey { .. })));
+    #[test]
+    fn salts_follow_the_plan_not_the_numbers() {
+        let a = Limit::new(
+            LimitKind::Throttle,
+            &Throttle::new(1.0, 1).unwrap(),
+            "plan\0free",
+            "",
+        );
+        let b = Limit::new(
+            LimitKind::Throttle,
+            &Throttle::new(9.0, 9).unwrap(),
+            "plan\0free",
+            "",
+        );
+        let c = Limit::new(
+            LimitKind::Throttle,
+            &Throttle::new(1.0, 1).unwrap(),
+            "plan\0pro",
+            "",
+        );
+        assert_eq!(a.salt, b.salt);
+        assert_ne!(a.salt, c.salt);
     }
 
     #[test]

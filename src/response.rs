@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | missing, malformed, unknown or disabled key | 403 `{"message":"Forbidden"}` | `grpc-status: 16` (UNAUTHENTICATED) |
 //! | throttled | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8` (RESOURCE_EXHAUSTED) |
+//! | quota used up | 429 (configurable, e.g. 403) `{"message":"Limit Exceeded"}`, `Retry-After` until the window ends | `grpc-status: 8` |
 //! | cost larger than a whole limit | 429 `{"message":"Cost Exceeds Limit"}` (no `Retry-After`: it never fits) | `grpc-status: 8` |
 //! | store cannot track another key | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8` |
 //! | no peer address for [`ClientIp`](crate::extract::ClientIp) | 500 with the fix in the message | `grpc-status: 13` (INTERNAL) |
@@ -35,8 +36,10 @@ pub enum Reason {
     UnknownKey,
     /// The key is registered but disabled.
     DisabledKey,
-    /// A limit has no room now.
+    /// A throttle has no room now.
     Limited,
+    /// The quota of the current window is used up.
+    QuotaExceeded,
     /// The request costs more than a limit can ever hold.
     CostExceedsLimit,
     /// The store cannot track another key until one goes idle.
@@ -51,6 +54,7 @@ pub enum Reason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     reason: Reason,
+    status: StatusCode,
     limit: Option<&'static str>,
     retry_after: Option<Duration>,
     grpc: bool,
@@ -58,22 +62,38 @@ pub struct Rejection {
 
 impl Rejection {
     pub(crate) fn key(reason: Reason, grpc: bool) -> Self {
+        let status = match reason {
+            Reason::Key(e) if e.is_configuration() => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::FORBIDDEN,
+        };
         Rejection {
             reason,
+            status,
             limit: None,
             retry_after: None,
             grpc,
         }
     }
 
-    pub(crate) fn denied(denial: Denial, limit: &Applied, grpc: bool) -> Self {
+    pub(crate) fn denied(
+        denial: Denial,
+        limit: &Applied,
+        grpc: bool,
+        quota_status: StatusCode,
+    ) -> Self {
         let (reason, retry) = match denial {
             Denial::Limited { retry_after } => (Reason::Limited, Some(retry_after)),
+            Denial::Quota { retry_after } => (Reason::QuotaExceeded, Some(retry_after)),
             Denial::TooCostly => (Reason::CostExceedsLimit, None),
             Denial::Capacity { retry_after } => (Reason::KeyCapacity, Some(retry_after)),
         };
+        let status = match reason {
+            Reason::QuotaExceeded => quota_status,
+            _ => StatusCode::TOO_MANY_REQUESTS,
+        };
         Rejection {
             reason,
+            status,
             limit: Some(limit.name),
             retry_after: retry.map(Duration::from_nanos),
             grpc,
@@ -100,15 +120,11 @@ impl Rejection {
         self.grpc
     }
 
-    /// The HTTP status of the default (non-gRPC) response.
+    /// The HTTP status of the default (non-gRPC) response: 403 for key
+    /// problems, 429 for limits (a quota's status is configurable), 500 for a
+    /// configuration mistake.
     pub fn status(&self) -> StatusCode {
-        match self.reason {
-            Reason::Key(e) if e.is_configuration() => StatusCode::INTERNAL_SERVER_ERROR,
-            Reason::Key(_) | Reason::UnknownKey | Reason::DisabledKey => StatusCode::FORBIDDEN,
-            Reason::Limited | Reason::CostExceedsLimit | Reason::KeyCapacity => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
-        }
+        self.status
     }
 
     /// The message of the default response body.
@@ -119,6 +135,7 @@ impl Rejection {
             }
             Reason::Key(_) | Reason::UnknownKey | Reason::DisabledKey => "Forbidden",
             Reason::Limited | Reason::KeyCapacity => "Too Many Requests",
+            Reason::QuotaExceeded => "Limit Exceeded",
             Reason::CostExceedsLimit => "Cost Exceeds Limit",
         }
     }
@@ -128,7 +145,10 @@ impl Rejection {
         match self.reason {
             Reason::Key(e) if e.is_configuration() => 13,
             Reason::Key(_) | Reason::UnknownKey | Reason::DisabledKey => 16,
-            Reason::Limited | Reason::CostExceedsLimit | Reason::KeyCapacity => 8,
+            Reason::Limited
+            | Reason::QuotaExceeded
+            | Reason::CostExceedsLimit
+            | Reason::KeyCapacity => 8,
         }
     }
 
@@ -181,6 +201,7 @@ impl fmt::Display for Rejection {
                 self.limit.unwrap_or("")
             ),
             Reason::KeyCapacity => f.write_str("rejected: store cannot track another key now"),
+            Reason::QuotaExceeded => f.write_str("rejected: quota exceeded"),
         }
     }
 }
@@ -389,7 +410,7 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
 mod tests {
     use super::*;
 
-    fn report(items: &[(&'static str, u32, u64, u32, Nanos)]) -> Report {
+    fn report(items: &[(&'static str, u64, u64, u64, Nanos)]) -> Report {
         let mut r = Report::default();
         for &(name, quota, window_secs, remaining, reset) in items {
             r.push(Applied {
@@ -432,6 +453,7 @@ mod tests {
             },
             &report(&[("throttle", 5, 3, 0, 0)]).items()[0],
             false,
+            StatusCode::TOO_MANY_REQUESTS,
         );
         assert_eq!(r.retry_after_secs(), Some(2));
         r.retry_after = Some(Duration::from_nanos(1));
@@ -450,6 +472,7 @@ mod tests {
             },
             &Applied::default(),
             true,
+            StatusCode::TOO_MANY_REQUESTS,
         );
         let res = r.default_response();
         assert_eq!(res.status(), 200);

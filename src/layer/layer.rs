@@ -5,9 +5,11 @@ use tower_layer::Layer;
 
 use super::{RateLimit, Shared, SharedState};
 use crate::extract::{ApiKeyHeader, KeyExtractor};
-use crate::plan::Policy;
+use crate::policy::Policy;
 use crate::response::{HeaderStyle, OnRejection, Rejection};
 use crate::store::MemoryStore;
+use crate::usage::Admin;
+use http::StatusCode;
 
 /// Applies usage-plan rate limits to a service.
 ///
@@ -48,6 +50,7 @@ impl RateLimitLayer<ApiKeyHeader> {
             store: None,
             headers: HeaderStyle::default(),
             on_rejection: None,
+            quota_status: StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }
@@ -62,7 +65,7 @@ impl<K> RateLimitLayer<K> {
     ///
     /// let layer = RateLimitLayer::new(Policy::per_key(
     ///     UsagePlan::new("jobs").throttle(Throttle::new(1.0, 2)?),
-    /// ));
+    /// )?);
     /// assert!(layer.check(b"tenant-7", 1).is_ok());
     /// assert!(layer.check(b"tenant-7", 1).is_ok());
     /// let rejected = layer.check(b"tenant-7", 1).unwrap_err();
@@ -70,11 +73,21 @@ impl<K> RateLimitLayer<K> {
     /// assert!(rejected.retry_after().is_some());
     /// # Ok::<(), tollgate::ConfigError>(())
     /// ```
+    ///
+    /// Method overrides do not apply (there is no route); stage limits and
+    /// quotas do.
     pub fn check(&self, key: &[u8], cost: u32) -> Result<(), Rejection> {
-        match self.shared.decide_key(key, cost, false) {
+        let snap = self.shared.policy.load();
+        match self.shared.decide_key(&snap, key, None, cost, false) {
             Ok(_) => Ok(()),
             Err((rejection, _)) => Err(rejection),
         }
+    }
+
+    /// A handle to change keys and plans while serving and to read usage
+    /// (see [`Admin`]).
+    pub fn admin(&self) -> Admin {
+        Admin::new(self.shared.policy.clone(), self.shared.store.clone())
     }
 
     /// The store that holds this layer's limit state.
@@ -118,7 +131,7 @@ impl<S, K> Layer<S> for RateLimitLayer<K> {
 /// // 10 requests per second per client IP, bursts of 20, legacy headers too.
 /// let layer = RateLimitLayer::builder(Policy::per_key(
 ///     UsagePlan::new("per-ip").throttle(Throttle::new(10.0, 20)?),
-/// ))
+/// )?)
 /// .extractor(ClientIp::new())
 /// .store(MemoryStore::builder().max_keys(100_000).build()?)
 /// .headers(HeaderStyle::ietf().x_ratelimit(true))
@@ -132,6 +145,7 @@ pub struct RateLimitLayerBuilder<K> {
     store: Option<MemoryStore>,
     headers: HeaderStyle,
     on_rejection: Option<Arc<dyn OnRejection>>,
+    quota_status: StatusCode,
 }
 
 impl<K> RateLimitLayerBuilder<K> {
@@ -143,6 +157,7 @@ impl<K> RateLimitLayerBuilder<K> {
             store: self.store,
             headers: self.headers,
             on_rejection: self.on_rejection,
+            quota_status: self.quota_status,
         }
     }
 
@@ -159,6 +174,13 @@ impl<K> RateLimitLayerBuilder<K> {
         self
     }
 
+    /// The status of a request rejected by a used-up quota (default 429; AWS
+    /// API Gateway answers 429, some APIs prefer 403).
+    pub fn quota_status(mut self, status: StatusCode) -> Self {
+        self.quota_status = status;
+        self
+    }
+
     /// Builds rejection responses with `f` instead of the defaults. Rate-limit
     /// headers and `Retry-After` are still added, and the [`Rejection`](crate::Rejection)
     /// is still put in the response extensions.
@@ -167,7 +189,7 @@ impl<K> RateLimitLayerBuilder<K> {
     /// use bytes::Bytes;
     /// use tollgate::{Policy, RateLimitLayer, Rejection, Throttle, UsagePlan};
     ///
-    /// let policy = Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(1.0, 1)?));
+    /// let policy = Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(1.0, 1)?))?;
     /// let layer = RateLimitLayer::builder(policy)
     ///     .on_rejection(|r: &Rejection| {
     ///         http::Response::builder()
@@ -192,6 +214,7 @@ impl<K> RateLimitLayerBuilder<K> {
                 store: self.store.unwrap_or_default(),
                 headers: self.headers,
                 on_rejection: self.on_rejection,
+                quota_status: self.quota_status,
             }),
         }
     }

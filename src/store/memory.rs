@@ -24,12 +24,14 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::Mutex;
 use portable_atomic::{AtomicU128, Ordering};
 
-use super::{Applied, Denial, Denied, MAX_LIMITS, Report};
+use super::{Applied, Denial, Denied, Report, Throttles};
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::gcra::{Nanos, Outcome};
 use crate::hash::{Digest, mix};
-use crate::plan::Limit;
+use crate::plan::{Limit, LimitKind};
+use crate::policy::wall_nanos;
+use crate::quota::{QuotaCell, QuotaSnapshot, QuotaSpec};
 
 /// Slots a key may live in, counted from its hash position.
 const WINDOW: u64 = 32;
@@ -99,19 +101,21 @@ impl MemoryStore {
         &self.inner.clock
     }
 
-    /// Decides a request of `cost` units for the key with `digest` against
-    /// every limit in `limits`: all are charged, or none.
+    /// Decides a request of `cost` units against every throttle in `throttles`
+    /// and the `quota`: all are charged, or none. A `shadow` decision charges
+    /// what fits, counts quota overage, reports every limit, and never denies.
     pub(crate) fn acquire(
         &self,
-        limits: &[Limit],
-        digest: Digest,
+        throttles: &Throttles<'_>,
+        quota: Option<(&QuotaCell, &QuotaSpec)>,
         cost: u32,
+        shadow: bool,
     ) -> Result<Report, Denied> {
         let now = self.inner.clock.nanos();
         let table = &self.inner.table;
         let mut report = Report::default();
-        for (i, limit) in limits.iter().take(MAX_LIMITS).enumerate() {
-            let slot = SlotKey::new(digest, limit.salt);
+        for (i, (limit, key)) in throttles.iter().enumerate() {
+            let slot = SlotKey::new(key, limit.salt);
             let outcome = table.update(slot, now, |tat| {
                 let o = limit.gcra.decide(tat, now, cost);
                 match o {
@@ -119,7 +123,7 @@ impl MemoryStore {
                     _ => (None, o),
                 }
             });
-            let denial = match outcome {
+            let (denial, item) = match outcome {
                 Ok(Outcome::Allow(s)) => {
                     report.push(applied(limit, s.remaining, s.reset));
                     continue;
@@ -139,30 +143,75 @@ impl MemoryStore {
                     applied(limit, limit.gcra.burst(), 0),
                 ),
             };
-            // Give back what the limits before this one took.
-            if cost > 0 {
-                for earlier in &limits[..i] {
-                    let slot = SlotKey::new(digest, earlier.salt);
-                    let _ = table.update(slot, now, |tat| {
-                        (Some(earlier.gcra.refund(tat, now, cost)), ())
+            if shadow {
+                report.push(item);
+                continue;
+            }
+            self.refund_throttles(throttles.iter().take(i), now, cost);
+            return Err(Denied {
+                denial,
+                limit: item,
+            });
+        }
+        if let Some((cell, spec)) = quota {
+            let wall = wall_nanos(&self.inner.clock);
+            match cell.acquire(spec, wall, u64::from(cost), shadow) {
+                Ok(q) => report.push(quota_applied(&q)),
+                Err((retry_after, q)) => {
+                    self.refund_throttles(throttles.iter(), now, cost);
+                    return Err(Denied {
+                        denial: Denial::Quota { retry_after },
+                        limit: quota_applied(&q),
                     });
                 }
             }
-            return Err(Denied {
-                denial: denial.0,
-                limit: denial.1,
-            });
         }
         Ok(report)
+    }
+
+    fn refund_throttles<'a>(
+        &self,
+        throttles: impl Iterator<Item = (&'a Limit, Digest)>,
+        now: Nanos,
+        cost: u32,
+    ) {
+        if cost == 0 {
+            return;
+        }
+        for (limit, key) in throttles {
+            let slot = SlotKey::new(key, limit.salt);
+            let _ = self.inner.table.update(slot, now, |tat| {
+                (Some(limit.gcra.refund(tat, now, cost)), ())
+            });
+        }
+    }
+
+    /// Fills `limit`'s bucket for `key` again (an admin reset).
+    pub(crate) fn reset(&self, limit: &Limit, key: Digest) {
+        let now = self.inner.clock.nanos();
+        let _ = self
+            .inner
+            .table
+            .update(SlotKey::new(key, limit.salt), now, |_| (Some(0), ()));
+    }
+}
+
+fn quota_applied(q: &QuotaSnapshot) -> Applied {
+    Applied {
+        name: LimitKind::Quota.name(),
+        quota: u64::try_from(q.limit).unwrap_or(0),
+        window_secs: q.window_secs,
+        remaining: q.remaining,
+        reset: q.reset,
     }
 }
 
 fn applied(limit: &Limit, remaining: u32, reset: Nanos) -> Applied {
     Applied {
-        name: limit.name,
-        quota: limit.gcra.burst(),
+        name: limit.kind.name(),
+        quota: u64::from(limit.gcra.burst()),
         window_secs: limit.window_secs,
-        remaining,
+        remaining: u64::from(remaining),
         reset,
     }
 }
@@ -422,14 +471,21 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::hash::digest;
-    use crate::plan::{Plan, Policy, Throttle, UsagePlan};
+    use crate::plan::Throttle;
 
-    fn plan(rate: f64, burst: u32) -> Arc<Plan> {
-        let policy =
-            Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(rate, burst).unwrap()));
-        match &*policy.keys {
-            crate::plan::Keys::Any(p) => Arc::clone(p),
-            crate::plan::Keys::Registered(_) => unreachable!(),
+    /// One plan-wide throttle, decided alone.
+    struct OneLimit(Limit);
+
+    fn plan(rate: f64, burst: u32) -> OneLimit {
+        let t = Throttle::new(rate, burst).unwrap();
+        OneLimit(Limit::new(LimitKind::Throttle, &t, "p", ""))
+    }
+
+    impl MemoryStore {
+        fn acquire_one(&self, l: &OneLimit, key: Digest, cost: u32) -> Result<Report, Denied> {
+            let mut t = Throttles::default();
+            t.push(&l.0, key);
+            self.acquire(&t, None, cost, false)
         }
     }
 
@@ -448,11 +504,9 @@ mod tests {
         let (s, clock) = store(1024);
         let p = plan(2.0, 5);
         let k = digest(b"client");
-        let admitted = (0..10)
-            .filter(|_| s.acquire(&p.limits, k, 1).is_ok())
-            .count();
+        let admitted = (0..10).filter(|_| s.acquire_one(&p, k, 1).is_ok()).count();
         assert_eq!(admitted, 5);
-        let denied = s.acquire(&p.limits, k, 1).unwrap_err();
+        let denied = s.acquire_one(&p, k, 1).unwrap_err();
         assert_eq!(
             denied.denial,
             Denial::Limited {
@@ -460,12 +514,12 @@ mod tests {
             }
         );
         clock.advance(Duration::from_millis(499));
-        assert!(s.acquire(&p.limits, k, 1).is_err());
+        assert!(s.acquire_one(&p, k, 1).is_err());
         clock.advance(Duration::from_millis(1));
-        assert!(s.acquire(&p.limits, k, 1).is_ok());
-        assert!(s.acquire(&p.limits, k, 1).is_err());
+        assert!(s.acquire_one(&p, k, 1).is_ok());
+        assert!(s.acquire_one(&p, k, 1).is_err());
         // Another key has its own bucket.
-        assert!(s.acquire(&p.limits, digest(b"other"), 1).is_ok());
+        assert!(s.acquire_one(&p, digest(b"other"), 1).is_ok());
         assert_eq!(s.tracked_keys(), 2);
     }
 
@@ -473,7 +527,7 @@ mod tests {
     fn peek_of_unseen_key_takes_no_slot() {
         let (s, _clock) = store(1024);
         let p = plan(1.0, 3);
-        let r = s.acquire(&p.limits, digest(b"k"), 0).unwrap();
+        let r = s.acquire_one(&p, digest(b"k"), 0).unwrap();
         assert_eq!(r.items()[0].remaining, 3);
         assert_eq!(s.tracked_keys(), 0);
         assert_eq!(s.allocated_bytes(), 0);
@@ -487,7 +541,7 @@ mod tests {
         for round in 0..20u32 {
             for i in 0..100u32 {
                 let k = digest(&[round.to_le_bytes(), i.to_le_bytes()].concat());
-                assert!(s.acquire(&p.limits, k, 1).is_ok(), "round {round} key {i}");
+                assert!(s.acquire_one(&p, k, 1).is_ok(), "round {round} key {i}");
             }
             clock.advance(Duration::from_millis(100));
         }
@@ -501,7 +555,7 @@ mod tests {
         let p = plan(1.0, 10); // a key stays live for 1 s after one request
         let mut refused = 0;
         for i in 0..10_000u32 {
-            match s.acquire(&p.limits, digest(&i.to_le_bytes()), 1) {
+            match s.acquire_one(&p, digest(&i.to_le_bytes()), 1) {
                 Ok(_) => {}
                 Err(d) => {
                     assert!(
@@ -518,13 +572,13 @@ mod tests {
         let first = digest(&0u32.to_le_bytes());
         assert_eq!(
             (0..20)
-                .filter(|_| s.acquire(&p.limits, first, 1).is_ok())
+                .filter(|_| s.acquire_one(&p, first, 1).is_ok())
                 .count(),
             9
         );
         // Once the keys go idle, new keys get in again.
         clock.advance(Duration::from_secs(11));
-        assert!(s.acquire(&p.limits, digest(b"late"), 1).is_ok());
+        assert!(s.acquire_one(&p, digest(b"late"), 1).is_ok());
     }
 
     #[test]
@@ -537,7 +591,7 @@ mod tests {
             for _ in 0..4 {
                 scope.spawn(|| {
                     for _ in 0..5_000 {
-                        if s.acquire(&p.limits, k, 1).is_ok() {
+                        if s.acquire_one(&p, k, 1).is_ok() {
                             admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                     }
@@ -557,7 +611,7 @@ mod tests {
                 scope.spawn(|| {
                     for i in 0..500u32 {
                         for _ in 0..2 {
-                            if s.acquire(&p.limits, digest(&i.to_le_bytes()), 1).is_ok() {
+                            if s.acquire_one(&p, digest(&i.to_le_bytes()), 1).is_ok() {
                                 admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             }
                         }
@@ -575,14 +629,14 @@ mod tests {
         let (s, clock) = store(1024);
         let p = plan(1.0, 2);
         let k = digest(b"k");
-        assert!(s.acquire(&p.limits, k, 1).is_ok());
-        assert!(s.acquire(&p.limits, k, 1).is_ok());
+        assert!(s.acquire_one(&p, k, 1).is_ok());
+        assert!(s.acquire_one(&p, k, 1).is_ok());
         clock.rewind(Duration::from_secs(30));
-        assert!(s.acquire(&p.limits, k, 1).is_err());
+        assert!(s.acquire_one(&p, k, 1).is_err());
         clock.advance(Duration::from_secs(30));
-        assert!(s.acquire(&p.limits, k, 1).is_err());
+        assert!(s.acquire_one(&p, k, 1).is_err());
         clock.advance(Duration::from_secs(1));
-        assert!(s.acquire(&p.limits, k, 1).is_ok());
+        assert!(s.acquire_one(&p, k, 1).is_ok());
     }
 
     #[test]

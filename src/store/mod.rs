@@ -12,20 +12,24 @@ pub use self::memory::{MemoryStore, MemoryStoreBuilder};
 
 use crate::gcra::Nanos;
 
-/// The most limits one request can be decided against.
-pub(crate) const MAX_LIMITS: usize = 4;
+/// The most limits one request can be decided against: stage, stage method,
+/// plan throttle, plan method, quota, and room for token budgets.
+pub(crate) const MAX_LIMITS: usize = 6;
+
+/// The most throttles (GCRA limits) of one request.
+pub(crate) const MAX_THROTTLES: usize = 4;
 
 /// How one limit stood after a decision, for the response headers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Applied {
     /// The policy item's name (`"throttle"`).
     pub(crate) name: &'static str,
-    /// The limit's size (`q`): a throttle's burst.
-    pub(crate) quota: u32,
+    /// The limit's size (`q`): a throttle's burst, a quota's limit.
+    pub(crate) quota: u64,
     /// The limit's window (`w`) in seconds.
     pub(crate) window_secs: u64,
     /// Units left (`r`).
-    pub(crate) remaining: u32,
+    pub(crate) remaining: u64,
     /// Nanoseconds until the limit is back to full (`t`).
     pub(crate) reset: Nanos,
 }
@@ -60,8 +64,10 @@ impl Report {
 /// Why a store denied a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Denial {
-    /// A limit has no room now; retry after the given nanoseconds.
+    /// A throttle has no room now; retry after the given nanoseconds.
     Limited { retry_after: Nanos },
+    /// The quota of the current window is used up; it renews after the given nanoseconds.
+    Quota { retry_after: Nanos },
     /// The request costs more than a limit can ever hold.
     TooCostly,
     /// The store cannot track another key right now.
@@ -73,4 +79,32 @@ pub(crate) enum Denial {
 pub(crate) struct Denied {
     pub(crate) denial: Denial,
     pub(crate) limit: Applied,
+}
+
+/// The throttles of one request, each with the key its state is counted under.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Throttles<'a> {
+    items: [Option<(&'a crate::plan::Limit, crate::hash::Digest)>; MAX_THROTTLES],
+    len: usize,
+}
+
+impl<'a> Throttles<'a> {
+    pub(crate) fn push(&mut self, limit: &'a crate::plan::Limit, key: crate::hash::Digest) {
+        if let Some(slot) = self.items.get_mut(self.len) {
+            *slot = Some((limit, key));
+            self.len += 1;
+        }
+    }
+
+    pub(crate) fn iter(
+        &self,
+    ) -> impl Iterator<Item = (&'a crate::plan::Limit, crate::hash::Digest)> + '_ {
+        self.items[..self.len].iter().flatten().copied()
+    }
+}
+
+impl std::fmt::Debug for Throttles<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Throttles").field("len", &self.len).finish()
+    }
 }

@@ -1,0 +1,400 @@
+//! The policy: which plan and limits apply to a request's key, changeable while serving.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+
+use crate::clock::Clock;
+use crate::error::ConfigError;
+use crate::extract::{ClientIp, DEFAULT_MAX_KEY_LEN, validate};
+use crate::hash::{self, BuildDigestHasher, Digest};
+use crate::plan::{Anonymous, ApiKey, Plan, Stage, StageLimits, UsagePlan};
+use crate::quota::QuotaCell;
+
+/// Days of usage history kept per key by default.
+pub const DEFAULT_HISTORY_DAYS: usize = 90;
+const MAX_HISTORY_DAYS: usize = 3_660;
+
+/// Which limits apply to which keys.
+///
+/// - [`Policy::per_key`]: every key the extractor finds is limited under one
+///   plan (a throttle per client IP, per tenant…).
+/// - [`Policy::builder`]: API keys registered in advance, each bound to a plan;
+///   a missing, unknown or disabled key is answered 403 `{"message":"Forbidden"}`.
+///
+/// A policy can be changed while serving (through
+/// [`RateLimitLayer::admin`](crate::RateLimitLayer::admin)): keys added,
+/// disabled or moved, plans replaced, without losing counters. Requests read
+/// it without a lock.
+///
+/// ```
+/// use tollgate::{ApiKey, Period, Policy, Quota, Throttle, UsagePlan};
+///
+/// let policy = Policy::builder()
+///     .plan(
+///         UsagePlan::new("free")
+///             .throttle(Throttle::new(2.0, 5)?)
+///             .quota(Quota::new(1000, Period::Day)?),
+///     )
+///     .key(ApiKey::new("free-1", "demo-free-key", "free"))
+///     .build()?;
+/// # Ok::<(), tollgate::ConfigError>(())
+/// ```
+#[derive(Clone)]
+pub struct Policy {
+    pub(crate) inner: Arc<PolicyInner>,
+}
+
+pub(crate) struct PolicyInner {
+    pub(crate) current: ArcSwap<Snapshot>,
+    /// Serialises changes (readers never take it).
+    write: Mutex<()>,
+    /// Quota cells by (plan, key id digest): kept when a key moves away and back.
+    cells: Mutex<HashMap<CellKey, Arc<QuotaCell>>>,
+    pub(crate) history_days: usize,
+}
+
+/// A quota cell's owner: (plan name, key id digest).
+type CellKey = (Arc<str>, Digest);
+
+/// One immutable version of the policy.
+#[derive(Clone)]
+pub(crate) struct Snapshot {
+    /// `Policy::per_key`: every key is limited under this plan.
+    pub(crate) per_key: Option<Arc<Plan>>,
+    pub(crate) plans: HashMap<Arc<str>, Arc<Plan>>,
+    /// Registered keys, by the digest of their value.
+    pub(crate) keys: HashMap<Digest, Arc<KeyEntry>, BuildDigestHasher>,
+    /// Value digest by key id.
+    pub(crate) ids: HashMap<Arc<str>, Digest>,
+    pub(crate) stage: Option<Arc<StageLimits>>,
+    pub(crate) anonymous: Option<Arc<AnonymousLimits>>,
+}
+
+/// A key as the hot path sees it.
+#[derive(Debug)]
+pub(crate) struct KeyEntry {
+    pub(crate) id: Arc<str>,
+    /// Where the key's state lives: the digest of its id, so that counters
+    /// follow the key, not its secret.
+    pub(crate) state: Digest,
+    pub(crate) plan: Arc<Plan>,
+    pub(crate) enabled: bool,
+    pub(crate) quota: Option<Arc<QuotaCell>>,
+}
+
+/// Limits for requests without a key.
+#[derive(Debug)]
+pub(crate) struct AnonymousLimits {
+    pub(crate) plan: Arc<Plan>,
+    pub(crate) client_ip: ClientIp,
+}
+
+impl Policy {
+    /// Limits every key the extractor finds under `plan`.
+    ///
+    /// Errors when the plan is invalid, or has a quota: quotas are counted per
+    /// registered key (see [`Policy::builder`]), since counters for arbitrary
+    /// keys could not be kept for a whole window in bounded memory.
+    pub fn per_key(plan: UsagePlan) -> Result<Self, ConfigError> {
+        if plan.get_quota().is_some() {
+            return Err(ConfigError::QuotaNeedsKeys(plan.name().to_owned()));
+        }
+        let clock = Clock::system();
+        let compiled = Arc::new(Plan::compile(&plan, wall_nanos(&clock))?);
+        let snapshot = Snapshot {
+            per_key: Some(compiled),
+            plans: HashMap::new(),
+            keys: HashMap::default(),
+            ids: HashMap::new(),
+            stage: None,
+            anonymous: None,
+        };
+        Ok(Policy::from_snapshot(snapshot, DEFAULT_HISTORY_DAYS))
+    }
+
+    /// Starts a policy of registered API keys.
+    pub fn builder() -> PolicyBuilder {
+        PolicyBuilder::default()
+    }
+
+    fn from_snapshot(snapshot: Snapshot, history_days: usize) -> Self {
+        Policy {
+            inner: Arc::new(PolicyInner {
+                current: ArcSwap::from_pointee(snapshot),
+                write: Mutex::new(()),
+                cells: Mutex::new(HashMap::new()),
+                history_days,
+            }),
+        }
+    }
+
+    /// The current version, for reading without a lock.
+    #[inline]
+    pub(crate) fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.inner.current.load()
+    }
+
+    /// Applies `change` to a copy of the current version and publishes it.
+    pub(crate) fn update<R>(
+        &self,
+        change: impl FnOnce(&mut Snapshot, &PolicyInner) -> Result<R, crate::AdminError>,
+    ) -> Result<R, crate::AdminError> {
+        let _guard = self.inner.write.lock();
+        let mut next = Snapshot::clone(&self.inner.current.load());
+        let r = change(&mut next, &self.inner)?;
+        self.inner.current.store(Arc::new(next));
+        Ok(r)
+    }
+}
+
+impl PolicyInner {
+    /// The quota cell of (`plan`, key `state`), made on first use.
+    pub(crate) fn cell(&self, plan: &Plan, state: Digest) -> Option<Arc<QuotaCell>> {
+        plan.quota?;
+        let mut cells = self.cells.lock();
+        let cell = cells
+            .entry((Arc::clone(&plan.name), state))
+            .or_insert_with(|| Arc::new(QuotaCell::new(self.history_days)));
+        Some(Arc::clone(cell))
+    }
+}
+
+impl Snapshot {
+    /// Builds the entry for `key`, checking it against this version.
+    pub(crate) fn entry(&self, key: &ApiKey, inner: &PolicyInner) -> Result<KeyEntry, ConfigError> {
+        if validate(key.id.as_bytes(), DEFAULT_MAX_KEY_LEN).is_err() {
+            return Err(ConfigError::InvalidKey {
+                id: String::new(),
+                reason: "id must be 1 to 256 visible ASCII characters",
+            });
+        }
+        if validate(key.value.as_bytes(), DEFAULT_MAX_KEY_LEN).is_err() {
+            return Err(ConfigError::InvalidKey {
+                id: key.id.clone(),
+                reason: "value must be 1 to 256 visible ASCII characters",
+            });
+        }
+        let plan = self
+            .plans
+            .get(key.plan.as_str())
+            .ok_or_else(|| ConfigError::UnknownPlan {
+                key: key.id.clone(),
+                plan: key.plan.clone(),
+            })?;
+        let state = hash::digest(key.id.as_bytes());
+        Ok(KeyEntry {
+            id: key.id.as_str().into(),
+            state,
+            plan: Arc::clone(plan),
+            enabled: key.enabled,
+            quota: inner.cell(plan, state),
+        })
+    }
+
+    /// Adds a key built by [`entry`](Self::entry).
+    pub(crate) fn insert(&mut self, value: &str, entry: KeyEntry) -> Result<(), ConfigError> {
+        if self.ids.contains_key(&*entry.id) {
+            return Err(ConfigError::DuplicateKeyId(entry.id.to_string()));
+        }
+        let digest = hash::digest(value.as_bytes());
+        if self.keys.contains_key(&digest) {
+            return Err(ConfigError::DuplicateKeyValue {
+                id: entry.id.to_string(),
+            });
+        }
+        self.ids.insert(Arc::clone(&entry.id), digest);
+        self.keys.insert(digest, Arc::new(entry));
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let snap = self.load();
+        match &snap.per_key {
+            Some(plan) => f.debug_tuple("Policy::PerKey").field(&plan.name).finish(),
+            None => f
+                .debug_struct("Policy")
+                .field("plans", &snap.plans.len())
+                .field("keys", &snap.keys.len())
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+pub(crate) fn wall_nanos(clock: &Clock) -> i64 {
+    let t = clock.wall();
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Builds a [`Policy`] of plans and registered API keys.
+#[derive(Debug, Default)]
+#[must_use]
+pub struct PolicyBuilder {
+    plans: Vec<UsagePlan>,
+    keys: Vec<ApiKey>,
+    stage: Option<Stage>,
+    anonymous: Anonymous,
+    history_days: Option<usize>,
+    clock: Option<Clock>,
+}
+
+impl PolicyBuilder {
+    /// Adds a plan.
+    pub fn plan(mut self, plan: UsagePlan) -> Self {
+        self.plans.push(plan);
+        self
+    }
+
+    /// Adds an API key.
+    pub fn key(mut self, key: ApiKey) -> Self {
+        self.keys.push(key);
+        self
+    }
+
+    /// Sets limits shared by all callers together.
+    pub fn stage(mut self, stage: Stage) -> Self {
+        self.stage = Some(stage);
+        self
+    }
+
+    /// What to do with requests that carry no key (default: 403).
+    pub fn anonymous(mut self, anonymous: Anonymous) -> Self {
+        self.anonymous = anonymous;
+        self
+    }
+
+    /// Days of per-key usage history kept for reports (default 90).
+    pub fn history_days(mut self, days: usize) -> Self {
+        self.history_days = Some(days);
+        self
+    }
+
+    /// The clock that dates plan creation for quota offsets (default: the
+    /// system clock). Give it the store's clock in tests.
+    pub fn clock(mut self, clock: impl Into<Clock>) -> Self {
+        self.clock = Some(clock.into());
+        self
+    }
+
+    /// Checks the plans and keys and builds the policy.
+    ///
+    /// Errors on invalid method paths, duplicate plan names, duplicate key ids
+    /// or values, a key that names an unknown plan, and key ids or values that
+    /// are empty, longer than [`DEFAULT_MAX_KEY_LEN`] bytes or not visible ASCII.
+    pub fn build(self) -> Result<Policy, ConfigError> {
+        let history_days = self.history_days.unwrap_or(DEFAULT_HISTORY_DAYS);
+        if history_days == 0 || history_days > MAX_HISTORY_DAYS {
+            return Err(ConfigError::InvalidHistory(history_days));
+        }
+        let clock = self.clock.unwrap_or_default();
+        let now = wall_nanos(&clock);
+        let mut snapshot = Snapshot {
+            per_key: None,
+            plans: HashMap::new(),
+            keys: HashMap::with_capacity_and_hasher(self.keys.len(), BuildDigestHasher::default()),
+            ids: HashMap::with_capacity(self.keys.len()),
+            stage: self
+                .stage
+                .as_ref()
+                .map(StageLimits::compile)
+                .transpose()?
+                .map(Arc::new),
+            anonymous: match &self.anonymous {
+                Anonymous::Forbid => None,
+                Anonymous::ByIp {
+                    throttle,
+                    client_ip,
+                } => Some(Arc::new(AnonymousLimits {
+                    plan: Arc::new(Plan::anonymous("anonymous", throttle)),
+                    client_ip: client_ip.clone(),
+                })),
+            },
+        };
+        for p in &self.plans {
+            let plan = Arc::new(Plan::compile(p, now)?);
+            if snapshot
+                .plans
+                .insert(Arc::clone(&plan.name), plan)
+                .is_some()
+            {
+                return Err(ConfigError::DuplicatePlan(p.name().to_owned()));
+            }
+        }
+        let policy = Policy::from_snapshot(snapshot, history_days);
+        {
+            let inner = &policy.inner;
+            let mut snap = Snapshot::clone(&inner.current.load());
+            for k in &self.keys {
+                let entry = snap.entry(k, inner)?;
+                snap.insert(&k.value, entry)?;
+            }
+            inner.current.store(Arc::new(snap));
+        }
+        Ok(policy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Throttle;
+
+    fn free() -> UsagePlan {
+        UsagePlan::new("free").throttle(Throttle::new(2.0, 5).unwrap())
+    }
+
+    #[test]
+    fn policy_checks_keys_and_plans() {
+        let dup_plan = Policy::builder().plan(free()).plan(free()).build();
+        assert!(matches!(dup_plan, Err(ConfigError::DuplicatePlan(n)) if n == "free"));
+
+        let unknown = Policy::builder()
+            .plan(free())
+            .key(ApiKey::new("k1", "v1", "pro"))
+            .build();
+        assert!(matches!(unknown, Err(ConfigError::UnknownPlan { plan, .. }) if plan == "pro"));
+
+        let dup_value = Policy::builder()
+            .plan(free())
+            .key(ApiKey::new("k1", "s3cr3t-v4lue", "free"))
+            .key(ApiKey::new("k2", "s3cr3t-v4lue", "free"))
+            .build();
+        let err = dup_value.unwrap_err();
+        assert!(matches!(&err, ConfigError::DuplicateKeyValue { id } if id == "k2"));
+        assert!(
+            !err.to_string().contains("s3cr3t-v4lue"),
+            "the secret must not be shown"
+        );
+
+        let dup_id = Policy::builder()
+            .plan(free())
+            .key(ApiKey::new("k1", "a", "free"))
+            .key(ApiKey::new("k1", "b", "free"))
+            .build();
+        assert!(matches!(dup_id, Err(ConfigError::DuplicateKeyId(_))));
+
+        let bad_value = Policy::builder()
+            .plan(free())
+            .key(ApiKey::new("k1", "has space", "free"))
+            .build();
+        assert!(matches!(bad_value, Err(ConfigError::InvalidKey { .. })));
+
+        let quota = crate::Quota::new(5, crate::Period::Day).unwrap();
+        assert!(matches!(
+            Policy::per_key(free().quota(quota)),
+            Err(ConfigError::QuotaNeedsKeys(_))
+        ));
+        assert!(matches!(
+            Policy::builder().history_days(0).build(),
+            Err(ConfigError::InvalidHistory(0))
+        ));
+    }
+}

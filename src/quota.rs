@@ -1,0 +1,322 @@
+//! Calendar quotas per (plan, key), with a bounded daily usage history.
+//!
+//! A quota cell holds the count of the current window and one record per UTC
+//! day for the last `history_days` days (for usage reports). It is changed
+//! under a per-cell lock held for a few arithmetic operations, never across a
+//! wait; cells of different keys never contend.
+
+use parking_lot::Mutex;
+
+use crate::window::{NANOS_PER_DAY, Period, Window, window};
+
+/// A quota's parameters as the decision uses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct QuotaSpec {
+    pub(crate) limit: u64,
+    pub(crate) period: Period,
+    pub(crate) offset: u64,
+    /// When the plan was created (wall nanoseconds): the window holding this
+    /// instant has `offset` fewer requests, as AWS API Gateway's `offset`.
+    pub(crate) created_at: i64,
+}
+
+impl QuotaSpec {
+    /// The limit of window `w`.
+    pub(crate) fn limit_in(&self, w: Window) -> i64 {
+        let limit = i64::try_from(self.limit).unwrap_or(i64::MAX);
+        if w.start <= self.created_at && self.created_at < w.end {
+            limit.saturating_sub(i64::try_from(self.offset).unwrap_or(i64::MAX))
+        } else {
+            limit
+        }
+    }
+}
+
+/// How a quota stands after a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct QuotaSnapshot {
+    /// The window's limit.
+    pub(crate) limit: i64,
+    /// What is left in the window (never below 0).
+    pub(crate) remaining: u64,
+    /// Nanoseconds until the window ends.
+    pub(crate) reset: u64,
+    /// The window's length in seconds.
+    pub(crate) window_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DayRecord {
+    /// Day number (days since 1970-01-01); `i64::MIN` for none.
+    day: i64,
+    used: u64,
+    /// What remained in the quota window at the day's last change.
+    remaining: i64,
+}
+
+const NO_DAY: DayRecord = DayRecord {
+    day: i64::MIN,
+    used: 0,
+    remaining: 0,
+};
+
+#[derive(Debug)]
+struct State {
+    /// Start of the window `used` counts in (`i64::MIN` before any request).
+    window_start: i64,
+    used: i64,
+    days: Box<[DayRecord]>,
+}
+
+/// The quota counters of one (plan, key).
+#[derive(Debug)]
+pub(crate) struct QuotaCell {
+    state: Mutex<State>,
+}
+
+impl QuotaCell {
+    pub(crate) fn new(history_days: usize) -> Self {
+        QuotaCell {
+            state: Mutex::new(State {
+                window_start: i64::MIN,
+                used: 0,
+                days: vec![NO_DAY; history_days.max(1)].into_boxed_slice(),
+            }),
+        }
+    }
+
+    /// Charges `cost` if it fits in the current window; `force` charges even
+    /// when it does not (shadow plans count their overage). Returns the quota
+    /// after the decision, or the retry delay and the unchanged quota.
+    pub(crate) fn acquire(
+        &self,
+        spec: &QuotaSpec,
+        now: i64,
+        cost: u64,
+        force: bool,
+    ) -> Result<QuotaSnapshot, (u64, QuotaSnapshot)> {
+        let mut st = self.state.lock();
+        let w = st.roll(spec.period, now);
+        let limit = spec.limit_in(w);
+        let cost_i = i64::try_from(cost).unwrap_or(i64::MAX);
+        if st.used.saturating_add(cost_i) > limit && !force {
+            let snap = snapshot(w, limit, st.used, now);
+            return Err((w.end.saturating_sub(now).max(1) as u64, snap));
+        }
+        st.used = st.used.saturating_add(cost_i);
+        let remaining = limit.saturating_sub(st.used);
+        st.record(now, |r| {
+            r.used = r.used.saturating_add(cost);
+            r.remaining = remaining;
+        });
+        Ok(snapshot(w, limit, st.used, now))
+    }
+
+    /// Sets what remains in the current window (AWS UpdateUsage). `remaining`
+    /// may exceed the limit (a one-off raise) or be 0.
+    pub(crate) fn set_remaining(
+        &self,
+        spec: &QuotaSpec,
+        now: i64,
+        remaining: i64,
+    ) -> QuotaSnapshot {
+        let mut st = self.state.lock();
+        let w = st.roll(spec.period, now);
+        let limit = spec.limit_in(w);
+        st.used = limit.saturating_sub(remaining);
+        st.record(now, |r| r.remaining = remaining);
+        snapshot(w, limit, st.used, now)
+    }
+
+    /// Forgets the current window's count and the history.
+    pub(crate) fn reset(&self) {
+        let mut st = self.state.lock();
+        st.window_start = i64::MIN;
+        st.used = 0;
+        st.days.fill(NO_DAY);
+    }
+
+    /// `[used, remaining]` for each day from `first` to `last` (day numbers,
+    /// inclusive), as AWS GetUsage reports them. Days outside the history
+    /// report nothing used.
+    pub(crate) fn report(&self, spec: &QuotaSpec, first: i64, last: i64) -> Vec<[i64; 2]> {
+        let st = self.state.lock();
+        (first..=last)
+            .map(|day| {
+                let w = window(spec.period, day.saturating_mul(NANOS_PER_DAY));
+                let used = st
+                    .days
+                    .iter()
+                    .find(|r| r.day == day)
+                    .map_or(0, |r| i64::try_from(r.used).unwrap_or(i64::MAX));
+                // What remained after the latest change in this window up to this day.
+                let remaining = st
+                    .days
+                    .iter()
+                    .filter(|r| r.day <= day && r.day >= w.start.div_euclid(NANOS_PER_DAY))
+                    .max_by_key(|r| r.day)
+                    .map_or_else(|| spec.limit_in(w), |r| r.remaining);
+                [used, remaining.max(0)]
+            })
+            .collect()
+    }
+}
+
+impl State {
+    /// Moves to the window of `now` when it is a later one. A clock that went
+    /// back into an earlier window keeps the current count: going back in time
+    /// never grants capacity.
+    fn roll(&mut self, period: Period, now: i64) -> Window {
+        let w = window(period, now);
+        if w.start > self.window_start {
+            self.window_start = w.start;
+            self.used = 0;
+            w
+        } else {
+            window(period, self.window_start)
+        }
+    }
+
+    fn record(&mut self, now: i64, f: impl FnOnce(&mut DayRecord)) {
+        let day = now.div_euclid(NANOS_PER_DAY);
+        let len = self.days.len() as i64;
+        let r = &mut self.days[day.rem_euclid(len) as usize];
+        if r.day != day {
+            if r.day > day {
+                // The clock went back by a whole history: keep the newer record.
+                return;
+            }
+            *r = DayRecord {
+                day,
+                used: 0,
+                remaining: 0,
+            };
+        }
+        f(r);
+    }
+}
+
+fn snapshot(w: Window, limit: i64, used: i64, now: i64) -> QuotaSnapshot {
+    QuotaSnapshot {
+        limit,
+        remaining: limit.saturating_sub(used).max(0) as u64,
+        reset: w.end.saturating_sub(now).max(0) as u64,
+        window_secs: (w.end.saturating_sub(w.start) / 1_000_000_000) as u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::window::Date;
+
+    const S: i64 = 1_000_000_000;
+
+    fn t(y: i32, m: u8, d: u8, secs: i64) -> i64 {
+        Date::new(y, m, d).unwrap().days() * NANOS_PER_DAY + secs * S
+    }
+
+    fn spec(limit: u64, period: Period) -> QuotaSpec {
+        QuotaSpec {
+            limit,
+            period,
+            offset: 0,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn day_quota_resets_at_midnight_and_not_a_nanosecond_before() {
+        let q = QuotaCell::new(31);
+        let s = spec(3, Period::Day);
+        let morning = t(2024, 5, 1, 8 * 3600);
+        for _ in 0..3 {
+            assert!(q.acquire(&s, morning, 1, false).is_ok());
+        }
+        let midnight = t(2024, 5, 2, 0);
+        let (retry, snap) = q.acquire(&s, midnight - 1, 1, false).unwrap_err();
+        assert_eq!(retry, 1);
+        assert_eq!(snap.remaining, 0);
+        let snap = q.acquire(&s, midnight, 1, false).unwrap();
+        assert_eq!(snap.remaining, 2);
+        assert_eq!(snap.reset, NANOS_PER_DAY as u64);
+    }
+
+    #[test]
+    fn month_quota_on_feb_29_of_a_leap_year() {
+        let q = QuotaCell::new(62);
+        let s = spec(1, Period::Month);
+        assert!(q.acquire(&s, t(2024, 2, 29, 0), 1, false).is_ok());
+        let (retry, _) = q.acquire(&s, t(2024, 2, 29, 86_399), 1, false).unwrap_err();
+        assert_eq!(retry, S as u64);
+        assert!(q.acquire(&s, t(2024, 3, 1, 0), 1, false).is_ok());
+    }
+
+    #[test]
+    fn offset_applies_to_the_creation_window_only() {
+        let q = QuotaCell::new(31);
+        let s = QuotaSpec {
+            limit: 5,
+            period: Period::Day,
+            offset: 3,
+            created_at: t(2024, 5, 1, 100),
+        };
+        let ok = (0..10)
+            .filter(|_| q.acquire(&s, t(2024, 5, 1, 200), 1, false).is_ok())
+            .count();
+        assert_eq!(ok, 2);
+        let ok = (0..10)
+            .filter(|_| q.acquire(&s, t(2024, 5, 2, 0), 1, false).is_ok())
+            .count();
+        assert_eq!(ok, 5);
+    }
+
+    #[test]
+    fn clock_going_back_keeps_the_count() {
+        let q = QuotaCell::new(31);
+        let s = spec(2, Period::Day);
+        assert!(q.acquire(&s, t(2024, 5, 2, 10), 2, false).is_ok());
+        assert!(q.acquire(&s, t(2024, 5, 1, 86_000), 1, false).is_err());
+    }
+
+    #[test]
+    fn set_remaining_and_report() {
+        let q = QuotaCell::new(7);
+        let s = spec(10, Period::WEEK);
+        // 2024-05-06 is a Monday.
+        let mon = t(2024, 5, 6, 3600);
+        q.acquire(&s, mon, 3, false).unwrap();
+        let tue = t(2024, 5, 7, 3600);
+        q.acquire(&s, tue, 2, false).unwrap();
+        let first = Date::new(2024, 5, 5).unwrap().days();
+        let last = Date::new(2024, 5, 8).unwrap().days();
+        // Sunday is in the previous week (full limit), then Monday, Tuesday, Wednesday.
+        assert_eq!(
+            q.report(&s, first, last),
+            vec![[0, 10], [3, 7], [2, 5], [0, 5]]
+        );
+        let snap = q.set_remaining(&s, tue, 20);
+        assert_eq!(snap.remaining, 20);
+        assert_eq!(q.report(&s, last - 1, last - 1), vec![[2, 20]]);
+        let ok = (0..30)
+            .filter(|_| q.acquire(&s, tue, 1, false).is_ok())
+            .count();
+        assert_eq!(ok, 20);
+        q.set_remaining(&s, tue, 0);
+        assert!(q.acquire(&s, tue, 1, false).is_err());
+        q.reset();
+        assert!(q.acquire(&s, tue, 1, false).is_ok());
+    }
+
+    #[test]
+    fn force_counts_the_overage() {
+        let q = QuotaCell::new(1);
+        let s = spec(1, Period::Day);
+        let now = t(2024, 1, 1, 0);
+        q.acquire(&s, now, 1, false).unwrap();
+        let snap = q.acquire(&s, now, 1, true).unwrap();
+        assert_eq!(snap.remaining, 0);
+        let day = now / NANOS_PER_DAY;
+        assert_eq!(q.report(&s, day, day), vec![[2, 0]]);
+    }
+}
