@@ -50,6 +50,9 @@
 
 mod body;
 mod clock;
+#[cfg(feature = "config")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+pub mod config;
 mod error;
 pub mod extract;
 mod gcra;
