@@ -1,4 +1,4 @@
-//! Run with `cargo run --release --example inference_server -- [--listen ADDR]`
+//! Run with `cargo run --release --example inference_server -- [--config FILE] [--listen ADDR]`
 //!
 //! A mock OpenAI-style inference API behind tollgate: the reference server of
 //! the README and of the black-box tests.
@@ -6,10 +6,17 @@
 //! - `POST /v1/completions` with `{"model":"m","prompt":"…","max_tokens":N,"stream":false}`
 //! - `POST /v1/chat/completions` with `"messages":[{"role":"user","content":"…"}]` instead of `prompt`
 //! - `GET /health`, never limited
+//! - `/admin/…` usage and key administration, guarded by the `x-admin-key` header:
+//!   - `GET /admin/usage?plan=NAME&start=YYYY-MM-DD&end=YYYY-MM-DD[&key=ID]` (AWS GetUsage)
+//!   - `PATCH /admin/keys/ID/usage` with `{"remaining": N}` (AWS UpdateUsage)
+//!   - `POST /admin/keys` with `{"id":…,"value":…,"plan":…}` adds a key
+//!   - `PATCH /admin/keys/ID` with `{"enabled": false}` or `{"plan": "pro"}`
+//!   - `POST /admin/keys/ID/reset` forgets the key's usage in its current window
 //!
 //! With no flags it listens on `127.0.0.1:3000` with the in-memory store and the
-//! demo configuration: plan `free` (2 requests/s, bursts of 5) with the key
-//! `demo-free-key`, and plan `pro` (50/s, bursts of 100).
+//! embedded demo configuration, `examples/inference_server.toml`: plan `free`
+//! (2 requests/s, bursts of 5, 1/s and bursts of 2 on the chat route, 1000 a
+//! day) with the key `demo-free-key`, plan `pro`, admin key `change-me`.
 //!
 //! ```text
 //! curl -i -X POST localhost:3000/v1/completions -H 'x-api-key: demo-free-key' \
@@ -26,40 +33,57 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::http::StatusCode;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
-use tollgate::{ApiKey, ConfigError, Policy, RateLimitLayer, Throttle, UsagePlan};
+use tollgate::config::Config;
+use tollgate::{Admin, AdminError, ApiKey, ConfigError, Date, MemoryStore, RateLimitLayer};
 
 /// The default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
+
+/// The embedded demo configuration.
+pub const DEMO_CONFIG: &str = include_str!("inference_server.toml");
 
 /// Limits on what one mock request may ask for, so that a request cannot make
 /// the mock work for minutes.
 const MAX_TOKENS_CAP: u32 = 100_000;
 const MAX_TOKEN_MS: u64 = 10_000;
 
-/// The demo configuration: the plans and key of the README.
-pub fn demo_policy() -> Result<Policy, ConfigError> {
-    Policy::builder()
-        .plan(UsagePlan::new("free").throttle(Throttle::new(2.0, 5)?))
-        .plan(UsagePlan::new("pro").throttle(Throttle::new(50.0, 100)?))
-        .key(ApiKey::new("free-1", "demo-free-key", "free"))
-        .build()
+/// The server for `config`, keeping limit state in `store`.
+pub fn app(config: &Config, store: MemoryStore) -> Result<Router, ConfigError> {
+    let policy = config.policy_with_clock(store.clock().clone())?;
+    let layer = RateLimitLayer::builder(policy)
+        .store(store)
+        .quota_status(config.quota_status())
+        .build();
+    Ok(router(layer, config.admin_key()))
 }
 
-/// The server's routes: the inference routes behind `limit`, `/health` outside it.
-pub fn router(limit: RateLimitLayer) -> Router {
+/// The server's routes: the inference routes behind `limit`; `/health` and
+/// the admin routes outside it.
+pub fn router(limit: RateLimitLayer, admin_key: Option<&str>) -> Router {
+    let admin = AdminState {
+        admin: limit.admin(),
+        key: admin_key.map(|k| k.as_bytes().to_vec().into()),
+    };
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .layer(limit)
         .route("/health", get(health))
+        .route("/admin/usage", get(usage))
+        .route("/admin/keys", post(add_key))
+        .route("/admin/keys/{id}", patch(patch_key))
+        .route("/admin/keys/{id}/usage", patch(update_usage))
+        .route("/admin/keys/{id}/reset", post(reset_key))
+        .with_state(admin)
 }
 
 /// Serves `router` on `listener` with connection info (for client-IP limits)
@@ -79,15 +103,18 @@ pub async fn serve(
 
 struct Args {
     listen: SocketAddr,
+    config: Option<String>,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut listen = DEFAULT_LISTEN.to_owned();
+    let mut config = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => listen = args.next().ok_or("--listen needs an address")?,
+            "--config" => config = Some(args.next().ok_or("--config needs a file")?),
             "-h" | "--help" => {
-                return Err("usage: inference_server [--listen ADDR]".to_owned());
+                return Err("usage: inference_server [--config FILE] [--listen ADDR]".to_owned());
             }
             other => return Err(format!("unknown argument `{other}` (try --help)")),
         }
@@ -95,7 +122,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let listen = listen
         .parse()
         .map_err(|e| format!("--listen `{listen}`: {e}"))?;
-    Ok(Args { listen })
+    Ok(Args { listen, config })
 }
 
 #[tokio::main]
@@ -107,8 +134,15 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let policy = match demo_policy() {
-        Ok(p) => p,
+    let config = match &args.config {
+        Some(path) => Config::load(path),
+        None => Config::from_toml(DEMO_CONFIG),
+    };
+    let app = match config
+        .map_err(|e| e.to_string())
+        .and_then(|c| app(&c, MemoryStore::new()).map_err(|e| e.to_string()))
+    {
+        Ok(app) => app,
         Err(e) => {
             eprintln!("invalid configuration: {e}");
             return std::process::ExitCode::from(2);
@@ -128,12 +162,195 @@ async fn main() -> std::process::ExitCode {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    match serve(listener, router(RateLimitLayer::new(policy)), shutdown).await {
+    match serve(listener, app, shutdown).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("server error: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    admin: Admin,
+    key: Option<std::sync::Arc<[u8]>>,
+}
+
+impl AdminState {
+    /// Whether the request carries the admin key. Compares every byte whatever
+    /// the first difference, so the time taken says nothing about the key.
+    fn allows(&self, headers: &HeaderMap) -> bool {
+        let (Some(want), Some(got)) = (&self.key, headers.get("x-admin-key")) else {
+            return false;
+        };
+        let got = got.as_bytes();
+        let mut diff = want.len() ^ got.len();
+        for i in 0..want.len() {
+            diff |= usize::from(want[i] ^ got.get(i).copied().unwrap_or(0));
+        }
+        diff == 0
+    }
+}
+
+fn admin_error(e: AdminError) -> Response {
+    let status = match e {
+        AdminError::UnknownKey(_) | AdminError::UnknownPlan(_) => StatusCode::NOT_FOUND,
+        AdminError::Config(_) => StatusCode::CONFLICT,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    (status, Json(json!({"message": e.to_string()}))).into_response()
+}
+
+fn forbidden() -> Response {
+    (StatusCode::FORBIDDEN, Json(json!({"message": "Forbidden"}))).into_response()
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| bad_request(&format!("invalid request body: {e}")))
+}
+
+#[derive(Deserialize)]
+struct UsageQuery {
+    plan: String,
+    start: String,
+    end: String,
+    key: Option<String>,
+}
+
+async fn usage(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if !s.allows(&headers) {
+        return forbidden();
+    }
+    let Ok(Query(q)) = q else {
+        return bad_request("usage needs plan, start and end (YYYY-MM-DD)");
+    };
+    let (Some(start), Some(end)) = (Date::parse(&q.start), Date::parse(&q.end)) else {
+        return bad_request("start and end must be dates as YYYY-MM-DD");
+    };
+    match s.admin.usage(&q.plan, start, end, q.key.as_deref()) {
+        Ok(r) => Json(json!({
+            "plan": r.plan,
+            "start": r.start.to_string(),
+            "end": r.end.to_string(),
+            "items": r.items,
+        }))
+        .into_response(),
+        Err(e) => admin_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewKey {
+    id: String,
+    value: String,
+    plan: String,
+    #[serde(default = "yes")]
+    enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn key_json(s: &AdminState, id: &str) -> Response {
+    match s.admin.key(id) {
+        Some(k) => Json(json!({"id": k.id, "plan": k.plan, "enabled": k.enabled})).into_response(),
+        None => admin_error(AdminError::UnknownKey(id.to_owned())),
+    }
+}
+
+async fn add_key(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
+    if !s.allows(&headers) {
+        return forbidden();
+    }
+    let k: NewKey = match parse_json(&body) {
+        Ok(k) => k,
+        Err(res) => return res,
+    };
+    match s
+        .admin
+        .add_key(ApiKey::new(&k.id, k.value, k.plan).enabled(k.enabled))
+    {
+        Ok(()) => (StatusCode::CREATED, key_json(&s, &k.id)).into_response(),
+        Err(e) => admin_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyPatch {
+    enabled: Option<bool>,
+    plan: Option<String>,
+}
+
+async fn patch_key(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !s.allows(&headers) {
+        return forbidden();
+    }
+    let p: KeyPatch = match parse_json(&body) {
+        Ok(p) => p,
+        Err(res) => return res,
+    };
+    if let Some(plan) = &p.plan {
+        if let Err(e) = s.admin.set_plan(&id, plan) {
+            return admin_error(e);
+        }
+    }
+    if let Some(enabled) = p.enabled {
+        if let Err(e) = s.admin.set_enabled(&id, enabled) {
+            return admin_error(e);
+        }
+    }
+    key_json(&s, &id)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsagePatch {
+    remaining: u64,
+}
+
+async fn update_usage(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !s.allows(&headers) {
+        return forbidden();
+    }
+    let p: UsagePatch = match parse_json(&body) {
+        Ok(p) => p,
+        Err(res) => return res,
+    };
+    match s.admin.set_remaining(&id, p.remaining) {
+        Ok(remaining) => Json(json!({"id": id, "remaining": remaining})).into_response(),
+        Err(e) => admin_error(e),
+    }
+}
+
+async fn reset_key(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !s.allows(&headers) {
+        return forbidden();
+    }
+    match s.admin.reset_key(&id) {
+        Ok(()) => key_json(&s, &id),
+        Err(e) => admin_error(e),
     }
 }
 

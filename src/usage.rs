@@ -153,8 +153,9 @@ impl Admin {
     }
 
     /// Adds a plan, or replaces the limits of the plan with the same name.
-    /// Keys on the plan keep their counters; a quota's offset counts from the
-    /// plan's first creation.
+    /// Keys on the plan keep their counters: a bucket a key has emptied stays
+    /// empty and refills at the new rate from the time it was owed, and quota
+    /// counts carry over; a quota's offset counts from the plan's first creation.
     pub fn put_plan(&self, plan: UsagePlan) -> Result<(), AdminError> {
         let now = self.now();
         self.policy.update(|snap, inner| {

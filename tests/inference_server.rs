@@ -1,14 +1,16 @@
 //! The reference server, served on a loopback port and driven by a real HTTP
-//! client, with the demo configuration and a manual clock.
+//! client, with configs written by the tests and a manual clock.
 
 #[allow(dead_code, unreachable_pub)]
 #[path = "../examples/inference_server.rs"]
 mod server;
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
-use tollgate::{ManualClock, MemoryStore, RateLimitLayer};
+use serde_json::{Value, json};
+use tollgate::config::Config;
+use tollgate::{Date, ManualClock, MemoryStore};
 
 struct Running {
     base: String,
@@ -17,16 +19,22 @@ struct Running {
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-async fn start() -> Running {
+/// 2024-05-06T10:00:00Z, a Monday.
+fn monday_ten() -> std::time::SystemTime {
+    let days = Date::new(2024, 5, 6).unwrap().days() as u64;
+    UNIX_EPOCH + Duration::from_secs(days * 86_400 + 10 * 3_600)
+}
+
+async fn start(config: &str) -> Running {
     let clock = ManualClock::new();
+    clock.set_wall(monday_ten());
     let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
-    let layer = RateLimitLayer::builder(server::demo_policy().unwrap())
-        .store(store)
-        .build();
+    let config = Config::from_toml(config).unwrap();
+    let app = server::app(&config, store).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server::serve(listener, server::router(layer), async {
+    tokio::spawn(server::serve(listener, app, async {
         let _ = rx.await;
     }));
     Running {
@@ -37,11 +45,14 @@ async fn start() -> Running {
     }
 }
 
+const BODY: &str = r#"{"model":"m","prompt":"hello world!","max_tokens":3}"#;
+const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1}"#;
+
 impl Running {
-    async fn complete(&self, key: Option<&str>, body: &str) -> reqwest::Response {
+    async fn post(&self, route: &str, key: Option<&str>, body: &str) -> reqwest::Response {
         let mut req = self
             .client
-            .post(format!("{}/v1/completions", self.base))
+            .post(format!("{}{route}", self.base))
             .header("content-type", "application/json")
             .body(body.to_owned());
         if let Some(k) = key {
@@ -49,28 +60,57 @@ impl Running {
         }
         req.send().await.unwrap()
     }
-}
 
-const BODY: &str = r#"{"model":"m","prompt":"hello world!","max_tokens":3}"#;
+    async fn complete(&self, key: Option<&str>) -> reqwest::Response {
+        self.post("/v1/completions", key, BODY).await
+    }
+
+    async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        admin_key: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .header("x-admin-key", admin_key);
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+}
 
 #[tokio::test]
 async fn demo_key_gets_a_burst_of_five_then_two_per_second() {
-    let s = start().await;
+    let s = start(server::DEMO_CONFIG).await;
     for remaining in (0..5).rev() {
-        let res = s.complete(Some("demo-free-key"), BODY).await;
+        let res = s.complete(Some("demo-free-key")).await;
         assert_eq!(res.status(), 200);
-        assert_eq!(res.headers()["ratelimit-policy"], "\"throttle\";q=5;w=3");
+        let policy = res.headers()["ratelimit-policy"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(policy.contains("\"throttle\";q=5;w=3"), "{policy}");
+        assert!(policy.contains("\"quota\";q=1000;w=86400"), "{policy}");
+        assert!(policy.contains("\"stage\";q=200;w=2"), "{policy}");
         let rl = res.headers()["ratelimit"].to_str().unwrap().to_owned();
         assert!(
             rl.starts_with(&format!("\"throttle\";r={remaining};")),
             "{rl}"
         );
-        let v: serde_json::Value = res.json().await.unwrap();
+        let v: Value = res.json().await.unwrap();
         assert_eq!(v["usage"]["prompt_tokens"], 3);
         assert_eq!(v["usage"]["completion_tokens"], 3);
         assert_eq!(v["usage"]["total_tokens"], 6);
     }
-    let res = s.complete(Some("demo-free-key"), BODY).await;
+    let res = s.complete(Some("demo-free-key")).await;
     assert_eq!(res.status(), 429);
     assert_eq!(res.headers()["retry-after"], "1");
     assert_eq!(
@@ -79,18 +119,262 @@ async fn demo_key_gets_a_burst_of_five_then_two_per_second() {
     );
 
     s.clock.advance(Duration::from_millis(500));
-    assert_eq!(s.complete(Some("demo-free-key"), BODY).await.status(), 200);
-    assert_eq!(s.complete(Some("demo-free-key"), BODY).await.status(), 429);
+    assert_eq!(s.complete(Some("demo-free-key")).await.status(), 200);
+    assert_eq!(s.complete(Some("demo-free-key")).await.status(), 429);
 }
 
 #[tokio::test]
-async fn missing_and_unknown_keys_are_forbidden_and_health_is_never_limited() {
-    let s = start().await;
-    for key in [None, Some("not-a-key")] {
-        let res = s.complete(key, BODY).await;
-        assert_eq!(res.status(), 403);
+async fn method_override_limits_one_route_while_another_still_passes() {
+    let s = start(server::DEMO_CONFIG).await;
+    let chat = "/v1/chat/completions";
+    assert_eq!(
+        s.post(chat, Some("demo-free-key"), CHAT).await.status(),
+        200
+    );
+    let res = s.post(chat, Some("demo-free-key"), CHAT).await;
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()["ratelimit-policy"]
+            .to_str()
+            .unwrap()
+            .contains("\"method\";q=2;w=2")
+    );
+    let res = s.post(chat, Some("demo-free-key"), CHAT).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["ratelimit"], "\"method\";r=0;t=2");
+    // The completions route has no override: the plan bucket (5, 2 used) still has room.
+    for _ in 0..3 {
+        assert_eq!(s.complete(Some("demo-free-key")).await.status(), 200);
+    }
+    assert_eq!(s.complete(Some("demo-free-key")).await.status(), 429);
+}
+
+const SMALL_QUOTA: &str = r#"
+[[plans]]
+name = "tiny"
+throttle = { rate = 100.0, burst = 100 }
+quota = { limit = 3, period = "DAY" }
+
+[[keys]]
+id = "t-1"
+value = "tiny-key-1"
+plan = "tiny"
+
+[[keys]]
+id = "t-2"
+value = "tiny-key-2"
+plan = "tiny"
+enabled = false
+
+[admin]
+key = "admin-secret"
+"#;
+
+#[tokio::test]
+async fn quota_exhaustion_then_renewal_at_midnight() {
+    let s = start(SMALL_QUOTA).await;
+    for _ in 0..3 {
+        assert_eq!(s.complete(Some("tiny-key-1")).await.status(), 200);
+    }
+    let res = s.complete(Some("tiny-key-1")).await;
+    assert_eq!(res.status(), 429);
+    // 10:00 on a Monday: 14 hours to the window's end.
+    assert_eq!(res.headers()["retry-after"], (14 * 3_600).to_string());
+    assert_eq!(res.text().await.unwrap(), r#"{"message":"Limit Exceeded"}"#);
+    s.clock.advance(Duration::from_secs(14 * 3_600));
+    assert_eq!(s.complete(Some("tiny-key-1")).await.status(), 200);
+}
+
+#[tokio::test]
+async fn forbidden_cases_and_a_key_disabled_and_enabled_while_serving() {
+    let s = start(SMALL_QUOTA).await;
+    for key in [None, Some("not-a-key"), Some("tiny-key-2")] {
+        let res = s.complete(key).await;
+        assert_eq!(res.status(), 403, "{key:?}");
         assert_eq!(res.text().await.unwrap(), r#"{"message":"Forbidden"}"#);
     }
+    let patch = reqwest::Method::PATCH;
+    let (status, v) = s
+        .admin(
+            patch.clone(),
+            "/admin/keys/t-2",
+            "admin-secret",
+            Some(json!({"enabled": true})),
+        )
+        .await;
+    assert_eq!((status, &v["enabled"]), (200, &json!(true)));
+    assert_eq!(s.complete(Some("tiny-key-2")).await.status(), 200);
+    let (status, _) = s
+        .admin(
+            patch.clone(),
+            "/admin/keys/t-2",
+            "admin-secret",
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(s.complete(Some("tiny-key-2")).await.status(), 403);
+
+    // The admin routes refuse a wrong or missing admin key.
+    let (status, _) = s
+        .admin(
+            patch.clone(),
+            "/admin/keys/t-2",
+            "wrong-secret",
+            Some(json!({"enabled": true})),
+        )
+        .await;
+    assert_eq!(status, 403);
+    let res = s
+        .client
+        .get(format!(
+            "{}/admin/usage?plan=tiny&start=2024-05-06&end=2024-05-06",
+            s.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(
+        s.complete(Some("tiny-key-2")).await.status(),
+        403,
+        "still disabled"
+    );
+
+    // A key added at run time works at once; the value never comes back.
+    let (status, v) = s
+        .admin(
+            reqwest::Method::POST,
+            "/admin/keys",
+            "admin-secret",
+            Some(json!({"id": "t-3", "value": "tiny-key-3", "plan": "tiny"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    assert!(!v.to_string().contains("tiny-key-3"));
+    assert_eq!(s.complete(Some("tiny-key-3")).await.status(), 200);
+    let (status, _) = s
+        .admin(
+            reqwest::Method::POST,
+            "/admin/keys",
+            "admin-secret",
+            Some(json!({"id": "t-4", "value": "x", "plan": "gold"})),
+        )
+        .await;
+    assert_eq!(status, 409);
+}
+
+#[tokio::test]
+async fn get_usage_matches_the_traffic_and_update_usage_raises_and_lowers() {
+    let s = start(SMALL_QUOTA).await;
+    assert_eq!(s.complete(Some("tiny-key-1")).await.status(), 200);
+    s.clock.advance(Duration::from_secs(86_400));
+    assert_eq!(s.complete(Some("tiny-key-1")).await.status(), 200);
+    assert_eq!(s.complete(Some("tiny-key-1")).await.status(), 200);
+    let get = reqwest::Method::GET;
+    let (status, v) = s
+        .admin(
+            get.clone(),
+            "/admin/usage?plan=tiny&start=2024-05-05&end=2024-05-07",
+            "admin-secret",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        v,
+        json!({"plan": "tiny", "start": "2024-05-05", "end": "2024-05-07", "items": {
+            "t-1": [[0, 3], [1, 2], [2, 1]],
+            "t-2": [[0, 3], [0, 3], [0, 3]],
+        }})
+    );
+    let (_, v) = s
+        .admin(
+            get.clone(),
+            "/admin/usage?plan=tiny&start=2024-05-07&end=2024-05-07&key=t-1",
+            "admin-secret",
+            None,
+        )
+        .await;
+    assert_eq!(v["items"], json!({"t-1": [[2, 1]]}));
+
+    let patch = reqwest::Method::PATCH;
+    let (status, v) = s
+        .admin(
+            patch.clone(),
+            "/admin/keys/t-1/usage",
+            "admin-secret",
+            Some(json!({"remaining": 5})),
+        )
+        .await;
+    assert_eq!((status, &v["remaining"]), (200, &json!(5)));
+    for _ in 0..5 {
+        assert_eq!(s.complete(Some("tiny-key-1")).await.status(), 200);
+    }
+    assert_eq!(s.complete(Some("tiny-key-1")).await.status(), 429);
+    let (status, _) = s
+        .admin(
+            patch.clone(),
+            "/admin/keys/t-1/usage",
+            "admin-secret",
+            Some(json!({"remaining": 0})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(s.complete(Some("tiny-key-1")).await.status(), 429);
+
+    let (status, _) = s
+        .admin(
+            get.clone(),
+            "/admin/usage?plan=tiny&start=bad&end=2024-05-07",
+            "admin-secret",
+            None,
+        )
+        .await;
+    assert_eq!(status, 400);
+    let (status, _) = s
+        .admin(
+            get,
+            "/admin/usage?plan=gold&start=2024-05-07&end=2024-05-07",
+            "admin-secret",
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn anonymous_requests_limited_by_client_ip() {
+    let s = start(
+        r#"
+[[plans]]
+name = "free"
+[anonymous]
+mode = "ip"
+throttle = { rate = 1.0, burst = 2 }
+"#,
+    )
+    .await;
+    assert_eq!(s.complete(None).await.status(), 200);
+    assert_eq!(s.complete(None).await.status(), 200);
+    let res = s
+        .client
+        .post(format!("{}/v1/completions", s.base))
+        .header("x-forwarded-for", "203.0.113.9")
+        .body(BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        429,
+        "an untrusted peer cannot pick its identity"
+    );
+}
+
+#[tokio::test]
+async fn health_is_never_limited_and_malformed_bodies_are_json_400s() {
+    let s = start(server::DEMO_CONFIG).await;
     for _ in 0..50 {
         let res = s
             .client
@@ -101,28 +385,24 @@ async fn missing_and_unknown_keys_are_forbidden_and_health_is_never_limited() {
         assert_eq!(res.status(), 200);
         assert!(res.headers().get("ratelimit").is_none());
     }
-}
-
-#[tokio::test]
-async fn malformed_body_is_a_json_400() {
-    let s = start().await;
-    let res = s.complete(Some("demo-free-key"), "{not json").await;
+    let res = s
+        .post("/v1/completions", Some("demo-free-key"), "{not json")
+        .await;
     assert_eq!(res.status(), 400);
-    let v: serde_json::Value = res.json().await.unwrap();
+    let v: Value = res.json().await.unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error");
 }
 
 #[tokio::test]
 async fn chat_stream_sends_one_event_per_token_then_usage() {
-    let s = start().await;
+    let s = start(server::DEMO_CONFIG).await;
     let res = s
-        .client
-        .post(format!("{}/v1/chat/completions", s.base))
-        .header("x-api-key", "demo-free-key")
-        .body(r#"{"model":"m","messages":[{"role":"user","content":"abcdefgh"}],"max_tokens":4,"stream":true,"mock_token_ms":0}"#)
-        .send()
-        .await
-        .unwrap();
+        .post(
+            "/v1/chat/completions",
+            Some("demo-free-key"),
+            r#"{"model":"m","messages":[{"role":"user","content":"abcdefgh"}],"max_tokens":4,"stream":true,"mock_token_ms":0}"#,
+        )
+        .await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     let text = res.text().await.unwrap();
@@ -132,7 +412,64 @@ async fn chat_stream_sends_one_event_per_token_then_usage() {
         .collect();
     assert_eq!(events.len(), 5, "{text}");
     assert_eq!(events[4], "[DONE]");
-    let last: serde_json::Value = serde_json::from_str(events[3]).unwrap();
+    let last: Value = serde_json::from_str(events[3]).unwrap();
     assert_eq!(last["usage"]["prompt_tokens"], 2);
     assert_eq!(last["usage"]["total_tokens"], 6);
+}
+
+/// The example binary, built by `cargo test` beside this test.
+fn server_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir.join("examples").join("inference_server");
+    assert!(bin.exists(), "{} is not built", bin.display());
+    bin
+}
+
+#[test]
+fn a_bad_config_names_the_field_and_the_server_refuses_to_start() {
+    let dir = std::env::temp_dir().join(format!("tollgate-bad-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (
+            "[[plans]]\nname = \"free\"\nthrottle = { rate = -2.0, burst = 5 }\n",
+            "3:",
+            "plans[0].throttle.rate",
+        ),
+        (
+            "[[plans]]\nname = \"free\"\ncolour = \"blue\"\n",
+            "3:",
+            "plans[0].colour",
+        ),
+        (
+            "[[plans]]\nname = \"free\"\n[[keys]]\nid = \"k\"\nvalue = \"v\"\nplan = \"pro\"\n",
+            "6:",
+            "keys[0].plan",
+        ),
+        (
+            "[[plans]]\nname = \"free\"\nquota = { limit = 5, period = \"FORTNIGHT\" }\n",
+            "3:",
+            "plans[0].quota.period",
+        ),
+    ];
+    for (i, (src, line, path)) in cases.iter().enumerate() {
+        let file = dir.join(format!("bad-{i}.toml"));
+        std::fs::write(&file, src).unwrap();
+        let out = std::process::Command::new(server_binary())
+            .args([
+                "--config",
+                file.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "case {i}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("bad-{i}.toml:{line}")) && err.contains(path),
+            "case {i}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
