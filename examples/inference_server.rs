@@ -206,8 +206,8 @@ fn forbidden() -> Response {
     (StatusCode::FORBIDDEN, Json(json!({"message": "Forbidden"}))).into_response()
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|e| bad_request(&format!("invalid request body: {e}")))
+fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))
 }
 
 #[derive(Deserialize)]
@@ -271,7 +271,7 @@ async fn add_key(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) -
     }
     let k: NewKey = match parse_json(&body) {
         Ok(k) => k,
-        Err(res) => return res,
+        Err(msg) => return bad_request(&msg),
     };
     match s
         .admin
@@ -300,7 +300,7 @@ async fn patch_key(
     }
     let p: KeyPatch = match parse_json(&body) {
         Ok(p) => p,
-        Err(res) => return res,
+        Err(msg) => return bad_request(&msg),
     };
     if let Some(plan) = &p.plan {
         if let Err(e) = s.admin.set_plan(&id, plan) {
@@ -332,7 +332,7 @@ async fn update_usage(
     }
     let p: UsagePatch = match parse_json(&body) {
         Ok(p) => p,
-        Err(res) => return res,
+        Err(msg) => return bad_request(&msg),
     };
     match s.admin.set_remaining(&id, p.remaining) {
         Ok(remaining) => Json(json!({"id": id, "remaining": remaining})).into_response(),
