@@ -47,7 +47,10 @@ impl ForwardedHeader {
 /// The peer address of the connection is read from the request extensions:
 /// axum's `ConnectInfo<SocketAddr>` (with the `axum` feature; serve with
 /// `into_make_service_with_connect_info::<SocketAddr>()`), or a plain
-/// [`SocketAddr`] extension, which hyper and tonic servers insert themselves.
+/// [`SocketAddr`] extension. Neither hyper nor tonic inserts that one by
+/// itself: with hyper, insert the address the listener accepted; with tonic,
+/// copy `TcpConnectInfo::remote_addr()` from the request extensions into a
+/// `SocketAddr` extension in a layer outside this one.
 /// Without either, extraction fails with [`KeyError::MissingPeerAddr`].
 ///
 /// # Proxies

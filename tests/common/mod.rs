@@ -1,0 +1,92 @@
+//! Helpers shared by the integration tests: policies, a frozen clock, and
+//! servers on loopback ports.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use tollgate::{ApiKey, ManualClock, MemoryStore, Policy, Throttle, UsagePlan};
+
+/// A registered, enabled key of plan `p`.
+pub(crate) const KEY: &str = "key-one";
+/// A second registered, enabled key of plan `p`.
+pub(crate) const OTHER_KEY: &str = "key-two";
+/// A registered key that is disabled.
+pub(crate) const DISABLED_KEY: &str = "key-off";
+
+/// Rate of the test plans, per second.
+pub(crate) const RATE: f64 = 2.0;
+/// Burst of the test plans.
+pub(crate) const BURST: u32 = 5;
+
+/// Plan `p` (2 per second, bursts of 5) with [`KEY`], [`OTHER_KEY`] and
+/// the disabled [`DISABLED_KEY`].
+pub(crate) fn registered_policy() -> Policy {
+    Policy::builder()
+        .plan(plan())
+        .key(ApiKey::new("one", KEY, "p"))
+        .key(ApiKey::new("two", OTHER_KEY, "p"))
+        .key(ApiKey::new("off", DISABLED_KEY, "p").enabled(false))
+        .build()
+        .unwrap()
+}
+
+/// Every key the extractor finds limited under plan `p`.
+pub(crate) fn per_key_policy() -> Policy {
+    Policy::per_key(plan())
+}
+
+fn plan() -> UsagePlan {
+    UsagePlan::new("p").throttle(Throttle::new(RATE, BURST).unwrap())
+}
+
+/// A store on a manual clock: time stands still until the clock is advanced.
+pub(crate) fn frozen_store() -> (ManualClock, MemoryStore) {
+    let clock = ManualClock::new();
+    let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+    (clock, store)
+}
+
+async fn bind() -> (tokio::net::TcpListener, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    (listener, format!("http://{addr}"))
+}
+
+/// Serves `router` with connection info on a loopback port; returns its base URL.
+pub(crate) async fn serve(router: Router) -> String {
+    let (listener, base) = bind().await;
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap();
+    });
+    base
+}
+
+/// Serves `router` without connection info on a loopback port; returns its base URL.
+pub(crate) async fn serve_without_connect_info(router: Router) -> String {
+    let (listener, base) = bind().await;
+    tokio::spawn(async move {
+        axum::serve(listener, router).await.unwrap();
+    });
+    base
+}
+
+/// An HTTP/1 client that ignores proxy settings of the environment.
+pub(crate) fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// The value of header `name` as a string; panics if it is absent.
+pub(crate) fn header<'a>(res: &'a reqwest::Response, name: &str) -> &'a str {
+    res.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header in {:?}", res.headers()))
+        .to_str()
+        .unwrap()
+}

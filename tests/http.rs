@@ -1,0 +1,590 @@
+//! The layer in axum routers, served on loopback ports and driven by a real
+//! HTTP client. Time-dependent tests run on a frozen manual clock.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+use tollgate::extract::{Bearer, ClientIp, ExtensionKey, ForwardedHeader};
+use tollgate::{HeaderStyle, RateLimitLayer, Rejection};
+
+use common::{
+    BURST, DISABLED_KEY, KEY, OTHER_KEY, client, frozen_store, header, per_key_policy,
+    registered_policy, serve, serve_without_connect_info,
+};
+
+const TOO_MANY: &str = r#"{"message":"Too Many Requests"}"#;
+const FORBIDDEN: &str = r#"{"message":"Forbidden"}"#;
+
+async fn ok() -> &'static str {
+    "ok"
+}
+
+/// A layer of the registered policy (2/s, bursts of 5) on a frozen clock.
+fn registered_layer() -> (tollgate::ManualClock, RateLimitLayer) {
+    let (clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(registered_policy())
+        .store(store)
+        .build();
+    (clock, layer)
+}
+
+async fn get_with_key(c: &reqwest::Client, url: &str, key: &str) -> reqwest::Response {
+    c.get(url).header("x-api-key", key).send().await.unwrap()
+}
+
+/// Sends `n` requests made by `req` and returns their statuses.
+async fn statuses(
+    n: usize,
+    mut req: impl FnMut(usize) -> reqwest::RequestBuilder,
+) -> Vec<StatusCode> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        out.push(req(i).send().await.unwrap().status());
+    }
+    out
+}
+
+/// `passed` 200s followed by `rejected` 429s.
+fn pass_then_429(passed: usize, rejected: usize) -> Vec<StatusCode> {
+    let mut v = vec![StatusCode::OK; passed];
+    v.extend(std::iter::repeat_n(StatusCode::TOO_MANY_REQUESTS, rejected));
+    v
+}
+
+async fn assert_too_many(res: reqwest::Response) {
+    assert_eq!(res.status(), 429);
+    assert_eq!(header(&res, "content-type"), "application/json");
+    assert_eq!(res.text().await.unwrap(), TOO_MANY);
+}
+
+#[tokio::test]
+async fn registered_key_gets_its_burst_then_429_until_time_refills_it() {
+    let (clock, layer) = registered_layer();
+    let base = serve(Router::new().route("/", get(ok)).layer(layer)).await;
+    let c = client();
+
+    for (used, remaining) in (0..BURST).rev().enumerate() {
+        let res = get_with_key(&c, &base, KEY).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(header(&res, "ratelimit-policy"), r#""throttle";q=5;w=3"#);
+        // The bucket is full again after 0.5 s per request used, rounded up.
+        let t = (used as u64 + 1).div_ceil(2);
+        assert_eq!(
+            header(&res, "ratelimit"),
+            format!(r#""throttle";r={remaining};t={t}"#)
+        );
+        assert!(res.headers().get("retry-after").is_none());
+        assert_eq!(res.text().await.unwrap(), "ok");
+    }
+
+    let res = get_with_key(&c, &base, KEY).await;
+    assert_eq!(res.status(), 429);
+    // 2 per second: the next request fits in 0.5 s, rounded up to 1.
+    assert_eq!(header(&res, "retry-after"), "1");
+    assert_eq!(header(&res, "ratelimit-policy"), r#""throttle";q=5;w=3"#);
+    assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=3"#);
+    assert_too_many(res).await;
+
+    // Another key of the same plan has its own bucket.
+    assert_eq!(get_with_key(&c, &base, OTHER_KEY).await.status(), 200);
+
+    clock.advance(Duration::from_millis(499));
+    assert_eq!(get_with_key(&c, &base, KEY).await.status(), 429);
+    clock.advance(Duration::from_millis(1));
+    let res = get_with_key(&c, &base, KEY).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=3"#);
+    assert_too_many(get_with_key(&c, &base, KEY).await).await;
+}
+
+#[tokio::test]
+async fn key_problems_are_403_forbidden() {
+    let (_clock, layer) = registered_layer();
+    let base = serve(Router::new().route("/", get(ok)).layer(layer)).await;
+    let c = client();
+
+    let long = "k".repeat(1000);
+    let cases: Vec<(&str, reqwest::RequestBuilder)> = vec![
+        ("missing", c.get(&base)),
+        (
+            "unknown",
+            c.get(&base).header("x-api-key", "not-registered"),
+        ),
+        ("disabled", c.get(&base).header("x-api-key", DISABLED_KEY)),
+        ("empty", c.get(&base).header("x-api-key", "")),
+        ("oversized", c.get(&base).header("x-api-key", long.as_str())),
+        (
+            "non-utf-8",
+            c.get(&base)
+                .header("x-api-key", HeaderValue::from_bytes(&[0xff, 0xfe]).unwrap()),
+        ),
+        ("inner space", c.get(&base).header("x-api-key", "key one")),
+        (
+            "repeated",
+            c.get(&base)
+                .header("x-api-key", KEY)
+                .header("x-api-key", OTHER_KEY),
+        ),
+    ];
+    for (case, req) in cases {
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status(), 403, "{case}");
+        assert_eq!(header(&res, "content-type"), "application/json", "{case}");
+        assert!(res.headers().get("retry-after").is_none(), "{case}");
+        assert!(res.headers().get("ratelimit").is_none(), "{case}");
+        assert_eq!(res.text().await.unwrap(), FORBIDDEN, "{case}");
+    }
+
+    // None of that touched the budget of the real key.
+    assert_eq!(
+        statuses(6, |_| c.get(&base).header("x-api-key", KEY)).await,
+        pass_then_429(5, 1)
+    );
+}
+
+#[tokio::test]
+async fn clones_of_one_layer_share_one_budget_across_servers() {
+    let (_clock, layer) = registered_layer();
+    let a = serve(Router::new().route("/a", get(ok)).layer(layer.clone())).await;
+    let b = serve(Router::new().route("/b", get(ok)).layer(layer)).await;
+    let c = client();
+    let urls = [format!("{a}/a"), format!("{b}/b")];
+    let got = statuses(10, |i| c.get(&urls[i % 2]).header("x-api-key", KEY)).await;
+    assert_eq!(got, pass_then_429(5, 5));
+}
+
+#[tokio::test]
+async fn routes_under_one_router_layer_share_one_budget() {
+    let (_clock, layer) = registered_layer();
+    let base = serve(
+        Router::new()
+            .route("/a", get(ok))
+            .route("/b", post(ok))
+            .layer(layer),
+    )
+    .await;
+    let c = client();
+    let got = statuses(10, |i| {
+        if i % 2 == 0 {
+            c.get(format!("{base}/a"))
+        } else {
+            c.post(format!("{base}/b"))
+        }
+        .header("x-api-key", KEY)
+    })
+    .await;
+    assert_eq!(got, pass_then_429(5, 5));
+}
+
+#[tokio::test]
+async fn route_layer_limits_only_the_routes_under_it() {
+    let (_clock, layer) = registered_layer();
+    let base = serve(
+        Router::new()
+            .route("/limited", get(ok))
+            .route_layer(layer)
+            .route("/open", get(ok)),
+    )
+    .await;
+    let c = client();
+    let limited = format!("{base}/limited");
+    let open = format!("{base}/open");
+
+    assert_eq!(c.get(&limited).send().await.unwrap().status(), 403);
+    assert_eq!(
+        statuses(6, |_| c.get(&limited).header("x-api-key", KEY)).await,
+        pass_then_429(5, 1)
+    );
+    // Without a key, and with the exhausted one: never limited.
+    assert_eq!(
+        statuses(10, |i| if i % 2 == 0 {
+            c.get(&open)
+        } else {
+            c.get(&open).header("x-api-key", KEY)
+        })
+        .await,
+        vec![StatusCode::OK; 10]
+    );
+    // route_layer does not wrap the fallback.
+    assert_eq!(
+        c.get(format!("{base}/nowhere"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
+
+fn ip_app(extractor: ClientIp) -> Router {
+    let (_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(per_key_policy())
+        .extractor(extractor)
+        .store(store)
+        .build();
+    Router::new().route("/", get(ok)).layer(layer)
+}
+
+#[tokio::test]
+async fn client_ip_ignores_forwarded_headers_from_an_untrusted_peer() {
+    let base = serve(ip_app(ClientIp::new())).await;
+    let c = client();
+    let got = statuses(8, |i| {
+        let req = c.get(&base);
+        match i % 4 {
+            0 => req,
+            1 => req.header("x-forwarded-for", format!("198.51.100.{i}")),
+            2 => req.header("x-forwarded-for", format!("203.0.113.{i}, 127.0.0.1")),
+            _ => req.header("forwarded", format!("for=192.0.2.{i}")),
+        }
+    })
+    .await;
+    assert_eq!(got, pass_then_429(5, 3));
+}
+
+#[tokio::test]
+async fn client_ip_behind_a_trusted_proxy_keys_by_the_rightmost_untrusted_entry() {
+    let base = serve(ip_app(
+        ClientIp::new().trust_proxy("127.0.0.1/32".parse().unwrap()),
+    ))
+    .await;
+    let c = client();
+    let xff = |v: &'static str| c.get(&base).header("x-forwarded-for", v);
+
+    // Different forwarded clients are different keys.
+    assert_eq!(
+        statuses(6, |_| xff("198.51.100.1")).await,
+        pass_then_429(5, 1)
+    );
+    assert_eq!(
+        statuses(6, |_| xff("198.51.100.2")).await,
+        pass_then_429(5, 1)
+    );
+
+    // The client is the rightmost entry that is not a trusted proxy.
+    assert_eq!(statuses(6, |_| xff("5.6.7.8")).await, pass_then_429(5, 1));
+    // Prepending entries does not escape the budget of 5.6.7.8 ...
+    for spoof in [
+        "1.2.3.4, 5.6.7.8",
+        "9.9.9.9,5.6.7.8",
+        "1.2.3.4, 5.6.7.8, 127.0.0.1",
+    ] {
+        assert_eq!(xff(spoof).send().await.unwrap().status(), 429, "{spoof}");
+    }
+    // ... and did not charge 1.2.3.4.
+    assert_eq!(statuses(6, |_| xff("1.2.3.4")).await, pass_then_429(5, 1));
+
+    // Without a forwarded header, the trusted peer itself is the client.
+    assert_eq!(statuses(6, |_| c.get(&base)).await, pass_then_429(5, 1));
+}
+
+#[tokio::test]
+async fn client_ip_reads_the_configured_forwarded_header_and_groups_ipv6() {
+    let trusted = || ClientIp::new().trust_proxy("127.0.0.1/32".parse().unwrap());
+    let base = serve(ip_app(
+        trusted().forwarded_header(ForwardedHeader::Forwarded),
+    ))
+    .await;
+    let c = client();
+    let fwd = |v: &'static str| c.get(&base).header("forwarded", v);
+    assert_eq!(
+        statuses(6, |_| fwd("for=198.51.100.1")).await,
+        pass_then_429(5, 1)
+    );
+    assert_eq!(
+        statuses(6, |_| fwd(r#"for="[2001:db8::1]:4711";proto=http"#)).await,
+        pass_then_429(5, 1)
+    );
+    // X-Forwarded-For is not the configured header: the client is the peer.
+    assert_eq!(
+        statuses(6, |_| c
+            .get(&base)
+            .header("x-forwarded-for", "198.51.100.9"))
+        .await,
+        pass_then_429(5, 1)
+    );
+    assert_eq!(c.get(&base).send().await.unwrap().status(), 429);
+
+    // IPv6 clients share the budget of their /64 by default ...
+    let base = serve(ip_app(trusted())).await;
+    let got = statuses(6, |i| {
+        c.get(&base)
+            .header("x-forwarded-for", format!("2001:db8:0:1::{}", i + 1))
+    })
+    .await;
+    assert_eq!(got, pass_then_429(5, 1));
+    // ... and each address has its own with a prefix of 128.
+    let base = serve(ip_app(trusted().ipv6_prefix(128))).await;
+    let got = statuses(6, |i| {
+        c.get(&base)
+            .header("x-forwarded-for", format!("2001:db8:0:1::{}", i + 1))
+    })
+    .await;
+    assert_eq!(got, vec![StatusCode::OK; 6]);
+}
+
+#[tokio::test]
+async fn client_ip_without_connect_info_is_a_clear_500() {
+    let base = serve_without_connect_info(ip_app(ClientIp::new())).await;
+    let res = client().get(&base).send().await.unwrap();
+    assert_eq!(res.status(), 500);
+    assert_eq!(header(&res, "content-type"), "application/json");
+    assert!(res.headers().get("retry-after").is_none());
+    let body: serde_json::Value = res.json().await.unwrap();
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("into_make_service_with_connect_info"),
+        "{message}"
+    );
+
+    // A gRPC call gets the same as INTERNAL.
+    let res = client()
+        .get(&base)
+        .header("content-type", "application/grpc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "grpc-status"), "13");
+    assert!(header(&res, "grpc-message").contains("into_make_service_with_connect_info"));
+}
+
+#[tokio::test]
+async fn grpc_requests_over_http1_get_trailers_only_rejections() {
+    let (_clock, layer) = registered_layer();
+    let base = serve(Router::new().route("/svc/Method", post(ok)).layer(layer)).await;
+    let c = client();
+    let call = |ct: &'static str, key: &'static str| {
+        c.post(format!("{base}/svc/Method"))
+            .header("content-type", ct)
+            .header("x-api-key", key)
+            .body(Bytes::from_static(&[0, 0, 0, 0, 0]))
+    };
+
+    let got = statuses(BURST as usize, |_| call("application/grpc", KEY)).await;
+    assert_eq!(got, vec![StatusCode::OK; BURST as usize]);
+
+    for ct in ["application/grpc", "application/grpc+proto"] {
+        let res = call(ct, KEY).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{ct}");
+        assert_eq!(header(&res, "grpc-status"), "8", "{ct}");
+        assert!(!header(&res, "grpc-message").is_empty(), "{ct}");
+        assert!(header(&res, "content-type").starts_with("application/grpc"));
+        assert_eq!(header(&res, "retry-after"), "1");
+        assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=3"#);
+        assert!(res.bytes().await.unwrap().is_empty(), "{ct}");
+    }
+
+    // grpc-web is not gRPC: the plain HTTP rejection.
+    assert_too_many(call("application/grpc-web", KEY).send().await.unwrap()).await;
+
+    let res = call("application/grpc", "not-registered")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "grpc-status"), "16");
+    assert!(!header(&res, "grpc-message").is_empty());
+    assert!(res.bytes().await.unwrap().is_empty());
+}
+
+/// Copies the reason of a rejection into `x-rejection` on the way out.
+async fn expose_rejection(mut res: Response) -> Response {
+    let reason = res
+        .extensions()
+        .get::<Rejection>()
+        .map(|r| format!("{:?}", r.reason()));
+    if let Some(reason) = reason {
+        res.headers_mut()
+            .insert("x-rejection", HeaderValue::from_str(&reason).unwrap());
+    }
+    res
+}
+
+#[tokio::test]
+async fn custom_rejections_keep_headers_and_expose_the_rejection() {
+    let (_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(registered_policy())
+        .store(store)
+        .on_rejection(|r: &Rejection| {
+            http::Response::builder()
+                .status(if r.status() == 429 { 503 } else { 401 })
+                .header("content-type", "text/plain")
+                .body(Bytes::from(format!("custom: {r}")))
+                .unwrap()
+        })
+        .build();
+    let base = serve(
+        Router::new()
+            .route("/", get(ok))
+            .layer(layer)
+            .layer(middleware::map_response(expose_rejection)),
+    )
+    .await;
+    let c = client();
+
+    for _ in 0..BURST {
+        let res = get_with_key(&c, &base, KEY).await;
+        assert_eq!(res.status(), 200);
+        assert!(res.headers().get("x-rejection").is_none());
+    }
+    let res = get_with_key(&c, &base, KEY).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(header(&res, "content-type"), "text/plain");
+    assert_eq!(header(&res, "retry-after"), "1");
+    assert_eq!(header(&res, "ratelimit-policy"), r#""throttle";q=5;w=3"#);
+    assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=3"#);
+    assert_eq!(header(&res, "x-rejection"), "Limited");
+    assert_eq!(
+        res.text().await.unwrap(),
+        "custom: rejected: throttle limit reached"
+    );
+
+    let res = c.get(&base).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(header(&res, "x-rejection"), "Key(Missing)");
+    assert!(res.headers().get("retry-after").is_none());
+    assert_eq!(
+        res.text().await.unwrap(),
+        "custom: rejected: no key in request"
+    );
+
+    let res = get_with_key(&c, &base, "not-registered").await;
+    assert_eq!(header(&res, "x-rejection"), "UnknownKey");
+}
+
+#[tokio::test]
+async fn x_ratelimit_headers_can_be_added() {
+    let (_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(registered_policy())
+        .store(store)
+        .headers(HeaderStyle::ietf().x_ratelimit(true))
+        .build();
+    let base = serve(Router::new().route("/", get(ok)).layer(layer)).await;
+    let c = client();
+    for (used, remaining) in (0..BURST).rev().enumerate() {
+        let res = get_with_key(&c, &base, KEY).await;
+        assert_eq!(res.status(), 200);
+        let t = (used as u64 + 1).div_ceil(2).to_string();
+        assert_eq!(header(&res, "x-ratelimit-limit"), "5");
+        assert_eq!(header(&res, "x-ratelimit-remaining"), remaining.to_string());
+        assert_eq!(header(&res, "x-ratelimit-reset"), t);
+        assert_eq!(
+            header(&res, "ratelimit"),
+            format!(r#""throttle";r={remaining};t={t}"#)
+        );
+    }
+    let res = get_with_key(&c, &base, KEY).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(header(&res, "x-ratelimit-limit"), "5");
+    assert_eq!(header(&res, "x-ratelimit-remaining"), "0");
+    assert_eq!(header(&res, "x-ratelimit-reset"), "3");
+    assert_eq!(header(&res, "retry-after"), "1");
+}
+
+#[tokio::test]
+async fn header_style_none_sends_no_ratelimit_headers() {
+    let (_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(registered_policy())
+        .store(store)
+        .headers(HeaderStyle::none())
+        .build();
+    let base = serve(Router::new().route("/", get(ok)).layer(layer)).await;
+    let c = client();
+    let names = [
+        "ratelimit",
+        "ratelimit-policy",
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+    ];
+    for i in 0..=BURST {
+        let res = get_with_key(&c, &base, KEY).await;
+        for name in names {
+            assert!(res.headers().get(name).is_none(), "{name}");
+        }
+        if i < BURST {
+            assert_eq!(res.status(), 200);
+            assert!(res.headers().get("retry-after").is_none());
+        } else {
+            assert_eq!(header(&res, "retry-after"), "1");
+            assert_too_many(res).await;
+        }
+    }
+}
+
+/// Stands in for an authentication layer: the `x-user` header becomes a
+/// `String` extension.
+async fn authenticate(mut req: Request, next: Next) -> Response {
+    let user = req
+        .headers()
+        .get("x-user")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let Some(user) = user {
+        req.extensions_mut().insert(user);
+    }
+    next.run(req).await
+}
+
+#[tokio::test]
+async fn extension_key_limits_by_the_upstream_identity() {
+    let (_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(per_key_policy())
+        .extractor(ExtensionKey::<String>::new())
+        .store(store)
+        .build();
+    let base = serve(
+        Router::new()
+            .route("/", get(ok))
+            .layer(layer)
+            .layer(middleware::from_fn(authenticate)),
+    )
+    .await;
+    let c = client();
+    let user = |u: &'static str| c.get(&base).header("x-user", u);
+    assert_eq!(statuses(6, |_| user("alice")).await, pass_then_429(5, 1));
+    assert_eq!(statuses(6, |_| user("bob")).await, pass_then_429(5, 1));
+    let res = c.get(&base).send().await.unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(res.text().await.unwrap(), FORBIDDEN);
+}
+
+#[tokio::test]
+async fn bearer_limits_by_the_token() {
+    let (_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(per_key_policy())
+        .extractor(Bearer::default())
+        .store(store)
+        .build();
+    let base = serve(Router::new().route("/", get(ok)).layer(layer)).await;
+    let c = client();
+    let auth = |v: &'static str| c.get(&base).header("authorization", v);
+    assert_eq!(
+        statuses(6, |_| auth("Bearer tok-1")).await,
+        pass_then_429(5, 1)
+    );
+    // The scheme is case-insensitive: the same token, the same budget.
+    assert_eq!(auth("bearer  tok-1").send().await.unwrap().status(), 429);
+    assert_eq!(
+        statuses(6, |_| auth("Bearer tok-2")).await,
+        pass_then_429(5, 1)
+    );
+    for (case, req) in [
+        ("missing", c.get(&base)),
+        ("basic", auth("Basic dXNlcjpwYXNz")),
+        ("no token", auth("Bearer")),
+    ] {
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status(), 403, "{case}");
+        assert_eq!(res.text().await.unwrap(), FORBIDDEN, "{case}");
+    }
+}
