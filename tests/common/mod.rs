@@ -34,7 +34,7 @@ pub(crate) fn registered_policy() -> Policy {
 
 /// Every key the extractor finds limited under plan `p`.
 pub(crate) fn per_key_policy() -> Policy {
-    Policy::per_key(plan())
+    Policy::per_key(plan()).unwrap()
 }
 
 fn plan() -> UsagePlan {
