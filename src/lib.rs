@@ -1,9 +1,10 @@
 //! API-gateway usage plans as a tower layer.
 //!
 //! tollgate puts what an API gateway gives a service (API keys bound to usage
-//! plans, a throttle of rate and burst per key, standard rejections and
-//! rate-limit headers) into any [axum], hyper or [tonic] service, without a
-//! gateway in front.
+//! plans, throttles of rate and burst, DAY / WEEK / MONTH quotas, per-method
+//! overrides, stage limits, usage reports, standard rejections and rate-limit
+//! headers) into any [axum], hyper or [tonic] service, without a gateway in
+//! front, with the semantics of AWS API Gateway usage plans.
 //!
 //! ```
 //! use axum::{Router, routing::post};
@@ -26,11 +27,14 @@
 //! For each request the layer takes a key ([`extract`]: the `x-api-key` header
 //! by default, a bearer token, an upstream extension, the client IP…), finds
 //! the key's plan in the [`Policy`] (a missing, unknown or disabled key is
-//! answered `403 {"message":"Forbidden"}`), then decides every limit of the
-//! plan in one atomic step in the [`MemoryStore`]: all limits have room and all
-//! are charged, or the request is rejected and none is. A throttled request
-//! gets `429 {"message":"Too Many Requests"}` with `Retry-After` (whole
-//! seconds, rounded up); gRPC calls get a trailers-only `grpc-status: 8`.
+//! answered `403 {"message":"Forbidden"}`), then decides every limit that
+//! applies (stage throttle, plan throttle, the method override matching the
+//! route, the quota) in one atomic step: all limits have room and all are
+//! charged, or the request is rejected and none is. A throttled request gets
+//! `429 {"message":"Too Many Requests"}` with `Retry-After` (whole seconds,
+//! rounded up); a used-up quota `429 {"message":"Limit Exceeded"}` until its
+//! UTC window ends; gRPC calls get a trailers-only `grpc-status: 8`. Keys and
+//! plans change while serving through [`Admin`], which also reports usage.
 //! Allowed and rejected responses carry the IETF `RateLimit-Policy` and
 //! `RateLimit` headers. The decision for a key already tracked is a hash, a
 //! clock read and one compare-and-swap: no lock and no allocation.
@@ -42,7 +46,8 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `axum` | yes | [`extract::ClientIp`] reads axum's `ConnectInfo<SocketAddr>` |
+//! | `axum` | yes | [`extract::ClientIp`] reads axum's `ConnectInfo<SocketAddr>`; method overrides match axum's `MatchedPath` |
+//! | `config` | no | [`config`]: plans and keys from a TOML file, errors with line and field |
 //!
 //! [axum]: https://docs.rs/axum
 //! [tonic]: https://docs.rs/tonic
