@@ -61,7 +61,7 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    pub(crate) fn key(reason: Reason, grpc: bool) -> Self {
+    pub(crate) fn key(reason: Reason) -> Self {
         let status = match reason {
             Reason::Key(e) if e.is_configuration() => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::FORBIDDEN,
@@ -71,16 +71,17 @@ impl Rejection {
             status,
             limit: None,
             retry_after: None,
-            grpc,
+            grpc: false,
         }
     }
 
-    pub(crate) fn denied(
-        denial: Denial,
-        limit: &Applied,
-        grpc: bool,
-        quota_status: StatusCode,
-    ) -> Self {
+    /// Marks the rejection as one of a gRPC call (answered trailers-only).
+    pub(crate) fn with_grpc(mut self, grpc: bool) -> Self {
+        self.grpc = grpc;
+        self
+    }
+
+    pub(crate) fn denied(denial: Denial, limit: &Applied, quota_status: StatusCode) -> Self {
         let (reason, retry) = match denial {
             Denial::Limited { retry_after } => (Reason::Limited, Some(retry_after)),
             Denial::Quota { retry_after } => (Reason::QuotaExceeded, Some(retry_after)),
@@ -96,7 +97,7 @@ impl Rejection {
             status,
             limit: Some(limit.name),
             retry_after: retry.map(Duration::from_nanos),
-            grpc,
+            grpc: false,
         }
     }
 
@@ -452,7 +453,6 @@ mod tests {
                 retry_after: 1_000_000_001,
             },
             &report(&[("throttle", 5, 3, 0, 0)]).items()[0],
-            false,
             StatusCode::TOO_MANY_REQUESTS,
         );
         assert_eq!(r.retry_after_secs(), Some(2));
@@ -471,15 +471,17 @@ mod tests {
                 retry_after: NANOS_PER_SEC,
             },
             &Applied::default(),
-            true,
             StatusCode::TOO_MANY_REQUESTS,
-        );
+        )
+        .with_grpc(true);
         let res = r.default_response();
         assert_eq!(res.status(), 200);
         assert_eq!(res.headers()["grpc-status"], "8");
         assert_eq!(res.headers()["content-type"], "application/grpc");
         assert!(res.body().is_empty());
-        let k = Rejection::key(Reason::UnknownKey, true).default_response();
+        let k = Rejection::key(Reason::UnknownKey)
+            .with_grpc(true)
+            .default_response();
         assert_eq!(k.headers()["grpc-status"], "16");
     }
 

@@ -78,7 +78,7 @@ impl<K> RateLimitLayer<K> {
     /// quotas do.
     pub fn check(&self, key: &[u8], cost: u32) -> Result<(), Rejection> {
         let snap = self.shared.policy.load();
-        match self.shared.decide_key(&snap, key, None, cost, false) {
+        match self.shared.decide_key(&snap, key, None, cost) {
             Ok(_) => Ok(()),
             Err((rejection, _)) => Err(rejection),
         }

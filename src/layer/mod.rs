@@ -12,14 +12,14 @@ pub use self::service::RateLimit;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, Response, StatusCode};
+use http::{Response, StatusCode};
 
 use crate::extract::{KeyError, KeyExtractor, RequestView};
 use crate::hash::{self, Digest};
-use crate::plan::{Plan, match_method};
+use crate::plan::{Limit, MethodLimit, Plan, match_method};
 use crate::policy::{Policy, Snapshot};
 use crate::quota::QuotaCell;
-use crate::response::{HeaderStyle, Reason, Rejection, SharedOnRejection, is_grpc};
+use crate::response::{HeaderStyle, Reason, Rejection, SharedOnRejection};
 use crate::store::{Applied, MemoryStore, Report, Throttles};
 
 /// Stage limits are one state for every caller.
@@ -41,68 +41,62 @@ pub(crate) type Decision = Result<Report, (Rejection, Option<Applied>)>;
 
 impl<K: KeyExtractor> Shared<K> {
     /// Decides one request: key, plan, then every limit that applies at once.
+    /// Rejections leave `grpc` unset: the caller sets it, so that allowed
+    /// requests never pay for the content-type check.
     #[inline]
     pub(crate) fn decide(&self, req: &RequestView<'_>) -> Decision {
-        let grpc = is_grpc(req.headers);
         let snap = self.policy.load();
-        let route = route_of(req);
         match (self.extractor.extract(req), &snap.anonymous) {
-            (Ok(key), _) => {
-                self.decide_key(&snap, key.as_bytes(), Some((route, req.method)), 1, grpc)
-            }
+            (Ok(key), _) => self.decide_key(&snap, key.as_bytes(), Some(req), 1),
             (Err(KeyError::Missing), Some(anon)) => match anon.client_ip.extract(req) {
                 Ok(ip) => self.decide_plan(
                     &snap,
                     &anon.plan,
                     hash::digest(ip.as_bytes()),
                     None,
-                    Some((route, req.method)),
+                    Some(req),
                     1,
-                    grpc,
                 ),
-                Err(e) => Err((self.rejection(Reason::Key(e), grpc), None)),
+                Err(e) => Err((Rejection::key(Reason::Key(e)), None)),
             },
-            (Err(e), _) => Err((self.rejection(Reason::Key(e), grpc), None)),
+            (Err(e), _) => Err((Rejection::key(Reason::Key(e)), None)),
         }
     }
 }
 
 impl<K> Shared<K> {
-    /// Decides a request of `cost` units for `key`; `route` is the matched
-    /// route and method, when there is a request.
+    /// Decides a request of `cost` units for `key`; `req` is the request, when
+    /// there is one (its route selects method overrides).
     #[inline]
     pub(crate) fn decide_key(
         &self,
         snap: &Snapshot,
         key: &[u8],
-        route: Option<(&str, &Method)>,
+        req: Option<&RequestView<'_>>,
         cost: u32,
-        grpc: bool,
     ) -> Decision {
         let digest = hash::digest(key);
         if let Some(plan) = &snap.per_key {
-            return self.decide_plan(snap, plan, digest, None, route, cost, grpc);
+            return self.decide_plan(snap, plan, digest, None, req, cost);
         }
         let Some(entry) = snap.keys.get(&digest) else {
-            return Err((self.rejection(Reason::UnknownKey, grpc), None));
+            return Err((Rejection::key(Reason::UnknownKey), None));
         };
         if !entry.enabled {
-            return Err((self.rejection(Reason::DisabledKey, grpc), None));
+            return Err((Rejection::key(Reason::DisabledKey), None));
         }
         self.decide_plan(
             snap,
             &entry.plan,
             entry.state,
             entry.quota.as_deref(),
-            route,
+            req,
             cost,
-            grpc,
         )
     }
 
     /// Gathers every limit that applies (stage, plan, method overrides, quota)
     /// and decides them in one step.
-    #[allow(clippy::too_many_arguments)]
     #[inline]
     fn decide_plan(
         &self,
@@ -110,36 +104,31 @@ impl<K> Shared<K> {
         plan: &Plan,
         state: Digest,
         quota: Option<&QuotaCell>,
-        route: Option<(&str, &Method)>,
+        req: Option<&RequestView<'_>>,
         cost: u32,
-        grpc: bool,
     ) -> Decision {
         let mut throttles = Throttles::default();
         if let Some(stage) = &snap.stage {
             if let Some(l) = &stage.throttle {
                 throttles.push(l, STAGE_KEY);
             }
-            if let Some(l) = route.and_then(|(r, m)| match_method(&stage.methods, r, m)) {
+            if let Some(l) = method_limit(&stage.methods, req) {
                 throttles.push(l, STAGE_KEY);
             }
         }
         if let Some(l) = &plan.throttle {
             throttles.push(l, state);
         }
-        if let Some(l) = route.and_then(|(r, m)| match_method(&plan.methods, r, m)) {
+        if let Some(l) = method_limit(&plan.methods, req) {
             throttles.push(l, state);
         }
         let quota = plan.quota.as_ref().and_then(|spec| Some((quota?, spec)));
         self.store
             .acquire(&throttles, quota, cost, plan.shadow)
             .map_err(|d| {
-                let rejection = Rejection::denied(d.denial, &d.limit, grpc, self.quota_status);
+                let rejection = Rejection::denied(d.denial, &d.limit, self.quota_status);
                 (rejection, Some(d.limit))
             })
-    }
-
-    fn rejection(&self, reason: Reason, grpc: bool) -> Rejection {
-        Rejection::key(reason, grpc)
     }
 
     /// The response for a rejected request.
@@ -163,6 +152,20 @@ impl<K> Shared<K> {
         res.extensions_mut().insert(rejection);
         res
     }
+}
+
+/// The override among `methods` for the request's route and method. The
+/// route is looked up only when there are overrides to match.
+#[inline]
+fn method_limit<'m>(
+    methods: &'m [MethodLimit],
+    req: Option<&RequestView<'_>>,
+) -> Option<&'m Limit> {
+    if methods.is_empty() {
+        return None;
+    }
+    let req = req?;
+    match_method(methods, route_of(req), req.method)
 }
 
 /// The route of a request: axum's `MatchedPath` when present, else the path.

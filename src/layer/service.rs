@@ -9,6 +9,7 @@ use tower_service::Service;
 use super::{ResponseFuture, Shared, SharedState};
 use crate::body::ResponseBody;
 use crate::extract::{ApiKeyHeader, KeyExtractor, RequestView};
+use crate::response::is_grpc;
 
 /// A service that rate-limits requests before they reach `S`.
 ///
@@ -76,8 +77,10 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.shared.decide(&RequestView::new(&req)) {
             Ok(report) => ResponseFuture::called(self.inner.call(req), report, self.shared.headers),
-            Err((rejection, report)) => {
-                ResponseFuture::rejected(self.shared.reject(rejection, report))
+            Err((rejection, limit)) => {
+                // Only a rejection needs to know whether the call is gRPC.
+                let rejection = rejection.with_grpc(is_grpc(req.headers()));
+                ResponseFuture::rejected(self.shared.reject(rejection, limit))
             }
         }
     }
