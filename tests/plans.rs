@@ -257,3 +257,21 @@ fn stage_limits_are_shared_by_every_key_and_decided_with_the_plan() {
     let r = l.check(b"vc", 1).unwrap_err();
     assert_eq!(r.limit(), Some("stage"));
 }
+
+#[test]
+fn a_shadow_plan_decides_and_counts_but_never_rejects() {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 0));
+    let plan = UsagePlan::new("s")
+        .throttle(Throttle::new(1.0, 2).unwrap())
+        .quota(Quota::new(3, Period::Day).unwrap())
+        .shadow(true);
+    let l = layer(&clock, vec![plan], vec![ApiKey::new("k", "v", "s")]);
+    for _ in 0..10 {
+        assert!(l.check(b"v", 1).is_ok());
+    }
+    // Every request was counted against the quota, past its limit.
+    let day = Date::new(2024, 5, 6).unwrap();
+    let r = l.admin().usage("s", day, day, None).unwrap();
+    assert_eq!(r.items["k"], vec![[10, 0]]);
+}
