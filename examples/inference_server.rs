@@ -33,7 +33,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -193,6 +194,21 @@ impl AdminState {
     }
 }
 
+/// A request that carries the admin key; any other is answered 403.
+struct Authorized;
+
+impl FromRequestParts<AdminState> for Authorized {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AdminState) -> Result<Self, Response> {
+        if s.allows(&parts.headers) {
+            Ok(Authorized)
+        } else {
+            Err((StatusCode::FORBIDDEN, Json(json!({"message": "Forbidden"}))).into_response())
+        }
+    }
+}
+
 fn admin_error(e: AdminError) -> Response {
     let status = match e {
         AdminError::UnknownKey(_) | AdminError::UnknownPlan(_) => StatusCode::NOT_FOUND,
@@ -200,10 +216,6 @@ fn admin_error(e: AdminError) -> Response {
         _ => StatusCode::BAD_REQUEST,
     };
     (status, Json(json!({"message": e.to_string()}))).into_response()
-}
-
-fn forbidden() -> Response {
-    (StatusCode::FORBIDDEN, Json(json!({"message": "Forbidden"}))).into_response()
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, String> {
@@ -219,13 +231,10 @@ struct UsageQuery {
 }
 
 async fn usage(
+    _: Authorized,
     State(s): State<AdminState>,
-    headers: HeaderMap,
     q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if !s.allows(&headers) {
-        return forbidden();
-    }
     let Ok(Query(q)) = q else {
         return bad_request("usage needs plan, start and end (YYYY-MM-DD)");
     };
@@ -265,10 +274,7 @@ fn key_json(s: &AdminState, id: &str) -> Response {
     }
 }
 
-async fn add_key(State(s): State<AdminState>, headers: HeaderMap, body: Bytes) -> Response {
-    if !s.allows(&headers) {
-        return forbidden();
-    }
+async fn add_key(_: Authorized, State(s): State<AdminState>, body: Bytes) -> Response {
     let k: NewKey = match parse_json(&body) {
         Ok(k) => k,
         Err(msg) => return bad_request(&msg),
@@ -290,14 +296,11 @@ struct KeyPatch {
 }
 
 async fn patch_key(
+    _: Authorized,
     State(s): State<AdminState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !s.allows(&headers) {
-        return forbidden();
-    }
     let p: KeyPatch = match parse_json(&body) {
         Ok(p) => p,
         Err(msg) => return bad_request(&msg),
@@ -322,14 +325,11 @@ struct UsagePatch {
 }
 
 async fn update_usage(
+    _: Authorized,
     State(s): State<AdminState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !s.allows(&headers) {
-        return forbidden();
-    }
     let p: UsagePatch = match parse_json(&body) {
         Ok(p) => p,
         Err(msg) => return bad_request(&msg),
@@ -340,14 +340,7 @@ async fn update_usage(
     }
 }
 
-async fn reset_key(
-    State(s): State<AdminState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if !s.allows(&headers) {
-        return forbidden();
-    }
+async fn reset_key(_: Authorized, State(s): State<AdminState>, Path(id): Path<String>) -> Response {
     match s.admin.reset_key(&id) {
         Ok(()) => key_json(&s, &id),
         Err(e) => admin_error(e),

@@ -194,7 +194,7 @@ struct QuotaFile {
     period: PeriodFile,
     #[serde(default)]
     offset: Option<Spanned<i64>>,
-    week_start: Option<WeekdayFile>,
+    week_start: Option<Weekday>,
 }
 
 #[derive(Deserialize)]
@@ -213,18 +213,6 @@ enum PeriodFile {
     Week,
     #[serde(rename = "MONTH")]
     Month,
-}
-
-#[derive(Deserialize, Clone, Copy)]
-#[serde(rename_all = "UPPERCASE")]
-enum WeekdayFile {
-    Monday,
-    Tuesday,
-    Wednesday,
-    Thursday,
-    Friday,
-    Saturday,
-    Sunday,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -363,7 +351,7 @@ impl Checker<'_> {
             let period = match (qf.period, qf.week_start) {
                 (PeriodFile::Day, None) => Period::Day,
                 (PeriodFile::Month, None) => Period::Month,
-                (PeriodFile::Week, day) => Period::Week(day.map_or(Weekday::Monday, weekday)),
+                (PeriodFile::Week, day) => Period::Week(day.unwrap_or_default()),
                 (_, Some(_)) => {
                     return Err(self.err(
                         q.span(),
@@ -411,18 +399,6 @@ impl Checker<'_> {
             plan = plan.method(mp, t);
         }
         Ok(plan)
-    }
-}
-
-fn weekday(d: WeekdayFile) -> Weekday {
-    match d {
-        WeekdayFile::Monday => Weekday::Monday,
-        WeekdayFile::Tuesday => Weekday::Tuesday,
-        WeekdayFile::Wednesday => Weekday::Wednesday,
-        WeekdayFile::Thursday => Weekday::Thursday,
-        WeekdayFile::Friday => Weekday::Friday,
-        WeekdayFile::Saturday => Weekday::Saturday,
-        WeekdayFile::Sunday => Weekday::Sunday,
     }
 }
 

@@ -185,9 +185,7 @@ impl Admin {
 
     /// The key with this id.
     pub fn key(&self, id: &str) -> Option<KeyInfo> {
-        let snap = self.policy.load();
-        let entry = snap.keys.get(snap.ids.get(id)?)?;
-        Some(info(entry))
+        self.policy.load().by_id(id).ok().map(|e| info(e))
     }
 
     /// Every registered key, by id.
@@ -259,11 +257,7 @@ impl Admin {
     /// this window only; 0 stops it until the window ends.
     pub fn set_remaining(&self, id: &str, remaining: u64) -> Result<u64, AdminError> {
         let snap = self.policy.load();
-        let entry = snap
-            .ids
-            .get(id)
-            .and_then(|d| snap.keys.get(d))
-            .ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
+        let entry = snap.by_id(id)?;
         let (Some(spec), Some(cell)) = (entry.plan.quota, &entry.quota) else {
             return Err(AdminError::NoQuota(entry.plan.name.to_string()));
         };
@@ -275,11 +269,7 @@ impl Admin {
     /// forgotten and its buckets are full again.
     pub fn reset_key(&self, id: &str) -> Result<(), AdminError> {
         let snap = self.policy.load();
-        let entry = snap
-            .ids
-            .get(id)
-            .and_then(|d| snap.keys.get(d))
-            .ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
+        let entry = snap.by_id(id)?;
         if let Some(cell) = &entry.quota {
             cell.reset();
         }
@@ -304,18 +294,21 @@ impl Admin {
         ) -> Result<KeyEntry, AdminError>,
     ) -> Result<(), AdminError> {
         self.policy.update(|snap, inner| {
-            let digest = *snap
-                .ids
-                .get(id)
-                .ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
-            let old = snap
-                .keys
-                .get(&digest)
-                .ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
-            let new = f(old, snap, inner)?;
+            let new = f(snap.by_id(id)?, snap, inner)?;
+            let digest = snap.ids[id];
             snap.keys.insert(digest, Arc::new(new));
             Ok(())
         })
+    }
+}
+
+impl crate::policy::Snapshot {
+    /// The entry of the key with this id.
+    fn by_id(&self, id: &str) -> Result<&Arc<KeyEntry>, AdminError> {
+        self.ids
+            .get(id)
+            .and_then(|d| self.keys.get(d))
+            .ok_or_else(|| AdminError::UnknownKey(id.to_owned()))
     }
 }
 

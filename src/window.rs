@@ -10,8 +10,13 @@ use std::fmt;
 /// Nanoseconds in a day.
 pub(crate) const NANOS_PER_DAY: i64 = 86_400 * 1_000_000_000;
 
-/// A day of the week.
+/// A day of the week (`"MONDAY"` … `"SUNDAY"` in a config file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(
+    feature = "config",
+    derive(serde::Deserialize),
+    serde(rename_all = "UPPERCASE")
+)]
 pub enum Weekday {
     /// Monday (the default start of a week).
     #[default]

@@ -265,6 +265,52 @@ async fn forbidden_cases_and_a_key_disabled_and_enabled_while_serving() {
 }
 
 #[tokio::test]
+async fn every_admin_route_refuses_a_missing_or_wrong_admin_key() {
+    let s = start(SMALL_QUOTA).await;
+    let routes = [
+        (
+            reqwest::Method::GET,
+            "/admin/usage?plan=tiny&start=2024-05-06&end=2024-05-06",
+        ),
+        (reqwest::Method::POST, "/admin/keys"),
+        (reqwest::Method::PATCH, "/admin/keys/t-1"),
+        (reqwest::Method::PATCH, "/admin/keys/t-1/usage"),
+        (reqwest::Method::POST, "/admin/keys/t-1/reset"),
+    ];
+    for (method, path) in routes {
+        for key in [
+            None,
+            Some("admin-secreT"),
+            Some("admin-secret-longer"),
+            Some(""),
+        ] {
+            let mut req = s
+                .client
+                .request(method.clone(), format!("{}{path}", s.base));
+            if let Some(k) = key {
+                req = req.header("x-admin-key", k);
+            }
+            let res = req
+                .body(r#"{"enabled":true,"remaining":1}"#)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 403, "{method} {path} with {key:?}");
+        }
+    }
+    // The right key gets through (the reset answers with the key).
+    let (status, v) = s
+        .admin(
+            reqwest::Method::POST,
+            "/admin/keys/t-1/reset",
+            "admin-secret",
+            None,
+        )
+        .await;
+    assert_eq!((status, &v["id"]), (200, &json!("t-1")));
+}
+
+#[tokio::test]
 async fn get_usage_matches_the_traffic_and_update_usage_raises_and_lowers() {
     let s = start(SMALL_QUOTA).await;
     assert_eq!(s.complete(Some("tiny-key-1")).await.status(), 200);
