@@ -547,8 +547,8 @@ impl Config {
             Some(d) => Some(
                 usize::try_from(*d.get_ref())
                     .ok()
-                    .filter(|&n| (1..=3660).contains(&n))
-                    .ok_or_else(|| c.err(d.span(), "history_days", "must be 1 to 3660"))?,
+                    .filter(|&n| (31..=3660).contains(&n))
+                    .ok_or_else(|| c.err(d.span(), "history_days", "must be 31 to 3660"))?,
             ),
         };
         let quota_status = match &file.quota_status {

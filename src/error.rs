@@ -57,7 +57,8 @@ pub enum ConfigError {
     /// A plan has a quota but the policy has no registered keys: quotas are
     /// counted per registered key.
     QuotaNeedsKeys(String),
-    /// The usage history is longer than the 3,660 days (ten years) accepted, or zero.
+    /// The usage history is shorter than a month (31 days) or longer than ten
+    /// years (3,660 days).
     InvalidHistory(usize),
 }
 
@@ -91,7 +92,10 @@ impl fmt::Display for ConfigError {
                 "plan `{plan}` has a quota, which needs registered api keys (Policy::builder)"
             ),
             ConfigError::InvalidHistory(days) => {
-                write!(f, "invalid usage history of {days} days: must be 1 to 3660")
+                write!(
+                    f,
+                    "invalid usage history of {days} days: must be 31 to 3660"
+                )
             }
         }
     }

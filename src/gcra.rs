@@ -118,12 +118,25 @@ impl Gcra {
         }
     }
 
-    /// Gives back `cost` units to a bucket whose TAT is `tat` (a refund after a
-    /// failed multi-limit decision or an over-estimate). The TAT never moves
-    /// below `now`, so a refund can refill the bucket but never overfill it.
-    pub(crate) fn refund(&self, tat: Nanos, now: Nanos, cost: u32) -> Nanos {
-        tat.saturating_sub(u64::from(cost) * self.interval)
-            .max(now.min(tat))
+    /// Gives back a request's `cost` units to a bucket whose TAT is now `tat`,
+    /// where the request itself stored `mine`. Only what is still ahead of
+    /// `now` of `mine` returns: capacity that has refilled since, and that
+    /// later requests may have been granted, is not handed out twice. The TAT
+    /// never moves below `now`, so a refund never overfills the bucket.
+    pub(crate) fn refund(&self, tat: Nanos, now: Nanos, mine: Nanos, cost: u32) -> Nanos {
+        let give = (u64::from(cost) * self.interval).min(mine.saturating_sub(now));
+        tat.saturating_sub(give).max(now.min(tat))
+    }
+
+    /// The TAT under `new` parameters that keeps the share of the bucket in
+    /// use: an emptied bucket stays empty, a full one stays full.
+    pub(crate) fn rescale(&self, tat: Nanos, now: Nanos, new: &Gcra) -> Nanos {
+        if tat <= now {
+            return tat;
+        }
+        let ahead = u128::from((tat - now).min(self.tolerance));
+        let scaled = ahead * u128::from(new.tolerance) / u128::from(self.tolerance);
+        now + scaled as Nanos
     }
 
     /// The state of a bucket with TAT `tat` at `now`.
@@ -269,18 +282,53 @@ mod tests {
     }
 
     #[test]
-    fn refund_never_overfills() {
+    fn refund_never_overfills_nor_returns_granted_capacity() {
         let g = Gcra::new(1.0, 5).unwrap();
         let now = 10 * S;
         let Outcome::Allow(s) = g.decide(0, now, 3) else {
             panic!()
         };
-        let back = g.refund(s.tat, now, 3);
+        let back = g.refund(s.tat, now, s.tat, 3);
         assert_eq!(back, now);
-        assert_eq!(g.refund(s.tat, now, 100), now);
+        assert_eq!(g.refund(s.tat, now, s.tat, 100), now);
+        // Burst 1: A charged at 0 (TAT 1 s); B passed at 1.2 s (TAT 2.2 s); A's
+        // refund at 1.5 s returns nothing, since A's share has refilled and B has it.
+        let g1 = Gcra::new(1.0, 1).unwrap();
+        assert_eq!(g1.refund(2_200_000_000, 1_500_000_000, S, 1), 2_200_000_000);
         let Outcome::Allow(s) = g.decide(back, now, 5) else {
             panic!("a full refund restores the whole bucket")
         };
         assert_eq!(s.remaining, 0);
+    }
+
+    #[test]
+    fn rescale_keeps_the_share_in_use() {
+        let fast = Gcra::new(100.0, 10).unwrap();
+        let slow = Gcra::new(1.0, 10).unwrap();
+        let now = 50 * S;
+        let mut tat = 0;
+        for _ in 0..10 {
+            let Outcome::Allow(s) = fast.decide(tat, now, 1) else {
+                panic!()
+            };
+            tat = s.tat;
+        }
+        // Emptied at 100/s, then 1/s: still empty, one more after a second.
+        let t = fast.rescale(tat, now, &slow);
+        assert!(matches!(slow.decide(t, now, 1), Outcome::Deny { .. }));
+        assert!(matches!(slow.decide(t, now + S, 1), Outcome::Allow(_)));
+        // Locked out at 0.001/s, then 100/s: free again after 10 ms.
+        let glacial = Gcra::new(0.001, 1).unwrap();
+        let Outcome::Allow(s) = glacial.decide(0, now, 1) else {
+            panic!()
+        };
+        let quick = Gcra::new(100.0, 1).unwrap();
+        let t = glacial.rescale(s.tat, now, &quick);
+        assert!(matches!(
+            quick.decide(t, now + 10_000_000, 1),
+            Outcome::Allow(_)
+        ));
+        // A full bucket stays full.
+        assert_eq!(fast.rescale(now - 1, now, &slow), now - 1);
     }
 }

@@ -36,8 +36,9 @@
 //! UTC window ends; gRPC calls get a trailers-only `grpc-status: 8`. Keys and
 //! plans change while serving through [`Admin`], which also reports usage.
 //! Allowed and rejected responses carry the IETF `RateLimit-Policy` and
-//! `RateLimit` headers. The decision for a key already tracked is a hash, a
-//! clock read and one compare-and-swap: no lock and no allocation.
+//! `RateLimit` headers. For a key already tracked, a decision is one keyed
+//! hash, one clock read and one compare-and-swap per throttle, with no lock
+//! and no allocation; a quota adds a wall-clock read and a short per-key lock.
 //!
 //! Throttles are GCRA token buckets: a new key starts with a full bucket of
 //! `burst`, which refills at `rate` per second.

@@ -564,6 +564,13 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// Every throttle of the plan: the plan-wide one and the method overrides.
+    pub(crate) fn limits(&self) -> impl Iterator<Item = &Limit> {
+        self.throttle
+            .iter()
+            .chain(self.methods.iter().map(|m| &m.limit))
+    }
+
     /// Compiles `plan`; `created_at` is when the plan first existed (wall nanoseconds).
     pub(crate) fn compile(plan: &UsagePlan, created_at: i64) -> Result<Self, ConfigError> {
         let owner = format!("plan\0{}", plan.name);

@@ -17,6 +17,9 @@ use crate::quota::QuotaCell;
 /// Days of usage history kept per key by default.
 pub const DEFAULT_HISTORY_DAYS: usize = 90;
 const MAX_HISTORY_DAYS: usize = 3_660;
+/// The shortest history: a whole month, so that reports over a MONTH quota
+/// window know what was used earlier in the window.
+const MIN_HISTORY_DAYS: usize = 31;
 
 /// Which limits apply to which keys.
 ///
@@ -271,7 +274,8 @@ impl PolicyBuilder {
         self
     }
 
-    /// Days of per-key usage history kept for reports (default 90).
+    /// Days of per-key usage history kept for reports: 31 (a month) to 3660,
+    /// default 90.
     pub fn history_days(mut self, days: usize) -> Self {
         self.history_days = Some(days);
         self
@@ -291,7 +295,7 @@ impl PolicyBuilder {
     /// are empty, longer than [`DEFAULT_MAX_KEY_LEN`] bytes or not visible ASCII.
     pub fn build(self) -> Result<Policy, ConfigError> {
         let history_days = self.history_days.unwrap_or(DEFAULT_HISTORY_DAYS);
-        if history_days == 0 || history_days > MAX_HISTORY_DAYS {
+        if !(MIN_HISTORY_DAYS..=MAX_HISTORY_DAYS).contains(&history_days) {
             return Err(ConfigError::InvalidHistory(history_days));
         }
         let clock = self.clock.unwrap_or_default();

@@ -112,6 +112,29 @@ impl QuotaCell {
         Ok(snapshot(w, limit, st.used, now))
     }
 
+    /// Whether `cost` would fit now, without charging: the quota as it stands,
+    /// or the retry delay and the quota when it would not fit.
+    pub(crate) fn check(
+        &self,
+        spec: &QuotaSpec,
+        now: i64,
+        cost: u64,
+    ) -> Result<QuotaSnapshot, (u64, QuotaSnapshot)> {
+        let mut st = self.state.lock();
+        let w = st.roll(spec.period, now);
+        let limit = spec.limit_in(w);
+        let snap = snapshot(w, limit, st.used, now);
+        if st
+            .used
+            .saturating_add(i64::try_from(cost).unwrap_or(i64::MAX))
+            > limit
+        {
+            Err((w.end.saturating_sub(now).max(1) as u64, snap))
+        } else {
+            Ok(snap)
+        }
+    }
+
     /// Sets what remains in the current window (AWS UpdateUsage). `remaining`
     /// may exceed the limit (a one-off raise) or be 0.
     pub(crate) fn set_remaining(

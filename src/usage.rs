@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::error::ConfigError;
-use crate::plan::{ApiKey, Plan, UsagePlan};
+use crate::plan::{ApiKey, Limit, Plan, UsagePlan};
 use crate::policy::{KeyEntry, Policy, wall_nanos};
 use crate::store::MemoryStore;
 use crate::window::Date;
@@ -153,9 +153,10 @@ impl Admin {
     }
 
     /// Adds a plan, or replaces the limits of the plan with the same name.
-    /// Keys on the plan keep their counters: a bucket a key has emptied stays
-    /// empty and refills at the new rate from the time it was owed, and quota
-    /// counts carry over; a quota's offset counts from the plan's first creation.
+    /// Keys on the plan keep their counters: a throttle whose numbers change
+    /// keeps the share of each key's bucket in use (an emptied bucket stays
+    /// empty and refills at the new rate), quota counts carry over, and a
+    /// quota's offset counts from the plan's first creation.
     pub fn put_plan(&self, plan: UsagePlan) -> Result<(), AdminError> {
         let now = self.now();
         self.policy.update(|snap, inner| {
@@ -168,10 +169,26 @@ impl Admin {
                 .and_then(|p| p.quota.map(|q| q.created_at))
                 .unwrap_or(now);
             let compiled = Arc::new(Plan::compile(&plan, created)?);
-            snap.plans
+            let previous = snap
+                .plans
                 .insert(Arc::clone(&compiled.name), Arc::clone(&compiled));
+            // Throttles kept at the same place (salt) with new numbers: convert
+            // each key's state so the share of its bucket in use carries over.
+            let changed: Vec<(&Limit, &Limit)> = match &previous {
+                None => Vec::new(),
+                Some(old) => compiled
+                    .limits()
+                    .filter_map(|new| {
+                        let old = old.limits().find(|o| o.salt == new.salt)?;
+                        (old.gcra != new.gcra).then_some((old, new))
+                    })
+                    .collect(),
+            };
             for entry in snap.keys.values_mut() {
                 if entry.plan.name == compiled.name {
+                    for (old, new) in &changed {
+                        self.store.rescale(old, new, entry.state);
+                    }
                     *entry = Arc::new(KeyEntry {
                         plan: Arc::clone(&compiled),
                         quota: inner.cell(&compiled, entry.state),
@@ -273,12 +290,7 @@ impl Admin {
         if let Some(cell) = &entry.quota {
             cell.reset();
         }
-        let plan = &entry.plan;
-        for limit in plan
-            .throttle
-            .iter()
-            .chain(plan.methods.iter().map(|m| &m.limit))
-        {
+        for limit in entry.plan.limits() {
             self.store.reset(limit, entry.state);
         }
         Ok(())

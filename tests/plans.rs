@@ -275,3 +275,102 @@ fn a_shadow_plan_decides_and_counts_but_never_rejects() {
     let r = l.admin().usage("s", day, day, None).unwrap();
     assert_eq!(r.items["k"], vec![[10, 0]]);
 }
+
+#[test]
+fn a_shadow_plan_never_lifts_the_stage_limit() {
+    let clock = ManualClock::new();
+    let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(
+            UsagePlan::new("s")
+                .throttle(Throttle::new(1.0, 1).unwrap())
+                .shadow(true),
+        )
+        .plan(UsagePlan::new("p").throttle(Throttle::new(100.0, 100).unwrap()))
+        .key(ApiKey::new("shadow", "vs", "s"))
+        .key(ApiKey::new("normal", "vp", "p"))
+        .stage(Stage::new().throttle(Throttle::new(1.0, 2).unwrap()))
+        .build()
+        .unwrap();
+    let l = RateLimitLayer::builder(policy).store(store).build();
+    assert!(l.check(b"vs", 1).is_ok());
+    assert!(
+        l.check(b"vs", 1).is_ok(),
+        "past its own limit: shadow passes"
+    );
+    let r = l.check(b"vs", 1).unwrap_err();
+    assert_eq!(
+        r.limit(),
+        Some("stage"),
+        "the shared stage limit still holds"
+    );
+    assert_eq!(l.check(b"vp", 1).unwrap_err().limit(), Some("stage"));
+}
+
+#[test]
+fn replacing_a_throttle_keeps_the_share_of_each_bucket_in_use() {
+    let clock = ManualClock::new();
+    let fast = UsagePlan::new("p").throttle(Throttle::new(100.0, 10).unwrap());
+    let l = layer(&clock, vec![fast], vec![ApiKey::new("k", "v", "p")]);
+    assert_eq!((0..20).filter(|_| l.check(b"v", 1).is_ok()).count(), 10);
+    // Slower: the emptied bucket stays empty and refills at the new rate.
+    l.admin()
+        .put_plan(UsagePlan::new("p").throttle(Throttle::new(1.0, 10).unwrap()))
+        .unwrap();
+    assert_eq!(reason(&l, b"v"), Some(Reason::Limited));
+    clock.advance(Duration::from_millis(999));
+    assert_eq!(reason(&l, b"v"), Some(Reason::Limited));
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(reason(&l, b"v"), None);
+    assert_eq!(reason(&l, b"v"), Some(Reason::Limited));
+    // Much faster: the lockout shrinks with the new rate.
+    l.admin()
+        .put_plan(UsagePlan::new("p").throttle(Throttle::new(1_000.0, 10).unwrap()))
+        .unwrap();
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(reason(&l, b"v"), None);
+}
+
+#[test]
+fn a_denial_names_the_limit_that_holds_the_request_longest() {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(
+            UsagePlan::new("p")
+                .throttle(Throttle::new(0.1, 1).unwrap())
+                .quota(Quota::new(1, Period::Day).unwrap()),
+        )
+        .plan(UsagePlan::new("q").throttle(Throttle::new(0.1, 1).unwrap()))
+        .key(ApiKey::new("a", "va", "p"))
+        .key(ApiKey::new("b", "vb", "q"))
+        .stage(Stage::new().throttle(Throttle::new(1.0, 5).unwrap()))
+        .build()
+        .unwrap();
+    let l = RateLimitLayer::builder(policy).store(store).build();
+    assert!(l.check(b"va", 1).is_ok());
+    // Throttle (10 s) and quota (23 h) both deny: the quota is named.
+    let r = l.check(b"va", 1).unwrap_err();
+    assert_eq!(r.reason(), Reason::QuotaExceeded);
+    assert_eq!(r.retry_after_secs(), Some(23 * 3_600));
+    // Stage has room, the plan throttle waits 10 s: the 10 s is the answer.
+    assert!(l.check(b"vb", 1).is_ok());
+    let r = l.check(b"vb", 1).unwrap_err();
+    assert_eq!(
+        (r.limit(), r.retry_after_secs()),
+        (Some("throttle"), Some(10))
+    );
+    // The denied requests took nothing from the stage: 5 - 2 = 3 remain.
+    assert_eq!(
+        (0..10).filter(|_| l.check(b"vb", 0).is_ok()).count(),
+        10,
+        "peeks always pass"
+    );
+    assert!(
+        Policy::builder().history_days(7).build().is_err(),
+        "history under a month"
+    );
+}

@@ -162,7 +162,9 @@ impl<K> RateLimitLayerBuilder<K> {
     }
 
     /// The store (default: a new [`MemoryStore`]). Layers given clones of one
-    /// store keep their state apart (each limit places its state by its own salt).
+    /// store share the state of limits that have the same place: plans of the
+    /// same name (and stage limits), as instances sharing one budget would.
+    /// Give layers that must count apart their own stores or distinct plan names.
     pub fn store(mut self, store: MemoryStore) -> Self {
         self.store = Some(store);
         self

@@ -20,7 +20,7 @@ use crate::plan::{Limit, MethodLimit, Plan, match_method};
 use crate::policy::{Policy, Snapshot};
 use crate::quota::QuotaCell;
 use crate::response::{HeaderStyle, Reason, Rejection, SharedOnRejection};
-use crate::store::{Applied, MemoryStore, Report, Throttles};
+use crate::store::{Applied, MemoryStore, QuotaAsk, Report, Throttles};
 
 /// Stage limits are one state for every caller.
 const STAGE_KEY: Digest = Digest(0);
@@ -107,28 +107,34 @@ impl<K> Shared<K> {
         req: Option<&RequestView<'_>>,
         cost: u32,
     ) -> Decision {
+        // Stage limits protect the backend's total capacity: a shadow plan
+        // never lifts them.
         let mut throttles = Throttles::default();
         if let Some(stage) = &snap.stage {
             if let Some(l) = &stage.throttle {
-                throttles.push(l, STAGE_KEY);
+                throttles.push(l, STAGE_KEY, false);
             }
             if let Some(l) = method_limit(&stage.methods, req) {
-                throttles.push(l, STAGE_KEY);
+                throttles.push(l, STAGE_KEY, false);
             }
         }
         if let Some(l) = &plan.throttle {
-            throttles.push(l, state);
+            throttles.push(l, state, plan.shadow);
         }
         if let Some(l) = method_limit(&plan.methods, req) {
-            throttles.push(l, state);
+            throttles.push(l, state, plan.shadow);
         }
-        let quota = plan.quota.as_ref().and_then(|spec| Some((quota?, spec)));
-        self.store
-            .acquire(&throttles, quota, cost, plan.shadow)
-            .map_err(|d| {
-                let rejection = Rejection::denied(d.denial, &d.limit, self.quota_status);
-                (rejection, Some(d.limit))
+        let quota = plan.quota.as_ref().and_then(|spec| {
+            Some(QuotaAsk {
+                cell: quota?,
+                spec,
+                shadow: plan.shadow,
             })
+        });
+        self.store.acquire(&throttles, quota, cost).map_err(|d| {
+            let rejection = Rejection::denied(d.denial, &d.limit, self.quota_status);
+            (rejection, Some(d.limit))
+        })
     }
 
     /// The response for a rejected request.

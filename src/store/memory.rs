@@ -24,14 +24,14 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::Mutex;
 use portable_atomic::{AtomicU128, Ordering};
 
-use super::{Applied, Denial, Denied, Report, Throttles};
+use super::{Applied, Denial, Denied, MAX_THROTTLES, QuotaAsk, Report, Throttles};
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::gcra::{Nanos, Outcome};
 use crate::hash::{Digest, mix};
 use crate::plan::{Limit, LimitKind};
 use crate::policy::wall_nanos;
-use crate::quota::{QuotaCell, QuotaSnapshot, QuotaSpec};
+use crate::quota::QuotaSnapshot;
 
 /// Slots a key may live in, counted from its hash position.
 const WINDOW: u64 = 32;
@@ -101,89 +101,121 @@ impl MemoryStore {
         &self.inner.clock
     }
 
-    /// Decides a request of `cost` units against every throttle in `throttles`
-    /// and the `quota`: all are charged, or none. A `shadow` decision charges
-    /// what fits, counts quota overage, reports every limit, and never denies.
+    /// Decides a request of `cost` units against every throttle in
+    /// `throttles` and the `quota`: all are charged, or none. Limits marked
+    /// shadow charge what fits, count quota overage, and never deny.
+    ///
+    /// When a limit denies, the rest are looked at without charging, so that
+    /// the answer names the limit that will hold the request longest: a
+    /// cost no limit can ever hold first, then a used-up quota, then the
+    /// throttle with the longest wait.
     pub(crate) fn acquire(
         &self,
         throttles: &Throttles<'_>,
-        quota: Option<(&QuotaCell, &QuotaSpec)>,
+        quota: Option<QuotaAsk<'_>>,
         cost: u32,
-        shadow: bool,
     ) -> Result<Report, Denied> {
         let now = self.inner.clock.nanos();
         let table = &self.inner.table;
         let mut report = Report::default();
-        for (i, (limit, key)) in throttles.iter().enumerate() {
+        // The TAT each throttle was charged to, for exact refunds.
+        let mut charged = [None; MAX_THROTTLES];
+        let mut denied: Option<Denied> = None;
+        for (i, (limit, key, shadow)) in throttles.iter().enumerate() {
             let slot = SlotKey::new(key, limit.salt);
-            let outcome = table.update(slot, now, |tat| {
-                let o = limit.gcra.decide(tat, now, cost);
-                match o {
-                    Outcome::Allow(s) => (Some(s.tat), o),
-                    _ => (None, o),
-                }
-            });
-            let (denial, item) = match outcome {
+            let outcome = if denied.is_some() {
+                Ok(limit.gcra.decide(table.peek(slot), now, cost))
+            } else {
+                table.update(slot, now, |tat| {
+                    let o = limit.gcra.decide(tat, now, cost);
+                    match o {
+                        Outcome::Allow(s) => (Some(s.tat), o),
+                        _ => (None, o),
+                    }
+                })
+            };
+            let d = match outcome {
                 Ok(Outcome::Allow(s)) => {
-                    report.push(applied(limit, s.remaining, s.reset));
+                    if denied.is_none() {
+                        charged[i] = Some(s.tat);
+                        report.push(applied(limit, s.remaining, s.reset));
+                    }
                     continue;
                 }
                 Ok(Outcome::Deny {
                     snapshot,
                     retry_after,
-                }) => (
-                    Denial::Limited { retry_after },
-                    applied(limit, snapshot.remaining, snapshot.reset),
-                ),
-                Ok(Outcome::TooCostly(s)) => {
-                    (Denial::TooCostly, applied(limit, s.remaining, s.reset))
-                }
-                Err(retry_after) => (
-                    Denial::Capacity { retry_after },
-                    applied(limit, limit.gcra.burst(), 0),
-                ),
+                }) => Denied {
+                    denial: Denial::Limited { retry_after },
+                    limit: applied(limit, snapshot.remaining, snapshot.reset),
+                },
+                Ok(Outcome::TooCostly(s)) => Denied {
+                    denial: Denial::TooCostly,
+                    limit: applied(limit, s.remaining, s.reset),
+                },
+                Err(retry_after) => Denied {
+                    denial: Denial::Capacity { retry_after },
+                    limit: applied(limit, limit.gcra.burst(), 0),
+                },
             };
-            if shadow {
-                report.push(item);
+            if shadow && denied.is_none() {
+                report.push(d.limit);
                 continue;
             }
-            self.refund_throttles(throttles.iter().take(i), now, cost);
-            return Err(Denied {
-                denial,
-                limit: item,
-            });
+            denied = Some(longest(denied, d));
         }
-        if let Some((cell, spec)) = quota {
+        if let Some(q) = quota {
             let wall = wall_nanos(&self.inner.clock);
-            match cell.acquire(spec, wall, u64::from(cost), shadow) {
-                Ok(q) => report.push(quota_applied(&q)),
-                Err((retry_after, q)) => {
-                    self.refund_throttles(throttles.iter(), now, cost);
-                    return Err(Denied {
+            let cost = u64::from(cost);
+            let outcome = match denied {
+                Some(_) => q.cell.check(q.spec, wall, cost),
+                None => q.cell.acquire(q.spec, wall, cost, q.shadow),
+            };
+            match outcome {
+                Ok(snap) if denied.is_none() => report.push(quota_applied(&snap)),
+                Ok(_) => {}
+                Err((retry_after, snap)) => {
+                    let d = Denied {
                         denial: Denial::Quota { retry_after },
-                        limit: quota_applied(&q),
-                    });
+                        limit: quota_applied(&snap),
+                    };
+                    denied = Some(longest(denied, d));
                 }
             }
         }
-        Ok(report)
+        match denied {
+            None => Ok(report),
+            Some(d) => {
+                self.refund(throttles, &charged, now, cost);
+                Err(d)
+            }
+        }
     }
 
-    fn refund_throttles<'a>(
-        &self,
-        throttles: impl Iterator<Item = (&'a Limit, Digest)>,
-        now: Nanos,
-        cost: u32,
-    ) {
-        if cost == 0 {
-            return;
-        }
-        for (limit, key) in throttles {
+    /// Gives back what this request charged. A throttle gets back at most what
+    /// is still ahead of `now` of the TAT this request stored, so a refund can
+    /// never return capacity that later requests have already been granted.
+    fn refund(&self, throttles: &Throttles<'_>, charged: &[Option<Nanos>], now: Nanos, cost: u32) {
+        for ((limit, key, _), mine) in throttles.iter().zip(charged) {
+            let Some(mine) = *mine else { continue };
             let slot = SlotKey::new(key, limit.salt);
             let _ = self.inner.table.update(slot, now, |tat| {
-                (Some(limit.gcra.refund(tat, now, cost)), ())
+                (Some(limit.gcra.refund(tat, now, mine, cost)), ())
             });
         }
+    }
+
+    /// Converts the state of `key` under `old` to `new` (a plan's throttle
+    /// replaced while serving): the share of the bucket in use is kept, so an
+    /// emptied bucket stays empty and refills at the new rate.
+    pub(crate) fn rescale(&self, old: &Limit, new: &Limit, key: Digest) {
+        let now = self.inner.clock.nanos();
+        let _ = self
+            .inner
+            .table
+            .update(SlotKey::new(key, new.salt), now, |tat| {
+                (Some(old.gcra.rescale(tat, now, &new.gcra)), ())
+            });
     }
 
     /// Fills `limit`'s bucket for `key` again (an admin reset).
@@ -193,6 +225,21 @@ impl MemoryStore {
             .inner
             .table
             .update(SlotKey::new(key, limit.salt), now, |_| (Some(0), ()));
+    }
+}
+
+/// Of two denials, the one that holds the request longest.
+fn longest(a: Option<Denied>, b: Denied) -> Denied {
+    fn rank(d: &Denied) -> (u8, Nanos) {
+        match d.denial {
+            Denial::TooCostly => (3, 0),
+            Denial::Quota { retry_after } => (2, retry_after),
+            Denial::Limited { retry_after } | Denial::Capacity { retry_after } => (1, retry_after),
+        }
+    }
+    match a {
+        Some(a) if rank(&a) >= rank(&b) => a,
+        _ => b,
     }
 }
 
@@ -359,6 +406,12 @@ impl Table {
         None
     }
 
+    /// The key's TAT (0 for a key not tracked), without changing anything.
+    #[inline]
+    fn peek(&self, key: SlotKey) -> Nanos {
+        self.find(key).map_or(0, |(_, w)| unpack(w).1)
+    }
+
     /// Applies `op` to the key's TAT (0 for a key not tracked): when it returns
     /// `Some(new)`, stores `new` atomically, retrying `op` on contention.
     /// Errors with the time until a slot frees when a new key finds no room.
@@ -484,8 +537,8 @@ mod tests {
     impl MemoryStore {
         fn acquire_one(&self, l: &OneLimit, key: Digest, cost: u32) -> Result<Report, Denied> {
             let mut t = Throttles::default();
-            t.push(&l.0, key);
-            self.acquire(&t, None, cost, false)
+            t.push(&l.0, key, false);
+            self.acquire(&t, None, cost)
         }
     }
 

@@ -81,26 +81,42 @@ pub(crate) struct Denied {
     pub(crate) limit: Applied,
 }
 
-/// The throttles of one request, each with the key its state is counted under.
+/// One throttle of a request: the limit, the key its state is counted
+/// under, and whether it only observes (a shadow plan's limit).
+type ThrottleItem<'a> = (&'a crate::plan::Limit, crate::hash::Digest, bool);
+
+/// The throttles of one request.
 #[derive(Clone, Copy, Default)]
 pub(crate) struct Throttles<'a> {
-    items: [Option<(&'a crate::plan::Limit, crate::hash::Digest)>; MAX_THROTTLES],
+    items: [Option<ThrottleItem<'a>>; MAX_THROTTLES],
     len: usize,
 }
 
 impl<'a> Throttles<'a> {
-    pub(crate) fn push(&mut self, limit: &'a crate::plan::Limit, key: crate::hash::Digest) {
+    pub(crate) fn push(
+        &mut self,
+        limit: &'a crate::plan::Limit,
+        key: crate::hash::Digest,
+        shadow: bool,
+    ) {
         if let Some(slot) = self.items.get_mut(self.len) {
-            *slot = Some((limit, key));
+            *slot = Some((limit, key, shadow));
             self.len += 1;
         }
     }
 
-    pub(crate) fn iter(
-        &self,
-    ) -> impl Iterator<Item = (&'a crate::plan::Limit, crate::hash::Digest)> + '_ {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = ThrottleItem<'a>> + '_ {
         self.items[..self.len].iter().flatten().copied()
     }
+}
+
+/// The quota of one request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QuotaAsk<'a> {
+    pub(crate) cell: &'a crate::quota::QuotaCell,
+    pub(crate) spec: &'a crate::quota::QuotaSpec,
+    /// A shadow plan's quota counts past its limit and never denies.
+    pub(crate) shadow: bool,
 }
 
 impl std::fmt::Debug for Throttles<'_> {
