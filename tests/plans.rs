@@ -363,12 +363,6 @@ fn a_denial_names_the_limit_that_holds_the_request_longest() {
         (r.limit(), r.retry_after_secs()),
         (Some("throttle"), Some(10))
     );
-    // The denied requests took nothing from the stage: 5 - 2 = 3 remain.
-    assert_eq!(
-        (0..10).filter(|_| l.check(b"vb", 0).is_ok()).count(),
-        10,
-        "peeks always pass"
-    );
     assert!(
         Policy::builder().history_days(7).build().is_err(),
         "history under a month"
