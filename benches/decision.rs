@@ -1,1 +1,319 @@
-fn main() {}
+//! The in-memory decision for a key already tracked, through the public
+//! `RateLimitLayer::check(key, 1)`, beside governor's keyed limiter on the same
+//! workload.
+//!
+//! Every workload is a criterion group with two functions, `tollgate` and
+//! `governor`, so the two sit side by side in the report:
+//!
+//! - `per_key_u64/{1,10k,1M}`: `Policy::per_key`, 8-byte keys (`u64::to_le_bytes`
+//!   for tollgate, the `u64` itself for governor); tollgate's store has the
+//!   default room (1M keys), 2M for the 1M-key workload;
+//! - `per_key_u64/10k_max_keys_32k`: the 10k workload with tollgate's store
+//!   sized to the workload (`max_keys(32_768)`), to show the cost of a sparse table;
+//! - `per_key_str/{1,10k,1M}`: `Policy::per_key`, short string keys (`key-00000042`);
+//! - `registered_str/{1,10k}`: a policy of 10,000 registered `ApiKey`s (tollgate
+//!   looks the key up in the registry first; governor, which has no registry,
+//!   limits the same strings per key);
+//! - `two_threads/{one_key,distinct_keys}`: two threads deciding at once, on one
+//!   shared key or on a key each; the figure is wall time per decision over both
+//!   threads (the time one thread waits for one decision is twice that).
+//!
+//! Keys are generated once and inserted before measuring; the loop cycles
+//! through them in order. A key tollgate's store refuses at insertion (every
+//! slot of its window holds a live key) is left out of the workload for both
+//! limiters, with a line on stderr.
+//!
+//! The limit is one unit per second with a bucket of `u32::MAX`: no check in
+//! the run is ever denied (this is asserted), and every key stays live (its
+//! state is ahead of the clock), so the store never hands a key's slot to
+//! another key and each decision finds an existing key. A fast rate (say 1e9/s)
+//! would not deny either, but each key would go idle a nanosecond after its
+//! decision and keys would evict each other from shared windows.
+
+use std::hash::Hash;
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::sync::Barrier;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::measurement::WallTime;
+use criterion::{Bencher, BenchmarkGroup, Criterion};
+use governor::clock::DefaultClock;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use tollgate::{ApiKey, MemoryStore, Policy, RateLimitLayer, Throttle, UsagePlan};
+
+/// Requests per second of the limit under test.
+const RATE: f64 = 1.0;
+/// The bucket: far more than any run decides for one key.
+const BURST: u32 = u32::MAX;
+/// The largest workload.
+const MANY: usize = 1_000_000;
+/// The middle workload, and the number of registered keys.
+const SOME: usize = 10_000;
+
+type Governor<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock>;
+
+fn throttle() -> Throttle {
+    Throttle::new(RATE, BURST).expect("a valid throttle")
+}
+
+fn plan() -> UsagePlan {
+    UsagePlan::new("bench").throttle(throttle())
+}
+
+fn quota() -> Quota {
+    Quota::with_period(Duration::from_secs_f64(1.0 / RATE))
+        .expect("a nonzero period")
+        .allow_burst(NonZeroU32::new(BURST).expect("a nonzero burst"))
+}
+
+fn per_key_layer(max_keys: usize) -> RateLimitLayer {
+    let store = MemoryStore::builder()
+        .max_keys(max_keys)
+        .build()
+        .expect("a valid store");
+    RateLimitLayer::builder(Policy::per_key(plan()).unwrap())
+        .store(store)
+        .build()
+}
+
+fn registered_layer(values: &[String]) -> RateLimitLayer {
+    let policy = values
+        .iter()
+        .enumerate()
+        .fold(Policy::builder().plan(plan()), |p, (i, v)| {
+            p.key(ApiKey::new(format!("id-{i}"), v.as_str(), "bench"))
+        })
+        .build()
+        .expect("a valid policy");
+    RateLimitLayer::new(policy)
+}
+
+fn governor<K: Hash + Eq + Clone>() -> Governor<K> {
+    RateLimiter::keyed(quota())
+}
+
+/// The store's room for a workload of `n` keys: the default (1M) up to 500k
+/// keys, twice `n` above.
+fn max_keys_for(n: usize) -> usize {
+    if n > 500_000 { 2 * n } else { 1_000_000 }
+}
+
+fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
+    group
+        .sample_size(30)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_secs(1));
+}
+
+/// Cycles `decide` through `keys`, counting denials into `denied`.
+fn cycle<T>(b: &mut Bencher<'_>, keys: &[T], denied: &mut u64, mut decide: impl FnMut(&T) -> bool) {
+    let mut i = 0;
+    b.iter(|| {
+        let key = &keys[i];
+        i += 1;
+        if i == keys.len() {
+            i = 0;
+        }
+        if !decide(black_box(key)) {
+            *denied += 1;
+        }
+    });
+}
+
+/// Inserts `keys` (the first decision for each) and returns those the store
+/// took: a store refuses a new key when every slot of its window holds a live
+/// key. Refused keys are left out of the workload, for both limiters, and
+/// reported on stderr.
+fn tracked<T: Clone>(name: &str, keys: &[T], insert: impl Fn(&T) -> bool) -> Vec<T> {
+    let taken: Vec<T> = keys.iter().filter(|k| insert(k)).cloned().collect();
+    if taken.len() < keys.len() {
+        eprintln!(
+            "{name}: the store refused {} of {} keys at insertion; they are left out",
+            keys.len() - taken.len(),
+            keys.len()
+        );
+    }
+    taken
+}
+
+fn per_key_u64(c: &mut Criterion, all: &[u64]) {
+    for (name, n, max_keys) in [
+        ("1", 1, max_keys_for(1)),
+        ("10k", SOME, max_keys_for(SOME)),
+        ("10k_max_keys_32k", SOME, 32_768),
+        ("1M", MANY, max_keys_for(MANY)),
+    ] {
+        let layer = per_key_layer(max_keys);
+        let gov = governor::<u64>();
+        let keys = tracked(name, &all[..n], |k| {
+            layer.check(&k.to_le_bytes(), 1).is_ok()
+        });
+        for k in &keys {
+            assert!(gov.check_key(k).is_ok());
+        }
+        let mut group = c.benchmark_group(format!("per_key_u64/{name}"));
+        configure(&mut group);
+        let mut denied = 0;
+        group.bench_function("tollgate", |b| {
+            cycle(b, &keys, &mut denied, |k| {
+                layer.check(&k.to_le_bytes(), 1).is_ok()
+            })
+        });
+        group.bench_function("governor", |b| {
+            cycle(b, &keys, &mut denied, |k| gov.check_key(k).is_ok())
+        });
+        group.finish();
+        assert_eq!(
+            denied, 0,
+            "a check was denied: the workload is not all-pass"
+        );
+    }
+}
+
+fn per_key_str(c: &mut Criterion, all: &[String]) {
+    for (name, n) in [("1", 1), ("10k", SOME), ("1M", MANY)] {
+        let layer = per_key_layer(max_keys_for(n));
+        let gov = governor::<String>();
+        let keys = tracked(name, &all[..n], |k| layer.check(k.as_bytes(), 1).is_ok());
+        for k in &keys {
+            assert!(gov.check_key(k).is_ok());
+        }
+        let mut group = c.benchmark_group(format!("per_key_str/{name}"));
+        configure(&mut group);
+        let mut denied = 0;
+        group.bench_function("tollgate", |b| {
+            cycle(b, &keys, &mut denied, |k| {
+                layer.check(k.as_bytes(), 1).is_ok()
+            })
+        });
+        group.bench_function("governor", |b| {
+            cycle(b, &keys, &mut denied, |k| gov.check_key(k).is_ok())
+        });
+        group.finish();
+        assert_eq!(
+            denied, 0,
+            "a check was denied: the workload is not all-pass"
+        );
+    }
+}
+
+fn registered_str(c: &mut Criterion, all: &[String]) {
+    let registered = &all[..SOME];
+    let layer = registered_layer(registered);
+    for (name, n) in [("1", 1), ("10k", SOME)] {
+        let keys = &registered[..n];
+        let gov = governor::<String>();
+        for k in keys {
+            assert!(layer.check(k.as_bytes(), 1).is_ok());
+            assert!(gov.check_key(k).is_ok());
+        }
+        let mut group = c.benchmark_group(format!("registered_str/{name}"));
+        configure(&mut group);
+        let mut denied = 0;
+        group.bench_function("tollgate", |b| {
+            cycle(b, keys, &mut denied, |k| {
+                layer.check(k.as_bytes(), 1).is_ok()
+            })
+        });
+        group.bench_function("governor", |b| {
+            cycle(b, keys, &mut denied, |k| gov.check_key(k).is_ok())
+        });
+        group.finish();
+        assert_eq!(
+            denied, 0,
+            "a check was denied: the workload is not all-pass"
+        );
+    }
+}
+
+/// Runs `decide(key)` `iters` times on each of two threads at once (thread `t`
+/// on `keys[t]`) and returns the wall time per decision times `iters`, so that
+/// criterion reports the wall time per decision over both threads.
+fn two_threads<K: Sync>(
+    iters: u64,
+    keys: [&K; 2],
+    denied: &AtomicU64,
+    decide: impl Fn(&K) -> bool + Sync,
+) -> Duration {
+    let barrier = Barrier::new(2);
+    let spans: Vec<(Instant, Instant)> = std::thread::scope(|s| {
+        let handles: Vec<_> = keys
+            .iter()
+            .map(|&key| {
+                let (barrier, decide) = (&barrier, &decide);
+                s.spawn(move || {
+                    barrier.wait();
+                    let start = Instant::now();
+                    let mut no = 0;
+                    for _ in 0..iters {
+                        if !decide(black_box(key)) {
+                            no += 1;
+                        }
+                    }
+                    let end = Instant::now();
+                    denied.fetch_add(no, Ordering::Relaxed);
+                    (start, end)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a bench thread panicked"))
+            .collect()
+    });
+    let start = spans.iter().map(|s| s.0).min().expect("two threads");
+    let end = spans.iter().map(|s| s.1).max().expect("two threads");
+    (end - start) / 2
+}
+
+fn threads(c: &mut Criterion, all: &[u64]) {
+    for (name, keys) in [("one_key", [0, 0]), ("distinct_keys", [0, 1])] {
+        let layer = per_key_layer(max_keys_for(2));
+        let gov = governor::<u64>();
+        for k in &all[..2] {
+            assert!(layer.check(&k.to_le_bytes(), 1).is_ok());
+            assert!(gov.check_key(k).is_ok());
+        }
+        let keys = [&all[keys[0]], &all[keys[1]]];
+        let mut group = c.benchmark_group(format!("two_threads/{name}"));
+        configure(&mut group);
+        let denied = AtomicU64::new(0);
+        group.bench_function("tollgate", |b| {
+            b.iter_custom(|iters| {
+                two_threads(iters, keys, &denied, |k| {
+                    layer.check(&k.to_le_bytes(), 1).is_ok()
+                })
+            })
+        });
+        group.bench_function("governor", |b| {
+            b.iter_custom(|iters| two_threads(iters, keys, &denied, |k| gov.check_key(k).is_ok()))
+        });
+        group.finish();
+        assert_eq!(
+            denied.into_inner(),
+            0,
+            "a check was denied: the workload is not all-pass"
+        );
+    }
+}
+
+fn decision(c: &mut Criterion) {
+    // Generated once for every workload: spread 64-bit ids, and short API keys.
+    let ids: Vec<u64> = (0..MANY as u64)
+        .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect();
+    let strings: Vec<String> = (0..MANY).map(|i| format!("key-{i:08}")).collect();
+    per_key_u64(c, &ids);
+    per_key_str(c, &strings);
+    registered_str(c, &strings);
+    threads(c, &ids);
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    decision(&mut c);
+    c.final_summary();
+}

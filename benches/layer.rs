@@ -1,1 +1,171 @@
-fn main() {}
+//! One HTTP request through a `tower::ServiceBuilder` stack: the bare service,
+//! the same service behind tollgate's layer, and behind tower_governor's.
+//!
+//! The inner service is a trivial `service_fn` that answers 200 with a two-byte
+//! body. Every variant is called the same way: the request is built once and
+//! cloned per iteration, the service is cloned per iteration (as axum and hyper
+//! do per request) and driven with `ServiceExt::oneshot` on a current-thread
+//! tokio runtime. Key extraction and response headers are included:
+//!
+//! - `tollgate`: the `x-api-key` header, a policy of 10,000 registered keys,
+//!   IETF `RateLimit-Policy` / `RateLimit` response headers (the defaults);
+//! - `tollgate_per_key`: the same header as the key under `Policy::per_key`;
+//! - `tower_governor`: a key extractor reading the same `x-api-key` header,
+//!   `use_headers()` (`x-ratelimit-limit` / `-remaining` response headers).
+//!
+//! tower_governor's service needs `http::Response<B>: From<GovernorError>`,
+//! which it provides for axum's body only, so every variant answers with
+//! `axum::body::Body`. The limits are one request per second with a bucket of
+//! `u32::MAX`: every request passes (asserted on each response).
+
+use std::convert::Infallible;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use criterion::Criterion;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use tollgate::{ApiKey, Policy, RateLimitLayer, Throttle, UsagePlan};
+use tower::{ServiceBuilder, ServiceExt};
+use tower_governor::GovernorError;
+use tower_governor::governor::GovernorConfigBuilder;
+use tower_governor::key_extractor::KeyExtractor;
+
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// The registered key the requests carry.
+const KEY: &str = "key-00004242";
+/// Registered keys in the tollgate policy.
+const KEYS: usize = 10_000;
+
+/// tower_governor key extractor: the `x-api-key` header value.
+#[derive(Debug, Clone, Copy)]
+struct ApiKeyHeader;
+
+impl KeyExtractor for ApiKeyHeader {
+    type Key = HeaderValue;
+
+    fn extract<T>(&self, req: &Request<T>) -> Result<Self::Key, GovernorError> {
+        req.headers()
+            .get(&X_API_KEY)
+            .cloned()
+            .ok_or(GovernorError::UnableToExtractKey)
+    }
+}
+
+async fn ok(_req: Request<()>) -> Result<Response<Body>, Infallible> {
+    Ok(Response::new(Body::from(Bytes::from_static(b"ok"))))
+}
+
+fn throttle() -> Throttle {
+    Throttle::new(1.0, u32::MAX).expect("a valid throttle")
+}
+
+fn registered_policy() -> Policy {
+    (0..KEYS)
+        .fold(
+            Policy::builder().plan(UsagePlan::new("bench").throttle(throttle())),
+            |p, i| {
+                p.key(ApiKey::new(
+                    format!("id-{i}"),
+                    format!("key-{i:08}"),
+                    "bench",
+                ))
+            },
+        )
+        .build()
+        .expect("a valid policy")
+}
+
+fn layer(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a tokio runtime");
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/completions")
+        .header(X_API_KEY, KEY)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(())
+        .expect("a valid request");
+
+    let bare = ServiceBuilder::new().service_fn(ok);
+    let tollgate = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(registered_policy()))
+        .service_fn(ok);
+    let tollgate_per_key = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(
+            Policy::per_key(UsagePlan::new("bench").throttle(throttle())).unwrap(),
+        ))
+        .service_fn(ok);
+    let config = GovernorConfigBuilder::default()
+        .period(Duration::from_secs(1))
+        .burst_size(NonZeroU32::MAX.get())
+        .key_extractor(ApiKeyHeader)
+        .use_headers()
+        .finish()
+        .expect("a valid governor config");
+    let governor = ServiceBuilder::new()
+        .layer(tower_governor::GovernorLayer::<_, _, Body>::new(config))
+        .service_fn(ok);
+
+    // Every variant passes, and the rate-limited ones send their headers.
+    rt.block_on(async {
+        let res = bare.oneshot(req.clone()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        for res in [
+            tollgate.clone().oneshot(req.clone()).await.unwrap(),
+            tollgate_per_key.clone().oneshot(req.clone()).await.unwrap(),
+        ] {
+            assert_eq!(res.status(), StatusCode::OK);
+            assert!(res.headers().contains_key("ratelimit"), "{res:?}");
+        }
+        let res = governor.clone().oneshot(req.clone()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(
+            res.headers().contains_key("x-ratelimit-remaining"),
+            "{res:?}"
+        );
+    });
+
+    let mut group = c.benchmark_group("layer");
+    group
+        .sample_size(30)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_secs(1));
+    group.bench_function("bare", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = bare.oneshot(req.clone()).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            res
+        })
+    });
+    group.bench_function("tollgate", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = tollgate.clone().oneshot(req.clone()).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            res
+        })
+    });
+    group.bench_function("tollgate_per_key", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = tollgate_per_key.clone().oneshot(req.clone()).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            res
+        })
+    });
+    group.bench_function("tower_governor", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = governor.clone().oneshot(req.clone()).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            res
+        })
+    });
+    group.finish();
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    layer(&mut c);
+    c.final_summary();
+}

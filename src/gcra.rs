@@ -31,27 +31,35 @@ pub(crate) struct Gcra {
     tolerance: Nanos,
 }
 
-/// What a decision found, and the state to store when it is allowed.
+/// What a decision found. It carries TATs only: what is left of the bucket
+/// ([`Gcra::status`]) costs a division, paid only when headers need it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    /// The request fits: store `tat`.
-    Allow(Snapshot),
+    /// The request fits: store `tat`; the bucket then stands at `after`
+    /// (`tat` and `after` differ only for a peek, which stores nothing new).
+    Allow {
+        /// The TAT to store.
+        tat: Nanos,
+        /// The TAT the bucket stands at after the request.
+        after: Nanos,
+    },
     /// The bucket lacks capacity now; the request passes after `retry_after`.
     Deny {
-        /// How the bucket stands (unchanged by the request).
-        snapshot: Snapshot,
+        /// The TAT the bucket stands at (unchanged by the request).
+        at: Nanos,
         /// How long until the request's cost fits.
         retry_after: Nanos,
     },
     /// The cost is larger than the whole bucket: it will never pass.
-    TooCostly(Snapshot),
+    TooCostly {
+        /// The TAT the bucket stands at.
+        at: Nanos,
+    },
 }
 
-/// How a bucket stands after a decision.
+/// How a bucket stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Snapshot {
-    /// The TAT after the decision (the new one when allowed).
-    pub(crate) tat: Nanos,
     /// Whole units left in the bucket.
     pub(crate) remaining: u32,
     /// Time until the bucket is full again.
@@ -99,7 +107,7 @@ impl Gcra {
     pub(crate) fn decide(&self, tat: Nanos, now: Nanos, cost: u32) -> Outcome {
         let base = tat.max(now);
         if cost > self.burst {
-            return Outcome::TooCostly(self.snapshot(base, now));
+            return Outcome::TooCostly { at: base };
         }
         // cost <= burst, so cost * interval <= tolerance <= MAX_SPAN: no overflow.
         let new_tat = base + u64::from(cost) * self.interval;
@@ -107,12 +115,13 @@ impl Gcra {
         if new_tat <= limit {
             // A peek stores nothing: keep the old TAT so that a peek never moves state.
             let stored = if cost == 0 { tat } else { new_tat };
-            let mut snap = self.snapshot(new_tat, now);
-            snap.tat = stored;
-            Outcome::Allow(snap)
+            Outcome::Allow {
+                tat: stored,
+                after: new_tat,
+            }
         } else {
             Outcome::Deny {
-                snapshot: self.snapshot(base, now),
+                at: base,
                 retry_after: new_tat - limit,
             }
         }
@@ -139,12 +148,11 @@ impl Gcra {
         now + scaled as Nanos
     }
 
-    /// The state of a bucket with TAT `tat` at `now`.
-    fn snapshot(&self, tat: Nanos, now: Nanos) -> Snapshot {
+    /// How a bucket with TAT `tat` stands at `now`.
+    pub(crate) fn status(&self, tat: Nanos, now: Nanos) -> Snapshot {
         let ahead = tat.saturating_sub(now);
         let free = self.tolerance.saturating_sub(ahead);
         Snapshot {
-            tat,
             remaining: (free / self.interval).min(u64::from(self.burst)) as u32,
             reset: ahead,
         }
@@ -161,8 +169,8 @@ mod tests {
     fn admit(g: &Gcra, tat: &mut Nanos, now: Nanos, n: u32) -> u32 {
         let mut passed = 0;
         for _ in 0..n {
-            if let Outcome::Allow(s) = g.decide(*tat, now, 1) {
-                *tat = s.tat;
+            if let Outcome::Allow { tat: t, .. } = g.decide(*tat, now, 1) {
+                *tat = t;
                 passed += 1;
             }
         }
@@ -203,48 +211,46 @@ mod tests {
     fn cost_n_and_retry_after() {
         let g = Gcra::new(1.0, 10).unwrap();
         let now = 100 * S;
-        let Outcome::Allow(s) = g.decide(0, now, 7) else {
+        let Outcome::Allow { tat, after } = g.decide(0, now, 7) else {
             panic!("7 of 10 must pass")
         };
-        assert_eq!(s.remaining, 3);
-        assert_eq!(s.reset, 7 * S);
-        match g.decide(s.tat, now, 5) {
-            Outcome::Deny {
-                retry_after,
-                snapshot,
-            } => {
+        let st = g.status(after, now);
+        assert_eq!((st.remaining, st.reset), (3, 7 * S));
+        match g.decide(tat, now, 5) {
+            Outcome::Deny { retry_after, at } => {
                 assert_eq!(retry_after, 2 * S);
-                assert_eq!(snapshot.remaining, 3);
-                assert_eq!(snapshot.tat, s.tat);
+                assert_eq!(at, tat);
+                assert_eq!(g.status(at, now).remaining, 3);
             }
             other => panic!("expected deny, got {other:?}"),
         }
-        assert!(matches!(g.decide(s.tat, now, 3), Outcome::Allow(_)));
+        assert!(matches!(g.decide(tat, now, 3), Outcome::Allow { .. }));
     }
 
     #[test]
     fn cost_above_burst_is_its_own_reason() {
         let g = Gcra::new(100.0, 10).unwrap();
-        assert!(matches!(g.decide(0, S, 11), Outcome::TooCostly(_)));
-        assert!(matches!(g.decide(0, S, 10), Outcome::Allow(_)));
+        assert!(matches!(g.decide(0, S, 11), Outcome::TooCostly { .. }));
+        assert!(matches!(g.decide(0, S, 10), Outcome::Allow { .. }));
     }
 
     #[test]
     fn peek_changes_nothing() {
         let g = Gcra::new(1.0, 3).unwrap();
-        let Outcome::Allow(s) = g.decide(0, S, 2) else {
+        let Outcome::Allow { tat, .. } = g.decide(0, S, 2) else {
             panic!()
         };
-        let Outcome::Allow(p) = g.decide(s.tat, S, 0) else {
+        let Outcome::Allow { tat: peeked, after } = g.decide(tat, S, 0) else {
             panic!("a peek always passes")
         };
-        assert_eq!(p.tat, s.tat);
-        assert_eq!(p.remaining, 1);
+        assert_eq!(peeked, tat);
+        assert_eq!(g.status(after, S).remaining, 1);
         // A peek of an unseen key stores nothing either.
-        let Outcome::Allow(p) = g.decide(0, S, 0) else {
+        let Outcome::Allow { tat, after } = g.decide(0, S, 0) else {
             panic!()
         };
-        assert_eq!((p.tat, p.remaining, p.reset), (0, 3, 0));
+        let st = g.status(after, S);
+        assert_eq!((tat, st.remaining, st.reset), (0, 3, 0));
     }
 
     #[test]
@@ -285,20 +291,20 @@ mod tests {
     fn refund_never_overfills_nor_returns_granted_capacity() {
         let g = Gcra::new(1.0, 5).unwrap();
         let now = 10 * S;
-        let Outcome::Allow(s) = g.decide(0, now, 3) else {
+        let Outcome::Allow { tat, .. } = g.decide(0, now, 3) else {
             panic!()
         };
-        let back = g.refund(s.tat, now, s.tat, 3);
+        let back = g.refund(tat, now, tat, 3);
         assert_eq!(back, now);
-        assert_eq!(g.refund(s.tat, now, s.tat, 100), now);
+        assert_eq!(g.refund(tat, now, tat, 100), now);
         // Burst 1: A charged at 0 (TAT 1 s); B passed at 1.2 s (TAT 2.2 s); A's
         // refund at 1.5 s returns nothing, since A's share has refilled and B has it.
         let g1 = Gcra::new(1.0, 1).unwrap();
         assert_eq!(g1.refund(2_200_000_000, 1_500_000_000, S, 1), 2_200_000_000);
-        let Outcome::Allow(s) = g.decide(back, now, 5) else {
+        let Outcome::Allow { after, .. } = g.decide(back, now, 5) else {
             panic!("a full refund restores the whole bucket")
         };
-        assert_eq!(s.remaining, 0);
+        assert_eq!(g.status(after, now).remaining, 0);
     }
 
     #[test]
@@ -308,25 +314,25 @@ mod tests {
         let now = 50 * S;
         let mut tat = 0;
         for _ in 0..10 {
-            let Outcome::Allow(s) = fast.decide(tat, now, 1) else {
+            let Outcome::Allow { tat: t, .. } = fast.decide(tat, now, 1) else {
                 panic!()
             };
-            tat = s.tat;
+            tat = t;
         }
         // Emptied at 100/s, then 1/s: still empty, one more after a second.
         let t = fast.rescale(tat, now, &slow);
         assert!(matches!(slow.decide(t, now, 1), Outcome::Deny { .. }));
-        assert!(matches!(slow.decide(t, now + S, 1), Outcome::Allow(_)));
+        assert!(matches!(slow.decide(t, now + S, 1), Outcome::Allow { .. }));
         // Locked out at 0.001/s, then 100/s: free again after 10 ms.
         let glacial = Gcra::new(0.001, 1).unwrap();
-        let Outcome::Allow(s) = glacial.decide(0, now, 1) else {
+        let Outcome::Allow { tat, .. } = glacial.decide(0, now, 1) else {
             panic!()
         };
         let quick = Gcra::new(100.0, 1).unwrap();
-        let t = glacial.rescale(s.tat, now, &quick);
+        let t = glacial.rescale(tat, now, &quick);
         assert!(matches!(
             quick.decide(t, now + 10_000_000, 1),
-            Outcome::Allow(_)
+            Outcome::Allow { .. }
         ));
         // A full bucket stays full.
         assert_eq!(fast.rescale(now - 1, now, &slow), now - 1);

@@ -53,6 +53,9 @@
 //! [axum]: https://docs.rs/axum
 //! [tonic]: https://docs.rs/tonic
 #![cfg_attr(docsrs, feature(doc_cfg))]
+// Cargo.toml denies unsafe code for every target (tests may opt out to count
+// allocations); the library forbids it outright.
+#![forbid(unsafe_code)]
 
 mod body;
 mod clock;

@@ -77,8 +77,7 @@ impl<K> RateLimitLayer<K> {
     /// Method overrides do not apply (there is no route); stage limits and
     /// quotas do.
     pub fn check(&self, key: &[u8], cost: u32) -> Result<(), Rejection> {
-        let snap = self.shared.policy.load();
-        match self.shared.decide_key(&snap, key, None, cost) {
+        match self.shared.check(key, cost) {
             Ok(_) => Ok(()),
             Err((rejection, _)) => Err(rejection),
         }
@@ -212,6 +211,7 @@ impl<K> RateLimitLayerBuilder<K> {
         RateLimitLayer {
             shared: Arc::new(Shared {
                 extractor: self.extractor,
+                fixed: self.policy.load().per_key.clone(),
                 policy: self.policy,
                 store: self.store.unwrap_or_default(),
                 headers: self.headers,

@@ -16,7 +16,7 @@ use http::{Response, StatusCode};
 
 use crate::extract::{KeyError, KeyExtractor, RequestView};
 use crate::hash::{self, Digest};
-use crate::plan::{Limit, MethodLimit, Plan, match_method};
+use crate::plan::{Limit, MethodLimit, Plan, StageLimits, match_method};
 use crate::policy::{Policy, Snapshot};
 use crate::quota::QuotaCell;
 use crate::response::{HeaderStyle, Reason, Rejection, SharedOnRejection};
@@ -29,6 +29,9 @@ const STAGE_KEY: Digest = Digest(0);
 pub(crate) struct Shared<K> {
     pub(crate) extractor: K,
     pub(crate) policy: Policy,
+    /// The one plan of a [`Policy::per_key`] policy, which never changes:
+    /// deciding under it needs no policy snapshot.
+    pub(crate) fixed: Option<Arc<Plan>>,
     pub(crate) store: MemoryStore,
     pub(crate) headers: HeaderStyle,
     pub(crate) on_rejection: Option<SharedOnRejection>,
@@ -45,12 +48,21 @@ impl<K: KeyExtractor> Shared<K> {
     /// requests never pay for the content-type check.
     #[inline]
     pub(crate) fn decide(&self, req: &RequestView<'_>) -> Decision {
+        if let Some(plan) = &self.fixed {
+            return match self.extractor.extract(req) {
+                Ok(key) => {
+                    let state = hash::digest(key.as_bytes());
+                    self.decide_plan::<true>(None, plan, state, None, Some(req), 1)
+                }
+                Err(e) => Err((Rejection::key(Reason::Key(e)), None)),
+            };
+        }
         let snap = self.policy.load();
         match (self.extractor.extract(req), &snap.anonymous) {
-            (Ok(key), _) => self.decide_key(&snap, key.as_bytes(), Some(req), 1),
+            (Ok(key), _) => self.decide_key::<true>(&snap, key.as_bytes(), Some(req), 1),
             (Err(KeyError::Missing), Some(anon)) => match anon.client_ip.extract(req) {
-                Ok(ip) => self.decide_plan(
-                    &snap,
+                Ok(ip) => self.decide_plan::<true>(
+                    snap.stage.as_deref(),
                     &anon.plan,
                     hash::digest(ip.as_bytes()),
                     None,
@@ -65,10 +77,22 @@ impl<K: KeyExtractor> Shared<K> {
 }
 
 impl<K> Shared<K> {
-    /// Decides a request of `cost` units for `key`; `req` is the request, when
-    /// there is one (its route selects method overrides).
+    /// Decides a request of `cost` units for `key` without a request: no
+    /// route, so no method overrides, and no report.
     #[inline]
-    pub(crate) fn decide_key(
+    pub(crate) fn check(&self, key: &[u8], cost: u32) -> Decision {
+        match &self.fixed {
+            Some(plan) => {
+                self.decide_plan::<false>(None, plan, hash::digest(key), None, None, cost)
+            }
+            None => self.decide_key::<false>(&self.policy.load(), key, None, cost),
+        }
+    }
+
+    /// Decides a request of `cost` units for a registered `key`; `req` is the
+    /// request, when there is one (its route selects method overrides).
+    #[inline]
+    fn decide_key<const REPORT: bool>(
         &self,
         snap: &Snapshot,
         key: &[u8],
@@ -76,8 +100,9 @@ impl<K> Shared<K> {
         cost: u32,
     ) -> Decision {
         let digest = hash::digest(key);
+        let stage = snap.stage.as_deref();
         if let Some(plan) = &snap.per_key {
-            return self.decide_plan(snap, plan, digest, None, req, cost);
+            return self.decide_plan::<REPORT>(stage, plan, digest, None, req, cost);
         }
         let Some(entry) = snap.keys.get(&digest) else {
             return Err((Rejection::key(Reason::UnknownKey), None));
@@ -85,8 +110,8 @@ impl<K> Shared<K> {
         if !entry.enabled {
             return Err((Rejection::key(Reason::DisabledKey), None));
         }
-        self.decide_plan(
-            snap,
+        self.decide_plan::<REPORT>(
+            stage,
             &entry.plan,
             entry.state,
             entry.quota.as_deref(),
@@ -98,9 +123,9 @@ impl<K> Shared<K> {
     /// Gathers every limit that applies (stage, plan, method overrides, quota)
     /// and decides them in one step.
     #[inline]
-    fn decide_plan(
+    fn decide_plan<const REPORT: bool>(
         &self,
-        snap: &Snapshot,
+        stage: Option<&StageLimits>,
         plan: &Plan,
         state: Digest,
         quota: Option<&QuotaCell>,
@@ -110,7 +135,7 @@ impl<K> Shared<K> {
         // Stage limits protect the backend's total capacity: a shadow plan
         // never lifts them.
         let mut throttles = Throttles::default();
-        if let Some(stage) = &snap.stage {
+        if let Some(stage) = stage {
             if let Some(l) = &stage.throttle {
                 throttles.push(l, STAGE_KEY, false);
             }
@@ -131,10 +156,12 @@ impl<K> Shared<K> {
                 shadow: plan.shadow,
             })
         });
-        self.store.acquire(&throttles, quota, cost).map_err(|d| {
-            let rejection = Rejection::denied(d.denial, &d.limit, self.quota_status);
-            (rejection, Some(d.limit))
-        })
+        self.store
+            .acquire::<REPORT>(&throttles, quota, cost)
+            .map_err(|d| {
+                let rejection = Rejection::denied(d.denial, &d.limit, self.quota_status);
+                (rejection, Some(d.limit))
+            })
     }
 
     /// The response for a rejected request.

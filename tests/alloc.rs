@@ -1,0 +1,140 @@
+//! After warm-up (the key already tracked), deciding allocates nothing.
+//!
+//! A counting global allocator counts, per thread, every call to `alloc`,
+//! `alloc_zeroed` and `realloc`; each test runs on its own thread, so the
+//! counts of parallel tests never mix. This counts and does not time.
+
+// A global allocator is an `unsafe impl`; the library itself forbids unsafe code.
+#![allow(unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::hint::black_box;
+
+use tollgate::{ApiKey, Period, Policy, Quota, RateLimitLayer, Reason, Throttle, UsagePlan};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count() {
+    let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+}
+
+// SAFETY: every method forwards to the system allocator unchanged; counting
+// touches only a const-initialised thread-local `Cell`, which never allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count();
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count();
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count();
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Allocations made on this thread while `f` runs.
+fn allocations(f: impl FnOnce()) -> u64 {
+    let before = ALLOCATIONS.with(Cell::get);
+    f();
+    ALLOCATIONS.with(Cell::get) - before
+}
+
+const CHECKS: usize = 10_000;
+
+fn generous() -> Throttle {
+    Throttle::new(1.0, u32::MAX).unwrap()
+}
+
+fn tight() -> Throttle {
+    // One an hour, a bucket of one: after the first check, every check is denied.
+    Throttle::new(1.0 / 3600.0, 1).unwrap()
+}
+
+fn registered() -> RateLimitLayer {
+    let policy = (0..1_000)
+        .fold(
+            Policy::builder()
+                .plan(UsagePlan::new("generous").throttle(generous()))
+                .plan(UsagePlan::new("tight").throttle(tight()))
+                .plan(
+                    UsagePlan::new("quota")
+                        .throttle(generous())
+                        .quota(Quota::new(1 << 40, Period::Month).unwrap()),
+                )
+                .key(ApiKey::new("tight-1", "tight-key", "tight"))
+                .key(ApiKey::new("quota-1", "quota-key", "quota")),
+            |b, i| {
+                b.key(ApiKey::new(
+                    format!("id-{i}"),
+                    format!("key-{i:08}"),
+                    "generous",
+                ))
+            },
+        )
+        .build()
+        .unwrap();
+    RateLimitLayer::new(policy)
+}
+
+fn per_key(t: Throttle) -> RateLimitLayer {
+    RateLimitLayer::new(Policy::per_key(UsagePlan::new("p").throttle(t)).unwrap())
+}
+
+/// Runs `CHECKS` checks of `key` after one warm-up check, returning the allocations.
+fn measure(layer: &RateLimitLayer, key: &[u8], expect: Option<Reason>) -> u64 {
+    let _ = layer.check(key, 1);
+    allocations(|| {
+        for _ in 0..CHECKS {
+            let got = black_box(layer.check(black_box(key), 1))
+                .err()
+                .map(|r| r.reason());
+            assert_eq!(got, expect);
+        }
+    })
+}
+
+#[test]
+fn the_counter_sees_allocations() {
+    let n = allocations(|| {
+        for _ in 0..CHECKS {
+            black_box(Vec::<u8>::with_capacity(1));
+        }
+    });
+    assert_eq!(n, CHECKS as u64);
+}
+
+#[test]
+fn allowed_checks_allocate_nothing() {
+    assert_eq!(measure(&per_key(generous()), b"client-7", None), 0);
+    let layer = registered();
+    assert_eq!(measure(&layer, b"key-00000042", None), 0);
+    assert_eq!(measure(&layer, b"quota-key", None), 0, "with a quota");
+}
+
+#[test]
+fn denied_checks_allocate_nothing() {
+    assert_eq!(
+        measure(&per_key(tight()), b"client-7", Some(Reason::Limited)),
+        0
+    );
+    let layer = registered();
+    assert_eq!(measure(&layer, b"tight-key", Some(Reason::Limited)), 0);
+    assert_eq!(measure(&layer, b"no-such-key", Some(Reason::UnknownKey)), 0);
+}
