@@ -20,7 +20,7 @@ use crate::plan::{Limit, MethodLimit, Plan, StageLimits, match_method};
 use crate::policy::{Policy, Snapshot};
 use crate::quota::QuotaCell;
 use crate::response::{HeaderStyle, Reason, Rejection, SharedOnRejection};
-use crate::store::{Applied, MemoryStore, QuotaAsk, Report, Throttles};
+use crate::store::{Applied, MemoryStore, QuotaAsk, Report, Sink, Throttles};
 
 /// Stage limits are one state for every caller.
 const STAGE_KEY: Digest = Digest(0);
@@ -40,7 +40,7 @@ pub(crate) struct Shared<K> {
 
 /// A decision's result: the report of the limits, or a rejection and how the
 /// limit that rejected stands.
-pub(crate) type Decision = Result<Report, (Rejection, Option<Applied>)>;
+pub(crate) type Decision<R = Report> = Result<R, (Rejection, Option<Applied>)>;
 
 impl<K: KeyExtractor> Shared<K> {
     /// Decides one request: key, plan, then every limit that applies at once.
@@ -52,16 +52,16 @@ impl<K: KeyExtractor> Shared<K> {
             return match self.extractor.extract(req) {
                 Ok(key) => {
                     let state = hash::digest(key.as_bytes());
-                    self.decide_plan::<true>(None, plan, state, None, Some(req), 1)
+                    self.decide_plan::<Report>(None, plan, state, None, Some(req), 1)
                 }
                 Err(e) => Err((Rejection::key(Reason::Key(e)), None)),
             };
         }
         let snap = self.policy.load();
         match (self.extractor.extract(req), &snap.anonymous) {
-            (Ok(key), _) => self.decide_key::<true>(&snap, key.as_bytes(), Some(req), 1),
+            (Ok(key), _) => self.decide_key::<Report>(&snap, key.as_bytes(), Some(req), 1),
             (Err(KeyError::Missing), Some(anon)) => match anon.client_ip.extract(req) {
-                Ok(ip) => self.decide_plan::<true>(
+                Ok(ip) => self.decide_plan::<Report>(
                     snap.stage.as_deref(),
                     &anon.plan,
                     hash::digest(ip.as_bytes()),
@@ -80,29 +80,27 @@ impl<K> Shared<K> {
     /// Decides a request of `cost` units for `key` without a request: no
     /// route, so no method overrides, and no report.
     #[inline]
-    pub(crate) fn check(&self, key: &[u8], cost: u32) -> Decision {
+    pub(crate) fn check(&self, key: &[u8], cost: u32) -> Decision<()> {
         match &self.fixed {
-            Some(plan) => {
-                self.decide_plan::<false>(None, plan, hash::digest(key), None, None, cost)
-            }
-            None => self.decide_key::<false>(&self.policy.load(), key, None, cost),
+            Some(plan) => self.decide_plan::<()>(None, plan, hash::digest(key), None, None, cost),
+            None => self.decide_key::<()>(&self.policy.load(), key, None, cost),
         }
     }
 
     /// Decides a request of `cost` units for a registered `key`; `req` is the
     /// request, when there is one (its route selects method overrides).
     #[inline]
-    fn decide_key<const REPORT: bool>(
+    fn decide_key<R: Sink>(
         &self,
         snap: &Snapshot,
         key: &[u8],
         req: Option<&RequestView<'_>>,
         cost: u32,
-    ) -> Decision {
+    ) -> Decision<R> {
         let digest = hash::digest(key);
         let stage = snap.stage.as_deref();
         if let Some(plan) = &snap.per_key {
-            return self.decide_plan::<REPORT>(stage, plan, digest, None, req, cost);
+            return self.decide_plan::<R>(stage, plan, digest, None, req, cost);
         }
         let Some(entry) = snap.keys.get(&digest) else {
             return Err((Rejection::key(Reason::UnknownKey), None));
@@ -110,7 +108,7 @@ impl<K> Shared<K> {
         if !entry.enabled {
             return Err((Rejection::key(Reason::DisabledKey), None));
         }
-        self.decide_plan::<REPORT>(
+        self.decide_plan::<R>(
             stage,
             &entry.plan,
             entry.state,
@@ -123,7 +121,7 @@ impl<K> Shared<K> {
     /// Gathers every limit that applies (stage, plan, method overrides, quota)
     /// and decides them in one step.
     #[inline]
-    fn decide_plan<const REPORT: bool>(
+    fn decide_plan<R: Sink>(
         &self,
         stage: Option<&StageLimits>,
         plan: &Plan,
@@ -131,7 +129,7 @@ impl<K> Shared<K> {
         quota: Option<&QuotaCell>,
         req: Option<&RequestView<'_>>,
         cost: u32,
-    ) -> Decision {
+    ) -> Decision<R> {
         // Stage limits protect the backend's total capacity: a shadow plan
         // never lifts them.
         let mut throttles = Throttles::default();
@@ -156,12 +154,14 @@ impl<K> Shared<K> {
                 shadow: plan.shadow,
             })
         });
-        self.store
-            .acquire::<REPORT>(&throttles, quota, cost)
-            .map_err(|d| {
+        let mut report = R::default();
+        match self.store.acquire(&throttles, quota, cost, &mut report) {
+            Ok(()) => Ok(report),
+            Err(d) => {
                 let rejection = Rejection::denied(d.denial, &d.limit, self.quota_status);
-                (rejection, Some(d.limit))
-            })
+                Err((rejection, Some(d.limit)))
+            }
+        }
     }
 
     /// The response for a rejected request.

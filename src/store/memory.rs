@@ -26,7 +26,7 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::Mutex;
 use portable_atomic::{AtomicU128, Ordering};
 
-use super::{Applied, Denial, Denied, MAX_THROTTLES, QuotaAsk, Report, Throttles};
+use super::{Applied, Denial, Denied, MAX_THROTTLES, QuotaAsk, Sink, Throttles};
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::gcra::{Nanos, Outcome};
@@ -112,19 +112,18 @@ impl MemoryStore {
     /// cost no limit can ever hold first, then a used-up quota, then the
     /// throttle with the longest wait.
     ///
-    /// `REPORT` asks for how every limit stands after an allowed decision (for
-    /// headers); without it an allowed decision returns an empty report and
-    /// costs no division.
+    /// How every limit stands after an allowed decision goes to `report`
+    /// (for headers); a `()` sink computes none of it.
     #[inline]
-    pub(crate) fn acquire<const REPORT: bool>(
+    pub(crate) fn acquire<R: Sink>(
         &self,
         throttles: &Throttles<'_>,
         quota: Option<QuotaAsk<'_>>,
         cost: u32,
-    ) -> Result<Report, Denied> {
+        report: &mut R,
+    ) -> Result<(), Denied> {
         let now = self.inner.clock.nanos();
         let table = &self.inner.table;
-        let mut report = Report::default();
         // The TAT each throttle was charged to, for exact refunds.
         let mut charged = [None; MAX_THROTTLES];
         let mut denied: Option<Denied> = None;
@@ -145,9 +144,7 @@ impl MemoryStore {
                 Ok(Outcome::Allow { tat, after }) => {
                     if denied.is_none() {
                         charged[i] = Some(tat);
-                        if REPORT {
-                            report.push(applied(limit, after, now));
-                        }
+                        report.push(|| applied(limit, after, now));
                     }
                     continue;
                 }
@@ -165,7 +162,7 @@ impl MemoryStore {
                 },
             };
             if shadow && denied.is_none() {
-                report.push(d.limit);
+                report.push(|| d.limit);
                 continue;
             }
             denied = Some(longest(denied, d));
@@ -178,7 +175,7 @@ impl MemoryStore {
                 None => q.cell.acquire(q.spec, wall, cost, q.shadow),
             };
             match outcome {
-                Ok(snap) if REPORT && denied.is_none() => report.push(quota_applied(&snap)),
+                Ok(snap) if denied.is_none() => report.push(|| quota_applied(&snap)),
                 Ok(_) => {}
                 Err((retry_after, snap)) => {
                     let d = Denied {
@@ -190,7 +187,7 @@ impl MemoryStore {
             }
         }
         match denied {
-            None => Ok(report),
+            None => Ok(()),
             Some(d) => {
                 self.refund(throttles, &charged, now, cost);
                 Err(d)
@@ -534,6 +531,7 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::hash::digest;
     use crate::plan::Throttle;
+    use crate::store::Report;
 
     /// One plan-wide throttle, decided alone.
     struct OneLimit(Limit);
@@ -547,7 +545,8 @@ mod tests {
         fn acquire_one(&self, l: &OneLimit, key: Digest, cost: u32) -> Result<Report, Denied> {
             let mut t = Throttles::default();
             t.push(&l.0, key, false);
-            self.acquire::<true>(&t, None, cost)
+            let mut report = Report::default();
+            self.acquire(&t, None, cost, &mut report).map(|()| report)
         }
     }
 

@@ -61,6 +61,25 @@ impl Report {
     }
 }
 
+/// Where a decision writes how each limit stands: a [`Report`] for response
+/// headers, or `()` when nobody will read it (then nothing is computed).
+pub(crate) trait Sink: Default {
+    /// Records a limit; `item` runs only if the sink keeps it.
+    fn push(&mut self, item: impl FnOnce() -> Applied);
+}
+
+impl Sink for Report {
+    #[inline]
+    fn push(&mut self, item: impl FnOnce() -> Applied) {
+        Report::push(self, item());
+    }
+}
+
+impl Sink for () {
+    #[inline]
+    fn push(&mut self, _item: impl FnOnce() -> Applied) {}
+}
+
 /// Why a store denied a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Denial {
