@@ -51,7 +51,7 @@ impl<K: KeyExtractor> Shared<K> {
         if let Some(plan) = &self.fixed {
             return match self.extractor.extract(req) {
                 Ok(key) => {
-                    let state = hash::digest(key.as_bytes());
+                    let state = hash::state_digest(key.as_bytes());
                     self.decide_plan::<Report>(None, plan, state, None, Some(req), 1)
                 }
                 Err(e) => Err((Rejection::key(Reason::Key(e)), None)),
@@ -64,7 +64,7 @@ impl<K: KeyExtractor> Shared<K> {
                 Ok(ip) => self.decide_plan::<Report>(
                     snap.stage.as_deref(),
                     &anon.plan,
-                    hash::digest(ip.as_bytes()),
+                    hash::state_digest(ip.as_bytes()),
                     None,
                     Some(req),
                     1,
@@ -82,7 +82,9 @@ impl<K> Shared<K> {
     #[inline]
     pub(crate) fn check(&self, key: &[u8], cost: u32) -> Decision<()> {
         match &self.fixed {
-            Some(plan) => self.decide_plan::<()>(None, plan, hash::digest(key), None, None, cost),
+            Some(plan) => {
+                self.decide_plan::<()>(None, plan, hash::state_digest(key), None, None, cost)
+            }
             None => self.decide_key::<()>(&self.policy.load(), key, None, cost),
         }
     }
@@ -97,12 +99,12 @@ impl<K> Shared<K> {
         req: Option<&RequestView<'_>>,
         cost: u32,
     ) -> Decision<R> {
-        let digest = hash::digest(key);
         let stage = snap.stage.as_deref();
         if let Some(plan) = &snap.per_key {
-            return self.decide_plan::<R>(stage, plan, digest, None, req, cost);
+            let state = hash::state_digest(key);
+            return self.decide_plan::<R>(stage, plan, state, None, req, cost);
         }
-        let Some(entry) = snap.keys.get(&digest) else {
+        let Some(entry) = snap.keys.get(&hash::digest(key)) else {
             return Err((Rejection::key(Reason::UnknownKey), None));
         };
         if !entry.enabled {
