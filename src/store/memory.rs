@@ -1,10 +1,10 @@
 //! The in-memory store: a fixed-size, lock-free table of 16-byte slots.
 //!
-//! Each slot holds a key's 64-bit fingerprint and its throttle state (the GCRA
-//! TAT) in two atomic words. Deciding for a key already tracked is three loads
-//! and one 64-bit compare-and-swap: no lock, no allocation. A slot can be handed
-//! from one key to another while other threads decide, by the protocol
-//! described on `Slot`.
+//! Each slot is one 128-bit atomic word holding a key's 64-bit fingerprint and
+//! its throttle state (the GCRA TAT). Deciding for a key already tracked is a
+//! load and a compare-and-swap of that word: no lock, no allocation. Because the
+//! fingerprint and the state change together in one atomic operation, a slot can
+//! be handed from one key to another safely while other threads decide.
 //!
 //! Memory is bounded by construction: the table has two slots for each of
 //! `max_keys` keys (rounded up to a power of two; 32 bytes per key of cap),
@@ -24,7 +24,7 @@ use std::fmt;
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use portable_atomic::{AtomicU128, Ordering};
 
 use super::{Applied, Denial, Denied, MAX_THROTTLES, QuotaAsk, Sink, Throttles};
 use crate::clock::Clock;
@@ -95,7 +95,7 @@ impl MemoryStore {
 
     /// Bytes of table allocated so far (pages are allocated on first touch).
     pub fn allocated_bytes(&self) -> usize {
-        self.inner.table.allocated_pages() * (PAGE as usize) * std::mem::size_of::<Slot>()
+        self.inner.table.allocated_pages() * (PAGE as usize) * std::mem::size_of::<AtomicU128>()
     }
 
     /// The store's clock.
@@ -221,8 +221,8 @@ impl MemoryStore {
             });
     }
 
-    /// Fills `limit`'s bucket for `key` again (an admin reset). The TAT goes
-    /// to `now`, never lower (see the table's handover protocol).
+    /// Fills `limit`'s bucket for `key` again (an admin reset): the TAT goes
+    /// back to now at most, which makes the key idle.
     pub(crate) fn reset(&self, limit: &Limit, key: Digest) {
         let now = self.inner.clock.nanos();
         let _ = self
@@ -350,34 +350,18 @@ impl SlotKey {
     }
 }
 
-/// A TAT no decision ever stores (TATs stay below 2^63): the slot is being
-/// handed to a key, and its fingerprint may not match its state yet.
-const HANDOVER: Nanos = u64::MAX;
+#[inline]
+fn pack(fp: u64, tat: Nanos) -> u128 {
+    u128::from(fp) << 64 | u128::from(tat)
+}
 
-/// One key's state: its fingerprint (0 for an empty slot) and its TAT.
-///
-/// The two words change together without a lock, by this protocol:
-/// - Deciding (no lock): find the fingerprint, read the TAT, read the
-///   fingerprint again (it must still match), then compare-and-swap the TAT.
-/// - Handing a slot to a new key (under the new key's stripe lock): only an
-///   empty slot or one whose TAT is strictly below `now` (an idle key) is
-///   taken; its TAT is swapped to [`HANDOVER`], then the fingerprint, then the
-///   new TAT are stored.
-///
-/// A decider that read the old key's TAT `t` cannot succeed on the new key's
-/// state: every TAT the new key ever has is at least the `now` of the handover,
-/// which is above `t` (decisions only move a TAT forward from `now`, refunds and
-/// resets never below `now`), so the swap from `t` fails. A decider that read
-/// the new key's TAT also sees the new fingerprint (the fingerprint is stored
-/// before the TAT is released), so it looks again.
-#[derive(Default)]
-struct Slot {
-    fp: AtomicU64,
-    tat: AtomicU64,
+#[inline]
+fn unpack(w: u128) -> (u64, Nanos) {
+    ((w >> 64) as u64, w as u64)
 }
 
 struct Table {
-    pages: Box<[OnceLock<Box<[Slot]>>]>,
+    pages: Box<[OnceLock<Box<[AtomicU128]>>]>,
     mask: u64,
     stripes: Box<[Mutex<()>]>,
 }
@@ -398,29 +382,31 @@ impl Table {
 
     /// The slot at `i` if its page exists.
     #[inline]
-    fn get(&self, i: u64) -> Option<&Slot> {
+    fn get(&self, i: u64) -> Option<&AtomicU128> {
         let i = i & self.mask;
         let page = self.pages[(i >> PAGE_BITS) as usize].get()?;
         Some(&page[(i & (PAGE - 1)) as usize])
     }
 
     /// The slot at `i`, allocating its page.
-    fn get_or_alloc(&self, i: u64) -> &Slot {
+    fn get_or_alloc(&self, i: u64) -> &AtomicU128 {
         let i = i & self.mask;
         let page = self.pages[(i >> PAGE_BITS) as usize]
-            .get_or_init(|| (0..PAGE).map(|_| Slot::default()).collect());
+            .get_or_init(|| (0..PAGE).map(|_| AtomicU128::new(0)).collect());
         &page[(i & (PAGE - 1)) as usize]
     }
 
-    /// Finds the key's slot. Keys never sit past an empty slot of their window
-    /// (slots are never emptied once used), so the search stops at the first one.
+    /// Finds the key's slot and the word it held. Keys never sit past an empty
+    /// slot of their window (slots are never emptied once used), so the search
+    /// stops at the first one.
     #[inline]
-    fn find(&self, key: SlotKey) -> Option<&Slot> {
+    fn find(&self, key: SlotKey) -> Option<(&AtomicU128, u128)> {
         for i in 0..WINDOW {
             let slot = self.get(key.pos.wrapping_add(i))?;
-            let fp = slot.fp.load(Ordering::Acquire);
+            let w = slot.load(Ordering::Acquire);
+            let (fp, _) = unpack(w);
             if fp == key.fp {
-                return Some(slot);
+                return Some((slot, w));
             }
             if fp == 0 {
                 return None;
@@ -429,28 +415,10 @@ impl Table {
         None
     }
 
-    /// The key's slot and its TAT, read consistently (see [`Slot`]); `None`
-    /// when the key is not tracked.
-    #[inline]
-    fn read(&self, key: SlotKey) -> Option<(&Slot, Nanos)> {
-        loop {
-            let slot = self.find(key)?;
-            let tat = slot.tat.load(Ordering::Acquire);
-            if tat == HANDOVER {
-                std::hint::spin_loop();
-                continue;
-            }
-            if slot.fp.load(Ordering::Acquire) == key.fp {
-                return Some((slot, tat));
-            }
-            // Handed to another key between the two reads: look again.
-        }
-    }
-
     /// The key's TAT (0 for a key not tracked), without changing anything.
     #[inline]
     fn peek(&self, key: SlotKey) -> Nanos {
-        self.read(key).map_or(0, |(_, tat)| tat)
+        self.find(key).map_or(0, |(_, w)| unpack(w).1)
     }
 
     /// Applies `op` to the key's TAT (0 for a key not tracked): when it returns
@@ -464,27 +432,32 @@ impl Table {
         mut op: impl FnMut(Nanos) -> (Option<Nanos>, R),
     ) -> Result<R, Nanos> {
         loop {
-            if let Some((slot, tat)) = self.read(key) {
+            if let Some((slot, w)) = self.find(key) {
+                let (_, tat) = unpack(w);
                 let (new, r) = op(tat);
                 match new {
                     Some(n) if n != tat => {
                         if slot
-                            .tat
-                            .compare_exchange_weak(tat, n, Ordering::AcqRel, Ordering::Acquire)
+                            .compare_exchange_weak(
+                                w,
+                                pack(key.fp, n),
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            )
                             .is_ok()
                         {
                             return Ok(r);
                         }
-                        // Another thread changed the state (or the slot went
-                        // to another key): look again.
+                        // Another thread changed the slot (or handed it to
+                        // another key): look again.
                         continue;
                     }
                     _ => return Ok(r),
                 }
             }
             let (new, r) = op(0);
-            let Some(n) = new.filter(|&n| n > now) else {
-                // Nothing live to store: an idle key needs no slot.
+            let Some(n) = new.filter(|&n| n != 0) else {
+                // Nothing to store: an idle key needs no slot.
                 return Ok(r);
             };
             match self.insert(key, n, now) {
@@ -507,25 +480,22 @@ impl Table {
         let mut soonest = Nanos::MAX;
         for i in 0..WINDOW {
             let slot = self.get_or_alloc(key.pos.wrapping_add(i));
+            let mut w = slot.load(Ordering::Acquire);
             loop {
-                let old = slot.tat.load(Ordering::Acquire);
-                let fp = slot.fp.load(Ordering::Acquire);
-                let empty = fp == 0 && old == 0;
-                if old == HANDOVER || !(empty || old < now) {
-                    if old != HANDOVER && fp != 0 {
-                        soonest = soonest.min(old - now);
-                    }
+                let (fp, old_tat) = unpack(w);
+                if fp != 0 && old_tat > now {
+                    soonest = soonest.min(old_tat - now);
                     break;
                 }
                 // Empty, or idle (its bucket is full again): take it.
-                if slot
-                    .tat
-                    .compare_exchange(old, HANDOVER, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    slot.fp.store(key.fp, Ordering::Release);
-                    slot.tat.store(tat, Ordering::Release);
-                    return Inserted::Done;
+                match slot.compare_exchange(
+                    w,
+                    pack(key.fp, tat),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return Inserted::Done,
+                    Err(current) => w = current,
                 }
             }
         }
@@ -542,8 +512,8 @@ impl Table {
             .filter_map(|p| p.get())
             .flat_map(|p| p.iter())
             .filter(|s| {
-                let tat = s.tat.load(Ordering::Acquire);
-                s.fp.load(Ordering::Acquire) != 0 && tat != HANDOVER && tat > now
+                let (fp, tat) = unpack(s.load(Ordering::Acquire));
+                fp != 0 && tat > now
             })
             .count()
     }
@@ -637,8 +607,7 @@ mod tests {
                 let k = digest(&[round.to_le_bytes(), i.to_le_bytes()].concat());
                 assert!(s.acquire_one(&p, k, 1).is_ok(), "round {round} key {i}");
             }
-            // A slot is handed on once its TAT is strictly in the past.
-            clock.advance(Duration::from_millis(100) + Duration::from_nanos(1));
+            clock.advance(Duration::from_millis(100));
         }
         assert!(s.allocated_bytes() <= 256 * 16);
         assert_eq!(s.tracked_keys(), 0);
@@ -738,7 +707,8 @@ mod tests {
         // slots keep changing hands under the deciders. Each key belongs to one
         // thread, so each thread can check that a key never admits more than
         // its bucket plus what refilled while it was being decided: a decision
-        // landing in another key's slot would let a key exceed that.
+        // landing in another key's slot, or a key stored twice, would let a
+        // key exceed that.
         let (s, clock) = store(128);
         let p = plan(1_000.0, 2);
         let admitted_total = AtomicU32::new(0);
@@ -765,6 +735,53 @@ mod tests {
         // admissions than slots means slots changed hands many times.
         let total = admitted_total.into_inner();
         assert!(total > 80_000, "only {total} admitted");
+    }
+
+    #[test]
+    fn racing_inserts_of_neighbouring_keys_never_store_a_key_twice() {
+        // Pairs of threads insert keys whose windows overlap (positions one
+        // apart) and decide on each twice, racing for the same empty slots.
+        // Afterwards no fingerprint may sit in two slots.
+        let threads = 8u64;
+        let t = Table::new(1 << 18);
+        let now = 1_000;
+        let barrier = std::sync::Barrier::new(threads as usize);
+        std::thread::scope(|sc| {
+            for th in 0..threads {
+                let (t, barrier) = (&t, &barrier);
+                sc.spawn(move || {
+                    for r in 0..100u64 {
+                        barrier.wait();
+                        for j in 0..100u64 {
+                            let round = r * 100 + j;
+                            let k = SlotKey {
+                                fp: ((round << 8 | th) << 1) | 1,
+                                pos: (round * 32) % (1 << 18) + (th % 2),
+                            };
+                            for _ in 0..2 {
+                                let _ =
+                                    t.update(k, now, |tat| (Some(tat.max(now) + 1_000_000), ()));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let mut seen = std::collections::HashMap::new();
+        for s in t
+            .pages
+            .iter()
+            .filter_map(|p| p.get())
+            .flat_map(|p| p.iter())
+        {
+            let (fp, _) = unpack(s.load(Ordering::Acquire));
+            if fp != 0 {
+                *seen.entry(fp).or_insert(0usize) += 1;
+            }
+        }
+        assert_eq!(seen.len(), 80_000);
+        let twice = seen.values().filter(|&&c| c > 1).count();
+        assert_eq!(twice, 0, "{twice} keys stored twice");
     }
 
     #[test]
