@@ -48,7 +48,7 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `axum` | yes | [`extract::ClientIp`] reads axum's `ConnectInfo<SocketAddr>`; method overrides match axum's `MatchedPath` |
-//! | `config` | no | [`config`]: plans and keys from a TOML file, errors with line and field |
+//! | `config` | no | `tollgate::config`: plans and keys from a TOML file, errors with line and field |
 //!
 //! [axum]: https://docs.rs/axum
 //! [tonic]: https://docs.rs/tonic

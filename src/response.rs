@@ -1,18 +1,4 @@
 //! Rejections and rate-limit headers.
-//!
-//! | case | HTTP | gRPC (`content-type: application/grpc*`) |
-//! |---|---|---|
-//! | missing, malformed, unknown or disabled key | 403 `{"message":"Forbidden"}` | `grpc-status: 16` (UNAUTHENTICATED) |
-//! | throttled | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8` (RESOURCE_EXHAUSTED) |
-//! | quota used up | 429 (configurable, e.g. 403) `{"message":"Limit Exceeded"}`, `Retry-After` until the window ends | `grpc-status: 8` |
-//! | cost larger than a whole limit | 429 `{"message":"Cost Exceeds Limit"}` (no `Retry-After`: it never fits) | `grpc-status: 8` |
-//! | store cannot track another key | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8` |
-//! | no peer address for [`ClientIp`](crate::extract::ClientIp) | 500 with the fix in the message | `grpc-status: 13` (INTERNAL) |
-//!
-//! gRPC rejections are trailers-only: HTTP 200, an empty body, and
-//! `grpc-status` / `grpc-message` in the headers. `Retry-After` is in whole
-//! seconds, rounded up. Every rejection carries its [`Rejection`] in the
-//! response extensions.
 
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
@@ -48,9 +34,22 @@ pub enum Reason {
 
 /// A rejected request: the reason, the limit that rejected it and when to retry.
 ///
-/// The default response is built from it; a custom one can be set with
-/// [`RateLimitLayerBuilder::on_rejection`](crate::RateLimitLayerBuilder::on_rejection).
-/// It is also put in the response's extensions.
+/// | case | HTTP | gRPC (`content-type: application/grpc*`) |
+/// |---|---|---|
+/// | missing, malformed, unknown or disabled key | 403 `{"message":"Forbidden"}` | `grpc-status: 16` (UNAUTHENTICATED) |
+/// | throttled | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8` (RESOURCE_EXHAUSTED) |
+/// | quota used up | 429 (configurable, e.g. 403) `{"message":"Limit Exceeded"}`, `Retry-After` until the window ends | `grpc-status: 8` |
+/// | cost larger than a whole limit | 429 `{"message":"Cost Exceeds Limit"}` (no `Retry-After`: it never fits) | `grpc-status: 8` |
+/// | store cannot track another key | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8` |
+/// | no peer address for [`ClientIp`](crate::extract::ClientIp) | 500 with the fix in the message | `grpc-status: 13` (INTERNAL) |
+///
+/// gRPC rejections are trailers-only: HTTP 200, an empty body, and
+/// `grpc-status` / `grpc-message` in the headers. `Retry-After` is in whole
+/// seconds, rounded up.
+///
+/// The default response is built from the rejection; a custom one can be set
+/// with [`RateLimitLayerBuilder::on_rejection`](crate::RateLimitLayerBuilder::on_rejection).
+/// Either way the rejection is put in the response's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     reason: Reason,
@@ -234,7 +233,7 @@ where
     }
 }
 
-/// The default rejection responses (see the [module docs](self)).
+/// The default rejection responses (see [`Rejection`] for what they are).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultOnRejection;
 
