@@ -139,6 +139,27 @@ fn tracked<T: Clone>(name: &str, keys: &[T], insert: impl Fn(&T) -> bool) -> Vec
     taken
 }
 
+/// Times tollgate's and governor's decision on the same keys in one criterion
+/// group, and checks that every decision passed.
+fn side_by_side<T>(
+    c: &mut Criterion,
+    group: String,
+    keys: &[T],
+    tollgate: impl Fn(&T) -> bool,
+    governor: impl Fn(&T) -> bool,
+) {
+    let mut group = c.benchmark_group(group);
+    configure(&mut group);
+    let mut denied = 0;
+    group.bench_function("tollgate", |b| cycle(b, keys, &mut denied, &tollgate));
+    group.bench_function("governor", |b| cycle(b, keys, &mut denied, &governor));
+    group.finish();
+    assert_eq!(
+        denied, 0,
+        "a check was denied: the workload is not all-pass"
+    );
+}
+
 fn per_key_u64(c: &mut Criterion, all: &[u64]) {
     for (name, n, max_keys) in [
         ("1", 1, max_keys_for(1)),
@@ -154,21 +175,12 @@ fn per_key_u64(c: &mut Criterion, all: &[u64]) {
         for k in &keys {
             assert!(gov.check_key(k).is_ok());
         }
-        let mut group = c.benchmark_group(format!("per_key_u64/{name}"));
-        configure(&mut group);
-        let mut denied = 0;
-        group.bench_function("tollgate", |b| {
-            cycle(b, &keys, &mut denied, |k| {
-                layer.check(&k.to_le_bytes(), 1).is_ok()
-            })
-        });
-        group.bench_function("governor", |b| {
-            cycle(b, &keys, &mut denied, |k| gov.check_key(k).is_ok())
-        });
-        group.finish();
-        assert_eq!(
-            denied, 0,
-            "a check was denied: the workload is not all-pass"
+        side_by_side(
+            c,
+            format!("per_key_u64/{name}"),
+            &keys,
+            |k| layer.check(&k.to_le_bytes(), 1).is_ok(),
+            |k| gov.check_key(k).is_ok(),
         );
     }
 }
@@ -181,21 +193,12 @@ fn per_key_str(c: &mut Criterion, all: &[String]) {
         for k in &keys {
             assert!(gov.check_key(k).is_ok());
         }
-        let mut group = c.benchmark_group(format!("per_key_str/{name}"));
-        configure(&mut group);
-        let mut denied = 0;
-        group.bench_function("tollgate", |b| {
-            cycle(b, &keys, &mut denied, |k| {
-                layer.check(k.as_bytes(), 1).is_ok()
-            })
-        });
-        group.bench_function("governor", |b| {
-            cycle(b, &keys, &mut denied, |k| gov.check_key(k).is_ok())
-        });
-        group.finish();
-        assert_eq!(
-            denied, 0,
-            "a check was denied: the workload is not all-pass"
+        side_by_side(
+            c,
+            format!("per_key_str/{name}"),
+            &keys,
+            |k| layer.check(k.as_bytes(), 1).is_ok(),
+            |k| gov.check_key(k).is_ok(),
         );
     }
 }
@@ -210,21 +213,12 @@ fn registered_str(c: &mut Criterion, all: &[String]) {
             assert!(layer.check(k.as_bytes(), 1).is_ok());
             assert!(gov.check_key(k).is_ok());
         }
-        let mut group = c.benchmark_group(format!("registered_str/{name}"));
-        configure(&mut group);
-        let mut denied = 0;
-        group.bench_function("tollgate", |b| {
-            cycle(b, keys, &mut denied, |k| {
-                layer.check(k.as_bytes(), 1).is_ok()
-            })
-        });
-        group.bench_function("governor", |b| {
-            cycle(b, keys, &mut denied, |k| gov.check_key(k).is_ok())
-        });
-        group.finish();
-        assert_eq!(
-            denied, 0,
-            "a check was denied: the workload is not all-pass"
+        side_by_side(
+            c,
+            format!("registered_str/{name}"),
+            keys,
+            |k| layer.check(k.as_bytes(), 1).is_ok(),
+            |k| gov.check_key(k).is_ok(),
         );
     }
 }

@@ -90,7 +90,8 @@ impl<K> Shared<K> {
     }
 
     /// Decides a request of `cost` units for a registered `key`; `req` is the
-    /// request, when there is one (its route selects method overrides).
+    /// request, when there is one (its route selects method overrides). A
+    /// per-key policy never gets here: it is decided through `fixed`.
     #[inline]
     fn decide_key<R: Sink>(
         &self,
@@ -100,10 +101,6 @@ impl<K> Shared<K> {
         cost: u32,
     ) -> Decision<R> {
         let stage = snap.stage.as_deref();
-        if let Some(plan) = &snap.per_key {
-            let state = hash::state_digest(key);
-            return self.decide_plan::<R>(stage, plan, state, None, req, cost);
-        }
         let Some(entry) = snap.keys.get(&hash::digest(key)) else {
             return Err((Rejection::key(Reason::UnknownKey), None));
         };
