@@ -1,4 +1,4 @@
-//! Run with `cargo run --release --example inference_server -- [--config FILE] [--listen ADDR]`
+//! Run with `cargo run --release --example inference_server -- [--config FILE] [--listen ADDR] [--redis URL]`
 //!
 //! A mock OpenAI-style inference API behind tollgate: the reference server of
 //! the README and of the black-box tests.
@@ -12,6 +12,10 @@
 //!   - `POST /admin/keys` with `{"id":…,"value":…,"plan":…}` adds a key
 //!   - `PATCH /admin/keys/ID` with `{"enabled": false}` or `{"plan": "pro"}`
 //!   - `POST /admin/keys/ID/reset` forgets the key's usage in its current window
+//!
+//! With `--redis URL` the limits live in Redis, shared by every server started
+//! with the same URL (several comma-separated URLs name the nodes of a Redis
+//! Cluster); otherwise in this process.
 //!
 //! With no flags it listens on `127.0.0.1:3000` with the in-memory store and the
 //! embedded demo configuration, `examples/inference_server.toml`: plan `free`
@@ -44,7 +48,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 use tollgate::config::Config;
-use tollgate::{Admin, AdminError, ApiKey, ConfigError, Date, MemoryStore, RateLimitLayer};
+use tollgate::extract::ApiKeyHeader;
+use tollgate::store::Store;
+use tollgate::{
+    Admin, AdminError, ApiKey, ConfigError, Date, MemoryStore, RateLimitLayer, RedisStore,
+};
 
 /// The default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
@@ -58,7 +66,7 @@ const MAX_TOKENS_CAP: u32 = 100_000;
 const MAX_TOKEN_MS: u64 = 10_000;
 
 /// The server for `config`, keeping limit state in `store`.
-pub fn app(config: &Config, store: MemoryStore) -> Result<Router, ConfigError> {
+pub fn app<S: Store>(config: &Config, store: S) -> Result<Router, ConfigError> {
     let policy = config.policy_with_clock(store.clock().clone())?;
     let layer = RateLimitLayer::builder(policy)
         .store(store)
@@ -69,7 +77,7 @@ pub fn app(config: &Config, store: MemoryStore) -> Result<Router, ConfigError> {
 
 /// The server's routes: the inference routes behind `limit`; `/health` and
 /// the admin routes outside it.
-pub fn router(limit: RateLimitLayer, admin_key: Option<&str>) -> Router {
+pub fn router<S: Store>(limit: RateLimitLayer<ApiKeyHeader, S>, admin_key: Option<&str>) -> Router {
     let admin = AdminState {
         admin: limit.admin(),
         key: admin_key.map(|k| k.as_bytes().to_vec().into()),
@@ -79,11 +87,11 @@ pub fn router(limit: RateLimitLayer, admin_key: Option<&str>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .layer(limit)
         .route("/health", get(health))
-        .route("/admin/usage", get(usage))
-        .route("/admin/keys", post(add_key))
-        .route("/admin/keys/{id}", patch(patch_key))
-        .route("/admin/keys/{id}/usage", patch(update_usage))
-        .route("/admin/keys/{id}/reset", post(reset_key))
+        .route("/admin/usage", get(usage::<S>))
+        .route("/admin/keys", post(add_key::<S>))
+        .route("/admin/keys/{id}", patch(patch_key::<S>))
+        .route("/admin/keys/{id}/usage", patch(update_usage::<S>))
+        .route("/admin/keys/{id}/reset", post(reset_key::<S>))
         .with_state(admin)
 }
 
@@ -105,17 +113,23 @@ pub async fn serve(
 struct Args {
     listen: SocketAddr,
     config: Option<String>,
+    redis: Option<String>,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut listen = DEFAULT_LISTEN.to_owned();
     let mut config = None;
+    let mut redis = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => listen = args.next().ok_or("--listen needs an address")?,
             "--config" => config = Some(args.next().ok_or("--config needs a file")?),
+            "--redis" => redis = Some(args.next().ok_or("--redis needs a URL")?),
             "-h" | "--help" => {
-                return Err("usage: inference_server [--config FILE] [--listen ADDR]".to_owned());
+                return Err(
+                    "usage: inference_server [--config FILE] [--listen ADDR] [--redis URL[,URL…]]"
+                        .to_owned(),
+                );
             }
             other => return Err(format!("unknown argument `{other}` (try --help)")),
         }
@@ -123,7 +137,11 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let listen = listen
         .parse()
         .map_err(|e| format!("--listen `{listen}`: {e}"))?;
-    Ok(Args { listen, config })
+    Ok(Args {
+        listen,
+        config,
+        redis,
+    })
 }
 
 #[tokio::main]
@@ -139,10 +157,31 @@ async fn main() -> std::process::ExitCode {
         Some(path) => Config::load(path),
         None => Config::from_toml(DEMO_CONFIG),
     };
-    let app = match config
-        .map_err(|e| e.to_string())
-        .and_then(|c| app(&c, MemoryStore::new()).map_err(|e| e.to_string()))
-    {
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("invalid configuration: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let app = match &args.redis {
+        None => app(&config, MemoryStore::new()),
+        Some(urls) => {
+            let urls: Vec<&str> = urls.split(',').map(str::trim).collect();
+            let builder = match urls.as_slice() {
+                [url] => RedisStore::builder(*url),
+                nodes => RedisStore::cluster_builder(nodes.iter().copied()),
+            };
+            match builder.build().await {
+                Ok(store) => app(&config, store),
+                Err(e) => {
+                    eprintln!("--redis: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            }
+        }
+    };
+    let app = match app {
         Ok(app) => app,
         Err(e) => {
             eprintln!("invalid configuration: {e}");
@@ -173,12 +212,12 @@ async fn main() -> std::process::ExitCode {
 }
 
 #[derive(Clone)]
-struct AdminState {
-    admin: Admin,
+struct AdminState<S> {
+    admin: Admin<S>,
     key: Option<std::sync::Arc<[u8]>>,
 }
 
-impl AdminState {
+impl<S> AdminState<S> {
     /// Whether the request carries the admin key. Compares every byte whatever
     /// the first difference, so the time taken says nothing about the key.
     fn allows(&self, headers: &HeaderMap) -> bool {
@@ -197,10 +236,10 @@ impl AdminState {
 /// A request that carries the admin key; any other is answered 403.
 struct Authorized;
 
-impl FromRequestParts<AdminState> for Authorized {
+impl<S: Sync> FromRequestParts<AdminState<S>> for Authorized {
     type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, s: &AdminState) -> Result<Self, Response> {
+    async fn from_request_parts(parts: &mut Parts, s: &AdminState<S>) -> Result<Self, Response> {
         if s.allows(&parts.headers) {
             Ok(Authorized)
         } else {
@@ -213,6 +252,7 @@ fn admin_error(e: AdminError) -> Response {
     let status = match e {
         AdminError::UnknownKey(_) | AdminError::UnknownPlan(_) => StatusCode::NOT_FOUND,
         AdminError::Config(_) => StatusCode::CONFLICT,
+        AdminError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::BAD_REQUEST,
     };
     (status, Json(json!({"message": e.to_string()}))).into_response()
@@ -230,9 +270,9 @@ struct UsageQuery {
     key: Option<String>,
 }
 
-async fn usage(
+async fn usage<S: Store>(
     _: Authorized,
-    State(s): State<AdminState>,
+    State(s): State<AdminState<S>>,
     q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Ok(Query(q)) = q else {
@@ -241,7 +281,7 @@ async fn usage(
     let (Some(start), Some(end)) = (Date::parse(&q.start), Date::parse(&q.end)) else {
         return bad_request("start and end must be dates as YYYY-MM-DD");
     };
-    match s.admin.usage(&q.plan, start, end, q.key.as_deref()) {
+    match s.admin.usage(&q.plan, start, end, q.key.as_deref()).await {
         Ok(r) => Json(json!({
             "plan": r.plan,
             "start": r.start.to_string(),
@@ -267,14 +307,14 @@ fn yes() -> bool {
     true
 }
 
-fn key_json(s: &AdminState, id: &str) -> Response {
+fn key_json<S: Store>(s: &AdminState<S>, id: &str) -> Response {
     match s.admin.key(id) {
         Some(k) => Json(json!({"id": k.id, "plan": k.plan, "enabled": k.enabled})).into_response(),
         None => admin_error(AdminError::UnknownKey(id.to_owned())),
     }
 }
 
-async fn add_key(_: Authorized, State(s): State<AdminState>, body: Bytes) -> Response {
+async fn add_key<S: Store>(_: Authorized, State(s): State<AdminState<S>>, body: Bytes) -> Response {
     let k: NewKey = match parse_json(&body) {
         Ok(k) => k,
         Err(msg) => return bad_request(&msg),
@@ -295,9 +335,9 @@ struct KeyPatch {
     plan: Option<String>,
 }
 
-async fn patch_key(
+async fn patch_key<S: Store>(
     _: Authorized,
-    State(s): State<AdminState>,
+    State(s): State<AdminState<S>>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
@@ -324,9 +364,9 @@ struct UsagePatch {
     remaining: u64,
 }
 
-async fn update_usage(
+async fn update_usage<S: Store>(
     _: Authorized,
-    State(s): State<AdminState>,
+    State(s): State<AdminState<S>>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
@@ -334,14 +374,18 @@ async fn update_usage(
         Ok(p) => p,
         Err(msg) => return bad_request(&msg),
     };
-    match s.admin.set_remaining(&id, p.remaining) {
+    match s.admin.set_remaining(&id, p.remaining).await {
         Ok(remaining) => Json(json!({"id": id, "remaining": remaining})).into_response(),
         Err(e) => admin_error(e),
     }
 }
 
-async fn reset_key(_: Authorized, State(s): State<AdminState>, Path(id): Path<String>) -> Response {
-    match s.admin.reset_key(&id) {
+async fn reset_key<S: Store>(
+    _: Authorized,
+    State(s): State<AdminState<S>>,
+    Path(id): Path<String>,
+) -> Response {
+    match s.admin.reset_key(&id).await {
         Ok(()) => key_json(&s, &id),
         Err(e) => admin_error(e),
     }

@@ -51,6 +51,12 @@ impl Clock {
         }
     }
 
+    /// Whether this is a [`ManualClock`].
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn is_manual(&self) -> bool {
+        matches!(self.inner, Inner::Manual(_))
+    }
+
     /// Monotonic time since the clock was made.
     pub fn now(&self) -> Duration {
         Duration::from_nanos(self.nanos())

@@ -95,6 +95,11 @@ impl Gcra {
         self.burst
     }
 
+    /// Nanoseconds one unit takes to refill.
+    pub(crate) fn interval(&self) -> Nanos {
+        self.interval
+    }
+
     /// Time for an empty bucket to refill completely.
     pub(crate) fn span(&self) -> Nanos {
         self.tolerance

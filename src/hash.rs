@@ -52,6 +52,17 @@ pub(crate) fn state_digest(bytes: &[u8]) -> Digest {
     Digest(u128::from(mix(h ^ 0x9e37_79b9_7f4a_7c15)) << 64 | u128::from(h))
 }
 
+/// A hash that is the same in every process (SipHash-1-3 under a fixed key),
+/// for names shared between instances: a limit's id, and, in a shared store,
+/// the name of a subject's state. Never used to place state in this
+/// process's tables, where clients could aim at it.
+pub(crate) fn stable(bytes: &[u8]) -> u128 {
+    let mut h = SipHasher13::new_with_keys(0x746f_6c6c_6761_7465, 0x7374_6162_6c65_0001);
+    h.write(bytes);
+    let h = h.finish128();
+    u128::from(h.h1) << 64 | u128::from(h.h2)
+}
+
 /// Hashes a [`Digest`] for a `HashMap` by taking 64 of its bits: the digest is
 /// already a keyed hash, so hashing it again would only cost time.
 #[derive(Debug, Clone, Copy, Default)]

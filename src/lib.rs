@@ -71,7 +71,7 @@ mod plan;
 mod policy;
 mod quota;
 mod response;
-mod store;
+pub mod store;
 mod usage;
 mod window;
 
@@ -83,6 +83,8 @@ pub use crate::plan::{Anonymous, ApiKey, FailureMode, Quota, Stage, Throttle, Us
 pub use crate::policy::{DEFAULT_HISTORY_DAYS, Policy, PolicyBuilder};
 pub use crate::response::{DefaultOnRejection, HeaderStyle, OnRejection, Reason, Rejection};
 pub use crate::store::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "redis")]
+pub use crate::store::{RedisStore, RedisStoreBuilder};
 pub use crate::usage::{Admin, AdminError, KeyInfo, UsageReport};
 pub use crate::window::{Date, Period, Weekday};
 

@@ -414,7 +414,7 @@ impl Limit {
         Self {
             kind,
             gcra: *t.gcra(),
-            salt: hash::digest(&id).0 as u64,
+            salt: hash::stable(&id) as u64,
             window_secs: t.gcra().span().div_ceil(NANOS_PER_SEC),
         }
     }
@@ -560,6 +560,7 @@ pub(crate) struct Plan {
     pub(crate) methods: Box<[MethodLimit]>,
     pub(crate) quota: Option<QuotaSpec>,
     pub(crate) shadow: bool,
+    pub(crate) failure: FailureMode,
     pub(crate) source: UsagePlan,
 }
 
@@ -588,6 +589,7 @@ impl Plan {
                 created_at,
             }),
             shadow: plan.shadow,
+            failure: plan.failure,
             source: plan.clone(),
         })
     }
@@ -600,6 +602,7 @@ impl Plan {
             methods: Box::default(),
             quota: None,
             shadow: false,
+            failure: FailureMode::Open,
             source: UsagePlan::new(name).throttle(*throttle),
         }
     }

@@ -45,13 +45,14 @@ pub(crate) struct QuotaSnapshot {
     pub(crate) window_secs: u64,
 }
 
+/// What one key used on one UTC day.
 #[derive(Debug, Clone, Copy)]
-struct DayRecord {
+pub(crate) struct DayRecord {
     /// Day number (days since 1970-01-01); `i64::MIN` for none.
-    day: i64,
-    used: u64,
+    pub(crate) day: i64,
+    pub(crate) used: u64,
     /// What remained in the quota window at the day's last change.
-    remaining: i64,
+    pub(crate) remaining: i64,
 }
 
 const NO_DAY: DayRecord = DayRecord {
@@ -160,29 +161,32 @@ impl QuotaCell {
     }
 
     /// `[used, remaining]` for each day from `first` to `last` (day numbers,
-    /// inclusive), as AWS GetUsage reports them. Days outside the history
-    /// report nothing used.
+    /// inclusive), as AWS GetUsage reports them.
     pub(crate) fn report(&self, spec: &QuotaSpec, first: i64, last: i64) -> Vec<[i64; 2]> {
-        let st = self.state.lock();
-        (first..=last)
-            .map(|day| {
-                let w = window(spec.period, day.saturating_mul(NANOS_PER_DAY));
-                let used = st
-                    .days
-                    .iter()
-                    .find(|r| r.day == day)
-                    .map_or(0, |r| i64::try_from(r.used).unwrap_or(i64::MAX));
-                // What remained after the latest change in this window up to this day.
-                let remaining = st
-                    .days
-                    .iter()
-                    .filter(|r| r.day <= day && r.day >= w.start.div_euclid(NANOS_PER_DAY))
-                    .max_by_key(|r| r.day)
-                    .map_or_else(|| spec.limit_in(w), |r| r.remaining);
-                [used, remaining.max(0)]
-            })
-            .collect()
+        report(spec, &self.state.lock().days, first, last)
     }
+}
+
+/// `[used, remaining]` for each day from `first` to `last` (day numbers,
+/// inclusive) from the day records `days`, as AWS GetUsage reports them. Days
+/// without a record report nothing used and what remained after the latest
+/// change earlier in the same window (the window's limit if none).
+pub(crate) fn report(spec: &QuotaSpec, days: &[DayRecord], first: i64, last: i64) -> Vec<[i64; 2]> {
+    (first..=last)
+        .map(|day| {
+            let w = window(spec.period, day.saturating_mul(NANOS_PER_DAY));
+            let used = days
+                .iter()
+                .find(|r| r.day == day)
+                .map_or(0, |r| i64::try_from(r.used).unwrap_or(i64::MAX));
+            let remaining = days
+                .iter()
+                .filter(|r| r.day <= day && r.day >= w.start.div_euclid(NANOS_PER_DAY))
+                .max_by_key(|r| r.day)
+                .map_or_else(|| spec.limit_in(w), |r| r.remaining);
+            [used, remaining.max(0)]
+        })
+        .collect()
 }
 
 impl State {

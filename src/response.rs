@@ -30,6 +30,9 @@ pub enum Reason {
     CostExceedsLimit,
     /// The store cannot track another key until one goes idle.
     KeyCapacity,
+    /// The store failed (unreachable, too slow) and the plan's failure mode
+    /// is [`Closed`](crate::FailureMode::Closed).
+    StoreUnavailable,
 }
 
 /// A rejected request: the reason, the limit that rejected it and when to retry.
@@ -42,6 +45,7 @@ pub enum Reason {
 /// | cost larger than a whole limit | 429 `{"message":"Cost Exceeds Limit"}` (no `Retry-After`: it never fits) | `grpc-status: 8` |
 /// | store cannot track another key | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8` |
 /// | no peer address for [`ClientIp`](crate::extract::ClientIp) | 500 with the fix in the message | `grpc-status: 13` (INTERNAL) |
+/// | store failed, plan `failure = "closed"` | 503 `{"message":"Service Unavailable"}` | `grpc-status: 14` (UNAVAILABLE) |
 ///
 /// gRPC rejections are trailers-only: HTTP 200, an empty body, and
 /// `grpc-status` / `grpc-message` in the headers. `Retry-After` is in whole
@@ -68,6 +72,16 @@ impl Rejection {
         Rejection {
             reason,
             status,
+            limit: None,
+            retry_after: None,
+            grpc: false,
+        }
+    }
+
+    pub(crate) fn unavailable() -> Self {
+        Rejection {
+            reason: Reason::StoreUnavailable,
+            status: StatusCode::SERVICE_UNAVAILABLE,
             limit: None,
             retry_after: None,
             grpc: false,
@@ -137,6 +151,7 @@ impl Rejection {
             Reason::Limited | Reason::KeyCapacity => "Too Many Requests",
             Reason::QuotaExceeded => "Limit Exceeded",
             Reason::CostExceedsLimit => "Cost Exceeds Limit",
+            Reason::StoreUnavailable => "Service Unavailable",
         }
     }
 
@@ -149,6 +164,7 @@ impl Rejection {
             | Reason::QuotaExceeded
             | Reason::CostExceedsLimit
             | Reason::KeyCapacity => 8,
+            Reason::StoreUnavailable => 14,
         }
     }
 
@@ -202,6 +218,7 @@ impl fmt::Display for Rejection {
             ),
             Reason::KeyCapacity => f.write_str("rejected: store cannot track another key now"),
             Reason::QuotaExceeded => f.write_str("rejected: quota exceeded"),
+            Reason::StoreUnavailable => f.write_str("rejected: rate-limit store unavailable"),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::error::ConfigError;
 use crate::plan::{ApiKey, Limit, Plan, UsagePlan};
 use crate::policy::{KeyEntry, Policy, wall_nanos};
-use crate::store::MemoryStore;
+use crate::store::{MemoryStore, QuotaRef, Store, StoreError, StoreFuture, ThrottleRef};
 use crate::window::Date;
 
 /// A handle to change a running policy and read its usage, from
@@ -29,14 +29,16 @@ use crate::window::Date;
 /// admin.set_enabled("k1", false).unwrap();
 /// assert!(layer.check(b"secret-1", 1).is_err());
 /// admin.set_enabled("k1", true).unwrap();
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// // UpdateUsage: 10 more requests in the current window.
-/// assert_eq!(admin.set_remaining("k1", 10).unwrap(), 10);
+/// assert_eq!(admin.set_remaining("k1", 10).await.unwrap(), 10);
+/// # });
 /// # Ok::<(), tollgate::ConfigError>(())
 /// ```
 #[derive(Clone)]
-pub struct Admin {
+pub struct Admin<S = MemoryStore> {
     policy: Policy,
-    store: MemoryStore,
+    store: S,
 }
 
 /// A registered key as the admin handle shows it (never its value).
@@ -78,6 +80,8 @@ pub enum AdminError {
     UnknownPlan(String),
     /// The plan has no quota, so there is no usage to report or set.
     NoQuota(String),
+    /// The store could not be read or changed.
+    Store(StoreError),
     /// The dates asked for are out of range.
     BadRange(&'static str),
     /// The policy limits every key under one plan; it has no registered keys.
@@ -92,6 +96,7 @@ impl fmt::Display for AdminError {
             AdminError::UnknownPlan(p) => write!(f, "unknown plan `{p}`"),
             AdminError::NoQuota(p) => write!(f, "plan `{p}` has no quota"),
             AdminError::BadRange(why) => write!(f, "bad date range: {why}"),
+            AdminError::Store(e) => e.fmt(f),
             AdminError::NotRegistered => f.write_str("the policy has no registered keys"),
         }
     }
@@ -99,14 +104,20 @@ impl fmt::Display for AdminError {
 
 impl std::error::Error for AdminError {}
 
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        AdminError::Store(e)
+    }
+}
+
 impl From<ConfigError> for AdminError {
     fn from(e: ConfigError) -> Self {
         AdminError::Config(e)
     }
 }
 
-impl Admin {
-    pub(crate) fn new(policy: Policy, store: MemoryStore) -> Self {
+impl<S: Store> Admin<S> {
+    pub(crate) fn new(policy: Policy, store: S) -> Self {
         Admin { policy, store }
     }
 
@@ -187,7 +198,14 @@ impl Admin {
             for entry in snap.keys.values_mut() {
                 if entry.plan.name == compiled.name {
                     for (old, new) in &changed {
-                        self.store.rescale(old, new, entry.state);
+                        let at = |limit| ThrottleRef {
+                            limit,
+                            plan: Some(&compiled.name),
+                            subject: entry.id.as_bytes(),
+                            digest: entry.state,
+                            shadow: compiled.shadow,
+                        };
+                        self.store.rescale(&at(old), &at(new));
                     }
                     *entry = Arc::new(KeyEntry {
                         plan: Arc::clone(&compiled),
@@ -221,7 +239,7 @@ impl Admin {
     /// Usage of the keys of `plan` (or of one key) per UTC day from `start`
     /// to `end` (AWS GetUsage). `end` is cut at today; `start` must lie within
     /// the kept history.
-    pub fn usage(
+    pub async fn usage(
         &self,
         plan: &str,
         start: Date,
@@ -231,35 +249,47 @@ impl Admin {
         if start > end {
             return Err(AdminError::BadRange("start is after end"));
         }
-        let snap = self.policy.load();
-        let p = snap
-            .plans
-            .get(plan)
-            .ok_or_else(|| AdminError::UnknownPlan(plan.to_owned()))?;
-        let spec = p
-            .quota
-            .ok_or_else(|| AdminError::NoQuota(plan.to_owned()))?;
         let today = Date::of_nanos(self.now());
         let end = end.min(today);
-        let oldest = today.days() - self.policy.inner.history_days as i64 + 1;
-        if start.days() < oldest {
-            return Err(AdminError::BadRange(
-                "start is before the kept usage history",
-            ));
-        }
-        if let Some(id) = key.filter(|id| !snap.ids.contains_key(*id)) {
-            return Err(AdminError::UnknownKey(id.to_owned()));
+        // The store's reads start here; the policy is not held across them.
+        let mut pending: Vec<(String, Option<DaysFuture>)> = Vec::new();
+        {
+            let snap = self.policy.load();
+            let p = snap
+                .plans
+                .get(plan)
+                .ok_or_else(|| AdminError::UnknownPlan(plan.to_owned()))?;
+            let spec = p
+                .quota
+                .as_ref()
+                .ok_or_else(|| AdminError::NoQuota(plan.to_owned()))?;
+            let oldest = today.days() - self.policy.inner.history_days as i64 + 1;
+            if start.days() < oldest {
+                return Err(AdminError::BadRange(
+                    "start is before the kept usage history",
+                ));
+            }
+            if let Some(id) = key.filter(|id| !snap.ids.contains_key(*id)) {
+                return Err(AdminError::UnknownKey(id.to_owned()));
+            }
+            for entry in snap.keys.values() {
+                if entry.plan.name != p.name || key.is_some_and(|k| *k != *entry.id) {
+                    continue;
+                }
+                let days = (start <= end).then(|| {
+                    let q = quota_ref(&self.policy, p, spec, entry);
+                    self.store.usage(&q, start, end)
+                });
+                pending.push((entry.id.to_string(), days));
+            }
         }
         let mut items = BTreeMap::new();
-        for entry in snap.keys.values() {
-            if entry.plan.name != p.name || key.is_some_and(|k| *k != *entry.id) {
-                continue;
-            }
-            let days = match (&entry.quota, start <= end) {
-                (Some(cell), true) => cell.report(&spec, start.days(), end.days()),
-                _ => Vec::new(),
+        for (id, days) in pending {
+            let days = match days {
+                Some(f) => f.await?,
+                None => Vec::new(),
             };
-            items.insert(entry.id.to_string(), days);
+            items.insert(id, days);
         }
         Ok(UsageReport {
             plan: plan.to_owned(),
@@ -272,28 +302,43 @@ impl Admin {
     /// Sets what remains of the key's quota in the current window (AWS
     /// UpdateUsage); returns it. Above the limit raises the key's allowance for
     /// this window only; 0 stops it until the window ends.
-    pub fn set_remaining(&self, id: &str, remaining: u64) -> Result<u64, AdminError> {
-        let snap = self.policy.load();
-        let entry = snap.by_id(id)?;
-        let (Some(spec), Some(cell)) = (entry.plan.quota, &entry.quota) else {
-            return Err(AdminError::NoQuota(entry.plan.name.to_string()));
+    pub async fn set_remaining(&self, id: &str, remaining: u64) -> Result<u64, AdminError> {
+        let pending = {
+            let snap = self.policy.load();
+            let entry = snap.by_id(id)?;
+            let Some(spec) = entry.plan.quota.as_ref() else {
+                return Err(AdminError::NoQuota(entry.plan.name.to_string()));
+            };
+            let q = quota_ref(&self.policy, &entry.plan, spec, entry);
+            self.store.set_remaining(&q, remaining)
         };
-        let remaining = i64::try_from(remaining).unwrap_or(i64::MAX);
-        Ok(cell.set_remaining(&spec, self.now(), remaining).remaining)
+        Ok(pending.await?)
     }
 
     /// Resets a key: its quota window and usage history under its plan are
     /// forgotten and its buckets are full again.
-    pub fn reset_key(&self, id: &str) -> Result<(), AdminError> {
-        let snap = self.policy.load();
-        let entry = snap.by_id(id)?;
-        if let Some(cell) = &entry.quota {
-            cell.reset();
-        }
-        for limit in entry.plan.limits() {
-            self.store.reset(limit, entry.state);
-        }
-        Ok(())
+    pub async fn reset_key(&self, id: &str) -> Result<(), AdminError> {
+        let pending = {
+            let snap = self.policy.load();
+            let entry = snap.by_id(id)?;
+            let plan = &entry.plan;
+            let throttles: Vec<ThrottleRef<'_>> = plan
+                .limits()
+                .map(|limit| ThrottleRef {
+                    limit,
+                    plan: Some(&plan.name),
+                    subject: entry.id.as_bytes(),
+                    digest: entry.state,
+                    shadow: plan.shadow,
+                })
+                .collect();
+            let q = plan
+                .quota
+                .as_ref()
+                .map(|spec| quota_ref(&self.policy, plan, spec, entry));
+            self.store.reset(&throttles, q.as_ref())
+        };
+        Ok(pending.await?)
     }
 
     fn replace_entry(
@@ -324,6 +369,26 @@ impl crate::policy::Snapshot {
     }
 }
 
+/// A key's daily usage, being read from the store.
+type DaysFuture = StoreFuture<Vec<[i64; 2]>>;
+
+/// The quota of `entry` under `plan`, as a store sees it.
+fn quota_ref<'a>(
+    policy: &Policy,
+    plan: &'a Plan,
+    spec: &'a crate::quota::QuotaSpec,
+    entry: &'a KeyEntry,
+) -> QuotaRef<'a> {
+    QuotaRef {
+        spec,
+        plan: &plan.name,
+        subject: entry.id.as_bytes(),
+        cell: entry.quota.as_deref(),
+        shadow: plan.shadow,
+        history_days: policy.inner.history_days as u32,
+    }
+}
+
 fn clone_entry(e: &KeyEntry) -> KeyEntry {
     KeyEntry {
         id: Arc::clone(&e.id),
@@ -342,7 +407,7 @@ fn info(e: &KeyEntry) -> KeyInfo {
     }
 }
 
-impl fmt::Debug for Admin {
+impl<S> fmt::Debug for Admin<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Admin")
             .field("policy", &self.policy)

@@ -8,6 +8,16 @@ use tollgate::{
     Throttle, UsagePlan, Weekday,
 };
 
+/// The answer of a memory-store admin future, which is ready at once.
+fn ready<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => panic!("the memory store answers at once"),
+    }
+}
+
 fn at(y: i32, m: u8, d: u8, secs: u64) -> SystemTime {
     let days = Date::new(y, m, d).unwrap().days();
     UNIX_EPOCH + Duration::from_secs(days as u64 * 86_400 + secs)
@@ -60,7 +70,7 @@ fn throttled_requests_do_not_consume_quota_and_quota_denied_ones_do_not_consume_
     for _ in 0..3 {
         assert_eq!(reason(&l, b"v"), Some(Reason::QuotaExceeded));
     }
-    l.admin().set_remaining("k", 10).unwrap();
+    ready(l.admin().set_remaining("k", 10)).unwrap();
     assert_eq!(reason(&l, b"v"), None);
     assert_eq!(reason(&l, b"v"), None);
     assert_eq!(reason(&l, b"v"), Some(Reason::Limited));
@@ -201,34 +211,34 @@ fn usage_reports_match_the_traffic_and_update_usage_moves_remaining() {
     }
     let start = Date::new(2024, 5, 5).unwrap();
     let end = Date::new(2024, 5, 9).unwrap();
-    let r = admin.usage("p", start, end, None).unwrap();
+    let r = ready(admin.usage("p", start, end, None)).unwrap();
     assert_eq!(r.end, Date::new(2024, 5, 7).unwrap(), "cut at today");
     assert_eq!(r.items["a"], vec![[0, 100], [7, 93], [3, 90]]);
     assert_eq!(r.items["b"], vec![[0, 100], [1, 99], [0, 99]]);
-    let only_b = admin.usage("p", start, end, Some("b")).unwrap();
+    let only_b = ready(admin.usage("p", start, end, Some("b"))).unwrap();
     assert_eq!(only_b.items.keys().collect::<Vec<_>>(), ["b"]);
 
     // UpdateUsage raises, then lowers, what remains.
-    assert_eq!(admin.set_remaining("a", 500).unwrap(), 500);
+    assert_eq!(ready(admin.set_remaining("a", 500)).unwrap(), 500);
     let today = Date::new(2024, 5, 7).unwrap();
     assert_eq!(
-        admin.usage("p", today, end, Some("a")).unwrap().items["a"],
+        ready(admin.usage("p", today, end, Some("a")))
+            .unwrap()
+            .items["a"],
         vec![[3, 500]]
     );
-    assert_eq!(admin.set_remaining("a", 1).unwrap(), 1);
+    assert_eq!(ready(admin.set_remaining("a", 1)).unwrap(), 1);
     l.check(b"va", 1).unwrap();
     assert_eq!(reason(&l, b"va"), Some(Reason::QuotaExceeded));
 
     // Reset forgets the window.
-    admin.reset_key("a").unwrap();
+    ready(admin.reset_key("a")).unwrap();
     l.check(b"va", 1).unwrap();
 
-    assert!(admin.usage("p", end, start, None).is_err());
-    assert!(admin.usage("nope", start, end, None).is_err());
+    assert!(ready(admin.usage("p", end, start, None)).is_err());
+    assert!(ready(admin.usage("nope", start, end, None)).is_err());
     assert!(
-        admin
-            .usage("p", Date::new(2023, 1, 1).unwrap(), end, None)
-            .is_err(),
+        ready(admin.usage("p", Date::new(2023, 1, 1).unwrap(), end, None)).is_err(),
         "before the history"
     );
 }
@@ -272,7 +282,7 @@ fn a_shadow_plan_decides_and_counts_but_never_rejects() {
     }
     // Every request was counted against the quota, past its limit.
     let day = Date::new(2024, 5, 6).unwrap();
-    let r = l.admin().usage("s", day, day, None).unwrap();
+    let r = ready(l.admin().usage("s", day, day, None)).unwrap();
     assert_eq!(r.items["k"], vec![[10, 0]]);
 }
 

@@ -1,35 +1,60 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::Response;
+use http::{Request, Response};
 use pin_project_lite::pin_project;
+use tower_service::Service;
 
+use super::Shared;
 use crate::body::ResponseBody;
-use crate::response::HeaderStyle;
-use crate::store::Report;
+use crate::plan::FailureMode;
+use crate::response::{HeaderStyle, is_grpc};
+use crate::store::{Report, Store};
 
 pin_project! {
-    /// The future of [`RateLimit`](crate::RateLimit): the inner service's
-    /// response with rate-limit headers added, or a ready rejection.
-    pub struct ResponseFuture<F> {
+    /// The future of [`RateLimit`](crate::RateLimit): the store's answer when
+    /// it must be waited for, then the inner service's response with
+    /// rate-limit headers added, or a rejection.
+    pub struct ResponseFuture<S, R, K, St>
+    where
+        S: Service<R>,
+        St: Store,
+    {
         #[pin]
-        state: State<F>,
+        state: State<S, R, K, St>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<F> {
-        Called { #[pin] fut: F, report: Report, headers: HeaderStyle },
+    enum State<S, R, K, St>
+    where
+        S: Service<R>,
+        St: Store,
+    {
+        Waiting {
+            #[pin]
+            decision: St::Future,
+            inner: Option<S>,
+            req: Option<R>,
+            shared: Arc<Shared<K, St>>,
+            failure: FailureMode,
+        },
+        Called { #[pin] fut: S::Future, report: Report, headers: HeaderStyle },
         Rejected { response: Option<Response<Bytes>> },
     }
 }
 
-impl<F> ResponseFuture<F> {
-    pub(crate) fn called(fut: F, report: Report, headers: HeaderStyle) -> Self {
+impl<S, R, K, St> ResponseFuture<S, R, K, St>
+where
+    S: Service<R>,
+    St: Store,
+{
+    pub(crate) fn called(fut: S::Future, report: Report, headers: HeaderStyle) -> Self {
         ResponseFuture {
             state: State::Called {
                 fut,
@@ -46,38 +71,91 @@ impl<F> ResponseFuture<F> {
             },
         }
     }
-}
 
-impl<F, B, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<ResponseBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Called {
-                fut,
-                report,
-                headers,
-            } => {
-                let mut res = ready!(fut.poll(cx))?;
-                headers.write(report, res.headers_mut());
-                Poll::Ready(Ok(res.map(ResponseBody::inner)))
-            }
-            StateProj::Rejected { response } => {
-                let res = response
-                    .take()
-                    .expect("ResponseFuture polled after completion");
-                Poll::Ready(Ok(res.map(ResponseBody::full)))
-            }
+    pub(crate) fn waiting(
+        decision: St::Future,
+        inner: S,
+        req: R,
+        shared: Arc<Shared<K, St>>,
+        failure: FailureMode,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Waiting {
+                decision,
+                inner: Some(inner),
+                req: Some(req),
+                shared,
+                failure,
+            },
         }
     }
 }
 
-impl<F> fmt::Debug for ResponseFuture<F> {
+impl<S, B, K, St, ResBody> Future for ResponseFuture<S, Request<B>, K, St>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    St: Store,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let mut state = self.as_mut().project().state;
+            let next = match state.as_mut().project() {
+                StateProj::Waiting {
+                    decision,
+                    inner,
+                    req,
+                    shared,
+                    failure,
+                } => {
+                    let result = ready!(decision.poll(cx));
+                    let (Some(mut svc), Some(req)) = (inner.take(), req.take()) else {
+                        panic!("ResponseFuture polled after completion");
+                    };
+                    match shared.settle(result, *failure) {
+                        Ok(report) => State::Called {
+                            fut: svc.call(req),
+                            report,
+                            headers: shared.headers,
+                        },
+                        Err((rejection, limit)) => {
+                            let rejection = rejection.with_grpc(is_grpc(req.headers()));
+                            State::Rejected {
+                                response: Some(shared.reject(rejection, limit)),
+                            }
+                        }
+                    }
+                }
+                StateProj::Called {
+                    fut,
+                    report,
+                    headers,
+                } => {
+                    let mut res = ready!(fut.poll(cx))?;
+                    headers.write(report, res.headers_mut());
+                    return Poll::Ready(Ok(res.map(ResponseBody::inner)));
+                }
+                StateProj::Rejected { response } => {
+                    let res = response
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    return Poll::Ready(Ok(res.map(ResponseBody::full)));
+                }
+            };
+            state.set(next);
+        }
+    }
+}
+
+impl<S, R, K, St> fmt::Debug for ResponseFuture<S, R, K, St>
+where
+    S: Service<R>,
+    St: Store,
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
+            State::Waiting { .. } => "Waiting",
             State::Called { .. } => "Called",
             State::Rejected { .. } => "Rejected",
         };

@@ -3,11 +3,11 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::{RateLimit, Shared, SharedState};
+use super::{Failures, RateLimit, Shared, SharedState, Step};
 use crate::extract::{ApiKeyHeader, KeyExtractor};
 use crate::policy::Policy;
 use crate::response::{HeaderStyle, OnRejection, Rejection};
-use crate::store::MemoryStore;
+use crate::store::{MemoryStore, Store};
 use crate::usage::Admin;
 use http::StatusCode;
 
@@ -31,8 +31,8 @@ use http::StatusCode;
 ///     .layer(RateLimitLayer::new(policy));
 /// # Ok::<(), tollgate::ConfigError>(())
 /// ```
-pub struct RateLimitLayer<K = ApiKeyHeader> {
-    shared: SharedState<K>,
+pub struct RateLimitLayer<K = ApiKeyHeader, S = MemoryStore> {
+    shared: SharedState<K, S>,
 }
 
 impl RateLimitLayer<ApiKeyHeader> {
@@ -47,7 +47,7 @@ impl RateLimitLayer<ApiKeyHeader> {
         RateLimitLayerBuilder {
             extractor: ApiKeyHeader::default(),
             policy,
-            store: None,
+            store: MemoryStore::new(),
             headers: HeaderStyle::default(),
             on_rejection: None,
             quota_status: StatusCode::TOO_MANY_REQUESTS,
@@ -55,7 +55,7 @@ impl RateLimitLayer<ApiKeyHeader> {
     }
 }
 
-impl<K> RateLimitLayer<K> {
+impl<K> RateLimitLayer<K, MemoryStore> {
     /// Decides a request of `cost` units for `key` directly, without an HTTP
     /// request: the same plan lookup and limits as the layer applies. A cost of
     /// 0 peeks without charging anything.
@@ -76,26 +76,72 @@ impl<K> RateLimitLayer<K> {
     ///
     /// Method overrides do not apply (there is no route); stage limits and
     /// quotas do.
+    ///
+    /// With another store, use [`decide`](Self::decide).
     pub fn check(&self, key: &[u8], cost: u32) -> Result<(), Rejection> {
-        match self.shared.check(key, cost) {
-            Ok(_) => Ok(()),
-            Err((rejection, _)) => Err(rejection),
+        self.shared.check(key, cost)
+    }
+}
+
+impl<K, S: Store> RateLimitLayer<K, S> {
+    /// Decides a request of `cost` units for `key` directly through any
+    /// store, like [`check`](Self::check) does with the memory store. A store
+    /// failure is decided by the plan's failure mode.
+    ///
+    /// ```
+    /// use tollgate::{Policy, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// # tokio_test_block_on(async {
+    /// let layer = RateLimitLayer::new(Policy::per_key(
+    ///     UsagePlan::new("jobs").throttle(Throttle::new(1.0, 1)?),
+    /// )?);
+    /// assert!(layer.decide(b"tenant-7", 1).await.is_ok());
+    /// assert!(layer.decide(b"tenant-7", 1).await.is_err());
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// # }).unwrap();
+    /// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+    /// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    /// # }
+    /// ```
+    pub fn decide(
+        &self,
+        key: &[u8],
+        cost: u32,
+    ) -> impl Future<Output = Result<(), Rejection>> + Send + 'static
+    where
+        K: Send + Sync + 'static,
+    {
+        let step = self.shared.check_any(key, cost);
+        let shared = Arc::clone(&self.shared);
+        async move {
+            let decided = match step {
+                Step::Done(d) => d,
+                Step::Wait(f, failure) => shared.settle(f.await, failure),
+            };
+            decided.map(|_| ()).map_err(|(rejection, _)| rejection)
         }
     }
 
     /// A handle to change keys and plans while serving and to read usage
     /// (see [`Admin`]).
-    pub fn admin(&self) -> Admin {
+    pub fn admin(&self) -> Admin<S> {
         Admin::new(self.shared.policy.clone(), self.shared.store.clone())
     }
 
     /// The store that holds this layer's limit state.
-    pub fn store(&self) -> &MemoryStore {
+    pub fn store(&self) -> &S {
         &self.shared.store
+    }
+
+    /// How many times the store failed to decide (unreachable, timed out).
+    /// Each failure was decided by the plan's failure mode; a burst of
+    /// failures is logged once (a `tracing` warning), and its end once.
+    pub fn store_failures(&self) -> u64 {
+        self.shared.failures.count()
     }
 }
 
-impl<K> Clone for RateLimitLayer<K> {
+impl<K, S> Clone for RateLimitLayer<K, S> {
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
@@ -103,7 +149,7 @@ impl<K> Clone for RateLimitLayer<K> {
     }
 }
 
-impl<K> fmt::Debug for RateLimitLayer<K> {
+impl<K, S: fmt::Debug> fmt::Debug for RateLimitLayer<K, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitLayer")
             .field("policy", &self.shared.policy)
@@ -113,10 +159,10 @@ impl<K> fmt::Debug for RateLimitLayer<K> {
     }
 }
 
-impl<S, K> Layer<S> for RateLimitLayer<K> {
-    type Service = RateLimit<S, K>;
+impl<Svc, K, S> Layer<Svc> for RateLimitLayer<K, S> {
+    type Service = RateLimit<Svc, K, S>;
 
-    fn layer(&self, inner: S) -> Self::Service {
+    fn layer(&self, inner: Svc) -> Self::Service {
         RateLimit::from_shared(inner, Arc::clone(&self.shared))
     }
 }
@@ -138,18 +184,18 @@ impl<S, K> Layer<S> for RateLimitLayer<K> {
 /// # Ok::<(), tollgate::ConfigError>(())
 /// ```
 #[must_use]
-pub struct RateLimitLayerBuilder<K> {
+pub struct RateLimitLayerBuilder<K, S = MemoryStore> {
     extractor: K,
     policy: Policy,
-    store: Option<MemoryStore>,
+    store: S,
     headers: HeaderStyle,
     on_rejection: Option<Arc<dyn OnRejection>>,
     quota_status: StatusCode,
 }
 
-impl<K> RateLimitLayerBuilder<K> {
+impl<K, S: Store> RateLimitLayerBuilder<K, S> {
     /// Where keys come from (default: [`ApiKeyHeader`], the `x-api-key` header).
-    pub fn extractor<K2: KeyExtractor>(self, extractor: K2) -> RateLimitLayerBuilder<K2> {
+    pub fn extractor<K2: KeyExtractor>(self, extractor: K2) -> RateLimitLayerBuilder<K2, S> {
         RateLimitLayerBuilder {
             extractor,
             policy: self.policy,
@@ -164,9 +210,15 @@ impl<K> RateLimitLayerBuilder<K> {
     /// store share the state of limits that have the same place: plans of the
     /// same name (and stage limits), as instances sharing one budget would.
     /// Give layers that must count apart their own stores or distinct plan names.
-    pub fn store(mut self, store: MemoryStore) -> Self {
-        self.store = Some(store);
-        self
+    pub fn store<S2: Store>(self, store: S2) -> RateLimitLayerBuilder<K, S2> {
+        RateLimitLayerBuilder {
+            extractor: self.extractor,
+            policy: self.policy,
+            store,
+            headers: self.headers,
+            on_rejection: self.on_rejection,
+            quota_status: self.quota_status,
+        }
     }
 
     /// Which rate-limit headers to send (default: [`HeaderStyle::ietf`]).
@@ -207,22 +259,23 @@ impl<K> RateLimitLayerBuilder<K> {
     }
 
     /// Builds the layer and its shared state.
-    pub fn build(self) -> RateLimitLayer<K> {
+    pub fn build(self) -> RateLimitLayer<K, S> {
         RateLimitLayer {
             shared: Arc::new(Shared {
                 extractor: self.extractor,
                 fixed: self.policy.load().per_key.clone(),
                 policy: self.policy,
-                store: self.store.unwrap_or_default(),
+                store: self.store,
                 headers: self.headers,
                 on_rejection: self.on_rejection,
                 quota_status: self.quota_status,
+                failures: Failures::default(),
             }),
         }
     }
 }
 
-impl<K: fmt::Debug> fmt::Debug for RateLimitLayerBuilder<K> {
+impl<K: fmt::Debug, S> fmt::Debug for RateLimitLayerBuilder<K, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitLayerBuilder")
             .field("extractor", &self.extractor)

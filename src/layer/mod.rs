@@ -10,159 +10,310 @@ pub use self::layer::{RateLimitLayer, RateLimitLayerBuilder};
 pub use self::service::RateLimit;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
 
 use crate::extract::{KeyError, KeyExtractor, RequestView};
 use crate::hash::{self, Digest};
-use crate::plan::{Limit, MethodLimit, Plan, StageLimits, match_method};
+use crate::plan::{FailureMode, Limit, MethodLimit, Plan, StageLimits, match_method};
 use crate::policy::{Policy, Snapshot};
 use crate::quota::QuotaCell;
 use crate::response::{HeaderStyle, Reason, Rejection, SharedOnRejection};
-use crate::store::{Applied, MemoryStore, QuotaAsk, Report, Sink, Throttles};
+use crate::store::{
+    Acquire, Acquired, Applied, MemoryStore, QuotaRef, Report, Store, StoreError, ThrottleRef,
+    Verdict,
+};
 
 /// Stage limits are one state for every caller.
 const STAGE_KEY: Digest = Digest(0);
 
 /// What every clone of a layer and its services share.
-pub(crate) struct Shared<K> {
+pub(crate) struct Shared<K, S> {
     pub(crate) extractor: K,
     pub(crate) policy: Policy,
     /// The one plan of a [`Policy::per_key`] policy, which never changes:
     /// deciding under it needs no policy snapshot.
     pub(crate) fixed: Option<Arc<Plan>>,
-    pub(crate) store: MemoryStore,
+    pub(crate) store: S,
     pub(crate) headers: HeaderStyle,
     pub(crate) on_rejection: Option<SharedOnRejection>,
     pub(crate) quota_status: StatusCode,
+    pub(crate) failures: Failures,
 }
 
 /// A decision's result: the report of the limits, or a rejection and how the
 /// limit that rejected stands.
 pub(crate) type Decision<R = Report> = Result<R, (Rejection, Option<Applied>)>;
 
-impl<K: KeyExtractor> Shared<K> {
+/// Where a decision stands after the synchronous part of a request.
+// The decided variant is the memory store's hot path: boxing it would allocate.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Step<F> {
+    /// Decided.
+    Done(Decision),
+    /// The store answers later; `FailureMode` says what a failure means.
+    Wait(F, FailureMode),
+}
+
+/// Store failures: counted, and logged once per burst (when the store starts
+/// failing and when it recovers), never once per request.
+#[derive(Debug, Default)]
+pub(crate) struct Failures {
+    count: AtomicU64,
+    failing: AtomicBool,
+}
+
+impl Failures {
+    #[cold]
+    fn failed(&self, e: &StoreError) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if !self.failing.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                error = %e,
+                "rate-limit store failing: each plan's failure mode applies until it recovers"
+            );
+        }
+    }
+
+    #[inline]
+    fn succeeded(&self) {
+        if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::AcqRel) {
+            tracing::info!(
+                failures = self.count.load(Ordering::Relaxed),
+                "rate-limit store recovered"
+            );
+        }
+    }
+
+    pub(crate) fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// Whose limits a request is decided against, once its key is known.
+struct Subject<'a> {
+    stage: Option<&'a StageLimits>,
+    plan: &'a Plan,
+    /// What the store names the state by: a registered key's id, else the key.
+    name: &'a [u8],
+    /// Where the memory store keeps the state.
+    state: Digest,
+    quota: Option<&'a QuotaCell>,
+}
+
+impl<K: KeyExtractor, S: Store> Shared<K, S> {
     /// Decides one request: key, plan, then every limit that applies at once.
     /// Rejections leave `grpc` unset: the caller sets it, so that allowed
     /// requests never pay for the content-type check.
     #[inline]
-    pub(crate) fn decide(&self, req: &RequestView<'_>) -> Decision {
-        if let Some(plan) = &self.fixed {
-            return match self.extractor.extract(req) {
+    pub(crate) fn decide(&self, req: &RequestView<'_>) -> Step<S::Future> {
+        let result = if let Some(plan) = &self.fixed {
+            match self.extractor.extract(req) {
                 Ok(key) => {
-                    let state = hash::state_digest(key.as_bytes());
-                    self.decide_plan::<Report>(None, plan, state, None, Some(req), 1)
+                    let subject = Subject {
+                        stage: None,
+                        plan,
+                        name: key.as_bytes(),
+                        state: hash::state_digest(key.as_bytes()),
+                        quota: None,
+                    };
+                    Ok(self.limits(&subject, Some(req), 1, |a| self.acquire(a)))
                 }
-                Err(e) => Err((Rejection::key(Reason::Key(e)), None)),
-            };
-        }
-        let snap = self.policy.load();
-        match (self.extractor.extract(req), &snap.anonymous) {
-            (Ok(key), _) => self.decide_key::<Report>(&snap, key.as_bytes(), Some(req), 1),
-            (Err(KeyError::Missing), Some(anon)) => match anon.client_ip.extract(req) {
-                Ok(ip) => self.decide_plan::<Report>(
-                    snap.stage.as_deref(),
-                    &anon.plan,
-                    hash::state_digest(ip.as_bytes()),
-                    None,
-                    Some(req),
-                    1,
-                ),
-                Err(e) => Err((Rejection::key(Reason::Key(e)), None)),
-            },
-            (Err(e), _) => Err((Rejection::key(Reason::Key(e)), None)),
+                Err(e) => Err(Rejection::key(Reason::Key(e))),
+            }
+        } else {
+            let snap = self.policy.load();
+            match (self.extractor.extract(req), &snap.anonymous) {
+                (Ok(key), _) => {
+                    self.registered(&snap, key.as_bytes(), Some(req), 1, |a| self.acquire(a))
+                }
+                (Err(KeyError::Missing), Some(anon)) => match anon.client_ip.extract(req) {
+                    Ok(ip) => {
+                        let subject = Subject {
+                            stage: snap.stage.as_deref(),
+                            plan: &anon.plan,
+                            name: ip.as_bytes(),
+                            state: hash::state_digest(ip.as_bytes()),
+                            quota: None,
+                        };
+                        Ok(self.limits(&subject, Some(req), 1, |a| self.acquire(a)))
+                    }
+                    Err(e) => Err(Rejection::key(Reason::Key(e))),
+                },
+                (Err(e), _) => Err(Rejection::key(Reason::Key(e))),
+            }
+        };
+        result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
+    }
+}
+
+impl<K, S: Store> Shared<K, S> {
+    /// Decides a request of `cost` units for `key` without a request (no
+    /// route, so no method overrides), through any store.
+    pub(crate) fn check_any(&self, key: &[u8], cost: u32) -> Step<S::Future> {
+        let result = match &self.fixed {
+            Some(plan) => {
+                let subject = Subject {
+                    stage: None,
+                    plan,
+                    name: key,
+                    state: hash::state_digest(key),
+                    quota: None,
+                };
+                Ok(self.limits(&subject, None, cost, |a| self.acquire(a)))
+            }
+            None => self.registered(&self.policy.load(), key, None, cost, |a| self.acquire(a)),
+        };
+        result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
+    }
+
+    #[inline]
+    fn acquire(&self, acquire: &Acquire<'_>) -> Step<S::Future> {
+        match self.store.acquire(acquire) {
+            Acquired::Ready(result) => Step::Done(self.settle(result, acquire.failure)),
+            Acquired::Pending(f) => Step::Wait(f, acquire.failure),
         }
     }
 }
 
-impl<K> Shared<K> {
-    /// Decides a request of `cost` units for `key` without a request: no
-    /// route, so no method overrides, and no report.
+impl<K, S> Shared<K, S> {
+    /// Turns a store's answer into a decision; a failed store lets the
+    /// request through (`Open`, without rate-limit headers) or refuses it
+    /// with 503 (`Closed`).
     #[inline]
-    pub(crate) fn check(&self, key: &[u8], cost: u32) -> Decision<()> {
-        match &self.fixed {
-            Some(plan) => {
-                self.decide_plan::<()>(None, plan, hash::state_digest(key), None, None, cost)
+    pub(crate) fn settle(
+        &self,
+        result: Result<Verdict, StoreError>,
+        failure: FailureMode,
+    ) -> Decision {
+        match result {
+            Ok(Ok(report)) => {
+                self.failures.succeeded();
+                Ok(report)
             }
-            None => self.decide_key::<()>(&self.policy.load(), key, None, cost),
+            Ok(Err(d)) => {
+                self.failures.succeeded();
+                let rejection = Rejection::denied(d.denial, &d.limit, self.quota_status);
+                Err((rejection, Some(d.limit)))
+            }
+            Err(e) => {
+                self.failures.failed(&e);
+                match failure {
+                    FailureMode::Open => Ok(Report::default()),
+                    FailureMode::Closed => Err((Rejection::unavailable(), None)),
+                }
+            }
         }
     }
 
-    /// Decides a request of `cost` units for a registered `key`; `req` is the
-    /// request, when there is one (its route selects method overrides). A
-    /// per-key policy never gets here: it is decided through `fixed`.
+    /// Finds a registered `key`'s plan and runs `run` on its limits; `req` is
+    /// the request, when there is one (its route selects method overrides).
+    /// A per-key policy never gets here: it is decided through `fixed`.
     #[inline]
-    fn decide_key<R: Sink>(
+    fn registered<T>(
         &self,
         snap: &Snapshot,
         key: &[u8],
         req: Option<&RequestView<'_>>,
         cost: u32,
-    ) -> Decision<R> {
-        let stage = snap.stage.as_deref();
+        run: impl FnOnce(&Acquire<'_>) -> T,
+    ) -> Result<T, Rejection> {
         let Some(entry) = snap.keys.get(&hash::digest(key)) else {
-            return Err((Rejection::key(Reason::UnknownKey), None));
+            return Err(Rejection::key(Reason::UnknownKey));
         };
         if !entry.enabled {
-            return Err((Rejection::key(Reason::DisabledKey), None));
+            return Err(Rejection::key(Reason::DisabledKey));
         }
-        self.decide_plan::<R>(
-            stage,
-            &entry.plan,
-            entry.state,
-            entry.quota.as_deref(),
-            req,
-            cost,
-        )
+        let subject = Subject {
+            stage: snap.stage.as_deref(),
+            plan: &entry.plan,
+            name: entry.id.as_bytes(),
+            state: entry.state,
+            quota: entry.quota.as_deref(),
+        };
+        Ok(self.limits(&subject, req, cost, run))
     }
 
     /// Gathers every limit that applies (stage, plan, method overrides, quota)
-    /// and decides them in one step.
+    /// and hands them to `run`, which decides them in one step.
     #[inline]
-    fn decide_plan<R: Sink>(
+    fn limits<T>(
         &self,
-        stage: Option<&StageLimits>,
-        plan: &Plan,
-        state: Digest,
-        quota: Option<&QuotaCell>,
+        s: &Subject<'_>,
         req: Option<&RequestView<'_>>,
         cost: u32,
-    ) -> Decision<R> {
+        run: impl FnOnce(&Acquire<'_>) -> T,
+    ) -> T {
+        let plan = s.plan;
+        let mut acquire = Acquire::new(cost, plan.failure);
         // Stage limits protect the backend's total capacity: a shadow plan
         // never lifts them.
-        let mut throttles = Throttles::default();
-        if let Some(stage) = stage {
+        if let Some(stage) = s.stage {
+            let shared = |limit| ThrottleRef {
+                limit,
+                plan: None,
+                subject: b"",
+                digest: STAGE_KEY,
+                shadow: false,
+            };
             if let Some(l) = &stage.throttle {
-                throttles.push(l, STAGE_KEY, false);
+                acquire.push(shared(l));
             }
             if let Some(l) = method_limit(&stage.methods, req) {
-                throttles.push(l, STAGE_KEY, false);
+                acquire.push(shared(l));
             }
         }
+        let own = |limit| ThrottleRef {
+            limit,
+            plan: Some(&plan.name),
+            subject: s.name,
+            digest: s.state,
+            shadow: plan.shadow,
+        };
         if let Some(l) = &plan.throttle {
-            throttles.push(l, state, plan.shadow);
+            acquire.push(own(l));
         }
         if let Some(l) = method_limit(&plan.methods, req) {
-            throttles.push(l, state, plan.shadow);
+            acquire.push(own(l));
         }
-        let quota = plan.quota.as_ref().and_then(|spec| {
-            Some(QuotaAsk {
-                cell: quota?,
-                spec,
-                shadow: plan.shadow,
-            })
+        acquire.quota = plan.quota.as_ref().map(|spec| QuotaRef {
+            spec,
+            plan: &plan.name,
+            subject: s.name,
+            cell: s.quota,
+            shadow: plan.shadow,
+            history_days: self.policy.inner.history_days as u32,
         });
-        let mut report = R::default();
-        match self.store.acquire(&throttles, quota, cost, &mut report) {
-            Ok(()) => Ok(report),
-            Err(d) => {
-                let rejection = Rejection::denied(d.denial, &d.limit, self.quota_status);
-                Err((rejection, Some(d.limit)))
-            }
-        }
+        run(&acquire)
     }
+}
 
+impl<K> Shared<K, MemoryStore> {
+    /// Decides a request of `cost` units for `key` in the memory store,
+    /// without a request and without a report.
+    #[inline]
+    pub(crate) fn check(&self, key: &[u8], cost: u32) -> Result<(), Rejection> {
+        let run = |a: &Acquire<'_>| self.store.decide::<()>(a, &mut ());
+        let result = match &self.fixed {
+            Some(plan) => {
+                let subject = Subject {
+                    stage: None,
+                    plan,
+                    name: key,
+                    state: hash::state_digest(key),
+                    quota: None,
+                };
+                self.limits(&subject, None, cost, run)
+            }
+            None => self.registered(&self.policy.load(), key, None, cost, run)?,
+        };
+        result.map_err(|d| Rejection::denied(d.denial, &d.limit, self.quota_status))
+    }
+}
+
+impl<K, S> Shared<K, S> {
     /// The response for a rejected request.
     #[cold]
     pub(crate) fn reject(&self, rejection: Rejection, limit: Option<Applied>) -> Response<Bytes> {
@@ -210,4 +361,4 @@ fn route_of<'a>(req: &RequestView<'a>) -> &'a str {
     req.uri.path()
 }
 
-pub(crate) type SharedState<K> = Arc<Shared<K>>;
+pub(crate) type SharedState<K, S> = Arc<Shared<K, S>>;

@@ -6,23 +6,31 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::{ResponseFuture, Shared, SharedState};
+use super::{ResponseFuture, Shared, SharedState, Step};
 use crate::body::ResponseBody;
 use crate::extract::{ApiKeyHeader, KeyExtractor, RequestView};
 use crate::response::is_grpc;
+use crate::store::{MemoryStore, Store};
 
 /// A service that rate-limits requests before they reach `S`.
 ///
 /// Made by [`RateLimitLayer`](crate::RateLimitLayer). `poll_ready` only asks the
 /// inner service; the decision is made in `call`. A rejected request gets a
-/// response (403, 429, or a gRPC status), never an error: `Error = S::Error`.
-pub struct RateLimit<S, K = ApiKeyHeader> {
+/// response (403, 429, 503 or a gRPC status), never an error:
+/// `Error = S::Error`.
+///
+/// With a store that answers at once (the memory store) the inner service
+/// is called from `call`. With a remote store the request waits for the
+/// store's answer in the response future, holding the inner service that
+/// `poll_ready` readied (and leaving a clone in its place, as tower's
+/// middleware that wait before calling do): `S` must be `Clone`.
+pub struct RateLimit<S, K = ApiKeyHeader, St = MemoryStore> {
     inner: S,
-    shared: SharedState<K>,
+    shared: SharedState<K, St>,
 }
 
-impl<S, K> RateLimit<S, K> {
-    pub(crate) fn from_shared(inner: S, shared: Arc<Shared<K>>) -> Self {
+impl<S, K, St> RateLimit<S, K, St> {
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared<K, St>>) -> Self {
         RateLimit { inner, shared }
     }
 
@@ -42,7 +50,7 @@ impl<S, K> RateLimit<S, K> {
     }
 }
 
-impl<S: Clone, K> Clone for RateLimit<S, K> {
+impl<S: Clone, K, St> Clone for RateLimit<S, K, St> {
     fn clone(&self) -> Self {
         RateLimit {
             inner: self.inner.clone(),
@@ -51,7 +59,7 @@ impl<S: Clone, K> Clone for RateLimit<S, K> {
     }
 }
 
-impl<S: fmt::Debug, K> fmt::Debug for RateLimit<S, K> {
+impl<S: fmt::Debug, K, St> fmt::Debug for RateLimit<S, K, St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimit")
             .field("inner", &self.inner)
@@ -60,15 +68,16 @@ impl<S: fmt::Debug, K> fmt::Debug for RateLimit<S, K> {
     }
 }
 
-impl<S, K, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, K>
+impl<S, K, St, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, K, St>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     K: KeyExtractor,
+    St: Store,
     ResBody: http_body::Body<Data = Bytes>,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S, Request<ReqBody>, K, St>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -76,11 +85,19 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.shared.decide(&RequestView::new(&req)) {
-            Ok(report) => ResponseFuture::called(self.inner.call(req), report, self.shared.headers),
-            Err((rejection, limit)) => {
+            Step::Done(Ok(report)) => {
+                ResponseFuture::called(self.inner.call(req), report, self.shared.headers)
+            }
+            Step::Done(Err((rejection, limit))) => {
                 // Only a rejection needs to know whether the call is gRPC.
                 let rejection = rejection.with_grpc(is_grpc(req.headers()));
                 ResponseFuture::rejected(self.shared.reject(rejection, limit))
+            }
+            Step::Wait(decision, failure) => {
+                // The readied service goes with the request; a clone stays.
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::waiting(decision, ready, req, Arc::clone(&self.shared), failure)
             }
         }
     }

@@ -26,7 +26,10 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::Mutex;
 use portable_atomic::{AtomicU128, Ordering};
 
-use super::{Applied, Denial, Denied, MAX_THROTTLES, QuotaAsk, Sink, Throttles};
+use super::{
+    Acquire, Acquired, Applied, Denial, Denied, MAX_THROTTLES, QuotaRef, Report, Sink, Store,
+    StoreError, StoreFuture, ThrottleRef, Verdict,
+};
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::gcra::{Nanos, Outcome};
@@ -34,6 +37,7 @@ use crate::hash::{Digest, mix};
 use crate::plan::{Limit, LimitKind};
 use crate::policy::wall_nanos;
 use crate::quota::QuotaSnapshot;
+use crate::window::Date;
 
 /// Slots a key may live in, counted from its hash position.
 const WINDOW: u64 = 32;
@@ -93,19 +97,19 @@ impl MemoryStore {
         self.inner.table.live(self.inner.clock.nanos())
     }
 
-    /// Bytes of table allocated so far (pages are allocated on first touch).
-    pub fn allocated_bytes(&self) -> usize {
-        self.inner.table.allocated_pages() * (PAGE as usize) * std::mem::size_of::<AtomicU128>()
-    }
-
     /// The store's clock.
     pub fn clock(&self) -> &Clock {
         &self.inner.clock
     }
 
-    /// Decides a request of `cost` units against every throttle in
-    /// `throttles` and the `quota`: all are charged, or none. Limits marked
-    /// shadow charge what fits, count quota overage, and never deny.
+    /// Bytes of table allocated so far (pages are allocated on first touch).
+    pub fn allocated_bytes(&self) -> usize {
+        self.inner.table.allocated_pages() * (PAGE as usize) * std::mem::size_of::<AtomicU128>()
+    }
+
+    /// Decides `req` against every throttle and the quota: all are charged,
+    /// or none. Limits marked shadow charge what fits, count quota overage,
+    /// and never deny.
     ///
     /// When a limit denies, the rest are looked at without charging, so that
     /// the answer names the limit that will hold the request longest: a
@@ -115,20 +119,16 @@ impl MemoryStore {
     /// How every limit stands after an allowed decision goes to `report`
     /// (for headers); a `()` sink computes none of it.
     #[inline]
-    pub(crate) fn acquire<R: Sink>(
-        &self,
-        throttles: &Throttles<'_>,
-        quota: Option<QuotaAsk<'_>>,
-        cost: u32,
-        report: &mut R,
-    ) -> Result<(), Denied> {
+    pub(crate) fn decide<R: Sink>(&self, req: &Acquire<'_>, report: &mut R) -> Result<(), Denied> {
         let now = self.inner.clock.nanos();
+        let cost = req.cost;
         let table = &self.inner.table;
         // The TAT each throttle was charged to, for exact refunds.
         let mut charged = [None; MAX_THROTTLES];
         let mut denied: Option<Denied> = None;
-        for (i, (limit, key, shadow)) in throttles.iter().enumerate() {
-            let slot = SlotKey::new(key, limit.salt);
+        for (i, t) in req.throttles().enumerate() {
+            let limit = t.limit;
+            let slot = SlotKey::new(t.digest, limit.salt);
             let outcome = if denied.is_some() {
                 Ok(limit.gcra.decide(table.peek(slot), now, cost))
             } else {
@@ -148,48 +148,43 @@ impl MemoryStore {
                     }
                     continue;
                 }
-                Ok(Outcome::Deny { at, retry_after }) => Denied {
-                    denial: Denial::Limited { retry_after },
-                    limit: applied(limit, at, now),
-                },
-                Ok(Outcome::TooCostly { at }) => Denied {
-                    denial: Denial::TooCostly,
-                    limit: applied(limit, at, now),
-                },
+                Ok(o) => denial(limit, o, now),
                 Err(retry_after) => Denied {
                     denial: Denial::Capacity { retry_after },
                     limit: applied(limit, 0, now),
                 },
             };
-            if shadow && denied.is_none() {
+            if t.shadow && denied.is_none() {
                 report.push(|| d.limit);
                 continue;
             }
-            denied = Some(longest(denied, d));
+            denied = Some(Denied::longest(denied, d));
         }
-        if let Some(q) = quota {
-            let wall = wall_nanos(&self.inner.clock);
-            let cost = u64::from(cost);
-            let outcome = match denied {
-                Some(_) => q.cell.check(q.spec, wall, cost),
-                None => q.cell.acquire(q.spec, wall, cost, q.shadow),
-            };
-            match outcome {
-                Ok(snap) if denied.is_none() => report.push(|| quota_applied(&snap)),
-                Ok(_) => {}
-                Err((retry_after, snap)) => {
-                    let d = Denied {
-                        denial: Denial::Quota { retry_after },
-                        limit: quota_applied(&snap),
-                    };
-                    denied = Some(longest(denied, d));
+        if let Some(q) = &req.quota {
+            if let Some(cell) = q.cell {
+                let wall = wall_nanos(&self.inner.clock);
+                let cost = u64::from(cost);
+                let outcome = match denied {
+                    Some(_) => cell.check(q.spec, wall, cost),
+                    None => cell.acquire(q.spec, wall, cost, q.shadow),
+                };
+                match outcome {
+                    Ok(snap) if denied.is_none() => report.push(|| quota_applied(&snap)),
+                    Ok(_) => {}
+                    Err((retry_after, snap)) => {
+                        let d = Denied {
+                            denial: Denial::Quota { retry_after },
+                            limit: quota_applied(&snap),
+                        };
+                        denied = Some(Denied::longest(denied, d));
+                    }
                 }
             }
         }
         match denied {
             None => Ok(()),
             Some(d) => {
-                self.refund(throttles, &charged, now, cost);
+                self.refund(req, &charged, now, cost);
                 Err(d)
             }
         }
@@ -198,58 +193,101 @@ impl MemoryStore {
     /// Gives back what this request charged. A throttle gets back at most what
     /// is still ahead of `now` of the TAT this request stored, so a refund can
     /// never return capacity that later requests have already been granted.
-    fn refund(&self, throttles: &Throttles<'_>, charged: &[Option<Nanos>], now: Nanos, cost: u32) {
-        for ((limit, key, _), mine) in throttles.iter().zip(charged) {
+    fn refund(&self, req: &Acquire<'_>, charged: &[Option<Nanos>], now: Nanos, cost: u32) {
+        for (t, mine) in req.throttles().zip(charged) {
             let Some(mine) = *mine else { continue };
-            let slot = SlotKey::new(key, limit.salt);
+            let limit = t.limit;
+            let slot = SlotKey::new(t.digest, limit.salt);
             let _ = self.inner.table.update(slot, now, |tat| {
                 (Some(limit.gcra.refund(tat, now, mine, cost)), ())
             });
         }
     }
 
-    /// Converts the state of `key` under `old` to `new` (a plan's throttle
-    /// replaced while serving): the share of the bucket in use is kept, so an
-    /// emptied bucket stays empty and refills at the new rate.
-    pub(crate) fn rescale(&self, old: &Limit, new: &Limit, key: Digest) {
+    fn update_throttle(&self, t: &ThrottleRef<'_>, f: impl Fn(Nanos, Nanos) -> Nanos) {
         let now = self.inner.clock.nanos();
+        let slot = SlotKey::new(t.digest, t.limit.salt);
         let _ = self
             .inner
             .table
-            .update(SlotKey::new(key, new.salt), now, |tat| {
-                (Some(old.gcra.rescale(tat, now, &new.gcra)), ())
-            });
-    }
-
-    /// Fills `limit`'s bucket for `key` again (an admin reset): the TAT goes
-    /// back to now at most, which makes the key idle.
-    pub(crate) fn reset(&self, limit: &Limit, key: Digest) {
-        let now = self.inner.clock.nanos();
-        let _ = self
-            .inner
-            .table
-            .update(SlotKey::new(key, limit.salt), now, |tat| {
-                (Some(tat.min(now)), ())
-            });
+            .update(slot, now, |tat| (Some(f(tat, now)), ()));
     }
 }
 
-/// Of two denials, the one that holds the request longest.
-fn longest(a: Option<Denied>, b: Denied) -> Denied {
-    fn rank(d: &Denied) -> (u8, Nanos) {
-        match d.denial {
-            Denial::TooCostly => (3, 0),
-            Denial::Quota { retry_after } => (2, retry_after),
-            Denial::Limited { retry_after } | Denial::Capacity { retry_after } => (1, retry_after),
+impl Store for MemoryStore {
+    type Future = std::future::Ready<Result<Verdict, StoreError>>;
+
+    fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    #[inline]
+    fn acquire(&self, request: &Acquire<'_>) -> Acquired<Self::Future> {
+        let mut report = Report::default();
+        Acquired::Ready(Ok(self.decide(request, &mut report).map(|()| report)))
+    }
+
+    fn usage(&self, quota: &QuotaRef<'_>, first: Date, last: Date) -> StoreFuture<Vec<[i64; 2]>> {
+        let days = match quota.cell {
+            Some(cell) => cell.report(quota.spec, first.days(), last.days()),
+            None => crate::quota::report(quota.spec, &[], first.days(), last.days()),
+        };
+        Box::pin(std::future::ready(Ok(days)))
+    }
+
+    fn set_remaining(&self, quota: &QuotaRef<'_>, remaining: u64) -> StoreFuture<u64> {
+        let result = match quota.cell {
+            Some(cell) => {
+                let remaining = i64::try_from(remaining).unwrap_or(i64::MAX);
+                let wall = wall_nanos(&self.inner.clock);
+                Ok(cell.set_remaining(quota.spec, wall, remaining).remaining)
+            }
+            None => Err(StoreError::new(
+                "the memory store keeps no counter for this quota",
+            )),
+        };
+        Box::pin(std::future::ready(result))
+    }
+
+    fn reset(
+        &self,
+        throttles: &[ThrottleRef<'_>],
+        quota: Option<&QuotaRef<'_>>,
+    ) -> StoreFuture<()> {
+        // The TAT goes back to now at most, which makes the key idle.
+        for t in throttles {
+            self.update_throttle(t, |tat, now| tat.min(now));
         }
+        if let Some(cell) = quota.and_then(|q| q.cell) {
+            cell.reset();
+        }
+        Box::pin(std::future::ready(Ok(())))
     }
-    match a {
-        Some(a) if rank(&a) >= rank(&b) => a,
-        _ => b,
+
+    /// Converts the state at once: the share of the bucket in use is kept, so
+    /// an emptied bucket stays empty and refills at the new rate.
+    fn rescale(&self, old: &ThrottleRef<'_>, new: &ThrottleRef<'_>) {
+        self.update_throttle(new, |tat, now| {
+            old.limit.gcra.rescale(tat, now, &new.limit.gcra)
+        });
     }
 }
 
-fn quota_applied(q: &QuotaSnapshot) -> Applied {
+/// The denial of a throttle that did not allow.
+fn denial(limit: &Limit, o: Outcome, now: Nanos) -> Denied {
+    match o {
+        Outcome::Deny { at, retry_after } => Denied {
+            denial: Denial::Limited { retry_after },
+            limit: applied(limit, at, now),
+        },
+        Outcome::TooCostly { at } | Outcome::Allow { after: at, .. } => Denied {
+            denial: Denial::TooCostly,
+            limit: applied(limit, at, now),
+        },
+    }
+}
+
+pub(crate) fn quota_applied(q: &QuotaSnapshot) -> Applied {
     Applied {
         name: LimitKind::Quota.name(),
         quota: u64::try_from(q.limit).unwrap_or(0),
@@ -260,7 +298,7 @@ fn quota_applied(q: &QuotaSnapshot) -> Applied {
 }
 
 /// How `limit` stands with TAT `tat` at `now`.
-fn applied(limit: &Limit, tat: Nanos, now: Nanos) -> Applied {
+pub(crate) fn applied(limit: &Limit, tat: Nanos, now: Nanos) -> Applied {
     let s = limit.gcra.status(tat, now);
     let (remaining, reset) = (s.remaining, s.reset);
     Applied {
@@ -546,10 +584,16 @@ mod tests {
 
     impl MemoryStore {
         fn acquire_one(&self, l: &OneLimit, key: Digest, cost: u32) -> Result<Report, Denied> {
-            let mut t = Throttles::default();
-            t.push(&l.0, key, false);
+            let mut req = Acquire::new(cost, crate::FailureMode::Open);
+            req.push(ThrottleRef {
+                limit: &l.0,
+                plan: Some("p"),
+                subject: b"",
+                digest: key,
+                shadow: false,
+            });
             let mut report = Report::default();
-            self.acquire(&t, None, cost, &mut report).map(|()| report)
+            self.decide(&req, &mut report).map(|()| report)
         }
     }
 

@@ -1,16 +1,88 @@
 //! Where limit state lives, and the one call that decides a request.
 //!
-//! A store takes every limit that applies to a request and decides them
-//! together: either every limit has room and all are charged, or the request is
-//! denied and none is charged. [`MemoryStore`] (the default) keeps state in this
-//! process, lock-free; a shared store for several instances arrives with the
-//! Redis store.
+//! A [`Store`] takes every limit that applies to a request ([`Acquire`]) and
+//! decides them together: either every limit has room and all are charged, or
+//! the request is denied and none is charged. [`MemoryStore`] (the default)
+//! keeps state in this process and answers at once, lock-free;
+//! `RedisStore` (feature `redis`) shares state between instances and answers
+//! after one round trip.
+//!
+//! # Writing a store
+//!
+//! A store answers [`Store::acquire`] with [`Acquired::Ready`] when it can
+//! decide without waiting (no allocation, no boxing: the memory store's hot
+//! path) or [`Acquired::Pending`] with a future. The request's limits are
+//! described by [`ThrottleRef`] and [`QuotaRef`]: their numbers, and a stable
+//! identity (plan, limit id, subject) to name their state by. A store that
+//! adds behaviour around another, here one that counts decisions, delegates:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use tollgate::store::{Acquire, Acquired, QuotaRef, Store, StoreFuture, ThrottleRef};
+//! use tollgate::{Clock, Date, MemoryStore, Policy, RateLimitLayer, Throttle, UsagePlan};
+//!
+//! #[derive(Clone, Debug, Default)]
+//! struct Counted {
+//!     inner: MemoryStore,
+//!     decisions: Arc<AtomicU64>,
+//! }
+//!
+//! impl Store for Counted {
+//!     type Future = <MemoryStore as Store>::Future;
+//!
+//!     fn clock(&self) -> &Clock {
+//!         self.inner.clock()
+//!     }
+//!     fn acquire(&self, request: &Acquire<'_>) -> Acquired<Self::Future> {
+//!         self.decisions.fetch_add(1, Ordering::Relaxed);
+//!         self.inner.acquire(request)
+//!     }
+//!     fn usage(&self, q: &QuotaRef<'_>, first: Date, last: Date) -> StoreFuture<Vec<[i64; 2]>> {
+//!         self.inner.usage(q, first, last)
+//!     }
+//!     fn set_remaining(&self, q: &QuotaRef<'_>, remaining: u64) -> StoreFuture<u64> {
+//!         self.inner.set_remaining(q, remaining)
+//!     }
+//!     fn reset(&self, throttles: &[ThrottleRef<'_>], q: Option<&QuotaRef<'_>>) -> StoreFuture<()> {
+//!         self.inner.reset(throttles, q)
+//!     }
+//! }
+//!
+//! let store = Counted::default();
+//! let policy = Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(1.0, 1)?))?;
+//! let layer = RateLimitLayer::builder(policy).store(store.clone()).build();
+//! # let _ = layer;
+//! # Ok::<(), tollgate::ConfigError>(())
+//! ```
+//!
+//! A store of its own state decides each throttle by GCRA on its
+//! [`interval`](ThrottleRef::interval) and [`burst`](ThrottleRef::burst),
+//! counts each quota in the UTC window of its [`period`](QuotaRef::period),
+//! and reports how each limit stands with [`Applied`], or why it denied with
+//! [`Denied`]. It must never store an API key's value: the subject of a
+//! registered key is its public id, and other subjects (client IPs, per-key
+//! keys) should be hashed before they name anything.
 
 mod memory;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+mod redis;
 
 pub use self::memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisStore, RedisStoreBuilder};
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
 
 use crate::gcra::Nanos;
+use crate::hash::Digest;
+use crate::plan::{FailureMode, Limit};
+use crate::quota::{QuotaCell, QuotaSpec};
+use crate::window::Period;
 
 /// The most limits one request can be decided against: stage, stage method,
 /// plan throttle, plan method, quota, and room for token budgets.
@@ -19,9 +91,113 @@ pub(crate) const MAX_LIMITS: usize = 6;
 /// The most throttles (GCRA limits) of one request.
 pub(crate) const MAX_THROTTLES: usize = 4;
 
+/// A boxed future of an administrative store operation.
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+/// A decision: how every limit stands after the request was charged, or why
+/// it was denied.
+pub type Verdict = Result<Report, Denied>;
+
+/// Keeps limit state and decides requests against it.
+///
+/// One call, [`acquire`](Store::acquire), decides every limit of a request
+/// atomically. The other methods serve [`Admin`](crate::Admin): usage
+/// reports, UpdateUsage and resets. Clones share one state.
+///
+/// See the [module documentation](self) for how to write one.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// The future of a decision that waits (a round trip to a remote store).
+    type Future: Future<Output = Result<Verdict, StoreError>> + Send + 'static;
+
+    /// The clock the store dates quota windows by (usage reports ask it what
+    /// day it is).
+    fn clock(&self) -> &crate::Clock;
+
+    /// Decides `request`: charges every limit, or none and says why.
+    fn acquire(&self, request: &Acquire<'_>) -> Acquired<Self::Future>;
+
+    /// `[used, remaining]` of a quota for each UTC day from `first` to `last`
+    /// (inclusive), as AWS GetUsage reports them; a day without use reports
+    /// nothing used and what remained in its window.
+    fn usage(
+        &self,
+        quota: &QuotaRef<'_>,
+        first: crate::Date,
+        last: crate::Date,
+    ) -> StoreFuture<Vec<[i64; 2]>>;
+
+    /// Sets what remains of a quota in the current window (AWS UpdateUsage)
+    /// and returns it.
+    fn set_remaining(&self, quota: &QuotaRef<'_>, remaining: u64) -> StoreFuture<u64>;
+
+    /// Forgets the state of these throttles (full buckets again) and the
+    /// quota's window and history.
+    fn reset(&self, throttles: &[ThrottleRef<'_>], quota: Option<&QuotaRef<'_>>)
+    -> StoreFuture<()>;
+
+    /// A throttle's numbers changed from `old` to `new` while serving (a plan
+    /// replaced). A store may convert the state it keeps so that the share of
+    /// the bucket in use carries over; by default nothing is done. The memory
+    /// store converts at once; the Redis store converts each key's state the
+    /// next time it is used.
+    fn rescale(&self, old: &ThrottleRef<'_>, new: &ThrottleRef<'_>) {
+        let _ = (old, new);
+    }
+}
+
+/// A store's answer to [`Store::acquire`]: now, or after waiting.
+// `Ready` is the memory store's hot path: boxing it would allocate.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Acquired<F> {
+    /// Decided without waiting.
+    Ready(Result<Verdict, StoreError>),
+    /// Decided when the future completes.
+    Pending(F),
+}
+
+/// A store that could not decide (unreachable, timed out, a bad reply). The
+/// plan's [`FailureMode`] says what happens to the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError {
+    message: String,
+    timeout: bool,
+}
+
+impl StoreError {
+    /// An error with a message (never containing a key's value).
+    pub fn new(message: impl Into<String>) -> Self {
+        StoreError {
+            message: message.into(),
+            timeout: false,
+        }
+    }
+
+    /// The store did not answer in time.
+    pub fn timeout(after: Duration) -> Self {
+        StoreError {
+            message: format!("no answer within {after:?}"),
+            timeout: true,
+        }
+    }
+
+    /// Whether the store did not answer in time.
+    pub fn is_timeout(&self) -> bool {
+        self.timeout
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "store unavailable: {}", self.message)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
 /// How one limit stood after a decision, for the response headers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Applied {
+pub struct Applied {
     /// The policy item's name (`"throttle"`).
     pub(crate) name: &'static str,
     /// The limit's size (`q`): a throttle's burst, a quota's limit.
@@ -34,22 +210,65 @@ pub(crate) struct Applied {
     pub(crate) reset: Nanos,
 }
 
+impl Applied {
+    /// How a limit named `name` (`"throttle"`, `"quota"`…) of size `limit`
+    /// over `window` stands: `remaining` units left, full again after `reset`.
+    pub fn new(
+        name: &'static str,
+        limit: u64,
+        window: Duration,
+        remaining: u64,
+        reset: Duration,
+    ) -> Self {
+        Applied {
+            name,
+            quota: limit,
+            window_secs: window.as_secs(),
+            remaining,
+            reset: u64::try_from(reset.as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// The limit's name in headers and rejections.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The limit's size: a throttle's burst, a quota's limit.
+    pub fn limit(&self) -> u64 {
+        self.quota
+    }
+
+    /// Units left.
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// Time until the limit is full again.
+    pub fn reset(&self) -> Duration {
+        Duration::from_nanos(self.reset)
+    }
+}
+
 /// What every limit of a request looked like after the decision.
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Report {
+pub struct Report {
     items: [Applied; MAX_LIMITS],
     len: u8,
 }
 
 impl Report {
-    pub(crate) fn push(&mut self, item: Applied) {
+    /// Records how a limit stands (beyond the most limits of one request, the
+    /// rest are dropped).
+    pub fn push(&mut self, item: Applied) {
         if let Some(slot) = self.items.get_mut(usize::from(self.len)) {
             *slot = item;
             self.len += 1;
         }
     }
 
-    pub(crate) fn items(&self) -> &[Applied] {
+    /// How each limit stands.
+    pub fn items(&self) -> &[Applied] {
         &self.items[..usize::from(self.len)]
     }
 
@@ -94,52 +313,297 @@ pub(crate) enum Denial {
 }
 
 /// A denied decision: why, and how the limit that denied stands.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Denied {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Denied {
     pub(crate) denial: Denial,
     pub(crate) limit: Applied,
 }
 
-/// One throttle of a request: the limit, the key its state is counted
-/// under, and whether it only observes (a shadow plan's limit).
-type ThrottleItem<'a> = (&'a crate::plan::Limit, crate::hash::Digest, bool);
-
-/// The throttles of one request.
-#[derive(Clone, Copy, Default)]
-pub(crate) struct Throttles<'a> {
-    items: [Option<ThrottleItem<'a>>; MAX_THROTTLES],
-    len: usize,
+fn nanos(d: Duration) -> Nanos {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-impl<'a> Throttles<'a> {
-    pub(crate) fn push(
-        &mut self,
-        limit: &'a crate::plan::Limit,
-        key: crate::hash::Digest,
-        shadow: bool,
-    ) {
-        if let Some(slot) = self.items.get_mut(self.len) {
-            *slot = Some((limit, key, shadow));
+impl Denied {
+    /// A throttle had no room; the request passes after `retry_after`.
+    pub fn throttled(limit: Applied, retry_after: Duration) -> Self {
+        Denied {
+            denial: Denial::Limited {
+                retry_after: nanos(retry_after),
+            },
+            limit,
+        }
+    }
+
+    /// The quota's window is used up; it renews after `retry_after`.
+    pub fn quota(limit: Applied, retry_after: Duration) -> Self {
+        Denied {
+            denial: Denial::Quota {
+                retry_after: nanos(retry_after),
+            },
+            limit,
+        }
+    }
+
+    /// The request costs more than the limit can ever hold.
+    pub fn too_costly(limit: Applied) -> Self {
+        Denied {
+            denial: Denial::TooCostly,
+            limit,
+        }
+    }
+
+    /// The store cannot track another key now; retry after `retry_after`.
+    pub fn capacity(limit: Applied, retry_after: Duration) -> Self {
+        Denied {
+            denial: Denial::Capacity {
+                retry_after: nanos(retry_after),
+            },
+            limit,
+        }
+    }
+
+    /// How the limit that denied stands.
+    pub fn limit(&self) -> &Applied {
+        &self.limit
+    }
+
+    /// When the request would pass, if it ever will.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self.denial {
+            Denial::Limited { retry_after }
+            | Denial::Quota { retry_after }
+            | Denial::Capacity { retry_after } => Some(Duration::from_nanos(retry_after)),
+            Denial::TooCostly => None,
+        }
+    }
+
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    /// The same denial as seen `elapsed` later (an over-limit cache answering
+    /// for the store): the wait and the limit's reset shrink by `elapsed`.
+    pub(crate) fn later(mut self, elapsed: Nanos) -> Self {
+        match &mut self.denial {
+            Denial::Limited { retry_after }
+            | Denial::Quota { retry_after }
+            | Denial::Capacity { retry_after } => {
+                *retry_after = retry_after.saturating_sub(elapsed).max(1);
+            }
+            Denial::TooCostly => {}
+        }
+        self.limit.reset = self.limit.reset.saturating_sub(elapsed);
+        self
+    }
+
+    /// Of two denials, the one that holds the request longest: a cost no
+    /// limit can ever hold first, then a used-up quota, then the longest wait.
+    pub(crate) fn longest(a: Option<Denied>, b: Denied) -> Denied {
+        fn rank(d: &Denied) -> (u8, Nanos) {
+            match d.denial {
+                Denial::TooCostly => (3, 0),
+                Denial::Quota { retry_after } => (2, retry_after),
+                Denial::Limited { retry_after } | Denial::Capacity { retry_after } => {
+                    (1, retry_after)
+                }
+            }
+        }
+        match a {
+            Some(a) if rank(&a) >= rank(&b) => a,
+            _ => b,
+        }
+    }
+}
+
+/// Everything a store needs to decide one request: its throttles, its quota
+/// and its cost.
+#[derive(Clone, Copy)]
+pub struct Acquire<'a> {
+    throttles: [Option<ThrottleRef<'a>>; MAX_THROTTLES],
+    len: usize,
+    pub(crate) quota: Option<QuotaRef<'a>>,
+    pub(crate) cost: u32,
+    pub(crate) failure: FailureMode,
+}
+
+impl<'a> Acquire<'a> {
+    pub(crate) fn new(cost: u32, failure: FailureMode) -> Self {
+        Acquire {
+            throttles: [None; MAX_THROTTLES],
+            len: 0,
+            quota: None,
+            cost,
+            failure,
+        }
+    }
+
+    pub(crate) fn push(&mut self, throttle: ThrottleRef<'a>) {
+        if let Some(slot) = self.throttles.get_mut(self.len) {
+            *slot = Some(throttle);
             self.len += 1;
         }
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = ThrottleItem<'a>> + '_ {
-        self.items[..self.len].iter().flatten().copied()
+    /// The throttles (GCRA token buckets), shared stage limits first.
+    pub fn throttles(&self) -> impl Iterator<Item = &ThrottleRef<'a>> + '_ {
+        self.throttles[..self.len].iter().flatten()
+    }
+
+    /// The quota, when the plan has one.
+    pub fn quota(&self) -> Option<&QuotaRef<'a>> {
+        self.quota.as_ref()
+    }
+
+    /// The request's cost in units (0 peeks: nothing is charged).
+    pub fn cost(&self) -> u32 {
+        self.cost
+    }
+
+    /// What the layer does with the request when the store fails.
+    pub fn failure_mode(&self) -> FailureMode {
+        self.failure
     }
 }
 
-/// The quota of one request.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct QuotaAsk<'a> {
-    pub(crate) cell: &'a crate::quota::QuotaCell,
-    pub(crate) spec: &'a crate::quota::QuotaSpec,
-    /// A shadow plan's quota counts past its limit and never denies.
+impl fmt::Debug for Acquire<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Acquire")
+            .field("throttles", &self.throttles().collect::<Vec<_>>())
+            .field("quota", &self.quota)
+            .field("cost", &self.cost)
+            .finish()
+    }
+}
+
+/// One throttle of a request, and whose state it is counted under.
+#[derive(Clone, Copy)]
+pub struct ThrottleRef<'a> {
+    pub(crate) limit: &'a Limit,
+    pub(crate) plan: Option<&'a str>,
+    pub(crate) subject: &'a [u8],
+    /// Where the memory store keeps the state (a per-process keyed hash).
+    pub(crate) digest: Digest,
     pub(crate) shadow: bool,
 }
 
-impl std::fmt::Debug for Throttles<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Throttles").field("len", &self.len).finish()
+impl<'a> ThrottleRef<'a> {
+    /// The limit's name in headers: `"throttle"`, `"method"`, `"stage"` or `"stage-method"`.
+    pub fn name(&self) -> &'static str {
+        self.limit.kind.name()
+    }
+
+    /// A stable id of the limit within its plan (the same in every process,
+    /// and kept when the limit's numbers change).
+    pub fn id(&self) -> u64 {
+        self.limit.salt
+    }
+
+    /// The plan whose limit this is; `None` for stage limits, which every
+    /// caller shares.
+    pub fn plan(&self) -> Option<&'a str> {
+        self.plan
+    }
+
+    /// Whose state it is: a registered key's public id, the key a per-key
+    /// policy extracted, or the client IP of an anonymous request; empty for
+    /// stage limits. Hash it before it names anything.
+    pub fn subject(&self) -> &'a [u8] {
+        self.subject
+    }
+
+    /// Requests (units) per second.
+    pub fn rate(&self) -> f64 {
+        1e9 / self.limit.gcra.interval() as f64
+    }
+
+    /// The bucket size in units.
+    pub fn burst(&self) -> u32 {
+        self.limit.gcra.burst()
+    }
+
+    /// Time one unit takes to refill (the GCRA emission interval).
+    pub fn interval(&self) -> Duration {
+        Duration::from_nanos(self.limit.gcra.interval())
+    }
+
+    /// Whether the limit only observes (a shadow plan's): it is charged when
+    /// it has room and never denies.
+    pub fn is_shadow(&self) -> bool {
+        self.shadow
+    }
+}
+
+impl fmt::Debug for ThrottleRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ThrottleRef")
+            .field("name", &self.name())
+            .field("plan", &self.plan)
+            .field("rate", &self.rate())
+            .field("burst", &self.burst())
+            .field("shadow", &self.shadow)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The quota of a request, and whose count it is.
+#[derive(Clone, Copy)]
+pub struct QuotaRef<'a> {
+    pub(crate) spec: &'a QuotaSpec,
+    pub(crate) plan: &'a str,
+    pub(crate) subject: &'a [u8],
+    /// The memory store's counters (the policy keeps them per (plan, key)).
+    pub(crate) cell: Option<&'a QuotaCell>,
+    pub(crate) shadow: bool,
+    pub(crate) history_days: u32,
+}
+
+impl<'a> QuotaRef<'a> {
+    /// Requests (units) per window.
+    pub fn limit(&self) -> u64 {
+        self.spec.limit
+    }
+
+    /// The window.
+    pub fn period(&self) -> Period {
+        self.spec.period
+    }
+
+    /// Units deducted from the limit in the window holding
+    /// [`created_at`](Self::created_at) (AWS `offset`).
+    pub fn offset(&self) -> u64 {
+        self.spec.offset
+    }
+
+    /// When the plan was created, in nanoseconds since the Unix epoch (UTC).
+    pub fn created_at(&self) -> i64 {
+        self.spec.created_at
+    }
+
+    /// The plan.
+    pub fn plan(&self) -> &'a str {
+        self.plan
+    }
+
+    /// The registered key's public id.
+    pub fn subject(&self) -> &'a [u8] {
+        self.subject
+    }
+
+    /// Whether the quota only observes (counts past its limit, never denies).
+    pub fn is_shadow(&self) -> bool {
+        self.shadow
+    }
+
+    /// Days of daily usage to keep for reports.
+    pub fn history_days(&self) -> u32 {
+        self.history_days
+    }
+}
+
+impl fmt::Debug for QuotaRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuotaRef")
+            .field("plan", &self.plan)
+            .field("limit", &self.limit())
+            .field("period", &self.period())
+            .field("shadow", &self.shadow)
+            .finish_non_exhaustive()
     }
 }

@@ -1,0 +1,147 @@
+//! The over-limit cache: a key that Redis denied is answered here until its
+//! retry time, without a round trip (Envoy's over-limit cache).
+//!
+//! An entry remembers the denial and when it was given. Until the retry time
+//! the same request (same limits, same subject, same cost) gets the same
+//! answer Redis would give: while a request is denied nothing is charged, so
+//! the state Redis holds does not move, and the wait only shrinks with time.
+//! An admin change through this instance clears the cache; an entry lives at
+//! most `max_ttl`, which bounds how long a change made elsewhere (another
+//! instance raising a quota) can go unseen here.
+
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
+
+use crate::gcra::Nanos;
+use crate::hash::BuildDigestHasher;
+use crate::store::Denied;
+
+/// Shards of the cache, so that denied hot keys on several threads rarely
+/// contend.
+const SHARDS: usize = 16;
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// When the denial was given (the store clock's monotonic nanoseconds).
+    at: Nanos,
+    /// Until when the same answer holds.
+    until: Nanos,
+    denied: Denied,
+}
+
+/// Denials by request identity, bounded in entries.
+#[derive(Debug)]
+pub(super) struct OverLimitCache {
+    shards: Box<[Mutex<HashMap<u64, Entry, BuildDigestHasher>>]>,
+    per_shard: usize,
+    max_ttl: Nanos,
+}
+
+impl OverLimitCache {
+    /// A cache of at most `capacity` entries, each kept at most `max_ttl`.
+    pub(super) fn new(capacity: usize, max_ttl: Nanos) -> Self {
+        OverLimitCache {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            per_shard: capacity.div_ceil(SHARDS),
+            max_ttl,
+        }
+    }
+
+    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Entry, BuildDigestHasher>> {
+        &self.shards[(id >> 59) as usize % SHARDS]
+    }
+
+    /// The denial Redis would give now, if `id` is still denied.
+    pub(super) fn get(&self, id: u64, now: Nanos) -> Option<Denied> {
+        let mut shard = self.shard(id).lock();
+        let e = *shard.get(&id)?;
+        if now < e.until && now >= e.at {
+            Some(e.denied.later(now - e.at))
+        } else {
+            shard.remove(&id);
+            None
+        }
+    }
+
+    /// Remembers that `id` was denied at `now`.
+    pub(super) fn insert(&self, id: u64, now: Nanos, denied: Denied) {
+        let Some(wait) = denied.retry_after() else {
+            // A cost no limit can hold is answered at once by Redis too; caching
+            // it saves a round trip as long as the plan stays.
+            return self.put(id, now, self.max_ttl, denied);
+        };
+        let wait = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+        self.put(id, now, wait.min(self.max_ttl), denied);
+    }
+
+    fn put(&self, id: u64, now: Nanos, ttl: Nanos, denied: Denied) {
+        if ttl == 0 || self.per_shard == 0 {
+            return;
+        }
+        let mut shard = self.shard(id).lock();
+        if shard.len() >= self.per_shard && !shard.contains_key(&id) {
+            shard.retain(|_, e| now < e.until);
+            if shard.len() >= self.per_shard {
+                return;
+            }
+        }
+        let entry = Entry {
+            at: now,
+            until: now.saturating_add(ttl),
+            denied,
+        };
+        shard.insert(id, entry);
+    }
+
+    /// Forgets every denial (an admin change made through this instance).
+    pub(super) fn clear(&self) {
+        for shard in self.shards.iter() {
+            shard.lock().clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::Applied;
+
+    fn denied(retry_ms: u64) -> Denied {
+        let limit = Applied::new(
+            "throttle",
+            5,
+            Duration::from_secs(5),
+            0,
+            Duration::from_secs(5),
+        );
+        Denied::throttled(limit, Duration::from_millis(retry_ms))
+    }
+
+    #[test]
+    fn answers_until_the_retry_time_with_a_shrinking_wait() {
+        let c = OverLimitCache::new(64, u64::MAX);
+        c.insert(7, 1_000, denied(10));
+        let d = c.get(7, 1_000 + 4_000_000).unwrap();
+        assert_eq!(d.retry_after(), Some(Duration::from_millis(6)));
+        assert!(c.get(7, 1_000 + 10_000_000).is_none());
+        assert!(c.get(8, 2_000).is_none());
+    }
+
+    #[test]
+    fn max_ttl_and_capacity_bound_it() {
+        let c = OverLimitCache::new(SHARDS, 1_000);
+        c.insert(1, 0, denied(10_000));
+        assert!(c.get(1, 999).is_some());
+        assert!(c.get(1, 1_000).is_none());
+        // One entry per shard: a second id in the same shard is not kept
+        // while the first is live.
+        c.insert(1, 0, denied(10_000));
+        c.insert(2, 0, denied(10_000));
+        assert!(c.get(2, 10).is_none());
+        c.clear();
+        assert!(c.get(1, 10).is_none());
+    }
+}

@@ -1,0 +1,824 @@
+//! The Redis store: one budget shared by every instance, one round trip per
+//! decision.
+//!
+//! Every limit of a request is decided by one Lua script (`script.lua`),
+//! called with `EVALSHA` (and `EVAL` once when Redis answers `NOSCRIPT`, after
+//! a restart or a `SCRIPT FLUSH`). The script reads Redis `TIME`, so every
+//! instance decides on one clock, and charges all limits or none.
+//!
+//! Keys: `{prefix}:{<tag>}:t:<limit id>` (a throttle's TAT),
+//! `{prefix}:{<tag>}:q` (a quota window's count) and `{prefix}:{<tag>}:h`
+//! (daily usage history), where the tag is a 128-bit hash of the plan and the
+//! subject (a key's public id, a client IP, a per-key key). Every key of one
+//! (plan, subject) shares the hash tag, so they land in one Redis Cluster
+//! slot; no key name holds an API key's value or a client address. Throttle
+//! state expires when its bucket is full again, a quota's count a day after
+//! its window ends, and the history after `history_days` without use.
+
+mod cache;
+
+use std::fmt::{self, Write as _};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ErrorKind, RedisError, RedisFuture, ServerErrorKind, Value};
+
+use self::cache::OverLimitCache;
+use super::{
+    Acquire, Acquired, Applied, Denied, QuotaRef, Report, Store, StoreError, StoreFuture,
+    ThrottleRef, Verdict,
+};
+use crate::clock::Clock;
+use crate::gcra::{NANOS_PER_SEC, Nanos, Outcome};
+use crate::hash;
+use crate::plan::LimitKind;
+use crate::policy::wall_nanos;
+use crate::quota::DayRecord;
+use crate::store::memory::applied;
+use crate::window::{Date, NANOS_PER_DAY, Period};
+
+/// The script every decision runs.
+const SCRIPT: &str = include_str!("script.lua");
+
+/// The default time a decision may take before the plan's failure mode applies.
+const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+/// The default key prefix.
+const DEFAULT_PREFIX: &str = "tollgate";
+/// Entries of the over-limit cache.
+const CACHE_ENTRIES: usize = 65_536;
+/// The longest an over-limit cache entry answers for Redis.
+const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(1);
+/// The origin of the relative time line on which replies are replayed: far
+/// above any TAT offset, far below overflow.
+const BASE: Nanos = 1 << 62;
+
+/// A store in Redis or Redis Cluster, shared by every instance that uses it.
+///
+/// Clones share one connection. Decisions take one round trip (two, plus a
+/// refund on denial, for requests with stage limits on Redis Cluster, where
+/// the stage's shared buckets live in their own slot). A decision that takes
+/// longer than the [timeout](RedisStoreBuilder::timeout) fails, and the plan's
+/// [`FailureMode`](crate::FailureMode) decides the request; the connection
+/// recovers by itself when Redis comes back.
+///
+/// ```no_run
+/// use tollgate::{Policy, RateLimitLayer, RedisStore, Throttle, UsagePlan};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::builder("redis://127.0.0.1:6379/").build().await?;
+/// let policy = Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(10.0, 20)?))?;
+/// let layer = RateLimitLayer::builder(policy).store(store).build();
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Conn,
+    cluster: bool,
+    sha: String,
+    prefix: String,
+    timeout: Duration,
+    clock: Clock,
+    cache: Option<OverLimitCache>,
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl RedisStore {
+    /// Configures a store on one Redis server (`redis://host:port/db`,
+    /// `rediss://` for TLS when redis-rs is built with it).
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            nodes: vec![url.into()],
+            cluster: false,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            timeout: DEFAULT_TIMEOUT,
+            clock: None,
+            cache_ttl: DEFAULT_CACHE_TTL,
+        }
+    }
+
+    /// Configures a store on a Redis Cluster, given one or more of its nodes.
+    pub fn cluster_builder<I, U>(nodes: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator<Item = U>,
+        U: Into<String>,
+    {
+        RedisStoreBuilder {
+            nodes: nodes.into_iter().map(Into::into).collect(),
+            cluster: true,
+            ..RedisStore::builder(String::new())
+        }
+    }
+
+    /// The time a decision may take.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// The prefix of every key this store writes.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("cluster", &self.inner.cluster)
+            .field("prefix", &self.inner.prefix)
+            .field("timeout", &self.inner.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`RedisStore`].
+#[derive(Debug)]
+#[must_use]
+pub struct RedisStoreBuilder {
+    nodes: Vec<String>,
+    cluster: bool,
+    prefix: String,
+    timeout: Duration,
+    clock: Option<Clock>,
+    cache_ttl: Duration,
+}
+
+impl RedisStoreBuilder {
+    /// The prefix of every key (default `"tollgate"`). Stores with different
+    /// prefixes on one Redis count apart.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long a decision may take, connecting included (default 100 ms).
+    /// Past it the plan's failure mode decides the request.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Decides on this clock instead of Redis `TIME` when it is a
+    /// [`ManualClock`](crate::ManualClock) (tests about time); any clock also
+    /// dates usage reports and ages the over-limit cache. Default: the
+    /// system clock, and Redis `TIME` for decisions.
+    pub fn clock(mut self, clock: impl Into<Clock>) -> Self {
+        self.clock = Some(clock.into());
+        self
+    }
+
+    /// The longest a denial is answered locally, without asking Redis
+    /// (default 1 s; `Duration::ZERO` turns the over-limit cache off). A
+    /// denied key is answered locally until its retry time, at most this
+    /// long, so that a change made through another instance (a raised quota,
+    /// a reset) is seen within it.
+    pub fn over_limit_cache(mut self, max: Duration) -> Self {
+        self.cache_ttl = max;
+        self
+    }
+
+    /// Builds the store. A single server is connected lazily (the store can
+    /// be built while Redis is down, and connects when it is up); a cluster
+    /// is asked for its slots now.
+    ///
+    /// Errors on a malformed URL, an empty prefix, a zero timeout, or an
+    /// unreachable cluster.
+    pub async fn build(self) -> Result<RedisStore, StoreError> {
+        if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
+            return Err(StoreError::new(
+                "the key prefix must be non-empty and hold no braces",
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(StoreError::new("the timeout must be above zero"));
+        }
+        let conn = if self.cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(self.nodes.clone())
+                .connection_timeout(self.timeout)
+                .response_timeout(self.timeout)
+                .build()
+                .map_err(|e| redis_error(&e))?;
+            let connect = client.get_async_connection();
+            match tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), connect).await {
+                Ok(Ok(c)) => Conn::Cluster(c),
+                Ok(Err(e)) => return Err(redis_error(&e)),
+                Err(_) => return Err(StoreError::timeout(self.timeout)),
+            }
+        } else {
+            let [url] = self.nodes.as_slice() else {
+                return Err(StoreError::new("a single-server store takes one URL"));
+            };
+            let client = redis::Client::open(url.as_str()).map_err(|e| redis_error(&e))?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(self.timeout))
+                .set_response_timeout(Some(self.timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_secs(1));
+            Conn::Single(
+                ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(|e| redis_error(&e))?,
+            )
+        };
+        let sha = redis::Script::new(SCRIPT).get_hash().to_owned();
+        let ttl = u64::try_from(self.cache_ttl.as_nanos()).unwrap_or(u64::MAX);
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                cluster: self.cluster,
+                sha,
+                prefix: self.prefix,
+                timeout: self.timeout,
+                clock: self.clock.unwrap_or_default(),
+                cache: (ttl > 0).then(|| OverLimitCache::new(CACHE_ENTRIES, ttl)),
+            }),
+        })
+    }
+}
+
+/// A store error from a Redis error, without the command (which names keys).
+fn redis_error(e: &RedisError) -> StoreError {
+    StoreError::new(format!("redis: {}", e.kind_name()))
+}
+
+trait KindName {
+    fn kind_name(&self) -> String;
+}
+
+impl KindName for RedisError {
+    fn kind_name(&self) -> String {
+        // The error's description carries no key names or values; the detail
+        // of a server error is the script's own message.
+        match (self.code(), self.detail()) {
+            (Some(code), Some(detail)) => format!("{code} {detail}"),
+            _ => self.to_string(),
+        }
+    }
+}
+
+/// One script call: keys and arguments, owned so the call can outlive the
+/// request it was built from.
+#[derive(Debug, Clone, Default)]
+struct Call {
+    keys: Vec<String>,
+    args: Vec<String>,
+}
+
+impl Call {
+    fn new(mode: &str, now: &Now) -> Self {
+        let mut c = Call::default();
+        c.arg(mode);
+        match now {
+            Now::Redis => {
+                c.arg("");
+                c.arg("");
+            }
+            Now::At { s, ns } => {
+                c.arg(s);
+                c.arg(ns);
+            }
+        }
+        c
+    }
+
+    fn arg(&mut self, a: impl fmt::Display) {
+        self.args.push(a.to_string());
+    }
+
+    /// `EVALSHA sha …`, or `EVAL script …` (which also loads it) when `sha` is `None`.
+    fn cmd(&self, sha: Option<&str>) -> Cmd {
+        let mut cmd = match sha {
+            Some(sha) => redis::cmd("EVALSHA").arg(sha).clone(),
+            None => redis::cmd("EVAL").arg(SCRIPT).clone(),
+        };
+        cmd.arg(self.keys.len()).arg(&self.keys).arg(&self.args);
+        cmd
+    }
+}
+
+/// The time a call decides at.
+#[derive(Debug, Clone, Copy)]
+enum Now {
+    /// Redis `TIME`.
+    Redis,
+    /// A manual clock's wall time.
+    At { s: i64, ns: i64 },
+}
+
+impl Inner {
+    fn now(&self) -> Now {
+        if self.clock.is_manual() {
+            let t = wall_nanos(&self.clock);
+            Now::At {
+                s: t.div_euclid(NANOS_PER_SEC as i64),
+                ns: t.rem_euclid(NANOS_PER_SEC as i64),
+            }
+        } else {
+            Now::Redis
+        }
+    }
+
+    /// The hash tag of a (plan, subject): every key of it lands in one slot.
+    fn tag(&self, plan: Option<&str>, subject: &[u8]) -> String {
+        let scope = match plan {
+            Some(p) => [b"p\0", p.as_bytes(), b"\0", subject].concat(),
+            None => b"stage".to_vec(),
+        };
+        format!("{}:{{{:032x}}}", self.prefix, hash::stable(&scope))
+    }
+
+    fn throttle_key(&self, t: &ThrottleRef<'_>) -> String {
+        let mut k = self.tag(t.plan, t.subject);
+        let _ = write!(k, ":t:{:016x}", t.limit.salt);
+        k
+    }
+
+    /// Runs a script call within the timeout; loads the script when Redis
+    /// lost it.
+    async fn run(self: Arc<Self>, call: Call) -> Result<Vec<i64>, StoreError> {
+        let mut conn = self.conn.clone();
+        let work = async {
+            let reply = match call.cmd(Some(&self.sha)).query_async(&mut conn).await {
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    call.cmd(None).query_async(&mut conn).await
+                }
+                r => r,
+            };
+            reply.map_err(|e| redis_error(&e))
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::timeout(self.timeout)),
+        }
+    }
+
+    /// Runs a plain command within the timeout.
+    async fn command<T: redis::FromRedisValue>(&self, cmd: Cmd) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+            Ok(r) => r.map_err(|e| redis_error(&e)),
+            Err(_) => Err(StoreError::timeout(self.timeout)),
+        }
+    }
+}
+
+/// A throttle as a decision needs it after the call: its compiled limit.
+#[derive(Debug, Clone)]
+struct Throttle {
+    limit: crate::plan::Limit,
+    shadow: bool,
+}
+
+/// The quota as a decision needs it after the call.
+#[derive(Debug, Clone, Copy)]
+struct Quota {
+    shadow: bool,
+}
+
+/// One script call's limits and what to make of its reply.
+#[derive(Debug, Clone, Default)]
+struct Part {
+    call: Call,
+    throttles: Vec<Throttle>,
+    quota: Option<Quota>,
+}
+
+impl Part {
+    fn new(now: &Now, cost: u32) -> Self {
+        let mut call = Call::new("a", now);
+        call.arg(cost);
+        Part {
+            call,
+            throttles: Vec::new(),
+            quota: None,
+        }
+    }
+
+    fn push_throttle(&mut self, inner: &Inner, t: &ThrottleRef<'_>) {
+        self.call.keys.push(inner.throttle_key(t));
+        self.throttles.push(Throttle {
+            limit: t.limit.clone(),
+            shadow: t.shadow,
+        });
+    }
+
+    fn push_quota(&mut self, inner: &Inner, q: &QuotaRef<'_>) {
+        let tag = inner.tag(Some(q.plan), q.subject);
+        self.call.keys.push(format!("{tag}:q"));
+        self.call.keys.push(format!("{tag}:h"));
+        self.quota = Some(Quota { shadow: q.shadow });
+    }
+
+    /// The arguments after the cost: throttles, then the quota.
+    fn finish(&mut self, quota: Option<&QuotaRef<'_>>) {
+        let call = &mut self.call;
+        call.arg(self.throttles.len());
+        for t in &self.throttles {
+            call.arg(t.limit.gcra.interval());
+            call.arg(t.limit.gcra.burst());
+            call.arg(u8::from(t.shadow));
+        }
+        match (self.quota, quota) {
+            (Some(_), Some(q)) => {
+                call.arg(1);
+                quota_args(call, q);
+                call.arg(u8::from(q.shadow));
+                call.arg(q.history_days);
+            }
+            _ => call.arg(0),
+        }
+    }
+
+    /// Makes the verdict of a reply, as the memory store would have decided
+    /// on the same state: the script returns each throttle's TAT offset
+    /// before the request and the quota's window and count, and the limits
+    /// are replayed here on a relative time line.
+    fn verdict(&self, reply: &[i64], cost: u32) -> Result<(Verdict, Charged), StoreError> {
+        let bad = || StoreError::new("redis: unexpected script reply");
+        let n = self.throttles.len();
+        let head = reply.get(..3 + n).ok_or_else(bad)?;
+        let (now_s, now_ns, allowed) = (head[0], head[1], head[2] == 1);
+        let mut report = Report::default();
+        let mut denied: Option<Denied> = None;
+        let mut charged = Charged {
+            now_s,
+            now_ns,
+            tats: Vec::new(),
+        };
+        for (t, &before) in self.throttles.iter().zip(&head[3..]) {
+            let before = u64::try_from(before).map_err(|_| bad())?;
+            let limit = &t.limit;
+            match limit.gcra.decide(BASE + before, BASE, cost) {
+                Outcome::Allow { after, .. } => {
+                    report.push(applied(limit, after, BASE));
+                    charged.tats.push(Some(after - BASE));
+                }
+                o => {
+                    charged.tats.push(None);
+                    let d = throttle_denial(limit, o);
+                    if t.shadow {
+                        report.push(d.limit);
+                    } else {
+                        denied = Some(Denied::longest(denied, d));
+                    }
+                }
+            }
+        }
+        if let Some(q) = self.quota {
+            let rest = reply.get(3 + n..3 + n + 4).ok_or_else(bad)?;
+            let (start_day, end_day, limit, used) = (rest[0], rest[1], rest[2], rest[3]);
+            let now = now_s
+                .saturating_mul(NANOS_PER_SEC as i64)
+                .saturating_add(now_ns);
+            let reset = end_day
+                .saturating_mul(NANOS_PER_DAY)
+                .saturating_sub(now)
+                .max(0) as u64;
+            let window_secs = (end_day - start_day).max(0) as u64 * 86_400;
+            let cost = i64::from(cost);
+            let item = |used: i64| Applied {
+                name: LimitKind::Quota.name(),
+                quota: u64::try_from(limit).unwrap_or(0),
+                window_secs,
+                remaining: limit.saturating_sub(used).max(0) as u64,
+                reset,
+            };
+            if used.saturating_add(cost) > limit && !q.shadow {
+                let d = Denied::quota(item(used), Duration::from_nanos(reset.max(1)));
+                denied = Some(Denied::longest(denied, d));
+            } else {
+                report.push(item(used.saturating_add(cost)));
+            }
+        }
+        match (allowed, denied) {
+            (true, None) => Ok((Ok(report), charged)),
+            (false, Some(d)) => Ok((Err(d), charged)),
+            _ => Err(StoreError::new(
+                "redis: the script's decision differs from the plan's limits (is the script of another version?)",
+            )),
+        }
+    }
+}
+
+/// What a call charged: its time and, per throttle, the TAT offset stored.
+#[derive(Debug, Clone, Default)]
+struct Charged {
+    now_s: i64,
+    now_ns: i64,
+    tats: Vec<Option<Nanos>>,
+}
+
+/// The denial of a throttle that did not allow, on the relative time line.
+fn throttle_denial(limit: &crate::plan::Limit, o: Outcome) -> Denied {
+    match o {
+        Outcome::Deny { at, retry_after } => {
+            Denied::throttled(applied(limit, at, BASE), Duration::from_nanos(retry_after))
+        }
+        Outcome::TooCostly { at } | Outcome::Allow { after: at, .. } => {
+            Denied::too_costly(applied(limit, at, BASE))
+        }
+    }
+}
+
+/// The quota's parameters, as every script mode takes them.
+fn quota_args(call: &mut Call, q: &QuotaRef<'_>) {
+    call.arg(q.spec.limit);
+    let (period, week_start) = match q.spec.period {
+        Period::Day => ("D", 0),
+        Period::Week(first) => ("W", first.days_from_monday()),
+        Period::Month => ("M", 0),
+    };
+    call.arg(period);
+    call.arg(week_start);
+    call.arg(q.spec.offset);
+    call.arg(q.spec.created_at.div_euclid(NANOS_PER_SEC as i64));
+}
+
+/// A stable identity of a request for the over-limit cache: its limits, their
+/// numbers, its subject and its cost.
+fn identity(req: &Acquire<'_>) -> u64 {
+    let mut bytes = Vec::with_capacity(128);
+    for t in req.throttles() {
+        bytes.extend_from_slice(&t.limit.salt.to_le_bytes());
+        bytes.extend_from_slice(&t.limit.gcra.interval().to_le_bytes());
+        bytes.extend_from_slice(&t.limit.gcra.burst().to_le_bytes());
+        bytes.push(u8::from(t.shadow));
+        bytes.extend_from_slice(t.plan.unwrap_or("").as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(&(t.subject.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(t.subject);
+    }
+    if let Some(q) = &req.quota {
+        bytes.extend_from_slice(b"q");
+        bytes.extend_from_slice(q.plan.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(q.subject);
+        bytes.extend_from_slice(&q.spec.limit.to_le_bytes());
+    }
+    bytes.extend_from_slice(&req.cost.to_le_bytes());
+    hash::stable(&bytes) as u64
+}
+
+type Decided = Pin<Box<dyn Future<Output = Result<Verdict, StoreError>> + Send + 'static>>;
+
+impl Store for RedisStore {
+    type Future = Decided;
+
+    fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    fn acquire(&self, request: &Acquire<'_>) -> Acquired<Self::Future> {
+        let inner = &self.inner;
+        let id = inner.cache.as_ref().map(|cache| {
+            let id = identity(request);
+            (id, cache.get(id, inner.clock.nanos()))
+        });
+        if let Some((_, Some(denied))) = id {
+            return Acquired::Ready(Ok(Err(denied)));
+        }
+        let now = inner.now();
+        let cost = request.cost;
+        // On a cluster the stage's shared buckets live in their own slot.
+        let split = inner.cluster && request.throttles().any(|t| t.plan.is_none());
+        let mut stage = Part::new(&now, cost);
+        let mut own = Part::new(&now, cost);
+        for t in request.throttles() {
+            if split && t.plan.is_none() {
+                stage.push_throttle(inner, t);
+            } else {
+                own.push_throttle(inner, t);
+            }
+        }
+        if let Some(q) = &request.quota {
+            own.push_quota(inner, q);
+        }
+        stage.finish(None);
+        own.finish(request.quota.as_ref());
+        let inner = Arc::clone(inner);
+        Acquired::Pending(Box::pin(async move {
+            let verdict = if split {
+                decide_split(&inner, stage, own, cost).await?
+            } else {
+                let reply = Arc::clone(&inner).run(own.call.clone()).await?;
+                own.verdict(&reply, cost)?.0
+            };
+            if let (Err(denied), Some((id, _)), Some(cache)) = (&verdict, id, &inner.cache) {
+                cache.insert(id, inner.clock.nanos(), *denied);
+            }
+            Ok(verdict)
+        }))
+    }
+
+    fn usage(&self, quota: &QuotaRef<'_>, first: Date, last: Date) -> StoreFuture<Vec<[i64; 2]>> {
+        let inner = Arc::clone(&self.inner);
+        let key = format!("{}:h", inner.tag(Some(quota.plan), quota.subject));
+        let spec = *quota.spec;
+        Box::pin(async move {
+            let fields: Vec<(String, i64)> = inner
+                .command(redis::cmd("HGETALL").arg(key).clone())
+                .await?;
+            let records = day_records(&fields);
+            Ok(crate::quota::report(
+                &spec,
+                &records,
+                first.days(),
+                last.days(),
+            ))
+        })
+    }
+
+    fn set_remaining(&self, quota: &QuotaRef<'_>, remaining: u64) -> StoreFuture<u64> {
+        let inner = Arc::clone(&self.inner);
+        let tag = inner.tag(Some(quota.plan), quota.subject);
+        let mut call = Call::new("s", &inner.now());
+        call.keys = vec![format!("{tag}:q"), format!("{tag}:h")];
+        call.arg(remaining);
+        quota_args(&mut call, quota);
+        call.arg(quota.history_days);
+        Box::pin(async move {
+            let reply = Arc::clone(&inner).run(call).await?;
+            if let Some(cache) = &inner.cache {
+                cache.clear();
+            }
+            match reply.as_slice() {
+                [_, _, _, _, limit, used] => Ok(limit.saturating_sub(*used).max(0) as u64),
+                _ => Err(StoreError::new("redis: unexpected script reply")),
+            }
+        })
+    }
+
+    fn reset(
+        &self,
+        throttles: &[ThrottleRef<'_>],
+        quota: Option<&QuotaRef<'_>>,
+    ) -> StoreFuture<()> {
+        let inner = Arc::clone(&self.inner);
+        // Keys of one (plan, subject) share a slot; others go one command each.
+        let mut groups: Vec<Vec<String>> = Vec::new();
+        for t in throttles {
+            groups.push(vec![inner.throttle_key(t)]);
+        }
+        if let Some(q) = quota {
+            let tag = inner.tag(Some(q.plan), q.subject);
+            groups.push(vec![format!("{tag}:q"), format!("{tag}:h")]);
+        }
+        Box::pin(async move {
+            for keys in groups {
+                let _: i64 = inner.command(redis::cmd("DEL").arg(keys).clone()).await?;
+            }
+            if let Some(cache) = &inner.cache {
+                cache.clear();
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Decides a request whose stage limits live in another cluster slot: the
+/// stage first, then the plan's limits; when the plan denies (or fails), the
+/// stage gets back what this request charged it.
+async fn decide_split(
+    inner: &Arc<Inner>,
+    stage: Part,
+    own: Part,
+    cost: u32,
+) -> Result<Verdict, StoreError> {
+    let reply = Arc::clone(inner).run(stage.call.clone()).await?;
+    let (verdict, charged) = stage.verdict(&reply, cost)?;
+    let stage_report = match verdict {
+        Ok(r) => r,
+        Err(d) => return Ok(Err(d)),
+    };
+    let result = if own.throttles.is_empty() && own.quota.is_none() {
+        Ok((Ok(Report::default()), Charged::default()))
+    } else {
+        match Arc::clone(inner).run(own.call.clone()).await {
+            Ok(reply) => own.verdict(&reply, cost),
+            Err(e) => Err(e),
+        }
+    };
+    match result {
+        Ok((Ok(report), _)) => {
+            let mut all = stage_report;
+            for item in report.items() {
+                all.push(*item);
+            }
+            Ok(Ok(all))
+        }
+        Ok((Err(d), _)) => {
+            refund(inner, &stage, &charged, cost).await?;
+            Ok(Err(d))
+        }
+        Err(e) => {
+            // Best effort: the request fails either way.
+            let _ = refund(inner, &stage, &charged, cost).await;
+            Err(e)
+        }
+    }
+}
+
+/// Gives the stage back what one request charged it.
+async fn refund(
+    inner: &Arc<Inner>,
+    stage: &Part,
+    charged: &Charged,
+    cost: u32,
+) -> Result<(), StoreError> {
+    let mut call = Call::new("r", &inner.now());
+    call.arg(cost);
+    let mut args = Vec::new();
+    for ((t, tat), key) in stage
+        .throttles
+        .iter()
+        .zip(&charged.tats)
+        .zip(&stage.call.keys)
+    {
+        let Some(ahead) = tat else { continue };
+        // The TAT stored, in seconds and nanoseconds of the charging call's time.
+        let total = charged.now_ns as u64 + ahead;
+        call.keys.push(key.clone());
+        args.push(t.limit.gcra.interval().to_string());
+        args.push(t.limit.gcra.burst().to_string());
+        args.push((charged.now_s + (total / NANOS_PER_SEC) as i64).to_string());
+        args.push((total % NANOS_PER_SEC).to_string());
+    }
+    if call.keys.is_empty() {
+        return Ok(());
+    }
+    call.arg(call.keys.len());
+    call.args.extend(args);
+    Arc::clone(inner).run(call).await.map(|_| ())
+}
+
+/// Day records from a history hash's fields (`u:<day>`, `r:<day>`).
+fn day_records(fields: &[(String, i64)]) -> Vec<DayRecord> {
+    let mut days: Vec<DayRecord> = Vec::new();
+    for (field, value) in fields {
+        let (kind, day) = match field.split_once(':') {
+            Some((k, d)) => match d.parse::<i64>() {
+                Ok(d) => (k, d),
+                Err(_) => continue,
+            },
+            None => continue,
+        };
+        let i = match days.iter().position(|r| r.day == day) {
+            Some(i) => i,
+            None => {
+                days.push(DayRecord {
+                    day,
+                    used: 0,
+                    remaining: 0,
+                });
+                days.len() - 1
+            }
+        };
+        match kind {
+            "u" => days[i].used = u64::try_from(*value).unwrap_or(0),
+            "r" => days[i].remaining = *value,
+            _ => {}
+        }
+    }
+    days
+}

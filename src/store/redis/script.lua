@@ -1,0 +1,405 @@
+-- tollgate: decides a rate-limit request atomically (Redis 7, Lua 5.1).
+--
+-- The same integer arithmetic as gcra.rs (GCRA throttles), quota.rs (calendar
+-- quotas and their daily history) and window.rs (UTC windows). Lua numbers are
+-- doubles, so every integer is kept below 2^53: times are split into whole
+-- seconds and nanoseconds, and only differences from now are taken in
+-- nanoseconds, which caps a throttle's span (interval * burst) below 2^53 ns
+-- (about 104 days).
+--
+-- Time (ARGV[2], ARGV[3]): now in seconds and nanoseconds (0..999999999), or
+-- "" and "" for the server's TIME.
+--
+-- Throttle key: the string "<tat_s> <tat_ns> <tol>", tol the span
+-- (interval * burst, ns) the TAT was written under; missing = a full bucket.
+-- It expires when the bucket is full again. A key read under another span is
+-- converted as Gcra::rescale does; the conversion is stored at once, whatever
+-- the verdict, so that it happens at one instant (left unstored, the old TAT
+-- would keep draining at the old scale and refill the bucket early).
+--
+-- Quota key: hash {w = window start (days since 1970-01-01), n = used in it},
+-- expiring a day after the window ends. History key: hash {u:<day> = used that
+-- UTC day, r:<day> = what remained in the window after the day's last change},
+-- expiring history_days after its last write; days that fall out of the
+-- history are deleted when a new day is first written.
+--
+-- Modes (ARGV[1]):
+--
+-- "a" acquire. KEYS: t_1..t_n, then q, h when a quota is given.
+--   ARGV: "a", now_s, now_ns, cost, n, n times (interval_ns, burst, shadow),
+--   then "0", or "1", limit, period (D|W|M), week_start (0 = Monday .. 6),
+--   offset, created_s, shadow, history_days.
+--   All or nothing: when a limit that is not a shadow denies, nothing is
+--   charged; otherwise every throttle that allows is charged (a shadow
+--   throttle that would deny is not) and the quota is (a shadow quota past
+--   its limit too).
+--   Reply: now_s, now_ns, allowed (1|0), before_1..before_n (ns the TAT was
+--   ahead of now, after conversion), then with a quota: window start day,
+--   window end day, the window's limit, the count before this request.
+--
+-- "r" refund (Gcra::refund). KEYS: t_1..t_n. ARGV: "r", now_s, now_ns, cost,
+--   n, n times (interval_ns, burst, mine_s, mine_ns), mine the TAT this
+--   request stored. A key whose span changed since is left alone.
+--   Reply: now_s, now_ns.
+--
+-- "s" set what remains of the quota (UpdateUsage). KEYS: q, h. ARGV: "s",
+--   now_s, now_ns, remaining, limit, period, week_start, offset, created_s,
+--   history_days. Reply: now_s, now_ns, window start day, window end day, the
+--   window's limit, the new count.
+
+local E9 = 1000000000
+local MAX = 9007199254740992 -- 2^53: every integer stays below
+local DAY_S = 86400
+local DAY_MS = 86400000
+
+-- Bad input raises this; the caller gets an error reply.
+local function bad(msg)
+  error({ tollgate = msg })
+end
+
+-- An integer argument in [lo, hi].
+local function int(v, lo, hi, what)
+  local x = type(v) == 'string' and string.match(v, '^%-?%d+$') and tonumber(v)
+  if not x or x < lo or x > hi then
+    bad('bad ' .. what)
+  end
+  return x + 0 -- no -0
+end
+
+local function flag(v, what)
+  if v ~= '0' and v ~= '1' then
+    bad('bad ' .. what)
+  end
+  return v == '1'
+end
+
+-- Integers as Redis expects them (tostring would write 1e+15).
+local function str(x)
+  return string.format('%.0f', x)
+end
+
+-- floor(x / d) for integers x >= 0, d > 0: exact where x / d may round up.
+local function div(x, d)
+  return (x - math.fmod(x, d)) / d
+end
+
+local now_s, now_ns
+if ARGV[2] == '' and ARGV[3] == '' then
+  local t = redis.call('TIME')
+  now_s, now_ns = tonumber(t[1]), tonumber(t[2]) * 1000
+end
+
+local function read_now()
+  if not now_s then
+    now_s = int(ARGV[2], 0, 2 ^ 40, 'now')
+    now_ns = int(ARGV[3], 0, E9 - 1, 'now')
+  end
+end
+
+-- tat - now in ns. (s - now_s) * 1e9 is exact (a multiple of 2^9 far below
+-- 2^62); the sum is exact below 2^53, and above it only compares as larger.
+local function ahead_of(s, ns)
+  return (s - now_s) * E9 + (ns - now_ns)
+end
+
+-- floor(a * b / c) exactly, for integers 0 <= a <= c, b >= 0, 0 < c, all below
+-- 2^53 while a * b need not be. With b = q * c + r it is a * q (exact: at
+-- most b) plus floor(a * r / c), built over the bits of a from the top as
+-- k * c + rem with 0 <= rem < c, so that no sum leaves the exact range.
+local function muldiv(a, b, c)
+  local r = math.fmod(b, c)
+  local q = a * ((b - r) / c)
+  local p, x, k, rem = 1, a, 0, 0
+  while p * 2 <= a do
+    p = p * 2
+  end
+  while p >= 1 do
+    k = k * 2 -- (k * c + rem) * 2
+    if rem >= c - rem then
+      rem, k = rem - (c - rem), k + 1
+    else
+      rem = rem * 2
+    end
+    if x >= p then -- + r
+      x = x - p
+      if rem >= c - r then
+        rem, k = rem - (c - r), k + 1
+      else
+        rem = rem + r
+      end
+    end
+    p = p / 2
+  end
+  return q + k
+end
+
+-- A throttle key's TAT ahead of now (may be <= 0) and span, or nil if missing.
+local function load(key)
+  local v = redis.call('GET', key)
+  if not v then
+    return nil
+  end
+  local s, ns, tol = string.match(v, '^(%d+) (%d+) (%d+)$')
+  s, ns, tol = tonumber(s), tonumber(ns), tonumber(tol)
+  if not s or s >= MAX or ns >= E9 or tol < 1 or tol >= MAX then
+    bad('bad throttle state in ' .. key)
+  end
+  return ahead_of(s, ns), tol
+end
+
+-- Stores the TAT now + ahead under span tol, expiring when the bucket is full
+-- again (ceil to ms, at least 1); a TAT at or before now is no key at all.
+local function store(key, ahead, tol)
+  if ahead <= 0 then
+    redis.call('DEL', key)
+    return
+  end
+  local r = math.fmod(ahead, E9)
+  local s, ns = now_s + (ahead - r) / E9, now_ns + r
+  if ns >= E9 then
+    s, ns = s + 1, ns - E9
+  end
+  local ms = div(ahead, 1e6) + (math.fmod(ahead, 1e6) > 0 and 1 or 0)
+  redis.call('SET', key, str(s) .. ' ' .. str(ns) .. ' ' .. str(tol), 'PX', str(ms))
+end
+
+-- Proleptic Gregorian dates (Howard Hinnant's algorithms, as window.rs).
+local function days_from_civil(y, m, d)
+  if m <= 2 then
+    y = y - 1
+  end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * (m > 2 and m - 3 or m + 9) + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  return yoe + era * 400 + (m <= 2 and 1 or 0), m
+end
+
+-- The window [start, end) in days holding day `day`.
+local function window(q, day)
+  if q.period == 'D' then
+    return day, day + 1
+  elseif q.period == 'W' then
+    -- Day 0 is a Thursday: (day + 3) % 7 counts from Monday.
+    local back = ((day + 3) % 7 - q.week_start) % 7
+    return day - back, day - back + 7
+  end
+  local y, m = civil_from_days(day)
+  local ny, nm = y, m + 1
+  if m == 12 then
+    ny, nm = y + 1, 1
+  end
+  return days_from_civil(y, m, 1), days_from_civil(ny, nm, 1)
+end
+
+-- The quota parameters at ARGV[i..i+4]: limit, period, week_start, offset,
+-- created_s.
+local function quota_spec(i)
+  local q = {
+    limit = int(ARGV[i], 0, MAX - 1, 'limit'),
+    period = ARGV[i + 1],
+    week_start = int(ARGV[i + 2], 0, 6, 'week start'),
+    offset = int(ARGV[i + 3], 0, MAX - 1, 'offset'),
+    created = int(ARGV[i + 4], 1 - MAX, MAX - 1, 'creation time'),
+  }
+  if q.period ~= 'D' and q.period ~= 'W' and q.period ~= 'M' then
+    bad('bad period')
+  end
+  return q
+end
+
+-- State::roll: the window of now if it is later than the stored one, with a
+-- count of 0; else (the same window, or the clock went back) the stored
+-- window and count. Also sets the window's limit (QuotaSpec::limit_in).
+local function roll(q, key)
+  q.today = div(now_s, DAY_S)
+  q.w, q.n = nil, 0
+  local v = redis.call('HMGET', key, 'w', 'n')
+  if v[1] then
+    q.w = tonumber(string.match(v[1], '^%-?%d+$'))
+    q.n = tonumber(string.match(v[2] or '0', '^%-?%d+$'))
+    if not q.w or not q.n or math.abs(q.w) > 2 ^ 40 or math.abs(q.n) >= MAX then
+      bad('bad quota state in ' .. key)
+    end
+  end
+  q.start, q.stop = window(q, q.today)
+  if q.w and q.start <= q.w then
+    q.start, q.stop = window(q, q.w)
+  else
+    q.w, q.n = q.start, 0
+  end
+  if q.start * DAY_S <= q.created and q.created < q.stop * DAY_S then
+    q.limit_in = q.limit - q.offset
+  else
+    q.limit_in = q.limit
+  end
+end
+
+-- Writes the count, and in the history today's use (+ used) and what remains.
+local function save(q, key, hist, used, remaining)
+  redis.call('HSET', key, 'w', str(q.w), 'n', str(q.n))
+  -- A day after the window ends, counted from the decision's now.
+  local ms = (q.stop + 1 - q.today) * DAY_MS - math.fmod(now_s, DAY_S) * 1000
+    - div(now_ns, 1e6)
+  redis.call('PEXPIRE', key, str(math.max(ms, 1)))
+  local u = 'u:' .. str(q.today)
+  if redis.call('HSETNX', hist, u, '0') == 1 then
+    -- A new day: drop the days that fell out of the history (once a day).
+    local cut = q.today - q.history_days
+    for _, f in ipairs(redis.call('HKEYS', hist)) do
+      local d = tonumber(string.match(f, '^[ur]:(%-?%d+)$'))
+      if d and d <= cut then
+        redis.call('HDEL', hist, f)
+      end
+    end
+  end
+  if used > 0 then
+    redis.call('HINCRBY', hist, u, str(used))
+  end
+  redis.call('HSET', hist, 'r:' .. str(q.today), str(remaining))
+  redis.call('PEXPIRE', hist, str(q.history_days * DAY_MS))
+end
+
+local function acquire()
+  local cost = int(ARGV[4], 0, MAX - 1, 'cost')
+  local n = int(ARGV[5], 0, #KEYS, 'throttle count')
+  local qi = 6 + 3 * n
+  if #ARGV < qi then
+    bad('wrong number of arguments')
+  end
+  local has_quota = flag(ARGV[qi], 'quota flag')
+  if #ARGV ~= qi + (has_quota and 7 or 0) or #KEYS ~= n + (has_quota and 2 or 0) then
+    bad('wrong number of arguments')
+  end
+  read_now()
+  local reply = { now_s, now_ns, 1 }
+  local allowed = true
+  local charge, convert = {}, {} -- per throttle: the TAT ahead to store, or false
+  local tols = {}
+  for i = 1, n do
+    local j = 3 + 3 * i
+    local interval = int(ARGV[j], 1, MAX - 1, 'interval')
+    local burst = int(ARGV[j + 1], 1, MAX - 1, 'burst')
+    local shadow = flag(ARGV[j + 2], 'shadow flag')
+    local tol = interval * burst -- exact if below 2^53, else at least 2^53
+    if tol >= MAX then
+      bad('throttle span of 2^53 ns or more')
+    end
+    local before, old = load(KEYS[i])
+    before = math.max(before or 0, 0)
+    charge[i], convert[i], tols[i] = false, false, tol
+    if before > 0 and old ~= tol then
+      -- Gcra::rescale; exact, and ahead == old gives exactly tol.
+      before = muldiv(math.min(before, old), tol, old)
+      convert[i] = before
+    end
+    reply[3 + i] = before
+    -- cost <= burst, so cost * interval <= tol < 2^53: exact.
+    if cost <= burst and before + cost * interval <= tol then
+      charge[i] = cost > 0 and before + cost * interval
+    elseif not shadow then
+      allowed = false
+    end
+  end
+  local q
+  if has_quota then
+    q = quota_spec(qi + 1)
+    local shadow = flag(ARGV[qi + 6], 'quota shadow flag')
+    q.history_days = int(ARGV[qi + 7], 1, 100000, 'history days')
+    roll(q, KEYS[n + 1])
+    local k = #reply
+    reply[k + 1], reply[k + 2], reply[k + 3], reply[k + 4] = q.start, q.stop, q.limit_in, q.n
+    if q.n + cost > q.limit_in and not shadow then
+      allowed = false
+    end
+  end
+  -- Conversions are stored whatever the verdict; charges only when allowed.
+  for i = 1, n do
+    local ahead = allowed and charge[i] or convert[i]
+    if ahead then
+      store(KEYS[i], ahead, tols[i])
+    end
+  end
+  if not allowed then
+    reply[3] = 0
+  elseif q then
+    q.n = math.min(q.n + cost, MAX - 1) -- a shadow's overage saturates
+    save(q, KEYS[n + 1], KEYS[n + 2], cost, q.limit_in - q.n)
+  end
+  return reply
+end
+
+local function refund()
+  local cost = int(ARGV[4], 0, MAX - 1, 'cost')
+  local n = int(ARGV[5], 0, #KEYS, 'throttle count')
+  if #ARGV ~= 5 + 4 * n or #KEYS ~= n then
+    bad('wrong number of arguments')
+  end
+  read_now()
+  local plan = {}
+  for i = 1, n do
+    local j = 2 + 4 * i
+    local interval = int(ARGV[j], 1, MAX - 1, 'interval')
+    local burst = int(ARGV[j + 1], 1, MAX - 1, 'burst')
+    local mine_s = int(ARGV[j + 2], 0, 2 ^ 40, 'own TAT')
+    local mine_ns = int(ARGV[j + 3], 0, E9 - 1, 'own TAT')
+    if interval * burst >= MAX then
+      bad('throttle span of 2^53 ns or more')
+    end
+    plan[i] = { interval, burst, mine_s, mine_ns }
+  end
+  for i = 1, n do
+    local interval, burst, mine_s, mine_ns = unpack(plan[i])
+    local ahead, tol = load(KEYS[i])
+    -- Nothing to give back to a full bucket, nor across a change of span.
+    if ahead and ahead > 0 and tol == interval * burst then
+      -- give = min(cost * interval, max(mine - now, 0)); the TAT moves back
+      -- by it, but not below now.
+      local give = math.min(cost * interval, math.max(ahead_of(mine_s, mine_ns), 0))
+      store(KEYS[i], ahead - give, tol)
+    end
+  end
+  return { now_s, now_ns }
+end
+
+local function set_remaining()
+  if #ARGV ~= 10 or #KEYS ~= 2 then
+    bad('wrong number of arguments')
+  end
+  local remaining = int(ARGV[4], 0, MAX - 1, 'remaining')
+  local q = quota_spec(5)
+  q.history_days = int(ARGV[10], 1, 100000, 'history days')
+  read_now()
+  roll(q, KEYS[1])
+  q.n = q.limit_in - remaining
+  if q.n <= -MAX then
+    bad('remaining out of range')
+  end
+  save(q, KEYS[1], KEYS[2], 0, remaining)
+  return { now_s, now_ns, q.start, q.stop, q.limit_in, q.n }
+end
+
+local modes = { a = acquire, r = refund, s = set_remaining }
+local run = modes[ARGV[1]]
+if not run then
+  return redis.error_reply('tollgate: unknown mode')
+end
+local ok, res = pcall(run)
+if ok then
+  return res
+elseif type(res) == 'table' and res.tollgate then
+  return redis.error_reply('tollgate: ' .. res.tollgate)
+end
+error(res, 0)
