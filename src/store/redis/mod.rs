@@ -359,6 +359,16 @@ impl Inner {
         }
     }
 
+    /// The time the over-limit cache ages on: with a manual clock its wall
+    /// time (what decisions are made on), else the monotonic clock.
+    fn local_now(&self) -> Nanos {
+        if self.clock.is_manual() {
+            u64::try_from(wall_nanos(&self.clock)).unwrap_or(0)
+        } else {
+            self.clock.nanos()
+        }
+    }
+
     /// The hash tag of a (plan, subject): every key of it lands in one slot.
     fn tag(&self, plan: Option<&str>, subject: &[u8]) -> String {
         let scope = match plan {
@@ -613,7 +623,7 @@ impl Store for RedisStore {
         let inner = &self.inner;
         let id = inner.cache.as_ref().map(|cache| {
             let id = identity(request);
-            (id, cache.get(id, inner.clock.nanos()))
+            (id, cache.get(id, inner.local_now()))
         });
         if let Some((_, Some(denied))) = id {
             return Acquired::Ready(Ok(Err(denied)));
@@ -645,7 +655,7 @@ impl Store for RedisStore {
                 own.verdict(&reply, cost)?.0
             };
             if let (Err(denied), Some((id, _)), Some(cache)) = (&verdict, id, &inner.cache) {
-                cache.insert(id, inner.clock.nanos(), *denied);
+                cache.insert(id, inner.local_now(), *denied);
             }
             Ok(verdict)
         }))

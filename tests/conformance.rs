@@ -1,0 +1,601 @@
+//! The conformance suite: one set of behaviours (throttle, burst, cost,
+//! quota windows, atomic denial, usage reports, runtime plan changes, stage
+//! and shadow plans) run against every store, so that the memory store and
+//! the Redis store (a real `redis-server` on a free port, and a 3-node
+//! Redis Cluster for a subset) provably agree. Time is a manual clock: the
+//! Redis store decides on it instead of Redis `TIME` when given one.
+
+#[path = "support/redis.rs"]
+mod redis_support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis_support::{RedisCluster, RedisServer, require_redis};
+use tollgate::extract::ApiKeyHeader;
+use tollgate::store::Store;
+use tollgate::{
+    ApiKey, Date, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer, Reason,
+    RedisStore, Stage, Throttle, UsagePlan, Weekday,
+};
+
+/// Where a behaviour's state lives.
+trait Backend {
+    type S: Store;
+    /// A new store, empty, on `clock`.
+    async fn store(&self, clock: &ManualClock) -> Self::S;
+}
+
+struct Memory;
+
+impl Backend for Memory {
+    type S = MemoryStore;
+    async fn store(&self, clock: &ManualClock) -> MemoryStore {
+        MemoryStore::builder().clock(clock.clone()).build().unwrap()
+    }
+}
+
+/// A Redis server (or cluster) of this test alone; each store gets its own
+/// key prefix, so stores count apart as separate memory stores do.
+struct Redis {
+    urls: Vec<String>,
+    cluster: bool,
+    stores: AtomicUsize,
+    _server: Option<RedisServer>,
+    _cluster: Option<RedisCluster>,
+}
+
+impl Redis {
+    fn single() -> Self {
+        let server = RedisServer::start();
+        Redis {
+            urls: vec![server.url()],
+            cluster: false,
+            stores: AtomicUsize::new(0),
+            _server: Some(server),
+            _cluster: None,
+        }
+    }
+
+    fn cluster() -> Self {
+        let cluster = RedisCluster::start();
+        Redis {
+            urls: cluster.urls(),
+            cluster: true,
+            stores: AtomicUsize::new(0),
+            _server: None,
+            _cluster: Some(cluster),
+        }
+    }
+}
+
+impl Backend for Redis {
+    type S = RedisStore;
+    async fn store(&self, clock: &ManualClock) -> RedisStore {
+        let n = self.stores.fetch_add(1, Ordering::Relaxed);
+        let builder = if self.cluster {
+            RedisStore::cluster_builder(self.urls.clone())
+        } else {
+            RedisStore::builder(self.urls[0].clone())
+        };
+        builder
+            .prefix(format!("conformance{n}"))
+            .timeout(Duration::from_secs(2))
+            .clock(clock.clone())
+            .build()
+            .await
+            .unwrap()
+    }
+}
+
+fn at(y: i32, m: u8, d: u8, secs: u64) -> SystemTime {
+    let days = Date::new(y, m, d).unwrap().days();
+    UNIX_EPOCH + Duration::from_secs(days as u64 * 86_400 + secs)
+}
+
+type Layer<B> = RateLimitLayer<ApiKeyHeader, <B as Backend>::S>;
+
+async fn layer<B: Backend>(
+    b: &B,
+    clock: &ManualClock,
+    plans: Vec<UsagePlan>,
+    keys: Vec<ApiKey>,
+) -> Layer<B> {
+    let mut p = Policy::builder().clock(clock.clone());
+    for plan in plans {
+        p = p.plan(plan);
+    }
+    for k in keys {
+        p = p.key(k);
+    }
+    RateLimitLayer::builder(p.build().unwrap())
+        .store(b.store(clock).await)
+        .build()
+}
+
+async fn reason<S: Store>(l: &RateLimitLayer<ApiKeyHeader, S>, key: &[u8]) -> Option<Reason> {
+    l.decide(key, 1).await.err().map(|r| r.reason())
+}
+
+/// How many of `n` requests of `key` pass.
+async fn passed<S: Store>(l: &RateLimitLayer<ApiKeyHeader, S>, key: &[u8], n: usize) -> usize {
+    let mut ok = 0;
+    for _ in 0..n {
+        ok += usize::from(l.decide(key, 1).await.is_ok());
+    }
+    ok
+}
+
+async fn throttled_requests_do_not_consume_quota_and_quota_denied_ones_do_not_consume_throttle<
+    B: Backend,
+>(
+    b: &B,
+) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 1, 3_600));
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(1.0, 2).unwrap())
+        .quota(Quota::new(4, Period::Day).unwrap());
+    let l = layer(b, &clock, vec![plan], vec![ApiKey::new("k", "v", "p")]).await;
+    assert_eq!(reason(&l, b"v").await, None);
+    assert_eq!(reason(&l, b"v").await, None);
+    // Throttled five times: none of these counts against the quota of 4.
+    for _ in 0..5 {
+        assert_eq!(reason(&l, b"v").await, Some(Reason::Limited));
+    }
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(reason(&l, b"v").await, None);
+    assert_eq!(reason(&l, b"v").await, None);
+    clock.advance(Duration::from_secs(10));
+    // The quota is used up (4); the bucket is full (2).
+    let r = l.decide(b"v", 1).await.unwrap_err();
+    assert_eq!(r.reason(), Reason::QuotaExceeded);
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.message(), "Limit Exceeded");
+    // Retry-After is the time to the day's end: 24h - 1h - 12s.
+    assert_eq!(r.retry_after_secs(), Some(86_400 - 3_600 - 12));
+    // Quota-denied requests took nothing from the bucket: after a raise, two pass at once.
+    for _ in 0..3 {
+        assert_eq!(reason(&l, b"v").await, Some(Reason::QuotaExceeded));
+    }
+    l.admin().set_remaining("k", 10).await.unwrap();
+    assert_eq!(reason(&l, b"v").await, None);
+    assert_eq!(reason(&l, b"v").await, None);
+    assert_eq!(reason(&l, b"v").await, Some(Reason::Limited));
+}
+
+async fn day_quota_resets_at_midnight_utc_not_a_nanosecond_before<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 1, 86_399));
+    let plan = UsagePlan::new("p").quota(Quota::new(1, Period::Day).unwrap());
+    let l = layer(b, &clock, vec![plan], vec![ApiKey::new("k", "v", "p")]).await;
+    assert_eq!(reason(&l, b"v").await, None);
+    clock.advance(Duration::from_nanos(999_999_999));
+    let r = l.decide(b"v", 1).await.unwrap_err();
+    assert_eq!(r.reason(), Reason::QuotaExceeded);
+    assert_eq!(r.retry_after(), Some(Duration::from_nanos(1)));
+    clock.advance(Duration::from_nanos(1));
+    assert_eq!(reason(&l, b"v").await, None);
+}
+
+async fn week_quota_renews_on_the_configured_day<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    // 2024-05-04 is a Saturday.
+    clock.set_wall(at(2024, 5, 4, 12 * 3_600));
+    let plan = UsagePlan::new("p").quota(Quota::new(1, Period::Week(Weekday::Sunday)).unwrap());
+    let l = layer(b, &clock, vec![plan], vec![ApiKey::new("k", "v", "p")]).await;
+    assert_eq!(reason(&l, b"v").await, None);
+    assert_eq!(reason(&l, b"v").await, Some(Reason::QuotaExceeded));
+    clock.set_wall(at(2024, 5, 5, 0) - Duration::from_nanos(1));
+    assert_eq!(reason(&l, b"v").await, Some(Reason::QuotaExceeded));
+    clock.set_wall(at(2024, 5, 5, 0));
+    assert_eq!(reason(&l, b"v").await, None);
+}
+
+async fn month_quota_renews_after_feb_29_in_a_leap_year<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 2, 1, 0));
+    let plan = UsagePlan::new("p").quota(Quota::new(2, Period::Month).unwrap());
+    let l = layer(b, &clock, vec![plan], vec![ApiKey::new("k", "v", "p")]).await;
+    assert_eq!(reason(&l, b"v").await, None);
+    clock.set_wall(at(2024, 2, 29, 86_399));
+    assert_eq!(reason(&l, b"v").await, None);
+    assert_eq!(reason(&l, b"v").await, Some(Reason::QuotaExceeded));
+    clock.set_wall(at(2024, 3, 1, 0));
+    assert_eq!(reason(&l, b"v").await, None);
+}
+
+async fn quota_offset_applies_in_the_creation_window<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 1, 100));
+    let plan =
+        UsagePlan::new("p").quota(Quota::new(5, Period::Day).unwrap().with_offset(3).unwrap());
+    let l = layer(b, &clock, vec![plan], vec![ApiKey::new("k", "v", "p")]).await;
+    let first = passed(&l, b"v", 10).await;
+    assert_eq!(first, 2);
+    clock.set_wall(at(2024, 5, 2, 0));
+    let second = passed(&l, b"v", 10).await;
+    assert_eq!(second, 5);
+}
+
+async fn keys_change_while_serving_without_losing_counters<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let free = UsagePlan::new("free").throttle(Throttle::new(1.0, 3).unwrap());
+    let pro = UsagePlan::new("pro").throttle(Throttle::new(1.0, 10).unwrap());
+    let l = layer(
+        b,
+        &clock,
+        vec![free, pro],
+        vec![ApiKey::new("k", "v", "free")],
+    )
+    .await;
+    let admin = l.admin();
+    assert_eq!(reason(&l, b"v").await, None);
+    assert_eq!(reason(&l, b"v").await, None);
+
+    // Unknown until added; disabled keys are refused; re-enabled keys keep their state.
+    assert_eq!(reason(&l, b"new").await, Some(Reason::UnknownKey));
+    admin.add_key(ApiKey::new("k2", "new", "free")).unwrap();
+    assert_eq!(reason(&l, b"new").await, None);
+    admin.set_enabled("k", false).unwrap();
+    assert_eq!(reason(&l, b"v").await, Some(Reason::DisabledKey));
+    admin.set_enabled("k", true).unwrap();
+    assert_eq!(reason(&l, b"v").await, None);
+    assert_eq!(reason(&l, b"v").await, Some(Reason::Limited), "3 used of 3");
+
+    // Moved to pro: a fresh pro bucket; moved back: the free bucket as it was.
+    admin.set_plan("k", "pro").unwrap();
+    assert_eq!(passed(&l, b"v", 20).await, 10);
+    admin.set_plan("k", "free").unwrap();
+    assert_eq!(reason(&l, b"v").await, Some(Reason::Limited));
+
+    // Replacing the plan's limits keeps the key's state: the bucket is still
+    // empty (not a fresh one), and refills at the new plan's rate.
+    admin
+        .put_plan(
+            UsagePlan::new("free")
+                .throttle(Throttle::new(1.0, 3).unwrap())
+                .quota(Quota::new(1_000, Period::Day).unwrap()),
+        )
+        .unwrap();
+    assert_eq!(reason(&l, b"v").await, Some(Reason::Limited));
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(reason(&l, b"v").await, None);
+    assert_eq!(reason(&l, b"v").await, Some(Reason::Limited));
+    assert!(admin.plan("free").unwrap().get_quota().is_some());
+
+    // Errors name what is wrong.
+    assert!(admin.set_plan("k", "gold").is_err());
+    assert!(admin.set_enabled("nobody", true).is_err());
+    assert!(
+        admin.add_key(ApiKey::new("k", "other", "free")).is_err(),
+        "duplicate id"
+    );
+    assert!(
+        admin.add_key(ApiKey::new("k3", "v", "free")).is_err(),
+        "duplicate value"
+    );
+    assert_eq!(admin.key("k").unwrap().plan, "free");
+    assert_eq!(admin.keys().len(), 2);
+}
+
+async fn usage_reports_match_the_traffic_and_update_usage_moves_remaining<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600)); // a Monday
+    let plan = UsagePlan::new("p").quota(Quota::new(100, Period::WEEK).unwrap());
+    let l = layer(
+        b,
+        &clock,
+        vec![plan],
+        vec![ApiKey::new("a", "va", "p"), ApiKey::new("b", "vb", "p")],
+    )
+    .await;
+    let admin = l.admin();
+    for _ in 0..7 {
+        l.decide(b"va", 1).await.unwrap();
+    }
+    l.decide(b"vb", 1).await.unwrap();
+    clock.advance(Duration::from_secs(86_400));
+    for _ in 0..3 {
+        l.decide(b"va", 1).await.unwrap();
+    }
+    let start = Date::new(2024, 5, 5).unwrap();
+    let end = Date::new(2024, 5, 9).unwrap();
+    let r = admin.usage("p", start, end, None).await.unwrap();
+    assert_eq!(r.end, Date::new(2024, 5, 7).unwrap(), "cut at today");
+    assert_eq!(r.items["a"], vec![[0, 100], [7, 93], [3, 90]]);
+    assert_eq!(r.items["b"], vec![[0, 100], [1, 99], [0, 99]]);
+    let only_b = admin.usage("p", start, end, Some("b")).await.unwrap();
+    assert_eq!(only_b.items.keys().collect::<Vec<_>>(), ["b"]);
+
+    // UpdateUsage raises, then lowers, what remains.
+    assert_eq!(admin.set_remaining("a", 500).await.unwrap(), 500);
+    let today = Date::new(2024, 5, 7).unwrap();
+    assert_eq!(
+        admin.usage("p", today, end, Some("a")).await.unwrap().items["a"],
+        vec![[3, 500]]
+    );
+    assert_eq!(admin.set_remaining("a", 1).await.unwrap(), 1);
+    l.decide(b"va", 1).await.unwrap();
+    assert_eq!(reason(&l, b"va").await, Some(Reason::QuotaExceeded));
+
+    // Reset forgets the window.
+    admin.reset_key("a").await.unwrap();
+    l.decide(b"va", 1).await.unwrap();
+
+    assert!(admin.usage("p", end, start, None).await.is_err());
+    assert!(admin.usage("nope", start, end, None).await.is_err());
+    assert!(
+        admin
+            .usage("p", Date::new(2023, 1, 1).unwrap(), end, None)
+            .await
+            .is_err(),
+        "before the history"
+    );
+}
+
+async fn stage_limits_are_shared_by_every_key_and_decided_with_the_plan<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let store = b.store(&clock).await;
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(UsagePlan::new("p").throttle(Throttle::new(1.0, 2).unwrap()))
+        .key(ApiKey::new("a", "va", "p"))
+        .key(ApiKey::new("b", "vb", "p"))
+        .key(ApiKey::new("c", "vc", "p"))
+        .stage(Stage::new().throttle(Throttle::new(1.0, 5).unwrap()))
+        .build()
+        .unwrap();
+    let l = RateLimitLayer::builder(policy).store(store).build();
+    assert!(l.decide(b"va", 1).await.is_ok());
+    assert!(l.decide(b"va", 1).await.is_ok());
+    // a's plan bucket is empty: denied by the plan, and the stage keeps its 3.
+    assert_eq!(reason(&l, b"va").await, Some(Reason::Limited));
+    assert!(l.decide(b"vb", 1).await.is_ok());
+    assert!(l.decide(b"vb", 1).await.is_ok());
+    assert!(l.decide(b"vc", 1).await.is_ok());
+    let r = l.decide(b"vc", 1).await.unwrap_err();
+    assert_eq!(r.limit(), Some("stage"));
+}
+
+async fn a_shadow_plan_decides_and_counts_but_never_rejects<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 0));
+    let plan = UsagePlan::new("s")
+        .throttle(Throttle::new(1.0, 2).unwrap())
+        .quota(Quota::new(3, Period::Day).unwrap())
+        .shadow(true);
+    let l = layer(b, &clock, vec![plan], vec![ApiKey::new("k", "v", "s")]).await;
+    for _ in 0..10 {
+        assert!(l.decide(b"v", 1).await.is_ok());
+    }
+    // Every request was counted against the quota, past its limit.
+    let day = Date::new(2024, 5, 6).unwrap();
+    let r = l.admin().usage("s", day, day, None).await.unwrap();
+    assert_eq!(r.items["k"], vec![[10, 0]]);
+}
+
+async fn a_shadow_plan_never_lifts_the_stage_limit<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let store = b.store(&clock).await;
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(
+            UsagePlan::new("s")
+                .throttle(Throttle::new(1.0, 1).unwrap())
+                .shadow(true),
+        )
+        .plan(UsagePlan::new("p").throttle(Throttle::new(100.0, 100).unwrap()))
+        .key(ApiKey::new("shadow", "vs", "s"))
+        .key(ApiKey::new("normal", "vp", "p"))
+        .stage(Stage::new().throttle(Throttle::new(1.0, 2).unwrap()))
+        .build()
+        .unwrap();
+    let l = RateLimitLayer::builder(policy).store(store).build();
+    assert!(l.decide(b"vs", 1).await.is_ok());
+    assert!(
+        l.decide(b"vs", 1).await.is_ok(),
+        "past its own limit: shadow passes"
+    );
+    let r = l.decide(b"vs", 1).await.unwrap_err();
+    assert_eq!(
+        r.limit(),
+        Some("stage"),
+        "the shared stage limit still holds"
+    );
+    assert_eq!(l.decide(b"vp", 1).await.unwrap_err().limit(), Some("stage"));
+}
+
+async fn replacing_a_throttle_keeps_the_share_of_each_bucket_in_use<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let fast = UsagePlan::new("p").throttle(Throttle::new(100.0, 10).unwrap());
+    let l = layer(b, &clock, vec![fast], vec![ApiKey::new("k", "v", "p")]).await;
+    assert_eq!(passed(&l, b"v", 20).await, 10);
+    // Slower: the emptied bucket stays empty and refills at the new rate.
+    l.admin()
+        .put_plan(UsagePlan::new("p").throttle(Throttle::new(1.0, 10).unwrap()))
+        .unwrap();
+    assert_eq!(reason(&l, b"v").await, Some(Reason::Limited));
+    clock.advance(Duration::from_millis(999));
+    assert_eq!(reason(&l, b"v").await, Some(Reason::Limited));
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(reason(&l, b"v").await, None);
+    assert_eq!(reason(&l, b"v").await, Some(Reason::Limited));
+    // Much faster: the lockout shrinks with the new rate.
+    l.admin()
+        .put_plan(UsagePlan::new("p").throttle(Throttle::new(1_000.0, 10).unwrap()))
+        .unwrap();
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(reason(&l, b"v").await, None);
+}
+
+async fn a_denial_names_the_limit_that_holds_the_request_longest<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let store = b.store(&clock).await;
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(
+            UsagePlan::new("p")
+                .throttle(Throttle::new(0.1, 1).unwrap())
+                .quota(Quota::new(1, Period::Day).unwrap()),
+        )
+        .plan(UsagePlan::new("q").throttle(Throttle::new(0.1, 1).unwrap()))
+        .key(ApiKey::new("a", "va", "p"))
+        .key(ApiKey::new("b", "vb", "q"))
+        .stage(Stage::new().throttle(Throttle::new(1.0, 5).unwrap()))
+        .build()
+        .unwrap();
+    let l = RateLimitLayer::builder(policy).store(store).build();
+    assert!(l.decide(b"va", 1).await.is_ok());
+    // Throttle (10 s) and quota (23 h) both deny: the quota is named.
+    let r = l.decide(b"va", 1).await.unwrap_err();
+    assert_eq!(r.reason(), Reason::QuotaExceeded);
+    assert_eq!(r.retry_after_secs(), Some(23 * 3_600));
+    // Stage has room, the plan throttle waits 10 s: the 10 s is the answer.
+    assert!(l.decide(b"vb", 1).await.is_ok());
+    let r = l.decide(b"vb", 1).await.unwrap_err();
+    assert_eq!(
+        (r.limit(), r.retry_after_secs()),
+        (Some("throttle"), Some(10))
+    );
+    assert!(
+        Policy::builder().history_days(7).build().is_err(),
+        "history under a month"
+    );
+}
+
+async fn burst_then_one_per_interval_and_costs_count_as_units<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 1, 0));
+    let plan = UsagePlan::new("p").throttle(Throttle::new(2.0, 5).unwrap());
+    let keys = vec![ApiKey::new("k", "v", "p"), ApiKey::new("k2", "v2", "p")];
+    let l = layer(b, &clock, vec![plan], keys).await;
+    assert_eq!(passed(&l, b"v", 10).await, 5);
+    let r = l.decide(b"v", 1).await.unwrap_err();
+    assert_eq!(r.reason(), Reason::Limited);
+    assert_eq!(r.retry_after(), Some(Duration::from_millis(500)));
+    clock.advance(Duration::from_millis(499));
+    assert_eq!(reason(&l, b"v").await, Some(Reason::Limited));
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(reason(&l, b"v").await, None);
+    assert_eq!(reason(&l, b"v").await, Some(Reason::Limited));
+    // Another key has a bucket of its own.
+    assert_eq!(passed(&l, b"v2", 10).await, 5);
+    // A cost is that many units: 2 s refill 4.
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(
+        l.decide(b"v", 5).await.unwrap_err().reason(),
+        Reason::Limited
+    );
+    assert!(l.decide(b"v", 4).await.is_ok());
+    assert_eq!(reason(&l, b"v").await, Some(Reason::Limited));
+    // A cost of 0 peeks: it passes on an empty bucket and charges nothing.
+    assert!(l.decide(b"v", 0).await.is_ok());
+    clock.advance(Duration::from_millis(500));
+    assert_eq!(reason(&l, b"v").await, None);
+    // A cost above the whole bucket never passes, and says so.
+    let r = l.decide(b"v2", 6).await.unwrap_err();
+    assert_eq!(r.reason(), Reason::CostExceedsLimit);
+    assert_eq!(r.retry_after(), None);
+    assert_eq!(reason(&l, b"nobody").await, Some(Reason::UnknownKey));
+}
+
+async fn per_key_policies_limit_each_key_apart<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 1, 0));
+    let plan = UsagePlan::new("ip").throttle(Throttle::new(1.0, 2).unwrap());
+    let l = RateLimitLayer::builder(Policy::per_key(plan).unwrap())
+        .store(b.store(&clock).await)
+        .build();
+    assert_eq!(passed(&l, b"10.0.0.1", 5).await, 2);
+    assert_eq!(passed(&l, b"10.0.0.2", 5).await, 2);
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(passed(&l, b"10.0.0.1", 5).await, 1);
+}
+
+async fn layers_on_one_store_share_one_budget<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 1, 0));
+    let store = b.store(&clock).await;
+    let policy = || {
+        Policy::builder()
+            .clock(clock.clone())
+            .plan(UsagePlan::new("p").throttle(Throttle::new(1.0, 5).unwrap()))
+            .key(ApiKey::new("k", "v", "p"))
+            .build()
+            .unwrap()
+    };
+    // Two instances of one service: each has its own policy, both one store.
+    let one = RateLimitLayer::builder(policy())
+        .store(store.clone())
+        .build();
+    let two = RateLimitLayer::builder(policy()).store(store).build();
+    let mut admitted = 0;
+    for i in 0..20 {
+        let l = if i % 2 == 0 { &one } else { &two };
+        admitted += usize::from(l.decide(b"v", 1).await.is_ok());
+    }
+    assert_eq!(admitted, 5, "what one instance alone would admit");
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(&super::Memory).await;
+                }
+            )*
+        }
+
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if !super::require_redis() {
+                        return;
+                    }
+                    let redis = super::Redis::single();
+                    super::$name(&redis).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    burst_then_one_per_interval_and_costs_count_as_units,
+    per_key_policies_limit_each_key_apart,
+    layers_on_one_store_share_one_budget,
+    throttled_requests_do_not_consume_quota_and_quota_denied_ones_do_not_consume_throttle,
+    day_quota_resets_at_midnight_utc_not_a_nanosecond_before,
+    week_quota_renews_on_the_configured_day,
+    month_quota_renews_after_feb_29_in_a_leap_year,
+    quota_offset_applies_in_the_creation_window,
+    keys_change_while_serving_without_losing_counters,
+    usage_reports_match_the_traffic_and_update_usage_moves_remaining,
+    stage_limits_are_shared_by_every_key_and_decided_with_the_plan,
+    a_shadow_plan_decides_and_counts_but_never_rejects,
+    a_shadow_plan_never_lifts_the_stage_limit,
+    replacing_a_throttle_keeps_the_share_of_each_bucket_in_use,
+    a_denial_names_the_limit_that_holds_the_request_longest,
+);
+
+/// On a Redis Cluster: the behaviours that touch several slots (stage limits
+/// in their own slot, keys of many subjects), on one cluster.
+#[tokio::test]
+async fn redis_cluster_agrees() {
+    if !require_redis() {
+        return;
+    }
+    let cluster = Redis::cluster();
+    burst_then_one_per_interval_and_costs_count_as_units(&cluster).await;
+    throttled_requests_do_not_consume_quota_and_quota_denied_ones_do_not_consume_throttle(&cluster)
+        .await;
+    usage_reports_match_the_traffic_and_update_usage_moves_remaining(&cluster).await;
+    stage_limits_are_shared_by_every_key_and_decided_with_the_plan(&cluster).await;
+    a_shadow_plan_never_lifts_the_stage_limit(&cluster).await;
+    a_denial_names_the_limit_that_holds_the_request_longest(&cluster).await;
+}
