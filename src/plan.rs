@@ -397,6 +397,9 @@ pub(crate) struct Limit {
     pub(crate) salt: u64,
     /// The `w` of the `RateLimit-Policy` item: seconds to refill the whole bucket.
     pub(crate) window_secs: u64,
+    /// When the limit's numbers last changed while serving (wall nanoseconds;
+    /// 0 for never): a store that converts state lazily converts it as of then.
+    pub(crate) since: i64,
 }
 
 impl Limit {
@@ -416,6 +419,7 @@ impl Limit {
             gcra: *t.gcra(),
             salt: hash::stable(&id) as u64,
             window_secs: t.gcra().span().div_ceil(NANOS_PER_SEC),
+            since: 0,
         }
     }
 }
@@ -570,6 +574,13 @@ impl Plan {
         self.throttle
             .iter()
             .chain(self.methods.iter().map(|m| &m.limit))
+    }
+
+    /// Every throttle of the plan, mutably.
+    pub(crate) fn limits_mut(&mut self) -> impl Iterator<Item = &mut Limit> {
+        self.throttle
+            .iter_mut()
+            .chain(self.methods.iter_mut().map(|m| &mut m.limit))
     }
 
     /// Compiles `plan`; `created_at` is when the plan first existed (wall nanoseconds).

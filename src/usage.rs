@@ -179,7 +179,17 @@ impl<S: Store> Admin<S> {
                 .get(plan.name())
                 .and_then(|p| p.quota.map(|q| q.created_at))
                 .unwrap_or(now);
-            let compiled = Arc::new(Plan::compile(&plan, created)?);
+            let mut compiled = Plan::compile(&plan, created)?;
+            // A throttle whose numbers change is marked with the time, for
+            // stores that convert each key's state when it is next used.
+            if let Some(old) = snap.plans.get(plan.name()) {
+                for new in compiled.limits_mut() {
+                    if let Some(o) = old.limits().find(|o| o.salt == new.salt) {
+                        new.since = if o.gcra == new.gcra { o.since } else { now };
+                    }
+                }
+            }
+            let compiled = Arc::new(compiled);
             let previous = snap
                 .plans
                 .insert(Arc::clone(&compiled.name), Arc::clone(&compiled));

@@ -468,6 +468,9 @@ impl Part {
             call.arg(t.limit.gcra.interval());
             call.arg(t.limit.gcra.burst());
             call.arg(u8::from(t.shadow));
+            let since = t.limit.since.max(0);
+            call.arg(since / NANOS_PER_SEC as i64);
+            call.arg(since % NANOS_PER_SEC as i64);
         }
         match (self.quota, quota) {
             (Some(_), Some(q)) => {

@@ -2,7 +2,7 @@
 --
 -- The same integer arithmetic as gcra.rs (GCRA throttles), quota.rs (calendar
 -- quotas and their daily history) and window.rs (UTC windows). Lua numbers are
--- doubles, so every integer is kept below 2^53: times are split into whole
+-- doubles, so every integer is kept within 2^53: times are split into whole
 -- seconds and nanoseconds, and only differences from now are taken in
 -- nanoseconds, which caps a throttle's span (interval * burst) below 2^53 ns
 -- (about 104 days).
@@ -13,9 +13,11 @@
 -- Throttle key: the string "<tat_s> <tat_ns> <tol>", tol the span
 -- (interval * burst, ns) the TAT was written under; missing = a full bucket.
 -- It expires when the bucket is full again. A key read under another span is
--- converted as Gcra::rescale does; the conversion is stored at once, whatever
--- the verdict, so that it happens at one instant (left unstored, the old TAT
--- would keep draining at the old scale and refill the bucket early).
+-- converted as Gcra::rescale does, as of the instant the span changed (the
+-- throttle's "since"; now when it is 0 0), so that a key converted when next
+-- used ends where one converted at the change would; the conversion is stored
+-- at once, whatever the verdict (left unstored, the old TAT would keep
+-- draining at the old scale and refill the bucket early).
 --
 -- Quota key: hash {w = window start (days since 1970-01-01), n = used in it},
 -- expiring a day after the window ends. History key: hash {u:<day> = used that
@@ -26,7 +28,8 @@
 -- Modes (ARGV[1]):
 --
 -- "a" acquire. KEYS: t_1..t_n, then q, h when a quota is given.
---   ARGV: "a", now_s, now_ns, cost, n, n times (interval_ns, burst, shadow),
+--   ARGV: "a", now_s, now_ns, cost, n, n times (interval_ns, burst, shadow,
+--   since_s, since_ns),
 --   then "0", or "1", limit, period (D|W|M), week_start (0 = Monday .. 6),
 --   offset, created_s, shadow, history_days.
 --   All or nothing: when a limit that is not a shadow denies, nothing is
@@ -48,7 +51,7 @@
 --   window's limit, the new count.
 
 local E9 = 1000000000
-local MAX = 9007199254740992 -- 2^53: every integer stays below
+local MAX = 9007199254740992 -- 2^53, the last of the exact integers
 local DAY_S = 86400
 local DAY_MS = 86400000
 
@@ -57,13 +60,19 @@ local function bad(msg)
   error({ tollgate = msg })
 end
 
--- An integer argument in [lo, hi].
+-- Integers as Redis expects them (tostring would write 1e+15).
+local function str(x)
+  return string.format('%.0f', x)
+end
+
+-- An integer argument in [lo, hi], written as Rust writes it: the check that
+-- it prints back the same rejects what a double cannot hold exactly.
 local function int(v, lo, hi, what)
   local x = type(v) == 'string' and string.match(v, '^%-?%d+$') and tonumber(v)
-  if not x or x < lo or x > hi then
+  if not x or x < lo or x > hi or str(x) ~= v or v == '-0' then
     bad('bad ' .. what)
   end
-  return x + 0 -- no -0
+  return x
 end
 
 local function flag(v, what)
@@ -71,11 +80,6 @@ local function flag(v, what)
     bad('bad ' .. what)
   end
   return v == '1'
-end
-
--- Integers as Redis expects them (tostring would write 1e+15).
-local function str(x)
-  return string.format('%.0f', x)
 end
 
 -- floor(x / d) for integers x >= 0, d > 0: exact where x / d may round up.
@@ -142,9 +146,9 @@ local function load(key)
   local s, ns, tol = string.match(v, '^(%d+) (%d+) (%d+)$')
   s, ns, tol = tonumber(s), tonumber(ns), tonumber(tol)
   if not s or s >= MAX or ns >= E9 or tol < 1 or tol >= MAX then
-    bad('bad throttle state in ' .. key)
+    bad('bad throttle state')
   end
-  return ahead_of(s, ns), tol
+  return ahead_of(s, ns), tol, s, ns
 end
 
 -- Stores the TAT now + ahead under span tol, expiring when the bucket is full
@@ -208,10 +212,10 @@ end
 -- created_s.
 local function quota_spec(i)
   local q = {
-    limit = int(ARGV[i], 0, MAX - 1, 'limit'),
+    limit = int(ARGV[i], 0, MAX, 'limit'),
     period = ARGV[i + 1],
     week_start = int(ARGV[i + 2], 0, 6, 'week start'),
-    offset = int(ARGV[i + 3], 0, MAX - 1, 'offset'),
+    offset = int(ARGV[i + 3], 0, MAX, 'offset'),
     created = int(ARGV[i + 4], 1 - MAX, MAX - 1, 'creation time'),
   }
   if q.period ~= 'D' and q.period ~= 'W' and q.period ~= 'M' then
@@ -230,8 +234,8 @@ local function roll(q, key)
   if v[1] then
     q.w = tonumber(string.match(v[1], '^%-?%d+$'))
     q.n = tonumber(string.match(v[2] or '0', '^%-?%d+$'))
-    if not q.w or not q.n or math.abs(q.w) > 2 ^ 40 or math.abs(q.n) >= MAX then
-      bad('bad quota state in ' .. key)
+    if not q.w or not q.n or math.abs(q.w) > 2 ^ 40 or math.abs(q.n) > MAX then
+      bad('bad quota state')
     end
   end
   q.start, q.stop = window(q, q.today)
@@ -275,7 +279,7 @@ end
 local function acquire()
   local cost = int(ARGV[4], 0, MAX - 1, 'cost')
   local n = int(ARGV[5], 0, #KEYS, 'throttle count')
-  local qi = 6 + 3 * n
+  local qi = 6 + 5 * n
   if #ARGV < qi then
     bad('wrong number of arguments')
   end
@@ -289,22 +293,37 @@ local function acquire()
   local charge, convert = {}, {} -- per throttle: the TAT ahead to store, or false
   local tols = {}
   for i = 1, n do
-    local j = 3 + 3 * i
+    local j = 1 + 5 * i
     local interval = int(ARGV[j], 1, MAX - 1, 'interval')
     local burst = int(ARGV[j + 1], 1, MAX - 1, 'burst')
     local shadow = flag(ARGV[j + 2], 'shadow flag')
+    local since_s = int(ARGV[j + 3], 0, 2 ^ 40, 'since')
+    local since_ns = int(ARGV[j + 4], 0, E9 - 1, 'since')
     local tol = interval * burst -- exact if below 2^53, else at least 2^53
     if tol >= MAX then
       bad('throttle span of 2^53 ns or more')
     end
-    local before, old = load(KEYS[i])
-    before = math.max(before or 0, 0)
+    local before, old, tat_s, tat_ns = load(KEYS[i])
     charge[i], convert[i], tols[i] = false, false, tol
-    if before > 0 and old ~= tol then
-      -- Gcra::rescale; exact, and ahead == old gives exactly tol.
-      before = muldiv(math.min(before, old), tol, old)
-      convert[i] = before
+    if before and old ~= tol then
+      -- Gcra::rescale at the change: the TAT ahead of `since` (at most the
+      -- old span: the key was written before the change), scaled exactly
+      -- (ahead == old gives exactly tol), less the time since the change.
+      -- A huge `elapsed` is inexact but then the result is <= 0 either way.
+      local elapsed = 0
+      if since_s > 0 or since_ns > 0 then
+        elapsed = math.max(-ahead_of(since_s, since_ns), 0)
+      end
+      local at_change = before + elapsed
+      if elapsed > 0 then
+        at_change = (tat_s - since_s) * E9 + (tat_ns - since_ns)
+      end
+      if at_change > 0 then
+        before = muldiv(math.min(at_change, old), tol, old) - elapsed
+        convert[i] = before
+      end
     end
+    before = math.max(before or 0, 0)
     reply[3 + i] = before
     -- cost <= burst, so cost * interval <= tol < 2^53: exact.
     if cost <= burst and before + cost * interval <= tol then
@@ -335,7 +354,7 @@ local function acquire()
   if not allowed then
     reply[3] = 0
   elseif q then
-    q.n = math.min(q.n + cost, MAX - 1) -- a shadow's overage saturates
+    q.n = math.min(q.n + cost, MAX) -- a shadow's overage saturates
     save(q, KEYS[n + 1], KEYS[n + 2], cost, q.limit_in - q.n)
   end
   return reply
@@ -378,13 +397,13 @@ local function set_remaining()
   if #ARGV ~= 10 or #KEYS ~= 2 then
     bad('wrong number of arguments')
   end
-  local remaining = int(ARGV[4], 0, MAX - 1, 'remaining')
+  local remaining = int(ARGV[4], 0, MAX, 'remaining')
   local q = quota_spec(5)
   q.history_days = int(ARGV[10], 1, 100000, 'history days')
   read_now()
   roll(q, KEYS[1])
   q.n = q.limit_in - remaining
-  if q.n <= -MAX then
+  if q.n < -MAX then
     bad('remaining out of range')
   end
   save(q, KEYS[1], KEYS[2], 0, remaining)
