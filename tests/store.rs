@@ -1,0 +1,239 @@
+//! Stores written outside the crate, through the public `Store` trait: a
+//! store that answers later is awaited before the inner service is called,
+//! and a failing store is decided by each plan's failure mode (open: through
+//! without rate-limit headers; closed: 503, or gRPC UNAVAILABLE), counted,
+//! and logged once per burst of failures.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing;
+use reqwest::StatusCode;
+use tollgate::store::{
+    Acquire, Acquired, QuotaRef, Store, StoreError, StoreFuture, ThrottleRef, Verdict,
+};
+use tollgate::{
+    ApiKey, Clock, Date, FailureMode, MemoryStore, Policy, RateLimitLayer, Throttle, UsagePlan,
+};
+
+/// A memory store behind a delay, that fails while `down` is set.
+#[derive(Clone, Debug, Default)]
+struct Remote {
+    inner: MemoryStore,
+    down: Arc<AtomicBool>,
+    calls: Arc<AtomicUsize>,
+}
+
+type Pending = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Verdict, StoreError>> + Send + 'static>,
+>;
+
+impl Store for Remote {
+    type Future = Pending;
+
+    fn clock(&self) -> &Clock {
+        self.inner.clock()
+    }
+
+    fn acquire(&self, request: &Acquire<'_>) -> Acquired<Pending> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if self.down.load(Ordering::Relaxed) {
+            return Acquired::Ready(Err(StoreError::new("down for the test")));
+        }
+        // Decided now, answered after a round trip's worth of waiting.
+        let decided = match self.inner.acquire(request) {
+            Acquired::Ready(r) => r,
+            Acquired::Pending(_) => unreachable!("the memory store answers at once"),
+        };
+        Acquired::Pending(Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            decided
+        }))
+    }
+
+    fn usage(&self, q: &QuotaRef<'_>, first: Date, last: Date) -> StoreFuture<Vec<[i64; 2]>> {
+        self.inner.usage(q, first, last)
+    }
+
+    fn set_remaining(&self, q: &QuotaRef<'_>, remaining: u64) -> StoreFuture<u64> {
+        self.inner.set_remaining(q, remaining)
+    }
+
+    fn reset(&self, t: &[ThrottleRef<'_>], q: Option<&QuotaRef<'_>>) -> StoreFuture<()> {
+        self.inner.reset(t, q)
+    }
+}
+
+fn policy() -> Policy {
+    let throttle = Throttle::new(0.01, 2).unwrap();
+    Policy::builder()
+        .plan(UsagePlan::new("open").throttle(throttle))
+        .plan(
+            UsagePlan::new("closed")
+                .throttle(throttle)
+                .failure(FailureMode::Closed),
+        )
+        .key(ApiKey::new("o", "open-key", "open"))
+        .key(ApiKey::new("c", "closed-key", "closed"))
+        .build()
+        .unwrap()
+}
+
+async fn server(
+    store: Remote,
+) -> (
+    String,
+    RateLimitLayer<tollgate::extract::ApiKeyHeader, Remote>,
+) {
+    let layer = RateLimitLayer::builder(policy()).store(store).build();
+    let app = Router::new()
+        .route("/", routing::any(|| async { "ok" }))
+        .layer(layer.clone());
+    (common::serve(app).await, layer)
+}
+
+async fn get(c: &reqwest::Client, base: &str, key: &str) -> reqwest::Response {
+    c.get(format!("{base}/"))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_store_that_answers_later_is_awaited_before_the_call() {
+    let store = Remote::default();
+    let (base, _) = server(store.clone()).await;
+    let c = common::client();
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let res = get(&c, &base, "open-key").await;
+        statuses.push(res.status());
+        if res.status() == StatusCode::OK {
+            assert!(res.headers().contains_key("ratelimit"));
+            assert_eq!(res.text().await.unwrap(), "ok");
+        } else {
+            assert!(res.headers().contains_key("retry-after"));
+        }
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    assert_eq!(store.calls.load(Ordering::Relaxed), 4);
+}
+
+#[tokio::test]
+async fn a_failing_store_is_decided_by_each_plans_failure_mode() {
+    let store = Remote::default();
+    let (base, layer) = server(store.clone()).await;
+    let c = common::client();
+    store.down.store(true, Ordering::Relaxed);
+    for _ in 0..5 {
+        // Open: through, without rate-limit headers (nothing was decided).
+        let res = get(&c, &base, "open-key").await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(!res.headers().contains_key("ratelimit"));
+        // Closed: 503 with a JSON body.
+        let res = get(&c, &base, "closed-key").await;
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            res.text().await.unwrap(),
+            r#"{"message":"Service Unavailable"}"#
+        );
+    }
+    // gRPC callers get UNAVAILABLE, trailers-only.
+    let res = c
+        .post(format!("{base}/"))
+        .header("x-api-key", "closed-key")
+        .header("content-type", "application/grpc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["grpc-status"], "14");
+    assert_eq!(layer.store_failures(), 11);
+    // Back up: decided again, nothing of the outage was charged.
+    store.down.store(false, Ordering::Relaxed);
+    assert!(
+        get(&c, &base, "closed-key")
+            .await
+            .headers()
+            .contains_key("ratelimit")
+    );
+    assert_eq!(layer.store_failures(), 11);
+}
+
+/// Counts `tracing` events by level.
+#[derive(Default)]
+struct Events {
+    warn: AtomicUsize,
+    info: AtomicUsize,
+}
+
+impl tracing::Subscriber for Events {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        match *event.metadata().level() {
+            tracing::Level::WARN => self.warn.fetch_add(1, Ordering::Relaxed),
+            tracing::Level::INFO => self.info.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn failures_are_logged_once_per_burst_not_per_request() {
+    let events = Arc::new(Events::default());
+    let store = Remote::default();
+    let layer = RateLimitLayer::builder(policy())
+        .store(store.clone())
+        .build();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    tracing::subscriber::with_default(Arc::clone(&events), || {
+        rt.block_on(async {
+            for burst in 1..=2 {
+                store.down.store(true, Ordering::Relaxed);
+                for _ in 0..50 {
+                    assert!(layer.decide(b"open-key", 0).await.is_ok());
+                    assert!(layer.decide(b"closed-key", 0).await.is_err());
+                }
+                store.down.store(false, Ordering::Relaxed);
+                for _ in 0..3 {
+                    assert!(layer.decide(b"open-key", 0).await.is_ok());
+                }
+                assert_eq!(
+                    events.warn.load(Ordering::Relaxed),
+                    burst,
+                    "one warning per burst"
+                );
+                assert_eq!(
+                    events.info.load(Ordering::Relaxed),
+                    burst,
+                    "one recovery per burst"
+                );
+            }
+        });
+    });
+    assert_eq!(layer.store_failures(), 200);
+}
