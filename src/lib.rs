@@ -43,12 +43,21 @@
 //! Throttles are GCRA token buckets: a new key starts with a full bucket of
 //! `burst`, which refills at `rate` per second.
 //!
+//! # Where state lives
+//!
+//! A [`store::Store`] keeps the limit state. [`MemoryStore`] (the default)
+//! keeps it in this process and decides synchronously. With the `redis`
+//! feature, `RedisStore` keeps it in Redis or Redis Cluster, so that every
+//! instance of a service shares one budget; a decision is one round trip, and
+//! a store failure is decided by the plan's [`FailureMode`].
+//!
 //! # Feature flags
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `axum` | yes | [`extract::ClientIp`] reads axum's `ConnectInfo<SocketAddr>`; method overrides match axum's `MatchedPath` |
 //! | `config` | no | `tollgate::config`: plans and keys from a TOML file, errors with line and field |
+//! | `redis` | no | `RedisStore`: limits shared by every instance through Redis or Redis Cluster, one round trip per decision |
 //!
 //! [axum]: https://docs.rs/axum
 //! [tonic]: https://docs.rs/tonic

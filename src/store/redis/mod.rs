@@ -65,6 +65,13 @@ const BASE: Nanos = 1 << 62;
 /// [`FailureMode`](crate::FailureMode) decides the request; the connection
 /// recovers by itself when Redis comes back.
 ///
+/// Limits: a throttle whose bucket spans more than about 104 days
+/// (`burst / rate`) cannot be kept exactly in the script's arithmetic, and
+/// its decisions fail. Keys and plans are each instance's own (load the same
+/// configuration everywhere); their counters are shared. A throttle replaced
+/// while serving is converted for each key when the key is next used, as of
+/// the time of the change; a key whose state expired in between starts full.
+///
 /// ```no_run
 /// use tollgate::{Policy, RateLimitLayer, RedisStore, Throttle, UsagePlan};
 ///
