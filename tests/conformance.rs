@@ -599,3 +599,69 @@ async fn redis_cluster_agrees() {
     a_shadow_plan_never_lifts_the_stage_limit(&cluster).await;
     a_denial_names_the_limit_that_holds_the_request_longest(&cluster).await;
 }
+
+/// The over-limit cache answers a denied key locally with the answer Redis
+/// gives: compared at several instants with a store that always asks Redis.
+#[tokio::test]
+async fn redis_over_limit_cache_answers_as_redis_would() {
+    if !require_redis() {
+        return;
+    }
+    let server = RedisServer::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 1, 3_600));
+    let store = |cache: Duration| {
+        RedisStore::builder(server.url())
+            .prefix("cache")
+            .clock(clock.clone())
+            .over_limit_cache(cache)
+            .build()
+    };
+    let policy = || {
+        Policy::builder()
+            .clock(clock.clone())
+            .plan(
+                UsagePlan::new("p")
+                    .throttle(Throttle::new(2.0, 3).unwrap())
+                    .quota(Quota::new(10, Period::Day).unwrap()),
+            )
+            .key(ApiKey::new("k", "v", "p"))
+            .build()
+            .unwrap()
+    };
+    let cached = RateLimitLayer::builder(policy())
+        .store(store(Duration::from_secs(60)).await.unwrap())
+        .build();
+    let direct = RateLimitLayer::builder(policy())
+        .store(store(Duration::ZERO).await.unwrap())
+        .build();
+    // Throttle denials, while the wait shrinks.
+    assert_eq!(passed(&cached, b"v", 3).await, 3);
+    for step in [0, 100, 200, 150, 49] {
+        clock.advance(Duration::from_millis(step));
+        let a = cached.decide(b"v", 1).await.unwrap_err();
+        let b = direct.decide(b"v", 1).await.unwrap_err();
+        assert_eq!(a, b, "{step} ms on");
+    }
+    clock.advance(Duration::from_millis(1));
+    assert!(
+        cached.decide(b"v", 1).await.is_ok(),
+        "not past the retry time"
+    );
+    // Quota denials: the same answer until the window ends.
+    for _ in 0..6 {
+        clock.advance(Duration::from_secs(1));
+        assert!(cached.decide(b"v", 1).await.is_ok());
+    }
+    clock.advance(Duration::from_secs(60));
+    for step in [0, 1_000, 30_000] {
+        clock.advance(Duration::from_millis(step));
+        let a = cached.decide(b"v", 1).await.unwrap_err();
+        let b = direct.decide(b"v", 1).await.unwrap_err();
+        assert_eq!(a.reason(), Reason::QuotaExceeded);
+        assert_eq!(a, b, "{step} ms on");
+    }
+    // An admin change through the caching instance is seen at once.
+    cached.admin().set_remaining("k", 1).await.unwrap();
+    assert!(cached.decide(b"v", 1).await.is_ok());
+}
