@@ -665,3 +665,58 @@ async fn redis_over_limit_cache_answers_as_redis_would() {
     cached.admin().set_remaining("k", 1).await.unwrap();
     assert!(cached.decide(b"v", 1).await.is_ok());
 }
+
+/// Redis holds hashes, never a key's value, id or a client address; and a
+/// script that Redis lost (`SCRIPT FLUSH`, a restart) is loaded again by
+/// itself.
+#[tokio::test]
+async fn redis_key_names_hold_no_secrets_and_a_lost_script_reloads() {
+    if !require_redis() {
+        return;
+    }
+    let redis = Redis::single();
+    let addr = redis._server.as_ref().unwrap().addr();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 1, 0));
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(1.0, 5).unwrap())
+        .method("/v1/completions/POST", Throttle::new(1.0, 2).unwrap())
+        .quota(Quota::new(100, Period::Day).unwrap());
+    let secret = "sk-very-secret-value";
+    let l = layer(
+        &redis,
+        &clock,
+        vec![plan],
+        vec![ApiKey::new("tenant-42", secret, "p")],
+    )
+    .await;
+    let per_ip = RateLimitLayer::builder(
+        Policy::per_key(UsagePlan::new("ip").throttle(Throttle::new(1.0, 5).unwrap())).unwrap(),
+    )
+    .store(redis.store(&clock).await)
+    .build();
+    assert!(l.decide(secret.as_bytes(), 1).await.is_ok());
+    assert!(per_ip.decide(b"203.0.113.9", 1).await.is_ok());
+    let keys = redis_support::command(addr, &["KEYS", "*"]).unwrap();
+    assert!(
+        keys.contains(":t:") && keys.contains(":q") && keys.contains(":h"),
+        "{keys}"
+    );
+    for clear in [secret, "tenant-42", "203.0.113.9", "sk-"] {
+        assert!(!keys.contains(clear), "{clear} in {keys}");
+    }
+    redis_support::command(addr, &["SCRIPT", "FLUSH"]).unwrap();
+    assert!(l.decide(secret.as_bytes(), 1).await.is_ok());
+    assert!(l.decide(secret.as_bytes(), 1).await.is_ok());
+    let info = redis_support::command(addr, &["INFO", "commandstats"]).unwrap();
+    // Four decisions, four EVALSHAs. Two found no script (the first on this
+    // new server, the first after the flush) and were followed by an EVAL,
+    // which loads it.
+    let evalsha = info
+        .lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .unwrap_or_default();
+    assert!(evalsha.starts_with("cmdstat_evalsha:calls=4,"), "{info}");
+    assert!(evalsha.trim_end().ends_with("failed_calls=2"), "{info}");
+    assert!(info.contains("cmdstat_eval:calls=2,"), "{info}");
+}
