@@ -391,19 +391,25 @@ impl Inner {
         k
     }
 
-    /// Runs a script call within the timeout; loads the script when Redis
-    /// lost it.
+    /// Runs a script call; loads the script when Redis lost it. The caller
+    /// bounds the whole decision by the timeout.
     async fn run(self: Arc<Self>, call: Call) -> Result<Vec<i64>, StoreError> {
         let mut conn = self.conn.clone();
-        let work = async {
-            let reply = match call.cmd(Some(&self.sha)).query_async(&mut conn).await {
-                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                    call.cmd(None).query_async(&mut conn).await
-                }
-                r => r,
-            };
-            reply.map_err(|e| redis_error(&e))
+        let reply = match call.cmd(Some(&self.sha)).query_async(&mut conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                call.cmd(None).query_async(&mut conn).await
+            }
+            r => r,
         };
+        reply.map_err(|e| redis_error(&e))
+    }
+
+    /// `work` within the timeout: however many round trips it takes and
+    /// whatever Redis does, it answers by then.
+    async fn within<T>(
+        &self,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.timeout, work).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::timeout(self.timeout)),
@@ -413,10 +419,12 @@ impl Inner {
     /// Runs a plain command within the timeout.
     async fn command<T: redis::FromRedisValue>(&self, cmd: Cmd) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
-            Ok(r) => r.map_err(|e| redis_error(&e)),
-            Err(_) => Err(StoreError::timeout(self.timeout)),
-        }
+        self.within(async {
+            cmd.query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error(&e))
+        })
+        .await
     }
 }
 
@@ -658,12 +666,15 @@ impl Store for RedisStore {
         own.finish(request.quota.as_ref());
         let inner = Arc::clone(inner);
         Acquired::Pending(Box::pin(async move {
-            let verdict = if split {
-                decide_split(&inner, stage, own, cost).await?
-            } else {
-                let reply = Arc::clone(&inner).run(own.call.clone()).await?;
-                own.verdict(&reply, cost)?.0
+            let work = async {
+                if split {
+                    decide_split(&inner, stage, own, cost).await
+                } else {
+                    let reply = Arc::clone(&inner).run(own.call.clone()).await?;
+                    Ok(own.verdict(&reply, cost)?.0)
+                }
             };
+            let verdict = inner.within(work).await?;
             if let (Err(denied), Some((id, _)), Some(cache)) = (&verdict, id, &inner.cache) {
                 cache.insert(id, inner.local_now(), *denied);
             }
@@ -698,7 +709,7 @@ impl Store for RedisStore {
         quota_args(&mut call, quota);
         call.arg(quota.history_days);
         Box::pin(async move {
-            let reply = Arc::clone(&inner).run(call).await?;
+            let reply = inner.within(Arc::clone(&inner).run(call)).await?;
             if let Some(cache) = &inner.cache {
                 cache.clear();
             }
