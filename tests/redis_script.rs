@@ -998,6 +998,38 @@ async fn server_time_when_now_is_empty() {
 }
 
 #[tokio::test]
+async fn a_call_past_its_deadline_decides_nothing() {
+    let Some(mut r) = redis().await else { return };
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_micros() as i64;
+    // Mode a on the server's clock with a deadline; one throttle (1/s, burst
+    // 2), no quota.
+    let args = |deadline: i64| -> Vec<String> {
+        let deadline = deadline.to_string();
+        let interval = S.to_string();
+        [
+            "a", "", &deadline, "1", "1", &interval, "2", "0", "0", "0", "0",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let error = r
+        .raw(&["t"], &args(now_us - 1_000_000))
+        .await
+        .expect_err("a call past its deadline fails");
+    assert!(error.to_string().contains("expired"), "{error}");
+    assert_eq!(r.get("t").await, None, "and charges nothing");
+    let reply = r
+        .raw(&["t"], &args(now_us + 60_000_000))
+        .await
+        .expect("a call within its deadline decides");
+    assert_eq!(reply[2], 1);
+    assert!(r.get("t").await.is_some());
+}
+
+#[tokio::test]
 async fn bad_arguments_answer_an_error_reply() {
     let Some(mut r) = redis().await else { return };
     // Keys, arguments ("" written as ~) and what the error says.
@@ -1012,7 +1044,7 @@ async fn bad_arguments_answer_an_error_reply() {
         ("t", "a 1 0 01 1 1000 1 0 0 0 0", "cost"),
         ("t", "a 1 1000000000 1 1 1000 1 0 0 0 0", "now"),
         ("t", "a x 0 1 1 1000 1 0 0 0 0", "now"),
-        ("t", "a ~ 0 1 1 1000 1 0 0 0 0", "now"),
+        ("t", "a ~ 0 1 1 1000 1 0 0 0 0", "expired"),
         ("t", "a 1 0 1 1 0 1 0 0 0 0", "interval"),
         ("t", "a 1 0 1 1 1e3 1 0 0 0 0", "interval"),
         ("t", "a 1 0 1 1 1000 0 0 0 0 0", "burst"),

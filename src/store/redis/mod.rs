@@ -21,7 +21,8 @@ use std::fmt::{self, Write as _};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
@@ -96,6 +97,11 @@ struct Inner {
     timeout: Duration,
     clock: Clock,
     cache: Option<OverLimitCache>,
+    /// Redis `TIME` minus this machine's wall time, in microseconds, as last
+    /// estimated from a reply (see [`Inner::deadline`]).
+    offset_us: AtomicI64,
+    /// When the estimate was made (monotonic nanoseconds; 0 for never).
+    offset_at: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -279,6 +285,8 @@ impl RedisStoreBuilder {
                 timeout: self.timeout,
                 clock: self.clock.unwrap_or_default(),
                 cache: (ttl > 0).then(|| OverLimitCache::new(CACHE_ENTRIES, ttl)),
+                offset_us: AtomicI64::new(0),
+                offset_at: AtomicU64::new(0),
             }),
         })
     }
@@ -401,7 +409,60 @@ impl Inner {
             }
             r => r,
         };
-        reply.map_err(|e| redis_error(&e))
+        let reply: Vec<i64> = reply.map_err(|e| redis_error(&e))?;
+        if let [s, ns, ..] = reply[..] {
+            self.observe(s, ns);
+        }
+        Ok(reply)
+    }
+
+    /// This machine's wall time in microseconds.
+    fn wall_us() -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+    }
+
+    /// Learns how Redis `TIME` stands to this machine's clock from a reply
+    /// dated `s`, `ns` by Redis. The reply was dated before it arrived, so a
+    /// sample is never above the true offset: the largest recent one is
+    /// kept, and a sample older than ten seconds is replaced (clocks step).
+    fn observe(&self, s: i64, ns: i64) {
+        if self.clock.is_manual() {
+            return;
+        }
+        let sample = s
+            .saturating_mul(1_000_000)
+            .saturating_add(ns / 1_000)
+            .saturating_sub(Self::wall_us());
+        let now = self.clock.nanos().max(1);
+        let at = self.offset_at.load(Ordering::Relaxed);
+        let stale = at == 0 || now.saturating_sub(at) > 10 * NANOS_PER_SEC;
+        if stale || sample > self.offset_us.load(Ordering::Relaxed) {
+            self.offset_us.store(sample, Ordering::Relaxed);
+            self.offset_at.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// The deadline of a decision sent now, in microseconds of Redis `TIME`:
+    /// a call Redis runs after it (Redis stalled with the call queued) was
+    /// given up by the layer, which answered the request without it, so the
+    /// script decides nothing rather than charging a request that was
+    /// refused or let through unmetered. None until a reply dated Redis's
+    /// clock (or with a manual clock, where no real time passes).
+    fn deadline(&self) -> Option<i64> {
+        if self.clock.is_manual() || self.offset_at.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        // The offset is estimated low (by a reply's latency), so the deadline
+        // errs early: a call run just before the layer gives up may find it
+        // passed and fail, but no call is charged after the layer gave up.
+        let timeout = i64::try_from(self.timeout.as_micros()).unwrap_or(i64::MAX);
+        Some(
+            Self::wall_us()
+                .saturating_add(self.offset_us.load(Ordering::Relaxed))
+                .saturating_add(timeout),
+        )
     }
 
     /// `work` within the timeout: however many round trips it takes and
@@ -664,6 +725,10 @@ impl Store for RedisStore {
         }
         stage.finish(None);
         own.finish(request.quota.as_ref());
+        if let (Now::Redis, Some(deadline)) = (now, inner.deadline()) {
+            stage.call.args[2] = deadline.to_string();
+            own.call.args[2] = deadline.to_string();
+        }
         let inner = Arc::clone(inner);
         Acquired::Pending(Box::pin(async move {
             let work = async {

@@ -8,7 +8,8 @@
 -- (about 104 days).
 --
 -- Time (ARGV[2], ARGV[3]): now in seconds and nanoseconds (0..999999999), or
--- "" and "" for the server's TIME.
+-- "" and "" for the server's TIME, or "" and a deadline in microseconds of the
+-- server's TIME past which the call decides nothing (error "expired").
 --
 -- Throttle key: the string "<tat_s> <tat_ns> <tol>", tol the span
 -- (interval * burst, ns) the TAT was written under; missing = a full bucket.
@@ -88,7 +89,7 @@ local function div(x, d)
 end
 
 local now_s, now_ns
-if ARGV[2] == '' and ARGV[3] == '' then
+if ARGV[2] == '' then
   local t = redis.call('TIME')
   now_s, now_ns = tonumber(t[1]), tonumber(t[2]) * 1000
 end
@@ -97,6 +98,14 @@ local function read_now()
   if not now_s then
     now_s = int(ARGV[2], 0, 2 ^ 40, 'now')
     now_ns = int(ARGV[3], 0, E9 - 1, 'now')
+  elseif ARGV[3] ~= '' then
+    -- A deadline in microseconds of the server's TIME: a call that runs after
+    -- it (the server stalled with the call queued) was given up by its
+    -- caller, who answered the request without it, so it decides nothing.
+    local deadline = int(ARGV[3], 0, MAX - 1, 'deadline')
+    if now_s * 1000000 + div(now_ns, 1000) > deadline then
+      bad('expired')
+    end
   end
 end
 
