@@ -103,6 +103,20 @@ struct Subject<'a> {
     quota: Option<&'a QuotaCell>,
 }
 
+impl<'a> Subject<'a> {
+    /// A key of a [`Policy::per_key`] policy: no stage, no quota.
+    #[inline]
+    fn per_key(plan: &'a Plan, key: &'a [u8]) -> Self {
+        Subject {
+            stage: None,
+            plan,
+            name: key,
+            state: hash::state_digest(key),
+            quota: None,
+        }
+    }
+}
+
 impl<K: KeyExtractor, S: Store> Shared<K, S> {
     /// Decides one request: key, plan, then every limit that applies at once.
     /// Rejections leave `grpc` unset: the caller sets it, so that allowed
@@ -112,13 +126,7 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
         let result = if let Some(plan) = &self.fixed {
             match self.extractor.extract(req) {
                 Ok(key) => {
-                    let subject = Subject {
-                        stage: None,
-                        plan,
-                        name: key.as_bytes(),
-                        state: hash::state_digest(key.as_bytes()),
-                        quota: None,
-                    };
+                    let subject = Subject::per_key(plan, key.as_bytes());
                     Ok(self.limits(&subject, Some(req), 1, |a| self.acquire(a)))
                 }
                 Err(e) => Err(Rejection::key(Reason::Key(e))),
@@ -155,13 +163,7 @@ impl<K, S: Store> Shared<K, S> {
     pub(crate) fn check_any(&self, key: &[u8], cost: u32) -> Step<S::Future> {
         let result = match &self.fixed {
             Some(plan) => {
-                let subject = Subject {
-                    stage: None,
-                    plan,
-                    name: key,
-                    state: hash::state_digest(key),
-                    quota: None,
-                };
+                let subject = Subject::per_key(plan, key);
                 Ok(self.limits(&subject, None, cost, |a| self.acquire(a)))
             }
             None => self.registered(&self.policy.load(), key, None, cost, |a| self.acquire(a)),
@@ -298,13 +300,7 @@ impl<K> Shared<K, MemoryStore> {
         let run = |a: &Acquire<'_>| self.store.decide::<()>(a, &mut ());
         let result = match &self.fixed {
             Some(plan) => {
-                let subject = Subject {
-                    stage: None,
-                    plan,
-                    name: key,
-                    state: hash::state_digest(key),
-                    quota: None,
-                };
+                let subject = Subject::per_key(plan, key);
                 self.limits(&subject, None, cost, run)
             }
             None => self.registered(&self.policy.load(), key, None, cost, run)?,
