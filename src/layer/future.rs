@@ -11,8 +11,9 @@ use tower_service::Service;
 
 use super::Shared;
 use crate::body::ResponseBody;
+use crate::headers::HeaderStyle;
 use crate::plan::FailureMode;
-use crate::response::{HeaderStyle, is_grpc};
+use crate::response::is_grpc;
 use crate::store::{Report, Store};
 
 pin_project! {

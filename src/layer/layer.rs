@@ -5,8 +5,9 @@ use tower_layer::Layer;
 
 use super::{Failures, RateLimit, Shared, SharedState, Step};
 use crate::extract::{ApiKeyHeader, KeyExtractor};
+use crate::headers::HeaderStyle;
 use crate::policy::Policy;
-use crate::response::{HeaderStyle, OnRejection, Rejection};
+use crate::response::{OnRejection, Rejection};
 use crate::store::{MemoryStore, Store};
 use crate::usage::Admin;
 use http::StatusCode;

@@ -17,10 +17,11 @@ use http::{Response, StatusCode};
 
 use crate::extract::{KeyError, KeyExtractor, RequestView};
 use crate::hash::{self, Digest};
+use crate::headers::HeaderStyle;
 use crate::plan::{FailureMode, Limit, MethodLimit, Plan, StageLimits, match_method};
 use crate::policy::{Policy, Snapshot};
 use crate::quota::QuotaCell;
-use crate::response::{HeaderStyle, Reason, Rejection, SharedOnRejection};
+use crate::response::{Reason, Rejection, SharedOnRejection};
 use crate::store::{
     Acquire, Acquired, Applied, MemoryStore, QuotaRef, Report, Store, StoreError, ThrottleRef,
     Verdict,
