@@ -51,7 +51,8 @@ use tollgate::config::Config;
 use tollgate::extract::ApiKeyHeader;
 use tollgate::store::Store;
 use tollgate::{
-    Admin, AdminError, ApiKey, ConfigError, Date, MemoryStore, RateLimitLayer, RedisStore,
+    Admin, AdminError, ApiKey, ConfigError, Date, HeaderStyle, MemoryStore, RateLimitLayer,
+    RedisStore,
 };
 
 /// The default listen address.
@@ -68,9 +69,11 @@ const MAX_TOKEN_MS: u64 = 10_000;
 /// The server for `config`, keeping limit state in `store`.
 pub fn app<S: Store>(config: &Config, store: S) -> Result<Router, ConfigError> {
     let policy = config.policy_with_clock(store.clock().clone())?;
+    // OpenAI's SDKs back off on their own `x-ratelimit-*-requests` headers.
     let layer = RateLimitLayer::builder(policy)
         .store(store)
         .quota_status(config.quota_status())
+        .headers(HeaderStyle::ietf().openai(true))
         .build();
     Ok(router(layer, config.admin_key()))
 }

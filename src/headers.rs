@@ -1,18 +1,26 @@
 //! Rate-limit headers: the IETF draft `RateLimit-Policy` / `RateLimit`, and
 //! the legacy `X-RateLimit-*`.
 
-use std::fmt::{self, Write as _};
+use std::cmp::Reverse;
+use std::fmt::{self, Write};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::gcra::{NANOS_PER_SEC, Nanos};
-use crate::store::Report;
+use crate::store::{Applied, Report};
 
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 const X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 const X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+const OPENAI_LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+const OPENAI_REMAINING_REQUESTS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-requests");
+const OPENAI_RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+const OPENAI_LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const OPENAI_REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const OPENAI_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
 /// Which rate-limit headers responses carry.
 ///
@@ -30,6 +38,19 @@ const X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 /// `X-RateLimit-Limit` / `-Remaining` / `-Reset` (seconds) can be added, and
 /// all can be turned off.
 ///
+/// For clients built on OpenAI's SDKs, [`openai`](Self::openai) adds the
+/// headers they read to back off:
+///
+/// ```text
+/// x-ratelimit-limit-requests: 5
+/// x-ratelimit-remaining-requests: 4
+/// x-ratelimit-reset-requests: 500ms
+/// ```
+///
+/// and the same with `-tokens` for token limits; a reset is a duration as
+/// OpenAI writes it (`1s`, `6m0s`, `1.5s`, `20ms`): the time until the
+/// tightest limit of that kind is full again.
+///
 /// ```
 /// use tollgate::HeaderStyle;
 ///
@@ -41,6 +62,7 @@ const X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 pub struct HeaderStyle {
     ietf: bool,
     x_ratelimit: bool,
+    openai: bool,
 }
 
 impl HeaderStyle {
@@ -49,6 +71,7 @@ impl HeaderStyle {
         HeaderStyle {
             ietf: true,
             x_ratelimit: false,
+            openai: false,
         }
     }
 
@@ -57,6 +80,7 @@ impl HeaderStyle {
         HeaderStyle {
             ietf: false,
             x_ratelimit: false,
+            openai: false,
         }
     }
 
@@ -72,6 +96,19 @@ impl HeaderStyle {
     pub const fn x_ratelimit(mut self, on: bool) -> Self {
         self.x_ratelimit = on;
         self
+    }
+
+    /// Turns the OpenAI-style `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`
+    /// headers on or off.
+    #[must_use]
+    pub const fn openai(mut self, on: bool) -> Self {
+        self.openai = on;
+        self
+    }
+
+    /// Whether the OpenAI-style headers are sent.
+    pub const fn has_openai(&self) -> bool {
+        self.openai
     }
 
     /// Whether the IETF headers are sent.
@@ -115,6 +152,49 @@ impl HeaderStyle {
             headers.insert(X_REMAINING, HeaderValue::from(tight.remaining));
             headers.insert(X_RESET, HeaderValue::from(ceil_secs(tight.reset)));
         }
+        if self.openai {
+            let (mut requests, mut tokens) = (None::<&Applied>, None::<&Applied>);
+            for a in report.items() {
+                let slot = if a.name.starts_with("tokens") {
+                    &mut tokens
+                } else {
+                    &mut requests
+                };
+                if slot.is_none_or(|t| {
+                    (a.remaining, Reverse(a.reset)) < (t.remaining, Reverse(t.reset))
+                }) {
+                    *slot = Some(a);
+                }
+            }
+            let names = [
+                (
+                    requests,
+                    [
+                        OPENAI_LIMIT_REQUESTS,
+                        OPENAI_REMAINING_REQUESTS,
+                        OPENAI_RESET_REQUESTS,
+                    ],
+                ),
+                (
+                    tokens,
+                    [
+                        OPENAI_LIMIT_TOKENS,
+                        OPENAI_REMAINING_TOKENS,
+                        OPENAI_RESET_TOKENS,
+                    ],
+                ),
+            ];
+            for (item, [limit, remaining, reset]) in names {
+                let Some(a) = item else { continue };
+                headers.insert(limit, HeaderValue::from(a.quota));
+                headers.insert(remaining, HeaderValue::from(a.remaining));
+                let mut buf = HeaderBuf::new();
+                let _ = write_duration(&mut buf, a.reset);
+                if let Some(v) = buf.value() {
+                    headers.insert(reset, v);
+                }
+            }
+        }
     }
 }
 
@@ -122,6 +202,38 @@ impl Default for HeaderStyle {
     fn default() -> Self {
         HeaderStyle::ietf()
     }
+}
+
+/// A duration as OpenAI's headers (and Go's `time.Duration`) write it, to the
+/// millisecond, rounded up: `0s`, `20ms`, `1s`, `1.5s`, `6m0s`, `1h2m3.25s`.
+fn write_duration(out: &mut impl Write, n: Nanos) -> fmt::Result {
+    let ms = n.div_ceil(1_000_000);
+    if ms == 0 {
+        return out.write_str("0s");
+    }
+    if ms < 1_000 {
+        return write!(out, "{ms}ms");
+    }
+    let (h, m, s, frac) = (
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1_000 % 60,
+        ms % 1_000,
+    );
+    if h > 0 {
+        write!(out, "{h}h")?;
+    }
+    if h > 0 || m > 0 {
+        write!(out, "{m}m")?;
+    }
+    write!(out, "{s}")?;
+    match frac {
+        0 => {}
+        f if f % 100 == 0 => write!(out, ".{}", f / 100)?,
+        f if f % 10 == 0 => write!(out, ".{:02}", f / 10)?,
+        f => write!(out, ".{f:03}")?,
+    }
+    out.write_str("s")
 }
 
 pub(crate) fn ceil_secs(n: Nanos) -> u64 {
@@ -168,7 +280,6 @@ impl fmt::Write for HeaderBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Applied;
 
     fn report(items: &[(&'static str, u64, u64, u64, Nanos)]) -> Report {
         let mut r = Report::default();
@@ -203,5 +314,54 @@ mod tests {
         let mut h = HeaderMap::new();
         HeaderStyle::none().write(&r, &mut h);
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn durations_are_written_as_openai_writes_them() {
+        let cases = [
+            (0, "0s"),
+            (1, "1ms"),
+            (20_000_000, "20ms"),
+            (999_000_001, "1s"),
+            (1_000_000_000, "1s"),
+            (1_500_000_000, "1.5s"),
+            (1_250_000_000, "1.25s"),
+            (1_005_000_000, "1.005s"),
+            (60_000_000_000, "1m0s"),
+            (360_000_000_000, "6m0s"),
+            (3_723_250_000_000, "1h2m3.25s"),
+            (3_600_000_000_000, "1h0m0s"),
+        ];
+        for (nanos, want) in cases {
+            let mut buf = HeaderBuf::new();
+            write_duration(&mut buf, nanos).unwrap();
+            assert_eq!(buf.value().unwrap(), want, "{nanos} ns");
+        }
+    }
+
+    #[test]
+    fn openai_headers_show_the_tightest_request_and_token_limits() {
+        let r = report(&[
+            ("throttle", 5, 3, 4, 500_000_000),
+            ("quota", 1000, 86_400, 900, 3_600_000_000_000),
+            ("tokens-minute", 40_000, 60, 39_000, 1_500_000_000),
+        ]);
+        let mut h = HeaderMap::new();
+        HeaderStyle::none().openai(true).write(&r, &mut h);
+        assert_eq!(h["x-ratelimit-limit-requests"], "5");
+        assert_eq!(h["x-ratelimit-remaining-requests"], "4");
+        assert_eq!(h["x-ratelimit-reset-requests"], "500ms");
+        assert_eq!(h["x-ratelimit-limit-tokens"], "40000");
+        assert_eq!(h["x-ratelimit-remaining-tokens"], "39000");
+        assert_eq!(h["x-ratelimit-reset-tokens"], "1.5s");
+        assert!(!h.contains_key("ratelimit"));
+        // Without token limits, no token headers.
+        let mut h = HeaderMap::new();
+        let r = report(&[("throttle", 5, 3, 0, 2_000_000_000)]);
+        HeaderStyle::ietf().openai(true).write(&r, &mut h);
+        assert_eq!(h["x-ratelimit-reset-requests"], "2s");
+        assert!(!h.contains_key("x-ratelimit-limit-tokens"));
+        assert!(h.contains_key("ratelimit"));
+        assert!(HeaderStyle::ietf().openai(true).has_openai());
     }
 }

@@ -105,6 +105,15 @@ async fn demo_key_gets_a_burst_of_five_then_two_per_second() {
             rl.starts_with(&format!("\"throttle\";r={remaining};")),
             "{rl}"
         );
+        // The headers OpenAI's SDKs back off on.
+        assert_eq!(res.headers()["x-ratelimit-limit-requests"], "5");
+        assert_eq!(
+            res.headers()["x-ratelimit-remaining-requests"],
+            remaining.to_string().as_str()
+        );
+        // One request refills in 500 ms: full again after that many.
+        let reset = ["500ms", "1s", "1.5s", "2s", "2.5s"][4 - remaining];
+        assert_eq!(res.headers()["x-ratelimit-reset-requests"], reset);
         let v: Value = res.json().await.unwrap();
         assert_eq!(v["usage"]["prompt_tokens"], 3);
         assert_eq!(v["usage"]["completion_tokens"], 3);
