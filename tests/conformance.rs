@@ -539,6 +539,59 @@ async fn layers_on_one_store_share_one_budget<B: Backend>(b: &B) {
     assert_eq!(admitted, 5, "what one instance alone would admit");
 }
 
+async fn a_shadow_plan_never_names_a_denial<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(
+            UsagePlan::new("s")
+                .quota(Quota::new(1, Period::Day).unwrap())
+                .shadow(true),
+        )
+        .key(ApiKey::new("k", "v", "s"))
+        .stage(Stage::new().throttle(Throttle::new(1.0, 2).unwrap()))
+        .build()
+        .unwrap();
+    let l = RateLimitLayer::builder(policy)
+        .store(b.store(&clock).await)
+        .build();
+    assert_eq!(passed(&l, b"v", 2).await, 2, "past the shadow quota");
+    // The stage denies; the shadow quota, past its limit, is not the answer.
+    let r = l.decide(b"v", 1).await.unwrap_err();
+    assert_eq!(
+        (r.reason(), r.limit(), r.retry_after_secs()),
+        (Reason::Limited, Some("stage"), Some(1))
+    );
+}
+
+async fn a_used_up_quota_is_named_over_a_shorter_stage_wait<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(UsagePlan::new("p").quota(Quota::new(1, Period::Day).unwrap()))
+        .key(ApiKey::new("k", "v", "p"))
+        .stage(Stage::new().throttle(Throttle::new(0.1, 1).unwrap()))
+        .build()
+        .unwrap();
+    let l = RateLimitLayer::builder(policy)
+        .store(b.store(&clock).await)
+        .build();
+    assert!(l.decide(b"v", 1).await.is_ok());
+    // Both the stage (10 s) and the quota (23 h) deny: the quota is named,
+    // and nothing was charged.
+    for _ in 0..2 {
+        let r = l.decide(b"v", 1).await.unwrap_err();
+        assert_eq!(
+            (r.reason(), r.retry_after_secs()),
+            (Reason::QuotaExceeded, Some(23 * 3_600))
+        );
+    }
+    clock.advance(Duration::from_secs(10));
+    assert_eq!(reason(&l, b"v").await, Some(Reason::QuotaExceeded));
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -581,6 +634,8 @@ conformance!(
     a_shadow_plan_never_lifts_the_stage_limit,
     replacing_a_throttle_keeps_the_share_of_each_bucket_in_use,
     a_denial_names_the_limit_that_holds_the_request_longest,
+    a_shadow_plan_never_names_a_denial,
+    a_used_up_quota_is_named_over_a_shorter_stage_wait,
 );
 
 /// On a Redis Cluster: the behaviours that touch several slots (stage limits
@@ -598,6 +653,8 @@ async fn redis_cluster_agrees() {
     stage_limits_are_shared_by_every_key_and_decided_with_the_plan(&cluster).await;
     a_shadow_plan_never_lifts_the_stage_limit(&cluster).await;
     a_denial_names_the_limit_that_holds_the_request_longest(&cluster).await;
+    a_shadow_plan_never_names_a_denial(&cluster).await;
+    a_used_up_quota_is_named_over_a_shorter_stage_wait(&cluster).await;
 }
 
 /// The over-limit cache answers a denied key locally with the answer Redis

@@ -745,6 +745,13 @@ async fn a_conversion_is_made_as_of_the_change() {
         )
         .await;
     assert_eq!(d.before, [10 * S / 1000]);
+    // A key written after the change (by an instance still on the old
+    // numbers) is converted as of now: emptied is still emptied.
+    let old = throttle("w", S, 10);
+    assert_eq!(r.admit(Now(500, 0), 10, &[old], None).await, 10);
+    let new = throttle("w", S, 20).since(400, 0);
+    let d = r.acquire(Now(500, 0), 1, &[new], None).await;
+    assert_eq!((d.allowed, d.before.as_slice()), (false, &[20 * S][..]));
 }
 
 #[tokio::test]

@@ -154,8 +154,11 @@ impl MemoryStore {
                     limit: applied(limit, 0, now),
                 },
             };
-            if t.shadow && denied.is_none() {
-                report.push(|| d.limit);
+            if t.shadow {
+                // A shadow limit never denies, nor names another's denial.
+                if denied.is_none() {
+                    report.push(|| d.limit);
+                }
                 continue;
             }
             denied = Some(Denied::longest(denied, d));
@@ -171,6 +174,7 @@ impl MemoryStore {
                 match outcome {
                     Ok(snap) if denied.is_none() => report.push(|| quota_applied(&snap)),
                     Ok(_) => {}
+                    Err(_) if q.shadow => {}
                     Err((retry_after, snap)) => {
                         let d = Denied {
                             denial: Denial::Quota { retry_after },

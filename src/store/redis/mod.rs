@@ -409,7 +409,12 @@ impl Inner {
             }
             r => r,
         };
-        let reply: Vec<i64> = reply.map_err(|e| redis_error(&e))?;
+        let reply: Vec<i64> = reply.map_err(|e| {
+            if e.to_string().contains("tollgate: expired") || e.detail() == Some("expired") {
+                self.forget_offset();
+            }
+            redis_error(&e)
+        })?;
         if let [s, ns, ..] = reply[..] {
             self.observe(s, ns);
         }
@@ -424,9 +429,13 @@ impl Inner {
     }
 
     /// Learns how Redis `TIME` stands to this machine's clock from a reply
-    /// dated `s`, `ns` by Redis. The reply was dated before it arrived, so a
-    /// sample is never above the true offset: the largest recent one is
-    /// kept, and a sample older than ten seconds is replaced (clocks step).
+    /// dated `s`, `ns` by Redis. A reply is dated before it is read, so a
+    /// sample is never above the true offset, and one read late (a busy
+    /// runtime) is below it: a higher sample is taken at once, a lower one
+    /// lowers the estimate by at most a millisecond per ten seconds (clock
+    /// drift), so that one late reply cannot make deadlines early. A clock
+    /// that steps is caught by the script answering "expired", which makes
+    /// the estimate unknown until the next reply ([`Inner::forget_offset`]).
     fn observe(&self, s: i64, ns: i64) {
         if self.clock.is_manual() {
             return;
@@ -437,11 +446,22 @@ impl Inner {
             .saturating_sub(Self::wall_us());
         let now = self.clock.nanos().max(1);
         let at = self.offset_at.load(Ordering::Relaxed);
-        let stale = at == 0 || now.saturating_sub(at) > 10 * NANOS_PER_SEC;
-        if stale || sample > self.offset_us.load(Ordering::Relaxed) {
-            self.offset_us.store(sample, Ordering::Relaxed);
-            self.offset_at.store(now, Ordering::Relaxed);
-        }
+        let current = self.offset_us.load(Ordering::Relaxed);
+        let next = if at == 0 || sample > current {
+            sample
+        } else if now.saturating_sub(at) > 10 * NANOS_PER_SEC {
+            sample.max(current - 1_000)
+        } else {
+            return;
+        };
+        self.offset_us.store(next, Ordering::Relaxed);
+        self.offset_at.store(now, Ordering::Relaxed);
+    }
+
+    /// Forgets the offset (a call was declined as expired: the clocks
+    /// stepped); calls go without a deadline until a reply dates Redis's clock.
+    fn forget_offset(&self) {
+        self.offset_at.store(0, Ordering::Relaxed);
     }
 
     /// The deadline of a decision sent now, in microseconds of Redis `TIME`:
@@ -813,8 +833,11 @@ impl Store for RedisStore {
 }
 
 /// Decides a request whose stage limits live in another cluster slot: the
-/// stage first, then the plan's limits; when the plan denies (or fails), the
-/// stage gets back what this request charged it.
+/// stage first, then the plan's limits. When the stage denies, the plan's
+/// limits are peeked at (nothing charged), so that the answer names the
+/// limit that holds the request longest, as one call would. When the plan
+/// denies (or fails), the stage gets back what this request charged it, in
+/// the background: the answer does not wait for it.
 async fn decide_split(
     inner: &Arc<Inner>,
     stage: Part,
@@ -823,17 +846,24 @@ async fn decide_split(
 ) -> Result<Verdict, StoreError> {
     let reply = Arc::clone(inner).run(stage.call.clone()).await?;
     let (verdict, charged) = stage.verdict(&reply, cost)?;
+    let has_own = !own.throttles.is_empty() || own.quota.is_some();
     let stage_report = match verdict {
-        Ok(r) => r,
-        Err(d) => return Ok(Err(d)),
-    };
-    let result = if own.throttles.is_empty() && own.quota.is_none() {
-        Ok((Ok(Report::default()), Charged::default()))
-    } else {
-        match Arc::clone(inner).run(own.call.clone()).await {
-            Ok(reply) => own.verdict(&reply, cost),
-            Err(e) => Err(e),
+        Ok(report) if !has_own => return Ok(Ok(report)),
+        Ok(report) => report,
+        Err(d) if !has_own => return Ok(Err(d)),
+        Err(d) => {
+            let mut peek = own;
+            peek.call.args[0] = "p".to_owned();
+            let reply = Arc::clone(inner).run(peek.call.clone()).await?;
+            return Ok(Err(match peek.verdict(&reply, cost)?.0 {
+                Err(mine) => Denied::longest(Some(d), mine),
+                Ok(_) => d,
+            }));
         }
+    };
+    let result = match Arc::clone(inner).run(own.call.clone()).await {
+        Ok(reply) => own.verdict(&reply, cost),
+        Err(e) => Err(e),
     };
     match result {
         Ok((Ok(report), _)) => {
@@ -844,15 +874,25 @@ async fn decide_split(
             Ok(Ok(all))
         }
         Ok((Err(d), _)) => {
-            refund(inner, &stage, &charged, cost).await?;
+            spawn_refund(inner, stage, charged, cost);
             Ok(Err(d))
         }
         Err(e) => {
-            // Best effort: the request fails either way.
-            let _ = refund(inner, &stage, &charged, cost).await;
+            spawn_refund(inner, stage, charged, cost);
             Err(e)
         }
     }
+}
+
+/// Refunds the stage in a task of its own, within its own timeout; a refund
+/// that fails leaves the stage charged (it errs toward admitting less).
+fn spawn_refund(inner: &Arc<Inner>, stage: Part, charged: Charged, cost: u32) {
+    let inner = Arc::clone(inner);
+    tokio::spawn(async move {
+        if let Err(e) = inner.within(refund(&inner, &stage, &charged, cost)).await {
+            tracing::debug!(error = %e, "stage refund failed; the stage stays charged");
+        }
+    });
 }
 
 /// Gives the stage back what one request charged it.

@@ -41,6 +41,9 @@
 --   ahead of now, after conversion), then with a quota: window start day,
 --   window end day, the window's limit, the count before this request.
 --
+-- "p" peek: as "a", with the same reply, but nothing is charged (a
+--   conversion is still stored). It tells which limits would deny.
+--
 -- "r" refund (Gcra::refund). KEYS: t_1..t_n. ARGV: "r", now_s, now_ns, cost,
 --   n, n times (interval_ns, burst, mine_s, mine_ns), mine the TAT this
 --   request stored. A key whose span changed since is left alone.
@@ -285,7 +288,7 @@ local function save(q, key, hist, used, remaining)
   redis.call('PEXPIRE', hist, str(q.history_days * DAY_MS))
 end
 
-local function acquire()
+local function acquire(peek)
   local cost = int(ARGV[4], 0, MAX - 1, 'cost')
   local n = int(ARGV[5], 0, #KEYS, 'throttle count')
   local qi = 6 + 5 * n
@@ -326,6 +329,11 @@ local function acquire()
       local at_change = before + elapsed
       if elapsed > 0 then
         at_change = (tat_s - since_s) * E9 + (tat_ns - since_ns)
+        if at_change > old then
+          -- Written after the change, by an instance still on the old
+          -- numbers: convert as of now.
+          elapsed, at_change = 0, before
+        end
       end
       if at_change > 0 then
         before = muldiv(math.min(at_change, old), tol, old) - elapsed
@@ -353,16 +361,18 @@ local function acquire()
       allowed = false
     end
   end
-  -- Conversions are stored whatever the verdict; charges only when allowed.
+  -- Conversions are stored whatever the verdict; charges only when allowed
+  -- (and never by a peek).
+  local charging = allowed and not peek
   for i = 1, n do
-    local ahead = allowed and charge[i] or convert[i]
+    local ahead = charging and charge[i] or convert[i]
     if ahead then
       store(KEYS[i], ahead, tols[i])
     end
   end
   if not allowed then
     reply[3] = 0
-  elseif q then
+  elseif q and charging then
     q.n = math.min(q.n + cost, MAX) -- a shadow's overage saturates
     save(q, KEYS[n + 1], KEYS[n + 2], cost, q.limit_in - q.n)
   end
@@ -419,7 +429,14 @@ local function set_remaining()
   return { now_s, now_ns, q.start, q.stop, q.limit_in, q.n }
 end
 
-local modes = { a = acquire, r = refund, s = set_remaining }
+local modes = {
+  a = acquire,
+  p = function()
+    return acquire(true)
+  end,
+  r = refund,
+  s = set_remaining,
+}
 local run = modes[ARGV[1]]
 if not run then
   return redis.error_reply('tollgate: unknown mode')
