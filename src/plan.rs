@@ -142,6 +142,7 @@ impl Quota {
 ///
 /// The in-memory store cannot fail; this matters with a remote store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum FailureMode {
     /// Let requests through (the AWS and Kong default).
     #[default]

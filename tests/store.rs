@@ -233,7 +233,21 @@ fn failures_are_logged_once_per_burst_not_per_request() {
                     "one recovery per burst"
                 );
             }
+            // A store failing in part (a cluster node down) is one burst, not
+            // a warning and a recovery per flip.
+            for _ in 0..10 {
+                store.down.store(true, Ordering::Relaxed);
+                assert!(layer.decide(b"open-key", 0).await.is_ok());
+                store.down.store(false, Ordering::Relaxed);
+                assert!(layer.decide(b"open-key", 0).await.is_ok());
+            }
+            assert_eq!(events.warn.load(Ordering::Relaxed), 3);
+            assert_eq!(events.info.load(Ordering::Relaxed), 2);
+            for _ in 0..3 {
+                assert!(layer.decide(b"open-key", 0).await.is_ok());
+            }
+            assert_eq!(events.info.load(Ordering::Relaxed), 3);
         });
     });
-    assert_eq!(layer.store_failures(), 200);
+    assert_eq!(layer.store_failures(), 210);
 }

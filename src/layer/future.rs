@@ -114,7 +114,7 @@ where
                     let (Some(mut svc), Some(req)) = (inner.take(), req.take()) else {
                         panic!("ResponseFuture polled after completion");
                     };
-                    match shared.settle(result, *failure) {
+                    match shared.settle(result, *failure, true) {
                         Ok(report) => State::Called {
                             fut: svc.call(req),
                             report,

@@ -117,7 +117,7 @@ impl<K, S: Store> RateLimitLayer<K, S> {
         async move {
             let decided = match step {
                 Step::Done(d) => d,
-                Step::Wait(f, failure) => shared.settle(f.await, failure),
+                Step::Wait(f, failure) => shared.settle(f.await, failure, true),
             };
             decided.map(|_| ()).map_err(|(rejection, _)| rejection)
         }

@@ -59,18 +59,29 @@ pub(crate) enum Step<F> {
 }
 
 /// Store failures: counted, and logged once per burst (when the store starts
-/// failing and when it recovers), never once per request.
+/// failing, and when it has answered [`RECOVERY_STREAK`] times in a row
+/// again), never once per request, and without flapping when a store fails
+/// only in part (a cluster node down).
 #[derive(Debug, Default)]
 pub(crate) struct Failures {
     count: AtomicU64,
     failing: AtomicBool,
+    /// Answers in a row since the last failure.
+    streak: AtomicU64,
+    /// `count` when the current burst began.
+    burst_start: AtomicU64,
 }
+
+/// Answers in a row from the store that end a burst of failures.
+const RECOVERY_STREAK: u64 = 3;
 
 impl Failures {
     #[cold]
     fn failed(&self, e: &StoreError) {
-        self.count.fetch_add(1, Ordering::Relaxed);
+        let before = self.count.fetch_add(1, Ordering::Relaxed);
+        self.streak.store(0, Ordering::Relaxed);
         if !self.failing.swap(true, Ordering::AcqRel) {
+            self.burst_start.store(before, Ordering::Relaxed);
             tracing::warn!(
                 error = %e,
                 "rate-limit store failing: each plan's failure mode applies until it recovers"
@@ -78,13 +89,16 @@ impl Failures {
         }
     }
 
+    /// The store answered (a round trip, not a local answer).
     #[inline]
-    fn succeeded(&self) {
-        if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::AcqRel) {
-            tracing::info!(
-                failures = self.count.load(Ordering::Relaxed),
-                "rate-limit store recovered"
-            );
+    fn answered(&self) {
+        if self.failing.load(Ordering::Relaxed)
+            && self.streak.fetch_add(1, Ordering::Relaxed) + 1 >= RECOVERY_STREAK
+            && self.failing.swap(false, Ordering::AcqRel)
+        {
+            let failures =
+                self.count.load(Ordering::Relaxed) - self.burst_start.load(Ordering::Relaxed);
+            tracing::info!(failures, "rate-limit store recovered");
         }
     }
 
@@ -175,7 +189,7 @@ impl<K, S: Store> Shared<K, S> {
     #[inline]
     fn acquire(&self, acquire: &Acquire<'_>) -> Step<S::Future> {
         match self.store.acquire(acquire) {
-            Acquired::Ready(result) => Step::Done(self.settle(result, acquire.failure)),
+            Acquired::Ready(result) => Step::Done(self.settle(result, acquire.failure, false)),
             Acquired::Pending(f) => Step::Wait(f, acquire.failure),
         }
     }
@@ -184,20 +198,21 @@ impl<K, S: Store> Shared<K, S> {
 impl<K, S> Shared<K, S> {
     /// Turns a store's answer into a decision; a failed store lets the
     /// request through (`Open`, without rate-limit headers) or refuses it
-    /// with 503 (`Closed`).
+    /// with 503 (`Closed`). `waited` tells an answer after a round trip from
+    /// one given at once (the memory store, an over-limit cache).
     #[inline]
     pub(crate) fn settle(
         &self,
         result: Result<Verdict, StoreError>,
         failure: FailureMode,
+        waited: bool,
     ) -> Decision {
+        if waited && result.is_ok() {
+            self.failures.answered();
+        }
         match result {
-            Ok(Ok(report)) => {
-                self.failures.succeeded();
-                Ok(report)
-            }
+            Ok(Ok(report)) => Ok(report),
             Ok(Err(d)) => {
-                self.failures.succeeded();
                 let rejection = Rejection::denied(d.denial, &d.limit, self.quota_status);
                 Err((rejection, Some(d.limit)))
             }

@@ -31,9 +31,20 @@ struct Entry {
 }
 
 /// Denials by request identity, bounded in entries.
+#[derive(Debug, Default)]
+struct Shard {
+    entries: HashMap<u64, Entry, BuildDigestHasher>,
+    /// Inserts refused for want of room since the last sweep.
+    refused: u32,
+}
+
+/// Refused inserts between two sweeps of a full shard, so that a shard full
+/// of live entries is not swept on every denial.
+const SWEEP_EVERY: u32 = 64;
+
 #[derive(Debug)]
 pub(super) struct OverLimitCache {
-    shards: Box<[Mutex<HashMap<u64, Entry, BuildDigestHasher>>]>,
+    shards: Box<[Mutex<Shard>]>,
     per_shard: usize,
     max_ttl: Nanos,
 }
@@ -48,18 +59,18 @@ impl OverLimitCache {
         }
     }
 
-    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Entry, BuildDigestHasher>> {
+    fn shard(&self, id: u64) -> &Mutex<Shard> {
         &self.shards[(id >> 59) as usize % SHARDS]
     }
 
     /// The denial Redis would give now, if `id` is still denied.
     pub(super) fn get(&self, id: u64, now: Nanos) -> Option<Denied> {
         let mut shard = self.shard(id).lock();
-        let e = *shard.get(&id)?;
+        let e = *shard.entries.get(&id)?;
         if now < e.until && now >= e.at {
             Some(e.denied.later(now - e.at))
         } else {
-            shard.remove(&id);
+            shard.entries.remove(&id);
             None
         }
     }
@@ -80,9 +91,14 @@ impl OverLimitCache {
             return;
         }
         let mut shard = self.shard(id).lock();
-        if shard.len() >= self.per_shard && !shard.contains_key(&id) {
-            shard.retain(|_, e| now < e.until);
-            if shard.len() >= self.per_shard {
+        if shard.entries.len() >= self.per_shard && !shard.entries.contains_key(&id) {
+            shard.refused += 1;
+            if shard.refused < SWEEP_EVERY {
+                return;
+            }
+            shard.refused = 0;
+            shard.entries.retain(|_, e| now < e.until);
+            if shard.entries.len() >= self.per_shard {
                 return;
             }
         }
@@ -91,13 +107,13 @@ impl OverLimitCache {
             until: now.saturating_add(ttl),
             denied,
         };
-        shard.insert(id, entry);
+        shard.entries.insert(id, entry);
     }
 
     /// Forgets every denial (an admin change made through this instance).
     pub(super) fn clear(&self) {
         for shard in self.shards.iter() {
-            shard.lock().clear();
+            shard.lock().entries.clear();
         }
     }
 }
@@ -141,7 +157,15 @@ mod tests {
         c.insert(1, 0, denied(10_000));
         c.insert(2, 0, denied(10_000));
         assert!(c.get(2, 10).is_none());
+        // Once entry 1 has expired, a full shard is swept, but only every
+        // SWEEP_EVERY refusals.
+        for _ in 0..SWEEP_EVERY - 2 {
+            c.insert(2, 2_000, denied(10_000));
+        }
+        assert!(c.get(2, 2_001).is_none());
+        c.insert(2, 2_000, denied(10_000));
+        assert!(c.get(2, 2_001).is_some());
         c.clear();
-        assert!(c.get(1, 10).is_none());
+        assert!(c.get(2, 2_001).is_none());
     }
 }

@@ -706,7 +706,9 @@ fn identity(req: &Acquire<'_>) -> u64 {
         bytes.extend_from_slice(&q.spec.limit.to_le_bytes());
     }
     bytes.extend_from_slice(&req.cost.to_le_bytes());
-    hash::stable(&bytes) as u64
+    // The process's keyed hash: clients choose subjects, and must not be able
+    // to aim them at one shard of the cache.
+    hash::digest(&bytes).0 as u64
 }
 
 type Decided = Pin<Box<dyn Future<Output = Result<Verdict, StoreError>> + Send + 'static>>;
@@ -720,9 +722,16 @@ impl Store for RedisStore {
 
     fn acquire(&self, request: &Acquire<'_>) -> Acquired<Self::Future> {
         let inner = &self.inner;
+        if request.throttles().next().is_none() && request.quota.is_none() {
+            // Nothing to decide: no round trip.
+            return Acquired::Ready(Ok(Ok(Report::default())));
+        }
+        // A denial is cached as of the time the request was sent, so that it
+        // never outlasts what Redis would answer.
+        let sent = inner.local_now();
         let id = inner.cache.as_ref().map(|cache| {
             let id = identity(request);
-            (id, cache.get(id, inner.local_now()))
+            (id, cache.get(id, sent))
         });
         if let Some((_, Some(denied))) = id {
             return Acquired::Ready(Ok(Err(denied)));
@@ -761,7 +770,7 @@ impl Store for RedisStore {
             };
             let verdict = inner.within(work).await?;
             if let (Err(denied), Some((id, _)), Some(cache)) = (&verdict, id, &inner.cache) {
-                cache.insert(id, inner.local_now(), *denied);
+                cache.insert(id, sent, *denied);
             }
             Ok(verdict)
         }))
