@@ -59,9 +59,11 @@ const BASE: Nanos = 1 << 62;
 
 /// A store in Redis or Redis Cluster, shared by every instance that uses it.
 ///
-/// Clones share one connection. Decisions take one round trip (two, plus a
-/// refund on denial, for requests with stage limits on Redis Cluster, where
-/// the stage's shared buckets live in their own slot). A decision that takes
+/// Clones share one connection. Decisions take one round trip; a key Redis
+/// denied is answered locally until its retry time. On Redis Cluster a
+/// request with stage limits takes two, since the stage's shared buckets
+/// live in their own slot (plus a refund in the background when the plan
+/// denies). A decision that takes
 /// longer than the [timeout](RedisStoreBuilder::timeout) fails, and the plan's
 /// [`FailureMode`](crate::FailureMode) decides the request; the connection
 /// recovers by itself when Redis comes back.
