@@ -1,5 +1,6 @@
 //! The response body: the inner service's body, or a rejection's.
 
+use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -7,14 +8,45 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::store::{Permit, Store};
+
 pin_project! {
     /// The body of a response that went through [`RateLimit`](crate::RateLimit):
     /// the inner service's body when the request passed, the rejection's when
     /// it did not.
+    ///
+    /// When the request holds a place under its plan's concurrency cap, the
+    /// body gives it back when it ends, fails, or is dropped (the client went
+    /// away): a streamed answer holds its place to its last event.
     #[derive(Debug)]
     pub struct ResponseBody<B> {
         #[pin]
         kind: Kind<B>,
+        guard: Option<Guard>,
+    }
+}
+
+/// Gives back a place under a concurrency cap when dropped.
+pub(crate) struct Guard(Option<Box<dyn FnOnce() + Send + Sync>>);
+
+impl Guard {
+    pub(crate) fn new<S: Store>(store: &S, permit: Permit) -> Self {
+        let store = store.clone();
+        Guard(Some(Box::new(move || store.release(permit))))
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(release) = self.0.take() {
+            release();
+        }
+    }
+}
+
+impl fmt::Debug for Guard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Guard(..)")
     }
 }
 
@@ -28,9 +60,10 @@ pin_project! {
 }
 
 impl<B> ResponseBody<B> {
-    pub(crate) fn inner(body: B) -> Self {
+    pub(crate) fn inner(body: B, guard: Option<Guard>) -> Self {
         ResponseBody {
             kind: Kind::Inner { body },
+            guard,
         }
     }
 
@@ -39,6 +72,7 @@ impl<B> ResponseBody<B> {
             kind: Kind::Full {
                 data: (!data.is_empty()).then_some(data),
             },
+            guard: None,
         }
     }
 }
@@ -54,8 +88,16 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.project().kind.project() {
-            KindProj::Inner { body } => body.poll_frame(cx),
+        let this = self.project();
+        match this.kind.project() {
+            KindProj::Inner { body } => {
+                let frame = body.poll_frame(cx);
+                // The end of the body, or its failure, ends the request.
+                if matches!(frame, Poll::Ready(None | Some(Err(_)))) {
+                    this.guard.take();
+                }
+                frame
+            }
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }

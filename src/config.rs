@@ -38,8 +38,8 @@
 //! ```
 //!
 //! Unknown fields and bad values are errors that name the line, the column
-//! and the field's path (`plans[0].throttle.rate`). `tokens` and
-//! `concurrency` are read and checked; they are enforced by a later release.
+//! and the field's path (`plans[0].throttle.rate`). `tokens` are read and
+//! checked; they are enforced by a later release.
 //!
 //! ```
 //! use tollgate::config::Config;
@@ -391,9 +391,9 @@ impl Checker<'_> {
         }
         if let Some(c) = &f.concurrency {
             let n = self.positive(c, format!("{path}.concurrency"))?;
-            if n > u64::from(u32::MAX) {
-                return Err(self.err(c.span(), format!("{path}.concurrency"), "is too large"));
-            }
+            let n = u32::try_from(n)
+                .map_err(|_| self.err(c.span(), format!("{path}.concurrency"), "is too large"))?;
+            plan = plan.concurrency(n);
         }
         for (mp, t) in self.methods(&f.methods, &path)? {
             plan = plan.method(mp, t);

@@ -60,6 +60,8 @@ pub enum ConfigError {
     /// The usage history is shorter than a month (31 days) or longer than ten
     /// years (3,660 days).
     InvalidHistory(usize),
+    /// A plan's concurrency cap is zero.
+    InvalidConcurrency,
 }
 
 impl fmt::Display for ConfigError {
@@ -91,6 +93,9 @@ impl fmt::Display for ConfigError {
                 f,
                 "plan `{plan}` has a quota, which needs registered api keys (Policy::builder)"
             ),
+            ConfigError::InvalidConcurrency => {
+                f.write_str("invalid concurrency: the cap must be at least 1")
+            }
             ConfigError::InvalidHistory(days) => {
                 write!(
                     f,

@@ -7,7 +7,7 @@ use std::fmt::{self, Write};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::gcra::{NANOS_PER_SEC, Nanos};
-use crate::store::{Applied, Report};
+use crate::store::{Applied, CONCURRENCY, Report};
 
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -130,7 +130,16 @@ impl HeaderStyle {
             let mut buf = HeaderBuf::new();
             for (i, a) in report.items().iter().enumerate() {
                 let sep = if i == 0 { "" } else { ", " };
-                let _ = write!(buf, "{sep}\"{}\";q={};w={}", a.name, a.quota, a.window_secs);
+                let _ = if a.name == CONCURRENCY {
+                    // A cap on requests in flight has no window.
+                    write!(
+                        buf,
+                        "{sep}\"{}\";q={};qu=\"concurrent-requests\"",
+                        a.name, a.quota
+                    )
+                } else {
+                    write!(buf, "{sep}\"{}\";q={};w={}", a.name, a.quota, a.window_secs)
+                };
             }
             if let Some(v) = buf.value() {
                 headers.insert(RATELIMIT_POLICY, v);
@@ -154,7 +163,7 @@ impl HeaderStyle {
         }
         if self.openai {
             let (mut requests, mut tokens) = (None::<&Applied>, None::<&Applied>);
-            for a in report.items() {
+            for a in report.items().iter().filter(|a| a.name != CONCURRENCY) {
                 let slot = if a.name.starts_with("tokens") {
                     &mut tokens
                 } else {

@@ -173,6 +173,7 @@ pub struct UsagePlan {
     throttle: Option<Throttle>,
     quota: Option<Quota>,
     methods: Vec<(String, Throttle)>,
+    concurrency: Option<u32>,
     failure: FailureMode,
     shadow: bool,
 }
@@ -185,6 +186,7 @@ impl UsagePlan {
             throttle: None,
             quota: None,
             methods: Vec::new(),
+            concurrency: None,
             failure: FailureMode::Open,
             shadow: false,
         }
@@ -216,6 +218,16 @@ impl UsagePlan {
         self
     }
 
+    /// Caps the requests of one key in flight at `n`: a request holds its
+    /// place until its response body ends (or fails, or is dropped because
+    /// the client went away), not merely until the handler returns, so a
+    /// streamed answer holds it to its last event. Over the cap: 429.
+    #[must_use]
+    pub fn concurrency(mut self, n: u32) -> Self {
+        self.concurrency = Some(n);
+        self
+    }
+
     /// What to do when the store fails (default [`FailureMode::Open`]).
     #[must_use]
     pub fn failure(mut self, mode: FailureMode) -> Self {
@@ -243,6 +255,11 @@ impl UsagePlan {
     /// The quota.
     pub fn get_quota(&self) -> Option<Quota> {
         self.quota
+    }
+
+    /// The cap on requests of one key in flight.
+    pub fn get_concurrency(&self) -> Option<u32> {
+        self.concurrency
     }
 
     /// The failure mode.
@@ -557,6 +574,14 @@ fn compile_methods(
         .collect()
 }
 
+/// A plan's cap on requests of one key in flight, compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Concurrency {
+    pub(crate) limit: u32,
+    /// Where the count lives, beside the key's throttles.
+    pub(crate) salt: u64,
+}
+
 /// A plan compiled for deciding.
 #[derive(Debug)]
 pub(crate) struct Plan {
@@ -564,6 +589,7 @@ pub(crate) struct Plan {
     pub(crate) throttle: Option<Limit>,
     pub(crate) methods: Box<[MethodLimit]>,
     pub(crate) quota: Option<QuotaSpec>,
+    pub(crate) concurrency: Option<Concurrency>,
     pub(crate) shadow: bool,
     pub(crate) failure: FailureMode,
     pub(crate) source: UsagePlan,
@@ -600,6 +626,14 @@ impl Plan {
                 offset: q.offset,
                 created_at,
             }),
+            concurrency: match plan.concurrency {
+                None => None,
+                Some(0) => return Err(ConfigError::InvalidConcurrency),
+                Some(limit) => Some(Concurrency {
+                    limit,
+                    salt: hash::stable(format!("{owner}\0concurrency").as_bytes()) as u64,
+                }),
+            },
             shadow: plan.shadow,
             failure: plan.failure,
             source: plan.clone(),
@@ -613,6 +647,7 @@ impl Plan {
             throttle: Some(Limit::new(LimitKind::Throttle, throttle, name, "")),
             methods: Box::default(),
             quota: None,
+            concurrency: None,
             shadow: false,
             failure: FailureMode::Open,
             source: UsagePlan::new(name).throttle(*throttle),

@@ -30,6 +30,8 @@ pub enum Reason {
     CostExceedsLimit,
     /// The store cannot track another key until one goes idle.
     KeyCapacity,
+    /// The key has as many requests in flight as its plan's concurrency cap.
+    ConcurrencyLimited,
     /// The store failed (unreachable, too slow) and the plan's failure mode
     /// is [`Closed`](crate::FailureMode::Closed).
     StoreUnavailable,
@@ -44,6 +46,7 @@ pub enum Reason {
 /// | quota used up | 429 (configurable, e.g. 403) `{"message":"Limit Exceeded"}`, `Retry-After` until the window ends | `grpc-status: 8` |
 /// | cost larger than a whole limit | 429 `{"message":"Cost Exceeds Limit"}` (no `Retry-After`: it never fits) | `grpc-status: 8` |
 /// | store cannot track another key | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8` |
+/// | too many requests of the key in flight (plan's `concurrency`) | 429 `{"message":"Too Many Requests"}`, `Retry-After: 1` | `grpc-status: 8` |
 /// | no peer address for [`ClientIp`](crate::extract::ClientIp) | 500 with the fix in the message | `grpc-status: 13` (INTERNAL) |
 /// | store failed, plan `failure = "closed"` | 503 `{"message":"Service Unavailable"}` | `grpc-status: 14` (UNAVAILABLE) |
 ///
@@ -100,6 +103,10 @@ impl Rejection {
             Denial::Quota { retry_after } => (Reason::QuotaExceeded, Some(retry_after)),
             Denial::TooCostly => (Reason::CostExceedsLimit, None),
             Denial::Capacity { retry_after } => (Reason::KeyCapacity, Some(retry_after)),
+            Denial::Concurrency => (
+                Reason::ConcurrencyLimited,
+                Some(crate::store::CONCURRENCY_RETRY.as_nanos() as u64),
+            ),
         };
         let status = match reason {
             Reason::QuotaExceeded => quota_status,
@@ -148,7 +155,9 @@ impl Rejection {
                 "rate limit misconfigured: peer address unavailable; serve with into_make_service_with_connect_info::<SocketAddr>() or insert the peer SocketAddr as a request extension"
             }
             Reason::Key(_) | Reason::UnknownKey | Reason::DisabledKey => "Forbidden",
-            Reason::Limited | Reason::KeyCapacity => "Too Many Requests",
+            Reason::Limited | Reason::KeyCapacity | Reason::ConcurrencyLimited => {
+                "Too Many Requests"
+            }
             Reason::QuotaExceeded => "Limit Exceeded",
             Reason::CostExceedsLimit => "Cost Exceeds Limit",
             Reason::StoreUnavailable => "Service Unavailable",
@@ -163,7 +172,8 @@ impl Rejection {
             Reason::Limited
             | Reason::QuotaExceeded
             | Reason::CostExceedsLimit
-            | Reason::KeyCapacity => 8,
+            | Reason::KeyCapacity
+            | Reason::ConcurrencyLimited => 8,
             Reason::StoreUnavailable => 14,
         }
     }
@@ -219,6 +229,9 @@ impl fmt::Display for Rejection {
             Reason::KeyCapacity => f.write_str("rejected: store cannot track another key now"),
             Reason::QuotaExceeded => f.write_str("rejected: quota exceeded"),
             Reason::StoreUnavailable => f.write_str("rejected: rate-limit store unavailable"),
+            Reason::ConcurrencyLimited => {
+                f.write_str("rejected: too many requests of this key in flight")
+            }
         }
     }
 }

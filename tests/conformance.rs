@@ -636,6 +636,7 @@ conformance!(
     a_denial_names_the_limit_that_holds_the_request_longest,
     a_shadow_plan_never_names_a_denial,
     a_used_up_quota_is_named_over_a_shorter_stage_wait,
+    a_concurrency_cap_holds_places_until_bodies_end,
 );
 
 /// On a Redis Cluster: the behaviours that touch several slots (stage limits
@@ -655,6 +656,7 @@ async fn redis_cluster_agrees() {
     a_denial_names_the_limit_that_holds_the_request_longest(&cluster).await;
     a_shadow_plan_never_names_a_denial(&cluster).await;
     a_used_up_quota_is_named_over_a_shorter_stage_wait(&cluster).await;
+    a_concurrency_cap_holds_places_until_bodies_end(&cluster).await;
 }
 
 /// The over-limit cache answers a denied key locally with the answer Redis
@@ -776,4 +778,82 @@ async fn redis_key_names_hold_no_secrets_and_a_lost_script_reloads() {
     assert!(evalsha.starts_with("cmdstat_evalsha:calls=4,"), "{info}");
     assert!(evalsha.trim_end().ends_with("failed_calls=2"), "{info}");
     assert!(info.contains("cmdstat_eval:calls=2,"), "{info}");
+}
+
+/// A plan's concurrency cap holds a place per request until its response
+/// body ends or is dropped, not until the handler returns.
+async fn a_concurrency_cap_holds_places_until_bodies_end<B: Backend>(b: &B) {
+    use http_body_util::BodyExt;
+    use tower::{Service, ServiceExt};
+
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 0));
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(100.0, 100).unwrap())
+        .concurrency(2);
+    let l = layer(b, &clock, vec![plan], vec![ApiKey::new("k", "v", "p")]).await;
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(l.clone())
+        .service_fn(|_| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                bytes::Bytes::from_static(b"streamed"),
+            )))
+        });
+    let request = || {
+        http::Request::builder()
+            .header("x-api-key", "v")
+            .body(())
+            .unwrap()
+    };
+    let first = svc.ready().await.unwrap().call(request()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let policy = first.headers()["ratelimit-policy"].to_str().unwrap();
+    assert!(
+        policy.contains("\"concurrency\";q=2;qu=\"concurrent-requests\""),
+        "{policy}"
+    );
+    let second = svc.ready().await.unwrap().call(request()).await.unwrap();
+    assert_eq!(second.status(), 200);
+    // Both handlers have returned, but their bodies are not done: full.
+    let third = svc.ready().await.unwrap().call(request()).await.unwrap();
+    assert_eq!(third.status(), 429);
+    assert_eq!(third.headers()["retry-after"], "1");
+    let rejection = third.extensions().get::<tollgate::Rejection>().unwrap();
+    assert_eq!(rejection.reason(), Reason::ConcurrencyLimited);
+    // A body read to its end gives its place back; so does a dropped one.
+    let body = second.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"streamed");
+    let admitted = eventually_admitted(&mut svc, request).await;
+    drop(first);
+    let again = eventually_admitted(&mut svc, request).await;
+    drop((admitted, again));
+    // Nothing leaked: two places again.
+    let a = eventually_admitted(&mut svc, request).await;
+    let b2 = eventually_admitted(&mut svc, request).await;
+    let full = svc.ready().await.unwrap().call(request()).await.unwrap();
+    assert_eq!(full.status(), 429);
+    drop((a, b2, full));
+}
+
+/// The response of the first request admitted within two seconds (a remote
+/// store gives places back in the background).
+async fn eventually_admitted<S, F>(svc: &mut S, request: F) -> S::Response
+where
+    S: tower::Service<
+            http::Request<()>,
+            Response = http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
+        >,
+    S::Error: std::fmt::Debug,
+    F: Fn() -> http::Request<()>,
+{
+    use tower::ServiceExt;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let res = svc.ready().await.unwrap().call(request()).await.unwrap();
+        if res.status() == 200 {
+            return res;
+        }
+        assert!(std::time::Instant::now() < deadline, "no place came back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -528,3 +528,137 @@ fn a_bad_config_names_the_field_and_the_server_refuses_to_start() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+const STREAM: &str =
+    r#"{"model":"m","prompt":"hi","max_tokens":40,"stream":true,"mock_token_ms":20}"#;
+
+/// Requests in flight admitted now: each is answered 200 or 429 at once.
+async fn admitted_now(s: &Running) -> bool {
+    s.complete(Some("demo-free-key")).await.status() == 200
+}
+
+/// Polls until a request is admitted again (a place given back), for two
+/// seconds at most.
+async fn place_comes_back(s: &Running) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        // Keep the throttle out of the way: only the cap is under test.
+        s.clock.advance(Duration::from_secs(10));
+        if admitted_now(s).await {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_stream_holds_its_concurrency_place_to_its_last_event() {
+    use futures_util_free::next_chunk;
+
+    // The demo plan `free` allows 2 requests of a key in flight.
+    let s = start(server::DEMO_CONFIG).await;
+    let mut one = s
+        .post("/v1/completions", Some("demo-free-key"), STREAM)
+        .await;
+    let mut two = s
+        .post("/v1/completions", Some("demo-free-key"), STREAM)
+        .await;
+    assert_eq!((one.status().as_u16(), two.status().as_u16()), (200, 200));
+    // Both handlers returned and both streams are under way: full.
+    assert!(next_chunk(&mut one).await.is_some());
+    assert!(next_chunk(&mut two).await.is_some());
+    let res = s.complete(Some("demo-free-key")).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["ratelimit"], "\"concurrency\";r=0;t=0");
+    assert!(
+        res.headers()["ratelimit-policy"]
+            .to_str()
+            .unwrap()
+            .contains("qu=\"concurrent-requests\"")
+    );
+
+    // Stream one, read to its last event, gives its place back.
+    let mut events = 1;
+    while let Some(chunk) = next_chunk(&mut one).await {
+        events += chunk.matches("data:").count();
+    }
+    assert!(events >= 40, "{events} events");
+    place_comes_back(&s).await;
+
+    // Stream two's client goes away mid-stream: its place comes back too.
+    drop(two);
+    place_comes_back(&s).await;
+    // Both places are free: two streams again, and a third is refused.
+    s.clock.advance(Duration::from_secs(10));
+    let a = s
+        .post("/v1/completions", Some("demo-free-key"), STREAM)
+        .await;
+    let b = s
+        .post("/v1/completions", Some("demo-free-key"), STREAM)
+        .await;
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+    assert_eq!(s.complete(Some("demo-free-key")).await.status(), 429);
+}
+
+#[tokio::test]
+async fn places_all_come_back_after_a_mixed_storm() {
+    let s = std::sync::Arc::new(start(server::DEMO_CONFIG).await);
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let s = std::sync::Arc::clone(&s);
+        tasks.push(tokio::spawn(async move {
+            s.clock.advance(Duration::from_secs(1));
+            match i % 4 {
+                // Completed streams.
+                0 => {
+                    let res = s
+                        .post("/v1/completions", Some("demo-free-key"), STREAM)
+                        .await;
+                    let _ = res.text().await;
+                }
+                // Streams abandoned after their first event.
+                1 => {
+                    let mut res = s
+                        .post("/v1/completions", Some("demo-free-key"), STREAM)
+                        .await;
+                    let _ = futures_util_free::next_chunk(&mut res).await;
+                }
+                // Malformed bodies (400 from the handler).
+                2 => {
+                    let _ = s.post("/v1/completions", Some("demo-free-key"), "{").await;
+                }
+                // Plain requests.
+                _ => {
+                    let _ = s.complete(Some("demo-free-key")).await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Every place came back: two at once again, and no more.
+    place_comes_back(&s).await;
+    s.clock.advance(Duration::from_secs(10));
+    let a = s
+        .post("/v1/completions", Some("demo-free-key"), STREAM)
+        .await;
+    let b = s
+        .post("/v1/completions", Some("demo-free-key"), STREAM)
+        .await;
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+    assert_eq!(s.complete(Some("demo-free-key")).await.status(), 429);
+}
+
+/// Reading a streamed body one chunk at a time with reqwest alone.
+mod futures_util_free {
+    /// The next chunk of `res` as text, or `None` at the end.
+    pub(super) async fn next_chunk(res: &mut reqwest::Response) -> Option<String> {
+        let chunk = res.chunk().await.ok()??;
+        Some(String::from_utf8_lossy(&chunk).into_owned())
+    }
+}

@@ -199,6 +199,8 @@ impl Redis {
                 args.push(q.history_days.to_string());
             }
         }
+        // No concurrency cap (tested on its own).
+        args.push("0".to_owned());
         let reply = self.raw(&keys, &args).await?;
         let n = throttles.len();
         assert_eq!(reply.len(), 3 + n + if quota.is_some() { 4 } else { 0 });
@@ -1017,7 +1019,7 @@ async fn a_call_past_its_deadline_decides_nothing() {
         let deadline = deadline.to_string();
         let interval = S.to_string();
         [
-            "a", "", &deadline, "1", "1", &interval, "2", "0", "0", "0", "0",
+            "a", "", &deadline, "1", "1", &interval, "2", "0", "0", "0", "0", "0",
         ]
         .map(str::to_owned)
         .to_vec()
@@ -1037,6 +1039,62 @@ async fn a_call_past_its_deadline_decides_nothing() {
 }
 
 #[tokio::test]
+async fn concurrency_leases_cap_requests_in_flight_and_lapse() {
+    let Some(mut r) = redis().await else { return };
+    // Cap 2, leases of 100 ms; members a, b, c; mode a with no throttle and
+    // no quota, at an explicit now.
+    let args = |now_ms: i64, member: &str, mode: &str| -> Vec<String> {
+        let (s, ns) = (now_ms / 1000, now_ms % 1000 * 1_000_000);
+        [
+            mode,
+            &s.to_string(),
+            &ns.to_string(),
+            "1",
+            "0",
+            "0",
+            "1",
+            "2",
+            "100",
+            member,
+            "0",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let mut admitted = Vec::new();
+    for m in ["a", "b", "c"] {
+        let reply = r
+            .raw(&["c"], &args(1_000, m, "a"))
+            .await
+            .expect("a decision");
+        admitted.push((reply[2], reply[3]));
+    }
+    // In flight before each: 0, 1, then 2 (the cap): the third is refused.
+    assert_eq!(admitted, [(1, 0), (1, 1), (0, 2)]);
+    // A peek charges nothing; a released lease frees its place.
+    let reply = r.raw(&["c"], &args(1_000, "d", "p")).await.expect("a peek");
+    assert_eq!((reply[2], reply[3]), (0, 2));
+    let () = redis::cmd("ZREM")
+        .arg("c")
+        .arg("a")
+        .query_async::<i64>(&mut r.conn)
+        .await
+        .map(|_| ())
+        .expect("ZREM");
+    let reply = r
+        .raw(&["c"], &args(1_000, "c", "a"))
+        .await
+        .expect("a decision");
+    assert_eq!((reply[2], reply[3]), (1, 1));
+    // Leases lapse: 100 ms later nobody holds a place.
+    let reply = r
+        .raw(&["c"], &args(1_100, "e", "a"))
+        .await
+        .expect("a decision");
+    assert_eq!((reply[2], reply[3]), (1, 0));
+}
+
+#[tokio::test]
 async fn bad_arguments_answer_an_error_reply() {
     let Some(mut r) = redis().await else { return };
     // Keys, arguments ("" written as ~) and what the error says.
@@ -1045,26 +1103,32 @@ async fn bad_arguments_answer_an_error_reply() {
         ("", "", "unknown mode"),
         ("t", "a 1 0 1 1 1000 1 0 0 0", "wrong number"),
         ("t", "a 1 0 1 2 1000 1 0 0", "throttle count"),
-        ("", "a 1 0 1 0 0 extra", "wrong number"),
-        ("t", "a 1 0 1.5 1 1000 1 0 0 0 0", "cost"),
-        ("t", "a 1 0 -1 1 1000 1 0 0 0 0", "cost"),
-        ("t", "a 1 0 01 1 1000 1 0 0 0 0", "cost"),
-        ("t", "a 1 1000000000 1 1 1000 1 0 0 0 0", "now"),
-        ("t", "a x 0 1 1 1000 1 0 0 0 0", "now"),
-        ("t", "a ~ 0 1 1 1000 1 0 0 0 0", "expired"),
-        ("t", "a 1 0 1 1 0 1 0 0 0 0", "interval"),
-        ("t", "a 1 0 1 1 1e3 1 0 0 0 0", "interval"),
-        ("t", "a 1 0 1 1 1000 0 0 0 0 0", "burst"),
-        ("t", "a 1 0 1 1 1000 1 yes 0 0 0", "shadow"),
-        ("t", "a 1 0 1 1 9007199254740991 2 0 0 0 0", "2^53"),
+        ("", "a 1 0 1 0 0 extra", "concurrency flag"),
+        ("c", "a 1 0 1 0 0 1 0 100 m 0", "concurrency cap"),
+        ("c", "a 1 0 1 0 0 1 2 100 m 0 x", "wrong number"),
+        ("t", "a 1 0 1.5 1 1000 1 0 0 0 0 0", "cost"),
+        ("t", "a 1 0 -1 1 1000 1 0 0 0 0 0", "cost"),
+        ("t", "a 1 0 01 1 1000 1 0 0 0 0 0", "cost"),
+        ("t", "a 1 1000000000 1 1 1000 1 0 0 0 0 0", "now"),
+        ("t", "a x 0 1 1 1000 1 0 0 0 0 0", "now"),
+        ("t", "a ~ 0 1 1 1000 1 0 0 0 0 0", "expired"),
+        ("t", "a 1 0 1 1 0 1 0 0 0 0 0", "interval"),
+        ("t", "a 1 0 1 1 1e3 1 0 0 0 0 0", "interval"),
+        ("t", "a 1 0 1 1 1000 0 0 0 0 0 0", "burst"),
+        ("t", "a 1 0 1 1 1000 1 yes 0 0 0 0", "shadow"),
+        ("t", "a 1 0 1 1 9007199254740991 2 0 0 0 0 0", "2^53"),
         ("", "a 1 0 1 0 2", "quota flag"),
-        ("q h", "a 1 0 1 0 1 5 D 0 0 0 0", "wrong number"),
-        ("q", "a 1 0 1 0 1 5 D 0 0 0 0 31", "wrong number"),
-        ("q h", "a 1 0 1 0 1 5 Y 0 0 0 0 31", "period"),
-        ("q h", "a 1 0 1 0 1 9007199254740993 D 0 0 0 0 31", "limit"),
-        ("q h", "a 1 0 1 0 1 5 W 7 0 0 0 31", "week start"),
-        ("q h", "a 1 0 1 0 1 5 D 0 0 0 2 31", "quota shadow"),
-        ("q h", "a 1 0 1 0 1 5 D 0 0 0 0 0", "history days"),
+        ("q h", "a 1 0 1 0 1 5 D 0 0 0 0 0", "wrong number"),
+        ("q", "a 1 0 1 0 1 5 D 0 0 0 0 31 0", "wrong number"),
+        ("q h", "a 1 0 1 0 1 5 Y 0 0 0 0 31 0", "period"),
+        (
+            "q h",
+            "a 1 0 1 0 1 9007199254740993 D 0 0 0 0 31 0",
+            "limit",
+        ),
+        ("q h", "a 1 0 1 0 1 5 W 7 0 0 0 31 0", "week start"),
+        ("q h", "a 1 0 1 0 1 5 D 0 0 0 2 31 0", "quota shadow"),
+        ("q h", "a 1 0 1 0 1 5 D 0 0 0 0 0 0", "history days"),
         ("t", "r 1 0 1 1 1000 1 0", "wrong number"),
         ("t", "r 1 0 1 1 1000 1 0 -1", "own TAT"),
         ("q h", "s 1 0 5 10 D 0 0 0", "wrong number"),

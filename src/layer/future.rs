@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::Shared;
-use crate::body::ResponseBody;
+use crate::body::{Guard, ResponseBody};
 use crate::headers::HeaderStyle;
 use crate::plan::FailureMode;
 use crate::response::is_grpc;
@@ -45,7 +45,13 @@ pin_project! {
             shared: Arc<Shared<K, St>>,
             failure: FailureMode,
         },
-        Called { #[pin] fut: S::Future, report: Report, headers: HeaderStyle },
+        Called {
+            #[pin]
+            fut: S::Future,
+            report: Report,
+            headers: HeaderStyle,
+            guard: Option<Guard>,
+        },
         Rejected { response: Option<Response<Bytes>> },
     }
 }
@@ -55,12 +61,18 @@ where
     S: Service<R>,
     St: Store,
 {
-    pub(crate) fn called(fut: S::Future, report: Report, headers: HeaderStyle) -> Self {
+    pub(crate) fn called(
+        fut: S::Future,
+        report: Report,
+        headers: HeaderStyle,
+        guard: Option<Guard>,
+    ) -> Self {
         ResponseFuture {
             state: State::Called {
                 fut,
                 report,
                 headers,
+                guard,
             },
         }
     }
@@ -116,6 +128,7 @@ where
                     };
                     match shared.settle(result, *failure, true) {
                         Ok(report) => State::Called {
+                            guard: report.permit().map(|p| Guard::new(&shared.store, p)),
                             fut: svc.call(req),
                             report,
                             headers: shared.headers,
@@ -132,10 +145,12 @@ where
                     fut,
                     report,
                     headers,
+                    guard,
                 } => {
                     let mut res = ready!(fut.poll(cx))?;
                     headers.write(report, res.headers_mut());
-                    return Poll::Ready(Ok(res.map(ResponseBody::inner)));
+                    let guard = guard.take();
+                    return Poll::Ready(Ok(res.map(|body| ResponseBody::inner(body, guard))));
                 }
                 StateProj::Rejected { response } => {
                     let res = response

@@ -8,7 +8,7 @@ use crate::extract::{ApiKeyHeader, KeyExtractor};
 use crate::headers::HeaderStyle;
 use crate::policy::Policy;
 use crate::response::{OnRejection, Rejection};
-use crate::store::{MemoryStore, Store};
+use crate::store::{MemoryStore, Report, Store};
 use crate::usage::Admin;
 use http::StatusCode;
 
@@ -119,6 +119,11 @@ impl<K, S: Store> RateLimitLayer<K, S> {
                 Step::Done(d) => d,
                 Step::Wait(f, failure) => shared.settle(f.await, failure, true),
             };
+            // Without a response to hold it through, a place under a
+            // concurrency cap is given back at once.
+            if let Some(permit) = decided.as_ref().ok().and_then(Report::permit) {
+                shared.store.release(permit);
+            }
             decided.map(|_| ()).map_err(|(rejection, _)| rejection)
         }
     }

@@ -23,8 +23,8 @@ use crate::policy::{Policy, Snapshot};
 use crate::quota::QuotaCell;
 use crate::response::{Reason, Rejection, SharedOnRejection};
 use crate::store::{
-    Acquire, Acquired, Applied, MemoryStore, QuotaRef, Report, Store, StoreError, ThrottleRef,
-    Verdict,
+    Acquire, Acquired, Applied, ConcurrencyRef, MemoryStore, QuotaRef, Report, Store, StoreError,
+    ThrottleRef, Verdict,
 };
 
 /// Stage limits are one state for every caller.
@@ -296,6 +296,14 @@ impl<K, S> Shared<K, S> {
         if let Some(l) = method_limit(&plan.methods, req) {
             acquire.push(own(l));
         }
+        acquire.concurrency = plan.concurrency.map(|c| ConcurrencyRef {
+            limit: c.limit,
+            salt: c.salt,
+            plan: &plan.name,
+            subject: s.name,
+            digest: s.state,
+            shadow: plan.shadow,
+        });
         acquire.quota = plan.quota.as_ref().map(|spec| QuotaRef {
             spec,
             plan: &plan.name,

@@ -7,7 +7,7 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::{ResponseFuture, Shared, SharedState, Step};
-use crate::body::ResponseBody;
+use crate::body::{Guard, ResponseBody};
 use crate::extract::{ApiKeyHeader, KeyExtractor, RequestView};
 use crate::response::is_grpc;
 use crate::store::{MemoryStore, Store};
@@ -86,7 +86,8 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.shared.decide(&RequestView::new(&req)) {
             Step::Done(Ok(report)) => {
-                ResponseFuture::called(self.inner.call(req), report, self.shared.headers)
+                let guard = report.permit().map(|p| Guard::new(&self.shared.store, p));
+                ResponseFuture::called(self.inner.call(req), report, self.shared.headers, guard)
             }
             Step::Done(Err((rejection, limit))) => {
                 // Only a rejection needs to know whether the call is gRPC.

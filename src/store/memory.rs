@@ -27,8 +27,8 @@ use parking_lot::Mutex;
 use portable_atomic::{AtomicU128, Ordering};
 
 use super::{
-    Acquire, Acquired, Applied, Denial, Denied, MAX_THROTTLES, QuotaRef, Report, Sink, Store,
-    StoreError, StoreFuture, ThrottleRef, Verdict,
+    Acquire, Acquired, Applied, Denial, Denied, MAX_THROTTLES, Permit, QuotaRef, Report, Sink,
+    Store, StoreError, StoreFuture, ThrottleRef, Verdict,
 };
 use crate::clock::Clock;
 use crate::error::ConfigError;
@@ -126,6 +126,30 @@ impl MemoryStore {
         // The TAT each throttle was charged to, for exact refunds.
         let mut charged = [None; MAX_THROTTLES];
         let mut denied: Option<Denied> = None;
+        // A place under the concurrency cap is taken first, and given back
+        // if another limit denies.
+        let mut permit = None;
+        if let Some(c) = req.concurrency.as_ref().filter(|_| R::HOLDS && cost > 0) {
+            let slot = SlotKey::new(c.digest, c.salt);
+            let taken = table.update(slot, now, |v| {
+                let n = in_flight(v);
+                if n < u64::from(c.limit) || c.shadow {
+                    (Some(with_in_flight(n + 1)), Ok(n + 1))
+                } else {
+                    (None, Err(n))
+                }
+            });
+            match taken {
+                Ok(Ok(n)) => permit = Some((Permit::new(c.digest.0, c.salt), c.applied(n))),
+                Ok(Err(n)) => denied = Some(Denied::concurrency(c.applied(n))),
+                Err(retry_after) => {
+                    denied = Some(Denied {
+                        denial: Denial::Capacity { retry_after },
+                        limit: c.applied(u64::from(c.limit)),
+                    });
+                }
+            }
+        }
         for (i, t) in req.throttles().enumerate() {
             let limit = t.limit;
             let slot = SlotKey::new(t.digest, limit.salt);
@@ -185,13 +209,29 @@ impl MemoryStore {
                 }
             }
         }
-        match denied {
-            None => Ok(()),
-            Some(d) => {
+        match (denied, permit) {
+            (None, None) => Ok(()),
+            (None, Some((permit, item))) => {
+                report.push(|| item);
+                report.hold(permit);
+                Ok(())
+            }
+            (Some(d), permit) => {
                 self.refund(req, &charged, now, cost);
+                if let Some((permit, _)) = permit {
+                    self.leave(permit, now);
+                }
                 Err(d)
             }
         }
+    }
+
+    /// Gives back a place under a concurrency cap.
+    fn leave(&self, permit: Permit, now: Nanos) {
+        let slot = SlotKey::new(Digest(permit.place), permit.id);
+        let _ = self.inner.table.update(slot, now, |v| {
+            (Some(with_in_flight(in_flight(v).saturating_sub(1))), ())
+        });
     }
 
     /// Gives back what this request charged. A throttle gets back at most what
@@ -268,6 +308,10 @@ impl Store for MemoryStore {
         Box::pin(std::future::ready(Ok(())))
     }
 
+    fn release(&self, permit: Permit) {
+        self.leave(permit, self.inner.clock.nanos());
+    }
+
     /// Converts the state at once: the share of the bucket in use is kept, so
     /// an emptied bucket stays empty and refills at the new rate.
     fn rescale(&self, old: &ThrottleRef<'_>, new: &ThrottleRef<'_>) {
@@ -275,6 +319,23 @@ impl Store for MemoryStore {
             old.limit.gcra.rescale(tat, now, &new.limit.gcra)
         });
     }
+}
+
+/// The top bit marks a slot holding a count of requests in flight rather
+/// than a TAT: a count is never idle (it is above any `now`), and a count
+/// of 0 is stored as 0, idle, so that its slot can serve another key.
+const IN_FLIGHT: u64 = 1 << 63;
+
+fn in_flight(v: Nanos) -> u64 {
+    if v & IN_FLIGHT != 0 {
+        v & !IN_FLIGHT
+    } else {
+        0
+    }
+}
+
+fn with_in_flight(n: u64) -> Nanos {
+    if n == 0 { 0 } else { IN_FLIGHT | n }
 }
 
 /// The denial of a throttle that did not allow.

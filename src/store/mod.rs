@@ -88,6 +88,10 @@ use crate::window::Period;
 /// plan throttle, plan method, quota, and room for token budgets.
 pub(crate) const MAX_LIMITS: usize = 6;
 
+/// The wait a request refused by a concurrency cap is told: in-flight
+/// requests end at times no store knows.
+pub(crate) const CONCURRENCY_RETRY: Duration = Duration::from_secs(1);
+
 /// The most throttles (GCRA limits) of one request.
 pub(crate) const MAX_THROTTLES: usize = 4;
 
@@ -134,6 +138,14 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// quota's window and history.
     fn reset(&self, throttles: &[ThrottleRef<'_>], quota: Option<&QuotaRef<'_>>)
     -> StoreFuture<()>;
+
+    /// Gives back a place under a concurrency cap (the request's response
+    /// ended, failed or was dropped). Called once per permit, never waited
+    /// for: a remote store sends it in the background. The default does
+    /// nothing (a store without concurrency caps grants no permits).
+    fn release(&self, permit: Permit) {
+        let _ = permit;
+    }
 
     /// A throttle's numbers changed from `old` to `new` while serving (a plan
     /// replaced). A store may convert the state it keeps so that the share of
@@ -255,6 +267,7 @@ impl Applied {
 pub struct Report {
     items: [Applied; MAX_LIMITS],
     len: u8,
+    permit: Option<Permit>,
 }
 
 impl Report {
@@ -272,11 +285,29 @@ impl Report {
         &self.items[..usize::from(self.len)]
     }
 
-    /// The limit closest to denying: fewest units left, then longest to reset.
+    /// The place the request holds under its plan's concurrency cap, to be
+    /// given back with [`Store::release`] when its response ends.
+    pub fn permit(&self) -> Option<Permit> {
+        self.permit
+    }
+
+    /// Records the place the request holds under a concurrency cap.
+    pub fn set_permit(&mut self, permit: Permit) {
+        self.permit = Some(permit);
+    }
+
+    /// The limit closest to denying: fewest units left, then longest to
+    /// reset. A concurrency cap is left out when there is a rate limit: the
+    /// place this request holds comes back when its response ends, so its
+    /// count says nothing about the pace a client should keep.
     pub(crate) fn tightest(&self) -> Option<&Applied> {
-        self.items()
-            .iter()
-            .min_by(|a, b| a.remaining.cmp(&b.remaining).then(b.reset.cmp(&a.reset)))
+        let rates = || self.items().iter().filter(|a| a.name != CONCURRENCY);
+        let pool: &mut dyn Iterator<Item = &Applied> = if rates().next().is_some() {
+            &mut rates()
+        } else {
+            &mut self.items().iter()
+        };
+        pool.min_by(|a, b| a.remaining.cmp(&b.remaining).then(b.reset.cmp(&a.reset)))
     }
 }
 
@@ -285,18 +316,37 @@ impl Report {
 pub(crate) trait Sink: Default {
     /// Records a limit; `item` runs only if the sink keeps it.
     fn push(&mut self, item: impl FnOnce() -> Applied);
+
+    /// Whether the decision takes a place under a concurrency cap: only
+    /// when the caller will give it back (a request through the layer).
+    const HOLDS: bool;
+
+    /// Records the place the request took under a concurrency cap.
+    fn hold(&mut self, permit: Permit);
 }
 
 impl Sink for Report {
+    const HOLDS: bool = true;
+
     #[inline]
     fn push(&mut self, item: impl FnOnce() -> Applied) {
         Report::push(self, item());
     }
+
+    #[inline]
+    fn hold(&mut self, permit: Permit) {
+        self.permit = Some(permit);
+    }
 }
 
 impl Sink for () {
+    const HOLDS: bool = false;
+
     #[inline]
     fn push(&mut self, _item: impl FnOnce() -> Applied) {}
+
+    #[inline]
+    fn hold(&mut self, _permit: Permit) {}
 }
 
 /// Why a store denied a request.
@@ -310,6 +360,8 @@ pub(crate) enum Denial {
     TooCostly,
     /// The store cannot track another key right now.
     Capacity { retry_after: Nanos },
+    /// The key has as many requests in flight as its plan allows.
+    Concurrency,
 }
 
 /// A denied decision: why, and how the limit that denied stands.
@@ -362,6 +414,14 @@ impl Denied {
         }
     }
 
+    /// The key has as many requests in flight as its plan allows.
+    pub fn concurrency(limit: Applied) -> Self {
+        Denied {
+            denial: Denial::Concurrency,
+            limit,
+        }
+    }
+
     /// How the limit that denied stands.
     pub fn limit(&self) -> &Applied {
         &self.limit
@@ -373,6 +433,7 @@ impl Denied {
             Denial::Limited { retry_after }
             | Denial::Quota { retry_after }
             | Denial::Capacity { retry_after } => Some(Duration::from_nanos(retry_after)),
+            Denial::Concurrency => Some(CONCURRENCY_RETRY),
             Denial::TooCostly => None,
         }
     }
@@ -387,7 +448,7 @@ impl Denied {
             | Denial::Capacity { retry_after } => {
                 *retry_after = retry_after.saturating_sub(elapsed).max(1);
             }
-            Denial::TooCostly => {}
+            Denial::TooCostly | Denial::Concurrency => {}
         }
         self.limit.reset = self.limit.reset.saturating_sub(elapsed);
         self
@@ -403,6 +464,7 @@ impl Denied {
                 Denial::Limited { retry_after } | Denial::Capacity { retry_after } => {
                     (1, retry_after)
                 }
+                Denial::Concurrency => (0, 0),
             }
         }
         match a {
@@ -419,6 +481,7 @@ pub struct Acquire<'a> {
     throttles: [Option<ThrottleRef<'a>>; MAX_THROTTLES],
     len: usize,
     pub(crate) quota: Option<QuotaRef<'a>>,
+    pub(crate) concurrency: Option<ConcurrencyRef<'a>>,
     pub(crate) cost: u32,
     pub(crate) failure: FailureMode,
 }
@@ -429,6 +492,7 @@ impl<'a> Acquire<'a> {
             throttles: [None; MAX_THROTTLES],
             len: 0,
             quota: None,
+            concurrency: None,
             cost,
             failure,
         }
@@ -449,6 +513,12 @@ impl<'a> Acquire<'a> {
     /// The quota, when the plan has one.
     pub fn quota(&self) -> Option<&QuotaRef<'a>> {
         self.quota.as_ref()
+    }
+
+    /// The plan's cap on requests of this key in flight, when it has one:
+    /// an allowed request takes a place ([`Report::set_permit`]).
+    pub fn concurrency(&self) -> Option<&ConcurrencyRef<'a>> {
+        self.concurrency.as_ref()
     }
 
     /// The request's cost in units (0 peeks: nothing is charged).
@@ -605,5 +675,89 @@ impl fmt::Debug for QuotaRef<'_> {
             .field("period", &self.period())
             .field("shadow", &self.shadow)
             .finish_non_exhaustive()
+    }
+}
+
+/// A plan's cap on requests of one key in flight.
+#[derive(Clone, Copy)]
+pub struct ConcurrencyRef<'a> {
+    pub(crate) limit: u32,
+    pub(crate) salt: u64,
+    pub(crate) plan: &'a str,
+    pub(crate) subject: &'a [u8],
+    pub(crate) digest: Digest,
+    pub(crate) shadow: bool,
+}
+
+impl<'a> ConcurrencyRef<'a> {
+    /// Requests in flight allowed at once.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// The plan.
+    pub fn plan(&self) -> &'a str {
+        self.plan
+    }
+
+    /// Whose requests they are (see [`ThrottleRef::subject`]).
+    pub fn subject(&self) -> &'a [u8] {
+        self.subject
+    }
+
+    /// Whether the cap only observes (a shadow plan's).
+    pub fn is_shadow(&self) -> bool {
+        self.shadow
+    }
+
+    /// How the cap stands with `in_flight` requests (this one included when
+    /// it was let in).
+    pub fn applied(&self, in_flight: u64) -> Applied {
+        Applied {
+            name: CONCURRENCY,
+            quota: u64::from(self.limit),
+            window_secs: 0,
+            remaining: u64::from(self.limit).saturating_sub(in_flight),
+            reset: 0,
+        }
+    }
+}
+
+impl fmt::Debug for ConcurrencyRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConcurrencyRef")
+            .field("plan", &self.plan)
+            .field("limit", &self.limit)
+            .field("shadow", &self.shadow)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The name of a concurrency cap in headers and rejections.
+pub(crate) const CONCURRENCY: &str = "concurrency";
+
+/// A place a request holds under a concurrency cap, until its response ends.
+/// What it holds is the store's business: two numbers that name the place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Permit {
+    pub(crate) place: u128,
+    pub(crate) id: u64,
+}
+
+impl Permit {
+    /// A permit for `place` (the store's name for the cap's state) and `id`
+    /// (which of the requests in flight this is).
+    pub fn new(place: u128, id: u64) -> Self {
+        Permit { place, id }
+    }
+
+    /// The place.
+    pub fn place(&self) -> u128 {
+        self.place
+    }
+
+    /// The request's id.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 }

@@ -30,8 +30,8 @@ use redis::{Cmd, ErrorKind, RedisError, RedisFuture, ServerErrorKind, Value};
 
 use self::cache::OverLimitCache;
 use super::{
-    Acquire, Acquired, Applied, Denied, QuotaRef, Report, Store, StoreError, StoreFuture,
-    ThrottleRef, Verdict,
+    Acquire, Acquired, Applied, CONCURRENCY, ConcurrencyRef, Denial, Denied, Permit, QuotaRef,
+    Report, Store, StoreError, StoreFuture, ThrottleRef, Verdict,
 };
 use crate::clock::Clock;
 use crate::gcra::{NANOS_PER_SEC, Nanos, Outcome};
@@ -51,6 +51,8 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
 const DEFAULT_PREFIX: &str = "tollgate";
 /// Entries of the over-limit cache.
 const CACHE_ENTRIES: usize = 65_536;
+/// How long a place under a concurrency cap lasts if never given back.
+const DEFAULT_LEASE: Duration = Duration::from_secs(300);
 /// The longest an over-limit cache entry answers for Redis.
 const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(1);
 /// The origin of the relative time line on which replies are replayed: far
@@ -104,6 +106,9 @@ struct Inner {
     offset_us: AtomicI64,
     /// When the estimate was made (monotonic nanoseconds; 0 for never).
     offset_at: AtomicU64,
+    /// The next lease id (a random start, so instances do not collide).
+    members: AtomicU64,
+    lease: Duration,
 }
 
 #[derive(Clone)]
@@ -151,6 +156,7 @@ impl RedisStore {
             timeout: DEFAULT_TIMEOUT,
             clock: None,
             cache_ttl: DEFAULT_CACHE_TTL,
+            lease: DEFAULT_LEASE,
         }
     }
 
@@ -198,6 +204,7 @@ pub struct RedisStoreBuilder {
     timeout: Duration,
     clock: Option<Clock>,
     cache_ttl: Duration,
+    lease: Duration,
 }
 
 impl RedisStoreBuilder {
@@ -231,6 +238,15 @@ impl RedisStoreBuilder {
     /// a reset) is seen within it.
     pub fn over_limit_cache(mut self, max: Duration) -> Self {
         self.cache_ttl = max;
+        self
+    }
+
+    /// How long a request's place under a concurrency cap is held in Redis
+    /// when nobody gives it back (default 5 minutes): the instance that took
+    /// it crashed. A response that lasts longer loses its place early, so
+    /// set it above the longest stream you serve.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
         self
     }
 
@@ -289,6 +305,11 @@ impl RedisStoreBuilder {
                 cache: (ttl > 0).then(|| OverLimitCache::new(CACHE_ENTRIES, ttl)),
                 offset_us: AtomicI64::new(0),
                 offset_at: AtomicU64::new(0),
+                members: AtomicU64::new(std::hash::BuildHasher::hash_one(
+                    &std::hash::RandomState::new(),
+                    0x006c_6561_7365_u64,
+                )),
+                lease: self.lease,
             }),
         })
     }
@@ -388,11 +409,21 @@ impl Inner {
 
     /// The hash tag of a (plan, subject): every key of it lands in one slot.
     fn tag(&self, plan: Option<&str>, subject: &[u8]) -> String {
+        format!("{}:{{{:032x}}}", self.prefix, self.scope(plan, subject))
+    }
+
+    /// The hash of a (plan, subject), which names its keys.
+    fn scope(&self, plan: Option<&str>, subject: &[u8]) -> u128 {
         let scope = match plan {
             Some(p) => [b"p\0", p.as_bytes(), b"\0", subject].concat(),
             None => b"stage".to_vec(),
         };
-        format!("{}:{{{:032x}}}", self.prefix, hash::stable(&scope))
+        hash::stable(&scope)
+    }
+
+    /// The sorted set of leases of a (plan, subject)'s requests in flight.
+    fn cap_key(&self, place: u128) -> String {
+        format!("{}:{{{place:032x}}}:c", self.prefix)
     }
 
     fn throttle_key(&self, t: &ThrottleRef<'_>) -> String {
@@ -530,6 +561,16 @@ struct Part {
     call: Call,
     throttles: Vec<Throttle>,
     quota: Option<Quota>,
+    cap: Option<Cap>,
+}
+
+/// A concurrency cap as a decision needs it after the call.
+#[derive(Debug, Clone, Copy)]
+struct Cap {
+    limit: u32,
+    shadow: bool,
+    /// The permit a request let in holds.
+    permit: Permit,
 }
 
 impl Part {
@@ -540,6 +581,7 @@ impl Part {
             call,
             throttles: Vec::new(),
             quota: None,
+            cap: None,
         }
     }
 
@@ -558,8 +600,19 @@ impl Part {
         self.quota = Some(Quota { shadow: q.shadow });
     }
 
-    /// The arguments after the cost: throttles, then the quota.
-    fn finish(&mut self, quota: Option<&QuotaRef<'_>>) {
+    fn push_cap(&mut self, inner: &Inner, c: &ConcurrencyRef<'_>) {
+        let place = inner.scope(Some(c.plan), c.subject);
+        self.call.keys.push(inner.cap_key(place));
+        let id = inner.members.fetch_add(1, Ordering::Relaxed);
+        self.cap = Some(Cap {
+            limit: c.limit,
+            shadow: c.shadow,
+            permit: Permit::new(place, id),
+        });
+    }
+
+    /// The arguments after the cost: throttles, the quota, the cap.
+    fn finish(&mut self, quota: Option<&QuotaRef<'_>>, lease: Duration) {
         let call = &mut self.call;
         call.arg(self.throttles.len());
         for t in &self.throttles {
@@ -578,6 +631,16 @@ impl Part {
                 call.arg(q.history_days);
             }
             _ => call.arg(0),
+        }
+        match self.cap {
+            Some(c) => {
+                call.arg(1);
+                call.arg(c.limit);
+                call.arg(lease.as_millis().max(1));
+                call.arg(format_args!("{:016x}", c.permit.id));
+                call.arg(u8::from(c.shadow));
+            }
+            None => call.arg(0),
         }
     }
 
@@ -640,6 +703,29 @@ impl Part {
                 denied = Some(Denied::longest(denied, d));
             } else {
                 report.push(item(used.saturating_add(cost)));
+            }
+        }
+        if let Some(c) = self.cap {
+            let at = 3 + n + if self.quota.is_some() { 4 } else { 0 };
+            let in_flight = *reply.get(at).ok_or_else(bad)?;
+            let in_flight = u64::try_from(in_flight).map_err(|_| bad())?;
+            let item = |n: u64| Applied {
+                name: CONCURRENCY,
+                quota: u64::from(c.limit),
+                window_secs: 0,
+                remaining: u64::from(c.limit).saturating_sub(n),
+                reset: 0,
+            };
+            if in_flight >= u64::from(c.limit) && !c.shadow {
+                denied = Some(Denied::longest(
+                    denied,
+                    Denied::concurrency(item(in_flight)),
+                ));
+            } else {
+                report.push(item(in_flight + 1));
+                if cost > 0 {
+                    report.set_permit(c.permit);
+                }
             }
         }
         match (allowed, denied) {
@@ -724,7 +810,10 @@ impl Store for RedisStore {
 
     fn acquire(&self, request: &Acquire<'_>) -> Acquired<Self::Future> {
         let inner = &self.inner;
-        if request.throttles().next().is_none() && request.quota.is_none() {
+        if request.throttles().next().is_none()
+            && request.quota.is_none()
+            && request.concurrency.is_none()
+        {
             // Nothing to decide: no round trip.
             return Acquired::Ready(Ok(Ok(Report::default())));
         }
@@ -754,8 +843,11 @@ impl Store for RedisStore {
         if let Some(q) = &request.quota {
             own.push_quota(inner, q);
         }
-        stage.finish(None);
-        own.finish(request.quota.as_ref());
+        if let Some(c) = &request.concurrency {
+            own.push_cap(inner, c);
+        }
+        stage.finish(None, inner.lease);
+        own.finish(request.quota.as_ref(), inner.lease);
         if let (Now::Redis, Some(deadline)) = (now, inner.deadline()) {
             stage.call.args[2] = deadline.to_string();
             own.call.args[2] = deadline.to_string();
@@ -771,11 +863,30 @@ impl Store for RedisStore {
                 }
             };
             let verdict = inner.within(work).await?;
+            // In-flight requests end at times Redis does not know: a refusal
+            // by a concurrency cap is not answered locally.
             if let (Err(denied), Some((id, _)), Some(cache)) = (&verdict, id, &inner.cache) {
-                cache.insert(id, sent, *denied);
+                if !matches!(denied.denial, Denial::Concurrency) {
+                    cache.insert(id, sent, *denied);
+                }
             }
             Ok(verdict)
         }))
+    }
+
+    fn release(&self, permit: Permit) {
+        let inner = Arc::clone(&self.inner);
+        let key = inner.cap_key(permit.place);
+        let member = format!("{:016x}", permit.id);
+        // Never waited for: a lease that cannot be removed lapses by itself.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let cmd = redis::cmd("ZREM").arg(key).arg(member).clone();
+                if let Err(e) = inner.command::<i64>(cmd).await {
+                    tracing::debug!(error = %e, "lease not removed; it lapses by itself");
+                }
+            });
+        }
     }
 
     fn usage(&self, quota: &QuotaRef<'_>, first: Date, last: Date) -> StoreFuture<Vec<[i64; 2]>> {
@@ -881,6 +992,9 @@ async fn decide_split(
             let mut all = stage_report;
             for item in report.items() {
                 all.push(*item);
+            }
+            if let Some(permit) = report.permit() {
+                all.set_permit(permit);
             }
             Ok(Ok(all))
         }

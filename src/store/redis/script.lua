@@ -37,9 +37,15 @@
 --   charged; otherwise every throttle that allows is charged (a shadow
 --   throttle that would deny is not) and the quota is (a shadow quota past
 --   its limit too).
+--   Then "0", or "1", cap, lease_ms, member, shadow for a concurrency cap:
+--   KEYS ends with c, a sorted set of the leases of requests in flight
+--   (member, expiry in ms); a request let in adds its lease, which its
+--   caller removes (ZREM) when the response ends, and which lapses after
+--   lease_ms if the caller never does.
 --   Reply: now_s, now_ns, allowed (1|0), before_1..before_n (ns the TAT was
 --   ahead of now, after conversion), then with a quota: window start day,
---   window end day, the window's limit, the count before this request.
+--   window end day, the window's limit, the count before this request; then
+--   with a cap: the requests in flight before this one.
 --
 -- "p" peek: as "a", with the same reply, but nothing is charged (a
 --   conversion is still stored). It tells which limits would deny.
@@ -296,7 +302,13 @@ local function acquire(peek)
     bad('wrong number of arguments')
   end
   local has_quota = flag(ARGV[qi], 'quota flag')
-  if #ARGV ~= qi + (has_quota and 7 or 0) or #KEYS ~= n + (has_quota and 2 or 0) then
+  local ci = qi + 1 + (has_quota and 7 or 0)
+  if #ARGV < ci then
+    bad('wrong number of arguments')
+  end
+  local has_cap = flag(ARGV[ci], 'concurrency flag')
+  local nkeys = n + (has_quota and 2 or 0) + (has_cap and 1 or 0)
+  if #ARGV ~= ci + (has_cap and 4 or 0) or #KEYS ~= nkeys then
     bad('wrong number of arguments')
   end
   read_now()
@@ -361,9 +373,29 @@ local function acquire(peek)
       allowed = false
     end
   end
+  local cap, lease_ms, member, now_ms
+  if has_cap then
+    cap = int(ARGV[ci + 1], 1, MAX - 1, 'concurrency cap')
+    lease_ms = int(ARGV[ci + 2], 1, MAX - 1, 'lease')
+    member = ARGV[ci + 3]
+    local shadow = flag(ARGV[ci + 4], 'concurrency shadow flag')
+    -- Leases of requests in flight; one past its time was held by an
+    -- instance that died or lost track of it.
+    now_ms = now_s * 1000 + div(now_ns, 1000000)
+    redis.call('ZREMRANGEBYSCORE', KEYS[nkeys], '-inf', str(now_ms))
+    local in_flight = redis.call('ZCARD', KEYS[nkeys])
+    reply[#reply + 1] = in_flight
+    if in_flight >= cap and not shadow then
+      allowed = false
+    end
+  end
   -- Conversions are stored whatever the verdict; charges only when allowed
   -- (and never by a peek).
   local charging = allowed and not peek
+  if charging and has_cap and cost > 0 then
+    redis.call('ZADD', KEYS[nkeys], str(now_ms + lease_ms), member)
+    redis.call('PEXPIRE', KEYS[nkeys], str(lease_ms))
+  end
   for i = 1, n do
     local ahead = charging and charge[i] or convert[i]
     if ahead then
