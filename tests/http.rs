@@ -588,3 +588,41 @@ async fn bearer_limits_by_the_token() {
         assert_eq!(res.text().await.unwrap(), FORBIDDEN, "{case}");
     }
 }
+
+/// A shadow plan decides, counts and sends headers, but never rejects: past
+/// its limits requests still pass, and the headers show the limits used up.
+#[tokio::test]
+async fn a_shadow_plan_passes_past_its_limits_and_says_so_in_headers() {
+    use tollgate::{ApiKey, Period, Policy, Quota, Throttle, UsagePlan};
+
+    let (_clock, store) = frozen_store();
+    let policy = Policy::builder()
+        .plan(
+            UsagePlan::new("trial")
+                .throttle(Throttle::new(1.0, 2).unwrap())
+                .quota(Quota::new(3, Period::Day).unwrap())
+                .shadow(true),
+        )
+        .key(ApiKey::new("t", KEY, "trial"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .store(store)
+        .headers(HeaderStyle::ietf().openai(true))
+        .build();
+    let base = serve(Router::new().route("/", get(ok)).layer(layer)).await;
+    let c = client();
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let res = get_with_key(&c, &format!("{base}/"), KEY).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        seen.push(header(&res, "ratelimit").to_owned());
+        assert!(header(&res, "ratelimit-policy").contains("\"quota\";q=3;w=86400"));
+    }
+    // The bucket of 2 is empty from the second request on, and then stays
+    // empty; the quota of 3 is used up past the third.
+    assert_eq!(seen[0], "\"throttle\";r=1;t=1");
+    assert!(seen[1..].iter().all(|h| h.contains(";r=0;")), "{seen:?}");
+    let res = get_with_key(&c, &format!("{base}/"), KEY).await;
+    assert_eq!(header(&res, "x-ratelimit-remaining-requests"), "0");
+}
