@@ -8,7 +8,13 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::store::{Permit, Store};
+use std::sync::Arc;
+
+use crate::cost::{TokenUsage, UsedTokens};
+use crate::hash::Digest;
+use crate::plan::Plan;
+use crate::policy::TokenCells;
+use crate::store::{Permit, QuotaRef, Settlement, Store, ThrottleRef};
 
 pin_project! {
     /// The body of a response that went through [`RateLimit`](crate::RateLimit):
@@ -17,7 +23,8 @@ pin_project! {
     ///
     /// When the request holds a place under its plan's concurrency cap, the
     /// body gives it back when it ends, fails, or is dropped (the client went
-    /// away): a streamed answer holds its place to its last event.
+    /// away): a streamed answer holds its place to its last event. When it
+    /// reserved tokens, they are settled then too.
     #[derive(Debug)]
     pub struct ResponseBody<B> {
         #[pin]
@@ -26,20 +33,51 @@ pin_project! {
     }
 }
 
-/// Gives back a place under a concurrency cap when dropped.
-pub(crate) struct Guard(Option<Box<dyn FnOnce() + Send + Sync>>);
+/// Ends a request's hold on its limits when dropped: gives back its place
+/// under a concurrency cap and settles its tokens.
+pub(crate) struct Guard {
+    end: Option<Box<dyn FnOnce() + Send + Sync>>,
+    /// Where the handler reports the tokens used, when the request reserved some.
+    usage: Option<TokenUsage>,
+}
 
 impl Guard {
-    pub(crate) fn new<S: Store>(store: &S, permit: Permit) -> Self {
+    /// A guard for what an allowed request holds, if it holds anything.
+    pub(crate) fn new<S: Store>(
+        store: &S,
+        permit: Option<Permit>,
+        reservation: Option<Box<Reservation>>,
+    ) -> Option<Self> {
+        if permit.is_none() && reservation.is_none() {
+            return None;
+        }
         let store = store.clone();
-        Guard(Some(Box::new(move || store.release(permit))))
+        let usage = reservation.as_ref().map(|r| r.usage.clone());
+        Some(Guard {
+            end: Some(Box::new(move || {
+                if let Some(r) = reservation {
+                    r.settle(&store);
+                }
+                if let Some(p) = permit {
+                    store.release(p);
+                }
+            })),
+            usage,
+        })
+    }
+
+    /// Takes the actual tokens from a [`UsedTokens`] response extension.
+    pub(crate) fn read_response<B>(&self, res: &http::Response<B>) {
+        if let (Some(usage), Some(UsedTokens(n))) = (&self.usage, res.extensions().get()) {
+            usage.set(*n);
+        }
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if let Some(release) = self.0.take() {
-            release();
+        if let Some(end) = self.end.take() {
+            end();
         }
     }
 }
@@ -47,6 +85,67 @@ impl Drop for Guard {
 impl fmt::Debug for Guard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Guard(..)")
+    }
+}
+
+/// The tokens an allowed request reserved, and what it takes to settle them
+/// against the same limits when its response ends.
+pub(crate) struct Reservation {
+    pub(crate) plan: Arc<Plan>,
+    pub(crate) subject: Box<[u8]>,
+    pub(crate) digest: Digest,
+    pub(crate) cells: TokenCells,
+    pub(crate) estimate: u32,
+    pub(crate) usage: TokenUsage,
+}
+
+impl Reservation {
+    /// Settles the difference between what the handler reported and the
+    /// estimate; nothing when it reported nothing.
+    fn settle<S: Store>(&self, store: &S) {
+        let Some(actual) = self.usage.get() else {
+            return;
+        };
+        let delta = i64::try_from(actual)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::from(self.estimate));
+        let Some(tokens) = (delta != 0).then_some(()).and(self.plan.tokens.as_ref()) else {
+            return;
+        };
+        let plan = &self.plan;
+        let quota = |i: usize| {
+            let (kind, spec) = tokens.quotas()[i]?;
+            Some(QuotaRef {
+                kind,
+                spec,
+                plan: &plan.name,
+                subject: &self.subject,
+                cell: self.cells[i].as_deref(),
+                shadow: plan.shadow,
+                history_days: 1,
+            })
+        };
+        store.settle(&Settlement {
+            throttle: tokens.minute.as_ref().map(|limit| ThrottleRef {
+                limit,
+                plan: Some(&plan.name),
+                subject: &self.subject,
+                digest: self.digest,
+                shadow: plan.shadow,
+            }),
+            quotas: [quota(0), quota(1)],
+            delta,
+        });
+    }
+}
+
+impl fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reservation")
+            .field("plan", &self.plan.name)
+            .field("estimate", &self.estimate)
+            .field("usage", &self.usage)
+            .finish_non_exhaustive()
     }
 }
 

@@ -38,8 +38,7 @@
 //! ```
 //!
 //! Unknown fields and bad values are errors that name the line, the column
-//! and the field's path (`plans[0].throttle.rate`). `tokens` are read and
-//! checked; they are enforced by a later release.
+//! and the field's path (`plans[0].throttle.rate`).
 //!
 //! ```
 //! use tollgate::config::Config;
@@ -73,7 +72,9 @@ use toml::Spanned;
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::extract::ClientIp;
-use crate::plan::{Anonymous, ApiKey, FailureMode, MethodPath, Quota, Stage, Throttle, UsagePlan};
+use crate::plan::{
+    Anonymous, ApiKey, FailureMode, MethodPath, Quota, Stage, Throttle, TokenBudget, UsagePlan,
+};
 use crate::policy::Policy;
 use crate::window::{Period, Weekday};
 
@@ -379,15 +380,31 @@ impl Checker<'_> {
         }
         if let Some(t) = &f.tokens {
             let tf = t.get_ref();
-            for (name, v) in [
-                ("per_minute", &tf.per_minute),
-                ("per_day", &tf.per_day),
-                ("per_month", &tf.per_month),
+            let mut budget = TokenBudget::new();
+            if let Some(v) = &tf.per_minute {
+                let field = format!("{path}.tokens.per_minute");
+                let n = self.positive(v, field.clone())?;
+                let n = u32::try_from(n)
+                    .map_err(|_| self.err(v.span(), field.clone(), "is too large"))?;
+                budget = budget
+                    .per_minute(n)
+                    .map_err(|e| self.err(v.span(), field, e))?;
+            }
+            for (name, v, set) in [
+                (
+                    "per_day",
+                    &tf.per_day,
+                    TokenBudget::per_day as fn(TokenBudget, u64) -> _,
+                ),
+                ("per_month", &tf.per_month, TokenBudget::per_month),
             ] {
                 if let Some(v) = v {
-                    self.positive(v, format!("{path}.tokens.{name}"))?;
+                    let field = format!("{path}.tokens.{name}");
+                    let n = self.positive(v, field.clone())?;
+                    budget = set(budget, n).map_err(|e| self.err(v.span(), field, e))?;
                 }
             }
+            plan = plan.tokens(budget);
         }
         if let Some(c) = &f.concurrency {
             let n = self.positive(c, format!("{path}.concurrency"))?;

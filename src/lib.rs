@@ -71,6 +71,7 @@ mod clock;
 #[cfg(feature = "config")]
 #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
 pub mod config;
+pub mod cost;
 mod error;
 pub mod extract;
 mod gcra;
@@ -87,10 +88,13 @@ mod window;
 
 pub use crate::body::ResponseBody;
 pub use crate::clock::{Clock, ManualClock};
+pub use crate::cost::{CostEstimator, TokenEstimate, TokenUsage, UsedTokens};
 pub use crate::error::ConfigError;
 pub use crate::headers::HeaderStyle;
 pub use crate::layer::{RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseFuture};
-pub use crate::plan::{Anonymous, ApiKey, FailureMode, Quota, Stage, Throttle, UsagePlan};
+pub use crate::plan::{
+    Anonymous, ApiKey, FailureMode, Quota, Stage, Throttle, TokenBudget, UsagePlan,
+};
 pub use crate::policy::{DEFAULT_HISTORY_DAYS, Policy, PolicyBuilder};
 pub use crate::response::{DefaultOnRejection, OnRejection, Reason, Rejection};
 pub use crate::store::{MemoryStore, MemoryStoreBuilder};

@@ -138,6 +138,79 @@ impl Quota {
     }
 }
 
+/// A token budget: what a key may spend in cost units (an inference API's
+/// tokens) per minute, per UTC day and per UTC month.
+///
+/// `per_minute` is a bucket of that many tokens refilled at `per_minute / 60`
+/// per second (GCRA on cost units, so a key may spend a minute's tokens at
+/// once); `per_day` and `per_month` are calendar quotas counted in tokens.
+/// A request reserves its estimated tokens before the call (see
+/// [`CostEstimator`](crate::CostEstimator)); the actual cost is settled after
+/// the response (see [`TokenUsage`](crate::TokenUsage)). An under-estimate
+/// puts the budget in debt: the next requests wait until it is repaid. A
+/// request whose estimate exceeds a whole budget is refused at once
+/// ([`Reason::CostExceedsLimit`](crate::Reason::CostExceedsLimit)).
+///
+/// ```
+/// use tollgate::{TokenBudget, UsagePlan};
+///
+/// let budget = TokenBudget::new().per_minute(40_000)?.per_day(1_000_000)?;
+/// let plan = UsagePlan::new("free").tokens(budget);
+/// assert_eq!(plan.get_tokens().unwrap().get_per_minute(), Some(40_000));
+/// assert!(TokenBudget::new().per_minute(0).is_err());
+/// # Ok::<(), tollgate::ConfigError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TokenBudget {
+    per_minute: Option<u32>,
+    per_day: Option<u64>,
+    per_month: Option<u64>,
+}
+
+impl TokenBudget {
+    /// A budget with no limit yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// At most `n` tokens a minute, in bursts of up to `n`; errors when `n` is 0.
+    pub fn per_minute(mut self, n: u32) -> Result<Self, ConfigError> {
+        // Checks the numbers as a throttle of n/60 per second.
+        Throttle::new(f64::from(n) / 60.0, n)?;
+        self.per_minute = Some(n);
+        Ok(self)
+    }
+
+    /// At most `n` tokens a UTC day; errors when `n` is 0 or above 2^53.
+    pub fn per_day(mut self, n: u64) -> Result<Self, ConfigError> {
+        Quota::new(n, Period::Day)?;
+        self.per_day = Some(n);
+        Ok(self)
+    }
+
+    /// At most `n` tokens a UTC month; errors when `n` is 0 or above 2^53.
+    pub fn per_month(mut self, n: u64) -> Result<Self, ConfigError> {
+        Quota::new(n, Period::Month)?;
+        self.per_month = Some(n);
+        Ok(self)
+    }
+
+    /// Tokens a minute.
+    pub fn get_per_minute(&self) -> Option<u32> {
+        self.per_minute
+    }
+
+    /// Tokens a UTC day.
+    pub fn get_per_day(&self) -> Option<u64> {
+        self.per_day
+    }
+
+    /// Tokens a UTC month.
+    pub fn get_per_month(&self) -> Option<u64> {
+        self.per_month
+    }
+}
+
 /// What a plan does when its store fails (times out or is unreachable).
 ///
 /// The in-memory store cannot fail; this matters with a remote store.
@@ -173,6 +246,7 @@ pub struct UsagePlan {
     throttle: Option<Throttle>,
     quota: Option<Quota>,
     methods: Vec<(String, Throttle)>,
+    tokens: Option<TokenBudget>,
     concurrency: Option<u32>,
     failure: FailureMode,
     shadow: bool,
@@ -186,6 +260,7 @@ impl UsagePlan {
             throttle: None,
             quota: None,
             methods: Vec::new(),
+            tokens: None,
             concurrency: None,
             failure: FailureMode::Open,
             shadow: false,
@@ -215,6 +290,14 @@ impl UsagePlan {
     #[must_use]
     pub fn method(mut self, method_path: impl Into<String>, throttle: Throttle) -> Self {
         self.methods.push((method_path.into(), throttle));
+        self
+    }
+
+    /// Sets the plan's token budget: limits in cost units (tokens) beside the
+    /// request limits, reserved before the call and settled after it.
+    #[must_use]
+    pub fn tokens(mut self, budget: TokenBudget) -> Self {
+        self.tokens = Some(budget);
         self
     }
 
@@ -255,6 +338,11 @@ impl UsagePlan {
     /// The quota.
     pub fn get_quota(&self) -> Option<Quota> {
         self.quota
+    }
+
+    /// The token budget.
+    pub fn get_tokens(&self) -> Option<TokenBudget> {
+        self.tokens
     }
 
     /// The cap on requests of one key in flight.
@@ -393,6 +481,9 @@ pub(crate) enum LimitKind {
     Quota,
     Stage,
     StageMethod,
+    TokensMinute,
+    TokensDay,
+    TokensMonth,
 }
 
 impl LimitKind {
@@ -403,7 +494,20 @@ impl LimitKind {
             LimitKind::Quota => "quota",
             LimitKind::Stage => "stage",
             LimitKind::StageMethod => "stage-method",
+            LimitKind::TokensMinute => "tokens-minute",
+            LimitKind::TokensDay => "tokens-day",
+            LimitKind::TokensMonth => "tokens-month",
         }
+    }
+
+    /// Whether the limit counts tokens (charged the request's estimate)
+    /// rather than requests.
+    #[inline]
+    pub(crate) fn counts_tokens(self) -> bool {
+        matches!(
+            self,
+            LimitKind::TokensMinute | LimitKind::TokensDay | LimitKind::TokensMonth
+        )
     }
 }
 
@@ -582,6 +686,44 @@ pub(crate) struct Concurrency {
     pub(crate) salt: u64,
 }
 
+/// A plan's token budget, compiled.
+#[derive(Debug, Clone)]
+pub(crate) struct Tokens {
+    /// `per_minute`: GCRA on cost units.
+    pub(crate) minute: Option<Limit>,
+    /// `per_day` and `per_month`: calendar quotas counted in tokens.
+    pub(crate) day: Option<QuotaSpec>,
+    pub(crate) month: Option<QuotaSpec>,
+}
+
+impl Tokens {
+    fn compile(t: &TokenBudget, owner: &str, created_at: i64) -> Self {
+        let spec = |limit, period| QuotaSpec {
+            limit,
+            period,
+            offset: 0,
+            created_at,
+        };
+        Tokens {
+            minute: t.per_minute.map(|n| {
+                let throttle = Throttle::new(f64::from(n) / 60.0, n)
+                    .expect("checked by TokenBudget::per_minute");
+                Limit::new(LimitKind::TokensMinute, &throttle, owner, "")
+            }),
+            day: t.per_day.map(|n| spec(n, Period::Day)),
+            month: t.per_month.map(|n| spec(n, Period::Month)),
+        }
+    }
+
+    /// The calendar quotas in tokens, with their names.
+    pub(crate) fn quotas(&self) -> [Option<(LimitKind, &QuotaSpec)>; 2] {
+        [
+            self.day.as_ref().map(|q| (LimitKind::TokensDay, q)),
+            self.month.as_ref().map(|q| (LimitKind::TokensMonth, q)),
+        ]
+    }
+}
+
 /// A plan compiled for deciding.
 #[derive(Debug)]
 pub(crate) struct Plan {
@@ -589,6 +731,7 @@ pub(crate) struct Plan {
     pub(crate) throttle: Option<Limit>,
     pub(crate) methods: Box<[MethodLimit]>,
     pub(crate) quota: Option<QuotaSpec>,
+    pub(crate) tokens: Option<Tokens>,
     pub(crate) concurrency: Option<Concurrency>,
     pub(crate) shadow: bool,
     pub(crate) failure: FailureMode,
@@ -596,11 +739,13 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    /// Every throttle of the plan: the plan-wide one and the method overrides.
+    /// Every throttle of the plan: the plan-wide one, the method overrides
+    /// and the per-minute token budget.
     pub(crate) fn limits(&self) -> impl Iterator<Item = &Limit> {
         self.throttle
             .iter()
             .chain(self.methods.iter().map(|m| &m.limit))
+            .chain(self.tokens.iter().flat_map(|t| t.minute.as_ref()))
     }
 
     /// Every throttle of the plan, mutably.
@@ -608,6 +753,7 @@ impl Plan {
         self.throttle
             .iter_mut()
             .chain(self.methods.iter_mut().map(|m| &mut m.limit))
+            .chain(self.tokens.iter_mut().flat_map(|t| t.minute.as_mut()))
     }
 
     /// Compiles `plan`; `created_at` is when the plan first existed (wall nanoseconds).
@@ -626,6 +772,10 @@ impl Plan {
                 offset: q.offset,
                 created_at,
             }),
+            tokens: plan
+                .tokens
+                .as_ref()
+                .map(|t| Tokens::compile(t, &owner, created_at)),
             concurrency: match plan.concurrency {
                 None => None,
                 Some(0) => return Err(ConfigError::InvalidConcurrency),
@@ -647,6 +797,7 @@ impl Plan {
             throttle: Some(Limit::new(LimitKind::Throttle, throttle, name, "")),
             methods: Box::default(),
             quota: None,
+            tokens: None,
             concurrency: None,
             shadow: false,
             failure: FailureMode::Open,

@@ -60,8 +60,9 @@ pub(crate) struct PolicyInner {
     pub(crate) history_days: usize,
 }
 
-/// A quota cell's owner: (plan name, key id digest).
-type CellKey = (Arc<str>, Digest);
+/// A quota cell's owner: (plan name, key id digest, which quota: 0 the
+/// request quota, 1 and 2 the daily and monthly token budgets).
+type CellKey = (Arc<str>, Digest, u8);
 
 /// One immutable version of the policy.
 #[derive(Clone)]
@@ -87,7 +88,12 @@ pub(crate) struct KeyEntry {
     pub(crate) plan: Arc<Plan>,
     pub(crate) enabled: bool,
     pub(crate) quota: Option<Arc<QuotaCell>>,
+    /// The counters of the plan's daily and monthly token budgets.
+    pub(crate) tokens: TokenCells,
 }
+
+/// The counters of a key's daily and monthly token budgets.
+pub(crate) type TokenCells = [Option<Arc<QuotaCell>>; 2];
 
 /// Limits for requests without a key.
 #[derive(Debug)]
@@ -103,7 +109,10 @@ impl Policy {
     /// registered key (see [`Policy::builder`]), since counters for arbitrary
     /// keys could not be kept for a whole window in bounded memory.
     pub fn per_key(plan: UsagePlan) -> Result<Self, ConfigError> {
-        if plan.get_quota().is_some() {
+        let token_quota = plan
+            .get_tokens()
+            .is_some_and(|t| t.get_per_day().is_some() || t.get_per_month().is_some());
+        if plan.get_quota().is_some() || token_quota {
             return Err(ConfigError::QuotaNeedsKeys(plan.name().to_owned()));
         }
         let clock = Clock::system();
@@ -158,11 +167,27 @@ impl PolicyInner {
     /// The quota cell of (`plan`, key `state`), made on first use.
     pub(crate) fn cell(&self, plan: &Plan, state: Digest) -> Option<Arc<QuotaCell>> {
         plan.quota?;
+        Some(self.cell_of(plan, state, 0, self.history_days))
+    }
+
+    /// The cells of (`plan`, key `state`)'s daily and monthly token budgets.
+    pub(crate) fn token_cells(&self, plan: &Plan, state: Digest) -> TokenCells {
+        let Some(t) = &plan.tokens else {
+            return [None, None];
+        };
+        // Token budgets keep no usage history.
+        [
+            t.day.map(|_| self.cell_of(plan, state, 1, 1)),
+            t.month.map(|_| self.cell_of(plan, state, 2, 1)),
+        ]
+    }
+
+    fn cell_of(&self, plan: &Plan, state: Digest, which: u8, history: usize) -> Arc<QuotaCell> {
         let mut cells = self.cells.lock();
         let cell = cells
-            .entry((Arc::clone(&plan.name), state))
-            .or_insert_with(|| Arc::new(QuotaCell::new(self.history_days)));
-        Some(Arc::clone(cell))
+            .entry((Arc::clone(&plan.name), state, which))
+            .or_insert_with(|| Arc::new(QuotaCell::new(history)));
+        Arc::clone(cell)
     }
 }
 
@@ -195,6 +220,7 @@ impl Snapshot {
             plan: Arc::clone(plan),
             enabled: key.enabled,
             quota: inner.cell(plan, state),
+            tokens: inner.token_cells(plan, state),
         })
     }
 

@@ -152,6 +152,21 @@ impl QuotaCell {
         snapshot(w, limit, st.used, now)
     }
 
+    /// Settles a request's actual cost: `delta` units more (an
+    /// under-estimate, charged even past the limit: the window is in debt)
+    /// or fewer (an over-estimate, given back, never below zero).
+    pub(crate) fn settle(&self, spec: &QuotaSpec, now: i64, delta: i64) {
+        let mut st = self.state.lock();
+        let w = st.roll(spec.period, now);
+        let limit = spec.limit_in(w);
+        st.used = st.used.saturating_add(delta).max(0);
+        let remaining = limit.saturating_sub(st.used);
+        st.record(now, |r| {
+            r.used = r.used.saturating_add_signed(delta);
+            r.remaining = remaining;
+        });
+    }
+
     /// Forgets the current window's count and the history.
     pub(crate) fn reset(&self) {
         let mut st = self.state.lock();

@@ -158,6 +158,7 @@ impl<S: Store> Admin<S> {
             Ok(KeyEntry {
                 plan: Arc::clone(plan),
                 quota: inner.cell(plan, e.state),
+                tokens: inner.token_cells(plan, e.state),
                 ..clone_entry(e)
             })
         })
@@ -220,6 +221,7 @@ impl<S: Store> Admin<S> {
                     *entry = Arc::new(KeyEntry {
                         plan: Arc::clone(&compiled),
                         quota: inner.cell(&compiled, entry.state),
+                        tokens: inner.token_cells(&compiled, entry.state),
                         ..clone_entry(entry)
                     });
                 }
@@ -390,6 +392,7 @@ fn quota_ref<'a>(
     entry: &'a KeyEntry,
 ) -> QuotaRef<'a> {
     QuotaRef {
+        kind: crate::plan::LimitKind::Quota,
         spec,
         plan: &plan.name,
         subject: entry.id.as_bytes(),
@@ -406,6 +409,7 @@ fn clone_entry(e: &KeyEntry) -> KeyEntry {
         plan: Arc::clone(&e.plan),
         enabled: e.enabled,
         quota: e.quota.clone(),
+        tokens: e.tokens.clone(),
     }
 }
 

@@ -16,7 +16,7 @@ use tollgate::extract::ApiKeyHeader;
 use tollgate::store::Store;
 use tollgate::{
     ApiKey, Date, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer, Reason,
-    RedisStore, Stage, Throttle, UsagePlan, Weekday,
+    RedisStore, Stage, Throttle, TokenBudget, UsagePlan, Weekday,
 };
 
 /// Where a behaviour's state lives.
@@ -637,6 +637,8 @@ conformance!(
     a_shadow_plan_never_names_a_denial,
     a_used_up_quota_is_named_over_a_shorter_stage_wait,
     a_concurrency_cap_holds_places_until_bodies_end,
+    a_token_bucket_reserves_estimates_and_settles_actual_costs,
+    daily_token_budgets_count_settled_tokens,
 );
 
 /// On a Redis Cluster: the behaviours that touch several slots (stage limits
@@ -657,6 +659,8 @@ async fn redis_cluster_agrees() {
     a_shadow_plan_never_names_a_denial(&cluster).await;
     a_used_up_quota_is_named_over_a_shorter_stage_wait(&cluster).await;
     a_concurrency_cap_holds_places_until_bodies_end(&cluster).await;
+    a_token_bucket_reserves_estimates_and_settles_actual_costs(&cluster).await;
+    daily_token_budgets_count_settled_tokens(&cluster).await;
 }
 
 /// The over-limit cache answers a denied key locally with the answer Redis
@@ -833,6 +837,180 @@ async fn a_concurrency_cap_holds_places_until_bodies_end<B: Backend>(b: &B) {
     let full = svc.ready().await.unwrap().call(request()).await.unwrap();
     assert_eq!(full.status(), 429);
     drop((a, b2, full));
+}
+
+/// A layer whose estimate is the `x-estimate` header, in front of a service
+/// that reports the `x-actual` header as the tokens used (none without it).
+async fn token_service<B: Backend>(
+    b: &B,
+    clock: &ManualClock,
+    plan: UsagePlan,
+) -> impl tower::Service<
+    http::Request<()>,
+    Response = http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
+    Error = std::convert::Infallible,
+> + Clone {
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(plan)
+        .key(ApiKey::new("k", "v", "p"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .store(b.store(clock).await)
+        .estimator(|r: &tollgate::extract::RequestView<'_>| {
+            r.headers
+                .get("x-estimate")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0)
+        })
+        .build();
+    tower::ServiceBuilder::new()
+        .layer(layer)
+        .service_fn(|req: http::Request<()>| async move {
+            let actual = req
+                .headers()
+                .get("x-actual")
+                .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+            if let (Some(n), Some(usage)) = (actual, req.extensions().get::<tollgate::TokenUsage>())
+            {
+                usage.set(n);
+            }
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                bytes::Bytes::from_static(b"done"),
+            )))
+        })
+}
+
+fn token_request(estimate: u32, actual: Option<u64>) -> http::Request<()> {
+    let mut b = http::Request::builder()
+        .header("x-api-key", "v")
+        .header("x-estimate", estimate.to_string());
+    if let Some(a) = actual {
+        b = b.header("x-actual", a.to_string());
+    }
+    b.body(()).unwrap()
+}
+
+/// Sends a request and reads its body to the end (which settles it); the
+/// status and the rejection, if any.
+async fn send_tokens<S>(svc: &mut S, estimate: u32, actual: Option<u64>) -> (u16, Option<Reason>)
+where
+    S: tower::Service<
+            http::Request<()>,
+            Response = http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
+            Error = std::convert::Infallible,
+        >,
+{
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let res = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(token_request(estimate, actual))
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let reason = res
+        .extensions()
+        .get::<tollgate::Rejection>()
+        .map(|r| r.reason());
+    let _ = res.into_body().collect().await.unwrap();
+    (status, reason)
+}
+
+/// Retries a request until it gets `status` (a remote store settles in the
+/// background), within two seconds of real time; what it got last.
+async fn until_status<S>(svc: &mut S, estimate: u32, status: u16) -> (u16, Option<Reason>)
+where
+    S: tower::Service<
+            http::Request<()>,
+            Response = http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
+            Error = std::convert::Infallible,
+        >,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let got = send_tokens(svc, estimate, None).await;
+        if got.0 == status || std::time::Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn a_token_bucket_reserves_estimates_and_settles_actual_costs<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 0));
+    let plan = UsagePlan::new("p").tokens(TokenBudget::new().per_minute(100).unwrap());
+    let mut svc = token_service(b, &clock, plan).await;
+    // 60 of 100 tokens reserved and used; 60 more do not fit now.
+    assert_eq!(send_tokens(&mut svc, 60, Some(60)).await, (200, None));
+    assert_eq!(
+        send_tokens(&mut svc, 60, None).await,
+        (429, Some(Reason::Limited))
+    );
+    // An estimate above the whole budget is refused at once, with its reason.
+    assert_eq!(
+        send_tokens(&mut svc, 101, None).await,
+        (429, Some(Reason::CostExceedsLimit))
+    );
+    // A minute later the bucket is full. An over-estimate (100 reserved, 10
+    // used) gives 90 back: the next 80 fit without waiting.
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(send_tokens(&mut svc, 100, Some(10)).await.0, 200);
+    assert_eq!(until_status(&mut svc, 80, 200).await, (200, None));
+    // An under-estimate (5 reserved, 190 used) is charged: the bucket is 90
+    // tokens in debt and even a 1-token request waits.
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(send_tokens(&mut svc, 5, Some(190)).await.0, 200);
+    // (A remote store settles in the background: a request let in before
+    // the settlement lands would be charged on top.)
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        send_tokens(&mut svc, 1, None).await,
+        (429, Some(Reason::Limited))
+    );
+    // The debt is repaid at the bucket's rate (100 a minute): 91 tokens take
+    // 54.6 s to come back.
+    clock.advance(Duration::from_secs(54));
+    assert_eq!(send_tokens(&mut svc, 1, None).await.0, 429);
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(send_tokens(&mut svc, 1, None).await.0, 200);
+    // A request that reports nothing keeps its estimate.
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(send_tokens(&mut svc, 100, None).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(send_tokens(&mut svc, 1, None).await.0, 429);
+}
+
+async fn daily_token_budgets_count_settled_tokens<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(100.0, 100).unwrap())
+        .tokens(TokenBudget::new().per_day(100).unwrap());
+    let mut svc = token_service(b, &clock, plan).await;
+    assert_eq!(send_tokens(&mut svc, 60, Some(60)).await, (200, None));
+    assert_eq!(
+        send_tokens(&mut svc, 50, None).await,
+        (429, Some(Reason::QuotaExceeded))
+    );
+    assert_eq!(
+        send_tokens(&mut svc, 101, None).await,
+        (429, Some(Reason::CostExceedsLimit))
+    );
+    // 30 reserved, 10 used: 20 come back, so 30 fit again (60 + 10 + 30).
+    assert_eq!(send_tokens(&mut svc, 30, Some(10)).await.0, 200);
+    assert_eq!(until_status(&mut svc, 30, 200).await, (200, None));
+    assert_eq!(
+        send_tokens(&mut svc, 1, None).await,
+        (429, Some(Reason::QuotaExceeded))
+    );
+    // The next UTC day starts afresh.
+    clock.advance(Duration::from_secs(23 * 3_600));
+    assert_eq!(send_tokens(&mut svc, 100, Some(100)).await.0, 200);
 }
 
 /// The response of the first request admitted within two seconds (a remote

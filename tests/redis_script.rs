@@ -188,6 +188,7 @@ impl Redis {
             args.push(flag(t.shadow));
             args.push(t.since.0.to_string());
             args.push(t.since.1.to_string());
+            args.push(cost.to_string());
         }
         match quota {
             None => args.push("0".to_owned()),
@@ -197,6 +198,8 @@ impl Redis {
                 args.extend(q.args());
                 args.push(flag(q.shadow));
                 args.push(q.history_days.to_string());
+                args.push(cost.to_string());
+                args.push("0".to_owned());
             }
         }
         // No concurrency cap (tested on its own).
@@ -245,7 +248,7 @@ impl Redis {
         args.push(cost.to_string());
         args.push(throttles.len().to_string());
         for (t, mine) in throttles {
-            args.extend([t.interval, t.burst, mine.0, mine.1].map(|x| x.to_string()));
+            args.extend([t.interval, t.burst, mine.0, mine.1, cost].map(|x| x.to_string()));
         }
         assert_eq!(
             self.raw(&keys, &args).await.expect("a refund"),
@@ -1019,7 +1022,7 @@ async fn a_call_past_its_deadline_decides_nothing() {
         let deadline = deadline.to_string();
         let interval = S.to_string();
         [
-            "a", "", &deadline, "1", "1", &interval, "2", "0", "0", "0", "0", "0",
+            "a", "", &deadline, "1", "1", &interval, "2", "0", "0", "0", "1", "0", "0",
         ]
         .map(str::to_owned)
         .to_vec()
@@ -1101,36 +1104,46 @@ async fn bad_arguments_answer_an_error_reply() {
     let cases = [
         ("", "x 1 0", "unknown mode"),
         ("", "", "unknown mode"),
-        ("t", "a 1 0 1 1 1000 1 0 0 0", "wrong number"),
+        ("t", "a 1 0 1 1 1000 1 0 0 0 1", "wrong number"),
         ("t", "a 1 0 1 2 1000 1 0 0", "throttle count"),
         ("", "a 1 0 1 0 0 extra", "concurrency flag"),
         ("c", "a 1 0 1 0 0 1 0 100 m 0", "concurrency cap"),
         ("c", "a 1 0 1 0 0 1 2 100 m 0 x", "wrong number"),
-        ("t", "a 1 0 1.5 1 1000 1 0 0 0 0 0", "cost"),
-        ("t", "a 1 0 -1 1 1000 1 0 0 0 0 0", "cost"),
-        ("t", "a 1 0 01 1 1000 1 0 0 0 0 0", "cost"),
-        ("t", "a 1 1000000000 1 1 1000 1 0 0 0 0 0", "now"),
-        ("t", "a x 0 1 1 1000 1 0 0 0 0 0", "now"),
-        ("t", "a ~ 0 1 1 1000 1 0 0 0 0 0", "expired"),
-        ("t", "a 1 0 1 1 0 1 0 0 0 0 0", "interval"),
-        ("t", "a 1 0 1 1 1e3 1 0 0 0 0 0", "interval"),
-        ("t", "a 1 0 1 1 1000 0 0 0 0 0 0", "burst"),
-        ("t", "a 1 0 1 1 1000 1 yes 0 0 0 0", "shadow"),
-        ("t", "a 1 0 1 1 9007199254740991 2 0 0 0 0 0", "2^53"),
-        ("", "a 1 0 1 0 2", "quota flag"),
-        ("q h", "a 1 0 1 0 1 5 D 0 0 0 0 0", "wrong number"),
-        ("q", "a 1 0 1 0 1 5 D 0 0 0 0 31 0", "wrong number"),
-        ("q h", "a 1 0 1 0 1 5 Y 0 0 0 0 31 0", "period"),
+        ("t", "a 1 0 1.5 1 1000 1 0 0 0 1 0 0", "cost"),
+        ("t", "a 1 0 -1 1 1000 1 0 0 0 1 0 0", "cost"),
+        ("t", "a 1 0 01 1 1000 1 0 0 0 1 0 0", "cost"),
+        ("t", "a 1 0 1 1 1000 1 0 0 0 x 0 0", "cost"),
+        ("t", "a 1 1000000000 1 1 1000 1 0 0 0 1 0 0", "now"),
+        ("t", "a x 0 1 1 1000 1 0 0 0 1 0 0", "now"),
+        ("t", "a ~ 0 1 1 1000 1 0 0 0 1 0 0", "expired"),
+        ("t", "a 1 0 1 1 0 1 0 0 0 1 0 0", "interval"),
+        ("t", "a 1 0 1 1 1e3 1 0 0 0 1 0 0", "interval"),
+        ("t", "a 1 0 1 1 1000 0 0 0 0 1 0 0", "burst"),
+        ("t", "a 1 0 1 1 1000 1 yes 0 0 1 0 0", "shadow"),
+        ("t", "a 1 0 1 1 9007199254740991 2 0 0 0 1 0 0", "2^53"),
+        ("", "a 1 0 1 0 4", "quota count"),
+        ("q h", "a 1 0 1 0 1 5 D 0 0 0 0 31 1 0", "wrong number"),
+        ("q", "a 1 0 1 0 1 5 D 0 0 0 0 31 1 0 0", "wrong number"),
+        ("q h", "a 1 0 1 0 1 5 Y 0 0 0 0 31 1 0 0", "period"),
         (
             "q h",
-            "a 1 0 1 0 1 9007199254740993 D 0 0 0 0 31 0",
+            "a 1 0 1 0 1 9007199254740993 D 0 0 0 0 31 1 0 0",
             "limit",
         ),
-        ("q h", "a 1 0 1 0 1 5 W 7 0 0 0 31 0", "week start"),
-        ("q h", "a 1 0 1 0 1 5 D 0 0 0 2 31 0", "quota shadow"),
-        ("q h", "a 1 0 1 0 1 5 D 0 0 0 0 0 0", "history days"),
+        ("q h", "a 1 0 1 0 1 5 W 7 0 0 0 31 1 0 0", "week start"),
+        ("q h", "a 1 0 1 0 1 5 D 0 0 0 2 31 1 0 0", "quota shadow"),
+        ("q h", "a 1 0 1 0 1 5 D 0 0 0 0 0 1 0 0", "history days"),
+        (
+            "q h",
+            "a 1 0 1 0 1 5 D 0 0 0 0 31 1 2 0",
+            "quota tokens flag",
+        ),
         ("t", "r 1 0 1 1 1000 1 0", "wrong number"),
-        ("t", "r 1 0 1 1 1000 1 0 -1", "own TAT"),
+        ("t", "r 1 0 1 1 1000 1 0 -1 1", "own TAT"),
+        ("t", "t 1 0 5 1 1000", "wrong number"),
+        ("t", "t 1 0 x 1 1000 1 0", "delta"),
+        ("t", "t 1 0 5 2 1000 1 0", "throttle count"),
+        ("q h", "t 1 0 5 0 1 5 D 0 0 0 0", "history days"),
         ("q h", "s 1 0 5 10 D 0 0 0", "wrong number"),
         ("q h", "s 1 0 -5 10 D 0 0 0 31", "remaining"),
         ("q h", "s ~ ~ 5 10 M 0 x 0 31", "offset"),

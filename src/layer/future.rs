@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::Shared;
-use crate::body::{Guard, ResponseBody};
+use crate::body::{Guard, Reservation, ResponseBody};
 use crate::headers::HeaderStyle;
 use crate::plan::FailureMode;
 use crate::response::is_grpc;
@@ -44,6 +44,7 @@ pin_project! {
             req: Option<R>,
             shared: Arc<Shared<K, St>>,
             failure: FailureMode,
+            reservation: Option<Box<Reservation>>,
         },
         Called {
             #[pin]
@@ -91,6 +92,7 @@ where
         req: R,
         shared: Arc<Shared<K, St>>,
         failure: FailureMode,
+        reservation: Option<Box<Reservation>>,
     ) -> Self {
         ResponseFuture {
             state: State::Waiting {
@@ -99,6 +101,7 @@ where
                 req: Some(req),
                 shared,
                 failure,
+                reservation,
             },
         }
     }
@@ -121,18 +124,25 @@ where
                     req,
                     shared,
                     failure,
+                    reservation,
                 } => {
                     let result = ready!(decision.poll(cx));
-                    let (Some(mut svc), Some(req)) = (inner.take(), req.take()) else {
+                    let (Some(mut svc), Some(mut req)) = (inner.take(), req.take()) else {
                         panic!("ResponseFuture polled after completion");
                     };
                     match shared.settle(result, *failure, true) {
-                        Ok(report) => State::Called {
-                            guard: report.permit().map(|p| Guard::new(&shared.store, p)),
-                            fut: svc.call(req),
-                            report,
-                            headers: shared.headers,
-                        },
+                        Ok(report) => {
+                            let reservation = reservation.take();
+                            if let Some(r) = &reservation {
+                                req.extensions_mut().insert(r.usage.clone());
+                            }
+                            State::Called {
+                                guard: Guard::new(&shared.store, report.permit(), reservation),
+                                fut: svc.call(req),
+                                report,
+                                headers: shared.headers,
+                            }
+                        }
                         Err((rejection, limit)) => {
                             let rejection = rejection.with_grpc(is_grpc(req.headers()));
                             State::Rejected {
@@ -150,6 +160,9 @@ where
                     let mut res = ready!(fut.poll(cx))?;
                     headers.write(report, res.headers_mut());
                     let guard = guard.take();
+                    if let Some(g) = &guard {
+                        g.read_response(&res);
+                    }
                     return Poll::Ready(Ok(res.map(|body| ResponseBody::inner(body, guard))));
                 }
                 StateProj::Rejected { response } => {

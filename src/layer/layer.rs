@@ -4,6 +4,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::{Failures, RateLimit, Shared, SharedState, Step};
+use crate::cost::{CostEstimator, ExtensionEstimate};
 use crate::extract::{ApiKeyHeader, KeyExtractor};
 use crate::headers::HeaderStyle;
 use crate::policy::Policy;
@@ -52,6 +53,7 @@ impl RateLimitLayer<ApiKeyHeader> {
             headers: HeaderStyle::default(),
             on_rejection: None,
             quota_status: StatusCode::TOO_MANY_REQUESTS,
+            estimator: Box::new(ExtensionEstimate),
         }
     }
 }
@@ -197,6 +199,7 @@ pub struct RateLimitLayerBuilder<K, S = MemoryStore> {
     headers: HeaderStyle,
     on_rejection: Option<Arc<dyn OnRejection>>,
     quota_status: StatusCode,
+    estimator: Box<dyn CostEstimator>,
 }
 
 impl<K, S: Store> RateLimitLayerBuilder<K, S> {
@@ -209,6 +212,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             headers: self.headers,
             on_rejection: self.on_rejection,
             quota_status: self.quota_status,
+            estimator: self.estimator,
         }
     }
 
@@ -224,7 +228,18 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             headers: self.headers,
             on_rejection: self.on_rejection,
             quota_status: self.quota_status,
+            estimator: self.estimator,
         }
+    }
+
+    /// How a request's tokens are estimated before it is decided, for plans
+    /// with a [`TokenBudget`](crate::TokenBudget) (default:
+    /// [`ExtensionEstimate`], the request's
+    /// [`TokenEstimate`](crate::TokenEstimate) extension). A closure
+    /// `Fn(&RequestView<'_>) -> u32` will do; see [`cost`](crate::cost).
+    pub fn estimator(mut self, estimator: impl CostEstimator) -> Self {
+        self.estimator = Box::new(estimator);
+        self
     }
 
     /// Which rate-limit headers to send (default: [`HeaderStyle::ietf`]).
@@ -275,6 +290,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
                 headers: self.headers,
                 on_rejection: self.on_rejection,
                 quota_status: self.quota_status,
+                estimator: self.estimator,
                 failures: Failures::default(),
             }),
         }

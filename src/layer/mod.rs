@@ -15,11 +15,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use bytes::Bytes;
 use http::{Response, StatusCode};
 
+use crate::body::Reservation;
+use crate::cost::{CostEstimator, TokenUsage};
 use crate::extract::{KeyError, KeyExtractor, RequestView};
 use crate::hash::{self, Digest};
 use crate::headers::HeaderStyle;
-use crate::plan::{FailureMode, Limit, MethodLimit, Plan, StageLimits, match_method};
-use crate::policy::{Policy, Snapshot};
+use crate::plan::{FailureMode, Limit, LimitKind, MethodLimit, Plan, StageLimits, match_method};
+use crate::policy::{Policy, Snapshot, TokenCells};
 use crate::quota::QuotaCell;
 use crate::response::{Reason, Rejection, SharedOnRejection};
 use crate::store::{
@@ -41,6 +43,8 @@ pub(crate) struct Shared<K, S> {
     pub(crate) headers: HeaderStyle,
     pub(crate) on_rejection: Option<SharedOnRejection>,
     pub(crate) quota_status: StatusCode,
+    /// Estimates the tokens of requests under plans with a token budget.
+    pub(crate) estimator: Box<dyn CostEstimator>,
     pub(crate) failures: Failures,
 }
 
@@ -110,24 +114,34 @@ impl Failures {
 /// Whose limits a request is decided against, once its key is known.
 struct Subject<'a> {
     stage: Option<&'a StageLimits>,
-    plan: &'a Plan,
+    plan: &'a Arc<Plan>,
     /// What the store names the state by: a registered key's id, else the key.
     name: &'a [u8],
     /// Where the memory store keeps the state.
     state: Digest,
     quota: Option<&'a QuotaCell>,
+    /// The counters of the daily and monthly token budgets.
+    tokens: &'a TokenCells,
 }
+
+/// The token counters of a subject that has none.
+const NO_TOKEN_CELLS: &TokenCells = &[None, None];
+
+/// Where a decision puts the tokens an allowed request reserved, when the
+/// caller will settle them (a request through the layer).
+type Reserve<'r> = Option<&'r mut Option<Box<Reservation>>>;
 
 impl<'a> Subject<'a> {
     /// A key of a [`Policy::per_key`] policy: no stage, no quota.
     #[inline]
-    fn per_key(plan: &'a Plan, key: &'a [u8]) -> Self {
+    fn per_key(plan: &'a Arc<Plan>, key: &'a [u8]) -> Self {
         Subject {
             stage: None,
             plan,
             name: key,
             state: hash::state_digest(key),
             quota: None,
+            tokens: NO_TOKEN_CELLS,
         }
     }
 }
@@ -135,14 +149,19 @@ impl<'a> Subject<'a> {
 impl<K: KeyExtractor, S: Store> Shared<K, S> {
     /// Decides one request: key, plan, then every limit that applies at once.
     /// Rejections leave `grpc` unset: the caller sets it, so that allowed
-    /// requests never pay for the content-type check.
+    /// requests never pay for the content-type check. The tokens a request
+    /// reserves go to `reserve`, to be settled when its response ends.
     #[inline]
-    pub(crate) fn decide(&self, req: &RequestView<'_>) -> Step<S::Future> {
+    pub(crate) fn decide(
+        &self,
+        req: &RequestView<'_>,
+        reserve: &mut Option<Box<Reservation>>,
+    ) -> Step<S::Future> {
         let result = if let Some(plan) = &self.fixed {
             match self.extractor.extract(req) {
                 Ok(key) => {
                     let subject = Subject::per_key(plan, key.as_bytes());
-                    Ok(self.limits(&subject, Some(req), 1, |a| self.acquire(a)))
+                    Ok(self.limits(&subject, Some(req), 1, Some(reserve), |a| self.acquire(a)))
                 }
                 Err(e) => Err(Rejection::key(Reason::Key(e))),
             }
@@ -150,7 +169,9 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
             let snap = self.policy.load();
             match (self.extractor.extract(req), &snap.anonymous) {
                 (Ok(key), _) => {
-                    self.registered(&snap, key.as_bytes(), Some(req), 1, |a| self.acquire(a))
+                    self.registered(&snap, key.as_bytes(), Some(req), 1, Some(reserve), |a| {
+                        self.acquire(a)
+                    })
                 }
                 (Err(KeyError::Missing), Some(anon)) => match anon.client_ip.extract(req) {
                     Ok(ip) => {
@@ -160,8 +181,9 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
                             name: ip.as_bytes(),
                             state: hash::state_digest(ip.as_bytes()),
                             quota: None,
+                            tokens: NO_TOKEN_CELLS,
                         };
-                        Ok(self.limits(&subject, Some(req), 1, |a| self.acquire(a)))
+                        Ok(self.limits(&subject, Some(req), 1, Some(reserve), |a| self.acquire(a)))
                     }
                     Err(e) => Err(Rejection::key(Reason::Key(e))),
                 },
@@ -179,9 +201,11 @@ impl<K, S: Store> Shared<K, S> {
         let result = match &self.fixed {
             Some(plan) => {
                 let subject = Subject::per_key(plan, key);
-                Ok(self.limits(&subject, None, cost, |a| self.acquire(a)))
+                Ok(self.limits(&subject, None, cost, None, |a| self.acquire(a)))
             }
-            None => self.registered(&self.policy.load(), key, None, cost, |a| self.acquire(a)),
+            None => self.registered(&self.policy.load(), key, None, cost, None, |a| {
+                self.acquire(a)
+            }),
         };
         result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
     }
@@ -236,6 +260,7 @@ impl<K, S> Shared<K, S> {
         key: &[u8],
         req: Option<&RequestView<'_>>,
         cost: u32,
+        reserve: Reserve<'_>,
         run: impl FnOnce(&Acquire<'_>) -> T,
     ) -> Result<T, Rejection> {
         let Some(entry) = snap.keys.get(&hash::digest(key)) else {
@@ -250,18 +275,21 @@ impl<K, S> Shared<K, S> {
             name: entry.id.as_bytes(),
             state: entry.state,
             quota: entry.quota.as_deref(),
+            tokens: &entry.tokens,
         };
-        Ok(self.limits(&subject, req, cost, run))
+        Ok(self.limits(&subject, req, cost, reserve, run))
     }
 
-    /// Gathers every limit that applies (stage, plan, method overrides, quota)
-    /// and hands them to `run`, which decides them in one step.
+    /// Gathers every limit that applies (stage, plan, method overrides,
+    /// token budget, quota) and hands them to `run`, which decides them in
+    /// one step.
     #[inline]
     fn limits<T>(
         &self,
         s: &Subject<'_>,
         req: Option<&RequestView<'_>>,
         cost: u32,
+        reserve: Reserve<'_>,
         run: impl FnOnce(&Acquire<'_>) -> T,
     ) -> T {
         let plan = s.plan;
@@ -304,14 +332,41 @@ impl<K, S> Shared<K, S> {
             digest: s.state,
             shadow: plan.shadow,
         });
-        acquire.quota = plan.quota.as_ref().map(|spec| QuotaRef {
+        let quota = |kind, spec, cell, history_days| QuotaRef {
+            kind,
             spec,
             plan: &plan.name,
             subject: s.name,
-            cell: s.quota,
+            cell,
             shadow: plan.shadow,
-            history_days: self.policy.inner.history_days as u32,
-        });
+            history_days,
+        };
+        let history_days = self.policy.inner.history_days as u32;
+        acquire.quota = plan
+            .quota
+            .as_ref()
+            .map(|spec| quota(LimitKind::Quota, spec, s.quota, history_days));
+        if let Some(tokens) = &plan.tokens {
+            // Only requests (not `check` calls) are estimated and reserve.
+            if let (Some(req), Some(reserve)) = (req, reserve) {
+                acquire.tokens = self.estimator.estimate(req);
+                *reserve = Some(Box::new(Reservation {
+                    plan: Arc::clone(plan),
+                    subject: s.name.into(),
+                    digest: s.state,
+                    cells: s.tokens.clone(),
+                    estimate: acquire.tokens,
+                    usage: TokenUsage::new(),
+                }));
+            }
+            if let Some(l) = &tokens.minute {
+                acquire.push(own(l));
+            }
+            for (i, q) in tokens.quotas().into_iter().enumerate() {
+                acquire.token_quotas[i] =
+                    q.map(|(kind, spec)| quota(kind, spec, s.tokens[i].as_deref(), 1));
+            }
+        }
         run(&acquire)
     }
 }
@@ -325,9 +380,9 @@ impl<K> Shared<K, MemoryStore> {
         let result = match &self.fixed {
             Some(plan) => {
                 let subject = Subject::per_key(plan, key);
-                self.limits(&subject, None, cost, run)
+                self.limits(&subject, None, cost, None, run)
             }
-            None => self.registered(&self.policy.load(), key, None, cost, run)?,
+            None => self.registered(&self.policy.load(), key, None, cost, None, run)?,
         };
         result.map_err(|d| Rejection::denied(d.denial, &d.limit, self.quota_status))
     }

@@ -83,10 +83,17 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        match self.shared.decide(&RequestView::new(&req)) {
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let mut reservation = None;
+        match self
+            .shared
+            .decide(&RequestView::new(&req), &mut reservation)
+        {
             Step::Done(Ok(report)) => {
-                let guard = report.permit().map(|p| Guard::new(&self.shared.store, p));
+                if let Some(r) = &reservation {
+                    req.extensions_mut().insert(r.usage.clone());
+                }
+                let guard = Guard::new(&self.shared.store, report.permit(), reservation);
                 ResponseFuture::called(self.inner.call(req), report, self.shared.headers, guard)
             }
             Step::Done(Err((rejection, limit))) => {
@@ -98,7 +105,14 @@ where
                 // The readied service goes with the request; a clone stays.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::waiting(decision, ready, req, Arc::clone(&self.shared), failure)
+                ResponseFuture::waiting(
+                    decision,
+                    ready,
+                    req,
+                    Arc::clone(&self.shared),
+                    failure,
+                    reservation,
+                )
             }
         }
     }

@@ -27,14 +27,14 @@ use parking_lot::Mutex;
 use portable_atomic::{AtomicU128, Ordering};
 
 use super::{
-    Acquire, Acquired, Applied, Denial, Denied, MAX_THROTTLES, Permit, QuotaRef, Report, Sink,
-    Store, StoreError, StoreFuture, ThrottleRef, Verdict,
+    Acquire, Acquired, Applied, Denial, Denied, MAX_THROTTLES, Permit, QuotaRef, Report,
+    Settlement, Sink, Store, StoreError, StoreFuture, ThrottleRef, Verdict,
 };
 use crate::clock::Clock;
 use crate::error::ConfigError;
-use crate::gcra::{Nanos, Outcome};
+use crate::gcra::{MAX_SPAN, Nanos, Outcome};
 use crate::hash::{Digest, mix};
-use crate::plan::{Limit, LimitKind};
+use crate::plan::Limit;
 use crate::policy::wall_nanos;
 use crate::quota::QuotaSnapshot;
 use crate::window::Date;
@@ -152,6 +152,7 @@ impl MemoryStore {
         }
         for (i, t) in req.throttles().enumerate() {
             let limit = t.limit;
+            let cost = req.cost_for(t.counts_tokens());
             let slot = SlotKey::new(t.digest, limit.salt);
             let outcome = if denied.is_some() {
                 Ok(limit.gcra.decide(table.peek(slot), now, cost))
@@ -187,24 +188,46 @@ impl MemoryStore {
             }
             denied = Some(Denied::longest(denied, d));
         }
-        if let Some(q) = &req.quota {
-            if let Some(cell) = q.cell {
-                let wall = wall_nanos(&self.inner.clock);
-                let cost = u64::from(cost);
+        // The quotas, each charged under its own lock: those charged before
+        // a later one denies are given back.
+        let mut quotas_charged = [false; 3];
+        if req.quotas().next().is_some() {
+            let wall = wall_nanos(&self.inner.clock);
+            for (i, q) in req.quotas().enumerate() {
+                let Some(cell) = q.cell else { continue };
+                let cost = u64::from(req.cost_for(q.counts_tokens()));
+                // An estimate above a whole token budget never fits.
+                if q.counts_tokens() && cost > q.spec.limit && !q.shadow {
+                    let snap = cell.check(q.spec, wall, 0).unwrap_or_else(|(_, s)| s);
+                    let d = Denied::too_costly(quota_applied(q.name(), &snap));
+                    denied = Some(Denied::longest(denied, d));
+                    continue;
+                }
                 let outcome = match denied {
                     Some(_) => cell.check(q.spec, wall, cost),
                     None => cell.acquire(q.spec, wall, cost, q.shadow),
                 };
                 match outcome {
-                    Ok(snap) if denied.is_none() => report.push(|| quota_applied(&snap)),
+                    Ok(snap) if denied.is_none() => {
+                        quotas_charged[i] = true;
+                        report.push(|| quota_applied(q.name(), &snap));
+                    }
                     Ok(_) => {}
                     Err(_) if q.shadow => {}
                     Err((retry_after, snap)) => {
                         let d = Denied {
                             denial: Denial::Quota { retry_after },
-                            limit: quota_applied(&snap),
+                            limit: quota_applied(q.name(), &snap),
                         };
                         denied = Some(Denied::longest(denied, d));
+                    }
+                }
+            }
+            if denied.is_some() {
+                for (q, _) in req.quotas().zip(quotas_charged).filter(|(_, c)| *c) {
+                    if let Some(cell) = q.cell {
+                        let cost = i64::from(req.cost_for(q.counts_tokens()));
+                        cell.settle(q.spec, wall, -cost);
                     }
                 }
             }
@@ -217,7 +240,7 @@ impl MemoryStore {
                 Ok(())
             }
             (Some(d), permit) => {
-                self.refund(req, &charged, now, cost);
+                self.refund(req, &charged, now);
                 if let Some((permit, _)) = permit {
                     self.leave(permit, now);
                 }
@@ -237,9 +260,10 @@ impl MemoryStore {
     /// Gives back what this request charged. A throttle gets back at most what
     /// is still ahead of `now` of the TAT this request stored, so a refund can
     /// never return capacity that later requests have already been granted.
-    fn refund(&self, req: &Acquire<'_>, charged: &[Option<Nanos>], now: Nanos, cost: u32) {
+    fn refund(&self, req: &Acquire<'_>, charged: &[Option<Nanos>], now: Nanos) {
         for (t, mine) in req.throttles().zip(charged) {
             let Some(mine) = *mine else { continue };
+            let cost = req.cost_for(t.counts_tokens());
             let limit = t.limit;
             let slot = SlotKey::new(t.digest, limit.salt);
             let _ = self.inner.table.update(slot, now, |tat| {
@@ -312,6 +336,37 @@ impl Store for MemoryStore {
         self.leave(permit, self.inner.clock.nanos());
     }
 
+    /// Moves the per-minute bucket's TAT by the difference (never back past
+    /// now: an over-estimate refunds only what is still in use) and the
+    /// token quotas' counts by it (an under-estimate may go past the limit).
+    fn settle(&self, settlement: &Settlement<'_>) {
+        let delta = settlement.delta;
+        if delta == 0 {
+            return;
+        }
+        if let Some(t) = &settlement.throttle {
+            let interval = t.limit.gcra.interval();
+            let shift = delta.unsigned_abs().saturating_mul(interval).min(MAX_SPAN);
+            self.update_throttle(t, |tat, now| {
+                if delta > 0 {
+                    tat.max(now)
+                        .saturating_add(shift)
+                        .min(now.saturating_add(MAX_SPAN))
+                } else {
+                    tat.saturating_sub(shift).max(now.min(tat))
+                }
+            });
+        }
+        if settlement.quotas().next().is_some() {
+            let wall = wall_nanos(&self.inner.clock);
+            for q in settlement.quotas() {
+                if let Some(cell) = q.cell {
+                    cell.settle(q.spec, wall, delta);
+                }
+            }
+        }
+    }
+
     /// Converts the state at once: the share of the bucket in use is kept, so
     /// an emptied bucket stays empty and refills at the new rate.
     fn rescale(&self, old: &ThrottleRef<'_>, new: &ThrottleRef<'_>) {
@@ -352,9 +407,9 @@ fn denial(limit: &Limit, o: Outcome, now: Nanos) -> Denied {
     }
 }
 
-pub(crate) fn quota_applied(q: &QuotaSnapshot) -> Applied {
+pub(crate) fn quota_applied(name: &'static str, q: &QuotaSnapshot) -> Applied {
     Applied {
-        name: LimitKind::Quota.name(),
+        name,
         quota: u64::try_from(q.limit).unwrap_or(0),
         window_secs: q.window_secs,
         remaining: q.remaining,
@@ -644,7 +699,7 @@ mod tests {
 
     fn plan(rate: f64, burst: u32) -> OneLimit {
         let t = Throttle::new(rate, burst).unwrap();
-        OneLimit(Limit::new(LimitKind::Throttle, &t, "p", ""))
+        OneLimit(Limit::new(crate::plan::LimitKind::Throttle, &t, "p", ""))
     }
 
     impl MemoryStore {

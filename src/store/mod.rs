@@ -80,20 +80,22 @@ use std::time::Duration;
 
 use crate::gcra::Nanos;
 use crate::hash::Digest;
-use crate::plan::{FailureMode, Limit};
+use crate::plan::{FailureMode, Limit, LimitKind};
 use crate::quota::{QuotaCell, QuotaSpec};
 use crate::window::Period;
 
 /// The most limits one request can be decided against: stage, stage method,
-/// plan throttle, plan method, quota, and room for token budgets.
-pub(crate) const MAX_LIMITS: usize = 6;
+/// plan throttle, plan method, tokens a minute, quota, tokens a day and a
+/// month, concurrency.
+pub(crate) const MAX_LIMITS: usize = 9;
 
 /// The wait a request refused by a concurrency cap is told: in-flight
 /// requests end at times no store knows.
 pub(crate) const CONCURRENCY_RETRY: Duration = Duration::from_secs(1);
 
-/// The most throttles (GCRA limits) of one request.
-pub(crate) const MAX_THROTTLES: usize = 4;
+/// The most throttles (GCRA limits) of one request: stage, stage method,
+/// plan throttle, plan method, tokens a minute.
+pub(crate) const MAX_THROTTLES: usize = 5;
 
 /// A boxed future of an administrative store operation.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
@@ -145,6 +147,17 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// nothing (a store without concurrency caps grants no permits).
     fn release(&self, permit: Permit) {
         let _ = permit;
+    }
+
+    /// Settles the actual cost of a request that reserved tokens: its token
+    /// limits are charged [`Settlement::delta`] more tokens (an
+    /// under-estimate, charged even past the limit, so that the next
+    /// requests wait until the debt is repaid) or given that many back (an
+    /// over-estimate). Called once per request whose actual cost differs
+    /// from its estimate, never waited for: a remote store sends it in the
+    /// background. The default does nothing (the estimate stands).
+    fn settle(&self, settlement: &Settlement<'_>) {
+        let _ = settlement;
     }
 
     /// A throttle's numbers changed from `old` to `new` while serving (a plan
@@ -481,8 +494,11 @@ pub struct Acquire<'a> {
     throttles: [Option<ThrottleRef<'a>>; MAX_THROTTLES],
     len: usize,
     pub(crate) quota: Option<QuotaRef<'a>>,
+    /// The daily and monthly token budgets.
+    pub(crate) token_quotas: [Option<QuotaRef<'a>>; 2],
     pub(crate) concurrency: Option<ConcurrencyRef<'a>>,
     pub(crate) cost: u32,
+    pub(crate) tokens: u32,
     pub(crate) failure: FailureMode,
 }
 
@@ -492,8 +508,10 @@ impl<'a> Acquire<'a> {
             throttles: [None; MAX_THROTTLES],
             len: 0,
             quota: None,
+            token_quotas: [None; 2],
             concurrency: None,
             cost,
+            tokens: 0,
             failure,
         }
     }
@@ -513,6 +531,29 @@ impl<'a> Acquire<'a> {
     /// The quota, when the plan has one.
     pub fn quota(&self) -> Option<&QuotaRef<'a>> {
         self.quota.as_ref()
+    }
+
+    /// Every calendar quota: the request quota, then the daily and monthly
+    /// token budgets (which [count tokens](QuotaRef::counts_tokens)).
+    pub fn quotas(&self) -> impl Iterator<Item = &QuotaRef<'a>> + '_ {
+        self.quota.iter().chain(self.token_quotas.iter().flatten())
+    }
+
+    /// The request's estimated cost in tokens, charged to the limits that
+    /// count tokens (0 when its plan has no token budget).
+    pub fn tokens(&self) -> u32 {
+        self.tokens
+    }
+
+    /// What a limit is charged: the request's [`tokens`](Self::tokens) for
+    /// a limit that counts tokens, else its [`cost`](Self::cost).
+    #[inline]
+    pub fn cost_for(&self, counts_tokens: bool) -> u32 {
+        if counts_tokens {
+            self.tokens
+        } else {
+            self.cost
+        }
     }
 
     /// The plan's cap on requests of this key in flight, when it has one:
@@ -536,8 +577,9 @@ impl fmt::Debug for Acquire<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Acquire")
             .field("throttles", &self.throttles().collect::<Vec<_>>())
-            .field("quota", &self.quota)
+            .field("quotas", &self.quotas().collect::<Vec<_>>())
             .field("cost", &self.cost)
+            .field("tokens", &self.tokens)
             .finish()
     }
 }
@@ -554,9 +596,17 @@ pub struct ThrottleRef<'a> {
 }
 
 impl<'a> ThrottleRef<'a> {
-    /// The limit's name in headers: `"throttle"`, `"method"`, `"stage"` or `"stage-method"`.
+    /// The limit's name in headers: `"throttle"`, `"method"`, `"stage"`,
+    /// `"stage-method"` or `"tokens-minute"`.
     pub fn name(&self) -> &'static str {
         self.limit.kind.name()
+    }
+
+    /// Whether the throttle counts tokens (a token budget's per-minute
+    /// bucket): it is charged [`Acquire::tokens`], not [`Acquire::cost`].
+    #[inline]
+    pub fn counts_tokens(&self) -> bool {
+        self.limit.kind.counts_tokens()
     }
 
     /// A stable id of the limit within its plan (the same in every process,
@@ -615,6 +665,7 @@ impl fmt::Debug for ThrottleRef<'_> {
 /// The quota of a request, and whose count it is.
 #[derive(Clone, Copy)]
 pub struct QuotaRef<'a> {
+    pub(crate) kind: LimitKind,
     pub(crate) spec: &'a QuotaSpec,
     pub(crate) plan: &'a str,
     pub(crate) subject: &'a [u8],
@@ -625,6 +676,18 @@ pub struct QuotaRef<'a> {
 }
 
 impl<'a> QuotaRef<'a> {
+    /// The quota's name in headers: `"quota"`, `"tokens-day"` or `"tokens-month"`.
+    pub fn name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    /// Whether the quota counts tokens (a token budget's daily or monthly
+    /// quota): it is charged [`Acquire::tokens`], not [`Acquire::cost`].
+    #[inline]
+    pub fn counts_tokens(&self) -> bool {
+        self.kind.counts_tokens()
+    }
+
     /// Requests (units) per window.
     pub fn limit(&self) -> u64 {
         self.spec.limit
@@ -670,6 +733,7 @@ impl<'a> QuotaRef<'a> {
 impl fmt::Debug for QuotaRef<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QuotaRef")
+            .field("name", &self.name())
             .field("plan", &self.plan)
             .field("limit", &self.limit())
             .field("period", &self.period())
@@ -759,5 +823,42 @@ impl Permit {
     /// The request's id.
     pub fn id(&self) -> u64 {
         self.id
+    }
+}
+
+/// The actual cost of a request that reserved tokens, to be settled against
+/// its token limits (see [`Store::settle`]).
+#[derive(Clone, Copy)]
+pub struct Settlement<'a> {
+    pub(crate) throttle: Option<ThrottleRef<'a>>,
+    pub(crate) quotas: [Option<QuotaRef<'a>>; 2],
+    pub(crate) delta: i64,
+}
+
+impl<'a> Settlement<'a> {
+    /// The per-minute token bucket, when the plan has one.
+    pub fn throttle(&self) -> Option<&ThrottleRef<'a>> {
+        self.throttle.as_ref()
+    }
+
+    /// The daily and monthly token quotas the plan has.
+    pub fn quotas(&self) -> impl Iterator<Item = &QuotaRef<'a>> + '_ {
+        self.quotas.iter().flatten()
+    }
+
+    /// Tokens to charge (the request used more than it reserved) or, when
+    /// negative, to give back (it used fewer).
+    pub fn delta(&self) -> i64 {
+        self.delta
+    }
+}
+
+impl fmt::Debug for Settlement<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settlement")
+            .field("throttle", &self.throttle)
+            .field("quotas", &self.quotas().collect::<Vec<_>>())
+            .field("delta", &self.delta)
+            .finish()
     }
 }

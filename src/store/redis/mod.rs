@@ -31,12 +31,11 @@ use redis::{Cmd, ErrorKind, RedisError, RedisFuture, ServerErrorKind, Value};
 use self::cache::OverLimitCache;
 use super::{
     Acquire, Acquired, Applied, CONCURRENCY, ConcurrencyRef, Denial, Denied, Permit, QuotaRef,
-    Report, Store, StoreError, StoreFuture, ThrottleRef, Verdict,
+    Report, Settlement, Store, StoreError, StoreFuture, ThrottleRef, Verdict,
 };
 use crate::clock::Clock;
 use crate::gcra::{NANOS_PER_SEC, Nanos, Outcome};
 use crate::hash;
-use crate::plan::LimitKind;
 use crate::policy::wall_nanos;
 use crate::quota::DayRecord;
 use crate::store::memory::applied;
@@ -426,6 +425,17 @@ impl Inner {
         format!("{}:{{{place:032x}}}:c", self.prefix)
     }
 
+    /// The count and history keys of a quota (a token budget's carry its name).
+    fn quota_keys(&self, q: &QuotaRef<'_>) -> [String; 2] {
+        let tag = self.tag(Some(q.plan), q.subject);
+        if q.counts_tokens() {
+            let name = q.name();
+            [format!("{tag}:q:{name}"), format!("{tag}:h:{name}")]
+        } else {
+            [format!("{tag}:q"), format!("{tag}:h")]
+        }
+    }
+
     fn throttle_key(&self, t: &ThrottleRef<'_>) -> String {
         let mut k = self.tag(t.plan, t.subject);
         let _ = write!(k, ":t:{:016x}", t.limit.salt);
@@ -547,12 +557,19 @@ impl Inner {
 struct Throttle {
     limit: crate::plan::Limit,
     shadow: bool,
+    /// What it is charged: requests, or tokens.
+    cost: u32,
 }
 
-/// The quota as a decision needs it after the call.
-#[derive(Debug, Clone, Copy)]
+/// A quota as a decision needs it after the call.
+#[derive(Debug, Clone)]
 struct Quota {
+    name: &'static str,
     shadow: bool,
+    cost: u32,
+    tokens: bool,
+    /// Its arguments to the script.
+    args: Vec<String>,
 }
 
 /// One script call's limits and what to make of its reply.
@@ -560,7 +577,7 @@ struct Quota {
 struct Part {
     call: Call,
     throttles: Vec<Throttle>,
-    quota: Option<Quota>,
+    quotas: Vec<Quota>,
     cap: Option<Cap>,
 }
 
@@ -580,24 +597,37 @@ impl Part {
         Part {
             call,
             throttles: Vec::new(),
-            quota: None,
+            quotas: Vec::new(),
             cap: None,
         }
     }
 
-    fn push_throttle(&mut self, inner: &Inner, t: &ThrottleRef<'_>) {
+    fn push_throttle(&mut self, inner: &Inner, t: &ThrottleRef<'_>, cost: u32) {
         self.call.keys.push(inner.throttle_key(t));
         self.throttles.push(Throttle {
             limit: t.limit.clone(),
             shadow: t.shadow,
+            cost,
         });
     }
 
-    fn push_quota(&mut self, inner: &Inner, q: &QuotaRef<'_>) {
-        let tag = inner.tag(Some(q.plan), q.subject);
-        self.call.keys.push(format!("{tag}:q"));
-        self.call.keys.push(format!("{tag}:h"));
-        self.quota = Some(Quota { shadow: q.shadow });
+    fn push_quota(&mut self, inner: &Inner, q: &QuotaRef<'_>, cost: u32) {
+        let [key, hist] = inner.quota_keys(q);
+        self.call.keys.push(key);
+        self.call.keys.push(hist);
+        let mut args = Call::default();
+        quota_args(&mut args, q);
+        args.arg(u8::from(q.shadow));
+        args.arg(q.history_days);
+        args.arg(cost);
+        args.arg(u8::from(q.counts_tokens()));
+        self.quotas.push(Quota {
+            name: q.name(),
+            shadow: q.shadow,
+            cost,
+            tokens: q.counts_tokens(),
+            args: args.args,
+        });
     }
 
     fn push_cap(&mut self, inner: &Inner, c: &ConcurrencyRef<'_>) {
@@ -611,8 +641,8 @@ impl Part {
         });
     }
 
-    /// The arguments after the cost: throttles, the quota, the cap.
-    fn finish(&mut self, quota: Option<&QuotaRef<'_>>, lease: Duration) {
+    /// The arguments after the cost: throttles, the quotas, the cap.
+    fn finish(&mut self, lease: Duration) {
         let call = &mut self.call;
         call.arg(self.throttles.len());
         for t in &self.throttles {
@@ -622,15 +652,11 @@ impl Part {
             let since = t.limit.since.max(0);
             call.arg(since / NANOS_PER_SEC as i64);
             call.arg(since % NANOS_PER_SEC as i64);
+            call.arg(t.cost);
         }
-        match (self.quota, quota) {
-            (Some(_), Some(q)) => {
-                call.arg(1);
-                quota_args(call, q);
-                call.arg(u8::from(q.shadow));
-                call.arg(q.history_days);
-            }
-            _ => call.arg(0),
+        call.arg(self.quotas.len());
+        for q in &self.quotas {
+            call.args.extend(q.args.iter().cloned());
         }
         match self.cap {
             Some(c) => {
@@ -663,7 +689,7 @@ impl Part {
         for (t, &before) in self.throttles.iter().zip(&head[3..]) {
             let before = u64::try_from(before).map_err(|_| bad())?;
             let limit = &t.limit;
-            match limit.gcra.decide(BASE + before, BASE, cost) {
+            match limit.gcra.decide(BASE + before, BASE, t.cost) {
                 Outcome::Allow { after, .. } => {
                     report.push(applied(limit, after, BASE));
                     charged.tats.push(Some(after - BASE));
@@ -679,8 +705,9 @@ impl Part {
                 }
             }
         }
-        if let Some(q) = self.quota {
-            let rest = reply.get(3 + n..3 + n + 4).ok_or_else(bad)?;
+        for (i, q) in self.quotas.iter().enumerate() {
+            let at = 3 + n + 4 * i;
+            let rest = reply.get(at..at + 4).ok_or_else(bad)?;
             let (start_day, end_day, limit, used) = (rest[0], rest[1], rest[2], rest[3]);
             let now = now_s
                 .saturating_mul(NANOS_PER_SEC as i64)
@@ -690,15 +717,17 @@ impl Part {
                 .saturating_sub(now)
                 .max(0) as u64;
             let window_secs = (end_day - start_day).max(0) as u64 * 86_400;
-            let cost = i64::from(cost);
+            let cost = i64::from(q.cost);
             let item = |used: i64| Applied {
-                name: LimitKind::Quota.name(),
+                name: q.name,
                 quota: u64::try_from(limit).unwrap_or(0),
                 window_secs,
                 remaining: limit.saturating_sub(used).max(0) as u64,
                 reset,
             };
-            if used.saturating_add(cost) > limit && !q.shadow {
+            if q.tokens && cost > limit && !q.shadow {
+                denied = Some(Denied::longest(denied, Denied::too_costly(item(used))));
+            } else if used.saturating_add(cost) > limit && !q.shadow {
                 let d = Denied::quota(item(used), Duration::from_nanos(reset.max(1)));
                 denied = Some(Denied::longest(denied, d));
             } else {
@@ -706,7 +735,7 @@ impl Part {
             }
         }
         if let Some(c) = self.cap {
-            let at = 3 + n + if self.quota.is_some() { 4 } else { 0 };
+            let at = 3 + n + 4 * self.quotas.len();
             let in_flight = *reply.get(at).ok_or_else(bad)?;
             let in_flight = u64::try_from(in_flight).map_err(|_| bad())?;
             let item = |n: u64| Applied {
@@ -811,7 +840,7 @@ impl Store for RedisStore {
     fn acquire(&self, request: &Acquire<'_>) -> Acquired<Self::Future> {
         let inner = &self.inner;
         if request.throttles().next().is_none()
-            && request.quota.is_none()
+            && request.quotas().next().is_none()
             && request.concurrency.is_none()
         {
             // Nothing to decide: no round trip.
@@ -820,7 +849,11 @@ impl Store for RedisStore {
         // A denial is cached as of the time the request was sent, so that it
         // never outlasts what Redis would answer.
         let sent = inner.local_now();
-        let id = inner.cache.as_ref().map(|cache| {
+        // A request with token limits is never answered from the cache: a
+        // settlement may give tokens back before a cached retry time.
+        let tokens = request.throttles().any(|t| t.counts_tokens())
+            || request.quotas().any(|q| q.counts_tokens());
+        let id = inner.cache.as_ref().filter(|_| !tokens).map(|cache| {
             let id = identity(request);
             (id, cache.get(id, sent))
         });
@@ -834,20 +867,21 @@ impl Store for RedisStore {
         let mut stage = Part::new(&now, cost);
         let mut own = Part::new(&now, cost);
         for t in request.throttles() {
+            let cost = request.cost_for(t.counts_tokens());
             if split && t.plan.is_none() {
-                stage.push_throttle(inner, t);
+                stage.push_throttle(inner, t, cost);
             } else {
-                own.push_throttle(inner, t);
+                own.push_throttle(inner, t, cost);
             }
         }
-        if let Some(q) = &request.quota {
-            own.push_quota(inner, q);
+        for q in request.quotas() {
+            own.push_quota(inner, q, request.cost_for(q.counts_tokens()));
         }
         if let Some(c) = &request.concurrency {
             own.push_cap(inner, c);
         }
-        stage.finish(None, inner.lease);
-        own.finish(request.quota.as_ref(), inner.lease);
+        stage.finish(inner.lease);
+        own.finish(inner.lease);
         if let (Now::Redis, Some(deadline)) = (now, inner.deadline()) {
             stage.call.args[2] = deadline.to_string();
             own.call.args[2] = deadline.to_string();
@@ -889,9 +923,39 @@ impl Store for RedisStore {
         }
     }
 
+    fn settle(&self, settlement: &Settlement<'_>) {
+        let inner = Arc::clone(&self.inner);
+        let mut call = Call::new("t", &inner.now());
+        call.arg(settlement.delta);
+        call.arg(usize::from(settlement.throttle.is_some()));
+        if let Some(t) = &settlement.throttle {
+            call.keys.push(inner.throttle_key(t));
+            call.arg(t.limit.gcra.interval());
+            call.arg(t.limit.gcra.burst());
+        }
+        call.arg(settlement.quotas().count());
+        for q in settlement.quotas() {
+            call.keys.extend(inner.quota_keys(q));
+            quota_args(&mut call, q);
+            call.arg(q.history_days);
+        }
+        if call.keys.is_empty() {
+            return;
+        }
+        // Never waited for, and bounded by the timeout: a settlement that
+        // fails leaves the estimate charged.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = inner.within(Arc::clone(&inner).run(call)).await {
+                    tracing::debug!(error = %e, "tokens not settled; the estimate stands");
+                }
+            });
+        }
+    }
+
     fn usage(&self, quota: &QuotaRef<'_>, first: Date, last: Date) -> StoreFuture<Vec<[i64; 2]>> {
         let inner = Arc::clone(&self.inner);
-        let key = format!("{}:h", inner.tag(Some(quota.plan), quota.subject));
+        let [_, key] = inner.quota_keys(quota);
         let spec = *quota.spec;
         Box::pin(async move {
             let fields: Vec<(String, i64)> = inner
@@ -909,9 +973,8 @@ impl Store for RedisStore {
 
     fn set_remaining(&self, quota: &QuotaRef<'_>, remaining: u64) -> StoreFuture<u64> {
         let inner = Arc::clone(&self.inner);
-        let tag = inner.tag(Some(quota.plan), quota.subject);
         let mut call = Call::new("s", &inner.now());
-        call.keys = vec![format!("{tag}:q"), format!("{tag}:h")];
+        call.keys = inner.quota_keys(quota).to_vec();
         call.arg(remaining);
         quota_args(&mut call, quota);
         call.arg(quota.history_days);
@@ -939,8 +1002,7 @@ impl Store for RedisStore {
             groups.push(vec![inner.throttle_key(t)]);
         }
         if let Some(q) = quota {
-            let tag = inner.tag(Some(q.plan), q.subject);
-            groups.push(vec![format!("{tag}:q"), format!("{tag}:h")]);
+            groups.push(inner.quota_keys(q).to_vec());
         }
         Box::pin(async move {
             for keys in groups {
@@ -968,7 +1030,7 @@ async fn decide_split(
 ) -> Result<Verdict, StoreError> {
     let reply = Arc::clone(inner).run(stage.call.clone()).await?;
     let (verdict, charged) = stage.verdict(&reply, cost)?;
-    let has_own = !own.throttles.is_empty() || own.quota.is_some();
+    let has_own = !own.throttles.is_empty() || !own.quotas.is_empty() || own.cap.is_some();
     let stage_report = match verdict {
         Ok(report) if !has_own => return Ok(Ok(report)),
         Ok(report) => report,
@@ -1029,7 +1091,7 @@ async fn refund(
 ) -> Result<(), StoreError> {
     let mut call = Call::new("r", &inner.now());
     call.arg(cost);
-    let mut args = Vec::new();
+    let mut args: Vec<String> = Vec::new();
     for ((t, tat), key) in stage
         .throttles
         .iter()
@@ -1044,6 +1106,7 @@ async fn refund(
         args.push(t.limit.gcra.burst().to_string());
         args.push((charged.now_s + (total / NANOS_PER_SEC) as i64).to_string());
         args.push((total % NANOS_PER_SEC).to_string());
+        args.push(t.cost.to_string());
     }
     if call.keys.is_empty() {
         return Ok(());

@@ -28,11 +28,14 @@
 --
 -- Modes (ARGV[1]):
 --
--- "a" acquire. KEYS: t_1..t_n, then q, h when a quota is given.
+-- "a" acquire. KEYS: t_1..t_n, then q_i, h_i for each quota.
 --   ARGV: "a", now_s, now_ns, cost, n, n times (interval_ns, burst, shadow,
---   since_s, since_ns),
---   then "0", or "1", limit, period (D|W|M), week_start (0 = Monday .. 6),
---   offset, created_s, shadow, history_days.
+--   since_s, since_ns, cost_i),
+--   then m (0..3) quotas, m times (limit, period (D|W|M), week_start
+--   (0 = Monday .. 6), offset, created_s, shadow, history_days, cost_i,
+--   tokens), tokens = 1 for a token budget: a cost above its limit never fits.
+--   Each limit is charged its own cost_i (requests or tokens); ARGV[4], the
+--   request's cost in requests, decides whether a concurrency place is taken.
 --   All or nothing: when a limit that is not a shadow denies, nothing is
 --   charged; otherwise every throttle that allows is charged (a shadow
 --   throttle that would deny is not) and the quota is (a shadow quota past
@@ -43,7 +46,7 @@
 --   caller removes (ZREM) when the response ends, and which lapses after
 --   lease_ms if the caller never does.
 --   Reply: now_s, now_ns, allowed (1|0), before_1..before_n (ns the TAT was
---   ahead of now, after conversion), then with a quota: window start day,
+--   ahead of now, after conversion), then per quota: window start day,
 --   window end day, the window's limit, the count before this request; then
 --   with a cap: the requests in flight before this one.
 --
@@ -51,9 +54,17 @@
 --   conversion is still stored). It tells which limits would deny.
 --
 -- "r" refund (Gcra::refund). KEYS: t_1..t_n. ARGV: "r", now_s, now_ns, cost,
---   n, n times (interval_ns, burst, mine_s, mine_ns), mine the TAT this
---   request stored. A key whose span changed since is left alone.
+--   n, n times (interval_ns, burst, mine_s, mine_ns, cost_i), mine the TAT
+--   this request stored. A key whose span changed since is left alone.
 --   Reply: now_s, now_ns.
+--
+-- "t" settle a request's actual tokens. KEYS: t_1..t_n (0 or 1), then q_i,
+--   h_i for each quota. ARGV: "t", now_s, now_ns, delta (tokens, negative
+--   for a refund), n, n times (interval_ns, burst), m, m times (limit,
+--   period, week_start, offset, created_s, history_days). A throttle's TAT
+--   moves by delta * interval (a refund never below now; a charge may put
+--   the bucket in debt, past its span); a quota's count by delta (never
+--   below 0). Reply: now_s, now_ns.
 --
 -- "s" set what remains of the quota (UpdateUsage). KEYS: q, h. ARGV: "s",
 --   now_s, now_ns, remaining, limit, period, week_start, offset, created_s,
@@ -297,17 +308,17 @@ end
 local function acquire(peek)
   local cost = int(ARGV[4], 0, MAX - 1, 'cost')
   local n = int(ARGV[5], 0, #KEYS, 'throttle count')
-  local qi = 6 + 5 * n
+  local qi = 6 + 6 * n
   if #ARGV < qi then
     bad('wrong number of arguments')
   end
-  local has_quota = flag(ARGV[qi], 'quota flag')
-  local ci = qi + 1 + (has_quota and 7 or 0)
+  local m = int(ARGV[qi], 0, 3, 'quota count')
+  local ci = qi + 1 + 9 * m
   if #ARGV < ci then
     bad('wrong number of arguments')
   end
   local has_cap = flag(ARGV[ci], 'concurrency flag')
-  local nkeys = n + (has_quota and 2 or 0) + (has_cap and 1 or 0)
+  local nkeys = n + 2 * m + (has_cap and 1 or 0)
   if #ARGV ~= ci + (has_cap and 4 or 0) or #KEYS ~= nkeys then
     bad('wrong number of arguments')
   end
@@ -317,12 +328,13 @@ local function acquire(peek)
   local charge, convert = {}, {} -- per throttle: the TAT ahead to store, or false
   local tols = {}
   for i = 1, n do
-    local j = 1 + 5 * i
+    local j = 6 * i
     local interval = int(ARGV[j], 1, MAX - 1, 'interval')
     local burst = int(ARGV[j + 1], 1, MAX - 1, 'burst')
     local shadow = flag(ARGV[j + 2], 'shadow flag')
     local since_s = int(ARGV[j + 3], 0, 2 ^ 40, 'since')
     local since_ns = int(ARGV[j + 4], 0, E9 - 1, 'since')
+    local cost = int(ARGV[j + 5], 0, MAX - 1, 'cost')
     local tol = interval * burst -- exact if below 2^53, else at least 2^53
     if tol >= MAX then
       bad('throttle span of 2^53 ns or more')
@@ -361,17 +373,22 @@ local function acquire(peek)
       allowed = false
     end
   end
-  local q
-  if has_quota then
-    q = quota_spec(qi + 1)
-    local shadow = flag(ARGV[qi + 6], 'quota shadow flag')
-    q.history_days = int(ARGV[qi + 7], 1, 100000, 'history days')
-    roll(q, KEYS[n + 1])
+  local quotas = {}
+  for i = 1, m do
+    local j = qi + 1 + 9 * (i - 1)
+    local q = quota_spec(j)
+    local shadow = flag(ARGV[j + 5], 'quota shadow flag')
+    q.history_days = int(ARGV[j + 6], 1, 100000, 'history days')
+    q.cost = int(ARGV[j + 7], 0, MAX - 1, 'cost')
+    local tokens = flag(ARGV[j + 8], 'quota tokens flag')
+    q.key, q.hist = KEYS[n + 2 * i - 1], KEYS[n + 2 * i]
+    roll(q, q.key)
     local k = #reply
     reply[k + 1], reply[k + 2], reply[k + 3], reply[k + 4] = q.start, q.stop, q.limit_in, q.n
-    if q.n + cost > q.limit_in and not shadow then
+    if (q.n + q.cost > q.limit_in or (tokens and q.cost > q.limit)) and not shadow then
       allowed = false
     end
+    quotas[i] = q
   end
   local cap, lease_ms, member, now_ms
   if has_cap then
@@ -404,34 +421,37 @@ local function acquire(peek)
   end
   if not allowed then
     reply[3] = 0
-  elseif q and charging then
-    q.n = math.min(q.n + cost, MAX) -- a shadow's overage saturates
-    save(q, KEYS[n + 1], KEYS[n + 2], cost, q.limit_in - q.n)
+  elseif charging then
+    for _, q in ipairs(quotas) do
+      q.n = math.min(q.n + q.cost, MAX) -- a shadow's overage saturates
+      save(q, q.key, q.hist, q.cost, q.limit_in - q.n)
+    end
   end
   return reply
 end
 
 local function refund()
-  local cost = int(ARGV[4], 0, MAX - 1, 'cost')
+  int(ARGV[4], 0, MAX - 1, 'cost')
   local n = int(ARGV[5], 0, #KEYS, 'throttle count')
-  if #ARGV ~= 5 + 4 * n or #KEYS ~= n then
+  if #ARGV ~= 5 + 5 * n or #KEYS ~= n then
     bad('wrong number of arguments')
   end
   read_now()
   local plan = {}
   for i = 1, n do
-    local j = 2 + 4 * i
+    local j = 1 + 5 * i
     local interval = int(ARGV[j], 1, MAX - 1, 'interval')
     local burst = int(ARGV[j + 1], 1, MAX - 1, 'burst')
     local mine_s = int(ARGV[j + 2], 0, 2 ^ 40, 'own TAT')
     local mine_ns = int(ARGV[j + 3], 0, E9 - 1, 'own TAT')
+    local cost = int(ARGV[j + 4], 0, MAX - 1, 'cost')
     if interval * burst >= MAX then
       bad('throttle span of 2^53 ns or more')
     end
-    plan[i] = { interval, burst, mine_s, mine_ns }
+    plan[i] = { interval, burst, mine_s, mine_ns, cost }
   end
   for i = 1, n do
-    local interval, burst, mine_s, mine_ns = unpack(plan[i])
+    local interval, burst, mine_s, mine_ns, cost = unpack(plan[i])
     local ahead, tol = load(KEYS[i])
     -- Nothing to give back to a full bucket, nor across a change of span.
     if ahead and ahead > 0 and tol == interval * burst then
@@ -439,6 +459,60 @@ local function refund()
       -- by it, but not below now.
       local give = math.min(cost * interval, math.max(ahead_of(mine_s, mine_ns), 0))
       store(KEYS[i], ahead - give, tol)
+    end
+  end
+  return { now_s, now_ns }
+end
+
+local function settle()
+  local delta = int(ARGV[4], 1 - MAX, MAX - 1, 'delta')
+  local n = int(ARGV[5], 0, 1, 'throttle count')
+  local qi = 6 + 2 * n
+  if #ARGV < qi then
+    bad('wrong number of arguments')
+  end
+  local m = int(ARGV[qi], 0, 2, 'quota count')
+  if #ARGV ~= qi + 6 * m or #KEYS ~= n + 2 * m then
+    bad('wrong number of arguments')
+  end
+  read_now()
+  local throttles, quotas = {}, {}
+  for i = 1, n do
+    local interval = int(ARGV[4 + 2 * i], 1, MAX - 1, 'interval')
+    local burst = int(ARGV[5 + 2 * i], 1, MAX - 1, 'burst')
+    if interval * burst >= MAX then
+      bad('throttle span of 2^53 ns or more')
+    end
+    throttles[i] = { interval, interval * burst }
+  end
+  for i = 1, m do
+    local j = qi + 1 + 6 * (i - 1)
+    local q = quota_spec(j)
+    q.history_days = int(ARGV[j + 5], 1, 100000, 'history days')
+    quotas[i] = q
+  end
+  for i = 1, n do
+    local interval, tol = unpack(throttles[i])
+    local ahead, old = load(KEYS[i])
+    ahead = math.max(ahead or 0, 0)
+    -- A key whose span changed since the decision is left alone.
+    if not old or old == tol then
+      local shift = math.min(math.abs(delta) * interval, MAX - 1)
+      if delta > 0 then
+        store(KEYS[i], math.min(ahead + shift, MAX - 1), tol)
+      elseif ahead > 0 then
+        store(KEYS[i], math.max(ahead - shift, 0), tol)
+      end
+    end
+  end
+  for i, q in ipairs(quotas) do
+    local key, hist = KEYS[n + 2 * i - 1], KEYS[n + 2 * i]
+    roll(q, key)
+    local before = q.n
+    q.n = math.min(math.max(q.n + delta, 0), MAX)
+    save(q, key, hist, 0, q.limit_in - q.n)
+    if q.n ~= before then
+      redis.call('HINCRBY', hist, 'u:' .. str(q.today), str(q.n - before))
     end
   end
   return { now_s, now_ns }
@@ -468,6 +542,7 @@ local modes = {
   end,
   r = refund,
   s = set_remaining,
+  t = settle,
 }
 local run = modes[ARGV[1]]
 if not run then

@@ -1,0 +1,166 @@
+//! Token costs: estimated before the call, settled after the response.
+//!
+//! A plan with a [`TokenBudget`](crate::TokenBudget) charges each request its
+//! estimated tokens when it is decided: a [`CostEstimator`] reads the
+//! estimate from the request (by default a [`TokenEstimate`] extension that
+//! an earlier layer or middleware put there, for instance after reading the
+//! JSON body). The handler then reports what the request really cost, either
+//! as a [`UsedTokens`] response extension or through the [`TokenUsage`]
+//! handle found in the request's extensions (the form for streams: it can be
+//! moved into the body and counted as tokens are produced). When the
+//! response body ends, fails or is dropped, the difference is settled: an
+//! over-estimate is given back, an under-estimate is charged even past the
+//! limit, so that the key's next requests wait until the debt is repaid. A
+//! request that never reports keeps its estimate.
+//!
+//! ```
+//! use axum::{Extension, Router, routing::post};
+//! use tollgate::{Policy, RateLimitLayer, TokenBudget, TokenUsage, UsagePlan};
+//!
+//! let plan = UsagePlan::new("llm").tokens(TokenBudget::new().per_minute(10_000)?);
+//! let layer = RateLimitLayer::builder(Policy::per_key(plan)?)
+//!     // 16 tokens for every request, whatever it asks for.
+//!     .estimator(|_: &tollgate::extract::RequestView<'_>| 16)
+//!     .build();
+//! let app: Router = Router::new()
+//!     .route(
+//!         "/v1/completions",
+//!         post(|Extension(usage): Extension<TokenUsage>| async move {
+//!             usage.set(12); // the completion used 12 tokens: 4 go back
+//!             "{}"
+//!         }),
+//!     )
+//!     .layer(layer);
+//! # Ok::<(), tollgate::ConfigError>(())
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::extract::RequestView;
+
+/// Estimates a request's cost in tokens before it is decided.
+///
+/// Called only for requests whose plan has a token budget. Implemented for
+/// closures `Fn(&RequestView<'_>) -> u32`; the default,
+/// [`ExtensionEstimate`], reads a [`TokenEstimate`] extension.
+pub trait CostEstimator: Send + Sync + 'static {
+    /// The request's estimated tokens (say prompt tokens plus `max_tokens`).
+    fn estimate(&self, req: &RequestView<'_>) -> u32;
+}
+
+impl<F> CostEstimator for F
+where
+    F: Fn(&RequestView<'_>) -> u32 + Send + Sync + 'static,
+{
+    fn estimate(&self, req: &RequestView<'_>) -> u32 {
+        self(req)
+    }
+}
+
+/// The default estimator: the request's [`TokenEstimate`] extension, or 0
+/// when there is none (the actual cost is then charged after the response).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExtensionEstimate;
+
+impl CostEstimator for ExtensionEstimate {
+    fn estimate(&self, req: &RequestView<'_>) -> u32 {
+        req.extensions
+            .get::<TokenEstimate>()
+            .map_or(0, |TokenEstimate(n)| *n)
+    }
+}
+
+/// A request extension with the request's estimated tokens, for
+/// [`ExtensionEstimate`]: put there by a layer that runs before the rate
+/// limit (one that reads the body, say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenEstimate(pub u32);
+
+/// A response extension with the tokens the request actually used: the
+/// simplest way for a handler to report them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsedTokens(pub u64);
+
+/// Where a handler reports the tokens a request actually used.
+///
+/// The layer puts one in the extensions of every request whose plan has a
+/// token budget. Clones share one count, so a streaming handler can move a
+/// clone into its body and [`add`](Self::add) tokens as it sends them: if
+/// the client goes away mid-stream, what was produced so far is settled.
+/// Nothing reported means the estimate stands.
+#[derive(Clone)]
+pub struct TokenUsage(Arc<AtomicU64>);
+
+/// The count of a usage nobody reported.
+const UNREPORTED: u64 = u64::MAX;
+
+impl TokenUsage {
+    /// A usage with nothing reported yet.
+    pub fn new() -> Self {
+        TokenUsage(Arc::new(AtomicU64::new(UNREPORTED)))
+    }
+
+    /// Reports that the request used `tokens` in all.
+    pub fn set(&self, tokens: u64) {
+        self.0.store(tokens.min(UNREPORTED - 1), Ordering::Release);
+    }
+
+    /// Reports `tokens` more (counting from 0 if nothing was reported).
+    pub fn add(&self, tokens: u64) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                let base = if n == UNREPORTED { 0 } else { n };
+                Some(base.saturating_add(tokens).min(UNREPORTED - 1))
+            });
+    }
+
+    /// What was reported, if anything.
+    pub fn get(&self) -> Option<u64> {
+        match self.0.load(Ordering::Acquire) {
+            UNREPORTED => None,
+            n => Some(n),
+        }
+    }
+}
+
+impl Default for TokenUsage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for TokenUsage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("TokenUsage").field(&self.get()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_counts_from_nothing_reported() {
+        let u = TokenUsage::new();
+        assert_eq!(u.get(), None);
+        let clone = u.clone();
+        clone.add(3);
+        u.add(2);
+        assert_eq!(u.get(), Some(5));
+        u.set(40);
+        assert_eq!(clone.get(), Some(40));
+        u.set(u64::MAX);
+        assert_eq!(u.get(), Some(u64::MAX - 1), "a huge report is not 'none'");
+    }
+
+    #[test]
+    fn a_default_usage_reports_nothing() {
+        assert_eq!(TokenUsage::default().get(), None);
+        let u = TokenUsage::default();
+        u.set(0);
+        assert_eq!(u.get(), Some(0), "a reported 0 is not 'none'");
+    }
+}
