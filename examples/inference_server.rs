@@ -31,13 +31,22 @@
 //! when the request names it, and reports `usage`; prompt tokens are
 //! `ceil(prompt_chars / 4)`. With `"stream": true` it answers server-sent events,
 //! one per token, `mock_token_ms` apart (default 5), the last one with the usage.
+//!
+//! Token budgets: before the rate limit, a middleware reads the JSON body
+//! (and hands it on to the handler) and estimates the request's tokens as
+//! `ceil(prompt_chars / 4) + max_tokens`. The handler reports the actual
+//! `total_tokens`, which tollgate settles when the response ends: a plain
+//! answer as a `UsedTokens` response extension, a stream token by token
+//! through the request's `TokenUsage` handle, so that a client that goes
+//! away mid-stream pays for what was produced. A malformed body costs no
+//! tokens.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{Extension, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
@@ -52,7 +61,7 @@ use tollgate::extract::ApiKeyHeader;
 use tollgate::store::Store;
 use tollgate::{
     Admin, AdminError, ApiKey, ConfigError, Date, HeaderStyle, MemoryStore, RateLimitLayer,
-    RedisStore,
+    RedisStore, TokenEstimate, TokenUsage, UsedTokens,
 };
 
 /// The default listen address.
@@ -65,6 +74,8 @@ pub const DEMO_CONFIG: &str = include_str!("inference_server.toml");
 /// the mock work for minutes.
 const MAX_TOKENS_CAP: u32 = 100_000;
 const MAX_TOKEN_MS: u64 = 10_000;
+/// The largest request body the mock reads.
+const MAX_BODY: usize = 1 << 20;
 
 /// The server for `config`, keeping limit state in `store`.
 pub fn app<S: Store>(config: &Config, store: S) -> Result<Router, ConfigError> {
@@ -89,6 +100,8 @@ pub fn router<S: Store>(limit: RateLimitLayer<ApiKeyHeader, S>, admin_key: Optio
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .layer(limit)
+        // Runs before the limit: the estimate must be there when it decides.
+        .layer(axum::middleware::from_fn(estimate_tokens))
         .route("/health", get(health))
         .route("/admin/usage", get(usage::<S>))
         .route("/admin/keys", post(add_key::<S>))
@@ -398,6 +411,45 @@ async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// Reads the body, puts the request's estimated tokens in a
+/// [`TokenEstimate`] extension, and hands the body on unchanged. A body that
+/// is not a request the mock understands is estimated at 0: the handler
+/// answers it 400, and it costs no tokens.
+async fn estimate_tokens(req: Request, next: axum::middleware::Next) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Json(json!({"error": {"message": "request body too large", "type": "invalid_request_error"}})),
+        )
+            .into_response();
+    };
+    parts.extensions.insert(TokenEstimate(estimate(&bytes)));
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
+}
+
+/// `ceil(prompt_chars / 4) + max_tokens` (default 16) of a completion or chat
+/// body, 0 for anything else.
+fn estimate(body: &[u8]) -> u32 {
+    #[derive(Deserialize)]
+    struct Shape {
+        prompt: Option<String>,
+        messages: Option<Vec<Message>>,
+        max_tokens: Option<u32>,
+    }
+    let Ok(shape) = serde_json::from_slice::<Shape>(body) else {
+        return 0;
+    };
+    let chars: usize = match (&shape.prompt, &shape.messages) {
+        (Some(p), _) => p.chars().count(),
+        (None, Some(m)) => m.iter().map(|m| m.content.chars().count()).sum(),
+        (None, None) => return 0,
+    };
+    let prompt = u32::try_from(chars.div_ceil(4)).unwrap_or(u32::MAX);
+    prompt.saturating_add(shape.max_tokens.unwrap_or(16))
+}
+
 #[derive(Deserialize)]
 struct CompletionRequest {
     model: String,
@@ -438,6 +490,8 @@ struct Job {
     completion_tokens: u32,
     token_ms: u64,
     stream: bool,
+    /// Where the actual tokens are reported, when the plan has a token budget.
+    usage: Option<TokenUsage>,
 }
 
 impl Job {
@@ -460,7 +514,12 @@ impl Job {
             completion_tokens,
             token_ms,
             stream: c.stream,
+            usage: None,
         })
+    }
+
+    fn total_tokens(&self) -> u64 {
+        self.prompt_tokens + u64::from(self.completion_tokens)
     }
 
     fn usage(&self) -> Value {
@@ -490,18 +549,24 @@ impl Job {
         } else {
             json!({"index": 0, "text": text, "finish_reason": "length"})
         };
-        Json(json!({
+        let mut res = Json(json!({
             "id": "mock-1",
             "object": self.object(),
             "model": self.model,
             "choices": [choice],
             "usage": self.usage(),
         }))
-        .into_response()
+        .into_response();
+        res.extensions_mut().insert(UsedTokens(self.total_tokens()));
+        res
     }
 
     fn stream_answer(self) -> Response {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(1);
+        // The prompt is paid for once the stream starts; each token as it is sent.
+        if let Some(u) = &self.usage {
+            u.set(self.prompt_tokens);
+        }
         tokio::spawn(async move {
             let n = self.completion_tokens;
             for i in 0..n {
@@ -530,6 +595,9 @@ impl Job {
                 {
                     return;
                 }
+                if let Some(u) = &self.usage {
+                    u.add(1);
+                }
             }
             if n == 0 {
                 let chunk = json!({"id": "mock-1", "object": self.object(), "model": self.model, "choices": [], "usage": self.usage()});
@@ -541,33 +609,45 @@ impl Job {
     }
 }
 
-async fn completions(body: Bytes) -> Response {
+type Usage = Option<Extension<TokenUsage>>;
+
+async fn completions(usage: Usage, body: Bytes) -> Response {
     let req: CompletionRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return bad_request(&format!("invalid request body: {e}")),
     };
-    match Job::new(false, req.model, req.prompt.chars().count(), &req.common) {
-        Ok(job) => job.answer(),
-        Err(msg) => bad_request(&msg),
-    }
+    answer(
+        Job::new(false, req.model, req.prompt.chars().count(), &req.common),
+        usage,
+    )
 }
 
-async fn chat_completions(body: Bytes) -> Response {
+async fn chat_completions(usage: Usage, body: Bytes) -> Response {
     let req: ChatRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return bad_request(&format!("invalid request body: {e}")),
     };
     let chars = req.messages.iter().map(|m| m.content.chars().count()).sum();
-    match Job::new(true, req.model, chars, &req.common) {
-        Ok(job) => job.answer(),
+    answer(Job::new(true, req.model, chars, &req.common), usage)
+}
+
+fn answer(job: Result<Job, String>, usage: Usage) -> Response {
+    match job {
+        Ok(mut job) => {
+            job.usage = usage.map(|Extension(u)| u);
+            job.answer()
+        }
         Err(msg) => bad_request(&msg),
     }
 }
 
+/// A 400 with a JSON error; it costs no tokens.
 fn bad_request(message: &str) -> Response {
-    (
+    let mut res = (
         StatusCode::BAD_REQUEST,
         Json(json!({"error": {"message": message, "type": "invalid_request_error"}})),
     )
-        .into_response()
+        .into_response();
+    res.extensions_mut().insert(UsedTokens(0));
+    res
 }

@@ -662,3 +662,154 @@ mod futures_util_free {
         Some(String::from_utf8_lossy(&chunk).into_owned())
     }
 }
+
+/// Two keys on a plan of 1000 tokens a minute (and room for many requests).
+const TOKENS_CONFIG: &str = r#"
+[[plans]]
+name = "llm"
+throttle = { rate = 100.0, burst = 100 }
+tokens = { per_minute = 1000 }
+
+[[keys]]
+id = "big"
+value = "big-key"
+plan = "llm"
+
+[[keys]]
+id = "small"
+value = "small-key"
+plan = "llm"
+"#;
+
+/// A completion of an empty prompt: its estimate is `max_tokens`.
+fn completion(max_tokens: u32, produced: Option<u32>, stream: bool) -> String {
+    let mut body = json!({"model": "m", "prompt": "", "max_tokens": max_tokens, "stream": stream});
+    if let Some(n) = produced {
+        body["mock_completion_tokens"] = json!(n);
+    }
+    if stream {
+        body["mock_token_ms"] = json!(20);
+    }
+    body.to_string()
+}
+
+impl Running {
+    async fn tokens(&self, key: &str, max_tokens: u32, produced: Option<u32>) -> reqwest::Response {
+        self.post(
+            "/v1/completions",
+            Some(key),
+            &completion(max_tokens, produced, false),
+        )
+        .await
+    }
+
+    /// Polls until a request of `max_tokens` from `key` gets `status` (the
+    /// settlement of a dropped stream lands when the server notices), for two
+    /// seconds at most.
+    async fn until(&self, key: &str, max_tokens: u32, status: u16) -> reqwest::Response {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let res = self.tokens(key, max_tokens, Some(0)).await;
+            if res.status() == status || std::time::Instant::now() > deadline {
+                return res;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_token_budget_spent_by_large_requests_leaves_other_keys_alone() {
+    let s = start(TOKENS_CONFIG).await;
+    // Two requests of 400 tokens fit in 1000; a third does not.
+    for left in [600, 200] {
+        let res = s.tokens("big-key", 400, None).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-ratelimit-limit-tokens"], "1000");
+        assert_eq!(
+            res.headers()["x-ratelimit-remaining-tokens"],
+            left.to_string().as_str()
+        );
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["usage"]["total_tokens"], 400);
+    }
+    let res = s.tokens("big-key", 400, None).await;
+    assert_eq!(res.status(), 429);
+    // 200 more tokens take 12 s to come back at 1000 a minute.
+    assert_eq!(res.headers()["retry-after"], "12");
+    assert_eq!(res.headers()["ratelimit"], "\"tokens-minute\";r=200;t=48");
+    // Small requests of another key pass meanwhile.
+    for _ in 0..5 {
+        assert_eq!(s.tokens("small-key", 10, None).await.status(), 200);
+    }
+    // A request larger than the whole budget is refused at once, and says so.
+    let res = s.tokens("small-key", 1001, None).await;
+    assert_eq!(res.status(), 429);
+    assert!(res.headers().get("retry-after").is_none());
+    assert_eq!(
+        res.text().await.unwrap(),
+        r#"{"message":"Cost Exceeds Limit"}"#
+    );
+    // The budget refills: 12 s later the 400 fit.
+    s.clock.advance(Duration::from_secs(12));
+    assert_eq!(s.tokens("big-key", 400, None).await.status(), 200);
+}
+
+#[tokio::test]
+async fn settlement_refunds_an_over_estimate_and_charges_an_under_estimate() {
+    let s = start(TOKENS_CONFIG).await;
+    // 900 reserved, 100 used: 800 come back, so 900 fit again at once.
+    let res = s.tokens("big-key", 900, Some(100)).await;
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["usage"]["total_tokens"], 100);
+    assert_eq!(s.tokens("big-key", 900, Some(0)).await.status(), 200);
+    // (900 + 100 used: a minute to refill.)
+    s.clock.advance(Duration::from_secs(60));
+    // 100 reserved, 1000 used: 900 more are charged, and the next request,
+    // of only 100, waits.
+    let res = s.tokens("big-key", 100, Some(1000)).await;
+    assert_eq!(res.status(), 200);
+    let _ = res.text().await;
+    let res = s.tokens("big-key", 100, None).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["retry-after"], "6");
+    // Without the charge the same request would have passed: another key's does.
+    assert_eq!(s.tokens("small-key", 100, None).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_dropped_stream_settles_the_tokens_it_produced() {
+    use futures_util_free::next_chunk;
+
+    let s = start(TOKENS_CONFIG).await;
+    // A stream of up to 500 tokens reserves 500: 900 more do not fit.
+    let mut stream = s
+        .post(
+            "/v1/completions",
+            Some("big-key"),
+            &completion(500, None, true),
+        )
+        .await;
+    assert_eq!(stream.status(), 200);
+    assert!(next_chunk(&mut stream).await.is_some());
+    assert_eq!(s.tokens("big-key", 900, Some(0)).await.status(), 429);
+    // The client goes away after a few tokens: what was produced is settled,
+    // the rest of the reservation comes back, and 900 fit.
+    drop(stream);
+    assert_eq!(s.until("big-key", 900, 200).await.status(), 200);
+    // A stream read to its end is charged all it produced.
+    s.clock.advance(Duration::from_secs(60));
+    let res = s
+        .post(
+            "/v1/completions",
+            Some("big-key"),
+            &completion(500, Some(50), true),
+        )
+        .await;
+    let text = res.text().await.unwrap();
+    assert!(text.contains("\"total_tokens\":50"), "{text}");
+    // 50 used: 950 left, so 950 fit; 951 do not.
+    assert_eq!(s.until("big-key", 951, 429).await.status(), 429);
+    assert_eq!(s.tokens("big-key", 950, Some(0)).await.status(), 200);
+}
