@@ -43,6 +43,16 @@
 //! Throttles are GCRA token buckets: a new key starts with a full bucket of
 //! `burst`, which refills at `rate` per second.
 //!
+//! # Tokens, streams and concurrency
+//!
+//! For inference APIs a plan may also have a [`TokenBudget`] (tokens a
+//! minute, a UTC day, a UTC month) and a cap on a key's requests in flight.
+//! A request reserves its estimated tokens when it is decided ([`cost`]);
+//! when its response body ends, fails or is dropped, the tokens the handler
+//! reported are settled (an over-estimate comes back, an under-estimate is
+//! charged, into debt if need be) and its place under the cap is given back,
+//! so a streamed answer holds both to its last event.
+//!
 //! # Where state lives
 //!
 //! A [`store::Store`] keeps the limit state. [`MemoryStore`] (the default)

@@ -59,6 +59,9 @@
 //! A store of its own state decides each throttle by GCRA on its
 //! [`interval`](ThrottleRef::interval) and [`burst`](ThrottleRef::burst),
 //! counts each quota in the UTC window of its [`period`](QuotaRef::period),
+//! charges each limit [`Acquire::cost_for`] its kind (requests, or the
+//! request's estimated tokens for a token budget's limits), settles the
+//! actual tokens of a request later in [`Store::settle`],
 //! and reports how each limit stands with [`Applied`], or why it denied with
 //! [`Denied`]. It must never store an API key's value: the subject of a
 //! registered key is its public id, and other subjects (client IPs, per-key
