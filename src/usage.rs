@@ -348,9 +348,26 @@ impl<S: Store> Admin<S> {
                 .quota
                 .as_ref()
                 .map(|spec| quota_ref(&self.policy, plan, spec, entry));
-            self.store.reset(&throttles, q.as_ref())
+            let mut pending = vec![self.store.reset(&throttles, q.as_ref())];
+            // The daily and monthly token budgets start afresh too.
+            if let Some(tokens) = &plan.tokens {
+                for (i, q) in tokens.quotas().into_iter().enumerate() {
+                    let Some((kind, spec)) = q else { continue };
+                    let q = QuotaRef {
+                        kind,
+                        cell: entry.tokens[i].as_deref(),
+                        history_days: 1,
+                        ..quota_ref(&self.policy, plan, spec, entry)
+                    };
+                    pending.push(self.store.reset(&[], Some(&q)));
+                }
+            }
+            pending
         };
-        Ok(pending.await?)
+        for p in pending {
+            p.await?;
+        }
+        Ok(())
     }
 
     fn replace_entry(

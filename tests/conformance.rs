@@ -845,11 +845,14 @@ async fn token_service<B: Backend>(
     b: &B,
     clock: &ManualClock,
     plan: UsagePlan,
-) -> impl tower::Service<
-    http::Request<()>,
-    Response = http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
-    Error = std::convert::Infallible,
-> + Clone {
+) -> (
+    impl tower::Service<
+        http::Request<()>,
+        Response = http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
+        Error = std::convert::Infallible,
+    > + Clone,
+    tollgate::Admin<B::S>,
+) {
     let policy = Policy::builder()
         .clock(clock.clone())
         .plan(plan)
@@ -865,21 +868,25 @@ async fn token_service<B: Backend>(
                 .unwrap_or(0)
         })
         .build();
-    tower::ServiceBuilder::new()
-        .layer(layer)
-        .service_fn(|req: http::Request<()>| async move {
-            let actual = req
-                .headers()
-                .get("x-actual")
-                .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
-            if let (Some(n), Some(usage)) = (actual, req.extensions().get::<tollgate::TokenUsage>())
-            {
-                usage.set(n);
-            }
-            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
-                bytes::Bytes::from_static(b"done"),
-            )))
-        })
+    let admin = layer.admin();
+    let svc =
+        tower::ServiceBuilder::new()
+            .layer(layer)
+            .service_fn(|req: http::Request<()>| async move {
+                let actual = req
+                    .headers()
+                    .get("x-actual")
+                    .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+                if let (Some(n), Some(usage)) =
+                    (actual, req.extensions().get::<tollgate::TokenUsage>())
+                {
+                    usage.set(n);
+                }
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(b"done"),
+                )))
+            });
+    (svc, admin)
 }
 
 fn token_request(estimate: u32, actual: Option<u64>) -> http::Request<()> {
@@ -944,7 +951,7 @@ async fn a_token_bucket_reserves_estimates_and_settles_actual_costs<B: Backend>(
     let clock = ManualClock::new();
     clock.set_wall(at(2024, 5, 6, 0));
     let plan = UsagePlan::new("p").tokens(TokenBudget::new().per_minute(100).unwrap());
-    let mut svc = token_service(b, &clock, plan).await;
+    let (mut svc, admin) = token_service(b, &clock, plan).await;
     // 60 of 100 tokens reserved and used; 60 more do not fit now.
     assert_eq!(send_tokens(&mut svc, 60, Some(60)).await, (200, None));
     assert_eq!(
@@ -983,6 +990,9 @@ async fn a_token_bucket_reserves_estimates_and_settles_actual_costs<B: Backend>(
     assert_eq!(send_tokens(&mut svc, 100, None).await.0, 200);
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(send_tokens(&mut svc, 1, None).await.0, 429);
+    // Resetting the key fills its bucket.
+    admin.reset_key("k").await.unwrap();
+    assert_eq!(send_tokens(&mut svc, 100, None).await.0, 200);
 }
 
 async fn daily_token_budgets_count_settled_tokens<B: Backend>(b: &B) {
@@ -991,7 +1001,7 @@ async fn daily_token_budgets_count_settled_tokens<B: Backend>(b: &B) {
     let plan = UsagePlan::new("p")
         .throttle(Throttle::new(100.0, 100).unwrap())
         .tokens(TokenBudget::new().per_day(100).unwrap());
-    let mut svc = token_service(b, &clock, plan).await;
+    let (mut svc, admin) = token_service(b, &clock, plan).await;
     assert_eq!(send_tokens(&mut svc, 60, Some(60)).await, (200, None));
     assert_eq!(
         send_tokens(&mut svc, 50, None).await,
@@ -1008,6 +1018,10 @@ async fn daily_token_budgets_count_settled_tokens<B: Backend>(b: &B) {
         send_tokens(&mut svc, 1, None).await,
         (429, Some(Reason::QuotaExceeded))
     );
+    // Resetting the key gives it its whole day again.
+    admin.reset_key("k").await.unwrap();
+    assert_eq!(send_tokens(&mut svc, 100, Some(100)).await.0, 200);
+    assert_eq!(send_tokens(&mut svc, 1, None).await.0, 429);
     // The next UTC day starts afresh.
     clock.advance(Duration::from_secs(23 * 3_600));
     assert_eq!(send_tokens(&mut svc, 100, Some(100)).await.0, 200);

@@ -14,10 +14,11 @@ use axum::Router;
 use axum::routing;
 use reqwest::StatusCode;
 use tollgate::store::{
-    Acquire, Acquired, QuotaRef, Store, StoreError, StoreFuture, ThrottleRef, Verdict,
+    Acquire, Acquired, QuotaRef, Settlement, Store, StoreError, StoreFuture, ThrottleRef, Verdict,
 };
 use tollgate::{
-    ApiKey, Clock, Date, FailureMode, MemoryStore, Policy, RateLimitLayer, Throttle, UsagePlan,
+    ApiKey, Clock, Date, FailureMode, MemoryStore, Policy, RateLimitLayer, Throttle, TokenBudget,
+    UsagePlan, UsedTokens,
 };
 
 /// A memory store behind a delay, that fails while `down` is set.
@@ -26,6 +27,8 @@ struct Remote {
     inner: MemoryStore,
     down: Arc<AtomicBool>,
     calls: Arc<AtomicUsize>,
+    /// Token deltas settled.
+    settled: Arc<parking_lot::Mutex<Vec<i64>>>,
 }
 
 type Pending = std::pin::Pin<
@@ -65,6 +68,11 @@ impl Store for Remote {
 
     fn reset(&self, t: &[ThrottleRef<'_>], q: Option<&QuotaRef<'_>>) -> StoreFuture<()> {
         self.inner.reset(t, q)
+    }
+
+    fn settle(&self, settlement: &Settlement<'_>) {
+        self.settled.lock().push(settlement.delta());
+        self.inner.settle(settlement);
     }
 }
 
@@ -170,6 +178,64 @@ async fn a_failing_store_is_decided_by_each_plans_failure_mode() {
             .contains_key("ratelimit")
     );
     assert_eq!(layer.store_failures(), 11);
+}
+
+#[tokio::test]
+async fn tokens_are_settled_through_the_store_unless_it_let_the_request_through_unchecked() {
+    // Time stands still: the bucket refills nothing between requests.
+    let store = Remote {
+        inner: MemoryStore::builder()
+            .clock(tollgate::ManualClock::new())
+            .build()
+            .unwrap(),
+        ..Remote::default()
+    };
+    let plan = UsagePlan::new("llm").tokens(TokenBudget::new().per_minute(1_000).unwrap());
+    let policy = Policy::builder()
+        .plan(plan)
+        .key(ApiKey::new("k", "llm-key", "llm"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .store(store.clone())
+        .estimator(|_: &tollgate::extract::RequestView<'_>| 50)
+        .build();
+    let app = Router::new()
+        .route(
+            "/",
+            routing::any(|| async {
+                let mut res = axum::response::Response::new(axum::body::Body::from("ok"));
+                res.extensions_mut().insert(UsedTokens(10));
+                res
+            }),
+        )
+        .layer(layer);
+    let base = common::serve(app).await;
+    let c = common::client();
+    // 50 reserved, 10 used: 40 given back once the body has ended.
+    let res = get(&c, &base, "llm-key").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["ratelimit"], "\"tokens-minute\";r=950;t=3");
+    assert_eq!(res.text().await.unwrap(), "ok");
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while store.settled.lock().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(*store.settled.lock(), [-40]);
+    let res = get(&c, &base, "llm-key").await;
+    assert_eq!(res.headers()["ratelimit"], "\"tokens-minute\";r=940;t=4");
+    let _ = res.text().await;
+    // Store down, plan open: through, nothing reserved, nothing settled.
+    store.down.store(true, Ordering::Relaxed);
+    let res = get(&c, &base, "llm-key").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let _ = res.text().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        store.settled.lock().len(),
+        2,
+        "only the two checked requests"
+    );
 }
 
 /// Counts `tracing` events by level.

@@ -132,7 +132,8 @@ where
                     };
                     match shared.settle(result, *failure, true) {
                         Ok(report) => {
-                            let reservation = reservation.take();
+                            // A request let through by a failed store reserved nothing.
+                            let reservation = reservation.take().filter(|_| !report.unchecked);
                             if let Some(r) = &reservation {
                                 req.extensions_mut().insert(r.usage.clone());
                             }

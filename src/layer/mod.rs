@@ -243,7 +243,7 @@ impl<K, S> Shared<K, S> {
             Err(e) => {
                 self.failures.failed(&e);
                 match failure {
-                    FailureMode::Open => Ok(Report::default()),
+                    FailureMode::Open => Ok(Report::unchecked()),
                     FailureMode::Closed => Err((Rejection::unavailable(), None)),
                 }
             }

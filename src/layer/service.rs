@@ -90,6 +90,8 @@ where
             .decide(&RequestView::new(&req), &mut reservation)
         {
             Step::Done(Ok(report)) => {
+                // A request let through by a failed store reserved nothing.
+                let reservation = reservation.filter(|_| !report.unchecked);
                 if let Some(r) = &reservation {
                     req.extensions_mut().insert(r.usage.clone());
                 }

@@ -284,6 +284,9 @@ pub struct Report {
     items: [Applied; MAX_LIMITS],
     len: u8,
     permit: Option<Permit>,
+    /// The store failed and the plan let the request through unchecked:
+    /// nothing was charged, so nothing is settled.
+    pub(crate) unchecked: bool,
 }
 
 impl Report {
@@ -299,6 +302,14 @@ impl Report {
     /// How each limit stands.
     pub fn items(&self) -> &[Applied] {
         &self.items[..usize::from(self.len)]
+    }
+
+    /// The report of a request let through unchecked by a failed store.
+    pub(crate) fn unchecked() -> Self {
+        Report {
+            unchecked: true,
+            ..Report::default()
+        }
     }
 
     /// The place the request holds under its plan's concurrency cap, to be
