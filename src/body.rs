@@ -109,10 +109,10 @@ impl Reservation {
         let delta = i64::try_from(actual)
             .unwrap_or(i64::MAX)
             .saturating_sub(i64::from(self.estimate));
-        let Some(tokens) = (delta != 0).then_some(()).and(self.plan.tokens.as_ref()) else {
+        let plan = &self.plan;
+        let (Some(tokens), false) = (&plan.tokens, delta == 0) else {
             return;
         };
-        let plan = &self.plan;
         let quota = |i: usize| {
             let (kind, spec) = tokens.quotas()[i]?;
             Some(QuotaRef {
