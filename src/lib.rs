@@ -33,7 +33,8 @@
 //! charged, or the request is rejected and none is. A throttled request gets
 //! `429 {"message":"Too Many Requests"}` with `Retry-After` (whole seconds,
 //! rounded up); a used-up quota `429 {"message":"Limit Exceeded"}` until its
-//! UTC window ends; gRPC calls get a trailers-only `grpc-status: 8`. Keys and
+//! UTC window ends; gRPC calls get a trailers-only `grpc-status: 8` with the
+//! exact retry delay as a `google.rpc.RetryInfo` (see [`Rejection`]). Keys and
 //! plans change while serving through [`Admin`], which also reports usage.
 //! Allowed and rejected responses carry the IETF `RateLimit-Policy` and
 //! `RateLimit` headers. For a key already tracked, a decision is one keyed

@@ -12,6 +12,8 @@ use crate::extract::KeyError;
 use crate::headers::ceil_secs;
 use crate::store::{Applied, Denial};
 
+mod grpc;
+
 /// Why a request was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -42,17 +44,27 @@ pub enum Reason {
 /// | case | HTTP | gRPC (`content-type: application/grpc*`) |
 /// |---|---|---|
 /// | missing, malformed, unknown or disabled key | 403 `{"message":"Forbidden"}` | `grpc-status: 16` (UNAUTHENTICATED) |
-/// | throttled | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8` (RESOURCE_EXHAUSTED) |
-/// | quota used up | 429 (configurable, e.g. 403) `{"message":"Limit Exceeded"}`, `Retry-After` until the window ends | `grpc-status: 8` |
-/// | cost larger than a whole limit | 429 `{"message":"Cost Exceeds Limit"}` (no `Retry-After`: it never fits) | `grpc-status: 8` |
-/// | store cannot track another key | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8` |
-/// | too many requests of the key in flight (plan's `concurrency`) | 429 `{"message":"Too Many Requests"}`, `Retry-After: 1` | `grpc-status: 8` |
+/// | throttled | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8` (RESOURCE_EXHAUSTED), `RetryInfo` and `QuotaFailure` details |
+/// | quota used up | 429 (configurable, e.g. 403) `{"message":"Limit Exceeded"}`, `Retry-After` until the window ends | `grpc-status: 8`, `RetryInfo` until the window ends, `QuotaFailure` |
+/// | cost larger than a whole limit | 429 `{"message":"Cost Exceeds Limit"}` (no `Retry-After`: it never fits) | `grpc-status: 8`, `QuotaFailure` only |
+/// | store cannot track another key | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8`, `RetryInfo`, `QuotaFailure` |
+/// | too many requests of the key in flight (plan's `concurrency`) | 429 `{"message":"Too Many Requests"}`, `Retry-After: 1` | `grpc-status: 8`, `RetryInfo`, `QuotaFailure` |
 /// | no peer address for [`ClientIp`](crate::extract::ClientIp) | 500 with the fix in the message | `grpc-status: 13` (INTERNAL) |
 /// | store failed, plan `failure = "closed"` | 503 `{"message":"Service Unavailable"}` | `grpc-status: 14` (UNAVAILABLE) |
 ///
 /// gRPC rejections are trailers-only: HTTP 200, an empty body, and
 /// `grpc-status` / `grpc-message` in the headers. `Retry-After` is in whole
 /// seconds, rounded up.
+///
+/// A `grpc-status: 8` rejection also carries `grpc-status-details-bin`, the
+/// [richer error model] of gRPC: a `google.rpc.Status` (base64, unpadded)
+/// whose details are a `google.rpc.RetryInfo` with the exact retry delay (when
+/// the call can pass later) and a `google.rpc.QuotaFailure` with one violation,
+/// `subject` the [limit](Self::limit) that denied (`"throttle"`, `"quota"`…)
+/// and `description` the [message](Self::message). It never holds a key.
+/// Clients read it with, e.g., `tonic_types::StatusExt::get_details_retry_info`.
+///
+/// [richer error model]: https://grpc.io/docs/guides/error/#richer-error-model
 ///
 /// The default response is built from the rejection; a custom one can be set
 /// with [`RateLimitLayerBuilder::on_rejection`](crate::RateLimitLayerBuilder::on_rejection).
@@ -184,8 +196,9 @@ impl Rejection {
             .map(|d| ceil_secs(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)).max(1))
     }
 
-    /// The default response: JSON for HTTP, trailers-only for gRPC, with
-    /// `Retry-After` when the request can pass later.
+    /// The default response: JSON for HTTP, trailers-only for gRPC (with
+    /// `grpc-status-details-bin` for limits), and `Retry-After` when the
+    /// request can pass later.
     pub fn default_response(&self) -> Response<Bytes> {
         let mut res = if self.grpc {
             let mut res = Response::new(Bytes::new());
@@ -194,6 +207,15 @@ impl Rejection {
             h.insert(GRPC_STATUS, HeaderValue::from(self.grpc_status()));
             // grpc-message is percent-encoded; our messages are plain ASCII without '%'.
             h.insert(GRPC_MESSAGE, HeaderValue::from_static(self.message()));
+            if self.grpc_status() == 8 {
+                let details = grpc::details_header(
+                    self.grpc_status(),
+                    self.message(),
+                    self.retry_after,
+                    self.limit,
+                );
+                h.insert(GRPC_STATUS_DETAILS, details);
+            }
             res
         } else {
             let mut body = String::with_capacity(self.message().len() + 16);
@@ -238,6 +260,7 @@ impl fmt::Display for Rejection {
 
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+const GRPC_STATUS_DETAILS: HeaderName = HeaderName::from_static("grpc-status-details-bin");
 
 /// Builds rejection responses in place of the default one.
 ///
@@ -337,6 +360,52 @@ mod tests {
             .with_grpc(true)
             .default_response();
         assert_eq!(k.headers()["grpc-status"], "16");
+        assert!(!k.headers().contains_key("grpc-status-details-bin"));
+    }
+
+    #[test]
+    fn grpc_limit_rejections_carry_retry_info_and_the_limit() {
+        use tonic_types::StatusExt;
+
+        let r = Rejection::denied(
+            Denial::Quota {
+                retry_after: 90 * NANOS_PER_SEC + 250_000_000,
+            },
+            &report(&[("quota", 1000, 86_400, 0, 0)]).items()[0],
+            StatusCode::TOO_MANY_REQUESTS,
+        )
+        .with_grpc(true);
+        let res = r.default_response();
+        assert!(!res.headers()["grpc-status-details-bin"].is_empty());
+        // Read back as a tonic client reads a trailers-only response.
+        let status = tonic::Status::from_header_map(res.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        let details = status.check_error_details().unwrap();
+        let retry = details.retry_info().unwrap();
+        assert_eq!(retry.retry_delay, Some(Duration::new(90, 250_000_000)));
+        let violations = &details.quota_failure().unwrap().violations;
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].subject, "quota");
+        assert_eq!(violations[0].description, "Limit Exceeded");
+
+        // A cost that never fits has no retry delay, only the limit.
+        let r = Rejection::denied(
+            Denial::TooCostly,
+            &report(&[("tokens", 100, 60, 100, 0)]).items()[0],
+            StatusCode::TOO_MANY_REQUESTS,
+        )
+        .with_grpc(true);
+        let status = tonic::Status::from_header_map(r.default_response().headers()).unwrap();
+        let details = status.check_error_details().unwrap();
+        assert!(details.retry_info().is_none());
+        assert_eq!(
+            details.quota_failure().unwrap().violations[0].subject,
+            "tokens"
+        );
+
+        // Plain HTTP rejections do not carry it.
+        let http = r.clone().with_grpc(false).default_response();
+        assert!(!http.headers().contains_key("grpc-status-details-bin"));
     }
 
     #[test]
