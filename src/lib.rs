@@ -77,6 +77,7 @@ mod gcra;
 mod hash;
 mod headers;
 mod layer;
+pub mod observe;
 mod plan;
 mod policy;
 mod quota;

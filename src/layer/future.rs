@@ -11,7 +11,9 @@ use tower_service::Service;
 
 use super::Shared;
 use crate::body::{Guard, ResponseBody};
+use crate::extract::RequestView;
 use crate::headers::HeaderStyle;
+use crate::observe::Watch;
 use crate::plan::FailureMode;
 use crate::response::is_grpc;
 use crate::store::{Report, Store};
@@ -44,6 +46,7 @@ pin_project! {
             req: Option<R>,
             shared: Arc<Shared<K, St>>,
             failure: FailureMode,
+            watch: Option<Watch>,
         },
         Called {
             #[pin]
@@ -91,6 +94,7 @@ where
         req: R,
         shared: Arc<Shared<K, St>>,
         failure: FailureMode,
+        watch: Option<Watch>,
     ) -> Self {
         ResponseFuture {
             state: State::Waiting {
@@ -99,6 +103,7 @@ where
                 req: Some(req),
                 shared,
                 failure,
+                watch,
             },
         }
     }
@@ -121,12 +126,14 @@ where
                     req,
                     shared,
                     failure,
+                    watch,
                 } => {
                     let result = ready!(decision.poll(cx));
                     let (Some(mut svc), Some(req)) = (inner.take(), req.take()) else {
                         panic!("ResponseFuture polled after completion");
                     };
-                    match shared.settle(result, *failure, true) {
+                    let view = Some(RequestView::new(&req));
+                    match shared.settle_watched(result, *failure, watch.take(), view) {
                         Ok(report) => State::Called {
                             guard: report.permit().map(|p| Guard::new(&shared.store, p)),
                             fut: svc.call(req),

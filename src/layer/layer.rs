@@ -6,6 +6,7 @@ use tower_layer::Layer;
 use super::{Failures, RateLimit, Shared, SharedState, Step};
 use crate::extract::{ApiKeyHeader, KeyExtractor};
 use crate::headers::HeaderStyle;
+use crate::observe::Observer;
 use crate::policy::Policy;
 use crate::response::{OnRejection, Rejection};
 use crate::store::{MemoryStore, Report, Store};
@@ -52,6 +53,7 @@ impl RateLimitLayer<ApiKeyHeader> {
             headers: HeaderStyle::default(),
             on_rejection: None,
             quota_status: StatusCode::TOO_MANY_REQUESTS,
+            observer: None,
         }
     }
 }
@@ -117,7 +119,9 @@ impl<K, S: Store> RateLimitLayer<K, S> {
         async move {
             let decided = match step {
                 Step::Done(d) => d,
-                Step::Wait(f, failure) => shared.settle(f.await, failure, true),
+                Step::Wait(f, failure, watch) => {
+                    shared.settle_watched(f.await, failure, watch, None)
+                }
             };
             // Without a response to hold it through, a place under a
             // concurrency cap is given back at once.
@@ -197,6 +201,7 @@ pub struct RateLimitLayerBuilder<K, S = MemoryStore> {
     headers: HeaderStyle,
     on_rejection: Option<Arc<dyn OnRejection>>,
     quota_status: StatusCode,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 impl<K, S: Store> RateLimitLayerBuilder<K, S> {
@@ -209,6 +214,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             headers: self.headers,
             on_rejection: self.on_rejection,
             quota_status: self.quota_status,
+            observer: self.observer,
         }
     }
 
@@ -224,6 +230,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             headers: self.headers,
             on_rejection: self.on_rejection,
             quota_status: self.quota_status,
+            observer: self.observer,
         }
     }
 
@@ -264,6 +271,25 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
         self
     }
 
+    /// Calls `observer` once per decision (see [`observe`](crate::observe)),
+    /// such as a closure `Fn(&DecisionEvent<'_>)`. Without an observer,
+    /// deciding costs one branch more.
+    ///
+    /// ```
+    /// use tollgate::observe::DecisionEvent;
+    /// use tollgate::{Policy, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// let policy = Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(1.0, 1)?))?;
+    /// let layer = RateLimitLayer::builder(policy)
+    ///     .observer(|e: &DecisionEvent<'_>| println!("{e:?}"))
+    ///     .build();
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// ```
+    pub fn observer(mut self, observer: impl Observer) -> Self {
+        self.observer = Some(Arc::new(observer));
+        self
+    }
+
     /// Builds the layer and its shared state.
     pub fn build(self) -> RateLimitLayer<K, S> {
         RateLimitLayer {
@@ -276,6 +302,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
                 on_rejection: self.on_rejection,
                 quota_status: self.quota_status,
                 failures: Failures::default(),
+                observer: self.observer,
             }),
         }
     }

@@ -18,6 +18,7 @@ use http::{Response, StatusCode};
 use crate::extract::{KeyError, KeyExtractor, RequestView};
 use crate::hash::{self, Digest};
 use crate::headers::HeaderStyle;
+use crate::observe::{Seen, SharedObserver, Watch};
 use crate::plan::{FailureMode, Limit, MethodLimit, Plan, StageLimits, match_method};
 use crate::policy::{Policy, Snapshot};
 use crate::quota::QuotaCell;
@@ -42,6 +43,7 @@ pub(crate) struct Shared<K, S> {
     pub(crate) on_rejection: Option<SharedOnRejection>,
     pub(crate) quota_status: StatusCode,
     pub(crate) failures: Failures,
+    pub(crate) observer: Option<SharedObserver>,
 }
 
 /// A decision's result: the report of the limits, or a rejection and how the
@@ -54,8 +56,9 @@ pub(crate) type Decision<R = Report> = Result<R, (Rejection, Option<Applied>)>;
 pub(crate) enum Step<F> {
     /// Decided.
     Done(Decision),
-    /// The store answers later; `FailureMode` says what a failure means.
-    Wait(F, FailureMode),
+    /// The store answers later; `FailureMode` says what a failure means, and
+    /// the `Watch` (only with an observer) whom the decision is about.
+    Wait(F, FailureMode, Option<Watch>),
 }
 
 /// Store failures: counted, and logged once per burst (when the store starts
@@ -113,6 +116,8 @@ struct Subject<'a> {
     plan: &'a Plan,
     /// What the store names the state by: a registered key's id, else the key.
     name: &'a [u8],
+    /// A registered key's public id, for the observer.
+    id: Option<&'a Arc<str>>,
     /// Where the memory store keeps the state.
     state: Digest,
     quota: Option<&'a QuotaCell>,
@@ -126,6 +131,7 @@ impl<'a> Subject<'a> {
             stage: None,
             plan,
             name: key,
+            id: None,
             state: hash::state_digest(key),
             quota: None,
         }
@@ -142,30 +148,31 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
             match self.extractor.extract(req) {
                 Ok(key) => {
                     let subject = Subject::per_key(plan, key.as_bytes());
-                    Ok(self.limits(&subject, Some(req), 1, |a| self.acquire(a)))
+                    Ok(self.limits(&subject, Some(req), 1, |a, seen| self.acquire(a, seen)))
                 }
-                Err(e) => Err(Rejection::key(Reason::Key(e))),
+                Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req))),
             }
         } else {
             let snap = self.policy.load();
             match (self.extractor.extract(req), &snap.anonymous) {
-                (Ok(key), _) => {
-                    self.registered(&snap, key.as_bytes(), Some(req), 1, |a| self.acquire(a))
-                }
+                (Ok(key), _) => self.registered(&snap, key.as_bytes(), Some(req), 1, |a, seen| {
+                    self.acquire(a, seen)
+                }),
                 (Err(KeyError::Missing), Some(anon)) => match anon.client_ip.extract(req) {
                     Ok(ip) => {
                         let subject = Subject {
                             stage: snap.stage.as_deref(),
                             plan: &anon.plan,
                             name: ip.as_bytes(),
+                            id: None,
                             state: hash::state_digest(ip.as_bytes()),
                             quota: None,
                         };
-                        Ok(self.limits(&subject, Some(req), 1, |a| self.acquire(a)))
+                        Ok(self.limits(&subject, Some(req), 1, |a, seen| self.acquire(a, seen)))
                     }
-                    Err(e) => Err(Rejection::key(Reason::Key(e))),
+                    Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req))),
                 },
-                (Err(e), _) => Err(Rejection::key(Reason::Key(e))),
+                (Err(e), _) => Err(self.refuse(Reason::Key(e), Seen::request(req))),
             }
         };
         result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
@@ -179,18 +186,22 @@ impl<K, S: Store> Shared<K, S> {
         let result = match &self.fixed {
             Some(plan) => {
                 let subject = Subject::per_key(plan, key);
-                Ok(self.limits(&subject, None, cost, |a| self.acquire(a)))
+                Ok(self.limits(&subject, None, cost, |a, seen| self.acquire(a, seen)))
             }
-            None => self.registered(&self.policy.load(), key, None, cost, |a| self.acquire(a)),
+            None => self.registered(&self.policy.load(), key, None, cost, |a, seen| {
+                self.acquire(a, seen)
+            }),
         };
         result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
     }
 
     #[inline]
-    fn acquire(&self, acquire: &Acquire<'_>) -> Step<S::Future> {
+    fn acquire(&self, acquire: &Acquire<'_>, seen: Seen<'_>) -> Step<S::Future> {
         match self.store.acquire(acquire) {
-            Acquired::Ready(result) => Step::Done(self.settle(result, acquire.failure, false)),
-            Acquired::Pending(f) => Step::Wait(f, acquire.failure),
+            Acquired::Ready(result) => {
+                Step::Done(self.settle_seen(result, acquire.failure, false, seen))
+            }
+            Acquired::Pending(f) => Step::Wait(f, acquire.failure, self.watch(seen)),
         }
     }
 }
@@ -236,18 +247,24 @@ impl<K, S> Shared<K, S> {
         key: &[u8],
         req: Option<&RequestView<'_>>,
         cost: u32,
-        run: impl FnOnce(&Acquire<'_>) -> T,
+        run: impl FnOnce(&Acquire<'_>, Seen<'_>) -> T,
     ) -> Result<T, Rejection> {
         let Some(entry) = snap.keys.get(&hash::digest(key)) else {
-            return Err(Rejection::key(Reason::UnknownKey));
+            return Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)));
         };
         if !entry.enabled {
-            return Err(Rejection::key(Reason::DisabledKey));
+            let seen = Seen {
+                plan: Some(&entry.plan),
+                key_id: Some(&entry.id),
+                req: req.copied(),
+            };
+            return Err(self.refuse(Reason::DisabledKey, seen));
         }
         let subject = Subject {
             stage: snap.stage.as_deref(),
             plan: &entry.plan,
             name: entry.id.as_bytes(),
+            id: Some(&entry.id),
             state: entry.state,
             quota: entry.quota.as_deref(),
         };
@@ -262,7 +279,7 @@ impl<K, S> Shared<K, S> {
         s: &Subject<'_>,
         req: Option<&RequestView<'_>>,
         cost: u32,
-        run: impl FnOnce(&Acquire<'_>) -> T,
+        run: impl FnOnce(&Acquire<'_>, Seen<'_>) -> T,
     ) -> T {
         let plan = s.plan;
         let mut acquire = Acquire::new(cost, plan.failure);
@@ -312,7 +329,12 @@ impl<K, S> Shared<K, S> {
             shadow: plan.shadow,
             history_days: self.policy.inner.history_days as u32,
         });
-        run(&acquire)
+        let seen = Seen {
+            plan: Some(plan),
+            key_id: s.id,
+            req: req.copied(),
+        };
+        run(&acquire, seen)
     }
 }
 
@@ -321,7 +343,11 @@ impl<K> Shared<K, MemoryStore> {
     /// without a request and without a report.
     #[inline]
     pub(crate) fn check(&self, key: &[u8], cost: u32) -> Result<(), Rejection> {
-        let run = |a: &Acquire<'_>| self.store.decide::<()>(a, &mut ());
+        let run = |a: &Acquire<'_>, seen: Seen<'_>| {
+            let result = self.store.decide::<()>(a, &mut ());
+            self.checked(&result, seen);
+            result
+        };
         let result = match &self.fixed {
             Some(plan) => {
                 let subject = Subject::per_key(plan, key);
@@ -373,7 +399,7 @@ fn method_limit<'m>(
 
 /// The route of a request: axum's `MatchedPath` when present, else the path.
 #[inline]
-fn route_of<'a>(req: &RequestView<'a>) -> &'a str {
+pub(crate) fn route_of<'a>(req: &RequestView<'a>) -> &'a str {
     #[cfg(feature = "axum")]
     if let Some(m) = req.extensions.get::<axum::extract::MatchedPath>() {
         return m.as_str();
