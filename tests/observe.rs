@@ -2,16 +2,20 @@
 //! HTTP client: plan, public key id, route, outcome and the limit that
 //! decided, and never a key's value, whether the decision is made at once
 //! (memory store), after waiting (a remote store), or by a store failure.
+//! The ready observers write `tracing` events and `metrics` counters.
 
 mod common;
 
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::Router;
 use axum::routing::get;
+use http::StatusCode;
 use tollgate::extract::Bearer;
-use tollgate::observe::{DecisionEvent, Observer, Outcome};
+use tollgate::observe::{DecisionEvent, MetricsObserver, Observer, Outcome, TracingObserver};
 use tollgate::store::{
     Acquire, Acquired, QuotaRef, Store, StoreError, StoreFuture, ThrottleRef, Verdict,
 };
@@ -397,4 +401,262 @@ async fn waited_decisions_and_store_failures_are_seen() {
         )]
     );
     recorder.assert_no_secret();
+}
+
+/// A `metrics` recorder that keeps every counter by name and labels.
+#[derive(Default)]
+struct Counters {
+    counters: Mutex<HashMap<metrics::Key, Arc<Count>>>,
+}
+
+struct Count(AtomicU64);
+
+impl metrics::CounterFn for Count {
+    fn increment(&self, value: u64) {
+        self.0.fetch_add(value, Ordering::Relaxed);
+    }
+
+    fn absolute(&self, value: u64) {
+        self.0.fetch_max(value, Ordering::Relaxed);
+    }
+}
+
+impl metrics::Recorder for Counters {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        let mut counters = self.counters.lock().unwrap();
+        let count = counters
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Count(AtomicU64::new(0))));
+        metrics::Counter::from_arc(Arc::clone(count))
+    }
+
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+impl Counters {
+    /// Every counter as (name, sorted labels) → value.
+    fn snapshot(&self) -> HashMap<(String, Vec<(String, String)>), u64> {
+        let counters = self.counters.lock().unwrap();
+        counters
+            .iter()
+            .map(|(k, v)| {
+                let mut labels: Vec<_> = k
+                    .labels()
+                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                    .collect();
+                labels.sort();
+                ((k.name().to_owned(), labels), v.0.load(Ordering::Relaxed))
+            })
+            .collect()
+    }
+}
+
+/// The process-wide recorder (only this test reads it).
+fn counters() -> &'static Counters {
+    static COUNTERS: OnceLock<&'static Counters> = OnceLock::new();
+    COUNTERS.get_or_init(|| {
+        let counters: &'static Counters = Box::leak(Box::default());
+        metrics::set_global_recorder(counters).expect("no other recorder in this test binary");
+        counters
+    })
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut v: Vec<_> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn metrics_count_decisions_by_plan_route_outcome_and_limit_never_by_key() {
+    let counters = counters();
+    let (_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(registered_policy())
+        .store(store)
+        .observer(MetricsObserver::new())
+        .build();
+    let base = serve(router(layer)).await;
+    let c = client();
+    for id in 0..=BURST {
+        send(&c, format!("{base}/v1/items/{id}"), Some(KEY)).await;
+    }
+    send(&c, format!("{base}/v1/items/1"), Some("not-registered")).await;
+    send(&c, format!("{base}/made/up/{KEY}"), Some(OTHER_KEY)).await;
+
+    let got = counters.snapshot();
+    let count = |pairs: &[(&str, &str)]| {
+        got.get(&("tollgate_decisions_total".to_owned(), labels(pairs)))
+            .copied()
+    };
+    let item = |outcome, reason, limit| {
+        count(&[
+            ("plan", "p"),
+            ("route", "/v1/items/{id}"),
+            ("outcome", outcome),
+            ("reason", reason),
+            ("limit", limit),
+        ])
+    };
+    assert_eq!(item("allowed", "", ""), Some(u64::from(BURST)), "{got:#?}");
+    assert_eq!(item("rejected", "limited", "throttle"), Some(1), "{got:#?}");
+    let unknown = count(&[
+        ("plan", ""),
+        ("route", "/v1/items/{id}"),
+        ("outcome", "rejected"),
+        ("reason", "unknown_key"),
+        ("limit", ""),
+    ]);
+    assert_eq!(unknown, Some(1), "{got:#?}");
+    // A path no route matched is counted without it: clients choose paths.
+    let unmatched = count(&[
+        ("plan", "p"),
+        ("route", ""),
+        ("outcome", "allowed"),
+        ("reason", ""),
+        ("limit", ""),
+    ]);
+    assert_eq!(unmatched, Some(1), "{got:#?}");
+    assert_eq!(got.values().sum::<u64>(), u64::from(BURST) + 3, "{got:#?}");
+
+    let printed = format!("{got:?}");
+    assert_no_secret_in(&printed);
+    assert!(!printed.contains("key_id"), "{printed}");
+    // And without the route label: one series per plan, outcome, reason and limit.
+    let layer = RateLimitLayer::builder(
+        Policy::per_key(UsagePlan::new("jobs").throttle(Throttle::new(1.0, 1).unwrap())).unwrap(),
+    )
+    .observer(MetricsObserver::new().route_label(false))
+    .build();
+    assert!(layer.check(BEARER.as_bytes(), 1).is_ok());
+    let jobs = counters.snapshot();
+    let allowed = labels(&[
+        ("plan", "jobs"),
+        ("outcome", "allowed"),
+        ("reason", ""),
+        ("limit", ""),
+    ]);
+    assert_eq!(
+        jobs.get(&("tollgate_decisions_total".to_owned(), allowed)),
+        Some(&1),
+        "{jobs:#?}"
+    );
+    assert_no_secret_in(&format!("{jobs:?}"));
+}
+
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for Buffer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Buffer {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+// The default flavour runs the server's tasks on this thread, where the
+// subscriber is set.
+#[tokio::test(flavor = "current_thread")]
+async fn tracing_events_name_plan_key_id_route_and_outcome_never_the_key() {
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let (_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(registered_policy())
+        .store(store)
+        .observer(TracingObserver::new())
+        .build();
+    let base = serve(router(layer)).await;
+    let c = client();
+    for id in 0..=BURST {
+        send(&c, format!("{base}/v1/items/{id}"), Some(KEY)).await;
+    }
+    assert_eq!(
+        send(&c, format!("{base}/v1/items/1"), Some("not-registered")).await,
+        StatusCode::FORBIDDEN
+    );
+
+    let text = buffer.text();
+    let decisions: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("tollgate::decision"))
+        .collect();
+    assert_eq!(decisions.len(), BURST as usize + 2, "{text}");
+    let allowed = decisions[0];
+    assert!(allowed.contains("DEBUG"), "{allowed}");
+    for field in [
+        r#"plan="p""#,
+        r#"key_id="one""#,
+        r#"route="/v1/items/{id}""#,
+        r#"method="GET""#,
+        r#"outcome="allowed""#,
+    ] {
+        assert!(allowed.contains(field), "{field} not in {allowed}");
+    }
+    assert!(!allowed.contains("limit="), "{allowed}");
+    let throttled = decisions[BURST as usize];
+    assert!(throttled.contains(" INFO "), "{throttled}");
+    for field in [
+        r#"outcome="rejected""#,
+        r#"reason="limited""#,
+        r#"limit="throttle""#,
+    ] {
+        assert!(throttled.contains(field), "{field} not in {throttled}");
+    }
+    let unknown = decisions[BURST as usize + 1];
+    assert!(unknown.contains(r#"reason="unknown_key""#), "{unknown}");
+    assert!(!unknown.contains("plan="), "{unknown}");
+    assert!(!unknown.contains("key_id="), "{unknown}");
+    assert_no_secret_in(&text);
 }

@@ -271,17 +271,19 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
         self
     }
 
-    /// Calls `observer` once per decision (see [`observe`](crate::observe)),
-    /// such as a closure `Fn(&DecisionEvent<'_>)`. Without an observer,
+    /// Calls `observer` once per decision (see [`observe`](crate::observe)):
+    /// [`TracingObserver`](crate::observe::TracingObserver) logs each one,
+    /// `MetricsObserver` (feature `metrics`) counts them, a closure
+    /// `Fn(&DecisionEvent<'_>)` does what it likes. Without an observer,
     /// deciding costs one branch more.
     ///
     /// ```
-    /// use tollgate::observe::DecisionEvent;
+    /// use tollgate::observe::TracingObserver;
     /// use tollgate::{Policy, RateLimitLayer, Throttle, UsagePlan};
     ///
     /// let policy = Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(1.0, 1)?))?;
     /// let layer = RateLimitLayer::builder(policy)
-    ///     .observer(|e: &DecisionEvent<'_>| println!("{e:?}"))
+    ///     .observer(TracingObserver::new())
     ///     .build();
     /// # Ok::<(), tollgate::ConfigError>(())
     /// ```

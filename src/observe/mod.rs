@@ -1,4 +1,5 @@
-//! Observing decisions: a hook called once per decision.
+//! Observing decisions: a hook called once per decision, with ready observers
+//! for `tracing` events and (feature `metrics`) the `metrics` facade.
 //!
 //! An [`Observer`] set with
 //! [`RateLimitLayerBuilder::observer`](crate::RateLimitLayerBuilder::observer)
@@ -65,9 +66,16 @@
 //! # }
 //! ```
 
+#[cfg(feature = "metrics")]
+mod counter;
 mod hook;
+mod trace;
 
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub use self::counter::{DECISIONS_TOTAL, MetricsObserver};
 pub(crate) use self::hook::{Seen, SharedObserver, Watch};
+pub use self::trace::TracingObserver;
 
 use std::fmt;
 
