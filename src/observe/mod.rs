@@ -149,6 +149,7 @@ impl<'a> DecisionEvent<'a> {
 
     /// The route template axum matched (`MatchedPath`), if any: one of the
     /// routes the application declared, never a path a client made up.
+    /// Always `None` without the `axum` feature, and outside axum routers.
     pub fn matched_route(&self) -> Option<&'a str> {
         #[cfg(feature = "axum")]
         if let Some(req) = &self.req {
