@@ -62,6 +62,13 @@
 //! instance of a service shares one budget; a decision is one round trip, and
 //! a store failure is decided by the plan's [`FailureMode`].
 //!
+//! # Observing decisions
+//!
+//! An [`observe::Observer`] sees every decision: plan, public key id, route,
+//! outcome and the limit that decided, never a key's value.
+//! [`observe::TracingObserver`] logs each as a `tracing` event; with the
+//! `metrics` feature, `observe::MetricsObserver` counts them.
+//!
 //! # Feature flags
 //!
 //! | feature | default | what it adds |
@@ -69,6 +76,7 @@
 //! | `axum` | yes | [`extract::ClientIp`] reads axum's `ConnectInfo<SocketAddr>`; method overrides match axum's `MatchedPath` |
 //! | `config` | no | `tollgate::config`: plans and keys from a TOML file, errors with line and field |
 //! | `redis` | no | `RedisStore`: limits shared by every instance through Redis or Redis Cluster, one round trip per decision |
+//! | `metrics` | no | `observe::MetricsObserver`: a `tollgate_decisions_total` counter through the `metrics` facade |
 //!
 //! [axum]: https://docs.rs/axum
 //! [tonic]: https://docs.rs/tonic
@@ -89,6 +97,7 @@ mod gcra;
 mod hash;
 mod headers;
 mod layer;
+pub mod observe;
 mod plan;
 mod policy;
 mod quota;

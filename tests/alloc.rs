@@ -10,7 +10,10 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use tollgate::observe::{DecisionEvent, Outcome};
 use tollgate::{ApiKey, Period, Policy, Quota, RateLimitLayer, Reason, Throttle, UsagePlan};
 
 struct Counting;
@@ -68,7 +71,11 @@ fn tight() -> Throttle {
 }
 
 fn registered() -> RateLimitLayer {
-    let policy = (0..1_000)
+    RateLimitLayer::new(registered_policy())
+}
+
+fn registered_policy() -> Policy {
+    (0..1_000)
         .fold(
             Policy::builder()
                 .plan(UsagePlan::new("generous").throttle(generous()))
@@ -89,8 +96,7 @@ fn registered() -> RateLimitLayer {
             },
         )
         .build()
-        .unwrap();
-    RateLimitLayer::new(policy)
+        .unwrap()
 }
 
 fn per_key(t: Throttle) -> RateLimitLayer {
@@ -137,4 +143,30 @@ fn denied_checks_allocate_nothing() {
     let layer = registered();
     assert_eq!(measure(&layer, b"tight-key", Some(Reason::Limited)), 0);
     assert_eq!(measure(&layer, b"no-such-key", Some(Reason::UnknownKey)), 0);
+}
+
+#[test]
+fn an_observer_that_does_not_allocate_adds_no_allocation() {
+    let allowed = Arc::new(AtomicU64::new(0));
+    let rejected = Arc::new(AtomicU64::new(0));
+    let (a, r) = (Arc::clone(&allowed), Arc::clone(&rejected));
+    let layer = RateLimitLayer::builder(registered_policy())
+        .observer(move |e: &DecisionEvent<'_>| {
+            // Reads every field, as a real observer would.
+            black_box((e.plan(), e.key_id(), e.route(), e.limit()));
+            let counter = match e.outcome() {
+                Outcome::Allowed => &a,
+                _ => &r,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        })
+        .build();
+    assert_eq!(measure(&layer, b"key-00000042", None), 0);
+    assert_eq!(measure(&layer, b"quota-key", None), 0, "with a quota");
+    assert_eq!(measure(&layer, b"tight-key", Some(Reason::Limited)), 0);
+    assert_eq!(measure(&layer, b"no-such-key", Some(Reason::UnknownKey)), 0);
+    // Every check was seen, warm-ups included (the tight key's first passes).
+    let per_key = CHECKS as u64 + 1;
+    assert_eq!(allowed.load(Ordering::Relaxed), 2 * per_key + 1);
+    assert_eq!(rejected.load(Ordering::Relaxed), 2 * per_key - 1);
 }

@@ -11,7 +11,9 @@ use tower_service::Service;
 
 use super::Shared;
 use crate::body::{Guard, Reservation, ResponseBody};
+use crate::extract::RequestView;
 use crate::headers::HeaderStyle;
+use crate::observe::Watch;
 use crate::plan::FailureMode;
 use crate::response::is_grpc;
 use crate::store::{Report, Store};
@@ -45,6 +47,7 @@ pin_project! {
             shared: Arc<Shared<K, St>>,
             failure: FailureMode,
             reservation: Option<Box<Reservation>>,
+            watch: Option<Watch>,
         },
         Called {
             #[pin]
@@ -93,6 +96,7 @@ where
         shared: Arc<Shared<K, St>>,
         failure: FailureMode,
         reservation: Option<Box<Reservation>>,
+        watch: Option<Watch>,
     ) -> Self {
         ResponseFuture {
             state: State::Waiting {
@@ -102,6 +106,7 @@ where
                 shared,
                 failure,
                 reservation,
+                watch,
             },
         }
     }
@@ -125,12 +130,14 @@ where
                     shared,
                     failure,
                     reservation,
+                    watch,
                 } => {
                     let result = ready!(decision.poll(cx));
                     let (Some(mut svc), Some(mut req)) = (inner.take(), req.take()) else {
                         panic!("ResponseFuture polled after completion");
                     };
-                    match shared.settle(result, *failure, true) {
+                    let view = Some(RequestView::new(&req));
+                    match shared.settle_watched(result, *failure, watch.take(), view) {
                         Ok(report) => {
                             // A request let through by a failed store reserved nothing.
                             let reservation = reservation.take().filter(|_| !report.unchecked);

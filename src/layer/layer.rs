@@ -7,6 +7,7 @@ use super::{Failures, RateLimit, Shared, SharedState, Step};
 use crate::cost::{CostEstimator, ExtensionEstimate};
 use crate::extract::{ApiKeyHeader, KeyExtractor};
 use crate::headers::HeaderStyle;
+use crate::observe::Observer;
 use crate::policy::Policy;
 use crate::response::{OnRejection, Rejection};
 use crate::store::{MemoryStore, Report, Store};
@@ -54,6 +55,7 @@ impl RateLimitLayer<ApiKeyHeader> {
             on_rejection: None,
             quota_status: StatusCode::TOO_MANY_REQUESTS,
             estimator: Box::new(ExtensionEstimate),
+            observer: None,
         }
     }
 }
@@ -119,7 +121,9 @@ impl<K, S: Store> RateLimitLayer<K, S> {
         async move {
             let decided = match step {
                 Step::Done(d) => d,
-                Step::Wait(f, failure) => shared.settle(f.await, failure, true),
+                Step::Wait(f, failure, watch) => {
+                    shared.settle_watched(f.await, failure, watch, None)
+                }
             };
             // Without a response to hold it through, a place under a
             // concurrency cap is given back at once.
@@ -200,6 +204,7 @@ pub struct RateLimitLayerBuilder<K, S = MemoryStore> {
     on_rejection: Option<Arc<dyn OnRejection>>,
     quota_status: StatusCode,
     estimator: Box<dyn CostEstimator>,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 impl<K, S: Store> RateLimitLayerBuilder<K, S> {
@@ -213,6 +218,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             on_rejection: self.on_rejection,
             quota_status: self.quota_status,
             estimator: self.estimator,
+            observer: self.observer,
         }
     }
 
@@ -229,6 +235,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             on_rejection: self.on_rejection,
             quota_status: self.quota_status,
             estimator: self.estimator,
+            observer: self.observer,
         }
     }
 
@@ -279,6 +286,27 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
         self
     }
 
+    /// Calls `observer` once per decision (see [`observe`](crate::observe)):
+    /// [`TracingObserver`](crate::observe::TracingObserver) logs each one,
+    /// `MetricsObserver` (feature `metrics`) counts them, a closure
+    /// `Fn(&DecisionEvent<'_>)` does what it likes. Without an observer,
+    /// deciding costs one branch more.
+    ///
+    /// ```
+    /// use tollgate::observe::TracingObserver;
+    /// use tollgate::{Policy, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// let policy = Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(1.0, 1)?))?;
+    /// let layer = RateLimitLayer::builder(policy)
+    ///     .observer(TracingObserver::new())
+    ///     .build();
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// ```
+    pub fn observer(mut self, observer: impl Observer) -> Self {
+        self.observer = Some(Arc::new(observer));
+        self
+    }
+
     /// Builds the layer and its shared state.
     pub fn build(self) -> RateLimitLayer<K, S> {
         RateLimitLayer {
@@ -292,6 +320,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
                 quota_status: self.quota_status,
                 estimator: self.estimator,
                 failures: Failures::default(),
+                observer: self.observer,
             }),
         }
     }

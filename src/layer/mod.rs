@@ -20,6 +20,7 @@ use crate::cost::{CostEstimator, TokenUsage};
 use crate::extract::{KeyError, KeyExtractor, RequestView};
 use crate::hash::{self, Digest};
 use crate::headers::HeaderStyle;
+use crate::observe::{Seen, SharedObserver, Watch};
 use crate::plan::{FailureMode, Limit, LimitKind, MethodLimit, Plan, StageLimits, match_method};
 use crate::policy::{Policy, Snapshot, TokenCells};
 use crate::quota::QuotaCell;
@@ -46,6 +47,7 @@ pub(crate) struct Shared<K, S> {
     /// Estimates the tokens of requests under plans with a token budget.
     pub(crate) estimator: Box<dyn CostEstimator>,
     pub(crate) failures: Failures,
+    pub(crate) observer: Option<SharedObserver>,
 }
 
 /// A decision's result: the report of the limits, or a rejection and how the
@@ -58,8 +60,9 @@ pub(crate) type Decision<R = Report> = Result<R, (Rejection, Option<Applied>)>;
 pub(crate) enum Step<F> {
     /// Decided.
     Done(Decision),
-    /// The store answers later; `FailureMode` says what a failure means.
-    Wait(F, FailureMode),
+    /// The store answers later; `FailureMode` says what a failure means, and
+    /// the `Watch` (only with an observer) whom the decision is about.
+    Wait(F, FailureMode, Option<Watch>),
 }
 
 /// Store failures: counted, and logged once per burst (when the store starts
@@ -117,6 +120,8 @@ struct Subject<'a> {
     plan: &'a Arc<Plan>,
     /// What the store names the state by: a registered key's id, else the key.
     name: &'a [u8],
+    /// A registered key's public id, for the observer.
+    id: Option<&'a Arc<str>>,
     /// Where the memory store keeps the state.
     state: Digest,
     quota: Option<&'a QuotaCell>,
@@ -139,6 +144,7 @@ impl<'a> Subject<'a> {
             stage: None,
             plan,
             name: key,
+            id: None,
             state: hash::state_digest(key),
             quota: None,
             tokens: NO_TOKEN_CELLS,
@@ -161,33 +167,45 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
             match self.extractor.extract(req) {
                 Ok(key) => {
                     let subject = Subject::per_key(plan, key.as_bytes());
-                    Ok(self.limits(&subject, Some(req), 1, Some(reserve), |a| self.acquire(a)))
+                    Ok(
+                        self.limits(&subject, Some(req), 1, Some(reserve), |a, seen| {
+                            self.acquire(a, seen)
+                        }),
+                    )
                 }
-                Err(e) => Err(Rejection::key(Reason::Key(e))),
+                Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req))),
             }
         } else {
             let snap = self.policy.load();
             match (self.extractor.extract(req), &snap.anonymous) {
-                (Ok(key), _) => {
-                    self.registered(&snap, key.as_bytes(), Some(req), 1, Some(reserve), |a| {
-                        self.acquire(a)
-                    })
-                }
+                (Ok(key), _) => self.registered(
+                    &snap,
+                    key.as_bytes(),
+                    Some(req),
+                    1,
+                    Some(reserve),
+                    |a, seen| self.acquire(a, seen),
+                ),
                 (Err(KeyError::Missing), Some(anon)) => match anon.client_ip.extract(req) {
                     Ok(ip) => {
                         let subject = Subject {
                             stage: snap.stage.as_deref(),
                             plan: &anon.plan,
                             name: ip.as_bytes(),
+                            id: None,
                             state: hash::state_digest(ip.as_bytes()),
                             quota: None,
                             tokens: NO_TOKEN_CELLS,
                         };
-                        Ok(self.limits(&subject, Some(req), 1, Some(reserve), |a| self.acquire(a)))
+                        Ok(
+                            self.limits(&subject, Some(req), 1, Some(reserve), |a, seen| {
+                                self.acquire(a, seen)
+                            }),
+                        )
                     }
-                    Err(e) => Err(Rejection::key(Reason::Key(e))),
+                    Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req))),
                 },
-                (Err(e), _) => Err(Rejection::key(Reason::Key(e))),
+                (Err(e), _) => Err(self.refuse(Reason::Key(e), Seen::request(req))),
             }
         };
         result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
@@ -201,20 +219,22 @@ impl<K, S: Store> Shared<K, S> {
         let result = match &self.fixed {
             Some(plan) => {
                 let subject = Subject::per_key(plan, key);
-                Ok(self.limits(&subject, None, cost, None, |a| self.acquire(a)))
+                Ok(self.limits(&subject, None, cost, None, |a, seen| self.acquire(a, seen)))
             }
-            None => self.registered(&self.policy.load(), key, None, cost, None, |a| {
-                self.acquire(a)
+            None => self.registered(&self.policy.load(), key, None, cost, None, |a, seen| {
+                self.acquire(a, seen)
             }),
         };
         result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
     }
 
     #[inline]
-    fn acquire(&self, acquire: &Acquire<'_>) -> Step<S::Future> {
+    fn acquire(&self, acquire: &Acquire<'_>, seen: Seen<'_>) -> Step<S::Future> {
         match self.store.acquire(acquire) {
-            Acquired::Ready(result) => Step::Done(self.settle(result, acquire.failure, false)),
-            Acquired::Pending(f) => Step::Wait(f, acquire.failure),
+            Acquired::Ready(result) => {
+                Step::Done(self.settle_seen(result, acquire.failure, false, seen))
+            }
+            Acquired::Pending(f) => Step::Wait(f, acquire.failure, self.watch(seen)),
         }
     }
 }
@@ -261,18 +281,24 @@ impl<K, S> Shared<K, S> {
         req: Option<&RequestView<'_>>,
         cost: u32,
         reserve: Reserve<'_>,
-        run: impl FnOnce(&Acquire<'_>) -> T,
+        run: impl FnOnce(&Acquire<'_>, Seen<'_>) -> T,
     ) -> Result<T, Rejection> {
         let Some(entry) = snap.keys.get(&hash::digest(key)) else {
-            return Err(Rejection::key(Reason::UnknownKey));
+            return Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)));
         };
         if !entry.enabled {
-            return Err(Rejection::key(Reason::DisabledKey));
+            let seen = Seen {
+                plan: Some(&entry.plan),
+                key_id: Some(&entry.id),
+                req: req.copied(),
+            };
+            return Err(self.refuse(Reason::DisabledKey, seen));
         }
         let subject = Subject {
             stage: snap.stage.as_deref(),
             plan: &entry.plan,
             name: entry.id.as_bytes(),
+            id: Some(&entry.id),
             state: entry.state,
             quota: entry.quota.as_deref(),
             tokens: &entry.tokens,
@@ -290,7 +316,7 @@ impl<K, S> Shared<K, S> {
         req: Option<&RequestView<'_>>,
         cost: u32,
         reserve: Reserve<'_>,
-        run: impl FnOnce(&Acquire<'_>) -> T,
+        run: impl FnOnce(&Acquire<'_>, Seen<'_>) -> T,
     ) -> T {
         let plan = s.plan;
         let mut acquire = Acquire::new(cost, plan.failure);
@@ -367,7 +393,12 @@ impl<K, S> Shared<K, S> {
                     q.map(|(kind, spec)| quota(kind, spec, s.tokens[i].as_deref(), 1));
             }
         }
-        run(&acquire)
+        let seen = Seen {
+            plan: Some(plan),
+            key_id: s.id,
+            req: req.copied(),
+        };
+        run(&acquire, seen)
     }
 }
 
@@ -376,7 +407,11 @@ impl<K> Shared<K, MemoryStore> {
     /// without a request and without a report.
     #[inline]
     pub(crate) fn check(&self, key: &[u8], cost: u32) -> Result<(), Rejection> {
-        let run = |a: &Acquire<'_>| self.store.decide::<()>(a, &mut ());
+        let run = |a: &Acquire<'_>, seen: Seen<'_>| {
+            let result = self.store.decide::<()>(a, &mut ());
+            self.checked(&result, seen);
+            result
+        };
         let result = match &self.fixed {
             Some(plan) => {
                 let subject = Subject::per_key(plan, key);
@@ -428,7 +463,7 @@ fn method_limit<'m>(
 
 /// The route of a request: axum's `MatchedPath` when present, else the path.
 #[inline]
-fn route_of<'a>(req: &RequestView<'a>) -> &'a str {
+pub(crate) fn route_of<'a>(req: &RequestView<'a>) -> &'a str {
     #[cfg(feature = "axum")]
     if let Some(m) = req.extensions.get::<axum::extract::MatchedPath>() {
         return m.as_str();

@@ -103,18 +103,12 @@ where
                 let rejection = rejection.with_grpc(is_grpc(req.headers()));
                 ResponseFuture::rejected(self.shared.reject(rejection, limit))
             }
-            Step::Wait(decision, failure) => {
+            Step::Wait(decision, failure, watch) => {
                 // The readied service goes with the request; a clone stays.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::waiting(
-                    decision,
-                    ready,
-                    req,
-                    Arc::clone(&self.shared),
-                    failure,
-                    reservation,
-                )
+                let shared = Arc::clone(&self.shared);
+                ResponseFuture::waiting(decision, ready, req, shared, failure, reservation, watch)
             }
         }
     }
