@@ -827,8 +827,33 @@ mod tests {
         let e = err("quota_status = 200\n");
         assert_eq!((e.line(), e.path()), (1, "quota_status"));
 
+        let e = err("[[plans]]\nname = \"free\"\ntokens = { per_minute = 0 }\n");
+        assert_eq!((e.line(), e.path()), (3, "plans[0].tokens.per_minute"));
+        let e = err("[[plans]]\nname = \"free\"\ntokens = { per_minute = 5000000000 }\n");
+        assert_eq!((e.line(), e.path()), (3, "plans[0].tokens.per_minute"));
+        assert!(e.message().contains("too large"), "{e}");
+        let e = err("[[plans]]\nname = \"free\"\n\ntokens = { per_month = -1 }\n");
+        assert_eq!((e.line(), e.path()), (4, "plans[0].tokens.per_month"));
+        let e = err("[[plans]]\nname = \"free\"\ntokens = { per_hour = 10 }\n");
+        assert_eq!((e.line(), e.path()), (3, "plans[0].tokens.per_hour"));
+
         let shown = err("[[keys]]\nid = \"a\"\nvalue = \"s3cr3t\"\nplan = \"x\"\n[[keys]]\nid = \"b\"\nvalue = \"s3cr3t\"\nplan = \"x\"\n").to_string();
         assert!(!shown.contains("s3cr3t"), "{shown}");
+    }
+
+    #[test]
+    fn token_budgets_are_read() {
+        let c = Config::from_toml(
+            "[[plans]]\nname = \"llm\"\ntokens = { per_minute = 40000, per_day = 1000000, per_month = 20000000 }\n",
+        )
+        .unwrap();
+        let layer = crate::RateLimitLayer::new(c.policy().unwrap());
+        let plan = layer.admin().plan("llm").unwrap();
+        let t = plan.get_tokens().unwrap();
+        assert_eq!(
+            (t.get_per_minute(), t.get_per_day(), t.get_per_month()),
+            (Some(40_000), Some(1_000_000), Some(20_000_000))
+        );
     }
 
     #[test]
