@@ -639,6 +639,7 @@ conformance!(
     a_concurrency_cap_holds_places_until_bodies_end,
     a_token_bucket_reserves_estimates_and_settles_actual_costs,
     daily_token_budgets_count_settled_tokens,
+    a_body_that_fails_mid_stream_gives_back_its_place_and_settles,
 );
 
 /// On a Redis Cluster: the behaviours that touch several slots (stage limits
@@ -1025,6 +1026,75 @@ async fn daily_token_budgets_count_settled_tokens<B: Backend>(b: &B) {
     // The next UTC day starts afresh.
     clock.advance(Duration::from_secs(23 * 3_600));
     assert_eq!(send_tokens(&mut svc, 100, Some(100)).await.0, 200);
+}
+
+/// A streamed body that fails after a few tokens ends its request: its
+/// concurrency place comes back and the tokens it reported are settled.
+async fn a_body_that_fails_mid_stream_gives_back_its_place_and_settles<B: Backend>(b: &B) {
+    use http_body_util::BodyExt;
+    use tower::{Service, ServiceExt};
+
+    type Chunk = Result<http_body::Frame<bytes::Bytes>, std::io::Error>;
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 0));
+    let plan = UsagePlan::new("p")
+        .tokens(TokenBudget::new().per_minute(100).unwrap())
+        .concurrency(1);
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(plan)
+        .key(ApiKey::new("k", "v", "p"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .store(b.store(&clock).await)
+        .estimator(|_: &tollgate::extract::RequestView<'_>| 90)
+        .build();
+    // Each response streams 3 tokens, counting each, then fails.
+    let mut svc =
+        tower::ServiceBuilder::new()
+            .layer(layer)
+            .service_fn(|req: http::Request<()>| async move {
+                let usage = req
+                    .extensions()
+                    .get::<tollgate::TokenUsage>()
+                    .cloned()
+                    .unwrap();
+                let chunks = (0..4).map(move |i| -> Chunk {
+                    if i < 3 {
+                        usage.add(1);
+                        Ok(http_body::Frame::data(bytes::Bytes::from_static(b"tok ")))
+                    } else {
+                        Err(std::io::Error::other("the model failed"))
+                    }
+                });
+                let body = http_body_util::StreamBody::new(tokio_stream::iter(chunks));
+                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+            });
+    let request = || {
+        http::Request::builder()
+            .header("x-api-key", "v")
+            .body(())
+            .unwrap()
+    };
+    let first = svc.ready().await.unwrap().call(request()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    // In flight: the cap is full, and 90 of 100 tokens are reserved.
+    let busy = svc.ready().await.unwrap().call(request()).await.unwrap();
+    assert_eq!(busy.status(), 429);
+    let error = first.into_body().collect().await.unwrap_err();
+    assert_eq!(error.to_string(), "the model failed");
+    // The failure ended the request: 3 tokens used, 87 back, the place free.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let second = loop {
+        let res = svc.ready().await.unwrap().call(request()).await.unwrap();
+        if res.status() == 200 || std::time::Instant::now() > deadline {
+            break res;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(second.status(), 200);
+    assert_eq!(second.headers()["ratelimit"], "\"tokens-minute\";r=7;t=56");
 }
 
 /// The response of the first request admitted within two seconds (a remote
