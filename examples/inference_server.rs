@@ -38,8 +38,8 @@
 //! `total_tokens`, which tollgate settles when the response ends: a plain
 //! answer as a `UsedTokens` response extension, a stream token by token
 //! through the request's `TokenUsage` handle, so that a client that goes
-//! away mid-stream pays for what was produced. A malformed body costs no
-//! tokens.
+//! away mid-stream pays for what was produced. A malformed body is answered
+//! 400 by the middleware, before the rate limit: it costs nothing.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -411,10 +411,10 @@ async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Reads the body, puts the request's estimated tokens in a
-/// [`TokenEstimate`] extension, and hands the body on unchanged. A body that
-/// is not a request the mock understands is estimated at 0: the handler
-/// answers it 400, and it costs no tokens.
+/// Reads the body and checks it: a body the mock cannot serve is answered
+/// 400 here, before the rate limit, so it costs nothing. A good one is
+/// handed on unchanged, with its estimated tokens in a [`TokenEstimate`]
+/// extension for the limit's token budget.
 async fn estimate_tokens(req: Request, next: axum::middleware::Next) -> Response {
     let (mut parts, body) = req.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
@@ -424,30 +424,15 @@ async fn estimate_tokens(req: Request, next: axum::middleware::Next) -> Response
         )
             .into_response();
     };
-    parts.extensions.insert(TokenEstimate(estimate(&bytes)));
-    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
-        .await
-}
-
-/// `ceil(prompt_chars / 4) + max_tokens` (default 16) of a completion or chat
-/// body, 0 for anything else.
-fn estimate(body: &[u8]) -> u32 {
-    #[derive(Deserialize)]
-    struct Shape {
-        prompt: Option<String>,
-        messages: Option<Vec<Message>>,
-        max_tokens: Option<u32>,
+    let chat = parts.uri.path() == "/v1/chat/completions";
+    match Job::parse(chat, &bytes) {
+        Ok(job) => {
+            parts.extensions.insert(TokenEstimate(job.estimate()));
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Err(msg) => bad_request(&msg),
     }
-    let Ok(shape) = serde_json::from_slice::<Shape>(body) else {
-        return 0;
-    };
-    let chars: usize = match (&shape.prompt, &shape.messages) {
-        (Some(p), _) => p.chars().count(),
-        (None, Some(m)) => m.iter().map(|m| m.content.chars().count()).sum(),
-        (None, None) => return 0,
-    };
-    let prompt = u32::try_from(chars.div_ceil(4)).unwrap_or(u32::MAX);
-    prompt.saturating_add(shape.max_tokens.unwrap_or(16))
 }
 
 #[derive(Deserialize)]
@@ -487,6 +472,7 @@ struct Job {
     chat: bool,
     model: String,
     prompt_tokens: u64,
+    max_tokens: u32,
     completion_tokens: u32,
     token_ms: u64,
     stream: bool,
@@ -495,6 +481,26 @@ struct Job {
 }
 
 impl Job {
+    /// The job a completion (or, with `chat`, a chat completion) body asks for.
+    fn parse(chat: bool, body: &[u8]) -> Result<Job, String> {
+        let bad = |e: serde_json::Error| format!("invalid request body: {e}");
+        if chat {
+            let req: ChatRequest = serde_json::from_slice(body).map_err(bad)?;
+            let chars = req.messages.iter().map(|m| m.content.chars().count()).sum();
+            Job::new(true, req.model, chars, &req.common)
+        } else {
+            let req: CompletionRequest = serde_json::from_slice(body).map_err(bad)?;
+            Job::new(false, req.model, req.prompt.chars().count(), &req.common)
+        }
+    }
+
+    /// Tokens reserved before the call: `ceil(prompt_chars / 4) + max_tokens`.
+    fn estimate(&self) -> u32 {
+        u32::try_from(self.prompt_tokens)
+            .unwrap_or(u32::MAX)
+            .saturating_add(self.max_tokens)
+    }
+
     fn new(chat: bool, model: String, prompt_chars: usize, c: &Common) -> Result<Job, String> {
         let max_tokens = c.max_tokens.unwrap_or(16);
         let completion_tokens = c.mock_completion_tokens.unwrap_or(max_tokens);
@@ -511,6 +517,7 @@ impl Job {
             chat,
             model,
             prompt_tokens: (prompt_chars as u64).div_ceil(4),
+            max_tokens,
             completion_tokens,
             token_ms,
             stream: c.stream,
@@ -612,23 +619,11 @@ impl Job {
 type Usage = Option<Extension<TokenUsage>>;
 
 async fn completions(usage: Usage, body: Bytes) -> Response {
-    let req: CompletionRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return bad_request(&format!("invalid request body: {e}")),
-    };
-    answer(
-        Job::new(false, req.model, req.prompt.chars().count(), &req.common),
-        usage,
-    )
+    answer(Job::parse(false, &body), usage)
 }
 
 async fn chat_completions(usage: Usage, body: Bytes) -> Response {
-    let req: ChatRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return bad_request(&format!("invalid request body: {e}")),
-    };
-    let chars = req.messages.iter().map(|m| m.content.chars().count()).sum();
-    answer(Job::new(true, req.model, chars, &req.common), usage)
+    answer(Job::parse(true, &body), usage)
 }
 
 fn answer(job: Result<Job, String>, usage: Usage) -> Response {
@@ -641,7 +636,9 @@ fn answer(job: Result<Job, String>, usage: Usage) -> Response {
     }
 }
 
-/// A 400 with a JSON error; it costs no tokens.
+/// A 400 with a JSON error. The middleware answers bad bodies before the
+/// rate limit; one that reaches a handler (served without the middleware)
+/// reports that it used no tokens.
 fn bad_request(message: &str) -> Response {
     let mut res = (
         StatusCode::BAD_REQUEST,

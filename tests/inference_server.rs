@@ -446,6 +446,35 @@ async fn health_is_never_limited_and_malformed_bodies_are_json_400s() {
     assert_eq!(res.status(), 400);
     let v: Value = res.json().await.unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error");
+    // Malformed bodies cost nothing: after many, the whole burst of 5 still
+    // passes, and the day's usage counts only those 5.
+    for body in [
+        "{not json",
+        r#"{"model":"m"}"#,
+        r#"{"model":"m","prompt":"hi","max_tokens":-1}"#,
+        r#"{"model":"m","prompt":"hi","max_tokens":100001}"#,
+    ] {
+        for route in ["/v1/completions", "/v1/chat/completions"] {
+            let res = s.post(route, Some("demo-free-key"), body).await;
+            assert_eq!(res.status(), 400, "{route} {body}");
+            assert!(res.headers().get("ratelimit").is_none());
+        }
+    }
+    for _ in 0..5 {
+        assert_eq!(s.complete(Some("demo-free-key")).await.status(), 200);
+    }
+    assert_eq!(s.complete(Some("demo-free-key")).await.status(), 429);
+    let today = "2024-05-06";
+    let (status, usage) = s
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/usage?plan=free&start={today}&end={today}"),
+            "change-me",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(usage["items"]["free-1"], json!([[5, 995]]));
 }
 
 #[tokio::test]
