@@ -1,13 +1,14 @@
 //! Rate-limit headers: the IETF draft `RateLimit-Policy` / `RateLimit`, and
 //! the legacy `X-RateLimit-*`.
 
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::fmt::{self, Write};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::gcra::{NANOS_PER_SEC, Nanos};
-use crate::store::{Applied, CONCURRENCY, Report};
+use crate::store::{Applied, CONCURRENCY, MAX_LIMITS, Report};
 
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -127,31 +128,16 @@ impl HeaderStyle {
             return;
         };
         if self.ietf {
-            let mut buf = HeaderBuf::new();
-            for (i, a) in report.items().iter().enumerate() {
-                let sep = if i == 0 { "" } else { ", " };
-                let _ = if a.name == CONCURRENCY {
-                    // A cap on requests in flight has no window.
-                    write!(
-                        buf,
-                        "{sep}\"{}\";q={};qu=\"concurrent-requests\"",
-                        a.name, a.quota
-                    )
-                } else {
-                    write!(buf, "{sep}\"{}\";q={};w={}", a.name, a.quota, a.window_secs)
-                };
-            }
-            if let Some(v) = buf.value() {
+            if let Some(v) = policy_value(report.items()) {
                 headers.insert(RATELIMIT_POLICY, v);
             }
             let mut buf = HeaderBuf::new();
-            let _ = write!(
-                buf,
-                "\"{}\";r={};t={}",
-                tight.name,
-                tight.remaining,
-                ceil_secs(tight.reset)
-            );
+            buf.push(b"\"");
+            buf.push(tight.name.as_bytes());
+            buf.push(b"\";r=");
+            buf.int(tight.remaining);
+            buf.push(b";t=");
+            buf.int(ceil_secs(tight.reset));
             if let Some(v) = buf.value() {
                 headers.insert(RATELIMIT, v);
             }
@@ -249,6 +235,65 @@ pub(crate) fn ceil_secs(n: Nanos) -> u64 {
     n.div_ceil(NANOS_PER_SEC)
 }
 
+/// The `RateLimit-Policy` value of `items`.
+///
+/// It changes only when the set of limits or their sizes do, so the value of
+/// the last few sets seen is kept per thread and cloned (a reference count),
+/// rather than formatted and allocated for every response.
+fn policy_value(items: &[Applied]) -> Option<HeaderValue> {
+    /// What a policy value depends on, per limit: its name (by address: the
+    /// names are static), size and window.
+    type Key = ([(usize, usize, u64, u64); MAX_LIMITS], usize);
+    const CACHED: usize = 4;
+    /// The last sets seen, and where the next one goes.
+    type Cache = ([Option<(Key, HeaderValue)>; CACHED], usize);
+    thread_local! {
+        static CACHE: RefCell<Cache> = const { RefCell::new(([const { None }; CACHED], 0)) };
+    }
+    let mut key: Key = ([(0, 0, 0, 0); MAX_LIMITS], items.len());
+    for (k, a) in key.0.iter_mut().zip(items) {
+        *k = (
+            a.name.as_ptr() as usize,
+            a.name.len(),
+            a.quota,
+            a.window_secs,
+        );
+    }
+    CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some((_, v)) = cache.0.iter().flatten().find(|(k, _)| *k == key) {
+            return Some(v.clone());
+        }
+        let v = format_policy(items)?;
+        let next = cache.1;
+        cache.0[next] = Some((key, v.clone()));
+        cache.1 = (next + 1) % CACHED;
+        Some(v)
+    })
+}
+
+/// Formats a `RateLimit-Policy` value: `"throttle";q=5;w=3, "quota";q=1000;w=86400`.
+fn format_policy(items: &[Applied]) -> Option<HeaderValue> {
+    let mut buf = HeaderBuf::new();
+    for (i, a) in items.iter().enumerate() {
+        if i > 0 {
+            buf.push(b", ");
+        }
+        buf.push(b"\"");
+        buf.push(a.name.as_bytes());
+        buf.push(b"\";q=");
+        buf.int(a.quota);
+        if a.name == CONCURRENCY {
+            // A cap on requests in flight has no window.
+            buf.push(b";qu=\"concurrent-requests\"");
+        } else {
+            buf.push(b";w=");
+            buf.int(a.window_secs);
+        }
+    }
+    buf.value()
+}
+
 /// A small stack buffer for formatting a header value without a `String`.
 struct HeaderBuf {
     buf: [u8; 256],
@@ -271,17 +316,34 @@ impl HeaderBuf {
         }
         HeaderValue::from_bytes(&self.buf[..self.len]).ok()
     }
+
+    /// Appends `bytes`; past the buffer's end, the value is lost (`value`
+    /// gives `None`).
+    #[inline]
+    fn push(&mut self, bytes: &[u8]) {
+        let end = self.len + bytes.len();
+        match self.buf.get_mut(self.len..end) {
+            Some(dst) => {
+                dst.copy_from_slice(bytes);
+                self.len = end;
+            }
+            None => self.overflow = true,
+        }
+    }
+
+    /// Appends `n` in decimal.
+    #[inline]
+    fn int(&mut self, n: u64) {
+        self.push(itoa::Buffer::new().format(n).as_bytes());
+    }
 }
 
 impl fmt::Write for HeaderBuf {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        let end = self.len + s.len();
-        if end > self.buf.len() {
-            self.overflow = true;
+        self.push(s.as_bytes());
+        if self.overflow {
             return Err(fmt::Error);
         }
-        self.buf[self.len..end].copy_from_slice(s.as_bytes());
-        self.len = end;
         Ok(())
     }
 }
@@ -323,6 +385,42 @@ mod tests {
         let mut h = HeaderMap::new();
         HeaderStyle::none().write(&r, &mut h);
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn policy_values_are_kept_per_set_of_limits_and_never_mixed() {
+        // More sets than the cache holds, seen in turn, twice: each value is
+        // always its own set's, whether formatted or taken from the cache.
+        let sets: Vec<Vec<(&'static str, u64, u64, u64, Nanos)>> = (1..=6)
+            .map(|n| vec![("throttle", n, 3, 1, 0), ("quota", 1000, 86_400 * n, 1, 0)])
+            .chain([
+                vec![("throttle", 1, 3, 1, 0)],
+                vec![("concurrency", 2, 0, 1, 0)],
+            ])
+            .collect();
+        for _ in 0..2 {
+            for set in &sets {
+                let r = report(set);
+                let want = format_policy(r.items()).unwrap();
+                for _ in 0..2 {
+                    assert_eq!(policy_value(r.items()).unwrap(), want);
+                }
+            }
+        }
+        let r = report(&[("concurrency", 2, 0, 1, 0)]);
+        assert_eq!(
+            policy_value(r.items()).unwrap(),
+            "\"concurrency\";q=2;qu=\"concurrent-requests\""
+        );
+    }
+
+    #[test]
+    fn a_value_too_long_for_the_buffer_is_left_out() {
+        let mut buf = HeaderBuf::new();
+        for _ in 0..100 {
+            buf.push(b"\"throttle\"");
+        }
+        assert!(buf.value().is_none());
     }
 
     #[test]

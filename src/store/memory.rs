@@ -283,7 +283,10 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    type Future = std::future::Ready<Result<Verdict, StoreError>>;
+    /// Never made: the memory store always answers at once
+    /// ([`Acquired::Ready`]). A type of no size keeps the layer's response
+    /// future small.
+    type Future = std::future::Pending<Result<Verdict, StoreError>>;
 
     fn clock(&self) -> &Clock {
         &self.inner.clock
