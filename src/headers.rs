@@ -391,7 +391,8 @@ mod tests {
     fn policy_values_are_kept_per_set_of_limits_and_never_mixed() {
         // More sets than the cache holds, seen in turn, twice: each value is
         // always its own set's, whether formatted or taken from the cache.
-        let sets: Vec<Vec<(&'static str, u64, u64, u64, Nanos)>> = (1..=6)
+        type Item = (&'static str, u64, u64, u64, Nanos);
+        let sets: Vec<Vec<Item>> = (1..=6)
             .map(|n| vec![("throttle", n, 3, 1, 0), ("quota", 1000, 86_400 * n, 1, 0)])
             .chain([
                 vec![("throttle", 1, 3, 1, 0)],
