@@ -6,8 +6,8 @@
 //! exact and fast. Clones of a clock share one time.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::gcra::Nanos;
@@ -32,7 +32,51 @@ pub struct Clock {
 #[derive(Clone)]
 enum Inner {
     System(Arc<SystemClock>),
+    Coarse(Arc<CoarseClock>),
     Manual(ManualClock),
+}
+
+/// A clock read from the time a background thread stores every so often.
+struct CoarseClock {
+    ticker: &'static Ticker,
+    start: u64,
+    resolution: Duration,
+}
+
+/// The process's one time-keeping thread for coarse clocks: it stores the
+/// monotonic time (nanoseconds since it started) every `resolution`, for
+/// as long as the process runs. It is tollgate's own, so that nothing else
+/// in the process can stop it and freeze the time its stores decide by.
+struct Ticker {
+    now: AtomicU64,
+    resolution: Duration,
+}
+
+static TICKER: OnceLock<Option<&'static Ticker>> = OnceLock::new();
+
+/// The ticker, started on first use at `resolution`; `None` if its thread
+/// cannot be spawned.
+fn ticker(resolution: Duration) -> Option<&'static Ticker> {
+    *TICKER.get_or_init(|| {
+        let clock = quanta::Clock::new();
+        let start = clock.raw();
+        let ticker: &'static Ticker = Box::leak(Box::new(Ticker {
+            now: AtomicU64::new(0),
+            resolution,
+        }));
+        std::thread::Builder::new()
+            .name("tollgate-clock".into())
+            .spawn(move || {
+                loop {
+                    let now = clock.delta_as_nanos(start, clock.raw());
+                    // Never backwards, whatever the counter does across cores.
+                    ticker.now.fetch_max(now, Ordering::Release);
+                    std::thread::sleep(ticker.resolution);
+                }
+            })
+            .ok()
+            .map(|_| ticker)
+    })
 }
 
 struct SystemClock {
@@ -48,6 +92,42 @@ impl Clock {
         let start = clock.raw();
         Clock {
             inner: Inner::System(Arc::new(SystemClock { clock, start })),
+        }
+    }
+
+    /// A monotonic clock that reads, instead of the CPU's counter, the time a
+    /// background thread stores every `resolution` (one thread for the
+    /// process, started on first use; the resolution of the first call
+    /// holds). A read is one load from memory, which saves a throttle
+    /// decision the cost of a counter read.
+    ///
+    /// The time it gives is up to `resolution` (plus the thread's scheduling
+    /// delay) behind: throttles then admit at most `rate x resolution` fewer
+    /// requests than they would, and never more, and `Retry-After` may be
+    /// that much longer. Calendar quotas still read the system's wall time.
+    /// If the thread cannot be started, this is [`Clock::system`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tollgate::{Clock, MemoryStore};
+    ///
+    /// let store = MemoryStore::builder()
+    ///     .clock(Clock::coarse(Duration::from_millis(1)))
+    ///     .build()?;
+    /// # let _ = store;
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// ```
+    pub fn coarse(resolution: Duration) -> Self {
+        let resolution = resolution.max(Duration::from_micros(10));
+        match ticker(resolution) {
+            Some(ticker) => Clock {
+                inner: Inner::Coarse(Arc::new(CoarseClock {
+                    ticker,
+                    start: ticker.now.load(Ordering::Acquire),
+                    resolution: ticker.resolution,
+                })),
+            },
+            None => Clock::system(),
         }
     }
 
@@ -75,6 +155,7 @@ impl Clock {
                 // `delta_as_nanos` saturates at zero if the counter reads below the start.
                 s.clock.delta_as_nanos(s.start, raw)
             }
+            Inner::Coarse(c) => c.ticker.now.load(Ordering::Relaxed).saturating_sub(c.start),
             Inner::Manual(m) => m.shared.mono.load(Ordering::Acquire),
         }
     }
@@ -82,7 +163,7 @@ impl Clock {
     /// UTC wall time.
     pub fn wall(&self) -> SystemTime {
         match &self.inner {
-            Inner::System(_) => SystemTime::now(),
+            Inner::System(_) | Inner::Coarse(_) => SystemTime::now(),
             Inner::Manual(m) => m.wall(),
         }
     }
@@ -98,6 +179,10 @@ impl fmt::Debug for Clock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.inner {
             Inner::System(_) => f.write_str("Clock::System"),
+            Inner::Coarse(c) => f
+                .debug_struct("Clock::Coarse")
+                .field("resolution", &c.resolution)
+                .finish(),
             Inner::Manual(m) => f.debug_tuple("Clock::Manual").field(m).finish(),
         }
     }
@@ -228,6 +313,26 @@ mod tests {
         assert_eq!(clock.nanos(), 0);
         m.set_wall(UNIX_EPOCH - Duration::from_secs(5));
         assert_eq!(m.wall(), UNIX_EPOCH - Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_coarse_clock_moves_forward_and_lags_by_its_resolution_at_most() {
+        let coarse = Clock::coarse(Duration::from_millis(1));
+        let system = Clock::system();
+        let (c0, s0) = (coarse.nanos(), system.nanos());
+        std::thread::sleep(Duration::from_millis(50));
+        let (c1, s1) = (coarse.nanos(), system.nanos());
+        assert!(c1 >= c0, "never backwards: {c0} -> {c1}");
+        // It moved, by no more than the time that passed; behind by about
+        // its resolution (generously bounded: the machine may be busy).
+        assert!(c1 - c0 >= 10_000_000, "{c0} -> {c1}");
+        assert!(
+            c1 - c0 <= s1 - s0 + 20_000_000,
+            "{} vs {}",
+            c1 - c0,
+            s1 - s0
+        );
+        assert!(format!("{coarse:?}").contains("Coarse"));
     }
 
     #[test]
