@@ -459,7 +459,17 @@ pub struct MemoryStoreBuilder {
 
 impl MemoryStoreBuilder {
     /// Room for `n` keys: the table gets `2n` slots rounded up to a power of
-    /// two, 16 bytes each, allocated as first touched. Default 1,000,000.
+    /// two, 16 bytes each, allocated in 4 KiB pages as first touched.
+    /// Default 1,000,000.
+    ///
+    /// `n` sizes the table, which bounds memory; it is not an exact count of
+    /// keys. Every live key takes one slot (a request's concurrency count a
+    /// second), so at least `n` keys always fit and up to
+    /// [`capacity`](MemoryStore::capacity) may when slots are free near their
+    /// hash. A new key that finds no free slot in its window is refused
+    /// (429), never given a live key's slot. Keys land on pages at random, so
+    /// a table used far below `n` still touches most of its pages: size `n`
+    /// to the keys you expect (see BENCHMARKS.md, "Memory").
     pub fn max_keys(mut self, n: usize) -> Self {
         self.max_keys = n;
         self
