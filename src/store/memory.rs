@@ -463,10 +463,11 @@ impl MemoryStoreBuilder {
     /// Default 1,000,000.
     ///
     /// `n` sizes the table, which bounds memory; it is not an exact count of
-    /// keys. Every live key takes one slot (a request's concurrency count a
-    /// second), so at least `n` keys always fit and up to
-    /// [`capacity`](MemoryStore::capacity) may when slots are free near their
-    /// hash. A new key that finds no free slot in its window is refused
+    /// keys. Each live limit of a key takes one slot (its throttle, each
+    /// method override, its token bucket, its count of requests in flight):
+    /// keys of one throttle each fit `n` with room to spare, and up to
+    /// [`capacity`](MemoryStore::capacity) of them may when slots are free
+    /// near their hash. A new key that finds no free slot in its window is refused
     /// (429), never given a live key's slot. Keys land on pages at random, so
     /// a table used far below `n` still touches most of its pages: size `n`
     /// to the keys you expect (see BENCHMARKS.md, "Memory").
