@@ -23,6 +23,19 @@
 //! slot of its window holds a live key) is left out of the workload for both
 //! limiters, with a line on stderr.
 //!
+//! After each group one line on stdout gives `ratio <group>: governor/tollgate
+//! = X.XX` (above 1, tollgate is faster), from the mean time per decision of
+//! each function. The means are taken from the samples criterion itself
+//! measures: every function times its own loop with `iter_custom` and keeps
+//! what each call measured; the last `SAMPLES` calls, after the warm-up, are
+//! criterion's samples. The mean is computed as criterion's `mean` estimate
+//! (the one in `estimates.json`; the middle figure of criterion's `time:` line
+//! is the slope of a fit, and differs a little). So the ratio is of the same
+//! samples as the report, and needs neither a second timing run nor
+//! criterion's files on disk (which may be left from an earlier run, or not
+//! written at all under `--profile-time`). A function skipped by a filter, or
+//! run once by `--test`, gives no line.
+//!
 //! The limit is one unit per second with a bucket of `u32::MAX`: no check in
 //! the run is ever denied (this is asserted), and every key stays live (its
 //! state is ahead of the clock), so the store never hands a key's slot to
@@ -52,6 +65,8 @@ const BURST: u32 = u32::MAX;
 const MANY: usize = 1_000_000;
 /// The middle workload, and the number of registered keys.
 const SOME: usize = 10_000;
+/// Measured samples per function.
+const SAMPLES: usize = 30;
 
 type Governor<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock>;
 
@@ -103,23 +118,72 @@ fn max_keys_for(n: usize) -> usize {
 
 fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
     group
-        .sample_size(30)
+        .sample_size(SAMPLES)
         .measurement_time(Duration::from_secs(2))
         .warm_up_time(Duration::from_secs(1));
 }
 
-/// Cycles `decide` through `keys`, counting denials into `denied`.
-fn cycle<T>(b: &mut Bencher<'_>, keys: &[T], denied: &mut u64, mut decide: impl FnMut(&T) -> bool) {
+/// What one function's routine measured, call by call: `(iterations, time)`.
+/// criterion calls the routine during its warm-up, then once per sample, so
+/// the last `SAMPLES` calls are the samples of its report.
+#[derive(Default)]
+struct Samples(Vec<(u64, Duration)>);
+
+impl Samples {
+    fn record(&mut self, iters: u64, took: Duration) -> Duration {
+        self.0.push((iters, took));
+        took
+    }
+
+    /// The mean time per iteration over the measured samples, computed as
+    /// criterion's `mean` estimate is: the mean of each sample's time per
+    /// iteration. `None` when criterion did not take its samples (the
+    /// function was filtered out, or run once by `--test`).
+    fn mean(&self) -> Option<f64> {
+        let measured = self.0.get(self.0.len().checked_sub(SAMPLES)?..)?;
+        let sum: f64 = measured
+            .iter()
+            .map(|&(iters, took)| took.as_secs_f64() / iters as f64)
+            .sum();
+        Some(sum / measured.len() as f64)
+    }
+}
+
+/// Prints governor's mean time over tollgate's for `group`, when both ran.
+fn print_ratio(group: &str, tollgate: &Samples, governor: &Samples) {
+    if let (Some(t), Some(g)) = (tollgate.mean(), governor.mean()) {
+        println!(
+            "ratio {group}: governor/tollgate = {:.2} (tollgate {:.1} ns, governor {:.1} ns)",
+            g / t,
+            t * 1e9,
+            g * 1e9
+        );
+    }
+}
+
+/// Cycles `decide` through `keys`, counting denials into `denied`. The loop is
+/// criterion's own `iter` loop, timed here so that `samples` gets the figures.
+fn cycle<T>(
+    b: &mut Bencher<'_>,
+    keys: &[T],
+    denied: &mut u64,
+    samples: &mut Samples,
+    mut decide: impl FnMut(&T) -> bool,
+) {
     let mut i = 0;
-    b.iter(|| {
-        let key = &keys[i];
-        i += 1;
-        if i == keys.len() {
-            i = 0;
+    b.iter_custom(|iters| {
+        let start = Instant::now();
+        for _ in 0..iters {
+            let key = &keys[i];
+            i += 1;
+            if i == keys.len() {
+                i = 0;
+            }
+            if !decide(black_box(key)) {
+                *denied += 1;
+            }
         }
-        if !decide(black_box(key)) {
-            *denied += 1;
-        }
+        samples.record(iters, start.elapsed())
     });
 }
 
@@ -140,24 +204,30 @@ fn tracked<T: Clone>(name: &str, keys: &[T], insert: impl Fn(&T) -> bool) -> Vec
 }
 
 /// Times tollgate's and governor's decision on the same keys in one criterion
-/// group, and checks that every decision passed.
+/// group, checks that every decision passed, and prints the ratio.
 fn side_by_side<T>(
     c: &mut Criterion,
-    group: String,
+    name: String,
     keys: &[T],
     tollgate: impl Fn(&T) -> bool,
     governor: impl Fn(&T) -> bool,
 ) {
-    let mut group = c.benchmark_group(group);
+    let mut group = c.benchmark_group(&name);
     configure(&mut group);
     let mut denied = 0;
-    group.bench_function("tollgate", |b| cycle(b, keys, &mut denied, &tollgate));
-    group.bench_function("governor", |b| cycle(b, keys, &mut denied, &governor));
+    let (mut ours, mut theirs) = (Samples::default(), Samples::default());
+    group.bench_function("tollgate", |b| {
+        cycle(b, keys, &mut denied, &mut ours, &tollgate)
+    });
+    group.bench_function("governor", |b| {
+        cycle(b, keys, &mut denied, &mut theirs, &governor)
+    });
     group.finish();
     assert_eq!(
         denied, 0,
         "a check was denied: the workload is not all-pass"
     );
+    print_ratio(&name, &ours, &theirs);
 }
 
 fn per_key_u64(c: &mut Criterion, all: &[u64]) {
@@ -272,18 +342,24 @@ fn threads(c: &mut Criterion, all: &[u64]) {
             assert!(gov.check_key(k).is_ok());
         }
         let keys = [&all[keys[0]], &all[keys[1]]];
-        let mut group = c.benchmark_group(format!("two_threads/{name}"));
+        let name = format!("two_threads/{name}");
+        let mut group = c.benchmark_group(&name);
         configure(&mut group);
         let denied = AtomicU64::new(0);
+        let (mut ours, mut theirs) = (Samples::default(), Samples::default());
         group.bench_function("tollgate", |b| {
             b.iter_custom(|iters| {
-                two_threads(iters, keys, &denied, |k| {
+                let took = two_threads(iters, keys, &denied, |k| {
                     layer.check(&k.to_le_bytes(), 1).is_ok()
-                })
+                });
+                ours.record(iters, took)
             })
         });
         group.bench_function("governor", |b| {
-            b.iter_custom(|iters| two_threads(iters, keys, &denied, |k| gov.check_key(k).is_ok()))
+            b.iter_custom(|iters| {
+                let took = two_threads(iters, keys, &denied, |k| gov.check_key(k).is_ok());
+                theirs.record(iters, took)
+            })
         });
         group.finish();
         assert_eq!(
@@ -291,6 +367,7 @@ fn threads(c: &mut Criterion, all: &[u64]) {
             0,
             "a check was denied: the workload is not all-pass"
         );
+        print_ratio(&name, &ours, &theirs);
     }
 }
 
