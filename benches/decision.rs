@@ -11,6 +11,10 @@
 //! - `per_key_u64/10k_max_keys_32k`: the 10k workload with tollgate's store
 //!   sized to the workload (`max_keys(32_768)`), to show the cost of a sparse table;
 //! - `per_key_str/{1,10k,1M}`: `Policy::per_key`, short string keys (`key-00000042`);
+//! - `per_key_u64_zipf/{10k,1M}` and `per_key_str_zipf/{10k,1M}`: the same
+//!   stores and keys, visited in a Zipf-skewed order (s = 1.0: the hottest key
+//!   takes about 10% of the decisions among 10k keys, 7% among 1M) instead of
+//!   in turn;
 //! - `registered_str/{1,10k}`: a policy of 10,000 registered `ApiKey`s (tollgate
 //!   looks the key up in the registry first; governor, which has no registry,
 //!   limits the same strings per key);
@@ -19,9 +23,13 @@
 //!   threads (the time one thread waits for one decision is twice that).
 //!
 //! Keys are generated once and inserted before measuring; the loop cycles
-//! through them in order. A key tollgate's store refuses at insertion (every
-//! slot of its window holds a live key) is left out of the workload for both
-//! limiters, with a line on stderr.
+//! through them in order (or through the Zipf sequence). A key tollgate's store
+//! refuses at insertion (every slot of its window holds a live key) is left out
+//! of the workload for both limiters, with a line on stderr.
+//!
+//! The Zipf sequence is 1M draws from a fixed-seed generator, made before
+//! timing starts; rank `r` is the `r`-th key. Both limiters hash their keys,
+//! so a key's rank says nothing of where it is stored.
 //!
 //! After each group one line on stdout gives `ratio <group>: governor/tollgate
 //! = X.XX` (above 1, tollgate is faster), from the mean time per decision of
@@ -67,6 +75,12 @@ const MANY: usize = 1_000_000;
 const SOME: usize = 10_000;
 /// Measured samples per function.
 const SAMPLES: usize = 30;
+/// The exponent of the Zipf skew.
+const ZIPF_S: f64 = 1.0;
+/// The length of a Zipf sequence.
+const ZIPF_DRAWS: usize = 1_000_000;
+/// The seed of every Zipf sequence, so that every run visits the same keys.
+const ZIPF_SEED: u64 = 0x746f_6c6c_6761_7465;
 
 type Governor<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock>;
 
@@ -230,12 +244,59 @@ fn side_by_side<T>(
     print_ratio(&name, &ours, &theirs);
 }
 
+/// SplitMix64: a small, fast generator, good enough to draw a bench's keys.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A uniform draw in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// `ZIPF_DRAWS` ranks in `0..n`, rank `r` drawn with a weight of
+/// `1 / (r + 1)^ZIPF_S`, by inverting the cumulative weights. Written here
+/// rather than taken from a crate so the sequence is fixed by this file alone.
+fn zipf_ranks(n: usize) -> Vec<usize> {
+    let mut total = 0.0;
+    let cumulative: Vec<f64> = (1..=n)
+        .map(|k| {
+            total += (k as f64).powf(-ZIPF_S);
+            total
+        })
+        .collect();
+    let mut rng = SplitMix64(ZIPF_SEED);
+    (0..ZIPF_DRAWS)
+        .map(|_| {
+            let u = rng.unit() * total;
+            cumulative.partition_point(|&c| c <= u).min(n - 1)
+        })
+        .collect()
+}
+
+/// `keys` in the order of a Zipf sequence over them.
+fn zipf<T>(keys: &[T]) -> Vec<&T> {
+    zipf_ranks(keys.len())
+        .into_iter()
+        .map(|r| &keys[r])
+        .collect()
+}
+
 fn per_key_u64(c: &mut Criterion, all: &[u64]) {
-    for (name, n, max_keys) in [
-        ("1", 1, max_keys_for(1)),
-        ("10k", SOME, max_keys_for(SOME)),
-        ("10k_max_keys_32k", SOME, 32_768),
-        ("1M", MANY, max_keys_for(MANY)),
+    // (name, keys, tollgate's max_keys, also run Zipf-skewed)
+    for (name, n, max_keys, skewed) in [
+        ("1", 1, max_keys_for(1), false),
+        ("10k", SOME, max_keys_for(SOME), true),
+        ("10k_max_keys_32k", SOME, 32_768, false),
+        ("1M", MANY, max_keys_for(MANY), true),
     ] {
         let layer = per_key_layer(max_keys);
         let gov = governor::<u64>();
@@ -252,11 +313,20 @@ fn per_key_u64(c: &mut Criterion, all: &[u64]) {
             |k| layer.check(&k.to_le_bytes(), 1).is_ok(),
             |k| gov.check_key(k).is_ok(),
         );
+        if skewed {
+            side_by_side(
+                c,
+                format!("per_key_u64_zipf/{name}"),
+                &zipf(&keys),
+                |k| layer.check(&k.to_le_bytes(), 1).is_ok(),
+                |k| gov.check_key(k).is_ok(),
+            );
+        }
     }
 }
 
 fn per_key_str(c: &mut Criterion, all: &[String]) {
-    for (name, n) in [("1", 1), ("10k", SOME), ("1M", MANY)] {
+    for (name, n, skewed) in [("1", 1, false), ("10k", SOME, true), ("1M", MANY, true)] {
         let layer = per_key_layer(max_keys_for(n));
         let gov = governor::<String>();
         let keys = tracked(name, &all[..n], |k| layer.check(k.as_bytes(), 1).is_ok());
@@ -270,6 +340,15 @@ fn per_key_str(c: &mut Criterion, all: &[String]) {
             |k| layer.check(k.as_bytes(), 1).is_ok(),
             |k| gov.check_key(k).is_ok(),
         );
+        if skewed {
+            side_by_side(
+                c,
+                format!("per_key_str_zipf/{name}"),
+                &zipf(&keys),
+                |k| layer.check(k.as_bytes(), 1).is_ok(),
+                |k| gov.check_key(*k).is_ok(),
+            );
+        }
     }
 }
 
