@@ -18,6 +18,10 @@
 //! - `registered_str/{1,10k}`: a policy of 10,000 registered `ApiKey`s (tollgate
 //!   looks the key up in the registry first; governor, which has no registry,
 //!   limits the same strings per key);
+//! - `registered_full/{1,10k}`: the same registered keys on a full plan, a
+//!   throttle and a monthly quota of 2^53 requests (which never denies), so
+//!   tollgate also counts every decision against the key's quota. governor has
+//!   no quotas: beside it is the same keyed limiter as in `registered_str`;
 //! - `two_threads/{one_key,distinct_keys}`: two threads deciding at once, on one
 //!   shared key or on a key each; the figure is wall time per decision over both
 //!   threads (the time one thread waits for one decision is twice that).
@@ -63,7 +67,7 @@ use criterion::{Bencher, BenchmarkGroup, Criterion};
 use governor::clock::DefaultClock;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use tollgate::{ApiKey, MemoryStore, Policy, RateLimitLayer, Throttle, UsagePlan};
+use tollgate::{ApiKey, MemoryStore, Period, Policy, RateLimitLayer, Throttle, UsagePlan};
 
 /// Requests per second of the limit under test.
 const RATE: f64 = 1.0;
@@ -92,6 +96,11 @@ fn plan() -> UsagePlan {
     UsagePlan::new("bench").throttle(throttle())
 }
 
+/// The throttle and a monthly quota far above what a run decides.
+fn full_plan() -> UsagePlan {
+    plan().quota(tollgate::Quota::new(1 << 53, Period::Month).expect("a valid quota"))
+}
+
 fn quota() -> Quota {
     Quota::with_period(Duration::from_secs_f64(1.0 / RATE))
         .expect("a nonzero period")
@@ -108,11 +117,11 @@ fn per_key_layer(max_keys: usize) -> RateLimitLayer {
         .build()
 }
 
-fn registered_layer(values: &[String]) -> RateLimitLayer {
+fn registered_layer(values: &[String], plan: UsagePlan) -> RateLimitLayer {
     let policy = values
         .iter()
         .enumerate()
-        .fold(Policy::builder().plan(plan()), |p, (i, v)| {
+        .fold(Policy::builder().plan(plan), |p, (i, v)| {
             p.key(ApiKey::new(format!("id-{i}"), v.as_str(), "bench"))
         })
         .build()
@@ -352,9 +361,10 @@ fn per_key_str(c: &mut Criterion, all: &[String]) {
     }
 }
 
-fn registered_str(c: &mut Criterion, all: &[String]) {
+/// `registered_str` (`plan()`) or `registered_full` (`full_plan()`).
+fn registered(c: &mut Criterion, prefix: &str, plan: UsagePlan, all: &[String]) {
     let registered = &all[..SOME];
-    let layer = registered_layer(registered);
+    let layer = registered_layer(registered, plan);
     for (name, n) in [("1", 1), ("10k", SOME)] {
         let keys = &registered[..n];
         let gov = governor::<String>();
@@ -364,7 +374,7 @@ fn registered_str(c: &mut Criterion, all: &[String]) {
         }
         side_by_side(
             c,
-            format!("registered_str/{name}"),
+            format!("{prefix}/{name}"),
             keys,
             |k| layer.check(k.as_bytes(), 1).is_ok(),
             |k| gov.check_key(k).is_ok(),
@@ -458,7 +468,8 @@ fn decision(c: &mut Criterion) {
     let strings: Vec<String> = (0..MANY).map(|i| format!("key-{i:08}")).collect();
     per_key_u64(c, &ids);
     per_key_str(c, &strings);
-    registered_str(c, &strings);
+    registered(c, "registered_str", plan(), &strings);
+    registered(c, "registered_full", full_plan(), &strings);
     threads(c, &ids);
 }
 
