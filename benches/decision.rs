@@ -23,8 +23,10 @@
 //!   tollgate also counts every decision against the key's quota. governor has
 //!   no quotas: beside it is the same keyed limiter as in `registered_str`;
 //! - `two_threads/{one_key,distinct_keys}`: two threads deciding at once, on one
-//!   shared key or on a key each; the figure is wall time per decision over both
-//!   threads (the time one thread waits for one decision is twice that).
+//!   shared key or on a key each (8-byte keys); the figure is wall time per
+//!   decision over both threads (the time one thread waits for one decision is
+//!   twice that);
+//! - `two_threads/{one_str_key,distinct_str_keys}`: the same with string keys.
 //!
 //! Keys are generated once and inserted before measuring; the loop cycles
 //! through them in order (or through the Zipf sequence). A key tollgate's store
@@ -422,12 +424,19 @@ fn two_threads<K: Sync>(
     (end - start) / 2
 }
 
-fn threads(c: &mut Criterion, all: &[u64]) {
-    for (name, keys) in [("one_key", [0, 0]), ("distinct_keys", [0, 1])] {
+/// `two_threads/{one_key,distinct_keys}` on `all`'s first two keys, under the
+/// names `names`; `check` is tollgate's decision for a key.
+fn threads<K: Hash + Eq + Clone + Send + Sync>(
+    c: &mut Criterion,
+    names: [&str; 2],
+    all: &[K],
+    check: impl Fn(&RateLimitLayer, &K) -> bool + Sync,
+) {
+    for (name, keys) in names.into_iter().zip([[0, 0], [0, 1]]) {
         let layer = per_key_layer(max_keys_for(2));
-        let gov = governor::<u64>();
+        let gov = governor::<K>();
         for k in &all[..2] {
-            assert!(layer.check(&k.to_le_bytes(), 1).is_ok());
+            assert!(check(&layer, k));
             assert!(gov.check_key(k).is_ok());
         }
         let keys = [&all[keys[0]], &all[keys[1]]];
@@ -438,9 +447,7 @@ fn threads(c: &mut Criterion, all: &[u64]) {
         let (mut ours, mut theirs) = (Samples::default(), Samples::default());
         group.bench_function("tollgate", |b| {
             b.iter_custom(|iters| {
-                let took = two_threads(iters, keys, &denied, |k| {
-                    layer.check(&k.to_le_bytes(), 1).is_ok()
-                });
+                let took = two_threads(iters, keys, &denied, |k| check(&layer, k));
                 ours.record(iters, took)
             })
         });
@@ -470,7 +477,15 @@ fn decision(c: &mut Criterion) {
     per_key_str(c, &strings);
     registered(c, "registered_str", plan(), &strings);
     registered(c, "registered_full", full_plan(), &strings);
-    threads(c, &ids);
+    threads(c, ["one_key", "distinct_keys"], &ids, |layer, k| {
+        layer.check(&k.to_le_bytes(), 1).is_ok()
+    });
+    threads(
+        c,
+        ["one_str_key", "distinct_str_keys"],
+        &strings,
+        |layer, k| layer.check(k.as_bytes(), 1).is_ok(),
+    );
 }
 
 fn main() {
