@@ -11,17 +11,44 @@
 //! - `per_key_u64/10k_max_keys_32k`: the 10k workload with tollgate's store
 //!   sized to the workload (`max_keys(32_768)`), to show the cost of a sparse table;
 //! - `per_key_str/{1,10k,1M}`: `Policy::per_key`, short string keys (`key-00000042`);
+//! - `per_key_u64_zipf/{10k,1M}` and `per_key_str_zipf/{10k,1M}`: the same
+//!   stores and keys, visited in a Zipf-skewed order (s = 1.0: the hottest key
+//!   takes about 10% of the decisions among 10k keys, 7% among 1M) instead of
+//!   in turn;
 //! - `registered_str/{1,10k}`: a policy of 10,000 registered `ApiKey`s (tollgate
 //!   looks the key up in the registry first; governor, which has no registry,
 //!   limits the same strings per key);
+//! - `registered_full/{1,10k}`: the same registered keys on a full plan, a
+//!   throttle and a monthly quota of 2^53 requests (which never denies), so
+//!   tollgate also counts every decision against the key's quota. governor has
+//!   no quotas: beside it is the same keyed limiter as in `registered_str`;
 //! - `two_threads/{one_key,distinct_keys}`: two threads deciding at once, on one
-//!   shared key or on a key each; the figure is wall time per decision over both
-//!   threads (the time one thread waits for one decision is twice that).
+//!   shared key or on a key each (8-byte keys); the figure is wall time per
+//!   decision over both threads (the time one thread waits for one decision is
+//!   twice that);
+//! - `two_threads/{one_str_key,distinct_str_keys}`: the same with string keys.
 //!
 //! Keys are generated once and inserted before measuring; the loop cycles
-//! through them in order. A key tollgate's store refuses at insertion (every
-//! slot of its window holds a live key) is left out of the workload for both
-//! limiters, with a line on stderr.
+//! through them in order (or through the Zipf sequence). A key tollgate's store
+//! refuses at insertion (every slot of its window holds a live key) is left out
+//! of the workload for both limiters, with a line on stderr.
+//!
+//! The Zipf sequence is 1M draws from a fixed-seed generator, made before
+//! timing starts; rank `r` is the `r`-th key. Both limiters hash their keys,
+//! so a key's rank says nothing of where it is stored.
+//!
+//! After each group one line on stdout gives `ratio <group>: governor/tollgate
+//! = X.XX` (above 1, tollgate is faster), from the mean time per decision of
+//! each function. The means are taken from the samples criterion itself
+//! measures: every function times its own loop with `iter_custom` and keeps
+//! what each call measured; the last `SAMPLES` calls, after the warm-up, are
+//! criterion's samples. The mean is computed as criterion's `mean` estimate
+//! (the one in `estimates.json`; the middle figure of criterion's `time:` line
+//! is the slope of a fit, and differs a little). So the ratio is of the same
+//! samples as the report, and needs neither a second timing run nor
+//! criterion's files on disk (which may be left from an earlier run, or not
+//! written at all under `--profile-time`). A function skipped by a filter, or
+//! run once by `--test`, gives no line.
 //!
 //! The limit is one unit per second with a bucket of `u32::MAX`: no check in
 //! the run is ever denied (this is asserted), and every key stays live (its
@@ -42,7 +69,7 @@ use criterion::{Bencher, BenchmarkGroup, Criterion};
 use governor::clock::DefaultClock;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use tollgate::{ApiKey, MemoryStore, Policy, RateLimitLayer, Throttle, UsagePlan};
+use tollgate::{ApiKey, MemoryStore, Period, Policy, RateLimitLayer, Throttle, UsagePlan};
 
 /// Requests per second of the limit under test.
 const RATE: f64 = 1.0;
@@ -52,6 +79,14 @@ const BURST: u32 = u32::MAX;
 const MANY: usize = 1_000_000;
 /// The middle workload, and the number of registered keys.
 const SOME: usize = 10_000;
+/// Measured samples per function.
+const SAMPLES: usize = 30;
+/// The exponent of the Zipf skew.
+const ZIPF_S: f64 = 1.0;
+/// The length of a Zipf sequence.
+const ZIPF_DRAWS: usize = 1_000_000;
+/// The seed of every Zipf sequence, so that every run visits the same keys.
+const ZIPF_SEED: u64 = 0x746f_6c6c_6761_7465;
 
 type Governor<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock>;
 
@@ -61,6 +96,11 @@ fn throttle() -> Throttle {
 
 fn plan() -> UsagePlan {
     UsagePlan::new("bench").throttle(throttle())
+}
+
+/// The throttle and a monthly quota far above what a run decides.
+fn full_plan() -> UsagePlan {
+    plan().quota(tollgate::Quota::new(1 << 53, Period::Month).expect("a valid quota"))
 }
 
 fn quota() -> Quota {
@@ -79,11 +119,11 @@ fn per_key_layer(max_keys: usize) -> RateLimitLayer {
         .build()
 }
 
-fn registered_layer(values: &[String]) -> RateLimitLayer {
+fn registered_layer(values: &[String], plan: UsagePlan) -> RateLimitLayer {
     let policy = values
         .iter()
         .enumerate()
-        .fold(Policy::builder().plan(plan()), |p, (i, v)| {
+        .fold(Policy::builder().plan(plan), |p, (i, v)| {
             p.key(ApiKey::new(format!("id-{i}"), v.as_str(), "bench"))
         })
         .build()
@@ -103,23 +143,72 @@ fn max_keys_for(n: usize) -> usize {
 
 fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
     group
-        .sample_size(30)
+        .sample_size(SAMPLES)
         .measurement_time(Duration::from_secs(2))
         .warm_up_time(Duration::from_secs(1));
 }
 
-/// Cycles `decide` through `keys`, counting denials into `denied`.
-fn cycle<T>(b: &mut Bencher<'_>, keys: &[T], denied: &mut u64, mut decide: impl FnMut(&T) -> bool) {
+/// What one function's routine measured, call by call: `(iterations, time)`.
+/// criterion calls the routine during its warm-up, then once per sample, so
+/// the last `SAMPLES` calls are the samples of its report.
+#[derive(Default)]
+struct Samples(Vec<(u64, Duration)>);
+
+impl Samples {
+    fn record(&mut self, iters: u64, took: Duration) -> Duration {
+        self.0.push((iters, took));
+        took
+    }
+
+    /// The mean time per iteration over the measured samples, computed as
+    /// criterion's `mean` estimate is: the mean of each sample's time per
+    /// iteration. `None` when criterion did not take its samples (the
+    /// function was filtered out, or run once by `--test`).
+    fn mean(&self) -> Option<f64> {
+        let measured = self.0.get(self.0.len().checked_sub(SAMPLES)?..)?;
+        let sum: f64 = measured
+            .iter()
+            .map(|&(iters, took)| took.as_secs_f64() / iters as f64)
+            .sum();
+        Some(sum / measured.len() as f64)
+    }
+}
+
+/// Prints governor's mean time over tollgate's for `group`, when both ran.
+fn print_ratio(group: &str, tollgate: &Samples, governor: &Samples) {
+    if let (Some(t), Some(g)) = (tollgate.mean(), governor.mean()) {
+        println!(
+            "ratio {group}: governor/tollgate = {:.2} (tollgate {:.1} ns, governor {:.1} ns)",
+            g / t,
+            t * 1e9,
+            g * 1e9
+        );
+    }
+}
+
+/// Cycles `decide` through `keys`, counting denials into `denied`. The loop is
+/// criterion's own `iter` loop, timed here so that `samples` gets the figures.
+fn cycle<T>(
+    b: &mut Bencher<'_>,
+    keys: &[T],
+    denied: &mut u64,
+    samples: &mut Samples,
+    mut decide: impl FnMut(&T) -> bool,
+) {
     let mut i = 0;
-    b.iter(|| {
-        let key = &keys[i];
-        i += 1;
-        if i == keys.len() {
-            i = 0;
+    b.iter_custom(|iters| {
+        let start = Instant::now();
+        for _ in 0..iters {
+            let key = &keys[i];
+            i += 1;
+            if i == keys.len() {
+                i = 0;
+            }
+            if !decide(black_box(key)) {
+                *denied += 1;
+            }
         }
-        if !decide(black_box(key)) {
-            *denied += 1;
-        }
+        samples.record(iters, start.elapsed())
     });
 }
 
@@ -140,32 +229,85 @@ fn tracked<T: Clone>(name: &str, keys: &[T], insert: impl Fn(&T) -> bool) -> Vec
 }
 
 /// Times tollgate's and governor's decision on the same keys in one criterion
-/// group, and checks that every decision passed.
+/// group, checks that every decision passed, and prints the ratio.
 fn side_by_side<T>(
     c: &mut Criterion,
-    group: String,
+    name: String,
     keys: &[T],
     tollgate: impl Fn(&T) -> bool,
     governor: impl Fn(&T) -> bool,
 ) {
-    let mut group = c.benchmark_group(group);
+    let mut group = c.benchmark_group(&name);
     configure(&mut group);
     let mut denied = 0;
-    group.bench_function("tollgate", |b| cycle(b, keys, &mut denied, &tollgate));
-    group.bench_function("governor", |b| cycle(b, keys, &mut denied, &governor));
+    let (mut ours, mut theirs) = (Samples::default(), Samples::default());
+    group.bench_function("tollgate", |b| {
+        cycle(b, keys, &mut denied, &mut ours, &tollgate)
+    });
+    group.bench_function("governor", |b| {
+        cycle(b, keys, &mut denied, &mut theirs, &governor)
+    });
     group.finish();
     assert_eq!(
         denied, 0,
         "a check was denied: the workload is not all-pass"
     );
+    print_ratio(&name, &ours, &theirs);
+}
+
+/// SplitMix64: a small, fast generator, good enough to draw a bench's keys.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A uniform draw in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// `ZIPF_DRAWS` ranks in `0..n`, rank `r` drawn with a weight of
+/// `1 / (r + 1)^ZIPF_S`, by inverting the cumulative weights. Written here
+/// rather than taken from a crate so the sequence is fixed by this file alone.
+fn zipf_ranks(n: usize) -> Vec<usize> {
+    let mut total = 0.0;
+    let cumulative: Vec<f64> = (1..=n)
+        .map(|k| {
+            total += (k as f64).powf(-ZIPF_S);
+            total
+        })
+        .collect();
+    let mut rng = SplitMix64(ZIPF_SEED);
+    (0..ZIPF_DRAWS)
+        .map(|_| {
+            let u = rng.unit() * total;
+            cumulative.partition_point(|&c| c <= u).min(n - 1)
+        })
+        .collect()
+}
+
+/// `keys` in the order of a Zipf sequence over them.
+fn zipf<T>(keys: &[T]) -> Vec<&T> {
+    zipf_ranks(keys.len())
+        .into_iter()
+        .map(|r| &keys[r])
+        .collect()
 }
 
 fn per_key_u64(c: &mut Criterion, all: &[u64]) {
-    for (name, n, max_keys) in [
-        ("1", 1, max_keys_for(1)),
-        ("10k", SOME, max_keys_for(SOME)),
-        ("10k_max_keys_32k", SOME, 32_768),
-        ("1M", MANY, max_keys_for(MANY)),
+    // (name, keys, tollgate's max_keys, also run Zipf-skewed)
+    for (name, n, max_keys, skewed) in [
+        ("1", 1, max_keys_for(1), false),
+        ("10k", SOME, max_keys_for(SOME), true),
+        ("10k_max_keys_32k", SOME, 32_768, false),
+        ("1M", MANY, max_keys_for(MANY), true),
     ] {
         let layer = per_key_layer(max_keys);
         let gov = governor::<u64>();
@@ -182,11 +324,20 @@ fn per_key_u64(c: &mut Criterion, all: &[u64]) {
             |k| layer.check(&k.to_le_bytes(), 1).is_ok(),
             |k| gov.check_key(k).is_ok(),
         );
+        if skewed {
+            side_by_side(
+                c,
+                format!("per_key_u64_zipf/{name}"),
+                &zipf(&keys),
+                |k| layer.check(&k.to_le_bytes(), 1).is_ok(),
+                |k| gov.check_key(k).is_ok(),
+            );
+        }
     }
 }
 
 fn per_key_str(c: &mut Criterion, all: &[String]) {
-    for (name, n) in [("1", 1), ("10k", SOME), ("1M", MANY)] {
+    for (name, n, skewed) in [("1", 1, false), ("10k", SOME, true), ("1M", MANY, true)] {
         let layer = per_key_layer(max_keys_for(n));
         let gov = governor::<String>();
         let keys = tracked(name, &all[..n], |k| layer.check(k.as_bytes(), 1).is_ok());
@@ -200,12 +351,22 @@ fn per_key_str(c: &mut Criterion, all: &[String]) {
             |k| layer.check(k.as_bytes(), 1).is_ok(),
             |k| gov.check_key(k).is_ok(),
         );
+        if skewed {
+            side_by_side(
+                c,
+                format!("per_key_str_zipf/{name}"),
+                &zipf(&keys),
+                |k| layer.check(k.as_bytes(), 1).is_ok(),
+                |k| gov.check_key(*k).is_ok(),
+            );
+        }
     }
 }
 
-fn registered_str(c: &mut Criterion, all: &[String]) {
+/// `registered_str` (`plan()`) or `registered_full` (`full_plan()`).
+fn registered(c: &mut Criterion, prefix: &str, plan: UsagePlan, all: &[String]) {
     let registered = &all[..SOME];
-    let layer = registered_layer(registered);
+    let layer = registered_layer(registered, plan);
     for (name, n) in [("1", 1), ("10k", SOME)] {
         let keys = &registered[..n];
         let gov = governor::<String>();
@@ -215,7 +376,7 @@ fn registered_str(c: &mut Criterion, all: &[String]) {
         }
         side_by_side(
             c,
-            format!("registered_str/{name}"),
+            format!("{prefix}/{name}"),
             keys,
             |k| layer.check(k.as_bytes(), 1).is_ok(),
             |k| gov.check_key(k).is_ok(),
@@ -263,27 +424,38 @@ fn two_threads<K: Sync>(
     (end - start) / 2
 }
 
-fn threads(c: &mut Criterion, all: &[u64]) {
-    for (name, keys) in [("one_key", [0, 0]), ("distinct_keys", [0, 1])] {
+/// `two_threads/{one_key,distinct_keys}` on `all`'s first two keys, under the
+/// names `names`; `check` is tollgate's decision for a key.
+fn threads<K: Hash + Eq + Clone + Send + Sync>(
+    c: &mut Criterion,
+    names: [&str; 2],
+    all: &[K],
+    check: impl Fn(&RateLimitLayer, &K) -> bool + Sync,
+) {
+    for (name, keys) in names.into_iter().zip([[0, 0], [0, 1]]) {
         let layer = per_key_layer(max_keys_for(2));
-        let gov = governor::<u64>();
+        let gov = governor::<K>();
         for k in &all[..2] {
-            assert!(layer.check(&k.to_le_bytes(), 1).is_ok());
+            assert!(check(&layer, k));
             assert!(gov.check_key(k).is_ok());
         }
         let keys = [&all[keys[0]], &all[keys[1]]];
-        let mut group = c.benchmark_group(format!("two_threads/{name}"));
+        let name = format!("two_threads/{name}");
+        let mut group = c.benchmark_group(&name);
         configure(&mut group);
         let denied = AtomicU64::new(0);
+        let (mut ours, mut theirs) = (Samples::default(), Samples::default());
         group.bench_function("tollgate", |b| {
             b.iter_custom(|iters| {
-                two_threads(iters, keys, &denied, |k| {
-                    layer.check(&k.to_le_bytes(), 1).is_ok()
-                })
+                let took = two_threads(iters, keys, &denied, |k| check(&layer, k));
+                ours.record(iters, took)
             })
         });
         group.bench_function("governor", |b| {
-            b.iter_custom(|iters| two_threads(iters, keys, &denied, |k| gov.check_key(k).is_ok()))
+            b.iter_custom(|iters| {
+                let took = two_threads(iters, keys, &denied, |k| gov.check_key(k).is_ok());
+                theirs.record(iters, took)
+            })
         });
         group.finish();
         assert_eq!(
@@ -291,6 +463,7 @@ fn threads(c: &mut Criterion, all: &[u64]) {
             0,
             "a check was denied: the workload is not all-pass"
         );
+        print_ratio(&name, &ours, &theirs);
     }
 }
 
@@ -302,8 +475,17 @@ fn decision(c: &mut Criterion) {
     let strings: Vec<String> = (0..MANY).map(|i| format!("key-{i:08}")).collect();
     per_key_u64(c, &ids);
     per_key_str(c, &strings);
-    registered_str(c, &strings);
-    threads(c, &ids);
+    registered(c, "registered_str", plan(), &strings);
+    registered(c, "registered_full", full_plan(), &strings);
+    threads(c, ["one_key", "distinct_keys"], &ids, |layer, k| {
+        layer.check(&k.to_le_bytes(), 1).is_ok()
+    });
+    threads(
+        c,
+        ["one_str_key", "distinct_str_keys"],
+        &strings,
+        |layer, k| layer.check(k.as_bytes(), 1).is_ok(),
+    );
 }
 
 fn main() {
