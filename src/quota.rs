@@ -65,6 +65,10 @@ const NO_DAY: DayRecord = DayRecord {
 struct State {
     /// Start of the window `used` counts in (`i64::MIN` before any request).
     window_start: i64,
+    /// The end of that window and the period it was taken under, so that a
+    /// decision inside it needs no calendar arithmetic.
+    window_end: i64,
+    period: Option<Period>,
     used: i64,
     days: Box<[DayRecord]>,
 }
@@ -80,6 +84,8 @@ impl QuotaCell {
         QuotaCell {
             state: Mutex::new(State {
                 window_start: i64::MIN,
+                window_end: i64::MIN,
+                period: None,
                 used: 0,
                 days: vec![NO_DAY; history_days.max(1)].into_boxed_slice(),
             }),
@@ -171,6 +177,8 @@ impl QuotaCell {
     pub(crate) fn reset(&self) {
         let mut st = self.state.lock();
         st.window_start = i64::MIN;
+        st.window_end = i64::MIN;
+        st.period = None;
         st.used = 0;
         st.days.fill(NO_DAY);
     }
@@ -209,14 +217,24 @@ impl State {
     /// back into an earlier window keeps the current count: going back in time
     /// never grants capacity.
     fn roll(&mut self, period: Period, now: i64) -> Window {
+        // Still inside the window (or back before it): nothing to compute.
+        if self.period == Some(period) && now < self.window_end {
+            return Window {
+                start: self.window_start,
+                end: self.window_end,
+            };
+        }
         let w = window(period, now);
-        if w.start > self.window_start {
+        let w = if w.start > self.window_start {
             self.window_start = w.start;
             self.used = 0;
             w
         } else {
             window(period, self.window_start)
-        }
+        };
+        self.window_end = w.end;
+        self.period = Some(period);
+        w
     }
 
     fn record(&mut self, now: i64, f: impl FnOnce(&mut DayRecord)) {
