@@ -26,7 +26,10 @@
 //!   shared key or on a key each (8-byte keys); the figure is wall time per
 //!   decision over both threads (the time one thread waits for one decision is
 //!   twice that);
-//! - `two_threads/{one_str_key,distinct_str_keys}`: the same with string keys.
+//! - `two_threads/{one_str_key,distinct_str_keys}`: the same with string keys;
+//! - `coarse_u64/{1,10k_max_keys_32k}` and `coarse_str/1`: the per-key
+//!   workloads with the store on `Clock::coarse(1 ms)`, which reads the time a
+//!   background thread keeps instead of the CPU counter.
 //!
 //! Keys are generated once and inserted before measuring; the loop cycles
 //! through them in order (or through the Zipf sequence). A key tollgate's store
@@ -69,7 +72,7 @@ use criterion::{Bencher, BenchmarkGroup, Criterion};
 use governor::clock::DefaultClock;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use tollgate::{ApiKey, MemoryStore, Period, Policy, RateLimitLayer, Throttle, UsagePlan};
+use tollgate::{ApiKey, Clock, MemoryStore, Period, Policy, RateLimitLayer, Throttle, UsagePlan};
 
 /// Requests per second of the limit under test.
 const RATE: f64 = 1.0;
@@ -110,8 +113,13 @@ fn quota() -> Quota {
 }
 
 fn per_key_layer(max_keys: usize) -> RateLimitLayer {
+    per_key_layer_on(max_keys, Clock::system())
+}
+
+fn per_key_layer_on(max_keys: usize, clock: Clock) -> RateLimitLayer {
     let store = MemoryStore::builder()
         .max_keys(max_keys)
+        .clock(clock)
         .build()
         .expect("a valid store");
     RateLimitLayer::builder(Policy::per_key(plan()).unwrap())
@@ -467,6 +475,44 @@ fn threads<K: Hash + Eq + Clone + Send + Sync>(
     }
 }
 
+/// The per-key workloads on a coarse clock.
+fn coarse(c: &mut Criterion, ids: &[u64], strings: &[String]) {
+    let clock = || Clock::coarse(Duration::from_millis(1));
+    for (name, n, max_keys) in [
+        ("1", 1, max_keys_for(1)),
+        ("10k_max_keys_32k", SOME, 32_768),
+    ] {
+        let layer = per_key_layer_on(max_keys, clock());
+        let gov = governor::<u64>();
+        let keys = tracked(name, &ids[..n], |k| {
+            layer.check(&k.to_le_bytes(), 1).is_ok()
+        });
+        for k in &keys {
+            assert!(gov.check_key(k).is_ok());
+        }
+        side_by_side(
+            c,
+            format!("coarse_u64/{name}"),
+            &keys,
+            |k| layer.check(&k.to_le_bytes(), 1).is_ok(),
+            |k| gov.check_key(k).is_ok(),
+        );
+    }
+    let layer = per_key_layer_on(max_keys_for(1), clock());
+    let gov = governor::<String>();
+    let keys = tracked("1", &strings[..1], |k| layer.check(k.as_bytes(), 1).is_ok());
+    for k in &keys {
+        assert!(gov.check_key(k).is_ok());
+    }
+    side_by_side(
+        c,
+        "coarse_str/1".to_owned(),
+        &keys,
+        |k| layer.check(k.as_bytes(), 1).is_ok(),
+        |k| gov.check_key(k).is_ok(),
+    );
+}
+
 fn decision(c: &mut Criterion) {
     // Generated once for every workload: spread 64-bit ids, and short API keys.
     let ids: Vec<u64> = (0..MANY as u64)
@@ -486,6 +532,7 @@ fn decision(c: &mut Criterion) {
         &strings,
         |layer, k| layer.check(k.as_bytes(), 1).is_ok(),
     );
+    coarse(c, &ids, &strings);
 }
 
 fn main() {
