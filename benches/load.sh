@@ -12,9 +12,14 @@
 # that a slow stretch of the machine does not fall on one mode only. With two
 # or more cores the server runs on core 0 and wrk on core 1.
 #
-# It prints each run, then per mode the range over rounds of requests/s, p50
-# and p99, and the ratios to the bare route of the same round: requests/s
-# mode/bare (below 1: fewer) and latency mode/bare (above 1: slower).
+# Before each run it waits, at most 15 s, until the machine's CPUs have been at
+# least 90% idle for a second (the machine is shared), and notes the idle share
+# it saw. It prints each run, then per mode the range over rounds of
+# requests/s, p50 and p99, and the ratios to the bare route of the same round
+# as median (range): requests/s mode/bare (below 1: fewer) and latency
+# mode/bare (above 1: slower). Other work on the machine only ever slows a run,
+# so the last two columns compare each mode's best run (most requests/s,
+# lowest p50) with the bare route's best, the least disturbed runs.
 # Every request carries one of the registered keys; a run that got any
 # non-2xx answer or socket error is reported and makes the script fail.
 # Only 127.0.0.1 is a target, and every wrk run is bounded by -d and timeout.
@@ -88,6 +93,27 @@ start_server() {
     fi
 }
 
+# Idle share of all CPUs over one second, in percent, from /proc/stat.
+idle_pct() {
+    a=$(head -n 1 /proc/stat)
+    sleep 1
+    b=$(head -n 1 /proc/stat)
+    echo "$a $b" | awk '{
+        n = NF / 2
+        for (i = 2; i <= 9; i++) { t += $(n + i) - $i } # guest time is in user
+        idle = ($(n + 5) - $5) + ($(n + 6) - $6)
+        printf "%d", (t > 0 ? 100 * idle / t : 0) }'
+}
+
+wait_idle() {
+    tries=0
+    idle=$(idle_pct)
+    while [ "$idle" -lt 90 ] && [ "$tries" -lt 14 ]; do
+        tries=$((tries + 1))
+        idle=$(idle_pct)
+    done
+}
+
 run_wrk() {
     # shellcheck disable=SC2086
     timeout $(($1 + 10)) $client_cpu wrk -t1 -c"$connections" -d"$1"s \
@@ -104,13 +130,14 @@ to_us='function us(v) {
 }'
 
 modes="bare tollgate governor"
-echo "round mode req/s p50_us p99_us" >"$tmp/runs"
+echo "round mode req/s p50_us p99_us idle%_before" | tee "$tmp/runs"
 round=1
 while [ "$round" -le "$rounds" ]; do
     # Rotate the order: round 2 starts with the second mode, and so on.
     order=$(echo "$modes" | awk -v r="$round" '{
         for (i = 0; i < NF; i++) printf "%s ", $(((i + r - 1) % NF) + 1) }')
     for mode in $order; do
+        wait_idle
         start_server "$mode"
         run_wrk 1 >/dev/null
         run_wrk "$seconds" >"$tmp/wrk.out"
@@ -120,11 +147,11 @@ while [ "$round" -le "$rounds" ]; do
             grep -e 'Non-2xx' -e 'Socket errors' "$tmp/wrk.out" >&2
             failed=1
         fi
-        awk -v round="$round" -v mode="$mode" "$to_us"'
+        awk -v round="$round" -v mode="$mode" -v idle="$idle" "$to_us"'
             /^Requests\/sec:/ { rps = $2 }
             $1 == "50%" { p50 = us($2) }
             $1 == "99%" { p99 = us($2) }
-            END { printf "%d %s %.0f %.0f %.0f\n", round, mode, rps, p50, p99 }
+            END { printf "%d %s %.0f %.0f %.0f %d\n", round, mode, rps, p50, p99, idle }
         ' "$tmp/wrk.out" | tee -a "$tmp/runs"
     done
     round=$((round + 1))
@@ -132,18 +159,27 @@ done
 
 echo
 echo "wrk -t1 -c$connections -d${seconds}s, $rounds rounds${server_cpu:+, server on core 0 and wrk on core 1}"
-echo "ranges over rounds; ratios to bare within each round"
+echo "ranges over rounds; ratios to bare within each round, as median (range)"
 awk '
     NR == 1 { next }
     function range(a, b, fmt) {
         return sprintf(fmt, a) (sprintf(fmt, a) == sprintf(fmt, b) ? "" : "-" sprintf(fmt, b))
     }
-    function keep(name, v) {
-        if (!(name in lo) || v < lo[name]) lo[name] = v
-        if (!(name in hi) || v > hi[name]) hi[name] = v
+    # Keeps v in list name; lists are sorted when summarised.
+    function keep(name, v) { count[name]++; val[name, count[name]] = v }
+    function summary(name, fmt, with_median,    k, j, t, c, mid) {
+        c = count[name]
+        for (k = 2; k <= c; k++) for (j = k; j > 1 && val[name, j - 1] > val[name, j]; j--) {
+            t = val[name, j]; val[name, j] = val[name, j - 1]; val[name, j - 1] = t
+        }
+        mid = c % 2 ? val[name, (c + 1) / 2] : (val[name, c / 2] + val[name, c / 2 + 1]) / 2
+        if (!with_median) return range(val[name, 1], val[name, c], fmt)
+        return sprintf(fmt, mid) " (" range(val[name, 1], val[name, c], fmt) ")"
     }
     {
         rps[$1, $2] = $3; p50[$1, $2] = $4; p99[$1, $2] = $5; rounds[$1] = 1
+        if (!(($2) in best_rps) || $3 > best_rps[$2]) best_rps[$2] = $3
+        if (!(($2) in best_p50) || $4 < best_p50[$2]) best_p50[$2] = $4
         keep($2 " rps", $3); keep($2 " p50", $4); keep($2 " p99", $5)
     }
     END {
@@ -154,21 +190,24 @@ awk '
             keep(m " rp50", p50[r, m] / p50[r, "bare"])
             keep(m " rp99", p99[r, m] / p99[r, "bare"])
         }
-        printf "| %-8s | %13s | %9s | %9s | %11s | %9s | %9s |\n", "mode", "req/s",
-            "p50 (us)", "p99 (us)", "req/s ratio", "p50 ratio", "p99 ratio"
-        printf "|----------|--------------:|----------:|----------:|------------:|----------:|----------:|\n"
+        row = "| %-8s | %13s | %9s | %11s | %17s | %17s | %17s | %10s | %9s |\n"
+        printf row, "mode", "req/s", "p50 (us)", "p99 (us)",
+            "req/s ratio", "p50 ratio", "p99 ratio", "best req/s", "best p50"
+        printf "|----------|--------------:|----------:|------------:|"
+        printf "------------------:|------------------:|------------------:|"
+        printf "-----------:|----------:|\n"
         for (i = 1; i <= n; i++) {
             m = modes[i]
             if (m == "bare") { rr = "1"; r50 = "1"; r99 = "1" }
             else {
-                rr = range(lo[m " rrps"], hi[m " rrps"], "%.2f")
-                r50 = range(lo[m " rp50"], hi[m " rp50"], "%.2f")
-                r99 = range(lo[m " rp99"], hi[m " rp99"], "%.2f")
+                rr = summary(m " rrps", "%.2f", 1)
+                r50 = summary(m " rp50", "%.2f", 1)
+                r99 = summary(m " rp99", "%.2f", 1)
             }
-            printf "| %-8s | %13s | %9s | %9s | %11s | %9s | %9s |\n", m,
-                range(lo[m " rps"], hi[m " rps"], "%d"),
-                range(lo[m " p50"], hi[m " p50"], "%d"),
-                range(lo[m " p99"], hi[m " p99"], "%d"), rr, r50, r99
+            printf row, m, summary(m " rps", "%d"), summary(m " p50", "%d"),
+                summary(m " p99", "%d"), rr, r50, r99,
+                sprintf("%.2f", best_rps[m] / best_rps["bare"]),
+                sprintf("%.2f", best_p50[m] / best_p50["bare"])
         }
     }
 ' "$tmp/runs"
