@@ -124,11 +124,76 @@ impl HeaderStyle {
 
     /// Writes the headers for `report` into `headers`.
     pub(crate) fn write(&self, report: &Report, headers: &mut HeaderMap) {
+        self.prepare(report).write(headers);
+    }
+
+    /// What the headers for `report` need, taken when the request is
+    /// decided: much smaller than the report, which a response future would
+    /// otherwise carry (and copy) until the response arrives.
+    pub(crate) fn prepare(&self, report: &Report) -> Prepared {
+        let mut p = Prepared {
+            style: *self,
+            ..Prepared::default()
+        };
         let Some(tight) = report.tightest() else {
+            return p;
+        };
+        p.tight = Some(*tight);
+        if self.ietf {
+            p.policy = policy_value(report.items());
+        }
+        if self.openai {
+            for a in report.items().iter().filter(|a| a.name != CONCURRENCY) {
+                let slot = if a.name.starts_with("tokens") {
+                    &mut p.tokens
+                } else {
+                    &mut p.requests
+                };
+                if slot.is_none_or(|t| {
+                    (a.remaining, Reverse(a.reset)) < (t.remaining, Reverse(t.reset))
+                }) {
+                    *slot = Some(*a);
+                }
+            }
+        }
+        p
+    }
+}
+
+/// The rate-limit headers of one response, ready to write (see
+/// [`HeaderStyle::prepare`]); the default writes nothing.
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    style: HeaderStyle,
+    /// The `RateLimit-Policy` value.
+    policy: Option<HeaderValue>,
+    /// The limit closest to denying, for `RateLimit` and `X-RateLimit-*`.
+    tight: Option<Applied>,
+    /// The tightest request limit and token limit, for OpenAI's headers.
+    requests: Option<Applied>,
+    tokens: Option<Applied>,
+}
+
+impl Default for Prepared {
+    fn default() -> Self {
+        Prepared {
+            style: HeaderStyle::none(),
+            policy: None,
+            tight: None,
+            requests: None,
+            tokens: None,
+        }
+    }
+}
+
+impl Prepared {
+    /// Writes the headers into `headers`.
+    pub(crate) fn write(mut self, headers: &mut HeaderMap) {
+        let Some(tight) = &self.tight else {
             return;
         };
-        if self.ietf {
-            if let Some(v) = policy_value(report.items()) {
+        if self.style.ietf {
+            if let Some(v) = self.policy.take() {
                 headers.insert(RATELIMIT_POLICY, v);
             }
             let mut buf = HeaderBuf::new();
@@ -142,28 +207,15 @@ impl HeaderStyle {
                 headers.insert(RATELIMIT, v);
             }
         }
-        if self.x_ratelimit {
+        if self.style.x_ratelimit {
             headers.insert(X_LIMIT, HeaderValue::from(tight.quota));
             headers.insert(X_REMAINING, HeaderValue::from(tight.remaining));
             headers.insert(X_RESET, HeaderValue::from(ceil_secs(tight.reset)));
         }
-        if self.openai {
-            let (mut requests, mut tokens) = (None::<&Applied>, None::<&Applied>);
-            for a in report.items().iter().filter(|a| a.name != CONCURRENCY) {
-                let slot = if a.name.starts_with("tokens") {
-                    &mut tokens
-                } else {
-                    &mut requests
-                };
-                if slot.is_none_or(|t| {
-                    (a.remaining, Reverse(a.reset)) < (t.remaining, Reverse(t.reset))
-                }) {
-                    *slot = Some(a);
-                }
-            }
+        if self.style.openai {
             let names = [
                 (
-                    requests,
+                    &self.requests,
                     [
                         OPENAI_LIMIT_REQUESTS,
                         OPENAI_REMAINING_REQUESTS,
@@ -171,7 +223,7 @@ impl HeaderStyle {
                     ],
                 ),
                 (
-                    tokens,
+                    &self.tokens,
                     [
                         OPENAI_LIMIT_TOKENS,
                         OPENAI_REMAINING_TOKENS,

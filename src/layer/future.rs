@@ -12,7 +12,7 @@ use tower_service::Service;
 use super::Shared;
 use crate::body::{Guard, Reservation, ResponseBody};
 use crate::extract::RequestView;
-use crate::headers::HeaderStyle;
+use crate::headers::{HeaderStyle, Prepared};
 use crate::observe::Watch;
 use crate::plan::FailureMode;
 use crate::response::is_grpc;
@@ -52,8 +52,7 @@ pin_project! {
         Called {
             #[pin]
             fut: S::Future,
-            report: Report,
-            headers: HeaderStyle,
+            headers: Prepared,
             guard: Option<Guard>,
         },
         Rejected { response: Option<Response<Bytes>> },
@@ -67,15 +66,14 @@ where
 {
     pub(crate) fn called(
         fut: S::Future,
-        report: Report,
+        report: &Report,
         headers: HeaderStyle,
         guard: Option<Guard>,
     ) -> Self {
         ResponseFuture {
             state: State::Called {
                 fut,
-                report,
-                headers,
+                headers: headers.prepare(report),
                 guard,
             },
         }
@@ -147,8 +145,7 @@ where
                             State::Called {
                                 guard: Guard::new(&shared.store, report.permit(), reservation),
                                 fut: svc.call(req),
-                                report,
-                                headers: shared.headers,
+                                headers: shared.headers.prepare(&report),
                             }
                         }
                         Err((rejection, limit)) => {
@@ -161,12 +158,11 @@ where
                 }
                 StateProj::Called {
                     fut,
-                    report,
                     headers,
                     guard,
                 } => {
                     let mut res = ready!(fut.poll(cx))?;
-                    headers.write(report, res.headers_mut());
+                    std::mem::take(headers).write(res.headers_mut());
                     let guard = guard.take();
                     if let Some(g) = &guard {
                         g.read_response(&res);

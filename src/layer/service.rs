@@ -96,7 +96,7 @@ where
                     req.extensions_mut().insert(r.usage.clone());
                 }
                 let guard = Guard::new(&self.shared.store, report.permit(), reservation);
-                ResponseFuture::called(self.inner.call(req), report, self.shared.headers, guard)
+                ResponseFuture::called(self.inner.call(req), &report, self.shared.headers, guard)
             }
             Step::Done(Err((rejection, limit))) => {
                 // Only a rejection needs to know whether the call is gRPC.
