@@ -994,6 +994,17 @@ async fn a_token_bucket_reserves_estimates_and_settles_actual_costs<B: Backend>(
     // Resetting the key fills its bucket.
     admin.reset_key("k").await.unwrap();
     assert_eq!(send_tokens(&mut svc, 100, None).await.0, 200);
+    // An absurd report is charged as far as the store can hold: the key
+    // waits (for months), and nothing fails.
+    admin.reset_key("k").await.unwrap();
+    assert_eq!(send_tokens(&mut svc, 1, Some(u64::MAX)).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        send_tokens(&mut svc, 1, None).await,
+        (429, Some(Reason::Limited))
+    );
+    admin.reset_key("k").await.unwrap();
+    assert_eq!(send_tokens(&mut svc, 100, None).await.0, 200);
 }
 
 async fn daily_token_budgets_count_settled_tokens<B: Backend>(b: &B) {

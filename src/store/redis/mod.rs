@@ -926,7 +926,10 @@ impl Store for RedisStore {
     fn settle(&self, settlement: &Settlement<'_>) {
         let inner = Arc::clone(&self.inner);
         let mut call = Call::new("t", &inner.now());
-        call.arg(settlement.delta);
+        // The script's integers are exact below 2^53; a larger settlement
+        // would be refused whole, so it is charged as the largest it takes.
+        const EXACT: i64 = (1 << 53) - 1;
+        call.arg(settlement.delta.clamp(-EXACT, EXACT));
         call.arg(usize::from(settlement.throttle.is_some()));
         if let Some(t) = &settlement.throttle {
             call.keys.push(inner.throttle_key(t));
