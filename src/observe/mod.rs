@@ -173,7 +173,8 @@ impl<'a> DecisionEvent<'a> {
 
     /// The limit that rejected the request, as [`Rejection::limit`](crate::Rejection::limit)
     /// names it (`"throttle"`, `"method"`, `"quota"`, `"stage"`,
-    /// `"stage-method"`, `"concurrency"`); `None` when the request was
+    /// `"stage-method"`, `"concurrency"`, `"tokens-minute"`, `"tokens-day"`,
+    /// `"tokens-month"`); `None` when the request was
     /// allowed or no limit decided (key problems, store failures).
     pub fn limit(&self) -> Option<&'static str> {
         self.limit
