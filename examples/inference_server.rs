@@ -30,7 +30,8 @@
 //! The mock generates `max_tokens` tokens (default 16), or `mock_completion_tokens`
 //! when the request names it, and reports `usage`; prompt tokens are
 //! `ceil(prompt_chars / 4)`. With `"stream": true` it answers server-sent events,
-//! one per token, `mock_token_ms` apart (default 5), the last one with the usage.
+//! one per token, `mock_token_ms` apart (default 5), the last one with the usage;
+//! with `mock_fail_after: N` the stream fails after N tokens, as a broken model would.
 //!
 //! Token budgets: before the rate limit, a middleware reads the JSON body
 //! (and hands it on to the handler) and estimates the request's tokens as
@@ -41,7 +42,6 @@
 //! away mid-stream pays for what was produced. A malformed body is answered
 //! 400 by the middleware, before the rate limit: it costs nothing.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -465,6 +465,8 @@ struct Common {
     stream: bool,
     mock_completion_tokens: Option<u32>,
     mock_token_ms: Option<u64>,
+    /// A streamed answer fails (the model broke) after this many tokens.
+    mock_fail_after: Option<u32>,
 }
 
 /// What the mock will generate for one request.
@@ -476,6 +478,7 @@ struct Job {
     completion_tokens: u32,
     token_ms: u64,
     stream: bool,
+    fail_after: Option<u32>,
     /// Where the actual tokens are reported, when the plan has a token budget.
     usage: Option<TokenUsage>,
 }
@@ -521,6 +524,7 @@ impl Job {
             completion_tokens,
             token_ms,
             stream: c.stream,
+            fail_after: c.mock_fail_after,
             usage: None,
         })
     }
@@ -569,7 +573,7 @@ impl Job {
     }
 
     fn stream_answer(self) -> Response {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(1);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, std::io::Error>>(1);
         // The prompt is paid for once the stream starts; each token as it is sent.
         if let Some(u) = &self.usage {
             u.set(self.prompt_tokens);
@@ -579,6 +583,13 @@ impl Job {
             for i in 0..n {
                 if self.token_ms > 0 {
                     tokio::time::sleep(Duration::from_millis(self.token_ms)).await;
+                }
+                if self.fail_after == Some(i) {
+                    // The body fails: the client sees the stream cut off.
+                    let _ = tx
+                        .send(Err(std::io::Error::other("mock model failure")))
+                        .await;
+                    return;
                 }
                 let choice = if self.chat {
                     json!({"index": 0, "delta": {"content": "tok "}})

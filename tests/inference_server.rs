@@ -633,6 +633,8 @@ async fn a_stream_holds_its_concurrency_place_to_its_last_event() {
     assert_eq!(s.complete(Some("demo-free-key")).await.status(), 429);
 }
 
+const FAILING_STREAM: &str = r#"{"model":"m","prompt":"hi","max_tokens":40,"stream":true,"mock_token_ms":5,"mock_fail_after":3}"#;
+
 #[tokio::test]
 async fn places_all_come_back_after_a_mixed_storm() {
     let s = std::sync::Arc::new(start(server::DEMO_CONFIG).await);
@@ -656,9 +658,12 @@ async fn places_all_come_back_after_a_mixed_storm() {
                         .await;
                     let _ = futures_util_free::next_chunk(&mut res).await;
                 }
-                // Malformed bodies (400 from the handler).
+                // Streams whose model fails mid-way (the body errors).
                 2 => {
-                    let _ = s.post("/v1/completions", Some("demo-free-key"), "{").await;
+                    let res = s
+                        .post("/v1/completions", Some("demo-free-key"), FAILING_STREAM)
+                        .await;
+                    let _ = res.text().await;
                 }
                 // Plain requests.
                 _ => {
@@ -827,6 +832,26 @@ async fn a_dropped_stream_settles_the_tokens_it_produced() {
     // the rest of the reservation comes back, and 900 fit.
     drop(stream);
     assert_eq!(s.until("big-key", 900, 200).await.status(), 200);
+    // A stream whose model fails after 3 tokens is charged those 3: the
+    // rest of its 500 come back.
+    s.clock.advance(Duration::from_secs(60));
+    let body = json!({"model": "m", "prompt": "", "max_tokens": 500, "stream": true, "mock_token_ms": 5, "mock_fail_after": 3});
+    let res = s
+        .post("/v1/completions", Some("big-key"), &body.to_string())
+        .await;
+    assert_eq!(res.status(), 200);
+    assert!(res.text().await.is_err(), "the stream is cut off");
+    assert_eq!(s.until("big-key", 997, 200).await.status(), 200);
+    // (That probe used nothing and is refunded too.) 997 more fill the
+    // bucket exactly: the failed stream was charged its 3 tokens, no more
+    // and no fewer.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let res = s.tokens("big-key", 997, Some(997)).await;
+    assert_eq!(res.status(), 200);
+    let _ = res.text().await;
+    let res = s.tokens("big-key", 1, Some(1)).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["ratelimit"], "\"tokens-minute\";r=0;t=60");
     // A stream read to its end is charged all it produced.
     s.clock.advance(Duration::from_secs(60));
     let res = s
