@@ -9,6 +9,8 @@
 //!
 //! - `tollgate`: the `x-api-key` header, a policy of 10,000 registered keys,
 //!   IETF `RateLimit-Policy` / `RateLimit` response headers (the defaults);
+//! - `tollgate_no_headers`: `tollgate` with `HeaderStyle::none()`, to show what
+//!   the response headers cost;
 //! - `tollgate_per_key`: the same header as the key under `Policy::per_key`;
 //! - `tower_governor`: a key extractor reading the same `x-api-key` header,
 //!   `use_headers()` (`x-ratelimit-limit` / `-remaining` response headers).
@@ -26,7 +28,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use criterion::Criterion;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
-use tollgate::{ApiKey, Policy, RateLimitLayer, Throttle, UsagePlan};
+use tollgate::{ApiKey, HeaderStyle, Policy, RateLimitLayer, Throttle, UsagePlan};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_governor::GovernorError;
 use tower_governor::governor::GovernorConfigBuilder;
@@ -93,6 +95,14 @@ fn layer(c: &mut Criterion) {
     let tollgate = ServiceBuilder::new()
         .layer(RateLimitLayer::new(registered_policy()))
         .service_fn(ok);
+    // The same without rate-limit headers: what the headers cost.
+    let tollgate_no_headers = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::builder(registered_policy())
+                .headers(HeaderStyle::none())
+                .build(),
+        )
+        .service_fn(ok);
     let tollgate_per_key = ServiceBuilder::new()
         .layer(RateLimitLayer::new(
             Policy::per_key(UsagePlan::new("bench").throttle(throttle())).unwrap(),
@@ -143,6 +153,17 @@ fn layer(c: &mut Criterion) {
     group.bench_function("tollgate", |b| {
         b.to_async(&rt).iter(|| async {
             let res = tollgate.clone().oneshot(req.clone()).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            res
+        })
+    });
+    group.bench_function("tollgate_no_headers", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = tollgate_no_headers
+                .clone()
+                .oneshot(req.clone())
+                .await
+                .unwrap();
             assert_eq!(res.status(), StatusCode::OK);
             res
         })
