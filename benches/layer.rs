@@ -21,62 +21,22 @@
 //! `u32::MAX`: every request passes (asserted on each response).
 
 use std::convert::Infallible;
-use std::num::NonZeroU32;
 use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
 use criterion::Criterion;
-use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
-use tollgate::{ApiKey, HeaderStyle, Policy, RateLimitLayer, Throttle, UsagePlan};
+use http::{Request, Response, StatusCode};
+use tollgate::{HeaderStyle, Policy, RateLimitLayer, UsagePlan};
 use tower::{ServiceBuilder, ServiceExt};
-use tower_governor::GovernorError;
-use tower_governor::governor::GovernorConfigBuilder;
-use tower_governor::key_extractor::KeyExtractor;
 
-const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-/// The registered key the requests carry.
-const KEY: &str = "key-00004242";
-/// Registered keys in the tollgate policy.
-const KEYS: usize = 10_000;
+#[path = "support/stack.rs"]
+mod stack;
 
-/// tower_governor key extractor: the `x-api-key` header value.
-#[derive(Debug, Clone, Copy)]
-struct ApiKeyHeader;
-
-impl KeyExtractor for ApiKeyHeader {
-    type Key = HeaderValue;
-
-    fn extract<T>(&self, req: &Request<T>) -> Result<Self::Key, GovernorError> {
-        req.headers()
-            .get(&X_API_KEY)
-            .cloned()
-            .ok_or(GovernorError::UnableToExtractKey)
-    }
-}
+use stack::{KEY, X_API_KEY, governor_config, registered_policy, throttle};
 
 async fn ok(_req: Request<()>) -> Result<Response<Body>, Infallible> {
     Ok(Response::new(Body::from(Bytes::from_static(b"ok"))))
-}
-
-fn throttle() -> Throttle {
-    Throttle::new(1.0, u32::MAX).expect("a valid throttle")
-}
-
-fn registered_policy() -> Policy {
-    (0..KEYS)
-        .fold(
-            Policy::builder().plan(UsagePlan::new("bench").throttle(throttle())),
-            |p, i| {
-                p.key(ApiKey::new(
-                    format!("id-{i}"),
-                    format!("key-{i:08}"),
-                    "bench",
-                ))
-            },
-        )
-        .build()
-        .expect("a valid policy")
 }
 
 fn layer(c: &mut Criterion) {
@@ -108,13 +68,7 @@ fn layer(c: &mut Criterion) {
             Policy::per_key(UsagePlan::new("bench").throttle(throttle())).unwrap(),
         ))
         .service_fn(ok);
-    let config = GovernorConfigBuilder::default()
-        .period(Duration::from_secs(1))
-        .burst_size(NonZeroU32::MAX.get())
-        .key_extractor(ApiKeyHeader)
-        .use_headers()
-        .finish()
-        .expect("a valid governor config");
+    let config = governor_config();
     let governor = ServiceBuilder::new()
         .layer(tower_governor::GovernorLayer::<_, _, Body>::new(config))
         .service_fn(ok);

@@ -26,76 +26,28 @@
 //! only add switches between them.
 
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{HeaderValue, Request};
 use axum::routing::get;
-use tollgate::{ApiKey, Policy, RateLimitLayer, Throttle, UsagePlan};
-use tower_governor::GovernorError;
+use tollgate::RateLimitLayer;
 use tower_governor::GovernorLayer;
-use tower_governor::governor::GovernorConfigBuilder;
-use tower_governor::key_extractor::KeyExtractor;
 
-/// Registered keys in the tollgate policy.
-const KEYS: usize = 10_000;
+#[path = "../benches/support/stack.rs"]
+mod stack;
+
+use stack::{KEY, governor_config, registered_policy};
+
 const DEFAULT_PORT: u16 = 3100;
 const USAGE: &str = "usage: load_target bare|tollgate|governor [PORT]";
-
-/// tower_governor key extractor: the `x-api-key` header value.
-#[derive(Debug, Clone, Copy)]
-struct ApiKeyHeader;
-
-impl KeyExtractor for ApiKeyHeader {
-    type Key = HeaderValue;
-
-    fn extract<T>(&self, req: &Request<T>) -> Result<Self::Key, GovernorError> {
-        req.headers()
-            .get("x-api-key")
-            .cloned()
-            .ok_or(GovernorError::UnableToExtractKey)
-    }
-}
-
-/// One request per second with a bucket no load run can empty.
-fn throttle() -> Throttle {
-    Throttle::new(1.0, u32::MAX).expect("a valid throttle")
-}
-
-fn registered_policy() -> Policy {
-    (0..KEYS)
-        .fold(
-            Policy::builder().plan(UsagePlan::new("load").throttle(throttle())),
-            |p, i| {
-                p.key(ApiKey::new(
-                    format!("id-{i}"),
-                    format!("key-{i:08}"),
-                    "load",
-                ))
-            },
-        )
-        .build()
-        .expect("a valid policy")
-}
 
 fn app(mode: &str) -> Option<Router> {
     let route = Router::new().route("/", get(|| async { "ok" }));
     match mode {
         "bare" => Some(route),
         "tollgate" => Some(route.layer(RateLimitLayer::new(registered_policy()))),
-        "governor" => {
-            let config = GovernorConfigBuilder::default()
-                .period(Duration::from_secs(1))
-                .burst_size(NonZeroU32::MAX.get())
-                .key_extractor(ApiKeyHeader)
-                .use_headers()
-                .finish()
-                .expect("a valid governor config");
-            Some(route.layer(GovernorLayer::<_, _, Body>::new(config)))
-        }
+        "governor" => Some(route.layer(GovernorLayer::<_, _, Body>::new(governor_config()))),
         _ => None,
     }
 }
@@ -124,7 +76,7 @@ fn main() -> ExitCode {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .unwrap_or_else(|e| panic!("cannot listen on {addr}: {e}"));
-        eprintln!("load_target: {mode} on http://{addr}/");
+        eprintln!("load_target: {mode} on http://{addr}/ (send x-api-key: {KEY})");
         axum::serve(listener, app).await.expect("the server runs");
     });
     ExitCode::SUCCESS

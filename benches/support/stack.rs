@@ -1,0 +1,70 @@
+//! What `benches/layer.rs` and `examples/load_target.rs` both put in front of
+//! a service: the same tollgate policy and the same tower_governor
+//! configuration, so that the in-process and the over-the-network figures
+//! measure one setup. Included by both with `#[path]`.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::middleware::StateInformationMiddleware;
+use http::{HeaderName, HeaderValue, Request};
+use tollgate::{ApiKey, Policy, Throttle, UsagePlan};
+use tower_governor::GovernorError;
+use tower_governor::governor::{GovernorConfig, GovernorConfigBuilder};
+use tower_governor::key_extractor::KeyExtractor;
+
+pub(crate) const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// A registered key for requests to carry.
+pub(crate) const KEY: &str = "key-00004242";
+/// Registered keys in the tollgate policy.
+pub(crate) const KEYS: usize = 10_000;
+
+/// tower_governor key extractor: the `x-api-key` header value.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ApiKeyHeader;
+
+impl KeyExtractor for ApiKeyHeader {
+    type Key = HeaderValue;
+
+    fn extract<T>(&self, req: &Request<T>) -> Result<Self::Key, GovernorError> {
+        req.headers()
+            .get(&X_API_KEY)
+            .cloned()
+            .ok_or(GovernorError::UnableToExtractKey)
+    }
+}
+
+/// One request per second with a bucket no run can empty: every request
+/// passes.
+pub(crate) fn throttle() -> Throttle {
+    Throttle::new(1.0, u32::MAX).expect("a valid throttle")
+}
+
+/// `KEYS` registered keys (`key-00000000`…) on one plan of [`throttle`].
+pub(crate) fn registered_policy() -> Policy {
+    (0..KEYS)
+        .fold(
+            Policy::builder().plan(UsagePlan::new("bench").throttle(throttle())),
+            |p, i| {
+                p.key(ApiKey::new(
+                    format!("id-{i}"),
+                    format!("key-{i:08}"),
+                    "bench",
+                ))
+            },
+        )
+        .build()
+        .expect("a valid policy")
+}
+
+/// tower_governor with the same limit, keyed by the same header, sending its
+/// `x-ratelimit-*` headers.
+pub(crate) fn governor_config() -> GovernorConfig<ApiKeyHeader, StateInformationMiddleware> {
+    GovernorConfigBuilder::default()
+        .period(Duration::from_secs(1))
+        .burst_size(NonZeroU32::MAX.get())
+        .key_extractor(ApiKeyHeader)
+        .use_headers()
+        .finish()
+        .expect("a valid governor config")
+}
