@@ -19,7 +19,9 @@
 //! ```
 //! use std::sync::Arc;
 //! use std::sync::atomic::{AtomicU64, Ordering};
-//! use tollgate::store::{Acquire, Acquired, QuotaRef, Store, StoreFuture, ThrottleRef};
+//! use tollgate::store::{
+//!     Acquire, Acquired, Permit, QuotaRef, Settlement, Store, StoreFuture, ThrottleRef,
+//! };
 //! use tollgate::{Clock, Date, MemoryStore, Policy, RateLimitLayer, Throttle, UsagePlan};
 //!
 //! #[derive(Clone, Debug, Default)]
@@ -46,6 +48,17 @@
 //!     }
 //!     fn reset(&self, throttles: &[ThrottleRef<'_>], q: Option<&QuotaRef<'_>>) -> StoreFuture<()> {
 //!         self.inner.reset(throttles, q)
+//!     }
+//!     // The methods with defaults must be passed on too: a wrapper that
+//!     // dropped `release` would never give back a concurrency place.
+//!     fn release(&self, permit: Permit) {
+//!         self.inner.release(permit)
+//!     }
+//!     fn settle(&self, settlement: &Settlement<'_>) {
+//!         self.inner.settle(settlement)
+//!     }
+//!     fn rescale(&self, old: &ThrottleRef<'_>, new: &ThrottleRef<'_>) {
+//!         self.inner.rescale(old, new)
 //!     }
 //! }
 //!
