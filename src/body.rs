@@ -43,7 +43,7 @@ pub(crate) struct Guard {
 
 impl Guard {
     /// A guard for what an allowed request holds, if it holds anything.
-    pub(crate) fn new<S: Store>(
+    fn new<S: Store>(
         store: &S,
         permit: Option<Permit>,
         reservation: Option<Box<Reservation>>,
@@ -64,6 +64,23 @@ impl Guard {
             })),
             usage,
         })
+    }
+
+    /// The guard of an allowed request, which goes to the inner service as
+    /// `req`: its place under a concurrency cap and its token reservation.
+    /// A request a failed store let through unchecked reserved nothing; one
+    /// that did reserve finds its [`TokenUsage`] handle in its extensions.
+    pub(crate) fn hold<S: Store, B>(
+        store: &S,
+        report: &crate::store::Report,
+        reservation: Option<Box<Reservation>>,
+        req: &mut http::Request<B>,
+    ) -> Option<Self> {
+        let reservation = reservation.filter(|_| !report.unchecked);
+        if let Some(r) = &reservation {
+            req.extensions_mut().insert(r.usage.clone());
+        }
+        Guard::new(store, report.permit(), reservation)
     }
 
     /// Takes the actual tokens from a [`UsedTokens`] response extension.

@@ -135,6 +135,9 @@ impl HeaderStyle {
             style: *self,
             ..Prepared::default()
         };
+        if !(self.ietf || self.x_ratelimit || self.openai) {
+            return p;
+        }
         let Some(tight) = report.tightest() else {
             return p;
         };

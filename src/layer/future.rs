@@ -136,18 +136,16 @@ where
                     };
                     let view = Some(RequestView::new(&req));
                     match shared.settle_watched(result, *failure, watch.take(), view) {
-                        Ok(report) => {
-                            // A request let through by a failed store reserved nothing.
-                            let reservation = reservation.take().filter(|_| !report.unchecked);
-                            if let Some(r) = &reservation {
-                                req.extensions_mut().insert(r.usage.clone());
-                            }
-                            State::Called {
-                                guard: Guard::new(&shared.store, report.permit(), reservation),
-                                fut: svc.call(req),
-                                headers: shared.headers.prepare(&report),
-                            }
-                        }
+                        Ok(report) => State::Called {
+                            guard: Guard::hold(
+                                &shared.store,
+                                &report,
+                                reservation.take(),
+                                &mut req,
+                            ),
+                            fut: svc.call(req),
+                            headers: shared.headers.prepare(&report),
+                        },
                         Err((rejection, limit)) => {
                             let rejection = rejection.with_grpc(is_grpc(req.headers()));
                             State::Rejected {

@@ -90,12 +90,7 @@ where
             .decide(&RequestView::new(&req), &mut reservation)
         {
             Step::Done(Ok(report)) => {
-                // A request let through by a failed store reserved nothing.
-                let reservation = reservation.filter(|_| !report.unchecked);
-                if let Some(r) = &reservation {
-                    req.extensions_mut().insert(r.usage.clone());
-                }
-                let guard = Guard::new(&self.shared.store, report.permit(), reservation);
+                let guard = Guard::hold(&self.shared.store, &report, reservation, &mut req);
                 ResponseFuture::called(self.inner.call(req), &report, self.shared.headers, guard)
             }
             Step::Done(Err((rejection, limit))) => {
