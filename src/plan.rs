@@ -748,6 +748,25 @@ impl Plan {
             .chain(self.tokens.iter().flat_map(|t| t.minute.as_ref()))
     }
 
+    /// The plan's throttle when it is the plan's only limit (no method
+    /// override, quota, token budget or concurrency cap) and the plan is not
+    /// a shadow: such a plan is decided without gathering its limits.
+    #[inline]
+    pub(crate) fn lone_throttle(&self) -> Option<&Limit> {
+        match &self.throttle {
+            Some(l)
+                if self.methods.is_empty()
+                    && self.quota.is_none()
+                    && self.tokens.is_none()
+                    && self.concurrency.is_none()
+                    && !self.shadow =>
+            {
+                Some(l)
+            }
+            _ => None,
+        }
+    }
+
     /// Every throttle of the plan, mutably.
     pub(crate) fn limits_mut(&mut self) -> impl Iterator<Item = &mut Limit> {
         self.throttle

@@ -413,10 +413,30 @@ impl<K> Shared<K, MemoryStore> {
             result
         };
         let result = match &self.fixed {
-            Some(plan) => {
-                let subject = Subject::per_key(plan, key);
-                self.limits(&subject, None, cost, None, run)
-            }
+            Some(plan) => match plan.lone_throttle() {
+                // The common plan, a throttle alone, skips gathering limits.
+                Some(limit) => {
+                    let t = ThrottleRef {
+                        limit,
+                        plan: Some(&plan.name),
+                        subject: key,
+                        digest: hash::state_digest(key),
+                        shadow: false,
+                    };
+                    let result = self.store.decide_throttle(&t, cost, &mut ());
+                    let seen = Seen {
+                        plan: Some(plan),
+                        key_id: None,
+                        req: None,
+                    };
+                    self.checked(&result, seen);
+                    result
+                }
+                None => {
+                    let subject = Subject::per_key(plan, key);
+                    self.limits(&subject, None, cost, None, run)
+                }
+            },
             None => self.registered(&self.policy.load(), key, None, cost, None, run)?,
         };
         result.map_err(|d| Rejection::denied(d.denial, &d.limit, self.quota_status))

@@ -120,6 +120,9 @@ impl MemoryStore {
     /// (for headers); a `()` sink computes none of it.
     #[inline]
     pub(crate) fn decide<R: Sink>(&self, req: &Acquire<'_>, report: &mut R) -> Result<(), Denied> {
+        if let Some(t) = req.lone_throttle() {
+            return self.decide_throttle(t, req.cost_for(t.counts_tokens()), report);
+        }
         let now = self.inner.clock.nanos();
         let cost = req.cost;
         let table = &self.inner.table;
@@ -153,19 +156,7 @@ impl MemoryStore {
         for (i, t) in req.throttles().enumerate() {
             let limit = t.limit;
             let cost = req.cost_for(t.counts_tokens());
-            let slot = SlotKey::new(t.digest, limit.salt);
-            let outcome = if denied.is_some() {
-                Ok(limit.gcra.decide(table.peek(slot), now, cost))
-            } else {
-                table.update(slot, now, |tat| {
-                    let o = limit.gcra.decide(tat, now, cost);
-                    match o {
-                        Outcome::Allow { tat, .. } => (Some(tat), o),
-                        _ => (None, o),
-                    }
-                })
-            };
-            let d = match outcome {
+            let d = match self.throttle_step(t, cost, now, denied.is_some()) {
                 Ok(Outcome::Allow { tat, after }) => {
                     if denied.is_none() {
                         charged[i] = Some(tat);
@@ -173,11 +164,7 @@ impl MemoryStore {
                     }
                     continue;
                 }
-                Ok(o) => denial(limit, o, now),
-                Err(retry_after) => Denied {
-                    denial: Denial::Capacity { retry_after },
-                    limit: applied(limit, 0, now),
-                },
+                other => throttle_denial(limit, other, now),
             };
             if t.shadow {
                 // A shadow limit never denies, nor names another's denial.
@@ -247,6 +234,58 @@ impl MemoryStore {
                 Err(d)
             }
         }
+    }
+
+    /// Decides a request whose only limit is the throttle `t` (not a
+    /// shadow): what [`decide`](Self::decide) does for it, without the
+    /// bookkeeping that several limits need (what to refund, which denial
+    /// holds longest). The common plan, a throttle alone, pays only for the
+    /// clock read, the slot update and the limit's description.
+    #[inline]
+    pub(crate) fn decide_throttle<R: Sink>(
+        &self,
+        t: &ThrottleRef<'_>,
+        cost: u32,
+        report: &mut R,
+    ) -> Result<(), Denied> {
+        debug_assert!(
+            !t.shadow,
+            "a shadow throttle never denies: decide it with `decide`"
+        );
+        let now = self.inner.clock.nanos();
+        match self.throttle_step(t, cost, now, false) {
+            Ok(Outcome::Allow { after, .. }) => {
+                report.push(|| applied(t.limit, after, now));
+                Ok(())
+            }
+            other => Err(throttle_denial(t.limit, other, now)),
+        }
+    }
+
+    /// One throttle's step at `now`: charges `cost` if it fits, or, when
+    /// `peek`, only tells how it stands (after another limit has denied).
+    /// `Err` is the wait for a slot when the table is full.
+    #[inline]
+    fn throttle_step(
+        &self,
+        t: &ThrottleRef<'_>,
+        cost: u32,
+        now: Nanos,
+        peek: bool,
+    ) -> Result<Outcome, Nanos> {
+        let gcra = &t.limit.gcra;
+        let slot = SlotKey::new(t.digest, t.limit.salt);
+        let table = &self.inner.table;
+        if peek {
+            return Ok(gcra.decide(table.peek(slot), now, cost));
+        }
+        table.update(slot, now, |tat| {
+            let o = gcra.decide(tat, now, cost);
+            match o {
+                Outcome::Allow { tat, .. } => (Some(tat), o),
+                _ => (None, o),
+            }
+        })
     }
 
     /// Gives back a place under a concurrency cap.
@@ -394,6 +433,19 @@ fn in_flight(v: Nanos) -> u64 {
 
 fn with_in_flight(n: u64) -> Nanos {
     if n == 0 { 0 } else { IN_FLIGHT | n }
+}
+
+/// The denial of a throttle's step that did not allow: its outcome, or the
+/// wait for a slot.
+#[inline]
+fn throttle_denial(limit: &Limit, step: Result<Outcome, Nanos>, now: Nanos) -> Denied {
+    match step {
+        Ok(o) => denial(limit, o, now),
+        Err(retry_after) => Denied {
+            denial: Denial::Capacity { retry_after },
+            limit: applied(limit, 0, now),
+        },
+    }
 }
 
 /// The denial of a throttle that did not allow.
@@ -960,6 +1012,56 @@ mod tests {
         assert_eq!(seen.len(), 80_000);
         let twice = seen.values().filter(|&&c| c > 1).count();
         assert_eq!(twice, 0, "{twice} keys stored twice");
+    }
+
+    /// A throttle alone takes the short path; beside a second throttle that
+    /// never binds it takes the general one. Both must answer alike, to the
+    /// nanosecond, whatever the costs and the time between requests.
+    #[test]
+    fn a_lone_throttle_is_decided_as_the_general_path_decides_it() {
+        let (lone, lone_clock) = store(1024);
+        let (general, general_clock) = store(1024);
+        let p = plan(3.0, 4);
+        // Its own name, so its own slot.
+        let roomy = Limit::new(
+            crate::plan::LimitKind::Throttle,
+            &Throttle::new(1e6, 1_000_000).unwrap(),
+            "q",
+            "",
+        );
+        let k = digest(b"client");
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..2_000 {
+            let cost = (next() % 6) as u32;
+            let step = Duration::from_millis(next() % 700);
+            lone_clock.advance(step);
+            general_clock.advance(step);
+            let alone = lone.acquire_one(&p, k, cost);
+            let mut req = Acquire::new(cost, crate::FailureMode::Open);
+            for l in [&p.0, &roomy] {
+                req.push(ThrottleRef {
+                    limit: l,
+                    plan: Some("p"),
+                    subject: b"",
+                    digest: k,
+                    shadow: false,
+                });
+            }
+            assert!(req.lone_throttle().is_none());
+            let mut report = Report::default();
+            let both = general.decide(&req, &mut report).map(|()| report);
+            match (alone, both) {
+                (Ok(a), Ok(b)) => assert_eq!(a.items(), &b.items()[..1]),
+                (Err(a), Err(b)) => assert_eq!(a, b),
+                (a, b) => panic!("lone {a:?} but general {b:?} (cost {cost})"),
+            }
+        }
     }
 
     #[test]

@@ -555,6 +555,24 @@ impl<'a> Acquire<'a> {
         self.throttles[..self.len].iter().flatten()
     }
 
+    /// The request's throttle when it is its only limit (no quota, token
+    /// budget, concurrency cap or shadow): the common plan, which the memory
+    /// store decides without gathering several limits.
+    #[inline]
+    pub(crate) fn lone_throttle(&self) -> Option<&ThrottleRef<'a>> {
+        match &self.throttles[..self.len] {
+            [Some(t)]
+                if !t.shadow
+                    && self.quota.is_none()
+                    && self.concurrency.is_none()
+                    && self.token_quotas.iter().all(Option::is_none) =>
+            {
+                Some(t)
+            }
+            _ => None,
+        }
+    }
+
     /// The quota, when the plan has one.
     pub fn quota(&self) -> Option<&QuotaRef<'a>> {
         self.quota.as_ref()
