@@ -9,10 +9,11 @@
 //!
 //! [`RedisServer`] starts a standalone server and [`RedisCluster`] a cluster
 //! of three masters. Every server runs as a child process of the test, on a
-//! free loopback port, with its own temporary directory and no persistence;
-//! the machine's own Redis (such as one on port 6379) is never used. Dropping
-//! a server or a cluster kills its processes (SIGKILL), waits for them and
-//! removes their directories. [`command`] is a minimal RESP client over
+//! free loopback port, with its own temporary directory and no persistence
+//! (unless started with [`RedisServer::start_with`]); the machine's own Redis
+//! (such as one on port 6379) is never used. Dropping a server or a cluster
+//! kills its processes (SIGKILL), waits for them and removes their
+//! directories. [`command`] is a minimal RESP client over
 //! `std::net::TcpStream`, enough to send commands and read simple strings,
 //! errors, integers, bulk strings and arrays.
 //!
@@ -259,20 +260,32 @@ impl RedisServer {
     /// If the server cannot be started or does not answer within five
     /// seconds; the message includes its output.
     pub fn start() -> Self {
-        Self::launch(false)
+        Self::launch(false, &[])
+    }
+
+    /// Starts a standalone server with `args` added to its command line after
+    /// the defaults, which they override: `["--appendonly", "yes"]` keeps the
+    /// data across [`restart`](Self::restart). [`restart`](Self::restart)
+    /// passes them again.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_with(args: &[&str]) -> Self {
+        Self::launch(false, args)
     }
 
     /// Starts a server with cluster mode enabled, on a port whose bus port is
     /// free too.
     fn start_cluster_node() -> Self {
-        Self::launch(true)
+        Self::launch(true, &[])
     }
 
-    fn launch(cluster: bool) -> Self {
+    fn launch(cluster: bool, args: &[&str]) -> Self {
         let mut failures = Vec::new();
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port(cluster);
-            let extra_args = if cluster {
+            let mut extra_args = if cluster {
                 vec![
                     "--cluster-enabled".to_owned(),
                     "yes".to_owned(),
@@ -284,6 +297,7 @@ impl RedisServer {
             } else {
                 Vec::new()
             };
+            extra_args.extend(args.iter().map(|arg| (*arg).to_owned()));
             let mut server = Self {
                 port,
                 dir: std::env::temp_dir()
@@ -444,7 +458,9 @@ impl RedisServer {
     }
 
     /// Starts the server again on the same port, killing it first if it is
-    /// still running, and waits until it answers `PING`. Data is not kept.
+    /// still running, and waits until it answers `PING`. Data is not kept,
+    /// unless the server was started with persistence
+    /// ([`start_with`](Self::start_with)) in its directory, which is kept.
     ///
     /// # Panics
     ///
