@@ -42,12 +42,9 @@ pin_project! {
         Waiting {
             #[pin]
             decision: St::Future,
-            inner: Option<S>,
-            req: Option<R>,
-            shared: Arc<Shared<K, St>>,
-            failure: FailureMode,
-            reservation: Option<Box<Reservation>>,
-            watch: Option<Watch>,
+            // Boxed: a request is 200-odd bytes, and every response future
+            // of the memory store, which never waits, would carry its room.
+            parked: Option<Box<Parked<S, R, K, St>>>,
         },
         Called {
             #[pin]
@@ -57,6 +54,16 @@ pin_project! {
         },
         Rejected { response: Option<Response<Bytes>> },
     }
+}
+
+/// What a request waiting for a remote store's answer holds until then.
+struct Parked<S, R, K, St> {
+    inner: S,
+    req: R,
+    shared: Arc<Shared<K, St>>,
+    failure: FailureMode,
+    reservation: Option<Box<Reservation>>,
+    watch: Option<Watch>,
 }
 
 impl<S, R, K, St> ResponseFuture<S, R, K, St>
@@ -99,12 +106,14 @@ where
         ResponseFuture {
             state: State::Waiting {
                 decision,
-                inner: Some(inner),
-                req: Some(req),
-                shared,
-                failure,
-                reservation,
-                watch,
+                parked: Some(Box::new(Parked {
+                    inner,
+                    req,
+                    shared,
+                    failure,
+                    reservation,
+                    watch,
+                })),
             },
         }
     }
@@ -121,28 +130,23 @@ where
         loop {
             let mut state = self.as_mut().project().state;
             let next = match state.as_mut().project() {
-                StateProj::Waiting {
-                    decision,
-                    inner,
-                    req,
-                    shared,
-                    failure,
-                    reservation,
-                    watch,
-                } => {
+                StateProj::Waiting { decision, parked } => {
                     let result = ready!(decision.poll(cx));
-                    let (Some(mut svc), Some(mut req)) = (inner.take(), req.take()) else {
+                    let Some(parked) = parked.take() else {
                         panic!("ResponseFuture polled after completion");
                     };
+                    let Parked {
+                        inner: mut svc,
+                        mut req,
+                        shared,
+                        failure,
+                        reservation,
+                        watch,
+                    } = *parked;
                     let view = Some(RequestView::new(&req));
-                    match shared.settle_watched(result, *failure, watch.take(), view) {
+                    match shared.settle_watched(result, failure, watch, view) {
                         Ok(report) => State::Called {
-                            guard: Guard::hold(
-                                &shared.store,
-                                &report,
-                                reservation.take(),
-                                &mut req,
-                            ),
+                            guard: Guard::hold(&shared.store, &report, reservation, &mut req),
                             fut: svc.call(req),
                             headers: shared.headers.prepare(&report),
                         },
