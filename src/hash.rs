@@ -56,7 +56,7 @@ pub(crate) fn state_digest(bytes: &[u8]) -> Digest {
         .get_or_init(|| {
             let (k0, k1) = seeds();
             // Another key than `digest`'s, so the two never coincide.
-            siphasher::sip::SipHasher13::new_with_keys(mix(k0 ^ 0x5354_4154_45), mix(k1))
+            siphasher::sip::SipHasher13::new_with_keys(mix(k0 ^ 0x0053_5441_5445), mix(k1))
         })
         .hash(bytes);
     Digest(u128::from(mix(h ^ 0x9e37_79b9_7f4a_7c15)) << 64 | u128::from(h))
