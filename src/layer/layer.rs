@@ -116,11 +116,12 @@ impl<K, S: Store> RateLimitLayer<K, S> {
     where
         K: Send + Sync + 'static,
     {
-        let step = self.shared.check_any(key, cost);
+        let mut report = Report::default();
+        let step = self.shared.check_any(key, cost, &mut report);
         let shared = Arc::clone(&self.shared);
         async move {
             let decided = match step {
-                Step::Done(d) => d,
+                Step::Done(d) => d.map(|()| report),
                 Step::Wait(f, failure, watch) => {
                     shared.settle_watched(f.await, failure, watch, None)
                 }

@@ -9,6 +9,7 @@ pub use self::future::ResponseFuture;
 pub use self::layer::{RateLimitLayer, RateLimitLayerBuilder};
 pub use self::service::RateLimit;
 
+use std::any::Any;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -26,8 +27,8 @@ use crate::policy::{Policy, Snapshot, TokenCells};
 use crate::quota::QuotaCell;
 use crate::response::{Reason, Rejection, SharedOnRejection};
 use crate::store::{
-    Acquire, Acquired, Applied, ConcurrencyRef, MemoryStore, QuotaRef, Report, Store, StoreError,
-    ThrottleRef, Verdict,
+    Acquire, Acquired, Applied, ConcurrencyRef, Denied, MemoryStore, QuotaRef, Report, Store,
+    StoreError, ThrottleRef,
 };
 
 /// Stage limits are one state for every caller.
@@ -54,12 +55,28 @@ pub(crate) struct Shared<K, S> {
 /// limit that rejected stands.
 pub(crate) type Decision<R = Report> = Result<R, (Rejection, Option<Applied>)>;
 
+/// What an allowed decision carries when a failed store let the request
+/// through unchecked.
+pub(crate) trait Unchecked {
+    fn unchecked() -> Self;
+}
+
+impl Unchecked for Report {
+    fn unchecked() -> Self {
+        Report::unchecked()
+    }
+}
+
+impl Unchecked for () {
+    fn unchecked() -> Self {}
+}
+
 /// Where a decision stands after the synchronous part of a request.
 // The decided variant is the memory store's hot path: boxing it would allocate.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Step<F> {
-    /// Decided.
-    Done(Decision),
+    /// Decided; an allowed request's report is where the caller asked for it.
+    Done(Decision<()>),
     /// The store answers later; `FailureMode` says what a failure means, and
     /// the `Watch` (only with an observer) whom the decision is about.
     Wait(F, FailureMode, Option<Watch>),
@@ -162,6 +179,7 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
         &self,
         req: &RequestView<'_>,
         reserve: &mut Option<Box<Reservation>>,
+        report: &mut Report,
     ) -> Step<S::Future> {
         let result = if let Some(plan) = &self.fixed {
             match self.extractor.extract(req) {
@@ -169,7 +187,7 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
                     let subject = Subject::per_key(plan, key.as_bytes());
                     Ok(
                         self.limits(&subject, Some(req), 1, Some(reserve), |a, seen| {
-                            self.acquire(a, seen)
+                            self.acquire(a, seen, report)
                         }),
                     )
                 }
@@ -184,7 +202,7 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
                     Some(req),
                     1,
                     Some(reserve),
-                    |a, seen| self.acquire(a, seen),
+                    |a, seen| self.acquire(a, seen, report),
                 ),
                 (Err(KeyError::Missing), Some(anon)) => match anon.client_ip.extract(req) {
                     Ok(ip) => {
@@ -199,7 +217,7 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
                         };
                         Ok(
                             self.limits(&subject, Some(req), 1, Some(reserve), |a, seen| {
-                                self.acquire(a, seen)
+                                self.acquire(a, seen, report)
                             }),
                         )
                     }
@@ -215,25 +233,41 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
 impl<K, S: Store> Shared<K, S> {
     /// Decides a request of `cost` units for `key` without a request (no
     /// route, so no method overrides), through any store.
-    pub(crate) fn check_any(&self, key: &[u8], cost: u32) -> Step<S::Future> {
+    pub(crate) fn check_any(&self, key: &[u8], cost: u32, report: &mut Report) -> Step<S::Future> {
         let result = match &self.fixed {
             Some(plan) => {
                 let subject = Subject::per_key(plan, key);
-                Ok(self.limits(&subject, None, cost, None, |a, seen| self.acquire(a, seen)))
+                Ok(self.limits(&subject, None, cost, None, |a, seen| {
+                    self.acquire(a, seen, report)
+                }))
             }
             None => self.registered(&self.policy.load(), key, None, cost, None, |a, seen| {
-                self.acquire(a, seen)
+                self.acquire(a, seen, report)
             }),
         };
         result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
     }
 
+    /// Asks the store; an allowed request's report goes to `report`.
     #[inline]
-    fn acquire(&self, acquire: &Acquire<'_>, seen: Seen<'_>) -> Step<S::Future> {
+    fn acquire(
+        &self,
+        acquire: &Acquire<'_>,
+        seen: Seen<'_>,
+        report: &mut Report,
+    ) -> Step<S::Future> {
+        // The memory store writes the report in place. Through `acquire` it
+        // would be moved (500 bytes) through every frame up to the response
+        // future. The type test is decided when the layer is compiled.
+        if let Some(memory) = (&self.store as &dyn Any).downcast_ref::<MemoryStore>() {
+            let verdict = memory.decide(acquire, report);
+            return Step::Done(self.settle_seen(Ok(verdict), acquire.failure, false, seen));
+        }
         match self.store.acquire(acquire) {
-            Acquired::Ready(result) => {
-                Step::Done(self.settle_seen(result, acquire.failure, false, seen))
-            }
+            Acquired::Ready(result) => Step::Done(
+                self.settle_seen(result, acquire.failure, false, seen)
+                    .map(|r| *report = r),
+            ),
             Acquired::Pending(f) => Step::Wait(f, acquire.failure, self.watch(seen)),
         }
     }
@@ -245,12 +279,12 @@ impl<K, S> Shared<K, S> {
     /// with 503 (`Closed`). `waited` tells an answer after a round trip from
     /// one given at once (the memory store, an over-limit cache).
     #[inline]
-    pub(crate) fn settle(
+    pub(crate) fn settle<R: Unchecked>(
         &self,
-        result: Result<Verdict, StoreError>,
+        result: Result<Result<R, Denied>, StoreError>,
         failure: FailureMode,
         waited: bool,
-    ) -> Decision {
+    ) -> Decision<R> {
         if waited && result.is_ok() {
             self.failures.answered();
         }
@@ -263,7 +297,7 @@ impl<K, S> Shared<K, S> {
             Err(e) => {
                 self.failures.failed(&e);
                 match failure {
-                    FailureMode::Open => Ok(Report::unchecked()),
+                    FailureMode::Open => Ok(R::unchecked()),
                     FailureMode::Closed => Err((Rejection::unavailable(), None)),
                 }
             }

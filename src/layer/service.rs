@@ -10,7 +10,7 @@ use super::{ResponseFuture, Shared, SharedState, Step};
 use crate::body::{Guard, ResponseBody};
 use crate::extract::{ApiKeyHeader, KeyExtractor, RequestView};
 use crate::response::is_grpc;
-use crate::store::{MemoryStore, Store};
+use crate::store::{MemoryStore, Report, Store};
 
 /// A service that rate-limits requests before they reach `S`.
 ///
@@ -85,11 +85,12 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let mut reservation = None;
+        let mut report = Report::default();
         match self
             .shared
-            .decide(&RequestView::new(&req), &mut reservation)
+            .decide(&RequestView::new(&req), &mut reservation, &mut report)
         {
-            Step::Done(Ok(report)) => {
+            Step::Done(Ok(())) => {
                 let guard = Guard::hold(&self.shared.store, &report, reservation, &mut req);
                 ResponseFuture::called(self.inner.call(req), &report, self.shared.headers, guard)
             }

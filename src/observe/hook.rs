@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::{DecisionEvent, Observer, Outcome};
 use crate::extract::RequestView;
-use crate::layer::{Decision, Shared};
+use crate::layer::{Decision, Shared, Unchecked};
 use crate::plan::{FailureMode, Plan};
 use crate::response::{Reason, Rejection};
 use crate::store::{Denied, StoreError, Verdict};
@@ -69,7 +69,10 @@ pub(crate) struct Watch {
 
 /// The outcome of a settled decision; `failed` when the store failed (the
 /// failure mode then decided).
-fn outcome(decision: &Decision, failed: Option<FailureMode>) -> (Outcome, Option<&'static str>) {
+fn outcome<R>(
+    decision: &Decision<R>,
+    failed: Option<FailureMode>,
+) -> (Outcome, Option<&'static str>) {
     match (failed, decision) {
         (Some(mode), _) => (Outcome::StoreFailed(mode), None),
         (None, Ok(_)) => (Outcome::Allowed, None),
@@ -80,13 +83,13 @@ fn outcome(decision: &Decision, failed: Option<FailureMode>) -> (Outcome, Option
 impl<K, S> Shared<K, S> {
     /// [`settle`](Shared::settle), then the observer, if any, sees the decision.
     #[inline]
-    pub(crate) fn settle_seen(
+    pub(crate) fn settle_seen<R: Unchecked>(
         &self,
-        result: Result<Verdict, StoreError>,
+        result: Result<Result<R, Denied>, StoreError>,
         failure: FailureMode,
         waited: bool,
         seen: Seen<'_>,
-    ) -> Decision {
+    ) -> Decision<R> {
         match &self.observer {
             None => self.settle(result, failure, waited),
             Some(observer) => self.settle_observed(&**observer, result, failure, waited, seen),
@@ -94,14 +97,14 @@ impl<K, S> Shared<K, S> {
     }
 
     #[inline(never)]
-    fn settle_observed(
+    fn settle_observed<R: Unchecked>(
         &self,
         observer: &dyn Observer,
-        result: Result<Verdict, StoreError>,
+        result: Result<Result<R, Denied>, StoreError>,
         failure: FailureMode,
         waited: bool,
         seen: Seen<'_>,
-    ) -> Decision {
+    ) -> Decision<R> {
         let failed = result.is_err().then_some(failure);
         let decision = self.settle(result, failure, waited);
         let (outcome, limit) = outcome(&decision, failed);
