@@ -305,21 +305,28 @@ fn policy_value(items: &[Applied]) -> Option<HeaderValue> {
     thread_local! {
         static CACHE: RefCell<Cache> = const { RefCell::new(([const { None }; CACHED], 0)) };
     }
-    let mut key: Key = ([(0, 0, 0, 0); MAX_LIMITS], items.len());
-    for (k, a) in key.0.iter_mut().zip(items) {
-        *k = (
+    let part = |a: &Applied| {
+        (
             a.name.as_ptr() as usize,
             a.name.len(),
             a.quota,
             a.window_secs,
-        );
-    }
+        )
+    };
+    // Compared item by item, without building a key: a hit (the usual case)
+    // reads only as many entries as the request has limits.
+    let matches =
+        |k: &Key| k.1 == items.len() && k.0.iter().zip(items).all(|(k, a)| *k == part(a));
     CACHE.with(|cache| {
         let mut cache = cache.borrow_mut();
-        if let Some((_, v)) = cache.0.iter().flatten().find(|(k, _)| *k == key) {
+        if let Some((_, v)) = cache.0.iter().flatten().find(|(k, _)| matches(k)) {
             return Some(v.clone());
         }
         let v = format_policy(items)?;
+        let mut key: Key = ([(0, 0, 0, 0); MAX_LIMITS], items.len());
+        for (k, a) in key.0.iter_mut().zip(items) {
+            *k = part(a);
+        }
         let next = cache.1;
         cache.0[next] = Some((key, v.clone()));
         cache.1 = (next + 1) % CACHED;
