@@ -109,6 +109,7 @@ impl Gcra {
     ///
     /// `tat == 0` is a key never seen (a full bucket). A cost of 0 is a peek:
     /// it always "passes" and reports the state without changing it.
+    #[inline]
     pub(crate) fn decide(&self, tat: Nanos, now: Nanos, cost: u32) -> Outcome {
         let base = tat.max(now);
         if cost > self.burst {

@@ -315,8 +315,7 @@ fn policy_value(items: &[Applied]) -> Option<HeaderValue> {
     };
     // Compared item by item, without building a key: a hit (the usual case)
     // reads only as many entries as the request has limits.
-    let matches =
-        |k: &Key| k.1 == items.len() && k.0.iter().zip(items).all(|(k, a)| *k == part(a));
+    let matches = |k: &Key| k.1 == items.len() && k.0.iter().zip(items).all(|(k, a)| *k == part(a));
     CACHE.with(|cache| {
         let mut cache = cache.borrow_mut();
         if let Some((_, v)) = cache.0.iter().flatten().find(|(k, _)| matches(k)) {

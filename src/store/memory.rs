@@ -33,7 +33,7 @@ use super::{
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::gcra::{MAX_SPAN, Nanos, Outcome};
-use crate::hash::{Digest, mix};
+use crate::hash::Digest;
 use crate::plan::Limit;
 use crate::policy::wall_nanos;
 use crate::quota::QuotaSnapshot;
@@ -241,7 +241,7 @@ impl MemoryStore {
     /// bookkeeping that several limits need (what to refund, which denial
     /// holds longest). The common plan, a throttle alone, pays only for the
     /// clock read, the slot update and the limit's description.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn decide_throttle<R: Sink>(
         &self,
         t: &ThrottleRef<'_>,
@@ -265,7 +265,7 @@ impl MemoryStore {
     /// One throttle's step at `now`: charges `cost` if it fits, or, when
     /// `peek`, only tells how it stands (after another limit has denied).
     /// `Err` is the wait for a slot when the table is full.
-    #[inline]
+    #[inline(always)]
     fn throttle_step(
         &self,
         t: &ThrottleRef<'_>,
@@ -562,14 +562,17 @@ struct SlotKey {
 }
 
 impl SlotKey {
+    /// The two halves of a digest are keyed hashes already (and independent
+    /// of each other), so the limit's salt is only xored in: each limit of a
+    /// key gets its own slot, with no more hashing on the hot path.
     #[inline]
     fn new(d: Digest, salt: u64) -> Self {
         let lo = d.0 as u64;
         let hi = (d.0 >> 64) as u64;
         SlotKey {
             // Bit 0 set: a fingerprint is never 0, the mark of an empty slot.
-            fp: mix(lo ^ salt) | 1,
-            pos: mix(hi ^ salt.rotate_left(32)),
+            fp: (lo ^ salt) | 1,
+            pos: hi ^ salt.rotate_left(32),
         }
     }
 }
@@ -648,7 +651,7 @@ impl Table {
     /// Applies `op` to the key's TAT (0 for a key not tracked): when it returns
     /// `Some(new)`, stores `new` atomically, retrying `op` on contention.
     /// Errors with the time until a slot frees when a new key finds no room.
-    #[inline]
+    #[inline(always)]
     fn update<R>(
         &self,
         key: SlotKey,
