@@ -17,6 +17,10 @@
 //! with the same URL (several comma-separated URLs name the nodes of a Redis
 //! Cluster); otherwise in this process.
 //!
+//! On SIGTERM or Ctrl-C it stops accepting connections, lets the requests in
+//! flight finish (streams to their last event), waits for the Redis store to
+//! settle their tokens, and exits 0.
+//!
 //! With no flags it listens on `127.0.0.1:3000` with the in-memory store and the
 //! embedded demo configuration, `examples/inference_server.toml`: plan `free`
 //! (2 requests/s, bursts of 5, 1/s and bursts of 2 on the chat route, 1000 a
@@ -180,6 +184,8 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    // The Redis store, kept to wait for its last settlements at exit.
+    let mut redis = None;
     let app = match &args.redis {
         None => app(&config, MemoryStore::new()),
         Some(urls) => {
@@ -189,7 +195,7 @@ async fn main() -> std::process::ExitCode {
                 nodes => RedisStore::cluster_builder(nodes.iter().copied()),
             };
             match builder.build().await {
-                Ok(store) => app(&config, store),
+                Ok(store) => app(&config, redis.insert(store).clone()),
                 Err(e) => {
                     eprintln!("--redis: {e}");
                     return std::process::ExitCode::from(2);
@@ -211,20 +217,64 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // Listening for the signals before saying so: a signal sent as soon as
+    // the address is printed stops the server gracefully too.
+    let shutdown = match shutdown_signal() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot listen for shutdown signals: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     println!(
         "inference_server listening on http://{}",
         listener.local_addr().map_or(args.listen, |a| a)
     );
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    match serve(listener, app, shutdown).await {
+    let served = serve(listener, app, shutdown).await;
+    // Every response has ended; the Redis store may still be settling the
+    // last ones' tokens in the background.
+    if let Some(store) = redis {
+        store.drained().await;
+    }
+    match served {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("server error: {e}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Resolves on SIGTERM (what `kill`, systemd, Docker and Kubernetes send) or
+/// SIGINT (Ctrl-C). The handlers are installed now, not when first polled.
+///
+/// On either, [`serve`] stops accepting connections (the listening socket is
+/// closed: new connections are refused) and lets every request in flight
+/// finish, streams to their last event, so their tokens are settled.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        eprintln!("inference_server: shutting down, finishing the requests in flight");
+    })
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    Ok(async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            // No handler: run until killed rather than stop at once.
+            std::future::pending::<()>().await;
+        }
+        eprintln!("inference_server: shutting down, finishing the requests in flight");
+    })
 }
 
 #[derive(Clone)]
