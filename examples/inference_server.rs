@@ -98,7 +98,7 @@ pub fn app<S: Store>(config: &Config, store: S) -> Result<Router, ConfigError> {
 pub fn router<S: Store>(limit: RateLimitLayer<ApiKeyHeader, S>, admin_key: Option<&str>) -> Router {
     let admin = AdminState {
         admin: limit.admin(),
-        key: admin_key.map(|k| k.as_bytes().to_vec().into()),
+        key: admin_key.map(|k| AdminKey::new(k.as_bytes())),
     };
     Router::new()
         .route("/v1/completions", post(completions))
@@ -280,22 +280,77 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + 
 #[derive(Clone)]
 struct AdminState<S> {
     admin: Admin<S>,
-    key: Option<std::sync::Arc<[u8]>>,
+    key: Option<AdminKey>,
 }
 
 impl<S> AdminState<S> {
-    /// Whether the request carries the admin key. Compares every byte whatever
-    /// the first difference, so the time taken says nothing about the key.
+    /// Whether the request carries the admin key (in its first `x-admin-key`
+    /// header); see [`AdminKey::matches`].
     fn allows(&self, headers: &HeaderMap) -> bool {
-        let (Some(want), Some(got)) = (&self.key, headers.get("x-admin-key")) else {
-            return false;
-        };
-        let got = got.as_bytes();
-        let mut diff = want.len() ^ got.len();
-        for i in 0..want.len() {
-            diff |= usize::from(want[i] ^ got.get(i).copied().unwrap_or(0));
+        match (&self.key, headers.get("x-admin-key")) {
+            (Some(key), Some(sent)) => key.matches(sent.as_bytes()),
+            _ => false,
         }
-        diff == 0
+    }
+}
+
+/// The admin key, kept only as a keyed digest, so that checking a request's
+/// key takes a time that says nothing about the admin key.
+///
+/// The key sent is hashed with SipHash-2-4 (128 bits) under a key drawn from
+/// the operating system's randomness at start, and the two digests are
+/// compared whole. The time taken depends on the length of the key sent,
+/// which its sender knows, and on nothing else: the admin key itself is
+/// never read while serving, so neither its bytes nor its length, nor how
+/// long a prefix of it the sent key shares, can show in the time. And since
+/// no one can compute digests without the random key, even a comparison that
+/// stopped at the first differing bit would teach a sender nothing it could
+/// use. It does not stop early anyway: both halves are folded into one word,
+/// which is tested once.
+#[derive(Clone)]
+pub struct AdminKey {
+    sip: (u64, u64),
+    digest: [u64; 2],
+}
+
+impl AdminKey {
+    /// Keeps the digest of `key` under a new random key.
+    pub fn new(key: &[u8]) -> AdminKey {
+        use std::hash::BuildHasher;
+        // std's RandomState is seeded from the operating system's randomness.
+        let seed = std::hash::RandomState::new();
+        let sip = (
+            seed.hash_one(0x6164_6d69_6e_u64),
+            seed.hash_one(0x6b65_79_u64),
+        );
+        AdminKey {
+            sip,
+            digest: admin_digest(sip, key),
+        }
+    }
+
+    /// Whether `sent` is the admin key, in a time that depends only on
+    /// `sent.len()`.
+    pub fn matches(&self, sent: &[u8]) -> bool {
+        let [a, b] = admin_digest(self.sip, sent);
+        let diff = (a ^ self.digest[0]) | (b ^ self.digest[1]);
+        std::hint::black_box(diff) == 0
+    }
+}
+
+/// The SipHash-2-4 128-bit digest of `bytes` under `key`.
+fn admin_digest(key: (u64, u64), bytes: &[u8]) -> [u64; 2] {
+    use siphasher::sip128::{Hasher128, SipHasher24};
+    use std::hash::Hasher;
+    let mut h = SipHasher24::new_with_keys(key.0, key.1);
+    h.write(bytes);
+    let h = h.finish128();
+    [h.h1, h.h2]
+}
+
+impl std::fmt::Debug for AdminKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminKey(..)")
     }
 }
 
