@@ -320,8 +320,8 @@ impl AdminKey {
         // std's RandomState is seeded from the operating system's randomness.
         let seed = std::hash::RandomState::new();
         let sip = (
-            seed.hash_one(0x6164_6d69_6e_u64),
-            seed.hash_one(0x6b65_79_u64),
+            seed.hash_one(0x0061_646d_696e_u64),
+            seed.hash_one(0x006b_6579_u64),
         );
         AdminKey {
             sip,
