@@ -17,6 +17,10 @@
 //! with the same URL (several comma-separated URLs name the nodes of a Redis
 //! Cluster); otherwise in this process.
 //!
+//! On SIGTERM or Ctrl-C it stops accepting connections, lets the requests in
+//! flight finish (streams to their last event), waits for the Redis store to
+//! settle their tokens, and exits 0.
+//!
 //! With no flags it listens on `127.0.0.1:3000` with the in-memory store and the
 //! embedded demo configuration, `examples/inference_server.toml`: plan `free`
 //! (2 requests/s, bursts of 5, 1/s and bursts of 2 on the chat route, 1000 a
@@ -94,7 +98,7 @@ pub fn app<S: Store>(config: &Config, store: S) -> Result<Router, ConfigError> {
 pub fn router<S: Store>(limit: RateLimitLayer<ApiKeyHeader, S>, admin_key: Option<&str>) -> Router {
     let admin = AdminState {
         admin: limit.admin(),
-        key: admin_key.map(|k| k.as_bytes().to_vec().into()),
+        key: admin_key.map(|k| AdminKey::new(k.as_bytes())),
     };
     Router::new()
         .route("/v1/completions", post(completions))
@@ -180,6 +184,8 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    // The Redis store, kept to wait for its last settlements at exit.
+    let mut redis = None;
     let app = match &args.redis {
         None => app(&config, MemoryStore::new()),
         Some(urls) => {
@@ -189,7 +195,7 @@ async fn main() -> std::process::ExitCode {
                 nodes => RedisStore::cluster_builder(nodes.iter().copied()),
             };
             match builder.build().await {
-                Ok(store) => app(&config, store),
+                Ok(store) => app(&config, redis.insert(store).clone()),
                 Err(e) => {
                     eprintln!("--redis: {e}");
                     return std::process::ExitCode::from(2);
@@ -211,14 +217,26 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // Listening for the signals before saying so: a signal sent as soon as
+    // the address is printed stops the server gracefully too.
+    let shutdown = match shutdown_signal() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot listen for shutdown signals: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     println!(
         "inference_server listening on http://{}",
         listener.local_addr().map_or(args.listen, |a| a)
     );
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    match serve(listener, app, shutdown).await {
+    let served = serve(listener, app, shutdown).await;
+    // Every response has ended; the Redis store may still be settling the
+    // last ones' tokens in the background.
+    if let Some(store) = redis {
+        store.drained().await;
+    }
+    match served {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("server error: {e}");
@@ -227,25 +245,112 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// Resolves on SIGTERM (what `kill`, systemd, Docker and Kubernetes send) or
+/// SIGINT (Ctrl-C). The handlers are installed now, not when first polled.
+///
+/// On either, [`serve`] stops accepting connections (the listening socket is
+/// closed: new connections are refused) and lets every request in flight
+/// finish, streams to their last event, so their tokens are settled.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        eprintln!("inference_server: shutting down, finishing the requests in flight");
+    })
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    Ok(async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            // No handler: run until killed rather than stop at once.
+            std::future::pending::<()>().await;
+        }
+        eprintln!("inference_server: shutting down, finishing the requests in flight");
+    })
+}
+
 #[derive(Clone)]
 struct AdminState<S> {
     admin: Admin<S>,
-    key: Option<std::sync::Arc<[u8]>>,
+    key: Option<AdminKey>,
 }
 
 impl<S> AdminState<S> {
-    /// Whether the request carries the admin key. Compares every byte whatever
-    /// the first difference, so the time taken says nothing about the key.
+    /// Whether the request carries the admin key (in its first `x-admin-key`
+    /// header); see [`AdminKey::matches`].
     fn allows(&self, headers: &HeaderMap) -> bool {
-        let (Some(want), Some(got)) = (&self.key, headers.get("x-admin-key")) else {
-            return false;
-        };
-        let got = got.as_bytes();
-        let mut diff = want.len() ^ got.len();
-        for i in 0..want.len() {
-            diff |= usize::from(want[i] ^ got.get(i).copied().unwrap_or(0));
+        match (&self.key, headers.get("x-admin-key")) {
+            (Some(key), Some(sent)) => key.matches(sent.as_bytes()),
+            _ => false,
         }
-        diff == 0
+    }
+}
+
+/// The admin key, kept only as a keyed digest, so that checking a request's
+/// key takes a time that says nothing about the admin key.
+///
+/// The key sent is hashed with SipHash-2-4 (128 bits) under a key drawn from
+/// the operating system's randomness at start, and the two digests are
+/// compared whole. The time taken depends on the length of the key sent,
+/// which its sender knows, and on nothing else: the admin key itself is
+/// never read while serving, so neither its bytes nor its length, nor how
+/// long a prefix of it the sent key shares, can show in the time. And since
+/// no one can compute digests without the random key, even a comparison that
+/// stopped at the first differing bit would teach a sender nothing it could
+/// use. It does not stop early anyway: both halves are folded into one word,
+/// which is tested once.
+#[derive(Clone)]
+pub struct AdminKey {
+    sip: (u64, u64),
+    digest: [u64; 2],
+}
+
+impl AdminKey {
+    /// Keeps the digest of `key` under a new random key.
+    pub fn new(key: &[u8]) -> AdminKey {
+        use std::hash::BuildHasher;
+        // std's RandomState is seeded from the operating system's randomness.
+        let seed = std::hash::RandomState::new();
+        let sip = (
+            seed.hash_one(0x0061_646d_696e_u64),
+            seed.hash_one(0x006b_6579_u64),
+        );
+        AdminKey {
+            sip,
+            digest: admin_digest(sip, key),
+        }
+    }
+
+    /// Whether `sent` is the admin key, in a time that depends only on
+    /// `sent.len()`.
+    pub fn matches(&self, sent: &[u8]) -> bool {
+        let [a, b] = admin_digest(self.sip, sent);
+        let diff = (a ^ self.digest[0]) | (b ^ self.digest[1]);
+        std::hint::black_box(diff) == 0
+    }
+}
+
+/// The SipHash-2-4 128-bit digest of `bytes` under `key`.
+fn admin_digest(key: (u64, u64), bytes: &[u8]) -> [u64; 2] {
+    use siphasher::sip128::{Hasher128, SipHasher24};
+    use std::hash::Hasher;
+    let mut h = SipHasher24::new_with_keys(key.0, key.1);
+    h.write(bytes);
+    let h = h.finish128();
+    [h.h1, h.h2]
+}
+
+impl std::fmt::Debug for AdminKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminKey(..)")
     }
 }
 

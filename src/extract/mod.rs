@@ -34,7 +34,10 @@ pub const DEFAULT_MAX_KEY_LEN: usize = 256;
 ///
 /// It is built from a `&http::Request<B>` without copying anything, so that
 /// extractors (and closures) need not be generic over the body type.
-#[derive(Debug, Clone, Copy)]
+///
+/// Its `Debug` shows the method, the path and the names of the headers,
+/// never header values or the query, which may hold keys.
+#[derive(Clone, Copy)]
 #[non_exhaustive]
 pub struct RequestView<'a> {
     /// The request method.
@@ -45,6 +48,22 @@ pub struct RequestView<'a> {
     pub headers: &'a HeaderMap,
     /// The request extensions (peer address, upstream auth results, matched path).
     pub extensions: &'a Extensions,
+}
+
+impl fmt::Debug for RequestView<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Names<'h>(&'h HeaderMap);
+        impl fmt::Debug for Names<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_list().entries(self.0.keys()).finish()
+            }
+        }
+        f.debug_struct("RequestView")
+            .field("method", self.method)
+            .field("path", &self.uri.path())
+            .field("headers", &Names(self.headers))
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a> RequestView<'a> {
@@ -274,4 +293,23 @@ pub(crate) fn validate(bytes: &[u8], max_len: usize) -> Result<&[u8], KeyError> 
         return Err(KeyError::Malformed);
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_view_debug_shows_no_header_value_and_no_query() {
+        let req = http::Request::post("/v1/items?api_key=secret-in-query")
+            .header("x-api-key", "secret-in-header")
+            .header("authorization", "Bearer secret-token")
+            .body(())
+            .unwrap();
+        let shown = format!("{:?}", RequestView::new(&req));
+        assert!(!shown.contains("secret"), "{shown}");
+        for part in ["POST", "/v1/items", "x-api-key", "authorization"] {
+            assert!(shown.contains(part), "{part} not in {shown}");
+        }
+    }
 }

@@ -21,7 +21,7 @@ use std::fmt::{self, Write as _};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -108,6 +108,29 @@ struct Inner {
     /// The next lease id (a random start, so instances do not collide).
     members: AtomicU64,
     lease: Duration,
+    /// Calls sent in the background (settlements, lease releases, stage
+    /// refunds) that have not finished, for [`RedisStore::drained`].
+    background: Background,
+}
+
+/// Counts the calls a store sends in the background.
+#[derive(Default)]
+struct Background {
+    running: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Counts one background call as finished when dropped: when it completes,
+/// and when its task is cancelled (the runtime shuts down) too.
+struct Running(Arc<Inner>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let background = &self.0.background;
+        if background.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            background.idle.notify_waiters();
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -180,6 +203,53 @@ impl RedisStore {
     /// The prefix of every key this store writes.
     pub fn prefix(&self) -> &str {
         &self.inner.prefix
+    }
+
+    /// Waits until no call this store sends in the background is running:
+    /// token settlements, releases of places under concurrency caps, and (on
+    /// Redis Cluster) stage refunds, which responses and decisions start
+    /// without waiting for them.
+    ///
+    /// Await it before the process exits, after the server has stopped
+    /// (axum's graceful shutdown returns once every response has ended), so
+    /// that the last responses' tokens are settled in Redis rather than lost
+    /// with the runtime. Each call is bounded by the store's
+    /// [timeout](RedisStoreBuilder::timeout), so this returns within about
+    /// that long once no new calls start; a call that fails leaves what it
+    /// would have changed as it was (the estimate stands, the place lapses
+    /// with its lease).
+    ///
+    /// ```no_run
+    /// use tollgate::{Policy, RateLimitLayer, RedisStore, Throttle, UsagePlan};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = RedisStore::builder("redis://127.0.0.1:6379/").build().await?;
+    /// let policy = Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(10.0, 20)?))?;
+    /// let app = axum::Router::new()
+    ///     .route("/", axum::routing::get(|| async { "ok" }))
+    ///     .layer(RateLimitLayer::builder(policy).store(store.clone()).build());
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    /// axum::serve(listener, app)
+    ///     .with_graceful_shutdown(async { tokio::signal::ctrl_c().await.unwrap_or(()) })
+    ///     .await?;
+    /// // Every response has ended; their settlements may still be on their way.
+    /// store.drained().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn drained(&self) {
+        let background = &self.inner.background;
+        loop {
+            let idle = background.idle.notified();
+            let mut idle = std::pin::pin!(idle);
+            // Registered before the count is read: a call that finishes in
+            // between still wakes this one.
+            idle.as_mut().enable();
+            if background.running.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
     }
 }
 
@@ -309,6 +379,7 @@ impl RedisStoreBuilder {
                     0x006c_6561_7365_u64,
                 )),
                 lease: self.lease,
+                background: Background::default(),
             }),
         })
     }
@@ -530,6 +601,20 @@ impl Inner {
 
     /// `work` within the timeout: however many round trips it takes and
     /// whatever Redis does, it answers by then.
+    /// Runs `work` in a task of its own, counted until it ends (see
+    /// [`RedisStore::drained`]); outside a Tokio runtime, not at all.
+    fn spawn(self: &Arc<Self>, work: impl Future<Output = ()> + Send + 'static) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.background.running.fetch_add(1, Ordering::AcqRel);
+        let running = Running(Arc::clone(self));
+        rt.spawn(async move {
+            let _running = running;
+            work.await;
+        });
+    }
+
     async fn within<T>(
         &self,
         work: impl Future<Output = Result<T, StoreError>>,
@@ -913,14 +998,13 @@ impl Store for RedisStore {
         let key = inner.cap_key(permit.place);
         let member = format!("{:016x}", permit.id);
         // Never waited for: a lease that cannot be removed lapses by itself.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let cmd = redis::cmd("ZREM").arg(key).arg(member).clone();
-                if let Err(e) = inner.command::<i64>(cmd).await {
-                    tracing::debug!(error = %e, "lease not removed; it lapses by itself");
-                }
-            });
-        }
+        let task = Arc::clone(&inner);
+        inner.spawn(async move {
+            let cmd = redis::cmd("ZREM").arg(key).arg(member).clone();
+            if let Err(e) = task.command::<i64>(cmd).await {
+                tracing::debug!(error = %e, "lease not removed; it lapses by itself");
+            }
+        });
     }
 
     fn settle(&self, settlement: &Settlement<'_>) {
@@ -947,13 +1031,12 @@ impl Store for RedisStore {
         }
         // Never waited for, and bounded by the timeout: a settlement that
         // fails leaves the estimate charged.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = inner.within(Arc::clone(&inner).run(call)).await {
-                    tracing::debug!(error = %e, "tokens not settled; the estimate stands");
-                }
-            });
-        }
+        let task = Arc::clone(&inner);
+        inner.spawn(async move {
+            if let Err(e) = task.within(Arc::clone(&task).run(call)).await {
+                tracing::debug!(error = %e, "tokens not settled; the estimate stands");
+            }
+        });
     }
 
     fn usage(&self, quota: &QuotaRef<'_>, first: Date, last: Date) -> StoreFuture<Vec<[i64; 2]>> {
@@ -1077,9 +1160,9 @@ async fn decide_split(
 /// Refunds the stage in a task of its own, within its own timeout; a refund
 /// that fails leaves the stage charged (it errs toward admitting less).
 fn spawn_refund(inner: &Arc<Inner>, stage: Part, charged: Charged, cost: u32) {
-    let inner = Arc::clone(inner);
-    tokio::spawn(async move {
-        if let Err(e) = inner.within(refund(&inner, &stage, &charged, cost)).await {
+    let task = Arc::clone(inner);
+    inner.spawn(async move {
+        if let Err(e) = task.within(refund(&task, &stage, &charged, cost)).await {
             tracing::debug!(error = %e, "stage refund failed; the stage stays charged");
         }
     });

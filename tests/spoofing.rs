@@ -1,0 +1,298 @@
+//! A client cannot change the identity an IP-keyed limit counts it under by
+//! sending forwarding headers: a real axum server on a loopback port, real
+//! HTTP clients bound to chosen loopback addresses (127.0.0.1 plays the
+//! trusted proxy, 127.0.0.2 a client that connects directly), a frozen
+//! clock, and a throttle of bursts of 5.
+//!
+//! `tests/http.rs` already shows that an untrusted peer's `X-Forwarded-For`
+//! and `Forwarded` are ignored, and that entries prepended to
+//! `X-Forwarded-For` behind a trusted proxy do not count. This file adds the
+//! headers other gateways use (`X-Real-IP`, `True-Client-IP`…), every form
+//! of forged entry at once, a direct client that is not the trusted proxy,
+//! `Forwarded` behind a trusted proxy, split header lines, and the limits of
+//! anonymous requests in a policy built from a configuration file.
+
+mod common;
+
+use std::net::IpAddr;
+
+use axum::Router;
+use axum::routing::get;
+use http::StatusCode;
+use tollgate::RateLimitLayer;
+use tollgate::config::Config;
+use tollgate::extract::{ClientIp, ForwardedHeader};
+
+use common::{BURST, frozen_store, per_key_policy, serve};
+
+async fn ok() -> &'static str {
+    "ok"
+}
+
+/// Every client IP limited to bursts of 5, on a frozen clock.
+fn ip_app(extractor: ClientIp) -> Router {
+    let (_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(per_key_policy())
+        .extractor(extractor)
+        .store(store)
+        .build();
+    Router::new().route("/", get(ok)).layer(layer)
+}
+
+/// An HTTP client whose connections come from `local` (a loopback address).
+fn client_from(local: &str) -> reqwest::Client {
+    let local: IpAddr = local.parse().unwrap();
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(local)
+        .build()
+        .unwrap()
+}
+
+/// The headers that some proxy, CDN or framework reads a client address
+/// from. A client can send any of them.
+const CLIENT_ADDRESS_HEADERS: [&str; 9] = [
+    "x-forwarded-for",
+    "forwarded",
+    "x-real-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "fastly-client-ip",
+    "x-original-forwarded-for",
+];
+
+/// The `i`th forged header set: one header of [`CLIENT_ADDRESS_HEADERS`],
+/// or all of them, or several lines of one, each claiming an address of its
+/// own (IPv4, IPv6, loopback, the trusted proxy's own address).
+fn forged(req: reqwest::RequestBuilder, i: usize) -> reqwest::RequestBuilder {
+    let v4 = format!("198.51.100.{}", i + 1);
+    let v6 = format!("2001:db8:{:x}::1", i + 1);
+    let value = |name: &str, addr: &str| match name {
+        "forwarded" => format!("for=\"{addr}\""),
+        _ => addr.to_owned(),
+    };
+    let n = CLIENT_ADDRESS_HEADERS.len();
+    match i % (n + 4) {
+        k if k < n => {
+            let name = CLIENT_ADDRESS_HEADERS[k];
+            req.header(name, value(name, &v4))
+        }
+        k if k == n => CLIENT_ADDRESS_HEADERS
+            .iter()
+            .fold(req, |req, name| req.header(*name, value(name, &v4))),
+        k if k == n + 1 => req
+            .header("x-forwarded-for", format!("{v4}, 127.0.0.1"))
+            .header("x-forwarded-for", "127.0.0.1")
+            .header("forwarded", format!("for=\"[{v6}]:443\", for=127.0.0.1")),
+        k if k == n + 2 => req
+            .header("x-forwarded-for", format!("[{v6}]:8080"))
+            .header("x-real-ip", v6.clone())
+            .header("forwarded", "for=unknown"),
+        _ => req
+            .header("x-forwarded-for", format!("{v4}:1234, {v6}, 10.0.0.1"))
+            .header("forwarded", format!("for={v4};proto=https;by=127.0.0.1")),
+    }
+}
+
+/// `passed` 200s followed by `rejected` 429s.
+fn pass_then_429(passed: usize, rejected: usize) -> Vec<StatusCode> {
+    let mut v = vec![StatusCode::OK; passed];
+    v.extend(std::iter::repeat_n(StatusCode::TOO_MANY_REQUESTS, rejected));
+    v
+}
+
+/// Sends `n` requests made by `req` and returns their statuses.
+async fn statuses(
+    n: usize,
+    mut req: impl FnMut(usize) -> reqwest::RequestBuilder,
+) -> Vec<StatusCode> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        out.push(req(i).send().await.unwrap().status());
+    }
+    out
+}
+
+/// Every forged header set, one after the other, from one peer: all are
+/// counted as that peer, which gets its burst of 5 and no more.
+async fn assert_forgeries_share_the_peers_budget(base: &str, peer: &reqwest::Client) {
+    let forgeries = CLIENT_ADDRESS_HEADERS.len() + 4;
+    let n = forgeries.max(BURST as usize + 1);
+    let got = statuses(n, |i| forged(peer.get(base), i)).await;
+    assert_eq!(got, pass_then_429(BURST as usize, n - BURST as usize));
+    // The forged addresses were not charged either: no header moved a
+    // request to another identity, so the peer stays refused whatever it
+    // claims, and so does a plain request.
+    for i in 0..forgeries {
+        let status = forged(peer.get(base), i).send().await.unwrap().status();
+        assert_eq!(status, 429, "forgery {i}");
+    }
+    assert_eq!(peer.get(base).send().await.unwrap().status(), 429);
+}
+
+#[tokio::test]
+async fn without_trusted_proxies_no_header_changes_the_identity() {
+    for extractor in [
+        ClientIp::new(),
+        ClientIp::new().forwarded_header(ForwardedHeader::Forwarded),
+        // Trusting a network the peer is not in changes nothing either.
+        ClientIp::new().trust_proxy("10.0.0.0/8".parse().unwrap()),
+    ] {
+        let base = serve(ip_app(extractor.clone())).await;
+        let one = client_from("127.0.0.1");
+        assert_forgeries_share_the_peers_budget(&base, &one).await;
+
+        // The key is the peer address: another peer has its own budget,
+        // whatever it claims.
+        let two = client_from("127.0.0.2");
+        let got = statuses(BURST as usize + 1, |i| forged(two.get(&base), i)).await;
+        assert_eq!(got, pass_then_429(BURST as usize, 1), "{extractor:?}");
+    }
+}
+
+#[tokio::test]
+async fn anonymous_limits_from_a_config_without_proxies_ignore_every_header() {
+    let config = Config::from_toml(
+        r#"
+[[plans]]
+name = "free"
+[anonymous]
+mode = "ip"
+throttle = { rate = 1.0, burst = 5 }
+"#,
+    )
+    .unwrap();
+    let (clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(config.policy_with_clock(clock).unwrap())
+        .store(store)
+        .build();
+    let base = serve(Router::new().route("/", get(ok)).layer(layer)).await;
+    assert_forgeries_share_the_peers_budget(&base, &client_from("127.0.0.1")).await;
+    let other = client_from("127.0.0.2");
+    assert_eq!(other.get(&base).send().await.unwrap().status(), 200);
+}
+
+/// The address the trusted proxy (the client at 127.0.0.1) saw and appended.
+const REAL: &str = "203.0.113.7";
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_a_prepended_entry_does_not_change_the_identity() {
+    let base = serve(ip_app(
+        ClientIp::new().trust_proxy("127.0.0.1/32".parse().unwrap()),
+    ))
+    .await;
+    let proxy = client_from("127.0.0.1");
+
+    // The client wrote the left part (anything it likes); the proxy appended
+    // the address it saw, on the right, in the same line or a line of its own.
+    let through_proxy = |i: usize| {
+        let fake = format!("198.51.100.{}", i + 1);
+        let req = proxy.get(&base);
+        match i % 7 {
+            0 => req.header("x-forwarded-for", format!("{fake}, {REAL}")),
+            1 => req.header("x-forwarded-for", format!("{fake},{fake}, {REAL}")),
+            // The client claims to be a proxy itself.
+            2 => req.header("x-forwarded-for", format!("{fake}, 127.0.0.1, {REAL}")),
+            3 => req
+                .header("x-forwarded-for", format!("{fake}, 127.0.0.1"))
+                .header("x-forwarded-for", REAL),
+            // Headers the extractor does not read, even behind a proxy.
+            4 => req
+                .header("x-real-ip", fake)
+                .header("forwarded", "for=192.0.2.1")
+                .header("x-forwarded-for", REAL),
+            // A proxy chain ending in the trusted proxy again.
+            5 => req.header("x-forwarded-for", format!("{fake}, {REAL}, 127.0.0.1")),
+            _ => req.header("x-forwarded-for", format!("[2001:db8::{}], {REAL}", i + 1)),
+        }
+    };
+    let got = statuses(10, through_proxy).await;
+    assert_eq!(got, pass_then_429(BURST as usize, 5));
+
+    // The forged addresses and the proxy itself were not charged.
+    let xff = |addr: &'static str| proxy.get(&base).header("x-forwarded-for", addr);
+    assert_eq!(statuses(1, |_| xff("198.51.100.1")).await, [StatusCode::OK]);
+    assert_eq!(statuses(1, |_| xff("2001:db8::7")).await, [StatusCode::OK]);
+    assert_eq!(statuses(1, |_| proxy.get(&base)).await, [StatusCode::OK]);
+    // A garbage entry between the forgery and the proxy's entry stops the
+    // walk at the proxy's entry: still the real client.
+    assert_eq!(
+        statuses(1, |_| xff("198.51.100.1, garbage, 203.0.113.7")).await,
+        [StatusCode::TOO_MANY_REQUESTS]
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_bypasses_the_trusted_proxy_is_keyed_by_its_own_address() {
+    let base = serve(ip_app(
+        ClientIp::new().trust_proxy("127.0.0.1/32".parse().unwrap()),
+    ))
+    .await;
+    // 127.0.0.2 is not the trusted proxy: whatever it claims, it is 127.0.0.2.
+    let direct = client_from("127.0.0.2");
+    assert_forgeries_share_the_peers_budget(&base, &direct).await;
+
+    // What it claimed to be was not charged: the same address forwarded by
+    // the proxy has its whole burst.
+    let proxy = client_from("127.0.0.1");
+    let got = statuses(BURST as usize + 1, |_| {
+        proxy.get(&base).header("x-forwarded-for", "198.51.100.1")
+    })
+    .await;
+    assert_eq!(got, pass_then_429(BURST as usize, 1));
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_forwarded_reads_only_the_rightmost_untrusted_element() {
+    let base = serve(ip_app(
+        ClientIp::new()
+            .trust_proxy("127.0.0.1/32".parse().unwrap())
+            .forwarded_header(ForwardedHeader::Forwarded),
+    ))
+    .await;
+    let proxy = client_from("127.0.0.1");
+    let through_proxy = |i: usize| {
+        let fake = format!("198.51.100.{}", i + 1);
+        let req = proxy.get(&base);
+        match i % 6 {
+            0 => req.header("forwarded", format!("for={fake}, for={REAL}")),
+            1 => req.header(
+                "forwarded",
+                format!(
+                    "for=\"[2001:db8::{}]:80\";proto=https, for=\"{REAL}:4711\"",
+                    i + 1
+                ),
+            ),
+            // A quoted comma in the client's part does not split it.
+            2 => req.header(
+                "forwarded",
+                format!("for={fake};ext=\"x, for=192.0.2.9\", for={REAL};by=127.0.0.1"),
+            ),
+            3 => req
+                .header("forwarded", format!("for={fake}, for=127.0.0.1"))
+                .header("forwarded", format!("for={REAL}")),
+            4 => req
+                .header("x-forwarded-for", fake)
+                .header("x-real-ip", "192.0.2.1")
+                .header("forwarded", format!("for={REAL}")),
+            _ => req.header(
+                "forwarded",
+                format!("for={fake}, for={REAL}, for=127.0.0.1"),
+            ),
+        }
+    };
+    let got = statuses(9, through_proxy).await;
+    assert_eq!(got, pass_then_429(BURST as usize, 4));
+    // The forged addresses were not charged.
+    let fwd = |v: &'static str| proxy.get(&base).header("forwarded", v);
+    assert_eq!(
+        statuses(1, |_| fwd("for=198.51.100.1")).await,
+        [StatusCode::OK]
+    );
+    assert_eq!(
+        statuses(1, |_| fwd("for=192.0.2.9")).await,
+        [StatusCode::OK]
+    );
+}

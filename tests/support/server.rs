@@ -1,0 +1,210 @@
+//! The reference server (`examples/inference_server.rs`) as a child process.
+//!
+//! Include this module with
+//!
+//! ```ignore
+//! #[path = "support/server.rs"]
+//! mod server_support;
+//! ```
+//!
+//! [`ServerProcess::start`] builds the example binary once per test run
+//! (same target directory and profile as the test), starts it on a free
+//! loopback port and waits for its address; it keeps what the process
+//! writes to stdout and stderr, can send it signals, and kills it when
+//! dropped.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+/// How long a server process has to print its listen address.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The `inference_server` example binary, built once per test run beside
+/// this test's own executable (same target directory and profile).
+pub fn server_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the test executable's path");
+        // target/<profile>/deps/<test>-<hash>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test executable lies in <target>/<profile>/deps");
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_owned(),
+            Some(name) => name.to_owned(),
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(cargo)
+            .args(["build", "--quiet", "--all-features", "--example"])
+            .arg("inference_server")
+            .args(["--profile", &profile])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cargo build");
+        assert!(
+            out.status.success(),
+            "cargo build --example inference_server failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bin = profile_dir.join("examples").join("inference_server");
+        assert!(bin.exists(), "{} was not built", bin.display());
+        bin
+    })
+}
+
+/// A reference server process. Dropping it kills the process (SIGKILL).
+pub struct ServerProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl ServerProcess {
+    /// Starts the example with `args` and `--listen 127.0.0.1:0`, and waits
+    /// until it prints its address.
+    pub fn start(args: &[&str]) -> ServerProcess {
+        let mut child = Command::new(server_binary())
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the inference_server example");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        {
+            let mut pipe = child.stderr.take().expect("piped stderr");
+            let stderr = Arc::clone(&stderr);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    stderr.lock().unwrap().push_str(&text);
+                }
+            });
+        }
+        let (tx, rx) = mpsc::channel();
+        let stdout = Arc::new(Mutex::new(String::new()));
+        {
+            let pipe = child.stdout.take().expect("piped stdout");
+            let stdout = Arc::clone(&stdout);
+            std::thread::spawn(move || {
+                // Keeps draining stdout after the address, so the pipe never fills.
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if let Some(addr) = line.strip_prefix("inference_server listening on http://") {
+                        let _ = tx.send(addr.to_owned());
+                    }
+                    let mut out = stdout.lock().unwrap();
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            });
+        }
+        let addr = match rx.recv_timeout(STARTUP_TIMEOUT) {
+            Ok(addr) => addr.parse().expect("a socket address"),
+            Err(_) => {
+                let status = child.try_wait();
+                let _ = child.kill();
+                panic!(
+                    "the server did not print its address within {STARTUP_TIMEOUT:?} (exit: {status:?})\n{}",
+                    stderr.lock().unwrap()
+                );
+            }
+        };
+        ServerProcess {
+            child,
+            addr,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// What the process wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends the process `signal` (`"TERM"`, `"INT"`).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{signal} {pid}: {sent}");
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .try_wait()
+            .expect("query the server process")
+            .is_none()
+    }
+
+    /// The process's exit status; panics if it is still running after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("query the server process") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server did not exit within {limit:?}\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until a new connection to the server is refused; panics if one
+    /// is still accepted after `limit`.
+    pub fn wait_refused(&self, limit: Duration) -> Instant {
+        let deadline = Instant::now() + limit;
+        loop {
+            match TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    return Instant::now();
+                }
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "new connections still accepted {limit:?} after the signal\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // Fails only if the process has already exited.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
