@@ -7,6 +7,8 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use portable_atomic::AtomicU128;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -41,6 +43,71 @@ struct CoarseClock {
     ticker: &'static Ticker,
     start: u64,
     resolution: Duration,
+    wall: WallSync,
+}
+
+/// How long the wall time is carried forward on the monotonic clock before
+/// the system's is read again.
+const WALL_RESYNC: Nanos = 100_000_000;
+
+/// The wall time, read from the system at most every [`WALL_RESYNC`] and
+/// carried forward on the monotonic clock in between. Reading the system
+/// time costs 20 to 50 ns (in a virtual machine, 50 measured), as much as a
+/// whole throttle decision, and a request with a calendar quota needs it.
+/// In between, the wall time drifts from the system's only as much as the
+/// two clocks' rates differ (parts per million), and a step of the system
+/// clock (NTP, an operator) is seen within `WALL_RESYNC`.
+struct WallSync {
+    /// The monotonic time of the last read (high half) and the wall time
+    /// it read, in nanoseconds since the epoch (low half): one word, so that
+    /// a reader never pairs one read's instant with another's time.
+    pair: AtomicU128,
+}
+
+impl WallSync {
+    fn new(mono: Nanos) -> Self {
+        WallSync {
+            pair: AtomicU128::new(pack_wall(mono, system_wall_nanos())),
+        }
+    }
+
+    /// Wall nanoseconds at monotonic time `mono`.
+    #[inline]
+    fn wall_nanos(&self, mono: Nanos) -> i64 {
+        let pair = self.pair.load(Ordering::Relaxed);
+        let (at, wall) = ((pair >> 64) as Nanos, pair as u64 as i64);
+        // Another thread may have read later than `mono` was: either way
+        // the pair is close enough to carry forward (or back).
+        if mono.abs_diff(at) < WALL_RESYNC {
+            // Within WALL_RESYNC, so the difference fits in an i64.
+            return wall.saturating_add(mono as i64 - at as i64);
+        }
+        self.resync(mono)
+    }
+
+    #[cold]
+    fn resync(&self, mono: Nanos) -> i64 {
+        let wall = system_wall_nanos();
+        self.pair.store(pack_wall(mono, wall), Ordering::Relaxed);
+        wall
+    }
+}
+
+fn pack_wall(mono: Nanos, wall: i64) -> u128 {
+    u128::from(mono) << 64 | u128::from(wall as u64)
+}
+
+/// The system's wall time in nanoseconds since the epoch (negative before).
+fn system_wall_nanos() -> i64 {
+    nanos_since_epoch(SystemTime::now())
+}
+
+/// `t` in nanoseconds since the epoch (negative before it).
+fn nanos_since_epoch(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+    }
 }
 
 /// The process's one time-keeping thread for coarse clocks: it stores the
@@ -82,16 +149,23 @@ fn ticker(resolution: Duration) -> Option<&'static Ticker> {
 struct SystemClock {
     clock: quanta::Clock,
     start: u64,
+    wall: WallSync,
 }
 
 impl Clock {
     /// The machine's clocks: quanta's calibrated monotonic counter for
-    /// throttles, the system time for calendar windows.
+    /// throttles, the system time for calendar windows. The system time is
+    /// read at most every 100 ms and carried forward on the counter in
+    /// between, so a step of the system clock is followed within 100 ms.
     pub fn system() -> Self {
         let clock = quanta::Clock::new();
         let start = clock.raw();
         Clock {
-            inner: Inner::System(Arc::new(SystemClock { clock, start })),
+            inner: Inner::System(Arc::new(SystemClock {
+                clock,
+                start,
+                wall: WallSync::new(0),
+            })),
         }
     }
 
@@ -104,7 +178,8 @@ impl Clock {
     /// The time it gives is up to `resolution` (plus the thread's scheduling
     /// delay) behind: throttles then admit at most `rate x resolution` fewer
     /// requests than they would, and never more, and `Retry-After` may be
-    /// that much longer. Calendar quotas still read the system's wall time.
+    /// that much longer. Calendar quotas read the system's wall time as
+    /// [`Clock::system`] does, carried forward on this clock.
     /// If the thread cannot be started, this is [`Clock::system`].
     ///
     /// ```
@@ -125,6 +200,7 @@ impl Clock {
                     ticker,
                     start: ticker.now.load(Ordering::Acquire),
                     resolution: ticker.resolution,
+                    wall: WallSync::new(0),
                 })),
             },
             None => Clock::system(),
@@ -162,9 +238,21 @@ impl Clock {
 
     /// UTC wall time.
     pub fn wall(&self) -> SystemTime {
+        let n = self.wall_nanos();
+        if n >= 0 {
+            UNIX_EPOCH + Duration::from_nanos(n as u64)
+        } else {
+            UNIX_EPOCH - Duration::from_nanos(n.unsigned_abs())
+        }
+    }
+
+    /// UTC wall time in nanoseconds since the epoch (negative before it).
+    #[inline]
+    pub(crate) fn wall_nanos(&self) -> i64 {
         match &self.inner {
-            Inner::System(_) | Inner::Coarse(_) => SystemTime::now(),
-            Inner::Manual(m) => m.wall(),
+            Inner::System(s) => s.wall.wall_nanos(self.nanos()),
+            Inner::Coarse(c) => c.wall.wall_nanos(self.nanos()),
+            Inner::Manual(m) => m.shared.wall.load(Ordering::Acquire),
         }
     }
 }
@@ -288,6 +376,42 @@ impl fmt::Debug for ManualClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wall_time_is_carried_forward_then_read_again() {
+        let sync = WallSync::new(1_000);
+        let (_, base) = {
+            let p = sync.pair.load(Ordering::Relaxed);
+            ((p >> 64) as u64, p as u64 as i64)
+        };
+        // Within the resync period: the read carried forward, exactly.
+        assert_eq!(sync.wall_nanos(1_000 + 40_000_000), base + 40_000_000);
+        // And back, for a reader whose instant precedes the last read.
+        assert_eq!(sync.wall_nanos(500), base - 500);
+        // Past it: the system's time again, and the pair moves on.
+        let later = 1_000 + WALL_RESYNC + 1;
+        let before = system_wall_nanos();
+        let read = sync.wall_nanos(later);
+        assert!(read >= before && read <= system_wall_nanos());
+        assert_eq!(sync.pair.load(Ordering::Relaxed) >> 64, u128::from(later));
+        assert_eq!(sync.wall_nanos(later + 5), read + 5);
+    }
+
+    #[test]
+    fn system_and_coarse_wall_time_follow_the_system() {
+        for clock in [Clock::system(), Clock::coarse(Duration::from_millis(1))] {
+            for _ in 0..3 {
+                let before = system_wall_nanos();
+                let wall = clock.wall_nanos();
+                let after = system_wall_nanos();
+                // Carried forward on the monotonic clock: off by the two
+                // clocks' drift, and a coarse clock's lag (generous bounds).
+                assert!(wall > before - 50_000_000 && wall < after + 50_000_000);
+                assert!((nanos_since_epoch(clock.wall()) - wall).abs() < 50_000_000);
+                std::thread::sleep(Duration::from_millis(60));
+            }
+        }
+    }
 
     #[test]
     fn clones_share_one_time() {

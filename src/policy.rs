@@ -255,12 +255,9 @@ impl fmt::Debug for Policy {
     }
 }
 
+#[inline]
 pub(crate) fn wall_nanos(clock: &Clock) -> i64 {
-    let t = clock.wall();
-    match t.duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
-    }
+    clock.wall_nanos()
 }
 
 /// Builds a [`Policy`] of plans and registered API keys.
