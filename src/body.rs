@@ -76,7 +76,10 @@ impl Guard {
         reservation: Option<Box<Reservation>>,
         req: &mut http::Request<B>,
     ) -> Option<Self> {
-        let reservation = reservation.filter(|_| !report.unchecked);
+        let reservation = reservation.filter(|_| !report.unchecked).map(|mut r| {
+            r.reserved = report.reserved;
+            r
+        });
         if let Some(r) = &reservation {
             req.extensions_mut().insert(r.usage.clone());
         }
@@ -114,6 +117,8 @@ pub(crate) struct Reservation {
     pub(crate) cells: TokenCells,
     pub(crate) estimate: u32,
     pub(crate) usage: TokenUsage,
+    /// Where the estimate was charged, once decided.
+    pub(crate) reserved: crate::store::Reserved,
 }
 
 impl Reservation {
@@ -152,6 +157,7 @@ impl Reservation {
             }),
             quotas: [quota(0), quota(1)],
             delta,
+            reserved: self.reserved,
         });
     }
 }

@@ -9,9 +9,12 @@
 //! handle found in the request's extensions (the form for streams: it can be
 //! moved into the body and counted as tokens are produced). When the
 //! response body ends, fails or is dropped, the difference is settled: an
-//! over-estimate is given back, an under-estimate is charged even past the
-//! limit, so that the key's next requests wait until the debt is repaid. A
-//! request that never reports keeps its estimate.
+//! over-estimate is given back as far as it still holds (not what the
+//! per-minute bucket has refilled since the request was decided, nor to a
+//! quota window that began after it: nothing is granted twice), an
+//! under-estimate is charged even past the limit, so that the key's next
+//! requests wait until the debt is repaid. A request that never reports
+//! keeps its estimate.
 //!
 //! ```
 //! use axum::{Extension, Router, routing::post};

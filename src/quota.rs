@@ -160,10 +160,16 @@ impl QuotaCell {
 
     /// Settles a request's actual cost: `delta` units more (an
     /// under-estimate, charged even past the limit: the window is in debt)
-    /// or fewer (an over-estimate, given back, never below zero).
-    pub(crate) fn settle(&self, spec: &QuotaSpec, now: i64, delta: i64) {
+    /// or fewer (an over-estimate, given back, never below zero). An
+    /// over-estimate comes back only to the window it was charged in, at
+    /// `charged_at`: a later window never counted it (`None`: it was not
+    /// charged).
+    pub(crate) fn settle(&self, spec: &QuotaSpec, now: i64, delta: i64, charged_at: Option<i64>) {
         let mut st = self.state.lock();
         let w = st.roll(spec.period, now);
+        if delta < 0 && charged_at.is_none_or(|t| t < w.start) {
+            return;
+        }
         let limit = spec.limit_in(w);
         st.used = st.used.saturating_add(delta).max(0);
         let remaining = limit.saturating_sub(st.used);

@@ -417,6 +417,7 @@ impl<K, S> Shared<K, S> {
                     cells: s.tokens.clone(),
                     estimate: acquire.tokens,
                     usage: TokenUsage::new(),
+                    reserved: Default::default(),
                 }));
             }
             if let Some(l) = &tokens.minute {

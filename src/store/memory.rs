@@ -160,6 +160,10 @@ impl MemoryStore {
                 Ok(Outcome::Allow { tat, after }) => {
                     if denied.is_none() {
                         charged[i] = Some(tat);
+                        if t.counts_tokens() {
+                            let span = u64::from(cost) * limit.gcra.interval();
+                            report.reserve(|r| r.until = Some(now + span));
+                        }
                         report.push(|| applied(limit, after, now));
                     }
                     continue;
@@ -197,6 +201,9 @@ impl MemoryStore {
                 match outcome {
                     Ok(snap) if denied.is_none() => {
                         quotas_charged[i] = true;
+                        if q.counts_tokens() {
+                            report.reserve(|r| r.wall = Some(wall));
+                        }
                         report.push(|| quota_applied(q.name(), &snap));
                     }
                     Ok(_) => {}
@@ -214,7 +221,7 @@ impl MemoryStore {
                 for (q, _) in req.quotas().zip(quotas_charged).filter(|(_, c)| *c) {
                     if let Some(cell) = q.cell {
                         let cost = i64::from(req.cost_for(q.counts_tokens()));
-                        cell.settle(q.spec, wall, -cost);
+                        cell.settle(q.spec, wall, -cost, Some(wall));
                     }
                 }
             }
@@ -378,32 +385,39 @@ impl Store for MemoryStore {
         self.leave(permit, self.inner.clock.nanos());
     }
 
-    /// Moves the per-minute bucket's TAT by the difference (never back past
-    /// now: an over-estimate refunds only what is still in use) and the
-    /// token quotas' counts by it (an under-estimate may go past the limit).
+    /// Moves the per-minute bucket's TAT by the difference and the token
+    /// quotas' counts by it (an under-estimate may go past the limit). An
+    /// over-estimate gets back from the bucket only what of the estimate's
+    /// own share has not refilled yet (tokens that have refilled since may
+    /// have been granted to later requests, and are not handed out twice),
+    /// and from a quota only in the window that counted it.
     fn settle(&self, settlement: &Settlement<'_>) {
         let delta = settlement.delta;
         if delta == 0 {
             return;
         }
         if let Some(t) = &settlement.throttle {
-            let interval = t.limit.gcra.interval();
-            let shift = delta.unsigned_abs().saturating_mul(interval).min(MAX_SPAN);
-            self.update_throttle(t, |tat, now| {
-                if delta > 0 {
+            let gcra = t.limit.gcra;
+            if delta > 0 {
+                let shift = delta
+                    .unsigned_abs()
+                    .saturating_mul(gcra.interval())
+                    .min(MAX_SPAN);
+                self.update_throttle(t, |tat, now| {
                     tat.max(now)
                         .saturating_add(shift)
                         .min(now.saturating_add(MAX_SPAN))
-                } else {
-                    tat.saturating_sub(shift).max(now.min(tat))
-                }
-            });
+                });
+            } else if let Some(until) = settlement.reserved.until {
+                let back = u32::try_from(delta.unsigned_abs()).unwrap_or(u32::MAX);
+                self.update_throttle(t, |tat, now| gcra.refund(tat, now, until, back));
+            }
         }
         if settlement.quotas().next().is_some() {
             let wall = wall_nanos(&self.inner.clock);
             for q in settlement.quotas() {
                 if let Some(cell) = q.cell {
-                    cell.settle(q.spec, wall, delta);
+                    cell.settle(q.spec, wall, delta, settlement.reserved.wall);
                 }
             }
         }

@@ -169,7 +169,10 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// limits are charged [`Settlement::delta`] more tokens (an
     /// under-estimate, charged even past the limit, so that the next
     /// requests wait until the debt is repaid) or given that many back (an
-    /// over-estimate). Called once per request whose actual cost differs
+    /// over-estimate: the per-minute bucket gets back only what of the
+    /// estimate has not refilled since it was decided, a quota only in the
+    /// window that counted it, so that nothing is admitted twice). Called
+    /// once per request whose actual cost differs
     /// from its estimate, never waited for: a remote store sends it in the
     /// background. The default does nothing (the estimate stands).
     fn settle(&self, settlement: &Settlement<'_>) {
@@ -300,6 +303,24 @@ pub struct Report {
     /// The store failed and the plan let the request through unchecked:
     /// nothing was charged, so nothing is settled.
     pub(crate) unchecked: bool,
+    /// Where the request's estimated tokens were charged, for settling them.
+    pub(crate) reserved: Reserved,
+}
+
+/// Where a request's estimated tokens were charged, so that settling an
+/// over-estimate gives back only what the reservation still holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Reserved {
+    /// When the estimate's own share of the per-minute bucket refills: the
+    /// decision's time plus `estimate * interval`, on the store's time line.
+    /// Settling gives back no more than is still ahead of it: what has
+    /// refilled since may have been granted to later requests. (The TAT the
+    /// request stored cannot tell: other settlements move it.)
+    pub(crate) until: Option<Nanos>,
+    /// The wall time (nanoseconds since the Unix epoch, on the store's
+    /// time line) the token quotas were charged at: a quota window that
+    /// began after it gets nothing back.
+    pub(crate) wall: Option<i64>,
 }
 
 impl Report {
@@ -363,6 +384,9 @@ pub(crate) trait Sink: Default {
 
     /// Records the place the request took under a concurrency cap.
     fn hold(&mut self, permit: Permit);
+
+    /// Records where the request's tokens were charged.
+    fn reserve(&mut self, f: impl FnOnce(&mut Reserved));
 }
 
 impl Sink for Report {
@@ -377,6 +401,11 @@ impl Sink for Report {
     fn hold(&mut self, permit: Permit) {
         self.permit = Some(permit);
     }
+
+    #[inline]
+    fn reserve(&mut self, f: impl FnOnce(&mut Reserved)) {
+        f(&mut self.reserved);
+    }
 }
 
 impl Sink for () {
@@ -387,6 +416,9 @@ impl Sink for () {
 
     #[inline]
     fn hold(&mut self, _permit: Permit) {}
+
+    #[inline]
+    fn reserve(&mut self, _f: impl FnOnce(&mut Reserved)) {}
 }
 
 /// Why a store denied a request.
@@ -878,6 +910,9 @@ pub struct Settlement<'a> {
     pub(crate) throttle: Option<ThrottleRef<'a>>,
     pub(crate) quotas: [Option<QuotaRef<'a>>; 2],
     pub(crate) delta: i64,
+    /// Where the reservation was charged: an over-estimate gives back
+    /// nothing to a limit it did not charge.
+    pub(crate) reserved: Reserved,
 }
 
 impl<'a> Settlement<'a> {

@@ -644,6 +644,8 @@ struct Throttle {
     shadow: bool,
     /// What it is charged: requests, or tokens.
     cost: u32,
+    /// Whether it counts tokens (the per-minute token bucket).
+    tokens: bool,
 }
 
 /// A quota as a decision needs it after the call.
@@ -693,6 +695,7 @@ impl Part {
             limit: t.limit.clone(),
             shadow: t.shadow,
             cost,
+            tokens: t.counts_tokens(),
         });
     }
 
@@ -778,6 +781,16 @@ impl Part {
                 Outcome::Allow { after, .. } => {
                     report.push(applied(limit, after, BASE));
                     charged.tats.push(Some(after - BASE));
+                    if t.tokens {
+                        // When the estimate's share refills, in nanoseconds
+                        // of the call's time.
+                        let span = u64::from(t.cost) * limit.gcra.interval();
+                        report.reserved.until = u64::try_from(now_s).ok().and_then(|s| {
+                            (s.checked_mul(NANOS_PER_SEC)?)
+                                .checked_add(u64::try_from(now_ns).ok()?)?
+                                .checked_add(span)
+                        });
+                    }
                 }
                 o => {
                     charged.tats.push(None);
@@ -817,6 +830,9 @@ impl Part {
                 denied = Some(Denied::longest(denied, d));
             } else {
                 report.push(item(used.saturating_add(cost)));
+                if q.tokens {
+                    report.reserved.wall = Some(now);
+                }
             }
         }
         if let Some(c) = self.cap {
@@ -1007,34 +1023,71 @@ impl Store for RedisStore {
         });
     }
 
+    /// An under-estimate is charged to every token limit. An over-estimate
+    /// is given back to the token quotas in the window that counted it, and
+    /// to the per-minute bucket only as far as the estimate's own share has
+    /// not refilled yet (a refund, mode "r"): tokens that have refilled since
+    /// may have been granted to later requests, and are not handed out twice.
     fn settle(&self, settlement: &Settlement<'_>) {
         let inner = Arc::clone(&self.inner);
-        let mut call = Call::new("t", &inner.now());
+        let now = inner.now();
         // The script's integers are exact below 2^53; a larger settlement
         // would be refused whole, so it is charged as the largest it takes.
         const EXACT: i64 = (1 << 53) - 1;
-        call.arg(settlement.delta.clamp(-EXACT, EXACT));
-        call.arg(usize::from(settlement.throttle.is_some()));
-        if let Some(t) = &settlement.throttle {
+        let delta = settlement.delta.clamp(-EXACT, EXACT);
+        let mut calls = Vec::with_capacity(2);
+        let reserved = settlement.reserved;
+        let throttle = settlement.throttle.as_ref().filter(|_| delta > 0);
+        // An over-estimate goes back only to the quota windows that counted
+        // it: the day it was charged is passed for the script to check.
+        let quotas = if delta > 0 || reserved.wall.is_some() {
+            settlement.quotas
+        } else {
+            [None, None]
+        };
+        let mut call = Call::new("t", &now);
+        call.arg(delta);
+        call.arg(usize::from(throttle.is_some()));
+        if let Some(t) = throttle {
             call.keys.push(inner.throttle_key(t));
             call.arg(t.limit.gcra.interval());
             call.arg(t.limit.gcra.burst());
         }
-        call.arg(settlement.quotas().count());
-        for q in settlement.quotas() {
+        call.arg(quotas.iter().flatten().count());
+        for q in quotas.iter().flatten() {
             call.keys.extend(inner.quota_keys(q));
             quota_args(&mut call, q);
             call.arg(q.history_days);
         }
-        if call.keys.is_empty() {
+        if let (Some(wall), true) = (reserved.wall, delta < 0) {
+            call.arg(wall.div_euclid(NANOS_PER_DAY));
+        }
+        if !call.keys.is_empty() {
+            calls.push(call);
+        }
+        if let (Some(t), Some(mine), true) = (&settlement.throttle, reserved.until, delta < 0) {
+            let mut call = Call::new("r", &now);
+            call.keys.push(inner.throttle_key(t));
+            call.arg(delta.unsigned_abs());
+            call.arg(1);
+            call.arg(t.limit.gcra.interval());
+            call.arg(t.limit.gcra.burst());
+            call.arg(mine / NANOS_PER_SEC);
+            call.arg(mine % NANOS_PER_SEC);
+            call.arg(delta.unsigned_abs());
+            calls.push(call);
+        }
+        if calls.is_empty() {
             return;
         }
         // Never waited for, and bounded by the timeout: a settlement that
         // fails leaves the estimate charged.
         let task = Arc::clone(&inner);
         inner.spawn(async move {
-            if let Err(e) = task.within(Arc::clone(&task).run(call)).await {
-                tracing::debug!(error = %e, "tokens not settled; the estimate stands");
+            for call in calls {
+                if let Err(e) = task.within(Arc::clone(&task).run(call)).await {
+                    tracing::debug!(error = %e, "tokens not settled; the estimate stands");
+                }
             }
         });
     }
@@ -1144,6 +1197,7 @@ async fn decide_split(
             if let Some(permit) = report.permit() {
                 all.set_permit(permit);
             }
+            all.reserved = report.reserved;
             Ok(Ok(all))
         }
         Ok((Err(d), _)) => {

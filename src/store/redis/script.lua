@@ -61,10 +61,13 @@
 -- "t" settle a request's actual tokens. KEYS: t_1..t_n (0 or 1), then q_i,
 --   h_i for each quota. ARGV: "t", now_s, now_ns, delta (tokens, negative
 --   for a refund), n, n times (interval_ns, burst), m, m times (limit,
---   period, week_start, offset, created_s, history_days). A throttle's TAT
---   moves by delta * interval (a refund never below now; a charge may put
---   the bucket in debt, past its span); a quota's count by delta (never
---   below 0). Reply: now_s, now_ns.
+--   period, week_start, offset, created_s, history_days), then optionally
+--   the day (days since 1970-01-01) the tokens were charged. A throttle's
+--   TAT moves by delta * interval (a refund never below now; a charge may
+--   put the bucket in debt, past its span); a quota's count by delta (never
+--   below 0), except that a refund is not given to a window that began
+--   after the day the tokens were charged (it never counted them).
+--   Reply: now_s, now_ns.
 --
 -- "s" set what remains of the quota (UpdateUsage). KEYS: q, h. ARGV: "s",
 --   now_s, now_ns, remaining, limit, period, week_start, offset, created_s,
@@ -472,8 +475,12 @@ local function settle()
     bad('wrong number of arguments')
   end
   local m = int(ARGV[qi], 0, 2, 'quota count')
-  if #ARGV ~= qi + 6 * m or #KEYS ~= n + 2 * m then
+  if (#ARGV ~= qi + 6 * m and #ARGV ~= qi + 6 * m + 1) or #KEYS ~= n + 2 * m then
     bad('wrong number of arguments')
+  end
+  local charged_day = nil
+  if #ARGV == qi + 6 * m + 1 then
+    charged_day = int(ARGV[#ARGV], -2 ^ 40, 2 ^ 40, 'charge day')
   end
   read_now()
   local throttles, quotas = {}, {}
@@ -508,11 +515,13 @@ local function settle()
   for i, q in ipairs(quotas) do
     local key, hist = KEYS[n + 2 * i - 1], KEYS[n + 2 * i]
     roll(q, key)
-    local before = q.n
-    q.n = math.min(math.max(q.n + delta, 0), MAX)
-    save(q, key, hist, 0, q.limit_in - q.n)
-    if q.n ~= before then
-      redis.call('HINCRBY', hist, 'u:' .. str(q.today), str(q.n - before))
+    if delta >= 0 or not charged_day or charged_day >= q.start then
+      local before = q.n
+      q.n = math.min(math.max(q.n + delta, 0), MAX)
+      save(q, key, hist, 0, q.limit_in - q.n)
+      if q.n ~= before then
+        redis.call('HINCRBY', hist, 'u:' .. str(q.today), str(q.n - before))
+      end
     end
   end
   return { now_s, now_ns }
