@@ -160,11 +160,7 @@ impl MemoryStore {
                 Ok(Outcome::Allow { tat, after }) => {
                     if denied.is_none() {
                         charged[i] = Some(tat);
-                        if t.counts_tokens() {
-                            let span = u64::from(cost) * limit.gcra.interval();
-                            report.reserve(|r| r.until = Some(now + span));
-                        }
-                        report.push(|| applied(limit, after, now));
+                        throttle_allowed(report, t, cost, after, now);
                     }
                     continue;
                 }
@@ -262,7 +258,7 @@ impl MemoryStore {
         let now = self.inner.clock.nanos();
         match self.throttle_step(t, cost, now, false) {
             Ok(Outcome::Allow { after, .. }) => {
-                report.push(|| applied(t.limit, after, now));
+                throttle_allowed(report, t, cost, after, now);
                 Ok(())
             }
             other => Err(throttle_denial(t.limit, other, now)),
@@ -447,6 +443,24 @@ fn in_flight(v: Nanos) -> u64 {
 
 fn with_in_flight(n: u64) -> Nanos {
     if n == 0 { 0 } else { IN_FLIGHT | n }
+}
+
+/// Reports a throttle that allowed `cost`, its TAT now `after`; for the
+/// per-minute token bucket, also when the estimate's own share refills, which
+/// bounds what settling an over-estimate gives back.
+#[inline(always)]
+fn throttle_allowed<R: Sink>(
+    report: &mut R,
+    t: &ThrottleRef<'_>,
+    cost: u32,
+    after: Nanos,
+    now: Nanos,
+) {
+    if t.counts_tokens() {
+        let span = u64::from(cost) * t.limit.gcra.interval();
+        report.reserve(|r| r.until = Some(now + span));
+    }
+    report.push(|| applied(t.limit, after, now));
 }
 
 /// The denial of a throttle's step that did not allow: its outcome, or the
