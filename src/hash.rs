@@ -32,10 +32,13 @@ fn seeds() -> (u64, u64) {
 /// The keyed digest of `bytes` (the same within one process).
 #[inline]
 pub(crate) fn digest(bytes: &[u8]) -> Digest {
-    let (k0, k1) = seeds();
-    let mut h = SipHasher13::new_with_keys(k0, k1);
-    h.write(bytes);
-    let h = h.finish128();
+    static HASHER: OnceLock<SipHasher13> = OnceLock::new();
+    let h = HASHER
+        .get_or_init(|| {
+            let (k0, k1) = seeds();
+            SipHasher13::new_with_keys(k0, k1)
+        })
+        .hash(bytes);
     Digest(u128::from(h.h1) << 64 | u128::from(h.h2))
 }
 
