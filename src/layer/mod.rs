@@ -181,46 +181,39 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
         reserve: &mut Option<Box<Reservation>>,
         report: &mut Report,
     ) -> Step<S::Future> {
+        let mut decide = |s: &Subject<'_>| {
+            if let (Some(memory), Some(t)) = (self.memory(), Self::lone(s)) {
+                let verdict = memory.decide_throttle(&t, 1, report);
+                let seen = Seen {
+                    plan: Some(s.plan),
+                    key_id: s.id,
+                    req: Some(*req),
+                };
+                return Step::Done(self.settle_seen(Ok(verdict), s.plan.failure, false, seen));
+            }
+            self.limits(s, Some(req), 1, Some(reserve), |a, seen| {
+                self.acquire(a, seen, report)
+            })
+        };
         let result = if let Some(plan) = &self.fixed {
             match self.extractor.extract(req) {
-                Ok(key) => {
-                    let subject = Subject::per_key(plan, key.as_bytes());
-                    Ok(
-                        self.limits(&subject, Some(req), 1, Some(reserve), |a, seen| {
-                            self.acquire(a, seen, report)
-                        }),
-                    )
-                }
+                Ok(key) => Ok(decide(&Subject::per_key(plan, key.as_bytes()))),
                 Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req))),
             }
         } else {
             let snap = self.policy.load();
             match (self.extractor.extract(req), &snap.anonymous) {
-                (Ok(key), _) => self.registered(
-                    &snap,
-                    key.as_bytes(),
-                    Some(req),
-                    1,
-                    Some(reserve),
-                    |a, seen| self.acquire(a, seen, report),
-                ),
+                (Ok(key), _) => self.registered(&snap, key.as_bytes(), Some(req), decide),
                 (Err(KeyError::Missing), Some(anon)) => match anon.client_ip.extract(req) {
-                    Ok(ip) => {
-                        let subject = Subject {
-                            stage: snap.stage.as_deref(),
-                            plan: &anon.plan,
-                            name: ip.as_bytes(),
-                            id: None,
-                            state: hash::state_digest(ip.as_bytes()),
-                            quota: None,
-                            tokens: NO_TOKEN_CELLS,
-                        };
-                        Ok(
-                            self.limits(&subject, Some(req), 1, Some(reserve), |a, seen| {
-                                self.acquire(a, seen, report)
-                            }),
-                        )
-                    }
+                    Ok(ip) => Ok(decide(&Subject {
+                        stage: snap.stage.as_deref(),
+                        plan: &anon.plan,
+                        name: ip.as_bytes(),
+                        id: None,
+                        state: hash::state_digest(ip.as_bytes()),
+                        quota: None,
+                        tokens: NO_TOKEN_CELLS,
+                    })),
                     Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req))),
                 },
                 (Err(e), _) => Err(self.refuse(Reason::Key(e), Seen::request(req))),
@@ -241,8 +234,8 @@ impl<K, S: Store> Shared<K, S> {
                     self.acquire(a, seen, report)
                 }))
             }
-            None => self.registered(&self.policy.load(), key, None, cost, None, |a, seen| {
-                self.acquire(a, seen, report)
+            None => self.registered(&self.policy.load(), key, None, |s| {
+                self.limits(s, None, cost, None, |a, seen| self.acquire(a, seen, report))
             }),
         };
         result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
@@ -258,8 +251,8 @@ impl<K, S: Store> Shared<K, S> {
     ) -> Step<S::Future> {
         // The memory store writes the report in place. Through `acquire` it
         // would be moved (500 bytes) through every frame up to the response
-        // future. The type test is decided when the layer is compiled.
-        if let Some(memory) = (&self.store as &dyn Any).downcast_ref::<MemoryStore>() {
+        // future.
+        if let Some(memory) = self.memory() {
             let verdict = memory.decide(acquire, report);
             return Step::Done(self.settle_seen(Ok(verdict), acquire.failure, false, seen));
         }
@@ -304,18 +297,17 @@ impl<K, S> Shared<K, S> {
         }
     }
 
-    /// Finds a registered `key`'s plan and runs `run` on its limits; `req` is
-    /// the request, when there is one (its route selects method overrides).
-    /// A per-key policy never gets here: it is decided through `fixed`.
+    /// Finds a registered `key`'s plan and hands the key as a subject to
+    /// `decide`; `req` is the request, when there is one (for the observer
+    /// of a refused key). A per-key policy never gets here: it is decided
+    /// through `fixed`.
     #[inline]
     fn registered<T>(
         &self,
         snap: &Snapshot,
         key: &[u8],
         req: Option<&RequestView<'_>>,
-        cost: u32,
-        reserve: Reserve<'_>,
-        run: impl FnOnce(&Acquire<'_>, Seen<'_>) -> T,
+        decide: impl FnOnce(&Subject<'_>) -> T,
     ) -> Result<T, Rejection> {
         let Some(entry) = snap.keys.get(&hash::digest(key)) else {
             return Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)));
@@ -337,7 +329,34 @@ impl<K, S> Shared<K, S> {
             quota: entry.quota.as_deref(),
             tokens: &entry.tokens,
         };
-        Ok(self.limits(&subject, req, cost, reserve, run))
+        Ok(decide(&subject))
+    }
+
+    /// The subject's one throttle, when it is all that applies to it: its
+    /// plan has nothing else ([`Plan::lone_throttle`]) and no stage limits
+    /// the API. Such a request is decided without gathering its limits.
+    #[inline]
+    fn lone<'s>(s: &'s Subject<'_>) -> Option<ThrottleRef<'s>> {
+        if s.stage.is_some() {
+            return None;
+        }
+        Some(ThrottleRef {
+            limit: s.plan.lone_throttle()?,
+            plan: Some(&s.plan.name),
+            subject: s.name,
+            digest: s.state,
+            shadow: false,
+        })
+    }
+
+    /// The memory store, when it is this layer's: it is decided in place.
+    /// The type test is decided when the layer is compiled.
+    #[inline]
+    fn memory(&self) -> Option<&MemoryStore>
+    where
+        S: 'static,
+    {
+        (&self.store as &dyn Any).downcast_ref::<MemoryStore>()
     }
 
     /// Gathers every limit that applies (stage, plan, method overrides,
@@ -442,39 +461,36 @@ impl<K> Shared<K, MemoryStore> {
     /// without a request and without a report.
     #[inline]
     pub(crate) fn check(&self, key: &[u8], cost: u32) -> Result<(), Rejection> {
-        let run = |a: &Acquire<'_>, seen: Seen<'_>| {
-            let result = self.store.decide::<()>(a, &mut ());
-            self.checked(&result, seen);
-            result
-        };
         let result = match &self.fixed {
-            Some(plan) => match plan.lone_throttle() {
-                // The common plan, a throttle alone, skips gathering limits.
-                Some(limit) => {
-                    let t = ThrottleRef {
-                        limit,
-                        plan: Some(&plan.name),
-                        subject: key,
-                        digest: hash::state_digest(key),
-                        shadow: false,
-                    };
-                    let result = self.store.decide_throttle(&t, cost, &mut ());
-                    let seen = Seen {
-                        plan: Some(plan),
-                        key_id: None,
-                        req: None,
-                    };
-                    self.checked(&result, seen);
-                    result
-                }
-                None => {
-                    let subject = Subject::per_key(plan, key);
-                    self.limits(&subject, None, cost, None, run)
-                }
-            },
-            None => self.registered(&self.policy.load(), key, None, cost, None, run)?,
+            Some(plan) => self.check_subject(&Subject::per_key(plan, key), cost),
+            None => self.registered(&self.policy.load(), key, None, |s| {
+                self.check_subject(s, cost)
+            })?,
         };
         result.map_err(|d| Rejection::denied(d.denial, &d.limit, self.quota_status))
+    }
+
+    /// Decides `cost` units for a subject, without a request.
+    #[inline(always)]
+    fn check_subject(&self, s: &Subject<'_>, cost: u32) -> Result<(), Denied> {
+        match Self::lone(s) {
+            // The common plan, a throttle alone, skips gathering limits.
+            Some(t) => {
+                let result = self.store.decide_throttle(&t, cost, &mut ());
+                let seen = Seen {
+                    plan: Some(s.plan),
+                    key_id: s.id,
+                    req: None,
+                };
+                self.checked(&result, seen);
+                result
+            }
+            None => self.limits(s, None, cost, None, |a, seen| {
+                let result = self.store.decide::<()>(a, &mut ());
+                self.checked(&result, seen);
+                result
+            }),
+        }
     }
 }
 
