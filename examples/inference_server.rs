@@ -74,10 +74,6 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
 /// The embedded demo configuration.
 pub const DEMO_CONFIG: &str = include_str!("inference_server.toml");
 
-/// Limits on what one mock request may ask for, so that a request cannot make
-/// the mock work for minutes.
-const MAX_TOKENS_CAP: u32 = 100_000;
-const MAX_TOKEN_MS: u64 = 10_000;
 /// The largest request body the mock reads.
 const MAX_BODY: usize = 1 << 20;
 
@@ -540,100 +536,12 @@ async fn estimate_tokens(req: Request, next: axum::middleware::Next) -> Response
     }
 }
 
-#[derive(Deserialize)]
-struct CompletionRequest {
-    model: String,
-    prompt: String,
-    #[serde(flatten)]
-    common: Common,
-}
+#[path = "support/estimate.rs"]
+mod estimate;
 
-#[derive(Deserialize)]
-struct ChatRequest {
-    model: String,
-    messages: Vec<Message>,
-    #[serde(flatten)]
-    common: Common,
-}
-
-#[derive(Deserialize)]
-struct Message {
-    #[allow(dead_code)]
-    role: String,
-    content: String,
-}
-
-#[derive(Deserialize)]
-struct Common {
-    max_tokens: Option<u32>,
-    #[serde(default)]
-    stream: bool,
-    mock_completion_tokens: Option<u32>,
-    mock_token_ms: Option<u64>,
-    /// A streamed answer fails (the model broke) after this many tokens.
-    mock_fail_after: Option<u32>,
-}
-
-/// What the mock will generate for one request.
-struct Job {
-    chat: bool,
-    model: String,
-    prompt_tokens: u64,
-    max_tokens: u32,
-    completion_tokens: u32,
-    token_ms: u64,
-    stream: bool,
-    fail_after: Option<u32>,
-    /// Where the actual tokens are reported, when the plan has a token budget.
-    usage: Option<TokenUsage>,
-}
+use estimate::Job;
 
 impl Job {
-    /// The job a completion (or, with `chat`, a chat completion) body asks for.
-    fn parse(chat: bool, body: &[u8]) -> Result<Job, String> {
-        let bad = |e: serde_json::Error| format!("invalid request body: {e}");
-        if chat {
-            let req: ChatRequest = serde_json::from_slice(body).map_err(bad)?;
-            let chars = req.messages.iter().map(|m| m.content.chars().count()).sum();
-            Job::new(true, req.model, chars, &req.common)
-        } else {
-            let req: CompletionRequest = serde_json::from_slice(body).map_err(bad)?;
-            Job::new(false, req.model, req.prompt.chars().count(), &req.common)
-        }
-    }
-
-    /// Tokens reserved before the call: `ceil(prompt_chars / 4) + max_tokens`.
-    fn estimate(&self) -> u32 {
-        u32::try_from(self.prompt_tokens)
-            .unwrap_or(u32::MAX)
-            .saturating_add(self.max_tokens)
-    }
-
-    fn new(chat: bool, model: String, prompt_chars: usize, c: &Common) -> Result<Job, String> {
-        let max_tokens = c.max_tokens.unwrap_or(16);
-        let completion_tokens = c.mock_completion_tokens.unwrap_or(max_tokens);
-        if max_tokens > MAX_TOKENS_CAP || completion_tokens > MAX_TOKENS_CAP {
-            return Err(format!(
-                "max_tokens and mock_completion_tokens must be at most {MAX_TOKENS_CAP}"
-            ));
-        }
-        let token_ms = c.mock_token_ms.unwrap_or(5);
-        if token_ms > MAX_TOKEN_MS {
-            return Err(format!("mock_token_ms must be at most {MAX_TOKEN_MS}"));
-        }
-        Ok(Job {
-            chat,
-            model,
-            prompt_tokens: (prompt_chars as u64).div_ceil(4),
-            max_tokens,
-            completion_tokens,
-            token_ms,
-            stream: c.stream,
-            fail_after: c.mock_fail_after,
-            usage: None,
-        })
-    }
-
     fn total_tokens(&self) -> u64 {
         self.prompt_tokens + u64::from(self.completion_tokens)
     }

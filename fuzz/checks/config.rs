@@ -1,0 +1,44 @@
+//! The configuration file parser (`tollgate::config`) on hostile TOML.
+//!
+//! Shared by the `config` fuzz target and `tests/fuzz_corpora.rs`.
+//!
+//! Input: the file's bytes (input that is not UTF-8 is no file to parse).
+
+use tollgate::ManualClock;
+use tollgate::config::Config;
+
+/// Checks that a refused file gets an error that names a line and column
+/// inside the file, and that an accepted one builds its policy.
+pub(crate) fn check(data: &[u8]) {
+    let Ok(src) = std::str::from_utf8(data) else {
+        return;
+    };
+    match Config::from_toml(src) {
+        Ok(config) => {
+            if let Err(e) = config.policy_with_clock(ManualClock::new()) {
+                panic!("a checked configuration does not build: {e}");
+            }
+        }
+        Err(e) => {
+            let lines = src.bytes().filter(|&b| b == b'\n').count() + 1;
+            assert!(
+                (1..=lines).contains(&e.line()),
+                "line {} of {lines}: {e}",
+                e.line()
+            );
+            let line = src.split('\n').nth(e.line() - 1).unwrap();
+            assert!(
+                (1..=line.chars().count() + 1).contains(&e.column()),
+                "column {} of {:?}: {e}",
+                e.column(),
+                line
+            );
+            assert!(!e.message().is_empty());
+            let shown = e.to_string();
+            assert!(
+                shown.starts_with(&format!("{}:{}: ", e.line(), e.column())),
+                "{shown}"
+            );
+        }
+    }
+}

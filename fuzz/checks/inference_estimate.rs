@@ -1,0 +1,84 @@
+//! The reference server's token estimate of hostile request bodies
+//! (`examples/support/estimate.rs`).
+//!
+//! Shared by the `inference_estimate` fuzz target and
+//! `tests/fuzz_corpora.rs`; the including crate declares the `estimate`
+//! module at its root.
+//!
+//! Input: bit 0 of byte 0 picks the route (chat completions or completions);
+//! the rest is the body.
+
+use serde_json::Value;
+
+use crate::estimate::{Job, MAX_TOKEN_MS, MAX_TOKENS_CAP};
+
+/// The largest body the server reads.
+const MAX_BODY: usize = 1 << 20;
+
+/// Checks that an accepted body is estimated as documented,
+/// `ceil(prompt_chars / 4) + max_tokens`, within the caps, and never more
+/// than the body's size can account for.
+pub(crate) fn check(data: &[u8]) {
+    let Some((&flags, body)) = data.split_first() else {
+        return;
+    };
+    if body.len() > MAX_BODY {
+        return;
+    }
+    let chat = flags & 1 == 1;
+    let job = match Job::parse(chat, body) {
+        Ok(job) => job,
+        Err(message) => {
+            assert!(!message.is_empty());
+            return;
+        }
+    };
+    assert!(job.max_tokens <= MAX_TOKENS_CAP);
+    assert!(job.completion_tokens <= MAX_TOKENS_CAP);
+    assert!(job.token_ms <= MAX_TOKEN_MS);
+
+    // The same body read as plain JSON gives the same prompt and maximum.
+    // serde_json skips the values of unknown fields without checking their
+    // strings (invalid UTF-8, lone surrogate escapes), so an accepted body
+    // need not be strict JSON: what it holds there is in no field the
+    // estimate reads, and only the bounds below apply to it.
+    if let Ok(value) = serde_json::from_slice::<Value>(body) {
+        agrees_with_plain_json(&job, chat, &value);
+    }
+
+    let expected = job
+        .prompt_tokens
+        .saturating_add(u64::from(job.max_tokens))
+        .min(u64::from(u32::MAX));
+    assert_eq!(u64::from(job.estimate()), expected);
+    // A prompt character takes at least one byte of body: a client cannot
+    // make the estimate exceed what its body holds.
+    assert!(
+        u64::from(job.estimate()) <= (body.len() as u64).div_ceil(4) + u64::from(MAX_TOKENS_CAP)
+    );
+}
+
+/// Checks the job against the prompt and `max_tokens` that `value` holds.
+fn agrees_with_plain_json(job: &Job, chat: bool, value: &Value) {
+    let chars = if chat {
+        value["messages"]
+            .as_array()
+            .expect("a chat body has messages")
+            .iter()
+            .map(|m| m["content"].as_str().expect("a message has content"))
+            .map(|c| c.chars().count())
+            .sum::<usize>()
+    } else {
+        value["prompt"]
+            .as_str()
+            .expect("a completion body has a prompt")
+            .chars()
+            .count()
+    };
+    let max_tokens = value
+        .get("max_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(16);
+    assert_eq!(job.prompt_tokens, (chars as u64).div_ceil(4));
+    assert_eq!(u64::from(job.max_tokens), max_tokens);
+}
