@@ -14,24 +14,21 @@
 //! throttles run on the monotonic clock and its quotas on the wall clock,
 //! which can jump alone (`set_wall`): that is covered for the memory store.
 
+mod common;
 #[path = "support/redis.rs"]
 mod redis_support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
+use common::at;
 use redis_support::{RedisServer, require_redis};
 use tollgate::extract::ApiKeyHeader;
 use tollgate::store::Store;
 use tollgate::{
-    ApiKey, Date, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer, Reason,
-    RedisStore, Throttle, UsagePlan,
+    ApiKey, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer, Reason, RedisStore,
+    Throttle, UsagePlan,
 };
-
-fn at(y: i32, m: u8, d: u8, secs: u64) -> SystemTime {
-    let days = Date::new(y, m, d).unwrap().days();
-    UNIX_EPOCH + Duration::from_secs(days as u64 * 86_400 + secs)
-}
 
 trait Backend {
     type S: Store;

@@ -5,12 +5,16 @@
 //! Redis Cluster for a subset) provably agree. Time is a manual clock: the
 //! Redis store decides on it instead of Redis `TIME` when given one.
 
+mod common;
 #[path = "support/redis.rs"]
 mod redis_support;
+#[path = "support/tokens.rs"]
+mod tokens;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use common::at;
 use redis_support::{RedisCluster, RedisServer, require_redis};
 use tollgate::extract::ApiKeyHeader;
 use tollgate::store::Store;
@@ -86,11 +90,6 @@ impl Backend for Redis {
             .await
             .unwrap()
     }
-}
-
-fn at(y: i32, m: u8, d: u8, secs: u64) -> SystemTime {
-    let days = Date::new(y, m, d).unwrap().days();
-    UNIX_EPOCH + Duration::from_secs(days as u64 * 86_400 + secs)
 }
 
 type Layer<B> = RateLimitLayer<ApiKeyHeader, <B as Backend>::S>;
@@ -862,42 +861,13 @@ async fn token_service<B: Backend>(
         .unwrap();
     let layer = RateLimitLayer::builder(policy)
         .store(b.store(clock).await)
-        .estimator(|r: &tollgate::extract::RequestView<'_>| {
-            r.headers
-                .get("x-estimate")
-                .and_then(|v| v.to_str().ok()?.parse().ok())
-                .unwrap_or(0)
-        })
+        .estimator(tokens::estimate)
         .build();
     let admin = layer.admin();
-    let svc =
-        tower::ServiceBuilder::new()
-            .layer(layer)
-            .service_fn(|req: http::Request<()>| async move {
-                let actual = req
-                    .headers()
-                    .get("x-actual")
-                    .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
-                if let (Some(n), Some(usage)) =
-                    (actual, req.extensions().get::<tollgate::TokenUsage>())
-                {
-                    usage.set(n);
-                }
-                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
-                    bytes::Bytes::from_static(b"done"),
-                )))
-            });
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service_fn(tokens::report_actual);
     (svc, admin)
-}
-
-fn token_request(estimate: u32, actual: Option<u64>) -> http::Request<()> {
-    let mut b = http::Request::builder()
-        .header("x-api-key", "v")
-        .header("x-estimate", estimate.to_string());
-    if let Some(a) = actual {
-        b = b.header("x-actual", a.to_string());
-    }
-    b.body(()).unwrap()
 }
 
 /// Sends a request and reads its body to the end (which settles it); the
@@ -916,7 +886,7 @@ where
         .ready()
         .await
         .unwrap()
-        .call(token_request(estimate, actual))
+        .call(tokens::request("v", estimate, actual))
         .await
         .unwrap();
     let status = res.status().as_u16();

@@ -4,9 +4,10 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use tollgate::{ApiKey, ManualClock, MemoryStore, Policy, Throttle, UsagePlan};
+use tollgate::{ApiKey, Date, ManualClock, MemoryStore, Policy, Throttle, UsagePlan};
 
 /// A registered, enabled key of plan `p`.
 pub(crate) const KEY: &str = "key-one";
@@ -39,6 +40,13 @@ pub(crate) fn per_key_policy() -> Policy {
 
 fn plan() -> UsagePlan {
     UsagePlan::new("p").throttle(Throttle::new(RATE, BURST).unwrap())
+}
+
+/// `secs` seconds into the UTC day `y`-`m`-`d`, for a manual clock's wall
+/// time.
+pub(crate) fn at(y: i32, m: u8, d: u8, secs: u64) -> SystemTime {
+    let days = Date::new(y, m, d).unwrap().days();
+    UNIX_EPOCH + Duration::from_secs(days as u64 * 86_400 + secs)
 }
 
 /// A store on a manual clock: time stands still until the clock is advanced.
