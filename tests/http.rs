@@ -16,8 +16,8 @@ use tollgate::extract::{Bearer, ClientIp, ExtensionKey, ForwardedHeader};
 use tollgate::{HeaderStyle, RateLimitLayer, Rejection};
 
 use common::{
-    BURST, DISABLED_KEY, KEY, OTHER_KEY, client, frozen_store, header, per_key_policy,
-    registered_policy, serve, serve_without_connect_info,
+    BURST, DISABLED_KEY, KEY, OTHER_KEY, client, frozen_store, header, pass_then_429,
+    per_key_policy, registered_policy, serve, serve_without_connect_info, statuses,
 };
 
 const TOO_MANY: &str = r#"{"message":"Too Many Requests"}"#;
@@ -38,25 +38,6 @@ fn registered_layer() -> (tollgate::ManualClock, RateLimitLayer) {
 
 async fn get_with_key(c: &reqwest::Client, url: &str, key: &str) -> reqwest::Response {
     c.get(url).header("x-api-key", key).send().await.unwrap()
-}
-
-/// Sends `n` requests made by `req` and returns their statuses.
-async fn statuses(
-    n: usize,
-    mut req: impl FnMut(usize) -> reqwest::RequestBuilder,
-) -> Vec<StatusCode> {
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        out.push(req(i).send().await.unwrap().status());
-    }
-    out
-}
-
-/// `passed` 200s followed by `rejected` 429s.
-fn pass_then_429(passed: usize, rejected: usize) -> Vec<StatusCode> {
-    let mut v = vec![StatusCode::OK; passed];
-    v.extend(std::iter::repeat_n(StatusCode::TOO_MANY_REQUESTS, rejected));
-    v
 }
 
 async fn assert_too_many(res: reqwest::Response) {

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
+use http::StatusCode;
 use tollgate::{ApiKey, Date, ManualClock, MemoryStore, Policy, Throttle, UsagePlan};
 
 /// A registered, enabled key of plan `p`.
@@ -88,6 +89,25 @@ pub(crate) async fn serve_without_connect_info(router: Router) -> String {
 /// An HTTP/1 client that ignores proxy settings of the environment.
 pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// Sends `n` requests made by `req` and returns their statuses.
+pub(crate) async fn statuses(
+    n: usize,
+    mut req: impl FnMut(usize) -> reqwest::RequestBuilder,
+) -> Vec<StatusCode> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        out.push(req(i).send().await.unwrap().status());
+    }
+    out
+}
+
+/// `passed` 200s followed by `rejected` 429s.
+pub(crate) fn pass_then_429(passed: usize, rejected: usize) -> Vec<StatusCode> {
+    let mut v = vec![StatusCode::OK; passed];
+    v.extend(std::iter::repeat_n(StatusCode::TOO_MANY_REQUESTS, rejected));
+    v
 }
 
 /// The value of header `name` as a string; panics if it is absent.
