@@ -26,6 +26,7 @@
 //! and metrics observers for allowed, throttled and unknown-key decisions;
 //! this file covers the other surfaces and outcomes.
 
+mod common;
 #[path = "support/redis.rs"]
 mod redis_support;
 #[path = "support/server.rs"]
@@ -170,22 +171,6 @@ fn with_key(req: reqwest::RequestBuilder, key: Option<&str>) -> reqwest::Request
         Some(k) => req.header("x-api-key", k),
         None => req,
     }
-}
-
-/// Serves `app` on a free loopback port, with each connection's address;
-/// returns its `http://` base.
-async fn serve(app: Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap()
-    });
-    base
 }
 
 fn today() -> Date {
@@ -564,7 +549,7 @@ async fn memory_store_responses_logs_metrics_and_debug_hold_no_key() {
                 .layer(per_key.clone()),
         )
         .layer(middleware::from_fn(keep_rejection));
-    let base = serve(app).await;
+    let base = common::serve(app).await;
     let http = client();
     let post = |path: &str, key: Option<&str>| with_key(http.post(format!("{base}{path}")), key);
     let mut answers = Answers::default();
@@ -1116,7 +1101,7 @@ async fn redis_names_values_commands_and_the_reference_server_hold_no_key() {
     let app = Router::new()
         .route("/open", post(completion))
         .layer(per_key.clone());
-    let base = serve(app).await;
+    let base = common::serve(app).await;
     let open = || http.post(format!("{base}/open")).bearer_auth(BEARER);
     for want in [200, 200, 429] {
         answers.expect(
