@@ -16,16 +16,12 @@ use tollgate::extract::{Bearer, ClientIp, ExtensionKey, ForwardedHeader};
 use tollgate::{HeaderStyle, RateLimitLayer, Rejection};
 
 use common::{
-    BURST, DISABLED_KEY, KEY, OTHER_KEY, client, frozen_store, header, pass_then_429,
+    BURST, DISABLED_KEY, KEY, OTHER_KEY, client, frozen_store, header, ip_app, ok, pass_then_429,
     per_key_policy, registered_policy, serve, serve_without_connect_info, statuses,
 };
 
 const TOO_MANY: &str = r#"{"message":"Too Many Requests"}"#;
 const FORBIDDEN: &str = r#"{"message":"Forbidden"}"#;
-
-async fn ok() -> &'static str {
-    "ok"
-}
 
 /// A layer of the registered policy (2/s, bursts of 5) on a frozen clock.
 fn registered_layer() -> (tollgate::ManualClock, RateLimitLayer) {
@@ -203,15 +199,6 @@ async fn route_layer_limits_only_the_routes_under_it() {
             .status(),
         404
     );
-}
-
-fn ip_app(extractor: ClientIp) -> Router {
-    let (_clock, store) = frozen_store();
-    let layer = RateLimitLayer::builder(per_key_policy())
-        .extractor(extractor)
-        .store(store)
-        .build();
-    Router::new().route("/", get(ok)).layer(layer)
 }
 
 #[tokio::test]

@@ -23,21 +23,7 @@ use tollgate::RateLimitLayer;
 use tollgate::config::Config;
 use tollgate::extract::{ClientIp, ForwardedHeader};
 
-use common::{BURST, frozen_store, pass_then_429, per_key_policy, serve, statuses};
-
-async fn ok() -> &'static str {
-    "ok"
-}
-
-/// Every client IP limited to bursts of 5, on a frozen clock.
-fn ip_app(extractor: ClientIp) -> Router {
-    let (_clock, store) = frozen_store();
-    let layer = RateLimitLayer::builder(per_key_policy())
-        .extractor(extractor)
-        .store(store)
-        .build();
-    Router::new().route("/", get(ok)).layer(layer)
-}
+use common::{BURST, frozen_store, ip_app, ok, pass_then_429, serve, statuses};
 
 /// An HTTP client whose connections come from `local` (a loopback address).
 fn client_from(local: &str) -> reqwest::Client {

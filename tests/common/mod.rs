@@ -7,8 +7,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
+use axum::routing::get;
 use http::StatusCode;
-use tollgate::{ApiKey, Date, ManualClock, MemoryStore, Policy, Throttle, UsagePlan};
+use tollgate::extract::ClientIp;
+use tollgate::{
+    ApiKey, Date, ManualClock, MemoryStore, Policy, RateLimitLayer, Throttle, UsagePlan,
+};
 
 /// A registered, enabled key of plan `p`.
 pub(crate) const KEY: &str = "key-one";
@@ -48,6 +52,22 @@ fn plan() -> UsagePlan {
 pub(crate) fn at(y: i32, m: u8, d: u8, secs: u64) -> SystemTime {
     let days = Date::new(y, m, d).unwrap().days();
     UNIX_EPOCH + Duration::from_secs(days as u64 * 86_400 + secs)
+}
+
+/// A handler that answers `ok`.
+pub(crate) async fn ok() -> &'static str {
+    "ok"
+}
+
+/// `GET /` with every client IP, as `extractor` finds it, limited to bursts
+/// of 5 under plan `p`, on a frozen clock.
+pub(crate) fn ip_app(extractor: ClientIp) -> Router {
+    let (_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(per_key_policy())
+        .extractor(extractor)
+        .store(store)
+        .build();
+    Router::new().route("/", get(ok)).layer(layer)
 }
 
 /// A store on a manual clock: time stands still until the clock is advanced.
