@@ -14,58 +14,22 @@
 //! throttles run on the monotonic clock and its quotas on the wall clock,
 //! which can jump alone (`set_wall`): that is covered for the memory store.
 
+#[path = "support/backend.rs"]
+mod backend;
+mod common;
 #[path = "support/redis.rs"]
 mod redis_support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
-use redis_support::{RedisServer, require_redis};
+use backend::{Backend, Memory, Redis, on_each_backend};
+use common::at;
+use redis_support::require_redis;
 use tollgate::extract::ApiKeyHeader;
 use tollgate::store::Store;
 use tollgate::{
-    ApiKey, Date, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer, Reason,
-    RedisStore, Throttle, UsagePlan,
+    ApiKey, ManualClock, Period, Policy, Quota, RateLimitLayer, Reason, Throttle, UsagePlan,
 };
-
-fn at(y: i32, m: u8, d: u8, secs: u64) -> SystemTime {
-    let days = Date::new(y, m, d).unwrap().days();
-    UNIX_EPOCH + Duration::from_secs(days as u64 * 86_400 + secs)
-}
-
-trait Backend {
-    type S: Store;
-    async fn store(&self, clock: &ManualClock) -> Self::S;
-}
-
-struct Memory;
-
-impl Backend for Memory {
-    type S = MemoryStore;
-    async fn store(&self, clock: &ManualClock) -> MemoryStore {
-        MemoryStore::builder().clock(clock.clone()).build().unwrap()
-    }
-}
-
-/// One `redis-server`; each store counts under its own key prefix.
-struct Redis {
-    server: RedisServer,
-    stores: AtomicUsize,
-}
-
-impl Backend for Redis {
-    type S = RedisStore;
-    async fn store(&self, clock: &ManualClock) -> RedisStore {
-        let n = self.stores.fetch_add(1, Ordering::Relaxed);
-        RedisStore::builder(self.server.url())
-            .prefix(format!("jumps{n}"))
-            .timeout(Duration::from_secs(2))
-            .clock(clock.clone())
-            .build()
-            .await
-            .unwrap()
-    }
-}
 
 /// Plan `p`: one request a second in bursts of 10, and 12 a UTC day.
 async fn layer<B: Backend>(b: &B, clock: &ManualClock) -> RateLimitLayer<ApiKeyHeader, B::S> {
@@ -157,36 +121,8 @@ async fn a_throttle_stepped_back_admits_no_more_than_at_the_later_time<B: Backen
     assert_eq!(fire(&l, 10).await, (0, Some(Reason::Limited)));
 }
 
-macro_rules! jumps {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(&super::Memory).await;
-                }
-            )*
-        }
-
-        mod redis {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    if !super::require_redis() {
-                        return;
-                    }
-                    let redis = super::Redis {
-                        server: super::RedisServer::start(),
-                        stores: Default::default(),
-                    };
-                    super::$name(&redis).await;
-                }
-            )*
-        }
-    };
-}
-
-jumps!(
+on_each_backend!(
+    "jumps":
     a_day_forward_fills_the_bucket_and_opens_a_new_window,
     an_hour_back_grants_nothing_new,
     a_throttle_stepped_back_admits_no_more_than_at_the_later_time,

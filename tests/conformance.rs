@@ -5,93 +5,25 @@
 //! Redis Cluster for a subset) provably agree. Time is a manual clock: the
 //! Redis store decides on it instead of Redis `TIME` when given one.
 
+#[path = "support/backend.rs"]
+mod backend;
+mod common;
 #[path = "support/redis.rs"]
 mod redis_support;
+#[path = "support/tokens.rs"]
+mod tokens;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use redis_support::{RedisCluster, RedisServer, require_redis};
+use backend::{Backend, Memory, Redis, on_each_backend};
+use common::at;
+use redis_support::{RedisServer, require_redis};
 use tollgate::extract::ApiKeyHeader;
 use tollgate::store::Store;
 use tollgate::{
-    ApiKey, Date, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer, Reason,
-    RedisStore, Stage, Throttle, TokenBudget, UsagePlan, Weekday,
+    ApiKey, Date, ManualClock, Period, Policy, Quota, RateLimitLayer, Reason, RedisStore, Stage,
+    Throttle, TokenBudget, UsagePlan, Weekday,
 };
-
-/// Where a behaviour's state lives.
-trait Backend {
-    type S: Store;
-    /// A new store, empty, on `clock`.
-    async fn store(&self, clock: &ManualClock) -> Self::S;
-}
-
-struct Memory;
-
-impl Backend for Memory {
-    type S = MemoryStore;
-    async fn store(&self, clock: &ManualClock) -> MemoryStore {
-        MemoryStore::builder().clock(clock.clone()).build().unwrap()
-    }
-}
-
-/// A Redis server (or cluster) of this test alone; each store gets its own
-/// key prefix, so stores count apart as separate memory stores do.
-struct Redis {
-    urls: Vec<String>,
-    cluster: bool,
-    stores: AtomicUsize,
-    _server: Option<RedisServer>,
-    _cluster: Option<RedisCluster>,
-}
-
-impl Redis {
-    fn single() -> Self {
-        let server = RedisServer::start();
-        Redis {
-            urls: vec![server.url()],
-            cluster: false,
-            stores: AtomicUsize::new(0),
-            _server: Some(server),
-            _cluster: None,
-        }
-    }
-
-    fn cluster() -> Self {
-        let cluster = RedisCluster::start();
-        Redis {
-            urls: cluster.urls(),
-            cluster: true,
-            stores: AtomicUsize::new(0),
-            _server: None,
-            _cluster: Some(cluster),
-        }
-    }
-}
-
-impl Backend for Redis {
-    type S = RedisStore;
-    async fn store(&self, clock: &ManualClock) -> RedisStore {
-        let n = self.stores.fetch_add(1, Ordering::Relaxed);
-        let builder = if self.cluster {
-            RedisStore::cluster_builder(self.urls.clone())
-        } else {
-            RedisStore::builder(self.urls[0].clone())
-        };
-        builder
-            .prefix(format!("conformance{n}"))
-            .timeout(Duration::from_secs(2))
-            .clock(clock.clone())
-            .build()
-            .await
-            .unwrap()
-    }
-}
-
-fn at(y: i32, m: u8, d: u8, secs: u64) -> SystemTime {
-    let days = Date::new(y, m, d).unwrap().days();
-    UNIX_EPOCH + Duration::from_secs(days as u64 * 86_400 + secs)
-}
 
 type Layer<B> = RateLimitLayer<ApiKeyHeader, <B as Backend>::S>;
 
@@ -592,33 +524,8 @@ async fn a_used_up_quota_is_named_over_a_shorter_stage_wait<B: Backend>(b: &B) {
     assert_eq!(reason(&l, b"v").await, Some(Reason::QuotaExceeded));
 }
 
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(&super::Memory).await;
-                }
-            )*
-        }
-
-        mod redis {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    if !super::require_redis() {
-                        return;
-                    }
-                    let redis = super::Redis::single();
-                    super::$name(&redis).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+on_each_backend!(
+    "conformance":
     burst_then_one_per_interval_and_costs_count_as_units,
     per_key_policies_limit_each_key_apart,
     layers_on_one_store_share_one_budget,
@@ -649,7 +556,7 @@ async fn redis_cluster_agrees() {
     if !require_redis() {
         return;
     }
-    let cluster = Redis::cluster();
+    let cluster = Redis::cluster("conformance");
     burst_then_one_per_interval_and_costs_count_as_units(&cluster).await;
     throttled_requests_do_not_consume_quota_and_quota_denied_ones_do_not_consume_throttle(&cluster)
         .await;
@@ -738,8 +645,8 @@ async fn redis_key_names_hold_no_secrets_and_a_lost_script_reloads() {
     if !require_redis() {
         return;
     }
-    let redis = Redis::single();
-    let addr = redis._server.as_ref().unwrap().addr();
+    let redis = Redis::single("conformance");
+    let addr = redis.server().addr();
     let clock = ManualClock::new();
     clock.set_wall(at(2024, 5, 1, 0));
     let plan = UsagePlan::new("p")
@@ -862,42 +769,13 @@ async fn token_service<B: Backend>(
         .unwrap();
     let layer = RateLimitLayer::builder(policy)
         .store(b.store(clock).await)
-        .estimator(|r: &tollgate::extract::RequestView<'_>| {
-            r.headers
-                .get("x-estimate")
-                .and_then(|v| v.to_str().ok()?.parse().ok())
-                .unwrap_or(0)
-        })
+        .estimator(tokens::estimate)
         .build();
     let admin = layer.admin();
-    let svc =
-        tower::ServiceBuilder::new()
-            .layer(layer)
-            .service_fn(|req: http::Request<()>| async move {
-                let actual = req
-                    .headers()
-                    .get("x-actual")
-                    .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
-                if let (Some(n), Some(usage)) =
-                    (actual, req.extensions().get::<tollgate::TokenUsage>())
-                {
-                    usage.set(n);
-                }
-                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
-                    bytes::Bytes::from_static(b"done"),
-                )))
-            });
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service_fn(tokens::report_actual);
     (svc, admin)
-}
-
-fn token_request(estimate: u32, actual: Option<u64>) -> http::Request<()> {
-    let mut b = http::Request::builder()
-        .header("x-api-key", "v")
-        .header("x-estimate", estimate.to_string());
-    if let Some(a) = actual {
-        b = b.header("x-actual", a.to_string());
-    }
-    b.body(()).unwrap()
 }
 
 /// Sends a request and reads its body to the end (which settles it); the
@@ -916,7 +794,7 @@ where
         .ready()
         .await
         .unwrap()
-        .call(token_request(estimate, actual))
+        .call(tokens::request("v", estimate, actual))
         .await
         .unwrap();
     let status = res.status().as_u16();

@@ -13,6 +13,7 @@
 //!   decides on its own `TIME`, so the throttle refills one request an hour:
 //!   nothing refills while the test runs.
 
+mod common;
 #[path = "support/redis.rs"]
 mod redis_support;
 
@@ -22,10 +23,11 @@ use std::sync::Barrier;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::at;
 use redis_support::{RedisServer, require_redis};
 use tollgate::extract::ApiKeyHeader;
 use tollgate::{
-    ApiKey, Date, FailureMode, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer,
+    ApiKey, FailureMode, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer,
     RedisStore, Stage, Throttle, UsagePlan,
 };
 
@@ -36,11 +38,6 @@ const KEYS: usize = 6;
 
 fn key(i: usize) -> String {
     format!("hammer-key-{i}")
-}
-
-fn at(y: i32, m: u8, d: u8, secs: u64) -> SystemTime {
-    let days = Date::new(y, m, d).unwrap().days();
-    UNIX_EPOCH + Duration::from_secs(days as u64 * 86_400 + secs)
 }
 
 /// A layer on a memory store over `clock`, with `plan` (and `stage`) for

@@ -16,16 +16,12 @@ use tollgate::extract::{Bearer, ClientIp, ExtensionKey, ForwardedHeader};
 use tollgate::{HeaderStyle, RateLimitLayer, Rejection};
 
 use common::{
-    BURST, DISABLED_KEY, KEY, OTHER_KEY, client, frozen_store, header, per_key_policy,
-    registered_policy, serve, serve_without_connect_info,
+    BURST, DISABLED_KEY, KEY, OTHER_KEY, client, frozen_store, header, ip_app, ok, pass_then_429,
+    per_key_policy, registered_policy, serve, serve_without_connect_info, statuses,
 };
 
 const TOO_MANY: &str = r#"{"message":"Too Many Requests"}"#;
 const FORBIDDEN: &str = r#"{"message":"Forbidden"}"#;
-
-async fn ok() -> &'static str {
-    "ok"
-}
 
 /// A layer of the registered policy (2/s, bursts of 5) on a frozen clock.
 fn registered_layer() -> (tollgate::ManualClock, RateLimitLayer) {
@@ -38,25 +34,6 @@ fn registered_layer() -> (tollgate::ManualClock, RateLimitLayer) {
 
 async fn get_with_key(c: &reqwest::Client, url: &str, key: &str) -> reqwest::Response {
     c.get(url).header("x-api-key", key).send().await.unwrap()
-}
-
-/// Sends `n` requests made by `req` and returns their statuses.
-async fn statuses(
-    n: usize,
-    mut req: impl FnMut(usize) -> reqwest::RequestBuilder,
-) -> Vec<StatusCode> {
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        out.push(req(i).send().await.unwrap().status());
-    }
-    out
-}
-
-/// `passed` 200s followed by `rejected` 429s.
-fn pass_then_429(passed: usize, rejected: usize) -> Vec<StatusCode> {
-    let mut v = vec![StatusCode::OK; passed];
-    v.extend(std::iter::repeat_n(StatusCode::TOO_MANY_REQUESTS, rejected));
-    v
 }
 
 async fn assert_too_many(res: reqwest::Response) {
@@ -222,15 +199,6 @@ async fn route_layer_limits_only_the_routes_under_it() {
             .status(),
         404
     );
-}
-
-fn ip_app(extractor: ClientIp) -> Router {
-    let (_clock, store) = frozen_store();
-    let layer = RateLimitLayer::builder(per_key_policy())
-        .extractor(extractor)
-        .store(store)
-        .build();
-    Router::new().route("/", get(ok)).layer(layer)
 }
 
 #[tokio::test]

@@ -10,27 +10,26 @@
 //! bucket gets back only what of the estimate's share has not refilled yet,
 //! and a quota window only what it counted itself.
 
+mod common;
 #[path = "support/redis.rs"]
 mod redis_support;
+#[path = "support/tokens.rs"]
+mod tokens;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
+use common::at;
 use http_body_util::Full;
 use redis_support::{RedisServer, require_redis};
 use tollgate::store::Store;
 use tollgate::{
-    ApiKey, Date, ManualClock, MemoryStore, Policy, RateLimitLayer, RedisStore, ResponseBody,
-    TokenBudget, TokenUsage, UsagePlan,
+    ApiKey, ManualClock, MemoryStore, Policy, RateLimitLayer, RedisStore, ResponseBody,
+    TokenBudget, UsagePlan,
 };
 use tower::ServiceExt;
 
 type Response = http::Response<ResponseBody<Full<Bytes>>>;
-
-fn at(y: i32, m: u8, d: u8, secs: u64) -> SystemTime {
-    let days = Date::new(y, m, d).unwrap().days();
-    UNIX_EPOCH + Duration::from_secs(days as u64 * 86_400 + secs)
-}
 
 /// A service under `budget` for key `v` whose estimate is the `x-estimate`
 /// header and which reports the `x-actual` header as the tokens it used.
@@ -52,26 +51,11 @@ fn service<S: Store>(
         .unwrap();
     let layer = RateLimitLayer::builder(policy)
         .store(store)
-        .estimator(|r: &tollgate::extract::RequestView<'_>| {
-            r.headers
-                .get("x-estimate")
-                .and_then(|v| v.to_str().ok()?.parse().ok())
-                .unwrap_or(0)
-        })
+        .estimator(tokens::estimate)
         .build();
     tower::ServiceBuilder::new()
         .layer(layer)
-        .service_fn(|req: http::Request<()>| async move {
-            if let (Some(n), Some(usage)) = (
-                req.headers().get("x-actual"),
-                req.extensions().get::<TokenUsage>(),
-            ) {
-                usage.set(n.to_str().unwrap().parse().unwrap());
-            }
-            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(
-                b"done",
-            ))))
-        })
+        .service_fn(tokens::report_actual)
 }
 
 async fn send<S>(svc: &S, estimate: u32, actual: Option<u64>) -> Response
@@ -79,13 +63,10 @@ where
     S: tower::Service<http::Request<()>, Response = Response, Error = std::convert::Infallible>
         + Clone,
 {
-    let mut req = http::Request::builder()
-        .header("x-api-key", "v")
-        .header("x-estimate", estimate.to_string());
-    if let Some(a) = actual {
-        req = req.header("x-actual", a.to_string());
-    }
-    svc.clone().oneshot(req.body(()).unwrap()).await.unwrap()
+    svc.clone()
+        .oneshot(tokens::request("v", estimate, actual))
+        .await
+        .unwrap()
 }
 
 /// Sends `estimate` until it is admitted (a remote store settles in the

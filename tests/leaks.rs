@@ -26,6 +26,7 @@
 //! and metrics observers for allowed, throttled and unknown-key decisions;
 //! this file covers the other surfaces and outcomes.
 
+mod common;
 #[path = "support/redis.rs"]
 mod redis_support;
 #[path = "support/server.rs"]
@@ -162,6 +163,14 @@ fn client() -> reqwest::Client {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap()
+}
+
+/// `req` with `key` as its `x-api-key`, if any.
+fn with_key(req: reqwest::RequestBuilder, key: Option<&str>) -> reqwest::RequestBuilder {
+    match key {
+        Some(k) => req.header("x-api-key", k),
+        None => req,
+    }
 }
 
 fn today() -> Date {
@@ -400,17 +409,27 @@ where
 // ---------------------------------------------------------------------------
 
 fn config_toml() -> String {
-    format!(
+    with_keys(
         r#"
 [[plans]]
 name = "metered"
-throttle = {{ rate = 1.0, burst = 3 }}
-quota = {{ limit = 1000, period = "DAY" }}
-tokens = {{ per_minute = 100 }}
+throttle = { rate = 1.0, burst = 3 }
+quota = { limit = 1000, period = "DAY" }
+tokens = { per_minute = 100 }
 concurrency = 1
 [plans.methods]
-"/v1/completions/POST" = {{ rate = 1.0, burst = 3 }}
+"/v1/completions/POST" = { rate = 1.0, burst = 3 }
+"#,
+        "",
+    )
+}
 
+/// A config of the plan `metered` (TOML, first), a plan `small` of one
+/// request a day, the registered keys, a stage throttle, `extra` tables and
+/// the admin key.
+fn with_keys(metered: &str, extra: &str) -> String {
+    format!(
+        r#"{metered}
 [[plans]]
 name = "small"
 throttle = {{ rate = 100.0, burst = 100 }}
@@ -434,11 +453,33 @@ plan = "small"
 
 [stage]
 throttle = {{ rate = 1000.0, burst = 1000 }}
-
+{extra}
 [admin]
 key = "{ADMIN}"
 "#
     )
+}
+
+/// A per-key layer on `store` for bearer tokens (the subject is the secret
+/// itself): one request a second in bursts of 2, 50 tokens a minute, and
+/// `concurrency` in flight if given; its events go to `printed`.
+fn bearer_layer<S: tollgate::store::Store>(
+    store: S,
+    concurrency: Option<u32>,
+    printed: &Arc<Mutex<String>>,
+) -> RateLimitLayer<Bearer, S> {
+    let mut plan = UsagePlan::new("open")
+        .throttle(Throttle::new(1.0, 2).unwrap())
+        .tokens(TokenBudget::new().per_minute(50).unwrap());
+    if let Some(n) = concurrency {
+        plan = plan.concurrency(n);
+    }
+    RateLimitLayer::builder(Policy::per_key(plan).unwrap())
+        .extractor(Bearer::new())
+        .store(store)
+        .estimator(estimate)
+        .observer(observer(Arc::clone(printed)))
+        .build()
 }
 
 /// Keeps the `Debug` and `Display` of the `Rejection` of every response.
@@ -479,19 +520,7 @@ async fn memory_store_responses_logs_metrics_and_debug_hold_no_key() {
         .estimator(estimate)
         .observer(observer(Arc::clone(&printed)))
         .build();
-    let per_key = RateLimitLayer::builder(
-        Policy::per_key(
-            UsagePlan::new("open")
-                .throttle(Throttle::new(1.0, 2).unwrap())
-                .tokens(TokenBudget::new().per_minute(50).unwrap()),
-        )
-        .unwrap(),
-    )
-    .extractor(Bearer::new())
-    .store(store.clone())
-    .estimator(estimate)
-    .observer(observer(Arc::clone(&printed)))
-    .build();
+    let per_key = bearer_layer(store.clone(), None, &printed);
 
     // A stream the test ends, to hold the key's one place in flight.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(4);
@@ -520,24 +549,9 @@ async fn memory_store_responses_logs_metrics_and_debug_hold_no_key() {
                 .layer(per_key.clone()),
         )
         .layer(middleware::from_fn(keep_rejection));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap()
-    });
+    let base = common::serve(app).await;
     let http = client();
-    let post = |path: &str, key: Option<&str>| {
-        let req = http.post(format!("{base}{path}"));
-        match key {
-            Some(k) => req.header("x-api-key", k),
-            None => req,
-        }
-    };
+    let post = |path: &str, key: Option<&str>| with_key(http.post(format!("{base}{path}")), key);
     let mut answers = Answers::default();
 
     // Allowed, with a token settlement (estimated 10, used 4).
@@ -873,46 +887,20 @@ fn dump(addr: SocketAddr) -> String {
 }
 
 fn server_config() -> String {
-    format!(
+    with_keys(
         r#"
 [[plans]]
 name = "metered"
-throttle = {{ rate = 1.0, burst = 4 }}
-quota = {{ limit = 1000, period = "DAY" }}
-tokens = {{ per_minute = 1000, per_day = 100000 }}
+throttle = { rate = 1.0, burst = 4 }
+quota = { limit = 1000, period = "DAY" }
+tokens = { per_minute = 1000, per_day = 100000 }
 concurrency = 1
-
-[[plans]]
-name = "small"
-throttle = {{ rate = 100.0, burst = 100 }}
-quota = {{ limit = 1, period = "DAY" }}
-
-[[keys]]
-id = "alpha"
-value = "{KEY}"
-plan = "metered"
-
-[[keys]]
-id = "off"
-value = "{DISABLED}"
-plan = "metered"
-enabled = false
-
-[[keys]]
-id = "quota"
-value = "{QUOTA_KEY}"
-plan = "small"
-
-[stage]
-throttle = {{ rate = 1000.0, burst = 1000 }}
-
+"#,
+        r#"
 [anonymous]
 mode = "ip"
-throttle = {{ rate = 1.0, burst = 2 }}
-
-[admin]
-key = "{ADMIN}"
-"#
+throttle = { rate = 1.0, burst = 2 }
+"#,
     )
 }
 
@@ -938,10 +926,7 @@ async fn redis_names_values_commands_and_the_reference_server_hold_no_key() {
             .post(server.url("/v1/completions"))
             .header("content-type", content_type)
             .body(body.to_string());
-        match key {
-            Some(k) => req.header("x-api-key", k),
-            None => req,
-        }
+        with_key(req, key)
     };
     let completion = |key: Option<&str>, body: Value| call("application/json", key, &body);
     // The mock reads the JSON body whatever the content type says.
@@ -1107,20 +1092,7 @@ async fn redis_names_values_commands_and_the_reference_server_hold_no_key() {
     // with the store failing for a while and recovering.
     let _ = (logs(), metrics_log());
     let store = RedisStore::builder(redis.url()).build().await.unwrap();
-    let per_key = RateLimitLayer::builder(
-        Policy::per_key(
-            UsagePlan::new("open")
-                .throttle(Throttle::new(1.0, 2).unwrap())
-                .tokens(TokenBudget::new().per_minute(50).unwrap())
-                .concurrency(2),
-        )
-        .unwrap(),
-    )
-    .extractor(Bearer::new())
-    .store(store.clone())
-    .estimator(estimate)
-    .observer(observer(Arc::clone(&printed)))
-    .build();
+    let per_key = bearer_layer(store.clone(), Some(2), &printed);
     let completion = || async {
         let mut res = Response::new(Body::from("{}"));
         res.extensions_mut().insert(UsedTokens(3));
@@ -1129,9 +1101,7 @@ async fn redis_names_values_commands_and_the_reference_server_hold_no_key() {
     let app = Router::new()
         .route("/open", post(completion))
         .layer(per_key.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let base = common::serve(app).await;
     let open = || http.post(format!("{base}/open")).bearer_auth(BEARER);
     for want in [200, 200, 429] {
         answers.expect(

@@ -27,17 +27,22 @@
 //! back, settlements low and high, late, the next day) and fails if one
 //! never came up.
 
+mod common;
+#[path = "support/tokens.rs"]
+mod tokens;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use common::at;
 use http_body_util::Full;
 use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestRunner};
 use tollgate::extract::ApiKeyHeader;
 use tollgate::{
     ApiKey, Clock, Date, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer,
-    ResponseBody, Stage, Throttle, TokenBudget, TokenUsage, UsagePlan, Weekday,
+    ResponseBody, Stage, Throttle, TokenBudget, UsagePlan, Weekday,
 };
 use tower::ServiceExt;
 
@@ -165,11 +170,6 @@ fn window_of(period: Period, wall: i64) -> i64 {
 fn wall_nanos(clock: &ManualClock) -> i64 {
     let d = clock.wall().duration_since(UNIX_EPOCH).unwrap();
     i64::try_from(d.as_nanos()).unwrap()
-}
-
-fn at(y: i32, m: u8, d: u8, secs: u64) -> SystemTime {
-    let days = Date::new(y, m, d).unwrap().days();
-    UNIX_EPOCH + Duration::from_secs(days as u64 * 86_400 + secs)
 }
 
 /// A time step: mostly within a burst's refill, sometimes minutes, now and
@@ -518,27 +518,11 @@ fn token_service(
     let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
     let layer = RateLimitLayer::builder(policy)
         .store(store)
-        .estimator(|r: &tollgate::extract::RequestView<'_>| {
-            r.headers
-                .get("x-estimate")
-                .and_then(|v| v.to_str().ok()?.parse().ok())
-                .unwrap_or(0)
-        })
+        .estimator(tokens::estimate)
         .build();
     let svc = tower::ServiceBuilder::new()
         .layer(layer.clone())
-        .service_fn(|req: http::Request<()>| async move {
-            let actual = req
-                .headers()
-                .get("x-actual")
-                .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
-            if let (Some(n), Some(usage)) = (actual, req.extensions().get::<TokenUsage>()) {
-                usage.set(n);
-            }
-            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(
-                b"done",
-            ))))
-        });
+        .service_fn(tokens::report_actual);
     (svc, layer)
 }
 
@@ -567,14 +551,8 @@ fn run_tokens(start: SystemTime, ops: &[TokenOp], seen: &Seen) -> Result<(), Tes
                 actual,
                 hold,
             } => {
-                let mut req = http::Request::builder()
-                    .header("x-api-key", "kv")
-                    .header("x-estimate", estimate.to_string());
-                if let Some(a) = actual {
-                    req = req.header("x-actual", a.to_string());
-                }
                 let res = rt
-                    .block_on(svc.clone().oneshot(req.body(()).unwrap()))
+                    .block_on(svc.clone().oneshot(tokens::request("kv", estimate, actual)))
                     .unwrap();
                 if res.status() != 200 {
                     continue;

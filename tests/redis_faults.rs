@@ -311,6 +311,13 @@ impl Gate {
         }
     }
 
+    /// `n` requests of each of `open-key` and `closed-key`, each decided by
+    /// Redis and let through.
+    async fn spend_both(&self, n: usize, what: &str) {
+        self.spend("open-key", n, what).await;
+        self.spend("closed-key", n, what).await;
+    }
+
     /// Sends `n` requests of `key`; every one is decided by Redis, those let
     /// through come first and the rest are denied with `denial`. Returns how
     /// many were let through.
@@ -408,6 +415,18 @@ async fn away_from_midnight() {
     }
 }
 
+/// A `redis-server` behind a [`Proxy`], and a [`Gate`] with quotas of
+/// `quota` a day on the proxied store, deciding. Waits past midnight first
+/// (see [`away_from_midnight`]).
+async fn behind_a_proxy(quota: u64) -> (RedisServer, Proxy, Gate) {
+    away_from_midnight().await;
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.addr()).await;
+    let gate = Gate::new(&proxy.url(), quota).await;
+    gate.wait_for_decisions("started").await;
+    (redis, proxy, gate)
+}
+
 // ---------------------------------------------------------------------------
 // 1. A slowed link
 // ---------------------------------------------------------------------------
@@ -423,14 +442,9 @@ async fn a_slowed_redis_decides_below_the_timeout_and_fails_by_the_plan_above_it
         return;
     }
     let _serial = SERIAL.lock().await;
-    away_from_midnight().await;
-    let redis = RedisServer::start();
-    let proxy = Proxy::start(redis.addr()).await;
-    let gate = Gate::new(&proxy.url(), 1_000).await;
-    gate.wait_for_decisions("started").await;
+    let (_redis, proxy, gate) = behind_a_proxy(1_000).await;
 
-    gate.spend("open-key", 10, "on a fast link").await;
-    gate.spend("closed-key", 10, "on a fast link").await;
+    gate.spend_both(10, "on a fast link").await;
 
     // 50 ms each way: a round trip of 100 ms, below the 250 ms timeout.
     proxy.delay(50);
@@ -455,10 +469,7 @@ async fn a_slowed_redis_decides_below_the_timeout_and_fails_by_the_plan_above_it
 
     proxy.delay(0);
     let resumed = gate.wait_for_decisions("slowed").await;
-    gate.spend("open-key", 10, "after the link is fast again")
-        .await;
-    gate.spend("closed-key", 10, "after the link is fast again")
-        .await;
+    gate.spend_both(10, "after the link is fast again").await;
     // Let the calls sent while slowed reach Redis, if they were to count.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -498,13 +509,8 @@ async fn after_an_outage_redis_lets_through_exactly_what_remains_of_a_quota() {
         return;
     }
     let _serial = SERIAL.lock().await;
-    away_from_midnight().await;
-    let redis = RedisServer::start();
-    let proxy = Proxy::start(redis.addr()).await;
-    let gate = Gate::new(&proxy.url(), QUOTA).await;
-    gate.wait_for_decisions("started").await;
-    gate.spend("open-key", 8, "before the outage").await;
-    gate.spend("closed-key", 8, "before the outage").await;
+    let (_redis, proxy, gate) = behind_a_proxy(QUOTA).await;
+    gate.spend_both(8, "before the outage").await;
     gate.spend("tight-key", 4, "before the outage").await;
 
     // Held on the live connection, then let go: what was held is written to
@@ -573,13 +579,8 @@ async fn a_call_whose_reply_comes_too_late_is_charged_and_the_quota_holds() {
         return;
     }
     let _serial = SERIAL.lock().await;
-    away_from_midnight().await;
-    let redis = RedisServer::start();
-    let proxy = Proxy::start(redis.addr()).await;
-    let gate = Gate::new(&proxy.url(), QUOTA).await;
-    gate.wait_for_decisions("started").await;
-    gate.spend("open-key", 8, "before the fault").await;
-    gate.spend("closed-key", 8, "before the fault").await;
+    let (_redis, proxy, gate) = behind_a_proxy(QUOTA).await;
+    gate.spend_both(8, "before the fault").await;
 
     proxy.delay_replies(600);
     gate.outage(5, "late to reply").await;
@@ -615,8 +616,7 @@ async fn a_call_whose_reply_comes_too_late_is_charged_and_the_quota_holds() {
 async fn across_a_restart(redis: &mut RedisServer) -> [usize; 3] {
     let gate = Gate::new(&redis.url(), QUOTA).await;
     gate.wait_for_decisions("started").await;
-    gate.spend("open-key", 8, "before the kill").await;
-    gate.spend("closed-key", 8, "before the kill").await;
+    gate.spend_both(8, "before the kill").await;
     gate.spend("tight-key", 4, "before the kill").await;
 
     tokio::task::block_in_place(|| redis.kill());

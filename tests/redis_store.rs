@@ -10,20 +10,22 @@
 
 #[path = "support/redis.rs"]
 mod redis_support;
+#[path = "support/server.rs"]
+mod server_support;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::routing::post;
 use redis_support::{RedisServer, command, require_redis};
 use serde_json::{Value, json};
+use server_support::ServerProcess;
 use tollgate::{
     ApiKey, Date, FailureMode, Period, Policy, Quota, RateLimitLayer, RedisStore, Stage, Throttle,
     UsagePlan,
@@ -32,8 +34,6 @@ use tollgate::{
 /// The tests of this file, one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// How long a server process has to print its listen address.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// The store's default timeout.
 const STORE_TIMEOUT: Duration = Duration::from_millis(100);
 /// What a loaded two-core machine may add to the store's timeout before a
@@ -51,154 +51,11 @@ const LIMIT_EXCEEDED: &str = r#"{"message":"Limit Exceeded"}"#;
 // The reference server as a child process
 // ---------------------------------------------------------------------------
 
-/// The `inference_server` example binary, built once per test run beside
-/// this test's own executable (same target directory and profile).
-fn server_binary() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let exe = std::env::current_exe().expect("the test executable's path");
-        // target/<profile>/deps/redis_store-<hash>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test executable lies in <target>/<profile>/deps");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev".to_owned(),
-            Some(name) => name.to_owned(),
-        };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(cargo)
-            .args(["build", "--quiet", "--all-features", "--example"])
-            .arg("inference_server")
-            .args(["--profile", &profile])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdin(Stdio::null())
-            .output()
-            .expect("run cargo build");
-        assert!(
-            out.status.success(),
-            "cargo build --example inference_server failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bin = profile_dir.join("examples").join("inference_server");
-        assert!(bin.exists(), "{} was not built", bin.display());
-        bin
-    })
-}
-
-/// A reference server process on the Redis store. Dropping it kills the
-/// process (SIGKILL) and waits for it.
-struct ServerProcess {
-    child: Child,
-    base: String,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl ServerProcess {
-    /// Starts the example with `--redis url --config config --listen
-    /// 127.0.0.1:0` and waits until it prints its address.
-    fn start(redis_url: &str, config: &Path) -> ServerProcess {
-        let mut child = Command::new(server_binary())
-            .arg("--redis")
-            .arg(redis_url)
-            .arg("--config")
-            .arg(config)
-            .args(["--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the inference_server example");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        {
-            let mut pipe = child.stderr.take().expect("piped stderr");
-            let stderr = Arc::clone(&stderr);
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    stderr.lock().unwrap().push_str(&text);
-                }
-            });
-        }
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().expect("piped stdout");
-        std::thread::spawn(move || {
-            // Keeps draining stdout after the address, so the pipe never fills.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("inference_server listening on http://") {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let mut server = ServerProcess {
-            child,
-            base: String::new(),
-            stderr,
-        };
-        match rx.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(addr) => server.base = format!("http://{addr}"),
-            Err(_) => panic!(
-                "the server did not print its address within {STARTUP_TIMEOUT:?} (exit: {:?})\n{}",
-                server.child.try_wait(),
-                server.stderr()
-            ),
-        }
-        server
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Panics unless the process is still running.
-    fn assert_running(&mut self) {
-        let status = self.child.try_wait().expect("query the server process");
-        assert!(
-            status.is_none(),
-            "the server process exited: {status:?}\n{}",
-            self.stderr()
-        );
-    }
-
-    /// Asks the process to stop (SIGINT, as Ctrl-C) and returns its exit
-    /// status; panics if it is still running after five seconds.
-    fn interrupt(&mut self) -> ExitStatus {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -INT {pid}: {sent}");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("query the server process") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the server did not stop within 5 s of SIGINT\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        // Fails only if the process has already exited.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts the reference server on the Redis store at `redis_url` with the
+/// config file `config` (see `support/server.rs`).
+fn start_server(redis_url: &str, config: &Path) -> ServerProcess {
+    let config = config.to_str().expect("a UTF-8 config path");
+    ServerProcess::start(&["--redis", redis_url, "--config", config])
 }
 
 /// Writes a config file into the Redis server's own scratch directory
@@ -430,8 +287,8 @@ async fn two_instances_share_one_budget() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let config = write_config(&redis, "redis_shared.toml", SHARED_CONFIG);
-    let mut a = ServerProcess::start(&redis.url(), &config);
-    let mut b = ServerProcess::start(&redis.url(), &config);
+    let mut a = start_server(&redis.url(), &config);
+    let mut b = start_server(&redis.url(), &config);
     let urls = [a.url("/v1/completions"), b.url("/v1/completions")];
     let http = client();
 
@@ -830,7 +687,7 @@ async fn pause_kill_and_restart_are_answered_by_the_failure_mode() {
     let _serial = SERIAL.lock().await;
     let mut redis = RedisServer::start();
     let config = write_config(&redis, "redis_faults.toml", FAULTS_CONFIG);
-    let mut server = ServerProcess::start(&redis.url(), &config);
+    let mut server = start_server(&redis.url(), &config);
     let url = server.url("/v1/completions");
     let http = client();
 
@@ -909,7 +766,8 @@ async fn pause_kill_and_restart_are_answered_by_the_failure_mode() {
         .expect("GET /health");
     assert_eq!(health.status(), 200);
     drop(http);
-    let status = server.interrupt();
+    server.signal("INT");
+    let status = server.wait_exit(Duration::from_secs(5));
     assert!(
         status.success(),
         "the server's exit status: {status}\n{}",
@@ -1015,8 +873,8 @@ async fn usage_lives_in_redis_and_survives_a_restarted_instance() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let config = write_config(&redis, "redis_admin.toml", ADMIN_CONFIG);
-    let mut a = ServerProcess::start(&redis.url(), &config);
-    let mut b = ServerProcess::start(&redis.url(), &config);
+    let mut a = start_server(&redis.url(), &config);
+    let mut b = start_server(&redis.url(), &config);
     let http = client();
     let day = today();
     let usage_path = format!("/admin/usage?plan=metered&start={day}&end={day}&key=m-1");
@@ -1068,7 +926,7 @@ async fn usage_lives_in_redis_and_survives_a_restarted_instance() {
     // A crashes; a new process on the same Redis sees the exhausted quota.
     a.assert_running();
     drop(a);
-    let c = ServerProcess::start(&redis.url(), &config);
+    let c = start_server(&redis.url(), &config);
     assert_eq!(usage(&c).await, json!([[12, 0]]), "through a new process");
     let ans = complete(&http, &c.url("/v1/completions"), "metered-secret-value").await;
     assert_eq!(ans.status, 429, "{ans:?}");

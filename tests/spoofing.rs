@@ -23,21 +23,7 @@ use tollgate::RateLimitLayer;
 use tollgate::config::Config;
 use tollgate::extract::{ClientIp, ForwardedHeader};
 
-use common::{BURST, frozen_store, per_key_policy, serve};
-
-async fn ok() -> &'static str {
-    "ok"
-}
-
-/// Every client IP limited to bursts of 5, on a frozen clock.
-fn ip_app(extractor: ClientIp) -> Router {
-    let (_clock, store) = frozen_store();
-    let layer = RateLimitLayer::builder(per_key_policy())
-        .extractor(extractor)
-        .store(store)
-        .build();
-    Router::new().route("/", get(ok)).layer(layer)
-}
+use common::{BURST, frozen_store, ip_app, ok, pass_then_429, serve, statuses};
 
 /// An HTTP client whose connections come from `local` (a loopback address).
 fn client_from(local: &str) -> reqwest::Client {
@@ -94,25 +80,6 @@ fn forged(req: reqwest::RequestBuilder, i: usize) -> reqwest::RequestBuilder {
             .header("x-forwarded-for", format!("{v4}:1234, {v6}, 10.0.0.1"))
             .header("forwarded", format!("for={v4};proto=https;by=127.0.0.1")),
     }
-}
-
-/// `passed` 200s followed by `rejected` 429s.
-fn pass_then_429(passed: usize, rejected: usize) -> Vec<StatusCode> {
-    let mut v = vec![StatusCode::OK; passed];
-    v.extend(std::iter::repeat_n(StatusCode::TOO_MANY_REQUESTS, rejected));
-    v
-}
-
-/// Sends `n` requests made by `req` and returns their statuses.
-async fn statuses(
-    n: usize,
-    mut req: impl FnMut(usize) -> reqwest::RequestBuilder,
-) -> Vec<StatusCode> {
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        out.push(req(i).send().await.unwrap().status());
-    }
-    out
 }
 
 /// Every forged header set, one after the other, from one peer: all are

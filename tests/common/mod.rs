@@ -4,9 +4,15 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use tollgate::{ApiKey, ManualClock, MemoryStore, Policy, Throttle, UsagePlan};
+use axum::routing::get;
+use http::StatusCode;
+use tollgate::extract::ClientIp;
+use tollgate::{
+    ApiKey, Date, ManualClock, MemoryStore, Policy, RateLimitLayer, Throttle, UsagePlan,
+};
 
 /// A registered, enabled key of plan `p`.
 pub(crate) const KEY: &str = "key-one";
@@ -39,6 +45,29 @@ pub(crate) fn per_key_policy() -> Policy {
 
 fn plan() -> UsagePlan {
     UsagePlan::new("p").throttle(Throttle::new(RATE, BURST).unwrap())
+}
+
+/// `secs` seconds into the UTC day `y`-`m`-`d`, for a manual clock's wall
+/// time.
+pub(crate) fn at(y: i32, m: u8, d: u8, secs: u64) -> SystemTime {
+    let days = Date::new(y, m, d).unwrap().days();
+    UNIX_EPOCH + Duration::from_secs(days as u64 * 86_400 + secs)
+}
+
+/// A handler that answers `ok`.
+pub(crate) async fn ok() -> &'static str {
+    "ok"
+}
+
+/// `GET /` with every client IP, as `extractor` finds it, limited to bursts
+/// of 5 under plan `p`, on a frozen clock.
+pub(crate) fn ip_app(extractor: ClientIp) -> Router {
+    let (_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(per_key_policy())
+        .extractor(extractor)
+        .store(store)
+        .build();
+    Router::new().route("/", get(ok)).layer(layer)
 }
 
 /// A store on a manual clock: time stands still until the clock is advanced.
@@ -80,6 +109,25 @@ pub(crate) async fn serve_without_connect_info(router: Router) -> String {
 /// An HTTP/1 client that ignores proxy settings of the environment.
 pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// Sends `n` requests made by `req` and returns their statuses.
+pub(crate) async fn statuses(
+    n: usize,
+    mut req: impl FnMut(usize) -> reqwest::RequestBuilder,
+) -> Vec<StatusCode> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        out.push(req(i).send().await.unwrap().status());
+    }
+    out
+}
+
+/// `passed` 200s followed by `rejected` 429s.
+pub(crate) fn pass_then_429(passed: usize, rejected: usize) -> Vec<StatusCode> {
+    let mut v = vec![StatusCode::OK; passed];
+    v.extend(std::iter::repeat_n(StatusCode::TOO_MANY_REQUESTS, rejected));
+    v
 }
 
 /// The value of header `name` as a string; panics if it is absent.

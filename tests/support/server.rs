@@ -164,6 +164,16 @@ impl ServerProcess {
             .is_none()
     }
 
+    /// Panics unless the process is still running.
+    pub fn assert_running(&mut self) {
+        let status = self.child.try_wait().expect("query the server process");
+        assert!(
+            status.is_none(),
+            "the server process exited: {status:?}\n{}",
+            self.stderr()
+        );
+    }
+
     /// The process's exit status; panics if it is still running after `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;

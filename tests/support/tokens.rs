@@ -1,0 +1,54 @@
+//! A token-metered endpoint for tests of reservations and settlement: the
+//! estimate is a request's `x-estimate` header, and the service reports its
+//! `x-actual` header as the tokens the response used.
+//!
+//! Include this module with
+//!
+//! ```ignore
+//! #[path = "support/tokens.rs"]
+//! mod tokens;
+//! ```
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use tollgate::TokenUsage;
+use tollgate::extract::RequestView;
+
+/// The estimate: the `x-estimate` header, else 0 tokens.
+pub fn estimate(r: &RequestView<'_>) -> u32 {
+    r.headers
+        .get("x-estimate")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The service behind the layer: reports the `x-actual` header, if any, as
+/// the tokens its response used, and answers `done`.
+pub async fn report_actual(
+    req: http::Request<()>,
+) -> Result<http::Response<Full<Bytes>>, Infallible> {
+    let actual = req
+        .headers()
+        .get("x-actual")
+        .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+    if let (Some(n), Some(usage)) = (actual, req.extensions().get::<TokenUsage>()) {
+        usage.set(n);
+    }
+    Ok(http::Response::new(Full::new(Bytes::from_static(b"done"))))
+}
+
+/// A request of API key `key` estimated at `estimate` tokens that uses
+/// `actual` (none reported without it).
+pub fn request(key: &str, estimate: u32, actual: Option<u64>) -> http::Request<()> {
+    let mut req = http::Request::builder()
+        .header("x-api-key", key)
+        .header("x-estimate", estimate.to_string());
+    if let Some(a) = actual {
+        req = req.header("x-actual", a.to_string());
+    }
+    req.body(()).unwrap()
+}
