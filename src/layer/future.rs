@@ -57,13 +57,13 @@ pin_project! {
 }
 
 /// What a request waiting for a remote store's answer holds until then.
-struct Parked<S, R, K, St> {
-    inner: S,
-    req: R,
-    shared: Arc<Shared<K, St>>,
-    failure: FailureMode,
-    reservation: Option<Box<Reservation>>,
-    watch: Option<Watch>,
+pub(crate) struct Parked<S, R, K, St> {
+    pub(crate) inner: S,
+    pub(crate) req: R,
+    pub(crate) shared: Arc<Shared<K, St>>,
+    pub(crate) failure: FailureMode,
+    pub(crate) reservation: Option<Box<Reservation>>,
+    pub(crate) watch: Option<Watch>,
 }
 
 impl<S, R, K, St> ResponseFuture<S, R, K, St>
@@ -94,26 +94,11 @@ where
         }
     }
 
-    pub(crate) fn waiting(
-        decision: St::Future,
-        inner: S,
-        req: R,
-        shared: Arc<Shared<K, St>>,
-        failure: FailureMode,
-        reservation: Option<Box<Reservation>>,
-        watch: Option<Watch>,
-    ) -> Self {
+    pub(crate) fn waiting(decision: St::Future, parked: Parked<S, R, K, St>) -> Self {
         ResponseFuture {
             state: State::Waiting {
                 decision,
-                parked: Some(Box::new(Parked {
-                    inner,
-                    req,
-                    shared,
-                    failure,
-                    reservation,
-                    watch,
-                })),
+                parked: Some(Box::new(parked)),
             },
         }
     }

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tower_service::Service;
 
+use super::future::Parked;
 use super::{ResponseFuture, Shared, SharedState, Step};
 use crate::body::{Guard, ResponseBody};
 use crate::extract::{ApiKeyHeader, KeyExtractor, RequestView};
@@ -103,8 +104,15 @@ where
                 // The readied service goes with the request; a clone stays.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                let shared = Arc::clone(&self.shared);
-                ResponseFuture::waiting(decision, ready, req, shared, failure, reservation, watch)
+                let parked = Parked {
+                    inner: ready,
+                    req,
+                    shared: Arc::clone(&self.shared),
+                    failure,
+                    reservation,
+                    watch,
+                };
+                ResponseFuture::waiting(decision, parked)
             }
         }
     }
