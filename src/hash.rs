@@ -70,7 +70,12 @@ pub(crate) fn state_digest(bytes: &[u8]) -> Digest {
 /// the name of a subject's state. Never used to place state in this
 /// process's tables, where clients could aim at it.
 pub(crate) fn stable(bytes: &[u8]) -> u128 {
-    let mut h = SipHasher13::new_with_keys(0x746f_6c6c_6761_7465, 0x7374_6162_6c65_0001);
+    keyed(0x746f_6c6c_6761_7465, 0x7374_6162_6c65_0001, bytes)
+}
+
+/// SipHash-1-3 (128 bits) of `bytes` under the key `(k0, k1)`.
+pub(crate) fn keyed(k0: u64, k1: u64, bytes: &[u8]) -> u128 {
+    let mut h = SipHasher13::new_with_keys(k0, k1);
     h.write(bytes);
     let h = h.finish128();
     u128::from(h.h1) << 64 | u128::from(h.h2)

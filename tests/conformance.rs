@@ -692,6 +692,59 @@ async fn redis_key_names_hold_no_secrets_and_a_lost_script_reloads() {
     assert!(info.contains("cmdstat_eval:calls=2,"), "{info}");
 }
 
+/// With a naming secret, a per-key subject's Redis key names come from a
+/// hash nobody without the secret can compute: instances given the same
+/// secret share the budget, one given another (or none) counts apart, and
+/// the secret shows nowhere (names, `Debug`).
+#[tokio::test]
+async fn a_naming_secret_keys_redis_names_and_instances_with_it_share_a_budget() {
+    if !require_redis() {
+        return;
+    }
+    let server = RedisServer::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 1, 0));
+    let layer = |store: RedisStore| {
+        RateLimitLayer::builder(
+            Policy::per_key(UsagePlan::new("ip").throttle(Throttle::new(1.0, 3).unwrap())).unwrap(),
+        )
+        .store(store)
+        .build()
+    };
+    let store = |secret: Option<&str>| {
+        let mut b = RedisStore::builder(server.url()).clock(clock.clone());
+        if let Some(s) = secret {
+            b = b.key_secret(s);
+        }
+        assert!(!format!("{b:?}").contains("hunter2"), "{b:?}");
+        b.build()
+    };
+    let (a, b) = (
+        layer(store(Some("hunter2")).await.unwrap()),
+        layer(store(Some("hunter2")).await.unwrap()),
+    );
+    let other = layer(store(Some("another")).await.unwrap());
+    let plain = layer(store(None).await.unwrap());
+    let ip = b"198.51.100.7".as_slice();
+    // Three shared between the two instances with the same secret.
+    assert!(a.decide(ip, 1).await.is_ok());
+    assert!(b.decide(ip, 1).await.is_ok());
+    assert!(a.decide(ip, 1).await.is_ok());
+    assert!(b.decide(ip, 1).await.is_err());
+    // Another secret, or none, names other state: a full bucket each.
+    for l in [&other, &plain] {
+        for _ in 0..3 {
+            assert!(l.decide(ip, 1).await.is_ok());
+        }
+        assert!(l.decide(ip, 1).await.is_err());
+    }
+    let keys = redis_support::command(server.addr(), &["KEYS", "*"]).unwrap();
+    assert_eq!(keys.matches(":t").count(), 3, "{keys}");
+    for clear in ["198.51.100.7", "hunter2", "another"] {
+        assert!(!keys.contains(clear), "{clear} in {keys}");
+    }
+}
+
 /// A plan's concurrency cap holds a place per request until its response
 /// body ends or is dropped, not until the handler returns.
 async fn a_concurrency_cap_holds_places_until_bodies_end<B: Backend>(b: &B) {

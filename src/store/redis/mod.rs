@@ -97,6 +97,8 @@ struct Inner {
     cluster: bool,
     sha: String,
     prefix: String,
+    /// The SipHash key that names subjects' state, when a secret was set.
+    naming: Option<NamingKey>,
     timeout: Duration,
     clock: Clock,
     cache: Option<OverLimitCache>,
@@ -175,6 +177,7 @@ impl RedisStore {
             nodes: vec![url.into()],
             cluster: false,
             prefix: DEFAULT_PREFIX.to_owned(),
+            naming: None,
             timeout: DEFAULT_TIMEOUT,
             clock: None,
             cache_ttl: DEFAULT_CACHE_TTL,
@@ -263,6 +266,16 @@ impl fmt::Debug for RedisStore {
     }
 }
 
+/// The key of the hash that names state, derived from a secret: never shown.
+#[derive(Clone, Copy)]
+struct NamingKey(u64, u64);
+
+impl fmt::Debug for NamingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NamingKey(..)")
+    }
+}
+
 /// Configures a [`RedisStore`].
 #[derive(Debug)]
 #[must_use]
@@ -270,6 +283,7 @@ pub struct RedisStoreBuilder {
     nodes: Vec<String>,
     cluster: bool,
     prefix: String,
+    naming: Option<NamingKey>,
     timeout: Duration,
     clock: Option<Clock>,
     cache_ttl: Duration,
@@ -281,6 +295,34 @@ impl RedisStoreBuilder {
     /// prefixes on one Redis count apart.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
+        self
+    }
+
+    /// A secret that keys the hash naming each subject's state in Redis
+    /// (every instance sharing a budget must be given the same one).
+    ///
+    /// Without it, key names hash (plan, subject) under a key that is in
+    /// tollgate's source: a registered key is named by its public id, but a
+    /// per-key limit's subject is the client's key or address, and anyone
+    /// who can list Redis keys could test guesses of a low-entropy one
+    /// (an IPv4 address, a short token) against the names. With a secret
+    /// they cannot. Changing it starts every count over, as a new prefix
+    /// does.
+    ///
+    /// ```
+    /// # async fn run() -> Result<(), tollgate::store::StoreError> {
+    /// let store = tollgate::RedisStore::builder("redis://127.0.0.1:6379/")
+    ///     .key_secret(std::env::var("TOLLGATE_KEY_SECRET").unwrap_or_default())
+    ///     .build()
+    ///     .await?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    pub fn key_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        let secret = secret.as_ref();
+        self.naming = (!secret.is_empty()).then(|| {
+            let h = hash::stable(&[b"tollgate key secret\0", secret].concat());
+            NamingKey(h as u64, (h >> 64) as u64)
+        });
         self
     }
 
@@ -369,6 +411,7 @@ impl RedisStoreBuilder {
                 cluster: self.cluster,
                 sha,
                 prefix: self.prefix,
+                naming: self.naming,
                 timeout: self.timeout,
                 clock: self.clock.unwrap_or_default(),
                 cache: (ttl > 0).then(|| OverLimitCache::new(CACHE_ENTRIES, ttl)),
@@ -488,7 +531,10 @@ impl Inner {
             Some(p) => [b"p\0", p.as_bytes(), b"\0", subject].concat(),
             None => b"stage".to_vec(),
         };
-        hash::stable(&scope)
+        match self.naming {
+            Some(NamingKey(k0, k1)) => hash::keyed(k0, k1, &scope),
+            None => hash::stable(&scope),
+        }
     }
 
     /// The sorted set of leases of a (plan, subject)'s requests in flight.
