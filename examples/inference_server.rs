@@ -15,7 +15,8 @@
 //!
 //! With `--redis URL` the limits live in Redis, shared by every server started
 //! with the same URL (several comma-separated URLs name the nodes of a Redis
-//! Cluster); otherwise in this process.
+//! Cluster); otherwise in this process. When `TOLLGATE_KEY_SECRET` is set,
+//! it keys the names of the state in Redis (give every server the same one).
 //!
 //! On SIGTERM or Ctrl-C it stops accepting connections, lets the requests in
 //! flight finish (streams to their last event), waits for the Redis store to
@@ -190,7 +191,8 @@ async fn main() -> std::process::ExitCode {
                 [url] => RedisStore::builder(*url),
                 nodes => RedisStore::cluster_builder(nodes.iter().copied()),
             };
-            match builder.build().await {
+            let secret = std::env::var("TOLLGATE_KEY_SECRET").unwrap_or_default();
+            match builder.key_secret(secret).build().await {
                 Ok(store) => app(&config, redis.insert(store).clone()),
                 Err(e) => {
                     eprintln!("--redis: {e}");
