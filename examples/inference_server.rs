@@ -1,4 +1,4 @@
-//! Run with `cargo run --release --example inference_server -- [--config FILE] [--listen ADDR] [--redis URL]`
+//! Run with `cargo run --release --example inference_server -- [--config FILE] [--listen ADDR] [--redis URL] [--drain SECS]`
 //!
 //! A mock OpenAI-style inference API behind tollgate: the reference server of
 //! the README and of the black-box tests.
@@ -20,7 +20,8 @@
 //!
 //! On SIGTERM or Ctrl-C it stops accepting connections, lets the requests in
 //! flight finish (streams to their last event), waits for the Redis store to
-//! settle their tokens, and exits 0.
+//! settle their tokens, and exits 0. Requests still in flight `--drain`
+//! seconds after the signal (default 30) are cut off, and it exits 1.
 //!
 //! With no flags it listens on `127.0.0.1:3000` with the in-memory store and the
 //! embedded demo configuration, `examples/inference_server.toml`: plan `free`
@@ -131,20 +132,34 @@ struct Args {
     listen: SocketAddr,
     config: Option<String>,
     redis: Option<String>,
+    /// How long requests in flight may take to finish after a shutdown signal.
+    drain: Duration,
 }
+
+/// The default of `--drain`.
+const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut listen = DEFAULT_LISTEN.to_owned();
     let mut config = None;
     let mut redis = None;
+    let mut drain = DEFAULT_DRAIN;
     while let Some(arg) = args.next() {
         match arg.as_str() {
+            "--drain" => {
+                let secs = args.next().ok_or("--drain needs a number of seconds")?;
+                drain = secs
+                    .parse::<f64>()
+                    .ok()
+                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                    .ok_or_else(|| format!("--drain `{secs}`: not a number of seconds"))?;
+            }
             "--listen" => listen = args.next().ok_or("--listen needs an address")?,
             "--config" => config = Some(args.next().ok_or("--config needs a file")?),
             "--redis" => redis = Some(args.next().ok_or("--redis needs a URL")?),
             "-h" | "--help" => {
                 return Err(
-                    "usage: inference_server [--config FILE] [--listen ADDR] [--redis URL[,URL…]]"
+                    "usage: inference_server [--config FILE] [--listen ADDR] [--redis URL[,URL…]] [--drain SECS]"
                         .to_owned(),
                 );
             }
@@ -158,6 +173,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         listen,
         config,
         redis,
+        drain,
     })
 }
 
@@ -228,7 +244,27 @@ async fn main() -> std::process::ExitCode {
         "inference_server listening on http://{}",
         listener.local_addr().map_or(args.listen, |a| a)
     );
-    let served = serve(listener, app, shutdown).await;
+    // The drain deadline starts with the signal.
+    let (stopping, stopped) = tokio::sync::oneshot::channel();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping.send(());
+    };
+    let deadline = async move {
+        match stopped.await {
+            Ok(()) => tokio::time::sleep(args.drain).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let served = tokio::select! {
+        served = serve(listener, app, shutdown) => served,
+        () = deadline => {
+            // They end with the runtime: with Redis, what they reserved
+            // stays charged (their settlement is not waited for).
+            eprintln!("requests still in flight {:?} after the signal: cut off", args.drain);
+            Err(std::io::Error::other("drain deadline passed"))
+        }
+    };
     // Every response has ended; the Redis store may still be settling the
     // last ones' tokens in the background.
     if let Some(store) = redis {

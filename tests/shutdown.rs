@@ -173,6 +173,37 @@ async fn sigint_does_the_same() {
     drains_on("INT").await;
 }
 
+/// A stream that outlasts `--drain` is cut off when the deadline passes:
+/// the process exits at the deadline, not at the stream's end, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_past_the_drain_deadline_is_cut_off() {
+    let dir = std::env::temp_dir().join(format!("tollgate-shutdown-{}-drain", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = write_config(&dir);
+    let mut server =
+        ServerProcess::start(&["--config", config.to_str().unwrap(), "--drain", "0.3"]);
+    let (mut stream, _) = open_stream(&server, "llm-key").await;
+    let signalled = Instant::now();
+    server.signal("TERM");
+    let status = server.wait_exit(Duration::from_secs(5));
+    let took = signalled.elapsed();
+    // The stream needs 1.5 s to end; the deadline is 0.3 s.
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(TOKENS * TOKEN_MS),
+        "exited {took:?} after SIGTERM\n{}",
+        server.stderr()
+    );
+    assert!(!status.success(), "{status}");
+    assert!(server.stderr().contains("cut off"), "{}", server.stderr());
+    // The client sees its stream end before its last token.
+    let mut rest = String::new();
+    while let Ok(Some(chunk)) = stream.chunk().await {
+        rest.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(!rest.contains("[DONE]"), "{rest}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The `n` of the quota hash named `*:q:<name>`: what the window counted.
 fn window_count(redis: &RedisServer, name: &str) -> u64 {
     let keys = command(redis.addr(), &["KEYS", &format!("tollgate:*:q:{name}")]).expect("KEYS");
