@@ -66,6 +66,21 @@ pub(crate) struct Snapshot {
     pub(crate) reset: Nanos,
 }
 
+/// The emission interval of `rate` units per second: `1e9 / rate`
+/// nanoseconds, rounded **up**, so that no unit is ever admitted before its
+/// exact time (0.9/s refills one unit every 1,111,111,111.1 ns: the interval
+/// is 1,111,111,112). The quotient is the correctly rounded `f64` one, so a
+/// rate meant to give whole nanoseconds gives them (`1.0 / 3.0` per second is
+/// 3 s, not 3 s and 1 ns for the last bit the `f64` lacks). `None` for a rate
+/// that is not finite and positive.
+pub(crate) fn interval_of(rate: f64) -> Option<Nanos> {
+    if !(rate.is_finite() && rate > 0.0) {
+        return None;
+    }
+    // `as` saturates: a quotient beyond u64 is u64::MAX, out of range anyway.
+    Some((NANOS_PER_SEC as f64 / rate).ceil() as Nanos)
+}
+
 impl Gcra {
     /// Builds the parameters; the caller has validated that `rate` is finite and
     /// positive and `burst >= 1`. Returns `None` when the numbers are out of the
@@ -74,11 +89,10 @@ impl Gcra {
         if !(rate.is_finite() && rate > 0.0 && rate <= NANOS_PER_SEC as f64) || burst == 0 {
             return None;
         }
-        let interval = (NANOS_PER_SEC as f64 / rate).round();
-        if !(1.0..=MAX_SPAN as f64).contains(&interval) {
+        let interval = interval_of(rate)?;
+        if !(1..=MAX_SPAN).contains(&interval) {
             return None;
         }
-        let interval = interval as Nanos;
         let tolerance = interval.checked_mul(u64::from(burst))?;
         if tolerance > MAX_SPAN {
             return None;
@@ -205,12 +219,43 @@ mod tests {
         assert_eq!(admit(&g, &mut tat, S, 2), 1);
         assert_eq!(admit(&g, &mut tat, 5 * S - 1, 1), 0);
         assert_eq!(admit(&g, &mut tat, 5 * S, 1), 1);
-        // 3 per second: intervals of 333_333_333 ns.
+        // 3 per second: the exact interval is 333_333_333.3 ns, so a unit
+        // refills at 333_333_334 ns, never earlier.
         let g = Gcra::new(3.0, 1).unwrap();
         let mut tat = 0;
         assert_eq!(admit(&g, &mut tat, S, 1), 1);
-        assert_eq!(admit(&g, &mut tat, S + 333_333_332, 1), 0);
-        assert_eq!(admit(&g, &mut tat, S + 333_333_333, 1), 1);
+        assert_eq!(admit(&g, &mut tat, S + 333_333_333, 1), 0);
+        assert_eq!(admit(&g, &mut tat, S + 333_333_334, 1), 1);
+    }
+
+    #[test]
+    fn intervals_round_up_so_nothing_passes_before_its_exact_time() {
+        // 0.9/s: one unit every 1_111_111_111.1 ns.
+        let g = Gcra::new(0.9, 1).unwrap();
+        assert_eq!(g.interval(), 1_111_111_112);
+        let mut tat = 0;
+        assert_eq!(admit(&g, &mut tat, S, 1), 1);
+        assert_eq!(admit(&g, &mut tat, S + 1_111_111_111, 1), 0);
+        assert_eq!(admit(&g, &mut tat, S + 1_111_111_112, 1), 1);
+        // 0.3/s, and 7 a minute as a token budget builds it.
+        assert_eq!(Gcra::new(0.3, 1).unwrap().interval(), 3_333_333_334);
+        assert_eq!(
+            Gcra::new(7.0 / 60.0, 7).unwrap().interval(),
+            8_571_428_572
+        );
+        // Whole intervals stay whole.
+        for (rate, interval) in [(1.0, S), (2.0, S / 2), (0.25, 4 * S), (1e9, 1), (0.5, 2 * S)] {
+            assert_eq!(Gcra::new(rate, 1).unwrap().interval(), interval, "{rate}");
+        }
+        assert_eq!(Gcra::new(1.0 / 3.0, 3).unwrap().interval(), 3 * S);
+        // Every interval is at least 1e9 / rate, and less than one more.
+        for rate in [0.1, 0.7, 1.0 / 3.0, 123.456, 999_999_999.5, 3e-6] {
+            let i = interval_of(rate).unwrap() as f64;
+            assert!(i >= 1e9 / rate && i - 1.0 < 1e9 / rate, "{rate}: {i}");
+        }
+        assert_eq!(interval_of(f64::MIN_POSITIVE), Some(Nanos::MAX));
+        assert_eq!(interval_of(0.0), None);
+        assert_eq!(interval_of(f64::INFINITY), None);
     }
 
     #[test]

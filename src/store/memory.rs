@@ -128,37 +128,54 @@ impl MemoryStore {
         let table = &self.inner.table;
         // The TAT each throttle was charged to, for exact refunds.
         let mut charged = [None; MAX_THROTTLES];
-        let mut denied: Option<Denied> = None;
         // A place under the concurrency cap is taken first, and given back
-        // if another limit denies.
+        // if another limit denies. A peek, or a decision whose caller will
+        // not give a place back (`check`), only looks: a full cap denies it,
+        // a free one is reported with its free places.
+        // Its denial is weighed last, as every store weighs it.
         let mut permit = None;
-        if let Some(c) = req.concurrency.as_ref().filter(|_| R::HOLDS && cost > 0) {
+        let mut cap_denied = None;
+        if let Some(c) = req.concurrency.as_ref() {
             let slot = SlotKey::new(c.digest, c.salt);
-            let taken = table.update(slot, now, |v| {
-                let n = in_flight(v);
-                if n < u64::from(c.limit) || c.shadow {
-                    (Some(with_in_flight(n + 1)), Ok(n + 1))
-                } else {
-                    (None, Err(n))
+            if R::HOLDS && cost > 0 {
+                let taken = table.update(slot, now, |v| {
+                    let n = in_flight(v);
+                    if n < u64::from(c.limit) || c.shadow {
+                        (Some(with_in_flight(n + 1)), Ok(n + 1))
+                    } else {
+                        (None, Err(n))
+                    }
+                });
+                match taken {
+                    Ok(Ok(n)) => {
+                        permit = Some((Some(Permit::new(c.digest.0, c.salt)), c.applied(n)));
+                    }
+                    Ok(Err(n)) => cap_denied = Some(Denied::concurrency(c.applied(n))),
+                    Err(retry_after) => {
+                        cap_denied = Some(Denied {
+                            denial: Denial::Capacity { retry_after },
+                            limit: c.applied(u64::from(c.limit)),
+                        });
+                    }
                 }
-            });
-            match taken {
-                Ok(Ok(n)) => permit = Some((Permit::new(c.digest.0, c.salt), c.applied(n))),
-                Ok(Err(n)) => denied = Some(Denied::concurrency(c.applied(n))),
-                Err(retry_after) => {
-                    denied = Some(Denied {
-                        denial: Denial::Capacity { retry_after },
-                        limit: c.applied(u64::from(c.limit)),
-                    });
+            } else {
+                let n = in_flight(table.peek(slot));
+                if n >= u64::from(c.limit) && !c.shadow {
+                    cap_denied = Some(Denied::concurrency(c.applied(n)));
+                } else {
+                    permit = Some((None, c.applied(n + u64::from(cost > 0))));
                 }
             }
         }
+        // The other limits are only looked at once one has denied.
+        let mut denied: Option<Denied> = None;
+        let mut any_denied = cap_denied.is_some();
         for (i, t) in req.throttles().enumerate() {
             let limit = t.limit;
             let cost = req.cost_for(t.counts_tokens());
-            let d = match self.throttle_step(t, cost, now, denied.is_some()) {
+            let d = match self.throttle_step(t, cost, now, any_denied) {
                 Ok(Outcome::Allow { tat, after }) => {
-                    if denied.is_none() {
+                    if !any_denied {
                         charged[i] = Some(tat);
                         throttle_allowed(report, t, cost, after, now);
                     }
@@ -168,12 +185,13 @@ impl MemoryStore {
             };
             if t.shadow {
                 // A shadow limit never denies, nor names another's denial.
-                if denied.is_none() {
+                if !any_denied {
                     report.push(|| d.limit);
                 }
                 continue;
             }
             denied = Some(Denied::longest(denied, d));
+            any_denied = true;
         }
         // The quotas, each charged under its own lock: those charged before
         // a later one denies are given back.
@@ -183,19 +201,20 @@ impl MemoryStore {
             for (i, q) in req.quotas().enumerate() {
                 let Some(cell) = q.cell else { continue };
                 let cost = u64::from(req.cost_for(q.counts_tokens()));
-                // An estimate above a whole token budget never fits.
-                if q.counts_tokens() && cost > q.spec.limit && !q.shadow {
+                // A cost above the whole limit never fits, in any window.
+                if cost > q.spec.limit && !q.shadow {
                     let snap = cell.check(q.spec, wall, 0).unwrap_or_else(|(_, s)| s);
                     let d = Denied::too_costly(quota_applied(q.name(), &snap));
                     denied = Some(Denied::longest(denied, d));
+                    any_denied = true;
                     continue;
                 }
-                let outcome = match denied {
-                    Some(_) => cell.check(q.spec, wall, cost),
-                    None => cell.acquire(q.spec, wall, cost, q.shadow),
+                let outcome = match any_denied {
+                    true => cell.check(q.spec, wall, cost),
+                    false => cell.acquire(q.spec, wall, cost, q.shadow),
                 };
                 match outcome {
-                    Ok(snap) if denied.is_none() => {
+                    Ok(snap) if !any_denied => {
                         quotas_charged[i] = true;
                         if q.counts_tokens() {
                             report.reserve(|r| r.wall = Some(wall));
@@ -210,10 +229,11 @@ impl MemoryStore {
                             limit: quota_applied(q.name(), &snap),
                         };
                         denied = Some(Denied::longest(denied, d));
+                        any_denied = true;
                     }
                 }
             }
-            if denied.is_some() {
+            if any_denied {
                 for (q, _) in req.quotas().zip(quotas_charged).filter(|(_, c)| *c) {
                     if let Some(cell) = q.cell {
                         let cost = i64::from(req.cost_for(q.counts_tokens()));
@@ -222,16 +242,21 @@ impl MemoryStore {
                 }
             }
         }
+        if let Some(d) = cap_denied {
+            denied = Some(Denied::longest(denied, d));
+        }
         match (denied, permit) {
             (None, None) => Ok(()),
             (None, Some((permit, item))) => {
                 report.push(|| item);
-                report.hold(permit);
+                if let Some(permit) = permit {
+                    report.hold(permit);
+                }
                 Ok(())
             }
             (Some(d), permit) => {
                 self.refund(req, &charged, now);
-                if let Some((permit, _)) = permit {
+                if let Some((Some(permit), _)) = permit {
                     self.leave(permit, now);
                 }
                 Err(d)

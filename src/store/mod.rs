@@ -527,22 +527,23 @@ impl Denied {
     }
 
     /// Of two denials, the one that holds the request longest: a cost no
-    /// limit can ever hold first, then a used-up quota, then the longest wait.
+    /// limit can ever hold first (it never passes), then the longest wait,
+    /// whatever kind of limit asks for it (a throttle needing 10 s holds a
+    /// request longer than a quota window ending in 1 s). On a tie the
+    /// earlier denial stands: limits are looked at in a fixed order (stage,
+    /// plan, method, tokens a minute, quota, token quotas, concurrency), so
+    /// every store names the same one.
     pub(crate) fn longest(a: Option<Denied>, b: Denied) -> Denied {
-        fn rank(d: &Denied) -> (u8, Nanos) {
-            match d.denial {
-                Denial::TooCostly => (3, 0),
-                Denial::Quota { retry_after } => (2, retry_after),
-                Denial::Limited { retry_after } | Denial::Capacity { retry_after } => {
-                    (1, retry_after)
-                }
-                Denial::Concurrency => (0, 0),
-            }
-        }
         match a {
-            Some(a) if rank(&a) >= rank(&b) => a,
+            Some(a) if a.holds() >= b.holds() => a,
             _ => b,
         }
+    }
+
+    /// How long the denial holds its request; a cost no limit can ever hold
+    /// holds it forever.
+    fn holds(&self) -> Nanos {
+        self.retry_after().map_or(Nanos::MAX, nanos)
     }
 }
 

@@ -1,12 +1,18 @@
-//! The over-limit cache: a key that Redis denied is answered here until its
-//! retry time, without a round trip (Envoy's over-limit cache).
+//! The over-limit cache: a request that Redis denied for a used-up quota is
+//! answered here until the quota's window ends, without a round trip
+//! (Envoy's over-limit cache).
 //!
-//! An entry remembers the denial and when it was given. Until the retry time
-//! the same request (same limits, same subject, same cost) gets the same
-//! answer Redis would give: while a request is denied nothing is charged, so
-//! the state Redis holds does not move, and the wait only shrinks with time.
-//! An admin change through this instance clears the cache; an entry lives at
-//! most `max_ttl`, which bounds how long a change made elsewhere (another
+//! It answers only what Redis would answer, exactly, or not at all. That
+//! holds for one kind of denial: a quota (not a token budget's) with nothing
+//! left, of a request with no limit shared by other callers. Until its
+//! window ends, no request of that subject can pass the quota, so nothing
+//! charges any of the request's limits: the quota stays used up, the wait is
+//! the same instant, and no throttle of the request can come to hold it
+//! longer than the window. Any other denial can change before its retry
+//! time (a cheaper request passing, another caller draining a shared
+//! bucket, a settlement giving tokens back) and is never cached. An admin
+//! change through this instance clears the cache; an entry lives at most
+//! `max_ttl`, which bounds how long a change made elsewhere (another
 //! instance raising a quota) can go unseen here.
 
 use std::collections::HashMap;
@@ -15,7 +21,7 @@ use parking_lot::Mutex;
 
 use crate::gcra::Nanos;
 use crate::hash::BuildDigestHasher;
-use crate::store::Denied;
+use crate::store::{Denial, Denied};
 
 /// Shards of the cache, so that denied hot keys on several threads rarely
 /// contend.
@@ -50,6 +56,12 @@ pub(super) struct OverLimitCache {
 }
 
 impl OverLimitCache {
+    /// Whether a denial stays exactly what Redis would answer until its
+    /// retry time, and so may be cached (see the module documentation).
+    pub(super) fn holds(denied: &Denied) -> bool {
+        matches!(denied.denial, Denial::Quota { .. }) && denied.limit.remaining == 0
+    }
+
     /// A cache of at most `capacity` entries, each kept at most `max_ttl`.
     pub(super) fn new(capacity: usize, max_ttl: Nanos) -> Self {
         OverLimitCache {
@@ -134,6 +146,28 @@ mod tests {
             Duration::from_secs(5),
         );
         Denied::throttled(limit, Duration::from_millis(retry_ms))
+    }
+
+    #[test]
+    fn only_a_used_up_quota_is_held() {
+        let quota = |remaining| {
+            let limit = Applied::new(
+                "quota",
+                5,
+                Duration::from_secs(86_400),
+                remaining,
+                Duration::from_secs(60),
+            );
+            Denied::quota(limit, Duration::from_secs(60))
+        };
+        assert!(OverLimitCache::holds(&quota(0)));
+        // A cheaper request can still pass, and change what remains.
+        assert!(!OverLimitCache::holds(&quota(1)));
+        // A throttle's wait grows when a request passes in between.
+        assert!(!OverLimitCache::holds(&denied(10)));
+        let whole = Applied::new("quota", 5, Duration::from_secs(86_400), 0, Duration::ZERO);
+        assert!(!OverLimitCache::holds(&Denied::too_costly(whole)));
+        assert!(!OverLimitCache::holds(&Denied::concurrency(whole)));
     }
 
     #[test]

@@ -30,7 +30,7 @@ use redis::{Cmd, ErrorKind, RedisError, RedisFuture, ServerErrorKind, Value};
 
 use self::cache::OverLimitCache;
 use super::{
-    Acquire, Acquired, Applied, CONCURRENCY, ConcurrencyRef, Denial, Denied, Permit, QuotaRef,
+    Acquire, Acquired, Applied, CONCURRENCY, ConcurrencyRef, Denied, Permit, QuotaRef,
     Report, Settlement, Store, StoreError, StoreFuture, ThrottleRef, Verdict,
 };
 use crate::clock::Clock;
@@ -698,6 +698,8 @@ struct Throttle {
 #[derive(Debug, Clone)]
 struct Quota {
     name: &'static str,
+    /// The whole limit: a cost above it never fits, in any window.
+    whole: u64,
     shadow: bool,
     cost: u32,
     tokens: bool,
@@ -757,6 +759,7 @@ impl Part {
         args.arg(u8::from(q.counts_tokens()));
         self.quotas.push(Quota {
             name: q.name(),
+            whole: q.spec.limit,
             shadow: q.shadow,
             cost,
             tokens: q.counts_tokens(),
@@ -869,7 +872,7 @@ impl Part {
                 remaining: limit.saturating_sub(used).max(0) as u64,
                 reset,
             };
-            if q.tokens && cost > limit && !q.shadow {
+            if u64::from(q.cost) > q.whole && !q.shadow {
                 denied = Some(Denied::longest(denied, Denied::too_costly(item(used))));
             } else if used.saturating_add(cost) > limit && !q.shadow {
                 let d = Denied::quota(item(used), Duration::from_nanos(reset.max(1)));
@@ -897,11 +900,12 @@ impl Part {
                     denied,
                     Denied::concurrency(item(in_flight)),
                 ));
-            } else {
+            } else if cost > 0 {
                 report.push(item(in_flight + 1));
-                if cost > 0 {
-                    report.set_permit(c.permit);
-                }
+                report.set_permit(c.permit);
+            } else {
+                // A peek takes no place: the report shows the free ones.
+                report.push(item(in_flight));
             }
         }
         match (allowed, denied) {
@@ -1000,7 +1004,10 @@ impl Store for RedisStore {
         // settlement may give tokens back before a cached retry time.
         let tokens = request.throttles().any(|t| t.counts_tokens())
             || request.quotas().any(|q| q.counts_tokens());
-        let id = inner.cache.as_ref().filter(|_| !tokens).map(|cache| {
+        // Nor is one with limits shared by every caller: others' requests
+        // move them.
+        let shared = request.throttles().any(|t| t.plan.is_none());
+        let id = inner.cache.as_ref().filter(|_| !tokens && !shared).map(|cache| {
             let id = identity(request);
             (id, cache.get(id, sent))
         });
@@ -1044,10 +1051,8 @@ impl Store for RedisStore {
                 }
             };
             let verdict = inner.within(work).await?;
-            // In-flight requests end at times Redis does not know: a refusal
-            // by a concurrency cap is not answered locally.
             if let (Err(denied), Some((id, _)), Some(cache)) = (&verdict, id, &inner.cache) {
-                if !matches!(denied.denial, Denial::Concurrency) {
+                if OverLimitCache::holds(denied) {
                     cache.insert(id, sent, *denied);
                 }
             }

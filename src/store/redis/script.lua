@@ -33,7 +33,8 @@
 --   since_s, since_ns, cost_i),
 --   then m (0..3) quotas, m times (limit, period (D|W|M), week_start
 --   (0 = Monday .. 6), offset, created_s, shadow, history_days, cost_i,
---   tokens), tokens = 1 for a token budget: a cost above its limit never fits.
+--   tokens), tokens = 1 for a token budget. A cost above a quota's whole
+--   limit never fits, in any window.
 --   Each limit is charged its own cost_i (requests or tokens); ARGV[4], the
 --   request's cost in requests, decides whether a concurrency place is taken.
 --   All or nothing: when a limit that is not a shadow denies, nothing is
@@ -383,12 +384,12 @@ local function acquire(peek)
     local shadow = flag(ARGV[j + 5], 'quota shadow flag')
     q.history_days = int(ARGV[j + 6], 1, 100000, 'history days')
     q.cost = int(ARGV[j + 7], 0, MAX - 1, 'cost')
-    local tokens = flag(ARGV[j + 8], 'quota tokens flag')
+    flag(ARGV[j + 8], 'quota tokens flag')
     q.key, q.hist = KEYS[n + 2 * i - 1], KEYS[n + 2 * i]
     roll(q, q.key)
     local k = #reply
     reply[k + 1], reply[k + 2], reply[k + 3], reply[k + 4] = q.start, q.stop, q.limit_in, q.n
-    if (q.n + q.cost > q.limit_in or (tokens and q.cost > q.limit)) and not shadow then
+    if (q.n + q.cost > q.limit_in or q.cost > q.limit) and not shadow then
       allowed = false
     end
     quotas[i] = q
