@@ -1,0 +1,178 @@
+//! Checks the document's plan values and builds them, each error located.
+//!
+//! A plan table becomes a `UsagePlan`, a throttle table a `Throttle`, a
+//! methods table the method overrides; an error names the line, column and
+//! path of the offending field. The checks across the document (unique
+//! names, keys, known plans) are in `load`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+
+use toml::Spanned;
+
+use super::document::{FailureFile, PeriodFile, PlanFile, ThrottleFile};
+use super::error::ConfigFileError;
+use super::location::line_col;
+use crate::error::ConfigError;
+use crate::plan::{FailureMode, MethodPath, Quota, Throttle, TokenBudget, UsagePlan};
+use crate::window::Period;
+
+/// Turns semantic errors into located ones.
+pub(super) struct Checker<'a> {
+    pub(super) src: &'a str,
+}
+
+impl Checker<'_> {
+    pub(super) fn err(
+        &self,
+        span: Range<usize>,
+        path: impl Into<String>,
+        message: impl fmt::Display,
+    ) -> ConfigFileError {
+        let (line, column) = line_col(self.src, span.start);
+        ConfigFileError {
+            file: None,
+            line,
+            column,
+            path: path.into(),
+            message: message.to_string(),
+        }
+    }
+
+    pub(super) fn throttle(
+        &self,
+        t: &Spanned<ThrottleFile>,
+        path: &str,
+    ) -> Result<Throttle, ConfigFileError> {
+        let v = t.get_ref();
+        let burst = u32::try_from(*v.burst.get_ref()).map_err(|_| {
+            self.err(
+                v.burst.span(),
+                format!("{path}.burst"),
+                "burst must be between 1 and 4294967295",
+            )
+        })?;
+        Throttle::new(*v.rate.get_ref(), burst).map_err(|e| {
+            let (span, field) = match e {
+                ConfigError::ZeroBurst => (v.burst.span(), "burst"),
+                _ => (v.rate.span(), "rate"),
+            };
+            self.err(span, format!("{path}.{field}"), e)
+        })
+    }
+
+    fn positive(&self, n: &Spanned<i64>, path: String) -> Result<u64, ConfigFileError> {
+        u64::try_from(*n.get_ref())
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| self.err(n.span(), path, "must be a whole number above zero"))
+    }
+
+    pub(super) fn methods(
+        &self,
+        methods: &BTreeMap<Spanned<String>, Spanned<ThrottleFile>>,
+        path: &str,
+    ) -> Result<Vec<(String, Throttle)>, ConfigFileError> {
+        methods
+            .iter()
+            .map(|(k, v)| {
+                let p = format!("{path}.methods.\"{}\"", k.get_ref());
+                MethodPath::parse(k.get_ref()).map_err(|e| self.err(k.span(), p.clone(), e))?;
+                Ok((k.get_ref().clone(), self.throttle(v, &p)?))
+            })
+            .collect()
+    }
+
+    pub(super) fn plan(
+        &self,
+        i: usize,
+        p: &Spanned<PlanFile>,
+    ) -> Result<UsagePlan, ConfigFileError> {
+        let path = format!("plans[{i}]");
+        let f = p.get_ref();
+        let name = f.name.get_ref();
+        if name.trim().is_empty() {
+            return Err(self.err(f.name.span(), format!("{path}.name"), "must not be empty"));
+        }
+        let mut plan = UsagePlan::new(name.clone())
+            .failure(match f.failure {
+                FailureFile::Open => FailureMode::Open,
+                FailureFile::Closed => FailureMode::Closed,
+            })
+            .shadow(f.shadow);
+        if let Some(t) = &f.throttle {
+            plan = plan.throttle(self.throttle(t, &format!("{path}.throttle"))?);
+        }
+        if let Some(q) = &f.quota {
+            let qp = format!("{path}.quota");
+            let qf = q.get_ref();
+            let period = match (qf.period, qf.week_start) {
+                (PeriodFile::Day, None) => Period::Day,
+                (PeriodFile::Month, None) => Period::Month,
+                (PeriodFile::Week, day) => Period::Week(day.unwrap_or_default()),
+                (_, Some(_)) => {
+                    return Err(self.err(
+                        q.span(),
+                        format!("{qp}.week_start"),
+                        "only a WEEK quota has a start day",
+                    ));
+                }
+            };
+            let limit = self.positive(&qf.limit, format!("{qp}.limit"))?;
+            let mut quota = Quota::new(limit, period)
+                .map_err(|e| self.err(qf.limit.span(), format!("{qp}.limit"), e))?;
+            if let Some(offset) = &qf.offset {
+                let o = u64::try_from(*offset.get_ref()).map_err(|_| {
+                    self.err(
+                        offset.span(),
+                        format!("{qp}.offset"),
+                        "must not be negative",
+                    )
+                })?;
+                quota = quota
+                    .with_offset(o)
+                    .map_err(|e| self.err(offset.span(), format!("{qp}.offset"), e))?;
+            }
+            plan = plan.quota(quota);
+        }
+        if let Some(t) = &f.tokens {
+            let tf = t.get_ref();
+            let mut budget = TokenBudget::new();
+            if let Some(v) = &tf.per_minute {
+                let field = format!("{path}.tokens.per_minute");
+                let n = self.positive(v, field.clone())?;
+                let n = u32::try_from(n)
+                    .map_err(|_| self.err(v.span(), field.clone(), "is too large"))?;
+                budget = budget
+                    .per_minute(n)
+                    .map_err(|e| self.err(v.span(), field, e))?;
+            }
+            for (name, v, set) in [
+                (
+                    "per_day",
+                    &tf.per_day,
+                    TokenBudget::per_day as fn(TokenBudget, u64) -> _,
+                ),
+                ("per_month", &tf.per_month, TokenBudget::per_month),
+            ] {
+                if let Some(v) = v {
+                    let field = format!("{path}.tokens.{name}");
+                    let n = self.positive(v, field.clone())?;
+                    budget = set(budget, n).map_err(|e| self.err(v.span(), field, e))?;
+                }
+            }
+            plan = plan.tokens(budget);
+        }
+        if let Some(c) = &f.concurrency {
+            let n = self.positive(c, format!("{path}.concurrency"))?;
+            let n = u32::try_from(n)
+                .map_err(|_| self.err(c.span(), format!("{path}.concurrency"), "is too large"))?;
+            plan = plan.concurrency(n);
+        }
+        for (mp, t) in self.methods(&f.methods, &path)? {
+            plan = plan.method(mp, t);
+        }
+        Ok(plan)
+    }
+}

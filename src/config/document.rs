@@ -1,0 +1,128 @@
+//! The configuration file's document as serde reads it, before any check.
+//!
+//! Values keep their place in the text (`Spanned`) where a check needs it to
+//! name the line and column of an error.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::window::Weekday;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct File {
+    #[serde(default)]
+    pub(super) plans: Vec<Spanned<PlanFile>>,
+    #[serde(default)]
+    pub(super) keys: Vec<Spanned<KeyFile>>,
+    pub(super) stage: Option<StageFile>,
+    pub(super) anonymous: Option<Spanned<AnonymousFile>>,
+    pub(super) admin: Option<AdminFile>,
+    pub(super) history_days: Option<Spanned<i64>>,
+    pub(super) quota_status: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PlanFile {
+    pub(super) name: Spanned<String>,
+    pub(super) throttle: Option<Spanned<ThrottleFile>>,
+    pub(super) quota: Option<Spanned<QuotaFile>>,
+    pub(super) tokens: Option<Spanned<TokensFile>>,
+    pub(super) concurrency: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub(super) failure: FailureFile,
+    #[serde(default)]
+    pub(super) shadow: bool,
+    #[serde(default)]
+    pub(super) methods: BTreeMap<Spanned<String>, Spanned<ThrottleFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ThrottleFile {
+    pub(super) rate: Spanned<f64>,
+    pub(super) burst: Spanned<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct QuotaFile {
+    pub(super) limit: Spanned<i64>,
+    pub(super) period: PeriodFile,
+    #[serde(default)]
+    pub(super) offset: Option<Spanned<i64>>,
+    pub(super) week_start: Option<Weekday>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TokensFile {
+    pub(super) per_minute: Option<Spanned<i64>>,
+    pub(super) per_day: Option<Spanned<i64>>,
+    pub(super) per_month: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+pub(super) enum PeriodFile {
+    #[serde(rename = "DAY")]
+    Day,
+    #[serde(rename = "WEEK")]
+    Week,
+    #[serde(rename = "MONTH")]
+    Month,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum FailureFile {
+    #[default]
+    Open,
+    Closed,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct KeyFile {
+    pub(super) id: Spanned<String>,
+    pub(super) value: Spanned<String>,
+    pub(super) plan: Spanned<String>,
+    #[serde(default = "yes")]
+    pub(super) enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StageFile {
+    pub(super) throttle: Option<Spanned<ThrottleFile>>,
+    #[serde(default)]
+    pub(super) methods: BTreeMap<Spanned<String>, Spanned<ThrottleFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AnonymousFile {
+    pub(super) mode: ModeFile,
+    pub(super) throttle: Option<Spanned<ThrottleFile>>,
+    #[serde(default)]
+    pub(super) trusted_proxies: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum ModeFile {
+    Forbid,
+    Ip,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AdminFile {
+    pub(super) key: Spanned<String>,
+}

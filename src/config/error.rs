@@ -1,0 +1,55 @@
+//! `ConfigFileError`: where a configuration file is wrong, and why.
+//!
+//! It names the file (when read from one), the line and column, the field's
+//! path and the message.
+
+use std::fmt;
+
+/// A configuration file that cannot be used: where, which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigFileError {
+    pub(super) file: Option<String>,
+    pub(super) line: usize,
+    pub(super) column: usize,
+    pub(super) path: String,
+    pub(super) message: String,
+}
+
+impl ConfigFileError {
+    /// The line of the offending field, from 1 (0 when the file could not be read).
+    pub fn line(&self) -> usize {
+        self.line
+    }
+
+    /// The column, from 1.
+    pub fn column(&self) -> usize {
+        self.column
+    }
+
+    /// The field's path, such as `plans[0].throttle.rate` (empty when unknown).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// What is wrong.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for ConfigFileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{file}:")?;
+        }
+        if self.line > 0 {
+            write!(f, "{}:{}: ", self.line, self.column)?;
+        }
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigFileError {}

@@ -1,0 +1,388 @@
+//! `Config`: a configuration file, checked and ready to build a policy from.
+//!
+//! Reading the file, parsing it, the checks across the whole document (unique
+//! plan names, key ids and values, known plans, the stage, anonymous, admin
+//! and global settings), and building the `Policy`.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+
+use http::StatusCode;
+
+use super::check::Checker;
+use super::document::{File, ModeFile};
+use super::error::ConfigFileError;
+use super::location::{line_col, path_at};
+use crate::clock::Clock;
+use crate::error::ConfigError;
+use crate::extract::ClientIp;
+use crate::plan::{Anonymous, ApiKey, Stage, UsagePlan};
+use crate::policy::Policy;
+
+/// A configuration file, checked and ready to build a [`Policy`] from.
+#[derive(Clone)]
+pub struct Config {
+    plans: Vec<UsagePlan>,
+    keys: Vec<ApiKey>,
+    stage: Option<Stage>,
+    anonymous: Anonymous,
+    admin_key: Option<String>,
+    history_days: Option<usize>,
+    quota_status: StatusCode,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("plans", &self.plans)
+            .field("keys", &self.keys)
+            .field("stage", &self.stage)
+            .field("anonymous", &self.anonymous)
+            .field("admin_key", &self.admin_key.as_ref().map(|_| ".."))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Parses and checks a configuration.
+    pub fn from_toml(src: &str) -> Result<Config, ConfigFileError> {
+        let file: File = toml::from_str(src).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let (line, column) = line_col(src, span.start);
+            ConfigFileError {
+                file: None,
+                line,
+                column,
+                path: path_at(src, span),
+                message: e.message().trim_end().to_owned(),
+            }
+        })?;
+        let c = Checker { src };
+
+        let mut names = HashSet::new();
+        let mut plans = Vec::with_capacity(file.plans.len());
+        for (i, p) in file.plans.iter().enumerate() {
+            let plan = c.plan(i, p)?;
+            if !names.insert(plan.name().to_owned()) {
+                let name = &p.get_ref().name;
+                return Err(c.err(
+                    name.span(),
+                    format!("plans[{i}].name"),
+                    format!("duplicate plan name `{}`", name.get_ref()),
+                ));
+            }
+            plans.push(plan);
+        }
+
+        let mut ids = HashSet::new();
+        let mut values: HashMap<&str, usize> = HashMap::new();
+        let mut keys = Vec::with_capacity(file.keys.len());
+        for (i, k) in file.keys.iter().enumerate() {
+            let kf = k.get_ref();
+            let path = format!("keys[{i}]");
+            for (field, v) in [("id", &kf.id), ("value", &kf.value)] {
+                if crate::extract::validate(
+                    v.get_ref().as_bytes(),
+                    crate::extract::DEFAULT_MAX_KEY_LEN,
+                )
+                .is_err()
+                {
+                    return Err(c.err(
+                        v.span(),
+                        format!("{path}.{field}"),
+                        "must be 1 to 256 visible ASCII characters",
+                    ));
+                }
+            }
+            if !ids.insert(kf.id.get_ref().as_str()) {
+                return Err(c.err(
+                    kf.id.span(),
+                    format!("{path}.id"),
+                    format!("duplicate api key id `{}`", kf.id.get_ref()),
+                ));
+            }
+            if let Some(first) = values.insert(kf.value.get_ref().as_str(), i) {
+                return Err(c.err(
+                    kf.value.span(),
+                    format!("{path}.value"),
+                    format!("same value as keys[{first}] (values must be unique)"),
+                ));
+            }
+            if !names.contains(kf.plan.get_ref()) {
+                return Err(c.err(
+                    kf.plan.span(),
+                    format!("{path}.plan"),
+                    format!("unknown plan `{}`", kf.plan.get_ref()),
+                ));
+            }
+            keys.push(
+                ApiKey::new(
+                    kf.id.get_ref().clone(),
+                    kf.value.get_ref().clone(),
+                    kf.plan.get_ref().clone(),
+                )
+                .enabled(kf.enabled),
+            );
+        }
+
+        let stage = match &file.stage {
+            None => None,
+            Some(s) => {
+                let mut stage = Stage::new();
+                if let Some(t) = &s.throttle {
+                    stage = stage.throttle(c.throttle(t, "stage.throttle")?);
+                }
+                for (mp, t) in c.methods(&s.methods, "stage")? {
+                    stage = stage.method(mp, t);
+                }
+                Some(stage)
+            }
+        };
+
+        let anonymous = match &file.anonymous {
+            None => Anonymous::Forbid,
+            Some(a) => {
+                let af = a.get_ref();
+                let mut nets = Vec::with_capacity(af.trusted_proxies.len());
+                for (i, p) in af.trusted_proxies.iter().enumerate() {
+                    let s = p.get_ref();
+                    let net = s
+                        .parse::<ipnet::IpNet>()
+                        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .map_err(|_| {
+                            c.err(
+                                p.span(),
+                                format!("anonymous.trusted_proxies[{i}]"),
+                                format!("`{s}` is not an IP address or CIDR"),
+                            )
+                        })?;
+                    nets.push(net);
+                }
+                match (af.mode, &af.throttle) {
+                    (ModeFile::Forbid, _) => Anonymous::Forbid,
+                    (ModeFile::Ip, Some(t)) => Anonymous::ByIp {
+                        throttle: c.throttle(t, "anonymous.throttle")?,
+                        client_ip: ClientIp::new().trust_proxies(nets),
+                    },
+                    (ModeFile::Ip, None) => {
+                        return Err(c.err(
+                            a.span(),
+                            "anonymous.throttle",
+                            "mode = \"ip\" needs a throttle",
+                        ));
+                    }
+                }
+            }
+        };
+
+        let admin_key = match &file.admin {
+            None => None,
+            Some(a) if a.key.get_ref().len() < 8 => {
+                return Err(c.err(a.key.span(), "admin.key", "must be at least 8 characters"));
+            }
+            Some(a) => Some(a.key.get_ref().clone()),
+        };
+
+        let history_days = match &file.history_days {
+            None => None,
+            Some(d) => Some(
+                usize::try_from(*d.get_ref())
+                    .ok()
+                    .filter(|&n| (31..=3660).contains(&n))
+                    .ok_or_else(|| c.err(d.span(), "history_days", "must be 31 to 3660"))?,
+            ),
+        };
+        let quota_status = match &file.quota_status {
+            None => StatusCode::TOO_MANY_REQUESTS,
+            Some(s) => u16::try_from(*s.get_ref())
+                .ok()
+                .and_then(|n| StatusCode::from_u16(n).ok())
+                .filter(|s| s.is_client_error())
+                .ok_or_else(|| c.err(s.span(), "quota_status", "must be a 4xx status code"))?,
+        };
+
+        Ok(Config {
+            plans,
+            keys,
+            stage,
+            anonymous,
+            admin_key,
+            history_days,
+            quota_status,
+        })
+    }
+
+    /// Reads, parses and checks a configuration file; errors name the file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigFileError> {
+        let path = path.as_ref();
+        let name = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigFileError {
+            file: Some(name.clone()),
+            line: 0,
+            column: 0,
+            path: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::from_toml(&src).map_err(|mut e| {
+            e.file = Some(name);
+            e
+        })
+    }
+
+    /// Builds the policy, dating plan creation (for quota offsets) by the system clock.
+    pub fn policy(&self) -> Result<Policy, ConfigError> {
+        self.policy_with_clock(Clock::system())
+    }
+
+    /// Builds the policy, dating plan creation by `clock`.
+    pub fn policy_with_clock(&self, clock: impl Into<Clock>) -> Result<Policy, ConfigError> {
+        let mut b = Policy::builder()
+            .clock(clock)
+            .anonymous(self.anonymous.clone());
+        for p in &self.plans {
+            b = b.plan(p.clone());
+        }
+        for k in &self.keys {
+            b = b.key(k.clone());
+        }
+        if let Some(s) = &self.stage {
+            b = b.stage(s.clone());
+        }
+        if let Some(d) = self.history_days {
+            b = b.history_days(d);
+        }
+        b.build()
+    }
+
+    /// The admin key (`[admin] key`), if any.
+    pub fn admin_key(&self) -> Option<&str> {
+        self.admin_key.as_deref()
+    }
+
+    /// The status of a request rejected by a used-up quota.
+    pub fn quota_status(&self) -> StatusCode {
+        self.quota_status
+    }
+
+    /// The plans.
+    pub fn plans(&self) -> &[UsagePlan] {
+        &self.plans
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DESIGN: &str = include_str!("../../examples/inference_server.toml");
+
+    #[test]
+    fn the_design_example_loads() {
+        let c = Config::from_toml(DESIGN).unwrap();
+        assert_eq!(c.plans().len(), 2);
+        assert_eq!(c.admin_key(), Some("change-me"));
+        c.policy().unwrap();
+    }
+
+    fn err(src: &str) -> ConfigFileError {
+        Config::from_toml(src).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let e = err("[[plans]]\nname = \"free\"\nthrottle = { rate = -1.0, burst = 5 }\n");
+        assert_eq!((e.line(), e.path()), (3, "plans[0].throttle.rate"));
+        assert!(e.message().contains("invalid rate -1"), "{e}");
+
+        let e = err(
+            "[[plans]]\nname = \"a\"\n\n[[plans]]\nname = \"b\"\nthrottle = { rate = 1.0, burst = 0 }\n",
+        );
+        assert_eq!((e.line(), e.path()), (6, "plans[1].throttle.burst"));
+
+        let e = err("[[plans]]\nname = \"free\"\nthrotle = { rate = 1.0, burst = 1 }\n");
+        assert_eq!((e.line(), e.path()), (3, "plans[0].throtle"));
+        assert!(e.message().contains("unknown field"), "{e}");
+
+        let e = err("[[plans]]\nname = \"free\"\nthrottle = { rate = 1.0, brust = 1 }\n");
+        assert_eq!((e.line(), e.path()), (3, "plans[0].throttle.brust"));
+
+        let e = err("[[plans]]\nname = \"free\"\nquota = { limit = 10, period = \"YEAR\" }\n");
+        assert_eq!((e.line(), e.path()), (3, "plans[0].quota.period"));
+
+        let e = err("[[plans]]\nname = \"free\"\nthrottle = { rate = 1.0, burst = -3 }\n");
+        assert_eq!((e.line(), e.path()), (3, "plans[0].throttle.burst"));
+
+        let e = err(
+            "[[plans]]\nname = \"free\"\n[[keys]]\nid = \"k\"\nvalue = \"v\"\nplan = \"pro\"\n",
+        );
+        assert_eq!((e.line(), e.path()), (6, "keys[0].plan"));
+        assert!(e.message().contains("unknown plan `pro`"));
+
+        let e = err(
+            "[[plans]]\nname = \"free\"\n[plans.methods]\n\"/v1/x/POST\" = { rate = 0.0, burst = 1 }\n",
+        );
+        assert_eq!(
+            (e.line(), e.path()),
+            (4, "plans[0].methods.\"/v1/x/POST\".rate")
+        );
+
+        let e = err(
+            "[anonymous]\nmode = \"ip\"\nthrottle = { rate = 1.0, burst = 1 }\ntrusted_proxies = [\"nope\"]\n",
+        );
+        assert_eq!((e.line(), e.path()), (4, "anonymous.trusted_proxies[0]"));
+
+        let e = err("[stage]\nthrottle = { rate = 1.0, burst = 1 }\nextra = 1\n");
+        assert_eq!((e.line(), e.path()), (3, "stage.extra"));
+
+        let e = err("quota_status = 200\n");
+        assert_eq!((e.line(), e.path()), (1, "quota_status"));
+
+        let e = err("[[plans]]\nname = \"free\"\ntokens = { per_minute = 0 }\n");
+        assert_eq!((e.line(), e.path()), (3, "plans[0].tokens.per_minute"));
+        let e = err("[[plans]]\nname = \"free\"\ntokens = { per_minute = 5000000000 }\n");
+        assert_eq!((e.line(), e.path()), (3, "plans[0].tokens.per_minute"));
+        assert!(e.message().contains("too large"), "{e}");
+        let e = err("[[plans]]\nname = \"free\"\n\ntokens = { per_month = -1 }\n");
+        assert_eq!((e.line(), e.path()), (4, "plans[0].tokens.per_month"));
+        let e = err("[[plans]]\nname = \"free\"\ntokens = { per_hour = 10 }\n");
+        assert_eq!((e.line(), e.path()), (3, "plans[0].tokens.per_hour"));
+
+        let shown = err("[[keys]]\nid = \"a\"\nvalue = \"s3cr3t\"\nplan = \"x\"\n[[keys]]\nid = \"b\"\nvalue = \"s3cr3t\"\nplan = \"x\"\n").to_string();
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+    }
+
+    #[test]
+    fn token_budgets_are_read() {
+        let c = Config::from_toml(
+            "[[plans]]\nname = \"llm\"\ntokens = { per_minute = 40000, per_day = 1000000, per_month = 20000000 }\n",
+        )
+        .unwrap();
+        let layer = crate::RateLimitLayer::new(c.policy().unwrap());
+        let plan = layer.admin().plan("llm").unwrap();
+        let t = plan.get_tokens().unwrap();
+        assert_eq!(
+            (t.get_per_minute(), t.get_per_day(), t.get_per_month()),
+            (Some(40_000), Some(1_000_000), Some(20_000_000))
+        );
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let e = Config::load("/nonexistent/tollgate.toml").unwrap_err();
+        assert!(
+            e.to_string().starts_with("/nonexistent/tollgate.toml:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let c = Config::from_toml(DESIGN).unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("demo-free-key") && !shown.contains("change-me"),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,70 @@
+//! Plans and keys from a TOML file (feature `config`).
+//!
+//! The format, every field optional unless marked:
+//!
+//! ```toml
+//! history_days = 90                                 # days of usage history kept per key
+//! quota_status = 429                                # status of a used-up quota (e.g. 403)
+//!
+//! [[plans]]
+//! name = "free"                                     # required
+//! throttle = { rate = 2.0, burst = 5 }              # requests/s, bucket size
+//! quota = { limit = 1000, period = "DAY" }          # DAY | WEEK | MONTH; optional offset, week_start
+//! tokens = { per_minute = 40000 }                   # token budget (cost units); also per_day, per_month
+//! concurrency = 2                                   # in-flight cap per key
+//! failure = "open"                                  # open | closed (store failures)
+//! shadow = false
+//! [plans.methods]
+//! "/v1/chat/completions/POST" = { rate = 1.0, burst = 2 }
+//!
+//! [[keys]]
+//! id = "free-1"                                     # required: public id
+//! value = "demo-free-key"                           # required: the secret clients send
+//! plan = "free"                                     # required
+//! enabled = true
+//!
+//! [stage]                                           # shared by all callers together
+//! throttle = { rate = 100.0, burst = 200 }
+//! [stage.methods]
+//! "/v1/chat/completions/POST" = { rate = 20.0, burst = 40 }
+//!
+//! [anonymous]                                       # requests without a key
+//! mode = "forbid"                                   # forbid (403) | ip (limit by client IP)
+//! throttle = { rate = 1.0, burst = 5 }              # required with mode = "ip"
+//! trusted_proxies = ["127.0.0.1/32"]
+//!
+//! [admin]
+//! key = "change-me"                                 # the x-admin-key of admin routes
+//! ```
+//!
+//! Unknown fields and bad values are errors that name the line, the column
+//! and the field's path (`plans[0].throttle.rate`).
+//!
+//! ```
+//! use tollgate::config::Config;
+//!
+//! let config = Config::from_toml(r#"
+//! [[plans]]
+//! name = "free"
+//! throttle = { rate = 2.0, burst = 5 }
+//!
+//! [[keys]]
+//! id = "free-1"
+//! value = "demo-free-key"
+//! plan = "free"
+//! "#).unwrap();
+//! let policy = config.policy().unwrap();
+//!
+//! let err = Config::from_toml("[[plans]]\nname = \"free\"\nthrottle = { rate = -1.0, burst = 5 }\n")
+//!     .unwrap_err();
+//! assert_eq!((err.line(), err.path()), (3, "plans[0].throttle.rate"));
+//! ```
+
+mod check;
+mod document;
+mod error;
+mod load;
+mod location;
+
+pub use self::error::ConfigFileError;
+pub use self::load::Config;

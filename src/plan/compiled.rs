@@ -1,0 +1,282 @@
+//! Plans and stage limits compiled for deciding.
+//!
+//! Each limit carries its kind and the salt that places its state in the
+//! store; the numbers come from the public values in `limits`.
+
+use std::sync::Arc;
+
+use super::limits::{FailureMode, Stage, Throttle, TokenBudget, UsagePlan};
+use super::method::{MethodLimit, compile_methods};
+use crate::error::ConfigError;
+use crate::gcra::{Gcra, NANOS_PER_SEC};
+use crate::hash;
+use crate::quota::QuotaSpec;
+use crate::window::Period;
+
+/// The kind of a limit, named in headers and rejections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LimitKind {
+    Throttle,
+    Method,
+    Quota,
+    Stage,
+    StageMethod,
+    TokensMinute,
+    TokensDay,
+    TokensMonth,
+}
+
+impl LimitKind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            LimitKind::Throttle => "throttle",
+            LimitKind::Method => "method",
+            LimitKind::Quota => "quota",
+            LimitKind::Stage => "stage",
+            LimitKind::StageMethod => "stage-method",
+            LimitKind::TokensMinute => "tokens-minute",
+            LimitKind::TokensDay => "tokens-day",
+            LimitKind::TokensMonth => "tokens-month",
+        }
+    }
+
+    /// Whether the limit counts tokens (charged the request's estimate)
+    /// rather than requests.
+    #[inline]
+    pub(crate) fn counts_tokens(self) -> bool {
+        matches!(
+            self,
+            LimitKind::TokensMinute | LimitKind::TokensDay | LimitKind::TokensMonth
+        )
+    }
+}
+
+/// One throttle compiled for deciding, with the salt that places its state.
+#[derive(Debug, Clone)]
+pub(crate) struct Limit {
+    pub(crate) kind: LimitKind,
+    pub(crate) gcra: Gcra,
+    pub(crate) salt: u64,
+    /// The `w` of the `RateLimit-Policy` item: seconds to refill the whole bucket.
+    pub(crate) window_secs: u64,
+    /// When the limit's numbers last changed while serving (wall nanoseconds;
+    /// 0 for never): a store that converts state lazily converts it as of then.
+    pub(crate) since: i64,
+}
+
+impl Limit {
+    /// The salt derives from the plan and the limit's place in it, not from
+    /// its numbers: replacing a plan's rate keeps every key's state.
+    pub(crate) fn new(kind: LimitKind, t: &Throttle, owner: &str, path: &str) -> Self {
+        let id = [
+            owner.as_bytes(),
+            b"\0",
+            kind.name().as_bytes(),
+            b"\0",
+            path.as_bytes(),
+        ]
+        .concat();
+        Self {
+            kind,
+            gcra: *t.gcra(),
+            salt: hash::stable(&id) as u64,
+            window_secs: t.gcra().span().div_ceil(NANOS_PER_SEC),
+            since: 0,
+        }
+    }
+}
+
+/// A plan's cap on requests of one key in flight, compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Concurrency {
+    pub(crate) limit: u32,
+    /// Where the count lives, beside the key's throttles.
+    pub(crate) salt: u64,
+}
+
+/// A plan's token budget, compiled.
+#[derive(Debug, Clone)]
+pub(crate) struct Tokens {
+    /// `per_minute`: GCRA on cost units.
+    pub(crate) minute: Option<Limit>,
+    /// `per_day` and `per_month`: calendar quotas counted in tokens.
+    pub(crate) day: Option<QuotaSpec>,
+    pub(crate) month: Option<QuotaSpec>,
+}
+
+impl Tokens {
+    fn compile(t: &TokenBudget, owner: &str, created_at: i64) -> Self {
+        let spec = |limit, period| QuotaSpec {
+            limit,
+            period,
+            offset: 0,
+            created_at,
+        };
+        Tokens {
+            minute: t.per_minute.map(|n| {
+                let throttle = Throttle::new(f64::from(n) / 60.0, n)
+                    .expect("checked by TokenBudget::per_minute");
+                Limit::new(LimitKind::TokensMinute, &throttle, owner, "")
+            }),
+            day: t.per_day.map(|n| spec(n, Period::Day)),
+            month: t.per_month.map(|n| spec(n, Period::Month)),
+        }
+    }
+
+    /// The calendar quotas in tokens, with their names.
+    pub(crate) fn quotas(&self) -> [Option<(LimitKind, &QuotaSpec)>; 2] {
+        [
+            self.day.as_ref().map(|q| (LimitKind::TokensDay, q)),
+            self.month.as_ref().map(|q| (LimitKind::TokensMonth, q)),
+        ]
+    }
+}
+
+/// A plan compiled for deciding.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub(crate) name: Arc<str>,
+    pub(crate) throttle: Option<Limit>,
+    pub(crate) methods: Box<[MethodLimit]>,
+    pub(crate) quota: Option<QuotaSpec>,
+    pub(crate) tokens: Option<Tokens>,
+    pub(crate) concurrency: Option<Concurrency>,
+    pub(crate) shadow: bool,
+    pub(crate) failure: FailureMode,
+    pub(crate) source: UsagePlan,
+}
+
+impl Plan {
+    /// Every throttle of the plan: the plan-wide one, the method overrides
+    /// and the per-minute token budget.
+    pub(crate) fn limits(&self) -> impl Iterator<Item = &Limit> {
+        self.throttle
+            .iter()
+            .chain(self.methods.iter().map(|m| &m.limit))
+            .chain(self.tokens.iter().flat_map(|t| t.minute.as_ref()))
+    }
+
+    /// The plan's throttle when it is the plan's only limit (no method
+    /// override, quota, token budget or concurrency cap) and the plan is not
+    /// a shadow: such a plan is decided without gathering its limits.
+    #[inline]
+    pub(crate) fn lone_throttle(&self) -> Option<&Limit> {
+        match &self.throttle {
+            Some(l)
+                if self.methods.is_empty()
+                    && self.quota.is_none()
+                    && self.tokens.is_none()
+                    && self.concurrency.is_none()
+                    && !self.shadow =>
+            {
+                Some(l)
+            }
+            _ => None,
+        }
+    }
+
+    /// Every throttle of the plan, mutably.
+    pub(crate) fn limits_mut(&mut self) -> impl Iterator<Item = &mut Limit> {
+        self.throttle
+            .iter_mut()
+            .chain(self.methods.iter_mut().map(|m| &mut m.limit))
+            .chain(self.tokens.iter_mut().flat_map(|t| t.minute.as_mut()))
+    }
+
+    /// Compiles `plan`; `created_at` is when the plan first existed (wall nanoseconds).
+    pub(crate) fn compile(plan: &UsagePlan, created_at: i64) -> Result<Self, ConfigError> {
+        let owner = format!("plan\0{}", plan.name);
+        Ok(Plan {
+            name: plan.name.as_str().into(),
+            throttle: plan
+                .throttle
+                .as_ref()
+                .map(|t| Limit::new(LimitKind::Throttle, t, &owner, "")),
+            methods: compile_methods(&plan.methods, LimitKind::Method, &owner)?,
+            quota: plan.quota.map(|q| QuotaSpec {
+                limit: q.limit,
+                period: q.period,
+                offset: q.offset,
+                created_at,
+            }),
+            tokens: plan
+                .tokens
+                .as_ref()
+                .map(|t| Tokens::compile(t, &owner, created_at)),
+            concurrency: match plan.concurrency {
+                None => None,
+                Some(0) => return Err(ConfigError::InvalidConcurrency),
+                Some(limit) => Some(Concurrency {
+                    limit,
+                    salt: hash::stable(format!("{owner}\0concurrency").as_bytes()) as u64,
+                }),
+            },
+            shadow: plan.shadow,
+            failure: plan.failure,
+            source: plan.clone(),
+        })
+    }
+
+    /// A plan of one throttle for keys that are not registered.
+    pub(crate) fn anonymous(name: &str, throttle: &Throttle) -> Self {
+        Plan {
+            name: name.into(),
+            throttle: Some(Limit::new(LimitKind::Throttle, throttle, name, "")),
+            methods: Box::default(),
+            quota: None,
+            tokens: None,
+            concurrency: None,
+            shadow: false,
+            failure: FailureMode::Open,
+            source: UsagePlan::new(name).throttle(*throttle),
+        }
+    }
+}
+
+/// Stage limits compiled for deciding.
+#[derive(Debug)]
+pub(crate) struct StageLimits {
+    pub(crate) throttle: Option<Limit>,
+    pub(crate) methods: Box<[MethodLimit]>,
+}
+
+impl StageLimits {
+    pub(crate) fn compile(stage: &Stage) -> Result<Self, ConfigError> {
+        Ok(StageLimits {
+            throttle: stage
+                .throttle
+                .as_ref()
+                .map(|t| Limit::new(LimitKind::Stage, t, "stage", "")),
+            methods: compile_methods(&stage.methods, LimitKind::StageMethod, "stage")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn salts_follow_the_plan_not_the_numbers() {
+        let a = Limit::new(
+            LimitKind::Throttle,
+            &Throttle::new(1.0, 1).unwrap(),
+            "plan\0free",
+            "",
+        );
+        let b = Limit::new(
+            LimitKind::Throttle,
+            &Throttle::new(9.0, 9).unwrap(),
+            "plan\0free",
+            "",
+        );
+        let c = Limit::new(
+            LimitKind::Throttle,
+            &Throttle::new(1.0, 1).unwrap(),
+            "plan\0pro",
+            "",
+        );
+        assert_eq!(a.salt, b.salt);
+        assert_ne!(a.salt, c.salt);
+    }
+}

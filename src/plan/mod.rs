@@ -1,0 +1,13 @@
+//! Usage plans, their limits, and API keys.
+
+mod compiled;
+mod limits;
+mod method;
+
+pub(crate) use self::compiled::{Limit, LimitKind, Plan, StageLimits};
+pub use self::limits::{
+    Anonymous, ApiKey, FailureMode, Quota, Stage, Throttle, TokenBudget, UsagePlan,
+};
+#[cfg(feature = "config")]
+pub(crate) use self::method::MethodPath;
+pub(crate) use self::method::{MethodLimit, match_method};
