@@ -13,8 +13,7 @@ use std::sync::Arc;
 use crate::cost::{TokenUsage, UsedTokens};
 use crate::hash::Digest;
 use crate::plan::Plan;
-use crate::policy::TokenCells;
-use crate::store::{Permit, QuotaRef, Settlement, Store, ThrottleRef};
+use crate::store::{Permit, Reservation, Store, Subject};
 
 pin_project! {
     /// The body of a response that went through [`RateLimit`](crate::RateLimit):
@@ -46,7 +45,7 @@ impl Guard {
     fn new<S: Store>(
         store: &S,
         permit: Option<Permit>,
-        reservation: Option<Box<Reservation>>,
+        reservation: Option<Box<Unsettled>>,
     ) -> Option<Self> {
         if permit.is_none() && reservation.is_none() {
             return None;
@@ -73,11 +72,11 @@ impl Guard {
     pub(crate) fn hold<S: Store, B>(
         store: &S,
         report: &crate::store::Report,
-        reservation: Option<Box<Reservation>>,
+        reservation: Option<Box<Unsettled>>,
         req: &mut http::Request<B>,
     ) -> Option<Self> {
         let reservation = reservation.filter(|_| !report.unchecked).map(|mut r| {
-            r.reserved = report.reserved;
+            r.reservation = report.reserved;
             r
         });
         if let Some(r) = &reservation {
@@ -110,18 +109,18 @@ impl fmt::Debug for Guard {
 
 /// The tokens an allowed request reserved, and what it takes to settle them
 /// against the same limits when its response ends.
-pub(crate) struct Reservation {
+pub(crate) struct Unsettled {
     pub(crate) plan: Arc<Plan>,
+    /// The subject's name and digest (see [`Subject`]).
     pub(crate) subject: Box<[u8]>,
     pub(crate) digest: Digest,
-    pub(crate) cells: TokenCells,
     pub(crate) estimate: u32,
     pub(crate) usage: TokenUsage,
     /// Where the estimate was charged, once decided.
-    pub(crate) reserved: crate::store::Reserved,
+    pub(crate) reservation: Reservation,
 }
 
-impl Reservation {
+impl Unsettled {
     /// Settles the difference between what the handler reported and the
     /// estimate; nothing when it reported nothing.
     fn settle<S: Store>(&self, store: &S) {
@@ -131,40 +130,23 @@ impl Reservation {
         let delta = i64::try_from(actual)
             .unwrap_or(i64::MAX)
             .saturating_sub(i64::from(self.estimate));
-        let plan = &self.plan;
-        let (Some(tokens), false) = (&plan.tokens, delta == 0) else {
+        if delta == 0 || self.plan.tokens.is_none() {
             return;
+        }
+        let subject = Subject {
+            plan: &self.plan,
+            name: &self.subject,
+            digest: self.digest,
+            // Token quotas keep their own history; no request quota here.
+            history_days: 0,
         };
-        let quota = |i: usize| {
-            let (kind, spec) = tokens.quotas()[i]?;
-            Some(QuotaRef {
-                kind,
-                spec,
-                plan: &plan.name,
-                subject: &self.subject,
-                cell: self.cells[i].as_deref(),
-                shadow: plan.shadow,
-                history_days: 1,
-            })
-        };
-        store.settle(&Settlement {
-            throttle: tokens.minute.as_ref().map(|limit| ThrottleRef {
-                limit,
-                plan: Some(&plan.name),
-                subject: &self.subject,
-                digest: self.digest,
-                shadow: plan.shadow,
-            }),
-            quotas: [quota(0), quota(1)],
-            delta,
-            reserved: self.reserved,
-        });
+        store.settle(&subject.settlement(delta, self.reservation));
     }
 }
 
-impl fmt::Debug for Reservation {
+impl fmt::Debug for Unsettled {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Reservation")
+        f.debug_struct("Unsettled")
             .field("plan", &self.plan.name)
             .field("estimate", &self.estimate)
             .field("usage", &self.usage)

@@ -239,12 +239,15 @@ mod tests {
         assert_eq!(admit(&g, &mut tat, S + 1_111_111_112, 1), 1);
         // 0.3/s, and 7 a minute as a token budget builds it.
         assert_eq!(Gcra::new(0.3, 1).unwrap().interval(), 3_333_333_334);
-        assert_eq!(
-            Gcra::new(7.0 / 60.0, 7).unwrap().interval(),
-            8_571_428_572
-        );
+        assert_eq!(Gcra::new(7.0 / 60.0, 7).unwrap().interval(), 8_571_428_572);
         // Whole intervals stay whole.
-        for (rate, interval) in [(1.0, S), (2.0, S / 2), (0.25, 4 * S), (1e9, 1), (0.5, 2 * S)] {
+        for (rate, interval) in [
+            (1.0, S),
+            (2.0, S / 2),
+            (0.25, 4 * S),
+            (1e9, 1),
+            (0.5, 2 * S),
+        ] {
             assert_eq!(Gcra::new(rate, 1).unwrap().interval(), interval, "{rate}");
         }
         assert_eq!(Gcra::new(1.0 / 3.0, 3).unwrap().interval(), 3 * S);

@@ -12,7 +12,6 @@ use crate::error::ConfigError;
 use crate::extract::{ClientIp, DEFAULT_MAX_KEY_LEN, validate};
 use crate::hash::{self, BuildDigestHasher, Digest};
 use crate::plan::{Anonymous, ApiKey, Plan, Stage, StageLimits, UsagePlan};
-use crate::quota::QuotaCell;
 
 /// Days of usage history kept per key by default.
 pub const DEFAULT_HISTORY_DAYS: usize = 90;
@@ -55,14 +54,9 @@ pub(crate) struct PolicyInner {
     pub(crate) current: ArcSwap<Snapshot>,
     /// Serialises changes (readers never take it).
     write: Mutex<()>,
-    /// Quota cells by (plan, key id digest): kept when a key moves away and back.
-    cells: Mutex<HashMap<CellKey, Arc<QuotaCell>>>,
+    /// Days of usage history a key's quota keeps (the store keeps them).
     pub(crate) history_days: usize,
 }
-
-/// A quota cell's owner: (plan name, key id digest, which quota: 0 the
-/// request quota, 1 and 2 the daily and monthly token budgets).
-type CellKey = (Arc<str>, Digest, u8);
 
 /// One immutable version of the policy.
 #[derive(Clone)]
@@ -87,13 +81,7 @@ pub(crate) struct KeyEntry {
     pub(crate) state: Digest,
     pub(crate) plan: Arc<Plan>,
     pub(crate) enabled: bool,
-    pub(crate) quota: Option<Arc<QuotaCell>>,
-    /// The counters of the plan's daily and monthly token budgets.
-    pub(crate) tokens: TokenCells,
 }
-
-/// The counters of a key's daily and monthly token budgets.
-pub(crate) type TokenCells = [Option<Arc<QuotaCell>>; 2];
 
 /// Limits for requests without a key.
 #[derive(Debug)]
@@ -116,7 +104,7 @@ impl Policy {
             return Err(ConfigError::QuotaNeedsKeys(plan.name().to_owned()));
         }
         let clock = Clock::system();
-        let compiled = Arc::new(Plan::compile(&plan, wall_nanos(&clock))?);
+        let compiled = Arc::new(Plan::compile(&plan, clock.wall_nanos())?);
         let snapshot = Snapshot {
             per_key: Some(compiled),
             plans: HashMap::new(),
@@ -138,7 +126,6 @@ impl Policy {
             inner: Arc::new(PolicyInner {
                 current: ArcSwap::from_pointee(snapshot),
                 write: Mutex::new(()),
-                cells: Mutex::new(HashMap::new()),
                 history_days,
             }),
         }
@@ -153,47 +140,19 @@ impl Policy {
     /// Applies `change` to a copy of the current version and publishes it.
     pub(crate) fn update<R>(
         &self,
-        change: impl FnOnce(&mut Snapshot, &PolicyInner) -> Result<R, crate::AdminError>,
+        change: impl FnOnce(&mut Snapshot) -> Result<R, crate::AdminError>,
     ) -> Result<R, crate::AdminError> {
         let _guard = self.inner.write.lock();
         let mut next = Snapshot::clone(&self.inner.current.load());
-        let r = change(&mut next, &self.inner)?;
+        let r = change(&mut next)?;
         self.inner.current.store(Arc::new(next));
         Ok(r)
     }
 }
 
-impl PolicyInner {
-    /// The quota cell of (`plan`, key `state`), made on first use.
-    pub(crate) fn cell(&self, plan: &Plan, state: Digest) -> Option<Arc<QuotaCell>> {
-        plan.quota?;
-        Some(self.cell_of(plan, state, 0, self.history_days))
-    }
-
-    /// The cells of (`plan`, key `state`)'s daily and monthly token budgets.
-    pub(crate) fn token_cells(&self, plan: &Plan, state: Digest) -> TokenCells {
-        let Some(t) = &plan.tokens else {
-            return [None, None];
-        };
-        // Token budgets keep no usage history.
-        [
-            t.day.map(|_| self.cell_of(plan, state, 1, 1)),
-            t.month.map(|_| self.cell_of(plan, state, 2, 1)),
-        ]
-    }
-
-    fn cell_of(&self, plan: &Plan, state: Digest, which: u8, history: usize) -> Arc<QuotaCell> {
-        let mut cells = self.cells.lock();
-        let cell = cells
-            .entry((Arc::clone(&plan.name), state, which))
-            .or_insert_with(|| Arc::new(QuotaCell::new(history)));
-        Arc::clone(cell)
-    }
-}
-
 impl Snapshot {
     /// Builds the entry for `key`, checking it against this version.
-    pub(crate) fn entry(&self, key: &ApiKey, inner: &PolicyInner) -> Result<KeyEntry, ConfigError> {
+    pub(crate) fn entry(&self, key: &ApiKey) -> Result<KeyEntry, ConfigError> {
         if validate(key.id.as_bytes(), DEFAULT_MAX_KEY_LEN).is_err() {
             return Err(ConfigError::InvalidKey {
                 id: String::new(),
@@ -213,14 +172,11 @@ impl Snapshot {
                 key: key.id.clone(),
                 plan: key.plan.clone(),
             })?;
-        let state = hash::digest(key.id.as_bytes());
         Ok(KeyEntry {
             id: key.id.as_str().into(),
-            state,
+            state: hash::digest(key.id.as_bytes()),
             plan: Arc::clone(plan),
             enabled: key.enabled,
-            quota: inner.cell(plan, state),
-            tokens: inner.token_cells(plan, state),
         })
     }
 
@@ -253,11 +209,6 @@ impl fmt::Debug for Policy {
                 .finish_non_exhaustive(),
         }
     }
-}
-
-#[inline]
-pub(crate) fn wall_nanos(clock: &Clock) -> i64 {
-    clock.wall_nanos()
 }
 
 /// Builds a [`Policy`] of plans and registered API keys.
@@ -322,7 +273,7 @@ impl PolicyBuilder {
             return Err(ConfigError::InvalidHistory(history_days));
         }
         let clock = self.clock.unwrap_or_default();
-        let now = wall_nanos(&clock);
+        let now = clock.wall_nanos();
         let mut snapshot = Snapshot {
             per_key: None,
             plans: HashMap::new(),
@@ -355,17 +306,11 @@ impl PolicyBuilder {
                 return Err(ConfigError::DuplicatePlan(p.name().to_owned()));
             }
         }
-        let policy = Policy::from_snapshot(snapshot, history_days);
-        {
-            let inner = &policy.inner;
-            let mut snap = Snapshot::clone(&inner.current.load());
-            for k in &self.keys {
-                let entry = snap.entry(k, inner)?;
-                snap.insert(&k.value, entry)?;
-            }
-            inner.current.store(Arc::new(snap));
+        for k in &self.keys {
+            let entry = snapshot.entry(k)?;
+            snapshot.insert(&k.value, entry)?;
         }
-        Ok(policy)
+        Ok(Policy::from_snapshot(snapshot, history_days))
     }
 }
 

@@ -1,11 +1,10 @@
-//! Calendar quotas per (plan, key), with a bounded daily usage history.
+//! Quota counting: the count of a calendar window and a bounded daily usage
+//! history, as pure functions of (state, now, cost).
 //!
-//! A quota cell holds the count of the current window and one record per UTC
-//! day for the last `history_days` days (for usage reports). It is changed
-//! under a per-cell lock held for a few arithmetic operations, never across a
-//! wait; cells of different keys never contend.
-
-use parking_lot::Mutex;
+//! A [`QuotaState`] holds the count of the current window and one record per
+//! UTC day for the last `history_days` days (for usage reports). It reads no
+//! clock and takes no lock: the store that owns it decides where it lives
+//! and how it is guarded.
 
 use crate::window::{NANOS_PER_DAY, Period, Window, window};
 
@@ -18,6 +17,9 @@ pub(crate) struct QuotaSpec {
     /// When the plan was created (wall nanoseconds): the window holding this
     /// instant has `offset` fewer requests, as AWS API Gateway's `offset`.
     pub(crate) created_at: i64,
+    /// Which quota of its plan this is (the same in every process): with the
+    /// subject, it names the state a store keeps.
+    pub(crate) salt: u64,
 }
 
 impl QuotaSpec {
@@ -61,8 +63,9 @@ const NO_DAY: DayRecord = DayRecord {
     remaining: 0,
 };
 
+/// The counters of one quota of one subject: what the store keeps.
 #[derive(Debug)]
-struct State {
+pub(crate) struct QuotaState {
     /// Start of the window `used` counts in (`i64::MIN` before any request).
     window_start: i64,
     /// The end of that window and the period it was taken under, so that a
@@ -73,22 +76,15 @@ struct State {
     days: Box<[DayRecord]>,
 }
 
-/// The quota counters of one (plan, key).
-#[derive(Debug)]
-pub(crate) struct QuotaCell {
-    state: Mutex<State>,
-}
-
-impl QuotaCell {
+impl QuotaState {
+    /// A quota never used, keeping `history_days` days of usage (at least 1).
     pub(crate) fn new(history_days: usize) -> Self {
-        QuotaCell {
-            state: Mutex::new(State {
-                window_start: i64::MIN,
-                window_end: i64::MIN,
-                period: None,
-                used: 0,
-                days: vec![NO_DAY; history_days.max(1)].into_boxed_slice(),
-            }),
+        QuotaState {
+            window_start: i64::MIN,
+            window_end: i64::MIN,
+            period: None,
+            used: 0,
+            days: vec![NO_DAY; history_days.max(1)].into_boxed_slice(),
         }
     }
 
@@ -96,42 +92,40 @@ impl QuotaCell {
     /// when it does not (shadow plans count their overage). Returns the quota
     /// after the decision, or the retry delay and the unchanged quota.
     pub(crate) fn acquire(
-        &self,
+        &mut self,
         spec: &QuotaSpec,
         now: i64,
         cost: u64,
         force: bool,
     ) -> Result<QuotaSnapshot, (u64, QuotaSnapshot)> {
-        let mut st = self.state.lock();
-        let w = st.roll(spec.period, now);
+        let w = self.roll(spec.period, now);
         let limit = spec.limit_in(w);
         let cost_i = i64::try_from(cost).unwrap_or(i64::MAX);
-        if st.used.saturating_add(cost_i) > limit && !force {
-            let snap = snapshot(w, limit, st.used, now);
+        if self.used.saturating_add(cost_i) > limit && !force {
+            let snap = snapshot(w, limit, self.used, now);
             return Err((w.end.saturating_sub(now).max(1) as u64, snap));
         }
-        st.used = st.used.saturating_add(cost_i);
-        let remaining = limit.saturating_sub(st.used);
-        st.record(now, |r| {
+        self.used = self.used.saturating_add(cost_i);
+        let remaining = limit.saturating_sub(self.used);
+        self.record(now, |r| {
             r.used = r.used.saturating_add(cost);
             r.remaining = remaining;
         });
-        Ok(snapshot(w, limit, st.used, now))
+        Ok(snapshot(w, limit, self.used, now))
     }
 
     /// Whether `cost` would fit now, without charging: the quota as it stands,
     /// or the retry delay and the quota when it would not fit.
     pub(crate) fn check(
-        &self,
+        &mut self,
         spec: &QuotaSpec,
         now: i64,
         cost: u64,
     ) -> Result<QuotaSnapshot, (u64, QuotaSnapshot)> {
-        let mut st = self.state.lock();
-        let w = st.roll(spec.period, now);
+        let w = self.roll(spec.period, now);
         let limit = spec.limit_in(w);
-        let snap = snapshot(w, limit, st.used, now);
-        if st
+        let snap = snapshot(w, limit, self.used, now);
+        if self
             .used
             .saturating_add(i64::try_from(cost).unwrap_or(i64::MAX))
             > limit
@@ -145,54 +139,57 @@ impl QuotaCell {
     /// Sets what remains in the current window (AWS UpdateUsage). `remaining`
     /// may exceed the limit (a one-off raise) or be 0.
     pub(crate) fn set_remaining(
-        &self,
+        &mut self,
         spec: &QuotaSpec,
         now: i64,
         remaining: i64,
     ) -> QuotaSnapshot {
-        let mut st = self.state.lock();
-        let w = st.roll(spec.period, now);
+        let w = self.roll(spec.period, now);
         let limit = spec.limit_in(w);
-        st.used = limit.saturating_sub(remaining);
-        st.record(now, |r| r.remaining = remaining);
-        snapshot(w, limit, st.used, now)
+        self.used = limit.saturating_sub(remaining);
+        self.record(now, |r| r.remaining = remaining);
+        snapshot(w, limit, self.used, now)
     }
 
-    /// Settles a request's actual cost: `delta` units more (an
+    /// Adjusts the count by a request's actual cost: `delta` units more (an
     /// under-estimate, charged even past the limit: the window is in debt)
     /// or fewer (an over-estimate, given back, never below zero). An
     /// over-estimate comes back only to the window it was charged in, at
     /// `charged_at`: a later window never counted it (`None`: it was not
     /// charged).
-    pub(crate) fn settle(&self, spec: &QuotaSpec, now: i64, delta: i64, charged_at: Option<i64>) {
-        let mut st = self.state.lock();
-        let w = st.roll(spec.period, now);
+    pub(crate) fn adjust(
+        &mut self,
+        spec: &QuotaSpec,
+        now: i64,
+        delta: i64,
+        charged_at: Option<i64>,
+    ) {
+        let w = self.roll(spec.period, now);
         if delta < 0 && charged_at.is_none_or(|t| t < w.start) {
             return;
         }
         let limit = spec.limit_in(w);
-        st.used = st.used.saturating_add(delta).max(0);
-        let remaining = limit.saturating_sub(st.used);
-        st.record(now, |r| {
+        self.used = self.used.saturating_add(delta).max(0);
+        let remaining = limit.saturating_sub(self.used);
+        self.record(now, |r| {
             r.used = r.used.saturating_add_signed(delta);
             r.remaining = remaining;
         });
     }
 
     /// Forgets the current window's count and the history.
-    pub(crate) fn reset(&self) {
-        let mut st = self.state.lock();
-        st.window_start = i64::MIN;
-        st.window_end = i64::MIN;
-        st.period = None;
-        st.used = 0;
-        st.days.fill(NO_DAY);
+    pub(crate) fn reset(&mut self) {
+        self.window_start = i64::MIN;
+        self.window_end = i64::MIN;
+        self.period = None;
+        self.used = 0;
+        self.days.fill(NO_DAY);
     }
 
     /// `[used, remaining]` for each day from `first` to `last` (day numbers,
     /// inclusive), as AWS GetUsage reports them.
     pub(crate) fn report(&self, spec: &QuotaSpec, first: i64, last: i64) -> Vec<[i64; 2]> {
-        report(spec, &self.state.lock().days, first, last)
+        report(spec, &self.days, first, last)
     }
 }
 
@@ -218,7 +215,7 @@ pub(crate) fn report(spec: &QuotaSpec, days: &[DayRecord], first: i64, last: i64
         .collect()
 }
 
-impl State {
+impl QuotaState {
     /// Moves to the window of `now` when it is a later one. A clock that went
     /// back into an earlier window keeps the current count: going back in time
     /// never grants capacity.
@@ -288,12 +285,13 @@ mod tests {
             period,
             offset: 0,
             created_at: 0,
+            salt: 0,
         }
     }
 
     #[test]
     fn day_quota_resets_at_midnight_and_not_a_nanosecond_before() {
-        let q = QuotaCell::new(31);
+        let mut q = QuotaState::new(31);
         let s = spec(3, Period::Day);
         let morning = t(2024, 5, 1, 8 * 3600);
         for _ in 0..3 {
@@ -310,7 +308,7 @@ mod tests {
 
     #[test]
     fn month_quota_on_feb_29_of_a_leap_year() {
-        let q = QuotaCell::new(62);
+        let mut q = QuotaState::new(62);
         let s = spec(1, Period::Month);
         assert!(q.acquire(&s, t(2024, 2, 29, 0), 1, false).is_ok());
         let (retry, _) = q.acquire(&s, t(2024, 2, 29, 86_399), 1, false).unwrap_err();
@@ -320,12 +318,13 @@ mod tests {
 
     #[test]
     fn offset_applies_to_the_creation_window_only() {
-        let q = QuotaCell::new(31);
+        let mut q = QuotaState::new(31);
         let s = QuotaSpec {
             limit: 5,
             period: Period::Day,
             offset: 3,
             created_at: t(2024, 5, 1, 100),
+            salt: 0,
         };
         let ok = (0..10)
             .filter(|_| q.acquire(&s, t(2024, 5, 1, 200), 1, false).is_ok())
@@ -339,7 +338,7 @@ mod tests {
 
     #[test]
     fn clock_going_back_keeps_the_count() {
-        let q = QuotaCell::new(31);
+        let mut q = QuotaState::new(31);
         let s = spec(2, Period::Day);
         assert!(q.acquire(&s, t(2024, 5, 2, 10), 2, false).is_ok());
         assert!(q.acquire(&s, t(2024, 5, 1, 86_000), 1, false).is_err());
@@ -347,7 +346,7 @@ mod tests {
 
     #[test]
     fn set_remaining_and_report() {
-        let q = QuotaCell::new(7);
+        let mut q = QuotaState::new(7);
         let s = spec(10, Period::WEEK);
         // 2024-05-06 is a Monday.
         let mon = t(2024, 5, 6, 3600);
@@ -376,7 +375,7 @@ mod tests {
 
     #[test]
     fn force_counts_the_overage() {
-        let q = QuotaCell::new(1);
+        let mut q = QuotaState::new(1);
         let s = spec(1, Period::Day);
         let now = t(2024, 1, 1, 0);
         q.acquire(&s, now, 1, false).unwrap();

@@ -10,7 +10,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::extract::KeyError;
 use crate::headers::ceil_secs;
-use crate::store::{Applied, Denial};
+use crate::store::{Applied, Denial, Report};
 
 mod grpc;
 
@@ -292,6 +292,27 @@ impl OnRejection for DefaultOnRejection {
 }
 
 pub(crate) type SharedOnRejection = Arc<dyn OnRejection>;
+
+/// A decision's result: what an allowed request carries (its report, or
+/// nothing when nobody reads it), or a rejection and how the limit that
+/// rejected stands.
+pub(crate) type Decision<R = Report> = Result<R, (Rejection, Option<Applied>)>;
+
+/// What an allowed decision carries when a failed store let the request
+/// through unchecked.
+pub(crate) trait Unchecked {
+    fn unchecked() -> Self;
+}
+
+impl Unchecked for Report {
+    fn unchecked() -> Self {
+        Report::unchecked()
+    }
+}
+
+impl Unchecked for () {
+    fn unchecked() -> Self {}
+}
 
 /// Whether a request is a gRPC call (`content-type: application/grpc`, `application/grpc+proto`, …).
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {

@@ -5,9 +5,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::error::ConfigError;
-use crate::plan::{ApiKey, Limit, Plan, UsagePlan};
-use crate::policy::{KeyEntry, Policy, wall_nanos};
-use crate::store::{MemoryStore, QuotaRef, Store, StoreError, StoreFuture, ThrottleRef};
+use crate::plan::{ApiKey, Limit, LimitKind, Plan, UsagePlan};
+use crate::policy::{KeyEntry, Policy, Snapshot};
+use crate::store::{MemoryStore, Store, StoreError, StoreFuture, Subject, ThrottleRef};
 use crate::window::Date;
 
 /// A handle to change a running policy and read its usage, from
@@ -122,23 +122,23 @@ impl<S: Store> Admin<S> {
     }
 
     fn now(&self) -> i64 {
-        wall_nanos(self.store.clock())
+        self.store.clock().wall_nanos()
     }
 
     /// Adds a key.
     pub fn add_key(&self, key: ApiKey) -> Result<(), AdminError> {
-        self.policy.update(|snap, inner| {
+        self.policy.update(|snap| {
             if snap.per_key.is_some() {
                 return Err(AdminError::NotRegistered);
             }
-            let entry = snap.entry(&key, inner)?;
+            let entry = snap.entry(&key)?;
             Ok(snap.insert(&key.value, entry)?)
         })
     }
 
     /// Enables or disables a key (a disabled key is answered 403).
     pub fn set_enabled(&self, id: &str, enabled: bool) -> Result<(), AdminError> {
-        self.replace_entry(id, |e, _, _| {
+        self.replace_entry(id, |e, _| {
             Ok(KeyEntry {
                 enabled,
                 ..clone_entry(e)
@@ -150,15 +150,13 @@ impl<S: Store> Admin<S> {
     /// for when it comes back; under the new plan it starts where it left off
     /// there, or fresh.
     pub fn set_plan(&self, id: &str, plan: &str) -> Result<(), AdminError> {
-        self.replace_entry(id, |e, snap, inner| {
+        self.replace_entry(id, |e, snap| {
             let plan = snap
                 .plans
                 .get(plan)
                 .ok_or_else(|| AdminError::UnknownPlan(plan.to_owned()))?;
             Ok(KeyEntry {
                 plan: Arc::clone(plan),
-                quota: inner.cell(plan, e.state),
-                tokens: inner.token_cells(plan, e.state),
                 ..clone_entry(e)
             })
         })
@@ -171,7 +169,7 @@ impl<S: Store> Admin<S> {
     /// quota's offset counts from the plan's first creation.
     pub fn put_plan(&self, plan: UsagePlan) -> Result<(), AdminError> {
         let now = self.now();
-        self.policy.update(|snap, inner| {
+        self.policy.update(|snap| {
             if snap.per_key.is_some() {
                 return Err(AdminError::NotRegistered);
             }
@@ -208,20 +206,13 @@ impl<S: Store> Admin<S> {
             };
             for entry in snap.keys.values_mut() {
                 if entry.plan.name == compiled.name {
+                    let subject = self.subject(&compiled, entry);
                     for (old, new) in &changed {
-                        let at = |limit| ThrottleRef {
-                            limit,
-                            plan: Some(&compiled.name),
-                            subject: entry.id.as_bytes(),
-                            digest: entry.state,
-                            shadow: compiled.shadow,
-                        };
-                        self.store.rescale(&at(old), &at(new));
+                        self.store
+                            .rescale(&subject.throttle(old), &subject.throttle(new));
                     }
                     *entry = Arc::new(KeyEntry {
                         plan: Arc::clone(&compiled),
-                        quota: inner.cell(&compiled, entry.state),
-                        tokens: inner.token_cells(&compiled, entry.state),
                         ..clone_entry(entry)
                     });
                 }
@@ -289,7 +280,7 @@ impl<S: Store> Admin<S> {
                     continue;
                 }
                 let days = (start <= end).then(|| {
-                    let q = quota_ref(&self.policy, p, spec, entry);
+                    let q = self.subject(p, entry).quota(LimitKind::Quota, spec);
                     self.store.usage(&q, start, end)
                 });
                 pending.push((entry.id.to_string(), days));
@@ -318,10 +309,9 @@ impl<S: Store> Admin<S> {
         let pending = {
             let snap = self.policy.load();
             let entry = snap.by_id(id)?;
-            let Some(spec) = entry.plan.quota.as_ref() else {
+            let Some(q) = self.subject(&entry.plan, entry).request_quota() else {
                 return Err(AdminError::NoQuota(entry.plan.name.to_string()));
             };
-            let q = quota_ref(&self.policy, &entry.plan, spec, entry);
             self.store.set_remaining(&q, remaining)
         };
         Ok(pending.await?)
@@ -333,34 +323,16 @@ impl<S: Store> Admin<S> {
         let pending = {
             let snap = self.policy.load();
             let entry = snap.by_id(id)?;
-            let plan = &entry.plan;
-            let throttles: Vec<ThrottleRef<'_>> = plan
-                .limits()
-                .map(|limit| ThrottleRef {
-                    limit,
-                    plan: Some(&plan.name),
-                    subject: entry.id.as_bytes(),
-                    digest: entry.state,
-                    shadow: plan.shadow,
-                })
-                .collect();
-            let q = plan
-                .quota
-                .as_ref()
-                .map(|spec| quota_ref(&self.policy, plan, spec, entry));
-            let mut pending = vec![self.store.reset(&throttles, q.as_ref())];
+            let subject = self.subject(&entry.plan, entry);
+            let throttles: Vec<ThrottleRef<'_>> =
+                entry.plan.limits().map(|l| subject.throttle(l)).collect();
+            let mut pending = vec![
+                self.store
+                    .reset(&throttles, subject.request_quota().as_ref()),
+            ];
             // The daily and monthly token budgets start afresh too.
-            if let Some(tokens) = &plan.tokens {
-                for (i, q) in tokens.quotas().into_iter().enumerate() {
-                    let Some((kind, spec)) = q else { continue };
-                    let q = QuotaRef {
-                        kind,
-                        cell: entry.tokens[i].as_deref(),
-                        history_days: 1,
-                        ..quota_ref(&self.policy, plan, spec, entry)
-                    };
-                    pending.push(self.store.reset(&[], Some(&q)));
-                }
+            for q in subject.token_quotas().iter().flatten() {
+                pending.push(self.store.reset(&[], Some(q)));
             }
             pending
         };
@@ -370,17 +342,23 @@ impl<S: Store> Admin<S> {
         Ok(())
     }
 
+    /// A registered key under `plan`, as the store counts it.
+    fn subject<'a>(&self, plan: &'a Plan, entry: &'a KeyEntry) -> Subject<'a> {
+        Subject {
+            plan,
+            name: entry.id.as_bytes(),
+            digest: entry.state,
+            history_days: self.policy.inner.history_days as u32,
+        }
+    }
+
     fn replace_entry(
         &self,
         id: &str,
-        f: impl FnOnce(
-            &KeyEntry,
-            &crate::policy::Snapshot,
-            &crate::policy::PolicyInner,
-        ) -> Result<KeyEntry, AdminError>,
+        f: impl FnOnce(&KeyEntry, &Snapshot) -> Result<KeyEntry, AdminError>,
     ) -> Result<(), AdminError> {
-        self.policy.update(|snap, inner| {
-            let new = f(snap.by_id(id)?, snap, inner)?;
+        self.policy.update(|snap| {
+            let new = f(snap.by_id(id)?, snap)?;
             let digest = snap.ids[id];
             snap.keys.insert(digest, Arc::new(new));
             Ok(())
@@ -388,7 +366,7 @@ impl<S: Store> Admin<S> {
     }
 }
 
-impl crate::policy::Snapshot {
+impl Snapshot {
     /// The entry of the key with this id.
     fn by_id(&self, id: &str) -> Result<&Arc<KeyEntry>, AdminError> {
         self.ids
@@ -401,32 +379,12 @@ impl crate::policy::Snapshot {
 /// A key's daily usage, being read from the store.
 type DaysFuture = StoreFuture<Vec<[i64; 2]>>;
 
-/// The quota of `entry` under `plan`, as a store sees it.
-fn quota_ref<'a>(
-    policy: &Policy,
-    plan: &'a Plan,
-    spec: &'a crate::quota::QuotaSpec,
-    entry: &'a KeyEntry,
-) -> QuotaRef<'a> {
-    QuotaRef {
-        kind: crate::plan::LimitKind::Quota,
-        spec,
-        plan: &plan.name,
-        subject: entry.id.as_bytes(),
-        cell: entry.quota.as_deref(),
-        shadow: plan.shadow,
-        history_days: policy.inner.history_days as u32,
-    }
-}
-
 fn clone_entry(e: &KeyEntry) -> KeyEntry {
     KeyEntry {
         id: Arc::clone(&e.id),
         state: e.state,
         plan: Arc::clone(&e.plan),
         enabled: e.enabled,
-        quota: e.quota.clone(),
-        tokens: e.tokens.clone(),
     }
 }
 

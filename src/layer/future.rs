@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::Shared;
-use crate::body::{Guard, Reservation, ResponseBody};
+use crate::body::{Guard, ResponseBody, Unsettled};
 use crate::extract::RequestView;
 use crate::headers::{HeaderStyle, Prepared};
 use crate::observe::Watch;
@@ -62,7 +62,7 @@ pub(crate) struct Parked<S, R, K, St> {
     pub(crate) req: R,
     pub(crate) shared: Arc<Shared<K, St>>,
     pub(crate) failure: FailureMode,
-    pub(crate) reservation: Option<Box<Reservation>>,
+    pub(crate) reservation: Option<Box<Unsettled>>,
     pub(crate) watch: Option<Watch>,
 }
 
@@ -129,7 +129,7 @@ where
                         watch,
                     } = *parked;
                     let view = Some(RequestView::new(&req));
-                    match shared.settle_watched(result, failure, watch, view) {
+                    match shared.conclude_watched(result, failure, watch, view) {
                         Ok(report) => State::Called {
                             guard: Guard::hold(&shared.store, &report, reservation, &mut req),
                             fut: svc.call(req),

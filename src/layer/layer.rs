@@ -123,7 +123,7 @@ impl<K, S: Store> RateLimitLayer<K, S> {
             let decided = match step {
                 Step::Done(d) => d.map(|()| report),
                 Step::Wait(f, failure, watch) => {
-                    shared.settle_watched(f.await, failure, watch, None)
+                    shared.conclude_watched(f.await, failure, watch, None)
                 }
             };
             // Without a response to hold it through, a place under a

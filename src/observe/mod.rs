@@ -74,7 +74,7 @@ mod trace;
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub use self::counter::{DECISIONS_TOTAL, MetricsObserver};
-pub(crate) use self::hook::{Seen, SharedObserver, Watch};
+pub(crate) use self::hook::{Seen, SharedObserver, Watch, outcome};
 pub use self::trace::TracingObserver;
 
 use std::fmt;
@@ -144,7 +144,7 @@ impl<'a> DecisionEvent<'a> {
     /// The path is what the client sent: use [`matched_route`](Self::matched_route)
     /// where the number of distinct values must stay bounded.
     pub fn route(&self) -> Option<&'a str> {
-        self.req.as_ref().map(crate::layer::route_of)
+        self.req.as_ref().map(crate::plan::route_of)
     }
 
     /// The route template axum matched (`MatchedPath`), if any: one of the

@@ -86,6 +86,12 @@ impl Limit {
     }
 }
 
+/// The salt of a plan's quota of `kind`: from the plan and the kind, not the
+/// numbers, so that a replaced plan keeps every key's count.
+fn quota_salt(owner: &str, kind: LimitKind) -> u64 {
+    hash::stable(format!("{owner}\0{}", kind.name()).as_bytes()) as u64
+}
+
 /// A plan's cap on requests of one key in flight, compiled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Concurrency {
@@ -106,11 +112,12 @@ pub(crate) struct Tokens {
 
 impl Tokens {
     fn compile(t: &TokenBudget, owner: &str, created_at: i64) -> Self {
-        let spec = |limit, period| QuotaSpec {
+        let spec = |limit, period, kind| QuotaSpec {
             limit,
             period,
             offset: 0,
             created_at,
+            salt: quota_salt(owner, kind),
         };
         Tokens {
             minute: t.per_minute.map(|n| {
@@ -118,8 +125,12 @@ impl Tokens {
                     .expect("checked by TokenBudget::per_minute");
                 Limit::new(LimitKind::TokensMinute, &throttle, owner, "")
             }),
-            day: t.per_day.map(|n| spec(n, Period::Day)),
-            month: t.per_month.map(|n| spec(n, Period::Month)),
+            day: t
+                .per_day
+                .map(|n| spec(n, Period::Day, LimitKind::TokensDay)),
+            month: t
+                .per_month
+                .map(|n| spec(n, Period::Month, LimitKind::TokensMonth)),
         }
     }
 
@@ -198,6 +209,7 @@ impl Plan {
                 period: q.period,
                 offset: q.offset,
                 created_at,
+                salt: quota_salt(&owner, LimitKind::Quota),
             }),
             tokens: plan
                 .tokens

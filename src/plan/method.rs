@@ -1,13 +1,15 @@
 //! AWS methodPaths (`"/v1/completions/POST"`): parsing and matching.
 //!
 //! A pattern matches a request's route and method; among the method
-//! overrides that match a request, the most literal one applies.
+//! overrides that match a request, the most literal one applies. A
+//! request's route is axum's `MatchedPath` when it has one, else its path.
 
 use http::Method;
 
 use super::compiled::{Limit, LimitKind};
 use super::limits::Throttle;
 use crate::error::ConfigError;
+use crate::extract::RequestView;
 
 /// An AWS methodPath compiled for matching: `"/v1/completions/POST"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,11 +103,7 @@ pub(crate) struct MethodLimit {
 }
 
 /// The most literal override matching `route` and `method`.
-pub(crate) fn match_method<'a>(
-    methods: &'a [MethodLimit],
-    route: &str,
-    method: &Method,
-) -> Option<&'a Limit> {
+fn match_method<'a>(methods: &'a [MethodLimit], route: &str, method: &Method) -> Option<&'a Limit> {
     let mut best: Option<(&MethodLimit, usize)> = None;
     for m in methods {
         if m.path.matches(route, method) {
@@ -139,6 +137,31 @@ pub(super) fn compile_methods(
             })
         })
         .collect()
+}
+
+/// The override among `methods` for the request's route and method. The
+/// route is looked up only when there are overrides to match; without a
+/// request (a direct check) none applies.
+#[inline]
+pub(crate) fn method_limit<'m>(
+    methods: &'m [MethodLimit],
+    req: Option<&RequestView<'_>>,
+) -> Option<&'m Limit> {
+    if methods.is_empty() {
+        return None;
+    }
+    let req = req?;
+    match_method(methods, route_of(req), req.method)
+}
+
+/// The route of a request: axum's `MatchedPath` when present, else the path.
+#[inline]
+pub(crate) fn route_of<'a>(req: &RequestView<'a>) -> &'a str {
+    #[cfg(feature = "axum")]
+    if let Some(m) = req.extensions.get::<axum::extract::MatchedPath>() {
+        return m.as_str();
+    }
+    req.uri.path()
 }
 
 #[cfg(test)]

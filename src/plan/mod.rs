@@ -10,4 +10,4 @@ pub use self::limits::{
 };
 #[cfg(feature = "config")]
 pub(crate) use self::method::MethodPath;
-pub(crate) use self::method::{MethodLimit, match_method};
+pub(crate) use self::method::{method_limit, route_of};

@@ -30,13 +30,12 @@ use redis::{Cmd, ErrorKind, RedisError, RedisFuture, ServerErrorKind, Value};
 
 use self::cache::OverLimitCache;
 use super::{
-    Acquire, Acquired, Applied, CONCURRENCY, ConcurrencyRef, Denied, Permit, QuotaRef,
-    Report, Settlement, Store, StoreError, StoreFuture, ThrottleRef, Verdict,
+    Acquire, Acquired, Applied, CONCURRENCY, ConcurrencyRef, Denied, Permit, QuotaRef, Report,
+    Settlement, Store, StoreError, StoreFuture, ThrottleRef, Verdict,
 };
 use crate::clock::Clock;
 use crate::gcra::{NANOS_PER_SEC, Nanos, Outcome};
 use crate::hash;
-use crate::policy::wall_nanos;
 use crate::quota::DayRecord;
 use crate::store::memory::applied;
 use crate::window::{Date, NANOS_PER_DAY, Period};
@@ -500,7 +499,7 @@ enum Now {
 impl Inner {
     fn now(&self) -> Now {
         if self.clock.is_manual() {
-            let t = wall_nanos(&self.clock);
+            let t = self.clock.wall_nanos();
             Now::At {
                 s: t.div_euclid(NANOS_PER_SEC as i64),
                 ns: t.rem_euclid(NANOS_PER_SEC as i64),
@@ -514,7 +513,7 @@ impl Inner {
     /// time (what decisions are made on), else the monotonic clock.
     fn local_now(&self) -> Nanos {
         if self.clock.is_manual() {
-            u64::try_from(wall_nanos(&self.clock)).unwrap_or(0)
+            u64::try_from(self.clock.wall_nanos()).unwrap_or(0)
         } else {
             self.clock.nanos()
         }
@@ -1007,10 +1006,14 @@ impl Store for RedisStore {
         // Nor is one with limits shared by every caller: others' requests
         // move them.
         let shared = request.throttles().any(|t| t.plan.is_none());
-        let id = inner.cache.as_ref().filter(|_| !tokens && !shared).map(|cache| {
-            let id = identity(request);
-            (id, cache.get(id, sent))
-        });
+        let id = inner
+            .cache
+            .as_ref()
+            .filter(|_| !tokens && !shared)
+            .map(|cache| {
+                let id = identity(request);
+                (id, cache.get(id, sent))
+            });
         if let Some((_, Some(denied))) = id {
             return Acquired::Ready(Ok(Err(denied)));
         }

@@ -20,32 +20,31 @@
 //! first of those slots goes idle). Keys already tracked are never evicted while
 //! they hold state: forgetting one would hand it a fresh burst, i.e. over-admit.
 
-use std::fmt;
-use std::sync::{Arc, OnceLock};
+mod quotas;
+mod table;
 
-use parking_lot::Mutex;
-use portable_atomic::{AtomicU128, Ordering};
+pub(crate) use super::verdict::applied;
+use super::verdict::quota_applied;
+
+use std::fmt;
+use std::sync::Arc;
+
+use portable_atomic::AtomicU128;
+
+use self::quotas::Quotas;
+use self::table::{PAGE, SlotKey, Table, WINDOW};
 
 use super::{
-    Acquire, Acquired, Applied, Denial, Denied, MAX_THROTTLES, Permit, QuotaRef, Report,
-    Settlement, Sink, Store, StoreError, StoreFuture, ThrottleRef, Verdict,
+    Acquire, Acquired, Denial, Denied, MAX_THROTTLES, Permit, QuotaRef, Report, Settlement, Sink,
+    Store, StoreError, StoreFuture, ThrottleRef, Verdict,
 };
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::gcra::{MAX_SPAN, Nanos, Outcome};
 use crate::hash::Digest;
 use crate::plan::Limit;
-use crate::policy::wall_nanos;
-use crate::quota::QuotaSnapshot;
 use crate::window::Date;
 
-/// Slots a key may live in, counted from its hash position.
-const WINDOW: u64 = 32;
-/// Slots per lazily allocated page (4 KiB).
-const PAGE_BITS: u32 = 8;
-const PAGE: u64 = 1 << PAGE_BITS;
-/// Stripes of the insertion lock (taken only to add a key, never to decide).
-const STRIPES: usize = 1024;
 /// The default cap on tracked keys.
 const DEFAULT_MAX_KEYS: usize = 1_000_000;
 /// The largest cap accepted (2^32 keys, 64 GiB of table).
@@ -69,7 +68,10 @@ pub struct MemoryStore {
 
 struct Inner {
     clock: Clock,
+    /// Throttle states and counts of requests in flight.
     table: Table,
+    /// Quota counters and their daily history.
+    quotas: Quotas,
 }
 
 impl MemoryStore {
@@ -95,6 +97,13 @@ impl MemoryStore {
     /// the whole table: for tests and occasional metrics, not per request.
     pub fn tracked_keys(&self) -> usize {
         self.inner.table.live(self.inner.clock.nanos())
+    }
+
+    /// Quota counters kept: one for each quota a subject has used (a
+    /// registered key's quota, daily and monthly token budgets), with its
+    /// daily usage history.
+    pub fn quota_counters(&self) -> usize {
+        self.inner.quotas.len()
     }
 
     /// The store's clock.
@@ -197,22 +206,23 @@ impl MemoryStore {
         // a later one denies are given back.
         let mut quotas_charged = [false; 3];
         if req.quotas().next().is_some() {
-            let wall = wall_nanos(&self.inner.clock);
+            let wall = self.inner.clock.wall_nanos();
+            let quotas = &self.inner.quotas;
             for (i, q) in req.quotas().enumerate() {
-                let Some(cell) = q.cell else { continue };
                 let cost = u64::from(req.cost_for(q.counts_tokens()));
                 // A cost above the whole limit never fits, in any window.
                 if cost > q.spec.limit && !q.shadow {
-                    let snap = cell.check(q.spec, wall, 0).unwrap_or_else(|(_, s)| s);
+                    let snap = quotas.with(q, |st| st.check(q.spec, wall, 0));
+                    let snap = snap.unwrap_or_else(|(_, s)| s);
                     let d = Denied::too_costly(quota_applied(q.name(), &snap));
                     denied = Some(Denied::longest(denied, d));
                     any_denied = true;
                     continue;
                 }
-                let outcome = match any_denied {
-                    true => cell.check(q.spec, wall, cost),
-                    false => cell.acquire(q.spec, wall, cost, q.shadow),
-                };
+                let outcome = quotas.with(q, |st| match any_denied {
+                    true => st.check(q.spec, wall, cost),
+                    false => st.acquire(q.spec, wall, cost, q.shadow),
+                });
                 match outcome {
                     Ok(snap) if !any_denied => {
                         quotas_charged[i] = true;
@@ -235,10 +245,8 @@ impl MemoryStore {
             }
             if any_denied {
                 for (q, _) in req.quotas().zip(quotas_charged).filter(|(_, c)| *c) {
-                    if let Some(cell) = q.cell {
-                        let cost = i64::from(req.cost_for(q.counts_tokens()));
-                        cell.settle(q.spec, wall, -cost, Some(wall));
-                    }
+                    let cost = i64::from(req.cost_for(q.counts_tokens()));
+                    quotas.with(q, |st| st.adjust(q.spec, wall, -cost, Some(wall)));
                 }
             }
         }
@@ -365,26 +373,30 @@ impl Store for MemoryStore {
         Acquired::Ready(Ok(self.decide(request, &mut report).map(|()| report)))
     }
 
+    /// The memory store always answers at once, in place.
+    #[inline]
+    fn decide_now(&self, request: &Acquire<'_>, report: &mut Report) -> Option<Result<(), Denied>> {
+        Some(self.decide(request, report))
+    }
+
     fn usage(&self, quota: &QuotaRef<'_>, first: Date, last: Date) -> StoreFuture<Vec<[i64; 2]>> {
-        let days = match quota.cell {
-            Some(cell) => cell.report(quota.spec, first.days(), last.days()),
-            None => crate::quota::report(quota.spec, &[], first.days(), last.days()),
-        };
+        let (first, last) = (first.days(), last.days());
+        let days = self
+            .inner
+            .quotas
+            .existing(quota, |st| st.report(quota.spec, first, last))
+            .unwrap_or_else(|| crate::quota::report(quota.spec, &[], first, last));
         Box::pin(std::future::ready(Ok(days)))
     }
 
     fn set_remaining(&self, quota: &QuotaRef<'_>, remaining: u64) -> StoreFuture<u64> {
-        let result = match quota.cell {
-            Some(cell) => {
-                let remaining = i64::try_from(remaining).unwrap_or(i64::MAX);
-                let wall = wall_nanos(&self.inner.clock);
-                Ok(cell.set_remaining(quota.spec, wall, remaining).remaining)
-            }
-            None => Err(StoreError::new(
-                "the memory store keeps no counter for this quota",
-            )),
-        };
-        Box::pin(std::future::ready(result))
+        let remaining = i64::try_from(remaining).unwrap_or(i64::MAX);
+        let wall = self.inner.clock.wall_nanos();
+        let snap = self
+            .inner
+            .quotas
+            .with(quota, |st| st.set_remaining(quota.spec, wall, remaining));
+        Box::pin(std::future::ready(Ok(snap.remaining)))
     }
 
     fn reset(
@@ -396,8 +408,8 @@ impl Store for MemoryStore {
         for t in throttles {
             self.update_throttle(t, |tat, now| tat.min(now));
         }
-        if let Some(cell) = quota.and_then(|q| q.cell) {
-            cell.reset();
+        if let Some(q) = quota {
+            self.inner.quotas.existing(q, |st| st.reset());
         }
         Box::pin(std::future::ready(Ok(())))
     }
@@ -435,11 +447,12 @@ impl Store for MemoryStore {
             }
         }
         if settlement.quotas().next().is_some() {
-            let wall = wall_nanos(&self.inner.clock);
+            let wall = self.inner.clock.wall_nanos();
             for q in settlement.quotas() {
-                if let Some(cell) = q.cell {
-                    cell.settle(q.spec, wall, delta, settlement.reserved.wall);
-                }
+                let charged_at = settlement.reserved.wall;
+                self.inner
+                    .quotas
+                    .with(q, |st| st.adjust(q.spec, wall, delta, charged_at));
             }
         }
     }
@@ -515,29 +528,6 @@ fn denial(limit: &Limit, o: Outcome, now: Nanos) -> Denied {
     }
 }
 
-pub(crate) fn quota_applied(name: &'static str, q: &QuotaSnapshot) -> Applied {
-    Applied {
-        name,
-        quota: u64::try_from(q.limit).unwrap_or(0),
-        window_secs: q.window_secs,
-        remaining: q.remaining,
-        reset: q.reset,
-    }
-}
-
-/// How `limit` stands with TAT `tat` at `now`.
-pub(crate) fn applied(limit: &Limit, tat: Nanos, now: Nanos) -> Applied {
-    let s = limit.gcra.status(tat, now);
-    let (remaining, reset) = (s.remaining, s.reset);
-    Applied {
-        name: limit.kind.name(),
-        quota: u64::from(limit.gcra.burst()),
-        window_secs: limit.window_secs,
-        remaining: u64::from(remaining),
-        reset,
-    }
-}
-
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
@@ -602,207 +592,10 @@ impl MemoryStoreBuilder {
             inner: Arc::new(Inner {
                 clock: self.clock.unwrap_or_default(),
                 table: Table::new(slots),
+                quotas: Quotas::new(),
             }),
         })
     }
-}
-
-/// Where a (limit, key) lives: a nonzero fingerprint and a hash position.
-#[derive(Debug, Clone, Copy)]
-struct SlotKey {
-    fp: u64,
-    pos: u64,
-}
-
-impl SlotKey {
-    /// The two halves of a digest are keyed hashes already (and independent
-    /// of each other), so the limit's salt is only xored in: each limit of a
-    /// key gets its own slot, with no more hashing on the hot path.
-    #[inline]
-    fn new(d: Digest, salt: u64) -> Self {
-        let lo = d.0 as u64;
-        let hi = (d.0 >> 64) as u64;
-        SlotKey {
-            // Bit 0 set: a fingerprint is never 0, the mark of an empty slot.
-            fp: (lo ^ salt) | 1,
-            pos: hi ^ salt.rotate_left(32),
-        }
-    }
-}
-
-#[inline]
-fn pack(fp: u64, tat: Nanos) -> u128 {
-    u128::from(fp) << 64 | u128::from(tat)
-}
-
-#[inline]
-fn unpack(w: u128) -> (u64, Nanos) {
-    ((w >> 64) as u64, w as u64)
-}
-
-struct Table {
-    pages: Box<[OnceLock<Box<[AtomicU128]>>]>,
-    mask: u64,
-    stripes: Box<[Mutex<()>]>,
-}
-
-impl Table {
-    fn new(slots: u64) -> Self {
-        debug_assert!(slots.is_power_of_two() && slots >= PAGE);
-        Table {
-            pages: (0..slots / PAGE).map(|_| OnceLock::new()).collect(),
-            mask: slots - 1,
-            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-        }
-    }
-
-    fn slots(&self) -> u64 {
-        self.mask + 1
-    }
-
-    /// The slot at `i` if its page exists.
-    #[inline]
-    fn get(&self, i: u64) -> Option<&AtomicU128> {
-        let i = i & self.mask;
-        let page = self.pages[(i >> PAGE_BITS) as usize].get()?;
-        Some(&page[(i & (PAGE - 1)) as usize])
-    }
-
-    /// The slot at `i`, allocating its page.
-    fn get_or_alloc(&self, i: u64) -> &AtomicU128 {
-        let i = i & self.mask;
-        let page = self.pages[(i >> PAGE_BITS) as usize]
-            .get_or_init(|| (0..PAGE).map(|_| AtomicU128::new(0)).collect());
-        &page[(i & (PAGE - 1)) as usize]
-    }
-
-    /// Finds the key's slot and the word it held. Keys never sit past an empty
-    /// slot of their window (slots are never emptied once used), so the search
-    /// stops at the first one.
-    #[inline]
-    fn find(&self, key: SlotKey) -> Option<(&AtomicU128, u128)> {
-        for i in 0..WINDOW {
-            let slot = self.get(key.pos.wrapping_add(i))?;
-            let w = slot.load(Ordering::Acquire);
-            let (fp, _) = unpack(w);
-            if fp == key.fp {
-                return Some((slot, w));
-            }
-            if fp == 0 {
-                return None;
-            }
-        }
-        None
-    }
-
-    /// The key's TAT (0 for a key not tracked), without changing anything.
-    #[inline]
-    fn peek(&self, key: SlotKey) -> Nanos {
-        self.find(key).map_or(0, |(_, w)| unpack(w).1)
-    }
-
-    /// Applies `op` to the key's TAT (0 for a key not tracked): when it returns
-    /// `Some(new)`, stores `new` atomically, retrying `op` on contention.
-    /// Errors with the time until a slot frees when a new key finds no room.
-    #[inline(always)]
-    fn update<R>(
-        &self,
-        key: SlotKey,
-        now: Nanos,
-        mut op: impl FnMut(Nanos) -> (Option<Nanos>, R),
-    ) -> Result<R, Nanos> {
-        loop {
-            if let Some((slot, w)) = self.find(key) {
-                let (_, tat) = unpack(w);
-                let (new, r) = op(tat);
-                match new {
-                    Some(n) if n != tat => {
-                        if slot
-                            .compare_exchange_weak(
-                                w,
-                                pack(key.fp, n),
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                            )
-                            .is_ok()
-                        {
-                            return Ok(r);
-                        }
-                        // Another thread changed the slot (or handed it to
-                        // another key): look again.
-                        continue;
-                    }
-                    _ => return Ok(r),
-                }
-            }
-            let (new, r) = op(0);
-            let Some(n) = new.filter(|&n| n != 0) else {
-                // Nothing to store: an idle key needs no slot.
-                return Ok(r);
-            };
-            match self.insert(key, n, now) {
-                Inserted::Done => return Ok(r),
-                Inserted::Present => continue,
-                Inserted::Full(retry) => return Err(retry),
-            }
-        }
-    }
-
-    /// Puts a key not found by `find` into the first empty or idle slot of its
-    /// window. Inserts of one key are serialised by a stripe lock so that a key
-    /// can never be placed twice; deciding on tracked keys never takes it.
-    #[cold]
-    fn insert(&self, key: SlotKey, tat: Nanos, now: Nanos) -> Inserted {
-        let _guard = self.stripes[(key.pos as usize) & (STRIPES - 1)].lock();
-        if self.find(key).is_some() {
-            return Inserted::Present;
-        }
-        let mut soonest = Nanos::MAX;
-        for i in 0..WINDOW {
-            let slot = self.get_or_alloc(key.pos.wrapping_add(i));
-            let mut w = slot.load(Ordering::Acquire);
-            loop {
-                let (fp, old_tat) = unpack(w);
-                if fp != 0 && old_tat > now {
-                    soonest = soonest.min(old_tat - now);
-                    break;
-                }
-                // Empty, or idle (its bucket is full again): take it.
-                match slot.compare_exchange(
-                    w,
-                    pack(key.fp, tat),
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => return Inserted::Done,
-                    Err(current) => w = current,
-                }
-            }
-        }
-        Inserted::Full(soonest)
-    }
-
-    fn allocated_pages(&self) -> usize {
-        self.pages.iter().filter(|p| p.get().is_some()).count()
-    }
-
-    fn live(&self, now: Nanos) -> usize {
-        self.pages
-            .iter()
-            .filter_map(|p| p.get())
-            .flat_map(|p| p.iter())
-            .filter(|s| {
-                let (fp, tat) = unpack(s.load(Ordering::Acquire));
-                fp != 0 && tat > now
-            })
-            .count()
-    }
-}
-
-enum Inserted {
-    Done,
-    Present,
-    Full(Nanos),
 }
 
 #[cfg(test)]
@@ -815,6 +608,9 @@ mod tests {
     use crate::hash::digest;
     use crate::plan::Throttle;
     use crate::store::Report;
+    use portable_atomic::Ordering;
+
+    use super::table::unpack;
 
     /// One plan-wide throttle, decided alone.
     struct OneLimit(Limit);

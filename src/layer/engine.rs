@@ -1,0 +1,307 @@
+//! The engine every clone of a layer shares: from a request's key to its
+//! plan, to the limits that apply, to one decision by the store.
+
+use std::sync::Arc;
+
+use http::StatusCode;
+
+use super::outcome::Failures;
+use crate::body::Unsettled;
+use crate::cost::{CostEstimator, TokenUsage};
+use crate::extract::{KeyError, KeyExtractor, RequestView};
+use crate::hash;
+use crate::headers::HeaderStyle;
+use crate::observe::{Seen, SharedObserver, Watch};
+use crate::plan::{FailureMode, Plan, StageLimits};
+use crate::policy::{Policy, Snapshot};
+use crate::response::{Decision, Reason, Rejection, SharedOnRejection};
+use crate::store::{Acquire, Acquired, Denied, MemoryStore, Report, Store, Subject, ThrottleRef};
+
+/// What every clone of a layer and its services share.
+pub(crate) struct Shared<K, S> {
+    pub(crate) extractor: K,
+    pub(crate) policy: Policy,
+    /// The one plan of a [`Policy::per_key`] policy, which never changes:
+    /// deciding under it needs no policy snapshot.
+    pub(crate) fixed: Option<Arc<Plan>>,
+    pub(crate) store: S,
+    pub(crate) headers: HeaderStyle,
+    pub(crate) on_rejection: Option<SharedOnRejection>,
+    pub(crate) quota_status: StatusCode,
+    /// Estimates the tokens of requests under plans with a token budget.
+    pub(crate) estimator: Box<dyn CostEstimator>,
+    pub(crate) failures: Failures,
+    pub(crate) observer: Option<SharedObserver>,
+}
+
+pub(crate) type SharedState<K, S> = Arc<Shared<K, S>>;
+
+/// Where a decision stands after the synchronous part of a request.
+// The decided variant is the memory store's hot path: boxing it would allocate.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Step<F> {
+    /// Decided; an allowed request's report is where the caller asked for it.
+    Done(Decision<()>),
+    /// The store answers later; `FailureMode` says what a failure means, and
+    /// the `Watch` (only with an observer) whom the decision is about.
+    Wait(F, FailureMode, Option<Watch>),
+}
+
+/// Who is calling, once the key is known: the stage limits over everybody,
+/// the plan (shared, for a settlement that outlives the request), the
+/// subject whose state counts, and a registered key's public id.
+struct Caller<'a> {
+    stage: Option<&'a StageLimits>,
+    plan: &'a Arc<Plan>,
+    subject: Subject<'a>,
+    id: Option<&'a Arc<str>>,
+}
+
+/// Where a decision puts the tokens an allowed request reserved, when the
+/// caller will settle them (a request through the layer).
+type Reserve<'r> = Option<&'r mut Option<Box<Unsettled>>>;
+
+impl<'a> Caller<'a> {
+    /// A key or client IP limited under `plan`, without a registered id.
+    #[inline]
+    fn unregistered(
+        stage: Option<&'a StageLimits>,
+        plan: &'a Arc<Plan>,
+        key: &'a [u8],
+        history_days: u32,
+    ) -> Self {
+        Caller {
+            stage,
+            plan,
+            subject: Subject {
+                plan,
+                name: key,
+                digest: hash::state_digest(key),
+                history_days,
+            },
+            id: None,
+        }
+    }
+
+    /// Whom the observer is told a decision is about.
+    #[inline]
+    fn seen<'r>(&self, req: Option<&RequestView<'r>>) -> Seen<'r>
+    where
+        'a: 'r,
+    {
+        Seen {
+            plan: Some(self.plan),
+            key_id: self.id,
+            req: req.copied(),
+        }
+    }
+
+    /// The caller's one throttle, when it is all that applies: its plan has
+    /// nothing else ([`Plan::lone_throttle`]) and no stage limits the API.
+    /// Such a request is decided without gathering its limits.
+    #[inline]
+    fn lone(&self) -> Option<ThrottleRef<'a>> {
+        if self.stage.is_some() {
+            return None;
+        }
+        Some(self.subject.throttle(self.plan.lone_throttle()?))
+    }
+}
+
+impl<K: KeyExtractor, S: Store> Shared<K, S> {
+    /// Decides one request: key, plan, then every limit that applies at once.
+    /// Rejections leave `grpc` unset: the caller sets it, so that allowed
+    /// requests never pay for the content-type check. The tokens a request
+    /// reserves go to `reserve`, to be settled when its response ends.
+    #[inline]
+    pub(crate) fn decide(
+        &self,
+        req: &RequestView<'_>,
+        reserve: &mut Option<Box<Unsettled>>,
+        report: &mut Report,
+    ) -> Step<S::Future> {
+        let mut decide = |c: &Caller<'_>| self.acquire(c, Some(req), 1, Some(reserve), report);
+        let days = self.history_days();
+        let result = if let Some(plan) = &self.fixed {
+            match self.extractor.extract(req) {
+                Ok(key) => Ok(decide(&Caller::unregistered(
+                    None,
+                    plan,
+                    key.as_bytes(),
+                    days,
+                ))),
+                Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req))),
+            }
+        } else {
+            let snap = self.policy.load();
+            match (self.extractor.extract(req), &snap.anonymous) {
+                (Ok(key), _) => self.registered(&snap, key.as_bytes(), Some(req), decide),
+                (Err(KeyError::Missing), Some(anon)) => match anon.client_ip.extract(req) {
+                    Ok(ip) => {
+                        let stage = snap.stage.as_deref();
+                        Ok(decide(&Caller::unregistered(
+                            stage,
+                            &anon.plan,
+                            ip.as_bytes(),
+                            days,
+                        )))
+                    }
+                    Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req))),
+                },
+                (Err(e), _) => Err(self.refuse(Reason::Key(e), Seen::request(req))),
+            }
+        };
+        result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
+    }
+}
+
+impl<K, S: Store> Shared<K, S> {
+    /// Decides a request of `cost` units for `key` without a request (no
+    /// route, so no method overrides), through any store.
+    pub(crate) fn check_any(&self, key: &[u8], cost: u32, report: &mut Report) -> Step<S::Future> {
+        let result = match &self.fixed {
+            Some(plan) => {
+                let caller = Caller::unregistered(None, plan, key, self.history_days());
+                Ok(self.acquire(&caller, None, cost, None, report))
+            }
+            None => self.registered(&self.policy.load(), key, None, |c| {
+                self.acquire(c, None, cost, None, report)
+            }),
+        };
+        result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
+    }
+
+    /// Gathers the caller's limits and asks the store; an allowed request's
+    /// report goes to `report`. A store that answers at once
+    /// ([`Store::decide_now`]) writes the report in place: through `acquire`
+    /// it would be moved (500 bytes) through every frame up to the response
+    /// future.
+    #[inline]
+    fn acquire(
+        &self,
+        c: &Caller<'_>,
+        req: Option<&RequestView<'_>>,
+        cost: u32,
+        reserve: Reserve<'_>,
+        report: &mut Report,
+    ) -> Step<S::Future> {
+        let failure = c.plan.failure;
+        let acquire = match c.lone() {
+            // The common plan, a throttle alone, skips gathering limits.
+            Some(t) => Acquire::lone(t, cost, failure),
+            None => {
+                let tokens = self.reserve(c, req, reserve);
+                Acquire::gather(c.stage, &c.subject, req, cost, tokens)
+            }
+        };
+        let seen = c.seen(req);
+        if let Some(verdict) = self.store.decide_now(&acquire, report) {
+            return Step::Done(self.conclude_seen(Ok(verdict), failure, false, seen));
+        }
+        match self.store.acquire(&acquire) {
+            Acquired::Ready(result) => Step::Done(
+                self.conclude_seen(result, failure, false, seen)
+                    .map(|r| *report = r),
+            ),
+            Acquired::Pending(f) => Step::Wait(f, failure, self.watch(seen)),
+        }
+    }
+
+    /// The tokens a request under a plan with a token budget is estimated
+    /// to cost; a request through the layer (not a `check`) also gets what
+    /// it takes to settle them when its response ends.
+    #[inline]
+    fn reserve(&self, c: &Caller<'_>, req: Option<&RequestView<'_>>, reserve: Reserve<'_>) -> u32 {
+        let (Some(_), Some(req), Some(reserve)) = (&c.plan.tokens, req, reserve) else {
+            return 0;
+        };
+        let estimate = self.estimator.estimate(req);
+        *reserve = Some(Box::new(Unsettled {
+            plan: Arc::clone(c.plan),
+            subject: c.subject.name.into(),
+            digest: c.subject.digest,
+            estimate,
+            usage: TokenUsage::new(),
+            reservation: Default::default(),
+        }));
+        estimate
+    }
+}
+
+impl<K, S> Shared<K, S> {
+    /// Days of usage history a registered key's quota keeps.
+    #[inline]
+    fn history_days(&self) -> u32 {
+        self.policy.inner.history_days as u32
+    }
+
+    /// Finds a registered `key`'s plan and hands the caller to `decide`;
+    /// `req` is the request, when there is one (for the observer of a
+    /// refused key). A per-key policy never gets here: it is decided
+    /// through `fixed`.
+    #[inline]
+    fn registered<T>(
+        &self,
+        snap: &Snapshot,
+        key: &[u8],
+        req: Option<&RequestView<'_>>,
+        decide: impl FnOnce(&Caller<'_>) -> T,
+    ) -> Result<T, Rejection> {
+        let Some(entry) = snap.keys.get(&hash::digest(key)) else {
+            return Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)));
+        };
+        if !entry.enabled {
+            let seen = Seen {
+                plan: Some(&entry.plan),
+                key_id: Some(&entry.id),
+                req: req.copied(),
+            };
+            return Err(self.refuse(Reason::DisabledKey, seen));
+        }
+        let caller = Caller {
+            stage: snap.stage.as_deref(),
+            plan: &entry.plan,
+            subject: Subject {
+                plan: &entry.plan,
+                name: entry.id.as_bytes(),
+                digest: entry.state,
+                history_days: self.history_days(),
+            },
+            id: Some(&entry.id),
+        };
+        Ok(decide(&caller))
+    }
+}
+
+impl<K> Shared<K, MemoryStore> {
+    /// Decides a request of `cost` units for `key` in the memory store,
+    /// without a request and without a report.
+    #[inline]
+    pub(crate) fn check(&self, key: &[u8], cost: u32) -> Result<(), Rejection> {
+        let result = match &self.fixed {
+            Some(plan) => {
+                let caller = Caller::unregistered(None, plan, key, self.history_days());
+                self.check_caller(&caller, cost)
+            }
+            None => self.registered(&self.policy.load(), key, None, |c| {
+                self.check_caller(c, cost)
+            })?,
+        };
+        result.map_err(|d| Rejection::denied(d.denial, &d.limit, self.quota_status))
+    }
+
+    /// Decides `cost` units for a caller, without a request.
+    #[inline(always)]
+    fn check_caller(&self, c: &Caller<'_>, cost: u32) -> Result<(), Denied> {
+        let result = match c.lone() {
+            // The common plan, a throttle alone, skips gathering limits.
+            Some(t) => self.store.decide_throttle(&t, cost, &mut ()),
+            None => {
+                let acquire = Acquire::gather(c.stage, &c.subject, None, cost, 0);
+                self.store.decide::<()>(&acquire, &mut ())
+            }
+        };
+        self.checked(&result, c.seen(None));
+        result
+    }
+}

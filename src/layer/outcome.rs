@@ -1,0 +1,207 @@
+//! A decision's outcome: a store's answer turned into an allowed request or a
+//! rejection (the failure mode deciding when the store failed), the
+//! observer told, and the response of a rejection.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http::Response;
+
+use super::engine::Shared;
+use crate::extract::RequestView;
+use crate::observe::{Observer, Outcome, Seen, Watch, outcome};
+use crate::plan::FailureMode;
+use crate::response::{Decision, Reason, Rejection, Unchecked};
+use crate::store::{Applied, Denied, Report, StoreError, Verdict};
+
+/// Store failures: counted, and logged once per burst (when the store starts
+/// failing, and when it has answered [`RECOVERY_STREAK`] times in a row
+/// again), never once per request, and without flapping when a store fails
+/// only in part (a cluster node down).
+#[derive(Debug, Default)]
+pub(crate) struct Failures {
+    count: AtomicU64,
+    failing: AtomicBool,
+    /// Answers in a row since the last failure.
+    streak: AtomicU64,
+    /// `count` when the current burst began.
+    burst_start: AtomicU64,
+}
+
+/// Answers in a row from the store that end a burst of failures.
+const RECOVERY_STREAK: u64 = 3;
+
+impl Failures {
+    #[cold]
+    fn failed(&self, e: &StoreError) {
+        let before = self.count.fetch_add(1, Ordering::Relaxed);
+        self.streak.store(0, Ordering::Relaxed);
+        if !self.failing.swap(true, Ordering::AcqRel) {
+            self.burst_start.store(before, Ordering::Relaxed);
+            tracing::warn!(
+                error = %e,
+                "rate-limit store failing: each plan's failure mode applies until it recovers"
+            );
+        }
+    }
+
+    /// The store answered (a round trip, not a local answer).
+    #[inline]
+    fn answered(&self) {
+        if self.failing.load(Ordering::Relaxed)
+            && self.streak.fetch_add(1, Ordering::Relaxed) + 1 >= RECOVERY_STREAK
+            && self.failing.swap(false, Ordering::AcqRel)
+        {
+            let failures =
+                self.count.load(Ordering::Relaxed) - self.burst_start.load(Ordering::Relaxed);
+            tracing::info!(failures, "rate-limit store recovered");
+        }
+    }
+
+    pub(crate) fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+impl<K, S> Shared<K, S> {
+    /// Turns a store's answer into a decision; a failed store lets the
+    /// request through (`Open`, without rate-limit headers) or refuses it
+    /// with 503 (`Closed`). `waited` tells an answer after a round trip from
+    /// one given at once (the memory store, an over-limit cache).
+    #[inline]
+    pub(crate) fn conclude<R: Unchecked>(
+        &self,
+        result: Result<Result<R, Denied>, StoreError>,
+        failure: FailureMode,
+        waited: bool,
+    ) -> Decision<R> {
+        if waited && result.is_ok() {
+            self.failures.answered();
+        }
+        match result {
+            Ok(Ok(report)) => Ok(report),
+            Ok(Err(d)) => {
+                let rejection = Rejection::denied(d.denial, &d.limit, self.quota_status);
+                Err((rejection, Some(d.limit)))
+            }
+            Err(e) => {
+                self.failures.failed(&e);
+                match failure {
+                    FailureMode::Open => Ok(R::unchecked()),
+                    FailureMode::Closed => Err((Rejection::unavailable(), None)),
+                }
+            }
+        }
+    }
+}
+
+impl<K, S> Shared<K, S> {
+    /// [`conclude`](Shared::conclude), then the observer, if any, sees the decision.
+    #[inline]
+    pub(crate) fn conclude_seen<R: Unchecked>(
+        &self,
+        result: Result<Result<R, Denied>, StoreError>,
+        failure: FailureMode,
+        waited: bool,
+        seen: Seen<'_>,
+    ) -> Decision<R> {
+        match &self.observer {
+            None => self.conclude(result, failure, waited),
+            Some(observer) => self.conclude_observed(&**observer, result, failure, waited, seen),
+        }
+    }
+
+    #[inline(never)]
+    fn conclude_observed<R: Unchecked>(
+        &self,
+        observer: &dyn Observer,
+        result: Result<Result<R, Denied>, StoreError>,
+        failure: FailureMode,
+        waited: bool,
+        seen: Seen<'_>,
+    ) -> Decision<R> {
+        let failed = result.is_err().then_some(failure);
+        let decision = self.conclude(result, failure, waited);
+        let (outcome, limit) = outcome(&decision, failed);
+        observer.on_decision(&seen.event(outcome, limit));
+        decision
+    }
+
+    /// What a request that waits for the store keeps for the observer:
+    /// nothing without one.
+    #[inline]
+    pub(crate) fn watch(&self, seen: Seen<'_>) -> Option<Watch> {
+        self.observer.as_ref()?;
+        Watch::new(&seen)
+    }
+
+    /// [`conclude`](Shared::conclude) for an answer the request waited for; the
+    /// observer sees it with what the request kept (`watch`) and the request.
+    pub(crate) fn conclude_watched(
+        &self,
+        result: Result<Verdict, StoreError>,
+        failure: FailureMode,
+        watch: Option<Watch>,
+        req: Option<RequestView<'_>>,
+    ) -> Decision {
+        let (Some(observer), Some(watch)) = (&self.observer, watch) else {
+            return self.conclude(result, failure, true);
+        };
+        let failed = result.is_err().then_some(failure);
+        let decision = self.conclude(result, failure, true);
+        let (outcome, limit) = outcome(&decision, failed);
+        observer.on_decision(&watch.event(req, outcome, limit));
+        decision
+    }
+
+    /// The rejection of a key problem (decided before any store is asked),
+    /// seen by the observer.
+    #[inline]
+    pub(crate) fn refuse(&self, reason: Reason, seen: Seen<'_>) -> Rejection {
+        let rejection = Rejection::key(reason);
+        if let Some(observer) = &self.observer {
+            observer.on_decision(&seen.event(Outcome::Rejected(reason), None));
+        }
+        rejection
+    }
+
+    /// The observer, if any, sees a decision of the memory store made
+    /// directly ([`check`](crate::RateLimitLayer::check)).
+    #[inline]
+    pub(crate) fn checked(&self, result: &Result<(), Denied>, seen: Seen<'_>) {
+        if let Some(observer) = &self.observer {
+            let event = match result {
+                Ok(()) => seen.event(Outcome::Allowed, None),
+                Err(d) => {
+                    let rejection = Rejection::denied(d.denial, &d.limit, self.quota_status);
+                    seen.event(Outcome::Rejected(rejection.reason()), rejection.limit())
+                }
+            };
+            observer.on_decision(&event);
+        }
+    }
+}
+
+impl<K, S> Shared<K, S> {
+    /// The response for a rejected request.
+    #[cold]
+    pub(crate) fn reject(&self, rejection: Rejection, limit: Option<Applied>) -> Response<Bytes> {
+        let mut res = match &self.on_rejection {
+            Some(f) => f.response(&rejection),
+            None => rejection.default_response(),
+        };
+        let headers = res.headers_mut();
+        if let Some(secs) = rejection.retry_after_secs() {
+            headers
+                .entry(http::header::RETRY_AFTER)
+                .or_insert_with(|| http::HeaderValue::from(secs));
+        }
+        if let Some(limit) = limit {
+            let mut report = Report::default();
+            report.push(limit);
+            self.headers.write(&report, headers);
+        }
+        res.extensions_mut().insert(rejection);
+        res
+    }
+}

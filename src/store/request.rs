@@ -1,0 +1,577 @@
+//! What a store is asked: the limits of one request ([`Acquire`]), each
+//! limit with whose state it is counted under ([`ThrottleRef`],
+//! [`QuotaRef`], [`ConcurrencyRef`]), and the settlement of a request's
+//! actual tokens ([`Settlement`]).
+
+use std::fmt;
+use std::time::Duration;
+
+use super::MAX_THROTTLES;
+use super::verdict::{Applied, CONCURRENCY, Reservation};
+use crate::extract::RequestView;
+use crate::hash::Digest;
+use crate::plan::{FailureMode, Limit, LimitKind, Plan, StageLimits, method_limit};
+use crate::quota::QuotaSpec;
+use crate::window::Period;
+
+/// Stage limits are one state for every caller.
+const STAGE_KEY: Digest = Digest(0);
+
+/// Days of usage a token budget's daily or monthly quota keeps: none but the
+/// current day's (usage reports are of request quotas).
+const TOKEN_HISTORY_DAYS: u32 = 1;
+
+/// Whose limits a request is decided against: a plan, and the subject whose
+/// state it counts. Every reference to a limit (for a decision, a
+/// settlement, a usage report, a reset) is built here.
+#[derive(Clone, Copy)]
+pub(crate) struct Subject<'a> {
+    pub(crate) plan: &'a Plan,
+    /// What a remote store names the state by: a registered key's public
+    /// id, the key a per-key policy extracted, or an anonymous client's IP.
+    pub(crate) name: &'a [u8],
+    /// Where the memory store keeps the state (a per-process keyed hash).
+    pub(crate) digest: Digest,
+    /// Days of usage history a request quota keeps.
+    pub(crate) history_days: u32,
+}
+
+impl<'a> Subject<'a> {
+    /// One of the plan's throttles, counted for this subject.
+    #[inline]
+    pub(crate) fn throttle(&self, limit: &'a Limit) -> ThrottleRef<'a> {
+        ThrottleRef {
+            limit,
+            plan: Some(&self.plan.name),
+            subject: self.name,
+            digest: self.digest,
+            shadow: self.plan.shadow,
+        }
+    }
+
+    /// One of the plan's calendar quotas, counted for this subject.
+    #[inline]
+    pub(crate) fn quota(&self, kind: LimitKind, spec: &'a QuotaSpec) -> QuotaRef<'a> {
+        QuotaRef {
+            kind,
+            spec,
+            plan: &self.plan.name,
+            subject: self.name,
+            digest: self.digest,
+            shadow: self.plan.shadow,
+            history_days: if kind.counts_tokens() {
+                TOKEN_HISTORY_DAYS
+            } else {
+                self.history_days
+            },
+        }
+    }
+
+    /// The plan's request quota.
+    #[inline]
+    pub(crate) fn request_quota(&self) -> Option<QuotaRef<'a>> {
+        let spec = self.plan.quota.as_ref()?;
+        Some(self.quota(LimitKind::Quota, spec))
+    }
+
+    /// The plan's daily and monthly token quotas.
+    #[inline]
+    pub(crate) fn token_quotas(&self) -> [Option<QuotaRef<'a>>; 2] {
+        match &self.plan.tokens {
+            None => [None, None],
+            Some(t) => t
+                .quotas()
+                .map(|q| q.map(|(kind, spec)| self.quota(kind, spec))),
+        }
+    }
+
+    /// The plan's per-minute token bucket.
+    #[inline]
+    pub(crate) fn token_throttle(&self) -> Option<ThrottleRef<'a>> {
+        let limit = self.plan.tokens.as_ref()?.minute.as_ref()?;
+        Some(self.throttle(limit))
+    }
+
+    /// The plan's cap on this subject's requests in flight.
+    #[inline]
+    pub(crate) fn concurrency(&self) -> Option<ConcurrencyRef<'a>> {
+        self.plan.concurrency.map(|c| ConcurrencyRef {
+            limit: c.limit,
+            salt: c.salt,
+            plan: &self.plan.name,
+            subject: self.name,
+            digest: self.digest,
+            shadow: self.plan.shadow,
+        })
+    }
+
+    /// The settlement of a request's actual tokens against the plan's token
+    /// limits: `delta` more tokens (or fewer, when negative), where the
+    /// estimate was charged as `reserved` says.
+    pub(crate) fn settlement(&self, delta: i64, reserved: Reservation) -> Settlement<'a> {
+        Settlement {
+            throttle: self.token_throttle(),
+            quotas: self.token_quotas(),
+            delta,
+            reserved,
+        }
+    }
+}
+
+/// Everything a store needs to decide one request: its throttles, its quota
+/// and its cost.
+#[derive(Clone, Copy)]
+pub struct Acquire<'a> {
+    throttles: [Option<ThrottleRef<'a>>; MAX_THROTTLES],
+    len: usize,
+    pub(crate) quota: Option<QuotaRef<'a>>,
+    /// The daily and monthly token budgets.
+    pub(crate) token_quotas: [Option<QuotaRef<'a>>; 2],
+    pub(crate) concurrency: Option<ConcurrencyRef<'a>>,
+    pub(crate) cost: u32,
+    pub(crate) tokens: u32,
+    pub(crate) failure: FailureMode,
+}
+
+impl<'a> Acquire<'a> {
+    pub(crate) fn new(cost: u32, failure: FailureMode) -> Self {
+        Acquire {
+            throttles: [None; MAX_THROTTLES],
+            len: 0,
+            quota: None,
+            token_quotas: [None; 2],
+            concurrency: None,
+            cost,
+            tokens: 0,
+            failure,
+        }
+    }
+
+    /// Every limit that applies to a request of `cost` units (and `tokens`
+    /// estimated tokens) by `subject`: the stage's shared limits, the plan's
+    /// throttle, the method overrides matching the request's route (none
+    /// without a request), the token budget, the quotas and the
+    /// concurrency cap, in the order every store weighs them.
+    #[inline]
+    pub(crate) fn gather(
+        stage: Option<&'a StageLimits>,
+        subject: &Subject<'a>,
+        req: Option<&RequestView<'_>>,
+        cost: u32,
+        tokens: u32,
+    ) -> Self {
+        let plan = subject.plan;
+        let mut acquire = Acquire::new(cost, plan.failure);
+        // Stage limits protect the backend's total capacity: a shadow plan
+        // never lifts them.
+        if let Some(stage) = stage {
+            if let Some(l) = &stage.throttle {
+                acquire.push(ThrottleRef::stage(l));
+            }
+            if let Some(l) = method_limit(&stage.methods, req) {
+                acquire.push(ThrottleRef::stage(l));
+            }
+        }
+        if let Some(l) = &plan.throttle {
+            acquire.push(subject.throttle(l));
+        }
+        if let Some(l) = method_limit(&plan.methods, req) {
+            acquire.push(subject.throttle(l));
+        }
+        if plan.tokens.is_some() {
+            acquire.tokens = tokens;
+            if let Some(t) = subject.token_throttle() {
+                acquire.push(t);
+            }
+            acquire.token_quotas = subject.token_quotas();
+        }
+        acquire.quota = subject.request_quota();
+        acquire.concurrency = subject.concurrency();
+        acquire
+    }
+
+    /// A request of `cost` units whose one limit is the throttle `t`.
+    #[inline]
+    pub(crate) fn lone(t: ThrottleRef<'a>, cost: u32, failure: FailureMode) -> Self {
+        let mut acquire = Acquire::new(cost, failure);
+        acquire.push(t);
+        acquire
+    }
+
+    pub(crate) fn push(&mut self, throttle: ThrottleRef<'a>) {
+        if let Some(slot) = self.throttles.get_mut(self.len) {
+            *slot = Some(throttle);
+            self.len += 1;
+        }
+    }
+
+    /// The throttles (GCRA token buckets), shared stage limits first.
+    pub fn throttles(&self) -> impl Iterator<Item = &ThrottleRef<'a>> + '_ {
+        self.throttles[..self.len].iter().flatten()
+    }
+
+    /// The request's throttle when it is its only limit (no quota, token
+    /// budget, concurrency cap or shadow): the common plan, which the memory
+    /// store decides without gathering several limits.
+    #[inline]
+    pub(crate) fn lone_throttle(&self) -> Option<&ThrottleRef<'a>> {
+        match &self.throttles[..self.len] {
+            [Some(t)]
+                if !t.shadow
+                    && self.quota.is_none()
+                    && self.concurrency.is_none()
+                    && self.token_quotas.iter().all(Option::is_none) =>
+            {
+                Some(t)
+            }
+            _ => None,
+        }
+    }
+
+    /// The quota, when the plan has one.
+    pub fn quota(&self) -> Option<&QuotaRef<'a>> {
+        self.quota.as_ref()
+    }
+
+    /// Every calendar quota: the request quota, then the daily and monthly
+    /// token budgets (which [count tokens](QuotaRef::counts_tokens)).
+    pub fn quotas(&self) -> impl Iterator<Item = &QuotaRef<'a>> + '_ {
+        self.quota.iter().chain(self.token_quotas.iter().flatten())
+    }
+
+    /// The request's estimated cost in tokens, charged to the limits that
+    /// count tokens (0 when its plan has no token budget).
+    pub fn tokens(&self) -> u32 {
+        self.tokens
+    }
+
+    /// What a limit is charged: the request's [`tokens`](Self::tokens) for
+    /// a limit that counts tokens, else its [`cost`](Self::cost).
+    #[inline]
+    pub fn cost_for(&self, counts_tokens: bool) -> u32 {
+        if counts_tokens {
+            self.tokens
+        } else {
+            self.cost
+        }
+    }
+
+    /// The plan's cap on requests of this key in flight, when it has one:
+    /// an allowed request takes a place ([`Report::set_permit`]).
+    pub fn concurrency(&self) -> Option<&ConcurrencyRef<'a>> {
+        self.concurrency.as_ref()
+    }
+
+    /// The request's cost in units (0 peeks: nothing is charged).
+    pub fn cost(&self) -> u32 {
+        self.cost
+    }
+
+    /// What the layer does with the request when the store fails.
+    pub fn failure_mode(&self) -> FailureMode {
+        self.failure
+    }
+}
+
+impl fmt::Debug for Acquire<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Acquire")
+            .field("throttles", &self.throttles().collect::<Vec<_>>())
+            .field("quotas", &self.quotas().collect::<Vec<_>>())
+            .field("cost", &self.cost)
+            .field("tokens", &self.tokens)
+            .finish()
+    }
+}
+
+/// One throttle of a request, and whose state it is counted under.
+#[derive(Clone, Copy)]
+pub struct ThrottleRef<'a> {
+    pub(crate) limit: &'a Limit,
+    pub(crate) plan: Option<&'a str>,
+    pub(crate) subject: &'a [u8],
+    /// Where the memory store keeps the state (a per-process keyed hash).
+    pub(crate) digest: Digest,
+    pub(crate) shadow: bool,
+}
+
+impl<'a> ThrottleRef<'a> {
+    /// A stage limit: one state shared by every caller, never a shadow.
+    #[inline]
+    pub(crate) fn stage(limit: &'a Limit) -> Self {
+        ThrottleRef {
+            limit,
+            plan: None,
+            subject: b"",
+            digest: STAGE_KEY,
+            shadow: false,
+        }
+    }
+
+    /// The limit's name in headers: `"throttle"`, `"method"`, `"stage"`,
+    /// `"stage-method"` or `"tokens-minute"`.
+    pub fn name(&self) -> &'static str {
+        self.limit.kind.name()
+    }
+
+    /// Whether the throttle counts tokens (a token budget's per-minute
+    /// bucket): it is charged [`Acquire::tokens`], not [`Acquire::cost`].
+    #[inline]
+    pub fn counts_tokens(&self) -> bool {
+        self.limit.kind.counts_tokens()
+    }
+
+    /// A stable id of the limit within its plan (the same in every process,
+    /// and kept when the limit's numbers change).
+    pub fn id(&self) -> u64 {
+        self.limit.salt
+    }
+
+    /// The plan whose limit this is; `None` for stage limits, which every
+    /// caller shares.
+    pub fn plan(&self) -> Option<&'a str> {
+        self.plan
+    }
+
+    /// Whose state it is: a registered key's public id, the key a per-key
+    /// policy extracted, or the client IP of an anonymous request; empty for
+    /// stage limits. Hash it before it names anything.
+    pub fn subject(&self) -> &'a [u8] {
+        self.subject
+    }
+
+    /// Requests (units) per second.
+    pub fn rate(&self) -> f64 {
+        1e9 / self.limit.gcra.interval() as f64
+    }
+
+    /// The bucket size in units.
+    pub fn burst(&self) -> u32 {
+        self.limit.gcra.burst()
+    }
+
+    /// Time one unit takes to refill (the GCRA emission interval).
+    pub fn interval(&self) -> Duration {
+        Duration::from_nanos(self.limit.gcra.interval())
+    }
+
+    /// Whether the limit only observes (a shadow plan's): it is charged when
+    /// it has room and never denies.
+    pub fn is_shadow(&self) -> bool {
+        self.shadow
+    }
+}
+
+impl fmt::Debug for ThrottleRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ThrottleRef")
+            .field("name", &self.name())
+            .field("plan", &self.plan)
+            .field("rate", &self.rate())
+            .field("burst", &self.burst())
+            .field("shadow", &self.shadow)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The quota of a request, and whose count it is.
+#[derive(Clone, Copy)]
+pub struct QuotaRef<'a> {
+    pub(crate) kind: LimitKind,
+    pub(crate) spec: &'a QuotaSpec,
+    pub(crate) plan: &'a str,
+    pub(crate) subject: &'a [u8],
+    /// Where the memory store keeps the counters (a per-process keyed hash
+    /// of the subject).
+    pub(crate) digest: Digest,
+    pub(crate) shadow: bool,
+    pub(crate) history_days: u32,
+}
+
+impl<'a> QuotaRef<'a> {
+    /// The quota's name in headers: `"quota"`, `"tokens-day"` or `"tokens-month"`.
+    pub fn name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    /// Whether the quota counts tokens (a token budget's daily or monthly
+    /// quota): it is charged [`Acquire::tokens`], not [`Acquire::cost`].
+    #[inline]
+    pub fn counts_tokens(&self) -> bool {
+        self.kind.counts_tokens()
+    }
+
+    /// Requests (units) per window.
+    pub fn limit(&self) -> u64 {
+        self.spec.limit
+    }
+
+    /// The window.
+    pub fn period(&self) -> Period {
+        self.spec.period
+    }
+
+    /// Units deducted from the limit in the window holding
+    /// [`created_at`](Self::created_at) (AWS `offset`).
+    pub fn offset(&self) -> u64 {
+        self.spec.offset
+    }
+
+    /// When the plan was created, in nanoseconds since the Unix epoch (UTC).
+    pub fn created_at(&self) -> i64 {
+        self.spec.created_at
+    }
+
+    /// The plan.
+    pub fn plan(&self) -> &'a str {
+        self.plan
+    }
+
+    /// The registered key's public id.
+    pub fn subject(&self) -> &'a [u8] {
+        self.subject
+    }
+
+    /// Whether the quota only observes (counts past its limit, never denies).
+    pub fn is_shadow(&self) -> bool {
+        self.shadow
+    }
+
+    /// Days of daily usage to keep for reports.
+    pub fn history_days(&self) -> u32 {
+        self.history_days
+    }
+}
+
+impl fmt::Debug for QuotaRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuotaRef")
+            .field("name", &self.name())
+            .field("plan", &self.plan)
+            .field("limit", &self.limit())
+            .field("period", &self.period())
+            .field("shadow", &self.shadow)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A plan's cap on requests of one key in flight.
+#[derive(Clone, Copy)]
+pub struct ConcurrencyRef<'a> {
+    pub(crate) limit: u32,
+    pub(crate) salt: u64,
+    pub(crate) plan: &'a str,
+    pub(crate) subject: &'a [u8],
+    pub(crate) digest: Digest,
+    pub(crate) shadow: bool,
+}
+
+impl<'a> ConcurrencyRef<'a> {
+    /// Requests in flight allowed at once.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// The plan.
+    pub fn plan(&self) -> &'a str {
+        self.plan
+    }
+
+    /// Whose requests they are (see [`ThrottleRef::subject`]).
+    pub fn subject(&self) -> &'a [u8] {
+        self.subject
+    }
+
+    /// Whether the cap only observes (a shadow plan's).
+    pub fn is_shadow(&self) -> bool {
+        self.shadow
+    }
+
+    /// How the cap stands with `in_flight` requests (this one included when
+    /// it was let in).
+    pub fn applied(&self, in_flight: u64) -> Applied {
+        Applied {
+            name: CONCURRENCY,
+            quota: u64::from(self.limit),
+            window_secs: 0,
+            remaining: u64::from(self.limit).saturating_sub(in_flight),
+            reset: 0,
+        }
+    }
+}
+
+impl fmt::Debug for ConcurrencyRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConcurrencyRef")
+            .field("plan", &self.plan)
+            .field("limit", &self.limit)
+            .field("shadow", &self.shadow)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A place a request holds under a concurrency cap, until its response ends.
+/// What it holds is the store's business: two numbers that name the place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Permit {
+    pub(crate) place: u128,
+    pub(crate) id: u64,
+}
+
+impl Permit {
+    /// A permit for `place` (the store's name for the cap's state) and `id`
+    /// (which of the requests in flight this is).
+    pub fn new(place: u128, id: u64) -> Self {
+        Permit { place, id }
+    }
+
+    /// The place.
+    pub fn place(&self) -> u128 {
+        self.place
+    }
+
+    /// The request's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+/// The actual cost of a request that reserved tokens, to be settled against
+/// its token limits (see [`Store::settle`]).
+#[derive(Clone, Copy)]
+pub struct Settlement<'a> {
+    pub(crate) throttle: Option<ThrottleRef<'a>>,
+    pub(crate) quotas: [Option<QuotaRef<'a>>; 2],
+    pub(crate) delta: i64,
+    /// Where the reservation was charged: an over-estimate gives back
+    /// nothing to a limit it did not charge.
+    pub(crate) reserved: Reservation,
+}
+
+impl<'a> Settlement<'a> {
+    /// The per-minute token bucket, when the plan has one.
+    pub fn throttle(&self) -> Option<&ThrottleRef<'a>> {
+        self.throttle.as_ref()
+    }
+
+    /// The daily and monthly token quotas the plan has.
+    pub fn quotas(&self) -> impl Iterator<Item = &QuotaRef<'a>> + '_ {
+        self.quotas.iter().flatten()
+    }
+
+    /// Tokens to charge (the request used more than it reserved) or, when
+    /// negative, to give back (it used fewer).
+    pub fn delta(&self) -> i64 {
+        self.delta
+    }
+}
+
+impl fmt::Debug for Settlement<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settlement")
+            .field("throttle", &self.throttle)
+            .field("quotas", &self.quotas().collect::<Vec<_>>())
+            .field("delta", &self.delta)
+            .finish()
+    }
+}

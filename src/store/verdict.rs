@@ -1,0 +1,346 @@
+//! What a decision answers: how each limit stands ([`Applied`], [`Report`]),
+//! why a request was denied ([`Denied`]), and the rules across limits that
+//! every store answers by (the denial that holds the request longest is
+//! named; a cost no limit can ever hold is refused with no retry).
+
+use std::time::Duration;
+
+use super::{CONCURRENCY_RETRY, MAX_LIMITS, Permit};
+use crate::gcra::Nanos;
+use crate::plan::Limit;
+use crate::quota::QuotaSnapshot;
+
+/// The name of a concurrency cap in headers and rejections.
+pub(crate) const CONCURRENCY: &str = "concurrency";
+
+/// How one limit stood after a decision, for the response headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The policy item's name (`"throttle"`).
+    pub(crate) name: &'static str,
+    /// The limit's size (`q`): a throttle's burst, a quota's limit.
+    pub(crate) quota: u64,
+    /// The limit's window (`w`) in seconds.
+    pub(crate) window_secs: u64,
+    /// Units left (`r`).
+    pub(crate) remaining: u64,
+    /// Nanoseconds until the limit is back to full (`t`).
+    pub(crate) reset: Nanos,
+}
+
+impl Applied {
+    /// How a limit named `name` (`"throttle"`, `"quota"`…) of size `limit`
+    /// over `window` stands: `remaining` units left, full again after `reset`.
+    pub fn new(
+        name: &'static str,
+        limit: u64,
+        window: Duration,
+        remaining: u64,
+        reset: Duration,
+    ) -> Self {
+        Applied {
+            name,
+            quota: limit,
+            window_secs: window.as_secs(),
+            remaining,
+            reset: u64::try_from(reset.as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// The limit's name in headers and rejections.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The limit's size: a throttle's burst, a quota's limit.
+    pub fn limit(&self) -> u64 {
+        self.quota
+    }
+
+    /// Units left.
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// Time until the limit is full again.
+    pub fn reset(&self) -> Duration {
+        Duration::from_nanos(self.reset)
+    }
+}
+
+/// What every limit of a request looked like after the decision.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Report {
+    items: [Applied; MAX_LIMITS],
+    len: u8,
+    permit: Option<Permit>,
+    /// The store failed and the plan let the request through unchecked:
+    /// nothing was charged, so nothing is settled.
+    pub(crate) unchecked: bool,
+    /// Where the request's estimated tokens were charged, for settling them.
+    pub(crate) reserved: Reservation,
+}
+
+/// Where a request's estimated tokens were charged, so that settling an
+/// over-estimate gives back only what the reservation still holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Reservation {
+    /// When the estimate's own share of the per-minute bucket refills: the
+    /// decision's time plus `estimate * interval`, on the store's time line.
+    /// Settling gives back no more than is still ahead of it: what has
+    /// refilled since may have been granted to later requests. (The TAT the
+    /// request stored cannot tell: other settlements move it.)
+    pub(crate) until: Option<Nanos>,
+    /// The wall time (nanoseconds since the Unix epoch, on the store's
+    /// time line) the token quotas were charged at: a quota window that
+    /// began after it gets nothing back.
+    pub(crate) wall: Option<i64>,
+}
+
+impl Report {
+    /// Records how a limit stands (beyond the most limits of one request, the
+    /// rest are dropped).
+    pub fn push(&mut self, item: Applied) {
+        if let Some(slot) = self.items.get_mut(usize::from(self.len)) {
+            *slot = item;
+            self.len += 1;
+        }
+    }
+
+    /// How each limit stands.
+    pub fn items(&self) -> &[Applied] {
+        &self.items[..usize::from(self.len)]
+    }
+
+    /// The report of a request let through unchecked by a failed store.
+    pub(crate) fn unchecked() -> Self {
+        Report {
+            unchecked: true,
+            ..Report::default()
+        }
+    }
+
+    /// The place the request holds under its plan's concurrency cap, to be
+    /// given back with [`Store::release`] when its response ends.
+    pub fn permit(&self) -> Option<Permit> {
+        self.permit
+    }
+
+    /// Records the place the request holds under a concurrency cap.
+    pub fn set_permit(&mut self, permit: Permit) {
+        self.permit = Some(permit);
+    }
+
+    /// The limit closest to denying: fewest units left, then longest to
+    /// reset. A concurrency cap is left out when there is a rate limit: the
+    /// place this request holds comes back when its response ends, so its
+    /// count says nothing about the pace a client should keep.
+    pub(crate) fn tightest(&self) -> Option<&Applied> {
+        let rates = || self.items().iter().filter(|a| a.name != CONCURRENCY);
+        let pool: &mut dyn Iterator<Item = &Applied> = if rates().next().is_some() {
+            &mut rates()
+        } else {
+            &mut self.items().iter()
+        };
+        pool.min_by(|a, b| a.remaining.cmp(&b.remaining).then(b.reset.cmp(&a.reset)))
+    }
+}
+
+/// Where a decision writes how each limit stands: a [`Report`] for response
+/// headers, or `()` when nobody will read it (then nothing is computed).
+pub(crate) trait Sink: Default {
+    /// Records a limit; `item` runs only if the sink keeps it.
+    fn push(&mut self, item: impl FnOnce() -> Applied);
+
+    /// Whether the decision takes a place under a concurrency cap: only
+    /// when the caller will give it back (a request through the layer).
+    const HOLDS: bool;
+
+    /// Records the place the request took under a concurrency cap.
+    fn hold(&mut self, permit: Permit);
+
+    /// Records where the request's tokens were charged.
+    fn reserve(&mut self, f: impl FnOnce(&mut Reservation));
+}
+
+impl Sink for Report {
+    const HOLDS: bool = true;
+
+    #[inline]
+    fn push(&mut self, item: impl FnOnce() -> Applied) {
+        Report::push(self, item());
+    }
+
+    #[inline]
+    fn hold(&mut self, permit: Permit) {
+        self.permit = Some(permit);
+    }
+
+    #[inline]
+    fn reserve(&mut self, f: impl FnOnce(&mut Reservation)) {
+        f(&mut self.reserved);
+    }
+}
+
+impl Sink for () {
+    const HOLDS: bool = false;
+
+    #[inline]
+    fn push(&mut self, _item: impl FnOnce() -> Applied) {}
+
+    #[inline]
+    fn hold(&mut self, _permit: Permit) {}
+
+    #[inline]
+    fn reserve(&mut self, _f: impl FnOnce(&mut Reservation)) {}
+}
+
+/// Why a store denied a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Denial {
+    /// A throttle has no room now; retry after the given nanoseconds.
+    Limited { retry_after: Nanos },
+    /// The quota of the current window is used up; it renews after the given nanoseconds.
+    Quota { retry_after: Nanos },
+    /// The request costs more than a limit can ever hold.
+    TooCostly,
+    /// The store cannot track another key right now.
+    Capacity { retry_after: Nanos },
+    /// The key has as many requests in flight as its plan allows.
+    Concurrency,
+}
+
+/// A denied decision: why, and how the limit that denied stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Denied {
+    pub(crate) denial: Denial,
+    pub(crate) limit: Applied,
+}
+
+fn nanos(d: Duration) -> Nanos {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Denied {
+    /// A throttle had no room; the request passes after `retry_after`.
+    pub fn throttled(limit: Applied, retry_after: Duration) -> Self {
+        Denied {
+            denial: Denial::Limited {
+                retry_after: nanos(retry_after),
+            },
+            limit,
+        }
+    }
+
+    /// The quota's window is used up; it renews after `retry_after`.
+    pub fn quota(limit: Applied, retry_after: Duration) -> Self {
+        Denied {
+            denial: Denial::Quota {
+                retry_after: nanos(retry_after),
+            },
+            limit,
+        }
+    }
+
+    /// The request costs more than the limit can ever hold.
+    pub fn too_costly(limit: Applied) -> Self {
+        Denied {
+            denial: Denial::TooCostly,
+            limit,
+        }
+    }
+
+    /// The store cannot track another key now; retry after `retry_after`.
+    pub fn capacity(limit: Applied, retry_after: Duration) -> Self {
+        Denied {
+            denial: Denial::Capacity {
+                retry_after: nanos(retry_after),
+            },
+            limit,
+        }
+    }
+
+    /// The key has as many requests in flight as its plan allows.
+    pub fn concurrency(limit: Applied) -> Self {
+        Denied {
+            denial: Denial::Concurrency,
+            limit,
+        }
+    }
+
+    /// How the limit that denied stands.
+    pub fn limit(&self) -> &Applied {
+        &self.limit
+    }
+
+    /// When the request would pass, if it ever will.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self.denial {
+            Denial::Limited { retry_after }
+            | Denial::Quota { retry_after }
+            | Denial::Capacity { retry_after } => Some(Duration::from_nanos(retry_after)),
+            Denial::Concurrency => Some(CONCURRENCY_RETRY),
+            Denial::TooCostly => None,
+        }
+    }
+
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    /// The same denial as seen `elapsed` later (an over-limit cache answering
+    /// for the store): the wait and the limit's reset shrink by `elapsed`.
+    pub(crate) fn later(mut self, elapsed: Nanos) -> Self {
+        match &mut self.denial {
+            Denial::Limited { retry_after }
+            | Denial::Quota { retry_after }
+            | Denial::Capacity { retry_after } => {
+                *retry_after = retry_after.saturating_sub(elapsed).max(1);
+            }
+            Denial::TooCostly | Denial::Concurrency => {}
+        }
+        self.limit.reset = self.limit.reset.saturating_sub(elapsed);
+        self
+    }
+
+    /// Of two denials, the one that holds the request longest: a cost no
+    /// limit can ever hold first (it never passes), then the longest wait,
+    /// whatever kind of limit asks for it (a throttle needing 10 s holds a
+    /// request longer than a quota window ending in 1 s). On a tie the
+    /// earlier denial stands: limits are looked at in a fixed order (stage,
+    /// plan, method, tokens a minute, quota, token quotas, concurrency), so
+    /// every store names the same one.
+    pub(crate) fn longest(a: Option<Denied>, b: Denied) -> Denied {
+        match a {
+            Some(a) if a.holds() >= b.holds() => a,
+            _ => b,
+        }
+    }
+
+    /// How long the denial holds its request; a cost no limit can ever hold
+    /// holds it forever.
+    fn holds(&self) -> Nanos {
+        self.retry_after().map_or(Nanos::MAX, nanos)
+    }
+}
+
+/// How a quota stands, as a report item named `name`.
+pub(crate) fn quota_applied(name: &'static str, q: &QuotaSnapshot) -> Applied {
+    Applied {
+        name,
+        quota: u64::try_from(q.limit).unwrap_or(0),
+        window_secs: q.window_secs,
+        remaining: q.remaining,
+        reset: q.reset,
+    }
+}
+
+/// How `limit` stands with TAT `tat` at `now`.
+pub(crate) fn applied(limit: &Limit, tat: Nanos, now: Nanos) -> Applied {
+    let s = limit.gcra.status(tat, now);
+    let (remaining, reset) = (s.remaining, s.reset);
+    Applied {
+        name: limit.kind.name(),
+        quota: u64::from(limit.gcra.burst()),
+        window_secs: limit.window_secs,
+        remaining: u64::from(remaining),
+        reset,
+    }
+}
