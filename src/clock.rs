@@ -373,6 +373,16 @@ impl fmt::Debug for ManualClock {
     }
 }
 
+/// This machine's wall time in microseconds since the Unix epoch, read
+/// now (not through a [`Clock`]): for measuring how another machine's clock
+/// (Redis `TIME`) stands to this one's.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn system_wall_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

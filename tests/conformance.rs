@@ -547,6 +547,11 @@ on_each_backend!(
     a_token_bucket_reserves_estimates_and_settles_actual_costs,
     daily_token_budgets_count_settled_tokens,
     a_body_that_fails_mid_stream_gives_back_its_place_and_settles,
+    a_full_concurrency_cap_denies_a_peek_and_a_peek_takes_no_place,
+    a_cost_above_a_whole_quota_is_refused_with_no_retry,
+    the_longest_wait_is_named_whichever_limit_asks_it,
+    nothing_is_admitted_before_its_exact_time,
+    a_denial_is_never_replayed_after_a_request_passed,
 );
 
 /// On a Redis Cluster: the behaviours that touch several slots (stage limits
@@ -569,6 +574,8 @@ async fn redis_cluster_agrees() {
     a_concurrency_cap_holds_places_until_bodies_end(&cluster).await;
     a_token_bucket_reserves_estimates_and_settles_actual_costs(&cluster).await;
     daily_token_budgets_count_settled_tokens(&cluster).await;
+    a_full_concurrency_cap_denies_a_peek_and_a_peek_takes_no_place(&cluster).await;
+    the_longest_wait_is_named_whichever_limit_asks_it(&cluster).await;
 }
 
 /// The over-limit cache answers a denied key locally with the answer Redis
@@ -1060,4 +1067,193 @@ where
         assert!(std::time::Instant::now() < deadline, "no place came back");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+// The rules across limits, as DESIGN decides them. Each test below is the
+// regression test of a disagreement once found between the stores and a
+// model of DESIGN's semantics.
+
+async fn denied<S: Store>(l: &RateLimitLayer<ApiKeyHeader, S>, cost: u32) -> tollgate::Rejection {
+    l.decide(b"v", cost).await.expect_err("denied")
+}
+
+/// A request through the layer whose response (and so its place under the
+/// concurrency cap) is held until dropped.
+async fn held<S: Store>(
+    l: &RateLimitLayer<ApiKeyHeader, S>,
+) -> http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>> {
+    use tower::{Service, ServiceExt};
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(l.clone())
+        .service_fn(|_| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                bytes::Bytes::from_static(b"x"),
+            )))
+        });
+    let req = http::Request::builder()
+        .header("x-api-key", "v")
+        .body(())
+        .unwrap();
+    let res = svc.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res
+}
+
+/// A peek (cost 0) while the cap is full is denied and takes no place;
+/// on a free cap it passes and still takes none.
+async fn a_full_concurrency_cap_denies_a_peek_and_a_peek_takes_no_place<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 0));
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(1.0, 5).unwrap())
+        .concurrency(1);
+    let l = layer(b, &clock, vec![plan], vec![ApiKey::new("k", "v", "p")]).await;
+    // A free cap: the peek passes, and a real request still finds its place.
+    l.decide(b"v", 0).await.unwrap();
+    let first = held(&l).await;
+    let peek = denied(&l, 0).await;
+    assert_eq!(peek.reason(), Reason::ConcurrencyLimited);
+    assert_eq!(peek.limit(), Some("concurrency"));
+    let request = denied(&l, 1).await;
+    assert_eq!(request.reason(), Reason::ConcurrencyLimited);
+    drop(first);
+    // A remote store is given the place back in the background.
+    let mut freed = false;
+    for _ in 0..200 {
+        if l.decide(b"v", 0).await.is_ok() {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(freed, "the place came back");
+    // Peeks charged nothing: of the burst of 5, one request was charged.
+    // (Each `decide` gives its place back at once; a remote store in the
+    // background, so a place may still be held for a moment.)
+    let next = async || {
+        for _ in 0..200 {
+            match l.decide(b"v", 1).await {
+                Err(r) if r.reason() == Reason::ConcurrencyLimited => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                other => return other,
+            }
+        }
+        panic!("a place never came back")
+    };
+    for _ in 0..4 {
+        next().await.unwrap();
+    }
+    assert_eq!(next().await.unwrap_err().reason(), Reason::Limited);
+}
+
+/// A cost above a quota's whole limit can never pass, in any window: it is
+/// refused with no retry, as a throttle's or a token budget's is.
+async fn a_cost_above_a_whole_quota_is_refused_with_no_retry<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3600));
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(100.0, 100).unwrap())
+        .quota(Quota::new(2, Period::WEEK).unwrap());
+    let l = layer(b, &clock, vec![plan], vec![ApiKey::new("k", "v", "p")]).await;
+    let r = denied(&l, 4).await;
+    assert_eq!(r.reason(), Reason::CostExceedsLimit);
+    assert_eq!(r.limit(), Some("quota"));
+    assert_eq!(r.retry_after(), None);
+    // It charged nothing: the whole quota is still there.
+    l.decide(b"v", 2).await.unwrap();
+    let r = denied(&l, 1).await;
+    assert_eq!(r.reason(), Reason::QuotaExceeded);
+    assert!(r.retry_after().is_some());
+}
+
+/// With a throttle and a quota both denying, the denial names the one that
+/// holds the request longest: a throttle needing 10 s over a DAY quota
+/// whose window ends in 1 s.
+async fn the_longest_wait_is_named_whichever_limit_asks_it<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 86_399));
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(0.1, 1).unwrap())
+        .quota(Quota::new(1, Period::Day).unwrap());
+    let l = layer(b, &clock, vec![plan], vec![ApiKey::new("k", "v", "p")]).await;
+    l.decide(b"v", 1).await.unwrap();
+    let r = denied(&l, 1).await;
+    assert_eq!(r.reason(), Reason::Limited);
+    assert_eq!(r.limit(), Some("throttle"));
+    assert_eq!(r.retry_after(), Some(Duration::from_secs(10)));
+    // Past midnight the quota has renewed; the throttle still holds.
+    clock.advance(Duration::from_secs(2));
+    let r = denied(&l, 1).await;
+    assert_eq!(r.limit(), Some("throttle"));
+    assert_eq!(r.retry_after(), Some(Duration::from_secs(8)));
+}
+
+/// 0.9 requests a second refill one every 1,111,111,111.1 ns: nothing is
+/// admitted at 1,111,111,111 ns, one is at 1,111,111,112 ns.
+async fn nothing_is_admitted_before_its_exact_time<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 0));
+    let plan = UsagePlan::new("p").throttle(Throttle::new(0.9, 1).unwrap());
+    let l = layer(b, &clock, vec![plan], vec![ApiKey::new("k", "v", "p")]).await;
+    l.decide(b"v", 1).await.unwrap();
+    clock.advance(Duration::from_nanos(1_111_111_111));
+    let r = denied(&l, 1).await;
+    assert_eq!(r.retry_after(), Some(Duration::from_nanos(1)));
+    clock.advance(Duration::from_nanos(1));
+    l.decide(b"v", 1).await.unwrap();
+}
+
+/// A denial is never answered with a wait that has since grown: after a
+/// cheaper request passed, the same costly one waits longer (the Redis
+/// store's over-limit cache, on by default, must not replay the first
+/// answer).
+async fn a_denial_is_never_replayed_after_a_request_passed<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 0));
+    let plan = UsagePlan::new("p").throttle(Throttle::new(1.0 / 3.0, 3).unwrap());
+    let l = layer(b, &clock, vec![plan], vec![ApiKey::new("k", "v", "p")]).await;
+    l.decide(b"v", 3).await.unwrap();
+    clock.advance(Duration::from_nanos(3_000_000_002));
+    let first = denied(&l, 2).await;
+    assert_eq!(
+        first.retry_after(),
+        Some(Duration::from_nanos(2_999_999_998))
+    );
+    l.decide(b"v", 1).await.unwrap();
+    let again = denied(&l, 2).await;
+    assert_eq!(
+        again.retry_after(),
+        Some(Duration::from_nanos(5_999_999_998))
+    );
+}
+
+/// `check`, the memory store's direct decision, answers as `decide` does
+/// when a concurrency cap is full: it is denied, and takes no place.
+#[tokio::test]
+async fn check_is_denied_by_a_full_concurrency_cap() {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 0));
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(1.0, 5).unwrap())
+        .concurrency(1);
+    let l = layer(
+        &Memory,
+        &clock,
+        vec![plan],
+        vec![ApiKey::new("k", "v", "p")],
+    )
+    .await;
+    assert!(l.check(b"v", 1).is_ok());
+    let first = held(&l).await;
+    let r = l.check(b"v", 1).unwrap_err();
+    assert_eq!(r.reason(), Reason::ConcurrencyLimited);
+    assert_eq!(
+        l.check(b"v", 0).unwrap_err().reason(),
+        Reason::ConcurrencyLimited
+    );
+    drop(first);
+    assert!(l.check(b"v", 1).is_ok());
+    // check took no place: a request through the layer still finds one.
+    drop(held(&l).await);
 }

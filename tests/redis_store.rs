@@ -394,16 +394,24 @@ async fn one_round_trip_per_decision_and_none_for_a_denied_key() {
     let redis = RedisServer::start();
     let never = |burst| Throttle::new(0.01, burst).expect("a valid throttle");
     let policy = Policy::builder()
-        .stage(Stage::new().throttle(never(10_000)))
+        // A stage that refills within 10 s: a used-up DAY quota outlasts any
+        // wait it could ask, so the quota's denial may be answered locally.
+        .stage(Stage::new().throttle(Throttle::new(1_000.0, 10_000).expect("a valid throttle")))
         .plan(
             UsagePlan::new("wide")
                 .throttle(never(1_000))
                 .method("/v1/completions/POST", never(1_000))
                 .quota(Quota::new(100_000, Period::Day).expect("a valid quota")),
         )
-        .plan(UsagePlan::new("tight").throttle(never(2)))
+        .plan(
+            UsagePlan::new("tight")
+                .throttle(never(1_000))
+                .quota(Quota::new(2, Period::Day).expect("a valid quota")),
+        )
+        .plan(UsagePlan::new("throttled").throttle(never(2)))
         .key(ApiKey::new("wide-1", "wide-key", "wide"))
         .key(ApiKey::new("tight-1", "tight-key", "tight"))
+        .key(ApiKey::new("throttled-1", "throttled-key", "throttled"))
         .build()
         .expect("a valid policy");
     let store = RedisStore::builder(redis.url())
@@ -462,16 +470,18 @@ async fn one_round_trip_per_decision_and_none_for_a_denied_key() {
         "the script was loaded more than once: {total:?}"
     );
 
-    // A denied key: 2 pass, the third is denied by Redis; from then on the
-    // instance answers it alone.
+    // A key whose quota is used up: 2 pass, the third is denied by Redis;
+    // from then on the instance answers it alone, exactly as Redis would
+    // (nothing can pass the quota before its window ends).
     for i in 0..2 {
         let ans = complete(&http, &url, "tight-key").await;
         assert_eq!(ans.status, 200, "tight request {i}: {ans:?}");
     }
     let denied = complete(&http, &url, "tight-key").await;
     assert_eq!(denied.status, 429, "{denied:?}");
+    assert_eq!(denied.body, LIMIT_EXCEEDED);
     let retry = denied.retry_after.expect("a Retry-After header");
-    assert!((99..=100).contains(&retry), "{denied:?}");
+    assert!((1..=86_400).contains(&retry), "{denied:?}");
     let denied_at = Instant::now();
 
     const M: usize = 20;
@@ -479,7 +489,7 @@ async fn one_round_trip_per_decision_and_none_for_a_denied_key() {
     for i in 0..M {
         let ans = complete(&http, &url, "tight-key").await;
         assert_eq!(ans.status, 429, "cached denial {i}: {ans:?}");
-        assert_eq!(ans.body, TOO_MANY_REQUESTS);
+        assert_eq!(ans.body, LIMIT_EXCEEDED);
         assert!(
             ans.retry_after.is_some_and(|s| s > 0 && s <= retry),
             "cached denial {i}: {ans:?}"
@@ -496,6 +506,21 @@ async fn one_round_trip_per_decision_and_none_for_a_denied_key() {
         Vec::<String>::new(),
         "a denied key reached Redis within its retry time"
     );
+
+    // A throttled key is asked of Redis each time: its wait grows whenever
+    // a cheaper request passes in between, which only Redis knows.
+    for i in 0..2 {
+        let ans = complete(&http, &url, "throttled-key").await;
+        assert_eq!(ans.status, 200, "throttled request {i}: {ans:?}");
+    }
+    let before = command_calls(redis.addr());
+    for i in 0..3 {
+        let ans = complete(&http, &url, "throttled-key").await;
+        assert_eq!(ans.status, 429, "throttled denial {i}: {ans:?}");
+        assert_eq!(ans.body, TOO_MANY_REQUESTS);
+    }
+    let d = grown(&before, &command_calls(redis.addr()));
+    assert_eq!(d.get("evalsha"), Some(&3), "throttle denials: {d:?}");
 
     // The cache answers for at most a second: then Redis is asked again,
     // and still denies.

@@ -4,13 +4,14 @@
 //!
 //! It answers only what Redis would answer, exactly, or not at all. That
 //! holds for one kind of denial: a quota (not a token budget's) with nothing
-//! left, of a request with no limit shared by other callers. Until its
-//! window ends, no request of that subject can pass the quota, so nothing
-//! charges any of the request's limits: the quota stays used up, the wait is
-//! the same instant, and no throttle of the request can come to hold it
-//! longer than the window. Any other denial can change before its retry
-//! time (a cheaper request passing, another caller draining a shared
-//! bucket, a settlement giving tokens back) and is never cached. An admin
+//! left. Until its window ends, no request of that subject can pass the
+//! quota, so nothing charges the request's own limits: the quota stays used
+//! up, the wait is the same instant, and no throttle of its own can come to
+//! hold it longer than the window. A stage limit, shared with every caller,
+//! can be drained by others, but never asks a wait longer than its span: the
+//! entry is kept only while the window ends later than that. Any other
+//! denial can change before its retry time (a cheaper request passing, a
+//! settlement giving tokens back) and is never cached. An admin
 //! change through this instance clears the cache; an entry lives at most
 //! `max_ttl`, which bounds how long a change made elsewhere (another
 //! instance raising a quota) can go unseen here.
@@ -88,14 +89,18 @@ impl OverLimitCache {
     }
 
     /// Remembers that `id` was denied at `now`.
-    pub(super) fn insert(&self, id: u64, now: Nanos, denied: Denied) {
+    /// Caches `denied`, given at `now`, until its retry time less `margin`
+    /// (the longest wait a limit shared with other callers could come to
+    /// ask, which would then be named instead); nothing when that leaves no
+    /// time.
+    pub(super) fn insert(&self, id: u64, now: Nanos, denied: Denied, margin: Nanos) {
         let Some(wait) = denied.retry_after() else {
-            // A cost no limit can hold is answered at once by Redis too; caching
-            // it saves a round trip as long as the plan stays.
-            return self.put(id, now, self.max_ttl, denied);
+            return;
         };
         let wait = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
-        self.put(id, now, wait.min(self.max_ttl), denied);
+        if let Some(ttl) = wait.checked_sub(margin).filter(|&t| t > 0) {
+            self.put(id, now, ttl.min(self.max_ttl), denied);
+        }
     }
 
     fn put(&self, id: u64, now: Nanos, ttl: Nanos, denied: Denied) {
@@ -173,7 +178,7 @@ mod tests {
     #[test]
     fn answers_until_the_retry_time_with_a_shrinking_wait() {
         let c = OverLimitCache::new(64, u64::MAX);
-        c.insert(7, 1_000, denied(10));
+        c.insert(7, 1_000, denied(10), 0);
         let d = c.get(7, 1_000 + 4_000_000).unwrap();
         assert_eq!(d.retry_after(), Some(Duration::from_millis(6)));
         assert!(c.get(7, 1_000 + 10_000_000).is_none());
@@ -183,21 +188,21 @@ mod tests {
     #[test]
     fn max_ttl_and_capacity_bound_it() {
         let c = OverLimitCache::new(SHARDS, 1_000);
-        c.insert(1, 0, denied(10_000));
+        c.insert(1, 0, denied(10_000), 0);
         assert!(c.get(1, 999).is_some());
         assert!(c.get(1, 1_000).is_none());
         // One entry per shard: a second id in the same shard is not kept
         // while the first is live.
-        c.insert(1, 0, denied(10_000));
-        c.insert(2, 0, denied(10_000));
+        c.insert(1, 0, denied(10_000), 0);
+        c.insert(2, 0, denied(10_000), 0);
         assert!(c.get(2, 10).is_none());
         // Once entry 1 has expired, a full shard is swept, but only every
         // SWEEP_EVERY refusals.
         for _ in 0..SWEEP_EVERY - 2 {
-            c.insert(2, 2_000, denied(10_000));
+            c.insert(2, 2_000, denied(10_000), 0);
         }
         assert!(c.get(2, 2_001).is_none());
-        c.insert(2, 2_000, denied(10_000));
+        c.insert(2, 2_000, denied(10_000), 0);
         assert!(c.get(2, 2_001).is_some());
         c.clear();
         assert!(c.get(2, 2_001).is_none());

@@ -1,0 +1,120 @@
+//! The admin operations: a quota's usage by day, setting what remains of it,
+//! and resetting a subject's limits.
+
+use std::sync::Arc;
+
+use super::call::{Call, quota_args};
+use super::store::Inner;
+use crate::quota::DayRecord;
+use crate::store::{QuotaRef, StoreError, StoreFuture, ThrottleRef};
+use crate::window::Date;
+
+impl Inner {
+    /// [`Store::usage`](crate::store::Store::usage), read from the quota's
+    /// history hash.
+    pub(super) fn usage(
+        self: &Arc<Self>,
+        quota: &QuotaRef<'_>,
+        first: Date,
+        last: Date,
+    ) -> StoreFuture<Vec<[i64; 2]>> {
+        let inner = Arc::clone(self);
+        let [_, key] = inner.quota_keys(quota);
+        let spec = *quota.spec;
+        Box::pin(async move {
+            let fields: Vec<(String, i64)> = inner
+                .command(redis::cmd("HGETALL").arg(key).clone())
+                .await?;
+            let records = day_records(&fields);
+            Ok(crate::quota::report(
+                &spec,
+                &records,
+                first.days(),
+                last.days(),
+            ))
+        })
+    }
+
+    /// [`Store::set_remaining`](crate::store::Store::set_remaining), by the
+    /// script; clears the over-limit cache.
+    pub(super) fn set_remaining(
+        self: &Arc<Self>,
+        quota: &QuotaRef<'_>,
+        remaining: u64,
+    ) -> StoreFuture<u64> {
+        let inner = Arc::clone(self);
+        let mut call = Call::new("s", &inner.now());
+        call.keys = inner.quota_keys(quota).to_vec();
+        call.arg(remaining);
+        quota_args(&mut call, quota);
+        call.arg(quota.history_days);
+        Box::pin(async move {
+            let reply = inner.within(Arc::clone(&inner).run(call)).await?;
+            if let Some(cache) = &inner.cache {
+                cache.clear();
+            }
+            match reply.as_slice() {
+                [_, _, _, _, limit, used] => Ok(limit.saturating_sub(*used).max(0) as u64),
+                _ => Err(StoreError::new("redis: unexpected script reply")),
+            }
+        })
+    }
+
+    /// [`Store::reset`](crate::store::Store::reset): deletes the keys, and
+    /// clears the over-limit cache.
+    pub(super) fn reset(
+        self: &Arc<Self>,
+        throttles: &[ThrottleRef<'_>],
+        quota: Option<&QuotaRef<'_>>,
+    ) -> StoreFuture<()> {
+        let inner = Arc::clone(self);
+        // Keys of one (plan, subject) share a slot; others go one command each.
+        let mut groups: Vec<Vec<String>> = Vec::new();
+        for t in throttles {
+            groups.push(vec![inner.throttle_key(t)]);
+        }
+        if let Some(q) = quota {
+            groups.push(inner.quota_keys(q).to_vec());
+        }
+        Box::pin(async move {
+            for keys in groups {
+                let _: i64 = inner.command(redis::cmd("DEL").arg(keys).clone()).await?;
+            }
+            if let Some(cache) = &inner.cache {
+                cache.clear();
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Day records from a history hash's fields (`u:<day>`, `r:<day>`).
+fn day_records(fields: &[(String, i64)]) -> Vec<DayRecord> {
+    let mut days: Vec<DayRecord> = Vec::new();
+    for (field, value) in fields {
+        let (kind, day) = match field.split_once(':') {
+            Some((k, d)) => match d.parse::<i64>() {
+                Ok(d) => (k, d),
+                Err(_) => continue,
+            },
+            None => continue,
+        };
+        let i = match days.iter().position(|r| r.day == day) {
+            Some(i) => i,
+            None => {
+                days.push(DayRecord {
+                    day,
+                    used: 0,
+                    remaining: 0,
+                });
+                days.len() - 1
+            }
+        };
+        match kind {
+            "u" => days[i].used = u64::try_from(*value).unwrap_or(0),
+            "r" => days[i].remaining = *value,
+            _ => {}
+        }
+    }
+    days
+}

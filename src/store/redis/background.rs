@@ -1,0 +1,93 @@
+//! Calls a store sends in the background (token settlements, lease releases,
+//! stage refunds): running them, counting them, and waiting for them to end.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::store::{Inner, RedisStore};
+
+/// Counts the calls a store sends in the background.
+#[derive(Default)]
+pub(super) struct Background {
+    running: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Counts one background call as finished when dropped: when it completes,
+/// and when its task is cancelled (the runtime shuts down) too.
+struct Running(Arc<Inner>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let background = &self.0.background;
+        if background.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            background.idle.notify_waiters();
+        }
+    }
+}
+
+impl RedisStore {
+    /// Waits until no call this store sends in the background is running:
+    /// token settlements, releases of places under concurrency caps, and (on
+    /// Redis Cluster) stage refunds, which responses and decisions start
+    /// without waiting for them.
+    ///
+    /// Await it before the process exits, after the server has stopped
+    /// (axum's graceful shutdown returns once every response has ended), so
+    /// that the last responses' tokens are settled in Redis rather than lost
+    /// with the runtime. Each call is bounded by the store's
+    /// [timeout](crate::RedisStoreBuilder::timeout), so this returns within about
+    /// that long once no new calls start; a call that fails leaves what it
+    /// would have changed as it was (the estimate stands, the place lapses
+    /// with its lease).
+    ///
+    /// ```no_run
+    /// use tollgate::{Policy, RateLimitLayer, RedisStore, Throttle, UsagePlan};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = RedisStore::builder("redis://127.0.0.1:6379/").build().await?;
+    /// let policy = Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(10.0, 20)?))?;
+    /// let app = axum::Router::new()
+    ///     .route("/", axum::routing::get(|| async { "ok" }))
+    ///     .layer(RateLimitLayer::builder(policy).store(store.clone()).build());
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    /// axum::serve(listener, app)
+    ///     .with_graceful_shutdown(async { tokio::signal::ctrl_c().await.unwrap_or(()) })
+    ///     .await?;
+    /// // Every response has ended; their settlements may still be on their way.
+    /// store.drained().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn drained(&self) {
+        let background = &self.inner.background;
+        loop {
+            let idle = background.idle.notified();
+            let mut idle = std::pin::pin!(idle);
+            // Registered before the count is read: a call that finishes in
+            // between still wakes this one.
+            idle.as_mut().enable();
+            if background.running.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+impl Inner {
+    /// Runs `work` in a task of its own, counted until it ends (see
+    /// [`RedisStore::drained`]); outside a Tokio runtime, not at all.
+    pub(super) fn spawn(self: &Arc<Self>, work: impl Future<Output = ()> + Send + 'static) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.background.running.fetch_add(1, Ordering::AcqRel);
+        let running = Running(Arc::clone(self));
+        rt.spawn(async move {
+            let _running = running;
+            work.await;
+        });
+    }
+}

@@ -1,0 +1,220 @@
+//! [`RedisStoreBuilder`]: a store's settings, checking them, and connecting.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::background::Background;
+use super::cache::OverLimitCache;
+use super::call::SCRIPT;
+use super::conn::{Conn, redis_error};
+use super::store::{Inner, RedisStore};
+use crate::clock::Clock;
+use crate::hash;
+use crate::store::StoreError;
+
+/// The default time a decision may take before the plan's failure mode applies.
+const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+/// The default key prefix.
+const DEFAULT_PREFIX: &str = "tollgate";
+/// Entries of the over-limit cache.
+const CACHE_ENTRIES: usize = 65_536;
+/// How long a place under a concurrency cap lasts if never given back.
+const DEFAULT_LEASE: Duration = Duration::from_secs(300);
+/// The longest an over-limit cache entry answers for Redis.
+const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(1);
+
+impl RedisStore {
+    /// Configures a store on one Redis server (`redis://host:port/db`,
+    /// `rediss://` for TLS when redis-rs is built with it).
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            nodes: vec![url.into()],
+            cluster: false,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            naming: None,
+            timeout: DEFAULT_TIMEOUT,
+            clock: None,
+            cache_ttl: DEFAULT_CACHE_TTL,
+            lease: DEFAULT_LEASE,
+        }
+    }
+
+    /// Configures a store on a Redis Cluster, given one or more of its nodes.
+    pub fn cluster_builder<I, U>(nodes: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator<Item = U>,
+        U: Into<String>,
+    {
+        RedisStoreBuilder {
+            nodes: nodes.into_iter().map(Into::into).collect(),
+            cluster: true,
+            ..RedisStore::builder(String::new())
+        }
+    }
+}
+
+/// The key of the hash that names state, derived from a secret: never shown.
+#[derive(Clone, Copy)]
+pub(super) struct NamingKey(pub(super) u64, pub(super) u64);
+
+impl fmt::Debug for NamingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NamingKey(..)")
+    }
+}
+
+/// Configures a [`RedisStore`].
+#[derive(Debug)]
+#[must_use]
+pub struct RedisStoreBuilder {
+    nodes: Vec<String>,
+    cluster: bool,
+    prefix: String,
+    naming: Option<NamingKey>,
+    timeout: Duration,
+    clock: Option<Clock>,
+    cache_ttl: Duration,
+    lease: Duration,
+}
+
+impl RedisStoreBuilder {
+    /// The prefix of every key (default `"tollgate"`). Stores with different
+    /// prefixes on one Redis count apart.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// A secret that keys the hash naming each subject's state in Redis
+    /// (every instance sharing a budget must be given the same one).
+    ///
+    /// Without it, key names hash (plan, subject) under a key that is in
+    /// tollgate's source: a registered key is named by its public id, but a
+    /// per-key limit's subject is the client's key or address, and anyone
+    /// who can list Redis keys could test guesses of a low-entropy one
+    /// (an IPv4 address, a short token) against the names. With a secret
+    /// they cannot. Changing it starts every count over, as a new prefix
+    /// does.
+    ///
+    /// ```
+    /// # async fn run() -> Result<(), tollgate::store::StoreError> {
+    /// let store = tollgate::RedisStore::builder("redis://127.0.0.1:6379/")
+    ///     .key_secret(std::env::var("TOLLGATE_KEY_SECRET").unwrap_or_default())
+    ///     .build()
+    ///     .await?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    pub fn key_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        let secret = secret.as_ref();
+        self.naming = (!secret.is_empty()).then(|| {
+            let h = hash::stable(&[b"tollgate key secret\0", secret].concat());
+            NamingKey(h as u64, (h >> 64) as u64)
+        });
+        self
+    }
+
+    /// How long a decision may take, connecting included (default 100 ms).
+    /// Past it the plan's failure mode decides the request.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Decides on this clock instead of Redis `TIME` when it is a
+    /// [`ManualClock`](crate::ManualClock) (tests about time); any clock also
+    /// dates usage reports and ages the over-limit cache. Default: the
+    /// system clock, and Redis `TIME` for decisions.
+    pub fn clock(mut self, clock: impl Into<Clock>) -> Self {
+        self.clock = Some(clock.into());
+        self
+    }
+
+    /// The longest a denial is answered locally, without asking Redis
+    /// (default 1 s; `Duration::ZERO` turns the over-limit cache off). A
+    /// denied key is answered locally until its retry time, at most this
+    /// long, so that a change made through another instance (a raised quota,
+    /// a reset) is seen within it.
+    pub fn over_limit_cache(mut self, max: Duration) -> Self {
+        self.cache_ttl = max;
+        self
+    }
+
+    /// How long a request's place under a concurrency cap is held in Redis
+    /// when nobody gives it back (default 5 minutes): the instance that took
+    /// it crashed. A response that lasts longer loses its place early, so
+    /// set it above the longest stream you serve.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Builds the store. A single server is connected lazily (the store can
+    /// be built while Redis is down, and connects when it is up); a cluster
+    /// is asked for its slots now.
+    ///
+    /// Errors on a malformed URL, an empty prefix, a zero timeout, or an
+    /// unreachable cluster.
+    pub async fn build(self) -> Result<RedisStore, StoreError> {
+        if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
+            return Err(StoreError::new(
+                "the key prefix must be non-empty and hold no braces",
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(StoreError::new("the timeout must be above zero"));
+        }
+        let conn = if self.cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(self.nodes.clone())
+                .connection_timeout(self.timeout)
+                .response_timeout(self.timeout)
+                .build()
+                .map_err(|e| redis_error(&e))?;
+            let connect = client.get_async_connection();
+            match tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), connect).await {
+                Ok(Ok(c)) => Conn::Cluster(c),
+                Ok(Err(e)) => return Err(redis_error(&e)),
+                Err(_) => return Err(StoreError::timeout(self.timeout)),
+            }
+        } else {
+            let [url] = self.nodes.as_slice() else {
+                return Err(StoreError::new("a single-server store takes one URL"));
+            };
+            let client = redis::Client::open(url.as_str()).map_err(|e| redis_error(&e))?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(self.timeout))
+                .set_response_timeout(Some(self.timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_secs(1));
+            Conn::Single(
+                ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(|e| redis_error(&e))?,
+            )
+        };
+        let sha = redis::Script::new(SCRIPT).get_hash().to_owned();
+        let ttl = u64::try_from(self.cache_ttl.as_nanos()).unwrap_or(u64::MAX);
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                cluster: self.cluster,
+                sha,
+                prefix: self.prefix,
+                naming: self.naming,
+                timeout: self.timeout,
+                clock: self.clock.unwrap_or_default(),
+                cache: (ttl > 0).then(|| OverLimitCache::new(CACHE_ENTRIES, ttl)),
+                offset_us: AtomicI64::new(0),
+                offset_at: AtomicU64::new(0),
+                members: AtomicU64::new(std::hash::BuildHasher::hash_one(
+                    &std::hash::RandomState::new(),
+                    0x006c_6561_7365_u64,
+                )),
+                lease: self.lease,
+                background: Background::default(),
+            }),
+        })
+    }
+}

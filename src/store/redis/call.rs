@@ -1,0 +1,368 @@
+//! One call of the Lua script: its keys and arguments, sending it, and the
+//! verdict its reply makes.
+//!
+//! Every limit of a request is decided by one Lua script (`script.lua`),
+//! called with `EVALSHA` (and `EVAL` once when Redis answers `NOSCRIPT`, after
+//! a restart or a `SCRIPT FLUSH`). The script reads Redis `TIME`, so every
+//! instance decides on one clock, and charges all limits or none.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use redis::{Cmd, ErrorKind, ServerErrorKind};
+
+use super::conn::redis_error;
+use super::store::Inner;
+use super::time::Now;
+use crate::gcra::{NANOS_PER_SEC, Nanos, Outcome};
+use crate::store::verdict::applied;
+use crate::store::{
+    Applied, CONCURRENCY, ConcurrencyRef, Denied, Permit, QuotaRef, Report, StoreError,
+    ThrottleRef, Verdict,
+};
+use crate::window::{NANOS_PER_DAY, Period};
+
+/// The script every decision runs.
+pub(super) const SCRIPT: &str = include_str!("script.lua");
+/// The origin of the relative time line on which replies are replayed: far
+/// above any TAT offset, far below overflow.
+const BASE: Nanos = 1 << 62;
+
+/// One script call: keys and arguments, owned so the call can outlive the
+/// request it was built from.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Call {
+    pub(super) keys: Vec<String>,
+    pub(super) args: Vec<String>,
+}
+
+impl Call {
+    pub(super) fn new(mode: &str, now: &Now) -> Self {
+        let mut c = Call::default();
+        c.arg(mode);
+        match now {
+            Now::Redis => {
+                c.arg("");
+                c.arg("");
+            }
+            Now::At { s, ns } => {
+                c.arg(s);
+                c.arg(ns);
+            }
+        }
+        c
+    }
+
+    pub(super) fn arg(&mut self, a: impl fmt::Display) {
+        self.args.push(a.to_string());
+    }
+
+    /// `EVALSHA sha …`, or `EVAL script …` (which also loads it) when `sha` is `None`.
+    fn cmd(&self, sha: Option<&str>) -> Cmd {
+        let mut cmd = match sha {
+            Some(sha) => redis::cmd("EVALSHA").arg(sha).clone(),
+            None => redis::cmd("EVAL").arg(SCRIPT).clone(),
+        };
+        cmd.arg(self.keys.len()).arg(&self.keys).arg(&self.args);
+        cmd
+    }
+}
+
+impl Inner {
+    /// Runs a script call; loads the script when Redis lost it. The caller
+    /// bounds the whole decision by the timeout.
+    pub(super) async fn run(self: Arc<Self>, call: Call) -> Result<Vec<i64>, StoreError> {
+        let mut conn = self.conn.clone();
+        let reply = match call.cmd(Some(&self.sha)).query_async(&mut conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                call.cmd(None).query_async(&mut conn).await
+            }
+            r => r,
+        };
+        let reply: Vec<i64> = reply.map_err(|e| {
+            if e.to_string().contains("tollgate: expired") || e.detail() == Some("expired") {
+                self.forget_offset();
+            }
+            redis_error(&e)
+        })?;
+        if let [s, ns, ..] = reply[..] {
+            self.observe(s, ns);
+        }
+        Ok(reply)
+    }
+}
+
+/// A throttle as a decision needs it after the call: its compiled limit.
+#[derive(Debug, Clone)]
+pub(super) struct Throttle {
+    pub(super) limit: crate::plan::Limit,
+    shadow: bool,
+    /// What it is charged: requests, or tokens.
+    pub(super) cost: u32,
+    /// Whether it counts tokens (the per-minute token bucket).
+    tokens: bool,
+}
+
+/// A quota as a decision needs it after the call.
+#[derive(Debug, Clone)]
+pub(super) struct Quota {
+    name: &'static str,
+    /// The whole limit: a cost above it never fits, in any window.
+    whole: u64,
+    shadow: bool,
+    cost: u32,
+    tokens: bool,
+    /// Its arguments to the script.
+    pub(super) args: Vec<String>,
+}
+
+/// One script call's limits and what to make of its reply.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Part {
+    pub(super) call: Call,
+    pub(super) throttles: Vec<Throttle>,
+    pub(super) quotas: Vec<Quota>,
+    pub(super) cap: Option<Cap>,
+}
+
+/// A concurrency cap as a decision needs it after the call.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Cap {
+    limit: u32,
+    shadow: bool,
+    /// The permit a request let in holds.
+    permit: Permit,
+}
+
+impl Part {
+    pub(super) fn new(now: &Now, cost: u32) -> Self {
+        let mut call = Call::new("a", now);
+        call.arg(cost);
+        Part {
+            call,
+            throttles: Vec::new(),
+            quotas: Vec::new(),
+            cap: None,
+        }
+    }
+
+    pub(super) fn push_throttle(&mut self, inner: &Inner, t: &ThrottleRef<'_>, cost: u32) {
+        self.call.keys.push(inner.throttle_key(t));
+        self.throttles.push(Throttle {
+            limit: t.limit.clone(),
+            shadow: t.shadow,
+            cost,
+            tokens: t.counts_tokens(),
+        });
+    }
+
+    pub(super) fn push_quota(&mut self, inner: &Inner, q: &QuotaRef<'_>, cost: u32) {
+        let [key, hist] = inner.quota_keys(q);
+        self.call.keys.push(key);
+        self.call.keys.push(hist);
+        let mut args = Call::default();
+        quota_args(&mut args, q);
+        args.arg(u8::from(q.shadow));
+        args.arg(q.history_days);
+        args.arg(cost);
+        args.arg(u8::from(q.counts_tokens()));
+        self.quotas.push(Quota {
+            name: q.name(),
+            whole: q.spec.limit,
+            shadow: q.shadow,
+            cost,
+            tokens: q.counts_tokens(),
+            args: args.args,
+        });
+    }
+
+    pub(super) fn push_cap(&mut self, inner: &Inner, c: &ConcurrencyRef<'_>) {
+        let place = inner.scope(Some(c.plan), c.subject);
+        self.call.keys.push(inner.cap_key(place));
+        let id = inner.members.fetch_add(1, Ordering::Relaxed);
+        self.cap = Some(Cap {
+            limit: c.limit,
+            shadow: c.shadow,
+            permit: Permit::new(place, id),
+        });
+    }
+
+    /// The arguments after the cost: throttles, the quotas, the cap.
+    pub(super) fn finish(&mut self, lease: Duration) {
+        let call = &mut self.call;
+        call.arg(self.throttles.len());
+        for t in &self.throttles {
+            call.arg(t.limit.gcra.interval());
+            call.arg(t.limit.gcra.burst());
+            call.arg(u8::from(t.shadow));
+            let since = t.limit.since.max(0);
+            call.arg(since / NANOS_PER_SEC as i64);
+            call.arg(since % NANOS_PER_SEC as i64);
+            call.arg(t.cost);
+        }
+        call.arg(self.quotas.len());
+        for q in &self.quotas {
+            call.args.extend(q.args.iter().cloned());
+        }
+        match self.cap {
+            Some(c) => {
+                call.arg(1);
+                call.arg(c.limit);
+                call.arg(lease.as_millis().max(1));
+                call.arg(format_args!("{:016x}", c.permit.id));
+                call.arg(u8::from(c.shadow));
+            }
+            None => call.arg(0),
+        }
+    }
+
+    /// Makes the verdict of a reply, as the memory store would have decided
+    /// on the same state: the script returns each throttle's TAT offset
+    /// before the request and the quota's window and count, and the limits
+    /// are replayed here on a relative time line.
+    pub(super) fn verdict(
+        &self,
+        reply: &[i64],
+        cost: u32,
+    ) -> Result<(Verdict, Charged), StoreError> {
+        let bad = || StoreError::new("redis: unexpected script reply");
+        let n = self.throttles.len();
+        let head = reply.get(..3 + n).ok_or_else(bad)?;
+        let (now_s, now_ns, allowed) = (head[0], head[1], head[2] == 1);
+        let mut report = Report::default();
+        let mut denied: Option<Denied> = None;
+        let mut charged = Charged {
+            now_s,
+            now_ns,
+            tats: Vec::new(),
+        };
+        for (t, &before) in self.throttles.iter().zip(&head[3..]) {
+            let before = u64::try_from(before).map_err(|_| bad())?;
+            let limit = &t.limit;
+            match limit.gcra.decide(BASE + before, BASE, t.cost) {
+                Outcome::Allow { after, .. } => {
+                    report.push(applied(limit, after, BASE));
+                    charged.tats.push(Some(after - BASE));
+                    if t.tokens {
+                        // When the estimate's share refills, in nanoseconds
+                        // of the call's time.
+                        let span = u64::from(t.cost) * limit.gcra.interval();
+                        report.reserved.until = u64::try_from(now_s).ok().and_then(|s| {
+                            (s.checked_mul(NANOS_PER_SEC)?)
+                                .checked_add(u64::try_from(now_ns).ok()?)?
+                                .checked_add(span)
+                        });
+                    }
+                }
+                o => {
+                    charged.tats.push(None);
+                    let d = throttle_denial(limit, o);
+                    if t.shadow {
+                        report.push(d.limit);
+                    } else {
+                        denied = Some(Denied::longest(denied, d));
+                    }
+                }
+            }
+        }
+        for (i, q) in self.quotas.iter().enumerate() {
+            let at = 3 + n + 4 * i;
+            let rest = reply.get(at..at + 4).ok_or_else(bad)?;
+            let (start_day, end_day, limit, used) = (rest[0], rest[1], rest[2], rest[3]);
+            let now = now_s
+                .saturating_mul(NANOS_PER_SEC as i64)
+                .saturating_add(now_ns);
+            let reset = end_day
+                .saturating_mul(NANOS_PER_DAY)
+                .saturating_sub(now)
+                .max(0) as u64;
+            let window_secs = (end_day - start_day).max(0) as u64 * 86_400;
+            let cost = i64::from(q.cost);
+            let item = |used: i64| Applied {
+                name: q.name,
+                quota: u64::try_from(limit).unwrap_or(0),
+                window_secs,
+                remaining: limit.saturating_sub(used).max(0) as u64,
+                reset,
+            };
+            if u64::from(q.cost) > q.whole && !q.shadow {
+                denied = Some(Denied::longest(denied, Denied::too_costly(item(used))));
+            } else if used.saturating_add(cost) > limit && !q.shadow {
+                let d = Denied::quota(item(used), Duration::from_nanos(reset.max(1)));
+                denied = Some(Denied::longest(denied, d));
+            } else {
+                report.push(item(used.saturating_add(cost)));
+                if q.tokens {
+                    report.reserved.wall = Some(now);
+                }
+            }
+        }
+        if let Some(c) = self.cap {
+            let at = 3 + n + 4 * self.quotas.len();
+            let in_flight = *reply.get(at).ok_or_else(bad)?;
+            let in_flight = u64::try_from(in_flight).map_err(|_| bad())?;
+            let item = |n: u64| Applied {
+                name: CONCURRENCY,
+                quota: u64::from(c.limit),
+                window_secs: 0,
+                remaining: u64::from(c.limit).saturating_sub(n),
+                reset: 0,
+            };
+            if in_flight >= u64::from(c.limit) && !c.shadow {
+                denied = Some(Denied::longest(
+                    denied,
+                    Denied::concurrency(item(in_flight)),
+                ));
+            } else if cost > 0 {
+                report.push(item(in_flight + 1));
+                report.set_permit(c.permit);
+            } else {
+                // A peek takes no place: the report shows the free ones.
+                report.push(item(in_flight));
+            }
+        }
+        match (allowed, denied) {
+            (true, None) => Ok((Ok(report), charged)),
+            (false, Some(d)) => Ok((Err(d), charged)),
+            _ => Err(StoreError::new(
+                "redis: the script's decision differs from the plan's limits (is the script of another version?)",
+            )),
+        }
+    }
+}
+
+/// What a call charged: its time and, per throttle, the TAT offset stored.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Charged {
+    pub(super) now_s: i64,
+    pub(super) now_ns: i64,
+    pub(super) tats: Vec<Option<Nanos>>,
+}
+
+/// The denial of a throttle that did not allow, on the relative time line.
+fn throttle_denial(limit: &crate::plan::Limit, o: Outcome) -> Denied {
+    match o {
+        Outcome::Deny { at, retry_after } => {
+            Denied::throttled(applied(limit, at, BASE), Duration::from_nanos(retry_after))
+        }
+        Outcome::TooCostly { at } | Outcome::Allow { after: at, .. } => {
+            Denied::too_costly(applied(limit, at, BASE))
+        }
+    }
+}
+
+/// The quota's parameters, as every script mode takes them.
+pub(super) fn quota_args(call: &mut Call, q: &QuotaRef<'_>) {
+    call.arg(q.spec.limit);
+    let (period, week_start) = match q.spec.period {
+        Period::Day => ("D", 0),
+        Period::Week(first) => ("W", first.days_from_monday()),
+        Period::Month => ("M", 0),
+    };
+    call.arg(period);
+    call.arg(week_start);
+    call.arg(q.spec.offset);
+    call.arg(q.spec.created_at.div_euclid(NANOS_PER_SEC as i64));
+}

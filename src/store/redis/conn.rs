@@ -1,0 +1,93 @@
+//! The connection to Redis: one type over a single server's and a cluster's,
+//! plain commands within the timeout, and errors that name no keys.
+
+use std::future::Future;
+
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, RedisError, RedisFuture, Value};
+
+use super::store::Inner;
+use crate::store::StoreError;
+
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A store error from a Redis error, without the command (which names keys).
+pub(super) fn redis_error(e: &RedisError) -> StoreError {
+    StoreError::new(format!("redis: {}", e.kind_name()))
+}
+
+trait KindName {
+    fn kind_name(&self) -> String;
+}
+
+impl KindName for RedisError {
+    fn kind_name(&self) -> String {
+        // The error's description carries no key names or values; the detail
+        // of a server error is the script's own message.
+        match (self.code(), self.detail()) {
+            (Some(code), Some(detail)) => format!("{code} {detail}"),
+            _ => self.to_string(),
+        }
+    }
+}
+
+impl Inner {
+    /// `work` within the timeout: however many round trips it takes and
+    /// whatever Redis does, it answers by then.
+    pub(super) async fn within<T>(
+        &self,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::timeout(self.timeout)),
+        }
+    }
+
+    /// Runs a plain command within the timeout.
+    pub(super) async fn command<T: redis::FromRedisValue>(
+        &self,
+        cmd: Cmd,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        self.within(async {
+            cmd.query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error(&e))
+        })
+        .await
+    }
+}

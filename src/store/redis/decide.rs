@@ -1,0 +1,336 @@
+//! [`RedisStore`] as a [`Store`]: deciding a request (from the over-limit
+//! cache when it can, else in one call, or two on a cluster when stage limits
+//! live in a slot of their own), releasing places under concurrency caps, and
+//! settling tokens. The admin operations it answers are in `admin`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use super::cache::OverLimitCache;
+use super::call::{Call, Charged, Part, quota_args};
+use super::store::{Inner, RedisStore};
+use super::time::Now;
+use crate::clock::Clock;
+use crate::gcra::NANOS_PER_SEC;
+use crate::hash;
+use crate::store::{
+    Acquire, Acquired, Denied, Permit, QuotaRef, Report, Settlement, Store, StoreError,
+    StoreFuture, ThrottleRef, Verdict,
+};
+use crate::window::{Date, NANOS_PER_DAY};
+
+/// A stable identity of a request for the over-limit cache: its limits, their
+/// numbers, its subject and its cost.
+fn identity(req: &Acquire<'_>) -> u64 {
+    let mut bytes = Vec::with_capacity(128);
+    for t in req.throttles() {
+        bytes.extend_from_slice(&t.limit.salt.to_le_bytes());
+        bytes.extend_from_slice(&t.limit.gcra.interval().to_le_bytes());
+        bytes.extend_from_slice(&t.limit.gcra.burst().to_le_bytes());
+        bytes.push(u8::from(t.shadow));
+        bytes.extend_from_slice(t.plan.unwrap_or("").as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(&(t.subject.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(t.subject);
+    }
+    if let Some(q) = &req.quota {
+        bytes.extend_from_slice(b"q");
+        bytes.extend_from_slice(q.plan.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(q.subject);
+        bytes.extend_from_slice(&q.spec.limit.to_le_bytes());
+    }
+    bytes.extend_from_slice(&req.cost.to_le_bytes());
+    // The process's keyed hash: clients choose subjects, and must not be able
+    // to aim them at one shard of the cache.
+    hash::digest(&bytes).0 as u64
+}
+
+type Decided = Pin<Box<dyn Future<Output = Result<Verdict, StoreError>> + Send + 'static>>;
+
+impl Store for RedisStore {
+    type Future = Decided;
+
+    fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    fn acquire(&self, request: &Acquire<'_>) -> Acquired<Self::Future> {
+        let inner = &self.inner;
+        if request.throttles().next().is_none()
+            && request.quotas().next().is_none()
+            && request.concurrency.is_none()
+        {
+            // Nothing to decide: no round trip.
+            return Acquired::Ready(Ok(Ok(Report::default())));
+        }
+        // A denial is cached as of the time the request was sent, so that it
+        // never outlasts what Redis would answer.
+        let sent = inner.local_now();
+        // A request with token limits is never answered from the cache: a
+        // settlement may give tokens back before a cached retry time.
+        let tokens = request.throttles().any(|t| t.counts_tokens())
+            || request.quotas().any(|q| q.counts_tokens());
+        // Limits shared by every caller move with others' requests, but a
+        // shared throttle never asks a wait longer than its span: a cached
+        // quota denial holds only while its window ends later than that.
+        let shared_span = request
+            .throttles()
+            .filter(|t| t.plan.is_none())
+            .map(|t| t.limit.gcra.span())
+            .max()
+            .unwrap_or(0);
+        let id = inner.cache.as_ref().filter(|_| !tokens).map(|cache| {
+            let id = identity(request);
+            (id, cache.get(id, sent))
+        });
+        if let Some((_, Some(denied))) = id {
+            return Acquired::Ready(Ok(Err(denied)));
+        }
+        let now = inner.now();
+        let cost = request.cost;
+        // On a cluster the stage's shared buckets live in their own slot.
+        let split = inner.cluster && request.throttles().any(|t| t.plan.is_none());
+        let mut stage = Part::new(&now, cost);
+        let mut own = Part::new(&now, cost);
+        for t in request.throttles() {
+            let cost = request.cost_for(t.counts_tokens());
+            if split && t.plan.is_none() {
+                stage.push_throttle(inner, t, cost);
+            } else {
+                own.push_throttle(inner, t, cost);
+            }
+        }
+        for q in request.quotas() {
+            own.push_quota(inner, q, request.cost_for(q.counts_tokens()));
+        }
+        if let Some(c) = &request.concurrency {
+            own.push_cap(inner, c);
+        }
+        stage.finish(inner.lease);
+        own.finish(inner.lease);
+        if let (Now::Redis, Some(deadline)) = (now, inner.deadline()) {
+            stage.call.args[2] = deadline.to_string();
+            own.call.args[2] = deadline.to_string();
+        }
+        let inner = Arc::clone(inner);
+        Acquired::Pending(Box::pin(async move {
+            let work = async {
+                if split {
+                    decide_split(&inner, stage, own, cost).await
+                } else {
+                    let reply = Arc::clone(&inner).run(own.call.clone()).await?;
+                    Ok(own.verdict(&reply, cost)?.0)
+                }
+            };
+            let verdict = inner.within(work).await?;
+            if let (Err(denied), Some((id, _)), Some(cache)) = (&verdict, id, &inner.cache) {
+                if OverLimitCache::holds(denied) {
+                    cache.insert(id, sent, *denied, shared_span);
+                }
+            }
+            Ok(verdict)
+        }))
+    }
+
+    fn release(&self, permit: Permit) {
+        let inner = Arc::clone(&self.inner);
+        let key = inner.cap_key(permit.place);
+        let member = format!("{:016x}", permit.id);
+        // Never waited for: a lease that cannot be removed lapses by itself.
+        let task = Arc::clone(&inner);
+        inner.spawn(async move {
+            let cmd = redis::cmd("ZREM").arg(key).arg(member).clone();
+            if let Err(e) = task.command::<i64>(cmd).await {
+                tracing::debug!(error = %e, "lease not removed; it lapses by itself");
+            }
+        });
+    }
+
+    /// An under-estimate is charged to every token limit. An over-estimate
+    /// is given back to the token quotas in the window that counted it, and
+    /// to the per-minute bucket only as far as the estimate's own share has
+    /// not refilled yet (a refund, mode "r"): tokens that have refilled since
+    /// may have been granted to later requests, and are not handed out twice.
+    fn settle(&self, settlement: &Settlement<'_>) {
+        let inner = Arc::clone(&self.inner);
+        let now = inner.now();
+        // The script's integers are exact below 2^53; a larger settlement
+        // would be refused whole, so it is charged as the largest it takes.
+        const EXACT: i64 = (1 << 53) - 1;
+        let delta = settlement.delta.clamp(-EXACT, EXACT);
+        let mut calls = Vec::with_capacity(2);
+        let reserved = settlement.reserved;
+        let throttle = settlement.throttle.as_ref().filter(|_| delta > 0);
+        // An over-estimate goes back only to the quota windows that counted
+        // it: the day it was charged is passed for the script to check.
+        let quotas = if delta > 0 || reserved.wall.is_some() {
+            settlement.quotas
+        } else {
+            [None, None]
+        };
+        let mut call = Call::new("t", &now);
+        call.arg(delta);
+        call.arg(usize::from(throttle.is_some()));
+        if let Some(t) = throttle {
+            call.keys.push(inner.throttle_key(t));
+            call.arg(t.limit.gcra.interval());
+            call.arg(t.limit.gcra.burst());
+        }
+        call.arg(quotas.iter().flatten().count());
+        for q in quotas.iter().flatten() {
+            call.keys.extend(inner.quota_keys(q));
+            quota_args(&mut call, q);
+            call.arg(q.history_days);
+        }
+        if let (Some(wall), true) = (reserved.wall, delta < 0) {
+            call.arg(wall.div_euclid(NANOS_PER_DAY));
+        }
+        if !call.keys.is_empty() {
+            calls.push(call);
+        }
+        if let (Some(t), Some(mine), true) = (&settlement.throttle, reserved.until, delta < 0) {
+            let mut call = Call::new("r", &now);
+            call.keys.push(inner.throttle_key(t));
+            call.arg(delta.unsigned_abs());
+            call.arg(1);
+            call.arg(t.limit.gcra.interval());
+            call.arg(t.limit.gcra.burst());
+            call.arg(mine / NANOS_PER_SEC);
+            call.arg(mine % NANOS_PER_SEC);
+            call.arg(delta.unsigned_abs());
+            calls.push(call);
+        }
+        if calls.is_empty() {
+            return;
+        }
+        // Never waited for, and bounded by the timeout: a settlement that
+        // fails leaves the estimate charged.
+        let task = Arc::clone(&inner);
+        inner.spawn(async move {
+            for call in calls {
+                if let Err(e) = task.within(Arc::clone(&task).run(call)).await {
+                    tracing::debug!(error = %e, "tokens not settled; the estimate stands");
+                }
+            }
+        });
+    }
+
+    fn usage(&self, quota: &QuotaRef<'_>, first: Date, last: Date) -> StoreFuture<Vec<[i64; 2]>> {
+        self.inner.usage(quota, first, last)
+    }
+
+    fn set_remaining(&self, quota: &QuotaRef<'_>, remaining: u64) -> StoreFuture<u64> {
+        self.inner.set_remaining(quota, remaining)
+    }
+
+    fn reset(
+        &self,
+        throttles: &[ThrottleRef<'_>],
+        quota: Option<&QuotaRef<'_>>,
+    ) -> StoreFuture<()> {
+        self.inner.reset(throttles, quota)
+    }
+}
+
+/// Decides a request whose stage limits live in another cluster slot: the
+/// stage first, then the plan's limits. When the stage denies, the plan's
+/// limits are peeked at (nothing charged), so that the answer names the
+/// limit that holds the request longest, as one call would. When the plan
+/// denies (or fails), the stage gets back what this request charged it, in
+/// the background: the answer does not wait for it.
+async fn decide_split(
+    inner: &Arc<Inner>,
+    stage: Part,
+    own: Part,
+    cost: u32,
+) -> Result<Verdict, StoreError> {
+    let reply = Arc::clone(inner).run(stage.call.clone()).await?;
+    let (verdict, charged) = stage.verdict(&reply, cost)?;
+    let has_own = !own.throttles.is_empty() || !own.quotas.is_empty() || own.cap.is_some();
+    let stage_report = match verdict {
+        Ok(report) if !has_own => return Ok(Ok(report)),
+        Ok(report) => report,
+        Err(d) if !has_own => return Ok(Err(d)),
+        Err(d) => {
+            let mut peek = own;
+            peek.call.args[0] = "p".to_owned();
+            let reply = Arc::clone(inner).run(peek.call.clone()).await?;
+            return Ok(Err(match peek.verdict(&reply, cost)?.0 {
+                Err(mine) => Denied::longest(Some(d), mine),
+                Ok(_) => d,
+            }));
+        }
+    };
+    let result = match Arc::clone(inner).run(own.call.clone()).await {
+        Ok(reply) => own.verdict(&reply, cost),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok((Ok(report), _)) => {
+            let mut all = stage_report;
+            for item in report.items() {
+                all.push(*item);
+            }
+            if let Some(permit) = report.permit() {
+                all.set_permit(permit);
+            }
+            all.reserved = report.reserved;
+            Ok(Ok(all))
+        }
+        Ok((Err(d), _)) => {
+            spawn_refund(inner, stage, charged, cost);
+            Ok(Err(d))
+        }
+        Err(e) => {
+            spawn_refund(inner, stage, charged, cost);
+            Err(e)
+        }
+    }
+}
+
+/// Refunds the stage in a task of its own, within its own timeout; a refund
+/// that fails leaves the stage charged (it errs toward admitting less).
+fn spawn_refund(inner: &Arc<Inner>, stage: Part, charged: Charged, cost: u32) {
+    let task = Arc::clone(inner);
+    inner.spawn(async move {
+        if let Err(e) = task.within(refund(&task, &stage, &charged, cost)).await {
+            tracing::debug!(error = %e, "stage refund failed; the stage stays charged");
+        }
+    });
+}
+
+/// Gives the stage back what one request charged it.
+async fn refund(
+    inner: &Arc<Inner>,
+    stage: &Part,
+    charged: &Charged,
+    cost: u32,
+) -> Result<(), StoreError> {
+    let mut call = Call::new("r", &inner.now());
+    call.arg(cost);
+    let mut args: Vec<String> = Vec::new();
+    for ((t, tat), key) in stage
+        .throttles
+        .iter()
+        .zip(&charged.tats)
+        .zip(&stage.call.keys)
+    {
+        let Some(ahead) = tat else { continue };
+        // The TAT stored, in seconds and nanoseconds of the charging call's time.
+        let total = charged.now_ns as u64 + ahead;
+        call.keys.push(key.clone());
+        args.push(t.limit.gcra.interval().to_string());
+        args.push(t.limit.gcra.burst().to_string());
+        args.push((charged.now_s + (total / NANOS_PER_SEC) as i64).to_string());
+        args.push((total % NANOS_PER_SEC).to_string());
+        args.push(t.cost.to_string());
+    }
+    if call.keys.is_empty() {
+        return Ok(());
+    }
+    call.arg(call.keys.len());
+    call.args.extend(args);
+    Arc::clone(inner).run(call).await.map(|_| ())
+}

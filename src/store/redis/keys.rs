@@ -1,0 +1,62 @@
+//! How Redis keys are named.
+//!
+//! Keys: `{prefix}:{<tag>}:t:<limit id>` (a throttle's TAT),
+//! `{prefix}:{<tag>}:q` (a quota window's count), `{prefix}:{<tag>}:h`
+//! (daily usage history; a token budget's count and history add
+//! `:<budget name>`) and `{prefix}:{<tag>}:c` (the leases of requests in
+//! flight under a concurrency cap), where the tag is a 128-bit hash of the
+//! plan and the subject (a key's public id, a client IP, a per-key key), or
+//! of `stage` for the limits every caller shares. Every key of one
+//! (plan, subject) shares the hash tag, so they land in one Redis Cluster
+//! slot; no key name holds an API key's value or a client address. Throttle
+//! state expires when its bucket is full again, a quota's count a day after
+//! its window ends, the history after `history_days` without use, and the
+//! leases one lease after the last place was taken.
+
+use std::fmt::Write as _;
+
+use super::builder::NamingKey;
+use super::store::Inner;
+use crate::hash;
+use crate::store::{QuotaRef, ThrottleRef};
+
+impl Inner {
+    /// The hash tag of a (plan, subject): every key of it lands in one slot.
+    fn tag(&self, plan: Option<&str>, subject: &[u8]) -> String {
+        format!("{}:{{{:032x}}}", self.prefix, self.scope(plan, subject))
+    }
+
+    /// The hash of a (plan, subject), which names its keys.
+    pub(super) fn scope(&self, plan: Option<&str>, subject: &[u8]) -> u128 {
+        let scope = match plan {
+            Some(p) => [b"p\0", p.as_bytes(), b"\0", subject].concat(),
+            None => b"stage".to_vec(),
+        };
+        match self.naming {
+            Some(NamingKey(k0, k1)) => hash::keyed(k0, k1, &scope),
+            None => hash::stable(&scope),
+        }
+    }
+
+    /// The sorted set of leases of a (plan, subject)'s requests in flight.
+    pub(super) fn cap_key(&self, place: u128) -> String {
+        format!("{}:{{{place:032x}}}:c", self.prefix)
+    }
+
+    /// The count and history keys of a quota (a token budget's carry its name).
+    pub(super) fn quota_keys(&self, q: &QuotaRef<'_>) -> [String; 2] {
+        let tag = self.tag(Some(q.plan), q.subject);
+        if q.counts_tokens() {
+            let name = q.name();
+            [format!("{tag}:q:{name}"), format!("{tag}:h:{name}")]
+        } else {
+            [format!("{tag}:q"), format!("{tag}:h")]
+        }
+    }
+
+    pub(super) fn throttle_key(&self, t: &ThrottleRef<'_>) -> String {
+        let mut k = self.tag(t.plan, t.subject);
+        let _ = write!(k, ":t:{:016x}", t.limit.salt);
+        k
+    }
+}

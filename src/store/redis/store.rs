@@ -1,0 +1,91 @@
+//! [`RedisStore`] and the state its clones share.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::time::Duration;
+
+use super::background::Background;
+use super::builder::NamingKey;
+use super::cache::OverLimitCache;
+use super::conn::Conn;
+use crate::clock::Clock;
+
+/// A store in Redis or Redis Cluster, shared by every instance that uses it.
+///
+/// Clones share one connection. Decisions take one round trip; a key Redis
+/// denied is answered locally until its retry time. On Redis Cluster a
+/// request with stage limits takes two, since the stage's shared buckets
+/// live in their own slot (plus a refund in the background when the plan
+/// denies). A decision that takes
+/// longer than the [timeout](crate::RedisStoreBuilder::timeout) fails, and the plan's
+/// [`FailureMode`](crate::FailureMode) decides the request; the connection
+/// recovers by itself when Redis comes back.
+///
+/// Limits: a throttle whose bucket spans more than about 104 days
+/// (`burst / rate`) cannot be kept exactly in the script's arithmetic, and
+/// its decisions fail. Keys and plans are each instance's own (load the same
+/// configuration everywhere); their counters are shared. A throttle replaced
+/// while serving is converted for each key when the key is next used, as of
+/// the time of the change; a key whose state expired in between starts full.
+///
+/// ```no_run
+/// use tollgate::{Policy, RateLimitLayer, RedisStore, Throttle, UsagePlan};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::builder("redis://127.0.0.1:6379/").build().await?;
+/// let policy = Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(10.0, 20)?))?;
+/// let layer = RateLimitLayer::builder(policy).store(store).build();
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    pub(super) inner: Arc<Inner>,
+}
+
+pub(super) struct Inner {
+    pub(super) conn: Conn,
+    pub(super) cluster: bool,
+    pub(super) sha: String,
+    pub(super) prefix: String,
+    /// The SipHash key that names subjects' state, when a secret was set.
+    pub(super) naming: Option<NamingKey>,
+    pub(super) timeout: Duration,
+    pub(super) clock: Clock,
+    pub(super) cache: Option<OverLimitCache>,
+    /// Redis `TIME` minus this machine's wall time, in microseconds, as last
+    /// estimated from a reply (see [`Inner::deadline`]).
+    pub(super) offset_us: AtomicI64,
+    /// When the estimate was made (monotonic nanoseconds; 0 for never).
+    pub(super) offset_at: AtomicU64,
+    /// The next lease id (a random start, so instances do not collide).
+    pub(super) members: AtomicU64,
+    pub(super) lease: Duration,
+    /// Calls sent in the background (settlements, lease releases, stage
+    /// refunds) that have not finished, for [`RedisStore::drained`].
+    pub(super) background: Background,
+}
+
+impl RedisStore {
+    /// The time a decision may take.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// The prefix of every key this store writes.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("cluster", &self.inner.cluster)
+            .field("prefix", &self.inner.prefix)
+            .field("timeout", &self.inner.timeout)
+            .finish_non_exhaustive()
+    }
+}
