@@ -868,7 +868,7 @@ fn wall_str(ns: i128) -> String {
 // ---------------------------------------------------------------- tests
 
 const MEMORY_CASES: u32 = 96;
-const REDIS_CASES: u32 = 24;
+const REDIS_CASES: u32 = 32;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
