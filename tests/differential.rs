@@ -1,0 +1,980 @@
+//! Differential test: generated sequences of operations run on the memory
+//! store, on the Redis store (a real `redis-server` on a free port) and on an
+//! executable model of DESIGN.md's semantics (`differential/model.rs`,
+//! written from the design, not from the crate's code), and every answer
+//! must agree between them: allowed or denied, the limit named, the reason,
+//! the exact retry, and what the `RateLimit` header shows as remaining.
+//!
+//! The operations: requests of various costs through `decide` and `check`
+//! (cost 0 is a peek), HTTP requests through the layer as a tower service
+//! (token estimates whose actual usage is settled when the response ends,
+//! responses held open to keep a concurrency place, requests on the route
+//! of a method override), ending held responses, and manual-clock steps:
+//! small, exactly to the retry a denial gave (and one nanosecond short of
+//! it), to just around UTC midnight, and hours long.
+//!
+//! The conformance suite checks chosen sequences; this one checks the rules
+//! across limits (one atomic decision, the longest-holding limit named, a
+//! cost no limit can ever hold refused without retry, peeks charging
+//! nothing, exact emission intervals) on sequences nobody chose.
+//!
+//! Run: `cargo test --all-features --test differential`. The Redis tests need
+//! `redis-server` on PATH; with `CI` set they fail without it.
+
+#[path = "differential/model.rs"]
+mod model;
+#[path = "support/redis.rs"]
+mod redis_support;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use tokio::sync::oneshot;
+use tollgate::extract::{ApiKeyHeader, RequestView};
+use tollgate::store::Store;
+use tollgate::{
+    ApiKey, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer, Reason, RedisStore,
+    Rejection, ResponseBody, Throttle, TokenBudget, TokenUsage, UsagePlan,
+};
+use tower::{Layer, ServiceExt};
+
+use model::{Answer, Ask, Bucket, DayQuota, Header, Model, NANOS_PER_DAY, Reservation, Why};
+use redis_support::{RedisServer, require_redis};
+
+/// The route of the method override (`"/v1/completions/POST"`).
+const ROUTE: &str = "/v1/completions";
+/// 2024-05-01T00:00:00Z in nanoseconds since the Unix epoch.
+const MAY_1: i128 = 1_714_521_600 * 1_000_000_000;
+
+// ---------------------------------------------------------------- plans
+
+/// The plans under test, kept simple: one concern (or one pair) each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// A throttle alone.
+    Throttle,
+    /// A throttle and a DAY quota.
+    ThrottleQuota,
+    /// A throttle and a method override on [`ROUTE`] (POST).
+    Method,
+    /// A token budget: per minute and per day.
+    Tokens,
+    /// A concurrency cap, with or without a throttle.
+    Concurrency,
+}
+
+/// A rate of `num/den` per second and a burst.
+#[derive(Clone, Copy, Debug)]
+struct Rate {
+    num: u32,
+    den: u32,
+    burst: u32,
+}
+
+impl Rate {
+    fn throttle(self) -> Throttle {
+        Throttle::new(f64::from(self.num) / f64::from(self.den), self.burst).unwrap()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Spec {
+    kind: Kind,
+    throttle: Option<Rate>,
+    method: Option<Rate>,
+    quota: Option<u64>,
+    tokens_minute: Option<u32>,
+    tokens_day: Option<u64>,
+    concurrency: Option<u32>,
+    /// Seconds into 2024-05-01 (UTC) at the start.
+    start_secs: u64,
+}
+
+impl Spec {
+    fn plan(&self) -> UsagePlan {
+        let mut p = UsagePlan::new("p");
+        if let Some(r) = self.throttle {
+            p = p.throttle(r.throttle());
+        }
+        if let Some(r) = self.method {
+            p = p.method(format!("{ROUTE}/POST"), r.throttle());
+        }
+        if let Some(l) = self.quota {
+            p = p.quota(Quota::new(l, Period::Day).unwrap());
+        }
+        if self.tokens_minute.is_some() || self.tokens_day.is_some() {
+            let mut b = TokenBudget::new();
+            if let Some(n) = self.tokens_minute {
+                b = b.per_minute(n).unwrap();
+            }
+            if let Some(n) = self.tokens_day {
+                b = b.per_day(n).unwrap();
+            }
+            p = p.tokens(b);
+        }
+        if let Some(c) = self.concurrency {
+            p = p.concurrency(c);
+        }
+        p
+    }
+
+    fn model(&self) -> Model {
+        let bucket = |name, r: Rate| Bucket::per_second(name, r.num, r.den, r.burst);
+        let day = |name, limit| DayQuota {
+            name,
+            limit,
+            used: None,
+        };
+        Model {
+            throttle: self.throttle.map(|r| bucket("throttle", r)),
+            method: self.method.map(|r| bucket("method", r)),
+            tokens_minute: self
+                .tokens_minute
+                .map(|n| Bucket::per_second("tokens-minute", n, 60, n)),
+            quota: self.quota.map(|l| day("quota", l)),
+            tokens_day: self.tokens_day.map(|l| day("tokens-day", l)),
+            concurrency: self.concurrency.map(|c| (c, 0)),
+            wall0: MAY_1 + i128::from(self.start_secs) * 1_000_000_000,
+            now: 0,
+        }
+    }
+
+    /// The largest cost worth trying on the request limits: one past what
+    /// the tightest of them can ever hold.
+    fn max_cost(&self) -> u32 {
+        let mut m = 0;
+        for r in [self.throttle, self.method].into_iter().flatten() {
+            m = m.max(r.burst + 1);
+        }
+        if let Some(l) = self.quota {
+            m = m.max(l as u32 + 1);
+        }
+        m.max(2)
+    }
+
+    /// The largest estimate worth trying: past the whole per-minute budget.
+    fn max_tokens(&self) -> u32 {
+        let mut m = 0;
+        if let Some(n) = self.tokens_minute {
+            m = m.max(n + 2);
+        }
+        if let Some(n) = self.tokens_day {
+            m = m.max(n as u32 + 2);
+        }
+        m
+    }
+}
+
+/// Rates whose emission interval is a whole number of nanoseconds, or (with
+/// `fractional`) rates whose interval is not: 0.9/s (1,111,111,111.1 ns),
+/// 3/s, 7/3 per s. Exactness is checked apart from the rules across limits,
+/// so that a failure of one does not hide the other.
+fn rate(fractional: bool) -> impl Strategy<Value = Rate> {
+    let rates = if fractional {
+        vec![(9, 10), (3, 1), (7, 3)]
+    } else {
+        vec![(1, 1), (2, 1), (1, 2), (4, 1)]
+    };
+    (prop::sample::select(rates), 1..=4u32).prop_map(|((num, den), burst)| Rate { num, den, burst })
+}
+
+/// Token budgets per minute: 30 and 100 have whole-nanosecond intervals
+/// (2 s, 0.6 s), 7 and 90 do not.
+fn per_minute(fractional: bool) -> impl Strategy<Value = u32> {
+    prop::sample::select(if fractional {
+        vec![7, 90]
+    } else {
+        vec![30, 100]
+    })
+}
+
+/// Mostly close to midnight, so that sequences cross it.
+fn start_secs() -> impl Strategy<Value = u64> {
+    prop_oneof![86_400 - 30..86_400u64, 0..86_400u64]
+}
+
+fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
+    let rate = move || rate(fractional);
+    let base = Spec {
+        kind,
+        throttle: None,
+        method: None,
+        quota: None,
+        tokens_minute: None,
+        tokens_day: None,
+        concurrency: None,
+        start_secs: 0,
+    };
+    match kind {
+        Kind::Throttle => (rate(), start_secs())
+            .prop_map(move |(r, s)| Spec {
+                throttle: Some(r),
+                start_secs: s,
+                ..base.clone()
+            })
+            .boxed(),
+        Kind::ThrottleQuota => (rate(), 1..=6u64, start_secs())
+            .prop_map(move |(r, q, s)| Spec {
+                throttle: Some(r),
+                quota: Some(q),
+                start_secs: s,
+                ..base.clone()
+            })
+            .boxed(),
+        Kind::Method => (rate(), rate(), start_secs())
+            .prop_map(move |(r, m, s)| Spec {
+                throttle: Some(r),
+                method: Some(m),
+                start_secs: s,
+                ..base.clone()
+            })
+            .boxed(),
+        Kind::Tokens => (
+            per_minute(fractional),
+            prop::option::of(prop::sample::select(vec![20u64, 50, 150])),
+            start_secs(),
+        )
+            .prop_map(move |(m, d, s)| Spec {
+                tokens_minute: Some(m),
+                tokens_day: d,
+                start_secs: s,
+                ..base.clone()
+            })
+            .boxed(),
+        Kind::Concurrency => (1..=2u32, prop::option::of(rate()), start_secs())
+            .prop_map(move |(c, r, s)| Spec {
+                throttle: r,
+                concurrency: Some(c),
+                start_secs: s,
+                ..base.clone()
+            })
+            .boxed(),
+    }
+}
+
+// ---------------------------------------------------------------- operations
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// `decide(key, cost)`, or the memory store's `check` when `check` (on
+    /// Redis, `decide`); cost 0 peeks.
+    Direct { cost: u32, check: bool },
+    /// A request through the layer: on the override's route or not, with
+    /// an estimate (the `x-estimate` header) and the actual tokens its
+    /// response reports; `hold` keeps its response open until an `End`.
+    Http {
+        on_route: bool,
+        estimate: u32,
+        actual: Option<u32>,
+        hold: bool,
+    },
+    /// Ends the held response at this index (modulo how many are held).
+    End(usize),
+    /// Advances the clock by this many nanoseconds.
+    Advance(u64),
+    /// Advances the clock by the retry of the model's last denial, or one
+    /// nanosecond less.
+    ToRetry { short: bool },
+    /// Advances the clock to the next UTC midnight, plus `delta` ns (a few
+    /// nanoseconds either side, or up to 3 s before: a quota that renews
+    /// sooner than a throttle does).
+    ToMidnight { delta: i64 },
+}
+
+fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
+    let max_cost = s.max_cost();
+    let max_tokens = s.max_tokens();
+    let tokens = s.kind == Kind::Tokens;
+    let http = prop_oneof![
+        (
+            any::<bool>(),
+            0..=max_tokens,
+            prop::option::of(0..=max_tokens.max(1) * 2),
+            any::<bool>()
+        )
+            .prop_map(|(on_route, estimate, actual, hold)| Op::Http {
+                on_route,
+                estimate,
+                actual,
+                hold,
+            }),
+    ];
+    let direct = (0..=max_cost, any::<bool>()).prop_map(move |(cost, check)| Op::Direct {
+        // A token plan's direct decisions charge no tokens: only peeks
+        // are asked of it.
+        cost: if tokens { 0 } else { cost },
+        check,
+    });
+    let op = prop_oneof![
+        4 => direct,
+        4 => http,
+        2 => any::<usize>().prop_map(Op::End),
+        2 => (1..2_000_000_000u64).prop_map(Op::Advance),
+        1 => (3_600_000_000_000..30 * 3_600_000_000_000u64).prop_map(Op::Advance),
+        2 => any::<bool>().prop_map(|short| Op::ToRetry { short }),
+        1 => prop_oneof![-2..=2i64, -3_000_000_000..=0i64]
+            .prop_map(|delta| Op::ToMidnight { delta }),
+    ];
+    prop::collection::vec(op, 1..=30)
+}
+
+fn case(kind: Kind, fractional: bool) -> impl Strategy<Value = (Spec, Vec<Op>)> {
+    spec(kind, fractional).prop_flat_map(|s| {
+        let ops = ops(&s);
+        (Just(s), ops)
+    })
+}
+
+// ---------------------------------------------------------------- the stores
+
+/// A response body that ends when its sender is dropped.
+struct Gate(Option<oneshot::Receiver<()>>);
+
+impl Body for Gate {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let Some(rx) = self.0.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(rx).poll(cx) {
+            Poll::Ready(_) => {
+                self.0 = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+type Response = http::Response<ResponseBody<Gate>>;
+
+/// A response held open, and what ends it.
+struct Held {
+    response: Response,
+    end: oneshot::Sender<()>,
+}
+
+/// Waits for a store's background work (a Redis store settles and releases
+/// in spawned tasks).
+trait Drain: Store {
+    fn drain(&self) -> impl Future<Output = ()>;
+    /// The memory store's synchronous `check`, when there is one.
+    fn check(
+        layer: &RateLimitLayer<ApiKeyHeader, Self>,
+        key: &[u8],
+        cost: u32,
+    ) -> Option<Result<(), Rejection>>;
+}
+
+impl Drain for MemoryStore {
+    async fn drain(&self) {}
+    fn check(
+        layer: &RateLimitLayer<ApiKeyHeader, Self>,
+        key: &[u8],
+        cost: u32,
+    ) -> Option<Result<(), Rejection>> {
+        Some(layer.check(key, cost))
+    }
+}
+
+impl Drain for RedisStore {
+    async fn drain(&self) {
+        self.drained().await;
+    }
+    fn check(
+        _: &RateLimitLayer<ApiKeyHeader, Self>,
+        _: &[u8],
+        _: u32,
+    ) -> Option<Result<(), Rejection>> {
+        None
+    }
+}
+
+/// One store under test, driven through the layer.
+struct Side<S: Store> {
+    name: &'static str,
+    clock: ManualClock,
+    layer: RateLimitLayer<ApiKeyHeader, S>,
+    held: Vec<Held>,
+}
+
+fn estimate(r: &RequestView<'_>) -> u32 {
+    r.headers
+        .get("x-estimate")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+impl<S: Drain> Side<S> {
+    fn new(name: &'static str, spec: &Spec, clock: ManualClock, store: S) -> Self {
+        let policy = Policy::builder()
+            .clock(clock.clone())
+            .plan(spec.plan())
+            .key(ApiKey::new("k", "v", "p"))
+            .build()
+            .unwrap();
+        let layer = RateLimitLayer::builder(policy)
+            .store(store)
+            .estimator(estimate)
+            .build();
+        Side {
+            name,
+            clock,
+            layer,
+            held: Vec::new(),
+        }
+    }
+
+    async fn direct(&mut self, cost: u32, check: bool) -> Observed {
+        let result = match check.then(|| S::check(&self.layer, b"v", cost)).flatten() {
+            Some(r) => r,
+            None => self.layer.decide(b"v", cost).await,
+        };
+        self.layer.store().drain().await;
+        match result {
+            Ok(()) => Observed::ok(Answer::Allowed { header: None }),
+            Err(r) => Observed::ok(denied(&r)),
+        }
+    }
+
+    async fn http(
+        &mut self,
+        on_route: bool,
+        estimate: u32,
+        actual: Option<u32>,
+        hold: bool,
+    ) -> Observed {
+        let (tx, rx) = oneshot::channel();
+        // The service must be `Clone`; its one call takes the receiver.
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(Some(rx)));
+        let inner = tower::service_fn(move |req: http::Request<()>| {
+            let rx = rx.lock().unwrap().take();
+            async move {
+                let actual = req
+                    .headers()
+                    .get("x-actual")
+                    .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+                if let (Some(n), Some(usage)) = (actual, req.extensions().get::<TokenUsage>()) {
+                    usage.set(n);
+                }
+                Ok::<_, Infallible>(http::Response::new(Gate(rx)))
+            }
+        });
+        let (method, path) = if on_route {
+            (http::Method::POST, ROUTE)
+        } else {
+            (http::Method::GET, "/other")
+        };
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("x-api-key", "v")
+            .header("x-estimate", estimate.to_string());
+        if let Some(a) = actual {
+            req = req.header("x-actual", a.to_string());
+        }
+        let res: Response = self
+            .layer
+            .layer(inner)
+            .oneshot(req.body(()).unwrap())
+            .await
+            .unwrap();
+        let observed = observe(&res);
+        if res.status() == http::StatusCode::OK {
+            let held = Held {
+                response: res,
+                end: tx,
+            };
+            if hold {
+                self.held.push(held);
+            } else {
+                finish(held).await;
+            }
+        }
+        self.layer.store().drain().await;
+        observed
+    }
+
+    async fn end(&mut self, i: usize) {
+        if self.held.is_empty() {
+            return;
+        }
+        let held = self.held.remove(i % self.held.len());
+        finish(held).await;
+        self.layer.store().drain().await;
+    }
+
+    fn advance(&self, ns: u64) {
+        self.clock.advance(Duration::from_nanos(ns));
+    }
+}
+
+/// Ends a response: its body runs to its end.
+async fn finish(held: Held) {
+    drop(held.end);
+    let _ = held.response.into_body().collect().await;
+}
+
+/// What a store answered, and anything its response got wrong by itself
+/// (headers that disagree with the rejection they carry).
+struct Observed {
+    answer: Answer,
+    faults: Vec<String>,
+}
+
+impl Observed {
+    fn ok(answer: Answer) -> Self {
+        Observed {
+            answer,
+            faults: Vec::new(),
+        }
+    }
+}
+
+fn why(r: Reason) -> Why {
+    match r {
+        Reason::Limited => Why::Limited,
+        Reason::QuotaExceeded => Why::QuotaExceeded,
+        Reason::CostExceedsLimit => Why::CostExceedsLimit,
+        Reason::ConcurrencyLimited => Why::ConcurrencyLimited,
+        other => panic!("a reason outside the limits under test: {other:?}"),
+    }
+}
+
+fn denied(r: &Rejection) -> Answer {
+    Answer::Denied {
+        limits: vec![(r.limit().unwrap_or("(none)"), why(r.reason()))],
+        retry_ns: r
+            .retry_after()
+            .map(|d| u64::try_from(d.as_nanos()).unwrap()),
+    }
+}
+
+fn header_str<'a>(res: &'a Response, name: &str) -> Option<&'a str> {
+    res.headers().get(name).map(|v| v.to_str().unwrap())
+}
+
+/// `"name";r=R;t=T`.
+fn parse_ratelimit(v: &str) -> Option<(String, u64, u64)> {
+    let mut parts = v.split(';');
+    let name = parts.next()?.trim().trim_matches('"').to_owned();
+    let (mut r, mut t) = (None, None);
+    for p in parts {
+        let (k, val) = p.trim().split_once('=')?;
+        match k {
+            "r" => r = val.parse().ok(),
+            "t" => t = val.parse().ok(),
+            _ => {}
+        }
+    }
+    Some((name, r?, t?))
+}
+
+fn observe(res: &Response) -> Observed {
+    if res.status() == http::StatusCode::OK {
+        let header = header_str(res, "ratelimit").map(|v| {
+            let (name, r, t) = parse_ratelimit(v).unwrap_or_else(|| panic!("bad RateLimit {v:?}"));
+            Header {
+                names: vec![leak(name)],
+                r,
+                t,
+            }
+        });
+        return Observed::ok(Answer::Allowed { header });
+    }
+    let Some(rejection) = res.extensions().get::<Rejection>() else {
+        panic!("a {} response without a Rejection extension", res.status());
+    };
+    let mut faults = Vec::new();
+    if res.status() != http::StatusCode::TOO_MANY_REQUESTS {
+        faults.push(format!("status {} for a limit", res.status()));
+    }
+    if let Some(retry) = rejection.retry_after() {
+        let ns = retry.as_nanos();
+        let secs = ns.div_ceil(1_000_000_000).max(1);
+        if header_str(res, "retry-after") != Some(&secs.to_string()) {
+            faults.push(format!(
+                "retry-after {:?} for a retry of {ns} ns",
+                header_str(res, "retry-after")
+            ));
+        }
+        if let Some(ms) = header_str(res, "retry-after-ms") {
+            if ms != ns.div_ceil(1_000_000).to_string() {
+                faults.push(format!("retry-after-ms {ms} for a retry of {ns} ns"));
+            }
+        }
+    }
+    Observed {
+        answer: denied(rejection),
+        faults,
+    }
+}
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+/// Whether a store's answer is the model's: the same decision and exact
+/// retry, the limit named (with its reason) among those the model finds
+/// holding the request longest; on an allowed HTTP request, the
+/// `RateLimit` header's remaining and reset, its name among those tied for
+/// tightest.
+fn agrees(model: &Answer, got: &Answer) -> bool {
+    match (model, got) {
+        (Answer::Allowed { header: m }, Answer::Allowed { header: g }) => match (m, g) {
+            (None, None) => true,
+            (Some(m), Some(g)) => m.r == g.r && m.t == g.t && m.names.contains(&g.names[0]),
+            _ => false,
+        },
+        (
+            Answer::Denied {
+                limits: m,
+                retry_ns: mr,
+            },
+            Answer::Denied {
+                limits: g,
+                retry_ns: gr,
+            },
+        ) => mr == gr && m.contains(&g[0]),
+        _ => false,
+    }
+}
+
+// ---------------------------------------------------------------- a run
+
+struct Run {
+    model: Model,
+    /// Reservations of the requests the model holds, in the stores' order.
+    held: Vec<(Option<Reservation>, Option<u32>)>,
+    last_retry: Option<u64>,
+    log: Vec<String>,
+}
+
+impl Run {
+    fn fail(&self, spec: &Spec, what: String) -> TestCaseError {
+        TestCaseError::fail(format!(
+            "{what}\nplan: {spec:?}\nsequence so far:\n  {}",
+            self.log.join("\n  ")
+        ))
+    }
+}
+
+/// Runs `ops` on the model, the memory store and, if given, a Redis store
+/// (prefix `prefix`), comparing every answer.
+async fn run(
+    spec: &Spec,
+    ops: &[Op],
+    redis: Option<(&RedisServer, String)>,
+) -> Result<(), TestCaseError> {
+    let start = std::time::UNIX_EPOCH
+        + Duration::from_nanos((MAY_1 / 1_000_000_000) as u64 * 1_000_000_000)
+        + Duration::from_secs(spec.start_secs);
+    let clock = ManualClock::new();
+    clock.set_wall(start);
+    let mut memory = Side::new(
+        "memory",
+        spec,
+        clock.clone(),
+        MemoryStore::builder().clock(clock).build().unwrap(),
+    );
+    let mut remote = match redis {
+        Some((server, prefix)) => {
+            let clock = ManualClock::new();
+            clock.set_wall(start);
+            let store = RedisStore::builder(server.url())
+                .prefix(prefix)
+                .timeout(Duration::from_secs(5))
+                .clock(clock.clone())
+                // A held place is given back by its response; the lease (for a
+                // crashed instance) must outlast the longest sequence.
+                .lease(Duration::from_secs(400 * 86_400))
+                .build()
+                .await
+                .unwrap();
+            Some(Side::new("redis", spec, clock, store))
+        }
+        None => None,
+    };
+    let mut r = Run {
+        model: spec.model(),
+        held: Vec::new(),
+        last_retry: None,
+        log: Vec::new(),
+    };
+    for op in ops {
+        // Clock steps.
+        let step = match *op {
+            Op::Advance(ns) => Some(ns),
+            Op::ToRetry { short } => {
+                let ns = r.last_retry.unwrap_or(1);
+                Some(if short { ns.saturating_sub(1) } else { ns })
+            }
+            Op::ToMidnight { delta } => {
+                let wall = r.model.wall();
+                let mut to =
+                    (wall.div_euclid(NANOS_PER_DAY) + 1) * NANOS_PER_DAY + i128::from(delta);
+                if to <= wall {
+                    to += NANOS_PER_DAY;
+                }
+                Some((to - wall) as u64)
+            }
+            _ => None,
+        };
+        if let Some(ns) = step {
+            r.model.advance(ns);
+            memory.advance(ns);
+            if let Some(s) = &remote {
+                s.advance(ns);
+            }
+            r.log.push(format!(
+                "advance {ns} ns (wall {})",
+                wall_str(r.model.wall())
+            ));
+            continue;
+        }
+        if let Op::End(i) = *op {
+            if r.held.is_empty() {
+                continue;
+            }
+            let i = i % r.held.len();
+            let (res, actual) = r.held.remove(i);
+            r.model.end(res, actual);
+            memory.end(i).await;
+            if let Some(s) = &mut remote {
+                s.end(i).await;
+            }
+            r.log
+                .push(format!("end held response #{i} (actual {actual:?})"));
+            continue;
+        }
+        let (expected, observed, what) = match *op {
+            Op::Direct { cost, check } => {
+                let ask = Ask {
+                    cost,
+                    tokens: 0,
+                    on_route: false,
+                    holds: false,
+                    http: false,
+                };
+                let (expected, _) = r.model.decide(ask);
+                let mut observed = vec![(memory.name, memory.direct(cost, check).await)];
+                if let Some(s) = &mut remote {
+                    observed.push((s.name, s.direct(cost, check).await));
+                }
+                let verb = if check { "check" } else { "decide" };
+                (expected, observed, format!("{verb}(cost {cost})"))
+            }
+            Op::Http {
+                on_route,
+                estimate,
+                actual,
+                hold,
+            } => {
+                let tokens = spec.kind == Kind::Tokens;
+                let estimate = if tokens { estimate } else { 0 };
+                let actual = actual.filter(|_| tokens);
+                let ask = Ask {
+                    cost: 1,
+                    tokens: estimate,
+                    on_route,
+                    holds: true,
+                    http: true,
+                };
+                let (expected, reservation) = r.model.decide(ask);
+                if matches!(expected, Answer::Allowed { .. }) {
+                    if hold {
+                        r.held.push((reservation, actual));
+                    } else {
+                        r.model.end(reservation, actual);
+                    }
+                }
+                let mut observed = vec![(
+                    memory.name,
+                    memory.http(on_route, estimate, actual, hold).await,
+                )];
+                if let Some(s) = &mut remote {
+                    observed.push((s.name, s.http(on_route, estimate, actual, hold).await));
+                }
+                let route = if on_route {
+                    "POST /v1/completions"
+                } else {
+                    "GET /other"
+                };
+                let tok = if tokens {
+                    format!(", estimate {estimate}, actual {actual:?}")
+                } else {
+                    String::new()
+                };
+                let hold = if hold { ", held" } else { ", ended at once" };
+                (expected, observed, format!("HTTP {route}{tok}{hold}"))
+            }
+            _ => unreachable!(),
+        };
+        if let Answer::Denied { retry_ns, .. } = &expected {
+            r.last_retry = *retry_ns;
+        }
+        r.log.push(format!("{what}: model {expected}"));
+        for (name, o) in &observed {
+            if !agrees(&expected, &o.answer) || !o.faults.is_empty() {
+                let others: Vec<String> = observed
+                    .iter()
+                    .map(|(n, o)| format!("{n}: {}{}", o.answer, faults(&o.faults)))
+                    .collect();
+                return Err(r.fail(
+                    spec,
+                    format!(
+                        "{name} disagrees with the model at `{what}`:\n  model: {expected}\n  {}",
+                        others.join("\n  ")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn faults(f: &[String]) -> String {
+    if f.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", f.join("; "))
+    }
+}
+
+fn wall_str(ns: i128) -> String {
+    let day = ns.div_euclid(NANOS_PER_DAY) - MAY_1 / NANOS_PER_DAY;
+    let rem = ns.rem_euclid(NANOS_PER_DAY);
+    format!(
+        "May 1 +{day}d {}.{:09}s",
+        rem / 1_000_000_000,
+        rem % 1_000_000_000
+    )
+}
+
+// ---------------------------------------------------------------- tests
+
+const MEMORY_CASES: u32 = 96;
+const REDIS_CASES: u32 = 32;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn memory(kind: Kind, fractional: bool) {
+    let rt = runtime();
+    let mut runner = TestRunner::new(Config {
+        cases: MEMORY_CASES,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&case(kind, fractional), |(spec, ops)| {
+        rt.block_on(run(&spec, &ops, None))
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+fn redis(kind: Kind, fractional: bool) {
+    if !require_redis() {
+        return;
+    }
+    static PREFIXES: AtomicUsize = AtomicUsize::new(0);
+    let rt = runtime();
+    let server = RedisServer::start();
+    let mut runner = TestRunner::new(Config {
+        cases: REDIS_CASES,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&case(kind, fractional), |(spec, ops)| {
+        let prefix = format!("diff{}:", PREFIXES.fetch_add(1, Ordering::Relaxed));
+        rt.block_on(run(&spec, &ops, Some((&server, prefix))))
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+mod memory {
+    use super::{Kind, memory};
+
+    #[test]
+    fn throttle() {
+        memory(Kind::Throttle, false);
+    }
+    #[test]
+    fn throttle_and_day_quota() {
+        memory(Kind::ThrottleQuota, false);
+    }
+    #[test]
+    fn throttle_and_method_override() {
+        memory(Kind::Method, false);
+    }
+    #[test]
+    fn token_budget() {
+        memory(Kind::Tokens, false);
+    }
+    #[test]
+    fn concurrency_cap() {
+        memory(Kind::Concurrency, false);
+    }
+    #[test]
+    fn throttle_with_fractional_intervals() {
+        memory(Kind::Throttle, true);
+    }
+    #[test]
+    fn token_budget_with_fractional_intervals() {
+        memory(Kind::Tokens, true);
+    }
+}
+
+mod redis {
+    use super::{Kind, redis};
+
+    #[test]
+    fn throttle() {
+        redis(Kind::Throttle, false);
+    }
+    #[test]
+    fn throttle_and_day_quota() {
+        redis(Kind::ThrottleQuota, false);
+    }
+    #[test]
+    fn throttle_and_method_override() {
+        redis(Kind::Method, false);
+    }
+    #[test]
+    fn token_budget() {
+        redis(Kind::Tokens, false);
+    }
+    #[test]
+    fn concurrency_cap() {
+        redis(Kind::Concurrency, false);
+    }
+    #[test]
+    fn throttle_with_fractional_intervals() {
+        redis(Kind::Throttle, true);
+    }
+    #[test]
+    fn token_budget_with_fractional_intervals() {
+        redis(Kind::Tokens, true);
+    }
+}
