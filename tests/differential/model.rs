@@ -2,8 +2,10 @@
 //! the design alone (none of the crate's own arithmetic), for the
 //! differential test in `tests/differential.rs`.
 //!
-//! Time is exact: nanoseconds as rationals, so that an emission interval of
-//! 1/0.9 s is 1,111,111,111.1 ns, not a rounded integer. A throttle is GCRA
+//! Time is exact: nanoseconds as rationals. An emission interval is the
+//! exact `1/rate` rounded up to a whole nanosecond (1/0.9 s is
+//! 1,111,111,112 ns), as decided so that nothing is admitted before its
+//! exact time; everything after is exact. A throttle is GCRA
 //! on a theoretical arrival time (TAT): interval `T = 1/rate`, tolerance
 //! `burst * T`; a request of cost `n` passes iff
 //! `max(tat, now) + n*T <= now + burst*T`, which admits `burst` requests at
@@ -165,7 +167,9 @@ impl Bucket {
     pub fn per_second(name: &'static str, num: u32, den: u32, burst: u32) -> Bucket {
         Bucket {
             name,
-            interval: Q::new(NANOS_PER_SEC * i128::from(den), i128::from(num)),
+            // The issue that settled rounding decided: whole nanoseconds,
+            // rounded up, so that nothing passes before its exact time.
+            interval: Q::int(Q::new(NANOS_PER_SEC * i128::from(den), i128::from(num)).ceil()),
             burst,
             tat: None,
         }
