@@ -20,7 +20,8 @@
 //! use std::sync::Arc;
 //! use std::sync::atomic::{AtomicU64, Ordering};
 //! use tollgate::store::{
-//!     Acquire, Acquired, Permit, QuotaRef, Settlement, Store, StoreFuture, ThrottleRef,
+//!     Acquire, Acquired, Denied, Permit, QuotaRef, Report, Settlement, Store, StoreFuture,
+//!     ThrottleRef,
 //! };
 //! use tollgate::{Clock, Date, MemoryStore, Policy, RateLimitLayer, Throttle, UsagePlan};
 //!
@@ -50,7 +51,13 @@
 //!         self.inner.reset(throttles, q)
 //!     }
 //!     // The methods with defaults must be passed on too: a wrapper that
-//!     // dropped `release` would never give back a concurrency place.
+//!     // dropped `release` would never give back a concurrency place, one
+//!     // that dropped `decide_now` would answer through `acquire` (a report
+//!     // moved instead of written in place).
+//!     fn decide_now(&self, request: &Acquire<'_>, report: &mut Report) -> Option<Result<(), Denied>> {
+//!         self.decisions.fetch_add(1, Ordering::Relaxed);
+//!         self.inner.decide_now(request, report)
+//!     }
 //!     fn release(&self, permit: Permit) {
 //!         self.inner.release(permit)
 //!     }

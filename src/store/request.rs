@@ -257,7 +257,7 @@ impl<'a> Acquire<'a> {
     }
 
     /// The plan's cap on requests of this key in flight, when it has one:
-    /// an allowed request takes a place ([`Report::set_permit`]).
+    /// an allowed request takes a place ([`Report::set_permit`](super::Report::set_permit)).
     pub fn concurrency(&self) -> Option<&ConcurrencyRef<'a>> {
         self.concurrency.as_ref()
     }
@@ -537,7 +537,7 @@ impl Permit {
 }
 
 /// The actual cost of a request that reserved tokens, to be settled against
-/// its token limits (see [`Store::settle`]).
+/// its token limits (see [`Store::settle`](super::Store::settle)).
 #[derive(Clone, Copy)]
 pub struct Settlement<'a> {
     pub(crate) throttle: Option<ThrottleRef<'a>>,

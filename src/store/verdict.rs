@@ -121,7 +121,7 @@ impl Report {
     }
 
     /// The place the request holds under its plan's concurrency cap, to be
-    /// given back with [`Store::release`] when its response ends.
+    /// given back with [`Store::release`](super::Store::release) when its response ends.
     pub fn permit(&self) -> Option<Permit> {
         self.permit
     }
