@@ -20,9 +20,6 @@
 //! The pause (SIGSTOP) and kill of the reference server process, with a
 //! bound on each request's latency, are in `redis_store.rs`.
 
-#[path = "support/redis.rs"]
-mod redis_support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +28,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Body;
 use axum::routing::post;
-use redis_support::{RedisServer, require_redis};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -41,6 +37,8 @@ use tollgate::{
     UsagePlan,
 };
 use tower::ServiceExt;
+
+use crate::support::redis::{RedisServer, require_redis};
 
 /// The tests of this file, one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
