@@ -10,3 +10,8 @@ mod redis_faults;
 mod redis_harness;
 mod redis_script;
 mod redis_store;
+
+/// The tests that time requests (`redis_faults` and `redis_store`), one at a
+/// time: they pause, kill and slow down Redis, and each would disturb the
+/// other's latency bounds.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -5,8 +5,9 @@
 //! Every test runs a real `redis-server` (see `tests/support/redis.rs`) and a real
 //! HTTP client. The tests that need server processes run the
 //! `inference_server` example binary, built (or found up to date) by
-//! `cargo build` the first time it is needed. The tests of this file run one
-//! at a time, so that timing assertions are not disturbed by each other.
+//! `cargo build` the first time it is needed. The tests of this file and of
+//! `redis_faults.rs` run one at a time (the crate's `SERIAL` lock), so that
+//! timing assertions are not disturbed by each other.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -24,11 +25,9 @@ use tollgate::{
     UsagePlan,
 };
 
+use crate::SERIAL;
 use crate::support::redis::{RedisServer, command, require_redis};
 use crate::support::server::ServerProcess;
-
-/// The tests of this file, one at a time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The store's default timeout.
 const STORE_TIMEOUT: Duration = Duration::from_millis(100);
