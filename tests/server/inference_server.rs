@@ -9,6 +9,7 @@ use tollgate::config::Config;
 use tollgate::{Date, ManualClock, MemoryStore};
 
 use crate::reference_server;
+use crate::support::server::server_binary;
 
 struct Running {
     base: String,
@@ -497,15 +498,6 @@ async fn chat_stream_sends_one_event_per_token_then_usage() {
     let last: Value = serde_json::from_str(events[3]).unwrap();
     assert_eq!(last["usage"]["prompt_tokens"], 2);
     assert_eq!(last["usage"]["total_tokens"], 6);
-}
-
-/// The example binary, built by `cargo test` beside this test.
-fn server_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = dir.join("examples").join("inference_server");
-    assert!(bin.exists(), "{} is not built", bin.display());
-    bin
 }
 
 #[test]
