@@ -4,14 +4,17 @@
 //! server as a child process ([`server`]) and a token-metered endpoint
 //! ([`tokens`]) in the submodules.
 //!
-//! Each test crate (`tests/<crate>/main.rs`) includes this one module with
+//! Each test crate of a folder (`tests/<crate>/main.rs`) includes this one
+//! module with
 //!
 //! ```ignore
 //! #[path = "../support/mod.rs"]
 //! mod support;
 //! ```
 //!
-//! and uses what it needs: not every crate uses every helper.
+//! and uses what it needs: not every crate uses every helper. (A `#[path]`
+//! because a crate root looks for its modules beside itself, in
+//! `tests/<crate>/`.) `tests/alloc.rs` needs none of it.
 
 #![allow(dead_code, unreachable_pub)]
 
