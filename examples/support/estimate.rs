@@ -2,7 +2,7 @@
 //! them before the rate limit decides.
 //!
 //! A file of its own, without HTTP, so that the fuzz target (`fuzz/`) and the
-//! corpus replay test (`tests/fuzz_corpora.rs`) run the same code as the
+//! corpus replay test (`tests/layer/fuzz_corpora.rs`) run the same code as the
 //! server: they include it with `#[path]`.
 
 use serde::Deserialize;

@@ -1,6 +1,6 @@
 //! The configuration file parser (`tollgate::config`) on hostile TOML.
 //!
-//! Shared by the `config` fuzz target and `tests/fuzz_corpora.rs`.
+//! Shared by the `config` fuzz target and `tests/layer/fuzz_corpora.rs`.
 //!
 //! Input: the file's bytes (input that is not UTF-8 is no file to parse).
 

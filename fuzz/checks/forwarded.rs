@@ -1,6 +1,6 @@
 //! Client addresses from hostile `X-Forwarded-For` and `Forwarded` headers.
 //!
-//! Shared by the `forwarded` fuzz target and `tests/fuzz_corpora.rs`.
+//! Shared by the `forwarded` fuzz target and `tests/layer/fuzz_corpora.rs`.
 //!
 //! Input: byte 0 picks the header (bit 0) and the peer (bits 1-2), byte 1 is
 //! `max_hops`, byte 2 the IPv4 and byte 3 the IPv6 grouping prefix; the rest,

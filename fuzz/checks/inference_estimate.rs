@@ -2,15 +2,15 @@
 //! (`examples/support/estimate.rs`).
 //!
 //! Shared by the `inference_estimate` fuzz target and
-//! `tests/fuzz_corpora.rs`; the including crate declares the `estimate`
-//! module at its root.
+//! `tests/layer/fuzz_corpora.rs`; the module that includes this file declares
+//! the `estimate` module beside it (the fuzz target at its crate root).
 //!
 //! Input: bit 0 of byte 0 picks the route (chat completions or completions);
 //! the rest is the body.
 
 use serde_json::Value;
 
-use crate::estimate::{Job, MAX_TOKEN_MS, MAX_TOKENS_CAP};
+use super::estimate::{Job, MAX_TOKEN_MS, MAX_TOKENS_CAP};
 
 /// The largest body the server reads.
 const MAX_BODY: usize = 1 << 20;

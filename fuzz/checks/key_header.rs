@@ -1,6 +1,6 @@
 //! API key and bearer token extraction from hostile header values.
 //!
-//! Shared by the `key_header` fuzz target and `tests/fuzz_corpora.rs`.
+//! Shared by the `key_header` fuzz target and `tests/layer/fuzz_corpora.rs`.
 //!
 //! Input: byte 0 is the configured maximum key length; the rest, split on
 //! `\n`, are the lines of the header (lines that are no valid header value are

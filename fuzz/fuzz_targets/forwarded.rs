@@ -1,4 +1,4 @@
-//! Fuzz target: see `checks/forwarded.rs`, shared with `tests/fuzz_corpora.rs`.
+//! Fuzz target: see `checks/forwarded.rs`, shared with `tests/layer/fuzz_corpora.rs`.
 
 #![no_main]
 

@@ -2,20 +2,12 @@
 //! `redis-server` (or Redis Cluster) of the test alone, so that one test
 //! body runs against every store on a manual clock.
 //!
-//! Include this module after `support/redis.rs`, which it uses as
-//! `crate::redis_support`:
-//!
-//! ```ignore
-//! #[path = "support/redis.rs"]
-//! mod redis_support;
-//! #[path = "support/backend.rs"]
-//! mod backend;
-//! ```
+//! The servers come from the sibling module [`super::redis`].
 //!
 //! [`on_each_backend!`] turns generic test bodies into a `memory` and a
 //! `redis` test each.
 
-#![allow(dead_code, unreachable_pub, async_fn_in_trait)]
+#![allow(async_fn_in_trait)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -23,7 +15,7 @@ use std::time::Duration;
 use tollgate::store::Store;
 use tollgate::{ManualClock, MemoryStore, RedisStore};
 
-use crate::redis_support::{RedisCluster, RedisServer};
+use super::redis::{RedisCluster, RedisServer};
 
 /// Where a behaviour's state lives.
 pub trait Backend {
@@ -108,6 +100,8 @@ impl Backend for Redis {
 /// [`Memory`] and a test `redis::name` on its own [`Redis::single`] (which
 /// fails, not skips, without redis-server under `CI=true`). The caller
 /// imports `Memory`, `Redis` and `require_redis`.
+// Unused by the test crates that run no body on each backend.
+#[allow(unused_macros)]
 macro_rules! on_each_backend {
     ($prefix:literal: $($name:ident),* $(,)?) => {
         mod memory {
@@ -134,4 +128,5 @@ macro_rules! on_each_backend {
     };
 }
 
+#[allow(unused_imports)]
 pub(crate) use on_each_backend;

@@ -1,11 +1,8 @@
 //! Real `redis-server` processes for integration tests.
 //!
-//! Include this module with
-//!
-//! ```ignore
-//! #[path = "support/redis.rs"]
-//! mod redis_support;
-//! ```
+//! The test crates use it as `support::redis`. It depends on nothing else of
+//! `support`, so that the Redis benchmark (`benches/redis.rs`) includes this
+//! file alone, with `#[path = "../tests/support/redis.rs"]`: keep it so.
 //!
 //! [`RedisServer`] starts a standalone server and [`RedisCluster`] a cluster
 //! of three masters. Every server runs as a child process of the test, on a
@@ -36,6 +33,7 @@
 //! * otherwise it prints a notice to stderr and returns `false`, and the test
 //!   returns early.
 
+// Also for the benchmark, which includes this file as a module of its own.
 #![allow(dead_code, unreachable_pub)]
 
 use std::fs::{self, File};

@@ -1,19 +1,10 @@
 //! The reference server (`examples/inference_server.rs`) as a child process.
 //!
-//! Include this module with
-//!
-//! ```ignore
-//! #[path = "support/server.rs"]
-//! mod server_support;
-//! ```
-//!
 //! [`ServerProcess::start`] builds the example binary once per test run
 //! (same target directory and profile as the test), starts it on a free
 //! loopback port and waits for its address; it keeps what the process
 //! writes to stdout and stderr, can send it signals, and kills it when
 //! dropped.
-
-#![allow(dead_code, unreachable_pub)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};

@@ -1,15 +1,6 @@
 //! A token-metered endpoint for tests of reservations and settlement: the
 //! estimate is a request's `x-estimate` header, and the service reports its
 //! `x-actual` header as the tokens the response used.
-//!
-//! Include this module with
-//!
-//! ```ignore
-//! #[path = "support/tokens.rs"]
-//! mod tokens;
-//! ```
-
-#![allow(dead_code, unreachable_pub)]
 
 use std::convert::Infallible;
 

@@ -27,24 +27,22 @@
 //! back, settlements low and high, late, the next day) and fails if one
 //! never came up.
 
-mod common;
-#[path = "support/tokens.rs"]
-mod tokens;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use common::at;
 use http_body_util::Full;
 use proptest::prelude::*;
-use proptest::test_runner::{TestCaseError, TestRunner};
+use proptest::test_runner::{FileFailurePersistence, TestCaseError, TestRunner};
 use tollgate::extract::ApiKeyHeader;
 use tollgate::{
     ApiKey, Clock, Date, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer,
     ResponseBody, Stage, Throttle, TokenBudget, UsagePlan, Weekday,
 };
 use tower::ServiceExt;
+
+use crate::support::at;
+use crate::support::tokens;
 
 const S: u64 = 1_000_000_000;
 
@@ -71,7 +69,7 @@ impl Seen {
 
 /// The runner's configuration: 96 cases by default (a few seconds in a
 /// debug build), `PROPTEST_CASES=n` for n; failures are saved beside this
-/// file and replayed first.
+/// file (`never_over_admit.proptest-regressions`) and replayed first.
 fn config() -> ProptestConfig {
     ProptestConfig {
         cases: std::env::var("PROPTEST_CASES")
@@ -79,6 +77,12 @@ fn config() -> ProptestConfig {
             .and_then(|n| n.parse().ok())
             .unwrap_or(96),
         source_file: Some(file!()),
+        // Beside this file: proptest's default would put them in
+        // `tests/proptest-regressions/never_over_admit.txt`, as this file is
+        // a module of the crate whose root is `tests/stores/main.rs`.
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
         ..ProptestConfig::default()
     }
 }

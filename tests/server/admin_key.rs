@@ -6,15 +6,11 @@
 //! That the check takes no time that depends on the admin key is argued from
 //! the code (see `AdminKey` in the example): a timing test would be flaky.
 
-#[allow(dead_code, unreachable_pub)]
-#[path = "../examples/inference_server.rs"]
-mod server;
-
+use crate::reference_server::{self, AdminKey};
 use std::net::SocketAddr;
 
 use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
-use server::AdminKey;
 use tollgate::MemoryStore;
 use tollgate::config::Config;
 
@@ -96,10 +92,14 @@ key = "admin-secret"
 
 async fn start() -> String {
     let config = Config::from_toml(CONFIG).unwrap();
-    let app = server::app(&config, MemoryStore::new()).unwrap();
+    let app = reference_server::app(&config, MemoryStore::new()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
-    tokio::spawn(server::serve(listener, app, std::future::pending()));
+    tokio::spawn(reference_server::serve(
+        listener,
+        app,
+        std::future::pending(),
+    ));
     format!("http://{addr}")
 }
 

@@ -1,16 +1,15 @@
 //! The reference server, served on a loopback port and driven by a real HTTP
 //! client, with configs written by the tests and a manual clock.
 
-#[allow(dead_code, unreachable_pub)]
-#[path = "../examples/inference_server.rs"]
-mod server;
-
 use std::net::SocketAddr;
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use tollgate::config::Config;
 use tollgate::{Date, ManualClock, MemoryStore};
+
+use crate::reference_server;
+use crate::support::server::server_binary;
 
 struct Running {
     base: String,
@@ -30,11 +29,11 @@ async fn start(config: &str) -> Running {
     clock.set_wall(monday_ten());
     let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
     let config = Config::from_toml(config).unwrap();
-    let app = server::app(&config, store).unwrap();
+    let app = reference_server::app(&config, store).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server::serve(listener, app, async {
+    tokio::spawn(reference_server::serve(listener, app, async {
         let _ = rx.await;
     }));
     Running {
@@ -89,7 +88,7 @@ impl Running {
 
 #[tokio::test]
 async fn demo_key_gets_a_burst_of_five_then_two_per_second() {
-    let s = start(server::DEMO_CONFIG).await;
+    let s = start(reference_server::DEMO_CONFIG).await;
     for remaining in (0..5).rev() {
         let res = s.complete(Some("demo-free-key")).await;
         assert_eq!(res.status(), 200);
@@ -134,7 +133,7 @@ async fn demo_key_gets_a_burst_of_five_then_two_per_second() {
 
 #[tokio::test]
 async fn method_override_limits_one_route_while_another_still_passes() {
-    let s = start(server::DEMO_CONFIG).await;
+    let s = start(reference_server::DEMO_CONFIG).await;
     let chat = "/v1/chat/completions";
     assert_eq!(
         s.post(chat, Some("demo-free-key"), CHAT).await.status(),
@@ -429,7 +428,7 @@ throttle = { rate = 1.0, burst = 2 }
 
 #[tokio::test]
 async fn health_is_never_limited_and_malformed_bodies_are_json_400s() {
-    let s = start(server::DEMO_CONFIG).await;
+    let s = start(reference_server::DEMO_CONFIG).await;
     for _ in 0..50 {
         let res = s
             .client
@@ -479,7 +478,7 @@ async fn health_is_never_limited_and_malformed_bodies_are_json_400s() {
 
 #[tokio::test]
 async fn chat_stream_sends_one_event_per_token_then_usage() {
-    let s = start(server::DEMO_CONFIG).await;
+    let s = start(reference_server::DEMO_CONFIG).await;
     let res = s
         .post(
             "/v1/chat/completions",
@@ -499,15 +498,6 @@ async fn chat_stream_sends_one_event_per_token_then_usage() {
     let last: Value = serde_json::from_str(events[3]).unwrap();
     assert_eq!(last["usage"]["prompt_tokens"], 2);
     assert_eq!(last["usage"]["total_tokens"], 6);
-}
-
-/// The example binary, built by `cargo test` beside this test.
-fn server_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = dir.join("examples").join("inference_server");
-    assert!(bin.exists(), "{} is not built", bin.display());
-    bin
 }
 
 #[test]
@@ -589,7 +579,7 @@ async fn a_stream_holds_its_concurrency_place_to_its_last_event() {
     use futures_util_free::next_chunk;
 
     // The demo plan `free` allows 2 requests of a key in flight.
-    let s = start(server::DEMO_CONFIG).await;
+    let s = start(reference_server::DEMO_CONFIG).await;
     let mut one = s
         .post("/v1/completions", Some("demo-free-key"), STREAM)
         .await;
@@ -637,7 +627,7 @@ const FAILING_STREAM: &str = r#"{"model":"m","prompt":"hi","max_tokens":40,"stre
 
 #[tokio::test]
 async fn places_all_come_back_after_a_mixed_storm() {
-    let s = std::sync::Arc::new(start(server::DEMO_CONFIG).await);
+    let s = std::sync::Arc::new(start(reference_server::DEMO_CONFIG).await);
     let mut tasks = Vec::new();
     for i in 0..40 {
         let s = std::sync::Arc::clone(&s);

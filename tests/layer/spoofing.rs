@@ -4,15 +4,13 @@
 //! trusted proxy, 127.0.0.2 a client that connects directly), a frozen
 //! clock, and a throttle of bursts of 5.
 //!
-//! `tests/http.rs` already shows that an untrusted peer's `X-Forwarded-For`
+//! `tests/layer/http.rs` already shows that an untrusted peer's `X-Forwarded-For`
 //! and `Forwarded` are ignored, and that entries prepended to
 //! `X-Forwarded-For` behind a trusted proxy do not count. This file adds the
 //! headers other gateways use (`X-Real-IP`, `True-Client-IP`…), every form
 //! of forged entry at once, a direct client that is not the trusted proxy,
 //! `Forwarded` behind a trusted proxy, split header lines, and the limits of
 //! anonymous requests in a policy built from a configuration file.
-
-mod common;
 
 use std::net::IpAddr;
 
@@ -23,7 +21,7 @@ use tollgate::RateLimitLayer;
 use tollgate::config::Config;
 use tollgate::extract::{ClientIp, ForwardedHeader};
 
-use common::{BURST, frozen_store, ip_app, ok, pass_then_429, serve, statuses};
+use crate::support::{BURST, frozen_store, ip_app, ok, pass_then_429, serve, statuses};
 
 /// An HTTP client whose connections come from `local` (a loopback address).
 fn client_from(local: &str) -> reqwest::Client {

@@ -1,7 +1,27 @@
-//! Helpers shared by the integration tests: policies, a frozen clock, and
-//! servers on loopback ports.
+//! What the integration test crates share: policies, a frozen clock, servers
+//! on loopback ports and an HTTP client here; real `redis-server` processes
+//! ([`redis`]), the store a test body runs against ([`backend`]), the reference
+//! server as a child process ([`server`]) and a token-metered endpoint
+//! ([`tokens`]) in the submodules.
+//!
+//! Each test crate of a folder (`tests/<crate>/main.rs`) includes this one
+//! module with
+//!
+//! ```ignore
+//! #[path = "../support/mod.rs"]
+//! mod support;
+//! ```
+//!
+//! and uses what it needs: not every crate uses every helper. (A `#[path]`
+//! because a crate root looks for its modules beside itself, in
+//! `tests/<crate>/`.) `tests/alloc.rs` needs none of it.
 
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
+
+pub(crate) mod backend;
+pub(crate) mod redis;
+pub(crate) mod server;
+pub(crate) mod tokens;
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

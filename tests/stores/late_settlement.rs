@@ -6,28 +6,24 @@
 //! after. By then the reservation's share of the per-minute bucket may have
 //! refilled and been granted to later requests, and the daily window that
 //! counted it may have ended. Giving the whole over-estimate back then
-//! admitted more than the budget (found by `tests/never_over_admit.rs`): the
+//! admitted more than the budget (found by `tests/stores/never_over_admit.rs`): the
 //! bucket gets back only what of the estimate's share has not refilled yet,
 //! and a quota window only what it counted itself.
-
-mod common;
-#[path = "support/redis.rs"]
-mod redis_support;
-#[path = "support/tokens.rs"]
-mod tokens;
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::at;
 use http_body_util::Full;
-use redis_support::{RedisServer, require_redis};
 use tollgate::store::Store;
 use tollgate::{
     ApiKey, ManualClock, MemoryStore, Policy, RateLimitLayer, RedisStore, ResponseBody,
     TokenBudget, UsagePlan,
 };
 use tower::ServiceExt;
+
+use crate::support::at;
+use crate::support::redis::{RedisServer, require_redis};
+use crate::support::tokens;
 
 type Response = http::Response<ResponseBody<Full<Bytes>>>;
 

@@ -22,15 +22,9 @@
 //!   sent (`MONITOR`), with the reference server process and an in-process
 //!   per-key layer on a real `redis-server`, and the server's own output.
 //!
-//! `tests/observe.rs` already checks the observer's events and the tracing
+//! `tests/layer/observe.rs` already checks the observer's events and the tracing
 //! and metrics observers for allowed, throttled and unknown-key decisions;
 //! this file covers the other surfaces and outcomes.
-
-mod common;
-#[path = "support/redis.rs"]
-mod redis_support;
-#[path = "support/server.rs"]
-mod server_support;
 
 use std::io::{self, BufRead, BufReader, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -44,9 +38,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use base64::Engine as _;
-use redis_support::{RedisServer, command, require_redis};
 use serde_json::{Value, json};
-use server_support::ServerProcess;
 use tollgate::config::Config;
 use tollgate::extract::{ApiKeyHeader, Bearer, Key, KeyExtractor, RequestView};
 use tollgate::observe::{DecisionEvent, MetricsObserver, Observer, TracingObserver};
@@ -57,6 +49,10 @@ use tollgate::{
     ApiKey, Clock, Date, HeaderStyle, ManualClock, MemoryStore, Policy, RateLimitLayer, RedisStore,
     Rejection, Throttle, TokenBudget, UsagePlan, UsedTokens,
 };
+
+use crate::support;
+use crate::support::redis::{RedisServer, command, require_redis};
+use crate::support::server::ServerProcess;
 
 // ---------------------------------------------------------------------------
 // The secrets, and the grep
@@ -549,7 +545,7 @@ async fn memory_store_responses_logs_metrics_and_debug_hold_no_key() {
                 .layer(per_key.clone()),
         )
         .layer(middleware::from_fn(keep_rejection));
-    let base = common::serve(app).await;
+    let base = support::serve(app).await;
     let http = client();
     let post = |path: &str, key: Option<&str>| with_key(http.post(format!("{base}{path}")), key);
     let mut answers = Answers::default();
@@ -1101,7 +1097,7 @@ async fn redis_names_values_commands_and_the_reference_server_hold_no_key() {
     let app = Router::new()
         .route("/open", post(completion))
         .layer(per_key.clone());
-    let base = common::serve(app).await;
+    let base = support::serve(app).await;
     let open = || http.post(format!("{base}/open")).bearer_auth(BEARER);
     for want in [200, 200, 429] {
         answers.expect(

@@ -4,8 +4,6 @@
 //! Each is answered cleanly, in bounded time and memory, and none takes the
 //! server down or costs a well-behaved caller its budget.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -14,7 +12,7 @@ use http::HeaderValue;
 use tollgate::extract::{Bearer, ClientIp, DEFAULT_MAX_KEY_LEN, ForwardedHeader};
 use tollgate::{ManualClock, MemoryStore, Policy, RateLimitLayer, Reason, Throttle, UsagePlan};
 
-use common::{BURST, client, frozen_store, per_key_policy, serve};
+use crate::support::{BURST, client, frozen_store, per_key_policy, serve};
 
 const FORBIDDEN: &str = r#"{"message":"Forbidden"}"#;
 

@@ -8,16 +8,16 @@ use std::path::{Path, PathBuf};
 
 /// The reference server's body parsing, the file the example includes.
 #[allow(dead_code)]
-#[path = "../examples/support/estimate.rs"]
+#[path = "../../examples/support/estimate.rs"]
 mod estimate;
 
-#[path = "../fuzz/checks/config.rs"]
+#[path = "../../fuzz/checks/config.rs"]
 mod config;
-#[path = "../fuzz/checks/forwarded.rs"]
+#[path = "../../fuzz/checks/forwarded.rs"]
 mod forwarded;
-#[path = "../fuzz/checks/inference_estimate.rs"]
+#[path = "../../fuzz/checks/inference_estimate.rs"]
 mod inference_estimate;
-#[path = "../fuzz/checks/key_header.rs"]
+#[path = "../../fuzz/checks/key_header.rs"]
 mod key_header;
 
 /// The fuzz targets (`fuzz/fuzz_targets/`), each replayed by a test below.

@@ -1,8 +1,6 @@
 //! The layer in axum routers, served on loopback ports and driven by a real
 //! HTTP client. Time-dependent tests run on a frozen manual clock.
 
-mod common;
-
 use std::time::Duration;
 
 use axum::Router;
@@ -15,7 +13,7 @@ use http::{HeaderValue, StatusCode};
 use tollgate::extract::{Bearer, ClientIp, ExtensionKey, ForwardedHeader};
 use tollgate::{HeaderStyle, RateLimitLayer, Rejection};
 
-use common::{
+use crate::support::{
     BURST, DISABLED_KEY, KEY, OTHER_KEY, client, frozen_store, header, ip_app, ok, pass_then_429,
     per_key_policy, registered_policy, serve, serve_without_connect_info, statuses,
 };

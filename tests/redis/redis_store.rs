@@ -2,16 +2,12 @@
 //! `redis-server`, the commands Redis sees per decision, and what clients get
 //! while Redis is paused, killed and restarted.
 //!
-//! Every test runs a real `redis-server` (see `support/redis.rs`) and a real
+//! Every test runs a real `redis-server` (see `tests/support/redis.rs`) and a real
 //! HTTP client. The tests that need server processes run the
 //! `inference_server` example binary, built (or found up to date) by
-//! `cargo build` the first time it is needed. The tests of this file run one
-//! at a time, so that timing assertions are not disturbed by each other.
-
-#[path = "support/redis.rs"]
-mod redis_support;
-#[path = "support/server.rs"]
-mod server_support;
+//! `cargo build` the first time it is needed. The tests of this file and of
+//! `redis_faults.rs` run one at a time (the crate's `SERIAL` lock), so that
+//! timing assertions are not disturbed by each other.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -23,16 +19,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::routing::post;
-use redis_support::{RedisServer, command, require_redis};
 use serde_json::{Value, json};
-use server_support::ServerProcess;
 use tollgate::{
     ApiKey, Date, FailureMode, Period, Policy, Quota, RateLimitLayer, RedisStore, Stage, Throttle,
     UsagePlan,
 };
 
-/// The tests of this file, one at a time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use crate::SERIAL;
+use crate::support::redis::{RedisServer, command, require_redis};
+use crate::support::server::ServerProcess;
 
 /// The store's default timeout.
 const STORE_TIMEOUT: Duration = Duration::from_millis(100);
@@ -52,7 +47,7 @@ const LIMIT_EXCEEDED: &str = r#"{"message":"Limit Exceeded"}"#;
 // ---------------------------------------------------------------------------
 
 /// Starts the reference server on the Redis store at `redis_url` with the
-/// config file `config` (see `support/server.rs`).
+/// config file `config` (see `tests/support/server.rs`).
 fn start_server(redis_url: &str, config: &Path) -> ServerProcess {
     let config = config.to_str().expect("a UTF-8 config path");
     ServerProcess::start(&["--redis", redis_url, "--config", config])

@@ -2,13 +2,10 @@
 //! answer commands, and can be paused, killed and restarted; a cluster of
 //! three masters forms.
 
-#[path = "support/redis.rs"]
-mod redis_support;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use redis_support::{
+use crate::support::redis::{
     RedisCluster, RedisServer, command, command_with_timeout, ping, require_redis,
 };
 

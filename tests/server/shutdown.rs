@@ -5,20 +5,16 @@
 //! and with the Redis store the stream's tokens must be settled in Redis
 //! (and its place under the concurrency cap given back) before it exits.
 //!
-//! The Redis test runs a real `redis-server` (see `support/redis.rs`).
-
-#[path = "support/redis.rs"]
-mod redis_support;
-#[path = "support/server.rs"]
-mod server_support;
+//! The Redis test runs a real `redis-server` (see `tests/support/redis.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis_support::{RedisServer, command, require_redis};
 use serde_json::Value;
-use server_support::ServerProcess;
+
+use crate::support::redis::{RedisServer, command, require_redis};
+use crate::support::server::ServerProcess;
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()

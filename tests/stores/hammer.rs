@@ -13,23 +13,20 @@
 //!   decides on its own `TIME`, so the throttle refills one request an hour:
 //!   nothing refills while the test runs.
 
-mod common;
-#[path = "support/redis.rs"]
-mod redis_support;
-
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::sync::Barrier;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::at;
-use redis_support::{RedisServer, require_redis};
 use tollgate::extract::ApiKeyHeader;
 use tollgate::{
     ApiKey, FailureMode, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer,
     RedisStore, Stage, Throttle, UsagePlan,
 };
+
+use crate::support::at;
+use crate::support::redis::{RedisServer, require_redis};
 
 const THREADS: usize = 4;
 /// Decisions per thread per round.
@@ -254,6 +251,15 @@ fn redis_hammer_child() {
     });
 }
 
+/// The name `--exact` needs to run [`redis_hammer_child`] alone: its path
+/// below the root of this test crate.
+fn child_test_name() -> String {
+    let (_crate, module) = module_path!()
+        .split_once("::")
+        .expect("a module of a test crate");
+    format!("{module}::redis_hammer_child")
+}
+
 /// Seconds until the next UTC midnight.
 fn secs_to_midnight() -> u64 {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
@@ -271,6 +277,7 @@ fn processes_sharing_one_redis_admit_exactly_each_keys_burst_and_quota() {
     }
     let redis = RedisServer::start();
     let exe = std::env::current_exe().unwrap();
+    let child_test = child_test_name();
     let start_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -279,7 +286,7 @@ fn processes_sharing_one_redis_admit_exactly_each_keys_burst_and_quota() {
     let children: Vec<_> = (0..PROCESSES)
         .map(|_| {
             Command::new(&exe)
-                .args(["redis_hammer_child", "--exact", "--nocapture"])
+                .args([child_test.as_str(), "--exact", "--nocapture"])
                 .args(["--test-threads", "1"])
                 .env(CHILD_ENV, redis.url())
                 .env(START_ENV, start_ms.to_string())

@@ -4,17 +4,15 @@
 //! memory store. Every call passes an explicit now, except the one that checks
 //! the server's clock.
 
-#[path = "support/redis.rs"]
-mod redis_support;
-
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use redis::aio::MultiplexedConnection;
 use redis::{RedisResult, Script};
-use redis_support::{RedisServer, require_redis};
 use tollgate::Date;
 
-const SCRIPT: &str = include_str!("../src/store/redis/script.lua");
+use crate::support::redis::{RedisServer, require_redis};
+
+const SCRIPT: &str = include_str!("../../src/store/redis/script.lua");
 
 /// Nanoseconds per second.
 const S: i64 = 1_000_000_000;

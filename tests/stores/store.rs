@@ -4,8 +4,6 @@
 //! without rate-limit headers; closed: 503, or gRPC UNAVAILABLE), counted,
 //! and logged once per burst of failures.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -20,6 +18,8 @@ use tollgate::{
     ApiKey, Clock, Date, FailureMode, MemoryStore, Policy, RateLimitLayer, Throttle, TokenBudget,
     UsagePlan, UsedTokens,
 };
+
+use crate::support;
 
 /// A memory store behind a delay, that fails while `down` is set.
 #[derive(Clone, Debug, Default)]
@@ -101,7 +101,7 @@ async fn server(
     let app = Router::new()
         .route("/", routing::any(|| async { "ok" }))
         .layer(layer.clone());
-    (common::serve(app).await, layer)
+    (support::serve(app).await, layer)
 }
 
 async fn get(c: &reqwest::Client, base: &str, key: &str) -> reqwest::Response {
@@ -116,7 +116,7 @@ async fn get(c: &reqwest::Client, base: &str, key: &str) -> reqwest::Response {
 async fn a_store_that_answers_later_is_awaited_before_the_call() {
     let store = Remote::default();
     let (base, _) = server(store.clone()).await;
-    let c = common::client();
+    let c = support::client();
     let mut statuses = Vec::new();
     for _ in 0..4 {
         let res = get(&c, &base, "open-key").await;
@@ -144,7 +144,7 @@ async fn a_store_that_answers_later_is_awaited_before_the_call() {
 async fn a_failing_store_is_decided_by_each_plans_failure_mode() {
     let store = Remote::default();
     let (base, layer) = server(store.clone()).await;
-    let c = common::client();
+    let c = support::client();
     store.down.store(true, Ordering::Relaxed);
     for _ in 0..5 {
         // Open: through, without rate-limit headers (nothing was decided).
@@ -210,8 +210,8 @@ async fn tokens_are_settled_through_the_store_unless_it_let_the_request_through_
             }),
         )
         .layer(layer);
-    let base = common::serve(app).await;
-    let c = common::client();
+    let base = support::serve(app).await;
+    let c = support::client();
     // 50 reserved, 10 used: 40 given back once the body has ended.
     let res = get(&c, &base, "llm-key").await;
     assert_eq!(res.status(), StatusCode::OK);

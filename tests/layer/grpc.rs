@@ -1,8 +1,6 @@
 //! The layer in a tonic server (`Server::builder().layer(..)`) in front of the
 //! gRPC health service, called by a tonic client over HTTP/2.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -16,7 +14,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tower::util::MapRequestLayer;
 
-use common::{
+use crate::support::{
     BURST, DISABLED_KEY, KEY, OTHER_KEY, frozen_store, per_key_policy, registered_policy,
 };
 

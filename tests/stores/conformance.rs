@@ -5,25 +5,20 @@
 //! Redis Cluster for a subset) provably agree. Time is a manual clock: the
 //! Redis store decides on it instead of Redis `TIME` when given one.
 
-#[path = "support/backend.rs"]
-mod backend;
-mod common;
-#[path = "support/redis.rs"]
-mod redis_support;
-#[path = "support/tokens.rs"]
-mod tokens;
-
 use std::time::Duration;
 
-use backend::{Backend, Memory, Redis, on_each_backend};
-use common::at;
-use redis_support::{RedisServer, require_redis};
 use tollgate::extract::ApiKeyHeader;
 use tollgate::store::Store;
 use tollgate::{
     ApiKey, Date, ManualClock, Period, Policy, Quota, RateLimitLayer, Reason, RedisStore, Stage,
     Throttle, TokenBudget, UsagePlan, Weekday,
 };
+
+use crate::support;
+use crate::support::at;
+use crate::support::backend::{Backend, Memory, Redis, on_each_backend};
+use crate::support::redis::{RedisServer, require_redis};
+use crate::support::tokens;
 
 type Layer<B> = RateLimitLayer<ApiKeyHeader, <B as Backend>::S>;
 
@@ -675,7 +670,7 @@ async fn redis_key_names_hold_no_secrets_and_a_lost_script_reloads() {
     .build();
     assert!(l.decide(secret.as_bytes(), 1).await.is_ok());
     assert!(per_ip.decide(b"203.0.113.9", 1).await.is_ok());
-    let keys = redis_support::command(addr, &["KEYS", "*"]).unwrap();
+    let keys = support::redis::command(addr, &["KEYS", "*"]).unwrap();
     assert!(
         keys.contains(":t:") && keys.contains(":q") && keys.contains(":h"),
         "{keys}"
@@ -683,10 +678,10 @@ async fn redis_key_names_hold_no_secrets_and_a_lost_script_reloads() {
     for clear in [secret, "tenant-42", "203.0.113.9", "sk-"] {
         assert!(!keys.contains(clear), "{clear} in {keys}");
     }
-    redis_support::command(addr, &["SCRIPT", "FLUSH"]).unwrap();
+    support::redis::command(addr, &["SCRIPT", "FLUSH"]).unwrap();
     assert!(l.decide(secret.as_bytes(), 1).await.is_ok());
     assert!(l.decide(secret.as_bytes(), 1).await.is_ok());
-    let info = redis_support::command(addr, &["INFO", "commandstats"]).unwrap();
+    let info = support::redis::command(addr, &["INFO", "commandstats"]).unwrap();
     // Four decisions, four EVALSHAs. Two found no script (the first on this
     // new server, the first after the flush) and were followed by an EVAL,
     // which loads it.
@@ -745,7 +740,7 @@ async fn a_naming_secret_keys_redis_names_and_instances_with_it_share_a_budget()
         }
         assert!(l.decide(ip, 1).await.is_err());
     }
-    let keys = redis_support::command(server.addr(), &["KEYS", "*"]).unwrap();
+    let keys = support::redis::command(server.addr(), &["KEYS", "*"]).unwrap();
     assert_eq!(keys.matches(":t").count(), 3, "{keys}");
     for clear in ["198.51.100.7", "hunter2", "another"] {
         assert!(!keys.contains(clear), "{clear} in {keys}");

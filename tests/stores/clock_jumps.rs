@@ -14,22 +14,17 @@
 //! throttles run on the monotonic clock and its quotas on the wall clock,
 //! which can jump alone (`set_wall`): that is covered for the memory store.
 
-#[path = "support/backend.rs"]
-mod backend;
-mod common;
-#[path = "support/redis.rs"]
-mod redis_support;
-
 use std::time::{Duration, UNIX_EPOCH};
 
-use backend::{Backend, Memory, Redis, on_each_backend};
-use common::at;
-use redis_support::require_redis;
 use tollgate::extract::ApiKeyHeader;
 use tollgate::store::Store;
 use tollgate::{
     ApiKey, ManualClock, Period, Policy, Quota, RateLimitLayer, Reason, Throttle, UsagePlan,
 };
+
+use crate::support::at;
+use crate::support::backend::{Backend, Memory, Redis, on_each_backend};
+use crate::support::redis::require_redis;
 
 /// Plan `p`: one request a second in bursts of 10, and 12 a UTC day.
 async fn layer<B: Backend>(b: &B, clock: &ManualClock) -> RateLimitLayer<ApiKeyHeader, B::S> {

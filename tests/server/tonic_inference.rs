@@ -4,25 +4,23 @@
 //! layer in `Server::builder().layer(..)`, from the token check in a method,
 //! and from the interceptor form.
 
-mod common;
-
 #[allow(dead_code)]
-#[path = "../examples/grpc_inference.rs"]
+#[path = "../../examples/grpc_inference.rs"]
 mod grpc_inference;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use grpc_inference::{
+    COMPLETE, Inference, MetadataKeyLimit, complete, connect, serve_intercepted, serve_layered,
+};
 use tokio::net::TcpListener;
 use tollgate::{ApiKey, Policy, RateLimitLayer, Throttle, UsagePlan};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-use common::{BURST, DISABLED_KEY, KEY, OTHER_KEY, RATE, frozen_store, registered_policy};
-use grpc_inference::{
-    COMPLETE, Inference, MetadataKeyLimit, complete, connect, serve_intercepted, serve_layered,
-};
+use crate::support::{BURST, DISABLED_KEY, KEY, OTHER_KEY, RATE, frozen_store, registered_policy};
 
 /// The wait for one more call after a burst: one emission interval.
 fn interval() -> Duration {

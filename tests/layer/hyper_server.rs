@@ -1,8 +1,6 @@
 //! The layer in a plain hyper 1 server (no axum), built with
 //! `tower::ServiceBuilder` and served through `TowerToHyperService`.
 
-mod common;
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,7 +16,7 @@ use tollgate::RateLimitLayer;
 use tollgate::extract::{ClientIp, KeyExtractor};
 use tower::ServiceBuilder;
 
-use common::{BURST, KEY, client, frozen_store, header, per_key_policy, registered_policy};
+use crate::support::{BURST, KEY, client, frozen_store, header, per_key_policy, registered_policy};
 
 async fn hello(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(Response::new(Full::new(Bytes::from_static(b"hello"))))

@@ -4,8 +4,6 @@
 //! (memory store), after waiting (a remote store), or by a store failure.
 //! The ready observers write `tracing` events and `metrics` counters.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -24,7 +22,7 @@ use tollgate::{
     UsagePlan,
 };
 
-use common::{
+use crate::support::{
     BURST, DISABLED_KEY, KEY, OTHER_KEY, client, frozen_store, per_key_policy, registered_policy,
     serve,
 };

@@ -14,14 +14,11 @@
 //! quota's count after an outage is the count before it plus nothing; a call
 //! Redis runs in time is charged even when its reply comes too late; with an
 //! append-only file no count is lost when redis-server is killed. The tests
-//! of this file run one at a time, so that timing is not disturbed by each
-//! other.
+//! of this file and of `redis_store.rs` run one at a time (the crate's
+//! `SERIAL` lock), so that timing is not disturbed by each other.
 //!
 //! The pause (SIGSTOP) and kill of the reference server process, with a
 //! bound on each request's latency, are in `redis_store.rs`.
-
-#[path = "support/redis.rs"]
-mod redis_support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,7 +28,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Body;
 use axum::routing::post;
-use redis_support::{RedisServer, require_redis};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -42,8 +38,8 @@ use tollgate::{
 };
 use tower::ServiceExt;
 
-/// The tests of this file, one at a time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use crate::SERIAL;
+use crate::support::redis::{RedisServer, require_redis};
 
 /// The store's timeout in these tests (not the default 100 ms, so that the
 /// bound is seen to be the configured one).

@@ -1,0 +1,17 @@
+//! What the stores decide: the conformance suite run on the memory store and
+//! on a real `redis-server` (and Redis Cluster), stores written outside the
+//! crate, clock jumps, late settlement, the property tests that nothing is
+//! ever over-admitted, and hammers of concurrent deciders.
+//!
+//! `hammer` runs this test binary again in a child role, and
+//! `never_over_admit` keeps its proptest regressions beside its file.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod clock_jumps;
+mod conformance;
+mod hammer;
+mod late_settlement;
+mod never_over_admit;
+mod store;
