@@ -1,6 +1,7 @@
 //! What the stores decide: the conformance suite run on the memory store and
 //! on a real `redis-server` (and Redis Cluster), stores written outside the
-//! crate, clock jumps, late settlement, the property tests that nothing is
+//! crate, a differential test against a model of DESIGN, clock jumps, late
+//! settlement, the property tests that nothing is
 //! ever over-admitted, and hammers of concurrent deciders.
 //!
 //! `hammer` runs this test binary again in a child role, and
@@ -11,6 +12,7 @@ mod support;
 
 mod clock_jumps;
 mod conformance;
+mod differential;
 mod hammer;
 mod late_settlement;
 mod never_over_admit;

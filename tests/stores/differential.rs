@@ -16,15 +16,12 @@
 //! The conformance suite checks chosen sequences; this one checks the rules
 //! across limits (one atomic decision, the longest-holding limit named, a
 //! cost no limit can ever hold refused without retry, peeks charging
-//! nothing, exact emission intervals) on sequences nobody chose.
+//! nothing, emission intervals rounded up) on sequences nobody chose.
 //!
-//! Run: `cargo test --all-features --test differential`. The Redis tests need
+//! Run: `cargo test --all-features --test stores differential`. The Redis tests need
 //! `redis-server` on PATH; with `CI` set they fail without it.
 
-#[path = "differential/model.rs"]
 mod model;
-#[path = "support/redis.rs"]
-mod redis_support;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -47,8 +44,8 @@ use tollgate::{
 };
 use tower::{Layer, ServiceExt};
 
-use model::{Answer, Ask, Bucket, DayQuota, Header, Model, NANOS_PER_DAY, Reservation, Why};
-use redis_support::{RedisServer, require_redis};
+use self::model::{Answer, Ask, Bucket, DayQuota, Header, Model, NANOS_PER_DAY, Reservation, Why};
+use crate::support::redis::{RedisServer, require_redis};
 
 /// The route of the method override (`"/v1/completions/POST"`).
 const ROUTE: &str = "/v1/completions";
