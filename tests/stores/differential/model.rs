@@ -1,6 +1,6 @@
 //! An executable model of DESIGN.md's "Semantics (decided)", written from
 //! the design alone (none of the crate's own arithmetic), for the
-//! differential test in `tests/differential.rs`.
+//! differential test in `tests/stores/differential.rs`.
 //!
 //! Time is exact: nanoseconds as rationals. An emission interval is the
 //! exact `1/rate` rounded up to a whole nanosecond (1/0.9 s is
