@@ -8,7 +8,7 @@ use std::fmt::{self, Write};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::gcra::{NANOS_PER_SEC, Nanos};
-use crate::store::{Applied, CONCURRENCY, MAX_LIMITS, Report};
+use crate::store::{Applied, LimitKind, MAX_LIMITS, Report};
 
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -146,8 +146,12 @@ impl HeaderStyle {
             p.policy = policy_value(report.items());
         }
         if self.openai {
-            for a in report.items().iter().filter(|a| a.name != CONCURRENCY) {
-                let slot = if a.name.starts_with("tokens") {
+            for a in report
+                .items()
+                .iter()
+                .filter(|a| a.kind != LimitKind::Concurrency)
+            {
+                let slot = if a.kind.counts_tokens() {
                     &mut p.tokens
                 } else {
                     &mut p.requests
@@ -201,7 +205,7 @@ impl Prepared {
             }
             let mut buf = HeaderBuf::new();
             buf.push(b"\"");
-            buf.push(tight.name.as_bytes());
+            buf.push(tight.name().as_bytes());
             buf.push(b"\";r=");
             buf.int(tight.remaining);
             buf.push(b";t=");
@@ -296,8 +300,8 @@ pub(crate) fn ceil_secs(n: Nanos) -> u64 {
 /// the last few sets seen is kept per thread and cloned (a reference count),
 /// rather than formatted and allocated for every response.
 fn policy_value(items: &[Applied]) -> Option<HeaderValue> {
-    /// What a policy value depends on, per limit: its name (by address: the
-    /// names are static), size and window.
+    /// What a policy value depends on, per limit: its kind (which names
+    /// it), size and window.
     type Key = ([(usize, usize, u64, u64); MAX_LIMITS], usize);
     const CACHED: usize = 4;
     /// The last sets seen, and where the next one goes.
@@ -305,14 +309,7 @@ fn policy_value(items: &[Applied]) -> Option<HeaderValue> {
     thread_local! {
         static CACHE: RefCell<Cache> = const { RefCell::new(([const { None }; CACHED], 0)) };
     }
-    let part = |a: &Applied| {
-        (
-            a.name.as_ptr() as usize,
-            a.name.len(),
-            a.quota,
-            a.window_secs,
-        )
-    };
+    let part = |a: &Applied| (a.kind as usize, 0, a.quota, a.window_secs);
     // Compared item by item, without building a key: a hit (the usual case)
     // reads only as many entries as the request has limits.
     let matches = |k: &Key| k.1 == items.len() && k.0.iter().zip(items).all(|(k, a)| *k == part(a));
@@ -341,10 +338,10 @@ fn format_policy(items: &[Applied]) -> Option<HeaderValue> {
             buf.push(b", ");
         }
         buf.push(b"\"");
-        buf.push(a.name.as_bytes());
+        buf.push(a.name().as_bytes());
         buf.push(b"\";q=");
         buf.int(a.quota);
-        if a.name == CONCURRENCY {
+        if a.kind == LimitKind::Concurrency {
             // A cap on requests in flight has no window.
             buf.push(b";qu=\"concurrent-requests\"");
         } else {
@@ -417,7 +414,7 @@ mod tests {
         let mut r = Report::default();
         for &(name, quota, window_secs, remaining, reset) in items {
             r.push(Applied {
-                name,
+                kind: LimitKind::named(name),
                 quota,
                 window_secs,
                 remaining,

@@ -127,7 +127,7 @@ impl Rejection {
         Rejection {
             reason,
             status,
-            limit: Some(limit.name),
+            limit: Some(limit.name()),
             retry_after: retry.map(Duration::from_nanos),
             grpc: false,
         }
@@ -334,7 +334,7 @@ mod tests {
         let mut r = Report::default();
         for &(name, quota, window_secs, remaining, reset) in items {
             r.push(Applied {
-                name,
+                kind: crate::store::LimitKind::named(name),
                 quota,
                 window_secs,
                 remaining,
@@ -412,7 +412,7 @@ mod tests {
         // A cost that never fits has no retry delay, only the limit.
         let r = Rejection::denied(
             Denial::TooCostly,
-            &report(&[("tokens", 100, 60, 100, 0)]).items()[0],
+            &report(&[("tokens-minute", 100, 60, 100, 0)]).items()[0],
             StatusCode::TOO_MANY_REQUESTS,
         )
         .with_grpc(true);
@@ -421,7 +421,7 @@ mod tests {
         assert!(details.retry_info().is_none());
         assert_eq!(
             details.quota_failure().unwrap().violations[0].subject,
-            "tokens"
+            "tokens-minute"
         );
 
         // Plain HTTP rejections do not carry it.

@@ -13,21 +13,35 @@ use crate::hash;
 use crate::quota::QuotaSpec;
 use crate::window::Period;
 
-/// The kind of a limit, named in headers and rejections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum LimitKind {
+/// The kind of a limit: what it counts and how headers and rejections name
+/// it. Carried with every limit and every report of one, so that nothing
+/// is ever inferred from a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LimitKind {
+    /// A plan's throttle (`"throttle"`).
     Throttle,
+    /// A plan's method override (`"method"`).
     Method,
+    /// A plan's request quota (`"quota"`).
     Quota,
+    /// The stage throttle every caller shares (`"stage"`).
     Stage,
+    /// A stage method override (`"stage-method"`).
     StageMethod,
+    /// A token budget's per-minute bucket (`"tokens-minute"`).
     TokensMinute,
+    /// A token budget's daily quota (`"tokens-day"`).
     TokensDay,
+    /// A token budget's monthly quota (`"tokens-month"`).
     TokensMonth,
+    /// A plan's cap on requests in flight (`"concurrency"`).
+    Concurrency,
 }
 
 impl LimitKind {
-    pub(crate) fn name(self) -> &'static str {
+    /// The limit's name in headers and rejections.
+    pub fn name(self) -> &'static str {
         match self {
             LimitKind::Throttle => "throttle",
             LimitKind::Method => "method",
@@ -37,13 +51,34 @@ impl LimitKind {
             LimitKind::TokensMinute => "tokens-minute",
             LimitKind::TokensDay => "tokens-day",
             LimitKind::TokensMonth => "tokens-month",
+            LimitKind::Concurrency => "concurrency",
         }
+    }
+
+    /// The kind named `name` (tests build reports by name).
+    #[cfg(test)]
+    pub(crate) fn named(name: &str) -> Self {
+        use LimitKind::*;
+        [
+            Throttle,
+            Method,
+            Quota,
+            Stage,
+            StageMethod,
+            TokensMinute,
+            TokensDay,
+            TokensMonth,
+            Concurrency,
+        ]
+        .into_iter()
+        .find(|k| k.name() == name)
+        .expect("a limit's name")
     }
 
     /// Whether the limit counts tokens (charged the request's estimate)
     /// rather than requests.
     #[inline]
-    pub(crate) fn counts_tokens(self) -> bool {
+    pub fn counts_tokens(self) -> bool {
         matches!(
             self,
             LimitKind::TokensMinute | LimitKind::TokensDay | LimitKind::TokensMonth

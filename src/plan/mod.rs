@@ -4,7 +4,8 @@ mod compiled;
 mod limits;
 mod method;
 
-pub(crate) use self::compiled::{Limit, LimitKind, Plan, StageLimits};
+pub use self::compiled::LimitKind;
+pub(crate) use self::compiled::{Limit, Plan, StageLimits};
 pub use self::limits::{
     Anonymous, ApiKey, FailureMode, Quota, Stage, Throttle, TokenBudget, UsagePlan,
 };

@@ -7,7 +7,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::MAX_THROTTLES;
-use super::verdict::{Applied, CONCURRENCY, Reservation};
+use super::verdict::{Applied, Reservation};
 use crate::extract::RequestView;
 use crate::hash::Digest;
 use crate::plan::{FailureMode, Limit, LimitKind, Plan, StageLimits, method_limit};
@@ -308,6 +308,12 @@ impl<'a> ThrottleRef<'a> {
         }
     }
 
+    /// What kind of throttle it is (a plan's, a method override's, the
+    /// stage's, a token budget's per-minute bucket).
+    pub fn kind(&self) -> LimitKind {
+        self.limit.kind
+    }
+
     /// The limit's name in headers: `"throttle"`, `"method"`, `"stage"`,
     /// `"stage-method"` or `"tokens-minute"`.
     pub fn name(&self) -> &'static str {
@@ -389,6 +395,12 @@ pub struct QuotaRef<'a> {
 }
 
 impl<'a> QuotaRef<'a> {
+    /// What kind of quota it is (a request quota, a token budget's daily
+    /// or monthly one).
+    pub fn kind(&self) -> LimitKind {
+        self.kind
+    }
+
     /// The quota's name in headers: `"quota"`, `"tokens-day"` or `"tokens-month"`.
     pub fn name(&self) -> &'static str {
         self.kind.name()
@@ -491,7 +503,7 @@ impl<'a> ConcurrencyRef<'a> {
     /// it was let in).
     pub fn applied(&self, in_flight: u64) -> Applied {
         Applied {
-            name: CONCURRENCY,
+            kind: LimitKind::Concurrency,
             quota: u64::from(self.limit),
             window_secs: 0,
             remaining: u64::from(self.limit).saturating_sub(in_flight),

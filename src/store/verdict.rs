@@ -7,17 +7,14 @@ use std::time::Duration;
 
 use super::{CONCURRENCY_RETRY, MAX_LIMITS, Permit};
 use crate::gcra::Nanos;
-use crate::plan::Limit;
+use crate::plan::{Limit, LimitKind};
 use crate::quota::QuotaSnapshot;
 
-/// The name of a concurrency cap in headers and rejections.
-pub(crate) const CONCURRENCY: &str = "concurrency";
-
 /// How one limit stood after a decision, for the response headers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Applied {
-    /// The policy item's name (`"throttle"`).
-    pub(crate) name: &'static str,
+    /// What kind of limit it is (its name in headers: `"throttle"`).
+    pub(crate) kind: LimitKind,
     /// The limit's size (`q`): a throttle's burst, a quota's limit.
     pub(crate) quota: u64,
     /// The limit's window (`w`) in seconds.
@@ -28,18 +25,31 @@ pub struct Applied {
     pub(crate) reset: Nanos,
 }
 
+impl Default for Applied {
+    /// An unused report slot.
+    fn default() -> Self {
+        Applied {
+            kind: LimitKind::Throttle,
+            quota: 0,
+            window_secs: 0,
+            remaining: 0,
+            reset: 0,
+        }
+    }
+}
+
 impl Applied {
-    /// How a limit named `name` (`"throttle"`, `"quota"`…) of size `limit`
+    /// How a limit of `kind` (a throttle, a quota…) of size `limit`
     /// over `window` stands: `remaining` units left, full again after `reset`.
     pub fn new(
-        name: &'static str,
+        kind: LimitKind,
         limit: u64,
         window: Duration,
         remaining: u64,
         reset: Duration,
     ) -> Self {
         Applied {
-            name,
+            kind,
             quota: limit,
             window_secs: window.as_secs(),
             remaining,
@@ -49,7 +59,12 @@ impl Applied {
 
     /// The limit's name in headers and rejections.
     pub fn name(&self) -> &'static str {
-        self.name
+        self.kind.name()
+    }
+
+    /// What kind of limit it is.
+    pub fn kind(&self) -> LimitKind {
+        self.kind
     }
 
     /// The limit's size: a throttle's burst, a quota's limit.
@@ -136,7 +151,11 @@ impl Report {
     /// place this request holds comes back when its response ends, so its
     /// count says nothing about the pace a client should keep.
     pub(crate) fn tightest(&self) -> Option<&Applied> {
-        let rates = || self.items().iter().filter(|a| a.name != CONCURRENCY);
+        let rates = || {
+            self.items()
+                .iter()
+                .filter(|a| a.kind != LimitKind::Concurrency)
+        };
         let pool: &mut dyn Iterator<Item = &Applied> = if rates().next().is_some() {
             &mut rates()
         } else {
@@ -321,10 +340,10 @@ impl Denied {
     }
 }
 
-/// How a quota stands, as a report item named `name`.
-pub(crate) fn quota_applied(name: &'static str, q: &QuotaSnapshot) -> Applied {
+/// How a quota of `kind` stands, as a report item.
+pub(crate) fn quota_applied(kind: LimitKind, q: &QuotaSnapshot) -> Applied {
     Applied {
-        name,
+        kind,
         quota: u64::try_from(q.limit).unwrap_or(0),
         window_secs: q.window_secs,
         remaining: q.remaining,
@@ -337,7 +356,7 @@ pub(crate) fn applied(limit: &Limit, tat: Nanos, now: Nanos) -> Applied {
     let s = limit.gcra.status(tat, now);
     let (remaining, reset) = (s.remaining, s.reset);
     Applied {
-        name: limit.kind.name(),
+        kind: limit.kind,
         quota: u64::from(limit.gcra.burst()),
         window_secs: limit.window_secs,
         remaining: u64::from(remaining),

@@ -214,7 +214,7 @@ impl MemoryStore {
                 if cost > q.spec.limit && !q.shadow {
                     let snap = quotas.with(q, |st| st.check(q.spec, wall, 0));
                     let snap = snap.unwrap_or_else(|(_, s)| s);
-                    let d = Denied::too_costly(quota_applied(q.name(), &snap));
+                    let d = Denied::too_costly(quota_applied(q.kind, &snap));
                     denied = Some(Denied::longest(denied, d));
                     any_denied = true;
                     continue;
@@ -229,14 +229,14 @@ impl MemoryStore {
                         if q.counts_tokens() {
                             report.reserve(|r| r.wall = Some(wall));
                         }
-                        report.push(|| quota_applied(q.name(), &snap));
+                        report.push(|| quota_applied(q.kind, &snap));
                     }
                     Ok(_) => {}
                     Err(_) if q.shadow => {}
                     Err((retry_after, snap)) => {
                         let d = Denied {
                             denial: Denial::Quota { retry_after },
-                            limit: quota_applied(q.name(), &snap),
+                            limit: quota_applied(q.kind, &snap),
                         };
                         denied = Some(Denied::longest(denied, d));
                         any_denied = true;

@@ -140,11 +140,11 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::store::Applied;
+    use crate::store::{Applied, LimitKind};
 
     fn denied(retry_ms: u64) -> Denied {
         let limit = Applied::new(
-            "throttle",
+            LimitKind::Throttle,
             5,
             Duration::from_secs(5),
             0,
@@ -157,7 +157,7 @@ mod tests {
     fn only_a_used_up_quota_is_held() {
         let quota = |remaining| {
             let limit = Applied::new(
-                "quota",
+                LimitKind::Quota,
                 5,
                 Duration::from_secs(86_400),
                 remaining,
@@ -170,7 +170,13 @@ mod tests {
         assert!(!OverLimitCache::holds(&quota(1)));
         // A throttle's wait grows when a request passes in between.
         assert!(!OverLimitCache::holds(&denied(10)));
-        let whole = Applied::new("quota", 5, Duration::from_secs(86_400), 0, Duration::ZERO);
+        let whole = Applied::new(
+            LimitKind::Quota,
+            5,
+            Duration::from_secs(86_400),
+            0,
+            Duration::ZERO,
+        );
         assert!(!OverLimitCache::holds(&Denied::too_costly(whole)));
         assert!(!OverLimitCache::holds(&Denied::concurrency(whole)));
     }

@@ -19,8 +19,8 @@ use super::time::Now;
 use crate::gcra::{NANOS_PER_SEC, Nanos, Outcome};
 use crate::store::verdict::applied;
 use crate::store::{
-    Applied, CONCURRENCY, ConcurrencyRef, Denied, Permit, QuotaRef, Report, StoreError,
-    ThrottleRef, Verdict,
+    Applied, ConcurrencyRef, Denied, LimitKind, Permit, QuotaRef, Report, StoreError, ThrottleRef,
+    Verdict,
 };
 use crate::window::{NANOS_PER_DAY, Period};
 
@@ -108,7 +108,7 @@ pub(super) struct Throttle {
 /// A quota as a decision needs it after the call.
 #[derive(Debug, Clone)]
 pub(super) struct Quota {
-    name: &'static str,
+    kind: LimitKind,
     /// The whole limit: a cost above it never fits, in any window.
     whole: u64,
     shadow: bool,
@@ -169,7 +169,7 @@ impl Part {
         args.arg(cost);
         args.arg(u8::from(q.counts_tokens()));
         self.quotas.push(Quota {
-            name: q.name(),
+            kind: q.kind,
             whole: q.spec.limit,
             shadow: q.shadow,
             cost,
@@ -281,7 +281,7 @@ impl Part {
             let window_secs = (end_day - start_day).max(0) as u64 * 86_400;
             let cost = i64::from(q.cost);
             let item = |used: i64| Applied {
-                name: q.name,
+                kind: q.kind,
                 quota: u64::try_from(limit).unwrap_or(0),
                 window_secs,
                 remaining: limit.saturating_sub(used).max(0) as u64,
@@ -304,7 +304,7 @@ impl Part {
             let in_flight = *reply.get(at).ok_or_else(bad)?;
             let in_flight = u64::try_from(in_flight).map_err(|_| bad())?;
             let item = |n: u64| Applied {
-                name: CONCURRENCY,
+                kind: LimitKind::Concurrency,
                 quota: u64::from(c.limit),
                 window_secs: 0,
                 remaining: u64::from(c.limit).saturating_sub(n),
