@@ -13,15 +13,18 @@
 //! never seen, so its slot is reused by the next new key that needs one. No
 //! sweeper thread and nothing for the user to schedule.
 //!
-//! At the cap: a key lives within [`WINDOW`] slots of its hash position. When
+//! At the cap: a key lives within 32 slots of its hash position. When
 //! every slot of a new key's window holds a key with live state, the new key is
 //! refused (with `max_keys` live keys, the table half full, this happens to a
 //! handful of keys in a million; past `max_keys` it grows more likely) (the layer answers 429 with a `Retry-After` of the time until the
 //! first of those slots goes idle). Keys already tracked are never evicted while
 //! they hold state: forgetting one would hand it a fresh burst, i.e. over-admit.
 
+mod builder;
 mod quotas;
 mod table;
+
+pub use self::builder::MemoryStoreBuilder;
 
 pub(crate) use super::verdict::applied;
 use super::verdict::quota_applied;
@@ -32,23 +35,17 @@ use std::sync::Arc;
 use portable_atomic::AtomicU128;
 
 use self::quotas::Quotas;
-use self::table::{PAGE, SlotKey, Table, WINDOW};
+use self::table::{PAGE, SlotKey, Table};
 
 use super::{
     Acquire, Acquired, Denial, Denied, MAX_THROTTLES, Permit, QuotaRef, Report, Settlement, Sink,
     Store, StoreError, StoreFuture, ThrottleRef, Verdict,
 };
 use crate::clock::Clock;
-use crate::error::ConfigError;
 use crate::gcra::{MAX_SPAN, Nanos, Outcome};
 use crate::hash::Digest;
 use crate::plan::Limit;
 use crate::window::Date;
-
-/// The default cap on tracked keys.
-const DEFAULT_MAX_KEYS: usize = 1_000_000;
-/// The largest cap accepted (2^32 keys, 64 GiB of table).
-const MAX_MAX_KEYS: usize = 1 << 32;
 
 /// The default store: state in this process, lock-free per key, bounded memory.
 ///
@@ -82,10 +79,7 @@ impl MemoryStore {
 
     /// Configures a store.
     pub fn builder() -> MemoryStoreBuilder {
-        MemoryStoreBuilder {
-            max_keys: DEFAULT_MAX_KEYS,
-            clock: None,
-        }
+        MemoryStoreBuilder::default()
     }
 
     /// How many slots the table has (twice the keys it is sized for).
@@ -544,60 +538,6 @@ impl fmt::Debug for MemoryStore {
     }
 }
 
-/// Configures a [`MemoryStore`].
-#[derive(Debug)]
-#[must_use]
-pub struct MemoryStoreBuilder {
-    max_keys: usize,
-    clock: Option<Clock>,
-}
-
-impl MemoryStoreBuilder {
-    /// Room for `n` keys: the table gets `2n` slots rounded up to a power of
-    /// two, 16 bytes each, allocated in 4 KiB pages as first touched.
-    /// Default 1,000,000.
-    ///
-    /// `n` sizes the table, which bounds memory; it is not an exact count of
-    /// keys. Each live limit of a key takes one slot (its throttle, each
-    /// method override, its token bucket, its count of requests in flight):
-    /// keys of one throttle each fit `n` with room to spare, and up to
-    /// [`capacity`](MemoryStore::capacity) of them may when slots are free
-    /// near their hash. A new key that finds no free slot in its window is refused
-    /// (429), never given a live key's slot. Keys land on pages at random, so
-    /// a table used far below `n` still touches most of its pages: size `n`
-    /// to the keys you expect (see BENCHMARKS.md, "Memory").
-    pub fn max_keys(mut self, n: usize) -> Self {
-        self.max_keys = n;
-        self
-    }
-
-    /// The clock (default: [`Clock::system`]).
-    pub fn clock(mut self, clock: impl Into<Clock>) -> Self {
-        self.clock = Some(clock.into());
-        self
-    }
-
-    /// Builds the store; errors when `max_keys` is 0 or above 2^32.
-    pub fn build(self) -> Result<MemoryStore, ConfigError> {
-        if self.max_keys == 0 {
-            return Err(ConfigError::InvalidStore("max_keys must be at least 1"));
-        }
-        if self.max_keys > MAX_MAX_KEYS {
-            return Err(ConfigError::InvalidStore("max_keys must be at most 2^32"));
-        }
-        let slots = (2 * self.max_keys as u64)
-            .next_power_of_two()
-            .max(WINDOW.max(PAGE));
-        Ok(MemoryStore {
-            inner: Arc::new(Inner {
-                clock: self.clock.unwrap_or_default(),
-                table: Table::new(slots),
-                quotas: Quotas::new(),
-            }),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicU32;
@@ -605,6 +545,7 @@ mod tests {
 
     use super::*;
     use crate::clock::ManualClock;
+    use crate::error::ConfigError;
     use crate::hash::digest;
     use crate::plan::Throttle;
     use crate::store::Report;
