@@ -134,10 +134,11 @@ impl RedisStoreBuilder {
     }
 
     /// The longest a denial is answered locally, without asking Redis
-    /// (default 1 s; `Duration::ZERO` turns the over-limit cache off). A
-    /// denied key is answered locally until its retry time, at most this
-    /// long, so that a change made through another instance (a raised quota,
-    /// a reset) is seen within it.
+    /// (default 1 s; `Duration::ZERO` turns the over-limit cache off). Only
+    /// a used-up quota is answered locally (nothing can pass it before its
+    /// window ends, so the answer is exactly Redis's), at most this long, so
+    /// that a change made through another instance (a raised quota, a reset)
+    /// is seen within it. Any other denial is asked of Redis.
     pub fn over_limit_cache(mut self, max: Duration) -> Self {
         self.cache_ttl = max;
         self
