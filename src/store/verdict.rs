@@ -340,6 +340,64 @@ impl Denied {
     }
 }
 
+/// The rules across limits, applied as each limit of a request answers, in
+/// the order every store weighs them (stage, plan, method, tokens a minute,
+/// quota, token quotas; the concurrency cap last): a limit that is not a
+/// shadow and denies makes the request denied, so that nothing is charged;
+/// of several denials, the one that holds the request longest is named
+/// ([`Denied::longest`]).
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    denied: Option<Denied>,
+    /// The cap's denial, weighed after every other limit's.
+    cap: Option<Denied>,
+}
+
+impl Tally {
+    /// A limit denies.
+    #[inline]
+    pub(crate) fn deny(&mut self, d: Denied) {
+        self.denied = Some(Denied::longest(self.denied, d));
+    }
+
+    /// The concurrency cap denies.
+    #[inline]
+    pub(crate) fn deny_cap(&mut self, d: Denied) {
+        self.cap = Some(d);
+    }
+
+    /// Whether a limit has denied: the rest are then only looked at.
+    #[inline]
+    pub(crate) fn is_denied(&self) -> bool {
+        self.denied.is_some() || self.cap.is_some()
+    }
+
+    /// The denial that stands, if any.
+    #[inline]
+    pub(crate) fn verdict(self) -> Option<Denied> {
+        match self.cap {
+            Some(cap) => Some(Denied::longest(self.denied, cap)),
+            None => self.denied,
+        }
+    }
+}
+
+/// Whether a cost can ever fit a limit whose whole size is `whole`. One that
+/// cannot is refused with no retry ([`Denied::too_costly`]), whatever the
+/// limit: a throttle's burst, a quota's limit in any window, a token budget.
+#[inline]
+pub(crate) fn ever_fits(cost: u64, whole: u64) -> bool {
+    cost <= whole
+}
+
+/// Whether a concurrency cap of `limit` with `in_flight` requests has room
+/// for one more (a shadow cap always has). A peek on a cap without room is
+/// denied too, and takes no place either way.
+#[inline]
+pub(crate) fn cap_has_room(in_flight: u64, limit: u32, shadow: bool) -> bool {
+    in_flight < u64::from(limit) || shadow
+}
+
 /// How a quota of `kind` stands, as a report item.
 pub(crate) fn quota_applied(kind: LimitKind, q: &QuotaSnapshot) -> Applied {
     Applied {

@@ -27,7 +27,7 @@ mod table;
 pub use self::builder::MemoryStoreBuilder;
 
 pub(crate) use super::verdict::applied;
-use super::verdict::quota_applied;
+use super::verdict::{Tally, cap_has_room, ever_fits, quota_applied};
 
 use std::fmt;
 use std::sync::Arc;
@@ -137,13 +137,13 @@ impl MemoryStore {
         // a free one is reported with its free places.
         // Its denial is weighed last, as every store weighs it.
         let mut permit = None;
-        let mut cap_denied = None;
+        let mut tally = Tally::default();
         if let Some(c) = req.concurrency.as_ref() {
             let slot = SlotKey::new(c.digest, c.salt);
             if R::HOLDS && cost > 0 {
                 let taken = table.update(slot, now, |v| {
                     let n = in_flight(v);
-                    if n < u64::from(c.limit) || c.shadow {
+                    if cap_has_room(n, c.limit, c.shadow) {
                         (Some(with_in_flight(n + 1)), Ok(n + 1))
                     } else {
                         (None, Err(n))
@@ -153,9 +153,9 @@ impl MemoryStore {
                     Ok(Ok(n)) => {
                         permit = Some((Some(Permit::new(c.digest.0, c.salt)), c.applied(n)));
                     }
-                    Ok(Err(n)) => cap_denied = Some(Denied::concurrency(c.applied(n))),
+                    Ok(Err(n)) => tally.deny_cap(Denied::concurrency(c.applied(n))),
                     Err(retry_after) => {
-                        cap_denied = Some(Denied {
+                        tally.deny_cap(Denied {
                             denial: Denial::Capacity { retry_after },
                             limit: c.applied(u64::from(c.limit)),
                         });
@@ -163,22 +163,20 @@ impl MemoryStore {
                 }
             } else {
                 let n = in_flight(table.peek(slot));
-                if n >= u64::from(c.limit) && !c.shadow {
-                    cap_denied = Some(Denied::concurrency(c.applied(n)));
+                if !cap_has_room(n, c.limit, c.shadow) {
+                    tally.deny_cap(Denied::concurrency(c.applied(n)));
                 } else {
                     permit = Some((None, c.applied(n + u64::from(cost > 0))));
                 }
             }
         }
-        // The other limits are only looked at once one has denied.
-        let mut denied: Option<Denied> = None;
-        let mut any_denied = cap_denied.is_some();
+        // Once a limit has denied, the others are only looked at.
         for (i, t) in req.throttles().enumerate() {
             let limit = t.limit;
             let cost = req.cost_for(t.counts_tokens());
-            let d = match self.throttle_step(t, cost, now, any_denied) {
+            let d = match self.throttle_step(t, cost, now, tally.is_denied()) {
                 Ok(Outcome::Allow { tat, after }) => {
-                    if !any_denied {
+                    if !tally.is_denied() {
                         charged[i] = Some(tat);
                         throttle_allowed(report, t, cost, after, now);
                     }
@@ -188,13 +186,12 @@ impl MemoryStore {
             };
             if t.shadow {
                 // A shadow limit never denies, nor names another's denial.
-                if !any_denied {
+                if !tally.is_denied() {
                     report.push(|| d.limit);
                 }
                 continue;
             }
-            denied = Some(Denied::longest(denied, d));
-            any_denied = true;
+            tally.deny(d);
         }
         // The quotas, each charged under its own lock: those charged before
         // a later one denies are given back.
@@ -205,20 +202,20 @@ impl MemoryStore {
             for (i, q) in req.quotas().enumerate() {
                 let cost = u64::from(req.cost_for(q.counts_tokens()));
                 // A cost above the whole limit never fits, in any window.
-                if cost > q.spec.limit && !q.shadow {
+                if !ever_fits(cost, q.spec.limit) && !q.shadow {
                     let snap = quotas.with(q, |st| st.check(q.spec, wall, 0));
                     let snap = snap.unwrap_or_else(|(_, s)| s);
                     let d = Denied::too_costly(quota_applied(q.kind, &snap));
-                    denied = Some(Denied::longest(denied, d));
-                    any_denied = true;
+                    tally.deny(d);
                     continue;
                 }
-                let outcome = quotas.with(q, |st| match any_denied {
+                let looking = tally.is_denied();
+                let outcome = quotas.with(q, |st| match looking {
                     true => st.check(q.spec, wall, cost),
                     false => st.acquire(q.spec, wall, cost, q.shadow),
                 });
                 match outcome {
-                    Ok(snap) if !any_denied => {
+                    Ok(snap) if !looking => {
                         quotas_charged[i] = true;
                         if q.counts_tokens() {
                             report.reserve(|r| r.wall = Some(wall));
@@ -232,22 +229,18 @@ impl MemoryStore {
                             denial: Denial::Quota { retry_after },
                             limit: quota_applied(q.kind, &snap),
                         };
-                        denied = Some(Denied::longest(denied, d));
-                        any_denied = true;
+                        tally.deny(d);
                     }
                 }
             }
-            if any_denied {
+            if tally.is_denied() {
                 for (q, _) in req.quotas().zip(quotas_charged).filter(|(_, c)| *c) {
                     let cost = i64::from(req.cost_for(q.counts_tokens()));
                     quotas.with(q, |st| st.adjust(q.spec, wall, -cost, Some(wall)));
                 }
             }
         }
-        if let Some(d) = cap_denied {
-            denied = Some(Denied::longest(denied, d));
-        }
-        match (denied, permit) {
+        match (tally.verdict(), permit) {
             (None, None) => Ok(()),
             (None, Some((permit, item))) => {
                 report.push(|| item);

@@ -17,7 +17,7 @@ use super::conn::redis_error;
 use super::store::Inner;
 use super::time::Now;
 use crate::gcra::{NANOS_PER_SEC, Nanos, Outcome};
-use crate::store::verdict::applied;
+use crate::store::verdict::{Tally, applied, cap_has_room, ever_fits};
 use crate::store::{
     Applied, ConcurrencyRef, Denied, LimitKind, Permit, QuotaRef, Report, StoreError, ThrottleRef,
     Verdict,
@@ -232,7 +232,7 @@ impl Part {
         let head = reply.get(..3 + n).ok_or_else(bad)?;
         let (now_s, now_ns, allowed) = (head[0], head[1], head[2] == 1);
         let mut report = Report::default();
-        let mut denied: Option<Denied> = None;
+        let mut tally = Tally::default();
         let mut charged = Charged {
             now_s,
             now_ns,
@@ -262,7 +262,7 @@ impl Part {
                     if t.shadow {
                         report.push(d.limit);
                     } else {
-                        denied = Some(Denied::longest(denied, d));
+                        tally.deny(d);
                     }
                 }
             }
@@ -287,11 +287,11 @@ impl Part {
                 remaining: limit.saturating_sub(used).max(0) as u64,
                 reset,
             };
-            if u64::from(q.cost) > q.whole && !q.shadow {
-                denied = Some(Denied::longest(denied, Denied::too_costly(item(used))));
+            if !ever_fits(u64::from(q.cost), q.whole) && !q.shadow {
+                tally.deny(Denied::too_costly(item(used)));
             } else if used.saturating_add(cost) > limit && !q.shadow {
                 let d = Denied::quota(item(used), Duration::from_nanos(reset.max(1)));
-                denied = Some(Denied::longest(denied, d));
+                tally.deny(d);
             } else {
                 report.push(item(used.saturating_add(cost)));
                 if q.tokens {
@@ -310,11 +310,8 @@ impl Part {
                 remaining: u64::from(c.limit).saturating_sub(n),
                 reset: 0,
             };
-            if in_flight >= u64::from(c.limit) && !c.shadow {
-                denied = Some(Denied::longest(
-                    denied,
-                    Denied::concurrency(item(in_flight)),
-                ));
+            if !cap_has_room(in_flight, c.limit, c.shadow) {
+                tally.deny_cap(Denied::concurrency(item(in_flight)));
             } else if cost > 0 {
                 report.push(item(in_flight + 1));
                 report.set_permit(c.permit);
@@ -323,7 +320,7 @@ impl Part {
                 report.push(item(in_flight));
             }
         }
-        match (allowed, denied) {
+        match (allowed, tally.verdict()) {
             (true, None) => Ok((Ok(report), charged)),
             (false, Some(d)) => Ok((Err(d), charged)),
             _ => Err(StoreError::new(
