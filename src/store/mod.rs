@@ -10,8 +10,12 @@
 //! # Writing a store
 //!
 //! A store answers [`Store::acquire`] with [`Acquired::Ready`] when it can
-//! decide without waiting (no allocation, no boxing: the memory store's hot
-//! path) or [`Acquired::Pending`] with a future. The request's limits are
+//! decide without waiting or [`Acquired::Pending`] with a future; one that
+//! always can answers [`Store::decide_now`] too, writing the report in place
+//! (no allocation, no boxing, no report moved: the memory store's hot path).
+//! The store owns all limit state (throttle cells, quota counters and their
+//! daily history, places under concurrency caps); plans and keys are
+//! configuration it is handed with each call. The request's limits are
 //! described by [`ThrottleRef`] and [`QuotaRef`]: their numbers, and a stable
 //! identity (plan, limit id, subject) to name their state by. A store that
 //! adds behaviour around another, here one that counts decisions, delegates:
@@ -82,8 +86,12 @@
 //! charges each limit [`Acquire::cost_for`] its kind (requests, or the
 //! request's estimated tokens for a token budget's limits), settles the
 //! actual tokens of a request later in [`Store::settle`],
-//! and reports how each limit stands with [`Applied`], or why it denied with
-//! [`Denied`]. It must never store an API key's value: the subject of a
+//! and reports how each limit stands with [`Applied`] (its [`LimitKind`]
+//! says what it is), or why it denied with [`Denied`]. The rules across
+//! limits are DESIGN's: a denial charges nothing, the denial that holds the
+//! request longest is named, a cost above a limit's whole size is refused
+//! with no retry, a peek (cost 0) charges nothing and is denied by a full
+//! concurrency cap. It must never store an API key's value: the subject of a
 //! registered key is its public id, and other subjects (client IPs, per-key
 //! keys) should be hashed before they name anything.
 
