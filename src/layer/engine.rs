@@ -186,24 +186,26 @@ impl<K, S: Store> Shared<K, S> {
         report: &mut Report,
     ) -> Step<S::Future> {
         let failure = c.plan.failure;
-        let acquire = match c.lone() {
-            // The common plan, a throttle alone, skips gathering limits.
-            Some(t) => Acquire::lone(t, cost, failure),
-            None => {
-                let tokens = self.reserve(c, req, reserve);
-                Acquire::gather(c.stage, &c.subject, req, cost, tokens)
+        let seen = c.seen(req);
+        let decide = |acquire: &Acquire<'_>| {
+            if let Some(verdict) = self.store.decide_now(acquire, report) {
+                return Step::Done(self.conclude_seen(Ok(verdict), failure, false, seen));
+            }
+            match self.store.acquire(acquire) {
+                Acquired::Ready(result) => Step::Done(
+                    self.conclude_seen(result, failure, false, seen)
+                        .map(|r| *report = r),
+                ),
+                Acquired::Pending(f) => Step::Wait(f, failure, self.watch(seen)),
             }
         };
-        let seen = c.seen(req);
-        if let Some(verdict) = self.store.decide_now(&acquire, report) {
-            return Step::Done(self.conclude_seen(Ok(verdict), failure, false, seen));
-        }
-        match self.store.acquire(&acquire) {
-            Acquired::Ready(result) => Step::Done(
-                self.conclude_seen(result, failure, false, seen)
-                    .map(|r| *report = r),
-            ),
-            Acquired::Pending(f) => Step::Wait(f, failure, self.watch(seen)),
+        match c.lone() {
+            // The common plan, a throttle alone, skips gathering limits.
+            Some(t) => Acquire::lone(t, cost, failure, decide),
+            None => {
+                let tokens = self.reserve(c, req, reserve);
+                Acquire::gather(c.stage, &c.subject, req, cost, tokens, decide)
+            }
         }
     }
 
@@ -296,10 +298,9 @@ impl<K> Shared<K, MemoryStore> {
         let result = match c.lone() {
             // The common plan, a throttle alone, skips gathering limits.
             Some(t) => self.store.decide_throttle(&t, cost, &mut ()),
-            None => {
-                let acquire = Acquire::gather(c.stage, &c.subject, None, cost, 0);
-                self.store.decide::<()>(&acquire, &mut ())
-            }
+            None => Acquire::gather(c.stage, &c.subject, None, cost, 0, |a| {
+                self.store.decide::<()>(a, &mut ())
+            }),
         };
         self.checked(&result, c.seen(None));
         result

@@ -148,18 +148,21 @@ impl<'a> Acquire<'a> {
     }
 
     /// Every limit that applies to a request of `cost` units (and `tokens`
-    /// estimated tokens) by `subject`: the stage's shared limits, the plan's
-    /// throttle, the method overrides matching the request's route (none
-    /// without a request), the token budget, the quotas and the
-    /// concurrency cap, in the order every store weighs them.
-    #[inline]
-    pub(crate) fn gather(
+    /// estimated tokens) by `subject`, handed to `run`: the stage's shared
+    /// limits, the plan's throttle, the method overrides matching the
+    /// request's route (none without a request), the token budget, the
+    /// quotas and the concurrency cap, in the order every store weighs them.
+    /// Built where `run` reads it: returned, the description (some 600
+    /// bytes) would be copied on every request.
+    #[inline(always)]
+    pub(crate) fn gather<T>(
         stage: Option<&'a StageLimits>,
         subject: &Subject<'a>,
         req: Option<&RequestView<'_>>,
         cost: u32,
         tokens: u32,
-    ) -> Self {
+        run: impl FnOnce(&Acquire<'a>) -> T,
+    ) -> T {
         let plan = subject.plan;
         let mut acquire = Acquire::new(cost, plan.failure);
         // Stage limits protect the backend's total capacity: a shadow plan
@@ -187,15 +190,21 @@ impl<'a> Acquire<'a> {
         }
         acquire.quota = subject.request_quota();
         acquire.concurrency = subject.concurrency();
-        acquire
+        run(&acquire)
     }
 
-    /// A request of `cost` units whose one limit is the throttle `t`.
-    #[inline]
-    pub(crate) fn lone(t: ThrottleRef<'a>, cost: u32, failure: FailureMode) -> Self {
+    /// A request of `cost` units whose one limit is the throttle `t`,
+    /// handed to `run`.
+    #[inline(always)]
+    pub(crate) fn lone<T>(
+        t: ThrottleRef<'a>,
+        cost: u32,
+        failure: FailureMode,
+        run: impl FnOnce(&Acquire<'a>) -> T,
+    ) -> T {
         let mut acquire = Acquire::new(cost, failure);
         acquire.push(t);
-        acquire
+        run(&acquire)
     }
 
     pub(crate) fn push(&mut self, throttle: ThrottleRef<'a>) {
