@@ -40,7 +40,7 @@ use tollgate::extract::{ApiKeyHeader, RequestView};
 use tollgate::store::Store;
 use tollgate::{
     ApiKey, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer, Reason, RedisStore,
-    Rejection, ResponseBody, Throttle, TokenBudget, TokenUsage, UsagePlan,
+    Rejection, ResponseBody, Throttle, TokenBudget, UsagePlan,
 };
 use tower::{Layer, ServiceExt};
 
@@ -461,13 +461,7 @@ impl<S: Drain> Side<S> {
         let inner = tower::service_fn(move |req: http::Request<()>| {
             let rx = rx.lock().unwrap().take();
             async move {
-                let actual = req
-                    .headers()
-                    .get("x-actual")
-                    .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
-                if let (Some(n), Some(usage)) = (actual, req.extensions().get::<TokenUsage>()) {
-                    usage.set(n);
-                }
+                crate::support::tokens::report_usage(&req);
                 Ok::<_, Infallible>(http::Response::new(Gate(rx)))
             }
         });

@@ -22,6 +22,13 @@ pub fn estimate(r: &RequestView<'_>) -> u32 {
 pub async fn report_actual(
     req: http::Request<()>,
 ) -> Result<http::Response<Full<Bytes>>, Infallible> {
+    report_usage(&req);
+    Ok(http::Response::new(Full::new(Bytes::from_static(b"done"))))
+}
+
+/// Reports the request's `x-actual` header, if any, as the tokens it used,
+/// as a handler does through the `TokenUsage` extension.
+pub fn report_usage<B>(req: &http::Request<B>) {
     let actual = req
         .headers()
         .get("x-actual")
@@ -29,7 +36,6 @@ pub async fn report_actual(
     if let (Some(n), Some(usage)) = (actual, req.extensions().get::<TokenUsage>()) {
         usage.set(n);
     }
-    Ok(http::Response::new(Full::new(Bytes::from_static(b"done"))))
 }
 
 /// A request of API key `key` estimated at `estimate` tokens that uses
