@@ -39,7 +39,8 @@
 //! Allowed and rejected responses carry the IETF `RateLimit-Policy` and
 //! `RateLimit` headers. For a key already tracked, a decision is one keyed
 //! hash, one clock read and one compare-and-swap per throttle, with no lock
-//! and no allocation; a quota adds a wall-clock read and a short per-key lock.
+//! and no allocation; a quota adds a wall-clock read and a short lock on
+//! one of 64 shards of the store's quota counters.
 //!
 //! Throttles are GCRA token buckets: a new key starts with a full bucket of
 //! `burst`, which refills at `rate` per second.
