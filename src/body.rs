@@ -111,9 +111,10 @@ impl fmt::Debug for Guard {
 /// against the same limits when its response ends.
 pub(crate) struct Unsettled {
     pub(crate) plan: Arc<Plan>,
-    /// The subject's name and digest (see [`Subject`]).
+    /// The subject's name, digest and quota history (see [`Subject`]).
     pub(crate) subject: Box<[u8]>,
     pub(crate) digest: Digest,
+    pub(crate) history_days: u32,
     pub(crate) estimate: u32,
     pub(crate) usage: TokenUsage,
     /// Where the estimate was charged, once decided.
@@ -137,8 +138,7 @@ impl Unsettled {
             plan: &self.plan,
             name: &self.subject,
             digest: self.digest,
-            // Token quotas keep their own history; no request quota here.
-            history_days: 0,
+            history_days: self.history_days,
         };
         store.settle(&subject.settlement(delta, self.reservation));
     }

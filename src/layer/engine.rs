@@ -222,6 +222,7 @@ impl<K, S: Store> Shared<K, S> {
             plan: Arc::clone(c.plan),
             subject: c.subject.name.into(),
             digest: c.subject.digest,
+            history_days: c.subject.history_days,
             estimate,
             usage: TokenUsage::new(),
             reservation: Default::default(),
