@@ -97,9 +97,11 @@ impl Checker<'_> {
         }
         let mut plan = UsagePlan::new(name.clone())
             .failure(match f.failure {
+                FailureFile::Local => FailureMode::Local,
                 FailureFile::Open => FailureMode::Open,
                 FailureFile::Closed => FailureMode::Closed,
             })
+            .borrow(f.borrow)
             .shadow(f.shadow);
         if let Some(t) = &f.throttle {
             plan = plan.throttle(self.throttle(t, &format!("{path}.throttle"))?);

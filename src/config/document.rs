@@ -34,6 +34,8 @@ pub(super) struct PlanFile {
     pub(super) concurrency: Option<Spanned<i64>>,
     #[serde(default)]
     pub(super) failure: FailureFile,
+    #[serde(default = "yes")]
+    pub(super) borrow: bool,
     #[serde(default)]
     pub(super) shadow: bool,
     #[serde(default)]
@@ -79,6 +81,7 @@ pub(super) enum PeriodFile {
 #[serde(rename_all = "lowercase")]
 pub(super) enum FailureFile {
     #[default]
+    Local,
     Open,
     Closed,
 }

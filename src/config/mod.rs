@@ -12,7 +12,8 @@
 //! quota = { limit = 1000, period = "DAY" }          # DAY | WEEK | MONTH; optional offset, week_start
 //! tokens = { per_minute = 40000 }                   # token budget (cost units); also per_day, per_month
 //! concurrency = 2                                   # in-flight cap per key
-//! failure = "open"                                  # open | closed (store failures)
+//! failure = "local"                                 # local (default) | open | closed (store failures)
+//! borrow = true                                     # a remote store may lend shares (default true)
 //! shadow = false
 //! [plans.methods]
 //! "/v1/chat/completions/POST" = { rate = 1.0, burst = 2 }

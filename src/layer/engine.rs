@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use http::StatusCode;
 
-use super::outcome::Failures;
 use crate::body::Unsettled;
 use crate::cost::{CostEstimator, TokenUsage};
 use crate::extract::{KeyError, KeyExtractor, RequestView};
@@ -15,6 +14,7 @@ use crate::observe::{Seen, SharedObserver, Watch};
 use crate::plan::{FailureMode, Plan, StageLimits};
 use crate::policy::{Policy, Snapshot};
 use crate::response::{Decision, Reason, Rejection, SharedOnRejection};
+use crate::store::Failures;
 use crate::store::{Acquire, Acquired, Denied, MemoryStore, Report, Store, Subject, ThrottleRef};
 
 /// What every clone of a layer and its services share.
@@ -201,7 +201,7 @@ impl<K, S: Store> Shared<K, S> {
         };
         match c.lone() {
             // The common plan, a throttle alone, skips gathering limits.
-            Some(t) => Acquire::lone(t, cost, failure, decide),
+            Some(t) => Acquire::lone(t, cost, c.plan, decide),
             None => {
                 let tokens = self.reserve(c, req, reserve);
                 Acquire::gather(c.stage, &c.subject, req, cost, tokens, decide)

@@ -3,13 +3,14 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::{Failures, RateLimit, Shared, SharedState, Step};
+use super::{RateLimit, Shared, SharedState, Step};
 use crate::cost::{CostEstimator, ExtensionEstimate};
 use crate::extract::{ApiKeyHeader, KeyExtractor};
 use crate::headers::HeaderStyle;
 use crate::observe::Observer;
 use crate::policy::Policy;
 use crate::response::{OnRejection, Rejection};
+use crate::store::Failures;
 use crate::store::{MemoryStore, Report, Store};
 use crate::usage::Admin;
 use http::StatusCode;

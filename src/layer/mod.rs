@@ -12,4 +12,3 @@ pub use self::layer::{RateLimitLayer, RateLimitLayerBuilder};
 pub use self::service::RateLimit;
 
 pub(crate) use self::engine::{Shared, SharedState, Step};
-pub(crate) use self::outcome::Failures;

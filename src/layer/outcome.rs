@@ -2,8 +2,6 @@
 //! rejection (the failure mode deciding when the store failed), the
 //! observer told, and the response of a rejection.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
 use bytes::Bytes;
 use http::Response;
 
@@ -13,55 +11,6 @@ use crate::observe::{Observer, Outcome, Seen, Watch, outcome};
 use crate::plan::FailureMode;
 use crate::response::{Decision, Reason, Rejection, Unchecked};
 use crate::store::{Applied, Denied, Report, StoreError, Verdict};
-
-/// Store failures: counted, and logged once per burst (when the store starts
-/// failing, and when it has answered [`RECOVERY_STREAK`] times in a row
-/// again), never once per request, and without flapping when a store fails
-/// only in part (a cluster node down).
-#[derive(Debug, Default)]
-pub(crate) struct Failures {
-    count: AtomicU64,
-    failing: AtomicBool,
-    /// Answers in a row since the last failure.
-    streak: AtomicU64,
-    /// `count` when the current burst began.
-    burst_start: AtomicU64,
-}
-
-/// Answers in a row from the store that end a burst of failures.
-const RECOVERY_STREAK: u64 = 3;
-
-impl Failures {
-    #[cold]
-    fn failed(&self, e: &StoreError) {
-        let before = self.count.fetch_add(1, Ordering::Relaxed);
-        self.streak.store(0, Ordering::Relaxed);
-        if !self.failing.swap(true, Ordering::AcqRel) {
-            self.burst_start.store(before, Ordering::Relaxed);
-            tracing::warn!(
-                error = %e,
-                "rate-limit store failing: each plan's failure mode applies until it recovers"
-            );
-        }
-    }
-
-    /// The store answered (a round trip, not a local answer).
-    #[inline]
-    fn answered(&self) {
-        if self.failing.load(Ordering::Relaxed)
-            && self.streak.fetch_add(1, Ordering::Relaxed) + 1 >= RECOVERY_STREAK
-            && self.failing.swap(false, Ordering::AcqRel)
-        {
-            let failures =
-                self.count.load(Ordering::Relaxed) - self.burst_start.load(Ordering::Relaxed);
-            tracing::info!(failures, "rate-limit store recovered");
-        }
-    }
-
-    pub(crate) fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-}
 
 impl<K, S> Shared<K, S> {
     /// Turns a store's answer into a decision; a failed store lets the
@@ -88,7 +37,11 @@ impl<K, S> Shared<K, S> {
                 self.failures.failed(&e);
                 match failure {
                     FailureMode::Open => Ok(R::unchecked()),
-                    FailureMode::Closed => Err((Rejection::unavailable(), None)),
+                    // A store that decides `Local` failures keeps its own
+                    // copy and never gets here; one that keeps none refuses.
+                    FailureMode::Closed | FailureMode::Local => {
+                        Err((Rejection::unavailable(), None))
+                    }
                 }
             }
         }

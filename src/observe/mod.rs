@@ -204,7 +204,10 @@ pub enum Outcome {
     Rejected(Reason),
     /// The store failed (unreachable, too slow) and the plan's failure mode
     /// decided: [`Open`](FailureMode::Open) let the request through,
-    /// [`Closed`](FailureMode::Closed) answered 503.
+    /// [`Closed`](FailureMode::Closed) answered 503, and so did
+    /// [`Local`](FailureMode::Local) for a store that keeps no local copy
+    /// (the Redis store decides a `Local` failure itself, with its copy,
+    /// and reports an ordinary decision).
     StoreFailed(FailureMode),
 }
 
@@ -217,13 +220,15 @@ impl Outcome {
         )
     }
 
-    /// A short name: `"allowed"`, `"rejected"`, `"failed_open"` or `"failed_closed"`.
+    /// A short name: `"allowed"`, `"rejected"`, `"failed_open"`,
+    /// `"failed_closed"` or `"failed_local"`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Outcome::Allowed => "allowed",
             Outcome::Rejected(_) => "rejected",
             Outcome::StoreFailed(FailureMode::Open) => "failed_open",
             Outcome::StoreFailed(FailureMode::Closed) => "failed_closed",
+            Outcome::StoreFailed(FailureMode::Local) => "failed_local",
         }
     }
 
@@ -232,7 +237,7 @@ impl Outcome {
     pub fn reason(&self) -> Option<&'static str> {
         match self {
             Outcome::Rejected(reason) => Some(reason_name(*reason)),
-            Outcome::StoreFailed(FailureMode::Closed) => {
+            Outcome::StoreFailed(FailureMode::Closed | FailureMode::Local) => {
                 Some(reason_name(Reason::StoreUnavailable))
             }
             _ => None,

@@ -8,7 +8,7 @@ use super::{DecisionEvent, Observer, Outcome};
 ///
 /// Fields: `plan`, `key_id` (a registered key's public id), `route`,
 /// `method`, `outcome` (`allowed`, `rejected`, `failed_open`,
-/// `failed_closed`), `reason` (`limited`, `unknown_key`…), `limit`
+/// `failed_closed`, `failed_local`), `reason` (`limited`, `unknown_key`…), `limit`
 /// (`throttle`, `quota`…) and `shadow`; a field that does not apply is left
 /// out. A key's value is never logged. The store's own failures are also
 /// logged once per burst (a warning), whatever the observer.

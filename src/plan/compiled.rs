@@ -189,6 +189,8 @@ pub(crate) struct Plan {
     pub(crate) concurrency: Option<Concurrency>,
     pub(crate) shadow: bool,
     pub(crate) failure: FailureMode,
+    /// Whether a remote store may lend shares of its limits.
+    pub(crate) borrow: bool,
     pub(crate) source: UsagePlan,
 }
 
@@ -260,6 +262,7 @@ impl Plan {
             },
             shadow: plan.shadow,
             failure: plan.failure,
+            borrow: plan.borrow,
             source: plan.clone(),
         })
     }
@@ -274,7 +277,8 @@ impl Plan {
             tokens: None,
             concurrency: None,
             shadow: false,
-            failure: FailureMode::Open,
+            failure: FailureMode::Local,
+            borrow: true,
             source: UsagePlan::new(name).throttle(*throttle),
         }
     }

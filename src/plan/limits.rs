@@ -210,14 +210,24 @@ impl TokenBudget {
     }
 }
 
-/// What a plan does when its store fails (times out or is unreachable).
+/// What a plan does when its store fails (times out, is unreachable, or has
+/// more calls in flight than it takes).
 ///
 /// The in-memory store cannot fail; this matters with a remote store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum FailureMode {
-    /// Let requests through (the AWS and Kong default).
+    /// Decide with this instance's own in-memory copy of the plan's limits
+    /// (the default): an outage admits at most N times the limits on N
+    /// instances, never unlimited traffic, and the answer carries rate-limit
+    /// headers as usual. The Redis store keeps that copy; a store of your
+    /// own that fails instead (answers an error) gets 503, as with
+    /// [`Closed`](FailureMode::Closed).
     #[default]
+    Local,
+    /// Let requests through, without rate-limit headers (the AWS and Kong
+    /// behaviour). Worst case: while the store fails, every request passes,
+    /// however many; the limits bound nothing.
     Open,
     /// Answer 503.
     Closed,
@@ -248,6 +258,7 @@ pub struct UsagePlan {
     pub(super) tokens: Option<TokenBudget>,
     pub(super) concurrency: Option<u32>,
     pub(super) failure: FailureMode,
+    pub(super) borrow: bool,
     pub(super) shadow: bool,
 }
 
@@ -261,7 +272,8 @@ impl UsagePlan {
             methods: Vec::new(),
             tokens: None,
             concurrency: None,
-            failure: FailureMode::Open,
+            failure: FailureMode::Local,
+            borrow: true,
             shadow: false,
         }
     }
@@ -310,10 +322,22 @@ impl UsagePlan {
         self
     }
 
-    /// What to do when the store fails (default [`FailureMode::Open`]).
+    /// What to do when the store fails (default [`FailureMode::Local`]).
     #[must_use]
     pub fn failure(mut self, mode: FailureMode) -> Self {
         self.failure = mode;
+        self
+    }
+
+    /// Whether a remote store may lend this plan's instances a share of a
+    /// key's throttle and quota, to decide from locally until it is used or
+    /// `max_age` old (default `true`; see
+    /// [`RedisStoreBuilder::max_age`](crate::RedisStoreBuilder::max_age)
+    /// with feature `redis`). Off, every request is decided in the store.
+    /// The memory store ignores it.
+    #[must_use]
+    pub fn borrow(mut self, borrow: bool) -> Self {
+        self.borrow = borrow;
         self
     }
 
@@ -352,6 +376,11 @@ impl UsagePlan {
     /// The failure mode.
     pub fn get_failure(&self) -> FailureMode {
         self.failure
+    }
+
+    /// Whether a remote store may lend shares of the plan's limits.
+    pub fn get_borrow(&self) -> bool {
+        self.borrow
     }
 
     /// Whether the plan is a shadow plan.

@@ -100,9 +100,11 @@ mod memory;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 mod redis;
 
+mod failures;
 mod request;
 mod verdict;
 
+pub(crate) use self::failures::Failures;
 pub use self::memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisStore, RedisStoreBuilder};

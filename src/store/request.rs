@@ -131,6 +131,8 @@ pub struct Acquire<'a> {
     pub(crate) cost: u32,
     pub(crate) tokens: u32,
     pub(crate) failure: FailureMode,
+    /// Whether a remote store may lend a share of these limits.
+    pub(crate) borrow: bool,
 }
 
 impl<'a> Acquire<'a> {
@@ -144,6 +146,7 @@ impl<'a> Acquire<'a> {
             cost,
             tokens: 0,
             failure,
+            borrow: false,
         }
     }
 
@@ -165,6 +168,7 @@ impl<'a> Acquire<'a> {
     ) -> T {
         let plan = subject.plan;
         let mut acquire = Acquire::new(cost, plan.failure);
+        acquire.borrow = plan.borrow;
         // Stage limits protect the backend's total capacity: a shadow plan
         // never lifts them.
         if let Some(stage) = stage {
@@ -193,16 +197,17 @@ impl<'a> Acquire<'a> {
         run(&acquire)
     }
 
-    /// A request of `cost` units whose one limit is the throttle `t`,
-    /// handed to `run`.
+    /// A request of `cost` units whose one limit is the throttle `t` of
+    /// `plan`, handed to `run`.
     #[inline(always)]
     pub(crate) fn lone<T>(
         t: ThrottleRef<'a>,
         cost: u32,
-        failure: FailureMode,
+        plan: &Plan,
         run: impl FnOnce(&Acquire<'a>) -> T,
     ) -> T {
-        let mut acquire = Acquire::new(cost, failure);
+        let mut acquire = Acquire::new(cost, plan.failure);
+        acquire.borrow = plan.borrow;
         acquire.push(t);
         run(&acquire)
     }
@@ -279,6 +284,12 @@ impl<'a> Acquire<'a> {
     /// What the layer does with the request when the store fails.
     pub fn failure_mode(&self) -> FailureMode {
         self.failure
+    }
+
+    /// Whether the plan lets a remote store lend this instance a share of
+    /// its limits ([`UsagePlan::borrow`](crate::UsagePlan::borrow)).
+    pub fn may_borrow(&self) -> bool {
+        self.borrow
     }
 }
 
@@ -533,7 +544,7 @@ impl fmt::Debug for ConcurrencyRef<'_> {
 
 /// A place a request holds under a concurrency cap, until its response ends.
 /// What it holds is the store's business: two numbers that name the place.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Permit {
     pub(crate) place: u128,
     pub(crate) id: u64,

@@ -195,29 +195,34 @@ async fn pipe(
 
 /// A quota of `quota` a day, `open` and `closed`; a throttle of a burst of
 /// 10 (closed); and `probe`, a wide throttle to tell whether Redis decides
-/// without spending anything that is counted.
+/// without spending anything that is counted. No plan borrows: these tests
+/// count each request's call (borrowing has its own, in `borrowing.rs`).
 fn policy(quota: u64) -> Policy {
     let daily = || Quota::new(quota, Period::Day).expect("a valid quota");
     Policy::builder()
         .plan(
             UsagePlan::new("open")
                 .quota(daily())
-                .failure(FailureMode::Open),
+                .failure(FailureMode::Open)
+                .borrow(false),
         )
         .plan(
             UsagePlan::new("closed")
                 .quota(daily())
-                .failure(FailureMode::Closed),
+                .failure(FailureMode::Closed)
+                .borrow(false),
         )
         .plan(
             UsagePlan::new("tight")
                 .throttle(Throttle::new(0.01, 10).expect("a valid throttle"))
-                .failure(FailureMode::Closed),
+                .failure(FailureMode::Closed)
+                .borrow(false),
         )
         .plan(
             UsagePlan::new("probe")
                 .throttle(Throttle::new(100_000.0, 100_000).expect("a valid throttle"))
-                .failure(FailureMode::Closed),
+                .failure(FailureMode::Closed)
+                .borrow(false),
         )
         .key(ApiKey::new("open-1", "open-key", "open"))
         .key(ApiKey::new("closed-1", "closed-key", "closed"))

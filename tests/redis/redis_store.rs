@@ -248,10 +248,12 @@ impl Monitor {
 const SHARED_CONFIG: &str = r#"
 [[plans]]
 name = "slow"
+borrow = false
 throttle = { rate = 0.01, burst = 10 }
 
 [[plans]]
 name = "daily"
+borrow = false
 throttle = { rate = 1000.0, burst = 1000 }
 quota = { limit = 15, period = "DAY" }
 
@@ -534,17 +536,20 @@ async fn one_round_trip_per_decision_and_none_for_a_denied_key() {
 const FAULTS_CONFIG: &str = r#"
 [[plans]]
 name = "lenient"
+borrow = false
 throttle = { rate = 10000.0, burst = 10000 }
 quota = { limit = 1000000, period = "DAY" }
 failure = "open"
 
 [[plans]]
 name = "strict"
+borrow = false
 throttle = { rate = 10000.0, burst = 10000 }
 failure = "closed"
 
 [[plans]]
 name = "tight"
+borrow = false
 throttle = { rate = 0.01, burst = 5 }
 failure = "closed"
 
@@ -816,7 +821,8 @@ async fn a_request_refused_for_a_timeout_is_not_charged_later() {
         .plan(
             UsagePlan::new("tight")
                 .throttle(Throttle::new(0.01, 10).expect("a valid throttle"))
-                .failure(FailureMode::Closed),
+                .failure(FailureMode::Closed)
+                .borrow(false),
         )
         .key(ApiKey::new("t-1", "tight-key", "tight"))
         .build()
@@ -870,6 +876,7 @@ fn wait_until_idle(redis: &RedisServer) {
 const ADMIN_CONFIG: &str = r#"
 [[plans]]
 name = "metered"
+borrow = false
 throttle = { rate = 1000.0, burst = 1000 }
 quota = { limit = 100, period = "DAY" }
 

@@ -651,10 +651,12 @@ async fn redis_key_names_hold_no_secrets_and_a_lost_script_reloads() {
     let addr = redis.server().addr();
     let clock = ManualClock::new();
     clock.set_wall(at(2024, 5, 1, 0));
+    // Not borrowing: every decision below is one call.
     let plan = UsagePlan::new("p")
         .throttle(Throttle::new(1.0, 5).unwrap())
         .method("/v1/completions/POST", Throttle::new(1.0, 2).unwrap())
-        .quota(Quota::new(100, Period::Day).unwrap());
+        .quota(Quota::new(100, Period::Day).unwrap())
+        .borrow(false);
     let secret = "sk-very-secret-value";
     let l = layer(
         &redis,

@@ -79,14 +79,22 @@ impl Store for Remote {
 fn policy() -> Policy {
     let throttle = Throttle::new(0.01, 2).unwrap();
     Policy::builder()
-        .plan(UsagePlan::new("open").throttle(throttle))
+        .plan(
+            UsagePlan::new("open")
+                .throttle(throttle)
+                .failure(FailureMode::Open),
+        )
         .plan(
             UsagePlan::new("closed")
                 .throttle(throttle)
                 .failure(FailureMode::Closed),
         )
+        // The default: a store that keeps no local copy of the limits (this
+        // one) cannot decide locally, so the request is refused.
+        .plan(UsagePlan::new("local").throttle(throttle))
         .key(ApiKey::new("o", "open-key", "open"))
         .key(ApiKey::new("c", "closed-key", "closed"))
+        .key(ApiKey::new("l", "local-key", "local"))
         .build()
         .unwrap()
 }
@@ -151,13 +159,15 @@ async fn a_failing_store_is_decided_by_each_plans_failure_mode() {
         let res = get(&c, &base, "open-key").await;
         assert_eq!(res.status(), StatusCode::OK);
         assert!(!res.headers().contains_key("ratelimit"));
-        // Closed: 503 with a JSON body.
-        let res = get(&c, &base, "closed-key").await;
-        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(
-            res.text().await.unwrap(),
-            r#"{"message":"Service Unavailable"}"#
-        );
+        // Closed, and Local without a local copy: 503 with a JSON body.
+        for key in ["closed-key", "local-key"] {
+            let res = get(&c, &base, key).await;
+            assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{key}");
+            assert_eq!(
+                res.text().await.unwrap(),
+                r#"{"message":"Service Unavailable"}"#
+            );
+        }
     }
     // gRPC callers get UNAVAILABLE, trailers-only.
     let res = c
@@ -168,7 +178,7 @@ async fn a_failing_store_is_decided_by_each_plans_failure_mode() {
         .await
         .unwrap();
     assert_eq!(res.headers()["grpc-status"], "14");
-    assert_eq!(layer.store_failures(), 11);
+    assert_eq!(layer.store_failures(), 16);
     // Back up: decided again, nothing of the outage was charged.
     store.down.store(false, Ordering::Relaxed);
     assert!(
@@ -177,7 +187,7 @@ async fn a_failing_store_is_decided_by_each_plans_failure_mode() {
             .headers()
             .contains_key("ratelimit")
     );
-    assert_eq!(layer.store_failures(), 11);
+    assert_eq!(layer.store_failures(), 16);
 }
 
 #[tokio::test]
@@ -190,7 +200,9 @@ async fn tokens_are_settled_through_the_store_unless_it_let_the_request_through_
             .unwrap(),
         ..Remote::default()
     };
-    let plan = UsagePlan::new("llm").tokens(TokenBudget::new().per_minute(1_000).unwrap());
+    let plan = UsagePlan::new("llm")
+        .tokens(TokenBudget::new().per_minute(1_000).unwrap())
+        .failure(FailureMode::Open);
     let policy = Policy::builder()
         .plan(plan)
         .key(ApiKey::new("k", "llm-key", "llm"))

@@ -28,10 +28,11 @@ impl Drop for Running {
 }
 
 impl RedisStore {
-    /// Waits until no call this store sends in the background is running:
-    /// token settlements, releases of places under concurrency caps, and (on
-    /// Redis Cluster) stage refunds, which responses and decisions start
-    /// without waiting for them.
+    /// Gives back every borrowed share, then waits until no call this store
+    /// sends in the background is running: token settlements, releases of
+    /// places under concurrency caps, returned shares, and (on Redis
+    /// Cluster) stage refunds, which responses and decisions start without
+    /// waiting for them.
     ///
     /// Await it before the process exits, after the server has stopped
     /// (axum's graceful shutdown returns once every response has ended), so
@@ -61,6 +62,10 @@ impl RedisStore {
     /// # }
     /// ```
     pub async fn drained(&self) {
+        // Borrowed shares go back first: they are calls in the background too.
+        for share in self.inner.flights.sweep(0, true) {
+            self.inner.give_back(share);
+        }
         let background = &self.inner.background;
         loop {
             let idle = background.idle.notified();

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -11,10 +11,12 @@ use super::background::Background;
 use super::cache::OverLimitCache;
 use super::call::SCRIPT;
 use super::conn::{Conn, redis_error};
+use super::flights::Flights;
+use super::local::Local;
 use super::store::{Inner, RedisStore};
 use crate::clock::Clock;
 use crate::hash;
-use crate::store::StoreError;
+use crate::store::{Failures, StoreError};
 
 /// The default time a decision may take before the plan's failure mode applies.
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
@@ -26,6 +28,12 @@ const CACHE_ENTRIES: usize = 65_536;
 const DEFAULT_LEASE: Duration = Duration::from_secs(300);
 /// The longest an over-limit cache entry answers for Redis.
 const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(1);
+/// The default most calls one store has in flight.
+const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+/// The default longest a borrowed share is decided from.
+const DEFAULT_MAX_AGE: Duration = Duration::from_secs(1);
+/// The default most units a share lends.
+const DEFAULT_MAX_SHARE: u32 = 64;
 
 impl RedisStore {
     /// Configures a store on one Redis server (`redis://host:port/db`,
@@ -40,6 +48,9 @@ impl RedisStore {
             clock: None,
             cache_ttl: DEFAULT_CACHE_TTL,
             lease: DEFAULT_LEASE,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_age: DEFAULT_MAX_AGE,
+            max_share: DEFAULT_MAX_SHARE,
         }
     }
 
@@ -79,6 +90,9 @@ pub struct RedisStoreBuilder {
     clock: Option<Clock>,
     cache_ttl: Duration,
     lease: Duration,
+    max_in_flight: usize,
+    max_age: Duration,
+    max_share: u32,
 }
 
 impl RedisStoreBuilder {
@@ -153,6 +167,46 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// The most calls this store has in flight to Redis at once (default
+    /// 256). A request that would send one more is decided at once by its
+    /// plan's [`FailureMode`](crate::FailureMode) (by default the local
+    /// copy of its limits), rather than queued behind calls that would
+    /// answer after the timeout: traffic that the limits deny cannot push
+    /// Redis into a failure mode that admits it. Requests of one subject
+    /// waiting for one call count once.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n;
+        self
+    }
+
+    /// The longest a borrowed share of a subject's limits is decided from
+    /// locally (default 1 s); unused units then go back to Redis. Zero
+    /// turns borrowing off for every plan. See
+    /// [`UsagePlan::borrow`](crate::UsagePlan::borrow).
+    ///
+    /// What borrowing costs the others: a share is charged in Redis when it
+    /// is lent, so instances together never admit more than the limits,
+    /// but units held unused in a share are capacity other instances
+    /// cannot use until they go back. One instance holds at most one share
+    /// per subject and limits, of at most [`max_share`](Self::max_share)
+    /// units and at most a quarter of what still fitted in the tightest of
+    /// the request's limits when it was lent (none near a limit), for at
+    /// most `max_age`. With N instances at most N × `max_share` units of a
+    /// subject, and less than what fitted, are idle at once. Limits shared
+    /// by every caller (stage limits) are never lent, and neither are
+    /// token budgets nor places under concurrency caps.
+    pub fn max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = max_age;
+        self
+    }
+
+    /// The most units one borrowed share lends (default 64; 0 turns
+    /// borrowing off). See [`max_age`](Self::max_age).
+    pub fn max_share(mut self, units: u32) -> Self {
+        self.max_share = units;
+        self
+    }
+
     /// Builds the store. A single server is connected lazily (the store can
     /// be built while Redis is down, and connects when it is up); a cluster
     /// is asked for its slots now.
@@ -205,7 +259,7 @@ impl RedisStoreBuilder {
                 prefix: self.prefix,
                 naming: self.naming,
                 timeout: self.timeout,
-                clock: self.clock.unwrap_or_default(),
+                clock: self.clock.clone().unwrap_or_default(),
                 cache: (ttl > 0).then(|| OverLimitCache::new(CACHE_ENTRIES, ttl)),
                 offset_us: AtomicI64::new(0),
                 offset_at: AtomicU64::new(0),
@@ -215,6 +269,13 @@ impl RedisStoreBuilder {
                 )),
                 lease: self.lease,
                 background: Background::default(),
+                in_flight: AtomicUsize::new(0),
+                max_in_flight: self.max_in_flight.max(1),
+                flights: Flights::default(),
+                max_age: self.max_age,
+                max_share: self.max_share,
+                local: Local::new(self.clock.clone().unwrap_or_default()),
+                failures: Failures::default(),
             }),
         })
     }

@@ -17,6 +17,8 @@ use super::conn::redis_error;
 use super::store::Inner;
 use super::time::Now;
 use crate::gcra::{NANOS_PER_SEC, Nanos, Outcome};
+use crate::hash::Digest;
+use crate::quota::QuotaSpec;
 use crate::store::verdict::{Tally, applied, cap_has_room, ever_fits};
 use crate::store::{
     Applied, ConcurrencyRef, Denied, LimitKind, Permit, QuotaRef, Report, StoreError, ThrottleRef,
@@ -94,11 +96,15 @@ impl Inner {
     }
 }
 
-/// A throttle as a decision needs it after the call: its compiled limit.
+/// A throttle as a decision needs it after the call: its compiled limit
+/// (and, for the local copy, where the memory store keeps its state).
 #[derive(Debug, Clone)]
 pub(super) struct Throttle {
     pub(super) limit: crate::plan::Limit,
-    shadow: bool,
+    pub(super) shadow: bool,
+    /// The stage's, shared by every caller.
+    pub(super) stage: bool,
+    pub(super) digest: Digest,
     /// What it is charged: requests, or tokens.
     pub(super) cost: u32,
     /// Whether it counts tokens (the per-minute token bucket).
@@ -108,10 +114,13 @@ pub(super) struct Throttle {
 /// A quota as a decision needs it after the call.
 #[derive(Debug, Clone)]
 pub(super) struct Quota {
-    kind: LimitKind,
+    pub(super) kind: LimitKind,
     /// The whole limit: a cost above it never fits, in any window.
     whole: u64,
-    shadow: bool,
+    pub(super) shadow: bool,
+    pub(super) spec: QuotaSpec,
+    pub(super) digest: Digest,
+    pub(super) history_days: u32,
     cost: u32,
     tokens: bool,
     /// Its arguments to the script.
@@ -122,6 +131,9 @@ pub(super) struct Quota {
 #[derive(Debug, Clone, Default)]
 pub(super) struct Part {
     pub(super) call: Call,
+    /// The request's cost in requests, and its estimated tokens.
+    pub(super) cost: u32,
+    pub(super) tokens: u32,
     pub(super) throttles: Vec<Throttle>,
     pub(super) quotas: Vec<Quota>,
     pub(super) cap: Option<Cap>,
@@ -130,10 +142,12 @@ pub(super) struct Part {
 /// A concurrency cap as a decision needs it after the call.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Cap {
-    limit: u32,
-    shadow: bool,
+    pub(super) limit: u32,
+    pub(super) shadow: bool,
     /// The permit a request let in holds.
-    permit: Permit,
+    pub(super) permit: Permit,
+    pub(super) salt: u64,
+    pub(super) digest: Digest,
 }
 
 impl Part {
@@ -142,6 +156,8 @@ impl Part {
         call.arg(cost);
         Part {
             call,
+            cost,
+            tokens: 0,
             throttles: Vec::new(),
             quotas: Vec::new(),
             cap: None,
@@ -153,6 +169,8 @@ impl Part {
         self.throttles.push(Throttle {
             limit: t.limit.clone(),
             shadow: t.shadow,
+            stage: t.plan.is_none(),
+            digest: t.digest,
             cost,
             tokens: t.counts_tokens(),
         });
@@ -172,6 +190,9 @@ impl Part {
             kind: q.kind,
             whole: q.spec.limit,
             shadow: q.shadow,
+            spec: *q.spec,
+            digest: q.digest,
+            history_days: q.history_days,
             cost,
             tokens: q.counts_tokens(),
             args: args.args,
@@ -186,6 +207,8 @@ impl Part {
             limit: c.limit,
             shadow: c.shadow,
             permit: Permit::new(place, id),
+            salt: c.salt,
+            digest: c.digest,
         });
     }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use super::cache::OverLimitCache;
 use super::call::{Call, Charged, Part, quota_args};
+use super::guards::{Lease, Ticket};
 use super::store::{Inner, RedisStore};
 use super::time::Now;
 use crate::clock::Clock;
@@ -47,7 +48,8 @@ fn identity(req: &Acquire<'_>) -> u64 {
     hash::digest(&bytes).0 as u64
 }
 
-type Decided = Pin<Box<dyn Future<Output = Result<Verdict, StoreError>> + Send + 'static>>;
+pub(super) type Decided =
+    Pin<Box<dyn Future<Output = Result<Verdict, StoreError>> + Send + 'static>>;
 
 impl Store for RedisStore {
     type Future = Decided;
@@ -81,19 +83,21 @@ impl Store for RedisStore {
             .map(|t| t.limit.gcra.span())
             .max()
             .unwrap_or(0);
-        let id = inner.cache.as_ref().filter(|_| !tokens).map(|cache| {
-            let id = identity(request);
-            (id, cache.get(id, sent))
-        });
-        if let Some((_, Some(denied))) = id {
-            return Acquired::Ready(Ok(Err(denied)));
+        let id = (!tokens).then(|| identity(request));
+        if let (Some(id), Some(cache)) = (id, &inner.cache) {
+            if let Some(denied) = cache.get(id, sent) {
+                return Acquired::Ready(Ok(Err(denied)));
+            }
         }
         let now = inner.now();
         let cost = request.cost;
+        let failure = request.failure;
         // On a cluster the stage's shared buckets live in their own slot.
         let split = inner.cluster && request.throttles().any(|t| t.plan.is_none());
         let mut stage = Part::new(&now, cost);
         let mut own = Part::new(&now, cost);
+        stage.tokens = request.tokens;
+        own.tokens = request.tokens;
         for t in request.throttles() {
             let cost = request.cost_for(t.counts_tokens());
             if split && t.plan.is_none() {
@@ -110,42 +114,72 @@ impl Store for RedisStore {
         }
         stage.finish(inner.lease);
         own.finish(inner.lease);
+        let context = Context {
+            sent,
+            shared_span,
+            cache_id: id.filter(|_| inner.cache.is_some()),
+        };
+        // Requests that share nothing but their limits' state wait for one
+        // call together (see `flights`): not a peek, not a request holding
+        // a place or reserving tokens, and not one decided in two calls.
+        let shares = !split
+            && cost > 0
+            && request.concurrency.is_none()
+            && tokio::runtime::Handle::try_current().is_ok();
+        if let (Some(id), true) = (id, shares) {
+            let lend = if request.borrow
+                && !inner.max_age.is_zero()
+                && request.throttles().all(|t| t.plan.is_some() && !t.shadow)
+                && request.quotas().all(|q| !q.shadow)
+            {
+                inner.max_share
+            } else {
+                0
+            };
+            return inner.shared(id, own, lend, failure, context);
+        }
         if let (Now::Redis, Some(deadline)) = (now, inner.deadline()) {
             stage.call.args[2] = deadline.to_string();
             own.call.args[2] = deadline.to_string();
         }
+        let Some(ticket) = Ticket::take(inner) else {
+            let e = StoreError::new("redis: too many calls in flight");
+            return Acquired::Ready(inner.fail(e, failure, &[&stage, &own]));
+        };
         let inner = Arc::clone(inner);
         Acquired::Pending(Box::pin(async move {
+            // A place Redis may have added is removed unless a response
+            // holds it: the request's future dropped, the timeout, a lost
+            // connection, a reply that makes no sense.
+            let mut lease = own.cap.map(|c| Lease::new(&inner, c.permit));
             let work = async {
                 if split {
-                    decide_split(&inner, stage, own, cost).await
+                    decide_split(&inner, &stage, &own, cost).await
                 } else {
                     let reply = Arc::clone(&inner).run(own.call.clone()).await?;
                     Ok(own.verdict(&reply, cost)?.0)
                 }
             };
-            let verdict = inner.within(work).await?;
-            if let (Err(denied), Some((id, _)), Some(cache)) = (&verdict, id, &inner.cache) {
-                if OverLimitCache::holds(denied) {
-                    cache.insert(id, sent, *denied, shared_span);
+            let result = inner.within(work).await;
+            drop(ticket);
+            match result {
+                Ok(verdict) => {
+                    if let Some(lease) = &mut lease {
+                        lease.keep();
+                    }
+                    inner.failures.answered();
+                    inner.remember(&verdict, &context);
+                    Ok(verdict)
                 }
+                Err(e) => inner.fail(e, failure, &[&stage, &own]),
             }
-            Ok(verdict)
         }))
     }
 
     fn release(&self, permit: Permit) {
-        let inner = Arc::clone(&self.inner);
-        let key = inner.cap_key(permit.place);
-        let member = format!("{:016x}", permit.id);
-        // Never waited for: a lease that cannot be removed lapses by itself.
-        let task = Arc::clone(&inner);
-        inner.spawn(async move {
-            let cmd = redis::cmd("ZREM").arg(key).arg(member).clone();
-            if let Err(e) = task.command::<i64>(cmd).await {
-                tracing::debug!(error = %e, "lease not removed; it lapses by itself");
-            }
-        });
+        if !self.inner.local.release(permit) {
+            self.inner.remove_place(permit);
+        }
     }
 
     /// An under-estimate is charged to every token limit. An over-estimate
@@ -217,12 +251,25 @@ impl Store for RedisStore {
         });
     }
 
+    // An admin operation first takes back this instance's shares of the
+    // limits it reads or changes (see `Inner::recall`).
+
     fn usage(&self, quota: &QuotaRef<'_>, first: Date, last: Date) -> StoreFuture<Vec<[i64; 2]>> {
-        self.inner.usage(quota, first, last)
+        let recall = self.inner.recall(self.inner.quota_keys(quota).into());
+        let work = self.inner.usage(quota, first, last);
+        Box::pin(async move {
+            recall.await;
+            work.await
+        })
     }
 
     fn set_remaining(&self, quota: &QuotaRef<'_>, remaining: u64) -> StoreFuture<u64> {
-        self.inner.set_remaining(quota, remaining)
+        let recall = self.inner.recall(self.inner.quota_keys(quota).into());
+        let work = self.inner.set_remaining(quota, remaining);
+        Box::pin(async move {
+            recall.await;
+            work.await
+        })
     }
 
     fn reset(
@@ -230,7 +277,17 @@ impl Store for RedisStore {
         throttles: &[ThrottleRef<'_>],
         quota: Option<&QuotaRef<'_>>,
     ) -> StoreFuture<()> {
-        self.inner.reset(throttles, quota)
+        let mut keys: Vec<String> = throttles
+            .iter()
+            .map(|t| self.inner.throttle_key(t))
+            .collect();
+        keys.extend(quota.into_iter().flat_map(|q| self.inner.quota_keys(q)));
+        let recall = self.inner.recall(keys);
+        let work = self.inner.reset(throttles, quota);
+        Box::pin(async move {
+            recall.await;
+            work.await
+        })
     }
 }
 
@@ -242,8 +299,8 @@ impl Store for RedisStore {
 /// the background: the answer does not wait for it.
 async fn decide_split(
     inner: &Arc<Inner>,
-    stage: Part,
-    own: Part,
+    stage: &Part,
+    own: &Part,
     cost: u32,
 ) -> Result<Verdict, StoreError> {
     let reply = Arc::clone(inner).run(stage.call.clone()).await?;
@@ -254,7 +311,7 @@ async fn decide_split(
         Ok(report) => report,
         Err(d) if !has_own => return Ok(Err(d)),
         Err(d) => {
-            let mut peek = own;
+            let mut peek = own.clone();
             peek.call.args[0] = "p".to_owned();
             let reply = Arc::clone(inner).run(peek.call.clone()).await?;
             return Ok(Err(match peek.verdict(&reply, cost)?.0 {
@@ -280,11 +337,11 @@ async fn decide_split(
             Ok(Ok(all))
         }
         Ok((Err(d), _)) => {
-            spawn_refund(inner, stage, charged, cost);
+            spawn_refund(inner, stage.clone(), charged, cost);
             Ok(Err(d))
         }
         Err(e) => {
-            spawn_refund(inner, stage, charged, cost);
+            spawn_refund(inner, stage.clone(), charged, cost);
             Err(e)
         }
     }
@@ -333,4 +390,41 @@ async fn refund(
     call.arg(call.keys.len());
     call.args.extend(args);
     Arc::clone(inner).run(call).await.map(|_| ())
+}
+
+/// What answering a request needs beside its call: when it was sent, and
+/// how its denial may be cached.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Context {
+    pub(super) sent: crate::gcra::Nanos,
+    pub(super) shared_span: crate::gcra::Nanos,
+    /// Its identity in the over-limit cache, when there is one.
+    pub(super) cache_id: Option<u64>,
+}
+
+impl Inner {
+    /// Caches a denial that stays what Redis would answer.
+    pub(super) fn remember(&self, verdict: &Verdict, context: &Context) {
+        if let (Err(denied), Some(id), Some(cache)) = (verdict, context.cache_id, &self.cache) {
+            if OverLimitCache::holds(denied) {
+                cache.insert(id, context.sent, *denied, context.shared_span);
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Removes a place under a concurrency cap, in the background (never
+    /// waited for: a lease that cannot be removed lapses by itself).
+    pub(super) fn remove_place(self: &Arc<Self>, permit: Permit) {
+        let key = self.cap_key(permit.place);
+        let member = format!("{:016x}", permit.id);
+        let task = Arc::clone(self);
+        self.spawn(async move {
+            let cmd = redis::cmd("ZREM").arg(key).arg(member).clone();
+            if let Err(e) = task.command::<i64>(cmd).await {
+                tracing::debug!(error = %e, "lease not removed; it lapses by itself");
+            }
+        });
+    }
 }

@@ -7,7 +7,10 @@ mod cache;
 mod call;
 mod conn;
 mod decide;
+mod flights;
+mod guards;
 mod keys;
+mod local;
 mod store;
 mod time;
 

@@ -54,6 +54,14 @@
 -- "p" peek: as "a", with the same reply, but nothing is charged (a
 --   conversion is still stored). It tells which limits would deny.
 --
+-- "b" acquire and borrow: as "a" without a concurrency cap, with two more
+--   ARGV after the "0" of the cap: want, lend. When the request is allowed,
+--   g more units of it are charged with it, to every limit: as many as fit
+--   of `want` (requests waiting for them now), plus at most `lend` more and
+--   at most a quarter of what would still fit after those (a share to
+--   decide from locally: none near a limit). A shadow limit that would deny
+--   the first unit fits none. The reply is a's, then g.
+--
 -- "r" refund (Gcra::refund). KEYS: t_1..t_n. ARGV: "r", now_s, now_ns, cost,
 --   n, n times (interval_ns, burst, mine_s, mine_ns, cost_i), mine the TAT
 --   this request stored. A key whose span changed since is left alone.
@@ -67,7 +75,9 @@
 --   TAT moves by delta * interval (a refund never below now; a charge may
 --   put the bucket in debt, past its span); a quota's count by delta (never
 --   below 0), except that a refund is not given to a window that began
---   after the day the tokens were charged (it never counted them).
+--   after the day the tokens were charged (it never counted them); in the
+--   history a refund comes off that day's use while the history holds it
+--   (and adds to what remained at that day's end).
 --   Reply: now_s, now_ns.
 --
 -- "s" set what remains of the quota (UpdateUsage). KEYS: q, h. ARGV: "s",
@@ -309,7 +319,7 @@ local function save(q, key, hist, used, remaining)
   redis.call('PEXPIRE', hist, str(q.history_days * DAY_MS))
 end
 
-local function acquire(peek)
+local function acquire(peek, grant)
   local cost = int(ARGV[4], 0, MAX - 1, 'cost')
   local n = int(ARGV[5], 0, #KEYS, 'throttle count')
   local qi = 6 + 6 * n
@@ -323,14 +333,20 @@ local function acquire(peek)
   end
   local has_cap = flag(ARGV[ci], 'concurrency flag')
   local nkeys = n + 2 * m + (has_cap and 1 or 0)
-  if #ARGV ~= ci + (has_cap and 4 or 0) or #KEYS ~= nkeys then
+  local extra = (has_cap and 4 or 0) + (grant and 2 or 0)
+  if #ARGV ~= ci + extra or #KEYS ~= nkeys or (grant and has_cap) then
     bad('wrong number of arguments')
+  end
+  local want, lend = 0, 0
+  if grant then
+    want = int(ARGV[ci + 1], 0, MAX - 1, 'want')
+    lend = int(ARGV[ci + 2], 0, MAX - 1, 'lend')
   end
   read_now()
   local reply = { now_s, now_ns, 1 }
   local allowed = true
   local charge, convert = {}, {} -- per throttle: the TAT ahead to store, or false
-  local tols = {}
+  local tols, steps = {}, {} -- per throttle: span, and ns one unit of the request takes
   for i = 1, n do
     local j = 6 * i
     local interval = int(ARGV[j], 1, MAX - 1, 'interval')
@@ -371,6 +387,7 @@ local function acquire(peek)
     before = math.max(before or 0, 0)
     reply[3 + i] = before
     -- cost <= burst, so cost * interval <= tol < 2^53: exact.
+    steps[i] = cost * interval
     if cost <= burst and before + cost * interval <= tol then
       charge[i] = cost > 0 and before + cost * interval
     elseif not shadow then
@@ -413,6 +430,33 @@ local function acquire(peek)
   -- Conversions are stored whatever the verdict; charges only when allowed
   -- (and never by a peek).
   local charging = allowed and not peek
+  local g = 0
+  if charging and (want > 0 or lend > 0) then
+    -- How many more units fit in every limit after this one.
+    local fit = MAX
+    for i = 1, n do
+      if steps[i] > 0 then
+        fit = charge[i] and math.min(fit, div(tols[i] - charge[i], steps[i])) or 0
+      end
+    end
+    for _, q in ipairs(quotas) do
+      if q.cost > 0 then
+        fit = math.min(fit, math.max(div(math.max(q.limit_in - q.n - q.cost, 0), q.cost), 0))
+      end
+    end
+    g = math.min(want, fit)
+    g = g + math.min(lend, div(fit - g, 4))
+    if g > 0 then
+      for i = 1, n do
+        if charge[i] then
+          charge[i] = charge[i] + g * steps[i]
+        end
+      end
+      for _, q in ipairs(quotas) do
+        q.cost = q.cost * (1 + g)
+      end
+    end
+  end
   if charging and has_cap and cost > 0 then
     redis.call('ZADD', KEYS[nkeys], str(now_ms + lease_ms), member)
     redis.call('PEXPIRE', KEYS[nkeys], str(lease_ms))
@@ -430,6 +474,9 @@ local function acquire(peek)
       q.n = math.min(q.n + q.cost, MAX) -- a shadow's overage saturates
       save(q, q.key, q.hist, q.cost, q.limit_in - q.n)
     end
+  end
+  if grant then
+    reply[#reply + 1] = g
   end
   return reply
 end
@@ -521,7 +568,18 @@ local function settle()
       q.n = math.min(math.max(q.n + delta, 0), MAX)
       save(q, key, hist, 0, q.limit_in - q.n)
       if q.n ~= before then
-        redis.call('HINCRBY', hist, 'u:' .. str(q.today), str(q.n - before))
+        -- A refund comes off the day that was charged, while the history
+        -- still holds it.
+        local day = q.today
+        if delta < 0 and charged_day and charged_day ~= day
+          and redis.call('HEXISTS', hist, 'u:' .. str(charged_day)) == 1 then
+          day = charged_day
+        end
+        redis.call('HINCRBY', hist, 'u:' .. str(day), str(q.n - before))
+        if day ~= q.today and redis.call('HEXISTS', hist, 'r:' .. str(day)) == 1 then
+          -- What remained at that day's end had the units never been charged.
+          redis.call('HINCRBY', hist, 'r:' .. str(day), str(before - q.n))
+        end
       end
     end
   end
@@ -547,6 +605,9 @@ end
 
 local modes = {
   a = acquire,
+  b = function()
+    return acquire(false, true)
+  end,
   p = function()
     return acquire(true)
   end,

@@ -2,14 +2,17 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize};
 use std::time::Duration;
 
 use super::background::Background;
 use super::builder::NamingKey;
 use super::cache::OverLimitCache;
 use super::conn::Conn;
+use super::flights::Flights;
+use super::local::Local;
 use crate::clock::Clock;
+use crate::store::Failures;
 
 /// A store in Redis or Redis Cluster, shared by every instance that uses it.
 ///
@@ -66,6 +69,18 @@ pub(super) struct Inner {
     /// Calls sent in the background (settlements, lease releases, stage
     /// refunds) that have not finished, for [`RedisStore::drained`].
     pub(super) background: Background,
+    /// Calls in flight, and the most there may be.
+    pub(super) in_flight: AtomicUsize,
+    pub(super) max_in_flight: usize,
+    /// Calls in flight shared by requests, and the shares they brought back.
+    pub(super) flights: Flights,
+    /// The longest a share is decided from, and the most units it lends.
+    pub(super) max_age: Duration,
+    pub(super) max_share: u32,
+    /// The copy of the limits a `Local` failure is decided by.
+    pub(super) local: Local,
+    /// Failures decided by the local copy: counted and logged.
+    pub(super) failures: Failures,
 }
 
 impl RedisStore {

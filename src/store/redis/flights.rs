@@ -1,0 +1,586 @@
+//! Requests of one subject on one instance share the call in flight, and
+//! the share of their limits it brings back.
+//!
+//! A request whose limits can be shared (no concurrency cap, no token
+//! budget, decided in one call) is identified as the over-limit cache
+//! identifies it: its limits, their numbers, its subject and its cost. The
+//! first such request finds no call in flight and starts one (a *flight*,
+//! a task of its own, so that a client going away does not cancel it for
+//! the others); the ones that come while it flies wait for it. The call
+//! asks Redis for one unit of the request, as many more as fit for the
+//! requests that joined it, and (when the plan borrows) a share to decide
+//! from locally: at most [`max_share`](crate::RedisStoreBuilder::max_share)
+//! units and at most a quarter of what still fits, so none near a limit.
+//! Every unit is charged in Redis when it is granted, so the instances
+//! together never admit more than the limits.
+//!
+//! When the flight lands, a denial answers every request that waited for
+//! it; granted units are taken one per request, first come first served,
+//! and the requests left without one start the next flight. A unit left
+//! over stays in the share until it is taken or the share is
+//! [`max_age`](crate::RedisStoreBuilder::max_age) old (or its quota window
+//! ends), and then goes back to Redis: each throttle gets back what of the
+//! share has not refilled since (as a settlement's refund, so that nothing
+//! is granted twice), each quota the units in the window that counted them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
+
+use super::call::{Call, Charged, Part};
+use super::decide::{Context, Decided};
+use super::guards::Ticket;
+use super::store::Inner;
+use super::time::Now;
+use crate::gcra::{NANOS_PER_SEC, Nanos};
+use crate::hash::BuildDigestHasher;
+use crate::plan::{FailureMode, LimitKind};
+use crate::store::{Acquired, Applied, Denied, Report, StoreError, Verdict};
+
+/// Shards of the table, so that subjects on several threads rarely contend.
+const SHARDS: usize = 16;
+
+/// How a flight ended, as every request that waited for it sees it.
+#[derive(Debug, Clone)]
+pub(super) enum End {
+    /// Units were granted: take one from the share.
+    Granted,
+    /// Redis denied the request: so it does every request that waited.
+    Denied(Denied),
+    /// Redis could not decide: the plan's failure mode decides.
+    Failed(StoreError),
+}
+
+/// One call in flight, shared by the requests waiting for it.
+#[derive(Debug, Default)]
+pub(super) struct Flight {
+    end: OnceLock<End>,
+    done: tokio::sync::Notify,
+    /// Requests that joined it (its leader included).
+    joined: AtomicU32,
+}
+
+impl Flight {
+    /// Waits for the flight to land.
+    pub(super) async fn ended(&self) -> End {
+        loop {
+            let done = self.done.notified();
+            let mut done = std::pin::pin!(done);
+            // Registered before the end is read: a landing in between still
+            // wakes this one.
+            done.as_mut().enable();
+            if let Some(end) = self.end.get() {
+                return end.clone();
+            }
+            done.await;
+        }
+    }
+
+    /// Requests waiting for it now, its leader included.
+    pub(super) fn joined(&self) -> u32 {
+        self.joined.load(Ordering::Acquire)
+    }
+
+    fn land(&self, end: End) {
+        let _ = self.end.set(end);
+        self.done.notify_waiters();
+    }
+}
+
+/// What a request gets from the table.
+// A unit is answered at once, without a round trip: boxing it would allocate.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(super) enum Take {
+    /// A unit of a share: the request is allowed, and this is its report.
+    Unit(Report),
+    /// A call is in flight: wait for it.
+    Join(Arc<Flight>),
+    /// No call is in flight: this request starts one.
+    Lead(Arc<Flight>),
+}
+
+/// Units granted and not yet taken, with what giving them back needs.
+#[derive(Debug)]
+pub(super) struct Share {
+    /// Units left.
+    left: u32,
+    /// Units taken so far (the first one's report counts one).
+    taken: u32,
+    /// When it must go back (the store clock's monotonic nanoseconds).
+    until: Nanos,
+    /// How every limit stood after the first unit.
+    report: Report,
+    cost: u32,
+    back: Giveback,
+}
+
+/// What giving a share's units back to Redis needs.
+#[derive(Debug, Default)]
+pub(super) struct Giveback {
+    /// Per throttle: key, interval, burst, the TAT the grant stored
+    /// (seconds, nanoseconds of Redis time), units of the request charged.
+    throttles: Vec<(String, u64, u32, i64, i64, u32)>,
+    /// Per quota: its count and history keys, its parameters.
+    quotas: Vec<([String; 2], Vec<String>, u32)>,
+    /// The UTC day (days since 1970-01-01) the units were charged.
+    day: i64,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    share: Option<Share>,
+    flight: Option<Arc<Flight>>,
+}
+
+/// Flights and shares by request identity.
+#[derive(Debug)]
+pub(super) struct Flights {
+    shards: Box<[Mutex<HashMap<u64, Slot, BuildDigestHasher>>]>,
+    /// Whether the task that gives back old shares runs.
+    sweeping: AtomicBool,
+}
+
+impl Default for Flights {
+    fn default() -> Self {
+        Flights {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            sweeping: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Share {
+    /// A share of the units a flight granted beyond the first, from the
+    /// call's `part`, its `reply` (without the grant) and what it charged.
+    pub(super) fn new(
+        part: &Part,
+        charged: &Charged,
+        report: Report,
+        granted: u32,
+        until: Nanos,
+    ) -> Share {
+        let mut back = Giveback {
+            day: charged.now_s.div_euclid(86_400),
+            ..Giveback::default()
+        };
+        let units = u64::from(granted) + 1;
+        for ((t, tat), key) in part
+            .throttles
+            .iter()
+            .zip(&charged.tats)
+            .zip(&part.call.keys)
+        {
+            let Some(first) = tat else { continue };
+            // The TAT stored: the first unit's, plus the granted units'.
+            let step = u64::from(t.cost) * t.limit.gcra.interval();
+            let ahead = first.saturating_add(step.saturating_mul(units - 1));
+            let total = u64::try_from(charged.now_ns)
+                .unwrap_or(0)
+                .saturating_add(ahead);
+            back.throttles.push((
+                key.clone(),
+                t.limit.gcra.interval(),
+                t.limit.gcra.burst(),
+                charged.now_s + (total / NANOS_PER_SEC) as i64,
+                (total % NANOS_PER_SEC) as i64,
+                t.cost,
+            ));
+        }
+        let n = part.throttles.len();
+        for (i, q) in part.quotas.iter().enumerate() {
+            let keys = [
+                part.call.keys[n + 2 * i].clone(),
+                part.call.keys[n + 2 * i + 1].clone(),
+            ];
+            back.quotas
+                .push((keys, q.args[..5].to_vec(), q.history_days));
+        }
+        Share {
+            left: granted + 1,
+            taken: 0,
+            until,
+            report,
+            cost: part.cost,
+            back,
+        }
+    }
+
+    /// The report of the next unit: every limit has what the first unit
+    /// left, less the units taken since.
+    fn take(&mut self) -> Report {
+        let mut report = Report::default();
+        let less = u64::from(self.taken) * u64::from(self.cost);
+        for item in self.report.items() {
+            report.push(Applied {
+                remaining: item.remaining.saturating_sub(less),
+                ..*item
+            });
+        }
+        self.left -= 1;
+        self.taken += 1;
+        report
+    }
+}
+
+impl Flights {
+    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Slot, BuildDigestHasher>> {
+        &self.shards[(id >> 60) as usize % SHARDS]
+    }
+
+    /// A unit of `id`'s share, or the flight to wait for, or a new one to
+    /// lead. A share past its time is handed back through `expired`.
+    pub(super) fn take(&self, id: u64, now: Nanos, expired: &mut Vec<Share>) -> Take {
+        let mut shard = self.shard(id).lock();
+        let slot = shard.entry(id).or_default();
+        if let Some(share) = &mut slot.share {
+            if share.until > now && share.left > 0 {
+                let report = share.take();
+                if share.left == 0 {
+                    slot.share = None;
+                    if slot.flight.is_none() {
+                        shard.remove(&id);
+                    }
+                }
+                return Take::Unit(report);
+            }
+            if let Some(old) = slot.share.take() {
+                if old.left > 0 {
+                    expired.push(old);
+                }
+            }
+        }
+        match &slot.flight {
+            Some(f) => {
+                f.joined.fetch_add(1, Ordering::AcqRel);
+                Take::Join(Arc::clone(f))
+            }
+            None => {
+                let f = Arc::new(Flight::default());
+                f.joined.store(1, Ordering::Release);
+                slot.flight = Some(Arc::clone(&f));
+                Take::Lead(f)
+            }
+        }
+    }
+
+    /// A flight of `id` landed: its share (if units were granted) takes the
+    /// place of any older one, which is handed back (returned); then every
+    /// request waiting for it is woken.
+    pub(super) fn land(
+        &self,
+        id: u64,
+        flight: &Flight,
+        end: End,
+        share: Option<Share>,
+    ) -> Option<Share> {
+        let old = {
+            let mut shard = self.shard(id).lock();
+            let slot = shard.entry(id).or_default();
+            if slot
+                .flight
+                .as_ref()
+                .is_some_and(|f| std::ptr::eq(&**f, flight))
+            {
+                slot.flight = None;
+            }
+            let old = match share {
+                Some(s) => slot.share.replace(s),
+                None => None,
+            };
+            if slot.share.is_none() && slot.flight.is_none() {
+                shard.remove(&id);
+            }
+            old
+        };
+        flight.land(end);
+        old.filter(|s| s.left > 0)
+    }
+
+    /// Takes out every share past its time (all of them with `all`).
+    pub(super) fn sweep(&self, now: Nanos, all: bool) -> Vec<Share> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            shard.retain(|_, slot| {
+                if let Some(s) = &slot.share {
+                    if all || s.until <= now || s.left == 0 {
+                        if let Some(s) = slot.share.take() {
+                            if s.left > 0 {
+                                out.push(s);
+                            }
+                        }
+                    }
+                }
+                slot.share.is_some() || slot.flight.is_some()
+            });
+        }
+        out
+    }
+
+    /// Takes out every share `matches` picks.
+    fn take_matching(&self, matches: impl Fn(&Share) -> bool) -> Vec<Share> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            shard.retain(|_, slot| {
+                if slot.share.as_ref().is_some_and(&matches) {
+                    if let Some(s) = slot.share.take() {
+                        out.push(s);
+                    }
+                }
+                slot.share.is_some() || slot.flight.is_some()
+            });
+        }
+        out
+    }
+
+    /// Whether shares are held anywhere (the sweeper has work).
+    pub(super) fn start_sweeping(&self) -> bool {
+        !self.sweeping.swap(true, Ordering::AcqRel)
+    }
+}
+
+impl Inner {
+    /// Gives a share's unused units back to Redis, in the background.
+    pub(super) fn give_back(self: &Arc<Self>, share: Share) {
+        let calls = self.giveback_calls(share);
+        if calls.is_empty() {
+            return;
+        }
+        let task = Arc::clone(self);
+        self.spawn(async move { task.send_back(calls).await });
+    }
+
+    /// Takes back this instance's shares of limits stored under any of
+    /// `keys` and gives them back to Redis before an admin operation reads
+    /// or changes those limits, so that it sees (and its change is not
+    /// undone by) no unit this instance holds unused.
+    pub(super) fn recall(self: &Arc<Self>, keys: Vec<String>) -> impl Future<Output = ()> + use<> {
+        let shares = self.flights.take_matching(|share| {
+            share.back.throttles.iter().any(|t| keys.contains(&t.0))
+                || share.back.quotas.iter().any(|q| keys.contains(&q.0[0]))
+        });
+        let calls: Vec<Call> = shares
+            .into_iter()
+            .flat_map(|s| self.giveback_calls(s))
+            .collect();
+        let inner = Arc::clone(self);
+        async move { inner.send_back(calls).await }
+    }
+
+    async fn send_back(self: &Arc<Self>, calls: Vec<Call>) {
+        for call in calls {
+            if let Err(e) = self.within(Arc::clone(self).run(call)).await {
+                tracing::debug!(error = %e, "share not given back; it stays charged");
+            }
+        }
+    }
+
+    /// The calls that give a share's unused units back: each throttle what
+    /// of them has not refilled since (mode "r"), each quota the units, in
+    /// the window that counted them (mode "t").
+    fn giveback_calls(&self, share: Share) -> Vec<Call> {
+        let units = share.left;
+        let mut calls = Vec::with_capacity(2);
+        if units == 0 {
+            return calls;
+        }
+        let now = self.now();
+        let back = share.back;
+        if !back.throttles.is_empty() {
+            let mut call = Call::new("r", &now);
+            call.arg(units);
+            call.arg(back.throttles.len());
+            for (key, interval, burst, s, ns, cost) in back.throttles {
+                call.keys.push(key);
+                call.arg(interval);
+                call.arg(burst);
+                call.arg(s);
+                call.arg(ns);
+                call.arg(u64::from(cost) * u64::from(units));
+            }
+            calls.push(call);
+        }
+        if !back.quotas.is_empty() {
+            let delta = i64::from(share.cost) * i64::from(units);
+            let mut call = Call::new("t", &now);
+            call.arg(-delta);
+            call.arg(0);
+            call.arg(back.quotas.len());
+            for (keys, args, history_days) in back.quotas {
+                call.keys.extend(keys);
+                call.args.extend(args);
+                call.arg(history_days);
+            }
+            call.arg(back.day);
+            calls.push(call);
+        }
+        calls
+    }
+
+    /// Starts the task that gives back shares past their time, once.
+    pub(super) fn sweep_shares(self: &Arc<Self>) {
+        if !self.flights.start_sweeping() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        let every = (self.max_age / 4).max(std::time::Duration::from_millis(10));
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let now = inner.clock.nanos();
+                for share in inner.flights.sweep(now, false) {
+                    inner.give_back(share);
+                }
+            }
+        });
+    }
+}
+
+impl Inner {
+    /// Decides a request that shares its call (see the module
+    /// documentation): a unit of a share at once, else after the flight in
+    /// progress or one it starts. `part` is its call; `lend`, the most units
+    /// Redis may lend it beyond what waiting requests need.
+    pub(super) fn shared(
+        self: &Arc<Self>,
+        id: u64,
+        part: Part,
+        lend: u32,
+        failure: FailureMode,
+        context: Context,
+    ) -> Acquired<Decided> {
+        let flight = match self.next(id) {
+            Take::Unit(report) => return Acquired::Ready(Ok(Ok(report))),
+            Take::Join(f) => f,
+            Take::Lead(f) => {
+                self.launch(id, &f, &part, lend, context);
+                f
+            }
+        };
+        let inner = Arc::clone(self);
+        Acquired::Pending(Box::pin(async move {
+            let work = async {
+                let mut flight = flight;
+                loop {
+                    match flight.ended().await {
+                        End::Denied(d) => return Ok(Err(d)),
+                        End::Failed(e) => return Err(e),
+                        End::Granted => {}
+                    }
+                    flight = match inner.next(id) {
+                        Take::Unit(report) => return Ok(Ok(report)),
+                        Take::Join(f) => f,
+                        Take::Lead(f) => {
+                            inner.launch(id, &f, &part, lend, context);
+                            f
+                        }
+                    };
+                }
+            };
+            match inner.within(work).await {
+                Ok(verdict) => Ok(verdict),
+                Err(e) => inner.fail(e, failure, &[&part]),
+            }
+        }))
+    }
+
+    /// What the table has for `id` now; a share past its time goes back.
+    fn next(self: &Arc<Self>, id: u64) -> Take {
+        let mut expired = Vec::new();
+        let take = self.flights.take(id, self.clock.nanos(), &mut expired);
+        for share in expired {
+            self.give_back(share);
+        }
+        take
+    }
+
+    /// Sends `flight`'s call in a task of its own, and lands it.
+    fn launch(
+        self: &Arc<Self>,
+        id: u64,
+        flight: &Arc<Flight>,
+        part: &Part,
+        lend: u32,
+        context: Context,
+    ) {
+        let inner = Arc::clone(self);
+        let flight = Arc::clone(flight);
+        let mut part = part.clone();
+        tokio::spawn(async move {
+            // Requests woken with this one join it before it is sent.
+            tokio::task::yield_now().await;
+            let want = flight.joined().saturating_sub(1);
+            part.call.args[0] = "b".to_owned();
+            if let (Now::Redis, Some(deadline)) = (inner.now(), inner.deadline()) {
+                part.call.args[2] = deadline.to_string();
+            }
+            part.call.arg(want);
+            part.call.arg(lend);
+            let (end, share) = match Ticket::take(&inner) {
+                None => (
+                    End::Failed(StoreError::new("redis: too many calls in flight")),
+                    None,
+                ),
+                Some(ticket) => {
+                    let result = inner.within(inner.fly(&part)).await;
+                    drop(ticket);
+                    match result {
+                        Ok((Ok(report), charged, granted)) => {
+                            inner.failures.answered();
+                            let now = inner.clock.nanos();
+                            // A share lasts its maximum age, and never past
+                            // the end of a quota window that counted it.
+                            let age = u64::try_from(inner.max_age.as_nanos()).unwrap_or(u64::MAX);
+                            let window = report
+                                .items()
+                                .iter()
+                                .filter(|a| a.kind == LimitKind::Quota)
+                                .map(|a| a.reset)
+                                .min()
+                                .unwrap_or(u64::MAX);
+                            let until = now.saturating_add(age.min(window));
+                            let share = Share::new(&part, &charged, report, granted, until);
+                            (End::Granted, Some(share))
+                        }
+                        Ok((Err(denied), _, _)) => {
+                            inner.failures.answered();
+                            let verdict = Err(denied);
+                            inner.remember(&verdict, &context);
+                            (End::Denied(denied), None)
+                        }
+                        Err(e) => (End::Failed(e), None),
+                    }
+                }
+            };
+            let granted = share.is_some();
+            if let Some(old) = inner.flights.land(id, &flight, end, share) {
+                inner.give_back(old);
+            }
+            if granted {
+                inner.sweep_shares();
+            }
+        });
+    }
+
+    /// One flight's call: its verdict, what it charged, and the units
+    /// granted beyond the first.
+    async fn fly(self: &Arc<Self>, part: &Part) -> Result<(Verdict, Charged, u32), StoreError> {
+        let reply = Arc::clone(self).run(part.call.clone()).await?;
+        let (granted, reply) = reply
+            .split_last()
+            .ok_or_else(|| StoreError::new("redis: unexpected script reply"))?;
+        let granted = u32::try_from(*granted)
+            .map_err(|_| StoreError::new("redis: unexpected script reply"))?;
+        let (verdict, charged) = part.verdict(reply, part.cost)?;
+        Ok((verdict, charged, granted))
+    }
+}

@@ -1,0 +1,67 @@
+//! What a call to Redis holds while it runs: a ticket among the calls in
+//! flight (bounded per store), and the lease of a place it may add under a
+//! concurrency cap (removed in the background unless a response holds it).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::store::Inner;
+use crate::store::Permit;
+
+/// One of the calls a store has in flight; given back when dropped.
+pub(super) struct Ticket(Arc<Inner>);
+
+impl Ticket {
+    /// A ticket, or `None` when the store has as many calls in flight as
+    /// it takes: the request is then decided by its failure mode at once,
+    /// rather than queued past the timeout.
+    pub(super) fn take(inner: &Arc<Inner>) -> Option<Ticket> {
+        let before = inner.in_flight.fetch_add(1, Ordering::AcqRel);
+        if before >= inner.max_in_flight {
+            inner.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Ticket(Arc::clone(inner)))
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The place a call may add under a concurrency cap. Unless
+/// [`kept`](Lease::keep) (the answer reached the request: its response
+/// holds the place, or Redis denied and added none), it is removed when
+/// dropped, by an idempotent `ZREM` sent in the background: the request's
+/// future was dropped before Redis answered, the timeout fired after the
+/// script ran, or the connection failed mid-call. On one connection the
+/// removal reaches Redis after the call, so it also removes a place the
+/// call adds later.
+pub(super) struct Lease {
+    inner: Arc<Inner>,
+    permit: Option<Permit>,
+}
+
+impl Lease {
+    pub(super) fn new(inner: &Arc<Inner>, permit: Permit) -> Self {
+        Lease {
+            inner: Arc::clone(inner),
+            permit: Some(permit),
+        }
+    }
+
+    /// The answer reached the request: nothing to remove.
+    pub(super) fn keep(&mut self) {
+        self.permit = None;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.inner.remove_place(permit);
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! The local copy: how a plan whose failure mode is
+//! [`Local`](crate::FailureMode::Local) is decided while Redis cannot decide
+//! (unreachable, too slow, or more calls in flight than the store takes).
+//!
+//! It is this instance's own [`MemoryStore`], deciding the same limits of
+//! the same subjects (named by the same per-process digests the memory
+//! store uses) from its own state: an outage admits at most N times the
+//! limits on N instances, never unlimited traffic. Its state starts empty
+//! when the first failure comes and is not merged back into Redis.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+
+use super::call::Part;
+use super::store::Inner;
+use crate::clock::Clock;
+use crate::plan::{FailureMode, LimitKind};
+use crate::store::{
+    Acquire, ConcurrencyRef, MemoryStore, Permit, QuotaRef, Report, StoreError, ThrottleRef,
+    Verdict,
+};
+
+/// The local copy of every limit, and the places it granted.
+#[derive(Debug)]
+pub(super) struct Local {
+    store: MemoryStore,
+    /// Places under concurrency caps the copy granted and that are still
+    /// held, so that [`Local::release`] tells them from Redis's.
+    held: Mutex<HashMap<Permit, u32>>,
+    /// How many there are: the common case (none) reads no lock.
+    count: AtomicUsize,
+}
+
+impl Local {
+    pub(super) fn new(clock: Clock) -> Self {
+        // A builder with nothing but a clock cannot fail.
+        let store = MemoryStore::builder()
+            .clock(clock)
+            .build()
+            .unwrap_or_default();
+        Local {
+            store,
+            held: Mutex::default(),
+            count: AtomicUsize::new(0),
+        }
+    }
+
+    /// Decides a request whose limits are `parts` (a cluster's stage part
+    /// first) from the local copy, as the memory store decides.
+    pub(super) fn decide(&self, parts: &[&Part], failure: FailureMode) -> Verdict {
+        let (cost, tokens) = parts.first().map_or((0, 0), |p| (p.cost, p.tokens));
+        let mut acquire = Acquire::new(cost, failure);
+        acquire.tokens = tokens;
+        for t in parts.iter().flat_map(|p| &p.throttles) {
+            acquire.push(ThrottleRef {
+                limit: &t.limit,
+                plan: if t.stage { None } else { Some("") },
+                subject: b"",
+                digest: t.digest,
+                shadow: t.shadow,
+            });
+        }
+        for q in parts.iter().flat_map(|p| &p.quotas) {
+            let r = QuotaRef {
+                kind: q.kind,
+                spec: &q.spec,
+                plan: "",
+                subject: b"",
+                digest: q.digest,
+                shadow: q.shadow,
+                history_days: q.history_days,
+            };
+            match q.kind {
+                LimitKind::TokensDay => acquire.token_quotas[0] = Some(r),
+                LimitKind::TokensMonth => acquire.token_quotas[1] = Some(r),
+                _ => acquire.quota = Some(r),
+            }
+        }
+        if let Some(c) = parts.iter().find_map(|p| p.cap) {
+            acquire.concurrency = Some(ConcurrencyRef {
+                limit: c.limit,
+                salt: c.salt,
+                plan: "",
+                subject: b"",
+                digest: c.digest,
+                shadow: c.shadow,
+            });
+        }
+        let mut report = Report::default();
+        let verdict = self.store.decide(&acquire, &mut report).map(|()| report);
+        if let Some(permit) = verdict.as_ref().ok().and_then(Report::permit) {
+            *self.held.lock().entry(permit).or_default() += 1;
+            self.count.fetch_add(1, Ordering::AcqRel);
+        }
+        verdict
+    }
+
+    /// Gives back `permit` if the local copy granted it; `false` if it is
+    /// Redis's.
+    pub(super) fn release(&self, permit: Permit) -> bool {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let mut held = self.held.lock();
+        let Some(n) = held.get_mut(&permit) else {
+            return false;
+        };
+        *n -= 1;
+        if *n == 0 {
+            held.remove(&permit);
+        }
+        drop(held);
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        use crate::store::Store as _;
+        self.store.release(permit);
+        true
+    }
+}
+
+impl Inner {
+    /// Redis could not decide a request whose limits are `parts`: under
+    /// [`Local`](FailureMode::Local) the local copy decides it (and the
+    /// failure is counted and logged here); under `Open` and `Closed` the
+    /// error goes to the layer, which decides and logs.
+    pub(super) fn fail(
+        &self,
+        e: StoreError,
+        failure: FailureMode,
+        parts: &[&Part],
+    ) -> Result<Verdict, StoreError> {
+        match failure {
+            FailureMode::Local => {
+                self.failures.failed(&e);
+                Ok(self.local.decide(parts, failure))
+            }
+            _ => Err(e),
+        }
+    }
+}
