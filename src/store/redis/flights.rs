@@ -108,6 +108,10 @@ pub(super) enum Take {
 pub(super) struct Share {
     /// Units left.
     left: u32,
+    /// Of them, the units kept for the requests that waited for the flight
+    /// that brought them: a request arriving later takes only the others,
+    /// so that the waiting ones are never starved by new ones.
+    kept: u32,
     /// Units taken so far (the first one's report counts one).
     taken: u32,
     /// When it must go back (the store clock's monotonic nanoseconds).
@@ -201,6 +205,7 @@ impl Share {
         }
         Share {
             left: granted + 1,
+            kept: 0,
             taken: 0,
             until,
             report,
@@ -221,6 +226,7 @@ impl Share {
             });
         }
         self.left -= 1;
+        self.kept = self.kept.min(self.left);
         self.taken += 1;
         report
     }
@@ -232,12 +238,20 @@ impl Flights {
     }
 
     /// A unit of `id`'s share, or the flight to wait for, or a new one to
-    /// lead. A share past its time is handed back through `expired`.
-    pub(super) fn take(&self, id: u64, now: Nanos, expired: &mut Vec<Share>) -> Take {
+    /// lead; `waited` tells a request that waited for the flight that
+    /// brought the share (it may take a kept unit). A share past its time
+    /// is handed back through `expired`.
+    pub(super) fn take(&self, id: u64, now: Nanos, waited: bool, expired: &mut Vec<Share>) -> Take {
         let mut shard = self.shard(id).lock();
         let slot = shard.entry(id).or_default();
         if let Some(share) = &mut slot.share {
-            if share.until > now && share.left > 0 {
+            let free = if waited && share.kept > 0 {
+                share.kept -= 1;
+                true
+            } else {
+                share.left > share.kept
+            };
+            if share.until > now && share.left > 0 && free {
                 let report = share.take();
                 if share.left == 0 {
                     slot.share = None;
@@ -247,9 +261,11 @@ impl Flights {
                 }
                 return Take::Unit(report);
             }
-            if let Some(old) = slot.share.take() {
-                if old.left > 0 {
-                    expired.push(old);
+            if share.until <= now {
+                if let Some(old) = slot.share.take() {
+                    if old.left > 0 {
+                        expired.push(old);
+                    }
                 }
             }
         }
@@ -288,7 +304,10 @@ impl Flights {
                 slot.flight = None;
             }
             let old = match share {
-                Some(s) => slot.share.replace(s),
+                Some(mut s) => {
+                    s.kept = flight.joined().min(s.left);
+                    slot.share.replace(s)
+                }
                 None => None,
             };
             if slot.share.is_none() && slot.flight.is_none() {
@@ -458,7 +477,7 @@ impl Inner {
         failure: FailureMode,
         context: Context,
     ) -> Acquired<Decided> {
-        let flight = match self.next(id) {
+        let flight = match self.next(id, false) {
             Take::Unit(report) => return Acquired::Ready(Ok(Ok(report))),
             Take::Join(f) => f,
             Take::Lead(f) => {
@@ -476,7 +495,7 @@ impl Inner {
                         End::Failed(e) => return Err(e),
                         End::Granted => {}
                     }
-                    flight = match inner.next(id) {
+                    flight = match inner.next(id, true) {
                         Take::Unit(report) => return Ok(Ok(report)),
                         Take::Join(f) => f,
                         Take::Lead(f) => {
@@ -493,10 +512,13 @@ impl Inner {
         }))
     }
 
-    /// What the table has for `id` now; a share past its time goes back.
-    fn next(self: &Arc<Self>, id: u64) -> Take {
+    /// What the table has for `id` now (`waited`: for a request that waited
+    /// for a flight); a share past its time goes back.
+    fn next(self: &Arc<Self>, id: u64, waited: bool) -> Take {
         let mut expired = Vec::new();
-        let take = self.flights.take(id, self.clock.nanos(), &mut expired);
+        let take = self
+            .flights
+            .take(id, self.clock.nanos(), waited, &mut expired);
         for share in expired {
             self.give_back(share);
         }

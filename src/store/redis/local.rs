@@ -132,6 +132,7 @@ impl Inner {
     ) -> Result<Verdict, StoreError> {
         match failure {
             FailureMode::Local => {
+                eprintln!("DEBUG local: {e}");
                 self.failures.failed(&e);
                 Ok(self.local.decide(parts, failure))
             }

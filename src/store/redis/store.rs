@@ -93,6 +93,15 @@ impl RedisStore {
     pub fn prefix(&self) -> &str {
         &self.inner.prefix
     }
+
+    /// Requests this store decided with its local copy of their limits
+    /// because Redis could not (plans whose failure mode is
+    /// [`Local`](crate::FailureMode::Local)); failures under `Open` and
+    /// `Closed` are counted by the layer
+    /// ([`RateLimitLayer::store_failures`](crate::RateLimitLayer::store_failures)).
+    pub fn local_decisions(&self) -> u64 {
+        self.inner.failures.count()
+    }
 }
 
 impl fmt::Debug for RedisStore {

@@ -1,0 +1,354 @@
+//! Several instances on one real `redis-server`, each a `RedisStore` of its
+//! own (its own connection, calls in flight, shares and local copy), as
+//! replicas are: borrowing never admits more than the limits, saves calls
+//! far from them, does not starve near them, and gives back what it does
+//! not use; a failure is decided by the plan's failure mode, by default
+//! the local copy of its limits; calls past the bound are decided at once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tollgate::extract::ApiKeyHeader;
+use tollgate::{
+    ApiKey, FailureMode, Period, Policy, Quota, RateLimitLayer, RedisStore, Throttle, UsagePlan,
+};
+
+use crate::SERIAL;
+use crate::support::redis::{RedisServer, command, require_redis};
+
+type Layer = RateLimitLayer<ApiKeyHeader, RedisStore>;
+
+/// An instance: its own store on `url` (set up further by `store`), one
+/// key `k` under `plan`.
+async fn instance(
+    url: &str,
+    plan: UsagePlan,
+    store: impl FnOnce(tollgate::RedisStoreBuilder) -> tollgate::RedisStoreBuilder,
+) -> Layer {
+    let name = plan.name().to_owned();
+    let policy = Policy::builder()
+        .plan(plan)
+        .key(ApiKey::new("k-1", "k", name))
+        .build()
+        .expect("a valid policy");
+    // A timeout far above a loaded machine's latency: these tests are not
+    // about timeouts, and a timed-out call would be decided locally.
+    let store = store(RedisStore::builder(url).timeout(Duration::from_secs(2)))
+        .build()
+        .await
+        .expect("a Redis store");
+    RateLimitLayer::builder(policy).store(store).build()
+}
+
+async fn instances(redis: &RedisServer, plan: &UsagePlan, n: usize) -> Vec<Layer> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(instance(&redis.url(), plan.clone(), |b| b).await);
+    }
+    out
+}
+
+/// `n` decisions of key `k` through each instance at once, `concurrency`
+/// at a time on each; returns how many were allowed in all.
+async fn round(layers: &[Layer], n: usize, concurrency: usize) -> u64 {
+    let tasks: Vec<_> = layers
+        .iter()
+        .map(|l| tokio::spawn(hammer(l.clone(), n, concurrency)))
+        .collect();
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += t.await.expect("an instance's hammer");
+    }
+    allowed
+}
+
+/// `n` decisions of key `k` through `layer`, `concurrency` at a time;
+/// returns how many were allowed.
+async fn hammer(layer: Layer, n: usize, concurrency: usize) -> u64 {
+    let allowed = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (layer, allowed, next) = (layer.clone(), Arc::clone(&allowed), Arc::clone(&next));
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < n as u64 {
+                match layer.decide(b"k", 1).await {
+                    Ok(()) => {
+                        allowed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(r) => assert_eq!(r.status(), 429, "{r:?}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("a hammer task");
+    }
+    allowed.load(Ordering::Relaxed)
+}
+
+/// The quota's count in Redis (the only quota hash of the run).
+fn quota_count(redis: &RedisServer) -> i64 {
+    let keys = command(redis.addr(), &["KEYS", "*:q"]).expect("KEYS");
+    let key = keys.lines().next().expect("a quota key").trim().to_owned();
+    command(redis.addr(), &["HGET", &key, "n"])
+        .expect("HGET")
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
+/// EVALSHA calls Redis has run.
+fn evalsha_calls(redis: &RedisServer) -> u64 {
+    let info = command(redis.addr(), &["INFO", "commandstats"]).expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|l| l.split(',').next())
+        .map_or(0, |n| n.parse().expect("a call count"))
+}
+
+/// Three instances hammering one key past its daily quota admit no more
+/// than it between them; the shares they hold when the load stops go back
+/// to Redis, and a second round takes exactly what remains: the quota is
+/// spent exactly, and Redis's count is what was admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_together_admit_exactly_the_quota() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let plan = UsagePlan::new("q")
+        .throttle(Throttle::new(1_000_000.0, 1_000_000).unwrap())
+        .quota(Quota::new(300, Period::Day).unwrap());
+    let layers = instances(&redis, &plan, 3).await;
+    let first = round(&layers, 150, 8).await;
+    assert!(first <= 300, "the first round admitted {first}");
+    for l in &layers {
+        l.store().drained().await;
+    }
+    assert_eq!(
+        quota_count(&redis),
+        first as i64,
+        "Redis counts what was admitted"
+    );
+    let second = round(&layers, 150, 8).await;
+    for l in &layers {
+        l.store().drained().await;
+    }
+    assert_eq!(first + second, 300, "{first} then {second}");
+    assert_eq!(quota_count(&redis), 300);
+}
+
+/// Far from its limits, a hot key is decided mostly from shares: at most
+/// one Redis call per ten decisions across three instances, every
+/// decision allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn far_from_the_limits_a_hot_key_needs_a_call_per_ten_decisions_at_most() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let plan = UsagePlan::new("hot")
+        .throttle(Throttle::new(1_000_000.0, 1_000_000).unwrap())
+        .quota(Quota::new(10_000_000, Period::Day).unwrap());
+    let layers = instances(&redis, &plan, 3).await;
+    let before = evalsha_calls(&redis);
+    let allowed = round(&layers, 2_000, 16).await;
+    let calls = evalsha_calls(&redis) - before;
+    let local: u64 = layers.iter().map(|l| l.store().local_decisions()).sum();
+    assert_eq!(local, 0, "every decision was Redis's or a share's");
+    assert_eq!(allowed, 6_000);
+    assert!(calls * 10 <= 6_000, "{calls} calls for 6,000 decisions");
+    for l in &layers {
+        l.store().drained().await;
+    }
+    assert_eq!(quota_count(&redis), 6_000, "the unused shares went back");
+}
+
+/// Units nobody uses go back to Redis within `max_age`, without a drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unused_share_goes_back_within_max_age() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let plan = UsagePlan::new("idle").quota(Quota::new(1_000, Period::Day).unwrap());
+    let max_age = Duration::from_millis(300);
+    let layer = instance(&redis.url(), plan, |b| b.max_age(max_age)).await;
+    assert!(layer.decide(b"k", 1).await.is_ok());
+    // One unit for the request, a share of 64 (less than a quarter of 999).
+    assert_eq!(quota_count(&redis), 65);
+    tokio::time::sleep(max_age * 2).await;
+    assert_eq!(quota_count(&redis), 1, "the share went back");
+}
+
+/// GCRA over the given arrival times: what one exact limiter admits.
+fn exact_admits(arrivals: &[Instant], rate: f64, burst: u32) -> u64 {
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let tolerance = interval * burst;
+    let Some(&t0) = arrivals.first() else {
+        return 0;
+    };
+    let mut tat = t0;
+    let mut admitted = 0;
+    for &t in arrivals {
+        let base = tat.max(t);
+        if base + interval <= t + tolerance {
+            tat = base + interval;
+            admitted += 1;
+        }
+    }
+    admitted
+}
+
+/// Three instances under a steady load at twice a throttle's rate admit
+/// together at least 95% of what one exact limiter admits for the same
+/// arrivals and never more, first with the load spread evenly, then with
+/// all of it moved to one instance after the others have borrowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn borrowing_near_the_limit_does_not_starve() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let (rate, burst) = (100.0, 20);
+    let plan = UsagePlan::new("steady").throttle(Throttle::new(rate, burst).unwrap());
+    let layers = instances(&redis, &plan, 3).await;
+    // Far from the limit first, so that every instance holds a share.
+    for l in &layers {
+        assert!(l.decide(b"k", 1).await.is_ok());
+    }
+    let mut arrivals = Vec::new();
+    let mut admitted = 0;
+    let every = Duration::from_secs_f64(1.0 / (2.0 * rate));
+    let start = Instant::now();
+    let mut pending = Vec::new();
+    for i in 0..600u32 {
+        // 1.5 s spread over the three, then 1.5 s on the first alone.
+        let layer = if i < 300 {
+            &layers[i as usize % 3]
+        } else {
+            &layers[0]
+        };
+        let due = start + every * i;
+        tokio::time::sleep_until(due.into()).await;
+        arrivals.push(Instant::now());
+        pending.push(tokio::spawn(layer.decide(b"k", 1)));
+    }
+    for p in pending {
+        if p.await.expect("a decision").is_ok() {
+            admitted += 1;
+        }
+    }
+    // The three first requests came before, from a full bucket.
+    let exact = exact_admits(&arrivals, rate, burst - 3);
+    assert!(
+        admitted as f64 >= 0.95 * exact as f64,
+        "admitted {admitted}, an exact limiter {exact}"
+    );
+    // Redis decides on its own clock, a little after each arrival.
+    assert!(
+        admitted <= exact + 2,
+        "admitted {admitted}, an exact limiter {exact}"
+    );
+}
+
+/// While Redis cannot be reached, a plan's failure mode decides: `local`
+/// (the default) by the instance's own copy of the limits, with rate-limit
+/// headers and the burst cut where it would be; `open` lets everything
+/// through; `closed` refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_is_decided_by_the_local_copy_by_default() {
+    // A port where nothing listens.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("its address")
+        .port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let throttle = Throttle::new(0.01, 3).unwrap();
+    let local = instance(&url, UsagePlan::new("l").throttle(throttle), |b| b).await;
+    let mut local_results = Vec::new();
+    for _ in 0..5 {
+        local_results.push(local.decide(b"k", 1).await.map_err(|r| r.status().as_u16()));
+    }
+    assert_eq!(local_results, [Ok(()), Ok(()), Ok(()), Err(429), Err(429)]);
+    let open = instance(
+        &url,
+        UsagePlan::new("o")
+            .throttle(throttle)
+            .failure(FailureMode::Open),
+        |b| b,
+    )
+    .await;
+    for _ in 0..5 {
+        assert!(open.decide(b"k", 1).await.is_ok());
+    }
+    let closed = instance(
+        &url,
+        UsagePlan::new("c")
+            .throttle(throttle)
+            .failure(FailureMode::Closed),
+        |b| b,
+    )
+    .await;
+    let refused = closed.decide(b"k", 1).await.expect_err("refused");
+    assert_eq!(refused.status(), 503);
+}
+
+/// With Redis stalled, the calls in flight are bounded: past the bound a
+/// request is decided at once by the local copy instead of waiting for the
+/// timeout behind calls Redis will not answer in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_bound_on_calls_in_flight_the_failure_mode_decides_at_once() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let timeout = Duration::from_millis(500);
+    let policy = {
+        let mut b = Policy::builder().plan(
+            UsagePlan::new("p")
+                .throttle(Throttle::new(10.0, 10).unwrap())
+                .borrow(false),
+        );
+        for i in 0..20 {
+            b = b.key(ApiKey::new(format!("k-{i}"), format!("v-{i}"), "p"));
+        }
+        b.build().expect("a valid policy")
+    };
+    let store = RedisStore::builder(redis.url())
+        .timeout(timeout)
+        .max_in_flight(2)
+        .build()
+        .await
+        .expect("a Redis store");
+    let layer = RateLimitLayer::builder(policy).store(store).build();
+    assert!(layer.decide(b"v-0", 1).await.is_ok(), "Redis answers");
+    tokio::task::block_in_place(|| redis.pause());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let layer = layer.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = layer.decide(format!("v-{i}").as_bytes(), 1).await;
+            (r.is_ok(), started.elapsed())
+        }));
+    }
+    let mut quick = 0;
+    for t in tasks {
+        let (ok, took) = t.await.expect("a decision");
+        assert!(ok, "decided by the local copy");
+        if took < timeout / 2 {
+            quick += 1;
+        }
+    }
+    tokio::task::block_in_place(|| redis.resume());
+    assert!(quick >= 18, "{quick} of 20 decided before half the timeout");
+}
