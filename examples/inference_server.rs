@@ -408,6 +408,9 @@ fn admin_error(e: AdminError) -> Response {
         AdminError::UnknownKey(_) | AdminError::UnknownPlan(_) => StatusCode::NOT_FOUND,
         AdminError::Config(_) => StatusCode::CONFLICT,
         AdminError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        // A value the request got wrong (`{"remaining": N}` above 2^53, a
+        // date range), the same with every store.
+        AdminError::RemainingOutOfRange { .. } | AdminError::BadRange(_) => StatusCode::BAD_REQUEST,
         _ => StatusCode::BAD_REQUEST,
     };
     (status, Json(json!({"message": e.to_string()}))).into_response()

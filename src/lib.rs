@@ -77,7 +77,20 @@
 //! | `axum` | yes | [`extract::ClientIp`] reads axum's `ConnectInfo<SocketAddr>`; method overrides match axum's `MatchedPath` |
 //! | `config` | no | `tollgate::config`: plans and keys from a TOML file, errors with line and field |
 //! | `redis` | no | `RedisStore`: limits shared by every instance through Redis or Redis Cluster, one round trip per decision |
+//! | `redis-tls` | no | `redis`, and TLS to Redis and Redis Cluster (`rediss://` URLs) through redis-rs's rustls support |
 //! | `metrics` | no | `observe::MetricsObserver`: a `tollgate_decisions_total` counter through the `metrics` facade |
+//!
+//! With `redis-tls`, rustls needs a crypto provider (without one it panics
+//! on the first TLS connection): the application installs one before the
+//! store first connects (for example
+//! `rustls::crypto::aws_lc_rs::default_provider().install_default()`, with
+//! `rustls` among its own dependencies), unless its build enables exactly
+//! one of rustls's `aws_lc_rs` and `ring` features, which rustls then uses
+//! by itself. tollgate picks none, so that it never adds a second provider
+//! to an application that has one. Certificates are the system's roots;
+//! for client certificates or custom roots, build a `redis::Client` with
+//! `Client::build_with_tls` (a cluster's with `ClusterClientBuilder::certs`)
+//! and hand it to `RedisStore::client_builder` (`cluster_client_builder`).
 //!
 //! [axum]: https://docs.rs/axum
 //! [tonic]: https://docs.rs/tonic

@@ -10,6 +10,23 @@ use crate::policy::{KeyEntry, Policy, Snapshot};
 use crate::store::{MemoryStore, Store, StoreError, StoreFuture, Subject, ThrottleRef};
 use crate::window::Date;
 
+/// The largest count [`Admin::set_remaining`] takes: 2^53, the largest limit
+/// a quota can have. A double (a number of the Redis store's script, or of a
+/// JSON client) holds every integer up to it exactly, and not all above.
+pub(crate) const MAX_REMAINING: u64 = 1 << 53;
+
+/// What a store answers a count above [`MAX_REMAINING`] when asked directly
+/// (through [`Store::set_remaining`], not [`Admin`], which refuses it first):
+/// the same error from every store.
+pub(crate) fn check_remaining(remaining: u64) -> Result<(), StoreError> {
+    if remaining > MAX_REMAINING {
+        return Err(StoreError::new(format!(
+            "remaining {remaining} is above 2^53"
+        )));
+    }
+    Ok(())
+}
+
 /// A handle to change a running policy and read its usage, from
 /// [`RateLimitLayer::admin`](crate::RateLimitLayer::admin).
 ///
@@ -86,6 +103,14 @@ pub enum AdminError {
     BadRange(&'static str),
     /// The policy limits every key under one plan; it has no registered keys.
     NotRegistered,
+    /// A quota's remaining count above [`Admin::set_remaining`]'s range
+    /// (at most 2^53, the largest limit a quota can have).
+    RemainingOutOfRange {
+        /// The count asked for.
+        remaining: u64,
+        /// The largest count accepted.
+        max: u64,
+    },
 }
 
 impl fmt::Display for AdminError {
@@ -98,6 +123,10 @@ impl fmt::Display for AdminError {
             AdminError::BadRange(why) => write!(f, "bad date range: {why}"),
             AdminError::Store(e) => e.fmt(f),
             AdminError::NotRegistered => f.write_str("the policy has no registered keys"),
+            AdminError::RemainingOutOfRange { remaining, max } => write!(
+                f,
+                "remaining {remaining} is out of range: at most {max} (2^53, the largest quota limit)"
+            ),
         }
     }
 }
@@ -305,7 +334,37 @@ impl<S: Store> Admin<S> {
     /// Sets what remains of the key's quota in the current window (AWS
     /// UpdateUsage); returns it. Above the limit raises the key's allowance for
     /// this window only; 0 stops it until the window ends.
+    ///
+    /// `remaining` may be anything from 0 to 2^53 (9007199254740992), the
+    /// largest limit a [`Quota`](crate::Quota) can have: every store counts
+    /// it exactly (the Redis store's script holds integers up to 2^53), and
+    /// so does a JSON client. A larger value is refused with
+    /// [`AdminError::RemainingOutOfRange`] before any store is asked, the
+    /// same with every store; it is a mistake of the caller (an HTTP API
+    /// answers it 400), not a store failure.
+    ///
+    /// ```
+    /// use tollgate::{AdminError, ApiKey, Period, Policy, Quota, RateLimitLayer, UsagePlan};
+    ///
+    /// let plan = UsagePlan::new("free").quota(Quota::new(100, Period::Day)?);
+    /// let policy = Policy::builder().plan(plan).key(ApiKey::new("k1", "secret-1", "free"));
+    /// let admin = RateLimitLayer::new(policy.build()?).admin();
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// assert_eq!(admin.set_remaining("k1", 1 << 53).await, Ok(1 << 53));
+    /// assert!(matches!(
+    ///     admin.set_remaining("k1", u64::MAX).await,
+    ///     Err(AdminError::RemainingOutOfRange { .. })
+    /// ));
+    /// # });
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// ```
     pub async fn set_remaining(&self, id: &str, remaining: u64) -> Result<u64, AdminError> {
+        if remaining > MAX_REMAINING {
+            return Err(AdminError::RemainingOutOfRange {
+                remaining,
+                max: MAX_REMAINING,
+            });
+        }
         let pending = {
             let snap = self.policy.load();
             let entry = snap.by_id(id)?;

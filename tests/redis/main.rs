@@ -7,6 +7,7 @@
 mod support;
 
 mod borrowing;
+mod client;
 mod redis_faults;
 mod redis_harness;
 mod redis_script;

@@ -377,7 +377,12 @@ impl Store for MemoryStore {
     }
 
     fn set_remaining(&self, quota: &QuotaRef<'_>, remaining: u64) -> StoreFuture<u64> {
-        let remaining = i64::try_from(remaining).unwrap_or(i64::MAX);
+        // Admin refuses these before asking; a caller of the trait gets the
+        // Redis store's answer, not a count silently cut to i64::MAX.
+        if let Err(e) = crate::usage::check_remaining(remaining) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        let remaining = remaining as i64;
         let wall = self.inner.clock.wall_nanos();
         let snap = self
             .inner

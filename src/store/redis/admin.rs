@@ -42,6 +42,11 @@ impl Inner {
         quota: &QuotaRef<'_>,
         remaining: u64,
     ) -> StoreFuture<u64> {
+        // Above 2^53 the script cannot hold the count: refused here, with
+        // the memory store's error, rather than by the script.
+        if let Err(e) = crate::usage::check_remaining(remaining) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
         let inner = Arc::clone(self);
         let mut call = Call::new("s", &inner.now());
         call.keys = inner.quota_keys(quota).to_vec();

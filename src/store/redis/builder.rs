@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
 
 use super::background::Background;
 use super::cache::OverLimitCache;
@@ -37,7 +39,7 @@ const DEFAULT_MAX_SHARE: u32 = 64;
 
 impl RedisStore {
     /// Configures a store on one Redis server (`redis://host:port/db`,
-    /// `rediss://` for TLS when redis-rs is built with it).
+    /// `rediss://` for TLS with the feature `redis-tls`).
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
         RedisStoreBuilder {
             nodes: vec![url.into()],
@@ -51,6 +53,7 @@ impl RedisStore {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_age: DEFAULT_MAX_AGE,
             max_share: DEFAULT_MAX_SHARE,
+            given: None,
         }
     }
 
@@ -93,6 +96,8 @@ pub struct RedisStoreBuilder {
     max_in_flight: usize,
     max_age: Duration,
     max_share: u32,
+    /// A client or connection made by the caller, used instead of `nodes`.
+    given: Option<Given>,
 }
 
 impl RedisStoreBuilder {
@@ -209,11 +214,14 @@ impl RedisStoreBuilder {
 
     /// Builds the store. A single server is connected lazily (the store can
     /// be built while Redis is down, and connects when it is up); a cluster
-    /// is asked for its slots now.
+    /// is asked for its slots now. A connection given to
+    /// [`connection_manager_builder`](RedisStore::connection_manager_builder)
+    /// or [`cluster_connection_builder`](RedisStore::cluster_connection_builder)
+    /// is used as it is.
     ///
     /// Errors on a malformed URL, an empty prefix, a zero timeout, or an
     /// unreachable cluster.
-    pub async fn build(self) -> Result<RedisStore, StoreError> {
+    pub async fn build(mut self) -> Result<RedisStore, StoreError> {
         if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
             return Err(StoreError::new(
                 "the key prefix must be non-empty and hold no braces",
@@ -222,33 +230,7 @@ impl RedisStoreBuilder {
         if self.timeout.is_zero() {
             return Err(StoreError::new("the timeout must be above zero"));
         }
-        let conn = if self.cluster {
-            let client = redis::cluster::ClusterClientBuilder::new(self.nodes.clone())
-                .connection_timeout(self.timeout)
-                .response_timeout(self.timeout)
-                .build()
-                .map_err(|e| redis_error(&e))?;
-            let connect = client.get_async_connection();
-            match tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), connect).await {
-                Ok(Ok(c)) => Conn::Cluster(c),
-                Ok(Err(e)) => return Err(redis_error(&e)),
-                Err(_) => return Err(StoreError::timeout(self.timeout)),
-            }
-        } else {
-            let [url] = self.nodes.as_slice() else {
-                return Err(StoreError::new("a single-server store takes one URL"));
-            };
-            let client = redis::Client::open(url.as_str()).map_err(|e| redis_error(&e))?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(self.timeout))
-                .set_response_timeout(Some(self.timeout))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_secs(1));
-            Conn::Single(
-                ConnectionManager::new_lazy_with_config(client, config)
-                    .map_err(|e| redis_error(&e))?,
-            )
-        };
+        let conn = self.connect().await?;
         let sha = redis::Script::new(SCRIPT).get_hash().to_owned();
         let ttl = u64::try_from(self.cache_ttl.as_nanos()).unwrap_or(u64::MAX);
         Ok(RedisStore {
@@ -278,5 +260,169 @@ impl RedisStoreBuilder {
                 failures: Failures::default(),
             }),
         })
+    }
+}
+
+/// A client or connection the caller made with redis-rs, for a store to
+/// decide on instead of connecting from URLs.
+enum Given {
+    Client(redis::Client),
+    Manager(ConnectionManager),
+    ClusterClient(ClusterClient),
+    Cluster(ClusterConnection),
+}
+
+impl fmt::Debug for Given {
+    // Only which kind: a client's Debug shows its URL, password included.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Given::Client(_) => "Client(..)",
+            Given::Manager(_) => "ConnectionManager(..)",
+            Given::ClusterClient(_) => "ClusterClient(..)",
+            Given::Cluster(_) => "ClusterConnection(..)",
+        })
+    }
+}
+
+/// Stores on a client or connection made with redis-rs (1.x, the version
+/// tollgate depends on): for TLS settings, credentials, RESP3, a sentinel's
+/// master or pool sizes configured the way redis-rs offers, or to share one
+/// connection with the rest of an application.
+impl RedisStore {
+    /// Configures a store on one Redis server through a redis-rs
+    /// [`Client`](redis::Client): the store makes its own
+    /// [`ConnectionManager`] from it, connected lazily, with the store's
+    /// [timeout](RedisStoreBuilder::timeout) for connecting and for replies,
+    /// as [`builder`](RedisStore::builder) does with a URL.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = redis::Client::open("redis://127.0.0.1:6379/")?;
+    /// let store = tollgate::RedisStore::client_builder(client)
+    ///     .prefix("api")
+    ///     .build()
+    ///     .await?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    pub fn client_builder(client: redis::Client) -> RedisStoreBuilder {
+        RedisStore::given(Given::Client(client), false)
+    }
+
+    /// Configures a store on an existing redis-rs [`ConnectionManager`]
+    /// (one server), used as it is: its own reconnection and timeout
+    /// settings apply, and the store's [timeout](RedisStoreBuilder::timeout)
+    /// still bounds every decision. Clones of a manager share one
+    /// connection, so the store and the rest of the application may use it
+    /// together.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = redis::Client::open("redis://127.0.0.1:6379/")?;
+    /// let manager = redis::aio::ConnectionManager::new(client).await?;
+    /// let store = tollgate::RedisStore::connection_manager_builder(manager.clone())
+    ///     .build()
+    ///     .await?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    pub fn connection_manager_builder(manager: ConnectionManager) -> RedisStoreBuilder {
+        RedisStore::given(Given::Manager(manager), false)
+    }
+
+    /// Configures a store on a Redis Cluster through a redis-rs
+    /// [`ClusterClient`]: [`build`](RedisStoreBuilder::build) asks it for a
+    /// connection (and the cluster for its slots) within the store's timeout
+    /// (at least a second). The client's own timeouts and retries apply to
+    /// each command; the store's timeout bounds every decision.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = redis::cluster::ClusterClient::builder(["redis://10.0.0.1:7000/"])
+    ///     .retries(2)
+    ///     .build()?;
+    /// let store = tollgate::RedisStore::cluster_client_builder(client)
+    ///     .build()
+    ///     .await?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    pub fn cluster_client_builder(client: ClusterClient) -> RedisStoreBuilder {
+        RedisStore::given(Given::ClusterClient(client), true)
+    }
+
+    /// Configures a store on an existing redis-rs cluster connection
+    /// ([`ClusterConnection`]), used as it is. Its clones share the
+    /// connections to the nodes.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = redis::cluster::ClusterClient::new(["redis://10.0.0.1:7000/"])?;
+    /// let connection = client.get_async_connection().await?;
+    /// let store = tollgate::RedisStore::cluster_connection_builder(connection)
+    ///     .build()
+    ///     .await?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    pub fn cluster_connection_builder(connection: ClusterConnection) -> RedisStoreBuilder {
+        RedisStore::given(Given::Cluster(connection), true)
+    }
+
+    fn given(given: Given, cluster: bool) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            nodes: Vec::new(),
+            cluster,
+            given: Some(given),
+            ..RedisStore::builder(String::new())
+        }
+    }
+}
+
+impl RedisStoreBuilder {
+    /// The connection the store decides on: the one given, or one made from
+    /// the URLs.
+    async fn connect(&mut self) -> Result<Conn, StoreError> {
+        match self.given.take() {
+            Some(Given::Manager(manager)) => Ok(Conn::Single(manager)),
+            Some(Given::Cluster(connection)) => Ok(Conn::Cluster(connection)),
+            Some(Given::Client(client)) => self.manager(client),
+            Some(Given::ClusterClient(client)) => self.cluster_connection(&client).await,
+            None if self.cluster => {
+                let client = ClusterClientBuilder::new(self.nodes.clone())
+                    .connection_timeout(self.timeout)
+                    .response_timeout(self.timeout)
+                    .build()
+                    .map_err(|e| redis_error(&e))?;
+                self.cluster_connection(&client).await
+            }
+            None => {
+                let [url] = self.nodes.as_slice() else {
+                    return Err(StoreError::new("a single-server store takes one URL"));
+                };
+                let client = redis::Client::open(url.as_str()).map_err(|e| redis_error(&e))?;
+                self.manager(client)
+            }
+        }
+    }
+
+    /// A connection manager on `client`, connected lazily, with the store's
+    /// timeout for connecting and for replies.
+    fn manager(&self, client: redis::Client) -> Result<Conn, StoreError> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        ConnectionManager::new_lazy_with_config(client, config)
+            .map(Conn::Single)
+            .map_err(|e| redis_error(&e))
+    }
+
+    /// A connection to the cluster of `client`, within the timeout (at least
+    /// a second: the slots are asked for too).
+    async fn cluster_connection(&self, client: &ClusterClient) -> Result<Conn, StoreError> {
+        let connect = client.get_async_connection();
+        match tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), connect).await {
+            Ok(Ok(c)) => Ok(Conn::Cluster(c)),
+            Ok(Err(e)) => Err(redis_error(&e)),
+            Err(_) => Err(StoreError::timeout(self.timeout)),
+        }
     }
 }

@@ -75,13 +75,51 @@ impl Call {
 impl Inner {
     /// Runs a script call; loads the script when Redis lost it. The caller
     /// bounds the whole decision by the timeout.
+    ///
+    /// A call whose connection turns out to be lost (Redis restarted, the
+    /// connection killed or reset: redis-rs notices only when a call fails)
+    /// is sent once more, on the connection redis-rs makes at once, within
+    /// the same timeout: with Redis healthy again, no request is decided by
+    /// the failure mode. Whether the first try ran before the connection
+    /// went is unknown, so only a call that can safely run twice is sent
+    /// again. A decision ("a") run twice charges its limits twice at worst
+    /// (a request counted double, or refused by its own first charge),
+    /// never admits a request unmetered: the reply is the second run's, made
+    /// on Redis's counts. Its place under a concurrency cap carries the same
+    /// lease id both times, so a second `ZADD` only renews the first; when
+    /// the second run is refused, the place the first may have taken is
+    /// given back, since no response will hold it. A decision that borrows
+    /// ("b") run twice at worst charges its grant twice: units lost to
+    /// every instance until their day or window ends, never admitted
+    /// twice. A peek ("p") charges
+    /// nothing, setting what remains ("s") sets the same value, and a
+    /// settlement that charges ("t", delta >= 0) at worst charges twice. A
+    /// refund (mode "r", or "t" with a negative delta) is not sent again:
+    /// run twice it would give back twice, which could admit more than the
+    /// limits; failing, it leaves the request charged.
     pub(super) async fn run(self: Arc<Self>, call: Call) -> Result<Vec<i64>, StoreError> {
-        let mut conn = self.conn.clone();
-        let reply = match call.cmd(Some(&self.sha)).query_async(&mut conn).await {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                call.cmd(None).query_async(&mut conn).await
+        let repeatable = match call.args.first().map(String::as_str) {
+            Some("a" | "b" | "p" | "s") => true,
+            Some("t") => call.args.get(3).is_some_and(|d| !d.starts_with('-')),
+            _ => false,
+        };
+        let mut retried = false;
+        let reply = loop {
+            let mut conn = self.conn.clone();
+            let reply = match call.cmd(Some(&self.sha)).query_async(&mut conn).await {
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    call.cmd(None).query_async(&mut conn).await
+                }
+                r => r,
+            };
+            match reply {
+                Err(e) if repeatable && !retried && super::conn::connection_lost(&e) => {
+                    let error = redis_error(&e);
+                    tracing::debug!(error = %error, "connection lost; the call is sent again");
+                    retried = true;
+                }
+                r => break r,
             }
-            r => r,
         };
         let reply: Vec<i64> = reply.map_err(|e| {
             if e.to_string().contains("tollgate: expired") || e.detail() == Some("expired") {
@@ -91,6 +129,28 @@ impl Inner {
         })?;
         if let [s, ns, ..] = reply[..] {
             self.observe(s, ns);
+        }
+        if retried && call.args.first().is_some_and(|m| m == "a") && reply.get(2) == Some(&0) {
+            // The lease of a decision ("a"): the cap's key is the last key,
+            // and its arguments follow the throttles' (6 each) and quotas' (9
+            // each) as "1", cap, lease_ms, member, shadow.
+            let a = &call.args;
+            let n: Option<usize> = a.get(4).and_then(|n| n.parse().ok());
+            let cap = n.and_then(|n| {
+                let m: usize = a.get(5 + 6 * n)?.parse().ok()?;
+                let at = 5 + 6 * n + 1 + 9 * m;
+                (a.get(at)? == "1").then_some(())?;
+                Some((call.keys.last()?.clone(), a.get(at + 3)?.clone()))
+            });
+            if let Some((key, member)) = cap {
+                let task = Arc::clone(&self);
+                self.spawn(async move {
+                    let cmd = redis::cmd("ZREM").arg(key).arg(member).clone();
+                    if let Err(e) = task.command::<i64>(cmd).await {
+                        tracing::debug!(error = %e, "lease not removed; it lapses by itself");
+                    }
+                });
+            }
         }
         Ok(reply)
     }

@@ -44,6 +44,14 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// Whether a call failed because its connection is gone (reset, closed,
+/// refused while reconnecting after a restart): redis-rs has begun making a
+/// new one, and a call sent now goes on it. A timeout is not: the call may
+/// still be running, and the time is spent anyway.
+pub(super) fn connection_lost(e: &RedisError) -> bool {
+    e.is_io_error() && !e.is_timeout()
+}
+
 /// A store error from a Redis error, without the command (which names keys).
 pub(super) fn redis_error(e: &RedisError) -> StoreError {
     StoreError::new(format!("redis: {}", e.kind_name()))
@@ -77,16 +85,24 @@ impl Inner {
         }
     }
 
-    /// Runs a plain command within the timeout.
+    /// Runs a plain command within the timeout. The commands sent this way
+    /// (`HGETALL`, `DEL`, `ZREM`) do the same when run twice, so one whose
+    /// connection was lost is sent once more, on the new connection, as
+    /// [`Inner::run`] does with the calls that can be.
     pub(super) async fn command<T: redis::FromRedisValue>(
         &self,
         cmd: Cmd,
     ) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
         self.within(async {
-            cmd.query_async(&mut conn)
-                .await
-                .map_err(|e| redis_error(&e))
+            let mut conn = self.conn.clone();
+            let reply = match cmd.query_async(&mut conn).await {
+                Err(e) if connection_lost(&e) => {
+                    let mut conn = self.conn.clone();
+                    cmd.query_async(&mut conn).await
+                }
+                r => r,
+            };
+            reply.map_err(|e| redis_error(&e))
         })
         .await
     }

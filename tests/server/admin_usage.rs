@@ -1,0 +1,127 @@
+//! `PATCH /admin/keys/ID/usage` of the reference server with counts at and
+//! past the edge of UpdateUsage's range (2^53), on the memory store and on a
+//! real `redis-server`: the same status and body from both, a 400 with a
+//! clear message for a count out of range, never a 503 that blames the store.
+
+use std::net::SocketAddr;
+
+use serde_json::{Value, json};
+use tollgate::config::Config;
+use tollgate::store::Store;
+use tollgate::{ManualClock, MemoryStore, RedisStore};
+
+use crate::reference_server;
+use crate::support::at;
+use crate::support::redis::{RedisServer, require_redis};
+
+const CONFIG: &str = r#"
+[[plans]]
+name = "tiny"
+quota = { limit = 3, period = "DAY" }
+
+[[keys]]
+id = "t-1"
+value = "tiny-key-1"
+plan = "tiny"
+
+[admin]
+key = "admin-secret"
+"#;
+
+/// Serves the reference server on `store` until the returned sender drops.
+async fn serve<S: Store>(store: S) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let config = Config::from_toml(CONFIG).unwrap();
+    let app = reference_server::app(&config, store).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(reference_server::serve(listener, app, async {
+        let _ = rx.await;
+    }));
+    (format!("http://{addr}"), tx)
+}
+
+/// Status and JSON body of `PATCH /admin/keys/t-1/usage` with `body`.
+async fn patch(base: &str, body: &str) -> (u16, Value) {
+    let res = reqwest::Client::new()
+        .patch(format!("{base}/admin/keys/t-1/usage"))
+        .header("x-admin-key", "admin-secret")
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+/// What the server answers each count, in order.
+async fn answers<S: Store>(store: S) -> Vec<(u16, Value)> {
+    let (base, _stop) = serve(store).await;
+    let mut out = Vec::new();
+    for n in [
+        "18446744073709551615", // u64::MAX
+        "9007199254740993",     // 2^53 + 1
+        "9007199254740991",     // 2^53 - 1
+        "9007199254740992",     // 2^53
+        "3",                    // the limit
+        "18446744073709551616", // not a u64
+        "-1",
+    ] {
+        out.push(patch(&base, &format!(r#"{{"remaining": {n}}}"#)).await);
+    }
+    out
+}
+
+fn expected() -> Vec<(u16, Value)> {
+    let out_of_range = |n: &str| {
+        json!({"message": format!(
+            "remaining {n} is out of range: at most 9007199254740992 (2^53, the largest quota limit)"
+        )})
+    };
+    let ok = |n: u64| json!({"id": "t-1", "remaining": n});
+    vec![
+        (400, out_of_range("18446744073709551615")),
+        (400, out_of_range("9007199254740993")),
+        (200, ok((1 << 53) - 1)),
+        (200, ok(1 << 53)),
+        (200, ok(3)),
+    ]
+}
+
+fn check(answers: &[(u16, Value)]) {
+    assert_eq!(answers[..5], expected()[..]);
+    // Not a count at all: refused by the route before Admin is asked.
+    for (status, body) in &answers[5..] {
+        assert_eq!(*status, 400, "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with("invalid request body"), "{body}");
+    }
+}
+
+#[tokio::test]
+async fn update_usage_out_of_range_is_a_400_on_the_memory_store() {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 36_000));
+    let store = MemoryStore::builder().clock(clock).build().unwrap();
+    check(&answers(store).await);
+}
+
+#[tokio::test]
+async fn update_usage_out_of_range_is_the_same_400_on_the_redis_store() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 36_000));
+    let store = RedisStore::builder(redis.url())
+        .clock(clock.clone())
+        .build()
+        .await
+        .unwrap();
+    let on_redis = answers(store).await;
+    check(&on_redis);
+    let memory = MemoryStore::builder().clock(clock).build().unwrap();
+    assert_eq!(on_redis, answers(memory).await);
+}

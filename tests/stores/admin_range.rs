@@ -1,0 +1,142 @@
+//! UpdateUsage's range, the same on every store: `Admin::set_remaining`
+//! takes 0 to 2^53 (the largest limit a quota can have) and refuses anything
+//! larger with `AdminError::RemainingOutOfRange` before a store is asked, on
+//! the memory store and on a real `redis-server` alike; and a store asked
+//! directly for more answers the same error whichever it is.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tollgate::extract::ApiKeyHeader;
+use tollgate::store::{Acquire, Acquired, QuotaRef, Store, StoreFuture, ThrottleRef};
+use tollgate::{
+    AdminError, ApiKey, Clock, Date, ManualClock, Period, Policy, Quota, RateLimitLayer, UsagePlan,
+};
+
+use crate::support::at;
+use crate::support::backend::{Backend, Memory, Redis, on_each_backend};
+use crate::support::redis::require_redis;
+
+/// 2^53: the largest count accepted.
+const EXACT: u64 = 1 << 53;
+/// The quota's limit.
+const LIMIT: u64 = 100;
+
+async fn layer<S: Store>(clock: &ManualClock, store: S) -> RateLimitLayer<ApiKeyHeader, S> {
+    clock.set_wall(at(2024, 5, 1, 3_600));
+    let plan = UsagePlan::new("p").quota(Quota::new(LIMIT, Period::Day).unwrap());
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(plan)
+        .key(ApiKey::new("k", "v", "p"))
+        .build()
+        .unwrap();
+    RateLimitLayer::builder(policy).store(store).build()
+}
+
+/// `[used, remaining]` of key `k` today.
+async fn today<S: Store>(l: &RateLimitLayer<ApiKeyHeader, S>) -> [i64; 2] {
+    let day = Date::new(2024, 5, 1).unwrap();
+    let report = l.admin().usage("p", day, day, Some("k")).await.unwrap();
+    report.items["k"][0]
+}
+
+async fn update_usage_takes_up_to_2_pow_53_and_refuses_more_before_the_store<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let l = layer(&clock, b.store(&clock).await).await;
+    let admin = l.admin();
+    l.decide(b"v", 1).await.unwrap();
+    assert_eq!(today(&l).await, [1, 99]);
+
+    for remaining in [u64::MAX, EXACT + 1, i64::MAX as u64 + 1] {
+        assert_eq!(
+            admin.set_remaining("k", remaining).await,
+            Err(AdminError::RemainingOutOfRange {
+                remaining,
+                max: EXACT
+            }),
+            "{remaining}"
+        );
+        assert_eq!(today(&l).await, [1, 99], "{remaining} changed nothing");
+    }
+    let err = admin.set_remaining("k", u64::MAX).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "remaining 18446744073709551615 is out of range: at most 9007199254740992 \
+         (2^53, the largest quota limit)"
+    );
+
+    // The range's top: exact on every store, and decided on.
+    for remaining in [EXACT - 1, EXACT] {
+        assert_eq!(admin.set_remaining("k", remaining).await, Ok(remaining));
+        assert_eq!(today(&l).await, [1, remaining as i64]);
+    }
+    admin.set_remaining("k", EXACT - 1).await.unwrap();
+    l.decide(b"v", 1).await.unwrap();
+    assert_eq!(today(&l).await, [2, EXACT as i64 - 2]);
+
+    // The quota's own limit, and the bottom of the range.
+    assert_eq!(admin.set_remaining("k", LIMIT).await, Ok(LIMIT));
+    assert_eq!(today(&l).await, [2, LIMIT as i64]);
+    assert_eq!(admin.set_remaining("k", 0).await, Ok(0));
+    assert!(l.decide(b"v", 1).await.is_err());
+    assert_eq!(today(&l).await, [2, 0]);
+}
+
+/// A store that sets the count in `ask`, whatever Admin asked for: what a
+/// store answers when asked directly for a count Admin never sends.
+#[derive(Clone, Debug)]
+struct Asks<S> {
+    inner: S,
+    ask: Arc<AtomicU64>,
+}
+
+impl<S: Store> Store for Asks<S> {
+    type Future = S::Future;
+
+    fn clock(&self) -> &Clock {
+        self.inner.clock()
+    }
+    fn acquire(&self, request: &Acquire<'_>) -> Acquired<S::Future> {
+        self.inner.acquire(request)
+    }
+    fn usage(&self, q: &QuotaRef<'_>, first: Date, last: Date) -> StoreFuture<Vec<[i64; 2]>> {
+        self.inner.usage(q, first, last)
+    }
+    fn set_remaining(&self, q: &QuotaRef<'_>, _: u64) -> StoreFuture<u64> {
+        self.inner
+            .set_remaining(q, self.ask.load(Ordering::Relaxed))
+    }
+    fn reset(&self, t: &[ThrottleRef<'_>], q: Option<&QuotaRef<'_>>) -> StoreFuture<()> {
+        self.inner.reset(t, q)
+    }
+}
+
+async fn a_store_asked_for_more_than_2_pow_53_refuses_it_alike<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let ask = Arc::new(AtomicU64::new(0));
+    let store = Asks {
+        inner: b.store(&clock).await,
+        ask: Arc::clone(&ask),
+    };
+    let l = layer(&clock, store).await;
+    for remaining in [u64::MAX, EXACT + 1] {
+        ask.store(remaining, Ordering::Relaxed);
+        match l.admin().set_remaining("k", 1).await {
+            Err(AdminError::Store(e)) => assert_eq!(
+                e.to_string(),
+                format!("store unavailable: remaining {remaining} is above 2^53")
+            ),
+            other => panic!("{remaining}: {other:?}"),
+        }
+    }
+    assert_eq!(today(&l).await, [0, LIMIT as i64]);
+    ask.store(EXACT, Ordering::Relaxed);
+    assert_eq!(l.admin().set_remaining("k", 1).await, Ok(EXACT));
+}
+
+on_each_backend!(
+    "range":
+    update_usage_takes_up_to_2_pow_53_and_refuses_more_before_the_store,
+    a_store_asked_for_more_than_2_pow_53_refuses_it_alike,
+);
