@@ -132,7 +132,6 @@ impl Inner {
     ) -> Result<Verdict, StoreError> {
         match failure {
             FailureMode::Local => {
-                eprintln!("DEBUG local: {e}");
                 self.failures.failed(&e);
                 Ok(self.local.decide(parts, failure))
             }
