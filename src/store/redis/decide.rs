@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use super::cache::OverLimitCache;
 use super::call::{Call, Charged, Part, quota_args};
+use super::flights::Take;
 use super::guards::{Lease, Ticket};
 use super::store::{Inner, RedisStore};
 use super::time::Now;
@@ -89,11 +90,26 @@ impl Store for RedisStore {
                 return Acquired::Ready(Ok(Err(denied)));
             }
         }
-        let now = inner.now();
         let cost = request.cost;
         let failure = request.failure;
         // On a cluster the stage's shared buckets live in their own slot.
         let split = inner.cluster && request.throttles().any(|t| t.plan.is_none());
+        // Requests that share nothing but their limits' state wait for one
+        // call together (see `flights`): not a peek, not a request holding
+        // a place or reserving tokens, and not one decided in two calls. A
+        // unit of a share answers at once, before the call is even built.
+        let shares = !split
+            && cost > 0
+            && request.concurrency.is_none()
+            && tokio::runtime::Handle::try_current().is_ok();
+        let take = match id {
+            Some(id) if shares => match inner.next(id, false) {
+                Take::Unit(report) => return Acquired::Ready(Ok(Ok(report))),
+                take => Some((id, take)),
+            },
+            _ => None,
+        };
+        let now = inner.now();
         let mut stage = Part::new(&now, cost);
         let mut own = Part::new(&now, cost);
         stage.tokens = request.tokens;
@@ -119,14 +135,7 @@ impl Store for RedisStore {
             shared_span,
             cache_id: id.filter(|_| inner.cache.is_some()),
         };
-        // Requests that share nothing but their limits' state wait for one
-        // call together (see `flights`): not a peek, not a request holding
-        // a place or reserving tokens, and not one decided in two calls.
-        let shares = !split
-            && cost > 0
-            && request.concurrency.is_none()
-            && tokio::runtime::Handle::try_current().is_ok();
-        if let (Some(id), true) = (id, shares) {
+        if let Some((id, take)) = take {
             let lend = if request.borrow
                 && !inner.max_age.is_zero()
                 && request.throttles().all(|t| t.plan.is_some() && !t.shadow)
@@ -136,7 +145,7 @@ impl Store for RedisStore {
             } else {
                 0
             };
-            return inner.shared(id, own, lend, failure, context);
+            return inner.shared(id, take, own, lend, failure, context);
         }
         if let (Now::Redis, Some(deadline)) = (now, inner.deadline()) {
             stage.call.args[2] = deadline.to_string();

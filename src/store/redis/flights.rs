@@ -466,18 +466,20 @@ impl Inner {
 
 impl Inner {
     /// Decides a request that shares its call (see the module
-    /// documentation): a unit of a share at once, else after the flight in
-    /// progress or one it starts. `part` is its call; `lend`, the most units
-    /// Redis may lend it beyond what waiting requests need.
+    /// documentation), given what the table had for it (`take`): a unit of
+    /// a share at once, else after the flight in progress or one it starts.
+    /// `part` is its call; `lend`, the most units Redis may lend it beyond
+    /// what waiting requests need.
     pub(super) fn shared(
         self: &Arc<Self>,
         id: u64,
+        take: Take,
         part: Part,
         lend: u32,
         failure: FailureMode,
         context: Context,
     ) -> Acquired<Decided> {
-        let flight = match self.next(id, false) {
+        let flight = match take {
             Take::Unit(report) => return Acquired::Ready(Ok(Ok(report))),
             Take::Join(f) => f,
             Take::Lead(f) => {
@@ -514,7 +516,7 @@ impl Inner {
 
     /// What the table has for `id` now (`waited`: for a request that waited
     /// for a flight); a share past its time goes back.
-    fn next(self: &Arc<Self>, id: u64, waited: bool) -> Take {
+    pub(super) fn next(self: &Arc<Self>, id: u64, waited: bool) -> Take {
         let mut expired = Vec::new();
         let take = self
             .flights

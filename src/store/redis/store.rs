@@ -16,14 +16,22 @@ use crate::store::Failures;
 
 /// A store in Redis or Redis Cluster, shared by every instance that uses it.
 ///
-/// Clones share one connection. Decisions take one round trip; a key Redis
-/// denied is answered locally until its retry time. On Redis Cluster a
+/// Clones share one connection. A decision takes at most one round trip,
+/// and most take none: requests of one key on one instance wait for one
+/// call together, and far from its limits a key borrows a share of them
+/// to decide from locally (see [`max_age`](crate::RedisStoreBuilder::max_age)
+/// for what that costs other instances); a key Redis denied for a used-up
+/// quota is answered locally until its window ends. On Redis Cluster a
 /// request with stage limits takes two, since the stage's shared buckets
 /// live in their own slot (plus a refund in the background when the plan
-/// denies). A decision that takes
-/// longer than the [timeout](crate::RedisStoreBuilder::timeout) fails, and the plan's
-/// [`FailureMode`](crate::FailureMode) decides the request; the connection
-/// recovers by itself when Redis comes back.
+/// denies). A decision that takes longer than the
+/// [timeout](crate::RedisStoreBuilder::timeout), finds Redis unreachable, or
+/// would be one call more than
+/// [`max_in_flight`](crate::RedisStoreBuilder::max_in_flight) is decided at
+/// once by the plan's [`FailureMode`](crate::FailureMode): by default with
+/// this instance's own copy of the plan's limits. The connection recovers
+/// by itself when Redis comes back. A place under a concurrency cap is
+/// removed in the background whenever no response will hold it.
 ///
 /// Limits: a throttle whose bucket spans more than about 104 days
 /// (`burst / rate`) cannot be kept exactly in the script's arithmetic, and
