@@ -555,12 +555,14 @@ impl Inner {
                     None,
                 ),
                 Some(ticket) => {
+                    // Before Redis reads its clock: a share dated from here
+                    // ends no later than the quota window that counted it.
+                    let sent = inner.clock.nanos();
                     let result = inner.within(inner.fly(&part)).await;
                     drop(ticket);
                     match result {
                         Ok((Ok(report), charged, granted)) => {
                             inner.failures.answered();
-                            let now = inner.clock.nanos();
                             // A share lasts its maximum age, and never past
                             // the end of a quota window that counted it.
                             let age = u64::try_from(inner.max_age.as_nanos()).unwrap_or(u64::MAX);
@@ -571,7 +573,7 @@ impl Inner {
                                 .map(|a| a.reset)
                                 .min()
                                 .unwrap_or(u64::MAX);
-                            let until = now.saturating_add(age.min(window));
+                            let until = sent.saturating_add(age.min(window));
                             let share = Share::new(&part, &charged, report, granted, until);
                             (End::Granted, Some(share))
                         }
