@@ -6,6 +6,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod overload;
 mod redis_faults;
 mod redis_harness;
 mod redis_script;
