@@ -18,6 +18,15 @@
 //! Cluster); otherwise in this process. When `TOLLGATE_KEY_SECRET` is set,
 //! it keys the names of the state in Redis (give every server the same one).
 //!
+//! It logs to stderr, filtered by `RUST_LOG` (default
+//! `warn,tollgate=info,inference_server=info`): tollgate warns when the store
+//! starts failing and says when it has recovered. With `--redis`, each node
+//! is asked for `PING` at startup; one that does not answer within a second
+//! is logged as a warning and the server serves anyway: the store keeps
+//! reconnecting, and until Redis answers each plan's `failure` mode decides
+//! its requests. (A Redis Cluster must answer at startup: the store asks it
+//! for its slots, and the server exits 2 if it cannot.)
+//!
 //! On SIGTERM or Ctrl-C it stops accepting connections, lets the requests in
 //! flight finish (streams to their last event), waits for the Redis store to
 //! settle their tokens, and exits 0. Requests still in flight `--drain`
@@ -177,8 +186,55 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     })
 }
 
+/// The log filter when `RUST_LOG` is not set.
+const DEFAULT_LOG: &str = "warn,tollgate=info,inference_server=info";
+
+/// Logs to stderr, filtered by `RUST_LOG` (or [`DEFAULT_LOG`]).
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// How long the startup check waits for each Redis node.
+const PING_WAIT: Duration = Duration::from_secs(1);
+
+/// Asks each Redis node for `PING`, and logs a warning for each that does
+/// not answer within [`PING_WAIT`]. Never fails: the store connects lazily
+/// and keeps retrying, so the server serves either way. (The store has no
+/// ping of its own, so this asks Redis directly.)
+async fn ping_redis(urls: &[&str]) {
+    for url in urls {
+        // A malformed URL is reported by the store's builder.
+        let Ok(client) = redis::Client::open(*url) else {
+            continue;
+        };
+        // The address only: a URL may carry a password.
+        let node = client.get_connection_info().addr().to_string();
+        let pong = async {
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
+        let error = match tokio::time::timeout(PING_WAIT, pong).await {
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {PING_WAIT:?}"),
+        };
+        tracing::warn!(
+            redis = %node,
+            %error,
+            "Redis cannot be reached; serving anyway: the store keeps retrying, and until \
+             Redis answers each plan's failure mode decides its requests"
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    init_logging();
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(msg) => {
@@ -203,6 +259,7 @@ async fn main() -> std::process::ExitCode {
         None => app(&config, MemoryStore::new()),
         Some(urls) => {
             let urls: Vec<&str> = urls.split(',').map(str::trim).collect();
+            ping_redis(&urls).await;
             let builder = match urls.as_slice() {
                 [url] => RedisStore::builder(*url),
                 nodes => RedisStore::cluster_builder(nodes.iter().copied()),

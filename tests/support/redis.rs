@@ -623,3 +623,21 @@ impl RedisCluster {
         &mut self.nodes[index]
     }
 }
+
+/// The keys of the server at `addr` that match `pattern` (`SCAN … MATCH`),
+/// in no particular order. On a Cluster node, only the node's own keys.
+pub fn scan(addr: SocketAddr, pattern: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut cursor = "0".to_owned();
+    loop {
+        let reply = command(addr, &["SCAN", &cursor, "MATCH", pattern, "COUNT", "1000"])
+            .unwrap_or_else(|error| panic!("SCAN {cursor} MATCH {pattern}: {error}"));
+        // [cursor, [key, …]], flattened by `command` into lines.
+        let mut lines = reply.lines();
+        cursor = lines.next().unwrap_or("0").to_owned();
+        keys.extend(lines.filter(|key| !key.is_empty()).map(str::to_owned));
+        if cursor == "0" {
+            return keys;
+        }
+    }
+}
