@@ -104,7 +104,7 @@ impl Store for RedisStore {
             && tokio::runtime::Handle::try_current().is_ok();
         let take = match id {
             Some(id) if shares => match inner.next(id, false) {
-                Take::Unit(report) => return Acquired::Ready(Ok(Ok(report))),
+                Take::Unit(report, _) => return Acquired::Ready(Ok(Ok(report))),
                 take => Some((id, take)),
             },
             _ => None,
@@ -175,6 +175,9 @@ impl Store for RedisStore {
                 Ok(verdict) => {
                     if let Some(lease) = &mut lease {
                         lease.keep();
+                    }
+                    if verdict.is_ok() {
+                        inner.local.mirror(&[&stage, &own]);
                     }
                     inner.failures.answered();
                     inner.remember(&verdict, &context);

@@ -95,8 +95,9 @@ impl Flight {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(super) enum Take {
-    /// A unit of a share: the request is allowed, and this is its report.
-    Unit(Report),
+    /// A unit of a share: the request is allowed, and this is its report
+    /// (and the call whose grant it is).
+    Unit(Report, Arc<Part>),
     /// A call is in flight: wait for it.
     Join(Arc<Flight>),
     /// No call is in flight: this request starts one.
@@ -120,6 +121,8 @@ pub(super) struct Share {
     report: Report,
     cost: u32,
     back: Giveback,
+    /// The call that granted it.
+    part: Arc<Part>,
 }
 
 /// What giving a share's units back to Redis needs.
@@ -211,6 +214,7 @@ impl Share {
             report,
             cost: part.cost,
             back,
+            part: Arc::new(part.clone()),
         }
     }
 
@@ -253,13 +257,14 @@ impl Flights {
             };
             if share.until > now && share.left > 0 && free {
                 let report = share.take();
+                let part = Arc::clone(&share.part);
                 if share.left == 0 {
                     slot.share = None;
                     if slot.flight.is_none() {
                         shard.remove(&id);
                     }
                 }
-                return Take::Unit(report);
+                return Take::Unit(report, part);
             }
             if share.until <= now {
                 if let Some(old) = slot.share.take() {
@@ -480,7 +485,7 @@ impl Inner {
         context: Context,
     ) -> Acquired<Decided> {
         let flight = match take {
-            Take::Unit(report) => return Acquired::Ready(Ok(Ok(report))),
+            Take::Unit(report, _) => return Acquired::Ready(Ok(Ok(report))),
             Take::Join(f) => f,
             Take::Lead(f) => {
                 self.launch(id, &f, &part, lend, context);
@@ -498,7 +503,7 @@ impl Inner {
                         End::Granted => {}
                     }
                     flight = match inner.next(id, true) {
-                        Take::Unit(report) => return Ok(Ok(report)),
+                        Take::Unit(report, _) => return Ok(Ok(report)),
                         Take::Join(f) => f,
                         Take::Lead(f) => {
                             inner.launch(id, &f, &part, lend, context);
@@ -523,6 +528,12 @@ impl Inner {
             .take(id, self.clock.nanos(), waited, &mut expired);
         for share in expired {
             self.give_back(share);
+        }
+        if let Take::Unit(_, part) = &take {
+            // A unit of Redis's grant: an answer, for the failure log, and
+            // an admission the local copy counts.
+            self.failures.answered();
+            self.local.mirror(&[part]);
         }
         take
     }

@@ -50,51 +50,25 @@ impl Local {
     /// Decides a request whose limits are `parts` (a cluster's stage part
     /// first) from the local copy, as the memory store decides.
     pub(super) fn decide(&self, parts: &[&Part], failure: FailureMode) -> Verdict {
-        let (cost, tokens) = parts.first().map_or((0, 0), |p| (p.cost, p.tokens));
-        let mut acquire = Acquire::new(cost, failure);
-        acquire.tokens = tokens;
-        for t in parts.iter().flat_map(|p| &p.throttles) {
-            acquire.push(ThrottleRef {
-                limit: &t.limit,
-                plan: if t.stage { None } else { Some("") },
-                subject: b"",
-                digest: t.digest,
-                shadow: t.shadow,
-            });
-        }
-        for q in parts.iter().flat_map(|p| &p.quotas) {
-            let r = QuotaRef {
-                kind: q.kind,
-                spec: &q.spec,
-                plan: "",
-                subject: b"",
-                digest: q.digest,
-                shadow: q.shadow,
-                history_days: q.history_days,
-            };
-            match q.kind {
-                LimitKind::TokensDay => acquire.token_quotas[0] = Some(r),
-                LimitKind::TokensMonth => acquire.token_quotas[1] = Some(r),
-                _ => acquire.quota = Some(r),
-            }
-        }
-        if let Some(c) = parts.iter().find_map(|p| p.cap) {
-            acquire.concurrency = Some(ConcurrencyRef {
-                limit: c.limit,
-                salt: c.salt,
-                plan: "",
-                subject: b"",
-                digest: c.digest,
-                shadow: c.shadow,
-            });
-        }
         let mut report = Report::default();
-        let verdict = self.store.decide(&acquire, &mut report).map(|()| report);
+        let verdict = with_acquire(parts, failure, true, |a| self.store.decide(a, &mut report))
+            .map(|()| report);
         if let Some(permit) = verdict.as_ref().ok().and_then(Report::permit) {
             *self.held.lock().entry(permit).or_default() += 1;
             self.count.fetch_add(1, Ordering::AcqRel);
         }
         verdict
+    }
+
+    /// Charges the local copy with a request Redis (or a share of it) let
+    /// through, but for its concurrency place: so that, should Redis fail,
+    /// the copy goes on from what this instance has admitted rather than
+    /// from nothing, and an instance admits at most the limits by itself.
+    /// What the copy would deny is not charged (it never denies Redis).
+    pub(super) fn mirror(&self, parts: &[&Part]) {
+        let _ = with_acquire(parts, FailureMode::Local, false, |a| {
+            self.store.decide::<()>(a, &mut ())
+        });
     }
 
     /// Gives back `permit` if the local copy granted it; `false` if it is
@@ -138,4 +112,53 @@ impl Inner {
             _ => Err(e),
         }
     }
+}
+
+/// The request whose limits are `parts`, as the memory store takes it
+/// (with its concurrency cap when `cap`), handed to `run`.
+fn with_acquire<T>(
+    parts: &[&Part],
+    failure: FailureMode,
+    cap: bool,
+    run: impl FnOnce(&Acquire<'_>) -> T,
+) -> T {
+    let (cost, tokens) = parts.first().map_or((0, 0), |p| (p.cost, p.tokens));
+    let mut acquire = Acquire::new(cost, failure);
+    acquire.tokens = tokens;
+    for t in parts.iter().flat_map(|p| &p.throttles) {
+        acquire.push(ThrottleRef {
+            limit: &t.limit,
+            plan: if t.stage { None } else { Some("") },
+            subject: b"",
+            digest: t.digest,
+            shadow: t.shadow,
+        });
+    }
+    for q in parts.iter().flat_map(|p| &p.quotas) {
+        let r = QuotaRef {
+            kind: q.kind,
+            spec: &q.spec,
+            plan: "",
+            subject: b"",
+            digest: q.digest,
+            shadow: q.shadow,
+            history_days: q.history_days,
+        };
+        match q.kind {
+            LimitKind::TokensDay => acquire.token_quotas[0] = Some(r),
+            LimitKind::TokensMonth => acquire.token_quotas[1] = Some(r),
+            _ => acquire.quota = Some(r),
+        }
+    }
+    if let (true, Some(c)) = (cap, parts.iter().find_map(|p| p.cap)) {
+        acquire.concurrency = Some(ConcurrencyRef {
+            limit: c.limit,
+            salt: c.salt,
+            plan: "",
+            subject: b"",
+            digest: c.digest,
+            shadow: c.shadow,
+        });
+    }
+    run(&acquire)
 }
