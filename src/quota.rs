@@ -151,6 +151,14 @@ impl QuotaState {
         snapshot(w, limit, self.used, now)
     }
 
+    /// Lowers what remains in the current window to `remaining` if more
+    /// remains (a copy of the quota learning how a shared count stands).
+    pub(crate) fn at_most(&mut self, spec: &QuotaSpec, now: i64, remaining: i64) {
+        let w = self.roll(spec.period, now);
+        let limit = spec.limit_in(w);
+        self.used = self.used.max(limit.saturating_sub(remaining));
+    }
+
     /// Adjusts the count by a request's actual cost: `delta` units more (an
     /// under-estimate, charged even past the limit: the window is in debt)
     /// or fewer (an over-estimate, given back, never below zero). An

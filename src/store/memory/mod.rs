@@ -100,6 +100,18 @@ impl MemoryStore {
         self.inner.quotas.len()
     }
 
+    /// Lowers what remains of `quota` in its current window to `remaining`
+    /// if more remains here (the Redis store's local copy learning how the
+    /// shared count stands).
+    #[cfg(feature = "redis")]
+    pub(crate) fn quota_at_most(&self, quota: &QuotaRef<'_>, remaining: u64) {
+        let wall = self.inner.clock.wall_nanos();
+        let remaining = i64::try_from(remaining).unwrap_or(i64::MAX);
+        self.inner
+            .quotas
+            .with(quota, |st| st.at_most(quota.spec, wall, remaining));
+    }
+
     /// The store's clock.
     pub fn clock(&self) -> &Clock {
         &self.inner.clock

@@ -176,8 +176,9 @@ impl Store for RedisStore {
                     if let Some(lease) = &mut lease {
                         lease.keep();
                     }
-                    if verdict.is_ok() {
-                        inner.local.mirror(&[&stage, &own]);
+                    match &verdict {
+                        Ok(report) => inner.local.mirror(&[&stage, &own], report),
+                        Err(denied) => inner.local.learn_denial(&[&stage, &own], denied),
                     }
                     inner.failures.answered();
                     inner.remember(&verdict, &context);

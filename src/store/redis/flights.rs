@@ -529,11 +529,11 @@ impl Inner {
         for share in expired {
             self.give_back(share);
         }
-        if let Take::Unit(_, part) = &take {
+        if let Take::Unit(report, part) = &take {
             // A unit of Redis's grant: an answer, for the failure log, and
             // an admission the local copy counts.
             self.failures.answered();
-            self.local.mirror(&[part]);
+            self.local.mirror(&[part], report);
         }
         take
     }
@@ -590,6 +590,7 @@ impl Inner {
                         }
                         Ok((Err(denied), _, _)) => {
                             inner.failures.answered();
+                            inner.local.learn_denial(&[&part], &denied);
                             let verdict = Err(denied);
                             inner.remember(&verdict, &context);
                             (End::Denied(denied), None)

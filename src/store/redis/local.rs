@@ -18,8 +18,8 @@ use super::store::Inner;
 use crate::clock::Clock;
 use crate::plan::{FailureMode, LimitKind};
 use crate::store::{
-    Acquire, ConcurrencyRef, MemoryStore, Permit, QuotaRef, Report, StoreError, ThrottleRef,
-    Verdict,
+    Acquire, Applied, ConcurrencyRef, Denied, MemoryStore, Permit, QuotaRef, Report, StoreError,
+    ThrottleRef, Verdict,
 };
 
 /// The local copy of every limit, and the places it granted.
@@ -61,14 +61,43 @@ impl Local {
     }
 
     /// Charges the local copy with a request Redis (or a share of it) let
-    /// through, but for its concurrency place: so that, should Redis fail,
-    /// the copy goes on from what this instance has admitted rather than
-    /// from nothing, and an instance admits at most the limits by itself.
-    /// What the copy would deny is not charged (it never denies Redis).
-    pub(super) fn mirror(&self, parts: &[&Part]) {
+    /// through, but for its concurrency place, and lowers each quota of the
+    /// copy to what Redis said remains of it (`report`): should Redis fail,
+    /// the copy goes on from the shared count as last seen, rather than
+    /// from nothing. What the copy would deny is not charged (it never
+    /// denies Redis).
+    pub(super) fn mirror(&self, parts: &[&Part], report: &Report) {
         let _ = with_acquire(parts, FailureMode::Local, false, |a| {
             self.store.decide::<()>(a, &mut ())
         });
+        for item in report.items() {
+            self.learn(parts, item);
+        }
+    }
+
+    /// Lowers the copy of the quota Redis denied to what remains of it.
+    pub(super) fn learn_denial(&self, parts: &[&Part], denied: &Denied) {
+        self.learn(parts, &denied.limit);
+    }
+
+    fn learn(&self, parts: &[&Part], item: &Applied) {
+        let Some(q) = parts
+            .iter()
+            .flat_map(|p| &p.quotas)
+            .find(|q| q.kind == item.kind)
+        else {
+            return;
+        };
+        let r = QuotaRef {
+            kind: q.kind,
+            spec: &q.spec,
+            plan: "",
+            subject: b"",
+            digest: q.digest,
+            shadow: q.shadow,
+            history_days: q.history_days,
+        };
+        self.store.quota_at_most(&r, item.remaining);
     }
 
     /// Gives back `permit` if the local copy granted it; `false` if it is
