@@ -153,6 +153,7 @@ impl QuotaState {
 
     /// Lowers what remains in the current window to `remaining` if more
     /// remains (a copy of the quota learning how a shared count stands).
+    #[cfg(feature = "redis")]
     pub(crate) fn at_most(&mut self, spec: &QuotaSpec, now: i64, remaining: i64) {
         let w = self.roll(spec.period, now);
         let limit = spec.limit_in(w);
