@@ -1,4 +1,4 @@
-//! Run with `cargo run --release --example inference_server -- [--config FILE] [--listen ADDR] [--redis URL] [--drain SECS]`
+//! Run with `cargo run --release --example inference_server -- [--config FILE] [--listen ADDR] [--redis URL] [--redis-timeout MS] [--drain SECS]`
 //!
 //! A mock OpenAI-style inference API behind tollgate: the reference server of
 //! the README and of the black-box tests.
@@ -17,6 +17,8 @@
 //! with the same URL (several comma-separated URLs name the nodes of a Redis
 //! Cluster); otherwise in this process. When `TOLLGATE_KEY_SECRET` is set,
 //! it keys the names of the state in Redis (give every server the same one).
+//! `--redis-timeout MS` (default 100) is how long a decision may wait for
+//! Redis before the plan's `failure` mode decides it.
 //!
 //! It logs to stderr, filtered by `RUST_LOG` (default
 //! `warn,tollgate=info,inference_server=info`): tollgate warns when the store
@@ -141,6 +143,9 @@ struct Args {
     listen: SocketAddr,
     config: Option<String>,
     redis: Option<String>,
+    /// How long a decision may wait for Redis before the plan's failure
+    /// mode decides it.
+    redis_timeout: Duration,
     /// How long requests in flight may take to finish after a shutdown signal.
     drain: Duration,
 }
@@ -152,6 +157,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut listen = DEFAULT_LISTEN.to_owned();
     let mut config = None;
     let mut redis = None;
+    let mut redis_timeout = DEFAULT_REDIS_TIMEOUT;
     let mut drain = DEFAULT_DRAIN;
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -166,9 +172,22 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             "--listen" => listen = args.next().ok_or("--listen needs an address")?,
             "--config" => config = Some(args.next().ok_or("--config needs a file")?),
             "--redis" => redis = Some(args.next().ok_or("--redis needs a URL")?),
+            "--redis-timeout" => {
+                let ms = args
+                    .next()
+                    .ok_or("--redis-timeout needs a number of milliseconds")?;
+                redis_timeout = ms
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&ms| ms > 0)
+                    .map(Duration::from_millis)
+                    .ok_or_else(|| {
+                        format!("--redis-timeout `{ms}`: not a number of milliseconds above 0")
+                    })?;
+            }
             "-h" | "--help" => {
                 return Err(
-                    "usage: inference_server [--config FILE] [--listen ADDR] [--redis URL[,URL…]] [--drain SECS]"
+                    "usage: inference_server [--config FILE] [--listen ADDR] [--redis URL[,URL…]] [--redis-timeout MS (100)] [--drain SECS]"
                         .to_owned(),
                 );
             }
@@ -182,9 +201,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         listen,
         config,
         redis,
+        redis_timeout,
         drain,
     })
 }
+
+/// The default of `--redis-timeout`: the store's own default.
+const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// The log filter when `RUST_LOG` is not set.
 const DEFAULT_LOG: &str = "warn,tollgate=info,inference_server=info";
@@ -265,7 +288,12 @@ async fn main() -> std::process::ExitCode {
                 nodes => RedisStore::cluster_builder(nodes.iter().copied()),
             };
             let secret = std::env::var("TOLLGATE_KEY_SECRET").unwrap_or_default();
-            match builder.key_secret(secret).build().await {
+            match builder
+                .key_secret(secret)
+                .timeout(args.redis_timeout)
+                .build()
+                .await
+            {
                 Ok(store) => app(&config, redis.insert(store).clone()),
                 Err(e) => {
                     eprintln!("--redis: {e}");

@@ -31,12 +31,14 @@ const TIMEOUT: Duration = Duration::from_millis(500);
 type Layer = RateLimitLayer<ApiKeyHeader, RedisStore>;
 
 /// Plan `p`, closed on a store failure: a throttle of a burst of `burst`
-/// (and 1 a minute), a daily quota of 1000, a cap of 4 in flight.
+/// (and 1 a minute), a daily quota of 1000, a cap of 4 in flight. It does
+/// not borrow: these tests count each request's call.
 fn policy(burst: u32) -> Policy {
     let plan = UsagePlan::new("p")
         .throttle(Throttle::new(1.0 / 60.0, burst).unwrap())
         .quota(Quota::new(1_000, Period::Day).unwrap())
-        .failure(FailureMode::Closed);
+        .failure(FailureMode::Closed)
+        .borrow(false);
     Policy::builder()
         .plan(plan)
         .key(ApiKey::new("k", "v", "p"))
@@ -345,8 +347,12 @@ async fn a_place_taken_by_a_call_whose_reply_was_lost_is_given_back() {
     let lost = tokio::spawn(capped(&l));
     // Redis runs the call at once; its reply waits in the proxy.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    proxy.hold.store(false, Ordering::Relaxed);
+    // Cut, and only once the cut connection is gone lift the hold (for the
+    // call sent again on a new one): lifted at once, the held reply could
+    // slip through before the proxy closes the connection.
     proxy.cut.send_modify(|n| *n += 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    proxy.hold.store(false, Ordering::Relaxed);
     assert_eq!(
         lost.await.unwrap(),
         Some(Reason::ConcurrencyLimited),

@@ -499,18 +499,19 @@ struct Reply {
     took: Duration,
 }
 
-/// A burst on `keys` keys: [`INSTANCES`] servers on one Redis, [`BURST`]
-/// requests sent at once, spread over the servers and the keys. Every
+/// A burst on `keys` keys: [`INSTANCES`] servers on one Redis, their store
+/// timeout `timeout` milliseconds, [`BURST`] requests sent at once, spread
+/// over the servers and the keys. Every
 /// request is answered within [`HANG`], and no server exits or panics.
 /// Returns the replies and the quota counts in Redis (ascending), read once
 /// they add up to the answers 200 or after three seconds (an instance may
 /// give back what it held in the background).
-async fn burst(keys: usize, failure: Option<&str>) -> (Vec<Reply>, Vec<u64>) {
+async fn burst(keys: usize, failure: Option<&str>, timeout: &str) -> (Vec<Reply>, Vec<u64>) {
     away_from_midnight().await;
     let redis = RedisServer::start();
     let config = write_config(&redis, "burst.toml", &burst_config(keys, failure));
     let mut servers: Vec<_> = (0..INSTANCES)
-        .map(|_| ServerProcess::on_redis(&redis.url(), &config))
+        .map(|_| ServerProcess::on_redis_with(&redis.url(), &config, &["--redis-timeout", timeout]))
         .collect();
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
 
@@ -576,6 +577,14 @@ async fn burst(keys: usize, failure: Option<&str>) -> (Vec<Reply>, Vec<u64>) {
     (replies, counts)
 }
 
+/// The store timeout of the servers in the bursts judged by their counts.
+/// Three debug-built servers on two cores answer 2,500 connections with a
+/// median latency of about half a second, their own queueing: with the
+/// default 100 ms most of their calls would time out for want of CPU to
+/// read the reply, and be decided by the failure mode. The bursts test
+/// what Redis and the store do under the burst, not that.
+const ROOMY_TIMEOUT: &str = "5000";
+
 /// 2,500 requests of one key with a quota of 100, at once, on three
 /// instances: at most 100 are admitted, each decided by Redis, and Redis
 /// counts exactly those. The 2,400 that the quota denies must not push the
@@ -586,7 +595,7 @@ async fn an_overload_burst_admits_no_more_than_the_quota() {
         return;
     }
     let _serial = SERIAL.lock().await;
-    let (replies, counts) = burst(1, None).await;
+    let (replies, counts) = burst(1, None, ROOMY_TIMEOUT).await;
     let ok = replies.iter().filter(|r| r.status == 200).count();
     let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
     assert!(
@@ -602,20 +611,16 @@ async fn an_overload_burst_admits_no_more_than_the_quota() {
 }
 
 /// The same burst spread over ten keys (250 requests each, a quota of 100
-/// each). Three debug-built servers on two cores answer 2,500 connections
-/// in about a second, so some of their calls to Redis outlast the 100 ms
-/// timeout and are decided by the default failure mode, the local copy of
-/// the limits, which counts what its instance admitted through Redis too:
-/// no key goes past the documented bound of one quota per instance.
+/// each): no key admitted past its quota, and Redis counts of each key
+/// exactly what was admitted of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_overload_burst_over_many_keys_admits_no_key_past_its_bound() {
+async fn an_overload_burst_over_many_keys_admits_no_key_past_its_quota() {
     if !require_redis() {
         return;
     }
     let _serial = SERIAL.lock().await;
     const KEYS: usize = 10;
-    const INSTANCES: u64 = 3;
-    let (replies, counts) = burst(KEYS, None).await;
+    let (replies, counts) = burst(KEYS, None, ROOMY_TIMEOUT).await;
     assert!(
         replies.iter().all(|r| [200, 429].contains(&r.status)),
         "statuses other than 200 and 429"
@@ -625,15 +630,14 @@ async fn an_overload_burst_over_many_keys_admits_no_key_past_its_bound() {
         admitted[r.key] += 1;
     }
     assert!(
-        admitted.iter().all(|&n| n <= INSTANCES * QUOTA),
-        "admitted per key, of a quota of {QUOTA} each on {INSTANCES} instances: {admitted:?}"
+        admitted.iter().all(|&n| n <= QUOTA),
+        "admitted per key, of a quota of {QUOTA} each: {admitted:?}"
     );
-    // A call that timed out may still have been charged in Redis: Redis
-    // may count more than it admitted, never more than the quota.
-    assert_eq!(counts.len(), KEYS, "every key reached Redis: {counts:?}");
-    assert!(
-        counts.iter().all(|&n| n <= QUOTA),
-        "Redis's counts {counts:?}, what was admitted per key {admitted:?}"
+    let mut expected: Vec<u64> = admitted.iter().copied().filter(|&n| n > 0).collect();
+    expected.sort_unstable();
+    assert_eq!(
+        counts, expected,
+        "Redis's counts against what was admitted per key ({admitted:?})"
     );
 }
 
@@ -645,7 +649,7 @@ async fn an_overload_burst_with_failure_open_is_answered() {
         return;
     }
     let _serial = SERIAL.lock().await;
-    let (replies, counts) = burst(1, Some("open")).await;
+    let (replies, counts) = burst(1, Some("open"), "100").await;
     let unmetered = replies
         .iter()
         .filter(|r| r.status == 200 && !r.decided)

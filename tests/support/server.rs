@@ -215,8 +215,15 @@ impl ServerProcess {
     /// comma-separated URLs name the nodes of a Cluster) with the config
     /// file `config`.
     pub fn on_redis(redis: &str, config: &Path) -> ServerProcess {
+        ServerProcess::on_redis_with(redis, config, &[])
+    }
+
+    /// [`on_redis`](Self::on_redis) with more arguments.
+    pub fn on_redis_with(redis: &str, config: &Path, more: &[&str]) -> ServerProcess {
         let config = config.to_str().expect("a UTF-8 config path");
-        ServerProcess::start(&["--redis", redis, "--config", config])
+        let mut args = vec!["--redis", redis, "--config", config];
+        args.extend_from_slice(more);
+        ServerProcess::start(&args)
     }
 }
 

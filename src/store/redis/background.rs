@@ -63,7 +63,7 @@ impl RedisStore {
     /// ```
     pub async fn drained(&self) {
         // Borrowed shares go back first: they are calls in the background too.
-        for share in self.inner.flights.sweep(0, true) {
+        for share in self.inner.flights.sweep(0, true, u64::MAX) {
             self.inner.give_back(share);
         }
         let background = &self.inner.background;

@@ -194,9 +194,11 @@ impl RedisStoreBuilder {
     /// but units held unused in a share are capacity other instances
     /// cannot use until they go back. One instance holds at most one share
     /// per subject and limits, of at most [`max_share`](Self::max_share)
-    /// units and at most a quarter of what still fitted in the tightest of
-    /// the request's limits when it was lent (none near a limit), for at
-    /// most `max_age`. With N instances at most N × `max_share` units of a
+    /// units, at most a quarter of what still fitted in the tightest of
+    /// the request's limits when it was lent (none near a limit), and at
+    /// most what the key's requests since its last call would use in half
+    /// `max_age` at the same rate (none on a key's first call, little on a
+    /// key seldom used), for at most `max_age`. With N instances at most N × `max_share` units of a
     /// subject, and less than what fitted, are idle at once. Limits shared
     /// by every caller (stage limits) are never lent, and neither are
     /// token budgets nor places under concurrency caps.

@@ -100,8 +100,9 @@ pub(super) enum Take {
     Unit(Report, Arc<Part>),
     /// A call is in flight: wait for it.
     Join(Arc<Flight>),
-    /// No call is in flight: this request starts one.
-    Lead(Arc<Flight>),
+    /// No call is in flight: this request starts one, asking to borrow at
+    /// most this many units.
+    Lead(Arc<Flight>, u32),
 }
 
 /// Units granted and not yet taken, with what giving them back needs.
@@ -141,6 +142,12 @@ pub(super) struct Giveback {
 struct Slot {
     share: Option<Share>,
     flight: Option<Arc<Flight>>,
+    /// Requests that came since the last flight was launched, and when it
+    /// was: how many units the next share should lend.
+    arrivals: u32,
+    launched: Option<Nanos>,
+    /// When a request last came.
+    seen: Nanos,
 }
 
 /// Flights and shares by request identity.
@@ -245,9 +252,20 @@ impl Flights {
     /// lead; `waited` tells a request that waited for the flight that
     /// brought the share (it may take a kept unit). A share past its time
     /// is handed back through `expired`.
-    pub(super) fn take(&self, id: u64, now: Nanos, waited: bool, expired: &mut Vec<Share>) -> Take {
+    pub(super) fn take(
+        &self,
+        id: u64,
+        now: Nanos,
+        waited: bool,
+        max_age: Nanos,
+        expired: &mut Vec<Share>,
+    ) -> Take {
         let mut shard = self.shard(id).lock();
         let slot = shard.entry(id).or_default();
+        if !waited {
+            slot.arrivals = slot.arrivals.saturating_add(1);
+            slot.seen = now;
+        }
         if let Some(share) = &mut slot.share {
             let free = if waited && share.kept > 0 {
                 share.kept -= 1;
@@ -260,9 +278,6 @@ impl Flights {
                 let part = Arc::clone(&share.part);
                 if share.left == 0 {
                     slot.share = None;
-                    if slot.flight.is_none() {
-                        shard.remove(&id);
-                    }
                 }
                 return Take::Unit(report, part);
             }
@@ -280,10 +295,25 @@ impl Flights {
                 Take::Join(Arc::clone(f))
             }
             None => {
+                // What the key is likely to use in half a share's life, at
+                // the rate requests came since the last flight (none on a
+                // first flight, and little for a key seldom used: units
+                // lent and not used are two more calls to give back).
+                let demand = match slot.launched {
+                    None => 0,
+                    Some(at) => {
+                        let window = now.saturating_sub(at).max(max_age / 10).max(1);
+                        let d = u128::from(slot.arrivals) * u128::from(max_age)
+                            / (2 * u128::from(window));
+                        u32::try_from(d).unwrap_or(u32::MAX)
+                    }
+                };
+                slot.arrivals = 0;
+                slot.launched = Some(now);
                 let f = Arc::new(Flight::default());
                 f.joined.store(1, Ordering::Release);
                 slot.flight = Some(Arc::clone(&f));
-                Take::Lead(f)
+                Take::Lead(f, demand)
             }
         }
     }
@@ -315,17 +345,15 @@ impl Flights {
                 }
                 None => None,
             };
-            if slot.share.is_none() && slot.flight.is_none() {
-                shard.remove(&id);
-            }
             old
         };
         flight.land(end);
         old.filter(|s| s.left > 0)
     }
 
-    /// Takes out every share past its time (all of them with `all`).
-    pub(super) fn sweep(&self, now: Nanos, all: bool) -> Vec<Share> {
+    /// Takes out every share past its time (all of them with `all`), and
+    /// forgets keys that saw no request for `idle`.
+    pub(super) fn sweep(&self, now: Nanos, all: bool, idle: Nanos) -> Vec<Share> {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
@@ -339,7 +367,9 @@ impl Flights {
                         }
                     }
                 }
-                slot.share.is_some() || slot.flight.is_some()
+                slot.share.is_some()
+                    || slot.flight.is_some()
+                    || slot.seen.saturating_add(idle) > now
             });
         }
         out
@@ -356,15 +386,15 @@ impl Flights {
                         out.push(s);
                     }
                 }
-                slot.share.is_some() || slot.flight.is_some()
+                true
             });
         }
         out
     }
 
-    /// Whether shares are held anywhere (the sweeper has work).
+    /// Whether the sweeper is yet to start (and now starts).
     pub(super) fn start_sweeping(&self) -> bool {
-        !self.sweeping.swap(true, Ordering::AcqRel)
+        !self.sweeping.load(Ordering::Acquire) && !self.sweeping.swap(true, Ordering::AcqRel)
     }
 }
 
@@ -446,7 +476,19 @@ impl Inner {
         calls
     }
 
-    /// Starts the task that gives back shares past their time, once.
+    /// How long a share lasts: `max_age`, or without borrowing the timeout
+    /// (the units granted to waiting requests must outlive their waking).
+    pub(super) fn share_life(&self) -> Nanos {
+        let life = if self.max_age.is_zero() {
+            self.timeout
+        } else {
+            self.max_age
+        };
+        u64::try_from(life.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Starts the task that gives back shares past their time and forgets
+    /// keys no longer seen, once.
     pub(super) fn sweep_shares(self: &Arc<Self>) {
         if !self.flights.start_sweeping() {
             return;
@@ -455,13 +497,14 @@ impl Inner {
             return;
         };
         let weak = Arc::downgrade(self);
-        let every = (self.max_age / 4).max(std::time::Duration::from_millis(10));
+        let every = std::time::Duration::from_nanos(self.share_life() / 4)
+            .max(std::time::Duration::from_millis(10));
         rt.spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(inner) = weak.upgrade() else { return };
                 let now = inner.clock.nanos();
-                for share in inner.flights.sweep(now, false) {
+                for share in inner.flights.sweep(now, false, inner.share_life()) {
                     inner.give_back(share);
                 }
             }
@@ -487,8 +530,8 @@ impl Inner {
         let flight = match take {
             Take::Unit(report, _) => return Acquired::Ready(Ok(Ok(report))),
             Take::Join(f) => f,
-            Take::Lead(f) => {
-                self.launch(id, &f, &part, lend, context);
+            Take::Lead(f, demand) => {
+                self.launch(id, &f, &part, lend.min(demand), context);
                 f
             }
         };
@@ -505,8 +548,8 @@ impl Inner {
                     flight = match inner.next(id, true) {
                         Take::Unit(report, _) => return Ok(Ok(report)),
                         Take::Join(f) => f,
-                        Take::Lead(f) => {
-                            inner.launch(id, &f, &part, lend, context);
+                        Take::Lead(f, demand) => {
+                            inner.launch(id, &f, &part, lend.min(demand), context);
                             f
                         }
                     };
@@ -523,9 +566,13 @@ impl Inner {
     /// for a flight); a share past its time goes back.
     pub(super) fn next(self: &Arc<Self>, id: u64, waited: bool) -> Take {
         let mut expired = Vec::new();
-        let take = self
-            .flights
-            .take(id, self.clock.nanos(), waited, &mut expired);
+        let take = self.flights.take(
+            id,
+            self.clock.nanos(),
+            waited,
+            self.share_life(),
+            &mut expired,
+        );
         for share in expired {
             self.give_back(share);
         }
@@ -576,7 +623,7 @@ impl Inner {
                             inner.failures.answered();
                             // A share lasts its maximum age, and never past
                             // the end of a quota window that counted it.
-                            let age = u64::try_from(inner.max_age.as_nanos()).unwrap_or(u64::MAX);
+                            let age = inner.share_life();
                             let window = report
                                 .items()
                                 .iter()
@@ -599,13 +646,11 @@ impl Inner {
                     }
                 }
             };
-            let granted = share.is_some();
             if let Some(old) = inner.flights.land(id, &flight, end, share) {
                 inner.give_back(old);
             }
-            if granted {
-                inner.sweep_shares();
-            }
+            // Shares past their time and keys no longer seen are swept.
+            inner.sweep_shares();
         });
     }
 
