@@ -5,7 +5,7 @@
 //!
 //! The bench starts its own `redis-server` on a free loopback port (no
 //! persistence) and a multi-thread tokio runtime with one worker per core.
-//! Each run spawns 1, 16 or 64 tasks; each task loops
+//! Each run spawns 1, 8 or 64 tasks; each task loops
 //! `RateLimitLayer::decide(key, 1)` until a shared deadline, on keys drawn
 //! at random from a set of per-key keys (as `redis-benchmark -r` draws its
 //! keys; a sweep in order would line the tasks up behind each other on the
@@ -18,12 +18,15 @@
 //! the client's: the names `script.lua` passes to `redis.call` are counted as
 //! the script's.
 //!
-//! Runs:
+//! Runs (1, 8 and 64 tasks):
 //!
 //! 1. **allowed**, over 10,000 keys: `Throttle::new(1.0, 1_000_000)` per
 //!    key, a bucket no run empties, so every decision is allowed (asserted)
 //!    and every key's state stays in Redis: each call reads and writes it.
 //!    The keys are filled before the first run.
+//!    Then **hot key**: one key of the same plan decided by three
+//!    instances (three stores, as three replicas), with 3, 24 and 63 tasks
+//!    spread over them: borrowing answers most decisions from shares.
 //! 2. **denied**, over 10,000 keys and over 100 of them:
 //!    `Throttle::new(0.01, 1)` (one request per 100 s), each key emptied
 //!    before the runs, so every decision is denied (asserted); with the
@@ -67,7 +70,7 @@ use redis_support::{RedisServer, command, require_redis};
 /// Keys the decisions spread over.
 const KEYS: usize = 10_000;
 /// Concurrent tasks of the tollgate runs and clients of the ceiling runs.
-const CONCURRENCY: [usize; 3] = [1, 16, 64];
+const CONCURRENCY: [usize; 3] = [1, 8, 64];
 /// Keys of the denied runs on a small hot set.
 const HOT_KEYS: usize = 100;
 /// Concurrency of the warm-up that fills (or empties) every key.
@@ -131,6 +134,21 @@ fn main() {
         );
         println!("{}", r.line(&format!("allowed 10k c={c}")));
         tollgate_rates.push((c, r.per_sec()));
+    }
+
+    // A hot key far from its limits, decided by three instances (stores of
+    // their own): borrowing answers most decisions from shares.
+    let instances: Vec<Layer> = (0..3)
+        .map(|_| layer(&rt, &server, "hot", generous, None))
+        .collect();
+    let one: Arc<[Vec<u8>]> = keys[..1].into();
+    for c in [3, 24, 63] {
+        let r = bench.run_on(&instances, &one, c);
+        assert_eq!(r.tally.allowed, r.tally.total, "{:?}", r.tally);
+        println!("{}", r.line(&format!("hot key 3 instances c={c}")));
+    }
+    for l in &instances {
+        rt.block_on(l.store().drained());
     }
 
     // Denied: one request per 100 s, every key emptied first. Both layers
@@ -533,13 +551,20 @@ impl Run {
 impl Bench<'_> {
     /// `c` tasks deciding until the deadline.
     fn run(&self, layer: &Layer, keys: &Arc<[Vec<u8>]>, c: usize) -> Run {
+        self.run_on(std::slice::from_ref(layer), keys, c)
+    }
+
+    /// `c` tasks deciding until the deadline, task `t` through instance
+    /// `t % instances.len()` (each a store of its own, as replicas are).
+    fn run_on(&self, instances: &[Layer], keys: &Arc<[Vec<u8>]>, c: usize) -> Run {
         let before = (self.commandstats(), CpuTimes::read(self.redis_pid));
         let start = Instant::now();
         let deadline = start + self.run_for;
         let tally = self.rt.block_on(async {
             let tasks: Vec<_> = (0..c)
                 .map(|t| {
-                    let (layer, keys) = (Arc::clone(layer), Arc::clone(keys));
+                    let layer = Arc::clone(&instances[t % instances.len()]);
+                    let keys = Arc::clone(keys);
                     tokio::spawn(async move {
                         let mut tally = Tally::default();
                         let mut random = Xorshift::new(t as u64);
