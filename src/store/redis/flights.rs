@@ -667,3 +667,120 @@ impl Inner {
         Ok((verdict, charged, granted))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A share of `units` units (the first one's report empty), good until `until`.
+    fn share(units: u32, until: Nanos) -> Share {
+        let part = Part::new(&Now::At { s: 0, ns: 0 }, 1);
+        Share::new(
+            &part,
+            &Charged::default(),
+            Report::default(),
+            units - 1,
+            until,
+        )
+    }
+
+    const AGE: Nanos = 1_000_000_000;
+
+    fn take(f: &Flights, now: Nanos, waited: bool) -> Take {
+        let mut expired = Vec::new();
+        let t = f.take(7, now, waited, AGE, &mut expired);
+        assert!(expired.is_empty());
+        t
+    }
+
+    #[test]
+    fn the_first_request_leads_the_next_ones_join() {
+        let f = Flights::default();
+        let Take::Lead(lead, demand) = take(&f, 10, false) else {
+            panic!("the first request leads")
+        };
+        assert_eq!(demand, 0, "nothing is known of the key's rate yet");
+        let Take::Join(joined) = take(&f, 11, false) else {
+            panic!("the second joins")
+        };
+        assert!(Arc::ptr_eq(&lead, &joined));
+        assert_eq!(lead.joined(), 2);
+    }
+
+    #[test]
+    fn the_requests_that_waited_take_their_units_before_new_ones() {
+        let f = Flights::default();
+        let Take::Lead(flight, _) = take(&f, 10, false) else {
+            panic!()
+        };
+        let _ = take(&f, 11, false); // joins: two wait
+        let old = f.land(7, &flight, End::Granted, Some(share(3, 10 + AGE)));
+        assert!(old.is_none());
+        // Two units are kept for the two that waited; one is free.
+        assert!(matches!(take(&f, 12, false), Take::Unit(..)));
+        assert!(
+            matches!(take(&f, 13, false), Take::Lead(..)),
+            "the kept ones are not free"
+        );
+        assert!(matches!(take(&f, 14, true), Take::Unit(..)));
+        assert!(matches!(take(&f, 15, true), Take::Unit(..)));
+    }
+
+    #[test]
+    fn a_share_past_its_time_is_handed_back_and_a_new_flight_led() {
+        let f = Flights::default();
+        let Take::Lead(flight, _) = take(&f, 10, false) else {
+            panic!()
+        };
+        f.land(7, &flight, End::Granted, Some(share(5, 100)));
+        assert!(matches!(take(&f, 20, false), Take::Unit(..)));
+        let mut expired = Vec::new();
+        let t = f.take(7, 100, false, AGE, &mut expired);
+        assert!(matches!(t, Take::Lead(..)));
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].left, 4, "the unused units go back");
+    }
+
+    #[test]
+    fn a_key_borrows_for_the_rate_its_requests_came_at() {
+        let f = Flights::default();
+        let Take::Lead(flight, _) = take(&f, 0, false) else {
+            panic!()
+        };
+        // Nine more in the next 90 ms join the flight.
+        for i in 1..10 {
+            assert!(matches!(take(&f, i * 10_000_000, false), Take::Join(_)));
+        }
+        f.land(
+            7,
+            &flight,
+            End::Denied(Denied::concurrency(Applied::default())),
+            None,
+        );
+        // The tenth since the launch, 100 ms after it: 100 a second, so 50
+        // in half of max_age.
+        let Take::Lead(_, demand) = take(&f, 100_000_000, false) else {
+            panic!("no flight is in the air")
+        };
+        assert_eq!(demand, 50);
+    }
+
+    #[test]
+    fn idle_keys_are_forgotten_and_all_shares_can_be_recalled() {
+        let f = Flights::default();
+        let Take::Lead(flight, _) = take(&f, 10, false) else {
+            panic!()
+        };
+        f.land(7, &flight, End::Granted, Some(share(3, 10 + AGE)));
+        assert_eq!(
+            f.sweep(20, true, AGE).len(),
+            1,
+            "drained: the share goes back"
+        );
+        assert!(f.sweep(10 + 2 * AGE, false, AGE).is_empty());
+        assert!(
+            f.shards.iter().all(|s| s.lock().is_empty()),
+            "the idle key is forgotten"
+        );
+    }
+}
