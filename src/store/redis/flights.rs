@@ -338,14 +338,13 @@ impl Flights {
             {
                 slot.flight = None;
             }
-            let old = match share {
+            match share {
                 Some(mut s) => {
                     s.kept = flight.joined().min(s.left);
                     slot.share.replace(s)
                 }
                 None => None,
-            };
-            old
+            }
         };
         flight.land(end);
         old.filter(|s| s.left > 0)
