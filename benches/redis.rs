@@ -24,9 +24,10 @@
 //!    key, a bucket no run empties, so every decision is allowed (asserted)
 //!    and every key's state stays in Redis: each call reads and writes it.
 //!    The keys are filled before the first run.
-//!    Then **hot key**: one key of the same plan decided by three
-//!    instances (three stores, as three replicas), with 3, 24 and 63 tasks
-//!    spread over them: borrowing answers most decisions from shares.
+//!    Then **hot key**: one key under `Throttle::new(1e6, 1_000_000)` (no
+//!    run empties it) decided by three instances (three stores, as three
+//!    replicas), with 3, 24 and 63 tasks spread over them: borrowing
+//!    answers most decisions from shares.
 //! 2. **denied**, over 10,000 keys and over 100 of them:
 //!    `Throttle::new(0.01, 1)` (one request per 100 s), each key emptied
 //!    before the runs, so every decision is denied (asserted); with the
@@ -138,8 +139,10 @@ fn main() {
 
     // A hot key far from its limits, decided by three instances (stores of
     // their own): borrowing answers most decisions from shares.
+    // A bucket that refills a million a second: no run empties it.
+    let hot_throttle = Throttle::new(1_000_000.0, 1_000_000).expect("a valid throttle");
     let instances: Vec<Layer> = (0..3)
-        .map(|_| layer(&rt, &server, "hot", generous, None))
+        .map(|_| layer(&rt, &server, "hot", hot_throttle, None))
         .collect();
     let one: Arc<[Vec<u8>]> = keys[..1].into();
     for c in [3, 24, 63] {
