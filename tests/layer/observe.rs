@@ -309,7 +309,11 @@ impl Store for Remote {
 #[tokio::test]
 async fn waited_decisions_and_store_failures_are_seen() {
     let policy = Policy::builder()
-        .plan(UsagePlan::new("open").throttle(Throttle::new(1.0, 1).unwrap()))
+        .plan(
+            UsagePlan::new("open")
+                .throttle(Throttle::new(1.0, 1).unwrap())
+                .failure(FailureMode::Open),
+        )
         .plan(
             UsagePlan::new("closed")
                 .throttle(Throttle::new(1.0, 1).unwrap())

@@ -457,7 +457,7 @@ key = "{ADMIN}"
 }
 
 /// A per-key layer on `store` for bearer tokens (the subject is the secret
-/// itself): one request a second in bursts of 2, 50 tokens a minute, and
+/// itself): one request a second in bursts of 2, 50 tokens a minute, failing open, and
 /// `concurrency` in flight if given; its events go to `printed`.
 fn bearer_layer<S: tollgate::store::Store>(
     store: S,
@@ -466,7 +466,8 @@ fn bearer_layer<S: tollgate::store::Store>(
 ) -> RateLimitLayer<Bearer, S> {
     let mut plan = UsagePlan::new("open")
         .throttle(Throttle::new(1.0, 2).unwrap())
-        .tokens(TokenBudget::new().per_minute(50).unwrap());
+        .tokens(TokenBudget::new().per_minute(50).unwrap())
+        .failure(tollgate::FailureMode::Open);
     if let Some(n) = concurrency {
         plan = plan.concurrency(n);
     }
@@ -1107,7 +1108,7 @@ async fn redis_names_values_commands_and_the_reference_server_hold_no_key() {
         );
     }
     redis.pause();
-    // Failing open (the default): let through unchecked, and logged.
+    // Failing open: let through unchecked, and logged.
     answers.send(open(), 200, "Redis paused").await;
     redis.resume();
     let mut recovered = false;
