@@ -120,7 +120,12 @@ for i = 1, m do
   local ms = (w + 2 - today) * 86400000 - fmod(now_s, 86400) * 1000 - floor(now_ns / 1000000)
   call('PEXPIRE', key, fmt('%d', math.max(ms, 1)))
   local d = fmt('%d', today)
-  if call('HSETNX', hist, 'u:' .. d, '0') == 1 then
+  if c > 0 then
+    call('HINCRBY', hist, 'u:' .. d, q[8])
+  else
+    call('HSETNX', hist, 'u:' .. d, '0')
+  end
+  if call('HSET', hist, 'r:' .. d, fmt('%d', limit_in - used)) == 1 then
     local cut = today - days
     for _, f in ipairs(call('HKEYS', hist)) do
       local day = tonumber(string.match(f, '^[ur]:(%-?%d+)$'))
@@ -129,10 +134,6 @@ for i = 1, m do
       end
     end
   end
-  if c > 0 then
-    call('HINCRBY', hist, 'u:' .. d, q[8])
-  end
-  call('HSET', hist, 'r:' .. d, fmt('%d', limit_in - used))
   call('PEXPIRE', hist, fmt('%d', days * 86400000))
 end
 return reply

@@ -320,9 +320,19 @@ local function quotas(int)
       - (now_ns - now_ns % 1000000) / 1000000
     redis.call('PEXPIRE', key, fmt('%d', ms > 1 and ms or 1))
     local day = fmt('%d', today)
-    local u = 'u:' .. day
-    if redis.call('HSETNX', hist, u, '0') == 1 then
-      -- A new day: drop the days that fell out of the history (once a day).
+    -- Today's use starts at 0. HINCRBY makes a missing field from 0, so
+    -- with something to add, the HSETNX(u, 0) this once made first wrote
+    -- nothing HINCRBY does not: one call fewer for every charge.
+    if add then
+      redis.call('HINCRBY', hist, 'u:' .. day, add)
+    else
+      redis.call('HSETNX', hist, 'u:' .. day, '0')
+    end
+    -- u:<day> and r:<day> are always written together, so HSET counting
+    -- r:<day> as new tells the day's first write, as HSETNX's reply did: a
+    -- new day drops the days that fell out of the history (once a day; it
+    -- never touches today's fields).
+    if redis.call('HSET', hist, 'r:' .. day, fmt('%d', remaining)) == 1 then
       local cut = today - days
       for _, f in ipairs(redis.call('HKEYS', hist)) do
         local d = tonumber(string.match(f, '^[ur]:(%-?%d+)$'))
@@ -331,10 +341,6 @@ local function quotas(int)
         end
       end
     end
-    if add then
-      redis.call('HINCRBY', hist, u, add)
-    end
-    redis.call('HSET', hist, 'r:' .. day, fmt('%d', remaining))
     redis.call('PEXPIRE', hist, fmt('%d', days * 86400000))
   end
 
