@@ -29,8 +29,10 @@ now=$(cli TIME | tr '\n' ' ')
 deadline=$(echo "$now" | awk '{ printf "%d%06d", $1 + 3600, $2 }')
 # Keys as long as the store's: {<32 hex>} with __rand_int__ for 12 of them.
 key='tollgate-ceiling:{__rand_int__00000000000000000000}:t:0000000000000000'
-call="EVALSHA $sha 1 $key a '' $deadline 1 1 1000000000 1000000 0 0 0 0"
-echo "call: $call"
+# After the time: cost 1; one throttle (interval, burst, shadow, since s and
+# ns, its cost); no quota; no cap.
+args='1 1 1000000000 1000000 0 0 0 1 0 0'
+echo "call: EVALSHA $sha 1 $key a '' $deadline $args"
 
 # calls, usec and failed_calls of EVALSHA so far.
 evalsha() {
@@ -39,16 +41,17 @@ evalsha() {
         END { if (!found) print 0, 0, 0 }'
 }
 
-# Fill the keys first.
+# Fill the keys first ($args is split into its words on purpose).
+# shellcheck disable=SC2086
 redis-benchmark -h "$host" -p "$port" -c 1 -P 64 -n 50000 -r 10000 -q \
-    EVALSHA "$sha" 1 "$key" a "" "$deadline" 1 1 1000000000 1000000 0 0 0 0 >/dev/null
+    EVALSHA "$sha" 1 "$key" a "" "$deadline" $args >/dev/null
 
 for shape in "-c 1" "-c 16" "-c 64" "-c 1 -P 64"; do
     before=$(evalsha)
     # $shape is split into its options on purpose.
     # shellcheck disable=SC2086
     rate=$(redis-benchmark -h "$host" -p "$port" $shape -n "$calls" -r 10000 -q \
-        EVALSHA "$sha" 1 "$key" a "" "$deadline" 1 1 1000000000 1000000 0 0 0 0 |
+        EVALSHA "$sha" 1 "$key" a "" "$deadline" $args |
         tr '\r' '\n' | grep 'requests per second' | tail -n 1 | sed 's/.*: //')
     after=$(evalsha)
     echo "$before $after" | awk -v shape="$shape" -v rate="$rate" '{

@@ -1194,3 +1194,65 @@ async fn bad_arguments_answer_an_error_reply() {
         .unwrap_err();
     assert!(error.to_string().contains("WRONGTYPE"), "{error}");
 }
+
+#[tokio::test]
+async fn integers_are_taken_only_as_rust_writes_them() {
+    let Some(mut r) = redis().await else { return };
+    // Mode a at an explicit now, one throttle "t": the request's cost and the
+    // throttle's interval in turn take each spelling.
+    let call = |cost: &str, interval: &str| -> Vec<String> {
+        [
+            "a", "100", "0", cost, "1", interval, "10", "0", "0", "0", "1", "0", "0",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    // Every other way tonumber reads a number is refused: signs, spaces,
+    // leading zeros, fractions, exponents, hex, infinities.
+    let refused = [
+        "+1", " 1", "1 ", "\t1", "01", "00", "-0", "1.0", "1.", ".1e1", "1e0", "0x1", "0X1", "inf",
+        "-inf", "nan", "1e309", "", "x", "1x",
+    ];
+    for v in refused {
+        let error = r
+            .raw(&["t"], &call(v, "1000"))
+            .await
+            .expect_err(&format!("cost {v:?} must fail"));
+        assert!(error.to_string().contains("bad cost"), "{v:?}: {error}");
+    }
+    for v in [
+        "0x3B9ACA00",
+        "1E9",
+        "1e9",
+        "1000000000.0",
+        "01000000000",
+        " 1000000000",
+    ] {
+        let error = r
+            .raw(&["t"], &call("1", v))
+            .await
+            .expect_err(&format!("interval {v:?} must fail"));
+        assert!(error.to_string().contains("bad interval"), "{v:?}: {error}");
+    }
+    assert_eq!(r.dbsize().await, 0, "bad input writes nothing");
+    // The same numbers written as Rust writes them are taken.
+    for (cost, interval) in [("0", "1000"), ("1", "1000"), ("2", "1000000000")] {
+        let reply = r.raw(&["t"], &call(cost, interval)).await.expect("taken");
+        assert_eq!(reply[2], 1, "{cost} {interval}");
+    }
+    // Up to 2^53 - 1 a number is exact; the deadline's bound is 2^53 - 1, so
+    // 2^53 (and what rounds to it) is refused.
+    let deadline = |d: &str| -> Vec<String> {
+        [
+            "a", "", d, "0", "1", "1000", "10", "0", "0", "0", "0", "0", "0",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    for d in ["9007199254740992", "9007199254740993"] {
+        let error = r.raw(&["t"], &deadline(d)).await.expect_err(d);
+        assert!(error.to_string().contains("bad deadline"), "{d}: {error}");
+    }
+    let reply = r.raw(&["t"], &deadline("9007199254740991")).await;
+    assert_eq!(reply.expect("a deadline far ahead")[2], 1);
+}

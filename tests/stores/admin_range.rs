@@ -24,7 +24,10 @@ const LIMIT: u64 = 100;
 
 async fn layer<S: Store>(clock: &ManualClock, store: S) -> RateLimitLayer<ApiKeyHeader, S> {
     clock.set_wall(at(2024, 5, 1, 3_600));
-    let plan = UsagePlan::new("p").quota(Quota::new(LIMIT, Period::Day).unwrap());
+    // Not borrowing: the counts below are each decision's own.
+    let plan = UsagePlan::new("p")
+        .quota(Quota::new(LIMIT, Period::Day).unwrap())
+        .borrow(false);
     let policy = Policy::builder()
         .clock(clock.clone())
         .plan(plan)

@@ -435,7 +435,9 @@ impl Inner {
 
     /// The calls that give a share's unused units back: each throttle what
     /// of them has not refilled since (mode "r"), each quota the units, in
-    /// the window that counted them (mode "t").
+    /// the window that counted them (mode "t", which never takes a count
+    /// below zero: after UpdateUsage raised what remains past the limit,
+    /// units lent stay counted, erring toward admitting less).
     fn giveback_calls(&self, share: Share) -> Vec<Call> {
         let units = share.left;
         let mut calls = Vec::with_capacity(2);

@@ -85,541 +85,605 @@
 --   history_days. Reply: now_s, now_ns, window start day, window end day, the
 --   window's limit, the new count.
 
-local E9 = 1000000000
-local MAX = 9007199254740992 -- 2^53, the last of the exact integers
-local DAY_S = 86400
-local DAY_MS = 86400000
+-- Cost: EVALSHA runs this whole chunk on every call (Redis keeps nothing
+-- between calls), so every function, upvalue and table below is made again
+-- each time, and in Redis's Lua a C function call (tonumber, math.max,
+-- string.format) costs as much as a dozen lines of arithmetic. So the
+-- helpers capture no variable (each takes what it needs as arguments, and
+-- the mode's function gets them the same way, through pcall: an upvalue
+-- costs more than a closure); only the mode's own function is made, and the
+-- quota helpers only for a call with a quota; numbers are literals (2 ^ 53
+-- is folded when compiled); records are arrays; an argument is checked with
+-- one pattern, "0" and "1" with none; and integers are written with '%d',
+-- which prints a double's integer exactly (as a C long) and as '%.0f' does,
+-- since every number written is an integer below 2^53 and none is -0.
+-- benches/script_cpu.sh measures a decision against a hand-written script
+-- that makes the same Redis calls.
 
--- Bad input raises this; the caller gets an error reply.
-local function bad(msg)
-  error({ tollgate = msg })
-end
-
--- Integers as Redis expects them (tostring would write 1e+15).
-local function str(x)
-  return string.format('%.0f', x)
-end
-
--- An integer argument in [lo, hi], written as Rust writes it: the check that
--- it prints back the same rejects what a double cannot hold exactly.
+-- An integer argument in [lo, hi] (else an error naming `what`), written as
+-- Rust writes it: digits with no leading zero, after a minus if negative.
+-- Such digits convert exactly below 2^53, and a conversion never rounds
+-- across 2^53 (itself exact), so a value read as below it was written below
+-- it; 2^53 itself must be spelt out. These are exactly the strings that
+-- '%.0f' prints back unchanged. (v + 0 converts as tonumber does.)
 local function int(v, lo, hi, what)
-  local x = type(v) == 'string' and string.match(v, '^%-?%d+$') and tonumber(v)
-  if not x or x < lo or x > hi or str(x) ~= v or v == '-0' then
-    bad('bad ' .. what)
+  -- Most arguments are 0 or 1 (and every hi >= 0): no pattern for them.
+  if v == '0' and lo <= 0 or v == '1' and lo <= 1 and hi >= 1 then
+    return v == '1' and 1 or 0
+  end
+  local x = v and string.find(v, '^%-?[1-9]%d*$') and v + 0
+  if not x or x < lo or x > hi or x == 2 ^ 53 and v ~= '9007199254740992' then
+    error({ tollgate = 'bad ' .. what })
   end
   return x
 end
 
-local function flag(v, what)
-  if v ~= '0' and v ~= '1' then
-    bad('bad ' .. what)
+-- The time of the call (ARGV[2], ARGV[3]; see the top).
+local function clock(int)
+  if ARGV[2] ~= '' then
+    return int(ARGV[2], 0, 2 ^ 40, 'now'), int(ARGV[3], 0, 1e9 - 1, 'now')
   end
-  return v == '1'
-end
-
--- floor(x / d) for integers x >= 0, d > 0: exact where x / d may round up.
-local function div(x, d)
-  return (x - math.fmod(x, d)) / d
-end
-
-local now_s, now_ns
-if ARGV[2] == '' then
   local t = redis.call('TIME')
-  now_s, now_ns = tonumber(t[1]), tonumber(t[2]) * 1000
-end
-
-local function read_now()
-  if not now_s then
-    now_s = int(ARGV[2], 0, 2 ^ 40, 'now')
-    now_ns = int(ARGV[3], 0, E9 - 1, 'now')
-  elseif ARGV[3] ~= '' then
+  local s, us = t[1] + 0, t[2] + 0
+  if ARGV[3] ~= '' then
     -- A deadline in microseconds of the server's TIME: a call that runs after
     -- it (the server stalled with the call queued) was given up by its
     -- caller, who answered the request without it, so it decides nothing.
-    local deadline = int(ARGV[3], 0, MAX - 1, 'deadline')
-    if now_s * 1000000 + div(now_ns, 1000) > deadline then
-      bad('expired')
+    if s * 1000000 + us > int(ARGV[3], 0, 2 ^ 53 - 1, 'deadline') then
+      error({ tollgate = 'expired' })
     end
   end
+  return s, us * 1000
 end
 
--- tat - now in ns. (s - now_s) * 1e9 is exact (a multiple of 2^9 far below
--- 2^62); the sum is exact below 2^53, and above it only compares as larger.
-local function ahead_of(s, ns)
-  return (s - now_s) * E9 + (ns - now_ns)
-end
-
--- floor(a * b / c) exactly, for integers 0 <= a <= c, b >= 0, 0 < c, all below
--- 2^53 while a * b need not be. With b = q * c + r it is a * q (exact: at
--- most b) plus floor(a * r / c), built over the bits of a from the top as
--- k * c + rem with 0 <= rem < c, so that no sum leaves the exact range.
-local function muldiv(a, b, c)
-  local r = math.fmod(b, c)
-  local q = a * ((b - r) / c)
-  local p, x, k, rem = 1, a, 0, 0
-  while p * 2 <= a do
-    p = p * 2
-  end
-  while p >= 1 do
-    k = k * 2 -- (k * c + rem) * 2
-    if rem >= c - rem then
-      rem, k = rem - (c - rem), k + 1
-    else
-      rem = rem * 2
-    end
-    if x >= p then -- + r
-      x = x - p
-      if rem >= c - r then
-        rem, k = rem - (c - r), k + 1
-      else
-        rem = rem + r
-      end
-    end
-    p = p / 2
-  end
-  return q + k
-end
-
--- A throttle key's TAT ahead of now (may be <= 0) and span, or nil if missing.
-local function load(key)
+-- A throttle key's TAT ahead of now in ns (may be <= 0), its span, and the
+-- TAT itself; nil if missing. (s - now_s) * 1e9 is exact (a multiple of 2^9
+-- far below 2^62); the sum is exact below 2^53, and above it only compares
+-- as larger.
+local function load(key, now_s, now_ns)
   local v = redis.call('GET', key)
   if not v then
     return nil
   end
   local s, ns, tol = string.match(v, '^(%d+) (%d+) (%d+)$')
-  s, ns, tol = tonumber(s), tonumber(ns), tonumber(tol)
-  if not s or s >= MAX or ns >= E9 or tol < 1 or tol >= MAX then
-    bad('bad throttle state')
+  if s then
+    s, ns, tol = s + 0, ns + 0, tol + 0
   end
-  return ahead_of(s, ns), tol, s, ns
+  if not s or s >= 2 ^ 53 or ns >= 1e9 or tol < 1 or tol >= 2 ^ 53 then
+    error({ tollgate = 'bad throttle state' })
+  end
+  return (s - now_s) * 1e9 + (ns - now_ns), tol, s, ns
 end
 
 -- Stores the TAT now + ahead under span tol, expiring when the bucket is full
 -- again (ceil to ms, at least 1); a TAT at or before now is no key at all.
-local function store(key, ahead, tol)
+-- For integers 0 <= x < 2^53, x % d (x - floor(x / d) * d) is exact while
+-- x / d cannot round up to the next integer, so below 2^52 here;
+-- math.fmod is exact everywhere, and slower.
+local function store(key, ahead, tol, now_s, now_ns)
   if ahead <= 0 then
     redis.call('DEL', key)
     return
   end
-  local r = math.fmod(ahead, E9)
-  local s, ns = now_s + (ahead - r) / E9, now_ns + r
-  if ns >= E9 then
-    s, ns = s + 1, ns - E9
+  local small = ahead < 2 ^ 52
+  local r = small and ahead % 1e9 or math.fmod(ahead, 1e9)
+  local s, ns = now_s + (ahead - r) / 1e9, now_ns + r
+  if ns >= 1e9 then
+    s, ns = s + 1, ns - 1e9
   end
-  local ms = div(ahead, 1e6) + (math.fmod(ahead, 1e6) > 0 and 1 or 0)
-  redis.call('SET', key, str(s) .. ' ' .. str(ns) .. ' ' .. str(tol), 'PX', str(ms))
+  local sub = small and ahead % 1e6 or math.fmod(ahead, 1e6)
+  local ms = (ahead - sub) / 1e6 + (sub > 0 and 1 or 0)
+  redis.call('SET', key, string.format('%d %d %d', s, ns, tol), 'PX', string.format('%d', ms))
 end
 
--- Proleptic Gregorian dates (Howard Hinnant's algorithms, as window.rs).
-local function days_from_civil(y, m, d)
-  if m <= 2 then
-    y = y - 1
-  end
-  local era = math.floor(y / 400)
-  local yoe = y - era * 400
-  local doy = math.floor((153 * (m > 2 and m - 3 or m + 9) + 2) / 5) + d - 1
-  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
-end
-
-local function civil_from_days(z)
-  z = z + 719468
-  local era = math.floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-    - math.floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local m = mp < 10 and mp + 3 or mp - 9
-  return yoe + era * 400 + (m <= 2 and 1 or 0), m
-end
-
--- The window [start, end) in days holding day `day`.
-local function window(q, day)
-  if q.period == 'D' then
-    return day, day + 1
-  elseif q.period == 'W' then
-    -- Day 0 is a Thursday: (day + 3) % 7 counts from Monday.
-    local back = ((day + 3) % 7 - q.week_start) % 7
-    return day - back, day - back + 7
-  end
-  local y, m = civil_from_days(day)
-  local ny, nm = y, m + 1
-  if m == 12 then
-    ny, nm = y + 1, 1
-  end
-  return days_from_civil(y, m, 1), days_from_civil(ny, nm, 1)
-end
-
--- The quota parameters at ARGV[i..i+4]: limit, period, week_start, offset,
--- created_s.
-local function quota_spec(i)
-  local q = {
-    limit = int(ARGV[i], 0, MAX, 'limit'),
-    period = ARGV[i + 1],
-    week_start = int(ARGV[i + 2], 0, 6, 'week start'),
-    offset = int(ARGV[i + 3], 0, MAX, 'offset'),
-    created = int(ARGV[i + 4], 1 - MAX, MAX - 1, 'creation time'),
-  }
-  if q.period ~= 'D' and q.period ~= 'W' and q.period ~= 'M' then
-    bad('bad period')
-  end
-  return q
-end
-
--- State::roll: the window of now if it is later than the stored one, with a
--- count of 0; else (the same window, or the clock went back) the stored
--- window and count. Also sets the window's limit (QuotaSpec::limit_in).
-local function roll(q, key)
-  q.today = div(now_s, DAY_S)
-  q.w, q.n = nil, 0
-  local v = redis.call('HMGET', key, 'w', 'n')
-  if v[1] then
-    q.w = tonumber(string.match(v[1], '^%-?%d+$'))
-    q.n = tonumber(string.match(v[2] or '0', '^%-?%d+$'))
-    if not q.w or not q.n or math.abs(q.w) > 2 ^ 40 or math.abs(q.n) > MAX then
-      bad('bad quota state')
+-- Gcra::rescale at the change of a throttle's span from `old` to `tol`: the
+-- TAT ahead of `since` (at most the old span: the key was written before
+-- the change), scaled exactly (ahead == old gives exactly tol), less the
+-- time since the change. A huge `elapsed` is inexact but then the result is
+-- <= 0 either way. Returns the TAT ahead of now under the new span, or nil
+-- when the bucket was full at the change.
+local function rescale(ahead, old, tol, tat_s, tat_ns, since_s, since_ns, now_s, now_ns)
+  -- floor(a * b / c) exactly, for integers 0 <= a <= c, b >= 0, 0 < c, all
+  -- below 2^53 while a * b need not be. With b = q * c + r it is a * q
+  -- (exact: at most b) plus floor(a * r / c), built over the bits of a from
+  -- the top as k * c + rem with 0 <= rem < c, so that no sum leaves the
+  -- exact range.
+  local function muldiv(a, b, c)
+    local r = math.fmod(b, c)
+    local q = a * ((b - r) / c)
+    local p, x, k, rem = 1, a, 0, 0
+    while p * 2 <= a do
+      p = p * 2
     end
-  end
-  q.start, q.stop = window(q, q.today)
-  if q.w and q.start <= q.w then
-    q.start, q.stop = window(q, q.w)
-  else
-    q.w, q.n = q.start, 0
-  end
-  if q.start * DAY_S <= q.created and q.created < q.stop * DAY_S then
-    q.limit_in = q.limit - q.offset
-  else
-    q.limit_in = q.limit
-  end
-end
-
--- Writes the count, and in the history today's use (+ used) and what remains.
-local function save(q, key, hist, used, remaining)
-  redis.call('HSET', key, 'w', str(q.w), 'n', str(q.n))
-  -- A day after the window ends, counted from the decision's now.
-  local ms = (q.stop + 1 - q.today) * DAY_MS - math.fmod(now_s, DAY_S) * 1000
-    - div(now_ns, 1e6)
-  redis.call('PEXPIRE', key, str(math.max(ms, 1)))
-  local u = 'u:' .. str(q.today)
-  if redis.call('HSETNX', hist, u, '0') == 1 then
-    -- A new day: drop the days that fell out of the history (once a day).
-    local cut = q.today - q.history_days
-    for _, f in ipairs(redis.call('HKEYS', hist)) do
-      local d = tonumber(string.match(f, '^[ur]:(%-?%d+)$'))
-      if d and d <= cut then
-        redis.call('HDEL', hist, f)
+    while p >= 1 do
+      k = k * 2 -- (k * c + rem) * 2
+      if rem >= c - rem then
+        rem, k = rem - (c - rem), k + 1
+      else
+        rem = rem * 2
       end
-    end
-  end
-  if used > 0 then
-    redis.call('HINCRBY', hist, u, str(used))
-  end
-  redis.call('HSET', hist, 'r:' .. str(q.today), str(remaining))
-  redis.call('PEXPIRE', hist, str(q.history_days * DAY_MS))
-end
-
-local function acquire(peek, grant)
-  local cost = int(ARGV[4], 0, MAX - 1, 'cost')
-  local n = int(ARGV[5], 0, #KEYS, 'throttle count')
-  local qi = 6 + 6 * n
-  if #ARGV < qi then
-    bad('wrong number of arguments')
-  end
-  local m = int(ARGV[qi], 0, 3, 'quota count')
-  local ci = qi + 1 + 9 * m
-  if #ARGV < ci then
-    bad('wrong number of arguments')
-  end
-  local has_cap = flag(ARGV[ci], 'concurrency flag')
-  local nkeys = n + 2 * m + (has_cap and 1 or 0)
-  local extra = (has_cap and 4 or 0) + (grant and 2 or 0)
-  if #ARGV ~= ci + extra or #KEYS ~= nkeys or (grant and has_cap) then
-    bad('wrong number of arguments')
-  end
-  local want, lend = 0, 0
-  if grant then
-    want = int(ARGV[ci + 1], 0, MAX - 1, 'want')
-    lend = int(ARGV[ci + 2], 0, MAX - 1, 'lend')
-  end
-  read_now()
-  local reply = { now_s, now_ns, 1 }
-  local allowed = true
-  local charge, convert = {}, {} -- per throttle: the TAT ahead to store, or false
-  local tols, steps = {}, {} -- per throttle: span, and ns one unit of the request takes
-  for i = 1, n do
-    local j = 6 * i
-    local interval = int(ARGV[j], 1, MAX - 1, 'interval')
-    local burst = int(ARGV[j + 1], 1, MAX - 1, 'burst')
-    local shadow = flag(ARGV[j + 2], 'shadow flag')
-    local since_s = int(ARGV[j + 3], 0, 2 ^ 40, 'since')
-    local since_ns = int(ARGV[j + 4], 0, E9 - 1, 'since')
-    local cost = int(ARGV[j + 5], 0, MAX - 1, 'cost')
-    local tol = interval * burst -- exact if below 2^53, else at least 2^53
-    if tol >= MAX then
-      bad('throttle span of 2^53 ns or more')
-    end
-    local before, old, tat_s, tat_ns = load(KEYS[i])
-    charge[i], convert[i], tols[i] = false, false, tol
-    if before and old ~= tol then
-      -- Gcra::rescale at the change: the TAT ahead of `since` (at most the
-      -- old span: the key was written before the change), scaled exactly
-      -- (ahead == old gives exactly tol), less the time since the change.
-      -- A huge `elapsed` is inexact but then the result is <= 0 either way.
-      local elapsed = 0
-      if since_s > 0 or since_ns > 0 then
-        elapsed = math.max(-ahead_of(since_s, since_ns), 0)
-      end
-      local at_change = before + elapsed
-      if elapsed > 0 then
-        at_change = (tat_s - since_s) * E9 + (tat_ns - since_ns)
-        if at_change > old then
-          -- Written after the change, by an instance still on the old
-          -- numbers: convert as of now.
-          elapsed, at_change = 0, before
+      if x >= p then -- + r
+        x = x - p
+        if rem >= c - r then
+          rem, k = rem - (c - r), k + 1
+        else
+          rem = rem + r
         end
       end
-      if at_change > 0 then
-        before = muldiv(math.min(at_change, old), tol, old) - elapsed
-        convert[i] = before
+      p = p / 2
+    end
+    return q + k
+  end
+
+  local elapsed = 0
+  if since_s > 0 or since_ns > 0 then
+    elapsed = math.max((now_s - since_s) * 1e9 + (now_ns - since_ns), 0)
+  end
+  local at_change = ahead + elapsed
+  if elapsed > 0 then
+    at_change = (tat_s - since_s) * 1e9 + (tat_ns - since_ns)
+    if at_change > old then
+      -- Written after the change, by an instance still on the old numbers:
+      -- convert as of now.
+      elapsed, at_change = 0, ahead
+    end
+  end
+  if at_change > 0 then
+    return muldiv(math.min(at_change, old), tol, old) - elapsed
+  end
+end
+
+-- The quota helpers, made only for a call with a quota: the quota's
+-- parameters at ARGV[i..] (spec), its window and count (roll), and their
+-- writes (save). Between the checks and the writes a quota is the array
+-- {w, n, stop, today, history_days}, then what acquire needs (cost,
+-- limit_in): an array, not a table of named fields, which costs thrice as
+-- much to make.
+local function quotas(int)
+  -- The window [start, end) in days holding day `day`.
+  local function window(period, week_start, day)
+    if period == 'D' then
+      return day, day + 1
+    elseif period == 'W' then
+      -- Day 0 is a Thursday: (day + 3) % 7 counts from Monday.
+      local back = ((day + 3) % 7 - week_start) % 7
+      return day - back, day - back + 7
+    end
+    -- The month: proleptic Gregorian dates (Howard Hinnant's algorithms, as
+    -- window.rs).
+    local floor = math.floor
+    local function days_from_civil(y, m)
+      if m <= 2 then
+        y = y - 1
+      end
+      local era = floor(y / 400)
+      local yoe = y - era * 400
+      local doy = floor((153 * (m > 2 and m - 3 or m + 9) + 2) / 5)
+      local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+      return era * 146097 + doe - 719468
+    end
+    local z = day + 719468
+    local era = floor(z / 146097)
+    local doe = z - era * 146097
+    local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524)
+      - floor(doe / 146096)) / 365)
+    local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+    local mp = floor((5 * doy + 2) / 153)
+    local m = mp < 10 and mp + 3 or mp - 9
+    local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+    if m == 12 then
+      return days_from_civil(y, 12), days_from_civil(y + 1, 1)
+    end
+    return days_from_civil(y, m), days_from_civil(y, m + 1)
+  end
+
+  -- The parameters at ARGV[i..i+4], checked: limit, period, week_start,
+  -- offset, created_s.
+  local function spec(i)
+    local limit = int(ARGV[i], 0, 2 ^ 53, 'limit')
+    local period = ARGV[i + 1]
+    local week_start = int(ARGV[i + 2], 0, 6, 'week start')
+    local offset = int(ARGV[i + 3], 0, 2 ^ 53, 'offset')
+    local created = int(ARGV[i + 4], 1 - 2 ^ 53, 2 ^ 53 - 1, 'creation time')
+    if period ~= 'D' and period ~= 'W' and period ~= 'M' then
+      error({ tollgate = 'bad period' })
+    end
+    return limit, period, week_start, offset, created
+  end
+
+  -- State::roll: the window of now if it is later than the stored one, with
+  -- a count of 0; else (the same window, or the clock went back) the stored
+  -- window and count. Returns today, the window start w and count n to
+  -- store, the window [start, stop) and its limit (QuotaSpec::limit_in).
+  -- now_s < 2^41, so now_s % 86400 is exact.
+  local function roll(key, now_s, limit, period, week_start, offset, created)
+    local today = (now_s - now_s % 86400) / 86400
+    local v = redis.call('HMGET', key, 'w', 'n')
+    local w, n = v[1], v[2] or '0'
+    if w then
+      w = string.find(w, '^%-?%d+$') and w + 0
+      n = string.find(n, '^%-?%d+$') and n + 0
+      if not w or not n or w > 2 ^ 40 or w < -2 ^ 40 or n > 2 ^ 53 or n < -2 ^ 53 then
+        error({ tollgate = 'bad quota state' })
       end
     end
-    before = math.max(before or 0, 0)
-    reply[3 + i] = before
-    -- cost <= burst, so cost * interval <= tol < 2^53: exact.
-    steps[i] = cost * interval
-    if cost <= burst and before + cost * interval <= tol then
-      charge[i] = cost > 0 and before + cost * interval
-    elseif not shadow then
-      allowed = false
+    local start, stop = window(period, week_start, today)
+    if w and start <= w then
+      start, stop = window(period, week_start, w)
+    else
+      w, n = start, 0
     end
-  end
-  local quotas = {}
-  for i = 1, m do
-    local j = qi + 1 + 9 * (i - 1)
-    local q = quota_spec(j)
-    local shadow = flag(ARGV[j + 5], 'quota shadow flag')
-    q.history_days = int(ARGV[j + 6], 1, 100000, 'history days')
-    q.cost = int(ARGV[j + 7], 0, MAX - 1, 'cost')
-    flag(ARGV[j + 8], 'quota tokens flag')
-    q.key, q.hist = KEYS[n + 2 * i - 1], KEYS[n + 2 * i]
-    roll(q, q.key)
-    local k = #reply
-    reply[k + 1], reply[k + 2], reply[k + 3], reply[k + 4] = q.start, q.stop, q.limit_in, q.n
-    if (q.n + q.cost > q.limit_in or q.cost > q.limit) and not shadow then
-      allowed = false
+    if start * 86400 <= created and created < stop * 86400 then
+      limit = limit - offset
     end
-    quotas[i] = q
+    return today, w, n, start, stop, limit
   end
-  local cap, lease_ms, member, now_ms
-  if has_cap then
-    cap = int(ARGV[ci + 1], 1, MAX - 1, 'concurrency cap')
-    lease_ms = int(ARGV[ci + 2], 1, MAX - 1, 'lease')
-    member = ARGV[ci + 3]
-    local shadow = flag(ARGV[ci + 4], 'concurrency shadow flag')
-    -- Leases of requests in flight; one past its time was held by an
-    -- instance that died or lost track of it.
-    now_ms = now_s * 1000 + div(now_ns, 1000000)
-    redis.call('ZREMRANGEBYSCORE', KEYS[nkeys], '-inf', str(now_ms))
-    local in_flight = redis.call('ZCARD', KEYS[nkeys])
-    reply[#reply + 1] = in_flight
-    if in_flight >= cap and not shadow then
-      allowed = false
+
+  -- Writes the count of quota q, and in the history today's use (+ add, an
+  -- integer as a string, or nil) and what remains.
+  local function save(q, key, hist, add, remaining, now_s, now_ns)
+    local fmt = string.format
+    local w, n, stop, today, days = q[1], q[2], q[3], q[4], q[5]
+    redis.call('HSET', key, 'w', fmt('%d', w), 'n', fmt('%d', n))
+    -- A day after the window ends, counted from the decision's now.
+    local ms = (stop + 1 - today) * 86400000 - now_s % 86400 * 1000
+      - (now_ns - now_ns % 1000000) / 1000000
+    redis.call('PEXPIRE', key, fmt('%d', ms > 1 and ms or 1))
+    local day = fmt('%d', today)
+    -- Today's use starts at 0. HINCRBY makes a missing field from 0, so
+    -- with something to add, the HSETNX(u, 0) this once made first wrote
+    -- nothing HINCRBY does not: one call fewer for every charge.
+    if add then
+      redis.call('HINCRBY', hist, 'u:' .. day, add)
+    else
+      redis.call('HSETNX', hist, 'u:' .. day, '0')
     end
+    -- u:<day> and r:<day> are always written together, so HSET counting
+    -- r:<day> as new tells the day's first write, as HSETNX's reply did: a
+    -- new day drops the days that fell out of the history (once a day; it
+    -- never touches today's fields).
+    if redis.call('HSET', hist, 'r:' .. day, fmt('%d', remaining)) == 1 then
+      local cut = today - days
+      for _, f in ipairs(redis.call('HKEYS', hist)) do
+        local d = tonumber(string.match(f, '^[ur]:(%-?%d+)$'))
+        if d and d <= cut then
+          redis.call('HDEL', hist, f)
+        end
+      end
+    end
+    redis.call('PEXPIRE', hist, fmt('%d', days * 86400000))
   end
-  -- Conversions are stored whatever the verdict; charges only when allowed
-  -- (and never by a peek).
-  local charging = allowed and not peek
-  local g = 0
-  if charging and (want > 0 or lend > 0) then
-    -- How many more units fit in every limit after this one.
-    local fit = MAX
+
+  return spec, roll, save
+end
+
+-- The mode's function: only the one asked for is made. It gets the helpers
+-- as arguments (see Cost).
+local mode, run = ARGV[1], nil
+
+-- "a" acquire, "p" peek.
+if mode == 'a' or mode == 'p' or mode == 'b' then
+  run = function(int, clock, load, store, rescale, quotas)
+    local argv, keys = ARGV, KEYS -- locals: a global is found by name
+    local cost = int(argv[4], 0, 2 ^ 53 - 1, 'cost')
+    local n = int(argv[5], 0, #keys, 'throttle count')
+    local qi = 6 + 6 * n
+    if #argv < qi then
+      error({ tollgate = 'wrong number of arguments' })
+    end
+    local m = int(argv[qi], 0, 3, 'quota count')
+    local ci = qi + 1 + 9 * m
+    if #argv < ci then
+      error({ tollgate = 'wrong number of arguments' })
+    end
+    local has_cap = int(argv[ci], 0, 1, 'concurrency flag') == 1
+    local nkeys = n + 2 * m + (has_cap and 1 or 0)
+    local grant = argv[1] == 'b'
+    local extra = (has_cap and 4 or 0) + (grant and 2 or 0)
+    if #argv ~= ci + extra or #keys ~= nkeys or (grant and has_cap) then
+      error({ tollgate = 'wrong number of arguments' })
+    end
+    local want, lend = 0, 0
+    if grant then
+      want = int(argv[ci + 1], 0, 2 ^ 53 - 1, 'want')
+      lend = int(argv[ci + 2], 0, 2 ^ 53 - 1, 'lend')
+    end
+    local now_s, now_ns = clock(int)
+    -- Made with room for a throttle, a quota and a cap: Redis reads the
+    -- reply up to its first nil.
+    local reply = { now_s, now_ns, 1, nil, nil, nil, nil, nil, nil }
+    local k = 3 + n -- its length
+    local allowed = true
+    -- Per throttle i, at 3i-2 .. 3i: its span, the TAT ahead to store if
+    -- charged, and if not (a conversion); false where nothing is stored.
+    local plans = { false, false, false } -- room for one throttle
+    local steps = grant and {} -- per throttle, ns one unit of the request takes
     for i = 1, n do
-      if steps[i] > 0 then
-        fit = charge[i] and math.min(fit, div(tols[i] - charge[i], steps[i])) or 0
+      local j = 6 * i
+      local interval = int(argv[j], 1, 2 ^ 53 - 1, 'interval')
+      local burst = int(argv[j + 1], 1, 2 ^ 53 - 1, 'burst')
+      local shadow = int(argv[j + 2], 0, 1, 'shadow flag') == 1
+      local since_s = int(argv[j + 3], 0, 2 ^ 40, 'since')
+      local since_ns = int(argv[j + 4], 0, 1e9 - 1, 'since')
+      local cost_i = int(argv[j + 5], 0, 2 ^ 53 - 1, 'cost')
+      local tol = interval * burst -- exact if below 2^53, else at least 2^53
+      if tol >= 2 ^ 53 then
+        error({ tollgate = 'throttle span of 2^53 ns or more' })
+      end
+      local before, old, tat_s, tat_ns = load(keys[i], now_s, now_ns)
+      local convert = false
+      if before and old ~= tol then
+        before = rescale(before, old, tol, tat_s, tat_ns, since_s, since_ns, now_s, now_ns)
+        convert = before or false
+      end
+      if not before or before < 0 then
+        before = 0
+      end
+      reply[3 + i] = before
+      -- cost <= burst, so cost * interval <= tol < 2^53: exact.
+      local charge = false
+      if cost_i <= burst and before + cost_i * interval <= tol then
+        charge = cost_i > 0 and before + cost_i * interval
+      elseif not shadow then
+        allowed = false
+      end
+      plans[3 * i - 2], plans[3 * i - 1], plans[3 * i] = tol, charge, convert
+      if grant then
+        steps[i] = cost_i * interval
       end
     end
-    for _, q in ipairs(quotas) do
-      if q.cost > 0 then
-        fit = math.min(fit, math.max(div(math.max(q.limit_in - q.n - q.cost, 0), q.cost), 0))
+    local spec, roll, save, qs
+    if m > 0 then
+      spec, roll, save = quotas(int)
+      qs = {}
+    end
+    for i = 1, m do
+      local j = qi + 1 + 9 * (i - 1)
+      local limit, period, week_start, offset, created = spec(j)
+      local shadow = int(argv[j + 5], 0, 1, 'quota shadow flag') == 1
+      local days = int(argv[j + 6], 1, 100000, 'history days')
+      local cost_q = int(argv[j + 7], 0, 2 ^ 53 - 1, 'cost')
+      int(argv[j + 8], 0, 1, 'quota tokens flag')
+      local today, w, used, start, stop, limit_in =
+        roll(keys[n + 2 * i - 1], now_s, limit, period, week_start, offset, created)
+      k = k + 4
+      reply[k - 3], reply[k - 2], reply[k - 1], reply[k] = start, stop, limit_in, used
+      if (used + cost_q > limit_in or cost_q > limit) and not shadow then
+        allowed = false
+      end
+      qs[i] = { w, used, stop, today, days, cost_q, limit_in }
+    end
+    local lease_ms, now_ms
+    if has_cap then
+      local cap = int(argv[ci + 1], 1, 2 ^ 53 - 1, 'concurrency cap')
+      lease_ms = int(argv[ci + 2], 1, 2 ^ 53 - 1, 'lease')
+      local shadow = int(argv[ci + 4], 0, 1, 'concurrency shadow flag') == 1
+      -- Leases of requests in flight; one past its time was held by an
+      -- instance that died or lost track of it.
+      now_ms = now_s * 1000 + (now_ns - now_ns % 1000000) / 1000000
+      redis.call('ZREMRANGEBYSCORE', keys[nkeys], '-inf', string.format('%d', now_ms))
+      local in_flight = redis.call('ZCARD', keys[nkeys])
+      k = k + 1
+      reply[k] = in_flight
+      if in_flight >= cap and not shadow then
+        allowed = false
       end
     end
-    g = math.min(want, fit)
-    g = g + math.min(lend, div(fit - g, 4))
-    if g > 0 then
+    -- Conversions are stored whatever the verdict; charges only when allowed
+    -- (and never by a peek).
+    local charging = allowed and argv[1] ~= 'p'
+    local g = 0
+    if charging and (want > 0 or lend > 0) then
+      -- How many more units fit in every limit after this one.
+      local fit = 2 ^ 53
       for i = 1, n do
-        if charge[i] then
-          charge[i] = charge[i] + g * steps[i]
+        if steps[i] > 0 then
+          local charge = plans[3 * i - 1]
+          if charge then
+            local more = (plans[3 * i - 2] - charge - (plans[3 * i - 2] - charge) % steps[i]) / steps[i]
+            fit = math.min(fit, more)
+          else
+            fit = 0
+          end
         end
       end
-      for _, q in ipairs(quotas) do
-        q.cost = q.cost * (1 + g)
-      end
-    end
-  end
-  if charging and has_cap and cost > 0 then
-    redis.call('ZADD', KEYS[nkeys], str(now_ms + lease_ms), member)
-    redis.call('PEXPIRE', KEYS[nkeys], str(lease_ms))
-  end
-  for i = 1, n do
-    local ahead = charging and charge[i] or convert[i]
-    if ahead then
-      store(KEYS[i], ahead, tols[i])
-    end
-  end
-  if not allowed then
-    reply[3] = 0
-  elseif charging then
-    for _, q in ipairs(quotas) do
-      q.n = math.min(q.n + q.cost, MAX) -- a shadow's overage saturates
-      save(q, q.key, q.hist, q.cost, q.limit_in - q.n)
-    end
-  end
-  if grant then
-    reply[#reply + 1] = g
-  end
-  return reply
-end
-
-local function refund()
-  int(ARGV[4], 0, MAX - 1, 'cost')
-  local n = int(ARGV[5], 0, #KEYS, 'throttle count')
-  if #ARGV ~= 5 + 5 * n or #KEYS ~= n then
-    bad('wrong number of arguments')
-  end
-  read_now()
-  local plan = {}
-  for i = 1, n do
-    local j = 1 + 5 * i
-    local interval = int(ARGV[j], 1, MAX - 1, 'interval')
-    local burst = int(ARGV[j + 1], 1, MAX - 1, 'burst')
-    local mine_s = int(ARGV[j + 2], 0, 2 ^ 40, 'own TAT')
-    local mine_ns = int(ARGV[j + 3], 0, E9 - 1, 'own TAT')
-    local cost = int(ARGV[j + 4], 0, MAX - 1, 'cost')
-    if interval * burst >= MAX then
-      bad('throttle span of 2^53 ns or more')
-    end
-    plan[i] = { interval, burst, mine_s, mine_ns, cost }
-  end
-  for i = 1, n do
-    local interval, burst, mine_s, mine_ns, cost = unpack(plan[i])
-    local ahead, tol = load(KEYS[i])
-    -- Nothing to give back to a full bucket, nor across a change of span.
-    if ahead and ahead > 0 and tol == interval * burst then
-      -- give = min(cost * interval, max(mine - now, 0)); the TAT moves back
-      -- by it, but not below now.
-      local give = math.min(cost * interval, math.max(ahead_of(mine_s, mine_ns), 0))
-      store(KEYS[i], ahead - give, tol)
-    end
-  end
-  return { now_s, now_ns }
-end
-
-local function settle()
-  local delta = int(ARGV[4], 1 - MAX, MAX - 1, 'delta')
-  local n = int(ARGV[5], 0, 1, 'throttle count')
-  local qi = 6 + 2 * n
-  if #ARGV < qi then
-    bad('wrong number of arguments')
-  end
-  local m = int(ARGV[qi], 0, 2, 'quota count')
-  if (#ARGV ~= qi + 6 * m and #ARGV ~= qi + 6 * m + 1) or #KEYS ~= n + 2 * m then
-    bad('wrong number of arguments')
-  end
-  local charged_day = nil
-  if #ARGV == qi + 6 * m + 1 then
-    charged_day = int(ARGV[#ARGV], -2 ^ 40, 2 ^ 40, 'charge day')
-  end
-  read_now()
-  local throttles, quotas = {}, {}
-  for i = 1, n do
-    local interval = int(ARGV[4 + 2 * i], 1, MAX - 1, 'interval')
-    local burst = int(ARGV[5 + 2 * i], 1, MAX - 1, 'burst')
-    if interval * burst >= MAX then
-      bad('throttle span of 2^53 ns or more')
-    end
-    throttles[i] = { interval, interval * burst }
-  end
-  for i = 1, m do
-    local j = qi + 1 + 6 * (i - 1)
-    local q = quota_spec(j)
-    q.history_days = int(ARGV[j + 5], 1, 100000, 'history days')
-    quotas[i] = q
-  end
-  for i = 1, n do
-    local interval, tol = unpack(throttles[i])
-    local ahead, old = load(KEYS[i])
-    ahead = math.max(ahead or 0, 0)
-    -- A key whose span changed since the decision is left alone.
-    if not old or old == tol then
-      local shift = math.min(math.abs(delta) * interval, MAX - 1)
-      if delta > 0 then
-        store(KEYS[i], math.min(ahead + shift, MAX - 1), tol)
-      elseif ahead > 0 then
-        store(KEYS[i], math.max(ahead - shift, 0), tol)
-      end
-    end
-  end
-  for i, q in ipairs(quotas) do
-    local key, hist = KEYS[n + 2 * i - 1], KEYS[n + 2 * i]
-    roll(q, key)
-    if delta >= 0 or not charged_day or charged_day >= q.start then
-      local before = q.n
-      q.n = math.min(math.max(q.n + delta, 0), MAX)
-      save(q, key, hist, 0, q.limit_in - q.n)
-      if q.n ~= before then
-        -- A refund comes off the day that was charged, while the history
-        -- still holds it.
-        local day = q.today
-        if delta < 0 and charged_day and charged_day ~= day
-          and redis.call('HEXISTS', hist, 'u:' .. str(charged_day)) == 1 then
-          day = charged_day
+      for i = 1, m do
+        local q = qs[i]
+        local cost_q = q[6]
+        if cost_q > 0 then
+          local room = math.max(q[7] - q[2] - cost_q, 0)
+          fit = math.min(fit, (room - room % cost_q) / cost_q)
         end
-        redis.call('HINCRBY', hist, 'u:' .. str(day), str(q.n - before))
-        if day ~= q.today and redis.call('HEXISTS', hist, 'r:' .. str(day)) == 1 then
-          -- What remained at that day's end had the units never been charged.
-          redis.call('HINCRBY', hist, 'r:' .. str(day), str(before - q.n))
+      end
+      g = math.min(want, fit)
+      local rest = fit - g
+      g = g + math.min(lend, (rest - rest % 4) / 4)
+      if g > 0 then
+        for i = 1, n do
+          if plans[3 * i - 1] then
+            plans[3 * i - 1] = plans[3 * i - 1] + g * steps[i]
+          end
+        end
+        for i = 1, m do
+          qs[i][6] = qs[i][6] * (1 + g)
         end
       end
     end
+    if charging and has_cap and cost > 0 then
+      redis.call('ZADD', keys[nkeys], string.format('%d', now_ms + lease_ms), argv[ci + 3])
+      redis.call('PEXPIRE', keys[nkeys], argv[ci + 2]) -- lease_ms as written
+    end
+    for i = 1, n do
+      local ahead = charging and plans[3 * i - 1] or plans[3 * i]
+      if ahead then
+        store(keys[i], ahead, plans[3 * i - 2], now_s, now_ns)
+      end
+    end
+    if not allowed then
+      reply[3] = 0
+    elseif charging then
+      for i = 1, m do
+        local q = qs[i]
+        local cost_q, limit_in = q[6], q[7]
+        local used = q[2] + cost_q
+        if used > 2 ^ 53 then
+          used = 2 ^ 53 -- a shadow's overage saturates
+        end
+        q[2] = used
+        -- The cost as the caller wrote it (checked by int), or with the
+        -- units granted beside it.
+        local add = cost_q > 0 and argv[qi + 8 + 9 * (i - 1)] or nil
+        if add and g > 0 then
+          add = string.format('%d', cost_q)
+        end
+        save(q, keys[n + 2 * i - 1], keys[n + 2 * i], add, limit_in - used, now_s, now_ns)
+      end
+    end
+    if grant then
+      reply[k + 1] = g
+    end
+    return reply
   end
-  return { now_s, now_ns }
 end
 
-local function set_remaining()
-  if #ARGV ~= 10 or #KEYS ~= 2 then
-    bad('wrong number of arguments')
+-- "r" refund.
+if mode == 'r' then
+  run = function(int, clock, load, store)
+    int(ARGV[4], 0, 2 ^ 53 - 1, 'cost')
+    local n = int(ARGV[5], 0, #KEYS, 'throttle count')
+    if #ARGV ~= 5 + 5 * n or #KEYS ~= n then
+      error({ tollgate = 'wrong number of arguments' })
+    end
+    local now_s, now_ns = clock(int)
+    local plan = {}
+    for i = 1, n do
+      local j = 1 + 5 * i
+      local interval = int(ARGV[j], 1, 2 ^ 53 - 1, 'interval')
+      local burst = int(ARGV[j + 1], 1, 2 ^ 53 - 1, 'burst')
+      local mine_s = int(ARGV[j + 2], 0, 2 ^ 40, 'own TAT')
+      local mine_ns = int(ARGV[j + 3], 0, 1e9 - 1, 'own TAT')
+      local cost = int(ARGV[j + 4], 0, 2 ^ 53 - 1, 'cost')
+      if interval * burst >= 2 ^ 53 then
+        error({ tollgate = 'throttle span of 2^53 ns or more' })
+      end
+      plan[i] = { interval, burst, mine_s, mine_ns, cost }
+    end
+    for i = 1, n do
+      local interval, burst, mine_s, mine_ns, cost = unpack(plan[i])
+      local ahead, tol = load(KEYS[i], now_s, now_ns)
+      -- Nothing to give back to a full bucket, nor across a change of span.
+      if ahead and ahead > 0 and tol == interval * burst then
+        -- give = min(cost * interval, max(mine - now, 0)); the TAT moves back
+        -- by it, but not below now.
+        local mine = (mine_s - now_s) * 1e9 + (mine_ns - now_ns)
+        local give = math.min(cost * interval, math.max(mine, 0))
+        store(KEYS[i], ahead - give, tol, now_s, now_ns)
+      end
+    end
+    return { now_s, now_ns }
   end
-  local remaining = int(ARGV[4], 0, MAX, 'remaining')
-  local q = quota_spec(5)
-  q.history_days = int(ARGV[10], 1, 100000, 'history days')
-  read_now()
-  roll(q, KEYS[1])
-  q.n = q.limit_in - remaining
-  if q.n < -MAX then
-    bad('remaining out of range')
-  end
-  save(q, KEYS[1], KEYS[2], 0, remaining)
-  return { now_s, now_ns, q.start, q.stop, q.limit_in, q.n }
 end
 
-local modes = {
-  a = acquire,
-  b = function()
-    return acquire(false, true)
-  end,
-  p = function()
-    return acquire(true)
-  end,
-  r = refund,
-  s = set_remaining,
-  t = settle,
-}
-local run = modes[ARGV[1]]
+-- "t" settle.
+if mode == 't' then
+  run = function(int, clock, load, store, _, quotas)
+    local delta = int(ARGV[4], 1 - 2 ^ 53, 2 ^ 53 - 1, 'delta')
+    local n = int(ARGV[5], 0, 1, 'throttle count')
+    local qi = 6 + 2 * n
+    if #ARGV < qi then
+      error({ tollgate = 'wrong number of arguments' })
+    end
+    local m = int(ARGV[qi], 0, 2, 'quota count')
+    if (#ARGV ~= qi + 6 * m and #ARGV ~= qi + 6 * m + 1) or #KEYS ~= n + 2 * m then
+      error({ tollgate = 'wrong number of arguments' })
+    end
+    local charged_day = nil
+    if #ARGV == qi + 6 * m + 1 then
+      charged_day = int(ARGV[#ARGV], -2 ^ 40, 2 ^ 40, 'charge day')
+    end
+    local now_s, now_ns = clock(int)
+    local spec, roll, save = quotas(int)
+    local throttles, qs = {}, {}
+    for i = 1, n do
+      local interval = int(ARGV[4 + 2 * i], 1, 2 ^ 53 - 1, 'interval')
+      local burst = int(ARGV[5 + 2 * i], 1, 2 ^ 53 - 1, 'burst')
+      if interval * burst >= 2 ^ 53 then
+        error({ tollgate = 'throttle span of 2^53 ns or more' })
+      end
+      throttles[i] = { interval, interval * burst }
+    end
+    for i = 1, m do
+      local j = qi + 1 + 6 * (i - 1)
+      qs[i] = { spec(j) }
+      qs[i][6] = int(ARGV[j + 5], 1, 100000, 'history days')
+    end
+    for i = 1, n do
+      local interval, tol = unpack(throttles[i])
+      local ahead, old = load(KEYS[i], now_s, now_ns)
+      ahead = math.max(ahead or 0, 0)
+      -- A key whose span changed since the decision is left alone.
+      if not old or old == tol then
+        local shift = math.min(math.abs(delta) * interval, 2 ^ 53 - 1)
+        if delta > 0 then
+          store(KEYS[i], math.min(ahead + shift, 2 ^ 53 - 1), tol, now_s, now_ns)
+        elseif ahead > 0 then
+          store(KEYS[i], math.max(ahead - shift, 0), tol, now_s, now_ns)
+        end
+      end
+    end
+    for i = 1, m do
+      local key, hist = KEYS[n + 2 * i - 1], KEYS[n + 2 * i]
+      local p = qs[i]
+      local today, w, before, start, stop, limit_in = roll(key, now_s, unpack(p, 1, 5))
+      if delta >= 0 or not charged_day or charged_day >= start then
+        local used = math.min(math.max(before + delta, 0), 2 ^ 53)
+        save({ w, used, stop, today, p[6] }, key, hist, nil, limit_in - used, now_s, now_ns)
+        if used ~= before then
+          local fmt = string.format
+          -- A refund comes off the day that was charged, while the history
+          -- still holds it (and adds to what remained at that day's end).
+          local day = today
+          if delta < 0 and charged_day and charged_day ~= today
+            and redis.call('HEXISTS', hist, fmt('u:%d', charged_day)) == 1 then
+            day = charged_day
+          end
+          redis.call('HINCRBY', hist, fmt('u:%d', day), fmt('%d', used - before))
+          if day ~= today and redis.call('HEXISTS', hist, fmt('r:%d', day)) == 1 then
+            redis.call('HINCRBY', hist, fmt('r:%d', day), fmt('%d', before - used))
+          end
+        end
+      end
+    end
+    return { now_s, now_ns }
+  end
+end
+
+-- "s" set what remains of the quota.
+if mode == 's' then
+  run = function(int, clock, _, _, _, quotas)
+    if #ARGV ~= 10 or #KEYS ~= 2 then
+      error({ tollgate = 'wrong number of arguments' })
+    end
+    local remaining = int(ARGV[4], 0, 2 ^ 53, 'remaining')
+    local spec, roll, save = quotas(int)
+    local limit, period, week_start, offset, created = spec(5)
+    local days = int(ARGV[10], 1, 100000, 'history days')
+    local now_s, now_ns = clock(int)
+    local today, w, _, start, stop, limit_in =
+      roll(KEYS[1], now_s, limit, period, week_start, offset, created)
+    local used = limit_in - remaining
+    if used < -2 ^ 53 then
+      error({ tollgate = 'remaining out of range' })
+    end
+    save({ w, used, stop, today, days }, KEYS[1], KEYS[2], nil, remaining, now_s, now_ns)
+    return { now_s, now_ns, start, stop, limit_in, used }
+  end
+end
+
 if not run then
   return redis.error_reply('tollgate: unknown mode')
 end
-local ok, res = pcall(run)
+local ok, res = pcall(run, int, clock, load, store, rescale, quotas)
 if ok then
   return res
 elseif type(res) == 'table' and res.tollgate then
