@@ -121,9 +121,11 @@ pub(super) struct Share {
     /// How every limit stood after the first unit.
     report: Report,
     cost: u32,
-    back: Giveback,
-    /// The call that granted it.
+    /// The call that granted it, what it charged and the units it granted
+    /// beyond the first: what giving units back needs.
     part: Arc<Part>,
+    charged: Charged,
+    granted: u32,
 }
 
 /// What giving a share's units back to Redis needs.
@@ -171,17 +173,33 @@ impl Share {
     /// A share of the units a flight granted beyond the first, from the
     /// call's `part`, its `reply` (without the grant) and what it charged.
     pub(super) fn new(
-        part: &Part,
-        charged: &Charged,
+        part: Arc<Part>,
+        charged: Charged,
         report: Report,
         granted: u32,
         until: Nanos,
     ) -> Share {
+        Share {
+            left: granted + 1,
+            kept: 0,
+            taken: 0,
+            until,
+            report,
+            cost: part.cost,
+            part,
+            charged,
+            granted,
+        }
+    }
+
+    /// What giving its units back needs, from the call that granted them.
+    fn back(&self) -> Giveback {
+        let (part, charged) = (&self.part, &self.charged);
         let mut back = Giveback {
             day: charged.now_s.div_euclid(86_400),
             ..Giveback::default()
         };
-        let units = u64::from(granted) + 1;
+        let units = u64::from(self.granted) + 1;
         for ((t, tat), key) in part
             .throttles
             .iter()
@@ -213,16 +231,7 @@ impl Share {
             back.quotas
                 .push((keys, q.args[..5].to_vec(), q.history_days));
         }
-        Share {
-            left: granted + 1,
-            kept: 0,
-            taken: 0,
-            until,
-            report,
-            cost: part.cost,
-            back,
-            part: Arc::new(part.clone()),
-        }
+        back
     }
 
     /// The report of the next unit: every limit has what the first unit
@@ -413,10 +422,9 @@ impl Inner {
     /// or changes those limits, so that it sees (and its change is not
     /// undone by) no unit this instance holds unused.
     pub(super) fn recall(self: &Arc<Self>, keys: Vec<String>) -> impl Future<Output = ()> + use<> {
-        let shares = self.flights.take_matching(|share| {
-            share.back.throttles.iter().any(|t| keys.contains(&t.0))
-                || share.back.quotas.iter().any(|q| keys.contains(&q.0[0]))
-        });
+        let shares = self
+            .flights
+            .take_matching(|share| share.part.call.keys.iter().any(|k| keys.contains(k)));
         let calls: Vec<Call> = shares
             .into_iter()
             .flat_map(|s| self.giveback_calls(s))
@@ -445,7 +453,7 @@ impl Inner {
             return calls;
         }
         let now = self.now();
-        let back = share.back;
+        let back = share.back();
         if !back.throttles.is_empty() {
             let mut call = Call::new("r", &now);
             call.arg(units);
@@ -608,6 +616,7 @@ impl Inner {
             }
             part.call.arg(want);
             part.call.arg(lend);
+            let part = Arc::new(part);
             let (end, share) = match Ticket::take(&inner) {
                 None => (
                     End::Failed(StoreError::new("redis: too many calls in flight")),
@@ -633,7 +642,8 @@ impl Inner {
                                 .min()
                                 .unwrap_or(u64::MAX);
                             let until = sent.saturating_add(age.min(window));
-                            let share = Share::new(&part, &charged, report, granted, until);
+                            let share =
+                                Share::new(Arc::clone(&part), charged, report, granted, until);
                             (End::Granted, Some(share))
                         }
                         Ok((Err(denied), _, _)) => {
@@ -675,10 +685,10 @@ mod tests {
 
     /// A share of `units` units (the first one's report empty), good until `until`.
     fn share(units: u32, until: Nanos) -> Share {
-        let part = Part::new(&Now::At { s: 0, ns: 0 }, 1);
+        let part = Arc::new(Part::new(&Now::At { s: 0, ns: 0 }, 1));
         Share::new(
-            &part,
-            &Charged::default(),
+            part,
+            Charged::default(),
             Report::default(),
             units - 1,
             until,
