@@ -227,14 +227,20 @@ async fn borrowing_near_the_limit_does_not_starve() {
     for l in &layers {
         assert!(l.decide(b"k", 1).await.is_ok());
     }
+    // The run's length: 3 s, or TOLLGATE_STARVE_SECS (the 30 s).
+    let secs: f64 = std::env::var("TOLLGATE_STARVE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    let total = (secs * 2.0 * rate) as u32;
     let mut arrivals = Vec::new();
     let mut admitted = 0;
     let every = Duration::from_secs_f64(1.0 / (2.0 * rate));
     let start = Instant::now();
     let mut pending = Vec::new();
-    for i in 0..600u32 {
-        // 1.5 s spread over the three, then 1.5 s on the first alone.
-        let layer = if i < 300 {
+    for i in 0..total {
+        // Half the run spread over the three, then on the first alone.
+        let layer = if i < total / 2 {
             &layers[i as usize % 3]
         } else {
             &layers[0]
@@ -260,6 +266,7 @@ async fn borrowing_near_the_limit_does_not_starve() {
         admitted <= exact + 2,
         "admitted {admitted}, an exact limiter {exact}"
     );
+    eprintln!("{secs} s at twice the rate: admitted {admitted}, an exact limiter {exact}");
 }
 
 /// While Redis cannot be reached, a plan's failure mode decides: `local`
