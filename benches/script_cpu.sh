@@ -7,7 +7,8 @@
 #
 # (defaults 127.0.0.1, 6379, 200000 calls per run, 5 rounds, the crate's
 # script.lua; name another file to measure it in its place, e.g. an older
-# version saved with `git show REV:src/store/redis/script.lua >/tmp/old.lua`).
+# version saved with `git show REV:src/store/redis/script.lua >/tmp/old.lua`,
+# and LEAN=file for the reference that makes the same calls as that one).
 #
 # It sends the calls RedisStore sends (mode "a", now from Redis TIME with a
 # deadline an hour ahead, as src/store/redis/call.rs builds them) in three
@@ -49,7 +50,7 @@ shape=${SHAPE:--c 1 -P 64}
 cli() { redis-cli -h "$host" -p "$port" "$@"; }
 
 sha_script=$(cli -x SCRIPT LOAD <"$script")
-sha_lean=$(cli -x SCRIPT LOAD <"$dir/lean.lua")
+sha_lean=$(cli -x SCRIPT LOAD <"${LEAN:-$dir/lean.lua}")
 now=$(cli TIME | tr '\n' ' ')
 now_s=${now%% *}
 deadline=$(echo "$now" | awk '{ printf "%d%06d", $1 + 3600, $2 }')
@@ -153,7 +154,7 @@ state() {
 }
 
 echo "redis $(cli INFO server | tr -d '\r' | sed -n 's/^redis_version://p'), $calls calls per run, redis-benchmark $shape"
-echo "script: $script"
+echo "script: $script; reference: ${LEAN:-$dir/lean.lua}"
 for kind in throttle +day +day+cap; do
     if [ "$(state "$sha_script" "$kind")" != "$(state "$sha_lean" "$kind")" ]; then
         echo "$kind: the scripts differ:"
