@@ -143,13 +143,7 @@ impl Inner {
                 Some((call.keys.last()?.clone(), a.get(at + 3)?.clone()))
             });
             if let Some((key, member)) = cap {
-                let task = Arc::clone(&self);
-                self.spawn(async move {
-                    let cmd = redis::cmd("ZREM").arg(key).arg(member).clone();
-                    if let Err(e) = task.command::<i64>(cmd).await {
-                        tracing::debug!(error = %e, "lease not removed; it lapses by itself");
-                    }
-                });
+                self.remove_lease(key, member);
             }
         }
         Ok(reply)

@@ -432,6 +432,11 @@ impl Inner {
     pub(super) fn remove_place(self: &Arc<Self>, permit: Permit) {
         let key = self.cap_key(permit.place);
         let member = format!("{:016x}", permit.id);
+        self.remove_lease(key, member);
+    }
+
+    /// Removes lease `member` from the sorted set `key`, in the background.
+    pub(super) fn remove_lease(self: &Arc<Self>, key: String, member: String) {
         let task = Arc::clone(self);
         self.spawn(async move {
             let cmd = redis::cmd("ZREM").arg(key).arg(member).clone();

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
-use super::call::Part;
+use super::call::{Part, Quota};
 use super::store::Inner;
 use crate::clock::Clock;
 use crate::plan::{FailureMode, LimitKind};
@@ -88,16 +88,7 @@ impl Local {
         else {
             return;
         };
-        let r = QuotaRef {
-            kind: q.kind,
-            spec: &q.spec,
-            plan: "",
-            subject: b"",
-            digest: q.digest,
-            shadow: q.shadow,
-            history_days: q.history_days,
-        };
-        self.store.quota_at_most(&r, item.remaining);
+        self.store.quota_at_most(&q.local_ref(), item.remaining);
     }
 
     /// Gives back `permit` if the local copy granted it; `false` if it is
@@ -164,15 +155,7 @@ fn with_acquire<T>(
         });
     }
     for q in parts.iter().flat_map(|p| &p.quotas) {
-        let r = QuotaRef {
-            kind: q.kind,
-            spec: &q.spec,
-            plan: "",
-            subject: b"",
-            digest: q.digest,
-            shadow: q.shadow,
-            history_days: q.history_days,
-        };
+        let r = q.local_ref();
         match q.kind {
             LimitKind::TokensDay => acquire.token_quotas[0] = Some(r),
             LimitKind::TokensMonth => acquire.token_quotas[1] = Some(r),
@@ -190,4 +173,19 @@ fn with_acquire<T>(
         });
     }
     run(&acquire)
+}
+
+impl Quota {
+    /// The quota as the local copy counts it: by the memory store's digest.
+    fn local_ref(&self) -> QuotaRef<'_> {
+        QuotaRef {
+            kind: self.kind,
+            spec: &self.spec,
+            plan: "",
+            subject: b"",
+            digest: self.digest,
+            shadow: self.shadow,
+            history_days: self.history_days,
+        }
+    }
 }
