@@ -115,6 +115,7 @@ pub mod observe;
 mod plan;
 mod policy;
 mod quota;
+mod resolver;
 mod response;
 pub mod store;
 mod usage;
@@ -130,6 +131,9 @@ pub use crate::plan::{
     Anonymous, ApiKey, FailureMode, Quota, Stage, Throttle, TokenBudget, UsagePlan,
 };
 pub use crate::policy::{DEFAULT_HISTORY_DAYS, Policy, PolicyBuilder};
+pub use crate::resolver::{
+    KeyResolver, Resolution, ResolveError, ResolveFuture, ResolvedKey, Resolver, ResolverFallback,
+};
 pub use crate::response::{DefaultOnRejection, OnRejection, Reason, Rejection};
 pub use crate::store::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]

@@ -1,0 +1,451 @@
+//! The resolver's configuration, and the cache in front of it: bounded,
+//! keyed by a keyed hash of the value, with one lookup for concurrent misses.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quick_cache::UnitWeighter;
+use quick_cache::sync::{Cache, DefaultLifecycle};
+
+use super::{KeyResolver, Resolution, ResolveError, ResolvedKey};
+use crate::clock::Clock;
+use crate::gcra::Nanos;
+use crate::hash::{self, BuildDigestHasher, Digest};
+
+/// Default time a found key is cached.
+const POSITIVE_TTL: Duration = Duration::from_secs(60);
+/// Default time a value that is no key is cached.
+const NEGATIVE_TTL: Duration = Duration::from_secs(10);
+/// Default number of cached answers.
+const CAPACITY: usize = 100_000;
+/// Default bound of a lookup.
+const TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How a request is answered when its key could not be resolved (the
+/// resolver failed or timed out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ResolverFallback {
+    /// `503 {"message":"Service Unavailable"}` (gRPC: `UNAVAILABLE`), with
+    /// [`Reason::ResolverUnavailable`](crate::Reason::ResolverUnavailable).
+    #[default]
+    Unavailable,
+    /// As an unknown key: `403 {"message":"Forbidden"}`, with
+    /// [`Reason::UnknownKey`](crate::Reason::UnknownKey).
+    UnknownKey,
+}
+
+/// A [`KeyResolver`] and how its answers are cached, for
+/// [`RateLimitLayerBuilder::resolver`](crate::RateLimitLayerBuilder::resolver).
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate::{Resolution, Resolver, ResolverFallback};
+///
+/// let resolver = Resolver::new(|_value: String| async { Ok(Resolution::Unknown) })
+///     .positive_ttl(Duration::from_secs(300))
+///     .negative_ttl(Duration::from_secs(30))
+///     .capacity(10_000)
+///     .timeout(Duration::from_millis(250))
+///     .fallback(ResolverFallback::UnknownKey);
+/// # let _ = resolver;
+/// ```
+///
+/// Lookups are bounded with tokio's timer: the layer must serve on a tokio
+/// runtime with time enabled (axum's and tonic's are).
+#[must_use]
+pub struct Resolver {
+    resolver: Arc<dyn KeyResolver>,
+    positive_ttl: Duration,
+    negative_ttl: Duration,
+    capacity: usize,
+    timeout: Duration,
+    fallback: ResolverFallback,
+    clock: Option<Clock>,
+}
+
+impl Resolver {
+    /// Asks `resolver` for key values the policy does not hold, caching found
+    /// keys for 60 s and values that are no key for 10 s, at most 100 000
+    /// answers, each lookup bounded by 1 s, a failure answered 503.
+    pub fn new(resolver: impl KeyResolver) -> Self {
+        Resolver {
+            resolver: Arc::new(resolver),
+            positive_ttl: POSITIVE_TTL,
+            negative_ttl: NEGATIVE_TTL,
+            capacity: CAPACITY,
+            timeout: TIMEOUT,
+            fallback: ResolverFallback::default(),
+            clock: None,
+        }
+    }
+
+    /// How long a found key is cached (default 60 s). A key disabled or
+    /// moved at its source is seen within this time.
+    pub fn positive_ttl(mut self, ttl: Duration) -> Self {
+        self.positive_ttl = ttl;
+        self
+    }
+
+    /// How long a value that is no key is cached (default 10 s). A key
+    /// created at its source is seen within this time.
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.negative_ttl = ttl;
+        self
+    }
+
+    /// How many answers the cache holds at most, found and unknown together
+    /// (default 100 000; at least 1). When it is full, answers used least
+    /// lately make way; a flood of values used once does not push out the
+    /// keys in use (the cache resists scans).
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    /// How long a request waits for a lookup, its own or another request's
+    /// for the same value (default 1 s). Past it the lookup is a failure.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How a request is answered when its key could not be resolved
+    /// (default [`ResolverFallback::Unavailable`], 503).
+    pub fn fallback(mut self, fallback: ResolverFallback) -> Self {
+        self.fallback = fallback;
+        self
+    }
+
+    /// The clock that times the cache's entries (default: the system
+    /// clock). Give it a [`ManualClock`](crate::ManualClock) in tests.
+    pub fn clock(mut self, clock: impl Into<Clock>) -> Self {
+        self.clock = Some(clock.into());
+        self
+    }
+
+    /// Makes the cache.
+    pub(crate) fn build(self) -> Resolving {
+        Resolving {
+            resolver: self.resolver,
+            cache: Cache::with(
+                self.capacity,
+                self.capacity as u64,
+                UnitWeighter,
+                BuildDigestHasher::default(),
+                DefaultLifecycle::default(),
+            ),
+            positive_ttl: nanos(self.positive_ttl),
+            negative_ttl: nanos(self.negative_ttl),
+            timeout: self.timeout,
+            fallback: self.fallback,
+            clock: self.clock.unwrap_or_default(),
+        }
+    }
+}
+
+impl fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resolver")
+            .field("positive_ttl", &self.positive_ttl)
+            .field("negative_ttl", &self.negative_ttl)
+            .field("capacity", &self.capacity)
+            .field("timeout", &self.timeout)
+            .field("fallback", &self.fallback)
+            .finish_non_exhaustive()
+    }
+}
+
+fn nanos(d: Duration) -> Nanos {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// An answer, as the layer uses it.
+#[derive(Clone)]
+pub(crate) enum Answer {
+    Found(Arc<Found>),
+    Unknown,
+    Failed(ResolveError),
+}
+
+/// A found key, with what deciding for it needs at hand.
+pub(crate) struct Found {
+    pub(crate) key: ResolvedKey,
+    pub(crate) id: Arc<str>,
+    /// Where the key's state lives: the digest of its id, as for a
+    /// registered key.
+    pub(crate) state: Digest,
+}
+
+impl Answer {
+    fn of(result: Result<Resolution, ResolveError>) -> Self {
+        match result {
+            Ok(Resolution::Found(key)) => Answer::Found(Arc::new(Found {
+                id: key.id().into(),
+                state: hash::digest(key.id().as_bytes()),
+                key,
+            })),
+            Ok(Resolution::Unknown) => Answer::Unknown,
+            Err(e) => Answer::Failed(e),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Entry {
+    /// On the cache's clock.
+    expires: Nanos,
+    answer: Answer,
+}
+
+type AnswerCache = Cache<Digest, Entry, UnitWeighter, BuildDigestHasher>;
+
+/// A lookup the layer waits for.
+pub(crate) type Lookup = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+/// The resolver and its cache, shared by every clone of a layer.
+pub(crate) struct Resolving {
+    resolver: Arc<dyn KeyResolver>,
+    cache: AnswerCache,
+    positive_ttl: Nanos,
+    negative_ttl: Nanos,
+    timeout: Duration,
+    pub(crate) fallback: ResolverFallback,
+    clock: Clock,
+}
+
+impl Resolving {
+    /// The cached answer for the value of `digest`, if there is a fresh one.
+    /// A failure is never cached.
+    #[inline]
+    pub(crate) fn cached(&self, digest: Digest) -> Option<Answer> {
+        let entry = self.cache.get(&digest)?;
+        let fresh =
+            self.clock.nanos() < entry.expires && !matches!(entry.answer, Answer::Failed(_));
+        fresh.then_some(entry.answer)
+    }
+
+    /// Looks `value` (whose digest is `digest`) up: in the cache, else
+    /// through the resolver, once for all requests that wait for it.
+    pub(crate) fn lookup(self: &Arc<Self>, digest: Digest, value: &str) -> Lookup {
+        let this = Arc::clone(self);
+        let value = value.to_owned();
+        Box::pin(async move { this.load(digest, &value).await })
+    }
+
+    async fn load(&self, digest: Digest, value: &str) -> Answer {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        // A stale entry makes way for a new lookup; a fresh one that another
+        // request put there meanwhile stays.
+        let now = self.clock.nanos();
+        self.cache.remove_if(&digest, |e| e.expires <= now);
+        // Either another request is looking the value up (wait for its
+        // answer, even a failure: one lookup for all), or this one does.
+        let guard =
+            match tokio::time::timeout_at(deadline, self.cache.get_value_or_guard_async(&digest))
+                .await
+            {
+                Err(_) => return Answer::Failed(ResolveError::timeout()),
+                Ok(Ok(entry)) => return entry.answer,
+                Ok(Err(guard)) => guard,
+            };
+        let answer = match tokio::time::timeout_at(deadline, self.resolver.resolve(value)).await {
+            Ok(result) => Answer::of(result),
+            Err(_) => Answer::Failed(ResolveError::timeout()),
+        };
+        let ttl = match &answer {
+            Answer::Found(_) => self.positive_ttl,
+            Answer::Unknown => self.negative_ttl,
+            Answer::Failed(_) => 0,
+        };
+        let expires = self.clock.nanos().saturating_add(ttl);
+        let entry = Entry {
+            expires,
+            answer: answer.clone(),
+        };
+        // The requests waiting now get the answer from the guard.
+        let _ = guard.insert(entry);
+        if let Answer::Failed(e) = &answer {
+            // A failure is theirs only: the next request asks again.
+            self.cache
+                .remove_if(&digest, |e| matches!(e.answer, Answer::Failed(_)));
+            tracing::debug!(error = %e, "key lookup failed");
+        }
+        answer
+    }
+
+    /// How many answers the cache holds.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.cache.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    use super::*;
+    use crate::clock::ManualClock;
+
+    /// A resolver that counts its calls, sleeps `delay`, and knows `good`.
+    fn counting(delay: Duration) -> (Arc<AtomicUsize>, impl KeyResolver) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let resolver = move |value: String| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(delay).await;
+                Ok(match value.as_str() {
+                    "good" => Resolution::Found(ResolvedKey::new("key-1", "free").account("acme")),
+                    "off" => Resolution::Found(ResolvedKey::new("key-2", "free").enabled(false)),
+                    _ => Resolution::Unknown,
+                })
+            }
+        };
+        (calls, resolver)
+    }
+
+    fn digest(v: &str) -> Digest {
+        hash::digest(v.as_bytes())
+    }
+
+    async fn look(r: &Arc<Resolving>, v: &str) -> Answer {
+        r.lookup(digest(v), v).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_misses_make_one_lookup() {
+        let (calls, resolver) = counting(Duration::from_millis(50));
+        let r = Arc::new(Resolver::new(resolver).build());
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let r = Arc::clone(&r);
+                tokio::spawn(async move { look(&r, "good").await })
+            })
+            .collect();
+        for t in tasks {
+            let Answer::Found(found) = t.await.unwrap() else {
+                panic!("not found");
+            };
+            assert_eq!(&*found.id, "key-1");
+            assert_eq!(found.state, digest("key-1"));
+            assert_eq!(found.key.get_account(), Some("acme"));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Then from the cache, without waiting.
+        assert!(matches!(r.cached(digest("good")), Some(Answer::Found(_))));
+        assert!(r.cached(digest("other")).is_none());
+    }
+
+    #[tokio::test]
+    async fn found_keys_and_unknown_values_expire_after_their_ttls() {
+        let clock = ManualClock::new();
+        let (calls, resolver) = counting(Duration::ZERO);
+        let r = Arc::new(
+            Resolver::new(resolver)
+                .positive_ttl(Duration::from_secs(60))
+                .negative_ttl(Duration::from_secs(10))
+                .clock(clock.clone())
+                .build(),
+        );
+        assert!(matches!(look(&r, "good").await, Answer::Found(_)));
+        assert!(matches!(look(&r, "nope").await, Answer::Unknown));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        clock.advance(Duration::from_millis(9_999));
+        assert!(matches!(r.cached(digest("nope")), Some(Answer::Unknown)));
+        clock.advance(Duration::from_millis(1));
+        assert!(r.cached(digest("nope")).is_none());
+        assert!(r.cached(digest("good")).is_some());
+        assert!(matches!(look(&r, "nope").await, Answer::Unknown));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+        clock.advance(Duration::from_secs(50));
+        assert!(r.cached(digest("good")).is_none());
+        assert!(matches!(look(&r, "good").await, Answer::Found(_)));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert!(r.cached(digest("good")).is_some());
+    }
+
+    #[tokio::test]
+    async fn the_cache_holds_at_most_its_capacity() {
+        let (calls, resolver) = counting(Duration::ZERO);
+        let r = Arc::new(Resolver::new(resolver).capacity(100).build());
+        for i in 0..2_000 {
+            look(&r, &format!("guess-{i}")).await;
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2_000);
+        assert!(r.len() <= 100, "{} cached", r.len());
+        assert!(r.len() >= 50, "{} cached", r.len());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hanging_resolver_times_out_within_the_bound() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let hang = move |_: String| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<Result<Resolution, ResolveError>>()
+        };
+        let r = Arc::new(
+            Resolver::new(hang)
+                .timeout(Duration::from_millis(100))
+                .build(),
+        );
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let r = Arc::clone(&r);
+                tokio::spawn(async move { look(&r, "good").await })
+            })
+            .collect();
+        for t in tasks {
+            let Answer::Failed(e) = t.await.unwrap() else {
+                panic!("answered");
+            };
+            assert!(e.is_timeout());
+        }
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(100), "{took:?}");
+        assert!(took < Duration::from_millis(600), "{took:?}");
+        // The waiters shared the one lookup's failure; nothing was cached.
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(r.cached(digest("good")).is_none());
+        assert_eq!(r.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_not_cached() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let failing = move |_: String| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Err(ResolveError::new("database is down")) }
+        };
+        let r = Arc::new(Resolver::new(failing).build());
+        for n in 1..=2 {
+            let Answer::Failed(e) = look(&r, "good").await else {
+                panic!("answered");
+            };
+            assert_eq!(e.to_string(), "key resolver failed: database is down");
+            assert_eq!(calls.load(Ordering::SeqCst), n);
+            assert!(r.cached(digest("good")).is_none());
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let r = Resolver::new(|_: String| async { Ok(Resolution::Unknown) });
+        assert_eq!(r.positive_ttl, Duration::from_secs(60));
+        assert_eq!(r.negative_ttl, Duration::from_secs(10));
+        assert_eq!(r.capacity, 100_000);
+        assert_eq!(r.timeout, Duration::from_secs(1));
+        assert_eq!(r.fallback, ResolverFallback::Unavailable);
+        assert_eq!(r.capacity(0).capacity, 1);
+    }
+}
