@@ -37,6 +37,9 @@ pub enum Reason {
     /// The store failed (unreachable, too slow) and the plan's failure mode
     /// is [`Closed`](crate::FailureMode::Closed).
     StoreUnavailable,
+    /// The key is not registered and the [`KeyResolver`](crate::KeyResolver)
+    /// failed or timed out (see [`ResolverFallback`](crate::ResolverFallback)).
+    ResolverUnavailable,
 }
 
 /// A rejected request: the reason, the limit that rejected it and when to retry.
@@ -51,6 +54,7 @@ pub enum Reason {
 /// | too many requests of the key in flight (plan's `concurrency`) | 429 `{"message":"Too Many Requests"}`, `Retry-After: 1` | `grpc-status: 8`, `RetryInfo`, `QuotaFailure` |
 /// | no peer address for [`ClientIp`](crate::extract::ClientIp) | 500 with the fix in the message | `grpc-status: 13` (INTERNAL) |
 /// | store failed, plan `failure = "closed"` | 503 `{"message":"Service Unavailable"}` | `grpc-status: 14` (UNAVAILABLE) |
+/// | key resolver failed or timed out (default [`ResolverFallback`](crate::ResolverFallback)) | 503 `{"message":"Service Unavailable"}` | `grpc-status: 14` (UNAVAILABLE) |
 ///
 /// gRPC rejections are trailers-only: HTTP 200, an empty body, and
 /// `grpc-status` / `grpc-message` in the headers. `Retry-After` is in whole
@@ -82,6 +86,7 @@ impl Rejection {
     pub(crate) fn key(reason: Reason) -> Self {
         let status = match reason {
             Reason::Key(e) if e.is_configuration() => StatusCode::INTERNAL_SERVER_ERROR,
+            Reason::ResolverUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::FORBIDDEN,
         };
         Rejection {
@@ -155,7 +160,7 @@ impl Rejection {
 
     /// The HTTP status of the default (non-gRPC) response: 403 for key
     /// problems, 429 for limits (a quota's status is configurable), 500 for a
-    /// configuration mistake.
+    /// configuration mistake, 503 for a failed store or key resolver.
     pub fn status(&self) -> StatusCode {
         self.status
     }
@@ -172,7 +177,7 @@ impl Rejection {
             }
             Reason::QuotaExceeded => "Limit Exceeded",
             Reason::CostExceedsLimit => "Cost Exceeds Limit",
-            Reason::StoreUnavailable => "Service Unavailable",
+            Reason::StoreUnavailable | Reason::ResolverUnavailable => "Service Unavailable",
         }
     }
 
@@ -186,7 +191,7 @@ impl Rejection {
             | Reason::CostExceedsLimit
             | Reason::KeyCapacity
             | Reason::ConcurrencyLimited => 8,
-            Reason::StoreUnavailable => 14,
+            Reason::StoreUnavailable | Reason::ResolverUnavailable => 14,
         }
     }
 
@@ -251,6 +256,7 @@ impl fmt::Display for Rejection {
             Reason::KeyCapacity => f.write_str("rejected: store cannot track another key now"),
             Reason::QuotaExceeded => f.write_str("rejected: quota exceeded"),
             Reason::StoreUnavailable => f.write_str("rejected: rate-limit store unavailable"),
+            Reason::ResolverUnavailable => f.write_str("rejected: key resolver unavailable"),
             Reason::ConcurrencyLimited => {
                 f.write_str("rejected: too many requests of this key in flight")
             }

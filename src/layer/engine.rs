@@ -13,6 +13,7 @@ use crate::headers::HeaderStyle;
 use crate::observe::{Seen, SharedObserver, Watch};
 use crate::plan::{FailureMode, Plan, StageLimits};
 use crate::policy::{Policy, Snapshot};
+use crate::resolver::{Answer, Lookup, ResolveError, ResolverFallback, Resolving};
 use crate::response::{Decision, Reason, Rejection, SharedOnRejection};
 use crate::store::Failures;
 use crate::store::{Acquire, Acquired, Denied, MemoryStore, Report, Store, Subject, ThrottleRef};
@@ -32,6 +33,8 @@ pub(crate) struct Shared<K, S> {
     pub(crate) estimator: Box<dyn CostEstimator>,
     pub(crate) failures: Failures,
     pub(crate) observer: Option<SharedObserver>,
+    /// Asked for key values the policy does not hold.
+    pub(crate) resolver: Option<Arc<Resolving>>,
 }
 
 pub(crate) type SharedState<K, S> = Arc<Shared<K, S>>;
@@ -45,6 +48,35 @@ pub(crate) enum Step<F> {
     /// The store answers later; `FailureMode` says what a failure means, and
     /// the `Watch` (only with an observer) whom the decision is about.
     Wait(F, FailureMode, Option<Watch>),
+    /// The key is not registered, nor in the resolver's cache: the resolver
+    /// answers later, and the request is decided then
+    /// ([`Shared::decide_resolved`]).
+    Resolve(Lookup),
+}
+
+/// Why a key led to no caller yet: it was refused, or the resolver must be
+/// asked.
+pub(crate) enum Miss {
+    Refused(Rejection),
+    Lookup(Lookup),
+}
+
+impl From<Rejection> for Miss {
+    fn from(rejection: Rejection) -> Self {
+        Miss::Refused(rejection)
+    }
+}
+
+impl<F> Step<F> {
+    /// The step of a key found, refused, or to be looked up.
+    #[inline]
+    fn of(result: Result<Step<F>, Miss>) -> Self {
+        match result {
+            Ok(step) => step,
+            Err(Miss::Refused(rejection)) => Step::Done(Err((rejection, None))),
+            Err(Miss::Lookup(lookup)) => Step::Resolve(lookup),
+        }
+    }
 }
 
 /// Who is calling, once the key is known: the stage limits over everybody,
@@ -130,12 +162,12 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
                     key.as_bytes(),
                     days,
                 ))),
-                Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req))),
+                Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req)).into()),
             }
         } else {
             let snap = self.policy.load();
             match (self.extractor.extract(req), &snap.anonymous) {
-                (Ok(key), _) => self.registered(&snap, key.as_bytes(), Some(req), decide),
+                (Ok(key), _) => self.registered(&snap, key.as_bytes(), Some(req), true, decide),
                 (Err(KeyError::Missing), Some(anon)) => match anon.client_ip.extract(req) {
                     Ok(ip) => {
                         let stage = snap.stage.as_deref();
@@ -146,12 +178,12 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
                             days,
                         )))
                     }
-                    Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req))),
+                    Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req)).into()),
                 },
-                (Err(e), _) => Err(self.refuse(Reason::Key(e), Seen::request(req))),
+                (Err(e), _) => Err(self.refuse(Reason::Key(e), Seen::request(req)).into()),
             }
         };
-        result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
+        Step::of(result)
     }
 }
 
@@ -164,10 +196,36 @@ impl<K, S: Store> Shared<K, S> {
                 let caller = Caller::unregistered(None, plan, key, self.history_days());
                 Ok(self.acquire(&caller, None, cost, None, report))
             }
-            None => self.registered(&self.policy.load(), key, None, |c| {
+            None => self.registered(&self.policy.load(), key, None, true, |c| {
                 self.acquire(c, None, cost, None, report)
             }),
         };
+        Step::of(result)
+    }
+
+    /// Decides a request whose key the resolver has answered (after
+    /// [`Step::Resolve`]), as [`decide`](Self::decide) does a registered key.
+    pub(crate) fn decide_resolved(
+        &self,
+        answer: &Answer,
+        req: &RequestView<'_>,
+        reserve: &mut Option<Box<Unsettled>>,
+        report: &mut Report,
+    ) -> Step<S::Future> {
+        let decide = |c: &Caller<'_>| self.acquire(c, Some(req), 1, Some(reserve), report);
+        let result = self.resolved(&self.policy.load(), answer, Some(req), true, decide);
+        result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
+    }
+
+    /// [`check_any`](Self::check_any) for a key the resolver has answered.
+    pub(crate) fn check_resolved(
+        &self,
+        answer: &Answer,
+        cost: u32,
+        report: &mut Report,
+    ) -> Step<S::Future> {
+        let decide = |c: &Caller<'_>| self.acquire(c, None, cost, None, report);
+        let result = self.resolved(&self.policy.load(), answer, None, true, decide);
         result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
     }
 
@@ -240,18 +298,22 @@ impl<K, S> Shared<K, S> {
 
     /// Finds a registered `key`'s plan and hands the caller to `decide`;
     /// `req` is the request, when there is one (for the observer of a
-    /// refused key). A per-key policy never gets here: it is decided
-    /// through `fixed`.
+    /// refused key). A key not registered is asked of the resolver, if there
+    /// is one: from its cache at once, else (when the caller can `wait`)
+    /// through a [`Miss::Lookup`]. A per-key policy never gets here: it is
+    /// decided through `fixed`.
     #[inline]
     fn registered<T>(
         &self,
         snap: &Snapshot,
         key: &[u8],
         req: Option<&RequestView<'_>>,
+        wait: bool,
         decide: impl FnOnce(&Caller<'_>) -> T,
-    ) -> Result<T, Rejection> {
-        let Some(entry) = snap.keys.get(&hash::digest(key)) else {
-            return Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)));
+    ) -> Result<T, Miss> {
+        let digest = hash::digest(key);
+        let Some(entry) = snap.keys.get(&digest) else {
+            return self.unregistered(snap, digest, key, req, wait, decide);
         };
         if !entry.enabled {
             let seen = Seen {
@@ -259,7 +321,7 @@ impl<K, S> Shared<K, S> {
                 key_id: Some(&entry.id),
                 req: req.copied(),
             };
-            return Err(self.refuse(Reason::DisabledKey, seen));
+            return Err(self.refuse(Reason::DisabledKey, seen).into());
         }
         let caller = Caller {
             stage: snap.stage.as_deref(),
@@ -274,6 +336,94 @@ impl<K, S> Shared<K, S> {
         };
         Ok(decide(&caller))
     }
+
+    /// A key the policy does not hold: refused as unknown without a
+    /// resolver, decided from the resolver's cache, or to be looked up.
+    #[inline(never)]
+    fn unregistered<T>(
+        &self,
+        snap: &Snapshot,
+        digest: hash::Digest,
+        key: &[u8],
+        req: Option<&RequestView<'_>>,
+        wait: bool,
+        decide: impl FnOnce(&Caller<'_>) -> T,
+    ) -> Result<T, Miss> {
+        let Some(resolving) = &self.resolver else {
+            return Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)).into());
+        };
+        if let Some(answer) = resolving.cached(digest) {
+            return Ok(self.resolved(snap, &answer, req, false, decide)?);
+        }
+        match std::str::from_utf8(key) {
+            Ok(value) if wait => Err(Miss::Lookup(resolving.lookup(digest, value))),
+            // Without waiting (`check`), a value not cached is unknown.
+            _ => Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)).into()),
+        }
+    }
+
+    /// Hands a key the resolver answered to `decide`, as a registered key
+    /// of the same id: its plan by name from `snap`, its state at the digest
+    /// of its id. An unknown value, a disabled key, and a failed lookup are
+    /// refused; a plan name the policy does not have is a failed lookup (and
+    /// logged when the answer is `fresh` from the resolver).
+    fn resolved<T>(
+        &self,
+        snap: &Snapshot,
+        answer: &Answer,
+        req: Option<&RequestView<'_>>,
+        fresh: bool,
+        decide: impl FnOnce(&Caller<'_>) -> T,
+    ) -> Result<T, Rejection> {
+        let found = match answer {
+            Answer::Found(found) => found,
+            Answer::Unknown => return Err(self.refuse(Reason::UnknownKey, Seen::maybe(req))),
+            Answer::Failed(e) => return Err(self.unresolved(e, req)),
+        };
+        let Some(plan) = snap.plans.get(found.key.plan()) else {
+            if fresh {
+                tracing::warn!(
+                    key_id = %found.id,
+                    plan = found.key.plan(),
+                    "key resolver named a plan the policy does not have"
+                );
+            }
+            return Err(self.unresolved(&ResolveError::unknown_plan(), req));
+        };
+        if !found.key.is_enabled() {
+            let seen = Seen {
+                plan: Some(plan),
+                key_id: Some(&found.id),
+                req: req.copied(),
+            };
+            return Err(self.refuse(Reason::DisabledKey, seen));
+        }
+        let caller = Caller {
+            stage: snap.stage.as_deref(),
+            plan,
+            subject: Subject {
+                plan,
+                name: found.id.as_bytes(),
+                digest: found.state,
+                history_days: self.history_days(),
+            },
+            id: Some(&found.id),
+        };
+        Ok(decide(&caller))
+    }
+
+    /// The rejection of a key that could not be resolved: 503, or as the
+    /// resolver's fallback says.
+    #[cold]
+    fn unresolved(&self, error: &ResolveError, req: Option<&RequestView<'_>>) -> Rejection {
+        tracing::debug!(%error, "key not resolved");
+        let fallback = self.resolver.as_ref().map(|r| r.fallback);
+        let reason = match fallback.unwrap_or_default() {
+            ResolverFallback::UnknownKey => Reason::UnknownKey,
+            ResolverFallback::Unavailable => Reason::ResolverUnavailable,
+        };
+        self.refuse(reason, Seen::maybe(req))
+    }
 }
 
 impl<K> Shared<K, MemoryStore> {
@@ -286,9 +436,15 @@ impl<K> Shared<K, MemoryStore> {
                 let caller = Caller::unregistered(None, plan, key, self.history_days());
                 self.check_caller(&caller, cost)
             }
-            None => self.registered(&self.policy.load(), key, None, |c| {
-                self.check_caller(c, cost)
-            })?,
+            None => self
+                .registered(&self.policy.load(), key, None, false, |c| {
+                    self.check_caller(c, cost)
+                })
+                .map_err(|miss| match miss {
+                    Miss::Refused(rejection) => rejection,
+                    // Never asked for without waiting.
+                    Miss::Lookup(_) => Rejection::key(Reason::UnknownKey),
+                })?,
         };
         result.map_err(|d| Rejection::denied(d.denial, &d.limit, self.quota_status))
     }

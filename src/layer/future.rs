@@ -9,13 +9,14 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::Shared;
+use super::{Shared, Step};
 use crate::body::{Guard, ResponseBody, Unsettled};
 use crate::extract::RequestView;
 use crate::headers::{HeaderStyle, Prepared};
 use crate::observe::Watch;
 use crate::plan::FailureMode;
-use crate::response::is_grpc;
+use crate::resolver::Lookup;
+use crate::response::{Reason, Rejection, is_grpc};
 use crate::store::{Report, Store};
 
 pin_project! {
@@ -39,6 +40,12 @@ pin_project! {
         S: Service<R>,
         St: Store,
     {
+        // The key is not registered: the resolver is asked, then the
+        // request is decided as `call` decides a registered key's.
+        Resolving {
+            lookup: Lookup,
+            parked: Option<Box<Parked<S, R, K, St>>>,
+        },
         Waiting {
             #[pin]
             decision: St::Future,
@@ -94,6 +101,15 @@ where
         }
     }
 
+    pub(crate) fn resolving(lookup: Lookup, parked: Parked<S, R, K, St>) -> Self {
+        ResponseFuture {
+            state: State::Resolving {
+                lookup,
+                parked: Some(Box::new(parked)),
+            },
+        }
+    }
+
     pub(crate) fn waiting(decision: St::Future, parked: Parked<S, R, K, St>) -> Self {
         ResponseFuture {
             state: State::Waiting {
@@ -115,6 +131,57 @@ where
         loop {
             let mut state = self.as_mut().project().state;
             let next = match state.as_mut().project() {
+                StateProj::Resolving { lookup, parked } => {
+                    let answer = ready!(lookup.as_mut().poll(cx));
+                    let Some(mut parked) = parked.take() else {
+                        panic!("ResponseFuture polled after completion");
+                    };
+                    let mut report = Report::default();
+                    let shared = Arc::clone(&parked.shared);
+                    let step = shared.decide_resolved(
+                        &answer,
+                        &RequestView::new(&parked.req),
+                        &mut parked.reservation,
+                        &mut report,
+                    );
+                    match step {
+                        Step::Done(Ok(())) => {
+                            let Parked {
+                                inner: mut svc,
+                                mut req,
+                                reservation,
+                                ..
+                            } = *parked;
+                            State::Called {
+                                guard: Guard::hold(&shared.store, &report, reservation, &mut req),
+                                fut: svc.call(req),
+                                headers: shared.headers.prepare(&report),
+                            }
+                        }
+                        Step::Wait(decision, failure, watch) => {
+                            parked.failure = failure;
+                            parked.watch = watch;
+                            State::Waiting {
+                                decision,
+                                parked: Some(parked),
+                            }
+                        }
+                        Step::Done(Err((rejection, limit))) => {
+                            let rejection = rejection.with_grpc(is_grpc(parked.req.headers()));
+                            State::Rejected {
+                                response: Some(shared.reject(rejection, limit)),
+                            }
+                        }
+                        // A resolved key is never looked up again.
+                        Step::Resolve(_) => {
+                            let rejection = Rejection::key(Reason::ResolverUnavailable)
+                                .with_grpc(is_grpc(parked.req.headers()));
+                            State::Rejected {
+                                response: Some(shared.reject(rejection, None)),
+                            }
+                        }
+                    }
+                }
                 StateProj::Waiting { decision, parked } => {
                     let result = ready!(decision.poll(cx));
                     let Some(parked) = parked.take() else {
@@ -175,6 +242,7 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
+            State::Resolving { .. } => "Resolving",
             State::Waiting { .. } => "Waiting",
             State::Called { .. } => "Called",
             State::Rejected { .. } => "Rejected",

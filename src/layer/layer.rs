@@ -9,7 +9,8 @@ use crate::extract::{ApiKeyHeader, KeyExtractor};
 use crate::headers::HeaderStyle;
 use crate::observe::Observer;
 use crate::policy::Policy;
-use crate::response::{OnRejection, Rejection};
+use crate::resolver::Resolver;
+use crate::response::{OnRejection, Reason, Rejection};
 use crate::store::Failures;
 use crate::store::{MemoryStore, Report, Store};
 use crate::usage::Admin;
@@ -57,6 +58,7 @@ impl RateLimitLayer<ApiKeyHeader> {
             quota_status: StatusCode::TOO_MANY_REQUESTS,
             estimator: Box::new(ExtensionEstimate),
             observer: None,
+            resolver: None,
         }
     }
 }
@@ -82,6 +84,11 @@ impl<K> RateLimitLayer<K, MemoryStore> {
     ///
     /// Method overrides do not apply (there is no route); stage limits and
     /// quotas do.
+    ///
+    /// With a [resolver](RateLimitLayerBuilder::resolver), `check` never
+    /// waits for it: a key value the policy does not hold is decided from the
+    /// resolver's cache, and refused as unknown when it is not cached there.
+    /// [`decide`](Self::decide) asks the resolver.
     ///
     /// With another store, use [`decide`](Self::decide).
     pub fn check(&self, key: &[u8], cost: u32) -> Result<(), Rejection> {
@@ -121,11 +128,17 @@ impl<K, S: Store> RateLimitLayer<K, S> {
         let step = self.shared.check_any(key, cost, &mut report);
         let shared = Arc::clone(&self.shared);
         async move {
+            let step = match step {
+                Step::Resolve(lookup) => shared.check_resolved(&lookup.await, cost, &mut report),
+                step => step,
+            };
             let decided = match step {
                 Step::Done(d) => d.map(|()| report),
                 Step::Wait(f, failure, watch) => {
                     shared.conclude_watched(f.await, failure, watch, None)
                 }
+                // A resolved key is never looked up again.
+                Step::Resolve(_) => Err((Rejection::key(Reason::ResolverUnavailable), None)),
             };
             // Without a response to hold it through, a place under a
             // concurrency cap is given back at once.
@@ -207,6 +220,7 @@ pub struct RateLimitLayerBuilder<K, S = MemoryStore> {
     quota_status: StatusCode,
     estimator: Box<dyn CostEstimator>,
     observer: Option<Arc<dyn Observer>>,
+    resolver: Option<Resolver>,
 }
 
 impl<K, S: Store> RateLimitLayerBuilder<K, S> {
@@ -221,6 +235,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             quota_status: self.quota_status,
             estimator: self.estimator,
             observer: self.observer,
+            resolver: self.resolver,
         }
     }
 
@@ -238,6 +253,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             quota_status: self.quota_status,
             estimator: self.estimator,
             observer: self.observer,
+            resolver: self.resolver,
         }
     }
 
@@ -309,6 +325,16 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
         self
     }
 
+    /// Asks `resolver` for key values the policy does not hold (a database
+    /// of keys), caching its answers (see [`Resolver`] and
+    /// [`KeyResolver`](crate::KeyResolver)). Registered keys are found first;
+    /// a [`Policy::per_key`] policy never asks. Without a resolver, a value
+    /// not registered is answered 403.
+    pub fn resolver(mut self, resolver: Resolver) -> Self {
+        self.resolver = Some(resolver);
+        self
+    }
+
     /// Builds the layer and its shared state.
     pub fn build(self) -> RateLimitLayer<K, S> {
         RateLimitLayer {
@@ -323,6 +349,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
                 estimator: self.estimator,
                 failures: Failures::default(),
                 observer: self.observer,
+                resolver: self.resolver.map(|r| Arc::new(r.build())),
             }),
         }
     }

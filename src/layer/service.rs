@@ -10,6 +10,7 @@ use super::future::Parked;
 use super::{ResponseFuture, Shared, SharedState, Step};
 use crate::body::{Guard, ResponseBody};
 use crate::extract::{ApiKeyHeader, KeyExtractor, RequestView};
+use crate::plan::FailureMode;
 use crate::response::is_grpc;
 use crate::store::{MemoryStore, Report, Store};
 
@@ -99,6 +100,21 @@ where
                 // Only a rejection needs to know whether the call is gRPC.
                 let rejection = rejection.with_grpc(is_grpc(req.headers()));
                 ResponseFuture::rejected(self.shared.reject(rejection, limit))
+            }
+            Step::Resolve(lookup) => {
+                // As below: the readied service goes with the request.
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                let parked = Parked {
+                    inner: ready,
+                    req,
+                    shared: Arc::clone(&self.shared),
+                    // Set when the key's plan is known.
+                    failure: FailureMode::Closed,
+                    reservation,
+                    watch: None,
+                };
+                ResponseFuture::resolving(lookup, parked)
             }
             Step::Wait(decision, failure, watch) => {
                 // The readied service goes with the request; a clone stays.

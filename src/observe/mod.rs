@@ -267,6 +267,7 @@ fn reason_name(reason: Reason) -> &'static str {
         Reason::KeyCapacity => "key_capacity",
         Reason::ConcurrencyLimited => "concurrency_limited",
         Reason::StoreUnavailable => "store_unavailable",
+        Reason::ResolverUnavailable => "resolver_unavailable",
     }
 }
 
