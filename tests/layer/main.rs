@@ -15,4 +15,5 @@ mod hostile;
 mod http;
 mod hyper_server;
 mod observe;
+mod resolver;
 mod spoofing;

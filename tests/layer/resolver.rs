@@ -1,0 +1,325 @@
+//! Keys that live in a database: an SQLite file of hashed key values behind
+//! the layer's resolver, an axum server on a loopback port, a real client.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::get;
+use sha2::{Digest as _, Sha256};
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+use tollgate::{
+    ApiKey, KeyResolver, Policy, RateLimitLayer, Reason, Resolution, ResolveError, ResolvedKey,
+    Resolver, ResolverFallback, Throttle, UsagePlan,
+};
+
+use crate::support::{client, frozen_store, header, ok, serve};
+
+const FORBIDDEN: &str = r#"{"message":"Forbidden"}"#;
+const UNAVAILABLE: &str = r#"{"message":"Service Unavailable"}"#;
+
+/// The SHA-256 of a key value, in hex: what the table stores instead of the value.
+fn sha256_hex(value: &str) -> String {
+    Sha256::digest(value.as_bytes())
+        .iter()
+        .fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// An SQLite database file of API keys, and how many times it was queried.
+struct Keys {
+    pool: SqlitePool,
+    queries: Arc<AtomicUsize>,
+    _dir: tempfile::TempDir,
+}
+
+impl Keys {
+    async fn new() -> Keys {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("keys.db"))
+            .create_if_missing(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .unwrap();
+        sqlx::query(
+            "CREATE TABLE api_keys (
+                value_hash TEXT PRIMARY KEY,
+                id TEXT NOT NULL UNIQUE,
+                plan TEXT NOT NULL,
+                account TEXT,
+                enabled BOOLEAN NOT NULL
+            )",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        for (value, id, plan, account, enabled) in [
+            ("db-secret-1", "db-1", "free", Some("acme"), true),
+            ("db-secret-2", "db-2", "free", None, true),
+            ("db-secret-off", "db-off", "free", None, false),
+            ("db-secret-pro", "db-pro", "pro", None, true),
+            ("db-secret-gone", "db-gone", "no-such-plan", None, true),
+        ] {
+            sqlx::query("INSERT INTO api_keys VALUES (?1, ?2, ?3, ?4, ?5)")
+                .bind(sha256_hex(value))
+                .bind(id)
+                .bind(plan)
+                .bind(account)
+                .bind(enabled)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        Keys {
+            pool,
+            queries: Arc::new(AtomicUsize::new(0)),
+            _dir: dir,
+        }
+    }
+
+    fn queries(&self) -> usize {
+        self.queries.load(Ordering::SeqCst)
+    }
+
+    /// A resolver that finds a value's key by the hash of the value, from `table`.
+    fn resolver(&self, table: &'static str) -> impl KeyResolver {
+        self.slow_resolver(table, Duration::ZERO)
+    }
+
+    /// [`resolver`](Self::resolver), taking `delay` longer, as a busy
+    /// database would.
+    fn slow_resolver(&self, table: &'static str, delay: Duration) -> impl KeyResolver {
+        let pool = self.pool.clone();
+        let queries = Arc::clone(&self.queries);
+        move |value: String| {
+            let pool = pool.clone();
+            queries.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(delay).await;
+                let sql =
+                    format!("SELECT id, plan, account, enabled FROM {table} WHERE value_hash = ?1");
+                let row: Option<(String, String, Option<String>, bool)> = sqlx::query_as(&sql)
+                    .bind(sha256_hex(&value))
+                    .fetch_optional(&pool)
+                    .await
+                    .map_err(ResolveError::new)?;
+                Ok(match row {
+                    Some((id, plan, account, enabled)) => {
+                        let key = ResolvedKey::new(id, plan).enabled(enabled);
+                        Resolution::Found(match account {
+                            Some(a) => key.account(a),
+                            None => key,
+                        })
+                    }
+                    None => Resolution::Unknown,
+                })
+            }
+        }
+    }
+}
+
+/// Plans `free` (1/s, bursts of 2) and `pro` (bursts of 1000), and one key
+/// registered in the policy with the id of a database key.
+fn policy() -> Policy {
+    Policy::builder()
+        .plan(UsagePlan::new("free").throttle(Throttle::new(1.0, 2).unwrap()))
+        .plan(UsagePlan::new("pro").throttle(Throttle::new(1.0, 1000).unwrap()))
+        .key(ApiKey::new("db-1", "registered-value-of-db-1", "free"))
+        .build()
+        .unwrap()
+}
+
+/// Serves `GET /` behind the layer with `resolver`, on a frozen clock.
+async fn serve_with(resolver: Resolver) -> String {
+    let (_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(policy())
+        .store(store)
+        .resolver(resolver)
+        .build();
+    serve(Router::new().route("/", get(ok)).layer(layer)).await
+}
+
+async fn get_with_key(url: &str, key: &str) -> reqwest::Response {
+    client()
+        .get(url)
+        .header("x-api-key", key)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn assert_body(res: reqwest::Response, status: u16, body: &str) {
+    assert_eq!(res.status(), status);
+    assert_eq!(header(&res, "content-type"), "application/json");
+    assert_eq!(res.text().await.unwrap(), body);
+}
+
+#[tokio::test]
+async fn a_database_key_is_admitted_and_limited_under_its_plan() {
+    let keys = Keys::new().await;
+    let base = serve_with(Resolver::new(keys.resolver("api_keys"))).await;
+
+    let res = get_with_key(&base, "db-secret-2").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "ratelimit-policy"), r#""throttle";q=2;w=2"#);
+    assert_eq!(res.text().await.unwrap(), "ok");
+    assert_eq!(get_with_key(&base, "db-secret-2").await.status(), 200);
+    let res = get_with_key(&base, "db-secret-2").await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(header(&res, "retry-after"), "1");
+    // One query; the later requests were decided from the cache.
+    assert_eq!(keys.queries(), 1);
+
+    // Another database key has its own bucket.
+    assert_eq!(get_with_key(&base, "db-secret-pro").await.status(), 200);
+    assert_eq!(keys.queries(), 2);
+}
+
+#[tokio::test]
+async fn a_resolved_key_shares_its_counters_with_the_registered_key_of_its_id() {
+    let keys = Keys::new().await;
+    let base = serve_with(Resolver::new(keys.resolver("api_keys"))).await;
+
+    assert_eq!(get_with_key(&base, "db-secret-1").await.status(), 200);
+    assert_eq!(
+        get_with_key(&base, "registered-value-of-db-1")
+            .await
+            .status(),
+        200
+    );
+    // Bursts of 2 for the id `db-1`, whichever value is sent.
+    assert_eq!(get_with_key(&base, "db-secret-1").await.status(), 429);
+    assert_eq!(
+        get_with_key(&base, "registered-value-of-db-1")
+            .await
+            .status(),
+        429
+    );
+    // The registered value never reaches the database.
+    assert_eq!(keys.queries(), 1);
+}
+
+#[tokio::test]
+async fn an_unknown_value_is_403_and_asked_once() {
+    let keys = Keys::new().await;
+    let base = serve_with(Resolver::new(keys.resolver("api_keys"))).await;
+
+    for _ in 0..3 {
+        assert_body(get_with_key(&base, "not-a-key").await, 403, FORBIDDEN).await;
+    }
+    // The negative cache answered the second and third.
+    assert_eq!(keys.queries(), 1);
+}
+
+#[tokio::test]
+async fn a_disabled_database_key_is_403() {
+    let keys = Keys::new().await;
+    let base = serve_with(Resolver::new(keys.resolver("api_keys"))).await;
+    assert_body(get_with_key(&base, "db-secret-off").await, 403, FORBIDDEN).await;
+    assert_body(get_with_key(&base, "db-secret-off").await, 403, FORBIDDEN).await;
+    assert_eq!(keys.queries(), 1);
+}
+
+#[tokio::test]
+async fn a_key_of_a_plan_the_policy_does_not_have_is_a_failed_lookup() {
+    let keys = Keys::new().await;
+    let base = serve_with(Resolver::new(keys.resolver("api_keys"))).await;
+    assert_body(
+        get_with_key(&base, "db-secret-gone").await,
+        503,
+        UNAVAILABLE,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_hanging_resolver_is_503_within_the_timeout() {
+    let hang = |_: String| std::future::pending::<Result<Resolution, ResolveError>>();
+    let timeout = Duration::from_millis(300);
+    let base = serve_with(Resolver::new(hang).timeout(timeout)).await;
+
+    let start = Instant::now();
+    let res = get_with_key(&base, "db-secret-1").await;
+    let took = start.elapsed();
+    assert_body(res, 503, UNAVAILABLE).await;
+    assert!(took >= timeout, "{took:?}");
+    assert!(took < timeout + Duration::from_secs(1), "{took:?}");
+}
+
+#[tokio::test]
+async fn a_failing_database_is_503_or_the_configured_403() {
+    let keys = Keys::new().await;
+    // A table that does not exist: every query fails.
+    let base = serve_with(Resolver::new(keys.resolver("missing_table"))).await;
+    assert_body(get_with_key(&base, "db-secret-1").await, 503, UNAVAILABLE).await;
+    // A failure is not cached: the next request asks again.
+    assert_body(get_with_key(&base, "db-secret-1").await, 503, UNAVAILABLE).await;
+    assert_eq!(keys.queries(), 2);
+
+    let fallback =
+        Resolver::new(keys.resolver("missing_table")).fallback(ResolverFallback::UnknownKey);
+    let base = serve_with(fallback).await;
+    assert_body(get_with_key(&base, "db-secret-1").await, 403, FORBIDDEN).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_concurrent_first_requests_make_one_query() {
+    let keys = Keys::new().await;
+    // Slow enough that the requests arrive while the first one's query runs.
+    let slow = keys.slow_resolver("api_keys", Duration::from_millis(200));
+    let base = serve_with(Resolver::new(slow)).await;
+    let c = client();
+    let requests: Vec<_> = (0..100)
+        .map(|_| {
+            let req = c.get(&base).header("x-api-key", "db-secret-pro").send();
+            tokio::spawn(async move { req.await.unwrap().status() })
+        })
+        .collect();
+    for r in requests {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    assert_eq!(keys.queries(), 1);
+}
+
+#[test]
+fn check_consults_only_the_cache() {
+    let never = |_: String| async { Ok(Resolution::Found(ResolvedKey::new("db-2", "free"))) };
+    let layer = RateLimitLayer::builder(policy())
+        .resolver(Resolver::new(never))
+        .build();
+    let rejected = layer.check(b"db-secret-2", 1).unwrap_err();
+    assert_eq!(rejected.reason(), Reason::UnknownKey);
+    // A registered key is decided as before.
+    assert!(layer.check(b"registered-value-of-db-1", 1).is_ok());
+}
+
+#[tokio::test]
+async fn decide_asks_the_resolver_then_check_finds_the_key_cached() {
+    let keys = Keys::new().await;
+    let layer = RateLimitLayer::builder(policy())
+        .resolver(Resolver::new(keys.resolver("api_keys")))
+        .build();
+    assert!(layer.decide(b"db-secret-2", 1).await.is_ok());
+    assert!(layer.check(b"db-secret-2", 1).is_ok());
+    assert_eq!(
+        layer.check(b"db-secret-2", 1).unwrap_err().reason(),
+        Reason::Limited
+    );
+    assert_eq!(
+        layer
+            .decide(b"db-secret-off", 1)
+            .await
+            .unwrap_err()
+            .reason(),
+        Reason::DisabledKey
+    );
+    assert_eq!(keys.queries(), 2);
+}
