@@ -36,6 +36,8 @@
 //! UTC window ends; gRPC calls get a trailers-only `grpc-status: 8` with the
 //! exact retry delay as a `google.rpc.RetryInfo` (see [`Rejection`]). Keys and
 //! plans change while serving through [`Admin`], which also reports usage.
+//! Keys kept elsewhere (a database) are found through a [`Resolver`], whose
+//! answers are cached.
 //! Allowed and rejected responses carry the IETF `RateLimit-Policy` and
 //! `RateLimit` headers. For a key already tracked, a decision is one keyed
 //! hash, one clock read and one compare-and-swap per throttle, with no lock
