@@ -25,7 +25,8 @@ use crate::store::{MemoryStore, Report, Store};
 /// is called from `call`. With a remote store the request waits for the
 /// store's answer in the response future, holding the inner service that
 /// `poll_ready` readied (and leaving a clone in its place, as tower's
-/// middleware that wait before calling do): `S` must be `Clone`.
+/// middleware that wait before calling do): `S` must be `Clone`. A key that
+/// the [resolver](crate::Resolver) must look up waits the same way.
 pub struct RateLimit<S, K = ApiKeyHeader, St = MemoryStore> {
     inner: S,
     shared: SharedState<K, St>,

@@ -263,6 +263,17 @@ async fn a_failing_database_is_503_or_the_configured_403() {
     // A failure is not cached: the next request asks again.
     assert_body(get_with_key(&base, "db-secret-1").await, 503, UNAVAILABLE).await;
     assert_eq!(keys.queries(), 2);
+    // A gRPC call is told UNAVAILABLE, trailers-only.
+    let res = client()
+        .get(&base)
+        .header("x-api-key", "db-secret-1")
+        .header("content-type", "application/grpc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "grpc-status"), "14");
+    assert_eq!(header(&res, "grpc-message"), "Service Unavailable");
 
     let fallback =
         Resolver::new(keys.resolver("missing_table")).fallback(ResolverFallback::UnknownKey);
