@@ -11,7 +11,7 @@ use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::extract::{ClientIp, DEFAULT_MAX_KEY_LEN, validate};
 use crate::hash::{self, BuildDigestHasher, Digest};
-use crate::plan::{Anonymous, ApiKey, Plan, Stage, StageLimits, UsagePlan};
+use crate::plan::{Account, AccountLimits, Anonymous, ApiKey, Plan, Stage, StageLimits, UsagePlan};
 
 /// Days of usage history kept per key by default.
 pub const DEFAULT_HISTORY_DAYS: usize = 90;
@@ -70,6 +70,8 @@ pub(crate) struct Snapshot {
     pub(crate) ids: HashMap<Arc<str>, Digest>,
     pub(crate) stage: Option<Arc<StageLimits>>,
     pub(crate) anonymous: Option<Arc<AnonymousLimits>>,
+    /// Accounts, by name: limits shared by all the keys of each.
+    pub(crate) accounts: HashMap<Arc<str>, Arc<AccountLimits>>,
 }
 
 /// A key as the hot path sees it.
@@ -81,6 +83,8 @@ pub(crate) struct KeyEntry {
     pub(crate) state: Digest,
     pub(crate) plan: Arc<Plan>,
     pub(crate) enabled: bool,
+    /// The account the key belongs to, whose limits all its keys share.
+    pub(crate) account: Option<Arc<AccountLimits>>,
 }
 
 /// Limits for requests without a key.
@@ -112,6 +116,7 @@ impl Policy {
             ids: HashMap::new(),
             stage: None,
             anonymous: None,
+            accounts: HashMap::new(),
         };
         Ok(Policy::from_snapshot(snapshot, DEFAULT_HISTORY_DAYS))
     }
@@ -172,11 +177,21 @@ impl Snapshot {
                 key: key.id.clone(),
                 plan: key.plan.clone(),
             })?;
+        let account = match &key.account {
+            None => None,
+            Some(name) => Some(Arc::clone(self.accounts.get(name.as_str()).ok_or_else(
+                || ConfigError::UnknownAccount {
+                    key: key.id.clone(),
+                    account: name.clone(),
+                },
+            )?)),
+        };
         Ok(KeyEntry {
             id: key.id.as_str().into(),
             state: hash::digest(key.id.as_bytes()),
             plan: Arc::clone(plan),
             enabled: key.enabled,
+            account,
         })
     }
 
@@ -217,6 +232,7 @@ impl fmt::Debug for Policy {
 pub struct PolicyBuilder {
     plans: Vec<UsagePlan>,
     keys: Vec<ApiKey>,
+    accounts: Vec<Account>,
     stage: Option<Stage>,
     anonymous: Anonymous,
     history_days: Option<usize>,
@@ -233,6 +249,13 @@ impl PolicyBuilder {
     /// Adds an API key.
     pub fn key(mut self, key: ApiKey) -> Self {
         self.keys.push(key);
+        self
+    }
+
+    /// Adds an account: limits shared by all the keys that name it
+    /// ([`ApiKey::account`]).
+    pub fn account(mut self, account: Account) -> Self {
+        self.accounts.push(account);
         self
     }
 
@@ -264,8 +287,9 @@ impl PolicyBuilder {
 
     /// Checks the plans and keys and builds the policy.
     ///
-    /// Errors on invalid method paths, duplicate plan names, duplicate key ids
-    /// or values, a key that names an unknown plan, and key ids or values that
+    /// Errors on invalid method paths, duplicate plan or account names,
+    /// duplicate key ids or values, a key that names an unknown plan or
+    /// account, and key ids or values that
     /// are empty, longer than [`DEFAULT_MAX_KEY_LEN`] bytes or not visible ASCII.
     pub fn build(self) -> Result<Policy, ConfigError> {
         let history_days = self.history_days.unwrap_or(DEFAULT_HISTORY_DAYS);
@@ -295,7 +319,18 @@ impl PolicyBuilder {
                     client_ip: client_ip.clone(),
                 })),
             },
+            accounts: HashMap::with_capacity(self.accounts.len()),
         };
+        for a in &self.accounts {
+            let account = Arc::new(AccountLimits::compile(a, now));
+            if snapshot
+                .accounts
+                .insert(Arc::clone(&account.name), account)
+                .is_some()
+            {
+                return Err(ConfigError::DuplicateAccount(a.name().to_owned()));
+            }
+        }
         for p in &self.plans {
             let plan = Arc::new(Plan::compile(p, now)?);
             if snapshot

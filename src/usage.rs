@@ -10,6 +10,9 @@ use crate::policy::{KeyEntry, Policy, Snapshot};
 use crate::store::{MemoryStore, Store, StoreError, StoreFuture, Subject, ThrottleRef};
 use crate::window::Date;
 
+mod account;
+pub use self::account::AccountUsage;
+
 /// The largest count [`Admin::set_remaining`] takes: 2^53, the largest limit
 /// a quota can have. A double (a number of the Redis store's script, or of a
 /// JSON client) holds every integer up to it exactly, and not all above.
@@ -54,8 +57,8 @@ pub(crate) fn check_remaining(remaining: u64) -> Result<(), StoreError> {
 /// ```
 #[derive(Clone)]
 pub struct Admin<S = MemoryStore> {
-    policy: Policy,
-    store: S,
+    pub(crate) policy: Policy,
+    pub(crate) store: S,
 }
 
 /// A registered key as the admin handle shows it (never its value).
@@ -95,6 +98,10 @@ pub enum AdminError {
     UnknownKey(String),
     /// No plan has this name.
     UnknownPlan(String),
+    /// No account has this name.
+    UnknownAccount(String),
+    /// The account has no quota, so there is no usage to report or set.
+    NoAccountQuota(String),
     /// The plan has no quota, so there is no usage to report or set.
     NoQuota(String),
     /// The store could not be read or changed.
@@ -119,6 +126,8 @@ impl fmt::Display for AdminError {
             AdminError::Config(e) => e.fmt(f),
             AdminError::UnknownKey(id) => write!(f, "unknown api key `{id}`"),
             AdminError::UnknownPlan(p) => write!(f, "unknown plan `{p}`"),
+            AdminError::UnknownAccount(a) => write!(f, "unknown account `{a}`"),
+            AdminError::NoAccountQuota(a) => write!(f, "account `{a}` has no quota"),
             AdminError::NoQuota(p) => write!(f, "plan `{p}` has no quota"),
             AdminError::BadRange(why) => write!(f, "bad date range: {why}"),
             AdminError::Store(e) => e.fmt(f),
@@ -444,6 +453,7 @@ fn clone_entry(e: &KeyEntry) -> KeyEntry {
         state: e.state,
         plan: Arc::clone(&e.plan),
         enabled: e.enabled,
+        account: e.account.clone(),
     }
 }
 

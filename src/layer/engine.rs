@@ -11,7 +11,7 @@ use crate::extract::{KeyError, KeyExtractor, RequestView};
 use crate::hash;
 use crate::headers::HeaderStyle;
 use crate::observe::{Seen, SharedObserver, Watch};
-use crate::plan::{FailureMode, Plan, StageLimits};
+use crate::plan::{AccountLimits, FailureMode, Plan, StageLimits};
 use crate::policy::{Policy, Snapshot};
 use crate::response::{Decision, Reason, Rejection, SharedOnRejection};
 use crate::store::Failures;
@@ -52,6 +52,8 @@ pub(crate) enum Step<F> {
 /// subject whose state counts, and a registered key's public id.
 struct Caller<'a> {
     stage: Option<&'a StageLimits>,
+    /// The account of a registered key that belongs to one.
+    account: Option<&'a Arc<AccountLimits>>,
     plan: &'a Arc<Plan>,
     subject: Subject<'a>,
     id: Option<&'a Arc<str>>,
@@ -72,6 +74,7 @@ impl<'a> Caller<'a> {
     ) -> Self {
         Caller {
             stage,
+            account: None,
             plan,
             subject: Subject {
                 plan,
@@ -101,7 +104,7 @@ impl<'a> Caller<'a> {
     /// Such a request is decided without gathering its limits.
     #[inline]
     fn lone(&self) -> Option<ThrottleRef<'a>> {
-        if self.stage.is_some() {
+        if self.stage.is_some() || self.account.is_some() {
             return None;
         }
         Some(self.subject.throttle(self.plan.lone_throttle()?))
@@ -204,22 +207,25 @@ impl<K, S: Store> Shared<K, S> {
             Some(t) => Acquire::lone(t, cost, c.plan, decide),
             None => {
                 let tokens = self.reserve(c, req, reserve);
-                Acquire::gather(c.stage, &c.subject, req, cost, tokens, decide)
+                let account = c.account.map(|a| &**a);
+                Acquire::gather(c.stage, account, &c.subject, req, cost, tokens, decide)
             }
         }
     }
 
-    /// The tokens a request under a plan with a token budget is estimated
-    /// to cost; a request through the layer (not a `check`) also gets what
-    /// it takes to settle them when its response ends.
+    /// The tokens a request under a plan (or of an account) with a token
+    /// budget is estimated to cost; a request through the layer (not a
+    /// `check`) also gets what it takes to settle them when its response ends.
     #[inline]
     fn reserve(&self, c: &Caller<'_>, req: Option<&RequestView<'_>>, reserve: Reserve<'_>) -> u32 {
-        let (Some(_), Some(req), Some(reserve)) = (&c.plan.tokens, req, reserve) else {
+        let budget = c.plan.tokens.is_some() || c.account.is_some_and(|a| a.tokens.is_some());
+        let (true, Some(req), Some(reserve)) = (budget, req, reserve) else {
             return 0;
         };
         let estimate = self.estimator.estimate(req);
         *reserve = Some(Box::new(Unsettled {
             plan: Arc::clone(c.plan),
+            account: c.account.cloned(),
             subject: c.subject.name.into(),
             digest: c.subject.digest,
             history_days: c.subject.history_days,
@@ -263,6 +269,7 @@ impl<K, S> Shared<K, S> {
         }
         let caller = Caller {
             stage: snap.stage.as_deref(),
+            account: entry.account.as_ref(),
             plan: &entry.plan,
             subject: Subject {
                 plan: &entry.plan,
@@ -299,9 +306,12 @@ impl<K> Shared<K, MemoryStore> {
         let result = match c.lone() {
             // The common plan, a throttle alone, skips gathering limits.
             Some(t) => self.store.decide_throttle(&t, cost, &mut ()),
-            None => Acquire::gather(c.stage, &c.subject, None, cost, 0, |a| {
-                self.store.decide::<()>(a, &mut ())
-            }),
+            None => {
+                let account = c.account.map(|a| &**a);
+                Acquire::gather(c.stage, account, &c.subject, None, cost, 0, |a| {
+                    self.store.decide::<()>(a, &mut ())
+                })
+            }
         };
         self.checked(&result, c.seen(None));
         result
