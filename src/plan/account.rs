@@ -163,6 +163,27 @@ mod tests {
     use crate::window::Period;
 
     #[test]
+    fn a_policy_checks_its_accounts() {
+        use crate::error::ConfigError;
+        use crate::{ApiKey, Policy, UsagePlan};
+        let unknown = Policy::builder()
+            .plan(UsagePlan::new("p"))
+            .key(ApiKey::new("k", "v", "p").account("acme"))
+            .build();
+        assert!(matches!(
+            unknown,
+            Err(ConfigError::UnknownAccount { key, account }) if key == "k" && account == "acme"
+        ));
+        let twice = Policy::builder()
+            .account(Account::new("acme"))
+            .account(Account::new("acme"))
+            .build();
+        assert!(matches!(twice, Err(ConfigError::DuplicateAccount(n)) if n == "acme"));
+        let key = ApiKey::new("k", "v", "p").account("acme");
+        assert_eq!(key.get_account(), Some("acme"));
+    }
+
+    #[test]
     fn account_limits_are_named_apart_from_plans() {
         let t = Throttle::new(1.0, 1).unwrap();
         let budget = TokenBudget::new()
