@@ -110,6 +110,7 @@ pub mod extract;
 mod gcra;
 mod hash;
 mod headers;
+mod keys;
 mod layer;
 pub mod observe;
 mod plan;

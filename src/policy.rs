@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::extract::{ClientIp, DEFAULT_MAX_KEY_LEN, validate};
-use crate::hash::{self, BuildDigestHasher, Digest};
+use crate::keys::{Clash, KeyEntry, NO_ACCOUNT, Registry, ValueHasher};
 use crate::plan::{Anonymous, ApiKey, Plan, Stage, StageLimits, UsagePlan};
 
 /// Days of usage history kept per key by default.
@@ -29,8 +29,11 @@ const MIN_HISTORY_DAYS: usize = 31;
 ///
 /// A policy can be changed while serving (through
 /// [`RateLimitLayer::admin`](crate::RateLimitLayer::admin)): keys added,
-/// disabled or moved, plans replaced, without losing counters. Requests read
-/// it without a lock.
+/// removed, disabled or moved, plans replaced, without losing counters.
+/// Requests read it without a lock. Registered keys live in a concurrent
+/// hash map: adding, removing or changing one key costs the same with ten
+/// keys or ten million (see `BENCHMARKS.md`), and a key's entry takes about
+/// a hundred bytes beyond its id.
 ///
 /// ```
 /// use tollgate::{ApiKey, Period, Policy, Quota, Throttle, UsagePlan};
@@ -51,36 +54,28 @@ pub struct Policy {
 }
 
 pub(crate) struct PolicyInner {
+    /// Plans, stage and anonymous limits: few, copied on change.
     pub(crate) current: ArcSwap<Snapshot>,
-    /// Serialises changes (readers never take it).
+    /// The registered keys, changed one at a time.
+    pub(crate) keys: Registry,
+    /// Serialises changes to the snapshot (readers never take it).
     write: Mutex<()>,
     /// Days of usage history a key's quota keeps (the store keeps them).
     pub(crate) history_days: usize,
 }
 
-/// One immutable version of the policy.
+/// One immutable version of the policy's plans and shared limits.
 #[derive(Clone)]
 pub(crate) struct Snapshot {
     /// `Policy::per_key`: every key is limited under this plan.
     pub(crate) per_key: Option<Arc<Plan>>,
-    pub(crate) plans: HashMap<Arc<str>, Arc<Plan>>,
-    /// Registered keys, by the digest of their value.
-    pub(crate) keys: HashMap<Digest, Arc<KeyEntry>, BuildDigestHasher>,
-    /// Value digest by key id.
-    pub(crate) ids: HashMap<Arc<str>, Digest>,
+    /// Every plan, at the place its keys name it by. A plan keeps its place
+    /// for as long as the policy lives (plans are replaced, never removed).
+    pub(crate) plans: Vec<Arc<Plan>>,
+    /// Places in `plans` by name.
+    pub(crate) plan_names: HashMap<Arc<str>, u32>,
     pub(crate) stage: Option<Arc<StageLimits>>,
     pub(crate) anonymous: Option<Arc<AnonymousLimits>>,
-}
-
-/// A key as the hot path sees it.
-#[derive(Debug)]
-pub(crate) struct KeyEntry {
-    pub(crate) id: Arc<str>,
-    /// Where the key's state lives: the digest of its id, so that counters
-    /// follow the key, not its secret.
-    pub(crate) state: Digest,
-    pub(crate) plan: Arc<Plan>,
-    pub(crate) enabled: bool,
 }
 
 /// Limits for requests without a key.
@@ -107,13 +102,16 @@ impl Policy {
         let compiled = Arc::new(Plan::compile(&plan, clock.wall_nanos())?);
         let snapshot = Snapshot {
             per_key: Some(compiled),
-            plans: HashMap::new(),
-            keys: HashMap::default(),
-            ids: HashMap::new(),
+            plans: Vec::new(),
+            plan_names: HashMap::new(),
             stage: None,
             anonymous: None,
         };
-        Ok(Policy::from_snapshot(snapshot, DEFAULT_HISTORY_DAYS))
+        Ok(Policy::from_parts(
+            snapshot,
+            Registry::new(ValueHasher::process(), 0),
+            DEFAULT_HISTORY_DAYS,
+        ))
     }
 
     /// Starts a policy of registered API keys.
@@ -121,10 +119,11 @@ impl Policy {
         PolicyBuilder::default()
     }
 
-    fn from_snapshot(snapshot: Snapshot, history_days: usize) -> Self {
+    fn from_parts(snapshot: Snapshot, keys: Registry, history_days: usize) -> Self {
         Policy {
             inner: Arc::new(PolicyInner {
                 current: ArcSwap::from_pointee(snapshot),
+                keys,
                 write: Mutex::new(()),
                 history_days,
             }),
@@ -137,7 +136,13 @@ impl Policy {
         self.inner.current.load()
     }
 
-    /// Applies `change` to a copy of the current version and publishes it.
+    /// The registered keys.
+    #[inline]
+    pub(crate) fn keys(&self) -> &Registry {
+        &self.inner.keys
+    }
+
+    /// Applies `change` to a copy of the current plans and publishes it.
     pub(crate) fn update<R>(
         &self,
         change: impl FnOnce(&mut Snapshot) -> Result<R, crate::AdminError>,
@@ -150,9 +155,38 @@ impl Policy {
     }
 }
 
+/// A key checked against a snapshot, ready to be registered.
+pub(crate) struct Checked {
+    pub(crate) entry: KeyEntry,
+}
+
 impl Snapshot {
-    /// Builds the entry for `key`, checking it against this version.
-    pub(crate) fn entry(&self, key: &ApiKey) -> Result<KeyEntry, ConfigError> {
+    /// The plan at a place a key names.
+    #[inline]
+    pub(crate) fn plan(&self, place: u32) -> &Arc<Plan> {
+        &self.plans[place as usize]
+    }
+
+    /// The place of the plan with this name.
+    pub(crate) fn plan_place(&self, name: &str) -> Option<u32> {
+        self.plan_names.get(name).copied()
+    }
+
+    /// Adds a plan at a new place, or replaces the one with its name.
+    pub(crate) fn put_plan(&mut self, plan: Arc<Plan>) -> Option<Arc<Plan>> {
+        match self.plan_names.get(&*plan.name) {
+            Some(&at) => Some(std::mem::replace(&mut self.plans[at as usize], plan)),
+            None => {
+                self.plan_names
+                    .insert(Arc::clone(&plan.name), self.plans.len() as u32);
+                self.plans.push(plan);
+                None
+            }
+        }
+    }
+
+    /// Checks `key` (its id, value and plan) against this version.
+    pub(crate) fn check(&self, key: &ApiKey) -> Result<Checked, ConfigError> {
         if validate(key.id.as_bytes(), DEFAULT_MAX_KEY_LEN).is_err() {
             return Err(ConfigError::InvalidKey {
                 id: String::new(),
@@ -166,34 +200,22 @@ impl Snapshot {
             });
         }
         let plan = self
-            .plans
-            .get(key.plan.as_str())
+            .plan_place(&key.plan)
             .ok_or_else(|| ConfigError::UnknownPlan {
                 key: key.id.clone(),
                 plan: key.plan.clone(),
             })?;
-        Ok(KeyEntry {
-            id: key.id.as_str().into(),
-            state: hash::digest(key.id.as_bytes()),
-            plan: Arc::clone(plan),
-            enabled: key.enabled,
+        Ok(Checked {
+            entry: KeyEntry::new(&key.id, plan, NO_ACCOUNT, key.enabled),
         })
     }
+}
 
-    /// Adds a key built by [`entry`](Self::entry).
-    pub(crate) fn insert(&mut self, value: &str, entry: KeyEntry) -> Result<(), ConfigError> {
-        if self.ids.contains_key(&*entry.id) {
-            return Err(ConfigError::DuplicateKeyId(entry.id.to_string()));
-        }
-        let digest = hash::digest(value.as_bytes());
-        if self.keys.contains_key(&digest) {
-            return Err(ConfigError::DuplicateKeyValue {
-                id: entry.id.to_string(),
-            });
-        }
-        self.ids.insert(Arc::clone(&entry.id), digest);
-        self.keys.insert(digest, Arc::new(entry));
-        Ok(())
+/// The error of a key that clashes with a registered one.
+pub(crate) fn clash_error(clash: Clash, id: &str) -> ConfigError {
+    match clash {
+        Clash::Id => ConfigError::DuplicateKeyId(id.to_owned()),
+        Clash::Value => ConfigError::DuplicateKeyValue { id: id.to_owned() },
     }
 }
 
@@ -205,7 +227,7 @@ impl fmt::Debug for Policy {
             None => f
                 .debug_struct("Policy")
                 .field("plans", &snap.plans.len())
-                .field("keys", &snap.keys.len())
+                .field("keys", &self.inner.keys.len())
                 .finish_non_exhaustive(),
         }
     }
@@ -276,9 +298,8 @@ impl PolicyBuilder {
         let now = clock.wall_nanos();
         let mut snapshot = Snapshot {
             per_key: None,
-            plans: HashMap::new(),
-            keys: HashMap::with_capacity_and_hasher(self.keys.len(), BuildDigestHasher::default()),
-            ids: HashMap::with_capacity(self.keys.len()),
+            plans: Vec::with_capacity(self.plans.len()),
+            plan_names: HashMap::with_capacity(self.plans.len()),
             stage: self
                 .stage
                 .as_ref()
@@ -297,20 +318,21 @@ impl PolicyBuilder {
             },
         };
         for p in &self.plans {
-            let plan = Arc::new(Plan::compile(p, now)?);
-            if snapshot
-                .plans
-                .insert(Arc::clone(&plan.name), plan)
-                .is_some()
-            {
+            if snapshot.plan_place(p.name()).is_some() {
                 return Err(ConfigError::DuplicatePlan(p.name().to_owned()));
             }
+            snapshot.put_plan(Arc::new(Plan::compile(p, now)?));
         }
-        for k in &self.keys {
-            let entry = snapshot.entry(k)?;
-            snapshot.insert(&k.value, entry)?;
-        }
-        Ok(Policy::from_snapshot(snapshot, history_days))
+        let registry = Registry::new(ValueHasher::process(), self.keys.len());
+        registry.change(|w| {
+            for k in &self.keys {
+                let checked = snapshot.check(k)?;
+                w.add(k.value.as_bytes(), checked.entry)
+                    .map_err(|c| clash_error(c, &k.id))?;
+            }
+            Ok::<_, ConfigError>(())
+        })?;
+        Ok(Policy::from_parts(snapshot, registry, history_days))
     }
 }
 
