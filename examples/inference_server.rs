@@ -11,7 +11,7 @@
 //!   - `PATCH /admin/keys/ID/usage` with `{"remaining": N}` (AWS UpdateUsage)
 //!   - `POST /admin/keys` with `{"id":…,"value":…,"plan":…}` adds a key; with an array of
 //!     them imports them all or none (the first bad one named: `index`, `id`)
-//!   - `DELETE /admin/keys/ID` removes a key
+//!   - `GET /admin/keys/ID` shows a key (never its value); `DELETE /admin/keys/ID` removes it
 //!   - `PATCH /admin/keys/ID` with `{"enabled": false}` or `{"plan": "pro"}`
 //!   - `POST /admin/keys/ID/reset` forgets the key's usage in its current window
 //!
@@ -127,7 +127,9 @@ pub fn router<S: Store>(limit: RateLimitLayer<ApiKeyHeader, S>, admin_key: Optio
         )
         .route(
             "/admin/keys/{id}",
-            patch(patch_key::<S>).delete(remove_key::<S>),
+            get(get_key::<S>)
+                .patch(patch_key::<S>)
+                .delete(remove_key::<S>),
         )
         .route("/admin/keys/{id}/usage", patch(update_usage::<S>))
         .route("/admin/keys/{id}/reset", post(reset_key::<S>))
@@ -605,6 +607,14 @@ async fn add_key<S: Store>(_: Authorized, State(s): State<AdminState<S>>, body: 
             Err(e) => admin_error(e),
         },
     }
+}
+
+async fn get_key<S: Store>(
+    _: Authorized,
+    State(s): State<AdminState<S>>,
+    Path(id): Path<String>,
+) -> Response {
+    key_json(&s, &id)
 }
 
 async fn remove_key<S: Store>(

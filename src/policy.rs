@@ -62,6 +62,11 @@ pub(crate) struct PolicyInner {
     write: Mutex<()>,
     /// Days of usage history a key's quota keeps (the store keeps them).
     pub(crate) history_days: usize,
+    /// The ids and values of the keys the policy was built with, until the
+    /// first layer is built on it: a layer on a store that shares the
+    /// registry between instances hashes them again under the shared key
+    /// ([`Policy::rekey`]). Dropped then, so that no value stays in memory.
+    statics: Mutex<Option<Vec<(Box<str>, Box<str>)>>>,
 }
 
 /// One immutable version of the policy's plans and shared limits.
@@ -111,6 +116,7 @@ impl Policy {
             snapshot,
             Registry::new(ValueHasher::process(), 0),
             DEFAULT_HISTORY_DAYS,
+            Vec::new(),
         ))
     }
 
@@ -119,15 +125,40 @@ impl Policy {
         PolicyBuilder::default()
     }
 
-    fn from_parts(snapshot: Snapshot, keys: Registry, history_days: usize) -> Self {
+    fn from_parts(
+        snapshot: Snapshot,
+        keys: Registry,
+        history_days: usize,
+        statics: Vec<(Box<str>, Box<str>)>,
+    ) -> Self {
         Policy {
             inner: Arc::new(PolicyInner {
                 current: ArcSwap::from_pointee(snapshot),
                 keys,
                 write: Mutex::new(()),
                 history_days,
+                statics: Mutex::new(Some(statics)),
             }),
         }
+    }
+
+    /// Hashes key values under the key `(k0, k1)` shared by the instances
+    /// of a registry (see [`Registry::rekey`]); `false` when the policy's
+    /// own keys are no longer known (a layer was built on it before).
+    pub(crate) fn rekey(&self, k0: u64, k1: u64) -> bool {
+        match self.inner.statics.lock().take() {
+            Some(values) => {
+                self.inner.keys.rekey(k0, k1, &values);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets the values of the keys the policy was built with: a layer
+    /// on a store that does not share the registry never needs them.
+    pub(crate) fn seal(&self) {
+        self.inner.statics.lock().take();
     }
 
     /// The current version, for reading without a lock.
@@ -332,7 +363,17 @@ impl PolicyBuilder {
             }
             Ok::<_, ConfigError>(())
         })?;
-        Ok(Policy::from_parts(snapshot, registry, history_days))
+        let statics = self
+            .keys
+            .into_iter()
+            .map(|k| (k.id.into_boxed_str(), k.value.into_boxed_str()))
+            .collect();
+        Ok(Policy::from_parts(
+            snapshot,
+            registry,
+            history_days,
+            statics,
+        ))
     }
 }
 

@@ -10,6 +10,7 @@
 //! are lock-free and allocation-free) and one in the id index.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use hashbrown::HashTable;
 use parking_lot::Mutex;
@@ -49,25 +50,30 @@ impl KeyEntry {
 
 /// How key values are hashed before they are looked up or kept: SipHash-1-3
 /// (128 bits) under a key that is random per process, or, when the registry
-/// is shared between instances, derived from a secret they share.
-#[derive(Clone)]
-pub(crate) struct ValueHasher(SipHasher13);
+/// is shared between instances, derived from a secret they share. The key
+/// can be changed once, before the first request (see [`Registry::rekey`]).
+pub(crate) struct ValueHasher {
+    k0: AtomicU64,
+    k1: AtomicU64,
+}
 
 impl ValueHasher {
     /// The per-process key of [`hash::digest`].
     pub(crate) fn process() -> Self {
         let (k0, k1) = hash::process_keys();
-        ValueHasher(SipHasher13::new_with_keys(k0, k1))
-    }
-
-    /// A key shared by the instances of one registry.
-    pub(crate) fn shared(k0: u64, k1: u64) -> Self {
-        ValueHasher(SipHasher13::new_with_keys(k0, k1))
+        ValueHasher {
+            k0: AtomicU64::new(k0),
+            k1: AtomicU64::new(k1),
+        }
     }
 
     #[inline]
     pub(crate) fn digest(&self, value: &[u8]) -> Digest {
-        let h = self.0.hash(value);
+        let (k0, k1) = (
+            self.k0.load(Ordering::Relaxed),
+            self.k1.load(Ordering::Relaxed),
+        );
+        let h = SipHasher13::new_with_keys(k0, k1).hash(value);
         Digest(u128::from(h.h1) << 64 | u128::from(h.h2))
     }
 }
@@ -149,6 +155,29 @@ impl Registry {
         }
     }
 
+    /// Hashes key values under `(k0, k1)` from now on: the key of a registry
+    /// shared between instances, set when the layer is built on a store that
+    /// shares it. The keys in `values` (id, value) are placed again under the
+    /// new key; a key registered otherwise since the policy was built keeps
+    /// its old place, where no request finds it (the layer is built before
+    /// the admin handle that could add one exists).
+    pub(crate) fn rekey(&self, k0: u64, k1: u64, values: &[(Box<str>, Box<str>)]) {
+        self.change(|w| {
+            let mut moved = Vec::with_capacity(values.len());
+            for (id, value) in values {
+                if let Some(entry) = w.remove(id) {
+                    moved.push((value, entry));
+                }
+            }
+            w.hasher.k0.store(k0, Ordering::Relaxed);
+            w.hasher.k1.store(k1, Ordering::Relaxed);
+            for (value, entry) in moved {
+                // The ids and values were unique before; they still are.
+                let _ = w.add(value.as_bytes(), entry);
+            }
+        })
+    }
+
     /// The entry with this id.
     pub(crate) fn by_id<T>(&self, id: &str, f: impl FnOnce(Option<&KeyEntry>) -> T) -> T {
         self.change(|w| f(w.by_id(id).map(|(_, e)| e)))
@@ -181,11 +210,6 @@ impl Writer<'_> {
     /// Whether a key has this value.
     pub(crate) fn has_value(&self, value: &[u8]) -> bool {
         self.keys.contains_key(&self.hasher.digest(value))
-    }
-
-    /// Whether a key has this value digest.
-    pub(crate) fn has_digest(&self, digest: Digest) -> bool {
-        self.keys.contains_key(&digest)
     }
 
     /// Adds a key with this value; refused when its id or value is taken.
@@ -312,5 +336,24 @@ mod tests {
         assert_eq!(r.len(), 2_500);
         assert!(r.by_id("id-1", |e| e.is_some()));
         assert!(r.by_id("id-2", |e| e.is_none()));
+    }
+
+    #[test]
+    fn rekeyed_keys_are_found_under_the_new_key_only() {
+        let r = Registry::new(ValueHasher::process(), 0);
+        r.change(|w| {
+            w.add(b"v1", KeyEntry::new("k1", 3, NO_ACCOUNT, true))
+                .unwrap()
+        });
+        let before = r.digest(b"v1");
+        r.rekey(
+            7,
+            11,
+            &[("k1".into(), "v1".into()), ("gone".into(), "v9".into())],
+        );
+        assert_ne!(r.digest(b"v1"), before);
+        assert_eq!(r.with(b"v1", |e| e.map(|e| e.plan)), Some(3));
+        assert_eq!(r.len(), 1);
+        assert!(r.by_id("k1", |e| e.is_some()));
     }
 }

@@ -311,6 +311,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
 
     /// Builds the layer and its shared state.
     pub fn build(self) -> RateLimitLayer<K, S> {
+        self.policy.seal();
         RateLimitLayer {
             shared: Arc::new(Shared {
                 extractor: self.extractor,
