@@ -126,6 +126,7 @@ pub use crate::clock::{Clock, ManualClock};
 pub use crate::cost::{CostEstimator, TokenEstimate, TokenUsage, UsedTokens};
 pub use crate::error::ConfigError;
 pub use crate::headers::HeaderStyle;
+pub use crate::keys::SharedRegistry;
 pub use crate::layer::{RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseFuture};
 pub use crate::plan::{
     Anonymous, ApiKey, FailureMode, Quota, Stage, Throttle, TokenBudget, UsagePlan,

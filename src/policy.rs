@@ -1,8 +1,9 @@
 //! The policy: which plan and limits apply to a request's key, changeable while serving.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -11,7 +12,7 @@ use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::extract::{ClientIp, DEFAULT_MAX_KEY_LEN, validate};
 use crate::keys::{Clash, KeyEntry, NO_ACCOUNT, Registry, ValueHasher};
-use crate::plan::{Anonymous, ApiKey, Plan, Stage, StageLimits, UsagePlan};
+use crate::plan::{Anonymous, ApiKey, Limit, Plan, Stage, StageLimits, UsagePlan};
 
 /// Days of usage history kept per key by default.
 pub const DEFAULT_HISTORY_DAYS: usize = 90;
@@ -67,6 +68,11 @@ pub(crate) struct PolicyInner {
     /// registry between instances hashes them again under the shared key
     /// ([`Policy::rekey`]). Dropped then, so that no value stays in memory.
     statics: Mutex<Option<Vec<(Box<str>, Box<str>)>>>,
+    /// Whether the registry is shared through a store already.
+    pub(crate) attached: AtomicBool,
+    /// Versions of a shared registry this instance wrote (and applied)
+    /// itself, which its watcher need not apply again.
+    pub(crate) own_versions: Mutex<BTreeSet<u64>>,
 }
 
 /// One immutable version of the policy's plans and shared limits.
@@ -138,6 +144,8 @@ impl Policy {
                 write: Mutex::new(()),
                 history_days,
                 statics: Mutex::new(Some(statics)),
+                attached: AtomicBool::new(false),
+                own_versions: Mutex::new(BTreeSet::new()),
             }),
         }
     }
@@ -171,6 +179,47 @@ impl Policy {
     #[inline]
     pub(crate) fn keys(&self) -> &Registry {
         &self.inner.keys
+    }
+
+    /// Adds `plan`, or replaces the limits of the plan with its name, dated
+    /// `created` (when a plan of this name first existed; an existing plan
+    /// keeps its date). Returns the plan compiled and its throttles whose
+    /// numbers changed (old, new), whose state a store may convert.
+    pub(crate) fn put_plan(
+        &self,
+        plan: &UsagePlan,
+        created: i64,
+        now: i64,
+    ) -> Result<(Arc<Plan>, Vec<(Limit, Limit)>), crate::AdminError> {
+        self.update(|snap| {
+            if snap.per_key.is_some() {
+                return Err(crate::AdminError::NotRegistered);
+            }
+            let old = snap
+                .plan_place(plan.name())
+                .map(|at| Arc::clone(snap.plan(at)));
+            let created = old
+                .as_ref()
+                .and_then(|p| p.quota.map(|q| q.created_at))
+                .unwrap_or(created);
+            let mut compiled = Plan::compile(plan, created)?;
+            // A throttle whose numbers change is marked with the time, for
+            // stores that convert each key's state when it is next used.
+            let mut changed = Vec::new();
+            if let Some(old) = &old {
+                for new in compiled.limits_mut() {
+                    if let Some(o) = old.limits().find(|o| o.salt == new.salt) {
+                        new.since = if o.gcra == new.gcra { o.since } else { now };
+                        if o.gcra != new.gcra {
+                            changed.push((o.clone(), new.clone()));
+                        }
+                    }
+                }
+            }
+            let compiled = Arc::new(compiled);
+            snap.put_plan(Arc::clone(&compiled));
+            Ok((compiled, changed))
+        })
     }
 
     /// Applies `change` to a copy of the current plans and publishes it.

@@ -2,11 +2,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
 
 use crate::error::ConfigError;
-use crate::keys::KeyEntry;
-use crate::plan::{ApiKey, Limit, LimitKind, Plan, UsagePlan};
+use crate::keys::{Clash, Edit, KeyEntry, Record, SharedRegistry};
+use crate::plan::{ApiKey, LimitKind, Plan, UsagePlan};
 use crate::policy::{Policy, Snapshot, clash_error};
 use crate::store::{MemoryStore, Store, StoreError, StoreFuture, Subject, ThrottleRef};
 use crate::window::Date;
@@ -176,15 +175,32 @@ impl<S: Store> Admin<S> {
         Ok(())
     }
 
+    /// The registry this policy shares with other instances through the
+    /// store, if the store shares one.
+    fn shared(&self) -> Option<SharedRegistry> {
+        self.store.shared_registry()
+    }
+
     /// Adds a key. Refused when its id or value is another key's, when its
     /// plan is unknown, or when its id or value is not 1 to 256 visible
     /// ASCII characters.
+    ///
+    /// With a store that shares the registry (the Redis store), the key is
+    /// written there first: every instance serves it within a second, and
+    /// an error of the store (a clear [`AdminError::Store`]) adds it
+    /// nowhere.
     pub async fn add_key(&self, key: ApiKey) -> Result<(), AdminError> {
         self.registered()?;
         let checked = self.policy.load().check(&key)?;
-        self.policy
-            .keys()
-            .change(|w| w.add(key.value.as_bytes(), checked.entry))
+        let keys = self.policy.keys();
+        let digest = keys.digest(key.value.as_bytes());
+        keys.change(|w| w.free(&key.id, digest))
+            .map_err(|c| clash_error(c, &key.id))?;
+        if let Some(shared) = self.shared() {
+            let v = shared.write(Edit::Add(record(&key, digest))).await?;
+            self.policy.made(v);
+        }
+        keys.change(|w| w.add_digest(digest, checked.entry))
             .map_err(|c| clash_error(c, &key.id))?;
         Ok(())
     }
@@ -207,36 +223,61 @@ impl<S: Store> Admin<S> {
             id: id.to_owned(),
             error: Box::new(error),
         };
+        let registry = self.policy.keys();
         let mut entries = Vec::with_capacity(keys.len());
         for (i, k) in keys.iter().enumerate() {
             let checked = snap.check(k).map_err(|e| fail(i, &k.id, e.into()))?;
-            entries.push(checked.entry);
+            entries.push((registry.digest(k.value.as_bytes()), checked.entry));
         }
-        let registry = self.policy.keys();
+        // Clashes with registered keys and within the batch, before any
+        // key is added.
         registry.change(|w| {
-            // Clashes with registered keys and within the batch, before any
-            // key is added.
             let mut ids = std::collections::HashSet::with_capacity(keys.len());
             let mut values = std::collections::HashSet::with_capacity(keys.len());
-            for (i, k) in keys.iter().enumerate() {
-                let clash = if w.by_id(&k.id).is_some() || !ids.insert(k.id.as_str()) {
-                    Some(crate::keys::Clash::Id)
-                } else if w.has_value(k.value.as_bytes())
-                    || !values.insert(registry.digest(k.value.as_bytes()))
-                {
-                    Some(crate::keys::Clash::Value)
-                } else {
-                    None
+            for (i, (k, (digest, _))) in keys.iter().zip(&entries).enumerate() {
+                let clash = match w.free(&k.id, *digest) {
+                    Err(c) => Some(c),
+                    Ok(()) if !ids.insert(k.id.as_str()) => Some(Clash::Id),
+                    Ok(()) if !values.insert(*digest) => Some(Clash::Value),
+                    Ok(()) => None,
                 };
                 if let Some(c) = clash {
                     return Err(fail(i, &k.id, clash_error(c, &k.id).into()));
                 }
             }
-            for (k, entry) in keys.iter().zip(entries) {
-                w.add(k.value.as_bytes(), entry)
+            Ok(())
+        })?;
+        if let Some(shared) = self.shared() {
+            let records = keys
+                .iter()
+                .zip(&entries)
+                .map(|(k, (digest, _))| record(k, *digest))
+                .collect();
+            match shared.write(Edit::Import(records)).await {
+                Ok(v) => self.policy.made(v),
+                Err(e) => {
+                    // Name the entry another instance's key clashed with.
+                    let id = match &e {
+                        AdminError::Config(ConfigError::DuplicateKeyId(id))
+                        | AdminError::Config(ConfigError::DuplicateKeyValue { id }) => Some(id),
+                        _ => None,
+                    };
+                    return Err(
+                        match id.and_then(|id| keys.iter().position(|k| k.id == *id)) {
+                            Some(i) => fail(i, &keys[i].id, e),
+                            None => e,
+                        },
+                    );
+                }
+            }
+        }
+        let n = keys.len();
+        registry.change(|w| {
+            for (k, (digest, entry)) in keys.iter().zip(entries) {
+                w.add_digest(digest, entry)
                     .map_err(|c| clash_error(c, &k.id))?;
             }
-            Ok(keys.len())
+            Ok(n)
         })
     }
 
@@ -246,6 +287,13 @@ impl<S: Store> Admin<S> {
     /// store (a key added again with its id finds them).
     pub async fn remove_key(&self, id: &str) -> Result<(), AdminError> {
         self.registered()?;
+        if self.policy.keys().by_id(id, |e| e.is_none()) {
+            return Err(AdminError::UnknownKey(id.to_owned()));
+        }
+        if let Some(shared) = self.shared() {
+            let v = shared.write(Edit::Remove(id.to_owned())).await?;
+            self.policy.made(v);
+        }
         match self.policy.keys().change(|w| w.remove(id)) {
             Some(_) => Ok(()),
             None => Err(AdminError::UnknownKey(id.to_owned())),
@@ -260,6 +308,7 @@ impl<S: Store> Admin<S> {
                 ..e.clone()
             })
         })
+        .await
     }
 
     /// Moves a key to another plan. Its counters under the old plan are kept
@@ -277,6 +326,7 @@ impl<S: Store> Admin<S> {
                 ..e.clone()
             })
         })
+        .await
     }
 
     /// Adds a plan, or replaces the limits of the plan with the same name.
@@ -285,56 +335,37 @@ impl<S: Store> Admin<S> {
     /// empty and refills at the new rate), quota counts carry over, and a
     /// quota's offset counts from the plan's first creation.
     pub async fn put_plan(&self, plan: UsagePlan) -> Result<(), AdminError> {
+        self.registered()?;
         let now = self.now();
-        self.policy.update(|snap| {
-            if snap.per_key.is_some() {
-                return Err(AdminError::NotRegistered);
-            }
-            let old = snap
+        // Checked before it is shared.
+        Plan::compile(&plan, now)?;
+        if let Some(shared) = self.shared() {
+            let snap = self.policy.load();
+            let created = snap
                 .plan_place(plan.name())
-                .map(|at| Arc::clone(snap.plan(at)));
-            let created = old
-                .as_ref()
-                .and_then(|p| p.quota.map(|q| q.created_at))
+                .and_then(|at| snap.plan(at).quota.map(|q| q.created_at))
                 .unwrap_or(now);
-            let mut compiled = Plan::compile(&plan, created)?;
-            // A throttle whose numbers change is marked with the time, for
-            // stores that convert each key's state when it is next used.
-            if let Some(old) = &old {
-                for new in compiled.limits_mut() {
-                    if let Some(o) = old.limits().find(|o| o.salt == new.salt) {
-                        new.since = if o.gcra == new.gcra { o.since } else { now };
+            let encoded = crate::plan::wire::encode_plan(&plan, created);
+            let name = plan.name().to_owned();
+            let v = shared.write(Edit::Plan { name, encoded }).await?;
+            self.policy.made(v);
+        }
+        let (compiled, changed) = self.policy.put_plan(&plan, now, now)?;
+        // Throttles kept at the same place (salt) with new numbers: convert
+        // each key's state so the share of its bucket in use carries over.
+        if !changed.is_empty() {
+            let place = self.policy.load().plan_place(plan.name());
+            self.policy.keys().for_each(|entry| {
+                if Some(entry.plan) == place {
+                    let subject = self.subject(&compiled, entry);
+                    for (old, new) in &changed {
+                        self.store
+                            .rescale(&subject.throttle(old), &subject.throttle(new));
                     }
                 }
-            }
-            let compiled = Arc::new(compiled);
-            snap.put_plan(Arc::clone(&compiled));
-            // Throttles kept at the same place (salt) with new numbers: convert
-            // each key's state so the share of its bucket in use carries over.
-            let changed: Vec<(&Limit, &Limit)> = match &old {
-                None => Vec::new(),
-                Some(old) => compiled
-                    .limits()
-                    .filter_map(|new| {
-                        let old = old.limits().find(|o| o.salt == new.salt)?;
-                        (old.gcra != new.gcra).then_some((old, new))
-                    })
-                    .collect(),
-            };
-            if !changed.is_empty() {
-                let place = snap.plan_place(plan.name());
-                self.policy.keys().for_each(|entry| {
-                    if Some(entry.plan) == place {
-                        let subject = self.subject(&compiled, entry);
-                        for (old, new) in &changed {
-                            self.store
-                                .rescale(&subject.throttle(old), &subject.throttle(new));
-                        }
-                    }
-                });
-            }
-            Ok(())
-        })
+            });
+        }
+        Ok(())
     }
 
     /// The key with this id.
@@ -509,20 +540,44 @@ impl<S: Store> Admin<S> {
         }
     }
 
-    fn replace_entry(
+    async fn replace_entry(
         &self,
         id: &str,
         f: impl FnOnce(&KeyEntry) -> Result<KeyEntry, AdminError>,
     ) -> Result<(), AdminError> {
         self.registered()?;
-        self.policy.keys().change(|w| {
-            let (_, old) = w
+        let keys = self.policy.keys();
+        let (digest, new) = keys.change(|w| {
+            let (digest, old) = w
                 .by_id(id)
                 .ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
-            let new = f(old)?;
-            w.replace(new);
-            Ok(())
-        })
+            Ok::<_, AdminError>((digest, f(old)?))
+        })?;
+        if let Some(shared) = self.shared() {
+            let snap = self.policy.load();
+            let r = Record {
+                id: id.to_owned(),
+                digest,
+                plan: snap.plan(new.plan).name.to_string(),
+                account: None,
+                enabled: new.enabled,
+            };
+            let v = shared.write(Edit::Update(r)).await?;
+            self.policy.made(v);
+        }
+        keys.change(|w| w.replace(new));
+        Ok(())
+    }
+}
+
+/// A key as a shared registry keeps it.
+fn record(key: &ApiKey, digest: crate::hash::Digest) -> Record {
+    Record {
+        id: key.id.clone(),
+        digest,
+        plan: key.plan.clone(),
+        account: None,
+        enabled: key.enabled,
     }
 }
 

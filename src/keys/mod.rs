@@ -18,6 +18,11 @@ use siphasher::sip128::SipHasher13;
 
 use crate::hash::{self, BuildDigestHasher, Digest};
 
+mod shared;
+
+pub use self::shared::SharedRegistry;
+pub(crate) use self::shared::{Edit, Record};
+
 /// No account: the key's limits are its plan's alone.
 pub(crate) const NO_ACCOUNT: u32 = u32::MAX;
 
@@ -207,9 +212,15 @@ impl Writer<'_> {
         Some((value, keys.get(&value)?))
     }
 
-    /// Whether a key has this value.
-    pub(crate) fn has_value(&self, value: &[u8]) -> bool {
-        self.keys.contains_key(&self.hasher.digest(value))
+    /// Whether a key with this id and value digest could be added.
+    pub(crate) fn free(&self, id: &str, digest: Digest) -> Result<(), Clash> {
+        if self.by_id(id).is_some() {
+            return Err(Clash::Id);
+        }
+        if self.keys.contains_key(&digest) {
+            return Err(Clash::Value);
+        }
+        Ok(())
     }
 
     /// Adds a key with this value; refused when its id or value is taken.

@@ -3,6 +3,7 @@
 mod compiled;
 mod limits;
 mod method;
+pub(crate) mod wire;
 
 pub use self::compiled::LimitKind;
 pub(crate) use self::compiled::{Limit, Plan, StageLimits};

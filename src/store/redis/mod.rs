@@ -14,7 +14,7 @@ mod local;
 // The local key registry (`Admin`) follows Redis through it; until it
 // does, only the tests call it.
 #[allow(dead_code)]
-mod registry;
+pub(crate) mod registry;
 mod store;
 mod time;
 

@@ -195,11 +195,26 @@ impl RedisStore {
     /// harmless for random keys of 128 bits, not for short ones. Set a
     /// secret.
     pub fn value_hash(&self, value: &[u8]) -> u128 {
-        let message = [b"tollgate key value\0".as_slice(), value].concat();
-        match self.inner.naming {
-            Some(NamingKey(k0, k1)) => hash::keyed(k0, k1, &message),
-            None => hash::stable(&message),
-        }
+        let (k0, k1) = self.value_keys();
+        hash::keyed(k0, k1, value)
+    }
+
+    /// The SipHash key of [`value_hash`](Self::value_hash): derived from the
+    /// secret (or the fixed key without one) under a label of its own, so
+    /// that it is no other hash's key.
+    pub(crate) fn value_keys(&self) -> (u64, u64) {
+        const LABEL: &[u8] = b"tollgate key value";
+        let h = match self.inner.naming {
+            Some(NamingKey(k0, k1)) => hash::keyed(k0, k1, LABEL),
+            None => hash::stable(LABEL),
+        };
+        (h as u64, (h >> 64) as u64)
+    }
+
+    /// The registry as loaded when the store was built (once; later layers
+    /// follow the log).
+    pub(crate) fn take_preloaded(&self) -> Option<(u64, Vec<Change>)> {
+        self.inner.preloaded.lock().take()
     }
 
     /// Makes `change` in Redis in one script call: checks it, writes the
