@@ -110,6 +110,7 @@ pub mod extract;
 mod gcra;
 mod hash;
 mod headers;
+mod keys;
 mod layer;
 pub mod observe;
 mod plan;
@@ -125,6 +126,7 @@ pub use crate::clock::{Clock, ManualClock};
 pub use crate::cost::{CostEstimator, TokenEstimate, TokenUsage, UsedTokens};
 pub use crate::error::ConfigError;
 pub use crate::headers::HeaderStyle;
+pub use crate::keys::SharedRegistry;
 pub use crate::layer::{RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseFuture};
 pub use crate::plan::{
     Account, Anonymous, ApiKey, FailureMode, Quota, Stage, Throttle, TokenBudget, UsagePlan,

@@ -56,7 +56,7 @@ struct Caller<'a> {
     account: Option<&'a Arc<AccountLimits>>,
     plan: &'a Arc<Plan>,
     subject: Subject<'a>,
-    id: Option<&'a Arc<str>>,
+    id: Option<&'a str>,
 }
 
 /// Where a decision puts the tokens an allowed request reserved, when the
@@ -256,30 +256,43 @@ impl<K, S> Shared<K, S> {
         req: Option<&RequestView<'_>>,
         decide: impl FnOnce(&Caller<'_>) -> T,
     ) -> Result<T, Rejection> {
-        let Some(entry) = snap.keys.get(&hash::digest(key)) else {
-            return Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)));
-        };
-        if !entry.enabled {
-            let seen = Seen {
-                plan: Some(&entry.plan),
-                key_id: Some(&entry.id),
-                req: req.copied(),
+        self.policy.keys().with(key, |entry| {
+            let Some(entry) = entry else {
+                return Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)));
             };
-            return Err(self.refuse(Reason::DisabledKey, seen));
-        }
-        let caller = Caller {
-            stage: snap.stage.as_deref(),
-            account: entry.account.as_ref(),
-            plan: &entry.plan,
-            subject: Subject {
-                plan: &entry.plan,
-                name: entry.id.as_bytes(),
-                digest: entry.state,
-                history_days: self.history_days(),
-            },
-            id: Some(&entry.id),
-        };
-        Ok(decide(&caller))
+            // A key registered after `snap` was loaded may name a plan or
+            // account added after it too: such a key reads the current
+            // version.
+            let fresh;
+            let snap = if snap.names(entry) {
+                snap
+            } else {
+                fresh = self.policy.load();
+                &fresh
+            };
+            let plan = snap.plan(entry.plan);
+            if !entry.enabled {
+                let seen = Seen {
+                    plan: Some(plan),
+                    key_id: Some(&entry.id),
+                    req: req.copied(),
+                };
+                return Err(self.refuse(Reason::DisabledKey, seen));
+            }
+            let caller = Caller {
+                stage: snap.stage.as_deref(),
+                account: snap.account(entry.account),
+                plan,
+                subject: Subject {
+                    plan,
+                    name: entry.id.as_bytes(),
+                    digest: entry.state,
+                    history_days: self.history_days(),
+                },
+                id: Some(&entry.id),
+            };
+            Ok(decide(&caller))
+        })
     }
 }
 

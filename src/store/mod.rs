@@ -98,7 +98,7 @@
 mod memory;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-mod redis;
+pub(crate) mod redis;
 
 mod failures;
 mod request;
@@ -193,6 +193,15 @@ pub trait Store: Clone + Send + Sync + 'static {
     #[inline]
     fn decide_now(&self, request: &Acquire<'_>, report: &mut Report) -> Option<Result<(), Denied>> {
         let _ = (request, report);
+        None
+    }
+
+    /// Where this store keeps a key registry its instances share, if it
+    /// does: a layer built on it loads the keys, plans and accounts kept
+    /// there and follows their changes, and its
+    /// [`Admin`](crate::Admin) writes each change there first. The default
+    /// shares nothing (keys live in each process).
+    fn shared_registry(&self) -> Option<crate::SharedRegistry> {
         None
     }
 

@@ -62,8 +62,7 @@ impl<S: Store> Admin<S> {
         let pending = {
             let snap = self.policy.load();
             let a = snap
-                .accounts
-                .get(account)
+                .account_named(account)
                 .ok_or_else(|| AdminError::UnknownAccount(account.to_owned()))?;
             let q = a
                 .request_quota(days)
@@ -105,8 +104,7 @@ impl<S: Store> Admin<S> {
         let pending = {
             let snap = self.policy.load();
             let a = snap
-                .accounts
-                .get(account)
+                .account_named(account)
                 .ok_or_else(|| AdminError::UnknownAccount(account.to_owned()))?;
             let q = a
                 .request_quota(self.policy.inner.history_days as u32)
@@ -122,8 +120,7 @@ impl<S: Store> Admin<S> {
         let pending = {
             let snap = self.policy.load();
             let a = snap
-                .accounts
-                .get(account)
+                .account_named(account)
                 .ok_or_else(|| AdminError::UnknownAccount(account.to_owned()))?;
             let throttles: Vec<_> = a.limits().map(|l| a.throttle_ref(l)).collect();
             let days = self.policy.inner.history_days as u32;
@@ -143,8 +140,7 @@ impl<S: Store> Admin<S> {
     pub fn account(&self, name: &str) -> Option<crate::Account> {
         self.policy
             .load()
-            .accounts
-            .get(name)
+            .account_named(name)
             .map(|a| a.source.clone())
     }
 }

@@ -64,6 +64,12 @@ impl Store for RedisStore {
         &self.inner.clock
     }
 
+    fn shared_registry(&self) -> Option<crate::SharedRegistry> {
+        self.inner
+            .shared_registry
+            .then(|| crate::SharedRegistry::new(self.clone()))
+    }
+
     fn acquire(&self, request: &Acquire<'_>) -> Acquired<Self::Future> {
         let inner = &self.inner;
         if request.throttles().next().is_none()
