@@ -9,7 +9,9 @@
 //! - `/admin/…` usage and key administration, guarded by the `x-admin-key` header:
 //!   - `GET /admin/usage?plan=NAME&start=YYYY-MM-DD&end=YYYY-MM-DD[&key=ID]` (AWS GetUsage)
 //!   - `PATCH /admin/keys/ID/usage` with `{"remaining": N}` (AWS UpdateUsage)
-//!   - `POST /admin/keys` with `{"id":…,"value":…,"plan":…}` adds a key
+//!   - `POST /admin/keys` with `{"id":…,"value":…,"plan":…}` adds a key; with an array of
+//!     them imports them all or none (the first bad one named: `index`, `id`)
+//!   - `GET /admin/keys/ID` shows a key (never its value); `DELETE /admin/keys/ID` removes it
 //!   - `PATCH /admin/keys/ID` with `{"enabled": false}` or `{"plan": "pro"}`
 //!   - `POST /admin/keys/ID/reset` forgets the key's usage in its current window
 //!
@@ -63,7 +65,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Extension, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
@@ -117,8 +119,18 @@ pub fn router<S: Store>(limit: RateLimitLayer<ApiKeyHeader, S>, admin_key: Optio
         .layer(axum::middleware::from_fn(estimate_tokens))
         .route("/health", get(health))
         .route("/admin/usage", get(usage::<S>))
-        .route("/admin/keys", post(add_key::<S>))
-        .route("/admin/keys/{id}", patch(patch_key::<S>))
+        // A batch import of 100,000 keys is some 10 MB of JSON; the body is
+        // read only once the admin key has been checked.
+        .route(
+            "/admin/keys",
+            post(add_key::<S>).layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT)),
+        )
+        .route(
+            "/admin/keys/{id}",
+            get(get_key::<S>)
+                .patch(patch_key::<S>)
+                .delete(remove_key::<S>),
+        )
         .route("/admin/keys/{id}/usage", patch(update_usage::<S>))
         .route("/admin/keys/{id}/reset", post(reset_key::<S>))
         .with_state(admin)
@@ -489,6 +501,11 @@ impl<S: Sync> FromRequestParts<AdminState<S>> for Authorized {
 }
 
 fn admin_error(e: AdminError) -> Response {
+    if let AdminError::Import { index, id, error } = &e {
+        let status = admin_error((**error).clone()).status();
+        let body = json!({"message": e.to_string(), "index": index, "id": id});
+        return (status, Json(body)).into_response();
+    }
     let status = match e {
         AdminError::UnknownKey(_) | AdminError::UnknownPlan(_) => StatusCode::NOT_FOUND,
         AdminError::Config(_) => StatusCode::CONFLICT,
@@ -504,6 +521,9 @@ fn admin_error(e: AdminError) -> Response {
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, String> {
     serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))
 }
+
+/// The largest admin request body: a batch of keys to import.
+const ADMIN_BODY_LIMIT: usize = 64 << 20;
 
 #[derive(Deserialize)]
 struct UsageQuery {
@@ -544,6 +564,7 @@ struct NewKey {
     plan: String,
     #[serde(default = "yes")]
     enabled: bool,
+    account: Option<String>,
 }
 
 fn yes() -> bool {
@@ -552,21 +573,65 @@ fn yes() -> bool {
 
 fn key_json<S: Store>(s: &AdminState<S>, id: &str) -> Response {
     match s.admin.key(id) {
-        Some(k) => Json(json!({"id": k.id, "plan": k.plan, "enabled": k.enabled})).into_response(),
+        Some(k) => {
+            Json(json!({"id": k.id, "plan": k.plan, "enabled": k.enabled, "account": k.account}))
+                .into_response()
+        }
         None => admin_error(AdminError::UnknownKey(id.to_owned())),
     }
 }
 
+/// One key, or a batch of them (imported all or nothing).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NewKeys {
+    One(NewKey),
+    Many(Vec<NewKey>),
+}
+
+fn new_key(k: NewKey) -> ApiKey {
+    let key = ApiKey::new(k.id, k.value, k.plan).enabled(k.enabled);
+    match k.account {
+        Some(account) => key.account(account),
+        None => key,
+    }
+}
+
 async fn add_key<S: Store>(_: Authorized, State(s): State<AdminState<S>>, body: Bytes) -> Response {
-    let k: NewKey = match parse_json(&body) {
+    let keys: NewKeys = match parse_json(&body) {
         Ok(k) => k,
         Err(msg) => return bad_request(&msg),
     };
-    match s
-        .admin
-        .add_key(ApiKey::new(&k.id, k.value, k.plan).enabled(k.enabled))
-    {
-        Ok(()) => (StatusCode::CREATED, key_json(&s, &k.id)).into_response(),
+    match keys {
+        NewKeys::One(k) => {
+            let id = k.id.clone();
+            match s.admin.add_key(new_key(k)).await {
+                Ok(()) => (StatusCode::CREATED, key_json(&s, &id)).into_response(),
+                Err(e) => admin_error(e),
+            }
+        }
+        NewKeys::Many(keys) => match s.admin.import_keys(keys.into_iter().map(new_key)).await {
+            Ok(n) => (StatusCode::CREATED, Json(json!({"imported": n}))).into_response(),
+            Err(e) => admin_error(e),
+        },
+    }
+}
+
+async fn get_key<S: Store>(
+    _: Authorized,
+    State(s): State<AdminState<S>>,
+    Path(id): Path<String>,
+) -> Response {
+    key_json(&s, &id)
+}
+
+async fn remove_key<S: Store>(
+    _: Authorized,
+    State(s): State<AdminState<S>>,
+    Path(id): Path<String>,
+) -> Response {
+    match s.admin.remove_key(&id).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => admin_error(e),
     }
 }
@@ -589,12 +654,12 @@ async fn patch_key<S: Store>(
         Err(msg) => return bad_request(&msg),
     };
     if let Some(plan) = &p.plan {
-        if let Err(e) = s.admin.set_plan(&id, plan) {
+        if let Err(e) = s.admin.set_plan(&id, plan).await {
             return admin_error(e);
         }
     }
     if let Some(enabled) = p.enabled {
-        if let Err(e) = s.admin.set_enabled(&id, enabled) {
+        if let Err(e) = s.admin.set_enabled(&id, enabled).await {
             return admin_error(e);
         }
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::cost::{TokenUsage, UsedTokens};
 use crate::hash::Digest;
-use crate::plan::Plan;
+use crate::plan::{AccountLimits, Plan};
 use crate::store::{Permit, Reservation, Store, Subject};
 
 pin_project! {
@@ -111,6 +111,8 @@ impl fmt::Debug for Guard {
 /// against the same limits when its response ends.
 pub(crate) struct Unsettled {
     pub(crate) plan: Arc<Plan>,
+    /// The key's account, whose token budget is settled too.
+    pub(crate) account: Option<Arc<AccountLimits>>,
     /// The subject's name, digest and quota history (see [`Subject`]).
     pub(crate) subject: Box<[u8]>,
     pub(crate) digest: Digest,
@@ -131,16 +133,23 @@ impl Unsettled {
         let delta = i64::try_from(actual)
             .unwrap_or(i64::MAX)
             .saturating_sub(i64::from(self.estimate));
-        if delta == 0 || self.plan.tokens.is_none() {
+        if delta == 0 {
             return;
         }
-        let subject = Subject {
-            plan: &self.plan,
-            name: &self.subject,
-            digest: self.digest,
-            history_days: self.history_days,
-        };
-        store.settle(&subject.settlement(delta, self.reservation));
+        if self.plan.tokens.is_some() {
+            let subject = Subject {
+                plan: &self.plan,
+                name: &self.subject,
+                digest: self.digest,
+                history_days: self.history_days,
+            };
+            store.settle(&subject.settlement(delta, self.reservation));
+        }
+        // The account's budget is settled apart: on a cluster it lives in
+        // a slot of its own.
+        if let Some(account) = self.account.as_ref().filter(|a| a.tokens.is_some()) {
+            store.settle(&account.settlement(delta, self.reservation));
+        }
     }
 }
 

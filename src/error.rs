@@ -36,6 +36,15 @@ pub enum ConfigError {
         /// The plan it names.
         plan: String,
     },
+    /// An API key names an account that does not exist.
+    UnknownAccount {
+        /// The key's id.
+        key: String,
+        /// The account it names.
+        account: String,
+    },
+    /// Two accounts share a name.
+    DuplicateAccount(String),
     /// An API key's id or value is empty, too long or not visible ASCII.
     InvalidKey {
         /// The key's id (empty if the id itself is invalid).
@@ -83,6 +92,10 @@ impl fmt::Display for ConfigError {
             ConfigError::UnknownPlan { key, plan } => {
                 write!(f, "api key `{key}` names unknown plan `{plan}`")
             }
+            ConfigError::UnknownAccount { key, account } => {
+                write!(f, "api key `{key}` names unknown account `{account}`")
+            }
+            ConfigError::DuplicateAccount(name) => write!(f, "duplicate account name `{name}`"),
             ConfigError::InvalidKey { id, reason } => write!(f, "invalid api key `{id}`: {reason}"),
             ConfigError::InvalidStore(why) => write!(f, "invalid store configuration: {why}"),
             ConfigError::InvalidQuota(why) => write!(f, "invalid quota: {why}"),

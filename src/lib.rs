@@ -112,6 +112,7 @@ pub mod extract;
 mod gcra;
 mod hash;
 mod headers;
+mod keys;
 mod layer;
 pub mod observe;
 mod plan;
@@ -128,9 +129,10 @@ pub use crate::clock::{Clock, ManualClock};
 pub use crate::cost::{CostEstimator, TokenEstimate, TokenUsage, UsedTokens};
 pub use crate::error::ConfigError;
 pub use crate::headers::HeaderStyle;
+pub use crate::keys::SharedRegistry;
 pub use crate::layer::{RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseFuture};
 pub use crate::plan::{
-    Anonymous, ApiKey, FailureMode, Quota, Stage, Throttle, TokenBudget, UsagePlan,
+    Account, Anonymous, ApiKey, FailureMode, Quota, Stage, Throttle, TokenBudget, UsagePlan,
 };
 pub use crate::policy::{DEFAULT_HISTORY_DAYS, Policy, PolicyBuilder};
 pub use crate::resolver::{
@@ -140,7 +142,7 @@ pub use crate::response::{DefaultOnRejection, OnRejection, Reason, Rejection};
 pub use crate::store::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 pub use crate::store::{RedisStore, RedisStoreBuilder};
-pub use crate::usage::{Admin, AdminError, KeyInfo, UsageReport};
+pub use crate::usage::{AccountUsage, Admin, AdminError, KeyInfo, UsageReport};
 pub use crate::window::{Date, Period, Weekday};
 
 /// The README's examples, compiled and run as doctests.

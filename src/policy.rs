@@ -1,8 +1,9 @@
 //! The policy: which plan and limits apply to a request's key, changeable while serving.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -10,8 +11,10 @@ use parking_lot::Mutex;
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::extract::{ClientIp, DEFAULT_MAX_KEY_LEN, validate};
-use crate::hash::{self, BuildDigestHasher, Digest};
-use crate::plan::{Anonymous, ApiKey, Plan, Stage, StageLimits, UsagePlan};
+use crate::keys::{Clash, KeyEntry, NO_ACCOUNT, Registry, ValueHasher};
+use crate::plan::{
+    Account, AccountLimits, Anonymous, ApiKey, Limit, Plan, Stage, StageLimits, UsagePlan,
+};
 
 /// Days of usage history kept per key by default.
 pub const DEFAULT_HISTORY_DAYS: usize = 90;
@@ -29,8 +32,11 @@ const MIN_HISTORY_DAYS: usize = 31;
 ///
 /// A policy can be changed while serving (through
 /// [`RateLimitLayer::admin`](crate::RateLimitLayer::admin)): keys added,
-/// disabled or moved, plans replaced, without losing counters. Requests read
-/// it without a lock.
+/// removed, disabled or moved, plans replaced, without losing counters.
+/// Requests read it without a lock. Registered keys live in a concurrent
+/// hash map: adding, removing or changing one key costs the same with ten
+/// keys or ten million (see `BENCHMARKS.md`), and a key's entry takes about
+/// a hundred bytes beyond its id.
 ///
 /// ```
 /// use tollgate::{ApiKey, Period, Policy, Quota, Throttle, UsagePlan};
@@ -51,36 +57,43 @@ pub struct Policy {
 }
 
 pub(crate) struct PolicyInner {
+    /// Plans, stage and anonymous limits: few, copied on change.
     pub(crate) current: ArcSwap<Snapshot>,
-    /// Serialises changes (readers never take it).
+    /// The registered keys, changed one at a time.
+    pub(crate) keys: Registry,
+    /// Serialises changes to the snapshot (readers never take it).
     write: Mutex<()>,
     /// Days of usage history a key's quota keeps (the store keeps them).
     pub(crate) history_days: usize,
+    /// The ids and values of the keys the policy was built with, until the
+    /// first layer is built on it: a layer on a store that shares the
+    /// registry between instances hashes them again under the shared key
+    /// ([`Policy::rekey`]). Dropped then, so that no value stays in memory.
+    statics: Mutex<Option<Vec<(Box<str>, Box<str>)>>>,
+    /// Whether the registry is shared through a store already.
+    pub(crate) attached: AtomicBool,
+    /// Versions of a shared registry this instance wrote (and applied)
+    /// itself, which its watcher need not apply again.
+    pub(crate) own_versions: Mutex<BTreeSet<u64>>,
 }
 
-/// One immutable version of the policy.
+/// One immutable version of the policy's plans and shared limits.
 #[derive(Clone)]
 pub(crate) struct Snapshot {
     /// `Policy::per_key`: every key is limited under this plan.
     pub(crate) per_key: Option<Arc<Plan>>,
-    pub(crate) plans: HashMap<Arc<str>, Arc<Plan>>,
-    /// Registered keys, by the digest of their value.
-    pub(crate) keys: HashMap<Digest, Arc<KeyEntry>, BuildDigestHasher>,
-    /// Value digest by key id.
-    pub(crate) ids: HashMap<Arc<str>, Digest>,
+    /// Every plan, at the place its keys name it by. A plan keeps its place
+    /// for as long as the policy lives (plans are replaced, never removed).
+    pub(crate) plans: Vec<Arc<Plan>>,
+    /// Places in `plans` by name.
+    pub(crate) plan_names: HashMap<Arc<str>, u32>,
     pub(crate) stage: Option<Arc<StageLimits>>,
     pub(crate) anonymous: Option<Arc<AnonymousLimits>>,
-}
-
-/// A key as the hot path sees it.
-#[derive(Debug)]
-pub(crate) struct KeyEntry {
-    pub(crate) id: Arc<str>,
-    /// Where the key's state lives: the digest of its id, so that counters
-    /// follow the key, not its secret.
-    pub(crate) state: Digest,
-    pub(crate) plan: Arc<Plan>,
-    pub(crate) enabled: bool,
+    /// Accounts, at the place their keys name them by (never removed):
+    /// limits shared by all the keys of each.
+    pub(crate) accounts: Vec<Arc<AccountLimits>>,
+    /// Places in `accounts` by name.
+    pub(crate) account_names: HashMap<Arc<str>, u32>,
 }
 
 /// Limits for requests without a key.
@@ -107,13 +120,19 @@ impl Policy {
         let compiled = Arc::new(Plan::compile(&plan, clock.wall_nanos())?);
         let snapshot = Snapshot {
             per_key: Some(compiled),
-            plans: HashMap::new(),
-            keys: HashMap::default(),
-            ids: HashMap::new(),
+            plans: Vec::new(),
+            plan_names: HashMap::new(),
             stage: None,
             anonymous: None,
+            accounts: Vec::new(),
+            account_names: HashMap::new(),
         };
-        Ok(Policy::from_snapshot(snapshot, DEFAULT_HISTORY_DAYS))
+        Ok(Policy::from_parts(
+            snapshot,
+            Registry::new(ValueHasher::process(), 0),
+            DEFAULT_HISTORY_DAYS,
+            Vec::new(),
+        ))
     }
 
     /// Starts a policy of registered API keys.
@@ -121,14 +140,42 @@ impl Policy {
         PolicyBuilder::default()
     }
 
-    fn from_snapshot(snapshot: Snapshot, history_days: usize) -> Self {
+    fn from_parts(
+        snapshot: Snapshot,
+        keys: Registry,
+        history_days: usize,
+        statics: Vec<(Box<str>, Box<str>)>,
+    ) -> Self {
         Policy {
             inner: Arc::new(PolicyInner {
                 current: ArcSwap::from_pointee(snapshot),
+                keys,
                 write: Mutex::new(()),
                 history_days,
+                statics: Mutex::new(Some(statics)),
+                attached: AtomicBool::new(false),
+                own_versions: Mutex::new(BTreeSet::new()),
             }),
         }
+    }
+
+    /// Hashes key values under the key `(k0, k1)` shared by the instances
+    /// of a registry (see [`Registry::rekey`]); `false` when the policy's
+    /// own keys are no longer known (a layer was built on it before).
+    pub(crate) fn rekey(&self, k0: u64, k1: u64) -> bool {
+        match self.inner.statics.lock().take() {
+            Some(values) => {
+                self.inner.keys.rekey(k0, k1, &values);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets the values of the keys the policy was built with: a layer
+    /// on a store that does not share the registry never needs them.
+    pub(crate) fn seal(&self) {
+        self.inner.statics.lock().take();
     }
 
     /// The current version, for reading without a lock.
@@ -137,7 +184,84 @@ impl Policy {
         self.inner.current.load()
     }
 
-    /// Applies `change` to a copy of the current version and publishes it.
+    /// The registered keys.
+    #[inline]
+    pub(crate) fn keys(&self) -> &Registry {
+        &self.inner.keys
+    }
+
+    /// Adds `plan`, or replaces the limits of the plan with its name, dated
+    /// `created` (when a plan of this name first existed; an existing plan
+    /// keeps its date). Returns the plan compiled and its throttles whose
+    /// numbers changed (old, new), whose state a store may convert.
+    pub(crate) fn put_plan(
+        &self,
+        plan: &UsagePlan,
+        created: i64,
+        now: i64,
+    ) -> Result<(Arc<Plan>, Vec<(Limit, Limit)>), crate::AdminError> {
+        self.update(|snap| {
+            if snap.per_key.is_some() {
+                return Err(crate::AdminError::NotRegistered);
+            }
+            let old = snap
+                .plan_place(plan.name())
+                .map(|at| Arc::clone(snap.plan(at)));
+            let created = old
+                .as_ref()
+                .and_then(|p| p.quota.map(|q| q.created_at))
+                .unwrap_or(created);
+            let mut compiled = Plan::compile(plan, created)?;
+            // A throttle whose numbers change is marked with the time, for
+            // stores that convert each key's state when it is next used.
+            let mut changed = Vec::new();
+            if let Some(old) = &old {
+                for new in compiled.limits_mut() {
+                    if let Some(o) = old.limits().find(|o| o.salt == new.salt) {
+                        new.since = if o.gcra == new.gcra { o.since } else { now };
+                        if o.gcra != new.gcra {
+                            changed.push((o.clone(), new.clone()));
+                        }
+                    }
+                }
+            }
+            let compiled = Arc::new(compiled);
+            snap.put_plan(Arc::clone(&compiled));
+            Ok((compiled, changed))
+        })
+    }
+
+    /// Adds `account`, or replaces the limits of the account with its name,
+    /// dated `created` (an existing account keeps its date); a throttle whose
+    /// numbers change is marked with `now`, as a plan's is.
+    pub(crate) fn put_account(
+        &self,
+        account: &Account,
+        created: i64,
+        now: i64,
+    ) -> Result<(), crate::AdminError> {
+        self.update(|snap| {
+            if snap.per_key.is_some() {
+                return Err(crate::AdminError::NotRegistered);
+            }
+            let old = snap.account_named(account.name()).cloned();
+            let created = old
+                .as_ref()
+                .and_then(|a| a.quota.map(|q| q.created_at))
+                .unwrap_or(created);
+            let mut compiled = AccountLimits::compile(account, created);
+            if let (Some(new), Some(Some(o))) = (
+                compiled.throttle.as_mut(),
+                old.as_ref().map(|o| o.throttle.as_ref()),
+            ) {
+                new.since = if o.gcra == new.gcra { o.since } else { now };
+            }
+            snap.put_account(Arc::new(compiled));
+            Ok(())
+        })
+    }
+
+    /// Applies `change` to a copy of the current plans and publishes it.
     pub(crate) fn update<R>(
         &self,
         change: impl FnOnce(&mut Snapshot) -> Result<R, crate::AdminError>,
@@ -150,9 +274,74 @@ impl Policy {
     }
 }
 
+/// A key checked against a snapshot, ready to be registered.
+pub(crate) struct Checked {
+    pub(crate) entry: KeyEntry,
+}
+
 impl Snapshot {
-    /// Builds the entry for `key`, checking it against this version.
-    pub(crate) fn entry(&self, key: &ApiKey) -> Result<KeyEntry, ConfigError> {
+    /// The plan at a place a key names.
+    #[inline]
+    pub(crate) fn plan(&self, place: u32) -> &Arc<Plan> {
+        &self.plans[place as usize]
+    }
+
+    /// Whether this version holds the plan and account `entry` names (a
+    /// key registered after it was loaded may name newer ones).
+    #[inline]
+    pub(crate) fn names(&self, entry: &KeyEntry) -> bool {
+        (entry.plan as usize) < self.plans.len()
+            && (entry.account == NO_ACCOUNT || (entry.account as usize) < self.accounts.len())
+    }
+
+    /// The account at a place a key names, if it names one.
+    #[inline]
+    pub(crate) fn account(&self, place: u32) -> Option<&Arc<AccountLimits>> {
+        self.accounts.get(place as usize)
+    }
+
+    /// The account with this name.
+    pub(crate) fn account_named(&self, name: &str) -> Option<&Arc<AccountLimits>> {
+        self.account(self.account_place(name)?)
+    }
+
+    /// The place of the account with this name.
+    pub(crate) fn account_place(&self, name: &str) -> Option<u32> {
+        self.account_names.get(name).copied()
+    }
+
+    /// Adds an account at a new place, or replaces the one with its name.
+    pub(crate) fn put_account(&mut self, account: Arc<AccountLimits>) {
+        match self.account_names.get(&*account.name) {
+            Some(&at) => self.accounts[at as usize] = account,
+            None => {
+                self.account_names
+                    .insert(Arc::clone(&account.name), self.accounts.len() as u32);
+                self.accounts.push(account);
+            }
+        }
+    }
+
+    /// The place of the plan with this name.
+    pub(crate) fn plan_place(&self, name: &str) -> Option<u32> {
+        self.plan_names.get(name).copied()
+    }
+
+    /// Adds a plan at a new place, or replaces the one with its name.
+    pub(crate) fn put_plan(&mut self, plan: Arc<Plan>) -> Option<Arc<Plan>> {
+        match self.plan_names.get(&*plan.name) {
+            Some(&at) => Some(std::mem::replace(&mut self.plans[at as usize], plan)),
+            None => {
+                self.plan_names
+                    .insert(Arc::clone(&plan.name), self.plans.len() as u32);
+                self.plans.push(plan);
+                None
+            }
+        }
+    }
+
+    /// Checks `key` (its id, value and plan) against this version.
+    pub(crate) fn check(&self, key: &ApiKey) -> Result<Checked, ConfigError> {
         if validate(key.id.as_bytes(), DEFAULT_MAX_KEY_LEN).is_err() {
             return Err(ConfigError::InvalidKey {
                 id: String::new(),
@@ -166,34 +355,31 @@ impl Snapshot {
             });
         }
         let plan = self
-            .plans
-            .get(key.plan.as_str())
+            .plan_place(&key.plan)
             .ok_or_else(|| ConfigError::UnknownPlan {
                 key: key.id.clone(),
                 plan: key.plan.clone(),
             })?;
-        Ok(KeyEntry {
-            id: key.id.as_str().into(),
-            state: hash::digest(key.id.as_bytes()),
-            plan: Arc::clone(plan),
-            enabled: key.enabled,
+        let account = match &key.account {
+            None => NO_ACCOUNT,
+            Some(name) => self
+                .account_place(name)
+                .ok_or_else(|| ConfigError::UnknownAccount {
+                    key: key.id.clone(),
+                    account: name.clone(),
+                })?,
+        };
+        Ok(Checked {
+            entry: KeyEntry::new(&key.id, plan, account, key.enabled),
         })
     }
+}
 
-    /// Adds a key built by [`entry`](Self::entry).
-    pub(crate) fn insert(&mut self, value: &str, entry: KeyEntry) -> Result<(), ConfigError> {
-        if self.ids.contains_key(&*entry.id) {
-            return Err(ConfigError::DuplicateKeyId(entry.id.to_string()));
-        }
-        let digest = hash::digest(value.as_bytes());
-        if self.keys.contains_key(&digest) {
-            return Err(ConfigError::DuplicateKeyValue {
-                id: entry.id.to_string(),
-            });
-        }
-        self.ids.insert(Arc::clone(&entry.id), digest);
-        self.keys.insert(digest, Arc::new(entry));
-        Ok(())
+/// The error of a key that clashes with a registered one.
+pub(crate) fn clash_error(clash: Clash, id: &str) -> ConfigError {
+    match clash {
+        Clash::Id => ConfigError::DuplicateKeyId(id.to_owned()),
+        Clash::Value => ConfigError::DuplicateKeyValue { id: id.to_owned() },
     }
 }
 
@@ -205,7 +391,7 @@ impl fmt::Debug for Policy {
             None => f
                 .debug_struct("Policy")
                 .field("plans", &snap.plans.len())
-                .field("keys", &snap.keys.len())
+                .field("keys", &self.inner.keys.len())
                 .finish_non_exhaustive(),
         }
     }
@@ -217,6 +403,7 @@ impl fmt::Debug for Policy {
 pub struct PolicyBuilder {
     plans: Vec<UsagePlan>,
     keys: Vec<ApiKey>,
+    accounts: Vec<Account>,
     stage: Option<Stage>,
     anonymous: Anonymous,
     history_days: Option<usize>,
@@ -233,6 +420,13 @@ impl PolicyBuilder {
     /// Adds an API key.
     pub fn key(mut self, key: ApiKey) -> Self {
         self.keys.push(key);
+        self
+    }
+
+    /// Adds an account: limits shared by all the keys that name it
+    /// ([`ApiKey::account`]).
+    pub fn account(mut self, account: Account) -> Self {
+        self.accounts.push(account);
         self
     }
 
@@ -264,8 +458,9 @@ impl PolicyBuilder {
 
     /// Checks the plans and keys and builds the policy.
     ///
-    /// Errors on invalid method paths, duplicate plan names, duplicate key ids
-    /// or values, a key that names an unknown plan, and key ids or values that
+    /// Errors on invalid method paths, duplicate plan or account names,
+    /// duplicate key ids or values, a key that names an unknown plan or
+    /// account, and key ids or values that
     /// are empty, longer than [`DEFAULT_MAX_KEY_LEN`] bytes or not visible ASCII.
     pub fn build(self) -> Result<Policy, ConfigError> {
         let history_days = self.history_days.unwrap_or(DEFAULT_HISTORY_DAYS);
@@ -276,9 +471,8 @@ impl PolicyBuilder {
         let now = clock.wall_nanos();
         let mut snapshot = Snapshot {
             per_key: None,
-            plans: HashMap::new(),
-            keys: HashMap::with_capacity_and_hasher(self.keys.len(), BuildDigestHasher::default()),
-            ids: HashMap::with_capacity(self.keys.len()),
+            plans: Vec::with_capacity(self.plans.len()),
+            plan_names: HashMap::with_capacity(self.plans.len()),
             stage: self
                 .stage
                 .as_ref()
@@ -295,22 +489,41 @@ impl PolicyBuilder {
                     client_ip: client_ip.clone(),
                 })),
             },
+            accounts: Vec::with_capacity(self.accounts.len()),
+            account_names: HashMap::with_capacity(self.accounts.len()),
         };
+        for a in &self.accounts {
+            if snapshot.account_place(a.name()).is_some() {
+                return Err(ConfigError::DuplicateAccount(a.name().to_owned()));
+            }
+            snapshot.put_account(Arc::new(AccountLimits::compile(a, now)));
+        }
         for p in &self.plans {
-            let plan = Arc::new(Plan::compile(p, now)?);
-            if snapshot
-                .plans
-                .insert(Arc::clone(&plan.name), plan)
-                .is_some()
-            {
+            if snapshot.plan_place(p.name()).is_some() {
                 return Err(ConfigError::DuplicatePlan(p.name().to_owned()));
             }
+            snapshot.put_plan(Arc::new(Plan::compile(p, now)?));
         }
-        for k in &self.keys {
-            let entry = snapshot.entry(k)?;
-            snapshot.insert(&k.value, entry)?;
-        }
-        Ok(Policy::from_snapshot(snapshot, history_days))
+        let registry = Registry::new(ValueHasher::process(), self.keys.len());
+        registry.change(|w| {
+            for k in &self.keys {
+                let checked = snapshot.check(k)?;
+                w.add(k.value.as_bytes(), checked.entry)
+                    .map_err(|c| clash_error(c, &k.id))?;
+            }
+            Ok::<_, ConfigError>(())
+        })?;
+        let statics = self
+            .keys
+            .into_iter()
+            .map(|k| (k.id.into_boxed_str(), k.value.into_boxed_str()))
+            .collect();
+        Ok(Policy::from_parts(
+            snapshot,
+            registry,
+            history_days,
+            statics,
+        ))
     }
 }
 

@@ -2,13 +2,16 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
 
 use crate::error::ConfigError;
-use crate::plan::{ApiKey, Limit, LimitKind, Plan, UsagePlan};
-use crate::policy::{KeyEntry, Policy, Snapshot};
+use crate::keys::{Clash, Edit, KeyEntry, Record, SharedRegistry};
+use crate::plan::{ApiKey, LimitKind, Plan, UsagePlan};
+use crate::policy::{Policy, Snapshot, clash_error};
 use crate::store::{MemoryStore, Store, StoreError, StoreFuture, Subject, ThrottleRef};
 use crate::window::Date;
+
+mod account;
+pub use self::account::AccountUsage;
 
 /// The largest count [`Admin::set_remaining`] takes: 2^53, the largest limit
 /// a quota can have. A double (a number of the Redis store's script, or of a
@@ -41,12 +44,12 @@ pub(crate) fn check_remaining(remaining: u64) -> Result<(), StoreError> {
 /// let layer = RateLimitLayer::new(Policy::builder().plan(plan).build()?);
 /// let admin = layer.admin();
 ///
-/// admin.add_key(ApiKey::new("k1", "secret-1", "free")).unwrap();
-/// assert!(layer.check(b"secret-1", 1).is_ok());
-/// admin.set_enabled("k1", false).unwrap();
-/// assert!(layer.check(b"secret-1", 1).is_err());
-/// admin.set_enabled("k1", true).unwrap();
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// admin.add_key(ApiKey::new("k1", "secret-1", "free")).await.unwrap();
+/// assert!(layer.check(b"secret-1", 1).is_ok());
+/// admin.set_enabled("k1", false).await.unwrap();
+/// assert!(layer.check(b"secret-1", 1).is_err());
+/// admin.set_enabled("k1", true).await.unwrap();
 /// // UpdateUsage: 10 more requests in the current window.
 /// assert_eq!(admin.set_remaining("k1", 10).await.unwrap(), 10);
 /// # });
@@ -54,8 +57,8 @@ pub(crate) fn check_remaining(remaining: u64) -> Result<(), StoreError> {
 /// ```
 #[derive(Clone)]
 pub struct Admin<S = MemoryStore> {
-    policy: Policy,
-    store: S,
+    pub(crate) policy: Policy,
+    pub(crate) store: S,
 }
 
 /// A registered key as the admin handle shows it (never its value).
@@ -68,6 +71,8 @@ pub struct KeyInfo {
     pub plan: String,
     /// Whether it is enabled.
     pub enabled: bool,
+    /// The account it belongs to, if any.
+    pub account: Option<String>,
 }
 
 /// Usage per key per UTC day, as AWS GetUsage reports it.
@@ -95,6 +100,10 @@ pub enum AdminError {
     UnknownKey(String),
     /// No plan has this name.
     UnknownPlan(String),
+    /// No account has this name.
+    UnknownAccount(String),
+    /// The account has no quota, so there is no usage to report or set.
+    NoAccountQuota(String),
     /// The plan has no quota, so there is no usage to report or set.
     NoQuota(String),
     /// The store could not be read or changed.
@@ -103,6 +112,15 @@ pub enum AdminError {
     BadRange(&'static str),
     /// The policy limits every key under one plan; it has no registered keys.
     NotRegistered,
+    /// One key of a batch could not be imported, so none was.
+    Import {
+        /// Its place in the batch, from 0.
+        index: usize,
+        /// Its id.
+        id: String,
+        /// Why.
+        error: Box<AdminError>,
+    },
     /// A quota's remaining count above [`Admin::set_remaining`]'s range
     /// (at most 2^53, the largest limit a quota can have).
     RemainingOutOfRange {
@@ -119,10 +137,16 @@ impl fmt::Display for AdminError {
             AdminError::Config(e) => e.fmt(f),
             AdminError::UnknownKey(id) => write!(f, "unknown api key `{id}`"),
             AdminError::UnknownPlan(p) => write!(f, "unknown plan `{p}`"),
+            AdminError::UnknownAccount(a) => write!(f, "unknown account `{a}`"),
+            AdminError::NoAccountQuota(a) => write!(f, "account `{a}` has no quota"),
             AdminError::NoQuota(p) => write!(f, "plan `{p}` has no quota"),
             AdminError::BadRange(why) => write!(f, "bad date range: {why}"),
             AdminError::Store(e) => e.fmt(f),
             AdminError::NotRegistered => f.write_str("the policy has no registered keys"),
+            AdminError::Import { index, id, error } => write!(
+                f,
+                "key {index} (`{id}`) of the batch: {error}; no key was imported"
+            ),
             AdminError::RemainingOutOfRange { remaining, max } => write!(
                 f,
                 "remaining {remaining} is out of range: at most {max} (2^53, the largest quota limit)"
@@ -154,41 +178,166 @@ impl<S: Store> Admin<S> {
         self.store.clock().wall_nanos()
     }
 
-    /// Adds a key.
-    pub fn add_key(&self, key: ApiKey) -> Result<(), AdminError> {
-        self.policy.update(|snap| {
-            if snap.per_key.is_some() {
-                return Err(AdminError::NotRegistered);
+    /// The policy's registered keys, or [`AdminError::NotRegistered`].
+    fn registered(&self) -> Result<(), AdminError> {
+        if self.policy.load().per_key.is_some() {
+            return Err(AdminError::NotRegistered);
+        }
+        Ok(())
+    }
+
+    /// The registry this policy shares with other instances through the
+    /// store, if the store shares one.
+    fn shared(&self) -> Option<SharedRegistry> {
+        self.store.shared_registry()
+    }
+
+    /// Adds a key. Refused when its id or value is another key's, when its
+    /// plan is unknown, or when its id or value is not 1 to 256 visible
+    /// ASCII characters.
+    ///
+    /// With a store that shares the registry (the Redis store), the key is
+    /// written there first: every instance serves it within a second, and
+    /// an error of the store (a clear [`AdminError::Store`]) adds it
+    /// nowhere.
+    pub async fn add_key(&self, key: ApiKey) -> Result<(), AdminError> {
+        self.registered()?;
+        let checked = self.policy.load().check(&key)?;
+        let keys = self.policy.keys();
+        let digest = keys.digest(key.value.as_bytes());
+        keys.change(|w| w.free(&key.id, digest))
+            .map_err(|c| clash_error(c, &key.id))?;
+        if let Some(shared) = self.shared() {
+            let v = shared.write(Edit::Add(record(&key, digest))).await?;
+            self.policy.made(v);
+        }
+        keys.change(|w| w.add_digest(digest, checked.entry))
+            .map_err(|c| clash_error(c, &key.id))?;
+        Ok(())
+    }
+
+    /// Adds every key of a batch, or none: a key that could not be added
+    /// alone (see [`add_key`](Self::add_key)), or whose id or value another
+    /// key of the batch has, stops the import before any key is added, and
+    /// the error names it ([`AdminError::Import`]). Returns how many keys
+    /// were added. Each key costs what one [`add_key`](Self::add_key) costs:
+    /// a million keys import in about a second (see `BENCHMARKS.md`).
+    pub async fn import_keys(
+        &self,
+        keys: impl IntoIterator<Item = ApiKey>,
+    ) -> Result<usize, AdminError> {
+        self.registered()?;
+        let snap = self.policy.load();
+        let keys: Vec<ApiKey> = keys.into_iter().collect();
+        let fail = |index: usize, id: &str, error: AdminError| AdminError::Import {
+            index,
+            id: id.to_owned(),
+            error: Box::new(error),
+        };
+        let registry = self.policy.keys();
+        let mut entries = Vec::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            let checked = snap.check(k).map_err(|e| fail(i, &k.id, e.into()))?;
+            entries.push((registry.digest(k.value.as_bytes()), checked.entry));
+        }
+        // Clashes with registered keys and within the batch, before any
+        // key is added.
+        registry.change(|w| {
+            let mut ids = std::collections::HashSet::with_capacity(keys.len());
+            let mut values = std::collections::HashSet::with_capacity(keys.len());
+            for (i, (k, (digest, _))) in keys.iter().zip(&entries).enumerate() {
+                let clash = match w.free(&k.id, *digest) {
+                    Err(c) => Some(c),
+                    Ok(()) if !ids.insert(k.id.as_str()) => Some(Clash::Id),
+                    Ok(()) if !values.insert(*digest) => Some(Clash::Value),
+                    Ok(()) => None,
+                };
+                if let Some(c) = clash {
+                    return Err(fail(i, &k.id, clash_error(c, &k.id).into()));
+                }
             }
-            let entry = snap.entry(&key)?;
-            Ok(snap.insert(&key.value, entry)?)
+            Ok(())
+        })?;
+        if let Some(shared) = self.shared() {
+            let records = keys
+                .iter()
+                .zip(&entries)
+                .map(|(k, (digest, _))| record(k, *digest))
+                .collect();
+            match shared.write(Edit::Import(records)).await {
+                Ok(v) => self.policy.made(v),
+                Err(e) => {
+                    // Name the entry another instance's key clashed with.
+                    let id = match &e {
+                        AdminError::Config(ConfigError::DuplicateKeyId(id))
+                        | AdminError::Config(ConfigError::DuplicateKeyValue { id }) => Some(id),
+                        _ => None,
+                    };
+                    return Err(
+                        match id.and_then(|id| keys.iter().position(|k| k.id == *id)) {
+                            Some(i) => fail(i, &keys[i].id, e),
+                            None => e,
+                        },
+                    );
+                }
+            }
+        }
+        let n = keys.len();
+        registry.change(|w| {
+            for (k, (digest, entry)) in keys.iter().zip(entries) {
+                w.add_digest(digest, entry)
+                    .map_err(|c| clash_error(c, &k.id))?;
+            }
+            Ok(n)
         })
     }
 
+    /// Removes a key: its next request is answered as an unknown key's.
+    /// Requests it has in flight finish, and their token settlements and
+    /// concurrency places are still given back. Its counters stay in the
+    /// store (a key added again with its id finds them).
+    pub async fn remove_key(&self, id: &str) -> Result<(), AdminError> {
+        self.registered()?;
+        if self.policy.keys().by_id(id, |e| e.is_none()) {
+            return Err(AdminError::UnknownKey(id.to_owned()));
+        }
+        if let Some(shared) = self.shared() {
+            let v = shared.write(Edit::Remove(id.to_owned())).await?;
+            self.policy.made(v);
+        }
+        match self.policy.keys().change(|w| w.remove(id)) {
+            Some(_) => Ok(()),
+            None => Err(AdminError::UnknownKey(id.to_owned())),
+        }
+    }
+
     /// Enables or disables a key (a disabled key is answered 403).
-    pub fn set_enabled(&self, id: &str, enabled: bool) -> Result<(), AdminError> {
-        self.replace_entry(id, |e, _| {
+    pub async fn set_enabled(&self, id: &str, enabled: bool) -> Result<(), AdminError> {
+        self.replace_entry(id, |e| {
             Ok(KeyEntry {
                 enabled,
-                ..clone_entry(e)
+                ..e.clone()
             })
         })
+        .await
     }
 
     /// Moves a key to another plan. Its counters under the old plan are kept
     /// for when it comes back; under the new plan it starts where it left off
     /// there, or fresh.
-    pub fn set_plan(&self, id: &str, plan: &str) -> Result<(), AdminError> {
-        self.replace_entry(id, |e, snap| {
-            let plan = snap
-                .plans
-                .get(plan)
-                .ok_or_else(|| AdminError::UnknownPlan(plan.to_owned()))?;
+    pub async fn set_plan(&self, id: &str, plan: &str) -> Result<(), AdminError> {
+        let place = self
+            .policy
+            .load()
+            .plan_place(plan)
+            .ok_or_else(|| AdminError::UnknownPlan(plan.to_owned()))?;
+        self.replace_entry(id, |e| {
             Ok(KeyEntry {
-                plan: Arc::clone(plan),
-                ..clone_entry(e)
+                plan: place,
+                ..e.clone()
             })
         })
+        .await
     }
 
     /// Adds a plan, or replaces the limits of the plan with the same name.
@@ -196,76 +345,80 @@ impl<S: Store> Admin<S> {
     /// keeps the share of each key's bucket in use (an emptied bucket stays
     /// empty and refills at the new rate), quota counts carry over, and a
     /// quota's offset counts from the plan's first creation.
-    pub fn put_plan(&self, plan: UsagePlan) -> Result<(), AdminError> {
+    pub async fn put_plan(&self, plan: UsagePlan) -> Result<(), AdminError> {
+        self.registered()?;
         let now = self.now();
-        self.policy.update(|snap| {
-            if snap.per_key.is_some() {
-                return Err(AdminError::NotRegistered);
-            }
+        // Checked before it is shared.
+        Plan::compile(&plan, now)?;
+        if let Some(shared) = self.shared() {
+            let snap = self.policy.load();
             let created = snap
-                .plans
-                .get(plan.name())
-                .and_then(|p| p.quota.map(|q| q.created_at))
+                .plan_place(plan.name())
+                .and_then(|at| snap.plan(at).quota.map(|q| q.created_at))
                 .unwrap_or(now);
-            let mut compiled = Plan::compile(&plan, created)?;
-            // A throttle whose numbers change is marked with the time, for
-            // stores that convert each key's state when it is next used.
-            if let Some(old) = snap.plans.get(plan.name()) {
-                for new in compiled.limits_mut() {
-                    if let Some(o) = old.limits().find(|o| o.salt == new.salt) {
-                        new.since = if o.gcra == new.gcra { o.since } else { now };
-                    }
-                }
-            }
-            let compiled = Arc::new(compiled);
-            let previous = snap
-                .plans
-                .insert(Arc::clone(&compiled.name), Arc::clone(&compiled));
-            // Throttles kept at the same place (salt) with new numbers: convert
-            // each key's state so the share of its bucket in use carries over.
-            let changed: Vec<(&Limit, &Limit)> = match &previous {
-                None => Vec::new(),
-                Some(old) => compiled
-                    .limits()
-                    .filter_map(|new| {
-                        let old = old.limits().find(|o| o.salt == new.salt)?;
-                        (old.gcra != new.gcra).then_some((old, new))
-                    })
-                    .collect(),
-            };
-            for entry in snap.keys.values_mut() {
-                if entry.plan.name == compiled.name {
+            let encoded = crate::plan::wire::encode_plan(&plan, created);
+            let name = plan.name().to_owned();
+            let v = shared.write(Edit::Plan { name, encoded }).await?;
+            self.policy.made(v);
+        }
+        let (compiled, changed) = self.policy.put_plan(&plan, now, now)?;
+        // Throttles kept at the same place (salt) with new numbers: convert
+        // each key's state so the share of its bucket in use carries over.
+        if !changed.is_empty() {
+            let place = self.policy.load().plan_place(plan.name());
+            self.policy.keys().for_each(|entry| {
+                if Some(entry.plan) == place {
                     let subject = self.subject(&compiled, entry);
                     for (old, new) in &changed {
                         self.store
                             .rescale(&subject.throttle(old), &subject.throttle(new));
                     }
-                    *entry = Arc::new(KeyEntry {
-                        plan: Arc::clone(&compiled),
-                        ..clone_entry(entry)
-                    });
                 }
-            }
-            Ok(())
-        })
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds an account, or replaces the limits of the account with the same
+    /// name; its keys keep their counters, as a plan's do
+    /// ([`put_plan`](Self::put_plan)). Keys join an account when they are
+    /// added with [`ApiKey::account`](crate::ApiKey::account).
+    pub async fn put_account(&self, account: crate::Account) -> Result<(), AdminError> {
+        self.registered()?;
+        let now = self.now();
+        if let Some(shared) = self.shared() {
+            let snap = self.policy.load();
+            let created = snap
+                .account_named(account.name())
+                .and_then(|a| a.quota.map(|q| q.created_at))
+                .unwrap_or(now);
+            let encoded = crate::plan::wire::encode_account(&account, created);
+            let name = account.name().to_owned();
+            let v = shared.write(Edit::Account { name, encoded }).await?;
+            self.policy.made(v);
+        }
+        self.policy.put_account(&account, now, now)
     }
 
     /// The key with this id.
     pub fn key(&self, id: &str) -> Option<KeyInfo> {
-        self.policy.load().by_id(id).ok().map(|e| info(e))
+        let snap = self.policy.load();
+        self.policy.keys().by_id(id, |e| e.map(|e| info(&snap, e)))
     }
 
     /// Every registered key, by id.
     pub fn keys(&self) -> Vec<KeyInfo> {
         let snap = self.policy.load();
-        let mut keys: Vec<_> = snap.keys.values().map(|e| info(e)).collect();
+        let mut keys = Vec::with_capacity(self.policy.keys().len());
+        self.policy.keys().for_each(|e| keys.push(info(&snap, e)));
         keys.sort_by(|a, b| a.id.cmp(&b.id));
         keys
     }
 
     /// The plan with this name, as it was last put.
     pub fn plan(&self, name: &str) -> Option<UsagePlan> {
-        self.policy.load().plans.get(name).map(|p| p.source.clone())
+        let snap = self.policy.load();
+        snap.plan_place(name).map(|at| snap.plan(at).source.clone())
     }
 
     /// Usage of the keys of `plan` (or of one key) per UTC day from `start`
@@ -287,10 +440,10 @@ impl<S: Store> Admin<S> {
         let mut pending: Vec<(String, Option<DaysFuture>)> = Vec::new();
         {
             let snap = self.policy.load();
-            let p = snap
-                .plans
-                .get(plan)
+            let place = snap
+                .plan_place(plan)
                 .ok_or_else(|| AdminError::UnknownPlan(plan.to_owned()))?;
+            let p = snap.plan(place);
             let spec = p
                 .quota
                 .as_ref()
@@ -301,18 +454,25 @@ impl<S: Store> Admin<S> {
                     "start is before the kept usage history",
                 ));
             }
-            if let Some(id) = key.filter(|id| !snap.ids.contains_key(*id)) {
-                return Err(AdminError::UnknownKey(id.to_owned()));
-            }
-            for entry in snap.keys.values() {
-                if entry.plan.name != p.name || key.is_some_and(|k| *k != *entry.id) {
-                    continue;
+            let mut read = |entry: &KeyEntry| {
+                if entry.plan != place {
+                    return;
                 }
                 let days = (start <= end).then(|| {
                     let q = self.subject(p, entry).quota(LimitKind::Quota, spec);
                     self.store.usage(&q, start, end)
                 });
                 pending.push((entry.id.to_string(), days));
+            };
+            match key {
+                Some(id) => self.policy.keys().by_id(id, |e| match e {
+                    Some(e) => {
+                        read(e);
+                        Ok(())
+                    }
+                    None => Err(AdminError::UnknownKey(id.to_owned())),
+                })?,
+                None => self.policy.keys().for_each(read),
             }
         }
         let mut items = BTreeMap::new();
@@ -330,7 +490,6 @@ impl<S: Store> Admin<S> {
             items,
         })
     }
-
     /// Sets what remains of the key's quota in the current window (AWS
     /// UpdateUsage); returns it. Above the limit raises the key's allowance for
     /// this window only; 0 stops it until the window ends.
@@ -365,26 +524,28 @@ impl<S: Store> Admin<S> {
                 max: MAX_REMAINING,
             });
         }
-        let pending = {
-            let snap = self.policy.load();
-            let entry = snap.by_id(id)?;
-            let Some(q) = self.subject(&entry.plan, entry).request_quota() else {
-                return Err(AdminError::NoQuota(entry.plan.name.to_string()));
+        let snap = self.policy.load();
+        let pending = self.policy.keys().by_id(id, |entry| {
+            let entry = entry.ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
+            let plan = snap.plan(entry.plan);
+            let Some(q) = self.subject(plan, entry).request_quota() else {
+                return Err(AdminError::NoQuota(plan.name.to_string()));
             };
-            self.store.set_remaining(&q, remaining)
-        };
+            Ok(self.store.set_remaining(&q, remaining))
+        })?;
         Ok(pending.await?)
     }
 
     /// Resets a key: its quota window and usage history under its plan are
     /// forgotten and its buckets are full again.
     pub async fn reset_key(&self, id: &str) -> Result<(), AdminError> {
-        let pending = {
-            let snap = self.policy.load();
-            let entry = snap.by_id(id)?;
-            let subject = self.subject(&entry.plan, entry);
+        let snap = self.policy.load();
+        let pending = self.policy.keys().by_id(id, |entry| {
+            let entry = entry.ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
+            let plan = snap.plan(entry.plan);
+            let subject = self.subject(plan, entry);
             let throttles: Vec<ThrottleRef<'_>> =
-                entry.plan.limits().map(|l| subject.throttle(l)).collect();
+                plan.limits().map(|l| subject.throttle(l)).collect();
             let mut pending = vec![
                 self.store
                     .reset(&throttles, subject.request_quota().as_ref()),
@@ -393,8 +554,8 @@ impl<S: Store> Admin<S> {
             for q in subject.token_quotas().iter().flatten() {
                 pending.push(self.store.reset(&[], Some(q)));
             }
-            pending
-        };
+            Ok::<_, AdminError>(pending)
+        })?;
         for p in pending {
             p.await?;
         }
@@ -411,47 +572,56 @@ impl<S: Store> Admin<S> {
         }
     }
 
-    fn replace_entry(
+    async fn replace_entry(
         &self,
         id: &str,
-        f: impl FnOnce(&KeyEntry, &Snapshot) -> Result<KeyEntry, AdminError>,
+        f: impl FnOnce(&KeyEntry) -> Result<KeyEntry, AdminError>,
     ) -> Result<(), AdminError> {
-        self.policy.update(|snap| {
-            let new = f(snap.by_id(id)?, snap)?;
-            let digest = snap.ids[id];
-            snap.keys.insert(digest, Arc::new(new));
-            Ok(())
-        })
+        self.registered()?;
+        let keys = self.policy.keys();
+        let (digest, new) = keys.change(|w| {
+            let (digest, old) = w
+                .by_id(id)
+                .ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
+            Ok::<_, AdminError>((digest, f(old)?))
+        })?;
+        if let Some(shared) = self.shared() {
+            let snap = self.policy.load();
+            let r = Record {
+                id: id.to_owned(),
+                digest,
+                plan: snap.plan(new.plan).name.to_string(),
+                account: snap.account(new.account).map(|a| a.name.to_string()),
+                enabled: new.enabled,
+            };
+            let v = shared.write(Edit::Update(r)).await?;
+            self.policy.made(v);
+        }
+        keys.change(|w| w.replace(new));
+        Ok(())
     }
 }
 
-impl Snapshot {
-    /// The entry of the key with this id.
-    fn by_id(&self, id: &str) -> Result<&Arc<KeyEntry>, AdminError> {
-        self.ids
-            .get(id)
-            .and_then(|d| self.keys.get(d))
-            .ok_or_else(|| AdminError::UnknownKey(id.to_owned()))
+/// A key as a shared registry keeps it.
+fn record(key: &ApiKey, digest: crate::hash::Digest) -> Record {
+    Record {
+        id: key.id.clone(),
+        digest,
+        plan: key.plan.clone(),
+        account: key.account.clone(),
+        enabled: key.enabled,
     }
 }
 
 /// A key's daily usage, being read from the store.
 type DaysFuture = StoreFuture<Vec<[i64; 2]>>;
 
-fn clone_entry(e: &KeyEntry) -> KeyEntry {
-    KeyEntry {
-        id: Arc::clone(&e.id),
-        state: e.state,
-        plan: Arc::clone(&e.plan),
-        enabled: e.enabled,
-    }
-}
-
-fn info(e: &KeyEntry) -> KeyInfo {
+fn info(snap: &Snapshot, e: &KeyEntry) -> KeyInfo {
     KeyInfo {
         id: e.id.to_string(),
-        plan: e.plan.name.to_string(),
+        plan: snap.plan(e.plan).name.to_string(),
         enabled: e.enabled,
+        account: snap.account(e.account).map(|a| a.name.to_string()),
     }
 }
 

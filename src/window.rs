@@ -41,7 +41,7 @@ impl Weekday {
         self as i64
     }
 
-    fn from_days_from_monday(n: i64) -> Weekday {
+    pub(crate) fn from_days_from_monday(n: i64) -> Weekday {
         match n.rem_euclid(7) {
             0 => Weekday::Monday,
             1 => Weekday::Tuesday,

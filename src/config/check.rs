@@ -1,7 +1,7 @@
 //! Checks the document's plan values and builds them, each error located.
 //!
-//! A plan table becomes a `UsagePlan`, a throttle table a `Throttle`, a
-//! methods table the method overrides; an error names the line, column and
+//! A plan table becomes a `UsagePlan`, an account table an `Account`, a
+//! throttle table a `Throttle`, a methods table the method overrides; an error names the line, column and
 //! path of the offending field. The checks across the document (unique
 //! names, keys, known plans) are in `load`.
 
@@ -11,11 +11,13 @@ use std::ops::Range;
 
 use toml::Spanned;
 
-use super::document::{FailureFile, PeriodFile, PlanFile, ThrottleFile};
+use super::document::{
+    AccountFile, FailureFile, PeriodFile, PlanFile, QuotaFile, ThrottleFile, TokensFile,
+};
 use super::error::ConfigFileError;
 use super::location::line_col;
 use crate::error::ConfigError;
-use crate::plan::{FailureMode, MethodPath, Quota, Throttle, TokenBudget, UsagePlan};
+use crate::plan::{Account, FailureMode, MethodPath, Quota, Throttle, TokenBudget, UsagePlan};
 use crate::window::Period;
 
 /// Turns semantic errors into located ones.
@@ -107,64 +109,10 @@ impl Checker<'_> {
             plan = plan.throttle(self.throttle(t, &format!("{path}.throttle"))?);
         }
         if let Some(q) = &f.quota {
-            let qp = format!("{path}.quota");
-            let qf = q.get_ref();
-            let period = match (qf.period, qf.week_start) {
-                (PeriodFile::Day, None) => Period::Day,
-                (PeriodFile::Month, None) => Period::Month,
-                (PeriodFile::Week, day) => Period::Week(day.unwrap_or_default()),
-                (_, Some(_)) => {
-                    return Err(self.err(
-                        q.span(),
-                        format!("{qp}.week_start"),
-                        "only a WEEK quota has a start day",
-                    ));
-                }
-            };
-            let limit = self.positive(&qf.limit, format!("{qp}.limit"))?;
-            let mut quota = Quota::new(limit, period)
-                .map_err(|e| self.err(qf.limit.span(), format!("{qp}.limit"), e))?;
-            if let Some(offset) = &qf.offset {
-                let o = u64::try_from(*offset.get_ref()).map_err(|_| {
-                    self.err(
-                        offset.span(),
-                        format!("{qp}.offset"),
-                        "must not be negative",
-                    )
-                })?;
-                quota = quota
-                    .with_offset(o)
-                    .map_err(|e| self.err(offset.span(), format!("{qp}.offset"), e))?;
-            }
-            plan = plan.quota(quota);
+            plan = plan.quota(self.quota(q, &format!("{path}.quota"))?);
         }
         if let Some(t) = &f.tokens {
-            let tf = t.get_ref();
-            let mut budget = TokenBudget::new();
-            if let Some(v) = &tf.per_minute {
-                let field = format!("{path}.tokens.per_minute");
-                let n = self.positive(v, field.clone())?;
-                let n = u32::try_from(n)
-                    .map_err(|_| self.err(v.span(), field.clone(), "is too large"))?;
-                budget = budget
-                    .per_minute(n)
-                    .map_err(|e| self.err(v.span(), field, e))?;
-            }
-            for (name, v, set) in [
-                (
-                    "per_day",
-                    &tf.per_day,
-                    TokenBudget::per_day as fn(TokenBudget, u64) -> _,
-                ),
-                ("per_month", &tf.per_month, TokenBudget::per_month),
-            ] {
-                if let Some(v) = v {
-                    let field = format!("{path}.tokens.{name}");
-                    let n = self.positive(v, field.clone())?;
-                    budget = set(budget, n).map_err(|e| self.err(v.span(), field, e))?;
-                }
-            }
-            plan = plan.tokens(budget);
+            plan = plan.tokens(self.tokens(t, &path)?);
         }
         if let Some(c) = &f.concurrency {
             let n = self.positive(c, format!("{path}.concurrency"))?;
@@ -176,5 +124,93 @@ impl Checker<'_> {
             plan = plan.method(mp, t);
         }
         Ok(plan)
+    }
+
+    /// A quota at `qp` (`plans[0].quota`).
+    fn quota(&self, q: &Spanned<QuotaFile>, qp: &str) -> Result<Quota, ConfigFileError> {
+        let qf = q.get_ref();
+        let period = match (qf.period, qf.week_start) {
+            (PeriodFile::Day, None) => Period::Day,
+            (PeriodFile::Month, None) => Period::Month,
+            (PeriodFile::Week, day) => Period::Week(day.unwrap_or_default()),
+            (_, Some(_)) => {
+                return Err(self.err(
+                    q.span(),
+                    format!("{qp}.week_start"),
+                    "only a WEEK quota has a start day",
+                ));
+            }
+        };
+        let limit = self.positive(&qf.limit, format!("{qp}.limit"))?;
+        let mut quota = Quota::new(limit, period)
+            .map_err(|e| self.err(qf.limit.span(), format!("{qp}.limit"), e))?;
+        if let Some(offset) = &qf.offset {
+            let o = u64::try_from(*offset.get_ref()).map_err(|_| {
+                self.err(
+                    offset.span(),
+                    format!("{qp}.offset"),
+                    "must not be negative",
+                )
+            })?;
+            quota = quota
+                .with_offset(o)
+                .map_err(|e| self.err(offset.span(), format!("{qp}.offset"), e))?;
+        }
+        Ok(quota)
+    }
+
+    /// The token budget of the plan or account at `path` (`plans[0]`).
+    fn tokens(&self, t: &Spanned<TokensFile>, path: &str) -> Result<TokenBudget, ConfigFileError> {
+        let tf = t.get_ref();
+        let mut budget = TokenBudget::new();
+        if let Some(v) = &tf.per_minute {
+            let field = format!("{path}.tokens.per_minute");
+            let n = self.positive(v, field.clone())?;
+            let n =
+                u32::try_from(n).map_err(|_| self.err(v.span(), field.clone(), "is too large"))?;
+            budget = budget
+                .per_minute(n)
+                .map_err(|e| self.err(v.span(), field, e))?;
+        }
+        for (name, v, set) in [
+            (
+                "per_day",
+                &tf.per_day,
+                TokenBudget::per_day as fn(TokenBudget, u64) -> _,
+            ),
+            ("per_month", &tf.per_month, TokenBudget::per_month),
+        ] {
+            if let Some(v) = v {
+                let field = format!("{path}.tokens.{name}");
+                let n = self.positive(v, field.clone())?;
+                budget = set(budget, n).map_err(|e| self.err(v.span(), field, e))?;
+            }
+        }
+        Ok(budget)
+    }
+
+    /// The account of `[[accounts]]` number `i`.
+    pub(super) fn account(
+        &self,
+        i: usize,
+        a: &Spanned<AccountFile>,
+    ) -> Result<Account, ConfigFileError> {
+        let path = format!("accounts[{i}]");
+        let f = a.get_ref();
+        let name = f.name.get_ref();
+        if name.trim().is_empty() {
+            return Err(self.err(f.name.span(), format!("{path}.name"), "must not be empty"));
+        }
+        let mut account = Account::new(name.clone());
+        if let Some(t) = &f.throttle {
+            account = account.throttle(self.throttle(t, &format!("{path}.throttle"))?);
+        }
+        if let Some(q) = &f.quota {
+            account = account.quota(self.quota(q, &format!("{path}.quota"))?);
+        }
+        if let Some(t) = &f.tokens {
+            account = account.tokens(self.tokens(t, &path)?);
+        }
+        Ok(account)
     }
 }

@@ -17,6 +17,8 @@ pub(super) struct File {
     pub(super) plans: Vec<Spanned<PlanFile>>,
     #[serde(default)]
     pub(super) keys: Vec<Spanned<KeyFile>>,
+    #[serde(default)]
+    pub(super) accounts: Vec<Spanned<AccountFile>>,
     pub(super) stage: Option<StageFile>,
     pub(super) anonymous: Option<Spanned<AnonymousFile>>,
     pub(super) admin: Option<AdminFile>,
@@ -94,6 +96,16 @@ pub(super) struct KeyFile {
     pub(super) plan: Spanned<String>,
     #[serde(default = "yes")]
     pub(super) enabled: bool,
+    pub(super) account: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AccountFile {
+    pub(super) name: Spanned<String>,
+    pub(super) throttle: Option<Spanned<ThrottleFile>>,
+    pub(super) quota: Option<Spanned<QuotaFile>>,
+    pub(super) tokens: Option<Spanned<TokensFile>>,
 }
 
 fn yes() -> bool {

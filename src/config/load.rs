@@ -1,7 +1,7 @@
 //! `Config`: a configuration file, checked and ready to build a policy from.
 //!
 //! Reading the file, parsing it, the checks across the whole document (unique
-//! plan names, key ids and values, known plans, the stage, anonymous, admin
+//! plan and account names, key ids and values, known plans and accounts, the stage, anonymous, admin
 //! and global settings), and building the `Policy`.
 
 use std::collections::{HashMap, HashSet};
@@ -17,13 +17,14 @@ use super::location::{line_col, path_at};
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::extract::ClientIp;
-use crate::plan::{Anonymous, ApiKey, Stage, UsagePlan};
+use crate::plan::{Account, Anonymous, ApiKey, Stage, UsagePlan};
 use crate::policy::Policy;
 
 /// A configuration file, checked and ready to build a [`Policy`] from.
 #[derive(Clone)]
 pub struct Config {
     plans: Vec<UsagePlan>,
+    accounts: Vec<Account>,
     keys: Vec<ApiKey>,
     stage: Option<Stage>,
     anonymous: Anonymous,
@@ -36,6 +37,7 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("plans", &self.plans)
+            .field("accounts", &self.accounts)
             .field("keys", &self.keys)
             .field("stage", &self.stage)
             .field("anonymous", &self.anonymous)
@@ -73,6 +75,21 @@ impl Config {
                 ));
             }
             plans.push(plan);
+        }
+
+        let mut account_names = HashSet::new();
+        let mut accounts = Vec::with_capacity(file.accounts.len());
+        for (i, a) in file.accounts.iter().enumerate() {
+            let account = c.account(i, a)?;
+            if !account_names.insert(account.name().to_owned()) {
+                let name = &a.get_ref().name;
+                return Err(c.err(
+                    name.span(),
+                    format!("accounts[{i}].name"),
+                    format!("duplicate account name `{}`", name.get_ref()),
+                ));
+            }
+            accounts.push(account);
         }
 
         let mut ids = HashSet::new();
@@ -116,14 +133,23 @@ impl Config {
                     format!("unknown plan `{}`", kf.plan.get_ref()),
                 ));
             }
-            keys.push(
-                ApiKey::new(
-                    kf.id.get_ref().clone(),
-                    kf.value.get_ref().clone(),
-                    kf.plan.get_ref().clone(),
-                )
-                .enabled(kf.enabled),
-            );
+            let mut key = ApiKey::new(
+                kf.id.get_ref().clone(),
+                kf.value.get_ref().clone(),
+                kf.plan.get_ref().clone(),
+            )
+            .enabled(kf.enabled);
+            if let Some(a) = &kf.account {
+                if !account_names.contains(a.get_ref()) {
+                    return Err(c.err(
+                        a.span(),
+                        format!("{path}.account"),
+                        format!("unknown account `{}`", a.get_ref()),
+                    ));
+                }
+                key = key.account(a.get_ref().clone());
+            }
+            keys.push(key);
         }
 
         let stage = match &file.stage {
@@ -204,6 +230,7 @@ impl Config {
 
         Ok(Config {
             plans,
+            accounts,
             keys,
             stage,
             anonymous,
@@ -243,6 +270,9 @@ impl Config {
         for p in &self.plans {
             b = b.plan(p.clone());
         }
+        for a in &self.accounts {
+            b = b.account(a.clone());
+        }
         for k in &self.keys {
             b = b.key(k.clone());
         }
@@ -268,6 +298,11 @@ impl Config {
     /// The plans.
     pub fn plans(&self) -> &[UsagePlan] {
         &self.plans
+    }
+
+    /// The accounts (`[[accounts]]`).
+    pub fn accounts(&self) -> &[Account] {
+        &self.accounts
     }
 }
 
@@ -365,6 +400,54 @@ mod tests {
             (t.get_per_minute(), t.get_per_day(), t.get_per_month()),
             (Some(40_000), Some(1_000_000), Some(20_000_000))
         );
+    }
+
+    #[test]
+    fn accounts_are_read_and_keys_bound_to_them() {
+        let c = Config::from_toml(
+            "[[plans]]\nname = \"free\"\n\n[[accounts]]\nname = \"acme\"\nthrottle = { rate = 5.0, burst = 10 }\nquota = { limit = 50000, period = \"MONTH\" }\ntokens = { per_day = 2000000 }\n\n[[keys]]\nid = \"k\"\nvalue = \"v\"\nplan = \"free\"\naccount = \"acme\"\n",
+        )
+        .unwrap();
+        let a = &c.accounts()[0];
+        assert_eq!(a.name(), "acme");
+        assert_eq!(a.get_throttle().map(|t| t.burst()), Some(10));
+        assert_eq!(a.get_quota().map(|q| q.limit()), Some(50_000));
+        assert_eq!(
+            a.get_tokens().and_then(|t| t.get_per_day()),
+            Some(2_000_000)
+        );
+        let layer = crate::RateLimitLayer::new(c.policy().unwrap());
+        assert!(layer.admin().account("acme").is_some());
+    }
+
+    #[test]
+    fn account_errors_name_line_and_field() {
+        let plan = "[[plans]]\nname = \"free\"\n";
+        let e = err(&format!(
+            "{plan}[[keys]]\nid = \"k\"\nvalue = \"v\"\nplan = \"free\"\naccount = \"nope\"\n"
+        ));
+        assert_eq!((e.line(), e.path()), (7, "keys[0].account"));
+        assert!(e.message().contains("unknown account `nope`"), "{e}");
+
+        let e = err("[[accounts]]\nname = \"a\"\n[[accounts]]\nname = \"a\"\n");
+        assert_eq!((e.line(), e.path()), (4, "accounts[1].name"));
+        assert!(e.message().contains("duplicate account name `a`"), "{e}");
+
+        let e = err("[[accounts]]\nname = \"a\"\nthrottle = { rate = 0.0, burst = 1 }\n");
+        assert_eq!((e.line(), e.path()), (3, "accounts[0].throttle.rate"));
+
+        let e = err("[[accounts]]\nname = \"a\"\nquota = { limit = 0, period = \"DAY\" }\n");
+        assert_eq!((e.line(), e.path()), (3, "accounts[0].quota.limit"));
+
+        let e = err("[[accounts]]\nname = \"a\"\ntokens = { per_minute = 0 }\n");
+        assert_eq!((e.line(), e.path()), (3, "accounts[0].tokens.per_minute"));
+
+        let e = err("[[accounts]]\nname = \"a\"\nconcurrency = 2\n");
+        assert_eq!((e.line(), e.path()), (3, "accounts[0].concurrency"));
+        assert!(e.message().contains("unknown field"), "{e}");
+
+        let e = err("[[accounts]]\nname = \" \"\n");
+        assert_eq!((e.line(), e.path()), (2, "accounts[0].name"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::extract::{KeyError, KeyExtractor, RequestView};
 use crate::hash;
 use crate::headers::HeaderStyle;
 use crate::observe::{Seen, SharedObserver, Watch};
-use crate::plan::{FailureMode, Plan, StageLimits};
+use crate::plan::{AccountLimits, FailureMode, Plan, StageLimits};
 use crate::policy::{Policy, Snapshot};
 use crate::resolver::{Answer, Lookup, ResolveError, ResolverFallback, Resolving};
 use crate::response::{Decision, Reason, Rejection, SharedOnRejection};
@@ -84,9 +84,11 @@ impl<F> Step<F> {
 /// subject whose state counts, and a registered key's public id.
 struct Caller<'a> {
     stage: Option<&'a StageLimits>,
+    /// The account of a registered key that belongs to one.
+    account: Option<&'a Arc<AccountLimits>>,
     plan: &'a Arc<Plan>,
     subject: Subject<'a>,
-    id: Option<&'a Arc<str>>,
+    id: Option<&'a str>,
 }
 
 /// Where a decision puts the tokens an allowed request reserved, when the
@@ -104,6 +106,7 @@ impl<'a> Caller<'a> {
     ) -> Self {
         Caller {
             stage,
+            account: None,
             plan,
             subject: Subject {
                 plan,
@@ -133,7 +136,7 @@ impl<'a> Caller<'a> {
     /// Such a request is decided without gathering its limits.
     #[inline]
     fn lone(&self) -> Option<ThrottleRef<'a>> {
-        if self.stage.is_some() {
+        if self.stage.is_some() || self.account.is_some() {
             return None;
         }
         Some(self.subject.throttle(self.plan.lone_throttle()?))
@@ -262,22 +265,25 @@ impl<K, S: Store> Shared<K, S> {
             Some(t) => Acquire::lone(t, cost, c.plan, decide),
             None => {
                 let tokens = self.reserve(c, req, reserve);
-                Acquire::gather(c.stage, &c.subject, req, cost, tokens, decide)
+                let account = c.account.map(|a| &**a);
+                Acquire::gather(c.stage, account, &c.subject, req, cost, tokens, decide)
             }
         }
     }
 
-    /// The tokens a request under a plan with a token budget is estimated
-    /// to cost; a request through the layer (not a `check`) also gets what
-    /// it takes to settle them when its response ends.
+    /// The tokens a request under a plan (or of an account) with a token
+    /// budget is estimated to cost; a request through the layer (not a
+    /// `check`) also gets what it takes to settle them when its response ends.
     #[inline]
     fn reserve(&self, c: &Caller<'_>, req: Option<&RequestView<'_>>, reserve: Reserve<'_>) -> u32 {
-        let (Some(_), Some(req), Some(reserve)) = (&c.plan.tokens, req, reserve) else {
+        let budget = c.plan.tokens.is_some() || c.account.is_some_and(|a| a.tokens.is_some());
+        let (true, Some(req), Some(reserve)) = (budget, req, reserve) else {
             return 0;
         };
         let estimate = self.estimator.estimate(req);
         *reserve = Some(Box::new(Unsettled {
             plan: Arc::clone(c.plan),
+            account: c.account.cloned(),
             subject: c.subject.name.into(),
             digest: c.subject.digest,
             history_days: c.subject.history_days,
@@ -311,30 +317,49 @@ impl<K, S> Shared<K, S> {
         wait: bool,
         decide: impl FnOnce(&Caller<'_>) -> T,
     ) -> Result<T, Miss> {
-        let digest = hash::digest(key);
-        let Some(entry) = snap.keys.get(&digest) else {
-            return self.unregistered(snap, digest, key, req, wait, decide);
-        };
-        if !entry.enabled {
-            let seen = Seen {
-                plan: Some(&entry.plan),
-                key_id: Some(&entry.id),
-                req: req.copied(),
+        let mut decide = Some(decide);
+        let registered = self.policy.keys().with(key, |entry| {
+            let entry = entry?;
+            // A key registered after `snap` was loaded may name a plan or
+            // account added after it too: such a key reads the current
+            // version.
+            let fresh;
+            let snap = if snap.names(entry) {
+                snap
+            } else {
+                fresh = self.policy.load();
+                &fresh
             };
-            return Err(self.refuse(Reason::DisabledKey, seen).into());
+            let plan = snap.plan(entry.plan);
+            if !entry.enabled {
+                let seen = Seen {
+                    plan: Some(plan),
+                    key_id: Some(&entry.id),
+                    req: req.copied(),
+                };
+                return Some(Err(self.refuse(Reason::DisabledKey, seen).into()));
+            }
+            let caller = Caller {
+                stage: snap.stage.as_deref(),
+                account: snap.account(entry.account),
+                plan,
+                subject: Subject {
+                    plan,
+                    name: entry.id.as_bytes(),
+                    digest: entry.state,
+                    history_days: self.history_days(),
+                },
+                id: Some(&entry.id),
+            };
+            Some(Ok(decide.take()?(&caller)))
+        });
+        match (registered, decide) {
+            (Some(result), _) => result,
+            (None, Some(decide)) => {
+                self.unregistered(snap, hash::digest(key), key, req, wait, decide)
+            }
+            (None, None) => Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)).into()),
         }
-        let caller = Caller {
-            stage: snap.stage.as_deref(),
-            plan: &entry.plan,
-            subject: Subject {
-                plan: &entry.plan,
-                name: entry.id.as_bytes(),
-                digest: entry.state,
-                history_days: self.history_days(),
-            },
-            id: Some(&entry.id),
-        };
-        Ok(decide(&caller))
     }
 
     /// A key the policy does not hold: refused as unknown without a
@@ -380,7 +405,7 @@ impl<K, S> Shared<K, S> {
             Answer::Unknown => return Err(self.refuse(Reason::UnknownKey, Seen::maybe(req))),
             Answer::Failed(e) => return Err(self.unresolved(e, req)),
         };
-        let Some(plan) = snap.plans.get(found.key.plan()) else {
+        let Some(plan) = snap.plan_place(found.key.plan()).map(|at| snap.plan(at)) else {
             if fresh {
                 tracing::warn!(
                     key_id = %found.id,
@@ -389,6 +414,22 @@ impl<K, S> Shared<K, S> {
                 );
             }
             return Err(self.unresolved(&ResolveError::unknown_plan(), req));
+        };
+        let account = match found.key.get_account() {
+            None => None,
+            Some(name) => match snap.account_named(name) {
+                Some(account) => Some(account),
+                None => {
+                    if fresh {
+                        tracing::warn!(
+                            key_id = %found.id,
+                            account = name,
+                            "key resolver named an account the policy does not have"
+                        );
+                    }
+                    return Err(self.unresolved(&ResolveError::unknown_plan(), req));
+                }
+            },
         };
         if !found.key.is_enabled() {
             let seen = Seen {
@@ -400,6 +441,7 @@ impl<K, S> Shared<K, S> {
         }
         let caller = Caller {
             stage: snap.stage.as_deref(),
+            account,
             plan,
             subject: Subject {
                 plan,
@@ -455,9 +497,12 @@ impl<K> Shared<K, MemoryStore> {
         let result = match c.lone() {
             // The common plan, a throttle alone, skips gathering limits.
             Some(t) => self.store.decide_throttle(&t, cost, &mut ()),
-            None => Acquire::gather(c.stage, &c.subject, None, cost, 0, |a| {
-                self.store.decide::<()>(a, &mut ())
-            }),
+            None => {
+                let account = c.account.map(|a| &**a);
+                Acquire::gather(c.stage, account, &c.subject, None, cost, 0, |a| {
+                    self.store.decide::<()>(a, &mut ())
+                })
+            }
         };
         self.checked(&result, c.seen(None));
         result

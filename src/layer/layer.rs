@@ -337,6 +337,10 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
 
     /// Builds the layer and its shared state.
     pub fn build(self) -> RateLimitLayer<K, S> {
+        match self.store.shared_registry() {
+            Some(shared) => self.policy.attach(&shared),
+            None => self.policy.seal(),
+        }
         RateLimitLayer {
             shared: Arc::new(Shared {
                 extractor: self.extractor,

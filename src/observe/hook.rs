@@ -17,7 +17,7 @@ pub(crate) struct Seen<'a> {
     /// `None` until the key has led to a plan.
     pub(crate) plan: Option<&'a Plan>,
     /// A registered key's public id; never a key's value.
-    pub(crate) key_id: Option<&'a Arc<str>>,
+    pub(crate) key_id: Option<&'a str>,
     pub(crate) req: Option<RequestView<'a>>,
 }
 
@@ -44,7 +44,7 @@ impl<'a> Seen<'a> {
         DecisionEvent {
             plan: self.plan.map(|p| &*p.name),
             shadow: self.plan.is_some_and(|p| p.shadow),
-            key_id: self.key_id.map(|id| &**id),
+            key_id: self.key_id,
             req: self.req,
             outcome,
             limit,
@@ -54,7 +54,7 @@ impl<'a> Seen<'a> {
 
 /// What a request waiting for a remote store keeps of [`Seen`] for its
 /// observer (the request itself travels with it). Made only when an observer
-/// is set: two reference counts, no allocation.
+/// is set: a reference count and, for a registered key, a copy of its id.
 #[derive(Debug)]
 pub(crate) struct Watch {
     plan: Arc<str>,
@@ -69,7 +69,7 @@ impl Watch {
         Some(Watch {
             plan: Arc::clone(&plan.name),
             shadow: plan.shadow,
-            key_id: seen.key_id.cloned(),
+            key_id: seen.key_id.map(Arc::from),
         })
     }
 

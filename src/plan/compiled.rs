@@ -37,6 +37,16 @@ pub enum LimitKind {
     TokensMonth,
     /// A plan's cap on requests in flight (`"concurrency"`).
     Concurrency,
+    /// An account's throttle, shared by all its keys (`"account"`).
+    Account,
+    /// An account's request quota (`"account-quota"`).
+    AccountQuota,
+    /// An account's per-minute token bucket (`"account-tokens-minute"`).
+    AccountTokensMinute,
+    /// An account's daily token quota (`"account-tokens-day"`).
+    AccountTokensDay,
+    /// An account's monthly token quota (`"account-tokens-month"`).
+    AccountTokensMonth,
 }
 
 impl LimitKind {
@@ -52,6 +62,11 @@ impl LimitKind {
             LimitKind::TokensDay => "tokens-day",
             LimitKind::TokensMonth => "tokens-month",
             LimitKind::Concurrency => "concurrency",
+            LimitKind::Account => "account",
+            LimitKind::AccountQuota => "account-quota",
+            LimitKind::AccountTokensMinute => "account-tokens-minute",
+            LimitKind::AccountTokensDay => "account-tokens-day",
+            LimitKind::AccountTokensMonth => "account-tokens-month",
         }
     }
 
@@ -69,6 +84,11 @@ impl LimitKind {
             TokensDay,
             TokensMonth,
             Concurrency,
+            Account,
+            AccountQuota,
+            AccountTokensMinute,
+            AccountTokensDay,
+            AccountTokensMonth,
         ]
         .into_iter()
         .find(|k| k.name() == name)
@@ -81,7 +101,25 @@ impl LimitKind {
     pub fn counts_tokens(self) -> bool {
         matches!(
             self,
-            LimitKind::TokensMinute | LimitKind::TokensDay | LimitKind::TokensMonth
+            LimitKind::TokensMinute
+                | LimitKind::TokensDay
+                | LimitKind::TokensMonth
+                | LimitKind::AccountTokensMinute
+                | LimitKind::AccountTokensDay
+                | LimitKind::AccountTokensMonth
+        )
+    }
+
+    /// Whether the limit is an account's, shared by all the account's keys.
+    #[inline]
+    pub fn is_account(self) -> bool {
+        matches!(
+            self,
+            LimitKind::Account
+                | LimitKind::AccountQuota
+                | LimitKind::AccountTokensMinute
+                | LimitKind::AccountTokensDay
+                | LimitKind::AccountTokensMonth
         )
     }
 }
@@ -123,7 +161,7 @@ impl Limit {
 
 /// The salt of a plan's quota of `kind`: from the plan and the kind, not the
 /// numbers, so that a replaced plan keeps every key's count.
-fn quota_salt(owner: &str, kind: LimitKind) -> u64 {
+pub(super) fn quota_salt(owner: &str, kind: LimitKind) -> u64 {
     hash::stable(format!("{owner}\0{}", kind.name()).as_bytes()) as u64
 }
 
@@ -143,10 +181,32 @@ pub(crate) struct Tokens {
     /// `per_day` and `per_month`: calendar quotas counted in tokens.
     pub(crate) day: Option<QuotaSpec>,
     pub(crate) month: Option<QuotaSpec>,
+    /// The kinds of its limits (per minute, day, month): a plan's or an account's.
+    kinds: TokenKinds,
 }
+
+/// The kinds of a token budget's limits: a plan's, or an account's.
+pub(super) type TokenKinds = [LimitKind; 3];
+
+/// The kinds of a plan's token budget.
+const PLAN_TOKENS: TokenKinds = [
+    LimitKind::TokensMinute,
+    LimitKind::TokensDay,
+    LimitKind::TokensMonth,
+];
 
 impl Tokens {
     fn compile(t: &TokenBudget, owner: &str, created_at: i64) -> Self {
+        Self::compile_as(t, owner, created_at, PLAN_TOKENS)
+    }
+
+    /// Compiles a budget whose limits are of `kinds` (per minute, day, month).
+    pub(super) fn compile_as(
+        t: &TokenBudget,
+        owner: &str,
+        created_at: i64,
+        [minute, day, month]: TokenKinds,
+    ) -> Self {
         let spec = |limit, period, kind| QuotaSpec {
             limit,
             period,
@@ -158,22 +218,19 @@ impl Tokens {
             minute: t.per_minute.map(|n| {
                 let throttle = Throttle::new(f64::from(n) / 60.0, n)
                     .expect("checked by TokenBudget::per_minute");
-                Limit::new(LimitKind::TokensMinute, &throttle, owner, "")
+                Limit::new(minute, &throttle, owner, "")
             }),
-            day: t
-                .per_day
-                .map(|n| spec(n, Period::Day, LimitKind::TokensDay)),
-            month: t
-                .per_month
-                .map(|n| spec(n, Period::Month, LimitKind::TokensMonth)),
+            day: t.per_day.map(|n| spec(n, Period::Day, day)),
+            month: t.per_month.map(|n| spec(n, Period::Month, month)),
+            kinds: [minute, day, month],
         }
     }
 
     /// The calendar quotas in tokens, with their names.
     pub(crate) fn quotas(&self) -> [Option<(LimitKind, &QuotaSpec)>; 2] {
         [
-            self.day.as_ref().map(|q| (LimitKind::TokensDay, q)),
-            self.month.as_ref().map(|q| (LimitKind::TokensMonth, q)),
+            self.day.as_ref().map(|q| (self.kinds[1], q)),
+            self.month.as_ref().map(|q| (self.kinds[2], q)),
         ]
     }
 }

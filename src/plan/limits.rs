@@ -399,6 +399,7 @@ pub struct ApiKey {
     pub(crate) value: String,
     pub(crate) plan: String,
     pub(crate) enabled: bool,
+    pub(crate) account: Option<String>,
 }
 
 impl ApiKey {
@@ -409,7 +410,22 @@ impl ApiKey {
             value: value.into(),
             plan: plan.into(),
             enabled: true,
+            account: None,
         }
+    }
+
+    /// Makes the key one of the [`Account`](crate::Account) named `name`:
+    /// the account's limits, shared by all its keys, apply to its requests
+    /// beside its plan's.
+    #[must_use]
+    pub fn account(mut self, name: impl Into<String>) -> Self {
+        self.account = Some(name.into());
+        self
+    }
+
+    /// The account the key belongs to, if any.
+    pub fn get_account(&self) -> Option<&str> {
+        self.account.as_deref()
     }
 
     /// Enables or disables the key (a disabled key is answered 403).
@@ -441,6 +457,7 @@ impl fmt::Debug for ApiKey {
             .field("id", &self.id)
             .field("plan", &self.plan)
             .field("enabled", &self.enabled)
+            .field("account", &self.account)
             .finish_non_exhaustive()
     }
 }

@@ -1,9 +1,13 @@
 //! Usage plans, their limits, and API keys.
 
+mod account;
 mod compiled;
 mod limits;
 mod method;
+pub(crate) mod wire;
 
+pub use self::account::Account;
+pub(crate) use self::account::AccountLimits;
 pub use self::compiled::LimitKind;
 pub(crate) use self::compiled::{Limit, Plan, StageLimits};
 pub use self::limits::{

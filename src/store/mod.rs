@@ -98,7 +98,7 @@
 mod memory;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-mod redis;
+pub(crate) mod redis;
 
 mod failures;
 mod request;
@@ -120,17 +120,25 @@ use std::pin::Pin;
 use std::time::Duration;
 
 /// The most limits one request can be decided against: stage, stage method,
-/// plan throttle, plan method, tokens a minute, quota, tokens a day and a
-/// month, concurrency.
-pub(crate) const MAX_LIMITS: usize = 9;
+/// account throttle, account tokens a minute, plan throttle, plan method,
+/// tokens a minute, the account's quota and tokens a day and a month, the
+/// plan's quota and tokens a day and a month, concurrency.
+pub(crate) const MAX_LIMITS: usize = 14;
 
 /// The wait a request refused by a concurrency cap is told: in-flight
 /// requests end at times no store knows.
 pub(crate) const CONCURRENCY_RETRY: Duration = Duration::from_secs(1);
 
 /// The most throttles (GCRA limits) of one request: stage, stage method,
-/// plan throttle, plan method, tokens a minute.
-pub(crate) const MAX_THROTTLES: usize = 5;
+/// account throttle, account tokens a minute, plan throttle, plan method,
+/// tokens a minute.
+pub(crate) const MAX_THROTTLES: usize = 7;
+
+/// The most quotas of an account: its request quota, tokens a day and a month.
+pub(crate) const MAX_ACCOUNT_QUOTAS: usize = 3;
+
+/// The most calendar quotas of one request: the account's and the plan's.
+pub(crate) const MAX_QUOTAS: usize = 3 + MAX_ACCOUNT_QUOTAS;
 
 /// A boxed future of an administrative store operation.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
@@ -185,6 +193,15 @@ pub trait Store: Clone + Send + Sync + 'static {
     #[inline]
     fn decide_now(&self, request: &Acquire<'_>, report: &mut Report) -> Option<Result<(), Denied>> {
         let _ = (request, report);
+        None
+    }
+
+    /// Where this store keeps a key registry its instances share, if it
+    /// does: a layer built on it loads the keys, plans and accounts kept
+    /// there and follows their changes, and its
+    /// [`Admin`](crate::Admin) writes each change there first. The default
+    /// shares nothing (keys live in each process).
+    fn shared_registry(&self) -> Option<crate::SharedRegistry> {
         None
     }
 

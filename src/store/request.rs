@@ -6,11 +6,11 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::MAX_THROTTLES;
 use super::verdict::{Applied, Reservation};
+use super::{MAX_ACCOUNT_QUOTAS, MAX_THROTTLES};
 use crate::extract::RequestView;
 use crate::hash::Digest;
-use crate::plan::{FailureMode, Limit, LimitKind, Plan, StageLimits, method_limit};
+use crate::plan::{AccountLimits, FailureMode, Limit, LimitKind, Plan, StageLimits, method_limit};
 use crate::quota::QuotaSpec;
 use crate::window::Period;
 
@@ -43,6 +43,7 @@ impl<'a> Subject<'a> {
         ThrottleRef {
             limit,
             plan: Some(&self.plan.name),
+            account: None,
             subject: self.name,
             digest: self.digest,
             shadow: self.plan.shadow,
@@ -56,6 +57,7 @@ impl<'a> Subject<'a> {
             kind,
             spec,
             plan: &self.plan.name,
+            account: None,
             subject: self.name,
             digest: self.digest,
             shadow: self.plan.shadow,
@@ -118,6 +120,91 @@ impl<'a> Subject<'a> {
     }
 }
 
+/// An account's limits, counted under the account's own state: the subject
+/// is the account's name, under a namespace of its own (a plan or a key of
+/// the same name never shares it). An account's limits are never a shadow.
+impl AccountLimits {
+    /// One of the account's throttles.
+    #[inline]
+    pub(crate) fn throttle_ref<'a>(&'a self, limit: &'a Limit) -> ThrottleRef<'a> {
+        ThrottleRef {
+            limit,
+            plan: None,
+            account: Some(&self.name),
+            subject: self.name.as_bytes(),
+            digest: self.digest,
+            shadow: false,
+        }
+    }
+
+    /// One of the account's calendar quotas; a request quota keeps
+    /// `history_days` of usage.
+    #[inline]
+    pub(crate) fn quota_ref<'a>(
+        &'a self,
+        kind: LimitKind,
+        spec: &'a QuotaSpec,
+        history_days: u32,
+    ) -> QuotaRef<'a> {
+        QuotaRef {
+            kind,
+            spec,
+            plan: "",
+            account: Some(&self.name),
+            subject: self.name.as_bytes(),
+            digest: self.digest,
+            shadow: false,
+            history_days: if kind.counts_tokens() {
+                TOKEN_HISTORY_DAYS
+            } else {
+                history_days
+            },
+        }
+    }
+
+    /// The account's request quota.
+    #[inline]
+    pub(crate) fn request_quota(&self, history_days: u32) -> Option<QuotaRef<'_>> {
+        let spec = self.quota.as_ref()?;
+        Some(self.quota_ref(LimitKind::AccountQuota, spec, history_days))
+    }
+
+    /// The account's daily and monthly token quotas.
+    #[inline]
+    pub(crate) fn token_quotas(&self) -> [Option<QuotaRef<'_>>; 2] {
+        match &self.tokens {
+            None => [None, None],
+            Some(t) => t
+                .quotas()
+                .map(|q| q.map(|(kind, spec)| self.quota_ref(kind, spec, 0))),
+        }
+    }
+
+    /// The account's per-minute token bucket.
+    #[inline]
+    pub(crate) fn token_throttle(&self) -> Option<ThrottleRef<'_>> {
+        let limit = self.tokens.as_ref()?.minute.as_ref()?;
+        Some(self.throttle_ref(limit))
+    }
+
+    /// The settlement of a request's actual tokens against the account's
+    /// token limits (see [`Subject::settlement`]): the per-minute bucket
+    /// gets back only what of the estimate's share in the account's own
+    /// bucket has not refilled.
+    pub(crate) fn settlement(&self, delta: i64, reserved: Reservation) -> Settlement<'_> {
+        Settlement {
+            throttle: self.token_throttle(),
+            quotas: self.token_quotas(),
+            delta,
+            reserved: Reservation {
+                until: reserved.account_until,
+                account_until: None,
+                wall: reserved.wall,
+            },
+        }
+    }
+}
+
 /// Everything a store needs to decide one request: its throttles, its quota
 /// and its cost.
 #[derive(Clone, Copy)]
@@ -127,6 +214,8 @@ pub struct Acquire<'a> {
     pub(crate) quota: Option<QuotaRef<'a>>,
     /// The daily and monthly token budgets.
     pub(crate) token_quotas: [Option<QuotaRef<'a>>; 2],
+    /// The account's request quota and its daily and monthly token budgets.
+    pub(crate) account_quotas: [Option<QuotaRef<'a>>; MAX_ACCOUNT_QUOTAS],
     pub(crate) concurrency: Option<ConcurrencyRef<'a>>,
     pub(crate) cost: u32,
     pub(crate) tokens: u32,
@@ -142,6 +231,7 @@ impl<'a> Acquire<'a> {
             len: 0,
             quota: None,
             token_quotas: [None; 2],
+            account_quotas: [None; MAX_ACCOUNT_QUOTAS],
             concurrency: None,
             cost,
             tokens: 0,
@@ -152,14 +242,16 @@ impl<'a> Acquire<'a> {
 
     /// Every limit that applies to a request of `cost` units (and `tokens`
     /// estimated tokens) by `subject`, handed to `run`: the stage's shared
-    /// limits, the plan's throttle, the method overrides matching the
-    /// request's route (none without a request), the token budget, the
-    /// quotas and the concurrency cap, in the order every store weighs them.
+    /// limits, the account's (when the key belongs to one), the plan's
+    /// throttle, the method overrides matching the request's route (none
+    /// without a request), the token budget, the quotas and the concurrency
+    /// cap, in the order every store weighs them.
     /// Built where `run` reads it: returned, the description (some 600
     /// bytes) would be copied on every request.
     #[inline(always)]
     pub(crate) fn gather<T>(
         stage: Option<&'a StageLimits>,
+        account: Option<&'a AccountLimits>,
         subject: &Subject<'a>,
         req: Option<&RequestView<'_>>,
         cost: u32,
@@ -177,6 +269,24 @@ impl<'a> Acquire<'a> {
             }
             if let Some(l) = method_limit(&stage.methods, req) {
                 acquire.push(ThrottleRef::stage(l));
+            }
+        }
+        // An account's limits are the account's, not the plan's: a shadow
+        // plan never lifts them either.
+        if let Some(account) = account {
+            if let Some(l) = &account.throttle {
+                acquire.push(account.throttle_ref(l));
+            }
+            if let Some(t) = account.token_throttle() {
+                acquire.tokens = tokens;
+                acquire.push(t);
+            }
+            acquire.account_quotas = [account.request_quota(subject.history_days), None, None];
+            if account.tokens.is_some() {
+                acquire.tokens = tokens;
+                let [day, month] = account.token_quotas();
+                acquire.account_quotas[1] = day;
+                acquire.account_quotas[2] = month;
             }
         }
         if let Some(l) = &plan.throttle {
@@ -234,7 +344,8 @@ impl<'a> Acquire<'a> {
                 if !t.shadow
                     && self.quota.is_none()
                     && self.concurrency.is_none()
-                    && self.token_quotas.iter().all(Option::is_none) =>
+                    && self.token_quotas.iter().all(Option::is_none)
+                    && self.account_quotas.iter().all(Option::is_none) =>
             {
                 Some(t)
             }
@@ -247,14 +358,27 @@ impl<'a> Acquire<'a> {
         self.quota.as_ref()
     }
 
-    /// Every calendar quota: the request quota, then the daily and monthly
-    /// token budgets (which [count tokens](QuotaRef::counts_tokens)).
+    /// Every calendar quota: the account's (its request quota, its daily and
+    /// monthly token budgets) when the key belongs to one, then the plan's
+    /// request quota, then its daily and monthly token budgets (which
+    /// [count tokens](QuotaRef::counts_tokens)).
     pub fn quotas(&self) -> impl Iterator<Item = &QuotaRef<'a>> + '_ {
-        self.quota.iter().chain(self.token_quotas.iter().flatten())
+        self.account_quotas
+            .iter()
+            .flatten()
+            .chain(&self.quota)
+            .chain(self.token_quotas.iter().flatten())
+    }
+
+    /// Whether the request is decided against an account's limits too.
+    pub fn has_account(&self) -> bool {
+        self.throttles().any(|t| t.account.is_some())
+            || self.account_quotas.iter().any(Option::is_some)
     }
 
     /// The request's estimated cost in tokens, charged to the limits that
-    /// count tokens (0 when its plan has no token budget).
+    /// count tokens (0 when neither its plan nor its account has a token
+    /// budget).
     pub fn tokens(&self) -> u32 {
         self.tokens
     }
@@ -309,6 +433,8 @@ impl fmt::Debug for Acquire<'_> {
 pub struct ThrottleRef<'a> {
     pub(crate) limit: &'a Limit,
     pub(crate) plan: Option<&'a str>,
+    /// The account whose limit this is (then `plan` is `None`).
+    pub(crate) account: Option<&'a str>,
     pub(crate) subject: &'a [u8],
     /// Where the memory store keeps the state (a per-process keyed hash).
     pub(crate) digest: Digest,
@@ -322,6 +448,7 @@ impl<'a> ThrottleRef<'a> {
         ThrottleRef {
             limit,
             plan: None,
+            account: None,
             subject: b"",
             digest: STAGE_KEY,
             shadow: false,
@@ -335,7 +462,8 @@ impl<'a> ThrottleRef<'a> {
     }
 
     /// The limit's name in headers: `"throttle"`, `"method"`, `"stage"`,
-    /// `"stage-method"` or `"tokens-minute"`.
+    /// `"stage-method"`, `"tokens-minute"`, `"account"` or
+    /// `"account-tokens-minute"`.
     pub fn name(&self) -> &'static str {
         self.limit.kind.name()
     }
@@ -354,14 +482,26 @@ impl<'a> ThrottleRef<'a> {
     }
 
     /// The plan whose limit this is; `None` for stage limits, which every
-    /// caller shares.
+    /// caller shares, and for an account's, which all its keys share.
     pub fn plan(&self) -> Option<&'a str> {
         self.plan
     }
 
+    /// The account whose limit this is, shared by all the account's keys.
+    pub fn account(&self) -> Option<&'a str> {
+        self.account
+    }
+
+    /// Whether the limit is the stage's, one state for every caller.
+    #[inline]
+    pub fn is_stage(&self) -> bool {
+        self.plan.is_none() && self.account.is_none()
+    }
+
     /// Whose state it is: a registered key's public id, the key a per-key
-    /// policy extracted, or the client IP of an anonymous request; empty for
-    /// stage limits. Hash it before it names anything.
+    /// policy extracted, the client IP of an anonymous request, or an
+    /// account's name (see [`account`](Self::account)); empty for stage
+    /// limits. Hash it before it names anything.
     pub fn subject(&self) -> &'a [u8] {
         self.subject
     }
@@ -393,6 +533,7 @@ impl fmt::Debug for ThrottleRef<'_> {
         f.debug_struct("ThrottleRef")
             .field("name", &self.name())
             .field("plan", &self.plan)
+            .field("account", &self.account)
             .field("rate", &self.rate())
             .field("burst", &self.burst())
             .field("shadow", &self.shadow)
@@ -406,6 +547,8 @@ pub struct QuotaRef<'a> {
     pub(crate) kind: LimitKind,
     pub(crate) spec: &'a QuotaSpec,
     pub(crate) plan: &'a str,
+    /// The account whose quota this is (then `plan` is empty).
+    pub(crate) account: Option<&'a str>,
     pub(crate) subject: &'a [u8],
     /// Where the memory store keeps the counters (a per-process keyed hash
     /// of the subject).
@@ -421,7 +564,9 @@ impl<'a> QuotaRef<'a> {
         self.kind
     }
 
-    /// The quota's name in headers: `"quota"`, `"tokens-day"` or `"tokens-month"`.
+    /// The quota's name in headers: `"quota"`, `"tokens-day"`,
+    /// `"tokens-month"`, or an account's `"account-quota"`,
+    /// `"account-tokens-day"` or `"account-tokens-month"`.
     pub fn name(&self) -> &'static str {
         self.kind.name()
     }
@@ -454,12 +599,17 @@ impl<'a> QuotaRef<'a> {
         self.spec.created_at
     }
 
-    /// The plan.
+    /// The plan; empty for an account's quota.
     pub fn plan(&self) -> &'a str {
         self.plan
     }
 
-    /// The registered key's public id.
+    /// The account whose quota this is, shared by all the account's keys.
+    pub fn account(&self) -> Option<&'a str> {
+        self.account
+    }
+
+    /// The registered key's public id, or the account's name.
     pub fn subject(&self) -> &'a [u8] {
         self.subject
     }
@@ -480,6 +630,7 @@ impl fmt::Debug for QuotaRef<'_> {
         f.debug_struct("QuotaRef")
             .field("name", &self.name())
             .field("plan", &self.plan)
+            .field("account", &self.account)
             .field("limit", &self.limit())
             .field("period", &self.period())
             .field("shadow", &self.shadow)

@@ -106,6 +106,9 @@ pub(crate) struct Reservation {
     /// refilled since may have been granted to later requests. (The TAT the
     /// request stored cannot tell: other settlements move it.)
     pub(crate) until: Option<Nanos>,
+    /// The same for the account's per-minute token bucket, when the key
+    /// belongs to an account with one.
+    pub(crate) account_until: Option<Nanos>,
     /// The wall time (nanoseconds since the Unix epoch, on the store's
     /// time line) the token quotas were charged at: a quota window that
     /// began after it gets nothing back.

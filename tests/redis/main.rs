@@ -13,6 +13,7 @@ mod redis_faults;
 mod redis_harness;
 mod redis_script;
 mod redis_store;
+mod shared_registry;
 
 /// The tests that time requests (`redis_faults` and `redis_store`), one at a
 /// time: they pause, kill and slow down Redis, and each would disturb the

@@ -1119,7 +1119,7 @@ async fn bad_arguments_answer_an_error_reply() {
         ("t", "a 1 0 1 1 1000 0 0 0 0 1 0 0", "burst"),
         ("t", "a 1 0 1 1 1000 1 yes 0 0 1 0 0", "shadow"),
         ("t", "a 1 0 1 1 9007199254740991 2 0 0 0 1 0 0", "2^53"),
-        ("", "a 1 0 1 0 4", "quota count"),
+        ("", "a 1 0 1 0 7", "quota count"),
         ("q h", "a 1 0 1 0 1 5 D 0 0 0 0 31 1 0", "wrong number"),
         ("q", "a 1 0 1 0 1 5 D 0 0 0 0 31 1 0 0", "wrong number"),
         ("q h", "a 1 0 1 0 1 5 Y 0 0 0 0 31 1 0 0", "period"),

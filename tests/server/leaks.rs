@@ -628,23 +628,27 @@ async fn memory_store_responses_logs_metrics_and_debug_hold_no_key() {
     let admin = layer.admin();
     admin
         .add_key(ApiKey::new("added", ADDED, "metered"))
+        .await
         .unwrap();
     clock.advance(Duration::from_secs(60));
     answers
         .send(post("/v1/completions", Some(ADDED)), 200, "added")
         .await;
-    admin.set_enabled("added", false).unwrap();
+    admin.set_enabled("added", false).await.unwrap();
     answers
         .send(post("/v1/completions", Some(ADDED)), 403, "added, disabled")
         .await;
     let duplicate = admin
         .add_key(ApiKey::new("again", KEY, "small"))
+        .await
         .unwrap_err();
     let unknown_plan = admin
         .add_key(ApiKey::new("lost", UNKNOWN, "gold"))
+        .await
         .unwrap_err();
     let bad_value = admin
         .add_key(ApiKey::new("spaced", format!("{UNKNOWN} x"), "small"))
+        .await
         .unwrap_err();
     let usage = admin
         .usage("metered", today(), today(), None)

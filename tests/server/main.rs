@@ -17,6 +17,7 @@ mod support;
 mod reference_server;
 
 mod admin_key;
+mod admin_keys;
 mod admin_usage;
 mod inference_server;
 mod leaks;

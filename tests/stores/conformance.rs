@@ -162,18 +162,21 @@ async fn keys_change_while_serving_without_losing_counters<B: Backend>(b: &B) {
 
     // Unknown until added; disabled keys are refused; re-enabled keys keep their state.
     assert_eq!(reason(&l, b"new").await, Some(Reason::UnknownKey));
-    admin.add_key(ApiKey::new("k2", "new", "free")).unwrap();
+    admin
+        .add_key(ApiKey::new("k2", "new", "free"))
+        .await
+        .unwrap();
     assert_eq!(reason(&l, b"new").await, None);
-    admin.set_enabled("k", false).unwrap();
+    admin.set_enabled("k", false).await.unwrap();
     assert_eq!(reason(&l, b"v").await, Some(Reason::DisabledKey));
-    admin.set_enabled("k", true).unwrap();
+    admin.set_enabled("k", true).await.unwrap();
     assert_eq!(reason(&l, b"v").await, None);
     assert_eq!(reason(&l, b"v").await, Some(Reason::Limited), "3 used of 3");
 
     // Moved to pro: a fresh pro bucket; moved back: the free bucket as it was.
-    admin.set_plan("k", "pro").unwrap();
+    admin.set_plan("k", "pro").await.unwrap();
     assert_eq!(passed(&l, b"v", 20).await, 10);
-    admin.set_plan("k", "free").unwrap();
+    admin.set_plan("k", "free").await.unwrap();
     assert_eq!(reason(&l, b"v").await, Some(Reason::Limited));
 
     // Replacing the plan's limits keeps the key's state: the bucket is still
@@ -184,6 +187,7 @@ async fn keys_change_while_serving_without_losing_counters<B: Backend>(b: &B) {
                 .throttle(Throttle::new(1.0, 3).unwrap())
                 .quota(Quota::new(1_000, Period::Day).unwrap()),
         )
+        .await
         .unwrap();
     assert_eq!(reason(&l, b"v").await, Some(Reason::Limited));
     clock.advance(Duration::from_secs(1));
@@ -192,14 +196,17 @@ async fn keys_change_while_serving_without_losing_counters<B: Backend>(b: &B) {
     assert!(admin.plan("free").unwrap().get_quota().is_some());
 
     // Errors name what is wrong.
-    assert!(admin.set_plan("k", "gold").is_err());
-    assert!(admin.set_enabled("nobody", true).is_err());
+    assert!(admin.set_plan("k", "gold").await.is_err());
+    assert!(admin.set_enabled("nobody", true).await.is_err());
     assert!(
-        admin.add_key(ApiKey::new("k", "other", "free")).is_err(),
+        admin
+            .add_key(ApiKey::new("k", "other", "free"))
+            .await
+            .is_err(),
         "duplicate id"
     );
     assert!(
-        admin.add_key(ApiKey::new("k3", "v", "free")).is_err(),
+        admin.add_key(ApiKey::new("k3", "v", "free")).await.is_err(),
         "duplicate value"
     );
     assert_eq!(admin.key("k").unwrap().plan, "free");
@@ -341,6 +348,7 @@ async fn replacing_a_throttle_keeps_the_share_of_each_bucket_in_use<B: Backend>(
     // Slower: the emptied bucket stays empty and refills at the new rate.
     l.admin()
         .put_plan(UsagePlan::new("p").throttle(Throttle::new(1.0, 10).unwrap()))
+        .await
         .unwrap();
     assert_eq!(reason(&l, b"v").await, Some(Reason::Limited));
     clock.advance(Duration::from_millis(999));
@@ -351,6 +359,7 @@ async fn replacing_a_throttle_keeps_the_share_of_each_bucket_in_use<B: Backend>(
     // Much faster: the lockout shrinks with the new rate.
     l.admin()
         .put_plan(UsagePlan::new("p").throttle(Throttle::new(1_000.0, 10).unwrap()))
+        .await
         .unwrap();
     clock.advance(Duration::from_millis(1));
     assert_eq!(reason(&l, b"v").await, None);
@@ -647,7 +656,8 @@ async fn redis_key_names_hold_no_secrets_and_a_lost_script_reloads() {
     if !require_redis() {
         return;
     }
-    let redis = Redis::single("conformance");
+    // Keys per process: only decisions send scripts.
+    let redis = Redis::single("conformance").without_shared_registry();
     let addr = redis.server().addr();
     let clock = ManualClock::new();
     clock.set_wall(at(2024, 5, 1, 0));

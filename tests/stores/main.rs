@@ -10,6 +10,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod accounts;
 mod admin_range;
 mod clock_jumps;
 mod conformance;

@@ -41,6 +41,8 @@ pub struct Redis {
     urls: Vec<String>,
     cluster: bool,
     stores: AtomicUsize,
+    /// Whether stores share the key registry in Redis (the default).
+    shared_registry: bool,
     _server: Option<RedisServer>,
     _cluster: Option<RedisCluster>,
 }
@@ -53,6 +55,7 @@ impl Redis {
             urls: vec![server.url()],
             cluster: false,
             stores: AtomicUsize::new(0),
+            shared_registry: true,
             _server: Some(server),
             _cluster: None,
         }
@@ -65,9 +68,18 @@ impl Redis {
             urls: cluster.urls(),
             cluster: true,
             stores: AtomicUsize::new(0),
+            shared_registry: true,
             _server: None,
             _cluster: Some(cluster),
         }
+    }
+
+    /// Stores that keep keys per process: only decisions reach Redis, for a
+    /// test that counts the commands they send.
+    #[allow(dead_code)]
+    pub fn without_shared_registry(mut self) -> Self {
+        self.shared_registry = false;
+        self
     }
 
     /// The server of [`Redis::single`]; panics on a cluster.
@@ -89,6 +101,7 @@ impl Backend for Redis {
             .prefix(format!("{}{n}", self.prefix))
             .timeout(Duration::from_secs(2))
             .clock(clock.clone())
+            .shared_registry(self.shared_registry)
             .build()
             .await
             .unwrap()

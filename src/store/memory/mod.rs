@@ -38,8 +38,8 @@ use self::quotas::Quotas;
 use self::table::{PAGE, SlotKey, Table};
 
 use super::{
-    Acquire, Acquired, Denial, Denied, MAX_THROTTLES, Permit, QuotaRef, Report, Settlement, Sink,
-    Store, StoreError, StoreFuture, ThrottleRef, Verdict,
+    Acquire, Acquired, Denial, Denied, MAX_QUOTAS, MAX_THROTTLES, Permit, QuotaRef, Report,
+    Settlement, Sink, Store, StoreError, StoreFuture, ThrottleRef, Verdict,
 };
 use crate::clock::Clock;
 use crate::gcra::{MAX_SPAN, Nanos, Outcome};
@@ -207,7 +207,7 @@ impl MemoryStore {
         }
         // The quotas, each charged under its own lock: those charged before
         // a later one denies are given back.
-        let mut quotas_charged = [false; 3];
+        let mut quotas_charged = [false; MAX_QUOTAS];
         if req.quotas().next().is_some() {
             let wall = self.inner.clock.wall_nanos();
             let quotas = &self.inner.quotas;
@@ -500,7 +500,11 @@ fn throttle_allowed<R: Sink>(
 ) {
     if t.counts_tokens() {
         let span = u64::from(cost) * t.limit.gcra.interval();
-        report.reserve(|r| r.until = Some(now + span));
+        if t.account.is_some() {
+            report.reserve(|r| r.account_until = Some(now + span));
+        } else {
+            report.reserve(|r| r.until = Some(now + span));
+        }
     }
     report.push(|| applied(t.limit, after, now));
 }
@@ -577,6 +581,7 @@ mod tests {
             req.push(ThrottleRef {
                 limit: &l.0,
                 plan: Some("p"),
+                account: None,
                 subject: b"",
                 digest: key,
                 shadow: false,
@@ -851,6 +856,7 @@ mod tests {
                 req.push(ThrottleRef {
                     limit: l,
                     plan: Some("p"),
+                    account: None,
                     subject: b"",
                     digest: k,
                     shadow: false,

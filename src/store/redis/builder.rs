@@ -53,6 +53,7 @@ impl RedisStore {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_age: DEFAULT_MAX_AGE,
             max_share: DEFAULT_MAX_SHARE,
+            shared_registry: true,
             given: None,
         }
     }
@@ -96,6 +97,7 @@ pub struct RedisStoreBuilder {
     max_in_flight: usize,
     max_age: Duration,
     max_share: u32,
+    shared_registry: bool,
     /// A client or connection made by the caller, used instead of `nodes`.
     given: Option<Given>,
 }
@@ -214,6 +216,19 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Whether API keys, plans and accounts live in Redis too (default
+    /// `true`): a change made through the [`Admin`](crate::Admin) handle of
+    /// any instance on this Redis (and prefix) is written there first and
+    /// reaches every instance within a second, and a store built later
+    /// loads the current registry before its first request. Key values are
+    /// kept only as keyed hashes ([`RedisStore::value_hash`]: give every
+    /// instance the same [`key_secret`](Self::key_secret)). `false` keeps
+    /// keys and plans in each process, as the memory store does.
+    pub fn shared_registry(mut self, shared: bool) -> Self {
+        self.shared_registry = shared;
+        self
+    }
+
     /// Builds the store. A single server is connected lazily (the store can
     /// be built while Redis is down, and connects when it is up); a cluster
     /// is asked for its slots now. A connection given to
@@ -235,7 +250,7 @@ impl RedisStoreBuilder {
         let conn = self.connect().await?;
         let sha = redis::Script::new(SCRIPT).get_hash().to_owned();
         let ttl = u64::try_from(self.cache_ttl.as_nanos()).unwrap_or(u64::MAX);
-        Ok(RedisStore {
+        let store = RedisStore {
             inner: Arc::new(Inner {
                 conn,
                 cluster: self.cluster,
@@ -260,8 +275,23 @@ impl RedisStoreBuilder {
                 max_share: self.max_share,
                 local: Local::new(self.clock.clone().unwrap_or_default()),
                 failures: Failures::default(),
+                shared_registry: self.shared_registry,
+                preloaded: parking_lot::Mutex::new(None),
             }),
-        })
+        };
+        if self.shared_registry {
+            // The registry as it is now, for the first layer built on the
+            // store to serve from its first request. Redis down: the
+            // watcher loads it once Redis answers.
+            match store.registry_load().await {
+                Ok(loaded) => *store.inner.preloaded.lock() = Some(loaded),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "the shared key registry could not be loaded; it will be once Redis answers"
+                ),
+            }
+        }
+        Ok(store)
     }
 }
 

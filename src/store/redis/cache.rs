@@ -9,7 +9,9 @@
 //! up, the wait is the same instant, and no throttle of its own can come to
 //! hold it longer than the window. A stage limit, shared with every caller,
 //! can be drained by others, but never asks a wait longer than its span: the
-//! entry is kept only while the window ends later than that. Any other
+//! entry is kept only while the window ends later than that. An account's
+//! quota is never cached: another key's request may give it units back (a
+//! split decision's refund on a cluster, a share returned unused). Any other
 //! denial can change before its retry time (a cheaper request passing, a
 //! settlement giving tokens back) and is never cached. An admin
 //! change through this instance clears the cache; an entry lives at most
@@ -60,7 +62,9 @@ impl OverLimitCache {
     /// Whether a denial stays exactly what Redis would answer until its
     /// retry time, and so may be cached (see the module documentation).
     pub(super) fn holds(denied: &Denied) -> bool {
-        matches!(denied.denial, Denial::Quota { .. }) && denied.limit.remaining == 0
+        matches!(denied.denial, Denial::Quota { .. })
+            && denied.limit.remaining == 0
+            && !denied.limit.kind.is_account()
     }
 
     /// A cache of at most `capacity` entries, each kept at most `max_ttl`.

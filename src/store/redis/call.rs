@@ -158,6 +158,8 @@ pub(super) struct Throttle {
     pub(super) shadow: bool,
     /// The stage's, shared by every caller.
     pub(super) stage: bool,
+    /// An account's, shared by all its keys.
+    pub(super) account: bool,
     pub(super) digest: Digest,
     /// What it is charged: requests, or tokens.
     pub(super) cost: u32,
@@ -175,7 +177,8 @@ pub(super) struct Quota {
     pub(super) spec: QuotaSpec,
     pub(super) digest: Digest,
     pub(super) history_days: u32,
-    cost: u32,
+    /// What it is charged: requests, or tokens.
+    pub(super) cost: u32,
     tokens: bool,
     /// Its arguments to the script.
     pub(super) args: Vec<String>,
@@ -205,6 +208,11 @@ pub(super) struct Cap {
 }
 
 impl Part {
+    /// Whether the part has no limit to decide.
+    pub(super) fn is_empty(&self) -> bool {
+        self.throttles.is_empty() && self.quotas.is_empty() && self.cap.is_none()
+    }
+
     pub(super) fn new(now: &Now, cost: u32) -> Self {
         let mut call = Call::new("a", now);
         call.arg(cost);
@@ -223,7 +231,8 @@ impl Part {
         self.throttles.push(Throttle {
             limit: t.limit.clone(),
             shadow: t.shadow,
-            stage: t.plan.is_none(),
+            stage: t.is_stage(),
+            account: t.account.is_some(),
             digest: t.digest,
             cost,
             tokens: t.counts_tokens(),
@@ -326,11 +335,16 @@ impl Part {
                         // When the estimate's share refills, in nanoseconds
                         // of the call's time.
                         let span = u64::from(t.cost) * limit.gcra.interval();
-                        report.reserved.until = u64::try_from(now_s).ok().and_then(|s| {
+                        let until = u64::try_from(now_s).ok().and_then(|s| {
                             (s.checked_mul(NANOS_PER_SEC)?)
                                 .checked_add(u64::try_from(now_ns).ok()?)?
                                 .checked_add(span)
                         });
+                        if t.account {
+                            report.reserved.account_until = until;
+                        } else {
+                            report.reserved.until = until;
+                        }
                     }
                 }
                 o => {
@@ -429,14 +443,19 @@ fn throttle_denial(limit: &crate::plan::Limit, o: Outcome) -> Denied {
 
 /// The quota's parameters, as every script mode takes them.
 pub(super) fn quota_args(call: &mut Call, q: &QuotaRef<'_>) {
-    call.arg(q.spec.limit);
-    let (period, week_start) = match q.spec.period {
+    spec_args(call, q.spec);
+}
+
+/// A quota's parameters from its compiled numbers.
+pub(super) fn spec_args(call: &mut Call, spec: &QuotaSpec) {
+    call.arg(spec.limit);
+    let (period, week_start) = match spec.period {
         Period::Day => ("D", 0),
         Period::Week(first) => ("W", first.days_from_monday()),
         Period::Month => ("M", 0),
     };
     call.arg(period);
     call.arg(week_start);
-    call.arg(q.spec.offset);
-    call.arg(q.spec.created_at.div_euclid(NANOS_PER_SEC as i64));
+    call.arg(spec.offset);
+    call.arg(spec.created_at.div_euclid(NANOS_PER_SEC as i64));
 }

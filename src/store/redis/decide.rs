@@ -1,14 +1,14 @@
 //! [`RedisStore`] as a [`Store`]: deciding a request (from the over-limit
-//! cache when it can, else in one call, or two on a cluster when stage limits
-//! live in a slot of their own), releasing places under concurrency caps, and
-//! settling tokens. The admin operations it answers are in `admin`.
+//! cache when it can, else in one call, or up to three on a cluster when
+//! stage limits and an account's live in slots of their own), releasing
+//! places under concurrency caps, and settling tokens. The admin operations it answers are in `admin`.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use super::cache::OverLimitCache;
-use super::call::{Call, Charged, Part, quota_args};
+use super::call::{Call, Charged, Part, quota_args, spec_args};
 use super::flights::Take;
 use super::guards::{Lease, Ticket};
 use super::store::{Inner, RedisStore};
@@ -33,13 +33,18 @@ fn identity(req: &Acquire<'_>) -> u64 {
         bytes.push(u8::from(t.shadow));
         bytes.extend_from_slice(t.plan.unwrap_or("").as_bytes());
         bytes.push(0);
+        bytes.extend_from_slice(t.account.unwrap_or("").as_bytes());
+        bytes.push(0);
         bytes.extend_from_slice(&(t.subject.len() as u64).to_le_bytes());
         bytes.extend_from_slice(t.subject);
     }
-    if let Some(q) = &req.quota {
+    for q in req.account_quotas.iter().flatten().chain(&req.quota) {
         bytes.extend_from_slice(b"q");
         bytes.extend_from_slice(q.plan.as_bytes());
         bytes.push(0);
+        bytes.extend_from_slice(q.account.unwrap_or("").as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(&(q.subject.len() as u64).to_le_bytes());
         bytes.extend_from_slice(q.subject);
         bytes.extend_from_slice(&q.spec.limit.to_le_bytes());
     }
@@ -59,6 +64,12 @@ impl Store for RedisStore {
         &self.inner.clock
     }
 
+    fn shared_registry(&self) -> Option<crate::SharedRegistry> {
+        self.inner
+            .shared_registry
+            .then(|| crate::SharedRegistry::new(self.clone()))
+    }
+
     fn acquire(&self, request: &Acquire<'_>) -> Acquired<Self::Future> {
         let inner = &self.inner;
         if request.throttles().next().is_none()
@@ -75,9 +86,10 @@ impl Store for RedisStore {
         // settlement may give tokens back before a cached retry time.
         let tokens = request.throttles().any(|t| t.counts_tokens())
             || request.quotas().any(|q| q.counts_tokens());
-        // Limits shared by every caller move with others' requests, but a
-        // shared throttle never asks a wait longer than its span: a cached
-        // quota denial holds only while its window ends later than that.
+        // Limits shared by every caller (or by an account's keys) move with
+        // others' requests, but a shared throttle never asks a wait longer
+        // than its span: a cached quota denial holds only while its window
+        // ends later than that.
         let shared_span = request
             .throttles()
             .filter(|t| t.plan.is_none())
@@ -92,12 +104,14 @@ impl Store for RedisStore {
         }
         let cost = request.cost;
         let failure = request.failure;
-        // On a cluster the stage's shared buckets live in their own slot.
-        let split = inner.cluster && request.throttles().any(|t| t.plan.is_none());
+        // On a cluster the stage's shared buckets live in their own slot,
+        // and so do an account's limits.
+        let split =
+            inner.cluster && (request.throttles().any(|t| t.is_stage()) || request.has_account());
         // Requests that share nothing but their limits' state wait for one
         // call together (see `flights`): not a peek, not a request holding
-        // a place or reserving tokens, and not one decided in two calls. A
-        // unit of a share answers at once, before the call is even built.
+        // a place or reserving tokens, and not one decided in several calls.
+        // A unit of a share answers at once, before the call is even built.
         let shares = !split
             && cost > 0
             && request.concurrency.is_none()
@@ -111,24 +125,34 @@ impl Store for RedisStore {
         };
         let now = inner.now();
         let mut stage = Part::new(&now, cost);
+        let mut account = Part::new(&now, cost);
         let mut own = Part::new(&now, cost);
         stage.tokens = request.tokens;
+        account.tokens = request.tokens;
         own.tokens = request.tokens;
         for t in request.throttles() {
             let cost = request.cost_for(t.counts_tokens());
-            if split && t.plan.is_none() {
+            if split && t.is_stage() {
                 stage.push_throttle(inner, t, cost);
+            } else if split && t.account.is_some() {
+                account.push_throttle(inner, t, cost);
             } else {
                 own.push_throttle(inner, t, cost);
             }
         }
         for q in request.quotas() {
-            own.push_quota(inner, q, request.cost_for(q.counts_tokens()));
+            let cost = request.cost_for(q.counts_tokens());
+            if split && q.account.is_some() {
+                account.push_quota(inner, q, cost);
+            } else {
+                own.push_quota(inner, q, cost);
+            }
         }
         if let Some(c) = &request.concurrency {
             own.push_cap(inner, c);
         }
         stage.finish(inner.lease);
+        account.finish(inner.lease);
         own.finish(inner.lease);
         let context = Context {
             sent,
@@ -136,8 +160,13 @@ impl Store for RedisStore {
             cache_id: id.filter(|_| inner.cache.is_some()),
         };
         if let Some((id, take)) = take {
+            // Nothing is lent ahead of demand from an account's limits: a
+            // share held for one key would be capacity the account's other
+            // keys could not use. Units granted to requests waiting now are
+            // charged to the account in the same call, as to every limit.
             let lend = if request.borrow
                 && !inner.max_age.is_zero()
+                && !request.has_account()
                 && request.throttles().all(|t| t.plan.is_some() && !t.shadow)
                 && request.quotas().all(|q| !q.shadow)
             {
@@ -149,11 +178,12 @@ impl Store for RedisStore {
         }
         if let (Now::Redis, Some(deadline)) = (now, inner.deadline()) {
             stage.call.args[2] = deadline.to_string();
+            account.call.args[2] = deadline.to_string();
             own.call.args[2] = deadline.to_string();
         }
         let Some(ticket) = Ticket::take(inner) else {
             let e = StoreError::new("redis: too many calls in flight");
-            return Acquired::Ready(inner.fail(e, failure, &[&stage, &own]));
+            return Acquired::Ready(inner.fail(e, failure, &[&stage, &account, &own]));
         };
         let inner = Arc::clone(inner);
         Acquired::Pending(Box::pin(async move {
@@ -163,7 +193,7 @@ impl Store for RedisStore {
             let mut lease = own.cap.map(|c| Lease::new(&inner, c.permit));
             let work = async {
                 if split {
-                    decide_split(&inner, &stage, &own, cost).await
+                    decide_split(&inner, &[&stage, &account, &own], cost).await
                 } else {
                     let reply = Arc::clone(&inner).run(own.call.clone()).await?;
                     Ok(own.verdict(&reply, cost)?.0)
@@ -176,15 +206,16 @@ impl Store for RedisStore {
                     if let Some(lease) = &mut lease {
                         lease.keep();
                     }
+                    let parts = [&stage, &account, &own];
                     match &verdict {
-                        Ok(report) => inner.local.mirror(&[&stage, &own], report),
-                        Err(denied) => inner.local.learn_denial(&[&stage, &own], denied),
+                        Ok(report) => inner.local.mirror(&parts, report),
+                        Err(denied) => inner.local.learn_denial(&parts, denied),
                     }
                     inner.failures.answered();
                     inner.remember(&verdict, &context);
                     Ok(verdict)
                 }
-                Err(e) => inner.fail(e, failure, &[&stage, &own]),
+                Err(e) => inner.fail(e, failure, &[&stage, &account, &own]),
             }
         }))
     }
@@ -304,88 +335,97 @@ impl Store for RedisStore {
     }
 }
 
-/// Decides a request whose stage limits live in another cluster slot: the
-/// stage first, then the plan's limits. When the stage denies, the plan's
-/// limits are peeked at (nothing charged), so that the answer names the
-/// limit that holds the request longest, as one call would. When the plan
-/// denies (or fails), the stage gets back what this request charged it, in
-/// the background: the answer does not wait for it.
+/// Decides a request whose limits live in several cluster slots, one part
+/// after the other in the order stage, account, key (a part with no limit is
+/// skipped). When a part denies, the later parts are peeked at (nothing
+/// charged), so that the answer names the limit that holds the request
+/// longest, as one call would; when it denies or fails, every earlier part
+/// gets back what this request charged it (throttles and quotas), in the
+/// background: the answer does not wait for it. A denial charges nothing
+/// anywhere, but for the time the refunds take to land.
 async fn decide_split(
     inner: &Arc<Inner>,
-    stage: &Part,
-    own: &Part,
+    parts: &[&Part],
     cost: u32,
 ) -> Result<Verdict, StoreError> {
-    let reply = Arc::clone(inner).run(stage.call.clone()).await?;
-    let (verdict, charged) = stage.verdict(&reply, cost)?;
-    let has_own = !own.throttles.is_empty() || !own.quotas.is_empty() || own.cap.is_some();
-    let stage_report = match verdict {
-        Ok(report) if !has_own => return Ok(Ok(report)),
-        Ok(report) => report,
-        Err(d) if !has_own => return Ok(Err(d)),
-        Err(d) => {
-            let mut peek = own.clone();
-            peek.call.args[0] = "p".to_owned();
-            let reply = Arc::clone(inner).run(peek.call.clone()).await?;
-            return Ok(Err(match peek.verdict(&reply, cost)?.0 {
-                Err(mine) => Denied::longest(Some(d), mine),
-                Ok(_) => d,
-            }));
+    let parts: Vec<&Part> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+    let mut charged: Vec<(&Part, Charged)> = Vec::with_capacity(parts.len());
+    let mut all = Report::default();
+    let refund_all = |charged: Vec<(&Part, Charged)>| {
+        for (part, c) in charged {
+            spawn_refund(inner, part.clone(), c, cost);
         }
     };
-    let result = match Arc::clone(inner).run(own.call.clone()).await {
-        Ok(reply) => own.verdict(&reply, cost),
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok((Ok(report), _)) => {
-            let mut all = stage_report;
-            for item in report.items() {
-                all.push(*item);
+    for (i, part) in parts.iter().enumerate() {
+        let result = match Arc::clone(inner).run(part.call.clone()).await {
+            Ok(reply) => part.verdict(&reply, cost),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok((Ok(report), c)) => {
+                for item in report.items() {
+                    all.push(*item);
+                }
+                if let Some(permit) = report.permit() {
+                    all.set_permit(permit);
+                }
+                let r = report.reserved;
+                all.reserved.until = all.reserved.until.or(r.until);
+                all.reserved.account_until = all.reserved.account_until.or(r.account_until);
+                all.reserved.wall = all.reserved.wall.or(r.wall);
+                charged.push((part, c));
             }
-            if let Some(permit) = report.permit() {
-                all.set_permit(permit);
+            Ok((Err(d), _)) => {
+                refund_all(charged);
+                let mut denied = d;
+                for later in &parts[i + 1..] {
+                    let mut peek = (*later).clone();
+                    peek.call.args[0] = "p".to_owned();
+                    let reply = Arc::clone(inner).run(peek.call.clone()).await?;
+                    if let Err(mine) = peek.verdict(&reply, cost)?.0 {
+                        denied = Denied::longest(Some(denied), mine);
+                    }
+                }
+                return Ok(Err(denied));
             }
-            all.reserved = report.reserved;
-            Ok(Ok(all))
-        }
-        Ok((Err(d), _)) => {
-            spawn_refund(inner, stage.clone(), charged, cost);
-            Ok(Err(d))
-        }
-        Err(e) => {
-            spawn_refund(inner, stage.clone(), charged, cost);
-            Err(e)
+            Err(e) => {
+                refund_all(charged);
+                return Err(e);
+            }
         }
     }
+    Ok(Ok(all))
 }
 
-/// Refunds the stage in a task of its own, within its own timeout; a refund
-/// that fails leaves the stage charged (it errs toward admitting less).
-fn spawn_refund(inner: &Arc<Inner>, stage: Part, charged: Charged, cost: u32) {
+/// Refunds a part in a task of its own, within its own timeout; a refund
+/// that fails leaves the part charged (it errs toward admitting less).
+fn spawn_refund(inner: &Arc<Inner>, part: Part, charged: Charged, cost: u32) {
     let task = Arc::clone(inner);
     inner.spawn(async move {
-        if let Err(e) = task.within(refund(&task, &stage, &charged, cost)).await {
-            tracing::debug!(error = %e, "stage refund failed; the stage stays charged");
+        for call in refund_calls(&task, &part, &charged, cost) {
+            if let Err(e) = task.within(Arc::clone(&task).run(call)).await {
+                tracing::debug!(error = %e, "refund failed; the limits stay charged");
+            }
         }
     });
 }
 
-/// Gives the stage back what one request charged it.
-async fn refund(
-    inner: &Arc<Inner>,
-    stage: &Part,
-    charged: &Charged,
-    cost: u32,
-) -> Result<(), StoreError> {
-    let mut call = Call::new("r", &inner.now());
+/// The calls that give a part back what one request charged it: its
+/// throttles what of the charge has not refilled (mode "r"), its quotas
+/// their cost in the window and on the day that counted it (mode "t" with a
+/// negative delta, as a share's unused units go back).
+fn refund_calls(inner: &Arc<Inner>, part: &Part, charged: &Charged, cost: u32) -> Vec<Call> {
+    let now = inner.now();
+    let mut calls = Vec::new();
+    let mut call = Call::new("r", &now);
     call.arg(cost);
     let mut args: Vec<String> = Vec::new();
-    for ((t, tat), key) in stage
+    let n = part.throttles.len();
+    for ((t, tat), key) in part
         .throttles
         .iter()
         .zip(&charged.tats)
-        .zip(&stage.call.keys)
+        .zip(&part.call.keys)
     {
         let Some(ahead) = tat else { continue };
         // The TAT stored, in seconds and nanoseconds of the charging call's time.
@@ -397,12 +437,34 @@ async fn refund(
         args.push((total % NANOS_PER_SEC).to_string());
         args.push(t.cost.to_string());
     }
-    if call.keys.is_empty() {
-        return Ok(());
+    if !call.keys.is_empty() {
+        call.arg(call.keys.len());
+        call.args.extend(args);
+        calls.push(call);
     }
-    call.arg(call.keys.len());
-    call.args.extend(args);
-    Arc::clone(inner).run(call).await.map(|_| ())
+    // The day the quotas were charged: a window that began after it never
+    // counted this request.
+    let day = charged
+        .now_s
+        .div_euclid(NANOS_PER_DAY / NANOS_PER_SEC as i64);
+    for (i, q) in part.quotas.iter().enumerate() {
+        if q.cost == 0 {
+            continue;
+        }
+        let Some(keys) = part.call.keys.get(n + 2 * i..n + 2 * i + 2) else {
+            continue;
+        };
+        let mut call = Call::new("t", &now);
+        call.arg(-i64::from(q.cost));
+        call.arg(0);
+        call.arg(1);
+        call.keys.extend(keys.iter().cloned());
+        spec_args(&mut call, &q.spec);
+        call.arg(q.history_days);
+        call.arg(day);
+        calls.push(call);
+    }
+    calls
 }
 
 /// What answering a request needs beside its call: when it was sent, and

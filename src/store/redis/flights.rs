@@ -637,7 +637,9 @@ impl Inner {
                             let window = report
                                 .items()
                                 .iter()
-                                .filter(|a| a.kind == LimitKind::Quota)
+                                .filter(|a| {
+                                    matches!(a.kind, LimitKind::Quota | LimitKind::AccountQuota)
+                                })
                                 .map(|a| a.reset)
                                 .min()
                                 .unwrap_or(u64::MAX);

@@ -5,10 +5,12 @@
 //! (daily usage history; a token budget's count and history add
 //! `:<budget name>`) and `{prefix}:{<tag>}:c` (the leases of requests in
 //! flight under a concurrency cap), where the tag is a 128-bit hash of the
-//! plan and the subject (a key's public id, a client IP, a per-key key), or
-//! of `stage` for the limits every caller shares. Every key of one
-//! (plan, subject) shares the hash tag, so they land in one Redis Cluster
-//! slot; no key name holds an API key's value or a client address. Throttle
+//! plan and the subject (a key's public id, a client IP, a per-key key), of
+//! `stage` for the limits every caller shares, or of `a\0<name>` for an
+//! account's limits, which all its keys share (no plan or key hashes to
+//! it: theirs start `p\0`). Every key of one (plan, subject) shares the
+//! hash tag, so they land in one Redis Cluster slot; an account's keys
+//! land in a slot of their own; no key name holds an API key's value or a client address. Throttle
 //! state expires when its bucket is full again, a quota's count a day after
 //! its window ends, the history after `history_days` without use, and the
 //! leases one lease after the last place was taken.
@@ -24,6 +26,16 @@ impl Inner {
     /// The hash tag of a (plan, subject): every key of it lands in one slot.
     fn tag(&self, plan: Option<&str>, subject: &[u8]) -> String {
         format!("{}:{{{:032x}}}", self.prefix, self.scope(plan, subject))
+    }
+
+    /// The hash tag of an account's limits.
+    fn account_tag(&self, account: &str) -> String {
+        let scope = [b"a\0", account.as_bytes()].concat();
+        let hash = match self.naming {
+            Some(NamingKey(k0, k1)) => hash::keyed(k0, k1, &scope),
+            None => hash::stable(&scope),
+        };
+        format!("{}:{{{hash:032x}}}", self.prefix)
     }
 
     /// The hash of a (plan, subject), which names its keys.
@@ -45,7 +57,10 @@ impl Inner {
 
     /// The count and history keys of a quota (a token budget's carry its name).
     pub(super) fn quota_keys(&self, q: &QuotaRef<'_>) -> [String; 2] {
-        let tag = self.tag(Some(q.plan), q.subject);
+        let tag = match q.account {
+            Some(a) => self.account_tag(a),
+            None => self.tag(Some(q.plan), q.subject),
+        };
         if q.counts_tokens() {
             let name = q.name();
             [format!("{tag}:q:{name}"), format!("{tag}:h:{name}")]
@@ -55,7 +70,10 @@ impl Inner {
     }
 
     pub(super) fn throttle_key(&self, t: &ThrottleRef<'_>) -> String {
-        let mut k = self.tag(t.plan, t.subject);
+        let mut k = match t.account {
+            Some(a) => self.account_tag(a),
+            None => self.tag(t.plan, t.subject),
+        };
         let _ = write!(k, ":t:{:016x}", t.limit.salt);
         k
     }

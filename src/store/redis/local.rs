@@ -148,7 +148,8 @@ fn with_acquire<T>(
     for t in parts.iter().flat_map(|p| &p.throttles) {
         acquire.push(ThrottleRef {
             limit: &t.limit,
-            plan: if t.stage { None } else { Some("") },
+            plan: if t.stage || t.account { None } else { Some("") },
+            account: if t.account { Some("") } else { None },
             subject: b"",
             digest: t.digest,
             shadow: t.shadow,
@@ -159,6 +160,9 @@ fn with_acquire<T>(
         match q.kind {
             LimitKind::TokensDay => acquire.token_quotas[0] = Some(r),
             LimitKind::TokensMonth => acquire.token_quotas[1] = Some(r),
+            LimitKind::AccountQuota => acquire.account_quotas[0] = Some(r),
+            LimitKind::AccountTokensDay => acquire.account_quotas[1] = Some(r),
+            LimitKind::AccountTokensMonth => acquire.account_quotas[2] = Some(r),
             _ => acquire.quota = Some(r),
         }
     }
@@ -182,6 +186,7 @@ impl Quota {
             kind: self.kind,
             spec: &self.spec,
             plan: "",
+            account: self.kind.is_account().then_some(""),
             subject: b"",
             digest: self.digest,
             shadow: self.shadow,

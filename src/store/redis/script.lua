@@ -31,7 +31,7 @@
 -- "a" acquire. KEYS: t_1..t_n, then q_i, h_i for each quota.
 --   ARGV: "a", now_s, now_ns, cost, n, n times (interval_ns, burst, shadow,
 --   since_s, since_ns, cost_i),
---   then m (0..3) quotas, m times (limit, period (D|W|M), week_start
+--   then m (0..6) quotas (an account's and a plan's), m times (limit, period (D|W|M), week_start
 --   (0 = Monday .. 6), offset, created_s, shadow, history_days, cost_i,
 --   tokens), tokens = 1 for a token budget. A cost above a quota's whole
 --   limit never fits, in any window.
@@ -371,7 +371,7 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
     if #argv < qi then
       error({ tollgate = 'wrong number of arguments' })
     end
-    local m = int(argv[qi], 0, 3, 'quota count')
+    local m = int(argv[qi], 0, 6, 'quota count')
     local ci = qi + 1 + 9 * m
     if #argv < ci then
       error({ tollgate = 'wrong number of arguments' })

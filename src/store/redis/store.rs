@@ -89,6 +89,10 @@ pub(super) struct Inner {
     pub(super) local: Local,
     /// Failures decided by the local copy: counted and logged.
     pub(super) failures: Failures,
+    /// Whether keys, plans and accounts live in Redis too.
+    pub(super) shared_registry: bool,
+    /// The shared registry as loaded when the store was built.
+    pub(super) preloaded: parking_lot::Mutex<Option<(u64, Vec<super::registry::Change>)>>,
 }
 
 impl RedisStore {

@@ -1,0 +1,370 @@
+//! The key registry: registered API keys by the keyed hash of their value,
+//! read without a lock on every request, changed one key at a time.
+//!
+//! A key's entry names its plan and account by their place in the policy
+//! snapshot (which holds the few plans and accounts, copied on change), so a
+//! plan replaced while serving reaches every key on it without touching the
+//! keys, and an entry stays small: its id, where its state lives, two
+//! indexes and a flag. Changes take the registry's write lock and are O(1):
+//! one insertion or removal in a concurrent hash map (`papaya`, whose reads
+//! are lock-free and allocation-free) and one in the id index.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hashbrown::HashTable;
+use parking_lot::Mutex;
+use siphasher::sip128::SipHasher13;
+
+use crate::hash::{self, BuildDigestHasher, Digest};
+
+mod shared;
+
+pub use self::shared::SharedRegistry;
+pub(crate) use self::shared::{Edit, Record};
+
+/// No account: the key's limits are its plan's alone.
+pub(crate) const NO_ACCOUNT: u32 = u32::MAX;
+
+/// A registered key as the hot path sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyEntry {
+    /// The public id (never the value).
+    pub(crate) id: Box<str>,
+    /// Where the key's state lives: the digest of its id, so that counters
+    /// follow the key, not its secret.
+    pub(crate) state: Digest,
+    /// The plan's place in the snapshot's plans.
+    pub(crate) plan: u32,
+    /// The account's place in the snapshot's accounts, or [`NO_ACCOUNT`].
+    pub(crate) account: u32,
+    pub(crate) enabled: bool,
+}
+
+impl KeyEntry {
+    pub(crate) fn new(id: &str, plan: u32, account: u32, enabled: bool) -> Self {
+        KeyEntry {
+            id: id.into(),
+            state: hash::digest(id.as_bytes()),
+            plan,
+            account,
+            enabled,
+        }
+    }
+}
+
+/// How key values are hashed before they are looked up or kept: SipHash-1-3
+/// (128 bits) under a key that is random per process, or, when the registry
+/// is shared between instances, derived from a secret they share. The key
+/// can be changed once, before the first request (see [`Registry::rekey`]).
+pub(crate) struct ValueHasher {
+    k0: AtomicU64,
+    k1: AtomicU64,
+}
+
+impl ValueHasher {
+    /// The per-process key of [`hash::digest`].
+    pub(crate) fn process() -> Self {
+        let (k0, k1) = hash::process_keys();
+        ValueHasher {
+            k0: AtomicU64::new(k0),
+            k1: AtomicU64::new(k1),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn digest(&self, value: &[u8]) -> Digest {
+        let (k0, k1) = (
+            self.k0.load(Ordering::Relaxed),
+            self.k1.load(Ordering::Relaxed),
+        );
+        let h = SipHasher13::new_with_keys(k0, k1).hash(value);
+        Digest(u128::from(h.h1) << 64 | u128::from(h.h2))
+    }
+}
+
+/// Why a change to the registry was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Clash {
+    /// Another key has this id.
+    Id,
+    /// Another key has this value.
+    Value,
+}
+
+/// The registered keys.
+pub(crate) struct Registry {
+    /// Entries by the digest of their value.
+    keys: papaya::HashMap<Digest, KeyEntry, BuildDigestHasher>,
+    /// Serialises changes and finds keys by id (only changes and the admin
+    /// handle read it).
+    index: Mutex<Index>,
+    hasher: ValueHasher,
+}
+
+/// The id index: value digests, placed by the digest of their key's id (the
+/// entry's `state`), so that an id is not kept twice.
+struct Index {
+    by_id: HashTable<Digest>,
+}
+
+impl Registry {
+    pub(crate) fn new(hasher: ValueHasher, capacity: usize) -> Self {
+        Registry {
+            keys: papaya::HashMap::builder()
+                .capacity(capacity)
+                .hasher(BuildDigestHasher::default())
+                .build(),
+            index: Mutex::new(Index {
+                by_id: HashTable::with_capacity(capacity),
+            }),
+            hasher,
+        }
+    }
+
+    /// The digest a key value is registered under.
+    #[inline]
+    pub(crate) fn digest(&self, value: &[u8]) -> Digest {
+        self.hasher.digest(value)
+    }
+
+    /// Reads the entry of a key value, without a lock.
+    #[inline]
+    pub(crate) fn with<T>(&self, value: &[u8], f: impl FnOnce(Option<&KeyEntry>) -> T) -> T {
+        let digest = self.digest(value);
+        let keys = self.keys.pin();
+        f(keys.get(&digest))
+    }
+
+    /// The number of registered keys.
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Runs `f` holding the write lock: every change goes through here.
+    pub(crate) fn change<T>(&self, f: impl FnOnce(&mut Writer<'_>) -> T) -> T {
+        let mut index = self.index.lock();
+        let keys = self.keys.pin();
+        let mut w = Writer {
+            index: &mut index,
+            keys: &keys,
+            hasher: &self.hasher,
+        };
+        f(&mut w)
+    }
+
+    /// Every entry, in no order (for reports and admin listings).
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&KeyEntry)) {
+        for (_, e) in self.keys.pin().iter() {
+            f(e);
+        }
+    }
+
+    /// Hashes key values under `(k0, k1)` from now on: the key of a registry
+    /// shared between instances, set when the layer is built on a store that
+    /// shares it. The keys in `values` (id, value) are placed again under the
+    /// new key; a key registered otherwise since the policy was built keeps
+    /// its old place, where no request finds it (the layer is built before
+    /// the admin handle that could add one exists).
+    pub(crate) fn rekey(&self, k0: u64, k1: u64, values: &[(Box<str>, Box<str>)]) {
+        self.change(|w| {
+            let mut moved = Vec::with_capacity(values.len());
+            for (id, value) in values {
+                if let Some(entry) = w.remove(id) {
+                    moved.push((value, entry));
+                }
+            }
+            w.hasher.k0.store(k0, Ordering::Relaxed);
+            w.hasher.k1.store(k1, Ordering::Relaxed);
+            for (value, entry) in moved {
+                // The ids and values were unique before; they still are.
+                let _ = w.add(value.as_bytes(), entry);
+            }
+        })
+    }
+
+    /// The entry with this id.
+    pub(crate) fn by_id<T>(&self, id: &str, f: impl FnOnce(Option<&KeyEntry>) -> T) -> T {
+        self.change(|w| f(w.by_id(id).map(|(_, e)| e)))
+    }
+}
+
+/// The registry under its write lock.
+pub(crate) struct Writer<'r> {
+    index: &'r mut Index,
+    keys: &'r papaya::HashMapRef<'r, Digest, KeyEntry, BuildDigestHasher, papaya::LocalGuard<'r>>,
+    hasher: &'r ValueHasher,
+}
+
+impl Writer<'_> {
+    /// The value digest and entry of the key with this id.
+    pub(crate) fn by_id(&self, id: &str) -> Option<(Digest, &KeyEntry)> {
+        let state = hash::digest(id.as_bytes());
+        let keys = self.keys;
+        let value = self
+            .index
+            .by_id
+            .find(state.0 as u64, |v| {
+                keys.get(v)
+                    .is_some_and(|e| e.state == state && *e.id == *id)
+            })
+            .copied()?;
+        Some((value, keys.get(&value)?))
+    }
+
+    /// Whether a key with this id and value digest could be added.
+    pub(crate) fn free(&self, id: &str, digest: Digest) -> Result<(), Clash> {
+        if self.by_id(id).is_some() {
+            return Err(Clash::Id);
+        }
+        if self.keys.contains_key(&digest) {
+            return Err(Clash::Value);
+        }
+        Ok(())
+    }
+
+    /// Adds a key with this value; refused when its id or value is taken.
+    pub(crate) fn add(&mut self, value: &[u8], entry: KeyEntry) -> Result<(), Clash> {
+        let digest = self.hasher.digest(value);
+        self.add_digest(digest, entry)
+    }
+
+    /// Adds a key by the digest of its value (a key another instance added).
+    pub(crate) fn add_digest(&mut self, digest: Digest, entry: KeyEntry) -> Result<(), Clash> {
+        if self.by_id(&entry.id).is_some() {
+            return Err(Clash::Id);
+        }
+        if self.keys.contains_key(&digest) {
+            return Err(Clash::Value);
+        }
+        let state = entry.state;
+        self.keys.insert(digest, entry);
+        let keys = self.keys;
+        self.index.by_id.insert_unique(state.0 as u64, digest, |v| {
+            keys.get(v).map_or(0, |e| e.state.0 as u64)
+        });
+        Ok(())
+    }
+
+    /// Replaces the entry of the key with `entry`'s id; the old entry's
+    /// value digest is kept. Returns whether the key existed.
+    pub(crate) fn replace(&mut self, entry: KeyEntry) -> bool {
+        match self.by_id(&entry.id) {
+            Some((digest, _)) => {
+                self.keys.insert(digest, entry);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes the key with this id; returns its entry.
+    pub(crate) fn remove(&mut self, id: &str) -> Option<KeyEntry> {
+        let state = hash::digest(id.as_bytes());
+        let keys = self.keys;
+        let Ok(found) = self.index.by_id.find_entry(state.0 as u64, |v| {
+            keys.get(v)
+                .is_some_and(|e| e.state == state && *e.id == *id)
+        }) else {
+            return None;
+        };
+        let (digest, _) = found.remove();
+        keys.remove(&digest).cloned()
+    }
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("keys", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_find_replace_remove() {
+        let r = Registry::new(ValueHasher::process(), 0);
+        r.change(|w| {
+            w.add(b"v1", KeyEntry::new("k1", 0, NO_ACCOUNT, true))
+                .unwrap();
+            w.add(b"v2", KeyEntry::new("k2", 1, NO_ACCOUNT, true))
+                .unwrap();
+            assert_eq!(
+                w.add(b"v3", KeyEntry::new("k1", 0, NO_ACCOUNT, true)),
+                Err(Clash::Id)
+            );
+            assert_eq!(
+                w.add(b"v2", KeyEntry::new("k3", 0, NO_ACCOUNT, true)),
+                Err(Clash::Value)
+            );
+        });
+        assert_eq!(r.len(), 2);
+        assert_eq!(r.with(b"v2", |e| e.map(|e| e.plan)), Some(1));
+        assert!(r.with(b"v3", |e| e.is_none()));
+        r.change(|w| assert!(w.replace(KeyEntry::new("k2", 5, 2, false))));
+        assert_eq!(
+            r.with(b"v2", |e| e.map(|e| (e.plan, e.account, e.enabled))),
+            Some((5, 2, false))
+        );
+        assert_eq!(r.by_id("k2", |e| e.map(|e| e.plan)), Some(5));
+        let removed = r.change(|w| w.remove("k1")).unwrap();
+        assert_eq!(&*removed.id, "k1");
+        assert!(r.with(b"v1", |e| e.is_none()));
+        assert!(r.by_id("k1", |e| e.is_none()));
+        // The id and value are free again.
+        r.change(|w| {
+            w.add(b"v1", KeyEntry::new("k1", 0, NO_ACCOUNT, true))
+                .unwrap()
+        });
+        assert_eq!(r.len(), 2);
+    }
+
+    #[test]
+    fn many_keys_stay_findable_by_id() {
+        let r = Registry::new(ValueHasher::process(), 0);
+        r.change(|w| {
+            for i in 0..5_000 {
+                let v = format!("value-{i}");
+                w.add(
+                    v.as_bytes(),
+                    KeyEntry::new(&format!("id-{i}"), 0, NO_ACCOUNT, true),
+                )
+                .unwrap();
+            }
+        });
+        for i in (0..5_000).step_by(7) {
+            assert!(r.by_id(&format!("id-{i}"), |e| e.is_some()));
+        }
+        r.change(|w| {
+            for i in (0..5_000).step_by(2) {
+                assert!(w.remove(&format!("id-{i}")).is_some());
+            }
+        });
+        assert_eq!(r.len(), 2_500);
+        assert!(r.by_id("id-1", |e| e.is_some()));
+        assert!(r.by_id("id-2", |e| e.is_none()));
+    }
+
+    #[test]
+    fn rekeyed_keys_are_found_under_the_new_key_only() {
+        let r = Registry::new(ValueHasher::process(), 0);
+        r.change(|w| {
+            w.add(b"v1", KeyEntry::new("k1", 3, NO_ACCOUNT, true))
+                .unwrap()
+        });
+        let before = r.digest(b"v1");
+        r.rekey(
+            7,
+            11,
+            &[("k1".into(), "v1".into()), ("gone".into(), "v9".into())],
+        );
+        assert_ne!(r.digest(b"v1"), before);
+        assert_eq!(r.with(b"v1", |e| e.map(|e| e.plan)), Some(3));
+        assert_eq!(r.len(), 1);
+        assert!(r.by_id("k1", |e| e.is_some()));
+    }
+}

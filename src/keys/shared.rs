@@ -1,0 +1,234 @@
+//! A registry shared by every instance through their store: each change made
+//! through [`Admin`](crate::Admin) is written to the store first (one atomic
+//! write, refused there when it clashes with another instance's change),
+//! then applied here; every other instance receives it from the store's
+//! change log and applies it too. A layer built on such a store loads the
+//! current registry and follows the log from then on.
+
+use std::fmt;
+
+use crate::hash::Digest;
+#[cfg(not(feature = "redis"))]
+use crate::{policy::Policy, usage::AdminError};
+
+/// Where a store keeps the key registry that its instances share: keys (by
+/// the keyed hash of their value, never the value), plans and accounts.
+/// [`Store::shared_registry`](crate::store::Store::shared_registry) gives
+/// it; the Redis store shares its registry unless told not to
+/// ([`RedisStoreBuilder::shared_registry`](crate::RedisStoreBuilder::shared_registry)).
+#[derive(Clone)]
+pub struct SharedRegistry {
+    #[cfg(feature = "redis")]
+    pub(crate) store: crate::RedisStore,
+    _private: (),
+}
+
+impl fmt::Debug for SharedRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedRegistry").finish_non_exhaustive()
+    }
+}
+
+/// A key as it is written to a shared registry.
+pub(crate) struct Record {
+    pub(crate) id: String,
+    pub(crate) digest: Digest,
+    pub(crate) plan: String,
+    pub(crate) account: Option<String>,
+    pub(crate) enabled: bool,
+}
+
+/// A change to a shared registry.
+pub(crate) enum Edit {
+    Add(Record),
+    Update(Record),
+    Remove(String),
+    Import(Vec<Record>),
+    Plan { name: String, encoded: String },
+    Account { name: String, encoded: String },
+}
+
+#[cfg(not(feature = "redis"))]
+impl SharedRegistry {
+    pub(crate) async fn write(&self, _edit: Edit) -> Result<u64, AdminError> {
+        Err(AdminError::NotRegistered)
+    }
+}
+
+#[cfg(not(feature = "redis"))]
+impl Policy {
+    pub(crate) fn attach(&self, _shared: &SharedRegistry) {}
+}
+
+#[cfg(feature = "redis")]
+mod redis_registry {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use super::{Edit, Record, SharedRegistry};
+    use crate::error::ConfigError;
+    use crate::hash::Digest;
+    use crate::keys::{KeyEntry, NO_ACCOUNT};
+    use crate::plan::wire;
+    use crate::policy::Policy;
+    use crate::store::redis::registry::{Change, KeyRecord, RegistryError, RegistryUpdate};
+    use crate::usage::AdminError;
+
+    impl SharedRegistry {
+        pub(crate) fn new(store: crate::RedisStore) -> Self {
+            SharedRegistry {
+                store,
+                _private: (),
+            }
+        }
+
+        /// Writes `edit` to the store; returns the registry's new version.
+        pub(crate) async fn write(&self, edit: Edit) -> Result<u64, AdminError> {
+            let record = |r: Record| KeyRecord {
+                id: r.id,
+                value_hash: r.digest.0,
+                plan: r.plan,
+                account: r.account,
+                enabled: r.enabled,
+            };
+            let change = match edit {
+                Edit::Add(r) => Change::AddKey(record(r)),
+                Edit::Update(r) => Change::UpdateKey(record(r)),
+                Edit::Remove(id) => Change::RemoveKey { id },
+                Edit::Import(rs) => Change::Import(rs.into_iter().map(record).collect()),
+                Edit::Plan { name, encoded } => Change::PutPlan { name, encoded },
+                Edit::Account { name, encoded } => Change::PutAccount { name, encoded },
+            };
+            self.store
+                .registry_write(&change)
+                .await
+                .map_err(|e| match e {
+                    RegistryError::Duplicate { id } => ConfigError::DuplicateKeyId(id).into(),
+                    RegistryError::DuplicateValue { id } => {
+                        ConfigError::DuplicateKeyValue { id }.into()
+                    }
+                    RegistryError::UnknownKey { id } => AdminError::UnknownKey(id),
+                    RegistryError::Store(e) => AdminError::Store(e),
+                })
+        }
+    }
+
+    impl Policy {
+        /// Shares this policy's registry through `shared`: hashes key values
+        /// under the shared key, applies what the store holds, and follows
+        /// its changes. Done once per policy; a second layer built on the
+        /// same policy shares the first one's.
+        pub(crate) fn attach(&self, shared: &SharedRegistry) {
+            if self.inner.attached.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            let (k0, k1) = shared.store.value_keys();
+            if !self.rekey(k0, k1) {
+                tracing::warn!(
+                    "the policy was used by a layer before one on a store that shares keys: \
+                     its own keys are not found by their values"
+                );
+            }
+            let (version, all) = shared.store.take_preloaded().unwrap_or_default();
+            for change in all {
+                self.apply(change);
+            }
+            let policy = self.clone();
+            shared.store.registry_watch(
+                Arc::new(move |update| match update {
+                    RegistryUpdate::Change { version, change } => {
+                        if !policy.inner.own_versions.lock().remove(&version) {
+                            policy.apply(change);
+                        }
+                    }
+                    RegistryUpdate::Reload { all, .. } => {
+                        policy.inner.own_versions.lock().clear();
+                        for change in all {
+                            policy.apply(change);
+                        }
+                    }
+                }),
+                version,
+            );
+        }
+
+        /// Notes that this instance made the change of `version` itself (and
+        /// applied it already), so that the log's copy is not applied twice.
+        pub(crate) fn made(&self, version: u64) {
+            let mut own = self.inner.own_versions.lock();
+            own.insert(version);
+            // Versions the watcher skipped past (a reload) are never removed
+            // one by one: keep the set small.
+            while own.len() > 1_024 {
+                own.pop_first();
+            }
+        }
+
+        /// Applies a change another instance made (or the registry as
+        /// loaded), over the static configuration. A key whose plan this
+        /// instance does not know is skipped and logged.
+        fn apply(&self, change: Change) {
+            match change {
+                Change::AddKey(r) | Change::UpdateKey(r) => self.upsert(r),
+                Change::Import(rs) => rs.into_iter().for_each(|r| self.upsert(r)),
+                Change::RemoveKey { id } => {
+                    self.keys().change(|w| w.remove(&id));
+                }
+                Change::PutPlan { name, encoded } => match wire::decode_plan(&encoded) {
+                    Ok((plan, created)) => {
+                        let now = crate::Clock::system().wall_nanos();
+                        if let Err(e) = self.put_plan(&plan, created, now) {
+                            tracing::warn!(plan = %name, error = %e, "a shared plan was not applied");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(plan = %name, error = %e, "a shared plan could not be read")
+                    }
+                },
+                Change::PutAccount { name, encoded } => match wire::decode_account(&encoded) {
+                    Ok((account, created)) => {
+                        let now = crate::Clock::system().wall_nanos();
+                        if let Err(e) = self.put_account(&account, created, now) {
+                            tracing::warn!(account = %name, error = %e, "a shared account was not applied");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(account = %name, error = %e, "a shared account could not be read")
+                    }
+                },
+            }
+        }
+
+        fn upsert(&self, r: KeyRecord) {
+            let snap = self.load();
+            let Some(plan) = snap.plan_place(&r.plan) else {
+                tracing::warn!(key = %r.id, plan = %r.plan, "a shared key names a plan this instance does not know: skipped");
+                return;
+            };
+            let account = match &r.account {
+                None => NO_ACCOUNT,
+                Some(name) => match snap.account_place(name) {
+                    Some(at) => at,
+                    None => {
+                        tracing::warn!(key = %r.id, account = %name, "a shared key names an account this instance does not know: skipped");
+                        return;
+                    }
+                },
+            };
+            let entry = KeyEntry::new(&r.id, plan, account, r.enabled);
+            let digest = Digest(r.value_hash);
+            self.keys().change(|w| {
+                if let Some((at, _)) = w.by_id(&r.id) {
+                    if at == digest {
+                        w.replace(entry);
+                        return;
+                    }
+                    w.remove(&r.id);
+                }
+                if w.add_digest(digest, entry).is_err() {
+                    tracing::warn!(key = %r.id, "a shared key's value is another key's here: skipped");
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,571 @@
+//! Keys, plans and accounts kept in Redis, so that every instance serves one
+//! registry: a change made through one instance reaches the others through
+//! a log they read, and an instance started later loads the current state.
+//!
+//! Redis keys (one hash tag, so one script can write them all, on Redis
+//! Cluster too), under `{<prefix>:registry}:`:
+//!
+//! | key        | type   | holds                                              |
+//! |------------|--------|----------------------------------------------------|
+//! | `keys`     | hash   | key id → record (value hash, enabled, plan, account) |
+//! | `values`   | hash   | value hash (32 hex digits) → key id                |
+//! | `plans`    | hash   | plan name → the caller's text                      |
+//! | `accounts` | hash   | account name → the caller's text                   |
+//! | `removed`  | hash   | key id → the version that removed it (tombstones)  |
+//! | `version`  | string | the number of changes made                         |
+//! | `log`      | stream | one entry per change: `v` (its version), `c` (the change) |
+//!
+//! A key's value is never stored, only its keyed hash
+//! ([`RedisStore::value_hash`]). Every write is one script call
+//! (`script.lua`): it checks the change, writes the records, increments the
+//! version and appends the change to the log (trimmed to about
+//! [`LOG_LEN`] entries), or writes nothing. How instances follow the log is
+//! in `watch.rs`.
+
+mod codec;
+mod watch;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::LazyLock;
+
+use redis::{Cmd, ErrorKind, FromRedisValue, ServerErrorKind};
+
+use self::codec::Logged;
+use super::builder::NamingKey;
+use super::conn::{connection_lost, redis_error};
+use super::store::{Inner, RedisStore};
+use crate::hash;
+use crate::store::StoreError;
+
+/// The registry's script: writes, and the log's head.
+const SCRIPT: &str = include_str!("script.lua");
+/// Its SHA-1, for `EVALSHA`.
+static SHA: LazyLock<String> = LazyLock::new(|| redis::Script::new(SCRIPT).get_hash().to_owned());
+/// About how many changes the log keeps (`XADD … MAXLEN ~`). An instance
+/// reads it every [`watch::POLL`]; one that falls further behind (or was
+/// cut off from Redis) reads the whole registry again instead.
+const LOG_LEN: usize = 256;
+/// The largest change (in bytes) the log carries; a larger one (a big
+/// import) is logged as "read everything again", so the log stays small.
+const LARGEST_LOGGED: usize = 256 * 1024;
+/// How many entries or fields one read asks for.
+const PAGE: usize = 1000;
+
+/// A registered API key as the registry keeps it: never its value, only
+/// the value's keyed hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyRecord {
+    /// The key's public id.
+    pub(crate) id: String,
+    /// [`RedisStore::value_hash`] of the key's value.
+    pub(crate) value_hash: u128,
+    /// The name of its usage plan.
+    pub(crate) plan: String,
+    /// The account it belongs to, if any.
+    pub(crate) account: Option<String>,
+    /// Whether requests with it are served.
+    pub(crate) enabled: bool,
+}
+
+/// One change of the registry, as written and as every instance receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// Registers a key. Refused when its id or its value hash is live in
+    /// Redis (a tombstoned id may be added again).
+    AddKey(KeyRecord),
+    /// Replaces the plan, account and enabled flag of a key; its value hash
+    /// stays the one stored. A key not in Redis (one of a static
+    /// configuration, changed for the first time) is written as given,
+    /// unless its value hash is another key's; a removed key is refused
+    /// ([`RegistryError::UnknownKey`]).
+    UpdateKey(KeyRecord),
+    /// Removes a key, live in Redis or not, and leaves a tombstone, so that
+    /// a key of a static configuration stays removed for instances started
+    /// later. Frees its value hash.
+    RemoveKey {
+        /// The key's id.
+        id: String,
+    },
+    /// Registers many keys at once, all or nothing: one entry whose id or
+    /// value hash is live in Redis or repeated in the batch refuses the
+    /// whole batch, naming that entry.
+    Import(Vec<KeyRecord>),
+    /// Sets a plan to the caller's text.
+    PutPlan {
+        /// The plan's name.
+        name: String,
+        /// The plan, encoded by the caller.
+        encoded: String,
+    },
+    /// Sets an account to the caller's text.
+    PutAccount {
+        /// The account's name.
+        name: String,
+        /// The account, encoded by the caller.
+        encoded: String,
+    },
+}
+
+/// What a watcher delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RegistryUpdate {
+    /// One change, the next after the last delivered.
+    Change {
+        /// The registry's version after it.
+        version: u64,
+        /// The change.
+        change: Change,
+    },
+    /// The whole registry, as [`RedisStore::registry_load`] returns it:
+    /// replaces what the instance had from Redis (its static configuration
+    /// stays beneath).
+    Reload {
+        /// The registry's version.
+        version: u64,
+        /// Plans and accounts, then live keys, then tombstones.
+        all: Vec<Change>,
+    },
+}
+
+/// Why a registry write was refused or failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub(crate) enum RegistryError {
+    /// A key with this id is live.
+    Duplicate {
+        /// The id of the entry refused.
+        id: String,
+    },
+    /// Another key (or an earlier entry of the batch) has this entry's value.
+    DuplicateValue {
+        /// The id of the entry refused.
+        id: String,
+    },
+    /// The key was removed.
+    UnknownKey {
+        /// The id of the entry refused.
+        id: String,
+    },
+    /// Redis did not answer, or not in time. Nothing was written, unless the
+    /// store timed out waiting for an answer: then the change may have been
+    /// made, and every instance receives it if it was.
+    Store(StoreError),
+}
+
+impl fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegistryError::Duplicate { id } => write!(f, "a key with id {id:?} exists"),
+            RegistryError::DuplicateValue { id } => {
+                write!(f, "the value of key {id:?} is another key's")
+            }
+            RegistryError::UnknownKey { id } => write!(f, "no key with id {id:?}"),
+            RegistryError::Store(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for RegistryError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RegistryError::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<StoreError> for RegistryError {
+    fn from(e: StoreError) -> Self {
+        RegistryError::Store(e)
+    }
+}
+
+impl RedisStore {
+    /// The keyed 128-bit hash of an API key's value, under the store's
+    /// [`key_secret`](crate::RedisStoreBuilder::key_secret): the same on
+    /// every instance given the same secret. The registry in Redis keeps
+    /// this hash, never the value.
+    ///
+    /// Without a secret the hash's key is in tollgate's source, and anyone
+    /// who can read Redis could test guesses of a key value against it:
+    /// harmless for random keys of 128 bits, not for short ones. Set a
+    /// secret.
+    pub fn value_hash(&self, value: &[u8]) -> u128 {
+        let (k0, k1) = self.value_keys();
+        hash::keyed(k0, k1, value)
+    }
+
+    /// The SipHash key of [`value_hash`](Self::value_hash): derived from the
+    /// secret (or the fixed key without one) under a label of its own, so
+    /// that it is no other hash's key.
+    pub(crate) fn value_keys(&self) -> (u64, u64) {
+        const LABEL: &[u8] = b"tollgate key value";
+        let h = match self.inner.naming {
+            Some(NamingKey(k0, k1)) => hash::keyed(k0, k1, LABEL),
+            None => hash::stable(LABEL),
+        };
+        (h as u64, (h >> 64) as u64)
+    }
+
+    /// The registry as loaded when the store was built (once; later layers
+    /// follow the log).
+    pub(crate) fn take_preloaded(&self) -> Option<(u64, Vec<Change>)> {
+        self.inner.preloaded.lock().take()
+    }
+
+    /// Makes `change` in Redis in one script call: checks it, writes the
+    /// records, increments the version and logs the change, or writes
+    /// nothing. Returns the new version. Bounded by the store's timeout.
+    pub(crate) async fn registry_write(&self, change: &Change) -> Result<u64, RegistryError> {
+        let inner = &self.inner;
+        let mut args = vec![
+            "w".to_owned(),
+            LOG_LEN.to_string(),
+            LARGEST_LOGGED.to_string(),
+        ];
+        let key = |args: &mut Vec<String>, k: &KeyRecord| {
+            args.push(k.id.clone());
+            args.push(codec::record(k));
+        };
+        match change {
+            Change::AddKey(k) => {
+                args.push("A".to_owned());
+                key(&mut args, k);
+            }
+            Change::UpdateKey(k) => {
+                args.push("U".to_owned());
+                key(&mut args, k);
+            }
+            Change::Import(keys) => {
+                args.push("I".to_owned());
+                for k in keys {
+                    key(&mut args, k);
+                }
+            }
+            Change::RemoveKey { id } => args.extend(["D".to_owned(), id.clone()]),
+            Change::PutPlan { name, encoded } => {
+                args.extend(["P".to_owned(), name.clone(), encoded.clone()]);
+            }
+            Change::PutAccount { name, encoded } => {
+                args.extend(["C".to_owned(), name.clone(), encoded.clone()]);
+            }
+        }
+        // Not sent again when the connection drops: run twice, an add would
+        // be refused by its own first run.
+        let reply: Vec<String> = inner.within(inner.registry_eval(&args, false)).await?;
+        match <[String; 2]>::try_from(reply) {
+            Ok([status, v]) if status == "ok" => v.parse().map_err(|_| bad_reply().into()),
+            Ok([status, id]) => Err(match status.as_str() {
+                "duplicate" => RegistryError::Duplicate { id },
+                "duplicate value" => RegistryError::DuplicateValue { id },
+                "unknown" => RegistryError::UnknownKey { id },
+                _ => bad_reply().into(),
+            }),
+            Err(_) => Err(bad_reply().into()),
+        }
+    }
+
+    /// The registry as Redis holds it, and its version: every plan and
+    /// account, then every live key (as [`Change::AddKey`]; a key in Redis
+    /// replaces one of the same id in a static configuration), then every
+    /// tombstone (as [`Change::RemoveKey`]), to apply over a static
+    /// configuration in this order.
+    ///
+    /// Read in pages, each bounded by the store's timeout, so Redis is never
+    /// held up by a large registry; changes made meanwhile are read from the
+    /// log and applied, so the result is the registry as of the version
+    /// returned.
+    pub(crate) async fn registry_load(&self) -> Result<(u64, Vec<Change>), StoreError> {
+        let snapshot = self.inner.registry_snapshot().await?;
+        Ok((snapshot.cursor.version, snapshot.all))
+    }
+}
+
+fn bad_reply() -> StoreError {
+    StoreError::new("redis: unexpected registry reply")
+}
+
+/// A place in the log: the version applied, and the last entry read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Cursor {
+    version: u64,
+    /// The id and version of the last log entry read (it may be a duplicate
+    /// skipped, older than `version`); `None` before the first.
+    last: Option<(String, u64)>,
+}
+
+/// The whole registry as of `cursor`.
+#[derive(Debug)]
+struct Snapshot {
+    cursor: Cursor,
+    all: Vec<Change>,
+}
+
+/// The log's head: the version, and the last entry.
+#[derive(Debug)]
+struct Head {
+    version: u64,
+    last: Option<(String, u64)>,
+}
+
+impl Head {
+    /// The place just after every change, when the last entry is the
+    /// version's (it is unless the log was deleted).
+    fn cursor(self) -> Cursor {
+        let last = self.last.filter(|(_, v)| *v == self.version);
+        Cursor {
+            version: self.version,
+            last,
+        }
+    }
+}
+
+/// One log entry.
+#[derive(Debug)]
+struct Entry {
+    id: String,
+    version: u64,
+    logged: Logged,
+}
+
+/// The registry being read: a map per kind.
+#[derive(Debug, Default)]
+struct State {
+    plans: BTreeMap<String, String>,
+    accounts: BTreeMap<String, String>,
+    keys: BTreeMap<String, KeyRecord>,
+    removed: BTreeSet<String>,
+}
+
+impl State {
+    /// Applies a change as the script did: each one sets the records it
+    /// names, so one already seen by the scan may be applied again.
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::AddKey(k) | Change::UpdateKey(k) => self.put(k),
+            Change::Import(keys) => keys.into_iter().for_each(|k| self.put(k)),
+            Change::RemoveKey { id } => {
+                self.keys.remove(&id);
+                self.removed.insert(id);
+            }
+            Change::PutPlan { name, encoded } => {
+                self.plans.insert(name, encoded);
+            }
+            Change::PutAccount { name, encoded } => {
+                self.accounts.insert(name, encoded);
+            }
+        }
+    }
+
+    fn put(&mut self, k: KeyRecord) {
+        self.removed.remove(&k.id);
+        self.keys.insert(k.id.clone(), k);
+    }
+
+    fn into_changes(self) -> Vec<Change> {
+        let plans =
+            (self.plans.into_iter()).map(|(name, encoded)| Change::PutPlan { name, encoded });
+        let accounts =
+            (self.accounts.into_iter()).map(|(name, encoded)| Change::PutAccount { name, encoded });
+        let keys = self.keys.into_values().map(Change::AddKey);
+        let removed = (self.removed.into_iter()).map(|id| Change::RemoveKey { id });
+        plans.chain(accounts).chain(keys).chain(removed).collect()
+    }
+}
+
+impl Inner {
+    /// The registry's Redis keys, in the script's order.
+    fn registry_keys(&self) -> [String; 7] {
+        let tag = format!("{{{}:registry}}", self.prefix);
+        [
+            "keys", "values", "plans", "accounts", "removed", "version", "log",
+        ]
+        .map(|name| format!("{tag}:{name}"))
+    }
+
+    /// Runs the registry script (loading it when Redis lost it). A call
+    /// that may run twice is sent once more when its connection was lost.
+    async fn registry_eval<T: FromRedisValue>(
+        &self,
+        args: &[String],
+        repeatable: bool,
+    ) -> Result<T, StoreError> {
+        let keys = self.registry_keys();
+        let cmd = |sha: bool| -> Cmd {
+            let mut cmd = if sha {
+                redis::cmd("EVALSHA").arg(SHA.as_str()).clone()
+            } else {
+                redis::cmd("EVAL").arg(SCRIPT).clone()
+            };
+            cmd.arg(keys.len()).arg(&keys).arg(args);
+            cmd
+        };
+        let mut retried = false;
+        loop {
+            let mut conn = self.conn.clone();
+            let reply = match cmd(true).query_async(&mut conn).await {
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    cmd(false).query_async(&mut conn).await
+                }
+                r => r,
+            };
+            match reply {
+                Err(e) if repeatable && !retried && connection_lost(&e) => retried = true,
+                r => return r.map_err(|e| redis_error(&e)),
+            }
+        }
+    }
+
+    async fn registry_head(&self) -> Result<Head, StoreError> {
+        let (version, id, last): (u64, String, u64) = self
+            .within(self.registry_eval(&["h".to_owned()], true))
+            .await?;
+        Ok(Head {
+            version,
+            last: (!id.is_empty()).then_some((id, last)),
+        })
+    }
+
+    /// Every field of the registry hash `key`, in pages.
+    async fn registry_scan(&self, key: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut all = Vec::new();
+        let mut cursor = "0".to_owned();
+        loop {
+            let cmd = redis::cmd("HSCAN")
+                .arg(key)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(PAGE)
+                .clone();
+            let (next, fields): (String, Vec<(String, String)>) = self.command(cmd).await?;
+            all.extend(fields);
+            if next == "0" {
+                return Ok(all);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Up to `count` log entries from `start` (an entry id, inclusive, or `-`).
+    async fn registry_range(&self, start: &str, count: usize) -> Result<Vec<Entry>, StoreError> {
+        let [.., log] = self.registry_keys();
+        let cmd = redis::cmd("XRANGE")
+            .arg(log)
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .clone();
+        let entries: Vec<(String, Vec<(String, String)>)> = self.command(cmd).await?;
+        Ok(entries
+            .into_iter()
+            .map(|(id, fields)| {
+                let field = |name: &str| fields.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+                let version = field("v").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let logged = field("c").and_then(|c| codec::parse_change(c));
+                Entry {
+                    id,
+                    version,
+                    // An entry this version cannot read: read everything.
+                    logged: logged.unwrap_or(Logged::Reload),
+                }
+            })
+            .collect())
+    }
+
+    /// The changes logged after `cursor`, in version order, each once;
+    /// advances `cursor` past them. `None` when the log cannot continue
+    /// from `cursor`: the entry last read is gone (the log was trimmed past
+    /// it, or Redis lost it: restarted empty, or failed over to a replica
+    /// that had not received it), a version is missing, or the version went
+    /// back. Entries of a version already applied (delivered twice) are
+    /// skipped.
+    async fn registry_read(&self, cursor: &mut Cursor) -> Result<Option<Vec<Entry>>, StoreError> {
+        if cursor.last.is_none() && self.registry_head().await?.version < cursor.version {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        loop {
+            let (start, count) = match &cursor.last {
+                Some((id, _)) => (id.clone(), PAGE + 1),
+                None => ("-".to_owned(), PAGE),
+            };
+            let entries = self.registry_range(&start, count).await?;
+            let read = entries.len();
+            let mut entries = entries.into_iter();
+            if let Some((id, v)) = &cursor.last {
+                // The entry last read must still be there: proof that the
+                // log goes on from it.
+                match entries.next() {
+                    Some(e) if e.id == *id && e.version == *v => {}
+                    _ => return Ok(None),
+                }
+            }
+            for e in entries {
+                let at = Some((e.id.clone(), e.version));
+                if e.version <= cursor.version {
+                    cursor.last = at;
+                    continue;
+                }
+                if e.version != cursor.version + 1 {
+                    return Ok(None);
+                }
+                cursor.version = e.version;
+                cursor.last = at;
+                out.push(e);
+            }
+            if read < count {
+                return Ok(Some(out));
+            }
+        }
+    }
+
+    /// The whole registry, consistent as of the cursor returned.
+    async fn registry_snapshot(&self) -> Result<Snapshot, StoreError> {
+        let [keys, _, plans, accounts, removed, ..] = self.registry_keys();
+        // Changes made while the hashes are read are applied from the log;
+        // only a log trimmed meanwhile past where the read began (hundreds of
+        // changes during one read) makes it start over.
+        for _ in 0..3 {
+            let mut cursor = self.registry_head().await?.cursor();
+            let mut state = State::default();
+            state.plans.extend(self.registry_scan(&plans).await?);
+            state.accounts.extend(self.registry_scan(&accounts).await?);
+            for (id, text) in self.registry_scan(&keys).await? {
+                match codec::parse_record(&id, &text) {
+                    Some(k) => state.put(k),
+                    None => tracing::warn!(id, "a key record in Redis cannot be read; skipped"),
+                }
+            }
+            for (id, _) in self.registry_scan(&removed).await? {
+                state.keys.remove(&id);
+                state.removed.insert(id);
+            }
+            let Some(entries) = self.registry_read(&mut cursor).await? else {
+                continue;
+            };
+            let mut complete = true;
+            for e in entries {
+                match e.logged {
+                    Logged::Change(change) => state.apply(change),
+                    // Too large to log: its records were read, unless it was
+                    // made after the hashes were.
+                    Logged::Reload => complete = false,
+                }
+            }
+            if complete {
+                return Ok(Snapshot {
+                    cursor,
+                    all: state.into_changes(),
+                });
+            }
+        }
+        Err(StoreError::new(
+            "redis: the key registry changed too fast to be read",
+        ))
+    }
+}

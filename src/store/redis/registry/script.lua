@@ -1,0 +1,115 @@
+-- The key registry in Redis: every write is one call of this script, so
+-- checking, writing the records, bumping the version and logging the change
+-- happen together or not at all. Every key shares one hash tag, so this holds
+-- on Redis Cluster too.
+--
+-- KEYS: 1 keys (id -> record), 2 values (value hash -> id), 3 plans (name ->
+-- text), 4 accounts (name -> text), 5 removed (id -> version of removal),
+-- 6 version (counter), 7 log (stream of changes: fields v, c).
+-- A record is "<32 hex value hash><0|1 enabled><len>:<plan>[<len>:<account>]".
+--
+-- ARGV[1] = 'h' (head): returns {version, id of the last log entry or '',
+-- its version or 0}.
+-- ARGV[1] = 'w' (write): ARGV[2] the log's length bound (MAXLEN ~), ARGV[3]
+-- the largest change logged as it is (a larger one is logged as 'R': read
+-- everything again), ARGV[4] the change (A add, I import, U update,
+-- D remove, P plan, C account), then its fields. Returns {'ok', version} or
+-- {reason, id} when the change is refused, with nothing written.
+
+local keys, values, plans, accounts, removed, version, log =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+
+if ARGV[1] == 'h' then
+  local top = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1]
+  local id, v = '', 0
+  if top then
+    id = top[1]
+    v = tonumber(top[2][2]) or 0
+  end
+  return {tonumber(redis.call('GET', version) or '0'), id, v}
+end
+
+if ARGV[1] ~= 'w' then
+  return redis.error_reply('tollgate: unknown registry mode')
+end
+
+local bound, largest, op = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local function field(s)
+  return #s .. ':' .. s
+end
+local out = {op}
+
+if op == 'A' or op == 'I' then
+  -- Every entry is checked before anything is written: all or nothing.
+  local ids, hashes = {}, {}
+  for i = 5, #ARGV, 2 do
+    local id, hash = ARGV[i], string.sub(ARGV[i + 1], 1, 32)
+    if ids[id] or redis.call('HEXISTS', keys, id) == 1 then
+      return {'duplicate', id}
+    end
+    if hashes[hash] or redis.call('HEXISTS', values, hash) == 1 then
+      return {'duplicate value', id}
+    end
+    ids[id] = true
+    hashes[hash] = true
+  end
+  for i = 5, #ARGV, 2 do
+    local id, record = ARGV[i], ARGV[i + 1]
+    redis.call('HSET', keys, id, record)
+    redis.call('HSET', values, string.sub(record, 1, 32), id)
+    redis.call('HDEL', removed, id)
+    out[#out + 1] = field(id) .. field(record)
+  end
+elseif op == 'U' then
+  local id, record = ARGV[5], ARGV[6]
+  local old = redis.call('HGET', keys, id)
+  if old then
+    -- The value hash never changes: the stored one stays.
+    record = string.sub(old, 1, 32) .. string.sub(record, 33)
+  else
+    -- A key only in a static configuration, changed for the first time.
+    if redis.call('HEXISTS', removed, id) == 1 then
+      return {'unknown', id}
+    end
+    local hash = string.sub(record, 1, 32)
+    if redis.call('HEXISTS', values, hash) == 1 then
+      return {'duplicate value', id}
+    end
+    redis.call('HSET', values, hash, id)
+  end
+  redis.call('HSET', keys, id, record)
+  out[2] = field(id) .. field(record)
+elseif op == 'D' then
+  local id = ARGV[5]
+  local old = redis.call('HGET', keys, id)
+  if old then
+    local hash = string.sub(old, 1, 32)
+    if redis.call('HGET', values, hash) == id then
+      redis.call('HDEL', values, hash)
+    end
+    redis.call('HDEL', keys, id)
+  end
+  out[2] = field(id)
+elseif op == 'P' or op == 'C' then
+  local into = plans
+  if op == 'C' then
+    into = accounts
+  end
+  redis.call('HSET', into, ARGV[5], ARGV[6])
+  out[2] = field(ARGV[5]) .. field(ARGV[6])
+else
+  return redis.error_reply('tollgate: unknown registry change')
+end
+
+local v = redis.call('INCR', version)
+if op == 'D' then
+  -- A tombstone: the key stays removed for instances started later, even
+  -- when it is in their static configuration.
+  redis.call('HSET', removed, ARGV[5], v)
+end
+local change = table.concat(out)
+if #change > largest then
+  change = 'R'
+end
+redis.call('XADD', log, 'MAXLEN', '~', bound, '*', 'v', v, 'c', change)
+return {'ok', tostring(v)}

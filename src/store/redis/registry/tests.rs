@@ -1,0 +1,428 @@
+//! The registry against real `redis-server` processes (single and Cluster),
+//! started by the integration tests' harness.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::watch::Position;
+use super::*;
+
+#[path = "../../../../tests/support/redis.rs"]
+mod support;
+
+use self::support::{RedisCluster, RedisServer, command, require_redis};
+
+async fn store(url: &str) -> RedisStore {
+    RedisStore::builder(url)
+        .key_secret("registry tests")
+        .timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .expect("a store")
+}
+
+fn key(store: &RedisStore, id: &str, value: &str) -> KeyRecord {
+    KeyRecord {
+        id: id.to_owned(),
+        value_hash: store.value_hash(value.as_bytes()),
+        plan: "gold".to_owned(),
+        account: None,
+        enabled: true,
+    }
+}
+
+/// Updates delivered to a watcher.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<RegistryUpdate>>>);
+
+impl Seen {
+    fn callback(&self) -> Arc<dyn Fn(RegistryUpdate) + Send + Sync> {
+        let seen = self.0.clone();
+        Arc::new(move |u| seen.lock().unwrap().push(u))
+    }
+
+    fn take(&self) -> Vec<RegistryUpdate> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+
+    /// Waits until `n` updates have arrived (at most `within`).
+    async fn wait(&self, n: usize, within: Duration) -> Vec<RegistryUpdate> {
+        let deadline = Instant::now() + within;
+        while self.0.lock().unwrap().len() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.take()
+    }
+}
+
+fn change(version: u64, change: Change) -> RegistryUpdate {
+    RegistryUpdate::Change { version, change }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_one_store_reaches_another_within_a_second() {
+    if !require_redis() {
+        return;
+    }
+    let server = RedisServer::start();
+    let (a, b) = (store(&server.url()).await, store(&server.url()).await);
+    let (version, all) = b.registry_load().await.unwrap();
+    assert_eq!((version, all), (0, vec![]));
+    let seen = Seen::default();
+    b.registry_watch(seen.callback(), version);
+
+    let k = key(&a, "k1", "secret-1");
+    let plan = Change::PutPlan {
+        name: "gold".into(),
+        encoded: "rate=10".into(),
+    };
+    assert_eq!(a.registry_write(&plan).await.unwrap(), 1);
+    let written = Instant::now();
+    assert_eq!(
+        a.registry_write(&Change::AddKey(k.clone())).await.unwrap(),
+        2
+    );
+    let got = seen.wait(2, Duration::from_secs(1)).await;
+    assert!(
+        written.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        written.elapsed()
+    );
+    assert_eq!(
+        got,
+        vec![change(1, plan), change(2, Change::AddKey(k.clone()))]
+    );
+
+    // The same secret gives the same hash on every instance; the value is
+    // stored nowhere.
+    assert_eq!(a.value_hash(b"secret-1"), b.value_hash(b"secret-1"));
+    let dump = command(server.addr(), &["HGETALL", "{tollgate:registry}:keys"]).unwrap();
+    assert!(!dump.contains("secret-1") && dump.contains(&format!("{:032x}", k.value_hash)));
+
+    // Updates keep the stored value hash.
+    let mut moved = k.clone();
+    (moved.plan, moved.account, moved.enabled) = ("free".into(), Some("acme".into()), false);
+    moved.value_hash = 7;
+    assert_eq!(
+        a.registry_write(&Change::UpdateKey(moved.clone()))
+            .await
+            .unwrap(),
+        3
+    );
+    moved.value_hash = k.value_hash;
+    let got = seen.wait(1, Duration::from_secs(1)).await;
+    assert_eq!(got, vec![change(3, Change::UpdateKey(moved))]);
+
+    // A store dropped stops its watcher.
+    let weak = Arc::downgrade(&b.inner);
+    drop(b);
+    tokio::time::sleep(super::watch::POLL * 2).await;
+    assert!(weak.upgrade().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_started_later_loads_the_registry_with_tombstones() {
+    if !require_redis() {
+        return;
+    }
+    let server = RedisServer::start();
+    let a = store(&server.url()).await;
+    let (k1, k2, k3) = (
+        key(&a, "k1", "v1"),
+        key(&a, "k2", "v2"),
+        key(&a, "k3", "v3"),
+    );
+    let writes = [
+        Change::PutAccount {
+            name: "acme".into(),
+            encoded: "budget=5".into(),
+        },
+        Change::AddKey(k1.clone()),
+        Change::Import(vec![k2.clone(), k3.clone()]),
+        Change::RemoveKey { id: "k2".into() },
+        // A key only in a static configuration.
+        Change::RemoveKey {
+            id: "static".into(),
+        },
+        Change::PutPlan {
+            name: "gold".into(),
+            encoded: "rate=10".into(),
+        },
+    ];
+    for w in &writes {
+        a.registry_write(w).await.unwrap();
+    }
+    let later = store(&server.url()).await;
+    let (version, all) = later.registry_load().await.unwrap();
+    assert_eq!(version, 6);
+    assert_eq!(
+        all,
+        vec![
+            writes[5].clone(),
+            writes[0].clone(),
+            Change::AddKey(k1),
+            Change::AddKey(k3),
+            Change::RemoveKey { id: "k2".into() },
+            Change::RemoveKey {
+                id: "static".into()
+            },
+        ]
+    );
+    // A removed key's value is free again, and its id can come back.
+    let again = key(&a, "k2b", "v2");
+    a.registry_write(&Change::AddKey(again)).await.unwrap();
+    a.registry_write(&Change::AddKey(k2.clone()))
+        .await
+        .unwrap_err();
+    let k2 = key(&a, "k2", "v2-new");
+    a.registry_write(&Change::AddKey(k2.clone())).await.unwrap();
+    let (_, all) = later.registry_load().await.unwrap();
+    assert!(all.contains(&Change::AddKey(k2)));
+    assert!(!all.contains(&Change::RemoveKey { id: "k2".into() }));
+    // A removed key cannot be updated.
+    let err = a
+        .registry_write(&Change::UpdateKey(key(&a, "static", "s")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::UnknownKey { id } if id == "static"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_refused_and_an_import_is_all_or_nothing() {
+    if !require_redis() {
+        return;
+    }
+    let server = RedisServer::start();
+    let s = store(&server.url()).await;
+    s.registry_write(&Change::AddKey(key(&s, "k1", "v1")))
+        .await
+        .unwrap();
+    let err = s
+        .registry_write(&Change::AddKey(key(&s, "k1", "other")))
+        .await;
+    assert!(matches!(err, Err(RegistryError::Duplicate { id }) if id == "k1"));
+    let err = s.registry_write(&Change::AddKey(key(&s, "k9", "v1"))).await;
+    assert!(matches!(err, Err(RegistryError::DuplicateValue { id }) if id == "k9"));
+
+    let batches = [
+        // In Redis already.
+        (
+            vec![key(&s, "a", "va"), key(&s, "k1", "vb")],
+            "duplicate",
+            "k1",
+        ),
+        (vec![key(&s, "a", "va"), key(&s, "b", "v1")], "value", "b"),
+        // Within the batch.
+        (
+            vec![key(&s, "a", "va"), key(&s, "a", "vb")],
+            "duplicate",
+            "a",
+        ),
+        (vec![key(&s, "a", "va"), key(&s, "b", "va")], "value", "b"),
+    ];
+    for (batch, kind, bad) in batches {
+        let err = s.registry_write(&Change::Import(batch)).await.unwrap_err();
+        match (&err, kind) {
+            (RegistryError::Duplicate { id }, "duplicate")
+            | (RegistryError::DuplicateValue { id }, "value") => assert_eq!(id, bad),
+            _ => panic!("{err:?} for {bad}"),
+        }
+        assert!(err.to_string().contains(bad), "{err}");
+    }
+    // Nothing of the refused batches was written, nor logged.
+    let (version, all) = s.registry_load().await.unwrap();
+    assert_eq!((version, all.len()), (1, 1));
+    assert_eq!(
+        command(server.addr(), &["XLEN", "{tollgate:registry}:log"]).unwrap(),
+        "1"
+    );
+    let ok = vec![key(&s, "a", "va"), key(&s, "b", "vb")];
+    assert_eq!(s.registry_write(&Change::Import(ok)).await.unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trimmed_log_or_an_emptied_redis_makes_a_reload() {
+    if !require_redis() {
+        return;
+    }
+    let server = RedisServer::start();
+    let s = store(&server.url()).await;
+    let seen = Seen::default();
+    let on = seen.callback();
+    s.registry_write(&Change::AddKey(key(&s, "k1", "v1")))
+        .await
+        .unwrap();
+    let mut at = s.inner.registry_step(Position::Start(1), &*on).await;
+    assert!(seen.take().is_empty());
+
+    // Three changes, of which the log keeps only the last.
+    for i in 2..5 {
+        s.registry_write(&Change::AddKey(key(&s, &format!("k{i}"), &format!("v{i}"))))
+            .await
+            .unwrap();
+    }
+    command(
+        server.addr(),
+        &["XTRIM", "{tollgate:registry}:log", "MAXLEN", "1"],
+    )
+    .unwrap();
+    at = s.inner.registry_step(at, &*on).await;
+    match &seen.take()[..] {
+        [RegistryUpdate::Reload { version: 4, all }] => assert_eq!(all.len(), 4),
+        other => panic!("{other:?}"),
+    }
+
+    // Redis restarted empty, then written to again past where we were.
+    command(server.addr(), &["FLUSHALL"]).unwrap();
+    for i in 0..5 {
+        s.registry_write(&Change::RemoveKey {
+            id: format!("x{i}"),
+        })
+        .await
+        .unwrap();
+    }
+    at = s.inner.registry_step(at, &*on).await;
+    match &seen.take()[..] {
+        [RegistryUpdate::Reload { version: 5, all }] => assert_eq!(all.len(), 5),
+        other => panic!("{other:?}"),
+    }
+
+    // A change too large to log is read from the records.
+    let big: Vec<_> = (0..3000)
+        .map(|i| {
+            key(
+                &s,
+                &format!("bulk-{i:04}-{}", "x".repeat(64)),
+                &format!("b{i}"),
+            )
+        })
+        .collect();
+    assert_eq!(s.registry_write(&Change::Import(big)).await.unwrap(), 6);
+    at = s.inner.registry_step(at, &*on).await;
+    match &seen.take()[..] {
+        [RegistryUpdate::Reload { version: 6, all }] => assert_eq!(all.len(), 3005),
+        other => panic!("{other:?}"),
+    }
+
+    // Started at a version Redis no longer has.
+    let _ = s.inner.registry_step(Position::Start(99), &*on).await;
+    assert!(matches!(
+        &seen.take()[..],
+        [RegistryUpdate::Reload { version: 6, .. }]
+    ));
+    drop(at);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_delivered_twice_are_applied_once() {
+    if !require_redis() {
+        return;
+    }
+    let server = RedisServer::start();
+    let s = store(&server.url()).await;
+    let seen = Seen::default();
+    let on = seen.callback();
+    let at = s.inner.registry_step(Position::Start(0), &*on).await;
+    let (k1, k2) = (key(&s, "k1", "v1"), key(&s, "k2", "v2"));
+    s.registry_write(&Change::AddKey(k1.clone())).await.unwrap();
+    // The same entry again (a client that retried, a replayed log), and an
+    // older one.
+    let log = "{tollgate:registry}:log";
+    let text = {
+        let mut t = "A".to_owned();
+        codec::field(&mut t, "k1");
+        codec::field(&mut t, &codec::record(&k1));
+        t
+    };
+    command(server.addr(), &["XADD", log, "*", "v", "1", "c", &text]).unwrap();
+    command(server.addr(), &["XADD", log, "*", "v", "0", "c", "D1:z"]).unwrap();
+    let at = s.inner.registry_step(at, &*on).await;
+    assert_eq!(seen.take(), vec![change(1, Change::AddKey(k1))]);
+    s.registry_write(&Change::AddKey(k2.clone())).await.unwrap();
+    command(server.addr(), &["XADD", log, "*", "v", "2", "c", "D1:z"]).unwrap();
+    let at = s.inner.registry_step(at, &*on).await;
+    let at = s.inner.registry_step(at, &*on).await;
+    assert_eq!(seen.take(), vec![change(2, Change::AddKey(k2))]);
+    assert!(matches!(at, Position::At(Cursor { version: 2, .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_during_a_write_fails_it_and_writes_nothing() {
+    if !require_redis() {
+        return;
+    }
+    let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let s = store(&server.url()).await;
+    let seen = Seen::default();
+    s.registry_watch(seen.callback(), 0);
+    s.registry_write(&Change::AddKey(key(&s, "k1", "v1")))
+        .await
+        .unwrap();
+    assert_eq!(seen.wait(1, Duration::from_secs(1)).await.len(), 1);
+
+    server.kill();
+    let started = Instant::now();
+    let err = s
+        .registry_write(&Change::Import(vec![
+            key(&s, "k2", "v2"),
+            key(&s, "k3", "v3"),
+        ]))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() <= s.timeout() + Duration::from_millis(200));
+    assert!(matches!(err, RegistryError::Store(_)), "{err}");
+
+    // Down long enough for the watcher to find it down.
+    tokio::time::sleep(super::watch::POLL * 3).await;
+    server.restart();
+    let (version, all) = s.registry_load().await.unwrap();
+    assert_eq!(
+        (version, all),
+        (1, vec![Change::AddKey(key(&s, "k1", "v1"))])
+    );
+    // The watcher lost Redis for a while: it reads everything once back (a
+    // restart between two reads, with the log intact, needs no reload).
+    match &seen.wait(1, Duration::from_secs(3)).await[..] {
+        [RegistryUpdate::Reload { version: 1, all }] => assert_eq!(all.len(), 1),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_of_three_masters_keeps_one_registry() {
+    if !require_redis() {
+        return;
+    }
+    let cluster = RedisCluster::start();
+    let build = || async {
+        RedisStore::cluster_builder(cluster.urls())
+            .key_secret("registry tests")
+            .timeout(Duration::from_millis(500))
+            .build()
+            .await
+            .expect("a cluster store")
+    };
+    let (a, b) = (build().await, build().await);
+    let seen = Seen::default();
+    let (version, _) = b.registry_load().await.unwrap();
+    b.registry_watch(seen.callback(), version);
+    let keys: Vec<_> = (0..20)
+        .map(|i| key(&a, &format!("k{i}"), &format!("v{i}")))
+        .collect();
+    a.registry_write(&Change::Import(keys.clone()))
+        .await
+        .unwrap();
+    a.registry_write(&Change::RemoveKey { id: "k3".into() })
+        .await
+        .unwrap();
+    let got = seen.wait(2, Duration::from_secs(1)).await;
+    assert_eq!(
+        got,
+        vec![
+            change(1, Change::Import(keys)),
+            change(2, Change::RemoveKey { id: "k3".into() })
+        ]
+    );
+    let (version, all) = build().await.registry_load().await.unwrap();
+    assert_eq!((version, all.len()), (2, 20));
+}

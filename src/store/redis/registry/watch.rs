@@ -1,0 +1,137 @@
+//! Following the registry's log: every change made through any instance,
+//! delivered to this one in version order, each once.
+//!
+//! The watcher reads the log with `XRANGE` every [`POLL`] on the store's own
+//! connection, starting at the entry it read last. Polling rather than a
+//! blocking `XREAD`: a blocking read needs a connection of its own, which a
+//! store built on a caller's connection or cluster connection cannot make,
+//! and would hold up every decision sent behind it on a shared one; a poll
+//! is one small command, answered at once, and five of them a second bound
+//! the delay well within the second a change may take to arrive. When the
+//! log cannot continue from where the watcher is (the entry it read last is
+//! gone: trimmed, or Redis restarted empty or failed over; a version is
+//! missing or went back) or a read fails, the watcher reads the whole
+//! registry again and delivers it as [`RegistryUpdate::Reload`].
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use super::codec::Logged;
+use super::{Cursor, RegistryUpdate};
+use crate::store::redis::store::{Inner, RedisStore};
+
+/// How often the log is read.
+pub(super) const POLL: Duration = Duration::from_millis(200);
+
+/// Where a watcher is.
+#[derive(Debug)]
+pub(super) enum Position {
+    /// Told to start after this version, not yet read.
+    Start(u64),
+    At(Cursor),
+    /// Lost (a read failed, or the log cannot continue): read everything.
+    Lost,
+}
+
+impl RedisStore {
+    /// Delivers to `on`, in a Tokio task, every change made to the registry
+    /// after `from_version` (the version [`registry_load`](Self::registry_load)
+    /// returned), within about [`POLL`] of its write; a full
+    /// [`RegistryUpdate::Reload`] instead when changes may have been missed.
+    /// `on` is called from one task, one update at a time, and should not
+    /// block. The task ends when the last clone of the store is dropped.
+    /// Outside a Tokio runtime, nothing is watched.
+    pub(crate) fn registry_watch(
+        &self,
+        on: Arc<dyn Fn(RegistryUpdate) + Send + Sync>,
+        from_version: u64,
+    ) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("the key registry is not watched: no Tokio runtime");
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        rt.spawn(watch(weak, on, from_version));
+    }
+}
+
+/// The watcher's loop: holds the store only while it reads.
+async fn watch(
+    weak: Weak<Inner>,
+    on: Arc<dyn Fn(RegistryUpdate) + Send + Sync>,
+    from_version: u64,
+) {
+    let mut position = Position::Start(from_version);
+    loop {
+        let Some(inner) = weak.upgrade() else {
+            return;
+        };
+        position = inner.registry_step(position, &*on).await;
+        drop(inner);
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+impl Inner {
+    /// One read of the log from `position`: delivers what it finds, and
+    /// returns where the watcher is then.
+    pub(super) async fn registry_step(
+        &self,
+        position: Position,
+        on: &(dyn Fn(RegistryUpdate) + Send + Sync),
+    ) -> Position {
+        let mut cursor = match position {
+            Position::At(cursor) => cursor,
+            Position::Start(version) => match self.registry_head().await {
+                // Started behind: the log goes on from the version given.
+                Ok(head) if head.version > version => Cursor {
+                    version,
+                    last: None,
+                },
+                Ok(head) if head.version == version => head.cursor(),
+                // Behind the version given: Redis lost changes.
+                Ok(_) => return self.registry_reload(on).await,
+                Err(e) => return lost(&e),
+            },
+            Position::Lost => return self.registry_reload(on).await,
+        };
+        match self.registry_read(&mut cursor).await {
+            Ok(Some(entries)) => {
+                for e in entries {
+                    match e.logged {
+                        Logged::Change(change) => on(RegistryUpdate::Change {
+                            version: e.version,
+                            change,
+                        }),
+                        Logged::Reload => return self.registry_reload(on).await,
+                    }
+                }
+                Position::At(cursor)
+            }
+            Ok(None) => {
+                tracing::info!("the key registry's log has a gap; reading it all again");
+                self.registry_reload(on).await
+            }
+            Err(e) => lost(&e),
+        }
+    }
+
+    /// Reads the whole registry and delivers it.
+    async fn registry_reload(&self, on: &(dyn Fn(RegistryUpdate) + Send + Sync)) -> Position {
+        match self.registry_snapshot().await {
+            Ok(snapshot) => {
+                on(RegistryUpdate::Reload {
+                    version: snapshot.cursor.version,
+                    all: snapshot.all,
+                });
+                Position::At(snapshot.cursor)
+            }
+            Err(e) => lost(&e),
+        }
+    }
+}
+
+fn lost(e: &crate::store::StoreError) -> Position {
+    tracing::warn!(error = %e, "the key registry could not be read; it will be read again in full");
+    Position::Lost
+}

@@ -1,0 +1,282 @@
+//! One key registry for every instance: three reference-server processes on
+//! one real `redis-server`; keys added, disabled, moved and removed through
+//! the admin routes of one are served alike by the others within a second;
+//! a process started afterwards serves the current registry from its first
+//! request; a plan put through the library's `Admin` reaches another
+//! instance; an admin change while Redis is down is a clear error that
+//! changes nothing.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tollgate::{ApiKey, Policy, RateLimitLayer, RedisStore, Throttle, UsagePlan};
+
+use crate::support::redis::{RedisServer, require_redis};
+use crate::support::server::ServerProcess;
+
+/// How soon a change made through one instance must be served by another.
+const PROPAGATION: Duration = Duration::from_secs(1);
+
+const CONFIG: &str = r#"
+[[plans]]
+name = "free"
+throttle = { rate = 1000.0, burst = 1000 }
+
+[[plans]]
+name = "pro"
+throttle = { rate = 1000.0, burst = 1000 }
+
+[[keys]]
+id = "static-1"
+value = "static-key-value-1"
+plan = "free"
+
+[admin]
+key = "admin-secret"
+"#;
+
+fn write_config(redis: &RedisServer) -> PathBuf {
+    let path = redis.dir().join("registry.toml");
+    std::fs::write(&path, CONFIG).expect("write the config file");
+    path
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+async fn admin(
+    server: &ServerProcess,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = client()
+        .request(method, server.url(path))
+        .header("x-admin-key", "admin-secret");
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let res = req.send().await.unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+async fn status(server: &ServerProcess, key: &str) -> u16 {
+    client()
+        .post(server.url("/v1/completions"))
+        .header("x-api-key", key)
+        .json(&json!({"model": "m", "prompt": "hi", "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Waits until `server` answers `key` with `want`; fails past [`PROPAGATION`]
+/// (measured from `since`, when the change was answered).
+async fn served_within(server: &ServerProcess, key: &str, want: u16, since: Instant, what: &str) {
+    loop {
+        let got = status(server, key).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            since.elapsed() < PROPAGATION,
+            "{what}: still {got} after {:?} (want {want})",
+            since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_through_one_instance_is_served_by_every_instance_within_a_second() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let config = write_config(&redis);
+    let url = redis.url();
+    let servers: Vec<ServerProcess> = (0..3)
+        .map(|_| ServerProcess::on_redis(&url, &config))
+        .collect();
+    let (a, b, c) = (&servers[0], &servers[1], &servers[2]);
+    const NEW: &str = "new-key-value-0001";
+
+    // Added through a: served by b and c.
+    for s in [a, b, c] {
+        assert_eq!(status(s, NEW).await, 403);
+    }
+    let new = json!({"id": "n-1", "value": NEW, "plan": "free"});
+    let (code, body) = admin(a, reqwest::Method::POST, "/admin/keys", Some(new)).await;
+    assert_eq!(code, 201, "{body}");
+    let t = Instant::now();
+    assert_eq!(status(a, NEW).await, 200, "at once where it was made");
+    served_within(b, NEW, 200, t, "added, on b").await;
+    served_within(c, NEW, 200, t, "added, on c").await;
+
+    // The same id or value through another instance: refused.
+    let again = json!({"id": "n-1", "value": "another-value-0001", "plan": "free"});
+    assert_eq!(
+        admin(b, reqwest::Method::POST, "/admin/keys", Some(again))
+            .await
+            .0,
+        409
+    );
+    let same_value = json!({"id": "n-2", "value": NEW, "plan": "free"});
+    assert_eq!(
+        admin(c, reqwest::Method::POST, "/admin/keys", Some(same_value))
+            .await
+            .0,
+        409
+    );
+
+    // Disabled through b.
+    let off = json!({"enabled": false});
+    assert_eq!(
+        admin(b, reqwest::Method::PATCH, "/admin/keys/n-1", Some(off))
+            .await
+            .0,
+        200
+    );
+    let t = Instant::now();
+    served_within(a, NEW, 403, t, "disabled, on a").await;
+    served_within(c, NEW, 403, t, "disabled, on c").await;
+
+    // Enabled and moved through c.
+    let moved = json!({"enabled": true, "plan": "pro"});
+    assert_eq!(
+        admin(c, reqwest::Method::PATCH, "/admin/keys/n-1", Some(moved))
+            .await
+            .0,
+        200
+    );
+    let t = Instant::now();
+    served_within(a, NEW, 200, t, "enabled, on a").await;
+    loop {
+        let (_, key) = admin(a, reqwest::Method::GET, "/admin/keys/n-1", None).await;
+        if key["plan"] == "pro" {
+            break;
+        }
+        assert!(t.elapsed() < PROPAGATION, "moved, on a: {key}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A key of the static config disabled through a.
+    let off = json!({"enabled": false});
+    assert_eq!(
+        admin(a, reqwest::Method::PATCH, "/admin/keys/static-1", Some(off))
+            .await
+            .0,
+        200
+    );
+    let t = Instant::now();
+    served_within(b, "static-key-value-1", 403, t, "static key disabled, on b").await;
+
+    // Removed through a.
+    assert_eq!(
+        admin(a, reqwest::Method::DELETE, "/admin/keys/n-1", None)
+            .await
+            .0,
+        204
+    );
+    let t = Instant::now();
+    served_within(b, NEW, 403, t, "removed, on b").await;
+    served_within(c, NEW, 403, t, "removed, on c").await;
+
+    // A batch through b, then an instance started afterwards: it serves the
+    // registry as it is from its first request.
+    let batch: Vec<Value> = (0..1_000)
+        .map(|i| json!({"id": format!("m-{i}"), "value": format!("batch-value-{i:05}"), "plan": "pro"}))
+        .collect();
+    let (code, body) = admin(
+        b,
+        reqwest::Method::POST,
+        "/admin/keys",
+        Some(Value::Array(batch)),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let d = ServerProcess::on_redis(&url, &config);
+    assert_eq!(status(&d, "batch-value-00999").await, 200);
+    assert_eq!(status(&d, NEW).await, 403, "removed stays removed");
+    assert_eq!(
+        status(&d, "static-key-value-1").await,
+        403,
+        "disabled stays disabled"
+    );
+    let (_, key) = admin(&d, reqwest::Method::GET, "/admin/keys/m-5", None).await;
+    assert_eq!(
+        key,
+        json!({"id": "m-5", "plan": "pro", "enabled": true, "account": null})
+    );
+    for s in [a, b, c, &d] {
+        assert!(!s.stderr().contains(NEW), "a key value in a log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_are_shared_and_an_admin_change_while_redis_is_down_changes_nothing() {
+    if !require_redis() {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let layer = |store: RedisStore| {
+        let plan = UsagePlan::new("p").throttle(Throttle::new(1.0, 1).unwrap());
+        let policy = Policy::builder().plan(plan).build().unwrap();
+        RateLimitLayer::builder(policy).store(store).build()
+    };
+    let store = || {
+        RedisStore::builder(redis.url())
+            .timeout(Duration::from_secs(2))
+            .key_secret("shared-secret")
+            .build()
+    };
+    let a = layer(store().await.unwrap());
+    let b = layer(store().await.unwrap());
+
+    // A plan put through a, and a key on it: b serves the key under it.
+    let gold = UsagePlan::new("gold").throttle(Throttle::new(1.0, 3).unwrap());
+    a.admin().put_plan(gold).await.unwrap();
+    a.admin()
+        .add_key(ApiKey::new("g-1", "gold-key-value", "gold"))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        if b.admin().plan("gold").is_some() && b.admin().key("g-1").is_some() {
+            break;
+        }
+        assert!(
+            t.elapsed() < PROPAGATION,
+            "the plan and key did not reach b"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Burst 3 under gold, shared by both instances' decisions.
+    let mut passed = 0;
+    for l in [&a, &b, &a, &b] {
+        passed += usize::from(l.decide(b"gold-key-value", 1).await.is_ok());
+    }
+    assert_eq!(passed, 3);
+
+    // Redis down: the change is refused with a store error, and made nowhere.
+    redis.kill();
+    let err = a
+        .admin()
+        .add_key(ApiKey::new("late", "late-key-value", "gold"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, tollgate::AdminError::Store(_)), "{err:?}");
+    assert!(a.admin().key("late").is_none());
+    assert!(b.admin().key("late").is_none());
+    let err = a.admin().set_enabled("g-1", false).await.unwrap_err();
+    assert!(matches!(err, tollgate::AdminError::Store(_)), "{err:?}");
+    assert!(a.admin().key("g-1").unwrap().enabled);
+}

@@ -1,0 +1,304 @@
+//! Accounts on every store: limits shared by all the keys of an account,
+//! decided with each key's in one decision, in the order stage → account →
+//! plan → method. A denial charges nothing anywhere: a request a later
+//! limit denies gives the account (and the stage) back what it took, on a
+//! Redis Cluster too, where the stage, the account and the key each live in
+//! a slot of their own and are decided one after the other.
+
+use std::time::Duration;
+
+use tollgate::extract::ApiKeyHeader;
+use tollgate::store::Store;
+use tollgate::{
+    Account, ApiKey, Date, ManualClock, Period, Policy, PolicyBuilder, Quota, RateLimitLayer,
+    Reason, Stage, Throttle, TokenBudget, UsagePlan,
+};
+
+use crate::support::at;
+use crate::support::backend::{Backend, Memory, Redis, on_each_backend};
+use crate::support::redis::require_redis;
+use crate::support::tokens;
+
+type Layer<B> = RateLimitLayer<ApiKeyHeader, <B as Backend>::S>;
+
+/// A policy on `clock` with keys `a` (value `va`) and `b` (`vb`) of account
+/// `acme` on plan `p`, and `c` (`vc`) on `p` without an account.
+fn policy(clock: &ManualClock, plan: UsagePlan, account: Account) -> PolicyBuilder {
+    Policy::builder()
+        .clock(clock.clone())
+        .plan(plan)
+        .account(account)
+        .key(ApiKey::new("a", "va", "p").account("acme"))
+        .key(ApiKey::new("b", "vb", "p").account("acme"))
+        .key(ApiKey::new("c", "vc", "p"))
+}
+
+async fn layer<B: Backend>(b: &B, clock: &ManualClock, policy: PolicyBuilder) -> Layer<B> {
+    RateLimitLayer::builder(policy.build().unwrap())
+        .store(b.store(clock).await)
+        .build()
+}
+
+/// The name of the limit that denied a request of `key`, or `None` when it
+/// passed.
+async fn denied_by<S: Store>(l: &RateLimitLayer<ApiKeyHeader, S>, key: &[u8]) -> Option<String> {
+    match l.decide(key, 1).await {
+        Ok(_) => None,
+        Err(r) => Some(r.limit().unwrap_or("none").to_owned()),
+    }
+}
+
+/// Lets refunds sent in the background land (a cluster refunds the earlier
+/// parts of a split decision after answering).
+async fn refunds_land() {
+    tokio::time::sleep(Duration::from_millis(150)).await;
+}
+
+fn day() -> Date {
+    Date::new(2024, 5, 6).unwrap()
+}
+
+async fn two_keys_together_never_pass_the_account_throttle_or_quota<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = UsagePlan::new("p").throttle(Throttle::new(100.0, 100).unwrap());
+    let account = Account::new("acme")
+        .throttle(Throttle::new(1.0, 3).unwrap())
+        .quota(Quota::new(5, Period::Day).unwrap());
+    let l = layer(b, &clock, policy(&clock, plan, account)).await;
+    // Three at once between the two keys; the fourth waits for the account.
+    assert_eq!(denied_by(&l, b"va").await, None);
+    assert_eq!(denied_by(&l, b"vb").await, None);
+    assert_eq!(denied_by(&l, b"va").await, None);
+    let r = l.decide(b"vb", 1).await.unwrap_err();
+    assert_eq!((r.reason(), r.limit()), (Reason::Limited, Some("account")));
+    assert_eq!(r.retry_after(), Some(Duration::from_secs(1)));
+    assert_eq!(denied_by(&l, b"va").await.as_deref(), Some("account"));
+    // A key of no account is not held by it.
+    assert_eq!(denied_by(&l, b"vc").await, None);
+    // The quota of 5 is the account's: two more, then neither key passes.
+    clock.advance(Duration::from_secs(10));
+    assert_eq!(denied_by(&l, b"vb").await, None);
+    assert_eq!(denied_by(&l, b"va").await, None);
+    let r = l.decide(b"va", 1).await.unwrap_err();
+    assert_eq!(
+        (r.reason(), r.limit()),
+        (Reason::QuotaExceeded, Some("account-quota"))
+    );
+    assert_eq!(r.retry_after_secs(), Some(86_400 - 3_600 - 10));
+    assert_eq!(denied_by(&l, b"vb").await.as_deref(), Some("account-quota"));
+    let usage = l.admin().account_usage("acme", day(), day()).await.unwrap();
+    assert_eq!(usage.days, [[5, 0]]);
+}
+
+async fn a_denial_by_the_plan_gives_the_account_and_the_stage_back_what_they_took<B: Backend>(
+    b: &B,
+) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(1.0, 2).unwrap())
+        .quota(Quota::new(100, Period::Day).unwrap());
+    let account = Account::new("acme")
+        .throttle(Throttle::new(1.0, 3).unwrap())
+        .quota(Quota::new(10, Period::Day).unwrap());
+    let stage = Stage::new().throttle(Throttle::new(1.0, 4).unwrap());
+    let l = layer(b, &clock, policy(&clock, plan, account).stage(stage)).await;
+    // a takes 2 of its plan's 2, of the account's 3 and of the stage's 4.
+    assert_eq!(denied_by(&l, b"va").await, None);
+    assert_eq!(denied_by(&l, b"va").await, None);
+    // Denied by its plan: the stage and the account get back what it took.
+    for _ in 0..3 {
+        assert_eq!(denied_by(&l, b"va").await.as_deref(), Some("throttle"));
+        refunds_land().await;
+    }
+    // b finds the account's last unit, then the account denies it, and the
+    // stage gets its unit back.
+    assert_eq!(denied_by(&l, b"vb").await, None);
+    assert_eq!(denied_by(&l, b"vb").await.as_deref(), Some("account"));
+    refunds_land().await;
+    // c (no account) finds the stage's last unit: 3 of 4 were kept.
+    assert_eq!(denied_by(&l, b"vc").await, None);
+    assert_eq!(denied_by(&l, b"vc").await.as_deref(), Some("stage"));
+    refunds_land().await;
+    // The account's quota counted the 3 requests it let through, no more;
+    // the keys' quotas their own.
+    let admin = l.admin();
+    let usage = admin.account_usage("acme", day(), day()).await.unwrap();
+    assert_eq!(usage.days, [[3, 7]]);
+    let keys = admin.usage("p", day(), day(), None).await.unwrap();
+    assert_eq!(keys.items["a"], [[2, 98]]);
+    assert_eq!(keys.items["b"], [[1, 99]]);
+    assert_eq!(keys.items["c"], [[1, 99]]);
+}
+
+async fn a_used_up_plan_quota_gives_the_account_quota_back<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = UsagePlan::new("p").quota(Quota::new(2, Period::Day).unwrap());
+    let account = Account::new("acme").quota(Quota::new(3, Period::Day).unwrap());
+    let l = layer(b, &clock, policy(&clock, plan, account)).await;
+    assert_eq!(denied_by(&l, b"va").await, None);
+    assert_eq!(denied_by(&l, b"va").await, None);
+    for _ in 0..4 {
+        assert_eq!(denied_by(&l, b"va").await.as_deref(), Some("quota"));
+        refunds_land().await;
+    }
+    assert_eq!(denied_by(&l, b"vb").await, None);
+    assert_eq!(denied_by(&l, b"vb").await.as_deref(), Some("account-quota"));
+    let admin = l.admin();
+    let usage = admin.account_usage("acme", day(), day()).await.unwrap();
+    assert_eq!(usage.days, [[3, 0]]);
+    // UpdateUsage for the account: both keys find the new room.
+    assert_eq!(admin.set_account_remaining("acme", 1).await.unwrap(), 1);
+    assert_eq!(denied_by(&l, b"vb").await, None);
+    assert_eq!(denied_by(&l, b"vb").await.as_deref(), Some("account-quota"));
+    // Resetting the account forgets its window, not the keys' own counts:
+    // both keys have used their plan's 2 today.
+    admin.reset_account("acme").await.unwrap();
+    assert_eq!(denied_by(&l, b"va").await.as_deref(), Some("quota"));
+    assert_eq!(denied_by(&l, b"vb").await.as_deref(), Some("quota"));
+    refunds_land().await;
+    let usage = admin.account_usage("acme", day(), day()).await.unwrap();
+    assert_eq!(usage.days, [[0, 3]]);
+}
+
+async fn a_denial_by_the_account_charges_the_key_nothing<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(1.0, 2).unwrap())
+        .quota(Quota::new(100, Period::Day).unwrap());
+    let account = Account::new("acme").quota(Quota::new(1, Period::Day).unwrap());
+    let l = layer(b, &clock, policy(&clock, plan, account)).await;
+    assert_eq!(denied_by(&l, b"va").await, None);
+    for _ in 0..3 {
+        assert_eq!(denied_by(&l, b"va").await.as_deref(), Some("account-quota"));
+        refunds_land().await;
+    }
+    let admin = l.admin();
+    let keys = admin.usage("p", day(), day(), Some("a")).await.unwrap();
+    assert_eq!(keys.items["a"], [[1, 99]], "the key's quota counted one");
+    // With room in the account again, the key's bucket has exactly the one
+    // unit the first request left: the denials took none.
+    admin.set_account_remaining("acme", 10).await.unwrap();
+    assert_eq!(denied_by(&l, b"va").await, None);
+    assert_eq!(denied_by(&l, b"va").await.as_deref(), Some("throttle"));
+    // Unknown accounts and accounts without a quota are named.
+    assert!(admin.account_usage("nope", day(), day()).await.is_err());
+    assert!(admin.set_account_remaining("nope", 1).await.is_err());
+}
+
+/// A layer on `policy` whose estimate is the `x-estimate` header, in front
+/// of a service that reports `x-actual` as the tokens used.
+async fn token_service<B: Backend>(
+    b: &B,
+    clock: &ManualClock,
+    policy: PolicyBuilder,
+) -> impl tower::Service<
+    http::Request<()>,
+    Response = http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
+    Error = std::convert::Infallible,
+> + Clone {
+    let layer = RateLimitLayer::builder(policy.build().unwrap())
+        .store(b.store(clock).await)
+        .estimator(tokens::estimate)
+        .build();
+    tower::ServiceBuilder::new()
+        .layer(layer)
+        .service_fn(tokens::report_actual)
+}
+
+/// Sends a request of `key` and reads its body to the end (which settles
+/// it); the status and the denying limit's name, if any.
+async fn send<S>(
+    svc: &mut S,
+    key: &str,
+    estimate: u32,
+    actual: Option<u64>,
+) -> (u16, Option<String>)
+where
+    S: tower::Service<
+            http::Request<()>,
+            Response = http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
+            Error = std::convert::Infallible,
+        >,
+{
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let res = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(tokens::request(key, estimate, actual))
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let limit = res
+        .extensions()
+        .get::<tollgate::Rejection>()
+        .and_then(|r| r.limit())
+        .map(str::to_owned);
+    let _ = res.into_body().collect().await.unwrap();
+    (status, limit)
+}
+
+async fn token_settlement_reaches_the_account<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    // The plan has no token budget; the account has a day's and a minute's.
+    let plan = UsagePlan::new("p").throttle(Throttle::new(100.0, 100).unwrap());
+    let budget = TokenBudget::new()
+        .per_minute(1_000)
+        .unwrap()
+        .per_day(100)
+        .unwrap();
+    let account = Account::new("acme").tokens(budget);
+    let mut svc = token_service(b, &clock, policy(&clock, plan, account)).await;
+    // a reserves 60 and uses 10: 50 go back to the account.
+    assert_eq!(send(&mut svc, "va", 60, Some(10)).await, (200, None));
+    refunds_land().await;
+    // b finds them: 10 + 90 = 100.
+    assert_eq!(send(&mut svc, "vb", 90, Some(90)).await, (200, None));
+    assert_eq!(
+        send(&mut svc, "va", 1, None).await,
+        (429, Some("account-tokens-day".to_owned()))
+    );
+    // An under-estimate is charged to the account too: the next day, b
+    // reserves 10 and uses 95, and a finds 5 left.
+    clock.advance(Duration::from_secs(86_400));
+    assert_eq!(send(&mut svc, "vb", 10, Some(95)).await, (200, None));
+    refunds_land().await;
+    assert_eq!(
+        send(&mut svc, "va", 6, None).await,
+        (429, Some("account-tokens-day".to_owned()))
+    );
+    assert_eq!(send(&mut svc, "va", 5, None).await, (200, None));
+    // The account's minute bucket (1000 a minute) is charged beside: a
+    // key of no account has no token limit at all.
+    assert_eq!(send(&mut svc, "vc", 5_000, None).await, (200, None));
+}
+
+on_each_backend!(
+    "accounts":
+    two_keys_together_never_pass_the_account_throttle_or_quota,
+    a_denial_by_the_plan_gives_the_account_and_the_stage_back_what_they_took,
+    a_used_up_plan_quota_gives_the_account_quota_back,
+    a_denial_by_the_account_charges_the_key_nothing,
+    token_settlement_reaches_the_account,
+);
+
+/// On a Redis Cluster, where the stage, each account and each key live in
+/// slots of their own: the same answers, split decisions and refunds.
+#[tokio::test]
+async fn redis_cluster_agrees_on_accounts() {
+    if !require_redis() {
+        return;
+    }
+    let cluster = Redis::cluster("accounts");
+    two_keys_together_never_pass_the_account_throttle_or_quota(&cluster).await;
+    a_denial_by_the_plan_gives_the_account_and_the_stage_back_what_they_took(&cluster).await;
+    a_used_up_plan_quota_gives_the_account_quota_back(&cluster).await;
+    a_denial_by_the_account_charges_the_key_nothing(&cluster).await;
+    token_settlement_reaches_the_account(&cluster).await;
+}
