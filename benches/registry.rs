@@ -18,6 +18,8 @@
 
 // A global allocator is an `unsafe impl`; the library itself forbids unsafe code.
 #![allow(unsafe_code)]
+// criterion's macros make undocumented functions.
+#![allow(missing_docs)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};

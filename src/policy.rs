@@ -69,13 +69,21 @@ pub(crate) struct PolicyInner {
     /// first layer is built on it: a layer on a store that shares the
     /// registry between instances hashes them again under the shared key
     /// ([`Policy::rekey`]). Dropped then, so that no value stays in memory.
-    statics: Mutex<Option<Vec<(Box<str>, Box<str>)>>>,
+    statics: Mutex<Option<Vec<Static>>>,
     /// Whether the registry is shared through a store already.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) attached: AtomicBool,
     /// Versions of a shared registry this instance wrote (and applied)
     /// itself, which its watcher need not apply again.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) own_versions: Mutex<BTreeSet<u64>>,
 }
+
+/// A key of the policy as it was built: its id and value.
+type Static = (Box<str>, Box<str>);
+
+/// A plan put: compiled, with the throttles whose numbers changed (old, new).
+pub(crate) type PutPlan = (Arc<Plan>, Vec<(Limit, Limit)>);
 
 /// One immutable version of the policy's plans and shared limits.
 #[derive(Clone)]
@@ -144,7 +152,7 @@ impl Policy {
         snapshot: Snapshot,
         keys: Registry,
         history_days: usize,
-        statics: Vec<(Box<str>, Box<str>)>,
+        statics: Vec<Static>,
     ) -> Self {
         Policy {
             inner: Arc::new(PolicyInner {
@@ -162,6 +170,7 @@ impl Policy {
     /// Hashes key values under the key `(k0, k1)` shared by the instances
     /// of a registry (see [`Registry::rekey`]); `false` when the policy's
     /// own keys are no longer known (a layer was built on it before).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn rekey(&self, k0: u64, k1: u64) -> bool {
         match self.inner.statics.lock().take() {
             Some(values) => {
@@ -199,7 +208,7 @@ impl Policy {
         plan: &UsagePlan,
         created: i64,
         now: i64,
-    ) -> Result<(Arc<Plan>, Vec<(Limit, Limit)>), crate::AdminError> {
+    ) -> Result<PutPlan, crate::AdminError> {
         self.update(|snap| {
             if snap.per_key.is_some() {
                 return Err(crate::AdminError::NotRegistered);

@@ -166,6 +166,7 @@ impl Registry {
     /// new key; a key registered otherwise since the policy was built keeps
     /// its old place, where no request finds it (the layer is built before
     /// the admin handle that could add one exists).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn rekey(&self, k0: u64, k1: u64, values: &[(Box<str>, Box<str>)]) {
         self.change(|w| {
             let mut moved = Vec::with_capacity(values.len());

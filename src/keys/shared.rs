@@ -30,6 +30,7 @@ impl fmt::Debug for SharedRegistry {
 }
 
 /// A key as it is written to a shared registry.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) struct Record {
     pub(crate) id: String,
     pub(crate) digest: Digest,
@@ -39,6 +40,7 @@ pub(crate) struct Record {
 }
 
 /// A change to a shared registry.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) enum Edit {
     Add(Record),
     Update(Record),
@@ -58,6 +60,8 @@ impl SharedRegistry {
 #[cfg(not(feature = "redis"))]
 impl Policy {
     pub(crate) fn attach(&self, _shared: &SharedRegistry) {}
+
+    pub(crate) fn made(&self, _version: u64) {}
 }
 
 #[cfg(feature = "redis")]
