@@ -63,9 +63,6 @@ pub enum ConfigError {
         /// What is wrong.
         reason: &'static str,
     },
-    /// A plan has a quota but the policy has no registered keys: quotas are
-    /// counted per registered key.
-    QuotaNeedsKeys(String),
     /// The usage history is shorter than a month (31 days) or longer than ten
     /// years (3,660 days).
     InvalidHistory(usize),
@@ -102,10 +99,6 @@ impl fmt::Display for ConfigError {
             ConfigError::InvalidMethodPath { path, reason } => {
                 write!(f, "invalid method path `{path}`: {reason}")
             }
-            ConfigError::QuotaNeedsKeys(plan) => write!(
-                f,
-                "plan `{plan}` has a quota, which needs registered api keys (Policy::builder)"
-            ),
             ConfigError::InvalidConcurrency => {
                 f.write_str("invalid concurrency: the cap must be at least 1")
             }

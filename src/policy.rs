@@ -114,16 +114,15 @@ pub(crate) struct AnonymousLimits {
 impl Policy {
     /// Limits every key the extractor finds under `plan`.
     ///
-    /// Errors when the plan is invalid, or has a quota: quotas are counted per
-    /// registered key (see [`Policy::builder`]), since counters for arbitrary
-    /// keys could not be kept for a whole window in bounded memory.
+    /// The plan may have quotas: they are counted per key, keeping the
+    /// current day only (no usage history: reports are of registered keys).
+    /// The memory store keeps at most `max_keys` such counters and reuses
+    /// one whose window has ended; while every counter is live, a new key
+    /// is refused (429) until one goes idle, and no live count is ever
+    /// forgotten. The Redis store's counters expire with their window.
+    ///
+    /// Errors when the plan is invalid.
     pub fn per_key(plan: UsagePlan) -> Result<Self, ConfigError> {
-        let token_quota = plan
-            .get_tokens()
-            .is_some_and(|t| t.get_per_day().is_some() || t.get_per_month().is_some());
-        if plan.get_quota().is_some() || token_quota {
-            return Err(ConfigError::QuotaNeedsKeys(plan.name().to_owned()));
-        }
         let clock = Clock::system();
         let compiled = Arc::new(Plan::compile(&plan, clock.wall_nanos())?);
         let snapshot = Snapshot {
@@ -581,11 +580,9 @@ mod tests {
             .build();
         assert!(matches!(bad_value, Err(ConfigError::InvalidKey { .. })));
 
+        // Per-key quotas are counted in bounded memory by the stores.
         let quota = crate::Quota::new(5, crate::Period::Day).unwrap();
-        assert!(matches!(
-            Policy::per_key(free().quota(quota)),
-            Err(ConfigError::QuotaNeedsKeys(_))
-        ));
+        assert!(Policy::per_key(free().quota(quota)).is_ok());
         assert!(matches!(
             Policy::builder().history_days(0).build(),
             Err(ConfigError::InvalidHistory(0))

@@ -88,6 +88,23 @@ impl QuotaState {
         }
     }
 
+    /// Whether the state keeps usage history beyond the current day (for
+    /// usage reports).
+    pub(crate) fn keeps_history(&self) -> bool {
+        self.days.len() > 1
+    }
+
+    /// When the state holds nothing a fresh one would not: the end of the
+    /// window it counts in (`i64::MIN` before any request).
+    pub(crate) fn idle_at(&self) -> i64 {
+        self.window_end
+    }
+
+    /// Whether the state holds nothing a fresh one would not at `now`.
+    pub(crate) fn idle(&self, now: i64) -> bool {
+        self.window_end <= now
+    }
+
     /// Charges `cost` if it fits in the current window; `force` charges even
     /// when it does not (shadow plans count their overage). Returns the quota
     /// after the decision, or the retry delay and the unchanged quota.

@@ -18,6 +18,13 @@ use crate::response::{Decision, Reason, Rejection, SharedOnRejection};
 use crate::store::Failures;
 use crate::store::{Acquire, Acquired, Denied, MemoryStore, Report, Store, Subject, ThrottleRef};
 
+/// Days of usage history the quotas of a subject nobody registered keep (a
+/// per-key policy's key, a client IP, a key a resolver answered): none but
+/// the current day's, so that a store can bound their counters (the memory
+/// store forgets one once its window has ended). Usage reports are of
+/// registered keys.
+const TRANSIENT_HISTORY_DAYS: u32 = 1;
+
 /// What every clone of a layer and its services share.
 pub(crate) struct Shared<K, S> {
     pub(crate) extractor: K,
@@ -98,12 +105,7 @@ type Reserve<'r> = Option<&'r mut Option<Box<Unsettled>>>;
 impl<'a> Caller<'a> {
     /// A key or client IP limited under `plan`, without a registered id.
     #[inline]
-    fn unregistered(
-        stage: Option<&'a StageLimits>,
-        plan: &'a Arc<Plan>,
-        key: &'a [u8],
-        history_days: u32,
-    ) -> Self {
+    fn unregistered(stage: Option<&'a StageLimits>, plan: &'a Arc<Plan>, key: &'a [u8]) -> Self {
         Caller {
             stage,
             account: None,
@@ -112,7 +114,7 @@ impl<'a> Caller<'a> {
                 plan,
                 name: key,
                 digest: hash::state_digest(key),
-                history_days,
+                history_days: TRANSIENT_HISTORY_DAYS,
             },
             id: None,
         }
@@ -156,15 +158,9 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
         report: &mut Report,
     ) -> Step<S::Future> {
         let mut decide = |c: &Caller<'_>| self.acquire(c, Some(req), 1, Some(reserve), report);
-        let days = self.history_days();
         let result = if let Some(plan) = &self.fixed {
             match self.extractor.extract(req) {
-                Ok(key) => Ok(decide(&Caller::unregistered(
-                    None,
-                    plan,
-                    key.as_bytes(),
-                    days,
-                ))),
+                Ok(key) => Ok(decide(&Caller::unregistered(None, plan, key.as_bytes()))),
                 Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req)).into()),
             }
         } else {
@@ -178,7 +174,6 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
                             stage,
                             &anon.plan,
                             ip.as_bytes(),
-                            days,
                         )))
                     }
                     Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req)).into()),
@@ -196,7 +191,7 @@ impl<K, S: Store> Shared<K, S> {
     pub(crate) fn check_any(&self, key: &[u8], cost: u32, report: &mut Report) -> Step<S::Future> {
         let result = match &self.fixed {
             Some(plan) => {
-                let caller = Caller::unregistered(None, plan, key, self.history_days());
+                let caller = Caller::unregistered(None, plan, key);
                 Ok(self.acquire(&caller, None, cost, None, report))
             }
             None => self.registered(&self.policy.load(), key, None, true, |c| {
@@ -447,7 +442,7 @@ impl<K, S> Shared<K, S> {
                 plan,
                 name: found.id.as_bytes(),
                 digest: found.state,
-                history_days: self.history_days(),
+                history_days: TRANSIENT_HISTORY_DAYS,
             },
             id: Some(&found.id),
         };
@@ -475,7 +470,7 @@ impl<K> Shared<K, MemoryStore> {
     pub(crate) fn check(&self, key: &[u8], cost: u32) -> Result<(), Rejection> {
         let result = match &self.fixed {
             Some(plan) => {
-                let caller = Caller::unregistered(None, plan, key, self.history_days());
+                let caller = Caller::unregistered(None, plan, key);
                 self.check_caller(&caller, cost)
             }
             None => self

@@ -132,7 +132,10 @@ fn policy() -> Policy {
     Policy::builder()
         .plan(UsagePlan::new("free").throttle(Throttle::new(1.0, 2).unwrap()))
         .plan(UsagePlan::new("pro").throttle(Throttle::new(1.0, 1000).unwrap()))
-        .key(ApiKey::new("db-1", "registered-value-of-db-1", "free"))
+        // The account the database names for `db-1`: a key answered with an
+        // account the policy does not have is a failed lookup, as a plan is.
+        .account(tollgate::Account::new("acme").throttle(Throttle::new(1.0, 1000).unwrap()))
+        .key(ApiKey::new("db-1", "registered-value-of-db-1", "free").account("acme"))
         .build()
         .unwrap()
 }

@@ -18,4 +18,5 @@ mod differential;
 mod hammer;
 mod late_settlement;
 mod never_over_admit;
+mod per_key_quotas;
 mod store;

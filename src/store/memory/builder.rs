@@ -70,7 +70,7 @@ impl MemoryStoreBuilder {
             inner: Arc::new(Inner {
                 clock: self.clock.unwrap_or_default(),
                 table: Table::new(slots),
-                quotas: Quotas::new(),
+                quotas: Quotas::new(self.max_keys),
             }),
         })
     }

@@ -45,6 +45,7 @@ use crate::clock::Clock;
 use crate::gcra::{MAX_SPAN, Nanos, Outcome};
 use crate::hash::Digest;
 use crate::plan::Limit;
+use crate::quota::QuotaState;
 use crate::window::Date;
 
 /// The default store: state in this process, lock-free per key, bounded memory.
@@ -215,17 +216,37 @@ impl MemoryStore {
                 let cost = u64::from(req.cost_for(q.counts_tokens()));
                 // A cost above the whole limit never fits, in any window.
                 if !ever_fits(cost, q.spec.limit) && !q.shadow {
-                    let snap = quotas.with(q, |st| st.check(q.spec, wall, 0));
+                    let snap = QuotaState::new(1).check(q.spec, wall, 0);
+                    let snap = match quotas.existing(q, |st| st.check(q.spec, wall, 0)) {
+                        Some(existing) => existing,
+                        None => snap,
+                    };
                     let snap = snap.unwrap_or_else(|(_, s)| s);
                     let d = Denied::too_costly(quota_applied(q.kind, &snap));
                     tally.deny(d);
                     continue;
                 }
                 let looking = tally.is_denied();
-                let outcome = quotas.with(q, |st| match looking {
+                let outcome = quotas.decide(q, wall, |st| match looking {
                     true => st.check(q.spec, wall, cost),
                     false => st.acquire(q.spec, wall, cost, q.shadow),
                 });
+                let outcome = match outcome {
+                    Ok(outcome) => outcome,
+                    // No room for another subject's counter: refused until
+                    // one goes idle, as a new key at the table's cap is.
+                    Err(wait) => {
+                        let fresh = QuotaState::new(1).check(q.spec, wall, 0);
+                        let fresh = fresh.unwrap_or_else(|(_, s)| s);
+                        tally.deny(Denied {
+                            denial: Denial::Capacity {
+                                retry_after: wait.max(1) as Nanos,
+                            },
+                            limit: quota_applied(q.kind, &fresh),
+                        });
+                        continue;
+                    }
+                };
                 match outcome {
                     Ok(snap) if !looking => {
                         quotas_charged[i] = true;
