@@ -210,6 +210,11 @@ impl<S: Store> Admin<S> {
         if let Some(shared) = self.shared() {
             let v = shared.write(Edit::Add(record(&key, digest))).await?;
             self.policy.made(v);
+            // Accepted for every instance: applied here even if the log's
+            // copy of it came first.
+            keys.change(|w| w.put(digest, checked.entry))
+                .map_err(|c| clash_error(c, &key.id))?;
+            return Ok(());
         }
         keys.change(|w| w.add_digest(digest, checked.entry))
             .map_err(|c| clash_error(c, &key.id))?;
@@ -283,10 +288,15 @@ impl<S: Store> Admin<S> {
             }
         }
         let n = keys.len();
+        let shared = self.shared().is_some();
         registry.change(|w| {
             for (k, (digest, entry)) in keys.iter().zip(entries) {
-                w.add_digest(digest, entry)
-                    .map_err(|c| clash_error(c, &k.id))?;
+                match shared {
+                    // Accepted for every instance (see `add_key`).
+                    true => w.put(digest, entry),
+                    false => w.add_digest(digest, entry),
+                }
+                .map_err(|c| clash_error(c, &k.id))?;
             }
             Ok(n)
         })
@@ -304,6 +314,10 @@ impl<S: Store> Admin<S> {
         if let Some(shared) = self.shared() {
             let v = shared.write(Edit::Remove(id.to_owned())).await?;
             self.policy.made(v);
+            // Removed for every instance (here too, if the log's copy of
+            // the change came first).
+            self.policy.keys().change(|w| w.remove(id));
+            return Ok(());
         }
         match self.policy.keys().change(|w| w.remove(id)) {
             Some(_) => Ok(()),

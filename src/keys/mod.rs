@@ -247,6 +247,21 @@ impl Writer<'_> {
         Ok(())
     }
 
+    /// Adds or replaces the key with `entry`'s id at `digest` (a change
+    /// the shared registry accepted, applied here whether or not an earlier
+    /// copy of it was). Refused only when another id has this value.
+    pub(crate) fn put(&mut self, digest: Digest, entry: KeyEntry) -> Result<(), Clash> {
+        if let Some((at, _)) = self.by_id(&entry.id) {
+            if at == digest {
+                self.keys.insert(digest, entry);
+                return Ok(());
+            }
+            let id = entry.id.clone();
+            self.remove(&id);
+        }
+        self.add_digest(digest, entry)
+    }
+
     /// Replaces the entry of the key with `entry`'s id; the old entry's
     /// value digest is kept. Returns whether the key existed.
     pub(crate) fn replace(&mut self, entry: KeyEntry) -> bool {

@@ -220,19 +220,13 @@ mod redis_registry {
                 },
             };
             let entry = KeyEntry::new(&r.id, plan, account, r.enabled);
-            let digest = Digest(r.value_hash);
-            self.keys().change(|w| {
-                if let Some((at, _)) = w.by_id(&r.id) {
-                    if at == digest {
-                        w.replace(entry);
-                        return;
-                    }
-                    w.remove(&r.id);
-                }
-                if w.add_digest(digest, entry).is_err() {
-                    tracing::warn!(key = %r.id, "a shared key's value is another key's here: skipped");
-                }
-            });
+            if self
+                .keys()
+                .change(|w| w.put(Digest(r.value_hash), entry))
+                .is_err()
+            {
+                tracing::warn!(key = %r.id, "a shared key's value is another key's here: skipped");
+            }
         }
     }
 }
