@@ -72,9 +72,9 @@ mod redis_registry {
     use super::{Edit, Record, SharedRegistry};
     use crate::error::ConfigError;
     use crate::hash::Digest;
-    use crate::keys::{KeyEntry, NO_ACCOUNT};
+    use crate::keys::{KeyEntry, NO_ACCOUNT, Writer};
     use crate::plan::wire;
-    use crate::policy::Policy;
+    use crate::policy::{Policy, Snapshot};
     use crate::store::redis::registry::{Change, KeyRecord, RegistryError, RegistryUpdate};
     use crate::usage::AdminError;
 
@@ -134,9 +134,7 @@ mod redis_registry {
                 );
             }
             let (version, all) = shared.store.take_preloaded().unwrap_or_default();
-            for change in all {
-                self.apply(change);
-            }
+            self.apply_all(all);
             let policy = self.clone();
             shared.store.registry_watch(
                 Arc::new(move |update| match update {
@@ -147,9 +145,7 @@ mod redis_registry {
                     }
                     RegistryUpdate::Reload { all, .. } => {
                         policy.inner.own_versions.lock().clear();
-                        for change in all {
-                            policy.apply(change);
-                        }
+                        policy.apply_all(all);
                     }
                 }),
                 version,
@@ -168,65 +164,83 @@ mod redis_registry {
             }
         }
 
-        /// Applies a change another instance made (or the registry as
-        /// loaded), over the static configuration. A key whose plan this
-        /// instance does not know is skipped and logged.
+        /// Applies a change another instance made, over the static
+        /// configuration.
         fn apply(&self, change: Change) {
-            match change {
-                Change::AddKey(r) | Change::UpdateKey(r) => self.upsert(r),
-                Change::Import(rs) => rs.into_iter().for_each(|r| self.upsert(r)),
-                Change::RemoveKey { id } => {
-                    self.keys().change(|w| w.remove(&id));
-                }
-                Change::PutPlan { name, encoded } => match wire::decode_plan(&encoded) {
-                    Ok((plan, created)) => {
-                        let now = crate::Clock::system().wall_nanos();
-                        if let Err(e) = self.put_plan(&plan, created, now) {
-                            tracing::warn!(plan = %name, error = %e, "a shared plan was not applied");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(plan = %name, error = %e, "a shared plan could not be read")
-                    }
-                },
-                Change::PutAccount { name, encoded } => match wire::decode_account(&encoded) {
-                    Ok((account, created)) => {
-                        let now = crate::Clock::system().wall_nanos();
-                        if let Err(e) = self.put_account(&account, created, now) {
-                            tracing::warn!(account = %name, error = %e, "a shared account was not applied");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(account = %name, error = %e, "a shared account could not be read")
-                    }
-                },
-            }
+            self.apply_all(vec![change]);
         }
 
-        fn upsert(&self, r: KeyRecord) {
-            let snap = self.load();
-            let Some(plan) = snap.plan_place(&r.plan) else {
-                tracing::warn!(key = %r.id, plan = %r.plan, "a shared key names a plan this instance does not know: skipped");
-                return;
-            };
-            let account = match &r.account {
-                None => NO_ACCOUNT,
-                Some(name) => match snap.account_place(name) {
-                    Some(at) => at,
-                    None => {
-                        tracing::warn!(key = %r.id, account = %name, "a shared key names an account this instance does not know: skipped");
-                        return;
-                    }
-                },
-            };
-            let entry = KeyEntry::new(&r.id, plan, account, r.enabled);
-            if self
-                .keys()
-                .change(|w| w.put(Digest(r.value_hash), entry))
-                .is_err()
-            {
-                tracing::warn!(key = %r.id, "a shared key's value is another key's here: skipped");
+        /// Applies changes (the registry as loaded, or one change): plans
+        /// and accounts first, then every key under one hold of the
+        /// registry's write lock. A key whose plan or account this instance
+        /// does not know is skipped and logged.
+        fn apply_all(&self, changes: Vec<Change>) {
+            let mut keys = Vec::new();
+            for change in changes {
+                match change {
+                    Change::PutPlan { name, encoded } => match wire::decode_plan(&encoded) {
+                        Ok((plan, created)) => {
+                            let now = crate::Clock::system().wall_nanos();
+                            if let Err(e) = self.put_plan(&plan, created, now) {
+                                tracing::warn!(plan = %name, error = %e, "a shared plan was not applied");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(plan = %name, error = %e, "a shared plan could not be read")
+                        }
+                    },
+                    Change::PutAccount { name, encoded } => match wire::decode_account(&encoded) {
+                        Ok((account, created)) => {
+                            let now = crate::Clock::system().wall_nanos();
+                            if let Err(e) = self.put_account(&account, created, now) {
+                                tracing::warn!(account = %name, error = %e, "a shared account was not applied");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(account = %name, error = %e, "a shared account could not be read")
+                        }
+                    },
+                    other => keys.push(other),
+                }
             }
+            if keys.is_empty() {
+                return;
+            }
+            let snap = self.load();
+            self.keys().change(|w| {
+                for change in keys {
+                    match change {
+                        Change::AddKey(r) | Change::UpdateKey(r) => put(w, &snap, r),
+                        Change::Import(rs) => rs.into_iter().for_each(|r| put(w, &snap, r)),
+                        Change::RemoveKey { id } => {
+                            w.remove(&id);
+                        }
+                        Change::PutPlan { .. } | Change::PutAccount { .. } => {}
+                    }
+                }
+            });
+        }
+    }
+
+    /// Registers a key another instance added or changed, by its value hash.
+    fn put(w: &mut Writer<'_>, snap: &Snapshot, r: KeyRecord) {
+        let Some(plan) = snap.plan_place(&r.plan) else {
+            tracing::warn!(key = %r.id, plan = %r.plan, "a shared key names a plan this instance does not know: skipped");
+            return;
+        };
+        let account = match &r.account {
+            None => NO_ACCOUNT,
+            Some(name) => match snap.account_place(name) {
+                Some(at) => at,
+                None => {
+                    tracing::warn!(key = %r.id, account = %name, "a shared key names an account this instance does not know: skipped");
+                    return;
+                }
+            },
+        };
+        let entry = KeyEntry::new(&r.id, plan, account, r.enabled);
+        if w.put(Digest(r.value_hash), entry).is_err() {
+            tracing::warn!(key = %r.id, "a shared key's value is another key's here: skipped");
         }
     }
 }

@@ -190,21 +190,41 @@ async fn a_change_through_one_instance_is_served_by_every_instance_within_a_seco
     served_within(b, NEW, 403, t, "removed, on b").await;
     served_within(c, NEW, 403, t, "removed, on c").await;
 
-    // A batch through b, then an instance started afterwards: it serves the
-    // registry as it is from its first request.
-    let batch: Vec<Value> = (0..1_000)
-        .map(|i| json!({"id": format!("m-{i}"), "value": format!("batch-value-{i:05}"), "plan": "pro"}))
+    // A batch of 100,000 keys through b (staged in Redis in parts, made live
+    // at once): served by a and c within a second of its answer.
+    let batch: Vec<Value> = (0..100_000)
+        .map(|i| json!({"id": format!("m-{i}"), "value": format!("batch-value-{i:06}"), "plan": "pro"}))
         .collect();
-    let (code, body) = admin(
-        b,
-        reqwest::Method::POST,
-        "/admin/keys",
-        Some(Value::Array(batch)),
-    )
-    .await;
+    let batch = Some(Value::Array(batch));
+    let (code, body) = admin(b, reqwest::Method::POST, "/admin/keys", batch).await;
     assert_eq!(code, 201, "{body}");
+    // Each instance reads the whole registry again (the import is too large
+    // to log key by key): a few hundred milliseconds in a release build,
+    // longer in this debug one.
+    let t = Instant::now();
+    loop {
+        let (on_a, on_c) = (
+            status(a, "batch-value-099999").await,
+            status(c, "batch-value-000000").await,
+        );
+        if (on_a, on_c) == (200, 200) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "imported: {on_a} on a, {on_c} on c"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "100,000 imported keys served by every instance {:?} after the answer",
+        t.elapsed()
+    );
+
+    // An instance started afterwards serves the registry as it is from its
+    // first request.
     let d = ServerProcess::on_redis(&url, &config);
-    assert_eq!(status(&d, "batch-value-00999").await, 200);
+    assert_eq!(status(&d, "batch-value-099999").await, 200);
     assert_eq!(status(&d, NEW).await, 403, "removed stays removed");
     assert_eq!(
         status(&d, "static-key-value-1").await,

@@ -52,6 +52,11 @@ const LOG_LEN: usize = 256;
 /// The largest change (in bytes) the log carries; a larger one (a big
 /// import) is logged as "read everything again", so the log stays small.
 const LARGEST_LOGGED: usize = 256 * 1024;
+/// The most keys one script call imports; a larger import is staged in parts
+/// of this many (see [`RedisStore::import_staged`]).
+const IMPORT_PART: usize = 2_000;
+/// How long a staged import waits for its next part or its commit.
+const IMPORT_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 /// How many entries or fields one read asks for.
 const PAGE: usize = 1000;
 
@@ -240,6 +245,9 @@ impl RedisStore {
                 args.push("U".to_owned());
                 key(&mut args, k);
             }
+            Change::Import(keys) if keys.len() > IMPORT_PART => {
+                return self.import_staged(keys).await;
+            }
             Change::Import(keys) => {
                 args.push("I".to_owned());
                 for k in keys {
@@ -257,16 +265,74 @@ impl RedisStore {
         // Not sent again when the connection drops: run twice, an add would
         // be refused by its own first run.
         let reply: Vec<String> = inner.within(inner.registry_eval(&args, false)).await?;
-        match <[String; 2]>::try_from(reply) {
-            Ok([status, v]) if status == "ok" => v.parse().map_err(|_| bad_reply().into()),
-            Ok([status, id]) => Err(match status.as_str() {
-                "duplicate" => RegistryError::Duplicate { id },
-                "duplicate value" => RegistryError::DuplicateValue { id },
-                "unknown" => RegistryError::UnknownKey { id },
-                _ => bad_reply().into(),
-            }),
-            Err(_) => Err(bad_reply().into()),
+        written(reply)
+    }
+
+    /// An import too large for one script call (which would hold Redis,
+    /// and every decision waiting on it, for about 9 µs per key): staged in
+    /// parts of [`IMPORT_PART`] keys, each checked against the live keys and
+    /// the parts before it, then moved live part by part, and made visible
+    /// to the instances by one version bump at the end (their watchers read
+    /// the registry again). No other write is made meanwhile (they are
+    /// refused as busy), so nothing clashes between the checks and the
+    /// commit. A refused part, a failure while staging, or a writer that
+    /// goes away while staging leaves nothing live (a staged import is
+    /// forgotten after [`IMPORT_TTL`] without news). A writer that dies
+    /// between the first and the last move (some 5 ms of Redis time per
+    /// part) leaves the moved parts in Redis, unannounced: instances that
+    /// read the whole registry later see them.
+    async fn import_staged(&self, keys: &[KeyRecord]) -> Result<u64, RegistryError> {
+        let inner = &self.inner;
+        let token = format!(
+            "{:016x}{:016x}",
+            inner
+                .members
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            inner.clock.wall_nanos()
+        );
+        let call = |op: &str, more: &[String]| {
+            let mut args = vec![
+                "w".to_owned(),
+                LOG_LEN.to_string(),
+                LARGEST_LOGGED.to_string(),
+                op.to_owned(),
+                token.clone(),
+            ];
+            args.extend_from_slice(more);
+            args
+        };
+        let ttl = IMPORT_TTL.as_millis().to_string();
+        let result = async {
+            for part in keys.chunks(IMPORT_PART) {
+                let mut args = call("S", std::slice::from_ref(&ttl));
+                for k in part {
+                    args.push(k.id.clone());
+                    args.push(codec::record(k));
+                }
+                let reply: Vec<String> = inner.within(inner.registry_eval(&args, false)).await?;
+                written(reply)?;
+            }
+            let mut cursor = "0".to_owned();
+            loop {
+                let args = call("K", &[cursor, IMPORT_PART.to_string(), ttl.clone()]);
+                let reply: Vec<String> = inner.within(inner.registry_eval(&args, false)).await?;
+                match <[String; 2]>::try_from(reply) {
+                    Ok([status, next]) if status == "more" => cursor = next,
+                    Ok(reply) => return written(reply.into()),
+                    Err(_) => return Err(bad_reply().into()),
+                }
+            }
         }
+        .await;
+        if result.is_err() {
+            // A refused part forgot the import already; after a failure
+            // this forgets what was staged (or, Redis unreachable, the
+            // import expires).
+            let _ = inner
+                .within(inner.registry_eval::<Vec<String>>(&call("X", &[]), true))
+                .await;
+        }
+        result
     }
 
     /// The registry as Redis holds it, and its version: every plan and
@@ -282,6 +348,27 @@ impl RedisStore {
     pub(crate) async fn registry_load(&self) -> Result<(u64, Vec<Change>), StoreError> {
         let snapshot = self.inner.registry_snapshot().await?;
         Ok((snapshot.cursor.version, snapshot.all))
+    }
+}
+
+/// The version a write made, or why it was refused.
+fn written(reply: Vec<String>) -> Result<u64, RegistryError> {
+    match <[String; 2]>::try_from(reply) {
+        Ok([status, v]) if status == "ok" => v.parse().map_err(|_| bad_reply().into()),
+        Ok([status, id]) => Err(match status.as_str() {
+            "duplicate" => RegistryError::Duplicate { id },
+            "duplicate value" => RegistryError::DuplicateValue { id },
+            "unknown" => RegistryError::UnknownKey { id },
+            "busy" => StoreError::new(
+                "redis: a batch import is in progress on the key registry; retry when it ends",
+            )
+            .into(),
+            "expired" => {
+                StoreError::new("redis: the batch import took too long and was forgotten").into()
+            }
+            _ => bad_reply().into(),
+        }),
+        Err(_) => Err(bad_reply().into()),
     }
 }
 
@@ -379,10 +466,19 @@ impl State {
 
 impl Inner {
     /// The registry's Redis keys, in the script's order.
-    fn registry_keys(&self) -> [String; 7] {
+    fn registry_keys(&self) -> [String; 10] {
         let tag = format!("{{{}:registry}}", self.prefix);
         [
-            "keys", "values", "plans", "accounts", "removed", "version", "log",
+            "keys",
+            "values",
+            "plans",
+            "accounts",
+            "removed",
+            "version",
+            "log",
+            "staged",
+            "staged-values",
+            "importing",
         ]
         .map(|name| format!("{tag}:{name}"))
     }
@@ -452,7 +548,7 @@ impl Inner {
 
     /// Up to `count` log entries from `start` (an entry id, inclusive, or `-`).
     async fn registry_range(&self, start: &str, count: usize) -> Result<Vec<Entry>, StoreError> {
-        let [.., log] = self.registry_keys();
+        let [.., log, _, _, _] = self.registry_keys();
         let cmd = redis::cmd("XRANGE")
             .arg(log)
             .arg(start)

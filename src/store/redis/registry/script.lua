@@ -5,7 +5,10 @@
 --
 -- KEYS: 1 keys (id -> record), 2 values (value hash -> id), 3 plans (name ->
 -- text), 4 accounts (name -> text), 5 removed (id -> version of removal),
--- 6 version (counter), 7 log (stream of changes: fields v, c).
+-- 6 version (counter), 7 log (stream of changes: fields v, c), 8 staged
+-- keys and 9 staged values of a large import in progress, 10 the import's
+-- token (a string that expires: an import whose writer went away is
+-- forgotten).
 -- A record is "<32 hex value hash><0|1 enabled><len>:<plan>[<len>:<account>]".
 --
 -- ARGV[1] = 'h' (head): returns {version, id of the last log entry or '',
@@ -15,9 +18,21 @@
 -- everything again), ARGV[4] the change (A add, I import, U update,
 -- D remove, P plan, C account), then its fields. Returns {'ok', version} or
 -- {reason, id} when the change is refused, with nothing written.
+--
+-- A large import is staged in parts, then made live at once: ARGV[4] = 'S'
+-- (stage: ARGV[5] the import's token, ARGV[6] its time to live in ms, then
+-- id and record pairs; each entry is checked against the live keys and the
+-- entries staged before it), 'K' (commit a part: ARGV[5] the token, ARGV[6]
+-- an HSCAN cursor of the staged keys, '0' first; up to ARGV[7] staged keys
+-- become live; returns {'more', next cursor} until none is left, then bumps
+-- the version, logs "read everything again" and returns {'ok', version}) or
+-- 'X' (abort: ARGV[5] the token). While an import is staged or committed,
+-- every other write is refused ('busy'), so nothing can clash with it between
+-- its checks and its commit. A refused stage forgets the whole import.
 
 local keys, values, plans, accounts, removed, version, log =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local staged, staged_values, importing = KEYS[8], KEYS[9], KEYS[10]
 
 if ARGV[1] == 'h' then
   local top = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1]
@@ -38,6 +53,102 @@ local function field(s)
   return #s .. ':' .. s
 end
 local out = {op}
+
+local token = redis.call('GET', importing)
+local function forget()
+  -- Freed in the background: a large import's staging is 100,000s of fields.
+  redis.call('UNLINK', staged, staged_values, importing)
+end
+-- Calls `f` with up to `n` elements of `list` at a time (Lua's stack bounds
+-- how many arguments one call takes).
+local function each_part(list, n, f)
+  for i = 1, #list, n do
+    f(unpack(list, i, math.min(i + n - 1, #list)))
+  end
+end
+
+if op == 'S' or op == 'K' or op == 'X' then
+  local mine = ARGV[5]
+  if op == 'X' then
+    if token == mine then
+      forget()
+    end
+    return {'ok', '0'}
+  end
+  if token and token ~= mine then
+    return {'busy', ''}
+  end
+  if op == 'S' then
+    if not token then
+      forget()
+    end
+    redis.call('SET', importing, mine, 'PX', ARGV[6])
+    local ids, hashes = {}, {}
+    for i = 7, #ARGV, 2 do
+      local id, hash = ARGV[i], string.sub(ARGV[i + 1], 1, 32)
+      local refused
+      if ids[id] or redis.call('HEXISTS', keys, id) == 1
+        or redis.call('HEXISTS', staged, id) == 1 then
+        refused = 'duplicate'
+      elseif hashes[hash] or redis.call('HEXISTS', values, hash) == 1
+        or redis.call('HEXISTS', staged_values, hash) == 1 then
+        refused = 'duplicate value'
+      end
+      if refused then
+        forget()
+        return {refused, id}
+      end
+      ids[id] = true
+      hashes[hash] = true
+    end
+    local pairs_, hash_pairs = {}, {}
+    for i = 7, #ARGV, 2 do
+      local id, record = ARGV[i], ARGV[i + 1]
+      pairs_[#pairs_ + 1] = id
+      pairs_[#pairs_ + 1] = record
+      hash_pairs[#hash_pairs + 1] = string.sub(record, 1, 32)
+      hash_pairs[#hash_pairs + 1] = id
+    end
+    if #pairs_ > 0 then
+      each_part(pairs_, 4000, function(...) redis.call('HSET', staged, ...) end)
+      each_part(hash_pairs, 4000, function(...) redis.call('HSET', staged_values, ...) end)
+    end
+    return {'ok', '0'}
+  end
+  -- Commit, a part at a time: every key was checked when it was staged.
+  if not token then
+    return {'expired', ''}
+  end
+  redis.call('PEXPIRE', importing, ARGV[8])
+  local scan = redis.call('HSCAN', staged, ARGV[6], 'COUNT', ARGV[7])
+  local found = scan[2]
+  if #found > 0 then
+    local live, hashes, ids = {}, {}, {}
+    for i = 1, #found, 2 do
+      local id, record = found[i], found[i + 1]
+      live[#live + 1] = id
+      live[#live + 1] = record
+      hashes[#hashes + 1] = string.sub(record, 1, 32)
+      hashes[#hashes + 1] = id
+      ids[#ids + 1] = id
+    end
+    each_part(live, 4000, function(...) redis.call('HSET', keys, ...) end)
+    each_part(hashes, 4000, function(...) redis.call('HSET', values, ...) end)
+    each_part(ids, 4000, function(...) redis.call('HDEL', removed, ...) end)
+    each_part(ids, 4000, function(...) redis.call('HDEL', staged, ...) end)
+  end
+  if scan[1] ~= '0' or redis.call('HLEN', staged) > 0 then
+    return {'more', scan[1]}
+  end
+  forget()
+  local v = redis.call('INCR', version)
+  redis.call('XADD', log, 'MAXLEN', '~', bound, '*', 'v', v, 'c', 'R')
+  return {'ok', tostring(v)}
+end
+
+if token then
+  return {'busy', ''}
+end
 
 if op == 'A' or op == 'I' then
   -- Every entry is checked before anything is written: all or nothing.

@@ -241,6 +241,101 @@ async fn duplicates_are_refused_and_an_import_is_all_or_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_import_is_staged_in_parts_and_made_live_at_once_or_not_at_all() {
+    if !require_redis() {
+        return;
+    }
+    let server = RedisServer::start();
+    let s = store(&server.url()).await;
+    s.registry_write(&Change::AddKey(key(&s, "live", "live-value")))
+        .await
+        .unwrap();
+    let batch = |n: usize| -> Vec<KeyRecord> {
+        (0..n)
+            .map(|i| key(&s, &format!("k{i}"), &format!("value-{i}")))
+            .collect()
+    };
+    let staging = || {
+        let keys = command(server.addr(), &["KEYS", "*stag*"]).unwrap();
+        let importing = command(server.addr(), &["EXISTS", "{tollgate:registry}:importing"]);
+        (keys, importing.unwrap())
+    };
+
+    // A clash in the third part (with a live key): nothing live, nothing
+    // staged left, nothing logged.
+    let mut bad = batch(3 * IMPORT_PART + 10);
+    bad[2 * IMPORT_PART + 5].value_hash = s.value_hash(b"live-value");
+    let err = s.registry_write(&Change::Import(bad)).await.unwrap_err();
+    let bad_id = format!("k{}", 2 * IMPORT_PART + 5);
+    assert!(
+        matches!(&err, RegistryError::DuplicateValue { id } if *id == bad_id),
+        "{err:?}"
+    );
+    let (version, all) = s.registry_load().await.unwrap();
+    assert_eq!((version, all.len()), (1, 1));
+    assert_eq!(staging(), (String::new(), "0".to_owned()));
+
+    // A duplicate id across parts.
+    let mut twice = batch(IMPORT_PART + 10);
+    twice[IMPORT_PART + 3].id = "k7".to_owned();
+    let err = s.registry_write(&Change::Import(twice)).await.unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::Duplicate { id } if id == "k7"),
+        "{err:?}"
+    );
+    assert_eq!(s.registry_load().await.unwrap().1.len(), 1);
+
+    // While an import is staged, other writes wait their turn.
+    let token = "someone-elses-import";
+    let stage: Vec<String> = [
+        "w",
+        "256",
+        "262144",
+        "S",
+        token,
+        "60000",
+        "x",
+        &"0".repeat(33),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let _: Vec<String> = s.inner.registry_eval(&stage, false).await.unwrap();
+    let err = s
+        .registry_write(&Change::AddKey(key(&s, "late", "late-value")))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("import is in progress"), "{err}");
+    let abort: Vec<String> = ["w", "256", "262144", "X", token]
+        .map(str::to_owned)
+        .to_vec();
+    let _: Vec<String> = s.inner.registry_eval(&abort, false).await.unwrap();
+
+    // A good one: every key live, one version, one log entry saying "read
+    // everything again", no Redis call longer than a part's.
+    command(server.addr(), &["SLOWLOG", "RESET"]).unwrap();
+    command(
+        server.addr(),
+        &["CONFIG", "SET", "slowlog-log-slower-than", "50000"],
+    )
+    .unwrap();
+    let n = 5 * IMPORT_PART + 1;
+    assert_eq!(
+        s.registry_write(&Change::Import(batch(n))).await.unwrap(),
+        2
+    );
+    let (version, all) = s.registry_load().await.unwrap();
+    assert_eq!((version, all.len()), (2, n + 1));
+    assert_eq!(staging(), (String::new(), "0".to_owned()));
+    let log = command(
+        server.addr(),
+        &["XRANGE", "{tollgate:registry}:log", "-", "+"],
+    )
+    .unwrap();
+    assert!(log.lines().any(|l| l == "R"), "{log}");
+    assert_eq!(command(server.addr(), &["SLOWLOG", "LEN"]).unwrap(), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trimmed_log_or_an_emptied_redis_makes_a_reload() {
     if !require_redis() {
         return;
