@@ -29,11 +29,6 @@ fn seeds() -> (u64, u64) {
     })
 }
 
-/// The key of [`digest`]: random, drawn once per process.
-pub(crate) fn process_keys() -> (u64, u64) {
-    seeds()
-}
-
 /// The keyed digest of `bytes` (the same within one process).
 #[inline]
 pub(crate) fn digest(bytes: &[u8]) -> Digest {

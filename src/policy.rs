@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::extract::{ClientIp, DEFAULT_MAX_KEY_LEN, validate};
-use crate::keys::{Clash, KeyEntry, NO_ACCOUNT, Registry, ValueHasher};
+use crate::keys::{Clash, KeyEntry, Registry, ValueHasher};
 use crate::plan::{
     Account, AccountLimits, Anonymous, ApiKey, Limit, Plan, Stage, StageLimits, UsagePlan,
 };
@@ -57,8 +57,10 @@ pub struct Policy {
 }
 
 pub(crate) struct PolicyInner {
-    /// Plans, stage and anonymous limits: few, copied on change.
+    /// Plans, accounts and anonymous limits: few, copied on change.
     pub(crate) current: ArcSwap<Snapshot>,
+    /// Limits shared by every caller (fixed when the policy is built).
+    pub(crate) stage: Option<Arc<StageLimits>>,
     /// The registered keys, changed one at a time.
     pub(crate) keys: Registry,
     /// Serialises changes to the snapshot (readers never take it).
@@ -90,15 +92,14 @@ pub(crate) type PutPlan = (Arc<Plan>, Vec<(Limit, Limit)>);
 pub(crate) struct Snapshot {
     /// `Policy::per_key`: every key is limited under this plan.
     pub(crate) per_key: Option<Arc<Plan>>,
-    /// Every plan, at the place its keys name it by. A plan keeps its place
-    /// for as long as the policy lives (plans are replaced, never removed).
+    /// Every plan, in the order it was first put (plans are replaced,
+    /// never removed).
     pub(crate) plans: Vec<Arc<Plan>>,
     /// Places in `plans` by name.
     pub(crate) plan_names: HashMap<Arc<str>, u32>,
-    pub(crate) stage: Option<Arc<StageLimits>>,
     pub(crate) anonymous: Option<Arc<AnonymousLimits>>,
-    /// Accounts, at the place their keys name them by (never removed):
-    /// limits shared by all the keys of each.
+    /// Accounts, in the order each was first put: limits shared by all the
+    /// keys of each.
     pub(crate) accounts: Vec<Arc<AccountLimits>>,
     /// Places in `accounts` by name.
     pub(crate) account_names: HashMap<Arc<str>, u32>,
@@ -129,13 +130,13 @@ impl Policy {
             per_key: Some(compiled),
             plans: Vec::new(),
             plan_names: HashMap::new(),
-            stage: None,
             anonymous: None,
             accounts: Vec::new(),
             account_names: HashMap::new(),
         };
         Ok(Policy::from_parts(
             snapshot,
+            None,
             Registry::new(ValueHasher::process(), 0),
             DEFAULT_HISTORY_DAYS,
             Vec::new(),
@@ -149,6 +150,7 @@ impl Policy {
 
     fn from_parts(
         snapshot: Snapshot,
+        stage: Option<Arc<StageLimits>>,
         keys: Registry,
         history_days: usize,
         statics: Vec<Static>,
@@ -156,6 +158,7 @@ impl Policy {
         Policy {
             inner: Arc::new(PolicyInner {
                 current: ArcSwap::from_pointee(snapshot),
+                stage,
                 keys,
                 write: Mutex::new(()),
                 history_days,
@@ -208,7 +211,28 @@ impl Policy {
         created: i64,
         now: i64,
     ) -> Result<PutPlan, crate::AdminError> {
-        self.update(|snap| {
+        // Under the registry's lock, so that no key is added with the old
+        // plan between the new version and the keys re-pointed.
+        self.keys().change(|w| {
+            let put = self.update(|snap| Self::put_plan_in(snap, plan, created, now))?;
+            let compiled = &put.0;
+            w.rebind(|e| {
+                (e.plan.name == compiled.name).then(|| KeyEntry {
+                    plan: Arc::clone(compiled),
+                    ..e.clone()
+                })
+            });
+            Ok(put)
+        })
+    }
+
+    fn put_plan_in(
+        snap: &mut Snapshot,
+        plan: &UsagePlan,
+        created: i64,
+        now: i64,
+    ) -> Result<PutPlan, crate::AdminError> {
+        {
             if snap.per_key.is_some() {
                 return Err(crate::AdminError::NotRegistered);
             }
@@ -236,7 +260,7 @@ impl Policy {
             let compiled = Arc::new(compiled);
             snap.put_plan(Arc::clone(&compiled));
             Ok((compiled, changed))
-        })
+        }
     }
 
     /// Adds `account`, or replaces the limits of the account with its name,
@@ -248,7 +272,28 @@ impl Policy {
         created: i64,
         now: i64,
     ) -> Result<(), crate::AdminError> {
-        self.update(|snap| {
+        self.keys().change(|w| {
+            let compiled = self.update(|snap| Self::put_account_in(snap, account, created, now))?;
+            w.rebind(|e| {
+                e.account
+                    .as_ref()
+                    .filter(|a| a.name == compiled.name)
+                    .map(|_| KeyEntry {
+                        account: Some(Arc::clone(&compiled)),
+                        ..e.clone()
+                    })
+            });
+            Ok(())
+        })
+    }
+
+    fn put_account_in(
+        snap: &mut Snapshot,
+        account: &Account,
+        created: i64,
+        now: i64,
+    ) -> Result<Arc<AccountLimits>, crate::AdminError> {
+        {
             if snap.per_key.is_some() {
                 return Err(crate::AdminError::NotRegistered);
             }
@@ -264,9 +309,10 @@ impl Policy {
             ) {
                 new.since = if o.gcra == new.gcra { o.since } else { now };
             }
-            snap.put_account(Arc::new(compiled));
-            Ok(())
-        })
+            let compiled = Arc::new(compiled);
+            snap.put_account(Arc::clone(&compiled));
+            Ok(compiled)
+        }
     }
 
     /// Applies `change` to a copy of the current plans and publishes it.
@@ -294,23 +340,30 @@ impl Snapshot {
         &self.plans[place as usize]
     }
 
-    /// Whether this version holds the plan and account `entry` names (a
-    /// key registered after it was loaded may name newer ones).
-    #[inline]
-    pub(crate) fn names(&self, entry: &KeyEntry) -> bool {
-        (entry.plan as usize) < self.plans.len()
-            && (entry.account == NO_ACCOUNT || (entry.account as usize) < self.accounts.len())
+    /// `entry` with its plan and account as this version has them (a key
+    /// checked against an earlier version, registered now: a plan or an
+    /// account put in between is the one it gets). Called under the
+    /// registry's lock, which plan and account changes also hold.
+    pub(crate) fn fresh(&self, entry: KeyEntry) -> KeyEntry {
+        KeyEntry {
+            plan: self
+                .plan_named(&entry.plan.name)
+                .map_or(entry.plan, Arc::clone),
+            account: entry
+                .account
+                .map(|a| self.account_named(&a.name).map_or(a, Arc::clone)),
+            ..entry
+        }
     }
 
-    /// The account at a place a key names, if it names one.
-    #[inline]
-    pub(crate) fn account(&self, place: u32) -> Option<&Arc<AccountLimits>> {
-        self.accounts.get(place as usize)
+    /// The plan with this name.
+    pub(crate) fn plan_named(&self, name: &str) -> Option<&Arc<Plan>> {
+        Some(self.plan(self.plan_place(name)?))
     }
 
     /// The account with this name.
     pub(crate) fn account_named(&self, name: &str) -> Option<&Arc<AccountLimits>> {
-        self.account(self.account_place(name)?)
+        self.accounts.get(self.account_place(name)? as usize)
     }
 
     /// The place of the account with this name.
@@ -363,22 +416,22 @@ impl Snapshot {
             });
         }
         let plan = self
-            .plan_place(&key.plan)
+            .plan_named(&key.plan)
             .ok_or_else(|| ConfigError::UnknownPlan {
                 key: key.id.clone(),
                 plan: key.plan.clone(),
             })?;
         let account = match &key.account {
-            None => NO_ACCOUNT,
-            Some(name) => self
-                .account_place(name)
-                .ok_or_else(|| ConfigError::UnknownAccount {
+            None => None,
+            Some(name) => Some(self.account_named(name).ok_or_else(|| {
+                ConfigError::UnknownAccount {
                     key: key.id.clone(),
                     account: name.clone(),
-                })?,
+                }
+            })?),
         };
         Ok(Checked {
-            entry: KeyEntry::new(&key.id, plan, account, key.enabled),
+            entry: KeyEntry::new(&key.id, Arc::clone(plan), account.cloned(), key.enabled),
         })
     }
 }
@@ -477,16 +530,16 @@ impl PolicyBuilder {
         }
         let clock = self.clock.unwrap_or_default();
         let now = clock.wall_nanos();
+        let stage = self
+            .stage
+            .as_ref()
+            .map(StageLimits::compile)
+            .transpose()?
+            .map(Arc::new);
         let mut snapshot = Snapshot {
             per_key: None,
             plans: Vec::with_capacity(self.plans.len()),
             plan_names: HashMap::with_capacity(self.plans.len()),
-            stage: self
-                .stage
-                .as_ref()
-                .map(StageLimits::compile)
-                .transpose()?
-                .map(Arc::new),
             anonymous: match &self.anonymous {
                 Anonymous::Forbid => None,
                 Anonymous::ByIp {
@@ -528,6 +581,7 @@ impl PolicyBuilder {
             .collect();
         Ok(Policy::from_parts(
             snapshot,
+            stage,
             registry,
             history_days,
             statics,

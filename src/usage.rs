@@ -2,11 +2,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use crate::error::ConfigError;
 use crate::keys::{Clash, Edit, KeyEntry, Record, SharedRegistry};
 use crate::plan::{ApiKey, LimitKind, Plan, UsagePlan};
-use crate::policy::{Policy, Snapshot, clash_error};
+use crate::policy::{Policy, clash_error};
 use crate::store::{MemoryStore, Store, StoreError, StoreFuture, Subject, ThrottleRef};
 use crate::window::Date;
 
@@ -212,11 +213,11 @@ impl<S: Store> Admin<S> {
             self.policy.made(v);
             // Accepted for every instance: applied here even if the log's
             // copy of it came first.
-            keys.change(|w| w.put(digest, checked.entry))
+            keys.change(|w| w.put(digest, self.policy.load().fresh(checked.entry)))
                 .map_err(|c| clash_error(c, &key.id))?;
             return Ok(());
         }
-        keys.change(|w| w.add_digest(digest, checked.entry))
+        keys.change(|w| w.add_digest(digest, self.policy.load().fresh(checked.entry)))
             .map_err(|c| clash_error(c, &key.id))?;
         Ok(())
     }
@@ -290,7 +291,9 @@ impl<S: Store> Admin<S> {
         let n = keys.len();
         let shared = self.shared().is_some();
         registry.change(|w| {
+            let snap = self.policy.load();
             for (k, (digest, entry)) in keys.iter().zip(entries) {
+                let entry = snap.fresh(entry);
                 match shared {
                     // Accepted for every instance (see `add_key`).
                     true => w.put(digest, entry),
@@ -340,18 +343,14 @@ impl<S: Store> Admin<S> {
     /// for when it comes back; under the new plan it starts where it left off
     /// there, or fresh.
     pub async fn set_plan(&self, id: &str, plan: &str) -> Result<(), AdminError> {
-        let place = self
-            .policy
-            .load()
-            .plan_place(plan)
-            .ok_or_else(|| AdminError::UnknownPlan(plan.to_owned()))?;
-        self.replace_entry(id, |e| {
-            Ok(KeyEntry {
-                plan: place,
-                ..e.clone()
-            })
-        })
-        .await
+        let to = Arc::clone(
+            self.policy
+                .load()
+                .plan_named(plan)
+                .ok_or_else(|| AdminError::UnknownPlan(plan.to_owned()))?,
+        );
+        self.replace_entry(id, |e| Ok(KeyEntry { plan: to, ..e.clone() }))
+            .await
     }
 
     /// Adds a plan, or replaces the limits of the plan with the same name.
@@ -379,9 +378,8 @@ impl<S: Store> Admin<S> {
         // Throttles kept at the same place (salt) with new numbers: convert
         // each key's state so the share of its bucket in use carries over.
         if !changed.is_empty() {
-            let place = self.policy.load().plan_place(plan.name());
             self.policy.keys().for_each(|entry| {
-                if Some(entry.plan) == place {
+                if entry.plan.name == compiled.name {
                     let subject = self.subject(&compiled, entry);
                     for (old, new) in &changed {
                         self.store
@@ -416,15 +414,13 @@ impl<S: Store> Admin<S> {
 
     /// The key with this id.
     pub fn key(&self, id: &str) -> Option<KeyInfo> {
-        let snap = self.policy.load();
-        self.policy.keys().by_id(id, |e| e.map(|e| info(&snap, e)))
+        self.policy.keys().by_id(id, |e| e.map(info))
     }
 
     /// Every registered key, by id.
     pub fn keys(&self) -> Vec<KeyInfo> {
-        let snap = self.policy.load();
         let mut keys = Vec::with_capacity(self.policy.keys().len());
-        self.policy.keys().for_each(|e| keys.push(info(&snap, e)));
+        self.policy.keys().for_each(|e| keys.push(info(e)));
         keys.sort_by(|a, b| a.id.cmp(&b.id));
         keys
     }
@@ -469,7 +465,7 @@ impl<S: Store> Admin<S> {
                 ));
             }
             let mut read = |entry: &KeyEntry| {
-                if entry.plan != place {
+                if entry.plan.name != p.name {
                     return;
                 }
                 let days = (start <= end).then(|| {
@@ -538,10 +534,9 @@ impl<S: Store> Admin<S> {
                 max: MAX_REMAINING,
             });
         }
-        let snap = self.policy.load();
         let pending = self.policy.keys().by_id(id, |entry| {
             let entry = entry.ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
-            let plan = snap.plan(entry.plan);
+            let plan = &entry.plan;
             let Some(q) = self.subject(plan, entry).request_quota() else {
                 return Err(AdminError::NoQuota(plan.name.to_string()));
             };
@@ -553,10 +548,9 @@ impl<S: Store> Admin<S> {
     /// Resets a key: its quota window and usage history under its plan are
     /// forgotten and its buckets are full again.
     pub async fn reset_key(&self, id: &str) -> Result<(), AdminError> {
-        let snap = self.policy.load();
         let pending = self.policy.keys().by_id(id, |entry| {
             let entry = entry.ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
-            let plan = snap.plan(entry.plan);
+            let plan = &entry.plan;
             let subject = self.subject(plan, entry);
             let throttles: Vec<ThrottleRef<'_>> =
                 plan.limits().map(|l| subject.throttle(l)).collect();
@@ -600,18 +594,19 @@ impl<S: Store> Admin<S> {
             Ok::<_, AdminError>((digest, f(old)?))
         })?;
         if let Some(shared) = self.shared() {
-            let snap = self.policy.load();
             let r = Record {
                 id: id.to_owned(),
                 digest,
-                plan: snap.plan(new.plan).name.to_string(),
-                account: snap.account(new.account).map(|a| a.name.to_string()),
+                plan: new.plan.name.to_string(),
+                account: new.account.as_ref().map(|a| a.name.to_string()),
                 enabled: new.enabled,
             };
             let v = shared.write(Edit::Update(r)).await?;
             self.policy.made(v);
         }
-        keys.change(|w| w.replace(new));
+        // The plan and account as they are now (one may have been put
+        // meanwhile).
+        keys.change(|w| w.replace(self.policy.load().fresh(new)));
         Ok(())
     }
 }
@@ -630,12 +625,12 @@ fn record(key: &ApiKey, digest: crate::hash::Digest) -> Record {
 /// A key's daily usage, being read from the store.
 type DaysFuture = StoreFuture<Vec<[i64; 2]>>;
 
-fn info(snap: &Snapshot, e: &KeyEntry) -> KeyInfo {
+fn info(e: &KeyEntry) -> KeyInfo {
     KeyInfo {
         id: e.id.to_string(),
-        plan: snap.plan(e.plan).name.to_string(),
+        plan: e.plan.name.to_string(),
         enabled: e.enabled,
-        account: snap.account(e.account).map(|a| a.name.to_string()),
+        account: e.account.as_ref().map(|a| a.name.to_string()),
     }
 }
 

@@ -1,30 +1,27 @@
 //! The key registry: registered API keys by the keyed hash of their value,
 //! read without a lock on every request, changed one key at a time.
 //!
-//! A key's entry names its plan and account by their place in the policy
-//! snapshot (which holds the few plans and accounts, copied on change), so a
-//! plan replaced while serving reaches every key on it without touching the
-//! keys, and an entry stays small: its id, where its state lives, two
-//! indexes and a flag. Changes take the registry's write lock and are O(1):
-//! one insertion or removal in a concurrent hash map (`papaya`, whose reads
-//! are lock-free and allocation-free) and one in the id index.
+//! A key's entry holds all a decision needs (its plan and account, where
+//! its state lives), so a registered key is decided from one lookup, with
+//! no other shared state read. Changes of one key take the registry's write
+//! lock and are O(1): one insertion or removal in a concurrent hash map
+//! (`papaya`, whose reads are lock-free and allocation-free) and one in the
+//! id index. Replacing a plan or an account re-points the entries on it.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use hashbrown::HashTable;
 use parking_lot::Mutex;
 use siphasher::sip128::SipHasher13;
 
 use crate::hash::{self, BuildDigestHasher, Digest};
+use crate::plan::{AccountLimits, Plan};
 
 mod shared;
 
 pub use self::shared::SharedRegistry;
 pub(crate) use self::shared::{Edit, Record};
-
-/// No account: the key's limits are its plan's alone.
-pub(crate) const NO_ACCOUNT: u32 = u32::MAX;
 
 /// A registered key as the hot path sees it.
 #[derive(Debug, Clone)]
@@ -34,15 +31,19 @@ pub(crate) struct KeyEntry {
     /// Where the key's state lives: the digest of its id, so that counters
     /// follow the key, not its secret.
     pub(crate) state: Digest,
-    /// The plan's place in the snapshot's plans.
-    pub(crate) plan: u32,
-    /// The account's place in the snapshot's accounts, or [`NO_ACCOUNT`].
-    pub(crate) account: u32,
+    pub(crate) plan: Arc<Plan>,
+    /// The account whose limits all its keys share, if any.
+    pub(crate) account: Option<Arc<AccountLimits>>,
     pub(crate) enabled: bool,
 }
 
 impl KeyEntry {
-    pub(crate) fn new(id: &str, plan: u32, account: u32, enabled: bool) -> Self {
+    pub(crate) fn new(
+        id: &str,
+        plan: Arc<Plan>,
+        account: Option<Arc<AccountLimits>>,
+        enabled: bool,
+    ) -> Self {
         KeyEntry {
             id: id.into(),
             state: hash::digest(id.as_bytes()),
@@ -54,32 +55,31 @@ impl KeyEntry {
 }
 
 /// How key values are hashed before they are looked up or kept: SipHash-1-3
-/// (128 bits) under a key that is random per process, or, when the registry
-/// is shared between instances, derived from a secret they share. The key
-/// can be changed once, before the first request (see [`Registry::rekey`]).
+/// (128 bits) under a key that is random per process ([`hash::digest`]), or,
+/// when the registry is shared between instances, derived from a secret
+/// they share. The shared key is set once, before the first request (see
+/// [`Registry::rekey`]).
 pub(crate) struct ValueHasher {
-    k0: AtomicU64,
-    k1: AtomicU64,
+    shared: OnceLock<SipHasher13>,
 }
 
 impl ValueHasher {
     /// The per-process key of [`hash::digest`].
     pub(crate) fn process() -> Self {
-        let (k0, k1) = hash::process_keys();
         ValueHasher {
-            k0: AtomicU64::new(k0),
-            k1: AtomicU64::new(k1),
+            shared: OnceLock::new(),
         }
     }
 
     #[inline]
     pub(crate) fn digest(&self, value: &[u8]) -> Digest {
-        let (k0, k1) = (
-            self.k0.load(Ordering::Relaxed),
-            self.k1.load(Ordering::Relaxed),
-        );
-        let h = SipHasher13::new_with_keys(k0, k1).hash(value);
-        Digest(u128::from(h.h1) << 64 | u128::from(h.h2))
+        match self.shared.get() {
+            None => hash::digest(value),
+            Some(h) => {
+                let h = h.hash(value);
+                Digest(u128::from(h.h1) << 64 | u128::from(h.h2))
+            }
+        }
     }
 }
 
@@ -175,8 +175,9 @@ impl Registry {
                     moved.push((value, entry));
                 }
             }
-            w.hasher.k0.store(k0, Ordering::Relaxed);
-            w.hasher.k1.store(k1, Ordering::Relaxed);
+            if w.hasher.shared.set(SipHasher13::new_with_keys(k0, k1)).is_err() {
+                tracing::warn!("the key registry's hash key is set once; kept as it was");
+            }
             for (value, entry) in moved {
                 // The ids and values were unique before; they still are.
                 let _ = w.add(value.as_bytes(), entry);
@@ -262,6 +263,19 @@ impl Writer<'_> {
         self.add_digest(digest, entry)
     }
 
+    /// Replaces every entry `f` returns a new version of (a plan or an
+    /// account replaced: O(keys), a rare change).
+    pub(crate) fn rebind(&mut self, mut f: impl FnMut(&KeyEntry) -> Option<KeyEntry>) {
+        let changed: Vec<(Digest, KeyEntry)> = self
+            .keys
+            .iter()
+            .filter_map(|(d, e)| f(e).map(|n| (*d, n)))
+            .collect();
+        for (d, e) in changed {
+            self.keys.insert(d, e);
+        }
+    }
+
     /// Replaces the entry of the key with `entry`'s id; the old entry's
     /// value digest is kept. Returns whether the key existed.
     pub(crate) fn replace(&mut self, entry: KeyEntry) -> bool {
@@ -301,39 +315,44 @@ impl fmt::Debug for Registry {
 mod tests {
     use super::*;
 
+    fn plan(n: u32) -> Arc<Plan> {
+        let p = crate::UsagePlan::new(format!("p{n}"));
+        Arc::new(Plan::compile(&p, 0).unwrap())
+    }
+
     #[test]
     fn add_find_replace_remove() {
         let r = Registry::new(ValueHasher::process(), 0);
         r.change(|w| {
-            w.add(b"v1", KeyEntry::new("k1", 0, NO_ACCOUNT, true))
+            w.add(b"v1", KeyEntry::new("k1", plan(0), None, true))
                 .unwrap();
-            w.add(b"v2", KeyEntry::new("k2", 1, NO_ACCOUNT, true))
+            w.add(b"v2", KeyEntry::new("k2", plan(1), None, true))
                 .unwrap();
             assert_eq!(
-                w.add(b"v3", KeyEntry::new("k1", 0, NO_ACCOUNT, true)),
+                w.add(b"v3", KeyEntry::new("k1", plan(0), None, true)),
                 Err(Clash::Id)
             );
             assert_eq!(
-                w.add(b"v2", KeyEntry::new("k3", 0, NO_ACCOUNT, true)),
+                w.add(b"v2", KeyEntry::new("k3", plan(0), None, true)),
                 Err(Clash::Value)
             );
         });
         assert_eq!(r.len(), 2);
-        assert_eq!(r.with(b"v2", |e| e.map(|e| e.plan)), Some(1));
+        assert_eq!(r.with(b"v2", |e| e.map(|e| e.plan.name.to_string())), Some("p1".into()));
         assert!(r.with(b"v3", |e| e.is_none()));
-        r.change(|w| assert!(w.replace(KeyEntry::new("k2", 5, 2, false))));
+        r.change(|w| assert!(w.replace(KeyEntry::new("k2", plan(5), None, false))));
         assert_eq!(
-            r.with(b"v2", |e| e.map(|e| (e.plan, e.account, e.enabled))),
-            Some((5, 2, false))
+            r.with(b"v2", |e| e.map(|e| (e.plan.name.to_string(), e.enabled))),
+            Some(("p5".into(), false))
         );
-        assert_eq!(r.by_id("k2", |e| e.map(|e| e.plan)), Some(5));
+        assert_eq!(r.by_id("k2", |e| e.map(|e| e.plan.name.to_string())), Some("p5".into()));
         let removed = r.change(|w| w.remove("k1")).unwrap();
         assert_eq!(&*removed.id, "k1");
         assert!(r.with(b"v1", |e| e.is_none()));
         assert!(r.by_id("k1", |e| e.is_none()));
         // The id and value are free again.
         r.change(|w| {
-            w.add(b"v1", KeyEntry::new("k1", 0, NO_ACCOUNT, true))
+            w.add(b"v1", KeyEntry::new("k1", plan(0), None, true))
                 .unwrap()
         });
         assert_eq!(r.len(), 2);
@@ -347,7 +366,7 @@ mod tests {
                 let v = format!("value-{i}");
                 w.add(
                     v.as_bytes(),
-                    KeyEntry::new(&format!("id-{i}"), 0, NO_ACCOUNT, true),
+                    KeyEntry::new(&format!("id-{i}"), plan(0), None, true),
                 )
                 .unwrap();
             }
@@ -369,7 +388,7 @@ mod tests {
     fn rekeyed_keys_are_found_under_the_new_key_only() {
         let r = Registry::new(ValueHasher::process(), 0);
         r.change(|w| {
-            w.add(b"v1", KeyEntry::new("k1", 3, NO_ACCOUNT, true))
+            w.add(b"v1", KeyEntry::new("k1", plan(3), None, true))
                 .unwrap()
         });
         let before = r.digest(b"v1");
@@ -379,7 +398,7 @@ mod tests {
             &[("k1".into(), "v1".into()), ("gone".into(), "v9".into())],
         );
         assert_ne!(r.digest(b"v1"), before);
-        assert_eq!(r.with(b"v1", |e| e.map(|e| e.plan)), Some(3));
+        assert_eq!(r.with(b"v1", |e| e.map(|e| e.plan.name.to_string())), Some("p3".into()));
         assert_eq!(r.len(), 1);
         assert!(r.by_id("k1", |e| e.is_some()));
     }

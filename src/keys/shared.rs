@@ -72,7 +72,7 @@ mod redis_registry {
     use super::{Edit, Record, SharedRegistry};
     use crate::error::ConfigError;
     use crate::hash::Digest;
-    use crate::keys::{KeyEntry, NO_ACCOUNT, Writer};
+    use crate::keys::{KeyEntry, Writer};
     use crate::plan::wire;
     use crate::policy::{Policy, Snapshot};
     use crate::store::redis::registry::{Change, KeyRecord, RegistryError, RegistryUpdate};
@@ -206,8 +206,9 @@ mod redis_registry {
             if keys.is_empty() {
                 return;
             }
-            let snap = self.load();
             self.keys().change(|w| {
+                // Under the lock plan and account changes hold too.
+                let snap = self.load();
                 for change in keys {
                     match change {
                         Change::AddKey(r) | Change::UpdateKey(r) => put(w, &snap, r),
@@ -224,21 +225,21 @@ mod redis_registry {
 
     /// Registers a key another instance added or changed, by its value hash.
     fn put(w: &mut Writer<'_>, snap: &Snapshot, r: KeyRecord) {
-        let Some(plan) = snap.plan_place(&r.plan) else {
+        let Some(plan) = snap.plan_named(&r.plan) else {
             tracing::warn!(key = %r.id, plan = %r.plan, "a shared key names a plan this instance does not know: skipped");
             return;
         };
         let account = match &r.account {
-            None => NO_ACCOUNT,
-            Some(name) => match snap.account_place(name) {
-                Some(at) => at,
+            None => None,
+            Some(name) => match snap.account_named(name) {
+                Some(account) => Some(Arc::clone(account)),
                 None => {
                     tracing::warn!(key = %r.id, account = %name, "a shared key names an account this instance does not know: skipped");
                     return;
                 }
             },
         };
-        let entry = KeyEntry::new(&r.id, plan, account, r.enabled);
+        let entry = KeyEntry::new(&r.id, Arc::clone(plan), account, r.enabled);
         if w.put(Digest(r.value_hash), entry).is_err() {
             tracing::warn!(key = %r.id, "a shared key's value is another key's here: skipped");
         }

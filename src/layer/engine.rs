@@ -164,21 +164,24 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
                 Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req)).into()),
             }
         } else {
-            let snap = self.policy.load();
-            match (self.extractor.extract(req), &snap.anonymous) {
-                (Ok(key), _) => self.registered(&snap, key.as_bytes(), Some(req), true, decide),
-                (Err(KeyError::Missing), Some(anon)) => match anon.client_ip.extract(req) {
-                    Ok(ip) => {
-                        let stage = snap.stage.as_deref();
-                        Ok(decide(&Caller::unregistered(
-                            stage,
-                            &anon.plan,
-                            ip.as_bytes(),
-                        )))
-                    }
-                    Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req)).into()),
+            match self.extractor.extract(req) {
+                // A registered key is decided from its entry alone.
+                Ok(key) => self.registered(key.as_bytes(), Some(req), true, decide),
+                Err(KeyError::Missing) => match &self.policy.load().anonymous {
+                    Some(anon) => match anon.client_ip.extract(req) {
+                        Ok(ip) => {
+                            let stage = self.policy.inner.stage.as_deref();
+                            Ok(decide(&Caller::unregistered(
+                                stage,
+                                &anon.plan,
+                                ip.as_bytes(),
+                            )))
+                        }
+                        Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req)).into()),
+                    },
+                    None => Err(self.refuse(Reason::Key(KeyError::Missing), Seen::request(req)).into()),
                 },
-                (Err(e), _) => Err(self.refuse(Reason::Key(e), Seen::request(req)).into()),
+                Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req)).into()),
             }
         };
         Step::of(result)
@@ -194,7 +197,7 @@ impl<K, S: Store> Shared<K, S> {
                 let caller = Caller::unregistered(None, plan, key);
                 Ok(self.acquire(&caller, None, cost, None, report))
             }
-            None => self.registered(&self.policy.load(), key, None, true, |c| {
+            None => self.registered(key, None, true, |c| {
                 self.acquire(c, None, cost, None, report)
             }),
         };
@@ -306,7 +309,6 @@ impl<K, S> Shared<K, S> {
     #[inline]
     fn registered<T>(
         &self,
-        snap: &Snapshot,
         key: &[u8],
         req: Option<&RequestView<'_>>,
         wait: bool,
@@ -315,17 +317,7 @@ impl<K, S> Shared<K, S> {
         let mut decide = Some(decide);
         let registered = self.policy.keys().with(key, |entry| {
             let entry = entry?;
-            // A key registered after `snap` was loaded may name a plan or
-            // account added after it too: such a key reads the current
-            // version.
-            let fresh;
-            let snap = if snap.names(entry) {
-                snap
-            } else {
-                fresh = self.policy.load();
-                &fresh
-            };
-            let plan = snap.plan(entry.plan);
+            let plan = &entry.plan;
             if !entry.enabled {
                 let seen = Seen {
                     plan: Some(plan),
@@ -335,8 +327,8 @@ impl<K, S> Shared<K, S> {
                 return Some(Err(self.refuse(Reason::DisabledKey, seen).into()));
             }
             let caller = Caller {
-                stage: snap.stage.as_deref(),
-                account: snap.account(entry.account),
+                stage: self.policy.inner.stage.as_deref(),
+                account: entry.account.as_ref(),
                 plan,
                 subject: Subject {
                     plan,
@@ -351,7 +343,7 @@ impl<K, S> Shared<K, S> {
         match (registered, decide) {
             (Some(result), _) => result,
             (None, Some(decide)) => {
-                self.unregistered(snap, hash::digest(key), key, req, wait, decide)
+                self.unregistered(hash::digest(key), key, req, wait, decide)
             }
             (None, None) => Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)).into()),
         }
@@ -362,7 +354,6 @@ impl<K, S> Shared<K, S> {
     #[inline(never)]
     fn unregistered<T>(
         &self,
-        snap: &Snapshot,
         digest: hash::Digest,
         key: &[u8],
         req: Option<&RequestView<'_>>,
@@ -373,7 +364,7 @@ impl<K, S> Shared<K, S> {
             return Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)).into());
         };
         if let Some(answer) = resolving.cached(digest) {
-            return Ok(self.resolved(snap, &answer, req, false, decide)?);
+            return Ok(self.resolved(&self.policy.load(), &answer, req, false, decide)?);
         }
         match std::str::from_utf8(key) {
             Ok(value) if wait => Err(Miss::Lookup(resolving.lookup(digest, value))),
@@ -400,7 +391,7 @@ impl<K, S> Shared<K, S> {
             Answer::Unknown => return Err(self.refuse(Reason::UnknownKey, Seen::maybe(req))),
             Answer::Failed(e) => return Err(self.unresolved(e, req)),
         };
-        let Some(plan) = snap.plan_place(found.key.plan()).map(|at| snap.plan(at)) else {
+        let Some(plan) = snap.plan_named(found.key.plan()) else {
             if fresh {
                 tracing::warn!(
                     key_id = %found.id,
@@ -435,7 +426,7 @@ impl<K, S> Shared<K, S> {
             return Err(self.refuse(Reason::DisabledKey, seen));
         }
         let caller = Caller {
-            stage: snap.stage.as_deref(),
+            stage: self.policy.inner.stage.as_deref(),
             account,
             plan,
             subject: Subject {
@@ -474,7 +465,7 @@ impl<K> Shared<K, MemoryStore> {
                 self.check_caller(&caller, cost)
             }
             None => self
-                .registered(&self.policy.load(), key, None, false, |c| {
+                .registered(key, None, false, |c| {
                     self.check_caller(c, cost)
                 })
                 .map_err(|miss| match miss {
