@@ -101,6 +101,10 @@ impl std::hash::Hasher for DigestHasher {
     fn write_u128(&mut self, n: u128) {
         self.0 ^= n as u64;
     }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
 }
 
 /// The `BuildHasher` of maps keyed by [`Digest`].

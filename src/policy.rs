@@ -423,12 +423,15 @@ impl Snapshot {
             })?;
         let account = match &key.account {
             None => None,
-            Some(name) => Some(self.account_named(name).ok_or_else(|| {
-                ConfigError::UnknownAccount {
-                    key: key.id.clone(),
-                    account: name.clone(),
-                }
-            })?),
+            Some(name) => {
+                Some(
+                    self.account_named(name)
+                        .ok_or_else(|| ConfigError::UnknownAccount {
+                            key: key.id.clone(),
+                            account: name.clone(),
+                        })?,
+                )
+            }
         };
         Ok(Checked {
             entry: KeyEntry::new(&key.id, Arc::clone(plan), account.cloned(), key.enabled),

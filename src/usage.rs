@@ -349,8 +349,13 @@ impl<S: Store> Admin<S> {
                 .plan_named(plan)
                 .ok_or_else(|| AdminError::UnknownPlan(plan.to_owned()))?,
         );
-        self.replace_entry(id, |e| Ok(KeyEntry { plan: to, ..e.clone() }))
-            .await
+        self.replace_entry(id, |e| {
+            Ok(KeyEntry {
+                plan: to,
+                ..e.clone()
+            })
+        })
+        .await
     }
 
     /// Adds a plan, or replaces the limits of the plan with the same name.
@@ -575,7 +580,7 @@ impl<S: Store> Admin<S> {
         Subject {
             plan,
             name: entry.id.as_bytes(),
-            digest: entry.state,
+            digest: entry.state(),
             history_days: self.policy.inner.history_days as u32,
         }
     }

@@ -29,8 +29,8 @@ pub(crate) struct KeyEntry {
     /// The public id (never the value).
     pub(crate) id: Box<str>,
     /// Where the key's state lives: the digest of its id, so that counters
-    /// follow the key, not its secret.
-    pub(crate) state: Digest,
+    /// follow the key, not its secret (two words: see [`Key`]).
+    pub(crate) state: Key,
     pub(crate) plan: Arc<Plan>,
     /// The account whose limits all its keys share, if any.
     pub(crate) account: Option<Arc<AccountLimits>>,
@@ -38,6 +38,12 @@ pub(crate) struct KeyEntry {
 }
 
 impl KeyEntry {
+    /// Where the key's state lives: the digest of its id.
+    #[inline]
+    pub(crate) fn state(&self) -> Digest {
+        self.state.into()
+    }
+
     pub(crate) fn new(
         id: &str,
         plan: Arc<Plan>,
@@ -46,7 +52,7 @@ impl KeyEntry {
     ) -> Self {
         KeyEntry {
             id: id.into(),
-            state: hash::digest(id.as_bytes()),
+            state: Key::from(hash::digest(id.as_bytes())),
             plan,
             account,
             enabled,
@@ -83,6 +89,34 @@ impl ValueHasher {
     }
 }
 
+/// A digest as the registry keeps it: two words, so that neither an entry
+/// nor the map's cell of one needs the 16-byte alignment of a `u128` (8
+/// bytes saved per key).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Key(u64, u64);
+
+impl From<Digest> for Key {
+    #[inline]
+    fn from(d: Digest) -> Self {
+        Key((d.0 >> 64) as u64, d.0 as u64)
+    }
+}
+
+impl From<Key> for Digest {
+    #[inline]
+    fn from(k: Key) -> Self {
+        Digest(u128::from(k.0) << 64 | u128::from(k.1))
+    }
+}
+
+impl std::hash::Hash for Key {
+    /// The low word: the digest is already a keyed hash.
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.1);
+    }
+}
+
 /// Why a change to the registry was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Clash {
@@ -95,7 +129,7 @@ pub(crate) enum Clash {
 /// The registered keys.
 pub(crate) struct Registry {
     /// Entries by the digest of their value.
-    keys: papaya::HashMap<Digest, KeyEntry, BuildDigestHasher>,
+    keys: papaya::HashMap<Key, KeyEntry, BuildDigestHasher>,
     /// Serialises changes and finds keys by id (only changes and the admin
     /// handle read it).
     index: Mutex<Index>,
@@ -105,7 +139,7 @@ pub(crate) struct Registry {
 /// The id index: value digests, placed by the digest of their key's id (the
 /// entry's `state`), so that an id is not kept twice.
 struct Index {
-    by_id: HashTable<Digest>,
+    by_id: HashTable<Key>,
 }
 
 impl Registry {
@@ -133,7 +167,7 @@ impl Registry {
     pub(crate) fn with<T>(&self, value: &[u8], f: impl FnOnce(Option<&KeyEntry>) -> T) -> T {
         let digest = self.digest(value);
         let keys = self.keys.pin();
-        f(keys.get(&digest))
+        f(keys.get(&Key::from(digest)))
     }
 
     /// The number of registered keys.
@@ -175,7 +209,11 @@ impl Registry {
                     moved.push((value, entry));
                 }
             }
-            if w.hasher.shared.set(SipHasher13::new_with_keys(k0, k1)).is_err() {
+            if w.hasher
+                .shared
+                .set(SipHasher13::new_with_keys(k0, k1))
+                .is_err()
+            {
                 tracing::warn!("the key registry's hash key is set once; kept as it was");
             }
             for (value, entry) in moved {
@@ -194,24 +232,24 @@ impl Registry {
 /// The registry under its write lock.
 pub(crate) struct Writer<'r> {
     index: &'r mut Index,
-    keys: &'r papaya::HashMapRef<'r, Digest, KeyEntry, BuildDigestHasher, papaya::LocalGuard<'r>>,
+    keys: &'r papaya::HashMapRef<'r, Key, KeyEntry, BuildDigestHasher, papaya::LocalGuard<'r>>,
     hasher: &'r ValueHasher,
 }
 
 impl Writer<'_> {
     /// The value digest and entry of the key with this id.
     pub(crate) fn by_id(&self, id: &str) -> Option<(Digest, &KeyEntry)> {
-        let state = hash::digest(id.as_bytes());
+        let state = Key::from(hash::digest(id.as_bytes()));
         let keys = self.keys;
         let value = self
             .index
             .by_id
-            .find(state.0 as u64, |v| {
+            .find(state.1, |v| {
                 keys.get(v)
                     .is_some_and(|e| e.state == state && *e.id == *id)
             })
             .copied()?;
-        Some((value, keys.get(&value)?))
+        Some((value.into(), keys.get(&value)?))
     }
 
     /// Whether a key with this id and value digest could be added.
@@ -219,7 +257,7 @@ impl Writer<'_> {
         if self.by_id(id).is_some() {
             return Err(Clash::Id);
         }
-        if self.keys.contains_key(&digest) {
+        if self.keys.contains_key(&Key::from(digest)) {
             return Err(Clash::Value);
         }
         Ok(())
@@ -233,18 +271,13 @@ impl Writer<'_> {
 
     /// Adds a key by the digest of its value (a key another instance added).
     pub(crate) fn add_digest(&mut self, digest: Digest, entry: KeyEntry) -> Result<(), Clash> {
-        if self.by_id(&entry.id).is_some() {
-            return Err(Clash::Id);
-        }
-        if self.keys.contains_key(&digest) {
-            return Err(Clash::Value);
-        }
-        let state = entry.state;
-        self.keys.insert(digest, entry);
+        self.free(&entry.id, digest)?;
+        let (state, key) = (entry.state, Key::from(digest));
+        self.keys.insert(key, entry);
         let keys = self.keys;
-        self.index.by_id.insert_unique(state.0 as u64, digest, |v| {
-            keys.get(v).map_or(0, |e| e.state.0 as u64)
-        });
+        self.index
+            .by_id
+            .insert_unique(state.1, key, |v| keys.get(v).map_or(0, |e| e.state.1));
         Ok(())
     }
 
@@ -254,7 +287,7 @@ impl Writer<'_> {
     pub(crate) fn put(&mut self, digest: Digest, entry: KeyEntry) -> Result<(), Clash> {
         if let Some((at, _)) = self.by_id(&entry.id) {
             if at == digest {
-                self.keys.insert(digest, entry);
+                self.keys.insert(Key::from(digest), entry);
                 return Ok(());
             }
             let id = entry.id.clone();
@@ -266,7 +299,7 @@ impl Writer<'_> {
     /// Replaces every entry `f` returns a new version of (a plan or an
     /// account replaced: O(keys), a rare change).
     pub(crate) fn rebind(&mut self, mut f: impl FnMut(&KeyEntry) -> Option<KeyEntry>) {
-        let changed: Vec<(Digest, KeyEntry)> = self
+        let changed: Vec<(Key, KeyEntry)> = self
             .keys
             .iter()
             .filter_map(|(d, e)| f(e).map(|n| (*d, n)))
@@ -281,7 +314,7 @@ impl Writer<'_> {
     pub(crate) fn replace(&mut self, entry: KeyEntry) -> bool {
         match self.by_id(&entry.id) {
             Some((digest, _)) => {
-                self.keys.insert(digest, entry);
+                self.keys.insert(Key::from(digest), entry);
                 true
             }
             None => false,
@@ -290,9 +323,9 @@ impl Writer<'_> {
 
     /// Removes the key with this id; returns its entry.
     pub(crate) fn remove(&mut self, id: &str) -> Option<KeyEntry> {
-        let state = hash::digest(id.as_bytes());
+        let state = Key::from(hash::digest(id.as_bytes()));
         let keys = self.keys;
-        let Ok(found) = self.index.by_id.find_entry(state.0 as u64, |v| {
+        let Ok(found) = self.index.by_id.find_entry(state.1, |v| {
             keys.get(v)
                 .is_some_and(|e| e.state == state && *e.id == *id)
         }) else {
@@ -338,14 +371,20 @@ mod tests {
             );
         });
         assert_eq!(r.len(), 2);
-        assert_eq!(r.with(b"v2", |e| e.map(|e| e.plan.name.to_string())), Some("p1".into()));
+        assert_eq!(
+            r.with(b"v2", |e| e.map(|e| e.plan.name.to_string())),
+            Some("p1".into())
+        );
         assert!(r.with(b"v3", |e| e.is_none()));
         r.change(|w| assert!(w.replace(KeyEntry::new("k2", plan(5), None, false))));
         assert_eq!(
             r.with(b"v2", |e| e.map(|e| (e.plan.name.to_string(), e.enabled))),
             Some(("p5".into(), false))
         );
-        assert_eq!(r.by_id("k2", |e| e.map(|e| e.plan.name.to_string())), Some("p5".into()));
+        assert_eq!(
+            r.by_id("k2", |e| e.map(|e| e.plan.name.to_string())),
+            Some("p5".into())
+        );
         let removed = r.change(|w| w.remove("k1")).unwrap();
         assert_eq!(&*removed.id, "k1");
         assert!(r.with(b"v1", |e| e.is_none()));
@@ -398,7 +437,10 @@ mod tests {
             &[("k1".into(), "v1".into()), ("gone".into(), "v9".into())],
         );
         assert_ne!(r.digest(b"v1"), before);
-        assert_eq!(r.with(b"v1", |e| e.map(|e| e.plan.name.to_string())), Some("p3".into()));
+        assert_eq!(
+            r.with(b"v1", |e| e.map(|e| e.plan.name.to_string())),
+            Some("p3".into())
+        );
         assert_eq!(r.len(), 1);
         assert!(r.by_id("k1", |e| e.is_some()));
     }

@@ -179,7 +179,9 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
                         }
                         Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req)).into()),
                     },
-                    None => Err(self.refuse(Reason::Key(KeyError::Missing), Seen::request(req)).into()),
+                    None => Err(self
+                        .refuse(Reason::Key(KeyError::Missing), Seen::request(req))
+                        .into()),
                 },
                 Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req)).into()),
             }
@@ -333,7 +335,7 @@ impl<K, S> Shared<K, S> {
                 subject: Subject {
                     plan,
                     name: entry.id.as_bytes(),
-                    digest: entry.state,
+                    digest: entry.state(),
                     history_days: self.history_days(),
                 },
                 id: Some(&entry.id),
@@ -342,9 +344,7 @@ impl<K, S> Shared<K, S> {
         });
         match (registered, decide) {
             (Some(result), _) => result,
-            (None, Some(decide)) => {
-                self.unregistered(hash::digest(key), key, req, wait, decide)
-            }
+            (None, Some(decide)) => self.unregistered(hash::digest(key), key, req, wait, decide),
             (None, None) => Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)).into()),
         }
     }
@@ -465,9 +465,7 @@ impl<K> Shared<K, MemoryStore> {
                 self.check_caller(&caller, cost)
             }
             None => self
-                .registered(key, None, false, |c| {
-                    self.check_caller(c, cost)
-                })
+                .registered(key, None, false, |c| self.check_caller(c, cost))
                 .map_err(|miss| match miss {
                     Miss::Refused(rejection) => rejection,
                     // Never asked for without waiting.
