@@ -126,6 +126,11 @@ mod redis_registry {
             if self.inner.attached.swap(true, Ordering::AcqRel) {
                 return;
             }
+            // A per-key policy has no registry to share.
+            if self.load().per_key.is_some() {
+                self.seal();
+                return;
+            }
             let (k0, k1) = shared.store.value_keys();
             if !self.rekey(k0, k1) {
                 tracing::warn!(

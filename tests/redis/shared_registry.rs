@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tollgate::{ApiKey, Policy, RateLimitLayer, RedisStore, Throttle, UsagePlan};
+use tollgate::{Account, ApiKey, Policy, RateLimitLayer, RedisStore, Throttle, UsagePlan};
 
 use crate::support::redis::{RedisServer, require_redis};
 use crate::support::server::ServerProcess;
@@ -285,6 +285,47 @@ async fn plans_are_shared_and_an_admin_change_while_redis_is_down_changes_nothin
         passed += usize::from(l.decide(b"gold-key-value", 1).await.is_ok());
     }
     assert_eq!(passed, 3);
+
+    // An account put through b, two keys of it added through a: b serves
+    // them under the account's limit (2 requests in all).
+    let acme = Account::new("acme").throttle(Throttle::new(0.001, 2).unwrap());
+    b.admin().put_account(acme).await.unwrap();
+    let t = Instant::now();
+    while a.admin().account("acme").is_none() {
+        assert!(t.elapsed() < PROPAGATION, "the account did not reach a");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (id, value) in [
+        ("acme-1", "acme-key-value-1"),
+        ("acme-2", "acme-key-value-2"),
+    ] {
+        let key = ApiKey::new(id, value, "gold").account("acme");
+        a.admin().add_key(key).await.unwrap();
+    }
+    let t = Instant::now();
+    while b.admin().key("acme-2").is_none() {
+        assert!(
+            t.elapsed() < PROPAGATION,
+            "the account's keys did not reach b"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        b.admin().key("acme-1").unwrap().account.as_deref(),
+        Some("acme")
+    );
+    let mut passed = 0;
+    for (l, v) in [
+        (&b, "acme-key-value-1"),
+        (&a, "acme-key-value-2"),
+        (&b, "acme-key-value-2"),
+    ] {
+        passed += usize::from(l.decide(v.as_bytes(), 1).await.is_ok());
+    }
+    assert_eq!(
+        passed, 2,
+        "one account throttle for both keys on both instances"
+    );
 
     // Redis down: the change is refused with a store error, and made nowhere.
     redis.kill();
