@@ -411,7 +411,9 @@ async fn one_round_trip_per_decision_and_none_for_a_denied_key() {
         .key(ApiKey::new("throttled-1", "throttled-key", "throttled"))
         .build()
         .expect("a valid policy");
+    // Keys per process: the commands Redis sees are the decisions' alone.
     let store = RedisStore::builder(redis.url())
+        .shared_registry(false)
         .build()
         .await
         .expect("a Redis store");
@@ -827,7 +829,9 @@ async fn a_request_refused_for_a_timeout_is_not_charged_later() {
         .key(ApiKey::new("t-1", "tight-key", "tight"))
         .build()
         .expect("a valid policy");
+    // Keys per process: the commands Redis sees are the decisions' alone.
     let store = RedisStore::builder(redis.url())
+        .shared_registry(false)
         .build()
         .await
         .expect("a Redis store");

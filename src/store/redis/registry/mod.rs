@@ -581,8 +581,15 @@ impl Inner {
     /// back. Entries of a version already applied (delivered twice) are
     /// skipped.
     async fn registry_read(&self, cursor: &mut Cursor) -> Result<Option<Vec<Entry>>, StoreError> {
-        if cursor.last.is_none() && self.registry_head().await?.version < cursor.version {
-            return Ok(None);
+        if cursor.last.is_none() {
+            // No entry read yet (an empty registry): the version alone says
+            // whether Redis went back. A plain `GET`, not the script, so
+            // that an idle watcher adds no script call to Redis's counts.
+            let [.., version, _, _, _, _] = self.registry_keys();
+            let now: Option<u64> = self.command(redis::cmd("GET").arg(version).clone()).await?;
+            if now.unwrap_or(0) < cursor.version {
+                return Ok(None);
+            }
         }
         let mut out = Vec::new();
         loop {
