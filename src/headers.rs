@@ -2,7 +2,6 @@
 //! the legacy `X-RateLimit-*`.
 
 use std::cell::RefCell;
-use std::cmp::Reverse;
 use std::fmt::{self, Write};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -49,8 +48,27 @@ const OPENAI_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-res
 /// ```
 ///
 /// and the same with `-tokens` for token limits; a reset is a duration as
-/// OpenAI writes it (`1s`, `6m0s`, `1.5s`, `20ms`): the time until the
-/// tightest limit of that kind is full again.
+/// OpenAI writes it (`1s`, `6m0s`, `1.5s`, `20ms`).
+///
+/// Each family reports its *defining* limit, the same one on every response
+/// of a plan, whatever route is called and whichever limit is tightest at
+/// the moment (a client that sizes its pace from `x-ratelimit-limit-*` must
+/// not see it jump):
+///
+/// | family | defining limit, the first the plan (or key) has |
+/// |---|---|
+/// | requests | the plan's throttle, the account's throttle, the plan's quota, the account's quota, the stage throttle, then the route's method override |
+/// | tokens | the plan's per-minute token bucket, the account's, then the daily and monthly token quotas (plan's, then account's) |
+///
+/// On an allowed response, `remaining` and `reset` are that limit's. On a
+/// rejection by any limit of a family (a concurrency cap counts requests),
+/// the family reports its defining limit's size, `remaining` 0 and `reset`
+/// the time until the request may pass; the other family is left out (its
+/// state was not read).
+///
+/// On a rejection the IETF `RateLimit` names the limit that denied with
+/// `r=0` (nothing this request can use now) and `t` the retry, in whole
+/// seconds rounded up: it always agrees with `Retry-After`.
 ///
 /// ```
 /// use tollgate::HeaderStyle;
@@ -123,6 +141,7 @@ impl HeaderStyle {
     }
 
     /// Writes the headers for `report` into `headers`.
+    #[cfg(test)]
     pub(crate) fn write(&self, report: &Report, headers: &mut HeaderMap) {
         self.prepare(report).write(headers);
     }
@@ -146,26 +165,143 @@ impl HeaderStyle {
             p.policy = policy_value(report.items());
         }
         if self.openai {
-            for a in report
-                .items()
-                .iter()
-                .filter(|a| a.kind != LimitKind::Concurrency)
-            {
-                let slot = if a.kind.counts_tokens() {
-                    &mut p.tokens
-                } else {
-                    &mut p.requests
+            let (mut requests, mut tokens) = (u8::MAX, u8::MAX);
+            for a in report.items() {
+                let Some((family, rank)) = defining_rank(a.kind) else {
+                    continue;
                 };
-                if slot.is_none_or(|t| {
-                    (a.remaining, Reverse(a.reset)) < (t.remaining, Reverse(t.reset))
-                }) {
+                let (slot, best) = match family {
+                    Family::Requests => (&mut p.requests, &mut requests),
+                    Family::Tokens => (&mut p.tokens, &mut tokens),
+                };
+                if rank < *best {
+                    *best = rank;
                     *slot = Some(*a);
                 }
             }
         }
         p
     }
+
+    /// Writes the headers of a request rejected by `denied`, which may pass
+    /// after `wait` (for a cost that never fits: when the limit is full
+    /// again); `families` holds the defining limits of the caller's plan.
+    pub(crate) fn write_denied(
+        &self,
+        denied: &Applied,
+        wait: Nanos,
+        families: &Families,
+        headers: &mut HeaderMap,
+    ) {
+        if self.ietf {
+            if let Some(v) = format_policy(std::slice::from_ref(denied)) {
+                headers.insert(RATELIMIT_POLICY, v);
+            }
+            let mut buf = HeaderBuf::new();
+            buf.push(b"\"");
+            buf.push(denied.name().as_bytes());
+            buf.push(b"\";r=0;t=");
+            buf.int(ceil_secs(wait));
+            if let Some(v) = buf.value() {
+                headers.insert(RATELIMIT, v);
+            }
+        }
+        if self.x_ratelimit {
+            headers.insert(X_LIMIT, HeaderValue::from(denied.quota));
+            headers.insert(X_REMAINING, HeaderValue::from(0u64));
+            headers.insert(X_RESET, HeaderValue::from(ceil_secs(wait)));
+        }
+        if self.openai {
+            let family = Family::of(denied.kind);
+            let (limit, [limit_name, remaining, reset]) = match family {
+                Family::Requests => (families.requests, OPENAI_REQUESTS),
+                Family::Tokens => (families.tokens, OPENAI_TOKENS),
+            };
+            let limit = limit.map_or(denied.quota, |(_, l)| l);
+            headers.insert(limit_name, HeaderValue::from(limit));
+            headers.insert(remaining, HeaderValue::from(0u64));
+            let mut buf = HeaderBuf::new();
+            let _ = write_duration(&mut buf, wait);
+            if let Some(v) = buf.value() {
+                headers.insert(reset, v);
+            }
+        }
+    }
 }
+
+/// What a limit counts, as OpenAI's headers group limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Family {
+    /// Requests (throttles, request quotas, a concurrency cap).
+    Requests,
+    /// Tokens (token budgets).
+    Tokens,
+}
+
+impl Family {
+    /// The family of a limit of `kind`.
+    pub(crate) fn of(kind: LimitKind) -> Self {
+        if kind.counts_tokens() {
+            Family::Tokens
+        } else {
+            Family::Requests
+        }
+    }
+}
+
+/// A limit's family and its rank as the family's defining limit (lower
+/// ranks define first; see [`HeaderStyle`]); a concurrency cap defines no
+/// family: its count says nothing about a pace.
+pub(crate) fn defining_rank(kind: LimitKind) -> Option<(Family, u8)> {
+    use LimitKind::*;
+    let rank = match kind {
+        Throttle | TokensMinute => 0,
+        Account | AccountTokensMinute => 1,
+        Quota | TokensDay => 2,
+        AccountQuota | TokensMonth => 3,
+        Stage | AccountTokensDay => 4,
+        Method | AccountTokensMonth => 5,
+        StageMethod => 6,
+        Concurrency => return None,
+    };
+    Some((Family::of(kind), rank))
+}
+
+/// The defining limit of each family for one caller: its rank and size
+/// (see [`HeaderStyle`]), read from the plan for a rejection's headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Families {
+    pub(crate) requests: Option<(u8, u64)>,
+    pub(crate) tokens: Option<(u8, u64)>,
+}
+
+impl Families {
+    /// Considers a limit of `kind` and size `limit`: it becomes its
+    /// family's defining limit if it ranks first so far.
+    pub(crate) fn offer(&mut self, kind: LimitKind, limit: u64) {
+        let Some((family, rank)) = defining_rank(kind) else {
+            return;
+        };
+        let slot = match family {
+            Family::Requests => &mut self.requests,
+            Family::Tokens => &mut self.tokens,
+        };
+        if slot.is_none_or(|(r, _)| rank < r) {
+            *slot = Some((rank, limit));
+        }
+    }
+}
+
+const OPENAI_REQUESTS: [HeaderName; 3] = [
+    OPENAI_LIMIT_REQUESTS,
+    OPENAI_REMAINING_REQUESTS,
+    OPENAI_RESET_REQUESTS,
+];
+const OPENAI_TOKENS: [HeaderName; 3] = [
+    OPENAI_LIMIT_TOKENS,
+    OPENAI_REMAINING_TOKENS,
+    OPENAI_RESET_TOKENS,
+];
 
 /// The rate-limit headers of one response, ready to write (see
 /// [`HeaderStyle::prepare`]); the default writes nothing.
@@ -176,7 +312,7 @@ pub(crate) struct Prepared {
     policy: Option<HeaderValue>,
     /// The limit closest to denying, for `RateLimit` and `X-RateLimit-*`.
     tight: Option<Applied>,
-    /// The tightest request limit and token limit, for OpenAI's headers.
+    /// The defining request limit and token limit, for OpenAI's headers.
     requests: Option<Applied>,
     tokens: Option<Applied>,
 }
@@ -221,22 +357,8 @@ impl Prepared {
         }
         if self.style.openai {
             let names = [
-                (
-                    &self.requests,
-                    [
-                        OPENAI_LIMIT_REQUESTS,
-                        OPENAI_REMAINING_REQUESTS,
-                        OPENAI_RESET_REQUESTS,
-                    ],
-                ),
-                (
-                    &self.tokens,
-                    [
-                        OPENAI_LIMIT_TOKENS,
-                        OPENAI_REMAINING_TOKENS,
-                        OPENAI_RESET_TOKENS,
-                    ],
-                ),
+                (&self.requests, OPENAI_REQUESTS),
+                (&self.tokens, OPENAI_TOKENS),
             ];
             for (item, [limit, remaining, reset]) in names {
                 let Some(a) = item else { continue };
@@ -506,7 +628,7 @@ mod tests {
     }
 
     #[test]
-    fn openai_headers_show_the_tightest_request_and_token_limits() {
+    fn openai_headers_show_the_defining_request_and_token_limits() {
         let r = report(&[
             ("throttle", 5, 3, 4, 500_000_000),
             ("quota", 1000, 86_400, 900, 3_600_000_000_000),

@@ -138,7 +138,7 @@ pub use crate::policy::{DEFAULT_HISTORY_DAYS, Policy, PolicyBuilder};
 pub use crate::resolver::{
     KeyResolver, Resolution, ResolveError, ResolveFuture, ResolvedKey, Resolver, ResolverFallback,
 };
-pub use crate::response::{DefaultOnRejection, OnRejection, Reason, Rejection};
+pub use crate::response::{DefaultOnRejection, OnRejection, Reason, Rejection, ResponseStyle};
 pub use crate::store::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 pub use crate::store::{RedisStore, RedisStoreBuilder};

@@ -10,9 +10,17 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::extract::KeyError;
 use crate::headers::ceil_secs;
+use crate::plan::LimitKind;
 use crate::store::{Applied, Denial, Report};
 
 mod grpc;
+mod style;
+
+pub use self::style::ResponseStyle;
+
+/// The default bound on a retry worth waiting for: a rejection whose retry
+/// lies further away is answered with `x-should-retry: false`.
+pub(crate) const DEFAULT_MAX_RETRY: Duration = Duration::from_secs(60);
 
 /// Why a request was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,9 +64,23 @@ pub enum Reason {
 /// | store failed, plan `failure = "closed"` | 503 `{"message":"Service Unavailable"}` | `grpc-status: 14` (UNAVAILABLE) |
 /// | key resolver failed or timed out (default [`ResolverFallback`](crate::ResolverFallback)) | 503 `{"message":"Service Unavailable"}` | `grpc-status: 14` (UNAVAILABLE) |
 ///
+/// These are the statuses and bodies of the [`ResponseStyle::Aws`] style (the
+/// default); [`ResponseStyle::OpenAi`] answers OpenAI's.
+///
+/// In every style, a rejection that can pass later carries `Retry-After` (whole
+/// seconds, rounded up) and `retry-after-ms` (milliseconds, rounded up: the
+/// exact wait, which OpenAI's SDKs read first). A cost larger than a whole
+/// limit carries them too, the time until that limit is full again, and
+/// `x-should-retry: false`: it can never pass. So does a rejection whose
+/// retry lies beyond a bound (default 60 s, see
+/// [`max_retry`](crate::RateLimitLayerBuilder::max_retry)): a client should
+/// not sleep that long in a retry loop.
+///
 /// gRPC rejections are trailers-only: HTTP 200, an empty body, and
-/// `grpc-status` / `grpc-message` in the headers. `Retry-After` is in whole
-/// seconds, rounded up.
+/// `grpc-status` / `grpc-message` in the headers. A limit's rejection also
+/// carries `grpc-retry-pushback-ms`, which gRPC's own retry policies obey:
+/// the wait in milliseconds, or `-1` (do not retry) where HTTP says
+/// `x-should-retry: false`.
 ///
 /// A `grpc-status: 8` rejection also carries `grpc-status-details-bin`, the
 /// [richer error model] of gRPC: a `google.rpc.Status` (base64, unpadded)
@@ -78,8 +100,11 @@ pub struct Rejection {
     reason: Reason,
     status: StatusCode,
     limit: Option<&'static str>,
+    kind: Option<LimitKind>,
     retry_after: Option<Duration>,
     grpc: bool,
+    style: ResponseStyle,
+    max_retry: Duration,
 }
 
 impl Rejection {
@@ -93,8 +118,11 @@ impl Rejection {
             reason,
             status,
             limit: None,
+            kind: None,
             retry_after: None,
             grpc: false,
+            style: ResponseStyle::Aws,
+            max_retry: DEFAULT_MAX_RETRY,
         }
     }
 
@@ -103,9 +131,20 @@ impl Rejection {
             reason: Reason::StoreUnavailable,
             status: StatusCode::SERVICE_UNAVAILABLE,
             limit: None,
+            kind: None,
             retry_after: None,
             grpc: false,
+            style: ResponseStyle::Aws,
+            max_retry: DEFAULT_MAX_RETRY,
         }
+    }
+
+    /// Answers the rejection in `style`, a retry beyond `max_retry` not
+    /// worth waiting for.
+    pub(crate) fn with_style(mut self, style: ResponseStyle, max_retry: Duration) -> Self {
+        self.style = style;
+        self.max_retry = max_retry;
+        self
     }
 
     /// Marks the rejection as one of a gRPC call (answered trailers-only).
@@ -133,8 +172,11 @@ impl Rejection {
             reason,
             status,
             limit: Some(limit.name()),
+            kind: Some(limit.kind()),
             retry_after: retry.map(Duration::from_nanos),
             grpc: false,
+            style: ResponseStyle::Aws,
+            max_retry: DEFAULT_MAX_RETRY,
         }
     }
 
@@ -148,9 +190,40 @@ impl Rejection {
         self.limit
     }
 
+    /// The kind of the limit that rejected the request, if a limit did.
+    pub fn kind(&self) -> Option<LimitKind> {
+        self.kind
+    }
+
     /// How long until the request would pass, if it ever will.
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_after
+    }
+
+    /// Whether a client should retry: a limit rejected the request, it can
+    /// pass later, and no later than the layer's bound on a retry worth
+    /// waiting for (default 60 s). The default responses say
+    /// `x-should-retry: false` (gRPC: `grpc-retry-pushback-ms: -1`) when a
+    /// limit rejected and this is false.
+    ///
+    /// ```
+    /// use tollgate::{Policy, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// let layer = RateLimitLayer::new(Policy::per_key(
+    ///     UsagePlan::new("p").throttle(Throttle::new(1.0, 1)?),
+    /// )?);
+    /// layer.check(b"k", 1).unwrap();
+    /// assert!(layer.check(b"k", 1).unwrap_err().should_retry());
+    /// assert!(!layer.check(b"k", 2).unwrap_err().should_retry()); // never fits
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// ```
+    pub fn should_retry(&self) -> bool {
+        self.retry_after.is_some_and(|d| d <= self.max_retry)
+    }
+
+    /// The style the default response is answered in.
+    pub fn style(&self) -> ResponseStyle {
+        self.style
     }
 
     /// Whether the request was a gRPC call.
@@ -159,13 +232,18 @@ impl Rejection {
     }
 
     /// The HTTP status of the default (non-gRPC) response: 403 for key
-    /// problems, 429 for limits (a quota's status is configurable), 500 for a
-    /// configuration mistake, 503 for a failed store or key resolver.
+    /// problems (401 in the [`OpenAi`](ResponseStyle::OpenAi) style), 429 for
+    /// limits (a quota's status is configurable), 500 for a configuration
+    /// mistake, 503 for a failed store or key resolver.
     pub fn status(&self) -> StatusCode {
-        self.status
+        match self.style {
+            ResponseStyle::Aws => self.status,
+            ResponseStyle::OpenAi => style::openai_status(self),
+        }
     }
 
-    /// The message of the default response body.
+    /// The message of the default gRPC response and of the
+    /// [`Aws`](ResponseStyle::Aws) style's body.
     pub fn message(&self) -> &'static str {
         match self.reason {
             Reason::Key(KeyError::MissingPeerAddr) => {
@@ -201,9 +279,21 @@ impl Rejection {
             .map(|d| ceil_secs(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)).max(1))
     }
 
-    /// The default response: JSON for HTTP, trailers-only for gRPC (with
-    /// `grpc-status-details-bin` for limits), and `Retry-After` when the
-    /// request can pass later.
+    /// `retry-after-ms`: the wait in milliseconds, rounded up.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        self.retry_after.map(|d| {
+            u64::try_from(d.as_nanos().div_ceil(1_000_000))
+                .unwrap_or(u64::MAX)
+                .max(1)
+        })
+    }
+
+    /// The default response: JSON in the rejection's [style](ResponseStyle)
+    /// for HTTP, trailers-only for gRPC (with `grpc-status-details-bin` and
+    /// `grpc-retry-pushback-ms` for limits), `Retry-After` and
+    /// `retry-after-ms` when the request can pass later, and
+    /// `x-should-retry: false` when a limit rejected it and it
+    /// [should not be retried](Self::should_retry).
     pub fn default_response(&self) -> Response<Bytes> {
         let mut res = if self.grpc {
             let mut res = Response::new(Bytes::new());
@@ -220,24 +310,43 @@ impl Rejection {
                     self.limit,
                 );
                 h.insert(GRPC_STATUS_DETAILS, details);
+                h.insert(GRPC_RETRY_PUSHBACK, self.pushback());
             }
             res
         } else {
-            let mut body = String::with_capacity(self.message().len() + 16);
-            body.push_str("{\"message\":\"");
-            body.push_str(self.message());
-            body.push_str("\"}");
+            let body = match self.style {
+                ResponseStyle::Aws => {
+                    let mut body = String::with_capacity(self.message().len() + 16);
+                    body.push_str("{\"message\":\"");
+                    body.push_str(self.message());
+                    body.push_str("\"}");
+                    body
+                }
+                ResponseStyle::OpenAi => style::openai_body(self),
+            };
             let mut res = Response::new(Bytes::from(body));
             *res.status_mut() = self.status();
             res.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             res
         };
-        if let Some(secs) = self.retry_after_secs() {
-            res.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(secs));
+        let h = res.headers_mut();
+        if let (Some(secs), Some(ms)) = (self.retry_after_secs(), self.retry_after_ms()) {
+            h.insert(RETRY_AFTER, HeaderValue::from(secs));
+            h.insert(RETRY_AFTER_MS, HeaderValue::from(ms));
+        }
+        if self.limit.is_some() && !self.should_retry() {
+            h.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
         }
         res
+    }
+
+    /// `grpc-retry-pushback-ms`: the wait, or `-1` (do not retry).
+    fn pushback(&self) -> HeaderValue {
+        match self.retry_after_ms() {
+            Some(ms) if self.should_retry() => HeaderValue::from(ms),
+            _ => HeaderValue::from_static("-1"),
+        }
     }
 }
 
@@ -267,6 +376,9 @@ impl fmt::Display for Rejection {
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 const GRPC_STATUS_DETAILS: HeaderName = HeaderName::from_static("grpc-status-details-bin");
+const GRPC_RETRY_PUSHBACK: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
+pub(crate) const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+pub(crate) const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 /// Builds rejection responses in place of the default one.
 ///

@@ -1,4 +1,5 @@
-//! Keys taken from request headers: [`ApiKeyHeader`] and [`Bearer`].
+//! Keys taken from request headers: [`ApiKeyHeader`], [`Bearer`] and
+//! [`BearerOrApiKey`].
 
 use http::HeaderMap;
 use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
@@ -153,6 +154,107 @@ impl KeyExtractor for Bearer {
         let value = single(req.headers, &AUTHORIZATION)?;
         let token = bearer_token(value.as_bytes()).ok_or(KeyError::Missing)?;
         validate(token, self.max_len).map(Key::borrowed)
+    }
+}
+
+/// Takes the key from `Authorization: Bearer <key>` or from `x-api-key`,
+/// as OpenAI's clients (and Anthropic's, and most others) send it.
+///
+/// Either header alone gives the key, each read as [`Bearer`] and
+/// [`ApiKeyHeader`] read it. An `Authorization` header of another scheme
+/// (`Basic`, meant for a proxy) is left alone. When both carry a key:
+///
+/// - the same key: that key;
+/// - different keys: [`KeyError::Conflicting`], answered as an invalid key;
+/// - one unusable (empty, too long, repeated): its error, as either alone.
+///
+/// Different keys are refused rather than one preferred: two credentials
+/// that disagree are a client's mistake (a stale environment variable
+/// beside a new header, a proxy that adds its own), and choosing either
+/// would charge, or let in, a caller the client may not have meant. The
+/// request is refused and the client told why.
+///
+/// ```
+/// use tollgate::extract::{BearerOrApiKey, KeyError, KeyExtractor, RequestView};
+///
+/// let extractor = BearerOrApiKey::new();
+/// let bearer = http::Request::builder()
+///     .header("authorization", "Bearer sk-123")
+///     .body(())
+///     .unwrap();
+/// assert_eq!(extractor.extract(&RequestView::new(&bearer)).unwrap().as_bytes(), b"sk-123");
+///
+/// let both = http::Request::builder()
+///     .header("authorization", "Bearer sk-123")
+///     .header("x-api-key", "sk-456")
+///     .body(())
+///     .unwrap();
+/// assert_eq!(
+///     extractor.extract(&RequestView::new(&both)).unwrap_err(),
+///     KeyError::Conflicting
+/// );
+/// ```
+#[derive(Debug, Clone)]
+pub struct BearerOrApiKey {
+    bearer: Bearer,
+    header: ApiKeyHeader,
+}
+
+impl BearerOrApiKey {
+    /// Reads `Authorization: Bearer` and `x-api-key`, keys of at most
+    /// [`DEFAULT_MAX_KEY_LEN`] bytes.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            bearer: Bearer::new(),
+            header: ApiKeyHeader::new(),
+        }
+    }
+
+    /// Reads the header `name` instead of `x-api-key`.
+    #[must_use]
+    pub fn with_name(mut self, name: HeaderName) -> Self {
+        self.header = ApiKeyHeader::with_name(name).max_len(self.bearer.max_len);
+        self
+    }
+
+    /// Sets the longest accepted key, in bytes; longer keys are rejected with
+    /// [`KeyError::TooLong`].
+    #[must_use]
+    pub fn max_len(mut self, max_len: usize) -> Self {
+        self.bearer = self.bearer.max_len(max_len);
+        self.header = self.header.max_len(max_len);
+        self
+    }
+}
+
+impl Default for BearerOrApiKey {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl KeyExtractor for BearerOrApiKey {
+    fn extract<'r>(&self, req: &RequestView<'r>) -> Result<Key<'r>, KeyError> {
+        let bearer = match self.bearer.extract(req) {
+            // No `Authorization`, or one of another scheme.
+            Err(KeyError::Missing) => None,
+            other => Some(other),
+        };
+        let header = match self.header.extract(req) {
+            Err(KeyError::Missing) => None,
+            other => Some(other),
+        };
+        match (bearer, header) {
+            // A credential present but unusable is refused even beside a
+            // good one: the client may have meant either.
+            (Some(Err(e)), _) | (_, Some(Err(e))) => Err(e),
+            (Some(Ok(a)), Some(Ok(b))) if a.as_bytes() != b.as_bytes() => {
+                Err(KeyError::Conflicting)
+            }
+            (Some(key), _) | (None, Some(key)) => key,
+            (None, None) => Err(KeyError::Missing),
+        }
     }
 }
 
@@ -361,5 +463,47 @@ mod tests {
         fn check<T: KeyExtractor + Clone + std::fmt::Debug>() {}
         check::<ApiKeyHeader>();
         check::<Bearer>();
+    }
+
+    #[test]
+    fn bearer_or_api_key() {
+        let e = BearerOrApiKey::new();
+        assert_eq!(
+            extract(&e, &[("authorization", b"Bearer k1")]).unwrap(),
+            b"k1"
+        );
+        assert_eq!(extract(&e, &[("x-api-key", b"k2")]).unwrap(), b"k2");
+        assert_eq!(
+            extract(&e, &[("authorization", b"Bearer k1"), ("x-api-key", b"k1")]).unwrap(),
+            b"k1"
+        );
+        assert_eq!(
+            extract(&e, &[("authorization", b"Bearer k1"), ("x-api-key", b"k2")]),
+            Err(KeyError::Conflicting)
+        );
+        // Another scheme is meant for someone else: the header key stands.
+        assert_eq!(
+            extract(
+                &e,
+                &[("authorization", b"Basic dXNlcg=="), ("x-api-key", b"k2")]
+            )
+            .unwrap(),
+            b"k2"
+        );
+        assert_eq!(extract(&e, &[]), Err(KeyError::Missing));
+        assert_eq!(
+            extract(&e, &[("authorization", b"Bearer")]),
+            Err(KeyError::Empty)
+        );
+        assert_eq!(
+            extract(&e, &[("authorization", b"Bearer k1"), ("x-api-key", b"")]),
+            Err(KeyError::Empty)
+        );
+        assert_eq!(
+            extract(&e.clone().max_len(2), &[("x-api-key", b"k23")]),
+            Err(KeyError::TooLong)
+        );
+        let named = e.with_name(HeaderName::from_static("api-key"));
+        assert_eq!(extract(&named, &[("api-key", b"k3")]).unwrap(), b"k3");
     }
 }

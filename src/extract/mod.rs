@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`ApiKeyHeader`] | the `x-api-key` header (name configurable) |
 //! | [`Bearer`] | the token of `Authorization: Bearer <token>` |
+//! | [`BearerOrApiKey`] | either of them, as OpenAI's clients send keys |
 //! | [`ExtensionKey`] | a request extension set by an upstream auth layer |
 //! | [`ClientIp`] | the peer address, through trusted proxies only |
 //! | [`GlobalKey`] | one key shared by every request |
@@ -24,7 +25,7 @@ use std::fmt;
 use http::{Extensions, HeaderMap, Method, Uri};
 
 pub use self::extension::ExtensionKey;
-pub use self::header::{ApiKeyHeader, Bearer};
+pub use self::header::{ApiKeyHeader, Bearer, BearerOrApiKey};
 pub use self::ip::{ClientIp, ForwardedHeader};
 
 /// The longest key accepted by the built-in extractors unless configured otherwise, in bytes.
@@ -213,6 +214,10 @@ pub enum KeyError {
     /// for hyper or tonic: insert the peer `SocketAddr` as a request extension).
     /// This is a configuration mistake, answered with a 500 that says so.
     MissingPeerAddr,
+    /// The request carries two different keys (e.g. `Authorization: Bearer`
+    /// and `x-api-key`, see [`BearerOrApiKey`]): answered as an invalid key
+    /// rather than guessing which credential the client meant.
+    Conflicting,
 }
 
 impl KeyError {
@@ -229,6 +234,7 @@ impl fmt::Display for KeyError {
             KeyError::Empty => "empty key",
             KeyError::Malformed => "malformed key",
             KeyError::TooLong => "key too long",
+            KeyError::Conflicting => "two different keys in request",
             KeyError::MissingPeerAddr => {
                 "peer address unavailable: serve with connect info (axum: into_make_service_with_connect_info::<SocketAddr>()) or insert the peer SocketAddr as a request extension"
             }

@@ -14,7 +14,7 @@ use crate::observe::{Seen, SharedObserver, Watch};
 use crate::plan::{AccountLimits, FailureMode, Plan, StageLimits};
 use crate::policy::{Policy, Snapshot};
 use crate::resolver::{Answer, Lookup, ResolveError, ResolverFallback, Resolving};
-use crate::response::{Decision, Reason, Rejection, SharedOnRejection};
+use crate::response::{Decision, Reason, Rejection, ResponseStyle, SharedOnRejection};
 use crate::store::Failures;
 use crate::store::{Acquire, Acquired, Denied, MemoryStore, Report, Store, Subject, ThrottleRef};
 
@@ -36,6 +36,10 @@ pub(crate) struct Shared<K, S> {
     pub(crate) headers: HeaderStyle,
     pub(crate) on_rejection: Option<SharedOnRejection>,
     pub(crate) quota_status: StatusCode,
+    /// How rejections are answered.
+    pub(crate) style: ResponseStyle,
+    /// The longest retry worth waiting for.
+    pub(crate) max_retry: std::time::Duration,
     /// Estimates the tokens of requests under plans with a token budget.
     pub(crate) estimator: Box<dyn CostEstimator>,
     pub(crate) failures: Failures,
@@ -470,9 +474,10 @@ impl<K> Shared<K, MemoryStore> {
                     Miss::Refused(rejection) => rejection,
                     // Never asked for without waiting.
                     Miss::Lookup(_) => Rejection::key(Reason::UnknownKey),
-                })?,
+                })
+                .map_err(|r| self.styled(r))?,
         };
-        result.map_err(|d| Rejection::denied(d.denial, &d.limit, self.quota_status))
+        result.map_err(|d| self.styled(Rejection::denied(d.denial, &d.limit, self.quota_status)))
     }
 
     /// Decides `cost` units for a caller, without a request.

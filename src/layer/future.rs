@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use super::{Shared, Step};
 use crate::body::{Guard, ResponseBody, Unsettled};
-use crate::extract::RequestView;
+use crate::extract::{KeyExtractor, RequestView};
 use crate::headers::{HeaderStyle, Prepared};
 use crate::observe::Watch;
 use crate::plan::FailureMode;
@@ -122,6 +122,7 @@ where
 
 impl<S, B, K, St, ResBody> Future for ResponseFuture<S, Request<B>, K, St>
 where
+    K: KeyExtractor,
     S: Service<Request<B>, Response = Response<ResBody>>,
     St: Store,
 {
@@ -169,7 +170,11 @@ where
                         Step::Done(Err((rejection, limit))) => {
                             let rejection = rejection.with_grpc(is_grpc(parked.req.headers()));
                             State::Rejected {
-                                response: Some(shared.reject(rejection, limit)),
+                                response: Some(shared.reject(
+                                    rejection,
+                                    limit,
+                                    &RequestView::new(&parked.req),
+                                )),
                             }
                         }
                         // A resolved key is never looked up again.
@@ -177,7 +182,11 @@ where
                             let rejection = Rejection::key(Reason::ResolverUnavailable)
                                 .with_grpc(is_grpc(parked.req.headers()));
                             State::Rejected {
-                                response: Some(shared.reject(rejection, None)),
+                                response: Some(shared.reject(
+                                    rejection,
+                                    None,
+                                    &RequestView::new(&parked.req),
+                                )),
                             }
                         }
                     }
@@ -205,7 +214,11 @@ where
                         Err((rejection, limit)) => {
                             let rejection = rejection.with_grpc(is_grpc(req.headers()));
                             State::Rejected {
-                                response: Some(shared.reject(rejection, limit)),
+                                response: Some(shared.reject(
+                                    rejection,
+                                    limit,
+                                    &RequestView::new(&req),
+                                )),
                             }
                         }
                     }

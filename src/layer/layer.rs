@@ -5,16 +5,17 @@ use tower_layer::Layer;
 
 use super::{RateLimit, Shared, SharedState, Step};
 use crate::cost::{CostEstimator, ExtensionEstimate};
-use crate::extract::{ApiKeyHeader, KeyExtractor};
+use crate::extract::{ApiKeyHeader, BearerOrApiKey, KeyExtractor};
 use crate::headers::HeaderStyle;
 use crate::observe::Observer;
 use crate::policy::Policy;
 use crate::resolver::Resolver;
-use crate::response::{OnRejection, Reason, Rejection};
+use crate::response::{DEFAULT_MAX_RETRY, OnRejection, Reason, Rejection, ResponseStyle};
 use crate::store::Failures;
 use crate::store::{MemoryStore, Report, Store};
 use crate::usage::Admin;
 use http::StatusCode;
+use std::time::Duration;
 
 /// Applies usage-plan rate limits to a service.
 ///
@@ -47,6 +48,28 @@ impl RateLimitLayer<ApiKeyHeader> {
         Self::builder(policy).build()
     }
 
+    /// A layer for `policy` that OpenAI's clients (and SDKs built on them)
+    /// work with unchanged: keys from `Authorization: Bearer` or `x-api-key`
+    /// ([`BearerOrApiKey`]), rejections in the
+    /// [`OpenAi`](ResponseStyle::OpenAi) style, and OpenAI's
+    /// `x-ratelimit-*-{requests,tokens}` headers beside the IETF ones. The
+    /// same as [`builder`](Self::builder)`(policy).`[`openai()`](RateLimitLayerBuilder::openai)`.build()`.
+    ///
+    /// ```
+    /// use tollgate::{ApiKey, Policy, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// let policy = Policy::builder()
+    ///     .plan(UsagePlan::new("free").throttle(Throttle::new(2.0, 5)?))
+    ///     .key(ApiKey::new("free-1", "sk-demo", "free"))
+    ///     .build()?;
+    /// let layer = RateLimitLayer::openai(policy);
+    /// # let _ = layer;
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// ```
+    pub fn openai(policy: Policy) -> RateLimitLayer<BearerOrApiKey> {
+        Self::builder(policy).openai().build()
+    }
+
     /// Configures a layer for `policy`.
     pub fn builder(policy: Policy) -> RateLimitLayerBuilder<ApiKeyHeader> {
         RateLimitLayerBuilder {
@@ -56,6 +79,8 @@ impl RateLimitLayer<ApiKeyHeader> {
             headers: HeaderStyle::default(),
             on_rejection: None,
             quota_status: StatusCode::TOO_MANY_REQUESTS,
+            style: ResponseStyle::Aws,
+            max_retry: DEFAULT_MAX_RETRY,
             estimator: Box::new(ExtensionEstimate),
             observer: None,
             resolver: None,
@@ -145,7 +170,9 @@ impl<K, S: Store> RateLimitLayer<K, S> {
             if let Some(permit) = decided.as_ref().ok().and_then(Report::permit) {
                 shared.store.release(permit);
             }
-            decided.map(|_| ()).map_err(|(rejection, _)| rejection)
+            decided
+                .map(|_| ())
+                .map_err(|(rejection, _)| shared.styled(rejection))
         }
     }
 
@@ -218,6 +245,8 @@ pub struct RateLimitLayerBuilder<K, S = MemoryStore> {
     headers: HeaderStyle,
     on_rejection: Option<Arc<dyn OnRejection>>,
     quota_status: StatusCode,
+    style: ResponseStyle,
+    max_retry: Duration,
     estimator: Box<dyn CostEstimator>,
     observer: Option<Arc<dyn Observer>>,
     resolver: Option<Resolver>,
@@ -233,6 +262,8 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             headers: self.headers,
             on_rejection: self.on_rejection,
             quota_status: self.quota_status,
+            style: self.style,
+            max_retry: self.max_retry,
             estimator: self.estimator,
             observer: self.observer,
             resolver: self.resolver,
@@ -251,6 +282,8 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             headers: self.headers,
             on_rejection: self.on_rejection,
             quota_status: self.quota_status,
+            style: self.style,
+            max_retry: self.max_retry,
             estimator: self.estimator,
             observer: self.observer,
             resolver: self.resolver,
@@ -278,6 +311,69 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
     pub fn quota_status(mut self, status: StatusCode) -> Self {
         self.quota_status = status;
         self
+    }
+
+    /// How rejections are answered (default: [`ResponseStyle::Aws`]).
+    ///
+    /// ```
+    /// use tollgate::{Policy, RateLimitLayer, ResponseStyle, Throttle, UsagePlan};
+    ///
+    /// let policy = Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(1.0, 1)?))?;
+    /// let layer = RateLimitLayer::builder(policy)
+    ///     .style(ResponseStyle::OpenAi)
+    ///     .build();
+    /// assert!(layer.check(b"k", 1).is_ok());
+    /// let rejected = layer.check(b"k", 1).unwrap_err();
+    /// assert_eq!(rejected.style(), ResponseStyle::OpenAi);
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// ```
+    pub fn style(mut self, style: ResponseStyle) -> Self {
+        self.style = style;
+        self
+    }
+
+    /// The longest retry worth waiting for (default 60 s): a rejection whose
+    /// retry lies further away (a quota that renews tomorrow) is answered
+    /// with `x-should-retry: false` (gRPC: `grpc-retry-pushback-ms: -1`), so
+    /// that clients' retry loops give up at once instead of sleeping.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tollgate::{Policy, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// // One request every 10 s: its retry lies beyond a 5 s bound.
+    /// let policy = Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(0.1, 1)?))?;
+    /// let layer = RateLimitLayer::builder(policy)
+    ///     .max_retry(Duration::from_secs(5))
+    ///     .build();
+    /// layer.check(b"k", 1).unwrap();
+    /// assert!(!layer.check(b"k", 1).unwrap_err().should_retry());
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// ```
+    pub fn max_retry(mut self, max_retry: Duration) -> Self {
+        self.max_retry = max_retry;
+        self
+    }
+
+    /// Everything OpenAI's clients expect: keys from `Authorization: Bearer`
+    /// or `x-api-key` ([`BearerOrApiKey`]), the
+    /// [`OpenAi`](ResponseStyle::OpenAi) style, and OpenAI's
+    /// `x-ratelimit-*-{requests,tokens}` headers added to those configured.
+    /// Later calls can change any of them.
+    ///
+    /// ```
+    /// use tollgate::{Policy, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// let policy = Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(1.0, 1)?))?;
+    /// let layer = RateLimitLayer::builder(policy).openai().build();
+    /// # let _ = layer;
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// ```
+    pub fn openai(self) -> RateLimitLayerBuilder<BearerOrApiKey, S> {
+        let headers = self.headers.openai(true);
+        self.extractor(BearerOrApiKey::new())
+            .style(ResponseStyle::OpenAi)
+            .headers(headers)
     }
 
     /// Builds rejection responses with `f` instead of the defaults. Rate-limit
@@ -350,6 +446,8 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
                 headers: self.headers,
                 on_rejection: self.on_rejection,
                 quota_status: self.quota_status,
+                style: self.style,
+                max_retry: self.max_retry,
                 estimator: self.estimator,
                 failures: Failures::default(),
                 observer: self.observer,

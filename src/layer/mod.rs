@@ -1,6 +1,7 @@
 //! The tower layer, service and future, and the engine they share.
 
 mod engine;
+mod family;
 mod future;
 #[allow(clippy::module_inception)]
 mod layer;

@@ -3,14 +3,16 @@
 //! observer told, and the response of a rejection.
 
 use bytes::Bytes;
-use http::Response;
+use http::header::RETRY_AFTER;
+use http::{HeaderValue, Response};
 
 use super::engine::Shared;
-use crate::extract::RequestView;
+use crate::extract::{KeyExtractor, RequestView};
+use crate::headers::{Families, ceil_secs};
 use crate::observe::{Observer, Outcome, Seen, Watch, outcome};
 use crate::plan::FailureMode;
-use crate::response::{Decision, Reason, Rejection, Unchecked};
-use crate::store::{Applied, Denied, Report, StoreError, Verdict};
+use crate::response::{Decision, RETRY_AFTER_MS, Reason, Rejection, Unchecked, X_SHOULD_RETRY};
+use crate::store::{Applied, Denied, StoreError, Verdict};
 
 impl<K, S> Shared<K, S> {
     /// Turns a store's answer into a decision; a failed store lets the
@@ -135,26 +137,62 @@ impl<K, S> Shared<K, S> {
     }
 }
 
-impl<K, S> Shared<K, S> {
-    /// The response for a rejected request.
+impl<K: KeyExtractor, S> Shared<K, S> {
+    /// The response for a rejected request: the rejection's response in the
+    /// layer's style, `Retry-After`, `retry-after-ms` and `x-should-retry`
+    /// unless a custom response set them, and the rate-limit headers of the
+    /// limit that denied (with the defining limits of the caller's plan for
+    /// OpenAI's headers).
     #[cold]
-    pub(crate) fn reject(&self, rejection: Rejection, limit: Option<Applied>) -> Response<Bytes> {
+    pub(crate) fn reject(
+        &self,
+        rejection: Rejection,
+        limit: Option<Applied>,
+        req: &RequestView<'_>,
+    ) -> Response<Bytes> {
+        let rejection = self.styled(rejection);
         let mut res = match &self.on_rejection {
             Some(f) => f.response(&rejection),
             None => rejection.default_response(),
         };
         let headers = res.headers_mut();
-        if let Some(secs) = rejection.retry_after_secs() {
+        // The wait: until the request passes, or, for a cost that never
+        // fits, until the limit is as full as it gets.
+        let wait = match (rejection.retry_after(), &limit) {
+            (Some(d), _) => Some(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)),
+            (None, Some(l)) if rejection.reason() == Reason::CostExceedsLimit => Some(l.reset),
+            _ => None,
+        };
+        if let Some(wait) = wait {
             headers
-                .entry(http::header::RETRY_AFTER)
-                .or_insert_with(|| http::HeaderValue::from(secs));
+                .entry(RETRY_AFTER)
+                .or_insert_with(|| HeaderValue::from(ceil_secs(wait)));
+            headers
+                .entry(RETRY_AFTER_MS)
+                .or_insert_with(|| HeaderValue::from(wait.div_ceil(1_000_000)));
+        }
+        if limit.is_some() && !rejection.should_retry() {
+            headers
+                .entry(X_SHOULD_RETRY)
+                .or_insert_with(|| HeaderValue::from_static("false"));
         }
         if let Some(limit) = limit {
-            let mut report = Report::default();
-            report.push(limit);
-            self.headers.write(&report, headers);
+            let families = match self.headers.has_openai() {
+                true => self.families(req),
+                false => Families::default(),
+            };
+            let wait = wait.unwrap_or(limit.reset);
+            self.headers.write_denied(&limit, wait, &families, headers);
         }
         res.extensions_mut().insert(rejection);
         res
+    }
+}
+
+impl<K, S> Shared<K, S> {
+    /// `rejection` answered in the layer's style.
+    #[inline]
+    pub(crate) fn styled(&self, rejection: Rejection) -> Rejection {
+        rejection.with_style(self.style, self.max_retry)
     }
 }

@@ -100,7 +100,11 @@ where
             Step::Done(Err((rejection, limit))) => {
                 // Only a rejection needs to know whether the call is gRPC.
                 let rejection = rejection.with_grpc(is_grpc(req.headers()));
-                ResponseFuture::rejected(self.shared.reject(rejection, limit))
+                ResponseFuture::rejected(self.shared.reject(
+                    rejection,
+                    limit,
+                    &RequestView::new(&req),
+                ))
             }
             Step::Resolve(lookup) => {
                 // As below: the readied service goes with the request.

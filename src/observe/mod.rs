@@ -259,6 +259,7 @@ fn reason_name(reason: Reason) -> &'static str {
         Reason::Key(KeyError::Malformed) => "malformed_key",
         Reason::Key(KeyError::TooLong) => "key_too_long",
         Reason::Key(KeyError::MissingPeerAddr) => "missing_peer_addr",
+        Reason::Key(KeyError::Conflicting) => "conflicting_keys",
         Reason::UnknownKey => "unknown_key",
         Reason::DisabledKey => "disabled_key",
         Reason::Limited => "limited",
