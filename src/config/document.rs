@@ -24,6 +24,14 @@ pub(super) struct File {
     pub(super) admin: Option<AdminFile>,
     pub(super) history_days: Option<Spanned<i64>>,
     pub(super) quota_status: Option<Spanned<i64>>,
+    pub(super) response: Option<ResponseFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ResponseFile {
+    pub(super) style: Option<Spanned<String>>,
+    pub(super) max_retry_secs: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]

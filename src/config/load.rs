@@ -7,6 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
+use std::time::Duration;
 
 use http::StatusCode;
 
@@ -19,6 +20,7 @@ use crate::error::ConfigError;
 use crate::extract::ClientIp;
 use crate::plan::{Account, Anonymous, ApiKey, Stage, UsagePlan};
 use crate::policy::Policy;
+use crate::response::{DEFAULT_MAX_RETRY, ResponseStyle};
 
 /// A configuration file, checked and ready to build a [`Policy`] from.
 #[derive(Clone)]
@@ -31,6 +33,8 @@ pub struct Config {
     admin_key: Option<String>,
     history_days: Option<usize>,
     quota_status: StatusCode,
+    style: ResponseStyle,
+    max_retry: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -228,6 +232,28 @@ impl Config {
                 .ok_or_else(|| c.err(s.span(), "quota_status", "must be a 4xx status code"))?,
         };
 
+        let response = file.response.as_ref();
+        let style = match response.and_then(|r| r.style.as_ref()) {
+            None => ResponseStyle::Aws,
+            Some(s) => ResponseStyle::from_name(s.get_ref()).ok_or_else(|| {
+                c.err(s.span(), "response.style", "must be \"aws\" or \"openai\"")
+            })?,
+        };
+        let max_retry = match response.and_then(|r| r.max_retry_secs.as_ref()) {
+            None => DEFAULT_MAX_RETRY,
+            Some(n) => u64::try_from(*n.get_ref())
+                .ok()
+                .filter(|&n| n <= 31 * 86_400)
+                .map(Duration::from_secs)
+                .ok_or_else(|| {
+                    c.err(
+                        n.span(),
+                        "response.max_retry_secs",
+                        "must be 0 to 2678400 (31 days)",
+                    )
+                })?,
+        };
+
         Ok(Config {
             plans,
             accounts,
@@ -237,6 +263,8 @@ impl Config {
             admin_key,
             history_days,
             quota_status,
+            style,
+            max_retry,
         })
     }
 
@@ -293,6 +321,19 @@ impl Config {
     /// The status of a request rejected by a used-up quota.
     pub fn quota_status(&self) -> StatusCode {
         self.quota_status
+    }
+
+    /// How rejections are answered (`[response] style`, default `"aws"`);
+    /// give it to [`RateLimitLayerBuilder::style`](crate::RateLimitLayerBuilder::style).
+    pub fn style(&self) -> ResponseStyle {
+        self.style
+    }
+
+    /// The longest retry worth waiting for (`[response] max_retry_secs`,
+    /// default 60); give it to
+    /// [`RateLimitLayerBuilder::max_retry`](crate::RateLimitLayerBuilder::max_retry).
+    pub fn max_retry(&self) -> Duration {
+        self.max_retry
     }
 
     /// The plans.
@@ -372,6 +413,23 @@ mod tests {
 
         let e = err("quota_status = 200\n");
         assert_eq!((e.line(), e.path()), (1, "quota_status"));
+
+        let e = err("[response]\nstyle = \"OpenAI\"\n");
+        assert_eq!((e.line(), e.path()), (2, "response.style"));
+        assert!(e.message().contains("\"openai\""), "{e}");
+        let e = err("[response]\nstyle = \"aws\"\nmax_retry_secs = -1\n");
+        assert_eq!((e.line(), e.path()), (3, "response.max_retry_secs"));
+        let e = err("[response]\nretry = 1\n");
+        assert_eq!((e.line(), e.path()), (2, "response.retry"));
+        let ok =
+            Config::from_toml("[response]\nstyle = \"openai\"\nmax_retry_secs = 30\n").unwrap();
+        assert_eq!(ok.style(), ResponseStyle::OpenAi);
+        assert_eq!(ok.max_retry(), Duration::from_secs(30));
+        let default = Config::from_toml("").unwrap();
+        assert_eq!(
+            (default.style(), default.max_retry()),
+            (ResponseStyle::Aws, DEFAULT_MAX_RETRY)
+        );
 
         let e = err("[[plans]]\nname = \"free\"\ntokens = { per_minute = 0 }\n");
         assert_eq!((e.line(), e.path()), (3, "plans[0].tokens.per_minute"));

@@ -36,6 +36,10 @@
 //!
 //! [admin]
 //! key = "change-me"                                 # the x-admin-key of admin routes
+//!
+//! [response]
+//! style = "aws"                                     # aws (default) | openai: statuses and bodies of rejections
+//! max_retry_secs = 60                               # a retry further away says x-should-retry: false
 //! ```
 //!
 //! Unknown fields and bad values are errors that name the line, the column
