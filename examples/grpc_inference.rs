@@ -13,13 +13,16 @@
 //!   trailers-only with `RESOURCE_EXHAUSTED` (or `UNAUTHENTICATED` for a bad
 //!   key) and a `google.rpc.RetryInfo` that clients read with
 //!   `tonic_types::StatusExt::get_details_retry_info`.
-//! - **a check in code**: [`RateLimitLayer::check`] decides a key and a cost
-//!   without an HTTP request. `Complete` uses it to charge the tokens a
-//!   request asks for (known only once the message is decoded), and
-//!   [`MetadataKeyLimit`] is a `tonic::service::Interceptor` that limits every
-//!   call of a service by its metadata key (`--interceptor` serves that form).
-//!   [`rejection_status`] turns a rejection into the same `tonic::Status` the
-//!   layer sends.
+//! - **a check in code**: `Complete` charges the tokens a request asks for
+//!   (known only once the message is decoded) against a plan's token budget
+//!   by calling a second layer directly ([`charge_tokens`]): a denial names
+//!   its token limit (`tokens-minute`) and carries the same details and
+//!   trailers (`retry-after`, `retry-after-ms`, `grpc-retry-pushback-ms`) the
+//!   layer sends. [`RateLimitLayer::check`] decides a key and a cost without
+//!   a request; [`MetadataKeyLimit`] is a `tonic::service::Interceptor` that
+//!   uses it to limit every call of a service by its metadata key
+//!   (`--interceptor` serves that form), and [`rejection_status`] turns its
+//!   rejection into the same `tonic::Status` the layer sends.
 //!
 //! The demo makes a few calls with the demo key, prints what they got, and
 //! keeps serving on 127.0.0.1:50051 until Ctrl-C.
@@ -32,7 +35,10 @@ use std::task::{Context, Poll};
 
 use http::uri::PathAndQuery;
 use tokio::net::TcpListener;
-use tollgate::{ApiKey, ConfigError, Policy, RateLimitLayer, Rejection, Throttle, UsagePlan};
+use tollgate::{
+    ApiKey, ConfigError, Policy, RateLimitLayer, Rejection, Throttle, TokenBudget, TokenEstimate,
+    UsagePlan,
+};
 use tonic::body::Body;
 use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
@@ -43,6 +49,7 @@ use tonic::transport::{Channel, Server};
 use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
 use tonic_types::{ErrorDetails, StatusExt};
+use tower::{Layer, ServiceExt};
 
 /// The demo's API key.
 pub(crate) const DEMO_KEY: &str = "demo-key";
@@ -88,13 +95,14 @@ pub(crate) struct Inference {
 
 impl Inference {
     /// Charges each `Complete` call its estimated tokens (prompt tokens +
-    /// `max_tokens`) against `tokens`, keyed by the `x-api-key` metadata.
+    /// `max_tokens`) against `tokens` (a layer whose plans have a
+    /// [`TokenBudget`](tollgate::TokenBudget)), keyed by the `x-api-key` metadata.
     pub(crate) fn limit_tokens(mut self, tokens: RateLimitLayer) -> Self {
         self.tokens = Some(tokens);
         self
     }
 
-    fn complete(
+    async fn complete(
         &self,
         req: tonic::Request<CompleteRequest>,
     ) -> Result<tonic::Response<CompleteReply>, Status> {
@@ -104,11 +112,12 @@ impl Inference {
             n => n,
         };
         if let Some(tokens) = &self.tokens {
-            check_metadata(
+            charge_tokens(
                 tokens,
                 req.metadata(),
                 prompt_tokens.saturating_add(max_tokens),
-            )?;
+            )
+            .await?;
         }
         let text = vec!["token"; max_tokens as usize].join(" ");
         Ok(tonic::Response::new(CompleteReply {
@@ -141,7 +150,10 @@ impl tower::Service<http::Request<Body>> for Inference {
         match req.uri().path() {
             COMPLETE => {
                 let this = self.clone();
-                let method = tower::service_fn(move |req| future::ready(this.complete(req)));
+                let method = tower::service_fn(move |req| {
+                    let this = this.clone();
+                    async move { this.complete(req).await }
+                });
                 Box::pin(async move {
                     let mut grpc = tonic::server::Grpc::new(ProstCodec::default());
                     Ok(grpc.unary(method, req).await)
@@ -164,6 +176,37 @@ pub(crate) fn check_metadata(
     limit
         .check(key.as_bytes(), cost)
         .map_err(|rejection| rejection_status(&rejection))
+}
+
+/// Charges `tokens` to the `x-api-key` in `metadata` through the layer
+/// `limit`, as a gRPC call of that key with a [`TokenEstimate`]: the layer
+/// answers a denial trailers-only, and its headers become the `Status`
+/// (code, message, `google.rpc` details, and the rest as metadata that
+/// tonic sends as trailers), exactly what the layer in front sends.
+pub(crate) async fn charge_tokens(
+    limit: &RateLimitLayer,
+    metadata: &MetadataMap,
+    tokens: u32,
+) -> Result<(), Status> {
+    let key = metadata
+        .get("x-api-key")
+        .ok_or_else(|| Status::unauthenticated("Forbidden"))?;
+    let req = http::Request::builder()
+        .uri(COMPLETE)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header("x-api-key", key.as_bytes())
+        .extension(TokenEstimate(tokens))
+        .body(Body::empty())
+        .map_err(|_| Status::unauthenticated("Forbidden"))?;
+    let admitted = tower::service_fn(|_: http::Request<Body>| async {
+        Ok::<_, Infallible>(http::Response::new(Body::empty()))
+    });
+    let Ok(res) = limit.layer(admitted).oneshot(req).await;
+    match Status::from_header_map(res.headers()) {
+        // The layer's rejections carry a `grpc-status`; an admitted call none.
+        Some(status) if status.code() != Code::Ok => Err(status),
+        _ => Ok(()),
+    }
 }
 
 /// The `tonic::Status` for a rejection: its gRPC code and message and, for
@@ -269,15 +312,24 @@ pub(crate) fn demo_policy(throttle: Throttle) -> Result<Policy, ConfigError> {
         .build()
 }
 
+/// A policy with one plan, a budget of `per_minute` tokens, and the demo
+/// key in it.
+pub(crate) fn token_policy(per_minute: u32) -> Result<Policy, ConfigError> {
+    Policy::builder()
+        .plan(UsagePlan::new("demo-tokens").tokens(TokenBudget::new().per_minute(per_minute)?))
+        .key(ApiKey::new("demo", DEMO_KEY, "demo-tokens"))
+        .build()
+}
+
 fn to_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // Calls: bursts of 5, then 2 per second. Tokens: 180 at once, 100 per second.
+    // Calls: bursts of 5, then 2 per second. Tokens: 180 a minute, 3 per second.
     let requests = RateLimitLayer::new(demo_policy(Throttle::new(2.0, 5)?)?);
-    let tokens = RateLimitLayer::new(demo_policy(Throttle::new(100.0, 180)?)?);
+    let tokens = RateLimitLayer::new(token_policy(180)?);
     let inference = Inference::default().limit_tokens(tokens);
 
     let listener = TcpListener::bind("127.0.0.1:50051").await?;
@@ -306,8 +358,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .get_details_quota_failure()
                     .and_then(|q| q.violations.into_iter().next())
                     .map(|v| v.subject);
+                let pushback = status.metadata().get("grpc-retry-pushback-ms").cloned();
                 println!(
-                    "call {i}: {:?} ({}) by {limit:?}, retry in {retry:?}",
+                    "call {i}: {:?} ({}) by {limit:?}, retry in {retry:?} (pushback {pushback:?} ms)",
                     status.code(),
                     status.message()
                 );

@@ -95,7 +95,7 @@ async fn registered_key_gets_its_burst_then_resource_exhausted() {
     assert!(!status.message().is_empty());
     let meta = status.metadata();
     assert_eq!(meta.get("retry-after").unwrap(), "1");
-    assert_eq!(meta.get("ratelimit").unwrap(), r#""throttle";r=0;t=3"#);
+    assert_eq!(meta.get("ratelimit").unwrap(), r#""throttle";r=0;t=1"#);
 
     // Another key has its own budget; the connection still works.
     check(&mut client, Some(OTHER_KEY)).await.unwrap();

@@ -65,7 +65,7 @@ async fn registered_key_gets_its_burst_then_429_until_time_refills_it() {
     // 2 per second: the next request fits in 0.5 s, rounded up to 1.
     assert_eq!(header(&res, "retry-after"), "1");
     assert_eq!(header(&res, "ratelimit-policy"), r#""throttle";q=5;w=3"#);
-    assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=3"#);
+    assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=1"#);
     assert_too_many(res).await;
 
     // Another key of the same plan has its own bucket.
@@ -345,7 +345,7 @@ async fn grpc_requests_over_http1_get_trailers_only_rejections() {
         assert!(!header(&res, "grpc-message").is_empty(), "{ct}");
         assert!(header(&res, "content-type").starts_with("application/grpc"));
         assert_eq!(header(&res, "retry-after"), "1");
-        assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=3"#);
+        assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=1"#);
         assert!(res.bytes().await.unwrap().is_empty(), "{ct}");
     }
 
@@ -407,7 +407,7 @@ async fn custom_rejections_keep_headers_and_expose_the_rejection() {
     assert_eq!(header(&res, "content-type"), "text/plain");
     assert_eq!(header(&res, "retry-after"), "1");
     assert_eq!(header(&res, "ratelimit-policy"), r#""throttle";q=5;w=3"#);
-    assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=3"#);
+    assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=1"#);
     assert_eq!(header(&res, "x-rejection"), "Limited");
     assert_eq!(
         res.text().await.unwrap(),
@@ -452,7 +452,8 @@ async fn x_ratelimit_headers_can_be_added() {
     assert_eq!(res.status(), 429);
     assert_eq!(header(&res, "x-ratelimit-limit"), "5");
     assert_eq!(header(&res, "x-ratelimit-remaining"), "0");
-    assert_eq!(header(&res, "x-ratelimit-reset"), "3");
+    // On a rejection the reset is the retry, as `Retry-After` says.
+    assert_eq!(header(&res, "x-ratelimit-reset"), "1");
     assert_eq!(header(&res, "retry-after"), "1");
 }
 

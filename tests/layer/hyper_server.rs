@@ -125,5 +125,5 @@ async fn api_keys_are_checked_in_a_hyper_server() {
     }
     let res = c.get(&base).header("x-api-key", KEY).send().await.unwrap();
     assert_eq!(res.status(), 429);
-    assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=3"#);
+    assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=1"#);
 }

@@ -149,7 +149,9 @@ async fn method_override_limits_one_route_while_another_still_passes() {
     );
     let res = s.post(chat, Some("demo-free-key"), CHAT).await;
     assert_eq!(res.status(), 429);
-    assert_eq!(res.headers()["ratelimit"], "\"method\";r=0;t=2");
+    // The IETF `t` of the denying limit is the retry, as `Retry-After` says.
+    assert_eq!(res.headers()["ratelimit"], "\"method\";r=0;t=1");
+    assert_eq!(res.headers()["retry-after"], "1");
     // The completions route has no override: the plan bucket (5, 2 used) still has room.
     for _ in 0..3 {
         assert_eq!(s.complete(Some("demo-free-key")).await.status(), 200);
@@ -592,7 +594,10 @@ async fn a_stream_holds_its_concurrency_place_to_its_last_event() {
     assert!(next_chunk(&mut two).await.is_some());
     let res = s.complete(Some("demo-free-key")).await;
     assert_eq!(res.status(), 429);
-    assert_eq!(res.headers()["ratelimit"], "\"concurrency\";r=0;t=0");
+    // `t` agrees with `Retry-After`: a place is guessed back within 1 s.
+    assert_eq!(res.headers()["ratelimit"], "\"concurrency\";r=0;t=1");
+    assert_eq!(res.headers()["retry-after"], "1");
+    assert_eq!(res.headers()["retry-after-ms"], "1000");
     assert!(
         res.headers()["ratelimit-policy"]
             .to_str()
@@ -761,7 +766,9 @@ async fn a_token_budget_spent_by_large_requests_leaves_other_keys_alone() {
     assert_eq!(res.status(), 429);
     // 200 more tokens take 12 s to come back at 1000 a minute.
     assert_eq!(res.headers()["retry-after"], "12");
-    assert_eq!(res.headers()["ratelimit"], "\"tokens-minute\";r=200;t=48");
+    assert_eq!(res.headers()["retry-after-ms"], "12000");
+    // Nothing this request can use now; usable again with the retry.
+    assert_eq!(res.headers()["ratelimit"], "\"tokens-minute\";r=0;t=12");
     // Small requests of another key pass meanwhile.
     for _ in 0..5 {
         assert_eq!(s.tokens("small-key", 10, None).await.status(), 200);
@@ -769,7 +776,8 @@ async fn a_token_budget_spent_by_large_requests_leaves_other_keys_alone() {
     // A request larger than the whole budget is refused at once, and says so.
     let res = s.tokens("small-key", 1001, None).await;
     assert_eq!(res.status(), 429);
-    assert!(res.headers().get("retry-after").is_none());
+    // It never passes: clients are told not to retry.
+    assert_eq!(res.headers()["x-should-retry"], "false");
     assert_eq!(
         res.text().await.unwrap(),
         r#"{"message":"Cost Exceeds Limit"}"#
@@ -841,7 +849,9 @@ async fn a_dropped_stream_settles_the_tokens_it_produced() {
     let _ = res.text().await;
     let res = s.tokens("big-key", 1, Some(1)).await;
     assert_eq!(res.status(), 429);
-    assert_eq!(res.headers()["ratelimit"], "\"tokens-minute\";r=0;t=60");
+    // One token comes back in 60 ms.
+    assert_eq!(res.headers()["retry-after-ms"], "60");
+    assert_eq!(res.headers()["ratelimit"], "\"tokens-minute\";r=0;t=1");
     // A stream read to its end is charged all it produced.
     s.clock.advance(Duration::from_secs(60));
     let res = s

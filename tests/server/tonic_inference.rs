@@ -15,7 +15,7 @@ use grpc_inference::{
     COMPLETE, Inference, MetadataKeyLimit, complete, connect, serve_intercepted, serve_layered,
 };
 use tokio::net::TcpListener;
-use tollgate::{ApiKey, Policy, RateLimitLayer, Throttle, UsagePlan};
+use tollgate::{ApiKey, Policy, RateLimitLayer, Throttle, TokenBudget, UsagePlan};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
@@ -129,6 +129,14 @@ async fn layer_retry_delay_is_exact_where_retry_after_rounds_up() {
         interval() - Duration::from_millis(200)
     );
     assert_eq!(status.metadata().get("retry-after").unwrap(), "1");
+    // gRPC's own retry policies read the exact wait.
+    let ms = (interval() - Duration::from_millis(200))
+        .as_millis()
+        .to_string();
+    assert_eq!(
+        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        ms.as_str()
+    );
 
     clock.advance(Duration::from_millis(300));
     calls_pass(&channel, KEY, 1).await;
@@ -178,9 +186,9 @@ async fn layer_limits_a_grpc_method_by_its_method_path() {
 #[tokio::test]
 async fn method_charges_tokens_and_tells_when_they_suffice() {
     let (_clock, store) = frozen_store();
-    // 100 tokens at once, refilled at 10 per second.
+    // 120 tokens at once, refilled at 2 per second.
     let tokens = Policy::builder()
-        .plan(UsagePlan::new("tokens").throttle(Throttle::new(10.0, 100).unwrap()))
+        .plan(UsagePlan::new("tokens").tokens(TokenBudget::new().per_minute(120).unwrap()))
         .key(ApiKey::new("one", KEY, "tokens"))
         .build()
         .unwrap();
@@ -194,15 +202,25 @@ async fn method_charges_tokens_and_tells_when_they_suffice() {
         assert_eq!(reply.usage.unwrap().total_tokens, 41);
         assert_eq!(reply.text.split(' ').count(), 40);
     }
-    // 18 tokens left, 41 asked: 23 more come in 2.3 s.
+    // 38 tokens left, 41 asked: 3 more come in 1.5 s. The denial names
+    // the token limit and carries the trailers the layer sends.
     let status = complete(&channel, Some(KEY), "abcd", 40).await.unwrap_err();
     assert_eq!(
         exhausted(&status),
-        (Duration::from_millis(2300), "throttle".into())
+        (Duration::from_millis(1500), "tokens-minute".into())
     );
+    let trailer = |name: &str| {
+        status
+            .metadata()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    assert_eq!(trailer("retry-after").as_deref(), Some("2"));
+    assert_eq!(trailer("retry-after-ms").as_deref(), Some("1500"));
+    assert_eq!(trailer("grpc-retry-pushback-ms").as_deref(), Some("1500"));
     // A smaller request still fits.
-    let reply = complete(&channel, Some(KEY), "abcd", 17).await.unwrap();
-    assert_eq!(reply.usage.unwrap().total_tokens, 18);
+    let reply = complete(&channel, Some(KEY), "abcd", 37).await.unwrap();
+    assert_eq!(reply.usage.unwrap().total_tokens, 38);
 }
 
 #[tokio::test]
