@@ -42,7 +42,7 @@
 //! day) with the key `demo-free-key`, plan `pro`, admin key `change-me`.
 //!
 //! ```text
-//! curl -i -X POST localhost:3000/v1/completions -H 'x-api-key: demo-free-key' \
+//! curl -i -X POST localhost:3000/v1/completions -H 'Authorization: Bearer demo-free-key' \
 //!      -H 'content-type: application/json' -d '{"model":"m","prompt":"hello"}'
 //! ```
 //!
@@ -76,7 +76,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 use tollgate::config::Config;
-use tollgate::extract::ApiKeyHeader;
+use tollgate::extract::BearerOrApiKey;
 use tollgate::store::Store;
 use tollgate::{
     Admin, AdminError, ApiKey, ConfigError, Date, HeaderStyle, MemoryStore, RateLimitLayer,
@@ -95,10 +95,17 @@ const MAX_BODY: usize = 1 << 20;
 /// The server for `config`, keeping limit state in `store`.
 pub fn app<S: Store>(config: &Config, store: S) -> Result<Router, ConfigError> {
     let policy = config.policy_with_clock(store.clock().clone())?;
-    // OpenAI's SDKs back off on their own `x-ratelimit-*-requests` headers.
+    // OpenAI's SDKs send `Authorization: Bearer`, wait `retry-after-ms`,
+    // obey `x-should-retry` and read `code`/`type` from `{"error":{..}}`
+    // bodies: keys from Bearer or `x-api-key`, and the style the config
+    // names (`[response] style = "openai"` in the demo). The
+    // `x-ratelimit-*-{requests,tokens}` headers are for people and dashboards.
     let layer = RateLimitLayer::builder(policy)
         .store(store)
+        .extractor(BearerOrApiKey::new())
         .quota_status(config.quota_status())
+        .style(config.style())
+        .max_retry(config.max_retry())
         .headers(HeaderStyle::ietf().openai(true))
         .build();
     Ok(router(layer, config.admin_key()))
@@ -106,7 +113,10 @@ pub fn app<S: Store>(config: &Config, store: S) -> Result<Router, ConfigError> {
 
 /// The server's routes: the inference routes behind `limit`; `/health` and
 /// the admin routes outside it.
-pub fn router<S: Store>(limit: RateLimitLayer<ApiKeyHeader, S>, admin_key: Option<&str>) -> Router {
+pub fn router<S: Store>(
+    limit: RateLimitLayer<BearerOrApiKey, S>,
+    admin_key: Option<&str>,
+) -> Router {
     let admin = AdminState {
         admin: limit.admin(),
         key: admin_key.map(|k| AdminKey::new(k.as_bytes())),

@@ -120,11 +120,29 @@ async fn demo_key_gets_a_burst_of_five_then_two_per_second() {
     }
     let res = s.complete(Some("demo-free-key")).await;
     assert_eq!(res.status(), 429);
+    // The demo answers as OpenAI does: the exact wait, the family's stable
+    // limit with nothing left, and a body OpenAI's SDKs decode.
     assert_eq!(res.headers()["retry-after"], "1");
-    assert_eq!(
-        res.text().await.unwrap(),
-        r#"{"message":"Too Many Requests"}"#
-    );
+    assert_eq!(res.headers()["retry-after-ms"], "500");
+    assert!(res.headers().get("x-should-retry").is_none());
+    assert_eq!(res.headers()["x-ratelimit-limit-requests"], "5");
+    assert_eq!(res.headers()["x-ratelimit-remaining-requests"], "0");
+    assert_eq!(res.headers()["x-ratelimit-reset-requests"], "500ms");
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "requests");
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    assert!(v["error"]["param"].is_null());
+    // OpenAI's default credential works too.
+    let res = s
+        .client
+        .post(format!("{}/v1/completions", s.base))
+        .bearer_auth("demo-free-key")
+        .header("content-type", "application/json")
+        .body(BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429, "a Bearer key is the same key");
 
     s.clock.advance(Duration::from_millis(500));
     assert_eq!(s.complete(Some("demo-free-key")).await.status(), 200);
