@@ -124,7 +124,7 @@ pub mod store;
 mod usage;
 mod window;
 
-pub use crate::body::ResponseBody;
+pub use crate::body::{RequestBody, ResponseBody};
 pub use crate::clock::{Clock, ManualClock};
 pub use crate::cost::{CostEstimator, TokenEstimate, TokenUsage, UsedTokens};
 pub use crate::error::ConfigError;

@@ -2,11 +2,12 @@
 //! plan, to the limits that apply, to one decision by the store.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::StatusCode;
 
 use crate::body::Unsettled;
-use crate::cost::{CostEstimator, TokenUsage};
+use crate::cost::{CostEstimator, Estimate, TokenUsage};
 use crate::extract::{KeyError, KeyExtractor, RequestView};
 use crate::hash;
 use crate::headers::HeaderStyle;
@@ -14,7 +15,7 @@ use crate::observe::{Seen, SharedObserver, Watch};
 use crate::plan::{AccountLimits, FailureMode, Plan, StageLimits};
 use crate::policy::{Policy, Snapshot};
 use crate::resolver::{Answer, Lookup, ResolveError, ResolverFallback, Resolving};
-use crate::response::{Decision, Reason, Rejection, SharedOnRejection};
+use crate::response::{Decision, Reason, Rejection, SharedOnRejection, is_grpc};
 use crate::store::Failures;
 use crate::store::{Acquire, Acquired, Denied, MemoryStore, Report, Store, Subject, ThrottleRef};
 
@@ -38,6 +39,8 @@ pub(crate) struct Shared<K, S> {
     pub(crate) quota_status: StatusCode,
     /// Estimates the tokens of requests under plans with a token budget.
     pub(crate) estimator: Box<dyn CostEstimator>,
+    /// How much of a body, and for how long, an estimator may read.
+    pub(crate) body_limits: BodyLimits,
     pub(crate) failures: Failures,
     pub(crate) observer: Option<SharedObserver>,
     /// Asked for key values the policy does not hold.
@@ -59,6 +62,26 @@ pub(crate) enum Step<F> {
     /// answers later, and the request is decided then
     /// ([`Shared::decide_resolved`]).
     Resolve(Lookup),
+    /// The estimator needs the request's body, whose key is good: nothing
+    /// is decided yet. The request is decided again once the body is read
+    /// and its [`Estimate`] is in the request's extensions.
+    Read,
+}
+
+/// How much of a request's body, and for how long, an estimator may read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyLimits {
+    pub(crate) max_bytes: usize,
+    pub(crate) timeout: Duration,
+}
+
+impl Default for BodyLimits {
+    fn default() -> Self {
+        BodyLimits {
+            max_bytes: 1 << 20,
+            timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Why a key led to no caller yet: it was refused, or the resolver must be
@@ -264,7 +287,9 @@ impl<K, S: Store> Shared<K, S> {
             // The common plan, a throttle alone, skips gathering limits.
             Some(t) => Acquire::lone(t, cost, c.plan, decide),
             None => {
-                let tokens = self.reserve(c, req, reserve);
+                let Some(tokens) = self.reserve(c, req, reserve) else {
+                    return Step::Read;
+                };
                 let account = c.account.map(|a| &**a);
                 Acquire::gather(c.stage, account, &c.subject, req, cost, tokens, decide)
             }
@@ -274,13 +299,26 @@ impl<K, S: Store> Shared<K, S> {
     /// The tokens a request under a plan (or of an account) with a token
     /// budget is estimated to cost; a request through the layer (not a
     /// `check`) also gets what it takes to settle them when its response ends.
+    /// `None`: the estimator must read the body first.
     #[inline]
-    fn reserve(&self, c: &Caller<'_>, req: Option<&RequestView<'_>>, reserve: Reserve<'_>) -> u32 {
+    fn reserve(
+        &self,
+        c: &Caller<'_>,
+        req: Option<&RequestView<'_>>,
+        reserve: Reserve<'_>,
+    ) -> Option<u32> {
         let budget = c.plan.tokens.is_some() || c.account.is_some_and(|a| a.tokens.is_some());
         let (true, Some(req), Some(reserve)) = (budget, req, reserve) else {
-            return 0;
+            return Some(0);
         };
-        let estimate = self.estimator.estimate(req);
+        // An estimate read from the body (by this layer, or an earlier one)
+        // stands; otherwise the estimator may ask for the body, never a
+        // gRPC call's (its messages are not the estimator's to read).
+        let estimate = match req.extensions.get::<Estimate>() {
+            Some(e) => e.tokens,
+            None if self.estimator.reads_body(req) && !is_grpc(req.headers) => return None,
+            None => self.estimator.estimate(req),
+        };
         *reserve = Some(Box::new(Unsettled {
             plan: Arc::clone(c.plan),
             account: c.account.cloned(),
@@ -291,7 +329,7 @@ impl<K, S: Store> Shared<K, S> {
             usage: TokenUsage::new(),
             reservation: Default::default(),
         }));
-        estimate
+        Some(estimate)
     }
 }
 

@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::{RateLimit, Shared, SharedState, Step};
+use super::{BodyLimits, RateLimit, Shared, SharedState, Step};
 use crate::cost::{CostEstimator, ExtensionEstimate};
 use crate::extract::{ApiKeyHeader, KeyExtractor};
 use crate::headers::HeaderStyle;
@@ -57,6 +57,7 @@ impl RateLimitLayer<ApiKeyHeader> {
             on_rejection: None,
             quota_status: StatusCode::TOO_MANY_REQUESTS,
             estimator: Box::new(ExtensionEstimate),
+            body_limits: BodyLimits::default(),
             observer: None,
             resolver: None,
         }
@@ -139,6 +140,8 @@ impl<K, S: Store> RateLimitLayer<K, S> {
                 }
                 // A resolved key is never looked up again.
                 Step::Resolve(_) => Err((Rejection::key(Reason::ResolverUnavailable), None)),
+                // Without a request there is no body to read: never asked.
+                Step::Read => Ok(report),
             };
             // Without a response to hold it through, a place under a
             // concurrency cap is given back at once.
@@ -219,6 +222,7 @@ pub struct RateLimitLayerBuilder<K, S = MemoryStore> {
     on_rejection: Option<Arc<dyn OnRejection>>,
     quota_status: StatusCode,
     estimator: Box<dyn CostEstimator>,
+    body_limits: BodyLimits,
     observer: Option<Arc<dyn Observer>>,
     resolver: Option<Resolver>,
 }
@@ -234,6 +238,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             on_rejection: self.on_rejection,
             quota_status: self.quota_status,
             estimator: self.estimator,
+            body_limits: self.body_limits,
             observer: self.observer,
             resolver: self.resolver,
         }
@@ -252,6 +257,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             on_rejection: self.on_rejection,
             quota_status: self.quota_status,
             estimator: self.estimator,
+            body_limits: self.body_limits,
             observer: self.observer,
             resolver: self.resolver,
         }
@@ -264,6 +270,24 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
     /// `Fn(&RequestView<'_>) -> u32` will do; see [`cost`](crate::cost).
     pub fn estimator(mut self, estimator: impl CostEstimator) -> Self {
         self.estimator = Box::new(estimator);
+        self
+    }
+
+    /// The largest request body an estimator that
+    /// [reads bodies](CostEstimator::reads_body) may read (default 1 MiB). A
+    /// longer body, or a `content-length` that announces one, is answered
+    /// 413 without charging any limit.
+    pub fn max_body_bytes(mut self, bytes: usize) -> Self {
+        self.body_limits.max_bytes = bytes;
+        self
+    }
+
+    /// How long reading a request's body for an estimator that
+    /// [reads bodies](CostEstimator::reads_body) may take, from its first
+    /// poll to its end (default 10 s). A body still unfinished then is
+    /// answered 408 without charging any limit.
+    pub fn body_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.body_limits.timeout = timeout;
         self
     }
 
@@ -351,6 +375,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
                 on_rejection: self.on_rejection,
                 quota_status: self.quota_status,
                 estimator: self.estimator,
+                body_limits: self.body_limits,
                 failures: Failures::default(),
                 observer: self.observer,
                 resolver: self.resolver.map(|r| Arc::new(r.build())),
