@@ -80,6 +80,7 @@
 //! | `config` | no | `tollgate::config`: plans and keys from a TOML file, errors with line and field |
 //! | `redis` | no | `RedisStore`: limits shared by every instance through Redis or Redis Cluster, one round trip per decision |
 //! | `redis-tls` | no | `redis`, and TLS to Redis and Redis Cluster (`rediss://` URLs) through redis-rs's rustls support |
+//! | `openai` | no | `tollgate::openai::OpenAiEstimator`: token estimates read from OpenAI-style JSON bodies, once the key is checked |
 //! | `metrics` | no | `observe::MetricsObserver`: a `tollgate_decisions_total` counter through the `metrics` facade |
 //!
 //! With `redis-tls`, rustls needs a crypto provider (without one it panics
@@ -115,6 +116,9 @@ mod headers;
 mod keys;
 mod layer;
 pub mod observe;
+#[cfg(feature = "openai")]
+#[cfg_attr(docsrs, doc(cfg(feature = "openai")))]
+pub mod openai;
 mod plan;
 mod policy;
 mod quota;
@@ -126,7 +130,7 @@ mod window;
 
 pub use crate::body::{RequestBody, ResponseBody};
 pub use crate::clock::{Clock, ManualClock};
-pub use crate::cost::{CostEstimator, TokenEstimate, TokenUsage, UsedTokens};
+pub use crate::cost::{BodyError, CostEstimator, Estimate, TokenEstimate, TokenUsage, UsedTokens};
 pub use crate::error::ConfigError;
 pub use crate::headers::HeaderStyle;
 pub use crate::keys::SharedRegistry;
