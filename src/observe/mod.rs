@@ -47,13 +47,13 @@
 //!     .build();
 //! let svc = ServiceBuilder::new()
 //!     .layer(layer)
-//!     .service(service_fn(|_req: Request<()>| async {
+//!     .service(service_fn(|_req: Request<tollgate::RequestBody<String>>| async {
 //!         Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
 //!     }));
 //! let request = || {
 //!     Request::post("/v1/completions")
 //!         .header("x-api-key", "demo-free-key")
-//!         .body(())
+//!         .body(String::new())
 //!         .unwrap()
 //! };
 //! assert_eq!(svc.clone().oneshot(request()).await.unwrap().status(), 200);
