@@ -132,7 +132,8 @@ pub use crate::headers::HeaderStyle;
 pub use crate::keys::SharedRegistry;
 pub use crate::layer::{RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseFuture};
 pub use crate::plan::{
-    Account, Anonymous, ApiKey, FailureMode, Quota, Stage, Throttle, TokenBudget, UsagePlan,
+    Account, Anonymous, ApiKey, FailureMode, ModelLimits, Quota, Stage, Throttle, TokenBudget,
+    UsagePlan,
 };
 pub use crate::policy::{DEFAULT_HISTORY_DAYS, Policy, PolicyBuilder};
 pub use crate::resolver::{

@@ -11,7 +11,7 @@ use crate::extract::{KeyError, KeyExtractor, RequestView};
 use crate::hash;
 use crate::headers::HeaderStyle;
 use crate::observe::{Seen, SharedObserver, Watch};
-use crate::plan::{AccountLimits, FailureMode, Plan, StageLimits};
+use crate::plan::{AccountLimits, FailureMode, ModelEntry, Plan, StageLimits};
 use crate::policy::{Policy, Snapshot};
 use crate::resolver::{Answer, Lookup, ResolveError, ResolverFallback, Resolving};
 use crate::response::{Decision, Reason, Rejection, SharedOnRejection};
@@ -42,7 +42,13 @@ pub(crate) struct Shared<K, S> {
     pub(crate) observer: Option<SharedObserver>,
     /// Asked for key values the policy does not hold.
     pub(crate) resolver: Option<Arc<Resolving>>,
+    /// Names the model a request is for, when a plan has model limits.
+    pub(crate) model: Option<ModelOf>,
 }
+
+/// What names the model a request is for
+/// ([`RateLimitLayerBuilder::model`](crate::RateLimitLayerBuilder::model)).
+pub(crate) type ModelOf = Box<dyn for<'a> Fn(&RequestView<'a>) -> Option<&'a str> + Send + Sync>;
 
 pub(crate) type SharedState<K, S> = Arc<Shared<K, S>>;
 
@@ -120,9 +126,10 @@ impl<'a> Caller<'a> {
         }
     }
 
-    /// Whom the observer is told a decision is about.
+    /// Whom the observer is told a decision is about, and which of the
+    /// plan's model entries applied.
     #[inline]
-    fn seen<'r>(&self, req: Option<&RequestView<'r>>) -> Seen<'r>
+    fn seen<'r>(&self, req: Option<&RequestView<'r>>, model: Option<&'a ModelEntry>) -> Seen<'r>
     where
         'a: 'r,
     {
@@ -130,6 +137,7 @@ impl<'a> Caller<'a> {
             plan: Some(self.plan),
             key_id: self.id,
             req: req.copied(),
+            model: model.map(|m| &*m.name),
         }
     }
 
@@ -247,7 +255,12 @@ impl<K, S: Store> Shared<K, S> {
         report: &mut Report,
     ) -> Step<S::Future> {
         let failure = c.plan.failure;
-        let seen = c.seen(req);
+        // A plan without model limits looks nothing up.
+        let model = match &c.plan.models {
+            None => None,
+            Some(_) => c.plan.model(self.model_name(req)),
+        };
+        let seen = c.seen(req, model);
         let decide = |acquire: &Acquire<'_>| {
             if let Some(verdict) = self.store.decide_now(acquire, report) {
                 return Step::Done(self.conclude_seen(Ok(verdict), failure, false, seen));
@@ -264,19 +277,37 @@ impl<K, S: Store> Shared<K, S> {
             // The common plan, a throttle alone, skips gathering limits.
             Some(t) => Acquire::lone(t, cost, c.plan, decide),
             None => {
-                let tokens = self.reserve(c, req, reserve);
+                let tokens = self.reserve(c, req, model, reserve);
                 let account = c.account.map(|a| &**a);
-                Acquire::gather(c.stage, account, &c.subject, req, cost, tokens, decide)
+                Acquire::gather(c.stage, account, &c.subject, req, model, cost, tokens, decide)
             }
         }
+    }
+
+    /// The model a request is for, as the layer's
+    /// [`model`](crate::RateLimitLayerBuilder::model) function names it;
+    /// `None` without a request or a function, or when it names none (then
+    /// the plan's `"*"` entry applies, if it has one).
+    #[inline]
+    fn model_name<'r>(&self, req: Option<&RequestView<'r>>) -> Option<&'r str> {
+        (self.model.as_ref()?)(req?)
     }
 
     /// The tokens a request under a plan (or of an account) with a token
     /// budget is estimated to cost; a request through the layer (not a
     /// `check`) also gets what it takes to settle them when its response ends.
     #[inline]
-    fn reserve(&self, c: &Caller<'_>, req: Option<&RequestView<'_>>, reserve: Reserve<'_>) -> u32 {
-        let budget = c.plan.tokens.is_some() || c.account.is_some_and(|a| a.tokens.is_some());
+    fn reserve(
+        &self,
+        c: &Caller<'_>,
+        req: Option<&RequestView<'_>>,
+        model: Option<&ModelEntry>,
+        reserve: Reserve<'_>,
+    ) -> u32 {
+        let model_budget = model.filter(|m| m.tokens.is_some());
+        let budget = c.plan.tokens.is_some()
+            || c.account.is_some_and(|a| a.tokens.is_some())
+            || model_budget.is_some();
         let (true, Some(req), Some(reserve)) = (budget, req, reserve) else {
             return 0;
         };
@@ -284,6 +315,7 @@ impl<K, S: Store> Shared<K, S> {
         *reserve = Some(Box::new(Unsettled {
             plan: Arc::clone(c.plan),
             account: c.account.cloned(),
+            model: model_budget.map(|m| Arc::clone(&m.name)),
             subject: c.subject.name.into(),
             digest: c.subject.digest,
             history_days: c.subject.history_days,
@@ -325,6 +357,7 @@ impl<K, S> Shared<K, S> {
                     plan: Some(plan),
                     key_id: Some(&entry.id),
                     req: req.copied(),
+                    model: None,
                 };
                 return Some(Err(self.refuse(Reason::DisabledKey, seen).into()));
             }
@@ -422,6 +455,7 @@ impl<K, S> Shared<K, S> {
                 plan: Some(plan),
                 key_id: Some(&found.id),
                 req: req.copied(),
+                model: None,
             };
             return Err(self.refuse(Reason::DisabledKey, seen));
         }
@@ -483,12 +517,13 @@ impl<K> Shared<K, MemoryStore> {
             Some(t) => self.store.decide_throttle(&t, cost, &mut ()),
             None => {
                 let account = c.account.map(|a| &**a);
-                Acquire::gather(c.stage, account, &c.subject, None, cost, 0, |a| {
+                let model = c.plan.model(None);
+                Acquire::gather(c.stage, account, &c.subject, None, model, cost, 0, |a| {
                     self.store.decide::<()>(a, &mut ())
                 })
             }
         };
-        self.checked(&result, c.seen(None));
+        self.checked(&result, c.seen(None, c.plan.model(None)));
         result
     }
 }
