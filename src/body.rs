@@ -149,7 +149,10 @@ impl Unsettled {
         }
         // The model's budget is the key's (one slot on a cluster), but a
         // settlement holds one budget.
-        let model = self.model.as_deref().and_then(|m| self.plan.models.as_deref()?.entry(m));
+        let model = self
+            .model
+            .as_deref()
+            .and_then(|m| self.plan.models.as_deref()?.entry(m));
         if let Some(m) = model.filter(|m| m.tokens.is_some()) {
             store.settle(&subject.model_settlement(m, delta, self.reservation));
         }

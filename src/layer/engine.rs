@@ -279,7 +279,9 @@ impl<K, S: Store> Shared<K, S> {
             None => {
                 let tokens = self.reserve(c, req, model, reserve);
                 let account = c.account.map(|a| &**a);
-                Acquire::gather(c.stage, account, &c.subject, req, model, cost, tokens, decide)
+                Acquire::gather(
+                    c.stage, account, &c.subject, req, model, cost, tokens, decide,
+                )
             }
         }
     }

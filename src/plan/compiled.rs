@@ -553,7 +553,11 @@ mod tests {
     fn model_salts_are_their_own() {
         let t = Throttle::new(1.0, 1).unwrap();
         let q = crate::Quota::new(10, Period::Day).unwrap();
-        let b = TokenBudget::new().per_minute(60).unwrap().per_day(100).unwrap();
+        let b = TokenBudget::new()
+            .per_minute(60)
+            .unwrap()
+            .per_day(100)
+            .unwrap();
         let m = ModelLimits::new().throttle(t).quota(q).tokens(b);
         let plan = UsagePlan::new("p")
             .throttle(t)

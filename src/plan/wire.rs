@@ -97,7 +97,10 @@ pub(crate) fn decode_plan(s: &str) -> Result<(UsagePlan, i64), String> {
                     "model-quota" | "model-tokens" => 3,
                     _ => unreachable!(),
                 };
-                let at = rest.splitn(n + 1, ' ').nth(n).ok_or("a model needs its name")?;
+                let at = rest
+                    .splitn(n + 1, ' ')
+                    .nth(n)
+                    .ok_or("a model needs its name")?;
                 let name = read_text(at)?.0;
                 let mut m = p
                     .get_models()
@@ -263,7 +266,10 @@ mod tests {
                     .quota(Quota::new(10, Period::Day).unwrap())
                     .tokens(TokenBudget::new().per_day(5).unwrap()),
             )
-            .model("*", ModelLimits::new().throttle(Throttle::new(9.0, 9).unwrap()))
+            .model(
+                "*",
+                ModelLimits::new().throttle(Throttle::new(9.0, 9).unwrap()),
+            )
             .failure(FailureMode::Closed)
             .borrow(false)
             .shadow(true);

@@ -522,7 +522,9 @@ fn throttle_allowed<R: Sink>(
     if t.counts_tokens() {
         let span = u64::from(cost) * t.limit.gcra.interval();
         match t.kind() {
-            LimitKind::AccountTokensMinute => report.reserve(|r| r.account_until = Some(now + span)),
+            LimitKind::AccountTokensMinute => {
+                report.reserve(|r| r.account_until = Some(now + span))
+            }
             LimitKind::ModelTokensMinute => report.reserve(|r| r.model_until = Some(now + span)),
             _ => report.reserve(|r| r.until = Some(now + span)),
         }
