@@ -115,6 +115,8 @@ pub(crate) struct Unsettled {
     pub(crate) plan: Arc<Plan>,
     /// The key's account, whose token budget is settled too.
     pub(crate) account: Option<Arc<AccountLimits>>,
+    /// The plan's model entry whose token budget is settled too.
+    pub(crate) model: Option<Arc<str>>,
     /// The subject's name, digest and quota history (see [`Subject`]).
     pub(crate) subject: Box<[u8]>,
     pub(crate) digest: Digest,
@@ -138,14 +140,23 @@ impl Unsettled {
         if delta == 0 {
             return;
         }
+        let subject = Subject {
+            plan: &self.plan,
+            name: &self.subject,
+            digest: self.digest,
+            history_days: self.history_days,
+        };
         if self.plan.tokens.is_some() {
-            let subject = Subject {
-                plan: &self.plan,
-                name: &self.subject,
-                digest: self.digest,
-                history_days: self.history_days,
-            };
             store.settle(&subject.settlement(delta, self.reservation));
+        }
+        // The model's budget is the key's (one slot on a cluster), but a
+        // settlement holds one budget.
+        let model = self
+            .model
+            .as_deref()
+            .and_then(|m| self.plan.models.as_deref()?.entry(m));
+        if let Some(m) = model.filter(|m| m.tokens.is_some()) {
+            store.settle(&subject.model_settlement(m, delta, self.reservation));
         }
         // The account's budget is settled apart: on a cluster it lives in
         // a slot of its own.

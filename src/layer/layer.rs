@@ -3,9 +3,10 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
+use super::engine::ModelOf;
 use super::{BodyLimits, RateLimit, Shared, SharedState, Step};
 use crate::cost::{CostEstimator, ExtensionEstimate};
-use crate::extract::{ApiKeyHeader, KeyExtractor};
+use crate::extract::{ApiKeyHeader, KeyExtractor, RequestView};
 use crate::headers::HeaderStyle;
 use crate::observe::Observer;
 use crate::policy::Policy;
@@ -59,6 +60,7 @@ impl RateLimitLayer<ApiKeyHeader> {
             estimator: Box::new(ExtensionEstimate),
             body_limits: BodyLimits::default(),
             observer: None,
+            model: None,
             resolver: None,
         }
     }
@@ -225,6 +227,7 @@ pub struct RateLimitLayerBuilder<K, S = MemoryStore> {
     body_limits: BodyLimits,
     observer: Option<Arc<dyn Observer>>,
     resolver: Option<Resolver>,
+    model: Option<ModelOf>,
 }
 
 impl<K, S: Store> RateLimitLayerBuilder<K, S> {
@@ -241,6 +244,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             body_limits: self.body_limits,
             observer: self.observer,
             resolver: self.resolver,
+            model: self.model,
         }
     }
 
@@ -260,6 +264,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             body_limits: self.body_limits,
             observer: self.observer,
             resolver: self.resolver,
+            model: self.model,
         }
     }
 
@@ -359,6 +364,58 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
         self
     }
 
+    /// Names the model a request is for, for plans with limits per model
+    /// ([`UsagePlan::model`](crate::UsagePlan::model)): from a header, a
+    /// path segment, an extension a layer before this one put there. Asked
+    /// only for requests whose plan has model limits. A request it names no
+    /// model for (`None`) gets the plan's `"*"` entry if there is one, else
+    /// only the plan's own limits.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use bytes::Bytes;
+    /// use http::{Request, Response, StatusCode};
+    /// use tower::{ServiceBuilder, ServiceExt};
+    /// use tollgate::{ApiKey, ModelLimits, Policy, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// let plan = UsagePlan::new("pro")
+    ///     .model("big-model", ModelLimits::new().throttle(Throttle::new(1.0, 1)?));
+    /// let policy = Policy::builder()
+    ///     .plan(plan)
+    ///     .key(ApiKey::new("k1", "secret-1", "pro"))
+    ///     .build()?;
+    /// let layer = RateLimitLayer::builder(policy)
+    ///     .model(|req| req.headers.get("x-model")?.to_str().ok())
+    ///     .build();
+    /// let svc = ServiceBuilder::new()
+    ///     .layer(layer)
+    ///     .service_fn(|_req: Request<String>| async {
+    ///         Ok::<_, Infallible>(Response::new(String::new()))
+    ///     });
+    /// let call = |model: &str| {
+    ///     let req = Request::get("/")
+    ///         .header("x-api-key", "secret-1")
+    ///         .header("x-model", model)
+    ///         .body(String::new())
+    ///         .unwrap();
+    ///     svc.clone().oneshot(req)
+    /// };
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// assert_eq!(call("big-model").await.unwrap().status(), StatusCode::OK);
+    /// // The model's bucket is empty; another model is not limited by it.
+    /// assert_eq!(call("big-model").await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+    /// assert_eq!(call("small-model").await.unwrap().status(), StatusCode::OK);
+    /// # });
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// ```
+    pub fn model<F>(mut self, f: F) -> Self
+    where
+        F: for<'a> Fn(&RequestView<'a>) -> Option<&'a str> + Send + Sync + 'static,
+    {
+        self.model = Some(Box::new(f));
+        self
+    }
+
     /// Builds the layer and its shared state.
     pub fn build(self) -> RateLimitLayer<K, S> {
         match self.store.shared_registry() {
@@ -379,6 +436,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
                 failures: Failures::default(),
                 observer: self.observer,
                 resolver: self.resolver.map(|r| Arc::new(r.build())),
+                model: self.model,
             }),
         }
     }
