@@ -414,3 +414,52 @@ async fn five_hundred_slow_bodies_cost_no_memory() {
     // themselves take some tens of kilobytes each.
     assert!(grown < 64 << 20, "grew {} MB", grown >> 20);
 }
+
+/// A plan with limits per model and no function naming the model reads the
+/// body's `model` (after the key is checked) and decides that model's
+/// limits: one model is held while another passes, and a model the plan
+/// does not name gets its `"*"` entry.
+#[tokio::test]
+async fn the_body_names_the_model_whose_limits_apply() {
+    use tollgate::ModelLimits;
+    let one = |burst| ModelLimits::new().throttle(Throttle::new(0.001, burst).unwrap());
+    let plan = UsagePlan::new("llm")
+        .throttle(Throttle::new(100.0, 100).unwrap())
+        .model("big", one(1))
+        .model("*", one(2));
+    let policy = Policy::builder()
+        .plan(plan)
+        .key(ApiKey::new("k1", KEY, "llm"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .estimator(OpenAiEstimator::new())
+        .build();
+    let call = |model: &str| {
+        let body = format!(r#"{{"model":"{model}","prompt":"hi","max_tokens":1}}"#);
+        post(Some(KEY), Full::new(Bytes::from(body)))
+    };
+    let status = |res: &Response<_>| res.status().as_u16();
+    let limit = |res: &Response<_>| {
+        res.extensions()
+            .get::<tollgate::Rejection>()
+            .and_then(|r| r.limit())
+            .map(str::to_owned)
+    };
+    let res = echo(&layer).oneshot(call("big")).await.unwrap();
+    assert_eq!(status(&res), 200);
+    assert_eq!(
+        res.headers()["x-model"],
+        "big",
+        "the handler sees the estimate"
+    );
+    let res = echo(&layer).oneshot(call("big")).await.unwrap();
+    assert_eq!((status(&res), limit(&res).as_deref()), (429, Some("model")));
+    // Another model: the "*" entry, two requests for every unnamed model.
+    for model in ["small", "tiny"] {
+        let res = echo(&layer).oneshot(call(model)).await.unwrap();
+        assert_eq!(status(&res), 200, "{model}");
+    }
+    let res = echo(&layer).oneshot(call("other")).await.unwrap();
+    assert_eq!((status(&res), limit(&res).as_deref()), (429, Some("model")));
+}
