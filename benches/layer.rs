@@ -35,7 +35,7 @@ mod stack;
 
 use stack::{KEY, X_API_KEY, governor_config, registered_policy, throttle};
 
-async fn ok(_req: Request<()>) -> Result<Response<Body>, Infallible> {
+async fn ok<B>(_req: Request<B>) -> Result<Response<Body>, Infallible> {
     Ok(Response::new(Body::from(Bytes::from_static(b"ok"))))
 }
 
@@ -48,7 +48,7 @@ fn layer(c: &mut Criterion) {
         .uri("/v1/completions")
         .header(X_API_KEY, KEY)
         .header(http::header::CONTENT_TYPE, "application/json")
-        .body(())
+        .body(String::new())
         .expect("a valid request");
 
     let bare = ServiceBuilder::new().service_fn(ok);

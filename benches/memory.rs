@@ -322,9 +322,11 @@ fn cap_tollgate(cap: usize, requests: usize) {
             DefaultOnRejection.response(r)
         })
         .build();
-    let mut svc = layer.layer(tower::service_fn(|_req: Request<()>| async {
-        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
-    }));
+    let mut svc = layer.layer(tower::service_fn(
+        |_req: Request<tollgate::RequestBody<String>>| async {
+            Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+        },
+    ));
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("a tokio runtime");
@@ -333,7 +335,7 @@ fn cap_tollgate(cap: usize, requests: usize) {
     let mut ok = 0;
     rt.block_on(async {
         for i in 0..requests {
-            let mut req = Request::new(());
+            let mut req = Request::new(String::new());
             req.extensions_mut()
                 .insert(SocketAddr::new(client(i), 40_000));
             let res = svc

@@ -198,7 +198,7 @@ pub(crate) async fn charge_tokens(
         .extension(TokenEstimate(tokens))
         .body(Body::empty())
         .map_err(|_| Status::unauthenticated("Forbidden"))?;
-    let admitted = tower::service_fn(|_: http::Request<Body>| async {
+    let admitted = tower::service_fn(|_: http::Request<tollgate::RequestBody<Body>>| async {
         Ok::<_, Infallible>(http::Response::new(Body::empty()))
     });
     let Ok(res) = limit.layer(admitted).oneshot(req).await;

@@ -52,20 +52,22 @@
 //! one per token, `mock_token_ms` apart (default 5), the last one with the usage;
 //! with `mock_fail_after: N` the stream fails after N tokens, as a broken model would.
 //!
-//! Token budgets: before the rate limit, a middleware reads the JSON body
-//! (and hands it on to the handler) and estimates the request's tokens as
-//! `ceil(prompt_chars / 4) + max_tokens`. The handler reports the actual
+//! Token budgets: once the caller's key is checked, and only for plans with a
+//! token budget, the layer reads the JSON body (at most 1 MiB, within 10 s;
+//! 413 and 408 beyond) and tollgate's `OpenAiEstimator` estimates the
+//! request's tokens as `ceil(prompt_chars / 4) + max_tokens`; the body is
+//! then handed on to the handler unchanged. The handler reports the actual
 //! `total_tokens`, which tollgate settles when the response ends: a plain
 //! answer as a `UsedTokens` response extension, a stream token by token
 //! through the request's `TokenUsage` handle, so that a client that goes
-//! away mid-stream pays for what was produced. A malformed body is answered
-//! 400 by the middleware, before the rate limit: it costs nothing.
+//! away mid-stream pays for what was produced. A body the mock cannot serve
+//! is answered 400 by the estimator, before the decision: it costs nothing.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Extension, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
@@ -76,11 +78,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 use tollgate::config::Config;
-use tollgate::extract::BearerOrApiKey;
+use tollgate::cost::{BodyError, CostEstimator, Estimate};
+use tollgate::extract::{BearerOrApiKey, RequestView};
+use tollgate::openai::OpenAiEstimator;
 use tollgate::store::Store;
 use tollgate::{
     Admin, AdminError, ApiKey, ConfigError, Date, HeaderStyle, MemoryStore, RateLimitLayer,
-    RedisStore, TokenEstimate, TokenUsage, UsedTokens,
+    RedisStore, TokenUsage, UsedTokens,
 };
 
 /// The default listen address.
@@ -88,9 +92,6 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
 
 /// The embedded demo configuration.
 pub const DEMO_CONFIG: &str = include_str!("inference_server.toml");
-
-/// The largest request body the mock reads.
-const MAX_BODY: usize = 1 << 20;
 
 /// The server for `config`, keeping limit state in `store`.
 pub fn app<S: Store>(config: &Config, store: S) -> Result<Router, ConfigError> {
@@ -103,6 +104,7 @@ pub fn app<S: Store>(config: &Config, store: S) -> Result<Router, ConfigError> {
     let layer = RateLimitLayer::builder(policy)
         .store(store)
         .extractor(BearerOrApiKey::new())
+        .estimator(MockEstimator(OpenAiEstimator::new()))
         .quota_status(config.quota_status())
         .style(config.style())
         .max_retry(config.max_retry())
@@ -125,8 +127,6 @@ pub fn router<S: Store>(
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .layer(limit)
-        // Runs before the limit: the estimate must be there when it decides.
-        .layer(axum::middleware::from_fn(estimate_tokens))
         .route("/health", get(health))
         .route("/admin/usage", get(usage::<S>))
         // A batch import of 100,000 keys is some 10 MB of JSON; the body is
@@ -713,27 +713,23 @@ async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Reads the body and checks it: a body the mock cannot serve is answered
-/// 400 here, before the rate limit, so it costs nothing. A good one is
-/// handed on unchanged, with its estimated tokens in a [`TokenEstimate`]
-/// extension for the limit's token budget.
-async fn estimate_tokens(req: Request, next: axum::middleware::Next) -> Response {
-    let (mut parts, body) = req.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
-        return (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            Json(json!({"error": {"message": "request body too large", "type": "invalid_request_error"}})),
-        )
-            .into_response();
-    };
-    let chat = parts.uri.path() == "/v1/chat/completions";
-    match Job::parse(chat, &bytes) {
-        Ok(job) => {
-            parts.extensions.insert(TokenEstimate(job.estimate()));
-            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
-                .await
-        }
-        Err(msg) => bad_request(&msg),
+/// The OpenAI estimate, for bodies the mock can serve: any other is answered
+/// 400 before the decision, costing nothing.
+struct MockEstimator(OpenAiEstimator);
+
+impl CostEstimator for MockEstimator {
+    fn estimate(&self, req: &RequestView<'_>) -> u32 {
+        self.0.estimate(req)
+    }
+
+    fn reads_body(&self, req: &RequestView<'_>) -> bool {
+        self.0.reads_body(req)
+    }
+
+    fn estimate_body(&self, req: &RequestView<'_>, body: &[u8]) -> Result<Estimate, BodyError> {
+        let chat = req.uri.path() == "/v1/chat/completions";
+        Job::parse(chat, body).map_err(BodyError::new)?;
+        self.0.estimate_body(req, body)
     }
 }
 

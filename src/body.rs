@@ -1,4 +1,6 @@
-//! The response body: the inner service's body, or a rejection's.
+//! The bodies the layer hands on: the request's, as it came or as an
+//! estimator read it, and the response's, the inner service's or a
+//! rejection's.
 
 use std::fmt;
 use std::pin::Pin;
@@ -113,6 +115,8 @@ pub(crate) struct Unsettled {
     pub(crate) plan: Arc<Plan>,
     /// The key's account, whose token budget is settled too.
     pub(crate) account: Option<Arc<AccountLimits>>,
+    /// The plan's model entry whose token budget is settled too.
+    pub(crate) model: Option<Arc<str>>,
     /// The subject's name, digest and quota history (see [`Subject`]).
     pub(crate) subject: Box<[u8]>,
     pub(crate) digest: Digest,
@@ -136,14 +140,23 @@ impl Unsettled {
         if delta == 0 {
             return;
         }
+        let subject = Subject {
+            plan: &self.plan,
+            name: &self.subject,
+            digest: self.digest,
+            history_days: self.history_days,
+        };
         if self.plan.tokens.is_some() {
-            let subject = Subject {
-                plan: &self.plan,
-                name: &self.subject,
-                digest: self.digest,
-                history_days: self.history_days,
-            };
             store.settle(&subject.settlement(delta, self.reservation));
+        }
+        // The model's budget is the key's (one slot on a cluster), but a
+        // settlement holds one budget.
+        let model = self
+            .model
+            .as_deref()
+            .and_then(|m| self.plan.models.as_deref()?.entry(m));
+        if let Some(m) = model.filter(|m| m.tokens.is_some()) {
+            store.settle(&subject.model_settlement(m, delta, self.reservation));
         }
         // The account's budget is settled apart: on a cluster it lives in
         // a slot of its own.
@@ -226,6 +239,101 @@ where
         match &self.kind {
             Kind::Inner { body } => body.size_hint(),
             Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The body of a request that went through [`RateLimit`](crate::RateLimit),
+    /// as the inner service gets it: the request's own body, streaming as it
+    /// came, or, when a [`CostEstimator`](crate::CostEstimator) read it
+    /// before the request was decided, the same bytes (and trailers) read
+    /// into memory.
+    ///
+    /// Handlers of axum and tonic take any body, so they need no change; a
+    /// `hyper` service function takes `Request<RequestBody<Incoming>>` (or is
+    /// generic over the body).
+    #[derive(Debug)]
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = RequestKindProj]
+    #[derive(Debug)]
+    enum RequestKind<B> {
+        Streaming { #[pin] body: B },
+        Read { data: Option<Bytes>, trailers: Option<http::HeaderMap> },
+    }
+}
+
+impl<B> RequestBody<B> {
+    /// The request's own body, not read.
+    pub fn streaming(body: B) -> Self {
+        RequestBody {
+            kind: RequestKind::Streaming { body },
+        }
+    }
+
+    /// A body read whole: `data`, then `trailers` if any.
+    pub fn read(data: Bytes, trailers: Option<http::HeaderMap>) -> Self {
+        RequestBody {
+            kind: RequestKind::Read {
+                data: (!data.is_empty()).then_some(data),
+                trailers,
+            },
+        }
+    }
+
+    /// Whether the body was read into memory before the request was decided.
+    pub fn is_read(&self) -> bool {
+        matches!(self.kind, RequestKind::Read { .. })
+    }
+
+    /// The request's own body, when it was not read.
+    pub fn into_streaming(self) -> Option<B> {
+        match self.kind {
+            RequestKind::Streaming { body } => Some(body),
+            RequestKind::Read { .. } => None,
+        }
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.project().kind.project() {
+            RequestKindProj::Streaming { body } => body.poll_frame(cx),
+            RequestKindProj::Read { data, trailers } => Poll::Ready(match data.take() {
+                Some(d) => Some(Ok(Frame::data(d))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+            }),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RequestKind::Streaming { body } => body.is_end_stream(),
+            RequestKind::Read { data, trailers } => data.is_none() && trailers.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            RequestKind::Streaming { body } => body.size_hint(),
+            RequestKind::Read { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }

@@ -37,6 +37,7 @@
 //! # Ok::<(), tollgate::ConfigError>(())
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,10 +49,128 @@ use crate::extract::RequestView;
 /// Called only for requests whose plan has a token budget. Implemented for
 /// closures `Fn(&RequestView<'_>) -> u32`; the default,
 /// [`ExtensionEstimate`], reads a [`TokenEstimate`] extension.
+///
+/// # Estimating from the body
+///
+/// An estimator that needs the request's body says so in
+/// [`reads_body`](Self::reads_body). The layer asks only once the key is
+/// known to be good (a missing, unknown or disabled key is rejected before a
+/// byte of the body is read) and the caller's plan has a token budget, and
+/// never for a gRPC request (`content-type: application/grpc*`). It then
+/// reads the body whole, bounded in bytes
+/// ([`max_body_bytes`](crate::RateLimitLayerBuilder::max_body_bytes), 413
+/// beyond) and in time ([`body_timeout`](crate::RateLimitLayerBuilder::body_timeout),
+/// 408 beyond), calls [`estimate_body`](Self::estimate_body), decides, and
+/// hands the inner service a [`RequestBody`](crate::RequestBody) with the
+/// same bytes. The [`Estimate`] goes into the request's extensions, where
+/// the decision and the handler find it (its [`model`](Estimate::model)
+/// included). A body the estimator cannot read is answered 400. None of
+/// these answers charges any limit. [`OpenAiEstimator`](crate::openai::OpenAiEstimator)
+/// (feature `openai`) is a ready one.
+///
+/// ```
+/// use tollgate::cost::{BodyError, CostEstimator, Estimate};
+/// use tollgate::extract::RequestView;
+///
+/// /// One token per 4 bytes of body, at least one.
+/// struct BodyBytes;
+///
+/// impl CostEstimator for BodyBytes {
+///     fn estimate(&self, _: &RequestView<'_>) -> u32 {
+///         1
+///     }
+///     fn reads_body(&self, req: &RequestView<'_>) -> bool {
+///         req.method == http::Method::POST
+///     }
+///     fn estimate_body(&self, _: &RequestView<'_>, body: &[u8]) -> Result<Estimate, BodyError> {
+///         let tokens = u32::try_from(body.len().div_ceil(4)).unwrap_or(u32::MAX);
+///         Ok(Estimate::new(tokens.max(1)))
+///     }
+/// }
+/// ```
 pub trait CostEstimator: Send + Sync + 'static {
-    /// The request's estimated tokens (say prompt tokens plus `max_tokens`).
+    /// The request's estimated tokens (say prompt tokens plus `max_tokens`),
+    /// from its head.
     fn estimate(&self, req: &RequestView<'_>) -> u32;
+
+    /// Whether to read this request's body and estimate from it
+    /// ([`estimate_body`](Self::estimate_body)) instead of
+    /// [`estimate`](Self::estimate). Default: never.
+    fn reads_body(&self, req: &RequestView<'_>) -> bool {
+        let _ = req;
+        false
+    }
+
+    /// The request's estimate from its whole body, when
+    /// [`reads_body`](Self::reads_body) asked for it. An error is answered
+    /// 400 with its message, and costs nothing. Default: [`estimate`](Self::estimate).
+    fn estimate_body(&self, req: &RequestView<'_>, body: &[u8]) -> Result<Estimate, BodyError> {
+        let _ = body;
+        Ok(Estimate::new(self.estimate(req)))
+    }
 }
+
+/// What an estimator read from a request's body: its tokens and, when the
+/// body names one, its model.
+///
+/// The layer puts it in the request's extensions before the request is
+/// decided: limits that depend on the model read it there (from
+/// [`RequestView::extensions`]), and so may the handler. An earlier layer may
+/// put one there too; the layer then uses it and reads no body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Estimate {
+    /// The request's estimated tokens.
+    pub tokens: u32,
+    /// The model the request asks for (OpenAI's `model`), if any.
+    pub model: Option<String>,
+}
+
+impl Estimate {
+    /// An estimate of `tokens`, naming no model.
+    pub fn new(tokens: u32) -> Self {
+        Estimate {
+            tokens,
+            model: None,
+        }
+    }
+
+    /// The same estimate, for `model`.
+    #[must_use]
+    pub fn with_model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+}
+
+/// Why an estimator could not read a request's body: answered 400, with the
+/// message, and charged nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyError {
+    message: Cow<'static, str>,
+}
+
+impl BodyError {
+    /// An error that tells the client `message`.
+    pub fn new(message: impl Into<Cow<'static, str>>) -> Self {
+        BodyError {
+            message: message.into(),
+        }
+    }
+
+    /// What the client is told.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for BodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for BodyError {}
 
 impl<F> CostEstimator for F
 where

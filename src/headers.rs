@@ -261,7 +261,11 @@ pub(crate) fn defining_rank(kind: LimitKind) -> Option<(Family, u8)> {
         AccountQuota | TokensMonth => 3,
         Stage | AccountTokensDay => 4,
         Method | AccountTokensMonth => 5,
-        StageMethod => 6,
+        StageMethod | ModelTokensMinute => 6,
+        // A model's limits define a family only when the plan's and the
+        // account's do not: they differ from one request to the next.
+        Model | ModelTokensDay => 7,
+        ModelQuota | ModelTokensMonth => 8,
         Concurrency => return None,
     };
     Some((Family::of(kind), rank))

@@ -34,10 +34,12 @@
 //! `429 {"message":"Too Many Requests"}` with `Retry-After` (whole seconds,
 //! rounded up); a used-up quota `429 {"message":"Limit Exceeded"}` until its
 //! UTC window ends; gRPC calls get a trailers-only `grpc-status: 8` with the
-//! exact retry delay as a `google.rpc.RetryInfo` (see [`Rejection`]). Keys and
-//! plans change while serving through [`Admin`], which also reports usage.
-//! Keys kept elsewhere (a database) are found through a [`Resolver`], whose
-//! answers are cached.
+//! exact retry delay as a `google.rpc.RetryInfo` (see [`Rejection`]). Keys,
+//! plans and accounts change while serving through [`Admin`], one key at a
+//! time whatever the number of keys (a batch import is all or nothing), and
+//! it reports usage per key and per [`Account`] (limits shared by a tenant's
+//! keys). Keys kept elsewhere (a database) are found through a [`Resolver`],
+//! whose answers are cached.
 //! Allowed and rejected responses carry the IETF `RateLimit-Policy` and
 //! `RateLimit` headers. For a key already tracked, a decision is one keyed
 //! hash, one clock read and one compare-and-swap per throttle, with no lock
@@ -63,7 +65,9 @@
 //! keeps it in this process and decides synchronously. With the `redis`
 //! feature, `RedisStore` keeps it in Redis or Redis Cluster, so that every
 //! instance of a service shares one budget; a decision is one round trip, and
-//! a store failure is decided by the plan's [`FailureMode`].
+//! a store failure is decided by the plan's [`FailureMode`]. It shares the
+//! key registry too: a key, plan or account changed through any instance's
+//! [`Admin`] is served by every instance within a second.
 //!
 //! # Observing decisions
 //!
@@ -80,6 +84,7 @@
 //! | `config` | no | `tollgate::config`: plans and keys from a TOML file, errors with line and field |
 //! | `redis` | no | `RedisStore`: limits shared by every instance through Redis or Redis Cluster, one round trip per decision |
 //! | `redis-tls` | no | `redis`, and TLS to Redis and Redis Cluster (`rediss://` URLs) through redis-rs's rustls support |
+//! | `openai` | no | `tollgate::openai::OpenAiEstimator`: token estimates read from OpenAI-style JSON bodies, once the key is checked |
 //! | `metrics` | no | `observe::MetricsObserver`: a `tollgate_decisions_total` counter through the `metrics` facade |
 //!
 //! With `redis-tls`, rustls needs a crypto provider (without one it panics
@@ -115,6 +120,9 @@ mod headers;
 mod keys;
 mod layer;
 pub mod observe;
+#[cfg(feature = "openai")]
+#[cfg_attr(docsrs, doc(cfg(feature = "openai")))]
+pub mod openai;
 mod plan;
 mod policy;
 mod quota;
@@ -124,15 +132,16 @@ pub mod store;
 mod usage;
 mod window;
 
-pub use crate::body::ResponseBody;
+pub use crate::body::{RequestBody, ResponseBody};
 pub use crate::clock::{Clock, ManualClock};
-pub use crate::cost::{CostEstimator, TokenEstimate, TokenUsage, UsedTokens};
+pub use crate::cost::{BodyError, CostEstimator, Estimate, TokenEstimate, TokenUsage, UsedTokens};
 pub use crate::error::ConfigError;
 pub use crate::headers::HeaderStyle;
 pub use crate::keys::SharedRegistry;
 pub use crate::layer::{RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseFuture};
 pub use crate::plan::{
-    Account, Anonymous, ApiKey, FailureMode, Quota, Stage, Throttle, TokenBudget, UsagePlan,
+    Account, Anonymous, ApiKey, FailureMode, ModelLimits, Quota, Stage, Throttle, TokenBudget,
+    UsagePlan,
 };
 pub use crate::policy::{DEFAULT_HISTORY_DAYS, Policy, PolicyBuilder};
 pub use crate::resolver::{

@@ -17,7 +17,9 @@ use super::document::{
 use super::error::ConfigFileError;
 use super::location::line_col;
 use crate::error::ConfigError;
-use crate::plan::{Account, FailureMode, MethodPath, Quota, Throttle, TokenBudget, UsagePlan};
+use crate::plan::{
+    Account, FailureMode, MethodPath, ModelLimits, Quota, Throttle, TokenBudget, UsagePlan,
+};
 use crate::window::Period;
 
 /// Turns semantic errors into located ones.
@@ -122,6 +124,24 @@ impl Checker<'_> {
         }
         for (mp, t) in self.methods(&f.methods, &path)? {
             plan = plan.method(mp, t);
+        }
+        for (name, m) in &f.models {
+            let mp = format!("{path}.models.\"{}\"", name.get_ref());
+            if name.get_ref().is_empty() {
+                return Err(self.err(name.span(), mp, "a model's name must not be empty"));
+            }
+            let m = m.get_ref();
+            let mut limits = ModelLimits::new();
+            if let Some(t) = &m.throttle {
+                limits = limits.throttle(self.throttle(t, &format!("{mp}.throttle"))?);
+            }
+            if let Some(q) = &m.quota {
+                limits = limits.quota(self.quota(q, &format!("{mp}.quota"))?);
+            }
+            if let Some(t) = &m.tokens {
+                limits = limits.tokens(self.tokens(t, &mp)?);
+            }
+            plan = plan.model(name.get_ref().clone(), limits);
         }
         Ok(plan)
     }

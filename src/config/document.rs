@@ -50,6 +50,18 @@ pub(super) struct PlanFile {
     pub(super) shadow: bool,
     #[serde(default)]
     pub(super) methods: BTreeMap<Spanned<String>, Spanned<ThrottleFile>>,
+    /// Limits per model name (`"*"`: every model the plan does not name).
+    #[serde(default)]
+    pub(super) models: BTreeMap<Spanned<String>, Spanned<ModelFile>>,
+}
+
+/// One model's limits within a plan.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ModelFile {
+    pub(super) throttle: Option<Spanned<ThrottleFile>>,
+    pub(super) quota: Option<Spanned<QuotaFile>>,
+    pub(super) tokens: Option<Spanned<TokensFile>>,
 }
 
 #[derive(Deserialize)]

@@ -2,19 +2,20 @@
 //! plan, to the limits that apply, to one decision by the store.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::StatusCode;
 
 use crate::body::Unsettled;
-use crate::cost::{CostEstimator, TokenUsage};
+use crate::cost::{CostEstimator, Estimate, TokenUsage};
 use crate::extract::{KeyError, KeyExtractor, RequestView};
 use crate::hash;
 use crate::headers::HeaderStyle;
 use crate::observe::{Seen, SharedObserver, Watch};
-use crate::plan::{AccountLimits, FailureMode, Plan, StageLimits};
+use crate::plan::{AccountLimits, FailureMode, ModelEntry, Plan, StageLimits};
 use crate::policy::{Policy, Snapshot};
 use crate::resolver::{Answer, Lookup, ResolveError, ResolverFallback, Resolving};
-use crate::response::{Decision, Reason, Rejection, ResponseStyle, SharedOnRejection};
+use crate::response::{Decision, Reason, Rejection, ResponseStyle, SharedOnRejection, is_grpc};
 use crate::store::Failures;
 use crate::store::{Acquire, Acquired, Denied, MemoryStore, Report, Store, Subject, ThrottleRef};
 
@@ -42,11 +43,19 @@ pub(crate) struct Shared<K, S> {
     pub(crate) max_retry: std::time::Duration,
     /// Estimates the tokens of requests under plans with a token budget.
     pub(crate) estimator: Box<dyn CostEstimator>,
+    /// How much of a body, and for how long, an estimator may read.
+    pub(crate) body_limits: BodyLimits,
     pub(crate) failures: Failures,
     pub(crate) observer: Option<SharedObserver>,
     /// Asked for key values the policy does not hold.
     pub(crate) resolver: Option<Arc<Resolving>>,
+    /// Names the model a request is for, when a plan has model limits.
+    pub(crate) model: Option<ModelOf>,
 }
+
+/// What names the model a request is for
+/// ([`RateLimitLayerBuilder::model`](crate::RateLimitLayerBuilder::model)).
+pub(crate) type ModelOf = Box<dyn for<'a> Fn(&RequestView<'a>) -> Option<&'a str> + Send + Sync>;
 
 pub(crate) type SharedState<K, S> = Arc<Shared<K, S>>;
 
@@ -63,6 +72,26 @@ pub(crate) enum Step<F> {
     /// answers later, and the request is decided then
     /// ([`Shared::decide_resolved`]).
     Resolve(Lookup),
+    /// The estimator needs the request's body, whose key is good: nothing
+    /// is decided yet. The request is decided again once the body is read
+    /// and its [`Estimate`] is in the request's extensions.
+    Read,
+}
+
+/// How much of a request's body, and for how long, an estimator may read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyLimits {
+    pub(crate) max_bytes: usize,
+    pub(crate) timeout: Duration,
+}
+
+impl Default for BodyLimits {
+    fn default() -> Self {
+        BodyLimits {
+            max_bytes: 1 << 20,
+            timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Why a key led to no caller yet: it was refused, or the resolver must be
@@ -124,9 +153,10 @@ impl<'a> Caller<'a> {
         }
     }
 
-    /// Whom the observer is told a decision is about.
+    /// Whom the observer is told a decision is about, and which of the
+    /// plan's model entries applied.
     #[inline]
-    fn seen<'r>(&self, req: Option<&RequestView<'r>>) -> Seen<'r>
+    fn seen<'r>(&self, req: Option<&RequestView<'r>>, model: Option<&'a ModelEntry>) -> Seen<'r>
     where
         'a: 'r,
     {
@@ -134,6 +164,7 @@ impl<'a> Caller<'a> {
             plan: Some(self.plan),
             key_id: self.id,
             req: req.copied(),
+            model: model.map(|m| &*m.name),
         }
     }
 
@@ -251,7 +282,12 @@ impl<K, S: Store> Shared<K, S> {
         report: &mut Report,
     ) -> Step<S::Future> {
         let failure = c.plan.failure;
-        let seen = c.seen(req);
+        // A plan without model limits looks nothing up.
+        let model = match &c.plan.models {
+            None => None,
+            Some(_) => c.plan.model(self.model_name(req)),
+        };
+        let seen = c.seen(req, model);
         let decide = |acquire: &Acquire<'_>| {
             if let Some(verdict) = self.store.decide_now(acquire, report) {
                 return Step::Done(self.conclude_seen(Ok(verdict), failure, false, seen));
@@ -268,26 +304,71 @@ impl<K, S: Store> Shared<K, S> {
             // The common plan, a throttle alone, skips gathering limits.
             Some(t) => Acquire::lone(t, cost, c.plan, decide),
             None => {
-                let tokens = self.reserve(c, req, reserve);
+                let Some(tokens) = self.reserve(c, req, model, reserve) else {
+                    return Step::Read;
+                };
                 let account = c.account.map(|a| &**a);
-                Acquire::gather(c.stage, account, &c.subject, req, cost, tokens, decide)
+                Acquire::gather(
+                    c.stage, account, &c.subject, req, model, cost, tokens, decide,
+                )
             }
+        }
+    }
+
+    /// The model a request is for, as the layer's
+    /// [`model`](crate::RateLimitLayerBuilder::model) function names it;
+    /// `None` without a request or a function, or when it names none (then
+    /// the plan's `"*"` entry applies, if it has one).
+    #[inline]
+    fn model_name<'r>(&self, req: Option<&RequestView<'r>>) -> Option<&'r str> {
+        let req = req?;
+        match &self.model {
+            Some(name) => name(req),
+            // The body's `model`, once the estimator has read it.
+            None => req.extensions.get::<Estimate>()?.model.as_deref(),
         }
     }
 
     /// The tokens a request under a plan (or of an account) with a token
     /// budget is estimated to cost; a request through the layer (not a
     /// `check`) also gets what it takes to settle them when its response ends.
+    /// `None`: the estimator must read the body first.
     #[inline]
-    fn reserve(&self, c: &Caller<'_>, req: Option<&RequestView<'_>>, reserve: Reserve<'_>) -> u32 {
-        let budget = c.plan.tokens.is_some() || c.account.is_some_and(|a| a.tokens.is_some());
-        let (true, Some(req), Some(reserve)) = (budget, req, reserve) else {
-            return 0;
+    fn reserve(
+        &self,
+        c: &Caller<'_>,
+        req: Option<&RequestView<'_>>,
+        model: Option<&ModelEntry>,
+        reserve: Reserve<'_>,
+    ) -> Option<u32> {
+        let model_budget = model.filter(|m| m.tokens.is_some());
+        let budget = c.plan.tokens.is_some()
+            || c.account.is_some_and(|a| a.tokens.is_some())
+            || model_budget.is_some();
+        // A plan with limits per model and no function naming the model
+        // learns it from the body, when the estimator reads one.
+        let body_names_model = c.plan.models.is_some() && self.model.is_none();
+        let (Some(req), Some(reserve)) = (req, reserve) else {
+            return Some(0);
         };
-        let estimate = self.estimator.estimate(req);
+        if !budget && !body_names_model {
+            return Some(0);
+        }
+        // An estimate read from the body (by this layer, or an earlier one)
+        // stands; otherwise the estimator may ask for the body, never a
+        // gRPC call's (its messages are not the estimator's to read).
+        let estimate = match req.extensions.get::<Estimate>() {
+            Some(e) => e.tokens,
+            None if self.estimator.reads_body(req) && !is_grpc(req.headers) => return None,
+            None => self.estimator.estimate(req),
+        };
+        if !budget {
+            return Some(0);
+        }
         *reserve = Some(Box::new(Unsettled {
             plan: Arc::clone(c.plan),
             account: c.account.cloned(),
+            model: model_budget.map(|m| Arc::clone(&m.name)),
             subject: c.subject.name.into(),
             digest: c.subject.digest,
             history_days: c.subject.history_days,
@@ -295,7 +376,7 @@ impl<K, S: Store> Shared<K, S> {
             usage: TokenUsage::new(),
             reservation: Default::default(),
         }));
-        estimate
+        Some(estimate)
     }
 }
 
@@ -329,6 +410,7 @@ impl<K, S> Shared<K, S> {
                     plan: Some(plan),
                     key_id: Some(&entry.id),
                     req: req.copied(),
+                    model: None,
                 };
                 return Some(Err(self.refuse(Reason::DisabledKey, seen).into()));
             }
@@ -426,6 +508,7 @@ impl<K, S> Shared<K, S> {
                 plan: Some(plan),
                 key_id: Some(&found.id),
                 req: req.copied(),
+                model: None,
             };
             return Err(self.refuse(Reason::DisabledKey, seen));
         }
@@ -488,12 +571,13 @@ impl<K> Shared<K, MemoryStore> {
             Some(t) => self.store.decide_throttle(&t, cost, &mut ()),
             None => {
                 let account = c.account.map(|a| &**a);
-                Acquire::gather(c.stage, account, &c.subject, None, cost, 0, |a| {
+                let model = c.plan.model(None);
+                Acquire::gather(c.stage, account, &c.subject, None, model, cost, 0, |a| {
                     self.store.decide::<()>(a, &mut ())
                 })
             }
         };
-        self.checked(&result, c.seen(None));
+        self.checked(&result, c.seen(None, c.plan.model(None)));
         result
     }
 }

@@ -9,8 +9,9 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use super::read::{Reading, refuse_body, refuse_unread};
 use super::{Shared, Step};
-use crate::body::{Guard, ResponseBody, Unsettled};
+use crate::body::{Guard, RequestBody, ResponseBody, Unsettled};
 use crate::extract::{KeyExtractor, RequestView};
 use crate::headers::{HeaderStyle, Prepared};
 use crate::observe::Watch;
@@ -23,35 +24,41 @@ pin_project! {
     /// The future of [`RateLimit`](crate::RateLimit): the store's answer when
     /// it must be waited for, then the inner service's response with
     /// rate-limit headers added, or a rejection.
-    pub struct ResponseFuture<S, R, K, St>
+    pub struct ResponseFuture<S, B, K, St>
     where
-        S: Service<R>,
+        S: Service<Request<RequestBody<B>>>,
         St: Store,
     {
         #[pin]
-        state: State<S, R, K, St>,
+        state: State<S, B, K, St>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<S, R, K, St>
+    enum State<S, B, K, St>
     where
-        S: Service<R>,
+        S: Service<Request<RequestBody<B>>>,
         St: Store,
     {
         // The key is not registered: the resolver is asked, then the
         // request is decided as `call` decides a registered key's.
         Resolving {
             lookup: Lookup,
-            parked: Option<Box<Parked<S, R, K, St>>>,
+            parked: Option<Box<Parked<S, B, K, St>>>,
+        },
+        // The key is good and the estimator needs the body: it is read,
+        // then the request is decided as `call` decides one.
+        Reading {
+            read: Pin<Box<Reading<B>>>,
+            parked: Option<Box<Parked<S, B, K, St>>>,
         },
         Waiting {
             #[pin]
             decision: St::Future,
             // Boxed: a request is 200-odd bytes, and every response future
             // of the memory store, which never waits, would carry its room.
-            parked: Option<Box<Parked<S, R, K, St>>>,
+            parked: Option<Box<Parked<S, B, K, St>>>,
         },
         Called {
             #[pin]
@@ -64,18 +71,18 @@ pin_project! {
 }
 
 /// What a request waiting for a remote store's answer holds until then.
-pub(crate) struct Parked<S, R, K, St> {
+pub(crate) struct Parked<S, B, K, St> {
     pub(crate) inner: S,
-    pub(crate) req: R,
+    pub(crate) req: Request<RequestBody<B>>,
     pub(crate) shared: Arc<Shared<K, St>>,
     pub(crate) failure: FailureMode,
     pub(crate) reservation: Option<Box<Unsettled>>,
     pub(crate) watch: Option<Watch>,
 }
 
-impl<S, R, K, St> ResponseFuture<S, R, K, St>
+impl<S, B, K, St> ResponseFuture<S, B, K, St>
 where
-    S: Service<R>,
+    S: Service<Request<RequestBody<B>>>,
     St: Store,
 {
     pub(crate) fn called(
@@ -101,7 +108,7 @@ where
         }
     }
 
-    pub(crate) fn resolving(lookup: Lookup, parked: Parked<S, R, K, St>) -> Self {
+    pub(crate) fn resolving(lookup: Lookup, parked: Parked<S, B, K, St>) -> Self {
         ResponseFuture {
             state: State::Resolving {
                 lookup,
@@ -110,7 +117,18 @@ where
         }
     }
 
-    pub(crate) fn waiting(decision: St::Future, parked: Parked<S, R, K, St>) -> Self {
+    /// Reads the parked request's body (still the request's own), then
+    /// decides it.
+    pub(crate) fn reading(mut parked: Parked<S, B, K, St>) -> Self {
+        ResponseFuture {
+            state: State::Reading {
+                read: read_body(&mut parked),
+                parked: Some(Box::new(parked)),
+            },
+        }
+    }
+
+    pub(crate) fn waiting(decision: St::Future, parked: Parked<S, B, K, St>) -> Self {
         ResponseFuture {
             state: State::Waiting {
                 decision,
@@ -120,10 +138,83 @@ where
     }
 }
 
-impl<S, B, K, St, ResBody> Future for ResponseFuture<S, Request<B>, K, St>
+/// Takes the parked request's own body out to be read; a read body takes its
+/// place once it has ended.
+fn read_body<S, B, K, St>(parked: &mut Parked<S, B, K, St>) -> Pin<Box<Reading<B>>> {
+    let body = std::mem::replace(parked.req.body_mut(), RequestBody::read(Bytes::new(), None));
+    let body = body
+        .into_streaming()
+        .expect("a parked request's body is read once");
+    Box::pin(Reading::new(body, parked.shared.body_limits))
+}
+
+impl<S, B, K, St> State<S, B, K, St>
 where
+    S: Service<Request<RequestBody<B>>>,
     K: KeyExtractor,
-    S: Service<Request<B>, Response = Response<ResBody>>,
+    St: Store,
+{
+    /// Where a parked request goes after a step of its decision.
+    fn after(
+        step: Step<St::Future>,
+        mut parked: Box<Parked<S, B, K, St>>,
+        report: &Report,
+    ) -> Self {
+        let shared = Arc::clone(&parked.shared);
+        match step {
+            Step::Done(Ok(())) => {
+                let Parked {
+                    inner: mut svc,
+                    mut req,
+                    reservation,
+                    ..
+                } = *parked;
+                State::Called {
+                    guard: Guard::hold(&shared.store, report, reservation, &mut req),
+                    fut: svc.call(req),
+                    headers: shared.headers.prepare(report),
+                }
+            }
+            Step::Done(Err((rejection, limit))) => {
+                let rejection = rejection.with_grpc(is_grpc(parked.req.headers()));
+                State::Rejected {
+                    response: Some(shared.reject(rejection, limit, &RequestView::new(&parked.req))),
+                }
+            }
+            Step::Wait(decision, failure, watch) => {
+                parked.failure = failure;
+                parked.watch = watch;
+                State::Waiting {
+                    decision,
+                    parked: Some(parked),
+                }
+            }
+            Step::Resolve(lookup) => State::Resolving {
+                lookup,
+                parked: Some(parked),
+            },
+            // Only a request whose body is still its own is read (a read one
+            // has its estimate, and is never asked for its body again).
+            Step::Read if !parked.req.body().is_read() => State::Reading {
+                read: read_body(&mut parked),
+                parked: Some(parked),
+            },
+            Step::Read => State::Rejected {
+                response: Some(refuse_body(
+                    http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "the request body was asked for twice",
+                    "internal_error",
+                )),
+            },
+        }
+    }
+}
+
+impl<S, B, K, St, ResBody> Future for ResponseFuture<S, B, K, St>
+where
+    S: Service<Request<RequestBody<B>>, Response = Response<ResBody>>,
+    B: http_body::Body<Data = Bytes>,
+    K: KeyExtractor,
     St: Store,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
@@ -146,37 +237,6 @@ where
                         &mut report,
                     );
                     match step {
-                        Step::Done(Ok(())) => {
-                            let Parked {
-                                inner: mut svc,
-                                mut req,
-                                reservation,
-                                ..
-                            } = *parked;
-                            State::Called {
-                                guard: Guard::hold(&shared.store, &report, reservation, &mut req),
-                                fut: svc.call(req),
-                                headers: shared.headers.prepare(&report),
-                            }
-                        }
-                        Step::Wait(decision, failure, watch) => {
-                            parked.failure = failure;
-                            parked.watch = watch;
-                            State::Waiting {
-                                decision,
-                                parked: Some(parked),
-                            }
-                        }
-                        Step::Done(Err((rejection, limit))) => {
-                            let rejection = rejection.with_grpc(is_grpc(parked.req.headers()));
-                            State::Rejected {
-                                response: Some(shared.reject(
-                                    rejection,
-                                    limit,
-                                    &RequestView::new(&parked.req),
-                                )),
-                            }
-                        }
                         // A resolved key is never looked up again.
                         Step::Resolve(_) => {
                             let rejection = Rejection::key(Reason::ResolverUnavailable)
@@ -189,6 +249,45 @@ where
                                 )),
                             }
                         }
+                        step => State::after(step, parked, &report),
+                    }
+                }
+                StateProj::Reading { read, parked } => {
+                    let read = ready!(read.as_mut().poll_read(cx));
+                    let Some(mut parked) = parked.take() else {
+                        panic!("ResponseFuture polled after completion");
+                    };
+                    let shared = Arc::clone(&parked.shared);
+                    let (data, trailers) = match read {
+                        Ok(read) => read,
+                        Err(why) => {
+                            return Poll::Ready(Ok(
+                                refuse_unread(why, shared.body_limits).map(ResponseBody::full)
+                            ));
+                        }
+                    };
+                    let estimate = shared
+                        .estimator
+                        .estimate_body(&RequestView::new(&parked.req), &data);
+                    match estimate {
+                        Ok(estimate) => {
+                            parked.req.extensions_mut().insert(estimate);
+                            *parked.req.body_mut() = RequestBody::read(data, trailers);
+                            let mut report = Report::default();
+                            let step = shared.decide(
+                                &RequestView::new(&parked.req),
+                                &mut parked.reservation,
+                                &mut report,
+                            );
+                            State::after(step, parked, &report)
+                        }
+                        Err(e) => State::Rejected {
+                            response: Some(refuse_body(
+                                http::StatusCode::BAD_REQUEST,
+                                e.message(),
+                                "invalid_body",
+                            )),
+                        },
                     }
                 }
                 StateProj::Waiting { decision, parked } => {
@@ -248,14 +347,15 @@ where
     }
 }
 
-impl<S, R, K, St> fmt::Debug for ResponseFuture<S, R, K, St>
+impl<S, B, K, St> fmt::Debug for ResponseFuture<S, B, K, St>
 where
-    S: Service<R>,
+    S: Service<Request<RequestBody<B>>>,
     St: Store,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Resolving { .. } => "Resolving",
+            State::Reading { .. } => "Reading",
             State::Waiting { .. } => "Waiting",
             State::Called { .. } => "Called",
             State::Rejected { .. } => "Rejected",

@@ -3,9 +3,10 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::{RateLimit, Shared, SharedState, Step};
+use super::engine::ModelOf;
+use super::{BodyLimits, RateLimit, Shared, SharedState, Step};
 use crate::cost::{CostEstimator, ExtensionEstimate};
-use crate::extract::{ApiKeyHeader, BearerOrApiKey, KeyExtractor};
+use crate::extract::{ApiKeyHeader, BearerOrApiKey, KeyExtractor, RequestView};
 use crate::headers::HeaderStyle;
 use crate::observe::Observer;
 use crate::policy::Policy;
@@ -82,7 +83,9 @@ impl RateLimitLayer<ApiKeyHeader> {
             style: ResponseStyle::Aws,
             max_retry: DEFAULT_MAX_RETRY,
             estimator: Box::new(ExtensionEstimate),
+            body_limits: BodyLimits::default(),
             observer: None,
+            model: None,
             resolver: None,
         }
     }
@@ -164,6 +167,8 @@ impl<K, S: Store> RateLimitLayer<K, S> {
                 }
                 // A resolved key is never looked up again.
                 Step::Resolve(_) => Err((Rejection::key(Reason::ResolverUnavailable), None)),
+                // Without a request there is no body to read: never asked.
+                Step::Read => Ok(report),
             };
             // Without a response to hold it through, a place under a
             // concurrency cap is given back at once.
@@ -248,8 +253,10 @@ pub struct RateLimitLayerBuilder<K, S = MemoryStore> {
     style: ResponseStyle,
     max_retry: Duration,
     estimator: Box<dyn CostEstimator>,
+    body_limits: BodyLimits,
     observer: Option<Arc<dyn Observer>>,
     resolver: Option<Resolver>,
+    model: Option<ModelOf>,
 }
 
 impl<K, S: Store> RateLimitLayerBuilder<K, S> {
@@ -265,8 +272,10 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             style: self.style,
             max_retry: self.max_retry,
             estimator: self.estimator,
+            body_limits: self.body_limits,
             observer: self.observer,
             resolver: self.resolver,
+            model: self.model,
         }
     }
 
@@ -285,8 +294,10 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             style: self.style,
             max_retry: self.max_retry,
             estimator: self.estimator,
+            body_limits: self.body_limits,
             observer: self.observer,
             resolver: self.resolver,
+            model: self.model,
         }
     }
 
@@ -297,6 +308,24 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
     /// `Fn(&RequestView<'_>) -> u32` will do; see [`cost`](crate::cost).
     pub fn estimator(mut self, estimator: impl CostEstimator) -> Self {
         self.estimator = Box::new(estimator);
+        self
+    }
+
+    /// The largest request body an estimator that
+    /// [reads bodies](CostEstimator::reads_body) may read (default 1 MiB). A
+    /// longer body, or a `content-length` that announces one, is answered
+    /// 413 without charging any limit.
+    pub fn max_body_bytes(mut self, bytes: usize) -> Self {
+        self.body_limits.max_bytes = bytes;
+        self
+    }
+
+    /// How long reading a request's body for an estimator that
+    /// [reads bodies](CostEstimator::reads_body) may take, from its first
+    /// poll to its end (default 10 s). A body still unfinished then is
+    /// answered 408 without charging any limit.
+    pub fn body_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.body_limits.timeout = timeout;
         self
     }
 
@@ -431,6 +460,58 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
         self
     }
 
+    /// Names the model a request is for, for plans with limits per model
+    /// ([`UsagePlan::model`](crate::UsagePlan::model)): from a header, a
+    /// path segment, an extension a layer before this one put there. Asked
+    /// only for requests whose plan has model limits. A request it names no
+    /// model for (`None`) gets the plan's `"*"` entry if there is one, else
+    /// only the plan's own limits.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use bytes::Bytes;
+    /// use http::{Request, Response, StatusCode};
+    /// use tower::{ServiceBuilder, ServiceExt};
+    /// use tollgate::{ApiKey, ModelLimits, Policy, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// let plan = UsagePlan::new("pro")
+    ///     .model("big-model", ModelLimits::new().throttle(Throttle::new(1.0, 1)?));
+    /// let policy = Policy::builder()
+    ///     .plan(plan)
+    ///     .key(ApiKey::new("k1", "secret-1", "pro"))
+    ///     .build()?;
+    /// let layer = RateLimitLayer::builder(policy)
+    ///     .model(|req| req.headers.get("x-model")?.to_str().ok())
+    ///     .build();
+    /// let svc = ServiceBuilder::new()
+    ///     .layer(layer)
+    ///     .service_fn(|_req: Request<String>| async {
+    ///         Ok::<_, Infallible>(Response::new(String::new()))
+    ///     });
+    /// let call = |model: &str| {
+    ///     let req = Request::get("/")
+    ///         .header("x-api-key", "secret-1")
+    ///         .header("x-model", model)
+    ///         .body(String::new())
+    ///         .unwrap();
+    ///     svc.clone().oneshot(req)
+    /// };
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// assert_eq!(call("big-model").await.unwrap().status(), StatusCode::OK);
+    /// // The model's bucket is empty; another model is not limited by it.
+    /// assert_eq!(call("big-model").await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+    /// assert_eq!(call("small-model").await.unwrap().status(), StatusCode::OK);
+    /// # });
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// ```
+    pub fn model<F>(mut self, f: F) -> Self
+    where
+        F: for<'a> Fn(&RequestView<'a>) -> Option<&'a str> + Send + Sync + 'static,
+    {
+        self.model = Some(Box::new(f));
+        self
+    }
+
     /// Builds the layer and its shared state.
     pub fn build(self) -> RateLimitLayer<K, S> {
         match self.store.shared_registry() {
@@ -449,9 +530,11 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
                 style: self.style,
                 max_retry: self.max_retry,
                 estimator: self.estimator,
+                body_limits: self.body_limits,
                 failures: Failures::default(),
                 observer: self.observer,
                 resolver: self.resolver.map(|r| Arc::new(r.build())),
+                model: self.model,
             }),
         }
     }

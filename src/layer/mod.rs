@@ -6,10 +6,11 @@ mod future;
 #[allow(clippy::module_inception)]
 mod layer;
 mod outcome;
+mod read;
 mod service;
 
 pub use self::future::ResponseFuture;
 pub use self::layer::{RateLimitLayer, RateLimitLayerBuilder};
 pub use self::service::RateLimit;
 
-pub(crate) use self::engine::{Shared, SharedState, Step};
+pub(crate) use self::engine::{BodyLimits, Shared, SharedState, Step};

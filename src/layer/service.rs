@@ -8,7 +8,7 @@ use tower_service::Service;
 
 use super::future::Parked;
 use super::{ResponseFuture, Shared, SharedState, Step};
-use crate::body::{Guard, ResponseBody};
+use crate::body::{Guard, RequestBody, ResponseBody};
 use crate::extract::{ApiKeyHeader, KeyExtractor, RequestView};
 use crate::plan::FailureMode;
 use crate::response::is_grpc;
@@ -73,26 +73,40 @@ impl<S: fmt::Debug, K, St> fmt::Debug for RateLimit<S, K, St> {
 
 impl<S, K, St, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, K, St>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone,
     K: KeyExtractor,
     St: Store,
+    ReqBody: http_body::Body<Data = Bytes>,
     ResBody: http_body::Body<Data = Bytes>,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S, Request<ReqBody>, K, St>;
+    type Future = ResponseFuture<S, ReqBody, K, St>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let mut req = req.map(RequestBody::streaming);
         let mut reservation = None;
         let mut report = Report::default();
-        match self
+        let step = self
             .shared
-            .decide(&RequestView::new(&req), &mut reservation, &mut report)
-        {
+            .decide(&RequestView::new(&req), &mut reservation, &mut report);
+        let park = |inner: &mut S, req, failure, reservation, watch| {
+            // The readied service goes with the request; a clone stays.
+            let clone = inner.clone();
+            Parked {
+                inner: std::mem::replace(inner, clone),
+                req,
+                shared: Arc::clone(&self.shared),
+                failure,
+                reservation,
+                watch,
+            }
+        };
+        match step {
             Step::Done(Ok(())) => {
                 let guard = Guard::hold(&self.shared.store, &report, reservation, &mut req);
                 ResponseFuture::called(self.inner.call(req), &report, self.shared.headers, guard)
@@ -106,35 +120,24 @@ where
                     &RequestView::new(&req),
                 ))
             }
-            Step::Resolve(lookup) => {
-                // As below: the readied service goes with the request.
-                let clone = self.inner.clone();
-                let ready = std::mem::replace(&mut self.inner, clone);
-                let parked = Parked {
-                    inner: ready,
-                    req,
-                    shared: Arc::clone(&self.shared),
-                    // Set when the key's plan is known.
-                    failure: FailureMode::Closed,
-                    reservation,
-                    watch: None,
-                };
-                ResponseFuture::resolving(lookup, parked)
-            }
-            Step::Wait(decision, failure, watch) => {
-                // The readied service goes with the request; a clone stays.
-                let clone = self.inner.clone();
-                let ready = std::mem::replace(&mut self.inner, clone);
-                let parked = Parked {
-                    inner: ready,
-                    req,
-                    shared: Arc::clone(&self.shared),
-                    failure,
-                    reservation,
-                    watch,
-                };
-                ResponseFuture::waiting(decision, parked)
-            }
+            // The failure mode is set when the key's plan is known.
+            Step::Resolve(lookup) => ResponseFuture::resolving(
+                lookup,
+                park(&mut self.inner, req, FailureMode::Closed, reservation, None),
+            ),
+            // The key is good and the estimator needs the body: nothing is
+            // decided until it is read.
+            Step::Read => ResponseFuture::reading(park(
+                &mut self.inner,
+                req,
+                FailureMode::Closed,
+                reservation,
+                None,
+            )),
+            Step::Wait(decision, failure, watch) => ResponseFuture::waiting(
+                decision,
+                park(&mut self.inner, req, failure, reservation, watch),
+            ),
         }
     }
 }

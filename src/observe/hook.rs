@@ -19,6 +19,8 @@ pub(crate) struct Seen<'a> {
     /// A registered key's public id; never a key's value.
     pub(crate) key_id: Option<&'a str>,
     pub(crate) req: Option<RequestView<'a>>,
+    /// The plan's model entry whose limits applied, if any.
+    pub(crate) model: Option<&'a str>,
 }
 
 impl<'a> Seen<'a> {
@@ -46,6 +48,7 @@ impl<'a> Seen<'a> {
             shadow: self.plan.is_some_and(|p| p.shadow),
             key_id: self.key_id,
             req: self.req,
+            model: self.model,
             outcome,
             limit,
         }
@@ -60,6 +63,7 @@ pub(crate) struct Watch {
     plan: Arc<str>,
     shadow: bool,
     key_id: Option<Arc<str>>,
+    model: Option<Arc<str>>,
 }
 
 impl Watch {
@@ -70,6 +74,7 @@ impl Watch {
             plan: Arc::clone(&plan.name),
             shadow: plan.shadow,
             key_id: seen.key_id.map(Arc::from),
+            model: seen.model.map(Arc::from),
         })
     }
 
@@ -85,6 +90,7 @@ impl Watch {
             shadow: self.shadow,
             key_id: self.key_id.as_deref(),
             req,
+            model: self.model.as_deref(),
             outcome,
             limit,
         }

@@ -47,13 +47,13 @@
 //!     .build();
 //! let svc = ServiceBuilder::new()
 //!     .layer(layer)
-//!     .service(service_fn(|_req: Request<()>| async {
+//!     .service(service_fn(|_req: Request<tollgate::RequestBody<String>>| async {
 //!         Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
 //!     }));
 //! let request = || {
 //!     Request::post("/v1/completions")
 //!         .header("x-api-key", "demo-free-key")
-//!         .body(())
+//!         .body(String::new())
 //!         .unwrap()
 //! };
 //! assert_eq!(svc.clone().oneshot(request()).await.unwrap().status(), 200);
@@ -111,6 +111,7 @@ pub struct DecisionEvent<'a> {
     shadow: bool,
     key_id: Option<&'a str>,
     req: Option<RequestView<'a>>,
+    model: Option<&'a str>,
     outcome: Outcome,
     limit: Option<&'static str>,
 }
@@ -134,6 +135,14 @@ impl<'a> DecisionEvent<'a> {
     /// a secret) and for requests limited by client IP.
     pub fn key_id(&self) -> Option<&'a str> {
         self.key_id
+    }
+
+    /// The model entry of the plan whose limits applied to the request: the
+    /// model's name as the plan names it, or `"*"` for a model it does not
+    /// name (one of a bounded set, fit for a metric label). `None` when the
+    /// plan has no limits for the request's model.
+    pub fn model(&self) -> Option<&'a str> {
+        self.model
     }
 
     /// The request's route: axum's `MatchedPath` (such as `"/users/{id}"`)
@@ -307,6 +316,7 @@ mod tests {
             shadow: false,
             key_id: Some("free-1"),
             req: Some(RequestView::new(&req)),
+            model: None,
             outcome: Outcome::Allowed,
             limit: None,
         };

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::limits::{FailureMode, Stage, Throttle, TokenBudget, UsagePlan};
+use super::limits::{FailureMode, ModelLimits, Stage, Throttle, TokenBudget, UsagePlan};
 use super::method::{MethodLimit, compile_methods};
 use crate::error::ConfigError;
 use crate::gcra::{Gcra, NANOS_PER_SEC};
@@ -47,6 +47,16 @@ pub enum LimitKind {
     AccountTokensDay,
     /// An account's monthly token quota (`"account-tokens-month"`).
     AccountTokensMonth,
+    /// A model's throttle within a plan (`"model"`).
+    Model,
+    /// A model's request quota (`"model-quota"`).
+    ModelQuota,
+    /// A model's per-minute token bucket (`"model-tokens-minute"`).
+    ModelTokensMinute,
+    /// A model's daily token quota (`"model-tokens-day"`).
+    ModelTokensDay,
+    /// A model's monthly token quota (`"model-tokens-month"`).
+    ModelTokensMonth,
 }
 
 impl LimitKind {
@@ -67,6 +77,11 @@ impl LimitKind {
             LimitKind::AccountTokensMinute => "account-tokens-minute",
             LimitKind::AccountTokensDay => "account-tokens-day",
             LimitKind::AccountTokensMonth => "account-tokens-month",
+            LimitKind::Model => "model",
+            LimitKind::ModelQuota => "model-quota",
+            LimitKind::ModelTokensMinute => "model-tokens-minute",
+            LimitKind::ModelTokensDay => "model-tokens-day",
+            LimitKind::ModelTokensMonth => "model-tokens-month",
         }
     }
 
@@ -89,6 +104,11 @@ impl LimitKind {
             AccountTokensMinute,
             AccountTokensDay,
             AccountTokensMonth,
+            Model,
+            ModelQuota,
+            ModelTokensMinute,
+            ModelTokensDay,
+            ModelTokensMonth,
         ]
         .into_iter()
         .find(|k| k.name() == name)
@@ -107,6 +127,23 @@ impl LimitKind {
                 | LimitKind::AccountTokensMinute
                 | LimitKind::AccountTokensDay
                 | LimitKind::AccountTokensMonth
+                | LimitKind::ModelTokensMinute
+                | LimitKind::ModelTokensDay
+                | LimitKind::ModelTokensMonth
+        )
+    }
+
+    /// Whether the limit is a model's within a plan, counted per (plan,
+    /// key, model).
+    #[inline]
+    pub fn is_model(self) -> bool {
+        matches!(
+            self,
+            LimitKind::Model
+                | LimitKind::ModelQuota
+                | LimitKind::ModelTokensMinute
+                | LimitKind::ModelTokensDay
+                | LimitKind::ModelTokensMonth
         )
     }
 
@@ -235,6 +272,76 @@ impl Tokens {
     }
 }
 
+/// The kinds of a model's token budget.
+const MODEL_TOKENS: TokenKinds = [
+    LimitKind::ModelTokensMinute,
+    LimitKind::ModelTokensDay,
+    LimitKind::ModelTokensMonth,
+];
+
+/// One model's limits within a plan, compiled: their salts derive from the
+/// plan and the model's name (`"*"` for the entry of the models the plan
+/// does not name), so their state never meets the plan's or another
+/// model's.
+#[derive(Debug)]
+pub(crate) struct ModelEntry {
+    pub(crate) name: Arc<str>,
+    pub(crate) throttle: Option<Limit>,
+    pub(crate) quota: Option<QuotaSpec>,
+    pub(crate) tokens: Option<Tokens>,
+}
+
+impl ModelEntry {
+    fn compile(plan: &str, name: &str, m: &ModelLimits, created_at: i64) -> Self {
+        let owner = format!("plan\0{plan}\0model\0{name}");
+        ModelEntry {
+            name: name.into(),
+            throttle: m
+                .throttle
+                .as_ref()
+                .map(|t| Limit::new(LimitKind::Model, t, &owner, "")),
+            quota: m.quota.map(|q| QuotaSpec {
+                limit: q.limit,
+                period: q.period,
+                offset: q.offset,
+                created_at,
+                salt: quota_salt(&owner, LimitKind::ModelQuota),
+            }),
+            tokens: m
+                .tokens
+                .as_ref()
+                .map(|t| Tokens::compile_as(t, &owner, created_at, MODEL_TOKENS)),
+        }
+    }
+}
+
+/// A plan's limits per model: the models it names, and the `"*"` entry of
+/// those it does not.
+#[derive(Debug, Default)]
+pub(crate) struct Models {
+    pub(crate) named: Box<[ModelEntry]>,
+    pub(crate) other: Option<ModelEntry>,
+}
+
+impl Models {
+    /// The limits of a request to `model` (`None`: not known): its own
+    /// entry, else the `"*"` one, if any.
+    #[inline]
+    pub(crate) fn get(&self, model: Option<&str>) -> Option<&ModelEntry> {
+        model
+            .and_then(|m| self.named.iter().find(|e| &*e.name == m))
+            .or(self.other.as_ref())
+    }
+
+    /// The entry of a model by its exact name in the plan (`"*"` included).
+    pub(crate) fn entry(&self, name: &str) -> Option<&ModelEntry> {
+        self.named
+            .iter()
+            .chain(&self.other)
+            .find(|e| &*e.name == name)
+    }
+}
+
 /// A plan compiled for deciding.
 #[derive(Debug)]
 pub(crate) struct Plan {
@@ -244,6 +351,8 @@ pub(crate) struct Plan {
     pub(crate) quota: Option<QuotaSpec>,
     pub(crate) tokens: Option<Tokens>,
     pub(crate) concurrency: Option<Concurrency>,
+    /// Limits per model; `None` when the plan has none (nothing is looked up).
+    pub(crate) models: Option<Box<Models>>,
     pub(crate) shadow: bool,
     pub(crate) failure: FailureMode,
     /// Whether a remote store may lend shares of its limits.
@@ -252,13 +361,33 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    /// Every throttle of the plan: the plan-wide one, the method overrides
-    /// and the per-minute token budget.
+    /// Every throttle of the plan: the plan-wide one, the method overrides,
+    /// the per-minute token budget, and each model's.
     pub(crate) fn limits(&self) -> impl Iterator<Item = &Limit> {
         self.throttle
             .iter()
             .chain(self.methods.iter().map(|m| &m.limit))
             .chain(self.tokens.iter().flat_map(|t| t.minute.as_ref()))
+            .chain(self.model_entries().flat_map(|m| {
+                m.throttle
+                    .iter()
+                    .chain(m.tokens.iter().flat_map(|t| t.minute.as_ref()))
+            }))
+    }
+
+    /// The limits of a request to `model` (`None`: not known): the model's
+    /// entry, else the `"*"` one, else none. A plan without model limits
+    /// looks nothing up.
+    #[inline]
+    pub(crate) fn model(&self, model: Option<&str>) -> Option<&ModelEntry> {
+        self.models.as_deref()?.get(model)
+    }
+
+    /// Every model's entry, `"*"` included.
+    pub(crate) fn model_entries(&self) -> impl Iterator<Item = &ModelEntry> {
+        self.models
+            .iter()
+            .flat_map(|m| m.named.iter().chain(&m.other))
     }
 
     /// The plan's throttle when it is the plan's only limit (no method
@@ -272,6 +401,7 @@ impl Plan {
                     && self.quota.is_none()
                     && self.tokens.is_none()
                     && self.concurrency.is_none()
+                    && self.models.is_none()
                     && !self.shadow =>
             {
                 Some(l)
@@ -282,10 +412,20 @@ impl Plan {
 
     /// Every throttle of the plan, mutably.
     pub(crate) fn limits_mut(&mut self) -> impl Iterator<Item = &mut Limit> {
+        let models = self
+            .models
+            .iter_mut()
+            .flat_map(|m| m.named.iter_mut().chain(&mut m.other))
+            .flat_map(|m| {
+                m.throttle
+                    .iter_mut()
+                    .chain(m.tokens.iter_mut().flat_map(|t| t.minute.as_mut()))
+            });
         self.throttle
             .iter_mut()
             .chain(self.methods.iter_mut().map(|m| &mut m.limit))
             .chain(self.tokens.iter_mut().flat_map(|t| t.minute.as_mut()))
+            .chain(models)
     }
 
     /// Compiles `plan`; `created_at` is when the plan first existed (wall nanoseconds).
@@ -317,6 +457,7 @@ impl Plan {
                     salt: hash::stable(format!("{owner}\0concurrency").as_bytes()) as u64,
                 }),
             },
+            models: compile_models(plan, created_at),
             shadow: plan.shadow,
             failure: plan.failure,
             borrow: plan.borrow,
@@ -333,12 +474,32 @@ impl Plan {
             quota: None,
             tokens: None,
             concurrency: None,
+            models: None,
             shadow: false,
             failure: FailureMode::Local,
             borrow: true,
             source: UsagePlan::new(name).throttle(*throttle),
         }
     }
+}
+
+/// A plan's model limits, compiled; `None` when it has none.
+fn compile_models(plan: &UsagePlan, created_at: i64) -> Option<Box<Models>> {
+    if plan.models.is_empty() {
+        return None;
+    }
+    let mut models = Models::default();
+    let mut named = Vec::new();
+    for (name, limits) in &plan.models {
+        let entry = ModelEntry::compile(&plan.name, name, limits, created_at);
+        if name == "*" {
+            models.other = Some(entry);
+        } else {
+            named.push(entry);
+        }
+    }
+    models.named = named.into();
+    Some(Box::new(models))
 }
 
 /// Stage limits compiled for deciding.
@@ -386,5 +547,42 @@ mod tests {
         );
         assert_eq!(a.salt, b.salt);
         assert_ne!(a.salt, c.salt);
+    }
+
+    #[test]
+    fn model_salts_are_their_own() {
+        let t = Throttle::new(1.0, 1).unwrap();
+        let q = crate::Quota::new(10, Period::Day).unwrap();
+        let b = TokenBudget::new()
+            .per_minute(60)
+            .unwrap()
+            .per_day(100)
+            .unwrap();
+        let m = ModelLimits::new().throttle(t).quota(q).tokens(b);
+        let plan = UsagePlan::new("p")
+            .throttle(t)
+            .quota(q)
+            .tokens(b)
+            .model("a", m)
+            .model("b", m)
+            .model("*", m);
+        let plan = Plan::compile(&plan, 0).unwrap();
+        let models = plan.models.as_deref().unwrap();
+        let mut salts: Vec<u64> = plan.limits().map(|l| l.salt).collect();
+        let quota = |s: Option<&QuotaSpec>| s.map(|s| s.salt);
+        salts.extend(quota(plan.quota.as_ref()));
+        salts.extend(quota(plan.tokens.as_ref().unwrap().day.as_ref()));
+        for e in models.named.iter().chain(&models.other) {
+            salts.extend(quota(e.quota.as_ref()));
+            salts.extend(quota(e.tokens.as_ref().unwrap().day.as_ref()));
+        }
+        let n = salts.len();
+        assert_eq!(n, 2 + 2 + 3 * 4);
+        salts.sort_unstable();
+        salts.dedup();
+        assert_eq!(salts.len(), n, "every limit has a salt of its own");
+        assert_eq!(&*models.get(Some("a")).unwrap().name, "a");
+        assert_eq!(&*models.get(Some("zzz")).unwrap().name, "*");
+        assert_eq!(&*models.get(None).unwrap().name, "*");
     }
 }

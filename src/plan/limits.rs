@@ -257,6 +257,7 @@ pub struct UsagePlan {
     pub(super) methods: Vec<(String, Throttle)>,
     pub(super) tokens: Option<TokenBudget>,
     pub(super) concurrency: Option<u32>,
+    pub(super) models: Vec<(String, ModelLimits)>,
     pub(super) failure: FailureMode,
     pub(super) borrow: bool,
     pub(super) shadow: bool,
@@ -272,6 +273,7 @@ impl UsagePlan {
             methods: Vec::new(),
             tokens: None,
             concurrency: None,
+            models: Vec::new(),
             failure: FailureMode::Local,
             borrow: true,
             shadow: false,
@@ -319,6 +321,19 @@ impl UsagePlan {
     #[must_use]
     pub fn concurrency(mut self, n: u32) -> Self {
         self.concurrency = Some(n);
+        self
+    }
+
+    /// Adds limits for requests to the model `name` (see [`ModelLimits`]);
+    /// `"*"` is the entry of every model the plan does not name. Adding a
+    /// name twice replaces its limits.
+    #[must_use]
+    pub fn model(mut self, name: impl Into<String>, limits: ModelLimits) -> Self {
+        let name = name.into();
+        match self.models.iter_mut().find(|(n, _)| *n == name) {
+            Some(entry) => entry.1 = limits,
+            None => self.models.push((name, limits)),
+        }
         self
     }
 
@@ -373,6 +388,12 @@ impl UsagePlan {
         self.concurrency
     }
 
+    /// The limits of the models the plan names, `"*"` included, in the
+    /// order they were added.
+    pub fn get_models(&self) -> impl Iterator<Item = (&str, &ModelLimits)> {
+        self.models.iter().map(|(n, l)| (n.as_str(), l))
+    }
+
     /// The failure mode.
     pub fn get_failure(&self) -> FailureMode {
         self.failure
@@ -386,6 +407,87 @@ impl UsagePlan {
     /// Whether the plan is a shadow plan.
     pub fn is_shadow(&self) -> bool {
         self.shadow
+    }
+}
+
+/// Limits of one model within a plan: a throttle, a token budget and a
+/// request quota, each optional, added to the plan's own limits for
+/// requests to that model ([`UsagePlan::model`]).
+///
+/// They are counted per (plan, key, model), apart from the plan's limits
+/// and from every other model's, and decided with the plan's in one atomic
+/// decision: a request denied by the model's limits charges the plan
+/// nothing, and one the plan denies charges the model nothing. A model the
+/// plan does not name gets the plan's `"*"` entry, whose state all such
+/// models share (so that inventing model names never yields fresh limits);
+/// without a `"*"` entry, only the plan's limits apply to it. A request
+/// whose model cannot be determined counts as a model the plan does not
+/// name. Where the name comes from is the layer's
+/// ([`RateLimitLayerBuilder::model`](crate::RateLimitLayerBuilder::model)).
+///
+/// ```
+/// use tollgate::{ModelLimits, Throttle, TokenBudget, UsagePlan};
+///
+/// let plan = UsagePlan::new("pro")
+///     .throttle(Throttle::new(10.0, 20)?)
+///     .model(
+///         "big-model",
+///         ModelLimits::new()
+///             .throttle(Throttle::new(0.5, 2)?)
+///             .tokens(TokenBudget::new().per_minute(10_000)?),
+///     )
+///     .model("*", ModelLimits::new().tokens(TokenBudget::new().per_minute(40_000)?));
+/// assert_eq!(plan.get_models().count(), 2);
+/// # Ok::<(), tollgate::ConfigError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ModelLimits {
+    pub(super) throttle: Option<Throttle>,
+    pub(super) tokens: Option<TokenBudget>,
+    pub(super) quota: Option<Quota>,
+}
+
+impl ModelLimits {
+    /// No limits yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the model's throttle.
+    #[must_use]
+    pub fn throttle(mut self, throttle: Throttle) -> Self {
+        self.throttle = Some(throttle);
+        self
+    }
+
+    /// Sets the model's token budget, charged the request's estimated
+    /// tokens and settled as the plan's is.
+    #[must_use]
+    pub fn tokens(mut self, budget: TokenBudget) -> Self {
+        self.tokens = Some(budget);
+        self
+    }
+
+    /// Sets the model's calendar quota of requests.
+    #[must_use]
+    pub fn quota(mut self, quota: Quota) -> Self {
+        self.quota = Some(quota);
+        self
+    }
+
+    /// The model's throttle.
+    pub fn get_throttle(&self) -> Option<Throttle> {
+        self.throttle
+    }
+
+    /// The model's token budget.
+    pub fn get_tokens(&self) -> Option<TokenBudget> {
+        self.tokens
+    }
+
+    /// The model's request quota.
+    pub fn get_quota(&self) -> Option<Quota> {
+        self.quota
     }
 }
 

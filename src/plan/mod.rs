@@ -9,9 +9,9 @@ pub(crate) mod wire;
 pub use self::account::Account;
 pub(crate) use self::account::AccountLimits;
 pub use self::compiled::LimitKind;
-pub(crate) use self::compiled::{Limit, Plan, StageLimits};
+pub(crate) use self::compiled::{Limit, ModelEntry, Plan, StageLimits};
 pub use self::limits::{
-    Anonymous, ApiKey, FailureMode, Quota, Stage, Throttle, TokenBudget, UsagePlan,
+    Anonymous, ApiKey, FailureMode, ModelLimits, Quota, Stage, Throttle, TokenBudget, UsagePlan,
 };
 #[cfg(feature = "config")]
 pub(crate) use self::method::MethodPath;

@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Account, FailureMode, Quota, Throttle, TokenBudget, UsagePlan};
+use super::{Account, FailureMode, ModelLimits, Quota, Throttle, TokenBudget, UsagePlan};
 use crate::window::{Period, Weekday};
 
 /// `plan` as text, with `created_at` (wall nanoseconds: when the plan first
@@ -27,14 +27,22 @@ pub(crate) fn encode_plan(plan: &UsagePlan, created_at: i64) -> String {
         let _ = writeln!(out, "method {} {}", throttle(t), text(path));
     }
     if let Some(t) = &plan.tokens {
-        let n = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
-        let _ = writeln!(
-            out,
-            "tokens {} {} {}",
-            n(t.get_per_minute().map(u64::from)),
-            n(t.get_per_day()),
-            n(t.get_per_month())
-        );
+        let _ = writeln!(out, "tokens {}", tokens(t));
+    }
+    // A model's limits, one line each, its name last.
+    for (name, m) in &plan.models {
+        let name = text(name);
+        let _ = writeln!(out, "model {name}");
+        if let Some(t) = &m.throttle {
+            let _ = writeln!(out, "model-throttle {} {name}", throttle(t));
+        }
+        if let Some(q) = &m.quota {
+            let (l, p, o) = (q.limit, period(q.period), q.offset);
+            let _ = writeln!(out, "model-quota {l} {p} {o} {name}");
+        }
+        if let Some(t) = &m.tokens {
+            let _ = writeln!(out, "model-tokens {} {name}", tokens(t));
+        }
     }
     if let Some(c) = plan.concurrency {
         let _ = writeln!(out, "concurrency {c}");
@@ -81,19 +89,36 @@ pub(crate) fn decode_plan(s: &str) -> Result<(UsagePlan, i64), String> {
                 let at = rest.splitn(3, ' ').nth(2).ok_or("a method needs a path")?;
                 p.method(read_text(at)?.0, t)
             }
-            "tokens" => {
-                let mut b = TokenBudget::new();
-                let (m, d, mo) = (word()?, word()?, word()?);
-                if m != "-" {
-                    b = b.per_minute(number(m)?).map_err(|e| e.to_string())?;
-                }
-                if d != "-" {
-                    b = b.per_day(number(d)?).map_err(|e| e.to_string())?;
-                }
-                if mo != "-" {
-                    b = b.per_month(number(mo)?).map_err(|e| e.to_string())?;
-                }
-                p.tokens(b)
+            "tokens" => p.tokens(read_tokens(word()?, word()?, word()?)?),
+            "model" => p.model(read_text(rest)?.0, ModelLimits::new()),
+            "model-throttle" | "model-quota" | "model-tokens" => {
+                let n = match field {
+                    "model-throttle" => 2,
+                    "model-quota" | "model-tokens" => 3,
+                    _ => unreachable!(),
+                };
+                let at = rest
+                    .splitn(n + 1, ' ')
+                    .nth(n)
+                    .ok_or("a model needs its name")?;
+                let name = read_text(at)?.0;
+                let mut m = p
+                    .get_models()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, m)| *m)
+                    .ok_or("a model's limits follow its name")?;
+                m = match field {
+                    "model-throttle" => m.throttle(read_throttle(word()?, word()?)?),
+                    "model-quota" => {
+                        let limit = number(word()?)?;
+                        let period = read_period(word()?)?;
+                        let offset = number(word()?)?;
+                        let q = Quota::new(limit, period).map_err(|e| e.to_string())?;
+                        m.quota(q.with_offset(offset).map_err(|e| e.to_string())?)
+                    }
+                    _ => m.tokens(read_tokens(word()?, word()?, word()?)?),
+                };
+                p.model(name, m)
             }
             "concurrency" => p.concurrency(number(word()?)?),
             "failure" => p.failure(match word()? {
@@ -153,6 +178,31 @@ fn throttle(t: &Throttle) -> String {
     format!("{:016x} {}", t.rate().to_bits(), t.burst())
 }
 
+/// A token budget's per minute, day and month, `-` for none.
+fn tokens(t: &TokenBudget) -> String {
+    let n = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+    format!(
+        "{} {} {}",
+        n(t.get_per_minute().map(u64::from)),
+        n(t.get_per_day()),
+        n(t.get_per_month())
+    )
+}
+
+fn read_tokens(m: &str, d: &str, mo: &str) -> Result<TokenBudget, String> {
+    let mut b = TokenBudget::new();
+    if m != "-" {
+        b = b.per_minute(number(m)?).map_err(|e| e.to_string())?;
+    }
+    if d != "-" {
+        b = b.per_day(number(d)?).map_err(|e| e.to_string())?;
+    }
+    if mo != "-" {
+        b = b.per_month(number(mo)?).map_err(|e| e.to_string())?;
+    }
+    Ok(b)
+}
+
 fn read_throttle(rate: &str, burst: &str) -> Result<Throttle, String> {
     let bits = u64::from_str_radix(rate, 16).map_err(|_| format!("bad rate `{rate}`"))?;
     Throttle::new(f64::from_bits(bits), number(burst)?).map_err(|e| e.to_string())
@@ -209,6 +259,17 @@ mod tests {
                     .unwrap(),
             )
             .concurrency(3)
+            .model(
+                "big model: ☃",
+                ModelLimits::new()
+                    .throttle(Throttle::new(0.5, 2).unwrap())
+                    .quota(Quota::new(10, Period::Day).unwrap())
+                    .tokens(TokenBudget::new().per_day(5).unwrap()),
+            )
+            .model(
+                "*",
+                ModelLimits::new().throttle(Throttle::new(9.0, 9).unwrap()),
+            )
             .failure(FailureMode::Closed)
             .borrow(false)
             .shadow(true);

@@ -119,11 +119,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-/// The most limits one request can be decided against: stage, stage method,
-/// account throttle, account tokens a minute, plan throttle, plan method,
-/// tokens a minute, the account's quota and tokens a day and a month, the
-/// plan's quota and tokens a day and a month, concurrency.
-pub(crate) const MAX_LIMITS: usize = 14;
+/// The most limits one request can be decided against: its throttles, its
+/// quotas, concurrency.
+pub(crate) const MAX_LIMITS: usize = MAX_THROTTLES + MAX_QUOTAS + 1;
 
 /// The wait a request refused by a concurrency cap is told: in-flight
 /// requests end at times no store knows.
@@ -131,14 +129,19 @@ pub(crate) const CONCURRENCY_RETRY: Duration = Duration::from_secs(1);
 
 /// The most throttles (GCRA limits) of one request: stage, stage method,
 /// account throttle, account tokens a minute, plan throttle, plan method,
-/// tokens a minute.
-pub(crate) const MAX_THROTTLES: usize = 7;
+/// tokens a minute, model throttle, model tokens a minute.
+pub(crate) const MAX_THROTTLES: usize = 9;
 
 /// The most quotas of an account: its request quota, tokens a day and a month.
 pub(crate) const MAX_ACCOUNT_QUOTAS: usize = 3;
 
-/// The most calendar quotas of one request: the account's and the plan's.
-pub(crate) const MAX_QUOTAS: usize = 3 + MAX_ACCOUNT_QUOTAS;
+/// The most quotas of a model within a plan: its request quota, tokens a
+/// day and a month.
+pub(crate) const MAX_MODEL_QUOTAS: usize = 3;
+
+/// The most calendar quotas of one request: the account's, the plan's and
+/// the model's.
+pub(crate) const MAX_QUOTAS: usize = 3 + MAX_ACCOUNT_QUOTAS + MAX_MODEL_QUOTAS;
 
 /// A boxed future of an administrative store operation.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;

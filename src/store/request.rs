@@ -7,10 +7,12 @@ use std::fmt;
 use std::time::Duration;
 
 use super::verdict::{Applied, Reservation};
-use super::{MAX_ACCOUNT_QUOTAS, MAX_THROTTLES};
+use super::{MAX_ACCOUNT_QUOTAS, MAX_MODEL_QUOTAS, MAX_THROTTLES};
 use crate::extract::RequestView;
 use crate::hash::Digest;
-use crate::plan::{AccountLimits, FailureMode, Limit, LimitKind, Plan, StageLimits, method_limit};
+use crate::plan::{
+    AccountLimits, FailureMode, Limit, LimitKind, ModelEntry, Plan, StageLimits, method_limit,
+};
 use crate::quota::QuotaSpec;
 use crate::window::Period;
 
@@ -107,6 +109,46 @@ impl<'a> Subject<'a> {
         })
     }
 
+    /// A model's daily and monthly token quotas, counted for this subject.
+    #[inline]
+    pub(crate) fn model_token_quotas(&self, model: &'a ModelEntry) -> [Option<QuotaRef<'a>>; 2] {
+        match &model.tokens {
+            None => [None, None],
+            Some(t) => t
+                .quotas()
+                .map(|q| q.map(|(kind, spec)| self.quota(kind, spec))),
+        }
+    }
+
+    /// A model's per-minute token bucket, counted for this subject.
+    #[inline]
+    pub(crate) fn model_token_throttle(&self, model: &'a ModelEntry) -> Option<ThrottleRef<'a>> {
+        Some(self.throttle(model.tokens.as_ref()?.minute.as_ref()?))
+    }
+
+    /// The settlement of a request's actual tokens against a model's token
+    /// limits (see [`settlement`](Self::settlement)): the per-minute bucket
+    /// gets back only what of the estimate's share in the model's own
+    /// bucket has not refilled.
+    pub(crate) fn model_settlement(
+        &self,
+        model: &'a ModelEntry,
+        delta: i64,
+        reserved: Reservation,
+    ) -> Settlement<'a> {
+        Settlement {
+            throttle: self.model_token_throttle(model),
+            quotas: self.model_token_quotas(model),
+            delta,
+            reserved: Reservation {
+                until: reserved.model_until,
+                account_until: None,
+                model_until: None,
+                wall: reserved.wall,
+            },
+        }
+    }
+
     /// The settlement of a request's actual tokens against the plan's token
     /// limits: `delta` more tokens (or fewer, when negative), where the
     /// estimate was charged as `reserved` says.
@@ -199,6 +241,7 @@ impl AccountLimits {
             reserved: Reservation {
                 until: reserved.account_until,
                 account_until: None,
+                model_until: None,
                 wall: reserved.wall,
             },
         }
@@ -216,6 +259,8 @@ pub struct Acquire<'a> {
     pub(crate) token_quotas: [Option<QuotaRef<'a>>; 2],
     /// The account's request quota and its daily and monthly token budgets.
     pub(crate) account_quotas: [Option<QuotaRef<'a>>; MAX_ACCOUNT_QUOTAS],
+    /// The model's request quota and its daily and monthly token budgets.
+    pub(crate) model_quotas: [Option<QuotaRef<'a>>; MAX_MODEL_QUOTAS],
     pub(crate) concurrency: Option<ConcurrencyRef<'a>>,
     pub(crate) cost: u32,
     pub(crate) tokens: u32,
@@ -232,6 +277,7 @@ impl<'a> Acquire<'a> {
             quota: None,
             token_quotas: [None; 2],
             account_quotas: [None; MAX_ACCOUNT_QUOTAS],
+            model_quotas: [None; MAX_MODEL_QUOTAS],
             concurrency: None,
             cost,
             tokens: 0,
@@ -249,11 +295,13 @@ impl<'a> Acquire<'a> {
     /// Built where `run` reads it: returned, the description (some 600
     /// bytes) would be copied on every request.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn gather<T>(
         stage: Option<&'a StageLimits>,
         account: Option<&'a AccountLimits>,
         subject: &Subject<'a>,
         req: Option<&RequestView<'_>>,
+        model: Option<&'a ModelEntry>,
         cost: u32,
         tokens: u32,
         run: impl FnOnce(&Acquire<'a>) -> T,
@@ -302,6 +350,9 @@ impl<'a> Acquire<'a> {
             }
             acquire.token_quotas = subject.token_quotas();
         }
+        if let Some(m) = model {
+            acquire.add_model(subject, m, tokens);
+        }
         acquire.quota = subject.request_quota();
         acquire.concurrency = subject.concurrency();
         run(&acquire)
@@ -320,6 +371,26 @@ impl<'a> Acquire<'a> {
         acquire.borrow = plan.borrow;
         acquire.push(t);
         run(&acquire)
+    }
+
+    /// Adds a model's limits, counted per (plan, subject, model).
+    #[inline(never)]
+    fn add_model(&mut self, subject: &Subject<'a>, m: &'a ModelEntry, tokens: u32) {
+        if let Some(l) = &m.throttle {
+            self.push(subject.throttle(l));
+        }
+        if let Some(spec) = &m.quota {
+            self.model_quotas[0] = Some(subject.quota(LimitKind::ModelQuota, spec));
+        }
+        if m.tokens.is_some() {
+            self.tokens = tokens;
+            if let Some(t) = subject.model_token_throttle(m) {
+                self.push(t);
+            }
+            let [day, month] = subject.model_token_quotas(m);
+            self.model_quotas[1] = day;
+            self.model_quotas[2] = month;
+        }
     }
 
     pub(crate) fn push(&mut self, throttle: ThrottleRef<'a>) {
@@ -345,7 +416,8 @@ impl<'a> Acquire<'a> {
                     && self.quota.is_none()
                     && self.concurrency.is_none()
                     && self.token_quotas.iter().all(Option::is_none)
-                    && self.account_quotas.iter().all(Option::is_none) =>
+                    && self.account_quotas.iter().all(Option::is_none)
+                    && self.model_quotas.iter().all(Option::is_none) =>
             {
                 Some(t)
             }
@@ -361,13 +433,15 @@ impl<'a> Acquire<'a> {
     /// Every calendar quota: the account's (its request quota, its daily and
     /// monthly token budgets) when the key belongs to one, then the plan's
     /// request quota, then its daily and monthly token budgets (which
-    /// [count tokens](QuotaRef::counts_tokens)).
+    /// [count tokens](QuotaRef::counts_tokens)), then the model's request
+    /// quota and token budgets.
     pub fn quotas(&self) -> impl Iterator<Item = &QuotaRef<'a>> + '_ {
         self.account_quotas
             .iter()
             .flatten()
             .chain(&self.quota)
             .chain(self.token_quotas.iter().flatten())
+            .chain(self.model_quotas.iter().flatten())
     }
 
     /// Whether the request is decided against an account's limits too.
@@ -462,8 +536,8 @@ impl<'a> ThrottleRef<'a> {
     }
 
     /// The limit's name in headers: `"throttle"`, `"method"`, `"stage"`,
-    /// `"stage-method"`, `"tokens-minute"`, `"account"` or
-    /// `"account-tokens-minute"`.
+    /// `"stage-method"`, `"tokens-minute"`, `"account"`,
+    /// `"account-tokens-minute"`, `"model"` or `"model-tokens-minute"`.
     pub fn name(&self) -> &'static str {
         self.limit.kind.name()
     }
@@ -476,7 +550,8 @@ impl<'a> ThrottleRef<'a> {
     }
 
     /// A stable id of the limit within its plan (the same in every process,
-    /// and kept when the limit's numbers change).
+    /// and kept when the limit's numbers change). A model's limits have ids
+    /// of their own per model.
     pub fn id(&self) -> u64 {
         self.limit.salt
     }
@@ -565,8 +640,9 @@ impl<'a> QuotaRef<'a> {
     }
 
     /// The quota's name in headers: `"quota"`, `"tokens-day"`,
-    /// `"tokens-month"`, or an account's `"account-quota"`,
-    /// `"account-tokens-day"` or `"account-tokens-month"`.
+    /// `"tokens-month"`, an account's `"account-quota"`,
+    /// `"account-tokens-day"` or `"account-tokens-month"`, or a model's
+    /// `"model-quota"`, `"model-tokens-day"` or `"model-tokens-month"`.
     pub fn name(&self) -> &'static str {
         self.kind.name()
     }
@@ -586,6 +662,13 @@ impl<'a> QuotaRef<'a> {
     /// The window.
     pub fn period(&self) -> Period {
         self.spec.period
+    }
+
+    /// A stable id of the quota within its plan (the same in every
+    /// process): a model's quotas differ from the plan's and from every
+    /// other model's by it, and must be counted apart by it.
+    pub fn id(&self) -> u64 {
+        self.spec.salt
     }
 
     /// Units deducted from the limit in the window holding

@@ -109,6 +109,9 @@ pub(crate) struct Reservation {
     /// The same for the account's per-minute token bucket, when the key
     /// belongs to an account with one.
     pub(crate) account_until: Option<Nanos>,
+    /// The same for the model's per-minute token bucket, when the request's
+    /// model has one within its plan.
+    pub(crate) model_until: Option<Nanos>,
     /// The wall time (nanoseconds since the Unix epoch, on the store's
     /// time line) the token quotas were charged at: a quota window that
     /// began after it gets nothing back.

@@ -12,13 +12,15 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tollgate::RateLimitLayer;
 use tollgate::extract::{ClientIp, KeyExtractor};
+use tollgate::{RateLimitLayer, RequestBody};
 use tower::ServiceBuilder;
 
 use crate::support::{BURST, KEY, client, frozen_store, header, per_key_policy, registered_policy};
 
-async fn hello(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// A hyper service behind the layer takes the layer's
+/// [`RequestBody`](tollgate::RequestBody) around hyper's body.
+async fn hello(_req: Request<RequestBody<Incoming>>) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(Response::new(Full::new(Bytes::from_static(b"hello"))))
 }
 

@@ -9,6 +9,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod body;
 mod fuzz_corpora;
 mod grpc;
 mod hostile;

@@ -732,7 +732,7 @@ async fn memory_store_responses_logs_metrics_and_debug_hold_no_key() {
     let req = http::Request::builder()
         .header("x-api-key", KEY)
         .header("authorization", format!("Bearer {BEARER}"))
-        .body(())
+        .body(String::new())
         .unwrap();
     let view = RequestView::new(&req);
     let key = ApiKeyHeader::new().extract(&view).unwrap();
@@ -744,7 +744,7 @@ async fn memory_store_responses_logs_metrics_and_debug_hold_no_key() {
     ));
     let mut bad = http::Request::builder()
         .header("x-api-key", malformed.as_str())
-        .body(())
+        .body(String::new())
         .unwrap();
     let e = ApiKeyHeader::new()
         .extract(&RequestView::new(&bad))

@@ -196,7 +196,7 @@ async fn token_service<B: Backend>(
     clock: &ManualClock,
     policy: PolicyBuilder,
 ) -> impl tower::Service<
-    http::Request<()>,
+    http::Request<String>,
     Response = http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
     Error = std::convert::Infallible,
 > + Clone {
@@ -219,7 +219,7 @@ async fn send<S>(
 ) -> (u16, Option<String>)
 where
     S: tower::Service<
-            http::Request<()>,
+            http::Request<String>,
             Response = http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
             Error = std::convert::Infallible,
         >,

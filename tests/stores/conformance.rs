@@ -781,7 +781,7 @@ async fn a_concurrency_cap_holds_places_until_bodies_end<B: Backend>(b: &B) {
     let request = || {
         http::Request::builder()
             .header("x-api-key", "v")
-            .body(())
+            .body(String::new())
             .unwrap()
     };
     let first = svc.ready().await.unwrap().call(request()).await.unwrap();
@@ -822,7 +822,7 @@ async fn token_service<B: Backend>(
     plan: UsagePlan,
 ) -> (
     impl tower::Service<
-        http::Request<()>,
+        http::Request<String>,
         Response = http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
         Error = std::convert::Infallible,
     > + Clone,
@@ -850,7 +850,7 @@ async fn token_service<B: Backend>(
 async fn send_tokens<S>(svc: &mut S, estimate: u32, actual: Option<u64>) -> (u16, Option<Reason>)
 where
     S: tower::Service<
-            http::Request<()>,
+            http::Request<String>,
             Response = http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
             Error = std::convert::Infallible,
         >,
@@ -878,7 +878,7 @@ where
 async fn until_status<S>(svc: &mut S, estimate: u32, status: u16) -> (u16, Option<Reason>)
 where
     S: tower::Service<
-            http::Request<()>,
+            http::Request<String>,
             Response = http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
             Error = std::convert::Infallible,
         >,
@@ -1007,30 +1007,29 @@ async fn a_body_that_fails_mid_stream_gives_back_its_place_and_settles<B: Backen
         .estimator(|_: &tollgate::extract::RequestView<'_>| 90)
         .build();
     // Each response streams 3 tokens, counting each, then fails.
-    let mut svc =
-        tower::ServiceBuilder::new()
-            .layer(layer)
-            .service_fn(|req: http::Request<()>| async move {
-                let usage = req
-                    .extensions()
-                    .get::<tollgate::TokenUsage>()
-                    .cloned()
-                    .unwrap();
-                let chunks = (0..4).map(move |i| -> Chunk {
-                    if i < 3 {
-                        usage.add(1);
-                        Ok(http_body::Frame::data(bytes::Bytes::from_static(b"tok ")))
-                    } else {
-                        Err(std::io::Error::other("the model failed"))
-                    }
-                });
-                let body = http_body_util::StreamBody::new(tokio_stream::iter(chunks));
-                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+    let mut svc = tower::ServiceBuilder::new().layer(layer).service_fn(
+        |req: http::Request<tollgate::RequestBody<String>>| async move {
+            let usage = req
+                .extensions()
+                .get::<tollgate::TokenUsage>()
+                .cloned()
+                .unwrap();
+            let chunks = (0..4).map(move |i| -> Chunk {
+                if i < 3 {
+                    usage.add(1);
+                    Ok(http_body::Frame::data(bytes::Bytes::from_static(b"tok ")))
+                } else {
+                    Err(std::io::Error::other("the model failed"))
+                }
             });
+            let body = http_body_util::StreamBody::new(tokio_stream::iter(chunks));
+            Ok::<_, std::convert::Infallible>(http::Response::new(body))
+        },
+    );
     let request = || {
         http::Request::builder()
             .header("x-api-key", "v")
-            .body(())
+            .body(String::new())
             .unwrap()
     };
     let first = svc.ready().await.unwrap().call(request()).await.unwrap();
@@ -1058,11 +1057,11 @@ async fn a_body_that_fails_mid_stream_gives_back_its_place_and_settles<B: Backen
 async fn eventually_admitted<S, F>(svc: &mut S, request: F) -> S::Response
 where
     S: tower::Service<
-            http::Request<()>,
+            http::Request<String>,
             Response = http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
         >,
     S::Error: std::fmt::Debug,
-    F: Fn() -> http::Request<()>,
+    F: Fn() -> http::Request<String>,
 {
     use tower::ServiceExt;
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
@@ -1099,7 +1098,7 @@ async fn held<S: Store>(
         });
     let req = http::Request::builder()
         .header("x-api-key", "v")
-        .body(())
+        .body(String::new())
         .unwrap();
     let res = svc.ready().await.unwrap().call(req).await.unwrap();
     assert_eq!(res.status(), 200);

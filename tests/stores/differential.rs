@@ -458,7 +458,7 @@ impl<S: Drain> Side<S> {
         let (tx, rx) = oneshot::channel();
         // The service must be `Clone`; its one call takes the receiver.
         let rx = std::sync::Arc::new(std::sync::Mutex::new(Some(rx)));
-        let inner = tower::service_fn(move |req: http::Request<()>| {
+        let inner = tower::service_fn(move |req: http::Request<tollgate::RequestBody<String>>| {
             let rx = rx.lock().unwrap().take();
             async move {
                 crate::support::tokens::report_usage(&req);
@@ -481,7 +481,7 @@ impl<S: Drain> Side<S> {
         let res: Response = self
             .layer
             .layer(inner)
-            .oneshot(req.body(()).unwrap())
+            .oneshot(req.body(String::new()).unwrap())
             .await
             .unwrap();
         let observed = observe(&res);

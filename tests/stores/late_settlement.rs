@@ -34,7 +34,7 @@ fn service<S: Store>(
     store: S,
     budget: TokenBudget,
 ) -> impl tower::Service<
-    http::Request<()>,
+    http::Request<String>,
     Response = Response,
     Error = std::convert::Infallible,
     Future = impl Send,
@@ -56,7 +56,7 @@ fn service<S: Store>(
 
 async fn send<S>(svc: &S, estimate: u32, actual: Option<u64>) -> Response
 where
-    S: tower::Service<http::Request<()>, Response = Response, Error = std::convert::Infallible>
+    S: tower::Service<http::Request<String>, Response = Response, Error = std::convert::Infallible>
         + Clone,
 {
     svc.clone()
@@ -69,7 +69,7 @@ where
 /// background), within two seconds of real time; whether it was.
 async fn eventually_admitted<S>(svc: &S, estimate: u32) -> bool
 where
-    S: tower::Service<http::Request<()>, Response = Response, Error = std::convert::Infallible>
+    S: tower::Service<http::Request<String>, Response = Response, Error = std::convert::Infallible>
         + Clone,
 {
     let deadline = std::time::Instant::now() + Duration::from_secs(2);

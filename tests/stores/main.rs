@@ -17,6 +17,7 @@ mod conformance;
 mod differential;
 mod hammer;
 mod late_settlement;
+mod models;
 mod never_over_admit;
 mod per_key_quotas;
 mod store;

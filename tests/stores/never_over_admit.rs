@@ -499,7 +499,7 @@ enum Event {
 fn token_service(
     clock: &ManualClock,
 ) -> (
-    impl tower::Service<http::Request<()>, Response = Response, Error = std::convert::Infallible>
+    impl tower::Service<http::Request<String>, Response = Response, Error = std::convert::Infallible>
     + Clone,
     RateLimitLayer<ApiKeyHeader>,
 ) {

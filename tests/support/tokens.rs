@@ -20,7 +20,7 @@ pub fn estimate(r: &RequestView<'_>) -> u32 {
 /// The service behind the layer: reports the `x-actual` header, if any, as
 /// the tokens its response used, and answers `done`.
 pub async fn report_actual(
-    req: http::Request<()>,
+    req: http::Request<tollgate::RequestBody<String>>,
 ) -> Result<http::Response<Full<Bytes>>, Infallible> {
     report_usage(&req);
     Ok(http::Response::new(Full::new(Bytes::from_static(b"done"))))
@@ -40,12 +40,12 @@ pub fn report_usage<B>(req: &http::Request<B>) {
 
 /// A request of API key `key` estimated at `estimate` tokens that uses
 /// `actual` (none reported without it).
-pub fn request(key: &str, estimate: u32, actual: Option<u64>) -> http::Request<()> {
+pub fn request(key: &str, estimate: u32, actual: Option<u64>) -> http::Request<String> {
     let mut req = http::Request::builder()
         .header("x-api-key", key)
         .header("x-estimate", estimate.to_string());
     if let Some(a) = actual {
         req = req.header("x-actual", a.to_string());
     }
-    req.body(()).unwrap()
+    req.body(String::new()).unwrap()
 }

@@ -44,7 +44,7 @@ use super::{
 use crate::clock::Clock;
 use crate::gcra::{MAX_SPAN, Nanos, Outcome};
 use crate::hash::Digest;
-use crate::plan::Limit;
+use crate::plan::{Limit, LimitKind};
 use crate::quota::QuotaState;
 use crate::window::Date;
 
@@ -521,10 +521,12 @@ fn throttle_allowed<R: Sink>(
 ) {
     if t.counts_tokens() {
         let span = u64::from(cost) * t.limit.gcra.interval();
-        if t.account.is_some() {
-            report.reserve(|r| r.account_until = Some(now + span));
-        } else {
-            report.reserve(|r| r.until = Some(now + span));
+        match t.kind() {
+            LimitKind::AccountTokensMinute => {
+                report.reserve(|r| r.account_until = Some(now + span))
+            }
+            LimitKind::ModelTokensMinute => report.reserve(|r| r.model_until = Some(now + span)),
+            _ => report.reserve(|r| r.until = Some(now + span)),
         }
     }
     report.push(|| applied(t.limit, after, now));

@@ -340,10 +340,12 @@ impl Part {
                                 .checked_add(u64::try_from(now_ns).ok()?)?
                                 .checked_add(span)
                         });
-                        if t.account {
-                            report.reserved.account_until = until;
-                        } else {
-                            report.reserved.until = until;
+                        match limit.kind {
+                            LimitKind::AccountTokensMinute => {
+                                report.reserved.account_until = until;
+                            }
+                            LimitKind::ModelTokensMinute => report.reserved.model_until = until,
+                            _ => report.reserved.until = until,
                         }
                     }
                 }

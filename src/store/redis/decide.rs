@@ -38,8 +38,16 @@ fn identity(req: &Acquire<'_>) -> u64 {
         bytes.extend_from_slice(&(t.subject.len() as u64).to_le_bytes());
         bytes.extend_from_slice(t.subject);
     }
-    for q in req.account_quotas.iter().flatten().chain(&req.quota) {
+    for q in req
+        .account_quotas
+        .iter()
+        .flatten()
+        .chain(&req.quota)
+        .chain(req.model_quotas.iter().flatten())
+    {
         bytes.extend_from_slice(b"q");
+        // Which quota: a model's differ from the plan's by it alone.
+        bytes.extend_from_slice(&q.spec.salt.to_le_bytes());
         bytes.extend_from_slice(q.plan.as_bytes());
         bytes.push(0);
         bytes.extend_from_slice(q.account.unwrap_or("").as_bytes());
@@ -372,6 +380,7 @@ async fn decide_split(
                 let r = report.reserved;
                 all.reserved.until = all.reserved.until.or(r.until);
                 all.reserved.account_until = all.reserved.account_until.or(r.account_until);
+                all.reserved.model_until = all.reserved.model_until.or(r.model_until);
                 all.reserved.wall = all.reserved.wall.or(r.wall);
                 charged.push((part, c));
             }

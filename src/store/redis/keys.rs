@@ -3,7 +3,7 @@
 //! Keys: `{prefix}:{<tag>}:t:<limit id>` (a throttle's TAT),
 //! `{prefix}:{<tag>}:q` (a quota window's count), `{prefix}:{<tag>}:h`
 //! (daily usage history; a token budget's count and history add
-//! `:<budget name>`) and `{prefix}:{<tag>}:c` (the leases of requests in
+//! `:<budget name>`, a model's quotas `:<quota name>:<limit id>`) and `{prefix}:{<tag>}:c` (the leases of requests in
 //! flight under a concurrency cap), where the tag is a 128-bit hash of the
 //! plan and the subject (a key's public id, a client IP, a per-key key), of
 //! `stage` for the limits every caller shares, or of `a\0<name>` for an
@@ -61,7 +61,15 @@ impl Inner {
             Some(a) => self.account_tag(a),
             None => self.tag(Some(q.plan), q.subject),
         };
-        if q.counts_tokens() {
+        if q.kind.is_model() {
+            // A model's quotas, in the key's slot, apart per model by id.
+            let name = q.name();
+            let id = q.spec.salt;
+            [
+                format!("{tag}:q:{name}:{id:016x}"),
+                format!("{tag}:h:{name}:{id:016x}"),
+            ]
+        } else if q.counts_tokens() {
             let name = q.name();
             [format!("{tag}:q:{name}"), format!("{tag}:h:{name}")]
         } else {

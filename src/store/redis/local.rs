@@ -163,6 +163,9 @@ fn with_acquire<T>(
             LimitKind::AccountQuota => acquire.account_quotas[0] = Some(r),
             LimitKind::AccountTokensDay => acquire.account_quotas[1] = Some(r),
             LimitKind::AccountTokensMonth => acquire.account_quotas[2] = Some(r),
+            LimitKind::ModelQuota => acquire.model_quotas[0] = Some(r),
+            LimitKind::ModelTokensDay => acquire.model_quotas[1] = Some(r),
+            LimitKind::ModelTokensMonth => acquire.model_quotas[2] = Some(r),
             _ => acquire.quota = Some(r),
         }
     }

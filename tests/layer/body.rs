@@ -1,0 +1,465 @@
+//! Costs read from the body, after the key: an unknown key's body is never
+//! read; an authenticated one is read within bounds (413, 408, 400 for a
+//! body the estimator cannot read, none of them charged) and handed on byte
+//! for byte; requests whose plan or estimator needs no body stream as they
+//! came; and the slow-body attack over real TCP connections.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use tollgate::openai::OpenAiEstimator;
+use tollgate::{
+    ApiKey, Estimate, Policy, RateLimitLayer, RequestBody, Throttle, TokenBudget, UsagePlan,
+};
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+const KEY: &str = "body-key";
+
+/// A policy with one key on a plan of `tokens` per minute (none: no budget).
+fn policy(tokens: Option<u32>) -> Policy {
+    let mut plan = UsagePlan::new("llm").throttle(Throttle::new(100.0, 100).unwrap());
+    if let Some(n) = tokens {
+        plan = plan.tokens(TokenBudget::new().per_minute(n).unwrap());
+    }
+    Policy::builder()
+        .plan(plan)
+        .key(ApiKey::new("k1", KEY, "llm"))
+        .build()
+        .unwrap()
+}
+
+fn layer(tokens: Option<u32>) -> RateLimitLayer {
+    RateLimitLayer::builder(policy(tokens))
+        .estimator(OpenAiEstimator::new())
+        .max_body_bytes(1024)
+        .body_timeout(Duration::from_millis(300))
+        .build()
+}
+
+/// A body that counts the times it is polled, and yields `chunks` then, if
+/// `stall`, never ends.
+struct Probe {
+    polls: Arc<AtomicUsize>,
+    chunks: Vec<Bytes>,
+    stall: bool,
+}
+
+impl Probe {
+    fn new(chunks: &[&[u8]], stall: bool) -> (Self, Arc<AtomicUsize>) {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let probe = Probe {
+            polls: Arc::clone(&polls),
+            chunks: chunks
+                .iter()
+                .rev()
+                .map(|c| Bytes::copy_from_slice(c))
+                .collect(),
+            stall,
+        };
+        (probe, polls)
+    }
+}
+
+impl Body for Probe {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        match self.chunks.pop() {
+            Some(c) => Poll::Ready(Some(Ok(Frame::data(c)))),
+            None if self.stall => Poll::Pending,
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+/// The layer over a service that answers with the body it got, and says
+/// in `x-read` whether the layer read it first.
+fn echo<B>(
+    layer: &RateLimitLayer,
+) -> impl Service<
+    Request<B>,
+    Response = Response<tollgate::ResponseBody<Full<Bytes>>>,
+    Error = Infallible,
+> + Clone
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Debug,
+{
+    ServiceBuilder::new().layer(layer.clone()).service_fn(
+        |req: Request<RequestBody<B>>| async move {
+            let read = req.body().is_read();
+            let estimate = req.extensions().get::<Estimate>().cloned();
+            let bytes = req.into_body().collect().await.unwrap().to_bytes();
+            let mut res = Response::new(Full::new(bytes));
+            res.headers_mut()
+                .insert("x-read", if read { "yes" } else { "no" }.parse().unwrap());
+            if let Some(e) = estimate {
+                res.headers_mut()
+                    .insert("x-estimate", e.tokens.to_string().parse().unwrap());
+                if let Some(m) = e.model {
+                    res.headers_mut().insert("x-model", m.parse().unwrap());
+                }
+            }
+            Ok::<_, Infallible>(res)
+        },
+    )
+}
+
+fn post<B>(key: Option<&str>, body: B) -> Request<B> {
+    let mut req = Request::post("/v1/chat/completions").header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("x-api-key", k);
+    }
+    req.body(body).unwrap()
+}
+
+async fn text(res: Response<tollgate::ResponseBody<Full<Bytes>>>) -> String {
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn an_unknown_or_missing_key_is_refused_before_the_body_is_polled() {
+    let layer = layer(Some(10_000));
+    for key in [Some("not-a-key"), None] {
+        let (probe, polls) = Probe::new(&[br#"{"prompt":"x"}"#], false);
+        let res = echo(&layer).oneshot(post(key, probe)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        assert_eq!(polls.load(Ordering::SeqCst), 0, "the body was never polled");
+    }
+}
+
+#[tokio::test]
+async fn an_authenticated_body_reaches_the_handler_byte_for_byte() {
+    let layer = layer(Some(10_000));
+    // A body in two chunks comes out as the one it was.
+    let body: &[u8] =
+        br#"{"model":"m1","messages":[{"role":"user","content":"abcdefgh"}],"max_tokens":3}"#;
+    let (a, b) = body.split_at(17);
+    let (probe, _) = Probe::new(&[a, b], false);
+    let res = echo(&layer).oneshot(post(Some(KEY), probe)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-read"], "yes");
+    assert_eq!(res.headers()["x-estimate"], "5");
+    assert_eq!(res.headers()["x-model"], "m1");
+    assert_eq!(text(res).await.as_bytes(), body);
+}
+
+/// Accepts any body and charges 10 tokens: bytes that are not UTF-8 pass.
+struct Ten;
+
+impl tollgate::CostEstimator for Ten {
+    fn estimate(&self, _: &tollgate::extract::RequestView<'_>) -> u32 {
+        10
+    }
+    fn reads_body(&self, _: &tollgate::extract::RequestView<'_>) -> bool {
+        true
+    }
+    fn estimate_body(
+        &self,
+        _: &tollgate::extract::RequestView<'_>,
+        body: &[u8],
+    ) -> Result<Estimate, tollgate::BodyError> {
+        assert_eq!(body, b"\xff\x00\xfe-binary");
+        Ok(Estimate::new(10))
+    }
+}
+
+#[tokio::test]
+async fn bytes_that_are_not_utf8_are_handed_on_unchanged() {
+    let layer = RateLimitLayer::builder(policy(Some(100)))
+        .estimator(Ten)
+        .build();
+    let (probe, _) = Probe::new(&[b"\xff\x00", b"\xfe-binary"], false);
+    let res = echo(&layer).oneshot(post(Some(KEY), probe)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&bytes[..], b"\xff\x00\xfe-binary");
+}
+
+/// A request that costs `tokens` passes, to show the budget was untouched.
+async fn budget_is_whole(layer: &RateLimitLayer, tokens: u32) {
+    let body = format!(r#"{{"prompt":"","max_tokens":{tokens}}}"#);
+    let res = echo(layer)
+        .oneshot(post(Some(KEY), Full::new(Bytes::from(body))))
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "the whole budget is still there"
+    );
+}
+
+#[tokio::test]
+async fn an_oversize_body_is_413_and_costs_nothing() {
+    let layer = layer(Some(100));
+    let big = format!(r#"{{"prompt":"{}","max_tokens":100}}"#, "a".repeat(2000));
+    // Announced by its length, and streamed without one.
+    let res = echo(&layer)
+        .oneshot(post(Some(KEY), Full::new(Bytes::from(big.clone()))))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(text(res).await.contains("request_too_large"));
+    let (probe, _) = Probe::new(&[&big.as_bytes()[..600], &big.as_bytes()[600..]], false);
+    let res = echo(&layer).oneshot(post(Some(KEY), probe)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    budget_is_whole(&layer, 100).await;
+}
+
+#[tokio::test]
+async fn a_slow_body_is_408_within_the_timeout_and_costs_nothing() {
+    let layer = layer(Some(100));
+    let (probe, _) = Probe::new(&[br#"{"prompt":"#], true);
+    let start = Instant::now();
+    let res = echo(&layer).oneshot(post(Some(KEY), probe)).await.unwrap();
+    let took = start.elapsed();
+    assert_eq!(res.status(), StatusCode::REQUEST_TIMEOUT);
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(text(res).await.contains("request_timeout"));
+    budget_is_whole(&layer, 100).await;
+}
+
+#[tokio::test]
+async fn a_body_the_estimator_cannot_read_is_400_and_costs_nothing() {
+    let layer = layer(Some(100));
+    for body in [
+        &b"not json"[..],
+        br#"{"prompt":"cut sh"#,
+        br#"{"model":"m"}"#,
+    ] {
+        let res = echo(&layer)
+            .oneshot(post(Some(KEY), Full::new(Bytes::from_static(body))))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(res.headers()["content-type"], "application/json");
+        let json: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
+        assert_eq!(json["error"]["type"], "invalid_request_error");
+        assert!(!json["error"]["message"].as_str().unwrap().is_empty());
+    }
+    budget_is_whole(&layer, 100).await;
+}
+
+#[tokio::test]
+async fn the_estimate_from_the_body_is_charged() {
+    let layer = layer(Some(100));
+    // 2 prompt tokens + 30 * n=2: 62 of 100.
+    let body = r#"{"prompt":"abcdefgh","max_completion_tokens":30,"n":2}"#;
+    let call = || post(Some(KEY), Full::new(Bytes::from_static(body.as_bytes())));
+    let res = echo(&layer).oneshot(call()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-estimate"], "62");
+    let res = echo(&layer).oneshot(call()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
+async fn without_a_budget_or_for_grpc_the_body_streams_as_it_came() {
+    // No token budget: the body is not read, even a stalled one.
+    let layer_free = layer(None);
+    let (probe, polls) = Probe::new(&[b"{"], true);
+    let mut svc = ServiceBuilder::new().layer(layer_free).service_fn(
+        |req: Request<RequestBody<Probe>>| async move {
+            assert!(!req.body().is_read());
+            let probe = req.into_body().into_streaming().expect("the original body");
+            assert_eq!(probe.polls.load(Ordering::SeqCst), 0);
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        },
+    );
+    let res = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(post(Some(KEY), probe))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(polls.load(Ordering::SeqCst), 0);
+
+    // A budget, but a gRPC call: never read.
+    let layer = layer(Some(100));
+    let (probe, polls) = Probe::new(&[b"\0\0\0\0\x05hello"], true);
+    let mut req = post(Some(KEY), probe);
+    req.headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    let mut svc = ServiceBuilder::new().layer(layer).service_fn(
+        |req: Request<RequestBody<Probe>>| async move {
+            assert!(!req.body().is_read());
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        },
+    );
+    let res = svc.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(polls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_get_is_not_read_by_the_openai_estimator() {
+    let layer = layer(Some(100));
+    let (probe, polls) = Probe::new(&[], true);
+    let mut req = post(Some(KEY), probe);
+    *req.method_mut() = http::Method::GET;
+    let mut svc = ServiceBuilder::new().layer(layer).service_fn(
+        |req: Request<RequestBody<Probe>>| async move {
+            assert!(!req.body().is_read());
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        },
+    );
+    let res = svc.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(polls.load(Ordering::SeqCst), 0);
+}
+
+/// Resident memory of this process, in bytes.
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+/// Opens `n` connections to `addr` that each send a head announcing a
+/// megabyte of body with `key`, then a few bytes of it, and nothing more;
+/// returns how long each waited for its status line, and the status.
+async fn slow_bodies(addr: std::net::SocketAddr, n: usize, key: &str) -> Vec<(Duration, u16)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let head = format!(
+            "POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{{\"prompt\":\"",
+            1 << 20
+        );
+        tasks.spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let start = Instant::now();
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut buf = [0u8; 12];
+            stream.read_exact(&mut buf).await.unwrap();
+            let took = start.elapsed();
+            let status = std::str::from_utf8(&buf[9..12]).unwrap().parse().unwrap();
+            // Held open until every connection has its answer.
+            (took, status, stream)
+        });
+    }
+    let mut out = Vec::new();
+    let mut streams = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (took, status, stream) = done.unwrap();
+        out.push((took, status));
+        streams.push(stream);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_hundred_slow_bodies_cost_no_memory() {
+    use axum::{Router, routing::post as route_post};
+    const N: usize = 500;
+    let timeout = Duration::from_millis(1500);
+    let layer = RateLimitLayer::builder(policy(Some(10_000_000)))
+        .estimator(OpenAiEstimator::new())
+        .body_timeout(timeout)
+        .build();
+    let app = Router::new()
+        .route(
+            "/v1/completions",
+            route_post(|body: Bytes| async move { body }),
+        )
+        .layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    // Warm up the runtime, the server and the allocator.
+    slow_bodies(addr, 20, "nobody").await;
+    let before = rss();
+
+    // Unknown keys: answered 403 at once, their bodies never read.
+    let answers = slow_bodies(addr, N, "nobody").await;
+    assert!(answers.iter().all(|&(_, s)| s == 403), "{answers:?}");
+    let slowest = answers.iter().map(|a| a.0).max().unwrap();
+    assert!(slowest < timeout, "403s waited for nothing: {slowest:?}");
+
+    // A valid key: each read until the timeout, then 408.
+    let answers = slow_bodies(addr, N, KEY).await;
+    assert!(
+        answers.iter().all(|&(_, s)| s == 408),
+        "{:?}",
+        &answers[..5]
+    );
+    for &(took, _) in &answers {
+        assert!(took >= timeout - Duration::from_millis(50), "{took:?}");
+        assert!(took < timeout + Duration::from_secs(3), "{took:?}");
+    }
+
+    let after = rss();
+    let grown = after.saturating_sub(before);
+    // A megabyte buffered per connection would be 500 MB; the connections
+    // themselves take some tens of kilobytes each.
+    assert!(grown < 64 << 20, "grew {} MB", grown >> 20);
+}
+
+/// A plan with limits per model and no function naming the model reads the
+/// body's `model` (after the key is checked) and decides that model's
+/// limits: one model is held while another passes, and a model the plan
+/// does not name gets its `"*"` entry.
+#[tokio::test]
+async fn the_body_names_the_model_whose_limits_apply() {
+    use tollgate::ModelLimits;
+    let one = |burst| ModelLimits::new().throttle(Throttle::new(0.001, burst).unwrap());
+    let plan = UsagePlan::new("llm")
+        .throttle(Throttle::new(100.0, 100).unwrap())
+        .model("big", one(1))
+        .model("*", one(2));
+    let policy = Policy::builder()
+        .plan(plan)
+        .key(ApiKey::new("k1", KEY, "llm"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .estimator(OpenAiEstimator::new())
+        .build();
+    let call = |model: &str| {
+        let body = format!(r#"{{"model":"{model}","prompt":"hi","max_tokens":1}}"#);
+        post(Some(KEY), Full::new(Bytes::from(body)))
+    };
+    let status = |res: &Response<_>| res.status().as_u16();
+    let limit = |res: &Response<_>| {
+        res.extensions()
+            .get::<tollgate::Rejection>()
+            .and_then(|r| r.limit())
+            .map(str::to_owned)
+    };
+    let res = echo(&layer).oneshot(call("big")).await.unwrap();
+    assert_eq!(status(&res), 200);
+    assert_eq!(
+        res.headers()["x-model"],
+        "big",
+        "the handler sees the estimate"
+    );
+    let res = echo(&layer).oneshot(call("big")).await.unwrap();
+    assert_eq!((status(&res), limit(&res).as_deref()), (429, Some("model")));
+    // Another model: the "*" entry, two requests for every unnamed model.
+    for model in ["small", "tiny"] {
+        let res = echo(&layer).oneshot(call(model)).await.unwrap();
+        assert_eq!(status(&res), 200, "{model}");
+    }
+    let res = echo(&layer).oneshot(call("other")).await.unwrap();
+    assert_eq!((status(&res), limit(&res).as_deref()), (429, Some("model")));
+}
