@@ -635,3 +635,105 @@ async fn a_concurrency_429_carries_request_headers_and_agreeing_retry() {
     release.notify_one();
     assert_eq!(again.await.unwrap(), 200);
 }
+
+#[tokio::test]
+async fn a_stream_holds_its_concurrency_place_until_its_last_event() {
+    let plan = roomy()
+        .tokens(TokenBudget::new().per_minute(1_000).unwrap())
+        .concurrency(1);
+    // The stream's events come when the test sends them.
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(8);
+    let rx = Arc::new(std::sync::Mutex::new(Some(rx)));
+    let held = post(move |_: Bytes| {
+        let rx = rx.lock().unwrap().take().expect("one stream");
+        async move {
+            let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, Infallible>);
+            (
+                [("content-type", "text/event-stream")],
+                Body::from_stream(events),
+            )
+        }
+    });
+    let base = serve(
+        Router::new()
+            .route(CHAT, held)
+            .route(COMPLETIONS, post(completions))
+            .layer(token_layer(plan)),
+    )
+    .await;
+    let c = openai_client(&base, KEY);
+    let text = || {
+        CreateCompletionRequestArgs::default()
+            .model("m")
+            .prompt("Hi")
+            .max_tokens(1u32)
+            .build()
+            .unwrap()
+    };
+
+    let mut stream = c.chat().create_stream(chat_request(10)).await.unwrap();
+    tx.send(chunk(json!({"role": "assistant", "content": "Hi"}), None))
+        .await
+        .unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.choices[0].delta.content.as_deref(), Some("Hi"));
+
+    // Mid-stream the key's one place is taken.
+    let e = api_error(c.completions().create(text()).await);
+    assert_eq!(e.status_code, 429);
+    assert_eq!(e.api_error.code.as_deref(), Some("rate_limit_exceeded"));
+    assert_eq!(e.api_error.r#type.as_deref(), Some("requests"));
+
+    tx.send(chunk(json!({}), Some("stop"))).await.unwrap();
+    tx.send("data: [DONE]\n\n".to_owned()).await.unwrap();
+    drop(tx);
+    let last = stream.next().await.unwrap().unwrap();
+    assert_eq!(last.choices[0].finish_reason, Some(FinishReason::Stop));
+    assert!(stream.next().await.is_none());
+
+    // The place comes back once the body has ended.
+    let mut passed = false;
+    for _ in 0..50 {
+        match c.completions().create(text()).await {
+            Ok(_) => {
+                passed = true;
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    assert!(passed, "the place was never given back");
+}
+
+#[tokio::test]
+async fn bearer_and_x_api_key_agree_or_are_refused() {
+    let base = serve_api(RateLimitLayer::openai(policy(roomy()))).await;
+    let c = client();
+    let url = format!("{base}{COMPLETIONS}");
+    let body = json!({"model": "m", "prompt": "Hi", "max_tokens": 1});
+
+    let send = |bearer: Option<&str>, x: Option<&str>| {
+        let mut req = c.post(&url).json(&body);
+        if let Some(k) = bearer {
+            req = req.bearer_auth(k);
+        }
+        if let Some(k) = x {
+            req = req.header("x-api-key", k);
+        }
+        req.send()
+    };
+    assert_eq!(send(None, Some(KEY)).await.unwrap().status(), 200);
+    assert_eq!(send(Some(KEY), Some(KEY)).await.unwrap().status(), 200);
+    for (bearer, x) in [
+        (Some(KEY), Some("sk-other")),
+        (Some("sk-other"), Some(KEY)),
+        (None, None),
+    ] {
+        let res = send(bearer, x).await.unwrap();
+        assert_eq!(res.status(), 401, "{bearer:?} {x:?}");
+        assert_eq!(
+            error_of(res).await,
+            ("invalid_request_error".into(), "invalid_api_key".into())
+        );
+    }
+}
