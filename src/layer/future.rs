@@ -201,6 +201,7 @@ where
             },
             Step::Read => State::Rejected {
                 response: Some(refuse_body(
+                    shared.style,
                     http::StatusCode::INTERNAL_SERVER_ERROR,
                     "the request body was asked for twice",
                     "internal_error",
@@ -261,9 +262,12 @@ where
                     let (data, trailers) = match read {
                         Ok(read) => read,
                         Err(why) => {
-                            return Poll::Ready(Ok(
-                                refuse_unread(why, shared.body_limits).map(ResponseBody::full)
-                            ));
+                            return Poll::Ready(Ok(refuse_unread(
+                                shared.style,
+                                why,
+                                shared.body_limits,
+                            )
+                            .map(ResponseBody::full)));
                         }
                     };
                     let estimate = shared
@@ -283,6 +287,7 @@ where
                         }
                         Err(e) => State::Rejected {
                             response: Some(refuse_body(
+                                shared.style,
                                 http::StatusCode::BAD_REQUEST,
                                 e.message(),
                                 "invalid_body",

@@ -485,7 +485,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
     ///     .build();
     /// let svc = ServiceBuilder::new()
     ///     .layer(layer)
-    ///     .service_fn(|_req: Request<String>| async {
+    ///     .service_fn(|_req: Request<tollgate::RequestBody<String>>| async {
     ///         Ok::<_, Infallible>(Response::new(String::new()))
     ///     });
     /// let call = |model: &str| {

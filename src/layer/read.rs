@@ -1,6 +1,7 @@
 //! Reading a request's body for an estimator, bounded in bytes and in time,
 //! and the answers when it cannot be read.
 
+use crate::response::ResponseStyle;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -123,15 +124,31 @@ where
 }
 
 /// The answer to a request whose body could not be read or estimated, in
-/// OpenAI's error shape (what clients of a body-reading estimator parse):
-/// `{"error":{"message":…,"type":"invalid_request_error","param":null,"code":…}}`.
-pub(crate) fn refuse_body(status: StatusCode, message: &str, code: &str) -> Response<Bytes> {
+/// the layer's style: OpenAI's
+/// `{"error":{"message":…,"type":"invalid_request_error","param":null,"code":…}}`,
+/// or AWS API Gateway's `{"message":…}`.
+pub(crate) fn refuse_body(
+    style: ResponseStyle,
+    status: StatusCode,
+    message: &str,
+    code: &str,
+) -> Response<Bytes> {
     let mut body = String::with_capacity(message.len() + 96);
-    body.push_str(r#"{"error":{"message":""#);
-    escape_into(&mut body, message);
-    body.push_str(r#"","type":"invalid_request_error","param":null,"code":""#);
-    escape_into(&mut body, code);
-    body.push_str(r#""}}"#);
+    match style {
+        ResponseStyle::OpenAi => {
+            body.push_str(r#"{"error":{"message":""#);
+            escape_into(&mut body, message);
+            body.push_str(r#"","type":"invalid_request_error","param":null,"code":""#);
+            escape_into(&mut body, code);
+            body.push_str(r#""}}"#);
+        }
+        // AWS API Gateway's shape, as the style's other rejections.
+        _ => {
+            body.push_str(r#"{"message":""#);
+            escape_into(&mut body, message);
+            body.push_str(r#""}"#);
+        }
+    }
     let mut res = Response::new(Bytes::from(body));
     *res.status_mut() = status;
     res.headers_mut().insert(
@@ -147,14 +164,20 @@ pub(crate) fn refuse_body(status: StatusCode, message: &str, code: &str) -> Resp
 }
 
 /// The answer for a body that could not be read.
-pub(crate) fn refuse_unread(why: Unread, limits: BodyLimits) -> Response<Bytes> {
+pub(crate) fn refuse_unread(
+    style: ResponseStyle,
+    why: Unread,
+    limits: BodyLimits,
+) -> Response<Bytes> {
     match why {
         Unread::TooLarge => refuse_body(
+            style,
             StatusCode::PAYLOAD_TOO_LARGE,
             &format!("the request body is larger than {} bytes", limits.max_bytes),
             "request_too_large",
         ),
         Unread::TimedOut => refuse_body(
+            style,
             StatusCode::REQUEST_TIMEOUT,
             &format!(
                 "the request body did not arrive within {} ms",
@@ -163,6 +186,7 @@ pub(crate) fn refuse_unread(why: Unread, limits: BodyLimits) -> Response<Bytes> 
             "request_timeout",
         ),
         Unread::Failed => refuse_body(
+            style,
             StatusCode::BAD_REQUEST,
             "the request body could not be read",
             "invalid_body",
@@ -193,7 +217,12 @@ mod tests {
 
     #[test]
     fn messages_are_escaped_as_json() {
-        let res = refuse_body(StatusCode::BAD_REQUEST, "a \"b\"\\\n\u{1}", "c");
+        let res = refuse_body(
+            ResponseStyle::OpenAi,
+            StatusCode::BAD_REQUEST,
+            "a \"b\"\\\n\u{1}",
+            "c",
+        );
         assert_eq!(
             res.body().as_ref(),
             br#"{"error":{"message":"a \"b\"\\\n\u0001","type":"invalid_request_error","param":null,"code":"c"}}"#

@@ -214,7 +214,14 @@ async fn an_oversize_body_is_413_and_costs_nothing() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    assert!(text(res).await.contains("request_too_large"));
+    // The default (AWS) style's shape.
+    let json: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
+    assert!(
+        json["message"]
+            .as_str()
+            .unwrap()
+            .contains("larger than 1024 bytes")
+    );
     let (probe, _) = Probe::new(&[&big.as_bytes()[..600], &big.as_bytes()[600..]], false);
     let res = echo(&layer).oneshot(post(Some(KEY), probe)).await.unwrap();
     assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
@@ -231,13 +238,17 @@ async fn a_slow_body_is_408_within_the_timeout_and_costs_nothing() {
     assert_eq!(res.status(), StatusCode::REQUEST_TIMEOUT);
     assert!(took >= Duration::from_millis(300), "{took:?}");
     assert!(took < Duration::from_secs(2), "{took:?}");
-    assert!(text(res).await.contains("request_timeout"));
+    assert!(text(res).await.contains("did not arrive within 300 ms"));
     budget_is_whole(&layer, 100).await;
 }
 
 #[tokio::test]
 async fn a_body_the_estimator_cannot_read_is_400_and_costs_nothing() {
-    let layer = layer(Some(100));
+    // In the OpenAI style, OpenAI's error shape.
+    let layer = RateLimitLayer::builder(policy(Some(100)))
+        .estimator(OpenAiEstimator::new())
+        .style(tollgate::ResponseStyle::OpenAi)
+        .build();
     for body in [
         &b"not json"[..],
         br#"{"prompt":"cut sh"#,
