@@ -16,5 +16,6 @@ mod hostile;
 mod http;
 mod hyper_server;
 mod observe;
+mod openai;
 mod resolver;
 mod spoofing;
