@@ -184,6 +184,13 @@ mod redis_registry {
             for change in changes {
                 match change {
                     Change::PutPlan { name, encoded } => match wire::decode_plan(&encoded) {
+                        // A reload carries every plan: one unchanged here is
+                        // not put again (putting re-points all of its keys).
+                        Ok((plan, _))
+                            if self
+                                .load()
+                                .plan_named(&name)
+                                .is_some_and(|p| p.source == plan) => {}
                         Ok((plan, created)) => {
                             let now = crate::Clock::system().wall_nanos();
                             if let Err(e) = self.put_plan(&plan, created, now) {
@@ -195,6 +202,11 @@ mod redis_registry {
                         }
                     },
                     Change::PutAccount { name, encoded } => match wire::decode_account(&encoded) {
+                        Ok((account, _))
+                            if self
+                                .load()
+                                .account_named(&name)
+                                .is_some_and(|a| a.source == account) => {}
                         Ok((account, created)) => {
                             let now = crate::Clock::system().wall_nanos();
                             if let Err(e) = self.put_account(&account, created, now) {

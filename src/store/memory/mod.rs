@@ -216,11 +216,9 @@ impl MemoryStore {
                 let cost = u64::from(req.cost_for(q.counts_tokens()));
                 // A cost above the whole limit never fits, in any window.
                 if !ever_fits(cost, q.spec.limit) && !q.shadow {
-                    let snap = QuotaState::new(1).check(q.spec, wall, 0);
-                    let snap = match quotas.existing(q, |st| st.check(q.spec, wall, 0)) {
-                        Some(existing) => existing,
-                        None => snap,
-                    };
+                    let snap = quotas
+                        .existing(q, |st| st.check(q.spec, wall, 0))
+                        .unwrap_or_else(|| QuotaState::new(1).check(q.spec, wall, 0));
                     let snap = snap.unwrap_or_else(|(_, s)| s);
                     let d = Denied::too_costly(quota_applied(q.kind, &snap));
                     tally.deny(d);
