@@ -22,8 +22,8 @@ pin_project! {
     /// the inner service's body when the request passed, the rejection's when
     /// it did not.
     ///
-    /// When the request holds a place under its plan's concurrency cap, the
-    /// body gives it back when it ends, fails, or is dropped (the client went
+    /// When the request holds places under concurrency caps (its plan's,
+    /// its model's), the body gives them back when it ends, fails, or is dropped (the client went
     /// away): a streamed answer holds its place to its last event. When it
     /// reserved tokens, they are settled then too.
     #[derive(Debug)]
@@ -46,10 +46,10 @@ impl Guard {
     /// A guard for what an allowed request holds, if it holds anything.
     fn new<S: Store>(
         store: &S,
-        permit: Option<Permit>,
+        permits: [Option<Permit>; 2],
         reservation: Option<Box<Unsettled>>,
     ) -> Option<Self> {
-        if permit.is_none() && reservation.is_none() {
+        if permits == [None, None] && reservation.is_none() {
             return None;
         }
         let store = store.clone();
@@ -59,7 +59,7 @@ impl Guard {
                 if let Some(r) = reservation {
                     r.settle(&store);
                 }
-                if let Some(p) = permit {
+                for p in permits.into_iter().flatten() {
                     store.release(p);
                 }
             })),
@@ -84,7 +84,8 @@ impl Guard {
         if let Some(r) = &reservation {
             req.extensions_mut().insert(r.usage.clone());
         }
-        Guard::new(store, report.permit(), reservation)
+        let mut permits = report.permits();
+        Guard::new(store, [permits.next(), permits.next()], reservation)
     }
 
     /// Takes the actual tokens from a [`UsedTokens`] response extension.

@@ -266,7 +266,7 @@ pub(crate) fn defining_rank(kind: LimitKind) -> Option<(Family, u8)> {
         // account's do not: they differ from one request to the next.
         Model | ModelTokensDay => 7,
         ModelQuota | ModelTokensMonth => 8,
-        Concurrency => return None,
+        Concurrency | ModelConcurrency => return None,
     };
     Some((Family::of(kind), rank))
 }
@@ -467,7 +467,7 @@ fn format_policy(items: &[Applied]) -> Option<HeaderValue> {
         buf.push(a.name().as_bytes());
         buf.push(b"\";q=");
         buf.int(a.quota);
-        if a.kind == LimitKind::Concurrency {
+        if a.kind.is_concurrency() {
             // A cap on requests in flight has no window.
             buf.push(b";qu=\"concurrent-requests\"");
         } else {

@@ -117,10 +117,7 @@ impl Checker<'_> {
             plan = plan.tokens(self.tokens(t, &path)?);
         }
         if let Some(c) = &f.concurrency {
-            let n = self.positive(c, format!("{path}.concurrency"))?;
-            let n = u32::try_from(n)
-                .map_err(|_| self.err(c.span(), format!("{path}.concurrency"), "is too large"))?;
-            plan = plan.concurrency(n);
+            plan = plan.concurrency(self.cap(c, &path)?);
         }
         for (mp, t) in self.methods(&f.methods, &path)? {
             plan = plan.method(mp, t);
@@ -141,9 +138,19 @@ impl Checker<'_> {
             if let Some(t) = &m.tokens {
                 limits = limits.tokens(self.tokens(t, &mp)?);
             }
+            if let Some(c) = &m.concurrency {
+                limits = limits.concurrency(self.cap(c, &mp)?);
+            }
             plan = plan.model(name.get_ref().clone(), limits);
         }
         Ok(plan)
+    }
+
+    /// The concurrency cap of the plan or model at `path`.
+    fn cap(&self, c: &Spanned<i64>, path: &str) -> Result<u32, ConfigFileError> {
+        let n = self.positive(c, format!("{path}.concurrency"))?;
+        u32::try_from(n)
+            .map_err(|_| self.err(c.span(), format!("{path}.concurrency"), "is too large"))
     }
 
     /// A quota at `qp` (`plans[0].quota`).

@@ -62,6 +62,7 @@ pub(super) struct ModelFile {
     pub(super) throttle: Option<Spanned<ThrottleFile>>,
     pub(super) quota: Option<Spanned<QuotaFile>>,
     pub(super) tokens: Option<Spanned<TokensFile>>,
+    pub(super) concurrency: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]

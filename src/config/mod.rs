@@ -17,6 +17,9 @@
 //! shadow = false
 //! [plans.methods]
 //! "/v1/chat/completions/POST" = { rate = 1.0, burst = 2 }
+//! [plans.models]                                    # limits per model, counted per key
+//! "big-model" = { throttle = { rate = 0.5, burst = 2 }, tokens = { per_minute = 10000 }, concurrency = 1 }
+//! "*" = { quota = { limit = 500, period = "DAY" } }  # every model the plan does not name
 //!
 //! [[keys]]
 //! id = "free-1"                                     # required: public id

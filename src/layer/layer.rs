@@ -172,8 +172,10 @@ impl<K, S: Store> RateLimitLayer<K, S> {
             };
             // Without a response to hold it through, a place under a
             // concurrency cap is given back at once.
-            if let Some(permit) = decided.as_ref().ok().and_then(Report::permit) {
-                shared.store.release(permit);
+            if let Ok(report) = &decided {
+                for permit in report.permits() {
+                    shared.store.release(permit);
+                }
             }
             decided
                 .map(|_| ())

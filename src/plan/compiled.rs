@@ -57,6 +57,8 @@ pub enum LimitKind {
     ModelTokensDay,
     /// A model's monthly token quota (`"model-tokens-month"`).
     ModelTokensMonth,
+    /// A model's cap on requests in flight (`"model-concurrency"`).
+    ModelConcurrency,
 }
 
 impl LimitKind {
@@ -82,6 +84,7 @@ impl LimitKind {
             LimitKind::ModelTokensMinute => "model-tokens-minute",
             LimitKind::ModelTokensDay => "model-tokens-day",
             LimitKind::ModelTokensMonth => "model-tokens-month",
+            LimitKind::ModelConcurrency => "model-concurrency",
         }
     }
 
@@ -109,6 +112,7 @@ impl LimitKind {
             ModelTokensMinute,
             ModelTokensDay,
             ModelTokensMonth,
+            ModelConcurrency,
         ]
         .into_iter()
         .find(|k| k.name() == name)
@@ -144,7 +148,16 @@ impl LimitKind {
                 | LimitKind::ModelTokensMinute
                 | LimitKind::ModelTokensDay
                 | LimitKind::ModelTokensMonth
+                | LimitKind::ModelConcurrency
         )
+    }
+
+    /// Whether the limit is a cap on requests in flight (a plan's or a
+    /// model's): it has no window, and its places come back when responses
+    /// end.
+    #[inline]
+    pub fn is_concurrency(self) -> bool {
+        matches!(self, LimitKind::Concurrency | LimitKind::ModelConcurrency)
     }
 
     /// Whether the limit is an account's, shared by all the account's keys.
@@ -208,6 +221,21 @@ pub(crate) struct Concurrency {
     pub(crate) limit: u32,
     /// Where the count lives, beside the key's throttles.
     pub(crate) salt: u64,
+}
+
+impl Concurrency {
+    /// The cap of `limit` requests owned by `owner` (a plan, or a model
+    /// within one); a cap of 0 would refuse everything.
+    fn compile(limit: Option<u32>, owner: &str) -> Result<Option<Self>, ConfigError> {
+        match limit {
+            None => Ok(None),
+            Some(0) => Err(ConfigError::InvalidConcurrency),
+            Some(limit) => Ok(Some(Concurrency {
+                limit,
+                salt: hash::stable(format!("{owner}\0concurrency").as_bytes()) as u64,
+            })),
+        }
+    }
 }
 
 /// A plan's token budget, compiled.
@@ -289,12 +317,18 @@ pub(crate) struct ModelEntry {
     pub(crate) throttle: Option<Limit>,
     pub(crate) quota: Option<QuotaSpec>,
     pub(crate) tokens: Option<Tokens>,
+    pub(crate) concurrency: Option<Concurrency>,
 }
 
 impl ModelEntry {
-    fn compile(plan: &str, name: &str, m: &ModelLimits, created_at: i64) -> Self {
+    fn compile(
+        plan: &str,
+        name: &str,
+        m: &ModelLimits,
+        created_at: i64,
+    ) -> Result<Self, ConfigError> {
         let owner = format!("plan\0{plan}\0model\0{name}");
-        ModelEntry {
+        Ok(ModelEntry {
             name: name.into(),
             throttle: m
                 .throttle
@@ -311,7 +345,8 @@ impl ModelEntry {
                 .tokens
                 .as_ref()
                 .map(|t| Tokens::compile_as(t, &owner, created_at, MODEL_TOKENS)),
-        }
+            concurrency: Concurrency::compile(m.concurrency, &owner)?,
+        })
     }
 }
 
@@ -449,15 +484,8 @@ impl Plan {
                 .tokens
                 .as_ref()
                 .map(|t| Tokens::compile(t, &owner, created_at)),
-            concurrency: match plan.concurrency {
-                None => None,
-                Some(0) => return Err(ConfigError::InvalidConcurrency),
-                Some(limit) => Some(Concurrency {
-                    limit,
-                    salt: hash::stable(format!("{owner}\0concurrency").as_bytes()) as u64,
-                }),
-            },
-            models: compile_models(plan, created_at),
+            concurrency: Concurrency::compile(plan.concurrency, &owner)?,
+            models: compile_models(plan, created_at)?,
             shadow: plan.shadow,
             failure: plan.failure,
             borrow: plan.borrow,
@@ -484,14 +512,14 @@ impl Plan {
 }
 
 /// A plan's model limits, compiled; `None` when it has none.
-fn compile_models(plan: &UsagePlan, created_at: i64) -> Option<Box<Models>> {
+fn compile_models(plan: &UsagePlan, created_at: i64) -> Result<Option<Box<Models>>, ConfigError> {
     if plan.models.is_empty() {
-        return None;
+        return Ok(None);
     }
     let mut models = Models::default();
     let mut named = Vec::new();
     for (name, limits) in &plan.models {
-        let entry = ModelEntry::compile(&plan.name, name, limits, created_at);
+        let entry = ModelEntry::compile(&plan.name, name, limits, created_at)?;
         if name == "*" {
             models.other = Some(entry);
         } else {
@@ -499,7 +527,7 @@ fn compile_models(plan: &UsagePlan, created_at: i64) -> Option<Box<Models>> {
         }
     }
     models.named = named.into();
-    Some(Box::new(models))
+    Ok(Some(Box::new(models)))
 }
 
 /// Stage limits compiled for deciding.

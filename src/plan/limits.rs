@@ -445,6 +445,7 @@ pub struct ModelLimits {
     pub(super) throttle: Option<Throttle>,
     pub(super) tokens: Option<TokenBudget>,
     pub(super) quota: Option<Quota>,
+    pub(super) concurrency: Option<u32>,
 }
 
 impl ModelLimits {
@@ -475,6 +476,16 @@ impl ModelLimits {
         self
     }
 
+    /// Caps this key's requests to the model in flight at once: a second
+    /// cap beside the plan's [`concurrency`](UsagePlan::concurrency), held
+    /// until the response ends (a stream's last byte), as the plan's is.
+    /// A request takes a place under both, or under neither.
+    #[must_use]
+    pub fn concurrency(mut self, n: u32) -> Self {
+        self.concurrency = Some(n);
+        self
+    }
+
     /// The model's throttle.
     pub fn get_throttle(&self) -> Option<Throttle> {
         self.throttle
@@ -488,6 +499,11 @@ impl ModelLimits {
     /// The model's request quota.
     pub fn get_quota(&self) -> Option<Quota> {
         self.quota
+    }
+
+    /// The model's cap on requests in flight.
+    pub fn get_concurrency(&self) -> Option<u32> {
+        self.concurrency
     }
 }
 

@@ -43,6 +43,9 @@ pub(crate) fn encode_plan(plan: &UsagePlan, created_at: i64) -> String {
         if let Some(t) = &m.tokens {
             let _ = writeln!(out, "model-tokens {} {name}", tokens(t));
         }
+        if let Some(c) = m.concurrency {
+            let _ = writeln!(out, "model-concurrency {c} {name}");
+        }
     }
     if let Some(c) = plan.concurrency {
         let _ = writeln!(out, "concurrency {c}");
@@ -91,11 +94,11 @@ pub(crate) fn decode_plan(s: &str) -> Result<(UsagePlan, i64), String> {
             }
             "tokens" => p.tokens(read_tokens(word()?, word()?, word()?)?),
             "model" => p.model(read_text(rest)?.0, ModelLimits::new()),
-            "model-throttle" | "model-quota" | "model-tokens" => {
+            "model-throttle" | "model-quota" | "model-tokens" | "model-concurrency" => {
                 let n = match field {
+                    "model-concurrency" => 1,
                     "model-throttle" => 2,
-                    "model-quota" | "model-tokens" => 3,
-                    _ => unreachable!(),
+                    _ => 3,
                 };
                 let at = rest
                     .splitn(n + 1, ' ')
@@ -116,6 +119,7 @@ pub(crate) fn decode_plan(s: &str) -> Result<(UsagePlan, i64), String> {
                         let q = Quota::new(limit, period).map_err(|e| e.to_string())?;
                         m.quota(q.with_offset(offset).map_err(|e| e.to_string())?)
                     }
+                    "model-concurrency" => m.concurrency(number(word()?)?),
                     _ => m.tokens(read_tokens(word()?, word()?, word()?)?),
                 };
                 p.model(name, m)
@@ -264,7 +268,8 @@ mod tests {
                 ModelLimits::new()
                     .throttle(Throttle::new(0.5, 2).unwrap())
                     .quota(Quota::new(10, Period::Day).unwrap())
-                    .tokens(TokenBudget::new().per_day(5).unwrap()),
+                    .tokens(TokenBudget::new().per_day(5).unwrap())
+                    .concurrency(2),
             )
             .model(
                 "*",
@@ -279,6 +284,8 @@ mod tests {
         assert_eq!(encode_plan(&back, -42), text);
         assert_eq!(back.get_throttle().unwrap().rate(), 0.1 + 0.2);
         assert_eq!(back.name(), "pro plan: 2 ☃");
+        let (_, big) = back.get_models().next().unwrap();
+        assert_eq!(big.get_concurrency(), Some(2));
         let bare = UsagePlan::new("b");
         assert_eq!(
             encode_plan(&decode_plan(&encode_plan(&bare, 1)).unwrap().0, 1),

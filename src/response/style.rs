@@ -115,7 +115,10 @@ pub(super) fn openai_body(r: &Rejection) -> String {
             (family, "rate_limit_exceeded")
         }
         Reason::ConcurrencyLimited => {
-            message.push_str("Too many requests of this key in flight (concurrency).");
+            let _ = write!(
+                message,
+                "Too many requests of this key in flight ({limit})."
+            );
             (family, "rate_limit_exceeded")
         }
         Reason::CostExceedsLimit => {

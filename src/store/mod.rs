@@ -120,8 +120,8 @@ use std::pin::Pin;
 use std::time::Duration;
 
 /// The most limits one request can be decided against: its throttles, its
-/// quotas, concurrency.
-pub(crate) const MAX_LIMITS: usize = MAX_THROTTLES + MAX_QUOTAS + 1;
+/// quotas, its plan's and its model's concurrency caps.
+pub(crate) const MAX_LIMITS: usize = MAX_THROTTLES + MAX_QUOTAS + 2;
 
 /// The wait a request refused by a concurrency cap is told: in-flight
 /// requests end at times no store knows.

@@ -11,7 +11,8 @@ use super::{MAX_ACCOUNT_QUOTAS, MAX_MODEL_QUOTAS, MAX_THROTTLES};
 use crate::extract::RequestView;
 use crate::hash::Digest;
 use crate::plan::{
-    AccountLimits, FailureMode, Limit, LimitKind, ModelEntry, Plan, StageLimits, method_limit,
+    AccountLimits, Concurrency, FailureMode, Limit, LimitKind, ModelEntry, Plan, StageLimits,
+    method_limit,
 };
 use crate::quota::QuotaSpec;
 use crate::window::Period;
@@ -99,7 +100,15 @@ impl<'a> Subject<'a> {
     /// The plan's cap on this subject's requests in flight.
     #[inline]
     pub(crate) fn concurrency(&self) -> Option<ConcurrencyRef<'a>> {
-        self.plan.concurrency.map(|c| ConcurrencyRef {
+        self.cap(LimitKind::Concurrency, self.plan.concurrency.as_ref()?)
+    }
+
+    /// A cap on this subject's requests in flight, of the plan or of one of
+    /// its models.
+    #[inline]
+    fn cap(&self, kind: LimitKind, c: &Concurrency) -> Option<ConcurrencyRef<'a>> {
+        Some(ConcurrencyRef {
+            kind,
             limit: c.limit,
             salt: c.salt,
             plan: &self.plan.name,
@@ -262,6 +271,8 @@ pub struct Acquire<'a> {
     /// The model's request quota and its daily and monthly token budgets.
     pub(crate) model_quotas: [Option<QuotaRef<'a>>; MAX_MODEL_QUOTAS],
     pub(crate) concurrency: Option<ConcurrencyRef<'a>>,
+    /// The model's cap on the subject's requests to it in flight.
+    pub(crate) model_concurrency: Option<ConcurrencyRef<'a>>,
     pub(crate) cost: u32,
     pub(crate) tokens: u32,
     pub(crate) failure: FailureMode,
@@ -279,6 +290,7 @@ impl<'a> Acquire<'a> {
             account_quotas: [None; MAX_ACCOUNT_QUOTAS],
             model_quotas: [None; MAX_MODEL_QUOTAS],
             concurrency: None,
+            model_concurrency: None,
             cost,
             tokens: 0,
             failure,
@@ -391,6 +403,9 @@ impl<'a> Acquire<'a> {
             self.model_quotas[1] = day;
             self.model_quotas[2] = month;
         }
+        if let Some(c) = &m.concurrency {
+            self.model_concurrency = subject.cap(LimitKind::ModelConcurrency, c);
+        }
     }
 
     pub(crate) fn push(&mut self, throttle: ThrottleRef<'a>) {
@@ -414,7 +429,7 @@ impl<'a> Acquire<'a> {
             [Some(t)]
                 if !t.shadow
                     && self.quota.is_none()
-                    && self.concurrency.is_none()
+                    && !self.has_caps()
                     && self.token_quotas.iter().all(Option::is_none)
                     && self.account_quotas.iter().all(Option::is_none)
                     && self.model_quotas.iter().all(Option::is_none) =>
@@ -470,8 +485,29 @@ impl<'a> Acquire<'a> {
 
     /// The plan's cap on requests of this key in flight, when it has one:
     /// an allowed request takes a place ([`Report::set_permit`](super::Report::set_permit)).
+    /// See [`caps`](Self::caps) for every cap of the request.
     pub fn concurrency(&self) -> Option<&ConcurrencyRef<'a>> {
         self.concurrency.as_ref()
+    }
+
+    /// The model's cap on requests of this key to the model in flight, when
+    /// the request's model has one within its plan.
+    pub fn model_concurrency(&self) -> Option<&ConcurrencyRef<'a>> {
+        self.model_concurrency.as_ref()
+    }
+
+    /// Every cap on requests in flight the request is decided against: the
+    /// plan's, then the model's. An allowed request takes a place under each
+    /// (one permit per cap, [`Report::permits`](super::Report::permits)); a
+    /// request denied by any limit takes none.
+    pub fn caps(&self) -> impl Iterator<Item = &ConcurrencyRef<'a>> + '_ {
+        self.concurrency.iter().chain(&self.model_concurrency)
+    }
+
+    /// Whether the request has a cap on requests in flight.
+    #[inline]
+    pub fn has_caps(&self) -> bool {
+        self.concurrency.is_some() || self.model_concurrency.is_some()
     }
 
     /// The request's cost in units (0 peeks: nothing is charged).
@@ -721,9 +757,12 @@ impl fmt::Debug for QuotaRef<'_> {
     }
 }
 
-/// A plan's cap on requests of one key in flight.
+/// A cap on requests of one key in flight: its plan's, or a model's within
+/// the plan.
 #[derive(Clone, Copy)]
 pub struct ConcurrencyRef<'a> {
+    /// [`LimitKind::Concurrency`] or [`LimitKind::ModelConcurrency`].
+    pub(crate) kind: LimitKind,
     pub(crate) limit: u32,
     pub(crate) salt: u64,
     pub(crate) plan: &'a str,
@@ -733,6 +772,18 @@ pub struct ConcurrencyRef<'a> {
 }
 
 impl<'a> ConcurrencyRef<'a> {
+    /// Whether it is the plan's cap or a model's.
+    pub fn kind(&self) -> LimitKind {
+        self.kind
+    }
+
+    /// A stable id of the cap within its plan (the same in every process):
+    /// a model's cap differs from the plan's and every other model's by it,
+    /// and must be counted apart by it.
+    pub fn id(&self) -> u64 {
+        self.salt
+    }
+
     /// Requests in flight allowed at once.
     pub fn limit(&self) -> u32 {
         self.limit
@@ -757,7 +808,7 @@ impl<'a> ConcurrencyRef<'a> {
     /// it was let in).
     pub fn applied(&self, in_flight: u64) -> Applied {
         Applied {
-            kind: LimitKind::Concurrency,
+            kind: self.kind,
             quota: u64::from(self.limit),
             window_secs: 0,
             remaining: u64::from(self.limit).saturating_sub(in_flight),
@@ -769,6 +820,7 @@ impl<'a> ConcurrencyRef<'a> {
 impl fmt::Debug for ConcurrencyRef<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConcurrencyRef")
+            .field("name", &self.kind.name())
             .field("plan", &self.plan)
             .field("limit", &self.limit)
             .field("shadow", &self.shadow)
@@ -777,18 +829,28 @@ impl fmt::Debug for ConcurrencyRef<'_> {
 }
 
 /// A place a request holds under a concurrency cap, until its response ends.
-/// What it holds is the store's business: two numbers that name the place.
+/// What it holds is the store's business: numbers that name the place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Permit {
     pub(crate) place: u128,
     pub(crate) id: u64,
+    pub(crate) cap: u64,
 }
 
 impl Permit {
     /// A permit for `place` (the store's name for the cap's state) and `id`
     /// (which of the requests in flight this is).
     pub fn new(place: u128, id: u64) -> Self {
-        Permit { place, id }
+        Permit { place, id, cap: 0 }
+    }
+
+    /// The same permit, under the cap `cap` of its place (a store that
+    /// keeps several caps of one subject apart, such as a model's beside
+    /// its plan's, names which; [`ConcurrencyRef::id`]).
+    #[must_use]
+    pub fn with_cap(mut self, cap: u64) -> Self {
+        self.cap = cap;
+        self
     }
 
     /// The place.
@@ -799,6 +861,11 @@ impl Permit {
     /// The request's id.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Which cap of the place (0 unless set with [`with_cap`](Self::with_cap)).
+    pub fn cap(&self) -> u64 {
+        self.cap
     }
 }
 

@@ -88,7 +88,8 @@ impl Applied {
 pub struct Report {
     items: [Applied; MAX_LIMITS],
     len: u8,
-    permit: Option<Permit>,
+    /// The places the request holds: under its plan's cap, its model's.
+    permits: [Option<Permit>; 2],
     /// The store failed and the plan let the request through unchecked:
     /// nothing was charged, so nothing is settled.
     pub(crate) unchecked: bool,
@@ -141,15 +142,25 @@ impl Report {
         }
     }
 
-    /// The place the request holds under its plan's concurrency cap, to be
-    /// given back with [`Store::release`](super::Store::release) when its response ends.
+    /// The first place the request holds under a concurrency cap (see
+    /// [`permits`](Self::permits)).
     pub fn permit(&self) -> Option<Permit> {
-        self.permit
+        self.permits[0]
     }
 
-    /// Records the place the request holds under a concurrency cap.
+    /// The places the request holds under concurrency caps (its plan's, its
+    /// model's), each given back with [`Store::release`](super::Store::release)
+    /// when its response ends.
+    pub fn permits(&self) -> impl Iterator<Item = Permit> + '_ {
+        self.permits.iter().flatten().copied()
+    }
+
+    /// Records a place the request holds under a concurrency cap (at most
+    /// two: the plan's and the model's; a third is dropped).
     pub fn set_permit(&mut self, permit: Permit) {
-        self.permit = Some(permit);
+        if let Some(slot) = self.permits.iter_mut().find(|p| p.is_none()) {
+            *slot = Some(permit);
+        }
     }
 
     /// The limit closest to denying: fewest units left, then longest to
@@ -157,11 +168,7 @@ impl Report {
     /// place this request holds comes back when its response ends, so its
     /// count says nothing about the pace a client should keep.
     pub(crate) fn tightest(&self) -> Option<&Applied> {
-        let rates = || {
-            self.items()
-                .iter()
-                .filter(|a| a.kind != LimitKind::Concurrency)
-        };
+        let rates = || self.items().iter().filter(|a| !a.kind.is_concurrency());
         let pool: &mut dyn Iterator<Item = &Applied> = if rates().next().is_some() {
             &mut rates()
         } else {
@@ -198,7 +205,7 @@ impl Sink for Report {
 
     #[inline]
     fn hold(&mut self, permit: Permit) {
-        self.permit = Some(permit);
+        self.set_permit(permit);
     }
 
     #[inline]
@@ -366,10 +373,13 @@ impl Tally {
         self.denied = Some(Denied::longest(self.denied, d));
     }
 
-    /// The concurrency cap denies.
+    /// A concurrency cap denies (the first of a request's caps to deny is
+    /// the one named).
     #[inline]
     pub(crate) fn deny_cap(&mut self, d: Denied) {
-        self.cap = Some(d);
+        if self.cap.is_none() {
+            self.cap = Some(d);
+        }
     }
 
     /// Whether a limit has denied: the rest are then only looked at.

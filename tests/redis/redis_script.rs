@@ -1096,6 +1096,42 @@ async fn concurrency_leases_cap_requests_in_flight_and_lapse() {
 }
 
 #[tokio::test]
+async fn two_caps_are_taken_together_or_not_at_all() {
+    let Some(mut r) = redis().await else { return };
+    // A plan's cap of 3 (key caps:p) and a model's cap of 1 (key caps:m), leases of
+    // 10 s, at one now.
+    let args = |member: &str| -> Vec<String> {
+        [
+            "a", "1", "0", "1", "0", "0", "2", "3", "10000", member, "0", "1", "10000", member, "0",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let reply = r
+        .raw(&["caps:p", "caps:m"], &args("a"))
+        .await
+        .expect("a decision");
+    assert_eq!(reply[2..], [1, 0, 0]);
+    // The model's cap is full: refused, and no place is taken under the
+    // plan's cap either.
+    for member in ["b", "c"] {
+        let reply = r
+            .raw(&["caps:p", "caps:m"], &args(member))
+            .await
+            .expect("a decision");
+        assert_eq!(reply[2..], [0, 1, 1]);
+    }
+    let card = |key: &'static str| redis::cmd("ZCARD").arg(key).clone();
+    let in_flight: (i64, i64) = redis::pipe()
+        .add_command(card("caps:p"))
+        .add_command(card("caps:m"))
+        .query_async(&mut r.conn)
+        .await
+        .expect("ZCARD");
+    assert_eq!(in_flight, (1, 1));
+}
+
+#[tokio::test]
 async fn bad_arguments_answer_an_error_reply() {
     let Some(mut r) = redis().await else { return };
     // Keys, arguments ("" written as ~) and what the error says.
@@ -1104,7 +1140,20 @@ async fn bad_arguments_answer_an_error_reply() {
         ("", "", "unknown mode"),
         ("t", "a 1 0 1 1 1000 1 0 0 0 1", "wrong number"),
         ("t", "a 1 0 1 2 1000 1 0 0", "throttle count"),
-        ("", "a 1 0 1 0 0 extra", "concurrency flag"),
+        ("", "a 1 0 1 0 0 extra", "concurrency cap count"),
+        ("", "a 1 0 1 0 0 3", "concurrency cap count"),
+        ("c c", "a 1 0 1 0 0 2 1 100 m 0", "wrong number"),
+        (
+            "c c",
+            "a 1 0 1 0 0 2 1 100 m 0 0 100 m 0",
+            "concurrency cap",
+        ),
+        ("c", "a 1 0 1 0 0 2 1 100 m 0 1 100 m 0", "wrong number"),
+        (
+            "c c",
+            "b 1 0 1 0 0 2 1 100 m 0 1 100 m 0 1 0",
+            "wrong number",
+        ),
         ("c", "a 1 0 1 0 0 1 0 100 m 0", "concurrency cap"),
         ("c", "a 1 0 1 0 0 1 2 100 m 0 x", "wrong number"),
         ("t", "a 1 0 1.5 1 1000 1 0 0 0 1 0 0", "cost"),

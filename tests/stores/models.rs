@@ -225,12 +225,98 @@ async fn a_model_token_budget_settles<B: Backend>(b: &B) {
     assert_eq!(send(&mut svc, "vb", Some("x"), 100, None).await, OK);
 }
 
+/// A request of `key` for `model` whose response is returned unread: its
+/// places under concurrency caps are held until it is dropped.
+async fn open<S>(svc: &mut S, key: &str, model: Option<&str>) -> Response
+where
+    S: tower::Service<http::Request<String>, Response = Response, Error = Infallible>,
+{
+    use tower::ServiceExt;
+    let mut req = tokens::request(key, 0, None);
+    if let Some(m) = model {
+        req.headers_mut().insert("x-model", m.parse().unwrap());
+    }
+    svc.ready().await.unwrap().call(req).await.unwrap()
+}
+
+/// The status and the denying limit of a response.
+fn answer(res: &Response) -> (u16, Option<String>) {
+    let limit = res
+        .extensions()
+        .get::<tollgate::Rejection>()
+        .and_then(|r| r.limit())
+        .map(str::to_owned);
+    (res.status().as_u16(), limit)
+}
+
+async fn a_model_concurrency_cap_holds_places_beside_the_plans<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(100.0, 100).unwrap())
+        .concurrency(3)
+        .model("big", ModelLimits::new().concurrency(1));
+    let mut svc = service(b, &clock, plan).await;
+    let big = open(&mut svc, "va", Some("big")).await;
+    assert_eq!(answer(&big), OK);
+    let policy = big.headers()["ratelimit-policy"].to_str().unwrap();
+    assert!(
+        policy.contains("\"concurrency\";q=3;qu=\"concurrent-requests\"")
+            && policy.contains("\"model-concurrency\";q=1;qu=\"concurrent-requests\""),
+        "{policy}"
+    );
+    // The model's one place is held: a second request to it is refused,
+    // and gives back the plan's place it may have taken.
+    for _ in 0..3 {
+        let res = open(&mut svc, "va", Some("big")).await;
+        assert_eq!(answer(&res), denied("model-concurrency"));
+        assert_eq!(res.headers()["retry-after"], "1");
+    }
+    settled().await;
+    // Other models take the plan's two other places, then the plan's cap
+    // is full whatever the model.
+    let small = open(&mut svc, "va", Some("small")).await;
+    assert_eq!(answer(&small), OK);
+    let none = open(&mut svc, "va", None).await;
+    assert_eq!(answer(&none), OK);
+    assert_eq!(
+        answer(&open(&mut svc, "va", Some("small")).await),
+        denied("concurrency")
+    );
+    // Counted per key: b has the model's place.
+    let b_big = open(&mut svc, "vb", Some("big")).await;
+    assert_eq!(answer(&b_big), OK);
+    // A body that ends gives back its place under the plan's cap; the one
+    // under the model's cap is still held by the first request.
+    drop(small);
+    settled().await;
+    assert_eq!(
+        answer(&open(&mut svc, "va", Some("big")).await),
+        denied("model-concurrency")
+    );
+    settled().await;
+    let small = open(&mut svc, "va", Some("small")).await;
+    assert_eq!(answer(&small), OK);
+    // The first request's body ends: both its places come back.
+    drop((big, small));
+    settled().await;
+    let big = open(&mut svc, "va", Some("big")).await;
+    assert_eq!(answer(&big), OK);
+    let small = open(&mut svc, "va", Some("small")).await;
+    assert_eq!(answer(&small), OK);
+    assert_eq!(
+        answer(&open(&mut svc, "va", Some("x")).await),
+        denied("concurrency")
+    );
+    drop((big, small, none, b_big));
+}
+
 on_each_backend!(
     "models":
     a_model_throttle_limits_one_model_while_another_passes,
     the_star_entry_holds_every_model_the_plan_does_not_name,
     a_denial_by_the_model_charges_the_plan_nothing_and_back,
     a_model_token_budget_settles,
+    a_model_concurrency_cap_holds_places_beside_the_plans,
 );
 
 /// On a Redis Cluster, where a model's state lives in its key's slot: the
@@ -245,6 +331,7 @@ async fn redis_cluster_agrees_on_models() {
     the_star_entry_holds_every_model_the_plan_does_not_name(&cluster).await;
     a_denial_by_the_model_charges_the_plan_nothing_and_back(&cluster).await;
     a_model_token_budget_settles(&cluster).await;
+    a_model_concurrency_cap_holds_places_beside_the_plans(&cluster).await;
 }
 
 /// The observer is told which model entry applied.
@@ -293,7 +380,7 @@ throttle = { rate = 10, burst = 20 }
 
 [plans.models]
 "big-model" = { throttle = { rate = 0.5, burst = 2 }, tokens = { per_minute = 10000 } }
-"small" = { quota = { limit = 100, period = "DAY" } }
+"small" = { quota = { limit = 100, period = "DAY" }, concurrency = 3 }
 "*" = { tokens = { per_minute = 40000, per_day = 1000000 } }
 "#;
 
@@ -306,7 +393,9 @@ throttle = { rate = 10, burst = 20 }
         let big = ModelLimits::new()
             .throttle(Throttle::new(0.5, 2).unwrap())
             .tokens(TokenBudget::new().per_minute(10_000).unwrap());
-        let small = ModelLimits::new().quota(Quota::new(100, Period::Day).unwrap());
+        let small = ModelLimits::new()
+            .quota(Quota::new(100, Period::Day).unwrap())
+            .concurrency(3);
         let other = ModelLimits::new().tokens(
             TokenBudget::new()
                 .per_minute(40_000)
@@ -344,6 +433,16 @@ throttle = { rate = 10, burst = 20 }
                 "plans[0].models.\"small\".quota.limit",
             ),
             (PLAN.replace("\"small\"", "\"\""), 8, "plans[0].models.\"\""),
+            (
+                PLAN.replace("concurrency = 3", "concurrency = 0"),
+                8,
+                "plans[0].models.\"small\".concurrency",
+            ),
+            (
+                PLAN.replace("concurrency = 3", "concurrency = 5000000000"),
+                8,
+                "plans[0].models.\"small\".concurrency",
+            ),
             (
                 PLAN.replace("quota = {", "qouta = {"),
                 8,

@@ -144,16 +144,16 @@ impl MemoryStore {
         let table = &self.inner.table;
         // The TAT each throttle was charged to, for exact refunds.
         let mut charged = [None; MAX_THROTTLES];
-        // A place under the concurrency cap is taken first, and given back
-        // if another limit denies. A peek, or a decision whose caller will
-        // not give a place back (`check`), only looks: a full cap denies it,
-        // a free one is reported with its free places.
-        // Its denial is weighed last, as every store weighs it.
-        let mut permit = None;
+        // A place under each concurrency cap (the plan's, the model's) is
+        // taken first, and given back if another limit denies. A peek, or a
+        // decision whose caller will not give a place back (`check`), only
+        // looks: a full cap denies it, a free one is reported with its free
+        // places. Its denial is weighed last, as every store weighs it.
+        let mut permits = [None; 2];
         let mut tally = Tally::default();
-        if let Some(c) = req.concurrency.as_ref() {
+        for (c, held) in req.caps().zip(&mut permits) {
             let slot = SlotKey::new(c.digest, c.salt);
-            if R::HOLDS && cost > 0 {
+            if R::HOLDS && cost > 0 && !tally.is_denied() {
                 let taken = table.update(slot, now, |v| {
                     let n = in_flight(v);
                     if cap_has_room(n, c.limit, c.shadow) {
@@ -164,7 +164,7 @@ impl MemoryStore {
                 });
                 match taken {
                     Ok(Ok(n)) => {
-                        permit = Some((Some(Permit::new(c.digest.0, c.salt)), c.applied(n)));
+                        *held = Some((Some(Permit::new(c.digest.0, c.salt)), c.applied(n)));
                     }
                     Ok(Err(n)) => tally.deny_cap(Denied::concurrency(c.applied(n))),
                     Err(retry_after) => {
@@ -179,7 +179,7 @@ impl MemoryStore {
                 if !cap_has_room(n, c.limit, c.shadow) {
                     tally.deny_cap(Denied::concurrency(c.applied(n)));
                 } else {
-                    permit = Some((None, c.applied(n + u64::from(cost > 0))));
+                    *held = Some((None, c.applied(n + u64::from(cost > 0))));
                 }
             }
         }
@@ -271,19 +271,22 @@ impl MemoryStore {
                 }
             }
         }
-        match (tally.verdict(), permit) {
-            (None, None) => Ok(()),
-            (None, Some((permit, item))) => {
-                report.push(|| item);
-                if let Some(permit) = permit {
-                    report.hold(permit);
+        match tally.verdict() {
+            None => {
+                for (permit, item) in permits.into_iter().flatten() {
+                    report.push(|| item);
+                    if let Some(permit) = permit {
+                        report.hold(permit);
+                    }
                 }
                 Ok(())
             }
-            (Some(d), permit) => {
+            Some(d) => {
                 self.refund(req, &charged, now);
-                if let Some((Some(permit), _)) = permit {
-                    self.leave(permit, now);
+                for (permit, _) in permits.into_iter().flatten() {
+                    if let Some(permit) = permit {
+                        self.leave(permit, now);
+                    }
                 }
                 Err(d)
             }

@@ -131,18 +131,27 @@ impl Inner {
             self.observe(s, ns);
         }
         if retried && call.args.first().is_some_and(|m| m == "a") && reply.get(2) == Some(&0) {
-            // The lease of a decision ("a"): the cap's key is the last key,
-            // and its arguments follow the throttles' (6 each) and quotas' (9
-            // each) as "1", cap, lease_ms, member, shadow.
+            // The leases of a decision ("a"): the caps' keys are the last
+            // keys, and their arguments follow the throttles' (6 each) and
+            // quotas' (9 each) as c, then c times (cap, lease_ms, member,
+            // shadow).
             let a = &call.args;
-            let n: Option<usize> = a.get(4).and_then(|n| n.parse().ok());
-            let cap = n.and_then(|n| {
+            let leases = || -> Option<Vec<(String, String)>> {
+                let n: usize = a.get(4)?.parse().ok()?;
                 let m: usize = a.get(5 + 6 * n)?.parse().ok()?;
                 let at = 5 + 6 * n + 1 + 9 * m;
-                (a.get(at)? == "1").then_some(())?;
-                Some((call.keys.last()?.clone(), a.get(at + 3)?.clone()))
-            });
-            if let Some((key, member)) = cap {
+                let c: usize = a.get(at)?.parse().ok()?;
+                let first = call.keys.len().checked_sub(c)?;
+                (0..c)
+                    .map(|i| {
+                        Some((
+                            call.keys.get(first + i)?.clone(),
+                            a.get(at + 3 + 4 * i)?.clone(),
+                        ))
+                    })
+                    .collect()
+            };
+            for (key, member) in leases().unwrap_or_default() {
                 self.remove_lease(key, member);
             }
         }
@@ -193,12 +202,14 @@ pub(super) struct Part {
     pub(super) tokens: u32,
     pub(super) throttles: Vec<Throttle>,
     pub(super) quotas: Vec<Quota>,
-    pub(super) cap: Option<Cap>,
+    /// Its concurrency caps: the plan's, the model's.
+    pub(super) caps: Vec<Cap>,
 }
 
 /// A concurrency cap as a decision needs it after the call.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Cap {
+    pub(super) kind: LimitKind,
     pub(super) limit: u32,
     pub(super) shadow: bool,
     /// The permit a request let in holds.
@@ -210,7 +221,7 @@ pub(super) struct Cap {
 impl Part {
     /// Whether the part has no limit to decide.
     pub(super) fn is_empty(&self) -> bool {
-        self.throttles.is_empty() && self.quotas.is_empty() && self.cap.is_none()
+        self.throttles.is_empty() && self.quotas.is_empty() && self.caps.is_empty()
     }
 
     pub(super) fn new(now: &Now, cost: u32) -> Self {
@@ -222,7 +233,7 @@ impl Part {
             tokens: 0,
             throttles: Vec::new(),
             quotas: Vec::new(),
-            cap: None,
+            caps: Vec::new(),
         }
     }
 
@@ -264,18 +275,27 @@ impl Part {
 
     pub(super) fn push_cap(&mut self, inner: &Inner, c: &ConcurrencyRef<'_>) {
         let place = inner.scope(Some(c.plan), c.subject);
-        self.call.keys.push(inner.cap_key(place));
-        let id = inner.members.fetch_add(1, Ordering::Relaxed);
-        self.cap = Some(Cap {
+        // The plan's cap keeps the key it always had; a model's is named by
+        // its id beside it, in the same slot.
+        let cap = if c.kind == LimitKind::Concurrency {
+            0
+        } else {
+            c.salt
+        };
+        let permit =
+            Permit::new(place, inner.members.fetch_add(1, Ordering::Relaxed)).with_cap(cap);
+        self.call.keys.push(inner.cap_key(&permit));
+        self.caps.push(Cap {
+            kind: c.kind,
             limit: c.limit,
             shadow: c.shadow,
-            permit: Permit::new(place, id),
+            permit,
             salt: c.salt,
             digest: c.digest,
         });
     }
 
-    /// The arguments after the cost: throttles, the quotas, the cap.
+    /// The arguments after the cost: throttles, the quotas, the caps.
     pub(super) fn finish(&mut self, lease: Duration) {
         let call = &mut self.call;
         call.arg(self.throttles.len());
@@ -292,15 +312,12 @@ impl Part {
         for q in &self.quotas {
             call.args.extend(q.args.iter().cloned());
         }
-        match self.cap {
-            Some(c) => {
-                call.arg(1);
-                call.arg(c.limit);
-                call.arg(lease.as_millis().max(1));
-                call.arg(format_args!("{:016x}", c.permit.id));
-                call.arg(u8::from(c.shadow));
-            }
-            None => call.arg(0),
+        call.arg(self.caps.len());
+        for c in &self.caps {
+            call.arg(c.limit);
+            call.arg(lease.as_millis().max(1));
+            call.arg(format_args!("{:016x}", c.permit.id));
+            call.arg(u8::from(c.shadow));
         }
     }
 
@@ -319,6 +336,7 @@ impl Part {
         let (now_s, now_ns, allowed) = (head[0], head[1], head[2] == 1);
         let mut report = Report::default();
         let mut tally = Tally::default();
+        let mut caps = Vec::new();
         let mut charged = Charged {
             now_s,
             now_ns,
@@ -392,12 +410,12 @@ impl Part {
                 }
             }
         }
-        if let Some(c) = self.cap {
-            let at = 3 + n + 4 * self.quotas.len();
-            let in_flight = *reply.get(at).ok_or_else(bad)?;
+        let at = 3 + n + 4 * self.quotas.len();
+        for (i, c) in self.caps.iter().enumerate() {
+            let in_flight = *reply.get(at + i).ok_or_else(bad)?;
             let in_flight = u64::try_from(in_flight).map_err(|_| bad())?;
             let item = |n: u64| Applied {
-                kind: LimitKind::Concurrency,
+                kind: c.kind,
                 quota: u64::from(c.limit),
                 window_secs: 0,
                 remaining: u64::from(c.limit).saturating_sub(n),
@@ -406,11 +424,20 @@ impl Part {
             if !cap_has_room(in_flight, c.limit, c.shadow) {
                 tally.deny_cap(Denied::concurrency(item(in_flight)));
             } else if cost > 0 {
-                report.push(item(in_flight + 1));
-                report.set_permit(c.permit);
+                caps.push((item(in_flight + 1), Some(c.permit)));
             } else {
                 // A peek takes no place: the report shows the free ones.
-                report.push(item(in_flight));
+                caps.push((item(in_flight), None));
+            }
+        }
+        // A request let in holds a place under every cap; one denied holds
+        // none (Redis added none).
+        if !tally.is_denied() {
+            for (item, permit) in caps {
+                report.push(item);
+                if let Some(p) = permit {
+                    report.set_permit(p);
+                }
             }
         }
         match (allowed, tally.verdict()) {

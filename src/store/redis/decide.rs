@@ -82,7 +82,7 @@ impl Store for RedisStore {
         let inner = &self.inner;
         if request.throttles().next().is_none()
             && request.quotas().next().is_none()
-            && request.concurrency.is_none()
+            && !request.has_caps()
         {
             // Nothing to decide: no round trip.
             return Acquired::Ready(Ok(Ok(Report::default())));
@@ -122,7 +122,7 @@ impl Store for RedisStore {
         // A unit of a share answers at once, before the call is even built.
         let shares = !split
             && cost > 0
-            && request.concurrency.is_none()
+            && !request.has_caps()
             && tokio::runtime::Handle::try_current().is_ok();
         let take = match id {
             Some(id) if shares => match inner.next(id, false) {
@@ -156,7 +156,7 @@ impl Store for RedisStore {
                 own.push_quota(inner, q, cost);
             }
         }
-        if let Some(c) = &request.concurrency {
+        for c in request.caps() {
             own.push_cap(inner, c);
         }
         stage.finish(inner.lease);
@@ -198,7 +198,7 @@ impl Store for RedisStore {
             // A place Redis may have added is removed unless a response
             // holds it: the request's future dropped, the timeout, a lost
             // connection, a reply that makes no sense.
-            let mut lease = own.cap.map(|c| Lease::new(&inner, c.permit));
+            let mut lease = Lease::new(&inner, own.caps.iter().map(|c| c.permit));
             let work = async {
                 if split {
                     decide_split(&inner, &[&stage, &account, &own], cost).await
@@ -211,9 +211,7 @@ impl Store for RedisStore {
             drop(ticket);
             match result {
                 Ok(verdict) => {
-                    if let Some(lease) = &mut lease {
-                        lease.keep();
-                    }
+                    lease.keep();
                     let parts = [&stage, &account, &own];
                     match &verdict {
                         Ok(report) => inner.local.mirror(&parts, report),
@@ -374,7 +372,7 @@ async fn decide_split(
                 for item in report.items() {
                     all.push(*item);
                 }
-                if let Some(permit) = report.permit() {
+                for permit in report.permits() {
                     all.set_permit(permit);
                 }
                 let r = report.reserved;
@@ -501,7 +499,7 @@ impl Inner {
     /// Removes a place under a concurrency cap, in the background (never
     /// waited for: a lease that cannot be removed lapses by itself).
     pub(super) fn remove_place(self: &Arc<Self>, permit: Permit) {
-        let key = self.cap_key(permit.place);
+        let key = self.cap_key(&permit);
         let member = format!("{:016x}", permit.id);
         self.remove_lease(key, member);
     }

@@ -31,36 +31,40 @@ impl Drop for Ticket {
     }
 }
 
-/// The place a call may add under a concurrency cap. Unless
+/// The places a call may add under concurrency caps. Unless
 /// [`kept`](Lease::keep) (the answer reached the request: its response
-/// holds the place, or Redis denied and added none), it is removed when
-/// dropped, by an idempotent `ZREM` sent in the background: the request's
-/// future was dropped before Redis answered, the timeout fired after the
-/// script ran, or the connection failed mid-call. On one connection the
-/// removal reaches Redis after the call, so it also removes a place the
-/// call adds later.
+/// holds the places, or Redis denied and added none), they are removed when
+/// dropped, by an idempotent `ZREM` each, sent in the background: the
+/// request's future was dropped before Redis answered, the timeout fired
+/// after the script ran, or the connection failed mid-call. On one
+/// connection the removal reaches Redis after the call, so it also removes
+/// a place the call adds later.
 pub(super) struct Lease {
     inner: Arc<Inner>,
-    permit: Option<Permit>,
+    permits: [Option<Permit>; 2],
 }
 
 impl Lease {
-    pub(super) fn new(inner: &Arc<Inner>, permit: Permit) -> Self {
+    pub(super) fn new(inner: &Arc<Inner>, permits: impl Iterator<Item = Permit>) -> Self {
+        let mut held = [None; 2];
+        for (slot, p) in held.iter_mut().zip(permits) {
+            *slot = Some(p);
+        }
         Lease {
             inner: Arc::clone(inner),
-            permit: Some(permit),
+            permits: held,
         }
     }
 
     /// The answer reached the request: nothing to remove.
     pub(super) fn keep(&mut self) {
-        self.permit = None;
+        self.permits = [None; 2];
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(permit) = self.permit.take() {
+        for permit in self.permits.iter_mut().filter_map(Option::take) {
             self.inner.remove_place(permit);
         }
     }

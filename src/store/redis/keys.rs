@@ -4,7 +4,7 @@
 //! `{prefix}:{<tag>}:q` (a quota window's count), `{prefix}:{<tag>}:h`
 //! (daily usage history; a token budget's count and history add
 //! `:<budget name>`, a model's quotas `:<quota name>:<limit id>`) and `{prefix}:{<tag>}:c` (the leases of requests in
-//! flight under a concurrency cap), where the tag is a 128-bit hash of the
+//! flight under a plan's concurrency cap; a model's adds `:<limit id>`), where the tag is a 128-bit hash of the
 //! plan and the subject (a key's public id, a client IP, a per-key key), of
 //! `stage` for the limits every caller shares, or of `a\0<name>` for an
 //! account's limits, which all its keys share (no plan or key hashes to
@@ -20,7 +20,7 @@ use std::fmt::Write as _;
 use super::builder::NamingKey;
 use super::store::Inner;
 use crate::hash;
-use crate::store::{QuotaRef, ThrottleRef};
+use crate::store::{Permit, QuotaRef, ThrottleRef};
 
 impl Inner {
     /// The hash tag of a (plan, subject): every key of it lands in one slot.
@@ -50,9 +50,14 @@ impl Inner {
         }
     }
 
-    /// The sorted set of leases of a (plan, subject)'s requests in flight.
-    pub(super) fn cap_key(&self, place: u128) -> String {
-        format!("{}:{{{place:032x}}}:c", self.prefix)
+    /// The sorted set of leases of a (plan, subject)'s requests in flight
+    /// under the plan's cap, or under a model's (named by its id).
+    pub(super) fn cap_key(&self, permit: &Permit) -> String {
+        let place = permit.place;
+        match permit.cap {
+            0 => format!("{}:{{{place:032x}}}:c", self.prefix),
+            cap => format!("{}:{{{place:032x}}}:c:{cap:016x}", self.prefix),
+        }
     }
 
     /// The count and history keys of a quota (a token budget's carry its name).

@@ -53,9 +53,11 @@ impl Local {
         let mut report = Report::default();
         let verdict = with_acquire(parts, failure, true, |a| self.store.decide(a, &mut report))
             .map(|()| report);
-        if let Some(permit) = verdict.as_ref().ok().and_then(Report::permit) {
-            *self.held.lock().entry(permit).or_default() += 1;
-            self.count.fetch_add(1, Ordering::AcqRel);
+        if let Ok(report) = &verdict {
+            for permit in report.permits() {
+                *self.held.lock().entry(permit).or_default() += 1;
+                self.count.fetch_add(1, Ordering::AcqRel);
+            }
         }
         verdict
     }
@@ -135,7 +137,7 @@ impl Inner {
 }
 
 /// The request whose limits are `parts`, as the memory store takes it
-/// (with its concurrency cap when `cap`), handed to `run`.
+/// (with its concurrency caps when `cap`), handed to `run`.
 fn with_acquire<T>(
     parts: &[&Part],
     failure: FailureMode,
@@ -169,15 +171,20 @@ fn with_acquire<T>(
             _ => acquire.quota = Some(r),
         }
     }
-    if let (true, Some(c)) = (cap, parts.iter().find_map(|p| p.cap)) {
-        acquire.concurrency = Some(ConcurrencyRef {
+    for c in parts.iter().flat_map(|p| &p.caps).filter(|_| cap) {
+        let r = ConcurrencyRef {
+            kind: c.kind,
             limit: c.limit,
             salt: c.salt,
             plan: "",
             subject: b"",
             digest: c.digest,
             shadow: c.shadow,
-        });
+        };
+        match c.kind {
+            LimitKind::ModelConcurrency => acquire.model_concurrency = Some(r),
+            _ => acquire.concurrency = Some(r),
+        }
     }
     run(&acquire)
 }

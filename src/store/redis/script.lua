@@ -41,21 +41,22 @@
 --   charged; otherwise every throttle that allows is charged (a shadow
 --   throttle that would deny is not) and the quota is (a shadow quota past
 --   its limit too).
---   Then "0", or "1", cap, lease_ms, member, shadow for a concurrency cap:
---   KEYS ends with c, a sorted set of the leases of requests in flight
---   (member, expiry in ms); a request let in adds its lease, which its
---   caller removes (ZREM) when the response ends, and which lapses after
---   lease_ms if the caller never does.
+--   Then c (0..2) concurrency caps (a plan's, a model's), c times (cap,
+--   lease_ms, member, shadow): KEYS ends with c_1..c_c, each a sorted set
+--   of the leases of requests in flight (member, expiry in ms); a request
+--   let in adds its lease to each, which its caller removes (ZREM) when the
+--   response ends, and which lapses after lease_ms if the caller never
+--   does.
 --   Reply: now_s, now_ns, allowed (1|0), before_1..before_n (ns the TAT was
 --   ahead of now, after conversion), then per quota: window start day,
 --   window end day, the window's limit, the count before this request; then
---   with a cap: the requests in flight before this one.
+--   per cap: the requests in flight before this one.
 --
 -- "p" peek: as "a", with the same reply, but nothing is charged (a
 --   conversion is still stored). It tells which limits would deny.
 --
 -- "b" acquire and borrow: as "a" without a concurrency cap, with two more
---   ARGV after the "0" of the cap: want, lend. When the request is allowed,
+--   ARGV after the "0" of the caps: want, lend. When the request is allowed,
 --   g more units of it are charged with it, to every limit: as many as fit
 --   of `want` (requests waiting for them now), plus at most `lend` more and
 --   at most a quarter of what would still fit after those (a share to
@@ -376,11 +377,11 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
     if #argv < ci then
       error({ tollgate = 'wrong number of arguments' })
     end
-    local has_cap = int(argv[ci], 0, 1, 'concurrency flag') == 1
-    local nkeys = n + 2 * m + (has_cap and 1 or 0)
+    local caps = int(argv[ci], 0, 2, 'concurrency cap count')
+    local nkeys = n + 2 * m + caps
     local grant = argv[1] == 'b'
-    local extra = (has_cap and 4 or 0) + (grant and 2 or 0)
-    if #argv ~= ci + extra or #keys ~= nkeys or (grant and has_cap) then
+    local extra = 4 * caps + (grant and 2 or 0)
+    if #argv ~= ci + extra or #keys ~= nkeys or (grant and caps > 0) then
       error({ tollgate = 'wrong number of arguments' })
     end
     local want, lend = 0, 0
@@ -453,16 +454,20 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
       end
       qs[i] = { w, used, stop, today, days, cost_q, limit_in }
     end
-    local lease_ms, now_ms
-    if has_cap then
-      local cap = int(argv[ci + 1], 1, 2 ^ 53 - 1, 'concurrency cap')
-      lease_ms = int(argv[ci + 2], 1, 2 ^ 53 - 1, 'lease')
-      local shadow = int(argv[ci + 4], 0, 1, 'concurrency shadow flag') == 1
+    local now_ms
+    if caps > 0 then
       -- Leases of requests in flight; one past its time was held by an
       -- instance that died or lost track of it.
       now_ms = now_s * 1000 + (now_ns - now_ns % 1000000) / 1000000
-      redis.call('ZREMRANGEBYSCORE', keys[nkeys], '-inf', string.format('%d', now_ms))
-      local in_flight = redis.call('ZCARD', keys[nkeys])
+    end
+    for i = 1, caps do
+      local j = ci + 4 * (i - 1)
+      local cap = int(argv[j + 1], 1, 2 ^ 53 - 1, 'concurrency cap')
+      int(argv[j + 2], 1, 2 ^ 53 - 1, 'lease')
+      local shadow = int(argv[j + 4], 0, 1, 'concurrency shadow flag') == 1
+      local key = keys[n + 2 * m + i]
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', now_ms))
+      local in_flight = redis.call('ZCARD', key)
       k = k + 1
       reply[k] = in_flight
       if in_flight >= cap and not shadow then
@@ -509,9 +514,13 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
         end
       end
     end
-    if charging and has_cap and cost > 0 then
-      redis.call('ZADD', keys[nkeys], string.format('%d', now_ms + lease_ms), argv[ci + 3])
-      redis.call('PEXPIRE', keys[nkeys], argv[ci + 2]) -- lease_ms as written
+    if charging and cost > 0 then
+      for i = 1, caps do
+        local j = ci + 4 * (i - 1)
+        local key = keys[n + 2 * m + i]
+        redis.call('ZADD', key, string.format('%d', now_ms + int(argv[j + 2], 1, 2 ^ 53 - 1, 'lease')), argv[j + 3])
+        redis.call('PEXPIRE', key, argv[j + 2]) -- lease_ms as written
+      end
     end
     for i = 1, n do
       local ahead = charging and plans[3 * i - 1] or plans[3 * i]
