@@ -20,8 +20,8 @@
 //! OpenAI's rule of thumb for English.
 //!
 //! The body's `model` is kept in the [`Estimate`]. A body that is not JSON,
-//! is cut short, or has neither a `prompt` nor `messages` is answered 400,
-//! charging nothing. A GET, or a request without a JSON body, is estimated
+//! is cut short, names no `model` (as OpenAI's API, which requires it), or
+//! has neither a `prompt` nor `messages` is answered 400, charging nothing. A GET, or a request without a JSON body, is estimated
 //! from its head as [`ExtensionEstimate`] does.
 //!
 //! ```
@@ -169,6 +169,11 @@ impl OpenAiEstimator {
                 ));
             }
         }
+        if req.model.is_none() {
+            return Err(BodyError::new(
+                "the request body names no `model`: every completion and chat request names the model it is for",
+            ));
+        }
         let max = req
             .max_completion_tokens
             .or(req.max_tokens)
@@ -296,11 +301,16 @@ struct Part {
 mod tests {
     use super::*;
 
+    /// The estimate of `body` with `"model":"m"` added first.
     fn tokens(body: &str) -> u32 {
         OpenAiEstimator::new()
-            .estimate_json(body.as_bytes())
+            .estimate_json(with_model(body).as_bytes())
             .unwrap()
             .tokens
+    }
+
+    fn with_model(body: &str) -> String {
+        body.replacen('{', r#"{"model":"m","#, 1)
     }
 
     #[test]
@@ -346,7 +356,7 @@ mod tests {
         let body = r#"{"messages":[{"content":"abc"},{"content":"déf"}],"max_tokens":0}"#;
         assert_eq!(tokens(body), 2);
         let words = OpenAiEstimator::new().count_tokens(|s| s.split_whitespace().count() as u32);
-        let body = r#"{"prompt":["one two","three"],"max_tokens":0}"#;
+        let body = with_model(r#"{"prompt":["one two","three"],"max_tokens":0}"#);
         assert_eq!(words.estimate_json(body.as_bytes()).unwrap().tokens, 3);
     }
 
@@ -369,7 +379,10 @@ mod tests {
             br#"{"model":"m"}"#,
             br#"[1,2]"#,
             br#"{"prompt":{"a":1}}"#,
-            br#"{"messages":"hi"}"#,
+            br#"{"model":"m","messages":"hi"}"#,
+            br#"{"prompt":"abc","max_tokens":5}"#,
+            br#"{"model":null,"prompt":"abc"}"#,
+            br#"{"model":7,"prompt":"abc"}"#,
             b"\xff\xfe",
         ] {
             let err = e.estimate_json(body).unwrap_err();
@@ -380,6 +393,12 @@ mod tests {
                 .unwrap_err()
                 .message()
                 .contains("neither")
+        );
+        assert!(
+            e.estimate_json(br#"{"prompt":"abc"}"#)
+                .unwrap_err()
+                .message()
+                .contains("`model`")
         );
     }
 }

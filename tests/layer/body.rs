@@ -192,7 +192,7 @@ async fn bytes_that_are_not_utf8_are_handed_on_unchanged() {
 
 /// A request that costs `tokens` passes, to show the budget was untouched.
 async fn budget_is_whole(layer: &RateLimitLayer, tokens: u32) {
-    let body = format!(r#"{{"prompt":"","max_tokens":{tokens}}}"#);
+    let body = format!(r#"{{"model":"m","prompt":"","max_tokens":{tokens}}}"#);
     let res = echo(layer)
         .oneshot(post(Some(KEY), Full::new(Bytes::from(body))))
         .await
@@ -253,6 +253,7 @@ async fn a_body_the_estimator_cannot_read_is_400_and_costs_nothing() {
         &b"not json"[..],
         br#"{"prompt":"cut sh"#,
         br#"{"model":"m"}"#,
+        br#"{"prompt":"no model","max_tokens":1}"#,
     ] {
         let res = echo(&layer)
             .oneshot(post(Some(KEY), Full::new(Bytes::from_static(body))))
@@ -271,7 +272,7 @@ async fn a_body_the_estimator_cannot_read_is_400_and_costs_nothing() {
 async fn the_estimate_from_the_body_is_charged() {
     let layer = layer(Some(100));
     // 2 prompt tokens + 30 * n=2: 62 of 100.
-    let body = r#"{"prompt":"abcdefgh","max_completion_tokens":30,"n":2}"#;
+    let body = r#"{"model":"m","prompt":"abcdefgh","max_completion_tokens":30,"n":2}"#;
     let call = || post(Some(KEY), Full::new(Bytes::from_static(body.as_bytes())));
     let res = echo(&layer).oneshot(call()).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
