@@ -85,6 +85,7 @@
 //! | `redis` | no | `RedisStore`: limits shared by every instance through Redis or Redis Cluster, one round trip per decision |
 //! | `redis-tls` | no | `redis`, and TLS to Redis and Redis Cluster (`rediss://` URLs) through redis-rs's rustls support |
 //! | `openai` | no | `tollgate::openai::OpenAiEstimator`: token estimates read from OpenAI-style JSON bodies, once the key is checked |
+//! | `tiktoken` | no | `openai`, and `tollgate::openai::Tokenizer`: prompts counted with OpenAI's BPE (`cl100k_base`, `o200k_base`) through `tiktoken-rs` |
 //! | `metrics` | no | `observe::MetricsObserver`: a `tollgate_decisions_total` counter through the `metrics` facade |
 //!
 //! With `redis-tls`, rustls needs a crypto provider (without one it panics

@@ -15,9 +15,13 @@
 //!   OpenAI's completions default), times `n` (default 1), times the number
 //!   of prompts of a completion given several.
 //!
-//! Text is counted by [`count_tokens`](OpenAiEstimator::count_tokens): by
-//! default `ceil(chars / 4)` of all the prompt's characters together,
-//! OpenAI's rule of thumb for English.
+//! Text is counted by default as `ceil(chars / 4)` of all the prompt's
+//! characters together, OpenAI's rule of thumb for English; with the
+//! `tiktoken` feature, [`tokenizer`](OpenAiEstimator::tokenizer) counts it
+//! with OpenAI's own BPE instead (`Tokenizer`), and
+//! [`count_tokens`](OpenAiEstimator::count_tokens) takes any function. Only
+//! the texts are counted: not the few tokens a chat's format adds around
+//! each message.
 //!
 //! The body's `model` is kept in the [`Estimate`]. A body that is not JSON,
 //! is cut short, names no `model` (as OpenAI's API, which requires it), or
@@ -66,6 +70,8 @@ use std::sync::Arc;
 
 use http::Method;
 use serde::Deserialize;
+#[cfg(feature = "tiktoken")]
+use tiktoken_rs::CoreBPE;
 
 use crate::cost::{BodyError, CostEstimator, Estimate, ExtensionEstimate};
 use crate::extract::RequestView;
@@ -89,6 +95,9 @@ enum Counter {
     QuarterChars,
     /// A function called once per text, the results added.
     Custom(Arc<dyn Fn(&str) -> u32 + Send + Sync>),
+    /// A BPE, loaded once per process, counting each text.
+    #[cfg(feature = "tiktoken")]
+    Bpe(Tokenizer, &'static CoreBPE),
 }
 
 impl OpenAiEstimator {
@@ -105,9 +114,57 @@ impl OpenAiEstimator {
     /// Counts the tokens of each text of the prompt with `count` (a
     /// tokenizer's, say), adding the results: each message's content, each
     /// text part, each prompt string.
+    ///
+    /// Replaces the counter set before, [`tokenizer`](Self::tokenizer)'s
+    /// too.
     #[must_use]
     pub fn count_tokens(mut self, count: impl Fn(&str) -> u32 + Send + Sync + 'static) -> Self {
         self.counter = Counter::Custom(Arc::new(count));
+        self
+    }
+
+    /// Counts the tokens of each text of the prompt with `tokenizer`, OpenAI's
+    /// BPE, adding the results (feature `tiktoken`). Text is encoded as
+    /// ordinary text: a special token's spelling in a prompt, such as
+    /// `<|endoftext|>`, counts as the tokens of its characters.
+    ///
+    /// The tokenizer's ranks are loaded here, once per process, and shared by
+    /// every estimator (and clone) that uses them; a request never waits for
+    /// them. Loading takes time and memory, so build the estimator at startup:
+    /// about 30–60 ms and 25 MB for [`Tokenizer::Cl100kBase`], 80–130 ms and
+    /// 45 MB for [`Tokenizer::O200kBase`] in a release build (some 5 times
+    /// longer in a debug build).
+    ///
+    /// Counting runs on the request's task and costs far more than
+    /// `ceil(chars / 4)`: in a release build, some 25–45 µs for a chat body of
+    /// 1 KB and 0.6–1 ms for 16 KB (against 1 µs and 15–20 µs), and about
+    /// 0.1 s for 1 MiB, the layer's default
+    /// [`max_body_bytes`](crate::RateLimitLayerBuilder::max_body_bytes). Bound
+    /// the body to what the models accept (the figures are the repository's
+    /// `BENCHMARKS.md`).
+    ///
+    /// Replaces the counter set before, [`count_tokens`](Self::count_tokens)'s
+    /// too.
+    ///
+    /// ```
+    /// use tollgate::openai::{OpenAiEstimator, Tokenizer};
+    ///
+    /// let estimator = OpenAiEstimator::new().tokenizer(Tokenizer::O200kBase);
+    /// let body = r#"{"model":"gpt-4o","messages":[
+    ///     {"role":"system","content":"You are terse."},
+    ///     {"role":"user","content":"Grüße aus Köln, naïve café"}
+    /// ],"max_tokens":50}"#;
+    /// // 4 tokens and 9, where ceil(chars / 4) would say ceil(40 / 4) = 10.
+    /// let estimate = estimator.estimate_json(body.as_bytes())?;
+    /// assert_eq!(estimate.tokens, 4 + 9 + 50);
+    /// assert_eq!(estimate.model.as_deref(), Some("gpt-4o"));
+    /// # Ok::<(), tollgate::cost::BodyError>(())
+    /// ```
+    #[cfg(feature = "tiktoken")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tiktoken")))]
+    #[must_use]
+    pub fn tokenizer(mut self, tokenizer: Tokenizer) -> Self {
+        self.counter = Counter::Bpe(tokenizer, tokenizer.bpe());
         self
     }
 
@@ -199,6 +256,8 @@ impl fmt::Debug for OpenAiEstimator {
         let counter = match self.counter {
             Counter::QuarterChars => "ceil(chars / 4)",
             Counter::Custom(_) => "custom",
+            #[cfg(feature = "tiktoken")]
+            Counter::Bpe(tokenizer, _) => tokenizer.name(),
         };
         f.debug_struct("OpenAiEstimator")
             .field("counter", &counter)
@@ -245,6 +304,8 @@ impl<'c> Tally<'c> {
         match self.counter {
             Counter::QuarterChars => self.chars += text.chars().count() as u64,
             Counter::Custom(count) => self.tokens(u64::from(count(text))),
+            #[cfg(feature = "tiktoken")]
+            Counter::Bpe(_, bpe) => self.tokens(count_bpe(bpe, text, CHUNK)),
         }
     }
 
@@ -255,6 +316,101 @@ impl<'c> Tally<'c> {
     fn total(&self) -> u64 {
         self.tokens.saturating_add(self.chars.div_ceil(4))
     }
+}
+
+/// One of OpenAI's BPE tokenizers, whose ranks `tiktoken-rs` builds into the
+/// program (feature `tiktoken`; no file or network is read): for
+/// [`OpenAiEstimator::tokenizer`].
+///
+/// ```
+/// use tollgate::openai::Tokenizer;
+///
+/// assert_eq!(Tokenizer::Cl100kBase.count("hello world"), 2);
+/// assert_eq!(Tokenizer::O200kBase.count("tiktoken is great!"), 6);
+/// assert_eq!(Tokenizer::O200kBase.name(), "o200k_base");
+/// ```
+#[cfg(feature = "tiktoken")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tiktoken")))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Tokenizer {
+    /// `cl100k_base`: GPT-4, GPT-3.5 Turbo, `text-embedding-3-*`.
+    Cl100kBase,
+    /// `o200k_base`: GPT-4o, GPT-4.1, GPT-5 and the `o` series (o1, o3, o4).
+    O200kBase,
+}
+
+#[cfg(feature = "tiktoken")]
+impl Tokenizer {
+    /// The encoding's name, as OpenAI's `tiktoken` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tokenizer::Cl100kBase => "cl100k_base",
+            Tokenizer::O200kBase => "o200k_base",
+        }
+    }
+
+    /// The tokens of `text` as ordinary text: a special token's spelling
+    /// counts as the tokens of its characters, as in
+    /// [`OpenAiEstimator::tokenizer`]. The first call in a process loads the
+    /// ranks (see there).
+    pub fn count(self, text: &str) -> u64 {
+        count_bpe(self.bpe(), text, CHUNK)
+    }
+
+    /// The BPE, loaded on the first call in the process.
+    fn bpe(self) -> &'static CoreBPE {
+        match self {
+            Tokenizer::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
+            Tokenizer::O200kBase => tiktoken_rs::o200k_base_singleton(),
+        }
+    }
+}
+
+/// The most bytes of text encoded at once. The BPE's split pattern runs a
+/// backtracking regex that fails (and `tiktoken-rs` panics) on a run of some
+/// million whitespace characters, which a body within the default
+/// `max_body_bytes` can hold; long texts are therefore encoded in pieces.
+#[cfg(feature = "tiktoken")]
+const CHUNK: usize = 8 * 1024;
+
+/// The tokens of `text` as ordinary text, encoded in pieces of at most
+/// `chunk` bytes (at least 4) cut by [`cut`].
+#[cfg(feature = "tiktoken")]
+fn count_bpe(bpe: &CoreBPE, text: &str, chunk: usize) -> u64 {
+    let mut rest = text;
+    let mut tokens = 0u64;
+    while rest.len() > chunk {
+        let at = cut(rest, chunk);
+        tokens += bpe.encode_ordinary(&rest[..at]).len() as u64;
+        rest = &rest[at..];
+    }
+    tokens + bpe.encode_ordinary(rest).len() as u64
+}
+
+/// Where to cut `text`, longer than `max` bytes (at least 4), at most `max`
+/// bytes in: before the last space that follows a character other than
+/// whitespace. Both encodings' split patterns always end a piece there (no
+/// piece runs from a character other than whitespace into a space, and none
+/// looks behind or past the end of the whitespace it takes), so the count is
+/// the same as without the cut. A text with no such space in `max` bytes (a
+/// run of letters or of whitespace, say) is cut at the last character
+/// boundary, which may change its count by a token or so.
+#[cfg(feature = "tiktoken")]
+fn cut(text: &str, max: usize) -> usize {
+    let bytes = text.as_bytes();
+    (1..=max)
+        .rev()
+        .find(|&i| {
+            // A space is one byte, so `i` is a character boundary.
+            bytes[i] == b' '
+                && text[..i]
+                    .chars()
+                    .next_back()
+                    .is_some_and(|c| !c.is_whitespace())
+        })
+        .or_else(|| (1..=max).rev().find(|&i| text.is_char_boundary(i)))
+        .unwrap_or(text.len())
 }
 
 /// The fields of a request body the estimate reads; the others are skipped.
@@ -400,5 +556,241 @@ mod tests {
                 .message()
                 .contains("`model`")
         );
+    }
+
+    /// The `tiktoken` counter: OpenAI's BPE through `tiktoken-rs`.
+    #[cfg(feature = "tiktoken")]
+    mod tiktoken {
+        use proptest::prelude::*;
+        use proptest::test_runner::Config;
+
+        use super::super::*;
+
+        const BOTH: [Tokenizer; 2] = [Tokenizer::Cl100kBase, Tokenizer::O200kBase];
+
+        fn estimate(tokenizer: Tokenizer, body: &str) -> u32 {
+            OpenAiEstimator::new()
+                .tokenizer(tokenizer)
+                .estimate_json(body.as_bytes())
+                .unwrap()
+                .tokens
+        }
+
+        #[test]
+        fn the_ranks_are_openais() {
+            // Token ids published with OpenAI's `tiktoken` and its cookbook.
+            let cl100k = tiktoken_rs::cl100k_base_singleton();
+            let o200k = tiktoken_rs::o200k_base_singleton();
+            assert_eq!(cl100k.encode_ordinary("hello world"), [15339, 1917]);
+            assert_eq!(o200k.encode_ordinary("hello world"), [24912, 2375]);
+            assert_eq!(
+                cl100k.encode_ordinary("tiktoken is great!"),
+                [83, 1609, 5963, 374, 2294, 0]
+            );
+            for t in BOTH {
+                assert_eq!(t.count("hello world"), 2, "{t:?}");
+                assert_eq!(t.count("tiktoken is great!"), 6, "{t:?}");
+                assert_eq!(t.count(""), 0, "{t:?}");
+            }
+            assert_eq!(Tokenizer::Cl100kBase.count("You are terse."), 4);
+            assert_eq!(
+                Tokenizer::O200kBase.count("Summarise the following in one sentence."),
+                9
+            );
+        }
+
+        #[test]
+        fn non_ascii_text_counts_its_bytes_merges() {
+            let cases = [
+                ("Grüße aus Köln, naïve café", 10, 9),
+                ("你好，世界", 6, 3),
+                ("日本語のテキスト", 8, 6),
+                // An emoji of four bytes no merge covers: three tokens each.
+                ("🦀🦀", 6, 6),
+            ];
+            for (text, cl100k, o200k) in cases {
+                assert_eq!(Tokenizer::Cl100kBase.count(text), cl100k, "{text}");
+                assert_eq!(Tokenizer::O200kBase.count(text), o200k, "{text}");
+            }
+        }
+
+        #[test]
+        fn special_tokens_in_text_are_ordinary_text() {
+            // Encoded as a special token, "<|endoftext|>" would be 1 token:
+            // here it is the 7 ordinary tokens of its characters.
+            let cl100k = tiktoken_rs::cl100k_base_singleton();
+            assert_eq!(cl100k.encode_with_special_tokens("<|endoftext|>").len(), 1);
+            for t in BOTH {
+                assert_eq!(t.count("<|endoftext|>"), 7, "{t:?}");
+                for special in ["<|fim_prefix|>", "<|endofprompt|>", "<|im_start|>"] {
+                    assert!(t.count(special) > 1, "{t:?} {special}");
+                }
+            }
+            let body = r#"{"prompt":"Say hi <|endoftext|> twice","max_tokens":5}"#;
+            assert_eq!(estimate(Tokenizer::Cl100kBase, body), 9 + 5);
+            assert_eq!(estimate(Tokenizer::O200kBase, body), 10 + 5);
+        }
+
+        #[test]
+        fn a_chat_is_its_texts_tokens_and_its_maximum() {
+            let body = r#"{"model":"gpt-4o","messages":[
+                {"role":"system","content":"You are terse."},
+                {"role":"user","content":[
+                    {"type":"text","text":"Write a haiku about rate limits."},
+                    {"type":"image_url","image_url":{"url":"x"}},
+                    {"type":"text","text":"你好，世界"}
+                ]},
+                {"role":"assistant","content":"Rate limits keep services fair."},
+                {"role":"assistant","content":null,"tool_calls":[]}
+            ],"max_tokens":100,"n":2}"#;
+            for t in BOTH {
+                let texts = [
+                    "You are terse.",
+                    "Write a haiku about rate limits.",
+                    "你好，世界",
+                    "Rate limits keep services fair.",
+                ];
+                let prompt: u64 = texts.iter().map(|s| t.count(s)).sum();
+                assert_eq!(u64::from(estimate(t, body)), prompt + 200, "{t:?}");
+            }
+            // Counted by hand from the token ids: 4 + 8 + 6 + 6 and 4 + 8 + 3 + 6.
+            assert_eq!(estimate(Tokenizer::Cl100kBase, body), 24 + 200);
+            assert_eq!(estimate(Tokenizer::O200kBase, body), 21 + 200);
+            // Images still count what `other_part_tokens` says.
+            let images = OpenAiEstimator::new()
+                .tokenizer(Tokenizer::O200kBase)
+                .other_part_tokens(85);
+            assert_eq!(
+                images.estimate_json(body.as_bytes()).unwrap().tokens,
+                21 + 85 + 200
+            );
+            // A completion's prompts, each answered.
+            let body = r#"{"prompt":["hello world","tiktoken is great!"],"max_tokens":3}"#;
+            assert_eq!(estimate(Tokenizer::O200kBase, body), 2 + 6 + 2 * 3);
+        }
+
+        #[test]
+        fn the_last_counter_set_counts() {
+            let body = r#"{"prompt":"tiktoken is great!","max_tokens":0}"#.as_bytes();
+            let words = OpenAiEstimator::new()
+                .tokenizer(Tokenizer::O200kBase)
+                .count_tokens(|s| s.split_whitespace().count() as u32);
+            assert_eq!(words.estimate_json(body).unwrap().tokens, 3);
+            let bpe = words.tokenizer(Tokenizer::Cl100kBase);
+            assert_eq!(bpe.estimate_json(body).unwrap().tokens, 6);
+            assert!(format!("{bpe:?}").contains("cl100k_base"));
+            // The default is unchanged: ceil(18 / 4).
+            assert_eq!(
+                OpenAiEstimator::new().estimate_json(body).unwrap().tokens,
+                5
+            );
+        }
+
+        #[test]
+        fn a_million_spaces_are_counted_without_a_panic() {
+            // Whole, tiktoken-rs's split pattern fails on a run of 999,999
+            // whitespace characters (a panic); in pieces it is counted, as
+            // whole it would be: 128 spaces a token, and the "x". (Some 2 s
+            // in a debug build.)
+            let text = " ".repeat(1_000_000) + "x";
+            let n = Tokenizer::O200kBase.count(&text);
+            assert!((7_813..=7_820).contains(&n), "{n}");
+        }
+
+        #[test]
+        fn a_million_tabs_are_counted_without_a_panic() {
+            let text = "\t".repeat(1_000_000) + "x";
+            let n = Tokenizer::Cl100kBase.count(&text);
+            assert!((1..=1_000_001).contains(&n), "{n}");
+        }
+
+        /// The cuts `count_bpe` makes in `text`, each with whether it is
+        /// before a space that follows a character other than whitespace.
+        fn cuts(text: &str, chunk: usize) -> Vec<(usize, bool)> {
+            let mut out = Vec::new();
+            let mut at = 0;
+            while text.len() - at > chunk {
+                let rest = &text[at..];
+                let c = cut(rest, chunk);
+                assert!(c > 0 && c <= chunk && rest.is_char_boundary(c));
+                let exact = rest.as_bytes()[c] == b' '
+                    && rest[..c]
+                        .chars()
+                        .next_back()
+                        .is_some_and(|c| !c.is_whitespace());
+                at += c;
+                out.push((at, exact));
+            }
+            out
+        }
+
+        #[test]
+        fn cuts_before_a_space_after_text_keep_the_count() {
+            let texts = [
+                "The quick brown fox jumps over the lazy dog. It's 12345 o'clock, isn't it?",
+                "fn main() {\n    let x = vec![1, 2, 3];\n    println!(\"{x:?}\");\n}\n",
+                r#"{"a": [1, 2.5, "three"], "b": {"c": null, "d": true}}"#,
+                "Mixed  double  spaces,\ttabs\t and\r\n CRLF  \n  lines   end  ",
+                "Grüße aus Köln — naïve café, 東京 と 大阪, 🦀 rust 🦀 crab",
+                "a/b /c ./d '(e)' \"f\" #g @h $i %j ^k &l *m",
+            ];
+            for t in BOTH {
+                let bpe = t.bpe();
+                for text in texts {
+                    let whole = bpe.encode_ordinary(text).len() as u64;
+                    for chunk in [8, 13, 32] {
+                        let cuts = cuts(text, chunk);
+                        if cuts.iter().all(|&(_, exact)| exact) {
+                            assert_eq!(
+                                count_bpe(bpe, text, chunk),
+                                whole,
+                                "{t:?} {chunk} {text:?}"
+                            );
+                        }
+                    }
+                    // Short enough for no cut at all.
+                    assert_eq!(t.count(text), whole);
+                }
+            }
+        }
+
+        /// Texts of words (letters, digits, punctuation, accents, CJK,
+        /// emoji) between runs of whitespace, mostly single spaces.
+        fn texts() -> impl Strategy<Value = String> {
+            let word = "[a-zA-Z0-9.,;:'\"()/_é東京🦀-]{1,6}";
+            let gap = prop_oneof![
+                6 => Just(" "),
+                1 => Just("  "),
+                1 => Just("\t"),
+                1 => Just(" \n"),
+                1 => Just("\r\n "),
+                1 => Just("\u{a0}"),
+                1 => Just(" \u{3000}"),
+                1 => Just(""),
+            ];
+            prop::collection::vec((word, gap), 0..30)
+                .prop_map(|parts| parts.into_iter().map(|(w, g)| w + g).collect())
+        }
+
+        proptest! {
+            #![proptest_config(Config { failure_persistence: None, ..Config::default() })]
+
+            #[test]
+            fn exact_cuts_never_change_the_count(text in texts(), chunk in 4usize..40) {
+                for t in BOTH {
+                    let bpe = t.bpe();
+                    let whole = bpe.encode_ordinary(&text).len() as u64;
+                    let cuts = cuts(&text, chunk);
+                    let counted = count_bpe(bpe, &text, chunk);
+                    let hard = cuts.iter().filter(|&&(_, exact)| !exact).count() as u64;
+                    if hard == 0 {
+                        prop_assert_eq!(counted, whole, "{:?} {:?}", t, cuts);
+                    } else {
+                        // A cut inside a piece adds a token or so.
+                        prop_assert!(counted.abs_diff(whole) <= 2 * hard, "{:?} {:?}", t, cuts);
+                    }
+                }
+            }
+        }
     }
 }

@@ -19,3 +19,4 @@ mod observe;
 mod openai;
 mod resolver;
 mod spoofing;
+mod tokenizer;
