@@ -210,7 +210,8 @@ fn hostile() {
     println!("| body | counter | tokens | time |");
     println!("|---|---|---:|---:|");
     for (name, text) in &runs {
-        let body = serde_json::to_vec(&json!({"prompt": text, "max_tokens": 0})).unwrap();
+        let body =
+            serde_json::to_vec(&json!({"model": "m", "prompt": text, "max_tokens": 0})).unwrap();
         for (counter, e) in estimators() {
             let (tokens, took) = fastest(|| e.estimate_json(&body).unwrap().tokens);
             println!(
