@@ -1,4 +1,4 @@
-//! The reference server, served on a loopback port and driven by a real HTTP
+//! The gateway in mock mode, served on a loopback port and driven by a real HTTP
 //! client, with configs written by the tests and a manual clock.
 
 use std::net::SocketAddr;
@@ -8,8 +8,7 @@ use serde_json::{Value, json};
 use tollgate::config::Config;
 use tollgate::{Date, ManualClock, MemoryStore};
 
-use crate::reference_server;
-use crate::support::server::server_binary;
+use crate::support::process::server_binary;
 
 struct Running {
     base: String,
@@ -29,11 +28,11 @@ async fn start(config: &str) -> Running {
     clock.set_wall(monday_ten());
     let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
     let config = Config::from_toml(config).unwrap();
-    let app = reference_server::app(&config, store).unwrap();
+    let app = tollgate_gateway::app(&config, store).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(reference_server::serve(listener, app, async {
+    tokio::spawn(tollgate_gateway::serve(listener, app, async {
         let _ = rx.await;
     }));
     Running {
@@ -88,7 +87,7 @@ impl Running {
 
 #[tokio::test]
 async fn demo_key_gets_a_burst_of_five_then_two_per_second() {
-    let s = start(reference_server::DEMO_CONFIG).await;
+    let s = start(tollgate_gateway::DEMO_CONFIG).await;
     for remaining in (0..5).rev() {
         let res = s.complete(Some("demo-free-key")).await;
         assert_eq!(res.status(), 200);
@@ -151,7 +150,7 @@ async fn demo_key_gets_a_burst_of_five_then_two_per_second() {
 
 #[tokio::test]
 async fn method_override_limits_one_route_while_another_still_passes() {
-    let s = start(reference_server::DEMO_CONFIG).await;
+    let s = start(tollgate_gateway::DEMO_CONFIG).await;
     let chat = "/v1/chat/completions";
     assert_eq!(
         s.post(chat, Some("demo-free-key"), CHAT).await.status(),
@@ -448,7 +447,7 @@ throttle = { rate = 1.0, burst = 2 }
 
 #[tokio::test]
 async fn health_is_never_limited_and_malformed_bodies_are_json_400s() {
-    let s = start(reference_server::DEMO_CONFIG).await;
+    let s = start(tollgate_gateway::DEMO_CONFIG).await;
     for _ in 0..50 {
         let res = s
             .client
@@ -498,7 +497,7 @@ async fn health_is_never_limited_and_malformed_bodies_are_json_400s() {
 
 #[tokio::test]
 async fn chat_stream_sends_one_event_per_token_then_usage() {
-    let s = start(reference_server::DEMO_CONFIG).await;
+    let s = start(tollgate_gateway::DEMO_CONFIG).await;
     let res = s
         .post(
             "/v1/chat/completions",
@@ -599,7 +598,7 @@ async fn a_stream_holds_its_concurrency_place_to_its_last_event() {
     use futures_util_free::next_chunk;
 
     // The demo plan `free` allows 2 requests of a key in flight.
-    let s = start(reference_server::DEMO_CONFIG).await;
+    let s = start(tollgate_gateway::DEMO_CONFIG).await;
     let mut one = s
         .post("/v1/completions", Some("demo-free-key"), STREAM)
         .await;
@@ -650,7 +649,7 @@ const FAILING_STREAM: &str = r#"{"model":"m","prompt":"hi","max_tokens":40,"stre
 
 #[tokio::test]
 async fn places_all_come_back_after_a_mixed_storm() {
-    let s = std::sync::Arc::new(start(reference_server::DEMO_CONFIG).await);
+    let s = std::sync::Arc::new(start(tollgate_gateway::DEMO_CONFIG).await);
     let mut tasks = Vec::new();
     for i in 0..40 {
         let s = std::sync::Arc::clone(&s);

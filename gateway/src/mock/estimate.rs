@@ -1,9 +1,9 @@
-//! The reference server's request bodies and the token estimate made from
+//! The mock's request bodies and the token estimate made from
 //! them before the rate limit decides.
 //!
 //! A file of its own, without HTTP, so that the fuzz target (`fuzz/`) and the
 //! corpus replay test (`tests/layer/fuzz_corpora.rs`) run the same code as the
-//! server: they include it with `#[path]`.
+//! gateway: they include it with `#[path]`.
 
 use serde::Deserialize;
 use tollgate::TokenUsage;

@@ -1,5 +1,5 @@
-//! Graceful shutdown of the reference server, from the outside: the
-//! `inference_server` example binary as a child process, a stream under way,
+//! Graceful shutdown of the gateway, from the outside: the
+//! `tollgate-gateway` binary as a child process, a stream under way,
 //! then SIGTERM (or SIGINT, as Ctrl-C). The stream must finish with every
 //! token, new connections must be refused at once, the process must exit 0,
 //! and with the Redis store the stream's tokens must be settled in Redis
@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::support::process::ServerProcess;
 use crate::support::redis::{RedisServer, command, require_redis};
-use crate::support::server::ServerProcess;
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
