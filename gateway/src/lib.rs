@@ -9,7 +9,22 @@
 //!
 //! - `POST /v1/completions` with `{"model":"m","prompt":"…","max_tokens":N,"stream":false}`
 //! - `POST /v1/chat/completions` with `"messages":[{"role":"user","content":"…"}]` instead of `prompt`
+//! - `GET /v1/models`: the models the config's plans name (`mock` when none)
 //! - `GET /health`, never limited
+//!
+//! Answers have OpenAI's shapes: `id`, `object`, `created` and `model` on
+//! every response and chunk, `finish_reason` `length` when all of
+//! `max_tokens` was produced, else `stop`. With `"stream": true` the answer
+//! is server-sent events: for chat a `role` delta first, one chunk per token,
+//! a chunk with the `finish_reason`, with `stream_options.include_usage` a
+//! last chunk with `"choices": []` and the usage, then `data: [DONE]`. The
+//! mock generates `max_tokens` tokens (default 16), or
+//! `mock_completion_tokens` when the request names it, `mock_token_ms` apart
+//! (default 5) when streaming; `mock_fail_after: N` cuts a stream off after
+//! N tokens, as a broken model would.
+//!
+//! Only requests that match a route and its method are limited: a 404 or a
+//! 405 costs nothing, and only the POST routes' bodies are read.
 //! - `/admin/…` usage and key administration, guarded by the `x-admin-key` header:
 //!   - `GET /admin/usage?plan=NAME&start=YYYY-MM-DD&end=YYYY-MM-DD[&key=ID]` (AWS GetUsage)
 //!   - `PATCH /admin/keys/ID/usage` with `{"remaining": N}` (AWS UpdateUsage)

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 use tollgate::config::Config;
@@ -14,7 +14,7 @@ use tollgate::store::Store;
 use tollgate::{ConfigError, HeaderStyle, MemoryStore, RateLimitLayer, RedisStore};
 
 use crate::cli::parse_args;
-use crate::mock::{MockEstimator, chat_completions, completions};
+use crate::mock::{self, MockEstimator};
 
 /// The embedded demo configuration (`gateway/demo.toml`).
 pub const DEMO_CONFIG: &str = include_str!("../demo.toml");
@@ -36,20 +36,36 @@ pub fn app<S: Store>(config: &Config, store: S) -> Result<Router, ConfigError> {
         .max_retry(config.max_retry())
         .headers(HeaderStyle::ietf().openai(true))
         .build();
-    Ok(router(layer, config.admin_key()))
+    Ok(router(layer, config.admin_key(), mock::model_names(config)))
 }
 
-/// The gateway's routes: the inference routes behind `limit`; `/health` and
-/// the admin routes outside it.
+/// The gateway's routes: the inference routes behind `limit` (the mock
+/// answering `models` in `GET /v1/models`); `/health` and the admin routes
+/// outside it.
+///
+/// Only requests that match a route and one of its methods are limited: a
+/// 404 or a 405 is answered before the layer sees the request, costing
+/// nothing.
 pub fn router<S: Store>(
     limit: RateLimitLayer<BearerOrApiKey, S>,
     admin_key: Option<&str>,
+    models: Vec<String>,
 ) -> Router {
     let admin = crate::admin::routes(limit.admin(), admin_key);
+    // Each method router's `route_layer`: neither the router's fallback (404)
+    // nor a route's method fallback (405) goes through the limit, as they
+    // would with `Router::layer` (both) or `Router::route_layer` (the 405).
+    let limited = |route: MethodRouter| route.route_layer(limit.clone());
     Router::new()
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
-        .layer(limit)
+        .route("/v1/completions", limited(post(mock::completions)))
+        .route(
+            "/v1/chat/completions",
+            limited(post(mock::chat_completions)),
+        )
+        .route(
+            "/v1/models",
+            limited(get(mock::models).with_state(mock::Models::new(models))),
+        )
         .route("/health", get(health))
         .merge(admin)
 }
