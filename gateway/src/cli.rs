@@ -12,7 +12,47 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 /// The default of `--redis-timeout`: the store's own default.
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(100);
 
-/// What the command line asks for.
+/// The log filter when `RUST_LOG` is not set.
+pub const DEFAULT_LOG: &str = "warn,tollgate=info,tollgate_gateway=info";
+
+/// What `--help` prints: every flag and environment variable, with its
+/// default.
+pub const USAGE: &str = "\
+tollgate-gateway: a rate-limiting gateway for OpenAI-compatible inference APIs
+
+Usage: tollgate-gateway [OPTIONS]
+
+Options:
+  --config FILE          plans, keys and limits (TOML)
+                         [default: the embedded demo config, gateway/demo.toml]
+  --listen ADDR          the address to serve on [default: 127.0.0.1:3000]
+  --redis URL[,URL...]   keep the limits in Redis, shared by every gateway given
+                         the same URL; several URLs name the nodes of a Redis
+                         Cluster [default: none: the limits live in this process]
+  --redis-timeout MS     how long a decision may wait for Redis before the
+                         plan's failure mode decides it [default: 100]
+  --drain SECS           how long the requests in flight may take to finish
+                         after SIGTERM or SIGINT [default: 30]
+  -h, --help             print this help and exit
+
+Environment:
+  TOLLGATE_KEY_SECRET    keys the names of the state in Redis; give every
+                         gateway the same one [default: none]
+  RUST_LOG               the log filter
+                         [default: warn,tollgate=info,tollgate_gateway=info]
+";
+
+/// What the command line asks for: to serve, or for help.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Parsed {
+    /// Serve as the flags say.
+    Run(Args),
+    /// Print [`USAGE`] and exit.
+    Help,
+}
+
+/// How to serve.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Args {
@@ -31,8 +71,9 @@ pub struct Args {
     pub drain: Duration,
 }
 
-/// Reads the flags (without the program's name).
-pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+/// Reads the flags (without the program's name); the error says what is
+/// wrong with them.
+pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, String> {
     let mut listen = DEFAULT_LISTEN.to_owned();
     let mut config = None;
     let mut redis = None;
@@ -64,23 +105,18 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String
                         format!("--redis-timeout `{ms}`: not a number of milliseconds above 0")
                     })?;
             }
-            "-h" | "--help" => {
-                return Err(
-                    "usage: tollgate-gateway [--config FILE] [--listen ADDR] [--redis URL[,URL…]] [--redis-timeout MS (100)] [--drain SECS]"
-                        .to_owned(),
-                );
-            }
+            "-h" | "--help" => return Ok(Parsed::Help),
             other => return Err(format!("unknown argument `{other}` (try --help)")),
         }
     }
     let listen = listen
         .parse()
         .map_err(|e| format!("--listen `{listen}`: {e}"))?;
-    Ok(Args {
+    Ok(Parsed::Run(Args {
         listen,
         config,
         redis,
         redis_timeout,
         drain,
-    })
+    }))
 }

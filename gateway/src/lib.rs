@@ -59,5 +59,8 @@ mod mock;
 mod server;
 
 pub use admin::AdminKey;
-pub use cli::{Args, DEFAULT_DRAIN, DEFAULT_LISTEN, DEFAULT_REDIS_TIMEOUT, parse_args};
+pub use cli::{
+    Args, DEFAULT_DRAIN, DEFAULT_LISTEN, DEFAULT_LOG, DEFAULT_REDIS_TIMEOUT, Parsed, USAGE,
+    parse_args,
+};
 pub use server::{DEMO_CONFIG, app, main, router, serve};

@@ -13,7 +13,7 @@ use tollgate::openai::OpenAiEstimator;
 use tollgate::store::Store;
 use tollgate::{ConfigError, HeaderStyle, MemoryStore, RateLimitLayer, RedisStore};
 
-use crate::cli::parse_args;
+use crate::cli::{DEFAULT_LOG, Parsed, USAGE, parse_args};
 use crate::mock::{self, MockEstimator};
 
 /// The embedded demo configuration (`gateway/demo.toml`).
@@ -89,9 +89,6 @@ pub async fn serve(
     .await
 }
 
-/// The log filter when `RUST_LOG` is not set.
-const DEFAULT_LOG: &str = "warn,tollgate=info,tollgate_gateway=info";
-
 /// Logs to stderr, filtered by `RUST_LOG` (or [`DEFAULT_LOG`]).
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
@@ -154,14 +151,18 @@ pub fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> std::process::ExitCode {
-    init_logging();
     let args = match parse_args(std::env::args().skip(1)) {
-        Ok(a) => a,
+        Ok(Parsed::Run(a)) => a,
+        Ok(Parsed::Help) => {
+            print!("{USAGE}");
+            return std::process::ExitCode::SUCCESS;
+        }
         Err(msg) => {
-            eprintln!("{msg}");
+            eprintln!("tollgate-gateway: {msg}");
             return std::process::ExitCode::from(2);
         }
     };
+    init_logging();
     let config = match &args.config {
         Some(path) => Config::load(path),
         None => Config::from_toml(DEMO_CONFIG),

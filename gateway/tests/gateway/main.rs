@@ -8,5 +8,6 @@ mod support;
 mod admin_key;
 mod admin_keys;
 mod admin_usage;
+mod cli;
 mod mock;
 mod shutdown;
