@@ -12,6 +12,15 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 /// The default of `--redis-timeout`: the store's own default.
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(100);
 
+/// The default of `--header-timeout`.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default of `--body-timeout`.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default of `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
 /// The log filter when `RUST_LOG` is not set.
 pub const DEFAULT_LOG: &str = "warn,tollgate=info,tollgate_gateway=info";
 
@@ -33,6 +42,14 @@ Options:
                          plan's failure mode decides it [default: 100]
   --drain SECS           how long the requests in flight may take to finish
                          after SIGTERM or SIGINT [default: 30]
+  --header-timeout SECS  how long a request's head may take to arrive, on a new
+                         connection or a kept-alive one (HTTP/1: idle
+                         connections are closed after it) [default: 10]
+  --body-timeout SECS    how long a request body may send nothing before it is
+                         cut off [default: 30]
+  --max-connections N    connections served at once; more wait to be accepted
+                         [default: 1024]
+  --log-json             log one JSON object a line [default: off: text]
   -h, --help             print this help and exit
 
 Environment:
@@ -69,6 +86,40 @@ pub struct Args {
     /// How long requests in flight may take to finish after a shutdown
     /// signal (`--drain`).
     pub drain: Duration,
+    /// See [`Limits::header_timeout`](crate::Limits::header_timeout)
+    /// (`--header-timeout`).
+    pub header_timeout: Duration,
+    /// See [`Limits::body_timeout`](crate::Limits::body_timeout)
+    /// (`--body-timeout`).
+    pub body_timeout: Duration,
+    /// See [`Limits::max_connections`](crate::Limits::max_connections)
+    /// (`--max-connections`).
+    pub max_connections: usize,
+    /// Log JSON lines (`--log-json`).
+    pub log_json: bool,
+}
+
+impl Args {
+    /// The serving limits the flags ask for.
+    pub fn limits(&self) -> crate::Limits {
+        crate::Limits {
+            header_timeout: self.header_timeout,
+            body_timeout: self.body_timeout,
+            max_connections: self.max_connections,
+            ..crate::Limits::default()
+        }
+    }
+}
+
+/// The value of `flag` as a number of seconds above 0.
+fn seconds(flag: &str, value: Option<String>) -> Result<Duration, String> {
+    let value = value.ok_or_else(|| format!("{flag} needs a number of seconds"))?;
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| format!("{flag} `{value}`: not a number of seconds above 0"))
 }
 
 /// Reads the flags (without the program's name); the error says what is
@@ -79,6 +130,10 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
     let mut redis = None;
     let mut redis_timeout = DEFAULT_REDIS_TIMEOUT;
     let mut drain = DEFAULT_DRAIN;
+    let mut header_timeout = DEFAULT_HEADER_TIMEOUT;
+    let mut body_timeout = DEFAULT_BODY_TIMEOUT;
+    let mut max_connections = DEFAULT_MAX_CONNECTIONS;
+    let mut log_json = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--drain" => {
@@ -105,6 +160,17 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
                         format!("--redis-timeout `{ms}`: not a number of milliseconds above 0")
                     })?;
             }
+            "--header-timeout" => header_timeout = seconds("--header-timeout", args.next())?,
+            "--body-timeout" => body_timeout = seconds("--body-timeout", args.next())?,
+            "--max-connections" => {
+                let n = args
+                    .next()
+                    .ok_or("--max-connections needs a number of connections")?;
+                max_connections = n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                    format!("--max-connections `{n}`: not a number of connections above 0")
+                })?;
+            }
+            "--log-json" => log_json = true,
             "-h" | "--help" => return Ok(Parsed::Help),
             other => return Err(format!("unknown argument `{other}` (try --help)")),
         }
@@ -118,5 +184,9 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
         redis,
         redis_timeout,
         drain,
+        header_timeout,
+        body_timeout,
+        max_connections,
+        log_json,
     }))
 }

@@ -23,6 +23,15 @@
 //! (default 5) when streaming; `mock_fail_after: N` cuts a stream off after
 //! N tokens, as a broken model would.
 //!
+//! - `GET /metrics`: the decision counters (`tollgate_decisions_total`) in
+//!   Prometheus text, never limited
+//!
+//! A request's head must arrive within `--header-timeout` (10 s), which on
+//! HTTP/1 also closes a connection idle that long; a body that sends nothing
+//! for `--body-timeout` (30 s) is cut off; at most `--max-connections` (1024)
+//! are served at once, more wait to be accepted. It logs to stderr, filtered
+//! by `RUST_LOG`, as JSON lines with `--log-json`.
+//!
 //! Only requests that match a route and its method are limited: a 404 or a
 //! 405 costs nothing, and only the POST routes' bodies are read.
 //! - `/admin/…` usage and key administration, guarded by the `x-admin-key` header:
@@ -60,7 +69,7 @@ mod server;
 
 pub use admin::AdminKey;
 pub use cli::{
-    Args, DEFAULT_DRAIN, DEFAULT_LISTEN, DEFAULT_LOG, DEFAULT_REDIS_TIMEOUT, Parsed, USAGE,
-    parse_args,
+    Args, DEFAULT_BODY_TIMEOUT, DEFAULT_DRAIN, DEFAULT_HEADER_TIMEOUT, DEFAULT_LISTEN, DEFAULT_LOG,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_REDIS_TIMEOUT, Parsed, USAGE, parse_args,
 };
-pub use server::{DEMO_CONFIG, app, main, router, serve};
+pub use server::{DEMO_CONFIG, Limits, app, main, router, serve, serve_with};

@@ -1,8 +1,18 @@
 //! Putting the gateway together: the layer and the routes, the listener,
 //! logging, and graceful shutdown.
 
-use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use hyper::body::Incoming;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::sync::Semaphore;
+use tollgate::observe::MetricsObserver;
+use tower_http::timeout::RequestBodyTimeout;
 
 use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
@@ -22,6 +32,8 @@ pub const DEMO_CONFIG: &str = include_str!("../demo.toml");
 /// The gateway for `config`, keeping limit state in `store`.
 pub fn app<S: Store>(config: &Config, store: S) -> Result<Router, ConfigError> {
     let policy = config.policy_with_clock(store.clock().clone())?;
+    // Installed before the first decision, so that every one is counted.
+    prometheus();
     // OpenAI's SDKs send `Authorization: Bearer`, wait `retry-after-ms`,
     // obey `x-should-retry` and read `code`/`type` from `{"error":{..}}`
     // bodies: keys from Bearer or `x-api-key`, and the style the config
@@ -35,6 +47,7 @@ pub fn app<S: Store>(config: &Config, store: S) -> Result<Router, ConfigError> {
         .style(config.style())
         .max_retry(config.max_retry())
         .headers(HeaderStyle::ietf().openai(true))
+        .observer(MetricsObserver::new())
         .build();
     Ok(router(layer, config.admin_key(), mock::model_names(config)))
 }
@@ -67,6 +80,7 @@ pub fn router<S: Store>(
             limited(get(mock::models).with_state(mock::Models::new(models))),
         )
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .merge(admin)
 }
 
@@ -74,29 +88,181 @@ async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// The process's Prometheus recorder, installed by the first call; `None`
+/// when another `metrics` recorder was installed first.
+fn prometheus() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok().map(|()| handle)
+        })
+        .as_ref()
+}
+
+/// `GET /metrics`: the decision counters (`tollgate_decisions_total`) in
+/// Prometheus text.
+async fn metrics() -> Response {
+    match prometheus() {
+        Some(handle) => (
+            [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "another metrics recorder is installed in this process\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Limits on connections and on the time clients may take.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Limits {
+    /// HTTP/1: how long a request's head may take to arrive, counted from
+    /// when the connection is ready for it: on a new connection, and between
+    /// requests on a kept-alive one, so this also closes idle connections.
+    pub header_timeout: Duration,
+    /// How long a request body may send nothing before it is cut off.
+    pub body_timeout: Duration,
+    /// HTTP/2: how often an idle connection is pinged; one that does not
+    /// answer within as long again is closed.
+    pub http2_keep_alive: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            header_timeout: crate::cli::DEFAULT_HEADER_TIMEOUT,
+            body_timeout: crate::cli::DEFAULT_BODY_TIMEOUT,
+            http2_keep_alive: Duration::from_secs(20),
+            max_connections: crate::cli::DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
 /// Serves `router` on `listener` with connection info (for client-IP limits)
-/// until `shutdown` resolves.
+/// and the default [`Limits`] until `shutdown` resolves; see [`serve_with`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    serve_with(listener, router, shutdown, Limits::default()).await
+}
+
+/// Serves `router` on `listener` (HTTP/1 and HTTP/2 without TLS) with
+/// connection info, within `limits`, until `shutdown` resolves; then stops
+/// accepting (the listening socket is closed: new connections are refused),
+/// lets every request in flight finish, and returns.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    limits: Limits,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use tower_service::Service as _;
+
+    let service = RequestBodyTimeout::new(router, limits.body_timeout);
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.http2_keep_alive)
+        .keep_alive_timeout(limits.http2_keep_alive);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let places = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let place = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            place = Arc::clone(&places).acquire_owned() => place.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+        };
+        // Small writes (a stream's events) go out at once.
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let service = hyper::service::service_fn(move |mut req: axum::http::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            // A `Router` is always ready, and so is the timeout around it.
+            service.clone().call(req)
+        });
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let header_timeout = limits.header_timeout;
+        tokio::spawn(async move {
+            // Telling HTTP/1 from HTTP/2 waits for the first bytes, before
+            // hyper's header timeout runs: a client that sends nothing is
+            // dropped after the same time.
+            let first = tokio::time::timeout(header_timeout, stream.peek(&mut [0u8; 1])).await;
+            if !matches!(first, Ok(Ok(1..))) {
+                drop(place);
+                return;
+            }
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(place);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// After a failed `accept`: a connection the client gave up on is nothing;
+/// anything else (out of file descriptors) is logged and waited out, so the
+/// loop does not spin.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "cannot accept connections; retrying in a second");
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (or [`DEFAULT_LOG`]).
-fn init_logging() {
+/// With `json`, one JSON object a line.
+fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG));
-    tracing_subscriber::fmt()
+    let log = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        log.json().init();
+    } else {
+        log.init();
+    }
 }
 
 /// How long the startup check waits for each Redis node.
@@ -162,7 +328,7 @@ async fn run() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    init_logging();
+    init_logging(args.log_json);
     let config = match &args.config {
         Some(path) => Config::load(path),
         None => Config::from_toml(DEMO_CONFIG),
@@ -240,7 +406,7 @@ async fn run() -> std::process::ExitCode {
         }
     };
     let served = tokio::select! {
-        served = serve(listener, app, shutdown) => served,
+        served = serve_with(listener, app, shutdown, args.limits()) => served,
         () = deadline => {
             // They end with the runtime: with Redis, what they reserved
             // stays charged (their settlement is not waited for).

@@ -9,5 +9,6 @@ mod admin_key;
 mod admin_keys;
 mod admin_usage;
 mod cli;
+mod hardening;
 mod mock;
 mod shutdown;
