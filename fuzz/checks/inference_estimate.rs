@@ -1,5 +1,5 @@
 //! The reference server's token estimate of hostile request bodies
-//! (`examples/support/estimate.rs`).
+//! (`gateway/src/mock/estimate.rs`).
 //!
 //! Shared by the `inference_estimate` fuzz target and
 //! `tests/layer/fuzz_corpora.rs`; the module that includes this file declares

@@ -2,9 +2,9 @@
 
 #![no_main]
 
-/// The reference server's body parsing, the same file the example includes.
+/// The gateway's body parsing, the same file its mock mode includes.
 #[allow(dead_code)]
-#[path = "../../examples/support/estimate.rs"]
+#[path = "../../gateway/src/mock/estimate.rs"]
 mod estimate;
 
 #[path = "../checks/inference_estimate.rs"]

@@ -351,7 +351,7 @@ impl Config {
 mod tests {
     use super::*;
 
-    const DESIGN: &str = include_str!("../../examples/inference_server.toml");
+    const DESIGN: &str = include_str!("../../gateway/demo.toml");
 
     #[test]
     fn the_design_example_loads() {

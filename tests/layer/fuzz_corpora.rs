@@ -6,9 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-/// The reference server's body parsing, the file the example includes.
+/// The gateway's body parsing, the file its mock mode includes.
 #[allow(dead_code)]
-#[path = "../../examples/support/estimate.rs"]
+#[path = "../../gateway/src/mock/estimate.rs"]
 mod estimate;
 
 #[path = "../../fuzz/checks/config.rs"]

@@ -1,5 +1,5 @@
 //! The Redis store against real `redis-server` processes: its Lua script, the
-//! store from the outside (reference server processes sharing one Redis),
+//! store from the outside (gateway processes sharing one Redis),
 //! faults between the store and Redis, and the test harness that starts the
 //! servers.
 

@@ -1,6 +1,6 @@
 //! Overload and disconnects, from the outside: real `redis-server` processes
-//! (one server, or a Cluster of three) and reference server processes
-//! (`examples/inference_server.rs`), driven over raw sockets.
+//! (one server, or a Cluster of three) and gateway processes
+//! (`gateway/`, the `tollgate-gateway` binary), driven over raw sockets.
 //!
 //! - **A disconnect storm**: clients that go away at every moment of a
 //!   request (RST or FIN, at once or within 3 ms), and Redis stalled
@@ -17,8 +17,8 @@
 //!   decides again (rate-limit headers, and its counts move); a failure is
 //!   logged when it starts and when it ends.
 //!
-//! The servers run with the store's default timeout (100 ms: the reference
-//! server has no flag for it) and, unless a test says otherwise, the default
+//! The servers run with the store's default timeout (100 ms, the default of
+//! the gateway's `--redis-timeout`) and, unless a test says otherwise, the default
 //! failure mode (no `failure` line). Each test takes the crate's `SERIAL`
 //! lock: they stall Redis and load both cores.
 

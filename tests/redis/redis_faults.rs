@@ -17,7 +17,7 @@
 //! of this file and of `redis_store.rs` run one at a time (the crate's
 //! `SERIAL` lock), so that timing is not disturbed by each other.
 //!
-//! The pause (SIGSTOP) and kill of the reference server process, with a
+//! The pause (SIGSTOP) and kill of the gateway process, with a
 //! bound on each request's latency, are in `redis_store.rs`.
 
 use std::net::SocketAddr;

@@ -1,11 +1,11 @@
-//! The Redis store from the outside: reference server processes sharing one
+//! The Redis store from the outside: gateway processes sharing one
 //! `redis-server`, the commands Redis sees per decision, and what clients get
 //! while Redis is paused, killed and restarted.
 //!
 //! Every test runs a real `redis-server` (see `tests/support/redis.rs`) and a real
 //! HTTP client. The tests that need server processes run the
-//! `inference_server` example binary, built (or found up to date) by
-//! `cargo build` the first time it is needed. The tests of this file and of
+//! `tollgate-gateway` binary, built (or found up to date) by `cargo build`
+//! the first time it is needed. The tests of this file and of
 //! `redis_faults.rs` run one at a time (the crate's `SERIAL` lock), so that
 //! timing assertions are not disturbed by each other.
 
@@ -43,10 +43,10 @@ const TOO_MANY_REQUESTS: &str = r#"{"message":"Too Many Requests"}"#;
 const LIMIT_EXCEEDED: &str = r#"{"message":"Limit Exceeded"}"#;
 
 // ---------------------------------------------------------------------------
-// The reference server as a child process
+// The gateway as a child process
 // ---------------------------------------------------------------------------
 
-/// Starts the reference server on the Redis store at `redis_url` with the
+/// Starts the gateway on the Redis store at `redis_url` with the
 /// config file `config` (see `tests/support/server.rs`).
 fn start_server(redis_url: &str, config: &Path) -> ServerProcess {
     let config = config.to_str().expect("a UTF-8 config path");
@@ -273,7 +273,7 @@ value = "daily-key-1"
 plan = "daily"
 "#;
 
-/// Two reference servers on one Redis admit, together, what one alone
+/// Two gateways on one Redis admit, together, what one alone
 /// would: a throttle's burst exactly (sequentially and concurrently), and
 /// never more than a quota's limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,4 @@
-//! One key registry for every instance: three reference-server processes on
+//! One key registry for every instance: three gateway processes on
 //! one real `redis-server`; keys added, disabled, moved and removed through
 //! the admin routes of one are served alike by the others within a second;
 //! a process started afterwards serves the current registry from its first

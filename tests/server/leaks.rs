@@ -19,7 +19,7 @@
 //!   answers (`Acquire`, `Report`, `Denied`, `Settlement`, `Permit`), and
 //!   the errors;
 //! - Redis: every key name and every value, and every command the stores
-//!   sent (`MONITOR`), with the reference server process and an in-process
+//!   sent (`MONITOR`), with the gateway process and an in-process
 //!   per-key layer on a real `redis-server`, and the server's own output.
 //!
 //! `tests/layer/observe.rs` already checks the observer's events and the tracing
@@ -70,7 +70,7 @@ const UNKNOWN: &str = "lk-0c9e4a71-unknown";
 const ADDED: &str = "lk-e81f6d23-added";
 /// A bearer token limited as a per-key subject (its own bucket, not registered).
 const BEARER: &str = "lk-93ab15c7-bearer";
-/// The admin key of the reference server.
+/// The admin key of the gateway.
 const ADMIN: &str = "lk-4d6f0b98-admin";
 
 const SECRETS: [&str; 7] = [KEY, DISABLED, QUOTA_KEY, UNKNOWN, ADDED, BEARER, ADMIN];
@@ -824,7 +824,7 @@ fn builder_policy() -> Policy {
 struct Inner;
 
 // ---------------------------------------------------------------------------
-// Redis: the reference server, a per-key layer, and what Redis holds and saw
+// Redis: the gateway, a per-key layer, and what Redis holds and saw
 // ---------------------------------------------------------------------------
 
 /// Every command Redis receives while it runs (`MONITOR`).
@@ -906,7 +906,7 @@ throttle = { rate = 1.0, burst = 2 }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_names_values_commands_and_the_reference_server_hold_no_key() {
+async fn redis_names_values_commands_and_the_gateway_hold_no_key() {
     if !require_redis() {
         return;
     }

@@ -1,7 +1,7 @@
 //! What the integration test crates share: policies, a frozen clock, servers
 //! on loopback ports and an HTTP client here; real `redis-server` processes
-//! ([`redis`]), the store a test body runs against ([`backend`]), the reference
-//! server as a child process ([`server`]) and a token-metered endpoint
+//! ([`redis`]), the store a test body runs against ([`backend`]), the gateway
+//! as a child process ([`server`]) and a token-metered endpoint
 //! ([`tokens`]) in the submodules.
 //!
 //! Each test crate of a folder (`tests/<crate>/main.rs`) includes this one

@@ -1,6 +1,6 @@
-//! The reference server (`examples/inference_server.rs`) as a child process.
+//! The gateway (`gateway/`, the `tollgate-gateway` binary) as a child process.
 //!
-//! [`ServerProcess::start`] builds the example binary once per test run
+//! [`ServerProcess::start`] builds the gateway binary once per test run
 //! (same target directory and profile as the test), starts it on a free
 //! loopback port and waits for its address; it keeps what the process
 //! writes to stdout and stderr, can send it signals, and kills it when
@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 /// How long a server process has to print its listen address.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The `inference_server` example binary, built once per test run beside
-/// this test's own executable (same target directory and profile).
+/// The `tollgate-gateway` binary, built once per test run beside this test's
+/// own executable (same target directory and profile). It is another package
+/// of the workspace, so cargo does not build it for this crate's tests.
 pub fn server_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
@@ -33,8 +34,8 @@ pub fn server_binary() -> &'static Path {
         };
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let out = Command::new(cargo)
-            .args(["build", "--quiet", "--all-features", "--example"])
-            .arg("inference_server")
+            .args(["build", "--quiet", "--package", "tollgate-gateway", "--bin"])
+            .arg("tollgate-gateway")
             .args(["--profile", &profile])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stdin(Stdio::null())
@@ -42,17 +43,17 @@ pub fn server_binary() -> &'static Path {
             .expect("run cargo build");
         assert!(
             out.status.success(),
-            "cargo build --example inference_server failed ({}):\n{}",
+            "cargo build --package tollgate-gateway failed ({}):\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        let bin = profile_dir.join("examples").join("inference_server");
+        let bin = profile_dir.join(format!("tollgate-gateway{}", std::env::consts::EXE_SUFFIX));
         assert!(bin.exists(), "{} was not built", bin.display());
         bin
     })
 }
 
-/// A reference server process. Dropping it kills the process (SIGKILL).
+/// A gateway process. Dropping it kills the process (SIGKILL).
 pub struct ServerProcess {
     child: Child,
     pub addr: SocketAddr,
@@ -61,7 +62,7 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts the example with `args` and `--listen 127.0.0.1:0`, and waits
+    /// Starts the gateway with `args` and `--listen 127.0.0.1:0`, and waits
     /// until it prints its address.
     pub fn start(args: &[&str]) -> ServerProcess {
         let mut child = Command::new(server_binary())
@@ -71,7 +72,7 @@ impl ServerProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn the inference_server example");
+            .expect("spawn the tollgate-gateway binary");
         let stderr = Arc::new(Mutex::new(String::new()));
         {
             let mut pipe = child.stderr.take().expect("piped stderr");
@@ -95,7 +96,7 @@ impl ServerProcess {
             std::thread::spawn(move || {
                 // Keeps draining stdout after the address, so the pipe never fills.
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if let Some(addr) = line.strip_prefix("inference_server listening on http://") {
+                    if let Some(addr) = line.strip_prefix("tollgate-gateway listening on http://") {
                         let _ = tx.send(addr.to_owned());
                     }
                     let mut out = stdout.lock().unwrap();
@@ -211,7 +212,7 @@ impl Drop for ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts the example on the Redis store at `redis` (several
+    /// Starts the gateway on the Redis store at `redis` (several
     /// comma-separated URLs name the nodes of a Cluster) with the config
     /// file `config`.
     pub fn on_redis(redis: &str, config: &Path) -> ServerProcess {

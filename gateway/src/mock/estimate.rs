@@ -1,9 +1,9 @@
-//! The reference server's request bodies and the token estimate made from
+//! The mock's request bodies and the token estimate made from
 //! them before the rate limit decides.
 //!
 //! A file of its own, without HTTP, so that the fuzz target (`fuzz/`) and the
 //! corpus replay test (`tests/layer/fuzz_corpora.rs`) run the same code as the
-//! server: they include it with `#[path]`.
+//! gateway: they include it with `#[path]`.
 
 use serde::Deserialize;
 use tollgate::TokenUsage;
@@ -45,6 +45,13 @@ struct Common {
     mock_token_ms: Option<u64>,
     /// A streamed answer fails (the model broke) after this many tokens.
     mock_fail_after: Option<u32>,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
 }
 
 /// What the mock will generate for one request.
@@ -52,13 +59,17 @@ pub(crate) struct Job {
     pub(crate) chat: bool,
     pub(crate) model: String,
     pub(crate) prompt_tokens: u64,
-    // The server estimates with tollgate's `OpenAiEstimator`; the fuzz check
-    // holds this estimate to the documented rule.
-    #[allow(dead_code)]
+    /// What the request allows; the answer's `finish_reason` is `length`
+    /// when the mock produced all of it. (The gateway estimates with
+    /// tollgate's `OpenAiEstimator`; the fuzz check holds [`Job::estimate`]
+    /// to the documented rule.)
     pub(crate) max_tokens: u32,
     pub(crate) completion_tokens: u32,
     pub(crate) token_ms: u64,
     pub(crate) stream: bool,
+    /// `stream_options.include_usage`: a streamed answer ends with a chunk
+    /// that carries the usage.
+    pub(crate) include_usage: bool,
     pub(crate) fail_after: Option<u32>,
     /// Where the actual tokens are reported, when the plan has a token budget.
     pub(crate) usage: Option<TokenUsage>,
@@ -106,6 +117,7 @@ impl Job {
             completion_tokens,
             token_ms,
             stream: c.stream,
+            include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
             fail_after: c.mock_fail_after,
             usage: None,
         })

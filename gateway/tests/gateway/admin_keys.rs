@@ -1,4 +1,4 @@
-//! Key administration through the reference server's admin routes on the
+//! Key administration through the gateway's admin routes on the
 //! memory store: a 100,000-key batch import, a batch with one bad entry
 //! (nothing imported, the entry named), removal while a request of the key
 //! is streaming (its concurrency place still comes back), and the errors.
@@ -9,8 +9,6 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tollgate::MemoryStore;
 use tollgate::config::Config;
-
-use crate::reference_server;
 
 const CONFIG: &str = r#"
 [[plans]]
@@ -33,11 +31,11 @@ key = "admin-secret"
 
 async fn serve() -> (String, tokio::sync::oneshot::Sender<()>) {
     let config = Config::from_toml(CONFIG).unwrap();
-    let app = reference_server::app(&config, MemoryStore::new()).unwrap();
+    let app = tollgate_gateway::app(&config, MemoryStore::new()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(reference_server::serve(listener, app, async {
+    tokio::spawn(tollgate_gateway::serve(listener, app, async {
         let _ = rx.await;
     }));
     (format!("http://{addr}"), tx)

@@ -1,5 +1,5 @@
-//! Graceful shutdown of the reference server, from the outside: the
-//! `inference_server` example binary as a child process, a stream under way,
+//! Graceful shutdown of the gateway, from the outside: the
+//! `tollgate-gateway` binary as a child process, a stream under way,
 //! then SIGTERM (or SIGINT, as Ctrl-C). The stream must finish with every
 //! token, new connections must be refused at once, the process must exit 0,
 //! and with the Redis store the stream's tokens must be settled in Redis
@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::support::process::ServerProcess;
 use crate::support::redis::{RedisServer, command, require_redis};
-use crate::support::server::ServerProcess;
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -39,6 +39,7 @@ fn stream_body() -> String {
         "mock_completion_tokens": TOKENS,
         "mock_token_ms": TOKEN_MS,
         "stream": true,
+        "stream_options": {"include_usage": true},
     })
     .to_string()
 }
@@ -67,7 +68,7 @@ async fn open_stream(server: &ServerProcess, key: &str) -> (reqwest::Response, S
 }
 
 /// Reads the rest of the stream and checks it is whole: one event per token,
-/// the last with the usage, then `[DONE]`.
+/// one with the `finish_reason`, one with the usage, then `[DONE]`.
 async fn finish_stream(res: reqwest::Response, text: String) {
     finish_stream_then(res, text, || {}).await;
 }
@@ -88,8 +89,10 @@ async fn finish_stream_then(mut res: reqwest::Response, mut text: String, near_e
         .split("\n\n")
         .filter_map(|e| e.trim().strip_prefix("data: "))
         .collect();
-    assert_eq!(events.len() as u64, TOKENS + 1, "{text}");
+    assert_eq!(events.len() as u64, TOKENS + 3, "{text}");
     assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let finish: Value = serde_json::from_str(events[events.len() - 3]).expect("a JSON event");
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop", "{finish}");
     let last: Value = serde_json::from_str(events[events.len() - 2]).expect("a JSON event");
     assert_eq!(last["usage"]["completion_tokens"], TOKENS, "{last}");
     assert_eq!(last["usage"]["total_tokens"], STREAMED, "{last}");

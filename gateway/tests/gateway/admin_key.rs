@@ -1,13 +1,13 @@
-//! The reference server's admin key check: `AdminKey::matches` accepts the
+//! The gateway's admin key check: `AdminKey::matches` accepts the
 //! admin key and nothing else, and every admin route refuses a wrong key of
 //! any shape with 403, served on a loopback port and driven by a real HTTP
 //! client.
 //!
 //! That the check takes no time that depends on the admin key is argued from
-//! the code (see `AdminKey` in the example): a timing test would be flaky.
+//! the code (see `AdminKey` in `gateway/src/admin.rs`): a timing test would be flaky.
 
-use crate::reference_server::{self, AdminKey};
 use std::net::SocketAddr;
+use tollgate_gateway::AdminKey;
 
 use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
@@ -92,10 +92,10 @@ key = "admin-secret"
 
 async fn start() -> String {
     let config = Config::from_toml(CONFIG).unwrap();
-    let app = reference_server::app(&config, MemoryStore::new()).unwrap();
+    let app = tollgate_gateway::app(&config, MemoryStore::new()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
-    tokio::spawn(reference_server::serve(
+    tokio::spawn(tollgate_gateway::serve(
         listener,
         app,
         std::future::pending(),

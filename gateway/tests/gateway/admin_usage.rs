@@ -1,4 +1,4 @@
-//! `PATCH /admin/keys/ID/usage` of the reference server with counts at and
+//! `PATCH /admin/keys/ID/usage` of the gateway with counts at and
 //! past the edge of UpdateUsage's range (2^53), on the memory store and on a
 //! real `redis-server`: the same status and body from both, a 400 with a
 //! clear message for a count out of range, never a 503 that blames the store.
@@ -10,7 +10,6 @@ use tollgate::config::Config;
 use tollgate::store::Store;
 use tollgate::{ManualClock, MemoryStore, RedisStore};
 
-use crate::reference_server;
 use crate::support::at;
 use crate::support::redis::{RedisServer, require_redis};
 
@@ -28,14 +27,14 @@ plan = "tiny"
 key = "admin-secret"
 "#;
 
-/// Serves the reference server on `store` until the returned sender drops.
+/// Serves the gateway on `store` until the returned sender drops.
 async fn serve<S: Store>(store: S) -> (String, tokio::sync::oneshot::Sender<()>) {
     let config = Config::from_toml(CONFIG).unwrap();
-    let app = reference_server::app(&config, store).unwrap();
+    let app = tollgate_gateway::app(&config, store).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(reference_server::serve(listener, app, async {
+    tokio::spawn(tollgate_gateway::serve(listener, app, async {
         let _ = rx.await;
     }));
     (format!("http://{addr}"), tx)

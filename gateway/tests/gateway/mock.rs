@@ -1,4 +1,4 @@
-//! The reference server, served on a loopback port and driven by a real HTTP
+//! The gateway in mock mode, served on a loopback port and driven by a real HTTP
 //! client, with configs written by the tests and a manual clock.
 
 use std::net::SocketAddr;
@@ -8,8 +8,7 @@ use serde_json::{Value, json};
 use tollgate::config::Config;
 use tollgate::{Date, ManualClock, MemoryStore};
 
-use crate::reference_server;
-use crate::support::server::server_binary;
+use crate::support::process::server_binary;
 
 struct Running {
     base: String,
@@ -29,11 +28,11 @@ async fn start(config: &str) -> Running {
     clock.set_wall(monday_ten());
     let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
     let config = Config::from_toml(config).unwrap();
-    let app = reference_server::app(&config, store).unwrap();
+    let app = tollgate_gateway::app(&config, store).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(reference_server::serve(listener, app, async {
+    tokio::spawn(tollgate_gateway::serve(listener, app, async {
         let _ = rx.await;
     }));
     Running {
@@ -88,7 +87,7 @@ impl Running {
 
 #[tokio::test]
 async fn demo_key_gets_a_burst_of_five_then_two_per_second() {
-    let s = start(reference_server::DEMO_CONFIG).await;
+    let s = start(tollgate_gateway::DEMO_CONFIG).await;
     for remaining in (0..5).rev() {
         let res = s.complete(Some("demo-free-key")).await;
         assert_eq!(res.status(), 200);
@@ -151,7 +150,7 @@ async fn demo_key_gets_a_burst_of_five_then_two_per_second() {
 
 #[tokio::test]
 async fn method_override_limits_one_route_while_another_still_passes() {
-    let s = start(reference_server::DEMO_CONFIG).await;
+    let s = start(tollgate_gateway::DEMO_CONFIG).await;
     let chat = "/v1/chat/completions";
     assert_eq!(
         s.post(chat, Some("demo-free-key"), CHAT).await.status(),
@@ -448,7 +447,7 @@ throttle = { rate = 1.0, burst = 2 }
 
 #[tokio::test]
 async fn health_is_never_limited_and_malformed_bodies_are_json_400s() {
-    let s = start(reference_server::DEMO_CONFIG).await;
+    let s = start(tollgate_gateway::DEMO_CONFIG).await;
     for _ in 0..50 {
         let res = s
             .client
@@ -496,28 +495,302 @@ async fn health_is_never_limited_and_malformed_bodies_are_json_400s() {
     assert_eq!(usage["items"]["free-1"], json!([[5, 995]]));
 }
 
+/// The `data:` payloads of a server-sent event stream, in order.
+fn sse_events(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect()
+}
+
+/// Asserts that every chunk of a stream carries the same `id`, `object`,
+/// `created` and `model` as OpenAI's chunks do, `object` being `object`.
+fn assert_one_head(chunks: &[Value], object: &str, id_prefix: &str) {
+    let first = &chunks[0];
+    assert!(
+        first["id"].as_str().unwrap().starts_with(id_prefix),
+        "{first}"
+    );
+    assert_eq!(first["object"], object, "{first}");
+    assert_eq!(first["model"], "m", "{first}");
+    assert!(
+        first["created"].as_u64().unwrap() > 1_700_000_000,
+        "{first}"
+    );
+    for c in chunks {
+        for field in ["id", "object", "created", "model"] {
+            assert_eq!(c[field], first[field], "{field} of {c}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn chat_stream_sends_one_event_per_token_then_usage() {
-    let s = start(reference_server::DEMO_CONFIG).await;
+    let s = start(tollgate_gateway::DEMO_CONFIG).await;
     let res = s
         .post(
             "/v1/chat/completions",
             Some("demo-free-key"),
-            r#"{"model":"m","messages":[{"role":"user","content":"abcdefgh"}],"max_tokens":4,"stream":true,"mock_token_ms":0}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"abcdefgh"}],"max_tokens":4,"stream":true,"stream_options":{"include_usage":true},"mock_token_ms":0}"#,
         )
         .await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     let text = res.text().await.unwrap();
-    let events: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
+    let events = sse_events(&text);
+    // The role, 4 tokens, the finish, the usage, [DONE].
+    assert_eq!(events.len(), 8, "{text}");
+    assert_eq!(events[7], "[DONE]");
+    let chunks: Vec<Value> = events[..7]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
         .collect();
+    assert_one_head(&chunks, "chat.completion.chunk", "chatcmpl-");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(chunks[0]["choices"][0]["finish_reason"], Value::Null);
+    for c in &chunks[1..5] {
+        assert_eq!(c["choices"][0]["delta"]["content"], "tok ", "{c}");
+        assert_eq!(c["choices"][0]["finish_reason"], Value::Null, "{c}");
+    }
+    // Every chunk before the last says `"usage": null`, as OpenAI's do
+    // when the usage is asked for.
+    for c in &chunks[..6] {
+        assert_eq!(c.get("usage"), Some(&Value::Null), "{c}");
+    }
+    // All 4 tokens of max_tokens were produced: `length`.
+    assert_eq!(chunks[5]["choices"][0]["delta"], json!({}));
+    assert_eq!(chunks[5]["choices"][0]["finish_reason"], "length");
+    let last = &chunks[6];
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["prompt_tokens"], 2);
+    assert_eq!(last["usage"]["completion_tokens"], 4);
+    assert_eq!(last["usage"]["total_tokens"], 6);
+}
+
+#[tokio::test]
+async fn a_stream_without_include_usage_has_no_usage_and_ends_with_a_finish_reason() {
+    let s = start(tollgate_gateway::DEMO_CONFIG).await;
+    // Chat: 2 of 5 tokens produced, so the model stopped by itself.
+    let res = s
+        .post(
+            "/v1/chat/completions",
+            Some("demo-free-key"),
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"mock_completion_tokens":2,"stream":true,"mock_token_ms":0}"#,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    let events = sse_events(&text);
+    // The role, 2 tokens, the finish, [DONE].
     assert_eq!(events.len(), 5, "{text}");
     assert_eq!(events[4], "[DONE]");
-    let last: Value = serde_json::from_str(events[3]).unwrap();
-    assert_eq!(last["usage"]["prompt_tokens"], 2);
-    assert_eq!(last["usage"]["total_tokens"], 6);
+    let chunks: Vec<Value> = events[..4]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_one_head(&chunks, "chat.completion.chunk", "chatcmpl-");
+    for c in &chunks {
+        assert!(c.get("usage").is_none(), "{c}");
+        assert_eq!(c["choices"].as_array().unwrap().len(), 1, "{c}");
+    }
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(chunks[3]["choices"][0]["finish_reason"], "stop");
+
+    // A completion streams text chunks (no role), then the finish.
+    let res = s
+        .post(
+            "/v1/completions",
+            Some("demo-free-key"),
+            r#"{"model":"m","prompt":"hi","max_tokens":3,"stream":true,"mock_token_ms":0}"#,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    let events = sse_events(&text);
+    assert_eq!(events.len(), 5, "{text}");
+    assert_eq!(events[4], "[DONE]");
+    let chunks: Vec<Value> = events[..4]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_one_head(&chunks, "text_completion", "cmpl-");
+    for c in &chunks[..3] {
+        assert_eq!(c["choices"][0]["text"], "tok ", "{c}");
+        assert_eq!(c["choices"][0]["finish_reason"], Value::Null, "{c}");
+    }
+    assert_eq!(chunks[3]["choices"][0]["finish_reason"], "length");
+    // Two answers never share an id.
+    let res = s
+        .post(
+            "/v1/completions",
+            Some("demo-free-key"),
+            r#"{"model":"m","prompt":"hi","max_tokens":3,"stream":true,"mock_token_ms":0}"#,
+        )
+        .await;
+    let text = res.text().await.unwrap();
+    let other: Value = serde_json::from_str(sse_events(&text)[0]).unwrap();
+    assert_ne!(other["id"], chunks[0]["id"]);
+}
+
+#[tokio::test]
+async fn plain_answers_have_openais_fields() {
+    let s = start(tollgate_gateway::DEMO_CONFIG).await;
+    let v: Value = s
+        .complete(Some("demo-free-key"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(v["id"].as_str().unwrap().starts_with("cmpl-"), "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["model"], "m");
+    assert!(v["created"].as_u64().unwrap() > 1_700_000_000, "{v}");
+    assert_eq!(v["choices"][0]["text"], "tok tok tok ");
+    assert_eq!(v["choices"][0]["index"], 0);
+    assert_eq!(v["choices"][0]["logprobs"], Value::Null);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["total_tokens"], 6);
+
+    let res = s
+        .post(
+            "/v1/chat/completions",
+            Some("demo-free-key"),
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":4,"mock_completion_tokens":1}"#,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"), "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "m");
+    assert!(v["created"].as_u64().unwrap() > 1_700_000_000, "{v}");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["message"]["content"], "tok ");
+    assert_eq!(choice["finish_reason"], "stop");
+    assert_eq!(
+        v["usage"],
+        json!({"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
+    );
+}
+
+/// A config whose plans name models (listed by `GET /v1/models`).
+const MODELS_CONFIG: &str = r#"
+[[plans]]
+name = "p"
+throttle = { rate = 1.0, burst = 3 }
+[plans.models]
+"small" = { throttle = { rate = 1.0, burst = 3 } }
+"*" = { throttle = { rate = 1.0, burst = 3 } }
+
+[[plans]]
+name = "q"
+throttle = { rate = 1.0, burst = 3 }
+[plans.models]
+"big" = { throttle = { rate = 1.0, burst = 3 } }
+"small" = { throttle = { rate = 1.0, burst = 3 } }
+
+[[keys]]
+id = "k"
+value = "models-key"
+plan = "p"
+
+[response]
+style = "openai"
+"#;
+
+#[tokio::test]
+async fn models_are_listed_as_openai_lists_them_and_the_get_is_limited_not_refused() {
+    let s = start(MODELS_CONFIG).await;
+    let get = || {
+        s.client
+            .get(format!("{}/v1/models", s.base))
+            .header("authorization", "Bearer models-key")
+            .send()
+    };
+    let res = get().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["object"], "list");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["big", "small"]);
+    for m in v["data"].as_array().unwrap() {
+        assert_eq!(m["object"], "model", "{m}");
+        assert!(m["created"].is_u64(), "{m}");
+        assert!(m["owned_by"].is_string(), "{m}");
+    }
+    // A GET is limited like any matched route (bursts of 3), never a 400.
+    assert_eq!(get().await.unwrap().status(), 200);
+    assert_eq!(get().await.unwrap().status(), 200);
+    assert_eq!(get().await.unwrap().status(), 429);
+    // Without a key: refused as a key problem.
+    let res = s
+        .client
+        .get(format!("{}/v1/models", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+
+    // A config that names no model lists the mock's own.
+    let demo = start(tollgate_gateway::DEMO_CONFIG).await;
+    let v: Value = demo
+        .client
+        .get(format!("{}/v1/models", demo.base))
+        .header("x-api-key", "demo-free-key")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["data"][0]["id"], "mock", "{v}");
+}
+
+#[tokio::test]
+async fn unmatched_routes_and_methods_cost_nothing() {
+    let s = start(tollgate_gateway::DEMO_CONFIG).await;
+    for _ in 0..10 {
+        let res = s
+            .post("/v1/nothing-here", Some("demo-free-key"), BODY)
+            .await;
+        assert_eq!(res.status(), 404);
+        let res = s
+            .client
+            .get(format!("{}/v1/completions", s.base))
+            .header("x-api-key", "demo-free-key")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 405);
+        let res = s
+            .client
+            .delete(format!("{}/v1/models", s.base))
+            .header("x-api-key", "demo-free-key")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 405);
+    }
+    // The whole burst of 5 is still there, and the day's usage holds only it.
+    for i in 0..5 {
+        assert_eq!(s.complete(Some("demo-free-key")).await.status(), 200, "{i}");
+    }
+    assert_eq!(s.complete(Some("demo-free-key")).await.status(), 429);
+    let (status, usage) = s
+        .admin(
+            reqwest::Method::GET,
+            "/admin/usage?plan=free&start=2024-05-06&end=2024-05-06",
+            "change-me",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(usage["items"]["free-1"], json!([[5, 995]]));
 }
 
 #[test]
@@ -599,7 +872,7 @@ async fn a_stream_holds_its_concurrency_place_to_its_last_event() {
     use futures_util_free::next_chunk;
 
     // The demo plan `free` allows 2 requests of a key in flight.
-    let s = start(reference_server::DEMO_CONFIG).await;
+    let s = start(tollgate_gateway::DEMO_CONFIG).await;
     let mut one = s
         .post("/v1/completions", Some("demo-free-key"), STREAM)
         .await;
@@ -650,7 +923,7 @@ const FAILING_STREAM: &str = r#"{"model":"m","prompt":"hi","max_tokens":40,"stre
 
 #[tokio::test]
 async fn places_all_come_back_after_a_mixed_storm() {
-    let s = std::sync::Arc::new(start(reference_server::DEMO_CONFIG).await);
+    let s = std::sync::Arc::new(start(tollgate_gateway::DEMO_CONFIG).await);
     let mut tasks = Vec::new();
     for i in 0..40 {
         let s = std::sync::Arc::clone(&s);
@@ -733,6 +1006,9 @@ fn completion(max_tokens: u32, produced: Option<u32>, stream: bool) -> String {
     let mut body = json!({"model": "m", "prompt": "", "max_tokens": max_tokens, "stream": stream});
     if let Some(n) = produced {
         body["mock_completion_tokens"] = json!(n);
+    }
+    if stream {
+        body["stream_options"] = json!({"include_usage": true});
     }
     if stream {
         body["mock_token_ms"] = json!(20);

@@ -1,0 +1,333 @@
+//! The admin routes: usage reports and key administration, guarded by the
+//! `x-admin-key` header.
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tollgate::store::Store;
+use tollgate::{Admin, AdminError, ApiKey, Date};
+
+use crate::mock::bad_request;
+
+/// The admin routes, working on `admin`, open to requests that carry
+/// `admin_key` (to none when there is no admin key).
+pub(crate) fn routes<S: Store>(admin: Admin<S>, admin_key: Option<&str>) -> Router {
+    let state = AdminState {
+        admin,
+        key: admin_key.map(|k| AdminKey::new(k.as_bytes())),
+    };
+    Router::new()
+        .route("/admin/usage", get(usage::<S>))
+        // A batch import of 100,000 keys is some 10 MB of JSON; the body is
+        // read only once the admin key has been checked.
+        .route(
+            "/admin/keys",
+            post(add_key::<S>).layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT)),
+        )
+        .route(
+            "/admin/keys/{id}",
+            get(get_key::<S>)
+                .patch(patch_key::<S>)
+                .delete(remove_key::<S>),
+        )
+        .route("/admin/keys/{id}/usage", patch(update_usage::<S>))
+        .route("/admin/keys/{id}/reset", post(reset_key::<S>))
+        .with_state(state)
+}
+
+#[derive(Clone)]
+struct AdminState<S> {
+    admin: Admin<S>,
+    key: Option<AdminKey>,
+}
+
+impl<S> AdminState<S> {
+    /// Whether the request carries the admin key (in its first `x-admin-key`
+    /// header); see [`AdminKey::matches`].
+    fn allows(&self, headers: &HeaderMap) -> bool {
+        match (&self.key, headers.get("x-admin-key")) {
+            (Some(key), Some(sent)) => key.matches(sent.as_bytes()),
+            _ => false,
+        }
+    }
+}
+
+/// The admin key, kept only as a keyed digest, so that checking a request's
+/// key takes a time that says nothing about the admin key.
+///
+/// The key sent is hashed with SipHash-2-4 (128 bits) under a key drawn from
+/// the operating system's randomness at start, and the two digests are
+/// compared whole. The time taken depends on the length of the key sent,
+/// which its sender knows, and on nothing else: the admin key itself is
+/// never read while serving, so neither its bytes nor its length, nor how
+/// long a prefix of it the sent key shares, can show in the time. And since
+/// no one can compute digests without the random key, even a comparison that
+/// stopped at the first differing bit would teach a sender nothing it could
+/// use. It does not stop early anyway: both halves are folded into one word,
+/// which is tested once.
+#[derive(Clone)]
+pub struct AdminKey {
+    sip: (u64, u64),
+    digest: [u64; 2],
+}
+
+impl AdminKey {
+    /// Keeps the digest of `key` under a new random key.
+    pub fn new(key: &[u8]) -> AdminKey {
+        use std::hash::BuildHasher;
+        // std's RandomState is seeded from the operating system's randomness.
+        let seed = std::hash::RandomState::new();
+        let sip = (
+            seed.hash_one(0x0061_646d_696e_u64),
+            seed.hash_one(0x006b_6579_u64),
+        );
+        AdminKey {
+            sip,
+            digest: admin_digest(sip, key),
+        }
+    }
+
+    /// Whether `sent` is the admin key, in a time that depends only on
+    /// `sent.len()`.
+    pub fn matches(&self, sent: &[u8]) -> bool {
+        let [a, b] = admin_digest(self.sip, sent);
+        let diff = (a ^ self.digest[0]) | (b ^ self.digest[1]);
+        std::hint::black_box(diff) == 0
+    }
+}
+
+/// The SipHash-2-4 128-bit digest of `bytes` under `key`.
+fn admin_digest(key: (u64, u64), bytes: &[u8]) -> [u64; 2] {
+    use siphasher::sip128::{Hasher128, SipHasher24};
+    use std::hash::Hasher;
+    let mut h = SipHasher24::new_with_keys(key.0, key.1);
+    h.write(bytes);
+    let h = h.finish128();
+    [h.h1, h.h2]
+}
+
+impl std::fmt::Debug for AdminKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminKey(..)")
+    }
+}
+
+/// A request that carries the admin key; any other is answered 403.
+struct Authorized;
+
+impl<S: Sync> FromRequestParts<AdminState<S>> for Authorized {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AdminState<S>) -> Result<Self, Response> {
+        if s.allows(&parts.headers) {
+            Ok(Authorized)
+        } else {
+            Err((StatusCode::FORBIDDEN, Json(json!({"message": "Forbidden"}))).into_response())
+        }
+    }
+}
+
+fn admin_error(e: AdminError) -> Response {
+    if let AdminError::Import { index, id, error } = &e {
+        let status = admin_error((**error).clone()).status();
+        let body = json!({"message": e.to_string(), "index": index, "id": id});
+        return (status, Json(body)).into_response();
+    }
+    let status = match e {
+        AdminError::UnknownKey(_) | AdminError::UnknownPlan(_) => StatusCode::NOT_FOUND,
+        AdminError::Config(_) => StatusCode::CONFLICT,
+        AdminError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        // A value the request got wrong (`{"remaining": N}` above 2^53, a
+        // date range), the same with every store.
+        AdminError::RemainingOutOfRange { .. } | AdminError::BadRange(_) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    (status, Json(json!({"message": e.to_string()}))).into_response()
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))
+}
+
+/// The largest admin request body: a batch of keys to import.
+const ADMIN_BODY_LIMIT: usize = 64 << 20;
+
+#[derive(Deserialize)]
+struct UsageQuery {
+    plan: String,
+    start: String,
+    end: String,
+    key: Option<String>,
+}
+
+async fn usage<S: Store>(
+    _: Authorized,
+    State(s): State<AdminState<S>>,
+    q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = q else {
+        return bad_request("usage needs plan, start and end (YYYY-MM-DD)");
+    };
+    let (Some(start), Some(end)) = (Date::parse(&q.start), Date::parse(&q.end)) else {
+        return bad_request("start and end must be dates as YYYY-MM-DD");
+    };
+    match s.admin.usage(&q.plan, start, end, q.key.as_deref()).await {
+        Ok(r) => Json(json!({
+            "plan": r.plan,
+            "start": r.start.to_string(),
+            "end": r.end.to_string(),
+            "items": r.items,
+        }))
+        .into_response(),
+        Err(e) => admin_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewKey {
+    id: String,
+    value: String,
+    plan: String,
+    #[serde(default = "yes")]
+    enabled: bool,
+    account: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn key_json<S: Store>(s: &AdminState<S>, id: &str) -> Response {
+    match s.admin.key(id) {
+        Some(k) => {
+            Json(json!({"id": k.id, "plan": k.plan, "enabled": k.enabled, "account": k.account}))
+                .into_response()
+        }
+        None => admin_error(AdminError::UnknownKey(id.to_owned())),
+    }
+}
+
+/// One key, or a batch of them (imported all or nothing).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NewKeys {
+    One(NewKey),
+    Many(Vec<NewKey>),
+}
+
+fn new_key(k: NewKey) -> ApiKey {
+    let key = ApiKey::new(k.id, k.value, k.plan).enabled(k.enabled);
+    match k.account {
+        Some(account) => key.account(account),
+        None => key,
+    }
+}
+
+async fn add_key<S: Store>(_: Authorized, State(s): State<AdminState<S>>, body: Bytes) -> Response {
+    let keys: NewKeys = match parse_json(&body) {
+        Ok(k) => k,
+        Err(msg) => return bad_request(&msg),
+    };
+    match keys {
+        NewKeys::One(k) => {
+            let id = k.id.clone();
+            match s.admin.add_key(new_key(k)).await {
+                Ok(()) => (StatusCode::CREATED, key_json(&s, &id)).into_response(),
+                Err(e) => admin_error(e),
+            }
+        }
+        NewKeys::Many(keys) => match s.admin.import_keys(keys.into_iter().map(new_key)).await {
+            Ok(n) => (StatusCode::CREATED, Json(json!({"imported": n}))).into_response(),
+            Err(e) => admin_error(e),
+        },
+    }
+}
+
+async fn get_key<S: Store>(
+    _: Authorized,
+    State(s): State<AdminState<S>>,
+    Path(id): Path<String>,
+) -> Response {
+    key_json(&s, &id)
+}
+
+async fn remove_key<S: Store>(
+    _: Authorized,
+    State(s): State<AdminState<S>>,
+    Path(id): Path<String>,
+) -> Response {
+    match s.admin.remove_key(&id).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => admin_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyPatch {
+    enabled: Option<bool>,
+    plan: Option<String>,
+}
+
+async fn patch_key<S: Store>(
+    _: Authorized,
+    State(s): State<AdminState<S>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let p: KeyPatch = match parse_json(&body) {
+        Ok(p) => p,
+        Err(msg) => return bad_request(&msg),
+    };
+    if let Some(plan) = &p.plan {
+        if let Err(e) = s.admin.set_plan(&id, plan).await {
+            return admin_error(e);
+        }
+    }
+    if let Some(enabled) = p.enabled {
+        if let Err(e) = s.admin.set_enabled(&id, enabled).await {
+            return admin_error(e);
+        }
+    }
+    key_json(&s, &id)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsagePatch {
+    remaining: u64,
+}
+
+async fn update_usage<S: Store>(
+    _: Authorized,
+    State(s): State<AdminState<S>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let p: UsagePatch = match parse_json(&body) {
+        Ok(p) => p,
+        Err(msg) => return bad_request(&msg),
+    };
+    match s.admin.set_remaining(&id, p.remaining).await {
+        Ok(remaining) => Json(json!({"id": id, "remaining": remaining})).into_response(),
+        Err(e) => admin_error(e),
+    }
+}
+
+async fn reset_key<S: Store>(
+    _: Authorized,
+    State(s): State<AdminState<S>>,
+    Path(id): Path<String>,
+) -> Response {
+    match s.admin.reset_key(&id).await {
+        Ok(()) => key_json(&s, &id),
+        Err(e) => admin_error(e),
+    }
+}

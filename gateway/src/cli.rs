@@ -1,0 +1,192 @@
+//! The command line: flags and their defaults.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The default of `--listen`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
+
+/// The default of `--drain`.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+
+/// The default of `--redis-timeout`: the store's own default.
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// The default of `--header-timeout`.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default of `--body-timeout`.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default of `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// The log filter when `RUST_LOG` is not set.
+pub const DEFAULT_LOG: &str = "warn,tollgate=info,tollgate_gateway=info";
+
+/// What `--help` prints: every flag and environment variable, with its
+/// default.
+pub const USAGE: &str = "\
+tollgate-gateway: a rate-limiting gateway for OpenAI-compatible inference APIs
+
+Usage: tollgate-gateway [OPTIONS]
+
+Options:
+  --config FILE          plans, keys and limits (TOML)
+                         [default: the embedded demo config, gateway/demo.toml]
+  --listen ADDR          the address to serve on [default: 127.0.0.1:3000]
+  --redis URL[,URL...]   keep the limits in Redis, shared by every gateway given
+                         the same URL; several URLs name the nodes of a Redis
+                         Cluster [default: none: the limits live in this process]
+  --redis-timeout MS     how long a decision may wait for Redis before the
+                         plan's failure mode decides it [default: 100]
+  --drain SECS           how long the requests in flight may take to finish
+                         after SIGTERM or SIGINT [default: 30]
+  --header-timeout SECS  how long a request's head may take to arrive, on a new
+                         connection or a kept-alive one (HTTP/1: idle
+                         connections are closed after it) [default: 10]
+  --body-timeout SECS    how long a request body may send nothing before it is
+                         cut off [default: 30]
+  --max-connections N    connections served at once; more wait to be accepted
+                         [default: 1024]
+  --log-json             log one JSON object a line [default: off: text]
+  -h, --help             print this help and exit
+
+Environment:
+  TOLLGATE_KEY_SECRET    keys the names of the state in Redis; give every
+                         gateway the same one [default: none]
+  RUST_LOG               the log filter
+                         [default: warn,tollgate=info,tollgate_gateway=info]
+";
+
+/// What the command line asks for: to serve, or for help.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Parsed {
+    /// Serve as the flags say.
+    Run(Args),
+    /// Print [`USAGE`] and exit.
+    Help,
+}
+
+/// How to serve.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Args {
+    /// Where to listen (`--listen`).
+    pub listen: SocketAddr,
+    /// The config file (`--config`); the embedded demo config when `None`.
+    pub config: Option<String>,
+    /// The Redis URL, or the comma-separated URLs of a Cluster's nodes
+    /// (`--redis`); the in-memory store when `None`.
+    pub redis: Option<String>,
+    /// How long a decision may wait for Redis before the plan's failure
+    /// mode decides it (`--redis-timeout`).
+    pub redis_timeout: Duration,
+    /// How long requests in flight may take to finish after a shutdown
+    /// signal (`--drain`).
+    pub drain: Duration,
+    /// See [`Limits::header_timeout`](crate::Limits::header_timeout)
+    /// (`--header-timeout`).
+    pub header_timeout: Duration,
+    /// See [`Limits::body_timeout`](crate::Limits::body_timeout)
+    /// (`--body-timeout`).
+    pub body_timeout: Duration,
+    /// See [`Limits::max_connections`](crate::Limits::max_connections)
+    /// (`--max-connections`).
+    pub max_connections: usize,
+    /// Log JSON lines (`--log-json`).
+    pub log_json: bool,
+}
+
+impl Args {
+    /// The serving limits the flags ask for.
+    pub fn limits(&self) -> crate::Limits {
+        crate::Limits {
+            header_timeout: self.header_timeout,
+            body_timeout: self.body_timeout,
+            max_connections: self.max_connections,
+            ..crate::Limits::default()
+        }
+    }
+}
+
+/// The value of `flag` as a number of seconds above 0.
+fn seconds(flag: &str, value: Option<String>) -> Result<Duration, String> {
+    let value = value.ok_or_else(|| format!("{flag} needs a number of seconds"))?;
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| format!("{flag} `{value}`: not a number of seconds above 0"))
+}
+
+/// Reads the flags (without the program's name); the error says what is
+/// wrong with them.
+pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, String> {
+    let mut listen = DEFAULT_LISTEN.to_owned();
+    let mut config = None;
+    let mut redis = None;
+    let mut redis_timeout = DEFAULT_REDIS_TIMEOUT;
+    let mut drain = DEFAULT_DRAIN;
+    let mut header_timeout = DEFAULT_HEADER_TIMEOUT;
+    let mut body_timeout = DEFAULT_BODY_TIMEOUT;
+    let mut max_connections = DEFAULT_MAX_CONNECTIONS;
+    let mut log_json = false;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--drain" => {
+                let secs = args.next().ok_or("--drain needs a number of seconds")?;
+                drain = secs
+                    .parse::<f64>()
+                    .ok()
+                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                    .ok_or_else(|| format!("--drain `{secs}`: not a number of seconds"))?;
+            }
+            "--listen" => listen = args.next().ok_or("--listen needs an address")?,
+            "--config" => config = Some(args.next().ok_or("--config needs a file")?),
+            "--redis" => redis = Some(args.next().ok_or("--redis needs a URL")?),
+            "--redis-timeout" => {
+                let ms = args
+                    .next()
+                    .ok_or("--redis-timeout needs a number of milliseconds")?;
+                redis_timeout = ms
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&ms| ms > 0)
+                    .map(Duration::from_millis)
+                    .ok_or_else(|| {
+                        format!("--redis-timeout `{ms}`: not a number of milliseconds above 0")
+                    })?;
+            }
+            "--header-timeout" => header_timeout = seconds("--header-timeout", args.next())?,
+            "--body-timeout" => body_timeout = seconds("--body-timeout", args.next())?,
+            "--max-connections" => {
+                let n = args
+                    .next()
+                    .ok_or("--max-connections needs a number of connections")?;
+                max_connections = n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                    format!("--max-connections `{n}`: not a number of connections above 0")
+                })?;
+            }
+            "--log-json" => log_json = true,
+            "-h" | "--help" => return Ok(Parsed::Help),
+            other => return Err(format!("unknown argument `{other}` (try --help)")),
+        }
+    }
+    let listen = listen
+        .parse()
+        .map_err(|e| format!("--listen `{listen}`: {e}"))?;
+    Ok(Parsed::Run(Args {
+        listen,
+        config,
+        redis,
+        redis_timeout,
+        drain,
+        header_timeout,
+        body_timeout,
+        max_connections,
+        log_json,
+    }))
+}

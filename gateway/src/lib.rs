@@ -1,0 +1,75 @@
+//! tollgate-gateway: a rate-limiting gateway for OpenAI-compatible inference
+//! APIs, built on tollgate.
+//!
+//! Run with `cargo run --release -p tollgate-gateway -- [--config FILE] [--listen ADDR] [--redis URL[,URL…]] [--redis-timeout MS] [--drain SECS]`
+//! (`--help` lists every flag and environment variable with its default).
+//!
+//! In mock mode (the default) it serves a mock OpenAI-style inference API
+//! behind tollgate:
+//!
+//! - `POST /v1/completions` with `{"model":"m","prompt":"…","max_tokens":N,"stream":false}`
+//! - `POST /v1/chat/completions` with `"messages":[{"role":"user","content":"…"}]` instead of `prompt`
+//! - `GET /v1/models`: the models the config's plans name (`mock` when none)
+//! - `GET /health`, never limited
+//!
+//! Answers have OpenAI's shapes: `id`, `object`, `created` and `model` on
+//! every response and chunk, `finish_reason` `length` when all of
+//! `max_tokens` was produced, else `stop`. With `"stream": true` the answer
+//! is server-sent events: for chat a `role` delta first, one chunk per token,
+//! a chunk with the `finish_reason`, with `stream_options.include_usage` a
+//! last chunk with `"choices": []` and the usage, then `data: [DONE]`. The
+//! mock generates `max_tokens` tokens (default 16), or
+//! `mock_completion_tokens` when the request names it, `mock_token_ms` apart
+//! (default 5) when streaming; `mock_fail_after: N` cuts a stream off after
+//! N tokens, as a broken model would.
+//!
+//! - `GET /metrics`: the decision counters (`tollgate_decisions_total`) in
+//!   Prometheus text, never limited
+//!
+//! A request's head must arrive within `--header-timeout` (10 s), which on
+//! HTTP/1 also closes a connection idle that long; a body that sends nothing
+//! for `--body-timeout` (30 s) is cut off; at most `--max-connections` (1024)
+//! are served at once, more wait to be accepted. It logs to stderr, filtered
+//! by `RUST_LOG`, as JSON lines with `--log-json`.
+//!
+//! Only requests that match a route and its method are limited: a 404 or a
+//! 405 costs nothing, and only the POST routes' bodies are read.
+//! - `/admin/…` usage and key administration, guarded by the `x-admin-key` header:
+//!   - `GET /admin/usage?plan=NAME&start=YYYY-MM-DD&end=YYYY-MM-DD[&key=ID]` (AWS GetUsage)
+//!   - `PATCH /admin/keys/ID/usage` with `{"remaining": N}` (AWS UpdateUsage)
+//!   - `POST /admin/keys` with `{"id":…,"value":…,"plan":…}` adds a key; with an array of
+//!     them imports them all or none (the first bad one named: `index`, `id`)
+//!   - `GET /admin/keys/ID` shows a key (never its value); `DELETE /admin/keys/ID` removes it
+//!   - `PATCH /admin/keys/ID` with `{"enabled": false}` or `{"plan": "pro"}`
+//!   - `POST /admin/keys/ID/reset` forgets the key's usage in its current window
+//!
+//! With `--redis URL` the limits live in Redis, shared by every gateway
+//! started with the same URL (several comma-separated URLs name the nodes of
+//! a Redis Cluster); otherwise in this process. When `TOLLGATE_KEY_SECRET`
+//! is set, it keys the names of the state in Redis (give every gateway the
+//! same one).
+//!
+//! With no flags it listens on `127.0.0.1:3000` with the in-memory store and
+//! the embedded demo configuration, `gateway/demo.toml`: plan `free` (2
+//! requests/s, bursts of 5, 1/s and bursts of 2 on the chat route, 1000 a
+//! day) with the key `demo-free-key`, plan `pro`, admin key `change-me`.
+//!
+//! ```text
+//! curl -i -X POST localhost:3000/v1/completions -H 'Authorization: Bearer demo-free-key' \
+//!      -H 'content-type: application/json' -d '{"model":"m","prompt":"hello"}'
+//! ```
+//!
+//! The library target is what the binary runs ([`main`]); tests serve
+//! [`app`] in their own process.
+
+mod admin;
+mod cli;
+mod mock;
+mod server;
+
+pub use admin::AdminKey;
+pub use cli::{
+    Args, DEFAULT_BODY_TIMEOUT, DEFAULT_DRAIN, DEFAULT_HEADER_TIMEOUT, DEFAULT_LISTEN, DEFAULT_LOG,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_REDIS_TIMEOUT, Parsed, USAGE, parse_args,
+};
+pub use server::{DEMO_CONFIG, Limits, app, main, router, serve, serve_with};

@@ -1,0 +1,461 @@
+//! Putting the gateway together: the layer and the routes, the listener,
+//! logging, and graceful shutdown.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use hyper::body::Incoming;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::sync::Semaphore;
+use tollgate::observe::MetricsObserver;
+use tower_http::timeout::RequestBodyTimeout;
+
+use axum::routing::{MethodRouter, get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use tollgate::config::Config;
+use tollgate::extract::BearerOrApiKey;
+use tollgate::openai::OpenAiEstimator;
+use tollgate::store::Store;
+use tollgate::{ConfigError, HeaderStyle, MemoryStore, RateLimitLayer, RedisStore};
+
+use crate::cli::{DEFAULT_LOG, Parsed, USAGE, parse_args};
+use crate::mock::{self, MockEstimator};
+
+/// The embedded demo configuration (`gateway/demo.toml`).
+pub const DEMO_CONFIG: &str = include_str!("../demo.toml");
+
+/// The gateway for `config`, keeping limit state in `store`.
+pub fn app<S: Store>(config: &Config, store: S) -> Result<Router, ConfigError> {
+    let policy = config.policy_with_clock(store.clock().clone())?;
+    // Installed before the first decision, so that every one is counted.
+    prometheus();
+    // OpenAI's SDKs send `Authorization: Bearer`, wait `retry-after-ms`,
+    // obey `x-should-retry` and read `code`/`type` from `{"error":{..}}`
+    // bodies: keys from Bearer or `x-api-key`, and the style the config
+    // names (`[response] style = "openai"` in the demo). The
+    // `x-ratelimit-*-{requests,tokens}` headers are for people and dashboards.
+    let layer = RateLimitLayer::builder(policy)
+        .store(store)
+        .extractor(BearerOrApiKey::new())
+        .estimator(MockEstimator(OpenAiEstimator::new()))
+        .quota_status(config.quota_status())
+        .style(config.style())
+        .max_retry(config.max_retry())
+        .headers(HeaderStyle::ietf().openai(true))
+        .observer(MetricsObserver::new())
+        .build();
+    Ok(router(layer, config.admin_key(), mock::model_names(config)))
+}
+
+/// The gateway's routes: the inference routes behind `limit` (the mock
+/// answering `models` in `GET /v1/models`); `/health` and the admin routes
+/// outside it.
+///
+/// Only requests that match a route and one of its methods are limited: a
+/// 404 or a 405 is answered before the layer sees the request, costing
+/// nothing.
+pub fn router<S: Store>(
+    limit: RateLimitLayer<BearerOrApiKey, S>,
+    admin_key: Option<&str>,
+    models: Vec<String>,
+) -> Router {
+    let admin = crate::admin::routes(limit.admin(), admin_key);
+    // Each method router's `route_layer`: neither the router's fallback (404)
+    // nor a route's method fallback (405) goes through the limit, as they
+    // would with `Router::layer` (both) or `Router::route_layer` (the 405).
+    let limited = |route: MethodRouter| route.route_layer(limit.clone());
+    Router::new()
+        .route("/v1/completions", limited(post(mock::completions)))
+        .route(
+            "/v1/chat/completions",
+            limited(post(mock::chat_completions)),
+        )
+        .route(
+            "/v1/models",
+            limited(get(mock::models).with_state(mock::Models::new(models))),
+        )
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .merge(admin)
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// The process's Prometheus recorder, installed by the first call; `None`
+/// when another `metrics` recorder was installed first.
+fn prometheus() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok().map(|()| handle)
+        })
+        .as_ref()
+}
+
+/// `GET /metrics`: the decision counters (`tollgate_decisions_total`) in
+/// Prometheus text.
+async fn metrics() -> Response {
+    match prometheus() {
+        Some(handle) => (
+            [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "another metrics recorder is installed in this process\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Limits on connections and on the time clients may take.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Limits {
+    /// HTTP/1: how long a request's head may take to arrive, counted from
+    /// when the connection is ready for it: on a new connection, and between
+    /// requests on a kept-alive one, so this also closes idle connections.
+    pub header_timeout: Duration,
+    /// How long a request body may send nothing before it is cut off.
+    pub body_timeout: Duration,
+    /// HTTP/2: how often an idle connection is pinged; one that does not
+    /// answer within as long again is closed.
+    pub http2_keep_alive: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            header_timeout: crate::cli::DEFAULT_HEADER_TIMEOUT,
+            body_timeout: crate::cli::DEFAULT_BODY_TIMEOUT,
+            http2_keep_alive: Duration::from_secs(20),
+            max_connections: crate::cli::DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// Serves `router` on `listener` with connection info (for client-IP limits)
+/// and the default [`Limits`] until `shutdown` resolves; see [`serve_with`].
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with(listener, router, shutdown, Limits::default()).await
+}
+
+/// Serves `router` on `listener` (HTTP/1 and HTTP/2 without TLS) with
+/// connection info, within `limits`, until `shutdown` resolves; then stops
+/// accepting (the listening socket is closed: new connections are refused),
+/// lets every request in flight finish, and returns.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    limits: Limits,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use tower_service::Service as _;
+
+    let service = RequestBodyTimeout::new(router, limits.body_timeout);
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.http2_keep_alive)
+        .keep_alive_timeout(limits.http2_keep_alive);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let places = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let place = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            place = Arc::clone(&places).acquire_owned() => place.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+        };
+        // Small writes (a stream's events) go out at once.
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let service = hyper::service::service_fn(move |mut req: axum::http::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            // A `Router` is always ready, and so is the timeout around it.
+            service.clone().call(req)
+        });
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let header_timeout = limits.header_timeout;
+        tokio::spawn(async move {
+            // Telling HTTP/1 from HTTP/2 waits for the first bytes, before
+            // hyper's header timeout runs: a client that sends nothing is
+            // dropped after the same time.
+            let first = tokio::time::timeout(header_timeout, stream.peek(&mut [0u8; 1])).await;
+            if !matches!(first, Ok(Ok(1..))) {
+                drop(place);
+                return;
+            }
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(place);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// After a failed `accept`: a connection the client gave up on is nothing;
+/// anything else (out of file descriptors) is logged and waited out, so the
+/// loop does not spin.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "cannot accept connections; retrying in a second");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (or [`DEFAULT_LOG`]).
+/// With `json`, one JSON object a line.
+fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG));
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        log.json().init();
+    } else {
+        log.init();
+    }
+}
+
+/// How long the startup check waits for each Redis node.
+const PING_WAIT: Duration = Duration::from_secs(1);
+
+/// Asks each Redis node for `PING`, and logs a warning for each that does
+/// not answer within [`PING_WAIT`]. Never fails: the store connects lazily
+/// and keeps retrying, so the server serves either way. (The store has no
+/// ping of its own, so this asks Redis directly.)
+async fn ping_redis(urls: &[&str]) {
+    for url in urls {
+        // A malformed URL is reported by the store's builder.
+        let Ok(client) = redis::Client::open(*url) else {
+            continue;
+        };
+        // The address only: a URL may carry a password.
+        let node = client.get_connection_info().addr().to_string();
+        let pong = async {
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
+        let error = match tokio::time::timeout(PING_WAIT, pong).await {
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {PING_WAIT:?}"),
+        };
+        tracing::warn!(
+            redis = %node,
+            %error,
+            "Redis cannot be reached; serving anyway: the store keeps retrying, and until \
+             Redis answers each plan's failure mode decides its requests"
+        );
+    }
+}
+
+/// Runs the gateway as the command line asks (see `--help`), until a
+/// shutdown signal; the process's exit code: 0 after a graceful shutdown, 1
+/// when it could not serve or the drain was cut short, 2 for bad flags or
+/// configuration.
+pub fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run())
+}
+
+async fn run() -> std::process::ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Parsed::Run(a)) => a,
+        Ok(Parsed::Help) => {
+            print!("{USAGE}");
+            return std::process::ExitCode::SUCCESS;
+        }
+        Err(msg) => {
+            eprintln!("tollgate-gateway: {msg}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging(args.log_json);
+    let config = match &args.config {
+        Some(path) => Config::load(path),
+        None => Config::from_toml(DEMO_CONFIG),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("invalid configuration: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    // The Redis store, kept to wait for its last settlements at exit.
+    let mut redis = None;
+    let app = match &args.redis {
+        None => app(&config, MemoryStore::new()),
+        Some(urls) => {
+            let urls: Vec<&str> = urls.split(',').map(str::trim).collect();
+            ping_redis(&urls).await;
+            let builder = match urls.as_slice() {
+                [url] => RedisStore::builder(*url),
+                nodes => RedisStore::cluster_builder(nodes.iter().copied()),
+            };
+            let secret = std::env::var("TOLLGATE_KEY_SECRET").unwrap_or_default();
+            match builder
+                .key_secret(secret)
+                .timeout(args.redis_timeout)
+                .build()
+                .await
+            {
+                Ok(store) => app(&config, redis.insert(store).clone()),
+                Err(e) => {
+                    eprintln!("--redis: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            }
+        }
+    };
+    let app = match app {
+        Ok(app) => app,
+        Err(e) => {
+            eprintln!("invalid configuration: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot listen on {}: {e}", args.listen);
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    // Listening for the signals before saying so: a signal sent as soon as
+    // the address is printed stops the server gracefully too.
+    let shutdown = match shutdown_signal() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot listen for shutdown signals: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "tollgate-gateway listening on http://{}",
+        listener.local_addr().map_or(args.listen, |a| a)
+    );
+    // The drain deadline starts with the signal.
+    let (stopping, stopped) = tokio::sync::oneshot::channel();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping.send(());
+    };
+    let deadline = async move {
+        match stopped.await {
+            Ok(()) => tokio::time::sleep(args.drain).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let served = tokio::select! {
+        served = serve_with(listener, app, shutdown, args.limits()) => served,
+        () = deadline => {
+            // They end with the runtime: with Redis, what they reserved
+            // stays charged (their settlement is not waited for).
+            eprintln!("requests still in flight {:?} after the signal: cut off", args.drain);
+            Err(std::io::Error::other("drain deadline passed"))
+        }
+    };
+    // Every response has ended; the Redis store may still be settling the
+    // last ones' tokens in the background.
+    if let Some(store) = redis {
+        store.drained().await;
+    }
+    match served {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("server error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM (what `kill`, systemd, Docker and Kubernetes send) or
+/// SIGINT (Ctrl-C). The handlers are installed now, not when first polled.
+///
+/// On either, [`serve`] stops accepting connections (the listening socket is
+/// closed: new connections are refused) and lets every request in flight
+/// finish, streams to their last event, so their tokens are settled.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        eprintln!("tollgate-gateway: shutting down, finishing the requests in flight");
+    })
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    Ok(async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            // No handler: run until killed rather than stop at once.
+            std::future::pending::<()>().await;
+        }
+        eprintln!("tollgate-gateway: shutting down, finishing the requests in flight");
+    })
+}

@@ -1,0 +1,115 @@
+//! The command line of the `tollgate-gateway` binary: `--help` on stdout with
+//! every flag, environment variable and default, and a clear error with exit
+//! status 2 for a bad flag or value.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::process::server_binary;
+
+/// Runs the binary with `args`; panics if it does not exit within 10 s (a
+/// gateway that started serving instead).
+fn run(args: &[&str]) -> Output {
+    let mut child = Command::new(server_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the gateway");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("query the gateway").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`tollgate-gateway {}` did not exit", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("the gateway's output")
+}
+
+#[test]
+fn help_lists_every_flag_and_variable_with_its_default_on_stdout() {
+    for flag in ["--help", "-h"] {
+        let out = run(&[flag]);
+        assert_eq!(out.status.code(), Some(0), "{flag}");
+        assert!(out.stderr.is_empty(), "{flag}: {:?}", out.stderr);
+        let help = String::from_utf8(out.stdout).unwrap();
+        for needle in [
+            "--config FILE",
+            "--listen ADDR",
+            "[default: 127.0.0.1:3000]",
+            "--redis URL",
+            "--redis-timeout MS",
+            "[default: 100]",
+            "--drain SECS",
+            "[default: 30]",
+            "--header-timeout SECS",
+            "[default: 10]",
+            "--body-timeout SECS",
+            "--max-connections N",
+            "[default: 1024]",
+            "--log-json",
+            "--help",
+            "TOLLGATE_KEY_SECRET",
+            "RUST_LOG",
+            tollgate_gateway::DEFAULT_LOG,
+        ] {
+            assert!(help.contains(needle), "{flag}: no {needle:?} in\n{help}");
+        }
+        // Every flag and every variable names its default: an entry is a
+        // line indented by two spaces and the deeper-indented lines after it.
+        let mut entries: Vec<String> = Vec::new();
+        for line in help.lines() {
+            if line.starts_with("   ") {
+                if let Some(e) = entries.last_mut() {
+                    e.push_str(line);
+                }
+            } else if let Some(entry) = line.strip_prefix("  ") {
+                entries.push(entry.to_owned());
+            }
+        }
+        assert!(entries.len() >= 8, "{entries:?}");
+        for entry in entries.iter().filter(|e| !e.starts_with("-h, --help")) {
+            assert!(entry.contains("[default: "), "no default in {entry:?}");
+        }
+    }
+    // Help wins over other flags, even bad ones after it: nothing is served.
+    let out = run(&["--listen", "127.0.0.1:0", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("tollgate-gateway"));
+}
+
+#[test]
+fn a_bad_flag_or_value_is_a_clear_error_with_status_2() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--colour"], "unknown argument `--colour`"),
+        (&["serve"], "unknown argument `serve`"),
+        (&["--listen"], "--listen needs an address"),
+        (&["--listen", "localhost"], "--listen `localhost`"),
+        (
+            &["--listen", "127.0.0.1:99999"],
+            "--listen `127.0.0.1:99999`",
+        ),
+        (&["--config"], "--config needs a file"),
+        (&["--redis"], "--redis needs a URL"),
+        (
+            &["--drain", "soon"],
+            "--drain `soon`: not a number of seconds",
+        ),
+        (&["--drain", "-1"], "--drain `-1`: not a number of seconds"),
+        (&["--redis-timeout", "0"], "--redis-timeout `0`"),
+        (&["--redis-timeout", "1.5"], "--redis-timeout `1.5`"),
+        (
+            &["--config", "/nonexistent/tollgate.toml"],
+            "/nonexistent/tollgate.toml",
+        ),
+    ];
+    for (args, message) in cases {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: {:?}", out.stdout);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(message), "{args:?}: {err}");
+    }
+}

@@ -1,0 +1,258 @@
+//! What protects the gateway from slow and idle clients and tells operators
+//! what it decided: header, body and idle timeouts and the connection cap
+//! (served in this process with short limits, driven over raw sockets),
+//! `GET /metrics` and JSON logs (the binary).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tollgate::MemoryStore;
+use tollgate::config::Config;
+use tollgate_gateway::Limits;
+
+use crate::support::process::ServerProcess;
+
+/// Serves the demo gateway with `limits` until the returned sender drops.
+async fn start(limits: Limits) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let config = Config::from_toml(tollgate_gateway::DEMO_CONFIG).unwrap();
+    let app = tollgate_gateway::app(&config, MemoryStore::new()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(tollgate_gateway::serve_with(
+        listener,
+        app,
+        async {
+            let _ = rx.await;
+        },
+        limits,
+    ));
+    (addr, tx)
+}
+
+fn limits(header: Duration, body: Duration, connections: usize) -> Limits {
+    let mut l = Limits::default();
+    l.header_timeout = header;
+    l.body_timeout = body;
+    l.max_connections = connections;
+    l
+}
+
+const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n";
+
+/// Reads from `stream` until the server closes it; returns what came and
+/// how long it took. Panics after 5 s.
+async fn read_until_closed(stream: &mut TcpStream, what: &str) -> (String, Duration) {
+    let start = Instant::now();
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the connection is still open after 5 s"))
+            .unwrap_or(0);
+        if n == 0 {
+            return (
+                String::from_utf8_lossy(&bytes).into_owned(),
+                start.elapsed(),
+            );
+        }
+        bytes.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_slow_head_and_an_idle_connection_are_closed_after_the_header_timeout() {
+    let (addr, _stop) = start(limits(
+        Duration::from_millis(300),
+        Duration::from_secs(30),
+        16,
+    ))
+    .await;
+    // Half a head, then nothing.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let (answer, took) = read_until_closed(&mut slow, "half a head").await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    // A kept-alive connection is answered, then closed once idle.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(HEALTH).await.unwrap();
+    let (answer, took) = read_until_closed(&mut idle, "kept alive, idle").await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    // A connection that never sends a byte is closed too.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let (answer, _) = read_until_closed(&mut silent, "silent").await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_body_that_stops_sending_is_cut_off_and_costs_nothing() {
+    let (addr, _stop) = start(limits(
+        Duration::from_secs(10),
+        Duration::from_millis(300),
+        16,
+    ))
+    .await;
+    for (path, header) in [
+        ("/v1/completions", "x-api-key: demo-free-key"),
+        ("/admin/keys", "x-admin-key: change-me"),
+    ] {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\n{header}\r\ncontent-type: application/json\r\n\
+             content-length: 100\r\nconnection: close\r\n\r\n{{\"model\":"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let (answer, took) = read_until_closed(&mut stream, path).await;
+        let status: u16 = answer
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{path}: no answer: {answer:?}"));
+        assert!((400..500).contains(&status), "{path}: {answer}");
+        assert!(took < Duration::from_secs(3), "{path}: {took:?}");
+    }
+    // The cut-off completion charged nothing: the whole burst of 5 is there.
+    let client = reqwest::Client::new();
+    for i in 0..5 {
+        let res = client
+            .post(format!("http://{addr}/v1/completions"))
+            .header("x-api-key", "demo-free-key")
+            .body(r#"{"model":"m","prompt":"hi"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{i}");
+    }
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_for_a_place() {
+    let (addr, _stop) = start(limits(Duration::from_secs(10), Duration::from_secs(30), 2)).await;
+    // Two connections hold both places (each answered once, kept alive).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(HEALTH).await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(s);
+    }
+    // A third is queued by the kernel but not served.
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    third.write_all(HEALTH).await.unwrap();
+    let mut buf = [0u8; 512];
+    let early = tokio::time::timeout(Duration::from_millis(500), third.read(&mut buf)).await;
+    assert!(early.is_err(), "served beyond the cap: {early:?}");
+    // One place comes back: the third is served.
+    drop(held.pop());
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("served once a place is free")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+}
+
+/// The value of the `tollgate_decisions_total` series whose labels include
+/// every one of `labels`, summed.
+fn decisions(text: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with("tollgate_decisions_total{"))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_count_each_decision_in_prometheus_text() {
+    let server = ServerProcess::start(&[]);
+    let client = reqwest::Client::new();
+    let (mut allowed, mut rejected) = (0.0, 0.0);
+    for _ in 0..8 {
+        let res = client
+            .post(server.url("/v1/completions"))
+            .header("x-api-key", "demo-free-key")
+            .body(r#"{"model":"m","prompt":"hi","max_tokens":1}"#)
+            .send()
+            .await
+            .unwrap();
+        match res.status().as_u16() {
+            200 => allowed += 1.0,
+            429 => rejected += 1.0,
+            other => panic!("status {other}"),
+        }
+    }
+    assert!(rejected >= 1.0, "the burst of 5 was not exceeded");
+    let unknown = client
+        .post(server.url("/v1/completions"))
+        .header("x-api-key", "nobody")
+        .body(r#"{"model":"m","prompt":"hi"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 401);
+    let res = client.get(server.url("/metrics")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = res.text().await.unwrap();
+    let route = r#"route="/v1/completions""#;
+    assert_eq!(
+        decisions(&text, &[r#"plan="free""#, route, r#"outcome="allowed""#]),
+        allowed,
+        "{text}"
+    );
+    assert_eq!(
+        decisions(
+            &text,
+            &[
+                r#"plan="free""#,
+                r#"outcome="rejected""#,
+                r#"reason="limited""#
+            ]
+        ),
+        rejected,
+        "{text}"
+    );
+    assert_eq!(
+        decisions(&text, &[r#"outcome="rejected""#, r#"reason="unknown_key""#]),
+        1.0,
+        "{text}"
+    );
+    // No key, and no key id, in any series.
+    assert!(
+        !text.contains("demo-free-key") && !text.contains("nobody"),
+        "{text}"
+    );
+    assert!(!text.contains("free-1"), "{text}");
+}
+
+#[tokio::test]
+async fn log_json_writes_one_json_object_a_line() {
+    // Port 1 refuses connections: the startup check logs a warning.
+    let server = ServerProcess::start(&["--log-json", "--redis", "redis://127.0.0.1:1/"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let stderr = server.stderr();
+        if let Some(line) = stderr.lines().find(|l| l.contains("WARN")) {
+            break line.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no warning logged: {stderr}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let event: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(event["level"], "WARN", "{event}");
+    assert_eq!(event["fields"]["redis"], "127.0.0.1:1", "{event}");
+    assert!(event["timestamp"].is_string(), "{event}");
+}
