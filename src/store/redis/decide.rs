@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::cache::OverLimitCache;
 use super::call::{Call, Charged, Part, quota_args, spec_args};
@@ -495,6 +496,15 @@ impl Inner {
     }
 }
 
+/// Pauses before each new try of a lease's removal; the last (zero) ends
+/// the tries.
+const LEASE_RETRIES: [Duration; 4] = [
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+    Duration::ZERO,
+];
+
 impl Inner {
     /// Removes a place under a concurrency cap, in the background (never
     /// waited for: a lease that cannot be removed lapses by itself).
@@ -505,12 +515,21 @@ impl Inner {
     }
 
     /// Removes lease `member` from the sorted set `key`, in the background.
+    /// A `ZREM` is idempotent, so one that fails (a timeout on a loaded
+    /// link, a reconnect) is sent again after a pause, a few times: a place
+    /// left behind would refuse the key's requests until its lease lapses.
     pub(super) fn remove_lease(self: &Arc<Self>, key: String, member: String) {
         let task = Arc::clone(self);
         self.spawn(async move {
             let cmd = redis::cmd("ZREM").arg(key).arg(member).clone();
-            if let Err(e) = task.command::<i64>(cmd).await {
-                tracing::debug!(error = %e, "lease not removed; it lapses by itself");
+            for pause in LEASE_RETRIES {
+                match task.command::<i64>(cmd.clone()).await {
+                    Ok(_) => return,
+                    Err(e) if pause.is_zero() => {
+                        tracing::debug!(error = %e, "lease not removed; it lapses by itself");
+                    }
+                    Err(_) => tokio::time::sleep(pause).await,
+                }
             }
         });
     }
