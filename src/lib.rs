@@ -139,7 +139,9 @@ pub use crate::cost::{BodyError, CostEstimator, Estimate, TokenEstimate, TokenUs
 pub use crate::error::ConfigError;
 pub use crate::headers::HeaderStyle;
 pub use crate::keys::SharedRegistry;
-pub use crate::layer::{RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseFuture};
+pub use crate::layer::{
+    RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseFuture, Standing,
+};
 pub use crate::plan::{
     Account, Anonymous, ApiKey, FailureMode, ModelLimits, Quota, Stage, Throttle, TokenBudget,
     UsagePlan,

@@ -241,6 +241,43 @@ impl<K, S: Store> Shared<K, S> {
         Step::of(result)
     }
 
+    /// [`check_any`](Self::check_any) at cost 0 (a peek: nothing is
+    /// charged), which also tells the caller's plan.
+    pub(crate) fn peek_any(
+        &self,
+        key: &[u8],
+        report: &mut Report,
+        plan: &mut Option<Arc<str>>,
+    ) -> Step<S::Future> {
+        let result = match &self.fixed {
+            Some(p) => {
+                let caller = Caller::unregistered(None, p, key);
+                *plan = Some(p.name.clone());
+                Ok(self.acquire(&caller, None, 0, None, report))
+            }
+            None => self.registered(key, None, true, |c| {
+                *plan = Some(c.plan.name.clone());
+                self.acquire(c, None, 0, None, report)
+            }),
+        };
+        Step::of(result)
+    }
+
+    /// [`peek_any`](Self::peek_any) for a key the resolver has answered.
+    pub(crate) fn peek_resolved(
+        &self,
+        answer: &Answer,
+        report: &mut Report,
+        plan: &mut Option<Arc<str>>,
+    ) -> Step<S::Future> {
+        let decide = |c: &Caller<'_>| {
+            *plan = Some(c.plan.name.clone());
+            self.acquire(c, None, 0, None, report)
+        };
+        let result = self.resolved(&self.policy.load(), answer, None, true, decide);
+        result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
+    }
+
     /// Decides a request whose key the resolver has answered (after
     /// [`Step::Resolve`]), as [`decide`](Self::decide) does a registered key.
     pub(crate) fn decide_resolved(

@@ -13,7 +13,7 @@ use crate::policy::Policy;
 use crate::resolver::Resolver;
 use crate::response::{DEFAULT_MAX_RETRY, OnRejection, Reason, Rejection, ResponseStyle};
 use crate::store::Failures;
-use crate::store::{MemoryStore, Report, Store};
+use crate::store::{Applied, MemoryStore, Report, Store};
 use crate::usage::Admin;
 use http::StatusCode;
 use std::time::Duration;
@@ -40,6 +40,35 @@ use std::time::Duration;
 /// ```
 pub struct RateLimitLayer<K = ApiKeyHeader, S = MemoryStore> {
     shared: SharedState<K, S>,
+}
+
+/// How a key's limits stand ([`RateLimitLayer::standing`]).
+#[derive(Debug, Clone)]
+pub struct Standing {
+    plan: String,
+    limits: Vec<Applied>,
+    refused: Option<Rejection>,
+}
+
+impl Standing {
+    /// The key's plan.
+    pub fn plan(&self) -> &str {
+        &self.plan
+    }
+
+    /// How each of its limits stands (its name, size, window, what remains
+    /// and when it is full again), in the order the layer weighs them; only
+    /// the refusing limit when [`refused`](Self::refused).
+    pub fn limits(&self) -> &[Applied] {
+        &self.limits
+    }
+
+    /// Why a request would be refused now, when a limit refuses even a
+    /// request that costs nothing (a quota past its limit, a full
+    /// concurrency cap).
+    pub fn refused(&self) -> Option<&Rejection> {
+        self.refused.as_ref()
+    }
 }
 
 impl RateLimitLayer<ApiKeyHeader> {
@@ -181,6 +210,126 @@ impl<K, S: Store> RateLimitLayer<K, S> {
                 .map(|_| ())
                 .map_err(|(rejection, _)| shared.styled(rejection))
         }
+    }
+
+    /// How the limits of `key` stand, read without charging anything: for a
+    /// route that shows a caller its own usage (the gateway's
+    /// `GET /v1/usage`). It is decided as [`decide`](Self::decide) decides a
+    /// request of cost 0 (a peek: no route, so no method override; no
+    /// model, so a model's limits only through the plan's `"*"` entry): a
+    /// missing, unknown or disabled key is an `Err`; a peek that a limit
+    /// refuses (a quota past its limit, a full concurrency cap) is a
+    /// standing whose [`refused`](Standing::refused) says so, holding that
+    /// limit.
+    ///
+    /// ```
+    /// use tollgate::{ApiKey, Period, Policy, Quota, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let policy = Policy::builder()
+    ///     .plan(
+    ///         UsagePlan::new("free")
+    ///             .throttle(Throttle::new(1.0, 5)?)
+    ///             .quota(Quota::new(100, Period::Day)?),
+    ///     )
+    ///     .key(ApiKey::new("free-1", "secret", "free"))
+    ///     .build()?;
+    /// let layer = RateLimitLayer::new(policy);
+    /// layer.decide(b"secret", 1).await.unwrap();
+    /// let standing = layer.standing(b"secret").await.unwrap();
+    /// assert_eq!(standing.plan(), "free");
+    /// let quota = standing.limits().iter().find(|l| l.name() == "quota").unwrap();
+    /// assert_eq!((quota.limit(), quota.remaining()), (100, 99));
+    /// assert!(layer.standing(b"nobody").await.is_err());
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn standing(
+        &self,
+        key: &[u8],
+    ) -> impl Future<Output = Result<Standing, Rejection>> + Send + 'static + use<K, S>
+    where
+        K: Send + Sync + 'static,
+    {
+        let mut report = Report::default();
+        let mut plan = None;
+        let step = self.shared.peek_any(key, &mut report, &mut plan);
+        let shared = Arc::clone(&self.shared);
+        async move {
+            let step = match step {
+                Step::Resolve(lookup) => {
+                    shared.peek_resolved(&lookup.await, &mut report, &mut plan)
+                }
+                step => step,
+            };
+            let decided = match step {
+                Step::Done(d) => d.map(|()| report),
+                Step::Wait(f, failure, watch) => {
+                    shared.conclude_watched(f.await, failure, watch, None)
+                }
+                Step::Resolve(_) => Err((Rejection::key(Reason::ResolverUnavailable), None)),
+                Step::Read => Ok(report),
+            };
+            // A peek takes no place; a store that took one anyway gets it back.
+            if let Ok(report) = &decided {
+                for permit in report.permits() {
+                    shared.store.release(permit);
+                }
+            }
+            let plan = plan.map(|p| p.to_string()).unwrap_or_default();
+            match decided {
+                Ok(report) => Ok(Standing {
+                    plan,
+                    limits: report.items().to_vec(),
+                    refused: None,
+                }),
+                Err((rejection, Some(limit))) => Ok(Standing {
+                    plan,
+                    limits: vec![limit],
+                    refused: Some(shared.styled(rejection)),
+                }),
+                Err((rejection, None)) => Err(shared.styled(rejection)),
+            }
+        }
+    }
+
+    /// [`standing`](Self::standing) of the key the layer's extractor takes
+    /// from `req`: a route that shows callers their own usage, with the key
+    /// they send to every other route. A request without a usable key is
+    /// refused as the layer refuses it (in its response style).
+    ///
+    /// ```
+    /// use tollgate::{ApiKey, Policy, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let policy = Policy::builder()
+    ///     .plan(UsagePlan::new("free").throttle(Throttle::new(1.0, 5)?))
+    ///     .key(ApiKey::new("free-1", "secret", "free"))
+    ///     .build()?;
+    /// let layer = RateLimitLayer::openai(policy);
+    /// let req = http::Request::builder()
+    ///     .header("authorization", "Bearer secret")
+    ///     .body(())
+    ///     .unwrap();
+    /// assert_eq!(layer.standing_of(&req).await.unwrap().plan(), "free");
+    /// let anonymous = http::Request::new(());
+    /// assert_eq!(layer.standing_of(&anonymous).await.unwrap_err().status(), 401);
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn standing_of<B>(
+        &self,
+        req: &http::Request<B>,
+    ) -> impl Future<Output = Result<Standing, Rejection>> + Send + 'static
+    where
+        K: KeyExtractor,
+    {
+        let view = RequestView::new(req);
+        let standing = match self.shared.extractor.extract(&view) {
+            Ok(key) => Ok(self.standing(key.as_bytes())),
+            Err(e) => Err(self.shared.styled(Rejection::key(Reason::Key(e)))),
+        };
+        async move { standing?.await }
     }
 
     /// A handle to change keys and plans while serving and to read usage

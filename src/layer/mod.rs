@@ -10,7 +10,7 @@ mod read;
 mod service;
 
 pub use self::future::ResponseFuture;
-pub use self::layer::{RateLimitLayer, RateLimitLayerBuilder};
+pub use self::layer::{RateLimitLayer, RateLimitLayerBuilder, Standing};
 pub use self::service::RateLimit;
 
 pub(crate) use self::engine::{BodyLimits, Shared, SharedState, Step};

@@ -72,6 +72,12 @@ impl Applied {
         self.quota
     }
 
+    /// The limit's window: how long a throttle takes to refill whole, a
+    /// quota's period; zero for a cap on requests in flight.
+    pub fn window(&self) -> Duration {
+        Duration::from_secs(self.window_secs)
+    }
+
     /// Units left.
     pub fn remaining(&self) -> u64 {
         self.remaining

@@ -19,4 +19,5 @@ mod observe;
 mod openai;
 mod resolver;
 mod spoofing;
+mod standing;
 mod tokenizer;

@@ -1,0 +1,126 @@
+//! `RateLimitLayer::standing`: how a key's limits stand, read without
+//! charging anything, on the memory store and on Redis.
+
+use std::time::Duration;
+
+use tollgate::{
+    ApiKey, ManualClock, Period, Policy, Quota, RateLimitLayer, Reason, Throttle, TokenBudget,
+    UsagePlan,
+};
+
+use crate::support::at;
+use crate::support::backend::{Backend, Memory, Redis};
+use crate::support::redis::require_redis;
+
+fn policy(clock: &ManualClock) -> Policy {
+    Policy::builder()
+        .clock(clock.clone())
+        .plan(
+            UsagePlan::new("pro")
+                .throttle(Throttle::new(1.0, 5).unwrap())
+                .quota(Quota::new(3, Period::Day).unwrap())
+                .tokens(TokenBudget::new().per_minute(1_000).unwrap())
+                .concurrency(1),
+        )
+        .key(ApiKey::new("pro-1", "secret", "pro"))
+        .key(ApiKey::new("off-1", "off", "pro").enabled(false))
+        .build()
+        .unwrap()
+}
+
+/// (remaining, limit) of the limit named `name`.
+fn of(standing: &tollgate::Standing, name: &str) -> (u64, u64) {
+    let l = standing
+        .limits()
+        .iter()
+        .find(|l| l.name() == name)
+        .unwrap_or_else(|| panic!("no {name} in {:?}", standing.limits()));
+    (l.remaining(), l.limit())
+}
+
+async fn standing_reads_without_charging<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let layer = RateLimitLayer::builder(policy(&clock))
+        .store(b.store(&clock).await)
+        .build();
+    let fresh = layer.standing(b"secret").await.unwrap();
+    assert_eq!(fresh.plan(), "pro");
+    assert!(fresh.refused().is_none());
+    assert_eq!(of(&fresh, "throttle"), (5, 5));
+    assert_eq!(of(&fresh, "quota"), (3, 3));
+    assert_eq!(of(&fresh, "tokens-minute"), (1_000, 1_000));
+    assert_eq!(of(&fresh, "concurrency"), (1, 1));
+    let quota = fresh.limits().iter().find(|l| l.name() == "quota").unwrap();
+    assert_eq!(quota.window(), Duration::from_secs(86_400));
+    assert_eq!(quota.reset(), Duration::from_secs(86_400 - 3_600));
+    // Read as often as one likes: nothing is charged.
+    for _ in 0..10 {
+        let again = layer.standing(b"secret").await.unwrap();
+        assert_eq!(of(&again, "throttle"), (5, 5));
+        assert_eq!(of(&again, "quota"), (3, 3));
+    }
+    // `decide` gives back its place under the cap at once; on Redis the
+    // removal is sent in the background.
+    let decide = || async {
+        layer.decide(b"secret", 1).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    decide().await;
+    decide().await;
+    let used = layer.standing(b"secret").await.unwrap();
+    assert_eq!(of(&used, "throttle"), (3, 5));
+    assert_eq!(of(&used, "quota"), (1, 3));
+    // Keys it does not know or that are disabled are refused as a request
+    // would be.
+    let unknown = layer.standing(b"nobody").await.unwrap_err();
+    assert_eq!(unknown.reason(), Reason::UnknownKey);
+    let off = layer.standing(b"off").await.unwrap_err();
+    assert_eq!(off.reason(), Reason::DisabledKey);
+    // The quota used up: what a peek finds still reads.
+    decide().await;
+    let spent = layer.standing(b"secret").await.unwrap();
+    assert_eq!(of(&spent, "quota"), (0, 3));
+}
+
+#[tokio::test]
+async fn standing_on_the_memory_store() {
+    standing_reads_without_charging(&Memory).await;
+}
+
+#[tokio::test]
+async fn standing_on_redis() {
+    if !require_redis() {
+        return;
+    }
+    standing_reads_without_charging(&Redis::single("standing")).await;
+}
+
+/// A full concurrency cap refuses even a peek: the standing says so and
+/// names the cap.
+#[tokio::test]
+async fn a_full_cap_is_a_refused_standing() {
+    use tower::{Service, ServiceExt};
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let layer = RateLimitLayer::builder(policy(&clock)).build();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service_fn(|_| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("streamed")))
+        });
+    let req = http::Request::builder()
+        .header("x-api-key", "secret")
+        .body(String::new())
+        .unwrap();
+    let held = svc.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(held.status(), 200);
+    let standing = layer.standing(b"secret").await.unwrap();
+    let refused = standing.refused().expect("the cap is full");
+    assert_eq!(refused.reason(), Reason::ConcurrencyLimited);
+    assert_eq!(of(&standing, "concurrency"), (0, 1));
+    drop(held);
+    let free = layer.standing(b"secret").await.unwrap();
+    assert!(free.refused().is_none());
+    assert_eq!(of(&free, "concurrency"), (1, 1));
+}
