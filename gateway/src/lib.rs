@@ -25,6 +25,9 @@
 //!
 //! - `GET /metrics`: the decision counters (`tollgate_decisions_total`) in
 //!   Prometheus text, never limited
+//! - `GET /v1/usage`: the caller's own plan and how each of its limits
+//!   stands (name, family, size, window, remaining, reset), for the key it
+//!   sends; read without charging anything
 //!
 //! A request's head must arrive within `--header-timeout` (10 s), which on
 //! HTTP/1 also closes a connection idle that long; a body that sends nothing
@@ -66,6 +69,7 @@ mod admin;
 mod cli;
 mod mock;
 mod server;
+mod usage;
 
 pub use admin::AdminKey;
 pub use cli::{

@@ -79,6 +79,10 @@ pub fn router<S: Store>(
             "/v1/models",
             limited(get(mock::models).with_state(mock::Models::new(models))),
         )
+        .route(
+            "/v1/usage",
+            get(crate::usage::usage::<S>).with_state(limit.clone()),
+        )
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .merge(admin)

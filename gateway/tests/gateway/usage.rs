@@ -1,0 +1,157 @@
+//! `GET /v1/usage`: a caller reads its own plan and limits, with the key it
+//! sends to every route, without being charged; other keys' limits are not
+//! shown, and a request without a usable key is refused as a route would.
+
+use std::net::SocketAddr;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde_json::Value;
+use tollgate::config::Config;
+use tollgate::{Date, ManualClock, MemoryStore};
+
+const CONFIG: &str = r#"
+[[plans]]
+name = "free"
+throttle = { rate = 1.0, burst = 5 }
+quota = { limit = 10, period = "DAY" }
+tokens = { per_minute = 1000 }
+
+[[plans]]
+name = "pro"
+throttle = { rate = 10.0, burst = 50 }
+
+[[keys]]
+id = "free-1"
+value = "free-secret"
+plan = "free"
+
+[[keys]]
+id = "pro-1"
+value = "pro-secret"
+plan = "pro"
+
+[response]
+style = "openai"
+"#;
+
+const BODY: &str = r#"{"model":"m","prompt":"abcdefgh","max_tokens":10}"#;
+
+async fn start() -> (String, tokio::sync::oneshot::Sender<()>) {
+    let clock = ManualClock::new();
+    let days = Date::new(2024, 5, 6).unwrap().days() as u64;
+    clock.set_wall(UNIX_EPOCH + Duration::from_secs(days * 86_400 + 10 * 3_600));
+    let store = MemoryStore::builder().clock(clock).build().unwrap();
+    let app = tollgate_gateway::app(&Config::from_toml(CONFIG).unwrap(), store).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(tollgate_gateway::serve(listener, app, async {
+        let _ = rx.await;
+    }));
+    (format!("http://{addr}"), tx)
+}
+
+async fn usage(base: &str, auth: Option<(&str, &str)>) -> (u16, Value) {
+    let mut req = reqwest::Client::new().get(format!("{base}/v1/usage"));
+    if let Some((name, value)) = auth {
+        req = req.header(name, value);
+    }
+    let res = req.send().await.unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap())
+}
+
+/// (remaining, limit) of the limit named `name` in a usage answer.
+fn of(body: &Value, name: &str) -> (u64, u64) {
+    let l = body["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {body}"));
+    (
+        l["remaining"].as_u64().unwrap(),
+        l["limit"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_caller_reads_its_own_limits_without_being_charged() {
+    let (base, _stop) = start().await;
+    let bearer = ("authorization", "Bearer free-secret");
+    let (status, fresh) = usage(&base, Some(bearer)).await;
+    assert_eq!(status, 200, "{fresh}");
+    assert_eq!(fresh["object"], "usage");
+    assert_eq!(fresh["plan"], "free");
+    assert_eq!(of(&fresh, "throttle"), (5, 5));
+    assert_eq!(of(&fresh, "quota"), (10, 10));
+    assert_eq!(of(&fresh, "tokens-minute"), (1000, 1000));
+    let quota = fresh["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "quota")
+        .unwrap();
+    assert_eq!(quota["family"], "requests");
+    assert_eq!(quota["window_secs"], 86_400);
+    assert_eq!(quota["reset_ms"], 14 * 3_600 * 1000);
+    assert!(fresh["refused"].is_null());
+    // Reading is free, however often.
+    for _ in 0..8 {
+        let (_, again) = usage(&base, Some(("x-api-key", "free-secret"))).await;
+        assert_eq!(of(&again, "throttle"), (5, 5));
+        assert_eq!(of(&again, "quota"), (10, 10));
+    }
+    // A completion of 2 prompt tokens + 10 is charged; usage shows it.
+    let res = reqwest::Client::new()
+        .post(format!("{base}/v1/completions"))
+        .header("authorization", "Bearer free-secret")
+        .header("content-type", "application/json")
+        .body(BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let _ = res.bytes().await.unwrap();
+    let (_, used) = usage(&base, Some(bearer)).await;
+    assert_eq!(of(&used, "throttle"), (4, 5));
+    assert_eq!(of(&used, "quota"), (9, 10));
+    let (tokens_left, _) = of(&used, "tokens-minute");
+    assert!(tokens_left < 1000, "{used}");
+    assert_eq!(used["limits"].as_array().unwrap()[0]["name"], "throttle");
+    // Another key sees its own plan only.
+    let (_, pro) = usage(&base, Some(("authorization", "Bearer pro-secret"))).await;
+    assert_eq!(pro["plan"], "pro");
+    assert_eq!(of(&pro, "throttle"), (50, 50));
+    assert!(
+        pro["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["name"] != "quota"),
+        "{pro}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_without_a_usable_key_is_refused_as_a_route_would() {
+    let (base, _stop) = start().await;
+    for auth in [
+        None,
+        Some(("authorization", "Bearer nobody")),
+        Some(("x-api-key", "nobody")),
+    ] {
+        let (status, body) = usage(&base, auth).await;
+        assert_eq!(status, 401, "{auth:?}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
+    }
+    // Two different keys at once.
+    let res = reqwest::Client::new()
+        .get(format!("{base}/v1/usage"))
+        .header("authorization", "Bearer free-secret")
+        .header("x-api-key", "pro-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+}
