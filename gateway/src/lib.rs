@@ -66,10 +66,15 @@ mod admin;
 mod cli;
 mod mock;
 mod server;
+mod upstream;
 
 pub use admin::AdminKey;
 pub use cli::{
     Args, DEFAULT_BODY_TIMEOUT, DEFAULT_DRAIN, DEFAULT_HEADER_TIMEOUT, DEFAULT_LISTEN, DEFAULT_LOG,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_REDIS_TIMEOUT, Parsed, USAGE, parse_args,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_REDIS_TIMEOUT, DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+    DEFAULT_UPSTREAM_TIMEOUT, Parsed, USAGE, parse_args,
 };
-pub use server::{DEMO_CONFIG, Limits, app, main, router, serve, serve_with};
+pub use server::{
+    DEMO_CONFIG, Limits, app, app_with, main, router, serve, serve_with, upstream_router,
+};
+pub use upstream::Upstream;
