@@ -110,9 +110,15 @@ pub fn upstream_router<S: Store>(
     admin_key: Option<&str>,
     upstream: &Upstream,
 ) -> Router {
-    let forward = any(upstream::forward).with_state(upstream.forwarder());
+    // Every method is forwarded (no 405), so the router's `route_layer`
+    // covers exactly the matched `/v1/…` requests; the 404 fallback stays
+    // outside the limit.
     Router::new()
-        .route("/v1/{*path}", forward.route_layer(limit.clone()))
+        .route(
+            "/v1/{*path}",
+            any(upstream::forward).with_state(upstream.forwarder()),
+        )
+        .route_layer(limit.clone())
         .merge(always(&limit, admin_key))
 }
 

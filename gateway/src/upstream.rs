@@ -471,6 +471,9 @@ fn relay(
             reported: false,
         }
     } else if content_type.starts_with("application/json") || content_type.contains("+json") {
+        // Without a length the server reads the body to its end, where the
+        // usage is settled; with one it would stop at the last byte.
+        headers.remove(header::CONTENT_LENGTH);
         Kind::Json {
             seen: Vec::new(),
             whole: true,

@@ -12,3 +12,4 @@ mod cli;
 mod hardening;
 mod mock;
 mod shutdown;
+mod upstream;
