@@ -87,7 +87,7 @@ Environment:
 #[non_exhaustive]
 pub enum Parsed {
     /// Serve as the flags say.
-    Run(Args),
+    Run(Box<Args>),
     /// Print [`USAGE`] and exit.
     Help,
 }
@@ -234,7 +234,7 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
             )
         }
     };
-    Ok(Parsed::Run(Args {
+    Ok(Parsed::Run(Box::new(Args {
         listen,
         config,
         redis,
@@ -245,5 +245,5 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
         max_connections,
         log_json,
         upstream,
-    }))
+    })))
 }

@@ -365,7 +365,7 @@ pub fn main() -> std::process::ExitCode {
 
 async fn run() -> std::process::ExitCode {
     let args = match parse_args(std::env::args().skip(1)) {
-        Ok(Parsed::Run(a)) => a,
+        Ok(Parsed::Run(a)) => *a,
         Ok(Parsed::Help) => {
             print!("{USAGE}");
             return std::process::ExitCode::SUCCESS;
