@@ -1,8 +1,13 @@
 //! tollgate-gateway: a rate-limiting gateway for OpenAI-compatible inference
 //! APIs, built on tollgate.
 //!
-//! Run with `cargo run --release -p tollgate-gateway -- [--config FILE] [--listen ADDR] [--redis URL[,URL…]] [--redis-timeout MS] [--drain SECS]`
+//! Run with `cargo run --release -p tollgate-gateway -- [--config FILE] [--listen ADDR] [--redis URL[,URL…]] [--redis-timeout MS] [--upstream URL] [--drain SECS]`
 //! (`--help` lists every flag and environment variable with its default).
+//!
+//! With `--upstream URL` it forwards `/v1/*` to an OpenAI-compatible backend
+//! (vLLM, llama.cpp server, Ollama) instead of the mock, behind the same
+//! limits: see [`Upstream`] for streaming, settlement from the backend's
+//! `usage`, errors, timeouts and credentials.
 //!
 //! In mock mode (the default) it serves a mock OpenAI-style inference API
 //! behind tollgate:

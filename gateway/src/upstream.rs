@@ -1,26 +1,6 @@
 //! Upstream mode: `/v1/*` forwarded to an OpenAI-compatible backend (vLLM,
-//! llama.cpp server, Ollama, TGI) behind the same limits as the mock.
-//!
-//! - Answers stream back as they come, a piece at a time: nothing is read
-//!   from the backend faster than the client takes it, and when the client
-//!   goes away the backend's response is dropped, which closes its
-//!   connection and cancels the generation.
-//! - Tokens are settled from the backend's `usage`: a non-streamed JSON
-//!   answer's `usage.total_tokens`, read as it passes; a stream's usage
-//!   chunk, which the gateway asks for (`stream_options.include_usage`) when
-//!   the client did not, and then removes from what the client sees. A
-//!   stream that ends without one (the client left, the backend failed or
-//!   ignores `include_usage`) is charged its prompt as the layer estimated it
-//!   plus one token for each chunk that carried text. A non-streamed answer
-//!   the client leaves before its end keeps its estimate.
-//! - The backend's errors pass through, status and body, and cost what their
-//!   `usage` says (nothing without one). A backend that cannot be reached is
-//!   a 502, one that does not answer within the timeout a 504, both with an
-//!   OpenAI-style `{"error":{..}}` body, and both cost nothing.
-//! - The client's key (`Authorization`, `x-api-key`) is never forwarded, nor
-//!   are hop-by-hop headers; the gateway sends its own credential when one
-//!   is configured. The backend's `ratelimit*` and `x-ratelimit-*` headers
-//!   are dropped: the client sees the gateway's limits.
+//! llama.cpp server, Ollama, TGI) behind the same limits as the mock; see
+//! [`Upstream`].
 
 use std::fmt;
 use std::pin::Pin;
@@ -56,6 +36,27 @@ const MAX_JSON_ANSWER: usize = 16 * 1024 * 1024;
 const MAX_EVENT: usize = 1024 * 1024;
 
 /// The backend `/v1/*` is forwarded to, and how.
+///
+/// - Answers stream back as they come, a piece at a time: nothing is read
+///   from the backend faster than the client takes it, and when the client
+///   goes away the backend's response is dropped, which closes its
+///   connection and cancels the generation.
+/// - Tokens are settled from the backend's `usage`: a non-streamed JSON
+///   answer's `usage.total_tokens`, read as it passes; a stream's usage
+///   chunk, which the gateway asks for (`stream_options.include_usage`) when
+///   the client did not, and then removes from what the client sees. A
+///   stream that ends without one (the client left, the backend failed or
+///   ignores `include_usage`) is charged its prompt as the layer estimated it
+///   plus one token for each chunk that carried text. A non-streamed answer
+///   the client leaves before its end keeps its estimate.
+/// - The backend's errors pass through, status and body, and cost what their
+///   `usage` says (nothing without one). A backend that cannot be reached is
+///   a 502, one that does not answer within the timeout a 504, both with an
+///   OpenAI-style `{"error":{..}}` body, and both cost nothing.
+/// - The client's key (`Authorization`, `x-api-key`) is never forwarded, nor
+///   are hop-by-hop headers; the gateway sends its own credential when one
+///   is configured. The backend's `ratelimit*` and `x-ratelimit-*` headers
+///   are dropped: the client sees the gateway's limits.
 #[derive(Clone)]
 pub struct Upstream {
     /// `scheme://host[:port][/prefix]`, without a trailing `/` or `/v1`.
