@@ -417,3 +417,56 @@ async fn answers_that_are_not_json_pass_through() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.text().await.unwrap(), "{\"usage\": nope");
 }
+
+#[tokio::test]
+async fn the_binary_takes_the_backends_key_from_the_environment_and_never_logs_it() {
+    use crate::support::process::ServerProcess;
+
+    let (backend, _stop) = mock_backend().await;
+    let upstream = format!("{backend}/v1");
+    let front = ServerProcess::start_with_env(
+        &["--upstream", &upstream],
+        &[
+            ("TOLLGATE_UPSTREAM_KEY", "gateway-secret"),
+            ("RUST_LOG", "debug"),
+        ],
+    );
+    let client = reqwest::Client::new();
+    let res = client
+        .post(front.url("/v1/completions"))
+        .header("x-api-key", "demo-free-key")
+        .header("content-type", "application/json")
+        .body(completion(10, 2, true).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert_eq!(events(&text).len(), 4, "{text}");
+    // Unreachable is logged too; the key in neither line.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let down = format!("http://{addr}");
+    let lonely = ServerProcess::start_with_env(
+        &["--upstream", &down],
+        &[("TOLLGATE_UPSTREAM_KEY", "gateway-secret")],
+    );
+    let res = client
+        .post(lonely.url("/v1/completions"))
+        .header("x-api-key", "demo-free-key")
+        .header("content-type", "application/json")
+        .body(completion(10, 2, false).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 502);
+    let _ = res.bytes().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for server in [&front, &lonely] {
+        let log = server.stderr();
+        assert!(log.contains("forwarding /v1/* to the upstream"), "{log}");
+        assert!(!log.contains("gateway-secret"), "{log}");
+    }
+    assert!(lonely.stderr().contains("the upstream request failed"));
+}
