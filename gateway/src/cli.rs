@@ -21,6 +21,12 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The default of `--max-connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
+/// The default of `--upstream-timeout`.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The default of `--upstream-connect-timeout`.
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The log filter when `RUST_LOG` is not set.
 pub const DEFAULT_LOG: &str = "warn,tollgate=info,tollgate_gateway=info";
 
@@ -49,12 +55,29 @@ Options:
                          cut off [default: 30]
   --max-connections N    connections served at once; more wait to be accepted
                          [default: 1024]
+  --upstream URL         forward /v1/* to this OpenAI-compatible backend (vLLM,
+                         llama.cpp server, Ollama, TGI), with or without a
+                         trailing /v1, instead of answering with the mock; the
+                         client's key is never forwarded [default: none: the
+                         mock answers]
+  --upstream-key KEY     send the backend `Authorization: Bearer KEY`; prefer
+                         TOLLGATE_UPSTREAM_KEY, which `ps` does not show
+                         [default: none: no credential is sent]
+  --upstream-timeout SECS
+                         how long the backend may take to start answering
+                         (504 beyond), and to send the next piece of an
+                         answer (cut off beyond) [default: 600]
+  --upstream-connect-timeout SECS
+                         how long connecting to the backend may take (502
+                         beyond) [default: 10]
   --log-json             log one JSON object a line [default: off: text]
   -h, --help             print this help and exit
 
 Environment:
   TOLLGATE_KEY_SECRET    keys the names of the state in Redis; give every
                          gateway the same one [default: none]
+  TOLLGATE_UPSTREAM_KEY  the backend's key, as --upstream-key (which wins when
+                         both are given); never logged [default: none]
   RUST_LOG               the log filter
                          [default: warn,tollgate=info,tollgate_gateway=info]
 ";
@@ -64,7 +87,7 @@ Environment:
 #[non_exhaustive]
 pub enum Parsed {
     /// Serve as the flags say.
-    Run(Args),
+    Run(Box<Args>),
     /// Print [`USAGE`] and exit.
     Help,
 }
@@ -97,6 +120,10 @@ pub struct Args {
     pub max_connections: usize,
     /// Log JSON lines (`--log-json`).
     pub log_json: bool,
+    /// The backend `/v1/*` is forwarded to (`--upstream`, with
+    /// `--upstream-key`, `--upstream-timeout` and
+    /// `--upstream-connect-timeout`); the mock answers when `None`.
+    pub upstream: Option<crate::Upstream>,
 }
 
 impl Args {
@@ -134,6 +161,10 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
     let mut body_timeout = DEFAULT_BODY_TIMEOUT;
     let mut max_connections = DEFAULT_MAX_CONNECTIONS;
     let mut log_json = false;
+    let mut upstream = None;
+    let mut upstream_key = None;
+    let mut upstream_timeout = DEFAULT_UPSTREAM_TIMEOUT;
+    let mut upstream_connect_timeout = DEFAULT_UPSTREAM_CONNECT_TIMEOUT;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--drain" => {
@@ -171,6 +202,15 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
                 })?;
             }
             "--log-json" => log_json = true,
+            "--upstream" => upstream = Some(args.next().ok_or("--upstream needs a URL")?),
+            // Never echoed back: the error names the flag, not the value.
+            "--upstream-key" => {
+                upstream_key = Some(args.next().ok_or("--upstream-key needs a key")?)
+            }
+            "--upstream-timeout" => upstream_timeout = seconds("--upstream-timeout", args.next())?,
+            "--upstream-connect-timeout" => {
+                upstream_connect_timeout = seconds("--upstream-connect-timeout", args.next())?;
+            }
             "-h" | "--help" => return Ok(Parsed::Help),
             other => return Err(format!("unknown argument `{other}` (try --help)")),
         }
@@ -178,7 +218,23 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
     let listen = listen
         .parse()
         .map_err(|e| format!("--listen `{listen}`: {e}"))?;
-    Ok(Parsed::Run(Args {
+    let upstream = match upstream {
+        None if upstream_key.is_some() => {
+            return Err("--upstream-key is for --upstream, which is not given".to_owned());
+        }
+        None => None,
+        Some(url) => {
+            let mut up = crate::Upstream::new(&url).map_err(|e| format!("--upstream: {e}"))?;
+            if let Some(key) = upstream_key {
+                up = up.key(&key).map_err(|e| format!("--upstream-key: {e}"))?;
+            }
+            Some(
+                up.timeout(upstream_timeout)
+                    .connect_timeout(upstream_connect_timeout),
+            )
+        }
+    };
+    Ok(Parsed::Run(Box::new(Args {
         listen,
         config,
         redis,
@@ -188,5 +244,6 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
         body_timeout,
         max_connections,
         log_json,
-    }))
+        upstream,
+    })))
 }

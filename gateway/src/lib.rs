@@ -1,8 +1,13 @@
 //! tollgate-gateway: a rate-limiting gateway for OpenAI-compatible inference
 //! APIs, built on tollgate.
 //!
-//! Run with `cargo run --release -p tollgate-gateway -- [--config FILE] [--listen ADDR] [--redis URL[,URL…]] [--redis-timeout MS] [--drain SECS]`
+//! Run with `cargo run --release -p tollgate-gateway -- [--config FILE] [--listen ADDR] [--redis URL[,URL…]] [--redis-timeout MS] [--upstream URL] [--drain SECS]`
 //! (`--help` lists every flag and environment variable with its default).
+//!
+//! With `--upstream URL` it forwards `/v1/*` to an OpenAI-compatible backend
+//! (vLLM, llama.cpp server, Ollama) instead of the mock, behind the same
+//! limits: see [`Upstream`] for streaming, settlement from the backend's
+//! `usage`, errors, timeouts and credentials.
 //!
 //! In mock mode (the default) it serves a mock OpenAI-style inference API
 //! behind tollgate:
@@ -69,11 +74,16 @@ mod admin;
 mod cli;
 mod mock;
 mod server;
+mod upstream;
 mod usage;
 
 pub use admin::AdminKey;
 pub use cli::{
     Args, DEFAULT_BODY_TIMEOUT, DEFAULT_DRAIN, DEFAULT_HEADER_TIMEOUT, DEFAULT_LISTEN, DEFAULT_LOG,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_REDIS_TIMEOUT, Parsed, USAGE, parse_args,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_REDIS_TIMEOUT, DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+    DEFAULT_UPSTREAM_TIMEOUT, Parsed, USAGE, parse_args,
 };
-pub use server::{DEMO_CONFIG, Limits, app, main, router, serve, serve_with};
+pub use server::{
+    DEMO_CONFIG, Limits, app, app_with, main, router, serve, serve_with, upstream_router,
+};
+pub use upstream::Upstream;

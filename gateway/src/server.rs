@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tollgate::observe::MetricsObserver;
 use tower_http::timeout::RequestBodyTimeout;
 
-use axum::routing::{MethodRouter, get, post};
+use axum::routing::{MethodRouter, any, get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 use tollgate::config::Config;
@@ -25,12 +25,23 @@ use tollgate::{ConfigError, HeaderStyle, MemoryStore, RateLimitLayer, RedisStore
 
 use crate::cli::{DEFAULT_LOG, Parsed, USAGE, parse_args};
 use crate::mock::{self, MockEstimator};
+use crate::upstream::{self, Upstream, UpstreamEstimator};
 
 /// The embedded demo configuration (`gateway/demo.toml`).
 pub const DEMO_CONFIG: &str = include_str!("../demo.toml");
 
-/// The gateway for `config`, keeping limit state in `store`.
+/// The gateway for `config` in mock mode, keeping limit state in `store`.
 pub fn app<S: Store>(config: &Config, store: S) -> Result<Router, ConfigError> {
+    app_with(config, store, None)
+}
+
+/// The gateway for `config`, keeping limit state in `store`: forwarding
+/// `/v1/*` to `upstream` when one is given, else answering with the mock.
+pub fn app_with<S: Store>(
+    config: &Config,
+    store: S,
+    upstream: Option<&Upstream>,
+) -> Result<Router, ConfigError> {
     let policy = config.policy_with_clock(store.clock().clone())?;
     // Installed before the first decision, so that every one is counted.
     prometheus();
@@ -39,17 +50,28 @@ pub fn app<S: Store>(config: &Config, store: S) -> Result<Router, ConfigError> {
     // bodies: keys from Bearer or `x-api-key`, and the style the config
     // names (`[response] style = "openai"` in the demo). The
     // `x-ratelimit-*-{requests,tokens}` headers are for people and dashboards.
-    let layer = RateLimitLayer::builder(policy)
+    let builder = RateLimitLayer::builder(policy)
         .store(store)
         .extractor(BearerOrApiKey::new())
-        .estimator(MockEstimator(OpenAiEstimator::new()))
         .quota_status(config.quota_status())
         .style(config.style())
         .max_retry(config.max_retry())
         .headers(HeaderStyle::ietf().openai(true))
-        .observer(MetricsObserver::new())
-        .build();
-    Ok(router(layer, config.admin_key(), mock::model_names(config)))
+        .observer(MetricsObserver::new());
+    Ok(match upstream {
+        None => {
+            let layer = builder
+                .estimator(MockEstimator(OpenAiEstimator::new()))
+                .build();
+            router(layer, config.admin_key(), mock::model_names(config))
+        }
+        Some(upstream) => {
+            let layer = builder
+                .estimator(UpstreamEstimator(OpenAiEstimator::new()))
+                .build();
+            upstream_router(layer, config.admin_key(), upstream)
+        }
+    })
 }
 
 /// The gateway's routes: the inference routes behind `limit` (the mock
@@ -64,7 +86,6 @@ pub fn router<S: Store>(
     admin_key: Option<&str>,
     models: Vec<String>,
 ) -> Router {
-    let admin = crate::admin::routes(limit.admin(), admin_key);
     // Each method router's `route_layer`: neither the router's fallback (404)
     // nor a route's method fallback (405) goes through the limit, as they
     // would with `Router::layer` (both) or `Router::route_layer` (the 405).
@@ -79,13 +100,40 @@ pub fn router<S: Store>(
             "/v1/models",
             limited(get(mock::models).with_state(mock::Models::new(models))),
         )
+        .merge(always(&limit, admin_key))
+}
+
+/// The routes of upstream mode: every `/v1/…` path and method forwarded to
+/// `upstream` behind `limit`; `/health` and the admin routes outside it.
+pub fn upstream_router<S: Store>(
+    limit: RateLimitLayer<BearerOrApiKey, S>,
+    admin_key: Option<&str>,
+    upstream: &Upstream,
+) -> Router {
+    // Every method is forwarded (no 405), so the router's `route_layer`
+    // covers exactly the matched `/v1/…` requests; the 404 fallback stays
+    // outside the limit.
+    Router::new()
+        .route(
+            "/v1/{*path}",
+            any(upstream::forward).with_state(upstream.forwarder()),
+        )
+        .route_layer(limit.clone())
+        .merge(always(&limit, admin_key))
+}
+
+/// The routes of both modes, never limited: `/health`, `/metrics`,
+/// `/v1/usage` (which reads the caller's limits without charging them) and
+/// the admin routes.
+fn always<S: Store>(limit: &RateLimitLayer<BearerOrApiKey, S>, admin_key: Option<&str>) -> Router {
+    Router::new()
         .route(
             "/v1/usage",
             get(crate::usage::usage::<S>).with_state(limit.clone()),
         )
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .merge(admin)
+        .merge(crate::admin::routes(limit.admin(), admin_key))
 }
 
 async fn health() -> Json<Value> {
@@ -322,7 +370,7 @@ pub fn main() -> std::process::ExitCode {
 
 async fn run() -> std::process::ExitCode {
     let args = match parse_args(std::env::args().skip(1)) {
-        Ok(Parsed::Run(a)) => a,
+        Ok(Parsed::Run(a)) => *a,
         Ok(Parsed::Help) => {
             print!("{USAGE}");
             return std::process::ExitCode::SUCCESS;
@@ -332,6 +380,21 @@ async fn run() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    let mut args = args;
+    if let Some(up) = args.upstream.take() {
+        // The flag wins; the variable keeps the key out of `ps`.
+        let up = match std::env::var("TOLLGATE_UPSTREAM_KEY") {
+            Ok(key) if !up.has_key() && !key.is_empty() => match up.key(&key) {
+                Ok(up) => up,
+                Err(e) => {
+                    eprintln!("tollgate-gateway: TOLLGATE_UPSTREAM_KEY: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            },
+            _ => up,
+        };
+        args.upstream = Some(up);
+    }
     init_logging(args.log_json);
     let config = match &args.config {
         Some(path) => Config::load(path),
@@ -347,7 +410,7 @@ async fn run() -> std::process::ExitCode {
     // The Redis store, kept to wait for its last settlements at exit.
     let mut redis = None;
     let app = match &args.redis {
-        None => app(&config, MemoryStore::new()),
+        None => app_with(&config, MemoryStore::new(), args.upstream.as_ref()),
         Some(urls) => {
             let urls: Vec<&str> = urls.split(',').map(str::trim).collect();
             ping_redis(&urls).await;
@@ -362,7 +425,7 @@ async fn run() -> std::process::ExitCode {
                 .build()
                 .await
             {
-                Ok(store) => app(&config, redis.insert(store).clone()),
+                Ok(store) => app_with(&config, redis.insert(store).clone(), args.upstream.as_ref()),
                 Err(e) => {
                     eprintln!("--redis: {e}");
                     return std::process::ExitCode::from(2);
@@ -393,6 +456,13 @@ async fn run() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Some(up) = &args.upstream {
+        tracing::info!(
+            upstream = up.base(),
+            credential = up.has_key(),
+            "forwarding /v1/* to the upstream"
+        );
+    }
     println!(
         "tollgate-gateway listening on http://{}",
         listener.local_addr().map_or(args.listen, |a| a)

@@ -50,8 +50,14 @@ fn help_lists_every_flag_and_variable_with_its_default_on_stdout() {
             "--max-connections N",
             "[default: 1024]",
             "--log-json",
+            "--upstream URL",
+            "--upstream-key KEY",
+            "--upstream-timeout SECS",
+            "[default: 600]",
+            "--upstream-connect-timeout SECS",
             "--help",
             "TOLLGATE_KEY_SECRET",
+            "TOLLGATE_UPSTREAM_KEY",
             "RUST_LOG",
             tollgate_gateway::DEFAULT_LOG,
         ] {
@@ -104,6 +110,32 @@ fn a_bad_flag_or_value_is_a_clear_error_with_status_2() {
             &["--config", "/nonexistent/tollgate.toml"],
             "/nonexistent/tollgate.toml",
         ),
+        (&["--upstream"], "--upstream needs a URL"),
+        (
+            &["--upstream", "localhost:8000"],
+            "the scheme must be http or https",
+        ),
+        (
+            &["--upstream", "ftp://h/"],
+            "the scheme must be http or https",
+        ),
+        (&["--upstream", "http://"], "--upstream: `http://`"),
+        (&["--upstream", "8000"], "--upstream: `8000` is not a URL"),
+        (
+            &["--upstream", "http://h:1/?model=m"],
+            "a query or fragment",
+        ),
+        // The secret in the URL is not echoed.
+        (&["--upstream", "http://me:hunter22@h/"], "user or password"),
+        (&["--upstream-key", "k"], "--upstream-key is for --upstream"),
+        (
+            &["--upstream", "http://h", "--upstream-timeout", "0"],
+            "--upstream-timeout `0`",
+        ),
+        (
+            &["--upstream", "http://h", "--upstream-connect-timeout", "x"],
+            "--upstream-connect-timeout `x`",
+        ),
     ];
     for (args, message) in cases {
         let out = run(args);
@@ -111,5 +143,6 @@ fn a_bad_flag_or_value_is_a_clear_error_with_status_2() {
         assert!(out.stdout.is_empty(), "{args:?}: {:?}", out.stdout);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(message), "{args:?}: {err}");
+        assert!(!err.contains("hunter22"), "{args:?}: {err}");
     }
 }

@@ -12,4 +12,5 @@ mod cli;
 mod hardening;
 mod mock;
 mod shutdown;
+mod upstream;
 mod usage;

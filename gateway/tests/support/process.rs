@@ -32,8 +32,14 @@ impl ServerProcess {
     /// Starts the gateway with `args` and `--listen 127.0.0.1:0`, and waits
     /// until it prints its address.
     pub fn start(args: &[&str]) -> ServerProcess {
+        ServerProcess::start_with_env(args, &[])
+    }
+
+    /// As [`start`](Self::start), with environment variables `env` set.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate-gateway"))
             .args(args)
+            .envs(env.iter().copied())
             .args(["--listen", "127.0.0.1:0"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -1,0 +1,776 @@
+//! Upstream mode: `/v1/*` forwarded to an OpenAI-compatible backend (vLLM,
+//! llama.cpp server, Ollama, TGI) behind the same limits as the mock; see
+//! [`Upstream`].
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_stream::Stream;
+use tollgate::TokenUsage;
+use tollgate::cost::{BodyError, CostEstimator, Estimate};
+use tollgate::extract::RequestView;
+use tollgate::openai::OpenAiEstimator;
+
+/// The largest request body read to ask for the usage (the layer's own
+/// bound on the bodies it reads).
+const MAX_REQUEST_BODY: usize = 1024 * 1024;
+
+/// How much of a non-streamed JSON answer is kept aside to read its
+/// `usage` at the end; beyond it, the answer still passes and its estimate
+/// stands.
+const MAX_JSON_ANSWER: usize = 16 * 1024 * 1024;
+
+/// How long one server-sent event may grow without its blank line before it
+/// is passed on unread.
+const MAX_EVENT: usize = 1024 * 1024;
+
+/// The backend `/v1/*` is forwarded to, and how.
+///
+/// - Answers stream back as they come, a piece at a time: nothing is read
+///   from the backend faster than the client takes it, and when the client
+///   goes away the backend's response is dropped, which closes its
+///   connection and cancels the generation.
+/// - Tokens are settled from the backend's `usage`: a non-streamed JSON
+///   answer's `usage.total_tokens`, read as it passes; a stream's usage
+///   chunk, which the gateway asks for (`stream_options.include_usage`) when
+///   the client did not, and then removes from what the client sees. A
+///   stream that ends without one (the client left, the backend failed or
+///   ignores `include_usage`) is charged its prompt as the layer estimated it
+///   plus one token for each chunk that carried text. A non-streamed answer
+///   the client leaves before its end keeps its estimate.
+/// - The backend's errors pass through, status and body, and cost what their
+///   `usage` says (nothing without one). A backend that cannot be reached is
+///   a 502, one that does not answer within the timeout a 504, both with an
+///   OpenAI-style `{"error":{..}}` body, and both cost nothing.
+/// - The client's key (`Authorization`, `x-api-key`) is never forwarded, nor
+///   are hop-by-hop headers; the gateway sends its own credential when one
+///   is configured. The backend's `ratelimit*` and `x-ratelimit-*` headers
+///   are dropped: the client sees the gateway's limits.
+#[derive(Clone)]
+pub struct Upstream {
+    /// `scheme://host[:port][/prefix]`, without a trailing `/` or `/v1`.
+    base: String,
+    /// `Bearer KEY`, marked sensitive.
+    key: Option<HeaderValue>,
+    timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("base", &self.base)
+            .field("key", &self.key.as_ref().map(|_| "<set>"))
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+impl Upstream {
+    /// The backend at `url` (`http://host:port`, with or without a trailing
+    /// `/v1`; a path prefix is kept), with no credential and the default
+    /// timeouts. The error says what is wrong with the URL.
+    pub fn new(url: &str) -> Result<Upstream, String> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(format!("`{url}`: the scheme must be http or https"));
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err(format!("`{url}` names no host"));
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            // Not echoed: it holds a secret.
+            return Err(
+                "the URL carries a user or password: give the backend's key with \
+                 TOLLGATE_UPSTREAM_KEY or --upstream-key instead"
+                    .to_owned(),
+            );
+        }
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(format!("`{url}`: a query or fragment has no place here"));
+        }
+        if parsed.scheme() == "https" && !cfg!(feature = "tls") {
+            return Err(format!(
+                "`{url}`: this build has no TLS; build it with `--features tls` \
+                 (cargo install --path gateway --features tls)"
+            ));
+        }
+        let path = parsed.path().trim_end_matches('/');
+        let path = path.strip_suffix("/v1").unwrap_or(path);
+        Ok(Upstream {
+            base: format!("{}{path}", parsed.origin().ascii_serialization()),
+            key: None,
+            timeout: crate::cli::DEFAULT_UPSTREAM_TIMEOUT,
+            connect_timeout: crate::cli::DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+        })
+    }
+
+    /// Sends the backend `Authorization: Bearer KEY`. The error (an empty
+    /// key, or one that cannot be a header) does not repeat the key.
+    pub fn key(mut self, key: &str) -> Result<Upstream, String> {
+        if key.is_empty() {
+            return Err("the key is empty".to_owned());
+        }
+        let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
+            .map_err(|_| "the key must be visible ASCII characters".to_owned())?;
+        value.set_sensitive(true);
+        self.key = Some(value);
+        Ok(self)
+    }
+
+    /// Whether a credential is set.
+    pub fn has_key(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// How long the backend may take to start answering (504 beyond), and to
+    /// send the next piece of an answer (cut off beyond).
+    pub fn timeout(mut self, timeout: Duration) -> Upstream {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long connecting to the backend may take (502 beyond).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Upstream {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Where `/v1/…` goes: this, then the request's path and query.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The forwarder the routes share.
+    pub(crate) fn forwarder(&self) -> Arc<Forwarder> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .read_timeout(self.timeout)
+            // Prompts go to the backend named, never through a proxy the
+            // environment happens to set.
+            .no_proxy()
+            .build()
+            .expect("an HTTP client without system configuration to read builds");
+        Arc::new(Forwarder {
+            client,
+            upstream: self.clone(),
+            prompt: OpenAiEstimator::new().default_max_tokens(0),
+        })
+    }
+}
+
+/// What forwarding needs: the client (its connection pool) and the backend.
+pub(crate) struct Forwarder {
+    client: reqwest::Client,
+    upstream: Upstream,
+    /// The layer's estimate without the answer's allowance: a prompt's tokens.
+    prompt: OpenAiEstimator,
+}
+
+/// Whether a request is a completion or chat completion, whose body is read.
+fn is_completion(method: &Method, path: &str) -> bool {
+    *method == Method::POST && matches!(path, "/v1/completions" | "/v1/chat/completions")
+}
+
+/// The OpenAI estimate for completion and chat completion bodies; other
+/// requests (embeddings, models, …) are estimated from their head (0) and
+/// settled from the answer's `usage` when it has one.
+pub(crate) struct UpstreamEstimator(pub(crate) OpenAiEstimator);
+
+impl CostEstimator for UpstreamEstimator {
+    fn estimate(&self, req: &RequestView<'_>) -> u32 {
+        self.0.estimate(req)
+    }
+
+    fn reads_body(&self, req: &RequestView<'_>) -> bool {
+        is_completion(req.method, req.uri.path())
+    }
+
+    fn estimate_body(&self, req: &RequestView<'_>, body: &[u8]) -> Result<Estimate, BodyError> {
+        self.0.estimate_body(req, body)
+    }
+}
+
+/// Request headers never forwarded: the client's credentials, what the
+/// client's connection to the gateway alone means, and what the gateway
+/// sets itself. (`accept-encoding`: answers come back uncompressed, to be
+/// read for their usage.)
+const NOT_FORWARDED: [&str; 13] = [
+    "authorization",
+    "x-api-key",
+    "proxy-authorization",
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "accept-encoding",
+    "x-admin-key",
+];
+
+/// Response headers never passed back: hop-by-hop ones.
+const NOT_RETURNED: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// `headers` without those in `drop`, those the `connection` header names,
+/// and, with `limits`, the backend's rate limit headers.
+fn filter(headers: &HeaderMap, drop: &[&str], limits: bool) -> HeaderMap {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let n = name.as_str();
+        if drop.contains(&n)
+            || named.iter().any(|d| d == n)
+            || (limits && (n.starts_with("ratelimit") || n.starts_with("x-ratelimit-")))
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+/// An OpenAI-style error answer of the gateway's own, which costs nothing.
+fn gateway_error(
+    status: StatusCode,
+    message: &str,
+    code: &str,
+    usage: Option<&TokenUsage>,
+) -> Response {
+    if let Some(u) = usage {
+        u.set(0);
+    }
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": "upstream_error", "code": code}})),
+    )
+        .into_response()
+}
+
+/// What the gateway does to a completion body before it goes on: with
+/// `"stream": true` and no `stream_options.include_usage`, asks for it.
+struct Prepared {
+    body: Bytes,
+    /// The client did not ask for the usage chunk: remove it.
+    strip_usage: bool,
+    /// The prompt's estimated tokens, charged when a stream starts.
+    prompt: u64,
+}
+
+fn prepare(f: &Forwarder, body: Bytes) -> Prepared {
+    let mut prepared = Prepared {
+        body,
+        strip_usage: false,
+        prompt: 0,
+    };
+    let Ok(Value::Object(mut req)) = serde_json::from_slice::<Value>(&prepared.body) else {
+        // Not for the gateway to judge: the backend answers it.
+        return prepared;
+    };
+    if req.get("stream") != Some(&Value::Bool(true)) {
+        return prepared;
+    }
+    prepared.prompt = {
+        let mut prompt = req.clone();
+        prompt.remove("max_tokens");
+        prompt.remove("max_completion_tokens");
+        serde_json::to_vec(&prompt)
+            .ok()
+            .and_then(|b| f.prompt.estimate_json(&b).ok())
+            .map_or(0, |e| u64::from(e.tokens))
+    };
+    let options = req.entry("stream_options").or_insert_with(|| json!({}));
+    if let Value::Object(options) = options {
+        if options.get("include_usage") != Some(&Value::Bool(true)) {
+            options.insert("include_usage".to_owned(), Value::Bool(true));
+            prepared.strip_usage = true;
+            if let Ok(body) = serde_json::to_vec(&req) {
+                prepared.body = Bytes::from(body);
+            } else {
+                prepared.strip_usage = false;
+            }
+        }
+    }
+    prepared
+}
+
+/// Forwards the request to the backend and streams its answer back.
+pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Response {
+    let usage = req.extensions().get::<TokenUsage>().cloned();
+    let (parts, body) = req.into_parts();
+    let target = format!(
+        "{}{}",
+        f.upstream.base,
+        parts
+            .uri
+            .path_and_query()
+            .map_or(parts.uri.path(), |p| p.as_str())
+    );
+    let mut headers = filter(&parts.headers, &NOT_FORWARDED, false);
+    let mut strip_usage = false;
+    let mut prompt = 0;
+    let body = if is_completion(&parts.method, parts.uri.path()) {
+        let bytes = match axum::body::to_bytes(body, MAX_REQUEST_BODY).await {
+            Ok(b) => b,
+            Err(e) => return body_error(&e, usage.as_ref()),
+        };
+        let p = prepare(&f, bytes);
+        strip_usage = p.strip_usage;
+        prompt = p.prompt;
+        headers.remove(header::CONTENT_LENGTH);
+        reqwest::Body::from(p.body)
+    } else {
+        // As it comes, with the client's content-length when it sent one.
+        reqwest::Body::wrap_stream(body.into_data_stream())
+    };
+    if let Some(key) = &f.upstream.key {
+        headers.insert(header::AUTHORIZATION, key.clone());
+    }
+    let send = f
+        .client
+        .request(parts.method, &target)
+        .headers(headers)
+        .body(body)
+        .send();
+    let res = match tokio::time::timeout(f.upstream.timeout, send).await {
+        Ok(Ok(res)) => res,
+        Ok(Err(e)) => return send_error(&f.upstream, &e, usage.as_ref()),
+        Err(_) => {
+            tracing::warn!(upstream = %f.upstream.base, timeout = ?f.upstream.timeout, "the upstream did not answer in time");
+            return gateway_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!(
+                    "the upstream did not answer within {} s",
+                    f.upstream.timeout.as_secs_f64()
+                ),
+                "upstream_timeout",
+                usage.as_ref(),
+            );
+        }
+    };
+    relay(res, usage, strip_usage, prompt)
+}
+
+/// The answer when the client's body could not be read.
+fn body_error(e: &axum::Error, usage: Option<&TokenUsage>) -> Response {
+    use std::error::Error as _;
+    let mut source = e.source();
+    let mut too_large = false;
+    while let Some(s) = source {
+        too_large |= s.is::<http_body_util::LengthLimitError>();
+        source = s.source();
+    }
+    if let Some(u) = usage {
+        u.set(0);
+    }
+    let (status, message, code) = if too_large {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body is too large",
+            "request_too_large",
+        )
+    } else {
+        (
+            StatusCode::BAD_REQUEST,
+            "the request body could not be read",
+            "invalid_request_body",
+        )
+    };
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": "invalid_request_error", "code": code}})),
+    )
+        .into_response()
+}
+
+/// The answer when the request could not be sent or its answer's head not
+/// read: a 502 (a 504 for a timeout), costing nothing.
+fn send_error(up: &Upstream, e: &reqwest::Error, usage: Option<&TokenUsage>) -> Response {
+    use std::error::Error as _;
+    // The chain, for the log: reqwest's own message names only the URL.
+    let mut error = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        error.push_str(": ");
+        error.push_str(&s.to_string());
+        source = s.source();
+    }
+    tracing::warn!(upstream = %up.base, %error, "the upstream request failed");
+    if e.is_timeout() && !e.is_connect() {
+        return gateway_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!(
+                "the upstream did not answer within {} s",
+                up.timeout.as_secs_f64()
+            ),
+            "upstream_timeout",
+            usage,
+        );
+    }
+    let (message, code) = if e.is_connect() {
+        ("the upstream cannot be reached", "upstream_unreachable")
+    } else {
+        ("the upstream failed to answer", "upstream_failed")
+    };
+    gateway_error(StatusCode::BAD_GATEWAY, message, code, usage)
+}
+
+/// The client's answer: the backend's status, headers and body, read for
+/// its usage as it passes.
+fn relay(
+    res: reqwest::Response,
+    usage: Option<TokenUsage>,
+    strip_usage: bool,
+    prompt: u64,
+) -> Response {
+    let status = res.status();
+    let mut headers = filter(res.headers(), &NOT_RETURNED, true);
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let ok = status.is_success();
+    let kind = if content_type.starts_with("text/event-stream") {
+        // Events may be removed: the length changes.
+        headers.remove(header::CONTENT_LENGTH);
+        if let Some(u) = &usage {
+            u.set(prompt);
+        }
+        Kind::Sse {
+            buf: Vec::new(),
+            strip_usage,
+            reported: false,
+        }
+    } else if content_type.starts_with("application/json") || content_type.contains("+json") {
+        // Without a length the server reads the body to its end, where the
+        // usage is settled; with one it would stop at the last byte.
+        headers.remove(header::CONTENT_LENGTH);
+        Kind::Json {
+            seen: Vec::new(),
+            whole: true,
+            ok,
+        }
+    } else {
+        if let Some(u) = usage.as_ref().filter(|_| !ok) {
+            u.set(0);
+        }
+        Kind::Plain
+    };
+    let relay = Relay {
+        body: Box::pin(res.bytes_stream()),
+        kind,
+        usage,
+        done: false,
+    };
+    let mut out = Response::new(Body::from_stream(relay));
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    out
+}
+
+type Upstreaming = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// The backend's answer as the client gets it, reporting tokens as it goes.
+/// Dropping it drops the backend's response, closing its connection.
+struct Relay {
+    body: Upstreaming,
+    kind: Kind,
+    usage: Option<TokenUsage>,
+    done: bool,
+}
+
+enum Kind {
+    /// Server-sent events, read one at a time.
+    Sse {
+        /// The start of an event whose blank line has not come yet.
+        buf: Vec<u8>,
+        strip_usage: bool,
+        /// The backend reported the usage: chunks are no longer counted.
+        reported: bool,
+    },
+    /// A JSON answer, kept aside (up to [`MAX_JSON_ANSWER`]) for its usage.
+    Json {
+        seen: Vec<u8>,
+        whole: bool,
+        ok: bool,
+    },
+    /// Anything else, passed on as it is.
+    Plain,
+}
+
+impl Stream for Relay {
+    type Item = reqwest::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match ready!(this.body.as_mut().poll_next(cx)) {
+                Some(Ok(chunk)) => {
+                    let out = this.pass(chunk);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(out)));
+                    }
+                }
+                Some(Err(e)) => {
+                    this.done = true;
+                    tracing::warn!(error = %e, "the upstream's answer broke off");
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => {
+                    this.done = true;
+                    let rest = this.finish();
+                    return Poll::Ready((!rest.is_empty()).then_some(Ok(rest)));
+                }
+            }
+        }
+    }
+}
+
+impl Relay {
+    /// What of `chunk` goes on to the client now.
+    fn pass(&mut self, chunk: Bytes) -> Bytes {
+        match &mut self.kind {
+            Kind::Plain => chunk,
+            Kind::Json { seen, whole, .. } => {
+                if *whole {
+                    if seen.len() + chunk.len() > MAX_JSON_ANSWER {
+                        *whole = false;
+                        *seen = Vec::new();
+                    } else {
+                        seen.extend_from_slice(&chunk);
+                    }
+                }
+                chunk
+            }
+            Kind::Sse {
+                buf,
+                strip_usage,
+                reported,
+            } => {
+                buf.extend_from_slice(&chunk);
+                let mut out = Vec::with_capacity(buf.len());
+                let mut start = 0;
+                while let Some(len) = event_end(&buf[start..]) {
+                    let event = &buf[start..start + len];
+                    if read_event(event, self.usage.as_ref(), *strip_usage, reported) {
+                        out.extend_from_slice(event);
+                    }
+                    start += len;
+                }
+                buf.drain(..start);
+                if buf.len() > MAX_EVENT {
+                    out.append(buf);
+                }
+                Bytes::from(out)
+            }
+        }
+    }
+
+    /// At the end of the backend's answer: the usage is reported (before
+    /// the layer sees the end and settles), and what is left goes on.
+    fn finish(&mut self) -> Bytes {
+        match &mut self.kind {
+            Kind::Plain => Bytes::new(),
+            Kind::Json { seen, whole, ok } => {
+                let total = whole
+                    .then(|| serde_json::from_slice::<Answer>(seen).ok())
+                    .flatten()
+                    .and_then(|a| a.usage?.total_tokens);
+                if let Some(u) = &self.usage {
+                    match total {
+                        Some(n) => u.set(n),
+                        // An error without usage costs nothing; a success
+                        // without one keeps its estimate.
+                        None if !*ok => u.set(0),
+                        None => {}
+                    }
+                }
+                Bytes::new()
+            }
+            Kind::Sse { buf, .. } => Bytes::from(std::mem::take(buf)),
+        }
+    }
+}
+
+/// The length of the first whole event at the start of `b`, blank line
+/// included.
+fn event_end(b: &[u8]) -> Option<usize> {
+    let lf = b.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = b.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Reads one event for its tokens; whether it goes on to the client (not
+/// the usage chunk the client did not ask for).
+fn read_event(
+    event: &[u8],
+    usage: Option<&TokenUsage>,
+    strip_usage: bool,
+    reported: &mut bool,
+) -> bool {
+    let Ok(text) = std::str::from_utf8(event) else {
+        return true;
+    };
+    let mut data = String::new();
+    for line in text.lines() {
+        if let Some(d) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(d.strip_prefix(' ').unwrap_or(d));
+        }
+    }
+    let Ok(chunk) = serde_json::from_str::<Chunk>(&data) else {
+        return true;
+    };
+    let choices = chunk.choices.unwrap_or_default();
+    if let Some(total) = chunk.usage.and_then(|u| u.total_tokens) {
+        *reported = true;
+        if let Some(u) = usage {
+            u.set(total);
+        }
+        return !(strip_usage && choices.is_empty());
+    }
+    if let Some(u) = usage.filter(|_| !*reported) {
+        let texts = choices.iter().filter(|c| c.has_text()).count();
+        u.add(texts as u64);
+    }
+    true
+}
+
+/// What the relay reads of a chunk of a stream.
+#[derive(Deserialize)]
+struct Chunk {
+    choices: Option<Vec<Choice>>,
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    delta: Option<Delta>,
+    text: Option<String>,
+}
+
+impl Choice {
+    fn has_text(&self) -> bool {
+        let content = self.delta.as_ref().and_then(|d| d.content.as_deref());
+        content
+            .or(self.text.as_deref())
+            .is_some_and(|t| !t.is_empty())
+    }
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    total_tokens: Option<u64>,
+}
+
+/// What the relay reads of a non-streamed answer.
+#[derive(Deserialize)]
+struct Answer {
+    usage: Option<Usage>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_and_a_trailing_v1_dropped() {
+        for (url, base) in [
+            ("http://127.0.0.1:8000", "http://127.0.0.1:8000"),
+            ("http://localhost:11434/v1", "http://localhost:11434"),
+            ("http://localhost:11434/v1/", "http://localhost:11434"),
+            ("http://h/proxy/", "http://h/proxy"),
+            ("http://[::1]:80/", "http://[::1]"),
+        ] {
+            assert_eq!(Upstream::new(url).unwrap().base(), base, "{url}");
+        }
+        for url in [
+            "localhost:8000",
+            "ftp://h/",
+            "http://",
+            "not a url",
+            "http://h/?a=1",
+            "http://u:p@h/",
+        ] {
+            assert!(Upstream::new(url).is_err(), "{url}");
+        }
+        let up = Upstream::new("http://h").unwrap();
+        assert!(up.clone().key("").is_err());
+        assert!(up.clone().key("a\nb").is_err());
+        let up = up.key("secret").unwrap();
+        assert!(!format!("{up:?}").contains("secret"));
+    }
+
+    #[test]
+    fn events_split_at_blank_lines() {
+        assert_eq!(event_end(b"data: x\n\ndata: y"), Some(9));
+        assert_eq!(event_end(b"data: x\r\n\r\n"), Some(11));
+        assert_eq!(event_end(b"data: x\n"), None);
+    }
+
+    #[test]
+    fn the_usage_chunk_is_read_and_removed_when_not_asked_for() {
+        let usage = TokenUsage::new();
+        let mut reported = false;
+        let text = br#"data: {"choices":[{"index":0,"delta":{"content":"tok "}}]}
+
+"#;
+        assert!(read_event(text, Some(&usage), true, &mut reported));
+        assert_eq!(usage.get(), Some(1));
+        let last = br#"data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":4,"total_tokens":6}}
+
+"#;
+        assert!(!read_event(last, Some(&usage), true, &mut reported));
+        assert_eq!(usage.get(), Some(6));
+        assert!(read_event(last, Some(&usage), false, &mut reported));
+        assert!(read_event(
+            b"data: [DONE]\n\n",
+            Some(&usage),
+            true,
+            &mut reported
+        ));
+    }
+}

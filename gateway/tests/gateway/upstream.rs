@@ -1,0 +1,499 @@
+//! Upstream mode: a gateway forwarding `/v1/*` to a second gateway in mock
+//! mode (both in this process, on loopback ports), or to small backends
+//! that fail in the ways real ones do, with a real HTTP client in front.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::{any, post};
+use serde_json::{Value, json};
+use tollgate::config::Config;
+use tollgate::{ManualClock, MemoryStore};
+use tollgate_gateway::Upstream;
+
+/// The backend's own plan: it knows only the gateway's key, and counts the
+/// tokens the gateway's requests make it produce.
+const UPSTREAM_CONFIG: &str = r#"
+[[plans]]
+name = "backend"
+throttle = { rate = 1000.0, burst = 1000 }
+tokens = { per_minute = 1000 }
+
+[[keys]]
+id = "gateway"
+value = "gateway-secret"
+plan = "backend"
+
+[response]
+style = "openai"
+"#;
+
+/// The gateway's plan: 1000 tokens a minute for the client's key.
+const FRONT_CONFIG: &str = r#"
+[[plans]]
+name = "llm"
+throttle = { rate = 1000.0, burst = 1000 }
+tokens = { per_minute = 1000 }
+
+[[keys]]
+id = "client"
+value = "client-key"
+plan = "llm"
+
+[response]
+style = "openai"
+"#;
+
+/// Serves `router` on a loopback port until the returned sender is dropped.
+async fn serve(router: Router) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(tollgate_gateway::serve(listener, router, async {
+        let _ = rx.await;
+    }));
+    (format!("http://{addr}"), tx)
+}
+
+/// A gateway in mock mode, the backend.
+async fn mock_backend() -> (String, tokio::sync::oneshot::Sender<()>) {
+    let config = Config::from_toml(UPSTREAM_CONFIG).unwrap();
+    serve(tollgate_gateway::app(&config, MemoryStore::new()).unwrap()).await
+}
+
+struct Front {
+    base: String,
+    clock: ManualClock,
+    client: reqwest::Client,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The gateway in front of `upstream`.
+async fn front(upstream: Upstream) -> Front {
+    let clock = ManualClock::new();
+    let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+    let config = Config::from_toml(FRONT_CONFIG).unwrap();
+    let app = tollgate_gateway::app_with(&config, store, Some(&upstream)).unwrap();
+    let (base, stop) = serve(app).await;
+    Front {
+        base,
+        clock,
+        client: reqwest::Client::new(),
+        _stop: stop,
+    }
+}
+
+/// The gateway in front of a mock backend, with the backend's key.
+async fn pair() -> (Front, String, tokio::sync::oneshot::Sender<()>) {
+    let (backend, stop) = mock_backend().await;
+    let upstream = Upstream::new(&format!("{backend}/v1"))
+        .unwrap()
+        .key("gateway-secret")
+        .unwrap();
+    (front(upstream).await, backend, stop)
+}
+
+/// A completion of an empty prompt (its estimate is `max_tokens`) of which
+/// the mock produces `produced`.
+fn completion(max_tokens: u32, produced: u32, stream: bool) -> Value {
+    json!({
+        "model": "m", "prompt": "", "max_tokens": max_tokens, "stream": stream,
+        "mock_completion_tokens": produced, "mock_token_ms": 0,
+    })
+}
+
+impl Front {
+    async fn post(&self, route: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{route}", self.base))
+            .header("authorization", "Bearer client-key")
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Polls until a completion of `max_tokens` (producing nothing) gets
+    /// `status`: settlements land when the server sees a body end. Two
+    /// seconds at most.
+    async fn until(&self, max_tokens: u32, status: u16) -> reqwest::Response {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let res = self
+                .post("/v1/completions", &completion(max_tokens, 0, false))
+                .await;
+            if res.status() == status || Instant::now() > deadline {
+                return res;
+            }
+            let _ = res.bytes().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Polls the backend directly, as the gateway, until a completion of
+/// `max_tokens` fits in its budget; whether it did within two seconds.
+async fn backend_fits(backend: &str, max_tokens: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        if backend_status(backend, max_tokens).await == 200 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// The status of one completion of `max_tokens` asked of the backend
+/// directly, as the gateway.
+async fn backend_status(backend: &str, max_tokens: u32) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{backend}/v1/completions"))
+        .header("authorization", "Bearer gateway-secret")
+        .header("content-type", "application/json")
+        .body(completion(max_tokens, 0, false).to_string())
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// The `data:` payloads of a server-sent event stream.
+fn events(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn plain_answers_come_from_the_upstream_and_settle_its_usage() {
+    let (s, _backend, _stop) = pair().await;
+    // 900 reserved, 100 used: 800 come back.
+    let res = s
+        .post("/v1/completions", &completion(900, 100, false))
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "100");
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["usage"]["total_tokens"], 100);
+    assert_eq!(v["choices"][0]["text"], "tok ".repeat(100));
+    // Exactly 100 were charged: 900 fit, and fill the budget.
+    let res = s.until(900, 200).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "0");
+    let _ = res.bytes().await;
+    // A chat answer, and the backend's model list.
+    s.clock.advance(Duration::from_secs(60));
+    let chat =
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let res = s.post("/v1/chat/completions", &chat).await;
+    let status = res.status();
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["content"], "tok tok ");
+    let res = s
+        .client
+        .get(format!("{}/v1/models", s.base))
+        .header("x-api-key", "client-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["data"][0]["id"], "mock");
+    // The client sees the gateway's limits, not the backend's.
+    let res = s.post("/v1/completions", &completion(10, 1, false)).await;
+    assert_eq!(res.headers()["x-ratelimit-limit-tokens"], "1000");
+    assert_eq!(
+        res.headers()
+            .get_all("x-ratelimit-limit-tokens")
+            .iter()
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_stream_ends_without_the_usage_chunk_the_client_did_not_ask_for() {
+    let (s, _backend, _stop) = pair().await;
+    let res = s.post("/v1/completions", &completion(500, 50, true)).await;
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let text = res.text().await.unwrap();
+    let events = events(&text);
+    // 50 tokens, the finish, [DONE]: no usage chunk.
+    assert_eq!(events.len(), 52, "{text}");
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert!(!text.contains("\"choices\":[]"), "{text}");
+    assert!(!text.contains("total_tokens"), "{text}");
+    let finish: Value = serde_json::from_str(&events[50]).unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+    // The backend's usage (50) was settled all the same: 950 fit, exactly.
+    let res = s.until(950, 200).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "0");
+}
+
+#[tokio::test]
+async fn a_stream_keeps_the_usage_chunk_the_client_asked_for() {
+    let (s, _backend, _stop) = pair().await;
+    let chat = json!({
+        "model": "m", "messages": [{"role": "user", "content": "abcdefgh"}], "max_tokens": 500,
+        "stream": true, "stream_options": {"include_usage": true},
+        "mock_completion_tokens": 40, "mock_token_ms": 0,
+    });
+    let text = s
+        .post("/v1/chat/completions", &chat)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let events = events(&text);
+    // The role, 40 tokens, the finish, the usage, [DONE].
+    assert_eq!(events.len(), 44, "{text}");
+    let usage: Value = serde_json::from_str(&events[42]).unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["total_tokens"], 42);
+    // 42 used: 958 fit, exactly.
+    let res = s.until(958, 200).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "0");
+}
+
+#[tokio::test]
+async fn the_clients_key_never_reaches_the_upstream() {
+    // The backend knows only the gateway's key. The client's `x-api-key`,
+    // were it forwarded beside the gateway's Bearer, would be refused as a
+    // second key; its Bearer as an unknown one.
+    let (s, backend, _stop) = pair().await;
+    let res = s
+        .client
+        .post(format!("{}/v1/completions", s.base))
+        .header("x-api-key", "client-key")
+        .header("content-type", "application/json")
+        .body(completion(10, 1, false).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{:?}", res.text().await);
+    let res = s.post("/v1/completions", &completion(10, 1, false)).await;
+    assert_eq!(res.status(), 200);
+    // Without a key of its own, the gateway sends none: the backend's
+    // refusal passes through as it is, and costs nothing.
+    let unkeyed = front(Upstream::new(&backend).unwrap()).await;
+    let res = unkeyed
+        .post("/v1/completions", &completion(900, 1, false))
+        .await;
+    assert!(matches!(res.status().as_u16(), 401 | 403), "{res:?}");
+    let v: Value = res.json().await.unwrap();
+    assert!(v["error"]["message"].is_string(), "{v}");
+    // (Were the 900 of the first still charged, the next 900 would be a 429.)
+    let res = unkeyed.until(900, 401).await;
+    assert_eq!(res.status(), 401, "{:?}", res.text().await);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_cancels_the_upstream() {
+    let (s, backend, _stop) = pair().await;
+    // 500 tokens, 20 ms apart: ten seconds if nobody stopped it.
+    let mut body = completion(500, 500, true);
+    body["mock_token_ms"] = json!(20);
+    let mut stream = s.post("/v1/completions", &body).await;
+    assert_eq!(stream.status(), 200);
+    assert!(stream.chunk().await.unwrap().is_some());
+    // The backend holds 500 tokens for it.
+    assert_eq!(backend_status(&backend, 900).await, 429);
+    drop(stream);
+    // The backend stopped generating and gave back the rest of its 500.
+    assert!(
+        backend_fits(&backend, 900).await,
+        "the backend kept generating"
+    );
+    // The gateway charged the few chunks that were sent: 900 fit.
+    assert_eq!(s.until(900, 200).await.status(), 200);
+}
+
+#[tokio::test]
+async fn an_upstream_failing_mid_stream_cuts_the_client_off_and_charges_what_was_sent() {
+    let (s, _backend, _stop) = pair().await;
+    let mut body = completion(500, 500, true);
+    body["mock_fail_after"] = json!(3);
+    let res = s.post("/v1/completions", &body).await;
+    assert_eq!(res.status(), 200);
+    assert!(res.text().await.is_err(), "the stream is cut off");
+    // No usage came: the prompt (0) and one token per chunk sent (3) are
+    // charged, so 997 fit, exactly.
+    let res = s.until(997, 200).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "0");
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_502_that_costs_nothing() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let s = front(Upstream::new(&format!("http://{addr}")).unwrap()).await;
+    let res = s.post("/v1/completions", &completion(900, 0, false)).await;
+    assert_eq!(res.status(), 502);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_unreachable", "{v}");
+    assert_eq!(v["error"]["type"], "upstream_error");
+    // The backend's address stays in the gateway's log.
+    assert!(!v.to_string().contains(&addr.to_string()), "{v}");
+    // 900 of 1000 each time: each is given back.
+    for _ in 0..2 {
+        assert_eq!(s.until(900, 502).await.status(), 502);
+    }
+}
+
+#[tokio::test]
+async fn a_hanging_upstream_is_a_504_after_the_timeout_that_costs_nothing() {
+    let hang = Router::new().route("/v1/completions", post(std::future::pending::<()>));
+    let (backend, _stop) = serve(hang).await;
+    let upstream = Upstream::new(&backend)
+        .unwrap()
+        .timeout(Duration::from_millis(300));
+    let s = front(upstream).await;
+    let started = Instant::now();
+    let res = s.post("/v1/completions", &completion(900, 0, false)).await;
+    assert_eq!(res.status(), 504);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_timeout", "{v}");
+    assert_eq!(s.until(900, 504).await.status(), 504);
+}
+
+#[tokio::test]
+async fn answers_that_are_not_json_pass_through() {
+    let odd = Router::new()
+        .route(
+            "/v1/completions",
+            post(|| async { ([("content-type", "text/plain")], "plain words") }),
+        )
+        .route(
+            "/v1/chat/completions",
+            post(|| async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [("content-type", "text/html"), ("x-backend", "odd")],
+                    "<html>overloaded</html>",
+                )
+            }),
+        )
+        .route(
+            "/v1/embeddings",
+            any(|| async { ([("content-type", "application/json")], "{\"usage\": nope") }),
+        );
+    let (backend, _stop) = serve(odd).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    let res = s.post("/v1/completions", &completion(10, 0, false)).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/plain");
+    assert_eq!(res.text().await.unwrap(), "plain words");
+    let chat =
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 900});
+    let res = s.post("/v1/chat/completions", &chat).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["x-backend"], "odd");
+    assert_eq!(res.text().await.unwrap(), "<html>overloaded</html>");
+    // The error cost nothing: 900 fit again (10 of the plain answer stand).
+    assert_eq!(s.until(900, 200).await.status(), 200);
+    // Any other /v1 path is forwarded, and broken JSON passes as it came.
+    let res = s.post("/v1/embeddings", &json!({"input": "x"})).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "{\"usage\": nope");
+}
+
+#[tokio::test]
+async fn the_binary_takes_the_backends_key_from_the_environment_and_never_logs_it() {
+    use crate::support::process::ServerProcess;
+
+    let (backend, _stop) = mock_backend().await;
+    let upstream = format!("{backend}/v1");
+    let front = ServerProcess::start_with_env(
+        &["--upstream", &upstream],
+        &[
+            ("TOLLGATE_UPSTREAM_KEY", "gateway-secret"),
+            ("RUST_LOG", "debug"),
+        ],
+    );
+    let client = reqwest::Client::new();
+    let res = client
+        .post(front.url("/v1/completions"))
+        .header("x-api-key", "demo-free-key")
+        .header("content-type", "application/json")
+        .body(completion(10, 2, true).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert_eq!(events(&text).len(), 4, "{text}");
+    // Unreachable is logged too; the key in neither line.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let down = format!("http://{addr}");
+    let lonely = ServerProcess::start_with_env(
+        &["--upstream", &down],
+        &[("TOLLGATE_UPSTREAM_KEY", "gateway-secret")],
+    );
+    let res = client
+        .post(lonely.url("/v1/completions"))
+        .header("x-api-key", "demo-free-key")
+        .header("content-type", "application/json")
+        .body(completion(10, 2, false).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 502);
+    let _ = res.bytes().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for server in [&front, &lonely] {
+        let log = server.stderr();
+        assert!(log.contains("forwarding /v1/* to the upstream"), "{log}");
+        assert!(!log.contains("gateway-secret"), "{log}");
+    }
+    assert!(lonely.stderr().contains("the upstream request failed"));
+}
+
+/// `GET /v1/usage` is the gateway's own in upstream mode too: answered from
+/// its limits, never forwarded (the backend does not know the client's key),
+/// and charging nothing.
+#[tokio::test]
+async fn usage_is_answered_by_the_gateway_not_the_upstream() {
+    let (s, _backend, _stop) = pair().await;
+    for _ in 0..3 {
+        let res = s
+            .client
+            .get(format!("{}/v1/usage", s.base))
+            .header("authorization", "Bearer client-key")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["plan"], "llm", "{v}");
+        let throttle = v["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == "throttle")
+            .unwrap();
+        assert_eq!(throttle["remaining"], 1000, "{v}");
+    }
+}
