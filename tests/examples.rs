@@ -158,9 +158,12 @@ fn grpc_inference_refuses_a_bad_flag() {
     let output = example("grpc_inference")
         .arg("--listen")
         .arg("nowhere")
+        .stderr(Stdio::piped())
         .output()
         .expect("run grpc_inference");
     assert_eq!(output.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("--listen: not an address"), "{text}");
 }
 
 #[test]
