@@ -1,4 +1,4 @@
-//! Run with: cargo run --example grpc_inference [-- --interceptor]
+//! Run with: cargo run --example grpc_inference [-- --listen ADDR] [--interceptor]
 //!
 //! A gRPC inference service, `inference.Inference/Complete`, limited per API
 //! key taken from the `x-api-key` metadata (an HTTP/2 header, so
@@ -6,7 +6,8 @@
 //!
 //! There is no `.proto` build step: the messages derive `prost::Message` and
 //! [`Inference`] dispatches the method path by hand, as tonic's generated code
-//! does. The limits are applied in two forms:
+//! does. `examples/inference.proto` describes the same service for clients in
+//! other languages. The limits are applied in two forms:
 //!
 //! - **the layer**: `Server::builder().layer(RateLimitLayer::new(..))` decides
 //!   every call before it reaches the service. A rejected call is answered
@@ -25,7 +26,7 @@
 //!   rejection into the same `tonic::Status` the layer sends.
 //!
 //! The demo makes a few calls with the demo key, prints what they got, and
-//! keeps serving on 127.0.0.1:50051 until Ctrl-C.
+//! keeps serving on `--listen` (127.0.0.1:50051 by default) until Ctrl-C.
 
 use std::convert::Infallible;
 use std::future::{self, Future};
@@ -325,16 +326,73 @@ fn to_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// The command line's help.
+const USAGE: &str = "\
+Usage: grpc_inference [--listen ADDR] [--interceptor]
+
+Serves inference.Inference (examples/inference.proto), makes a few calls
+with the demo key, prints what they got, and serves until Ctrl-C.
+
+  --listen ADDR   address to serve on [default: 127.0.0.1:50051; port 0 picks a free port]
+  --interceptor   limit calls with a tonic interceptor instead of the layer
+  -h, --help      print this help
+";
+
+/// The command line.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Args {
+    /// Where to serve.
+    pub(crate) listen: SocketAddr,
+    /// Whether calls are limited by [`MetadataKeyLimit`] instead of the layer.
+    pub(crate) interceptor: bool,
+}
+
+impl Args {
+    /// Parses the arguments after the program name: `Ok(None)` for `--help`.
+    pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Self>, String> {
+        let mut parsed = Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            interceptor: false,
+        };
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "-h" | "--help" => return Ok(None),
+                "--interceptor" => parsed.interceptor = true,
+                "--listen" => {
+                    let value = args.next().ok_or("--listen needs an address")?;
+                    parsed.listen = value
+                        .parse()
+                        .map_err(|_| format!("--listen: not an address: {value:?}"))?;
+                }
+                _ => return Err(format!("unknown argument {arg:?}")),
+            }
+        }
+        Ok(Some(parsed))
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            print!("{USAGE}");
+            return Ok(());
+        }
+        Err(error) => {
+            eprint!("grpc_inference: {error}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
     // Calls: bursts of 5, then 2 per second. Tokens: 180 a minute, 3 per second.
     let requests = RateLimitLayer::new(demo_policy(Throttle::new(2.0, 5)?)?);
     let tokens = RateLimitLayer::new(token_policy(180)?);
     let inference = Inference::default().limit_tokens(tokens);
 
-    let listener = TcpListener::bind("127.0.0.1:50051").await?;
+    let listener = TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
-    if std::env::args().any(|a| a == "--interceptor") {
+    if args.interceptor {
         let limit = MetadataKeyLimit {
             limit: requests,
             cost: 1,

@@ -130,6 +130,7 @@ mod quota;
 mod resolver;
 mod response;
 pub mod store;
+mod sync;
 mod usage;
 mod window;
 

@@ -5,8 +5,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use crate::sync::Mutex;
 use arc_swap::ArcSwap;
-use parking_lot::Mutex;
 
 use crate::clock::Clock;
 use crate::error::ConfigError;

@@ -11,8 +11,8 @@
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
+use crate::sync::Mutex;
 use hashbrown::HashTable;
-use parking_lot::Mutex;
 use siphasher::sip128::SipHasher13;
 
 use crate::hash::{self, BuildDigestHasher, Digest};

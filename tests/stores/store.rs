@@ -28,7 +28,7 @@ struct Remote {
     down: Arc<AtomicBool>,
     calls: Arc<AtomicUsize>,
     /// Token deltas settled.
-    settled: Arc<parking_lot::Mutex<Vec<i64>>>,
+    settled: Arc<std::sync::Mutex<Vec<i64>>>,
 }
 
 type Pending = std::pin::Pin<
@@ -71,7 +71,7 @@ impl Store for Remote {
     }
 
     fn settle(&self, settlement: &Settlement<'_>) {
-        self.settled.lock().push(settlement.delta());
+        self.settled.lock().unwrap().push(settlement.delta());
         self.inner.settle(settlement);
     }
 }
@@ -230,10 +230,10 @@ async fn tokens_are_settled_through_the_store_unless_it_let_the_request_through_
     assert_eq!(res.headers()["ratelimit"], "\"tokens-minute\";r=950;t=3");
     assert_eq!(res.text().await.unwrap(), "ok");
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    while store.settled.lock().is_empty() && std::time::Instant::now() < deadline {
+    while store.settled.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(*store.settled.lock(), [-40]);
+    assert_eq!(*store.settled.lock().unwrap(), [-40]);
     let res = get(&c, &base, "llm-key").await;
     assert_eq!(res.headers()["ratelimit"], "\"tokens-minute\";r=940;t=4");
     let _ = res.text().await;
@@ -244,7 +244,7 @@ async fn tokens_are_settled_through_the_store_unless_it_let_the_request_through_
     let _ = res.text().await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(
-        store.settled.lock().len(),
+        store.settled.lock().unwrap().len(),
         2,
         "only the two checked requests"
     );

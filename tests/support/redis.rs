@@ -25,13 +25,12 @@
 //! ```
 //!
 //! [`require_redis`] returns `true` when both `redis-server` and `redis-cli`
-//! run. When they do not:
-//!
-//! * if the environment variable `CI` is set to a non-empty value, it
-//!   **panics**: Redis is required in CI, and the tests that need it must
-//!   never pass there without running;
-//! * otherwise it prints a notice to stderr and returns `false`, and the test
-//!   returns early.
+//! run. When they do not, it **panics** with a message saying how to install
+//! them (`apt-get install redis-server`, `brew install redis`), in CI and
+//! out: a test that needs Redis must never pass without running. Setting the
+//! environment variable `TOLLGATE_SKIP_REDIS=1` skips those tests instead:
+//! it prints a notice to stderr and returns `false`, and the test returns
+//! early.
 
 // Also for the benchmark, which includes this file as a module of its own.
 #![allow(dead_code, unreachable_pub)]
@@ -82,24 +81,25 @@ fn runs(program: &str) -> bool {
 
 /// Whether a test that needs Redis can run.
 ///
-/// Returns `true` when the binaries are available. Otherwise panics if `CI`
-/// is set to a non-empty value, and prints a notice and returns `false` if
-/// not; see the module documentation.
+/// Returns `true` when the binaries are available. Otherwise returns `false`
+/// with a notice if `TOLLGATE_SKIP_REDIS=1`, and panics with how to install
+/// Redis if not; see the module documentation.
 pub fn require_redis() -> bool {
     if redis_available() {
         return true;
     }
-    if std::env::var_os("CI").is_some_and(|value| !value.is_empty()) {
-        panic!(
-            "Redis is required in CI: `redis-server` and `redis-cli` must be installed \
-             and on PATH (CI is set, so the tests that need Redis may not be skipped)"
+    if std::env::var("TOLLGATE_SKIP_REDIS").is_ok_and(|value| value == "1") {
+        eprintln!(
+            "notice: TOLLGATE_SKIP_REDIS=1: skipping a test that needs Redis \
+             (`redis-server` or `redis-cli` is not on PATH)"
         );
+        return false;
     }
-    eprintln!(
-        "notice: skipping a test that needs Redis: `redis-server` or `redis-cli` \
-         is not on PATH (install Redis to run it; it is required when CI is set)"
+    panic!(
+        "this test needs `redis-server` and `redis-cli` on PATH, and they do not run.\n\
+         Install Redis (Debian, Ubuntu: `apt-get install redis-server`; macOS: \
+         `brew install redis`), or set TOLLGATE_SKIP_REDIS=1 to skip the tests that need it."
     );
-    false
 }
 
 /// Sends one command to the server at `addr` and reads its reply, with a

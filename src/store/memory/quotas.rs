@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 use crate::hash::BuildDigestHasher;
 use crate::quota::QuotaState;

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 use portable_atomic::{AtomicU128, Ordering};
 
 use crate::gcra::Nanos;

@@ -276,7 +276,7 @@ impl RedisStoreBuilder {
                 local: Local::new(self.clock.clone().unwrap_or_default()),
                 failures: Failures::default(),
                 shared_registry: self.shared_registry,
-                preloaded: parking_lot::Mutex::new(None),
+                preloaded: crate::sync::Mutex::new(None),
             }),
         };
         if self.shared_registry {

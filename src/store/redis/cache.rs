@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 use crate::gcra::Nanos;
 use crate::hash::BuildDigestHasher;

@@ -92,7 +92,7 @@ pub(super) struct Inner {
     /// Whether keys, plans and accounts live in Redis too.
     pub(super) shared_registry: bool,
     /// The shared registry as loaded when the store was built.
-    pub(super) preloaded: parking_lot::Mutex<Option<(u64, Vec<super::registry::Change>)>>,
+    pub(super) preloaded: crate::sync::Mutex<Option<(u64, Vec<super::registry::Change>)>>,
 }
 
 impl RedisStore {
