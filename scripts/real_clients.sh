@@ -10,7 +10,7 @@
 # target dir (TOLLGATE_CLIENTS_VENV to put it elsewhere), installed with pip
 # the first time and whenever the pinned versions below change.
 #
-# Environment: PYTHON (default python3, 3.9 or later, with the venv module;
+# Environment: PYTHON (default python3, 3.10 or later, with the venv module;
 # Debian: apt-get install python3-venv), TOLLGATE_GATEWAY_BIN (a gateway
 # binary to use instead of building one).
 set -euo pipefail
