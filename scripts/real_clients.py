@@ -118,6 +118,29 @@ def openai_chat():
     check_usage(c.usage)
 
 
+def openai_chat_real_bodies():
+    # What newer code sends: max_completion_tokens, content parts, and an
+    # assistant turn that only called a tool (content None).
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": PROMPT}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    ]
+    c = client().chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=3)
+    eq(c.choices[0].message.content, "tok " * 3, "content")
+    eq(c.choices[0].finish_reason, "length", "finish_reason")
+    chars = len("Be brief.") + len(PROMPT) + len("42")
+    eq(c.usage.prompt_tokens, -(-chars // 4), "usage.prompt_tokens")
+    eq(c.usage.completion_tokens, 3, "usage.completion_tokens")
+
+
 def chat_stream(include_usage):
     kwargs = {"stream_options": {"include_usage": True}} if include_usage else {}
     stream = client().chat.completions.create(
@@ -337,6 +360,7 @@ CHECKS = [
     openai_completion,
     openai_completion_stop,
     openai_chat,
+    openai_chat_real_bodies,
     openai_chat_stream,
     openai_chat_stream_include_usage,
     openai_async_chat_stream_include_usage,
