@@ -65,8 +65,7 @@ fn agrees_with_plain_json(job: &Job, chat: bool, value: &Value) {
             .as_array()
             .expect("a chat body has messages")
             .iter()
-            .map(|m| m["content"].as_str().expect("a message has content"))
-            .map(|c| c.chars().count())
+            .map(|m| content_chars(&m["content"]))
             .sum::<usize>()
     } else {
         value["prompt"]
@@ -76,9 +75,26 @@ fn agrees_with_plain_json(job: &Job, chat: bool, value: &Value) {
             .count()
     };
     let max_tokens = value
-        .get("max_tokens")
+        .get("max_completion_tokens")
         .and_then(Value::as_u64)
+        .or_else(|| value.get("max_tokens").and_then(Value::as_u64))
         .unwrap_or(16);
     assert_eq!(job.prompt_tokens, (chars as u64).div_ceil(4));
     assert_eq!(u64::from(job.max_tokens), max_tokens);
+}
+
+/// The characters of a chat message's `content`: a string's, the text parts'
+/// of an array of content parts, none when it is null or absent.
+fn content_chars(content: &Value) -> usize {
+    match content {
+        Value::String(s) => s.chars().count(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter(|p| p["type"] == "text")
+            .filter_map(|p| p["text"].as_str())
+            .map(|t| t.chars().count())
+            .sum(),
+        Value::Null => 0,
+        other => panic!("a message's content is a string, parts or null, not {other}"),
+    }
 }

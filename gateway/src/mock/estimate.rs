@@ -33,12 +33,50 @@ struct ChatRequest {
 struct Message {
     #[allow(dead_code)]
     role: String,
-    content: String,
+    /// A string, an array of content parts, or none (an assistant turn
+    /// that only calls tools), as OpenAI's chat messages take it.
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+/// A content part: `{"type":"text","text":…}` counts its text; other parts
+/// (images, audio, files) count nothing, as tollgate's `OpenAiEstimator`
+/// counts them by default.
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+impl Message {
+    fn chars(&self) -> usize {
+        match &self.content {
+            Some(Content::Text(t)) => t.chars().count(),
+            Some(Content::Parts(parts)) => parts
+                .iter()
+                .filter(|p| p.kind == "text")
+                .filter_map(|p| p.text.as_deref())
+                .map(|t| t.chars().count())
+                .sum(),
+            None => 0,
+        }
+    }
 }
 
 #[derive(Deserialize)]
 struct Common {
     max_tokens: Option<u32>,
+    /// What OpenAI's chat API now names `max_tokens`; it wins over it, as in
+    /// the estimate.
+    max_completion_tokens: Option<u32>,
     #[serde(default)]
     stream: bool,
     mock_completion_tokens: Option<u32>,
@@ -81,7 +119,7 @@ impl Job {
         let bad = |e: serde_json::Error| format!("invalid request body: {e}");
         if chat {
             let req: ChatRequest = serde_json::from_slice(body).map_err(bad)?;
-            let chars = req.messages.iter().map(|m| m.content.chars().count()).sum();
+            let chars = req.messages.iter().map(Message::chars).sum();
             Job::new(true, req.model, chars, &req.common)
         } else {
             let req: CompletionRequest = serde_json::from_slice(body).map_err(bad)?;
@@ -98,7 +136,7 @@ impl Job {
     }
 
     fn new(chat: bool, model: String, prompt_chars: usize, c: &Common) -> Result<Job, String> {
-        let max_tokens = c.max_tokens.unwrap_or(16);
+        let max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(16);
         let completion_tokens = c.mock_completion_tokens.unwrap_or(max_tokens);
         if max_tokens > MAX_TOKENS_CAP || completion_tokens > MAX_TOKENS_CAP {
             return Err(format!(

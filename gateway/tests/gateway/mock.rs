@@ -673,6 +673,117 @@ async fn plain_answers_have_openais_fields() {
     );
 }
 
+/// One key on a plan roomy enough for a few requests in a row.
+const ROOMY_CONFIG: &str = r#"
+[[plans]]
+name = "roomy"
+throttle = { rate = 10.0, burst = 10 }
+
+[[keys]]
+id = "r"
+value = "roomy-key"
+plan = "roomy"
+
+[response]
+style = "openai"
+"#;
+
+/// What the official `openai` package and LiteLLM send: the chat API's
+/// `max_completion_tokens` (which wins over `max_tokens`), content as an
+/// array of parts, and an assistant turn with no content that only called a
+/// tool. The mock answers them as OpenAI does, counting what the gateway's
+/// estimate counts: only the text parts, and the larger maximum ignored.
+#[tokio::test]
+async fn chat_bodies_of_real_clients_are_answered() {
+    let s = start(ROOMY_CONFIG).await;
+    let chat = |body: Value| {
+        let s = &s;
+        async move {
+            let res = s
+                .post("/v1/chat/completions", Some("roomy-key"), &body.to_string())
+                .await;
+            assert_eq!(res.status(), 200);
+            res.json::<Value>().await.unwrap()
+        }
+    };
+
+    let v = chat(json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_completion_tokens": 3,
+        "max_tokens": 50,
+    }))
+    .await;
+    assert_eq!(v["choices"][0]["message"]["content"], "tok tok tok ");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        v["usage"],
+        json!({"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4})
+    );
+
+    // 8 + 4 characters of text (3 tokens); the image counts nothing.
+    let v = chat(json!({
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+            {"role": "user", "content": [
+                {"type": "text", "text": "look"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            ]},
+        ],
+        "max_completion_tokens": 2,
+    }))
+    .await;
+    assert_eq!(
+        v["usage"],
+        json!({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+    );
+
+    // A tool call's turn: the assistant's content is null (or absent).
+    let v = chat(json!({
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}},
+            ]},
+            {"role": "assistant", "tool_calls": []},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        ],
+        "max_tokens": 1,
+    }))
+    .await;
+    // "weather?" and "sunny": 13 characters, 4 tokens.
+    assert_eq!(v["usage"]["prompt_tokens"], 4, "{v}");
+
+    // A streamed answer honours max_completion_tokens too.
+    let res = s
+        .post(
+            "/v1/chat/completions",
+            Some("roomy-key"),
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"max_completion_tokens":2,"stream":true,"stream_options":{"include_usage":true},"mock_token_ms":0}"#,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    let events = sse_events(&text);
+    let usage: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    assert_eq!(
+        usage["usage"],
+        json!({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
+    );
+
+    // A message whose content is neither text, parts nor null is still a 400.
+    let res = s
+        .post(
+            "/v1/chat/completions",
+            Some("roomy-key"),
+            r#"{"model":"m","messages":[{"role":"user","content":7}]}"#,
+        )
+        .await;
+    assert_eq!(res.status(), 400);
+}
+
 /// A config whose plans name models (listed by `GET /v1/models`).
 const MODELS_CONFIG: &str = r#"
 [[plans]]
