@@ -170,3 +170,71 @@ fn an_observer_that_does_not_allocate_adds_no_allocation() {
     assert_eq!(allowed.load(Ordering::Relaxed), 2 * per_key + 1);
     assert_eq!(rejected.load(Ordering::Relaxed), 2 * per_key - 1);
 }
+
+/// Allocations per request through the whole layer (the tower service, its
+/// response future and the response's headers); the request and the inner
+/// service's response (with a `content-type`, as a real service's has, so
+/// its header map already holds room for more) are made before counting.
+fn through_the_layer(layer: RateLimitLayer, key: &str, expect: u16) -> f64 {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+    use tower::{Layer, Service};
+
+    type Res = http::Response<http_body_util::Empty<bytes::Bytes>>;
+    let answers: std::cell::RefCell<Vec<Res>> = std::cell::RefCell::new(
+        (0..=CHECKS)
+            .map(|_| {
+                http::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Empty::new())
+                    .unwrap()
+            })
+            .collect(),
+    );
+    let mut svc = layer.layer(tower::service_fn(|_req| {
+        let res = answers.borrow_mut().pop().expect("an answer made before");
+        std::future::ready(Ok::<_, std::convert::Infallible>(res))
+    }));
+    let request = || {
+        http::Request::builder()
+            .header("x-api-key", key)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut once = |req| {
+        let fut = pin!(svc.call(req));
+        match fut.poll(&mut cx) {
+            Poll::Ready(Ok(res)) => {
+                assert_eq!(res.status(), expect);
+                res
+            }
+            other => panic!("not answered at once: {:?}", other.map(|r| r.map(|_| ()))),
+        }
+    };
+    drop(once(request()));
+    let requests: Vec<_> = (0..CHECKS).map(|_| request()).collect();
+    let mut responses = Vec::with_capacity(CHECKS);
+    let n = allocations(|| {
+        for req in requests {
+            responses.push(once(req));
+        }
+    });
+    n as f64 / CHECKS as f64
+}
+
+#[test]
+fn the_layer_allocates_at_most_once_per_allowed_request() {
+    let with_headers = through_the_layer(registered(), "key-00000042", 200);
+    let layer = RateLimitLayer::builder(registered_policy())
+        .headers(tollgate::HeaderStyle::none())
+        .build();
+    let without = through_the_layer(layer, "key-00000042", 200);
+    eprintln!("allocations per allowed request: {with_headers} with headers, {without} without");
+    assert!(
+        with_headers <= 1.0,
+        "{with_headers} with the default headers"
+    );
+    assert_eq!(without, 0.0, "with no headers");
+}
