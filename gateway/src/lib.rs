@@ -72,8 +72,10 @@
 
 mod admin;
 mod cli;
+mod dashboard;
 mod mock;
 mod server;
+mod traffic;
 mod upstream;
 mod usage;
 
@@ -83,7 +85,9 @@ pub use cli::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_REDIS_TIMEOUT, DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
     DEFAULT_UPSTREAM_TIMEOUT, Parsed, USAGE, parse_args,
 };
+pub use dashboard::Dashboard;
 pub use server::{
     DEMO_CONFIG, Limits, app, app_with, main, router, serve, serve_with, upstream_router,
 };
+pub use traffic::Traffic;
 pub use upstream::Upstream;

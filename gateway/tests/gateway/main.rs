@@ -9,6 +9,7 @@ mod admin_key;
 mod admin_keys;
 mod admin_usage;
 mod cli;
+mod dashboard;
 mod hardening;
 mod mock;
 mod shutdown;
