@@ -23,6 +23,7 @@ pub(crate) fn routes<S: Store>() -> Router<AdminState<S>> {
         .route("/admin/ui", get(super::page))
         .route("/admin/ui/app.js", get(super::script))
         .route("/admin/ui/app.css", get(super::style))
+        .route("/admin/ui/icon.svg", get(super::icon))
         .route("/admin/plans", get(plans::<S>))
         .route("/admin/accounts", get(accounts::<S>))
         .route("/admin/accounts/{name}/usage", get(account_usage::<S>))

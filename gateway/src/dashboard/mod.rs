@@ -65,6 +65,7 @@ pub(crate) const CSP: &str = "default-src 'none'; script-src 'self'; style-src '
 const PAGE: &str = include_str!("ui/index.html");
 const SCRIPT: &str = include_str!("ui/app.js");
 const STYLE: &str = include_str!("ui/app.css");
+const ICON: &str = include_str!("ui/icon.svg");
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
     let mut res = body.into_response();
@@ -89,6 +90,12 @@ pub(crate) async fn page() -> Response {
 /// `GET /admin/ui/app.js`.
 pub(crate) async fn script() -> Response {
     asset("text/javascript; charset=utf-8", SCRIPT)
+}
+
+/// `GET /admin/ui/icon.svg`: the tab's icon (so that the browser does not
+/// ask for a `/favicon.ico` the gateway does not have).
+pub(crate) async fn icon() -> Response {
+    asset("image/svg+xml", ICON)
 }
 
 /// `GET /admin/ui/app.css`.

@@ -8,6 +8,7 @@ mod support;
 mod admin_key;
 mod admin_keys;
 mod admin_usage;
+mod browser;
 mod cli;
 mod dashboard;
 mod hardening;

@@ -8,7 +8,7 @@
   const STORAGE = 'tollgate-admin-key';
   const SVG = 'http://www.w3.org/2000/svg';
   const numbers = new Intl.NumberFormat('en-US');
-  const state = { keys: [], plans: [], accounts: [], view: 'overview', timer: null };
+  const state = { keys: [], plans: [], accounts: [], today: null, view: 'overview', timer: null };
 
   const $ = (id) => document.getElementById(id);
 
@@ -202,6 +202,7 @@
     await loadCatalog();
     const data = await api('GET', '/admin/keys');
     state.keys = data.keys;
+    state.today = data.date;
     $('keys-date').textContent = 'Today: ' + data.date + ' (UTC)';
     options($('new-plan'), state.plans.map((p) => p.name));
     options($('new-account'), state.accounts.map((a) => a.name), null, '(none)');
@@ -310,7 +311,11 @@
 
   async function loadUsageForm() {
     await loadCatalog();
-    if (state.keys.length === 0) state.keys = (await api('GET', '/admin/keys')).keys;
+    if (state.keys.length === 0 || !state.today) {
+      const data = await api('GET', '/admin/keys');
+      state.keys = data.keys;
+      state.today = data.date;
+    }
     const select = $('usage-subject');
     const before = select.value;
     const opts = [];
@@ -321,7 +326,8 @@
     select.replaceChildren(...opts);
     if (before) select.value = before;
     if (!$('usage-end').value) {
-      const today = new Date();
+      // The gateway's UTC day, which need not be the browser's.
+      const today = new Date(state.today + 'T00:00:00Z');
       $('usage-end').value = isoDay(today);
       $('usage-start').value = isoDay(new Date(today.getTime() - 6 * 86400000));
     }
@@ -365,12 +371,17 @@
   }
 
   function barChart(rows, limit) {
-    const W = 900, H = 300, left = 56, bottom = 40, top = 20;
-    const max = Math.max(1, limit || 0, ...rows.map((r) => r.used));
+    const W = 900, H = 300, left = 56, bottom = 40, top = 34;
+    const most = Math.max(1, ...rows.map((r) => r.used));
+    // A quota far above the bars (a month's, say) would flatten them: it is
+    // then drawn at the top, marked as off the scale.
+    const onScale = limit && limit <= most * 4;
+    const max = onScale ? Math.max(most, limit) : Math.ceil(most * 1.15);
     const y = (v) => top + (H - top - bottom) * (1 - v / max);
     const root = svg('svg', { viewBox: '0 0 ' + W + ' ' + H, role: 'img', 'aria-label': 'Requests per UTC day' });
     root.append(svg('line', { x1: left, y1: y(0), x2: W - 10, y2: y(0), stroke: '#888' }));
-    root.append(svg('text', { x: 4, y: y(max) + 4, class: 'axis-label' }, num(max)));
+    root.append(svg('text', { x: left - 6, y: y(max) + 4, class: 'y-label' }, num(max)));
+    root.append(svg('text', { x: left - 6, y: y(0) + 4, class: 'y-label' }, '0'));
     const slot = (W - left - 10) / Math.max(1, rows.length);
     const bw = Math.max(2, slot * 0.7);
     rows.forEach((r, i) => {
@@ -382,8 +393,10 @@
       root.append(svg('text', { x: x + bw / 2, y: H - bottom + 16, class: 'axis-label' }, r.day.slice(5)));
     });
     if (limit) {
-      root.append(svg('line', { x1: left, y1: y(limit), x2: W - 10, y2: y(limit), class: 'quota-line' }));
-      root.append(svg('text', { x: left + 4, y: y(limit) - 4, class: 'quota-label' }, 'quota ' + num(limit)));
+      const at = onScale ? y(limit) : 10;
+      root.append(svg('line', { x1: left, y1: at, x2: W - 10, y2: at, class: 'quota-line' }));
+      root.append(svg('text', { x: left + 4, y: at + (onScale ? -4 : 14), class: 'quota-label' },
+        'quota ' + num(limit) + (onScale ? '' : ' (above the scale)')));
     }
     return root;
   }
@@ -429,7 +442,8 @@
     const y = (v) => top + (H - top - bottom) * (1 - v / max);
     const root = svg('svg', { viewBox: '0 0 ' + W + ' ' + H, role: 'img', 'aria-label': 'Decisions per second by outcome' });
     root.append(svg('line', { x1: left, y1: y(0), x2: W - right, y2: y(0), stroke: '#888' }));
-    root.append(svg('text', { x: 4, y: y(max) + 4, class: 'axis-label' }, num(max) + '/s'));
+    root.append(svg('text', { x: left - 6, y: y(max) + 4, class: 'y-label' }, num(max) + '/s'));
+    root.append(svg('text', { x: left - 6, y: y(0) + 4, class: 'y-label' }, '0'));
     root.append(svg('text', { x: left, y: H - 8, class: 'axis-label' }, '−' + num(n) + ' s'));
     root.append(svg('text', { x: W - right, y: H - 8, class: 'axis-label' }, 'now'));
     data.outcomes.forEach((o, k) => {
