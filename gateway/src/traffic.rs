@@ -80,8 +80,10 @@ impl Kind {
     }
 }
 
-/// Recent decisions (see the [module documentation](self)). Clones share
-/// the same counts.
+/// Recent decisions, for the dashboard: an observer that counts each
+/// decision by outcome in one slot per second of the last ten minutes, and
+/// the keys refused in each second (at most 64 a second), so that its memory
+/// is bounded whatever the traffic. Clones share the same counts.
 #[derive(Clone)]
 pub struct Traffic {
     clock: Clock,
