@@ -15,17 +15,19 @@ use tollgate::{Admin, AdminError, ApiKey, Date, KeyInfo};
 
 use crate::dashboard::{self, Dashboard};
 use crate::mock::bad_request;
+use crate::usage::Limit;
 
 /// The admin routes, working on `admin`, open to requests that carry
 /// `admin_key` (to none when there is no admin key); with the dashboard's
 /// page and the JSON it reads (see [`crate::dashboard`]).
 pub(crate) fn routes<S: Store>(
-    admin: Admin<S>,
+    limit: &Limit<S>,
     admin_key: Option<&str>,
     dashboard: &Dashboard,
 ) -> Router {
     let state = AdminState {
-        admin,
+        admin: limit.admin(),
+        limit: limit.clone(),
         key: admin_key.map(|k| AdminKey::new(k.as_bytes())),
         dashboard: dashboard.clone(),
     };
@@ -54,6 +56,8 @@ pub(crate) fn routes<S: Store>(
 #[derive(Clone)]
 pub(crate) struct AdminState<S> {
     pub(crate) admin: Admin<S>,
+    /// The layer, whose limits of a key the dashboard reads.
+    pub(crate) limit: Limit<S>,
     key: Option<AdminKey>,
     pub(crate) dashboard: Dashboard,
 }
@@ -132,7 +136,7 @@ impl std::fmt::Debug for AdminKey {
 /// A request that carries the admin key; any other is answered 403.
 pub(crate) struct Authorized;
 
-impl<S: Sync> FromRequestParts<AdminState<S>> for Authorized {
+impl<S: Send + Sync> FromRequestParts<AdminState<S>> for Authorized {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, s: &AdminState<S>) -> Result<Self, Response> {

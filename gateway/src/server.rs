@@ -147,7 +147,7 @@ fn always<S: Store>(
         )
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .merge(crate::admin::routes(limit.admin(), admin_key, dashboard))
+        .merge(crate::admin::routes(limit, admin_key, dashboard))
 }
 
 async fn health() -> Json<Value> {

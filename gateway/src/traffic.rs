@@ -203,6 +203,12 @@ impl Traffic {
 
 impl Observer for Traffic {
     fn on_decision(&self, event: &DecisionEvent<'_>) {
+        // Only requests: a peek at a key's limits (`GET /v1/usage`, the
+        // dashboard's own key list) is reported as a decision too, without
+        // a request, but decides nothing.
+        if event.method().is_none() {
+            return;
+        }
         self.count(Kind::of(event.outcome(), event.limit()), event.key_id());
     }
 }

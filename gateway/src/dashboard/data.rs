@@ -129,6 +129,10 @@ async fn accounts<S: Store>(_: Authorized, State(s): State<AdminState<S>>) -> Re
     fresh(json!({"now": rfc3339(secs), "accounts": accounts}))
 }
 
+/// Above this many keys in one answer, `GET /admin/keys` leaves their token
+/// budgets out (`"tokens": null`): each is one read of the store.
+const TOKENS_FOR_AT_MOST: usize = 500;
+
 #[derive(Deserialize)]
 pub(crate) struct KeysQuery {
     /// Only keys whose id, plan or account holds this text.
@@ -136,7 +140,8 @@ pub(crate) struct KeysQuery {
 }
 
 /// `GET /admin/keys[?q=TEXT]`: every key (never its value) with today's use
-/// of its plan's quota and what remains of the current window.
+/// of its plan's quota, what remains of the current window, and what
+/// remains of each token budget (up to [`TOKENS_FOR_AT_MOST`] keys).
 pub(crate) async fn keys<S: Store>(
     _: Authorized,
     State(s): State<AdminState<S>>,
@@ -177,10 +182,36 @@ pub(crate) async fn keys<S: Store>(
             Err(e) => return admin_error(e),
         }
     }
+    // Token budgets are read per key (a peek of its limits, charging
+    // nothing): for a page's worth of keys, not for a whole registry.
+    let mut tokens_of = std::collections::HashMap::new();
+    if keys.len() <= TOKENS_FOR_AT_MOST {
+        for k in &keys {
+            if let Ok(standing) = s.limit.standing_by_id(&k.id).await {
+                let budgets: Vec<Value> = standing
+                    .limits()
+                    .iter()
+                    .filter(|a| a.kind().counts_tokens())
+                    .map(|a| {
+                        json!({
+                            "name": a.name(),
+                            "limit": a.limit(),
+                            "remaining": a.remaining(),
+                            "reset_ms": u64::try_from(a.reset().as_millis()).unwrap_or(u64::MAX),
+                        })
+                    })
+                    .collect();
+                tokens_of.insert(k.id.clone(), budgets);
+            }
+        }
+    }
     let keys: Vec<Value> = keys
         .iter()
         .map(|k| {
             let mut v = key_info_json(k);
+            v["tokens"] = tokens_of
+                .get(&k.id)
+                .map_or(Value::Null, |t| t.clone().into());
             v["quota"] = today_of
                 .get(&k.id)
                 .map_or(Value::Null, |(q, used, remaining)| {

@@ -355,6 +355,14 @@ async fn the_dashboard_in_chromium() {
         key_row(&c, "pro-1").await,
         ["pro-1", "pro", "—", "yes", "3", "99,994"]
     );
+    let tokens = c
+        .find(Locator::Css("tr[data-key='free-1'] td.c-tokens"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(tokens, "39,991 of 40,000 a minute");
     // The markup id is text: the characters themselves, no element made.
     assert_eq!(key_row(&c, MARKUP_ID).await[0], MARKUP_ID);
     assert!(c.find_all(Locator::Css("img")).await.unwrap().is_empty());

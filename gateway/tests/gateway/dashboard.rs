@@ -229,15 +229,24 @@ async fn plans_accounts_and_keys_show_their_limits_and_todays_usage() {
         }])
     );
 
-    let keys = get(&base, "/admin/keys").await;
+    let mut keys = get(&base, "/admin/keys").await;
     assert_eq!(keys["date"], "2026-12-06");
+    // What remains of free-1's budget of tokens a minute: 3 requests of 3
+    // tokens each (1 of prompt, 2 generated), on a clock that stands still.
+    let free_tokens = keys["keys"][0]["tokens"].take();
+    assert_eq!(free_tokens[0]["name"], "tokens-minute");
+    assert_eq!(free_tokens[0]["limit"], 40000);
+    assert_eq!(free_tokens[0]["remaining"], 40000 - 9);
+    assert!(free_tokens[0]["reset_ms"].as_u64().unwrap() > 0);
+    assert_eq!(free_tokens.as_array().unwrap().len(), 1);
+    assert_eq!(keys["keys"][1]["tokens"].take(), json!([]));
     assert_eq!(
         keys["keys"],
         json!([
-            {"id": "free-1", "plan": "free", "enabled": true, "account": "acme",
+            {"id": "free-1", "plan": "free", "enabled": true, "account": "acme", "tokens": null,
              "quota": {"limit": 1000, "period": "DAY", "used": 3, "remaining": 997,
                        "next_reset": "2026-12-07T00:00:00Z"}},
-            {"id": "pro-1", "plan": "pro", "enabled": true, "account": null,
+            {"id": "pro-1", "plan": "pro", "enabled": true, "account": null, "tokens": null,
              "quota": {"limit": 100000, "period": "MONTH", "used": 5, "remaining": 99995,
                        "next_reset": "2027-01-01T00:00:00Z"}},
         ])
@@ -286,6 +295,16 @@ async fn traffic_counts_each_decision_by_outcome_and_names_the_keys_refused_most
         complete(&base, "pro-key-1").await;
     }
     complete(&base, "no-such-key").await;
+    // Reading limits decides nothing: neither the caller's own peek nor the
+    // admin's list of keys with their token budgets is counted.
+    get(&base, "/admin/keys").await;
+    let own = reqwest::Client::new()
+        .get(format!("{base}/v1/usage"))
+        .header("authorization", "Bearer pro-key-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200);
     let t = get(&base, "/admin/traffic?seconds=60").await;
     assert_eq!(t["seconds"], 60);
     assert_eq!(t["end"], "2026-12-06T10:00:00Z");

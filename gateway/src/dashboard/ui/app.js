@@ -215,7 +215,7 @@
       .filter((k) => !needle || k.id.toLowerCase().includes(needle) || k.plan.toLowerCase().includes(needle)
         || (k.account || '').toLowerCase().includes(needle))
       .map(keyRow);
-    if (rows.length === 0) rows.push(el('tr', {}, el('td', { colspan: 9 }, 'No keys match.')));
+    if (rows.length === 0) rows.push(el('tr', {}, el('td', { colspan: 10 }, 'No keys match.')));
     $('keys-table').tBodies[0].replaceChildren(...rows);
   }
 
@@ -263,8 +263,17 @@
       el('td', { class: 'num c-used' }, q ? num(q.used) : '—'),
       el('td', { class: 'num c-remaining' }, q ? num(q.remaining) : '—'),
       el('td', { class: 'num c-quota' }, q ? num(q.limit) + ' / ' + q.period : '—'),
+      el('td', { class: 'num c-tokens' }, tokensLeft(k.tokens)),
       el('td', { class: 'c-reset' }, q ? utc(q.next_reset) : '—'),
       el('td', { class: 'actions' }, toggle, ' ', plan, move, ' ', remaining, set, ' ', chart));
+  }
+
+  const BUDGET = { 'tokens-minute': 'a minute', 'tokens-day': 'a day', 'tokens-month': 'a month' };
+
+  /** What remains of each token budget: "39,991 of 40,000 a minute". */
+  function tokensLeft(budgets) {
+    if (!budgets || budgets.length === 0) return '—';
+    return budgets.map((b) => num(b.remaining) + ' of ' + num(b.limit) + ' ' + (BUDGET[b.name] || b.name)).join('; ');
   }
 
   function patchKey(id, body) {
