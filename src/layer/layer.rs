@@ -336,46 +336,41 @@ impl<K, S: Store> RateLimitLayer<K, S> {
 
 /// How a key stands after a peek's first `step` (the rest of
 /// [`RateLimitLayer::standing`]).
-fn stand<K, S: Store>(
+async fn stand<K, S: Store>(
     shared: SharedState<K, S>,
     step: Step<S::Future>,
     mut report: Report,
     mut plan: Option<Arc<str>>,
-) -> impl Future<Output = Result<Standing, Rejection>> + Send + 'static
-where
-    K: Send + Sync + 'static,
-{
-    async move {
-        let step = match step {
-            Step::Resolve(lookup) => shared.peek_resolved(&lookup.await, &mut report, &mut plan),
-            step => step,
-        };
-        let decided = match step {
-            Step::Done(d) => d.map(|()| report),
-            Step::Wait(f, failure, watch) => shared.conclude_watched(f.await, failure, watch, None),
-            Step::Resolve(_) => Err((Rejection::key(Reason::ResolverUnavailable), None)),
-            Step::Read => Ok(report),
-        };
-        // A peek takes no place; a store that took one anyway gets it back.
-        if let Ok(report) = &decided {
-            for permit in report.permits() {
-                shared.store.release(permit);
-            }
+) -> Result<Standing, Rejection> {
+    let step = match step {
+        Step::Resolve(lookup) => shared.peek_resolved(&lookup.await, &mut report, &mut plan),
+        step => step,
+    };
+    let decided = match step {
+        Step::Done(d) => d.map(|()| report),
+        Step::Wait(f, failure, watch) => shared.conclude_watched(f.await, failure, watch, None),
+        Step::Resolve(_) => Err((Rejection::key(Reason::ResolverUnavailable), None)),
+        Step::Read => Ok(report),
+    };
+    // A peek takes no place; a store that took one anyway gets it back.
+    if let Ok(report) = &decided {
+        for permit in report.permits() {
+            shared.store.release(permit);
         }
-        let plan = plan.map(|p| p.to_string()).unwrap_or_default();
-        match decided {
-            Ok(report) => Ok(Standing {
-                plan,
-                limits: report.items().to_vec(),
-                refused: None,
-            }),
-            Err((rejection, Some(limit))) => Ok(Standing {
-                plan,
-                limits: vec![limit],
-                refused: Some(shared.styled(rejection)),
-            }),
-            Err((rejection, None)) => Err(shared.styled(rejection)),
-        }
+    }
+    let plan = plan.map(|p| p.to_string()).unwrap_or_default();
+    match decided {
+        Ok(report) => Ok(Standing {
+            plan,
+            limits: report.items().to_vec(),
+            refused: None,
+        }),
+        Err((rejection, Some(limit))) => Ok(Standing {
+            plan,
+            limits: vec![limit],
+            refused: Some(shared.styled(rejection)),
+        }),
+        Err((rejection, None)) => Err(shared.styled(rejection)),
     }
 }
 

@@ -362,7 +362,7 @@ async fn the_dashboard_in_chromium() {
         .text()
         .await
         .unwrap();
-    assert_eq!(tokens, "39,991 of 40,000 a minute");
+    assert_eq!(tokens, "39,991 of 40,000/min");
     // The markup id is text: the characters themselves, no element made.
     assert_eq!(key_row(&c, MARKUP_ID).await[0], MARKUP_ID);
     assert!(c.find_all(Locator::Css("img")).await.unwrap().is_empty());

@@ -40,6 +40,11 @@
     return iso ? iso.replace('T', ' ').replace('Z', ' UTC') : '—';
   }
 
+  /** A window's reset, to the minute (windows start on the hour). */
+  function reset(iso) {
+    return iso ? iso.slice(0, 10) + ' ' + iso.slice(11, 16) + ' UTC' : '—';
+  }
+
   function status(message, error) {
     const s = $('status');
     s.textContent = message;
@@ -233,8 +238,9 @@
     move.addEventListener('click', () => act(patchKey(k.id, { plan: plan.value }),
       'Key ' + k.id + ' moved to plan ' + plan.value + '.'));
 
-    const remaining = el('input', { type: 'number', min: 0, step: 1, class: 'remaining', 'aria-label': 'Remaining quota for ' + k.id });
-    const set = el('button', { type: 'button', class: 'set-remaining', disabled: !q }, 'Set remaining');
+    const remaining = el('input', { type: 'number', min: 0, step: 1, class: 'remaining', placeholder: 'count', 'aria-label': 'Remaining quota for ' + k.id });
+    const set = el('button', { type: 'button', class: 'set-remaining', disabled: !q }, 'Set');
+    set.setAttribute('aria-label', 'Set the remaining quota of ' + k.id);
     set.addEventListener('click', () => {
       const n = Number(remaining.value);
       if (remaining.value === '' || !Number.isSafeInteger(n) || n < 0) {
@@ -264,16 +270,16 @@
       el('td', { class: 'num c-remaining' }, q ? num(q.remaining) : '—'),
       el('td', { class: 'num c-quota' }, q ? num(q.limit) + ' / ' + q.period : '—'),
       el('td', { class: 'num c-tokens' }, tokensLeft(k.tokens)),
-      el('td', { class: 'c-reset' }, q ? utc(q.next_reset) : '—'),
+      el('td', { class: 'c-reset' }, q ? reset(q.next_reset) : '—'),
       el('td', { class: 'actions' }, toggle, ' ', plan, move, ' ', remaining, set, ' ', chart));
   }
 
-  const BUDGET = { 'tokens-minute': 'a minute', 'tokens-day': 'a day', 'tokens-month': 'a month' };
+  const BUDGET = { 'tokens-minute': '/min', 'tokens-day': '/day', 'tokens-month': '/month' };
 
-  /** What remains of each token budget: "39,991 of 40,000 a minute". */
+  /** What remains of each token budget: "39,991 of 40,000/min". */
   function tokensLeft(budgets) {
     if (!budgets || budgets.length === 0) return '—';
-    return budgets.map((b) => num(b.remaining) + ' of ' + num(b.limit) + ' ' + (BUDGET[b.name] || b.name)).join('; ');
+    return budgets.map((b) => num(b.remaining) + ' of ' + num(b.limit) + (BUDGET[b.name] || ' ' + b.name)).join('; ');
   }
 
   function patchKey(id, body) {
