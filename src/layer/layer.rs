@@ -260,6 +260,23 @@ impl<K, S: Store> RateLimitLayer<K, S> {
     /// [`standing`](Self::standing) of the registered key with this public
     /// id, enabled or not (an administrator's view: the key's value is not
     /// needed); refused as an unknown key when no key has this id.
+    ///
+    /// ```
+    /// use tollgate::{ApiKey, Policy, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let policy = Policy::builder()
+    ///     .plan(UsagePlan::new("free").throttle(Throttle::new(1.0, 5)?))
+    ///     .key(ApiKey::new("free-1", "secret", "free").enabled(false))
+    ///     .build()?;
+    /// let layer = RateLimitLayer::new(policy);
+    /// let standing = layer.standing_by_id("free-1").await.unwrap();
+    /// assert_eq!(standing.plan(), "free");
+    /// assert_eq!(standing.limits()[0].remaining(), 5);
+    /// assert!(layer.standing_by_id("secret").await.is_err());
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// # }).unwrap();
+    /// ```
     pub fn standing_by_id(
         &self,
         id: &str,

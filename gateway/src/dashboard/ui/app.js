@@ -418,6 +418,20 @@
 
   // ---- live traffic ----
 
+  const OUTCOME = {
+    allowed: 'allowed',
+    throttled: 'throttled',
+    quota: 'quota',
+    tokens: 'tokens',
+    concurrency: 'concurrency',
+    store_failure: 'store failure',
+    key: 'key refused (missing, unknown, disabled)',
+  };
+
+  function outcomeLabel(o) {
+    return OUTCOME[o] || o;
+  }
+
   function startPolling() {
     stopPolling();
     state.timer = setInterval(() => { pollTraffic().catch(failed); }, 2000);
@@ -437,7 +451,7 @@
       const series = data.series[o];
       const recent = series.slice(-10).reduce((a, b) => a + b, 0) / Math.min(10, series.length);
       return el('tr', { 'data-outcome': o },
-        el('td', {}, o.replace('_', ' ')),
+        el('td', {}, outcomeLabel(o)),
         el('td', { class: 'num c-total' }, num(data.totals[o])),
         el('td', { class: 'num c-rate' }, num(Math.round(recent * 10) / 10)));
     }));
@@ -465,7 +479,7 @@
       const points = data.series[o].map((v, i) => x(i).toFixed(1) + ',' + y(v).toFixed(1)).join(' ');
       root.append(svg('polyline', { points, class: 'series o-' + o }));
       root.append(svg('rect', { x: W - right + 10, y: top + k * 18, width: 10, height: 10, class: 'o-' + o }));
-      root.append(svg('text', { x: W - right + 26, y: top + k * 18 + 9, class: 'legend' }, o.replace('_', ' ')));
+      root.append(svg('text', { x: W - right + 26, y: top + k * 18 + 9, class: 'legend' }, o === 'key' ? 'key refused' : outcomeLabel(o)));
     });
     return root;
   }
