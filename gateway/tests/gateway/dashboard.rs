@@ -133,6 +133,14 @@ async fn the_page_and_its_assets_are_served_with_a_strict_content_security_polic
             assert!(!body.contains(" style="));
             assert!(!body.contains(" onclick") && !body.contains(" onload"));
             assert!(!body.contains("http://") && !body.contains("https://"));
+            // No input has a name: a form sent before the script runs (CSP's
+            // form-action 'none' stops it anyway) could not put the admin key
+            // in a URL.
+            for input in body.split("<input").skip(1) {
+                let tag = &input[..input.find('>').unwrap()];
+                assert!(!tag.contains(" name="), "<input{tag}>");
+            }
+            assert!(csp_has_form_action_none(&h));
         }
         if path == "/admin/ui/app.js" {
             assert!(!body.contains("innerHTML") && !body.contains("outerHTML"));
@@ -140,6 +148,13 @@ async fn the_page_and_its_assets_are_served_with_a_strict_content_security_polic
             assert!(body.contains("sessionStorage"));
         }
     }
+}
+
+fn csp_has_form_action_none(h: &reqwest::header::HeaderMap) -> bool {
+    h["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("form-action 'none'")
 }
 
 #[tokio::test]
