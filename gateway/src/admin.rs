@@ -4,23 +4,32 @@
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 use tollgate::store::Store;
-use tollgate::{Admin, AdminError, ApiKey, Date};
+use tollgate::{Admin, AdminError, ApiKey, Date, KeyInfo};
 
+use crate::dashboard::{self, Dashboard};
 use crate::mock::bad_request;
+use crate::usage::Limit;
 
 /// The admin routes, working on `admin`, open to requests that carry
-/// `admin_key` (to none when there is no admin key).
-pub(crate) fn routes<S: Store>(admin: Admin<S>, admin_key: Option<&str>) -> Router {
+/// `admin_key` (to none when there is no admin key); with the dashboard's
+/// page and the JSON it reads (see [`crate::dashboard`]).
+pub(crate) fn routes<S: Store>(
+    limit: &Limit<S>,
+    admin_key: Option<&str>,
+    dashboard: &Dashboard,
+) -> Router {
     let state = AdminState {
-        admin,
+        admin: limit.admin(),
+        limit: limit.clone(),
         key: admin_key.map(|k| AdminKey::new(k.as_bytes())),
+        dashboard: dashboard.clone(),
     };
     Router::new()
         .route("/admin/usage", get(usage::<S>))
@@ -28,7 +37,9 @@ pub(crate) fn routes<S: Store>(admin: Admin<S>, admin_key: Option<&str>) -> Rout
         // read only once the admin key has been checked.
         .route(
             "/admin/keys",
-            post(add_key::<S>).layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT)),
+            get(dashboard::keys::<S>)
+                .post(add_key::<S>)
+                .layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT)),
         )
         .route(
             "/admin/keys/{id}",
@@ -38,13 +49,17 @@ pub(crate) fn routes<S: Store>(admin: Admin<S>, admin_key: Option<&str>) -> Rout
         )
         .route("/admin/keys/{id}/usage", patch(update_usage::<S>))
         .route("/admin/keys/{id}/reset", post(reset_key::<S>))
+        .merge(dashboard::routes::<S>())
         .with_state(state)
 }
 
 #[derive(Clone)]
-struct AdminState<S> {
-    admin: Admin<S>,
+pub(crate) struct AdminState<S> {
+    pub(crate) admin: Admin<S>,
+    /// The layer, whose limits of a key the dashboard reads.
+    pub(crate) limit: Limit<S>,
     key: Option<AdminKey>,
+    pub(crate) dashboard: Dashboard,
 }
 
 impl<S> AdminState<S> {
@@ -119,9 +134,9 @@ impl std::fmt::Debug for AdminKey {
 }
 
 /// A request that carries the admin key; any other is answered 403.
-struct Authorized;
+pub(crate) struct Authorized;
 
-impl<S: Sync> FromRequestParts<AdminState<S>> for Authorized {
+impl<S: Send + Sync> FromRequestParts<AdminState<S>> for Authorized {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, s: &AdminState<S>) -> Result<Self, Response> {
@@ -133,7 +148,7 @@ impl<S: Sync> FromRequestParts<AdminState<S>> for Authorized {
     }
 }
 
-fn admin_error(e: AdminError) -> Response {
+pub(crate) fn admin_error(e: AdminError) -> Response {
     if let AdminError::Import { index, id, error } = &e {
         let status = admin_error((**error).clone()).status();
         let body = json!({"message": e.to_string(), "index": index, "id": id});
@@ -193,7 +208,8 @@ async fn usage<S: Store>(
 #[serde(deny_unknown_fields)]
 struct NewKey {
     id: String,
-    value: String,
+    /// Generated (and answered once) when absent.
+    value: Option<String>,
     plan: String,
     #[serde(default = "yes")]
     enabled: bool,
@@ -206,12 +222,14 @@ fn yes() -> bool {
 
 fn key_json<S: Store>(s: &AdminState<S>, id: &str) -> Response {
     match s.admin.key(id) {
-        Some(k) => {
-            Json(json!({"id": k.id, "plan": k.plan, "enabled": k.enabled, "account": k.account}))
-                .into_response()
-        }
+        Some(k) => Json(key_info_json(&k)).into_response(),
         None => admin_error(AdminError::UnknownKey(id.to_owned())),
     }
+}
+
+/// A key as the admin routes show it: never its value.
+pub(crate) fn key_info_json(k: &KeyInfo) -> serde_json::Value {
+    json!({"id": k.id, "plan": k.plan, "enabled": k.enabled, "account": k.account})
 }
 
 /// One key, or a batch of them (imported all or nothing).
@@ -222,8 +240,8 @@ enum NewKeys {
     Many(Vec<NewKey>),
 }
 
-fn new_key(k: NewKey) -> ApiKey {
-    let key = ApiKey::new(k.id, k.value, k.plan).enabled(k.enabled);
+fn new_key(k: NewKey, value: String) -> ApiKey {
+    let key = ApiKey::new(k.id, value, k.plan).enabled(k.enabled);
     match k.account {
         Some(account) => key.account(account),
         None => key,
@@ -236,18 +254,77 @@ async fn add_key<S: Store>(_: Authorized, State(s): State<AdminState<S>>, body: 
         Err(msg) => return bad_request(&msg),
     };
     match keys {
-        NewKeys::One(k) => {
+        NewKeys::One(mut k) => {
             let id = k.id.clone();
-            match s.admin.add_key(new_key(k)).await {
-                Ok(()) => (StatusCode::CREATED, key_json(&s, &id)).into_response(),
+            let (value, generated) = match k.value.take() {
+                Some(v) => (v, false),
+                None => match generate_value() {
+                    Ok(v) => (v, true),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot draw a key value from the system's randomness");
+                        return (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            Json(json!({"message": "cannot generate a key value"})),
+                        )
+                            .into_response();
+                    }
+                },
+            };
+            let shown = generated.then(|| value.clone());
+            if let Err(e) = s.admin.add_key(new_key(k, value)).await {
+                return admin_error(e);
+            }
+            let Some(info) = s.admin.key(&id) else {
+                return admin_error(AdminError::UnknownKey(id));
+            };
+            let mut body = key_info_json(&info);
+            let mut res = match shown {
+                // Answered this once: only the value's hash is kept.
+                Some(value) => {
+                    body["value"] = value.into();
+                    (StatusCode::CREATED, Json(body)).into_response()
+                }
+                None => (StatusCode::CREATED, Json(body)).into_response(),
+            };
+            res.headers_mut()
+                .insert("cache-control", HeaderValue::from_static("no-store"));
+            res
+        }
+        NewKeys::Many(keys) => {
+            if let Some(index) = keys.iter().position(|k| k.value.is_none()) {
+                return bad_request(&format!(
+                    "key {index} of the batch has no value; a batch is imported with the values it gives \
+                     (add keys one at a time to have values generated)"
+                ));
+            }
+            let keys = keys.into_iter().map(|mut k| {
+                let value = k.value.take().unwrap_or_default();
+                new_key(k, value)
+            });
+            match s.admin.import_keys(keys).await {
+                Ok(n) => (StatusCode::CREATED, Json(json!({"imported": n}))).into_response(),
                 Err(e) => admin_error(e),
             }
         }
-        NewKeys::Many(keys) => match s.admin.import_keys(keys.into_iter().map(new_key)).await {
-            Ok(n) => (StatusCode::CREATED, Json(json!({"imported": n}))).into_response(),
-            Err(e) => admin_error(e),
-        },
     }
+}
+
+/// The prefix of generated key values, which tells them apart in a leaked
+/// log or a secret scanner's findings.
+pub(crate) const GENERATED_PREFIX: &str = "tg-";
+
+/// A new key value: [`GENERATED_PREFIX`] and 32 bytes of the operating
+/// system's randomness in hex (256 bits; 67 visible ASCII characters).
+pub(crate) fn generate_value() -> Result<String, getrandom::Error> {
+    use std::fmt::Write;
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)?;
+    let mut value = String::with_capacity(GENERATED_PREFIX.len() + 64);
+    value.push_str(GENERATED_PREFIX);
+    for b in bytes {
+        let _ = write!(value, "{b:02x}");
+    }
+    Ok(value)
 }
 
 async fn get_key<S: Store>(

@@ -45,11 +45,15 @@
 //! - `/admin/…` usage and key administration, guarded by the `x-admin-key` header:
 //!   - `GET /admin/usage?plan=NAME&start=YYYY-MM-DD&end=YYYY-MM-DD[&key=ID]` (AWS GetUsage)
 //!   - `PATCH /admin/keys/ID/usage` with `{"remaining": N}` (AWS UpdateUsage)
-//!   - `POST /admin/keys` with `{"id":…,"value":…,"plan":…}` adds a key; with an array of
+//!   - `POST /admin/keys` with `{"id":…,"value":…,"plan":…}` adds a key (without `value`
+//!     the gateway generates one and answers it once); with an array of
 //!     them imports them all or none (the first bad one named: `index`, `id`)
 //!   - `GET /admin/keys/ID` shows a key (never its value); `DELETE /admin/keys/ID` removes it
 //!   - `PATCH /admin/keys/ID` with `{"enabled": false}` or `{"plan": "pro"}`
 //!   - `POST /admin/keys/ID/reset` forgets the key's usage in its current window
+//!   - `GET /admin/ui`: the usage dashboard (see [`Dashboard`]), a page that asks for the
+//!     admin key and reads `GET /admin/plans`, `/admin/accounts`, `/admin/keys[?q=TEXT]`,
+//!     `/admin/accounts/NAME/usage?start=…&end=…` and `/admin/traffic[?seconds=N]`
 //!
 //! With `--redis URL` the limits live in Redis, shared by every gateway
 //! started with the same URL (several comma-separated URLs name the nodes of
@@ -72,8 +76,10 @@
 
 mod admin;
 mod cli;
+mod dashboard;
 mod mock;
 mod server;
+mod traffic;
 mod upstream;
 mod usage;
 
@@ -83,7 +89,9 @@ pub use cli::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_REDIS_TIMEOUT, DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
     DEFAULT_UPSTREAM_TIMEOUT, Parsed, USAGE, parse_args,
 };
+pub use dashboard::Dashboard;
 pub use server::{
     DEMO_CONFIG, Limits, app, app_with, main, router, serve, serve_with, upstream_router,
 };
+pub use traffic::Traffic;
 pub use upstream::Upstream;

@@ -24,7 +24,9 @@ use tollgate::store::Store;
 use tollgate::{ConfigError, HeaderStyle, MemoryStore, RateLimitLayer, RedisStore};
 
 use crate::cli::{DEFAULT_LOG, Parsed, USAGE, parse_args};
+use crate::dashboard::Dashboard;
 use crate::mock::{self, MockEstimator};
+use crate::traffic::Both;
 use crate::upstream::{self, Upstream, UpstreamEstimator};
 
 /// The embedded demo configuration (`gateway/demo.toml`).
@@ -43,6 +45,7 @@ pub fn app_with<S: Store>(
     upstream: Option<&Upstream>,
 ) -> Result<Router, ConfigError> {
     let policy = config.policy_with_clock(store.clock().clone())?;
+    let dashboard = Dashboard::new(config, store.clock().clone());
     // Installed before the first decision, so that every one is counted.
     prometheus();
     // OpenAI's SDKs send `Authorization: Bearer`, wait `retry-after-ms`,
@@ -57,26 +60,31 @@ pub fn app_with<S: Store>(
         .style(config.style())
         .max_retry(config.max_retry())
         .headers(HeaderStyle::ietf().openai(true))
-        .observer(MetricsObserver::new());
+        .observer(Both(MetricsObserver::new(), dashboard.traffic().clone()));
     Ok(match upstream {
         None => {
             let layer = builder
                 .estimator(MockEstimator(OpenAiEstimator::new()))
                 .build();
-            router(layer, config.admin_key(), mock::model_names(config))
+            router(
+                layer,
+                config.admin_key(),
+                mock::model_names(config),
+                &dashboard,
+            )
         }
         Some(upstream) => {
             let layer = builder
                 .estimator(UpstreamEstimator(OpenAiEstimator::new()))
                 .build();
-            upstream_router(layer, config.admin_key(), upstream)
+            upstream_router(layer, config.admin_key(), upstream, &dashboard)
         }
     })
 }
 
 /// The gateway's routes: the inference routes behind `limit` (the mock
 /// answering `models` in `GET /v1/models`); `/health` and the admin routes
-/// outside it.
+/// (with the `dashboard`, whose traffic `limit` should observe) outside it.
 ///
 /// Only requests that match a route and one of its methods are limited: a
 /// 404 or a 405 is answered before the layer sees the request, costing
@@ -85,6 +93,7 @@ pub fn router<S: Store>(
     limit: RateLimitLayer<BearerOrApiKey, S>,
     admin_key: Option<&str>,
     models: Vec<String>,
+    dashboard: &Dashboard,
 ) -> Router {
     // Each method router's `route_layer`: neither the router's fallback (404)
     // nor a route's method fallback (405) goes through the limit, as they
@@ -100,7 +109,7 @@ pub fn router<S: Store>(
             "/v1/models",
             limited(get(mock::models).with_state(mock::Models::new(models))),
         )
-        .merge(always(&limit, admin_key))
+        .merge(always(&limit, admin_key, dashboard))
 }
 
 /// The routes of upstream mode: every `/v1/…` path and method forwarded to
@@ -109,6 +118,7 @@ pub fn upstream_router<S: Store>(
     limit: RateLimitLayer<BearerOrApiKey, S>,
     admin_key: Option<&str>,
     upstream: &Upstream,
+    dashboard: &Dashboard,
 ) -> Router {
     // Every method is forwarded (no 405), so the router's `route_layer`
     // covers exactly the matched `/v1/…` requests; the 404 fallback stays
@@ -119,13 +129,17 @@ pub fn upstream_router<S: Store>(
             any(upstream::forward).with_state(upstream.forwarder()),
         )
         .route_layer(limit.clone())
-        .merge(always(&limit, admin_key))
+        .merge(always(&limit, admin_key, dashboard))
 }
 
 /// The routes of both modes, never limited: `/health`, `/metrics`,
 /// `/v1/usage` (which reads the caller's limits without charging them) and
 /// the admin routes.
-fn always<S: Store>(limit: &RateLimitLayer<BearerOrApiKey, S>, admin_key: Option<&str>) -> Router {
+fn always<S: Store>(
+    limit: &RateLimitLayer<BearerOrApiKey, S>,
+    admin_key: Option<&str>,
+    dashboard: &Dashboard,
+) -> Router {
     Router::new()
         .route(
             "/v1/usage",
@@ -133,7 +147,7 @@ fn always<S: Store>(limit: &RateLimitLayer<BearerOrApiKey, S>, admin_key: Option
         )
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .merge(crate::admin::routes(limit.admin(), admin_key))
+        .merge(crate::admin::routes(limit, admin_key, dashboard))
 }
 
 async fn health() -> Json<Value> {

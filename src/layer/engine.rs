@@ -263,6 +263,33 @@ impl<K, S: Store> Shared<K, S> {
         Step::of(result)
     }
 
+    /// [`peek_any`](Self::peek_any) for the registered key with this public
+    /// id, enabled or not; `None` when no key has it.
+    pub(crate) fn peek_id(
+        &self,
+        id: &str,
+        report: &mut Report,
+        plan: &mut Option<Arc<str>>,
+    ) -> Option<Step<S::Future>> {
+        self.policy.keys().by_id(id, |entry| {
+            let entry = entry?;
+            let caller = Caller {
+                stage: self.policy.inner.stage.as_deref(),
+                account: entry.account.as_ref(),
+                plan: &entry.plan,
+                subject: Subject {
+                    plan: &entry.plan,
+                    name: entry.id.as_bytes(),
+                    digest: entry.state(),
+                    history_days: self.history_days(),
+                },
+                id: Some(&entry.id),
+            };
+            *plan = Some(entry.plan.name.clone());
+            Some(self.acquire(&caller, None, 0, None, report))
+        })
+    }
+
     /// [`peek_any`](Self::peek_any) for a key the resolver has answered.
     pub(crate) fn peek_resolved(
         &self,

@@ -254,43 +254,43 @@ impl<K, S: Store> RateLimitLayer<K, S> {
         let mut report = Report::default();
         let mut plan = None;
         let step = self.shared.peek_any(key, &mut report, &mut plan);
-        let shared = Arc::clone(&self.shared);
-        async move {
-            let step = match step {
-                Step::Resolve(lookup) => {
-                    shared.peek_resolved(&lookup.await, &mut report, &mut plan)
-                }
-                step => step,
-            };
-            let decided = match step {
-                Step::Done(d) => d.map(|()| report),
-                Step::Wait(f, failure, watch) => {
-                    shared.conclude_watched(f.await, failure, watch, None)
-                }
-                Step::Resolve(_) => Err((Rejection::key(Reason::ResolverUnavailable), None)),
-                Step::Read => Ok(report),
-            };
-            // A peek takes no place; a store that took one anyway gets it back.
-            if let Ok(report) = &decided {
-                for permit in report.permits() {
-                    shared.store.release(permit);
-                }
-            }
-            let plan = plan.map(|p| p.to_string()).unwrap_or_default();
-            match decided {
-                Ok(report) => Ok(Standing {
-                    plan,
-                    limits: report.items().to_vec(),
-                    refused: None,
-                }),
-                Err((rejection, Some(limit))) => Ok(Standing {
-                    plan,
-                    limits: vec![limit],
-                    refused: Some(shared.styled(rejection)),
-                }),
-                Err((rejection, None)) => Err(shared.styled(rejection)),
-            }
-        }
+        stand(Arc::clone(&self.shared), step, report, plan)
+    }
+
+    /// [`standing`](Self::standing) of the registered key with this public
+    /// id, enabled or not (an administrator's view: the key's value is not
+    /// needed); refused as an unknown key when no key has this id.
+    ///
+    /// ```
+    /// use tollgate::{ApiKey, Policy, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let policy = Policy::builder()
+    ///     .plan(UsagePlan::new("free").throttle(Throttle::new(1.0, 5)?))
+    ///     .key(ApiKey::new("free-1", "secret", "free").enabled(false))
+    ///     .build()?;
+    /// let layer = RateLimitLayer::new(policy);
+    /// let standing = layer.standing_by_id("free-1").await.unwrap();
+    /// assert_eq!(standing.plan(), "free");
+    /// assert_eq!(standing.limits()[0].remaining(), 5);
+    /// assert!(layer.standing_by_id("secret").await.is_err());
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn standing_by_id(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Standing, Rejection>> + Send + 'static + use<K, S>
+    where
+        K: Send + Sync + 'static,
+    {
+        let mut report = Report::default();
+        let mut plan = None;
+        let step = self
+            .shared
+            .peek_id(id, &mut report, &mut plan)
+            .unwrap_or_else(|| Step::Done(Err((Rejection::key(Reason::UnknownKey), None))));
+        stand(Arc::clone(&self.shared), step, report, plan)
     }
 
     /// [`standing`](Self::standing) of the key the layer's extractor takes
@@ -348,6 +348,46 @@ impl<K, S: Store> RateLimitLayer<K, S> {
     /// failures is logged once (a `tracing` warning), and its end once.
     pub fn store_failures(&self) -> u64 {
         self.shared.failures.count()
+    }
+}
+
+/// How a key stands after a peek's first `step` (the rest of
+/// [`RateLimitLayer::standing`]).
+async fn stand<K, S: Store>(
+    shared: SharedState<K, S>,
+    step: Step<S::Future>,
+    mut report: Report,
+    mut plan: Option<Arc<str>>,
+) -> Result<Standing, Rejection> {
+    let step = match step {
+        Step::Resolve(lookup) => shared.peek_resolved(&lookup.await, &mut report, &mut plan),
+        step => step,
+    };
+    let decided = match step {
+        Step::Done(d) => d.map(|()| report),
+        Step::Wait(f, failure, watch) => shared.conclude_watched(f.await, failure, watch, None),
+        Step::Resolve(_) => Err((Rejection::key(Reason::ResolverUnavailable), None)),
+        Step::Read => Ok(report),
+    };
+    // A peek takes no place; a store that took one anyway gets it back.
+    if let Ok(report) = &decided {
+        for permit in report.permits() {
+            shared.store.release(permit);
+        }
+    }
+    let plan = plan.map(|p| p.to_string()).unwrap_or_default();
+    match decided {
+        Ok(report) => Ok(Standing {
+            plan,
+            limits: report.items().to_vec(),
+            refused: None,
+        }),
+        Err((rejection, Some(limit))) => Ok(Standing {
+            plan,
+            limits: vec![limit],
+            refused: Some(shared.styled(rejection)),
+        }),
+        Err((rejection, None)) => Err(shared.styled(rejection)),
     }
 }
 

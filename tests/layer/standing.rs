@@ -1,5 +1,5 @@
-//! `RateLimitLayer::standing`: how a key's limits stand, read without
-//! charging anything, on the memory store and on Redis.
+//! `RateLimitLayer::standing` and `standing_by_id`: how a key's limits
+//! stand, read without charging anything, on the memory store and on Redis.
 
 use std::time::Duration;
 
@@ -77,10 +77,26 @@ async fn standing_reads_without_charging<B: Backend>(b: &B) {
     assert_eq!(unknown.reason(), Reason::UnknownKey);
     let off = layer.standing(b"off").await.unwrap_err();
     assert_eq!(off.reason(), Reason::DisabledKey);
+    // By id, as an administrator reads it: the same limits, for a disabled
+    // key too, and an id is not a value (nor a value an id).
+    let by_id = layer.standing_by_id("pro-1").await.unwrap();
+    assert_eq!(by_id.plan(), "pro");
+    assert_eq!(of(&by_id, "throttle"), (3, 5));
+    assert_eq!(of(&by_id, "quota"), (1, 3));
+    let off = layer.standing_by_id("off-1").await.unwrap();
+    assert_eq!(of(&off, "quota"), (3, 3));
+    for not_an_id in ["secret", "nobody"] {
+        let e = layer.standing_by_id(not_an_id).await.unwrap_err();
+        assert_eq!(e.reason(), Reason::UnknownKey);
+    }
     // The quota used up: what a peek finds still reads.
     decide().await;
     let spent = layer.standing(b"secret").await.unwrap();
     assert_eq!(of(&spent, "quota"), (0, 3));
+    assert_eq!(
+        of(&layer.standing_by_id("pro-1").await.unwrap(), "quota"),
+        (0, 3)
+    );
 }
 
 #[tokio::test]
