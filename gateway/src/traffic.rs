@@ -203,9 +203,9 @@ impl Traffic {
 
 impl Observer for Traffic {
     fn on_decision(&self, event: &DecisionEvent<'_>) {
-        // Only requests: a peek at a key's limits (`GET /v1/usage`, the
-        // dashboard's own key list) is reported as a decision too, without
-        // a request, but decides nothing.
+        // Only requests (the layer reports no peek, such as `GET /v1/usage`
+        // or the dashboard's own key list; a decision made without a
+        // request, through `RateLimitLayer::decide`, is not traffic either).
         if event.method().is_none() {
             return;
         }

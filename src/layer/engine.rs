@@ -352,16 +352,30 @@ impl<K, S: Store> Shared<K, S> {
             Some(_) => c.plan.model(self.model_name(req)),
         };
         let seen = c.seen(req, model);
+        // A peek (cost 0 and no request: `standing`, `check(key, 0)`)
+        // decides nothing, so observers are not told of it.
+        let peek = cost == 0 && req.is_none();
         let decide = |acquire: &Acquire<'_>| {
             if let Some(verdict) = self.store.decide_now(acquire, report) {
-                return Step::Done(self.conclude_seen(Ok(verdict), failure, false, seen));
+                return Step::Done(if peek {
+                    self.conclude(Ok(verdict), failure, false)
+                } else {
+                    self.conclude_seen(Ok(verdict), failure, false, seen)
+                });
             }
             match self.store.acquire(acquire) {
                 Acquired::Ready(result) => Step::Done(
-                    self.conclude_seen(result, failure, false, seen)
-                        .map(|r| *report = r),
+                    if peek {
+                        self.conclude(result, failure, false)
+                    } else {
+                        self.conclude_seen(result, failure, false, seen)
+                    }
+                    .map(|r| *report = r),
                 ),
-                Acquired::Pending(f) => Step::Wait(f, failure, self.watch(seen)),
+                Acquired::Pending(f) => {
+                    let watch = if peek { None } else { self.watch(seen) };
+                    Step::Wait(f, failure, watch)
+                }
             }
         };
         match c.lone() {
@@ -641,7 +655,10 @@ impl<K> Shared<K, MemoryStore> {
                 })
             }
         };
-        self.checked(&result, c.seen(None, c.plan.model(None)));
+        // A peek decides nothing: observers are not told of it.
+        if cost > 0 {
+            self.checked(&result, c.seen(None, c.plan.model(None)));
+        }
         result
     }
 }

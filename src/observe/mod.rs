@@ -84,6 +84,9 @@ use crate::plan::FailureMode;
 use crate::response::Reason;
 
 /// Sees every decision of a layer (see the [module documentation](self)).
+/// A peek, which decides nothing (a cost of 0 without a request:
+/// [`RateLimitLayer::standing`](crate::RateLimitLayer::standing),
+/// `check(key, 0)`), is not reported.
 ///
 /// Implemented for closures `Fn(&DecisionEvent<'_>)`. Set one with
 /// [`RateLimitLayerBuilder::observer`](crate::RateLimitLayerBuilder::observer).

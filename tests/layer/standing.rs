@@ -140,3 +140,28 @@ async fn a_full_cap_is_a_refused_standing() {
     assert!(free.refused().is_none());
     assert_eq!(of(&free, "concurrency"), (1, 1));
 }
+
+/// A peek decides nothing: observers (and so the decision metrics) are not
+/// told of it, while a decision is.
+#[tokio::test]
+async fn observers_are_not_told_of_a_peek() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let seen = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&seen);
+    let layer = RateLimitLayer::builder(policy(&clock))
+        .observer(move |_: &tollgate::observe::DecisionEvent<'_>| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        })
+        .build();
+    for _ in 0..5 {
+        layer.standing(b"secret").await.unwrap();
+        layer.standing_by_id("pro-1").await.unwrap();
+    }
+    assert!(layer.check(b"secret", 0).is_ok());
+    assert_eq!(seen.load(Ordering::Relaxed), 0);
+    layer.decide(b"secret", 1).await.unwrap();
+    assert_eq!(seen.load(Ordering::Relaxed), 1);
+}
