@@ -412,7 +412,16 @@ async fn run() -> std::process::ExitCode {
     init_logging(args.log_json);
     let config = match &args.config {
         Some(path) => Config::load(path),
-        None => Config::from_toml(DEMO_CONFIG),
+        None => {
+            if args.upstream.is_some() {
+                // The demo's keys and admin key are public: a real backend
+                // behind them is open to anyone who has read the README.
+                tracing::warn!(
+                    "serving a real backend with the embedded demo config, whose keys and admin key are public: pass --config FILE"
+                );
+            }
+            Config::from_toml(DEMO_CONFIG)
+        }
     };
     let config = match config {
         Ok(c) => c,

@@ -179,6 +179,28 @@ pub(crate) struct Forwarder {
     prompt: OpenAiEstimator,
 }
 
+/// Whether `path` may be forwarded: under `/v1/`, with no empty, `.` or
+/// `..` segment, no backslash, and no percent-encoded dot, slash or
+/// backslash. The backend's URL is built from the path as it came, and an
+/// HTTP client or server resolves dot segments: `/v1/../api/delete` would
+/// reach the backend's `/api/delete` with the gateway's own credential, and
+/// `/v1/x/../chat/completions` a completion the layer did not estimate.
+fn forwardable(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix("/v1/") else {
+        return false;
+    };
+    let lower = rest.to_ascii_lowercase();
+    if lower.contains('\\')
+        || lower.contains("%2e")
+        || lower.contains("%2f")
+        || lower.contains("%5c")
+    {
+        return false;
+    }
+    rest.split('/')
+        .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+}
+
 /// Whether a request is a completion or chat completion, whose body is read.
 fn is_completion(method: &Method, path: &str) -> bool {
     *method == Method::POST && matches!(path, "/v1/completions" | "/v1/chat/completions")
@@ -309,6 +331,10 @@ fn prepare(f: &Forwarder, body: Bytes) -> Prepared {
             .map_or(0, |e| u64::from(e.tokens))
     };
     let options = req.entry("stream_options").or_insert_with(|| json!({}));
+    // `null` or another non-object: the backend would send no usage.
+    if !options.is_object() {
+        *options = json!({});
+    }
     if let Value::Object(options) = options {
         if options.get("include_usage") != Some(&Value::Bool(true)) {
             options.insert("include_usage".to_owned(), Value::Bool(true));
@@ -326,6 +352,14 @@ fn prepare(f: &Forwarder, body: Bytes) -> Prepared {
 /// Forwards the request to the backend and streams its answer back.
 pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Response {
     let usage = req.extensions().get::<TokenUsage>().cloned();
+    if !forwardable(req.uri().path()) {
+        return gateway_error(
+            StatusCode::BAD_REQUEST,
+            "The path has an empty, `.` or `..` segment, or an encoded dot, slash or backslash.",
+            "invalid_path",
+            usage.as_ref(),
+        );
+    }
     let (parts, body) = req.into_parts();
     let target = format!(
         "{}{}",
@@ -742,6 +776,54 @@ mod tests {
         assert!(up.clone().key("a\nb").is_err());
         let up = up.key("secret").unwrap();
         assert!(!format!("{up:?}").contains("secret"));
+    }
+
+    #[test]
+    fn a_stream_is_asked_for_its_usage_unless_the_client_did() {
+        let f = Upstream::new("http://h").unwrap().forwarder();
+        let asks = |body: &str| {
+            let p = prepare(&f, Bytes::from(body.to_owned()));
+            let sent: Value = serde_json::from_slice(&p.body).unwrap();
+            (
+                p.strip_usage,
+                sent["stream_options"]["include_usage"] == json!(true),
+            )
+        };
+        let stream = r#"{"model":"m","prompt":"x","stream":true"#;
+        assert_eq!(asks(&format!("{stream}}}")), (true, true));
+        // `null`, or any other non-object, is no request for it either.
+        for options in ["null", "\"yes\"", "[]", "{}", r#"{"include_usage":false}"#] {
+            let body = format!(r#"{stream},"stream_options":{options}}}"#);
+            assert_eq!(asks(&body), (true, true), "{options}");
+        }
+        let asked = format!(r#"{stream},"stream_options":{{"include_usage":true}}}}"#);
+        assert_eq!(asks(&asked), (false, true));
+    }
+
+    #[test]
+    fn paths_that_leave_v1_are_not_forwardable() {
+        for ok in [
+            "/v1/models",
+            "/v1/chat/completions",
+            "/v1/models/a.b-c",
+            "/v1/files/%41",
+        ] {
+            assert!(forwardable(ok), "{ok}");
+        }
+        for bad in [
+            "/v1/../api",
+            "/v1/./x",
+            "/v1//x",
+            "/v1/x/",
+            "/v1/%2E%2E/x",
+            "/v1/a%2fb",
+            "/v1/a%5Cb",
+            "/v1/a\\b",
+            "/v2/x",
+            "/v1",
+        ] {
+            assert!(!forwardable(bad), "{bad}");
+        }
     }
 
     #[test]

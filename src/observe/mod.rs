@@ -84,9 +84,11 @@ use crate::plan::FailureMode;
 use crate::response::Reason;
 
 /// Sees every decision of a layer (see the [module documentation](self)).
-/// A peek, which decides nothing (a cost of 0 without a request:
+/// A peek at a known, enabled key's limits, which decides nothing (a cost
+/// of 0 without a request:
 /// [`RateLimitLayer::standing`](crate::RateLimitLayer::standing),
-/// `check(key, 0)`), is not reported.
+/// `check(key, 0)`), is not reported; a missing, unknown or disabled key is
+/// reported as refused, as for any other call.
 ///
 /// Implemented for closures `Fn(&DecisionEvent<'_>)`. Set one with
 /// [`RateLimitLayerBuilder::observer`](crate::RateLimitLayerBuilder::observer).

@@ -497,3 +497,43 @@ async fn usage_is_answered_by_the_gateway_not_the_upstream() {
         assert_eq!(throttle["remaining"], 1000, "{v}");
     }
 }
+
+/// Paths that an HTTP client or server would resolve out of `/v1/` (dot
+/// segments, encoded dots or slashes) are refused before anything reaches
+/// the backend, which would otherwise get them with the gateway's own key.
+/// Sent over a raw connection: an HTTP client library normalizes them first.
+#[tokio::test]
+async fn paths_that_escape_v1_are_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (s, _backend, _stop) = pair().await;
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    for path in [
+        "/v1/../api/delete",
+        "/v1/%2e%2e/%2e%2e/api/pull",
+        "/v1/x/../chat/completions",
+        "/v1/chat%2Fcompletions",
+        "/v1/./models",
+        "/v1//models",
+        "/v1/models\\..\\x",
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let req = format!(
+            "DELETE {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer client-key\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+        );
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("invalid_path"), "{path}: {answer}");
+    }
+    // An ordinary path still goes through.
+    let res = s
+        .client
+        .get(format!("{}/v1/models", s.base))
+        .header("authorization", "Bearer client-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
