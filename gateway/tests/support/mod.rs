@@ -1,10 +1,11 @@
 //! What the gateway's tests share: the gateway binary as a child process
-//! ([`process`]), real `redis-server` processes ([`redis`], a copy of the
-//! root crate's `tests/support/redis.rs`) and dates for a manual clock.
+//! ([`process`]), real `redis-server` processes ([`redis`], the root
+//! crate's `tests/support/redis.rs`) and dates for a manual clock.
 
 #![allow(dead_code, unreachable_pub)]
 
 pub(crate) mod process;
+#[path = "../../../tests/support/redis.rs"]
 pub(crate) mod redis;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
