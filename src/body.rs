@@ -268,8 +268,17 @@ pin_project! {
     #[derive(Debug)]
     enum RequestKind<B> {
         Streaming { #[pin] body: B },
-        Read { data: Option<Bytes>, trailers: Option<http::HeaderMap> },
+        // Boxed: every request through the layer is moved in this type, and
+        // most are never read; a read body is already on the heap.
+        Read { read: Box<ReadBody> },
     }
+}
+
+/// A request body read whole: its data, then its trailers.
+#[derive(Debug)]
+struct ReadBody {
+    data: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
 }
 
 impl<B> RequestBody<B> {
@@ -284,8 +293,10 @@ impl<B> RequestBody<B> {
     pub fn read(data: Bytes, trailers: Option<http::HeaderMap>) -> Self {
         RequestBody {
             kind: RequestKind::Read {
-                data: (!data.is_empty()).then_some(data),
-                trailers,
+                read: Box::new(ReadBody {
+                    data: (!data.is_empty()).then_some(data),
+                    trailers,
+                }),
             },
         }
     }
@@ -317,9 +328,9 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project().kind.project() {
             RequestKindProj::Streaming { body } => body.poll_frame(cx),
-            RequestKindProj::Read { data, trailers } => Poll::Ready(match data.take() {
+            RequestKindProj::Read { read } => Poll::Ready(match read.data.take() {
                 Some(d) => Some(Ok(Frame::data(d))),
-                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+                None => read.trailers.take().map(|t| Ok(Frame::trailers(t))),
             }),
         }
     }
@@ -327,15 +338,15 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             RequestKind::Streaming { body } => body.is_end_stream(),
-            RequestKind::Read { data, trailers } => data.is_none() && trailers.is_none(),
+            RequestKind::Read { read } => read.data.is_none() && read.trailers.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             RequestKind::Streaming { body } => body.size_hint(),
-            RequestKind::Read { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            RequestKind::Read { read } => {
+                SizeHint::with_exact(read.data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }
     }

@@ -4,6 +4,7 @@
 use std::cell::RefCell;
 use std::fmt::{self, Write};
 
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::gcra::{NANOS_PER_SEC, Nanos};
@@ -146,41 +147,52 @@ impl HeaderStyle {
         self.prepare(report).write(headers);
     }
 
-    /// What the headers for `report` need, taken when the request is
-    /// decided: much smaller than the report, which a response future would
-    /// otherwise carry (and copy) until the response arrives.
+    /// The headers for `report`, formatted when the request is decided:
+    /// every value in one shared buffer (see [`Prepared`]), so that a
+    /// response future carries 56 bytes instead of the report, and no value
+    /// is allocated on its own.
     pub(crate) fn prepare(&self, report: &Report) -> Prepared {
-        let mut p = Prepared {
-            style: *self,
-            ..Prepared::default()
-        };
         if !(self.ietf || self.x_ratelimit || self.openai) {
-            return p;
+            return Prepared::default();
         }
         let Some(tight) = report.tightest() else {
-            return p;
+            return Prepared::default();
         };
-        p.tight = Some(*tight);
-        if self.ietf {
-            p.policy = policy_value(report.items());
-        }
+        let (mut requests, mut tokens) = (None, None);
         if self.openai {
-            let (mut requests, mut tokens) = (u8::MAX, u8::MAX);
+            let (mut requests_rank, mut tokens_rank) = (u8::MAX, u8::MAX);
             for a in report.items() {
                 let Some((family, rank)) = defining_rank(a.kind) else {
                     continue;
                 };
                 let (slot, best) = match family {
-                    Family::Requests => (&mut p.requests, &mut requests),
-                    Family::Tokens => (&mut p.tokens, &mut tokens),
+                    Family::Requests => (&mut requests, &mut requests_rank),
+                    Family::Tokens => (&mut tokens, &mut tokens_rank),
                 };
                 if rank < *best {
                     *best = rank;
-                    *slot = Some(*a);
+                    *slot = Some(a);
                 }
             }
         }
-        p
+        Prepared::format(|out| {
+            if self.ietf {
+                out.policy = policy_value(report.items());
+                out.ratelimit(tight.name(), tight.remaining, ceil_secs(tight.reset));
+            }
+            if self.x_ratelimit {
+                out.int(Slot::XLimit, tight.quota);
+                out.int(Slot::XRemaining, tight.remaining);
+                out.int(Slot::XReset, ceil_secs(tight.reset));
+            }
+            for (a, first) in [(requests, Slot::LimitRequests), (tokens, Slot::LimitTokens)] {
+                let Some(a) = a else { continue };
+                let [limit, remaining, reset] = first.family();
+                out.int(limit, a.quota);
+                out.int(remaining, a.remaining);
+                out.duration(reset, a.reset);
+            }
+        })
     }
 
     /// Writes the headers of a request rejected by `denied`, which may pass
@@ -307,72 +319,212 @@ const OPENAI_TOKENS: [HeaderName; 3] = [
     OPENAI_RESET_TOKENS,
 ];
 
-/// The rate-limit headers of one response, ready to write (see
-/// [`HeaderStyle::prepare`]); the default writes nothing.
-#[derive(Debug, Clone)]
-pub(crate) struct Prepared {
-    style: HeaderStyle,
-    /// The `RateLimit-Policy` value.
-    policy: Option<HeaderValue>,
-    /// The limit closest to denying, for `RateLimit` and `X-RateLimit-*`.
-    tight: Option<Applied>,
-    /// The defining request limit and token limit, for OpenAI's headers.
-    requests: Option<Applied>,
-    tokens: Option<Applied>,
+/// The headers a response can carry beside `RateLimit-Policy`, in the
+/// order they are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    RateLimit,
+    XLimit,
+    XRemaining,
+    XReset,
+    LimitRequests,
+    RemainingRequests,
+    ResetRequests,
+    LimitTokens,
+    RemainingTokens,
+    ResetTokens,
 }
 
-impl Default for Prepared {
-    fn default() -> Self {
-        Prepared {
-            style: HeaderStyle::none(),
-            policy: None,
-            tight: None,
-            requests: None,
-            tokens: None,
+impl Slot {
+    const ALL: [Slot; 10] = [
+        Slot::RateLimit,
+        Slot::XLimit,
+        Slot::XRemaining,
+        Slot::XReset,
+        Slot::LimitRequests,
+        Slot::RemainingRequests,
+        Slot::ResetRequests,
+        Slot::LimitTokens,
+        Slot::RemainingTokens,
+        Slot::ResetTokens,
+    ];
+
+    fn name(self) -> HeaderName {
+        match self {
+            Slot::RateLimit => RATELIMIT,
+            Slot::XLimit => X_LIMIT,
+            Slot::XRemaining => X_REMAINING,
+            Slot::XReset => X_RESET,
+            Slot::LimitRequests => OPENAI_LIMIT_REQUESTS,
+            Slot::RemainingRequests => OPENAI_REMAINING_REQUESTS,
+            Slot::ResetRequests => OPENAI_RESET_REQUESTS,
+            Slot::LimitTokens => OPENAI_LIMIT_TOKENS,
+            Slot::RemainingTokens => OPENAI_REMAINING_TOKENS,
+            Slot::ResetTokens => OPENAI_RESET_TOKENS,
+        }
+    }
+
+    /// The three slots of OpenAI's family whose first (limit) slot this is.
+    fn family(self) -> [Slot; 3] {
+        match self {
+            Slot::LimitTokens => [Slot::LimitTokens, Slot::RemainingTokens, Slot::ResetTokens],
+            _ => [
+                Slot::LimitRequests,
+                Slot::RemainingRequests,
+                Slot::ResetRequests,
+            ],
         }
     }
 }
 
+/// The rate-limit headers of one response, formatted and ready to write
+/// (see [`HeaderStyle::prepare`]); the default writes nothing.
+///
+/// Every value lies in one buffer, a slice of a per-thread chunk of memory
+/// that later responses' values share (see [`Arena`]): a response's values
+/// cost no allocation of their own, and the response future holds only the
+/// buffer and where each value ends.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Prepared {
+    /// The `RateLimit-Policy` value, shared with the responses of the same
+    /// limits (see [`policy_value`]).
+    policy: Option<HeaderValue>,
+    values: Bytes,
+    /// Where each slot's value ends in `values`: it starts where the
+    /// previous slot's ends. A slot without a header has an empty value.
+    ends: [u16; Slot::ALL.len()],
+}
+
+/// How many bytes the values of one response take at most: `RateLimit`
+/// and the nine others, each a number or a duration of at most 20 bytes.
+const MAX_PREPARED: usize = 64 + 9 * 24;
+
+/// A chunk of memory the values of a thread's responses are cut from.
+const ARENA_CHUNK: usize = 4 * 1024;
+
+/// Writes the values of one [`Prepared`] into the thread's arena.
+struct Formatter<'a> {
+    policy: Option<HeaderValue>,
+    buf: &'a mut BytesMut,
+    start: usize,
+    ends: [u16; Slot::ALL.len()],
+    /// The next slot that may be written: slots are written in order.
+    next: usize,
+}
+
+impl Formatter<'_> {
+    /// Starts `slot`'s value (the slots before it stay empty).
+    #[inline]
+    fn open(&mut self, slot: Slot) {
+        let at = (self.buf.len() - self.start) as u16;
+        for end in &mut self.ends[self.next..slot as usize] {
+            *end = at;
+        }
+        self.next = slot as usize;
+    }
+
+    /// Ends the value opened last.
+    #[inline]
+    fn close(&mut self) {
+        self.ends[self.next] = (self.buf.len() - self.start) as u16;
+        self.next += 1;
+    }
+
+    #[inline]
+    fn value(&mut self, slot: Slot, bytes: &[u8]) {
+        self.open(slot);
+        self.buf.extend_from_slice(bytes);
+        self.close();
+    }
+
+    #[inline]
+    fn int(&mut self, slot: Slot, n: u64) {
+        self.value(slot, itoa::Buffer::new().format(n).as_bytes());
+    }
+
+    /// `"name";r=remaining;t=reset`, the IETF `RateLimit` value.
+    #[inline]
+    fn ratelimit(&mut self, name: &str, remaining: u64, reset_secs: u64) {
+        self.open(Slot::RateLimit);
+        self.buf.extend_from_slice(b"\"");
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.extend_from_slice(b"\";r=");
+        self.buf
+            .extend_from_slice(itoa::Buffer::new().format(remaining).as_bytes());
+        self.buf.extend_from_slice(b";t=");
+        self.buf
+            .extend_from_slice(itoa::Buffer::new().format(reset_secs).as_bytes());
+        self.close();
+    }
+
+    /// A duration as OpenAI writes it.
+    fn duration(&mut self, slot: Slot, n: Nanos) {
+        let mut buf = HeaderBuf::new();
+        let _ = write_duration(&mut buf, n);
+        if !buf.overflow {
+            self.value(slot, &buf.buf[..buf.len]);
+        }
+    }
+}
+
+thread_local! {
+    /// The chunk this thread's response values are cut from.
+    static ARENA: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
 impl Prepared {
+    /// Formats the values `f` writes (in slot order) into the thread's
+    /// chunk and takes them out as one shared buffer.
+    ///
+    /// A chunk no response holds any more is reused from its start; one
+    /// still held by a response (a header map not yet dropped) is left to
+    /// it, and a new chunk is allocated: one allocation for many responses.
+    fn format(f: impl FnOnce(&mut Formatter<'_>)) -> Prepared {
+        ARENA.with(|arena| {
+            let mut buf = arena.borrow_mut();
+            if buf.capacity() - buf.len() < MAX_PREPARED {
+                // Reclaims the chunk when nothing else holds it.
+                buf.reserve(ARENA_CHUNK);
+            }
+            let mut out = Formatter {
+                policy: None,
+                start: buf.len(),
+                buf: &mut buf,
+                ends: [0; Slot::ALL.len()],
+                next: 0,
+            };
+            f(&mut out);
+            let at = (out.buf.len() - out.start) as u16;
+            let (ends, next, policy) = (out.ends, out.next, out.policy.take());
+            let mut p = Prepared {
+                policy,
+                values: buf.split().freeze(),
+                ends,
+            };
+            for end in &mut p.ends[next..] {
+                *end = at;
+            }
+            p
+        })
+    }
+
     /// Writes the headers into `headers`.
-    pub(crate) fn write(mut self, headers: &mut HeaderMap) {
-        let Some(tight) = &self.tight else {
+    pub(crate) fn write(self, headers: &mut HeaderMap) {
+        if let Some(policy) = self.policy {
+            headers.insert(RATELIMIT_POLICY, policy);
+        }
+        if self.values.is_empty() {
             return;
-        };
-        if self.style.ietf {
-            if let Some(v) = self.policy.take() {
-                headers.insert(RATELIMIT_POLICY, v);
-            }
-            let mut buf = HeaderBuf::new();
-            buf.push(b"\"");
-            buf.push(tight.name().as_bytes());
-            buf.push(b"\";r=");
-            buf.int(tight.remaining);
-            buf.push(b";t=");
-            buf.int(ceil_secs(tight.reset));
-            if let Some(v) = buf.value() {
-                headers.insert(RATELIMIT, v);
-            }
         }
-        if self.style.x_ratelimit {
-            headers.insert(X_LIMIT, HeaderValue::from(tight.quota));
-            headers.insert(X_REMAINING, HeaderValue::from(tight.remaining));
-            headers.insert(X_RESET, HeaderValue::from(ceil_secs(tight.reset)));
-        }
-        if self.style.openai {
-            let names = [
-                (&self.requests, OPENAI_REQUESTS),
-                (&self.tokens, OPENAI_TOKENS),
-            ];
-            for (item, [limit, remaining, reset]) in names {
-                let Some(a) = item else { continue };
-                headers.insert(limit, HeaderValue::from(a.quota));
-                headers.insert(remaining, HeaderValue::from(a.remaining));
-                let mut buf = HeaderBuf::new();
-                let _ = write_duration(&mut buf, a.reset);
-                if let Some(v) = buf.value() {
-                    headers.insert(reset, v);
-                }
+        let mut start = 0;
+        for (slot, &end) in Slot::ALL.iter().zip(&self.ends) {
+            let (from, to) = (start, usize::from(end));
+            start = to;
+            if from == to {
+                continue;
+            }
+            if let Ok(v) = HeaderValue::from_maybe_shared(self.values.slice(from..to)) {
+                headers.insert(slot.name(), v);
             }
         }
     }

@@ -6,12 +6,12 @@
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use governor::middleware::StateInformationMiddleware;
+use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
 use http::{HeaderName, HeaderValue, Request};
 use tollgate::{ApiKey, Policy, Throttle, UsagePlan};
 use tower_governor::GovernorError;
 use tower_governor::governor::{GovernorConfig, GovernorConfigBuilder};
-use tower_governor::key_extractor::KeyExtractor;
+use tower_governor::key_extractor::{KeyExtractor, PeerIpKeyExtractor};
 
 pub(crate) const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 /// A registered key for requests to carry.
@@ -64,6 +64,41 @@ pub(crate) fn governor_config() -> GovernorConfig<ApiKeyHeader, StateInformation
         .period(Duration::from_secs(1))
         .burst_size(NonZeroU32::MAX.get())
         .key_extractor(ApiKeyHeader)
+        .use_headers()
+        .finish()
+        .expect("a valid governor config")
+}
+
+/// tower_governor in its default configuration (keyed by the peer IP from
+/// axum's `ConnectInfo`, no response headers), with the same limit.
+#[allow(dead_code)]
+pub(crate) fn governor_default_config() -> GovernorConfig<PeerIpKeyExtractor, NoOpMiddleware> {
+    GovernorConfigBuilder::default()
+        .period(Duration::from_secs(1))
+        .burst_size(NonZeroU32::MAX.get())
+        .finish()
+        .expect("a valid governor config")
+}
+
+/// tower_governor keyed by the same header as tollgate, without headers
+/// (its default middleware).
+#[allow(dead_code)]
+pub(crate) fn governor_key_config() -> GovernorConfig<ApiKeyHeader, NoOpMiddleware> {
+    GovernorConfigBuilder::default()
+        .period(Duration::from_secs(1))
+        .burst_size(NonZeroU32::MAX.get())
+        .key_extractor(ApiKeyHeader)
+        .finish()
+        .expect("a valid governor config")
+}
+
+/// tower_governor in its default key (the peer IP) sending its headers.
+#[allow(dead_code)]
+pub(crate) fn governor_ip_headers_config()
+-> GovernorConfig<PeerIpKeyExtractor, StateInformationMiddleware> {
+    GovernorConfigBuilder::default()
+        .period(Duration::from_secs(1))
+        .burst_size(NonZeroU32::MAX.get())
         .use_headers()
         .finish()
         .expect("a valid governor config")

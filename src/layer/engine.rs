@@ -355,13 +355,16 @@ impl<K, S: Store> Shared<K, S> {
         // A peek (cost 0 and no request: `standing`, `check(key, 0)`)
         // decides nothing, so observers are not told of it.
         let peek = cost == 0 && req.is_none();
-        let decide = |acquire: &Acquire<'_>| {
+        let now = |verdict| {
+            Step::Done(if peek {
+                self.conclude(Ok(verdict), failure, false)
+            } else {
+                self.conclude_seen(Ok(verdict), failure, false, seen)
+            })
+        };
+        let decide = |acquire: &Acquire<'_>, report: &mut Report| {
             if let Some(verdict) = self.store.decide_now(acquire, report) {
-                return Step::Done(if peek {
-                    self.conclude(Ok(verdict), failure, false)
-                } else {
-                    self.conclude_seen(Ok(verdict), failure, false, seen)
-                });
+                return now(verdict);
             }
             match self.store.acquire(acquire) {
                 Acquired::Ready(result) => Step::Done(
@@ -380,14 +383,28 @@ impl<K, S: Store> Shared<K, S> {
         };
         match c.lone() {
             // The common plan, a throttle alone, skips gathering limits.
-            Some(t) => Acquire::lone(t, cost, c.plan, decide),
+            Some(t) => {
+                if !t.shadow
+                    && let Some(verdict) = self.store.decide_throttle_now(&t, cost, report)
+                {
+                    return now(verdict);
+                }
+                Acquire::lone(t, cost, c.plan, |a| decide(a, report))
+            }
             None => {
                 let Some(tokens) = self.reserve(c, req, model, reserve) else {
                     return Step::Read;
                 };
                 let account = c.account.map(|a| &**a);
                 Acquire::gather(
-                    c.stage, account, &c.subject, req, model, cost, tokens, decide,
+                    c.stage,
+                    account,
+                    &c.subject,
+                    req,
+                    model,
+                    cost,
+                    tokens,
+                    |a| decide(a, report),
                 )
             }
         }

@@ -199,6 +199,23 @@ pub trait Store: Clone + Send + Sync + 'static {
         None
     }
 
+    /// [`decide_now`](Store::decide_now) for a request whose one limit is
+    /// `throttle` (not a shadow; no quota, token budget or concurrency
+    /// cap): the most common plan, decided without describing the request
+    /// as an [`Acquire`]. `None`, the default, describes it and asks
+    /// `decide_now`, then `acquire`. A store that answers here must answer
+    /// exactly as `acquire` would for that one throttle.
+    #[inline]
+    fn decide_throttle_now(
+        &self,
+        throttle: &ThrottleRef<'_>,
+        cost: u32,
+        report: &mut Report,
+    ) -> Option<Result<(), Denied>> {
+        let _ = (throttle, cost, report);
+        None
+    }
+
     /// Where this store keeps a key registry its instances share, if it
     /// does: a layer built on it loads the keys, plans and accounts kept
     /// there and follows their changes, and its

@@ -6,6 +6,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use arrayvec::ArrayVec;
+
 use super::verdict::{Applied, Reservation};
 use super::{MAX_ACCOUNT_QUOTAS, MAX_MODEL_QUOTAS, MAX_THROTTLES};
 use crate::extract::RequestView;
@@ -259,10 +261,11 @@ impl AccountLimits {
 
 /// Everything a store needs to decide one request: its throttles, its quota
 /// and its cost.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct Acquire<'a> {
-    throttles: [Option<ThrottleRef<'a>>; MAX_THROTTLES],
-    len: usize,
+    /// Left unwritten past the throttles pushed: a request with one
+    /// throttle (the common plan) pays for no room it does not use.
+    throttles: ArrayVec<ThrottleRef<'a>, MAX_THROTTLES>,
     pub(crate) quota: Option<QuotaRef<'a>>,
     /// The daily and monthly token budgets.
     pub(crate) token_quotas: [Option<QuotaRef<'a>>; 2],
@@ -283,8 +286,7 @@ pub struct Acquire<'a> {
 impl<'a> Acquire<'a> {
     pub(crate) fn new(cost: u32, failure: FailureMode) -> Self {
         Acquire {
-            throttles: [None; MAX_THROTTLES],
-            len: 0,
+            throttles: ArrayVec::new_const(),
             quota: None,
             token_quotas: [None; 2],
             account_quotas: [None; MAX_ACCOUNT_QUOTAS],
@@ -409,15 +411,12 @@ impl<'a> Acquire<'a> {
     }
 
     pub(crate) fn push(&mut self, throttle: ThrottleRef<'a>) {
-        if let Some(slot) = self.throttles.get_mut(self.len) {
-            *slot = Some(throttle);
-            self.len += 1;
-        }
+        let _ = self.throttles.try_push(throttle);
     }
 
     /// The throttles (GCRA token buckets), shared stage limits first.
     pub fn throttles(&self) -> impl Iterator<Item = &ThrottleRef<'a>> + '_ {
-        self.throttles[..self.len].iter().flatten()
+        self.throttles.iter()
     }
 
     /// The request's throttle when it is its only limit (no quota, token
@@ -425,14 +424,13 @@ impl<'a> Acquire<'a> {
     /// store decides without gathering several limits.
     #[inline]
     pub(crate) fn lone_throttle(&self) -> Option<&ThrottleRef<'a>> {
-        match &self.throttles[..self.len] {
-            [Some(t)]
-                if !t.shadow
-                    && self.quota.is_none()
-                    && !self.has_caps()
-                    && self.token_quotas.iter().all(Option::is_none)
-                    && self.account_quotas.iter().all(Option::is_none)
-                    && self.model_quotas.iter().all(Option::is_none) =>
+        match &self.throttles[..] {
+            [t] if !t.shadow
+                && self.quota.is_none()
+                && !self.has_caps()
+                && self.token_quotas.iter().all(Option::is_none)
+                && self.account_quotas.iter().all(Option::is_none)
+                && self.model_quotas.iter().all(Option::is_none) =>
             {
                 Some(t)
             }

@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use arrayvec::ArrayVec;
+
 use super::{CONCURRENCY_RETRY, MAX_LIMITS, Permit};
 use crate::gcra::Nanos;
 use crate::plan::{Limit, LimitKind};
@@ -90,10 +92,12 @@ impl Applied {
 }
 
 /// What every limit of a request looked like after the decision.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Report {
-    items: [Applied; MAX_LIMITS],
-    len: u8,
+    /// Made for every request: room for every limit a request can have,
+    /// left unwritten until used (zeroing some 800 bytes per request cost
+    /// as much as a decision).
+    items: ArrayVec<Applied, MAX_LIMITS>,
     /// The places the request holds: under its plan's cap, its model's.
     permits: [Option<Permit>; 2],
     /// The store failed and the plan let the request through unchecked:
@@ -128,16 +132,15 @@ pub(crate) struct Reservation {
 impl Report {
     /// Records how a limit stands (beyond the most limits of one request, the
     /// rest are dropped).
+    #[inline]
     pub fn push(&mut self, item: Applied) {
-        if let Some(slot) = self.items.get_mut(usize::from(self.len)) {
-            *slot = item;
-            self.len += 1;
-        }
+        let _ = self.items.try_push(item);
     }
 
     /// How each limit stands.
+    #[inline]
     pub fn items(&self) -> &[Applied] {
-        &self.items[..usize::from(self.len)]
+        &self.items
     }
 
     /// The report of a request let through unchecked by a failed store.

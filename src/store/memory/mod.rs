@@ -400,6 +400,16 @@ impl Store for MemoryStore {
         Some(self.decide(request, report))
     }
 
+    #[inline]
+    fn decide_throttle_now(
+        &self,
+        throttle: &ThrottleRef<'_>,
+        cost: u32,
+        report: &mut Report,
+    ) -> Option<Result<(), Denied>> {
+        Some(self.decide_throttle(throttle, cost, report))
+    }
+
     fn usage(&self, quota: &QuotaRef<'_>, first: Date, last: Date) -> StoreFuture<Vec<[i64; 2]>> {
         let (first, last) = (first.days(), last.days());
         let days = self
