@@ -113,12 +113,14 @@ fn interleave(rounds: usize, runs: &mut [(&str, Runner<'_>)]) {
     println!(
         "{rounds} interleaved rounds of {iters} requests; median ns per request, and what the layer adds to bare"
     );
+    let fastest = times[0][0];
     for ((name, _), (m, t)) in runs.iter().zip(medians.iter().zip(&times)) {
         println!(
-            "{name:<28} {m:>7.1} ns  +{:>6.1} ns  (rounds {:.0}..{:.0})",
+            "{name:<28} {m:>7.1} ns  +{:>6.1} ns  (rounds {:.0}..{:.0}; fastest +{:.1} ns over bare's fastest)",
             m - bare,
             t[0],
-            t[t.len() - 1]
+            t[t.len() - 1],
+            t[0] - fastest,
         );
     }
 }

@@ -85,16 +85,21 @@ where
     S: Service<Request<RequestBody<B>>>,
     St: Store,
 {
+    /// The future of a request allowed at once: `call` makes the inner
+    /// service's future in place (a future moved is a copy of all of it,
+    /// and every copy saved is measurable on this path).
+    #[inline(always)]
     pub(crate) fn called(
-        fut: S::Future,
+        call: impl FnOnce() -> S::Future,
         report: &Report,
         headers: HeaderStyle,
         guard: Option<Guard>,
     ) -> Self {
+        let headers = headers.prepare(report);
         ResponseFuture {
             state: State::Called {
-                fut,
-                headers: headers.prepare(report),
+                fut: call(),
+                headers,
                 guard,
             },
         }

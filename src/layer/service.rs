@@ -109,7 +109,8 @@ where
         match step {
             Step::Done(Ok(())) => {
                 let guard = Guard::hold(&self.shared.store, &report, reservation, &mut req);
-                ResponseFuture::called(self.inner.call(req), &report, self.shared.headers, guard)
+                let inner = &mut self.inner;
+                ResponseFuture::called(|| inner.call(req), &report, self.shared.headers, guard)
             }
             Step::Done(Err((rejection, limit))) => {
                 // Only a rejection needs to know whether the call is gRPC.
