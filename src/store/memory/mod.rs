@@ -45,7 +45,7 @@ use crate::clock::Clock;
 use crate::gcra::{MAX_SPAN, Nanos, Outcome};
 use crate::hash::Digest;
 use crate::plan::{Limit, LimitKind};
-use crate::quota::QuotaState;
+use crate::quota::Count;
 use crate::window::Date;
 
 /// The default store: state in this process, lock-free per key, bounded memory.
@@ -108,9 +108,7 @@ impl MemoryStore {
     pub(crate) fn quota_at_most(&self, quota: &QuotaRef<'_>, remaining: u64) {
         let wall = self.inner.clock.wall_nanos();
         let remaining = i64::try_from(remaining).unwrap_or(i64::MAX);
-        self.inner
-            .quotas
-            .with(quota, |st| st.at_most(quota.spec, wall, remaining));
+        self.inner.quotas.at_most(quota, wall, remaining);
     }
 
     /// The store's clock.
@@ -216,25 +214,22 @@ impl MemoryStore {
                 let cost = u64::from(req.cost_for(q.counts_tokens()));
                 // A cost above the whole limit never fits, in any window.
                 if !ever_fits(cost, q.spec.limit) && !q.shadow {
-                    let snap = quotas
-                        .existing(q, |st| st.check(q.spec, wall, 0))
-                        .unwrap_or_else(|| QuotaState::new(1).check(q.spec, wall, 0));
-                    let snap = snap.unwrap_or_else(|(_, s)| s);
+                    let snap = quotas.check(q, wall, 0).unwrap_or_else(|(_, s)| s);
                     let d = Denied::too_costly(quota_applied(q.kind, &snap));
                     tally.deny(d);
                     continue;
                 }
                 let looking = tally.is_denied();
-                let outcome = quotas.decide(q, wall, |st| match looking {
-                    true => st.check(q.spec, wall, cost),
-                    false => st.acquire(q.spec, wall, cost, q.shadow),
-                });
+                let outcome = match looking {
+                    true => Ok(quotas.check(q, wall, cost)),
+                    false => quotas.acquire(q, wall, cost, q.shadow),
+                };
                 let outcome = match outcome {
                     Ok(outcome) => outcome,
                     // No room for another subject's counter: refused until
                     // one goes idle, as a new key at the table's cap is.
                     Err(wait) => {
-                        let fresh = QuotaState::new(1).check(q.spec, wall, 0);
+                        let fresh = Count::EMPTY.check(q.spec, wall, 0);
                         let fresh = fresh.unwrap_or_else(|(_, s)| s);
                         tally.deny(Denied {
                             denial: Denial::Capacity {
@@ -267,7 +262,7 @@ impl MemoryStore {
             if tally.is_denied() {
                 for (q, _) in req.quotas().zip(quotas_charged).filter(|(_, c)| *c) {
                     let cost = i64::from(req.cost_for(q.counts_tokens()));
-                    quotas.with(q, |st| st.adjust(q.spec, wall, -cost, Some(wall)));
+                    quotas.adjust(q, wall, -cost, Some(wall));
                 }
             }
         }
@@ -402,11 +397,7 @@ impl Store for MemoryStore {
 
     fn usage(&self, quota: &QuotaRef<'_>, first: Date, last: Date) -> StoreFuture<Vec<[i64; 2]>> {
         let (first, last) = (first.days(), last.days());
-        let days = self
-            .inner
-            .quotas
-            .existing(quota, |st| st.report(quota.spec, first, last))
-            .unwrap_or_else(|| crate::quota::report(quota.spec, &[], first, last));
+        let days = self.inner.quotas.report(quota, first, last);
         Box::pin(std::future::ready(Ok(days)))
     }
 
@@ -418,10 +409,7 @@ impl Store for MemoryStore {
         }
         let remaining = remaining as i64;
         let wall = self.inner.clock.wall_nanos();
-        let snap = self
-            .inner
-            .quotas
-            .with(quota, |st| st.set_remaining(quota.spec, wall, remaining));
+        let snap = self.inner.quotas.set_remaining(quota, wall, remaining);
         Box::pin(std::future::ready(Ok(snap.remaining)))
     }
 
@@ -435,7 +423,7 @@ impl Store for MemoryStore {
             self.update_throttle(t, |tat, now| tat.min(now));
         }
         if let Some(q) = quota {
-            self.inner.quotas.existing(q, |st| st.reset());
+            self.inner.quotas.reset(q);
         }
         Box::pin(std::future::ready(Ok(())))
     }
@@ -476,9 +464,7 @@ impl Store for MemoryStore {
             let wall = self.inner.clock.wall_nanos();
             for q in settlement.quotas() {
                 let charged_at = settlement.reserved.wall;
-                self.inner
-                    .quotas
-                    .with(q, |st| st.adjust(q.spec, wall, delta, charged_at));
+                self.inner.quotas.adjust(q, wall, delta, charged_at);
             }
         }
     }
