@@ -237,7 +237,7 @@ impl Count {
         now: i64,
         cost: u64,
         force: bool,
-    ) -> Option<Result<(Count, QuotaSnapshot), (u64, QuotaSnapshot)>> {
+    ) -> Option<Result<Count, (u64, Count)>> {
         if self.period != period_code(spec.period) || day_of(now) != self.last_day() {
             return None;
         }
@@ -328,8 +328,10 @@ impl Count {
     }
 
     /// Charges `cost` if it fits in the window; `force` charges even when it
-    /// does not (shadow plans count their overage). Returns the count and
-    /// the quota after the decision, or the retry delay and the quota.
+    /// does not (shadow plans count their overage). Returns the count after
+    /// the decision, or the retry delay and the count as it stands (the
+    /// quota they describe is their [`snapshot`](Self::snapshot), made only
+    /// when someone reads it).
     #[inline]
     pub(crate) fn acquire(
         self,
@@ -337,17 +339,21 @@ impl Count {
         now: i64,
         cost: u64,
         force: bool,
-    ) -> Result<(Count, QuotaSnapshot), (u64, QuotaSnapshot)> {
+    ) -> Result<Count, (u64, Count)> {
         let w = self.window();
-        let limit = spec.limit_in(w);
         let used = self
             .used
             .saturating_add(i64::try_from(cost).unwrap_or(i64::MAX));
-        if used > limit && !force {
-            let snap = snapshot(w, limit, self.used, now);
-            return Err((w.end.saturating_sub(now).max(1) as u64, snap));
+        if used > spec.limit_in(w) && !force {
+            return Err((w.end.saturating_sub(now).max(1) as u64, self));
         }
-        Ok((Count { used, ..self }, snapshot(w, limit, used, now)))
+        Ok(Count { used, ..self })
+    }
+
+    /// How the quota stands at `now` with this count.
+    pub(crate) fn snapshot(self, spec: &QuotaSpec, now: i64) -> QuotaSnapshot {
+        let w = self.window();
+        snapshot(w, spec.limit_in(w), self.used, now)
     }
 
     /// Whether `cost` would fit now, without charging: the quota as it
@@ -359,7 +365,10 @@ impl Count {
         cost: u64,
     ) -> Result<QuotaSnapshot, (u64, QuotaSnapshot)> {
         let count = self.roll(spec, now, 0).count;
-        count.acquire(spec, now, cost, false).map(|(_, snap)| snap)
+        match count.acquire(spec, now, cost, false) {
+            Ok(_) => Ok(count.snapshot(spec, now)),
+            Err((retry, _)) => Err((retry, count.snapshot(spec, now))),
+        }
     }
 
     /// Sets what remains in the window (AWS UpdateUsage). `remaining` may

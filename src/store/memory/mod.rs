@@ -138,6 +138,13 @@ impl MemoryStore {
             return self.decide_throttle(t, req.cost_for(t.counts_tokens()), report);
         }
         let now = self.inner.clock.nanos();
+        if !req.has_caps() {
+            let mark = report.mark();
+            if self.decide_clear(req, now, report) {
+                return Ok(());
+            }
+            report.rewind(mark);
+        }
         let cost = req.cost;
         let table = &self.inner.table;
         // The TAT each throttle was charged to, for exact refunds.
@@ -208,7 +215,7 @@ impl MemoryStore {
         // a later one denies are given back.
         let mut quotas_charged = [false; MAX_QUOTAS];
         if req.quotas().next().is_some() {
-            let wall = self.inner.clock.wall_nanos();
+            let wall = self.inner.clock.wall_nanos_at(now);
             let quotas = &self.inner.quotas;
             for (i, q) in req.quotas().enumerate() {
                 let cost = u64::from(req.cost_for(q.counts_tokens()));
@@ -222,7 +229,10 @@ impl MemoryStore {
                 let looking = tally.is_denied();
                 let outcome = match looking {
                     true => Ok(quotas.check(q, wall, cost)),
-                    false => quotas.acquire(q, wall, cost, q.shadow),
+                    false => quotas.acquire(q, wall, cost, q.shadow).map(|o| {
+                        o.map(|c| c.snapshot(q.spec, wall))
+                            .map_err(|(retry, c)| (retry, c.snapshot(q.spec, wall)))
+                    }),
                 };
                 let outcome = match outcome {
                     Ok(outcome) => outcome,
@@ -286,6 +296,83 @@ impl MemoryStore {
                 Err(d)
             }
         }
+    }
+
+    /// Decides a request without concurrency caps whose every limit has
+    /// room, as [`decide`](Self::decide) would, without its bookkeeping for
+    /// denials: `true` when every limit was charged and reported. On the
+    /// first limit that denies (or is a shadow, or has no room for a new
+    /// subject), what was charged is given back exactly, as `decide` gives
+    /// it back, and `false` leaves the request to `decide`'s general path,
+    /// which names the denial. A plan's throttles and quota, the common
+    /// full plan, then cost their own steps and little more: the general
+    /// path's tallies, arrays of what was charged and looks at every kind of
+    /// limit cost as much again as a quota's decision.
+    #[inline]
+    fn decide_clear<R: Sink>(&self, req: &Acquire<'_>, now: Nanos, report: &mut R) -> bool {
+        // The TAT each throttle was charged to, for exact refunds.
+        let mut charged: [Nanos; MAX_THROTTLES] = [0; MAX_THROTTLES];
+        let mut throttles = 0;
+        let mut cleared = true;
+        for t in req.throttles() {
+            let cost = req.cost_for(t.counts_tokens());
+            if t.shadow {
+                cleared = false;
+                break;
+            }
+            match self.throttle_step(t, cost, now, false) {
+                Ok(Outcome::Allow { tat, after }) => {
+                    charged[throttles] = tat;
+                    throttles += 1;
+                    throttle_allowed(report, t, cost, after, now);
+                }
+                _ => {
+                    cleared = false;
+                    break;
+                }
+            }
+        }
+        let mut quotas_charged = 0;
+        let mut wall = 0;
+        if cleared && req.quotas().next().is_some() {
+            wall = self.inner.clock.wall_nanos_at(now);
+            for q in req.quotas() {
+                let cost = u64::from(req.cost_for(q.counts_tokens()));
+                if q.shadow || !ever_fits(cost, q.spec.limit) {
+                    cleared = false;
+                    break;
+                }
+                match self.inner.quotas.acquire(q, wall, cost, false) {
+                    Ok(Ok(count)) => {
+                        quotas_charged += 1;
+                        if q.counts_tokens() {
+                            report.reserve(|r| r.wall = Some(wall));
+                        }
+                        report.push(|| quota_applied(q.kind, &count.snapshot(q.spec, wall)));
+                    }
+                    _ => {
+                        cleared = false;
+                        break;
+                    }
+                }
+            }
+        }
+        if cleared {
+            return true;
+        }
+        for q in req.quotas().take(quotas_charged) {
+            let cost = i64::from(req.cost_for(q.counts_tokens()));
+            self.inner.quotas.adjust(q, wall, -cost, Some(wall));
+        }
+        for (t, &mine) in req.throttles().zip(&charged[..throttles]) {
+            let cost = req.cost_for(t.counts_tokens());
+            let limit = t.limit;
+            let slot = SlotKey::new(t.digest, limit.salt);
+            let _ = self.inner.table.update(slot, now, |tat| {
+                (Some(limit.gcra.refund(tat, now, mine, cost)), ())
+            });
+        }
+        false
     }
 
     /// Decides a request whose only limit is the throttle `t` (not a
@@ -572,6 +659,7 @@ mod tests {
     use crate::error::ConfigError;
     use crate::hash::digest;
     use crate::plan::Throttle;
+    use crate::quota::QuotaSpec;
     use crate::store::Report;
     use portable_atomic::Ordering;
 
@@ -881,6 +969,64 @@ mod tests {
                 (a, b) => panic!("lone {a:?} but general {b:?} (cost {cost})"),
             }
         }
+    }
+
+    /// A request that passes its throttle and a first quota but not a
+    /// second is given back everything: the throttle's bucket and the first
+    /// quota's count are as if it never came, on the path that charges
+    /// without bookkeeping and on the general one alike.
+    #[test]
+    fn a_later_quota_that_denies_gives_back_the_earlier_limits() {
+        let (s, clock) = store(1024);
+        clock.set_wall(std::time::UNIX_EPOCH + Duration::from_secs(19_844 * 86_400));
+        let p = plan(1.0, 3);
+        let spec = |limit, salt| QuotaSpec {
+            limit,
+            period: crate::Period::Day,
+            offset: 0,
+            created_at: 0,
+            salt,
+        };
+        let (roomy, tight) = (spec(100, 1), spec(1, 2));
+        let k = digest(b"k");
+        let quota = |spec, kind| QuotaRef {
+            kind,
+            spec,
+            plan: "p",
+            account: None,
+            subject: b"",
+            digest: k,
+            shadow: false,
+            history_days: 31,
+        };
+        let decide = |s: &MemoryStore| {
+            let mut req = Acquire::new(1, crate::FailureMode::Open);
+            req.push(ThrottleRef {
+                limit: &p.0,
+                plan: Some("p"),
+                account: None,
+                subject: b"",
+                digest: k,
+                shadow: false,
+            });
+            req.account_quotas[0] = Some(quota(&roomy, LimitKind::AccountQuota));
+            req.quota = Some(quota(&tight, LimitKind::Quota));
+            let mut report = Report::default();
+            s.decide(&req, &mut report).map(|()| report)
+        };
+        let report = decide(&s).unwrap();
+        assert_eq!(report.items().len(), 3);
+        // The plan's quota of 1 is used up: every later request is denied
+        // by it, and charges neither the throttle nor the account's quota.
+        for _ in 0..5 {
+            let d = decide(&s).unwrap_err();
+            assert!(matches!(d.denial, Denial::Quota { .. }), "{d:?}");
+        }
+        let throttle = s.acquire_one(&p, k, 0).unwrap();
+        assert_eq!(throttle.items()[0].remaining, 2);
+        let day = 19_844;
+        let roomy_ref = quota(&roomy, LimitKind::AccountQuota);
+        assert_eq!(s.inner.quotas.report(&roomy_ref, day, day), vec![[1, 99]]);
     }
 
     #[test]

@@ -21,9 +21,10 @@ use crate::quota::{Count, DayRecord, NO_DAY, QuotaSnapshot, QuotaSpec, report};
 use crate::store::QuotaRef;
 use crate::sync::Mutex;
 
-/// What a decision on a quota answers: the quota after the charge, or the
-/// retry delay and the quota as it stands.
-pub(super) type Outcome = Result<QuotaSnapshot, (u64, QuotaSnapshot)>;
+/// What a decision on a quota answers: the count after the charge, or the
+/// retry delay and the count as it stands ([`Count::snapshot`] tells how
+/// the quota stands with it).
+pub(super) type Outcome = Result<Count, (u64, Count)>;
 
 /// Every quota's counters, made on a subject's first use of the quota.
 ///
@@ -103,20 +104,20 @@ impl Counter {
         let (mut w, mut count) = self.load();
         loop {
             match count.acquire_today(spec, now, cost, force) {
-                Some(Ok((next, snap))) => match self.word.compare_exchange_weak(
+                Some(Ok(next)) => match self.word.compare_exchange_weak(
                     w,
                     next.pack(),
                     Ordering::AcqRel,
                     Ordering::Acquire,
                 ) {
-                    Ok(_) => return Some(Ok(snap)),
+                    Ok(_) => return Some(Ok(next)),
                     Err(current) => (w, count) = (current, Count::unpack(current)),
                 },
                 Some(Err(denied)) => return Some(Err(denied)),
                 None => {
                     return self.change(now, spec, true, |c| {
                         match c.acquire(spec, now, cost, force) {
-                            Ok((next, snap)) => (Some(next), Ok(snap)),
+                            Ok(next) => (Some(next), Ok(next)),
                             Err(denied) => (None, Err(denied)),
                         }
                     });
@@ -373,7 +374,12 @@ impl Quotas {
     }
 
     /// Whether `cost` would fit in `q` at `now`, changing nothing.
-    pub(super) fn check(&self, q: &QuotaRef<'_>, now: i64, cost: u64) -> Outcome {
+    pub(super) fn check(
+        &self,
+        q: &QuotaRef<'_>,
+        now: i64,
+        cost: u64,
+    ) -> Result<QuotaSnapshot, (u64, QuotaSnapshot)> {
         let key = Self::key(q);
         let count = match self.map.pin().get(&key) {
             Some(c) => c.load().1,
@@ -435,5 +441,282 @@ impl Quotas {
     /// How many (subject, quota) counters are kept.
     pub(super) fn len(&self) -> usize {
         self.map.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+    use crate::hash::{Digest, digest};
+    use crate::plan::LimitKind;
+    use crate::window::{Date, NANOS_PER_DAY, Period};
+
+    const S: i64 = 1_000_000_000;
+
+    fn t(y: i32, m: u8, d: u8, secs: i64) -> i64 {
+        Date::new(y, m, d).unwrap().days() * NANOS_PER_DAY + secs * S
+    }
+
+    fn spec(limit: u64, period: Period) -> QuotaSpec {
+        QuotaSpec {
+            limit,
+            period,
+            offset: 0,
+            created_at: 0,
+            salt: 7,
+        }
+    }
+
+    fn quota<'a>(spec: &'a QuotaSpec, subject: Digest, history_days: u32) -> QuotaRef<'a> {
+        QuotaRef {
+            kind: LimitKind::Quota,
+            spec,
+            plan: "p",
+            account: None,
+            subject: b"",
+            digest: subject,
+            shadow: false,
+            history_days,
+        }
+    }
+
+    /// Charges one unit, as a decision does.
+    fn take(qs: &Quotas, q: &QuotaRef<'_>, now: i64, cost: u64) -> bool {
+        matches!(qs.acquire(q, now, cost, q.shadow), Ok(Ok(_)))
+    }
+
+    #[test]
+    fn day_quota_resets_at_midnight_and_not_a_nanosecond_before() {
+        let qs = Quotas::new(16);
+        let s = spec(3, Period::Day);
+        let q = quota(&s, digest(b"k"), 31);
+        let morning = t(2024, 5, 1, 8 * 3600);
+        assert!((0..3).all(|_| take(&qs, &q, morning, 1)));
+        let midnight = t(2024, 5, 2, 0);
+        let (retry, count) = qs.acquire(&q, midnight - 1, 1, false).unwrap().unwrap_err();
+        assert_eq!(retry, 1);
+        assert_eq!(count.snapshot(&s, midnight - 1).remaining, 0);
+        let count = qs.acquire(&q, midnight, 1, false).unwrap().unwrap();
+        let snap = count.snapshot(&s, midnight);
+        assert_eq!(snap.remaining, 2);
+        assert_eq!(snap.reset, NANOS_PER_DAY as u64);
+        // The day that closed is in the history, the new one beside it.
+        let day = Date::new(2024, 5, 1).unwrap().days();
+        assert_eq!(qs.report(&q, day, day + 1), vec![[3, 0], [1, 2]]);
+    }
+
+    #[test]
+    fn month_quota_on_feb_29_of_a_leap_year() {
+        let qs = Quotas::new(16);
+        let s = spec(1, Period::Month);
+        let q = quota(&s, digest(b"k"), 62);
+        assert!(take(&qs, &q, t(2024, 2, 29, 0), 1));
+        let (retry, _) = qs
+            .acquire(&q, t(2024, 2, 29, 86_399), 1, false)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(retry, S as u64);
+        assert!(take(&qs, &q, t(2024, 3, 1, 0), 1));
+    }
+
+    #[test]
+    fn offset_applies_to_the_creation_window_only() {
+        let qs = Quotas::new(16);
+        let s = QuotaSpec {
+            offset: 3,
+            created_at: t(2024, 5, 1, 100),
+            ..spec(5, Period::Day)
+        };
+        let q = quota(&s, digest(b"k"), 31);
+        let ok = (0..10)
+            .filter(|_| take(&qs, &q, t(2024, 5, 1, 200), 1))
+            .count();
+        assert_eq!(ok, 2);
+        let ok = (0..10)
+            .filter(|_| take(&qs, &q, t(2024, 5, 2, 0), 1))
+            .count();
+        assert_eq!(ok, 5);
+    }
+
+    #[test]
+    fn clock_going_back_keeps_the_count() {
+        let qs = Quotas::new(16);
+        let s = spec(2, Period::Day);
+        let q = quota(&s, digest(b"k"), 31);
+        assert!(take(&qs, &q, t(2024, 5, 2, 10), 2));
+        assert!(!take(&qs, &q, t(2024, 5, 1, 86_000), 1));
+        assert!(!take(&qs, &q, t(2024, 5, 2, 20), 1));
+    }
+
+    #[test]
+    fn set_remaining_and_report() {
+        let qs = Quotas::new(16);
+        let s = spec(10, Period::WEEK);
+        let q = quota(&s, digest(b"k"), 7);
+        // 2024-05-06 is a Monday.
+        let mon = t(2024, 5, 6, 3600);
+        assert!(take(&qs, &q, mon, 3));
+        let tue = t(2024, 5, 7, 3600);
+        assert!(take(&qs, &q, tue, 2));
+        let first = Date::new(2024, 5, 5).unwrap().days();
+        let last = Date::new(2024, 5, 8).unwrap().days();
+        // Sunday is in the previous week (full limit), then Monday, Tuesday, Wednesday.
+        assert_eq!(
+            qs.report(&q, first, last),
+            vec![[0, 10], [3, 7], [2, 5], [0, 5]]
+        );
+        let snap = qs.set_remaining(&q, tue, 20);
+        assert_eq!(snap.remaining, 20);
+        // A raise is no usage: Tuesday still used 2.
+        assert_eq!(qs.report(&q, last - 1, last - 1), vec![[2, 20]]);
+        let ok = (0..30).filter(|_| take(&qs, &q, tue, 1)).count();
+        assert_eq!(ok, 20);
+        assert_eq!(qs.report(&q, last - 1, last - 1), vec![[22, 0]]);
+        qs.set_remaining(&q, tue, 0);
+        assert!(!take(&qs, &q, tue, 1));
+        qs.reset(&q);
+        assert_eq!(qs.report(&q, first, last), vec![[0, 10]; 4]);
+        assert!(take(&qs, &q, tue, 1));
+    }
+
+    #[test]
+    fn force_counts_the_overage() {
+        let qs = Quotas::new(16);
+        let s = spec(1, Period::Day);
+        let q = quota(&s, digest(b"k"), 1);
+        let now = t(2024, 1, 1, 0);
+        assert!(take(&qs, &q, now, 1));
+        let count = qs.acquire(&q, now, 1, true).unwrap().unwrap();
+        assert_eq!(count.snapshot(&s, now).remaining, 0);
+        let day = now / NANOS_PER_DAY;
+        assert_eq!(qs.report(&q, day, day), vec![[2, 0]]);
+    }
+
+    #[test]
+    fn a_refund_gives_back_to_the_window_and_the_day_never_below_zero() {
+        let qs = Quotas::new(16);
+        let s = spec(10, Period::Month);
+        let q = quota(&s, digest(b"k"), 31);
+        let d1 = t(2024, 5, 1, 10);
+        let d2 = t(2024, 5, 2, 10);
+        assert!(take(&qs, &q, d1, 4));
+        assert!(take(&qs, &q, d2, 1));
+        // Three of yesterday's units come back today: the window gets them
+        // all, today's usage stops at 0.
+        qs.adjust(&q, d2, -3, Some(d1));
+        let day = Date::new(2024, 5, 1).unwrap().days();
+        assert_eq!(qs.report(&q, day, day + 1), vec![[4, 6], [0, 8]]);
+        // Nothing charged in an earlier window comes back.
+        qs.adjust(&q, t(2024, 6, 1, 0), -1, Some(d2));
+        assert!(take(&qs, &q, t(2024, 6, 1, 0), 10));
+        // A debt goes past the limit.
+        qs.adjust(&q, t(2024, 6, 1, 1), 5, None);
+        let (_, count) = qs
+            .acquire(&q, t(2024, 6, 1, 2), 1, false)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(count.used, 15);
+    }
+
+    #[test]
+    fn a_day_history_holds_history_days_days() {
+        let qs = Quotas::new(16);
+        let s = spec(100, Period::Month);
+        let q = quota(&s, digest(b"k"), 3);
+        for d in 1..=5 {
+            assert!(take(&qs, &q, t(2024, 5, d, 0), u64::from(d)));
+        }
+        let first = Date::new(2024, 5, 1).unwrap().days();
+        // Days 1 and 2 are forgotten; what remained after day 2 is not.
+        assert_eq!(
+            qs.report(&q, first, first + 4),
+            vec![[0, 100], [0, 100], [3, 94], [4, 90], [5, 85]]
+        );
+    }
+
+    /// Threads charging one quota at once, across midnight on a shared
+    /// clock, admit exactly the limit of each day: the check and the charge
+    /// are one step, on the hot path and on the locked one alike.
+    #[test]
+    fn threads_hammering_one_quota_never_over_admit() {
+        let qs = Quotas::new(16);
+        let s = spec(1_000, Period::Day);
+        let q = quota(&s, digest(b"hot"), 31);
+        let start = t(2024, 5, 1, 86_399);
+        let clock = AtomicI64::new(start);
+        let admitted = [AtomicU64::new(0), AtomicU64::new(0)];
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for i in 0..3_000 {
+                        // Every thread moves the time on: midnight passes
+                        // while the others decide.
+                        let now = clock
+                            .fetch_add(if i % 2 == 0 { 1_000_000 } else { 0 }, Ordering::Relaxed);
+                        if take(&qs, &q, now, 1) {
+                            let day = usize::from(now >= t(2024, 5, 2, 0));
+                            admitted[day].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let [first, second] = admitted.map(AtomicU64::into_inner);
+        // 6,000 ms of time: midnight comes 1 s in, each day then has room
+        // for fewer than the 12,000 attempts.
+        assert!(first <= 1_000, "{first} admitted the first day");
+        assert!(second <= 1_000, "{second} admitted the second day");
+        let day = Date::new(2024, 5, 1).unwrap().days();
+        let report = qs.report(&q, day, day + 1);
+        assert_eq!(report[1], [1_000, 0]);
+        // A request dated before midnight but charged after another had
+        // opened the new day counts in the new window, never the old one.
+        assert_eq!(report[0][0] as u64 + report[1][0] as u64, first + second);
+    }
+
+    /// At the cap, a new subject waits until a counter goes idle, and an
+    /// idle counter let go while threads decide on it loses no charge.
+    #[test]
+    fn idle_counters_are_let_go_and_live_ones_never_are() {
+        let qs = Quotas::new(4);
+        let s = spec(2, Period::Day);
+        let day1 = t(2024, 5, 1, 0);
+        let subjects: Vec<Digest> = (0..8u32).map(|i| digest(&i.to_le_bytes())).collect();
+        for d in &subjects[..4] {
+            assert!(take(&qs, &quota(&s, *d, 1), day1, 1));
+        }
+        let wait = qs
+            .acquire(&quota(&s, subjects[4], 1), day1, 1, false)
+            .unwrap_err();
+        assert_eq!(wait, NANOS_PER_DAY);
+        assert_eq!(qs.len(), 4);
+        // Live counters were kept: each has one unit left.
+        assert!(take(&qs, &quota(&s, subjects[0], 1), day1, 1));
+        assert!(!take(&qs, &quota(&s, subjects[0], 1), day1, 1));
+
+        // The next day all are idle. Threads decide on the old subjects
+        // while new ones evict: every subject gets exactly its 2 a day.
+        let day2 = t(2024, 5, 2, 0);
+        let admitted: Vec<AtomicU64> = (0..8).map(|_| AtomicU64::new(0)).collect();
+        std::thread::scope(|scope| {
+            for th in 0..4 {
+                let (qs, s, subjects, admitted) = (&qs, &s, &subjects, &admitted);
+                scope.spawn(move || {
+                    for round in 0..50 {
+                        let i = (th + round) % 8;
+                        if take(qs, &quota(s, subjects[i], 1), day2, 1) {
+                            admitted[i].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        for (i, a) in admitted.iter().enumerate() {
+            assert!(a.load(Ordering::Relaxed) <= 2, "subject {i} over-admitted");
+        }
+        assert!(qs.len() <= 4 + 4, "{}", qs.len());
+        assert!(qs.short.load(Ordering::Relaxed) <= 4);
     }
 }
