@@ -211,8 +211,8 @@ impl MemoryStore {
             }
             tally.deny(d);
         }
-        // The quotas, each charged under its own lock: those charged before
-        // a later one denies are given back.
+        // The quotas, each charged by its own compare-and-swap: those
+        // charged before a later one denies are given back.
         let mut quotas_charged = [false; MAX_QUOTAS];
         if req.quotas().next().is_some() {
             let wall = self.inner.clock.wall_nanos_at(now);
