@@ -22,6 +22,13 @@
 //!   throttle and a monthly quota of 2^53 requests (which never denies), so
 //!   tollgate also counts every decision against the key's quota. governor has
 //!   no quotas: beside it is the same keyed limiter as in `registered_str`;
+//! - `full_plan/1`: one registered key decided through `check` on two plans
+//!   that differ only by a quota: `throttle_alone` (the throttle) and
+//!   `full_plan` (the same throttle, a DAY quota of 2^53 requests and a method
+//!   override). `check` has no route, so the override is configured and
+//!   looked for but matches nothing, as for every caller of `check`. The line
+//!   after the group gives `full_plan/throttle_alone`: what a quota adds to a
+//!   decision, in units of the decision itself;
 //! - `two_threads/{one_key,distinct_keys}`: two threads deciding at once, on one
 //!   shared key or on a key each (8-byte keys); the figure is wall time per
 //!   decision over both threads (the time one thread waits for one decision is
@@ -104,6 +111,17 @@ fn plan() -> UsagePlan {
 /// The throttle and a monthly quota far above what a run decides.
 fn full_plan() -> UsagePlan {
     plan().quota(tollgate::Quota::new(1 << 53, Period::Month).expect("a valid quota"))
+}
+
+/// The throttle, a DAY quota far above what a run decides, and a method
+/// override (which `check`, having no route, never matches).
+fn day_plan() -> UsagePlan {
+    plan()
+        .quota(tollgate::Quota::new(1 << 53, Period::Day).expect("a valid quota"))
+        .method(
+            "/v1/completions/POST",
+            Throttle::new(RATE, BURST).expect("a valid throttle"),
+        )
 }
 
 fn quota() -> Quota {
@@ -392,6 +410,46 @@ fn registered(c: &mut Criterion, prefix: &str, plan: UsagePlan, all: &[String]) 
     }
 }
 
+/// `full_plan/1`: one registered key, on a throttle alone and on the full
+/// plan, through `check`; prints the full plan's mean time over the
+/// throttle's.
+fn full_plan_group(c: &mut Criterion, all: &[String]) {
+    let keys = &all[..1];
+    let alone = registered_layer(keys, plan());
+    let full = registered_layer(keys, day_plan());
+    for layer in [&alone, &full] {
+        assert!(layer.check(keys[0].as_bytes(), 1).is_ok());
+    }
+    let name = "full_plan/1";
+    let mut group = c.benchmark_group(name);
+    configure(&mut group);
+    let mut denied = 0;
+    let (mut throttle, mut plan) = (Samples::default(), Samples::default());
+    group.bench_function("throttle_alone", |b| {
+        cycle(b, keys, &mut denied, &mut throttle, |k| {
+            alone.check(k.as_bytes(), 1).is_ok()
+        })
+    });
+    group.bench_function("full_plan", |b| {
+        cycle(b, keys, &mut denied, &mut plan, |k| {
+            full.check(k.as_bytes(), 1).is_ok()
+        })
+    });
+    group.finish();
+    assert_eq!(
+        denied, 0,
+        "a check was denied: the workload is not all-pass"
+    );
+    if let (Some(t), Some(f)) = (throttle.mean(), plan.mean()) {
+        println!(
+            "ratio {name}: full_plan/throttle_alone = {:.2} (throttle alone {:.1} ns, full plan {:.1} ns)",
+            f / t,
+            t * 1e9,
+            f * 1e9
+        );
+    }
+}
+
 /// Runs `decide(key)` `iters` times on each of two threads at once (thread `t`
 /// on `keys[t]`) and returns the wall time per decision times `iters`, so that
 /// criterion reports the wall time per decision over both threads.
@@ -523,6 +581,7 @@ fn decision(c: &mut Criterion) {
     per_key_str(c, &strings);
     registered(c, "registered_str", plan(), &strings);
     registered(c, "registered_full", full_plan(), &strings);
+    full_plan_group(c, &strings);
     threads(c, ["one_key", "distinct_keys"], &ids, |layer, k| {
         layer.check(&k.to_le_bytes(), 1).is_ok()
     });

@@ -249,9 +249,18 @@ impl Clock {
     /// UTC wall time in nanoseconds since the epoch (negative before it).
     #[inline]
     pub(crate) fn wall_nanos(&self) -> i64 {
+        self.wall_nanos_at(self.nanos())
+    }
+
+    /// UTC wall time at `mono`, a time this clock's [`nanos`](Self::nanos)
+    /// just gave: a decision that read the monotonic time for its throttles
+    /// dates its quotas without reading the counter again (a read costs as
+    /// much as a quota's whole decision).
+    #[inline]
+    pub(crate) fn wall_nanos_at(&self, mono: Nanos) -> i64 {
         match &self.inner {
-            Inner::System(s) => s.wall.wall_nanos(self.nanos()),
-            Inner::Coarse(c) => c.wall.wall_nanos(self.nanos()),
+            Inner::System(s) => s.wall.wall_nanos(mono),
+            Inner::Coarse(c) => c.wall.wall_nanos(mono),
             Inner::Manual(m) => m.shared.wall.load(Ordering::Acquire),
         }
     }

@@ -1,10 +1,18 @@
 //! Quota counting: the count of a calendar window and a bounded daily usage
 //! history, as pure functions of (state, now, cost).
 //!
-//! A [`QuotaState`] holds the count of the current window and one record per
-//! UTC day for the last `history_days` days (for usage reports). It reads no
-//! clock and takes no lock: the store that owns it decides where it lives
-//! and how it is guarded.
+//! A [`Count`] is the count of the current window, small enough for one
+//! 128-bit atomic word, with the day of its last change; [`DayRecord`]s are
+//! what each UTC day used, kept by the store for the last `history_days`
+//! days (for usage reports). Nothing here reads a clock or takes a lock: the
+//! store that owns the state decides where it lives and how it is guarded.
+//!
+//! The day history is written only when a day is *closed*: the first change
+//! on a later day (or in a later window) writes the record of the day of
+//! the change before it, what that day used (the window's count then, less
+//! what the window had counted when the day began: the *base*) and what
+//! remained. A decision on the same day as the last change touches the count
+//! alone, so a store can make it one compare-and-swap.
 
 use crate::window::{NANOS_PER_DAY, Period, Window, window};
 
@@ -48,7 +56,7 @@ pub(crate) struct QuotaSnapshot {
 }
 
 /// What one key used on one UTC day.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct DayRecord {
     /// Day number (days since 1970-01-01); `i64::MIN` for none.
     pub(crate) day: i64,
@@ -57,124 +65,335 @@ pub(crate) struct DayRecord {
     pub(crate) remaining: i64,
 }
 
-const NO_DAY: DayRecord = DayRecord {
+pub(crate) const NO_DAY: DayRecord = DayRecord {
     day: i64::MIN,
     used: 0,
     remaining: 0,
 };
 
-/// The counters of one quota of one subject: what the store keeps.
-#[derive(Debug)]
-pub(crate) struct QuotaState {
-    /// Start of the window `used` counts in (`i64::MIN` before any request).
-    window_start: i64,
-    /// The end of that window and the period it was taken under, so that a
-    /// decision inside it needs no calendar arithmetic.
-    window_end: i64,
-    period: Option<Period>,
-    used: i64,
-    days: Box<[DayRecord]>,
+/// The count of one quota of one subject in its window: what one 128-bit
+/// word of a store holds, so that a decision in the window and on the day
+/// of the last change is one compare-and-swap of it (see [`Count::pack`]).
+///
+/// Windows start and end at UTC midnights, so the window is kept as days:
+/// its first day, its length, and which period it was taken under (a plan
+/// whose period changes rolls its count as the period says). The day of the
+/// last change is kept too: a change on a later day *closes* the day before
+/// (its usage goes into the day history), which is what lets a decision on
+/// the same day leave the history alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Count {
+    /// The window's first day (days since 1970-01-01).
+    start: i32,
+    /// Days in the window (1, 7, or 28 to 31).
+    len: u8,
+    /// The period the window was taken under ([`period_code`]); [`NONE`]
+    /// before any change, [`RETIRED`] once the store let the count go.
+    period: u8,
+    /// The day of the last change, in days since `start`.
+    last: u8,
+    /// Units counted in the window (below 0 after a raise by UpdateUsage).
+    pub(crate) used: i64,
 }
 
-impl QuotaState {
-    /// A quota never used, keeping `history_days` days of usage (at least 1).
-    pub(crate) fn new(history_days: usize) -> Self {
-        QuotaState {
-            window_start: i64::MIN,
-            window_end: i64::MIN,
-            period: None,
-            used: 0,
-            days: vec![NO_DAY; history_days.max(1)].into_boxed_slice(),
+/// A count never changed (or reset).
+const NONE: u8 = 0;
+/// A count its store let go (an idle counter evicted): whoever finds it
+/// looks the counter up again.
+const RETIRED: u8 = 0xff;
+
+/// The code of a period in a packed [`Count`]: 1 for a day, 2 to 8 for a
+/// week from Monday to Sunday, 9 for a month.
+#[inline]
+pub(crate) fn period_code(period: Period) -> u8 {
+    match period {
+        Period::Day => 1,
+        Period::Week(first) => 2 + first.days_from_monday() as u8,
+        Period::Month => 9,
+    }
+}
+
+/// The day number of `now`.
+#[inline]
+pub(crate) fn day_of(now: i64) -> i64 {
+    now.div_euclid(NANOS_PER_DAY)
+}
+
+/// What a change found on a count whose window or day had moved on: the
+/// record of the day it closed, and the count the new day starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Rolled {
+    /// The count in the window of `now`, its last change on `now`'s day.
+    pub(crate) count: Count,
+    /// The usage of the day of the previous change, if this change is on a
+    /// later day (or in a later window): it goes into the day history.
+    pub(crate) closed: Option<DayRecord>,
+    /// What the window had counted when this day began (see
+    /// [`Count::day_used`]).
+    pub(crate) base: i64,
+}
+
+impl Count {
+    /// No change yet.
+    pub(crate) const EMPTY: Count = Count {
+        start: 0,
+        len: 0,
+        period: NONE,
+        last: 0,
+        used: 0,
+    };
+
+    /// The mark of a count its store let go.
+    pub(crate) const RETIRED: Count = Count {
+        start: 0,
+        len: 0,
+        period: RETIRED,
+        last: 0,
+        used: 0,
+    };
+
+    /// One word: the window, its period and the day of the last change in
+    /// the high half, the count in the low half.
+    #[inline]
+    pub(crate) fn pack(self) -> u128 {
+        let hi = u64::from(self.start as u32)
+            | u64::from(self.len) << 32
+            | u64::from(self.period) << 40
+            | u64::from(self.last) << 48;
+        u128::from(hi) << 64 | u128::from(self.used as u64)
+    }
+
+    /// The count a word holds.
+    #[inline]
+    pub(crate) fn unpack(w: u128) -> Count {
+        let hi = (w >> 64) as u64;
+        Count {
+            start: hi as u32 as i32,
+            len: (hi >> 32) as u8,
+            period: (hi >> 40) as u8,
+            last: (hi >> 48) as u8,
+            used: w as u64 as i64,
         }
     }
 
-    /// Whether the state keeps usage history beyond the current day (for
-    /// usage reports).
-    pub(crate) fn keeps_history(&self) -> bool {
-        self.days.len() > 1
+    /// Whether the store let the count go.
+    #[inline]
+    pub(crate) fn is_retired(self) -> bool {
+        self.period == RETIRED
     }
 
-    /// When the state holds nothing a fresh one would not: the end of the
-    /// window it counts in (`i64::MIN` before any request).
-    pub(crate) fn idle_at(&self) -> i64 {
-        self.window_end
+    /// Whether the count was ever changed since it was made or reset.
+    #[inline]
+    fn is_empty(self) -> bool {
+        self.period == NONE
     }
 
-    /// Whether the state holds nothing a fresh one would not at `now`.
-    pub(crate) fn idle(&self, now: i64) -> bool {
-        self.window_end <= now
+    /// The window, in nanoseconds.
+    #[inline]
+    fn window(self) -> Window {
+        let start = i64::from(self.start);
+        Window {
+            start: start.saturating_mul(NANOS_PER_DAY),
+            end: (start + i64::from(self.len)).saturating_mul(NANOS_PER_DAY),
+        }
     }
 
-    /// Charges `cost` if it fits in the current window; `force` charges even
-    /// when it does not (shadow plans count their overage). Returns the quota
-    /// after the decision, or the retry delay and the unchanged quota.
-    pub(crate) fn acquire(
-        &mut self,
+    /// The day of the last change.
+    #[inline]
+    pub(crate) fn last_day(self) -> i64 {
+        i64::from(self.start) + i64::from(self.last)
+    }
+
+    /// When the count holds nothing a fresh one would not (wall
+    /// nanoseconds): the end of its window (`i64::MIN` before any change).
+    pub(crate) fn idle_at(self) -> i64 {
+        if self.is_empty() || self.is_retired() {
+            i64::MIN
+        } else {
+            self.window().end
+        }
+    }
+
+    /// A count of nothing in window `w`, changed last on `today`.
+    fn fresh(period: Period, w: Window, today: i64) -> Count {
+        let start = day_of(w.start);
+        Count {
+            start: start as i32,
+            len: (day_of(w.end) - start) as u8,
+            period: period_code(period),
+            last: (today - start).clamp(0, u8::MAX.into()) as u8,
+            used: 0,
+        }
+    }
+
+    /// Charges `cost` at `now` if the window and the day of the last change
+    /// are `now`'s and it fits: the decision a store makes without a lock.
+    /// `None` when the window or the day has moved on (or the count is
+    /// empty or retired): [`roll`](Self::roll) first, under the store's lock.
+    #[inline]
+    pub(crate) fn acquire_today(
+        self,
         spec: &QuotaSpec,
         now: i64,
         cost: u64,
         force: bool,
-    ) -> Result<QuotaSnapshot, (u64, QuotaSnapshot)> {
-        let w = self.roll(spec.period, now);
-        let limit = spec.limit_in(w);
-        let cost_i = i64::try_from(cost).unwrap_or(i64::MAX);
-        if self.used.saturating_add(cost_i) > limit && !force {
-            let snap = snapshot(w, limit, self.used, now);
-            return Err((w.end.saturating_sub(now).max(1) as u64, snap));
+    ) -> Option<Result<Count, (u64, Count)>> {
+        if self.period != period_code(spec.period) || day_of(now) != self.last_day() {
+            return None;
         }
-        self.used = self.used.saturating_add(cost_i);
-        let remaining = limit.saturating_sub(self.used);
-        self.record(now, |r| {
-            r.used = r.used.saturating_add(cost);
-            r.remaining = remaining;
-        });
-        Ok(snapshot(w, limit, self.used, now))
+        Some(self.acquire(spec, now, cost, force))
     }
 
-    /// Whether `cost` would fit now, without charging: the quota as it stands,
-    /// or the retry delay and the quota when it would not fit.
+    /// Moves the count to `now`: into the window of `now` when it is a later
+    /// one (counting from 0), and its last change to `now`'s day when that is
+    /// later, closing the day of the previous change. `base` is what the
+    /// window had counted when the day of the previous change began.
+    ///
+    /// A clock that went back keeps the count and its day: going back in
+    /// time never grants capacity, and what is charged then is counted on
+    /// the latest day seen.
+    pub(crate) fn roll(self, spec: &QuotaSpec, now: i64, base: i64) -> Rolled {
+        let today = day_of(now);
+        let period = spec.period;
+        let new_window = |w: Window| Rolled {
+            count: Count::fresh(period, w, today),
+            closed: self.today(spec, base),
+            base: 0,
+        };
+        if self.is_empty() || self.is_retired() {
+            return Rolled {
+                count: Count::fresh(period, window(period, now), today),
+                closed: None,
+                base: 0,
+            };
+        }
+        let mut count = self;
+        if self.period != period_code(period) {
+            // The plan's period changed: a later window starts from 0, an
+            // earlier one keeps the count in the window holding its start.
+            let w = window(period, now);
+            if w.start > self.window().start {
+                return new_window(w);
+            }
+            let kept = Count::fresh(period, window(period, self.window().start), today);
+            count = Count {
+                used: self.used,
+                last: (self.last_day() - i64::from(kept.start)).clamp(0, u8::MAX.into()) as u8,
+                ..kept
+            };
+        }
+        let w = count.window();
+        if now >= w.end {
+            return new_window(window(period, now));
+        }
+        if today > count.last_day() && now >= w.start {
+            return Rolled {
+                count: Count {
+                    last: (today - i64::from(count.start)) as u8,
+                    ..count
+                },
+                closed: self.today(spec, base),
+                base: self.used,
+            };
+        }
+        Rolled {
+            count,
+            closed: None,
+            base,
+        }
+    }
+
+    /// The record of the day of the last change, as it stands.
+    fn close(self, spec: &QuotaSpec) -> Option<DayRecord> {
+        (!self.is_empty() && !self.is_retired()).then(|| DayRecord {
+            day: self.last_day(),
+            used: 0,
+            remaining: spec.limit_in(self.window()).saturating_sub(self.used),
+        })
+    }
+
+    /// What the day of the last change used, given what the window had
+    /// counted when it began.
+    pub(crate) fn day_used(self, base: i64) -> u64 {
+        self.used.saturating_sub(base).max(0) as u64
+    }
+
+    /// The record of the day of the last change (for usage reports), given
+    /// what the window had counted when it began.
+    pub(crate) fn today(self, spec: &QuotaSpec, base: i64) -> Option<DayRecord> {
+        self.close(spec).map(|r| DayRecord {
+            used: self.day_used(base),
+            ..r
+        })
+    }
+
+    /// Charges `cost` if it fits in the window; `force` charges even when it
+    /// does not (shadow plans count their overage). Returns the count after
+    /// the decision, or the retry delay and the count as it stands (the
+    /// quota they describe is their [`snapshot`](Self::snapshot), made only
+    /// when someone reads it).
+    #[inline]
+    pub(crate) fn acquire(
+        self,
+        spec: &QuotaSpec,
+        now: i64,
+        cost: u64,
+        force: bool,
+    ) -> Result<Count, (u64, Count)> {
+        let w = self.window();
+        let used = self
+            .used
+            .saturating_add(i64::try_from(cost).unwrap_or(i64::MAX));
+        if used > spec.limit_in(w) && !force {
+            return Err((w.end.saturating_sub(now).max(1) as u64, self));
+        }
+        Ok(Count { used, ..self })
+    }
+
+    /// How the quota stands at `now` with this count.
+    pub(crate) fn snapshot(self, spec: &QuotaSpec, now: i64) -> QuotaSnapshot {
+        let w = self.window();
+        snapshot(w, spec.limit_in(w), self.used, now)
+    }
+
+    /// Whether `cost` would fit now, without charging: the quota as it
+    /// stands, or the retry delay and the quota when it would not fit.
     pub(crate) fn check(
-        &mut self,
+        self,
         spec: &QuotaSpec,
         now: i64,
         cost: u64,
     ) -> Result<QuotaSnapshot, (u64, QuotaSnapshot)> {
-        let w = self.roll(spec.period, now);
-        let limit = spec.limit_in(w);
-        let snap = snapshot(w, limit, self.used, now);
-        if self
-            .used
-            .saturating_add(i64::try_from(cost).unwrap_or(i64::MAX))
-            > limit
-        {
-            Err((w.end.saturating_sub(now).max(1) as u64, snap))
-        } else {
-            Ok(snap)
+        let count = self.roll(spec, now, 0).count;
+        match count.acquire(spec, now, cost, false) {
+            Ok(_) => Ok(count.snapshot(spec, now)),
+            Err((retry, _)) => Err((retry, count.snapshot(spec, now))),
         }
     }
 
-    /// Sets what remains in the current window (AWS UpdateUsage). `remaining`
-    /// may exceed the limit (a one-off raise) or be 0.
+    /// Sets what remains in the window (AWS UpdateUsage). `remaining` may
+    /// exceed the limit (a one-off raise) or be 0.
     pub(crate) fn set_remaining(
-        &mut self,
+        self,
         spec: &QuotaSpec,
         now: i64,
         remaining: i64,
-    ) -> QuotaSnapshot {
-        let w = self.roll(spec.period, now);
+    ) -> (Count, QuotaSnapshot) {
+        let w = self.window();
         let limit = spec.limit_in(w);
-        self.used = limit.saturating_sub(remaining);
-        self.record(now, |r| r.remaining = remaining);
-        snapshot(w, limit, self.used, now)
+        let used = limit.saturating_sub(remaining);
+        (Count { used, ..self }, snapshot(w, limit, used, now))
     }
 
-    /// Lowers what remains in the current window to `remaining` if more
-    /// remains (a copy of the quota learning how a shared count stands).
+    /// Lowers what remains in the window to `remaining` if more remains (a
+    /// copy of the quota learning how a shared count stands).
     #[cfg(feature = "redis")]
-    pub(crate) fn at_most(&mut self, spec: &QuotaSpec, now: i64, remaining: i64) {
-        let w = self.roll(spec.period, now);
-        let limit = spec.limit_in(w);
-        self.used = self.used.max(limit.saturating_sub(remaining));
+    pub(crate) fn at_most(self, spec: &QuotaSpec, remaining: i64) -> Count {
+        let limit = spec.limit_in(self.window());
+        Count {
+            used: self.used.max(limit.saturating_sub(remaining)),
+            ..self
+        }
     }
 
     /// Adjusts the count by a request's actual cost: `delta` units more (an
@@ -182,40 +401,15 @@ impl QuotaState {
     /// or fewer (an over-estimate, given back, never below zero). An
     /// over-estimate comes back only to the window it was charged in, at
     /// `charged_at`: a later window never counted it (`None`: it was not
-    /// charged).
-    pub(crate) fn adjust(
-        &mut self,
-        spec: &QuotaSpec,
-        now: i64,
-        delta: i64,
-        charged_at: Option<i64>,
-    ) {
-        let w = self.roll(spec.period, now);
-        if delta < 0 && charged_at.is_none_or(|t| t < w.start) {
-            return;
+    /// charged). `None` when nothing changes.
+    pub(crate) fn adjust(self, delta: i64, charged_at: Option<i64>) -> Option<Count> {
+        if delta < 0 && charged_at.is_none_or(|t| t < self.window().start) {
+            return None;
         }
-        let limit = spec.limit_in(w);
-        self.used = self.used.saturating_add(delta).max(0);
-        let remaining = limit.saturating_sub(self.used);
-        self.record(now, |r| {
-            r.used = r.used.saturating_add_signed(delta);
-            r.remaining = remaining;
-        });
-    }
-
-    /// Forgets the current window's count and the history.
-    pub(crate) fn reset(&mut self) {
-        self.window_start = i64::MIN;
-        self.window_end = i64::MIN;
-        self.period = None;
-        self.used = 0;
-        self.days.fill(NO_DAY);
-    }
-
-    /// `[used, remaining]` for each day from `first` to `last` (day numbers,
-    /// inclusive), as AWS GetUsage reports them.
-    pub(crate) fn report(&self, spec: &QuotaSpec, first: i64, last: i64) -> Vec<[i64; 2]> {
-        report(spec, &self.days, first, last)
+        Some(Count {
+            used: self.used.saturating_add(delta).max(0),
+            ..self
+        })
     }
 }
 
@@ -241,173 +435,11 @@ pub(crate) fn report(spec: &QuotaSpec, days: &[DayRecord], first: i64, last: i64
         .collect()
 }
 
-impl QuotaState {
-    /// Moves to the window of `now` when it is a later one. A clock that went
-    /// back into an earlier window keeps the current count: going back in time
-    /// never grants capacity.
-    fn roll(&mut self, period: Period, now: i64) -> Window {
-        // Still inside the window (or back before it): nothing to compute.
-        if self.period == Some(period) && now < self.window_end {
-            return Window {
-                start: self.window_start,
-                end: self.window_end,
-            };
-        }
-        let w = window(period, now);
-        let w = if w.start > self.window_start {
-            self.window_start = w.start;
-            self.used = 0;
-            w
-        } else {
-            window(period, self.window_start)
-        };
-        self.window_end = w.end;
-        self.period = Some(period);
-        w
-    }
-
-    fn record(&mut self, now: i64, f: impl FnOnce(&mut DayRecord)) {
-        let day = now.div_euclid(NANOS_PER_DAY);
-        let len = self.days.len() as i64;
-        let r = &mut self.days[day.rem_euclid(len) as usize];
-        if r.day != day {
-            if r.day > day {
-                // The clock went back by a whole history: keep the newer record.
-                return;
-            }
-            *r = DayRecord {
-                day,
-                used: 0,
-                remaining: 0,
-            };
-        }
-        f(r);
-    }
-}
-
 fn snapshot(w: Window, limit: i64, used: i64, now: i64) -> QuotaSnapshot {
     QuotaSnapshot {
         limit,
         remaining: limit.saturating_sub(used).max(0) as u64,
         reset: w.end.saturating_sub(now).max(0) as u64,
         window_secs: (w.end.saturating_sub(w.start) / 1_000_000_000) as u64,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::window::Date;
-
-    const S: i64 = 1_000_000_000;
-
-    fn t(y: i32, m: u8, d: u8, secs: i64) -> i64 {
-        Date::new(y, m, d).unwrap().days() * NANOS_PER_DAY + secs * S
-    }
-
-    fn spec(limit: u64, period: Period) -> QuotaSpec {
-        QuotaSpec {
-            limit,
-            period,
-            offset: 0,
-            created_at: 0,
-            salt: 0,
-        }
-    }
-
-    #[test]
-    fn day_quota_resets_at_midnight_and_not_a_nanosecond_before() {
-        let mut q = QuotaState::new(31);
-        let s = spec(3, Period::Day);
-        let morning = t(2024, 5, 1, 8 * 3600);
-        for _ in 0..3 {
-            assert!(q.acquire(&s, morning, 1, false).is_ok());
-        }
-        let midnight = t(2024, 5, 2, 0);
-        let (retry, snap) = q.acquire(&s, midnight - 1, 1, false).unwrap_err();
-        assert_eq!(retry, 1);
-        assert_eq!(snap.remaining, 0);
-        let snap = q.acquire(&s, midnight, 1, false).unwrap();
-        assert_eq!(snap.remaining, 2);
-        assert_eq!(snap.reset, NANOS_PER_DAY as u64);
-    }
-
-    #[test]
-    fn month_quota_on_feb_29_of_a_leap_year() {
-        let mut q = QuotaState::new(62);
-        let s = spec(1, Period::Month);
-        assert!(q.acquire(&s, t(2024, 2, 29, 0), 1, false).is_ok());
-        let (retry, _) = q.acquire(&s, t(2024, 2, 29, 86_399), 1, false).unwrap_err();
-        assert_eq!(retry, S as u64);
-        assert!(q.acquire(&s, t(2024, 3, 1, 0), 1, false).is_ok());
-    }
-
-    #[test]
-    fn offset_applies_to_the_creation_window_only() {
-        let mut q = QuotaState::new(31);
-        let s = QuotaSpec {
-            limit: 5,
-            period: Period::Day,
-            offset: 3,
-            created_at: t(2024, 5, 1, 100),
-            salt: 0,
-        };
-        let ok = (0..10)
-            .filter(|_| q.acquire(&s, t(2024, 5, 1, 200), 1, false).is_ok())
-            .count();
-        assert_eq!(ok, 2);
-        let ok = (0..10)
-            .filter(|_| q.acquire(&s, t(2024, 5, 2, 0), 1, false).is_ok())
-            .count();
-        assert_eq!(ok, 5);
-    }
-
-    #[test]
-    fn clock_going_back_keeps_the_count() {
-        let mut q = QuotaState::new(31);
-        let s = spec(2, Period::Day);
-        assert!(q.acquire(&s, t(2024, 5, 2, 10), 2, false).is_ok());
-        assert!(q.acquire(&s, t(2024, 5, 1, 86_000), 1, false).is_err());
-    }
-
-    #[test]
-    fn set_remaining_and_report() {
-        let mut q = QuotaState::new(7);
-        let s = spec(10, Period::WEEK);
-        // 2024-05-06 is a Monday.
-        let mon = t(2024, 5, 6, 3600);
-        q.acquire(&s, mon, 3, false).unwrap();
-        let tue = t(2024, 5, 7, 3600);
-        q.acquire(&s, tue, 2, false).unwrap();
-        let first = Date::new(2024, 5, 5).unwrap().days();
-        let last = Date::new(2024, 5, 8).unwrap().days();
-        // Sunday is in the previous week (full limit), then Monday, Tuesday, Wednesday.
-        assert_eq!(
-            q.report(&s, first, last),
-            vec![[0, 10], [3, 7], [2, 5], [0, 5]]
-        );
-        let snap = q.set_remaining(&s, tue, 20);
-        assert_eq!(snap.remaining, 20);
-        assert_eq!(q.report(&s, last - 1, last - 1), vec![[2, 20]]);
-        let ok = (0..30)
-            .filter(|_| q.acquire(&s, tue, 1, false).is_ok())
-            .count();
-        assert_eq!(ok, 20);
-        q.set_remaining(&s, tue, 0);
-        assert!(q.acquire(&s, tue, 1, false).is_err());
-        q.reset();
-        assert!(q.acquire(&s, tue, 1, false).is_ok());
-    }
-
-    #[test]
-    fn force_counts_the_overage() {
-        let mut q = QuotaState::new(1);
-        let s = spec(1, Period::Day);
-        let now = t(2024, 1, 1, 0);
-        q.acquire(&s, now, 1, false).unwrap();
-        let snap = q.acquire(&s, now, 1, true).unwrap();
-        assert_eq!(snap.remaining, 0);
-        let day = now / NANOS_PER_DAY;
-        assert_eq!(q.report(&s, day, day), vec![[2, 0]]);
     }
 }

@@ -415,6 +415,7 @@ impl<'a> Acquire<'a> {
     }
 
     /// The throttles (GCRA token buckets), shared stage limits first.
+    #[inline]
     pub fn throttles(&self) -> impl Iterator<Item = &ThrottleRef<'a>> + '_ {
         self.throttles.iter()
     }
@@ -448,6 +449,7 @@ impl<'a> Acquire<'a> {
     /// request quota, then its daily and monthly token budgets (which
     /// [count tokens](QuotaRef::counts_tokens)), then the model's request
     /// quota and token budgets.
+    #[inline]
     pub fn quotas(&self) -> impl Iterator<Item = &QuotaRef<'a>> + '_ {
         self.account_quotas
             .iter()

@@ -202,6 +202,16 @@ pub(crate) trait Sink: Default {
 
     /// Records where the request's tokens were charged.
     fn reserve(&mut self, f: impl FnOnce(&mut Reservation));
+
+    /// What the sink holds now, to [`rewind`](Self::rewind) to.
+    type Mark: Copy;
+
+    /// What the sink holds now.
+    fn mark(&self) -> Self::Mark;
+
+    /// Forgets what was recorded since `mark` (a decision given up to be
+    /// made again another way).
+    fn rewind(&mut self, mark: Self::Mark);
 }
 
 impl Sink for Report {
@@ -221,6 +231,19 @@ impl Sink for Report {
     fn reserve(&mut self, f: impl FnOnce(&mut Reservation)) {
         f(&mut self.reserved);
     }
+
+    type Mark = (u8, Reservation);
+
+    #[inline]
+    fn mark(&self) -> Self::Mark {
+        (self.len, self.reserved)
+    }
+
+    #[inline]
+    fn rewind(&mut self, (len, reserved): Self::Mark) {
+        self.len = len;
+        self.reserved = reserved;
+    }
 }
 
 impl Sink for () {
@@ -234,6 +257,14 @@ impl Sink for () {
 
     #[inline]
     fn reserve(&mut self, _f: impl FnOnce(&mut Reservation)) {}
+
+    type Mark = ();
+
+    #[inline]
+    fn mark(&self) {}
+
+    #[inline]
+    fn rewind(&mut self, _mark: ()) {}
 }
 
 /// Why a store denied a request.

@@ -46,8 +46,8 @@ fn a_per_key_quota_counts_each_key_and_is_bounded_by_the_stores_cap() {
     );
     assert_eq!(reason(layer.check(b"10.0.0.2", 1)), None);
 
-    // A flood of new keys: the counters stay within the cap (640, spread
-    // over 64 shards), and keys past it wait instead of being counted.
+    // A flood of new keys: the counters stay within the cap (640), and
+    // keys past it wait instead of being counted.
     let mut refused = 0;
     for i in 0..20_000u32 {
         match reason(layer.check(format!("flood-{i}").as_bytes(), 1)) {
@@ -70,8 +70,7 @@ fn a_per_key_quota_counts_each_key_and_is_bounded_by_the_stores_cap() {
     }
 
     // The next day every counter is idle: new keys are counted again (a
-    // hundred: well within each shard's share of the cap), and the old ones
-    // start a fresh window.
+    // hundred: well within the cap), and the old ones start a fresh window.
     clock.advance(Duration::from_secs(86_400));
     for i in 0..100u32 {
         assert_eq!(

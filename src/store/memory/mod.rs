@@ -45,7 +45,7 @@ use crate::clock::Clock;
 use crate::gcra::{MAX_SPAN, Nanos, Outcome};
 use crate::hash::Digest;
 use crate::plan::{Limit, LimitKind};
-use crate::quota::QuotaState;
+use crate::quota::Count;
 use crate::window::Date;
 
 /// The default store: state in this process, lock-free per key, bounded memory.
@@ -108,9 +108,7 @@ impl MemoryStore {
     pub(crate) fn quota_at_most(&self, quota: &QuotaRef<'_>, remaining: u64) {
         let wall = self.inner.clock.wall_nanos();
         let remaining = i64::try_from(remaining).unwrap_or(i64::MAX);
-        self.inner
-            .quotas
-            .with(quota, |st| st.at_most(quota.spec, wall, remaining));
+        self.inner.quotas.at_most(quota, wall, remaining);
     }
 
     /// The store's clock.
@@ -140,6 +138,13 @@ impl MemoryStore {
             return self.decide_throttle(t, req.cost_for(t.counts_tokens()), report);
         }
         let now = self.inner.clock.nanos();
+        if !req.has_caps() {
+            let mark = report.mark();
+            if self.decide_clear(req, now, report) {
+                return Ok(());
+            }
+            report.rewind(mark);
+        }
         let cost = req.cost;
         let table = &self.inner.table;
         // The TAT each throttle was charged to, for exact refunds.
@@ -206,35 +211,35 @@ impl MemoryStore {
             }
             tally.deny(d);
         }
-        // The quotas, each charged under its own lock: those charged before
-        // a later one denies are given back.
+        // The quotas, each charged by its own compare-and-swap: those
+        // charged before a later one denies are given back.
         let mut quotas_charged = [false; MAX_QUOTAS];
         if req.quotas().next().is_some() {
-            let wall = self.inner.clock.wall_nanos();
+            let wall = self.inner.clock.wall_nanos_at(now);
             let quotas = &self.inner.quotas;
             for (i, q) in req.quotas().enumerate() {
                 let cost = u64::from(req.cost_for(q.counts_tokens()));
                 // A cost above the whole limit never fits, in any window.
                 if !ever_fits(cost, q.spec.limit) && !q.shadow {
-                    let snap = quotas
-                        .existing(q, |st| st.check(q.spec, wall, 0))
-                        .unwrap_or_else(|| QuotaState::new(1).check(q.spec, wall, 0));
-                    let snap = snap.unwrap_or_else(|(_, s)| s);
+                    let snap = quotas.check(q, wall, 0).unwrap_or_else(|(_, s)| s);
                     let d = Denied::too_costly(quota_applied(q.kind, &snap));
                     tally.deny(d);
                     continue;
                 }
                 let looking = tally.is_denied();
-                let outcome = quotas.decide(q, wall, |st| match looking {
-                    true => st.check(q.spec, wall, cost),
-                    false => st.acquire(q.spec, wall, cost, q.shadow),
-                });
+                let outcome = match looking {
+                    true => Ok(quotas.check(q, wall, cost)),
+                    false => quotas.acquire(q, wall, cost, q.shadow).map(|o| {
+                        o.map(|c| c.snapshot(q.spec, wall))
+                            .map_err(|(retry, c)| (retry, c.snapshot(q.spec, wall)))
+                    }),
+                };
                 let outcome = match outcome {
                     Ok(outcome) => outcome,
                     // No room for another subject's counter: refused until
                     // one goes idle, as a new key at the table's cap is.
                     Err(wait) => {
-                        let fresh = QuotaState::new(1).check(q.spec, wall, 0);
+                        let fresh = Count::EMPTY.check(q.spec, wall, 0);
                         let fresh = fresh.unwrap_or_else(|(_, s)| s);
                         tally.deny(Denied {
                             denial: Denial::Capacity {
@@ -267,7 +272,7 @@ impl MemoryStore {
             if tally.is_denied() {
                 for (q, _) in req.quotas().zip(quotas_charged).filter(|(_, c)| *c) {
                     let cost = i64::from(req.cost_for(q.counts_tokens()));
-                    quotas.with(q, |st| st.adjust(q.spec, wall, -cost, Some(wall)));
+                    quotas.adjust(q, wall, -cost, Some(wall));
                 }
             }
         }
@@ -291,6 +296,83 @@ impl MemoryStore {
                 Err(d)
             }
         }
+    }
+
+    /// Decides a request without concurrency caps whose every limit has
+    /// room, as [`decide`](Self::decide) would, without its bookkeeping for
+    /// denials: `true` when every limit was charged and reported. On the
+    /// first limit that denies (or is a shadow, or has no room for a new
+    /// subject), what was charged is given back exactly, as `decide` gives
+    /// it back, and `false` leaves the request to `decide`'s general path,
+    /// which names the denial. A plan's throttles and quota, the common
+    /// full plan, then cost their own steps and little more: the general
+    /// path's tallies, arrays of what was charged and looks at every kind of
+    /// limit cost as much again as a quota's decision.
+    #[inline]
+    fn decide_clear<R: Sink>(&self, req: &Acquire<'_>, now: Nanos, report: &mut R) -> bool {
+        // The TAT each throttle was charged to, for exact refunds.
+        let mut charged: [Nanos; MAX_THROTTLES] = [0; MAX_THROTTLES];
+        let mut throttles = 0;
+        let mut cleared = true;
+        for t in req.throttles() {
+            let cost = req.cost_for(t.counts_tokens());
+            if t.shadow {
+                cleared = false;
+                break;
+            }
+            match self.throttle_step(t, cost, now, false) {
+                Ok(Outcome::Allow { tat, after }) => {
+                    charged[throttles] = tat;
+                    throttles += 1;
+                    throttle_allowed(report, t, cost, after, now);
+                }
+                _ => {
+                    cleared = false;
+                    break;
+                }
+            }
+        }
+        let mut quotas_charged = 0;
+        let mut wall = 0;
+        if cleared && req.quotas().next().is_some() {
+            wall = self.inner.clock.wall_nanos_at(now);
+            for q in req.quotas() {
+                let cost = u64::from(req.cost_for(q.counts_tokens()));
+                if q.shadow || !ever_fits(cost, q.spec.limit) {
+                    cleared = false;
+                    break;
+                }
+                match self.inner.quotas.acquire(q, wall, cost, false) {
+                    Ok(Ok(count)) => {
+                        quotas_charged += 1;
+                        if q.counts_tokens() {
+                            report.reserve(|r| r.wall = Some(wall));
+                        }
+                        report.push(|| quota_applied(q.kind, &count.snapshot(q.spec, wall)));
+                    }
+                    _ => {
+                        cleared = false;
+                        break;
+                    }
+                }
+            }
+        }
+        if cleared {
+            return true;
+        }
+        for q in req.quotas().take(quotas_charged) {
+            let cost = i64::from(req.cost_for(q.counts_tokens()));
+            self.inner.quotas.adjust(q, wall, -cost, Some(wall));
+        }
+        for (t, &mine) in req.throttles().zip(&charged[..throttles]) {
+            let cost = req.cost_for(t.counts_tokens());
+            let limit = t.limit;
+            let slot = SlotKey::new(t.digest, limit.salt);
+            let _ = self.inner.table.update(slot, now, |tat| {
+                (Some(limit.gcra.refund(tat, now, mine, cost)), ())
+            });
+        }
+        false
     }
 
     /// Decides a request whose only limit is the throttle `t` (not a
@@ -412,11 +494,7 @@ impl Store for MemoryStore {
 
     fn usage(&self, quota: &QuotaRef<'_>, first: Date, last: Date) -> StoreFuture<Vec<[i64; 2]>> {
         let (first, last) = (first.days(), last.days());
-        let days = self
-            .inner
-            .quotas
-            .existing(quota, |st| st.report(quota.spec, first, last))
-            .unwrap_or_else(|| crate::quota::report(quota.spec, &[], first, last));
+        let days = self.inner.quotas.report(quota, first, last);
         Box::pin(std::future::ready(Ok(days)))
     }
 
@@ -428,10 +506,7 @@ impl Store for MemoryStore {
         }
         let remaining = remaining as i64;
         let wall = self.inner.clock.wall_nanos();
-        let snap = self
-            .inner
-            .quotas
-            .with(quota, |st| st.set_remaining(quota.spec, wall, remaining));
+        let snap = self.inner.quotas.set_remaining(quota, wall, remaining);
         Box::pin(std::future::ready(Ok(snap.remaining)))
     }
 
@@ -445,7 +520,7 @@ impl Store for MemoryStore {
             self.update_throttle(t, |tat, now| tat.min(now));
         }
         if let Some(q) = quota {
-            self.inner.quotas.existing(q, |st| st.reset());
+            self.inner.quotas.reset(q);
         }
         Box::pin(std::future::ready(Ok(())))
     }
@@ -486,9 +561,7 @@ impl Store for MemoryStore {
             let wall = self.inner.clock.wall_nanos();
             for q in settlement.quotas() {
                 let charged_at = settlement.reserved.wall;
-                self.inner
-                    .quotas
-                    .with(q, |st| st.adjust(q.spec, wall, delta, charged_at));
+                self.inner.quotas.adjust(q, wall, delta, charged_at);
             }
         }
     }
@@ -596,6 +669,7 @@ mod tests {
     use crate::error::ConfigError;
     use crate::hash::digest;
     use crate::plan::Throttle;
+    use crate::quota::QuotaSpec;
     use crate::store::Report;
     use portable_atomic::Ordering;
 
@@ -905,6 +979,64 @@ mod tests {
                 (a, b) => panic!("lone {a:?} but general {b:?} (cost {cost})"),
             }
         }
+    }
+
+    /// A request that passes its throttle and a first quota but not a
+    /// second is given back everything: the throttle's bucket and the first
+    /// quota's count are as if it never came, on the path that charges
+    /// without bookkeeping and on the general one alike.
+    #[test]
+    fn a_later_quota_that_denies_gives_back_the_earlier_limits() {
+        let (s, clock) = store(1024);
+        clock.set_wall(std::time::UNIX_EPOCH + Duration::from_secs(19_844 * 86_400));
+        let p = plan(1.0, 3);
+        let spec = |limit, salt| QuotaSpec {
+            limit,
+            period: crate::Period::Day,
+            offset: 0,
+            created_at: 0,
+            salt,
+        };
+        let (roomy, tight) = (spec(100, 1), spec(1, 2));
+        let k = digest(b"k");
+        let quota = |spec, kind| QuotaRef {
+            kind,
+            spec,
+            plan: "p",
+            account: None,
+            subject: b"",
+            digest: k,
+            shadow: false,
+            history_days: 31,
+        };
+        let decide = |s: &MemoryStore| {
+            let mut req = Acquire::new(1, crate::FailureMode::Open);
+            req.push(ThrottleRef {
+                limit: &p.0,
+                plan: Some("p"),
+                account: None,
+                subject: b"",
+                digest: k,
+                shadow: false,
+            });
+            req.account_quotas[0] = Some(quota(&roomy, LimitKind::AccountQuota));
+            req.quota = Some(quota(&tight, LimitKind::Quota));
+            let mut report = Report::default();
+            s.decide(&req, &mut report).map(|()| report)
+        };
+        let report = decide(&s).unwrap();
+        assert_eq!(report.items().len(), 3);
+        // The plan's quota of 1 is used up: every later request is denied
+        // by it, and charges neither the throttle nor the account's quota.
+        for _ in 0..5 {
+            let d = decide(&s).unwrap_err();
+            assert!(matches!(d.denial, Denial::Quota { .. }), "{d:?}");
+        }
+        let throttle = s.acquire_one(&p, k, 0).unwrap();
+        assert_eq!(throttle.items()[0].remaining, 2);
+        let day = 19_844;
+        let roomy_ref = quota(&roomy, LimitKind::AccountQuota);
+        assert_eq!(s.inner.quotas.report(&roomy_ref, day, day), vec![[1, 99]]);
     }
 
     #[test]

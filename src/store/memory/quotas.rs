@@ -1,70 +1,231 @@
-//! The memory store's quota counters: one [`QuotaState`] per (subject,
-//! quota), in maps split into shards, each behind its own short lock.
+//! The memory store's quota counters: one [`Counter`] per (subject, quota),
+//! found in a concurrent map and decided without a lock.
+//!
+//! A counter is one 128-bit word (the window, the day of the last change
+//! and the count: [`Count`]) beside its day history. A decision in the
+//! current window on the day of the last change, the hot path, is a read
+//! of the map (no lock: `papaya`) and a compare-and-swap of the word: the
+//! check `used + cost <= limit` and the charge are one atomic step, so
+//! threads deciding at once never admit more than the limit. Everything
+//! else takes the counter's own lock: the first change of a day (it closes
+//! the day before into the history), a new window, UpdateUsage, a refund,
+//! a settlement, a reset, a report. Under that lock the word is still
+//! changed by compare-and-swap, since decisions on it do not take the lock.
 
-use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicUsize};
 
-use crate::sync::Mutex;
+use portable_atomic::{AtomicU128, Ordering};
 
 use crate::hash::BuildDigestHasher;
-use crate::quota::QuotaState;
+use crate::quota::{Count, DayRecord, NO_DAY, QuotaSnapshot, QuotaSpec, report};
 use crate::store::QuotaRef;
+use crate::sync::Mutex;
 
-/// Shards of the maps: counters of different keys rarely share a lock.
-const SHARDS: usize = 64;
+/// What a decision on a quota answers: the count after the charge, or the
+/// retry delay and the count as it stands ([`Count::snapshot`] tells how
+/// the quota stands with it).
+pub(super) type Outcome = Result<Count, (u64, Count)>;
 
 /// Every quota's counters, made on a subject's first use of the quota.
 ///
-/// A lock is held for a few arithmetic operations, never across a wait.
 /// Counters that keep usage history (a registered key's request quota, for
 /// usage reports) are kept as long as the store lives: they number as the
 /// registered keys do. Counters that keep only the current day (a per-key
 /// policy's subjects, client IPs, keys a resolver answered, token budgets)
-/// are bounded: at most the store's `max_keys` of them, spread over the
-/// shards. A counter whose window has ended holds nothing a fresh one would
-/// not, so it is *idle*, and its place goes to the next new subject. When a
-/// shard holds its share of live counters, a new subject is refused until
-/// the first of them goes idle (the layer answers 429 with that wait), and
-/// no live counter is ever forgotten: forgetting one would hand its subject
-/// a fresh window, i.e. over-admit.
+/// are bounded: at most the store's `max_keys` of them. A counter whose
+/// window has ended holds nothing a fresh one would not, so it is *idle*,
+/// and its place goes to the next new subject. When `max_keys` live counters
+/// are kept, a new subject is refused until the first of them goes idle (the
+/// layer answers 429 with that wait), and no live counter is ever forgotten:
+/// forgetting one would hand its subject a fresh window, i.e. over-admit.
+///
+/// An idle counter is let go by marking its word retired (a compare-and-swap
+/// from the idle word it was seen with, so a decision that charged it first
+/// keeps it), then removing it from the map. A decision that finds a retired
+/// word looks the counter up again, and makes a fresh one: nothing charged to
+/// a counter after it was let go is lost.
 pub(super) struct Quotas {
-    shards: Box<[Mutex<Shard>]>,
-    /// The most counters without history a shard keeps.
+    map: papaya::HashMap<u128, Counter, BuildDigestHasher>,
+    /// Counters in `map` without history (at most `cap`, but for those
+    /// made past it by a settlement or an admin change).
+    short: AtomicUsize,
+    /// The most counters without history kept.
     cap: usize,
-}
-
-#[derive(Default)]
-struct Shard {
-    map: HashMap<u128, QuotaState, BuildDigestHasher>,
-    /// Counters in `map` without history (bounded by `cap`).
-    short: usize,
     /// No counter without history goes idle before this (wall nanoseconds):
-    /// a full shard refuses a new subject before then without looking.
-    next_idle: i64,
+    /// at the cap, a new subject is refused before then without looking.
+    next_idle: AtomicI64,
+    /// Serialises the search for idle counters.
+    evicting: Mutex<()>,
 }
 
-impl Shard {
-    /// Makes room for a counter without history in a full shard: forgets
-    /// every idle one; `Err` is the wait until one goes idle.
+/// The counters of one quota of one subject.
+struct Counter {
+    /// The count ([`Count::pack`]): changed by compare-and-swap only.
+    word: AtomicU128,
+    /// Whether the counter keeps usage history (it is then never let go).
+    history: bool,
+    /// Taken by every change but a decision on the day of the last change.
+    slow: Mutex<Slow>,
+}
+
+/// What only changes under a counter's lock.
+struct Slow {
+    /// What the window had counted when the day of the last change began:
+    /// that day used the count less this.
+    base: i64,
+    /// The closed days, one per day number modulo the length (the day of
+    /// the last change is in the word, and would take its place).
+    days: Box<[DayRecord]>,
+}
+
+impl Counter {
+    fn new(history_days: u32) -> Self {
+        let days = history_days.max(1) as usize;
+        Counter {
+            word: AtomicU128::new(Count::EMPTY.pack()),
+            history: days > 1,
+            slow: Mutex::new(Slow {
+                base: 0,
+                days: vec![NO_DAY; days].into_boxed_slice(),
+            }),
+        }
+    }
+
+    #[inline]
+    fn load(&self) -> (u128, Count) {
+        let w = self.word.load(Ordering::Acquire);
+        (w, Count::unpack(w))
+    }
+
+    /// Charges `cost` at `now` if it fits (`force`: even if it does not).
+    /// `None` when the counter was let go.
+    #[inline]
+    fn acquire(&self, spec: &QuotaSpec, now: i64, cost: u64, force: bool) -> Option<Outcome> {
+        let (mut w, mut count) = self.load();
+        loop {
+            match count.acquire_today(spec, now, cost, force) {
+                Some(Ok(next)) => match self.word.compare_exchange_weak(
+                    w,
+                    next.pack(),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return Some(Ok(next)),
+                    Err(current) => (w, count) = (current, Count::unpack(current)),
+                },
+                Some(Err(denied)) => return Some(Err(denied)),
+                None => {
+                    return self.change(now, spec, true, |c| {
+                        match c.acquire(spec, now, cost, force) {
+                            Ok(next) => (Some(next), Ok(next)),
+                            Err(denied) => (None, Err(denied)),
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// Applies `op` to the count moved to `now` ([`Count::roll`]) under the
+    /// counter's lock; when it returns a new count, stores it (retrying on
+    /// a decision that changed the word meanwhile) and writes the day it
+    /// closed into the history. `None` when the counter was let go.
+    ///
+    /// `usage` says whether the change is the day's usage (a charge, a
+    /// refund) or not (UpdateUsage, a copy learning the shared count): a
+    /// change that is not moves what the day began with by as much, so that
+    /// what the day used stays; a refund below what the day began with
+    /// gives back no more than the day used.
     #[cold]
-    fn evict(&mut self, now: i64) -> Result<(), i64> {
-        if now < self.next_idle {
-            return Err(self.next_idle - now);
+    fn change<R>(
+        &self,
+        now: i64,
+        spec: &QuotaSpec,
+        usage: bool,
+        mut op: impl FnMut(Count) -> (Option<Count>, R),
+    ) -> Option<R> {
+        let mut slow = self.slow.lock();
+        let (mut w, mut count) = self.load();
+        loop {
+            if count.is_retired() {
+                return None;
+            }
+            let rolled = count.roll(spec, now, slow.base);
+            let (next, r) = op(rolled.count);
+            let Some(next) = next else { return Some(r) };
+            match self
+                .word
+                .compare_exchange(w, next.pack(), Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    if let Some(day) = rolled.closed {
+                        let len = slow.days.len() as i64;
+                        slow.days[day.day.rem_euclid(len) as usize] = day;
+                    }
+                    slow.base = if usage {
+                        rolled.base.min(next.used)
+                    } else {
+                        let shift = next.used.saturating_sub(rolled.count.used);
+                        rolled.base.saturating_add(shift)
+                    };
+                    return Some(r);
+                }
+                Err(current) => (w, count) = (current, Count::unpack(current)),
+            }
         }
-        let before = self.map.len();
-        self.map.retain(|_, st| st.keeps_history() || !st.idle(now));
-        self.short -= before - self.map.len();
-        self.next_idle = self
-            .map
-            .values()
-            .filter(|st| !st.keeps_history())
-            .map(QuotaState::idle_at)
-            .min()
-            .unwrap_or(i64::MIN);
-        if self.map.len() < before {
-            Ok(())
-        } else {
-            Err((self.next_idle - now).max(1))
+    }
+
+    /// `[used, remaining]` for each day from `first` to `last`.
+    fn report(&self, spec: &QuotaSpec, first: i64, last: i64) -> Vec<[i64; 2]> {
+        let slow = self.slow.lock();
+        let (_, count) = self.load();
+        let mut days = slow.days.to_vec();
+        if let Some(today) = count.today(spec, slow.base) {
+            let len = days.len() as i64;
+            days[today.day.rem_euclid(len) as usize] = today;
         }
+        report(spec, &days, first, last)
+    }
+
+    /// Forgets the window's count and the history (a counter let go stays so).
+    fn reset(&self) {
+        let mut slow = self.slow.lock();
+        let (mut w, mut count) = self.load();
+        while !count.is_retired() {
+            match self.word.compare_exchange(
+                w,
+                Count::EMPTY.pack(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(current) => (w, count) = (current, Count::unpack(current)),
+            }
+        }
+        slow.base = 0;
+        slow.days.fill(NO_DAY);
+    }
+
+    /// Marks the counter let go if it is idle at `now`: a decision that
+    /// charged it meanwhile keeps it.
+    fn retire_if_idle(&self, now: i64) -> bool {
+        let (mut w, mut count) = self.load();
+        while !count.is_retired() && count.idle_at() <= now {
+            match self.word.compare_exchange(
+                w,
+                Count::RETIRED.pack(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(current) => (w, count) = (current, Count::unpack(current)),
+            }
+        }
+        false
+    }
+
+    fn is_retired(&self) -> bool {
+        self.load().1.is_retired()
     }
 }
 
@@ -72,74 +233,490 @@ impl Quotas {
     /// Counters for a store of `max_keys` keys.
     pub(super) fn new(max_keys: usize) -> Self {
         Quotas {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            cap: max_keys.div_ceil(SHARDS).max(1),
+            map: papaya::HashMap::builder()
+                .hasher(BuildDigestHasher::default())
+                .build(),
+            short: AtomicUsize::new(0),
+            cap: max_keys.max(1),
+            next_idle: AtomicI64::new(i64::MIN),
+            evicting: Mutex::new(()),
         }
     }
 
     /// Where `q` lives: the subject's keyed digest with the quota's salt
-    /// (which quota of which plan) xored in; the high half picks the shard,
-    /// the low half is the map's hash.
+    /// (which quota of which plan) xored in.
     #[inline]
     fn key(q: &QuotaRef<'_>) -> u128 {
         q.digest.0 ^ u128::from(q.spec.salt)
     }
 
-    /// Runs `f` on the counters of `q` under their shard's lock, making them
-    /// on first use (past the bound on counters without history: a
-    /// settlement or an admin change of a subject just decided).
+    /// Runs `f` on the counter of `q`, made on first use: `bounded`, a
+    /// counter without history is made only within the cap (`Err`: the
+    /// wait in nanoseconds until one goes idle, unless an idle one makes
+    /// room); otherwise past it (a settlement or an admin change of a
+    /// subject just decided). `f` answering `None` (the counter was let go
+    /// meanwhile) looks again.
     #[inline]
-    pub(super) fn with<R>(&self, q: &QuotaRef<'_>, f: impl FnOnce(&mut QuotaState) -> R) -> R {
-        let key = Self::key(q);
-        let mut shard = self.shards[(key >> 64) as usize % SHARDS].lock();
-        let shard = &mut *shard;
-        let state = shard.map.entry(key).or_insert_with(|| {
-            let st = QuotaState::new(q.history_days() as usize);
-            shard.short += usize::from(!st.keeps_history());
-            st
-        });
-        f(state)
-    }
-
-    /// [`with`](Self::with) for a decision: a subject without history whose
-    /// shard holds its share of live counters is refused (`Err`: the wait
-    /// in nanoseconds until one goes idle), unless an idle one makes room.
-    #[inline]
-    pub(super) fn decide<R>(
+    fn with<R>(
         &self,
         q: &QuotaRef<'_>,
         now: i64,
-        f: impl FnOnce(&mut QuotaState) -> R,
+        bounded: bool,
+        mut f: impl FnMut(&Counter) -> Option<R>,
     ) -> Result<R, i64> {
         let key = Self::key(q);
-        let mut shard = self.shards[(key >> 64) as usize % SHARDS].lock();
-        let shard = &mut *shard;
-        if let Some(st) = shard.map.get_mut(&key) {
-            return Ok(f(st));
-        }
-        let st = QuotaState::new(q.history_days() as usize);
-        if !st.keeps_history() {
-            if shard.short >= self.cap {
-                shard.evict(now)?;
+        let map = self.map.pin();
+        loop {
+            if let Some(counter) = map.get(&key) {
+                if let Some(r) = f(counter) {
+                    return Ok(r);
+                }
+                // Let go: out of the map with it, whoever removed it first.
+                if map
+                    .remove_if(&key, |_, c| c.is_retired())
+                    .is_ok_and(|r| r.is_some())
+                {
+                    self.short.fetch_sub(1, Ordering::Relaxed);
+                }
+                continue;
             }
-            shard.short += 1;
+            let counter = Counter::new(q.history_days());
+            if !counter.history {
+                self.reserve(now, bounded)?;
+            }
+            match map.try_insert(key, counter) {
+                Ok(counter) => {
+                    if let Some(r) = f(counter) {
+                        return Ok(r);
+                    }
+                }
+                // Made by another thread meanwhile: give the place back.
+                Err(e) => {
+                    if !e.not_inserted.history {
+                        self.short.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+            }
         }
-        Ok(f(shard.map.entry(key).or_insert(st)))
     }
 
-    /// Runs `f` on the counters of `q` if it was ever used.
-    pub(super) fn existing<R>(
+    /// Takes a place for a counter without history, making room among
+    /// idle ones at the cap when `bounded`.
+    #[cold]
+    fn reserve(&self, now: i64, bounded: bool) -> Result<(), i64> {
+        loop {
+            let n = self.short.load(Ordering::Relaxed);
+            if n >= self.cap && bounded {
+                self.evict(now)?;
+                continue;
+            }
+            if self
+                .short
+                .compare_exchange(n, n + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Makes room for a counter without history at the cap: lets go every
+    /// idle one; `Err` is the wait until one goes idle.
+    #[cold]
+    fn evict(&self, now: i64) -> Result<(), i64> {
+        let _one = self.evicting.lock();
+        if self.short.load(Ordering::Relaxed) < self.cap {
+            return Ok(());
+        }
+        let next_idle = self.next_idle.load(Ordering::Relaxed);
+        if now < next_idle {
+            return Err(next_idle - now);
+        }
+        let map = self.map.pin();
+        let mut freed = 0;
+        let mut soonest = i64::MAX;
+        for (key, counter) in map.iter() {
+            if counter.history {
+                continue;
+            }
+            if counter.retire_if_idle(now) {
+                if map
+                    .remove_if(key, |_, c| c.is_retired())
+                    .is_ok_and(|r| r.is_some())
+                {
+                    freed += 1;
+                }
+            } else if !counter.is_retired() {
+                soonest = soonest.min(counter.load().1.idle_at());
+            }
+        }
+        self.short.fetch_sub(freed, Ordering::Relaxed);
+        self.next_idle.store(soonest, Ordering::Relaxed);
+        if freed > 0 {
+            Ok(())
+        } else {
+            Err(soonest.saturating_sub(now).max(1))
+        }
+    }
+
+    /// Decides `cost` for `q` at `now` (wall nanoseconds): charges it if it
+    /// fits (`force`: even if not, a shadow plan counting its overage).
+    /// `Err` is the wait for room for a new subject's counter.
+    #[inline]
+    pub(super) fn acquire(
         &self,
         q: &QuotaRef<'_>,
-        f: impl FnOnce(&mut QuotaState) -> R,
-    ) -> Option<R> {
+        now: i64,
+        cost: u64,
+        force: bool,
+    ) -> Result<Outcome, i64> {
+        self.with(q, now, true, |c| c.acquire(q.spec, now, cost, force))
+    }
+
+    /// Whether `cost` would fit in `q` at `now`, changing nothing.
+    pub(super) fn check(
+        &self,
+        q: &QuotaRef<'_>,
+        now: i64,
+        cost: u64,
+    ) -> Result<QuotaSnapshot, (u64, QuotaSnapshot)> {
         let key = Self::key(q);
-        let mut shard = self.shards[(key >> 64) as usize % SHARDS].lock();
-        shard.map.get_mut(&key).map(f)
+        let count = match self.map.pin().get(&key) {
+            Some(c) => c.load().1,
+            None => Count::EMPTY,
+        };
+        count.check(q.spec, now, cost)
+    }
+
+    /// Adjusts the count of `q` by `delta` (see [`Count::adjust`]).
+    pub(super) fn adjust(&self, q: &QuotaRef<'_>, now: i64, delta: i64, charged_at: Option<i64>) {
+        let _ = self.with(q, now, false, |c| {
+            c.change(now, q.spec, true, |count| {
+                (count.adjust(delta, charged_at), ())
+            })
+        });
+    }
+
+    /// Sets what remains of `q` in its window (AWS UpdateUsage).
+    pub(super) fn set_remaining(
+        &self,
+        q: &QuotaRef<'_>,
+        now: i64,
+        remaining: i64,
+    ) -> QuotaSnapshot {
+        let set = self.with(q, now, false, |c| {
+            c.change(now, q.spec, false, |count| {
+                let (next, snap) = count.set_remaining(q.spec, now, remaining);
+                (Some(next), snap)
+            })
+        });
+        set.expect("made past the cap")
+    }
+
+    /// Lowers what remains of `q` to `remaining` if more remains.
+    #[cfg(feature = "redis")]
+    pub(super) fn at_most(&self, q: &QuotaRef<'_>, now: i64, remaining: i64) {
+        let _ = self.with(q, now, false, |c| {
+            c.change(now, q.spec, false, |count| {
+                (Some(count.at_most(q.spec, remaining)), ())
+            })
+        });
+    }
+
+    /// `[used, remaining]` of `q` for each day from `first` to `last`.
+    pub(super) fn report(&self, q: &QuotaRef<'_>, first: i64, last: i64) -> Vec<[i64; 2]> {
+        match self.map.pin().get(&Self::key(q)) {
+            Some(c) => c.report(q.spec, first, last),
+            None => report(q.spec, &[], first, last),
+        }
+    }
+
+    /// Forgets the window and history of `q`.
+    pub(super) fn reset(&self, q: &QuotaRef<'_>) {
+        if let Some(c) = self.map.pin().get(&Self::key(q)) {
+            c.reset();
+        }
     }
 
     /// How many (subject, quota) counters are kept.
     pub(super) fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().map.len()).sum()
+        self.map.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+    use crate::hash::{Digest, digest};
+    use crate::plan::LimitKind;
+    use crate::window::{Date, NANOS_PER_DAY, Period};
+
+    const S: i64 = 1_000_000_000;
+
+    fn t(y: i32, m: u8, d: u8, secs: i64) -> i64 {
+        Date::new(y, m, d).unwrap().days() * NANOS_PER_DAY + secs * S
+    }
+
+    fn spec(limit: u64, period: Period) -> QuotaSpec {
+        QuotaSpec {
+            limit,
+            period,
+            offset: 0,
+            created_at: 0,
+            salt: 7,
+        }
+    }
+
+    fn quota<'a>(spec: &'a QuotaSpec, subject: Digest, history_days: u32) -> QuotaRef<'a> {
+        QuotaRef {
+            kind: LimitKind::Quota,
+            spec,
+            plan: "p",
+            account: None,
+            subject: b"",
+            digest: subject,
+            shadow: false,
+            history_days,
+        }
+    }
+
+    /// Charges one unit, as a decision does.
+    fn take(qs: &Quotas, q: &QuotaRef<'_>, now: i64, cost: u64) -> bool {
+        matches!(qs.acquire(q, now, cost, q.shadow), Ok(Ok(_)))
+    }
+
+    #[test]
+    fn day_quota_resets_at_midnight_and_not_a_nanosecond_before() {
+        let qs = Quotas::new(16);
+        let s = spec(3, Period::Day);
+        let q = quota(&s, digest(b"k"), 31);
+        let morning = t(2024, 5, 1, 8 * 3600);
+        assert!((0..3).all(|_| take(&qs, &q, morning, 1)));
+        let midnight = t(2024, 5, 2, 0);
+        let (retry, count) = qs.acquire(&q, midnight - 1, 1, false).unwrap().unwrap_err();
+        assert_eq!(retry, 1);
+        assert_eq!(count.snapshot(&s, midnight - 1).remaining, 0);
+        let count = qs.acquire(&q, midnight, 1, false).unwrap().unwrap();
+        let snap = count.snapshot(&s, midnight);
+        assert_eq!(snap.remaining, 2);
+        assert_eq!(snap.reset, NANOS_PER_DAY as u64);
+        // The day that closed is in the history, the new one beside it.
+        let day = Date::new(2024, 5, 1).unwrap().days();
+        assert_eq!(qs.report(&q, day, day + 1), vec![[3, 0], [1, 2]]);
+    }
+
+    #[test]
+    fn month_quota_on_feb_29_of_a_leap_year() {
+        let qs = Quotas::new(16);
+        let s = spec(1, Period::Month);
+        let q = quota(&s, digest(b"k"), 62);
+        assert!(take(&qs, &q, t(2024, 2, 29, 0), 1));
+        let (retry, _) = qs
+            .acquire(&q, t(2024, 2, 29, 86_399), 1, false)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(retry, S as u64);
+        assert!(take(&qs, &q, t(2024, 3, 1, 0), 1));
+    }
+
+    #[test]
+    fn offset_applies_to_the_creation_window_only() {
+        let qs = Quotas::new(16);
+        let s = QuotaSpec {
+            offset: 3,
+            created_at: t(2024, 5, 1, 100),
+            ..spec(5, Period::Day)
+        };
+        let q = quota(&s, digest(b"k"), 31);
+        let ok = (0..10)
+            .filter(|_| take(&qs, &q, t(2024, 5, 1, 200), 1))
+            .count();
+        assert_eq!(ok, 2);
+        let ok = (0..10)
+            .filter(|_| take(&qs, &q, t(2024, 5, 2, 0), 1))
+            .count();
+        assert_eq!(ok, 5);
+    }
+
+    #[test]
+    fn clock_going_back_keeps_the_count() {
+        let qs = Quotas::new(16);
+        let s = spec(2, Period::Day);
+        let q = quota(&s, digest(b"k"), 31);
+        assert!(take(&qs, &q, t(2024, 5, 2, 10), 2));
+        assert!(!take(&qs, &q, t(2024, 5, 1, 86_000), 1));
+        assert!(!take(&qs, &q, t(2024, 5, 2, 20), 1));
+    }
+
+    #[test]
+    fn set_remaining_and_report() {
+        let qs = Quotas::new(16);
+        let s = spec(10, Period::WEEK);
+        let q = quota(&s, digest(b"k"), 7);
+        // 2024-05-06 is a Monday.
+        let mon = t(2024, 5, 6, 3600);
+        assert!(take(&qs, &q, mon, 3));
+        let tue = t(2024, 5, 7, 3600);
+        assert!(take(&qs, &q, tue, 2));
+        let first = Date::new(2024, 5, 5).unwrap().days();
+        let last = Date::new(2024, 5, 8).unwrap().days();
+        // Sunday is in the previous week (full limit), then Monday, Tuesday, Wednesday.
+        assert_eq!(
+            qs.report(&q, first, last),
+            vec![[0, 10], [3, 7], [2, 5], [0, 5]]
+        );
+        let snap = qs.set_remaining(&q, tue, 20);
+        assert_eq!(snap.remaining, 20);
+        // A raise is no usage: Tuesday still used 2.
+        assert_eq!(qs.report(&q, last - 1, last - 1), vec![[2, 20]]);
+        let ok = (0..30).filter(|_| take(&qs, &q, tue, 1)).count();
+        assert_eq!(ok, 20);
+        assert_eq!(qs.report(&q, last - 1, last - 1), vec![[22, 0]]);
+        qs.set_remaining(&q, tue, 0);
+        assert!(!take(&qs, &q, tue, 1));
+        qs.reset(&q);
+        assert_eq!(qs.report(&q, first, last), vec![[0, 10]; 4]);
+        assert!(take(&qs, &q, tue, 1));
+    }
+
+    #[test]
+    fn force_counts_the_overage() {
+        let qs = Quotas::new(16);
+        let s = spec(1, Period::Day);
+        let q = quota(&s, digest(b"k"), 1);
+        let now = t(2024, 1, 1, 0);
+        assert!(take(&qs, &q, now, 1));
+        let count = qs.acquire(&q, now, 1, true).unwrap().unwrap();
+        assert_eq!(count.snapshot(&s, now).remaining, 0);
+        let day = now / NANOS_PER_DAY;
+        assert_eq!(qs.report(&q, day, day), vec![[2, 0]]);
+    }
+
+    #[test]
+    fn a_refund_gives_back_to_the_window_and_the_day_never_below_zero() {
+        let qs = Quotas::new(16);
+        let s = spec(10, Period::Month);
+        let q = quota(&s, digest(b"k"), 31);
+        let d1 = t(2024, 5, 1, 10);
+        let d2 = t(2024, 5, 2, 10);
+        assert!(take(&qs, &q, d1, 4));
+        assert!(take(&qs, &q, d2, 1));
+        // Three of yesterday's units come back today: the window gets them
+        // all, today's usage stops at 0.
+        qs.adjust(&q, d2, -3, Some(d1));
+        let day = Date::new(2024, 5, 1).unwrap().days();
+        assert_eq!(qs.report(&q, day, day + 1), vec![[4, 6], [0, 8]]);
+        // Nothing charged in an earlier window comes back.
+        qs.adjust(&q, t(2024, 6, 1, 0), -1, Some(d2));
+        assert!(take(&qs, &q, t(2024, 6, 1, 0), 10));
+        // A debt goes past the limit.
+        qs.adjust(&q, t(2024, 6, 1, 1), 5, None);
+        let (_, count) = qs
+            .acquire(&q, t(2024, 6, 1, 2), 1, false)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(count.used, 15);
+    }
+
+    #[test]
+    fn a_day_history_holds_history_days_days() {
+        let qs = Quotas::new(16);
+        let s = spec(100, Period::Month);
+        let q = quota(&s, digest(b"k"), 3);
+        for d in 1..=5 {
+            assert!(take(&qs, &q, t(2024, 5, d, 0), u64::from(d)));
+        }
+        let first = Date::new(2024, 5, 1).unwrap().days();
+        // Days 1 and 2 are forgotten; what remained after day 2 is not.
+        assert_eq!(
+            qs.report(&q, first, first + 4),
+            vec![[0, 100], [0, 100], [3, 94], [4, 90], [5, 85]]
+        );
+    }
+
+    /// Threads charging one quota at once, across midnight on a shared
+    /// clock, admit exactly the limit of each day: the check and the charge
+    /// are one step, on the hot path and on the locked one alike.
+    #[test]
+    fn threads_hammering_one_quota_never_over_admit() {
+        let qs = Quotas::new(16);
+        let s = spec(1_000, Period::Day);
+        let q = quota(&s, digest(b"hot"), 31);
+        let start = t(2024, 5, 1, 86_399);
+        let clock = AtomicI64::new(start);
+        let admitted = [AtomicU64::new(0), AtomicU64::new(0)];
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for i in 0..3_000 {
+                        // Every thread moves the time on: midnight passes
+                        // while the others decide.
+                        let now = clock
+                            .fetch_add(if i % 2 == 0 { 1_000_000 } else { 0 }, Ordering::Relaxed);
+                        if take(&qs, &q, now, 1) {
+                            let day = usize::from(now >= t(2024, 5, 2, 0));
+                            admitted[day].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let [first, second] = admitted.map(AtomicU64::into_inner);
+        // 6,000 ms of time: midnight comes 1 s in, each day then has room
+        // for fewer than the 12,000 attempts.
+        assert!(first <= 1_000, "{first} admitted the first day");
+        assert!(second <= 1_000, "{second} admitted the second day");
+        let day = Date::new(2024, 5, 1).unwrap().days();
+        let report = qs.report(&q, day, day + 1);
+        assert_eq!(report[1], [1_000, 0]);
+        // A request dated before midnight but charged after another had
+        // opened the new day counts in the new window, never the old one.
+        assert_eq!(report[0][0] as u64 + report[1][0] as u64, first + second);
+    }
+
+    /// At the cap, a new subject waits until a counter goes idle, and an
+    /// idle counter let go while threads decide on it loses no charge.
+    #[test]
+    fn idle_counters_are_let_go_and_live_ones_never_are() {
+        let qs = Quotas::new(4);
+        let s = spec(2, Period::Day);
+        let day1 = t(2024, 5, 1, 0);
+        let subjects: Vec<Digest> = (0..8u32).map(|i| digest(&i.to_le_bytes())).collect();
+        for d in &subjects[..4] {
+            assert!(take(&qs, &quota(&s, *d, 1), day1, 1));
+        }
+        let wait = qs
+            .acquire(&quota(&s, subjects[4], 1), day1, 1, false)
+            .unwrap_err();
+        assert_eq!(wait, NANOS_PER_DAY);
+        assert_eq!(qs.len(), 4);
+        // Live counters were kept: each has one unit left.
+        assert!(take(&qs, &quota(&s, subjects[0], 1), day1, 1));
+        assert!(!take(&qs, &quota(&s, subjects[0], 1), day1, 1));
+
+        // The next day all are idle. Threads decide on the old subjects
+        // while new ones evict: every subject gets exactly its 2 a day.
+        let day2 = t(2024, 5, 2, 0);
+        let admitted: Vec<AtomicU64> = (0..8).map(|_| AtomicU64::new(0)).collect();
+        std::thread::scope(|scope| {
+            for th in 0..4 {
+                let (qs, s, subjects, admitted) = (&qs, &s, &subjects, &admitted);
+                scope.spawn(move || {
+                    for round in 0..50 {
+                        let i = (th + round) % 8;
+                        if take(qs, &quota(s, subjects[i], 1), day2, 1) {
+                            admitted[i].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        for (i, a) in admitted.iter().enumerate() {
+            assert!(a.load(Ordering::Relaxed) <= 2, "subject {i} over-admitted");
+        }
+        assert!(qs.len() <= 4 + 4, "{}", qs.len());
+        assert!(qs.short.load(Ordering::Relaxed) <= 4);
     }
 }
