@@ -236,12 +236,12 @@ impl Sink for Report {
 
     #[inline]
     fn mark(&self) -> Self::Mark {
-        (self.len, self.reserved)
+        (self.items.len() as u8, self.reserved)
     }
 
     #[inline]
     fn rewind(&mut self, (len, reserved): Self::Mark) {
-        self.len = len;
+        self.items.truncate(usize::from(len));
         self.reserved = reserved;
     }
 }
