@@ -177,7 +177,7 @@ impl HeaderStyle {
         }
         Prepared::format(|out| {
             if self.ietf {
-                out.policy = policy_value(report.items());
+                out.out.policy = policy_value(report.items());
                 out.ratelimit(tight.name(), tight.remaining, ceil_secs(tight.reset));
             }
             if self.x_ratelimit {
@@ -404,10 +404,11 @@ const ARENA_CHUNK: usize = 4 * 1024;
 
 /// Writes the values of one [`Prepared`] into the thread's arena.
 struct Formatter<'a> {
-    policy: Option<HeaderValue>,
+    /// The response's headers, built in place (a copy of a half-written
+    /// struct costs more here than the formatting).
+    out: &'a mut Prepared,
     buf: &'a mut BytesMut,
     start: usize,
-    ends: [u16; Slot::ALL.len()],
     /// The next slot that may be written: slots are written in order.
     next: usize,
 }
@@ -417,7 +418,7 @@ impl Formatter<'_> {
     #[inline]
     fn open(&mut self, slot: Slot) {
         let at = (self.buf.len() - self.start) as u16;
-        for end in &mut self.ends[self.next..slot as usize] {
+        for end in &mut self.out.ends[self.next..slot as usize] {
             *end = at;
         }
         self.next = slot as usize;
@@ -426,7 +427,7 @@ impl Formatter<'_> {
     /// Ends the value opened last.
     #[inline]
     fn close(&mut self) {
-        self.ends[self.next] = (self.buf.len() - self.start) as u16;
+        self.out.ends[self.next] = (self.buf.len() - self.start) as u16;
         self.next += 1;
     }
 
@@ -486,24 +487,20 @@ impl Prepared {
                 // Reclaims the chunk when nothing else holds it.
                 buf.reserve(ARENA_CHUNK);
             }
+            let mut p = Prepared::default();
             let mut out = Formatter {
-                policy: None,
                 start: buf.len(),
                 buf: &mut buf,
-                ends: [0; Slot::ALL.len()],
+                out: &mut p,
                 next: 0,
             };
             f(&mut out);
             let at = (out.buf.len() - out.start) as u16;
-            let (ends, next, policy) = (out.ends, out.next, out.policy.take());
-            let mut p = Prepared {
-                policy,
-                values: buf.split().freeze(),
-                ends,
-            };
+            let next = out.next;
             for end in &mut p.ends[next..] {
                 *end = at;
             }
+            p.values = buf.split().freeze();
             p
         })
     }
