@@ -2,6 +2,7 @@
 //! the legacy `X-RateLimit-*`.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt::{self, Write};
 
 use bytes::{Bytes, BytesMut};
@@ -9,6 +10,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::gcra::{NANOS_PER_SEC, Nanos};
 use crate::store::{Applied, LimitKind, MAX_LIMITS, Report};
+use crate::sync::Mutex;
 
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -388,7 +390,7 @@ impl Slot {
 pub(crate) struct Prepared {
     /// The `RateLimit-Policy` value, shared with the responses of the same
     /// limits (see [`policy_value`]).
-    policy: Option<HeaderValue>,
+    policy: Option<Policy>,
     values: Bytes,
     /// Where each slot's value ends in `values`: it starts where the
     /// previous slot's ends. A slot without a header has an empty value.
@@ -508,7 +510,7 @@ impl Prepared {
     /// Writes the headers into `headers`.
     pub(crate) fn write(self, headers: &mut HeaderMap) {
         if let Some(policy) = self.policy {
-            headers.insert(RATELIMIT_POLICY, policy);
+            headers.insert(RATELIMIT_POLICY, policy.value());
         }
         if self.values.is_empty() {
             return;
@@ -569,18 +571,65 @@ pub(crate) fn ceil_secs(n: Nanos) -> u64 {
     n.div_ceil(NANOS_PER_SEC)
 }
 
+/// A `RateLimit-Policy` value as a response future keeps it until the
+/// response arrives.
+#[derive(Debug, Clone)]
+pub(crate) enum Policy {
+    /// Kept for the life of the process (see [`intern`]): copied by
+    /// pointer, its bytes never counted.
+    Interned(&'static HeaderValue),
+    /// Past the bound on interned values: shared by reference count.
+    Shared(HeaderValue),
+}
+
+impl Policy {
+    fn value(self) -> HeaderValue {
+        match self {
+            Policy::Interned(v) => v.clone(),
+            Policy::Shared(v) => v,
+        }
+    }
+}
+
+/// The most `RateLimit-Policy` values kept for the life of the process. A
+/// value depends only on the sizes and windows of a set of limits, so a
+/// service sees a handful; an administrator resizing plans for years would
+/// see more, and past this bound values are shared by reference count.
+const MAX_INTERNED: usize = 1024;
+
+/// The interned value equal to `v`, made (and kept for the life of the
+/// process) if there is none yet and the bound allows.
+fn intern(v: HeaderValue) -> Policy {
+    static INTERNED: Mutex<Option<HashMap<Vec<u8>, &'static HeaderValue>>> = Mutex::new(None);
+    let mut interned = INTERNED.lock();
+    let map = interned.get_or_insert_with(HashMap::new);
+    if let Some(&kept) = map.get(v.as_bytes()) {
+        return Policy::Interned(kept);
+    }
+    if map.len() >= MAX_INTERNED {
+        return Policy::Shared(v);
+    }
+    let bytes: &'static [u8] = Box::leak(v.as_bytes().to_vec().into_boxed_slice());
+    let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from_static(bytes)) else {
+        return Policy::Shared(v);
+    };
+    let kept: &'static HeaderValue = Box::leak(Box::new(value));
+    map.insert(bytes.to_vec(), kept);
+    Policy::Interned(kept)
+}
+
 /// The `RateLimit-Policy` value of `items`.
 ///
 /// It changes only when the set of limits or their sizes do, so the value of
-/// the last few sets seen is kept per thread and cloned (a reference count),
-/// rather than formatted and allocated for every response.
-fn policy_value(items: &[Applied]) -> Option<HeaderValue> {
+/// the last few sets seen is kept per thread, interned (see [`intern`]),
+/// rather than formatted for every response.
+fn policy_value(items: &[Applied]) -> Option<Policy> {
     /// What a policy value depends on, per limit: its kind (which names
     /// it), size and window.
     type Key = ([(usize, usize, u64, u64); MAX_LIMITS], usize);
     const CACHED: usize = 4;
     /// The last sets seen, and where the next one goes.
-    type Cache = ([Option<(Key, HeaderValue)>; CACHED], usize);
+    type Cache = ([Option<(Key, Policy)>; CACHED], usize);
     thread_local! {
         static CACHE: RefCell<Cache> = const { RefCell::new(([const { None }; CACHED], 0)) };
     }
@@ -593,7 +642,7 @@ fn policy_value(items: &[Applied]) -> Option<HeaderValue> {
         if let Some((_, v)) = cache.0.iter().flatten().find(|(k, _)| matches(k)) {
             return Some(v.clone());
         }
-        let v = format_policy(items)?;
+        let v = intern(format_policy(items)?);
         let mut key: Key = ([(0, 0, 0, 0); MAX_LIMITS], items.len());
         for (k, a) in key.0.iter_mut().zip(items) {
             *k = part(a);
@@ -721,6 +770,27 @@ mod tests {
     }
 
     #[test]
+    fn interned_policies_are_bounded_and_always_right() {
+        // Past the bound, values are shared instead of kept: each is still
+        // its own set's.
+        let mut shared = 0;
+        for n in 0..(MAX_INTERNED as u64 + 50) {
+            let r = report(&[("throttle", 1_000_000 + n, 3, 1, 0)]);
+            let want = format_policy(r.items()).unwrap();
+            let got = intern(want.clone());
+            shared += usize::from(matches!(got, Policy::Shared(_)));
+            assert_eq!(got.value(), want);
+        }
+        assert!(shared >= 50, "{shared} values shared past the bound");
+        // An interned value is found again, not kept twice.
+        let v = HeaderValue::from_static("\"throttle\";q=1;w=1");
+        let (a, b) = (intern(v.clone()), intern(v));
+        if let (Policy::Interned(a), Policy::Interned(b)) = (a, b) {
+            assert!(std::ptr::eq(a, b));
+        }
+    }
+
+    #[test]
     fn policy_values_are_kept_per_set_of_limits_and_never_mixed() {
         // More sets than the cache holds, seen in turn, twice: each value is
         // always its own set's, whether formatted or taken from the cache.
@@ -737,13 +807,13 @@ mod tests {
                 let r = report(set);
                 let want = format_policy(r.items()).unwrap();
                 for _ in 0..2 {
-                    assert_eq!(policy_value(r.items()).unwrap(), want);
+                    assert_eq!(policy_value(r.items()).unwrap().value(), want);
                 }
             }
         }
         let r = report(&[("concurrency", 2, 0, 1, 0)]);
         assert_eq!(
-            policy_value(r.items()).unwrap(),
+            policy_value(r.items()).unwrap().value(),
             "\"concurrency\";q=2;qu=\"concurrent-requests\""
         );
     }
