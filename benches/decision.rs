@@ -8,6 +8,9 @@
 //! - `per_key_u64/{1,10k,1M}`: `Policy::per_key`, 8-byte keys (`u64::to_le_bytes`
 //!   for tollgate, the `u64` itself for governor); tollgate's store has the
 //!   default room (1M keys), 2M for the 1M-key workload;
+//! - `direct/1`: tollgate's keyed decision on one 8-byte key beside governor's
+//!   direct (unkeyed) limiter, `RateLimiter::direct` in its default
+//!   configuration: what a key costs tollgate over a limiter that has none;
 //! - `per_key_u64/10k_max_keys_32k`: the 10k workload with tollgate's store
 //!   sized to the workload (`max_keys(32_768)`), to show the cost of a sparse table;
 //! - `per_key_str/{1,10k,1M}`: `Policy::per_key`, short string keys (`key-00000042`);
@@ -362,6 +365,22 @@ fn per_key_u64(c: &mut Criterion, all: &[u64]) {
     }
 }
 
+/// `direct/1`: one key through tollgate's per-key policy, beside governor's
+/// direct limiter, which keeps one state and takes no key.
+fn direct(c: &mut Criterion, all: &[u64]) {
+    let layer = per_key_layer(max_keys_for(1));
+    let gov = RateLimiter::direct(quota());
+    let keys = tracked("1", &all[..1], |k| layer.check(&k.to_le_bytes(), 1).is_ok());
+    assert!(gov.check().is_ok());
+    side_by_side(
+        c,
+        "direct/1".to_owned(),
+        &keys,
+        |k| layer.check(&k.to_le_bytes(), 1).is_ok(),
+        |_| gov.check().is_ok(),
+    );
+}
+
 fn per_key_str(c: &mut Criterion, all: &[String]) {
     for (name, n, skewed) in [("1", 1, false), ("10k", SOME, true), ("1M", MANY, true)] {
         let layer = per_key_layer(max_keys_for(n));
@@ -578,6 +597,7 @@ fn decision(c: &mut Criterion) {
         .collect();
     let strings: Vec<String> = (0..MANY).map(|i| format!("key-{i:08}")).collect();
     per_key_u64(c, &ids);
+    direct(c, &ids);
     per_key_str(c, &strings);
     registered(c, "registered_str", plan(), &strings);
     registered(c, "registered_full", full_plan(), &strings);

@@ -1,10 +1,11 @@
 //! The in-memory store: a fixed-size, lock-free table of 16-byte slots.
 //!
-//! Each slot is one 128-bit atomic word holding a key's 64-bit fingerprint and
-//! its throttle state (the GCRA TAT). Deciding for a key already tracked is a
-//! load and a compare-and-swap of that word: no lock, no allocation. Because the
-//! fingerprint and the state change together in one atomic operation, a slot can
-//! be handed from one key to another safely while other threads decide.
+//! Each slot holds a key's 64-bit fingerprint and its throttle state (the
+//! GCRA TAT), stored xored with the fingerprint. Deciding for a key already
+//! tracked is three loads and a 64-bit compare-and-swap: no lock, no
+//! allocation. Because a key's state is stored under its own fingerprint, a
+//! slot can be handed from one key to another safely while other threads
+//! decide (see the table's module for why).
 //!
 //! Memory is bounded by construction: the table has two slots for each of
 //! `max_keys` keys (rounded up to a power of two; 32 bytes per key of cap),
@@ -32,10 +33,8 @@ use super::verdict::{Tally, cap_has_room, ever_fits, quota_applied};
 use std::fmt;
 use std::sync::Arc;
 
-use portable_atomic::AtomicU128;
-
 use self::quotas::Quotas;
-use self::table::{PAGE, SlotKey, Table};
+use self::table::{SlotKey, Table};
 
 use super::{
     Acquire, Acquired, Denial, Denied, MAX_QUOTAS, MAX_THROTTLES, Permit, QuotaRef, Report,
@@ -118,7 +117,7 @@ impl MemoryStore {
 
     /// Bytes of table allocated so far (pages are allocated on first touch).
     pub fn allocated_bytes(&self) -> usize {
-        self.inner.table.allocated_pages() * (PAGE as usize) * std::mem::size_of::<AtomicU128>()
+        self.inner.table.allocated_bytes()
     }
 
     /// Decides `req` against every throttle and the quota: all are charged,
@@ -671,9 +670,6 @@ mod tests {
     use crate::plan::Throttle;
     use crate::quota::QuotaSpec;
     use crate::store::Report;
-    use portable_atomic::Ordering;
-
-    use super::table::unpack;
 
     /// One plan-wide throttle, decided alone.
     struct OneLimit(Limit);
@@ -914,16 +910,8 @@ mod tests {
             }
         });
         let mut seen = std::collections::HashMap::new();
-        for s in t
-            .pages
-            .iter()
-            .filter_map(|p| p.get())
-            .flat_map(|p| p.iter())
-        {
-            let (fp, _) = unpack(s.load(Ordering::Acquire));
-            if fp != 0 {
-                *seen.entry(fp).or_insert(0usize) += 1;
-            }
+        for fp in t.fingerprints() {
+            *seen.entry(fp).or_insert(0usize) += 1;
         }
         assert_eq!(seen.len(), 80_000);
         let twice = seen.values().filter(|&&c| c > 1).count();

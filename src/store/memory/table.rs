@@ -1,11 +1,28 @@
 //! The memory store's table: a fixed-size, lock-free table of 16-byte slots,
 //! each one key's fingerprint and one 64-bit state (a TAT, or a count of
-//! requests in flight) changed together by one compare-and-swap.
+//! requests in flight), changed by a 64-bit compare-and-swap.
+//!
+//! A slot is two words: its `tag` (the fingerprint of the key that owns it;
+//! 0 while empty) and its `word` (the state xored with that fingerprint).
+//! Deciding for a key reads the tag, the word and the tag again, and swaps
+//! the word: a plain 64-bit compare-and-swap, where a slot of one 128-bit
+//! word needed `cmpxchg16b` (more than a third of a one-key decision, on
+//! the machines measured).
+//!
+//! The xor is what keeps a decision in its own key's slot. A slot is handed
+//! to another key only once its state is idle; a decision that read the old
+//! key's word just before must then fail its swap. It does, because the
+//! word it expects is `state ^ old fingerprint`, and the new key's words are
+//! `state ^ new fingerprint`: fingerprints are keyed hashes (random, and
+//! unknown to clients), so the two coincide with a chance of one in 2^64,
+//! the chance of two keys sharing a fingerprint, which the table already
+//! accepts. The same key handed its own slot back writes words that mean
+//! the same state to it, so a swap that succeeds there is still right.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::sync::Mutex;
-use portable_atomic::{AtomicU128, Ordering};
 
 use crate::gcra::Nanos;
 use crate::hash::Digest;
@@ -18,7 +35,8 @@ pub(super) const PAGE: u64 = 1 << PAGE_BITS;
 /// Stripes of the insertion lock (taken only to add a key, never to decide).
 const STRIPES: usize = 1024;
 
-/// Where a (limit, key) lives: a nonzero fingerprint and a hash position.
+/// Where a (limit, key) lives: a fingerprint (bit 0 set, so never 0, the
+/// tag of an empty slot) and a hash position.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct SlotKey {
     pub(super) fp: u64,
@@ -34,25 +52,65 @@ impl SlotKey {
         let lo = d.0 as u64;
         let hi = (d.0 >> 64) as u64;
         SlotKey {
-            // Bit 0 set: a fingerprint is never 0, the mark of an empty slot.
             fp: (lo ^ salt) | 1,
             pos: hi ^ salt.rotate_left(32),
         }
     }
 }
 
+/// The tag of a slot being handed over by the key whose fingerprint is `fp`:
+/// bit 0 clear, so no key's; never 0, so not empty. That key's decisions
+/// wait the few instructions it lasts (the handover may yet fail, and give
+/// the slot back); other keys' pass it by as taken.
 #[inline]
-fn pack(fp: u64, tat: Nanos) -> u128 {
-    u128::from(fp) << 64 | u128::from(tat)
+fn handing_over(fp: u64) -> u64 {
+    (fp & !1) | 2
 }
 
+/// Whether a tag is a key's (not empty, not being handed over).
 #[inline]
-pub(super) fn unpack(w: u128) -> (u64, Nanos) {
-    ((w >> 64) as u64, w as u64)
+fn owned(tag: u64) -> bool {
+    tag & 1 == 1
+}
+
+/// One slot: 16 bytes, aligned so that no slot straddles two cache lines.
+#[repr(C, align(16))]
+pub(super) struct Slot {
+    tag: AtomicU64,
+    word: AtomicU64,
+}
+
+impl Slot {
+    const fn empty() -> Self {
+        Slot {
+            tag: AtomicU64::new(0),
+            word: AtomicU64::new(0),
+        }
+    }
+
+    /// The slot's tag and state, read consistently (the tag did not change
+    /// while the word was read), for scans that do not decide.
+    #[inline]
+    fn read(&self) -> (u64, Nanos) {
+        loop {
+            let tag = self.tag.load(Ordering::Acquire);
+            let word = self.word.load(Ordering::Acquire);
+            if self.tag.load(Ordering::Acquire) == tag {
+                return (tag, if owned(tag) { word ^ tag } else { 0 });
+            }
+        }
+    }
+}
+
+/// A key's slot as `find` read it.
+struct Found<'t> {
+    slot: &'t Slot,
+    /// The word read, which a swap expects.
+    word: u64,
 }
 
 pub(super) struct Table {
-    pub(super) pages: Box<[OnceLock<Box<[AtomicU128]>>]>,
+    pages: Box<[OnceLock<Box<[Slot]>>]>,
     mask: u64,
     stripes: Box<[Mutex<()>]>,
 }
@@ -73,17 +131,17 @@ impl Table {
 
     /// The slot at `i` if its page exists.
     #[inline]
-    fn get(&self, i: u64) -> Option<&AtomicU128> {
+    fn get(&self, i: u64) -> Option<&Slot> {
         let i = i & self.mask;
         let page = self.pages[(i >> PAGE_BITS) as usize].get()?;
         Some(&page[(i & (PAGE - 1)) as usize])
     }
 
     /// The slot at `i`, allocating its page.
-    fn get_or_alloc(&self, i: u64) -> &AtomicU128 {
+    fn get_or_alloc(&self, i: u64) -> &Slot {
         let i = i & self.mask;
         let page = self.pages[(i >> PAGE_BITS) as usize]
-            .get_or_init(|| (0..PAGE).map(|_| AtomicU128::new(0)).collect());
+            .get_or_init(|| (0..PAGE).map(|_| Slot::empty()).collect());
         &page[(i & (PAGE - 1)) as usize]
     }
 
@@ -91,16 +149,38 @@ impl Table {
     /// slot of their window (slots are never emptied once used), so the search
     /// stops at the first one.
     #[inline]
-    fn find(&self, key: SlotKey) -> Option<(&AtomicU128, u128)> {
+    fn find(&self, key: SlotKey) -> Option<Found<'_>> {
+        let waiting = handing_over(key.fp);
+        let mut spins = 0u32;
         for i in 0..WINDOW {
             let slot = self.get(key.pos.wrapping_add(i))?;
-            let w = slot.load(Ordering::Acquire);
-            let (fp, _) = unpack(w);
-            if fp == key.fp {
-                return Some((slot, w));
-            }
-            if fp == 0 {
-                return None;
+            loop {
+                let tag = slot.tag.load(Ordering::Acquire);
+                if tag == key.fp {
+                    let word = slot.word.load(Ordering::Acquire);
+                    // The word is this key's only if the tag held across
+                    // the read: a handover writes the word before the tag.
+                    if slot.tag.load(Ordering::Acquire) == key.fp {
+                        return Some(Found { slot, word });
+                    }
+                    continue;
+                }
+                if tag == 0 {
+                    return None;
+                }
+                if tag == waiting {
+                    // This key's slot (or another's with the same mark)
+                    // in the middle of a handover, which may yet fail:
+                    // passing it by could place the key twice.
+                    spins += 1;
+                    if spins % 64 == 0 {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                    continue;
+                }
+                break;
             }
         }
         None
@@ -109,7 +189,7 @@ impl Table {
     /// The key's TAT (0 for a key not tracked), without changing anything.
     #[inline]
     pub(super) fn peek(&self, key: SlotKey) -> Nanos {
-        self.find(key).map_or(0, |(_, w)| unpack(w).1)
+        self.find(key).map_or(0, |f| f.word ^ key.fp)
     }
 
     /// Applies `op` to the key's TAT (0 for a key not tracked): when it returns
@@ -123,15 +203,16 @@ impl Table {
         mut op: impl FnMut(Nanos) -> (Option<Nanos>, R),
     ) -> Result<R, Nanos> {
         loop {
-            if let Some((slot, w)) = self.find(key) {
-                let (_, tat) = unpack(w);
+            if let Some(Found { slot, word }) = self.find(key) {
+                let tat = word ^ key.fp;
                 let (new, r) = op(tat);
                 match new {
                     Some(n) if n != tat => {
                         if slot
+                            .word
                             .compare_exchange_weak(
-                                w,
-                                pack(key.fp, n),
+                                word,
+                                n ^ key.fp,
                                 Ordering::AcqRel,
                                 Ordering::Acquire,
                             )
@@ -162,6 +243,12 @@ impl Table {
     /// Puts a key not found by `find` into the first empty or idle slot of its
     /// window. Inserts of one key are serialised by a stripe lock so that a key
     /// can never be placed twice; deciding on tracked keys never takes it.
+    ///
+    /// A slot is taken by marking its tag (so that no other insert takes it,
+    /// and its key's decisions wait), swapping its word from the idle state
+    /// read to the new key's (so that a decision of the old key that got in
+    /// first keeps it: the mark is then taken back), and then writing the
+    /// new key's tag.
     #[cold]
     fn insert(&self, key: SlotKey, tat: Nanos, now: Nanos) -> Inserted {
         let _guard = self.stripes[(key.pos as usize) & (STRIPES - 1)].lock();
@@ -171,23 +258,41 @@ impl Table {
         let mut soonest = Nanos::MAX;
         for i in 0..WINDOW {
             let slot = self.get_or_alloc(key.pos.wrapping_add(i));
-            let mut w = slot.load(Ordering::Acquire);
             loop {
-                let (fp, old_tat) = unpack(w);
-                if fp != 0 && old_tat > now {
-                    soonest = soonest.min(old_tat - now);
+                let tag = slot.tag.load(Ordering::Acquire);
+                let word = slot.word.load(Ordering::Acquire);
+                if slot.tag.load(Ordering::Acquire) != tag {
+                    continue;
+                }
+                if tag != 0 && !owned(tag) {
+                    // Another insert is taking it.
+                    break;
+                }
+                let old = if tag == 0 { 0 } else { word ^ tag };
+                if tag != 0 && old > now {
+                    soonest = soonest.min(old - now);
                     break;
                 }
                 // Empty, or idle (its bucket is full again): take it.
-                match slot.compare_exchange(
-                    w,
-                    pack(key.fp, tat),
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => return Inserted::Done,
-                    Err(current) => w = current,
+                let mark = handing_over(if tag == 0 { key.fp } else { tag });
+                if slot
+                    .tag
+                    .compare_exchange(tag, mark, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    continue;
                 }
+                if slot
+                    .word
+                    .compare_exchange(word, tat ^ key.fp, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    // The old key decided in between: it keeps the slot.
+                    slot.tag.store(tag, Ordering::Release);
+                    continue;
+                }
+                slot.tag.store(key.fp, Ordering::Release);
+                return Inserted::Done;
             }
         }
         Inserted::Full(soonest)
@@ -198,15 +303,33 @@ impl Table {
     }
 
     pub(super) fn live(&self, now: Nanos) -> usize {
+        self.slots_in_use()
+            .filter(|s| {
+                let (tag, tat) = s.read();
+                owned(tag) && tat > now
+            })
+            .count()
+    }
+
+    /// Bytes of the pages allocated so far.
+    pub(super) fn allocated_bytes(&self) -> usize {
+        self.allocated_pages() * (PAGE as usize) * std::mem::size_of::<Slot>()
+    }
+
+    fn slots_in_use(&self) -> impl Iterator<Item = &Slot> {
         self.pages
             .iter()
             .filter_map(|p| p.get())
             .flat_map(|p| p.iter())
-            .filter(|s| {
-                let (fp, tat) = unpack(s.load(Ordering::Acquire));
-                fp != 0 && tat > now
-            })
-            .count()
+    }
+
+    /// The fingerprint of every key placed.
+    #[cfg(test)]
+    pub(super) fn fingerprints(&self) -> Vec<u64> {
+        self.slots_in_use()
+            .map(|s| s.read().0)
+            .filter(|&t| owned(t))
+            .collect()
     }
 }
 
