@@ -43,8 +43,9 @@
 //! Allowed and rejected responses carry the IETF `RateLimit-Policy` and
 //! `RateLimit` headers. For a key already tracked, a decision is one keyed
 //! hash, one clock read and one compare-and-swap per throttle, with no lock
-//! and no allocation; a quota adds a wall-clock read and a short lock on
-//! one of 64 shards of the store's quota counters.
+//! and no allocation; a quota adds a lookup of its counter and one
+//! compare-and-swap of it, still without a lock (the counter's own short
+//! lock is taken only on the first change of a day).
 //!
 //! Throttles are GCRA token buckets: a new key starts with a full bucket of
 //! `burst`, which refills at `rate` per second.
