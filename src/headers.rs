@@ -179,7 +179,10 @@ impl HeaderStyle {
         }
         Prepared::format(|out| {
             if self.ietf {
-                out.out.policy = policy_value(report.items());
+                policy_value(report.items(), |policy| match policy {
+                    Policy::Interned(v) => out.out.policy = Some(v),
+                    Policy::Shared(v) => out.value(Slot::Policy, v.as_bytes()),
+                });
                 out.ratelimit(tight.name(), tight.remaining, ceil_secs(tight.reset));
             }
             if self.x_ratelimit {
@@ -321,10 +324,11 @@ const OPENAI_TOKENS: [HeaderName; 3] = [
     OPENAI_RESET_TOKENS,
 ];
 
-/// The headers a response can carry beside `RateLimit-Policy`, in the
-/// order they are written.
+/// The headers a response can carry, in the order they are written
+/// (`RateLimit-Policy` here only when it is not interned).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {
+    Policy,
     RateLimit,
     XLimit,
     XRemaining,
@@ -338,7 +342,8 @@ enum Slot {
 }
 
 impl Slot {
-    const ALL: [Slot; 10] = [
+    const ALL: [Slot; 11] = [
+        Slot::Policy,
         Slot::RateLimit,
         Slot::XLimit,
         Slot::XRemaining,
@@ -353,6 +358,7 @@ impl Slot {
 
     fn name(self) -> HeaderName {
         match self {
+            Slot::Policy => RATELIMIT_POLICY,
             Slot::RateLimit => RATELIMIT,
             Slot::XLimit => X_LIMIT,
             Slot::XRemaining => X_REMAINING,
@@ -388,18 +394,19 @@ impl Slot {
 /// buffer and where each value ends.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Prepared {
-    /// The `RateLimit-Policy` value, shared with the responses of the same
-    /// limits (see [`policy_value`]).
-    policy: Option<Policy>,
+    /// The `RateLimit-Policy` value when it is interned (see
+    /// [`policy_value`]); one that is not is in `values`.
+    policy: Option<&'static HeaderValue>,
     values: Bytes,
     /// Where each slot's value ends in `values`: it starts where the
     /// previous slot's ends. A slot without a header has an empty value.
     ends: [u16; Slot::ALL.len()],
 }
 
-/// How many bytes the values of one response take at most: `RateLimit`
-/// and the nine others, each a number or a duration of at most 20 bytes.
-const MAX_PREPARED: usize = 64 + 9 * 24;
+/// How many bytes the values of one response take at most: a policy not
+/// interned (at most [`HeaderBuf`]'s 256), `RateLimit` and the nine others,
+/// each a number or a duration of at most 20 bytes.
+const MAX_PREPARED: usize = 256 + 64 + 9 * 24;
 
 /// A chunk of memory the values of a thread's responses are cut from.
 const ARENA_CHUNK: usize = 4 * 1024;
@@ -510,11 +517,13 @@ impl Prepared {
     /// Writes the headers into `headers`.
     pub(crate) fn write(self, headers: &mut HeaderMap) {
         if let Some(policy) = self.policy {
-            headers.insert(RATELIMIT_POLICY, policy.value());
+            headers.insert(RATELIMIT_POLICY, policy.clone());
         }
         if self.values.is_empty() {
             return;
         }
+        let whole = self.values.len();
+        let mut values = Some(self.values);
         let mut start = 0;
         for (slot, &end) in Slot::ALL.iter().zip(&self.ends) {
             let (from, to) = (start, usize::from(end));
@@ -522,7 +531,15 @@ impl Prepared {
             if from == to {
                 continue;
             }
-            if let Ok(v) = HeaderValue::from_maybe_shared(self.values.slice(from..to)) {
+            let Some(all) = &values else { break };
+            // A value that is the whole buffer (the usual response, with
+            // only `RateLimit`) takes it, uncounted.
+            let value = if from == 0 && to == whole {
+                values.take().unwrap_or_default()
+            } else {
+                all.slice(from..to)
+            };
+            if let Ok(v) = HeaderValue::from_maybe_shared(value) {
                 headers.insert(slot.name(), v);
             }
         }
@@ -571,24 +588,15 @@ pub(crate) fn ceil_secs(n: Nanos) -> u64 {
     n.div_ceil(NANOS_PER_SEC)
 }
 
-/// A `RateLimit-Policy` value as a response future keeps it until the
-/// response arrives.
+/// A `RateLimit-Policy` value as the cache of [`policy_value`] keeps it.
 #[derive(Debug, Clone)]
-pub(crate) enum Policy {
-    /// Kept for the life of the process (see [`intern`]): copied by
-    /// pointer, its bytes never counted.
+enum Policy {
+    /// Kept for the life of the process (see [`intern`]): a response keeps
+    /// a pointer to it, and its bytes are never counted.
     Interned(&'static HeaderValue),
-    /// Past the bound on interned values: shared by reference count.
+    /// Past the bound on interned values: copied into each response's
+    /// values.
     Shared(HeaderValue),
-}
-
-impl Policy {
-    fn value(self) -> HeaderValue {
-        match self {
-            Policy::Interned(v) => v.clone(),
-            Policy::Shared(v) => v,
-        }
-    }
 }
 
 /// The most `RateLimit-Policy` values kept for the life of the process. A
@@ -623,7 +631,7 @@ fn intern(v: HeaderValue) -> Policy {
 /// It changes only when the set of limits or their sizes do, so the value of
 /// the last few sets seen is kept per thread, interned (see [`intern`]),
 /// rather than formatted for every response.
-fn policy_value(items: &[Applied]) -> Option<Policy> {
+fn policy_value(items: &[Applied], f: impl FnOnce(&Policy)) {
     /// What a policy value depends on, per limit: its kind (which names
     /// it), size and window.
     type Key = ([(usize, usize, u64, u64); MAX_LIMITS], usize);
@@ -640,17 +648,20 @@ fn policy_value(items: &[Applied]) -> Option<Policy> {
     CACHE.with(|cache| {
         let mut cache = cache.borrow_mut();
         if let Some((_, v)) = cache.0.iter().flatten().find(|(k, _)| matches(k)) {
-            return Some(v.clone());
+            return f(v);
         }
-        let v = intern(format_policy(items)?);
+        let Some(v) = format_policy(items) else {
+            return;
+        };
+        let v = intern(v);
+        f(&v);
         let mut key: Key = ([(0, 0, 0, 0); MAX_LIMITS], items.len());
         for (k, a) in key.0.iter_mut().zip(items) {
             *k = part(a);
         }
         let next = cache.1;
-        cache.0[next] = Some((key, v.clone()));
+        cache.0[next] = Some((key, v));
         cache.1 = (next + 1) % CACHED;
-        Some(v)
     })
 }
 
@@ -769,6 +780,16 @@ mod tests {
         assert!(h.is_empty());
     }
 
+    /// The `RateLimit-Policy` value of `items`, as a response gets it.
+    fn policy_of(items: &[Applied]) -> HeaderValue {
+        let mut got = None;
+        policy_value(items, |p| got = Some(p.clone()));
+        match got.expect("a policy value") {
+            Policy::Interned(v) => v.clone(),
+            Policy::Shared(v) => v,
+        }
+    }
+
     #[test]
     fn interned_policies_are_bounded_and_always_right() {
         // Past the bound, values are shared instead of kept: each is still
@@ -779,9 +800,24 @@ mod tests {
             let want = format_policy(r.items()).unwrap();
             let got = intern(want.clone());
             shared += usize::from(matches!(got, Policy::Shared(_)));
-            assert_eq!(got.value(), want);
+            let got = match got {
+                Policy::Interned(v) => v.clone(),
+                Policy::Shared(v) => v,
+            };
+            assert_eq!(got, want);
         }
         assert!(shared >= 50, "{shared} values shared past the bound");
+        // A response whose policy is not interned carries it all the same,
+        // beside its other values.
+        let r = report(&[
+            ("throttle", 7_654_321, 3, 4, 500_000_000),
+            ("quota", 1000, 86_400, 2, 3_600 * NANOS_PER_SEC),
+        ]);
+        let mut h = HeaderMap::new();
+        HeaderStyle::ietf().x_ratelimit(true).write(&r, &mut h);
+        assert_eq!(h["ratelimit-policy"], format_policy(r.items()).unwrap());
+        assert_eq!(h["ratelimit"], "\"quota\";r=2;t=3600");
+        assert_eq!(h["x-ratelimit-remaining"], "2");
         // An interned value is found again, not kept twice.
         let v = HeaderValue::from_static("\"throttle\";q=1;w=1");
         let (a, b) = (intern(v.clone()), intern(v));
@@ -807,13 +843,13 @@ mod tests {
                 let r = report(set);
                 let want = format_policy(r.items()).unwrap();
                 for _ in 0..2 {
-                    assert_eq!(policy_value(r.items()).unwrap().value(), want);
+                    assert_eq!(policy_of(r.items()), want);
                 }
             }
         }
         let r = report(&[("concurrency", 2, 0, 1, 0)]);
         assert_eq!(
-            policy_value(r.items()).unwrap().value(),
+            policy_of(r.items()),
             "\"concurrency\";q=2;qu=\"concurrent-requests\""
         );
     }
