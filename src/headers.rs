@@ -151,7 +151,7 @@ impl HeaderStyle {
 
     /// The headers for `report`, formatted when the request is decided:
     /// every value in one shared buffer (see [`Prepared`]), so that a
-    /// response future carries 56 bytes instead of the report, and no value
+    /// response future carries 64 bytes instead of the report, and no value
     /// is allocated on its own.
     pub(crate) fn prepare(&self, report: &Report) -> Prepared {
         if !(self.ietf || self.x_ratelimit || self.openai) {
@@ -180,7 +180,7 @@ impl HeaderStyle {
         Prepared::format(|out| {
             if self.ietf {
                 policy_value(report.items(), |policy| match policy {
-                    Policy::Interned(v) => out.out.policy = Some(v),
+                    Policy::Interned(v) => out.prepared.policy = Some(v),
                     Policy::Shared(v) => out.value(Slot::Policy, v.as_bytes()),
                 });
                 out.ratelimit(tight.name(), tight.remaining, ceil_secs(tight.reset));
@@ -230,10 +230,11 @@ impl HeaderStyle {
         }
         if self.openai {
             let family = Family::of(denied.kind);
-            let (limit, [limit_name, remaining, reset]) = match family {
-                Family::Requests => (families.requests, OPENAI_REQUESTS),
-                Family::Tokens => (families.tokens, OPENAI_TOKENS),
+            let (limit, first) = match family {
+                Family::Requests => (families.requests, Slot::LimitRequests),
+                Family::Tokens => (families.tokens, Slot::LimitTokens),
             };
+            let [limit_name, remaining, reset] = first.family().map(Slot::name);
             let limit = limit.map_or(denied.quota, |(_, l)| l);
             headers.insert(limit_name, HeaderValue::from(limit));
             headers.insert(remaining, HeaderValue::from(0u64));
@@ -313,17 +314,6 @@ impl Families {
     }
 }
 
-const OPENAI_REQUESTS: [HeaderName; 3] = [
-    OPENAI_LIMIT_REQUESTS,
-    OPENAI_REMAINING_REQUESTS,
-    OPENAI_RESET_REQUESTS,
-];
-const OPENAI_TOKENS: [HeaderName; 3] = [
-    OPENAI_LIMIT_TOKENS,
-    OPENAI_REMAINING_TOKENS,
-    OPENAI_RESET_TOKENS,
-];
-
 /// The headers a response can carry, in the order they are written
 /// (`RateLimit-Policy` here only when it is not interned).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -389,7 +379,7 @@ impl Slot {
 /// (see [`HeaderStyle::prepare`]); the default writes nothing.
 ///
 /// Every value lies in one buffer, a slice of a per-thread chunk of memory
-/// that later responses' values share (see [`Arena`]): a response's values
+/// that later responses' values share (see [`ARENA`]): a response's values
 /// cost no allocation of their own, and the response future holds only the
 /// buffer and where each value ends.
 #[derive(Debug, Clone, Default)]
@@ -415,7 +405,7 @@ const ARENA_CHUNK: usize = 4 * 1024;
 struct Formatter<'a> {
     /// The response's headers, built in place (a copy of a half-written
     /// struct costs more here than the formatting).
-    out: &'a mut Prepared,
+    prepared: &'a mut Prepared,
     buf: &'a mut BytesMut,
     start: usize,
     /// The next slot that may be written: slots are written in order.
@@ -427,7 +417,7 @@ impl Formatter<'_> {
     #[inline]
     fn open(&mut self, slot: Slot) {
         let at = (self.buf.len() - self.start) as u16;
-        for end in &mut self.out.ends[self.next..slot as usize] {
+        for end in &mut self.prepared.ends[self.next..slot as usize] {
             *end = at;
         }
         self.next = slot as usize;
@@ -436,7 +426,7 @@ impl Formatter<'_> {
     /// Ends the value opened last.
     #[inline]
     fn close(&mut self) {
-        self.out.ends[self.next] = (self.buf.len() - self.start) as u16;
+        self.prepared.ends[self.next] = (self.buf.len() - self.start) as u16;
         self.next += 1;
     }
 
@@ -469,11 +459,10 @@ impl Formatter<'_> {
 
     /// A duration as OpenAI writes it.
     fn duration(&mut self, slot: Slot, n: Nanos) {
-        let mut buf = HeaderBuf::new();
-        let _ = write_duration(&mut buf, n);
-        if !buf.overflow {
-            self.value(slot, &buf.buf[..buf.len]);
-        }
+        self.open(slot);
+        // Writing into a `BytesMut` cannot fail.
+        let _ = write_duration(&mut *self.buf, n);
+        self.close();
     }
 }
 
@@ -500,7 +489,7 @@ impl Prepared {
             let mut out = Formatter {
                 start: buf.len(),
                 buf: &mut buf,
-                out: &mut p,
+                prepared: &mut p,
                 next: 0,
             };
             f(&mut out);
@@ -522,22 +511,20 @@ impl Prepared {
         if self.values.is_empty() {
             return;
         }
-        let whole = self.values.len();
-        let mut values = Some(self.values);
+        let mut rest = self.values;
         let mut start = 0;
         for (slot, &end) in Slot::ALL.iter().zip(&self.ends) {
-            let (from, to) = (start, usize::from(end));
-            start = to;
-            if from == to {
+            let len = usize::from(end) - start;
+            start = usize::from(end);
+            if len == 0 {
                 continue;
             }
-            let Some(all) = &values else { break };
-            // A value that is the whole buffer (the usual response, with
-            // only `RateLimit`) takes it, uncounted.
-            let value = if from == 0 && to == whole {
-                values.take().unwrap_or_default()
+            // The last value takes what is left, uncounted (the usual
+            // response has only `RateLimit`).
+            let value = if len == rest.len() {
+                std::mem::take(&mut rest)
             } else {
-                all.slice(from..to)
+                rest.split_to(len)
             };
             if let Ok(v) = HeaderValue::from_maybe_shared(value) {
                 headers.insert(slot.name(), v);
@@ -602,13 +589,14 @@ enum Policy {
 /// The most `RateLimit-Policy` values kept for the life of the process. A
 /// value depends only on the sizes and windows of a set of limits, so a
 /// service sees a handful; an administrator resizing plans for years would
-/// see more, and past this bound values are shared by reference count.
+/// see more, and past this bound a value is copied into each response's
+/// values.
 const MAX_INTERNED: usize = 1024;
 
 /// The interned value equal to `v`, made (and kept for the life of the
 /// process) if there is none yet and the bound allows.
 fn intern(v: HeaderValue) -> Policy {
-    static INTERNED: Mutex<Option<HashMap<Vec<u8>, &'static HeaderValue>>> = Mutex::new(None);
+    static INTERNED: Mutex<Option<HashMap<&'static [u8], &'static HeaderValue>>> = Mutex::new(None);
     let mut interned = INTERNED.lock();
     let map = interned.get_or_insert_with(HashMap::new);
     if let Some(&kept) = map.get(v.as_bytes()) {
@@ -622,7 +610,7 @@ fn intern(v: HeaderValue) -> Policy {
         return Policy::Shared(v);
     };
     let kept: &'static HeaderValue = Box::leak(Box::new(value));
-    map.insert(bytes.to_vec(), kept);
+    map.insert(bytes, kept);
     Policy::Interned(kept)
 }
 
