@@ -896,10 +896,10 @@ mod tests {
                         barrier.wait();
                         for j in 0..100u64 {
                             let round = r * 100 + j;
-                            let k = SlotKey {
-                                fp: ((round << 8 | th) << 1) | 1,
-                                pos: (round * 32) % (1 << 18) + (th % 2),
-                            };
+                            let k = SlotKey::at(
+                                ((round * 32) % (1 << 18) + (th % 2)) as u32,
+                                (round << 8 | th) as u32,
+                            );
                             for _ in 0..2 {
                                 let _ =
                                     t.update(k, now, |tat| (Some(tat.max(now) + 1_000_000), ()));
@@ -916,6 +916,78 @@ mod tests {
         assert_eq!(seen.len(), 80_000);
         let twice = seen.values().filter(|&&c| c > 1).count();
         assert_eq!(twice, 0, "{twice} keys stored twice");
+    }
+
+    /// A store with room for a million keys used by ten thousand stays on
+    /// few pages: its table grows as keys come, and every key keeps its
+    /// state through each doubling and the moves after it.
+    #[test]
+    fn the_table_grows_with_its_keys_and_keys_keep_their_state() {
+        let (s, _clock) = store(1 << 20);
+        let p = plan(1.0, 3);
+        let keys: Vec<Digest> = (0..10_000u32).map(|i| digest(&i.to_le_bytes())).collect();
+        // Each key takes two of its three: one left.
+        for k in &keys {
+            assert!(s.acquire_one(&p, *k, 2).is_ok());
+        }
+        assert_eq!(s.tracked_keys(), 10_000);
+        // 10,000 keys (and the slots of keys moved) fit 65,536 slots a
+        // quarter used: 1 MiB of pages at most, where keys spread over all
+        // 2^21 slots touched most of 32 MiB.
+        let bytes = s.allocated_bytes();
+        assert!(bytes <= 1 << 20, "{bytes} bytes for 10,000 keys");
+        // More keys: the table doubles again, and moves keys as it sweeps.
+        for i in 10_000..40_000u32 {
+            assert!(s.acquire_one(&p, digest(&i.to_le_bytes()), 1).is_ok());
+        }
+        for (i, k) in keys.iter().enumerate() {
+            assert!(s.acquire_one(&p, *k, 1).is_ok(), "key {i} lost its state");
+            assert!(
+                s.acquire_one(&p, *k, 1).is_err(),
+                "key {i} got a new bucket"
+            );
+        }
+        assert_eq!(s.tracked_keys(), 40_000);
+        let mut fps = s.inner.table.fingerprints();
+        fps.sort_unstable();
+        fps.dedup();
+        assert_eq!(fps.len(), 40_000, "a key is stored twice");
+    }
+
+    /// Threads deciding on their keys while others add keys that make the
+    /// table double and move keys: no key is ever stored twice, loses its
+    /// state or admits more than its bucket.
+    #[test]
+    fn threads_deciding_while_the_table_grows_admit_exactly_each_bucket() {
+        let (s, _clock) = store(1 << 20);
+        let p = plan(1.0, 5);
+        let admitted = AtomicU32::new(0);
+        std::thread::scope(|scope| {
+            for t in 0..4u32 {
+                let (s, p, admitted) = (&s, &p, &admitted);
+                scope.spawn(move || {
+                    // Each thread its own keys, decided 8 times each over
+                    // rounds: the table doubles under them.
+                    for round in 0..8u32 {
+                        for i in 0..12_000u32 {
+                            let k = digest(&[t.to_le_bytes(), i.to_le_bytes()].concat());
+                            if s.acquire_one(p, k, 1).is_ok() {
+                                admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            let _ = round;
+                        }
+                    }
+                });
+            }
+        });
+        // 48,000 keys, 8 requests each, a bucket of 5: exactly 5 each.
+        assert_eq!(admitted.into_inner(), 48_000 * 5);
+        assert_eq!(s.tracked_keys(), 48_000);
+        let mut fps = s.inner.table.fingerprints();
+        let n = fps.len();
+        fps.sort_unstable();
+        fps.dedup();
+        assert_eq!((n, fps.len()), (48_000, 48_000));
     }
 
     /// A throttle alone takes the short path; beside a second throttle that

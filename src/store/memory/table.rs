@@ -20,7 +20,7 @@
 //! the same state to it, so a swap that succeeds there is still right.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::sync::Mutex;
 
@@ -32,8 +32,22 @@ pub(super) const WINDOW: u64 = 32;
 /// Slots per lazily allocated page (4 KiB).
 const PAGE_BITS: u32 = 8;
 pub(super) const PAGE: u64 = 1 << PAGE_BITS;
-/// Stripes of the insertion lock (taken only to add a key, never to decide).
+/// Stripes of the insertion lock (taken only to add or move a key, never to
+/// decide).
 const STRIPES: usize = 1024;
+/// The slots a table starts with (log2) when its cap allows more: 16,384
+/// slots, 256 KiB once all touched.
+const FIRST_BITS: u32 = 14;
+/// The tag a key leaves in the slot it moved out of: a key's (bit 0 set), so
+/// the slot is taken and keeps the searches of the keys after it going, and
+/// idle (its state is 0), so the next new key that needs it takes it. No
+/// key's fingerprint is 3 but with the chance of two keys sharing one.
+const MOVED: u64 = 3;
+/// Slots each insert sweeps after a doubling: the sweep covers the slots in
+/// use before it (`2^bits`) in `2^bits / 8` inserts, while doubling again
+/// takes `2^bits / 4` more slots used (of which the keys moved take at
+/// most `2^bits / 8`).
+const SWEEP_PER_INSERT: u32 = 8;
 
 /// Where a (limit, key) lives: a fingerprint (bit 0 set, so never 0, the
 /// tag of an empty slot) and a hash position.
@@ -50,11 +64,25 @@ impl SlotKey {
     #[inline]
     pub(super) fn new(d: Digest, salt: u64) -> Self {
         let lo = d.0 as u64;
-        let hi = (d.0 >> 64) as u64;
+        Self::of((lo ^ salt) | 1)
+    }
+
+    /// The key whose fingerprint is `fp`: its position is the fingerprint's
+    /// halves swapped, so a slot's tag alone tells where its key belongs
+    /// under any bits, which moving keys as the table grows needs.
+    #[inline]
+    fn of(fp: u64) -> Self {
         SlotKey {
-            fp: (lo ^ salt) | 1,
-            pos: hi ^ salt.rotate_left(32),
+            fp,
+            pos: fp.rotate_left(32),
         }
+    }
+
+    /// A key at position `pos` (under up to 32 bits), told apart from other
+    /// keys at `pos` by `n`, for tests that aim keys at slots.
+    #[cfg(test)]
+    pub(super) fn at(pos: u32, n: u32) -> Self {
+        Self::of(u64::from(pos) << 32 | u64::from(n) << 1 | 1)
     }
 }
 
@@ -109,51 +137,136 @@ struct Found<'t> {
     word: u64,
 }
 
+/// The table grows: it is used as its first `2^bits` slots, with positions
+/// taken modulo that, and doubles its `bits` (up to the cap's) when a
+/// quarter of those slots have been used or a new key finds its window
+/// full. Windows stay as short to search as in a table of twice the cap
+/// used by half the cap. A table
+/// used far below its cap so stays on few pages: keys spread over all of
+/// them would cost a TLB miss on almost every decision.
+///
+/// Doubling moves no key at once. A key placed under fewer bits sits in
+/// its window under those bits; a decision that does not find the key under
+/// the table's bits looks under each fewer in turn, and moves the key it
+/// finds there to its window under the table's bits ([`Table::relocate`]).
+/// Every insert after a doubling also sweeps a few of the slots in use
+/// before it, moving their keys, so that the sweep ends long before the
+/// next doubling (which ends it first if not): keys do not stay piled in
+/// the first slots, and a search looks under fewer bits only for keys not
+/// yet moved. A key's position is its fingerprint's halves swapped, so a
+/// slot's tag tells where its key goes.
 pub(super) struct Table {
     pages: Box<[OnceLock<Box<[Slot]>>]>,
-    mask: u64,
+    /// Log2 of the slots in use: positions are taken modulo `2^bits`.
+    bits: AtomicU32,
+    /// What `bits` started at; keys may sit under any bits since.
+    first_bits: u32,
+    /// Log2 of every slot of the table: `bits` grows up to it.
+    max_bits: u32,
+    /// Slots ever used (taken while empty): slots are never emptied, so
+    /// this is how full the slots in use are.
+    used: AtomicU64,
+    /// The next slot the sweep after the last doubling looks at, and the
+    /// end of what it sweeps (the slots in use before it).
+    sweep: AtomicU64,
+    sweep_end: AtomicU64,
+    /// Taken to double the slots in use (before any stripe).
+    growing: Mutex<()>,
     stripes: Box<[Mutex<()>]>,
+}
+
+/// The slots `bits` addresses, as a mask of a position.
+#[inline]
+fn mask(bits: u32) -> u64 {
+    (1u64 << bits) - 1
 }
 
 impl Table {
     pub(super) fn new(slots: u64) -> Self {
         debug_assert!(slots.is_power_of_two() && slots >= PAGE);
+        let max_bits = slots.trailing_zeros();
+        let first_bits = max_bits.min(FIRST_BITS);
         Table {
             pages: (0..slots / PAGE).map(|_| OnceLock::new()).collect(),
-            mask: slots - 1,
+            bits: AtomicU32::new(first_bits),
+            first_bits,
+            max_bits,
+            used: AtomicU64::new(0),
+            sweep: AtomicU64::new(0),
+            sweep_end: AtomicU64::new(0),
+            growing: Mutex::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         }
     }
 
+    /// Every slot the table may grow to.
     pub(super) fn slots(&self) -> u64 {
-        self.mask + 1
+        1 << self.max_bits
     }
 
-    /// The slot at `i` if its page exists.
+    /// The slot at `i` (already taken modulo the slots in use) if its page
+    /// exists.
     #[inline]
     fn get(&self, i: u64) -> Option<&Slot> {
-        let i = i & self.mask;
         let page = self.pages[(i >> PAGE_BITS) as usize].get()?;
         Some(&page[(i & (PAGE - 1)) as usize])
     }
 
     /// The slot at `i`, allocating its page.
     fn get_or_alloc(&self, i: u64) -> &Slot {
-        let i = i & self.mask;
         let page = self.pages[(i >> PAGE_BITS) as usize]
             .get_or_init(|| (0..PAGE).map(|_| Slot::empty()).collect());
         &page[(i & (PAGE - 1)) as usize]
     }
 
-    /// Finds the key's slot and the word it held. Keys never sit past an empty
-    /// slot of their window (slots are never emptied once used), so the search
-    /// stops at the first one.
+    /// The table's bits now.
     #[inline]
-    fn find(&self, key: SlotKey) -> Option<Found<'_>> {
+    fn bits(&self) -> u32 {
+        self.bits.load(Ordering::Acquire)
+    }
+
+    /// Finds the key's slot and the word it held, under the table's `bits`
+    /// or, failing that, under fewer: with the bits it was found under.
+    #[inline]
+    fn find(&self, key: SlotKey, bits: u32) -> Option<(Found<'_>, u32)> {
+        match self.find_under(key, bits) {
+            Some(found) => Some((found, bits)),
+            None if bits > self.first_bits => self.find_earlier(key, bits),
+            None => None,
+        }
+    }
+
+    /// [`find`](Self::find) under fewer bits than `bits`, skipping those
+    /// whose window is the same slots as the one searched before.
+    #[cold]
+    fn find_earlier(&self, key: SlotKey, bits: u32) -> Option<(Found<'_>, u32)> {
+        let same = |fewer: u32, more: u32| {
+            let start = key.pos & mask(fewer);
+            start == key.pos & mask(more) && start + WINDOW <= mask(fewer) + 1
+        };
+        let mut searched = bits;
+        for fewer in (self.first_bits..bits).rev() {
+            if same(fewer, searched) {
+                continue;
+            }
+            searched = fewer;
+            if let Some(found) = self.find_under(key, fewer) {
+                return Some((found, fewer));
+            }
+        }
+        None
+    }
+
+    /// Finds the key's slot in its window under `bits`. Keys never sit past
+    /// an empty slot of their window (slots are never emptied once used), so
+    /// the search stops at the first one.
+    #[inline]
+    fn find_under(&self, key: SlotKey, bits: u32) -> Option<Found<'_>> {
         let waiting = handing_over(key.fp);
+        let mask = mask(bits);
         let mut spins = 0u32;
         for i in 0..WINDOW {
-            let slot = self.get(key.pos.wrapping_add(i))?;
+            let slot = self.get(key.pos.wrapping_add(i) & mask)?;
             loop {
                 let tag = slot.tag.load(Ordering::Acquire);
                 if tag == key.fp {
@@ -189,7 +302,8 @@ impl Table {
     /// The key's TAT (0 for a key not tracked), without changing anything.
     #[inline]
     pub(super) fn peek(&self, key: SlotKey) -> Nanos {
-        self.find(key).map_or(0, |f| f.word ^ key.fp)
+        self.find(key, self.bits())
+            .map_or(0, |(f, _)| f.word ^ key.fp)
     }
 
     /// Applies `op` to the key's TAT (0 for a key not tracked): when it returns
@@ -203,7 +317,11 @@ impl Table {
         mut op: impl FnMut(Nanos) -> (Option<Nanos>, R),
     ) -> Result<R, Nanos> {
         loop {
-            if let Some(Found { slot, word }) = self.find(key) {
+            let bits = self.bits();
+            if let Some((Found { slot, word }, under)) = self.find(key, bits) {
+                if under != bits && self.relocate(key, now) {
+                    continue;
+                }
                 let tat = word ^ key.fp;
                 let (new, r) = op(tat);
                 match new {
@@ -251,13 +369,172 @@ impl Table {
     /// new key's tag.
     #[cold]
     fn insert(&self, key: SlotKey, tat: Nanos, now: Nanos) -> Inserted {
-        let _guard = self.stripes[(key.pos as usize) & (STRIPES - 1)].lock();
-        if self.find(key).is_some() {
-            return Inserted::Present;
+        loop {
+            let (inserted, bits) = self.insert_under_lock(key, tat, now);
+            // Outside the stripe lock: sweeping and doubling take others.
+            self.sweep_some(now);
+            match inserted {
+                Inserted::Full(_) if self.grow(bits, now) => continue,
+                Inserted::Done if self.used.load(Ordering::Relaxed) * 4 > mask(bits) + 1 => {
+                    // A quarter of the slots in use used: twice as many.
+                    self.grow(bits, now);
+                }
+                _ => {}
+            }
+            return inserted;
         }
+    }
+
+    /// [`insert`](Self::insert) under the key's stripe lock, with the bits
+    /// it was placed under (or found full).
+    fn insert_under_lock(&self, key: SlotKey, tat: Nanos, now: Nanos) -> (Inserted, u32) {
+        let _guard = self.stripe(key).lock();
+        let bits = self.bits();
+        if self.find(key, bits).is_some() {
+            return (Inserted::Present, bits);
+        }
+        match self.take(key, bits, tat, now) {
+            Taken::Slot(slot) => {
+                slot.tag.store(key.fp, Ordering::Release);
+                (Inserted::Done, bits)
+            }
+            Taken::Full(retry) => (Inserted::Full(retry), bits),
+        }
+    }
+
+    /// Sweeps a few slots of those in use before the last doubling, moving
+    /// their keys to their windows under the table's bits.
+    #[cold]
+    fn sweep_some(&self, now: Nanos) {
+        for _ in 0..SWEEP_PER_INSERT {
+            if !self.sweep_one(now) {
+                return;
+            }
+        }
+    }
+
+    /// Sweeps the next slot: `false` when the sweep is over.
+    fn sweep_one(&self, now: Nanos) -> bool {
+        if self.sweep.load(Ordering::Relaxed) >= self.sweep_end.load(Ordering::Acquire) {
+            return false;
+        }
+        let i = self.sweep.fetch_add(1, Ordering::Relaxed);
+        if i >= self.sweep_end.load(Ordering::Acquire) {
+            return false;
+        }
+        if let Some(slot) = self.get(i) {
+            let (tag, _) = slot.read();
+            if owned(tag) && tag != MOVED {
+                // Where it is does not matter: relocate finds it.
+                let key = SlotKey::of(tag);
+                let bits = self.bits();
+                if let Some((_, under)) = self.find(key, bits)
+                    && under != bits
+                {
+                    self.relocate(key, now);
+                }
+            }
+        }
+        true
+    }
+
+    /// Doubles the slots in use, from `bits`, once the sweep after the last
+    /// doubling is over (this thread ends it if need be): `true` when the
+    /// table has more bits than `bits` now (this thread or another doubled
+    /// it), `false` at the cap.
+    #[cold]
+    fn grow(&self, bits: u32, now: Nanos) -> bool {
+        if bits >= self.max_bits {
+            return false;
+        }
+        let _growing = self.growing.lock();
+        if self.bits() == bits {
+            while self.sweep_one(now) {}
+            self.sweep.store(0, Ordering::Relaxed);
+            self.sweep_end.store(mask(bits) + 1, Ordering::Release);
+            self.bits.store(bits + 1, Ordering::Release);
+        }
+        true
+    }
+
+    /// The stripe of the insertion lock a key's inserts and moves take. It
+    /// is the same under every bits (the low bits of the position are), so
+    /// it serialises everything that places one key.
+    #[inline]
+    fn stripe(&self, key: SlotKey) -> &Mutex<()> {
+        &self.stripes[(key.pos as usize) & (STRIPES - 1)]
+    }
+
+    /// Moves a key found under fewer bits than the table's to its window
+    /// under the table's bits, with its state: `false` when it could not
+    /// (its new window has no idle slot), and it stays where it is; `true`
+    /// when the caller should look for the key again. Under the key's stripe lock,
+    /// so that no insert places it meanwhile.
+    ///
+    /// The old slot is marked first (the key's decisions wait), its state
+    /// then read and carried to a new slot taken as [`insert`](Self::insert)
+    /// takes one (not yet the key's: its tag is still the mark), and the old
+    /// word swapped to [`MOVED`]'s idle state, which fails any decision that
+    /// read it before the mark; a decision that got in before that swap
+    /// changed the state, which is read again. The new slot is then given the
+    /// key's tag, and the old one [`MOVED`].
+    #[cold]
+    fn relocate(&self, key: SlotKey, now: Nanos) -> bool {
+        let _guard = self.stripe(key).lock();
+        let bits = self.bits();
+        let Some((Found { slot: old, .. }, now_under)) = self.find(key, bits) else {
+            // Gone meanwhile (handed to another key): the caller looks again.
+            return true;
+        };
+        if now_under == bits {
+            return true;
+        }
+        let mark = handing_over(key.fp);
+        if old
+            .tag
+            .compare_exchange(key.fp, mark, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // Being handed over (no insert runs, but one could have marked
+            // it before this lock): the caller looks again.
+            return true;
+        }
+        let mut word = old.word.load(Ordering::Acquire);
+        let new = match self.take(key, bits, word ^ key.fp, now) {
+            Taken::Slot(slot) => slot,
+            Taken::Full(_) => {
+                old.tag.store(key.fp, Ordering::Release);
+                return false;
+            }
+        };
+        loop {
+            match old
+                .word
+                .compare_exchange(word, MOVED, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break,
+                Err(current) => {
+                    // Both slots hold the state xored with the key's
+                    // fingerprint: the same word.
+                    word = current;
+                    new.word.store(word, Ordering::Release);
+                }
+            }
+        }
+        new.tag.store(key.fp, Ordering::Release);
+        old.tag.store(MOVED, Ordering::Release);
+        true
+    }
+
+    /// Takes the first empty or idle slot of the key's window under `bits`
+    /// for the key, with the state `tat`, and leaves it marked (the caller
+    /// writes the key's tag): the time until a slot frees when none is, as
+    /// of `now`.
+    fn take(&self, key: SlotKey, bits: u32, tat: Nanos, now: Nanos) -> Taken<'_> {
+        let mask = mask(bits);
         let mut soonest = Nanos::MAX;
         for i in 0..WINDOW {
-            let slot = self.get_or_alloc(key.pos.wrapping_add(i));
+            let slot = self.get_or_alloc(key.pos.wrapping_add(i) & mask);
             loop {
                 let tag = slot.tag.load(Ordering::Acquire);
                 let word = slot.word.load(Ordering::Acquire);
@@ -291,11 +568,13 @@ impl Table {
                     slot.tag.store(tag, Ordering::Release);
                     continue;
                 }
-                slot.tag.store(key.fp, Ordering::Release);
-                return Inserted::Done;
+                if tag == 0 {
+                    self.used.fetch_add(1, Ordering::Relaxed);
+                }
+                return Taken::Slot(slot);
             }
         }
-        Inserted::Full(soonest)
+        Taken::Full(soonest)
     }
 
     pub(super) fn allocated_pages(&self) -> usize {
@@ -328,7 +607,7 @@ impl Table {
     pub(super) fn fingerprints(&self) -> Vec<u64> {
         self.slots_in_use()
             .map(|s| s.read().0)
-            .filter(|&t| owned(t))
+            .filter(|&t| owned(t) && t != MOVED)
             .collect()
     }
 }
@@ -336,5 +615,11 @@ impl Table {
 enum Inserted {
     Done,
     Present,
+    Full(Nanos),
+}
+
+enum Taken<'t> {
+    /// Taken, and marked for the key.
+    Slot(&'t Slot),
     Full(Nanos),
 }
