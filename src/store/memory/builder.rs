@@ -31,9 +31,9 @@ impl Default for MemoryStoreBuilder {
 }
 
 impl MemoryStoreBuilder {
-    /// Room for `n` keys: the table gets `2n` slots rounded up to a power of
-    /// two, 16 bytes each, allocated in 4 KiB pages as first touched.
-    /// Default 1,000,000.
+    /// Room for `n` keys: the table may grow to `2n` slots rounded up to a
+    /// power of two, 16 bytes each, allocated in 4 KiB pages as first
+    /// touched. Default 1,000,000.
     ///
     /// `n` sizes the table, which bounds memory; it is not an exact count of
     /// keys. Each live limit of a key takes one slot (its throttle, each
@@ -41,9 +41,10 @@ impl MemoryStoreBuilder {
     /// keys of one throttle each fit `n` with room to spare, and up to
     /// [`capacity`](MemoryStore::capacity) of them may when slots are free
     /// near their hash. A new key that finds no free slot in its window is refused
-    /// (429), never given a live key's slot. Keys land on pages at random, so
-    /// a table used far below `n` still touches most of its pages: size `n`
-    /// to the keys you expect (see BENCHMARKS.md, "Memory").
+    /// (429), never given a live key's slot. The table starts at 16,384 slots
+    /// and doubles as keys come (a quarter of its slots used), so a store
+    /// used far below `n` holds about 64 to 128 bytes per key, not the whole
+    /// table (see BENCHMARKS.md, "Memory").
     pub fn max_keys(mut self, n: usize) -> Self {
         self.max_keys = n;
         self

@@ -1,4 +1,5 @@
-//! The in-memory store: a fixed-size, lock-free table of 16-byte slots.
+//! The in-memory store: a lock-free table of 16-byte slots that grows with
+//! its keys, up to a size fixed by its cap.
 //!
 //! Each slot holds a key's 64-bit fingerprint and its throttle state (the
 //! GCRA TAT), stored xored with the fingerprint. Deciding for a key already
@@ -7,9 +8,16 @@
 //! slot can be handed from one key to another safely while other threads
 //! decide (see the table's module for why).
 //!
-//! Memory is bounded by construction: the table has two slots for each of
-//! `max_keys` keys (rounded up to a power of two; 32 bytes per key of cap),
-//! allocated in 4 KiB pages as they are first touched. A key whose bucket is
+//! Memory is bounded by construction: the table has at most two slots for
+//! each of `max_keys` keys (rounded up to a power of two; 32 bytes per key of
+//! cap), allocated in 4 KiB pages as they are first touched. It starts at
+//! 16,384 slots (or the cap, if smaller) and doubles when a quarter of its
+//! slots have been used or a new key finds no room near its hash position,
+//! so a store used far below its cap stays on few pages (each decision on
+//! a key spread over a table of 32 MiB would miss the TLB). Keys move to
+//! their places in the doubled table without stopping decisions: the
+//! inserts after a doubling sweep the slots used before it, and a decision
+//! that finds its key not yet moved moves it. A key whose bucket is
 //! full again (its TAT has passed) is *idle*: its state is the same as a key
 //! never seen, so its slot is reused by the next new key that needs one. No
 //! sweeper thread and nothing for the user to schedule.

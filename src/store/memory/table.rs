@@ -1,6 +1,7 @@
-//! The memory store's table: a fixed-size, lock-free table of 16-byte slots,
-//! each one key's fingerprint and one 64-bit state (a TAT, or a count of
-//! requests in flight), changed by a 64-bit compare-and-swap.
+//! The memory store's table: a lock-free table of 16-byte slots, each one
+//! key's fingerprint and one 64-bit state (a TAT, or a count of requests in
+//! flight), changed by a 64-bit compare-and-swap. It grows with its keys up
+//! to a size fixed when it is made (see [`Table`]).
 //!
 //! A slot is two words: its `tag` (the fingerprint of the key that owns it;
 //! 0 while empty) and its `word` (the state xored with that fingerprint).
