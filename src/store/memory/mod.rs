@@ -998,6 +998,56 @@ mod tests {
         assert_eq!((n, fps.len()), (48_000, 48_000));
     }
 
+    /// A key being moved as the table grows is for a moment in neither its
+    /// old slot nor its new one: a look that changes nothing (a peek, as
+    /// `check(key, 0)` and concurrency caps make) must still find its state,
+    /// never a fresh bucket.
+    #[test]
+    fn peeks_while_keys_move_never_see_a_fresh_bucket() {
+        let (s, _clock) = store(1 << 20);
+        let p = plan(1.0, 5);
+        let spent: Vec<Digest> = (0..2_000u32).map(|i| digest(&i.to_le_bytes())).collect();
+        for k in &spent {
+            assert!(s.acquire_one(&p, *k, 5).is_ok());
+        }
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let fresh = AtomicU32::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        for k in &spent {
+                            let r = s.acquire_one(&p, *k, 0).unwrap();
+                            if r.items()[0].remaining != 0 {
+                                fresh.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                    }
+                });
+            }
+            for t in 0..2u32 {
+                let (s, p, done) = (&s, &p, &done);
+                scope.spawn(move || {
+                    // Enough new keys to double the table four times over,
+                    // each doubling moving the spent keys.
+                    for i in 0..60_000u32 {
+                        let k = digest(&[t.to_le_bytes(), i.to_le_bytes(), [9; 4]].concat());
+                        assert!(s.acquire_one(p, k, 1).is_ok());
+                    }
+                    done.store(true, std::sync::atomic::Ordering::Relaxed);
+                });
+            }
+        });
+        assert_eq!(
+            fresh.into_inner(),
+            0,
+            "a peek saw a moving key's bucket fresh"
+        );
+        for k in &spent {
+            assert!(s.acquire_one(&p, *k, 1).is_err());
+        }
+    }
+
     /// A throttle alone takes the short path; beside a second throttle that
     /// never binds it takes the general one. Both must answer alike, to the
     /// nanosecond, whatever the costs and the time between requests.

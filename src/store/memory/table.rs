@@ -49,6 +49,8 @@ const MOVED: u64 = 3;
 /// takes `2^bits / 4` more slots used (of which the keys moved take at
 /// most `2^bits / 8`).
 const SWEEP_PER_INSERT: u32 = 8;
+/// One move begun, in [`Table::moves`].
+const MOVE_BEGUN: u64 = 1 << 32;
 
 /// Where a (limit, key) lives: a fingerprint (bit 0 set, so never 0, the
 /// tag of an empty slot) and a hash position.
@@ -164,6 +166,21 @@ pub(super) struct Table {
     first_bits: u32,
     /// Log2 of every slot of the table: `bits` grows up to it.
     max_bits: u32,
+    /// Moves of keys: how many ever began (high 32 bits) and how many run
+    /// now (low 32 bits). A search that found nothing under the earlier
+    /// bits trusts that only if no move ran when it began and none began
+    /// since, since a key moving is for a moment in neither place.
+    moves: AtomicU64,
+    /// What inserts write, on a cache line of its own: the deciders read
+    /// the fields above on every decision.
+    counts: Counts,
+    /// Taken to double the slots in use (before any stripe).
+    growing: Mutex<()>,
+    stripes: Box<[Mutex<()>]>,
+}
+
+#[repr(align(64))]
+struct Counts {
     /// Slots ever used (taken while empty): slots are never emptied, so
     /// this is how full the slots in use are.
     used: AtomicU64,
@@ -171,9 +188,6 @@ pub(super) struct Table {
     /// end of what it sweeps (the slots in use before it).
     sweep: AtomicU64,
     sweep_end: AtomicU64,
-    /// Taken to double the slots in use (before any stripe).
-    growing: Mutex<()>,
-    stripes: Box<[Mutex<()>]>,
 }
 
 /// The slots `bits` addresses, as a mask of a position.
@@ -192,9 +206,12 @@ impl Table {
             bits: AtomicU32::new(first_bits),
             first_bits,
             max_bits,
-            used: AtomicU64::new(0),
-            sweep: AtomicU64::new(0),
-            sweep_end: AtomicU64::new(0),
+            moves: AtomicU64::new(0),
+            counts: Counts {
+                used: AtomicU64::new(0),
+                sweep: AtomicU64::new(0),
+                sweep_end: AtomicU64::new(0),
+            },
             growing: Mutex::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         }
@@ -230,10 +247,41 @@ impl Table {
     /// or, failing that, under fewer: with the bits it was found under.
     #[inline]
     fn find(&self, key: SlotKey, bits: u32) -> Option<(Found<'_>, u32)> {
+        let moves = self.moves.load(Ordering::Acquire);
         match self.find_under(key, bits) {
             Some(found) => Some((found, bits)),
-            None if bits > self.first_bits => self.find_earlier(key, bits),
+            // Before a first doubling no key was ever moved.
+            None if bits > self.first_bits => self.find_moving(key, moves),
             None => None,
+        }
+    }
+
+    /// [`find`](Self::find) for a key not under the table's bits: under
+    /// fewer, and again from the top if a key moved meanwhile (`moves` was
+    /// read before the first search).
+    #[cold]
+    fn find_moving(&self, key: SlotKey, mut moves: u64) -> Option<(Found<'_>, u32)> {
+        let mut bits = self.bits();
+        let mut spins = 0u32;
+        loop {
+            if let Some(found) = self.find_earlier(key, bits) {
+                return Some(found);
+            }
+            let now = self.moves.load(Ordering::Acquire);
+            if now >> 32 == moves >> 32 && moves as u32 == 0 {
+                return None;
+            }
+            spins += 1;
+            if spins % 64 == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+            moves = now;
+            bits = self.bits();
+            if let Some(found) = self.find_under(key, bits) {
+                return Some((found, bits));
+            }
         }
     }
 
@@ -376,7 +424,7 @@ impl Table {
             self.sweep_some(now);
             match inserted {
                 Inserted::Full(_) if self.grow(bits, now) => continue,
-                Inserted::Done if self.used.load(Ordering::Relaxed) * 4 > mask(bits) + 1 => {
+                Inserted::Done if self.counts.used.load(Ordering::Relaxed) * 4 > mask(bits) + 1 => {
                     // A quarter of the slots in use used: twice as many.
                     self.grow(bits, now);
                 }
@@ -416,11 +464,13 @@ impl Table {
 
     /// Sweeps the next slot: `false` when the sweep is over.
     fn sweep_one(&self, now: Nanos) -> bool {
-        if self.sweep.load(Ordering::Relaxed) >= self.sweep_end.load(Ordering::Acquire) {
+        if self.counts.sweep.load(Ordering::Relaxed)
+            >= self.counts.sweep_end.load(Ordering::Acquire)
+        {
             return false;
         }
-        let i = self.sweep.fetch_add(1, Ordering::Relaxed);
-        if i >= self.sweep_end.load(Ordering::Acquire) {
+        let i = self.counts.sweep.fetch_add(1, Ordering::Relaxed);
+        if i >= self.counts.sweep_end.load(Ordering::Acquire) {
             return false;
         }
         if let Some(slot) = self.get(i) {
@@ -451,8 +501,10 @@ impl Table {
         let _growing = self.growing.lock();
         if self.bits() == bits {
             while self.sweep_one(now) {}
-            self.sweep.store(0, Ordering::Relaxed);
-            self.sweep_end.store(mask(bits) + 1, Ordering::Release);
+            self.counts.sweep.store(0, Ordering::Relaxed);
+            self.counts
+                .sweep_end
+                .store(mask(bits) + 1, Ordering::Release);
             self.bits.store(bits + 1, Ordering::Release);
         }
         true
@@ -490,14 +542,23 @@ impl Table {
         if now_under == bits {
             return true;
         }
+        self.moves.fetch_add(MOVE_BEGUN | 1, Ordering::AcqRel);
+        let moved = self.relocate_marked(key, old, bits, now);
+        self.moves.fetch_sub(1, Ordering::AcqRel);
+        moved
+    }
+
+    /// [`relocate`](Self::relocate) of the key in `old` to its window
+    /// under `bits`, counted as a move.
+    fn relocate_marked(&self, key: SlotKey, old: &Slot, bits: u32, now: Nanos) -> bool {
         let mark = handing_over(key.fp);
         if old
             .tag
             .compare_exchange(key.fp, mark, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
         {
-            // Being handed over (no insert runs, but one could have marked
-            // it before this lock): the caller looks again.
+            // Being handed over to another key (whose insert marked it
+            // before this lock): the caller looks again.
             return true;
         }
         let mut word = old.word.load(Ordering::Acquire);
@@ -570,7 +631,7 @@ impl Table {
                     continue;
                 }
                 if tag == 0 {
-                    self.used.fetch_add(1, Ordering::Relaxed);
+                    self.counts.used.fetch_add(1, Ordering::Relaxed);
                 }
                 return Taken::Slot(slot);
             }
