@@ -502,6 +502,7 @@ fn relay(
         }
         Kind::Sse {
             buf: Vec::new(),
+            scanned: 0,
             strip_usage,
             reported: false,
         }
@@ -548,6 +549,10 @@ enum Kind {
     Sse {
         /// The start of an event whose blank line has not come yet.
         buf: Vec<u8>,
+        /// How much of `buf` was searched for the blank line already: an
+        /// event sent in many small chunks is searched once, not once per
+        /// chunk from its start.
+        scanned: usize,
         strip_usage: bool,
         /// The backend reported the usage: chunks are no longer counted.
         reported: bool,
@@ -611,22 +616,29 @@ impl Relay {
             }
             Kind::Sse {
                 buf,
+                scanned,
                 strip_usage,
                 reported,
             } => {
                 buf.extend_from_slice(&chunk);
-                let mut out = Vec::with_capacity(buf.len());
+                let mut out = Vec::new();
                 let mut start = 0;
-                while let Some(len) = event_end(&buf[start..]) {
+                // A blank line may straddle what was searched and the new
+                // chunk by at most 3 bytes (`\r\n\r\n`).
+                let mut from = scanned.saturating_sub(3);
+                while let Some(len) = event_end(&buf[start..], from - start) {
                     let event = &buf[start..start + len];
                     if read_event(event, self.usage.as_ref(), *strip_usage, reported) {
                         out.extend_from_slice(event);
                     }
                     start += len;
+                    from = start;
                 }
                 buf.drain(..start);
+                *scanned = buf.len();
                 if buf.len() > MAX_EVENT {
                     out.append(buf);
+                    *scanned = 0;
                 }
                 Bytes::from(out)
             }
@@ -660,10 +672,18 @@ impl Relay {
 }
 
 /// The length of the first whole event at the start of `b`, blank line
-/// included.
-fn event_end(b: &[u8]) -> Option<usize> {
-    let lf = b.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = b.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+/// included, searching from `from` (`b` holds no blank line that ends
+/// before `from`).
+fn event_end(b: &[u8], from: usize) -> Option<usize> {
+    let rest = &b[from..];
+    let lf = rest
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| from + i + 2);
+    let crlf = rest
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| from + i + 4);
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -828,9 +848,39 @@ mod tests {
 
     #[test]
     fn events_split_at_blank_lines() {
-        assert_eq!(event_end(b"data: x\n\ndata: y"), Some(9));
-        assert_eq!(event_end(b"data: x\r\n\r\n"), Some(11));
-        assert_eq!(event_end(b"data: x\n"), None);
+        assert_eq!(event_end(b"data: x\n\ndata: y", 0), Some(9));
+        assert_eq!(event_end(b"data: x\r\n\r\n", 0), Some(11));
+        assert_eq!(event_end(b"data: x\n", 0), None);
+        assert_eq!(event_end(b"data: x\r\n\r\n", 6), Some(11));
+    }
+
+    /// Events sent a byte at a time (blank lines of both kinds split across
+    /// chunks) come out whole and in order, the usage chunk the client did
+    /// not ask for left out, and the usage read.
+    #[test]
+    fn events_in_one_byte_chunks_are_found_across_chunks() {
+        let first = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\r\n\r\n";
+        let usage_event = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\n";
+        let done = "data: [DONE]\n\n";
+        let usage = TokenUsage::new();
+        let mut relay = Relay {
+            body: Box::pin(tokio_stream::empty()),
+            kind: Kind::Sse {
+                buf: Vec::new(),
+                scanned: 0,
+                strip_usage: true,
+                reported: false,
+            },
+            usage: Some(usage.clone()),
+            done: false,
+        };
+        let mut out = Vec::new();
+        for b in [first, usage_event, done].concat().bytes() {
+            out.extend_from_slice(&relay.pass(Bytes::copy_from_slice(&[b])));
+        }
+        out.extend_from_slice(&relay.finish());
+        assert_eq!(String::from_utf8(out).unwrap(), [first, done].concat());
+        assert_eq!(usage.get(), Some(3));
     }
 
     #[test]
