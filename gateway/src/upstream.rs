@@ -26,10 +26,15 @@ use tollgate::openai::OpenAiEstimator;
 /// bound on the bodies it reads).
 const MAX_REQUEST_BODY: usize = 1024 * 1024;
 
-/// How much of a non-streamed JSON answer is kept aside to read its
-/// `usage` at the end; beyond it, the answer still passes and its estimate
-/// stands.
-const MAX_JSON_ANSWER: usize = 16 * 1024 * 1024;
+/// How much of a non-streamed JSON answer is kept aside whole, to read its
+/// `usage` at the end.
+const MAX_JSON_ANSWER: usize = 1024 * 1024;
+
+/// Of a longer JSON answer (embeddings of many inputs), only its last bytes
+/// are kept, where OpenAI-compatible servers put `usage`; the memory an
+/// answer holds stays bounded, whatever its size. Without a `usage` there,
+/// the estimate stands.
+const JSON_TAIL: usize = 64 * 1024;
 
 /// How long one server-sent event may grow without its blank line before it
 /// is passed on unread.
@@ -557,7 +562,8 @@ enum Kind {
         /// The backend reported the usage: chunks are no longer counted.
         reported: bool,
     },
-    /// A JSON answer, kept aside (up to [`MAX_JSON_ANSWER`]) for its usage.
+    /// A JSON answer, kept aside (up to [`MAX_JSON_ANSWER`], then its last
+    /// [`JSON_TAIL`] bytes) for its usage.
     Json {
         seen: Vec<u8>,
         whole: bool,
@@ -604,12 +610,22 @@ impl Relay {
         match &mut self.kind {
             Kind::Plain => chunk,
             Kind::Json { seen, whole, .. } => {
+                if *whole && seen.len() + chunk.len() > MAX_JSON_ANSWER {
+                    // Too long to keep whole: from now on its tail only,
+                    // in a buffer of the tail's size.
+                    *whole = false;
+                    let mut tail = Vec::with_capacity(3 * JSON_TAIL);
+                    tail.extend_from_slice(&seen[seen.len().saturating_sub(JSON_TAIL)..]);
+                    *seen = tail;
+                }
                 if *whole {
-                    if seen.len() + chunk.len() > MAX_JSON_ANSWER {
-                        *whole = false;
-                        *seen = Vec::new();
-                    } else {
-                        seen.extend_from_slice(&chunk);
+                    seen.extend_from_slice(&chunk);
+                } else {
+                    seen.extend_from_slice(&chunk[chunk.len().saturating_sub(JSON_TAIL)..]);
+                    // Cut back to the tail once it is twice as long, so
+                    // that each byte is moved about once.
+                    if seen.len() > 2 * JSON_TAIL {
+                        seen.drain(..seen.len() - JSON_TAIL);
                     }
                 }
                 chunk
@@ -651,10 +667,16 @@ impl Relay {
         match &mut self.kind {
             Kind::Plain => Bytes::new(),
             Kind::Json { seen, whole, ok } => {
-                let total = whole
-                    .then(|| serde_json::from_slice::<Answer>(seen).ok())
-                    .flatten()
-                    .and_then(|a| a.usage?.total_tokens);
+                let total = if *whole {
+                    serde_json::from_slice::<Answer>(seen)
+                        .ok()
+                        .and_then(|a| a.usage?.total_tokens)
+                        // An answer that is not an object of its own (an
+                        // object then bytes?) is read as its tail would be.
+                        .or_else(|| usage_in_tail(seen))
+                } else {
+                    usage_in_tail(seen)
+                };
                 if let Some(u) = &self.usage {
                     match total {
                         Some(n) => u.set(n),
@@ -758,6 +780,20 @@ struct Delta {
 #[derive(Deserialize)]
 struct Usage {
     total_tokens: Option<u64>,
+}
+
+/// The `total_tokens` of the last `"usage"` member in `tail` (the end of a
+/// JSON answer too long to keep whole): the value after the last
+/// `"usage":`, read as a usage object. A `"usage"` inside a string would be
+/// escaped (`\"usage\"`), so the bytes found are a member's name, or a
+/// string value `"usage"` (then no object follows, and nothing is read).
+fn usage_in_tail(tail: &[u8]) -> Option<u64> {
+    const NAME: &[u8] = b"\"usage\"";
+    let at = tail.windows(NAME.len()).rposition(|w| w == NAME)?;
+    let rest = tail[at + NAME.len()..].trim_ascii_start();
+    let rest = rest.strip_prefix(b":")?;
+    let mut values = serde_json::Deserializer::from_slice(rest).into_iter::<Usage>();
+    values.next()?.ok()?.total_tokens
 }
 
 /// What the relay reads of a non-streamed answer.
@@ -881,6 +917,62 @@ mod tests {
         out.extend_from_slice(&relay.finish());
         assert_eq!(String::from_utf8(out).unwrap(), [first, done].concat());
         assert_eq!(usage.get(), Some(3));
+    }
+
+    /// A JSON answer too long to keep whole (embeddings of many inputs)
+    /// passes unchanged, holds no more than its tail, and its usage is read
+    /// from that tail.
+    #[test]
+    fn a_long_json_answer_keeps_its_tail_and_its_usage_is_read() {
+        let usage = TokenUsage::new();
+        let mut relay = Relay {
+            body: Box::pin(tokio_stream::empty()),
+            kind: Kind::Json {
+                seen: Vec::new(),
+                whole: true,
+                ok: true,
+            },
+            usage: Some(usage.clone()),
+            done: false,
+        };
+        let row = format!(
+            "{{\"object\":\"embedding\",\"embedding\":[{}]}},",
+            vec!["0.125"; 256].join(",")
+        );
+        let mut answer = String::from("{\"object\":\"list\",\"data\":[");
+        while answer.len() < 3 * MAX_JSON_ANSWER {
+            answer.push_str(&row);
+        }
+        answer.pop();
+        answer.push_str(
+            "],\"model\":\"e\",\"usage\":{\"prompt_tokens\":4096,\"total_tokens\":4096}}",
+        );
+        let mut out = Vec::new();
+        let mut held = 0;
+        for piece in answer.as_bytes().chunks(16 * 1024 + 7) {
+            out.extend_from_slice(&relay.pass(Bytes::copy_from_slice(piece)));
+            if let Kind::Json { seen, .. } = &relay.kind {
+                held = held.max(seen.capacity());
+            }
+        }
+        out.extend_from_slice(&relay.finish());
+        assert_eq!(out, answer.as_bytes());
+        assert_eq!(usage.get(), Some(4096));
+        // The whole first megabyte, then never more than the tail's room.
+        assert!(held <= MAX_JSON_ANSWER + 64 * 1024, "{held} bytes held");
+        if let Kind::Json { seen, .. } = &relay.kind {
+            assert!(
+                seen.capacity() <= 3 * JSON_TAIL,
+                "{} bytes kept",
+                seen.capacity()
+            );
+        }
+        // A usage that is only a string value is not read as one.
+        assert_eq!(usage_in_tail(br#"{"x":"usage","y":1}"#), None);
+        assert_eq!(
+            usage_in_tail(br#""usage" : {"total_tokens": 7} }"#),
+            Some(7)
+        );
     }
 
     #[test]
