@@ -49,8 +49,9 @@ Options:
   --drain SECS           how long the requests in flight may take to finish
                          after SIGTERM or SIGINT [default: 30]
   --header-timeout SECS  how long a request's head may take to arrive, on a new
-                         connection or a kept-alive one (HTTP/1: idle
-                         connections are closed after it) [default: 10]
+                         connection or a kept-alive one; any connection (HTTP/2
+                         too) with no request open for as long is closed
+                         [default: 10]
   --body-timeout SECS    how long a request body may send nothing before it is
                          cut off [default: 30]
   --max-connections N    connections served at once; more wait to be accepted

@@ -77,6 +77,7 @@
 mod admin;
 mod cli;
 mod dashboard;
+mod idle;
 mod mock;
 mod server;
 mod traffic;

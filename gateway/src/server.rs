@@ -25,6 +25,7 @@ use tollgate::{ConfigError, HeaderStyle, MemoryStore, RateLimitLayer, RedisStore
 
 use crate::cli::{DEFAULT_LOG, Parsed, USAGE, parse_args};
 use crate::dashboard::Dashboard;
+use crate::idle::{Activity, Guarded};
 use crate::mock::{self, MockEstimator};
 use crate::traffic::Both;
 use crate::upstream::{self, Upstream, UpstreamEstimator};
@@ -191,6 +192,8 @@ pub struct Limits {
     /// HTTP/1: how long a request's head may take to arrive, counted from
     /// when the connection is ready for it: on a new connection, and between
     /// requests on a kept-alive one, so this also closes idle connections.
+    /// Any connection (HTTP/2's too, which may answer pings for ever) with
+    /// no request open for as long is closed gracefully (HTTP/2: `GOAWAY`).
     pub header_timeout: Duration,
     /// How long a request body may send nothing before it is cut off.
     pub body_timeout: Duration,
@@ -247,8 +250,12 @@ pub async fn serve_with(
         .timer(TokioTimer::new())
         .keep_alive_interval(limits.http2_keep_alive)
         .keep_alive_timeout(limits.http2_keep_alive);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let places = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    // Told to every connection when the server stops, and read again by
+    // the ones that begin meanwhile.
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    let max_connections =
+        u32::try_from(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
+    let places = Arc::new(Semaphore::new(max_connections as usize));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let place = tokio::select! {
@@ -270,13 +277,20 @@ pub async fn serve_with(
         // Small writes (a stream's events) go out at once.
         let _ = stream.set_nodelay(true);
         let service = service.clone();
+        let activity = Activity::new();
+        let requests = Arc::clone(&activity);
         let service = hyper::service::service_fn(move |mut req: axum::http::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
+            let open = requests.begin();
             // A `Router` is always ready, and so is the timeout around it.
-            service.clone().call(req)
+            let answer = service.clone().call(req);
+            async move {
+                let res = answer.await?;
+                Ok::<_, std::convert::Infallible>(res.map(|body| Guarded::body(body, open)))
+            }
         });
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let mut stop = stop.clone();
         let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
             // Telling HTTP/1 from HTTP/2 waits for the first bytes, before
@@ -290,14 +304,32 @@ pub async fn serve_with(
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
+            let mut conn = std::pin::pin!(conn);
+            let mut closing = false;
+            let ended = loop {
+                tokio::select! {
+                    ended = conn.as_mut() => break ended,
+                    // Requests in flight finish; then the connection closes.
+                    () = activity.idle_for(header_timeout), if !closing => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    _ = stop.wait_for(|&stopping| stopping), if !closing => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(place);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    let _ = stopping.send(true);
+    // Every connection holds a place until it has ended.
+    let _all = places.acquire_many(max_connections).await;
     Ok(())
 }
 

@@ -92,6 +92,95 @@ async fn a_slow_head_and_an_idle_connection_are_closed_after_the_header_timeout(
     assert!(!answer.contains("200 OK"), "{answer}");
 }
 
+/// An HTTP/2 connection with no stream open is closed after the header
+/// timeout, as an idle HTTP/1 one is: a client that answers the gateway's
+/// pings (as every HTTP/2 client does) could otherwise hold one of its
+/// places for ever.
+#[tokio::test]
+async fn an_http2_connection_with_no_request_open_is_closed_after_the_header_timeout() {
+    let (addr, _stop) = start(limits(
+        Duration::from_millis(300),
+        Duration::from_secs(30),
+        16,
+    ))
+    .await;
+    let (_sender, closed) = http2_client(addr).await;
+    let opened = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("HTTP/2, no stream: the connection is still open after 5 s")
+        .unwrap();
+    assert!(
+        closed - opened >= Duration::from_millis(250),
+        "{:?}",
+        closed - opened
+    );
+}
+
+/// An HTTP/2 client connection (hyper's, which answers pings and settings)
+/// to `addr`, and when the connection ends.
+async fn http2_client(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<axum::body::Bytes>>,
+    tokio::sync::oneshot::Receiver<Instant>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = conn.await;
+        let _ = closed_tx.send(Instant::now());
+    });
+    (sender, closed)
+}
+
+/// A request open longer than the header timeout (a completion streamed
+/// over a second) is never cut by the idle watch; once it has ended, the
+/// HTTP/2 connection it came on is closed after the timeout.
+#[tokio::test]
+async fn a_stream_longer_than_the_idle_timeout_is_sent_whole_then_the_connection_closes() {
+    use http_body_util::{BodyExt, Full};
+
+    let (addr, _stop) = start(limits(
+        Duration::from_millis(300),
+        Duration::from_secs(30),
+        16,
+    ))
+    .await;
+    let (mut sender, closed) = http2_client(addr).await;
+    let body = r#"{"model":"m","prompt":"hi","max_tokens":12,"stream":true,"mock_token_ms":100}"#;
+    let req = http::Request::post(format!("http://{addr}/v1/completions"))
+        .header("x-api-key", "demo-free-key")
+        .header("content-type", "application/json")
+        .body(Full::new(axum::body::Bytes::from(body)))
+        .unwrap();
+    let started = Instant::now();
+    let res = sender.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let text = res.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&text);
+    let ended = Instant::now();
+    assert!(
+        ended - started >= Duration::from_secs(1),
+        "{:?}",
+        ended - started
+    );
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let closed = tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("the idle connection is closed")
+        .unwrap();
+    assert!(
+        closed - ended >= Duration::from_millis(250),
+        "{:?}",
+        closed - ended
+    );
+}
+
 #[tokio::test]
 async fn a_body_that_stops_sending_is_cut_off_and_costs_nothing() {
     let (addr, _stop) = start(limits(
