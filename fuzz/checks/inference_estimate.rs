@@ -10,14 +10,14 @@
 
 use serde_json::Value;
 
-use super::estimate::{Job, MAX_TOKEN_MS, MAX_TOKENS_CAP};
+use super::estimate::{Job, MAX_CHOICES, MAX_TOKEN_MS, MAX_TOKENS_CAP};
 
 /// The largest body the server reads.
 const MAX_BODY: usize = 1 << 20;
 
 /// Checks that an accepted body is estimated as documented,
-/// `ceil(prompt_chars / 4) + max_tokens`, within the caps, and never more
-/// than the body's size can account for.
+/// `ceil(prompt_chars / 4) + max_tokens × n`, within the caps, and never
+/// more than the body's size can account for.
 pub(crate) fn check(data: &[u8]) {
     let Some((&flags, body)) = data.split_first() else {
         return;
@@ -33,8 +33,9 @@ pub(crate) fn check(data: &[u8]) {
             return;
         }
     };
-    assert!(job.max_tokens <= MAX_TOKENS_CAP);
-    assert!(job.completion_tokens <= MAX_TOKENS_CAP);
+    assert!((1..=MAX_CHOICES).contains(&job.choices));
+    assert!(u64::from(job.max_tokens) * u64::from(job.choices) <= u64::from(MAX_TOKENS_CAP));
+    assert!(u64::from(job.completion_tokens) * u64::from(job.choices) <= u64::from(MAX_TOKENS_CAP));
     assert!(job.token_ms <= MAX_TOKEN_MS);
 
     // The same body read as plain JSON gives the same prompt and maximum.
@@ -48,7 +49,7 @@ pub(crate) fn check(data: &[u8]) {
 
     let expected = job
         .prompt_tokens
-        .saturating_add(u64::from(job.max_tokens))
+        .saturating_add(u64::from(job.max_tokens) * u64::from(job.choices))
         .min(u64::from(u32::MAX));
     assert_eq!(u64::from(job.estimate()), expected);
     // A prompt character takes at least one byte of body: a client cannot
@@ -81,6 +82,8 @@ fn agrees_with_plain_json(job: &Job, chat: bool, value: &Value) {
         .unwrap_or(16);
     assert_eq!(job.prompt_tokens, (chars as u64).div_ceil(4));
     assert_eq!(u64::from(job.max_tokens), max_tokens);
+    let n = value.get("n").and_then(Value::as_u64).unwrap_or(1);
+    assert_eq!(u64::from(job.choices), n);
 }
 
 /// The characters of a chat message's `content`: a string's, the text parts'

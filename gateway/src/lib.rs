@@ -26,7 +26,10 @@
 //! mock generates `max_tokens` tokens (default 16), or
 //! `mock_completion_tokens` when the request names it, `mock_token_ms` apart
 //! (default 5) when streaming; `mock_fail_after: N` cuts a stream off after
-//! N tokens, as a broken model would.
+//! N tokens, as a broken model would. `n` (1 to 128) asks for that many
+//! choices, each with its `index` (streamed, each chunk carries one), and
+//! the usage counts every choice's tokens; `max_tokens × n` may be at most
+//! 100,000.
 //!
 //! - `GET /metrics`: the decision counters (`tollgate_decisions_total`) in
 //!   Prometheus text, never limited

@@ -11,6 +11,8 @@ use tollgate::TokenUsage;
 /// Limits on what one mock request may ask for, so that a request cannot make
 /// the mock work for minutes.
 pub(crate) const MAX_TOKENS_CAP: u32 = 100_000;
+/// The most choices one request may ask for (OpenAI's bound on `n`).
+pub(crate) const MAX_CHOICES: u32 = 128;
 pub(crate) const MAX_TOKEN_MS: u64 = 10_000;
 
 #[derive(Deserialize)]
@@ -79,6 +81,8 @@ struct Common {
     max_completion_tokens: Option<u32>,
     #[serde(default)]
     stream: bool,
+    /// Choices to generate (OpenAI's `n`, 1 to [`MAX_CHOICES`]).
+    n: Option<u32>,
     mock_completion_tokens: Option<u32>,
     mock_token_ms: Option<u64>,
     /// A streamed answer fails (the model broke) after this many tokens.
@@ -102,7 +106,10 @@ pub(crate) struct Job {
     /// tollgate's `OpenAiEstimator`; the fuzz check holds [`Job::estimate`]
     /// to the documented rule.)
     pub(crate) max_tokens: u32,
+    /// Tokens of each choice.
     pub(crate) completion_tokens: u32,
+    /// Choices generated (`n`): each has `completion_tokens`.
+    pub(crate) choices: u32,
     pub(crate) token_ms: u64,
     pub(crate) stream: bool,
     /// `stream_options.include_usage`: a streamed answer ends with a chunk
@@ -127,20 +134,29 @@ impl Job {
         }
     }
 
-    /// Tokens reserved before the call: `ceil(prompt_chars / 4) + max_tokens`.
+    /// Tokens reserved before the call:
+    /// `ceil(prompt_chars / 4) + max_tokens × n`.
     #[allow(dead_code)]
     pub(crate) fn estimate(&self) -> u32 {
         u32::try_from(self.prompt_tokens)
             .unwrap_or(u32::MAX)
-            .saturating_add(self.max_tokens)
+            .saturating_add(self.max_tokens.saturating_mul(self.choices))
     }
 
     fn new(chat: bool, model: String, prompt_chars: usize, c: &Common) -> Result<Job, String> {
         let max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(16);
         let completion_tokens = c.mock_completion_tokens.unwrap_or(max_tokens);
-        if max_tokens > MAX_TOKENS_CAP || completion_tokens > MAX_TOKENS_CAP {
+        let choices = c.n.unwrap_or(1);
+        if !(1..=MAX_CHOICES).contains(&choices) {
+            return Err(format!("n must be from 1 to {MAX_CHOICES}"));
+        }
+        // Every choice may take `max_tokens`: what the answer may cost stays
+        // within the cap whatever `n`.
+        if max_tokens.saturating_mul(choices) > MAX_TOKENS_CAP
+            || completion_tokens.saturating_mul(choices) > MAX_TOKENS_CAP
+        {
             return Err(format!(
-                "max_tokens and mock_completion_tokens must be at most {MAX_TOKENS_CAP}"
+                "max_tokens and mock_completion_tokens, times n, must be at most {MAX_TOKENS_CAP}"
             ));
         }
         let token_ms = c.mock_token_ms.unwrap_or(5);
@@ -153,6 +169,7 @@ impl Job {
             prompt_tokens: (prompt_chars as u64).div_ceil(4),
             max_tokens,
             completion_tokens,
+            choices,
             token_ms,
             stream: c.stream,
             include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),

@@ -50,12 +50,17 @@ impl CostEstimator for MockEstimator {
 }
 
 impl Job {
+    /// Tokens generated, over every choice.
+    fn generated(&self) -> u64 {
+        u64::from(self.completion_tokens) * u64::from(self.choices)
+    }
+
     fn total_tokens(&self) -> u64 {
-        self.prompt_tokens + u64::from(self.completion_tokens)
+        self.prompt_tokens + self.generated()
     }
 
     fn usage(&self) -> Value {
-        let completion = u64::from(self.completion_tokens);
+        let completion = self.generated();
         json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
@@ -86,19 +91,21 @@ impl Job {
             return self.stream_answer();
         }
         let text = "tok ".repeat(self.completion_tokens as usize);
-        let choice = if self.chat {
-            json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": null},
-                "logprobs": null,
-                "finish_reason": self.finish_reason(),
-            })
-        } else {
-            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": self.finish_reason()})
+        let choice = |index: u32| {
+            if self.chat {
+                json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": text, "refusal": null},
+                    "logprobs": null,
+                    "finish_reason": self.finish_reason(),
+                })
+            } else {
+                json!({"index": index, "text": text, "logprobs": null, "finish_reason": self.finish_reason()})
+            }
         };
         let id = Head::new(self.chat, &self.model, self.object());
         let mut body = id.object();
-        body["choices"] = json!([choice]);
+        body["choices"] = (0..self.choices).map(choice).collect();
         body["usage"] = self.usage();
         let mut res = Json(body).into_response();
         res.extensions_mut().insert(UsedTokens(self.total_tokens()));
@@ -107,7 +114,8 @@ impl Job {
 
     /// A streamed answer, as OpenAI streams: for chat a first chunk with
     /// the `role` delta; one chunk per token; a chunk with the
-    /// `finish_reason`; with `stream_options.include_usage` every chunk says
+    /// `finish_reason` (each of these once per choice, with its `index`,
+    /// when `n` asks for several); with `stream_options.include_usage` every chunk says
     /// `"usage": null` and one more, with no choices, carries the usage;
     /// then `data: [DONE]`.
     fn stream_answer(self) -> Response {
@@ -126,25 +134,26 @@ impl Job {
                 }
                 Event::default().data(c.to_string())
             };
-            let choice = |delta: Value, finish: Option<&str>| {
+            let choice = |index: u32, delta: Value, finish: Option<&str>| {
                 if self.chat {
-                    json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}])
+                    json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}])
                 } else {
                     let text = delta.get("content").cloned().unwrap_or(json!(""));
-                    json!([{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}])
+                    json!([{"index": index, "text": text, "logprobs": null, "finish_reason": finish}])
                 }
             };
             // A closed channel means the client went away: stop generating.
-            if self.chat
-                && tx
-                    .send(Ok(chunk(choice(
+            if self.chat {
+                for index in 0..self.choices {
+                    let role = chunk(choice(
+                        index,
                         json!({"role": "assistant", "content": ""}),
                         None,
-                    ))))
-                    .await
-                    .is_err()
-            {
-                return;
+                    ));
+                    if tx.send(Ok(role)).await.is_err() {
+                        return;
+                    }
+                }
             }
             for i in 0..self.completion_tokens {
                 if self.token_ms > 0 {
@@ -157,17 +166,21 @@ impl Job {
                         .await;
                     return;
                 }
-                let token = chunk(choice(json!({"content": "tok "}), None));
-                if tx.send(Ok(token)).await.is_err() {
-                    return;
-                }
-                if let Some(u) = &self.usage {
-                    u.add(1);
+                for index in 0..self.choices {
+                    let token = chunk(choice(index, json!({"content": "tok "}), None));
+                    if tx.send(Ok(token)).await.is_err() {
+                        return;
+                    }
+                    if let Some(u) = &self.usage {
+                        u.add(1);
+                    }
                 }
             }
-            let last = chunk(choice(json!({}), Some(self.finish_reason())));
-            if tx.send(Ok(last)).await.is_err() {
-                return;
+            for index in 0..self.choices {
+                let last = chunk(choice(index, json!({}), Some(self.finish_reason())));
+                if tx.send(Ok(last)).await.is_err() {
+                    return;
+                }
             }
             if self.include_usage {
                 let mut c = head.object();

@@ -566,6 +566,69 @@ async fn chat_stream_sends_one_event_per_token_then_usage() {
     assert_eq!(last["usage"]["total_tokens"], 6);
 }
 
+/// `n` choices, as OpenAI answers them: that many choices, each with its
+/// `index` (streamed: each chunk one choice's), and the usage counting every
+/// choice's tokens. An `n` out of 1..=128 is a 400.
+#[tokio::test]
+async fn n_choices_are_answered_and_counted() {
+    let s = start(tollgate_gateway::DEMO_CONFIG).await;
+    let res = s
+        .post(
+            "/v1/chat/completions",
+            Some("demo-free-key"),
+            r#"{"model":"m","messages":[{"role":"user","content":"abcdefgh"}],"max_tokens":2,"n":3,"mock_token_ms":0}"#,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    let choices = body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{body}");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i, "{c}");
+        assert_eq!(c["message"]["content"], "tok tok ", "{c}");
+        assert_eq!(c["finish_reason"], "length", "{c}");
+    }
+    assert_eq!(body["usage"]["completion_tokens"], 6);
+    assert_eq!(body["usage"]["total_tokens"], 8);
+
+    let res = s
+        .post(
+            "/v1/completions",
+            Some("demo-free-key"),
+            r#"{"model":"m","prompt":"abcdefgh","max_tokens":2,"n":2,"stream":true,"stream_options":{"include_usage":true},"mock_token_ms":0}"#,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    let events = sse_events(&text);
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let mut texts = [String::new(), String::new()];
+    let mut finished = [0, 0];
+    for c in &chunks {
+        for choice in c["choices"].as_array().unwrap() {
+            let i = choice["index"].as_u64().unwrap() as usize;
+            texts[i].push_str(choice["text"].as_str().unwrap());
+            finished[i] += usize::from(!choice["finish_reason"].is_null());
+        }
+    }
+    assert_eq!(texts, ["tok tok ", "tok tok "], "{text}");
+    assert_eq!(finished, [1, 1], "{text}");
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 4, "{text}");
+
+    for n in [0, 129] {
+        let body = format!(r#"{{"model":"m","prompt":"hi","n":{n}}}"#);
+        let res = s
+            .post("/v1/completions", Some("demo-free-key"), &body)
+            .await;
+        assert_eq!(res.status(), 400, "n = {n}");
+    }
+}
+
 #[tokio::test]
 async fn a_stream_without_include_usage_has_no_usage_and_ends_with_a_finish_reason() {
     let s = start(tollgate_gateway::DEMO_CONFIG).await;
