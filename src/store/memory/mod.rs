@@ -90,7 +90,8 @@ impl MemoryStore {
         MemoryStoreBuilder::default()
     }
 
-    /// How many slots the table has (twice the keys it is sized for).
+    /// How many slots the table may grow to (twice the keys it is sized
+    /// for); [`allocated_bytes`](Self::allocated_bytes) tells what it holds.
     pub fn capacity(&self) -> usize {
         self.inner.table.slots() as usize
     }
