@@ -53,7 +53,8 @@ Options:
                          too) with no request open for as long is closed
                          [default: 10]
   --body-timeout SECS    how long a request body may send nothing before it is
-                         cut off [default: 30]
+                         cut off, and an answer may go unread before its
+                         connection is dropped [default: 30]
   --max-connections N    connections served at once; more wait to be accepted
                          [default: 1024]
   --upstream URL         forward /v1/* to this OpenAI-compatible backend (vLLM,

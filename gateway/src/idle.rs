@@ -6,6 +6,12 @@
 //! Each connection counts the requests it has open, from when the service
 //! is called until the response body is done with (sent, or dropped with a
 //! stream the client reset), and when the last one ended.
+//!
+//! It also sees a client that stops reading: a response body hands the
+//! server a piece, and the server asks for the next only once that piece is
+//! written. A connection whose bodies have pieces handed out and none asked
+//! for since a timeout is stalled on its client (a body waiting on the
+//! model is not: it has been asked, and has nothing yet).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,6 +30,12 @@ pub(crate) struct Activity {
     /// Milliseconds from `start` to when the last request ended (or the
     /// connection began).
     last: AtomicU64,
+    /// Bodies that handed the server a piece it has not yet written (it has
+    /// not asked for the next).
+    handed: AtomicUsize,
+    /// Milliseconds from `start` to when the server last asked a body for a
+    /// piece.
+    asked: AtomicU64,
     start: Instant,
 }
 
@@ -32,6 +44,8 @@ impl Activity {
         Arc::new(Activity {
             open: AtomicUsize::new(0),
             last: AtomicU64::new(0),
+            handed: AtomicUsize::new(0),
+            asked: AtomicU64::new(0),
             start: Instant::now(),
         })
     }
@@ -66,6 +80,29 @@ impl Activity {
     }
 }
 
+impl Activity {
+    /// Resolves once the connection has had a piece of a response waiting
+    /// to be written, and nothing written, for `timeout`: its client stopped
+    /// reading.
+    pub(crate) async fn stalled_for(&self, timeout: Duration) {
+        let timeout_ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        loop {
+            let now = self.millis();
+            if self.handed.load(Ordering::Acquire) == 0 {
+                tokio::time::sleep(timeout).await;
+                continue;
+            }
+            let since = now.saturating_sub(self.asked.load(Ordering::Acquire));
+            if since >= timeout_ms {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(timeout_ms - since)).await;
+        }
+    }
+}
+
 /// An open request of a connection's [`Activity`].
 #[derive(Debug)]
 pub(crate) struct Open(Arc<Activity>);
@@ -77,15 +114,37 @@ impl Drop for Open {
     }
 }
 
-/// A response body that keeps its request open until it is done with.
+/// A response body that keeps its request open until it is done with, and
+/// tells when the server takes its pieces.
 pub(crate) struct Guarded {
     body: Body,
-    _open: Open,
+    open: Open,
+    /// A piece was handed to the server and it has not asked for the next.
+    handed: bool,
 }
 
 impl Guarded {
     pub(crate) fn body(body: Body, open: Open) -> Body {
-        Body::new(Guarded { body, _open: open })
+        Body::new(Guarded {
+            body,
+            open,
+            handed: false,
+        })
+    }
+
+    fn taken(&mut self) {
+        let activity = &self.open.0;
+        activity.asked.store(activity.millis(), Ordering::Release);
+        if self.handed {
+            self.handed = false;
+            activity.handed.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.taken();
     }
 }
 
@@ -97,7 +156,14 @@ impl http_body::Body for Guarded {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        // Asked again: what was handed before is written.
+        self.taken();
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            self.handed = true;
+            self.open.0.handed.fetch_add(1, Ordering::AcqRel);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -125,5 +191,27 @@ mod tests {
         let before = Instant::now();
         a.idle_for(idle).await;
         assert_eq!(before.elapsed(), idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_stalled_only_while_a_piece_waits_to_be_written() {
+        use http_body_util::BodyExt;
+        let a = Activity::new();
+        let timeout = Duration::from_secs(5);
+        let body = Guarded::body(Body::from("piece"), a.begin());
+        let mut body = std::pin::pin!(body);
+        // Nothing handed yet (a model thinking): not stalled.
+        let waited = tokio::time::timeout(Duration::from_secs(60), a.stalled_for(timeout)).await;
+        assert!(waited.is_err());
+        // A piece handed and never followed by the next ask: stalled.
+        let piece = body.frame().await.unwrap().unwrap();
+        assert_eq!(piece.into_data().unwrap(), "piece");
+        let before = Instant::now();
+        a.stalled_for(timeout).await;
+        assert_eq!(before.elapsed(), timeout);
+        // Asked again (the piece was written): no longer.
+        assert!(body.frame().await.is_none());
+        let waited = tokio::time::timeout(Duration::from_secs(60), a.stalled_for(timeout)).await;
+        assert!(waited.is_err());
     }
 }

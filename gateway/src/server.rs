@@ -195,7 +195,9 @@ pub struct Limits {
     /// Any connection (HTTP/2's too, which may answer pings for ever) with
     /// no request open for as long is closed gracefully (HTTP/2: `GOAWAY`).
     pub header_timeout: Duration,
-    /// How long a request body may send nothing before it is cut off.
+    /// How long a request body may send nothing before it is cut off; and
+    /// how long a client may leave an answer unread (a piece of it waiting
+    /// to be written, nothing written) before its connection is dropped.
     pub body_timeout: Duration,
     /// HTTP/2: how often an idle connection is pinged; one that does not
     /// answer within as long again is closed.
@@ -292,6 +294,7 @@ pub async fn serve_with(
         let builder = builder.clone();
         let mut stop = stop.clone();
         let header_timeout = limits.header_timeout;
+        let write_timeout = limits.body_timeout;
         tokio::spawn(async move {
             // Telling HTTP/1 from HTTP/2 waits for the first bytes, before
             // hyper's header timeout runs: a client that sends nothing is
@@ -317,6 +320,12 @@ pub async fn serve_with(
                     _ = stop.wait_for(|&stopping| stopping), if !closing => {
                         conn.as_mut().graceful_shutdown();
                         closing = true;
+                    }
+                    // A client that stopped reading an answer holds its
+                    // place (and its request's) for nothing: dropped.
+                    () = activity.stalled_for(write_timeout) => {
+                        tracing::debug!(%peer, "the client stopped reading; connection dropped");
+                        break Ok(());
                     }
                 }
             };

@@ -181,6 +181,54 @@ async fn a_stream_longer_than_the_idle_timeout_is_sent_whole_then_the_connection
     );
 }
 
+/// A client that stops reading a streamed answer has its connection dropped
+/// once nothing has been written for the body timeout; without that, the
+/// server waits on the write for ever, holding the connection's place and
+/// the request's.
+#[tokio::test]
+async fn a_client_that_stops_reading_an_answer_is_dropped_after_the_body_timeout() {
+    let (addr, _stop) = start(limits(
+        Duration::from_secs(10),
+        Duration::from_millis(300),
+        16,
+    ))
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    // About 15 MB of events, more than the sockets' buffers hold.
+    let body = r#"{"model":"m","prompt":"hi","max_tokens":16,"mock_completion_tokens":100000,"stream":true,"mock_token_ms":0}"#;
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-api-key: demo-free-key\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut first = [0u8; 1024];
+    let n = stream.read(&mut first).await.unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &first[..n]);
+    // Stop reading for well past the timeout.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut rest = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("the connection ends");
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => rest.extend_from_slice(&buf[..n]),
+        }
+    }
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        !rest.contains("[DONE]"),
+        "the whole answer came: {} bytes",
+        rest.len()
+    );
+    assert!(rest.len() < 10_000_000, "{} bytes", rest.len());
+}
+
 #[tokio::test]
 async fn a_body_that_stops_sending_is_cut_off_and_costs_nothing() {
     let (addr, _stop) = start(limits(
