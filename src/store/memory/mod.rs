@@ -999,6 +999,61 @@ mod tests {
         assert_eq!((n, fps.len()), (48_000, 48_000));
     }
 
+    /// The table against a map from key to TAT, deciding with the same GCRA:
+    /// keys keep arriving (so the table doubles, and sweeps and moves its
+    /// keys), known keys come back, some after going idle (their slots then
+    /// go to other keys), costs are 0 to 3 and the clock moves forward. Every
+    /// decision of the store is the map's.
+    #[test]
+    fn the_growing_table_decides_as_a_map_of_keys_does() {
+        let (s, clock) = store(1 << 18);
+        let p = plan(100.0, 4);
+        let gcra = &p.0.gcra;
+        let mut model: std::collections::HashMap<u32, Nanos> = std::collections::HashMap::new();
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut keys = 0u32;
+        let (mut allowed, mut denied) = (0, 0);
+        for _ in 0..240_000 {
+            let k = if keys == 0 || next() % 3 == 0 {
+                keys += 1;
+                keys - 1
+            } else if next() % 8 == 0 {
+                // Any key seen, most of them idle long since.
+                (next() % u64::from(keys)) as u32
+            } else {
+                // One of the last 50: buckets run dry.
+                keys - 1 - (next() % u64::from(keys.min(50))) as u32
+            };
+            let cost = (next() % 4) as u32;
+            if next() % 64 == 0 {
+                clock.advance(Duration::from_millis(next() % 40));
+            }
+            let now = s.inner.clock.nanos();
+            let tat = model.get(&k).copied().unwrap_or(0);
+            let got = s.acquire_one(&p, digest(&k.to_le_bytes()), cost);
+            match gcra.decide(tat, now, cost) {
+                Outcome::Allow { tat, .. } => {
+                    assert!(got.is_ok(), "key {k} cost {cost}: {got:?}");
+                    model.insert(k, tat);
+                    allowed += 1;
+                }
+                other => {
+                    assert!(got.is_err(), "key {k} cost {cost}: {other:?} but allowed");
+                    denied += 1;
+                }
+            }
+        }
+        // It grew (80,000 keys from 16,384 slots), and both answers came.
+        assert!(s.inner.table.size() >= 1 << 17);
+        assert!(allowed > 100_000 && denied > 10_000, "{allowed} / {denied}");
+    }
+
     /// A key being moved as the table grows is for a moment in neither its
     /// old slot nor its new one: a look that changes nothing (a peek, as
     /// `check(key, 0)` and concurrency caps make) must still find its state,

@@ -664,6 +664,12 @@ impl Table {
             .flat_map(|p| p.iter())
     }
 
+    /// The table's size so far, in slots.
+    #[cfg(test)]
+    pub(super) fn size(&self) -> u64 {
+        1 << self.bits()
+    }
+
     /// The fingerprint of every key placed.
     #[cfg(test)]
     pub(super) fn fingerprints(&self) -> Vec<u64> {
