@@ -7,20 +7,23 @@
 //! is called until the response body is done with (sent, or dropped with a
 //! stream the client reset), and when the last one ended.
 //!
-//! It also sees a client that stops reading: a response body hands the
-//! server a piece, and the server asks for the next only once that piece is
-//! written. A connection whose bodies have pieces handed out and none asked
-//! for since a timeout is stalled on its client (a body waiting on the
-//! model is not: it has been asked, and has nothing yet).
+//! It also sees a client that stops reading: the connection's socket
+//! ([`Watched`]) tells when a write waits because the client's window is
+//! full, and when one goes through. A write that has waited a timeout
+//! without any byte taken means the client stopped reading; a client that
+//! reads slowly still takes bytes, and a body waiting on the model writes
+//! nothing and waits on nothing.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use http_body::{Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// One connection's requests: how many are open, and when the last ended.
@@ -30,12 +33,10 @@ pub(crate) struct Activity {
     /// Milliseconds from `start` to when the last request ended (or the
     /// connection began).
     last: AtomicU64,
-    /// Bodies that handed the server a piece it has not yet written (it has
-    /// not asked for the next).
-    handed: AtomicUsize,
-    /// Milliseconds from `start` to when the server last asked a body for a
-    /// piece.
-    asked: AtomicU64,
+    /// A write is waiting for the client to take bytes.
+    blocked: AtomicBool,
+    /// Milliseconds from `start` to when the write now waiting began to.
+    blocked_since: AtomicU64,
     start: Instant,
 }
 
@@ -44,8 +45,8 @@ impl Activity {
         Arc::new(Activity {
             open: AtomicUsize::new(0),
             last: AtomicU64::new(0),
-            handed: AtomicUsize::new(0),
-            asked: AtomicU64::new(0),
+            blocked: AtomicBool::new(false),
+            blocked_since: AtomicU64::new(0),
             start: Instant::now(),
         })
     }
@@ -81,25 +82,96 @@ impl Activity {
 }
 
 impl Activity {
-    /// Resolves once the connection has had a piece of a response waiting
-    /// to be written, and nothing written, for `timeout`: its client stopped
-    /// reading.
+    /// Resolves once a write has waited `timeout` for the client to take a
+    /// byte: the client stopped reading.
     pub(crate) async fn stalled_for(&self, timeout: Duration) {
         let timeout_ms = u64::try_from(timeout.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
         loop {
             let now = self.millis();
-            if self.handed.load(Ordering::Acquire) == 0 {
+            if !self.blocked.load(Ordering::Acquire) {
                 tokio::time::sleep(timeout).await;
                 continue;
             }
-            let since = now.saturating_sub(self.asked.load(Ordering::Acquire));
+            let since = now.saturating_sub(self.blocked_since.load(Ordering::Acquire));
             if since >= timeout_ms {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(timeout_ms - since)).await;
         }
+    }
+
+    /// What a write on the socket came to: waiting (the client's window is
+    /// full) or through.
+    fn wrote<T>(&self, result: &Poll<std::io::Result<T>>) {
+        match result {
+            Poll::Pending => {
+                if !self.blocked.load(Ordering::Acquire) {
+                    self.blocked_since.store(self.millis(), Ordering::Release);
+                    self.blocked.store(true, Ordering::Release);
+                }
+            }
+            Poll::Ready(_) => self.blocked.store(false, Ordering::Release),
+        }
+    }
+}
+
+/// A connection's socket, telling its [`Activity`] when writes wait for
+/// the client and when they go through.
+#[derive(Debug)]
+pub(crate) struct Watched {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl Watched {
+    pub(crate) fn new(stream: TcpStream, activity: Arc<Activity>) -> Watched {
+        Watched { stream, activity }
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.activity.wrote(&written);
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.activity.wrote(&written);
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -114,37 +186,15 @@ impl Drop for Open {
     }
 }
 
-/// A response body that keeps its request open until it is done with, and
-/// tells when the server takes its pieces.
+/// A response body that keeps its request open until it is done with.
 pub(crate) struct Guarded {
     body: Body,
-    open: Open,
-    /// A piece was handed to the server and it has not asked for the next.
-    handed: bool,
+    _open: Open,
 }
 
 impl Guarded {
     pub(crate) fn body(body: Body, open: Open) -> Body {
-        Body::new(Guarded {
-            body,
-            open,
-            handed: false,
-        })
-    }
-
-    fn taken(&mut self) {
-        let activity = &self.open.0;
-        activity.asked.store(activity.millis(), Ordering::Release);
-        if self.handed {
-            self.handed = false;
-            activity.handed.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        self.taken();
+        Body::new(Guarded { body, _open: open })
     }
 }
 
@@ -156,14 +206,7 @@ impl http_body::Body for Guarded {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        // Asked again: what was handed before is written.
-        self.taken();
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(_))) = &polled {
-            self.handed = true;
-            self.open.0.handed.fetch_add(1, Ordering::AcqRel);
-        }
-        polled
+        Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -194,24 +237,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_connection_is_stalled_only_while_a_piece_waits_to_be_written() {
-        use http_body_util::BodyExt;
+    async fn a_connection_is_stalled_only_while_one_write_waits_the_whole_time() {
         let a = Activity::new();
         let timeout = Duration::from_secs(5);
-        let body = Guarded::body(Body::from("piece"), a.begin());
-        let mut body = std::pin::pin!(body);
-        // Nothing handed yet (a model thinking): not stalled.
+        let written: Poll<std::io::Result<usize>> = Poll::Ready(Ok(10));
+        // Writes that go through, or none: never stalled.
+        a.wrote(&written);
         let waited = tokio::time::timeout(Duration::from_secs(60), a.stalled_for(timeout)).await;
         assert!(waited.is_err());
-        // A piece handed and never followed by the next ask: stalled.
-        let piece = body.frame().await.unwrap().unwrap();
-        assert_eq!(piece.into_data().unwrap(), "piece");
+        // A write waits; four seconds later one goes through (a slow
+        // reader); then another waits for good.
+        a.wrote(&Poll::<std::io::Result<usize>>::Pending);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        a.wrote(&written);
+        a.wrote(&Poll::<std::io::Result<usize>>::Pending);
         let before = Instant::now();
+        // Waiting again (the same wait): counted from when it began.
+        a.wrote(&Poll::<std::io::Result<usize>>::Pending);
         a.stalled_for(timeout).await;
         assert_eq!(before.elapsed(), timeout);
-        // Asked again (the piece was written): no longer.
-        assert!(body.frame().await.is_none());
-        let waited = tokio::time::timeout(Duration::from_secs(60), a.stalled_for(timeout)).await;
-        assert!(waited.is_err());
     }
 }

@@ -25,7 +25,7 @@ use tollgate::{ConfigError, HeaderStyle, MemoryStore, RateLimitLayer, RedisStore
 
 use crate::cli::{DEFAULT_LOG, Parsed, USAGE, parse_args};
 use crate::dashboard::Dashboard;
-use crate::idle::{Activity, Guarded};
+use crate::idle::{Activity, Guarded, Watched};
 use crate::mock::{self, MockEstimator};
 use crate::traffic::Both;
 use crate::upstream::{self, Upstream, UpstreamEstimator};
@@ -196,8 +196,8 @@ pub struct Limits {
     /// no request open for as long is closed gracefully (HTTP/2: `GOAWAY`).
     pub header_timeout: Duration,
     /// How long a request body may send nothing before it is cut off; and
-    /// how long a client may leave an answer unread (a piece of it waiting
-    /// to be written, nothing written) before its connection is dropped.
+    /// how long a write of an answer may wait for the client to take a byte
+    /// (it stopped reading) before its connection is dropped.
     pub body_timeout: Duration,
     /// HTTP/2: how often an idle connection is pinged; one that does not
     /// answer within as long again is closed.
@@ -304,8 +304,9 @@ pub async fn serve_with(
                 drop(place);
                 return;
             }
+            let socket = Watched::new(stream, Arc::clone(&activity));
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(TokioIo::new(socket), service)
                 .into_owned();
             let mut conn = std::pin::pin!(conn);
             let mut closing = false;

@@ -229,6 +229,62 @@ async fn a_client_that_stops_reading_an_answer_is_dropped_after_the_body_timeout
     assert!(rest.len() < 10_000_000, "{} bytes", rest.len());
 }
 
+/// A client that reads an answer slowly but steadily keeps its connection,
+/// however long the answer takes: here 400 KB in one piece (a non-streamed
+/// completion) read 4 KiB at a time for about 2 s, with a body timeout of
+/// 300 ms. Only a write that waits the whole timeout for a byte to be taken
+/// drops the connection.
+#[tokio::test]
+async fn a_client_reading_slowly_but_steadily_gets_the_whole_answer() {
+    let (addr, _stop) = start(limits(
+        Duration::from_secs(10),
+        Duration::from_millis(300),
+        16,
+    ))
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    let body = r#"{"model":"m","prompt":"hi","max_tokens":16,"mock_completion_tokens":100000}"#;
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-api-key: demo-free-key\r\n\
+         content-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("the server keeps writing")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    assert!(
+        answer.trim_end().ends_with('}'),
+        "cut off after {} bytes",
+        answer.len()
+    );
+    assert!(answer.len() > 400_000, "{} bytes", answer.len());
+    assert!(
+        started.elapsed() > Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn a_body_that_stops_sending_is_cut_off_and_costs_nothing() {
     let (addr, _stop) = start(limits(
