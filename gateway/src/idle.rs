@@ -63,42 +63,40 @@ impl Activity {
 
     /// Resolves once the connection has had no request open for `idle`.
     pub(crate) async fn idle_for(&self, idle: Duration) {
-        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX).max(1);
-        loop {
-            // The time is read before the count: a request that ends in
-            // between moves `last` past it, and is seen on the next turn.
-            let now = self.millis();
-            if self.open.load(Ordering::Acquire) > 0 {
-                tokio::time::sleep(idle).await;
-                continue;
-            }
-            let since = now.saturating_sub(self.last.load(Ordering::Acquire));
-            if since >= idle_ms {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(idle_ms - since)).await;
-        }
+        self.held_for(idle, || {
+            (self.open.load(Ordering::Acquire) == 0).then(|| self.last.load(Ordering::Acquire))
+        })
+        .await;
     }
-}
 
-impl Activity {
     /// Resolves once a write has waited `timeout` for the client to take a
     /// byte: the client stopped reading.
     pub(crate) async fn stalled_for(&self, timeout: Duration) {
-        let timeout_ms = u64::try_from(timeout.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        self.held_for(timeout, || {
+            self.blocked
+                .load(Ordering::Acquire)
+                .then(|| self.blocked_since.load(Ordering::Acquire))
+        })
+        .await;
+    }
+
+    /// Resolves once a state has held for `span`: `since` tells when it
+    /// began (milliseconds from `start`), or `None` while it does not hold.
+    async fn held_for(&self, span: Duration, since: impl Fn() -> Option<u64>) {
+        let span_ms = u64::try_from(span.as_millis()).unwrap_or(u64::MAX).max(1);
         loop {
+            // The time is read before the state: a change in between moves
+            // `since` past it, and is seen on the next turn.
             let now = self.millis();
-            if !self.blocked.load(Ordering::Acquire) {
-                tokio::time::sleep(timeout).await;
+            let Some(began) = since() else {
+                tokio::time::sleep(span).await;
                 continue;
-            }
-            let since = now.saturating_sub(self.blocked_since.load(Ordering::Acquire));
-            if since >= timeout_ms {
+            };
+            let held = now.saturating_sub(began);
+            if held >= span_ms {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(timeout_ms - since)).await;
+            tokio::time::sleep(Duration::from_millis(span_ms - held)).await;
         }
     }
 

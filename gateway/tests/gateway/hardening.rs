@@ -181,6 +181,25 @@ async fn a_stream_longer_than_the_idle_timeout_is_sent_whole_then_the_connection
     );
 }
 
+/// Asks `addr` on HTTP/1, from a socket with a 4 KiB receive buffer, for a
+/// completion of 100,000 tokens with `fields` added to its body, and asks
+/// the server to close the connection after it.
+async fn long_completion(addr: SocketAddr, fields: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    let body = format!(
+        r#"{{"model":"m","prompt":"hi","max_tokens":16,"mock_completion_tokens":100000,{fields}}}"#
+    );
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-api-key: demo-free-key\r\n\
+         content-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+}
+
 /// A client that stops reading a streamed answer has its connection dropped
 /// once nothing has been written for the body timeout; without that, the
 /// server waits on the write for ever, holding the connection's place and
@@ -193,17 +212,8 @@ async fn a_client_that_stops_reading_an_answer_is_dropped_after_the_body_timeout
         16,
     ))
     .await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(addr).await.unwrap();
     // About 15 MB of events, more than the sockets' buffers hold.
-    let body = r#"{"model":"m","prompt":"hi","max_tokens":16,"mock_completion_tokens":100000,"stream":true,"mock_token_ms":0}"#;
-    let head = format!(
-        "POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-api-key: demo-free-key\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut stream = long_completion(addr, r#""stream":true,"mock_token_ms":0"#).await;
     let mut first = [0u8; 1024];
     let n = stream.read(&mut first).await.unwrap();
     assert!(first[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &first[..n]);
@@ -242,16 +252,7 @@ async fn a_client_reading_slowly_but_steadily_gets_the_whole_answer() {
         16,
     ))
     .await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(addr).await.unwrap();
-    let body = r#"{"model":"m","prompt":"hi","max_tokens":16,"mock_completion_tokens":100000}"#;
-    let head = format!(
-        "POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-api-key: demo-free-key\r\n\
-         content-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut stream = long_completion(addr, r#""stream":false"#).await;
     let started = Instant::now();
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
