@@ -107,6 +107,7 @@ impl<'a> Key<'a> {
     }
 
     /// The bytes of the key.
+    #[inline]
     pub fn as_bytes(&self) -> &[u8] {
         match &self.repr {
             Repr::Borrowed(b) => b,

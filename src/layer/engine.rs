@@ -192,16 +192,27 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
         reserve: &mut Option<Box<Unsettled>>,
         report: &mut Report,
     ) -> Step<S::Future> {
-        let mut decide = |c: &Caller<'_>| self.acquire(c, Some(req), 1, Some(reserve), report);
+        // The closure holds one pointer, which goes in a register: with its
+        // four captures it was copied through the stack on its way into the
+        // registry's lookup, a store-forwarding stall on every request.
+        let mut deciding = Deciding {
+            shared: self,
+            req,
+            reserve,
+            report,
+        };
+        let mut decide = |c: &Caller<'_>| deciding.decide(c);
+        // The key is read where the extractor wrote it (`ref`): moved out,
+        // it was copied in wider pieces than it was written, which stalls.
         let result = if let Some(plan) = &self.fixed {
             match self.extractor.extract(req) {
-                Ok(key) => Ok(decide(&Caller::unregistered(None, plan, key.as_bytes()))),
+                Ok(ref key) => Ok(decide(&Caller::unregistered(None, plan, key.as_bytes()))),
                 Err(e) => Err(self.refuse(Reason::Key(e), Seen::request(req)).into()),
             }
         } else {
             match self.extractor.extract(req) {
                 // A registered key is decided from its entry alone.
-                Ok(key) => self.registered(key.as_bytes(), Some(req), true, decide),
+                Ok(ref key) => self.registered(key.as_bytes(), Some(req), true, decide),
                 Err(KeyError::Missing) => match &self.policy.load().anonymous {
                     Some(anon) => match anon.client_ip.extract(req) {
                         Ok(ip) => {
@@ -222,6 +233,23 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
             }
         };
         Step::of(result)
+    }
+}
+
+/// What [`Shared::decide`] decides a caller's request with.
+struct Deciding<'s, 'r, 'v, K, S> {
+    shared: &'s Shared<K, S>,
+    req: &'r RequestView<'v>,
+    reserve: &'r mut Option<Box<Unsettled>>,
+    report: &'r mut Report,
+}
+
+impl<K, S: Store> Deciding<'_, '_, '_, K, S> {
+    #[inline(always)]
+    fn decide(&mut self, c: &Caller<'_>) -> Step<S::Future> {
+        let reserve = Some(&mut *self.reserve);
+        self.shared
+            .acquire(c, Some(self.req), 1, reserve, self.report)
     }
 }
 
@@ -641,21 +669,50 @@ impl<K> Shared<K, MemoryStore> {
     /// without a request and without a report.
     #[inline]
     pub(crate) fn check(&self, key: &[u8], cost: u32) -> Result<(), Rejection> {
-        let result = match &self.fixed {
-            Some(plan) => {
-                let caller = Caller::unregistered(None, plan, key);
-                self.check_caller(&caller, cost)
-            }
-            None => self
-                .registered(key, None, false, |c| self.check_caller(c, cost))
-                .map_err(|miss| match miss {
-                    Miss::Refused(rejection) => rejection,
-                    // Never asked for without waiting.
-                    Miss::Lookup(_) => Rejection::key(Reason::UnknownKey),
-                })
-                .map_err(|r| self.styled(r))?,
+        // A registered key's denial is written into `checking`, and read
+        // only when there is one: a result of its size, moved back through
+        // the registry's lookup, cost a store-forwarding stall on every
+        // decision. The closure holds one pointer, which goes in a
+        // register: with three captures it was copied through the stack,
+        // a stall of its own.
+        if let Some(plan) = &self.fixed {
+            let caller = Caller::unregistered(None, plan, key);
+            return match self.check_caller(&caller, cost) {
+                Ok(()) => Ok(()),
+                Err(d) => Err(self.check_denied(d)),
+            };
+        }
+        let mut checking = Checking {
+            shared: self,
+            cost,
+            denied: None,
         };
-        result.map_err(|d| self.styled(Rejection::denied(d.denial, &d.limit, self.quota_status)))
+        let decide = |c: &Caller<'_>| checking.decide(c);
+        if let Err(miss) = self.registered(key, None, false, decide) {
+            return Err(self.missed(miss));
+        }
+        match checking.denied {
+            None => Ok(()),
+            Some(d) => Err(self.check_denied(d)),
+        }
+    }
+
+    /// The rejection of a key `check` could not decide.
+    #[cold]
+    #[inline(never)]
+    fn missed(&self, miss: Miss) -> Rejection {
+        self.styled(match miss {
+            Miss::Refused(rejection) => rejection,
+            // Never asked for without waiting.
+            Miss::Lookup(_) => Rejection::key(Reason::UnknownKey),
+        })
+    }
+
+    /// The rejection of a request `check` denied.
+    #[cold]
+    #[inline(never)]
+    fn check_denied(&self, d: Denied) -> Rejection {
+        self.styled(Rejection::denied(d.denial, &d.limit, self.quota_status))
     }
 
     /// Decides `cost` units for a caller, without a request.
@@ -677,5 +734,21 @@ impl<K> Shared<K, MemoryStore> {
             self.checked(&result, c.seen(None, c.plan.model(None)));
         }
         result
+    }
+}
+
+/// What [`Shared::check`] decides a caller with, and where a denial goes.
+struct Checking<'a, K> {
+    shared: &'a Shared<K, MemoryStore>,
+    cost: u32,
+    denied: Option<Denied>,
+}
+
+impl<K> Checking<'_, K> {
+    #[inline(always)]
+    fn decide(&mut self, c: &Caller<'_>) {
+        if let Err(d) = self.shared.check_caller(c, self.cost) {
+            self.denied = Some(d);
+        }
     }
 }
