@@ -410,6 +410,7 @@ impl<'a> Acquire<'a> {
         }
     }
 
+    #[inline]
     pub(crate) fn push(&mut self, throttle: ThrottleRef<'a>) {
         let _ = self.throttles.try_push(throttle);
     }

@@ -256,7 +256,7 @@ impl Quotas {
     /// room); otherwise past it (a settlement or an admin change of a
     /// subject just decided). `f` answering `None` (the counter was let go
     /// meanwhile) looks again.
-    #[inline]
+    #[inline(always)]
     fn with<R>(
         &self,
         q: &QuotaRef<'_>,
