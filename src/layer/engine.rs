@@ -15,7 +15,9 @@ use crate::observe::{Seen, SharedObserver, Watch};
 use crate::plan::{AccountLimits, FailureMode, ModelEntry, Plan, StageLimits};
 use crate::policy::{Policy, Snapshot};
 use crate::resolver::{Answer, Lookup, ResolveError, ResolverFallback, Resolving};
-use crate::response::{Decision, Reason, Rejection, ResponseStyle, SharedOnRejection, is_grpc};
+use crate::response::{
+    Decision, Reason, Rejection, ResponseStyle, SharedOnRejection, is_grpc, refused,
+};
 use crate::store::Failures;
 use crate::store::{Acquire, Acquired, Denied, MemoryStore, Report, Store, Subject, ThrottleRef};
 
@@ -67,7 +69,7 @@ pub(crate) enum Step<F> {
     Done(Decision<()>),
     /// The store answers later; `FailureMode` says what a failure means, and
     /// the `Watch` (only with an observer) whom the decision is about.
-    Wait(F, FailureMode, Option<Watch>),
+    Wait(F, FailureMode, Option<Box<Watch>>),
     /// The key is not registered, nor in the resolver's cache: the resolver
     /// answers later, and the request is decided then
     /// ([`Shared::decide_resolved`]).
@@ -113,7 +115,7 @@ impl<F> Step<F> {
     fn of(result: Result<Step<F>, Miss>) -> Self {
         match result {
             Ok(step) => step,
-            Err(Miss::Refused(rejection)) => Step::Done(Err((rejection, None))),
+            Err(Miss::Refused(rejection)) => Step::Done(Err(refused(rejection, None))),
             Err(Miss::Lookup(lookup)) => Step::Resolve(lookup),
         }
     }
@@ -330,7 +332,7 @@ impl<K, S: Store> Shared<K, S> {
             self.acquire(c, None, 0, None, report)
         };
         let result = self.resolved(&self.policy.load(), answer, None, true, decide);
-        result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
+        result.unwrap_or_else(|rejection| Step::Done(Err(refused(rejection, None))))
     }
 
     /// Decides a request whose key the resolver has answered (after
@@ -344,7 +346,7 @@ impl<K, S: Store> Shared<K, S> {
     ) -> Step<S::Future> {
         let decide = |c: &Caller<'_>| self.acquire(c, Some(req), 1, Some(reserve), report);
         let result = self.resolved(&self.policy.load(), answer, Some(req), true, decide);
-        result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
+        result.unwrap_or_else(|rejection| Step::Done(Err(refused(rejection, None))))
     }
 
     /// [`check_any`](Self::check_any) for a key the resolver has answered.
@@ -356,7 +358,7 @@ impl<K, S: Store> Shared<K, S> {
     ) -> Step<S::Future> {
         let decide = |c: &Caller<'_>| self.acquire(c, None, cost, None, report);
         let result = self.resolved(&self.policy.load(), answer, None, true, decide);
-        result.unwrap_or_else(|rejection| Step::Done(Err((rejection, None))))
+        result.unwrap_or_else(|rejection| Step::Done(Err(refused(rejection, None))))
     }
 
     /// Gathers the caller's limits and asks the store; an allowed request's

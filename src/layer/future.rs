@@ -77,7 +77,7 @@ pub(crate) struct Parked<S, B, K, St> {
     pub(crate) shared: Arc<Shared<K, St>>,
     pub(crate) failure: FailureMode,
     pub(crate) reservation: Option<Box<Unsettled>>,
-    pub(crate) watch: Option<Watch>,
+    pub(crate) watch: Option<Box<Watch>>,
 }
 
 impl<S, B, K, St> ResponseFuture<S, B, K, St>
@@ -180,7 +180,8 @@ where
                     headers: shared.headers.prepare(report),
                 }
             }
-            Step::Done(Err((rejection, limit))) => {
+            Step::Done(Err(refusal)) => {
+                let (rejection, limit) = *refusal;
                 let rejection = rejection.with_grpc(is_grpc(parked.req.headers()));
                 State::Rejected {
                     response: Some(shared.reject(rejection, limit, &RequestView::new(&parked.req))),
@@ -320,7 +321,8 @@ where
                             fut: svc.call(req),
                             headers: shared.headers.prepare(&report),
                         },
-                        Err((rejection, limit)) => {
+                        Err(refusal) => {
+                            let (rejection, limit) = *refusal;
                             let rejection = rejection.with_grpc(is_grpc(req.headers()));
                             State::Rejected {
                                 response: Some(shared.reject(

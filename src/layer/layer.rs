@@ -11,7 +11,7 @@ use crate::headers::HeaderStyle;
 use crate::observe::Observer;
 use crate::policy::Policy;
 use crate::resolver::Resolver;
-use crate::response::{DEFAULT_MAX_RETRY, OnRejection, Reason, Rejection, ResponseStyle};
+use crate::response::{DEFAULT_MAX_RETRY, OnRejection, Reason, Rejection, ResponseStyle, refused};
 use crate::store::Failures;
 use crate::store::{Applied, MemoryStore, Report, Store};
 use crate::usage::Admin;
@@ -195,7 +195,7 @@ impl<K, S: Store> RateLimitLayer<K, S> {
                     shared.conclude_watched(f.await, failure, watch, None)
                 }
                 // A resolved key is never looked up again.
-                Step::Resolve(_) => Err((Rejection::key(Reason::ResolverUnavailable), None)),
+                Step::Resolve(_) => Err(refused(Rejection::key(Reason::ResolverUnavailable), None)),
                 // Without a request there is no body to read: never asked.
                 Step::Read => Ok(report),
             };
@@ -208,7 +208,7 @@ impl<K, S: Store> RateLimitLayer<K, S> {
             }
             decided
                 .map(|_| ())
-                .map_err(|(rejection, _)| shared.styled(rejection))
+                .map_err(|refusal| shared.styled(refusal.0))
         }
     }
 
@@ -289,7 +289,7 @@ impl<K, S: Store> RateLimitLayer<K, S> {
         let step = self
             .shared
             .peek_id(id, &mut report, &mut plan)
-            .unwrap_or_else(|| Step::Done(Err((Rejection::key(Reason::UnknownKey), None))));
+            .unwrap_or_else(|| Step::Done(Err(refused(Rejection::key(Reason::UnknownKey), None))));
         stand(Arc::clone(&self.shared), step, report, plan)
     }
 
@@ -366,7 +366,7 @@ async fn stand<K, S: Store>(
     let decided = match step {
         Step::Done(d) => d.map(|()| report),
         Step::Wait(f, failure, watch) => shared.conclude_watched(f.await, failure, watch, None),
-        Step::Resolve(_) => Err((Rejection::key(Reason::ResolverUnavailable), None)),
+        Step::Resolve(_) => Err(refused(Rejection::key(Reason::ResolverUnavailable), None)),
         Step::Read => Ok(report),
     };
     // A peek takes no place; a store that took one anyway gets it back.
@@ -382,12 +382,14 @@ async fn stand<K, S: Store>(
             limits: report.items().to_vec(),
             refused: None,
         }),
-        Err((rejection, Some(limit))) => Ok(Standing {
-            plan,
-            limits: vec![limit],
-            refused: Some(shared.styled(rejection)),
-        }),
-        Err((rejection, None)) => Err(shared.styled(rejection)),
+        Err(refusal) => match *refusal {
+            (rejection, Some(limit)) => Ok(Standing {
+                plan,
+                limits: vec![limit],
+                refused: Some(shared.styled(rejection)),
+            }),
+            (rejection, None) => Err(shared.styled(rejection)),
+        },
     }
 }
 

@@ -11,7 +11,9 @@ use crate::extract::{KeyExtractor, RequestView};
 use crate::headers::{Families, ceil_secs};
 use crate::observe::{Observer, Outcome, Seen, Watch, outcome};
 use crate::plan::FailureMode;
-use crate::response::{Decision, RETRY_AFTER_MS, Reason, Rejection, Unchecked, X_SHOULD_RETRY};
+use crate::response::{
+    Decision, RETRY_AFTER_MS, Reason, Rejection, Unchecked, X_SHOULD_RETRY, refused,
+};
 use crate::store::{Applied, Denied, StoreError, Verdict};
 
 impl<K, S> Shared<K, S> {
@@ -33,7 +35,7 @@ impl<K, S> Shared<K, S> {
             Ok(Ok(report)) => Ok(report),
             Ok(Err(d)) => {
                 let rejection = Rejection::denied(d.denial, &d.limit, self.quota_status);
-                Err((rejection, Some(d.limit)))
+                Err(refused(rejection, Some(d.limit)))
             }
             Err(e) => {
                 self.failures.failed(&e);
@@ -42,7 +44,7 @@ impl<K, S> Shared<K, S> {
                     // A store that decides `Local` failures keeps its own
                     // copy and never gets here; one that keeps none refuses.
                     FailureMode::Closed | FailureMode::Local => {
-                        Err((Rejection::unavailable(), None))
+                        Err(refused(Rejection::unavailable(), None))
                     }
                 }
             }
@@ -83,11 +85,14 @@ impl<K, S> Shared<K, S> {
     }
 
     /// What a request that waits for the store keeps for the observer:
-    /// nothing without one.
+    /// nothing without one. Boxed, as it rides in every [`Step`], which is
+    /// kept to a few words.
+    ///
+    /// [`Step`]: super::Step
     #[inline]
-    pub(crate) fn watch(&self, seen: Seen<'_>) -> Option<Watch> {
+    pub(crate) fn watch(&self, seen: Seen<'_>) -> Option<Box<Watch>> {
         self.observer.as_ref()?;
-        Watch::new(&seen)
+        Watch::new(&seen).map(Box::new)
     }
 
     /// [`conclude`](Shared::conclude) for an answer the request waited for; the
@@ -96,7 +101,7 @@ impl<K, S> Shared<K, S> {
         &self,
         result: Result<Verdict, StoreError>,
         failure: FailureMode,
-        watch: Option<Watch>,
+        watch: Option<Box<Watch>>,
         req: Option<RequestView<'_>>,
     ) -> Decision {
         let (Some(observer), Some(watch)) = (&self.observer, watch) else {

@@ -112,7 +112,8 @@ where
                 let inner = &mut self.inner;
                 ResponseFuture::called(|| inner.call(req), &report, self.shared.headers, guard)
             }
-            Step::Done(Err((rejection, limit))) => {
+            Step::Done(Err(refusal)) => {
+                let (rejection, limit) = *refusal;
                 // Only a rejection needs to know whether the call is gRPC.
                 let rejection = rejection.with_grpc(is_grpc(req.headers()));
                 ResponseFuture::rejected(self.shared.reject(

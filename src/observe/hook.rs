@@ -106,6 +106,9 @@ pub(crate) fn outcome<R>(
     match (failed, decision) {
         (Some(mode), _) => (Outcome::StoreFailed(mode), None),
         (None, Ok(_)) => (Outcome::Allowed, None),
-        (None, Err((rejection, _))) => (Outcome::Rejected(rejection.reason()), rejection.limit()),
+        (None, Err(refusal)) => {
+            let (rejection, _) = &**refusal;
+            (Outcome::Rejected(rejection.reason()), rejection.limit())
+        }
     }
 }
