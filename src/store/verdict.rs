@@ -466,6 +466,7 @@ pub(crate) fn quota_applied(kind: LimitKind, q: &QuotaSnapshot) -> Applied {
 }
 
 /// How `limit` stands with TAT `tat` at `now`.
+#[inline]
 pub(crate) fn applied(limit: &Limit, tat: Nanos, now: Nanos) -> Applied {
     let s = limit.gcra.status(tat, now);
     let (remaining, reset) = (s.remaining, s.reset);
