@@ -60,8 +60,11 @@
 //! is the slope of a fit, and differs a little). So the ratio is of the same
 //! samples as the report, and needs neither a second timing run nor
 //! criterion's files on disk (which may be left from an earlier run, or not
-//! written at all under `--profile-time`). A function skipped by a filter, or
-//! run once by `--test`, gives no line.
+//! written at all under `--profile-time`). The line goes on with the same
+//! ratio of each function's fastest sample: on a shared host, where other
+//! guests' work lengthens some samples and not others, it moves far less
+//! between sittings than the mean. A function skipped by a filter, or run
+//! once by `--test`, gives no line.
 //!
 //! The limit is one unit per second with a bucket of `u32::MAX`: no check in
 //! the run is ever denied (this is asserted), and every key stays live (its
@@ -201,18 +204,46 @@ impl Samples {
             .sum();
         Some(sum / measured.len() as f64)
     }
+
+    /// The fastest measured sample's time per iteration: each sample is
+    /// many iterations, so the fastest is the one no other work on the
+    /// machine disturbed, and moves far less between sittings than the
+    /// mean on a shared host.
+    fn fastest(&self) -> Option<f64> {
+        let measured = self.0.get(self.0.len().checked_sub(SAMPLES)?..)?;
+        measured
+            .iter()
+            .map(|&(iters, took)| took.as_secs_f64() / iters as f64)
+            .min_by(f64::total_cmp)
+    }
 }
 
-/// Prints governor's mean time over tollgate's for `group`, when both ran.
+/// Prints governor's mean time over tollgate's for `group`, when both ran,
+/// then the same of their fastest samples.
 fn print_ratio(group: &str, tollgate: &Samples, governor: &Samples) {
-    if let (Some(t), Some(g)) = (tollgate.mean(), governor.mean()) {
-        println!(
-            "ratio {group}: governor/tollgate = {:.2} (tollgate {:.1} ns, governor {:.1} ns)",
-            g / t,
-            t * 1e9,
-            g * 1e9
-        );
-    }
+    print_pair(
+        &format!("ratio {group}: governor/tollgate"),
+        ("tollgate", tollgate),
+        ("governor", governor),
+    );
+}
+
+/// Prints `head = b/a (...)` of the two functions' mean times, then of their
+/// fastest samples, when both ran.
+fn print_pair(head: &str, (a_name, a): (&str, &Samples), (b_name, b): (&str, &Samples)) {
+    let (Some(am), Some(bm), Some(af), Some(bf)) = (a.mean(), b.mean(), a.fastest(), b.fastest())
+    else {
+        return;
+    };
+    println!(
+        "{head} = {:.2} ({a_name} {:.1} ns, {b_name} {:.1} ns); fastest samples {:.2} ({a_name} {:.1} ns, {b_name} {:.1} ns)",
+        bm / am,
+        am * 1e9,
+        bm * 1e9,
+        bf / af,
+        af * 1e9,
+        bf * 1e9,
+    );
 }
 
 /// Cycles `decide` through `keys`, counting denials into `denied`. The loop is
@@ -459,14 +490,11 @@ fn full_plan_group(c: &mut Criterion, all: &[String]) {
         denied, 0,
         "a check was denied: the workload is not all-pass"
     );
-    if let (Some(t), Some(f)) = (throttle.mean(), plan.mean()) {
-        println!(
-            "ratio {name}: full_plan/throttle_alone = {:.2} (throttle alone {:.1} ns, full plan {:.1} ns)",
-            f / t,
-            t * 1e9,
-            f * 1e9
-        );
-    }
+    print_pair(
+        &format!("ratio {name}: full_plan/throttle_alone"),
+        ("throttle alone", &throttle),
+        ("full plan", &plan),
+    );
 }
 
 /// Runs `decide(key)` `iters` times on each of two threads at once (thread `t`
