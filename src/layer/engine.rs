@@ -754,3 +754,18 @@ impl<K> Checking<'_, K> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Step;
+    use crate::store::{MemoryStore, Store};
+
+    /// Every allowed request's step is moved through several frames; kept
+    /// to three words, it is moved in registers or in pieces the size it
+    /// was written in. A refusal or an observer's watch added to it unboxed
+    /// would bring back the copy that stalled each request.
+    #[test]
+    fn a_step_is_three_words() {
+        assert!(std::mem::size_of::<Step<<MemoryStore as Store>::Future>>() <= 24);
+    }
+}
