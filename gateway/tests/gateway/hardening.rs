@@ -217,8 +217,13 @@ async fn a_client_that_stops_reading_an_answer_is_dropped_after_the_body_timeout
     let mut first = [0u8; 1024];
     let n = stream.read(&mut first).await.unwrap();
     assert!(first[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &first[..n]);
-    // Stop reading for well past the timeout.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Stop reading for well past the timeout. The server's writes wait
+    // only once its socket's send buffer (up to 4 MiB with Linux's default
+    // `tcp_wmem`) is full, and a debug build on a busy machine makes the
+    // events at a few MB/s (1.5 s was once too short: the buffer had not
+    // filled): the pause must outlast that filling, then the timeout, then
+    // the watch's next turn (at most another timeout).
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let mut rest = Vec::new();
     let mut buf = [0u8; 64 * 1024];
     loop {
