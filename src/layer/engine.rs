@@ -62,7 +62,12 @@ pub(crate) type ModelOf = Box<dyn for<'a> Fn(&RequestView<'a>) -> Option<&'a str
 pub(crate) type SharedState<K, S> = Arc<Shared<K, S>>;
 
 /// Where a decision stands after the synchronous part of a request.
-// The decided variant is the memory store's hot path: boxing it would allocate.
+///
+/// Three words with the memory store: an allowed request's step is moved
+/// through several frames on every request, so what is large and rare in
+/// it (a refusal, an observer's watch) is boxed; an allowed request's step
+/// holds nothing to allocate.
+// A store's own future (`F`) may be large: it is the pending answer.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Step<F> {
     /// Decided; an allowed request's report is where the caller asked for it.
