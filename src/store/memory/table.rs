@@ -250,18 +250,30 @@ impl Table {
         let moves = self.moves.load(Ordering::Acquire);
         match self.find_under(key, bits) {
             Some(found) => Some((found, bits)),
-            // Before a first doubling no key was ever moved.
-            None if bits > self.first_bits => self.find_moving(key, moves),
+            // No key moves before a first doubling. The bits are read again:
+            // `bits` was read before `moves`, and the table may have doubled
+            // (and the key moved) in between.
+            None if self.bits() > self.first_bits => self.find_moving(key, bits, moves),
             None => None,
         }
     }
 
-    /// [`find`](Self::find) for a key not under the table's bits: under
+    /// [`find`](Self::find) for a key not under `searched`, the bits it was
+    /// looked for under: under the table's bits now if they are more, under
     /// fewer, and again from the top if a key moved meanwhile (`moves` was
     /// read before the first search).
     #[cold]
-    fn find_moving(&self, key: SlotKey, mut moves: u64) -> Option<(Found<'_>, u32)> {
+    fn find_moving(&self, key: SlotKey, searched: u32, mut moves: u64) -> Option<(Found<'_>, u32)> {
         let mut bits = self.bits();
+        // The table doubled after `searched` was read, perhaps before
+        // `moves` was: the key may have moved under the new bits before the
+        // count below could see it. Unchecked, a peek then found nothing: a
+        // spent key's bucket seen fresh.
+        if bits != searched
+            && let Some(found) = self.find_under(key, bits)
+        {
+            return Some((found, bits));
+        }
         let mut spins = 0u32;
         loop {
             if let Some(found) = self.find_earlier(key, bits) {
