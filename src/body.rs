@@ -71,7 +71,22 @@ impl Guard {
     /// `req`: its place under a concurrency cap and its token reservation.
     /// A request a failed store let through unchecked reserved nothing; one
     /// that did reserve finds its [`TokenUsage`] handle in its extensions.
+    #[inline]
     pub(crate) fn hold<S: Store, B>(
+        store: &S,
+        report: &crate::store::Report,
+        reservation: Option<Box<Unsettled>>,
+        req: &mut http::Request<B>,
+    ) -> Option<Self> {
+        // Most requests hold nothing: they pay for this test alone.
+        if reservation.is_none() && report.permits().next().is_none() {
+            return None;
+        }
+        Self::hold_some(store, report, reservation, req)
+    }
+
+    #[inline(never)]
+    fn hold_some<S: Store, B>(
         store: &S,
         report: &crate::store::Report,
         reservation: Option<Box<Unsettled>>,
