@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::quotas::Quotas;
-use super::table::{PAGE, Table, WINDOW};
+use super::table::{MIN_SLOTS, Table};
 use super::{Inner, MemoryStore};
 use crate::clock::Clock;
 use crate::error::ConfigError;
@@ -32,7 +32,7 @@ impl Default for MemoryStoreBuilder {
 
 impl MemoryStoreBuilder {
     /// Room for `n` keys: the table may grow to `2n` slots rounded up to a
-    /// power of two, 16 bytes each, allocated in 4 KiB pages as first
+    /// power of two, 16 bytes each, allocated in 64 KiB pages as first
     /// touched. Default 1,000,000.
     ///
     /// `n` sizes the table, which bounds memory; it is not an exact count of
@@ -66,7 +66,7 @@ impl MemoryStoreBuilder {
         }
         let slots = (2 * self.max_keys as u64)
             .next_power_of_two()
-            .max(WINDOW.max(PAGE));
+            .max(MIN_SLOTS);
         Ok(MemoryStore {
             inner: Arc::new(Inner {
                 clock: self.clock.unwrap_or_default(),

@@ -10,7 +10,7 @@
 //!
 //! Memory is bounded by construction: the table has at most two slots for
 //! each of `max_keys` keys (rounded up to a power of two; 32 bytes per key of
-//! cap), allocated in 4 KiB pages as they are first touched. It starts at
+//! cap), allocated in 64 KiB pages as they are first touched. It starts at
 //! 16,384 slots (or the cap, if smaller) and doubles when a quarter of its
 //! slots have been used or a new key finds no room near its hash position,
 //! so a store used far below its cap stays on few pages (each decision on

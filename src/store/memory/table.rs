@@ -30,9 +30,15 @@ use crate::hash::Digest;
 
 /// Slots a key may live in, counted from its hash position.
 pub(super) const WINDOW: u64 = 32;
-/// Slots per lazily allocated page (4 KiB).
-const PAGE_BITS: u32 = 8;
-pub(super) const PAGE: u64 = 1 << PAGE_BITS;
+/// Slots per lazily allocated page (64 KiB; a table smaller than that is
+/// one page of its own size). Large enough that the page pointers of the
+/// largest table fit in a few cache lines (1,024 of them for 4M slots):
+/// with 4 KiB pages, a decision among a million keys missed the cache on
+/// its page's pointer before it missed on the slot.
+const PAGE_BITS: u32 = 12;
+const PAGE: u64 = 1 << PAGE_BITS;
+/// The fewest slots a table has (4 KiB), whatever its cap.
+pub(super) const MIN_SLOTS: u64 = 256;
 /// Stripes of the insertion lock (taken only to add or move a key, never to
 /// decide).
 const STRIPES: usize = 1024;
@@ -160,6 +166,8 @@ struct Found<'t> {
 /// slot's tag tells where its key goes.
 pub(super) struct Table {
     pages: Box<[OnceLock<Box<[Slot]>>]>,
+    /// Slots per page: [`PAGE`], or every slot of a smaller table.
+    page_slots: u64,
     /// Log2 of the slots in use: positions are taken modulo `2^bits`.
     bits: AtomicU32,
     /// What `bits` started at; keys may sit under any bits since.
@@ -198,11 +206,13 @@ fn mask(bits: u32) -> u64 {
 
 impl Table {
     pub(super) fn new(slots: u64) -> Self {
-        debug_assert!(slots.is_power_of_two() && slots >= PAGE);
+        debug_assert!(slots.is_power_of_two() && slots >= MIN_SLOTS);
         let max_bits = slots.trailing_zeros();
         let first_bits = max_bits.min(FIRST_BITS);
+        let page_slots = slots.min(PAGE);
         Table {
-            pages: (0..slots / PAGE).map(|_| OnceLock::new()).collect(),
+            pages: (0..slots / page_slots).map(|_| OnceLock::new()).collect(),
+            page_slots,
             bits: AtomicU32::new(first_bits),
             first_bits,
             max_bits,
@@ -233,7 +243,7 @@ impl Table {
     /// The slot at `i`, allocating its page.
     fn get_or_alloc(&self, i: u64) -> &Slot {
         let page = self.pages[(i >> PAGE_BITS) as usize]
-            .get_or_init(|| (0..PAGE).map(|_| Slot::empty()).collect());
+            .get_or_init(|| (0..self.page_slots).map(|_| Slot::empty()).collect());
         &page[(i & (PAGE - 1)) as usize]
     }
 
@@ -666,7 +676,7 @@ impl Table {
 
     /// Bytes of the pages allocated so far.
     pub(super) fn allocated_bytes(&self) -> usize {
-        self.allocated_pages() * (PAGE as usize) * std::mem::size_of::<Slot>()
+        self.allocated_pages() * (self.page_slots as usize) * std::mem::size_of::<Slot>()
     }
 
     fn slots_in_use(&self) -> impl Iterator<Item = &Slot> {
