@@ -12,14 +12,16 @@ use crate::extract::{KeyError, KeyExtractor, RequestView};
 use crate::hash;
 use crate::headers::HeaderStyle;
 use crate::observe::{Seen, SharedObserver, Watch};
-use crate::plan::{AccountLimits, FailureMode, ModelEntry, Plan, StageLimits};
+use crate::plan::{AccountLimits, FailureMode, ModelEntry, Plan, StageLimits, method_limit};
 use crate::policy::{Policy, Snapshot};
 use crate::resolver::{Answer, Lookup, ResolveError, ResolverFallback, Resolving};
 use crate::response::{
     Decision, Reason, Rejection, ResponseStyle, SharedOnRejection, is_grpc, refused,
 };
 use crate::store::Failures;
-use crate::store::{Acquire, Acquired, Denied, MemoryStore, Report, Store, Subject, ThrottleRef};
+use crate::store::{
+    Acquire, Acquired, Denied, MemoryStore, QuotaRef, Report, Store, Subject, ThrottleRef,
+};
 
 /// Days of usage history the quotas of a subject nobody registered keep (a
 /// per-key policy's key, a client IP, a key a resolver answered): none but
@@ -184,6 +186,25 @@ impl<'a> Caller<'a> {
             return None;
         }
         Some(self.subject.throttle(self.plan.lone_throttle()?))
+    }
+
+    /// The throttle and request quota of a caller whose plan has those and
+    /// method overrides alone, when no override matches `req` (none does
+    /// without a request) and no stage or account limits the API. Such a
+    /// request is decided without gathering its limits when both allow it.
+    #[inline]
+    fn throttle_and_quota(
+        &self,
+        req: Option<&RequestView<'_>>,
+    ) -> Option<(ThrottleRef<'a>, QuotaRef<'a>)> {
+        if self.stage.is_some() || self.account.is_some() {
+            return None;
+        }
+        let t = self.plan.throttle_with_quota()?;
+        if method_limit(&self.plan.methods, req).is_some() {
+            return None;
+        }
+        Some((self.subject.throttle(t), self.subject.request_quota()?))
     }
 }
 
@@ -427,6 +448,13 @@ impl<K, S: Store> Shared<K, S> {
                 Acquire::lone(t, cost, c.plan, |a| decide(a, report))
             }
             None => {
+                // The common full plan, when both its limits allow.
+                if let Some((t, q)) = c.throttle_and_quota(req)
+                    && let Some(verdict) =
+                        self.store.decide_throttle_quota_now(&t, &q, cost, report)
+                {
+                    return now(verdict);
+                }
                 let Some(tokens) = self.reserve(c, req, model, reserve) else {
                     return Step::Read;
                 };
@@ -737,6 +765,12 @@ impl<K> Shared<K, MemoryStore> {
                 Err(d) => self.check_refused(c, cost, d, denied),
             },
             None => {
+                // The common full plan, when both its limits allow.
+                if let Some((t, q)) = c.throttle_and_quota(None)
+                    && self.store.decide_throttle_quota(&t, &q, cost, &mut ())
+                {
+                    return self.check_allowed(c, cost);
+                }
                 let account = c.account.map(|a| &**a);
                 let model = c.plan.model(None);
                 let result =

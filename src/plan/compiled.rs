@@ -445,6 +445,23 @@ impl Plan {
         }
     }
 
+    /// The plan's throttle when its other limits are its request quota and
+    /// method overrides: the common full plan, which a request whose route
+    /// matches no override may decide without gathering its limits.
+    pub(crate) fn throttle_with_quota(&self) -> Option<&Limit> {
+        match (&self.throttle, &self.quota) {
+            (Some(l), Some(_))
+                if self.tokens.is_none()
+                    && self.concurrency.is_none()
+                    && self.models.is_none()
+                    && !self.shadow =>
+            {
+                Some(l)
+            }
+            _ => None,
+        }
+    }
+
     /// Every throttle of the plan, mutably.
     pub(crate) fn limits_mut(&mut self) -> impl Iterator<Item = &mut Limit> {
         let models = self

@@ -216,6 +216,25 @@ pub trait Store: Clone + Send + Sync + 'static {
         None
     }
 
+    /// [`decide_now`](Store::decide_now) for a request whose limits are
+    /// `throttle` and `quota` (neither a shadow; no token budget or
+    /// concurrency cap): the common full plan, decided without describing
+    /// the request as an [`Acquire`]. `None`, the default, describes it and
+    /// asks `decide_now`, then `acquire`. A store that answers here must
+    /// answer exactly as `acquire` would for those two limits; it may answer
+    /// only the requests both limits allow, and `None` for the others.
+    #[inline]
+    fn decide_throttle_quota_now(
+        &self,
+        throttle: &ThrottleRef<'_>,
+        quota: &QuotaRef<'_>,
+        cost: u32,
+        report: &mut Report,
+    ) -> Option<Result<(), Denied>> {
+        let _ = (throttle, quota, cost, report);
+        None
+    }
+
     /// Where this store keeps a key registry its instances share, if it
     /// does: a layer built on it loads the keys, plans and accounts kept
     /// there and follows their changes, and its

@@ -593,3 +593,48 @@ async fn a_shadow_plan_passes_past_its_limits_and_says_so_in_headers() {
     let res = get_with_key(&c, &format!("{base}/"), KEY).await;
     assert_eq!(header(&res, "x-ratelimit-remaining-requests"), "0");
 }
+
+/// A plan of a throttle, a day's quota and a method override: a request
+/// whose route matches the override is held to it, one whose route does not
+/// is decided by the throttle and the quota alone (without gathering its
+/// limits), and both count against the one quota.
+#[tokio::test]
+async fn a_full_plan_holds_its_override_and_counts_every_route_in_its_quota() {
+    use tollgate::{ApiKey, Period, Policy, Quota, Throttle, UsagePlan};
+    let (clock, store) = frozen_store();
+    clock.set_wall(crate::support::at(2026, 3, 14, 12 * 3600));
+    let plan = UsagePlan::new("full")
+        .throttle(Throttle::new(1.0, 10).unwrap())
+        .method("/v1/completions/POST", Throttle::new(1.0, 2).unwrap())
+        .quota(Quota::new(5, Period::Day).unwrap());
+    let policy = Policy::builder()
+        .plan(plan)
+        .key(ApiKey::new("k1", KEY, "full"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy).store(store).build();
+    let app = Router::new()
+        .route("/v1/completions", post(ok).get(ok))
+        .layer(layer);
+    let base = serve(app).await;
+    let url = format!("{base}/v1/completions");
+    let c = client();
+    let post = || c.post(&url).header("x-api-key", KEY).send();
+    let get = || c.get(&url).header("x-api-key", KEY).send();
+
+    // The override's burst of 2, then its refusal (a second's wait).
+    for _ in 0..2 {
+        assert_eq!(post().await.unwrap().status(), 200);
+    }
+    let res = post().await.unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(header(&res, "retry-after"), "1");
+    // Another route is not held to the override: 3 more fill the quota.
+    for _ in 0..3 {
+        assert_eq!(get().await.unwrap().status(), 200);
+    }
+    // The quota of 5 is used: refused until the day ends (12 hours).
+    let res = get().await.unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(header(&res, "retry-after"), "43200");
+}

@@ -373,12 +373,7 @@ impl MemoryStore {
             self.inner.quotas.adjust(q, wall, -cost, Some(wall));
         }
         for (t, &mine) in req.throttles().zip(&charged[..throttles]) {
-            let cost = req.cost_for(t.counts_tokens());
-            let limit = t.limit;
-            let slot = SlotKey::new(t.digest, limit.salt);
-            let _ = self.inner.table.update(slot, now, |tat| {
-                (Some(limit.gcra.refund(tat, now, mine, cost)), ())
-            });
+            self.refund_throttle(t, req.cost_for(t.counts_tokens()), now, mine);
         }
         false
     }
@@ -407,6 +402,52 @@ impl MemoryStore {
             }
             other => Err(throttle_denial(t.limit, other, now)),
         }
+    }
+
+    /// Decides a request whose limits are the throttle `t` and the request
+    /// quota `q` (neither a shadow) when both allow it: what
+    /// [`decide`](Self::decide) does for them, without describing the
+    /// request as an [`Acquire`]. `false`: one of them would deny (or the
+    /// cost never fits the quota), nothing is charged, and the request is
+    /// to be decided in full, which names the denial.
+    #[inline(always)]
+    pub(crate) fn decide_throttle_quota<R: Sink>(
+        &self,
+        t: &ThrottleRef<'_>,
+        q: &QuotaRef<'_>,
+        cost: u32,
+        report: &mut R,
+    ) -> bool {
+        debug_assert!(!t.shadow && !q.shadow, "a shadow limit never denies");
+        debug_assert!(!t.counts_tokens() && !q.counts_tokens());
+        if !ever_fits(u64::from(cost), q.spec.limit) {
+            return false;
+        }
+        let now = self.inner.clock.nanos();
+        let Ok(Outcome::Allow { tat, after }) = self.throttle_step(t, cost, now, false) else {
+            return false;
+        };
+        let mark = report.mark();
+        throttle_allowed(report, t, cost, after, now);
+        let wall = self.inner.clock.wall_nanos_at(now);
+        if let Ok(Ok(count)) = self.inner.quotas.acquire(q, wall, u64::from(cost), false) {
+            report.push(|| quota_applied(q.kind, &count.snapshot(q.spec, wall)));
+            return true;
+        }
+        report.rewind(mark);
+        self.refund_throttle(t, cost, now, tat);
+        false
+    }
+
+    /// Gives back what `t` was charged at `now` for `cost` (its TAT became
+    /// `mine`), as exactly as the TAT allows since.
+    #[cold]
+    fn refund_throttle(&self, t: &ThrottleRef<'_>, cost: u32, now: Nanos, mine: Nanos) {
+        let limit = t.limit;
+        let slot = SlotKey::new(t.digest, limit.salt);
+        let _ = self.inner.table.update(slot, now, |tat| {
+            (Some(limit.gcra.refund(tat, now, mine, cost)), ())
+        });
     }
 
     /// One throttle's step at `now`: charges `cost` if it fits, or, when
@@ -488,6 +529,18 @@ impl Store for MemoryStore {
     #[inline]
     fn decide_now(&self, request: &Acquire<'_>, report: &mut Report) -> Option<Result<(), Denied>> {
         Some(self.decide(request, report))
+    }
+
+    #[inline]
+    fn decide_throttle_quota_now(
+        &self,
+        throttle: &ThrottleRef<'_>,
+        quota: &QuotaRef<'_>,
+        cost: u32,
+        report: &mut Report,
+    ) -> Option<Result<(), Denied>> {
+        self.decide_throttle_quota(throttle, quota, cost, report)
+            .then_some(Ok(()))
     }
 
     #[inline]
@@ -1211,6 +1264,100 @@ mod tests {
         let day = 19_844;
         let roomy_ref = quota(&roomy, LimitKind::AccountQuota);
         assert_eq!(s.inner.quotas.report(&roomy_ref, day, day), vec![[1, 99]]);
+    }
+
+    /// The full plan's path without bookkeeping (`decide_throttle_quota`,
+    /// then the general path when it declines) answers every request as the
+    /// general path alone does: the same verdicts and denials, the same
+    /// reports, and the same state left in the throttle and the quota, over
+    /// bursts, waits, day boundaries and costs that never fit.
+    #[test]
+    fn throttle_and_quota_decided_directly_as_in_full() {
+        let day = 19_844;
+        let twin = || {
+            let (s, clock) = store(1024);
+            clock.set_wall(std::time::UNIX_EPOCH + Duration::from_secs(day * 86_400));
+            (s, clock)
+        };
+        let (direct, direct_clock) = twin();
+        let (full, full_clock) = twin();
+        let p = plan(2.0, 3);
+        let spec = QuotaSpec {
+            limit: 20,
+            period: crate::Period::Day,
+            offset: 0,
+            created_at: 0,
+            salt: 9,
+        };
+        let k = digest(b"k");
+        let throttle = ThrottleRef {
+            limit: &p.0,
+            plan: Some("p"),
+            account: None,
+            subject: b"",
+            digest: k,
+            shadow: false,
+        };
+        let quota = QuotaRef {
+            kind: LimitKind::Quota,
+            spec: &spec,
+            plan: "p",
+            account: None,
+            subject: b"",
+            digest: k,
+            shadow: false,
+            history_days: 31,
+        };
+        let in_full = |s: &MemoryStore, cost: u32| {
+            let mut req = Acquire::new(cost, crate::FailureMode::Open);
+            req.push(throttle);
+            req.quota = Some(quota);
+            let mut report = Report::default();
+            let result = s.decide(&req, &mut report);
+            format!("{result:?} {:?}", report.items())
+        };
+        let declined = std::cell::Cell::new(0);
+        let directly = |s: &MemoryStore, cost: u32| {
+            let mut report = Report::default();
+            if s.decide_throttle_quota(&throttle, &quota, cost, &mut report) {
+                return format!("{:?} {:?}", Ok::<(), Denied>(()), report.items());
+            }
+            declined.set(declined.get() + 1);
+            in_full(s, cost)
+        };
+        let (mut seed, mut allowed) = (7u64, 0);
+        for i in 0..3_000 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let r = seed >> 33;
+            let cost = match r % 50 {
+                0 => 25,
+                n => (n % 4) as u32,
+            };
+            let wait = Duration::from_millis(match (r >> 8) % 10 {
+                0..=5 => 0,
+                6..=8 => (r >> 12) % 700,
+                _ => (r >> 12) % 40_000_000,
+            });
+            direct_clock.advance(wait);
+            full_clock.advance(wait);
+            let (a, b) = (directly(&direct, cost), in_full(&full, cost));
+            assert_eq!(a, b, "request {i}, cost {cost}");
+            if a.starts_with("Ok") {
+                allowed += 1;
+            }
+        }
+        // Both paths were taken, and both outcomes seen.
+        let declined = declined.get();
+        assert!(allowed > 100 && declined > 100, "{allowed} {declined}");
+        let last = (day + 400) as i64;
+        assert_eq!(
+            direct.inner.quotas.report(&quota, day as i64, last),
+            full.inner.quotas.report(&quota, day as i64, last)
+        );
+        assert_eq!(
+            direct.acquire_one(&p, k, 0).unwrap().items(),
+            full.acquire_one(&p, k, 0).unwrap().items()
+        );
     }
 
     #[test]
