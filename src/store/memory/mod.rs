@@ -1360,6 +1360,70 @@ mod tests {
         );
     }
 
+    /// Threads deciding one subject's full plan at once, on the direct path
+    /// and the general one behind it, admit exactly the quota, and every
+    /// request the quota refused gives its throttle charge back.
+    #[test]
+    fn threads_on_a_full_plan_admit_exactly_the_quota() {
+        let (s, clock) = store(1024);
+        clock.set_wall(std::time::UNIX_EPOCH + Duration::from_secs(19_844 * 86_400 + 3_600));
+        let p = plan(1.0, 10_000);
+        let spec = QuotaSpec {
+            limit: 2_000,
+            period: crate::Period::Day,
+            offset: 0,
+            created_at: 0,
+            salt: 9,
+        };
+        let k = digest(b"hot");
+        let throttle = ThrottleRef {
+            limit: &p.0,
+            plan: Some("p"),
+            account: None,
+            subject: b"",
+            digest: k,
+            shadow: false,
+        };
+        let quota = QuotaRef {
+            kind: LimitKind::Quota,
+            spec: &spec,
+            plan: "p",
+            account: None,
+            subject: b"",
+            digest: k,
+            shadow: false,
+            history_days: 31,
+        };
+        let admitted = std::sync::atomic::AtomicU64::new(0);
+        let start = std::sync::Barrier::new(4);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    start.wait();
+                    for _ in 0..3_000 {
+                        let allowed = s.decide_throttle_quota(&throttle, &quota, 1, &mut ()) || {
+                            let mut req = Acquire::new(1, crate::FailureMode::Open);
+                            req.push(throttle);
+                            req.quota = Some(quota);
+                            s.decide(&req, &mut ()).is_ok()
+                        };
+                        if allowed {
+                            admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.into_inner(), 2_000);
+        assert_eq!(
+            s.inner.quotas.report(&quota, 19_844, 19_844),
+            vec![[2_000, 0]]
+        );
+        // The clock stood still: only the 2,000 admitted took the throttle's room.
+        let standing = s.acquire_one(&p, k, 0).unwrap();
+        assert_eq!(standing.items()[0].remaining, 10_000 - 2_000);
+    }
+
     #[test]
     fn clock_going_backwards_grants_nothing() {
         let (s, clock) = store(1024);
