@@ -31,7 +31,9 @@
 //!   override). `check` has no route, so the override is configured and
 //!   looked for but matches nothing, as for every caller of `check`. The line
 //!   after the group gives `full_plan/throttle_alone`: what a quota adds to a
-//!   decision, in units of the decision itself;
+//!   decision, in units of the decision itself. A third function,
+//!   `throttle_and_override`, is the throttle with the method override and no
+//!   quota; its line gives what an override that matches nothing adds;
 //! - `two_threads/{one_key,distinct_keys}`: two threads deciding at once, on one
 //!   shared key or on a key each (8-byte keys); the figure is wall time per
 //!   decision over both threads (the time one thread waits for one decision is
@@ -128,6 +130,14 @@ fn day_plan() -> UsagePlan {
             "/v1/completions/POST",
             Throttle::new(RATE, BURST).expect("a valid throttle"),
         )
+}
+
+/// The throttle and a method override, no quota.
+fn override_plan() -> UsagePlan {
+    plan().method(
+        "/v1/completions/POST",
+        Throttle::new(RATE, BURST).expect("a valid throttle"),
+    )
 }
 
 fn quota() -> Quota {
@@ -467,7 +477,8 @@ fn full_plan_group(c: &mut Criterion, all: &[String]) {
     let keys = &all[..1];
     let alone = registered_layer(keys, plan());
     let full = registered_layer(keys, day_plan());
-    for layer in [&alone, &full] {
+    let overridden = registered_layer(keys, override_plan());
+    for layer in [&alone, &full, &overridden] {
         assert!(layer.check(keys[0].as_bytes(), 1).is_ok());
     }
     let name = "full_plan/1";
@@ -485,6 +496,12 @@ fn full_plan_group(c: &mut Criterion, all: &[String]) {
             full.check(k.as_bytes(), 1).is_ok()
         })
     });
+    let mut overrides = Samples::default();
+    group.bench_function("throttle_and_override", |b| {
+        cycle(b, keys, &mut denied, &mut overrides, |k| {
+            overridden.check(k.as_bytes(), 1).is_ok()
+        })
+    });
     group.finish();
     assert_eq!(
         denied, 0,
@@ -494,6 +511,11 @@ fn full_plan_group(c: &mut Criterion, all: &[String]) {
         &format!("ratio {name}: full_plan/throttle_alone"),
         ("throttle alone", &throttle),
         ("full plan", &plan),
+    );
+    print_pair(
+        &format!("ratio {name}: throttle_and_override/throttle_alone"),
+        ("throttle alone", &throttle),
+        ("throttle and override", &overrides),
     );
 }
 

@@ -177,15 +177,21 @@ impl<'a> Caller<'a> {
         }
     }
 
-    /// The caller's one throttle, when it is all that applies: its plan has
-    /// nothing else ([`Plan::lone_throttle`]) and no stage limits the API.
-    /// Such a request is decided without gathering its limits.
+    /// The caller's one throttle, when it is all that applies to `req`: its
+    /// plan has nothing else but method overrides ([`Plan::lone_throttle`]),
+    /// none of which matches `req` (none does without a request), and no
+    /// stage or account limits the API. Such a request is decided without
+    /// gathering its limits.
     #[inline]
-    fn lone(&self) -> Option<ThrottleRef<'a>> {
+    fn lone(&self, req: Option<&RequestView<'_>>) -> Option<ThrottleRef<'a>> {
         if self.stage.is_some() || self.account.is_some() {
             return None;
         }
-        Some(self.subject.throttle(self.plan.lone_throttle()?))
+        let t = self.plan.lone_throttle()?;
+        if method_limit(&self.plan.methods, req).is_some() {
+            return None;
+        }
+        Some(self.subject.throttle(t))
     }
 
     /// The throttle and request quota of a caller whose plan has those and
@@ -437,7 +443,7 @@ impl<K, S: Store> Shared<K, S> {
                 }
             }
         };
-        match c.lone() {
+        match c.lone(req) {
             // The common plan, a throttle alone, skips gathering limits.
             Some(t) => {
                 if !t.shadow
@@ -758,7 +764,7 @@ impl<K> Shared<K, MemoryStore> {
     /// room (48 bytes) on every decision.
     #[inline(always)]
     fn check_caller(&self, c: &Caller<'_>, cost: u32, denied: &mut Option<Denied>) {
-        match c.lone() {
+        match c.lone(None) {
             // The common plan, a throttle alone, skips gathering limits.
             Some(t) => match self.store.decide_throttle(&t, cost, &mut ()) {
                 Ok(()) => self.check_allowed(c, cost),

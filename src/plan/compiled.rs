@@ -425,15 +425,15 @@ impl Plan {
             .flat_map(|m| m.named.iter().chain(&m.other))
     }
 
-    /// The plan's throttle when it is the plan's only limit (no method
-    /// override, quota, token budget or concurrency cap) and the plan is not
-    /// a shadow: such a plan is decided without gathering its limits.
+    /// The plan's throttle when its only other limits are method overrides
+    /// (no quota, token budget or concurrency cap) and the plan is not a
+    /// shadow: a request whose route matches no override is decided by it
+    /// alone, without gathering its limits.
     #[inline]
     pub(crate) fn lone_throttle(&self) -> Option<&Limit> {
         match &self.throttle {
             Some(l)
-                if self.methods.is_empty()
-                    && self.quota.is_none()
+                if self.quota.is_none()
                     && self.tokens.is_none()
                     && self.concurrency.is_none()
                     && self.models.is_none()

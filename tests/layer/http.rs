@@ -638,3 +638,42 @@ async fn a_full_plan_holds_its_override_and_counts_every_route_in_its_quota() {
     assert_eq!(res.status(), 429);
     assert_eq!(header(&res, "retry-after"), "43200");
 }
+
+/// A plan of a throttle and a method override: a request whose route
+/// matches the override is held to it and to the throttle, one whose route
+/// does not is decided by the throttle alone, and both take from the
+/// throttle.
+#[tokio::test]
+async fn a_throttle_with_an_override_holds_only_the_routes_it_names() {
+    use tollgate::{ApiKey, Policy, Throttle, UsagePlan};
+    let (_clock, store) = frozen_store();
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(1.0, 5).unwrap())
+        .method("/v1/completions/POST", Throttle::new(1.0, 2).unwrap());
+    let policy = Policy::builder()
+        .plan(plan)
+        .key(ApiKey::new("k1", KEY, "p"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy).store(store).build();
+    let app = Router::new()
+        .route("/v1/completions", post(ok).get(ok))
+        .layer(layer);
+    let base = serve(app).await;
+    let url = format!("{base}/v1/completions");
+    let c = client();
+    let post = || c.post(&url).header("x-api-key", KEY).send();
+    let get = || c.get(&url).header("x-api-key", KEY).send();
+
+    for _ in 0..2 {
+        assert_eq!(post().await.unwrap().status(), 200);
+    }
+    assert_eq!(post().await.unwrap().status(), 429);
+    // The throttle's burst of 5: 2 taken by the posts, 3 left for the rest.
+    for _ in 0..3 {
+        assert_eq!(get().await.unwrap().status(), 200);
+    }
+    let res = get().await.unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=1"#);
+}
