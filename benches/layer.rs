@@ -12,6 +12,10 @@
 //! - `tollgate_no_headers`: `tollgate` with `HeaderStyle::none()`, to show what
 //!   the response headers cost;
 //! - `tollgate_per_key`: the same header as the key under `Policy::per_key`;
+//! - `tollgate_full_plan`: `tollgate` with each key on a full plan, the
+//!   throttle, a DAY quota of 2^53 requests and a method override on the
+//!   request's route (`/v1/completions/POST`, the same numbers as the
+//!   throttle): three limits decided per request;
 //! - `tower_governor`: a key extractor reading the same `x-api-key` header,
 //!   `use_headers()` (`x-ratelimit-limit` / `-remaining` response headers).
 //!
@@ -32,14 +36,14 @@ use bytes::Bytes;
 use criterion::Criterion;
 use http::{HeaderValue, Request, Response, StatusCode};
 use tollgate::extract::ClientIp;
-use tollgate::{HeaderStyle, Policy, RateLimitLayer, UsagePlan};
+use tollgate::{ApiKey, HeaderStyle, Period, Policy, Quota, RateLimitLayer, UsagePlan};
 use tower::{ServiceBuilder, ServiceExt};
 
 #[path = "support/stack.rs"]
 mod stack;
 
 use stack::{
-    KEY, X_API_KEY, governor_config, governor_default_config, governor_ip_headers_config,
+    KEY, KEYS, X_API_KEY, governor_config, governor_default_config, governor_ip_headers_config,
     governor_key_config, registered_policy, throttle,
 };
 
@@ -57,6 +61,30 @@ async fn ok<B>(_req: Request<B>) -> Result<Response<Body>, Infallible> {
         );
     }
     Ok(res)
+}
+
+/// `registered_policy`'s keys on a full plan: the throttle, a DAY quota far
+/// above what a run decides, and a method override on the bench request's
+/// route.
+fn full_plan_policy() -> Policy {
+    (0..KEYS)
+        .fold(
+            Policy::builder().plan(
+                UsagePlan::new("bench")
+                    .throttle(throttle())
+                    .quota(Quota::new(1 << 53, Period::Day).expect("a valid quota"))
+                    .method("/v1/completions/POST", throttle()),
+            ),
+            |p, i| {
+                p.key(ApiKey::new(
+                    format!("id-{i}"),
+                    format!("key-{i:08}"),
+                    "bench",
+                ))
+            },
+        )
+        .build()
+        .expect("a valid policy")
 }
 
 /// Runs one variant: clones the service (as axum and hyper do per request),
@@ -170,6 +198,9 @@ fn layer(c: &mut Criterion) {
                 .build(),
         )
         .service_fn(ok);
+    let tollgate_full_plan = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(full_plan_policy()))
+        .service_fn(ok);
     let per_key = || Policy::per_key(UsagePlan::new("bench").throttle(throttle())).unwrap();
     let tollgate_per_key = ServiceBuilder::new()
         .layer(RateLimitLayer::new(per_key()))
@@ -210,6 +241,11 @@ fn layer(c: &mut Criterion) {
             tollgate.clone().oneshot(req.clone()).await.unwrap(),
             tollgate_per_key.clone().oneshot(req.clone()).await.unwrap(),
             tollgate_ip.clone().oneshot(req.clone()).await.unwrap(),
+            tollgate_full_plan
+                .clone()
+                .oneshot(req.clone())
+                .await
+                .unwrap(),
         ] {
             assert_eq!(res.status(), StatusCode::OK);
             assert!(res.headers().contains_key("ratelimit"), "{res:?}");
@@ -258,6 +294,7 @@ fn layer(c: &mut Criterion) {
         timed!(runs, rt, req, "tollgate_no_headers", tollgate_no_headers);
         timed!(runs, rt, req, "tower_governor_key", governor_key);
         timed!(runs, rt, req, "tollgate_per_key", tollgate_per_key);
+        timed!(runs, rt, req, "tollgate_full_plan", tollgate_full_plan);
         timed!(
             runs,
             rt,
@@ -292,6 +329,7 @@ fn layer(c: &mut Criterion) {
     variant!(group, rt, req, "tollgate_no_headers", tollgate_no_headers);
     variant!(group, rt, req, "tower_governor_key", governor_key);
     variant!(group, rt, req, "tollgate_per_key", tollgate_per_key);
+    variant!(group, rt, req, "tollgate_full_plan", tollgate_full_plan);
     variant!(
         group,
         rt,

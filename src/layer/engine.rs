@@ -19,9 +19,7 @@ use crate::response::{
     Decision, Reason, Rejection, ResponseStyle, SharedOnRejection, is_grpc, refused,
 };
 use crate::store::Failures;
-use crate::store::{
-    Acquire, Acquired, Denied, MemoryStore, QuotaRef, Report, Store, Subject, ThrottleRef,
-};
+use crate::store::{Acquire, Acquired, Denied, MemoryStore, Report, Store, Subject, ThrottleRef};
 
 /// Days of usage history the quotas of a subject nobody registered keep (a
 /// per-key policy's key, a client IP, a key a resolver answered): none but
@@ -194,23 +192,25 @@ impl<'a> Caller<'a> {
         Some(self.subject.throttle(t))
     }
 
-    /// The throttle and request quota of a caller whose plan has those and
-    /// method overrides alone, when no override matches `req` (none does
-    /// without a request) and no stage or account limits the API. Such a
-    /// request is decided without gathering its limits when both allow it.
+    /// The plan's throttle of a caller whose plan has, besides it, only a
+    /// request quota and method overrides ([`Plan::clear_throttle`]), when
+    /// no stage or account limits the API. Such a request is decided without
+    /// gathering its limits when they all allow it: the throttle, the
+    /// override its route matches and the quota, in the order
+    /// [`Acquire::gather`] gives them.
     #[inline]
-    fn throttle_and_quota(
-        &self,
-        req: Option<&RequestView<'_>>,
-    ) -> Option<(ThrottleRef<'a>, QuotaRef<'a>)> {
+    fn clear(&self) -> Option<ThrottleRef<'a>> {
         if self.stage.is_some() || self.account.is_some() {
             return None;
         }
-        let t = self.plan.throttle_with_quota()?;
-        if method_limit(&self.plan.methods, req).is_some() {
-            return None;
-        }
-        Some((self.subject.throttle(t), self.subject.request_quota()?))
+        Some(self.subject.throttle(self.plan.clear_throttle()?))
+    }
+
+    /// The method override `req`'s route matches, if any (none without a
+    /// request).
+    #[inline]
+    fn method(&self, req: Option<&RequestView<'_>>) -> Option<ThrottleRef<'a>> {
+        method_limit(&self.plan.methods, req).map(|l| self.subject.throttle(l))
     }
 }
 
@@ -454,12 +454,16 @@ impl<K, S: Store> Shared<K, S> {
                 Acquire::lone(t, cost, c.plan, |a| decide(a, report))
             }
             None => {
-                // The common full plan, when both its limits allow.
-                if let Some((t, q)) = c.throttle_and_quota(req)
-                    && let Some(verdict) =
-                        self.store.decide_throttle_quota_now(&t, &q, cost, report)
-                {
-                    return now(verdict);
+                // The common full plan, when all its limits allow.
+                if let Some(first) = c.clear() {
+                    let (second, quota) = (c.method(req), c.subject.request_quota());
+                    let (second, quota) = (second.as_ref(), quota.as_ref());
+                    if let Some(verdict) = self
+                        .store
+                        .decide_clear_now(&first, second, quota, cost, report)
+                    {
+                        return now(verdict);
+                    }
                 }
                 let Some(tokens) = self.reserve(c, req, model, reserve) else {
                     return Step::Read;
@@ -771,11 +775,15 @@ impl<K> Shared<K, MemoryStore> {
                 Err(d) => self.check_refused(c, cost, d, denied),
             },
             None => {
-                // The common full plan, when both its limits allow.
-                if let Some((t, q)) = c.throttle_and_quota(None)
-                    && self.store.decide_throttle_quota(&t, &q, cost, &mut ())
-                {
-                    return self.check_allowed(c, cost);
+                // The common full plan, when all its limits allow.
+                if let Some(first) = c.clear() {
+                    let quota = c.subject.request_quota();
+                    if self
+                        .store
+                        .decide_clear_of(&first, None, quota.as_ref(), cost, &mut ())
+                    {
+                        return self.check_allowed(c, cost);
+                    }
                 }
                 let account = c.account.map(|a| &**a);
                 let model = c.plan.model(None);

@@ -431,26 +431,17 @@ impl Plan {
     /// alone, without gathering its limits.
     #[inline]
     pub(crate) fn lone_throttle(&self) -> Option<&Limit> {
-        match &self.throttle {
-            Some(l)
-                if self.quota.is_none()
-                    && self.tokens.is_none()
-                    && self.concurrency.is_none()
-                    && self.models.is_none()
-                    && !self.shadow =>
-            {
-                Some(l)
-            }
-            _ => None,
-        }
+        self.clear_throttle().filter(|_| self.quota.is_none())
     }
 
-    /// The plan's throttle when its other limits are its request quota and
-    /// method overrides: the common full plan, which a request whose route
-    /// matches no override may decide without gathering its limits.
-    pub(crate) fn throttle_with_quota(&self) -> Option<&Limit> {
-        match (&self.throttle, &self.quota) {
-            (Some(l), Some(_))
+    /// The plan's throttle when its only other limits are a request quota
+    /// and method overrides (no token budget, concurrency cap or model
+    /// limits) and the plan is not a shadow: the common full plan, whose
+    /// requests are decided without gathering their limits when all allow.
+    #[inline]
+    pub(crate) fn clear_throttle(&self) -> Option<&Limit> {
+        match &self.throttle {
+            Some(l)
                 if self.tokens.is_none()
                     && self.concurrency.is_none()
                     && self.models.is_none()

@@ -216,22 +216,25 @@ pub trait Store: Clone + Send + Sync + 'static {
         None
     }
 
-    /// [`decide_now`](Store::decide_now) for a request whose limits are
-    /// `throttle` and `quota` (neither a shadow; no token budget or
-    /// concurrency cap): the common full plan, decided without describing
-    /// the request as an [`Acquire`]. `None`, the default, describes it and
-    /// asks `decide_now`, then `acquire`. A store that answers here must
-    /// answer exactly as `acquire` would for those two limits; it may answer
-    /// only the requests both limits allow, and `None` for the others.
+    /// [`decide_now`](Store::decide_now) for a request whose limits are the
+    /// throttle `first` (a plan's), `second` (the method override the
+    /// request's route matches), if any, and `quota`, if any, none a shadow,
+    /// and no token budget or concurrency cap: the common full plan, decided
+    /// without describing the request as an [`Acquire`]. `None`, the
+    /// default, describes it and asks `decide_now`, then `acquire`. A store
+    /// that answers here must answer exactly as `acquire` would for those
+    /// limits; it may answer only the requests they all allow, and `None`
+    /// for the others.
     #[inline]
-    fn decide_throttle_quota_now(
+    fn decide_clear_now(
         &self,
-        throttle: &ThrottleRef<'_>,
-        quota: &QuotaRef<'_>,
+        first: &ThrottleRef<'_>,
+        second: Option<&ThrottleRef<'_>>,
+        quota: Option<&QuotaRef<'_>>,
         cost: u32,
         report: &mut Report,
     ) -> Option<Result<(), Denied>> {
-        let _ = (throttle, quota, cost, report);
+        let _ = (first, second, quota, cost, report);
         None
     }
 

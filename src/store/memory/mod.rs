@@ -404,38 +404,57 @@ impl MemoryStore {
         }
     }
 
-    /// Decides a request whose limits are the throttle `t` and the request
-    /// quota `q` (neither a shadow) when both allow it: what
-    /// [`decide`](Self::decide) does for them, without describing the
-    /// request as an [`Acquire`]. `false`: one of them would deny (or the
-    /// cost never fits the quota), nothing is charged, and the request is
-    /// to be decided in full, which names the denial.
+    /// Decides a request whose limits are the throttle `first`, the
+    /// throttle `second` (a method override), if any, and the request quota
+    /// `q`, if any (none a shadow, none counting tokens), when they all
+    /// allow it: what [`decide`](Self::decide) does for them, without
+    /// describing the request as an [`Acquire`]. `false`: one of them would
+    /// deny (or the cost never fits the quota), nothing is charged, and the
+    /// request is to be decided in full, which names the denial.
     #[inline(always)]
-    pub(crate) fn decide_throttle_quota<R: Sink>(
+    pub(crate) fn decide_clear_of<R: Sink>(
         &self,
-        t: &ThrottleRef<'_>,
-        q: &QuotaRef<'_>,
+        first: &ThrottleRef<'_>,
+        second: Option<&ThrottleRef<'_>>,
+        q: Option<&QuotaRef<'_>>,
         cost: u32,
         report: &mut R,
     ) -> bool {
-        debug_assert!(!t.shadow && !q.shadow, "a shadow limit never denies");
-        debug_assert!(!t.counts_tokens() && !q.counts_tokens());
-        if !ever_fits(u64::from(cost), q.spec.limit) {
+        debug_assert!(!first.shadow && !first.counts_tokens());
+        debug_assert!(second.is_none_or(|t| !t.shadow && !t.counts_tokens()));
+        debug_assert!(q.is_none_or(|q| !q.shadow && !q.counts_tokens()));
+        if q.is_some_and(|q| !ever_fits(u64::from(cost), q.spec.limit)) {
             return false;
         }
         let now = self.inner.clock.nanos();
-        let Ok(Outcome::Allow { tat, after }) = self.throttle_step(t, cost, now, false) else {
+        // The TAT each throttle was charged to, for exact refunds.
+        let Ok(Outcome::Allow { tat, after }) = self.throttle_step(first, cost, now, false) else {
             return false;
         };
         let mark = report.mark();
-        throttle_allowed(report, t, cost, after, now);
+        throttle_allowed(report, first, cost, after, now);
+        let mut also = None;
+        if let Some(t) = second {
+            let Ok(Outcome::Allow { tat: mine, after }) = self.throttle_step(t, cost, now, false)
+            else {
+                report.rewind(mark);
+                self.refund_throttle(first, cost, now, tat);
+                return false;
+            };
+            also = Some((t, mine));
+            throttle_allowed(report, t, cost, after, now);
+        }
+        let Some(q) = q else { return true };
         let wall = self.inner.clock.wall_nanos_at(now);
         if let Ok(Ok(count)) = self.inner.quotas.acquire(q, wall, u64::from(cost), false) {
             report.push(|| quota_applied(q.kind, &count.snapshot(q.spec, wall)));
             return true;
         }
         report.rewind(mark);
-        self.refund_throttle(t, cost, now, tat);
+        self.refund_throttle(first, cost, now, tat);
+        if let Some((t, mine)) = also {
+            self.refund_throttle(t, cost, now, mine);
+        }
         false
     }
 
@@ -532,14 +551,15 @@ impl Store for MemoryStore {
     }
 
     #[inline]
-    fn decide_throttle_quota_now(
+    fn decide_clear_now(
         &self,
-        throttle: &ThrottleRef<'_>,
-        quota: &QuotaRef<'_>,
+        first: &ThrottleRef<'_>,
+        second: Option<&ThrottleRef<'_>>,
+        quota: Option<&QuotaRef<'_>>,
         cost: u32,
         report: &mut Report,
     ) -> Option<Result<(), Denied>> {
-        self.decide_throttle_quota(throttle, quota, cost, report)
+        self.decide_clear_of(first, second, quota, cost, report)
             .then_some(Ok(()))
     }
 
@@ -1266,22 +1286,22 @@ mod tests {
         assert_eq!(s.inner.quotas.report(&roomy_ref, day, day), vec![[1, 99]]);
     }
 
-    /// The full plan's path without bookkeeping (`decide_throttle_quota`,
-    /// then the general path when it declines) answers every request as the
+    /// The full plan's path without bookkeeping (`decide_clear_of`, then
+    /// the general path when it declines) answers every request as the
     /// general path alone does: the same verdicts and denials, the same
-    /// reports, and the same state left in the throttle and the quota, over
-    /// bursts, waits, day boundaries and costs that never fit.
+    /// reports, and the same state left in the throttles and the quota, over
+    /// bursts, waits, day boundaries and costs that never fit; for a
+    /// throttle and a quota, a throttle, an override and a quota, and a
+    /// throttle and an override.
     #[test]
-    fn throttle_and_quota_decided_directly_as_in_full() {
-        let day = 19_844;
-        let twin = || {
-            let (s, clock) = store(1024);
-            clock.set_wall(std::time::UNIX_EPOCH + Duration::from_secs(day * 86_400));
-            (s, clock)
-        };
-        let (direct, direct_clock) = twin();
-        let (full, full_clock) = twin();
+    fn a_full_plan_decided_directly_as_in_full() {
         let p = plan(2.0, 3);
+        let method = OneLimit(Limit::new(
+            LimitKind::Method,
+            &Throttle::new(1.0, 2).unwrap(),
+            "p",
+            "/v1/x/POST",
+        ));
         let spec = QuotaSpec {
             limit: 20,
             period: crate::Period::Day,
@@ -1290,14 +1310,7 @@ mod tests {
             salt: 9,
         };
         let k = digest(b"k");
-        let throttle = ThrottleRef {
-            limit: &p.0,
-            plan: Some("p"),
-            account: None,
-            subject: b"",
-            digest: k,
-            shadow: false,
-        };
+        let throttle = |l| throttle_ref(l, k);
         let quota = QuotaRef {
             kind: LimitKind::Quota,
             spec: &spec,
@@ -1308,10 +1321,42 @@ mod tests {
             shadow: false,
             history_days: 31,
         };
+        let shapes = [
+            (vec![throttle(&p)], Some(quota)),
+            (vec![throttle(&p), throttle(&method)], Some(quota)),
+            (vec![throttle(&p), throttle(&method)], None),
+        ];
+        for (throttles, quota) in &shapes {
+            decided_directly_as_in_full(throttles, quota.as_ref());
+        }
+    }
+
+    fn throttle_ref(l: &OneLimit, k: Digest) -> ThrottleRef<'_> {
+        ThrottleRef {
+            limit: &l.0,
+            plan: Some("p"),
+            account: None,
+            subject: b"",
+            digest: k,
+            shadow: false,
+        }
+    }
+
+    fn decided_directly_as_in_full(throttles: &[ThrottleRef<'_>], quota: Option<&QuotaRef<'_>>) {
+        let day = 19_844;
+        let twin = || {
+            let (s, clock) = store(1024);
+            clock.set_wall(std::time::UNIX_EPOCH + Duration::from_secs(day * 86_400));
+            (s, clock)
+        };
+        let (direct, direct_clock) = twin();
+        let (full, full_clock) = twin();
         let in_full = |s: &MemoryStore, cost: u32| {
             let mut req = Acquire::new(cost, crate::FailureMode::Open);
-            req.push(throttle);
-            req.quota = Some(quota);
+            for t in throttles {
+                req.push(*t);
+            }
+            req.quota = quota.copied();
             let mut report = Report::default();
             let result = s.decide(&req, &mut report);
             format!("{result:?} {:?}", report.items())
@@ -1319,7 +1364,7 @@ mod tests {
         let declined = std::cell::Cell::new(0);
         let directly = |s: &MemoryStore, cost: u32| {
             let mut report = Report::default();
-            if s.decide_throttle_quota(&throttle, &quota, cost, &mut report) {
+            if s.decide_clear_of(&throttles[0], throttles.get(1), quota, cost, &mut report) {
                 return format!("{:?} {:?}", Ok::<(), Denied>(()), report.items());
             }
             declined.set(declined.get() + 1);
@@ -1341,7 +1386,12 @@ mod tests {
             direct_clock.advance(wait);
             full_clock.advance(wait);
             let (a, b) = (directly(&direct, cost), in_full(&full, cost));
-            assert_eq!(a, b, "request {i}, cost {cost}");
+            assert_eq!(
+                a,
+                b,
+                "request {i}, cost {cost}, {} throttles",
+                throttles.len()
+            );
             if a.starts_with("Ok") {
                 allowed += 1;
             }
@@ -1349,15 +1399,24 @@ mod tests {
         // Both paths were taken, and both outcomes seen.
         let declined = declined.get();
         assert!(allowed > 100 && declined > 100, "{allowed} {declined}");
-        let last = (day + 400) as i64;
-        assert_eq!(
-            direct.inner.quotas.report(&quota, day as i64, last),
-            full.inner.quotas.report(&quota, day as i64, last)
-        );
-        assert_eq!(
-            direct.acquire_one(&p, k, 0).unwrap().items(),
-            full.acquire_one(&p, k, 0).unwrap().items()
-        );
+        if let Some(quota) = quota {
+            let last = (day + 400) as i64;
+            assert_eq!(
+                direct.inner.quotas.report(quota, day as i64, last),
+                full.inner.quotas.report(quota, day as i64, last)
+            );
+        }
+        // What each throttle holds, peeked on both stores.
+        let standing = |s: &MemoryStore| {
+            let mut req = Acquire::new(0, crate::FailureMode::Open);
+            for t in throttles {
+                req.push(*t);
+            }
+            let mut report = Report::default();
+            s.decide(&req, &mut report).unwrap();
+            format!("{:?}", report.items())
+        };
+        assert_eq!(standing(&direct), standing(&full));
     }
 
     /// Threads deciding one subject's full plan at once, on the direct path
@@ -1401,12 +1460,13 @@ mod tests {
                 scope.spawn(|| {
                     start.wait();
                     for _ in 0..3_000 {
-                        let allowed = s.decide_throttle_quota(&throttle, &quota, 1, &mut ()) || {
-                            let mut req = Acquire::new(1, crate::FailureMode::Open);
-                            req.push(throttle);
-                            req.quota = Some(quota);
-                            s.decide(&req, &mut ()).is_ok()
-                        };
+                        let allowed = s.decide_clear_of(&throttle, None, Some(&quota), 1, &mut ())
+                            || {
+                                let mut req = Acquire::new(1, crate::FailureMode::Open);
+                                req.push(throttle);
+                                req.quota = Some(quota);
+                                s.decide(&req, &mut ()).is_ok()
+                            };
                         if allowed {
                             admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
