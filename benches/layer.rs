@@ -36,15 +36,15 @@ use bytes::Bytes;
 use criterion::Criterion;
 use http::{HeaderValue, Request, Response, StatusCode};
 use tollgate::extract::ClientIp;
-use tollgate::{ApiKey, HeaderStyle, Period, Policy, Quota, RateLimitLayer, UsagePlan};
+use tollgate::{HeaderStyle, Period, Policy, Quota, RateLimitLayer, UsagePlan};
 use tower::{ServiceBuilder, ServiceExt};
 
 #[path = "support/stack.rs"]
 mod stack;
 
 use stack::{
-    KEY, KEYS, X_API_KEY, governor_config, governor_default_config, governor_ip_headers_config,
-    governor_key_config, registered_policy, throttle,
+    KEY, X_API_KEY, governor_config, governor_default_config, governor_ip_headers_config,
+    governor_key_config, registered_policy, registered_policy_on, throttle,
 };
 
 /// Whether the inner service's responses carry a `content-type`, as
@@ -67,24 +67,12 @@ async fn ok<B>(_req: Request<B>) -> Result<Response<Body>, Infallible> {
 /// above what a run decides, and a method override on the bench request's
 /// route.
 fn full_plan_policy() -> Policy {
-    (0..KEYS)
-        .fold(
-            Policy::builder().plan(
-                UsagePlan::new("bench")
-                    .throttle(throttle())
-                    .quota(Quota::new(1 << 53, Period::Day).expect("a valid quota"))
-                    .method("/v1/completions/POST", throttle()),
-            ),
-            |p, i| {
-                p.key(ApiKey::new(
-                    format!("id-{i}"),
-                    format!("key-{i:08}"),
-                    "bench",
-                ))
-            },
-        )
-        .build()
-        .expect("a valid policy")
+    registered_policy_on(
+        UsagePlan::new("bench")
+            .throttle(throttle())
+            .quota(Quota::new(1 << 53, Period::Day).expect("a valid quota"))
+            .method("/v1/completions/POST", throttle()),
+    )
 }
 
 /// Runs one variant: clones the service (as axum and hyper do per request),

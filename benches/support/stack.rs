@@ -42,17 +42,19 @@ pub(crate) fn throttle() -> Throttle {
 
 /// `KEYS` registered keys (`key-00000000`…) on one plan of [`throttle`].
 pub(crate) fn registered_policy() -> Policy {
+    registered_policy_on(UsagePlan::new("bench").throttle(throttle()))
+}
+
+/// `KEYS` registered keys (`key-00000000`…) on `plan`, which is named `bench`.
+pub(crate) fn registered_policy_on(plan: UsagePlan) -> Policy {
     (0..KEYS)
-        .fold(
-            Policy::builder().plan(UsagePlan::new("bench").throttle(throttle())),
-            |p, i| {
-                p.key(ApiKey::new(
-                    format!("id-{i}"),
-                    format!("key-{i:08}"),
-                    "bench",
-                ))
-            },
-        )
+        .fold(Policy::builder().plan(plan), |p, i| {
+            p.key(ApiKey::new(
+                format!("id-{i}"),
+                format!("key-{i:08}"),
+                "bench",
+            ))
+        })
         .build()
         .expect("a valid policy")
 }

@@ -594,22 +594,24 @@ async fn a_shadow_plan_passes_past_its_limits_and_says_so_in_headers() {
     assert_eq!(header(&res, "x-ratelimit-remaining-requests"), "0");
 }
 
-/// A plan of a throttle, a day's quota and a method override: a request
-/// whose route matches the override is held to it, one whose route does not
-/// is decided by the throttle and the quota alone (without gathering its
-/// limits), and both count against the one quota.
-#[tokio::test]
-async fn a_full_plan_holds_its_override_and_counts_every_route_in_its_quota() {
-    use tollgate::{ApiKey, Period, Policy, Quota, Throttle, UsagePlan};
-    let (clock, store) = frozen_store();
-    clock.set_wall(crate::support::at(2026, 3, 14, 12 * 3600));
-    let plan = UsagePlan::new("full")
-        .throttle(Throttle::new(1.0, 10).unwrap())
+/// Plan `p`: a throttle of 1 a second in bursts of `burst`, and an override
+/// of 1 a second in bursts of 2 on `POST /v1/completions`.
+fn overridden_plan(burst: u32) -> tollgate::UsagePlan {
+    use tollgate::{Throttle, UsagePlan};
+    UsagePlan::new("p")
+        .throttle(Throttle::new(1.0, burst).unwrap())
         .method("/v1/completions/POST", Throttle::new(1.0, 2).unwrap())
-        .quota(Quota::new(5, Period::Day).unwrap());
+}
+
+/// Serves `/v1/completions` (POST and GET) behind a layer of `plan` (named
+/// `p`), with `KEY` registered on it, on a frozen clock; returns the clock
+/// and the route's URL.
+async fn serve_completions(plan: tollgate::UsagePlan) -> (tollgate::ManualClock, String) {
+    use tollgate::{ApiKey, Policy};
+    let (clock, store) = frozen_store();
     let policy = Policy::builder()
         .plan(plan)
-        .key(ApiKey::new("k1", KEY, "full"))
+        .key(ApiKey::new("k1", KEY, "p"))
         .build()
         .unwrap();
     let layer = RateLimitLayer::builder(policy).store(store).build();
@@ -617,7 +619,19 @@ async fn a_full_plan_holds_its_override_and_counts_every_route_in_its_quota() {
         .route("/v1/completions", post(ok).get(ok))
         .layer(layer);
     let base = serve(app).await;
-    let url = format!("{base}/v1/completions");
+    (clock, format!("{base}/v1/completions"))
+}
+
+/// A plan of a throttle, a day's quota and a method override: a request
+/// whose route matches the override is held to it, one whose route does not
+/// is decided by the throttle and the quota alone (without gathering its
+/// limits), and both count against the one quota.
+#[tokio::test]
+async fn a_full_plan_holds_its_override_and_counts_every_route_in_its_quota() {
+    use tollgate::{Period, Quota};
+    let plan = overridden_plan(10).quota(Quota::new(5, Period::Day).unwrap());
+    let (clock, url) = serve_completions(plan).await;
+    clock.set_wall(crate::support::at(2026, 3, 14, 12 * 3600));
     let c = client();
     let post = || c.post(&url).header("x-api-key", KEY).send();
     let get = || c.get(&url).header("x-api-key", KEY).send();
@@ -645,22 +659,7 @@ async fn a_full_plan_holds_its_override_and_counts_every_route_in_its_quota() {
 /// throttle.
 #[tokio::test]
 async fn a_throttle_with_an_override_holds_only_the_routes_it_names() {
-    use tollgate::{ApiKey, Policy, Throttle, UsagePlan};
-    let (_clock, store) = frozen_store();
-    let plan = UsagePlan::new("p")
-        .throttle(Throttle::new(1.0, 5).unwrap())
-        .method("/v1/completions/POST", Throttle::new(1.0, 2).unwrap());
-    let policy = Policy::builder()
-        .plan(plan)
-        .key(ApiKey::new("k1", KEY, "p"))
-        .build()
-        .unwrap();
-    let layer = RateLimitLayer::builder(policy).store(store).build();
-    let app = Router::new()
-        .route("/v1/completions", post(ok).get(ok))
-        .layer(layer);
-    let base = serve(app).await;
-    let url = format!("{base}/v1/completions");
+    let (_clock, url) = serve_completions(overridden_plan(5)).await;
     let c = client();
     let post = || c.post(&url).header("x-api-key", KEY).send();
     let get = || c.get(&url).header("x-api-key", KEY).send();

@@ -1311,16 +1311,7 @@ mod tests {
         };
         let k = digest(b"k");
         let throttle = |l| throttle_ref(l, k);
-        let quota = QuotaRef {
-            kind: LimitKind::Quota,
-            spec: &spec,
-            plan: "p",
-            account: None,
-            subject: b"",
-            digest: k,
-            shadow: false,
-            history_days: 31,
-        };
+        let quota = quota_ref(&spec, k);
         let shapes = [
             (vec![throttle(&p)], Some(quota)),
             (vec![throttle(&p), throttle(&method)], Some(quota)),
@@ -1328,6 +1319,19 @@ mod tests {
         ];
         for (throttles, quota) in &shapes {
             decided_directly_as_in_full(throttles, quota.as_ref());
+        }
+    }
+
+    fn quota_ref(spec: &QuotaSpec, k: Digest) -> QuotaRef<'_> {
+        QuotaRef {
+            kind: LimitKind::Quota,
+            spec,
+            plan: "p",
+            account: None,
+            subject: b"",
+            digest: k,
+            shadow: false,
+            history_days: 31,
         }
     }
 
@@ -1435,24 +1439,7 @@ mod tests {
             salt: 9,
         };
         let k = digest(b"hot");
-        let throttle = ThrottleRef {
-            limit: &p.0,
-            plan: Some("p"),
-            account: None,
-            subject: b"",
-            digest: k,
-            shadow: false,
-        };
-        let quota = QuotaRef {
-            kind: LimitKind::Quota,
-            spec: &spec,
-            plan: "p",
-            account: None,
-            subject: b"",
-            digest: k,
-            shadow: false,
-            history_days: 31,
-        };
+        let (throttle, quota) = (throttle_ref(&p, k), quota_ref(&spec, k));
         let admitted = std::sync::atomic::AtomicU64::new(0);
         let start = std::sync::Barrier::new(4);
         std::thread::scope(|scope| {
