@@ -18,6 +18,10 @@ pub(crate) struct MethodPath {
     segments: Option<Box<[Segment]>>,
     /// `None`: every method.
     method: Option<Method>,
+    /// The route itself (`/v1/completions`) when every segment is a
+    /// literal: a route written as plainly (see [`is_plain`]) matches it
+    /// exactly when it is the same string, with no splitting.
+    literal: Option<Box<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +64,20 @@ impl MethodPath {
                     .collect::<Result<Box<[_]>, _>>()?,
             ),
         };
-        Ok(MethodPath { segments, method })
+        let literal = segments.as_deref().filter(|s| !s.is_empty()).and_then(|s| {
+            s.iter()
+                .map(|seg| match seg {
+                    Segment::Literal(lit) => Some(format!("/{lit}")),
+                    Segment::Any => None,
+                })
+                .collect::<Option<String>>()
+                .map(String::into_boxed_str)
+        });
+        Ok(MethodPath {
+            segments,
+            method,
+            literal,
+        })
     }
 
     /// How literal the pattern is: more literal patterns win.
@@ -82,6 +99,21 @@ impl MethodPath {
         let Some(segments) = &self.segments else {
             return true;
         };
+        // The usual override names its route plainly, and the usual route
+        // is written plainly: then they match when they are equal.
+        if let Some(literal) = &self.literal {
+            if route == &**literal {
+                return true;
+            }
+            if is_plain(route) {
+                return false;
+            }
+        }
+        Self::matches_segments(segments, route)
+    }
+
+    /// Whether `route`, split at `/`, is `segments`.
+    fn matches_segments(segments: &[Segment], route: &str) -> bool {
         // Empty parts are ignored: "/v1/completions/" is "/v1/completions".
         let mut parts = route.split('/').filter(|p| !p.is_empty());
         for seg in segments.iter() {
@@ -93,6 +125,17 @@ impl MethodPath {
         }
         parts.next().is_none()
     }
+}
+
+/// Whether `route` is written plainly: `/` then parts separated by single
+/// slashes, with no slash at the end. Split at `/` with its empty parts
+/// left out, such a route is the string itself again, so it matches a
+/// pattern of literal segments exactly when it equals the pattern's route.
+fn is_plain(route: &str) -> bool {
+    let bytes = route.as_bytes();
+    bytes.first() == Some(&b'/')
+        && bytes.last() != Some(&b'/')
+        && !bytes.windows(2).any(|w| w == b"//")
 }
 
 /// A method override compiled for deciding.
@@ -188,6 +231,55 @@ mod tests {
         for bad in ["v1/POST", "/v1/", "/v1//x/POST", "/v1/PO ST"] {
             assert!(MethodPath::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// The comparison of a plain route with a literal pattern's route
+    /// decides as splitting both would, for plain routes and odd ones
+    /// (trailing and doubled slashes, none at the start, empty).
+    #[test]
+    fn literal_patterns_match_as_their_segments_do() {
+        let patterns = [
+            "/v1/completions/POST",
+            "/v1/POST",
+            "/a/b/c/GET",
+            "/v1/*/POST",
+            "//GET",
+            "/*/*",
+        ];
+        let routes = [
+            "/v1/completions",
+            "/v1/completions/",
+            "//v1//completions",
+            "v1/completions",
+            "/v1/completion",
+            "/v1/completions/x",
+            "/v1",
+            "/v1/",
+            "/a/b/c",
+            "/a/b/c/",
+            "/a//b/c",
+            "/",
+            "",
+            "//",
+        ];
+        for pattern in patterns {
+            let p = mp(pattern);
+            for route in routes {
+                let split = p
+                    .segments
+                    .as_deref()
+                    .is_none_or(|s| MethodPath::matches_segments(s, route));
+                let want = split && p.method.as_ref().is_none_or(|m| *m == Method::POST);
+                assert_eq!(p.matches(route, &Method::POST), want, "{pattern} {route:?}");
+            }
+        }
+        assert_eq!(
+            mp("/v1/completions/POST").literal.as_deref(),
+            Some("/v1/completions")
+        );
+        assert_eq!(mp("/v1/*/POST").literal, None);
+        assert_eq!(mp("//GET").literal, None);
+        assert_eq!(mp("/*/*").literal, None);
     }
 
     #[test]
