@@ -175,28 +175,12 @@ impl<'a> Caller<'a> {
         }
     }
 
-    /// The caller's one throttle, when it is all that applies to `req`: its
-    /// plan has nothing else but method overrides ([`Plan::lone_throttle`]),
-    /// none of which matches `req` (none does without a request), and no
-    /// stage or account limits the API. Such a request is decided without
-    /// gathering its limits.
-    #[inline]
-    fn lone(&self, req: Option<&RequestView<'_>>) -> Option<ThrottleRef<'a>> {
-        if self.stage.is_some() || self.account.is_some() {
-            return None;
-        }
-        let t = self.plan.lone_throttle()?;
-        if method_limit(&self.plan.methods, req).is_some() {
-            return None;
-        }
-        Some(self.subject.throttle(t))
-    }
-
     /// The plan's throttle of a caller whose plan has, besides it, only a
     /// request quota and method overrides ([`Plan::clear_throttle`]), when
     /// no stage or account limits the API. Such a request is decided without
-    /// gathering its limits when they all allow it: the throttle, the
-    /// override its route matches and the quota, in the order
+    /// gathering its limits: by the throttle alone when no quota and no
+    /// override applies (the common plan), else when they all allow it, the
+    /// throttle, the override its route matches and the quota, in the order
     /// [`Acquire::gather`] gives them.
     #[inline]
     fn clear(&self) -> Option<ThrottleRef<'a>> {
@@ -443,44 +427,37 @@ impl<K, S: Store> Shared<K, S> {
                 }
             }
         };
-        match c.lone(req) {
-            // The common plan, a throttle alone, skips gathering limits.
-            Some(t) => {
-                if !t.shadow
-                    && let Some(verdict) = self.store.decide_throttle_now(&t, cost, report)
-                {
+        if let Some(first) = c.clear() {
+            let (second, quota) = (c.method(req), c.subject.request_quota());
+            if second.is_none() && quota.is_none() {
+                // The common plan, a throttle alone.
+                if let Some(verdict) = self.store.decide_throttle_now(&first, cost, report) {
                     return now(verdict);
                 }
-                Acquire::lone(t, cost, c.plan, |a| decide(a, report))
+                return Acquire::lone(first, cost, c.plan, |a| decide(a, report));
             }
-            None => {
-                // The common full plan, when all its limits allow.
-                if let Some(first) = c.clear() {
-                    let (second, quota) = (c.method(req), c.subject.request_quota());
-                    let (second, quota) = (second.as_ref(), quota.as_ref());
-                    if let Some(verdict) = self
-                        .store
-                        .decide_clear_now(&first, second, quota, cost, report)
-                    {
-                        return now(verdict);
-                    }
-                }
-                let Some(tokens) = self.reserve(c, req, model, reserve) else {
-                    return Step::Read;
-                };
-                let account = c.account.map(|a| &**a);
-                Acquire::gather(
-                    c.stage,
-                    account,
-                    &c.subject,
-                    req,
-                    model,
-                    cost,
-                    tokens,
-                    |a| decide(a, report),
-                )
+            // The common full plan, when all its limits allow.
+            if let Some(verdict) =
+                self.store
+                    .decide_clear_now(&first, second.as_ref(), quota.as_ref(), cost, report)
+            {
+                return now(verdict);
             }
         }
+        let Some(tokens) = self.reserve(c, req, model, reserve) else {
+            return Step::Read;
+        };
+        let account = c.account.map(|a| &**a);
+        Acquire::gather(
+            c.stage,
+            account,
+            &c.subject,
+            req,
+            model,
+            cost,
+            tokens,
+            |a| decide(a, report),
+        )
     }
 
     /// The model a request is for, as the layer's
@@ -768,34 +745,31 @@ impl<K> Shared<K, MemoryStore> {
     /// room (48 bytes) on every decision.
     #[inline(always)]
     fn check_caller(&self, c: &Caller<'_>, cost: u32, denied: &mut Option<Denied>) {
-        match c.lone(None) {
-            // The common plan, a throttle alone, skips gathering limits.
-            Some(t) => match self.store.decide_throttle(&t, cost, &mut ()) {
-                Ok(()) => self.check_allowed(c, cost),
-                Err(d) => self.check_refused(c, cost, d, denied),
-            },
-            None => {
-                // The common full plan, when all its limits allow.
-                if let Some(first) = c.clear() {
-                    let quota = c.subject.request_quota();
-                    if self
-                        .store
-                        .decide_clear_of(&first, None, quota.as_ref(), cost, &mut ())
-                    {
-                        return self.check_allowed(c, cost);
-                    }
-                }
-                let account = c.account.map(|a| &**a);
-                let model = c.plan.model(None);
-                let result =
-                    Acquire::gather(c.stage, account, &c.subject, None, model, cost, 0, |a| {
-                        self.store.decide::<()>(a, &mut ())
-                    });
-                match result {
+        // Without a request no override applies.
+        if let Some(first) = c.clear() {
+            let Some(quota) = c.subject.request_quota() else {
+                // The common plan, a throttle alone.
+                return match self.store.decide_throttle(&first, cost, &mut ()) {
                     Ok(()) => self.check_allowed(c, cost),
                     Err(d) => self.check_refused(c, cost, d, denied),
-                }
+                };
+            };
+            // The common full plan, when both its limits allow.
+            if self
+                .store
+                .decide_clear_of(&first, None, Some(&quota), cost, &mut ())
+            {
+                return self.check_allowed(c, cost);
             }
+        }
+        let account = c.account.map(|a| &**a);
+        let model = c.plan.model(None);
+        let result = Acquire::gather(c.stage, account, &c.subject, None, model, cost, 0, |a| {
+            self.store.decide::<()>(a, &mut ())
+        });
+        match result {
+            Ok(()) => self.check_allowed(c, cost),
+            Err(d) => self.check_refused(c, cost, d, denied),
         }
     }
 

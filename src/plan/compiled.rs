@@ -425,15 +425,6 @@ impl Plan {
             .flat_map(|m| m.named.iter().chain(&m.other))
     }
 
-    /// The plan's throttle when its only other limits are method overrides
-    /// (no quota, token budget or concurrency cap) and the plan is not a
-    /// shadow: a request whose route matches no override is decided by it
-    /// alone, without gathering its limits.
-    #[inline]
-    pub(crate) fn lone_throttle(&self) -> Option<&Limit> {
-        self.clear_throttle().filter(|_| self.quota.is_none())
-    }
-
     /// The plan's throttle when its only other limits are a request quota
     /// and method overrides (no token budget, concurrency cap or model
     /// limits) and the plan is not a shadow: the common full plan, whose

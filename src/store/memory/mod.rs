@@ -427,7 +427,7 @@ impl MemoryStore {
             return false;
         }
         let now = self.inner.clock.nanos();
-        // The TAT each throttle was charged to, for exact refunds.
+        // `tat` and `mine`: what each throttle was charged to, for exact refunds.
         let Ok(Outcome::Allow { tat, after }) = self.throttle_step(first, cost, now, false) else {
             return false;
         };
@@ -1246,16 +1246,7 @@ mod tests {
         };
         let (roomy, tight) = (spec(100, 1), spec(1, 2));
         let k = digest(b"k");
-        let quota = |spec, kind| QuotaRef {
-            kind,
-            spec,
-            plan: "p",
-            account: None,
-            subject: b"",
-            digest: k,
-            shadow: false,
-            history_days: 31,
-        };
+        let quota = |spec, kind| quota_ref(spec, kind, k);
         let decide = |s: &MemoryStore| {
             let mut req = Acquire::new(1, crate::FailureMode::Open);
             req.push(ThrottleRef {
@@ -1311,7 +1302,7 @@ mod tests {
         };
         let k = digest(b"k");
         let throttle = |l| throttle_ref(l, k);
-        let quota = quota_ref(&spec, k);
+        let quota = quota_ref(&spec, LimitKind::Quota, k);
         let shapes = [
             (vec![throttle(&p)], Some(quota)),
             (vec![throttle(&p), throttle(&method)], Some(quota)),
@@ -1322,9 +1313,9 @@ mod tests {
         }
     }
 
-    fn quota_ref(spec: &QuotaSpec, k: Digest) -> QuotaRef<'_> {
+    fn quota_ref(spec: &QuotaSpec, kind: LimitKind, k: Digest) -> QuotaRef<'_> {
         QuotaRef {
-            kind: LimitKind::Quota,
+            kind,
             spec,
             plan: "p",
             account: None,
@@ -1439,7 +1430,7 @@ mod tests {
             salt: 9,
         };
         let k = digest(b"hot");
-        let (throttle, quota) = (throttle_ref(&p, k), quota_ref(&spec, k));
+        let (throttle, quota) = (throttle_ref(&p, k), quota_ref(&spec, LimitKind::Quota, k));
         let admitted = std::sync::atomic::AtomicU64::new(0);
         let start = std::sync::Barrier::new(4);
         std::thread::scope(|scope| {
