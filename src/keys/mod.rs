@@ -146,6 +146,7 @@ impl Registry {
     pub(crate) fn new(hasher: ValueHasher, capacity: usize) -> Self {
         Registry {
             keys: papaya::HashMap::builder()
+                .shared_collector(crate::sync::collector())
                 .capacity(capacity)
                 .hasher(BuildDigestHasher::default())
                 .build(),
@@ -421,6 +422,35 @@ mod tests {
         assert_eq!(r.len(), 2_500);
         assert!(r.by_id("id-1", |e| e.is_some()));
         assert!(r.by_id("id-2", |e| e.is_none()));
+    }
+
+    /// Entries removed from the registry are freed while it lives, though
+    /// every map of the process shares one collector (whose batches other
+    /// threads' guards may hold back for a moment): at most the entries of
+    /// this thread's unfinished batch stay.
+    #[test]
+    fn removed_entries_are_freed_under_the_shared_collector() {
+        let r = Registry::new(ValueHasher::process(), 0);
+        let p = plan(0);
+        r.change(|w| {
+            for i in 0..2_000 {
+                let v = format!("value-{i}");
+                let e = KeyEntry::new(&format!("id-{i}"), Arc::clone(&p), None, true);
+                w.add(v.as_bytes(), e).unwrap();
+            }
+        });
+        assert_eq!(Arc::strong_count(&p), 2_001);
+        r.change(|w| {
+            for i in 0..2_000 {
+                assert!(w.remove(&format!("id-{i}")).is_some());
+            }
+        });
+        assert_eq!(r.len(), 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while Arc::strong_count(&p) > 1 + 32 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(Arc::strong_count(&p) <= 1 + 32, "{}", Arc::strong_count(&p));
     }
 
     #[test]
