@@ -146,7 +146,6 @@ impl Registry {
     pub(crate) fn new(hasher: ValueHasher, capacity: usize) -> Self {
         Registry {
             keys: papaya::HashMap::builder()
-                .shared_collector(crate::sync::collector())
                 .capacity(capacity)
                 .hasher(BuildDigestHasher::default())
                 .build(),
@@ -424,12 +423,11 @@ mod tests {
         assert!(r.by_id("id-2", |e| e.is_none()));
     }
 
-    /// Entries removed from the registry are freed while it lives, though
-    /// every map of the process shares one collector (whose batches other
-    /// threads' guards may hold back for a moment): at most the entries of
-    /// this thread's unfinished batch stay.
+    /// Entries removed from the registry are freed while it lives (once no
+    /// thread's guard can still read them): at most the entries of this
+    /// thread's unfinished batch of the registry's collector stay.
     #[test]
-    fn removed_entries_are_freed_under_the_shared_collector() {
+    fn removed_entries_are_freed_while_the_registry_lives() {
         let r = Registry::new(ValueHasher::process(), 0);
         let p = plan(0);
         r.change(|w| {

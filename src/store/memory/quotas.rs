@@ -234,7 +234,6 @@ impl Quotas {
     pub(super) fn new(max_keys: usize) -> Self {
         Quotas {
             map: papaya::HashMap::builder()
-                .shared_collector(crate::sync::collector())
                 .hasher(BuildDigestHasher::default())
                 .build(),
             short: AtomicUsize::new(0),
