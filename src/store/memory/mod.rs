@@ -30,6 +30,7 @@
 //! they hold state: forgetting one would hand it a fresh burst, i.e. over-admit.
 
 mod builder;
+mod kept;
 mod quotas;
 mod table;
 

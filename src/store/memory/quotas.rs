@@ -12,10 +12,13 @@
 //! a settlement, a reset, a report. Under that lock the word is still
 //! changed by compare-and-swap, since decisions on it do not take the lock.
 
+use std::ops::Deref;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize};
 
 use portable_atomic::{AtomicU128, Ordering};
 
+use super::kept::Kept;
 use crate::hash::BuildDigestHasher;
 use crate::quota::{Count, DayRecord, NO_DAY, QuotaSnapshot, QuotaSpec, report};
 use crate::store::QuotaRef;
@@ -45,7 +48,12 @@ pub(super) type Outcome = Result<Count, (u64, Count)>;
 /// word looks the counter up again, and makes a fresh one: nothing charged to
 /// a counter after it was let go is lost.
 pub(super) struct Quotas {
-    map: papaya::HashMap<u128, Counter, BuildDigestHasher>,
+    map: papaya::HashMap<u128, Held, BuildDigestHasher>,
+    /// The counters with history (never let go) again, found without
+    /// papaya's guard: a decision on a registered key's quota is one lookup
+    /// here and a compare-and-swap. The map stays where every counter is
+    /// made, so a counter is never made twice.
+    kept: Kept<Arc<Counter>>,
     /// Counters in `map` without history (at most `cap`, but for those
     /// made past it by a settlement or an admin change).
     short: AtomicUsize,
@@ -56,6 +64,36 @@ pub(super) struct Quotas {
     next_idle: AtomicI64,
     /// Serialises the search for idle counters.
     evicting: Mutex<()>,
+}
+
+/// A counter as the map holds it: in place, or shared with [`Kept`] when
+/// it keeps history.
+enum Held {
+    Own(Counter),
+    Kept(Arc<Counter>),
+}
+
+impl Held {
+    fn new(history_days: u32) -> Self {
+        let counter = Counter::new(history_days);
+        if counter.history {
+            Held::Kept(Arc::new(counter))
+        } else {
+            Held::Own(counter)
+        }
+    }
+}
+
+impl Deref for Held {
+    type Target = Counter;
+
+    #[inline]
+    fn deref(&self) -> &Counter {
+        match self {
+            Held::Own(c) => c,
+            Held::Kept(c) => c,
+        }
+    }
 }
 
 /// The counters of one quota of one subject.
@@ -236,6 +274,7 @@ impl Quotas {
             map: papaya::HashMap::builder()
                 .hasher(BuildDigestHasher::default())
                 .build(),
+            kept: Kept::new(),
             short: AtomicUsize::new(0),
             cap: max_keys.max(1),
             next_idle: AtomicI64::new(i64::MIN),
@@ -265,10 +304,21 @@ impl Quotas {
         mut f: impl FnMut(&Counter) -> Option<R>,
     ) -> Result<R, i64> {
         let key = Self::key(q);
+        // A counter with history is never let go: found here, it is the
+        // map's, and `f` on it answers.
+        let history = q.history_days() > 1;
+        if history {
+            if let Some(r) = self.kept.get(key).and_then(|c| f(c)) {
+                return Ok(r);
+            }
+        }
         let map = self.map.pin();
         loop {
             if let Some(counter) = map.get(&key) {
                 if let Some(r) = f(counter) {
+                    if let (true, Held::Kept(c)) = (history, counter) {
+                        self.keep(key, c);
+                    }
                     return Ok(r);
                 }
                 // Let go: out of the map with it, whoever removed it first.
@@ -280,13 +330,16 @@ impl Quotas {
                 }
                 continue;
             }
-            let counter = Counter::new(q.history_days());
+            let counter = Held::new(q.history_days());
             if !counter.history {
                 self.reserve(now, bounded)?;
             }
             match map.try_insert(key, counter) {
                 Ok(counter) => {
                     if let Some(r) = f(counter) {
+                        if let Held::Kept(c) = counter {
+                            self.keep(key, c);
+                        }
                         return Ok(r);
                     }
                 }
@@ -298,6 +351,13 @@ impl Quotas {
                 }
             }
         }
+    }
+
+    /// Puts a counter with history in [`Kept`], where the next decisions
+    /// find it without a guard (once: later ones find it there).
+    #[cold]
+    fn keep(&self, key: u128, counter: &Arc<Counter>) {
+        self.kept.insert(key, || Arc::clone(counter));
     }
 
     /// Takes a place for a counter without history, making room among
