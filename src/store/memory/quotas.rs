@@ -4,7 +4,9 @@
 //! A counter is one 128-bit word (the window, the day of the last change
 //! and the count: [`Count`]) beside its day history. A decision in the
 //! current window on the day of the last change, the hot path, is a read
-//! of the map (no lock: `papaya`) and a compare-and-swap of the word: the
+//! of the map (no lock: `papaya`; for a counter with history, which is never
+//! let go, not even papaya's guard: [`Kept`]) and a compare-and-swap of the
+//! word: the
 //! check `used + cost <= limit` and the charge are one atomic step, so
 //! threads deciding at once never admit more than the limit. Everything
 //! else takes the counter's own lock: the first change of a day (it closes
@@ -694,6 +696,54 @@ mod tests {
             qs.report(&q, first, first + 4),
             vec![[0, 100], [0, 100], [3, 94], [4, 90], [5, 85]]
         );
+    }
+
+    /// A subject's counter is one whether a request asks for it with
+    /// history (a registered key, found through `Kept`) or without (the
+    /// same key answered by a resolver): what one charged, the other sees.
+    #[test]
+    fn a_counter_is_one_whichever_history_it_is_asked_with() {
+        let qs = Quotas::new(16);
+        let s = spec(5, Period::Day);
+        let now = t(2024, 5, 1, 10);
+        for (first, then) in [(1, 31), (31, 1)] {
+            let subject = digest(format!("k{first}").as_bytes());
+            let (a, b) = (quota(&s, subject, first), quota(&s, subject, then));
+            assert!(take(&qs, &a, now, 3));
+            let ok = (0..5).filter(|_| take(&qs, &b, now, 1)).count();
+            assert_eq!(ok, 2, "made with {first} days, asked with {then}");
+            assert!(!take(&qs, &a, now, 1));
+        }
+        assert_eq!(qs.len(), 2);
+    }
+
+    /// Threads making and charging one new counter at once, half of them
+    /// asking with history and half without, admit exactly the limit: the
+    /// counter is made once, in the map, and `Kept` only finds it.
+    #[test]
+    fn threads_asking_with_and_without_history_share_one_counter() {
+        let s = spec(2_000, Period::Day);
+        let now = t(2024, 5, 1, 10);
+        for round in 0..20 {
+            let qs = Quotas::new(16);
+            let subject = digest(format!("new-{round}").as_bytes());
+            let admitted = AtomicU64::new(0);
+            std::thread::scope(|scope| {
+                for thread in 0..4 {
+                    let (qs, admitted) = (&qs, &admitted);
+                    scope.spawn(move || {
+                        let q = quota(&s, subject, if thread % 2 == 0 { 31 } else { 1 });
+                        for _ in 0..1_500 {
+                            if take(qs, &q, now, 1) {
+                                admitted.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            assert_eq!(admitted.load(Ordering::Relaxed), 2_000, "round {round}");
+            assert_eq!(qs.len(), 1);
+        }
     }
 
     /// Threads charging one quota at once, across midnight on a shared
