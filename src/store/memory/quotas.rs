@@ -6,9 +6,8 @@
 //! current window on the day of the last change, the hot path, is a read
 //! of the map (no lock: `papaya`; for a counter with history, which is never
 //! let go, not even papaya's guard: [`Kept`]) and a compare-and-swap of the
-//! word: the
-//! check `used + cost <= limit` and the charge are one atomic step, so
-//! threads deciding at once never admit more than the limit. Everything
+//! word: the check `used + cost <= limit` and the charge are one atomic
+//! step, so threads deciding at once never admit more than the limit. Everything
 //! else takes the counter's own lock: the first change of a day (it closes
 //! the day before into the history), a new window, UpdateUsage, a refund,
 //! a settlement, a reset, a report. Under that lock the word is still
