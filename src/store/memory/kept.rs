@@ -5,15 +5,20 @@
 //! still holds one before it frees it, so every read enters and leaves a
 //! guard: an atomic swap on leaving, some 5 ns, as much as the rest of a
 //! quota's decision. What is never removed needs none of that. Here,
-//! entries are appended to chunks that are never freed while the index
+//! values are appended to chunks that are never freed while the index
 //! lives, and found through a table of 64-bit words (the key's high bits
 //! and the entry's number). When the table would be more than three
 //! quarters full, a table twice as large is filled and put in its place;
 //! the old one is kept for the readers that may still be probing it (the
-//! tables before the current one take, together, less room than it). A
-//! reader of an older table misses only entries added since, which the
-//! caller looks for where they were made. Only [`insert`](Kept::insert),
-//! under a lock, writes; a reader never waits.
+//! tables before the current one take, together, less room than it).
+//!
+//! A value is made first ([`push`](Kept::push), which numbers it), and found
+//! by its key once [`publish`](Kept::publish) says so: the caller makes a
+//! value, lets another structure decide whether it is the one for its key,
+//! and publishes only the one that is. A reader of an older table misses
+//! only entries published since, which the caller finds where it decided
+//! them. Only `push` and `publish`, under a lock, write; a reader never
+//! waits.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -30,7 +35,8 @@ const CHUNK_BITS: u32 = 6;
 /// table word can number.
 const CHUNKS: usize = 27;
 
-/// A chunk of entries, each set once.
+/// A chunk of entries, each set once: the key (as two words, so that an
+/// entry needs no 16-byte alignment) and the value.
 type Chunk<T> = Box<[OnceLock<([u64; 2], T)>]>;
 
 /// An insert-only index from 128-bit keys to values of type `T`.
@@ -41,8 +47,16 @@ pub(super) struct Kept<T> {
     tables: [OnceLock<Box<[AtomicU64]>>; LEVELS],
     level: AtomicUsize,
     chunks: [OnceLock<Chunk<T>>; CHUNKS],
-    /// Entries made; taken by every insertion.
-    len: Mutex<usize>,
+    /// Taken by every change.
+    made: Mutex<Made>,
+}
+
+/// What [`Kept`] changes under its lock.
+struct Made {
+    /// Entries made.
+    len: usize,
+    /// The numbers of the entries published, in order.
+    published: Vec<u32>,
 }
 
 impl<T> Kept<T> {
@@ -51,12 +65,15 @@ impl<T> Kept<T> {
             tables: std::array::from_fn(|_| OnceLock::new()),
             level: AtomicUsize::new(0),
             chunks: std::array::from_fn(|_| OnceLock::new()),
-            len: Mutex::new(0),
+            made: Mutex::new(Made {
+                len: 0,
+                published: Vec::new(),
+            }),
         }
     }
 
-    /// The value of `key`, if it was inserted (and, when an insertion is
-    /// under way, perhaps not yet).
+    /// The published value of `key`, if any (while it is being published,
+    /// perhaps not yet).
     #[inline]
     pub(super) fn get(&self, key: u128) -> Option<&T> {
         let table = self.tables[self.level.load(Ordering::Acquire)].get()?;
@@ -70,7 +87,7 @@ impl<T> Kept<T> {
                 return None;
             }
             if word >> 32 == high {
-                if let Some((k, v)) = self.entry(word as u32 as usize - 1) {
+                if let Some((k, v)) = self.entry(word as u32 - 1) {
                     if *k == halves(key) {
                         return Some(v);
                     }
@@ -80,51 +97,70 @@ impl<T> Kept<T> {
         }
     }
 
-    /// Inserts `make()` under `key` unless `key` has a value; returns
-    /// whether it was inserted. At the most entries a table word can number,
-    /// nothing more is inserted (the caller finds it where it was made).
-    pub(super) fn insert(&self, key: u128, make: impl FnOnce() -> T) -> bool {
-        let mut len = self.len.lock();
-        if self.get(key).is_some() || *len >= u32::MAX as usize - 1 {
-            return false;
-        }
-        let n = *len;
+    /// The value numbered `n` by [`push`](Self::push), published or not.
+    #[inline]
+    pub(super) fn value(&self, n: u32) -> Option<&T> {
+        self.entry(n).map(|(_, v)| v)
+    }
+
+    /// Makes an entry of `value` for `key`, which [`get`](Self::get) does
+    /// not find until it is published; returns its number, or `value` back
+    /// when no more can be numbered.
+    pub(super) fn push(&self, key: u128, value: T) -> Result<u32, T> {
+        let mut made = self.made.lock();
+        let n = made.len;
         let (c, at) = chunk_of(n);
-        let (Some(chunk), Some(table)) = (self.chunks.get(c), self.table_for(n + 1)) else {
-            return false;
+        let Some(chunk) = self.chunks.get(c).filter(|_| n < u32::MAX as usize - 1) else {
+            return Err(value);
         };
         let chunk = chunk.get_or_init(|| {
             (0..1usize << (CHUNK_BITS + c as u32))
                 .map(|_| OnceLock::new())
                 .collect()
         });
-        // Set before its number is published: a reader that finds the
-        // number finds the entry.
-        let _ = chunk[at].set((halves(key), make()));
+        chunk[at].set((halves(key), value)).map_err(|(_, v)| v)?;
+        made.len = n + 1;
+        Ok(n as u32)
+    }
+
+    /// Publishes entry `n`: [`get`](Self::get) finds it by its key from
+    /// now on, unless another entry of the key was published first.
+    pub(super) fn publish(&self, n: u32) {
+        let mut made = self.made.lock();
+        let Some(&(k, _)) = self.entry(n) else {
+            return;
+        };
+        let key = u128::from(k[0]) << 64 | u128::from(k[1]);
+        if self.get(key).is_some() {
+            return;
+        }
+        let Some(table) = self.table_for(&made.published) else {
+            return;
+        };
         place(table, key, n);
-        *len = n + 1;
-        true
+        made.published.push(n);
     }
 
-    /// Entries made.
+    /// Entries made, and entries published.
     #[cfg(test)]
-    pub(super) fn len(&self) -> usize {
-        *self.len.lock()
+    fn counts(&self) -> (usize, usize) {
+        let made = self.made.lock();
+        (made.len, made.published.len())
     }
 
-    /// The table to hold `entries` entries, made (holding the first
-    /// `entries - 1`) when the one in use would be more than three quarters
-    /// full. Under the insertion lock.
-    fn table_for(&self, entries: usize) -> Option<&[AtomicU64]> {
+    /// The table to hold one more entry than `published`, made (holding
+    /// those) when the one in use would be more than three quarters full.
+    /// Under the lock.
+    fn table_for(&self, published: &[u32]) -> Option<&[AtomicU64]> {
         let level = self.level.load(Ordering::Relaxed);
         let next = match self.tables[level].get() {
-            Some(t) if entries * 4 <= t.len() * 3 => return Some(t),
+            Some(t) if (published.len() + 1) * 4 <= t.len() * 3 => return Some(t),
             Some(_) => level + 1,
             None => level,
         };
         let slots = 1usize.checked_shl(FIRST_BITS + next as u32)?;
         let table: Box<[AtomicU64]> = (0..slots).map(|_| AtomicU64::new(0)).collect();
-        for n in 0..entries - 1 {
+        for &n in published {
             let (k, _) = self.entry(n)?;
             place(&table, u128::from(k[0]) << 64 | u128::from(k[1]), n);
         }
@@ -133,15 +169,15 @@ impl<T> Kept<T> {
         self.tables[next].get().map(|t| &**t)
     }
 
-    /// Entry `n`, if it was set.
+    /// Entry `n`, if it was made.
     #[inline]
-    fn entry(&self, n: usize) -> Option<&([u64; 2], T)> {
-        let (c, at) = chunk_of(n);
+    fn entry(&self, n: u32) -> Option<&([u64; 2], T)> {
+        let (c, at) = chunk_of(n as usize);
         self.chunks.get(c)?.get()?.get(at)?.get()
     }
 }
 
-/// The key as two words (no 16-byte alignment in an entry).
+/// The key as two words.
 #[inline]
 fn halves(key: u128) -> [u64; 2] {
     [(key >> 64) as u64, key as u64]
@@ -156,9 +192,9 @@ fn chunk_of(n: usize) -> (usize, usize) {
 }
 
 /// Writes entry `n`'s number into `key`'s first free slot of `table`.
-fn place(table: &[AtomicU64], key: u128, n: usize) {
+fn place(table: &[AtomicU64], key: u128, n: u32) {
     let mask = table.len() - 1;
-    let word = ((key >> 96) as u64) << 32 | (n as u64 + 1);
+    let word = ((key >> 96) as u64) << 32 | (u64::from(n) + 1);
     let mut i = key as usize & mask;
     while table[i].load(Ordering::Relaxed) != 0 {
         i = (i + 1) & mask;
@@ -188,8 +224,32 @@ mod tests {
         }
     }
 
+    /// Pushes and publishes `v` for `k`; the number it got.
+    fn insert<T>(kept: &Kept<T>, k: u128, v: T) -> u32 {
+        let n = kept.push(k, v).ok().unwrap();
+        kept.publish(n);
+        n
+    }
+
+    /// An entry is found by its key only once published; a key's first
+    /// published entry is the one found, whatever is published after it.
+    #[test]
+    fn an_entry_is_found_once_published_and_a_key_has_one() {
+        let kept = Kept::new();
+        let a = kept.push(7, "a").unwrap();
+        assert!(kept.get(7).is_none());
+        assert_eq!(kept.value(a), Some(&"a"));
+        let b = kept.push(7, "b").unwrap();
+        kept.publish(b);
+        kept.publish(a);
+        assert_eq!(kept.get(7), Some(&"b"));
+        assert_eq!(kept.value(a), Some(&"a"));
+        assert!(kept.value(b + 1).is_none());
+        assert_eq!(kept.counts(), (2, 1));
+    }
+
     /// Keys that share their high bits and their first slot, and keys that
-    /// differ only in one half, are told apart; a key is inserted once.
+    /// differ only in one half, are told apart.
     #[test]
     fn keys_are_found_through_growth_and_told_apart() {
         let kept = Kept::new();
@@ -206,14 +266,13 @@ mod tests {
             .collect();
         for (n, &k) in keys.iter().enumerate() {
             assert!(kept.get(k).is_none());
-            assert!(kept.insert(k, || n));
-            assert!(!kept.insert(k, || usize::MAX));
+            insert(&kept, k, n);
             assert_eq!(kept.get(k), Some(&n));
         }
         for (n, &k) in keys.iter().enumerate() {
             assert_eq!(kept.get(k), Some(&n), "{k:x}");
         }
-        assert_eq!(kept.len(), keys.len());
+        assert_eq!(kept.counts(), (keys.len(), keys.len()));
         assert!(kept.get(1 << 100 | 3).is_none());
         // At most three quarters of the table in use, and no table twice
         // larger than needed.
@@ -250,7 +309,7 @@ mod tests {
             .collect();
         for n in 0..20_000u64 {
             let k = u128::from(n).wrapping_mul(0x2545_f491_4f6c_dd1d_9e37_79b9_7f4a_7c15);
-            assert!(kept.insert(k, || n));
+            insert(&kept, k, n);
             done.store(n as usize + 1, Ordering::Release);
         }
         for r in readers {

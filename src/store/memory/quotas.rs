@@ -13,8 +13,6 @@
 //! a settlement, a reset, a report. Under that lock the word is still
 //! changed by compare-and-swap, since decisions on it do not take the lock.
 
-use std::ops::Deref;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize};
 
 use portable_atomic::{AtomicU128, Ordering};
@@ -50,11 +48,12 @@ pub(super) type Outcome = Result<Count, (u64, Count)>;
 /// a counter after it was let go is lost.
 pub(super) struct Quotas {
     map: papaya::HashMap<u128, Held, BuildDigestHasher>,
-    /// The counters with history (never let go) again, found without
-    /// papaya's guard: a decision on a registered key's quota is one lookup
-    /// here and a compare-and-swap. The map stays where every counter is
-    /// made, so a counter is never made twice.
-    kept: Kept<Arc<Counter>>,
+    /// The counters with history (never let go), found here without
+    /// papaya's guard once published: a decision on a registered key's
+    /// quota is one lookup here and a compare-and-swap. The map still
+    /// decides which counter is a key's (the one it holds the number of),
+    /// so a key never has two.
+    kept: Kept<Counter>,
     /// Counters in `map` without history (at most `cap`, but for those
     /// made past it by a settlement or an admin change).
     short: AtomicUsize,
@@ -67,34 +66,11 @@ pub(super) struct Quotas {
     evicting: Mutex<()>,
 }
 
-/// A counter as the map holds it: in place, or shared with [`Kept`] when
-/// it keeps history.
+/// A counter as the map holds it: in place, or, when it keeps history, its
+/// number in [`Kept`], where it lives.
 enum Held {
     Own(Counter),
-    Kept(Arc<Counter>),
-}
-
-impl Held {
-    fn new(history_days: u32) -> Self {
-        let counter = Counter::new(history_days);
-        if counter.history {
-            Held::Kept(Arc::new(counter))
-        } else {
-            Held::Own(counter)
-        }
-    }
-}
-
-impl Deref for Held {
-    type Target = Counter;
-
-    #[inline]
-    fn deref(&self) -> &Counter {
-        match self {
-            Held::Own(c) => c,
-            Held::Kept(c) => c,
-        }
-    }
+    Kept(u32),
 }
 
 /// The counters of one quota of one subject.
@@ -306,7 +282,7 @@ impl Quotas {
     ) -> Result<R, i64> {
         let key = Self::key(q);
         // A counter with history is never let go: found here, it is the
-        // map's, and `f` on it answers.
+        // one the map holds, and `f` on it answers.
         let history = q.history_days() > 1;
         if history {
             if let Some(r) = self.kept.get(key).and_then(|c| f(c)) {
@@ -315,50 +291,65 @@ impl Quotas {
         }
         let map = self.map.pin();
         loop {
-            if let Some(counter) = map.get(&key) {
-                if let Some(r) = f(counter) {
-                    if let (true, Held::Kept(c)) = (history, counter) {
-                        self.keep(key, c);
+            if let Some(held) = map.get(&key) {
+                if let Some(r) = f(self.counter(held)) {
+                    if let (true, Held::Kept(n)) = (history, held) {
+                        self.kept.publish(*n);
                     }
                     return Ok(r);
                 }
                 // Let go: out of the map with it, whoever removed it first.
                 if map
-                    .remove_if(&key, |_, c| c.is_retired())
+                    .remove_if(&key, |_, c| self.counter(c).is_retired())
                     .is_ok_and(|r| r.is_some())
                 {
                     self.short.fetch_sub(1, Ordering::Relaxed);
                 }
                 continue;
             }
-            let counter = Held::new(q.history_days());
-            if !counter.history {
+            let counter = Counter::new(q.history_days());
+            let held = if counter.history {
+                // Made in `Kept`, published once the map holds it.
+                match self.kept.push(key, counter) {
+                    Ok(n) => Held::Kept(n),
+                    Err(counter) => Held::Own(counter),
+                }
+            } else {
                 self.reserve(now, bounded)?;
-            }
-            match map.try_insert(key, counter) {
-                Ok(counter) => {
-                    if let Some(r) = f(counter) {
-                        if let Held::Kept(c) = counter {
-                            self.keep(key, c);
-                        }
+                Held::Own(counter)
+            };
+            match map.try_insert(key, held) {
+                Ok(held) => {
+                    if let Held::Kept(n) = held {
+                        self.kept.publish(*n);
+                    }
+                    if let Some(r) = f(self.counter(held)) {
                         return Ok(r);
                     }
                 }
-                // Made by another thread meanwhile: give the place back.
+                // Made by another thread meanwhile: give the place back (a
+                // counter made in `Kept` stays there unpublished).
                 Err(e) => {
-                    if !e.not_inserted.history {
-                        self.short.fetch_sub(1, Ordering::Relaxed);
+                    if let Held::Own(c) = &e.not_inserted {
+                        if !c.history {
+                            self.short.fetch_sub(1, Ordering::Relaxed);
+                        }
                     }
                 }
             }
         }
     }
 
-    /// Puts a counter with history in [`Kept`], where the next decisions
-    /// find it without a guard (once: later ones find it there).
-    #[cold]
-    fn keep(&self, key: u128, counter: &Arc<Counter>) {
-        self.kept.insert(key, || Arc::clone(counter));
+    /// The counter `held` is.
+    #[inline]
+    fn counter<'a>(&'a self, held: &'a Held) -> &'a Counter {
+        match held {
+            Held::Own(c) => c,
+            Held::Kept(n) => self
+                .kept
+                .value(*n)
+                .expect("a counter is made in `Kept` before the map holds its number"),
+        }
     }
 
     /// Takes a place for a counter without history, making room among
@@ -396,13 +387,14 @@ impl Quotas {
         let map = self.map.pin();
         let mut freed = 0;
         let mut soonest = i64::MAX;
-        for (key, counter) in map.iter() {
+        for (key, held) in map.iter() {
+            let counter = self.counter(held);
             if counter.history {
                 continue;
             }
             if counter.retire_if_idle(now) {
                 if map
-                    .remove_if(key, |_, c| c.is_retired())
+                    .remove_if(key, |_, c| self.counter(c).is_retired())
                     .is_ok_and(|r| r.is_some())
                 {
                     freed += 1;
@@ -443,7 +435,7 @@ impl Quotas {
     ) -> Result<QuotaSnapshot, (u64, QuotaSnapshot)> {
         let key = Self::key(q);
         let count = match self.map.pin().get(&key) {
-            Some(c) => c.load().1,
+            Some(c) => self.counter(c).load().1,
             None => Count::EMPTY,
         };
         count.check(q.spec, now, cost)
@@ -487,7 +479,7 @@ impl Quotas {
     /// `[used, remaining]` of `q` for each day from `first` to `last`.
     pub(super) fn report(&self, q: &QuotaRef<'_>, first: i64, last: i64) -> Vec<[i64; 2]> {
         match self.map.pin().get(&Self::key(q)) {
-            Some(c) => c.report(q.spec, first, last),
+            Some(c) => self.counter(c).report(q.spec, first, last),
             None => report(q.spec, &[], first, last),
         }
     }
@@ -495,7 +487,7 @@ impl Quotas {
     /// Forgets the window and history of `q`.
     pub(super) fn reset(&self, q: &QuotaRef<'_>) {
         if let Some(c) = self.map.pin().get(&Self::key(q)) {
-            c.reset();
+            self.counter(c).reset();
         }
     }
 
