@@ -285,7 +285,7 @@ impl Quotas {
         // one the map holds, and `f` on it answers.
         let history = q.history_days() > 1;
         if history {
-            if let Some(r) = self.kept.get(key).and_then(|c| f(c)) {
+            if let Some(r) = self.kept.get(key).and_then(&mut f) {
                 return Ok(r);
             }
         }
