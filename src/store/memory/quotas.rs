@@ -737,6 +737,44 @@ mod tests {
         }
     }
 
+    /// Threads making thousands of counters with history at once (the
+    /// index that finds them without a guard growing under them) admit
+    /// exactly each one's limit: no counter is made twice, none is lost.
+    #[test]
+    fn threads_making_many_counters_with_history_admit_each_limit() {
+        let qs = Quotas::new(16);
+        let s = spec(3, Period::Day);
+        let now = t(2024, 5, 1, 10);
+        let subjects: Vec<Digest> = (0..3_000u32).map(|i| digest(&i.to_le_bytes())).collect();
+        let admitted = AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            for thread in 0..4usize {
+                let (qs, s, subjects, admitted) = (&qs, &s, &subjects, &admitted);
+                scope.spawn(move || {
+                    for round in 0..2 {
+                        // Each thread in its own order, so that they race
+                        // on making the same counters.
+                        for i in 0..subjects.len() {
+                            let at = (i * (2 * thread + 1) + round * 7) % subjects.len();
+                            let q = quota(s, subjects[at], 31);
+                            if take(qs, &q, now, 1) {
+                                admitted.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.load(Ordering::Relaxed), 3 * 3_000);
+        assert_eq!(qs.len(), 3_000);
+        for &subject in &subjects {
+            let q = quota(&s, subject, 31);
+            assert!(!take(&qs, &q, now, 1));
+            let day = now / NANOS_PER_DAY;
+            assert_eq!(qs.report(&q, day, day), vec![[3, 0]]);
+        }
+    }
+
     /// Threads charging one quota at once, across midnight on a shared
     /// clock, admit exactly the limit of each day: the check and the charge
     /// are one step, on the hot path and on the locked one alike.
