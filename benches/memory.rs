@@ -28,6 +28,12 @@
 //! default response. governor: `check_key(&IpAddr)` on the same addresses (the
 //! key `tower_governor`'s peer-IP extractor uses), with no `retain_recent()`.
 //!
+//! **Registered keys on a quota** (`registered_quota`, tollgate only): `N`
+//! registered keys on the throttle below and a DAY quota, with the default
+//! 90 days of usage history; the heap the registry takes, then what deciding
+//! once for each key adds (its throttle's slot and its quota's counter, whose
+//! history is most of it).
+//!
 //! The throttle is one request an hour with a bucket of 10, for both limiters:
 //! a key's state stays live for an hour after its one request, longer than any
 //! run, so no key goes idle and gives its slot up during the run. (With one
@@ -52,8 +58,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
 use tollgate::extract::ClientIp;
 use tollgate::{
-    DefaultOnRejection, MemoryStore, OnRejection, Policy, RateLimitLayer, Reason, Rejection,
-    Throttle, UsagePlan,
+    ApiKey, DefaultOnRejection, MemoryStore, OnRejection, Policy, RateLimitLayer, Reason,
+    Rejection, Throttle, UsagePlan,
 };
 use tower::{Layer, Service, ServiceExt};
 
@@ -245,6 +251,42 @@ fn keys_tollgate<T>(
     .print();
 }
 
+/// `n` registered keys on a throttle and a DAY quota, with the default 90
+/// days of usage history: the heap the registry takes, then what deciding
+/// once for each key adds (its throttle's slot and its quota's counter).
+fn registered_quota(n: usize) {
+    let values: Vec<String> = (0..n).map(str_key).collect();
+    let (heap0, rss0) = (heap(), rss().0);
+    let plan =
+        plan().quota(tollgate::Quota::new(1 << 40, tollgate::Period::Day).expect("a valid quota"));
+    let policy = values
+        .iter()
+        .enumerate()
+        .fold(Policy::builder().plan(plan), |p, (i, v)| {
+            p.key(ApiKey::new(format!("id-{i}"), v.as_str(), "bench"))
+        })
+        .build()
+        .expect("a valid policy");
+    // Room for every key's throttle: a full table refuses a few keys.
+    let store = store(2 * n);
+    let layer = RateLimitLayer::builder(policy).store(store.clone()).build();
+    let (heap1, rss1) = (heap(), rss().0);
+    for v in &values {
+        if let Err(r) = layer.check(v.as_bytes(), 1) {
+            panic!("unexpected rejection: {r}");
+        }
+    }
+    let (heap2, rss2) = (heap(), rss().0);
+    let per = |b: f64| b / n as f64;
+    println!(
+        "| {n} | {:.1} | {:.1} | {:.1} | {:.1} |",
+        per((heap1 - heap0) as f64),
+        per((heap2 - heap1) as f64),
+        per(rss1 as f64 - rss0 as f64),
+        per(rss2 as f64 - rss1 as f64),
+    );
+}
+
 fn keys_governor<T: std::hash::Hash + Eq + Clone>(
     name: &'static str,
     n: usize,
@@ -387,7 +429,7 @@ fn cap_governor(cap: usize, requests: usize) {
 
 // ---- driver ---------------------------------------------------------------
 
-const CASES: [&str; 7] = [
+const CASES: [&str; 8] = [
     "keys_tollgate_u64",
     "keys_tollgate_str",
     "keys_tollgate_sparse",
@@ -395,6 +437,7 @@ const CASES: [&str; 7] = [
     "keys_governor_str",
     "cap_tollgate",
     "cap_governor",
+    "registered_quota",
 ];
 
 fn run(case: &str, keys: usize) {
@@ -428,6 +471,7 @@ fn run(case: &str, keys: usize) {
         "keys_governor_str" => keys_governor("governor, `String`", keys, str_key, 24 + 12),
         "cap_tollgate" => cap_tollgate(keys, 10 * keys),
         "cap_governor" => cap_governor(keys, 10 * keys),
+        "registered_quota" => registered_quota(keys),
         _ => panic!("unknown case {case}"),
     }
 }
@@ -479,5 +523,15 @@ fn main() {
         for case in cases.iter().filter(|c| c.starts_with("cap_")) {
             child(case);
         }
+    }
+    if cases.contains(&"registered_quota") {
+        println!(
+            "\n{keys} registered keys on a throttle and a DAY quota (90 days of history), bytes per key:\n"
+        );
+        println!(
+            "| keys | heap: registry | heap: decided once (throttle, quota counter) | RSS: registry | RSS: decided once |"
+        );
+        println!("|---:|---:|---:|---:|---:|");
+        child("registered_quota");
     }
 }
