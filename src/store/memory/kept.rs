@@ -143,7 +143,7 @@ impl<T> Kept<T> {
 
     /// Entries made, and entries published.
     #[cfg(test)]
-    fn counts(&self) -> (usize, usize) {
+    pub(super) fn counts(&self) -> (usize, usize) {
         let made = self.made.lock();
         (made.len, made.published.len())
     }

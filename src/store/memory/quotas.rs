@@ -64,6 +64,9 @@ pub(super) struct Quotas {
     next_idle: AtomicI64,
     /// Serialises the search for idle counters.
     evicting: Mutex<()>,
+    /// Serialises making counters with history, so that threads making
+    /// the same one do not each leave one in `kept` (the map keeps one).
+    making: Mutex<()>,
 }
 
 /// A counter as the map holds it: in place, or, when it keeps history, its
@@ -256,6 +259,7 @@ impl Quotas {
             cap: max_keys.max(1),
             next_idle: AtomicI64::new(i64::MIN),
             evicting: Mutex::new(()),
+            making: Mutex::new(()),
         }
     }
 
@@ -308,6 +312,10 @@ impl Quotas {
                 continue;
             }
             let counter = Counter::new(q.history_days());
+            let _making = counter.history.then(|| self.making.lock());
+            if _making.is_some() && map.contains_key(&key) {
+                continue;
+            }
             let held = if counter.history {
                 // Made in `Kept`, published once the map holds it.
                 match self.kept.push(key, counter) {
@@ -328,7 +336,8 @@ impl Quotas {
                     }
                 }
                 // Made by another thread meanwhile: give the place back (a
-                // counter made in `Kept` stays there unpublished).
+                // counter made in `Kept` stays there unpublished, which only
+                // a thread making it without history at once can cause).
                 Err(e) => {
                     if let Held::Own(c) = &e.not_inserted {
                         if !c.history {
@@ -767,6 +776,8 @@ mod tests {
         });
         assert_eq!(admitted.load(Ordering::Relaxed), 3 * 3_000);
         assert_eq!(qs.len(), 3_000);
+        // Each made once: none left unpublished by a race.
+        assert_eq!(qs.kept.counts(), (3_000, 3_000));
         for &subject in &subjects {
             let q = quota(&s, subject, 31);
             assert!(!take(&qs, &q, now, 1));
