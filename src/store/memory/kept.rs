@@ -130,7 +130,7 @@ impl<T> Kept<T> {
         let Some(&(k, _)) = self.entry(n) else {
             return;
         };
-        let key = u128::from(k[0]) << 64 | u128::from(k[1]);
+        let key = whole(k);
         if self.get(key).is_some() {
             return;
         }
@@ -162,7 +162,7 @@ impl<T> Kept<T> {
         let table: Box<[AtomicU64]> = (0..slots).map(|_| AtomicU64::new(0)).collect();
         for &n in published {
             let (k, _) = self.entry(n)?;
-            place(&table, u128::from(k[0]) << 64 | u128::from(k[1]), n);
+            place(&table, whole(*k), n);
         }
         let _ = self.tables.get(next)?.set(table);
         self.level.store(next, Ordering::Release);
@@ -181,6 +181,12 @@ impl<T> Kept<T> {
 #[inline]
 fn halves(key: u128) -> [u64; 2] {
     [(key >> 64) as u64, key as u64]
+}
+
+/// The key [`halves`] split.
+#[inline]
+fn whole(k: [u64; 2]) -> u128 {
+    u128::from(k[0]) << 64 | u128::from(k[1])
 }
 
 /// The chunk of entry `n` and its place in it.

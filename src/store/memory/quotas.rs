@@ -311,11 +311,12 @@ impl Quotas {
                 }
                 continue;
             }
-            let counter = Counter::new(q.history_days());
-            let _making = counter.history.then(|| self.making.lock());
-            if _making.is_some() && map.contains_key(&key) {
+            // `history` is what `Counter::new` keeps history by.
+            let making = history.then(|| self.making.lock());
+            if making.is_some() && map.contains_key(&key) {
                 continue;
             }
+            let counter = Counter::new(q.history_days());
             let held = if counter.history {
                 // Made in `Kept`, published once the map holds it.
                 match self.kept.push(key, counter) {
