@@ -146,14 +146,17 @@ impl MemoryStore {
         if let Some(t) = req.lone_throttle() {
             return self.decide_throttle(t, req.cost_for(t.counts_tokens()), report);
         }
-        let now = self.inner.clock.nanos();
         if !req.has_caps() {
+            // Admitted on the ticker's time; what it would deny is decided
+            // below on the counter's (see `Clock::recent_nanos`).
+            let now = self.inner.clock.recent_nanos();
             let mark = report.mark();
             if self.decide_clear(req, now, report) {
                 return Ok(());
             }
             report.rewind(mark);
         }
+        let now = self.inner.clock.nanos();
         let cost = req.cost;
         let table = &self.inner.table;
         // The TAT each throttle was charged to, for exact refunds.
@@ -395,7 +398,34 @@ impl MemoryStore {
             !t.shadow,
             "a shadow throttle never denies: decide it with `decide`"
         );
-        let now = self.inner.clock.nanos();
+        let now = self.inner.clock.recent_nanos();
+        match self.throttle_step(t, cost, now, false) {
+            Ok(Outcome::Allow { after, .. }) => {
+                throttle_allowed(report, t, cost, after, now);
+                Ok(())
+            }
+            other => self.throttle_denied(t, cost, report, other, now),
+        }
+    }
+
+    /// A lone throttle's denial on `now`, a time that may lag: decided
+    /// again on the counter, so that a denial and the wait it names are
+    /// exact (a client retrying when told is admitted).
+    #[cold]
+    #[inline(never)]
+    fn throttle_denied<R: Sink>(
+        &self,
+        t: &ThrottleRef<'_>,
+        cost: u32,
+        report: &mut R,
+        first: Result<Outcome, Nanos>,
+        now: Nanos,
+    ) -> Result<(), Denied> {
+        let clock = &self.inner.clock;
+        if !clock.lags() {
+            return Err(throttle_denial(t.limit, first, now));
+        }
+        let now = clock.nanos();
         match self.throttle_step(t, cost, now, false) {
             Ok(Outcome::Allow { after, .. }) => {
                 throttle_allowed(report, t, cost, after, now);
@@ -427,7 +457,9 @@ impl MemoryStore {
         if q.is_some_and(|q| !ever_fits(u64::from(cost), q.spec.limit)) {
             return false;
         }
-        let now = self.inner.clock.nanos();
+        // Admitted on the ticker's time: `false` leaves the request to the
+        // general path, which decides it on the counter's.
+        let now = self.inner.clock.recent_nanos();
         // `tat` and `mine`: what each throttle was charged to, for exact refunds.
         let Ok(Outcome::Allow { tat, after }) = self.throttle_step(first, cost, now, false) else {
             return false;
@@ -810,6 +842,106 @@ mod tests {
         // Another key has its own bucket.
         assert!(s.acquire_one(&p, digest(b"other"), 1).is_ok());
         assert_eq!(s.tracked_keys(), 2);
+    }
+
+    /// What the lagging time (the system clock's ticker) would deny is
+    /// decided on the counter: a client retrying when told is admitted, and
+    /// a request the counter denies is denied with the wait it names.
+    #[test]
+    fn a_lagging_time_never_denies_what_the_counter_admits() {
+        let (s, clock) = store(1024);
+        clock.lag_recent(Duration::from_millis(3));
+        let p = plan(10.0, 1);
+        let k = digest(b"client");
+        assert!(s.acquire_one(&p, k, 1).is_ok());
+        let Denial::Limited { retry_after } = s.acquire_one(&p, k, 1).unwrap_err().denial else {
+            panic!("a throttle's denial");
+        };
+        // Admitted on a time 3 ms old, so the wait, on the counter, is 3 ms
+        // short of the interval: what a lag may grant.
+        assert_eq!(retry_after, 97_000_000);
+        clock.advance(Duration::from_nanos(retry_after - 1));
+        assert!(s.acquire_one(&p, k, 1).is_err());
+        clock.advance(Duration::from_nanos(1));
+        // The lagging time alone would deny this (its TAT is 3 ms ahead).
+        assert!(s.acquire_one(&p, k, 1).is_ok());
+        let Denial::Limited { retry_after } = s.acquire_one(&p, k, 1).unwrap_err().denial else {
+            panic!("a throttle's denial");
+        };
+        assert_eq!(retry_after, 100_000_000, "charged on the counter's time");
+        clock.advance(Duration::from_nanos(retry_after));
+        assert!(s.acquire_one(&p, k, 1).is_ok());
+    }
+
+    /// A full plan's direct path declines on the lagging time, and the
+    /// general path then decides on the counter's.
+    #[test]
+    fn a_full_plan_on_a_lagging_time_is_decided_on_the_counter_when_it_would_deny() {
+        let (s, clock) = store(1024);
+        clock.lag_recent(Duration::from_millis(3));
+        let p = plan(10.0, 1);
+        let spec = QuotaSpec {
+            limit: 20,
+            period: crate::Period::Day,
+            offset: 0,
+            created_at: 0,
+            salt: 9,
+        };
+        let k = digest(b"k");
+        let t = throttle_ref(&p, k);
+        let q = quota_ref(&spec, LimitKind::Quota, k);
+        let full = |s: &MemoryStore| {
+            let mut req = Acquire::new(1, crate::FailureMode::Open);
+            req.push(t);
+            req.quota = Some(q);
+            s.decide(&req, &mut ())
+        };
+        assert!(s.decide_clear_of(&t, None, Some(&q), 1, &mut ()));
+        clock.advance(Duration::from_millis(97));
+        assert!(!s.decide_clear_of(&t, None, Some(&q), 1, &mut ()));
+        assert!(full(&s).is_ok());
+        assert!(full(&s).is_err());
+    }
+
+    /// Admissions on a time `lag` old grant, over any span `w`, at most
+    /// what the throttle grants over `w + lag`: `burst + (w + lag) / T`.
+    #[test]
+    fn a_lagging_time_grants_at_most_its_lag_of_the_rate_more() {
+        let (s, clock) = store(1024);
+        let lag = Duration::from_millis(7);
+        clock.lag_recent(lag);
+        let (rate, burst) = (200.0, 3);
+        let interval = 5_000_000u64;
+        let p = plan(rate, burst);
+        let k = digest(b"k");
+        let (mut at, mut admitted) = (0u64, Vec::new());
+        let mut seed = 11u64;
+        for _ in 0..20_000 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let gap = (seed >> 33) % (2 * interval / 3);
+            clock.advance(Duration::from_nanos(gap));
+            at += gap;
+            if s.acquire_one(&p, k, 1).is_ok() {
+                admitted.push(at);
+            }
+        }
+        let lag = lag.as_nanos() as u64;
+        let mut most_over = 0i64;
+        for (i, &start) in admitted.iter().enumerate() {
+            for (n, &end) in admitted[i..].iter().enumerate() {
+                let bound = u64::from(burst) + (end - start + lag) / interval;
+                let count = n as u64 + 1;
+                assert!(count <= bound, "{count} admitted in {} ns", end - start);
+                let exact = u64::from(burst) + (end - start) / interval;
+                most_over = most_over.max(count as i64 - exact as i64);
+                if end - start > 20 * interval {
+                    break;
+                }
+            }
+        }
+        // The lag was used: some span got more than the counter alone grants.
+        assert!(most_over >= 1, "{most_over}");
+        assert!(admitted.len() > 5_000, "{}", admitted.len());
     }
 
     #[test]
