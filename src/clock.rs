@@ -280,8 +280,8 @@ impl Clock {
     /// between, so a step of the system clock is followed within 100 ms.
     ///
     /// A decision that admits may be made on the counter as one process
-    /// thread read it at most about a millisecond ago ([`RECENT_TICK`],
-    /// plus that thread's scheduling delay), which saves it reading the
+    /// thread read it at most a millisecond ago (plus that thread's
+    /// scheduling delay), which saves it reading the
     /// counter itself (8 to 20 ns in the virtual machines measured, as
     /// much as the rest of a throttle's decision). A request that time
     /// would deny is decided again on the counter read then: every denial,
