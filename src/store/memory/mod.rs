@@ -146,17 +146,20 @@ impl MemoryStore {
         if let Some(t) = req.lone_throttle() {
             return self.decide_throttle(t, req.cost_for(t.counts_tokens()), report);
         }
+        let clock = &self.inner.clock;
+        let mut read = None;
         if !req.has_caps() {
             // Admitted on the ticker's time; what it would deny is decided
             // below on the counter's (see `Clock::recent_nanos`).
-            let now = self.inner.clock.recent_nanos();
+            let now = clock.recent_nanos();
             let mark = report.mark();
             if self.decide_clear(req, now, report) {
                 return Ok(());
             }
             report.rewind(mark);
+            read = Some(now).filter(|_| !clock.lags());
         }
-        let now = self.inner.clock.nanos();
+        let now = read.unwrap_or_else(|| clock.nanos());
         let cost = req.cost;
         let table = &self.inner.table;
         // The TAT each throttle was charged to, for exact refunds.
@@ -901,6 +904,42 @@ mod tests {
         assert!(!s.decide_clear_of(&t, None, Some(&q), 1, &mut ()));
         assert!(full(&s).is_ok());
         assert!(full(&s).is_err());
+    }
+
+    /// What a full plan's direct path charged on a lagging time before a
+    /// later limit denied is given back exactly: the throttle keeps the
+    /// room the refused request took.
+    #[test]
+    fn a_charge_on_a_lagging_time_is_given_back_when_a_later_limit_denies() {
+        let (s, clock) = store(1024);
+        clock.lag_recent(Duration::from_millis(3));
+        let p = plan(10.0, 3);
+        let spec = QuotaSpec {
+            limit: 1,
+            period: crate::Period::Day,
+            offset: 0,
+            created_at: 0,
+            salt: 9,
+        };
+        let k = digest(b"k");
+        let (t, q) = (throttle_ref(&p, k), quota_ref(&spec, LimitKind::Quota, k));
+        let full = |s: &MemoryStore| {
+            let mut req = Acquire::new(1, crate::FailureMode::Open);
+            req.push(t);
+            req.quota = Some(q);
+            s.decide(&req, &mut ())
+        };
+        assert!(full(&s).is_ok());
+        // The quota is spent: the throttle, charged first each time, is
+        // given back each time.
+        for _ in 0..5 {
+            assert!(!s.decide_clear_of(&t, None, Some(&q), 1, &mut ()));
+            assert!(full(&s).is_err());
+        }
+        // Two of the throttle's three are left, exactly.
+        assert!(s.acquire_one(&p, k, 1).is_ok());
+        assert!(s.acquire_one(&p, k, 1).is_ok());
+        assert!(s.acquire_one(&p, k, 1).is_err());
     }
 
     /// Admissions on a time `lag` old grant, over any span `w`, at most
