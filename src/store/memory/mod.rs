@@ -882,28 +882,32 @@ mod tests {
     fn a_full_plan_on_a_lagging_time_is_decided_on_the_counter_when_it_would_deny() {
         let (s, clock) = store(1024);
         clock.lag_recent(Duration::from_millis(3));
-        let p = plan(10.0, 1);
-        let spec = QuotaSpec {
-            limit: 20,
+        let (p, spec, k) = (plan(10.0, 1), day_quota(20), digest(b"k"));
+        let (t, q) = (throttle_ref(&p, k), quota_ref(&spec, LimitKind::Quota, k));
+        assert!(s.decide_clear_of(&t, None, Some(&q), 1, &mut ()));
+        clock.advance(Duration::from_millis(97));
+        assert!(!s.decide_clear_of(&t, None, Some(&q), 1, &mut ()));
+        assert!(decide_in_full(&s, t, q).is_ok());
+        assert!(decide_in_full(&s, t, q).is_err());
+    }
+
+    /// A DAY quota of `limit`.
+    fn day_quota(limit: u64) -> QuotaSpec {
+        QuotaSpec {
+            limit,
             period: crate::Period::Day,
             offset: 0,
             created_at: 0,
             salt: 9,
-        };
-        let k = digest(b"k");
-        let t = throttle_ref(&p, k);
-        let q = quota_ref(&spec, LimitKind::Quota, k);
-        let full = |s: &MemoryStore| {
-            let mut req = Acquire::new(1, crate::FailureMode::Open);
-            req.push(t);
-            req.quota = Some(q);
-            s.decide(&req, &mut ())
-        };
-        assert!(s.decide_clear_of(&t, None, Some(&q), 1, &mut ()));
-        clock.advance(Duration::from_millis(97));
-        assert!(!s.decide_clear_of(&t, None, Some(&q), 1, &mut ()));
-        assert!(full(&s).is_ok());
-        assert!(full(&s).is_err());
+        }
+    }
+
+    /// One unit on the throttle `t` and the quota `q`, through `decide`.
+    fn decide_in_full(s: &MemoryStore, t: ThrottleRef<'_>, q: QuotaRef<'_>) -> Result<(), Denied> {
+        let mut req = Acquire::new(1, crate::FailureMode::Open);
+        req.push(t);
+        req.quota = Some(q);
+        s.decide(&req, &mut ())
     }
 
     /// What a full plan's direct path charged on a lagging time before a
@@ -913,28 +917,14 @@ mod tests {
     fn a_charge_on_a_lagging_time_is_given_back_when_a_later_limit_denies() {
         let (s, clock) = store(1024);
         clock.lag_recent(Duration::from_millis(3));
-        let p = plan(10.0, 3);
-        let spec = QuotaSpec {
-            limit: 1,
-            period: crate::Period::Day,
-            offset: 0,
-            created_at: 0,
-            salt: 9,
-        };
-        let k = digest(b"k");
+        let (p, spec, k) = (plan(10.0, 3), day_quota(1), digest(b"k"));
         let (t, q) = (throttle_ref(&p, k), quota_ref(&spec, LimitKind::Quota, k));
-        let full = |s: &MemoryStore| {
-            let mut req = Acquire::new(1, crate::FailureMode::Open);
-            req.push(t);
-            req.quota = Some(q);
-            s.decide(&req, &mut ())
-        };
-        assert!(full(&s).is_ok());
+        assert!(decide_in_full(&s, t, q).is_ok());
         // The quota is spent: the throttle, charged first each time, is
         // given back each time.
         for _ in 0..5 {
             assert!(!s.decide_clear_of(&t, None, Some(&q), 1, &mut ()));
-            assert!(full(&s).is_err());
+            assert!(decide_in_full(&s, t, q).is_err());
         }
         // Two of the throttle's three are left, exactly.
         assert!(s.acquire_one(&p, k, 1).is_ok());
