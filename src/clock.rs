@@ -156,6 +156,8 @@ fn ticker(resolution: Duration) -> Option<&'static Ticker> {
 struct SystemClock {
     clock: quanta::Clock,
     start: u64,
+    /// `start` in nanoseconds since [`epoch`].
+    since_epoch: Nanos,
     wall: WallSync,
     /// Whether decisions that admit read the counter as the process's
     /// ticker last read it ([`Clock::recent_nanos`]): not for
@@ -183,13 +185,13 @@ const RECENT_IDLE_TICKS: u32 = 1_000;
 /// itself and wakes it.
 #[repr(align(64))]
 struct Recent {
-    /// The counter's last reading, in quanta's raw units (the same for
-    /// every `quanta::Clock` of the process).
-    raw: AtomicU64,
+    /// The counter's last reading, in nanoseconds since [`epoch`]: a
+    /// clock's time is this less its own start's, one subtraction.
+    now: AtomicU64,
     /// Set by a reader, cleared by the thread at each tick: whether the
     /// time was read since.
     read: AtomicBool,
-    /// The thread is asleep: `raw` may be old.
+    /// The thread is asleep: `now` may be old.
     parked: AtomicBool,
     thread: OnceLock<std::thread::Thread>,
 }
@@ -197,7 +199,7 @@ struct Recent {
 impl Recent {
     const fn new() -> Self {
         Recent {
-            raw: AtomicU64::new(0),
+            now: AtomicU64::new(0),
             read: AtomicBool::new(false),
             parked: AtomicBool::new(true),
             thread: OnceLock::new(),
@@ -207,7 +209,7 @@ impl Recent {
     /// The counter's reading of at most a tick ago (plus the thread's
     /// scheduling delay), or `None` when the thread sleeps (and is woken).
     #[inline]
-    fn raw(&self) -> Option<u64> {
+    fn now(&self) -> Option<Nanos> {
         if !self.read.load(Ordering::Relaxed) {
             self.mark_read();
         }
@@ -215,7 +217,7 @@ impl Recent {
             self.wake();
             return None;
         }
-        Some(self.raw.load(Ordering::Acquire))
+        Some(self.now.load(Ordering::Acquire))
     }
 
     /// Tells the thread the time was read this tick: once per tick, so
@@ -235,9 +237,11 @@ impl Recent {
     /// The thread's loop: stores the counter every `tick`, sleeps after
     /// `idle` ticks without a reader until one wakes it.
     fn run(&self, clock: &quanta::Clock, tick: Duration, idle: u32) {
+        let epoch = epoch(clock);
         let mut unread = 0;
         loop {
-            self.raw.fetch_max(clock.raw(), Ordering::Release);
+            let now = clock.delta_as_nanos(epoch, clock.raw());
+            self.now.fetch_max(now, Ordering::Release);
             self.parked.store(false, Ordering::SeqCst);
             std::thread::sleep(tick);
             if self.read.swap(false, Ordering::SeqCst) {
@@ -259,6 +263,14 @@ impl Recent {
             unread = 0;
         }
     }
+}
+
+/// The counter's reading the process's system clocks and ticker count
+/// from (the first that any of them took): quanta's raw units are the same
+/// for every `quanta::Clock` of the process.
+fn epoch(clock: &quanta::Clock) -> u64 {
+    static EPOCH: OnceLock<u64> = OnceLock::new();
+    *EPOCH.get_or_init(|| clock.raw())
 }
 
 /// The process's ticker for [`Clock::system`], started on first use;
@@ -321,9 +333,11 @@ impl Clock {
 
     fn counter(recent: bool) -> Self {
         let clock = quanta::Clock::new();
+        let epoch = epoch(&clock);
         let start = clock.raw();
         Clock {
             inner: Inner::System(Arc::new(SystemClock {
+                since_epoch: clock.delta_as_nanos(epoch, start),
                 clock,
                 start,
                 wall: WallSync::new(0),
@@ -409,11 +423,13 @@ impl Clock {
     pub(crate) fn recent_nanos(&self) -> Nanos {
         match &self.inner {
             Inner::System(s) => {
-                let raw = match s.recent.then(recent).flatten().and_then(Recent::raw) {
-                    Some(raw) => raw,
-                    None => s.clock.raw(),
-                };
-                s.clock.delta_as_nanos(s.start, raw)
+                match s.recent.then(recent).flatten().and_then(Recent::now) {
+                    // A difference of two scaled readings (quanta scales
+                    // by a multiply and a shift) is within 1 ns of the
+                    // scaled difference: nothing to a time a tick old.
+                    Some(now) => now.saturating_sub(s.since_epoch),
+                    None => s.clock.delta_as_nanos(s.start, s.clock.raw()),
+                }
             }
             #[cfg(test)]
             Inner::Manual(m) => m
@@ -718,7 +734,7 @@ mod tests {
         // The process's ticker runs: once awake, a read gets its time.
         let ticker = recent().expect("the ticker's thread starts");
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while ticker.raw().is_none() {
+        while ticker.now().is_none() {
             assert!(std::time::Instant::now() < deadline, "the ticker wakes");
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -768,20 +784,20 @@ mod tests {
             }
         };
         // Started, it reads the counter, and sleeps once 200 ticks pass unread.
-        within("ticks", &|| ticker.raw.load(Ordering::SeqCst) > 0);
+        within("ticks", &|| ticker.now.load(Ordering::SeqCst) > 0);
         within("sleeps", &|| ticker.parked.load(Ordering::SeqCst));
-        let asleep = ticker.raw.load(Ordering::SeqCst);
+        let asleep = ticker.now.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(30));
-        assert_eq!(ticker.raw.load(Ordering::SeqCst), asleep, "it sleeps");
+        assert_eq!(ticker.now.load(Ordering::SeqCst), asleep, "it sleeps");
         // A read while it sleeps gives no time (the reader reads the
         // counter) and wakes it: it reads the counter again.
-        assert_eq!(ticker.raw(), None);
-        within("wakes", &|| ticker.raw.load(Ordering::SeqCst) > asleep);
+        assert_eq!(ticker.now(), None);
+        within("wakes", &|| ticker.now.load(Ordering::SeqCst) > asleep);
         // Read every tick or so, it stays awake and its time moves.
-        within("awake", &|| ticker.raw().is_some());
+        within("awake", &|| ticker.now().is_some());
         let mut seen = Vec::new();
         for _ in 0..40 {
-            seen.extend(ticker.raw());
+            seen.extend(ticker.now());
             std::thread::sleep(Duration::from_micros(500));
         }
         assert!(seen.len() >= 20, "{} reads of 40 had a time", seen.len());
