@@ -168,7 +168,7 @@ struct SystemClock {
 
 /// How often the ticker reads the counter for [`Clock::system`]'s
 /// admissions: how far behind the time they are decided on may be.
-pub(crate) const RECENT_TICK: Duration = Duration::from_millis(1);
+const RECENT_TICK: Duration = Duration::from_millis(1);
 
 /// Ticks without a reader after which the ticker sleeps until one comes.
 const RECENT_IDLE_TICKS: u32 = 1_000;
@@ -308,9 +308,9 @@ impl Clock {
     /// told is never refused for the lag. Admissions on a time up to `L`
     /// old grant, over any span, at most `rate x L` requests more than the
     /// exact counter would (about one more at 1,000 requests a second),
-    /// and the long-run rate is the same. The thread sleeps while nothing reads
-    /// the time for a second; the first read after that reads the counter
-    /// and wakes it. [`Clock::precise`] reads the counter for every
+    /// and the long-run rate is the same. The thread sleeps while nothing
+    /// reads the time for a second; the first read after that reads the
+    /// counter and wakes it. [`Clock::precise`] reads the counter for every
     /// decision and starts no thread.
     pub fn system() -> Self {
         Self::counter(true)
@@ -357,8 +357,9 @@ impl Clock {
     /// throttle then admits at most `rate x resolution` requests more than
     /// on the exact counter (at the same long-run rate), and `Retry-After`
     /// may be that much longer. [`Clock::system`] admits on such a time
-    /// but decides its denials on the counter. Calendar quotas read the system's wall time as
-    /// [`Clock::system`] does, carried forward on this clock.
+    /// but decides its denials on the counter. Calendar quotas read the
+    /// system's wall time as [`Clock::system`] does, carried forward on
+    /// this clock.
     /// If the thread cannot be started, this is [`Clock::system`].
     ///
     /// ```
