@@ -75,6 +75,9 @@
 //! would not deny either, but each key would go idle a nanosecond after its
 //! decision and keys would evict each other from shared windows.
 
+#[path = "support/registered.rs"]
+mod registered;
+
 use std::hash::Hash;
 use std::hint::black_box;
 use std::num::NonZeroU32;
@@ -87,7 +90,8 @@ use criterion::{Bencher, BenchmarkGroup, Criterion};
 use governor::clock::DefaultClock;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use tollgate::{ApiKey, Clock, MemoryStore, Period, Policy, RateLimitLayer, Throttle, UsagePlan};
+use registered::registered_policy;
+use tollgate::{Clock, MemoryStore, Period, Policy, RateLimitLayer, Throttle, UsagePlan};
 
 /// Requests per second of the limit under test.
 const RATE: f64 = 1.0;
@@ -162,15 +166,7 @@ fn per_key_layer_on(max_keys: usize, clock: Clock) -> RateLimitLayer {
 }
 
 fn registered_layer(values: &[String], plan: UsagePlan) -> RateLimitLayer {
-    let policy = values
-        .iter()
-        .enumerate()
-        .fold(Policy::builder().plan(plan), |p, (i, v)| {
-            p.key(ApiKey::new(format!("id-{i}"), v.as_str(), "bench"))
-        })
-        .build()
-        .expect("a valid policy");
-    RateLimitLayer::new(policy)
+    RateLimitLayer::new(registered_policy(values, plan))
 }
 
 fn governor<K: Hash + Eq + Clone>() -> Governor<K> {

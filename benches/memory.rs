@@ -43,6 +43,9 @@
 // A global allocator is an `unsafe impl`; the library itself forbids unsafe code.
 #![allow(unsafe_code)]
 
+#[path = "support/registered.rs"]
+mod registered;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -56,10 +59,11 @@ use bytes::Bytes;
 use governor::{Quota, RateLimiter};
 use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
+use registered::registered_policy;
 use tollgate::extract::ClientIp;
 use tollgate::{
-    ApiKey, DefaultOnRejection, MemoryStore, OnRejection, Policy, RateLimitLayer, Reason,
-    Rejection, Throttle, UsagePlan,
+    DefaultOnRejection, MemoryStore, OnRejection, Policy, RateLimitLayer, Reason, Rejection,
+    Throttle, UsagePlan,
 };
 use tower::{Layer, Service, ServiceExt};
 
@@ -259,14 +263,7 @@ fn registered_quota(n: usize) {
     let (heap0, rss0) = (heap(), rss().0);
     let plan =
         plan().quota(tollgate::Quota::new(1 << 40, tollgate::Period::Day).expect("a valid quota"));
-    let policy = values
-        .iter()
-        .enumerate()
-        .fold(Policy::builder().plan(plan), |p, (i, v)| {
-            p.key(ApiKey::new(format!("id-{i}"), v.as_str(), "bench"))
-        })
-        .build()
-        .expect("a valid policy");
+    let policy = registered_policy(&values, plan);
     // Room for every key's throttle: a full table refuses a few keys.
     let store = store(2 * n);
     let layer = RateLimitLayer::builder(policy).store(store.clone()).build();
