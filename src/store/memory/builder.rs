@@ -42,8 +42,8 @@ impl MemoryStoreBuilder {
     /// [`capacity`](MemoryStore::capacity) of them may when slots are free
     /// near their hash. A new key that finds no free slot in its window is refused
     /// (429), never given a live key's slot. The table starts at 16,384 slots
-    /// and doubles as keys come (a quarter of its slots used), so a store
-    /// used far below `n` holds about 64 to 128 bytes per key, not the whole
+    /// and doubles as keys come (half of its slots used), so a store
+    /// used far below `n` holds about 32 to 64 bytes per key, not the whole
     /// table (see BENCHMARKS.md, "Memory").
     pub fn max_keys(mut self, n: usize) -> Self {
         self.max_keys = n;

@@ -52,8 +52,9 @@ const FIRST_BITS: u32 = 14;
 const MOVED: u64 = 3;
 /// Slots each insert sweeps after a doubling: the sweep covers the slots in
 /// use before it (`2^bits`) in `2^bits / 8` inserts, while doubling again
-/// takes `2^bits / 4` more slots used (of which the keys moved take at
-/// most `2^bits / 8`).
+/// takes `2^bits / 2` more slots used, of which the keys moved take about
+/// `2^bits / 4` (half the keys of a table half used): about `2^bits / 4`
+/// inserts, twice the sweep's.
 const SWEEP_PER_INSERT: u32 = 8;
 /// One move begun, in [`Table::moves`].
 const MOVE_BEGUN: u64 = 1 << 32;
@@ -147,10 +148,10 @@ struct Found<'t> {
 }
 
 /// The table grows: it is used as its first `2^bits` slots, with positions
-/// taken modulo that, and doubles its `bits` (up to the cap's) when a
-/// quarter of those slots have been used or a new key finds its window
-/// full. Windows stay as short to search as in a table of twice the cap
-/// used by half the cap. A table
+/// taken modulo that, and doubles its `bits` (up to the cap's) when half
+/// of those slots have been used or a new key finds its window full.
+/// Windows stay as short to search as in a table of twice the cap used by
+/// half the cap, and keys stay as close together. A table
 /// used far below its cap so stays on few pages: keys spread over all of
 /// them would cost a TLB miss on almost every decision.
 ///
@@ -255,7 +256,7 @@ impl Table {
 
     /// Finds the key's slot and the word it held, under the table's `bits`
     /// or, failing that, under fewer: with the bits it was found under.
-    #[inline]
+    #[inline(always)]
     fn find(&self, key: SlotKey, bits: u32) -> Option<(Found<'_>, u32)> {
         let moves = self.moves.load(Ordering::Acquire);
         match self.find_under(key, bits) {
@@ -446,8 +447,8 @@ impl Table {
             self.sweep_some(now);
             match inserted {
                 Inserted::Full(_) if self.grow(bits, now) => continue,
-                Inserted::Done if self.counts.used.load(Ordering::Relaxed) * 4 > mask(bits) + 1 => {
-                    // A quarter of the slots in use used: twice as many.
+                Inserted::Done if self.counts.used.load(Ordering::Relaxed) * 2 > mask(bits) + 1 => {
+                    // Half the slots in use used: twice as many.
                     self.grow(bits, now);
                 }
                 _ => {}
