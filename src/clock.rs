@@ -275,9 +275,22 @@ fn epoch(clock: &quanta::Clock) -> u64 {
 
 /// The process's ticker for [`Clock::system`], started on first use;
 /// `None` if its thread cannot be spawned.
+#[inline]
 fn recent() -> Option<&'static Recent> {
     static RECENT: OnceLock<Option<&'static Recent>> = OnceLock::new();
-    *RECENT.get_or_init(|| start_recent(RECENT_TICK, RECENT_IDLE_TICKS))
+    match RECENT.get() {
+        Some(r) => *r,
+        None => start_process_recent(&RECENT),
+    }
+}
+
+/// [`recent`]'s first call: starts the process's ticker.
+#[cold]
+#[inline(never)]
+fn start_process_recent(
+    once: &'static OnceLock<Option<&'static Recent>>,
+) -> Option<&'static Recent> {
+    *once.get_or_init(|| start_recent(RECENT_TICK, RECENT_IDLE_TICKS))
 }
 
 /// A ticker of its own (the process's, or a test's).
