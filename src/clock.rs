@@ -8,7 +8,6 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
-use portable_atomic::AtomicU128;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -58,16 +57,23 @@ const WALL_RESYNC: Nanos = 100_000_000;
 /// two clocks' rates differ (parts per million), and a step of the system
 /// clock (NTP, an operator) is seen within `WALL_RESYNC`.
 struct WallSync {
-    /// The monotonic time of the last read (high half) and the wall time
-    /// it read, in nanoseconds since the epoch (low half): one word, so that
-    /// a reader never pairs one read's instant with another's time.
-    pair: AtomicU128,
+    /// The wall time less the monotonic time, both read at the last read
+    /// of the system's: the wall time at `mono` is `mono + offset`. One
+    /// word, so that a reader never pairs one read's instant with another
+    /// read's time; and a 64-bit load, where the two as one 128-bit word
+    /// took an out-of-line 128-bit load on every quota decision.
+    offset: AtomicI64,
+    /// The monotonic time of that read, only to tell when to read again:
+    /// read beside an older or newer `offset`, it can only move that read
+    /// by the resync period.
+    at: AtomicU64,
 }
 
 impl WallSync {
     fn new(mono: Nanos) -> Self {
         WallSync {
-            pair: AtomicU128::new(pack_wall(mono, system_wall_nanos())),
+            offset: AtomicI64::new(offset(system_wall_nanos(), mono)),
+            at: AtomicU64::new(mono),
         }
     }
 
@@ -76,13 +82,11 @@ impl WallSync {
     /// again (`mono` may be a time read a tick ago).
     #[inline]
     fn wall_nanos(&self, mono: Nanos, exact: impl FnOnce() -> Nanos) -> i64 {
-        let pair = self.pair.load(Ordering::Relaxed);
-        let (at, wall) = ((pair >> 64) as Nanos, pair as u64 as i64);
+        let at = self.at.load(Ordering::Relaxed);
         // Another thread may have read later than `mono` was: either way
-        // the pair is close enough to carry forward (or back).
+        // the read is close enough to carry forward (or back).
         if mono.abs_diff(at) < WALL_RESYNC {
-            // Within WALL_RESYNC, so the difference fits in an i64.
-            return wall.saturating_add(mono as i64 - at as i64);
+            return carried(mono, self.offset.load(Ordering::Relaxed));
         }
         self.resync(mono, exact())
     }
@@ -94,14 +98,22 @@ impl WallSync {
     fn resync(&self, mono: Nanos, now: Nanos) -> i64 {
         let wall = system_wall_nanos();
         let now = now.max(mono);
-        self.pair.store(pack_wall(now, wall), Ordering::Relaxed);
-        // Less than the lag of a ticker's time: it fits in an i64.
-        wall.saturating_sub(now.abs_diff(mono).min(i64::MAX as u64) as i64)
+        let offset = offset(wall, now);
+        self.offset.store(offset, Ordering::Relaxed);
+        self.at.store(now, Ordering::Relaxed);
+        carried(mono, offset)
     }
 }
 
-fn pack_wall(mono: Nanos, wall: i64) -> u128 {
-    u128::from(mono) << 64 | u128::from(wall as u64)
+/// The wall time less the monotonic time it was read with.
+fn offset(wall: i64, mono: Nanos) -> i64 {
+    wall.saturating_sub(i64::try_from(mono).unwrap_or(i64::MAX))
+}
+
+/// The wall time at `mono`, by an [`offset`].
+#[inline]
+fn carried(mono: Nanos, offset: i64) -> i64 {
+    offset.saturating_add(i64::try_from(mono).unwrap_or(i64::MAX))
 }
 
 /// The system's wall time in nanoseconds since the epoch (negative before).
@@ -647,10 +659,7 @@ mod tests {
     #[test]
     fn wall_time_is_carried_forward_then_read_again() {
         let sync = WallSync::new(1_000);
-        let (_, base) = {
-            let p = sync.pair.load(Ordering::Relaxed);
-            ((p >> 64) as u64, p as u64 as i64)
-        };
+        let base = sync.offset.load(Ordering::Relaxed) + 1_000;
         let exact = || panic!("read only to pair with the system's time");
         // Within the resync period: the read carried forward, exactly.
         assert_eq!(
@@ -664,7 +673,7 @@ mod tests {
         let before = system_wall_nanos();
         let read = sync.wall_nanos(later, || later);
         assert!(read >= before && read <= system_wall_nanos());
-        assert_eq!(sync.pair.load(Ordering::Relaxed) >> 64, u128::from(later));
+        assert_eq!(sync.at.load(Ordering::Relaxed), later);
         assert_eq!(sync.wall_nanos(later + 5, exact), read + 5);
         // A time read a tick ago (3 ms) is paired with the system's time
         // through the time read now: the wall time it gives is 3 ms
@@ -675,7 +684,7 @@ mod tests {
         let read = sync.wall_nanos(lagging, || now);
         let after = system_wall_nanos();
         assert!(read >= before - 3_000_000 && read <= after - 3_000_000);
-        assert_eq!(sync.pair.load(Ordering::Relaxed) >> 64, u128::from(now));
+        assert_eq!(sync.at.load(Ordering::Relaxed), now);
         assert_eq!(sync.wall_nanos(now, exact), read + 3_000_000);
     }
 
