@@ -63,9 +63,11 @@ struct WallSync {
     /// read's time; and a 64-bit load, where the two as one 128-bit word
     /// took an out-of-line 128-bit load on every quota decision.
     offset: AtomicI64,
-    /// The monotonic time of that read, only to tell when to read again:
-    /// read beside an older or newer `offset`, it can only move that read
-    /// by the resync period.
+    /// The monotonic time of that read, only to tell when to read again.
+    /// Read beside the offset of the read before (the two are stored one
+    /// after the other), it carries that offset forward: the same wall
+    /// time but for the clocks' drift, and a step of the system clock seen
+    /// at most one more period late.
     at: AtomicU64,
 }
 
