@@ -64,10 +64,9 @@ struct WallSync {
     /// took an out-of-line 128-bit load on every quota decision.
     offset: AtomicI64,
     /// The monotonic time of that read, only to tell when to read again.
-    /// Read beside the offset of the read before (the two are stored one
-    /// after the other), it carries that offset forward: the same wall
-    /// time but for the clocks' drift, and a step of the system clock seen
-    /// at most one more period late.
+    /// Stored after `offset` (release) and loaded before it (acquire), so
+    /// a reader that sees a read's `at` uses that read's offset or a later
+    /// one: a step of the system clock is seen within one period.
     at: AtomicU64,
 }
 
@@ -84,7 +83,7 @@ impl WallSync {
     /// again (`mono` may be a time read a tick ago).
     #[inline]
     fn wall_nanos(&self, mono: Nanos, exact: impl FnOnce() -> Nanos) -> i64 {
-        let at = self.at.load(Ordering::Relaxed);
+        let at = self.at.load(Ordering::Acquire);
         // Another thread may have read later than `mono` was: either way
         // the read is close enough to carry forward (or back).
         if mono.abs_diff(at) < WALL_RESYNC {
@@ -102,7 +101,7 @@ impl WallSync {
         let now = now.max(mono);
         let offset = offset(wall, now);
         self.offset.store(offset, Ordering::Relaxed);
-        self.at.store(now, Ordering::Relaxed);
+        self.at.store(now, Ordering::Release);
         carried(mono, offset)
     }
 }
