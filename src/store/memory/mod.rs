@@ -12,10 +12,11 @@
 //! each of `max_keys` keys (rounded up to a power of two; 32 bytes per key of
 //! cap), allocated in 64 KiB pages as they are first touched. It starts at
 //! 16,384 slots (or the cap, if smaller) and doubles when half of its
-//! slots have been used (as full as the table at its cap) or a new key finds no room near its hash position,
-//! so a store used far below its cap stays on few pages (each decision on
-//! a key spread over a table of 32 MiB would miss the TLB). Keys move to
-//! their places in the doubled table without stopping decisions: the
+//! slots have been used (as full as the table at its cap) or a new key
+//! finds no room near its hash position, so a store used far below its
+//! cap stays on few pages (each decision on a key spread over a table of
+//! 32 MiB would miss the TLB). Keys move to their places in the doubled
+//! table without stopping decisions: the
 //! inserts after a doubling sweep the slots used before it, and a decision
 //! that finds its key not yet moved moves it. A key whose bucket is
 //! full again (its TAT has passed) is *idle*: its state is the same as a key
