@@ -1124,6 +1124,52 @@ mod tests {
         assert!(total > 80_000, "only {total} admitted");
     }
 
+    /// A window full of keys placed before a doubling, in the part of the
+    /// table not yet swept, takes a new key once those that belong higher
+    /// up have moved: the table does not double for it, and every key
+    /// keeps its state.
+    #[test]
+    fn a_window_full_of_keys_not_yet_swept_takes_a_new_key_without_doubling() {
+        let t = Table::new(1 << 16);
+        let now = 1_000;
+        let live = |n: u64| move |_: Nanos| (Some(now + n), n);
+        // 32 keys filling positions 16,000..16,032 of the first 2^14 slots,
+        // every other one belonging 2^14 higher once the table doubles.
+        let window = 16_000u32;
+        let aimed: Vec<SlotKey> = (0..32u32)
+            .map(|i| SlotKey::at(window + i + (i % 2) * (1 << 14), i))
+            .collect();
+        for (i, k) in aimed.iter().enumerate() {
+            assert!(t.update(*k, now, live(1_000_000 + i as u64)).is_ok());
+        }
+        // Keys elsewhere until the table doubles to 2^15 slots; the sweep
+        // after it starts at slot 0, far below the window.
+        let mut n = 0u32;
+        while t.size() == 1 << 14 {
+            let k = SlotKey::at(crate::hash::mix(u64::from(n)) as u32 % 15_000, 1_000 + n);
+            assert!(t.update(k, now, live(1)).is_ok());
+            n += 1;
+        }
+        assert_eq!(t.size(), 1 << 15);
+        // A new key whose window under 15 bits is exactly those 32 slots.
+        let new = SlotKey::at(window, 999);
+        assert!(t.update(new, now, live(7)).is_ok());
+        assert_eq!(
+            t.size(),
+            1 << 15,
+            "the table doubled for a window not yet swept"
+        );
+        assert_eq!(t.update(new, now, |tat| (None, tat)), Ok(now + 7));
+        for (i, k) in aimed.iter().enumerate() {
+            let tat = t.update(*k, now, |tat| (None, tat));
+            assert_eq!(
+                tat,
+                Ok(now + 1_000_000 + i as u64),
+                "key {i} lost its state"
+            );
+        }
+    }
+
     #[test]
     fn racing_inserts_of_neighbouring_keys_never_store_a_key_twice() {
         // Pairs of threads insert keys whose windows overlap (positions one

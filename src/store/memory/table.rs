@@ -149,9 +149,11 @@ struct Found<'t> {
 
 /// The table grows: it is used as its first `2^bits` slots, with positions
 /// taken modulo that, and doubles its `bits` (up to the cap's) when half
-/// of those slots have been used or a new key finds its window full.
-/// Windows stay as short to search as in a table of twice the cap used by
-/// half the cap, and keys stay as close together. A table
+/// of those slots have been used or a new key finds its window full (once
+/// the keys in it not yet moved since the last doubling have moved: the
+/// part of the table not yet swept is as full as the whole was when it
+/// doubled). Windows stay as short to search as in a table of twice the
+/// cap used by half the cap, and keys stay as close together. A table
 /// used far below its cap so stays on few pages: keys spread over all of
 /// them would cost a TLB miss on almost every decision.
 ///
@@ -441,11 +443,20 @@ impl Table {
     /// new key's tag.
     #[cold]
     fn insert(&self, key: SlotKey, tat: Nanos, now: Nanos) -> Inserted {
+        // The bits under which this key's full window was swept.
+        let mut swept = None;
         loop {
             let (inserted, bits) = self.insert_under_lock(key, tat, now);
             // Outside the stripe lock: sweeping and doubling take others.
             self.sweep_some(now);
             match inserted {
+                // Full of keys the sweep has not moved yet, the window is
+                // full only until it does: they move first, and only a
+                // window still full doubles the table.
+                Inserted::Full(_) if swept != Some(bits) && self.sweep_window(key, bits, now) => {
+                    swept = Some(bits);
+                    continue;
+                }
                 Inserted::Full(_) if self.grow(bits, now) => continue,
                 Inserted::Done if self.counts.used.load(Ordering::Relaxed) * 2 > mask(bits) + 1 => {
                     // Half the slots in use used: twice as many.
@@ -497,19 +508,44 @@ impl Table {
             return false;
         }
         if let Some(slot) = self.get(i) {
-            let (tag, _) = slot.read();
-            if owned(tag) && tag != MOVED {
-                // Where it is does not matter: relocate finds it.
-                let key = SlotKey::of(tag);
-                let bits = self.bits();
-                if let Some((_, under)) = self.find(key, bits)
-                    && under != bits
-                {
-                    self.relocate(key, now);
-                }
-            }
+            self.move_behind(slot, now);
         }
         true
+    }
+
+    /// Moves the keys of `key`'s window under `bits` that still sit under
+    /// fewer bits (placed before the last doubling and not yet swept), each
+    /// leaving its slot idle: `true` when one was. Half the keys of a
+    /// window in the part of the table not yet swept move, so a window
+    /// full of them is not taken for a full table.
+    #[cold]
+    fn sweep_window(&self, key: SlotKey, bits: u32, now: Nanos) -> bool {
+        let mut behind = false;
+        for i in 0..WINDOW {
+            if let Some(slot) = self.get(key.pos.wrapping_add(i) & mask(bits)) {
+                behind |= self.move_behind(slot, now);
+            }
+        }
+        behind
+    }
+
+    /// Moves the key in `slot` to its window under the table's bits if it
+    /// sits under fewer: `true` when it did sit under fewer.
+    fn move_behind(&self, slot: &Slot, now: Nanos) -> bool {
+        let (tag, _) = slot.read();
+        if !owned(tag) || tag == MOVED {
+            return false;
+        }
+        // Where it is does not matter: relocate finds it.
+        let key = SlotKey::of(tag);
+        let bits = self.bits();
+        match self.find(key, bits) {
+            Some((_, under)) if under != bits => {
+                self.relocate(key, now);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Doubles the slots in use, from `bits`, once the sweep after the last
