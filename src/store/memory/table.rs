@@ -68,8 +68,8 @@ pub(super) struct SlotKey {
 }
 
 impl SlotKey {
-    /// The two halves of a digest are keyed hashes already (and independent
-    /// of each other), so the limit's salt is only xored in: each limit of a
+    /// A digest's low half is a keyed hash already (and the only half a
+    /// slot uses), so the limit's salt is only xored in: each limit of a
     /// key gets its own slot, with no more hashing on the hot path.
     #[inline]
     pub(super) fn new(d: Digest, salt: u64) -> Self {
