@@ -669,7 +669,7 @@ mod tests {
         );
         // And back, for a reader whose instant precedes the last read.
         assert_eq!(sync.wall_nanos(500, exact), base - 500);
-        // Past it: the system's time again, and the pair moves on.
+        // Past it: the system's time again, and the read moves on.
         let later = 1_000 + WALL_RESYNC + 1;
         let before = system_wall_nanos();
         let read = sync.wall_nanos(later, || later);
