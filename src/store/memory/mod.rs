@@ -1170,6 +1170,33 @@ mod tests {
         }
     }
 
+    /// A key placed before a doubling and not yet moved is decided on its
+    /// own state, even by an update that would store nothing for a key
+    /// never seen (a refund): the update looks under fewer bits before it
+    /// answers on a fresh state.
+    #[test]
+    fn a_key_not_yet_moved_is_decided_on_its_own_state() {
+        let t = Table::new(1 << 16);
+        let now = 1_000;
+        // Belongs 2^14 higher once the table doubles; the sweep, from slot
+        // 0, does not reach it below.
+        let k = SlotKey::at(16_000 + (1 << 14), 7);
+        assert!(t.update(k, now, |_| (Some(now + 1_000_000), ())).is_ok());
+        let mut n = 0u32;
+        while t.size() == 1 << 14 {
+            let other = SlotKey::at(crate::hash::mix(u64::from(n)) as u32 % 15_000, 1_000 + n);
+            assert!(t.update(other, now, |_| (Some(now + 1), ())).is_ok());
+            n += 1;
+        }
+        // Half back: nothing to give back to a key never seen.
+        let refund = |tat: Nanos| match tat {
+            0 => (None, 0),
+            tat => (Some(tat - 500_000), tat),
+        };
+        assert_eq!(t.update(k, now, refund), Ok(now + 1_000_000));
+        assert_eq!(t.update(k, now, |tat| (None, tat)), Ok(now + 500_000));
+    }
+
     #[test]
     fn racing_inserts_of_neighbouring_keys_never_store_a_key_twice() {
         // Pairs of threads insert keys whose windows overlap (positions one

@@ -390,9 +390,19 @@ impl Table {
         now: Nanos,
         mut op: impl FnMut(Nanos) -> (Option<Nanos>, R),
     ) -> Result<R, Nanos> {
+        // Whether a key not under the table's bits is looked for under
+        // fewer. Not at first: a new key's state goes to `insert`, which
+        // looks under every bits itself (under the key's stripe lock, the
+        // search that counts), so a new key's windows are searched once.
+        let mut thorough = false;
         loop {
             let bits = self.bits();
-            if let Some((Found { slot, word }, under)) = self.find(key, bits) {
+            let found = if thorough {
+                self.find(key, bits)
+            } else {
+                self.find_under(key, bits).map(|f| (f, bits))
+            };
+            if let Some((Found { slot, word }, under)) = found {
                 if under != bits && self.relocate(key, now) {
                     continue;
                 }
@@ -421,12 +431,20 @@ impl Table {
             }
             let (new, r) = op(0);
             let Some(n) = new.filter(|&n| n != 0) else {
+                if !thorough {
+                    // An answer on a fresh state only once the key is
+                    // known not to sit under fewer bits (nor to have
+                    // moved up since `bits` was read).
+                    thorough = true;
+                    continue;
+                }
                 // Nothing to store: an idle key needs no slot.
                 return Ok(r);
             };
             match self.insert(key, n, now) {
                 Inserted::Done => return Ok(r),
-                Inserted::Present => continue,
+                // Placed meanwhile, or under fewer bits than searched.
+                Inserted::Present => thorough = true,
                 Inserted::Full(retry) => return Err(retry),
             }
         }
