@@ -381,7 +381,9 @@ impl Table {
     }
 
     /// Applies `op` to the key's TAT (0 for a key not tracked): when it returns
-    /// `Some(new)`, stores `new` atomically, retrying `op` on contention.
+    /// `Some(new)`, stores `new` atomically, retrying `op` on contention, and
+    /// on the key's own TAT when it was first tried on 0 for a key not yet
+    /// moved since a doubling: only the last call's answer is kept.
     /// Errors with the time until a slot frees when a new key finds no room.
     #[inline(always)]
     pub(super) fn update<R>(
