@@ -381,9 +381,10 @@ impl Table {
     }
 
     /// Applies `op` to the key's TAT (0 for a key not tracked): when it returns
-    /// `Some(new)`, stores `new` atomically, retrying `op` on contention, and
-    /// on the key's own TAT when it was first tried on 0 for a key not yet
-    /// moved since a doubling: only the last call's answer is kept.
+    /// `Some(new)`, stores `new` atomically, retrying `op` on contention.
+    /// A key not found under the table's bits has `op` tried on 0 first,
+    /// and again (on 0, or on the key's state) after the search under
+    /// fewer bits: only the last call's answer is kept.
     /// Errors with the time until a slot frees when a new key finds no room.
     #[inline(always)]
     pub(super) fn update<R>(
@@ -445,7 +446,8 @@ impl Table {
             };
             match self.insert(key, n, now) {
                 Inserted::Done => return Ok(r),
-                // Placed meanwhile, or under fewer bits than searched.
+                // Placed meanwhile, under fewer bits than searched, or
+                // moved up since `bits` was read.
                 Inserted::Present => thorough = true,
                 Inserted::Full(retry) => return Err(retry),
             }
