@@ -542,6 +542,13 @@ impl Table {
     /// full of them is not taken for a full table.
     #[cold]
     fn sweep_window(&self, key: SlotKey, bits: u32, now: Nanos) -> bool {
+        // Once the sweep is over, no window is worth looking through: at
+        // the cap, a new key refused for a full window pays nothing more.
+        if self.counts.sweep.load(Ordering::Relaxed)
+            >= self.counts.sweep_end.load(Ordering::Acquire)
+        {
+            return false;
+        }
         let mut behind = false;
         for i in 0..WINDOW {
             if let Some(slot) = self.get(key.pos.wrapping_add(i) & mask(bits)) {
