@@ -1124,6 +1124,19 @@ mod tests {
         assert!(total > 80_000, "only {total} admitted");
     }
 
+    /// Live keys at positions below 15,000 of a table at its first 2^14
+    /// slots, until it doubles to 2^15.
+    fn double_from_first_size(t: &Table, now: Nanos) {
+        assert_eq!(t.size(), 1 << 14);
+        let mut n = 0u32;
+        while t.size() == 1 << 14 {
+            let k = SlotKey::at(crate::hash::mix(u64::from(n)) as u32 % 15_000, 1_000 + n);
+            assert!(t.update(k, now, |_| (Some(now + 1), ())).is_ok());
+            n += 1;
+        }
+        assert_eq!(t.size(), 1 << 15);
+    }
+
     /// A window full of keys placed before a doubling, in the part of the
     /// table not yet swept, takes a new key once those that belong higher
     /// up have moved: the table does not double for it, and every key
@@ -1142,15 +1155,9 @@ mod tests {
         for (i, k) in aimed.iter().enumerate() {
             assert!(t.update(*k, now, live(1_000_000 + i as u64)).is_ok());
         }
-        // Keys elsewhere until the table doubles to 2^15 slots; the sweep
-        // after it starts at slot 0, far below the window.
-        let mut n = 0u32;
-        while t.size() == 1 << 14 {
-            let k = SlotKey::at(crate::hash::mix(u64::from(n)) as u32 % 15_000, 1_000 + n);
-            assert!(t.update(k, now, live(1)).is_ok());
-            n += 1;
-        }
-        assert_eq!(t.size(), 1 << 15);
+        // The sweep after the doubling starts at slot 0, far below the
+        // window.
+        double_from_first_size(&t, now);
         // A new key whose window under 15 bits is exactly those 32 slots.
         let new = SlotKey::at(window, 999);
         assert!(t.update(new, now, live(7)).is_ok());
@@ -1182,12 +1189,7 @@ mod tests {
         // 0, does not reach it below.
         let k = SlotKey::at(16_000 + (1 << 14), 7);
         assert!(t.update(k, now, |_| (Some(now + 1_000_000), ())).is_ok());
-        let mut n = 0u32;
-        while t.size() == 1 << 14 {
-            let other = SlotKey::at(crate::hash::mix(u64::from(n)) as u32 % 15_000, 1_000 + n);
-            assert!(t.update(other, now, |_| (Some(now + 1), ())).is_ok());
-            n += 1;
-        }
+        double_from_first_size(&t, now);
         // Half back: nothing to give back to a key never seen.
         let refund = |tat: Nanos| match tat {
             0 => (None, 0),
