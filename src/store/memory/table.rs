@@ -520,9 +520,7 @@ impl Table {
 
     /// Sweeps the next slot: `false` when the sweep is over.
     fn sweep_one(&self, now: Nanos) -> bool {
-        if self.counts.sweep.load(Ordering::Relaxed)
-            >= self.counts.sweep_end.load(Ordering::Acquire)
-        {
+        if self.sweep_over() {
             return false;
         }
         let i = self.counts.sweep.fetch_add(1, Ordering::Relaxed);
@@ -535,6 +533,13 @@ impl Table {
         true
     }
 
+    /// Whether the sweep after the last doubling has taken every slot it
+    /// covers (a slot taken may still be being swept).
+    #[inline]
+    fn sweep_over(&self) -> bool {
+        self.counts.sweep.load(Ordering::Relaxed) >= self.counts.sweep_end.load(Ordering::Acquire)
+    }
+
     /// Moves the keys of `key`'s window under `bits` that still sit under
     /// fewer bits (placed before the last doubling and not yet swept), each
     /// leaving its slot idle: `true` when one was. Half the keys of a
@@ -544,9 +549,7 @@ impl Table {
     fn sweep_window(&self, key: SlotKey, bits: u32, now: Nanos) -> bool {
         // Once the sweep is over, no window is worth looking through: at
         // the cap, a new key refused for a full window pays nothing more.
-        if self.counts.sweep.load(Ordering::Relaxed)
-            >= self.counts.sweep_end.load(Ordering::Acquire)
-        {
+        if self.sweep_over() {
             return false;
         }
         let mut behind = false;
