@@ -71,9 +71,10 @@ pub(crate) const NO_DAY: DayRecord = DayRecord {
     remaining: 0,
 };
 
-/// The count of one quota of one subject in its window: what one 128-bit
-/// word of a store holds, so that a decision in the window and on the day
-/// of the last change is one compare-and-swap of it (see [`Count::pack`]).
+/// The count of one quota of one subject in its window: what two words of a
+/// store hold, the window ([`Count::window_word`]) and the count, so that a
+/// decision in the window and on the day of the last change is one
+/// compare-and-swap of the count.
 ///
 /// Windows start and end at UTC midnights, so the window is kept as days:
 /// its first day, its length, and which period it was taken under (a plan
@@ -152,27 +153,26 @@ impl Count {
         used: 0,
     };
 
-    /// One word: the window, its period and the day of the last change in
-    /// the high half, the count in the low half.
+    /// Everything but the count, as one word: the window, its period and
+    /// the day of the last change (a store keeps it beside the count, which
+    /// a decision changes alone).
     #[inline]
-    pub(crate) fn pack(self) -> u128 {
-        let hi = u64::from(self.start as u32)
+    pub(crate) fn window_word(self) -> u64 {
+        u64::from(self.start as u32)
             | u64::from(self.len) << 32
             | u64::from(self.period) << 40
-            | u64::from(self.last) << 48;
-        u128::from(hi) << 64 | u128::from(self.used as u64)
+            | u64::from(self.last) << 48
     }
 
-    /// The count a word holds.
+    /// The count of a [`window_word`](Self::window_word) and `used`.
     #[inline]
-    pub(crate) fn unpack(w: u128) -> Count {
-        let hi = (w >> 64) as u64;
+    pub(crate) fn from_words(window: u64, used: i64) -> Count {
         Count {
-            start: hi as u32 as i32,
-            len: (hi >> 32) as u8,
-            period: (hi >> 40) as u8,
-            last: (hi >> 48) as u8,
-            used: w as u64 as i64,
+            start: window as u32 as i32,
+            len: (window >> 32) as u8,
+            period: (window >> 40) as u8,
+            last: (window >> 48) as u8,
+            used,
         }
     }
 

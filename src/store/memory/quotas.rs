@@ -1,21 +1,38 @@
 //! The memory store's quota counters: one [`Counter`] per (subject, quota),
 //! found in a concurrent map and decided without a lock.
 //!
-//! A counter is one 128-bit word (the window, the day of the last change
-//! and the count: [`Count`]) beside its day history. A decision in the
-//! current window on the day of the last change, the hot path, is a read
-//! of the map (no lock: `papaya`; for a counter with history, which is never
-//! let go, not even papaya's guard: [`Kept`]) and a compare-and-swap of the
-//! word: the check `used + cost <= limit` and the charge are one atomic
-//! step, so threads deciding at once never admit more than the limit. Everything
-//! else takes the counter's own lock: the first change of a day (it closes
-//! the day before into the history), a new window, UpdateUsage, a refund,
-//! a settlement, a reset, a report. Under that lock the word is still
-//! changed by compare-and-swap, since decisions on it do not take the lock.
+//! A counter is two words, its window (the window, its period and the day
+//! of the last change: [`Count::window_word`]) and its count, beside its day
+//! history. A decision in the current window on the day of the last change,
+//! the hot path, is a read of the map (no lock: `papaya`; for a counter with
+//! history, which is never let go, not even papaya's guard: [`Kept`]) and a
+//! compare-and-swap of the count alone: the check `used + cost <= limit` and
+//! the charge are one atomic step, so threads deciding at once never admit
+//! more than the limit. Everything else takes the counter's own lock: the
+//! first change of a day (it closes the day before into the history), a new
+//! window, UpdateUsage, a refund, a settlement, a reset, a report. Under that
+//! lock the count is still changed by compare-and-swap, since decisions on
+//! it do not take the lock, and the window is written after it.
+//!
+//! Why a decision needs no 128-bit compare-and-swap of both words (which
+//! costs several nanoseconds more than a 64-bit one on some x86 machines,
+//! and is a call through a function pointer without the `cmpxchg16b` target
+//! feature). A decision reads the window, then the count, and charges the
+//! count if it has not changed since. The window only changes under the
+//! lock, after the count has been changed by compare-and-swap: so the count
+//! a decision charges is always the count of the current window, even when
+//! the window it read is the one just before (a decision racing the change
+//! to a new day or window). Such a decision checks the count against the
+//! older window's limit, which is never above a later window's (only the
+//! window of a quota's creation has a lower one, [`QuotaSpec::limit_in`],
+//! and windows only move forward), and it is counted once, in the window the
+//! count belongs to: never more than a limit is admitted in any window, and
+//! a charge dated a moment before midnight may count on the next day. A
+//! counter let go ([`Counter::retire_if_idle`]) has the count [`LET_GO`],
+//! which no decision ever expects: a decision that read the count before
+//! cannot charge it after.
 
-use std::sync::atomic::{AtomicI64, AtomicUsize};
-
-use portable_atomic::{AtomicU128, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use super::kept::Kept;
 use crate::hash::BuildDigestHasher;
@@ -41,11 +58,11 @@ pub(super) type Outcome = Result<Count, (u64, Count)>;
 /// layer answers 429 with that wait), and no live counter is ever forgotten:
 /// forgetting one would hand its subject a fresh window, i.e. over-admit.
 ///
-/// An idle counter is let go by marking its word retired (a compare-and-swap
-/// from the idle word it was seen with, so a decision that charged it first
-/// keeps it), then removing it from the map. A decision that finds a retired
-/// word looks the counter up again, and makes a fresh one: nothing charged to
-/// a counter after it was let go is lost.
+/// An idle counter is let go by setting its count to [`LET_GO`] under its
+/// lock (so a decision that moved it to a new window first keeps it), then
+/// removing it from the map. A decision that finds a counter let go looks
+/// it up again, and makes a fresh one: nothing charged to a counter after
+/// it was let go is lost.
 pub(super) struct Quotas {
     map: papaya::HashMap<u128, Held, BuildDigestHasher>,
     /// The counters with history (never let go), found here without
@@ -76,10 +93,18 @@ enum Held {
     Kept(u32),
 }
 
+/// The count a counter let go holds ([`Counter::retire_if_idle`]): no
+/// count ever is it, since every change keeps a count above it.
+const LET_GO: i64 = i64::MIN;
+
 /// The counters of one quota of one subject.
 struct Counter {
-    /// The count ([`Count::pack`]): changed by compare-and-swap only.
-    word: AtomicU128,
+    /// The window, its period and the day of the last change
+    /// ([`Count::window_word`]): written under `slow` only, after `used`.
+    window: AtomicU64,
+    /// The count ([`Count::used`]), or [`LET_GO`]: changed by
+    /// compare-and-swap only.
+    used: AtomicI64,
     /// Whether the counter keeps usage history (it is then never let go).
     history: bool,
     /// Taken by every change but a decision on the day of the last change.
@@ -92,7 +117,7 @@ struct Slow {
     /// that day used the count less this.
     base: i64,
     /// The closed days, one per day number modulo the length (the day of
-    /// the last change is in the word, and would take its place).
+    /// the last change is in the window word, and would take its place).
     days: Box<[DayRecord]>,
 }
 
@@ -100,7 +125,8 @@ impl Counter {
     fn new(history_days: u32) -> Self {
         let days = history_days.max(1) as usize;
         Counter {
-            word: AtomicU128::new(Count::EMPTY.pack()),
+            window: AtomicU64::new(Count::EMPTY.window_word()),
+            used: AtomicI64::new(Count::EMPTY.used),
             history: days > 1,
             slow: Mutex::new(Slow {
                 base: 0,
@@ -109,27 +135,35 @@ impl Counter {
         }
     }
 
+    /// The count as it stands, read under the counter's lock (`_slow`), where
+    /// the window does not change: a count and its own window.
     #[inline]
-    fn load(&self) -> (u128, Count) {
-        let w = self.word.load(Ordering::Acquire);
-        (w, Count::unpack(w))
+    fn load(&self, _slow: &Slow) -> Count {
+        let window = self.window.load(Ordering::Acquire);
+        Count::from_words(window, self.used.load(Ordering::Acquire))
     }
 
     /// Charges `cost` at `now` if it fits (`force`: even if it does not).
     /// `None` when the counter was let go.
     #[inline]
     fn acquire(&self, spec: &QuotaSpec, now: i64, cost: u64, force: bool) -> Option<Outcome> {
-        let (mut w, mut count) = self.load();
+        // The window first: the count read after it is its own window's or
+        // a later one's (see the module's docs).
+        let window = self.window.load(Ordering::Acquire);
+        let mut used = self.used.load(Ordering::Acquire);
         loop {
-            match count.acquire_today(spec, now, cost, force) {
-                Some(Ok(next)) => match self.word.compare_exchange_weak(
-                    w,
-                    next.pack(),
+            if used == LET_GO {
+                return None;
+            }
+            match Count::from_words(window, used).acquire_today(spec, now, cost, force) {
+                Some(Ok(next)) => match self.used.compare_exchange_weak(
+                    used,
+                    next.used,
                     Ordering::AcqRel,
                     Ordering::Acquire,
                 ) {
                     Ok(_) => return Some(Ok(next)),
-                    Err(current) => (w, count) = (current, Count::unpack(current)),
+                    Err(current) => used = current,
                 },
                 Some(Err(denied)) => return Some(Err(denied)),
                 None => {
@@ -146,7 +180,7 @@ impl Counter {
 
     /// Applies `op` to the count moved to `now` ([`Count::roll`]) under the
     /// counter's lock; when it returns a new count, stores it (retrying on
-    /// a decision that changed the word meanwhile) and writes the day it
+    /// a decision that changed the count meanwhile) and writes the day it
     /// closed into the history. `None` when the counter was let go.
     ///
     /// `usage` says whether the change is the day's usage (a charge, a
@@ -163,19 +197,30 @@ impl Counter {
         mut op: impl FnMut(Count) -> (Option<Count>, R),
     ) -> Option<R> {
         let mut slow = self.slow.lock();
-        let (mut w, mut count) = self.load();
+        // The window is stable under the lock; only decisions change the
+        // count meanwhile.
+        let window = self.window.load(Ordering::Acquire);
+        let mut used = self.used.load(Ordering::Acquire);
         loop {
-            if count.is_retired() {
+            let count = Count::from_words(window, used);
+            if used == LET_GO || count.is_retired() {
                 return None;
             }
             let rolled = count.roll(spec, now, slow.base);
             let (next, r) = op(rolled.count);
-            let Some(next) = next else { return Some(r) };
+            let Some(mut next) = next else { return Some(r) };
+            next.used = next.used.max(LET_GO + 1);
             match self
-                .word
-                .compare_exchange(w, next.pack(), Ordering::AcqRel, Ordering::Acquire)
+                .used
+                .compare_exchange(used, next.used, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => {
+                    // After the count: a decision that reads this window
+                    // reads this count or a later one.
+                    let next_window = next.window_word();
+                    if next_window != window {
+                        self.window.store(next_window, Ordering::Release);
+                    }
                     if let Some(day) = rolled.closed {
                         let len = slow.days.len() as i64;
                         slow.days[day.day.rem_euclid(len) as usize] = day;
@@ -188,7 +233,7 @@ impl Counter {
                     };
                     return Some(r);
                 }
-                Err(current) => (w, count) = (current, Count::unpack(current)),
+                Err(current) => used = current,
             }
         }
     }
@@ -196,7 +241,7 @@ impl Counter {
     /// `[used, remaining]` for each day from `first` to `last`.
     fn report(&self, spec: &QuotaSpec, first: i64, last: i64) -> Vec<[i64; 2]> {
         let slow = self.slow.lock();
-        let (_, count) = self.load();
+        let count = self.load(&slow);
         let mut days = slow.days.to_vec();
         if let Some(today) = count.today(spec, slow.base) {
             let len = days.len() as i64;
@@ -205,45 +250,60 @@ impl Counter {
         report(spec, &days, first, last)
     }
 
+    /// How the count stands (for a check that charges nothing).
+    fn count(&self) -> Count {
+        self.load(&self.slow.lock())
+    }
+
     /// Forgets the window's count and the history (a counter let go stays so).
     fn reset(&self) {
         let mut slow = self.slow.lock();
-        let (mut w, mut count) = self.load();
-        while !count.is_retired() {
-            match self.word.compare_exchange(
-                w,
-                Count::EMPTY.pack(),
+        let mut used = self.used.load(Ordering::Acquire);
+        while used != LET_GO {
+            match self.used.compare_exchange(
+                used,
+                Count::EMPTY.used,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => break,
-                Err(current) => (w, count) = (current, Count::unpack(current)),
+                Ok(_) => {
+                    self.window
+                        .store(Count::EMPTY.window_word(), Ordering::Release);
+                    break;
+                }
+                Err(current) => used = current,
             }
         }
         slow.base = 0;
         slow.days.fill(NO_DAY);
     }
 
-    /// Marks the counter let go if it is idle at `now`: a decision that
-    /// charged it meanwhile keeps it.
+    /// Lets the counter go if it is idle at `now`: its count becomes
+    /// [`LET_GO`], which a decision that read it before cannot charge.
     fn retire_if_idle(&self, now: i64) -> bool {
-        let (mut w, mut count) = self.load();
-        while !count.is_retired() && count.idle_at() <= now {
-            match self.word.compare_exchange(
-                w,
-                Count::RETIRED.pack(),
+        let slow = self.slow.lock();
+        let mut count = self.load(&slow);
+        while count.used != LET_GO && !count.is_retired() && count.idle_at() <= now {
+            match self.used.compare_exchange(
+                count.used,
+                LET_GO,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return true,
-                Err(current) => (w, count) = (current, Count::unpack(current)),
+                Ok(_) => {
+                    self.window
+                        .store(Count::RETIRED.window_word(), Ordering::Release);
+                    return true;
+                }
+                // A decision charged it in its window, which has ended.
+                Err(current) => count.used = current,
             }
         }
         false
     }
 
     fn is_retired(&self) -> bool {
-        self.load().1.is_retired()
+        self.used.load(Ordering::Acquire) == LET_GO
     }
 }
 
@@ -410,7 +470,7 @@ impl Quotas {
                     freed += 1;
                 }
             } else if !counter.is_retired() {
-                soonest = soonest.min(counter.load().1.idle_at());
+                soonest = soonest.min(counter.count().idle_at());
             }
         }
         self.short.fetch_sub(freed, Ordering::Relaxed);
@@ -445,7 +505,7 @@ impl Quotas {
     ) -> Result<QuotaSnapshot, (u64, QuotaSnapshot)> {
         let key = Self::key(q);
         let count = match self.map.pin().get(&key) {
-            Some(c) => self.counter(c).load().1,
+            Some(c) => self.counter(c).count(),
             None => Count::EMPTY,
         };
         count.check(q.spec, now, cost)
@@ -601,6 +661,60 @@ mod tests {
             .filter(|_| take(&qs, &q, t(2024, 5, 2, 0), 1))
             .count();
         assert_eq!(ok, 5);
+    }
+
+    /// The count a counter let go holds is never a live count's: a raise
+    /// to the top of what UpdateUsage takes, in a creation window whose
+    /// offset is above its limit, is kept, not taken for a counter let go
+    /// (which would be dropped and made again, the raise lost).
+    #[test]
+    fn no_change_makes_a_count_look_let_go() {
+        let qs = Quotas::new(16);
+        let s = QuotaSpec {
+            offset: 20,
+            created_at: t(2024, 5, 1, 100),
+            ..spec(10, Period::Day)
+        };
+        let now = t(2024, 5, 1, 200);
+        for history in [31u32, 1] {
+            let q = quota(&s, digest(&history.to_le_bytes()), history);
+            let raised = i64::MAX - 100;
+            assert!(qs.set_remaining(&q, now, i64::MAX).remaining > raised as u64);
+            assert!(take(&qs, &q, now, 5), "history {history}");
+            let day = now / NANOS_PER_DAY;
+            assert!(qs.report(&q, day, day)[0][1] > raised, "history {history}");
+        }
+        assert_eq!(qs.len(), 2);
+    }
+
+    /// Threads charging across the end of the creation window, whose limit
+    /// is lower, into the next: each window admits at most its own limit,
+    /// whether a thread read the window before or after it moved on.
+    #[test]
+    fn threads_racing_into_a_larger_window_admit_each_limit() {
+        let qs = Quotas::new(16);
+        let s = QuotaSpec {
+            offset: 400,
+            created_at: t(2024, 5, 1, 0),
+            ..spec(1_000, Period::Day)
+        };
+        let q = quota(&s, digest(b"race"), 31);
+        let clock = AtomicI64::new(t(2024, 5, 1, 86_399));
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for i in 0..3_000 {
+                        let now = clock
+                            .fetch_add(if i % 2 == 0 { 1_000_000 } else { 0 }, Ordering::Relaxed);
+                        take(&qs, &q, now, 1);
+                    }
+                });
+            }
+        });
+        let day = Date::new(2024, 5, 1).unwrap().days();
+        let report = qs.report(&q, day, day + 1);
+        assert_eq!(report[0], [600, 0], "the creation day");
+        assert_eq!(report[1], [1_000, 0], "the next day");
     }
 
     #[test]
