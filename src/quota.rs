@@ -340,11 +340,17 @@ impl Count {
         cost: u64,
         force: bool,
     ) -> Result<Count, (u64, Count)> {
-        let w = self.window();
         let used = self
             .used
             .saturating_add(i64::try_from(cost).unwrap_or(i64::MAX));
-        if used > spec.limit_in(w) && !force {
+        // Only the window of the quota's creation has another limit: without
+        // an offset, a charge that fits needs no window.
+        let limit = match spec.offset {
+            0 => i64::try_from(spec.limit).unwrap_or(i64::MAX),
+            _ => spec.limit_in(self.window()),
+        };
+        if used > limit && !force {
+            let w = self.window();
             return Err((w.end.saturating_sub(now).max(1) as u64, self));
         }
         Ok(Count { used, ..self })
