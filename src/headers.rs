@@ -60,8 +60,8 @@ const OPENAI_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-res
 ///
 /// | family | defining limit, the first the plan (or key) has |
 /// |---|---|
-/// | requests | the plan's throttle, the account's throttle, the plan's quota, the account's quota, the stage throttle, then the route's method override |
-/// | tokens | the plan's per-minute token bucket, the account's, then the daily and monthly token quotas (plan's, then account's) |
+/// | requests | the plan's throttle, the account's throttle, the plan's quota, the account's quota, the stage throttle, the route's method override, the stage's override of the route, then the model's throttle and quota |
+/// | tokens | the plan's per-minute token bucket, the account's, the daily and monthly token quotas (plan's, then account's), then the model's token budget |
 ///
 /// On an allowed response, `remaining` and `reset` are that limit's. On a
 /// rejection by any limit of a family (a concurrency cap counts requests),

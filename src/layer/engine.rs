@@ -460,20 +460,6 @@ impl<K, S: Store> Shared<K, S> {
         )
     }
 
-    /// The model a request is for, as the layer's
-    /// [`model`](crate::RateLimitLayerBuilder::model) function names it;
-    /// `None` without a request or a function, or when it names none (then
-    /// the plan's `"*"` entry applies, if it has one).
-    #[inline]
-    fn model_name<'r>(&self, req: Option<&RequestView<'r>>) -> Option<&'r str> {
-        let req = req?;
-        match &self.model {
-            Some(name) => name(req),
-            // The body's `model`, once the estimator has read it.
-            None => req.extensions.get::<Estimate>()?.model.as_deref(),
-        }
-    }
-
     /// The tokens a request under a plan (or of an account) with a token
     /// budget is estimated to cost; a request through the layer (not a
     /// `check`) also gets what it takes to settle them when its response ends.
@@ -526,6 +512,20 @@ impl<K, S: Store> Shared<K, S> {
 }
 
 impl<K, S> Shared<K, S> {
+    /// The model a request is for, as the layer's
+    /// [`model`](crate::RateLimitLayerBuilder::model) function names it;
+    /// `None` without a request or a function, or when it names none (then
+    /// the plan's `"*"` entry applies, if it has one).
+    #[inline]
+    pub(crate) fn model_name<'r>(&self, req: Option<&RequestView<'r>>) -> Option<&'r str> {
+        let req = req?;
+        match &self.model {
+            Some(name) => name(req),
+            // The body's `model`, once the estimator has read it.
+            None => req.extensions.get::<Estimate>()?.model.as_deref(),
+        }
+    }
+
     /// Days of usage history a registered key's quota keeps.
     #[inline]
     fn history_days(&self) -> u32 {

@@ -2,15 +2,17 @@
 //! `x-ratelimit-*` headers on a rejection (see [`HeaderStyle`]).
 //!
 //! A rejection names only the limit that denied; a family's stable limit is
-//! read again from the caller's plan. This runs only for a rejection with
-//! OpenAI's headers on, and never tells the observer anything.
+//! read again from the caller's plan, with the method override and the
+//! model entry the request's route and model select, as the decision
+//! selected them. This runs only for a rejection with OpenAI's headers on,
+//! and never tells the observer anything.
 //!
 //! [`HeaderStyle`]: crate::HeaderStyle
 
 use crate::extract::{KeyError, KeyExtractor, RequestView};
 use crate::hash;
 use crate::headers::Families;
-use crate::plan::{AccountLimits, LimitKind, Plan, StageLimits};
+use crate::plan::{AccountLimits, Limit, LimitKind, Plan, StageLimits, Tokens, method_limit};
 use crate::resolver::Answer;
 
 use super::Shared;
@@ -23,7 +25,7 @@ impl<K: KeyExtractor, S> Shared<K, S> {
         let stage = self.policy.inner.stage.as_deref();
         if let Some(plan) = &self.fixed {
             if self.extractor.extract(req).is_ok() {
-                offer(&mut f, None, None, plan);
+                self.offer(&mut f, req, None, None, plan);
             }
             return f;
         }
@@ -31,7 +33,7 @@ impl<K: KeyExtractor, S> Shared<K, S> {
             Ok(key) => {
                 let key = key.as_bytes();
                 let found = self.policy.keys().with(key, |entry| {
-                    entry.map(|e| offer(&mut f, stage, e.account.as_deref(), &e.plan))
+                    entry.map(|e| self.offer(&mut f, req, stage, e.account.as_deref(), &e.plan))
                 });
                 if found.is_none()
                     && let Some(resolving) = &self.resolver
@@ -40,13 +42,13 @@ impl<K: KeyExtractor, S> Shared<K, S> {
                     let snap = self.policy.load();
                     if let Some(plan) = snap.plan_named(found.key.plan()) {
                         let account = found.key.get_account().and_then(|a| snap.account_named(a));
-                        offer(&mut f, stage, account.map(|a| &**a), plan);
+                        self.offer(&mut f, req, stage, account.map(|a| &**a), plan);
                     }
                 }
             }
             Err(KeyError::Missing) => {
                 if let Some(anon) = &self.policy.load().anonymous {
-                    offer(&mut f, stage, None, &anon.plan);
+                    self.offer(&mut f, req, stage, None, &anon.plan);
                 }
             }
             Err(_) => {}
@@ -55,49 +57,56 @@ impl<K: KeyExtractor, S> Shared<K, S> {
     }
 }
 
-/// Offers every limit of a caller (plan, account, stage) whose size does
-/// not depend on the route. A method override is not offered: a family
-/// defined by one alone reports the limit that denied, the override itself.
-fn offer(
-    f: &mut Families,
-    stage: Option<&StageLimits>,
-    account: Option<&AccountLimits>,
-    plan: &Plan,
-) {
-    let throttle = |f: &mut Families, l: &crate::plan::Limit| {
-        f.offer(l.kind, u64::from(l.gcra.burst()));
-    };
-    if let Some(t) = &plan.throttle {
-        throttle(f, t);
-    }
-    if let Some(q) = &plan.quota {
-        f.offer(LimitKind::Quota, q.limit);
-    }
-    if let Some(tokens) = &plan.tokens {
-        if let Some(m) = &tokens.minute {
-            throttle(f, m);
-        }
-        for (kind, q) in tokens.quotas().into_iter().flatten() {
-            f.offer(kind, q.limit);
-        }
-    }
-    if let Some(a) = account {
-        if let Some(t) = &a.throttle {
-            throttle(f, t);
-        }
-        if let Some(q) = &a.quota {
-            f.offer(LimitKind::AccountQuota, q.limit);
-        }
-        if let Some(tokens) = &a.tokens {
-            if let Some(m) = &tokens.minute {
+impl<K, S> Shared<K, S> {
+    /// Offers every limit that applies to the caller of `req` (plan,
+    /// account, stage, and the method overrides and model entry that `req`
+    /// selects): the same limits the decision counted, so that a family
+    /// reports the same limit on a rejection as on the responses allowed
+    /// before it, whichever limit denied.
+    fn offer(
+        &self,
+        f: &mut Families,
+        req: &RequestView<'_>,
+        stage: Option<&StageLimits>,
+        account: Option<&AccountLimits>,
+        plan: &Plan,
+    ) {
+        let throttle = |f: &mut Families, l: &Limit| f.offer(l.kind, u64::from(l.gcra.burst()));
+        let tokens = |f: &mut Families, t: &Tokens| {
+            if let Some(m) = &t.minute {
                 throttle(f, m);
             }
-            for (kind, q) in tokens.quotas().into_iter().flatten() {
+            for (kind, q) in t.quotas().into_iter().flatten() {
                 f.offer(kind, q.limit);
             }
+        };
+        plan.throttle.iter().for_each(|t| throttle(f, t));
+        if let Some(q) = &plan.quota {
+            f.offer(LimitKind::Quota, q.limit);
         }
-    }
-    if let Some(t) = stage.and_then(|s| s.throttle.as_ref()) {
-        throttle(f, t);
+        plan.tokens.iter().for_each(|t| tokens(f, t));
+        if let Some(m) = method_limit(&plan.methods, Some(req)) {
+            throttle(f, m);
+        }
+        if let Some(m) = plan.model(self.model_name(Some(req))) {
+            m.throttle.iter().for_each(|t| throttle(f, t));
+            if let Some(q) = &m.quota {
+                f.offer(LimitKind::ModelQuota, q.limit);
+            }
+            m.tokens.iter().for_each(|t| tokens(f, t));
+        }
+        if let Some(a) = account {
+            a.throttle.iter().for_each(|t| throttle(f, t));
+            if let Some(q) = &a.quota {
+                f.offer(LimitKind::AccountQuota, q.limit);
+            }
+            a.tokens.iter().for_each(|t| tokens(f, t));
+        }
+        if let Some(s) = stage {
+            s.throttle.iter().for_each(|t| throttle(f, t));
+            if let Some(m) = method_limit(&s.methods, Some(req)) {
+                throttle(f, m);
+            }
+        }
     }
 }

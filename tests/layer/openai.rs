@@ -30,8 +30,8 @@ use tokio_stream::StreamExt;
 use tollgate::extract::BearerOrApiKey;
 use tollgate::openai::OpenAiEstimator;
 use tollgate::{
-    ApiKey, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer, Throttle, TokenBudget,
-    UsagePlan,
+    ApiKey, ManualClock, MemoryStore, ModelLimits, Period, Policy, Quota, RateLimitLayer, Throttle,
+    TokenBudget, UsagePlan,
 };
 
 use crate::support::{at, client, frozen_store, header, serve};
@@ -581,10 +581,9 @@ async fn the_request_limit_reported_stays_when_a_quota_is_tighter() {
     assert_eq!(seen, want);
 }
 
-#[tokio::test]
-async fn a_concurrency_429_carries_request_headers_and_agreeing_retry() {
-    let clock = ManualClock::new();
-    let plan = roomy().concurrency(1);
+/// `plan` served on a chat route whose handler answers only once released:
+/// the base URL, and the handler's "entered" and "release" signals.
+async fn held_api(plan: UsagePlan, clock: &ManualClock) -> (String, Arc<Notify>, Arc<Notify>) {
     let entered = Arc::new(Notify::new());
     let release = Arc::new(Notify::new());
     let (e, r) = (Arc::clone(&entered), Arc::clone(&release));
@@ -599,16 +598,33 @@ async fn a_concurrency_429_carries_request_headers_and_agreeing_retry() {
     let base = serve(
         Router::new()
             .route(CHAT, slow)
-            .layer(frozen(plan, &clock).build()),
+            .layer(frozen(plan, clock).build()),
     )
     .await;
-    let c = client();
+    (base, entered, release)
+}
 
+/// A first chat call, held in its handler: its status once released.
+async fn hold_one(
+    c: &reqwest::Client,
+    base: &str,
+    entered: &Notify,
+) -> tokio::task::JoinHandle<reqwest::StatusCode> {
     let first = tokio::spawn({
-        let (c, base) = (c.clone(), base.clone());
+        let (c, base) = (c.clone(), base.to_owned());
         async move { call(&c, &base, CHAT, 1).await.status() }
     });
     entered.notified().await;
+    first
+}
+
+#[tokio::test]
+async fn a_concurrency_429_carries_request_headers_and_agreeing_retry() {
+    let clock = ManualClock::new();
+    let (base, entered, release) = held_api(roomy().concurrency(1), &clock).await;
+    let c = client();
+
+    let first = hold_one(&c, &base, &entered).await;
 
     let res = call(&c, &base, CHAT, 1).await;
     assert_eq!(res.status(), 429);
@@ -627,13 +643,44 @@ async fn a_concurrency_429_carries_request_headers_and_agreeing_retry() {
     release.notify_one();
     assert_eq!(first.await.unwrap(), 200);
     // The place is free again.
-    let again = tokio::spawn({
-        let (c, base) = (c.clone(), base.clone());
-        async move { call(&c, &base, CHAT, 1).await.status() }
-    });
-    entered.notified().await;
+    let again = hold_one(&c, &base, &entered).await;
     release.notify_one();
     assert_eq!(again.await.unwrap(), 200);
+}
+
+#[tokio::test]
+async fn a_concurrency_429_reports_the_limit_a_route_or_model_defines() {
+    // Plans whose requests family is defined by the route's override, or
+    // by the model's own throttle: a concurrency rejection reports the
+    // same limit as the response allowed before it, not the cap.
+    let plans = [
+        UsagePlan::new("route").method(format!("{CHAT}/POST"), Throttle::new(1.0, 10).unwrap()),
+        UsagePlan::new("model").model(
+            "gpt-test",
+            ModelLimits::new().throttle(Throttle::new(1.0, 7).unwrap()),
+        ),
+    ];
+    for (plan, want) in plans.into_iter().zip(["10", "7"]) {
+        let clock = ManualClock::new();
+        let (base, entered, release) = held_api(plan.concurrency(1), &clock).await;
+        let c = client();
+        let first = hold_one(&c, &base, &entered).await;
+        let res = call(&c, &base, CHAT, 1).await;
+        assert_eq!(res.status(), 429);
+        assert!(header(&res, "ratelimit").starts_with("\"concurrency\";r=0;t="));
+        assert_eq!(header(&res, "x-ratelimit-limit-requests"), want);
+        release.notify_one();
+        assert_eq!(first.await.unwrap(), 200);
+        let allowed = tokio::spawn({
+            let (c, base) = (c.clone(), base.clone());
+            async move { call(&c, &base, CHAT, 1).await }
+        });
+        entered.notified().await;
+        release.notify_one();
+        let res = allowed.await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(header(&res, "x-ratelimit-limit-requests"), want);
+    }
 }
 
 #[tokio::test]
