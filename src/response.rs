@@ -447,13 +447,27 @@ impl Unchecked for () {
     fn unchecked() -> Self {}
 }
 
-/// Whether a request is a gRPC call (`content-type: application/grpc`, `application/grpc+proto`, …).
+/// Whether a request is a gRPC call: `content-type: application/grpc*`
+/// (`application/grpc`, `application/grpc+proto`, …), gRPC-Web's
+/// (`application/grpc-web`, `application/grpc-web-text+proto`, …) included,
+/// whose clients read a trailers-only answer's status from its headers too.
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(CONTENT_TYPE).is_some_and(|v| {
         let v = v.as_bytes();
         v.len() >= 16
             && v[..16].eq_ignore_ascii_case(b"application/grpc")
-            && matches!(v.get(16), None | Some(b'+' | b';'))
+            && matches!(v.get(16), None | Some(b'+' | b';' | b'-'))
+    })
+}
+
+/// The request's content type when it is gRPC-Web's: a trailers-only
+/// answer to it says the same, so that a gRPC-Web client reads it as its
+/// own protocol (a plain gRPC content type is not).
+pub(crate) fn grpc_web_type(headers: &HeaderMap) -> Option<&HeaderValue> {
+    headers.get(CONTENT_TYPE).filter(|v| {
+        v.as_bytes()
+            .get(..20)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc-web"))
     })
 }
 
@@ -569,7 +583,11 @@ mod tests {
             ("application/grpc", true),
             ("application/grpc+proto", true),
             ("Application/GRPC", true),
-            ("application/grpc-web", false),
+            ("application/grpc-web", true),
+            ("application/grpc-web+proto", true),
+            ("application/grpc-web-text", true),
+            ("application/grpcx", false),
+            ("application/grp", false),
             ("application/json", false),
         ] {
             h.insert(CONTENT_TYPE, HeaderValue::from_static(ct));

@@ -3,7 +3,7 @@
 //! observer told, and the response of a rejection.
 
 use bytes::Bytes;
-use http::header::RETRY_AFTER;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response};
 
 use super::engine::Shared;
@@ -12,7 +12,7 @@ use crate::headers::{Families, ceil_secs};
 use crate::observe::{Observer, Outcome, Seen, Watch, outcome};
 use crate::plan::FailureMode;
 use crate::response::{
-    Decision, RETRY_AFTER_MS, Reason, Rejection, Unchecked, X_SHOULD_RETRY, refused,
+    Decision, RETRY_AFTER_MS, Reason, Rejection, Unchecked, X_SHOULD_RETRY, grpc_web_type, refused,
 };
 use crate::store::{Applied, Denied, StoreError, Verdict};
 
@@ -161,6 +161,14 @@ impl<K: KeyExtractor, S> Shared<K, S> {
             None => rejection.default_response(),
         };
         let headers = res.headers_mut();
+        if rejection.is_grpc()
+            && let Some(web) = grpc_web_type(req.headers)
+            && headers
+                .get(CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"application/grpc"))
+        {
+            headers.insert(CONTENT_TYPE, web.clone());
+        }
         // The wait: until the request passes, or, for a cost that never
         // fits, until the limit is as full as it gets.
         let wait = match (rejection.retry_after(), &limit) {

@@ -349,8 +349,18 @@ async fn grpc_requests_over_http1_get_trailers_only_rejections() {
         assert!(res.bytes().await.unwrap().is_empty(), "{ct}");
     }
 
-    // grpc-web is not gRPC: the plain HTTP rejection.
-    assert_too_many(call("application/grpc-web", KEY).send().await.unwrap()).await;
+    // gRPC-Web is answered trailers-only too, in its own content type.
+    for ct in [
+        "application/grpc-web",
+        "application/grpc-web+proto",
+        "application/grpc-web-text",
+    ] {
+        let res = call(ct, KEY).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{ct}");
+        assert_eq!(header(&res, "grpc-status"), "8", "{ct}");
+        assert_eq!(header(&res, "content-type"), ct);
+        assert!(res.bytes().await.unwrap().is_empty(), "{ct}");
+    }
 
     let res = call("application/grpc", "not-registered")
         .send()
