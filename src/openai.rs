@@ -23,10 +23,19 @@
 //! the texts are counted: not the few tokens a chat's format adds around
 //! each message.
 //!
-//! The body's `model` is kept in the [`Estimate`]. A body that is not JSON,
-//! is cut short, names no `model` (as OpenAI's API, which requires it), or
-//! has neither a `prompt` nor `messages` is answered 400, charging nothing. A GET, or a request without a JSON body, is estimated
-//! from its head as [`ExtensionEstimate`] does.
+//! The body's `model` is kept in the [`Estimate`]. A body that is JSON (or
+//! says it is, or says nothing of its type) is answered 400, charging
+//! nothing, when it is not valid JSON, is cut short, names no `model` (as
+//! OpenAI's API, which requires it), or has neither a `prompt` nor
+//! `messages`. A GET, a request with an empty body, or one whose body is not
+//! JSON and says it is something else (a `multipart/form-data` upload, a
+//! form) is estimated from its head as [`ExtensionEstimate`] does. Every
+//! POST, PUT and PATCH body is read, up to the layer's
+//! [`max_body_bytes`](crate::RateLimitLayerBuilder::max_body_bytes), whatever
+//! its type (a server may parse it as JSON whatever it says): a larger
+//! upload through a layer with this estimator is answered 413, so put the
+//! estimator's layer on the routes that take completions, or raise the
+//! bound.
 //!
 //! ```
 //! use axum::{Router, body::Body, routing::post};
@@ -184,10 +193,14 @@ impl OpenAiEstimator {
         self
     }
 
-    /// The estimate of an OpenAI-style JSON body, as the layer makes it.
+    /// The estimate of an OpenAI-style JSON body, as the layer makes it
+    /// for a body that is JSON or says it is.
     pub fn estimate_json(&self, body: &[u8]) -> Result<Estimate, BodyError> {
-        let req: Body = serde_json::from_slice(body)
-            .map_err(|e| BodyError::new(format!("the request body is not valid JSON: {e}")))?;
+        self.estimate_parsed(serde_json::from_slice(body).map_err(not_json)?)
+    }
+
+    /// The estimate of a parsed body.
+    fn estimate_parsed(&self, req: Body) -> Result<Estimate, BodyError> {
         let mut prompt = Tally::new(&self.counter);
         // A completion answers each of several prompts.
         let mut answers: u64 = 1;
@@ -274,14 +287,47 @@ impl CostEstimator for OpenAiEstimator {
         ExtensionEstimate.estimate(req)
     }
 
-    /// Bodies of POST, PUT and PATCH requests are read.
+    /// Bodies of POST, PUT and PATCH requests are read, whatever their
+    /// content type: a server may parse a body as JSON whatever it is said
+    /// to be, so what a body says it is cannot spare it the estimate.
     fn reads_body(&self, req: &RequestView<'_>) -> bool {
         matches!(*req.method, Method::POST | Method::PUT | Method::PATCH)
     }
 
-    fn estimate_body(&self, _: &RequestView<'_>, body: &[u8]) -> Result<Estimate, BodyError> {
-        self.estimate_json(body)
+    /// An empty body, or one that is not JSON and says it is something else
+    /// (`multipart/form-data`, a form, bytes), is estimated from the head as
+    /// [`estimate`](CostEstimator::estimate) does. A body that is JSON, or
+    /// says it is (or says nothing), is estimated by
+    /// [`estimate_json`](OpenAiEstimator::estimate_json).
+    fn estimate_body(&self, req: &RequestView<'_>, body: &[u8]) -> Result<Estimate, BodyError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Estimate::new(self.estimate(req)));
+        }
+        match serde_json::from_slice(body) {
+            Ok(parsed) => self.estimate_parsed(parsed),
+            Err(e) if e.is_data() || says_json(req) => Err(not_json(e)),
+            Err(_) => Ok(Estimate::new(self.estimate(req))),
+        }
     }
+}
+
+/// The client's error for a body that is not the JSON of a completion.
+fn not_json(e: serde_json::Error) -> BodyError {
+    BodyError::new(format!("the request body is not valid JSON: {e}"))
+}
+
+/// Whether a request says its body is JSON (`application/json`,
+/// `application/*+json`, with any parameters) or says nothing of it.
+fn says_json(req: &RequestView<'_>) -> bool {
+    let Some(ct) = req.headers.get(http::header::CONTENT_TYPE) else {
+        return true;
+    };
+    let ct = ct.as_bytes();
+    let mime = ct.split(|&b| b == b';').next().unwrap_or(ct).trim_ascii();
+    mime.eq_ignore_ascii_case(b"application/json")
+        || (mime.len() >= 17
+            && mime[..12].eq_ignore_ascii_case(b"application/")
+            && mime[mime.len() - 5..].eq_ignore_ascii_case(b"+json"))
 }
 
 /// Adds up a prompt's tokens.

@@ -269,6 +269,67 @@ async fn a_body_the_estimator_cannot_read_is_400_and_costs_nothing() {
 }
 
 #[tokio::test]
+async fn an_empty_or_non_json_body_that_says_so_is_estimated_from_its_head() {
+    // OpenAI's cancel calls are bodiless POSTs; audio and file uploads are
+    // multipart: none is a completion's JSON, and each passes, charged the
+    // head's estimate (0 tokens), its body handed on as it came.
+    let layer = layer(Some(100));
+    let multipart =
+        "--b\r\ncontent-disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b--\r\n";
+    for (content_type, body) in [
+        (Some("application/json"), ""),
+        (None, ""),
+        (None, " \r\n"),
+        (Some("multipart/form-data; boundary=b"), multipart),
+        (Some("application/x-www-form-urlencoded"), "a=1&b=2"),
+        (Some("application/octet-stream"), "\u{1}\u{2}"),
+    ] {
+        let mut req = post(Some(KEY), Full::new(Bytes::from(body)));
+        req.headers_mut().remove("content-type");
+        if let Some(ct) = content_type {
+            req.headers_mut()
+                .insert("content-type", ct.parse().unwrap());
+        }
+        let res = echo(&layer).oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{content_type:?} {body:?}");
+        assert_eq!(res.headers()["x-estimate"], "0", "{content_type:?}");
+        assert_eq!(text(res).await, body);
+    }
+    budget_is_whole(&layer, 100).await;
+}
+
+#[tokio::test]
+async fn a_json_body_that_says_it_is_something_else_is_still_estimated() {
+    // A server may parse a body as JSON whatever its content type says:
+    // a completion sent as text is estimated, and one the estimator cannot
+    // read is refused as it would be as JSON.
+    let layer = layer(Some(100));
+    let send = |ct: &'static str, body: &'static str| {
+        let mut req = post(Some(KEY), Full::new(Bytes::from_static(body.as_bytes())));
+        req.headers_mut()
+            .insert("content-type", ct.parse().unwrap());
+        echo(&layer).oneshot(req)
+    };
+    let res = send(
+        "text/plain",
+        r#"{"model":"m","prompt":"abcd","max_tokens":9}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-estimate"], "10");
+    for (ct, body) in [
+        ("text/plain", r#"{"prompt":"no model","max_tokens":1}"#),
+        ("multipart/form-data; boundary=b", r#"{"model":"m"}"#),
+        ("application/vnd.api+json", "not json"),
+        ("Application/JSON; charset=utf-8", "not json"),
+    ] {
+        let res = send(ct, body).await.unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{ct} {body}");
+    }
+}
+
+#[tokio::test]
 async fn the_estimate_from_the_body_is_charged() {
     let layer = layer(Some(100));
     // 2 prompt tokens + 30 * n=2: 62 of 100.
@@ -398,7 +459,15 @@ async fn five_hundred_slow_bodies_cost_no_memory() {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    // Warm up the runtime, the server and the allocator.
+    // Warm up the runtime, the server and the allocator, and load the
+    // tokenizers other tests of this binary load at the same time: their
+    // tens of megabytes, shared by the process, would count here.
+    for t in [
+        tollgate::openai::Tokenizer::Cl100kBase,
+        tollgate::openai::Tokenizer::O200kBase,
+    ] {
+        assert!(t.count("warm") > 0);
+    }
     slow_bodies(addr, 20, "nobody").await;
     let before = rss();
 
