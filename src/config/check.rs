@@ -78,11 +78,19 @@ impl Checker<'_> {
         methods: &BTreeMap<Spanned<String>, Spanned<ThrottleFile>>,
         path: &str,
     ) -> Result<Vec<(String, Throttle)>, ConfigFileError> {
+        let mut seen: Vec<(MethodPath, &str)> = Vec::with_capacity(methods.len());
         methods
             .iter()
             .map(|(k, v)| {
                 let p = format!("{path}.methods.\"{}\"", k.get_ref());
-                MethodPath::parse(k.get_ref()).map_err(|e| self.err(k.span(), p.clone(), e))?;
+                let parsed =
+                    MethodPath::parse(k.get_ref()).map_err(|e| self.err(k.span(), p.clone(), e))?;
+                // `/v1/x/POST` and `/v1/x/post` are one override.
+                if let Some((_, first)) = seen.iter().find(|(m, _)| *m == parsed) {
+                    let why = format!("the same method path as \"{first}\": listed twice");
+                    return Err(self.err(k.span(), p, why));
+                }
+                seen.push((parsed, k.get_ref()));
                 Ok((k.get_ref().clone(), self.throttle(v, &p)?))
             })
             .collect()

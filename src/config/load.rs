@@ -509,6 +509,20 @@ mod tests {
     }
 
     #[test]
+    fn a_method_path_listed_twice_in_another_spelling_is_an_error() {
+        let e = err(
+            "[[plans]]\nname = \"p\"\n[plans.methods]\n\"/v1/x/POST\" = { rate = 1.0, burst = 1 }\n\"/v1/x/post\" = { rate = 100.0, burst = 100 }\n",
+        );
+        assert_eq!((e.line(), e.path()), (5, "plans[0].methods.\"/v1/x/post\""));
+        assert!(e.message().contains("listed twice"), "{e}");
+        let e = err(
+            "[stage]\n[stage.methods]\n\"/t0\" = { rate = 1.0, burst = 1 }\n\"//t0\" = { rate = 2.0, burst = 2 }\n",
+        );
+        assert!(e.message().contains("listed twice"), "{e}");
+        assert!(e.path().starts_with("stage.methods."), "{e}");
+    }
+
+    #[test]
     fn load_names_the_file() {
         let e = Config::load("/nonexistent/tollgate.toml").unwrap_err();
         assert!(

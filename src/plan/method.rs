@@ -164,22 +164,23 @@ pub(super) fn compile_methods(
     kind: LimitKind,
     owner: &str,
 ) -> Result<Box<[MethodLimit]>, ConfigError> {
-    let mut seen = std::collections::HashSet::new();
-    methods
-        .iter()
-        .map(|(path, t)| {
-            if !seen.insert(path.as_str()) {
-                return Err(ConfigError::InvalidMethodPath {
-                    path: path.clone(),
-                    reason: "listed twice",
-                });
-            }
-            Ok(MethodLimit {
-                path: MethodPath::parse(path)?,
-                limit: Limit::new(kind, t, owner, path),
-            })
-        })
-        .collect()
+    let mut compiled: Vec<MethodLimit> = Vec::with_capacity(methods.len());
+    for (path, t) in methods {
+        let parsed = MethodPath::parse(path)?;
+        // Compared as parsed: `/v1/x/POST` and `/v1/x/post` are one
+        // override, of which only the first would ever apply.
+        if compiled.iter().any(|m| m.path == parsed) {
+            return Err(ConfigError::InvalidMethodPath {
+                path: path.clone(),
+                reason: "listed twice",
+            });
+        }
+        compiled.push(MethodLimit {
+            path: parsed,
+            limit: Limit::new(kind, t, owner, path),
+        });
+    }
+    Ok(compiled.into_boxed_slice())
 }
 
 /// The override among `methods` for the request's route and method. The
@@ -304,11 +305,26 @@ mod tests {
         assert_eq!(pick("/v1/completions", &Method::GET), 3);
         assert_eq!(pick("/v1/embeddings", &Method::POST), 1);
         assert_eq!(pick("/health", &Method::GET), 0);
-        let dup = compile_methods(
-            &[("/a/GET".into(), t), ("/a/GET".into(), t)],
-            LimitKind::Method,
-            "p",
+        for twice in [["/a/GET", "/a/GET"], ["/a/GET", "/a/get"], ["/*/*", "/*/*"]] {
+            let dup = compile_methods(&twice.map(|p| (p.to_owned(), t)), LimitKind::Method, "p");
+            assert!(
+                matches!(
+                    dup,
+                    Err(ConfigError::InvalidMethodPath {
+                        reason: "listed twice",
+                        ..
+                    })
+                ),
+                "{twice:?}"
+            );
+        }
+        assert!(
+            compile_methods(
+                &[("/a/GET".into(), t), ("/a/POST".into(), t)],
+                LimitKind::Method,
+                "p"
+            )
+            .is_ok()
         );
-        assert!(dup.is_err());
     }
 }
