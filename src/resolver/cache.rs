@@ -237,7 +237,12 @@ impl Resolving {
     }
 
     async fn load(&self, digest: Digest, value: &str) -> Answer {
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        // A timeout too long to add to now (`Duration::MAX`) means no
+        // deadline: thirty years stand for it, as in tokio's own `timeout`.
+        let start = tokio::time::Instant::now();
+        let deadline = start
+            .checked_add(self.timeout)
+            .unwrap_or_else(|| start + Duration::from_secs(30 * 365 * 86_400));
         // A stale entry makes way for a new lookup; a fresh one that another
         // request put there meanwhile stays.
         let now = self.clock.nanos();
@@ -370,6 +375,15 @@ mod tests {
         assert!(matches!(look(&r, "good").await, Answer::Found(_)));
         assert_eq!(calls.load(Ordering::SeqCst), 4);
         assert!(r.cached(digest("good")).is_some());
+    }
+
+    #[tokio::test]
+    async fn the_longest_timeout_is_no_deadline() {
+        let (calls, resolver) = counting(Duration::ZERO);
+        let r = Arc::new(Resolver::new(resolver).timeout(Duration::MAX).build());
+        assert!(matches!(look(&r, "good").await, Answer::Found(_)));
+        assert!(matches!(look(&r, "nope").await, Answer::Unknown));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
