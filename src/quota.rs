@@ -184,7 +184,7 @@ impl Count {
 
     /// Whether the count was ever changed since it was made or reset.
     #[inline]
-    fn is_empty(self) -> bool {
+    pub(crate) fn is_empty(self) -> bool {
         self.period == NONE
     }
 
@@ -400,6 +400,28 @@ impl Count {
             used: self.used.max(limit.saturating_sub(remaining)),
             ..self
         }
+    }
+
+    /// Gives back `cost` units that a decision charged at `charged_at` and
+    /// a later limit then denied: the exact inverse of the charge, so the
+    /// count is what it would have been without the decision. Not held at
+    /// zero, as [`adjust`](Self::adjust) is: a count below zero after a
+    /// raise by UpdateUsage goes back below zero, or the denial would take
+    /// the raise away. Charges and give-backs only add to the count, so
+    /// decisions charging and giving back at once sum to the same count in
+    /// any order. `None` when the window began after `charged_at`: it never
+    /// counted the charge.
+    #[inline]
+    pub(crate) fn give_back(self, cost: u64, charged_at: i64) -> Option<Count> {
+        if charged_at < self.window().start {
+            return None;
+        }
+        Some(Count {
+            used: self
+                .used
+                .saturating_sub(i64::try_from(cost).unwrap_or(i64::MAX)),
+            ..self
+        })
     }
 
     /// Adjusts the count by a request's actual cost: `delta` units more (an

@@ -163,6 +163,30 @@ async fn a_used_up_plan_quota_gives_the_account_quota_back<B: Backend>(b: &B) {
     assert_eq!(usage.days, [[0, 3]]);
 }
 
+/// A request its plan denies gives the account's quota back exactly what
+/// it took, also when UpdateUsage raised what remains past the limit: the
+/// denials leave the raise as it was (held at zero, they would take it).
+async fn a_denial_by_the_plan_leaves_a_raised_account_quota_as_it_was<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = UsagePlan::new("p").quota(Quota::new(1, Period::Day).unwrap());
+    let account = Account::new("acme").quota(Quota::new(2, Period::Day).unwrap());
+    let l = layer(b, &clock, policy(&clock, plan, account)).await;
+    let admin = l.admin();
+    assert_eq!(admin.set_account_remaining("acme", 10).await.unwrap(), 10);
+    assert_eq!(denied_by(&l, b"va").await, None);
+    for _ in 0..3 {
+        assert_eq!(denied_by(&l, b"va").await.as_deref(), Some("quota"));
+        refunds_land().await;
+    }
+    let usage = admin.account_usage("acme", day(), day()).await.unwrap();
+    assert_eq!(usage.days, [[1, 9]]);
+    // b's plan has room: the account still has 9.
+    assert_eq!(denied_by(&l, b"vb").await, None);
+    let usage = admin.account_usage("acme", day(), day()).await.unwrap();
+    assert_eq!(usage.days, [[2, 8]]);
+}
+
 async fn a_denial_by_the_account_charges_the_key_nothing<B: Backend>(b: &B) {
     let clock = ManualClock::new();
     clock.set_wall(at(2024, 5, 6, 3_600));
@@ -284,6 +308,7 @@ on_each_backend!(
     two_keys_together_never_pass_the_account_throttle_or_quota,
     a_denial_by_the_plan_gives_the_account_and_the_stage_back_what_they_took,
     a_used_up_plan_quota_gives_the_account_quota_back,
+    a_denial_by_the_plan_leaves_a_raised_account_quota_as_it_was,
     a_denial_by_the_account_charges_the_key_nothing,
     token_settlement_reaches_the_account,
 );
@@ -299,6 +324,7 @@ async fn redis_cluster_agrees_on_accounts() {
     two_keys_together_never_pass_the_account_throttle_or_quota(&cluster).await;
     a_denial_by_the_plan_gives_the_account_and_the_stage_back_what_they_took(&cluster).await;
     a_used_up_plan_quota_gives_the_account_quota_back(&cluster).await;
+    a_denial_by_the_plan_leaves_a_raised_account_quota_as_it_was(&cluster).await;
     a_denial_by_the_account_charges_the_key_nothing(&cluster).await;
     token_settlement_reaches_the_account(&cluster).await;
 }

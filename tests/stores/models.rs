@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use tollgate::{
-    ApiKey, ManualClock, ModelLimits, Period, Policy, Quota, RateLimitLayer, ResponseBody,
+    ApiKey, Date, ManualClock, ModelLimits, Period, Policy, Quota, RateLimitLayer, ResponseBody,
     Throttle, TokenBudget, UsagePlan,
 };
 
@@ -181,6 +181,40 @@ async fn a_denial_by_the_model_charges_the_plan_nothing_and_back<B: Backend>(b: 
     );
 }
 
+/// A request the model's quota denies gives the plan's quota back exactly
+/// what it took, also when UpdateUsage raised what remains past the limit:
+/// the denials leave the raise as it was (held at zero, they would take it).
+async fn a_denial_by_the_model_leaves_a_raised_plan_quota_as_it_was<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = UsagePlan::new("p")
+        .quota(Quota::new(2, Period::Day).unwrap())
+        .model(
+            "*",
+            ModelLimits::new().quota(Quota::new(1, Period::Day).unwrap()),
+        );
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(plan)
+        .key(ApiKey::new("a", "va", "p"))
+        .build()
+        .unwrap();
+    let l = RateLimitLayer::builder(policy)
+        .store(b.store(&clock).await)
+        .build();
+    let admin = l.admin();
+    assert_eq!(admin.set_remaining("a", 5).await.unwrap(), 5);
+    assert!(l.decide(b"va", 1).await.is_ok());
+    for _ in 0..3 {
+        let r = l.decide(b"va", 1).await.unwrap_err();
+        assert_eq!(r.limit(), Some("model-quota"));
+        settled().await;
+    }
+    let day = Date::new(2024, 5, 6).unwrap();
+    let usage = admin.usage("p", day, day, Some("a")).await.unwrap();
+    assert_eq!(usage.items["a"], [[1, 4]]);
+}
+
 async fn a_model_token_budget_settles<B: Backend>(b: &B) {
     let clock = ManualClock::new();
     clock.set_wall(at(2024, 5, 6, 3_600));
@@ -315,6 +349,7 @@ on_each_backend!(
     a_model_throttle_limits_one_model_while_another_passes,
     the_star_entry_holds_every_model_the_plan_does_not_name,
     a_denial_by_the_model_charges_the_plan_nothing_and_back,
+    a_denial_by_the_model_leaves_a_raised_plan_quota_as_it_was,
     a_model_token_budget_settles,
     a_model_concurrency_cap_holds_places_beside_the_plans,
 );
@@ -330,6 +365,7 @@ async fn redis_cluster_agrees_on_models() {
     a_model_throttle_limits_one_model_while_another_passes(&cluster).await;
     the_star_entry_holds_every_model_the_plan_does_not_name(&cluster).await;
     a_denial_by_the_model_charges_the_plan_nothing_and_back(&cluster).await;
+    a_denial_by_the_model_leaves_a_raised_plan_quota_as_it_was(&cluster).await;
     a_model_token_budget_settles(&cluster).await;
     a_model_concurrency_cap_holds_places_beside_the_plans(&cluster).await;
 }

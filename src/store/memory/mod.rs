@@ -287,8 +287,7 @@ impl MemoryStore {
             }
             if tally.is_denied() {
                 for (q, _) in req.quotas().zip(quotas_charged).filter(|(_, c)| *c) {
-                    let cost = i64::from(req.cost_for(q.counts_tokens()));
-                    quotas.adjust(q, wall, -cost, Some(wall));
+                    quotas.give_back(q, wall, u64::from(req.cost_for(q.counts_tokens())));
                 }
             }
         }
@@ -377,8 +376,8 @@ impl MemoryStore {
             return true;
         }
         for q in req.quotas().take(quotas_charged) {
-            let cost = i64::from(req.cost_for(q.counts_tokens()));
-            self.inner.quotas.adjust(q, wall, -cost, Some(wall));
+            let cost = u64::from(req.cost_for(q.counts_tokens()));
+            self.inner.quotas.give_back(q, wall, cost);
         }
         for (t, &mine) in req.throttles().zip(&charged[..throttles]) {
             self.refund_throttle(t, req.cost_for(t.counts_tokens()), now, mine);

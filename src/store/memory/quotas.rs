@@ -10,9 +10,10 @@
 //! the charge are one atomic step, so threads deciding at once never admit
 //! more than the limit. Everything else takes the counter's own lock: the
 //! first change of a day (it closes the day before into the history), a new
-//! window, UpdateUsage, a refund, a settlement, a reset, a report. Under that
-//! lock the count is still changed by compare-and-swap, since decisions on
-//! it do not take the lock, and the window is written after it.
+//! window, UpdateUsage, a denied decision's give-back, a settlement, a
+//! reset, a report. Under that lock the count is still changed by
+//! compare-and-swap, since decisions on it do not take the lock, and the
+//! window is written after it.
 //!
 //! Why a decision needs no 128-bit compare-and-swap of both words (which
 //! costs several nanoseconds more than a 64-bit one on some x86 machines,
@@ -194,9 +195,21 @@ impl Counter {
         now: i64,
         spec: &QuotaSpec,
         usage: bool,
+        op: impl FnMut(Count) -> (Option<Count>, R),
+    ) -> Option<R> {
+        self.change_held(&mut self.slow.lock(), now, spec, usage, op)
+    }
+
+    /// [`change`](Self::change), with the counter's lock held (`slow`).
+    #[inline]
+    fn change_held<R>(
+        &self,
+        slow: &mut Slow,
+        now: i64,
+        spec: &QuotaSpec,
+        usage: bool,
         mut op: impl FnMut(Count) -> (Option<Count>, R),
     ) -> Option<R> {
-        let mut slow = self.slow.lock();
         // The window is stable under the lock; only decisions change the
         // count meanwhile.
         let window = self.window.load(Ordering::Acquire);
@@ -236,6 +249,23 @@ impl Counter {
                 Err(current) => used = current,
             }
         }
+    }
+
+    /// Gives back `cost` that a decision charged at `at` (wall nanoseconds)
+    /// before a later limit denied it ([`Count::give_back`]), as a change on
+    /// that day's usage. A count reset since (empty again: the charge made
+    /// it not empty, and only a reset empties it) or let go no longer holds
+    /// the charge, and gets nothing: giving it back there would hand the
+    /// window units it never counted.
+    #[cold]
+    fn give_back(&self, spec: &QuotaSpec, at: i64, cost: u64) {
+        let mut slow = self.slow.lock();
+        if self.load(&slow).is_empty() {
+            return;
+        }
+        let _ = self.change_held(&mut slow, at, spec, true, |count| {
+            (count.give_back(cost, at), ())
+        });
     }
 
     /// `[used, remaining]` for each day from `first` to `last`.
@@ -511,7 +541,18 @@ impl Quotas {
         count.check(q.spec, now, cost)
     }
 
-    /// Adjusts the count of `q` by `delta` (see [`Count::adjust`]).
+    /// Gives back to `q` the `cost` a decision at `at` (wall nanoseconds)
+    /// charged before a later limit denied it (see [`Counter::give_back`]).
+    /// A counter no longer in the map was let go, and the charge with it: no
+    /// counter is made for it.
+    pub(super) fn give_back(&self, q: &QuotaRef<'_>, at: i64, cost: u64) {
+        if let Some(held) = self.map.pin().get(&Self::key(q)) {
+            self.counter(held).give_back(q.spec, at, cost);
+        }
+    }
+
+    /// Adjusts the count of `q` by `delta` (see [`Count::adjust`]): a
+    /// settlement of a request's actual cost.
     pub(super) fn adjust(&self, q: &QuotaRef<'_>, now: i64, delta: i64, charged_at: Option<i64>) {
         let _ = self.with(q, now, false, |c| {
             c.change(now, q.spec, true, |count| {
@@ -806,6 +847,78 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert_eq!(count.used, 15);
+    }
+
+    /// What remains of `q` at `now`.
+    fn remaining(qs: &Quotas, q: &QuotaRef<'_>, now: i64) -> u64 {
+        qs.check(q, now, 0).unwrap().remaining
+    }
+
+    /// A charge that a later limit denied comes back exactly: a count below
+    /// zero after a raise by UpdateUsage goes back as far below (held at
+    /// zero, the denials would eat the raise), and the day's usage is what
+    /// it was.
+    #[test]
+    fn a_denied_charge_comes_back_exactly_below_zero() {
+        let qs = Quotas::new(16);
+        let s = spec(2, Period::Day);
+        let now = t(2024, 5, 1, 10);
+        let day = now / NANOS_PER_DAY;
+        for history in [31u32, 1] {
+            let q = quota(&s, digest(&history.to_le_bytes()), history);
+            assert_eq!(qs.set_remaining(&q, now, 5).remaining, 5);
+            assert!(take(&qs, &q, now, 1));
+            for _ in 0..3 {
+                assert!(take(&qs, &q, now, 1));
+                qs.give_back(&q, now, 1);
+            }
+            assert_eq!(remaining(&qs, &q, now), 4, "history {history}");
+            assert_eq!(qs.report(&q, day, day), vec![[1, 4]], "history {history}");
+        }
+    }
+
+    /// A count reset between a decision's charge and its give-back no
+    /// longer holds the charge: nothing comes back, raised or not.
+    #[test]
+    fn a_charge_given_back_after_a_reset_grants_nothing() {
+        let qs = Quotas::new(16);
+        let s = spec(2, Period::Day);
+        let now = t(2024, 5, 1, 10);
+        for raise in [None, Some(5)] {
+            let q = quota(&s, digest(format!("{raise:?}").as_bytes()), 31);
+            if let Some(r) = raise {
+                qs.set_remaining(&q, now, r);
+            }
+            assert!(take(&qs, &q, now, 1));
+            qs.reset(&q);
+            qs.give_back(&q, now, 1);
+            assert_eq!(remaining(&qs, &q, now), 2, "raise {raise:?}");
+        }
+    }
+
+    /// Threads charging a raised count and giving each charge back at once
+    /// leave it where it was: charges and give-backs sum in any order, also
+    /// when a give-back takes the count below zero before an earlier one.
+    #[test]
+    fn threads_charging_and_giving_back_a_raised_count_leave_it_as_it_was() {
+        let qs = Quotas::new(16);
+        let s = spec(2, Period::Day);
+        let q = quota(&s, digest(b"raised"), 31);
+        let now = t(2024, 5, 1, 10);
+        qs.set_remaining(&q, now, 6);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..2_000 {
+                        assert!(take(&qs, &q, now, 1));
+                        qs.give_back(&q, now, 1);
+                    }
+                });
+            }
+        });
+        assert_eq!(remaining(&qs, &q, now), 6);
+        let day = now / NANOS_PER_DAY;
+        assert_eq!(qs.report(&q, day, day), vec![[0, 6]]);
     }
 
     #[test]

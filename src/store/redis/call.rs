@@ -94,7 +94,7 @@ impl Inner {
     /// twice. A peek ("p") charges
     /// nothing, setting what remains ("s") sets the same value, and a
     /// settlement that charges ("t", delta >= 0) at worst charges twice. A
-    /// refund (mode "r", or "t" with a negative delta) is not sent again:
+    /// refund (mode "r", "g", or "t" with a negative delta) is not sent again:
     /// run twice it would give back twice, which could admit more than the
     /// limits; failing, it leaves the request charged.
     pub(super) async fn run(self: Arc<Self>, call: Call) -> Result<Vec<i64>, StoreError> {

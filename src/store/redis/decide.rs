@@ -420,8 +420,9 @@ fn spawn_refund(inner: &Arc<Inner>, part: Part, charged: Charged, cost: u32) {
 
 /// The calls that give a part back what one request charged it: its
 /// throttles what of the charge has not refilled (mode "r"), its quotas
-/// their cost in the window and on the day that counted it (mode "t" with a
-/// negative delta, as a share's unused units go back).
+/// their cost in the window and on the day that counted it (mode "g": the
+/// exact inverse of the charge, so that a count raised below zero by
+/// UpdateUsage keeps its raise, as the memory store's give-back does).
 fn refund_calls(inner: &Arc<Inner>, part: &Part, charged: &Charged, cost: u32) -> Vec<Call> {
     let now = inner.now();
     let mut calls = Vec::new();
@@ -462,7 +463,7 @@ fn refund_calls(inner: &Arc<Inner>, part: &Part, charged: &Charged, cost: u32) -
         let Some(keys) = part.call.keys.get(n + 2 * i..n + 2 * i + 2) else {
             continue;
         };
-        let mut call = Call::new("t", &now);
+        let mut call = Call::new("g", &now);
         call.arg(-i64::from(q.cost));
         call.arg(0);
         call.arg(1);

@@ -81,6 +81,15 @@
 --   (and adds to what remained at that day's end).
 --   Reply: now_s, now_ns.
 --
+-- "g" give back what one part of a split decision (a Redis Cluster) charged
+--   its quotas when a later part denied the request. KEYS and ARGV as "t",
+--   with no throttle, delta the negative cost and the charge day given. The
+--   exact inverse of the charge: a count below 0 (raised by UpdateUsage)
+--   goes back below 0, where "t" would stop at 0 and the denial would take
+--   the raise away. A quota whose key is gone (reset since, or expired) no
+--   longer counts the charge, and gets nothing.
+--   Reply: now_s, now_ns.
+--
 -- "s" set what remains of the quota (UpdateUsage). KEYS: q, h. ARGV: "s",
 --   now_s, now_ns, remaining, limit, period, week_start, offset, created_s,
 --   history_days. Reply: now_s, now_ns, window start day, window end day, the
@@ -593,17 +602,19 @@ if mode == 'r' then
   end
 end
 
--- "t" settle.
-if mode == 't' then
+-- "t" settle, "g" give back.
+if mode == 't' or mode == 'g' then
   run = function(int, clock, load, store, _, quotas)
-    local delta = int(ARGV[4], 1 - 2 ^ 53, 2 ^ 53 - 1, 'delta')
-    local n = int(ARGV[5], 0, 1, 'throttle count')
+    local exact = ARGV[1] == 'g'
+    local delta = int(ARGV[4], 1 - 2 ^ 53, exact and 0 or 2 ^ 53 - 1, 'delta')
+    local n = int(ARGV[5], 0, exact and 0 or 1, 'throttle count')
     local qi = 6 + 2 * n
     if #ARGV < qi then
       error({ tollgate = 'wrong number of arguments' })
     end
     local m = int(ARGV[qi], 0, 2, 'quota count')
-    if (#ARGV ~= qi + 6 * m and #ARGV ~= qi + 6 * m + 1) or #KEYS ~= n + 2 * m then
+    if (#ARGV ~= qi + 6 * m + 1 and (exact or #ARGV ~= qi + 6 * m))
+      or #KEYS ~= n + 2 * m then
       error({ tollgate = 'wrong number of arguments' })
     end
     local charged_day = nil
@@ -643,9 +654,15 @@ if mode == 't' then
     for i = 1, m do
       local key, hist = KEYS[n + 2 * i - 1], KEYS[n + 2 * i]
       local p = qs[i]
+      local kept = not exact or redis.call('EXISTS', key) == 1
       local today, w, before, start, stop, limit_in = roll(key, now_s, unpack(p, 1, 5))
-      if delta >= 0 or not charged_day or charged_day >= start then
-        local used = math.min(math.max(before + delta, 0), 2 ^ 53)
+      if kept and (delta >= 0 or not charged_day or charged_day >= start) then
+        local used
+        if exact then
+          used = math.max(before + delta, -2 ^ 53)
+        else
+          used = math.min(math.max(before + delta, 0), 2 ^ 53)
+        end
         save({ w, used, stop, today, p[6] }, key, hist, nil, limit_in - used, now_s, now_ns)
         if used ~= before then
           local fmt = string.format
