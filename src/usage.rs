@@ -550,23 +550,24 @@ impl<S: Store> Admin<S> {
         Ok(pending.await?)
     }
 
-    /// Resets a key: its quota window and usage history under its plan are
-    /// forgotten and its buckets are full again.
+    /// Resets a key: its quota windows and usage history under its plan are
+    /// forgotten and its buckets are full again. That is every limit the
+    /// plan counts for the key, its models' included: the request quota,
+    /// the token budgets, each model's throttle, quota and token budgets.
+    /// Its requests in flight keep their concurrency places.
     pub async fn reset_key(&self, id: &str) -> Result<(), AdminError> {
         let pending = self.policy.keys().by_id(id, |entry| {
             let entry = entry.ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
             let plan = &entry.plan;
             let subject = self.subject(plan, entry);
+            // Every throttle of the plan (the models' among them), with the
+            // first quota; then each other quota on its own, as a store
+            // resets one quota at a time.
             let throttles: Vec<ThrottleRef<'_>> =
                 plan.limits().map(|l| subject.throttle(l)).collect();
-            let mut pending = vec![
-                self.store
-                    .reset(&throttles, subject.request_quota().as_ref()),
-            ];
-            // The daily and monthly token budgets start afresh too.
-            for q in subject.token_quotas().iter().flatten() {
-                pending.push(self.store.reset(&[], Some(q)));
-            }
+            let mut quotas = subject.quotas();
+            let mut pending = vec![self.store.reset(&throttles, quotas.next().as_ref())];
+            pending.extend(quotas.map(|q| self.store.reset(&[], Some(&q))));
             Ok::<_, AdminError>(pending)
         })?;
         for p in pending {

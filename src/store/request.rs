@@ -120,6 +120,27 @@ impl<'a> Subject<'a> {
         })
     }
 
+    /// A model's request quota, counted for this subject.
+    #[inline]
+    pub(crate) fn model_quota(&self, model: &'a ModelEntry) -> Option<QuotaRef<'a>> {
+        Some(self.quota(LimitKind::ModelQuota, model.quota.as_ref()?))
+    }
+
+    /// Every calendar quota of the plan, counted for this subject: the
+    /// request quota, the daily and monthly token quotas, and each model's
+    /// request and token quotas (what resetting a key forgets).
+    pub(crate) fn quotas(self) -> impl Iterator<Item = QuotaRef<'a>> {
+        let models = self.plan.model_entries().flat_map(move |m| {
+            let [day, month] = self.model_token_quotas(m);
+            [self.model_quota(m), day, month]
+        });
+        [self.request_quota()]
+            .into_iter()
+            .chain(self.token_quotas())
+            .chain(models)
+            .flatten()
+    }
+
     /// A model's daily and monthly token quotas, counted for this subject.
     #[inline]
     pub(crate) fn model_token_quotas(&self, model: &'a ModelEntry) -> [Option<QuotaRef<'a>>; 2] {
@@ -393,8 +414,8 @@ impl<'a> Acquire<'a> {
         if let Some(l) = &m.throttle {
             self.push(subject.throttle(l));
         }
-        if let Some(spec) = &m.quota {
-            self.model_quotas[0] = Some(subject.quota(LimitKind::ModelQuota, spec));
+        if let Some(q) = subject.model_quota(m) {
+            self.model_quotas[0] = Some(q);
         }
         if m.tokens.is_some() {
             self.tokens = tokens;

@@ -3,6 +3,9 @@
 //! larger with `AdminError::RemainingOutOfRange` before a store is asked, on
 //! the memory store and on a real `redis-server` alike; and a store asked
 //! directly for more answers the same error whichever it is.
+//!
+//! And what `reset_key` forgets, on every store: every limit of the key
+//! under its plan, its models' too.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tollgate::extract::ApiKeyHeader;
 use tollgate::store::{Acquire, Acquired, QuotaRef, Store, StoreFuture, ThrottleRef};
 use tollgate::{
-    AdminError, ApiKey, Clock, Date, ManualClock, Period, Policy, Quota, RateLimitLayer, UsagePlan,
+    AdminError, ApiKey, Clock, Date, ManualClock, ModelLimits, Period, Policy, Quota,
+    RateLimitLayer, Throttle, UsagePlan,
 };
 
 use crate::support::at;
@@ -138,8 +142,51 @@ async fn a_store_asked_for_more_than_2_pow_53_refuses_it_alike<B: Backend>(b: &B
     assert_eq!(l.admin().set_remaining("k", 1).await, Ok(EXACT));
 }
 
+/// The name of the limit that denied a request of `key`, or `None` when it
+/// passed.
+async fn denied_by<S: Store>(l: &RateLimitLayer<ApiKeyHeader, S>, key: &[u8]) -> Option<String> {
+    match l.decide(key, 1).await {
+        Ok(_) => None,
+        Err(r) => Some(r.limit().unwrap_or("none").to_owned()),
+    }
+}
+
+async fn reset_key_forgets_the_models_limits_too<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 1, 3_600));
+    // A request names no model: the "*" entry's limits apply, beside the
+    // plan's quota.
+    let model = ModelLimits::new()
+        .throttle(Throttle::new(0.001, 1).unwrap())
+        .quota(Quota::new(1, Period::Day).unwrap());
+    let plan = UsagePlan::new("p")
+        .quota(Quota::new(LIMIT, Period::Day).unwrap())
+        .model("*", model);
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(plan)
+        .key(ApiKey::new("k", "v", "p"))
+        .build()
+        .unwrap();
+    let l = RateLimitLayer::builder(policy)
+        .store(b.store(&clock).await)
+        .build();
+    assert_eq!(denied_by(&l, b"v").await, None);
+    assert_eq!(denied_by(&l, b"v").await.as_deref(), Some("model-quota"));
+    clock.advance(std::time::Duration::from_secs(1));
+    assert_eq!(denied_by(&l, b"v").await.as_deref(), Some("model-quota"));
+    assert_eq!(today(&l).await, [1, LIMIT as i64 - 1]);
+    // Reset: the model's quota is fresh as the plan's is, and the model's
+    // bucket (a unit in 1000 s) full again.
+    l.admin().reset_key("k").await.unwrap();
+    assert_eq!(denied_by(&l, b"v").await, None);
+    assert_eq!(today(&l).await, [1, LIMIT as i64 - 1]);
+    assert_eq!(denied_by(&l, b"v").await.as_deref(), Some("model-quota"));
+}
+
 on_each_backend!(
     "range":
     update_usage_takes_up_to_2_pow_53_and_refuses_more_before_the_store,
     a_store_asked_for_more_than_2_pow_53_refuses_it_alike,
+    reset_key_forgets_the_models_limits_too,
 );
