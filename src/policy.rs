@@ -87,6 +87,10 @@ type Static = (Box<str>, Box<str>);
 /// A plan put: compiled, with the throttles whose numbers changed (old, new).
 pub(crate) type PutPlan = (Arc<Plan>, Vec<(Limit, Limit)>);
 
+/// An account put: compiled, with the throttles whose numbers changed (old,
+/// new).
+pub(crate) type PutAccount = (Arc<AccountLimits>, Vec<(Limit, Limit)>);
+
 /// One immutable version of the policy's plans and shared limits.
 #[derive(Clone)]
 pub(crate) struct Snapshot {
@@ -265,25 +269,27 @@ impl Policy {
 
     /// Adds `account`, or replaces the limits of the account with its name,
     /// dated `created` (an existing account keeps its date); a throttle whose
-    /// numbers change is marked with `now`, as a plan's is.
+    /// numbers change is marked with `now`, as a plan's is, and returned
+    /// with its old numbers.
     pub(crate) fn put_account(
         &self,
         account: &Account,
         created: i64,
         now: i64,
-    ) -> Result<(), crate::AdminError> {
+    ) -> Result<PutAccount, crate::AdminError> {
         self.keys().change(|w| {
-            let compiled = self.update(|snap| Self::put_account_in(snap, account, created, now))?;
+            let put = self.update(|snap| Self::put_account_in(snap, account, created, now))?;
+            let compiled = &put.0;
             w.rebind(|e| {
                 e.account
                     .as_ref()
                     .filter(|a| a.name == compiled.name)
                     .map(|_| KeyEntry {
-                        account: Some(Arc::clone(&compiled)),
+                        account: Some(Arc::clone(compiled)),
                         ..e.clone()
                     })
             });
-            Ok(())
+            Ok(put)
         })
     }
 
@@ -292,7 +298,7 @@ impl Policy {
         account: &Account,
         created: i64,
         now: i64,
-    ) -> Result<Arc<AccountLimits>, crate::AdminError> {
+    ) -> Result<PutAccount, crate::AdminError> {
         {
             if snap.per_key.is_some() {
                 return Err(crate::AdminError::NotRegistered);
@@ -303,15 +309,22 @@ impl Policy {
                 .and_then(|a| a.quota.map(|q| q.created_at))
                 .unwrap_or(created);
             let mut compiled = AccountLimits::compile(account, created);
-            if let (Some(new), Some(Some(o))) = (
-                compiled.throttle.as_mut(),
-                old.as_ref().map(|o| o.throttle.as_ref()),
-            ) {
-                new.since = if o.gcra == new.gcra { o.since } else { now };
+            // The shared throttle and the per-minute token bucket, as a
+            // plan's throttles (see `put_plan_in`).
+            let mut changed = Vec::new();
+            if let Some(old) = &old {
+                for new in compiled.limits_mut() {
+                    if let Some(o) = old.limits().find(|o| o.salt == new.salt) {
+                        new.since = if o.gcra == new.gcra { o.since } else { now };
+                        if o.gcra != new.gcra {
+                            changed.push((o.clone(), new.clone()));
+                        }
+                    }
+                }
             }
             let compiled = Arc::new(compiled);
             snap.put_account(Arc::clone(&compiled));
-            Ok(compiled)
+            Ok((compiled, changed))
         }
     }
 

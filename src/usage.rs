@@ -398,8 +398,10 @@ impl<S: Store> Admin<S> {
 
     /// Adds an account, or replaces the limits of the account with the same
     /// name; its keys keep their counters, as a plan's do
-    /// ([`put_plan`](Self::put_plan)). Keys join an account when they are
-    /// added with [`ApiKey::account`](crate::ApiKey::account).
+    /// ([`put_plan`](Self::put_plan)): a throttle or per-minute token
+    /// bucket whose numbers change keeps the share of the account's bucket
+    /// in use. Keys join an account when they are added with
+    /// [`ApiKey::account`](crate::ApiKey::account).
     pub async fn put_account(&self, account: crate::Account) -> Result<(), AdminError> {
         self.registered()?;
         let now = self.now();
@@ -414,7 +416,14 @@ impl<S: Store> Admin<S> {
             let v = shared.write(Edit::Account { name, encoded }).await?;
             self.policy.made(v);
         }
-        self.policy.put_account(&account, now, now)
+        let (compiled, changed) = self.policy.put_account(&account, now, now)?;
+        // The account's state is its own, shared by all its keys (whoever
+        // registered or resolved them): converted once.
+        for (old, new) in &changed {
+            self.store
+                .rescale(&compiled.throttle_ref(old), &compiled.throttle_ref(new));
+        }
+        Ok(())
     }
 
     /// The key with this id.

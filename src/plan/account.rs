@@ -155,6 +155,13 @@ impl AccountLimits {
             .iter()
             .chain(self.tokens.iter().flat_map(|t| t.minute.as_ref()))
     }
+
+    /// Every throttle of the account, mutably.
+    pub(crate) fn limits_mut(&mut self) -> impl Iterator<Item = &mut Limit> {
+        self.throttle
+            .iter_mut()
+            .chain(self.tokens.iter_mut().flat_map(|t| t.minute.as_mut()))
+    }
 }
 
 #[cfg(test)]

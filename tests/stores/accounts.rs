@@ -303,6 +303,30 @@ async fn token_settlement_reaches_the_account<B: Backend>(b: &B) {
     assert_eq!(send(&mut svc, "vc", 5_000, None).await, (200, None));
 }
 
+async fn replacing_the_account_throttle_keeps_its_emptied_bucket_empty<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let account = Account::new("acme").throttle(Throttle::new(100.0, 10).unwrap());
+    let l = layer(b, &clock, policy(&clock, UsagePlan::new("p"), account)).await;
+    // The two keys empty the account's bucket of 10 together.
+    let mut passed = 0;
+    for key in [b"va", b"vb"].into_iter().cycle().take(20) {
+        passed += usize::from(denied_by(&l, key).await.is_none());
+    }
+    assert_eq!(passed, 10);
+    // Emptied at 100/s, now 1/s: still empty, as a plan's bucket stays
+    // (`put_plan`); one more passes a second later.
+    let slower = Account::new("acme").throttle(Throttle::new(1.0, 10).unwrap());
+    l.admin().put_account(slower.clone()).await.unwrap();
+    assert_eq!(l.admin().account("acme"), Some(slower));
+    for key in [b"va", b"vb"].into_iter().cycle().take(20) {
+        assert_eq!(denied_by(&l, key).await.as_deref(), Some("account"));
+    }
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(denied_by(&l, b"vb").await, None);
+    assert_eq!(denied_by(&l, b"va").await.as_deref(), Some("account"));
+}
+
 on_each_backend!(
     "accounts":
     two_keys_together_never_pass_the_account_throttle_or_quota,
@@ -311,6 +335,7 @@ on_each_backend!(
     a_denial_by_the_plan_leaves_a_raised_account_quota_as_it_was,
     a_denial_by_the_account_charges_the_key_nothing,
     token_settlement_reaches_the_account,
+    replacing_the_account_throttle_keeps_its_emptied_bucket_empty,
 );
 
 /// On a Redis Cluster, where the stage, each account and each key live in
@@ -327,4 +352,5 @@ async fn redis_cluster_agrees_on_accounts() {
     a_denial_by_the_plan_leaves_a_raised_account_quota_as_it_was(&cluster).await;
     a_denial_by_the_account_charges_the_key_nothing(&cluster).await;
     token_settlement_reaches_the_account(&cluster).await;
+    replacing_the_account_throttle_keeps_its_emptied_bucket_empty(&cluster).await;
 }
