@@ -8,6 +8,7 @@ use crate::error::ConfigError;
 use crate::keys::{Clash, Edit, KeyEntry, Record, SharedRegistry};
 use crate::plan::{ApiKey, LimitKind, Plan, UsagePlan};
 use crate::policy::{Policy, clash_error};
+use crate::resolver::Resolving;
 use crate::store::{MemoryStore, Store, StoreError, StoreFuture, Subject, ThrottleRef};
 use crate::window::Date;
 
@@ -60,6 +61,8 @@ pub(crate) fn check_remaining(remaining: u64) -> Result<(), StoreError> {
 pub struct Admin<S = MemoryStore> {
     pub(crate) policy: Policy,
     pub(crate) store: S,
+    /// The layer's resolver, whose cached keys count under the plans too.
+    pub(crate) resolver: Option<Arc<Resolving>>,
 }
 
 /// A registered key as the admin handle shows it (never its value).
@@ -171,8 +174,12 @@ impl From<ConfigError> for AdminError {
 }
 
 impl<S: Store> Admin<S> {
-    pub(crate) fn new(policy: Policy, store: S) -> Self {
-        Admin { policy, store }
+    pub(crate) fn new(policy: Policy, store: S, resolver: Option<Arc<Resolving>>) -> Self {
+        Admin {
+            policy,
+            store,
+            resolver,
+        }
     }
 
     fn now(&self) -> i64 {
@@ -362,7 +369,11 @@ impl<S: Store> Admin<S> {
     /// Keys on the plan keep their counters: a throttle whose numbers change
     /// keeps the share of each key's bucket in use (an emptied bucket stays
     /// empty and refills at the new rate), quota counts carry over, and a
-    /// quota's offset counts from the plan's first creation.
+    /// quota's offset counts from the plan's first creation. That holds for
+    /// the registered keys and for the keys the resolver's cache holds on
+    /// the plan; a resolved key no longer cached when the plan is put (its
+    /// answer evicted) keeps its state as it was, read under the new
+    /// numbers, with a store that converts at once (the memory store).
     pub async fn put_plan(&self, plan: UsagePlan) -> Result<(), AdminError> {
         self.registered()?;
         let now = self.now();
@@ -381,17 +392,38 @@ impl<S: Store> Admin<S> {
         }
         let (compiled, changed) = self.policy.put_plan(&plan, now, now)?;
         // Throttles kept at the same place (salt) with new numbers: convert
-        // each key's state so the share of its bucket in use carries over.
+        // each key's state so the share of its bucket in use carries over,
+        // once per state (a resolved key may have a registered key's id,
+        // and two cached values may name one key).
         if !changed.is_empty() {
+            let mut done = std::collections::HashSet::new();
+            let rescale = |subject: &Subject<'_>| {
+                for (old, new) in &changed {
+                    self.store
+                        .rescale(&subject.throttle(old), &subject.throttle(new));
+                }
+            };
             self.policy.keys().for_each(|entry| {
-                if entry.plan.name == compiled.name {
-                    let subject = self.subject(&compiled, entry);
-                    for (old, new) in &changed {
-                        self.store
-                            .rescale(&subject.throttle(old), &subject.throttle(new));
-                    }
+                if entry.plan.name == compiled.name && done.insert(entry.state()) {
+                    rescale(&self.subject(&compiled, entry));
                 }
             });
+            // Copied out of the cache first: no lock of it is held while
+            // the store converts.
+            let found = match &self.resolver {
+                Some(r) => r.found_on(&compiled.name),
+                None => Vec::new(),
+            };
+            for f in found {
+                if done.insert(f.state) {
+                    rescale(&Subject {
+                        plan: &compiled,
+                        name: f.id.as_bytes(),
+                        digest: f.state,
+                        history_days: self.policy.inner.history_days as u32,
+                    });
+                }
+            }
         }
         Ok(())
     }

@@ -335,7 +335,11 @@ impl<K, S: Store> RateLimitLayer<K, S> {
     /// A handle to change keys and plans while serving and to read usage
     /// (see [`Admin`]).
     pub fn admin(&self) -> Admin<S> {
-        Admin::new(self.shared.policy.clone(), self.shared.store.clone())
+        Admin::new(
+            self.shared.policy.clone(),
+            self.shared.store.clone(),
+            self.shared.resolver.clone(),
+        )
     }
 
     /// The store that holds this layer's limit state.

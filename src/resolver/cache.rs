@@ -282,6 +282,20 @@ impl Resolving {
         answer
     }
 
+    /// Every key found on `plan` that the cache holds, fresh or stale: a
+    /// stale answer's key may still have state in the store (a bucket not
+    /// yet refilled) and be found again. Each shard of the cache is locked
+    /// only while one entry is read, so lookups go on meanwhile.
+    pub(crate) fn found_on(&self, plan: &str) -> Vec<Arc<Found>> {
+        self.cache
+            .iter()
+            .filter_map(|(_, entry)| match entry.answer {
+                Answer::Found(found) if found.key.plan() == plan => Some(found),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// How many answers the cache holds.
     #[cfg(test)]
     fn len(&self) -> usize {

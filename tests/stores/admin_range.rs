@@ -4,8 +4,10 @@
 //! the memory store and on a real `redis-server` alike; and a store asked
 //! directly for more answers the same error whichever it is.
 //!
-//! And what `reset_key` forgets, on every store: every limit of the key
-//! under its plan, its models' too.
+//! And what the other admin operations on a key's counters keep or forget,
+//! on every store: `reset_key` forgets every limit of the key under its
+//! plan (its models' too), and `put_plan` keeps the share of each bucket in
+//! use for the keys the resolver answered as for the registered ones.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +16,7 @@ use tollgate::extract::ApiKeyHeader;
 use tollgate::store::{Acquire, Acquired, QuotaRef, Store, StoreFuture, ThrottleRef};
 use tollgate::{
     AdminError, ApiKey, Clock, Date, ManualClock, ModelLimits, Period, Policy, Quota,
-    RateLimitLayer, Throttle, UsagePlan,
+    RateLimitLayer, Resolution, ResolvedKey, Resolver, Throttle, UsagePlan,
 };
 
 use crate::support::at;
@@ -184,9 +186,57 @@ async fn reset_key_forgets_the_models_limits_too<B: Backend>(b: &B) {
     assert_eq!(denied_by(&l, b"v").await.as_deref(), Some("model-quota"));
 }
 
+async fn put_plan_keeps_a_resolved_keys_emptied_bucket_empty<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 1, 3_600));
+    // Not borrowing: the counts below are each decision's own.
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(
+            UsagePlan::new("p")
+                .throttle(Throttle::new(100.0, 10).unwrap())
+                .borrow(false),
+        )
+        .key(ApiKey::new("reg", "vreg", "p"))
+        .build()
+        .unwrap();
+    // "vr" is the key "r1" on the same plan, kept outside the policy.
+    let lookup = |value: String| async move {
+        Ok(match value.as_str() {
+            "vr" => Resolution::Found(ResolvedKey::new("r1", "p")),
+            _ => Resolution::Unknown,
+        })
+    };
+    let l = RateLimitLayer::builder(policy)
+        .store(b.store(&clock).await)
+        .resolver(Resolver::new(lookup).clock(clock.clone()))
+        .build();
+    // Passed per key (resolved, registered) out of 20 each at one instant.
+    let burst = || async {
+        let mut passed = (0, 0);
+        for _ in 0..20 {
+            passed.0 += usize::from(denied_by(&l, b"vr").await.is_none());
+            passed.1 += usize::from(denied_by(&l, b"vreg").await.is_none());
+        }
+        passed
+    };
+    assert_eq!(burst().await, (10, 10));
+    // Emptied at 100/s, now 1/s: both buckets stay empty, and one request
+    // each passes a second later.
+    let admin = l.admin();
+    let slower = UsagePlan::new("p")
+        .throttle(Throttle::new(1.0, 10).unwrap())
+        .borrow(false);
+    admin.put_plan(slower).await.unwrap();
+    assert_eq!(burst().await, (0, 0));
+    clock.advance(std::time::Duration::from_secs(1));
+    assert_eq!(burst().await, (1, 1));
+}
+
 on_each_backend!(
     "range":
     update_usage_takes_up_to_2_pow_53_and_refuses_more_before_the_store,
     a_store_asked_for_more_than_2_pow_53_refuses_it_alike,
     reset_key_forgets_the_models_limits_too,
+    put_plan_keeps_a_resolved_keys_emptied_bucket_empty,
 );
