@@ -8,6 +8,7 @@ mod support;
 
 mod borrowing;
 mod client;
+mod in_flight;
 mod overload;
 mod redis_faults;
 mod redis_harness;

@@ -13,6 +13,7 @@ use super::background::Background;
 use super::cache::OverLimitCache;
 use super::call::SCRIPT;
 use super::conn::{Conn, redis_error};
+use super::denials::RecentDenials;
 use super::flights::Flights;
 use super::local::Local;
 use super::store::{Inner, RedisStore};
@@ -175,12 +176,19 @@ impl RedisStoreBuilder {
     }
 
     /// The most calls this store has in flight to Redis at once (default
-    /// 256). A request that would send one more is decided at once by its
-    /// plan's [`FailureMode`](crate::FailureMode) (by default the local
-    /// copy of its limits), rather than queued behind calls that would
-    /// answer after the timeout: traffic that the limits deny cannot push
-    /// Redis into a failure mode that admits it. Requests of one subject
-    /// waiting for one call count once.
+    /// 256). A request that would send one more sends none, and is never
+    /// queued behind calls that may answer after the timeout. Traffic that
+    /// the limits deny cannot push Redis into a failure mode that admits
+    /// it: such a request is denied when Redis denied the same request (same
+    /// key, limits, cost and estimated tokens) within the last
+    /// [timeout](Self::timeout), or denies it in a call that was in flight
+    /// when it came (it waits for those calls, never past the timeout, and
+    /// not once a call has failed). Only otherwise is it decided by its
+    /// plan's [`FailureMode`](crate::FailureMode) (by default the local copy
+    /// of its limits), at once. Past the bound a request errs toward being
+    /// denied: a place freed or a throttle refilled since Redis denied it is
+    /// seen by the next request the bound lets through. Requests of one
+    /// subject waiting for one call count once.
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = n;
         self
@@ -270,6 +278,9 @@ impl RedisStoreBuilder {
                 background: Background::default(),
                 in_flight: AtomicUsize::new(0),
                 max_in_flight: self.max_in_flight.max(1),
+                denials: RecentDenials::new(
+                    u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX),
+                ),
                 flights: Flights::default(),
                 max_age: self.max_age,
                 max_share: self.max_share,

@@ -1,7 +1,9 @@
 //! [`RedisStore`] as a [`Store`]: deciding a request (from the over-limit
 //! cache when it can, else in one call, or up to three on a cluster when
 //! stage limits and an account's live in slots of their own), releasing
-//! places under concurrency caps, and settling tokens. The admin operations it answers are in `admin`.
+//! places under concurrency caps, and settling tokens. A request past the
+//! bound on calls in flight is answered as `denials` says. The admin
+//! operations it answers are in `admin`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,6 +12,7 @@ use std::time::Duration;
 
 use super::cache::OverLimitCache;
 use super::call::{Call, Charged, Part, quota_args, spec_args};
+use super::denials::{Ended, InFlight, PastBound};
 use super::flights::Take;
 use super::guards::{Lease, Ticket};
 use super::store::{Inner, RedisStore};
@@ -23,9 +26,11 @@ use crate::store::{
 };
 use crate::window::{Date, NANOS_PER_DAY};
 
-/// A stable identity of a request for the over-limit cache: its limits, their
-/// numbers, its subject and its cost.
-fn identity(req: &Acquire<'_>) -> u64 {
+/// A stable identity of a request for the over-limit cache, the calls it
+/// shares and the denials remembered past the bound on calls in flight: its
+/// limits, their numbers, its subject, its cost, and its estimated tokens
+/// when a limit counts them.
+fn identity(req: &Acquire<'_>, tokens: bool) -> u64 {
     let mut bytes = Vec::with_capacity(128);
     for t in req.throttles() {
         bytes.extend_from_slice(&t.limit.salt.to_le_bytes());
@@ -57,7 +62,21 @@ fn identity(req: &Acquire<'_>) -> u64 {
         bytes.extend_from_slice(q.subject);
         bytes.extend_from_slice(&q.spec.limit.to_le_bytes());
     }
+    for c in req.caps() {
+        bytes.extend_from_slice(b"c");
+        bytes.extend_from_slice(&c.salt.to_le_bytes());
+        bytes.extend_from_slice(&c.limit.to_le_bytes());
+        bytes.push(u8::from(c.shadow));
+        bytes.extend_from_slice(c.plan.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(&(c.subject.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(c.subject);
+    }
     bytes.extend_from_slice(&req.cost.to_le_bytes());
+    if tokens {
+        bytes.extend_from_slice(b"t");
+        bytes.extend_from_slice(&req.tokens.to_le_bytes());
+    }
     // The process's keyed hash: clients choose subjects, and must not be able
     // to aim them at one shard of the cache.
     hash::digest(&bytes).0 as u64
@@ -105,8 +124,8 @@ impl Store for RedisStore {
             .map(|t| t.limit.gcra.span())
             .max()
             .unwrap_or(0);
-        let id = (!tokens).then(|| identity(request));
-        if let (Some(id), Some(cache)) = (id, &inner.cache) {
+        let id = identity(request, tokens);
+        if let (false, Some(cache)) = (tokens, &inner.cache) {
             if let Some(denied) = cache.get(id, sent) {
                 return Acquired::Ready(Ok(Err(denied)));
             }
@@ -123,14 +142,16 @@ impl Store for RedisStore {
         // A unit of a share answers at once, before the call is even built.
         let shares = !split
             && cost > 0
+            && !tokens
             && !request.has_caps()
             && tokio::runtime::Handle::try_current().is_ok();
-        let take = match id {
-            Some(id) if shares => match inner.next(id, false) {
+        let take = if shares {
+            match inner.next(id, false) {
                 Take::Unit(report, _) => return Acquired::Ready(Ok(Ok(report))),
-                take => Some((id, take)),
-            },
-            _ => None,
+                take => Some(take),
+            }
+        } else {
+            None
         };
         let now = inner.now();
         let mut stage = Part::new(&now, cost);
@@ -166,9 +187,9 @@ impl Store for RedisStore {
         let context = Context {
             sent,
             shared_span,
-            cache_id: id.filter(|_| inner.cache.is_some()),
+            cache_id: (!tokens && inner.cache.is_some()).then_some(id),
         };
-        if let Some((id, take)) = take {
+        if let Some(take) = take {
             // Nothing is lent ahead of demand from an account's limits: a
             // share held for one key would be capacity the account's other
             // keys could not use. Units granted to requests waiting now are
@@ -191,9 +212,9 @@ impl Store for RedisStore {
             own.call.args[2] = deadline.to_string();
         }
         let Some(ticket) = Ticket::take(inner) else {
-            let e = StoreError::new("redis: too many calls in flight");
-            return Acquired::Ready(inner.fail(e, failure, &[&stage, &account, &own]));
+            return inner.past_bound(id, failure, [stage, account, own]);
         };
+        let in_flight = InFlight::new(inner, id);
         let inner = Arc::clone(inner);
         Acquired::Pending(Box::pin(async move {
             // A place Redis may have added is removed unless a response
@@ -212,6 +233,7 @@ impl Store for RedisStore {
             drop(ticket);
             match result {
                 Ok(verdict) => {
+                    in_flight.end(Ended::Answered(verdict.as_ref().err().copied()));
                     lease.keep();
                     let parts = [&stage, &account, &own];
                     match &verdict {
@@ -222,7 +244,10 @@ impl Store for RedisStore {
                     inner.remember(&verdict, &context);
                     Ok(verdict)
                 }
-                Err(e) => inner.fail(e, failure, &[&stage, &account, &own]),
+                Err(e) => {
+                    in_flight.end(Ended::Failed);
+                    inner.fail(e, failure, &[&stage, &account, &own])
+                }
             }
         }))
     }
@@ -494,6 +519,40 @@ impl Inner {
                 cache.insert(id, context.sent, *denied, context.shared_span);
             }
         }
+    }
+}
+
+impl Inner {
+    /// Decides a request (identity `id`, limits `parts`) that would be one
+    /// call more than the bound: denied when Redis denied it lately or
+    /// denies it in a call in flight when it came, else by its failure mode
+    /// (see `denials`). It sends no call, so it takes no place.
+    fn past_bound(
+        self: &Arc<Self>,
+        id: u64,
+        failure: crate::FailureMode,
+        parts: [Part; 3],
+    ) -> Acquired<Decided> {
+        let e = || StoreError::new("redis: too many calls in flight");
+        let wait = match self.denials.past_bound(id, self.clock.nanos()) {
+            PastBound::Denied(denied) => return Acquired::Ready(Ok(Err(denied))),
+            PastBound::Fail => {
+                let [stage, account, own] = &parts;
+                return Acquired::Ready(self.fail(e(), failure, &[stage, account, own]));
+            }
+            PastBound::Wait(wait) => wait,
+        };
+        let inner = Arc::clone(self);
+        Acquired::Pending(Box::pin(async move {
+            let denied = inner.denials.after(wait, || inner.clock.nanos());
+            match inner.within(async { Ok(denied.await) }).await {
+                Ok(Some(denied)) => Ok(Err(denied)),
+                Ok(None) | Err(_) => {
+                    let [stage, account, own] = &parts;
+                    inner.fail(e(), failure, &[stage, account, own])
+                }
+            }
+        }))
     }
 }
 

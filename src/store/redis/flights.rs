@@ -618,10 +618,15 @@ impl Inner {
             part.call.arg(lend);
             let part = Arc::new(part);
             let (end, share) = match Ticket::take(&inner) {
-                None => (
-                    End::Failed(StoreError::new("redis: too many calls in flight")),
-                    None,
-                ),
+                // Past the bound: denied when Redis denied it lately (see
+                // `denials`; a shared request has no other call in flight).
+                None => match inner.denials.fresh(id, inner.clock.nanos()) {
+                    Some(denied) => (End::Denied(denied), None),
+                    None => (
+                        End::Failed(StoreError::new("redis: too many calls in flight")),
+                        None,
+                    ),
+                },
                 Some(ticket) => {
                     // Before Redis reads its clock: a share dated from here
                     // ends no later than the quota window that counted it.
@@ -631,6 +636,7 @@ impl Inner {
                     match result {
                         Ok((Ok(report), charged, granted)) => {
                             inner.failures.answered();
+                            inner.denials.answered();
                             // A share lasts its maximum age, and never past
                             // the end of a quota window that counted it.
                             let age = inner.share_life();
@@ -650,12 +656,16 @@ impl Inner {
                         }
                         Ok((Err(denied), _, _)) => {
                             inner.failures.answered();
+                            inner.denials.denied(id, sent, inner.clock.nanos(), denied);
                             inner.local.learn_denial(&[&part], &denied);
                             let verdict = Err(denied);
                             inner.remember(&verdict, &context);
                             (End::Denied(denied), None)
                         }
-                        Err(e) => (End::Failed(e), None),
+                        Err(e) => {
+                            inner.denials.failed();
+                            (End::Failed(e), None)
+                        }
                     }
                 }
             };

@@ -7,6 +7,7 @@ mod cache;
 mod call;
 mod conn;
 mod decide;
+mod denials;
 mod flights;
 mod guards;
 mod keys;

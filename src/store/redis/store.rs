@@ -9,6 +9,7 @@ use super::background::Background;
 use super::builder::NamingKey;
 use super::cache::OverLimitCache;
 use super::conn::Conn;
+use super::denials::RecentDenials;
 use super::flights::Flights;
 use super::local::Local;
 use crate::clock::Clock;
@@ -25,11 +26,13 @@ use crate::store::Failures;
 /// request with stage limits takes two, since the stage's shared buckets
 /// live in their own slot (plus a refund in the background when the plan
 /// denies). A decision that takes longer than the
-/// [timeout](crate::RedisStoreBuilder::timeout), finds Redis unreachable, or
-/// would be one call more than
-/// [`max_in_flight`](crate::RedisStoreBuilder::max_in_flight) is decided at
-/// once by the plan's [`FailureMode`](crate::FailureMode): by default with
-/// this instance's own copy of the plan's limits. The connection recovers
+/// [timeout](crate::RedisStoreBuilder::timeout) or finds Redis unreachable
+/// is decided by the plan's [`FailureMode`](crate::FailureMode): by default
+/// with this instance's own copy of the plan's limits. So is one that would
+/// be one call more than
+/// [`max_in_flight`](crate::RedisStoreBuilder::max_in_flight), unless Redis
+/// denied the same request lately or denies it in a call in flight (see
+/// there): traffic the limits deny is never admitted past the bound. The connection recovers
 /// by itself when Redis comes back. A place under a concurrency cap is
 /// removed in the background whenever no response will hold it.
 ///
@@ -80,6 +83,9 @@ pub(super) struct Inner {
     /// Calls in flight, and the most there may be.
     pub(super) in_flight: AtomicUsize,
     pub(super) max_in_flight: usize,
+    /// Calls of each request in flight and the denials Redis gave lately:
+    /// what a request past `max_in_flight` is answered from.
+    pub(super) denials: RecentDenials,
     /// Calls in flight shared by requests, and the shares they brought back.
     pub(super) flights: Flights,
     /// The longest a share is decided from, and the most units it lends.

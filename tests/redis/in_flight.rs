@@ -1,0 +1,181 @@
+//! The bound on a Redis store's calls in flight
+//! ([`max_in_flight`](tollgate::RedisStoreBuilder::max_in_flight)), from the
+//! layer in an axum router on a real `redis-server`:
+//!
+//! - requests the limits deny never push the store past the bound into a
+//!   failure mode that admits them: a burst larger than the bound, on a key
+//!   whose one place under a concurrency cap is held, is denied whole under
+//!   `open` and under `local`, whether Redis had denied the key before the
+//!   burst or not;
+//! - a Redis that does not answer still reaches the failure mode past the
+//!   bound: never later than the timeout, and at once once a call has failed.
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::response::Response;
+use axum::routing::get;
+use http::Request;
+use tokio::task::JoinSet;
+use tollgate::{ApiKey, FailureMode, Policy, RateLimitLayer, RedisStore, Throttle, UsagePlan};
+use tower::ServiceExt;
+
+use crate::SERIAL;
+use crate::support::redis::{RedisServer, require_redis};
+
+/// Requests sent at once: more than the default bound of 256 calls in flight.
+const BURST: usize = 300;
+/// What a loaded two-core machine may add to the store's timeout before a
+/// request counts as late (as in `redis_faults.rs`).
+const SLACK: Duration = Duration::from_millis(400);
+
+/// A router whose one key, `capped-key`, may have one request in flight
+/// (and a throttle far from its limit), under `failure`, on `store`.
+fn app(store: RedisStore, failure: FailureMode) -> Router {
+    let policy = Policy::builder()
+        .plan(
+            UsagePlan::new("capped")
+                .throttle(Throttle::new(1_000_000.0, 1_000_000).unwrap())
+                .concurrency(1)
+                .failure(failure),
+        )
+        .key(ApiKey::new("k1", "capped-key", "capped"))
+        .build()
+        .expect("a valid policy");
+    let layer = RateLimitLayer::builder(policy).store(store).build();
+    Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(layer)
+}
+
+fn request() -> Request<Body> {
+    Request::get("/")
+        .header("x-api-key", "capped-key")
+        .body(Body::empty())
+        .unwrap()
+}
+
+/// `n` requests at once; every response, in the order they end. The bodies
+/// are not read, so an admitted response keeps its place while it is held.
+async fn burst(app: &Router, n: usize) -> Vec<(Response, Duration)> {
+    let started = Instant::now();
+    let mut set = JoinSet::new();
+    for _ in 0..n {
+        let app = app.clone();
+        set.spawn(async move {
+            let res = app.oneshot(request()).await.unwrap();
+            (res, started.elapsed())
+        });
+    }
+    let mut out = Vec::with_capacity(n);
+    while let Some(res) = set.join_next().await {
+        out.push(res.expect("a request's task"));
+    }
+    out
+}
+
+/// How many of a burst of [`BURST`] requests are admitted while one
+/// response holds the key's one place, Redis healthy, default settings; with
+/// `warm`, Redis denied a lone request of the key just before.
+async fn admitted_while_the_cap_is_full(failure: FailureMode, warm: bool) -> usize {
+    let redis = RedisServer::start();
+    let store = RedisStore::builder(redis.url())
+        .shared_registry(false)
+        .build()
+        .await
+        .expect("a Redis store");
+    let app = app(store, failure);
+    let held = app.clone().oneshot(request()).await.unwrap();
+    assert_eq!(held.status(), 200, "the place is free");
+    if warm {
+        let lone = app.clone().oneshot(request()).await.unwrap();
+        assert_eq!(lone.status(), 429, "a lone request while the cap is full");
+    }
+    let answers = burst(&app, BURST).await;
+    for (res, _) in &answers {
+        assert!(
+            [200, 429].contains(&res.status().as_u16()),
+            "{}",
+            res.status()
+        );
+    }
+    drop(held);
+    answers.iter().filter(|(r, _)| r.status() == 200).count()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_cap_denies_a_burst_past_the_bound_under_open() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    for warm in [true, false] {
+        let admitted = admitted_while_the_cap_is_full(FailureMode::Open, warm).await;
+        assert_eq!(
+            admitted, 0,
+            "{admitted} of {BURST} admitted while the cap of 1 was full (warm: {warm})"
+        );
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_cap_denies_a_burst_past_the_bound_under_local() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    for warm in [true, false] {
+        let admitted = admitted_while_the_cap_is_full(FailureMode::Local, warm).await;
+        assert_eq!(
+            admitted, 0,
+            "{admitted} of {BURST} admitted while the cap of 1 was full (warm: {warm})"
+        );
+    }
+}
+
+/// Redis stalled (SIGSTOP) after it denied the key: requests past a bound
+/// of 2 calls in flight still reach the failure mode (`open` admits them
+/// without checking), none later than the timeout; once calls have failed,
+/// the ones past the bound are decided at once. A denial Redis gave before
+/// the stall is not taken for an answer longer than the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_still_reaches_the_failure_mode_past_the_bound() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let timeout = Duration::from_millis(250);
+    let store = RedisStore::builder(redis.url())
+        .shared_registry(false)
+        .timeout(timeout)
+        .max_in_flight(2)
+        .build()
+        .await
+        .expect("a Redis store");
+    let app = app(store, FailureMode::Open);
+    let held = app.clone().oneshot(request()).await.unwrap();
+    assert_eq!(held.status(), 200, "the place is free");
+    let lone = app.clone().oneshot(request()).await.unwrap();
+    assert_eq!(lone.status(), 429, "a lone request while the cap is full");
+    tokio::task::block_in_place(|| redis.pause());
+    // The denial is older than the timeout: Redis's answer no longer.
+    tokio::time::sleep(timeout * 2).await;
+    let first = burst(&app, 20).await;
+    let second = burst(&app, 20).await;
+    tokio::task::block_in_place(|| redis.resume());
+    for (res, took) in &first {
+        assert_eq!(res.status(), 200, "`open` admits when Redis cannot decide");
+        assert!(*took < timeout + SLACK, "answered after {took:?}");
+    }
+    let quick = second
+        .iter()
+        .filter(|(res, took)| res.status() == 200 && *took < timeout / 2)
+        .count();
+    assert!(
+        quick >= 18,
+        "{quick} of 20 admitted at once after calls failed"
+    );
+    drop(held);
+}
