@@ -212,7 +212,8 @@ impl TokenBudget {
 }
 
 /// What a plan does when its store fails (times out, is unreachable, or has
-/// more calls in flight than it takes).
+/// more calls in flight than it takes and has not just denied the request:
+/// see [`max_in_flight`](crate::RedisStoreBuilder::max_in_flight)).
 ///
 /// The in-memory store cannot fail; this matters with a remote store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -13,8 +13,9 @@ pub(super) struct Ticket(Arc<Inner>);
 
 impl Ticket {
     /// A ticket, or `None` when the store has as many calls in flight as
-    /// it takes: the request is then decided by its failure mode at once,
-    /// rather than queued past the timeout.
+    /// it takes: the request is then never queued past the timeout, but
+    /// answered from what Redis said of it lately, or by its failure mode
+    /// (see `denials`).
     pub(super) fn take(inner: &Arc<Inner>) -> Option<Ticket> {
         let before = inner.in_flight.fetch_add(1, Ordering::AcqRel);
         if before >= inner.max_in_flight {

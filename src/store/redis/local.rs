@@ -1,6 +1,7 @@
 //! The local copy: how a plan whose failure mode is
 //! [`Local`](crate::FailureMode::Local) is decided while Redis cannot decide
-//! (unreachable, too slow, or more calls in flight than the store takes).
+//! (unreachable, too slow, or more calls in flight than the store takes for
+//! a request Redis has not denied lately, see `denials`).
 //!
 //! It is this instance's own [`MemoryStore`], deciding the same limits of
 //! the same subjects (named by the same per-process digests the memory
