@@ -8,7 +8,8 @@ use tollgate::ManualClock;
 use tollgate::config::Config;
 
 /// Checks that a refused file gets an error that names a line and column
-/// inside the file, and that an accepted one builds its policy.
+/// inside the file (and, for a missing field, the table it is missing
+/// from), and that an accepted one builds its policy.
 pub(crate) fn check(data: &[u8]) {
     let Ok(src) = std::str::from_utf8(data) else {
         return;
@@ -34,6 +35,24 @@ pub(crate) fn check(data: &[u8]) {
                 line
             );
             assert!(!e.message().is_empty());
+            // A field missing from a table is named with the table's path;
+            // reported at the table's header, the path starts with the
+            // header's first key, not with the table above it.
+            if e.message().contains("missing field") {
+                assert!(!e.path().is_empty(), "no path: {e}");
+                let at: String = line.chars().skip(e.column() - 1).collect();
+                if let Some(header) = at.strip_prefix('[') {
+                    let first = header.trim_start_matches('[').split(['.', ']']).next();
+                    let first = first.unwrap_or_default().trim();
+                    let bare = first
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                    if bare && !first.is_empty() {
+                        let named = e.path().split(['.', '[']).next().unwrap_or_default();
+                        assert_eq!(named, first, "the table of {line:?}: {e}");
+                    }
+                }
+            }
             let shown = e.to_string();
             assert!(
                 shown.starts_with(&format!("{}:{}: ", e.line(), e.column())),

@@ -445,6 +445,67 @@ mod tests {
         assert!(!shown.contains("s3cr3t"), "{shown}");
     }
 
+    /// serde reports a field missing from a table at the table's header
+    /// (or its inline table, or its dotted key): the path names that table,
+    /// not the one above it.
+    #[test]
+    fn a_missing_field_is_named_in_the_table_it_is_missing_from() {
+        let missing = |src: &str| {
+            let e = err(src);
+            assert!(e.message().contains("missing field"), "{e}");
+            (e.line(), e.column(), e.path().to_owned())
+        };
+        let keys = "[[plans]]\nname = \"free\"\n\n[[keys]]\nid = \"a\"\nvalue = \"aaaaaaaa\"\nplan = \"free\"\n\n[[keys]]\nid = \"b\"\nvalue = \"bbbbbbbb\"\n";
+        assert_eq!(missing(keys), (9, 1, "keys[1]".into()));
+        let account = "[admin]\nkey = \"0123456789\"\n[[accounts]]\nquota = { limit = 5, period = \"DAY\" }\n";
+        assert_eq!(missing(account), (3, 1, "accounts[0]".into()));
+        let anonymous =
+            "[[plans]]\nname = \"free\"\n[anonymous]\nthrottle = { rate = 1.0, burst = 1 }\n";
+        assert_eq!(missing(anonymous), (3, 1, "anonymous".into()));
+        let first = "[[plans]]\nthrottle = { rate = 2.0, burst = 5 }\n";
+        assert_eq!(missing(first), (1, 1, "plans[0]".into()));
+
+        // Dotted headers, inline tables and dotted keys.
+        let header = "[[plans]]\nname = \"a\"\n[[plans]]\nname = \"b\"\n[plans.quota]\nlimit = 3\n";
+        assert_eq!(missing(header), (5, 1, "plans[1].quota".into()));
+        let inline = "[[plans]]\nname = \"free\"\nthrottle = { rate = 1.0 }\n";
+        assert_eq!(missing(inline), (3, 12, "plans[0].throttle".into()));
+        let nested =
+            "[[plans]]\nname = \"free\"\n[plans.models]\n\"big\" = { throttle = { rate = 1.0 } }\n";
+        assert_eq!(
+            missing(nested),
+            (4, 22, "plans[0].models.\"big\".throttle".into())
+        );
+        let dotted = "[[plans]]\nname = \"free\"\nthrottle.rate = 1.0\n";
+        assert_eq!(missing(dotted), (3, 1, "plans[0].throttle".into()));
+        let dotted = "[[plans]]\nname = \"a\"\nmodels.\"x\".throttle = { rate = 1.0 }\n";
+        assert_eq!(
+            missing(dotted),
+            (3, 23, "plans[0].models.\"x\".throttle".into())
+        );
+        let stage = "[stage.throttle]\nburst = 1\n";
+        assert_eq!(missing(stage), (1, 1, "stage.throttle".into()));
+
+        // Arrays of inline tables, on one line or several.
+        let array = "plans = [{ name = \"a\" }, { throttle = { rate = 1.0, burst = 1 } }]\n";
+        assert_eq!(missing(array), (1, 26, "plans[1]".into()));
+        let lines =
+            "plans = [\n  { name = \"a\" },\n  { throttle = { rate = 1.0, burst = 1 } },\n]\n";
+        assert_eq!(missing(lines), (3, 3, "plans[1]".into()));
+    }
+
+    /// A line inside a multi-line array or string that starts with `[` is no
+    /// table header.
+    #[test]
+    fn a_bracket_inside_a_value_is_no_table_header() {
+        let e = err("[anonymous]\nmode = \"ip\"\ntrusted_proxies = [\n[\"x\"],\n]\n");
+        assert_eq!((e.line(), e.path()), (4, "anonymous.trusted_proxies[0]"));
+        let e = err("[admin]\nkey = \"\"\"\n[[keys]]\n\"\"\"\nextra = 1\n");
+        assert_eq!((e.line(), e.path()), (5, "admin.extra"));
+        let e = err("[admin] # [[keys]]\nkey = 'a[b]c' # [plans]\nextra = 1\n");
+        assert_eq!((e.line(), e.path()), (3, "admin.extra"));
+    }
+
     #[test]
     fn token_budgets_are_read() {
         let c = Config::from_toml(
