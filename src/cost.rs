@@ -68,6 +68,13 @@ use crate::extract::RequestView;
 /// these answers charges any limit. [`OpenAiEstimator`](crate::openai::OpenAiEstimator)
 /// (feature `openai`) is a ready one.
 ///
+/// Under a plan without a token budget the body is not read, and a body the
+/// estimator would refuse reaches the inner service, its request already
+/// charged. An estimator whose bodies must be valid under every plan (a
+/// server whose answer to a malformed body should cost nothing) says so in
+/// [`checks_body`](Self::checks_body): such a body is then read and checked
+/// before the decision under every plan.
+///
 /// ```
 /// use tollgate::cost::{BodyError, CostEstimator, Estimate};
 /// use tollgate::extract::RequestView;
@@ -101,9 +108,25 @@ pub trait CostEstimator: Send + Sync + 'static {
         false
     }
 
+    /// Whether this request's body must be read and checked with
+    /// [`estimate_body`](Self::estimate_body) before the request is decided,
+    /// whatever the caller's plan: also when it has no token budget, and so
+    /// needs no estimate. A body the estimator refuses is then answered 400
+    /// under every plan, and charges nothing, instead of reaching the inner
+    /// service after its request has been charged. It is asked, as
+    /// [`reads_body`](Self::reads_body) is, only once the key is known to be
+    /// good, and never for a gRPC request; the body is read within the same
+    /// bounds. Default: never, so that a request whose plan needs no
+    /// estimate goes on with its body unread.
+    fn checks_body(&self, req: &RequestView<'_>) -> bool {
+        let _ = req;
+        false
+    }
+
     /// The request's estimate from its whole body, when
-    /// [`reads_body`](Self::reads_body) asked for it. An error is answered
-    /// 400 with its message, and costs nothing. Default: [`estimate`](Self::estimate).
+    /// [`reads_body`](Self::reads_body) or [`checks_body`](Self::checks_body)
+    /// asked for it. An error is answered 400 with its message, and costs
+    /// nothing. Default: [`estimate`](Self::estimate).
     fn estimate_body(&self, req: &RequestView<'_>, body: &[u8]) -> Result<Estimate, BodyError> {
         let _ = body;
         Ok(Estimate::new(self.estimate(req)))

@@ -45,6 +45,10 @@ pub(crate) struct Shared<K, S> {
     pub(crate) max_retry: std::time::Duration,
     /// Estimates the tokens of requests under plans with a token budget.
     pub(crate) estimator: Box<dyn CostEstimator>,
+    /// Whether [`CostEstimator::checks_body`] is asked: only when an
+    /// estimator was given. The default never checks a body, and a request
+    /// under a plan that needs no estimate then asks nothing of it.
+    pub(crate) body_checks: bool,
     /// How much of a body, and for how long, an estimator may read.
     pub(crate) body_limits: BodyLimits,
     pub(crate) failures: Failures,
@@ -391,6 +395,15 @@ impl<K, S: Store> Shared<K, S> {
         reserve: Reserve<'_>,
         report: &mut Report,
     ) -> Step<S::Future> {
+        // A body the estimator checks under every plan is read before
+        // anything is decided, so that one it refuses costs nothing.
+        if self.body_checks && reserve.is_some() {
+            if let Some(req) = req {
+                if self.checks_body(req) {
+                    return Step::Read;
+                }
+            }
+        }
         let failure = c.plan.failure;
         // A plan without model limits looks nothing up.
         let model = match &c.plan.models {
@@ -458,6 +471,17 @@ impl<K, S: Store> Shared<K, S> {
             tokens,
             |a| decide(a, report),
         )
+    }
+
+    /// Whether `req`'s body is still to be read and checked by an estimator
+    /// that [checks bodies](CostEstimator::checks_body) under every plan:
+    /// not once it has been read (its [`Estimate`] is in the extensions, put
+    /// there by this layer or an earlier one), nor for a gRPC call.
+    #[inline(never)]
+    fn checks_body(&self, req: &RequestView<'_>) -> bool {
+        self.estimator.checks_body(req)
+            && req.extensions.get::<Estimate>().is_none()
+            && !is_grpc(req.headers)
     }
 
     /// The tokens a request under a plan (or of an account) with a token

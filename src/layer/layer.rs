@@ -112,6 +112,7 @@ impl RateLimitLayer<ApiKeyHeader> {
             style: ResponseStyle::Aws,
             max_retry: DEFAULT_MAX_RETRY,
             estimator: Box::new(ExtensionEstimate),
+            body_checks: false,
             body_limits: BodyLimits::default(),
             observer: None,
             model: None,
@@ -450,6 +451,8 @@ pub struct RateLimitLayerBuilder<K, S = MemoryStore> {
     style: ResponseStyle,
     max_retry: Duration,
     estimator: Box<dyn CostEstimator>,
+    /// An estimator was given, which may check bodies under every plan.
+    body_checks: bool,
     body_limits: BodyLimits,
     observer: Option<Arc<dyn Observer>>,
     resolver: Option<Resolver>,
@@ -469,6 +472,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             style: self.style,
             max_retry: self.max_retry,
             estimator: self.estimator,
+            body_checks: self.body_checks,
             body_limits: self.body_limits,
             observer: self.observer,
             resolver: self.resolver,
@@ -491,6 +495,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
             style: self.style,
             max_retry: self.max_retry,
             estimator: self.estimator,
+            body_checks: self.body_checks,
             body_limits: self.body_limits,
             observer: self.observer,
             resolver: self.resolver,
@@ -502,9 +507,12 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
     /// with a [`TokenBudget`](crate::TokenBudget) (default:
     /// [`ExtensionEstimate`], the request's
     /// [`TokenEstimate`](crate::TokenEstimate) extension). A closure
-    /// `Fn(&RequestView<'_>) -> u32` will do; see [`cost`](crate::cost).
+    /// `Fn(&RequestView<'_>) -> u32` will do; see [`cost`](crate::cost). An
+    /// estimator may also have bodies checked before the decision under
+    /// every plan ([`CostEstimator::checks_body`]).
     pub fn estimator(mut self, estimator: impl CostEstimator) -> Self {
         self.estimator = Box::new(estimator);
+        self.body_checks = true;
         self
     }
 
@@ -727,6 +735,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
                 style: self.style,
                 max_retry: self.max_retry,
                 estimator: self.estimator,
+                body_checks: self.body_checks,
                 body_limits: self.body_limits,
                 failures: Failures::default(),
                 observer: self.observer,

@@ -544,3 +544,78 @@ async fn the_body_names_the_model_whose_limits_apply() {
     let res = echo(&layer).oneshot(call("other")).await.unwrap();
     assert_eq!((status(&res), limit(&res).as_deref()), (429, Some("model")));
 }
+
+/// OpenAI's estimate, with its bodies checked under every plan.
+struct Checked(OpenAiEstimator);
+
+impl tollgate::CostEstimator for Checked {
+    fn estimate(&self, req: &tollgate::extract::RequestView<'_>) -> u32 {
+        self.0.estimate(req)
+    }
+    fn reads_body(&self, req: &tollgate::extract::RequestView<'_>) -> bool {
+        self.0.reads_body(req)
+    }
+    fn checks_body(&self, req: &tollgate::extract::RequestView<'_>) -> bool {
+        self.0.reads_body(req)
+    }
+    fn estimate_body(
+        &self,
+        req: &tollgate::extract::RequestView<'_>,
+        body: &[u8],
+    ) -> Result<Estimate, tollgate::BodyError> {
+        self.0.estimate_body(req, body)
+    }
+}
+
+/// An estimator that checks bodies under every plan has them read, after
+/// the key, under a plan without a token budget too: one it refuses is a
+/// 400 that charges nothing (here two requests a plan allows stay whole),
+/// one it accepts reaches the handler byte for byte; a GET is not read.
+#[tokio::test]
+async fn a_body_checked_under_every_plan_is_400_and_costs_nothing_without_a_budget() {
+    let policy = Policy::builder()
+        .plan(UsagePlan::new("two").throttle(Throttle::new(0.001, 2).unwrap()))
+        .key(ApiKey::new("k1", KEY, "two"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .estimator(Checked(OpenAiEstimator::new()))
+        .build();
+    // The key is still checked before a byte of the body is read.
+    let (probe, polls) = Probe::new(&[b"not json"], false);
+    let res = echo(&layer)
+        .oneshot(post(Some("not-a-key"), probe))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert_eq!(polls.load(Ordering::SeqCst), 0, "the body was never polled");
+    for body in [&br#"{"model":"#[..], b"not json", br#"{"model":"m"}"#] {
+        let res = echo(&layer)
+            .oneshot(post(Some(KEY), Full::new(Bytes::from_static(body))))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+        assert!(res.headers().get("ratelimit").is_none());
+    }
+    // A GET is not read, and is charged as before.
+    let (probe, polls) = Probe::new(&[], true);
+    let mut get = post(Some(KEY), probe);
+    *get.method_mut() = http::Method::GET;
+    let mut svc = ServiceBuilder::new().layer(layer.clone()).service_fn(
+        |req: Request<RequestBody<Probe>>| async move {
+            assert!(!req.body().is_read());
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        },
+    );
+    let res = svc.ready().await.unwrap().call(get).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(polls.load(Ordering::SeqCst), 0);
+    let body = r#"{"model":"m","prompt":"hi","max_tokens":1}"#;
+    let call = || post(Some(KEY), Full::new(Bytes::from_static(body.as_bytes())));
+    let res = echo(&layer).oneshot(call()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "the plan's second request");
+    assert_eq!(res.headers()["x-read"], "yes");
+    assert_eq!(text(res).await, body);
+    let res = echo(&layer).oneshot(call()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+}
