@@ -225,6 +225,14 @@ impl CostEstimator for UpstreamEstimator {
         is_completion(req.method, req.uri.path())
     }
 
+    /// The same bodies under every plan: a completion body that is not
+    /// OpenAI JSON is a 400 that costs nothing, also under a plan without a
+    /// token budget, instead of a request charged and then refused by the
+    /// backend.
+    fn checks_body(&self, req: &RequestView<'_>) -> bool {
+        self.reads_body(req)
+    }
+
     fn estimate_body(&self, req: &RequestView<'_>, body: &[u8]) -> Result<Estimate, BodyError> {
         self.0.estimate_body(req, body)
     }

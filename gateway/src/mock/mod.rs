@@ -42,6 +42,13 @@ impl CostEstimator for MockEstimator {
             && self.0.reads_body(req)
     }
 
+    /// The same bodies under every plan: one the mock cannot serve is a
+    /// 400 that costs nothing, also under a plan without a token budget,
+    /// whose requests would otherwise be charged before the handler saw it.
+    fn checks_body(&self, req: &RequestView<'_>) -> bool {
+        self.reads_body(req)
+    }
+
     fn estimate_body(&self, req: &RequestView<'_>, body: &[u8]) -> Result<Estimate, BodyError> {
         let chat = req.uri.path() == "/v1/chat/completions";
         Job::parse(chat, body).map_err(BodyError::new)?;

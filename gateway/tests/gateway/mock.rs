@@ -495,6 +495,59 @@ async fn health_is_never_limited_and_malformed_bodies_are_json_400s() {
     assert_eq!(usage["items"]["free-1"], json!([[5, 995]]));
 }
 
+/// A plan with a quota and no token budget: its requests need no estimate.
+const QUOTA_ONLY: &str = r#"
+[[plans]]
+name = "q"
+quota = { limit = 2, period = "DAY" }
+
+[[keys]]
+id = "q-1"
+value = "key-q-12345"
+plan = "q"
+
+[admin]
+key = "admin-secret"
+"#;
+
+/// Malformed bodies are 400s that cost nothing under a plan without a token
+/// budget too, whose requests the layer decides without an estimate: the
+/// quota of 2 still admits two requests after them.
+#[tokio::test]
+async fn malformed_bodies_cost_nothing_under_a_plan_without_a_token_budget() {
+    let s = start(QUOTA_ONLY).await;
+    for body in [r#"{"model":"#, "not json", r#"{"model":"m"}"#] {
+        for route in ["/v1/completions", "/v1/chat/completions"] {
+            let res = s.post(route, Some("key-q-12345"), body).await;
+            assert_eq!(res.status(), 400, "{route} {body}");
+            // A JSON error in the config's (default, AWS) style.
+            let v: Value = res.json().await.unwrap();
+            assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        }
+    }
+    // An unknown key is still refused before its body is looked at.
+    assert_eq!(
+        s.post("/v1/completions", Some("nope-nope"), "not json")
+            .await
+            .status(),
+        403
+    );
+    for _ in 0..2 {
+        assert_eq!(s.complete(Some("key-q-12345")).await.status(), 200);
+    }
+    assert_eq!(s.complete(Some("key-q-12345")).await.status(), 429);
+    let (status, usage) = s
+        .admin(
+            reqwest::Method::GET,
+            "/admin/usage?plan=q&start=2024-05-06&end=2024-05-06",
+            "admin-secret",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(usage["items"]["q-1"], json!([[2, 0]]));
+}
+
 /// The `data:` payloads of a server-sent event stream, in order.
 fn sse_events(text: &str) -> Vec<&str> {
     text.lines()

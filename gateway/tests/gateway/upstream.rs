@@ -72,9 +72,14 @@ struct Front {
 
 /// The gateway in front of `upstream`.
 async fn front(upstream: Upstream) -> Front {
+    front_with(FRONT_CONFIG, upstream).await
+}
+
+/// The gateway with `config` in front of `upstream`.
+async fn front_with(config: &str, upstream: Upstream) -> Front {
     let clock = ManualClock::new();
     let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
-    let config = Config::from_toml(FRONT_CONFIG).unwrap();
+    let config = Config::from_toml(config).unwrap();
     let app = tollgate_gateway::app_with(&config, store, Some(&upstream)).unwrap();
     let (base, stop) = serve(app).await;
     Front {
@@ -106,11 +111,16 @@ fn completion(max_tokens: u32, produced: u32, stream: bool) -> Value {
 
 impl Front {
     async fn post(&self, route: &str, body: &Value) -> reqwest::Response {
+        self.post_text(route, &body.to_string()).await
+    }
+
+    /// Posts `body` as it is, JSON or not.
+    async fn post_text(&self, route: &str, body: &str) -> reqwest::Response {
         self.client
             .post(format!("{}{route}", self.base))
             .header("authorization", "Bearer client-key")
             .header("content-type", "application/json")
-            .body(body.to_string())
+            .body(body.to_owned())
             .send()
             .await
             .unwrap()
@@ -338,6 +348,48 @@ async fn an_upstream_failing_mid_stream_cuts_the_client_off_and_charges_what_was
     let res = s.until(997, 200).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "0");
+}
+
+/// Malformed completion bodies are 400s of the gateway's, never forwarded,
+/// that cost nothing under a plan without a token budget too: its quota of
+/// 2 still admits two completions after them.
+#[tokio::test]
+async fn malformed_bodies_cost_nothing_under_a_plan_without_a_token_budget() {
+    const QUOTA_ONLY: &str = r#"
+[[plans]]
+name = "q"
+quota = { limit = 2, period = "DAY" }
+
+[[keys]]
+id = "client"
+value = "client-key"
+plan = "q"
+
+[response]
+style = "openai"
+"#;
+    let (backend, _stop) = mock_backend().await;
+    let upstream = Upstream::new(&format!("{backend}/v1"))
+        .unwrap()
+        .key("gateway-secret")
+        .unwrap();
+    let s = front_with(QUOTA_ONLY, upstream).await;
+    for body in [r#"{"model":"#, "not json", r#"{"model":"m"}"#] {
+        for route in ["/v1/completions", "/v1/chat/completions"] {
+            let res = s.post_text(route, body).await;
+            assert_eq!(res.status(), 400, "{route} {body}");
+            let v: Value = res.json().await.unwrap();
+            assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        }
+    }
+    for _ in 0..2 {
+        let res = s.post("/v1/completions", &completion(1, 1, false)).await;
+        assert_eq!(res.status(), 200);
+    }
+    let res = s.post("/v1/completions", &completion(1, 1, false)).await;
+    assert_eq!(res.status(), 429);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "insufficient_quota", "{v}");
 }
 
 #[tokio::test]
