@@ -1,19 +1,25 @@
 //! A [`CostEstimator`] for OpenAI-style JSON bodies (feature `openai`).
 //!
-//! [`OpenAiEstimator`] reads the body of a completion or chat completion
-//! request, once the layer has checked the caller's key, and estimates its
-//! tokens as the prompt's plus the most the answer may use:
+//! [`OpenAiEstimator`] reads the body of a completion, chat completion,
+//! embeddings or Responses request, once the layer has checked the caller's
+//! key, and estimates its tokens as the prompt's plus the most the answer
+//! may use:
 //!
 //! - the prompt: a completion's `prompt` (a string, an array of strings, or
 //!   token ids, counted one token each), or every text of a chat's
 //!   `messages[].content` (a string, or an array of content parts whose
 //!   `{"type":"text","text":…}` parts count; other parts, images and audio,
 //!   count [`other_part_tokens`](OpenAiEstimator::other_part_tokens) each,
-//!   0 by default);
+//!   0 by default), or an embeddings or Responses request's `input` (a
+//!   string, strings or token ids as a prompt; or a Responses request's
+//!   items, counted as a chat's messages, `input_text` parts as text;
+//!   never on a route ending in `/completions`, which takes none);
 //! - the answer: `max_completion_tokens`, else `max_tokens`, else
+//!   `max_output_tokens` (the Responses API's), else
 //!   [`default_max_tokens`](OpenAiEstimator::default_max_tokens) (16, as
 //!   OpenAI's completions default), times `n` (default 1), times the number
-//!   of prompts of a completion given several.
+//!   of prompts of a completion given several; none for a request whose
+//!   route ends in `/embeddings` (its answer is vectors).
 //!
 //! Text is counted by default as `ceil(chars / 4)` of all the prompt's
 //! characters together, OpenAI's rule of thumb for English; with the
@@ -26,8 +32,8 @@
 //! The body's `model` is kept in the [`Estimate`]. A body that is JSON (or
 //! says it is, or says nothing of its type) is answered 400, charging
 //! nothing, when it is not valid JSON, is cut short, names no `model` (as
-//! OpenAI's API, which requires it), or has neither a `prompt` nor
-//! `messages`. A GET, a request with an empty body, or one whose body is not
+//! OpenAI's API, which requires it), or has none of `prompt`, `messages`
+//! and `input`. A GET, a request with an empty body, or one whose body is not
 //! JSON and says it is something else (a `multipart/form-data` upload, a
 //! form) is estimated from its head as [`ExtensionEstimate`] does. Every
 //! POST, PUT and PATCH body is read, up to the layer's
@@ -196,58 +202,86 @@ impl OpenAiEstimator {
     /// The estimate of an OpenAI-style JSON body, as the layer makes it
     /// for a body that is JSON or says it is.
     pub fn estimate_json(&self, body: &[u8]) -> Result<Estimate, BodyError> {
-        self.estimate_parsed(serde_json::from_slice(body).map_err(not_json)?)
+        self.estimate_parsed(serde_json::from_slice(body).map_err(not_json)?, Route::Any)
     }
 
     /// The estimate of a parsed body.
-    fn estimate_parsed(&self, req: Body) -> Result<Estimate, BodyError> {
+    /// Counts a prompt; the answers it asks for (one per prompt of several).
+    fn prompt(&self, tally: &mut Tally<'_>, p: &Prompt) -> u64 {
+        match p {
+            Prompt::Text(t) => tally.text(t),
+            Prompt::Texts(ts) => {
+                ts.iter().for_each(|t| tally.text(t));
+                return ts.len().max(1) as u64;
+            }
+            Prompt::Ids(ids) => tally.tokens(ids.len() as u64),
+            Prompt::IdLists(lists) => {
+                lists.iter().for_each(|l| tally.tokens(l.len() as u64));
+                return lists.len().max(1) as u64;
+            }
+        }
+        1
+    }
+
+    /// Counts the texts of messages (a chat's, or a Responses request's
+    /// items): a string content, or its text parts; other parts count
+    /// [`other_part_tokens`](Self::other_part_tokens) each.
+    fn messages(&self, tally: &mut Tally<'_>, messages: &[Message]) {
+        for m in messages {
+            match &m.content {
+                Some(Content::Text(t)) => tally.text(t),
+                Some(Content::Parts(parts)) => {
+                    for part in parts {
+                        match (&*part.kind, &part.text) {
+                            ("text" | "input_text" | "output_text", Some(t)) => tally.text(t),
+                            _ => tally.tokens(u64::from(self.other_part_tokens)),
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// The estimate of a parsed body sent to `route`.
+    fn estimate_parsed(&self, req: Body, route: Route) -> Result<Estimate, BodyError> {
         let mut prompt = Tally::new(&self.counter);
         // A completion answers each of several prompts.
         let mut answers: u64 = 1;
-        match (&req.prompt, &req.messages) {
-            (Some(p), _) => match p {
-                Prompt::Text(t) => prompt.text(t),
-                Prompt::Texts(ts) => {
-                    answers = ts.len().max(1) as u64;
-                    ts.iter().for_each(|t| prompt.text(t));
-                }
-                Prompt::Ids(ids) => prompt.tokens(ids.len() as u64),
-                Prompt::IdLists(lists) => {
-                    answers = lists.len().max(1) as u64;
-                    lists.iter().for_each(|l| prompt.tokens(l.len() as u64));
-                }
-            },
-            (None, Some(messages)) => {
-                for m in messages {
-                    match &m.content {
-                        Some(Content::Text(t)) => prompt.text(t),
-                        Some(Content::Parts(parts)) => {
-                            for part in parts {
-                                match (&*part.kind, &part.text) {
-                                    ("text", Some(t)) => prompt.text(t),
-                                    _ => prompt.tokens(u64::from(self.other_part_tokens)),
-                                }
-                            }
-                        }
-                        None => {}
-                    }
-                }
+        // A completion's routes take no `input`: such a body is refused
+        // there, as its server would refuse it.
+        let input = match route {
+            Route::Completions => &None,
+            _ => &req.input,
+        };
+        match (&req.prompt, &req.messages, input) {
+            (Some(p), _, _) => answers = self.prompt(&mut prompt, p),
+            (None, Some(messages), _) => self.messages(&mut prompt, messages),
+            // An input is one answer, however many texts it holds: an
+            // embeddings request's vectors, or a Responses request's reply.
+            (None, None, Some(Input::Prompt(p))) => {
+                self.prompt(&mut prompt, p);
             }
-            (None, None) => {
+            (None, None, Some(Input::Items(items))) => self.messages(&mut prompt, items),
+            (None, None, None) => {
                 return Err(BodyError::new(
-                    "the request body has neither `prompt` nor `messages`",
+                    "the request body has none of `prompt`, `messages` and `input`",
                 ));
             }
         }
         if req.model.is_none() {
             return Err(BodyError::new(
-                "the request body names no `model`: every completion and chat request names the model it is for",
+                "the request body names no `model`: every completion, chat, embeddings and responses request names the model it is for",
             ));
         }
-        let max = req
-            .max_completion_tokens
-            .or(req.max_tokens)
-            .unwrap_or(self.default_max_tokens);
+        let max = if route == Route::Embeddings {
+            0
+        } else {
+            req.max_completion_tokens
+                .or(req.max_tokens)
+                .or(req.max_output_tokens)
+                .unwrap_or(self.default_max_tokens)
+        };
         let n = u64::from(req.n.unwrap_or(1).max(1));
         let tokens = prompt
             .total()
@@ -304,9 +338,34 @@ impl CostEstimator for OpenAiEstimator {
             return Ok(Estimate::new(self.estimate(req)));
         }
         match serde_json::from_slice(body) {
-            Ok(parsed) => self.estimate_parsed(parsed),
+            Ok(parsed) => self.estimate_parsed(parsed, Route::of(req)),
             Err(e) if e.is_data() || says_json(req) => Err(not_json(e)),
             Err(_) => Ok(Estimate::new(self.estimate(req))),
+        }
+    }
+}
+
+/// What a request's route tells of its body, by OpenAI's paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// `…/completions` (completions and chat completions): a `prompt` or
+    /// `messages`, never an `input`.
+    Completions,
+    /// `…/embeddings`: an answer of vectors, which counts no tokens.
+    Embeddings,
+    /// Any other, or none known.
+    Any,
+}
+
+impl Route {
+    fn of(req: &RequestView<'_>) -> Self {
+        let path = req.uri.path().trim_end_matches('/');
+        if path.ends_with("/completions") {
+            Route::Completions
+        } else if path.ends_with("/embeddings") {
+            Route::Embeddings
+        } else {
+            Route::Any
         }
     }
 }
@@ -465,9 +524,23 @@ struct Body {
     model: Option<String>,
     prompt: Option<Prompt>,
     messages: Option<Vec<Message>>,
+    /// An embeddings request's input, or a Responses request's.
+    input: Option<Input>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
+    /// The Responses API's bound on the answer.
+    max_output_tokens: Option<u32>,
     n: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Input {
+    /// Text, texts or token ids, as a completion's prompt.
+    Prompt(Prompt),
+    /// A Responses request's items: messages, whose content is text or
+    /// parts.
+    Items(Vec<Message>),
 }
 
 #[derive(Deserialize)]
@@ -557,6 +630,30 @@ mod tests {
     }
 
     #[test]
+    fn an_input_is_counted_as_a_prompt_with_one_answer() {
+        // Embeddings' shapes: a string, strings, token ids, lists of them.
+        assert_eq!(tokens(r#"{"input":"abcdefgh","max_tokens":0}"#), 2);
+        assert_eq!(
+            tokens(r#"{"input":["abcd","efgh"]}"#),
+            2 + DEFAULT_MAX_TOKENS
+        );
+        assert_eq!(tokens(r#"{"input":[[1,2],[3]],"max_tokens":0}"#), 3);
+        // A Responses request: items as messages, `input_text` parts as
+        // text, `max_output_tokens` for the answer.
+        let body = r#"{"input":[
+            {"role":"system","content":"abcd"},
+            {"role":"user","content":[{"type":"input_text","text":"efgh"},{"type":"input_image","image_url":"x"}]},
+            {"type":"function_call_output","call_id":"c","output":"ignored"}
+        ],"max_output_tokens":9}"#;
+        assert_eq!(tokens(body), 2 + 9);
+        // `prompt` and `messages` come first when a body has several.
+        assert_eq!(
+            tokens(r#"{"prompt":"ab","input":"abcdefgh","max_tokens":0}"#),
+            1
+        );
+    }
+
+    #[test]
     fn characters_are_counted_together_or_by_the_given_counter() {
         // 3 + 3 characters: ceil(6 / 4) = 2, not 1 + 1.
         let body = r#"{"messages":[{"content":"abc"},{"content":"déf"}],"max_tokens":0}"#;
@@ -598,7 +695,7 @@ mod tests {
             e.estimate_json(br#"{"model":"m"}"#)
                 .unwrap_err()
                 .message()
-                .contains("neither")
+                .contains("none of `prompt`, `messages` and `input`")
         );
         assert!(
             e.estimate_json(br#"{"prompt":"abc"}"#)

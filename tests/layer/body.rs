@@ -330,6 +330,34 @@ async fn a_json_body_that_says_it_is_something_else_is_still_estimated() {
 }
 
 #[tokio::test]
+async fn an_embeddings_input_is_its_prompt_and_no_answer() {
+    let layer = layer(Some(100));
+    let call = |route: &str, body: &'static str| {
+        let mut req = post(Some(KEY), Full::new(Bytes::from_static(body.as_bytes())));
+        *req.uri_mut() = route.parse().unwrap();
+        echo(&layer).oneshot(req)
+    };
+    // 8 characters: 2 tokens, and an embedding answers none.
+    let body = r#"{"model":"e","input":"abcdefgh"}"#;
+    let res = call("/v1/embeddings", body).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-estimate"], "2");
+    assert_eq!(res.headers()["x-model"], "e");
+    // A Responses request's input, and its bound on the answer.
+    let body = r#"{"model":"r","input":[{"role":"user","content":[{"type":"input_text","text":"abcd"}]}],"max_output_tokens":10}"#;
+    let res = call("/v1/responses", body).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-estimate"], "11");
+    // A completion's routes take no `input`.
+    let body = r#"{"model":"e","input":"abcdefgh"}"#;
+    for route in ["/v1/completions", "/v1/chat/completions"] {
+        let res = call(route, body).await.unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{route}");
+    }
+    budget_is_whole(&layer, 100 - 2 - 11).await;
+}
+
+#[tokio::test]
 async fn the_estimate_from_the_body_is_charged() {
     let layer = layer(Some(100));
     // 2 prompt tokens + 30 * n=2: 62 of 100.
