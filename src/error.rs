@@ -13,7 +13,7 @@ pub enum ConfigError {
     InvalidRate(f64),
     /// A throttle burst (bucket size) of zero.
     ZeroBurst,
-    /// `burst / rate` is 2^53 ns (about 104 days) or longer, or `rate` is above one per nanosecond.
+    /// `burst / rate` is longer than about 146 years, or `rate` is above one per nanosecond.
     SpanOutOfRange {
         /// The rate given.
         rate: f64,
@@ -79,7 +79,7 @@ impl fmt::Display for ConfigError {
             ConfigError::ZeroBurst => f.write_str("invalid burst 0: must be at least 1"),
             ConfigError::SpanOutOfRange { rate, burst } => write!(
                 f,
-                "throttle out of range: rate {rate} with burst {burst} (rate at most 1e9/s, burst/rate under 2^53 ns, about 104 days)"
+                "throttle out of range: rate {rate} with burst {burst} (rate at most 1e9/s, burst/rate at most ~146 years)"
             ),
             ConfigError::DuplicatePlan(name) => write!(f, "duplicate plan name `{name}`"),
             ConfigError::DuplicateKeyId(id) => write!(f, "duplicate api key id `{id}`"),

@@ -37,8 +37,7 @@ impl Throttle {
     ///
     /// Errors when `rate` is not a finite number above zero, when `burst` is
     /// zero, or when the numbers are out of range (rate above 1e9/s, a bucket
-    /// that takes 2^53 ns, about 104 days, or more to refill: the most the
-    /// Redis store holds exactly, and a plan decides alike on every store).
+    /// that takes more than ~146 years to refill).
     pub fn new(rate: f64, burst: u32) -> Result<Self, ConfigError> {
         if !(rate.is_finite() && rate > 0.0) {
             return Err(ConfigError::InvalidRate(rate));
