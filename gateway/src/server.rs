@@ -377,10 +377,13 @@ fn init_logging(json: bool) {
 const PING_WAIT: Duration = Duration::from_secs(1);
 
 /// Asks each Redis node for `PING`, and logs a warning for each that does
-/// not answer within [`PING_WAIT`]. Never fails: the store connects lazily
-/// and keeps retrying, so the server serves either way. (The store has no
-/// ping of its own, so this asks Redis directly.)
+/// not answer within [`PING_WAIT`]. Never fails: a single server's store
+/// connects lazily and keeps retrying, so the server serves either way. A
+/// cluster's store reads the cluster's slots when it is built, which the
+/// caller reports if it fails. (The store has no ping of its own, so this
+/// asks Redis directly.)
 async fn ping_redis(urls: &[&str]) {
+    let cluster = urls.len() > 1;
     for url in urls {
         // A malformed URL is reported by the store's builder.
         let Ok(client) = redis::Client::open(*url) else {
@@ -397,12 +400,16 @@ async fn ping_redis(urls: &[&str]) {
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {PING_WAIT:?}"),
         };
-        tracing::warn!(
-            redis = %node,
-            %error,
-            "Redis cannot be reached; serving anyway: the store keeps retrying, and until \
-             Redis answers each plan's failure mode decides its requests"
-        );
+        if cluster {
+            tracing::warn!(redis = %node, %error, "a Redis Cluster node cannot be reached");
+        } else {
+            tracing::warn!(
+                redis = %node,
+                %error,
+                "Redis cannot be reached; serving anyway: the store keeps retrying, and until \
+                 Redis answers each plan's failure mode decides its requests"
+            );
+        }
     }
 }
 
@@ -491,6 +498,16 @@ async fn run() -> std::process::ExitCode {
                 .await
             {
                 Ok(store) => app_with(&config, redis.insert(store).clone(), args.upstream.as_ref()),
+                // A cluster's slots are read now: a cluster that cannot be
+                // reached is an outage, not bad flags (exit code 1).
+                Err(e)
+                    if urls.len() > 1 && urls.iter().all(|u| redis::Client::open(*u).is_ok()) =>
+                {
+                    eprintln!(
+                        "--redis: the Redis Cluster cannot be reached, and its slots are read at startup: {e}"
+                    );
+                    return std::process::ExitCode::from(1);
+                }
                 Err(e) => {
                     eprintln!("--redis: {e}");
                     return std::process::ExitCode::from(2);

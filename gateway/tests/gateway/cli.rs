@@ -146,3 +146,26 @@ fn a_bad_flag_or_value_is_a_clear_error_with_status_2() {
         assert!(!err.contains("hunter22"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn an_unreachable_redis_cluster_at_startup_is_an_outage_with_status_1() {
+    // Nothing listens on ports 1 and 2: the cluster's slots cannot be read.
+    let out = run(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--redis",
+        "redis://127.0.0.1:1/,redis://127.0.0.1:2/",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the Redis Cluster cannot be reached"), "{err}");
+    assert!(!err.contains("serving anyway"), "{err}");
+    // A node that is not a URL is bad flags, as ever.
+    let out = run(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--redis",
+        "redis://127.0.0.1:1/,not a url",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}
