@@ -482,7 +482,7 @@ throttle = { rate = 10, burst = 20 }
             (
                 PLAN.replace("quota = {", "qouta = {"),
                 8,
-                "plans[0].models.small.qouta",
+                "plans[0].models.\"small\".qouta",
             ),
         ];
         for (src, line, path) in cases {
