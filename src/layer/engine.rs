@@ -464,6 +464,7 @@ impl<K, S: Store> Shared<K, S> {
         Acquire::gather(
             c.stage,
             account,
+            self.history_days(),
             &c.subject,
             req,
             model,
@@ -788,9 +789,18 @@ impl<K> Shared<K, MemoryStore> {
         }
         let account = c.account.map(|a| &**a);
         let model = c.plan.model(None);
-        let result = Acquire::gather(c.stage, account, &c.subject, None, model, cost, 0, |a| {
-            self.store.decide::<()>(a, &mut ())
-        });
+        let history = self.history_days();
+        let result = Acquire::gather(
+            c.stage,
+            account,
+            history,
+            &c.subject,
+            None,
+            model,
+            cost,
+            0,
+            |a| self.store.decide::<()>(a, &mut ()),
+        );
         match result {
             Ok(()) => self.check_allowed(c, cost),
             Err(d) => self.check_refused(c, cost, d, denied),

@@ -326,7 +326,10 @@ impl<'a> Acquire<'a> {
     /// limits, the account's (when the key belongs to one), the plan's
     /// throttle, the method overrides matching the request's route (none
     /// without a request), the token budget, the quotas and the concurrency
-    /// cap, in the order every store weighs them.
+    /// cap, in the order every store weighs them. The account's request
+    /// quota keeps `account_history` days of usage, the policy's, whatever
+    /// `subject` keeps: a key the resolver answered keeps none of its own,
+    /// and would cut the history of the account it shares.
     /// Built where `run` reads it: returned, the description (some 600
     /// bytes) would be copied on every request.
     #[inline(always)]
@@ -334,6 +337,7 @@ impl<'a> Acquire<'a> {
     pub(crate) fn gather<T>(
         stage: Option<&'a StageLimits>,
         account: Option<&'a AccountLimits>,
+        account_history: u32,
         subject: &Subject<'a>,
         req: Option<&RequestView<'_>>,
         model: Option<&'a ModelEntry>,
@@ -364,7 +368,7 @@ impl<'a> Acquire<'a> {
                 acquire.tokens = tokens;
                 acquire.push(t);
             }
-            acquire.account_quotas = [account.request_quota(subject.history_days), None, None];
+            acquire.account_quotas = [account.request_quota(account_history), None, None];
             if account.tokens.is_some() {
                 acquire.tokens = tokens;
                 let [day, month] = account.token_quotas();

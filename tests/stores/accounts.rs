@@ -327,6 +327,40 @@ async fn replacing_the_account_throttle_keeps_its_emptied_bucket_empty<B: Backen
     assert_eq!(denied_by(&l, b"va").await.as_deref(), Some("account"));
 }
 
+async fn a_key_the_resolver_answers_keeps_the_accounts_history<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = UsagePlan::new("p").borrow(false);
+    let account = Account::new("acme").quota(Quota::new(10, Period::Day).unwrap());
+    // "vr" is the key "r" of the account, kept outside the policy.
+    let lookup = |value: String| async move {
+        Ok(match value.as_str() {
+            "vr" => {
+                tollgate::Resolution::Found(tollgate::ResolvedKey::new("r", "p").account("acme"))
+            }
+            _ => tollgate::Resolution::Unknown,
+        })
+    };
+    let l = RateLimitLayer::builder(policy(&clock, plan, account).build().unwrap())
+        .store(b.store(&clock).await)
+        .resolver(tollgate::Resolver::new(lookup).clock(clock.clone()))
+        .build();
+    // Each day the resolved key uses the account first, then a registered
+    // key: the account's days are all of its keys' together.
+    for (key, n) in [(&b"vr"[..], 1), (b"va", 2)] {
+        for _ in 0..n {
+            assert_eq!(denied_by(&l, key).await, None);
+        }
+    }
+    clock.advance(Duration::from_secs(86_400));
+    for key in [&b"vr"[..], b"va"] {
+        assert_eq!(denied_by(&l, key).await, None);
+    }
+    let next = Date::new(2024, 5, 7).unwrap();
+    let usage = l.admin().account_usage("acme", day(), next).await.unwrap();
+    assert_eq!(usage.days, vec![[3, 7], [2, 8]]);
+}
+
 on_each_backend!(
     "accounts":
     two_keys_together_never_pass_the_account_throttle_or_quota,
@@ -336,6 +370,7 @@ on_each_backend!(
     a_denial_by_the_account_charges_the_key_nothing,
     token_settlement_reaches_the_account,
     replacing_the_account_throttle_keeps_its_emptied_bucket_empty,
+    a_key_the_resolver_answers_keeps_the_accounts_history,
 );
 
 /// On a Redis Cluster, where the stage, each account and each key live in
