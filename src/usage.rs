@@ -298,6 +298,16 @@ impl<S: Store> Admin<S> {
         let n = keys.len();
         let shared = self.shared().is_some();
         registry.change(|w| {
+            // A key added since the check above (the lock was let go in
+            // between) refuses the whole batch here, before any key of it
+            // is added: an import is all or nothing. (A shared registry's
+            // write above was the arbiter.)
+            if !shared {
+                for (i, (k, (digest, _))) in keys.iter().zip(&entries).enumerate() {
+                    w.free(&k.id, *digest)
+                        .map_err(|c| fail(i, &k.id, clash_error(c, &k.id).into()))?;
+                }
+            }
             let snap = self.policy.load();
             for (k, (digest, entry)) in keys.iter().zip(entries) {
                 let entry = snap.fresh(entry);
