@@ -141,7 +141,11 @@ impl<K> RateLimitLayer<K, MemoryStore> {
     /// ```
     ///
     /// Method overrides do not apply (there is no route); stage limits and
-    /// quotas do.
+    /// quotas do. `cost` counts requests: a token budget is charged nothing
+    /// (it is only checked, as a peek checks it: a budget in debt refuses).
+    /// To charge tokens without an HTTP request, send one through the layer
+    /// with a [`TokenEstimate`](crate::TokenEstimate) extension, as the
+    /// repository's `examples/grpc_inference.rs` does in its method.
     ///
     /// With a [resolver](RateLimitLayerBuilder::resolver), `check` never
     /// waits for it: a key value the policy does not hold is decided from the
@@ -182,23 +186,33 @@ impl<K, S: Store> RateLimitLayer<K, S> {
     where
         K: Send + Sync + 'static,
     {
-        let mut report = Report::default();
-        let step = self.shared.check_any(key, cost, &mut report);
-        let shared = Arc::clone(&self.shared);
+        // The memory store decides here, before the future is polled: a
+        // place it takes is held by `held` until the future gives it back,
+        // and given back when the future is dropped first (never polled, or
+        // the losing branch of a `select!`).
+        let mut held = Held {
+            shared: Arc::clone(&self.shared),
+            report: Report::default(),
+        };
+        let step = self.shared.check_any(key, cost, &mut held.report);
         async move {
+            let mut held = held;
+            let shared = Arc::clone(&held.shared);
             let step = match step {
-                Step::Resolve(lookup) => shared.check_resolved(&lookup.await, cost, &mut report),
+                Step::Resolve(lookup) => {
+                    shared.check_resolved(&lookup.await, cost, &mut held.report)
+                }
                 step => step,
             };
             let decided = match step {
-                Step::Done(d) => d.map(|()| report),
+                Step::Done(d) => d.map(|()| std::mem::take(&mut held.report)),
                 Step::Wait(f, failure, watch) => {
                     shared.conclude_watched(f.await, failure, watch, None)
                 }
                 // A resolved key is never looked up again.
                 Step::Resolve(_) => Err(refused(Rejection::key(Reason::ResolverUnavailable), None)),
                 // Without a request there is no body to read: never asked.
-                Step::Read => Ok(report),
+                Step::Read => Ok(std::mem::take(&mut held.report)),
             };
             // Without a response to hold it through, a place under a
             // concurrency cap is given back at once.
@@ -753,5 +767,22 @@ impl<K: fmt::Debug, S> fmt::Debug for RateLimitLayerBuilder<K, S> {
             .field("policy", &self.policy)
             .field("headers", &self.headers)
             .finish_non_exhaustive()
+    }
+}
+
+/// What [`RateLimitLayer::decide`] decided before its future was polled:
+/// the places under concurrency caps its report holds are given back when
+/// it is dropped, unless the future took the report to give them back
+/// itself.
+struct Held<K, S: Store> {
+    shared: SharedState<K, S>,
+    report: Report,
+}
+
+impl<K, S: Store> Drop for Held<K, S> {
+    fn drop(&mut self) {
+        for permit in self.report.permits() {
+            self.shared.store.release(permit);
+        }
     }
 }

@@ -329,3 +329,28 @@ fn failures_are_logged_once_per_burst_not_per_request() {
     });
     assert_eq!(layer.store_failures(), 210);
 }
+
+/// `decide` on the memory store decides before its future is polled: a
+/// place it takes under a concurrency cap is given back when the future is
+/// dropped first, never polled or the losing branch of a `select!`.
+#[tokio::test]
+async fn a_decide_future_dropped_before_it_is_polled_gives_its_place_back() {
+    let layer = RateLimitLayer::new(Policy::per_key(UsagePlan::new("p").concurrency(1)).unwrap());
+    drop(layer.decide(b"k", 1));
+    assert!(layer.decide(b"k", 1).await.is_ok());
+    for _ in 0..3 {
+        tokio::select! {
+            biased;
+            () = std::future::ready(()) => {}
+            _ = layer.decide(b"k", 1) => panic!("the ready branch comes first"),
+        }
+    }
+    let standing = layer.standing(b"k").await.unwrap();
+    let cap = standing
+        .limits()
+        .iter()
+        .find(|l| l.name() == "concurrency")
+        .expect("the cap's standing");
+    assert_eq!(cap.remaining(), 1, "{standing:?}");
+    assert!(layer.decide(b"k", 1).await.is_ok());
+}
