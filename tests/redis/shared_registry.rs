@@ -341,3 +341,90 @@ async fn plans_are_shared_and_an_admin_change_while_redis_is_down_changes_nothin
     assert!(matches!(err, tollgate::AdminError::Store(_)), "{err:?}");
     assert!(a.admin().key("g-1").unwrap().enabled);
 }
+
+/// How long the tests below wait for a change to reach an instance.
+const WAIT: Duration = Duration::from_millis(1500);
+
+type Layer = RateLimitLayer<tollgate::extract::ApiKeyHeader, RedisStore>;
+
+async fn shared_store(redis: &RedisServer) -> RedisStore {
+    RedisStore::builder(redis.url())
+        .timeout(Duration::from_secs(2))
+        .key_secret("shared-secret")
+        .build()
+        .await
+        .unwrap()
+}
+
+/// An instance with plans "free" and "pro" and `statics` (id, value) on "free".
+async fn instance(redis: &RedisServer, statics: &[(&str, &str)]) -> Layer {
+    let mut b = Policy::builder()
+        .plan(UsagePlan::new("free").throttle(Throttle::new(1000.0, 1000).unwrap()))
+        .plan(UsagePlan::new("pro").throttle(Throttle::new(1000.0, 1000).unwrap()));
+    for (id, value) in statics {
+        b = b.key(ApiKey::new(*id, *value, "free"));
+    }
+    RateLimitLayer::builder(b.build().unwrap())
+        .store(shared_store(redis).await)
+        .build()
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < WAIT, "{what}: not within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A key record edited by hand so that it is not UTF-8 is skipped; every
+/// other key is still read, by a new instance and by one that must read the
+/// whole registry again (after a change too large to log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_non_utf8_key_record_stops_every_full_read_of_the_registry() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let a = instance(&redis, &[]).await;
+    let b = instance(&redis, &[]).await;
+    a.admin()
+        .add_key(ApiKey::new("good", "value-of-good-dddddddd", "free"))
+        .await
+        .unwrap();
+    until("good reaches b", || b.admin().key("good").is_some()).await;
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("HSET")
+        .arg("{tollgate:registry}:keys")
+        .arg("junk")
+        .arg(&b"\xff\xfe not a record"[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // An import too large to log (> 256 KiB): every instance reads the
+    // registry again.
+    let long = "x".repeat(240);
+    let batch: Vec<ApiKey> = (0..1200)
+        .map(|i| {
+            let value = format!("imported-value-{i:05}-eeee");
+            ApiKey::new(format!("{long}-{i:05}"), value, "free")
+        })
+        .collect();
+    a.admin().import_keys(batch).await.unwrap();
+    a.admin()
+        .add_key(ApiKey::new("after", "value-of-after-ffffffff", "free"))
+        .await
+        .unwrap();
+
+    let c = instance(&redis, &[]).await;
+    until("after reaches b", || b.admin().key("after").is_some()).await;
+    until("after reaches c", || c.admin().key("after").is_some()).await;
+    for l in [&b, &c] {
+        assert!(l.admin().key("good").is_some());
+        assert!(l.admin().key("junk").is_none());
+        assert_eq!(l.admin().keys().len(), 1202);
+    }
+}

@@ -376,6 +376,19 @@ fn bad_reply() -> StoreError {
     StoreError::new("redis: unexpected registry reply")
 }
 
+/// A hash's fields and their values, as Redis holds them.
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A hash field and its value as text; when either is not UTF-8, the
+/// field's name (lossily decoded) to name in a warning.
+fn text((name, value): (Vec<u8>, Vec<u8>)) -> Result<(String, String), String> {
+    match (String::from_utf8(name), String::from_utf8(value)) {
+        (Ok(name), Ok(value)) => Ok((name, value)),
+        (Ok(name), Err(_)) => Err(name),
+        (Err(e), _) => Err(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    }
+}
+
 /// A place in the log: the version applied, and the last entry read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Cursor {
@@ -526,8 +539,11 @@ impl Inner {
         })
     }
 
-    /// Every field of the registry hash `key`, in pages.
-    async fn registry_scan(&self, key: &str) -> Result<Vec<(String, String)>, StoreError> {
+    /// Every field of the registry hash `key`, in pages, as Redis holds
+    /// it: bytes, so that one field edited by hand into something that is
+    /// not UTF-8 is skipped by the reader instead of failing the whole read
+    /// (and with it every full read of the registry, for good).
+    async fn registry_scan(&self, key: &str) -> Result<Fields, StoreError> {
         let mut all = Vec::new();
         let mut cursor = "0".to_owned();
         loop {
@@ -537,7 +553,7 @@ impl Inner {
                 .arg("COUNT")
                 .arg(PAGE)
                 .clone();
-            let (next, fields): (String, Vec<(String, String)>) = self.command(cmd).await?;
+            let (next, fields): (String, Fields) = self.command(cmd).await?;
             all.extend(fields);
             if next == "0" {
                 return Ok(all);
@@ -636,17 +652,41 @@ impl Inner {
         for _ in 0..3 {
             let mut cursor = self.registry_head().await?.cursor();
             let mut state = State::default();
-            state.plans.extend(self.registry_scan(&plans).await?);
-            state.accounts.extend(self.registry_scan(&accounts).await?);
-            for (id, text) in self.registry_scan(&keys).await? {
-                match codec::parse_record(&id, &text) {
-                    Some(k) => state.put(k),
-                    None => tracing::warn!(id, "a key record in Redis cannot be read; skipped"),
+            for field in self.registry_scan(&plans).await? {
+                match text(field) {
+                    Ok((name, encoded)) => {
+                        state.plans.insert(name, encoded);
+                    }
+                    Err(name) => tracing::warn!(name, "a plan in Redis cannot be read; skipped"),
                 }
             }
-            for (id, _) in self.registry_scan(&removed).await? {
-                state.keys.remove(&id);
-                state.removed.insert(id);
+            for field in self.registry_scan(&accounts).await? {
+                match text(field) {
+                    Ok((name, encoded)) => {
+                        state.accounts.insert(name, encoded);
+                    }
+                    Err(name) => {
+                        tracing::warn!(name, "an account in Redis cannot be read; skipped")
+                    }
+                }
+            }
+            for field in self.registry_scan(&keys).await? {
+                match text(field) {
+                    Ok((id, record)) => match codec::parse_record(&id, &record) {
+                        Some(k) => state.put(k),
+                        None => tracing::warn!(id, "a key record in Redis cannot be read; skipped"),
+                    },
+                    Err(id) => tracing::warn!(id, "a key record in Redis cannot be read; skipped"),
+                }
+            }
+            for field in self.registry_scan(&removed).await? {
+                match text(field) {
+                    Ok((id, _)) => {
+                        state.keys.remove(&id);
+                        state.removed.insert(id);
+                    }
+                    Err(id) => tracing::warn!(id, "a tombstone in Redis cannot be read; skipped"),
+                }
             }
             let Some(entries) = self.registry_read(&mut cursor).await? else {
                 continue;
