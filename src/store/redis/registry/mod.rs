@@ -336,10 +336,11 @@ impl RedisStore {
     }
 
     /// The registry as Redis holds it, and its version: every plan and
-    /// account, then every live key (as [`Change::AddKey`]; a key in Redis
-    /// replaces one of the same id in a static configuration), then every
-    /// tombstone (as [`Change::RemoveKey`]), to apply over a static
-    /// configuration in this order.
+    /// account, then every tombstone (as [`Change::RemoveKey`]), then every
+    /// live key (as [`Change::AddKey`]; a key in Redis replaces one of the
+    /// same id in a static configuration), to apply over a static
+    /// configuration in this order: the tombstones first, so that a value
+    /// hash a removed static key held is free for the live key that has it.
     ///
     /// Read in pages, each bounded by the store's timeout, so Redis is never
     /// held up by a large registry; changes made meanwhile are read from the
@@ -471,9 +472,13 @@ impl State {
             (self.plans.into_iter()).map(|(name, encoded)| Change::PutPlan { name, encoded });
         let accounts =
             (self.accounts.into_iter()).map(|(name, encoded)| Change::PutAccount { name, encoded });
-        let keys = self.keys.into_values().map(Change::AddKey);
         let removed = (self.removed.into_iter()).map(|id| Change::RemoveKey { id });
-        plans.chain(accounts).chain(keys).chain(removed).collect()
+        let keys = self.keys.into_values().map(Change::AddKey);
+        // Tombstones before live keys: a static key removed through another
+        // instance frees its value hash before a live key that has that
+        // value now is put (put first, it would clash with the static key
+        // still there, be skipped, and the value would be nobody's).
+        plans.chain(accounts).chain(removed).chain(keys).collect()
     }
 }
 

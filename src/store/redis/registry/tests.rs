@@ -160,12 +160,12 @@ async fn a_store_started_later_loads_the_registry_with_tombstones() {
         vec![
             writes[5].clone(),
             writes[0].clone(),
-            Change::AddKey(k1),
-            Change::AddKey(k3),
             Change::RemoveKey { id: "k2".into() },
             Change::RemoveKey {
                 id: "static".into()
             },
+            Change::AddKey(k1),
+            Change::AddKey(k3),
         ]
     );
     // A removed key's value is free again, and its id can come back.
