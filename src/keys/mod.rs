@@ -321,6 +321,14 @@ impl Writer<'_> {
         }
     }
 
+    /// The value digest and entry of every key, in no order.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn entries(&self) -> Vec<(Digest, KeyEntry)> {
+        (self.keys.iter())
+            .map(|(d, e)| (Digest::from(*d), e.clone()))
+            .collect()
+    }
+
     /// Removes the key with this id; returns its entry.
     pub(crate) fn remove(&mut self, id: &str) -> Option<KeyEntry> {
         let state = Key::from(hash::digest(id.as_bytes()));

@@ -66,6 +66,7 @@ impl Policy {
 
 #[cfg(feature = "redis")]
 mod redis_registry {
+    use std::collections::HashSet;
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
 
@@ -138,8 +139,11 @@ mod redis_registry {
                      its own keys are not found by their values"
                 );
             }
+            // The static configuration as built (under the shared hash
+            // key): what a reload starts from, as a new instance does.
+            let statics = self.keys().change(|w| w.entries());
             let (version, all) = shared.store.take_preloaded().unwrap_or_default();
-            self.apply_all(all);
+            self.apply_all(all, None);
             let policy = self.clone();
             shared.store.registry_watch(
                 Arc::new(move |update| match update {
@@ -150,7 +154,7 @@ mod redis_registry {
                     }
                     RegistryUpdate::Reload { all, .. } => {
                         policy.inner.own_versions.lock().clear();
-                        policy.apply_all(all);
+                        policy.apply_all(all, Some(&statics));
                     }
                 }),
                 version,
@@ -172,14 +176,25 @@ mod redis_registry {
         /// Applies a change another instance made, over the static
         /// configuration.
         fn apply(&self, change: Change) {
-            self.apply_all(vec![change]);
+            self.apply_all(vec![change], None);
         }
 
         /// Applies changes (the registry as loaded, or one change): plans
         /// and accounts first, then every key under one hold of the
         /// registry's write lock. A key whose plan or account this instance
         /// does not know is skipped and logged.
-        fn apply_all(&self, changes: Vec<Change>) {
+        ///
+        /// A reload (`statics`: the static configuration's keys) is the
+        /// whole registry as Redis holds it, and replaces what this instance
+        /// had from Redis: a key not in the static configuration that the
+        /// reload neither holds nor removes is gone from Redis (flushed, or
+        /// lost in a failover) and is removed here too, and a static key
+        /// the reload does not name is put back as configured (a change of
+        /// it made through Redis was lost with the rest). The instance then
+        /// holds what a new one with its configuration loads. Plans and
+        /// accounts are never removed (keys may still name them) and stay
+        /// as they are.
+        fn apply_all(&self, changes: Vec<Change>, statics: Option<&[(Digest, KeyEntry)]>) {
             let mut keys = Vec::new();
             for change in changes {
                 match change {
@@ -220,12 +235,15 @@ mod redis_registry {
                     other => keys.push(other),
                 }
             }
-            if keys.is_empty() {
+            if keys.is_empty() && statics.is_none() {
                 return;
             }
             self.keys().change(|w| {
                 // Under the lock plan and account changes hold too.
                 let snap = self.load();
+                if let Some(statics) = statics {
+                    restart(w, &snap, statics, &keys);
+                }
                 for change in keys {
                     match change {
                         Change::AddKey(r) | Change::UpdateKey(r) => put(w, &snap, r),
@@ -237,6 +255,42 @@ mod redis_registry {
                     }
                 }
             });
+        }
+    }
+
+    /// Brings the registry back to its static configuration before a
+    /// reload's `keys` are applied: removes every key neither static nor
+    /// named by the reload, and puts back every static key it does not
+    /// name.
+    fn restart(
+        w: &mut Writer<'_>,
+        snap: &Snapshot,
+        statics: &[(Digest, KeyEntry)],
+        keys: &[Change],
+    ) {
+        let mut named = HashSet::new();
+        for change in keys {
+            match change {
+                Change::AddKey(r) | Change::UpdateKey(r) => {
+                    named.insert(&*r.id);
+                }
+                Change::Import(rs) => named.extend(rs.iter().map(|r| &*r.id)),
+                Change::RemoveKey { id } => {
+                    named.insert(&**id);
+                }
+                Change::PutPlan { .. } | Change::PutAccount { .. } => {}
+            }
+        }
+        let is_static: HashSet<&str> = statics.iter().map(|(_, e)| &*e.id).collect();
+        for (_, e) in w.entries() {
+            if !named.contains(&*e.id) && !is_static.contains(&*e.id) {
+                w.remove(&e.id);
+            }
+        }
+        for (digest, entry) in statics {
+            if !named.contains(&*entry.id) && w.put(*digest, snap.fresh(entry.clone())).is_err() {
+                tracing::warn!(key = %entry.id, "a static key's value is another key's here: not put back");
+            }
         }
     }
 

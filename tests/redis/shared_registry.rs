@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tollgate::{Account, ApiKey, Policy, RateLimitLayer, RedisStore, Throttle, UsagePlan};
 
-use crate::support::redis::{RedisServer, require_redis};
+use crate::support::redis::{RedisServer, command, require_redis};
 use crate::support::server::ServerProcess;
 
 /// How soon a change made through one instance must be served by another.
@@ -455,4 +455,56 @@ async fn a_new_instance_loses_a_key_whose_value_a_removed_static_key_had() {
     assert!(c.admin().key("k1").is_none(), "c honours the tombstone");
     assert!(c.admin().key("k2").is_some(), "c has k2, as a and b do");
     assert!(c.decide(b"static-value-vvvvvvvvv", 1).await.is_ok());
+}
+
+/// Redis loses its data (FLUSHALL, or a failover that lost changes): an
+/// instance that reloads then drops the keys it had from Redis that Redis no
+/// longer holds, as a new instance does not know them; its static keys stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_after_redis_lost_its_data_keeps_keys_redis_no_longer_holds() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let statics = [("s1", "static-value-ssssssss")];
+    let a = instance(&redis, &statics).await;
+    let b = instance(&redis, &statics).await;
+    a.admin()
+        .add_key(ApiKey::new("k1", "value-of-k1-aaaaaaaa", "free"))
+        .await
+        .unwrap();
+    a.admin().set_enabled("s1", false).await.unwrap();
+    until("k1 reaches b", || b.admin().key("k1").is_some()).await;
+    until("s1 disabled on b", || {
+        b.admin().key("s1").is_some_and(|k| !k.enabled)
+    })
+    .await;
+
+    // a's watcher reads its own changes first (a watcher that has read no
+    // entry yet cannot tell a log written again from the one it awaits).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    command(redis.addr(), &["FLUSHALL"]).unwrap();
+    // One more change after the flush, so that the log has moved on.
+    a.admin()
+        .put_plan(UsagePlan::new("gold").throttle(Throttle::new(5.0, 5).unwrap()))
+        .await
+        .unwrap();
+    until("b reloads (gold reaches b)", || {
+        b.admin().plan("gold").is_some()
+    })
+    .await;
+    until("a reloads (k1 leaves a)", || a.admin().key("k1").is_none()).await;
+
+    let c = instance(&redis, &statics).await;
+    assert!(c.admin().key("k1").is_none(), "c: Redis holds no k1");
+    for l in [&a, &b, &c] {
+        assert!(l.admin().key("k1").is_none(), "Redis holds no k1");
+        assert!(l.decide(b"value-of-k1-aaaaaaaa", 1).await.is_err());
+        let s1 = l.admin().key("s1").expect("a static key stays");
+        assert!(
+            s1.enabled,
+            "back to its configuration: Redis holds no change of it"
+        );
+        assert!(l.decide(b"static-value-ssssssss", 1).await.is_ok());
+    }
 }
