@@ -1,6 +1,6 @@
 //! The policy: which plan and limits apply to a request's key, changeable while serving.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -75,10 +75,12 @@ pub(crate) struct PolicyInner {
     /// Whether the registry is shared through a store already.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) attached: AtomicBool,
-    /// Versions of a shared registry this instance wrote (and applied)
-    /// itself, which its watcher need not apply again.
+    /// The version of a shared registry the watcher has applied, every
+    /// change up to it in version order (this instance's own among them).
+    /// Held while a change is applied, by the watcher and by `Admin`
+    /// applying its own write at once, so that the two never interleave.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) own_versions: Mutex<BTreeSet<u64>>,
+    pub(crate) applied: Mutex<u64>,
 }
 
 /// A key of the policy as it was built: its id and value.
@@ -168,7 +170,7 @@ impl Policy {
                 history_days,
                 statics: Mutex::new(Some(statics)),
                 attached: AtomicBool::new(false),
-                own_versions: Mutex::new(BTreeSet::new()),
+                applied: Mutex::new(0),
             }),
         }
     }

@@ -217,11 +217,12 @@ impl<S: Store> Admin<S> {
             .map_err(|c| clash_error(c, &key.id))?;
         if let Some(shared) = self.shared() {
             let v = shared.write(Edit::Add(record(&key, digest))).await?;
-            self.policy.made(v);
-            // Accepted for every instance: applied here even if the log's
-            // copy of it came first.
-            keys.change(|w| w.put(digest, self.policy.load().fresh(checked.entry)))
-                .map_err(|c| clash_error(c, &key.id))?;
+            // Accepted for every instance: applied here at once, unless the
+            // watcher applied it (and what came after it) first.
+            if let Some(_applied) = self.policy.made(v) {
+                keys.change(|w| w.put(digest, self.policy.load().fresh(checked.entry)))
+                    .map_err(|c| clash_error(c, &key.id))?;
+            }
             return Ok(());
         }
         keys.change(|w| w.add_digest(digest, self.policy.load().fresh(checked.entry)))
@@ -271,6 +272,7 @@ impl<S: Store> Admin<S> {
             }
             Ok(())
         })?;
+        let mut written = None;
         if let Some(shared) = self.shared() {
             let records = keys
                 .iter()
@@ -278,7 +280,7 @@ impl<S: Store> Admin<S> {
                 .map(|(k, (digest, _))| record(k, *digest))
                 .collect();
             match shared.write(Edit::Import(records)).await {
-                Ok(v) => self.policy.made(v),
+                Ok(v) => written = Some(v),
                 Err(e) => {
                     // Name the entry another instance's key clashed with.
                     let id = match &e {
@@ -296,6 +298,13 @@ impl<S: Store> Admin<S> {
             }
         }
         let n = keys.len();
+        // Applied here at once, unless the watcher applied it (and what
+        // came after it) first.
+        let _applied = match written.map(|v| self.policy.made(v)) {
+            Some(None) => return Ok(n),
+            Some(applied) => applied,
+            None => None,
+        };
         let shared = self.shared().is_some();
         registry.change(|w| {
             // A key added since the check above (the lock was let go in
@@ -333,10 +342,11 @@ impl<S: Store> Admin<S> {
         }
         if let Some(shared) = self.shared() {
             let v = shared.write(Edit::Remove(id.to_owned())).await?;
-            self.policy.made(v);
-            // Removed for every instance (here too, if the log's copy of
-            // the change came first).
-            self.policy.keys().change(|w| w.remove(id));
+            // Removed for every instance: here at once, unless the watcher
+            // applied it (and what came after it) first.
+            if let Some(_applied) = self.policy.made(v) {
+                self.policy.keys().change(|w| w.remove(id));
+            }
             return Ok(());
         }
         match self.policy.keys().change(|w| w.remove(id)) {
@@ -389,6 +399,7 @@ impl<S: Store> Admin<S> {
         let now = self.now();
         // Checked before it is shared.
         Plan::compile(&plan, now)?;
+        let mut written = None;
         if let Some(shared) = self.shared() {
             let snap = self.policy.load();
             let created = snap
@@ -397,9 +408,15 @@ impl<S: Store> Admin<S> {
                 .unwrap_or(now);
             let encoded = crate::plan::wire::encode_plan(&plan, created);
             let name = plan.name().to_owned();
-            let v = shared.write(Edit::Plan { name, encoded }).await?;
-            self.policy.made(v);
+            written = Some(shared.write(Edit::Plan { name, encoded }).await?);
         }
+        // Applied here at once, unless the watcher applied it (and what came
+        // after it) first.
+        let _applied = match written.map(|v| self.policy.made(v)) {
+            Some(None) => return Ok(()),
+            Some(applied) => applied,
+            None => None,
+        };
         let (compiled, changed) = self.policy.put_plan(&plan, now, now)?;
         // Throttles kept at the same place (salt) with new numbers: convert
         // each key's state so the share of its bucket in use carries over,
@@ -447,6 +464,7 @@ impl<S: Store> Admin<S> {
     pub async fn put_account(&self, account: crate::Account) -> Result<(), AdminError> {
         self.registered()?;
         let now = self.now();
+        let mut written = None;
         if let Some(shared) = self.shared() {
             let snap = self.policy.load();
             let created = snap
@@ -455,9 +473,15 @@ impl<S: Store> Admin<S> {
                 .unwrap_or(now);
             let encoded = crate::plan::wire::encode_account(&account, created);
             let name = account.name().to_owned();
-            let v = shared.write(Edit::Account { name, encoded }).await?;
-            self.policy.made(v);
+            written = Some(shared.write(Edit::Account { name, encoded }).await?);
         }
+        // Applied here at once, unless the watcher applied it (and what came
+        // after it) first.
+        let _applied = match written.map(|v| self.policy.made(v)) {
+            Some(None) => return Ok(()),
+            Some(applied) => applied,
+            None => None,
+        };
         let (compiled, changed) = self.policy.put_account(&account, now, now)?;
         // The account's state is its own, shared by all its keys (whoever
         // registered or resolved them): converted once.
@@ -659,7 +683,12 @@ impl<S: Store> Admin<S> {
                 enabled: new.enabled,
             };
             let v = shared.write(Edit::Update(r)).await?;
-            self.policy.made(v);
+            // Applied here at once, unless the watcher applied it (and what
+            // came after it) first.
+            if let Some(_applied) = self.policy.made(v) {
+                keys.change(|w| w.replace(self.policy.load().fresh(new)));
+            }
+            return Ok(());
         }
         // The plan and account as they are now (one may have been put
         // meanwhile).

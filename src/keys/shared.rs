@@ -61,7 +61,9 @@ impl SharedRegistry {
 impl Policy {
     pub(crate) fn attach(&self, _shared: &SharedRegistry) {}
 
-    pub(crate) fn made(&self, _version: u64) {}
+    pub(crate) fn made(&self, _version: u64) -> Option<()> {
+        Some(())
+    }
 }
 
 #[cfg(feature = "redis")]
@@ -78,6 +80,7 @@ mod redis_registry {
     use crate::policy::{Policy, Snapshot};
     use crate::store::redis::registry::{Change, KeyRecord, RegistryError, RegistryUpdate};
     use crate::usage::AdminError;
+    use std::sync::MutexGuard;
 
     impl SharedRegistry {
         pub(crate) fn new(store: crate::RedisStore) -> Self {
@@ -144,37 +147,41 @@ mod redis_registry {
             let statics = self.keys().change(|w| w.entries());
             let (version, all) = shared.store.take_preloaded().unwrap_or_default();
             self.apply_all(all, None);
+            *self.inner.applied.lock() = version;
             let policy = self.clone();
             shared.store.registry_watch(
                 Arc::new(move |update| match update {
+                    // Every change in version order, this instance's own
+                    // too (applying one again changes nothing): the last
+                    // applied is the one of the highest version, as in
+                    // Redis, though an older change of another instance
+                    // arrived after this instance applied its own.
                     RegistryUpdate::Change { version, change } => {
-                        if !policy.inner.own_versions.lock().remove(&version) {
-                            policy.apply(change);
-                        }
+                        let mut applied = policy.inner.applied.lock();
+                        policy.apply(change);
+                        *applied = version;
                     }
-                    RegistryUpdate::Reload { all, .. } => {
-                        policy.inner.own_versions.lock().clear();
+                    RegistryUpdate::Reload { version, all } => {
+                        let mut applied = policy.inner.applied.lock();
                         policy.apply_all(all, Some(&statics));
+                        *applied = version;
                     }
                 }),
                 version,
             );
         }
 
-        /// Notes that this instance made the change of `version` itself (and
-        /// applied it already), so that the log's copy is not applied twice.
-        pub(crate) fn made(&self, version: u64) {
-            let mut own = self.inner.own_versions.lock();
-            own.insert(version);
-            // Versions the watcher skipped past (a reload) are never removed
-            // one by one: keep the set small.
-            while own.len() > 1_024 {
-                own.pop_first();
-            }
+        /// This instance wrote the change of `version`: the hold under which
+        /// `Admin` applies it at once, so that it is served here without
+        /// waiting for the log. `None` when the watcher has applied that
+        /// version already (and maybe a later change of the same key, which
+        /// applying this one now would undo): the change is in place.
+        pub(crate) fn made(&self, version: u64) -> Option<MutexGuard<'_, u64>> {
+            let applied = self.inner.applied.lock();
+            (*applied < version).then_some(applied)
         }
 
-        /// Applies a change another instance made, over the static
-        /// configuration.
+        /// Applies a change from the log, over the static configuration.
         fn apply(&self, change: Change) {
             self.apply_all(vec![change], None);
         }

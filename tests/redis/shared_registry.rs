@@ -508,3 +508,60 @@ async fn a_reload_after_redis_lost_its_data_keeps_keys_redis_no_longer_holds() {
         assert!(l.decide(b"static-value-ssssssss", 1).await.is_ok());
     }
 }
+
+/// Two changes of one key at once from a and b: b moves it to "pro", then a
+/// (which has not yet seen the move) disables it. a ends as Redis and every
+/// other instance do, with the change of the higher version: a's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_of_one_key_leave_the_writer_with_the_older_one() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let a = instance(&redis, &[]).await;
+    let b = instance(&redis, &[]).await;
+    a.admin()
+        .add_key(ApiKey::new("k", "value-of-k-cccccccccc", "free"))
+        .await
+        .unwrap();
+    until("k reaches b", || b.admin().key("k").is_some()).await;
+
+    b.admin().set_plan("k", "pro").await.unwrap();
+    a.admin().set_enabled("k", false).await.unwrap();
+    tokio::time::sleep(WAIT).await;
+    let (ka, kb) = (a.admin().key("k").unwrap(), b.admin().key("k").unwrap());
+    let c = instance(&redis, &[]).await;
+    let kc = c.admin().key("k").unwrap();
+    assert!(!kc.enabled, "a's change is the last one");
+    for k in [&ka, &kb] {
+        assert_eq!((k.plan.as_str(), k.enabled), (kc.plan.as_str(), kc.enabled));
+    }
+    for l in [&a, &b, &c] {
+        assert!(l.decide(b"value-of-k-cccccccccc", 1).await.is_err());
+    }
+}
+
+/// The same with a removal: b moves k to "pro", then a removes k. b's older
+/// change does not bring k back on a.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_removed_through_a_comes_back_on_a_from_an_older_change_of_b() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let a = instance(&redis, &[]).await;
+    let b = instance(&redis, &[]).await;
+    a.admin()
+        .add_key(ApiKey::new("k", "value-of-k-gggggggggg", "free"))
+        .await
+        .unwrap();
+    until("k reaches b", || b.admin().key("k").is_some()).await;
+
+    b.admin().set_plan("k", "pro").await.unwrap();
+    a.admin().remove_key("k").await.unwrap();
+    tokio::time::sleep(WAIT).await;
+    for l in [&a, &b] {
+        assert!(l.admin().key("k").is_none(), "{:?}", l.admin().key("k"));
+        assert!(l.decide(b"value-of-k-gggggggggg", 1).await.is_err());
+    }
+}
