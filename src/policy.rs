@@ -252,17 +252,10 @@ impl Policy {
             let mut compiled = Plan::compile(plan, created)?;
             // A throttle whose numbers change is marked with the time, for
             // stores that convert each key's state when it is next used.
-            let mut changed = Vec::new();
-            if let Some(old) = &old {
-                for new in compiled.limits_mut() {
-                    if let Some(o) = old.limits().find(|o| o.salt == new.salt) {
-                        new.since = if o.gcra == new.gcra { o.since } else { now };
-                        if o.gcra != new.gcra {
-                            changed.push((o.clone(), new.clone()));
-                        }
-                    }
-                }
-            }
+            let changed = match &old {
+                Some(old) => mark_changed(|| old.limits(), compiled.limits_mut(), now),
+                None => Vec::new(),
+            };
             let compiled = Arc::new(compiled);
             snap.put_plan(Arc::clone(&compiled));
             Ok((compiled, changed))
@@ -313,17 +306,10 @@ impl Policy {
             let mut compiled = AccountLimits::compile(account, created);
             // The shared throttle and the per-minute token bucket, as a
             // plan's throttles (see `put_plan_in`).
-            let mut changed = Vec::new();
-            if let Some(old) = &old {
-                for new in compiled.limits_mut() {
-                    if let Some(o) = old.limits().find(|o| o.salt == new.salt) {
-                        new.since = if o.gcra == new.gcra { o.since } else { now };
-                        if o.gcra != new.gcra {
-                            changed.push((o.clone(), new.clone()));
-                        }
-                    }
-                }
-            }
+            let changed = match &old {
+                Some(old) => mark_changed(|| old.limits(), compiled.limits_mut(), now),
+                None => Vec::new(),
+            };
             let compiled = Arc::new(compiled);
             snap.put_account(Arc::clone(&compiled));
             Ok((compiled, changed))
@@ -605,6 +591,26 @@ impl PolicyBuilder {
             statics,
         ))
     }
+}
+
+/// Marks each limit of `new` with the time its numbers last changed: `now`
+/// when they differ from the same limit (by salt) among `old`'s, else the
+/// old mark; returns each changed limit with its old numbers.
+fn mark_changed<'o, I: Iterator<Item = &'o Limit>>(
+    old: impl Fn() -> I,
+    new: impl Iterator<Item = &'o mut Limit>,
+    now: i64,
+) -> Vec<(Limit, Limit)> {
+    let mut changed = Vec::new();
+    for new in new {
+        if let Some(o) = old().find(|o| o.salt == new.salt) {
+            new.since = if o.gcra == new.gcra { o.since } else { now };
+            if o.gcra != new.gcra {
+                changed.push((o.clone(), new.clone()));
+            }
+        }
+    }
+    changed
 }
 
 #[cfg(test)]
