@@ -381,7 +381,7 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
 /// other key is still read, by a new instance and by one that must read the
 /// whole registry again (after a change too large to log).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_non_utf8_key_record_stops_every_full_read_of_the_registry() {
+async fn a_key_record_that_is_not_utf8_is_skipped_and_the_rest_read() {
     if !require_redis() {
         return;
     }
@@ -434,7 +434,7 @@ async fn one_non_utf8_key_record_stops_every_full_read_of_the_registry() {
 /// puts k2: put first, k2 would clash with the static k1 on V's hash and be
 /// skipped, and V would then be nobody's key there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_instance_loses_a_key_whose_value_a_removed_static_key_had() {
+async fn a_new_instance_keeps_a_key_whose_value_a_removed_static_key_had() {
     if !require_redis() {
         return;
     }
@@ -461,7 +461,7 @@ async fn a_new_instance_loses_a_key_whose_value_a_removed_static_key_had() {
 /// instance that reloads then drops the keys it had from Redis that Redis no
 /// longer holds, as a new instance does not know them; its static keys stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_after_redis_lost_its_data_keeps_keys_redis_no_longer_holds() {
+async fn a_reload_after_redis_lost_its_data_drops_the_keys_it_no_longer_holds() {
     if !require_redis() {
         return;
     }
@@ -513,7 +513,7 @@ async fn a_reload_after_redis_lost_its_data_keeps_keys_redis_no_longer_holds() {
 /// (which has not yet seen the move) disables it. a ends as Redis and every
 /// other instance do, with the change of the higher version: a's own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_changes_of_one_key_leave_the_writer_with_the_older_one() {
+async fn concurrent_changes_of_one_key_end_with_the_newer_on_every_instance() {
     if !require_redis() {
         return;
     }
@@ -544,7 +544,7 @@ async fn concurrent_changes_of_one_key_leave_the_writer_with_the_older_one() {
 /// The same with a removal: b moves k to "pro", then a removes k. b's older
 /// change does not bring k back on a.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_removed_through_a_comes_back_on_a_from_an_older_change_of_b() {
+async fn a_key_removed_through_a_stays_removed_after_an_older_change_of_b() {
     if !require_redis() {
         return;
     }
