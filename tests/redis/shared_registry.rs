@@ -509,6 +509,21 @@ async fn a_reload_after_redis_lost_its_data_drops_the_keys_it_no_longer_holds() 
     }
 }
 
+/// Two instances on a new Redis, a key `k` of `value` added through the
+/// first and seen by the second, then moved to "pro" through the second.
+async fn moved_on_b(value: &str) -> (RedisServer, Layer, Layer) {
+    let redis = RedisServer::start();
+    let a = instance(&redis, &[]).await;
+    let b = instance(&redis, &[]).await;
+    a.admin()
+        .add_key(ApiKey::new("k", value, "free"))
+        .await
+        .unwrap();
+    until("k reaches b", || b.admin().key("k").is_some()).await;
+    b.admin().set_plan("k", "pro").await.unwrap();
+    (redis, a, b)
+}
+
 /// Two changes of one key at once from a and b: b moves it to "pro", then a
 /// (which has not yet seen the move) disables it. a ends as Redis and every
 /// other instance do, with the change of the higher version: a's own.
@@ -517,16 +532,7 @@ async fn concurrent_changes_of_one_key_end_with_the_newer_on_every_instance() {
     if !require_redis() {
         return;
     }
-    let redis = RedisServer::start();
-    let a = instance(&redis, &[]).await;
-    let b = instance(&redis, &[]).await;
-    a.admin()
-        .add_key(ApiKey::new("k", "value-of-k-cccccccccc", "free"))
-        .await
-        .unwrap();
-    until("k reaches b", || b.admin().key("k").is_some()).await;
-
-    b.admin().set_plan("k", "pro").await.unwrap();
+    let (redis, a, b) = moved_on_b("value-of-k-cccccccccc").await;
     a.admin().set_enabled("k", false).await.unwrap();
     tokio::time::sleep(WAIT).await;
     let (ka, kb) = (a.admin().key("k").unwrap(), b.admin().key("k").unwrap());
@@ -548,16 +554,7 @@ async fn a_key_removed_through_a_stays_removed_after_an_older_change_of_b() {
     if !require_redis() {
         return;
     }
-    let redis = RedisServer::start();
-    let a = instance(&redis, &[]).await;
-    let b = instance(&redis, &[]).await;
-    a.admin()
-        .add_key(ApiKey::new("k", "value-of-k-gggggggggg", "free"))
-        .await
-        .unwrap();
-    until("k reaches b", || b.admin().key("k").is_some()).await;
-
-    b.admin().set_plan("k", "pro").await.unwrap();
+    let (_redis, a, b) = moved_on_b("value-of-k-gggggggggg").await;
     a.admin().remove_key("k").await.unwrap();
     tokio::time::sleep(WAIT).await;
     for l in [&a, &b] {

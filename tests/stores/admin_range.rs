@@ -29,11 +29,20 @@ const EXACT: u64 = 1 << 53;
 const LIMIT: u64 = 100;
 
 async fn layer<S: Store>(clock: &ManualClock, store: S) -> RateLimitLayer<ApiKeyHeader, S> {
-    clock.set_wall(at(2024, 5, 1, 3_600));
     // Not borrowing: the counts below are each decision's own.
     let plan = UsagePlan::new("p")
         .quota(Quota::new(LIMIT, Period::Day).unwrap())
         .borrow(false);
+    layer_on(clock, plan, store)
+}
+
+/// The key `k` (value `v`) on `plan`, on `clock` set to 2024-05-01 01:00.
+fn layer_on<S: Store>(
+    clock: &ManualClock,
+    plan: UsagePlan,
+    store: S,
+) -> RateLimitLayer<ApiKeyHeader, S> {
+    clock.set_wall(at(2024, 5, 1, 3_600));
     let policy = Policy::builder()
         .clock(clock.clone())
         .plan(plan)
@@ -155,7 +164,6 @@ async fn denied_by<S: Store>(l: &RateLimitLayer<ApiKeyHeader, S>, key: &[u8]) ->
 
 async fn reset_key_forgets_the_models_limits_too<B: Backend>(b: &B) {
     let clock = ManualClock::new();
-    clock.set_wall(at(2024, 5, 1, 3_600));
     // A request names no model: the "*" entry's limits apply, beside the
     // plan's quota.
     let model = ModelLimits::new()
@@ -164,15 +172,7 @@ async fn reset_key_forgets_the_models_limits_too<B: Backend>(b: &B) {
     let plan = UsagePlan::new("p")
         .quota(Quota::new(LIMIT, Period::Day).unwrap())
         .model("*", model);
-    let policy = Policy::builder()
-        .clock(clock.clone())
-        .plan(plan)
-        .key(ApiKey::new("k", "v", "p"))
-        .build()
-        .unwrap();
-    let l = RateLimitLayer::builder(policy)
-        .store(b.store(&clock).await)
-        .build();
+    let l = layer_on(&clock, plan, b.store(&clock).await);
     assert_eq!(denied_by(&l, b"v").await, None);
     assert_eq!(denied_by(&l, b"v").await.as_deref(), Some("model-quota"));
     clock.advance(std::time::Duration::from_secs(1));
