@@ -8,6 +8,10 @@
 //! up, even when the clock goes back into the previous window, which still
 //! had room.
 //!
+//! The same holds for weeks (whatever their first day), months and token
+//! budgets, and for a jump of several windows forward and then back: the
+//! latest window seen stays in force until it ends.
+//!
 //! Both clocks of a [`ManualClock`] move together (`advance`, `rewind`) for
 //! the memory store and for a real `redis-server` (which decides on the
 //! manual clock's wall time instead of its own `TIME`). The memory store's
@@ -19,22 +23,32 @@ use std::time::{Duration, UNIX_EPOCH};
 use tollgate::extract::ApiKeyHeader;
 use tollgate::store::Store;
 use tollgate::{
-    ApiKey, ManualClock, Period, Policy, Quota, RateLimitLayer, Reason, Throttle, UsagePlan,
+    ApiKey, ManualClock, Period, Policy, Quota, RateLimitLayer, Reason, Throttle, TokenBudget,
+    UsagePlan, Weekday,
 };
 
+use crate::conformance::{send_tokens, token_service};
 use crate::support::at;
 use crate::support::backend::{Backend, Memory, Redis, on_each_backend};
 use crate::support::redis::require_redis;
 
 /// Plan `p`: one request a second in bursts of 10, and 12 a UTC day.
 async fn layer<B: Backend>(b: &B, clock: &ManualClock) -> RateLimitLayer<ApiKeyHeader, B::S> {
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(1.0, 10).unwrap())
+        .quota(Quota::new(12, Period::Day).unwrap());
+    layer_on(b, clock, plan).await
+}
+
+/// The key `k` (value `v`) on `plan` (named `p`).
+async fn layer_on<B: Backend>(
+    b: &B,
+    clock: &ManualClock,
+    plan: UsagePlan,
+) -> RateLimitLayer<ApiKeyHeader, B::S> {
     let policy = Policy::builder()
         .clock(clock.clone())
-        .plan(
-            UsagePlan::new("p")
-                .throttle(Throttle::new(1.0, 10).unwrap())
-                .quota(Quota::new(12, Period::Day).unwrap()),
-        )
+        .plan(plan)
         .key(ApiKey::new("k", "v", "p"))
         .build()
         .unwrap();
@@ -116,11 +130,118 @@ async fn a_throttle_stepped_back_admits_no_more_than_at_the_later_time<B: Backen
     assert_eq!(fire(&l, 10).await, (0, Some(Reason::Limited)));
 }
 
+/// A week (from Monday, and from another day) and a month stepped back
+/// across their start: the window used up stays used up, though the one
+/// before still had room, until the later window ends.
+async fn a_week_or_a_month_stepped_back_across_its_start_grants_nothing_new<B: Backend>(b: &B) {
+    // 10 minutes before each window's start: a Sunday, a Tuesday, May 31st.
+    for (period, eve) in [
+        (Period::WEEK, at(2024, 5, 5, 86_400 - 600)),
+        (
+            Period::Week(Weekday::Wednesday),
+            at(2024, 5, 7, 86_400 - 600),
+        ),
+        (Period::Month, at(2024, 5, 31, 86_400 - 600)),
+    ] {
+        let clock = ManualClock::new();
+        clock.set_wall(eve);
+        let plan = UsagePlan::new("p").quota(Quota::new(3, period).unwrap());
+        let l = layer_on(b, &clock, plan).await;
+        // 1 of the old window's 3; then the new window's 3, used up.
+        assert_eq!(fire(&l, 1).await, (1, None), "{period}");
+        clock.advance(Duration::from_secs(1_200));
+        assert_eq!(
+            fire(&l, 5).await,
+            (3, Some(Reason::QuotaExceeded)),
+            "{period}"
+        );
+        // An hour back, into the old window (2 left there): nothing.
+        clock.rewind(Duration::from_secs(3_600));
+        assert_eq!(
+            fire(&l, 5).await,
+            (0, Some(Reason::QuotaExceeded)),
+            "{period}"
+        );
+        // Forward again, a day into the new window: still nothing.
+        clock.advance(Duration::from_secs(86_400));
+        assert_eq!(
+            fire(&l, 5).await,
+            (0, Some(Reason::QuotaExceeded)),
+            "{period}"
+        );
+    }
+}
+
+/// Days forward, then back into a day between: the latest window holds.
+async fn several_windows_forward_then_back_grants_nothing_new<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 12 * 3_600));
+    let plan = UsagePlan::new("p").quota(Quota::new(3, Period::Day).unwrap());
+    let l = layer_on(b, &clock, plan).await;
+    assert_eq!(fire(&l, 1).await, (1, None));
+    // Three days on, the 9th: its 3, used up.
+    clock.advance(Duration::from_secs(3 * 86_400));
+    assert_eq!(fire(&l, 5).await, (3, Some(Reason::QuotaExceeded)));
+    // Back to the 7th, never used; back to the 6th, 2 left: nothing.
+    clock.rewind(Duration::from_secs(2 * 86_400));
+    assert_eq!(fire(&l, 5).await, (0, Some(Reason::QuotaExceeded)));
+    clock.rewind(Duration::from_secs(86_400));
+    assert_eq!(fire(&l, 5).await, (0, Some(Reason::QuotaExceeded)));
+    // To the last hour of the 9th: nothing; the 10th: a new window.
+    clock.set_wall(at(2024, 5, 9, 86_400 - 3_600));
+    assert_eq!(fire(&l, 5).await, (0, Some(Reason::QuotaExceeded)));
+    clock.set_wall(at(2024, 5, 10, 60));
+    assert_eq!(fire(&l, 5).await, (3, Some(Reason::QuotaExceeded)));
+}
+
+/// A token bucket (per minute) stepped back looks emptier, never fuller;
+/// a daily token budget used up stays used up stepped back into the day
+/// before. (Each estimate is what the request uses: nothing is settled.)
+async fn token_budgets_stepped_back_grant_nothing_new<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 12 * 3_600));
+    let plan = UsagePlan::new("p").tokens(TokenBudget::new().per_minute(100).unwrap());
+    let (mut svc, _) = token_service(b, &clock, plan).await;
+    // 60 of 100: 40 would fit now. 10 s back the bucket looks 10 s (16
+    // and two thirds tokens) emptier: 24 do not fit, 23 do.
+    assert_eq!(send_tokens(&mut svc, 60, Some(60)).await, (200, None));
+    clock.rewind(Duration::from_secs(10));
+    assert_eq!(
+        send_tokens(&mut svc, 24, Some(24)).await,
+        (429, Some(Reason::Limited))
+    );
+    assert_eq!(send_tokens(&mut svc, 23, Some(23)).await, (200, None));
+    // An hour back: not one token.
+    clock.rewind(Duration::from_secs(3_600));
+    assert_eq!(
+        send_tokens(&mut svc, 1, Some(1)).await,
+        (429, Some(Reason::Limited))
+    );
+
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 86_400 - 600));
+    let plan = UsagePlan::new("p").tokens(TokenBudget::new().per_day(100).unwrap());
+    let (mut svc, _) = token_service(b, &clock, plan).await;
+    assert_eq!(send_tokens(&mut svc, 30, Some(30)).await, (200, None));
+    clock.advance(Duration::from_secs(1_200));
+    assert_eq!(send_tokens(&mut svc, 100, Some(100)).await, (200, None));
+    clock.rewind(Duration::from_secs(3_600));
+    assert_eq!(
+        send_tokens(&mut svc, 1, Some(1)).await,
+        (429, Some(Reason::QuotaExceeded))
+    );
+    clock.advance(Duration::from_secs(3_600 + 86_400));
+    assert_eq!(send_tokens(&mut svc, 100, Some(100)).await, (200, None));
+}
+
 on_each_backend!(
     "jumps":
     a_day_forward_fills_the_bucket_and_opens_a_new_window,
     an_hour_back_grants_nothing_new,
     a_throttle_stepped_back_admits_no_more_than_at_the_later_time,
+    a_week_or_a_month_stepped_back_across_its_start_grants_nothing_new,
+    several_windows_forward_then_back_grants_nothing_new,
+    token_budgets_stepped_back_grant_nothing_new,
 );
 
 /// The memory store's quotas read the wall clock, its throttles the

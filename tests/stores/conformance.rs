@@ -816,7 +816,7 @@ async fn a_concurrency_cap_holds_places_until_bodies_end<B: Backend>(b: &B) {
 
 /// A layer whose estimate is the `x-estimate` header, in front of a service
 /// that reports the `x-actual` header as the tokens used (none without it).
-async fn token_service<B: Backend>(
+pub(crate) async fn token_service<B: Backend>(
     b: &B,
     clock: &ManualClock,
     plan: UsagePlan,
@@ -847,7 +847,11 @@ async fn token_service<B: Backend>(
 
 /// Sends a request and reads its body to the end (which settles it); the
 /// status and the rejection, if any.
-async fn send_tokens<S>(svc: &mut S, estimate: u32, actual: Option<u64>) -> (u16, Option<Reason>)
+pub(crate) async fn send_tokens<S>(
+    svc: &mut S,
+    estimate: u32,
+    actual: Option<u64>,
+) -> (u16, Option<Reason>)
 where
     S: tower::Service<
             http::Request<String>,
