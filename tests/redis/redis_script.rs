@@ -458,7 +458,10 @@ async fn quota_denial_charges_no_throttle() {
     assert_eq!(r.get("t").await, stored);
     assert_eq!(r.hash("q").await, quota_state);
     assert_eq!(r.hash("h").await, history);
-    assert_eq!(quota_state, ["n=2".to_owned(), format!("w={today}")]);
+    assert_eq!(
+        quota_state,
+        [format!("d={today}"), "n=2".to_owned(), format!("w={today}")]
+    );
     // A throttle that denies leaves the quota alone too.
     let tight = throttle("t2", S, 1);
     let other = Now::on(2024, 5, 2, 0);
@@ -633,11 +636,13 @@ async fn clock_going_back_keeps_the_count() {
         .acquire(Now::on(2024, 5, 1, 86_000), 1, &[], Some(q))
         .await;
     assert!(!d.allowed);
-    // The later window is kept, with its count.
+    // The later window is kept, with its count and the day of its last
+    // change (what is charged on the earlier day counts on that one).
     assert_eq!(d.quota, Some([day(2024, 5, 2), day(2024, 5, 3), 2, 2]));
+    let later = day(2024, 5, 2);
     assert_eq!(
         r.hash("q").await,
-        ["n=2".to_owned(), format!("w={}", day(2024, 5, 2))]
+        [format!("d={later}"), "n=2".to_owned(), format!("w={later}")]
     );
 }
 

@@ -10,7 +10,9 @@
 //!
 //! The same holds for weeks (whatever their first day), months and token
 //! budgets, and for a jump of several windows forward and then back: the
-//! latest window seen stays in force until it ends.
+//! latest window seen stays in force until it ends. What is charged on a
+//! clock that went back counts on the latest day seen, in the usage history
+//! as in the window.
 //!
 //! Both clocks of a [`ManualClock`] move together (`advance`, `rewind`) for
 //! the memory store and for a real `redis-server` (which decides on the
@@ -23,8 +25,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use tollgate::extract::ApiKeyHeader;
 use tollgate::store::Store;
 use tollgate::{
-    ApiKey, ManualClock, Period, Policy, Quota, RateLimitLayer, Reason, Throttle, TokenBudget,
-    UsagePlan, Weekday,
+    ApiKey, Date, ManualClock, Period, Policy, Quota, RateLimitLayer, Reason, Throttle,
+    TokenBudget, UsagePlan, Weekday,
 };
 
 use crate::conformance::{send_tokens, token_service};
@@ -234,6 +236,44 @@ async fn token_budgets_stepped_back_grant_nothing_new<B: Backend>(b: &B) {
     assert_eq!(send_tokens(&mut svc, 100, Some(100)).await, (200, None));
 }
 
+/// What is charged on a clock stepped back counts on the latest day seen,
+/// in usage reports as in the window: the earlier day's record is left as
+/// it closed. A report asked while the clock is back stops at its today,
+/// and one asked of days the clock has not reached again reports nothing.
+async fn usage_stepped_back_counts_on_the_latest_day<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    // 23:50 on the 6th: 4 of the day's 12; 00:10 on the 7th: 5.
+    clock.set_wall(at(2024, 5, 6, 86_400 - 600));
+    // Not borrowing: the counts below are each decision's own.
+    let plan = UsagePlan::new("p")
+        .quota(Quota::new(12, Period::Day).unwrap())
+        .borrow(false);
+    let l = layer_on(b, &clock, plan).await;
+    assert_eq!(fire(&l, 4).await, (4, None));
+    clock.advance(Duration::from_secs(1_200));
+    assert_eq!(fire(&l, 5).await, (5, None));
+    // 23:10 on the 6th: 2 more, of the 7th's 7 left.
+    clock.rewind(Duration::from_secs(3_600));
+    assert_eq!(fire(&l, 2).await, (2, None));
+    let admin = l.admin();
+    let (sixth, seventh) = (
+        Date::new(2024, 5, 6).unwrap(),
+        Date::new(2024, 5, 7).unwrap(),
+    );
+    let back = admin.usage("p", sixth, seventh, Some("k")).await.unwrap();
+    assert_eq!(back.end, sixth, "cut at the clock's today");
+    assert_eq!(back.items["k"], vec![[4, 8]]);
+    let ahead = admin.usage("p", seventh, seventh, Some("k")).await.unwrap();
+    assert_eq!(ahead.items["k"], Vec::<[i64; 2]>::new());
+    // On the 7th again: the 6th as it closed, the 7th with all 7 it used.
+    clock.advance(Duration::from_secs(3_600));
+    let r = admin.usage("p", sixth, seventh, Some("k")).await.unwrap();
+    assert_eq!(r.items["k"], vec![[4, 8], [7, 5]]);
+    assert_eq!(fire(&l, 10).await, (5, Some(Reason::QuotaExceeded)));
+    let r = admin.usage("p", sixth, seventh, Some("k")).await.unwrap();
+    assert_eq!(r.items["k"], vec![[4, 8], [12, 0]]);
+}
+
 on_each_backend!(
     "jumps":
     a_day_forward_fills_the_bucket_and_opens_a_new_window,
@@ -242,6 +282,7 @@ on_each_backend!(
     a_week_or_a_month_stepped_back_across_its_start_grants_nothing_new,
     several_windows_forward_then_back_grants_nothing_new,
     token_budgets_stepped_back_grant_nothing_new,
+    usage_stepped_back_counts_on_the_latest_day,
 );
 
 /// The memory store's quotas read the wall clock, its throttles the

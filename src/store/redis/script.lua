@@ -20,8 +20,8 @@
 -- at once, whatever the verdict (left unstored, the old TAT would keep
 -- draining at the old scale and refill the bucket early).
 --
--- Quota key: hash {w = window start (days since 1970-01-01), n = used in it},
--- expiring a day after the window ends. History key: hash {u:<day> = used that
+-- Quota key: hash {w = window start (days since 1970-01-01), n = used in it,
+-- d = the day of the last change}, expiring a day after the window ends. History key: hash {u:<day> = used that
 -- UTC day, r:<day> = what remained in the window after the day's last change},
 -- expiring history_days after its last write; days that fall out of the
 -- history are deleted when a new day is first written.
@@ -303,23 +303,33 @@ local function quotas(int)
 
   -- State::roll: the window of now if it is later than the stored one, with
   -- a count of 0; else (the same window, or the clock went back) the stored
-  -- window and count. Returns today, the window start w and count n to
-  -- store, the window [start, stop) and its limit (QuotaSpec::limit_in).
+  -- window and count. Returns the day to count on, the window start w and
+  -- count n to store, the window [start, stop) and its limit
+  -- (QuotaSpec::limit_in). The day is today, or in a kept window the day of
+  -- the last change when that is later (the clock went back): what is
+  -- charged then is counted on the latest day seen, as Count::roll counts
+  -- it, and the days before keep their records as they closed. A key
+  -- written without d counts from the window's start at the earliest.
   -- now_s < 2^41, so now_s % 86400 is exact.
   local function roll(key, now_s, limit, period, week_start, offset, created)
     local today = (now_s - now_s % 86400) / 86400
-    local v = redis.call('HMGET', key, 'w', 'n')
-    local w, n = v[1], v[2] or '0'
+    local v = redis.call('HMGET', key, 'w', 'n', 'd')
+    local w, n, d = v[1], v[2] or '0', v[3]
     if w then
       w = string.find(w, '^%-?%d+$') and w + 0
       n = string.find(n, '^%-?%d+$') and n + 0
-      if not w or not n or w > 2 ^ 40 or w < -2 ^ 40 or n > 2 ^ 53 or n < -2 ^ 53 then
+      d = d and string.find(d, '^%-?%d+$') and d + 0 or (not d and w)
+      if not w or not n or not d or w > 2 ^ 40 or w < -2 ^ 40 or n > 2 ^ 53 or n < -2 ^ 53
+        or d > 2 ^ 40 or d < -2 ^ 40 then
         error({ tollgate = 'bad quota state' })
       end
     end
     local start, stop = window(period, week_start, today)
     if w and start <= w then
       start, stop = window(period, week_start, w)
+      if d > today then
+        today = d
+      end
     else
       w, n = start, 0
     end
@@ -329,17 +339,18 @@ local function quotas(int)
     return today, w, n, start, stop, limit
   end
 
-  -- Writes the count of quota q, and in the history today's use (+ add, an
-  -- integer as a string, or nil) and what remains.
+  -- Writes the count of quota q, and in the history the use of the day it
+  -- counts on (+ add, an integer as a string, or nil) and what remains.
   local function save(q, key, hist, add, remaining, now_s, now_ns)
     local fmt = string.format
     local w, n, stop, today, days = q[1], q[2], q[3], q[4], q[5]
-    redis.call('HSET', key, 'w', fmt('%d', w), 'n', fmt('%d', n))
-    -- A day after the window ends, counted from the decision's now.
-    local ms = (stop + 1 - today) * 86400000 - now_s % 86400 * 1000
-      - (now_ns - now_ns % 1000000) / 1000000
-    redis.call('PEXPIRE', key, fmt('%d', ms > 1 and ms or 1))
     local day = fmt('%d', today)
+    redis.call('HSET', key, 'w', fmt('%d', w), 'n', fmt('%d', n), 'd', day)
+    -- A day after the window ends, counted from the decision's now (whose
+    -- day is before the one counted on when the clock went back).
+    local ms = (stop + 1 - (now_s - now_s % 86400) / 86400) * 86400000
+      - now_s % 86400 * 1000 - (now_ns - now_ns % 1000000) / 1000000
+    redis.call('PEXPIRE', key, fmt('%d', ms > 1 and ms or 1))
     -- Today's use starts at 0. HINCRBY makes a missing field from 0, so
     -- with something to add, the HSETNX(u, 0) this once made first wrote
     -- nothing HINCRBY does not: one call fewer for every charge.
