@@ -1,7 +1,8 @@
 //! Quotas for subjects nobody registered (a per-key policy's keys, client
 //! IPs): counted exactly, in bounded memory on the memory store (a counter
 //! is forgotten only once its window has ended; while every counter is
-//! live a new subject waits), and across instances on a real Redis.
+//! live a new subject waits; a peek takes no counter), and across
+//! instances on a real Redis.
 
 use std::time::Duration;
 
@@ -117,4 +118,51 @@ async fn a_per_key_quota_is_shared_by_instances_on_redis() {
         let ttl: i64 = ttl.trim().parse().unwrap();
         assert!(ttl > 0, "{key} has no expiry ({ttl})");
     }
+}
+
+/// A peek (a decision of cost 0) of a subject never seen takes no counter
+/// on the memory store: it answers as a fresh subject's would, with the
+/// whole quota, also when every place under the cap is taken, and peeks of
+/// many subjects leave the places to the requests that need them.
+#[tokio::test]
+async fn a_peek_takes_no_counter_and_answers_as_a_fresh_subject_at_the_cap() {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 1, 0));
+    let store = MemoryStore::builder()
+        .clock(clock.clone())
+        .max_keys(64)
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(Policy::per_key(plan()).unwrap())
+        .store(store.clone())
+        .build();
+    for i in 0..1_000u32 {
+        assert_eq!(reason(layer.check(format!("peek-{i}").as_bytes(), 0)), None);
+    }
+    assert_eq!(store.quota_counters(), 0, "peeks made counters");
+    // The places are the requests': 64 new subjects are each counted, and
+    // the 65th waits.
+    for i in 0..64u32 {
+        assert_eq!(
+            reason(layer.check(format!("real-{i}").as_bytes(), 1)),
+            None,
+            "{i}"
+        );
+    }
+    assert_eq!(
+        reason(layer.check(b"one-more", 1)),
+        Some(Reason::KeyCapacity)
+    );
+    // A peek of it is not refused for want of a place: a fresh subject has
+    // its whole quota, and nothing is taken.
+    assert_eq!(reason(layer.check(b"one-more", 0)), None);
+    let standing = layer.standing(b"one-more").await.unwrap();
+    assert!(standing.refused().is_none());
+    let quota = standing
+        .limits()
+        .iter()
+        .find(|l| l.name() == "quota")
+        .unwrap();
+    assert_eq!((quota.limit(), quota.remaining()), (3, 3));
+    assert_eq!(store.quota_counters(), 64);
 }

@@ -46,7 +46,8 @@ use crate::sync::Mutex;
 /// the quota stands with it).
 pub(super) type Outcome = Result<Count, (u64, Count)>;
 
-/// Every quota's counters, made on a subject's first use of the quota.
+/// Every quota's counters, made on a subject's first charge of the quota
+/// (a peek makes none).
 ///
 /// Counters that keep usage history (a registered key's request quota, for
 /// usage reports) are kept as long as the store lives: they number as the
@@ -142,6 +143,19 @@ impl Counter {
     fn load(&self, _slow: &Slow) -> Count {
         let window = self.window.load(Ordering::Acquire);
         Count::from_words(window, self.used.load(Ordering::Acquire))
+    }
+
+    /// The count as a decision reads it, without the lock: the window, then
+    /// the count (its own window's or a later one's, see the module's
+    /// docs). A counter let go reads as retired, which [`Count::roll`]
+    /// takes for a fresh one.
+    #[inline]
+    fn read(&self) -> Count {
+        let window = self.window.load(Ordering::Acquire);
+        match self.used.load(Ordering::Acquire) {
+            LET_GO => Count::RETIRED,
+            used => Count::from_words(window, used),
+        }
     }
 
     /// Charges `cost` at `now` if it fits (`force`: even if it does not).
@@ -515,6 +529,12 @@ impl Quotas {
     /// Decides `cost` for `q` at `now` (wall nanoseconds): charges it if it
     /// fits (`force`: even if not, a shadow plan counting its overage).
     /// `Err` is the wait for room for a new subject's counter.
+    ///
+    /// A cost of 0 (a peek, or a request that costs a token budget nothing)
+    /// charges nothing, so it makes no counter and changes none: a subject
+    /// never seen is answered as a fresh count, and takes no place under the
+    /// cap (at the cap it is not refused for want of one, and peeks of many
+    /// subjects leave the places to the requests that charge).
     #[inline]
     pub(super) fn acquire(
         &self,
@@ -523,7 +543,38 @@ impl Quotas {
         cost: u64,
         force: bool,
     ) -> Result<Outcome, i64> {
+        if cost == 0 {
+            return Ok(self.peek(q, now, force));
+        }
         self.with(q, now, true, |c| c.acquire(q.spec, now, cost, force))
+    }
+
+    /// [`acquire`](Self::acquire) of cost 0: the count as it stands, moved
+    /// to `now` but not stored, read without the counter's lock as a
+    /// decision reads it (a registered key's without papaya's guard).
+    fn peek(&self, q: &QuotaRef<'_>, now: i64, force: bool) -> Outcome {
+        let key = Self::key(q);
+        let kept = (q.history_days() > 1).then(|| self.kept.get(key)).flatten();
+        let count = match kept {
+            Some(c) => c.read(),
+            None => match self.map.pin().get(&key) {
+                Some(held) => self.counter(held).read(),
+                None => Count::EMPTY,
+            },
+        };
+        count
+            .roll(q.spec, now, 0)
+            .count
+            .acquire(q.spec, now, 0, force)
+    }
+
+    /// The count of `q` as it stands; empty when `q` has no counter (or one
+    /// let go, which [`Count::roll`] takes for a fresh one).
+    fn count(&self, q: &QuotaRef<'_>) -> Count {
+        match self.map.pin().get(&Self::key(q)) {
+            Some(c) => self.counter(c).count(),
+            None => Count::EMPTY,
+        }
     }
 
     /// Whether `cost` would fit in `q` at `now`, changing nothing.
@@ -533,12 +584,7 @@ impl Quotas {
         now: i64,
         cost: u64,
     ) -> Result<QuotaSnapshot, (u64, QuotaSnapshot)> {
-        let key = Self::key(q);
-        let count = match self.map.pin().get(&key) {
-            Some(c) => self.counter(c).count(),
-            None => Count::EMPTY,
-        };
-        count.check(q.spec, now, cost)
+        self.count(q).check(q.spec, now, cost)
     }
 
     /// Gives back to `q` the `cost` a decision at `at` (wall nanoseconds)
