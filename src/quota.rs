@@ -269,13 +269,22 @@ impl Count {
         }
         let mut count = self;
         if self.period != period_code(period) {
-            // The plan's period changed: a later window starts from 0, an
-            // earlier one keeps the count in the window holding its start.
+            // The plan's period changed (a week's first day among them): a
+            // window of the new period that began after the day of the last
+            // change starts from 0, as a later window does; one that holds
+            // that day keeps the count, in the window holding it. What of
+            // the count came before that window began is not known, so all
+            // of it counts there: a window of the new period never admits
+            // more than its limit. A week moved from Monday to Wednesday on
+            // a Thursday: a key last charged on the Tuesday has a fresh
+            // week, one that used its quota up on the Wednesday waits for
+            // the next Wednesday.
             let w = window(period, now);
-            if w.start > self.window().start {
+            let last = self.last_day().saturating_mul(NANOS_PER_DAY);
+            if w.start > last {
                 return new_window(w);
             }
-            let kept = Count::fresh(period, window(period, self.window().start), today);
+            let kept = Count::fresh(period, window(period, last), today);
             count = Count {
                 used: self.used,
                 last: (self.last_day() - i64::from(kept.start)).clamp(0, u8::MAX.into()) as u8,

@@ -394,6 +394,16 @@ impl<S: Store> Admin<S> {
     /// the plan; a resolved key no longer cached when the plan is put (its
     /// answer evicted) keeps its state as it was, read under the new
     /// numbers, with a store that converts at once (the memory store).
+    ///
+    /// A quota whose period changes (a week's first day among them) keeps a
+    /// key's count in the window of the new period that holds the key's
+    /// last change, and starts from 0 in a window that began after it: a
+    /// key never gets more than the limit in a window of the new period,
+    /// and one that used its quota up just before may wait past the end of
+    /// the old window (what it used before the new window began is not told
+    /// apart). A week moved from Monday to Wednesday on a Thursday: a key
+    /// whose last request was on Tuesday has a fresh week, one that used it
+    /// up on Wednesday waits for the next Wednesday.
     pub async fn put_plan(&self, plan: UsagePlan) -> Result<(), AdminError> {
         self.registered()?;
         let now = self.now();

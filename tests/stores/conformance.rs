@@ -528,6 +528,75 @@ async fn a_used_up_quota_is_named_over_a_shorter_stage_wait<B: Backend>(b: &B) {
     assert_eq!(reason(&l, b"v").await, Some(Reason::QuotaExceeded));
 }
 
+/// A plan whose week changes its first day at run time (`put_plan`): a
+/// week of the new calendar that began after a key's last request starts
+/// from 0, as a later window does; one that holds it keeps the count (what
+/// part of it came before the new week began is not known, so all of it
+/// counts): a key never gets more than the limit in a week of the new
+/// calendar. A key moved to a plan with another first day counts under
+/// that plan's own counter, and finds its own as it left it when it comes
+/// back.
+async fn a_week_whose_first_day_changes_keeps_what_its_new_week_counted<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    // Monday 2024-05-06: `a` uses its week (Monday to Monday) up.
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    // Not borrowing: the counts below are each decision's own.
+    let week = |first| {
+        UsagePlan::new("p")
+            .quota(Quota::new(3, Period::Week(first)).unwrap())
+            .borrow(false)
+    };
+    let other = UsagePlan::new("w")
+        .quota(Quota::new(3, Period::Week(Weekday::Wednesday)).unwrap())
+        .borrow(false);
+    let l = layer(
+        b,
+        &clock,
+        vec![week(Weekday::Monday), other],
+        vec![
+            ApiKey::new("a", "va", "p"),
+            ApiKey::new("b", "vb", "p"),
+            ApiKey::new("c", "vc", "p"),
+        ],
+    )
+    .await;
+    let admin = l.admin();
+    assert_eq!(passed(&l, b"va", 5).await, 3);
+    // Wednesday the 8th: `b` uses its week up.
+    clock.set_wall(at(2024, 5, 8, 3_600));
+    assert_eq!(passed(&l, b"vb", 5).await, 3);
+    // Thursday the 9th, weeks now from Wednesday: `a`'s 3 were before the
+    // 8th, so its new week is fresh; `b`'s 3 were in it, so it waits for
+    // Wednesday the 15th, not Monday the 13th.
+    clock.set_wall(at(2024, 5, 9, 3_600));
+    admin.put_plan(week(Weekday::Wednesday)).await.unwrap();
+    assert_eq!(passed(&l, b"va", 5).await, 3);
+    assert_eq!(passed(&l, b"vb", 5).await, 0);
+    let r = l.decide(b"vb", 1).await.unwrap_err();
+    assert_eq!(r.reason(), Reason::QuotaExceeded);
+    assert_eq!(r.retry_after_secs(), Some(6 * 86_400 - 3_600));
+    clock.set_wall(at(2024, 5, 13, 3_600));
+    assert_eq!(passed(&l, b"vb", 5).await, 0);
+    clock.set_wall(at(2024, 5, 15, 0));
+    assert_eq!(passed(&l, b"vb", 5).await, 3);
+    // Friday the 17th, weeks from Monday again: `b`'s 3 on the 15th are in
+    // the week from the 13th, `a`'s on the 9th were not.
+    clock.set_wall(at(2024, 5, 17, 0));
+    admin.put_plan(week(Weekday::Monday)).await.unwrap();
+    assert_eq!(passed(&l, b"va", 5).await, 3);
+    assert_eq!(passed(&l, b"vb", 5).await, 0);
+    clock.set_wall(at(2024, 5, 20, 0));
+    assert_eq!(passed(&l, b"vb", 5).await, 3);
+
+    // `c` uses its week on `p` up, moves to `w` (weeks from Wednesday),
+    // whose count of it is its own, and comes back to a used-up week.
+    assert_eq!(passed(&l, b"vc", 5).await, 3);
+    admin.set_plan("c", "w").await.unwrap();
+    assert_eq!(passed(&l, b"vc", 5).await, 3);
+    admin.set_plan("c", "p").await.unwrap();
+    assert_eq!(passed(&l, b"vc", 5).await, 0);
+}
+
 on_each_backend!(
     "conformance":
     burst_then_one_per_interval_and_costs_count_as_units,
@@ -556,6 +625,7 @@ on_each_backend!(
     the_longest_wait_is_named_whichever_limit_asks_it,
     nothing_is_admitted_before_its_exact_time,
     a_denial_is_never_replayed_after_a_request_passed,
+    a_week_whose_first_day_changes_keeps_what_its_new_week_counted,
 );
 
 /// On a Redis Cluster: the behaviours that touch several slots (stage limits

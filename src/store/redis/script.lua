@@ -301,15 +301,16 @@ local function quotas(int)
     return limit, period, week_start, offset, created
   end
 
-  -- State::roll: the window of now if it is later than the stored one, with
-  -- a count of 0; else (the same window, or the clock went back) the stored
-  -- window and count. Returns the day to count on, the window start w and
-  -- count n to store, the window [start, stop) and its limit
-  -- (QuotaSpec::limit_in). The day is today, or in a kept window the day of
-  -- the last change when that is later (the clock went back): what is
-  -- charged then is counted on the latest day seen, as Count::roll counts
-  -- it, and the days before keep their records as they closed. A key
-  -- written without d counts from the window's start at the earliest.
+  -- Count::roll: the window of now if it began after the day of the last
+  -- change d, with a count of 0; else (the same window, the clock went
+  -- back, or the plan's period changed to one whose window holds d) the
+  -- stored count in the window holding d. Returns the day to count on, the
+  -- window start w and count n to store, the window [start, stop) and its
+  -- limit (QuotaSpec::limit_in). The day is today, or in a kept window d
+  -- when that is later (the clock went back): what is charged then is
+  -- counted on the latest day seen, and the days before keep their records
+  -- as they closed. A key written without d is taken as changed last on
+  -- its window's first day.
   -- now_s < 2^41, so now_s % 86400 is exact.
   local function roll(key, now_s, limit, period, week_start, offset, created)
     local today = (now_s - now_s % 86400) / 86400
@@ -325,8 +326,9 @@ local function quotas(int)
       end
     end
     local start, stop = window(period, week_start, today)
-    if w and start <= w then
-      start, stop = window(period, week_start, w)
+    if w and start <= d then
+      start, stop = window(period, week_start, d)
+      w = start
       if d > today then
         today = d
       end
