@@ -4,11 +4,12 @@
 //! A string is written `<byte length>:<bytes>`, so names may hold any
 //! character. A record is `<32 hex digits of the value hash><0 or 1,
 //! enabled><plan>[<account>]`; its value hash comes first, at a fixed place,
-//! so the write script reads it without parsing. A logged change is one
-//! letter and its strings: `A` id record, `I` (id record)…, `U` id record,
-//! `D` id, `P` name text, `C` name text, or `R` alone (too large to log:
-//! read everything again). The script writes the logged form; this module
-//! reads it.
+//! so the write script reads it without parsing (an update, which sets some
+//! fields of the stored record, parses the rest there). A logged change is
+//! one letter and its strings: `A` id record, `I` (id record)…, `U` id
+//! record (as the update left it in Redis), `D` id, `P` name text, `C` name
+//! text, or `R` alone (too large to log: read everything again). The script
+//! writes the logged form; this module reads it.
 
 use std::fmt::Write as _;
 
@@ -23,7 +24,16 @@ pub(super) fn field(out: &mut String, s: &str) {
 pub(super) fn record(key: &KeyRecord) -> String {
     let mut out = format!("{:032x}{}", key.value_hash, u8::from(key.enabled));
     field(&mut out, &key.plan);
-    if let Some(account) = &key.account {
+    out.push_str(&account(key.account.as_deref()));
+    out
+}
+
+/// A record's account part, as it ends the record: nothing without an
+/// account (an update sends it in this form, so that "none" and an account
+/// named "" differ).
+pub(super) fn account(account: Option<&str>) -> String {
+    let mut out = String::new();
+    if let Some(account) = account {
         field(&mut out, account);
     }
     out

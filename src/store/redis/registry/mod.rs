@@ -82,11 +82,11 @@ pub(crate) enum Change {
     /// Registers a key. Refused when its id or its value hash is live in
     /// Redis (a tombstoned id may be added again).
     AddKey(KeyRecord),
-    /// Replaces the plan, account and enabled flag of a key; its value hash
-    /// stays the one stored. A key not in Redis (one of a static
-    /// configuration, changed for the first time) is written as given,
-    /// unless its value hash is another key's; a removed key is refused
-    /// ([`RegistryError::UnknownKey`]).
+    /// Sets the plan, account and enabled flag of a key; its value hash
+    /// stays the one stored. In the log, the key's whole record as the
+    /// write left it in Redis. Written, it is a [`KeyUpdate`] of every field
+    /// (see there), made with [`RedisStore::registry_update`]; an admin
+    /// change names only the fields it changes.
     UpdateKey(KeyRecord),
     /// Removes a key, live in Redis or not, and leaves a tombstone, so that
     /// a key of a static configuration stays removed for instances started
@@ -113,6 +113,45 @@ pub(crate) enum Change {
         /// The account, encoded by the caller.
         encoded: String,
     },
+}
+
+/// A change of some fields of one key, as an admin handle writes it: the
+/// fields named are set on the record Redis holds, in the script (one
+/// atomic step), and the others stay as Redis holds them. Not the writer's
+/// whole record: its copy may be older than Redis's (a change made through
+/// another instance within the last poll has not reached it yet), and
+/// writing it whole would silently undo that change (a disabled key moved
+/// to another plan through a stale instance was enabled again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyUpdate {
+    /// The key's id.
+    pub(crate) id: String,
+    /// The key as the writing instance holds it, if it does: the record
+    /// written (with the fields below set) when Redis holds none, as for a
+    /// key of a static configuration changed for the first time, unless its
+    /// value hash is another key's. Otherwise unused: Redis's record is the
+    /// base. With neither, or when the key was removed, the update is
+    /// refused ([`RegistryError::UnknownKey`]).
+    pub(crate) held: Option<KeyRecord>,
+    /// The new enabled flag, if it changes.
+    pub(crate) enabled: Option<bool>,
+    /// The new plan's name, if it changes.
+    pub(crate) plan: Option<String>,
+    /// The new account (`Some(None)`: none), if it changes.
+    pub(crate) account: Option<Option<String>>,
+}
+
+impl KeyUpdate {
+    /// Every field of `key` (its value hash stays Redis's).
+    fn whole(key: &KeyRecord) -> Self {
+        KeyUpdate {
+            id: key.id.clone(),
+            held: Some(key.clone()),
+            enabled: Some(key.enabled),
+            plan: Some(key.plan.clone()),
+            account: Some(key.account.clone()),
+        }
+    }
 }
 
 /// What a watcher delivers.
@@ -242,8 +281,8 @@ impl RedisStore {
                 key(&mut args, k);
             }
             Change::UpdateKey(k) => {
-                args.push("U".to_owned());
-                key(&mut args, k);
+                let (version, _) = self.registry_update(&KeyUpdate::whole(k)).await?;
+                return Ok(version);
             }
             Change::Import(keys) if keys.len() > IMPORT_PART => {
                 return self.import_staged(keys).await;
@@ -266,6 +305,47 @@ impl RedisStore {
         // be refused by its own first run.
         let reply: Vec<String> = inner.within(inner.registry_eval(&args, false)).await?;
         written(reply)
+    }
+
+    /// Sets the fields `update` names on the key's record in Redis, in one
+    /// script call that reads the record, sets them, bumps the version and
+    /// logs the record as written (so that every instance, the writer too,
+    /// ends with it), or writes nothing. Returns the new version and the
+    /// record. Bounded by the store's timeout.
+    pub(crate) async fn registry_update(
+        &self,
+        update: &KeyUpdate,
+    ) -> Result<(u64, KeyRecord), RegistryError> {
+        let inner = &self.inner;
+        let mut args = vec![
+            "w".to_owned(),
+            LOG_LEN.to_string(),
+            LARGEST_LOGGED.to_string(),
+            "U".to_owned(),
+            update.id.clone(),
+            update.held.as_ref().map(codec::record).unwrap_or_default(),
+        ];
+        if let Some(enabled) = update.enabled {
+            args.extend(["enabled".to_owned(), u8::from(enabled).to_string()]);
+        }
+        if let Some(plan) = &update.plan {
+            args.extend(["plan".to_owned(), plan.clone()]);
+        }
+        if let Some(account) = &update.account {
+            args.extend(["account".to_owned(), codec::account(account.as_deref())]);
+        }
+        // Not sent again when the connection drops, as other writes.
+        let reply: Vec<String> = inner.within(inner.registry_eval(&args, false)).await?;
+        match <[String; 3]>::try_from(reply) {
+            Ok([status, version, record]) if status == "ok" => {
+                let version = version.parse().map_err(|_| bad_reply())?;
+                let record = codec::parse_record(&update.id, &record).ok_or_else(bad_reply)?;
+                Ok((version, record))
+            }
+            Ok(_) => Err(bad_reply().into()),
+            // Refused: `{reason, id}`.
+            Err(reply) => Err(written(reply).err().unwrap_or_else(|| bad_reply().into())),
+        }
     }
 
     /// An import too large for one script call (which would hold Redis,
@@ -360,6 +440,10 @@ fn written(reply: Vec<String>) -> Result<u64, RegistryError> {
             "duplicate" => RegistryError::Duplicate { id },
             "duplicate value" => RegistryError::DuplicateValue { id },
             "unknown" => RegistryError::UnknownKey { id },
+            "unreadable" => StoreError::new(format!(
+                "redis: the record of key {id:?} in the key registry cannot be read"
+            ))
+            .into(),
             "busy" => StoreError::new(
                 "redis: a batch import is in progress on the key registry; retry when it ends",
             )

@@ -19,6 +19,20 @@
 -- D remove, P plan, C account), then its fields. Returns {'ok', version} or
 -- {reason, id} when the change is refused, with nothing written.
 --
+-- An update ('U') names only the fields it changes, and they are set on the
+-- record Redis holds, here, where no other write can come between the read
+-- and the write: ARGV[5] the key's id, ARGV[6] its record as the writing
+-- instance holds it ('' when it holds no such key), then pairs of a field
+-- and its new value: 'enabled' '0' or '1', 'plan' a name, 'account' ''
+-- (none) or '<len>:<name>'. An instance writes what its admin changed, not
+-- the whole record as it holds it: that copy may be older than Redis's (a
+-- change made through another instance in the last poll has not reached
+-- it), and writing it whole would undo that change. The writer's record is
+-- used only when Redis holds none (a key of a static configuration,
+-- changed for the first time); with neither, the key is unknown. Returns
+-- {'ok', version, the record as written}, which the log carries too, so
+-- that every instance, the writer included, ends with the merged record.
+--
 -- A large import is staged in parts, then made live at once: ARGV[4] = 'S'
 -- (stage: ARGV[5] the import's token, ARGV[6] its time to live in ms, then
 -- id and record pairs; each entry is checked against the live keys and the
@@ -53,6 +67,40 @@ local function field(s)
   return #s .. ':' .. s
 end
 local out = {op}
+-- What a successful write answers besides its version (an update's record).
+local answer
+
+-- The parts of a record: value hash, enabled ('0' or '1'), plan, and the
+-- account as the record writes it ('' or '<len>:<name>'); nil when the text
+-- is not a record (edited by hand).
+local function parse(record)
+  local hash, enabled = string.match(record, '^(' .. string.rep('%x', 32) .. ')([01])')
+  if not hash then
+    return nil
+  end
+  -- The strings after the flag: the plan, then the account if any.
+  local strings, at = {}, 34
+  while at <= #record do
+    local len = string.match(record, '^(%d+):', at)
+    if not len then
+      return nil
+    end
+    local from = at + #len + 1
+    at = from + tonumber(len)
+    if at - 1 > #record then
+      return nil
+    end
+    strings[#strings + 1] = string.sub(record, from, at - 1)
+  end
+  if #strings < 1 or #strings > 2 then
+    return nil
+  end
+  local account = ''
+  if strings[2] then
+    account = field(strings[2])
+  end
+  return {hash = hash, enabled = enabled, plan = strings[1], account = account}
+end
 
 local token = redis.call('GET', importing)
 local function forget()
@@ -172,24 +220,48 @@ if op == 'A' or op == 'I' then
     out[#out + 1] = field(id) .. field(record)
   end
 elseif op == 'U' then
-  local id, record = ARGV[5], ARGV[6]
-  local old = redis.call('HGET', keys, id)
-  if old then
-    -- The value hash never changes: the stored one stays.
-    record = string.sub(old, 1, 32) .. string.sub(record, 33)
+  local id, held = ARGV[5], ARGV[6]
+  -- Checked before anything is written (an error reply undoes nothing).
+  for i = 7, #ARGV, 2 do
+    local name, value = ARGV[i], ARGV[i + 1]
+    if not ((name == 'enabled' and (value == '0' or value == '1'))
+      or name == 'plan' or name == 'account') then
+      return redis.error_reply('tollgate: a malformed registry update')
+    end
+  end
+  local stored = redis.call('HGET', keys, id)
+  local r
+  if stored then
+    -- The record as Redis holds it, whatever the writer holds: its value
+    -- hash never changes, and the fields this update does not name stay
+    -- as another instance may just have set them.
+    r = parse(stored)
+    if not r then
+      return {'unreadable', id}
+    end
   else
-    -- A key only in a static configuration, changed for the first time.
-    if redis.call('HEXISTS', removed, id) == 1 then
+    -- A key only in a static configuration, changed for the first time:
+    -- the writer's record is the base. A removed key, or one the writer
+    -- does not hold either, is unknown.
+    if held == '' or redis.call('HEXISTS', removed, id) == 1 then
       return {'unknown', id}
     end
-    local hash = string.sub(record, 1, 32)
-    if redis.call('HEXISTS', values, hash) == 1 then
+    r = parse(held)
+    if not r then
+      return redis.error_reply('tollgate: a malformed registry update')
+    end
+    if redis.call('HEXISTS', values, r.hash) == 1 then
       return {'duplicate value', id}
     end
-    redis.call('HSET', values, hash, id)
+    redis.call('HSET', values, r.hash, id)
   end
+  for i = 7, #ARGV, 2 do
+    r[ARGV[i]] = ARGV[i + 1]
+  end
+  local record = r.hash .. r.enabled .. field(r.plan) .. r.account
   redis.call('HSET', keys, id, record)
   out[2] = field(id) .. field(record)
+  answer = record
 elseif op == 'D' then
   local id = ARGV[5]
   local old = redis.call('HGET', keys, id)
@@ -223,4 +295,5 @@ if #change > largest then
   change = 'R'
 end
 redis.call('XADD', log, 'MAXLEN', '~', bound, '*', 'v', v, 'c', change)
-return {'ok', tostring(v)}
+-- Without an answer (nil), the reply is {'ok', version}.
+return {'ok', tostring(v), answer}

@@ -187,6 +187,142 @@ async fn a_store_started_later_loads_the_registry_with_tombstones() {
     assert!(matches!(err, RegistryError::UnknownKey { id } if id == "static"));
 }
 
+/// An update of some fields of a key, from `held` (the writer's copy).
+fn update(held: Option<&KeyRecord>, id: &str) -> KeyUpdate {
+    KeyUpdate {
+        id: id.to_owned(),
+        held: held.cloned(),
+        enabled: None,
+        plan: None,
+        account: None,
+    }
+}
+
+/// Two stores change different fields of one key, each from its own copy
+/// as it was before either change: both changes hold, in Redis, in the
+/// log and in what each write answers. A key of a static configuration is
+/// written from the writer's copy; a key in neither is unknown; a stored
+/// record that cannot be read is not written over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_sets_its_fields_on_the_record_redis_holds() {
+    if !require_redis() {
+        return;
+    }
+    let server = RedisServer::start();
+    let (a, b) = (store(&server.url()).await, store(&server.url()).await);
+    let k = key(&a, "k", "value-k");
+    a.registry_write(&Change::AddKey(k.clone())).await.unwrap();
+    let seen = Seen::default();
+    b.registry_watch(seen.callback(), 1);
+
+    // a disables k; b, from its copy of k still enabled, moves it.
+    let off = KeyUpdate {
+        enabled: Some(false),
+        ..update(Some(&k), "k")
+    };
+    let (v, written) = a.registry_update(&off).await.unwrap();
+    let disabled = KeyRecord {
+        enabled: false,
+        ..k.clone()
+    };
+    assert_eq!((v, &written), (2, &disabled));
+    let moved = KeyUpdate {
+        plan: Some("free".into()),
+        ..update(Some(&k), "k")
+    };
+    let (v, written) = b.registry_update(&moved).await.unwrap();
+    let both = KeyRecord {
+        plan: "free".into(),
+        ..disabled.clone()
+    };
+    assert_eq!((v, &written), (3, &both), "b's move kept a's disable");
+    assert_eq!(
+        seen.wait(2, Duration::from_secs(1)).await,
+        vec![
+            change(2, Change::UpdateKey(disabled)),
+            change(3, Change::UpdateKey(both.clone())),
+        ]
+    );
+
+    // An account set, kept by a later change of another field, then taken
+    // away; the writer's value hash is never written over Redis's.
+    let mut stale = k.clone();
+    stale.value_hash = 7;
+    let join = KeyUpdate {
+        account: Some(Some("acme".into())),
+        ..update(Some(&stale), "k")
+    };
+    a.registry_update(&join).await.unwrap();
+    let on = KeyUpdate {
+        enabled: Some(true),
+        ..update(None, "k")
+    };
+    let (_, written) = b.registry_update(&on).await.unwrap();
+    let joined = KeyRecord {
+        account: Some("acme".into()),
+        enabled: true,
+        ..both.clone()
+    };
+    assert_eq!(written, joined);
+    let leave = KeyUpdate {
+        account: Some(None),
+        ..update(None, "k")
+    };
+    let (v, written) = a.registry_update(&leave).await.unwrap();
+    assert_eq!(written.account, None);
+    let (version, all) = b.registry_load().await.unwrap();
+    assert_eq!((version, all), (v, vec![Change::AddKey(written)]));
+
+    // A key only in a static configuration: the writer's copy, changed.
+    let s = key(&a, "static", "value-static");
+    let off = KeyUpdate {
+        enabled: Some(false),
+        ..update(Some(&s), "static")
+    };
+    let (_, written) = a.registry_update(&off).await.unwrap();
+    assert_eq!(
+        written,
+        KeyRecord {
+            enabled: false,
+            ..s
+        }
+    );
+
+    // Neither in Redis nor held by the writer: unknown, nothing written.
+    let (before, _) = a.registry_load().await.unwrap();
+    let err = b
+        .registry_update(&update(None, "nobody"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::UnknownKey { id } if id == "nobody"),
+        "{err:?}"
+    );
+
+    // A record edited by hand into something else is not written over.
+    command(
+        server.addr(),
+        &["HSET", "{tollgate:registry}:keys", "junk", "not a record"],
+    )
+    .unwrap();
+    let err = a
+        .registry_update(&KeyUpdate {
+            enabled: Some(false),
+            ..update(Some(&key(&a, "junk", "value-junk")), "junk")
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot be read"), "{err}");
+    assert_eq!(
+        command(server.addr(), &["HGET", "{tollgate:registry}:keys", "junk"]).unwrap(),
+        "not a record"
+    );
+    assert_eq!(
+        command(server.addr(), &["GET", "{tollgate:registry}:version"]).unwrap(),
+        before.to_string()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_are_refused_and_an_import_is_all_or_nothing() {
     if !require_redis() {
