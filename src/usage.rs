@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::error::ConfigError;
-use crate::keys::{Clash, Edit, KeyEntry, Record, SharedRegistry};
+use crate::keys::{Clash, Edit, KeyEntry, Record, SharedRegistry, Update};
 use crate::plan::{ApiKey, LimitKind, Plan, UsagePlan};
 use crate::policy::{Policy, clash_error};
 use crate::resolver::Resolving;
@@ -335,6 +335,15 @@ impl<S: Store> Admin<S> {
     /// Requests it has in flight finish, and their token settlements and
     /// concurrency places are still given back. Its counters stay in the
     /// store (a key added again with its id finds them).
+    ///
+    /// With a store that shares the registry, a key added through another
+    /// instance that has not reached this one yet (within a poll of the
+    /// registry's log) is answered [`AdminError::UnknownKey`] here, where
+    /// [`set_enabled`](Self::set_enabled) and [`set_plan`](Self::set_plan)
+    /// change it: a removal leaves a tombstone for any id, held in Redis
+    /// or only in some instance's static configuration, so the store cannot
+    /// tell such a key from an id nobody has; this instance's copy is what
+    /// says the key exists. Retried a second later, it is removed.
     pub async fn remove_key(&self, id: &str) -> Result<(), AdminError> {
         self.registered()?;
         if self.policy.keys().by_id(id, |e| e.is_none()) {
@@ -356,19 +365,25 @@ impl<S: Store> Admin<S> {
     }
 
     /// Enables or disables a key (a disabled key is answered 403).
+    ///
+    /// With a store that shares the registry, only the flag is written, on
+    /// the key as the store holds it: a plan change made through another
+    /// instance a moment ago, not yet received here, is kept. A key added
+    /// through another instance and not yet received here is changed too.
     pub async fn set_enabled(&self, id: &str, enabled: bool) -> Result<(), AdminError> {
-        self.replace_entry(id, |e| {
-            Ok(KeyEntry {
-                enabled,
-                ..e.clone()
-            })
-        })
-        .await
+        let fields = KeyFields {
+            enabled: Some(enabled),
+            plan: None,
+        };
+        self.change_key(id, fields).await
     }
 
     /// Moves a key to another plan. Its counters under the old plan are kept
     /// for when it comes back; under the new plan it starts where it left off
     /// there, or fresh.
+    ///
+    /// With a store that shares the registry, only the plan is written, as
+    /// [`set_enabled`](Self::set_enabled) writes only the flag.
     pub async fn set_plan(&self, id: &str, plan: &str) -> Result<(), AdminError> {
         let to = Arc::clone(
             self.policy
@@ -376,13 +391,11 @@ impl<S: Store> Admin<S> {
                 .plan_named(plan)
                 .ok_or_else(|| AdminError::UnknownPlan(plan.to_owned()))?,
         );
-        self.replace_entry(id, |e| {
-            Ok(KeyEntry {
-                plan: to,
-                ..e.clone()
-            })
-        })
-        .await
+        let fields = KeyFields {
+            enabled: None,
+            plan: Some(to),
+        };
+        self.change_key(id, fields).await
     }
 
     /// Adds a plan, or replaces the limits of the plan with the same name.
@@ -671,40 +684,55 @@ impl<S: Store> Admin<S> {
         }
     }
 
-    async fn replace_entry(
-        &self,
-        id: &str,
-        f: impl FnOnce(&KeyEntry) -> Result<KeyEntry, AdminError>,
-    ) -> Result<(), AdminError> {
+    /// Sets `fields` on the key with this id; its other fields stay.
+    async fn change_key(&self, id: &str, fields: KeyFields) -> Result<(), AdminError> {
         self.registered()?;
         let keys = self.policy.keys();
-        let (digest, new) = keys.change(|w| {
-            let (digest, old) = w
+        if let Some(shared) = self.shared() {
+            // The fields changed, not this instance's whole copy of the key,
+            // which may not have received another instance's change yet
+            // (see `SharedRegistry::update`). Nor is a key missing here
+            // unknown: it may have been added through another instance a
+            // moment ago; the store says.
+            let held = keys.change(|w| {
+                w.by_id(id).map(|(digest, e)| Record {
+                    id: id.to_owned(),
+                    digest,
+                    plan: e.plan.name.to_string(),
+                    account: e.account.as_ref().map(|a| a.name.to_string()),
+                    enabled: e.enabled,
+                })
+            });
+            let update = Update {
+                id: id.to_owned(),
+                held,
+                enabled: fields.enabled,
+                plan: fields.plan.map(|p| p.name.to_string()),
+            };
+            return shared.update(&self.policy, update).await;
+        }
+        // Read, changed and replaced under one hold of the write lock, so
+        // that two changes of one key on two threads both hold. The plan
+        // and account as they are now (one may have been put meanwhile).
+        keys.change(|w| {
+            let (_, old) = w
                 .by_id(id)
                 .ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
-            Ok::<_, AdminError>((digest, f(old)?))
-        })?;
-        if let Some(shared) = self.shared() {
-            let r = Record {
-                id: id.to_owned(),
-                digest,
-                plan: new.plan.name.to_string(),
-                account: new.account.as_ref().map(|a| a.name.to_string()),
-                enabled: new.enabled,
+            let new = KeyEntry {
+                enabled: fields.enabled.unwrap_or(old.enabled),
+                plan: fields.plan.unwrap_or_else(|| Arc::clone(&old.plan)),
+                ..old.clone()
             };
-            let v = shared.write(Edit::Update(r)).await?;
-            // Applied here at once, unless the watcher applied it (and what
-            // came after it) first.
-            if let Some(_applied) = self.policy.made(v) {
-                keys.change(|w| w.replace(self.policy.load().fresh(new)));
-            }
-            return Ok(());
-        }
-        // The plan and account as they are now (one may have been put
-        // meanwhile).
-        keys.change(|w| w.replace(self.policy.load().fresh(new)));
-        Ok(())
+            w.replace(self.policy.load().fresh(new));
+            Ok(())
+        })
     }
+}
+
+/// The fields of a key an admin change sets (`None`: kept as they are).
+struct KeyFields {
+    enabled: Option<bool>,
+    plan: Option<Arc<Plan>>,
 }
 
 /// A key as a shared registry keeps it.

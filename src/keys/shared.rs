@@ -39,11 +39,23 @@ pub(crate) struct Record {
     pub(crate) enabled: bool,
 }
 
+/// A change of some fields of a key, as it is written to a shared
+/// registry: only what the admin changed, set there on the key as the
+/// registry holds it (this instance's copy may be older: see
+/// [`SharedRegistry::update`]).
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) struct Update {
+    pub(crate) id: String,
+    /// The key as this instance holds it, if it does.
+    pub(crate) held: Option<Record>,
+    pub(crate) enabled: Option<bool>,
+    pub(crate) plan: Option<String>,
+}
+
 /// A change to a shared registry.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) enum Edit {
     Add(Record),
-    Update(Record),
     Remove(String),
     Import(Vec<Record>),
     Plan { name: String, encoded: String },
@@ -53,6 +65,10 @@ pub(crate) enum Edit {
 #[cfg(not(feature = "redis"))]
 impl SharedRegistry {
     pub(crate) async fn write(&self, _edit: Edit) -> Result<u64, AdminError> {
+        Err(AdminError::NotRegistered)
+    }
+
+    pub(crate) async fn update(&self, _policy: &Policy, _update: Update) -> Result<(), AdminError> {
         Err(AdminError::NotRegistered)
     }
 }
@@ -72,13 +88,15 @@ mod redis_registry {
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
 
-    use super::{Edit, Record, SharedRegistry};
+    use super::{Edit, Record, SharedRegistry, Update};
     use crate::error::ConfigError;
     use crate::hash::Digest;
     use crate::keys::{KeyEntry, Writer};
     use crate::plan::wire;
     use crate::policy::{Policy, Snapshot};
-    use crate::store::redis::registry::{Change, KeyRecord, RegistryError, RegistryUpdate};
+    use crate::store::redis::registry::{
+        Change, KeyRecord, KeyUpdate, RegistryError, RegistryUpdate,
+    };
     use crate::usage::AdminError;
     use std::sync::MutexGuard;
 
@@ -92,16 +110,8 @@ mod redis_registry {
 
         /// Writes `edit` to the store; returns the registry's new version.
         pub(crate) async fn write(&self, edit: Edit) -> Result<u64, AdminError> {
-            let record = |r: Record| KeyRecord {
-                id: r.id,
-                value_hash: r.digest.0,
-                plan: r.plan,
-                account: r.account,
-                enabled: r.enabled,
-            };
             let change = match edit {
                 Edit::Add(r) => Change::AddKey(record(r)),
-                Edit::Update(r) => Change::UpdateKey(record(r)),
                 Edit::Remove(id) => Change::RemoveKey { id },
                 Edit::Import(rs) => Change::Import(rs.into_iter().map(record).collect()),
                 Edit::Plan { name, encoded } => Change::PutPlan { name, encoded },
@@ -110,14 +120,69 @@ mod redis_registry {
             self.store
                 .registry_write(&change)
                 .await
-                .map_err(|e| match e {
-                    RegistryError::Duplicate { id } => ConfigError::DuplicateKeyId(id).into(),
-                    RegistryError::DuplicateValue { id } => {
-                        ConfigError::DuplicateKeyValue { id }.into()
-                    }
-                    RegistryError::UnknownKey { id } => AdminError::UnknownKey(id),
-                    RegistryError::Store(e) => AdminError::Store(e),
-                })
+                .map_err(admin_error)
+        }
+
+        /// Sets the fields `update` names on the key as the store holds it,
+        /// then applies the key as the store answered it to `policy` at
+        /// once, unless the watcher applied that change (and maybe a later
+        /// one of the same key) first.
+        ///
+        /// Only the fields changed are written: this instance's copy of the
+        /// key may lag the store's by up to a poll of the log (a change made
+        /// through another instance that has not arrived yet), and the
+        /// fields it did not change are taken from the store, so that such
+        /// a change is kept, not undone. For the same reason the key as the
+        /// store answers it, both changes in it, is what is applied here,
+        /// not this instance's copy with its one change. A key this instance
+        /// has not received yet (added through another one moments ago) is
+        /// changed all the same, and applied here with the change; the
+        /// store refuses only a key it does not hold either
+        /// ([`AdminError::UnknownKey`]), unless this instance holds it (a
+        /// key of its static configuration, changed for the first time:
+        /// this instance's copy, changed, is written).
+        pub(crate) async fn update(
+            &self,
+            policy: &Policy,
+            update: Update,
+        ) -> Result<(), AdminError> {
+            let update = KeyUpdate {
+                id: update.id,
+                held: update.held.map(record),
+                enabled: update.enabled,
+                plan: update.plan,
+                account: None,
+            };
+            let (version, key) = self
+                .store
+                .registry_update(&update)
+                .await
+                .map_err(admin_error)?;
+            if let Some(_applied) = policy.made(version) {
+                policy.apply(Change::UpdateKey(key));
+            }
+            Ok(())
+        }
+    }
+
+    /// A key as the store writes it.
+    fn record(r: Record) -> KeyRecord {
+        KeyRecord {
+            id: r.id,
+            value_hash: r.digest.0,
+            plan: r.plan,
+            account: r.account,
+            enabled: r.enabled,
+        }
+    }
+
+    /// What a refused or failed write tells the admin.
+    fn admin_error(e: RegistryError) -> AdminError {
+        match e {
+            RegistryError::Duplicate { id } => ConfigError::DuplicateKeyId(id).into(),
+            RegistryError::DuplicateValue { id } => ConfigError::DuplicateKeyValue { id }.into(),
+            RegistryError::UnknownKey { id } => AdminError::UnknownKey(id),
+            RegistryError::Store(e) => AdminError::Store(e),
         }
     }
 

@@ -356,17 +356,81 @@ async fn shared_store(redis: &RedisServer) -> RedisStore {
         .unwrap()
 }
 
-/// An instance with plans "free" and "pro" and `statics` (id, value) on "free".
-async fn instance(redis: &RedisServer, statics: &[(&str, &str)]) -> Layer {
+/// Plans "free" and "pro", and `statics` (id, value) on "free".
+fn policy(statics: &[(&str, &str)]) -> Policy {
     let mut b = Policy::builder()
         .plan(UsagePlan::new("free").throttle(Throttle::new(1000.0, 1000).unwrap()))
         .plan(UsagePlan::new("pro").throttle(Throttle::new(1000.0, 1000).unwrap()));
     for (id, value) in statics {
         b = b.key(ApiKey::new(*id, *value, "free"));
     }
-    RateLimitLayer::builder(b.build().unwrap())
+    b.build().unwrap()
+}
+
+/// An instance with plans "free" and "pro" and `statics` (id, value) on "free".
+async fn instance(redis: &RedisServer, statics: &[(&str, &str)]) -> Layer {
+    RateLimitLayer::builder(policy(statics))
         .store(shared_store(redis).await)
         .build()
+}
+
+/// An instance's registry watcher, held still: the layer was built in a
+/// runtime of its own, which runs no task until [`resume`](Self::resume)
+/// drives it. Until then no change made through another instance reaches
+/// the layer, exactly as in the moment (up to a watcher's poll) before
+/// another instance's change arrives; the layer's own changes, written from
+/// the test's runtime, are made and applied as usual. Deterministic where
+/// racing the 200 ms poll would not be.
+struct Paused {
+    runtime: Option<tokio::runtime::Runtime>,
+    /// Dropped with the test: ends the thread that drives the runtime.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Paused {
+    /// Runs the watcher from now on, on a thread of its own.
+    fn resume(&mut self) {
+        let runtime = self.runtime.take().expect("resumed once");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        self.stop = Some(stop);
+        std::thread::spawn(move || {
+            runtime.block_on(async {
+                let _ = stopped.await;
+            })
+        });
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // Never resumed (a failed assertion): dropped without waiting, as
+        // the test's async context requires.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// [`instance`], with its registry watcher [`Paused`].
+async fn paused_instance(redis: &RedisServer, statics: &[(&str, &str)]) -> (Layer, Paused) {
+    let store = shared_store(redis).await;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let layer = {
+        // The watcher is spawned on the runtime entered when the layer is
+        // built; the store's connection stays on the test's runtime.
+        let _entered = runtime.enter();
+        RateLimitLayer::builder(policy(statics))
+            .store(store)
+            .build()
+    };
+    let paused = Paused {
+        runtime: Some(runtime),
+        stop: None,
+    };
+    (layer, paused)
 }
 
 async fn until(what: &str, mut f: impl FnMut() -> bool) {
@@ -561,4 +625,144 @@ async fn a_key_removed_through_a_stays_removed_after_an_older_change_of_b() {
         assert!(l.admin().key("k").is_none(), "{:?}", l.admin().key("k"));
         assert!(l.decide(b"value-of-k-gggggggggg", 1).await.is_err());
     }
+}
+
+/// One change of a key's fields through an admin handle.
+#[derive(Debug, Clone, Copy)]
+enum Set {
+    Enabled(bool),
+    Plan(&'static str),
+}
+
+impl Set {
+    async fn on(self, l: &Layer, id: &str) -> Result<(), tollgate::AdminError> {
+        match self {
+            Set::Enabled(enabled) => l.admin().set_enabled(id, enabled).await,
+            Set::Plan(plan) => l.admin().set_plan(id, plan).await,
+        }
+    }
+}
+
+/// Key `k` of `value` added through a and loaded by b; then `on_a` made
+/// through a and, before it reached b (b's watcher is paused), `on_b`
+/// through b. Returns once b's watcher runs again, with an instance c
+/// started afterwards (which holds what Redis holds).
+async fn changed_on_a_then_on_a_stale_b(
+    value: &str,
+    on_a: Set,
+    on_b: Set,
+) -> (RedisServer, [Layer; 3], Paused) {
+    let redis = RedisServer::start();
+    let a = instance(&redis, &[]).await;
+    a.admin()
+        .add_key(ApiKey::new("k", value, "free"))
+        .await
+        .unwrap();
+    let (b, mut paused) = paused_instance(&redis, &[]).await;
+    let before = b.admin().key("k").expect("b loads k when it starts");
+    on_a.on(&a, "k").await.unwrap();
+    assert_eq!(b.admin().key("k"), Some(before), "a's change reached b");
+    on_b.on(&b, "k").await.unwrap();
+    paused.resume();
+    let c = instance(&redis, &[]).await;
+    (redis, [a, b, c], paused)
+}
+
+/// Waits until every layer holds key `id` on `plan` and `enabled`.
+async fn every_instance_holds(layers: &[Layer], id: &str, plan: &str, enabled: bool) {
+    for (name, l) in ["a", "b", "c"].iter().zip(layers) {
+        let t = Instant::now();
+        loop {
+            let k = l.admin().key(id);
+            if k.as_ref()
+                .is_some_and(|k| (k.plan.as_str(), k.enabled) == (plan, enabled))
+            {
+                break;
+            }
+            assert!(
+                t.elapsed() < WAIT,
+                "{name} holds {k:?}, not {id} on {plan} with enabled {enabled}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // And keeps it: no older change arrives later to undo either field.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for l in layers {
+        let k = l.admin().key(id).unwrap();
+        assert_eq!((k.plan.as_str(), k.enabled), (plan, enabled));
+    }
+}
+
+/// a disables k; b, which has not yet received that, moves k to "pro". The
+/// move changes the plan alone: k ends disabled on "pro" in Redis and on
+/// every instance (b's move carried b's stale "enabled" and turned k on
+/// again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_through_a_stale_instance_keeps_a_key_disabled_elsewhere() {
+    if !require_redis() {
+        return;
+    }
+    let value = "value-of-k-hhhhhhhhhh";
+    let (_redis, layers, _paused) =
+        changed_on_a_then_on_a_stale_b(value, Set::Enabled(false), Set::Plan("pro")).await;
+    every_instance_holds(&layers, "k", "pro", false).await;
+    for l in &layers {
+        assert!(l.decide(value.as_bytes(), 1).await.is_err());
+    }
+}
+
+/// a moves k to "pro"; b, which has not yet received that, disables k. The
+/// disable changes the flag alone: k ends disabled on "pro" everywhere (b's
+/// disable carried b's stale plan and moved k back to "free").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disable_through_a_stale_instance_keeps_a_move_made_elsewhere() {
+    if !require_redis() {
+        return;
+    }
+    let (_redis, layers, _paused) = changed_on_a_then_on_a_stale_b(
+        "value-of-k-iiiiiiiiii",
+        Set::Plan("pro"),
+        Set::Enabled(false),
+    )
+    .await;
+    every_instance_holds(&layers, "k", "pro", false).await;
+}
+
+/// k is added through a; b, which has not yet received it, disables it and
+/// moves it. Redis holds k, so the changes are made (b answered "unknown
+/// key"), and b serves k as changed at once; every instance ends with both.
+/// A key Redis does not hold either is still unknown, and nothing is
+/// written for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_added_elsewhere_can_be_changed_before_it_arrives() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let a = instance(&redis, &[]).await;
+    let (b, mut paused) = paused_instance(&redis, &[]).await;
+    let value = "value-of-k-jjjjjjjjjj";
+    a.admin()
+        .add_key(ApiKey::new("k", value, "free"))
+        .await
+        .unwrap();
+    assert!(b.admin().key("k").is_none(), "a's add reached b");
+    b.admin().set_enabled("k", false).await.unwrap();
+    b.admin().set_plan("k", "pro").await.unwrap();
+    let on_b = b.admin().key("k").expect("b serves k as changed at once");
+    assert_eq!((on_b.plan.as_str(), on_b.enabled), ("pro", false));
+    assert!(b.decide(value.as_bytes(), 1).await.is_err());
+
+    let version = || command(redis.addr(), &["GET", "{tollgate:registry}:version"]).unwrap();
+    let before = version();
+    let err = b.admin().set_enabled("nobody", false).await.unwrap_err();
+    assert_eq!(err, tollgate::AdminError::UnknownKey("nobody".into()));
+    let err = b.admin().set_plan("nobody", "pro").await.unwrap_err();
+    assert_eq!(err, tollgate::AdminError::UnknownKey("nobody".into()));
+    assert_eq!(version(), before, "nothing written for an unknown key");
+
+    paused.resume();
+    let c = instance(&redis, &[]).await;
+    every_instance_holds(&[a, b, c], "k", "pro", false).await;
 }
