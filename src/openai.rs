@@ -13,7 +13,8 @@
 //!   0 by default), or an embeddings or Responses request's `input` (a
 //!   string, strings or token ids as a prompt; or a Responses request's
 //!   items, counted as a chat's messages, `input_text` parts as text;
-//!   never on a route ending in `/completions`, which takes none);
+//!   never on a route ending in `/completions`, which takes none); a body
+//!   that has several of these counts them all, whichever the server reads;
 //! - the answer: `max_completion_tokens`, else `max_tokens`, else
 //!   `max_output_tokens` (the Responses API's), else
 //!   [`default_max_tokens`](OpenAiEstimator::default_max_tokens) (16, as
@@ -254,20 +255,30 @@ impl OpenAiEstimator {
             Route::Completions => &None,
             _ => &req.input,
         };
-        match (&req.prompt, &req.messages, input) {
-            (Some(p), _, _) => answers = self.prompt(&mut prompt, p),
-            (None, Some(messages), _) => self.messages(&mut prompt, messages),
+        if req.prompt.is_none() && req.messages.is_none() && input.is_none() {
+            return Err(BodyError::new(
+                "the request body has none of `prompt`, `messages` and `input`",
+            ));
+        }
+        // A body with several of them is counted for each: which one the
+        // server reads is its choice, not the estimate's, and counting one
+        // alone would let a stray `"prompt": ""` beside a chat's long
+        // `messages` pass as a request of a few tokens (past a token budget
+        // it can never fit in). A client that sends one pays for that one.
+        if let Some(p) = &req.prompt {
+            answers = self.prompt(&mut prompt, p);
+        }
+        if let Some(messages) = &req.messages {
+            self.messages(&mut prompt, messages);
+        }
+        match input {
             // An input is one answer, however many texts it holds: an
             // embeddings request's vectors, or a Responses request's reply.
-            (None, None, Some(Input::Prompt(p))) => {
+            Some(Input::Prompt(p)) => {
                 self.prompt(&mut prompt, p);
             }
-            (None, None, Some(Input::Items(items))) => self.messages(&mut prompt, items),
-            (None, None, None) => {
-                return Err(BodyError::new(
-                    "the request body has none of `prompt`, `messages` and `input`",
-                ));
-            }
+            Some(Input::Items(items)) => self.messages(&mut prompt, items),
+            None => {}
         }
         if req.model.is_none() {
             return Err(BodyError::new(
@@ -646,11 +657,22 @@ mod tests {
             {"type":"function_call_output","call_id":"c","output":"ignored"}
         ],"max_output_tokens":9}"#;
         assert_eq!(tokens(body), 2 + 9);
-        // `prompt` and `messages` come first when a body has several.
+        // A body with several counts them all: 2 + 8 characters.
         assert_eq!(
             tokens(r#"{"prompt":"ab","input":"abcdefgh","max_tokens":0}"#),
-            1
+            3
         );
+    }
+
+    #[test]
+    fn a_stray_prompt_beside_messages_does_not_hide_them() {
+        // A chat server reads the messages and may ignore the `prompt`:
+        // both are counted, 0 + 16 characters, so the estimate covers them.
+        let body = r#"{"prompt":"","messages":[{"role":"user","content":"abcdefghijklmnop"}],"max_tokens":0}"#;
+        assert_eq!(tokens(body), 4);
+        // And a completion's prompts still set how many answers it asks for.
+        let body = r#"{"prompt":["ab","cd"],"messages":[{"content":"efgh"}],"max_tokens":3}"#;
+        assert_eq!(tokens(body), 2 + 3 * 2);
     }
 
     #[test]

@@ -1308,6 +1308,39 @@ async fn a_token_budget_spent_by_large_requests_leaves_other_keys_alone() {
     assert_eq!(s.tokens("big-key", 400, None).await.status(), 200);
 }
 
+/// A chat whose body also carries a `prompt` is estimated from its messages
+/// too: a stray `"prompt": ""` does not make a request larger than the whole
+/// budget look like one of no tokens (the mock, as a chat server, answers
+/// the messages, which would then be charged after the fact).
+#[tokio::test]
+async fn a_stray_prompt_does_not_hide_a_chats_messages_from_the_estimate() {
+    let s = start(TOKENS_CONFIG).await;
+    // 4,004 characters: 1,001 tokens, more than the 1,000 a minute.
+    let messages = json!([{"role": "user", "content": "a".repeat(4004)}]);
+    for (what, body) in [
+        (
+            "messages alone",
+            json!({"model": "m", "messages": messages, "max_tokens": 0}),
+        ),
+        (
+            "messages and an empty prompt",
+            json!({"model": "m", "prompt": "", "messages": messages, "max_tokens": 0}),
+        ),
+    ] {
+        let res = s
+            .post("/v1/chat/completions", Some("big-key"), &body.to_string())
+            .await;
+        assert_eq!(res.status(), 429, "{what}");
+        assert_eq!(res.headers()["x-should-retry"], "false");
+        assert_eq!(
+            res.text().await.unwrap(),
+            r#"{"message":"Cost Exceeds Limit"}"#
+        );
+    }
+    // Neither was charged: the whole budget is still there.
+    assert_eq!(s.tokens("big-key", 1000, Some(0)).await.status(), 200);
+}
+
 #[tokio::test]
 async fn settlement_refunds_an_over_estimate_and_charges_an_under_estimate() {
     let s = start(TOKENS_CONFIG).await;
