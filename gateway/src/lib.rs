@@ -44,7 +44,9 @@
 //! by `RUST_LOG`, as JSON lines with `--log-json`.
 //!
 //! Only requests that match a route and its method are limited: a 404 or a
-//! 405 costs nothing, and only the POST routes' bodies are read.
+//! 405 costs nothing (it is a JSON error in the config's response style,
+//! OpenAI's `Invalid URL (POST /v1/x)` in the demo), and only the POST
+//! routes' bodies are read.
 //! - `/admin/…` usage and key administration, guarded by the `x-admin-key` header:
 //!   - `GET /admin/usage?plan=NAME&start=YYYY-MM-DD&end=YYYY-MM-DD[&key=ID]` (AWS GetUsage)
 //!   - `PATCH /admin/keys/ID/usage` with `{"remaining": N}` (AWS UpdateUsage)

@@ -5,8 +5,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
-use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -21,7 +21,7 @@ use tollgate::config::Config;
 use tollgate::extract::BearerOrApiKey;
 use tollgate::openai::OpenAiEstimator;
 use tollgate::store::Store;
-use tollgate::{ConfigError, HeaderStyle, MemoryStore, RateLimitLayer, RedisStore};
+use tollgate::{ConfigError, HeaderStyle, MemoryStore, RateLimitLayer, RedisStore, ResponseStyle};
 
 use crate::cli::{DEFAULT_LOG, Parsed, USAGE, parse_args};
 use crate::dashboard::Dashboard;
@@ -100,7 +100,7 @@ pub fn router<S: Store>(
     // nor a route's method fallback (405) goes through the limit, as they
     // would with `Router::layer` (both) or `Router::route_layer` (the 405).
     let limited = |route: MethodRouter| route.route_layer(limit.clone());
-    Router::new()
+    let routes = Router::new()
         .route("/v1/completions", limited(post(mock::completions)))
         .route(
             "/v1/chat/completions",
@@ -110,7 +110,8 @@ pub fn router<S: Store>(
             "/v1/models",
             limited(get(mock::models).with_state(mock::Models::new(models))),
         )
-        .merge(always(&limit, admin_key, dashboard))
+        .merge(always(&limit, admin_key, dashboard));
+    unrouted(routes, limit.style())
 }
 
 /// The routes of upstream mode: every `/v1/…` path and method forwarded to
@@ -124,13 +125,62 @@ pub fn upstream_router<S: Store>(
     // Every method is forwarded (no 405), so the router's `route_layer`
     // covers exactly the matched `/v1/…` requests; the 404 fallback stays
     // outside the limit.
-    Router::new()
+    let routes = Router::new()
         .route(
             "/v1/{*path}",
             any(upstream::forward).with_state(upstream.forwarder()),
         )
         .route_layer(limit.clone())
-        .merge(always(&limit, admin_key, dashboard))
+        .merge(always(&limit, admin_key, dashboard));
+    unrouted(routes, limit.style())
+}
+
+/// `router` answering a request no route takes (404), or whose route does
+/// not take its method (405, with axum's `Allow` header), with a JSON error
+/// in `style`, as the layer answers its refusals: an OpenAI client reads
+/// `{"error":{"message":…}}` where it got an empty body. Neither goes
+/// through the limit (the router's fallbacks are outside every
+/// `route_layer`), so both still cost nothing.
+///
+/// Call it on the finished router: the 405 answer is set on the routes
+/// already there.
+fn unrouted(router: Router, style: ResponseStyle) -> Router {
+    router
+        .fallback(move |method: Method, uri: Uri| async move {
+            unrouted_answer(style, StatusCode::NOT_FOUND, &method, &uri)
+        })
+        .method_not_allowed_fallback(move |method: Method, uri: Uri| async move {
+            unrouted_answer(style, StatusCode::METHOD_NOT_ALLOWED, &method, &uri)
+        })
+}
+
+/// The 404 or 405 of [`unrouted`]: in the OpenAI style OpenAI's own
+/// `Invalid URL (POST /v1/x)`, in the AWS style the status's reason. The
+/// path is named, never the query, which may carry what a client meant to
+/// keep (a key in `?api_key=`).
+fn unrouted_answer(
+    style: ResponseStyle,
+    status: StatusCode,
+    method: &Method,
+    uri: &Uri,
+) -> Response {
+    let body = match style {
+        ResponseStyle::OpenAi => {
+            let what = if status == StatusCode::NOT_FOUND {
+                "Invalid URL"
+            } else {
+                "Invalid method for URL"
+            };
+            json!({"error": {
+                "message": format!("{what} ({method} {})", uri.path()),
+                "type": "invalid_request_error",
+                "param": null,
+                "code": null,
+            }})
+        }
+        _ => json!({"message": status.canonical_reason().unwrap_or("Not Found")}),
+    };
+    (status, Json(body)).into_response()
 }
 
 /// The routes of both modes, never limited: `/health`, `/metrics`,

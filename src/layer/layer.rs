@@ -357,6 +357,13 @@ impl<K, S: Store> RateLimitLayer<K, S> {
         )
     }
 
+    /// The style the layer answers in ([`style`](RateLimitLayerBuilder::style)),
+    /// for the other answers of a server that should look the same (its 404s,
+    /// say).
+    pub fn style(&self) -> ResponseStyle {
+        self.shared.style
+    }
+
     /// The store that holds this layer's limit state.
     pub fn store(&self) -> &S {
         &self.shared.store

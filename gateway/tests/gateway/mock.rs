@@ -978,6 +978,69 @@ async fn models_are_listed_as_openai_lists_them_and_the_get_is_limited_not_refus
     assert_eq!(v["data"][0]["id"], "mock", "{v}");
 }
 
+/// A 404 and a 405 are JSON errors in the config's style, as the layer's
+/// refusals are (an OpenAI client reads their message), naming the path but
+/// never the query; a 405 keeps its `Allow` header.
+#[tokio::test]
+async fn unmatched_routes_and_methods_answer_json_errors_in_the_configs_style() {
+    let s = start(tollgate_gateway::DEMO_CONFIG).await;
+    let res = s
+        .post(
+            "/v1/nothing-here?api_key=sk-secret",
+            Some("demo-free-key"),
+            BODY,
+        )
+        .await;
+    assert_eq!(res.status(), 404);
+    assert_eq!(res.headers()["content-type"], "application/json");
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(
+        v,
+        json!({"error": {
+            "message": "Invalid URL (POST /v1/nothing-here)",
+            "type": "invalid_request_error",
+            "param": null,
+            "code": null,
+        }})
+    );
+    for (method, path, allow) in [
+        (reqwest::Method::GET, "/v1/completions", "POST"),
+        (reqwest::Method::DELETE, "/health", "GET,HEAD"),
+    ] {
+        let res = s
+            .client
+            .request(method.clone(), format!("{}{path}", s.base))
+            .header("x-api-key", "demo-free-key")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 405, "{method} {path}");
+        assert_eq!(res.headers()["allow"], allow, "{method} {path}");
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(
+            v["error"]["message"],
+            format!("Invalid method for URL ({method} {path})")
+        );
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+    // The AWS style (the default) answers as API Gateway words its errors.
+    let s = start(TOKENS_CONFIG).await;
+    let res = s.post("/v1/nothing-here", Some("big-key"), BODY).await;
+    assert_eq!(res.status(), 404);
+    assert_eq!(res.text().await.unwrap(), r#"{"message":"Not Found"}"#);
+    let res = s
+        .client
+        .get(format!("{}/v1/completions", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 405);
+    assert_eq!(
+        res.text().await.unwrap(),
+        r#"{"message":"Method Not Allowed"}"#
+    );
+}
+
 #[tokio::test]
 async fn unmatched_routes_and_methods_cost_nothing() {
     let s = start(tollgate_gateway::DEMO_CONFIG).await;
