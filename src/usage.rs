@@ -653,6 +653,18 @@ impl<S: Store> Admin<S> {
     /// plan counts for the key, its models' included: the request quota,
     /// the token budgets, each model's throttle, quota and token budgets.
     /// Its requests in flight keep their concurrency places.
+    ///
+    /// A request admitted before the reset whose tokens settle after it (a
+    /// stream that ends later) settles against the key's counts as they are
+    /// then, by one rule on every store: the reset forgave what the request
+    /// reserved, so an over-estimate gives nothing back to a quota or token
+    /// quota reset after the request was charged (as it gives nothing to a
+    /// window that began after; given back, the units would be granted
+    /// twice), while an under-estimate's extra tokens are charged (erring
+    /// toward admitting less). A charge at the reset's very instant counts
+    /// as made after it. The per-minute token bucket does not follow this
+    /// rule yet: a refund to it of a share reserved before the reset is
+    /// still given back, as far as the share had not refilled.
     pub async fn reset_key(&self, id: &str) -> Result<(), AdminError> {
         let pending = self.policy.keys().by_id(id, |entry| {
             let entry = entry.ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;

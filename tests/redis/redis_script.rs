@@ -499,6 +499,71 @@ async fn shadow_limits_never_deny() {
     assert!(!d.allowed);
 }
 
+impl Redis {
+    /// Resets the quota (mode "z") at `now`.
+    async fn reset_quota(&mut self, now: Now, q: Q) {
+        let mut args = vec!["z".to_owned()];
+        args.extend(time_args(Some(now)));
+        args.extend(q.args());
+        let reply = self.raw(&[QUOTA_KEY, HISTORY_KEY], &args).await;
+        assert_eq!(reply.expect("a reset"), [now.0, now.1]);
+    }
+
+    /// Moves the quota's count by `delta` at `now` (mode "t", or "g" when
+    /// `exact`) for units charged at `charged`.
+    async fn give(&mut self, exact: bool, now: Now, delta: i64, q: Q, charged: Now) {
+        let mut args = vec![if exact { "g" } else { "t" }.to_owned()];
+        args.extend(time_args(Some(now)));
+        args.extend([delta.to_string(), "0".to_owned(), "1".to_owned()]);
+        args.extend(q.args());
+        args.push(q.history_days.to_string());
+        args.extend([charged.0.to_string(), charged.1.to_string()]);
+        let reply = self.raw(&[QUOTA_KEY, HISTORY_KEY], &args).await;
+        assert_eq!(reply.expect("a settlement"), [now.0, now.1]);
+    }
+}
+
+/// A reset forgives what was charged before it, as a new window does: once
+/// later decisions charged the count again, a refund ("t") or give-back
+/// ("g") of a charge from before the reset still gets nothing (it would
+/// grant the new count units twice); one of a charge at the reset's instant
+/// or after it comes back as always. The mark lasts as the window's count.
+#[tokio::test]
+async fn a_charge_from_before_a_reset_comes_back_to_no_later_count() {
+    let Some(mut r) = redis().await else { return };
+    let q = quota(10, "D");
+    let before = Now::on(2024, 5, 1, 10);
+    let reset = Now::on(2024, 5, 1, 11);
+    let after = Now::on(2024, 5, 1, 12);
+    assert!(r.acquire(before, 9, &[], Some(q)).await.allowed);
+    r.reset_quota(reset, q).await;
+    assert_eq!(r.hash("h").await, Vec::<String>::new());
+    let pttl = r.pttl("q").await;
+    assert!(
+        (DAY * 1_000..=2 * DAY * 1_000).contains(&pttl),
+        "pttl {pttl}"
+    );
+    // Not charged since the reset: nothing to give back to.
+    r.give(true, after, -1, q, reset).await;
+    assert_eq!(
+        r.acquire(after, 10, &[], Some(q)).await.quota.unwrap()[3],
+        0
+    );
+    r.give(true, after, -1, q, before).await;
+    r.give(false, after, -8, q, before).await;
+    assert_eq!(
+        r.acquire(after, 0, &[], Some(q)).await.quota.unwrap()[3],
+        10
+    );
+    r.give(false, after, -4, q, after).await;
+    assert_eq!(r.acquire(after, 0, &[], Some(q)).await.quota.unwrap()[3], 6);
+    r.give(true, after, -1, q, reset).await;
+    assert_eq!(r.acquire(after, 0, &[], Some(q)).await.quota.unwrap()[3], 5);
+    // An under-estimate is charged whenever it was reserved.
+    r.give(false, after, 4, q, before).await;
+    assert_eq!(r.acquire(after, 0, &[], Some(q)).await.quota.unwrap()[3], 9);
+}
+
 #[tokio::test]
 async fn day_quota_resets_at_midnight_and_not_a_nanosecond_before() {
     let Some(mut r) = redis().await else { return };
@@ -1142,6 +1207,8 @@ async fn bad_arguments_answer_an_error_reply() {
     // Keys, arguments ("" written as ~) and what the error says.
     let cases = [
         ("", "x 1 0", "unknown mode"),
+        ("q h", "z 1 0 5 D 0 0", "wrong number"),
+        ("q h", "z 1 0 5 X 0 0 0", "period"),
         ("", "", "unknown mode"),
         ("t", "a 1 0 1 1 1000 1 0 0 0 1", "wrong number"),
         ("t", "a 1 0 1 2 1000 1 0 0", "throttle count"),

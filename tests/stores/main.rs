@@ -20,4 +20,5 @@ mod late_settlement;
 mod models;
 mod never_over_admit;
 mod per_key_quotas;
+mod reset_settlement;
 mod store;

@@ -637,7 +637,9 @@ impl Store for MemoryStore {
             self.update_throttle(t, |tat, now| tat.min(now));
         }
         if let Some(q) = quota {
-            self.inner.quotas.reset(q);
+            // What the count held until now is forgiven: a reservation made
+            // before settles nothing back to it (see `Quotas::reset`).
+            self.inner.quotas.reset(q, self.inner.clock.wall_nanos());
         }
         Box::pin(std::future::ready(Ok(())))
     }

@@ -121,6 +121,15 @@ struct Slow {
     /// The closed days, one per day number modulo the length (the day of
     /// the last change is in the window word, and would take its place).
     days: Box<[DayRecord]>,
+    /// When the count was last reset (wall nanoseconds; `i64::MIN` if
+    /// never). A reset begins the count anew as a later window does: what
+    /// was charged before it is not counted any more, so a refund or
+    /// give-back of such a charge gets nothing (giving it would hand the
+    /// new count units it never counted). A charge at the reset's very
+    /// instant is taken as made after it, as one at a window's first
+    /// instant is in that window. Kept here, under the lock, since only
+    /// the changes that take the lock ask: a decision never does.
+    reset_at: i64,
 }
 
 impl Counter {
@@ -133,6 +142,7 @@ impl Counter {
             slow: Mutex::new(Slow {
                 base: 0,
                 days: vec![NO_DAY; days].into_boxed_slice(),
+                reset_at: i64::MIN,
             }),
         }
     }
@@ -267,19 +277,42 @@ impl Counter {
 
     /// Gives back `cost` that a decision charged at `at` (wall nanoseconds)
     /// before a later limit denied it ([`Count::give_back`]), as a change on
-    /// that day's usage. A count reset since (empty again: the charge made
-    /// it not empty, and only a reset empties it) or let go no longer holds
-    /// the charge, and gets nothing: giving it back there would hand the
-    /// window units it never counted.
+    /// that day's usage. A count reset since (after `at`, even if a later
+    /// decision charged it again; or empty again: the charge made it not
+    /// empty, and only a reset empties it) or let go no longer holds the
+    /// charge, and gets nothing: giving it back there would hand the window
+    /// units it never counted.
     #[cold]
     fn give_back(&self, spec: &QuotaSpec, at: i64, cost: u64) {
         let mut slow = self.slow.lock();
-        if self.load(&slow).is_empty() {
+        if at < slow.reset_at || self.load(&slow).is_empty() {
             return;
         }
         let _ = self.change_held(&mut slow, at, spec, true, |count| {
             (count.give_back(cost, at), ())
         });
+    }
+
+    /// Adjusts the count by a settlement's `delta` ([`Count::adjust`]) at
+    /// `now`, for tokens charged at `charged_at`. A charge made before the
+    /// last reset is no longer counted, as one made before the
+    /// window began is not: an over-estimate of it gets nothing back. An
+    /// under-estimate is charged whenever it was reserved (the count goes
+    /// into debt, erring toward admitting less). `None` when the counter
+    /// was let go.
+    #[cold]
+    fn adjust(
+        &self,
+        spec: &QuotaSpec,
+        now: i64,
+        delta: i64,
+        charged_at: Option<i64>,
+    ) -> Option<()> {
+        let mut slow = self.slow.lock();
+        let charged_at = charged_at.filter(|&t| t >= slow.reset_at);
+        self.change_held(&mut slow, now, spec, true, |count| {
+            (count.adjust(delta, charged_at), ())
+        })
     }
 
     /// `[used, remaining]` for each day from `first` to `last`.
@@ -299,9 +332,15 @@ impl Counter {
         self.load(&self.slow.lock())
     }
 
-    /// Forgets the window's count and the history (a counter let go stays so).
-    fn reset(&self) {
+    /// Forgets the window's count and the history at `now` (wall
+    /// nanoseconds); a counter let go stays so. What was charged until now
+    /// is no longer counted: a settlement or give-back of it later gets
+    /// nothing back (see [`Slow::reset_at`]).
+    fn reset(&self, now: i64) {
         let mut slow = self.slow.lock();
+        // Never earlier than a reset before it: a clock gone back does not
+        // make charges forgiven then count again.
+        slow.reset_at = slow.reset_at.max(now);
         let mut used = self.used.load(Ordering::Acquire);
         while used != LET_GO {
             match self.used.compare_exchange(
@@ -600,11 +639,7 @@ impl Quotas {
     /// Adjusts the count of `q` by `delta` (see [`Count::adjust`]): a
     /// settlement of a request's actual cost.
     pub(super) fn adjust(&self, q: &QuotaRef<'_>, now: i64, delta: i64, charged_at: Option<i64>) {
-        let _ = self.with(q, now, false, |c| {
-            c.change(now, q.spec, true, |count| {
-                (count.adjust(delta, charged_at), ())
-            })
-        });
+        let _ = self.with(q, now, false, |c| c.adjust(q.spec, now, delta, charged_at));
     }
 
     /// Sets what remains of `q` in its window (AWS UpdateUsage).
@@ -641,10 +676,13 @@ impl Quotas {
         }
     }
 
-    /// Forgets the window and history of `q`.
-    pub(super) fn reset(&self, q: &QuotaRef<'_>) {
+    /// Forgets the window and history of `q` at `now` (wall nanoseconds):
+    /// what was charged until then gets nothing back later. A subject with
+    /// no counter has nothing charged to forget (a counter let go held
+    /// only a window that has ended, which no refund reaches).
+    pub(super) fn reset(&self, q: &QuotaRef<'_>, now: i64) {
         if let Some(c) = self.map.pin().get(&Self::key(q)) {
-            self.counter(c).reset();
+            self.counter(c).reset(now);
         }
     }
 
@@ -851,7 +889,7 @@ mod tests {
         assert_eq!(qs.report(&q, last - 1, last - 1), vec![[22, 0]]);
         qs.set_remaining(&q, tue, 0);
         assert!(!take(&qs, &q, tue, 1));
-        qs.reset(&q);
+        qs.reset(&q, tue);
         assert_eq!(qs.report(&q, first, last), vec![[0, 10]; 4]);
         assert!(take(&qs, &q, tue, 1));
     }
@@ -936,9 +974,39 @@ mod tests {
                 qs.set_remaining(&q, now, r);
             }
             assert!(take(&qs, &q, now, 1));
-            qs.reset(&q);
+            qs.reset(&q, now);
             qs.give_back(&q, now, 1);
             assert_eq!(remaining(&qs, &q, now), 2, "raise {raise:?}");
+        }
+    }
+
+    /// A reset forgives what was charged before it, as a new window does:
+    /// once later decisions charged the count again, a give-back or a
+    /// settled over-estimate of a charge from before the reset still gets
+    /// nothing (it would grant the new count units twice). A charge made
+    /// after the reset comes back as always, and an under-estimate is
+    /// charged whenever it was reserved.
+    #[test]
+    fn a_charge_from_before_a_reset_comes_back_to_no_later_count() {
+        let qs = Quotas::new(16);
+        let s = spec(10, Period::Day);
+        let (before, reset, after) = (t(2024, 5, 1, 10), t(2024, 5, 1, 11), t(2024, 5, 1, 12));
+        for history in [31u32, 1] {
+            let q = quota(&s, digest(&history.to_le_bytes()), history);
+            assert!(take(&qs, &q, before, 9));
+            qs.reset(&q, reset);
+            assert!(take(&qs, &q, after, 10));
+            qs.give_back(&q, before, 1);
+            qs.adjust(&q, after, -8, Some(before));
+            assert_eq!(remaining(&qs, &q, after), 0, "history {history}");
+            qs.adjust(&q, after, -4, Some(after));
+            assert_eq!(remaining(&qs, &q, after), 4, "history {history}");
+            // At the reset's very instant: taken as after it, as a charge
+            // at a window's first instant is in that window.
+            qs.adjust(&q, after, -1, Some(reset));
+            assert_eq!(remaining(&qs, &q, after), 5, "history {history}");
+            qs.adjust(&q, after, 4, Some(before));
+            assert_eq!(remaining(&qs, &q, after), 1, "history {history}");
         }
     }
 

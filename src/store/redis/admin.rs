@@ -65,8 +65,11 @@ impl Inner {
         })
     }
 
-    /// [`Store::reset`](crate::store::Store::reset): deletes the keys, and
-    /// clears the over-limit cache.
+    /// [`Store::reset`](crate::store::Store::reset): deletes the throttles'
+    /// keys, resets the quota by the script (mode "z": its keys deleted,
+    /// the count marked with the time of the reset, so that a reservation
+    /// made before it settles nothing back to the new count), and clears
+    /// the over-limit cache.
     pub(super) fn reset(
         self: &Arc<Self>,
         throttles: &[ThrottleRef<'_>],
@@ -78,12 +81,18 @@ impl Inner {
         for t in throttles {
             groups.push(vec![inner.throttle_key(t)]);
         }
-        if let Some(q) = quota {
-            groups.push(inner.quota_keys(q).to_vec());
-        }
+        let quota = quota.map(|q| {
+            let mut call = Call::new("z", &inner.now());
+            call.keys = inner.quota_keys(q).to_vec();
+            quota_args(&mut call, q);
+            call
+        });
         Box::pin(async move {
             for keys in groups {
                 let _: i64 = inner.command(redis::cmd("DEL").arg(keys).clone()).await?;
+            }
+            if let Some(call) = quota {
+                inner.within(Arc::clone(&inner).run(call)).await?;
             }
             if let Some(cache) = &inner.cache {
                 cache.clear();

@@ -24,7 +24,7 @@ use crate::store::{
     Acquire, Acquired, Denied, Permit, QuotaRef, Report, Settlement, Store, StoreError,
     StoreFuture, ThrottleRef, Verdict,
 };
-use crate::window::{Date, NANOS_PER_DAY};
+use crate::window::Date;
 
 /// A stable identity of a request for the over-limit cache, the calls it
 /// shares and the denials remembered past the bound on calls in flight: its
@@ -274,7 +274,8 @@ impl Store for RedisStore {
         let reserved = settlement.reserved;
         let throttle = settlement.throttle.as_ref().filter(|_| delta > 0);
         // An over-estimate goes back only to the quota windows that counted
-        // it: the day it was charged is passed for the script to check.
+        // it, and not to a count reset since: the time it was charged is
+        // passed for the script to check.
         let quotas = if delta > 0 || reserved.wall.is_some() {
             settlement.quotas
         } else {
@@ -295,7 +296,8 @@ impl Store for RedisStore {
             call.arg(q.history_days);
         }
         if let (Some(wall), true) = (reserved.wall, delta < 0) {
-            call.arg(wall.div_euclid(NANOS_PER_DAY));
+            call.arg(wall.div_euclid(NANOS_PER_SEC as i64));
+            call.arg(wall.rem_euclid(NANOS_PER_SEC as i64));
         }
         if !call.keys.is_empty() {
             calls.push(call);
@@ -476,11 +478,6 @@ fn refund_calls(inner: &Arc<Inner>, part: &Part, charged: &Charged, cost: u32) -
         call.args.extend(args);
         calls.push(call);
     }
-    // The day the quotas were charged: a window that began after it never
-    // counted this request.
-    let day = charged
-        .now_s
-        .div_euclid(NANOS_PER_DAY / NANOS_PER_SEC as i64);
     for (i, q) in part.quotas.iter().enumerate() {
         if q.cost == 0 {
             continue;
@@ -495,7 +492,10 @@ fn refund_calls(inner: &Arc<Inner>, part: &Part, charged: &Charged, cost: u32) -
         call.keys.extend(keys.iter().cloned());
         spec_args(&mut call, &q.spec);
         call.arg(q.history_days);
-        call.arg(day);
+        // When the quotas were charged: a window that began after it, or a
+        // count reset since, never counted this request.
+        call.arg(charged.now_s);
+        call.arg(charged.now_ns);
         calls.push(call);
     }
     calls

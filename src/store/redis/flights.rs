@@ -136,8 +136,10 @@ pub(super) struct Giveback {
     throttles: Vec<(String, u64, u32, i64, i64, u32)>,
     /// Per quota: its count and history keys, its parameters.
     quotas: Vec<([String; 2], Vec<String>, u32)>,
-    /// The UTC day (days since 1970-01-01) the units were charged.
-    day: i64,
+    /// When the units were charged (seconds, nanoseconds of Redis time):
+    /// a quota window that began after it, or a count reset since, gets
+    /// none of them back.
+    charged: (i64, i64),
 }
 
 #[derive(Debug, Default)]
@@ -196,7 +198,7 @@ impl Share {
     fn back(&self) -> Giveback {
         let (part, charged) = (&self.part, &self.charged);
         let mut back = Giveback {
-            day: charged.now_s.div_euclid(86_400),
+            charged: (charged.now_s, charged.now_ns),
             ..Giveback::default()
         };
         let units = u64::from(self.granted) + 1;
@@ -479,7 +481,8 @@ impl Inner {
                 call.args.extend(args);
                 call.arg(history_days);
             }
-            call.arg(back.day);
+            call.arg(back.charged.0);
+            call.arg(back.charged.1);
             calls.push(call);
         }
         calls

@@ -21,7 +21,8 @@
 -- draining at the old scale and refill the bucket early).
 --
 -- Quota key: hash {w = window start (days since 1970-01-01), n = used in it,
--- d = the day of the last change}, expiring a day after the window ends. History key: hash {u:<day> = used that
+-- d = the day of the last change, x = "<s> <ns>" the time of the last reset
+-- (mode "z"), if any}, expiring a day after the window ends. History key: hash {u:<day> = used that
 -- UTC day, r:<day> = what remained in the window after the day's last change},
 -- expiring history_days after its last write; days that fall out of the
 -- history are deleted when a new day is first written.
@@ -72,22 +73,35 @@
 --   h_i for each quota. ARGV: "t", now_s, now_ns, delta (tokens, negative
 --   for a refund), n, n times (interval_ns, burst), m, m times (limit,
 --   period, week_start, offset, created_s, history_days), then optionally
---   the day (days since 1970-01-01) the tokens were charged. A throttle's
+--   time the tokens were charged (charged_s, charged_ns). A throttle's
 --   TAT moves by delta * interval (a refund never below now; a charge may
 --   put the bucket in debt, past its span); a quota's count by delta (never
 --   below 0), except that a refund is not given to a window that began
---   after the day the tokens were charged (it never counted them); in the
---   history a refund comes off that day's use while the history holds it
---   (and adds to what remained at that day's end).
+--   after the day the tokens were charged, nor to a count reset after the
+--   time they were charged (neither counts them any more; a charge at the
+--   reset's very instant is taken as made after it); in
+--   the history a refund comes off that day's use while the history holds
+--   it (and adds to what remained at that day's end).
 --   Reply: now_s, now_ns.
 --
 -- "g" give back what one part of a split decision (a Redis Cluster) charged
 --   its quotas when a later part denied the request. KEYS and ARGV as "t",
---   with no throttle, delta the negative cost and the charge day given. The
---   exact inverse of the charge: a count below 0 (raised by UpdateUsage)
---   goes back below 0, where "t" would stop at 0 and the denial would take
---   the raise away. A quota whose key is gone (reset since, or expired) no
---   longer counts the charge, and gets nothing.
+--   with no throttle, delta the negative cost and the charge time given.
+--   The exact inverse of the charge: a count below 0 (raised by
+--   UpdateUsage) goes back below 0, where "t" would stop at 0 and the
+--   denial would take the raise away. A quota whose count is gone
+--   (expired, or reset and not charged since) or was reset after the
+--   charge no longer counts it, and gets nothing.
+--   Reply: now_s, now_ns.
+--
+-- "z" reset a quota (Admin::reset_key). KEYS: q, h. ARGV: "z", now_s,
+--   now_ns, limit, period, week_start, offset, created_s. Deletes the count
+--   and the history, and marks the count with the time of the reset (x),
+--   kept until a day after the window holding it ends: a refund or
+--   give-back ("t", "g") of units charged before it gets nothing, as
+--   one charged before the window began does not (the reset forgave them;
+--   given back, they would be granted twice). Past that window the mark is
+--   not needed: such a charge is older than the window anyway.
 --   Reply: now_s, now_ns.
 --
 -- "s" set what remains of the quota (UpdateUsage). KEYS: q, h. ARGV: "s",
@@ -626,13 +640,15 @@ if mode == 't' or mode == 'g' then
       error({ tollgate = 'wrong number of arguments' })
     end
     local m = int(ARGV[qi], 0, 2, 'quota count')
-    if (#ARGV ~= qi + 6 * m + 1 and (exact or #ARGV ~= qi + 6 * m))
+    if (#ARGV ~= qi + 6 * m + 2 and (exact or #ARGV ~= qi + 6 * m))
       or #KEYS ~= n + 2 * m then
       error({ tollgate = 'wrong number of arguments' })
     end
-    local charged_day = nil
-    if #ARGV == qi + 6 * m + 1 then
-      charged_day = int(ARGV[#ARGV], -2 ^ 40, 2 ^ 40, 'charge day')
+    local charged_day, charged_s, charged_ns = nil, nil, nil
+    if #ARGV == qi + 6 * m + 2 then
+      charged_s = int(ARGV[#ARGV - 1], -2 ^ 40, 2 ^ 40, 'charge time')
+      charged_ns = int(ARGV[#ARGV], 0, 1e9 - 1, 'charge time')
+      charged_day = (charged_s - charged_s % 86400) / 86400
     end
     local now_s, now_ns = clock(int)
     local spec, roll, save = quotas(int)
@@ -667,7 +683,19 @@ if mode == 't' or mode == 'g' then
     for i = 1, m do
       local key, hist = KEYS[n + 2 * i - 1], KEYS[n + 2 * i]
       local p = qs[i]
-      local kept = not exact or redis.call('EXISTS', key) == 1
+      local kept = not exact or redis.call('HEXISTS', key, 'w') == 1
+      if kept and delta < 0 and charged_s then
+        -- Reset after the charge: the count no longer holds it.
+        local x = redis.call('HGET', key, 'x')
+        if x then
+          local xs, xns = string.match(x, '^(%-?%d+) (%d+)$')
+          if not xs then
+            error({ tollgate = 'bad quota state' })
+          end
+          xs, xns = xs + 0, xns + 0
+          kept = charged_s > xs or charged_s == xs and charged_ns >= xns
+        end
+      end
       local today, w, before, start, stop, limit_in = roll(key, now_s, unpack(p, 1, 5))
       if kept and (delta >= 0 or not charged_day or charged_day >= start) then
         local used
@@ -716,6 +744,28 @@ if mode == 's' then
     end
     save({ w, used, stop, today, days }, KEYS[1], KEYS[2], nil, remaining, now_s, now_ns)
     return { now_s, now_ns, start, stop, limit_in, used }
+  end
+end
+
+-- "z" reset a quota.
+if mode == 'z' then
+  run = function(int, clock, _, _, _, quotas)
+    if #ARGV ~= 8 or #KEYS ~= 2 then
+      error({ tollgate = 'wrong number of arguments' })
+    end
+    local spec, roll = quotas(int)
+    local limit, period, week_start, offset, created = spec(4)
+    local now_s, now_ns = clock(int)
+    redis.call('DEL', KEYS[1], KEYS[2])
+    -- The window of now, as a fresh count has it: the mark lasts as a
+    -- count written now would.
+    local _, _, _, _, stop = roll(KEYS[1], now_s, limit, period, week_start, offset, created)
+    local fmt = string.format
+    redis.call('HSET', KEYS[1], 'x', fmt('%d %d', now_s, now_ns))
+    local ms = (stop + 1 - (now_s - now_s % 86400) / 86400) * 86400000
+      - now_s % 86400 * 1000 - (now_ns - now_ns % 1000000) / 1000000
+    redis.call('PEXPIRE', KEYS[1], fmt('%d', ms > 1 and ms or 1))
+    return { now_s, now_ns }
   end
 end
 
