@@ -445,9 +445,13 @@ impl Inner {
 
     /// The calls that give a share's unused units back: each throttle what
     /// of them has not refilled since (mode "r"), each quota the units, in
-    /// the window that counted them (mode "t", which never takes a count
-    /// below zero: after UpdateUsage raised what remains past the limit,
-    /// units lent stay counted, erring toward admitting less).
+    /// the window that counted them, as the exact inverse of their charge
+    /// (mode "g", as a split decision's give-back). Not mode "t", which
+    /// holds a count at zero: after UpdateUsage raised what remains past
+    /// the limit the count is below zero, and "t" lifted it to zero, taking
+    /// the whole raise away with the units. A share is taken back before
+    /// an admin operation changes its quota (see `Inner::recall`), and one
+    /// whose count is gone (expired) gets nothing.
     fn giveback_calls(&self, share: Share) -> Vec<Call> {
         let units = share.left;
         let mut calls = Vec::with_capacity(2);
@@ -472,7 +476,7 @@ impl Inner {
         }
         if !back.quotas.is_empty() {
             let delta = i64::from(share.cost) * i64::from(units);
-            let mut call = Call::new("t", &now);
+            let mut call = Call::new("g", &now);
             call.arg(-delta);
             call.arg(0);
             call.arg(back.quotas.len());
