@@ -441,6 +441,8 @@ impl Tally {
 /// Whether a cost can ever fit a limit whose whole size is `whole`. One that
 /// cannot is refused with no retry ([`Denied::too_costly`]), whatever the
 /// limit: a throttle's burst, a quota's limit in any window, a token budget.
+/// A quota asks only of a cost that does not fit what remains now: what
+/// UpdateUsage raised past the limit holds a larger one, in its window.
 #[inline]
 pub(crate) fn ever_fits(cost: u64, whole: u64) -> bool {
     cost <= whole

@@ -235,12 +235,15 @@ impl MemoryStore {
             let quotas = &self.inner.quotas;
             for (i, q) in req.quotas().enumerate() {
                 let cost = u64::from(req.cost_for(q.counts_tokens()));
-                // A cost above the whole limit never fits, in any window.
+                // A cost above the whole limit fits no window's limit: it is
+                // refused with no retry, unless UpdateUsage raised what
+                // remains of this window above the limit and it fits there
+                // (then it is decided as any cost is).
                 if !ever_fits(cost, q.spec.limit) && !q.shadow {
-                    let snap = quotas.check(q, wall, 0).unwrap_or_else(|(_, s)| s);
-                    let d = Denied::too_costly(quota_applied(q.kind, &snap));
-                    tally.deny(d);
-                    continue;
+                    if let Err((_, snap)) = quotas.check(q, wall, cost) {
+                        tally.deny(Denied::too_costly(quota_applied(q.kind, &snap)));
+                        continue;
+                    }
                 }
                 let looking = tally.is_denied();
                 let outcome = match looking {

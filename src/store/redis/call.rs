@@ -180,7 +180,8 @@ pub(super) struct Throttle {
 #[derive(Debug, Clone)]
 pub(super) struct Quota {
     pub(super) kind: LimitKind,
-    /// The whole limit: a cost above it never fits, in any window.
+    /// The whole limit: a cost above it fits no window's limit (only what a
+    /// raise by UpdateUsage left in the current one).
     whole: u64,
     pub(super) shadow: bool,
     pub(super) spec: QuotaSpec,
@@ -398,9 +399,13 @@ impl Part {
                 remaining: limit.saturating_sub(used).max(0) as u64,
                 reset,
             };
-            if !ever_fits(u64::from(q.cost), q.whole) && !q.shadow {
+            let over = used.saturating_add(cost) > limit && !q.shadow;
+            // A cost above the whole limit that does not fit now fits no
+            // window (one that fits what a raise by UpdateUsage left in
+            // this window passes).
+            if over && !ever_fits(u64::from(q.cost), q.whole) {
                 tally.deny(Denied::too_costly(item(used)));
-            } else if used.saturating_add(cost) > limit && !q.shadow {
+            } else if over {
                 let d = Denied::quota(item(used), Duration::from_nanos(reset.max(1)));
                 tally.deny(d);
             } else {

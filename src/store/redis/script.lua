@@ -35,7 +35,8 @@
 --   then m (0..6) quotas (an account's and a plan's), m times (limit, period (D|W|M), week_start
 --   (0 = Monday .. 6), offset, created_s, shadow, history_days, cost_i,
 --   tokens), tokens = 1 for a token budget. A cost above a quota's whole
---   limit never fits, in any window.
+--   limit fits no window's limit, only what a raise (UpdateUsage) left in
+--   this one: it is decided as any cost is (the caller names it).
 --   Each limit is charged its own cost_i (requests or tokens); ARGV[4], the
 --   request's cost in requests, decides whether a concurrency place is taken.
 --   All or nothing: when a limit that is not a shadow denies, nothing is
@@ -485,7 +486,7 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
         roll(keys[n + 2 * i - 1], now_s, limit, period, week_start, offset, created)
       k = k + 4
       reply[k - 3], reply[k - 2], reply[k - 1], reply[k] = start, stop, limit_in, used
-      if (used + cost_q > limit_in or cost_q > limit) and not shadow then
+      if used + cost_q > limit_in and not shadow then
         allowed = false
       end
       qs[i] = { w, used, stop, today, days, cost_q, limit_in }
