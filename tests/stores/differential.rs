@@ -11,7 +11,13 @@
 //! responses held open to keep a concurrency place, requests on the route
 //! of a method override), ending held responses, and manual-clock steps:
 //! small, exactly to the retry a denial gave (and one nanosecond short of
-//! it), to just around UTC midnight, and hours long.
+//! it), to just around UTC midnight or the quota window's end (a week from
+//! Monday or another day, a month), hours and days long. Between requests,
+//! admin operations through the layer's `Admin`: UpdateUsage (what remains,
+//! from nothing to past the limit), a reset, disabling and enabling the
+//! key, and moving it to another plan and back. Plans carry quotas of every
+//! period with an AWS `offset`; an account's limits are shared by two keys
+//! and a stage throttle by every caller.
 //!
 //! The conformance suite checks chosen sequences; this one checks the rules
 //! across limits (one atomic decision, the longest-holding limit named, a
@@ -39,12 +45,15 @@ use tokio::sync::oneshot;
 use tollgate::extract::{ApiKeyHeader, RequestView};
 use tollgate::store::Store;
 use tollgate::{
-    ApiKey, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer, Reason, RedisStore,
-    Rejection, ResponseBody, Throttle, TokenBudget, UsagePlan,
+    Account, AdminError, ApiKey, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer,
+    Reason, RedisStore, Rejection, ResponseBody, Stage, Throttle, TokenBudget, UsagePlan, Weekday,
 };
 use tower::{Layer, ServiceExt};
 
-use self::model::{Answer, Ask, Bucket, DayQuota, Header, Model, NANOS_PER_DAY, Reservation, Why};
+use self::model::{
+    Answer, Ask, Bucket, CalendarQuota, Header, Limits, Model, NANOS_PER_DAY, Reservation, Why,
+    window,
+};
 use crate::support::redis::{RedisServer, require_redis};
 
 /// The route of the method override (`"/v1/completions/POST"`).
@@ -67,6 +76,17 @@ enum Kind {
     Tokens,
     /// A concurrency cap, with or without a throttle.
     Concurrency,
+    /// A quota of any period (a week from Monday or from another day, a
+    /// month) with an AWS `offset`, with or without a throttle.
+    Calendar,
+    /// A calendar quota (with an offset), a throttle or a concurrency cap,
+    /// and admin operations between requests: UpdateUsage, a reset,
+    /// disabling and enabling the key, moving it to plan `"q"` and back.
+    Admin,
+    /// Three keys, two of them of an account (a throttle, a calendar
+    /// quota), all under a stage throttle, on a plan of a throttle or a
+    /// DAY quota.
+    Shared,
 }
 
 /// A rate of `num/den` per second and a burst.
@@ -83,15 +103,74 @@ impl Rate {
     }
 }
 
+/// A calendar quota: `limit` per `period`, `offset` fewer in the window of
+/// the plan's creation.
+#[derive(Clone, Copy, Debug)]
+struct QuotaSpec {
+    limit: u64,
+    period: model::Period,
+    offset: u64,
+}
+
+impl QuotaSpec {
+    fn day(limit: u64) -> QuotaSpec {
+        QuotaSpec {
+            limit,
+            period: model::Period::Day,
+            offset: 0,
+        }
+    }
+
+    fn quota(self) -> Quota {
+        const DAYS: [Weekday; 7] = [
+            Weekday::Monday,
+            Weekday::Tuesday,
+            Weekday::Wednesday,
+            Weekday::Thursday,
+            Weekday::Friday,
+            Weekday::Saturday,
+            Weekday::Sunday,
+        ];
+        let period = match self.period {
+            model::Period::Day => Period::Day,
+            model::Period::Week(0) => Period::WEEK,
+            model::Period::Week(d) => Period::Week(DAYS[d as usize]),
+            model::Period::Month => Period::Month,
+        };
+        let q = Quota::new(self.limit, period).unwrap();
+        match self.offset {
+            0 => q,
+            o => q.with_offset(o).unwrap(),
+        }
+    }
+
+    fn model(self, name: &'static str, created: i128) -> CalendarQuota {
+        CalendarQuota {
+            offset: self.offset,
+            created,
+            ..CalendarQuota::new(name, self.limit, self.period)
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Spec {
     kind: Kind,
     throttle: Option<Rate>,
     method: Option<Rate>,
-    quota: Option<u64>,
+    quota: Option<QuotaSpec>,
     tokens_minute: Option<u32>,
     tokens_day: Option<u64>,
     concurrency: Option<u32>,
+    /// A second plan, `"q"` (a throttle and a DAY quota), that admin
+    /// operations move key 0 to and back.
+    other: Option<(Rate, u64)>,
+    /// The account `"acme"` of keys 0 and 1: a throttle, a quota.
+    account: Option<(Option<Rate>, Option<QuotaSpec>)>,
+    /// The stage throttle, shared by every caller.
+    stage: Option<Rate>,
+    /// Keys `k0`, `k1`, … (values `v0`, `v1`, …), on plan `"p"`.
+    keys: usize,
     /// Seconds into 2024-05-01 (UTC) at the start.
     start_secs: u64,
 }
@@ -105,8 +184,8 @@ impl Spec {
         if let Some(r) = self.method {
             p = p.method(format!("{ROUTE}/POST"), r.throttle());
         }
-        if let Some(l) = self.quota {
-            p = p.quota(Quota::new(l, Period::Day).unwrap());
+        if let Some(q) = self.quota {
+            p = p.quota(q.quota());
         }
         if self.tokens_minute.is_some() || self.tokens_day.is_some() {
             let mut b = TokenBudget::new();
@@ -124,36 +203,113 @@ impl Spec {
         p
     }
 
+    fn policy(&self, clock: ManualClock) -> Policy {
+        let mut policy = Policy::builder().clock(clock).plan(self.plan());
+        if let Some((r, limit)) = self.other {
+            let q = UsagePlan::new("q")
+                .throttle(r.throttle())
+                .quota(QuotaSpec::day(limit).quota());
+            policy = policy.plan(q);
+        }
+        if let Some((throttle, quota)) = self.account {
+            let mut a = Account::new("acme");
+            if let Some(r) = throttle {
+                a = a.throttle(r.throttle());
+            }
+            if let Some(q) = quota {
+                a = a.quota(q.quota());
+            }
+            policy = policy.account(a);
+        }
+        if let Some(r) = self.stage {
+            policy = policy.stage(Stage::new().throttle(r.throttle()));
+        }
+        for i in 0..self.keys {
+            let mut key = ApiKey::new(format!("k{i}"), format!("v{i}"), "p");
+            if self.in_account(i) {
+                key = key.account("acme");
+            }
+            policy = policy.key(key);
+        }
+        policy.build().unwrap()
+    }
+
+    /// Keys 0 and 1 belong to the account, any other key does not.
+    fn in_account(&self, key: usize) -> bool {
+        self.account.is_some() && key < 2
+    }
+
+    fn wall0(&self) -> i128 {
+        MAY_1 + i128::from(self.start_secs) * 1_000_000_000
+    }
+
     fn model(&self) -> Model {
         let bucket = |name, r: Rate| Bucket::per_second(name, r.num, r.den, r.burst);
-        let day = |name, limit| DayQuota {
-            name,
-            limit,
-            used: None,
-        };
-        Model {
+        let created = self.wall0();
+        let plan = Limits {
             throttle: self.throttle.map(|r| bucket("throttle", r)),
             method: self.method.map(|r| bucket("method", r)),
             tokens_minute: self
                 .tokens_minute
                 .map(|n| Bucket::per_second("tokens-minute", n, 60, n)),
-            quota: self.quota.map(|l| day("quota", l)),
-            tokens_day: self.tokens_day.map(|l| day("tokens-day", l)),
+            quota: self.quota.map(|q| q.model("quota", created)),
+            tokens_day: self
+                .tokens_day
+                .map(|l| CalendarQuota::new("tokens-day", l, model::Period::Day)),
             concurrency: self.concurrency.map(|c| (c, 0)),
-            wall0: MAY_1 + i128::from(self.start_secs) * 1_000_000_000,
+        };
+        let mut plans = vec![plan];
+        if let Some((r, limit)) = self.other {
+            plans.push(Limits {
+                throttle: Some(bucket("throttle", r)),
+                quota: Some(QuotaSpec::day(limit).model("quota", created)),
+                ..Limits::default()
+            });
+        }
+        Model {
+            stage: self.stage.map(|r| Limits {
+                throttle: Some(bucket("stage", r)),
+                ..Limits::default()
+            }),
+            account: self.account.map(|(r, q)| Limits {
+                throttle: r.map(|r| bucket("account", r)),
+                quota: q.map(|q| q.model("account-quota", created)),
+                ..Limits::default()
+            }),
+            keys: (0..self.keys)
+                .map(|i| model::Key {
+                    on: 0,
+                    enabled: true,
+                    account: self.in_account(i),
+                    plans: plans.clone(),
+                })
+                .collect(),
+            wall0: self.wall0(),
             now: 0,
         }
+    }
+
+    /// Whether requests carry token estimates (and direct decisions only
+    /// peek).
+    fn tokens(&self) -> bool {
+        self.tokens_minute.is_some() || self.tokens_day.is_some()
     }
 
     /// The largest cost worth trying on the request limits: one past what
     /// the tightest of them can ever hold.
     fn max_cost(&self) -> u32 {
         let mut m = 0;
-        for r in [self.throttle, self.method].into_iter().flatten() {
+        let account = self.account.and_then(|a| a.0);
+        let other = self.other.map(|o| o.0);
+        for r in [self.throttle, self.method, account, other, self.stage]
+            .into_iter()
+            .flatten()
+        {
             m = m.max(r.burst + 1);
         }
-        if let Some(l) = self.quota {
-            m = m.max(l as u32 + 1);
+        let account = self.account.and_then(|a| a.1);
+        for q in [self.quota, account].into_iter().flatten() {
+            m = m.max(q.limit as u32 + 1);
         }
         m.max(2)
     }
@@ -199,6 +355,36 @@ fn start_secs() -> impl Strategy<Value = u64> {
     prop_oneof![86_400 - 30..86_400u64, 0..86_400u64]
 }
 
+/// A calendar quota: a DAY, a week from Monday or from another day, or a
+/// month, with an offset in the window of the plan's creation.
+fn calendar_quota(limits: std::ops::RangeInclusive<u64>) -> impl Strategy<Value = QuotaSpec> {
+    let period = prop_oneof![
+        Just(model::Period::Day),
+        Just(model::Period::Week(0)),
+        (1..7u32).prop_map(model::Period::Week),
+        Just(model::Period::Month),
+    ];
+    (limits, period)
+        .prop_flat_map(|(limit, period)| {
+            let offset = prop_oneof![Just(0), 0..limit];
+            (Just(limit), Just(period), offset)
+        })
+        .prop_map(|(limit, period, offset)| QuotaSpec {
+            limit,
+            period,
+            offset,
+        })
+}
+
+/// Mostly close to the end of the quota's first window (a week or a month
+/// after 2024-05-01, a Wednesday), so that sequences cross it; else
+/// anywhere in the 40 days from 2024-05-01.
+fn start_in(period: model::Period) -> impl Strategy<Value = u64> {
+    let end = (window(period, MAY_1).1 - MAY_1) / 1_000_000_000;
+    let end = end as u64;
+    prop_oneof![end - 30..end, 0..40 * 86_400u64]
+}
+
 fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
     let rate = move || rate(fractional);
     let base = Spec {
@@ -209,6 +395,10 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
         tokens_minute: None,
         tokens_day: None,
         concurrency: None,
+        other: None,
+        account: None,
+        stage: None,
+        keys: 1,
         start_secs: 0,
     };
     match kind {
@@ -222,7 +412,7 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
         Kind::ThrottleQuota => (rate(), 1..=6u64, start_secs())
             .prop_map(move |(r, q, s)| Spec {
                 throttle: Some(r),
-                quota: Some(q),
+                quota: Some(QuotaSpec::day(q)),
                 start_secs: s,
                 ..base.clone()
             })
@@ -255,6 +445,52 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
                 ..base.clone()
             })
             .boxed(),
+        Kind::Calendar => (prop::option::of(rate()), calendar_quota(1..=6))
+            .prop_flat_map(|(r, q)| (Just(r), Just(q), start_in(q.period)))
+            .prop_map(move |(r, q, s)| Spec {
+                throttle: r,
+                quota: Some(q),
+                start_secs: s,
+                ..base.clone()
+            })
+            .boxed(),
+        Kind::Admin => (
+            prop::option::of(rate()),
+            calendar_quota(1..=6),
+            prop::option::of(1..=2u32),
+            rate(),
+            1..=4u64,
+        )
+            .prop_flat_map(|(r, q, c, other, l)| (Just((r, q, c, other, l)), start_in(q.period)))
+            .prop_map(move |((r, q, c, other, l), s)| Spec {
+                throttle: r,
+                quota: Some(q),
+                concurrency: c,
+                other: Some((other, l)),
+                start_secs: s,
+                ..base.clone()
+            })
+            .boxed(),
+        Kind::Shared => (
+            prop::option::of(rate()),
+            prop::option::of(1..=6u64),
+            prop::option::of(rate()),
+            calendar_quota(1..=8),
+            prop::option::of(rate()),
+        )
+            .prop_flat_map(|(r, day, account, q, stage)| {
+                (Just((r, day, account, q, stage)), start_in(q.period))
+            })
+            .prop_map(move |((r, day, account, q, stage), s)| Spec {
+                throttle: r,
+                quota: day.map(QuotaSpec::day),
+                account: Some((account, Some(q))),
+                stage,
+                keys: 3,
+                start_secs: s,
+                ..base.clone()
+            })
+            .boxed(),
     }
 }
 
@@ -264,11 +500,12 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
 enum Op {
     /// `decide(key, cost)`, or the memory store's `check` when `check` (on
     /// Redis, `decide`); cost 0 peeks.
-    Direct { cost: u32, check: bool },
+    Direct { key: usize, cost: u32, check: bool },
     /// A request through the layer: on the override's route or not, with
     /// an estimate (the `x-estimate` header) and the actual tokens its
     /// response reports; `hold` keeps its response open until an `End`.
     Http {
+        key: usize,
         on_route: bool,
         estimate: u32,
         actual: Option<u32>,
@@ -285,43 +522,109 @@ enum Op {
     /// nanoseconds either side, or up to 3 s before: a quota that renews
     /// sooner than a throttle does).
     ToMidnight { delta: i64 },
+    /// Advances the clock to the start of the next window of key 0's
+    /// request quota (the account's when there is one), plus `delta` ns.
+    ToWindow { delta: i64 },
+    /// UpdateUsage: sets what remains of the key's quota in its window.
+    SetRemaining { key: usize, remaining: u64 },
+    /// Resets the key.
+    Reset { key: usize },
+    /// Disables or enables the key.
+    Enable { key: usize, enabled: bool },
+    /// Moves the key to plan `"q"`, or back to `"p"`.
+    Move { key: usize },
 }
 
 fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
     let max_cost = s.max_cost();
     let max_tokens = s.max_tokens();
-    let tokens = s.kind == Kind::Tokens;
-    let http = prop_oneof![
-        (
-            any::<bool>(),
-            0..=max_tokens,
-            prop::option::of(0..=max_tokens.max(1) * 2),
-            any::<bool>()
-        )
-            .prop_map(|(on_route, estimate, actual, hold)| Op::Http {
-                on_route,
-                estimate,
-                actual,
-                hold,
-            }),
-    ];
-    let direct = (0..=max_cost, any::<bool>()).prop_map(move |(cost, check)| Op::Direct {
-        // A token plan's direct decisions charge no tokens: only peeks
-        // are asked of it.
-        cost: if tokens { 0 } else { cost },
-        check,
+    let tokens = s.tokens();
+    let keys = s.keys;
+    let http = (
+        0..keys,
+        any::<bool>(),
+        0..=max_tokens,
+        prop::option::of(0..=max_tokens.max(1) * 2),
+        any::<bool>(),
+    )
+        .prop_map(|(key, on_route, estimate, actual, hold)| Op::Http {
+            key,
+            on_route,
+            estimate,
+            actual,
+            hold,
+        });
+    let direct = (0..keys, 0..=max_cost, any::<bool>()).prop_map(move |(key, cost, check)| {
+        Op::Direct {
+            key,
+            // A token plan's direct decisions charge no tokens: only peeks
+            // are asked of it.
+            cost: if tokens { 0 } else { cost },
+            check,
+        }
     });
-    let op = prop_oneof![
-        4 => direct,
-        4 => http,
-        2 => any::<usize>().prop_map(Op::End),
-        2 => (1..2_000_000_000u64).prop_map(Op::Advance),
-        1 => (3_600_000_000_000..30 * 3_600_000_000_000u64).prop_map(Op::Advance),
-        2 => any::<bool>().prop_map(|short| Op::ToRetry { short }),
-        1 => prop_oneof![-2..=2i64, -3_000_000_000..=0i64]
-            .prop_map(|delta| Op::ToMidnight { delta }),
+    let calendar = matches!(s.kind, Kind::Calendar | Kind::Admin | Kind::Shared);
+    let admin = s.kind == Kind::Admin;
+    let limit = s.quota.map_or(1, |q| q.limit);
+    let mut op: Vec<(u32, BoxedStrategy<Op>)> = vec![
+        (4, direct.boxed()),
+        (4, http.boxed()),
+        (2, any::<usize>().prop_map(Op::End).boxed()),
+        (2, (1..2_000_000_000u64).prop_map(Op::Advance).boxed()),
+        (
+            1,
+            (3_600_000_000_000..30 * 3_600_000_000_000u64)
+                .prop_map(Op::Advance)
+                .boxed(),
+        ),
+        (
+            2,
+            any::<bool>()
+                .prop_map(|short| Op::ToRetry { short })
+                .boxed(),
+        ),
+        (
+            1,
+            prop_oneof![-2..=2i64, -3_000_000_000..=0i64]
+                .prop_map(|delta| Op::ToMidnight { delta })
+                .boxed(),
+        ),
     ];
-    prop::collection::vec(op, 1..=30)
+    if calendar {
+        // To just around the quota window's end, and days on.
+        op.push((
+            2,
+            prop_oneof![-2..=2i64, -3_000_000_000..=0i64]
+                .prop_map(|delta| Op::ToWindow { delta })
+                .boxed(),
+        ));
+        op.push((
+            1,
+            (86_400_000_000_000..9 * 86_400_000_000_000u64)
+                .prop_map(Op::Advance)
+                .boxed(),
+        ));
+    }
+    if admin {
+        // On key 0: what remains from nothing to past the limit, or the
+        // largest count accepted.
+        op.push((
+            2,
+            prop_oneof![0..=limit + 3, Just(1 << 53)]
+                .prop_map(|remaining| Op::SetRemaining { key: 0, remaining })
+                .boxed(),
+        ));
+        op.push((1, Just(Op::Reset { key: 0 }).boxed()));
+        op.push((
+            1,
+            any::<bool>()
+                .prop_map(|enabled| Op::Enable { key: 0, enabled })
+                .boxed(),
+        ));
+        op.push((2, Just(Op::Move { key: 0 }).boxed()));
+    }
+    let op = proptest::strategy::Union::new_weighted(op);
+    prop::collection::vec(op, 1..=if calendar { 40 } else { 30 })
 }
 
 fn case(kind: Kind, fractional: bool) -> impl Strategy<Value = (Spec, Vec<Op>)> {
@@ -418,13 +721,7 @@ fn estimate(r: &RequestView<'_>) -> u32 {
 
 impl<S: Drain> Side<S> {
     fn new(name: &'static str, spec: &Spec, clock: ManualClock, store: S) -> Self {
-        let policy = Policy::builder()
-            .clock(clock.clone())
-            .plan(spec.plan())
-            .key(ApiKey::new("k", "v", "p"))
-            .build()
-            .unwrap();
-        let layer = RateLimitLayer::builder(policy)
+        let layer = RateLimitLayer::builder(spec.policy(clock.clone()))
             .store(store)
             .estimator(estimate)
             .build();
@@ -436,20 +733,56 @@ impl<S: Drain> Side<S> {
         }
     }
 
-    async fn direct(&mut self, cost: u32, check: bool) -> Observed {
-        let result = match check.then(|| S::check(&self.layer, b"v", cost)).flatten() {
+    async fn direct(&mut self, key: usize, cost: u32, check: bool) -> Observed {
+        let value = format!("v{key}");
+        let value = value.as_bytes();
+        let result = match check.then(|| S::check(&self.layer, value, cost)).flatten() {
             Some(r) => r,
-            None => self.layer.decide(b"v", cost).await,
+            None => self.layer.decide(value, cost).await,
         };
         self.layer.store().drain().await;
-        match result {
-            Ok(()) => Observed::ok(Answer::Allowed { header: None }),
-            Err(r) => Observed::ok(denied(&r)),
+        let mut observed = Observed::ok(match result {
+            Ok(()) => Answer::Allowed { header: None },
+            Err(r) => denied(&r),
+        });
+        if self.layer.store_failures() > 0 {
+            // Decided by the failure mode, not by the store.
+            observed.faults.push("the store failed".to_owned());
         }
+        observed
+    }
+
+    /// An admin operation on key `key`: what it returned, if anything.
+    async fn admin(&mut self, op: &Op) -> Result<Option<u64>, AdminError> {
+        let admin = self.layer.admin();
+        let out = match *op {
+            Op::SetRemaining { key, remaining } => admin
+                .set_remaining(&format!("k{key}"), remaining)
+                .await
+                .map(Some),
+            Op::Reset { key } => admin.reset_key(&format!("k{key}")).await.map(|()| None),
+            Op::Enable { key, enabled } => admin
+                .set_enabled(&format!("k{key}"), enabled)
+                .await
+                .map(|()| None),
+            Op::Move { key } => {
+                let id = format!("k{key}");
+                let to = if admin.key(&id).unwrap().plan == "p" {
+                    "q"
+                } else {
+                    "p"
+                };
+                admin.set_plan(&id, to).await.map(|()| None)
+            }
+            _ => unreachable!(),
+        };
+        self.layer.store().drain().await;
+        out
     }
 
     async fn http(
         &mut self,
+        key: usize,
         on_route: bool,
         estimate: u32,
         actual: Option<u32>,
@@ -473,7 +806,7 @@ impl<S: Drain> Side<S> {
         let mut req = http::Request::builder()
             .method(method)
             .uri(path)
-            .header("x-api-key", "v")
+            .header("x-api-key", format!("v{key}"))
             .header("x-estimate", estimate.to_string());
         if let Some(a) = actual {
             req = req.header("x-actual", a.to_string());
@@ -484,7 +817,11 @@ impl<S: Drain> Side<S> {
             .oneshot(req.body(String::new()).unwrap())
             .await
             .unwrap();
-        let observed = observe(&res);
+        let mut observed = observe(&res);
+        if self.layer.store_failures() > 0 {
+            // Decided by the failure mode, not by the store.
+            observed.faults.push("the store failed".to_owned());
+        }
         if res.status() == http::StatusCode::OK {
             let held = Held {
                 response: res,
@@ -547,6 +884,9 @@ fn why(r: Reason) -> Why {
 }
 
 fn denied(r: &Rejection) -> Answer {
+    if r.reason() == Reason::DisabledKey {
+        return Answer::Forbidden;
+    }
     Answer::Denied {
         limits: vec![(r.limit().unwrap_or("(none)"), why(r.reason()))],
         retry_ns: r
@@ -591,7 +931,12 @@ fn observe(res: &Response) -> Observed {
         panic!("a {} response without a Rejection extension", res.status());
     };
     let mut faults = Vec::new();
-    if res.status() != http::StatusCode::TOO_MANY_REQUESTS {
+    let answer = denied(rejection);
+    if answer == Answer::Forbidden {
+        if res.status() != http::StatusCode::FORBIDDEN {
+            faults.push(format!("status {} for a disabled key", res.status()));
+        }
+    } else if res.status() != http::StatusCode::TOO_MANY_REQUESTS {
         faults.push(format!("status {} for a limit", res.status()));
     }
     if let Some(retry) = rejection.retry_after() {
@@ -609,10 +954,7 @@ fn observe(res: &Response) -> Observed {
             }
         }
     }
-    Observed {
-        answer: denied(rejection),
-        faults,
-    }
+    Observed { answer, faults }
 }
 
 fn leak(s: String) -> &'static str {
@@ -641,6 +983,7 @@ fn agrees(model: &Answer, got: &Answer) -> bool {
                 retry_ns: gr,
             },
         ) => mr == gr && m.contains(&g[0]),
+        (Answer::Forbidden, Answer::Forbidden) => true,
         _ => false,
     }
 }
@@ -650,7 +993,7 @@ fn agrees(model: &Answer, got: &Answer) -> bool {
 struct Run {
     model: Model,
     /// Reservations of the requests the model holds, in the stores' order.
-    held: Vec<(Option<Reservation>, Option<u32>)>,
+    held: Vec<(Reservation, Option<u32>)>,
     last_retry: Option<u64>,
     log: Vec<String>,
 }
@@ -723,6 +1066,22 @@ async fn run(
                 }
                 Some((to - wall) as u64)
             }
+            Op::ToWindow { delta } => {
+                // The account's quota when there is one, else key 0's.
+                let period = spec
+                    .account
+                    .and_then(|a| a.1)
+                    .map(|q| q.period)
+                    .or_else(|| r.model.period(0))
+                    .unwrap_or(model::Period::Day);
+                let wall = r.model.wall();
+                let (_, end) = window(period, wall);
+                let mut to = end + i128::from(delta);
+                if to <= wall {
+                    to = window(period, end).1 + i128::from(delta);
+                }
+                Some((to - wall) as u64)
+            }
             _ => None,
         };
         if let Some(ns) = step {
@@ -752,9 +1111,45 @@ async fn run(
                 .push(format!("end held response #{i} (actual {actual:?})"));
             continue;
         }
+        if let Op::SetRemaining { .. } | Op::Reset { .. } | Op::Enable { .. } | Op::Move { .. } =
+            *op
+        {
+            let expected = match *op {
+                Op::SetRemaining { key, remaining } => r.model.set_remaining(key, remaining),
+                Op::Reset { key } => {
+                    r.model.reset(key);
+                    None
+                }
+                Op::Enable { key, enabled } => {
+                    r.model.set_enabled(key, enabled);
+                    None
+                }
+                Op::Move { key } => {
+                    let to = 1 - r.model.keys[key].on;
+                    r.model.set_plan(key, to);
+                    None
+                }
+                _ => unreachable!(),
+            };
+            let mut observed = vec![(memory.name, memory.admin(op).await)];
+            if let Some(s) = &mut remote {
+                observed.push((s.name, s.admin(op).await));
+            }
+            r.log.push(format!("admin {op:?}: model {expected:?}"));
+            for (name, o) in &observed {
+                if o.as_ref().ok() != Some(&expected) {
+                    return Err(r.fail(
+                        spec,
+                        format!("{name} disagrees with the model at admin {op:?}: {observed:?}"),
+                    ));
+                }
+            }
+            continue;
+        }
         let (expected, observed, what) = match *op {
-            Op::Direct { cost, check } => {
+            Op::Direct { key, cost, check } => {
                 let ask = Ask {
+                    key,
                     cost,
                     tokens: 0,
                     on_route: false,
@@ -762,23 +1157,25 @@ async fn run(
                     http: false,
                 };
                 let (expected, _) = r.model.decide(ask);
-                let mut observed = vec![(memory.name, memory.direct(cost, check).await)];
+                let mut observed = vec![(memory.name, memory.direct(key, cost, check).await)];
                 if let Some(s) = &mut remote {
-                    observed.push((s.name, s.direct(cost, check).await));
+                    observed.push((s.name, s.direct(key, cost, check).await));
                 }
                 let verb = if check { "check" } else { "decide" };
-                (expected, observed, format!("{verb}(cost {cost})"))
+                (expected, observed, format!("k{key}: {verb}(cost {cost})"))
             }
             Op::Http {
+                key,
                 on_route,
                 estimate,
                 actual,
                 hold,
             } => {
-                let tokens = spec.kind == Kind::Tokens;
+                let tokens = spec.tokens();
                 let estimate = if tokens { estimate } else { 0 };
                 let actual = actual.filter(|_| tokens);
                 let ask = Ask {
+                    key,
                     cost: 1,
                     tokens: estimate,
                     on_route,
@@ -786,7 +1183,7 @@ async fn run(
                     http: true,
                 };
                 let (expected, reservation) = r.model.decide(ask);
-                if matches!(expected, Answer::Allowed { .. }) {
+                if let Some(reservation) = reservation {
                     if hold {
                         r.held.push((reservation, actual));
                     } else {
@@ -795,10 +1192,10 @@ async fn run(
                 }
                 let mut observed = vec![(
                     memory.name,
-                    memory.http(on_route, estimate, actual, hold).await,
+                    memory.http(key, on_route, estimate, actual, hold).await,
                 )];
                 if let Some(s) = &mut remote {
-                    observed.push((s.name, s.http(on_route, estimate, actual, hold).await));
+                    observed.push((s.name, s.http(key, on_route, estimate, actual, hold).await));
                 }
                 let route = if on_route {
                     "POST /v1/completions"
@@ -811,7 +1208,11 @@ async fn run(
                     String::new()
                 };
                 let hold = if hold { ", held" } else { ", ended at once" };
-                (expected, observed, format!("HTTP {route}{tok}{hold}"))
+                (
+                    expected,
+                    observed,
+                    format!("k{key}: HTTP {route}{tok}{hold}"),
+                )
             }
             _ => unreachable!(),
         };
@@ -935,6 +1336,18 @@ mod memory {
     fn token_budget_with_fractional_intervals() {
         memory(Kind::Tokens, true);
     }
+    #[test]
+    fn week_and_month_quotas_with_offset() {
+        memory(Kind::Calendar, false);
+    }
+    #[test]
+    fn admin_between_requests() {
+        memory(Kind::Admin, false);
+    }
+    #[test]
+    fn account_and_stage_shared() {
+        memory(Kind::Shared, false);
+    }
 }
 
 mod redis {
@@ -967,5 +1380,116 @@ mod redis {
     #[test]
     fn token_budget_with_fractional_intervals() {
         redis(Kind::Tokens, true);
+    }
+    #[test]
+    fn week_and_month_quotas_with_offset() {
+        redis(Kind::Calendar, false);
+    }
+    #[test]
+    fn admin_between_requests() {
+        redis(Kind::Admin, false);
+    }
+    #[test]
+    fn account_and_stage_shared() {
+        redis(Kind::Shared, false);
+    }
+}
+
+/// Sequences the generated ones found, kept as they were found.
+mod found {
+    use super::*;
+
+    fn on_both(spec: Spec, ops: Vec<Op>) {
+        let rt = runtime();
+        if let Err(e) = rt.block_on(run(&spec, &ops, None)) {
+            panic!("{e}");
+        }
+        if !require_redis() {
+            return;
+        }
+        let server = RedisServer::start();
+        if let Err(e) = rt.block_on(run(&spec, &ops, Some((&server, "found:".to_owned())))) {
+            panic!("{e}");
+        }
+    }
+
+    fn admin_spec(quota: QuotaSpec, start_secs: u64) -> Spec {
+        Spec {
+            kind: Kind::Admin,
+            throttle: None,
+            method: None,
+            quota: Some(quota),
+            tokens_minute: None,
+            tokens_day: None,
+            concurrency: None,
+            other: Some((
+                Rate {
+                    num: 1,
+                    den: 1,
+                    burst: 4,
+                },
+                4,
+            )),
+            account: None,
+            stage: None,
+            keys: 1,
+            start_secs,
+        }
+    }
+
+    /// A cost above the limit that fits what UpdateUsage raised passes (it
+    /// was refused as one no limit can ever hold).
+    #[test]
+    fn a_raise_holds_a_cost_above_the_limit() {
+        let quota = QuotaSpec {
+            limit: 6,
+            period: model::Period::Week(4),
+            offset: 0,
+        };
+        on_both(
+            admin_spec(quota, 1_051_530),
+            vec![
+                Op::SetRemaining {
+                    key: 0,
+                    remaining: 1 << 53,
+                },
+                Op::Direct {
+                    key: 0,
+                    cost: 7,
+                    check: false,
+                },
+            ],
+        );
+    }
+
+    /// Redis gave a borrowed share back with a settlement's floor at zero,
+    /// which took the raise away: the third request showed 3 remaining.
+    #[test]
+    fn a_raise_shows_in_the_header_of_a_borrowed_unit() {
+        let quota = QuotaSpec {
+            limit: 4,
+            period: model::Period::Week(6),
+            offset: 0,
+        };
+        let http = |hold| Op::Http {
+            key: 0,
+            on_route: true,
+            estimate: 0,
+            actual: None,
+            hold,
+        };
+        on_both(
+            admin_spec(quota, 821_691),
+            vec![
+                Op::Advance(46_367_068_997_606),
+                Op::SetRemaining {
+                    key: 0,
+                    remaining: 1 << 53,
+                },
+                http(false),
+                http(true),
+                http(true),
+            ],
+        );
     }
 }

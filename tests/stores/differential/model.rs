@@ -11,6 +11,24 @@
 //! `max(tat, now) + n*T <= now + burst*T`, which admits `burst` requests at
 //! once and one more every `T` after. The smallest whole-nanosecond wait
 //! after which it passes is `ceil(max(tat, now) + n*T - now - burst*T)`.
+//!
+//! A quota counts per UTC calendar window (`DAY`, `WEEK` from its first
+//! day, `MONTH`); the window holding the plan's creation has `limit -
+//! offset` (AWS `offset`). Counters belong to (plan, key): a key moved to
+//! another plan counts there, and finds its counters again when it comes
+//! back. An account's limits are shared by its keys, the stage's by every
+//! caller; one decision passes stage → account → plan, or charges nothing.
+//!
+//! Where DESIGN is silent, the model does what AWS API Gateway does:
+//! UpdateUsage sets what remains of the key's current window under its
+//! current plan (above the limit too, for that window only), and a reset
+//! forgets the key's windows and fills its buckets under its current plan
+//! (AWS resets the quota; DESIGN's `Admin` resets every limit of the plan)
+//! but keeps the window's offset, which belongs to the plan. A cost above
+//! what remains but within what a raise left is admitted: a cost no limit
+//! can *ever* hold is one above the quota's `limit` (the raise is for
+//! this window only, so a later window could not hold it) and above what
+//! remains now.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -117,6 +135,8 @@ pub enum Answer {
         limits: Vec<(&'static str, Why)>,
         retry_ns: Option<u64>,
     },
+    /// Refused before any limit: a disabled key (403, charging nothing).
+    Forbidden,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,6 +166,7 @@ impl fmt::Display for Answer {
                     .collect();
                 write!(f, "denied by {}, retry {retry_ns:?} ns", names.join(" or "))
             }
+            Answer::Forbidden => write!(f, "forbidden"),
         }
     }
 }
@@ -211,38 +232,169 @@ impl Bucket {
     }
 }
 
-/// A calendar quota of UTC days: the request quota or a token budget's
-/// `per_day`.
-#[derive(Clone, Debug)]
-pub struct DayQuota {
-    pub name: &'static str,
-    pub limit: u64,
-    /// `(day number, used)`; used may exceed the limit (a settled debt).
-    pub used: Option<(i128, u64)>,
+/// A quota's calendar period, as DESIGN states it: a UTC `DAY` from 00:00,
+/// a `WEEK` from 00:00 of its first day (Monday by default), a `MONTH` from
+/// the 1st at 00:00.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Period {
+    Day,
+    /// A week from this day: 0 is Monday, 6 Sunday.
+    Week(u32),
+    Month,
 }
 
-impl DayQuota {
-    fn used_on(&self, day: i128) -> u64 {
+/// `(year, month, day)` of a day number (days since 1970-01-01), in the
+/// proleptic Gregorian calendar (H. Hinnant's `civil_from_days`).
+pub fn civil(days: i128) -> (i128, i128, i128) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i128::from(m <= 2), m, d)
+}
+
+/// The day number of a date (H. Hinnant's `days_from_civil`).
+pub fn days(y: i128, m: i128, d: i128) -> i128 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The window of `period` holding wall time `wall` (ns since the epoch):
+/// `(start, end)` in ns, `start <= wall < end`.
+pub fn window(period: Period, wall: i128) -> (i128, i128) {
+    let day = wall.div_euclid(NANOS_PER_DAY);
+    let (first, next) = match period {
+        Period::Day => (day, day + 1),
+        Period::Week(from) => {
+            // 1970-01-01 was a Thursday: 3 days after a Monday.
+            let weekday = (day + 3).rem_euclid(7);
+            let first = day - (weekday - i128::from(from)).rem_euclid(7);
+            (first, first + 7)
+        }
+        Period::Month => {
+            let (y, m, _) = civil(day);
+            let next = if m == 12 {
+                days(y + 1, 1, 1)
+            } else {
+                days(y, m + 1, 1)
+            };
+            (days(y, m, 1), next)
+        }
+    };
+    (first * NANOS_PER_DAY, next * NANOS_PER_DAY)
+}
+
+/// A calendar quota: the request quota (a plan's or an account's) or a
+/// token budget's `per_day`.
+#[derive(Clone, Debug)]
+pub struct CalendarQuota {
+    pub name: &'static str,
+    pub limit: u64,
+    pub period: Period,
+    /// AWS `offset`: deducted from the limit of the window holding
+    /// `created`, the plan's creation.
+    pub offset: u64,
+    pub created: i128,
+    /// `(window start, used in it)`: used may exceed the limit (a settled
+    /// debt), or fall below 0 (UpdateUsage raised what remains above the
+    /// limit).
+    pub used: Option<(i128, i128)>,
+}
+
+impl CalendarQuota {
+    pub fn new(name: &'static str, limit: u64, period: Period) -> CalendarQuota {
+        CalendarQuota {
+            name,
+            limit,
+            period,
+            offset: 0,
+            created: 0,
+            used: None,
+        }
+    }
+
+    fn window(&self, wall: i128) -> (i128, i128) {
+        window(self.period, wall)
+    }
+
+    /// The limit of the window holding `wall`.
+    fn limit_at(&self, wall: i128) -> i128 {
+        let (start, end) = self.window(wall);
+        let limit = i128::from(self.limit);
+        if start <= self.created && self.created < end {
+            limit - i128::from(self.offset)
+        } else {
+            limit
+        }
+    }
+
+    fn used_at(&self, wall: i128) -> i128 {
         match self.used {
-            Some((d, u)) if d == day => u,
+            Some((start, u)) if start == self.window(wall).0 => u,
             _ => 0,
         }
     }
+
+    fn set_used(&mut self, wall: i128, used: i128) {
+        self.used = Some((self.window(wall).0, used));
+    }
+
+    /// What remains of the window holding `wall` (never below 0).
+    fn remaining_at(&self, wall: i128) -> u64 {
+        (self.limit_at(wall) - self.used_at(wall)).max(0) as u64
+    }
+
+    fn to_end(&self, wall: i128) -> Q {
+        Q::int(self.window(wall).1 - wall)
+    }
 }
 
-/// The limits of the plan under test, and the state of its one key.
-#[derive(Clone, Debug)]
-pub struct Model {
+/// The limits of one plan (or of an account, or of the stage: names tell
+/// them apart), and the state of one subject (a key, the account, every
+/// caller) under them.
+#[derive(Clone, Debug, Default)]
+pub struct Limits {
     /// The plan-wide throttle.
     pub throttle: Option<Bucket>,
     /// A method override's throttle, applying to requests on its route.
     pub method: Option<Bucket>,
     /// The token budget's per-minute bucket.
     pub tokens_minute: Option<Bucket>,
-    pub quota: Option<DayQuota>,
-    pub tokens_day: Option<DayQuota>,
+    pub quota: Option<CalendarQuota>,
+    pub tokens_day: Option<CalendarQuota>,
     /// `(cap, places held)`.
     pub concurrency: Option<(u32, u32)>,
+}
+
+/// One key: the plan it is on and its state under each plan (counters
+/// belong to (plan, key): a key moved away and back finds them again).
+#[derive(Clone, Debug)]
+pub struct Key {
+    pub on: usize,
+    pub enabled: bool,
+    /// Whether it belongs to the account.
+    pub account: bool,
+    pub plans: Vec<Limits>,
+}
+
+/// The plans, the account and the stage under test, and the state of
+/// their keys.
+#[derive(Clone, Debug)]
+pub struct Model {
+    /// Shared by every caller (DESIGN "stage limits").
+    pub stage: Option<Limits>,
+    /// Shared by the keys of the account (DESIGN "accounts").
+    pub account: Option<Limits>,
+    pub keys: Vec<Key>,
     /// Wall time (ns since the Unix epoch) at monotonic 0.
     pub wall0: i128,
     /// Nanoseconds since the start.
@@ -252,6 +404,8 @@ pub struct Model {
 /// What a request asks for.
 #[derive(Clone, Copy, Debug)]
 pub struct Ask {
+    /// The key asking (its index).
+    pub key: usize,
     /// Units charged to request limits (throttles, method, quota).
     pub cost: u32,
     /// Tokens charged to the token budget.
@@ -265,12 +419,17 @@ pub struct Ask {
     pub http: bool,
 }
 
-/// A token reservation to settle when its response ends.
+/// What an admitted request holds until its response ends: a place under
+/// its plan's cap, and its tokens to settle, in the plan that decided it
+/// (the key may have moved since).
 #[derive(Clone, Copy, Debug)]
 pub struct Reservation {
+    pub key: usize,
+    pub plan: usize,
     pub at: i128,
     pub estimate: u32,
-    pub day: i128,
+    /// The start of the token quota's window at the decision.
+    pub window: i128,
 }
 
 enum Denial {
@@ -278,54 +437,45 @@ enum Denial {
     Wait(Q),
 }
 
-impl Model {
-    pub fn wall(&self) -> i128 {
-        self.wall0 + self.now
-    }
+/// A denial found by one limit: `(name, reason, outcome)`.
+type Found = (&'static str, Why, Denial);
 
-    fn day(&self) -> i128 {
-        self.wall().div_euclid(NANOS_PER_DAY)
-    }
+/// A header item: `(name, remaining, reset, is a rate limit)`.
+type Item = (&'static str, u64, Q, bool);
 
-    fn to_window_end(&self) -> Q {
-        Q::int((self.day() + 1) * NANOS_PER_DAY - self.wall())
-    }
-
-    pub fn advance(&mut self, by: u64) {
-        self.now += i128::from(by);
-    }
-
-    /// One decision over every limit, atomically.
-    pub fn decide(&mut self, ask: Ask) -> (Answer, Option<Reservation>) {
-        let now = Q::int(self.now);
-        let day = self.day();
-        // Each limit in decision order: (name, reason, outcome).
-        let mut denials: Vec<(&'static str, Why, Denial)> = Vec::new();
-        let mut new_tats: Vec<(usize, Q)> = Vec::new();
-        let method_applies = ask.on_route;
-        let buckets = [
+impl Limits {
+    /// The buckets a request asks for, with their slot and cost.
+    fn buckets(&self, ask: &Ask) -> [(usize, Option<&Bucket>, u32); 3] {
+        [
             (0, self.throttle.as_ref(), ask.cost),
-            (1, self.method.as_ref().filter(|_| method_applies), ask.cost),
+            (1, self.method.as_ref().filter(|_| ask.on_route), ask.cost),
             (2, self.tokens_minute.as_ref(), ask.tokens),
-        ];
-        for (i, b, cost) in buckets {
+        ]
+    }
+
+    /// Checks every limit; returns the new TATs of the buckets that pass.
+    fn check(&self, now: Q, wall: i128, ask: &Ask, denials: &mut Vec<Found>) -> Vec<(usize, Q)> {
+        let mut tats = Vec::new();
+        for (i, b, cost) in self.buckets(ask) {
             let Some(b) = b else { continue };
             match b.check(now, cost) {
-                Ok(t) => new_tats.push((i, t)),
+                Ok(t) => tats.push((i, t)),
                 Err(None) => denials.push((b.name, Why::CostExceedsLimit, Denial::TooCostly)),
                 Err(Some(w)) => denials.push((b.name, Why::Limited, Denial::Wait(w))),
             }
         }
         for (q, cost) in [(&self.quota, ask.cost), (&self.tokens_day, ask.tokens)] {
             let Some(q) = q else { continue };
-            if u64::from(cost) > q.limit {
+            let cost = i128::from(cost);
+            if q.used_at(wall) + cost <= q.limit_at(wall) {
+                // Fits what remains now (above the limit after a raise by
+                // UpdateUsage included).
+            } else if cost > i128::from(q.limit) {
+                // No window's limit holds it: only the window of the plan's
+                // creation has another, lower one (the offset).
                 denials.push((q.name, Why::CostExceedsLimit, Denial::TooCostly));
-            } else if q.used_on(day) + u64::from(cost) > q.limit {
-                denials.push((
-                    q.name,
-                    Why::QuotaExceeded,
-                    Denial::Wait(self.to_window_end()),
-                ));
+            } else {
+                denials.push((q.name, Why::QuotaExceeded, Denial::Wait(q.to_end(wall))));
             }
         }
         if let Some((cap, held)) = self.concurrency {
@@ -337,6 +487,178 @@ impl Model {
                 ));
             }
         }
+        tats
+    }
+
+    /// Charges an admitted request (a peek charges nothing: its new TAT is
+    /// max(tat, now) and nothing is stored); pushes how each limit stands.
+    fn charge(
+        &mut self,
+        now: Q,
+        wall: i128,
+        ask: &Ask,
+        tats: &[(usize, Q)],
+        items: &mut Vec<Item>,
+    ) {
+        for &(i, t) in tats {
+            let cost = if i == 2 { ask.tokens } else { ask.cost };
+            let b = match i {
+                0 => self.throttle.as_mut(),
+                1 => self.method.as_mut(),
+                _ => self.tokens_minute.as_mut(),
+            }
+            .unwrap();
+            if cost > 0 {
+                b.tat = Some(t);
+            }
+            let (r, reset) = b.status(now, t);
+            items.push((b.name, r, reset, true));
+        }
+        for (q, cost) in [
+            (&mut self.quota, ask.cost),
+            (&mut self.tokens_day, ask.tokens),
+        ] {
+            let Some(q) = q else { continue };
+            if cost > 0 {
+                let used = q.used_at(wall) + i128::from(cost);
+                q.set_used(wall, used);
+            }
+            // A window's reset is its end (the IETF draft's `t` of a
+            // quota: when it resets), used or not.
+            items.push((q.name, q.remaining_at(wall), q.to_end(wall), true));
+        }
+        if let Some((cap, held)) = &mut self.concurrency {
+            let after = if ask.holds { *held + 1 } else { *held };
+            if ask.holds {
+                *held = after;
+            }
+            items.push(("concurrency", u64::from(*cap - after), Q::int(0), false));
+        }
+    }
+
+    fn budget(&self) -> bool {
+        self.tokens_minute.is_some() || self.tokens_day.is_some()
+    }
+
+    /// A response ends: its place under the cap comes back and its tokens
+    /// are settled at `actual` (none reported: the estimate stands).
+    fn end(&mut self, now: Q, wall: i128, res: &Reservation, actual: Option<u32>) {
+        if let Some((_, held)) = &mut self.concurrency {
+            *held -= 1;
+        }
+        let Some(actual) = actual.filter(|_| self.budget()) else {
+            return;
+        };
+        let delta = i128::from(actual) - i128::from(res.estimate);
+        if delta > 0 {
+            // An under-estimate is charged past the limit: a debt.
+            if let Some(b) = &mut self.tokens_minute {
+                let base = b.base(now);
+                b.tat = Some(base.add(b.interval.mul(delta)));
+            }
+            if let Some(q) = &mut self.tokens_day {
+                let used = q.used_at(wall) + delta;
+                q.set_used(wall, used);
+            }
+        } else if delta < 0 {
+            let refund = -delta;
+            // Only the estimate's own share not yet refilled comes back
+            // (what refilled since may have been granted again), and never
+            // beyond a full bucket.
+            if let Some(b) = &mut self.tokens_minute {
+                if let Some(tat) = b.tat {
+                    let share_end = Q::int(res.at).add(b.interval.mul(i128::from(res.estimate)));
+                    let give = b
+                        .interval
+                        .mul(refund)
+                        .min(share_end.sub(now).max(Q::int(0)));
+                    b.tat = Some(tat.sub(give).max(now.min(tat)));
+                }
+            }
+            // A quota gets back only what its own window counted, never
+            // below nothing.
+            if let Some(q) = &mut self.tokens_day {
+                if q.window(wall).0 == res.window {
+                    let used = (q.used_at(wall) - refund).max(0);
+                    q.set_used(wall, used);
+                }
+            }
+        }
+    }
+
+    /// AWS UpdateUsage: what remains of the current window becomes
+    /// `remaining` (above the limit too: a raise for this window only).
+    fn set_remaining(&mut self, wall: i128, remaining: u64) -> Option<u64> {
+        let q = self.quota.as_mut()?;
+        let used = q.limit_at(wall) - i128::from(remaining);
+        q.set_used(wall, used);
+        Some(remaining)
+    }
+
+    /// A reset key: its windows forgotten, its buckets full; places in
+    /// flight stay held.
+    fn reset(&mut self) {
+        for b in [
+            &mut self.throttle,
+            &mut self.method,
+            &mut self.tokens_minute,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            b.tat = None;
+        }
+        for q in [&mut self.quota, &mut self.tokens_day]
+            .into_iter()
+            .flatten()
+        {
+            q.used = None;
+        }
+    }
+}
+
+impl Model {
+    pub fn wall(&self) -> i128 {
+        self.wall0 + self.now
+    }
+
+    pub fn advance(&mut self, by: u64) {
+        self.now += i128::from(by);
+    }
+
+    /// The limits a request of `key` must pass, in decision order: stage →
+    /// account → plan (the method override and the key's own limits are
+    /// the plan's).
+    fn parts(&mut self, key: usize) -> Vec<&mut Limits> {
+        let Model {
+            stage,
+            account,
+            keys,
+            ..
+        } = self;
+        let k = &mut keys[key];
+        let mut parts: Vec<&mut Limits> = stage.iter_mut().collect();
+        if k.account {
+            parts.extend(account.iter_mut());
+        }
+        parts.push(&mut k.plans[k.on]);
+        parts
+    }
+
+    /// One decision over every limit, atomically.
+    pub fn decide(&mut self, ask: Ask) -> (Answer, Option<Reservation>) {
+        if !self.keys[ask.key].enabled {
+            // A disabled key is refused before any limit is asked.
+            return (Answer::Forbidden, None);
+        }
+        let now = Q::int(self.now);
+        let wall = self.wall();
+        let mut denials: Vec<Found> = Vec::new();
+        let mut parts = self.parts(ask.key);
+        let tats: Vec<Vec<(usize, Q)>> = parts
+            .iter()
+            .map(|p| p.check(now, wall, &ask, &mut denials))
+            .collect();
         if !denials.is_empty() {
             // A cost no limit can ever hold wins, with no retry; else the
             // longest wait (in whole nanoseconds, rounded up). Limits tied
@@ -373,99 +695,61 @@ impl Model {
                 None,
             );
         }
-        // Allowed: charge everything (a peek charges nothing: its new TAT is
-        // max(tat, now) and nothing is stored).
-        let mut items: Vec<(&'static str, u64, Q, bool)> = Vec::new();
-        for (i, t) in new_tats {
-            let cost = if i == 2 { ask.tokens } else { ask.cost };
-            let b = match i {
-                0 => self.throttle.as_mut(),
-                1 => self.method.as_mut(),
-                _ => self.tokens_minute.as_mut(),
-            }
-            .unwrap();
-            if cost > 0 {
-                b.tat = Some(t);
-            }
-            let (r, reset) = b.status(now, t);
-            items.push((b.name, r, reset, true));
-        }
-        let to_end = self.to_window_end();
-        for (q, cost) in [
-            (&mut self.quota, ask.cost),
-            (&mut self.tokens_day, ask.tokens),
-        ] {
-            let Some(q) = q else { continue };
-            let used = q.used_on(day) + u64::from(cost);
-            if cost > 0 {
-                q.used = Some((day, used));
-            }
-            // A window's reset is its end (the IETF draft's `t` of a
-            // quota: when it resets), used or not.
-            items.push((q.name, q.limit.saturating_sub(used), to_end, true));
-        }
-        if let Some((cap, held)) = &mut self.concurrency {
-            let after = if ask.holds { *held + 1 } else { *held };
-            if ask.holds {
-                *held = after;
-            }
-            items.push(("concurrency", u64::from(*cap - after), Q::int(0), false));
+        // Allowed: charge everything.
+        let mut items: Vec<Item> = Vec::new();
+        for (p, tats) in parts.iter_mut().zip(&tats) {
+            p.charge(now, wall, &ask, tats, &mut items);
         }
         let header = ask.http.then(|| tightest(&items)).flatten();
-        let budget = self.tokens_minute.is_some() || self.tokens_day.is_some();
-        let reservation = (ask.holds && budget).then_some(Reservation {
+        let k = &self.keys[ask.key];
+        let window = k.plans[k.on]
+            .tokens_day
+            .as_ref()
+            .map_or(0, |q| q.window(wall).0);
+        let reservation = ask.holds.then_some(Reservation {
+            key: ask.key,
+            plan: k.on,
             at: self.now,
             estimate: ask.tokens,
-            day,
+            window,
         });
         (Answer::Allowed { header }, reservation)
     }
 
-    /// A response ends: its place under the cap comes back and its tokens
-    /// are settled at `actual` (none reported: the estimate stands).
-    pub fn end(&mut self, reservation: Option<Reservation>, actual: Option<u32>) {
-        if let Some((_, held)) = &mut self.concurrency {
-            *held -= 1;
-        }
-        let (Some(res), Some(actual)) = (reservation, actual) else {
-            return;
-        };
+    /// A response ends: its place under the cap of the plan that admitted
+    /// it comes back and its tokens are settled there at `actual` (none
+    /// reported: the estimate stands).
+    pub fn end(&mut self, res: Reservation, actual: Option<u32>) {
         let now = Q::int(self.now);
-        let day = self.day();
-        let delta = i128::from(actual) - i128::from(res.estimate);
-        if delta > 0 {
-            // An under-estimate is charged past the limit: a debt.
-            if let Some(b) = &mut self.tokens_minute {
-                let base = b.base(now);
-                b.tat = Some(base.add(b.interval.mul(delta)));
-            }
-            if let Some(q) = &mut self.tokens_day {
-                let used = q.used_on(day) + delta as u64;
-                q.used = Some((day, used));
-            }
-        } else if delta < 0 {
-            let refund = -delta;
-            // Only the estimate's own share not yet refilled comes back
-            // (what refilled since may have been granted again), and never
-            // beyond a full bucket.
-            if let Some(b) = &mut self.tokens_minute {
-                if let Some(tat) = b.tat {
-                    let share_end = Q::int(res.at).add(b.interval.mul(i128::from(res.estimate)));
-                    let give = b
-                        .interval
-                        .mul(refund)
-                        .min(share_end.sub(now).max(Q::int(0)));
-                    b.tat = Some(tat.sub(give).max(now.min(tat)));
-                }
-            }
-            // A quota gets back only what its own window counted.
-            if let Some(q) = &mut self.tokens_day {
-                if res.day == day {
-                    let used = q.used_on(day).saturating_sub(refund as u64);
-                    q.used = Some((day, used));
-                }
-            }
-        }
+        let wall = self.wall();
+        self.keys[res.key].plans[res.plan].end(now, wall, &res, actual);
+    }
+
+    /// UpdateUsage on `key`'s current plan: `None` when it has no quota.
+    pub fn set_remaining(&mut self, key: usize, remaining: u64) -> Option<u64> {
+        let wall = self.wall();
+        let k = &mut self.keys[key];
+        k.plans[k.on].set_remaining(wall, remaining)
+    }
+
+    /// Resets `key` under its current plan.
+    pub fn reset(&mut self, key: usize) {
+        let k = &mut self.keys[key];
+        k.plans[k.on].reset();
+    }
+
+    pub fn set_enabled(&mut self, key: usize, enabled: bool) {
+        self.keys[key].enabled = enabled;
+    }
+
+    pub fn set_plan(&mut self, key: usize, plan: usize) {
+        self.keys[key].on = plan;
+    }
+
+    /// The period of the request quota `key` is counted under now.
+    pub fn period(&self, key: usize) -> Option<Period> {
+        let k = &self.keys[key];
+        k.plans[k.on].quota.as_ref().map(|q| q.period)
     }
 }
 
