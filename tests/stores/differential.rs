@@ -79,13 +79,16 @@ enum Kind {
     /// A quota of any period (a week from Monday or from another day, a
     /// month) with an AWS `offset`, with or without a throttle.
     Calendar,
-    /// A calendar quota (with an offset), a throttle or a concurrency cap,
-    /// and admin operations between requests: UpdateUsage, a reset,
-    /// disabling and enabling the key, moving it to plan `"q"` and back.
+    /// A calendar quota (with an offset), a throttle, a concurrency cap or a
+    /// token budget, and admin operations between requests: UpdateUsage, a
+    /// reset, disabling and enabling the key, moving it to plan `"q"` and
+    /// back (with responses in flight, settled under the plan that
+    /// admitted them).
     Admin,
     /// Three keys, two of them of an account (a throttle, a calendar
     /// quota), all under a stage throttle, on a plan of a throttle or a
-    /// DAY quota.
+    /// DAY quota; admin operations on each key, moves to plan `"q"` among
+    /// them (a key keeps its account on any plan).
     Shared,
 }
 
@@ -163,7 +166,7 @@ struct Spec {
     tokens_day: Option<u64>,
     concurrency: Option<u32>,
     /// A second plan, `"q"` (a throttle and a DAY quota), that admin
-    /// operations move key 0 to and back.
+    /// operations move keys to and back.
     other: Option<(Rate, u64)>,
     /// The account `"acme"` of keys 0 and 1: a throttle, a quota.
     account: Option<(Option<Rate>, Option<QuotaSpec>)>,
@@ -460,11 +463,16 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
             prop::option::of(1..=2u32),
             rate(),
             1..=4u64,
+            prop::option::of((per_minute(fractional), prop::option::of(20..=60u64))),
         )
-            .prop_flat_map(|(r, q, c, other, l)| (Just((r, q, c, other, l)), start_in(q.period)))
-            .prop_map(move |((r, q, c, other, l), s)| Spec {
+            .prop_flat_map(|(r, q, c, other, l, t)| {
+                (Just((r, q, c, other, l, t)), start_in(q.period))
+            })
+            .prop_map(move |((r, q, c, other, l, t), s)| Spec {
                 throttle: r,
                 quota: Some(q),
+                tokens_minute: t.map(|t| t.0),
+                tokens_day: t.and_then(|t| t.1),
                 concurrency: c,
                 other: Some((other, l)),
                 start_secs: s,
@@ -472,18 +480,19 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
             })
             .boxed(),
         Kind::Shared => (
-            prop::option::of(rate()),
-            prop::option::of(1..=6u64),
+            (prop::option::of(rate()), prop::option::of(1..=6u64)),
             prop::option::of(rate()),
             calendar_quota(1..=8),
             prop::option::of(rate()),
+            (rate(), 1..=4u64),
         )
-            .prop_flat_map(|(r, day, account, q, stage)| {
-                (Just((r, day, account, q, stage)), start_in(q.period))
+            .prop_flat_map(|(plan, account, q, stage, other)| {
+                (Just((plan, account, q, stage, other)), start_in(q.period))
             })
-            .prop_map(move |((r, day, account, q, stage), s)| Spec {
+            .prop_map(move |(((r, day), account, q, stage, other), s)| Spec {
                 throttle: r,
                 quota: day.map(QuotaSpec::day),
+                other: Some(other),
                 account: Some((account, Some(q))),
                 stage,
                 keys: 3,
@@ -525,7 +534,8 @@ enum Op {
     /// Advances the clock to the start of the next window of key 0's
     /// request quota (the account's when there is one), plus `delta` ns.
     ToWindow { delta: i64 },
-    /// UpdateUsage: sets what remains of the key's quota in its window.
+    /// UpdateUsage: sets what remains of the key's quota in its window (an
+    /// error for a plan without one).
     SetRemaining { key: usize, remaining: u64 },
     /// Resets the key.
     Reset { key: usize },
@@ -564,7 +574,7 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
         }
     });
     let calendar = matches!(s.kind, Kind::Calendar | Kind::Admin | Kind::Shared);
-    let admin = s.kind == Kind::Admin;
+    let admin = matches!(s.kind, Kind::Admin | Kind::Shared);
     let limit = s.quota.map_or(1, |q| q.limit);
     let mut op: Vec<(u32, BoxedStrategy<Op>)> = vec![
         (4, direct.boxed()),
@@ -606,22 +616,22 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
         ));
     }
     if admin {
-        // On key 0: what remains from nothing to past the limit, or the
-        // largest count accepted.
+        // What remains from nothing to past the limit, or the largest
+        // count accepted.
         op.push((
             2,
-            prop_oneof![0..=limit + 3, Just(1 << 53)]
-                .prop_map(|remaining| Op::SetRemaining { key: 0, remaining })
+            (0..keys, prop_oneof![0..=limit + 3, Just(1 << 53)])
+                .prop_map(|(key, remaining)| Op::SetRemaining { key, remaining })
                 .boxed(),
         ));
-        op.push((1, Just(Op::Reset { key: 0 }).boxed()));
+        op.push((1, (0..keys).prop_map(|key| Op::Reset { key }).boxed()));
         op.push((
             1,
-            any::<bool>()
-                .prop_map(|enabled| Op::Enable { key: 0, enabled })
+            (0..keys, any::<bool>())
+                .prop_map(|(key, enabled)| Op::Enable { key, enabled })
                 .boxed(),
         ));
-        op.push((2, Just(Op::Move { key: 0 }).boxed()));
+        op.push((2, (0..keys).prop_map(|key| Op::Move { key }).boxed()));
     }
     let op = proptest::strategy::Union::new_weighted(op);
     prop::collection::vec(op, 1..=if calendar { 40 } else { 30 })
@@ -1114,20 +1124,24 @@ async fn run(
         if let Op::SetRemaining { .. } | Op::Reset { .. } | Op::Enable { .. } | Op::Move { .. } =
             *op
         {
+            // What the operation returns: what remains after UpdateUsage
+            // (`Err`: the key's plan has no quota), nothing for the others.
             let expected = match *op {
-                Op::SetRemaining { key, remaining } => r.model.set_remaining(key, remaining),
+                Op::SetRemaining { key, remaining } => {
+                    r.model.set_remaining(key, remaining).map(Some).ok_or(())
+                }
                 Op::Reset { key } => {
                     r.model.reset(key);
-                    None
+                    Ok(None)
                 }
                 Op::Enable { key, enabled } => {
                     r.model.set_enabled(key, enabled);
-                    None
+                    Ok(None)
                 }
                 Op::Move { key } => {
                     let to = 1 - r.model.keys[key].on;
                     r.model.set_plan(key, to);
-                    None
+                    Ok(None)
                 }
                 _ => unreachable!(),
             };
@@ -1137,7 +1151,12 @@ async fn run(
             }
             r.log.push(format!("admin {op:?}: model {expected:?}"));
             for (name, o) in &observed {
-                if o.as_ref().ok() != Some(&expected) {
+                let agrees = match (o, &expected) {
+                    (Ok(got), Ok(e)) => got == e,
+                    (Err(AdminError::NoQuota(_)), Err(())) => true,
+                    _ => false,
+                };
+                if !agrees {
                     return Err(r.fail(
                         spec,
                         format!("{name} disagrees with the model at admin {op:?}: {observed:?}"),
