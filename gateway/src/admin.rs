@@ -1,5 +1,8 @@
 //! The admin routes: usage reports and key administration, guarded by the
-//! `x-admin-key` header.
+//! `x-admin-key` header, answering every error as JSON in the config's
+//! response style ([`error`]).
+
+mod error;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
@@ -11,10 +14,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 use tollgate::store::Store;
-use tollgate::{Admin, AdminError, ApiKey, Date, KeyInfo};
+use tollgate::{Admin, AdminError, ApiKey, Date, KeyInfo, ResponseStyle};
 
+pub(crate) use self::error::Styled;
 use crate::dashboard::{self, Dashboard};
-use crate::mock::bad_request;
 use crate::usage::Limit;
 
 /// The admin routes, working on `admin`, open to requests that carry
@@ -30,6 +33,7 @@ pub(crate) fn routes<S: Store>(
         limit: limit.clone(),
         key: admin_key.map(|k| AdminKey::new(k.as_bytes())),
         dashboard: dashboard.clone(),
+        style: limit.style(),
     };
     Router::new()
         .route("/admin/usage", get(usage::<S>))
@@ -60,6 +64,8 @@ pub(crate) struct AdminState<S> {
     pub(crate) limit: Limit<S>,
     key: Option<AdminKey>,
     pub(crate) dashboard: Dashboard,
+    /// The style of the layer's refusals, which the admin errors share.
+    style: ResponseStyle,
 }
 
 impl<S> AdminState<S> {
@@ -70,6 +76,16 @@ impl<S> AdminState<S> {
             (Some(key), Some(sent)) => key.matches(sent.as_bytes()),
             _ => false,
         }
+    }
+
+    /// An admin error: `status` with `message`, in the config's style.
+    pub(crate) fn error(&self, status: StatusCode, message: &str) -> Response {
+        error::error(self.style, status, message, serde_json::Map::new())
+    }
+
+    /// The answer to an [`AdminError`], in the config's style.
+    pub(crate) fn admin_error(&self, e: &AdminError) -> Response {
+        error::admin_error(self.style, e)
     }
 }
 
@@ -143,27 +159,9 @@ impl<S: Send + Sync> FromRequestParts<AdminState<S>> for Authorized {
         if s.allows(&parts.headers) {
             Ok(Authorized)
         } else {
-            Err((StatusCode::FORBIDDEN, Json(json!({"message": "Forbidden"}))).into_response())
+            Err(s.error(StatusCode::FORBIDDEN, "Forbidden"))
         }
     }
-}
-
-pub(crate) fn admin_error(e: AdminError) -> Response {
-    if let AdminError::Import { index, id, error } = &e {
-        let status = admin_error((**error).clone()).status();
-        let body = json!({"message": e.to_string(), "index": index, "id": id});
-        return (status, Json(body)).into_response();
-    }
-    let status = match e {
-        AdminError::UnknownKey(_) | AdminError::UnknownPlan(_) => StatusCode::NOT_FOUND,
-        AdminError::Config(_) => StatusCode::CONFLICT,
-        AdminError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
-        // A value the request got wrong (`{"remaining": N}` above 2^53, a
-        // date range), the same with every store.
-        AdminError::RemainingOutOfRange { .. } | AdminError::BadRange(_) => StatusCode::BAD_REQUEST,
-        _ => StatusCode::BAD_REQUEST,
-    };
-    (status, Json(json!({"message": e.to_string()}))).into_response()
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, String> {
@@ -186,11 +184,19 @@ async fn usage<S: Store>(
     State(s): State<AdminState<S>>,
     q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    // axum's message would name serde's first complaint; this one says
+    // what the route needs.
     let Ok(Query(q)) = q else {
-        return bad_request("usage needs plan, start and end (YYYY-MM-DD)");
+        return s.error(
+            StatusCode::BAD_REQUEST,
+            "usage needs plan, start and end (YYYY-MM-DD)",
+        );
     };
     let (Some(start), Some(end)) = (Date::parse(&q.start), Date::parse(&q.end)) else {
-        return bad_request("start and end must be dates as YYYY-MM-DD");
+        return s.error(
+            StatusCode::BAD_REQUEST,
+            "start and end must be dates as YYYY-MM-DD",
+        );
     };
     match s.admin.usage(&q.plan, start, end, q.key.as_deref()).await {
         Ok(r) => Json(json!({
@@ -200,7 +206,7 @@ async fn usage<S: Store>(
             "items": r.items,
         }))
         .into_response(),
-        Err(e) => admin_error(e),
+        Err(e) => s.admin_error(&e),
     }
 }
 
@@ -223,7 +229,7 @@ fn yes() -> bool {
 fn key_json<S: Store>(s: &AdminState<S>, id: &str) -> Response {
     match s.admin.key(id) {
         Some(k) => Json(key_info_json(&k)).into_response(),
-        None => admin_error(AdminError::UnknownKey(id.to_owned())),
+        None => s.admin_error(&AdminError::UnknownKey(id.to_owned())),
     }
 }
 
@@ -248,10 +254,14 @@ fn new_key(k: NewKey, value: String) -> ApiKey {
     }
 }
 
-async fn add_key<S: Store>(_: Authorized, State(s): State<AdminState<S>>, body: Bytes) -> Response {
+async fn add_key<S: Store>(
+    _: Authorized,
+    State(s): State<AdminState<S>>,
+    Styled(body): Styled<Bytes>,
+) -> Response {
     let keys: NewKeys = match parse_json(&body) {
         Ok(k) => k,
-        Err(msg) => return bad_request(&msg),
+        Err(msg) => return s.error(StatusCode::BAD_REQUEST, &msg),
     };
     match keys {
         NewKeys::One(mut k) => {
@@ -262,20 +272,19 @@ async fn add_key<S: Store>(_: Authorized, State(s): State<AdminState<S>>, body: 
                     Ok(v) => (v, true),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot draw a key value from the system's randomness");
-                        return (
+                        return s.error(
                             StatusCode::SERVICE_UNAVAILABLE,
-                            Json(json!({"message": "cannot generate a key value"})),
-                        )
-                            .into_response();
+                            "cannot generate a key value",
+                        );
                     }
                 },
             };
             let shown = generated.then(|| value.clone());
             if let Err(e) = s.admin.add_key(new_key(k, value)).await {
-                return admin_error(e);
+                return s.admin_error(&e);
             }
             let Some(info) = s.admin.key(&id) else {
-                return admin_error(AdminError::UnknownKey(id));
+                return s.admin_error(&AdminError::UnknownKey(id));
             };
             let mut body = key_info_json(&info);
             let mut res = match shown {
@@ -292,10 +301,13 @@ async fn add_key<S: Store>(_: Authorized, State(s): State<AdminState<S>>, body: 
         }
         NewKeys::Many(keys) => {
             if let Some(index) = keys.iter().position(|k| k.value.is_none()) {
-                return bad_request(&format!(
-                    "key {index} of the batch has no value; a batch is imported with the values it gives \
-                     (add keys one at a time to have values generated)"
-                ));
+                return s.error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "key {index} of the batch has no value; a batch is imported with the values it gives \
+                         (add keys one at a time to have values generated)"
+                    ),
+                );
             }
             let keys = keys.into_iter().map(|mut k| {
                 let value = k.value.take().unwrap_or_default();
@@ -303,7 +315,7 @@ async fn add_key<S: Store>(_: Authorized, State(s): State<AdminState<S>>, body: 
             });
             match s.admin.import_keys(keys).await {
                 Ok(n) => (StatusCode::CREATED, Json(json!({"imported": n}))).into_response(),
-                Err(e) => admin_error(e),
+                Err(e) => s.admin_error(&e),
             }
         }
     }
@@ -330,7 +342,7 @@ pub(crate) fn generate_value() -> Result<String, getrandom::Error> {
 async fn get_key<S: Store>(
     _: Authorized,
     State(s): State<AdminState<S>>,
-    Path(id): Path<String>,
+    Styled(Path(id)): Styled<Path<String>>,
 ) -> Response {
     key_json(&s, &id)
 }
@@ -338,11 +350,11 @@ async fn get_key<S: Store>(
 async fn remove_key<S: Store>(
     _: Authorized,
     State(s): State<AdminState<S>>,
-    Path(id): Path<String>,
+    Styled(Path(id)): Styled<Path<String>>,
 ) -> Response {
     match s.admin.remove_key(&id).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => admin_error(e),
+        Err(e) => s.admin_error(&e),
     }
 }
 
@@ -356,21 +368,21 @@ struct KeyPatch {
 async fn patch_key<S: Store>(
     _: Authorized,
     State(s): State<AdminState<S>>,
-    Path(id): Path<String>,
-    body: Bytes,
+    Styled(Path(id)): Styled<Path<String>>,
+    Styled(body): Styled<Bytes>,
 ) -> Response {
     let p: KeyPatch = match parse_json(&body) {
         Ok(p) => p,
-        Err(msg) => return bad_request(&msg),
+        Err(msg) => return s.error(StatusCode::BAD_REQUEST, &msg),
     };
     if let Some(plan) = &p.plan {
         if let Err(e) = s.admin.set_plan(&id, plan).await {
-            return admin_error(e);
+            return s.admin_error(&e);
         }
     }
     if let Some(enabled) = p.enabled {
         if let Err(e) = s.admin.set_enabled(&id, enabled).await {
-            return admin_error(e);
+            return s.admin_error(&e);
         }
     }
     key_json(&s, &id)
@@ -385,26 +397,26 @@ struct UsagePatch {
 async fn update_usage<S: Store>(
     _: Authorized,
     State(s): State<AdminState<S>>,
-    Path(id): Path<String>,
-    body: Bytes,
+    Styled(Path(id)): Styled<Path<String>>,
+    Styled(body): Styled<Bytes>,
 ) -> Response {
     let p: UsagePatch = match parse_json(&body) {
         Ok(p) => p,
-        Err(msg) => return bad_request(&msg),
+        Err(msg) => return s.error(StatusCode::BAD_REQUEST, &msg),
     };
     match s.admin.set_remaining(&id, p.remaining).await {
         Ok(remaining) => Json(json!({"id": id, "remaining": remaining})).into_response(),
-        Err(e) => admin_error(e),
+        Err(e) => s.admin_error(&e),
     }
 }
 
 async fn reset_key<S: Store>(
     _: Authorized,
     State(s): State<AdminState<S>>,
-    Path(id): Path<String>,
+    Styled(Path(id)): Styled<Path<String>>,
 ) -> Response {
     match s.admin.reset_key(&id).await {
         Ok(()) => key_json(&s, &id),
-        Err(e) => admin_error(e),
+        Err(e) => s.admin_error(&e),
     }
 }

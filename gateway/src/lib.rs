@@ -60,6 +60,9 @@
 //!     admin key and reads `GET /admin/plans`, `/admin/accounts`, `/admin/keys[?q=TEXT]`,
 //!     `/admin/accounts/NAME/usage?start=…&end=…` and `/admin/traffic[?seconds=N]`
 //!
+//!   Their errors, the key check's 403 and a path, query or body axum cannot
+//!   read included, are JSON in the config's response style.
+//!
 //! With `--redis URL` the limits live in Redis, shared by every gateway
 //! started with the same URL (several comma-separated URLs name the nodes of
 //! a Redis Cluster); otherwise in this process. When `TOLLGATE_KEY_SECRET`

@@ -11,11 +11,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tollgate::store::Store;
-use tollgate::{AdminError, Date, Quota, Throttle, TokenBudget};
+use tollgate::{Date, Quota, Throttle, TokenBudget};
 
 use super::time::{day_of, next_reset, rfc3339, seconds};
-use crate::admin::{AdminState, Authorized, admin_error, key_info_json};
-use crate::mock::bad_request;
+use crate::admin::{AdminState, Authorized, Styled, key_info_json};
 
 /// The page's routes (open) and the JSON routes it reads (guarded).
 pub(crate) fn routes<S: Store>() -> Router<AdminState<S>> {
@@ -113,7 +112,7 @@ async fn accounts<S: Store>(_: Authorized, State(s): State<AdminState<S>>) -> Re
                     Value::Null,
                     |[used, remaining]| json!({"used": used, "remaining": remaining}),
                 ),
-                Err(e) => return admin_error(e),
+                Err(e) => return s.admin_error(&e),
             },
             None => Value::Null,
         };
@@ -145,7 +144,7 @@ pub(crate) struct KeysQuery {
 pub(crate) async fn keys<S: Store>(
     _: Authorized,
     State(s): State<AdminState<S>>,
-    q: Query<KeysQuery>,
+    Styled(q): Styled<Query<KeysQuery>>,
 ) -> Response {
     let (secs, today) = now(&s);
     let needle = q.q.as_deref().unwrap_or("").to_lowercase();
@@ -179,7 +178,7 @@ pub(crate) async fn keys<S: Store>(
                     }
                 }
             }
-            Err(e) => return admin_error(e),
+            Err(e) => return s.admin_error(&e),
         }
     }
     // Token budgets are read per key (a peek of its limits, charging
@@ -241,14 +240,22 @@ struct RangeQuery {
 async fn account_usage<S: Store>(
     _: Authorized,
     State(s): State<AdminState<S>>,
-    Path(name): Path<String>,
+    Styled(Path(name)): Styled<Path<String>>,
     q: Result<Query<RangeQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    // axum's message would name serde's first complaint; this one says
+    // what the route needs.
     let Ok(Query(q)) = q else {
-        return bad_request("usage needs start and end (YYYY-MM-DD)");
+        return s.error(
+            StatusCode::BAD_REQUEST,
+            "usage needs start and end (YYYY-MM-DD)",
+        );
     };
     let (Some(start), Some(end)) = (Date::parse(&q.start), Date::parse(&q.end)) else {
-        return bad_request("start and end must be dates as YYYY-MM-DD");
+        return s.error(
+            StatusCode::BAD_REQUEST,
+            "start and end must be dates as YYYY-MM-DD",
+        );
     };
     match s.admin.account_usage(&name, start, end).await {
         Ok(u) => fresh(json!({
@@ -257,12 +264,7 @@ async fn account_usage<S: Store>(
             "end": u.end.to_string(),
             "items": {u.account.clone(): u.days},
         })),
-        Err(AdminError::UnknownAccount(a)) => (
-            StatusCode::NOT_FOUND,
-            Json(json!({"message": AdminError::UnknownAccount(a).to_string()})),
-        )
-            .into_response(),
-        Err(e) => admin_error(e),
+        Err(e) => s.admin_error(&e),
     }
 }
 
@@ -278,7 +280,7 @@ struct TrafficQuery {
 async fn traffic<S: Store>(
     _: Authorized,
     State(s): State<AdminState<S>>,
-    q: Query<TrafficQuery>,
+    Styled(q): Styled<Query<TrafficQuery>>,
 ) -> Response {
     let seconds = q.seconds.unwrap_or(300);
     let top = q.top.unwrap_or(10).min(100);

@@ -90,10 +90,11 @@ fn expected() -> Vec<(u16, Value)> {
 
 fn check(answers: &[(u16, Value)]) {
     assert_eq!(answers[..5], expected()[..]);
-    // Not a count at all: refused by the route before Admin is asked.
+    // Not a count at all: refused by the route before Admin is asked, in
+    // the same style as Admin's refusals.
     for (status, body) in &answers[5..] {
         assert_eq!(*status, 400, "{body}");
-        let message = body["error"]["message"].as_str().unwrap_or_default();
+        let message = body["message"].as_str().unwrap_or_default();
         assert!(message.starts_with("invalid request body"), "{body}");
     }
 }

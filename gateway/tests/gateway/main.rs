@@ -5,6 +5,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod admin_errors;
 mod admin_key;
 mod admin_keys;
 mod admin_usage;

@@ -1,0 +1,166 @@
+//! The admin routes' errors: JSON in the config's response style, whatever
+//! refused the request (the admin key check, a route, `Admin`, or one of
+//! axum's extractors).
+//!
+//! axum answers a path, query or body it cannot extract as plain text
+//! (`Invalid URL: Invalid UTF-8 in `id``), and a route's own errors were
+//! written in whichever shape its author had at hand: a client of the admin
+//! API met three shapes. Every admin error is now built here, from a status
+//! and a message, in the one shape of the style the layer answers its own
+//! refusals in:
+//!
+//! - `aws`: `{"message":…}`, as API Gateway's management API answers;
+//! - `openai`: `{"error":{"message":…,"type":…,"param":null,"code":…}}`,
+//!   which OpenAI's SDKs decode into their error type.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+use tollgate::{AdminError, ResponseStyle};
+
+use super::AdminState;
+
+/// An admin error: `status` with `message` in `style`, and `details` (a
+/// batch import's `index` and `id` of the entry at fault) beside the
+/// message.
+pub(crate) fn error(
+    style: ResponseStyle,
+    status: StatusCode,
+    message: &str,
+    details: Map<String, Value>,
+) -> Response {
+    let mut fields = Map::new();
+    fields.insert("message".into(), message.into());
+    let body = match style {
+        ResponseStyle::OpenAi => {
+            // OpenAI's SDKs tell a client's mistake from the server's by
+            // `type`, as the layer's own 503 does (`server_error`).
+            let kind = if status.is_server_error() {
+                "server_error"
+            } else {
+                "invalid_request_error"
+            };
+            fields.insert("type".into(), kind.into());
+            // `param` names a body field at fault in OpenAI's answers; the
+            // admin messages name it themselves, so it is always null.
+            fields.insert("param".into(), Value::Null);
+            fields.insert("code".into(), code(status).into());
+            fields.extend(details);
+            json!({ "error": fields })
+        }
+        _ => {
+            fields.extend(details);
+            Value::Object(fields)
+        }
+    };
+    (status, Json(body)).into_response()
+}
+
+/// The `code` of an OpenAI-style admin error: what went wrong, by status,
+/// so that a client can branch on it without reading the message.
+fn code(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::FORBIDDEN => "invalid_admin_key",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::CONFLICT => "conflict",
+        StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+        StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
+        s if s.is_server_error() => "server_error",
+        _ => "invalid_request",
+    }
+}
+
+/// The status of an [`AdminError`].
+fn status(e: &AdminError) -> StatusCode {
+    match e {
+        // A batch import fails as its entry at fault would alone; which
+        // entry, the answer says beside the message.
+        AdminError::Import { error, .. } => status(error),
+        AdminError::UnknownKey(_) | AdminError::UnknownPlan(_) | AdminError::UnknownAccount(_) => {
+            StatusCode::NOT_FOUND
+        }
+        AdminError::Config(_) => StatusCode::CONFLICT,
+        AdminError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        // A value the request got wrong (`{"remaining": N}` above 2^53, a
+        // date range), the same with every store.
+        AdminError::RemainingOutOfRange { .. } | AdminError::BadRange(_) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// The answer to an [`AdminError`] in `style`: a batch import's names the
+/// entry at fault (`index`, `id`) beside the message.
+pub(crate) fn admin_error(style: ResponseStyle, e: &AdminError) -> Response {
+    let mut details = Map::new();
+    if let AdminError::Import { index, id, .. } = e {
+        details.insert("index".into(), json!(index));
+        details.insert("id".into(), json!(id));
+    }
+    error(style, status(e), &e.to_string(), details)
+}
+
+/// An axum extractor `E` whose rejection is answered as every admin error
+/// is ([`error`]), in the style of the routes' state, instead of axum's
+/// plain text: `Styled<Path<String>>`, `Styled<Query<T>>`, `Styled<Bytes>`.
+///
+/// Put it after [`Authorized`](super::Authorized) in a handler's
+/// arguments: extractors run in order, so a request without the admin key
+/// is answered 403 before its path, query or body is looked at.
+pub(crate) struct Styled<E>(pub(crate) E);
+
+/// An axum rejection, told by its status and its plain-text message.
+pub(crate) trait Rejected {
+    fn status(&self) -> StatusCode;
+    fn message(&self) -> String;
+}
+
+macro_rules! rejected {
+    ($($t:ty),*) => {$(
+        impl Rejected for $t {
+            fn status(&self) -> StatusCode {
+                <$t>::status(self)
+            }
+            fn message(&self) -> String {
+                self.body_text()
+            }
+        }
+    )*};
+}
+
+rejected!(PathRejection, QueryRejection, BytesRejection);
+
+impl<S, E> FromRequestParts<AdminState<S>> for Styled<E>
+where
+    S: Send + Sync,
+    E: FromRequestParts<AdminState<S>>,
+    E::Rejection: Rejected,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AdminState<S>) -> Result<Self, Response> {
+        match E::from_request_parts(parts, s).await {
+            Ok(e) => Ok(Styled(e)),
+            Err(r) => Err(s.error(r.status(), &r.message())),
+        }
+    }
+}
+
+/// The body, read up to the route's bound (413 past it).
+impl<S> FromRequest<AdminState<S>> for Styled<Bytes>
+where
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: Request, s: &AdminState<S>) -> Result<Self, Response> {
+        match Bytes::from_request(req, s).await {
+            Ok(b) => Ok(Styled(b)),
+            Err(r) => Err(s.error(r.status(), &r.message())),
+        }
+    }
+}
