@@ -38,10 +38,26 @@ fn body(standing: &Standing) -> Value {
         "limits": limits,
         "refused": standing.refused().map(|r| json!({
             "limit": r.limit(),
-            "message": r.message(),
+            "message": message(r),
             "retry_after_ms": r.retry_after_ms(),
         })),
     })
+}
+
+/// What the refusal's own answer would say: its body's message, in the
+/// layer's style. (`Rejection::message` is the AWS style's wording, "Too
+/// Many Requests", which an OpenAI client never sees in a 429.) The body
+/// is read back rather than the wording copied here, so that the two can
+/// never drift apart; a body without a message (a gRPC call's, which has
+/// none) gives the AWS wording.
+fn message(r: &Rejection) -> String {
+    let res = r.default_response();
+    let body: Value = serde_json::from_slice(res.body()).unwrap_or_default();
+    body.pointer("/error/message")
+        .or_else(|| body.get("message"))
+        .and_then(Value::as_str)
+        .unwrap_or(r.message())
+        .to_owned()
 }
 
 fn limit(a: &Applied) -> Value {

@@ -155,3 +155,50 @@ async fn a_request_without_a_usable_key_is_refused_as_a_route_would() {
         .unwrap();
     assert_eq!(res.status(), 401);
 }
+
+#[tokio::test]
+async fn a_refusal_is_worded_as_the_429_would_word_it() {
+    let (base, _stop) = start().await;
+    let bearer = ("authorization", "Bearer free-secret");
+    let complete = |body: &'static str| {
+        reqwest::Client::new()
+            .post(format!("{base}/v1/completions"))
+            .header("authorization", "Bearer free-secret")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    // Estimated at 12 tokens, settled at 2 + 1500: the minute's budget of
+    // 1000 is in debt, and every request waits until it is paid back.
+    let res = complete(
+        r#"{"model":"m","prompt":"abcdefgh","max_tokens":10,"mock_completion_tokens":1500,"mock_token_ms":0}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    let _ = res.bytes().await.unwrap();
+    // The settlement lands when the server sees the body end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let refused = loop {
+        let (status, body) = usage(&base, Some(bearer)).await;
+        assert_eq!(status, 200, "{body}");
+        if !body["refused"].is_null() || std::time::Instant::now() > deadline {
+            break body["refused"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(refused["limit"], "tokens-minute", "{refused}");
+    let res = complete(BODY).await.unwrap();
+    assert_eq!(res.status(), 429);
+    let denied: Value = res.json().await.unwrap();
+    // The config's style is openai: OpenAI's wording, not AWS's
+    // "Too Many Requests".
+    assert_eq!(
+        refused["message"], denied["error"]["message"],
+        "{refused} {denied}"
+    );
+    assert_eq!(
+        refused["message"],
+        "Rate limit reached for tokens (tokens-minute)."
+    );
+}
