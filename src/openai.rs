@@ -13,8 +13,13 @@
 //!   0 by default), or an embeddings or Responses request's `input` (a
 //!   string, strings or token ids as a prompt; or a Responses request's
 //!   items, counted as a chat's messages, `input_text` parts as text;
-//!   never on a route ending in `/completions`, which takes none); a body
-//!   that has several of these counts them all, whichever the server reads;
+//!   never on a route ending in `/completions`, which takes none); on a
+//!   route ending in `/responses`, a `prompt` may also be a reference to a
+//!   prompt template (`{"id":"pmpt_…","version":…,"variables":{…}}`),
+//!   counted by its variables (strings, and `input_text` parts, as text;
+//!   other parts as a chat's), not by the template's own text, which only
+//!   OpenAI holds; a body that has several of these counts them all,
+//!   whichever the server reads;
 //! - the answer: `max_completion_tokens`, else `max_tokens`, else
 //!   `max_output_tokens` (the Responses API's), else
 //!   [`default_max_tokens`](OpenAiEstimator::default_max_tokens) (16, as
@@ -33,10 +38,12 @@
 //! The body's `model` is kept in the [`Estimate`]. A body that is JSON (or
 //! says it is, or says nothing of its type) is answered 400, charging
 //! nothing, when it is not valid JSON, is cut short, names no `model` (as
-//! OpenAI's API, which requires it), or has none of `prompt`, `messages`
-//! and `input`. A GET, a request with an empty body, or one whose body is not
-//! JSON and says it is something else (a `multipart/form-data` upload, a
-//! form) is estimated from its head as [`ExtensionEstimate`] does. Every
+//! OpenAI's API, which requires it, except of a Responses request naming a
+//! prompt template, whose template names the model), has a prompt template
+//! on any other route, or has none of `prompt`, `messages` and `input`. A
+//! GET, a request with an empty body, or one whose body is not JSON and
+//! says it is something else (a `multipart/form-data` upload, a form) is
+//! estimated from its head as [`ExtensionEstimate`] does. Every
 //! POST, PUT and PATCH body is read, up to the layer's
 //! [`max_body_bytes`](crate::RateLimitLayerBuilder::max_body_bytes), whatever
 //! its type (a server may parse it as JSON whatever it says): a larger
@@ -231,15 +238,32 @@ impl OpenAiEstimator {
         for m in messages {
             match &m.content {
                 Some(Content::Text(t)) => tally.text(t),
-                Some(Content::Parts(parts)) => {
-                    for part in parts {
-                        match (&*part.kind, &part.text) {
-                            ("text" | "input_text" | "output_text", Some(t)) => tally.text(t),
-                            _ => tally.tokens(u64::from(self.other_part_tokens)),
-                        }
-                    }
-                }
+                Some(Content::Parts(parts)) => parts.iter().for_each(|p| self.part(tally, p)),
                 None => {}
+            }
+        }
+    }
+
+    /// Counts a content part: a text part's text, or
+    /// [`other_part_tokens`](Self::other_part_tokens) for another (an
+    /// image, a file, audio).
+    fn part(&self, tally: &mut Tally<'_>, part: &Part) {
+        match (&*part.kind, &part.text) {
+            ("text" | "input_text" | "output_text", Some(t)) => tally.text(t),
+            _ => tally.tokens(u64::from(self.other_part_tokens)),
+        }
+    }
+
+    /// Counts a Responses request's prompt template by what the request
+    /// brings to it: each variable's text, or its part as a message's part
+    /// is counted. The template's own text is stored at OpenAI, out of the
+    /// estimate's sight; what it adds is settled after the answer, from
+    /// the `usage` the server reports.
+    fn template(&self, tally: &mut Tally<'_>, template: &Template) {
+        for variable in template.variables.iter().flat_map(|v| v.values()) {
+            match variable {
+                Variable::Text(t) => tally.text(t),
+                Variable::Part(p) => self.part(tally, p),
             }
         }
     }
@@ -255,6 +279,20 @@ impl OpenAiEstimator {
             Route::Completions => &None,
             _ => &req.input,
         };
+        // A prompt template (an object as `prompt`) is the Responses API's:
+        // a completion's prompt is text or token ids, and no other route
+        // takes one, so elsewhere such a body is refused, as its server
+        // would refuse it.
+        let template = match &req.prompt {
+            Some(PromptOf::Template(t)) if route == Route::Responses => Some(t),
+            Some(PromptOf::Template(_)) => {
+                return Err(BodyError::new(
+                    "the request body's `prompt` is an object, a prompt template, which only the Responses API takes: \
+                     a completion's `prompt` is text, texts or token ids",
+                ));
+            }
+            _ => None,
+        };
         if req.prompt.is_none() && req.messages.is_none() && input.is_none() {
             return Err(BodyError::new(
                 "the request body has none of `prompt`, `messages` and `input`",
@@ -265,8 +303,10 @@ impl OpenAiEstimator {
         // alone would let a stray `"prompt": ""` beside a chat's long
         // `messages` pass as a request of a few tokens (past a token budget
         // it can never fit in). A client that sends one pays for that one.
-        if let Some(p) = &req.prompt {
-            answers = self.prompt(&mut prompt, p);
+        match &req.prompt {
+            Some(PromptOf::Completion(p)) => answers = self.prompt(&mut prompt, p),
+            Some(PromptOf::Template(t)) => self.template(&mut prompt, t),
+            None => {}
         }
         if let Some(messages) = &req.messages {
             self.messages(&mut prompt, messages);
@@ -280,7 +320,10 @@ impl OpenAiEstimator {
             Some(Input::Items(items)) => self.messages(&mut prompt, items),
             None => {}
         }
-        if req.model.is_none() {
+        // A Responses request that names a prompt template may leave the
+        // model to the template (OpenAI's own examples name none); it is
+        // then limited as a model the plan does not name.
+        if req.model.is_none() && template.is_none() {
             return Err(BodyError::new(
                 "the request body names no `model`: every completion, chat, embeddings and responses request names the model it is for",
             ));
@@ -364,6 +407,9 @@ enum Route {
     Completions,
     /// `…/embeddings`: an answer of vectors, which counts no tokens.
     Embeddings,
+    /// `…/responses` (the Responses API): its `prompt` may be a prompt
+    /// template.
+    Responses,
     /// Any other, or none known.
     Any,
 }
@@ -375,6 +421,8 @@ impl Route {
             Route::Completions
         } else if path.ends_with("/embeddings") {
             Route::Embeddings
+        } else if path.ends_with("/responses") {
+            Route::Responses
         } else {
             Route::Any
         }
@@ -533,7 +581,7 @@ fn cut(text: &str, max: usize) -> usize {
 #[derive(Deserialize)]
 struct Body {
     model: Option<String>,
-    prompt: Option<Prompt>,
+    prompt: Option<PromptOf>,
     messages: Option<Vec<Message>>,
     /// An embeddings request's input, or a Responses request's.
     input: Option<Input>,
@@ -552,6 +600,36 @@ enum Input {
     /// A Responses request's items: messages, whose content is text or
     /// parts.
     Items(Vec<Message>),
+}
+
+/// A body's `prompt`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptOf {
+    /// A completion's: text, texts or token ids.
+    Completion(Prompt),
+    /// The Responses API's: a reference to a prompt template.
+    Template(Template),
+}
+
+/// A prompt template stored at OpenAI, by its `id` (and `version`), with
+/// the `variables` that fill it in.
+#[derive(Deserialize)]
+struct Template {
+    /// Required, as OpenAI requires it; the estimate has no use for it.
+    #[serde(rename = "id")]
+    _id: serde::de::IgnoredAny,
+    #[serde(default)]
+    variables: Option<std::collections::BTreeMap<String, Variable>>,
+}
+
+/// A template variable's value: text, or an input part (`input_text`,
+/// `input_image`, `input_file`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Variable {
+    Text(String),
+    Part(Part),
 }
 
 #[derive(Deserialize)]
@@ -693,6 +771,82 @@ mod tests {
             u32::MAX
         );
         assert_eq!(tokens(&body), u32::MAX);
+    }
+
+    /// The estimate the layer makes of `body` posted to `path`.
+    fn posted(path: &str, body: &str) -> Result<Estimate, BodyError> {
+        let (method, uri) = (Method::POST, path.parse().unwrap());
+        let (headers, extensions) = (http::HeaderMap::new(), http::Extensions::new());
+        let req = RequestView {
+            method: &method,
+            uri: &uri,
+            headers: &headers,
+            extensions: &extensions,
+        };
+        OpenAiEstimator::new().estimate_body(&req, body.as_bytes())
+    }
+
+    #[test]
+    fn a_responses_prompt_template_is_its_variables_input_and_answer() {
+        // The template's own text is stored at OpenAI, out of sight: what
+        // the request brings is counted, its string variables ("Ada",
+        // "abcdefghijklm") and text parts ("wxyz"), its input ("abcd"):
+        // 24 characters, 6 tokens; an image counts what other parts do
+        // (0 by default); and the answer's bound, 50.
+        let body = r#"{"model":"m","prompt":{"id":"pmpt_abc","version":"2","variables":{
+            "name":"Ada","topic":"abcdefghijklm",
+            "doc":{"type":"input_text","text":"wxyz"},
+            "logo":{"type":"input_image","image_url":"https://example.com/a.png"}
+        }},"input":"abcd","max_output_tokens":50}"#;
+        let e = posted("/v1/responses", body).unwrap();
+        assert_eq!((e.tokens, e.model.as_deref()), (6 + 50, Some("m")));
+        // A template alone, without variables, and naming no model (the
+        // template names one): its answer, and the plan's `"*"` limits.
+        let body = r#"{"prompt":{"id":"pmpt_abc"},"max_output_tokens":20}"#;
+        let e = posted("/v1/responses/", body).unwrap();
+        assert_eq!((e.tokens, e.model), (20, None));
+        let body = r#"{"prompt":{"id":"pmpt_abc","variables":null}}"#;
+        assert_eq!(
+            posted("/v1/responses", body).unwrap().tokens,
+            DEFAULT_MAX_TOKENS
+        );
+        // A template needs its id; a variable is text or an input part.
+        for body in [
+            r#"{"model":"m","prompt":{"version":"2"}}"#,
+            r#"{"model":"m","prompt":{"id":"pmpt_abc","variables":{"n":7}}}"#,
+            r#"{"model":"m","prompt":{"id":"pmpt_abc","variables":["a"]}}"#,
+        ] {
+            assert!(posted("/v1/responses", body).is_err(), "{body}");
+        }
+        // Without a template, a Responses request still names its model.
+        assert!(posted("/v1/responses", r#"{"input":"abcd"}"#).is_err());
+    }
+
+    #[test]
+    fn a_prompt_template_is_refused_on_other_routes() {
+        // Completions take text or token ids as `prompt`, and no other
+        // route takes a template: such a body is refused, as its server
+        // would refuse it.
+        let body = r#"{"model":"m","prompt":{"id":"pmpt_abc","variables":{"a":"b"}}}"#;
+        for path in [
+            "/v1/completions",
+            "/v1/chat/completions",
+            "/v1/embeddings",
+            "/v1/responses/resp_1/cancel",
+            "/v1/other",
+        ] {
+            let e = posted(path, body).unwrap_err();
+            assert!(
+                e.message().contains("prompt template"),
+                "{path}: {}",
+                e.message()
+            );
+        }
+        assert!(
+            OpenAiEstimator::new()
+                .estimate_json(body.as_bytes())
+                .is_err()
+        );
     }
 
     #[test]

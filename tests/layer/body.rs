@@ -348,13 +348,23 @@ async fn an_embeddings_input_is_its_prompt_and_no_answer() {
     let res = call("/v1/responses", body).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["x-estimate"], "11");
+    // One naming a prompt template: its variables' text ("abcd"), and the
+    // bound; the model is the template's.
+    let body = r#"{"prompt":{"id":"pmpt_1","version":"2","variables":{"name":"abcd"}},"max_output_tokens":5}"#;
+    let res = call("/v1/responses", body).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-estimate"], "6");
     // A completion's routes take no `input`.
     let body = r#"{"model":"e","input":"abcdefgh"}"#;
     for route in ["/v1/completions", "/v1/chat/completions"] {
         let res = call(route, body).await.unwrap();
         assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{route}");
     }
-    budget_is_whole(&layer, 100 - 2 - 11).await;
+    // A template is the Responses API's alone.
+    let body = r#"{"model":"m","prompt":{"id":"pmpt_1"}}"#;
+    let res = call("/v1/completions", body).await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    budget_is_whole(&layer, 100 - 2 - 11 - 6).await;
 }
 
 #[tokio::test]
