@@ -163,7 +163,7 @@ impl Unsettled {
             history_days: self.history_days,
         };
         if self.plan.tokens.is_some() {
-            store.settle(&subject.settlement(delta, self.reservation));
+            store.settle(&subject.settlement(self.estimate, delta, self.reservation));
         }
         // The model's budget is the key's (one slot on a cluster), but a
         // settlement holds one budget.
@@ -172,12 +172,12 @@ impl Unsettled {
             .as_deref()
             .and_then(|m| self.plan.models.as_deref()?.entry(m));
         if let Some(m) = model.filter(|m| m.tokens.is_some()) {
-            store.settle(&subject.model_settlement(m, delta, self.reservation));
+            store.settle(&subject.model_settlement(m, self.estimate, delta, self.reservation));
         }
         // The account's budget is settled apart: on a cluster it lives in
         // a slot of its own.
         if let Some(account) = self.account.as_ref().filter(|a| a.tokens.is_some()) {
-            store.settle(&account.settlement(delta, self.reservation));
+            store.settle(&account.settlement(self.estimate, delta, self.reservation));
         }
     }
 }

@@ -11,6 +11,7 @@ use arrayvec::ArrayVec;
 use super::verdict::{Applied, Reservation};
 use super::{MAX_ACCOUNT_QUOTAS, MAX_MODEL_QUOTAS, MAX_THROTTLES};
 use crate::extract::RequestView;
+use crate::gcra::Nanos;
 use crate::hash::Digest;
 use crate::plan::{
     AccountLimits, Concurrency, FailureMode, Limit, LimitKind, ModelEntry, Plan, StageLimits,
@@ -165,12 +166,14 @@ impl<'a> Subject<'a> {
     pub(crate) fn model_settlement(
         &self,
         model: &'a ModelEntry,
+        estimate: u32,
         delta: i64,
         reserved: Reservation,
     ) -> Settlement<'a> {
         Settlement {
             throttle: self.model_token_throttle(model),
             quotas: self.model_token_quotas(model),
+            estimate,
             delta,
             reserved: Reservation {
                 until: reserved.model_until,
@@ -182,12 +185,18 @@ impl<'a> Subject<'a> {
     }
 
     /// The settlement of a request's actual tokens against the plan's token
-    /// limits: `delta` more tokens (or fewer, when negative), where the
-    /// estimate was charged as `reserved` says.
-    pub(crate) fn settlement(&self, delta: i64, reserved: Reservation) -> Settlement<'a> {
+    /// limits: `delta` more tokens (or fewer, when negative) than the
+    /// `estimate`, which was charged as `reserved` says.
+    pub(crate) fn settlement(
+        &self,
+        estimate: u32,
+        delta: i64,
+        reserved: Reservation,
+    ) -> Settlement<'a> {
         Settlement {
             throttle: self.token_throttle(),
             quotas: self.token_quotas(),
+            estimate,
             delta,
             reserved,
         }
@@ -265,10 +274,16 @@ impl AccountLimits {
     /// token limits (see [`Subject::settlement`]): the per-minute bucket
     /// gets back only what of the estimate's share in the account's own
     /// bucket has not refilled.
-    pub(crate) fn settlement(&self, delta: i64, reserved: Reservation) -> Settlement<'_> {
+    pub(crate) fn settlement(
+        &self,
+        estimate: u32,
+        delta: i64,
+        reserved: Reservation,
+    ) -> Settlement<'_> {
         Settlement {
             throttle: self.token_throttle(),
             quotas: self.token_quotas(),
+            estimate,
             delta,
             reserved: Reservation {
                 until: reserved.account_until,
@@ -901,6 +916,10 @@ impl Permit {
 pub struct Settlement<'a> {
     pub(crate) throttle: Option<ThrottleRef<'a>>,
     pub(crate) quotas: [Option<QuotaRef<'a>>; 2],
+    /// The tokens the request reserved: what the decision charged the
+    /// per-minute bucket, which with `reserved.until` tells when it did
+    /// (see [`reserved_at`](Self::reserved_at)).
+    pub(crate) estimate: u32,
     pub(crate) delta: i64,
     /// Where the reservation was charged: an over-estimate gives back
     /// nothing to a limit it did not charge.
@@ -923,6 +942,20 @@ impl<'a> Settlement<'a> {
     pub fn delta(&self) -> i64 {
         self.delta
     }
+
+    /// When the decision charged the per-minute bucket, on the store's time
+    /// line (the memory store's monotonic nanoseconds, Redis time in
+    /// nanoseconds since the epoch): `reserved.until` less the estimate's
+    /// share, `estimate * interval`, as the decision added it. Derived
+    /// rather than carried, so that a decision writes nothing more. A store
+    /// gives an over-estimate nothing back when the bucket was reset after
+    /// this (see `Admin::reset_key`). `None` without a bucket or a
+    /// reservation in it.
+    pub(crate) fn reserved_at(&self) -> Option<Nanos> {
+        let gcra = self.throttle.as_ref()?.limit.gcra;
+        let span = u64::from(self.estimate).checked_mul(gcra.interval())?;
+        self.reserved.until?.checked_sub(span)
+    }
 }
 
 impl fmt::Debug for Settlement<'_> {
@@ -930,6 +963,7 @@ impl fmt::Debug for Settlement<'_> {
         f.debug_struct("Settlement")
             .field("throttle", &self.throttle)
             .field("quotas", &self.quotas().collect::<Vec<_>>())
+            .field("estimate", &self.estimate)
             .field("delta", &self.delta)
             .finish()
     }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::quotas::Quotas;
+use super::resets::Resets;
 use super::table::{MIN_SLOTS, Table};
 use super::{Inner, MemoryStore};
 use crate::clock::Clock;
@@ -72,6 +73,7 @@ impl MemoryStoreBuilder {
                 clock: self.clock.unwrap_or_default(),
                 table: Table::new(slots),
                 quotas: Quotas::new(self.max_keys),
+                resets: Resets::default(),
             }),
         })
     }

@@ -33,6 +33,7 @@
 mod builder;
 mod kept;
 mod quotas;
+mod resets;
 mod table;
 
 pub use self::builder::MemoryStoreBuilder;
@@ -44,6 +45,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use self::quotas::Quotas;
+use self::resets::Resets;
 use self::table::{SlotKey, Table};
 
 use super::{
@@ -79,6 +81,9 @@ struct Inner {
     table: Table,
     /// Quota counters and their daily history.
     quotas: Quotas,
+    /// When each token bucket was last reset: written by `reset`, read by
+    /// `settle` alone, never by a decision.
+    resets: Resets,
 }
 
 impl MemoryStore {
@@ -636,8 +641,21 @@ impl Store for MemoryStore {
         quota: Option<&QuotaRef<'_>>,
     ) -> StoreFuture<()> {
         // The TAT goes back to now at most, which makes the key idle.
+        let now = self.inner.clock.nanos();
         for t in throttles {
-            self.update_throttle(t, |tat, now| tat.min(now));
+            let slot = SlotKey::new(t.digest, t.limit.salt);
+            let _ = self
+                .inner
+                .table
+                .update(slot, now, |tat| (Some(tat.min(now)), ()));
+            // A token bucket's share reserved until now is refilled: a
+            // settlement of it later gives nothing back (see `Resets`).
+            // Only a token bucket is ever given something back after its
+            // decision here (a decision's own give-back, when a later limit
+            // denies, is made before it returns), so only it is marked.
+            if t.counts_tokens() {
+                self.inner.resets.mark(slot, now, t.limit.gcra.span());
+            }
         }
         if let Some(q) = quota {
             // What the count held until now is forgiven: a reservation made
@@ -656,7 +674,9 @@ impl Store for MemoryStore {
     /// over-estimate gets back from the bucket only what of the estimate's
     /// own share has not refilled yet (tokens that have refilled since may
     /// have been granted to later requests, and are not handed out twice),
-    /// and from a quota only in the window that counted it.
+    /// and nothing when the bucket was reset after the reservation (the
+    /// reset refilled the share); from a quota only in the window that
+    /// counted it, and not after the count was reset.
     fn settle(&self, settlement: &Settlement<'_>) {
         let delta = settlement.delta;
         if delta == 0 {
@@ -675,8 +695,16 @@ impl Store for MemoryStore {
                         .min(now.saturating_add(MAX_SPAN))
                 });
             } else if let Some(until) = settlement.reserved.until {
-                let back = u32::try_from(delta.unsigned_abs()).unwrap_or(u32::MAX);
-                self.update_throttle(t, |tat, now| gcra.refund(tat, now, until, back));
+                // A bucket reset since the reservation refilled its share
+                // already: given back, it would be granted twice. (Without
+                // a decision time, which only an overflow leaves, any reset
+                // counts as later: erring toward admitting less.)
+                let at = settlement.reserved_at().unwrap_or(0);
+                let slot = SlotKey::new(t.digest, t.limit.salt);
+                if !self.inner.resets.since(slot, at) {
+                    let back = u32::try_from(delta.unsigned_abs()).unwrap_or(u32::MAX);
+                    self.update_throttle(t, |tat, now| gcra.refund(tat, now, until, back));
+                }
             }
         }
         if settlement.quotas().next().is_some() {
