@@ -238,9 +238,18 @@ impl Redis {
         passed
     }
 
-    /// Refunds `cost` to each throttle, which this request set to `mine`.
+    /// Refunds `cost` to each throttle, which this request set to `mine`,
+    /// charged at `now` (after any reset).
     async fn refund(&mut self, now: Now, cost: i64, throttles: &[(T, Now)]) {
-        let keys: Vec<&str> = throttles.iter().map(|(t, _)| t.key).collect();
+        self.refund_charged(now, now, cost, throttles).await;
+    }
+
+    /// Refunds `cost` to each throttle, which this request, charged at
+    /// `charged`, set to `mine`.
+    async fn refund_charged(&mut self, now: Now, charged: Now, cost: i64, throttles: &[(T, Now)]) {
+        let marks: Vec<String> = throttles.iter().map(|(t, _)| mark(t.key)).collect();
+        let mut keys: Vec<&str> = throttles.iter().map(|(t, _)| t.key).collect();
+        keys.extend(marks.iter().map(String::as_str));
         let mut args = vec!["r".to_owned()];
         args.extend(time_args(Some(now)));
         args.push(cost.to_string());
@@ -248,10 +257,20 @@ impl Redis {
         for (t, mine) in throttles {
             args.extend([t.interval, t.burst, mine.0, mine.1, cost].map(|x| x.to_string()));
         }
+        args.extend([charged.0, charged.1].map(|x| x.to_string()));
         assert_eq!(
             self.raw(&keys, &args).await.expect("a refund"),
             [now.0, now.1]
         );
+    }
+
+    /// Fills the throttle at `now`, as `Admin::reset_key` does (mode "f").
+    async fn fill(&mut self, now: Now, t: T) {
+        let mut args = vec!["f".to_owned()];
+        args.extend(time_args(Some(now)));
+        args.extend([t.interval, t.burst].map(|x| x.to_string()));
+        let reply = self.raw(&[t.key, &mark(t.key)], &args).await;
+        assert_eq!(reply.expect("a fill"), [now.0, now.1]);
     }
 
     /// Sets what remains of the quota; the reply after `now`.
@@ -318,6 +337,11 @@ impl Redis {
             .await
             .expect("DBSIZE")
     }
+}
+
+/// The key of a throttle's reset mark, as the store names it.
+fn mark(key: &str) -> String {
+    format!("{key}:x")
 }
 
 fn time_args(now: Option<Now>) -> [String; 2] {
@@ -1006,6 +1030,58 @@ async fn refund_gives_back_only_what_is_still_ahead() {
     assert_eq!(r.get("none").await, None);
 }
 
+/// A reset ("f") fills the throttle and marks it with its time for the
+/// throttle's span: a refund ("r") of a charge made before it gets nothing
+/// back, though the charge's share has not refilled by the clock (the
+/// reset refilled it; given back, it would be granted twice), while one
+/// charged at the reset's instant or after it comes back as always. A
+/// reset at an earlier time (a clock gone back) keeps the later mark.
+#[tokio::test]
+async fn a_charge_from_before_a_reset_comes_back_to_no_refilled_bucket() {
+    let Some(mut r) = redis().await else { return };
+    let t = throttle("t", S, 5);
+    let before = Now(30_000, 0);
+    assert!(r.acquire(before, 3, &[t], None).await.allowed);
+    let reset = before.plus(S / 10);
+    r.fill(reset, t).await;
+    assert_eq!(r.get("t").await, None);
+    assert_eq!(r.get("t:x").await.as_deref(), Some("30000 100000000"));
+    let pttl = r.pttl("t:x").await;
+    assert!((4_900..=5_000).contains(&pttl), "pttl {pttl}");
+    let after = reset.plus(S / 10);
+    assert_eq!(r.admit(after, 6, &[t], None).await, 5);
+    let full = Some("30005 200000000 5000000000");
+    assert_eq!(r.get("t").await.as_deref(), full);
+    r.refund_charged(after, before, 3, &[(t, before.plus(3 * S))])
+        .await;
+    assert_eq!(r.get("t").await.as_deref(), full);
+    r.refund_charged(after, reset, 1, &[(t, after.plus(5 * S))])
+        .await;
+    assert_eq!(
+        r.get("t").await.as_deref(),
+        Some("30004 200000000 5000000000")
+    );
+    r.refund_charged(after, after, 1, &[(t, after.plus(5 * S))])
+        .await;
+    assert_eq!(
+        r.get("t").await.as_deref(),
+        Some("30003 200000000 5000000000")
+    );
+    // A mark that is not the script's is an error when a refund reads it.
+    r.set("t:x", "garbage").await;
+    let mut args: Vec<String> = ["r", "30000", "200000000", "1", "1"]
+        .map(str::to_owned)
+        .to_vec();
+    args.extend(["1000000000", "5", "30004", "0", "1", "30000", "0"].map(str::to_owned));
+    let error = r.raw(&["t", "t:x"], &args).await.unwrap_err();
+    assert!(error.to_string().contains("bad throttle state"), "{error}");
+    r.del(&["t:x"]).await;
+    // The clock gone back: the later mark stays.
+    r.fill(after, t).await;
+    r.fill(before, t).await;
+    assert_eq!(r.get("t:x").await.as_deref(), Some("30000 200000000"));
+}
+
 #[tokio::test]
 async fn set_remaining_updates_the_count_and_history() {
     let Some(mut r) = redis().await else { return };
@@ -1258,7 +1334,16 @@ async fn bad_arguments_answer_an_error_reply() {
             "quota tokens flag",
         ),
         ("t", "r 1 0 1 1 1000 1 0", "wrong number"),
-        ("t", "r 1 0 1 1 1000 1 0 -1 1", "own TAT"),
+        ("t", "r 1 0 1 1 1000 1 0 0 1 0 0", "wrong number"),
+        ("t x", "r 1 0 1 1 1000 1 0 0 1", "wrong number"),
+        ("t x", "r 1 0 1 1 1000 1 0 -1 1 0 0", "own TAT"),
+        ("t x", "r 1 0 1 1 1000 1 0 0 1 -1 0", "charge time"),
+        ("t x", "r 1 0 1 1 1000 1 0 0 1 0 1000000000", "charge time"),
+        ("t x", "f 1 0 1000", "wrong number"),
+        ("t", "f 1 0 1000 1", "wrong number"),
+        ("t x", "f 1 0 0 1", "interval"),
+        ("t x", "f 1 0 1000 0", "burst"),
+        ("t x", "f 1 0 9007199254740991 2", "2^53"),
         ("t", "t 1 0 5 1 1000", "wrong number"),
         ("t", "t 1 0 x 1 1000 1 0", "delta"),
         ("t", "t 1 0 5 2 1000 1 0", "throttle count"),

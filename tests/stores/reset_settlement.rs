@@ -129,7 +129,6 @@ mod bucket {
     }
 
     #[tokio::test]
-    #[ignore = "the Redis store does not yet mark a reset per-minute token bucket"]
     async fn redis_a_token_bucket_refund_from_before_a_reset_grants_nothing() {
         if !require_redis() {
             return;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::call::{Call, quota_args};
+use super::keys::reset_mark;
 use super::store::Inner;
 use crate::quota::DayRecord;
 use crate::store::{QuotaRef, StoreError, StoreFuture, ThrottleRef};
@@ -65,33 +66,42 @@ impl Inner {
         })
     }
 
-    /// [`Store::reset`](crate::store::Store::reset): deletes the throttles'
-    /// keys, resets the quota by the script (mode "z": its keys deleted,
-    /// the count marked with the time of the reset, so that a reservation
-    /// made before it settles nothing back to the new count), and clears
-    /// the over-limit cache.
+    /// [`Store::reset`](crate::store::Store::reset): fills the throttles by
+    /// the script (mode "f": each key deleted, the throttle marked with the
+    /// time of the reset for its span, so that a refund of units charged
+    /// before it gives nothing back to the refilled bucket), resets the
+    /// quota by the script (mode "z": its keys deleted, the count marked
+    /// with the time of the reset, so that a reservation made before it
+    /// settles nothing back to the new count), and clears the over-limit
+    /// cache.
     pub(super) fn reset(
         self: &Arc<Self>,
         throttles: &[ThrottleRef<'_>],
         quota: Option<&QuotaRef<'_>>,
     ) -> StoreFuture<()> {
         let inner = Arc::clone(self);
-        // Keys of one (plan, subject) share a slot; others go one command each.
-        let mut groups: Vec<Vec<String>> = Vec::new();
+        // One call per throttle: a throttle and its mark share a slot, but
+        // throttles of an account or the stage may live in others.
+        let now = inner.now();
+        let mut calls: Vec<Call> = Vec::with_capacity(throttles.len() + 1);
         for t in throttles {
-            groups.push(vec![inner.throttle_key(t)]);
+            let mut call = Call::new("f", &now);
+            let key = inner.throttle_key(t);
+            let mark = reset_mark(&key);
+            call.keys.extend([key, mark]);
+            call.arg(t.limit.gcra.interval());
+            call.arg(t.limit.gcra.burst());
+            calls.push(call);
         }
         let quota = quota.map(|q| {
-            let mut call = Call::new("z", &inner.now());
+            let mut call = Call::new("z", &now);
             call.keys = inner.quota_keys(q).to_vec();
             quota_args(&mut call, q);
             call
         });
+        calls.extend(quota);
         Box::pin(async move {
-            for keys in groups {
-                let _: i64 = inner.command(redis::cmd("DEL").arg(keys).clone()).await?;
-            }
-            if let Some(call) = quota {
+            for call in calls {
                 inner.within(Arc::clone(&inner).run(call)).await?;
             }
             if let Some(cache) = &inner.cache {

@@ -15,6 +15,7 @@ use super::call::{Call, Charged, Part, quota_args, spec_args};
 use super::denials::{Ended, InFlight, PastBound};
 use super::flights::Take;
 use super::guards::{Lease, Ticket};
+use super::keys::reset_mark;
 use super::store::{Inner, RedisStore};
 use super::time::Now;
 use crate::clock::Clock;
@@ -263,6 +264,7 @@ impl Store for RedisStore {
     /// to the per-minute bucket only as far as the estimate's own share has
     /// not refilled yet (a refund, mode "r"): tokens that have refilled since
     /// may have been granted to later requests, and are not handed out twice.
+    /// Neither gets anything when reset after the reservation.
     fn settle(&self, settlement: &Settlement<'_>) {
         let inner = Arc::clone(&self.inner);
         let now = inner.now();
@@ -304,7 +306,9 @@ impl Store for RedisStore {
         }
         if let (Some(t), Some(mine), true) = (&settlement.throttle, reserved.until, delta < 0) {
             let mut call = Call::new("r", &now);
-            call.keys.push(inner.throttle_key(t));
+            let key = inner.throttle_key(t);
+            let mark = reset_mark(&key);
+            call.keys.extend([key, mark]);
             call.arg(delta.unsigned_abs());
             call.arg(1);
             call.arg(t.limit.gcra.interval());
@@ -312,6 +316,13 @@ impl Store for RedisStore {
             call.arg(mine / NANOS_PER_SEC);
             call.arg(mine % NANOS_PER_SEC);
             call.arg(delta.unsigned_abs());
+            // When the decision charged the bucket: a reset since refilled
+            // the share, and the script gives it nothing back. (Without
+            // one, which only an overflow leaves, any reset counts as
+            // later: erring toward admitting less.)
+            let at = settlement.reserved_at().unwrap_or(0);
+            call.arg(at / NANOS_PER_SEC);
+            call.arg(at % NANOS_PER_SEC);
             calls.push(call);
         }
         if calls.is_empty() {
@@ -446,7 +457,8 @@ fn spawn_refund(inner: &Arc<Inner>, part: Part, charged: Charged, cost: u32) {
 }
 
 /// The calls that give a part back what one request charged it: its
-/// throttles what of the charge has not refilled (mode "r"), its quotas
+/// throttles what of the charge has not refilled and no reset refilled
+/// (mode "r"), its quotas
 /// their cost in the window and on the day that counted it (mode "g": the
 /// exact inverse of the charge, so that a count raised below zero by
 /// UpdateUsage keeps its raise, as the memory store's give-back does).
@@ -456,6 +468,7 @@ fn refund_calls(inner: &Arc<Inner>, part: &Part, charged: &Charged, cost: u32) -
     let mut call = Call::new("r", &now);
     call.arg(cost);
     let mut args: Vec<String> = Vec::new();
+    let mut marks: Vec<String> = Vec::new();
     let n = part.throttles.len();
     for ((t, tat), key) in part
         .throttles
@@ -467,6 +480,7 @@ fn refund_calls(inner: &Arc<Inner>, part: &Part, charged: &Charged, cost: u32) -
         // The TAT stored, in seconds and nanoseconds of the charging call's time.
         let total = charged.now_ns as u64 + ahead;
         call.keys.push(key.clone());
+        marks.push(reset_mark(key));
         args.push(t.limit.gcra.interval().to_string());
         args.push(t.limit.gcra.burst().to_string());
         args.push((charged.now_s + (total / NANOS_PER_SEC) as i64).to_string());
@@ -476,6 +490,11 @@ fn refund_calls(inner: &Arc<Inner>, part: &Part, charged: &Charged, cost: u32) -
     if !call.keys.is_empty() {
         call.arg(call.keys.len());
         call.args.extend(args);
+        // When the part charged them: a throttle reset since (by
+        // `Admin::reset_key`) was refilled already, and gets nothing back.
+        call.keys.extend(marks);
+        call.arg(charged.now_s);
+        call.arg(charged.now_ns);
         calls.push(call);
     }
     for (i, q) in part.quotas.iter().enumerate() {

@@ -33,6 +33,7 @@ use crate::sync::Mutex;
 use super::call::{Call, Charged, Part};
 use super::decide::{Context, Decided};
 use super::guards::Ticket;
+use super::keys::reset_mark;
 use super::store::Inner;
 use super::time::Now;
 use crate::gcra::{NANOS_PER_SEC, Nanos};
@@ -444,7 +445,8 @@ impl Inner {
     }
 
     /// The calls that give a share's unused units back: each throttle what
-    /// of them has not refilled since (mode "r"), each quota the units, in
+    /// of them has not refilled since, unless reset since (mode "r"), each
+    /// quota the units, in
     /// the window that counted them, as the exact inverse of their charge
     /// (mode "g", as a split decision's give-back). Not mode "t", which
     /// holds a count at zero: after UpdateUsage raised what remains past
@@ -464,7 +466,9 @@ impl Inner {
             let mut call = Call::new("r", &now);
             call.arg(units);
             call.arg(back.throttles.len());
+            let mut marks = Vec::with_capacity(back.throttles.len());
             for (key, interval, burst, s, ns, cost) in back.throttles {
+                marks.push(reset_mark(&key));
                 call.keys.push(key);
                 call.arg(interval);
                 call.arg(burst);
@@ -472,6 +476,12 @@ impl Inner {
                 call.arg(ns);
                 call.arg(u64::from(cost) * u64::from(units));
             }
+            // When the share was charged: a throttle reset since (by
+            // another instance's `Admin::reset_key`; this one's takes its
+            // shares back first) was refilled already, and gets nothing.
+            call.keys.extend(marks);
+            call.arg(back.charged.0);
+            call.arg(back.charged.1);
             calls.push(call);
         }
         if !back.quotas.is_empty() {

@@ -1,6 +1,7 @@
 //! How Redis keys are named.
 //!
-//! Keys: `{prefix}:{<tag>}:t:<limit id>` (a throttle's TAT),
+//! Keys: `{prefix}:{<tag>}:t:<limit id>` (a throttle's TAT; with `:x`
+//! after it, the time of the throttle's last reset, see [`reset_mark`]),
 //! `{prefix}:{<tag>}:q` (a quota window's count), `{prefix}:{<tag>}:h`
 //! (daily usage history; a token budget's count and history add
 //! `:<budget name>`, a model's quotas `:<quota name>:<limit id>`) and `{prefix}:{<tag>}:c` (the leases of requests in
@@ -12,8 +13,9 @@
 //! hash tag, so they land in one Redis Cluster slot; an account's keys
 //! land in a slot of their own; no key name holds an API key's value or a client address. Throttle
 //! state expires when its bucket is full again, a quota's count a day after
-//! its window ends, the history after `history_days` without use, and the
-//! leases one lease after the last place was taken.
+//! its window ends, the history after `history_days` without use, the
+//! leases one lease after the last place was taken, and a reset mark the
+//! throttle's span after the reset.
 
 use std::fmt::Write as _;
 
@@ -90,4 +92,12 @@ impl Inner {
         let _ = write!(k, ":t:{:016x}", t.limit.salt);
         k
     }
+}
+
+/// The key of the reset mark of the throttle whose key is `throttle_key`:
+/// when `Admin::reset_key` last filled it (script mode "f"), read by a
+/// refund (mode "r") so that a charge made before it gets nothing back.
+/// Beside the throttle's key, with its hash tag: in its slot.
+pub(super) fn reset_mark(throttle_key: &str) -> String {
+    format!("{throttle_key}:x")
 }

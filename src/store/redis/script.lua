@@ -65,9 +65,14 @@
 --   decide from locally: none near a limit). A shadow limit that would deny
 --   the first unit fits none. The reply is a's, then g.
 --
--- "r" refund (Gcra::refund). KEYS: t_1..t_n. ARGV: "r", now_s, now_ns, cost,
---   n, n times (interval_ns, burst, mine_s, mine_ns, cost_i), mine the TAT
---   this request stored. A key whose span changed since is left alone.
+-- "r" refund (Gcra::refund). KEYS: t_1..t_n, then x_1..x_n, each
+--   throttle's reset mark (see "f"). ARGV: "r", now_s, now_ns, cost, n, n
+--   times (interval_ns, burst, mine_s, mine_ns, cost_i), then charged_s,
+--   charged_ns; mine the TAT this request stored, charged the time of the
+--   call that charged it. A key whose span changed since is left alone, and
+--   so is one reset after the charge (its mark later than it; a charge at
+--   the reset's very instant is taken as made after it): the reset refilled
+--   the charge already, and given back it would be granted twice.
 --   Reply: now_s, now_ns.
 --
 -- "t" settle a request's actual tokens. KEYS: t_1..t_n (0 or 1), then q_i,
@@ -103,6 +108,16 @@
 --   one charged before the window began does not (the reset forgave them;
 --   given back, they would be granted twice). Past that window the mark is
 --   not needed: such a charge is older than the window anyway.
+--   Reply: now_s, now_ns.
+--
+-- "f" fill a throttle (Admin::reset_key). KEYS: t, x. ARGV: "f", now_s,
+--   now_ns, interval_ns, burst. Deletes the TAT (a full bucket) and marks
+--   the throttle with the time of the reset (x = "<s> <ns>", never moved
+--   back by a clock gone back), kept for the throttle's span (interval *
+--   burst): a refund ("r") of units charged before it gets nothing back.
+--   Past the span the mark is not needed: what such a charge stored has
+--   refilled by then, and a refund gives back only what has not. Only
+--   admin resets and refunds read or write the mark, never a decision.
 --   Reply: now_s, now_ns.
 --
 -- "s" set what remains of the quota (UpdateUsage). KEYS: q, h. ARGV: "s",
@@ -597,9 +612,11 @@ if mode == 'r' then
   run = function(int, clock, load, store)
     int(ARGV[4], 0, 2 ^ 53 - 1, 'cost')
     local n = int(ARGV[5], 0, #KEYS, 'throttle count')
-    if #ARGV ~= 5 + 5 * n or #KEYS ~= n then
+    if #ARGV ~= 7 + 5 * n or #KEYS ~= 2 * n then
       error({ tollgate = 'wrong number of arguments' })
     end
+    local charged_s = int(ARGV[6 + 5 * n], 0, 2 ^ 40, 'charge time')
+    local charged_ns = int(ARGV[7 + 5 * n], 0, 1e9 - 1, 'charge time')
     local now_s, now_ns = clock(int)
     local plan = {}
     for i = 1, n do
@@ -618,7 +635,21 @@ if mode == 'r' then
       local interval, burst, mine_s, mine_ns, cost = unpack(plan[i])
       local ahead, tol = load(KEYS[i], now_s, now_ns)
       -- Nothing to give back to a full bucket, nor across a change of span.
-      if ahead and ahead > 0 and tol == interval * burst then
+      local give_back = ahead and ahead > 0 and tol == interval * burst
+      if give_back then
+        -- Nor to a bucket reset after the charge (read only when there is
+        -- something to give).
+        local x = redis.call('GET', KEYS[n + i])
+        if x then
+          local xs, xns = string.match(x, '^(%d+) (%d+)$')
+          if not xs then
+            error({ tollgate = 'bad throttle state' })
+          end
+          xs, xns = xs + 0, xns + 0
+          give_back = charged_s > xs or charged_s == xs and charged_ns >= xns
+        end
+      end
+      if give_back then
         -- give = min(cost * interval, max(mine - now, 0)); the TAT moves back
         -- by it, but not below now.
         local mine = (mine_s - now_s) * 1e9 + (mine_ns - now_ns)
@@ -766,6 +797,42 @@ if mode == 'z' then
     local ms = (stop + 1 - (now_s - now_s % 86400) / 86400) * 86400000
       - now_s % 86400 * 1000 - (now_ns - now_ns % 1000000) / 1000000
     redis.call('PEXPIRE', KEYS[1], fmt('%d', ms > 1 and ms or 1))
+    return { now_s, now_ns }
+  end
+end
+
+-- "f" fill a throttle.
+if mode == 'f' then
+  run = function(int, clock)
+    if #ARGV ~= 5 or #KEYS ~= 2 then
+      error({ tollgate = 'wrong number of arguments' })
+    end
+    local interval = int(ARGV[4], 1, 2 ^ 53 - 1, 'interval')
+    local burst = int(ARGV[5], 1, 2 ^ 53 - 1, 'burst')
+    local span = interval * burst
+    if span >= 2 ^ 53 then
+      error({ tollgate = 'throttle span of 2^53 ns or more' })
+    end
+    local now_s, now_ns = clock(int)
+    redis.call('DEL', KEYS[1])
+    -- A later mark stays (a clock gone back does not make charges
+    -- forgiven then come back).
+    local s, ns = now_s, now_ns
+    local x = redis.call('GET', KEYS[2])
+    if x then
+      local xs, xns = string.match(x, '^(%d+) (%d+)$')
+      if xs then
+        xs, xns = xs + 0, xns + 0
+        if xs > s or xs == s and xns > ns then
+          s, ns = xs, xns
+        end
+      end
+    end
+    -- The span in ms, rounded up (math.fmod: exact for any span here).
+    local sub = math.fmod(span, 1e6)
+    local ms = (span - sub) / 1e6 + (sub > 0 and 1 or 0)
+    local fmt = string.format
+    redis.call('SET', KEYS[2], fmt('%d %d', s, ns), 'PX', fmt('%d', ms))
     return { now_s, now_ns }
   end
 end
