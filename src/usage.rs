@@ -660,11 +660,17 @@ impl<S: Store> Admin<S> {
     /// reserved, so an over-estimate gives nothing back to a quota or token
     /// quota reset after the request was charged (as it gives nothing to a
     /// window that began after; given back, the units would be granted
-    /// twice), while an under-estimate's extra tokens are charged (erring
-    /// toward admitting less). A charge at the reset's very instant counts
-    /// as made after it. The per-minute token bucket does not follow this
-    /// rule yet: a refund to it of a share reserved before the reset is
-    /// still given back, as far as the share had not refilled.
+    /// twice), nor to a per-minute token bucket the reset filled after the
+    /// request's decision (the reset refilled the request's share at once,
+    /// though by the clock it had not refilled yet), while an
+    /// under-estimate's extra tokens are charged (erring toward admitting
+    /// less). A charge at the reset's very instant counts as made after it.
+    /// The same holds for a Redis store's units given back later: a share
+    /// another instance borrowed before the reset, or what one part of a
+    /// split decision charged. For this a reset leaves a mark beside each
+    /// bucket, kept for the bucket's span (past it, no share reserved before
+    /// the reset has anything left to give back): a decision never reads
+    /// it, only a settlement or give-back does.
     pub async fn reset_key(&self, id: &str) -> Result<(), AdminError> {
         let pending = self.policy.keys().by_id(id, |entry| {
             let entry = entry.ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;

@@ -116,6 +116,9 @@ impl<S: Store> Admin<S> {
 
     /// Resets an account: its quota windows and usage history are forgotten
     /// and its buckets are full again (its keys' own limits are untouched).
+    /// Tokens reserved before the reset and settled after it give nothing
+    /// back to the account's limits, as [`reset_key`](Self::reset_key)
+    /// tells for a key's.
     pub async fn reset_account(&self, account: &str) -> Result<(), AdminError> {
         let pending = {
             let snap = self.policy.load();
