@@ -19,6 +19,7 @@
 //! each reset first drops the marks older than their bucket's span.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::table::SlotKey;
 use crate::gcra::Nanos;
@@ -28,6 +29,12 @@ use crate::sync::Mutex;
 #[derive(Debug, Default)]
 pub(super) struct Resets {
     marks: Mutex<HashMap<(u64, u64), Mark>>,
+    /// The latest reset's time, read without the lock: a reservation made
+    /// at or after it is older than no mark, so its settlement (one per
+    /// response that used fewer tokens than it reserved, the common case)
+    /// takes no lock shared by every request. Only a reservation made
+    /// before some reset, which is rare, looks in the map.
+    latest: AtomicU64,
 }
 
 /// One bucket's last reset.
@@ -53,6 +60,7 @@ impl Resets {
         // make shares forgiven then come back.
         m.at = m.at.max(now);
         m.lapses = m.lapses.max(lapses);
+        self.latest.fetch_max(now, Ordering::Release);
     }
 
     /// Whether the bucket in `slot` was reset after `at`, the time a
@@ -61,6 +69,9 @@ impl Resets {
     /// instant is taken as made after it, as a quota's reset takes a charge
     /// at that instant.
     pub(super) fn since(&self, slot: SlotKey, at: Nanos) -> bool {
+        if at >= self.latest.load(Ordering::Acquire) {
+            return false;
+        }
         self.marks.lock().get(&key(slot)).is_some_and(|m| at < m.at)
     }
 
