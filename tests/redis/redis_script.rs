@@ -588,6 +588,30 @@ async fn a_charge_from_before_a_reset_comes_back_to_no_later_count() {
     assert_eq!(r.acquire(after, 0, &[], Some(q)).await.quota.unwrap()[3], 9);
 }
 
+/// A reset on a clock that went back keeps the mark of the later reset
+/// before it, as the memory store keeps its latest reset time: a charge
+/// that reset forgave stays forgiven, and a refund or give-back of it gets
+/// nothing from the count begun after (it would grant units twice).
+#[tokio::test]
+async fn a_reset_on_a_clock_gone_back_keeps_the_later_mark() {
+    let Some(mut r) = redis().await else { return };
+    let q = quota(10, "D");
+    let charged = Now::on(2024, 5, 1, 10 * 3600);
+    let reset = Now::on(2024, 5, 1, 11 * 3600);
+    let back = Now::on(2024, 5, 1, 9 * 3600);
+    assert!(r.acquire(charged, 9, &[], Some(q)).await.allowed);
+    r.reset_quota(reset, q).await;
+    // Redis's clock steps back an hour before the charge: a second reset.
+    r.reset_quota(back, q).await;
+    let later = back.plus(60 * S);
+    assert!(r.acquire(later, 10, &[], Some(q)).await.allowed);
+    r.give(true, later, -1, q, charged).await;
+    r.give(false, later, -8, q, charged).await;
+    let d = r.acquire(later, 0, &[], Some(q)).await;
+    assert_eq!(d.quota.unwrap()[3], 10, "the forgiven charge came back");
+    assert!(!r.acquire(later, 1, &[], Some(q)).await.allowed);
+}
+
 #[tokio::test]
 async fn day_quota_resets_at_midnight_and_not_a_nanosecond_before() {
     let Some(mut r) = redis().await else { return };

@@ -102,7 +102,8 @@
 --
 -- "z" reset a quota (Admin::reset_key). KEYS: q, h. ARGV: "z", now_s,
 --   now_ns, limit, period, week_start, offset, created_s. Deletes the count
---   and the history, and marks the count with the time of the reset (x),
+--   and the history, and marks the count with the time of the reset (x;
+--   the time of a reset before it if that is later, the clock gone back),
 --   kept until a day after the window holding it ends: a refund or
 --   give-back ("t", "g") of units charged before it gets nothing, as
 --   one charged before the window began does not (the reset forgave them;
@@ -788,12 +789,28 @@ if mode == 'z' then
     local spec, roll = quotas(int)
     local limit, period, week_start, offset, created = spec(4)
     local now_s, now_ns = clock(int)
+    -- Never earlier than a reset before it, as the memory store keeps its
+    -- latest reset time: on a clock that went back, a charge made between
+    -- that reset and this one's earlier time was forgiven by that reset,
+    -- and marked with this time alone a refund of it would count again.
+    local x_s, x_ns = now_s, now_ns
+    local old = redis.call('HGET', KEYS[1], 'x')
+    if old then
+      local s, ns = string.match(old, '^(%-?%d+) (%d+)$')
+      if not s then
+        error({ tollgate = 'bad quota state' })
+      end
+      s, ns = s + 0, ns + 0
+      if s > x_s or s == x_s and ns > x_ns then
+        x_s, x_ns = s, ns
+      end
+    end
     redis.call('DEL', KEYS[1], KEYS[2])
     -- The window of now, as a fresh count has it: the mark lasts as a
     -- count written now would.
     local _, _, _, _, stop = roll(KEYS[1], now_s, limit, period, week_start, offset, created)
     local fmt = string.format
-    redis.call('HSET', KEYS[1], 'x', fmt('%d %d', now_s, now_ns))
+    redis.call('HSET', KEYS[1], 'x', fmt('%d %d', x_s, x_ns))
     local ms = (stop + 1 - (now_s - now_s % 86400) / 86400) * 86400000
       - now_s % 86400 * 1000 - (now_ns - now_ns % 1000000) / 1000000
     redis.call('PEXPIRE', KEYS[1], fmt('%d', ms > 1 and ms or 1))
