@@ -612,6 +612,43 @@ async fn a_reset_on_a_clock_gone_back_keeps_the_later_mark() {
     assert!(!r.acquire(later, 1, &[], Some(q)).await.allowed);
 }
 
+/// A share's give-back ("g") reaches every quota its call charged: an
+/// account's, the plan's and a model's, three (a split decision gives back
+/// one at a time, a settlement at most two token quotas).
+#[tokio::test]
+async fn a_give_back_reaches_three_quotas() {
+    let Some(mut r) = redis().await else { return };
+    let now = Now::on(2024, 5, 1, 3600);
+    let keys = ["q1", "h1", "q2", "h2", "q3", "h3"];
+    let q = quota(10, "D");
+    let mut args = vec!["a".to_owned()];
+    args.extend(time_args(Some(now)));
+    args.extend(["4", "0", "3"].map(str::to_owned));
+    for _ in 0..3 {
+        args.extend(q.args());
+        args.extend(["0", "31", "4", "0"].map(str::to_owned));
+    }
+    args.push("0".to_owned());
+    let reply = r.raw(&keys, &args).await.expect("a decision");
+    assert_eq!(reply[2], 1, "{reply:?}");
+    let mut args = vec!["g".to_owned()];
+    args.extend(time_args(Some(now.plus(S))));
+    args.extend(["-3", "0", "3"].map(str::to_owned));
+    for _ in 0..3 {
+        args.extend(q.args());
+        args.push("31".to_owned());
+    }
+    args.extend([now.0.to_string(), now.1.to_string()]);
+    let reply = r
+        .raw(&keys, &args)
+        .await
+        .expect("a give-back of three quotas");
+    assert_eq!(reply, [now.0 + 1, now.1]);
+    for key in ["q1", "q2", "q3"] {
+        assert!(r.hash(key).await.contains(&"n=1".to_owned()), "{key}");
+    }
+}
+
 #[tokio::test]
 async fn day_quota_resets_at_midnight_and_not_a_nanosecond_before() {
     let Some(mut r) = redis().await else { return };

@@ -78,7 +78,8 @@
 -- "t" settle a request's actual tokens. KEYS: t_1..t_n (0 or 1), then q_i,
 --   h_i for each quota. ARGV: "t", now_s, now_ns, delta (tokens, negative
 --   for a refund), n, n times (interval_ns, burst), m, m times (limit,
---   period, week_start, offset, created_s, history_days), then optionally
+--   period, week_start, offset, created_s, history_days; m at most 2, at
+--   most 6 for "g"), then optionally
 --   time the tokens were charged (charged_s, charged_ns). A throttle's
 --   TAT moves by delta * interval (a refund never below now; a charge may
 --   put the bucket in debt, past its span); a quota's count by delta (never
@@ -672,7 +673,12 @@ if mode == 't' or mode == 'g' then
     if #ARGV < qi then
       error({ tollgate = 'wrong number of arguments' })
     end
-    local m = int(ARGV[qi], 0, 2, 'quota count')
+    -- A settlement ("t") charges at most a request's two token quotas; a
+    -- give-back ("g") of a borrowed share, every quota its call charged:
+    -- an account's, the plan's and a model's, as many as "a" takes (one
+    -- beyond two made every such give-back an error, so that the units
+    -- stayed charged).
+    local m = int(ARGV[qi], 0, exact and 6 or 2, 'quota count')
     if (#ARGV ~= qi + 6 * m + 2 and (exact or #ARGV ~= qi + 6 * m))
       or #KEYS ~= n + 2 * m then
       error({ tollgate = 'wrong number of arguments' })
