@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 
 use tollgate::extract::ApiKeyHeader;
 use tollgate::{
-    ApiKey, FailureMode, Period, Policy, Quota, RateLimitLayer, RedisStore, Throttle, UsagePlan,
+    ApiKey, Date, FailureMode, ManualClock, Period, Policy, Quota, RateLimitLayer, RedisStore,
+    Throttle, UsagePlan,
 };
 
 use crate::SERIAL;
-use crate::support::redis::{RedisServer, command, require_redis};
+use crate::support::at;
+use crate::support::redis::{RedisCluster, RedisServer, command, require_redis};
 
 type Layer = RateLimitLayer<ApiKeyHeader, RedisStore>;
 
@@ -188,6 +190,94 @@ async fn an_unused_share_goes_back_within_max_age() {
     assert!(held > 0, "a share is held");
     tokio::time::sleep(max_age * 2).await;
     assert_eq!(quota_count(&redis), 20, "the share of {held} went back");
+}
+
+/// Two instances on a Redis Cluster, deciding on one manual clock, with
+/// borrowing on (the default): a share one holds goes back to its slot
+/// whole when unused (each throttle what has not refilled, the quota its
+/// units), so the other finds exactly what was not admitted; and a share
+/// borrowed before another instance reset the key gets nothing back after
+/// it (the reset made the bucket and the count whole already).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_shares_go_back_but_not_across_a_reset() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let cluster = RedisCluster::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = UsagePlan::new("q")
+        .throttle(Throttle::new(1.0, 40).unwrap())
+        .quota(Quota::new(100, Period::Day).unwrap());
+    let mut layers = Vec::new();
+    for _ in 0..2 {
+        let policy = Policy::builder()
+            .clock(clock.clone())
+            .plan(plan.clone())
+            .key(ApiKey::new("k-1", "k", "q"))
+            .build()
+            .expect("a valid policy");
+        let store = RedisStore::cluster_builder(cluster.urls())
+            .prefix("borrow")
+            .clock(clock.clone())
+            .timeout(Duration::from_secs(2))
+            .build()
+            .await
+            .expect("a Redis store");
+        layers.push(RateLimitLayer::builder(policy).store(store).build());
+    }
+    let (a, b) = (&layers[0], &layers[1]);
+    let day = Date::new(2024, 5, 6).unwrap();
+    // The key's day as Redis counts it, read through b (whose own shares
+    // are taken back first): [used, remaining].
+    let counted = || async {
+        let usage = b.admin().usage("q", day, day, None).await.unwrap();
+        usage.items["k-1"][0]
+    };
+    for _ in 0..10 {
+        assert!(a.decide(b"k", 1).await.is_ok());
+    }
+    let [used, _] = counted().await;
+    assert!(used > 10, "a holds a share ({used} counted)");
+    a.store().drained().await;
+    assert_eq!(counted().await, [10, 90], "a's unused units went back");
+    // The bucket of 40 has 30 left (the clock stands still): b takes them.
+    let mut passed = 0;
+    while b.decide(b"k", 1).await.is_ok() {
+        passed += 1;
+    }
+    assert_eq!(passed, 30, "a's unused units went back to the throttle");
+    assert_eq!(a.store().local_decisions() + b.store().local_decisions(), 0);
+
+    // A full bucket again; a borrows, b resets the key a millisecond later
+    // (a charge at the reset's instant counts as made after it) and takes
+    // the whole bucket, then a's share goes back: to nothing.
+    clock.advance(Duration::from_secs(100));
+    for _ in 0..10 {
+        assert!(a.decide(b"k", 1).await.is_ok());
+    }
+    let [used, _] = counted().await;
+    assert!(used > 50, "a holds a share ({used} counted)");
+    clock.advance(Duration::from_millis(1));
+    b.admin().reset_key("k-1").await.unwrap();
+    let mut passed = 0;
+    while b.decide(b"k", 1).await.is_ok() {
+        passed += 1;
+    }
+    assert_eq!(passed, 40, "the reset filled the bucket");
+    a.store().drained().await;
+    b.store().drained().await;
+    assert!(
+        b.decide(b"k", 1).await.is_err(),
+        "a's share, from before the reset, was given back to the bucket"
+    );
+    assert_eq!(
+        counted().await,
+        [40, 60],
+        "a's share, from before the reset, was given back to the count"
+    );
+    assert_eq!(a.store().local_decisions() + b.store().local_decisions(), 0);
 }
 
 /// GCRA over the given arrival times: what one exact limiter admits.

@@ -23,7 +23,7 @@ type Layer<B> = RateLimitLayer<ApiKeyHeader, <B as Backend>::S>;
 
 /// A policy on `clock` with keys `a` (value `va`) and `b` (`vb`) of account
 /// `acme` on plan `p`, and `c` (`vc`) on `p` without an account.
-fn policy(clock: &ManualClock, plan: UsagePlan, account: Account) -> PolicyBuilder {
+pub(crate) fn policy(clock: &ManualClock, plan: UsagePlan, account: Account) -> PolicyBuilder {
     Policy::builder()
         .clock(clock.clone())
         .plan(plan)
@@ -50,11 +50,11 @@ async fn denied_by<S: Store>(l: &RateLimitLayer<ApiKeyHeader, S>, key: &[u8]) ->
 
 /// Lets refunds sent in the background land (a cluster refunds the earlier
 /// parts of a split decision after answering).
-async fn refunds_land() {
+pub(crate) async fn refunds_land() {
     tokio::time::sleep(Duration::from_millis(150)).await;
 }
 
-fn day() -> Date {
+pub(crate) fn day() -> Date {
     Date::new(2024, 5, 6).unwrap()
 }
 
@@ -187,6 +187,103 @@ async fn a_denial_by_the_plan_leaves_a_raised_account_quota_as_it_was<B: Backend
     assert_eq!(usage.days, [[2, 8]]);
 }
 
+/// A request its plan denies gives the account and the stage back what it
+/// took also right after the account was reset: charged at the reset's
+/// very instant or after it, the units are the new count's, and go back to
+/// it. With what remains raised by UpdateUsage after that, the give-backs
+/// leave the raise as it was.
+async fn a_denial_by_the_plan_after_an_account_reset_gives_back_what_it_took<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    // a's plan allows one request a day; b's and c's, many.
+    let plan = UsagePlan::new("p").quota(Quota::new(100, Period::Day).unwrap());
+    let tight = UsagePlan::new("tight").quota(Quota::new(1, Period::Day).unwrap());
+    let account = Account::new("acme")
+        .throttle(Throttle::new(1.0, 3).unwrap())
+        .quota(Quota::new(3, Period::Day).unwrap());
+    let stage = Stage::new().throttle(Throttle::new(1.0, 4).unwrap());
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(plan)
+        .plan(tight)
+        .account(account)
+        .stage(stage)
+        .key(ApiKey::new("a", "va", "tight").account("acme"))
+        .key(ApiKey::new("b", "vb", "p").account("acme"))
+        .key(ApiKey::new("c", "vc", "p"));
+    let l = layer(b, &clock, policy).await;
+    let admin = l.admin();
+    assert_eq!(denied_by(&l, b"va").await, None);
+    admin.reset_account("acme").await.unwrap();
+    // At the reset's instant, then after it: a's plan quota is used up.
+    for step in [0, 1, 0] {
+        clock.advance(Duration::from_millis(step));
+        assert_eq!(denied_by(&l, b"va").await.as_deref(), Some("quota"));
+        refunds_land().await;
+    }
+    // The account is whole: b takes its bucket of 3 and its quota of 3,
+    // and with a's one the stage's 4 are gone.
+    for _ in 0..3 {
+        assert_eq!(denied_by(&l, b"vb").await, None);
+    }
+    assert_eq!(denied_by(&l, b"vb").await.as_deref(), Some("account-quota"));
+    assert_eq!(denied_by(&l, b"vc").await.as_deref(), Some("stage"));
+    refunds_land().await;
+    let usage = admin.account_usage("acme", day(), day()).await.unwrap();
+    assert_eq!(usage.days, [[3, 0]]);
+    // Raised to 10 and the buckets full again: a's denials leave the 10.
+    assert_eq!(admin.set_account_remaining("acme", 10).await.unwrap(), 10);
+    clock.advance(Duration::from_secs(10));
+    for _ in 0..3 {
+        assert_eq!(denied_by(&l, b"va").await.as_deref(), Some("quota"));
+        refunds_land().await;
+    }
+    let usage = admin.account_usage("acme", day(), day()).await.unwrap();
+    assert_eq!(usage.days, [[3, 10]]);
+    for _ in 0..3 {
+        assert_eq!(denied_by(&l, b"vb").await, None);
+    }
+    assert_eq!(denied_by(&l, b"vb").await.as_deref(), Some("account"));
+    let usage = admin.account_usage("acme", day(), day()).await.unwrap();
+    assert_eq!(usage.days, [[6, 7]]);
+}
+
+/// The same for tokens: a request its plan's day tokens deny, sent at the
+/// instant of the account's reset, gives the account's bucket and day
+/// tokens back what it took from the new count.
+async fn a_token_denial_by_the_plan_after_an_account_reset_gives_back_what_it_took<B: Backend>(
+    b: &B,
+) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = UsagePlan::new("p").tokens(TokenBudget::new().per_day(1_000).unwrap());
+    let budget = TokenBudget::new()
+        .per_minute(1_500)
+        .unwrap()
+        .per_day(1_500)
+        .unwrap();
+    let account = Account::new("acme").tokens(budget);
+    let (mut svc, admin) = token_service(b, &clock, policy(&clock, plan, account)).await;
+    assert_eq!(send(&mut svc, "va", 1_000, Some(1_000)).await, (200, None));
+    admin.reset_account("acme").await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            send(&mut svc, "va", 500, None).await,
+            (429, Some("tokens-day".to_owned()))
+        );
+        refunds_land().await;
+    }
+    // The account's 1500 are whole: b takes its own day's 1000 of them,
+    // and after a reset of b's own limits the last 500.
+    assert_eq!(send(&mut svc, "vb", 1_000, Some(1_000)).await, (200, None));
+    admin.reset_key("b").await.unwrap();
+    assert_eq!(send(&mut svc, "vb", 500, Some(500)).await, (200, None));
+    assert_eq!(
+        send(&mut svc, "vb", 1, None).await,
+        (429, Some("account-tokens-day".to_owned()))
+    );
+}
+
 async fn a_denial_by_the_account_charges_the_key_nothing<B: Backend>(b: &B) {
     let clock = ManualClock::new();
     clock.set_wall(at(2024, 5, 6, 3_600));
@@ -214,28 +311,33 @@ async fn a_denial_by_the_account_charges_the_key_nothing<B: Backend>(b: &B) {
 }
 
 /// A layer on `policy` whose estimate is the `x-estimate` header, in front
-/// of a service that reports `x-actual` as the tokens used.
-async fn token_service<B: Backend>(
+/// of a service that reports `x-actual` as the tokens used; and its admin.
+pub(crate) async fn token_service<B: Backend>(
     b: &B,
     clock: &ManualClock,
     policy: PolicyBuilder,
-) -> impl tower::Service<
-    http::Request<String>,
-    Response = http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
-    Error = std::convert::Infallible,
-> + Clone {
+) -> (
+    impl tower::Service<
+        http::Request<String>,
+        Response = http::Response<tollgate::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
+        Error = std::convert::Infallible,
+    > + Clone,
+    tollgate::Admin<B::S>,
+) {
     let layer = RateLimitLayer::builder(policy.build().unwrap())
         .store(b.store(clock).await)
         .estimator(tokens::estimate)
         .build();
-    tower::ServiceBuilder::new()
+    let admin = layer.admin();
+    let svc = tower::ServiceBuilder::new()
         .layer(layer)
-        .service_fn(tokens::report_actual)
+        .service_fn(tokens::report_actual);
+    (svc, admin)
 }
 
 /// Sends a request of `key` and reads its body to the end (which settles
 /// it); the status and the denying limit's name, if any.
-async fn send<S>(
+pub(crate) async fn send<S>(
     svc: &mut S,
     key: &str,
     estimate: u32,
@@ -278,7 +380,7 @@ async fn token_settlement_reaches_the_account<B: Backend>(b: &B) {
         .per_day(100)
         .unwrap();
     let account = Account::new("acme").tokens(budget);
-    let mut svc = token_service(b, &clock, policy(&clock, plan, account)).await;
+    let (mut svc, _) = token_service(b, &clock, policy(&clock, plan, account)).await;
     // a reserves 60 and uses 10: 50 go back to the account.
     assert_eq!(send(&mut svc, "va", 60, Some(10)).await, (200, None));
     refunds_land().await;
@@ -367,6 +469,8 @@ on_each_backend!(
     a_denial_by_the_plan_gives_the_account_and_the_stage_back_what_they_took,
     a_used_up_plan_quota_gives_the_account_quota_back,
     a_denial_by_the_plan_leaves_a_raised_account_quota_as_it_was,
+    a_denial_by_the_plan_after_an_account_reset_gives_back_what_it_took,
+    a_token_denial_by_the_plan_after_an_account_reset_gives_back_what_it_took,
     a_denial_by_the_account_charges_the_key_nothing,
     token_settlement_reaches_the_account,
     replacing_the_account_throttle_keeps_its_emptied_bucket_empty,
@@ -385,6 +489,8 @@ async fn redis_cluster_agrees_on_accounts() {
     a_denial_by_the_plan_gives_the_account_and_the_stage_back_what_they_took(&cluster).await;
     a_used_up_plan_quota_gives_the_account_quota_back(&cluster).await;
     a_denial_by_the_plan_leaves_a_raised_account_quota_as_it_was(&cluster).await;
+    a_denial_by_the_plan_after_an_account_reset_gives_back_what_it_took(&cluster).await;
+    a_token_denial_by_the_plan_after_an_account_reset_gives_back_what_it_took(&cluster).await;
     a_denial_by_the_account_charges_the_key_nothing(&cluster).await;
     token_settlement_reaches_the_account(&cluster).await;
     replacing_the_account_throttle_keeps_its_emptied_bucket_empty(&cluster).await;

@@ -14,25 +14,28 @@
 
 use std::time::Duration;
 
-use tollgate::{ManualClock, TokenBudget, UsagePlan};
+use tollgate::{
+    Account, ManualClock, Period, PolicyBuilder, Quota, Stage, Throttle, TokenBudget, UsagePlan,
+};
 use tower::{Service, ServiceExt};
 
+use crate::accounts::{self, day, policy, send};
 use crate::conformance::{send_tokens, token_service};
 use crate::support::at;
 use crate::support::backend::{Backend, Memory, Redis, on_each_backend};
 use crate::support::redis::require_redis;
 use crate::support::tokens;
 
-/// A request of `estimate` tokens that used `actual`, admitted and held
-/// open: its tokens settle when the response is dropped.
-async fn hold<S>(svc: &mut S, estimate: u32, actual: u64) -> S::Response
+/// A request of key `key` of `estimate` tokens that used `actual`,
+/// admitted and held open: its tokens settle when the response is dropped.
+async fn hold<S>(svc: &mut S, key: &str, estimate: u32, actual: u64) -> S::Response
 where
     S: Service<http::Request<String>, Error = std::convert::Infallible>,
 {
     svc.ready()
         .await
         .unwrap()
-        .call(tokens::request("v", estimate, Some(actual)))
+        .call(tokens::request(key, estimate, Some(actual)))
         .await
         .unwrap()
 }
@@ -52,7 +55,7 @@ async fn a_token_quota_refund_from_before_a_reset_grants_nothing<B: Backend>(b: 
     clock.set_wall(at(2024, 5, 6, 3_600));
     let plan = UsagePlan::new("p").tokens(TokenBudget::new().per_day(1_000).unwrap());
     let (mut svc, admin) = token_service(b, &clock, plan).await;
-    let a = hold(&mut svc, 900, 100).await;
+    let a = hold(&mut svc, "v", 900, 100).await;
     assert_eq!(a.status(), 200);
     clock.advance(Duration::from_secs(1));
     admin.reset_key("k").await.unwrap();
@@ -86,7 +89,7 @@ async fn a_token_bucket_refund_from_before_a_reset_grants_nothing<B: Backend>(b:
     clock.set_wall(at(2024, 5, 6, 3_600));
     let plan = UsagePlan::new("p").tokens(TokenBudget::new().per_minute(1_000).unwrap());
     let (mut svc, admin) = token_service(b, &clock, plan).await;
-    let a = hold(&mut svc, 900, 100).await;
+    let a = hold(&mut svc, "v", 900, 100).await;
     assert_eq!(a.status(), 200);
     clock.advance(Duration::from_millis(10));
     admin.reset_key("k").await.unwrap();
@@ -114,10 +117,166 @@ async fn a_token_bucket_refund_from_before_a_reset_grants_nothing<B: Backend>(b:
     assert_eq!(send_tokens(&mut svc, 1, None).await.0, 429);
 }
 
+/// Key `a` (value `va`) of account `acme`, and `b` (`vb`) of it too, on
+/// plan `p`, under a stage throttle: each with a throttle and a request
+/// quota, the plan and the account each with the token `budget` made for
+/// its size. On a Redis Cluster the stage, the account and each key live
+/// in slots of their own: a decision is made in three parts, each
+/// settlement and each reset reaches one slot at a time.
+fn key_and_account(clock: &ManualClock, budget: impl Fn(u32) -> TokenBudget) -> PolicyBuilder {
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(100.0, 100).unwrap())
+        .quota(Quota::new(100, Period::Day).unwrap())
+        .tokens(budget(1_000));
+    let account = Account::new("acme")
+        .throttle(Throttle::new(100.0, 100).unwrap())
+        .quota(Quota::new(100, Period::Day).unwrap())
+        .tokens(budget(1_500));
+    let stage = Stage::new().throttle(Throttle::new(100.0, 100).unwrap());
+    policy(clock, plan, account).stage(stage)
+}
+
+/// `(429, limit)`: a denial by the limit named.
+fn denied(limit: &str) -> (u16, Option<String>) {
+    (429, Some(limit.to_owned()))
+}
+
+/// A key of an account, with day token quotas of 1000 (the key's) and 1500
+/// (the account's). A reserves 900 and streams; `reset_key` and
+/// `reset_account` make every limit whole again, which the key and the
+/// account then use up; A ends having used 100 and its 800 go back to
+/// neither. A reservation made with no reset since gets its 800 back from
+/// both.
+async fn a_reset_key_and_account_forgive_day_tokens_reserved_before<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let budget = |n: u32| TokenBudget::new().per_day(u64::from(n)).unwrap();
+    let (mut svc, admin) =
+        accounts::token_service(b, &clock, key_and_account(&clock, budget)).await;
+    let a = hold(&mut svc, "va", 900, 100).await;
+    assert_eq!(a.status(), 200);
+    clock.advance(Duration::from_millis(1));
+    admin.reset_key("a").await.unwrap();
+    admin.reset_account("acme").await.unwrap();
+    clock.advance(Duration::from_millis(1));
+    // Whole again: a's 1000, then b finds the account's last 500.
+    assert_eq!(send(&mut svc, "va", 1_000, Some(1_000)).await, (200, None));
+    assert_eq!(send(&mut svc, "vb", 500, Some(500)).await, (200, None));
+    assert_eq!(
+        send(&mut svc, "vb", 1, None).await,
+        denied("account-tokens-day")
+    );
+    // The request quotas were reset too: only what came since counts.
+    let keys = admin.usage("p", day(), day(), Some("a")).await.unwrap();
+    assert_eq!(keys.items["a"], [[1, 99]]);
+    let usage = admin.account_usage("acme", day(), day()).await.unwrap();
+    assert_eq!(usage.days, [[2, 98]]);
+
+    drop(a);
+    settled().await;
+    assert_eq!(
+        send(&mut svc, "vb", 1, None).await,
+        denied("account-tokens-day"),
+        "A's over-estimate, charged before the reset, was given to the account"
+    );
+    // The account out of the way, a's own day shows the same.
+    admin.reset_account("acme").await.unwrap();
+    assert_eq!(
+        send(&mut svc, "va", 1, None).await,
+        denied("tokens-day"),
+        "A's over-estimate, charged before the reset, was given to the key"
+    );
+
+    // A day later, with no reset since: 900 reserved, 100 used, 800 back
+    // to the key (900 more fit its 1000) and to the account (500 more fit
+    // its 1500).
+    clock.advance(Duration::from_secs(86_400));
+    let a = hold(&mut svc, "va", 900, 100).await;
+    assert_eq!(a.status(), 200);
+    drop(a);
+    settled().await;
+    assert_eq!(send(&mut svc, "va", 900, None).await, (200, None));
+    assert_eq!(send(&mut svc, "va", 1, None).await, denied("tokens-day"));
+    // (On a cluster the account gives that denial's charge back after it.)
+    settled().await;
+    assert_eq!(send(&mut svc, "vb", 500, None).await, (200, None));
+    assert_eq!(
+        send(&mut svc, "vb", 1, None).await,
+        denied("account-tokens-day")
+    );
+}
+
+/// The same on per-minute token buckets of 1000 (the key's) and 1500 (the
+/// account's): a token refills every 60 ms and 40 ms, and these steps
+/// take 2 ms of the manual clock.
+async fn a_reset_key_and_account_forgive_minute_tokens_reserved_before<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let budget = |n: u32| TokenBudget::new().per_minute(n).unwrap();
+    let (mut svc, admin) =
+        accounts::token_service(b, &clock, key_and_account(&clock, budget)).await;
+    let a = hold(&mut svc, "va", 900, 100).await;
+    assert_eq!(a.status(), 200);
+    clock.advance(Duration::from_millis(1));
+    admin.reset_key("a").await.unwrap();
+    admin.reset_account("acme").await.unwrap();
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(send(&mut svc, "va", 1_000, Some(1_000)).await, (200, None));
+    assert_eq!(send(&mut svc, "vb", 500, Some(500)).await, (200, None));
+    assert_eq!(
+        send(&mut svc, "vb", 1, None).await,
+        denied("account-tokens-minute")
+    );
+
+    drop(a);
+    settled().await;
+    assert_eq!(
+        send(&mut svc, "vb", 1, None).await,
+        denied("account-tokens-minute"),
+        "A's share, refilled by the reset, was given back to the account's bucket"
+    );
+    admin.reset_account("acme").await.unwrap();
+    assert_eq!(
+        send(&mut svc, "va", 1, None).await,
+        denied("tokens-minute"),
+        "A's share, refilled by the reset, was given back to the key's bucket"
+    );
+
+    // A minute later, every bucket full and no reset since: 900 reserved,
+    // 100 used, 800 back to both buckets.
+    clock.advance(Duration::from_secs(61));
+    let a = hold(&mut svc, "va", 900, 100).await;
+    assert_eq!(a.status(), 200);
+    drop(a);
+    settled().await;
+    assert_eq!(send(&mut svc, "va", 900, None).await, (200, None));
+    assert_eq!(send(&mut svc, "va", 1, None).await, denied("tokens-minute"));
+    settled().await;
+    assert_eq!(send(&mut svc, "vb", 500, None).await, (200, None));
+    assert_eq!(
+        send(&mut svc, "vb", 1, None).await,
+        denied("account-tokens-minute")
+    );
+}
+
 on_each_backend!(
     "reset_settlement":
     a_token_quota_refund_from_before_a_reset_grants_nothing,
+    a_reset_key_and_account_forgive_day_tokens_reserved_before,
+    a_reset_key_and_account_forgive_minute_tokens_reserved_before,
 );
+
+/// On a Redis Cluster, where every reset, settlement and refund reaches the
+/// stage's, the account's and the key's slots apart: the same answers.
+#[tokio::test]
+async fn redis_cluster_resets_and_settles_a_key_and_its_account() {
+    if !require_redis() {
+        return;
+    }
+    let cluster = Redis::cluster("reset_settlement");
+    a_reset_key_and_account_forgive_day_tokens_reserved_before(&cluster).await;
+    a_reset_key_and_account_forgive_minute_tokens_reserved_before(&cluster).await;
+}
 
 /// The bucket's case, on a Redis prefix of its own.
 mod bucket {
