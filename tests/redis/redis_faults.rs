@@ -13,7 +13,9 @@
 //! themselves; a call Redis runs after its deadline charges nothing, so a
 //! quota's count after an outage is the count before it plus nothing; a call
 //! Redis runs in time is charged even when its reply comes too late; with an
-//! append-only file no count is lost when redis-server is killed. The tests
+//! append-only file no count is lost when redis-server is killed; on a
+//! Cluster, a request denied in one slot stays denied when another slot
+//! cannot be read. The tests
 //! of this file and of `redis_store.rs` run one at a time (the crate's
 //! `SERIAL` lock), so that timing is not disturbed by each other.
 //!
@@ -33,13 +35,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tollgate::extract::ApiKeyHeader;
 use tollgate::{
-    ApiKey, Date, FailureMode, Period, Policy, Quota, RateLimitLayer, RedisStore, Throttle,
-    UsagePlan,
+    Account, ApiKey, Date, FailureMode, Period, Policy, Quota, RateLimitLayer, RedisStore,
+    Throttle, UsagePlan,
 };
 use tower::ServiceExt;
 
 use crate::SERIAL;
-use crate::support::redis::{RedisServer, require_redis};
+use crate::support::redis::{RedisCluster, RedisServer, command, require_redis, scan};
 
 /// The store's timeout in these tests (not the default 100 ms, so that the
 /// bound is seen to be the configured one).
@@ -675,4 +677,55 @@ async fn without_persistence_a_restart_starts_every_count_over() {
         [20, 20, 10],
         "after the restart of a server without persistence, whole limits"
     );
+}
+
+/// On a Redis Cluster, a request an account's limit denies stays denied when
+/// peeking at the key's own limits (in another slot, only to name the limit
+/// that holds it longest) fails: the plan's failure mode (here `open`)
+/// never decides a request the limits deny. The key's throttle state is
+/// made unreadable, so that the peek fails every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_failed_peek_leaves_an_account_denial_standing() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let cluster = RedisCluster::start();
+    let policy = Policy::builder()
+        .plan(
+            UsagePlan::new("p")
+                .throttle(Throttle::new(0.001, 1_000).unwrap())
+                .failure(FailureMode::Open),
+        )
+        .account(Account::new("acme").quota(Quota::new(1, Period::Day).unwrap()))
+        .key(ApiKey::new("a", "va", "p").account("acme"))
+        .build()
+        .unwrap();
+    let store = RedisStore::cluster_builder(cluster.urls())
+        .prefix("peek")
+        .timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy).store(store).build();
+    assert!(layer.decide(b"va", 1).await.is_ok());
+    // The key's throttle (the only one) holds what no script reads.
+    let throttles: Vec<_> = cluster
+        .addrs()
+        .into_iter()
+        .flat_map(|addr| scan(addr, "peek:*:t:*").into_iter().map(move |k| (addr, k)))
+        .collect();
+    assert_eq!(throttles.len(), 1, "{throttles:?}");
+    let (addr, key) = &throttles[0];
+    command(*addr, &["SET", key, "unreadable"]).unwrap();
+    for _ in 0..3 {
+        let r = layer
+            .decide(b"va", 1)
+            .await
+            .expect_err("the account denies");
+        assert_eq!(
+            (r.status().as_u16(), r.limit()),
+            (429, Some("account-quota"))
+        );
+    }
 }

@@ -384,7 +384,8 @@ impl Store for RedisStore {
 /// after the other in the order stage, account, key (a part with no limit is
 /// skipped). When a part denies, the later parts are peeked at (nothing
 /// charged), so that the answer names the limit that holds the request
-/// longest, as one call would; when it denies or fails, every earlier part
+/// longest, as one call would (a peek that fails names none: the denial
+/// stands); when it denies or fails, every earlier part
 /// gets back what this request charged it (throttles and quotas), in the
 /// background: the answer does not wait for it. A denial charges nothing
 /// anywhere, but for the time the refunds take to land.
@@ -427,9 +428,26 @@ async fn decide_split(
                 for later in &parts[i + 1..] {
                     let mut peek = (*later).clone();
                     peek.call.args[0] = "p".to_owned();
-                    let reply = Arc::clone(inner).run(peek.call.clone()).await?;
-                    if let Err(mine) = peek.verdict(&reply, cost)?.0 {
-                        denied = Denied::longest(Some(denied), mine);
+                    let verdict = match Arc::clone(inner).run(peek.call.clone()).await {
+                        Ok(reply) => peek.verdict(&reply, cost).map(|(v, _)| v),
+                        Err(e) => Err(e),
+                    };
+                    match verdict {
+                        Ok(Err(mine)) => denied = Denied::longest(Some(denied), mine),
+                        Ok(Ok(_)) => {}
+                        // A peek only names the limit that holds the
+                        // request longest; the request is denied already.
+                        // One that fails leaves the denial as far as it is
+                        // known: passed up as an error, it put a request
+                        // the limits deny in the plan's failure mode, which
+                        // may admit it (`open`, or a local copy with room).
+                        Err(e) => {
+                            tracing::debug!(
+                                error = %e,
+                                "a later part not peeked at; the denial stands"
+                            );
+                            break;
+                        }
                     }
                 }
                 return Ok(Err(denied));
