@@ -15,7 +15,7 @@
 //! Redis runs in time is charged even when its reply comes too late; with an
 //! append-only file no count is lost when redis-server is killed; on a
 //! Cluster, a request denied in one slot stays denied when another slot
-//! cannot be read. The tests
+//! cannot be read in time. The tests
 //! of this file and of `redis_store.rs` run one at a time (the crate's
 //! `SERIAL` lock), so that timing is not disturbed by each other.
 //!
@@ -728,4 +728,73 @@ async fn on_a_cluster_a_failed_peek_leaves_an_account_denial_standing() {
             (429, Some("account-quota"))
         );
     }
+}
+
+/// On a Redis Cluster, a request an account's limit denies stays denied when
+/// peeking at the key's own limits (in another node's slot, only to name the
+/// limit that holds it longest) outlasts the store's timeout: the denial
+/// known when the timeout expires is the answer, in about the timeout, and
+/// the plan's failure mode (here `open`) never decides it. The node that
+/// holds the key's limits is paused, so that the peek gets no reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_peek_past_the_timeout_leaves_an_account_denial_standing() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut cluster = RedisCluster::start();
+    // The account's quota and the key's throttle must live on two nodes,
+    // so that pausing the one leaves the other answering: names are tried
+    // until their slots fall apart (each is where its name hashes to).
+    let holder = |pattern: &str| {
+        let addrs = cluster.addrs();
+        let nodes: Vec<usize> = (0..addrs.len())
+            .filter(|&i| !scan(addrs[i], pattern).is_empty())
+            .collect();
+        assert_eq!(nodes.len(), 1, "{pattern} on {nodes:?}");
+        nodes[0]
+    };
+    let mut apart = None;
+    for i in 0..8 {
+        let account = format!("acme-{i}");
+        let policy = Policy::builder()
+            .plan(
+                UsagePlan::new("p")
+                    .throttle(Throttle::new(0.001, 1_000).unwrap())
+                    .failure(FailureMode::Open),
+            )
+            .account(Account::new(&account).quota(Quota::new(1, Period::Day).unwrap()))
+            .key(ApiKey::new("a", "va", "p").account(&account))
+            .build()
+            .unwrap();
+        let prefix = format!("slow-peek-{i}");
+        let store = RedisStore::cluster_builder(cluster.urls())
+            .prefix(&prefix)
+            .timeout(TIMEOUT)
+            .build()
+            .await
+            .unwrap();
+        let layer = RateLimitLayer::builder(policy).store(store).build();
+        assert!(layer.decide(b"va", 1).await.is_ok());
+        let key = holder(&format!("{prefix}:*:t:*"));
+        if holder(&format!("{prefix}:*:q")) != key {
+            apart = Some((layer, key));
+            break;
+        }
+    }
+    let (layer, key) = apart.expect("an account's limits apart from its key's");
+    cluster.node_mut(key).pause();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = layer.decide(b"va", 1).await;
+        let took = started.elapsed();
+        let r = r.expect_err("the account denies");
+        assert_eq!(
+            (r.status().as_u16(), r.limit()),
+            (429, Some("account-quota"))
+        );
+        assert!(took < TIMEOUT + SLACK, "answered in {took:?}");
+    }
+    cluster.node_mut(key).resume();
+    assert_eq!(layer.store_failures(), 0);
 }

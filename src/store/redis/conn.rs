@@ -6,6 +6,7 @@ use std::future::Future;
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, RedisError, RedisFuture, Value};
+use tokio::time::Instant;
 
 use super::store::Inner;
 use crate::store::StoreError;
@@ -79,7 +80,20 @@ impl Inner {
         &self,
         work: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, work).await {
+        self.within_since(Instant::now(), work).await
+    }
+
+    /// `work` within what remains of the timeout begun at `started`: a
+    /// decision of several calls bounds each by it, so that it answers by
+    /// the timeout's end and knows which call the timeout cut (see
+    /// `decide_split`).
+    pub(super) async fn within_since<T>(
+        &self,
+        started: Instant,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let left = self.timeout.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, work).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::timeout(self.timeout)),
         }

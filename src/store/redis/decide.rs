@@ -222,15 +222,18 @@ impl Store for RedisStore {
             // holds it: the request's future dropped, the timeout, a lost
             // connection, a reply that makes no sense.
             let mut lease = Lease::new(&inner, own.caps.iter().map(|c| c.permit));
-            let work = async {
-                if split {
-                    decide_split(&inner, &[&stage, &account, &own], cost).await
-                } else {
-                    let reply = Arc::clone(&inner).run(own.call.clone()).await?;
-                    Ok(own.verdict(&reply, cost)?.0)
-                }
+            let result = if split {
+                // Bounded by the timeout call by call, not as a whole: a
+                // denial known when it expires is the answer (see there).
+                decide_split(&inner, &[&stage, &account, &own], cost).await
+            } else {
+                inner
+                    .within(async {
+                        let reply = Arc::clone(&inner).run(own.call.clone()).await?;
+                        Ok(own.verdict(&reply, cost)?.0)
+                    })
+                    .await
             };
-            let result = inner.within(work).await;
             drop(ticket);
             match result {
                 Ok(verdict) => {
@@ -389,11 +392,20 @@ impl Store for RedisStore {
 /// gets back what this request charged it (throttles and quotas), in the
 /// background: the answer does not wait for it. A denial charges nothing
 /// anywhere, but for the time the refunds take to land.
+///
+/// The timeout bounds the whole decision, each call by what remains of it,
+/// so that the one it cuts is known: a part that charges fails the decision
+/// (the plan's failure mode decides), a peek leaves the denial standing, as
+/// a peek that fails does. Were the whole cut at once, a request the limits
+/// denied would go to the failure mode whenever a later part's node is slow
+/// (`open`, or a local copy with room, lets it in).
 async fn decide_split(
     inner: &Arc<Inner>,
     parts: &[&Part],
     cost: u32,
 ) -> Result<Verdict, StoreError> {
+    let started = tokio::time::Instant::now();
+    let run = |call: Call| inner.within_since(started, Arc::clone(inner).run(call));
     let parts: Vec<&Part> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
     let mut charged: Vec<(&Part, Charged)> = Vec::with_capacity(parts.len());
     let mut all = Report::default();
@@ -403,7 +415,7 @@ async fn decide_split(
         }
     };
     for (i, part) in parts.iter().enumerate() {
-        let result = match Arc::clone(inner).run(part.call.clone()).await {
+        let result = match run(part.call.clone()).await {
             Ok(reply) => part.verdict(&reply, cost),
             Err(e) => Err(e),
         };
@@ -428,7 +440,7 @@ async fn decide_split(
                 for later in &parts[i + 1..] {
                     let mut peek = (*later).clone();
                     peek.call.args[0] = "p".to_owned();
-                    let verdict = match Arc::clone(inner).run(peek.call.clone()).await {
+                    let verdict = match run(peek.call.clone()).await {
                         Ok(reply) => peek.verdict(&reply, cost).map(|(v, _)| v),
                         Err(e) => Err(e),
                     };
@@ -437,10 +449,11 @@ async fn decide_split(
                         Ok(Ok(_)) => {}
                         // A peek only names the limit that holds the
                         // request longest; the request is denied already.
-                        // One that fails leaves the denial as far as it is
-                        // known: passed up as an error, it put a request
-                        // the limits deny in the plan's failure mode, which
-                        // may admit it (`open`, or a local copy with room).
+                        // One that fails, or that the timeout cuts, leaves
+                        // the denial as far as it is known: passed up as an
+                        // error, it put a request the limits deny in the
+                        // plan's failure mode, which may admit it (`open`,
+                        // or a local copy with room).
                         Err(e) => {
                             tracing::debug!(
                                 error = %e,
