@@ -140,7 +140,12 @@ impl RedisStoreBuilder {
     }
 
     /// How long a decision may take, connecting included (default 100 ms).
-    /// Past it the plan's failure mode decides the request.
+    /// Past it the plan's failure mode decides the request, unless a limit
+    /// has already denied it: on a Redis Cluster, where a decision is made
+    /// in parts (the stage's and the account's limits in their own slots),
+    /// a part that denied stands when the look at the later parts runs out
+    /// of time, so that denied traffic never reaches a failure mode that
+    /// would admit it.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
