@@ -8,7 +8,8 @@
 //!   `open` and under `local`, whether Redis had denied the key before the
 //!   burst or not;
 //! - a Redis that does not answer still reaches the failure mode past the
-//!   bound: never later than the timeout, and at once once a call has failed.
+//!   bound: never later than the timeout, and at once once a call has failed;
+//! - a place is given back when its response ends outside any runtime.
 
 use std::time::{Duration, Instant};
 
@@ -178,4 +179,42 @@ async fn a_stalled_redis_still_reaches_the_failure_mode_past_the_bound() {
         "{quick} of 20 admitted at once after calls failed"
     );
     drop(held);
+}
+
+/// A response whose body ends on a plain thread, outside any Tokio runtime
+/// (a body handed to a thread of the application's own), gives its place
+/// back at once, through the runtime the store was built on: not when its
+/// lease lapses (five minutes by default), which would leave the key's cap
+/// full until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_is_given_back_when_its_response_ends_outside_a_runtime() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let store = RedisStore::builder(redis.url())
+        .build()
+        .await
+        .expect("a Redis store");
+    let app = app(store, FailureMode::Closed);
+    let held = app.clone().oneshot(request()).await.unwrap();
+    assert_eq!(held.status(), 200, "the place is free");
+    let lone = app.clone().oneshot(request()).await.unwrap();
+    assert_eq!(lone.status(), 429, "a request while the cap is full");
+    std::thread::spawn(move || drop(held))
+        .join()
+        .expect("the thread that ends the response");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let res = app.clone().oneshot(request()).await.unwrap();
+        if res.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the place was not given back within 5 s of its response's end"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -12,6 +12,21 @@ use super::store::{Inner, RedisStore};
 pub(super) struct Background {
     running: AtomicUsize,
     idle: tokio::sync::Notify,
+    /// The runtime the store was built on, for work started outside any
+    /// runtime: a response body dropped on a plain thread still gives its
+    /// place back and settles its tokens, on the runtime whose tasks drive
+    /// the store's connections.
+    home: Option<tokio::runtime::Handle>,
+}
+
+impl Background {
+    /// Background calls run on the current runtime, or else on `home`.
+    pub(super) fn new(home: Option<tokio::runtime::Handle>) -> Self {
+        Background {
+            home,
+            ..Background::default()
+        }
+    }
 }
 
 /// Counts one background call as finished when dropped: when it completes,
@@ -83,10 +98,21 @@ impl RedisStore {
 
 impl Inner {
     /// Runs `work` in a task of its own, counted until it ends (see
-    /// [`RedisStore::drained`]); outside a Tokio runtime, not at all.
+    /// [`RedisStore::drained`]): on the current Tokio runtime, or, called
+    /// outside any (a response body dropped on a plain thread), on the one
+    /// the store was built on. A runtime shut down meanwhile drops the task
+    /// (what it would have given back lapses with its lease, as when the
+    /// process ends).
     pub(super) fn spawn(self: &Arc<Self>, work: impl Future<Output = ()> + Send + 'static) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
+        let rt = match tokio::runtime::Handle::try_current() {
+            Ok(rt) => rt,
+            Err(_) => match &self.background.home {
+                Some(home) => home.clone(),
+                None => {
+                    tracing::debug!("no Tokio runtime to run a background call on; not sent");
+                    return;
+                }
+            },
         };
         self.background.running.fetch_add(1, Ordering::AcqRel);
         let running = Running(Arc::clone(self));

@@ -280,7 +280,7 @@ impl RedisStoreBuilder {
                     0x006c_6561_7365_u64,
                 )),
                 lease: self.lease,
-                background: Background::default(),
+                background: Background::new(tokio::runtime::Handle::try_current().ok()),
                 in_flight: AtomicUsize::new(0),
                 max_in_flight: self.max_in_flight.max(1),
                 denials: RecentDenials::new(
