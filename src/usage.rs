@@ -338,16 +338,24 @@ impl<S: Store> Admin<S> {
     ///
     /// With a store that shares the registry, a key added through another
     /// instance that has not reached this one yet (within a poll of the
-    /// registry's log) is answered [`AdminError::UnknownKey`] here, where
-    /// [`set_enabled`](Self::set_enabled) and [`set_plan`](Self::set_plan)
-    /// change it: a removal leaves a tombstone for any id, held in Redis
-    /// or only in some instance's static configuration, so the store cannot
-    /// tell such a key from an id nobody has; this instance's copy is what
-    /// says the key exists. Retried a second later, it is removed.
+    /// registry's log) is removed too: it exists when the store holds it or
+    /// this instance does (a key of its static configuration, which the
+    /// store may never have held). An id neither holds is
+    /// [`AdminError::UnknownKey`], and nothing is written for it.
     pub async fn remove_key(&self, id: &str) -> Result<(), AdminError> {
         self.registered()?;
         if self.policy.keys().by_id(id, |e| e.is_none()) {
-            return Err(AdminError::UnknownKey(id.to_owned()));
+            // Not held here: a key added through another instance a moment
+            // ago, if the store holds it. Asked first, as the removal
+            // itself cannot say: it tombstones any id, whether a key had it
+            // or not.
+            let elsewhere = match self.shared() {
+                Some(shared) => shared.key(id).await?.is_some(),
+                None => false,
+            };
+            if !elsewhere {
+                return Err(AdminError::UnknownKey(id.to_owned()));
+            }
         }
         if let Some(shared) = self.shared() {
             let v = shared.write(Edit::Remove(id.to_owned())).await?;
@@ -537,6 +545,12 @@ impl<S: Store> Admin<S> {
     /// Usage of the keys of `plan` (or of one key) per UTC day from `start`
     /// to `end` (AWS GetUsage). `end` is cut at today; `start` must lie within
     /// the kept history.
+    ///
+    /// With a store that shares the registry, one key added through another
+    /// instance that has not reached this one yet (within a poll of the
+    /// registry's log) is reported too, on the plan the store's record of
+    /// it names. A plan this instance does not know yet (put through
+    /// another instance moments ago) is [`AdminError::UnknownPlan`].
     pub async fn usage(
         &self,
         plan: &str,
@@ -549,6 +563,13 @@ impl<S: Store> Admin<S> {
         }
         let today = Date::of_nanos(self.now());
         let end = end.min(today);
+        // A key this instance has not received yet, as the store holds it:
+        // read before the policy is loaded, which is not held across a
+        // call to the store.
+        let elsewhere = match key {
+            Some(id) => self.not_received(id).await?,
+            None => None,
+        };
         // The store's reads start here; the policy is not held across them.
         let mut pending: Vec<(String, Option<DaysFuture>)> = Vec::new();
         {
@@ -578,13 +599,17 @@ impl<S: Store> Admin<S> {
                 pending.push((entry.id.to_string(), days));
             };
             match key {
-                Some(id) => self.policy.keys().by_id(id, |e| match e {
-                    Some(e) => {
-                        read(e);
-                        Ok(())
-                    }
-                    None => Err(AdminError::UnknownKey(id.to_owned())),
-                })?,
+                // This instance's copy first, if it arrived meanwhile.
+                Some(id) => self
+                    .policy
+                    .keys()
+                    .by_id(id, |e| match e.or(elsewhere.as_ref()) {
+                        Some(e) => {
+                            read(e);
+                            Ok(())
+                        }
+                        None => Err(AdminError::UnknownKey(id.to_owned())),
+                    })?,
                 None => self.policy.keys().for_each(read),
             }
         }
@@ -615,6 +640,10 @@ impl<S: Store> Admin<S> {
     /// same with every store; it is a mistake of the caller (an HTTP API
     /// answers it 400), not a store failure.
     ///
+    /// With a store that shares the registry, a key added through another
+    /// instance that has not reached this one yet is counted too, as
+    /// [`usage`](Self::usage) reports it.
+    ///
     /// ```
     /// use tollgate::{AdminError, ApiKey, Period, Policy, Quota, RateLimitLayer, UsagePlan};
     ///
@@ -637,8 +666,12 @@ impl<S: Store> Admin<S> {
                 max: MAX_REMAINING,
             });
         }
+        // A key this instance has not received yet, as the store holds it
+        // (this instance's copy first, if it arrived meanwhile).
+        let elsewhere = self.not_received(id).await?;
         let pending = self.policy.keys().by_id(id, |entry| {
-            let entry = entry.ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
+            let entry = (entry.or(elsewhere.as_ref()))
+                .ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
             let plan = &entry.plan;
             let Some(q) = self.subject(plan, entry).request_quota() else {
                 return Err(AdminError::NoQuota(plan.name.to_string()));
@@ -671,9 +704,16 @@ impl<S: Store> Admin<S> {
     /// bucket, kept for the bucket's span (past it, no share reserved before
     /// the reset has anything left to give back): a decision never reads
     /// it, only a settlement or give-back does.
+    ///
+    /// With a store that shares the registry, a key added through another
+    /// instance that has not reached this one yet is reset too, as
+    /// [`usage`](Self::usage) reports it.
     pub async fn reset_key(&self, id: &str) -> Result<(), AdminError> {
+        // As in `set_remaining`.
+        let elsewhere = self.not_received(id).await?;
         let pending = self.policy.keys().by_id(id, |entry| {
-            let entry = entry.ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
+            let entry = (entry.or(elsewhere.as_ref()))
+                .ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
             let plan = &entry.plan;
             let subject = self.subject(plan, entry);
             // Every throttle of the plan (the models' among them), with the
@@ -690,6 +730,49 @@ impl<S: Store> Admin<S> {
             p.await?;
         }
         Ok(())
+    }
+
+    /// The key with this id as the store that shares the registry holds
+    /// it, when this instance has not received it yet (added through
+    /// another instance within the last poll of the registry's log), so
+    /// that it is read and counted as a key held here is. `None` when this
+    /// instance holds the key, or shares no registry: the caller reads its
+    /// own copy, and answers [`AdminError::UnknownKey`] when it has none.
+    ///
+    /// The key is built on the plan and account its record names, as this
+    /// instance knows them: one it does not know is
+    /// [`AdminError::UnknownPlan`] or [`AdminError::UnknownAccount`] (the
+    /// watcher skips such a key too, so this instance never serves it). An
+    /// id the store does not hold either is [`AdminError::UnknownKey`].
+    /// The key is only read, not put into this instance's registry: the
+    /// watcher puts it there in the log's order (put now, it could undo a
+    /// later removal the watcher applied first).
+    async fn not_received(&self, id: &str) -> Result<Option<KeyEntry>, AdminError> {
+        let Some(shared) = self.shared() else {
+            return Ok(None);
+        };
+        // A policy that limits every key under one plan registers none.
+        if self.registered().is_err() || self.policy.keys().by_id(id, |e| e.is_some()) {
+            return Ok(None);
+        }
+        let r = (shared.key(id).await?).ok_or_else(|| AdminError::UnknownKey(id.to_owned()))?;
+        let snap = self.policy.load();
+        let plan = snap
+            .plan_named(&r.plan)
+            .ok_or_else(|| AdminError::UnknownPlan(r.plan.clone()))?;
+        let account = match &r.account {
+            None => None,
+            Some(name) => Some(Arc::clone(
+                snap.account_named(name)
+                    .ok_or_else(|| AdminError::UnknownAccount(name.clone()))?,
+            )),
+        };
+        Ok(Some(KeyEntry::new(
+            id,
+            Arc::clone(plan),
+            account,
+            r.enabled,
+        )))
     }
 
     /// A registered key under `plan`, as the store counts it.

@@ -71,6 +71,10 @@ impl SharedRegistry {
     pub(crate) async fn update(&self, _policy: &Policy, _update: Update) -> Result<(), AdminError> {
         Err(AdminError::NotRegistered)
     }
+
+    pub(crate) async fn key(&self, _id: &str) -> Result<Option<Record>, AdminError> {
+        Err(AdminError::NotRegistered)
+    }
 }
 
 #[cfg(not(feature = "redis"))]
@@ -162,6 +166,30 @@ mod redis_registry {
                 policy.apply(Change::UpdateKey(key));
             }
             Ok(())
+        }
+
+        /// The key with this id as the store holds it now, `None` when the
+        /// store holds no live key of that id (never added, or removed).
+        ///
+        /// For a key this instance has not received yet (added through
+        /// another instance within the last poll of the log): the store's
+        /// record says that it exists, and on which plan. Only read, never
+        /// applied here: the watcher applies the key in the log's order,
+        /// and a later removal applied first would be undone.
+        pub(crate) async fn key(&self, id: &str) -> Result<Option<Record>, AdminError> {
+            let key = self.store.registry_key(id).await?;
+            Ok(key.map(from_store))
+        }
+    }
+
+    /// A key as the store holds it.
+    fn from_store(k: KeyRecord) -> Record {
+        Record {
+            id: k.id,
+            digest: Digest(k.value_hash),
+            plan: k.plan,
+            account: k.account,
+            enabled: k.enabled,
         }
     }
 

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tollgate::{Account, ApiKey, Policy, RateLimitLayer, RedisStore, Throttle, UsagePlan};
+use tollgate::{
+    Account, ApiKey, Date, Period, Policy, Quota, RateLimitLayer, RedisStore, Throttle, UsagePlan,
+};
 
 use crate::support::redis::{RedisServer, command, require_redis};
 use crate::support::server::ServerProcess;
@@ -356,18 +358,20 @@ async fn shared_store(redis: &RedisServer) -> RedisStore {
         .unwrap()
 }
 
-/// Plans "free" and "pro", and `statics` (id, value) on "free".
+/// Plans "free" and "pro", "metered" (a quota of 10 a day), and `statics`
+/// (id, value) on "free".
 fn policy(statics: &[(&str, &str)]) -> Policy {
     let mut b = Policy::builder()
         .plan(UsagePlan::new("free").throttle(Throttle::new(1000.0, 1000).unwrap()))
-        .plan(UsagePlan::new("pro").throttle(Throttle::new(1000.0, 1000).unwrap()));
+        .plan(UsagePlan::new("pro").throttle(Throttle::new(1000.0, 1000).unwrap()))
+        .plan(UsagePlan::new("metered").quota(Quota::new(10, Period::Day).unwrap()));
     for (id, value) in statics {
         b = b.key(ApiKey::new(*id, *value, "free"));
     }
     b.build().unwrap()
 }
 
-/// An instance with plans "free" and "pro" and `statics` (id, value) on "free".
+/// An instance with the plans of [`policy`] and `statics` (id, value) on "free".
 async fn instance(redis: &RedisServer, statics: &[(&str, &str)]) -> Layer {
     RateLimitLayer::builder(policy(statics))
         .store(shared_store(redis).await)
@@ -765,4 +769,147 @@ async fn a_key_added_elsewhere_can_be_changed_before_it_arrives() {
     paused.resume();
     let c = instance(&redis, &[]).await;
     every_instance_holds(&[a, b, c], "k", "pro", false).await;
+}
+
+/// Key `k` of `value` on "metered", added through a and used 3 times there
+/// (counted in Redis, a's unused share given back), and not yet received by
+/// b (its watcher is paused). Returns a, b and b's watcher, to resume.
+async fn metered_on_a_not_yet_on_b(redis: &RedisServer, value: &str) -> (Layer, Layer, Paused) {
+    let a = instance(redis, &[]).await;
+    let (b, paused) = paused_instance(redis, &[]).await;
+    a.admin()
+        .add_key(ApiKey::new("k", value, "metered"))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        a.decide(value.as_bytes(), 1).await.unwrap();
+    }
+    // What a borrowed of k's quota and did not use goes back now, not
+    // after b has set the count (which it would raise).
+    a.store().drained().await;
+    assert!(b.admin().key("k").is_none(), "a's add reached b");
+    (a, b, paused)
+}
+
+/// Today, UTC, as usage reports count days.
+fn today() -> Date {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    Date::from_days((secs / 86_400) as i64)
+}
+
+/// `[used, remaining]` of key `k`'s quota today, as `l` reports it.
+async fn k_today(l: &Layer) -> [i64; 2] {
+    let day = today();
+    let report = l.admin().usage("metered", day, day, Some("k")).await;
+    report.unwrap().items["k"][0]
+}
+
+/// The registry's version in Redis: unchanged when nothing was written.
+fn registry_version(redis: &RedisServer) -> String {
+    command(redis.addr(), &["GET", "{tollgate:registry}:version"]).unwrap()
+}
+
+/// k is added through a and used there; b, which has not yet received it,
+/// reports its usage as a does (b answered "unknown key"). An id Redis does
+/// not hold either is still unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_usage_of_a_key_added_elsewhere_is_reported_before_it_arrives() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let (a, b, _paused) = metered_on_a_not_yet_on_b(&redis, "value-of-k-kkkkkkkkkk").await;
+    assert_eq!(k_today(&a).await, [3, 7]);
+    assert_eq!(k_today(&b).await, [3, 7]);
+    let day = today();
+    let err = b.admin().usage("metered", day, day, Some("nobody")).await;
+    assert_eq!(
+        err.unwrap_err(),
+        tollgate::AdminError::UnknownKey("nobody".into())
+    );
+}
+
+/// k is added through a and used there; b, which has not yet received it,
+/// sets what remains of its quota and then resets it (b answered "unknown
+/// key" to both), and a counts both. (Not one of a's requests is denied:
+/// a's over-limit cache would hold the denial past a change made through
+/// another instance, for a while, as documented.) A key whose plan b does not know yet
+/// (put through a a moment ago) cannot be counted by b: its plan is
+/// unknown. An id Redis does not hold either is still unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_added_elsewhere_can_be_counted_anew_before_it_arrives() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let value = "value-of-k-llllllllll";
+    let (a, b, _paused) = metered_on_a_not_yet_on_b(&redis, value).await;
+    assert_eq!(b.admin().set_remaining("k", 1).await, Ok(1));
+    assert_eq!(k_today(&a).await, [3, 1]);
+    a.decide(value.as_bytes(), 1).await.unwrap();
+    assert_eq!(k_today(&a).await, [4, 0], "1 remained");
+    b.admin().reset_key("k").await.unwrap();
+    assert_eq!(k_today(&a).await, [0, 10], "k's quota was reset");
+    a.decide(value.as_bytes(), 1).await.unwrap();
+
+    let gold = UsagePlan::new("gold").quota(Quota::new(5, Period::Day).unwrap());
+    a.admin().put_plan(gold).await.unwrap();
+    a.admin()
+        .add_key(ApiKey::new("g", "value-of-g-llllllllll", "gold"))
+        .await
+        .unwrap();
+    let unknown = tollgate::AdminError::UnknownPlan("gold".into());
+    assert_eq!(b.admin().set_remaining("g", 1).await, Err(unknown.clone()));
+    assert_eq!(b.admin().reset_key("g").await, Err(unknown));
+
+    let nobody = tollgate::AdminError::UnknownKey("nobody".into());
+    assert_eq!(
+        b.admin().set_remaining("nobody", 1).await,
+        Err(nobody.clone())
+    );
+    assert_eq!(b.admin().reset_key("nobody").await, Err(nobody));
+}
+
+/// k is added through a; b, which has not yet received it, removes it
+/// (b answered "unknown key"): every instance ends without k, a new one
+/// too. An id Redis does not hold either is still unknown, and nothing is
+/// written for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_added_elsewhere_can_be_removed_before_it_arrives() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let value = "value-of-k-mmmmmmmmmm";
+    let (a, b, mut paused) = metered_on_a_not_yet_on_b(&redis, value).await;
+    b.admin().remove_key("k").await.unwrap();
+
+    let before = registry_version(&redis);
+    let err = b.admin().remove_key("nobody").await.unwrap_err();
+    assert_eq!(err, tollgate::AdminError::UnknownKey("nobody".into()));
+    assert_eq!(
+        registry_version(&redis),
+        before,
+        "nothing written for an unknown key"
+    );
+
+    paused.resume();
+    let c = instance(&redis, &[]).await;
+    let layers = [("a", &a), ("b", &b), ("c", &c)];
+    for (name, l) in layers {
+        until(&format!("{name} drops k"), || l.admin().key("k").is_none()).await;
+    }
+    // And keeps it dropped: b, which receives the add and then the removal,
+    // does not end with the add.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (name, l) in layers {
+        assert!(l.admin().key("k").is_none(), "{name} holds k");
+        assert!(
+            l.decide(value.as_bytes(), 1).await.is_err(),
+            "{name} serves k"
+        );
+    }
 }

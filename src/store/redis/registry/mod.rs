@@ -348,6 +348,36 @@ impl RedisStore {
         }
     }
 
+    /// The record of the key with id `id` as Redis holds it now, `None`
+    /// when Redis holds no live key of that id (never added, or removed: a
+    /// tombstone is no record). One `HGET` of the keys hash, bounded by the
+    /// store's timeout; read, not written, so it may be sent again when its
+    /// connection drops.
+    ///
+    /// For an admin handle asked about a key its instance has not received
+    /// yet (added through another instance within the last poll of the
+    /// log): what Redis holds says whether the key exists, and on which
+    /// plan.
+    pub(crate) async fn registry_key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let [keys, ..] = self.inner.registry_keys();
+        let cmd = redis::cmd("HGET").arg(keys).arg(id).clone();
+        let stored: Option<Vec<u8>> = self.inner.command(cmd).await?;
+        let Some(stored) = stored else {
+            return Ok(None);
+        };
+        // A record edited by hand into something unreadable is an error,
+        // as the write script answers it, not a key that does not exist.
+        let record = String::from_utf8(stored)
+            .ok()
+            .and_then(|text| codec::parse_record(id, &text));
+        match record {
+            Some(record) => Ok(Some(record)),
+            None => Err(StoreError::new(format!(
+                "redis: the record of key {id:?} in the key registry cannot be read"
+            ))),
+        }
+    }
+
     /// An import too large for one script call (which would hold Redis,
     /// and every decision waiting on it, for about 9 µs per key): staged in
     /// parts of [`IMPORT_PART`] keys, each checked against the live keys and

@@ -323,6 +323,43 @@ async fn an_update_sets_its_fields_on_the_record_redis_holds() {
     );
 }
 
+/// One key's record is read as Redis holds it, the latest change in it; an
+/// id never added or removed has none; a record edited by hand into
+/// something else is an error, not a missing key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_is_read_as_redis_holds_it() {
+    if !require_redis() {
+        return;
+    }
+    let server = RedisServer::start();
+    let (a, b) = (store(&server.url()).await, store(&server.url()).await);
+    let k = KeyRecord {
+        account: Some("acme".into()),
+        ..key(&a, "k", "value-k")
+    };
+    a.registry_write(&Change::AddKey(k.clone())).await.unwrap();
+    assert_eq!(b.registry_key("k").await.unwrap(), Some(k.clone()));
+    let off = KeyUpdate {
+        enabled: Some(false),
+        ..update(None, "k")
+    };
+    let (_, disabled) = a.registry_update(&off).await.unwrap();
+    assert_eq!(b.registry_key("k").await.unwrap(), Some(disabled));
+
+    assert_eq!(b.registry_key("nobody").await.unwrap(), None);
+    let remove = Change::RemoveKey { id: "k".into() };
+    a.registry_write(&remove).await.unwrap();
+    assert_eq!(b.registry_key("k").await.unwrap(), None, "a tombstone");
+
+    command(
+        server.addr(),
+        &["HSET", "{tollgate:registry}:keys", "junk", "not a record"],
+    )
+    .unwrap();
+    let err = b.registry_key("junk").await.unwrap_err();
+    assert!(err.to_string().contains("cannot be read"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_are_refused_and_an_import_is_all_or_nothing() {
     if !require_redis() {
