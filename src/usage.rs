@@ -640,6 +640,13 @@ impl<S: Store> Admin<S> {
     /// same with every store; it is a mistake of the caller (an HTTP API
     /// answers it 400), not a store failure.
     ///
+    /// What remains is what was set: units charged before it are in it. A
+    /// refund or give-back of such units later (a request's charge given
+    /// back when a later limit denied it, a share of the quota another
+    /// instance borrowed from the Redis store and returns unused) gives
+    /// nothing, as after [`reset_key`](Self::reset_key); given back, they
+    /// would raise what remains past what was set.
+    ///
     /// With a store that shares the registry, a key added through another
     /// instance that has not reached this one yet is counted too, as
     /// [`usage`](Self::usage) reports it.

@@ -89,7 +89,8 @@ impl<S: Store> Admin<S> {
 
     /// Sets what remains of `account`'s quota in the current window, for all
     /// its keys together (AWS UpdateUsage, for an account); returns it. The
-    /// range is [`set_remaining`](Self::set_remaining)'s.
+    /// range, and what becomes of units charged before it, are
+    /// [`set_remaining`](Self::set_remaining)'s.
     pub async fn set_account_remaining(
         &self,
         account: &str,

@@ -588,6 +588,31 @@ async fn a_charge_from_before_a_reset_comes_back_to_no_later_count() {
     assert_eq!(r.acquire(after, 0, &[], Some(q)).await.quota.unwrap()[3], 9);
 }
 
+/// UpdateUsage ("s") marks the count as a reset does: units charged
+/// before it are in what was set, so a give-back or refund of them later
+/// (a share another instance held, a late settlement) gets nothing, where
+/// it would raise what remains past what was set. Units charged after it
+/// come back as always.
+#[tokio::test]
+async fn a_charge_from_before_an_update_usage_comes_back_to_nothing() {
+    let Some(mut r) = redis().await else { return };
+    let q = quota(10, "D");
+    let before = Now::on(2024, 5, 1, 10);
+    let set = Now::on(2024, 5, 1, 11);
+    let after = Now::on(2024, 5, 1, 12);
+    assert!(r.acquire(before, 6, &[], Some(q)).await.allowed);
+    assert_eq!(r.set_remaining(set, 1, q).await[3], 9);
+    r.give(true, after, -5, q, before).await;
+    r.give(false, after, -5, q, before).await;
+    let d = r.acquire(after, 0, &[], Some(q)).await;
+    assert_eq!(d.quota.unwrap()[3], 9, "given back past what was set");
+    assert!(r.acquire(after, 1, &[], Some(q)).await.allowed);
+    assert!(!r.acquire(after, 1, &[], Some(q)).await.allowed);
+    // A charge after the set comes back.
+    r.give(true, after, -1, q, after).await;
+    assert_eq!(r.acquire(after, 0, &[], Some(q)).await.quota.unwrap()[3], 9);
+}
+
 /// A reset on a clock that went back keeps the mark of the later reset
 /// before it, as the memory store keeps its latest reset time: a charge
 /// that reset forgave stays forgiven, and a refund or give-back of it gets

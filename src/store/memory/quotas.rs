@@ -121,8 +121,9 @@ struct Slow {
     /// The closed days, one per day number modulo the length (the day of
     /// the last change is in the window word, and would take its place).
     days: Box<[DayRecord]>,
-    /// When the count was last reset (wall nanoseconds; `i64::MIN` if
-    /// never). A reset begins the count anew as a later window does: what
+    /// When the count was last reset or set by UpdateUsage (wall
+    /// nanoseconds; `i64::MIN` if never). A reset begins the count anew as
+    /// a later window does, and a set fixes what remains: what
     /// was charged before it is not counted any more, so a refund or
     /// give-back of such a charge gets nothing (giving it would hand the
     /// new count units it never counted). A charge at the reset's very
@@ -330,6 +331,20 @@ impl Counter {
     /// How the count stands (for a check that charges nothing).
     fn count(&self) -> Count {
         self.load(&self.slow.lock())
+    }
+
+    /// Sets what remains in the window at `now` (wall nanoseconds; AWS
+    /// UpdateUsage), marked as a reset is: what was charged until now is in
+    /// what was set, so a refund or give-back of it later gets nothing
+    /// (given back, it would raise what remains past what was set).
+    fn set_remaining(&self, spec: &QuotaSpec, now: i64, remaining: i64) -> Option<QuotaSnapshot> {
+        let mut slow = self.slow.lock();
+        // Never earlier than a mark before it (see `reset`).
+        slow.reset_at = slow.reset_at.max(now);
+        self.change_held(&mut slow, now, spec, false, |count| {
+            let (next, snap) = count.set_remaining(spec, now, remaining);
+            (Some(next), snap)
+        })
     }
 
     /// Forgets the window's count and the history at `now` (wall
@@ -649,12 +664,7 @@ impl Quotas {
         now: i64,
         remaining: i64,
     ) -> QuotaSnapshot {
-        let set = self.with(q, now, false, |c| {
-            c.change(now, q.spec, false, |count| {
-                let (next, snap) = count.set_remaining(q.spec, now, remaining);
-                (Some(next), snap)
-            })
-        });
+        let set = self.with(q, now, false, |c| c.set_remaining(q.spec, now, remaining));
         set.expect("made past the cap")
     }
 
@@ -936,6 +946,28 @@ mod tests {
     /// What remains of `q` at `now`.
     fn remaining(qs: &Quotas, q: &QuotaRef<'_>, now: i64) -> u64 {
         qs.check(q, now, 0).unwrap().remaining
+    }
+
+    /// UpdateUsage marks the count as a reset does: a give-back or a
+    /// settled over-estimate of a charge from before it gets nothing (it
+    /// would raise what remains past what was set), one from after it
+    /// comes back as always; as the Redis store's "s".
+    #[test]
+    fn a_charge_from_before_an_update_usage_comes_back_to_nothing() {
+        let qs = Quotas::new(16);
+        let s = spec(10, Period::Day);
+        let (before, set, after) = (t(2024, 5, 1, 10), t(2024, 5, 1, 11), t(2024, 5, 1, 12));
+        for history in [31u32, 1] {
+            let q = quota(&s, digest(&history.to_le_bytes()), history);
+            assert!(take(&qs, &q, before, 6));
+            assert_eq!(qs.set_remaining(&q, set, 1).remaining, 1);
+            qs.give_back(&q, before, 5);
+            qs.adjust(&q, after, -5, Some(before));
+            assert_eq!(remaining(&qs, &q, after), 1, "history {history}");
+            assert!(take(&qs, &q, after, 1));
+            qs.give_back(&q, after, 1);
+            assert_eq!(remaining(&qs, &q, after), 1, "history {history}");
+        }
     }
 
     /// A charge that a later limit denied comes back exactly: a count below

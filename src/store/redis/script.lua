@@ -22,7 +22,7 @@
 --
 -- Quota key: hash {w = window start (days since 1970-01-01), n = used in it,
 -- d = the day of the last change, x = "<s> <ns>" the time of the last reset
--- (mode "z"), if any}, expiring a day after the window ends. History key: hash {u:<day> = used that
+-- (mode "z") or set (mode "s"), if any}, expiring a day after the window ends. History key: hash {u:<day> = used that
 -- UTC day, r:<day> = what remained in the window after the day's last change},
 -- expiring history_days after its last write; days that fall out of the
 -- history are deleted when a new day is first written.
@@ -124,8 +124,10 @@
 --
 -- "s" set what remains of the quota (UpdateUsage). KEYS: q, h. ARGV: "s",
 --   now_s, now_ns, remaining, limit, period, week_start, offset, created_s,
---   history_days. Reply: now_s, now_ns, window start day, window end day, the
---   window's limit, the new count.
+--   history_days. Marks the count as "z" does: what was charged before the
+--   set is in what was set, and a refund or give-back of it gets nothing.
+--   Reply: now_s, now_ns, window start day, window end day, the window's
+--   limit, the new count.
 
 -- Cost: EVALSHA runs this whole chunk on every call (Redis keeps nothing
 -- between calls), so every function, upvalue and table below is made again
@@ -724,7 +726,8 @@ if mode == 't' or mode == 'g' then
       local p = qs[i]
       local kept = not exact or redis.call('HEXISTS', key, 'w') == 1
       if kept and delta < 0 and charged_s then
-        -- Reset after the charge: the count no longer holds it.
+        -- Reset or set (UpdateUsage) after the charge: the count no
+        -- longer holds it.
         local x = redis.call('HGET', key, 'x')
         if x then
           local xs, xns = string.match(x, '^(%-?%d+) (%d+)$')
@@ -764,6 +767,32 @@ if mode == 't' or mode == 'g' then
   end
 end
 
+-- The mark a reset ("z") or a set ("s") leaves on a quota (field `x`):
+-- what was charged before it is not counted any more, so a refund or
+-- give-back of such a charge ("t", "g") gets nothing. Never earlier than a
+-- mark before it, as the memory store keeps its latest: on a clock that
+-- went back, a charge made between that mark and this one's earlier time
+-- was forgiven by it, and marked with this time alone a refund of it would
+-- count again. Made only for those two modes.
+local latest_mark = nil
+if mode == 's' or mode == 'z' then
+  latest_mark = function(key, now_s, now_ns)
+    local x_s, x_ns = now_s, now_ns
+    local old = redis.call('HGET', key, 'x')
+    if old then
+      local s, ns = string.match(old, '^(%-?%d+) (%d+)$')
+      if not s then
+        error({ tollgate = 'bad quota state' })
+      end
+      s, ns = s + 0, ns + 0
+      if s > x_s or s == x_s and ns > x_ns then
+        x_s, x_ns = s, ns
+      end
+    end
+    return x_s, x_ns
+  end
+end
+
 -- "s" set what remains of the quota.
 if mode == 's' then
   run = function(int, clock, _, _, _, quotas)
@@ -782,6 +811,11 @@ if mode == 's' then
       error({ tollgate = 'remaining out of range' })
     end
     save({ w, used, stop, today, days }, KEYS[1], KEYS[2], nil, remaining, now_s, now_ns)
+    -- What remains is what was set: units charged before it (a share
+    -- another instance still holds, a late settlement) are counted in it,
+    -- and given back later they would raise it past what was set.
+    local x_s, x_ns = latest_mark(KEYS[1], now_s, now_ns)
+    redis.call('HSET', KEYS[1], 'x', string.format('%d %d', x_s, x_ns))
     return { now_s, now_ns, start, stop, limit_in, used }
   end
 end
@@ -795,22 +829,7 @@ if mode == 'z' then
     local spec, roll = quotas(int)
     local limit, period, week_start, offset, created = spec(4)
     local now_s, now_ns = clock(int)
-    -- Never earlier than a reset before it, as the memory store keeps its
-    -- latest reset time: on a clock that went back, a charge made between
-    -- that reset and this one's earlier time was forgiven by that reset,
-    -- and marked with this time alone a refund of it would count again.
-    local x_s, x_ns = now_s, now_ns
-    local old = redis.call('HGET', KEYS[1], 'x')
-    if old then
-      local s, ns = string.match(old, '^(%-?%d+) (%d+)$')
-      if not s then
-        error({ tollgate = 'bad quota state' })
-      end
-      s, ns = s + 0, ns + 0
-      if s > x_s or s == x_s and ns > x_ns then
-        x_s, x_ns = s, ns
-      end
-    end
+    local x_s, x_ns = latest_mark(KEYS[1], now_s, now_ns)
     redis.call('DEL', KEYS[1], KEYS[2])
     -- The window of now, as a fresh count has it: the mark lasts as a
     -- count written now would.
