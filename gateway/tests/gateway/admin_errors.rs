@@ -4,12 +4,9 @@
 //! does not parse, a body past the bound), which axum answers as plain text
 //! unless the routes answer it themselves.
 
-use std::net::SocketAddr;
-
 use reqwest::Method;
 use serde_json::{Value, json};
 use tollgate::MemoryStore;
-use tollgate::config::Config;
 
 const CONFIG: &str = r#"
 [[plans]]
@@ -29,15 +26,7 @@ key = "admin-secret"
 /// drops.
 async fn serve(style: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
     let toml = format!("{CONFIG}\n[response]\nstyle = \"{style}\"\n");
-    let config = Config::from_toml(&toml).unwrap();
-    let app = tollgate_gateway::app(&config, MemoryStore::new()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(tollgate_gateway::serve(listener, app, async {
-        let _ = rx.await;
-    }));
-    (format!("http://{addr}"), tx)
+    crate::serve_config(&toml, MemoryStore::new()).await
 }
 
 /// A request that fails, and the status it fails with.

@@ -3,12 +3,10 @@
 //! (nothing imported, the entry named), removal while a request of the key
 //! is streaming (its concurrency place still comes back), and the errors.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tollgate::MemoryStore;
-use tollgate::config::Config;
 
 const CONFIG: &str = r#"
 [[plans]]
@@ -30,15 +28,7 @@ key = "admin-secret"
 "#;
 
 async fn serve() -> (String, tokio::sync::oneshot::Sender<()>) {
-    let config = Config::from_toml(CONFIG).unwrap();
-    let app = tollgate_gateway::app(&config, MemoryStore::new()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(tollgate_gateway::serve(listener, app, async {
-        let _ = rx.await;
-    }));
-    (format!("http://{addr}"), tx)
+    crate::serve_config(CONFIG, MemoryStore::new()).await
 }
 
 async fn admin(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {

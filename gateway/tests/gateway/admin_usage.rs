@@ -3,10 +3,7 @@
 //! real `redis-server`: the same status and body from both, a 400 with a
 //! clear message for a count out of range, never a 503 that blames the store.
 
-use std::net::SocketAddr;
-
 use serde_json::{Value, json};
-use tollgate::config::Config;
 use tollgate::store::Store;
 use tollgate::{ManualClock, MemoryStore, RedisStore};
 
@@ -29,15 +26,7 @@ key = "admin-secret"
 
 /// Serves the gateway on `store` until the returned sender drops.
 async fn serve<S: Store>(store: S) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let config = Config::from_toml(CONFIG).unwrap();
-    let app = tollgate_gateway::app(&config, store).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(tollgate_gateway::serve(listener, app, async {
-        let _ = rx.await;
-    }));
-    (format!("http://{addr}"), tx)
+    crate::serve_config(CONFIG, store).await
 }
 
 /// Status and JSON body of `PATCH /admin/keys/t-1/usage` with `body`.
