@@ -278,11 +278,12 @@ impl Counter {
 
     /// Gives back `cost` that a decision charged at `at` (wall nanoseconds)
     /// before a later limit denied it ([`Count::give_back`]), as a change on
-    /// that day's usage. A count reset since (after `at`, even if a later
-    /// decision charged it again; or empty again: the charge made it not
-    /// empty, and only a reset empties it) or let go no longer holds the
-    /// charge, and gets nothing: giving it back there would hand the window
-    /// units it never counted.
+    /// that day's usage. A count reset or set by UpdateUsage since (after
+    /// `at`, even if a later decision charged it again; or empty again: the
+    /// charge made it not empty, and only a reset or a set empties it) or
+    /// let go no longer holds the charge, and gets nothing: giving it back
+    /// there would hand the window units it never counted, or raise what
+    /// remains past what was set.
     #[cold]
     fn give_back(&self, spec: &QuotaSpec, at: i64, cost: u64) {
         let mut slow = self.slow.lock();
@@ -296,8 +297,9 @@ impl Counter {
 
     /// Adjusts the count by a settlement's `delta` ([`Count::adjust`]) at
     /// `now`, for tokens charged at `charged_at`. A charge made before the
-    /// last reset is no longer counted, as one made before the
-    /// window began is not: an over-estimate of it gets nothing back. An
+    /// last reset or UpdateUsage is no longer counted apart, as one made
+    /// before the window began is not: an over-estimate of it gets nothing
+    /// back. An
     /// under-estimate is charged whenever it was reserved (the count goes
     /// into debt, erring toward admitting less). `None` when the counter
     /// was let go.

@@ -14,8 +14,9 @@ pub(super) struct Background {
     idle: tokio::sync::Notify,
     /// The runtime the store was built on, for work started outside any
     /// runtime: a response body dropped on a plain thread still gives its
-    /// place back and settles its tokens, on the runtime whose tasks drive
-    /// the store's connections.
+    /// place back and settles its tokens. (A connection the application
+    /// made on another runtime is still driven by that one: both must be
+    /// running.)
     home: Option<tokio::runtime::Handle>,
 }
 
