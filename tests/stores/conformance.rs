@@ -901,18 +901,8 @@ pub(crate) async fn token_service<B: Backend>(
     let policy = Policy::builder()
         .clock(clock.clone())
         .plan(plan)
-        .key(ApiKey::new("k", "v", "p"))
-        .build()
-        .unwrap();
-    let layer = RateLimitLayer::builder(policy)
-        .store(b.store(clock).await)
-        .estimator(tokens::estimate)
-        .build();
-    let admin = layer.admin();
-    let svc = tower::ServiceBuilder::new()
-        .layer(layer)
-        .service_fn(tokens::report_actual);
-    (svc, admin)
+        .key(ApiKey::new("k", "v", "p"));
+    crate::accounts::token_service(b, clock, policy).await
 }
 
 /// Sends a request and reads its body to the end (which settles it); the
