@@ -9,6 +9,7 @@ mod support;
 mod borrowing;
 mod client;
 mod in_flight;
+mod outage;
 mod overload;
 mod redis_faults;
 mod redis_harness;

@@ -6,8 +6,9 @@
 //! It is this instance's own [`MemoryStore`], deciding the same limits of
 //! the same subjects (named by the same per-process digests the memory
 //! store uses) from its own state: an outage admits at most N times the
-//! limits on N instances, never unlimited traffic. Its state starts empty
-//! when the first failure comes and is not merged back into Redis.
+//! limits on N instances, never unlimited traffic. It counts what its
+//! instance admitted through Redis (the places under concurrency caps
+//! included, until their responses end), and is not merged back into Redis.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,7 +31,10 @@ pub(super) struct Local {
     /// Places under concurrency caps the copy granted and that are still
     /// held, so that [`Local::release`] tells them from Redis's.
     held: Mutex<HashMap<Permit, u32>>,
-    /// How many there are: the common case (none) reads no lock.
+    /// Places Redis granted that the copy counts too, by Redis's permit:
+    /// the copy's permit, given back with Redis's.
+    mirrored: Mutex<HashMap<Permit, Permit>>,
+    /// How many there are of both: the common case (none) reads no lock.
     count: AtomicUsize,
 }
 
@@ -44,6 +48,7 @@ impl Local {
         Local {
             store,
             held: Mutex::default(),
+            mirrored: Mutex::default(),
             count: AtomicUsize::new(0),
         }
     }
@@ -64,17 +69,47 @@ impl Local {
     }
 
     /// Charges the local copy with a request Redis (or a share of it) let
-    /// through, but for its concurrency place, and lowers each quota of the
-    /// copy to what Redis said remains of it (`report`): should Redis fail,
-    /// the copy goes on from the shared count as last seen, rather than
-    /// from nothing. What the copy would deny is not charged (it never
-    /// denies Redis).
+    /// through, and lowers each quota of the copy to what Redis said
+    /// remains of it (`report`): should Redis fail, the copy goes on from
+    /// the shared count as last seen, rather than from nothing. What the
+    /// copy would deny is not charged (it never denies Redis). Each place
+    /// Redis granted under a concurrency cap takes one in the copy too,
+    /// until [`Local::release`] gives back Redis's: a response still held
+    /// when Redis fails counts against the cap the copy then decides.
     pub(super) fn mirror(&self, parts: &[&Part], report: &Report) {
         let _ = with_acquire(parts, FailureMode::Local, false, |a| {
             self.store.decide::<()>(a, &mut ())
         });
         for item in report.items() {
             self.learn(parts, item);
+        }
+        for permit in report.permits() {
+            self.count_place(parts, permit);
+        }
+    }
+
+    /// Takes a place in the copy for the place `redis` granted, under the
+    /// cap of `parts` that holds it.
+    fn count_place(&self, parts: &[&Part], redis: Permit) {
+        let Some(cap) = parts
+            .iter()
+            .flat_map(|p| &p.caps)
+            .find(|c| c.permit == redis)
+        else {
+            return;
+        };
+        let alone = Part {
+            cost: 1,
+            caps: vec![*cap],
+            ..Part::default()
+        };
+        let mut report = Report::default();
+        let taken = with_acquire(&[&alone], FailureMode::Local, true, |a| {
+            self.store.decide(a, &mut report)
+        });
+        if let (Ok(()), Some(mine)) = (taken, report.permits().next()) {
+            self.mirrored.lock().insert(redis, mine);
+            self.count.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -95,9 +130,16 @@ impl Local {
     }
 
     /// Gives back `permit` if the local copy granted it; `false` if it is
-    /// Redis's.
+    /// Redis's (whose place in the copy, if it took one, goes back here).
     pub(super) fn release(&self, permit: Permit) -> bool {
+        use crate::store::Store as _;
         if self.count.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let mirrored = self.mirrored.lock().remove(&permit);
+        if let Some(mine) = mirrored {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            self.store.release(mine);
             return false;
         }
         let mut held = self.held.lock();
@@ -110,7 +152,6 @@ impl Local {
         }
         drop(held);
         self.count.fetch_sub(1, Ordering::AcqRel);
-        use crate::store::Store as _;
         self.store.release(permit);
         true
     }
