@@ -1,13 +1,18 @@
 //! A Redis store through an outage, against a real `redis-server`: the
 //! local copy that decides a plan whose failure mode is `local` bounds what
 //! one instance admits by the plan's limits, counting what it admitted
-//! through Redis before the outage.
+//! through Redis before the outage; the outage is logged once when it
+//! starts, and its end only once Redis answers again.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::routing::get;
 use http::Request;
-use tollgate::{ApiKey, FailureMode, Policy, RateLimitLayer, RedisStore, UsagePlan};
+use tollgate::{ApiKey, FailureMode, Policy, RateLimitLayer, RedisStore, Throttle, UsagePlan};
 use tower::ServiceExt;
 
 use crate::SERIAL;
@@ -73,4 +78,119 @@ async fn the_local_copy_counts_the_places_taken_through_redis() {
     drop(held);
     let third = app.clone().oneshot(capped_request()).await.unwrap();
     assert_eq!(third.status(), 200, "the place was given back");
+}
+
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for Buffer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Buffer {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+/// Units of a share borrowed before Redis went away are no answer from
+/// Redis: deciding from them while Redis is still down does not log the
+/// outage as over (and then as begun again), and the end is logged once
+/// Redis answers again.
+// The default flavour runs the store's tasks on this thread, where the
+// subscriber is set.
+#[tokio::test(flavor = "current_thread")]
+async fn decisions_from_a_share_do_not_end_an_outage_in_the_log() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut redis = RedisServer::start();
+    let store = RedisStore::builder(redis.url())
+        .shared_registry(false)
+        .max_age(Duration::from_secs(30))
+        .build()
+        .await
+        .expect("a Redis store");
+    let policy = Policy::builder()
+        .plan(UsagePlan::new("p").throttle(Throttle::new(1000.0, 1000).unwrap()))
+        .key(ApiKey::new("hot-1", "hot", "p"))
+        .key(ApiKey::new("cold-1", "cold", "p"))
+        .build()
+        .expect("a valid policy");
+    let layer = RateLimitLayer::builder(policy).store(store.clone()).build();
+    // The hot key's second call borrows for the rate of the first: five
+    // units for 30 s.
+    for _ in 0..2 {
+        layer.decide(b"hot", 1).await.expect("allowed by Redis");
+    }
+    redis.kill();
+    layer
+        .decide(b"cold", 1)
+        .await
+        .expect("allowed by the local copy");
+    assert_eq!(store.local_decisions(), 1, "the cold key has no share");
+    for _ in 0..4 {
+        layer.decide(b"hot", 1).await.expect("allowed");
+    }
+    assert_eq!(
+        store.local_decisions(),
+        1,
+        "the hot key decided from its share"
+    );
+    layer
+        .decide(b"cold", 1)
+        .await
+        .expect("allowed by the local copy");
+    assert_eq!(store.local_decisions(), 2);
+    let text = buffer.text();
+    assert_eq!(
+        text.matches("rate-limit store failing").count(),
+        1,
+        "one outage, logged once: {text}"
+    );
+    assert!(
+        !text.contains("rate-limit store recovered"),
+        "Redis is still down: {text}"
+    );
+
+    redis.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !buffer.text().contains("rate-limit store recovered") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no recovery logged: {}",
+            buffer.text()
+        );
+        let _ = layer.decide(b"cold", 1).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = buffer.text();
+    assert_eq!(
+        text.matches("rate-limit store failing").count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("rate-limit store recovered").count(),
+        1,
+        "{text}"
+    );
 }

@@ -603,9 +603,10 @@ impl Inner {
             self.give_back(share);
         }
         if let Take::Unit(report, part) = &take {
-            // A unit of Redis's grant: an answer, for the failure log, and
-            // an admission the local copy counts.
-            self.failures.answered();
+            // A unit of Redis's grant: an admission the local copy counts,
+            // but no answer from Redis (it may be down since it granted
+            // the share), so no end of a failure for the log: the flights
+            // that land tell that.
             self.local.mirror(&[part], report);
         }
         take
