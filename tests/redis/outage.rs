@@ -12,7 +12,10 @@ use axum::Router;
 use axum::body::Body;
 use axum::routing::get;
 use http::Request;
-use tollgate::{ApiKey, FailureMode, Policy, RateLimitLayer, RedisStore, Throttle, UsagePlan};
+use tollgate::extract::ApiKeyHeader;
+use tollgate::{
+    ApiKey, FailureMode, Period, Policy, Quota, RateLimitLayer, RedisStore, Throttle, UsagePlan,
+};
 use tower::ServiceExt;
 
 use crate::SERIAL;
@@ -193,4 +196,72 @@ async fn decisions_from_a_share_do_not_end_an_outage_in_the_log() {
         1,
         "{text}"
     );
+}
+
+/// Decisions of key `key` through `layer`, one after the other: how many
+/// were allowed.
+async fn allowed(layer: &RateLimitLayer<ApiKeyHeader, RedisStore>, key: &[u8], n: usize) -> usize {
+    let mut allowed = 0;
+    for _ in 0..n {
+        match layer.decide(key, 1).await {
+            Ok(()) => allowed += 1,
+            Err(r) => assert_eq!(r.status(), 429, "{r:?}"),
+        }
+    }
+    allowed
+}
+
+/// A share borrowed before Redis restarted empty was charged to a count
+/// that is gone: its unused units, given back after the restart, go to no
+/// count that began after they were charged. The count Redis starts again
+/// admits its limit, no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_borrowed_before_a_restart_gives_nothing_to_the_new_count() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start();
+    let plan = UsagePlan::new("q").quota(Quota::new(20, Period::Day).unwrap());
+    let policy = || {
+        Policy::builder()
+            .plan(plan.clone())
+            .key(ApiKey::new("k-1", "k", "q"))
+            .key(ApiKey::new("other-1", "other", "q"))
+            .build()
+            .expect("a valid policy")
+    };
+    let mut layers = Vec::new();
+    for _ in 0..2 {
+        let store = RedisStore::builder(redis.url())
+            .shared_registry(false)
+            .timeout(Duration::from_secs(2))
+            .max_age(Duration::from_secs(30))
+            // Every denial from Redis: none answered from before the
+            // give-back.
+            .over_limit_cache(Duration::ZERO)
+            .build()
+            .await
+            .expect("a Redis store");
+        layers.push((
+            RateLimitLayer::builder(policy())
+                .store(store.clone())
+                .build(),
+            store,
+        ));
+    }
+    let (a, a_store) = &layers[0];
+    let (b, b_store) = &layers[1];
+    // The second call borrows: units A holds, charged to the count before
+    // the restart.
+    assert_eq!(allowed(a, b"k", 2).await, 2);
+    redis.restart();
+    // A's connection is made again.
+    allowed(a, b"other", 1).await;
+    let mut admitted = allowed(b, b"k", 30).await;
+    b_store.drained().await;
+    assert_eq!(admitted, 20, "the new count admits its limit");
+    a_store.drained().await;
+    admitted += allowed(b, b"k", 10).await;
+    assert_eq!(admitted, 20, "units charged before the restart came back");
 }

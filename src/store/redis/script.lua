@@ -22,7 +22,9 @@
 --
 -- Quota key: hash {w = window start (days since 1970-01-01), n = used in it,
 -- d = the day of the last change, x = "<s> <ns>" the time of the last reset
--- (mode "z") or set (mode "s"), if any}, expiring a day after the window ends. History key: hash {u:<day> = used that
+-- (mode "z") or set (mode "s"), if any, b = "<s> <ns>" the time the count
+-- was made (its first write after none, a reset or data lost: a restart
+-- without persistence, a failover)}, expiring a day after the window ends. History key: hash {u:<day> = used that
 -- UTC day, r:<day> = what remained in the window after the day's last change},
 -- expiring history_days after its last write; days that fall out of the
 -- history are deleted when a new day is first written.
@@ -85,8 +87,10 @@
 --   put the bucket in debt, past its span); a quota's count by delta (never
 --   below 0), except that a refund is not given to a window that began
 --   after the day the tokens were charged, nor to a count reset after the
---   time they were charged (neither counts them any more; a charge at the
---   reset's very instant is taken as made after it); in
+--   time they were charged, nor to one made after it (b: the count that
+--   held them is gone, Redis having restarted empty; none counts them any
+--   more; a charge at the reset's or the making's very instant is taken as
+--   made after it); in
 --   the history a refund comes off that day's use while the history holds
 --   it (and adds to what remained at that day's end).
 --   Reply: now_s, now_ns.
@@ -97,8 +101,8 @@
 --   The exact inverse of the charge: a count below 0 (raised by
 --   UpdateUsage) goes back below 0, where "t" would stop at 0 and the
 --   denial would take the raise away. A quota whose count is gone
---   (expired, or reset and not charged since) or was reset after the
---   charge no longer counts it, and gets nothing.
+--   (expired, or reset and not charged since), was reset after the
+--   charge or made after it no longer counts it, and gets nothing.
 --   Reply: now_s, now_ns.
 --
 -- "z" reset a quota (Admin::reset_key). KEYS: q, h. ARGV: "z", now_s,
@@ -381,7 +385,12 @@ local function quotas(int)
     local fmt = string.format
     local w, n, stop, today, days = q[1], q[2], q[3], q[4], q[5]
     local day = fmt('%d', today)
-    redis.call('HSET', key, 'w', fmt('%d', w), 'n', fmt('%d', n), 'd', day)
+    if redis.call('HSET', key, 'w', fmt('%d', w), 'n', fmt('%d', n), 'd', day) == 3 then
+      -- A new count (all three fields new): when it was made. A refund or
+      -- give-back of a charge before it ("t", "g") was counted by a count
+      -- since lost (Redis restarted empty), not by this one.
+      redis.call('HSET', key, 'b', fmt('%d %d', now_s, now_ns))
+    end
     -- A day after the window ends, counted from the decision's now (whose
     -- day is before the one counted on when the clock went back).
     local ms = (stop + 1 - (now_s - now_s % 86400) / 86400) * 86400000
@@ -726,16 +735,19 @@ if mode == 't' or mode == 'g' then
       local p = qs[i]
       local kept = not exact or redis.call('HEXISTS', key, 'w') == 1
       if kept and delta < 0 and charged_s then
-        -- Reset or set (UpdateUsage) after the charge: the count no
-        -- longer holds it.
-        local x = redis.call('HGET', key, 'x')
-        if x then
-          local xs, xns = string.match(x, '^(%-?%d+) (%d+)$')
-          if not xs then
-            error({ tollgate = 'bad quota state' })
+        -- Reset or set (UpdateUsage) after the charge, or made after it
+        -- (the count that held it lost): the count does not hold it.
+        local marks = redis.call('HMGET', key, 'x', 'b')
+        for j = 1, 2 do
+          local x = marks[j]
+          if x and kept then
+            local xs, xns = string.match(x, '^(%-?%d+) (%d+)$')
+            if not xs then
+              error({ tollgate = 'bad quota state' })
+            end
+            xs, xns = xs + 0, xns + 0
+            kept = charged_s > xs or charged_s == xs and charged_ns >= xns
           end
-          xs, xns = xs + 0, xns + 0
-          kept = charged_s > xs or charged_s == xs and charged_ns >= xns
         end
       end
       local today, w, before, start, stop, limit_in = roll(key, now_s, unpack(p, 1, 5))
