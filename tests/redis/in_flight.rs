@@ -19,11 +19,14 @@ use axum::response::Response;
 use axum::routing::get;
 use http::Request;
 use tokio::task::JoinSet;
-use tollgate::{ApiKey, FailureMode, Policy, RateLimitLayer, RedisStore, Throttle, UsagePlan};
+use tollgate::{
+    ApiKey, FailureMode, Policy, RateLimitLayer, RedisStore, Throttle, TokenBudget, UsagePlan,
+};
 use tower::ServiceExt;
 
 use crate::SERIAL;
 use crate::support::redis::{RedisServer, require_redis};
+use crate::support::tokens;
 
 /// Requests sent at once: more than the default bound of 256 calls in flight.
 const BURST: usize = 300;
@@ -132,6 +135,81 @@ async fn a_full_cap_denies_a_burst_past_the_bound_under_local() {
             admitted, 0,
             "{admitted} of {BURST} admitted while the cap of 1 was full (warm: {warm})"
         );
+    }
+}
+
+/// A router whose one key, `capped-key`, may have one request in flight and
+/// has a token budget far from its limit, under `open`, on `store`: each
+/// request costs the tokens its `x-estimate` header says.
+fn metered_app(store: RedisStore) -> Router {
+    let policy = Policy::builder()
+        .plan(
+            UsagePlan::new("metered")
+                .tokens(TokenBudget::new().per_minute(1_000_000_000).unwrap())
+                .concurrency(1)
+                .failure(FailureMode::Open),
+        )
+        .key(ApiKey::new("k1", "capped-key", "metered"))
+        .build()
+        .expect("a valid policy");
+    let layer = RateLimitLayer::builder(policy)
+        .store(store)
+        .estimator(tokens::estimate)
+        .build();
+    Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(layer)
+}
+
+/// Requests of one key whose estimates all differ (prompts of their own),
+/// while the key's one place is held: each is a request of its own to the
+/// store, and a burst of them larger than the bound is still denied whole
+/// under `open`, whether Redis denied the key just before or not: the cap
+/// denies every one of them, whatever it costs.
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_cap_denies_a_burst_of_different_estimates_past_the_bound() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    for warm in [true, false] {
+        let redis = RedisServer::start();
+        let store = RedisStore::builder(redis.url())
+            .shared_registry(false)
+            .build()
+            .await
+            .expect("a Redis store");
+        let app = metered_app(store);
+        let estimated = |tokens: usize| {
+            Request::get("/")
+                .header("x-api-key", "capped-key")
+                .header("x-estimate", tokens.to_string())
+                .body(Body::empty())
+                .unwrap()
+        };
+        let held = app.clone().oneshot(estimated(1)).await.unwrap();
+        assert_eq!(held.status(), 200, "the place is free");
+        if warm {
+            let lone = app.clone().oneshot(estimated(2)).await.unwrap();
+            assert_eq!(lone.status(), 429, "a lone request while the cap is full");
+        }
+        let mut set = JoinSet::new();
+        for i in 0..BURST {
+            let app = app.clone();
+            let req = estimated(10 + i);
+            set.spawn(async move { app.oneshot(req).await.unwrap().status() });
+        }
+        let mut admitted = 0;
+        while let Some(status) = set.join_next().await {
+            let status = status.expect("a request's task");
+            assert!([200, 429].contains(&status.as_u16()), "{status}");
+            admitted += usize::from(status == 200);
+        }
+        assert_eq!(
+            admitted, 0,
+            "{admitted} of {BURST} admitted while the cap of 1 was full (warm: {warm})"
+        );
+        drop(held);
     }
 }
 

@@ -184,11 +184,14 @@ impl RedisStoreBuilder {
     /// 256). A request that would send one more sends none, and is never
     /// queued behind calls that may answer after the timeout. Traffic that
     /// the limits deny cannot push Redis into a failure mode that admits
-    /// it: such a request is denied when Redis denied the same request (same
-    /// key, limits, cost and estimated tokens) within the last
-    /// [timeout](Self::timeout), or denies it in a call that was in flight
-    /// when it came (it waits for those calls, never past the timeout, and
-    /// not once a call has failed). Only otherwise is it decided by its
+    /// it: such a request is denied when Redis denied a request of the same
+    /// key and limits within the last [timeout](Self::timeout), or denies
+    /// one in a call that was in flight when it came (it waits for those
+    /// calls, never past the timeout, and not once a call has failed), in
+    /// a way that denies this one too: the same cost and estimated tokens,
+    /// a full concurrency cap, or a throttle, token budget or quota with
+    /// less left than this request costs it (so requests whose estimates
+    /// differ are denied together). Only otherwise is it decided by its
     /// plan's [`FailureMode`](crate::FailureMode) (by default the local copy
     /// of its limits), at once. Past the bound a request errs toward being
     /// denied: a place freed or a throttle refilled since Redis denied it is

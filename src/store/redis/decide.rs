@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::cache::OverLimitCache;
 use super::call::{Call, Charged, Part, quota_args, spec_args};
-use super::denials::{Ended, InFlight, PastBound};
+use super::denials::{Asked, Ended, InFlight, PastBound};
 use super::flights::Take;
 use super::guards::{Lease, Ticket};
 use super::keys::reset_mark;
@@ -27,11 +27,12 @@ use crate::store::{
 };
 use crate::window::Date;
 
-/// A stable identity of a request for the over-limit cache, the calls it
-/// shares and the denials remembered past the bound on calls in flight: its
-/// limits, their numbers, its subject, its cost, and its estimated tokens
-/// when a limit counts them.
-fn identity(req: &Acquire<'_>, tokens: bool) -> u64 {
+/// Stable identities of a request: for the over-limit cache and the calls
+/// it shares, its limits, their numbers, its subject, its cost, and its
+/// estimated tokens when a limit counts them; and for the denials
+/// remembered past the bound on calls in flight, its subject (all of that
+/// but the cost and the tokens) with what it costs beside it.
+fn identity(req: &Acquire<'_>, tokens: bool) -> (u64, Asked) {
     let mut bytes = Vec::with_capacity(128);
     for t in req.throttles() {
         bytes.extend_from_slice(&t.limit.salt.to_le_bytes());
@@ -73,14 +74,19 @@ fn identity(req: &Acquire<'_>, tokens: bool) -> u64 {
         bytes.extend_from_slice(&(c.subject.len() as u64).to_le_bytes());
         bytes.extend_from_slice(c.subject);
     }
+    // The process's keyed hash: clients choose subjects, and must not be able
+    // to aim them at one shard of the cache.
+    let asked = Asked {
+        subject: hash::digest(&bytes).0 as u64,
+        cost: req.cost,
+        tokens: if tokens { req.tokens } else { 0 },
+    };
     bytes.extend_from_slice(&req.cost.to_le_bytes());
     if tokens {
         bytes.extend_from_slice(b"t");
         bytes.extend_from_slice(&req.tokens.to_le_bytes());
     }
-    // The process's keyed hash: clients choose subjects, and must not be able
-    // to aim them at one shard of the cache.
-    hash::digest(&bytes).0 as u64
+    (hash::digest(&bytes).0 as u64, asked)
 }
 
 pub(super) type Decided =
@@ -125,7 +131,7 @@ impl Store for RedisStore {
             .map(|t| t.limit.gcra.span())
             .max()
             .unwrap_or(0);
-        let id = identity(request, tokens);
+        let (id, asked) = identity(request, tokens);
         if let (false, Some(cache)) = (tokens, &inner.cache) {
             if let Some(denied) = cache.get(id, sent) {
                 return Acquired::Ready(Ok(Err(denied)));
@@ -189,6 +195,7 @@ impl Store for RedisStore {
             sent,
             shared_span,
             cache_id: (!tokens && inner.cache.is_some()).then_some(id),
+            asked,
         };
         if let Some(take) = take {
             // Nothing is lent ahead of demand from an account's limits: a
@@ -213,9 +220,9 @@ impl Store for RedisStore {
             own.call.args[2] = deadline.to_string();
         }
         let Some(ticket) = Ticket::take(inner) else {
-            return inner.past_bound(id, failure, [stage, account, own]);
+            return inner.past_bound(&asked, failure, [stage, account, own]);
         };
-        let in_flight = InFlight::new(inner, id);
+        let in_flight = InFlight::new(inner, asked);
         let inner = Arc::clone(inner);
         Acquired::Pending(Box::pin(async move {
             // A place Redis may have added is removed unless a response
@@ -559,6 +566,8 @@ pub(super) struct Context {
     pub(super) shared_span: crate::gcra::Nanos,
     /// Its identity in the over-limit cache, when there is one.
     pub(super) cache_id: Option<u64>,
+    /// The request as the denials remembered past the bound know it.
+    pub(super) asked: Asked,
 }
 
 impl Inner {
@@ -573,18 +582,19 @@ impl Inner {
 }
 
 impl Inner {
-    /// Decides a request (identity `id`, limits `parts`) that would be one
-    /// call more than the bound: denied when Redis denied it lately or
-    /// denies it in a call in flight when it came, else by its failure mode
-    /// (see `denials`). It sends no call, so it takes no place.
+    /// Decides a request (`asked`, limits `parts`) that would be one call
+    /// more than the bound: denied when Redis denied it (or a request of
+    /// its subject, in a way that denies it too) lately or in a call in
+    /// flight when it came, else by its failure mode (see `denials`). It
+    /// sends no call, so it takes no place.
     fn past_bound(
         self: &Arc<Self>,
-        id: u64,
+        asked: &Asked,
         failure: crate::FailureMode,
         parts: [Part; 3],
     ) -> Acquired<Decided> {
         let e = || StoreError::new("redis: too many calls in flight");
-        let wait = match self.denials.past_bound(id, self.clock.nanos()) {
+        let wait = match self.denials.past_bound(asked, self.clock.nanos()) {
             PastBound::Denied(denied) => return Acquired::Ready(Ok(Err(denied))),
             PastBound::Fail => {
                 let [stage, account, own] = &parts;

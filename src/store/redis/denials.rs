@@ -11,21 +11,28 @@
 //! into `open` (admitted unchecked) or `local` (decided by a copy that holds
 //! none of Redis's places).
 //!
-//! A request is known by its identity (its limits, their numbers, its
-//! subject, its cost and estimated tokens). Past the bound:
+//! A request is known by its subject (its limits, their numbers and its
+//! subject: see `decide::identity`) and what it costs them (its cost and
+//! estimated tokens). A denial Redis gave a request of the same subject
+//! denies it too when the limit that denied is one this request cannot pass
+//! either: a full concurrency cap (whatever the cost), a throttle or a
+//! quota with less left than this request costs it, or any limit when it
+//! costs the same. So requests that differ only in what they cost (prompts
+//! of their own, each estimated apart) are denied together. Past the bound:
 //!
-//! - if Redis denied the same request within the last
-//!   [timeout](crate::RedisStoreBuilder::timeout), it is denied again (the
-//!   wait shrunk by the time since). A flood keeps its calls in flight
-//!   landing, each renewing the denial, so it stays denied while Redis
-//!   answers; once Redis stops answering, the denial is a timeout old at
-//!   most before the failure mode decides. It errs toward admitting less: a
-//!   place freed since, or a throttle refilled, is seen only by the next
-//!   request that finds the store below its bound;
-//! - else, if calls of the same request are in flight and no call has
+//! - if Redis denied a request of the same subject within the last
+//!   [timeout](crate::RedisStoreBuilder::timeout), in a way that denies
+//!   this one, it is denied again (the wait shrunk by the time since). A
+//!   flood keeps its calls in flight landing, each renewing the denial, so
+//!   it stays denied while Redis answers; once Redis stops answering, the
+//!   denial is a timeout old at most before the failure mode decides. It
+//!   errs toward admitting less: a place freed since, or a throttle
+//!   refilled, is seen only by the next request that finds the store below
+//!   its bound;
+//! - else, if calls of the same subject are in flight and no call has
 //!   failed since the last answer, it waits for those calls (never past the
 //!   timeout, and for no call sent after it came) and is denied if one of
-//!   them is;
+//!   them is, in a way that denies this one;
 //! - else its failure mode decides, at once.
 //!
 //! Nothing here ever admits a request, so exactness is Redis's as before,
@@ -42,7 +49,7 @@ use tokio::sync::Notify;
 use super::store::Inner;
 use crate::gcra::Nanos;
 use crate::hash::BuildDigestHasher;
-use crate::store::Denied;
+use crate::store::{Denial, Denied};
 use crate::sync::Mutex;
 
 /// Shards of the table, so that subjects on several threads rarely contend.
@@ -52,7 +59,40 @@ const SHARDS: usize = 16;
 /// anything (the bound doubles with what a sweep keeps).
 const SWEEP_AT: usize = 64;
 
-/// One request identity's calls in flight and latest denial.
+/// A request as the table knows it: its subject, and what it costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Asked {
+    /// Its limits, their numbers and its subject (`decide::identity`).
+    pub(super) subject: u64,
+    /// Its cost in requests, and its estimated tokens.
+    pub(super) cost: u32,
+    pub(super) tokens: u32,
+}
+
+impl Asked {
+    /// Whether `denied`, Redis's denial of `other` (a request of the same
+    /// subject), denies this request too: the same request, a full cap, or
+    /// a throttle or quota with less left than this one costs it.
+    fn denied_by(&self, other: &Asked, denied: &Denied) -> bool {
+        if (self.cost, self.tokens) == (other.cost, other.tokens) {
+            return true;
+        }
+        match denied.denial {
+            Denial::Concurrency => true,
+            Denial::Limited { .. } | Denial::Quota { .. } => {
+                let need = if denied.limit.kind.counts_tokens() {
+                    self.tokens
+                } else {
+                    self.cost
+                };
+                u64::from(need) > denied.limit.remaining
+            }
+            Denial::TooCostly | Denial::Capacity { .. } => false,
+        }
+    }
+}
+
+/// One subject's calls in flight and latest denial.
 #[derive(Debug, Default)]
 struct Entry {
     /// Calls in flight.
@@ -60,21 +100,23 @@ struct Entry {
     /// Calls that ended so far (landed or dropped).
     ended: u64,
     /// Redis's latest denial: when the request was sent, until when it is
-    /// taken for Redis's answer, the denial.
-    denied: Option<(Nanos, Nanos, Denied)>,
+    /// taken for Redis's answer, the request and the denial.
+    denied: Option<(Nanos, Nanos, Asked, Denied)>,
     /// Woken when a call ends, made by the first request that waits.
     ended_signal: Option<Arc<Notify>>,
 }
 
 impl Entry {
-    fn fresh(&self, now: Nanos) -> Option<Denied> {
-        let (at, until, denied) = self.denied?;
-        (now < until).then(|| denied.later(now.saturating_sub(at)))
+    /// Redis's latest denial, if it is recent and denies `asked` too.
+    fn fresh(&self, now: Nanos, asked: &Asked) -> Option<Denied> {
+        let (at, until, other, denied) = self.denied?;
+        (now < until && asked.denied_by(&other, &denied))
+            .then(|| denied.later(now.saturating_sub(at)))
     }
 
     /// Whether it says nothing any more.
     fn idle(&self, now: Nanos) -> bool {
-        self.pending == 0 && self.fresh(now).is_none()
+        self.pending == 0 && self.denied.is_none_or(|(_, until, ..)| now >= until)
     }
 }
 
@@ -110,24 +152,25 @@ pub(super) enum Ended {
 /// What a request past the bound gets.
 #[derive(Debug)]
 pub(super) enum PastBound {
-    /// Redis denied it lately.
+    /// Redis denied it (or a request of its subject, in a way that
+    /// denies it too) lately.
     Denied(Denied),
-    /// Calls of the same request are in flight: wait for them.
+    /// Calls of the same subject are in flight: wait for them.
     Wait(Wait),
     /// Nothing known: the failure mode decides.
     Fail,
 }
 
-/// Waiting for the calls of one request identity in flight when it came.
+/// Waiting for the calls of one subject in flight when a request came.
 #[derive(Debug)]
 pub(super) struct Wait {
-    id: u64,
+    asked: Asked,
     /// The count of ended calls at which they have all ended.
     until_ended: u64,
     signal: Arc<Notify>,
 }
 
-/// The table of identities with calls in flight or a recent denial.
+/// The table of subjects with calls in flight or a recent denial.
 #[derive(Debug)]
 pub(super) struct RecentDenials {
     shards: Box<[Mutex<Shard>]>,
@@ -151,13 +194,15 @@ impl RecentDenials {
         &self.shards[(id >> 58) as usize % SHARDS]
     }
 
-    /// A call of `id` is sent.
-    fn sent(&self, id: u64, now: Nanos) {
+    /// A call of `asked` is sent.
+    fn sent(&self, asked: &Asked, now: Nanos) {
+        let id = asked.subject;
         self.shard(id).lock().entry(id, now).pending += 1;
     }
 
-    /// A call of `id`, sent at `sent`, ended at `now`.
-    fn ended(&self, id: u64, sent: Nanos, now: Nanos, how: Ended) {
+    /// A call of `asked`, sent at `sent`, ended at `now`.
+    fn ended(&self, asked: &Asked, sent: Nanos, now: Nanos, how: Ended) {
+        let id = asked.subject;
         match how {
             Ended::Answered(_) => self.failing.store(false, Ordering::Release),
             Ended::Failed => self.failing.store(true, Ordering::Release),
@@ -170,7 +215,7 @@ impl RecentDenials {
         e.pending = e.pending.saturating_sub(1);
         e.ended += 1;
         if let Ended::Answered(Some(denied)) = how {
-            e.denied = Some((sent, now.saturating_add(self.hold), denied));
+            e.denied = Some((sent, now.saturating_add(self.hold), *asked, denied));
         }
         if let Some(signal) = &e.ended_signal {
             signal.notify_waiters();
@@ -180,12 +225,13 @@ impl RecentDenials {
         }
     }
 
-    /// Remembers that Redis denied `id`, sent at `sent`, at `now` (a call
-    /// shared by several requests, counted in flight by `flights`).
-    pub(super) fn denied(&self, id: u64, sent: Nanos, now: Nanos, denied: Denied) {
+    /// Remembers that Redis denied `asked`, sent at `sent`, at `now` (a
+    /// call shared by several requests, counted in flight by `flights`).
+    pub(super) fn denied(&self, asked: &Asked, sent: Nanos, now: Nanos, denied: Denied) {
         self.answered();
+        let id = asked.subject;
         self.shard(id).lock().entry(id, now).denied =
-            Some((sent, now.saturating_add(self.hold), denied));
+            Some((sent, now.saturating_add(self.hold), *asked, denied));
     }
 
     /// Redis answered a call counted elsewhere (a shared one).
@@ -198,18 +244,21 @@ impl RecentDenials {
         self.failing.store(true, Ordering::Release);
     }
 
-    /// Redis's denial of `id` if it is recent (see the module documentation).
-    pub(super) fn fresh(&self, id: u64, now: Nanos) -> Option<Denied> {
-        self.shard(id).lock().entries.get(&id)?.fresh(now)
+    /// Redis's recent denial of a request of `asked`'s subject, if it
+    /// denies `asked` too (see the module documentation).
+    pub(super) fn fresh(&self, asked: &Asked, now: Nanos) -> Option<Denied> {
+        let id = asked.subject;
+        self.shard(id).lock().entries.get(&id)?.fresh(now, asked)
     }
 
-    /// What a request `id` past the bound gets at `now`.
-    pub(super) fn past_bound(&self, id: u64, now: Nanos) -> PastBound {
+    /// What a request `asked` past the bound gets at `now`.
+    pub(super) fn past_bound(&self, asked: &Asked, now: Nanos) -> PastBound {
+        let id = asked.subject;
         let mut shard = self.shard(id).lock();
         let Some(e) = shard.entries.get_mut(&id) else {
             return PastBound::Fail;
         };
-        if let Some(denied) = e.fresh(now) {
+        if let Some(denied) = e.fresh(now, asked) {
             return PastBound::Denied(denied);
         }
         if e.pending == 0 || self.failing.load(Ordering::Acquire) {
@@ -217,15 +266,15 @@ impl RecentDenials {
         }
         let signal = Arc::clone(e.ended_signal.get_or_insert_default());
         PastBound::Wait(Wait {
-            id,
+            asked: *asked,
             until_ended: e.ended + u64::from(e.pending),
             signal,
         })
     }
 
     /// Waits until the calls `wait` is for have ended; a denial one of them
-    /// (or any call of the same request) brings back, if any. The caller
-    /// bounds it by the timeout.
+    /// (or any call of the same subject) brings back that denies its
+    /// request too, if any. The caller bounds it by the timeout.
     pub(super) async fn after(&self, wait: Wait, now: impl Fn() -> Nanos) -> Option<Denied> {
         loop {
             let signal = wait.signal.notified();
@@ -234,9 +283,9 @@ impl RecentDenials {
             // still wakes this one.
             signal.as_mut().enable();
             {
-                let shard = self.shard(wait.id).lock();
-                let e = shard.entries.get(&wait.id)?;
-                if let Some(denied) = e.fresh(now()) {
+                let shard = self.shard(wait.asked.subject).lock();
+                let e = shard.entries.get(&wait.asked.subject)?;
+                if let Some(denied) = e.fresh(now(), &wait.asked) {
                     return Some(denied);
                 }
                 if e.ended >= wait.until_ended || self.failing.load(Ordering::Acquire) {
@@ -248,23 +297,23 @@ impl RecentDenials {
     }
 }
 
-/// A call of one request identity in flight, counted until it ends; one
-/// dropped before it lands (its request went away) ends as
+/// A call of one request in flight, counted under its subject until it
+/// ends; one dropped before it lands (its request went away) ends as
 /// [`Ended::Dropped`].
 pub(super) struct InFlight {
     inner: Arc<Inner>,
-    id: u64,
+    asked: Asked,
     sent: Nanos,
     ended: bool,
 }
 
 impl InFlight {
-    pub(super) fn new(inner: &Arc<Inner>, id: u64) -> Self {
+    pub(super) fn new(inner: &Arc<Inner>, asked: Asked) -> Self {
         let sent = inner.clock.nanos();
-        inner.denials.sent(id, sent);
+        inner.denials.sent(&asked, sent);
         InFlight {
             inner: Arc::clone(inner),
-            id,
+            asked,
             sent,
             ended: false,
         }
@@ -274,7 +323,7 @@ impl InFlight {
     pub(super) fn end(mut self, how: Ended) {
         self.ended = true;
         let now = self.inner.clock.nanos();
-        self.inner.denials.ended(self.id, self.sent, now, how);
+        self.inner.denials.ended(&self.asked, self.sent, now, how);
     }
 }
 
@@ -284,7 +333,7 @@ impl Drop for InFlight {
             let now = self.inner.clock.nanos();
             self.inner
                 .denials
-                .ended(self.id, self.sent, now, Ended::Dropped);
+                .ended(&self.asked, self.sent, now, Ended::Dropped);
         }
     }
 }
@@ -300,49 +349,58 @@ mod tests {
         Denied::concurrency(Applied::default())
     }
 
+    /// A request of `subject` costing 1.
+    fn ask(subject: u64) -> Asked {
+        Asked {
+            subject,
+            cost: 1,
+            tokens: 0,
+        }
+    }
+
     const HOLD: Nanos = 100;
 
     #[test]
     fn a_recent_denial_answers_until_it_is_a_timeout_old() {
         let d = RecentDenials::new(HOLD);
-        assert!(matches!(d.past_bound(7, 0), PastBound::Fail));
-        d.sent(7, 0);
-        d.ended(7, 0, 10, Ended::Answered(Some(full())));
-        assert!(matches!(d.past_bound(7, 109), PastBound::Denied(_)));
-        assert!(matches!(d.past_bound(7, 110), PastBound::Fail));
-        assert!(d.fresh(7, 50).is_some());
-        assert!(d.fresh(8, 50).is_none());
+        assert!(matches!(d.past_bound(&ask(7), 0), PastBound::Fail));
+        d.sent(&ask(7), 0);
+        d.ended(&ask(7), 0, 10, Ended::Answered(Some(full())));
+        assert!(matches!(d.past_bound(&ask(7), 109), PastBound::Denied(_)));
+        assert!(matches!(d.past_bound(&ask(7), 110), PastBound::Fail));
+        assert!(d.fresh(&ask(7), 50).is_some());
+        assert!(d.fresh(&ask(8), 50).is_none());
     }
 
     #[test]
     fn an_allowed_call_leaves_nothing_behind() {
         let d = RecentDenials::new(HOLD);
-        d.sent(7, 0);
-        d.ended(7, 0, 10, Ended::Answered(None));
+        d.sent(&ask(7), 0);
+        d.ended(&ask(7), 0, 10, Ended::Answered(None));
         assert!(d.shards.iter().all(|s| s.lock().entries.is_empty()));
-        d.sent(8, 0);
-        d.ended(8, 0, 10, Ended::Dropped);
+        d.sent(&ask(8), 0);
+        d.ended(&ask(8), 0, 10, Ended::Dropped);
         assert!(d.shards.iter().all(|s| s.lock().entries.is_empty()));
     }
 
     #[tokio::test]
     async fn a_request_past_the_bound_waits_for_the_calls_in_flight_when_it_came() {
         let d = Arc::new(RecentDenials::new(HOLD));
-        d.sent(7, 0);
-        d.sent(7, 0);
-        let PastBound::Wait(wait) = d.past_bound(7, 1) else {
+        d.sent(&ask(7), 0);
+        d.sent(&ask(7), 0);
+        let PastBound::Wait(wait) = d.past_bound(&ask(7), 1) else {
             panic!("two calls in flight")
         };
         // A call sent after it came is not waited for.
-        d.sent(7, 2);
+        d.sent(&ask(7), 2);
         let waiter = tokio::spawn({
             let d = Arc::clone(&d);
             async move { d.after(wait, || 20).await }
         });
-        d.ended(7, 0, 10, Ended::Answered(None));
+        d.ended(&ask(7), 0, 10, Ended::Answered(None));
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
-        d.ended(7, 2, 11, Ended::Answered(None));
+        d.ended(&ask(7), 2, 11, Ended::Answered(None));
         let waited = tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
             .expect("woken")
@@ -353,8 +411,8 @@ mod tests {
     #[tokio::test]
     async fn a_denial_landing_answers_the_requests_waiting() {
         let d = Arc::new(RecentDenials::new(HOLD));
-        d.sent(7, 0);
-        let PastBound::Wait(wait) = d.past_bound(7, 1) else {
+        d.sent(&ask(7), 0);
+        let PastBound::Wait(wait) = d.past_bound(&ask(7), 1) else {
             panic!("a call in flight")
         };
         let waiter = tokio::spawn({
@@ -362,19 +420,65 @@ mod tests {
             async move { d.after(wait, || 20).await }
         });
         tokio::task::yield_now().await;
-        d.ended(7, 0, 10, Ended::Answered(Some(full())));
+        d.ended(&ask(7), 0, 10, Ended::Answered(Some(full())));
         assert!(waiter.await.unwrap().is_some());
     }
 
     #[test]
     fn once_a_call_failed_nothing_waits() {
         let d = RecentDenials::new(HOLD);
-        d.sent(7, 0);
-        d.sent(8, 0);
-        d.ended(8, 0, 10, Ended::Failed);
-        assert!(matches!(d.past_bound(7, 11), PastBound::Fail));
-        d.ended(7, 0, 12, Ended::Answered(None));
-        d.sent(7, 13);
-        assert!(matches!(d.past_bound(7, 14), PastBound::Wait(_)));
+        d.sent(&ask(7), 0);
+        d.sent(&ask(8), 0);
+        d.ended(&ask(8), 0, 10, Ended::Failed);
+        assert!(matches!(d.past_bound(&ask(7), 11), PastBound::Fail));
+        d.ended(&ask(7), 0, 12, Ended::Answered(None));
+        d.sent(&ask(7), 13);
+        assert!(matches!(d.past_bound(&ask(7), 14), PastBound::Wait(_)));
+    }
+
+    #[test]
+    fn a_denial_answers_the_requests_of_its_subject_it_denies_too() {
+        let d = RecentDenials::new(HOLD);
+        let asked = |cost, tokens| Asked {
+            subject: 7,
+            cost,
+            tokens,
+        };
+        // A token budget with 3 tokens left denied an estimate of 5.
+        let budget = Denied::throttled(
+            Applied {
+                kind: crate::store::LimitKind::TokensMinute,
+                remaining: 3,
+                ..Applied::default()
+            },
+            Duration::from_secs(1),
+        );
+        d.sent(&asked(1, 5), 0);
+        d.ended(&asked(1, 5), 0, 10, Ended::Answered(Some(budget)));
+        assert!(d.fresh(&asked(1, 4), 20).is_some(), "4 tokens do not fit");
+        assert!(d.fresh(&asked(1, 3), 20).is_none(), "3 tokens fit");
+        assert!(d.fresh(&asked(2, 3), 20).is_none());
+        assert!(
+            d.fresh(
+                &Asked {
+                    subject: 8,
+                    ..asked(1, 5)
+                },
+                20
+            )
+            .is_none(),
+            "another subject"
+        );
+        // A full cap denies whatever a request costs, a peek too.
+        d.sent(&asked(1, 5), 30);
+        d.ended(&asked(1, 5), 30, 40, Ended::Answered(Some(full())));
+        assert!(matches!(
+            d.past_bound(&asked(0, 1), 50),
+            PastBound::Denied(_)
+        ));
+        assert!(matches!(
+            d.past_bound(&asked(9, 900), 50),
+            PastBound::Denied(_)
+        ));
     }
 }

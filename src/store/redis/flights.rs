@@ -638,7 +638,7 @@ impl Inner {
             let (end, share) = match Ticket::take(&inner) {
                 // Past the bound: denied when Redis denied it lately (see
                 // `denials`; a shared request has no other call in flight).
-                None => match inner.denials.fresh(id, inner.clock.nanos()) {
+                None => match inner.denials.fresh(&context.asked, inner.clock.nanos()) {
                     Some(denied) => (End::Denied(denied), None),
                     None => (
                         End::Failed(StoreError::new("redis: too many calls in flight")),
@@ -674,7 +674,8 @@ impl Inner {
                         }
                         Ok((Err(denied), _, _)) => {
                             inner.failures.answered();
-                            inner.denials.denied(id, sent, inner.clock.nanos(), denied);
+                            let now = inner.clock.nanos();
+                            inner.denials.denied(&context.asked, sent, now, denied);
                             inner.local.learn_denial(&[&part], &denied);
                             let verdict = Err(denied);
                             inner.remember(&verdict, &context);
