@@ -265,3 +265,65 @@ async fn a_share_borrowed_before_a_restart_gives_nothing_to_the_new_count() {
     admitted += allowed(b, b"k", 10).await;
     assert_eq!(admitted, 20, "units charged before the restart came back");
 }
+
+/// The shared key registry, read every 200 ms, stops being read when Redis
+/// goes away: that is logged once when it starts, not on every read, and
+/// once when the registry is read again.
+#[tokio::test(flavor = "current_thread")]
+async fn the_registry_logs_an_outage_once_when_it_starts_and_once_when_it_ends() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut redis = RedisServer::start();
+    let store = RedisStore::builder(redis.url())
+        .build()
+        .await
+        .expect("a Redis store");
+    let policy = Policy::builder()
+        .plan(UsagePlan::new("p").throttle(Throttle::new(1000.0, 1000).unwrap()))
+        .key(ApiKey::new("k-1", "k", "p"))
+        .build()
+        .expect("a valid policy");
+    let layer = RateLimitLayer::builder(policy).store(store).build();
+    layer.decide(b"k", 1).await.expect("allowed by Redis");
+    redis.kill();
+    // Five reads of the registry a second, each failing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let text = buffer.text();
+    let warnings = text.lines().filter(|l| l.contains(" WARN ")).count();
+    assert_eq!(warnings, 1, "one outage, one warning: {text}");
+
+    redis.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !buffer.text().lines().any(|l| l.contains(" INFO ")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the end of the outage is not logged: {}",
+            buffer.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = buffer.text();
+    assert_eq!(
+        text.lines().filter(|l| l.contains(" WARN ")).count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.contains(" INFO ")).count(),
+        1,
+        "{text}"
+    );
+    drop(layer);
+}

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -295,6 +295,7 @@ impl RedisStoreBuilder {
                 local: Local::new(self.clock.clone().unwrap_or_default()),
                 failures: Failures::default(),
                 shared_registry: self.shared_registry,
+                registry_failing: AtomicBool::new(false),
                 preloaded: crate::sync::Mutex::new(None),
             }),
         };

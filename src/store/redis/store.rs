@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize};
 use std::time::Duration;
 
 use super::background::Background;
@@ -97,6 +97,9 @@ pub(super) struct Inner {
     pub(super) failures: Failures,
     /// Whether keys, plans and accounts live in Redis too.
     pub(super) shared_registry: bool,
+    /// Whether the registry's last read failed: its watcher logs when
+    /// reads start failing and when they succeed again, not every read.
+    pub(super) registry_failing: AtomicBool,
     /// The shared registry as loaded when the store was built.
     pub(super) preloaded: crate::sync::Mutex<Option<(u64, Vec<super::registry::Change>)>>,
 }

@@ -13,6 +13,7 @@
 //! missing or went back) or a read fails, the watcher reads the whole
 //! registry again and delivers it as [`RegistryUpdate::Reload`].
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -67,6 +68,11 @@ async fn watch(
             return;
         };
         position = inner.registry_step(position, &*on).await;
+        if !matches!(position, Position::Lost)
+            && inner.registry_failing.swap(false, Ordering::AcqRel)
+        {
+            tracing::info!("the key registry is read again");
+        }
         drop(inner);
         tokio::time::sleep(POLL).await;
     }
@@ -91,7 +97,7 @@ impl Inner {
                 Ok(head) if head.version == version => head.cursor(),
                 // Behind the version given: Redis lost changes.
                 Ok(_) => return self.registry_reload(on).await,
-                Err(e) => return lost(&e),
+                Err(e) => return self.lost(&e),
             },
             Position::Lost => return self.registry_reload(on).await,
         };
@@ -112,7 +118,7 @@ impl Inner {
                 tracing::info!("the key registry's log has a gap; reading it all again");
                 self.registry_reload(on).await
             }
-            Err(e) => lost(&e),
+            Err(e) => self.lost(&e),
         }
     }
 
@@ -126,12 +132,21 @@ impl Inner {
                 });
                 Position::At(snapshot.cursor)
             }
-            Err(e) => lost(&e),
+            Err(e) => self.lost(&e),
         }
     }
-}
 
-fn lost(e: &crate::store::StoreError) -> Position {
-    tracing::warn!(error = %e, "the key registry could not be read; it will be read again in full");
-    Position::Lost
+    /// A read failed: logged when reads start failing (Redis is down), not
+    /// on each of those that follow every [`POLL`] until one succeeds.
+    fn lost(&self, e: &crate::store::StoreError) -> Position {
+        if self.registry_failing.swap(true, Ordering::AcqRel) {
+            tracing::debug!(error = %e, "the key registry could not be read");
+        } else {
+            tracing::warn!(
+                error = %e,
+                "the key registry could not be read; it will be read again in full"
+            );
+        }
+        Position::Lost
+    }
 }
