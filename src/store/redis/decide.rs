@@ -81,12 +81,18 @@ fn identity(req: &Acquire<'_>, tokens: bool) -> (u64, Asked) {
         cost: req.cost,
         tokens: if tokens { req.tokens } else { 0 },
     };
-    bytes.extend_from_slice(&req.cost.to_le_bytes());
-    if tokens {
-        bytes.extend_from_slice(b"t");
-        bytes.extend_from_slice(&req.tokens.to_le_bytes());
-    }
-    (hash::digest(&bytes).0 as u64, asked)
+    // The whole request: its subject's digest, then its cost and tokens.
+    let mut whole = [0u8; 17];
+    whole[..8].copy_from_slice(&asked.subject.to_le_bytes());
+    whole[8..12].copy_from_slice(&req.cost.to_le_bytes());
+    let len = if tokens {
+        whole[12] = b't';
+        whole[13..].copy_from_slice(&req.tokens.to_le_bytes());
+        17
+    } else {
+        12
+    };
+    (hash::digest(&whole[..len]).0 as u64, asked)
 }
 
 pub(super) type Decided =
