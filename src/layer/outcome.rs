@@ -29,7 +29,7 @@ impl<K, S> Shared<K, S> {
         waited: bool,
     ) -> Decision<R> {
         if waited && result.is_ok() {
-            self.failures.answered();
+            self.failures.answered_under(failure);
         }
         match result {
             Ok(Ok(report)) => Ok(report),
@@ -38,7 +38,7 @@ impl<K, S> Shared<K, S> {
                 Err(refused(rejection, Some(d.limit)))
             }
             Err(e) => {
-                self.failures.failed(&e);
+                self.failures.failed_under(&e, failure);
                 match failure {
                     FailureMode::Open => Ok(R::unchecked()),
                     // A store that decides `Local` failures keeps its own

@@ -327,3 +327,88 @@ async fn the_registry_logs_an_outage_once_when_it_starts_and_once_when_it_ends()
     );
     drop(layer);
 }
+
+/// Plans of either failure mode on one store through one outage: an `open`
+/// plan's failures are logged by the layer, a `local` plan's by the store
+/// (its copy decides them); neither takes the other's decisions for
+/// answers from Redis. So each logs the outage once, and its end once
+/// Redis answers again, rather than the `local` plan's decisions from the
+/// copy ending in the layer's log an outage the `open` plan still sees.
+#[tokio::test(flavor = "current_thread")]
+async fn plans_of_both_failure_modes_log_one_outage_once() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut redis = RedisServer::start();
+    let store = RedisStore::builder(redis.url())
+        .shared_registry(false)
+        .build()
+        .await
+        .expect("a Redis store");
+    let throttle = Throttle::new(1000.0, 1000).unwrap();
+    let policy = Policy::builder()
+        .plan(
+            UsagePlan::new("o")
+                .throttle(throttle)
+                .failure(FailureMode::Open),
+        )
+        .plan(UsagePlan::new("l").throttle(throttle))
+        .key(ApiKey::new("o-1", "o", "o"))
+        .key(ApiKey::new("l-1", "l", "l"))
+        .build()
+        .expect("a valid policy");
+    let layer = RateLimitLayer::builder(policy).store(store.clone()).build();
+    layer.decide(b"o", 1).await.expect("allowed by Redis");
+    layer.decide(b"l", 1).await.expect("allowed by Redis");
+    redis.kill();
+    for _ in 0..3 {
+        layer.decide(b"o", 1).await.expect("let through");
+        for _ in 0..4 {
+            layer
+                .decide(b"l", 1)
+                .await
+                .expect("allowed by the local copy");
+        }
+    }
+    assert_eq!(layer.store_failures(), 3, "the open plan's");
+    assert_eq!(store.local_decisions(), 12, "the local plan's");
+    let text = buffer.text();
+    assert_eq!(
+        text.matches("rate-limit store failing").count(),
+        2,
+        "once by the layer, once by the store: {text}"
+    );
+    assert!(
+        !text.contains("rate-limit store recovered"),
+        "Redis is still down: {text}"
+    );
+
+    redis.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while buffer.text().matches("rate-limit store recovered").count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no recovery logged: {}",
+            buffer.text()
+        );
+        let _ = layer.decide(b"o", 1).await;
+        let _ = layer.decide(b"l", 1).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = buffer.text();
+    assert_eq!(
+        text.matches("rate-limit store failing").count(),
+        2,
+        "{text}"
+    );
+}
