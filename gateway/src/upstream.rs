@@ -52,8 +52,10 @@ const MAX_EVENT: usize = 1024 * 1024;
 ///   the client did not, and then removes from what the client sees. A
 ///   stream that ends without one (the client left, the backend failed or
 ///   ignores `include_usage`) is charged its prompt as the layer estimated it
-///   plus one token for each chunk that carried text. A non-streamed answer
-///   the client leaves before its end keeps its estimate.
+///   plus one token for each chunk that carried text. A streamed Responses
+///   API answer is settled from the usage of its `response.completed` event
+///   (or one token per text delta). A non-streamed answer the client leaves
+///   before its end keeps its estimate.
 /// - The backend's errors pass through, status and body, and cost what their
 ///   `usage` says (nothing without one). A backend that cannot be reached is
 ///   a 502, one that does not answer within the timeout a 504, both with an
@@ -743,8 +745,12 @@ fn read_event(
     let Ok(chunk) = serde_json::from_str::<Chunk>(&data) else {
         return true;
     };
+    let texts = chunk.texts();
     let choices = chunk.choices.unwrap_or_default();
-    if let Some(total) = chunk.usage.and_then(|u| u.total_tokens) {
+    // A Responses API stream reports its usage in the `response` of its
+    // last event (`response.completed`, `.incomplete` or `.failed`).
+    let reported_usage = chunk.usage.or(chunk.response.and_then(|r| r.usage));
+    if let Some(total) = reported_usage.and_then(|u| u.total_tokens) {
         *reported = true;
         if let Some(u) = usage {
             u.set(total);
@@ -752,17 +758,40 @@ fn read_event(
         return !(strip_usage && choices.is_empty());
     }
     if let Some(u) = usage.filter(|_| !*reported) {
-        let texts = choices.iter().filter(|c| c.has_text()).count();
         u.add(texts as u64);
     }
     true
 }
 
-/// What the relay reads of a chunk of a stream.
+/// What the relay reads of a chunk of a stream: a completion's or chat
+/// completion's chunk, or an event of the Responses API.
 #[derive(Deserialize)]
 struct Chunk {
     choices: Option<Vec<Choice>>,
     usage: Option<Usage>,
+    /// The Responses API's event type (`response.output_text.delta`, …).
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    /// A Responses API delta's text.
+    delta: Option<Value>,
+    /// The response a Responses API event is about, with its usage once
+    /// it has ended.
+    response: Option<Answer>,
+}
+
+impl Chunk {
+    /// The pieces of generated text this chunk carries: one per choice
+    /// with text, or one for a Responses API delta event with text.
+    fn texts(&self) -> usize {
+        let choices = self.choices.as_deref().unwrap_or_default();
+        let delta = self.kind.as_deref().is_some_and(|k| k.ends_with(".delta"))
+            && self
+                .delta
+                .as_ref()
+                .and_then(Value::as_str)
+                .is_some_and(|d| !d.is_empty());
+        choices.iter().filter(|c| c.has_text()).count() + usize::from(delta)
+    }
 }
 
 #[derive(Deserialize)]
@@ -804,7 +833,8 @@ fn usage_in_tail(tail: &[u8]) -> Option<u64> {
     values.next()?.ok()?.total_tokens
 }
 
-/// What the relay reads of a non-streamed answer.
+/// What the relay reads of a non-streamed answer (and of the `response` of
+/// a Responses API event).
 #[derive(Deserialize)]
 struct Answer {
     usage: Option<Usage>,

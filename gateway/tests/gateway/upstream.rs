@@ -589,3 +589,86 @@ async fn paths_that_escape_v1_are_refused() {
         .unwrap();
     assert_eq!(res.status(), 200);
 }
+
+impl Front {
+    /// The tokens left in the client's budget, as `GET /v1/usage` reports
+    /// them, once they are `expected` (settlements land when the server sees
+    /// a body end); what they are after two seconds otherwise.
+    async fn tokens_left(&self, expected: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let v: Value = self
+                .client
+                .get(format!("{}/v1/usage", self.base))
+                .header("authorization", "Bearer client-key")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let left = v["limits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["name"] == "tokens-minute")
+                .and_then(|l| l["remaining"].as_u64())
+                .unwrap();
+            if left == expected || Instant::now() > deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// A streamed Responses API answer (vLLM, Ollama and llama.cpp serve
+/// `/v1/responses`) reports its usage inside the `response` of its last
+/// event, `response.completed`: it is settled from there, as a completion's
+/// usage chunk is, not left free; and one cut off before it is charged a
+/// token for each text delta sent.
+#[tokio::test]
+async fn a_streamed_responses_answer_is_settled_from_its_completed_event() {
+    let events = |completed: bool| {
+        let mut text = String::from(
+            "event: response.created\n\
+             data: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"status\":\"in_progress\",\"usage\":null}}\n\n",
+        );
+        for _ in 0..3 {
+            text.push_str(
+                "event: response.output_text.delta\n\
+                 data: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"tok \"}\n\n",
+            );
+        }
+        if completed {
+            text.push_str(
+                "event: response.completed\n\
+                 data: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"status\":\"completed\",\
+                 \"usage\":{\"input_tokens\":10,\"output_tokens\":500,\"total_tokens\":510}}}\n\n",
+            );
+        }
+        text
+    };
+    let backend = Router::new()
+        .route(
+            "/v1/responses",
+            post(move || async move { ([("content-type", "text/event-stream")], events(true)) }),
+        )
+        .route(
+            "/v1/responses/cut",
+            post(move || async move { ([("content-type", "text/event-stream")], events(false)) }),
+        );
+    let (backend, _stop) = serve(backend).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    let body = json!({"model": "m", "input": "hi", "stream": true});
+    let res = s.post("/v1/responses", &body).await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    // The client gets every event, the usage too: it asked for none of them.
+    assert!(text.contains("\"total_tokens\":510"), "{text}");
+    assert_eq!(s.tokens_left(490).await, 490);
+    let res = s.post("/v1/responses/cut", &body).await;
+    assert_eq!(res.status(), 200);
+    let _ = res.text().await.unwrap();
+    assert_eq!(s.tokens_left(487).await, 487);
+}
