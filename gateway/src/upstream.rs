@@ -319,7 +319,9 @@ struct Prepared {
     body: Bytes,
     /// The client did not ask for the usage chunk: remove it.
     strip_usage: bool,
-    /// The prompt's estimated tokens, charged when a stream starts.
+    /// The prompt's estimated tokens, charged when a stream starts (of any
+    /// completion that names a `stream` other than `false`: the backend
+    /// decides what it streams).
     prompt: u64,
 }
 
@@ -333,7 +335,13 @@ fn prepare(f: &Forwarder, body: Bytes) -> Prepared {
         // Not for the gateway to judge: the backend answers it.
         return prepared;
     };
-    if req.get("stream") != Some(&Value::Bool(true)) {
+    // Not only for `"stream": true`: a backend may stream a `"true"` or `1`
+    // too (vLLM's request models read them as `true`), and a stream without
+    // usage is charged its prompt.
+    if matches!(
+        req.get("stream"),
+        None | Some(Value::Null | Value::Bool(false))
+    ) {
         return prepared;
     }
     prepared.prompt = {
@@ -345,6 +353,11 @@ fn prepare(f: &Forwarder, body: Bytes) -> Prepared {
             .and_then(|b| f.prompt.estimate_json(&b).ok())
             .map_or(0, |e| u64::from(e.tokens))
     };
+    // Only a stream the gateway knows for one is asked for its usage: a
+    // backend refuses `stream_options` beside a `stream` it reads as false.
+    if req.get("stream") != Some(&Value::Bool(true)) {
+        return prepared;
+    }
     let options = req.entry("stream_options").or_insert_with(|| json!({}));
     // `null` or another non-object: the backend would send no usage.
     if !options.is_object() {
@@ -892,6 +905,16 @@ mod tests {
         }
         let asked = format!(r#"{stream},"stream_options":{{"include_usage":true}}}}"#);
         assert_eq!(asks(&asked), (false, true));
+        // A `stream` that is not `true` goes on as it came, its prompt
+        // counted in case the backend streams it all the same.
+        let lenient = r#"{"model":"m","prompt":"abcdefgh","stream":"true","max_tokens":9}"#;
+        let p = prepare(&f, Bytes::from(lenient));
+        assert_eq!(
+            (p.body.as_ref(), p.strip_usage, p.prompt),
+            (lenient.as_bytes(), false, 2)
+        );
+        let plain = r#"{"model":"m","prompt":"abcdefgh","stream":false}"#;
+        assert_eq!(prepare(&f, Bytes::from(plain)).prompt, 0);
     }
 
     #[test]

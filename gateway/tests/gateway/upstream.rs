@@ -672,3 +672,59 @@ async fn a_streamed_responses_answer_is_settled_from_its_completed_event() {
     let _ = res.text().await.unwrap();
     assert_eq!(s.tokens_left(487).await, 487);
 }
+
+/// A backend that reads `stream` leniently, as vLLM's request models do
+/// (`"true"`, `1`, …), and streams three chunks of text, with a usage chunk
+/// only when `stream_options.include_usage` asks for one.
+fn lenient_backend() -> Router {
+    Router::new().route(
+        "/v1/completions",
+        post(|axum::Json(body): axum::Json<Value>| async move {
+            let streams = matches!(&body["stream"], Value::Bool(true))
+                || matches!(body["stream"].as_str(), Some("true" | "1" | "yes" | "on"))
+                || body["stream"].as_u64() == Some(1);
+            let chunk = |text: &str| {
+                format!(
+                    "data: {}\n\n",
+                    json!({"object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": null}]})
+                )
+            };
+            let mut events = [chunk("a"), chunk("b"), chunk("c")].concat();
+            if body["stream_options"]["include_usage"] == json!(true) {
+                events.push_str(
+                    "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":500,\"completion_tokens\":3,\"total_tokens\":503}}\n\n",
+                );
+            }
+            events.push_str("data: [DONE]\n\n");
+            assert!(streams, "{body}");
+            ([("content-type", "text/event-stream")], events)
+        }),
+    )
+}
+
+/// A completion whose `stream` is not the JSON `true` the gateway looks for
+/// (`"true"`, `1`), but that a lenient backend streams all the same, is
+/// charged its prompt as estimated (and a token per chunk): its long prompt
+/// is not had for the three tokens of its chunks.
+#[tokio::test]
+async fn a_stream_asked_for_in_another_spelling_is_charged_its_prompt() {
+    let (backend, _stop) = serve(lenient_backend()).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    // 2000 characters: 500 tokens.
+    let prompt = "abcd".repeat(500);
+    for stream in [json!("true"), json!(1)] {
+        let body = json!({"model": "m", "prompt": prompt, "max_tokens": 10, "stream": stream});
+        let res = s.post("/v1/completions", &body).await;
+        assert_eq!(res.status(), 200);
+        let text = res.text().await.unwrap();
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        assert_eq!(s.tokens_left(497).await, 497, "{stream}");
+        // A minute on: the budget is whole again.
+        s.clock.advance(Duration::from_secs(60));
+    }
+    // A stream spelled `true` is asked for its usage, which settles it.
+    let body = json!({"model": "m", "prompt": prompt, "max_tokens": 10, "stream": true});
+    let text = s.post("/v1/completions", &body).await.text().await.unwrap();
+    assert!(!text.contains("total_tokens"), "{text}");
+    assert_eq!(s.tokens_left(497).await, 497);
+}
