@@ -187,22 +187,31 @@ pub(crate) struct Forwarder {
 }
 
 /// Whether `path` may be forwarded: under `/v1/`, with no empty, `.` or
-/// `..` segment, no backslash, and no percent-encoded dot, slash or
-/// backslash. The backend's URL is built from the path as it came, and an
-/// HTTP client or server resolves dot segments: `/v1/../api/delete` would
-/// reach the backend's `/api/delete` with the gateway's own credential, and
-/// `/v1/x/../chat/completions` a completion the layer did not estimate.
+/// `..` segment, no backslash, and no percent-encoded slash, backslash or
+/// unreserved character (a letter, digit, `-`, `.`, `_` or `~`). The
+/// backend's URL is built from the path as it came, and an HTTP client or
+/// server resolves dot segments and decodes escapes before it routes:
+/// `/v1/../api/delete` would reach the backend's `/api/delete` with the
+/// gateway's own credential, and `/v1/x/../chat/completions` or
+/// `/v1/chat/complet%69ons` a completion the layer did not estimate, past
+/// its route's limits. Nothing needs an unreserved character escaped.
 fn forwardable(path: &str) -> bool {
     let Some(rest) = path.strip_prefix("/v1/") else {
         return false;
     };
-    let lower = rest.to_ascii_lowercase();
-    if lower.contains('\\')
-        || lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-    {
+    if rest.contains('\\') {
         return false;
+    }
+    let escaped = rest.split('%').skip(1).filter_map(|after| {
+        after
+            .get(..2)
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+    });
+    for byte in escaped {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'/' | b'\\')
+        {
+            return false;
+        }
     }
     rest.split('/')
         .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
@@ -383,7 +392,7 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
     if !forwardable(req.uri().path()) {
         return gateway_error(
             StatusCode::BAD_REQUEST,
-            "The path has an empty, `.` or `..` segment, or an encoded dot, slash or backslash.",
+            "The path has an empty, `.` or `..` segment, a backslash, or an encoded slash, backslash, letter, digit or `-._~`.",
             "invalid_path",
             usage.as_ref(),
         );
@@ -923,7 +932,8 @@ mod tests {
             "/v1/models",
             "/v1/chat/completions",
             "/v1/models/a.b-c",
-            "/v1/files/%41",
+            "/v1/models/llama3%3A8b",
+            "/v1/files/a%20b",
         ] {
             assert!(forwardable(ok), "{ok}");
         }
@@ -936,6 +946,10 @@ mod tests {
             "/v1/a%2fb",
             "/v1/a%5Cb",
             "/v1/a\\b",
+            "/v1/files/%41",
+            "/v1/chat/complet%69ons",
+            "/v1/%63ompletions",
+            "/v1/x%5fy%7E",
             "/v2/x",
             "/v1",
         ] {

@@ -728,3 +728,82 @@ async fn a_stream_asked_for_in_another_spelling_is_charged_its_prompt() {
     assert!(!text.contains("total_tokens"), "{text}");
     assert_eq!(s.tokens_left(497).await, 497);
 }
+
+/// A path that spells a letter of an estimated route percent-encoded
+/// (`/v1/chat/complet%69ons`) is that route to a backend that decodes paths
+/// before routing, as uvicorn (vLLM), llama.cpp's server and Go's (Ollama)
+/// do, but not to the gateway: it would pass unestimated, its body
+/// unchecked, past the route's method override and the model's limits.
+/// Such paths are refused; an escape a name needs (`%3A` for `:`) is not.
+#[tokio::test]
+async fn a_route_spelled_with_encoded_letters_never_reaches_the_upstream() {
+    use axum::response::IntoResponse;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn decoded(path: &str) -> String {
+        let b = path.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            match std::str::from_utf8(b.get(i + 1..i + 3).unwrap_or_default())
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                Some(byte) if b[i] == b'%' => {
+                    out.push(byte);
+                    i += 3;
+                }
+                _ => {
+                    out.push(b[i]);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+    let hits = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&hits);
+    let decoding = Router::new().fallback(move |uri: axum::http::Uri| async move {
+        seen.fetch_add(1, Ordering::SeqCst);
+        let path = decoded(uri.path());
+        let usage = json!({"prompt_tokens": 1, "completion_tokens": 4999, "total_tokens": 5000});
+        match path.as_str() {
+            "/v1/chat/completions" | "/v1/completions" => {
+                axum::Json(json!({"object": "chat.completion", "choices": [], "usage": usage}))
+                    .into_response()
+            }
+            "/v1/models/llama3:8b" => axum::Json(json!({"id": "llama3:8b"})).into_response(),
+            _ => StatusCode::NOT_FOUND.into_response(),
+        }
+    });
+    let (backend, _stop) = serve(decoding).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    // 5000 tokens: more than the whole budget of 1000, refused at once on
+    // the routes as they are spelled.
+    let chat =
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000});
+    assert_eq!(s.post("/v1/chat/completions", &chat).await.status(), 429);
+    for path in [
+        "/v1/chat/complet%69ons",
+        "/v1/chat/complet%69%6Fns",
+        "/v1/%63hat/completions",
+        "/v1/%63ompletions",
+        "/v1/chat/completion%73",
+    ] {
+        let res = s.post(path, &chat).await;
+        assert_eq!(res.status(), 400, "{path}");
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_path", "{path}: {v}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the backend was reached");
+    let res = s
+        .client
+        .get(format!("{}/v1/models/llama3%3A8b", s.base))
+        .header("authorization", "Bearer client-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+}
