@@ -54,8 +54,10 @@ const MAX_EVENT: usize = 1024 * 1024;
 ///   ignores `include_usage`) is charged its prompt as the layer estimated it
 ///   plus one token for each chunk that carried text. A streamed Responses
 ///   API answer is settled from the usage of its `response.completed` event
-///   (or one token per text delta). A non-streamed answer the client leaves
-///   before its end keeps its estimate.
+///   (or its input and one token per text delta). A non-streamed answer the
+///   client leaves before its end keeps its estimate.
+/// - Completion, chat completion, Responses and embeddings bodies are read
+///   before the decision, for their estimate and their model's limits.
 /// - The backend's errors pass through, status and body, and cost what their
 ///   `usage` says (nothing without one). A backend that cannot be reached is
 ///   a 502, one that does not answer within the timeout a 504, both with an
@@ -217,13 +219,23 @@ fn forwardable(path: &str) -> bool {
         .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
 }
 
-/// Whether a request is a completion or chat completion, whose body is read.
+/// Whether a request is a completion or chat completion, whose body is read
+/// and may be asked for its usage.
 fn is_completion(method: &Method, path: &str) -> bool {
     *method == Method::POST && matches!(path, "/v1/completions" | "/v1/chat/completions")
 }
 
-/// The OpenAI estimate for completion and chat completion bodies; other
-/// requests (embeddings, models, …) are estimated from their head (0) and
+/// Whether a request's body is read for its estimate and its model: a
+/// completion's, a chat completion's, a Responses or an embeddings
+/// request's, the OpenAI JSON bodies that name a model.
+fn is_estimated(method: &Method, path: &str) -> bool {
+    is_completion(method, path)
+        || (*method == Method::POST && matches!(path, "/v1/responses" | "/v1/embeddings"))
+}
+
+/// The OpenAI estimate for completion, chat completion, Responses and
+/// embeddings bodies, which also names the model whose limits apply; other
+/// requests (models, files, …) are estimated from their head (0) and
 /// settled from the answer's `usage` when it has one.
 pub(crate) struct UpstreamEstimator(pub(crate) OpenAiEstimator);
 
@@ -233,13 +245,13 @@ impl CostEstimator for UpstreamEstimator {
     }
 
     fn reads_body(&self, req: &RequestView<'_>) -> bool {
-        is_completion(req.method, req.uri.path())
+        is_estimated(req.method, req.uri.path())
     }
 
-    /// The same bodies under every plan: a completion body that is not
-    /// OpenAI JSON is a 400 that costs nothing, also under a plan without a
-    /// token budget, instead of a request charged and then refused by the
-    /// backend.
+    /// The same bodies under every plan: such a body that is not OpenAI
+    /// JSON is a 400 that costs nothing, also under a plan without a token
+    /// budget, instead of a request charged and then refused by the
+    /// backend; and its model's limits apply under every plan.
     fn checks_body(&self, req: &RequestView<'_>) -> bool {
         self.reads_body(req)
     }
@@ -322,7 +334,8 @@ fn gateway_error(
         .into_response()
 }
 
-/// What the gateway does to a completion body before it goes on: with
+/// What the gateway does to a body it read before it goes on: counts its
+/// prompt when it may be streamed, and for a completion with
 /// `"stream": true` and no `stream_options.include_usage`, asks for it.
 struct Prepared {
     body: Bytes,
@@ -334,7 +347,7 @@ struct Prepared {
     prompt: u64,
 }
 
-fn prepare(f: &Forwarder, body: Bytes) -> Prepared {
+fn prepare(f: &Forwarder, body: Bytes, completion: bool) -> Prepared {
     let mut prepared = Prepared {
         body,
         strip_usage: false,
@@ -357,14 +370,16 @@ fn prepare(f: &Forwarder, body: Bytes) -> Prepared {
         let mut prompt = req.clone();
         prompt.remove("max_tokens");
         prompt.remove("max_completion_tokens");
+        prompt.remove("max_output_tokens");
         serde_json::to_vec(&prompt)
             .ok()
             .and_then(|b| f.prompt.estimate_json(&b).ok())
             .map_or(0, |e| u64::from(e.tokens))
     };
-    // Only a stream the gateway knows for one is asked for its usage: a
-    // backend refuses `stream_options` beside a `stream` it reads as false.
-    if req.get("stream") != Some(&Value::Bool(true)) {
+    // Only a completion's stream the gateway knows for one is asked for its
+    // usage: a backend refuses `stream_options` beside a `stream` it reads
+    // as false. (A Responses stream always ends with its usage.)
+    if !completion || req.get("stream") != Some(&Value::Bool(true)) {
         return prepared;
     }
     let options = req.entry("stream_options").or_insert_with(|| json!({}));
@@ -409,12 +424,13 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
     let mut headers = filter(&parts.headers, &NOT_FORWARDED, false);
     let mut strip_usage = false;
     let mut prompt = 0;
-    let body = if is_completion(&parts.method, parts.uri.path()) {
+    // The bodies the layer read (in memory already).
+    let body = if is_estimated(&parts.method, parts.uri.path()) {
         let bytes = match axum::body::to_bytes(body, MAX_REQUEST_BODY).await {
             Ok(b) => b,
             Err(e) => return body_error(&e, usage.as_ref()),
         };
-        let p = prepare(&f, bytes);
+        let p = prepare(&f, bytes, is_completion(&parts.method, parts.uri.path()));
         strip_usage = p.strip_usage;
         prompt = p.prompt;
         headers.remove(header::CONTENT_LENGTH);
@@ -898,7 +914,7 @@ mod tests {
     fn a_stream_is_asked_for_its_usage_unless_the_client_did() {
         let f = Upstream::new("http://h").unwrap().forwarder();
         let asks = |body: &str| {
-            let p = prepare(&f, Bytes::from(body.to_owned()));
+            let p = prepare(&f, Bytes::from(body.to_owned()), true);
             let sent: Value = serde_json::from_slice(&p.body).unwrap();
             (
                 p.strip_usage,
@@ -917,13 +933,20 @@ mod tests {
         // A `stream` that is not `true` goes on as it came, its prompt
         // counted in case the backend streams it all the same.
         let lenient = r#"{"model":"m","prompt":"abcdefgh","stream":"true","max_tokens":9}"#;
-        let p = prepare(&f, Bytes::from(lenient));
+        let p = prepare(&f, Bytes::from(lenient), true);
         assert_eq!(
             (p.body.as_ref(), p.strip_usage, p.prompt),
             (lenient.as_bytes(), false, 2)
         );
         let plain = r#"{"model":"m","prompt":"abcdefgh","stream":false}"#;
-        assert_eq!(prepare(&f, Bytes::from(plain)).prompt, 0);
+        assert_eq!(prepare(&f, Bytes::from(plain), true).prompt, 0);
+        // A Responses stream is charged its input, and goes on as it came.
+        let responses = r#"{"model":"m","input":"abcdefgh","stream":true,"max_output_tokens":9}"#;
+        let p = prepare(&f, Bytes::from(responses), false);
+        assert_eq!(
+            (p.body.as_ref(), p.strip_usage, p.prompt),
+            (responses.as_bytes(), false, 2)
+        );
     }
 
     #[test]

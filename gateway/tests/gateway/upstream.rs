@@ -465,7 +465,9 @@ async fn answers_that_are_not_json_pass_through() {
     // The error cost nothing: 900 fit again (10 of the plain answer stand).
     assert_eq!(s.until(900, 200).await.status(), 200);
     // Any other /v1 path is forwarded, and broken JSON passes as it came.
-    let res = s.post("/v1/embeddings", &json!({"input": "x"})).await;
+    let res = s
+        .post("/v1/embeddings", &json!({"model": "e", "input": "x"}))
+        .await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.text().await.unwrap(), "{\"usage\": nope");
 }
@@ -649,15 +651,14 @@ async fn a_streamed_responses_answer_is_settled_from_its_completed_event() {
         }
         text
     };
-    let backend = Router::new()
-        .route(
-            "/v1/responses",
-            post(move || async move { ([("content-type", "text/event-stream")], events(true)) }),
-        )
-        .route(
-            "/v1/responses/cut",
-            post(move || async move { ([("content-type", "text/event-stream")], events(false)) }),
-        );
+    // The backend breaks off before `response.completed` when asked to.
+    let backend = Router::new().route(
+        "/v1/responses",
+        post(move |axum::Json(body): axum::Json<Value>| async move {
+            let completed = body["user"] != "cut";
+            ([("content-type", "text/event-stream")], events(completed))
+        }),
+    );
     let (backend, _stop) = serve(backend).await;
     let s = front(Upstream::new(&backend).unwrap()).await;
     let body = json!({"model": "m", "input": "hi", "stream": true});
@@ -667,10 +668,13 @@ async fn a_streamed_responses_answer_is_settled_from_its_completed_event() {
     // The client gets every event, the usage too: it asked for none of them.
     assert!(text.contains("\"total_tokens\":510"), "{text}");
     assert_eq!(s.tokens_left(490).await, 490);
-    let res = s.post("/v1/responses/cut", &body).await;
+    // Cut off: its input as estimated (200 characters, 50 tokens) and the
+    // three deltas.
+    let cut = json!({"model": "m", "input": "abcd".repeat(50), "stream": true, "user": "cut"});
+    let res = s.post("/v1/responses", &cut).await;
     assert_eq!(res.status(), 200);
     let _ = res.text().await.unwrap();
-    assert_eq!(s.tokens_left(487).await, 487);
+    assert_eq!(s.tokens_left(437).await, 437);
 }
 
 /// A backend that reads `stream` leniently, as vLLM's request models do
@@ -806,4 +810,70 @@ async fn a_route_spelled_with_encoded_letters_never_reaches_the_upstream() {
         .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(hits.load(Ordering::SeqCst), 1);
+}
+
+/// A model's limits hold on every route that names the model in its body,
+/// not only on completions: an embeddings or Responses request for
+/// `big-model` is limited as a chat completion for it is, and a Responses
+/// request is estimated (its input and `max_output_tokens`) before it goes.
+#[tokio::test]
+async fn a_models_limits_hold_on_the_embeddings_and_responses_routes() {
+    const MODELS: &str = r#"
+[[plans]]
+name = "llm"
+throttle = { rate = 1000.0, burst = 1000 }
+tokens = { per_minute = 1000 }
+[plans.models]
+"big-model" = { throttle = { rate = 0.001, burst = 1 } }
+
+[[keys]]
+id = "client"
+value = "client-key"
+plan = "llm"
+
+[response]
+style = "openai"
+"#;
+    let answer = || async {
+        axum::Json(
+            json!({"object": "list", "data": [], "usage": {"prompt_tokens": 1, "total_tokens": 1}}),
+        )
+    };
+    let backend = Router::new()
+        .route("/v1/embeddings", post(answer))
+        .route("/v1/responses", post(answer));
+    let (backend, _stop) = serve(backend).await;
+    let s = front_with(MODELS, Upstream::new(&backend).unwrap()).await;
+    for (route, body) in [
+        (
+            "/v1/embeddings",
+            json!({"model": "big-model", "input": "hi"}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "big-model", "input": "hi", "max_output_tokens": 10}),
+        ),
+    ] {
+        let res = s.post(route, &body).await;
+        assert_eq!(res.status(), 200, "{route}");
+        let _ = res.bytes().await;
+        let res = s.post(route, &body).await;
+        assert_eq!(
+            res.status(),
+            429,
+            "{route}: the model's burst of one is spent"
+        );
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded", "{v}");
+        // Another model is not held back.
+        let mut other = body.clone();
+        other["model"] = json!("small");
+        assert_eq!(s.post(route, &other).await.status(), 200, "{route}");
+        s.clock.advance(Duration::from_secs(1000));
+    }
+    // A Responses request is estimated before it goes: more than the whole
+    // budget is refused at once.
+    let huge = json!({"model": "small", "input": "hi", "max_output_tokens": 5000});
+    let res = s.post("/v1/responses", &huge).await;
+    assert_eq!(res.status(), 429);
 }
