@@ -56,8 +56,10 @@ const MAX_EVENT: usize = 1024 * 1024;
 ///   API answer is settled from the usage of its `response.completed` event
 ///   (or its input and one token per text delta). A non-streamed answer the
 ///   client leaves before its end keeps its estimate.
-/// - Completion, chat completion, Responses and embeddings bodies are read
-///   before the decision, for their estimate and their model's limits.
+/// - Completion, chat completion, Responses, embeddings and Messages bodies
+///   are read before the decision, for their estimate and their model's
+///   limits. A usage without `total_tokens` (the Messages API's) is its
+///   input plus its output.
 /// - The backend's errors pass through, status and body, and cost what their
 ///   `usage` says (nothing without one). A backend that cannot be reached is
 ///   a 502, one that does not answer within the timeout a 504, both with an
@@ -226,15 +228,17 @@ fn is_completion(method: &Method, path: &str) -> bool {
 }
 
 /// Whether a request's body is read for its estimate and its model: a
-/// completion's, a chat completion's, a Responses or an embeddings
-/// request's, the OpenAI JSON bodies that name a model.
+/// completion's, a chat completion's, a Responses, an embeddings or a
+/// Messages request's (Anthropic's shape, which vLLM, llama.cpp's server and
+/// Ollama serve beside OpenAI's): the JSON bodies that name a model.
 fn is_estimated(method: &Method, path: &str) -> bool {
     is_completion(method, path)
-        || (*method == Method::POST && matches!(path, "/v1/responses" | "/v1/embeddings"))
+        || (*method == Method::POST
+            && matches!(path, "/v1/responses" | "/v1/embeddings" | "/v1/messages"))
 }
 
-/// The OpenAI estimate for completion, chat completion, Responses and
-/// embeddings bodies, which also names the model whose limits apply; other
+/// The OpenAI estimate for completion, chat completion, Responses,
+/// embeddings and Messages bodies, which also names the model whose limits apply; other
 /// requests (models, files, …) are estimated from their head (0) and
 /// settled from the answer's `usage` when it has one.
 pub(crate) struct UpstreamEstimator(pub(crate) OpenAiEstimator);
@@ -557,7 +561,7 @@ fn relay(
             buf: Vec::new(),
             scanned: 0,
             strip_usage,
-            reported: false,
+            reported: Reported::default(),
         }
     } else if content_type.starts_with("application/json") || content_type.contains("+json") {
         // Without a length the server reads the body to its end, where the
@@ -607,8 +611,8 @@ enum Kind {
         /// chunk from its start.
         scanned: usize,
         strip_usage: bool,
-        /// The backend reported the usage: chunks are no longer counted.
-        reported: bool,
+        /// What the backend reported of the usage so far.
+        reported: Reported,
     },
     /// A JSON answer, kept aside (up to [`MAX_JSON_ANSWER`], then its last
     /// [`JSON_TAIL`] bytes) for its usage.
@@ -718,7 +722,7 @@ impl Relay {
                 let total = if *whole {
                     serde_json::from_slice::<Answer>(seen)
                         .ok()
-                        .and_then(|a| a.usage?.total_tokens)
+                        .and_then(|a| a.usage?.total(None))
                         // An answer that is not an object of its own (an
                         // object then bytes?) is read as its tail would be.
                         .or_else(|| usage_in_tail(seen))
@@ -760,13 +764,23 @@ fn event_end(b: &[u8], from: usize) -> Option<usize> {
     }
 }
 
+/// What a stream's events reported of its usage so far.
+#[derive(Default)]
+struct Reported {
+    /// A usage came: chunks are no longer counted.
+    any: bool,
+    /// The input tokens, which a Messages stream reports in its first event
+    /// and its output tokens in a later one.
+    input: Option<u64>,
+}
+
 /// Reads one event for its tokens; whether it goes on to the client (not
 /// the usage chunk the client did not ask for).
 fn read_event(
     event: &[u8],
     usage: Option<&TokenUsage>,
     strip_usage: bool,
-    reported: &mut bool,
+    reported: &mut Reported,
 ) -> bool {
     let Ok(text) = std::str::from_utf8(event) else {
         return true;
@@ -786,47 +800,62 @@ fn read_event(
     let texts = chunk.texts();
     let choices = chunk.choices.unwrap_or_default();
     // A Responses API stream reports its usage in the `response` of its
-    // last event (`response.completed`, `.incomplete` or `.failed`).
-    let reported_usage = chunk.usage.or(chunk.response.and_then(|r| r.usage));
-    if let Some(total) = reported_usage.and_then(|u| u.total_tokens) {
-        *reported = true;
-        if let Some(u) = usage {
-            u.set(total);
+    // last event (`response.completed`, `.incomplete` or `.failed`); a
+    // Messages stream in the `message` of its first (`message_start`), then
+    // its output in `message_delta`'s own.
+    let reported_usage = chunk
+        .usage
+        .or(chunk.response.and_then(|r| r.usage))
+        .or(chunk.message.and_then(|m| m.usage));
+    if let Some(found) = reported_usage {
+        reported.input = found.input().or(reported.input);
+        if let Some(total) = found.total(reported.input) {
+            reported.any = true;
+            if let Some(u) = usage {
+                u.set(total);
+            }
+            return !(strip_usage && choices.is_empty());
         }
-        return !(strip_usage && choices.is_empty());
     }
-    if let Some(u) = usage.filter(|_| !*reported) {
+    if let Some(u) = usage.filter(|_| !reported.any) {
         u.add(texts as u64);
     }
     true
 }
 
 /// What the relay reads of a chunk of a stream: a completion's or chat
-/// completion's chunk, or an event of the Responses API.
+/// completion's chunk, or an event of the Responses or Messages API.
 #[derive(Deserialize)]
 struct Chunk {
     choices: Option<Vec<Choice>>,
     usage: Option<Usage>,
-    /// The Responses API's event type (`response.output_text.delta`, …).
+    /// The event type of the Responses API (`response.output_text.delta`,
+    /// …) or the Messages API (`content_block_delta`, …).
     #[serde(rename = "type")]
     kind: Option<String>,
-    /// A Responses API delta's text.
+    /// A delta event's text: a Responses delta's string, a Messages delta's
+    /// object (`{"type":"text_delta","text":…}`).
     delta: Option<Value>,
     /// The response a Responses API event is about, with its usage once
     /// it has ended.
     response: Option<Answer>,
+    /// The message a Messages API `message_start` begins, with its usage.
+    message: Option<Answer>,
 }
 
 impl Chunk {
     /// The pieces of generated text this chunk carries: one per choice
-    /// with text, or one for a Responses API delta event with text.
+    /// with text, or one for a Responses or Messages delta event with text.
     fn texts(&self) -> usize {
         let choices = self.choices.as_deref().unwrap_or_default();
-        let delta = self.kind.as_deref().is_some_and(|k| k.ends_with(".delta"))
+        let delta = self
+            .kind
+            .as_deref()
+            .is_some_and(|k| k.ends_with(".delta") || k == "content_block_delta")
             && self
                 .delta
                 .as_ref()
-                .and_then(Value::as_str)
+                .and_then(|d| d.as_str().or_else(|| d.get("text")?.as_str()))
                 .is_some_and(|d| !d.is_empty());
         choices.iter().filter(|c| c.has_text()).count() + usize::from(delta)
     }
@@ -852,12 +881,38 @@ struct Delta {
     content: Option<String>,
 }
 
+/// A usage as OpenAI reports it (`prompt_tokens`, `completion_tokens`,
+/// `total_tokens`) or as the Messages API does (`input_tokens`,
+/// `output_tokens`, no total).
 #[derive(Deserialize)]
 struct Usage {
     total_tokens: Option<u64>,
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
 }
 
-/// The `total_tokens` of the last `"usage"` member in `tail` (the end of a
+impl Usage {
+    fn input(&self) -> Option<u64> {
+        self.prompt_tokens.or(self.input_tokens)
+    }
+
+    /// The tokens used: `total_tokens`, else the input (this usage's, or
+    /// `input` reported earlier in the stream) plus the output; `None` when
+    /// it names none of them.
+    fn total(&self, input: Option<u64>) -> Option<u64> {
+        if let Some(total) = self.total_tokens {
+            return Some(total);
+        }
+        let input = self.input().or(input);
+        let output = self.completion_tokens.or(self.output_tokens);
+        (input.is_some() || output.is_some())
+            .then(|| input.unwrap_or(0).saturating_add(output.unwrap_or(0)))
+    }
+}
+
+/// The tokens used of the last `"usage"` member in `tail` (the end of a
 /// JSON answer too long to keep whole): the value after the last
 /// `"usage":`, read as a usage object. A `"usage"` inside a string would be
 /// escaped (`\"usage\"`), so the bytes found are a member's name, or a
@@ -868,7 +923,7 @@ fn usage_in_tail(tail: &[u8]) -> Option<u64> {
     let rest = tail[at + NAME.len()..].trim_ascii_start();
     let rest = rest.strip_prefix(b":")?;
     let mut values = serde_json::Deserializer::from_slice(rest).into_iter::<Usage>();
-    values.next()?.ok()?.total_tokens
+    values.next()?.ok()?.total(None)
 }
 
 /// What the relay reads of a non-streamed answer (and of the `response` of
@@ -1003,7 +1058,7 @@ mod tests {
                 buf: Vec::new(),
                 scanned: 0,
                 strip_usage: true,
-                reported: false,
+                reported: Reported::default(),
             },
             usage: Some(usage.clone()),
             done: false,
@@ -1076,7 +1131,7 @@ mod tests {
     #[test]
     fn the_usage_chunk_is_read_and_removed_when_not_asked_for() {
         let usage = TokenUsage::new();
-        let mut reported = false;
+        let mut reported = Reported::default();
         let text = br#"data: {"choices":[{"index":0,"delta":{"content":"tok "}}]}
 
 "#;

@@ -877,3 +877,60 @@ style = "openai"
     let res = s.post("/v1/responses", &huge).await;
     assert_eq!(res.status(), 429);
 }
+
+/// The Messages API that vLLM, llama.cpp's server and Ollama serve beside
+/// OpenAI's (`POST /v1/messages`, Anthropic's shape) reports `input_tokens`
+/// and `output_tokens` and no total: a plain answer is settled from their
+/// sum, a stream from the input of its `message_start` and the output of
+/// its `message_delta`; and the request is estimated (its messages and
+/// `max_tokens`) before it goes.
+#[tokio::test]
+async fn a_messages_answer_is_estimated_and_settled_from_input_and_output_tokens() {
+    use axum::response::IntoResponse;
+    let backend = Router::new().route(
+        "/v1/messages",
+        post(|axum::Json(body): axum::Json<Value>| async move {
+            if body["stream"] != json!(true) {
+                let answer = json!({
+                    "id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                    "content": [{"type": "text", "text": "tok"}], "stop_reason": "end_turn",
+                    "usage": {"input_tokens": 10, "output_tokens": 490},
+                });
+                return axum::Json(answer).into_response();
+            }
+            let events = [
+                "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"usage\":{\"input_tokens\":20,\"output_tokens\":1}}}\n\n",
+                "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+                "event: ping\ndata: {\"type\":\"ping\"}\n\n",
+                "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"tok\"}}\n\n",
+                "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+                "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":280}}\n\n",
+                "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            ];
+            ([("content-type", "text/event-stream")], events.concat()).into_response()
+        }),
+    );
+    let (backend, _stop) = serve(backend).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    let body = |max_tokens: u32, stream: bool| {
+        json!({
+            "model": "m", "max_tokens": max_tokens, "stream": stream,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        })
+    };
+    // More than the whole budget: refused before it goes.
+    assert_eq!(
+        s.post("/v1/messages", &body(5000, false)).await.status(),
+        429
+    );
+    let res = s.post("/v1/messages", &body(900, false)).await;
+    assert_eq!(res.status(), 200);
+    let _ = res.bytes().await;
+    assert_eq!(s.tokens_left(500).await, 500);
+    s.clock.advance(Duration::from_secs(60));
+    let res = s.post("/v1/messages", &body(900, true)).await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert!(text.contains("message_stop"), "{text}");
+    assert_eq!(s.tokens_left(700).await, 700);
+}
