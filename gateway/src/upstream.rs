@@ -61,7 +61,8 @@ const MAX_EVENT: usize = 1024 * 1024;
 ///   limits. A usage without `total_tokens` (the Messages API's) is its
 ///   input plus its output.
 /// - The backend's errors pass through, status and body, and cost what their
-///   `usage` says (nothing without one). A backend that cannot be reached is
+///   `usage` says (nothing without one); its redirects pass through
+///   unfollowed. A backend that cannot be reached is
 ///   a 502, one that does not answer within the timeout a 504, both with an
 ///   OpenAI-style `{"error":{..}}` body, and both cost nothing.
 /// - The client's key (`Authorization`, `x-api-key`) is never forwarded, nor
@@ -172,6 +173,10 @@ impl Upstream {
             // Prompts go to the backend named, never through a proxy the
             // environment happens to set.
             .no_proxy()
+            // A redirect is the backend's answer to the client, passed on
+            // as any other: following it would send the request, and the
+            // gateway's credential, where the client never asked.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("an HTTP client without system configuration to read builds");
         Arc::new(Forwarder {

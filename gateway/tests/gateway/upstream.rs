@@ -934,3 +934,54 @@ async fn a_messages_answer_is_estimated_and_settled_from_input_and_output_tokens
     assert!(text.contains("message_stop"), "{text}");
     assert_eq!(s.tokens_left(700).await, 700);
 }
+
+/// A backend's redirect is its answer, passed to the client as it came
+/// (status and `Location`), as any other: the gateway does not follow it
+/// with the client's request and its own credential.
+#[tokio::test]
+async fn a_redirect_from_the_upstream_passes_through_unfollowed() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let followed = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&followed);
+    let backend = Router::new()
+        .route(
+            "/v1/completions",
+            post(|| async { (StatusCode::TEMPORARY_REDIRECT, [("location", "/v1/moved")]) }),
+        )
+        .route(
+            "/v1/moved",
+            any(move || async move {
+                seen.fetch_add(1, Ordering::SeqCst);
+                axum::Json(json!({"usage": {"total_tokens": 1}}))
+            }),
+        );
+    let (backend, _stop) = serve(backend).await;
+    let s = front(
+        Upstream::new(&backend)
+            .unwrap()
+            .key("gateway-secret")
+            .unwrap(),
+    )
+    .await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let res = client
+        .post(format!("{}/v1/completions", s.base))
+        .header("authorization", "Bearer client-key")
+        .header("content-type", "application/json")
+        .body(completion(10, 0, false).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 307);
+    assert_eq!(res.headers()["location"], "/v1/moved");
+    assert_eq!(
+        followed.load(Ordering::SeqCst),
+        0,
+        "the gateway followed it"
+    );
+}
