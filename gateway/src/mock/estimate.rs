@@ -79,8 +79,8 @@ struct Common {
     /// What OpenAI's chat API now names `max_tokens`; it wins over it, as in
     /// the estimate.
     max_completion_tokens: Option<u32>,
-    #[serde(default)]
-    stream: bool,
+    /// `null` is its absence, as everywhere in OpenAI's API.
+    stream: Option<bool>,
     /// Choices to generate (OpenAI's `n`, 1 to [`MAX_CHOICES`]).
     n: Option<u32>,
     mock_completion_tokens: Option<u32>,
@@ -92,8 +92,7 @@ struct Common {
 
 #[derive(Deserialize)]
 struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
+    include_usage: Option<bool>,
 }
 
 /// What the mock will generate for one request.
@@ -171,8 +170,11 @@ impl Job {
             completion_tokens,
             choices,
             token_ms,
-            stream: c.stream,
-            include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            stream: c.stream.unwrap_or(false),
+            include_usage: c
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage == Some(true)),
             fail_after: c.mock_fail_after,
             usage: None,
         })

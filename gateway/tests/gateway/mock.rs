@@ -900,6 +900,42 @@ async fn chat_bodies_of_real_clients_are_answered() {
     assert_eq!(res.status(), 400);
 }
 
+/// OpenAI's API takes `null` for any optional field, as its absence (the
+/// spec marks `stream`, `stream_options.include_usage`, `n` and the
+/// maxima "or null"); clients built from that spec send them so.
+#[tokio::test]
+async fn null_optional_fields_are_taken_as_absent() {
+    let s = start(ROOMY_CONFIG).await;
+    for (route, body) in [
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":null,"stream_options":null,"n":null,"max_tokens":null,"max_completion_tokens":2}"#,
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"m","prompt":"hi","stream":null,"max_tokens":2}"#,
+        ),
+    ] {
+        let res = s.post(route, Some("roomy-key"), body).await;
+        let status = res.status();
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(status, 200, "{route}: {v}");
+        assert_eq!(v["usage"]["completion_tokens"], 2, "{v}");
+    }
+    // `include_usage: null` is no request for the usage chunk.
+    let res = s
+        .post(
+            "/v1/chat/completions",
+            Some("roomy-key"),
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":2,"stream":true,"stream_options":{"include_usage":null},"mock_token_ms":0}"#,
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert!(!text.contains("total_tokens"), "{text}");
+    assert_eq!(sse_events(&text).last(), Some(&"[DONE]"), "{text}");
+}
+
 /// A config whose plans name models (listed by `GET /v1/models`).
 const MODELS_CONFIG: &str = r#"
 [[plans]]
