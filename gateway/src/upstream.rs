@@ -196,14 +196,16 @@ pub(crate) struct Forwarder {
 }
 
 /// Whether `path` may be forwarded: under `/v1/`, with no empty, `.` or
-/// `..` segment, no backslash, and no percent-encoded slash, backslash or
-/// unreserved character (a letter, digit, `-`, `.`, `_` or `~`). The
-/// backend's URL is built from the path as it came, and an HTTP client or
-/// server resolves dot segments and decodes escapes before it routes:
-/// `/v1/../api/delete` would reach the backend's `/api/delete` with the
-/// gateway's own credential, and `/v1/x/../chat/completions` or
-/// `/v1/chat/complet%69ons` a completion the layer did not estimate, past
-/// its route's limits. Nothing needs an unreserved character escaped.
+/// `..` segment, no backslash, and no percent-encoded slash, backslash,
+/// control character or unreserved character (a letter, digit, `-`, `.`,
+/// `_` or `~`). The backend's URL is built from the path as it came, and an
+/// HTTP client or server resolves dot segments and decodes escapes before
+/// it routes: `/v1/../api/delete` would reach the backend's `/api/delete`
+/// with the gateway's own credential, and `/v1/x/../chat/completions`,
+/// `/v1/chat/complet%69ons` or `/v1/chat/completions%0A` (Starlette's
+/// route pattern ends in Python's `$`, which matches before a last newline)
+/// a completion the layer did not estimate, past its route's limits.
+/// Nothing needs an unreserved or a control character escaped in a path.
 fn forwardable(path: &str) -> bool {
     let Some(rest) = path.strip_prefix("/v1/") else {
         return false;
@@ -217,7 +219,9 @@ fn forwardable(path: &str) -> bool {
             .and_then(|hex| u8::from_str_radix(hex, 16).ok())
     });
     for byte in escaped {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'/' | b'\\')
+        if byte.is_ascii_alphanumeric()
+            || byte.is_ascii_control()
+            || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'/' | b'\\')
         {
             return false;
         }
@@ -416,7 +420,7 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
     if !forwardable(req.uri().path()) {
         return gateway_error(
             StatusCode::BAD_REQUEST,
-            "The path has an empty, `.` or `..` segment, a backslash, or an encoded slash, backslash, letter, digit or `-._~`.",
+            "The path has an empty, `.` or `..` segment, a backslash, or an encoded slash, backslash, control character, letter, digit or `-._~`.",
             "invalid_path",
             usage.as_ref(),
         );
@@ -1033,6 +1037,9 @@ mod tests {
             "/v1/chat/complet%69ons",
             "/v1/%63ompletions",
             "/v1/x%5fy%7E",
+            "/v1/chat/completions%0A",
+            "/v1/models%00",
+            "/v1/models%7f",
             "/v2/x",
             "/v1",
         ] {
