@@ -62,9 +62,9 @@ const MAX_EVENT: usize = 1024 * 1024;
 ///   input plus its output.
 /// - The backend's errors pass through, status and body, and cost what their
 ///   `usage` says (nothing without one); its redirects pass through
-///   unfollowed. A backend that cannot be reached is
-///   a 502, one that does not answer within the timeout a 504, both with an
-///   OpenAI-style `{"error":{..}}` body, and both cost nothing.
+///   unfollowed. A backend that cannot be reached is a 502, one that does
+///   not answer within the timeout a 504, both with an OpenAI-style
+///   `{"error":{..}}` body, and both cost nothing.
 /// - The client's key (`Authorization`, `x-api-key`) is never forwarded, nor
 ///   are hop-by-hop headers; the gateway sends its own credential when one
 ///   is configured. The backend's `ratelimit*` and `x-ratelimit-*` headers
@@ -247,9 +247,9 @@ fn is_estimated(method: &Method, path: &str) -> bool {
 }
 
 /// The OpenAI estimate for completion, chat completion, Responses,
-/// embeddings and Messages bodies, which also names the model whose limits apply; other
-/// requests (models, files, …) are estimated from their head (0) and
-/// settled from the answer's `usage` when it has one.
+/// embeddings and Messages bodies, which also names the model whose limits
+/// apply; other requests (models, files, …) are estimated from their head
+/// (0) and settled from the answer's `usage` when it has one.
 pub(crate) struct UpstreamEstimator(pub(crate) OpenAiEstimator);
 
 impl CostEstimator for UpstreamEstimator {
@@ -355,7 +355,7 @@ struct Prepared {
     /// The client did not ask for the usage chunk: remove it.
     strip_usage: bool,
     /// The prompt's estimated tokens, charged when a stream starts (of any
-    /// completion that names a `stream` other than `false`: the backend
+    /// body that names a `stream` other than `false` or `null`: the backend
     /// decides what it streams).
     prompt: u64,
 }
@@ -903,6 +903,7 @@ struct Usage {
 }
 
 impl Usage {
+    /// The input tokens, by either name.
     fn input(&self) -> Option<u64> {
         self.prompt_tokens.or(self.input_tokens)
     }
@@ -936,7 +937,7 @@ fn usage_in_tail(tail: &[u8]) -> Option<u64> {
 }
 
 /// What the relay reads of a non-streamed answer (and of the `response` of
-/// a Responses API event).
+/// a Responses API event, the `message` of a Messages API one).
 #[derive(Deserialize)]
 struct Answer {
     usage: Option<Usage>,
