@@ -299,8 +299,12 @@ impl UsagePlan {
     /// the route then the method, `"/v1/completions/POST"`. A `*` segment
     /// matches any one segment, a `*` method any method, and `"/*/*"` every
     /// route. When several overrides match, the most literal one applies.
-    /// The route of a request is axum's `MatchedPath` when present (so
-    /// `"/users/{id}/GET"` matches the route as declared), else its path.
+    /// An override matches a request whose path matches it (the path the
+    /// client sent, percent-decoded: `/v1/%63ompletions` is
+    /// `/v1/completions`) or whose route as axum declared it (`MatchedPath`)
+    /// does: `"/users/{id}/GET"` and `"/users/42/GET"` both match a request
+    /// for `/users/42` served by the route `/users/{id}`, and
+    /// `"/v1/completions/POST"` matches it served by a catch-all `/v1/{*path}`.
     #[must_use]
     pub fn method(mut self, method_path: impl Into<String>, throttle: Throttle) -> Self {
         self.methods.push((method_path.into(), throttle));

@@ -1,8 +1,12 @@
 //! AWS methodPaths (`"/v1/completions/POST"`): parsing and matching.
 //!
 //! A pattern matches a request's route and method; among the method
-//! overrides that match a request, the most literal one applies. A
-//! request's route is axum's `MatchedPath` when it has one, else its path.
+//! overrides that match a request, the most literal one applies. A pattern
+//! matches a request when it matches the request's path (the path the client
+//! sent, percent-decoded) or the route axum matched (`MatchedPath`, such as
+//! `/users/{id}`), so that an override holds for the path a client calls
+//! whatever routes serve it: a catch-all route forwarding `/v1/…`, an
+//! encoded letter or a doubled slash do not take a request out of it.
 
 use http::Method;
 
@@ -100,7 +104,8 @@ impl MethodPath {
             return true;
         };
         // The usual override names its route plainly, and the usual route
-        // is written plainly: then they match when they are equal.
+        // is written plainly (and not encoded): then they match when they
+        // are equal.
         if let Some(literal) = &self.literal {
             if route == &**literal {
                 return true;
@@ -119,7 +124,7 @@ impl MethodPath {
         for seg in segments.iter() {
             match (seg, parts.next()) {
                 (_, None) => return false,
-                (Segment::Literal(lit), Some(part)) if **lit != *part => return false,
+                (Segment::Literal(lit), Some(part)) if !segment_is(part, lit) => return false,
                 _ => {}
             }
         }
@@ -127,15 +132,45 @@ impl MethodPath {
     }
 }
 
+/// Whether the route segment `part` is the literal `lit`, as written or
+/// once percent-decoded (`%63ompletions` is `completions`, as the server
+/// behind reads it).
+fn segment_is(part: &str, lit: &str) -> bool {
+    if part == lit {
+        return true;
+    }
+    let (mut part, mut lit) = (part.as_bytes(), lit.as_bytes());
+    loop {
+        let (byte, rest) = match part {
+            [] => return lit.is_empty(),
+            [b'%', hi, lo, rest @ ..] => match (hex(*hi), hex(*lo)) {
+                (Some(hi), Some(lo)) => (hi << 4 | lo, rest),
+                _ => (b'%', &part[1..]),
+            },
+            [b, rest @ ..] => (*b, rest),
+        };
+        match lit.split_first() {
+            Some((&l, lit_rest)) if l == byte => (part, lit) = (rest, lit_rest),
+            _ => return false,
+        }
+    }
+}
+
+fn hex(digit: u8) -> Option<u8> {
+    char::from(digit).to_digit(16).map(|d| d as u8)
+}
+
 /// Whether `route` is written plainly: `/` then parts separated by single
-/// slashes, with no slash at the end. Split at `/` with its empty parts
-/// left out, such a route is the string itself again, so it matches a
-/// pattern of literal segments exactly when it equals the pattern's route.
+/// slashes, with no slash at the end and nothing percent-encoded. Split at
+/// `/` with its empty parts left out, such a route is the string itself
+/// again, so it matches a pattern of literal segments exactly when it
+/// equals the pattern's route.
 fn is_plain(route: &str) -> bool {
     let bytes = route.as_bytes();
     bytes.first() == Some(&b'/')
         && bytes.last() != Some(&b'/')
         && !bytes.windows(2).any(|w| w == b"//")
+        && !bytes.contains(&b'%')
 }
 
 /// A method override compiled for deciding.
@@ -145,11 +180,17 @@ pub(crate) struct MethodLimit {
     pub(crate) limit: Limit,
 }
 
-/// The most literal override matching `route` and `method`.
-fn match_method<'a>(methods: &'a [MethodLimit], route: &str, method: &Method) -> Option<&'a Limit> {
+/// The most literal override matching `path` or `route` (when the request
+/// has one) and `method`.
+fn match_method<'a>(
+    methods: &'a [MethodLimit],
+    path: &str,
+    route: Option<&str>,
+    method: &Method,
+) -> Option<&'a Limit> {
     let mut best: Option<(&MethodLimit, usize)> = None;
     for m in methods {
-        if m.path.matches(route, method) {
+        if m.path.matches(path, method) || route.is_some_and(|r| m.path.matches(r, method)) {
             let s = m.path.specificity();
             if best.is_none_or(|(_, b)| s > b) {
                 best = Some((m, s));
@@ -183,8 +224,8 @@ pub(super) fn compile_methods(
     Ok(compiled.into_boxed_slice())
 }
 
-/// The override among `methods` for the request's route and method. The
-/// route is looked up only when there are overrides to match; without a
+/// The override among `methods` for the request's path, route and method.
+/// They are looked up only when there are overrides to match; without a
 /// request (a direct check) none applies.
 #[inline]
 pub(crate) fn method_limit<'m>(
@@ -195,7 +236,19 @@ pub(crate) fn method_limit<'m>(
         return None;
     }
     let req = req?;
-    match_method(methods, route_of(req), req.method)
+    let path = path_of(req);
+    let route = Some(route_of(req)).filter(|r| *r != path);
+    match_method(methods, path, route, req.method)
+}
+
+/// The path the client sent: inside a router nested under a prefix, axum's
+/// `OriginalUri` (the request's own URI lacks the prefix there).
+fn path_of<'a>(req: &RequestView<'a>) -> &'a str {
+    #[cfg(feature = "axum")]
+    if let Some(axum::extract::OriginalUri(uri)) = req.extensions.get() {
+        return uri.path();
+    }
+    req.uri.path()
 }
 
 /// The route of a request: axum's `MatchedPath` when present, else the path.
@@ -229,6 +282,15 @@ mod tests {
         assert!(mp("//GET").matches("/", &Method::GET));
         assert!(mp("/users/{id}/get").matches("/users/{id}", &Method::GET));
         assert!(mp("/v1/completions/POST").matches("/v1/completions/", &post));
+        // Percent-encoded letters are the letters.
+        assert!(mp("/v1/completions/POST").matches("/v1/%63ompletions", &post));
+        assert!(mp("/v1/completions/POST").matches("/%76%31/completion%73", &post));
+        assert!(mp("/v1/*/POST").matches("/v1/%63ompletions", &post));
+        assert!(!mp("/v1/completions/POST").matches("/v1/%63ompletion", &post));
+        assert!(!mp("/v1/completions/POST").matches("/v1/completions%", &post));
+        assert!(!mp("/v1/completions/POST").matches("/v1/%6", &post));
+        assert!(mp("/a%zz/GET").matches("/a%zz", &Method::GET));
+        assert!(mp("/a b/GET").matches("/a%20b", &Method::GET));
         for bad in ["v1/POST", "/v1/", "/v1//x/POST", "/v1/PO ST"] {
             assert!(MethodPath::parse(bad).is_err(), "{bad}");
         }
@@ -259,6 +321,8 @@ mod tests {
             "/a/b/c",
             "/a/b/c/",
             "/a//b/c",
+            "/v1/%63ompletions",
+            "/%61/b/c",
             "/",
             "",
             "//",
@@ -298,13 +362,21 @@ mod tests {
         )
         .unwrap();
         let pick = |route: &str, m: &Method| {
-            let l = match_method(&methods, route, m).unwrap();
+            let l = match_method(&methods, route, None, m).unwrap();
             methods.iter().position(|x| x.limit.salt == l.salt).unwrap()
         };
         assert_eq!(pick("/v1/completions", &Method::POST), 2);
         assert_eq!(pick("/v1/completions", &Method::GET), 3);
         assert_eq!(pick("/v1/embeddings", &Method::POST), 1);
         assert_eq!(pick("/health", &Method::GET), 0);
+        // Either the path or the route axum matched.
+        let pick = |path: &str, route: &str, m: &Method| {
+            let l = match_method(&methods, path, Some(route), m).unwrap();
+            methods.iter().position(|x| x.limit.salt == l.salt).unwrap()
+        };
+        assert_eq!(pick("/v1/completions", "/v1/{*path}", &Method::POST), 2);
+        assert_eq!(pick("/v1/x/y", "/v1/completions", &Method::POST), 2);
+        assert_eq!(pick("/v2/x/y", "/v2/{*path}", &Method::POST), 0);
         for twice in [["/a/GET", "/a/GET"], ["/a/GET", "/a/get"], ["/*/*", "/*/*"]] {
             let dup = compile_methods(&twice.map(|p| (p.to_owned(), t)), LimitKind::Method, "p");
             assert!(

@@ -992,3 +992,46 @@ async fn a_redirect_from_the_upstream_passes_through_unfollowed() {
         "the gateway followed it"
     );
 }
+
+/// A method override names a route the client calls, though upstream mode
+/// serves every `/v1/…` path through one catch-all route: a plan's
+/// `"/v1/completions/POST"` throttle holds for `/v1/completions`, however
+/// its letters are encoded (the backend decodes them), and for no other
+/// path.
+#[tokio::test]
+async fn method_overrides_apply_to_the_forwarded_paths() {
+    let (backend, _stop) = mock_backend().await;
+    let upstream = Upstream::new(&format!("{backend}/v1"))
+        .unwrap()
+        .key("gateway-secret")
+        .unwrap();
+    let config = r#"
+[[plans]]
+name = "llm"
+throttle = { rate = 1000.0, burst = 1000 }
+[plans.methods]
+"/v1/completions/POST" = { rate = 1.0, burst = 1 }
+
+[[keys]]
+id = "client"
+value = "client-key"
+plan = "llm"
+
+[response]
+style = "openai"
+"#;
+    let s = front_with(config, upstream).await;
+    let res = s.post("/v1/completions", &completion(1, 1, false)).await;
+    assert_eq!(res.status(), 200);
+    let res = s.post("/v1/completions", &completion(1, 1, false)).await;
+    assert_eq!(res.status(), 429);
+    let res = s.post("/v1/%63ompletions", &completion(1, 1, false)).await;
+    assert_eq!(res.status(), 429);
+    // Another route is not under the override.
+    let chat =
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
+    for _ in 0..3 {
+        let res = s.post("/v1/chat/completions", &chat).await;
+        assert_eq!(res.status(), 200);
+    }
+}
