@@ -20,7 +20,7 @@ use crate::error::ConfigError;
 use crate::plan::{
     Account, FailureMode, MethodPath, ModelLimits, Quota, Throttle, TokenBudget, UsagePlan,
 };
-use crate::window::Period;
+use crate::window::{Date, Period};
 
 /// Turns semantic errors into located ones.
 pub(super) struct Checker<'a> {
@@ -190,6 +190,24 @@ impl Checker<'_> {
             quota = quota
                 .with_offset(o)
                 .map_err(|e| self.err(offset.span(), format!("{qp}.offset"), e))?;
+        }
+        if let Some(created) = &qf.created {
+            let date = match created.get_ref() {
+                toml::value::Datetime {
+                    date: Some(d),
+                    time: None,
+                    offset: None,
+                } => Date::new(i32::from(d.year), d.month, d.day),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                self.err(
+                    created.span(),
+                    format!("{qp}.created"),
+                    "must be a date, such as 2026-12-06 (the UTC day the plan was created)",
+                )
+            })?;
+            quota = quota.created_on(date);
         }
         Ok(quota)
     }

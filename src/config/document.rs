@@ -79,6 +79,8 @@ pub(super) struct QuotaFile {
     pub(super) period: PeriodFile,
     #[serde(default)]
     pub(super) offset: Option<Spanned<i64>>,
+    /// The day the plan was created: the offset's window.
+    pub(super) created: Option<Spanned<toml::value::Datetime>>,
     pub(super) week_start: Option<Weekday>,
 }
 

@@ -601,4 +601,56 @@ mod tests {
             "{shown}"
         );
     }
+
+    /// A quota's `offset` is deducted in the window in which the plan was
+    /// created (`created`), not again in whichever window the process
+    /// starts in: a gateway restarted on a later day, its counts kept in
+    /// the store, serves that day's whole limit.
+    #[test]
+    fn an_offset_holds_in_the_window_of_the_plans_creation_only() {
+        use std::time::{SystemTime, UNIX_EPOCH};
+
+        use crate::window::Date;
+        use crate::{ManualClock, MemoryStore, RateLimitLayer};
+
+        let day = |d: u8| {
+            let days = Date::new(2024, 5, d).unwrap().days() as u64;
+            UNIX_EPOCH + Duration::from_secs(days * 86_400 + 100)
+        };
+        let src = "[[plans]]\nname = \"p\"\nquota = { limit = 5, period = \"DAY\", offset = 3, created = 2024-05-01 }\n[[keys]]\nid = \"k\"\nvalue = \"v\"\nplan = \"p\"\n";
+        let config = Config::from_toml(src).unwrap();
+        let clock = ManualClock::new();
+        let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+        // The process (re)starts at `at`, and serves ten requests.
+        let served = |at: SystemTime| {
+            clock.set_wall(at);
+            let policy = config.policy_with_clock(clock.clone()).unwrap();
+            let layer = RateLimitLayer::builder(policy).store(store.clone()).build();
+            (0..10).filter(|_| layer.check(b"v", 1).is_ok()).count()
+        };
+        assert_eq!(served(day(1)), 2);
+        assert_eq!(served(day(2)), 5);
+        // Restarted on the 3rd: the 3rd is not the plan's first window.
+        assert_eq!(served(day(3)), 5);
+        // A policy built on the 1st, and one first built later, agree.
+        assert_eq!(served(day(1) + Duration::from_secs(3600)), 0);
+
+        // Without a date, the plan is created when the policy is built.
+        let config = Config::from_toml(&src.replace(", created = 2024-05-01", "")).unwrap();
+        clock.set_wall(day(9));
+        let policy = config.policy_with_clock(clock.clone()).unwrap();
+        let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+        let layer = RateLimitLayer::builder(policy).store(store).build();
+        assert_eq!((0..10).filter(|_| layer.check(b"v", 1).is_ok()).count(), 2);
+
+        for bad in [
+            "2024-05-01T10:00:00",
+            "2024-05-01T10:00:00Z",
+            "10:00:00",
+            "\"2024-05-01\"",
+        ] {
+            let e = err(&src.replace("2024-05-01", bad));
+            assert_eq!((e.line(), e.path()), (3, "plans[0].quota.created"), "{bad}");
+        }
+    }
 }

@@ -9,7 +9,7 @@
 //! [[plans]]
 //! name = "free"                                     # required
 //! throttle = { rate = 2.0, burst = 5 }              # requests/s, bucket size
-//! quota = { limit = 1000, period = "DAY" }          # DAY | WEEK | MONTH; optional offset, week_start
+//! quota = { limit = 1000, period = "DAY" }          # DAY | WEEK | MONTH; optional offset, created, week_start
 //! tokens = { per_minute = 40000 }                   # token budget (cost units); also per_day, per_month
 //! concurrency = 2                                   # in-flight cap per key
 //! failure = "local"                                 # local (default) | open | closed (store failures)
@@ -44,6 +44,12 @@
 //! style = "aws"                                     # aws (default) | openai: statuses and bodies of rejections
 //! max_retry_secs = 60                               # a retry further away says x-should-retry: false
 //! ```
+//!
+//! A quota's `offset` is deducted in the window holding the day `created`
+//! (a TOML date, `created = 2026-12-06`: the UTC day the plan was created);
+//! without `created`, in the window in which the policy is built, which a
+//! process restarted in a later window takes for the plan's first window
+//! again.
 //!
 //! Unknown fields and bad values are errors that name the line, the column
 //! and the field's path (`plans[0].throttle.rate`).

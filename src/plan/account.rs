@@ -136,7 +136,7 @@ impl AccountLimits {
                 limit: q.limit,
                 period: q.period,
                 offset: q.offset,
-                created_at,
+                created_at: q.created_at(created_at),
                 salt: quota_salt(&owner, LimitKind::AccountQuota),
             }),
             tokens: account

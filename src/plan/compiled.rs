@@ -338,7 +338,7 @@ impl ModelEntry {
                 limit: q.limit,
                 period: q.period,
                 offset: q.offset,
-                created_at,
+                created_at: q.created_at(created_at),
                 salt: quota_salt(&owner, LimitKind::ModelQuota),
             }),
             tokens: m
@@ -476,7 +476,7 @@ impl Plan {
                 limit: q.limit,
                 period: q.period,
                 offset: q.offset,
-                created_at,
+                created_at: q.created_at(created_at),
                 salt: quota_salt(&owner, LimitKind::Quota),
             }),
             tokens: plan

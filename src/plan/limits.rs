@@ -9,7 +9,7 @@ use std::fmt;
 use crate::error::ConfigError;
 use crate::extract::ClientIp;
 use crate::gcra::Gcra;
-use crate::window::Period;
+use crate::window::{Date, NANOS_PER_DAY, Period};
 
 /// A throttle: a token bucket of `burst` requests refilled at `rate` per second.
 ///
@@ -76,13 +76,18 @@ impl fmt::Debug for Throttle {
 /// A calendar quota: at most `limit` requests per UTC day, week or month.
 ///
 /// `offset` (as in AWS API Gateway) is deducted from the limit in the window in
-/// which the plan was created.
+/// which the plan was created: the window holding the day given to
+/// [`created_on`](Self::created_on), or without one, the window in which the
+/// policy is built (each start of the process: a process restarted in a later
+/// window deducts the offset there again, so give the date when it must hold
+/// once).
 ///
 /// ```
-/// use tollgate::{Period, Quota};
+/// use tollgate::{Date, Period, Quota};
 ///
-/// let q = Quota::new(1000, Period::Day)?.with_offset(200)?;
-/// assert_eq!((q.limit(), q.offset()), (1000, 200));
+/// let created = Date::new(2026, 12, 6).unwrap();
+/// let q = Quota::new(1000, Period::Month)?.with_offset(200)?.created_on(created);
+/// assert_eq!((q.limit(), q.offset(), q.created()), (1000, 200, Some(created)));
 /// assert!(Quota::new(0, Period::Month).is_err());
 /// # Ok::<(), tollgate::ConfigError>(())
 /// ```
@@ -91,6 +96,7 @@ pub struct Quota {
     pub(super) limit: u64,
     pub(super) period: Period,
     pub(super) offset: u64,
+    pub(super) created: Option<Date>,
 }
 
 /// The largest quota limit: 2^53, so that it survives a trip through JSON.
@@ -108,6 +114,7 @@ impl Quota {
             limit,
             period,
             offset: 0,
+            created: None,
         })
     }
 
@@ -134,6 +141,27 @@ impl Quota {
     /// Requests deducted in the plan's first window.
     pub fn offset(&self) -> u64 {
         self.offset
+    }
+
+    /// Dates the plan's creation (a UTC day): its offset is deducted in the
+    /// window holding that day, whenever the policy is built.
+    #[must_use]
+    pub fn created_on(mut self, date: Date) -> Self {
+        self.created = Some(date);
+        self
+    }
+
+    /// The day the plan was created, when given.
+    pub fn created(&self) -> Option<Date> {
+        self.created
+    }
+
+    /// When the plan was created (wall nanoseconds): the day given to
+    /// [`created_on`](Self::created_on), else `built`, when the policy
+    /// first held the plan.
+    pub(crate) fn created_at(&self, built: i64) -> i64 {
+        self.created
+            .map_or(built, |d| d.days().saturating_mul(NANOS_PER_DAY))
     }
 }
 

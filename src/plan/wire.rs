@@ -9,7 +9,7 @@
 use std::fmt::Write as _;
 
 use super::{Account, FailureMode, ModelLimits, Quota, Throttle, TokenBudget, UsagePlan};
-use crate::window::{Period, Weekday};
+use crate::window::{Date, Period, Weekday};
 
 /// `plan` as text, with `created_at` (wall nanoseconds: when the plan first
 /// existed, which quota offsets count from).
@@ -21,7 +21,7 @@ pub(crate) fn encode_plan(plan: &UsagePlan, created_at: i64) -> String {
         let _ = writeln!(out, "throttle {}", throttle(t));
     }
     if let Some(q) = &plan.quota {
-        let _ = writeln!(out, "quota {} {} {}", q.limit, period(q.period), q.offset);
+        let _ = writeln!(out, "quota {} {} {}", q.limit, period(q.period), offset(q));
     }
     for (path, t) in &plan.methods {
         let _ = writeln!(out, "method {} {}", throttle(t), text(path));
@@ -37,7 +37,7 @@ pub(crate) fn encode_plan(plan: &UsagePlan, created_at: i64) -> String {
             let _ = writeln!(out, "model-throttle {} {name}", throttle(t));
         }
         if let Some(q) = &m.quota {
-            let (l, p, o) = (q.limit, period(q.period), q.offset);
+            let (l, p, o) = (q.limit, period(q.period), offset(q));
             let _ = writeln!(out, "model-quota {l} {p} {o} {name}");
         }
         if let Some(t) = &m.tokens {
@@ -83,9 +83,8 @@ pub(crate) fn decode_plan(s: &str) -> Result<(UsagePlan, i64), String> {
             "quota" => {
                 let limit = number(word()?)?;
                 let period = read_period(word()?)?;
-                let offset = number(word()?)?;
                 let q = Quota::new(limit, period).map_err(|e| e.to_string())?;
-                p.quota(q.with_offset(offset).map_err(|e| e.to_string())?)
+                p.quota(read_offset(q, word()?)?)
             }
             "method" => {
                 let t = read_throttle(word()?, word()?)?;
@@ -115,9 +114,8 @@ pub(crate) fn decode_plan(s: &str) -> Result<(UsagePlan, i64), String> {
                     "model-quota" => {
                         let limit = number(word()?)?;
                         let period = read_period(word()?)?;
-                        let offset = number(word()?)?;
                         let q = Quota::new(limit, period).map_err(|e| e.to_string())?;
-                        m.quota(q.with_offset(offset).map_err(|e| e.to_string())?)
+                        m.quota(read_offset(q, word()?)?)
                     }
                     "model-concurrency" => m.concurrency(number(word()?)?),
                     _ => m.tokens(read_tokens(word()?, word()?, word()?)?),
@@ -212,6 +210,28 @@ fn read_throttle(rate: &str, burst: &str) -> Result<Throttle, String> {
     Throttle::new(f64::from_bits(bits), number(burst)?).map_err(|e| e.to_string())
 }
 
+/// A quota's offset, and the day of its plan's creation when given:
+/// `200`, or `200@20428` (days since 1970-01-01).
+fn offset(q: &Quota) -> String {
+    match q.created() {
+        Some(d) => format!("{}@{}", q.offset(), d.days()),
+        None => q.offset().to_string(),
+    }
+}
+
+/// `q` with the offset (and creation day) of an [`offset`] word.
+fn read_offset(q: Quota, s: &str) -> Result<Quota, String> {
+    let (offset, created) = match s.split_once('@') {
+        Some((o, d)) => (o, Some(Date::from_days(number(d)?))),
+        None => (s, None),
+    };
+    let q = q.with_offset(number(offset)?).map_err(|e| e.to_string())?;
+    Ok(match created {
+        Some(d) => q.created_on(d),
+        None => q,
+    })
+}
+
 fn period(p: Period) -> String {
     match p {
         Period::Day => "DAY".to_owned(),
@@ -267,7 +287,13 @@ mod tests {
                 "big model: ☃",
                 ModelLimits::new()
                     .throttle(Throttle::new(0.5, 2).unwrap())
-                    .quota(Quota::new(10, Period::Day).unwrap())
+                    .quota(
+                        Quota::new(10, Period::Day)
+                            .unwrap()
+                            .with_offset(3)
+                            .unwrap()
+                            .created_on(Date::new(2026, 12, 6).unwrap()),
+                    )
                     .tokens(TokenBudget::new().per_day(5).unwrap())
                     .concurrency(2),
             )
