@@ -189,10 +189,15 @@ impl Config {
                         })?;
                     nets.push(net);
                 }
-                match (af.mode, &af.throttle) {
+                let throttle = af
+                    .throttle
+                    .as_ref()
+                    .map(|t| c.throttle(t, "anonymous.throttle"))
+                    .transpose()?;
+                match (af.mode, throttle) {
                     (ModeFile::Forbid, _) => Anonymous::Forbid,
-                    (ModeFile::Ip, Some(t)) => Anonymous::ByIp {
-                        throttle: c.throttle(t, "anonymous.throttle")?,
+                    (ModeFile::Ip, Some(throttle)) => Anonymous::ByIp {
+                        throttle,
                         client_ip: ClientIp::new().trust_proxies(nets),
                     },
                     (ModeFile::Ip, None) => {
@@ -208,10 +213,22 @@ impl Config {
 
         let admin_key = match &file.admin {
             None => None,
-            Some(a) if a.key.get_ref().len() < 8 => {
-                return Err(c.err(a.key.span(), "admin.key", "must be at least 8 characters"));
+            Some(a) => {
+                let key = a.key.get_ref();
+                if key.chars().count() < 8 {
+                    return Err(c.err(a.key.span(), "admin.key", "must be at least 8 characters"));
+                }
+                // What an `x-admin-key` header can carry: HTTP trims the
+                // whitespace around a value and allows no control character.
+                if key.trim() != key || key.chars().any(char::is_control) {
+                    return Err(c.err(
+                        a.key.span(),
+                        "admin.key",
+                        "must not start or end with whitespace nor hold a control character (it is sent in the x-admin-key header)",
+                    ));
+                }
+                Some(key.clone())
             }
-            Some(a) => Some(a.key.get_ref().clone()),
         };
 
         let history_days = match &file.history_days {
@@ -581,6 +598,50 @@ mod tests {
         );
         assert!(e.message().contains("listed twice"), "{e}");
         assert!(e.path().starts_with("stage.methods."), "{e}");
+    }
+
+    /// An admin key is at least 8 characters, counted as characters, and
+    /// one a client can send in the `x-admin-key` header: none that HTTP
+    /// trims away around a value (a key of spaces would lock the admin
+    /// out) or cannot carry at all.
+    #[test]
+    fn an_admin_key_is_eight_characters_a_header_can_carry() {
+        let admin = |key: &str| Config::from_toml(&format!("[admin]\nkey = \"{key}\"\n"));
+        for bad in [
+            "1234567",
+            "\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}",
+            "        ",
+            " change-me",
+            "change-me\\t",
+            "change\\nme-please",
+            "change\\u0000me-please",
+        ] {
+            let e = admin(bad).unwrap_err();
+            assert_eq!((e.line(), e.path()), (2, "admin.key"), "{bad:?}");
+        }
+        for good in [
+            "change-me",
+            "change me please",
+            "\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}",
+        ] {
+            assert_eq!(admin(good).unwrap().admin_key(), Some(good));
+        }
+    }
+
+    /// The throttle of `[anonymous]` is checked as every throttle is, also
+    /// while `mode = "forbid"` leaves it unused.
+    #[test]
+    fn an_anonymous_throttle_is_checked_in_every_mode() {
+        for mode in ["forbid", "ip"] {
+            let e = err(&format!(
+                "[anonymous]\nmode = \"{mode}\"\nthrottle = {{ rate = 0.0, burst = 5 }}\n"
+            ));
+            assert_eq!(
+                (e.line(), e.path()),
+                (3, "anonymous.throttle.rate"),
+                "{mode}"
+            );
+        }
     }
 
     #[test]

@@ -38,7 +38,7 @@
 //! trusted_proxies = ["127.0.0.1/32"]
 //!
 //! [admin]
-//! key = "change-me"                                 # the x-admin-key of admin routes
+//! key = "change-me"                                 # the x-admin-key of admin routes: at least 8 characters
 //!
 //! [response]
 //! style = "aws"                                     # aws (default) | openai: statuses and bodies of rejections
