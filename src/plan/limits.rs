@@ -333,6 +333,9 @@ impl UsagePlan {
     /// does: `"/users/{id}/GET"` and `"/users/42/GET"` both match a request
     /// for `/users/42` served by the route `/users/{id}`, and
     /// `"/v1/completions/POST"` matches it served by a catch-all `/v1/{*path}`.
+    /// A `GET` override holds `HEAD` requests too, which axum answers with
+    /// the `GET` handler; a `HEAD` override of the same route is the more
+    /// literal.
     #[must_use]
     pub fn method(mut self, method_path: impl Into<String>, throttle: Throttle) -> Self {
         self.methods.push((method_path.into(), throttle));

@@ -84,8 +84,10 @@ impl MethodPath {
         })
     }
 
-    /// How literal the pattern is: more literal patterns win.
-    fn specificity(&self) -> usize {
+    /// How literal the pattern is for a request of `method`: more literal
+    /// patterns win. Among patterns of one route, the request's own method
+    /// wins over `GET` for a `HEAD` request, which wins over `*`.
+    fn specificity(&self, method: &Method) -> usize {
         let segs = self.segments.as_ref().map_or(0, |s| {
             1 + 2 * s
                 .iter()
@@ -93,11 +95,16 @@ impl MethodPath {
                 .count()
                 + s.len()
         });
-        2 * segs + usize::from(self.method.is_some())
+        let method = match &self.method {
+            Some(m) if m == method => 2,
+            Some(_) => 1,
+            None => 0,
+        };
+        3 * segs + method
     }
 
     fn matches(&self, route: &str, method: &Method) -> bool {
-        if self.method.as_ref().is_some_and(|m| m != method) {
+        if self.method.as_ref().is_some_and(|m| !serves(m, method)) {
             return false;
         }
         let Some(segments) = &self.segments else {
@@ -130,6 +137,13 @@ impl MethodPath {
         }
         parts.next().is_none()
     }
+}
+
+/// Whether a pattern of method `pattern` takes a request of `method`: its
+/// own, and `GET` a `HEAD` too, which axum (as most servers) answers with
+/// the `GET` handler.
+fn serves(pattern: &Method, method: &Method) -> bool {
+    pattern == method || (*pattern == Method::GET && *method == Method::HEAD)
 }
 
 /// Whether the route segment `part` is the literal `lit`, as written or
@@ -191,7 +205,7 @@ fn match_method<'a>(
     let mut best: Option<(&MethodLimit, usize)> = None;
     for m in methods {
         if m.path.matches(path, method) || route.is_some_and(|r| m.path.matches(r, method)) {
-            let s = m.path.specificity();
+            let s = m.path.specificity(method);
             if best.is_none_or(|(_, b)| s > b) {
                 best = Some((m, s));
             }
@@ -282,6 +296,11 @@ mod tests {
         assert!(mp("//GET").matches("/", &Method::GET));
         assert!(mp("/users/{id}/get").matches("/users/{id}", &Method::GET));
         assert!(mp("/v1/completions/POST").matches("/v1/completions/", &post));
+        // A HEAD request is answered by the GET handler: GET takes it.
+        assert!(mp("/v1/models/GET").matches("/v1/models", &Method::HEAD));
+        assert!(mp("/v1/models/HEAD").matches("/v1/models", &Method::HEAD));
+        assert!(!mp("/v1/models/HEAD").matches("/v1/models", &Method::GET));
+        assert!(!mp("/v1/models/POST").matches("/v1/models", &Method::HEAD));
         // Percent-encoded letters are the letters.
         assert!(mp("/v1/completions/POST").matches("/v1/%63ompletions", &post));
         assert!(mp("/v1/completions/POST").matches("/%76%31/completion%73", &post));
@@ -369,6 +388,24 @@ mod tests {
         assert_eq!(pick("/v1/completions", &Method::GET), 3);
         assert_eq!(pick("/v1/embeddings", &Method::POST), 1);
         assert_eq!(pick("/health", &Method::GET), 0);
+        assert_eq!(pick("/v1/completions", &Method::HEAD), 3);
+        // For a HEAD request: HEAD, then GET, then `*`.
+        let of = |paths: &[&str]| {
+            let listed: Vec<_> = paths.iter().map(|p| (p.to_string(), t)).collect();
+            let methods = compile_methods(&listed, LimitKind::Method, "p").unwrap();
+            let l = match_method(&methods, "/v1/models", None, &Method::HEAD).unwrap();
+            methods.iter().position(|x| x.limit.salt == l.salt).unwrap()
+        };
+        assert_eq!(
+            of(&["/v1/models/*", "/v1/models/GET", "/v1/models/HEAD"]),
+            2
+        );
+        assert_eq!(
+            of(&["/v1/models/HEAD", "/v1/models/GET", "/v1/models/*"]),
+            0
+        );
+        assert_eq!(of(&["/v1/models/*", "/v1/models/GET"]), 1);
+        assert_eq!(of(&["/v1/models/GET", "/v1/*/HEAD"]), 0);
         // Either the path or the route axum matched.
         let pick = |path: &str, route: &str, m: &Method| {
             let l = match_method(&methods, path, Some(route), m).unwrap();

@@ -686,3 +686,34 @@ async fn a_throttle_with_an_override_holds_only_the_routes_it_names() {
     assert_eq!(res.status(), 429);
     assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=1"#);
 }
+
+/// axum answers `HEAD` with a route's `GET` handler, so a `GET` override
+/// holds a `HEAD` request too: the handler a client calls cannot be run
+/// past the override by asking for the head alone. A `HEAD` override, when
+/// the plan names one, is the more literal.
+#[tokio::test]
+async fn a_get_override_holds_head_requests_too() {
+    use tollgate::{Throttle, UsagePlan};
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(1.0, 100).unwrap())
+        .method("/v1/completions/GET", Throttle::new(1.0, 2).unwrap());
+    let (_clock, url) = serve_completions(plan).await;
+    let c = client();
+    let head = || c.head(&url).header("x-api-key", KEY).send();
+    let get = || c.get(&url).header("x-api-key", KEY).send();
+    assert_eq!(get().await.unwrap().status(), 200);
+    assert_eq!(head().await.unwrap().status(), 200);
+    assert_eq!(head().await.unwrap().status(), 429);
+    assert_eq!(get().await.unwrap().status(), 429);
+
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(1.0, 100).unwrap())
+        .method("/v1/completions/GET", Throttle::new(1.0, 1).unwrap())
+        .method("/v1/completions/HEAD", Throttle::new(1.0, 3).unwrap());
+    let (_clock, url) = serve_completions(plan).await;
+    let head = || c.head(&url).header("x-api-key", KEY).send();
+    for _ in 0..3 {
+        assert_eq!(head().await.unwrap().status(), 200);
+    }
+    assert_eq!(head().await.unwrap().status(), 429);
+}
