@@ -127,7 +127,13 @@ impl MethodPath {
     /// Whether `route`, split at `/`, is `segments`.
     fn matches_segments(segments: &[Segment], route: &str) -> bool {
         // Empty parts are ignored: "/v1/completions/" is "/v1/completions".
-        let mut parts = route.split('/').filter(|p| !p.is_empty());
+        // An encoded slash separates parts too, as the many servers that
+        // decode a path before routing it read it.
+        let mut parts = route
+            .split('/')
+            .flat_map(|p| p.split("%2F"))
+            .flat_map(|p| p.split("%2f"))
+            .filter(|p| !p.is_empty());
         for seg in segments.iter() {
             match (seg, parts.next()) {
                 (_, None) => return false,
@@ -148,7 +154,7 @@ fn serves(pattern: &Method, method: &Method) -> bool {
 
 /// Whether the route segment `part` is the literal `lit`, as written or
 /// once percent-decoded (`%63ompletions` is `completions`, as the server
-/// behind reads it).
+/// behind reads it; an encoded slash has split the segment already).
 fn segment_is(part: &str, lit: &str) -> bool {
     if part == lit {
         return true;
@@ -306,6 +312,9 @@ mod tests {
         assert!(mp("/v1/completions/POST").matches("/%76%31/completion%73", &post));
         assert!(mp("/v1/*/POST").matches("/v1/%63ompletions", &post));
         assert!(!mp("/v1/completions/POST").matches("/v1/%63ompletion", &post));
+        assert!(mp("/v1/chat/completions/POST").matches("/v1/chat%2Fcompletions", &post));
+        assert!(mp("/v1/chat/completions/POST").matches("/v1%2fchat%2F%2Fcompletions", &post));
+        assert!(!mp("/v1/*/POST").matches("/v1/chat%2Fcompletions", &post));
         assert!(!mp("/v1/completions/POST").matches("/v1/completions%", &post));
         assert!(!mp("/v1/completions/POST").matches("/v1/%6", &post));
         assert!(mp("/a%zz/GET").matches("/a%zz", &Method::GET));
@@ -342,6 +351,7 @@ mod tests {
             "/a//b/c",
             "/v1/%63ompletions",
             "/%61/b/c",
+            "/a%2Fb/c",
             "/",
             "",
             "//",
