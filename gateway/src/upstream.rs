@@ -1022,6 +1022,7 @@ mod tests {
             "/v1/models/a.b-c",
             "/v1/models/llama3%3A8b",
             "/v1/files/a%20b",
+            "/v1/files/%3A%40",
         ] {
             assert!(forwardable(ok), "{ok}");
         }
@@ -1041,6 +1042,9 @@ mod tests {
             "/v1/chat/completions%0A",
             "/v1/models%00",
             "/v1/models%7f",
+            "/v1/chat/%63ompletions",
+            "/v1/x%5f",
+            "/v1/x%7E",
             "/v2/x",
             "/v1",
         ] {

@@ -1035,3 +1035,28 @@ style = "openai"
         assert_eq!(res.status(), 200);
     }
 }
+
+/// A path that names a completion route with encoded letters
+/// (`/v1/chat/%63ompletions`) is refused before anything reaches the
+/// backend: a backend that decodes paths before routing (uvicorn, behind
+/// vLLM) would serve it as a completion the gateway neither read nor
+/// estimated, and a stream of it would settle no tokens at all.
+#[tokio::test]
+async fn paths_with_encoded_letters_are_refused() {
+    let (s, _backend, _stop) = pair().await;
+    for path in [
+        "/v1/chat/%63ompletions",
+        "/v1/%63ompletions",
+        "/v1/chat/completion%73",
+        "/v1/chat/completions%7E",
+        "/v1/%2Dx",
+    ] {
+        let res = s.post(path, &completion(10, 10, true)).await;
+        assert_eq!(res.status(), 400, "{path}");
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_path", "{path}: {v}");
+    }
+    // What a path may need encoded still goes through to the backend.
+    let res = s.post("/v1/x%20y", &completion(1, 1, false)).await;
+    assert_eq!(res.status(), 404);
+}
