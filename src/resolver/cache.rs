@@ -1,5 +1,7 @@
-//! The resolver's configuration, and the cache in front of it: bounded,
+//! The resolver's configuration, and the caches in front of it: bounded,
 //! keyed by a keyed hash of the value, with one lookup for concurrent misses.
+//! Found keys and values that are no key are held apart, so that guesses
+//! never make way for keys in use.
 
 use std::fmt;
 use std::future::Future;
@@ -97,10 +99,11 @@ impl Resolver {
         self
     }
 
-    /// How many answers the cache holds at most, found and unknown together
-    /// (default 100 000; at least 1). When it is full, answers used least
-    /// lately make way; a flood of values used once does not push out the
-    /// keys in use (the cache resists scans).
+    /// How many answers the cache holds at most: up to `capacity` found
+    /// keys, and apart from them up to `capacity` values that are no key
+    /// (default 100 000 each; at least 1). When either is full, its answers
+    /// used least lately make way; values that are no key never push out
+    /// found keys, however many are sent and however often.
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity.max(1);
         self
@@ -131,13 +134,8 @@ impl Resolver {
     pub(crate) fn build(self) -> Resolving {
         Resolving {
             resolver: self.resolver,
-            cache: Cache::with(
-                self.capacity,
-                self.capacity as u64,
-                UnitWeighter,
-                BuildDigestHasher::default(),
-                DefaultLifecycle::default(),
-            ),
+            cache: bounded(self.capacity),
+            unknown: bounded(self.capacity),
             positive_ttl: nanos(self.positive_ttl),
             negative_ttl: nanos(self.negative_ttl),
             timeout: self.timeout,
@@ -203,13 +201,32 @@ struct Entry {
 
 type AnswerCache = Cache<Digest, Entry, UnitWeighter, BuildDigestHasher>;
 
+/// A cache of at most `capacity` entries, keyed by digests.
+fn bounded<V: Clone>(capacity: usize) -> Cache<Digest, V, UnitWeighter, BuildDigestHasher> {
+    Cache::with(
+        capacity,
+        capacity as u64,
+        UnitWeighter,
+        BuildDigestHasher::default(),
+        DefaultLifecycle::default(),
+    )
+}
+
+/// Values that are no key, each with when its answer expires.
+type UnknownCache = Cache<Digest, Nanos, UnitWeighter, BuildDigestHasher>;
+
 /// A lookup the layer waits for.
 pub(crate) type Lookup = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
 /// The resolver and its cache, shared by every clone of a layer.
 pub(crate) struct Resolving {
     resolver: Arc<dyn KeyResolver>,
+    /// Found keys; and, while their lookup runs and for the requests that
+    /// wait for it, every answer.
     cache: AnswerCache,
+    /// Values that are no key, apart: a flood of guesses churns this cache
+    /// only.
+    unknown: UnknownCache,
     positive_ttl: Nanos,
     negative_ttl: Nanos,
     timeout: Duration,
@@ -222,10 +239,13 @@ impl Resolving {
     /// A failure is never cached.
     #[inline]
     pub(crate) fn cached(&self, digest: Digest) -> Option<Answer> {
-        let entry = self.cache.get(&digest)?;
-        let fresh =
-            self.clock.nanos() < entry.expires && !matches!(entry.answer, Answer::Failed(_));
-        fresh.then_some(entry.answer)
+        let now = self.clock.nanos();
+        if let Some(entry) = self.cache.get(&digest) {
+            let fresh = now < entry.expires && !matches!(entry.answer, Answer::Failed(_));
+            return fresh.then_some(entry.answer);
+        }
+        let expires = self.unknown.get(&digest)?;
+        (now < expires).then_some(Answer::Unknown)
     }
 
     /// Looks `value` (whose digest is `digest`) up: in the cache, else
@@ -247,6 +267,13 @@ impl Resolving {
         // request put there meanwhile stays.
         let now = self.clock.nanos();
         self.cache.remove_if(&digest, |e| e.expires <= now);
+        if self
+            .unknown
+            .get(&digest)
+            .is_some_and(|expires| now < expires)
+        {
+            return Answer::Unknown;
+        }
         // Either another request is looking the value up (wait for its
         // answer, even a failure: one lookup for all), or this one does.
         let guard =
@@ -273,11 +300,21 @@ impl Resolving {
         };
         // The requests waiting now get the answer from the guard.
         let _ = guard.insert(entry);
-        if let Answer::Failed(e) = &answer {
+        match &answer {
+            Answer::Found(_) => {}
+            // Kept with the other values that are no key (before it leaves
+            // the found keys' cache, so that it is always in one of them).
+            Answer::Unknown => {
+                self.unknown.insert(digest, expires);
+                self.cache
+                    .remove_if(&digest, |e| matches!(e.answer, Answer::Unknown));
+            }
             // A failure is theirs only: the next request asks again.
-            self.cache
-                .remove_if(&digest, |e| matches!(e.answer, Answer::Failed(_)));
-            tracing::debug!(error = %e, "key lookup failed");
+            Answer::Failed(e) => {
+                self.cache
+                    .remove_if(&digest, |e| matches!(e.answer, Answer::Failed(_)));
+                tracing::debug!(error = %e, "key lookup failed");
+            }
         }
         answer
     }
@@ -296,10 +333,10 @@ impl Resolving {
             .collect()
     }
 
-    /// How many answers the cache holds.
+    /// How many answers the caches hold.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.cache.len()
+        self.cache.len() + self.unknown.len()
     }
 }
 

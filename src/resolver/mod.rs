@@ -9,9 +9,9 @@
 //!
 //! - answers are cached, keys for [`positive_ttl`](Resolver::positive_ttl)
 //!   (60 s), values that are no key for [`negative_ttl`](Resolver::negative_ttl)
-//!   (10 s), in one cache of at most [`capacity`](Resolver::capacity) entries
-//!   (100 000): a client that never sends a valid key holds no more than its
-//!   entries there;
+//!   (10 s), each kind bounded by [`capacity`](Resolver::capacity) (100 000):
+//!   a client that never sends a valid key holds no more than its entries
+//!   there, and values that are no key never make way for found keys;
 //! - concurrent requests with one uncached value make one lookup, and share
 //!   its answer;
 //! - a lookup (and the wait for another request's) is bounded by

@@ -337,3 +337,49 @@ async fn decide_asks_the_resolver_then_check_finds_the_key_cached() {
     );
     assert_eq!(keys.queries(), 2);
 }
+
+/// A flood of values that are no key, each sent twice so that the cache
+/// sees it used again, must not make the database be asked again for the
+/// keys in use: their answers stay cached while guesses come and go.
+#[tokio::test]
+async fn a_flood_of_unknown_values_does_not_push_out_the_keys_in_use() {
+    let keys = Keys::new().await;
+    let mut good = Vec::new();
+    for i in 0..50 {
+        let value = format!("good-secret-{i}");
+        sqlx::query("INSERT INTO api_keys VALUES (?1, ?2, 'pro', NULL, TRUE)")
+            .bind(sha256_hex(&value))
+            .bind(format!("good-{i}"))
+            .execute(&keys.pool)
+            .await
+            .unwrap();
+        good.push(value);
+    }
+    let (_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(policy())
+        .store(store)
+        .resolver(Resolver::new(keys.resolver("api_keys")).capacity(1_000))
+        .build();
+    for v in &good {
+        assert!(layer.decide(v.as_bytes(), 1).await.is_ok());
+    }
+    assert_eq!(keys.queries(), 50);
+    // Rounds of twice the cache's capacity in guesses, the keys in use
+    // between them.
+    let (rounds, guesses) = (3, 2_000);
+    for round in 0..rounds {
+        for i in 0..guesses {
+            let guess = format!("guess-{round}-{i}");
+            for _ in 0..2 {
+                let refused = layer.decide(guess.as_bytes(), 1).await.unwrap_err();
+                assert_eq!(refused.reason(), Reason::UnknownKey);
+            }
+        }
+        for v in &good {
+            assert!(layer.decide(v.as_bytes(), 1).await.is_ok());
+        }
+    }
+    // One query per guess (its second sending answered from the cache), and
+    // none more for the keys in use.
+    assert_eq!(keys.queries(), 50 + rounds * guesses);
+}
