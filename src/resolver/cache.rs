@@ -102,8 +102,8 @@ impl Resolver {
     /// How many answers the cache holds at most: up to `capacity` found
     /// keys, and apart from them up to `capacity` values that are no key
     /// (default 100 000 each; at least 1). When either is full, its answers
-    /// used least lately make way; values that are no key never push out
-    /// found keys, however many are sent and however often.
+    /// used least lately make way; values that are no key, however many
+    /// are sent and however often, do not push out the keys in use.
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity.max(1);
         self

@@ -11,7 +11,7 @@
 //!   (60 s), values that are no key for [`negative_ttl`](Resolver::negative_ttl)
 //!   (10 s), each kind bounded by [`capacity`](Resolver::capacity) (100 000):
 //!   a client that never sends a valid key holds no more than its entries
-//!   there, and values that are no key never make way for found keys;
+//!   there, and values that are no key do not push out the keys in use;
 //! - concurrent requests with one uncached value make one lookup, and share
 //!   its answer;
 //! - a lookup (and the wait for another request's) is bounded by

@@ -383,3 +383,42 @@ async fn a_flood_of_unknown_values_does_not_push_out_the_keys_in_use() {
     // none more for the keys in use.
     assert_eq!(keys.queries(), 50 + rounds * guesses);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_lookup_holds_up_no_other_key() {
+    let keys = Keys::new().await;
+    /// The database answers one value only after 3 s (a lock, a slow
+    /// index), the others at once.
+    struct OneSlow<F, S>(F, S);
+    impl<F: KeyResolver, S: KeyResolver> KeyResolver for OneSlow<F, S> {
+        fn resolve<'a>(&'a self, value: &'a str) -> tollgate::ResolveFuture<'a> {
+            match value {
+                "db-secret-1" => self.1.resolve(value),
+                _ => self.0.resolve(value),
+            }
+        }
+    }
+    let either = OneSlow(
+        keys.resolver("api_keys"),
+        keys.slow_resolver("api_keys", Duration::from_secs(3)),
+    );
+    let base = serve_with(Resolver::new(either).timeout(Duration::from_secs(5))).await;
+    let stuck = {
+        let base = base.clone();
+        tokio::spawn(async move { get_with_key(&base, "db-secret-1").await.status() })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let start = Instant::now();
+    assert_eq!(get_with_key(&base, "db-secret-2").await.status(), 200);
+    assert_eq!(
+        get_with_key(&base, "registered-value-of-db-1")
+            .await
+            .status(),
+        200
+    );
+    assert_body(get_with_key(&base, "not-a-key").await, 403, FORBIDDEN).await;
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(!stuck.is_finished());
+    assert_eq!(stuck.await.unwrap(), 200);
+}
