@@ -22,7 +22,8 @@ use sha2::{Digest, Sha256};
 use sqlx::SqlitePool;
 use sqlx::sqlite::SqliteConnectOptions;
 use tollgate::{
-    Policy, RateLimitLayer, Resolution, ResolveError, ResolvedKey, Resolver, Throttle, UsagePlan,
+    Account, Period, Policy, Quota, RateLimitLayer, Resolution, ResolveError, ResolvedKey,
+    Resolver, Throttle, UsagePlan,
 };
 
 /// The hex SHA-256 of a key value: what the table stores.
@@ -72,9 +73,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .execute(&pool)
         .await?;
 
-    // The plans live in the policy; the keys in the database.
+    // The plans and accounts live in the policy, the keys in the database: a
+    // key whose plan or account the policy does not have is answered 503.
     let policy = Policy::builder()
         .plan(UsagePlan::new("free").throttle(Throttle::new(1.0, 2)?))
+        .account(Account::new("acme").quota(Quota::new(10_000, Period::Day)?))
         .build()?;
     let lookups = pool.clone();
     let resolver = Resolver::new(move |value| find_key(lookups.clone(), value))

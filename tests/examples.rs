@@ -181,3 +181,18 @@ fn redis_shared_shares_one_budget() {
     assert!(output.status.success(), "{}: {text}", output.status);
     assert!(text.contains("5 of 8 passed"), "{text}");
 }
+
+#[test]
+fn database_keys_admits_its_database_key_under_its_plan() {
+    let output = example("database_keys")
+        .output()
+        .expect("run database_keys");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}: {text}", output.status);
+    // The plan's burst of 2, then the throttle; a value that is no key.
+    let statuses: Vec<&str> = text
+        .lines()
+        .map(|line| line.split(' ').nth(1).unwrap_or_default())
+        .collect();
+    assert_eq!(statuses, ["200", "200", "429", "403"], "{text}");
+}
