@@ -422,3 +422,36 @@ async fn a_slow_lookup_holds_up_no_other_key() {
     assert!(!stuck.is_finished());
     assert_eq!(stuck.await.unwrap(), 200);
 }
+
+/// A key disabled, then removed in the database is refused once its cached
+/// answer is older than the positive TTL, and not before.
+#[tokio::test]
+async fn a_key_disabled_then_removed_in_the_database_is_refused_after_the_ttl() {
+    let keys = Keys::new().await;
+    let clock = tollgate::ManualClock::new();
+    let resolver = Resolver::new(keys.resolver("api_keys"))
+        .positive_ttl(Duration::from_secs(60))
+        .negative_ttl(Duration::from_secs(10))
+        .clock(clock.clone());
+    let base = serve_with(resolver).await;
+    assert_eq!(get_with_key(&base, "db-secret-pro").await.status(), 200);
+
+    sqlx::query("UPDATE api_keys SET enabled = FALSE WHERE id = 'db-pro'")
+        .execute(&keys.pool)
+        .await
+        .unwrap();
+    clock.advance(Duration::from_millis(59_999));
+    assert_eq!(get_with_key(&base, "db-secret-pro").await.status(), 200);
+    clock.advance(Duration::from_millis(1));
+    assert_body(get_with_key(&base, "db-secret-pro").await, 403, FORBIDDEN).await;
+
+    sqlx::query("DELETE FROM api_keys WHERE id = 'db-pro'")
+        .execute(&keys.pool)
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(60));
+    assert_body(get_with_key(&base, "db-secret-pro").await, 403, FORBIDDEN).await;
+    // Now a value that is no key: cached for the negative TTL.
+    assert_body(get_with_key(&base, "db-secret-pro").await, 403, FORBIDDEN).await;
+    assert_eq!(keys.queries(), 3);
+}
