@@ -455,3 +455,35 @@ async fn a_key_disabled_then_removed_in_the_database_is_refused_after_the_ttl() 
     assert_body(get_with_key(&base, "db-secret-pro").await, 403, FORBIDDEN).await;
     assert_eq!(keys.queries(), 3);
 }
+
+/// The request whose lookup others wait for goes away (its client hung up):
+/// a waiting request takes the lookup over, and is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_whose_request_goes_away_is_taken_over_by_a_waiting_one() {
+    let keys = Keys::new().await;
+    let slow = keys.slow_resolver("api_keys", Duration::from_millis(400));
+    let (_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(policy())
+        .store(store)
+        .resolver(Resolver::new(slow).timeout(Duration::from_secs(5)))
+        .build();
+    let first = {
+        let layer = layer.clone();
+        tokio::spawn(async move { layer.decide(b"db-secret-pro", 1).await.is_ok() })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = {
+        let layer = layer.clone();
+        tokio::spawn(async move { layer.decide(b"db-secret-pro", 1).await.is_ok() })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    first.abort();
+    let start = Instant::now();
+    assert!(second.await.unwrap());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(keys.queries(), 2);
+}
