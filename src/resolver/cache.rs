@@ -72,7 +72,7 @@ pub struct Resolver {
 impl Resolver {
     /// Asks `resolver` for key values the policy does not hold, caching found
     /// keys for 60 s and values that are no key for 10 s, at most 100 000
-    /// answers, each lookup bounded by 1 s, a failure answered 503.
+    /// of each, each lookup bounded by 1 s, a failure answered 503.
     pub fn new(resolver: impl KeyResolver) -> Self {
         Resolver {
             resolver: Arc::new(resolver),
