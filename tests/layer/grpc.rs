@@ -4,8 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tollgate::RateLimitLayer;
+use tokio_stream::StreamExt;
 use tollgate::extract::{ClientIp, KeyExtractor};
+use tollgate::{ApiKey, Policy, RateLimitLayer, UsagePlan};
 use tonic::Code;
 use tonic::transport::server::{TcpConnectInfo, TcpIncoming};
 use tonic::transport::{Channel, Server};
@@ -53,6 +54,22 @@ async fn serve_grpc_with<K: KeyExtractor>(
             .unwrap();
     });
     addr
+}
+
+/// `Watch` for the whole server, with `key` in `x-api-key`: a
+/// server-streaming call that stays open, its first message read.
+async fn watch(
+    client: &mut HealthClient<Channel>,
+    key: &str,
+) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let mut req = tonic::Request::new(HealthCheckRequest {
+        service: String::new(),
+    });
+    req.metadata_mut().insert("x-api-key", key.parse().unwrap());
+    let mut stream = client.watch(req).await.unwrap().into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    stream
 }
 
 async fn connect(addr: SocketAddr) -> HealthClient<Channel> {
@@ -140,4 +157,46 @@ async fn client_ip_works_behind_tonic_given_the_peer_address_as_an_extension() {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     clock.advance(Duration::from_millis(500));
     check(&mut client, None).await.unwrap();
+}
+
+/// A server-streaming call holds its key's place under a concurrency cap of
+/// 1 while it streams, over HTTP/2 on loopback, and gives it back when the
+/// client cancels it (drops the stream: an RST_STREAM to the server).
+#[tokio::test]
+async fn a_streaming_call_holds_its_place_until_the_client_cancels_it() {
+    let (_clock, store) = frozen_store();
+    let policy = Policy::builder()
+        .plan(UsagePlan::new("c").concurrency(1))
+        .key(ApiKey::new("one", KEY, "c"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy).store(store).build();
+    let mut client = connect(serve_grpc(layer).await).await;
+
+    for round in 0..3 {
+        let stream = watch(&mut client, KEY).await;
+        let status = check(&mut client, Some(KEY)).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::ResourceExhausted,
+            "{round}: {status:?}"
+        );
+        assert_eq!(
+            status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+            "1000"
+        );
+        drop(stream);
+        // The server learns of the cancel when the RST_STREAM arrives.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            match check(&mut client, Some(KEY)).await {
+                Ok(()) => break,
+                Err(s) if tokio::time::Instant::now() < deadline => {
+                    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(s) => panic!("{round}: the place was not given back: {s:?}"),
+            }
+        }
+    }
 }
