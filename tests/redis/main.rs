@@ -8,6 +8,7 @@ mod support;
 
 mod borrowing;
 mod client;
+mod cluster;
 mod in_flight;
 mod outage;
 mod overload;

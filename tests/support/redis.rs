@@ -614,6 +614,109 @@ impl RedisCluster {
         &self.nodes
     }
 
+    /// The cluster node id of node `index` (`CLUSTER MYID`).
+    pub fn node_id(&self, index: usize) -> String {
+        command(self.nodes[index].addr(), &["CLUSTER", "MYID"]).expect("CLUSTER MYID")
+    }
+
+    /// The index of the node that serves `slot` now, as node 0 sees it.
+    pub fn owner_of(&self, slot: u16) -> usize {
+        let ids: Vec<_> = (0..self.nodes.len()).map(|i| self.node_id(i)).collect();
+        let shards = command(self.nodes[0].addr(), &["CLUSTER", "NODES"]).expect("CLUSTER NODES");
+        let owner = shards
+            .lines()
+            .find(|line| {
+                let fields: Vec<_> = line.split(' ').collect();
+                fields.get(2).is_some_and(|f| f.contains("master"))
+                    && fields[8..].iter().any(|range| {
+                        let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                        match (lo.parse::<u16>(), hi.parse::<u16>()) {
+                            (Ok(lo), Ok(hi)) => (lo..=hi).contains(&slot),
+                            _ => false,
+                        }
+                    })
+            })
+            .unwrap_or_else(|| panic!("no master serves slot {slot}:\n{shards}"));
+        let id = owner.split(' ').next().unwrap();
+        ids.iter()
+            .position(|i| i == id)
+            .unwrap_or_else(|| panic!("slot {slot} is served by an unknown node {id}"))
+    }
+
+    /// Starts one more node and makes it a replica of node `master`; waits
+    /// until it has synchronised. Returns its index.
+    pub fn add_replica(&mut self, master: usize) -> usize {
+        let replica = RedisServer::start_cluster_node();
+        let master_id = self.node_id(master);
+        let master_port = self.nodes[master].port().to_string();
+        command(
+            replica.addr(),
+            &["CLUSTER", "MEET", "127.0.0.1", &master_port],
+        )
+        .expect("CLUSTER MEET");
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        // The replica must know the master before it can follow it.
+        while command(replica.addr(), &["CLUSTER", "REPLICATE", &master_id]).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the replica never met its master"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        loop {
+            let info = command(replica.addr(), &["INFO", "replication"]).unwrap_or_default();
+            let known = self.nodes.iter().all(|node| {
+                command(node.addr(), &["CLUSTER", "NODES"])
+                    .is_ok_and(|nodes| nodes.lines().count() == self.nodes.len() + 1)
+            });
+            if info.contains("master_link_status:up") && known {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica did not sync: {info}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        self.nodes.push(replica);
+        self.nodes.len() - 1
+    }
+
+    /// Moves `slot` from node `from` to node `to` as `redis-cli --cluster
+    /// reshard` does: `SETSLOT … IMPORTING` and `MIGRATING`, each key
+    /// `MIGRATE`d, `between(n, total)` called before the first and after
+    /// each of the `total` keys moved (a client then gets `ASK`, or
+    /// `TRYAGAIN` for a call whose keys are split), and `SETSLOT … NODE` on
+    /// every master.
+    pub fn move_slot(
+        &self,
+        slot: u16,
+        from: usize,
+        to: usize,
+        mut between: impl FnMut(usize, usize),
+    ) {
+        let (src, dst) = (self.nodes[from].addr(), self.nodes[to].addr());
+        let slot_s = slot.to_string();
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
+        command(dst, &["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &from_id]).unwrap();
+        command(src, &["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &to_id]).unwrap();
+        let keys = command(src, &["CLUSTER", "GETKEYSINSLOT", &slot_s, "1000"]).unwrap();
+        let keys: Vec<_> = keys.lines().filter(|k| !k.is_empty()).collect();
+        between(0, keys.len());
+        let port = self.nodes[to].port().to_string();
+        for (n, key) in keys.iter().enumerate() {
+            command(src, &["MIGRATE", "127.0.0.1", &port, key, "0", "5000"]).unwrap();
+            between(n + 1, keys.len());
+        }
+        for node in &self.nodes {
+            // Replicas refuse SETSLOT; they follow their masters.
+            let _ = command(
+                node.addr(),
+                &["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id],
+            );
+        }
+    }
+
     /// Node `index`, for fault injection (pause, kill, restart).
     ///
     /// # Panics

@@ -1,3 +1,10 @@
+#!lua
+-- The shebang (Redis 7) declares the script a write, as its flags default
+-- to: a replica then redirects it to its master (MOVED) rather than run it
+-- on a connection in READONLY mode (redis-rs sends READONLY on every
+-- cluster connection) and fail at its first write. Without it a master
+-- demoted by a failover ran every call and failed, and the client, never
+-- redirected, never learnt of the new master.
 -- tollgate: decides a rate-limit request atomically (Redis 7, Lua 5.1).
 --
 -- The same integer arithmetic as gcra.rs (GCRA throttles), quota.rs (calendar

@@ -1,3 +1,5 @@
+#!lua
+-- The shebang declares the script a write: see the decision script.
 -- The key registry in Redis: every write is one call of this script, so
 -- checking, writing the records, bumping the version and logging the change
 -- happen together or not at all. Every key shares one hash tag, so this holds

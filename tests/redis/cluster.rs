@@ -1,0 +1,290 @@
+//! The Redis store on a real Redis Cluster while the cluster changes under
+//! it, and several instances deciding shared limits at once: limits kept in
+//! several slots are refunded exactly, a slot resharded while serving keeps
+//! its counts, a failover to a replica keeps them, and a node that restarts
+//! empty is served again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tollgate::{
+    Account, ApiKey, Date, FailureMode, ManualClock, Period, Policy, Quota, RateLimitLayer,
+    RedisStore, Stage, Throttle, UsagePlan,
+};
+
+use crate::SERIAL;
+use crate::support::at;
+use crate::support::redis::{RedisCluster, command, require_redis, scan};
+
+type Layer = RateLimitLayer<tollgate::extract::ApiKeyHeader, RedisStore>;
+
+async fn layer(cluster: &RedisCluster, prefix: &str, clock: &ManualClock, policy: Policy) -> Layer {
+    let store = RedisStore::cluster_builder(cluster.urls())
+        .prefix(prefix)
+        .clock(clock.clone())
+        .timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .expect("a Redis store");
+    RateLimitLayer::builder(policy).store(store).build()
+}
+
+/// How many of `n` decisions of `key` pass.
+async fn passes(layer: &Layer, key: &[u8], n: usize) -> usize {
+    let mut passed = 0;
+    for _ in 0..n {
+        passed += usize::from(layer.decide(key, 1).await.is_ok());
+    }
+    passed
+}
+
+/// Three instances on one Cluster, on one frozen manual clock, decide
+/// bursts of 30 requests for each of three keys at once: two keys of an
+/// account whose throttle (4) is tighter than their plan's (3 each), one key
+/// without an account, all under a stage throttle of 20. The stage, the
+/// account and each (plan, key) live in slots of their own; the stage and
+/// the account are charged first and given back when a later limit denies.
+/// In the end exactly the limits' requests are charged anywhere: the stage
+/// has 20 - 7 left for another key, and no place under the plan's
+/// concurrency cap is left taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_charge_the_stage_and_the_account_exactly_under_bursts() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let cluster = RedisCluster::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let policy = || {
+        Policy::builder()
+            .clock(clock.clone())
+            .stage(Stage::new().throttle(Throttle::new(0.001, 20).unwrap()))
+            .plan(
+                UsagePlan::new("p")
+                    .throttle(Throttle::new(0.001, 3).unwrap())
+                    .concurrency(2),
+            )
+            .plan(UsagePlan::new("wide").throttle(Throttle::new(0.001, 100).unwrap()))
+            .account(
+                Account::new("acme")
+                    .throttle(Throttle::new(0.001, 4).unwrap())
+                    .quota(Quota::new(100, Period::Day).unwrap()),
+            )
+            .key(ApiKey::new("a-1", "va1", "p").account("acme"))
+            .key(ApiKey::new("a-2", "va2", "p").account("acme"))
+            .key(ApiKey::new("b-1", "vb1", "p"))
+            .key(ApiKey::new("w-1", "vw1", "wide"))
+            .build()
+            .unwrap()
+    };
+    let mut layers = Vec::new();
+    for _ in 0..3 {
+        layers.push(Arc::new(layer(&cluster, "burst", &clock, policy()).await));
+    }
+    let mut tasks = Vec::new();
+    for layer in &layers {
+        for key in [&b"va1"[..], b"va2", b"vb1"] {
+            for _ in 0..10 {
+                let layer = Arc::clone(layer);
+                tasks.push(tokio::spawn(async move {
+                    (key, layer.decide(key, 1).await.is_ok())
+                }));
+            }
+        }
+    }
+    let (mut acme, mut b) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            (b"vb1", true) => b += 1,
+            (_, true) => acme += 1,
+            _ => {}
+        }
+    }
+    for layer in &layers {
+        layer.store().drained().await;
+    }
+    // A request the stage denied while refunds were on their way passes
+    // now; none passes beyond the limits.
+    let first = &layers[0];
+    acme += passes(first, b"va1", 5).await + passes(first, b"va2", 5).await;
+    b += passes(first, b"vb1", 5).await;
+    assert_eq!((acme, b), (4, 3), "the account's 4 and b-1's 3");
+    for layer in &layers {
+        layer.store().drained().await;
+    }
+    let mut w = 0;
+    let denied = loop {
+        match first.decide(b"vw1", 1).await {
+            Ok(()) => w += 1,
+            Err(r) => break r,
+        }
+    };
+    assert_eq!(w, 20 - 7, "what the stage has left: {denied:?}");
+    assert_eq!(denied.limit(), Some("stage"));
+    let day = Date::new(2024, 5, 6).unwrap();
+    let usage = first.admin().account_usage("acme", day, day).await.unwrap();
+    assert_eq!(usage.days[0], [4, 96], "the account's quota counted 4");
+    let places: Vec<_> = cluster
+        .addrs()
+        .into_iter()
+        .flat_map(|addr| scan(addr, "burst:*:c*").into_iter().map(move |k| (addr, k)))
+        .filter(|(addr, key)| command(*addr, &["ZCARD", key]).unwrap() != "0")
+        .collect();
+    assert!(places.is_empty(), "places left taken: {places:?}");
+    let failures: u64 = layers.iter().map(|l| l.store().local_decisions()).sum();
+    assert_eq!(failures, 0);
+}
+
+/// The slot of the one (plan, key) whose keys match `pattern`, and the node
+/// that serves it.
+fn slot_of(cluster: &RedisCluster, pattern: &str) -> (u16, usize) {
+    let keys: Vec<_> = cluster
+        .addrs()
+        .into_iter()
+        .flat_map(|addr| scan(addr, pattern))
+        .collect();
+    assert!(!keys.is_empty(), "no key matches {pattern}");
+    let slots: Vec<u16> = keys
+        .iter()
+        .map(|k| {
+            command(cluster.addrs()[0], &["CLUSTER", "KEYSLOT", k])
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(slots.iter().all(|s| *s == slots[0]), "one slot: {keys:?}");
+    (slots[0], cluster.owner_of(slots[0]))
+}
+
+/// A plan of a throttle (burst 30) and a daily quota (40), `closed` on a
+/// store failure, so that a decision Redis did not make is a 503.
+fn resharded_policy(clock: &ManualClock) -> Policy {
+    Policy::builder()
+        .clock(clock.clone())
+        .plan(
+            UsagePlan::new("p")
+                .throttle(Throttle::new(0.001, 30).unwrap())
+                .quota(Quota::new(40, Period::Day).unwrap())
+                .failure(FailureMode::Closed)
+                .borrow(false),
+        )
+        .key(ApiKey::new("k-1", "vk", "p"))
+        .build()
+        .unwrap()
+}
+
+/// A key's slot moved to another node while requests keep coming (the
+/// client sees `ASK` and `TRYAGAIN` while its keys are split between the
+/// nodes, then `MOVED`): every request is decided by Redis, and the burst
+/// and the quota count carry over to the new node exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_resharded_while_serving_keeps_its_counts() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let cluster = RedisCluster::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let layer = layer(&cluster, "reshard", &clock, resharded_policy(&clock)).await;
+    assert_eq!(passes(&layer, b"vk", 10).await, 10);
+    let (slot, from) = slot_of(&cluster, "reshard:*");
+    let to = (from + 1) % 3;
+    let handle = tokio::runtime::Handle::current();
+    let mut during = Vec::new();
+    tokio::task::block_in_place(|| {
+        cluster.move_slot(slot, from, to, |moved, total| {
+            // Not while the key's keys are split between the nodes: Redis
+            // answers TRYAGAIN until the migration goes on, and it waits.
+            if moved == 0 || moved == total {
+                during.push(handle.block_on(layer.decide(b"vk", 1)));
+            }
+        });
+    });
+    let passed = during.iter().filter(|r| r.is_ok()).count();
+    for r in during.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(r.status().as_u16(), 429, "decided by Redis: {r:?}");
+    }
+    assert_eq!(cluster.owner_of(slot), to);
+    let after = passes(&layer, b"vk", 40).await;
+    assert_eq!(10 + passed + after, 30, "the burst, exactly");
+    let day = Date::new(2024, 5, 6).unwrap();
+    let usage = layer.admin().usage("p", day, day, None).await.unwrap();
+    assert_eq!(usage.items["k-1"][0], [30, 10]);
+    assert_eq!(layer.store_failures(), 0);
+}
+
+/// A replica promoted by `CLUSTER FAILOVER` while serving: the store follows
+/// the slot to it (the old master answers `MOVED`, the new one has no script
+/// yet), and the counts it replicated carry over exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_a_replica_keeps_serving_with_the_counts() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut cluster = RedisCluster::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let layer = layer(&cluster, "failover", &clock, resharded_policy(&clock)).await;
+    assert_eq!(passes(&layer, b"vk", 10).await, 10);
+    let (slot, master) = slot_of(&cluster, "failover:*");
+    let replica = tokio::task::block_in_place(|| cluster.add_replica(master));
+    let addr = cluster.nodes()[replica].addr();
+    command(addr, &["CLUSTER", "FAILOVER"]).unwrap();
+    tokio::task::block_in_place(|| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while cluster.owner_of(slot) != replica {
+            assert!(std::time::Instant::now() < deadline, "no failover");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let mut after = 0;
+    for _ in 0..40 {
+        match layer.decide(b"vk", 1).await {
+            Ok(()) => after += 1,
+            Err(r) => assert_eq!(r.status().as_u16(), 429, "decided by Redis: {r:?}"),
+        }
+    }
+    assert_eq!(10 + after, 30, "the burst, exactly");
+    assert_eq!(layer.store_failures(), 0);
+}
+
+/// A node killed and restarted empty (no persistence) on its port, with its
+/// cluster configuration: while it is down its keys' requests are decided by
+/// the failure mode, and once it is back they are decided by Redis again,
+/// with every limit starting over, without a new store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_empty_is_served_again() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut cluster = RedisCluster::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let layer = layer(&cluster, "restart", &clock, resharded_policy(&clock)).await;
+    assert_eq!(passes(&layer, b"vk", 30).await, 30);
+    let (slot, node) = slot_of(&cluster, "restart:*");
+    tokio::task::block_in_place(|| cluster.node_mut(node).kill());
+    let r = layer.decide(b"vk", 1).await.expect_err("closed");
+    assert_eq!(r.status().as_u16(), 503);
+    tokio::task::block_in_place(|| cluster.node_mut(node).restart());
+    assert_eq!(cluster.owner_of(slot), node);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut passed = 0;
+    while passed == 0 {
+        match layer.decide(b"vk", 1).await {
+            Ok(()) => passed += 1,
+            Err(r) => {
+                assert_eq!(r.status().as_u16(), 503, "{r:?}");
+                assert!(tokio::time::Instant::now() < deadline, "never served again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    passed += passes(&layer, b"vk", 40).await;
+    assert_eq!(passed, 30, "a new burst on the empty node");
+}
