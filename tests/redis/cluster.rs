@@ -288,3 +288,89 @@ async fn a_node_restarted_empty_is_served_again() {
     passed += passes(&layer, b"vk", 40).await;
     assert_eq!(passed, 30, "a new burst on the empty node");
 }
+
+/// A request whose future is dropped (its client went away) after the stage,
+/// in a slot of its own, charged it, while its key's part waits on a node
+/// that does not answer: the stage gets its charge back, as when a later
+/// part denies or fails. Without that, a client past its own limits could
+/// drain the bucket every caller shares by hanging up early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_dropped_between_its_slots_gives_the_stage_back() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut cluster = RedisCluster::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    // The stage's throttle and the key's limits must live on two nodes:
+    // prefixes are tried until their slots fall apart.
+    let node_of = |cluster: &RedisCluster, key: &str| {
+        let addrs = cluster.addrs();
+        (0..addrs.len())
+            .find(|&i| command(addrs[i], &["EXISTS", key]).as_deref() == Ok("1"))
+            .unwrap_or_else(|| panic!("{key} is nowhere"))
+    };
+    let mut apart = None;
+    for i in 0..16 {
+        let policy = Policy::builder()
+            .clock(clock.clone())
+            .stage(Stage::new().throttle(Throttle::new(0.001, 10).unwrap()))
+            .plan(
+                UsagePlan::new("p")
+                    .throttle(Throttle::new(0.001, 1).unwrap())
+                    .quota(Quota::new(100, Period::Day).unwrap()),
+            )
+            .plan(UsagePlan::new("wide").throttle(Throttle::new(0.001, 100).unwrap()))
+            .key(ApiKey::new("k-1", "vk", "p"))
+            .key(ApiKey::new("w-1", "vw", "wide"))
+            .build()
+            .unwrap();
+        let prefix = format!("dropped-{i}");
+        let layer = layer(&cluster, &prefix, &clock, policy).await;
+        assert!(layer.decide(b"vk", 1).await.is_ok());
+        // The key's quota count names its tag; the other throttle is the stage's.
+        let keys: Vec<_> = cluster
+            .addrs()
+            .into_iter()
+            .flat_map(|addr| scan(addr, &format!("{prefix}:*")))
+            .collect();
+        let count = keys.iter().find(|k| k.ends_with(":q")).expect("a count");
+        let tag = &count[..count.len() - 2];
+        let stage = keys
+            .iter()
+            .find(|k| k.contains(":t:") && !k.starts_with(tag))
+            .expect("the stage's throttle");
+        let key = node_of(&cluster, count);
+        if node_of(&cluster, stage) != key {
+            apart = Some((layer, key));
+            break;
+        }
+    }
+    let (layer, key) = apart.expect("the stage's slot apart from the key's");
+    let r = layer
+        .decide(b"vk", 1)
+        .await
+        .expect_err("its throttle denies");
+    assert_eq!(r.limit(), Some("throttle"));
+    cluster.node_mut(key).pause();
+    for _ in 0..5 {
+        let gone = tokio::time::timeout(Duration::from_millis(300), layer.decide(b"vk", 1)).await;
+        assert!(gone.is_err(), "the key's node is paused: {gone:?}");
+    }
+    cluster.node_mut(key).resume();
+    layer.store().drained().await;
+    let mut passed = 0;
+    let denied = loop {
+        match layer.decide(b"vw", 1).await {
+            Ok(()) => passed += 1,
+            Err(r) => break r,
+        }
+    };
+    assert_eq!(
+        passed,
+        10 - 1,
+        "the stage has all but k-1's one request: {denied:?}"
+    );
+    assert_eq!(denied.limit(), Some("stage"));
+}

@@ -401,10 +401,11 @@ impl Store for RedisStore {
 /// skipped). When a part denies, the later parts are peeked at (nothing
 /// charged), so that the answer names the limit that holds the request
 /// longest, as one call would (a peek that fails names none: the denial
-/// stands); when it denies or fails, every earlier part
-/// gets back what this request charged it (throttles and quotas), in the
-/// background: the answer does not wait for it. A denial charges nothing
-/// anywhere, but for the time the refunds take to land.
+/// stands); when it denies or fails, or the decision is dropped before it
+/// ends (its client went away), every earlier part gets back what this
+/// request charged it (throttles and quotas), in the background: the answer
+/// does not wait for it. A denial charges nothing anywhere, but for the time
+/// the refunds take to land.
 ///
 /// The timeout bounds the whole decision, each call by what remains of it,
 /// so that the one it cuts is known: a part that charges fails the decision
@@ -420,13 +421,12 @@ async fn decide_split(
     let started = tokio::time::Instant::now();
     let run = |call: Call| inner.within_since(started, Arc::clone(inner).run(call));
     let parts: Vec<&Part> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
-    let mut charged: Vec<(&Part, Charged)> = Vec::with_capacity(parts.len());
-    let mut all = Report::default();
-    let refund_all = |charged: Vec<(&Part, Charged)>| {
-        for (part, c) in charged {
-            spawn_refund(inner, part.clone(), c, cost);
-        }
+    let mut charged = Charges {
+        inner,
+        cost,
+        parts: Vec::with_capacity(parts.len()),
     };
+    let mut all = Report::default();
     for (i, part) in parts.iter().enumerate() {
         let result = match run(part.call.clone()).await {
             Ok(reply) => part.verdict(&reply, cost),
@@ -445,10 +445,10 @@ async fn decide_split(
                 all.reserved.account_until = all.reserved.account_until.or(r.account_until);
                 all.reserved.model_until = all.reserved.model_until.or(r.model_until);
                 all.reserved.wall = all.reserved.wall.or(r.wall);
-                charged.push((part, c));
+                charged.parts.push((part, c));
             }
             Ok((Err(d), _)) => {
-                refund_all(charged);
+                charged.give_back();
                 let mut denied = d;
                 for later in &parts[i + 1..] {
                     let mut peek = (*later).clone();
@@ -479,12 +479,42 @@ async fn decide_split(
                 return Ok(Err(denied));
             }
             Err(e) => {
-                refund_all(charged);
+                charged.give_back();
                 return Err(e);
             }
         }
     }
+    // Every part charged: the request holds it all.
+    charged.parts.clear();
     Ok(Ok(all))
+}
+
+/// What the parts of a split decision charged so far, given back unless the
+/// request was allowed: when a later part denies or fails, and when the
+/// decision is dropped before it ends (the client went away while a later
+/// part's call was on its way). Without the last, a client past its own
+/// limits drained the stage's shared bucket (or its account's) by hanging
+/// up early. A later part's call that Redis still runs after the drop
+/// charges that part as a single call dropped after it was sent does.
+struct Charges<'a> {
+    inner: &'a Arc<Inner>,
+    cost: u32,
+    parts: Vec<(&'a Part, Charged)>,
+}
+
+impl Charges<'_> {
+    /// Refunds every part charged so far, in the background.
+    fn give_back(&mut self) {
+        for (part, c) in self.parts.drain(..) {
+            spawn_refund(self.inner, part.clone(), c, self.cost);
+        }
+    }
+}
+
+impl Drop for Charges<'_> {
+    fn drop(&mut self) {
+        self.give_back();
+    }
 }
 
 /// Refunds a part in a task of its own, within its own timeout; a refund
