@@ -374,3 +374,63 @@ async fn a_request_dropped_between_its_slots_gives_the_stage_back() {
     );
     assert_eq!(denied.limit(), Some("stage"));
 }
+
+/// Three instances on one Cluster, borrowing shares (the default), decide
+/// bursts for one key at once, 40 concurrent requests each: together they
+/// admit exactly its daily quota of 20 under a throttle of 25, and once every
+/// unused share is back, exactly the 5 the bucket still holds pass after
+/// the day turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_borrowing_instances_admit_exactly_the_quota_under_bursts() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let cluster = RedisCluster::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 86_400 - 60));
+    let policy = || {
+        Policy::builder()
+            .clock(clock.clone())
+            .plan(
+                UsagePlan::new("p")
+                    .throttle(Throttle::new(0.001, 25).unwrap())
+                    .quota(Quota::new(20, Period::Day).unwrap()),
+            )
+            .key(ApiKey::new("k-1", "vk", "p"))
+            .build()
+            .unwrap()
+    };
+    let mut layers = Vec::new();
+    for _ in 0..3 {
+        layers.push(Arc::new(
+            layer(&cluster, "borrowed", &clock, policy()).await,
+        ));
+    }
+    let mut tasks = Vec::new();
+    for layer in &layers {
+        for _ in 0..40 {
+            let layer = Arc::clone(layer);
+            tasks.push(tokio::spawn(async move { layer.decide(b"vk", 1).await }));
+        }
+    }
+    let mut passed = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(()) => passed += 1,
+            Err(r) => assert_eq!(r.limit(), Some("quota"), "{r:?}"),
+        }
+    }
+    assert_eq!(passed, 20, "the day's quota, exactly");
+    for layer in &layers {
+        layer.store().drained().await;
+    }
+    clock.advance(Duration::from_secs(60));
+    let mut after = 0;
+    for layer in &layers {
+        after += passes(layer, b"vk", 10).await;
+    }
+    assert_eq!(after, 5, "what the bucket of 25 holds after 20");
+    let failures: u64 = layers.iter().map(|l| l.store().local_decisions()).sum();
+    assert_eq!(failures, 0);
+}
