@@ -134,6 +134,20 @@ async fn three_instances_charge_the_stage_and_the_account_exactly_under_bursts()
     assert!(places.is_empty(), "places left taken: {places:?}");
     let failures: u64 = layers.iter().map(|l| l.store().local_decisions()).sum();
     assert_eq!(failures, 0);
+    // Key names hold hashes: no key value, id or account name.
+    let names: Vec<_> = cluster
+        .addrs()
+        .into_iter()
+        .flat_map(|addr| scan(addr, "*"))
+        .collect();
+    assert!(names.iter().any(|n| n.starts_with("burst:")), "{names:?}");
+    for name in &names {
+        for secret in [
+            "va1", "va2", "vb1", "vw1", "a-1", "a-2", "b-1", "w-1", "acme",
+        ] {
+            assert!(!name.contains(secret), "{secret} in {name}");
+        }
+    }
 }
 
 /// The slot of the one (plan, key) whose keys match `pattern`, and the node
