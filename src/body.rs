@@ -69,8 +69,10 @@ impl Guard {
 
     /// The guard of an allowed request, which goes to the inner service as
     /// `req`: its place under a concurrency cap and its token reservation.
-    /// A request a failed store let through unchecked reserved nothing; one
-    /// that did reserve finds its [`TokenUsage`] handle in its extensions.
+    /// A request that reserved finds its [`TokenUsage`] handle in its
+    /// extensions. So does one a failed store let through unchecked, which
+    /// reserved nothing: its handler's report settles nothing, but a handler
+    /// that takes the handle still finds it.
     #[inline]
     pub(crate) fn hold<S: Store, B>(
         store: &S,
@@ -92,13 +94,13 @@ impl Guard {
         reservation: Option<Box<Unsettled>>,
         req: &mut http::Request<B>,
     ) -> Option<Self> {
+        if let Some(r) = &reservation {
+            req.extensions_mut().insert(r.usage.clone());
+        }
         let reservation = reservation.filter(|_| !report.unchecked).map(|mut r| {
             r.reservation = report.reserved;
             r
         });
-        if let Some(r) = &reservation {
-            req.extensions_mut().insert(r.usage.clone());
-        }
         let mut permits = report.permits();
         Guard::new(store, [permits.next(), permits.next()], reservation)
     }

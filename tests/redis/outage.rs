@@ -8,17 +8,20 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Body;
-use axum::routing::get;
+use axum::routing::{get, post};
 use http::Request;
 use tollgate::extract::ApiKeyHeader;
 use tollgate::{
-    ApiKey, FailureMode, Period, Policy, Quota, RateLimitLayer, RedisStore, Throttle, UsagePlan,
+    ApiKey, FailureMode, Period, Policy, Quota, RateLimitLayer, RedisStore, Throttle, TokenBudget,
+    TokenUsage, UsagePlan,
 };
 use tower::ServiceExt;
 
 use crate::SERIAL;
+use crate::support;
 use crate::support::redis::{RedisServer, require_redis};
 
 /// A router whose one key, `capped-key`, may have one request in flight,
@@ -411,4 +414,60 @@ async fn plans_of_both_failure_modes_log_one_outage_once() {
         2,
         "{text}"
     );
+}
+
+/// A plan with a token budget that fails open lets requests through while
+/// Redis is down, and its handlers still find the `TokenUsage` handle the
+/// docs promise every request under such a plan: a handler that takes it,
+/// as the README's does, answers as usual instead of failing for want of an
+/// extension.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_let_through_open_still_finds_its_token_usage() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start();
+    let store = RedisStore::builder(redis.url())
+        .shared_registry(false)
+        .timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .expect("a Redis store");
+    let policy = Policy::builder()
+        .plan(
+            UsagePlan::new("llm")
+                .tokens(TokenBudget::new().per_minute(1_000).unwrap())
+                .failure(FailureMode::Open),
+        )
+        .key(ApiKey::new("k1", "llm-key", "llm"))
+        .build()
+        .expect("a valid policy");
+    let layer = RateLimitLayer::builder(policy)
+        .store(store)
+        .estimator(|_: &tollgate::extract::RequestView<'_>| 10)
+        .build();
+    let handler = |Extension(used): Extension<TokenUsage>| async move {
+        used.set(4);
+        "done"
+    };
+    let base = support::serve(Router::new().route("/", post(handler)).layer(layer)).await;
+    let http = support::client();
+    let send = || {
+        http.post(format!("{base}/"))
+            .header("x-api-key", "llm-key")
+            .send()
+    };
+    let res = send().await.unwrap();
+    assert_eq!(res.status(), 200, "decided by Redis");
+    assert!(res.headers().contains_key("ratelimit"));
+    redis.kill();
+    let res = send().await.unwrap();
+    assert!(
+        !res.headers().contains_key("ratelimit"),
+        "let through unchecked: {:?}",
+        res.headers()
+    );
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "done");
 }
