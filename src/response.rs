@@ -57,7 +57,7 @@ pub enum Reason {
 /// | missing, malformed, unknown or disabled key | 403 `{"message":"Forbidden"}` | `grpc-status: 16` (UNAUTHENTICATED) |
 /// | throttled | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8` (RESOURCE_EXHAUSTED), `RetryInfo` and `QuotaFailure` details |
 /// | quota used up | 429 (configurable, e.g. 403) `{"message":"Limit Exceeded"}`, `Retry-After` until the window ends | `grpc-status: 8`, `RetryInfo` until the window ends, `QuotaFailure` |
-/// | cost larger than a whole limit | 429 `{"message":"Cost Exceeds Limit"}` (no `Retry-After`: it never fits) | `grpc-status: 8`, `QuotaFailure` only |
+/// | cost larger than a whole limit | 429 `{"message":"Cost Exceeds Limit"}`, `x-should-retry: false` (it never fits; through the layer, `Retry-After` says when the limit is full again) | `grpc-status: 8`, `QuotaFailure` only, `grpc-retry-pushback-ms: -1` |
 /// | store cannot track another key | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8`, `RetryInfo`, `QuotaFailure` |
 /// | too many requests of the key in flight (plan's `concurrency`) | 429 `{"message":"Too Many Requests"}`, `Retry-After: 1` | `grpc-status: 8`, `RetryInfo`, `QuotaFailure` |
 /// | no peer address for [`ClientIp`](crate::extract::ClientIp) | 500 with the fix in the message | `grpc-status: 13` (INTERNAL) |
