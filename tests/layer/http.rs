@@ -604,6 +604,51 @@ async fn a_shadow_plan_passes_past_its_limits_and_says_so_in_headers() {
     assert_eq!(header(&res, "x-ratelimit-remaining-requests"), "0");
 }
 
+/// A shadow plan never rejects, even when the memory store has no room to
+/// count another client: its quota and its concurrency cap let such a
+/// request through uncounted, as its throttle already did, instead of
+/// answering 429 "store cannot track another key".
+#[tokio::test]
+async fn a_shadow_plan_passes_clients_the_store_has_no_room_to_count() {
+    use tollgate::{MemoryStore, Period, Policy, Quota, Throttle, UsagePlan};
+
+    let plans = [
+        (
+            "quota",
+            UsagePlan::new("s").quota(Quota::new(100, Period::Day).unwrap()),
+        ),
+        ("concurrency", UsagePlan::new("s").concurrency(5)),
+    ];
+    for (case, plan) in plans {
+        // A throttle on a frozen clock keeps every client's slot live, and
+        // a store sized for one key soon has no room for the next.
+        let plan = plan.throttle(Throttle::new(1.0, 10).unwrap()).shadow(true);
+        let clock = tollgate::ManualClock::new();
+        let store = MemoryStore::builder()
+            .max_keys(1)
+            .clock(clock)
+            .build()
+            .unwrap();
+        let layer = RateLimitLayer::builder(Policy::per_key(plan).unwrap())
+            .extractor(Bearer::default())
+            .store(store)
+            .build();
+        let base = serve(Router::new().route("/", get(ok)).layer(layer)).await;
+        let c = client();
+        let mut refused = 0;
+        for i in 0..400 {
+            let res = c
+                .get(&base)
+                .header("authorization", format!("Bearer client-{i}"))
+                .send()
+                .await
+                .unwrap();
+            refused += usize::from(res.status() != StatusCode::OK);
+        }
+        assert_eq!(refused, 0, "{case}: a shadow plan refused {refused} of 400");
+    }
+}
+
 /// Plan `p`: a throttle of 1 a second in bursts of `burst`, and an override
 /// of 1 a second in bursts of 2 on `POST /v1/completions`.
 fn overridden_plan(burst: u32) -> tollgate::UsagePlan {

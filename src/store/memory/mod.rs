@@ -193,6 +193,10 @@ impl MemoryStore {
                         *held = Some((Some(Permit::new(c.digest.0, c.salt)), c.applied(n)));
                     }
                     Ok(Err(n)) => tally.deny_cap(Denied::concurrency(c.applied(n))),
+                    // A shadow cap never denies: a place the table has no
+                    // room to count is not taken, as a shadow throttle
+                    // without room charges nothing.
+                    Err(_) if c.shadow => *held = Some((None, c.applied(0))),
                     Err(retry_after) => {
                         tally.deny_cap(Denied {
                             denial: Denial::Capacity { retry_after },
@@ -265,6 +269,14 @@ impl MemoryStore {
                     Err(wait) => {
                         let fresh = Count::EMPTY.check(q.spec, wall, 0);
                         let fresh = fresh.unwrap_or_else(|(_, s)| s);
+                        if q.shadow {
+                            // A shadow quota never denies: uncounted, it
+                            // reports a fresh window.
+                            if !looking {
+                                report.push(|| quota_applied(q.kind, &fresh));
+                            }
+                            continue;
+                        }
                         tally.deny(Denied {
                             denial: Denial::Capacity {
                                 retry_after: wait.max(1) as Nanos,
