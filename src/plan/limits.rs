@@ -393,6 +393,15 @@ impl UsagePlan {
     }
 
     /// A shadow plan decides, counts and sends headers, but never rejects.
+    ///
+    /// What it lifts is its own limits (throttle, quota, method and model
+    /// limits, token budget, concurrency cap): a request past them passes,
+    /// and is counted. Who may call is not a limit: a missing, unknown or
+    /// disabled key is refused under a shadow plan as under any other, and
+    /// so are the limits of a [`Stage`](crate::Stage) or an
+    /// [`Account`](crate::Account), which belong to someone else. A body an
+    /// estimator must read is still bounded (413, 408) and a body it cannot
+    /// read is still a 400, none of which charges anything.
     #[must_use]
     pub fn shadow(mut self, shadow: bool) -> Self {
         self.shadow = shadow;
