@@ -14,7 +14,8 @@ use crate::headers::Family;
 /// | case | [`Aws`](Self::Aws) (the default) | [`OpenAi`](Self::OpenAi) |
 /// |---|---|---|
 /// | missing, malformed, unknown or disabled key | 403 `{"message":"Forbidden"}` | 401, `type` `invalid_request_error`, `code` `invalid_api_key` |
-/// | throttle, token budget, concurrency cap, cost above a whole limit | 429 `{"message":"Too Many Requests"}` | 429, `type` `requests` or `tokens` (the family of the limit that denied), `code` `rate_limit_exceeded` |
+/// | throttle, token budget, concurrency cap | 429 `{"message":"Too Many Requests"}` | 429, `type` `requests` or `tokens` (the family of the limit that denied), `code` `rate_limit_exceeded` |
+/// | cost above a whole limit | 429 `{"message":"Cost Exceeds Limit"}` | as a throttle's, with `x-should-retry: false` |
 /// | quota used up (requests or tokens) | 429 (configurable) `{"message":"Limit Exceeded"}` | the same status, `type` and `code` `insufficient_quota` |
 /// | store or key resolver unavailable | 503 `{"message":"Service Unavailable"}` | 503, `type` `server_error`, `code` `service_unavailable` |
 /// | no peer address (a configuration mistake) | 500 with the fix in the message | 500, `type` `server_error`, `code` `configuration_error` |
