@@ -45,10 +45,11 @@ fn write_config(redis: &RedisServer) -> PathBuf {
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap()
+    client_within(Duration::from_secs(5))
+}
+
+fn client_within(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder().timeout(timeout).build().unwrap()
 }
 
 async fn admin(
@@ -57,7 +58,9 @@ async fn admin(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let mut req = client()
+    // A minute: the 100,000-key import below is parsed, hashed and staged by
+    // a debug build, which takes seconds on a machine busy with other tests.
+    let mut req = client_within(Duration::from_secs(60))
         .request(method, server.url(path))
         .header("x-admin-key", "admin-secret");
     if let Some(body) = body {
