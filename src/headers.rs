@@ -160,6 +160,17 @@ impl HeaderStyle {
         let Some(tight) = report.tightest() else {
             return Prepared::default();
         };
+        if self.ietf && !self.x_ratelimit && !self.openai {
+            if let Some(p) = Prepared::ietf(report.items(), tight) {
+                return p;
+            }
+        }
+        self.prepare_slots(report, tight)
+    }
+
+    /// The headers for `report`, whose tightest limit is `tight`, slot by
+    /// slot: any style, any policy.
+    fn prepare_slots(&self, report: &Report, tight: &Applied) -> Prepared {
         let (mut requests, mut tokens) = (None, None);
         if self.openai {
             let (mut requests_rank, mut tokens_rank) = (u8::MAX, u8::MAX);
@@ -503,12 +514,64 @@ impl Prepared {
         })
     }
 
+    /// The headers of the usual response, the IETF ones alone: an interned
+    /// `RateLimit-Policy` and the `RateLimit` value, formatted on the stack
+    /// and copied into the thread's chunk at once, without the slot
+    /// bookkeeping of [`format`](Self::format). `None` when the policy is not
+    /// interned (its value goes in the buffer too: [`format`](Self::format)
+    /// writes it).
+    fn ietf(items: &[Applied], tight: &Applied) -> Option<Prepared> {
+        let (mut policy, mut interned) = (None, true);
+        policy_value(items, |p| match p {
+            Policy::Interned(v) => policy = Some(*v),
+            Policy::Shared(_) => interned = false,
+        });
+        if !interned {
+            return None;
+        }
+        let mut value = ValueBuf::<RATELIMIT_MAX>::new();
+        value.push(b"\"");
+        value.push(tight.name().as_bytes());
+        value.push(b"\";r=");
+        value.int(tight.remaining);
+        value.push(b";t=");
+        value.int(ceil_secs(tight.reset));
+        let value = value.as_bytes()?;
+        let values = ARENA.with(|arena| {
+            let mut buf = arena.borrow_mut();
+            if buf.capacity() - buf.len() < MAX_PREPARED {
+                // Reclaims the chunk when nothing else holds it.
+                buf.reserve(ARENA_CHUNK);
+            }
+            buf.extend_from_slice(value);
+            buf.split().freeze()
+        });
+        // `RateLimit` is the only value: every slot after it ends where it does.
+        let end = values.len() as u16;
+        let mut ends = [end; Slot::ALL.len()];
+        ends[Slot::Policy as usize] = 0;
+        Some(Prepared {
+            policy,
+            values,
+            ends,
+        })
+    }
+
     /// Writes the headers into `headers`.
     pub(crate) fn write(self, headers: &mut HeaderMap) {
         if let Some(policy) = self.policy {
             headers.insert(RATELIMIT_POLICY, policy.clone());
         }
         if self.values.is_empty() {
+            return;
+        }
+        // The usual response: `RateLimit` is the only value in the buffer.
+        if self.ends[Slot::Policy as usize] == 0
+            && usize::from(self.ends[Slot::RateLimit as usize]) == self.values.len()
+        {
+            if let Ok(v) = HeaderValue::from_maybe_shared(self.values) {
+                headers.insert(RATELIMIT, v);
+            }
             return;
         }
         let mut rest = self.values;
@@ -676,26 +739,40 @@ fn format_policy(items: &[Applied]) -> Option<HeaderValue> {
 }
 
 /// A small stack buffer for formatting a header value without a `String`.
-struct HeaderBuf {
-    buf: [u8; 256],
+type HeaderBuf = ValueBuf<256>;
+
+/// The longest `RateLimit` value: `"` and the longest limit name
+/// (`account-tokens-minute`, 21 bytes, rounded up), `";r=`, a number,
+/// `;t=` and a number (20 digits at most each).
+const RATELIMIT_MAX: usize = 1 + 24 + 4 + 20 + 3 + 20;
+
+/// A stack buffer of `N` bytes for formatting a header value.
+struct ValueBuf<const N: usize> {
+    buf: [u8; N],
     len: usize,
     overflow: bool,
 }
 
-impl HeaderBuf {
+impl<const N: usize> ValueBuf<N> {
     fn new() -> Self {
-        HeaderBuf {
-            buf: [0; 256],
+        ValueBuf {
+            buf: [0; N],
             len: 0,
             overflow: false,
         }
     }
 
     fn value(&self) -> Option<HeaderValue> {
+        HeaderValue::from_bytes(self.as_bytes()?).ok()
+    }
+
+    /// The bytes written, `None` if some were lost past the buffer's end.
+    #[inline]
+    fn as_bytes(&self) -> Option<&[u8]> {
         if self.overflow {
             return None;
         }
-        HeaderValue::from_bytes(&self.buf[..self.len]).ok()
+        self.buf.get(..self.len)
     }
 
     /// Appends `bytes`; past the buffer's end, the value is lost (`value`
@@ -719,7 +796,7 @@ impl HeaderBuf {
     }
 }
 
-impl fmt::Write for HeaderBuf {
+impl<const N: usize> fmt::Write for ValueBuf<N> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         self.push(s.as_bytes());
         if self.overflow {
@@ -840,6 +917,62 @@ mod tests {
             policy_of(r.items()),
             "\"concurrency\";q=2;qu=\"concurrent-requests\""
         );
+    }
+
+    /// The headers `p` writes, in the map's order.
+    fn written(p: Prepared) -> Vec<(HeaderName, HeaderValue)> {
+        let mut h = HeaderMap::new();
+        p.write(&mut h);
+        h.into_iter().map(|(k, v)| (k.unwrap(), v)).collect()
+    }
+
+    #[test]
+    fn the_ietf_shortcut_writes_what_the_slots_do() {
+        type Item = (&'static str, u64, u64, u64, Nanos);
+        let sets: [&[Item]; 6] = [
+            &[("throttle", 5, 3, 4, 500_000_000)],
+            &[("throttle", 0, 1, 0, 0)],
+            &[(
+                "account-tokens-minute",
+                u64::MAX,
+                u64::MAX,
+                u64::MAX,
+                u64::MAX,
+            )],
+            &[
+                ("throttle", 5, 3, 4, 500_000_000),
+                ("quota", 1000, 86_400, 2, 3_600 * NANOS_PER_SEC),
+            ],
+            &[("concurrency", 2, 0, 1, 0)],
+            &[
+                ("concurrency", 2, 0, 0, 0),
+                (
+                    "tokens-day",
+                    9_000_000,
+                    86_400,
+                    123_456,
+                    7 * NANOS_PER_SEC + 1,
+                ),
+            ],
+        ];
+        let style = HeaderStyle::ietf();
+        for set in sets {
+            let r = report(set);
+            let tight = r.tightest().unwrap();
+            let slots = written(style.prepare_slots(&r, tight));
+            // `None` only past the bound on interned values, which another
+            // test of this process may have reached first.
+            match Prepared::ietf(r.items(), tight) {
+                Some(short) => assert_eq!(written(short), slots, "{set:?}"),
+                None => {
+                    let mut shared = false;
+                    policy_value(r.items(), |p| shared = matches!(p, Policy::Shared(_)));
+                    assert!(shared, "{set:?}");
+                }
+            }
+            assert_eq!(written(style.prepare(&r)), slots, "{set:?}");
+            assert_eq!(slots.len(), 2);
+        }
     }
 
     #[test]

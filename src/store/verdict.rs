@@ -177,6 +177,10 @@ impl Report {
     /// place this request holds comes back when its response ends, so its
     /// count says nothing about the pace a client should keep.
     pub(crate) fn tightest(&self) -> Option<&Applied> {
+        // A single limit is the tightest, whatever its kind.
+        if let [only] = self.items() {
+            return Some(only);
+        }
         let rates = || self.items().iter().filter(|a| !a.kind.is_concurrency());
         let pool: &mut dyn Iterator<Item = &Applied> = if rates().next().is_some() {
             &mut rates()
