@@ -10,6 +10,7 @@
 mod support;
 
 mod body;
+mod floods;
 mod fuzz_corpora;
 mod grpc;
 mod hostile;

@@ -574,10 +574,13 @@ impl Quotas {
             }
         }
         self.short.fetch_sub(freed, Ordering::Relaxed);
-        self.next_idle.store(soonest, Ordering::Relaxed);
         if freed > 0 {
+            // The places freed go to counters not made yet, whose windows
+            // may end before any counter kept: the next search looks.
+            self.next_idle.store(i64::MIN, Ordering::Relaxed);
             Ok(())
         } else {
+            self.next_idle.store(soonest, Ordering::Relaxed);
             Err(soonest.saturating_sub(now).max(1))
         }
     }
