@@ -254,6 +254,12 @@ pub struct Limits {
     pub http2_keep_alive: Duration,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// HTTP/2: requests one connection may have open at once; a client
+    /// opens the streams past it as earlier ones end. Each request may hold
+    /// a body read for its estimate (up to 1 MiB), so this bounds what one
+    /// connection makes the gateway hold, as HTTP/1's one request at a time
+    /// does.
+    pub http2_max_streams: u32,
 }
 
 impl Default for Limits {
@@ -263,6 +269,7 @@ impl Default for Limits {
             body_timeout: crate::cli::DEFAULT_BODY_TIMEOUT,
             http2_keep_alive: Duration::from_secs(20),
             max_connections: crate::cli::DEFAULT_MAX_CONNECTIONS,
+            http2_max_streams: 32,
         }
     }
 }
@@ -301,7 +308,8 @@ pub async fn serve_with(
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(limits.http2_keep_alive)
-        .keep_alive_timeout(limits.http2_keep_alive);
+        .keep_alive_timeout(limits.http2_keep_alive)
+        .max_concurrent_streams(limits.http2_max_streams);
     // Told to every connection when the server stops, and read again by
     // the ones that begin meanwhile.
     let (stopping, stop) = tokio::sync::watch::channel(false);

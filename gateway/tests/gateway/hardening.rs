@@ -455,3 +455,55 @@ async fn log_json_writes_one_json_object_a_line() {
     assert_eq!(event["fields"]["redis"], "127.0.0.1:1", "{event}");
     assert!(event["timestamp"].is_string(), "{event}");
 }
+
+/// One HTTP/2 connection opening 200 completions with a valid key, each
+/// body sent to just under the 1 MiB an estimate reads and never ended:
+/// the gateway holds what it has read of each body, so the streams it lets
+/// a connection open at once bound what one connection makes it hold. It
+/// let 200 (hyper's default) hold about 200 MiB; the default limit, 32,
+/// holds about 32 MiB, and the streams past it wait their turn.
+#[tokio::test]
+async fn one_http2_connection_holds_the_bodies_of_a_bounded_number_of_streams() {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio_stream::wrappers::ReceiverStream;
+
+    type Chunk = Result<Frame<axum::body::Bytes>, std::convert::Infallible>;
+    const STREAMS: usize = 200;
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 15;
+
+    let server = ServerProcess::start(&[]);
+    let io = TokioIo::new(TcpStream::connect(server.addr).await.unwrap());
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, StreamBody<ReceiverStream<Chunk>>>(io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let before = server.resident_kib();
+    let chunk = axum::body::Bytes::from(vec![b' '; CHUNK]);
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(CHUNKS);
+        for _ in 0..CHUNKS {
+            tx.try_send(Ok(Frame::data(chunk.clone()))).unwrap();
+        }
+        let req = http::Request::post(server.url("/v1/completions"))
+            .header("authorization", "Bearer demo-free-key")
+            .header("content-type", "application/json")
+            .body(StreamBody::new(ReceiverStream::new(rx)))
+            .unwrap();
+        let mut sender = sender.clone();
+        // Each body stays open (`tx` held) until the end of the test.
+        streams.push((
+            tx,
+            tokio::spawn(async move { sender.send_request(req).await }),
+        ));
+    }
+    // Long enough for the streams the gateway lets in to send every chunk.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let grown = server.resident_kib().saturating_sub(before) / 1024;
+    assert!(grown < 100, "the gateway grew by {grown} MiB");
+    drop(streams);
+}
