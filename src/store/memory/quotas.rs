@@ -51,7 +51,8 @@ pub(super) type Outcome = Result<Count, (u64, Count)>;
 ///
 /// Counters that keep usage history (a registered key's request quota, for
 /// usage reports) are kept as long as the store lives: they number as the
-/// registered keys do. Counters that keep only the current day (a per-key
+/// ids ever registered do (a key removed keeps its counters, for when its
+/// id is added again). Counters that keep only the current day (a per-key
 /// policy's subjects, client IPs, keys a resolver answered, token budgets)
 /// are bounded: at most the store's `max_keys` of them. A counter whose
 /// window has ended holds nothing a fresh one would not, so it is *idle*,
