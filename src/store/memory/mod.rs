@@ -29,6 +29,9 @@
 //! handful of keys in a million; past `max_keys` it grows more likely) (the layer answers 429 with a `Retry-After` of the time until the
 //! first of those slots goes idle). Keys already tracked are never evicted while
 //! they hold state: forgetting one would hand it a fresh burst, i.e. over-admit.
+//! For the same reason, tokens settled for a key whose slot went idle and was
+//! taken meanwhile, when no slot is free, are kept beside the table (one entry
+//! per such settlement, dropped once its TAT passes) until the key gets a slot.
 
 mod builder;
 mod kept;
@@ -701,11 +704,22 @@ impl Store for MemoryStore {
                     .unsigned_abs()
                     .saturating_mul(gcra.interval())
                     .min(MAX_SPAN);
-                self.update_throttle(t, |tat, now| {
-                    tat.max(now)
+                let now = self.inner.clock.nanos();
+                let slot = SlotKey::new(t.digest, t.limit.salt);
+                let table = &self.inner.table;
+                let mut charged = 0;
+                let kept = table.update(slot, now, |tat| {
+                    charged = tat
+                        .max(now)
                         .saturating_add(shift)
-                        .min(now.saturating_add(MAX_SPAN))
+                        .min(now.saturating_add(MAX_SPAN));
+                    (Some(charged), ())
                 });
+                // The key's slot went idle and was taken, and the table is
+                // full: the charge waits beside it, never lost.
+                if kept.is_err() {
+                    table.keep_stray(slot, charged, now);
+                }
             } else if let Some(until) = settlement.reserved.until {
                 // A bucket reset since the reservation refilled its share
                 // already: given back, it would be granted twice. (Without

@@ -20,8 +20,9 @@
 //! accepts. The same key handed its own slot back writes words that mean
 //! the same state to it, so a swap that succeeds there is still right.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::sync::Mutex;
 
@@ -187,6 +188,13 @@ pub(super) struct Table {
     counts: Counts,
     /// Taken to double the slots in use (before any stripe).
     growing: Mutex<()>,
+    /// TATs that found no slot (a charge settled after its key's slot went
+    /// idle and was taken, at the cap), by fingerprint, until the key gets
+    /// a slot or the TAT passes: a key not in the table starts from its
+    /// stray TAT, so an extra charge is never lost for want of room.
+    strays: Mutex<HashMap<u64, Nanos>>,
+    /// Whether `strays` may hold any: a key not found reads no lock otherwise.
+    has_strays: AtomicBool,
     stripes: Box<[Mutex<()>]>,
 }
 
@@ -226,6 +234,8 @@ impl Table {
                 sweep_end: AtomicU64::new(0),
             },
             growing: Mutex::new(()),
+            strays: Mutex::new(HashMap::new()),
+            has_strays: AtomicBool::new(false),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         }
     }
@@ -377,7 +387,7 @@ impl Table {
     #[inline]
     pub(super) fn peek(&self, key: SlotKey) -> Nanos {
         self.find(key, self.bits())
-            .map_or(0, |(f, _)| f.word ^ key.fp)
+            .map_or_else(|| self.stray(key), |(f, _)| f.word ^ key.fp)
     }
 
     /// Applies `op` to the key's TAT (0 for a key not tracked): when it returns
@@ -432,7 +442,8 @@ impl Table {
                     _ => return Ok(r),
                 }
             }
-            let (new, r) = op(0);
+            let stray = self.stray(key);
+            let (new, r) = op(stray);
             let Some(n) = new.filter(|&n| n != 0) else {
                 if !thorough {
                     // An answer on a fresh state only once the key is
@@ -445,7 +456,12 @@ impl Table {
                 return Ok(r);
             };
             match self.insert(key, n, now) {
-                Inserted::Done => return Ok(r),
+                Inserted::Done => {
+                    if stray != 0 {
+                        self.settled(key, stray);
+                    }
+                    return Ok(r);
+                }
                 // Placed meanwhile, under fewer bits than searched, or
                 // moved up since `bits` was read.
                 Inserted::Present => thorough = true,
@@ -732,6 +748,42 @@ impl Table {
 
     pub(super) fn allocated_pages(&self) -> usize {
         self.pages.iter().filter(|p| p.get().is_some()).count()
+    }
+
+    /// Keeps `tat`, the TAT of a key that found no slot, for the key's next
+    /// change; drops the stray TATs that have passed.
+    #[cold]
+    pub(super) fn keep_stray(&self, key: SlotKey, tat: Nanos, now: Nanos) {
+        let mut strays = self.strays.lock();
+        strays.retain(|_, t| *t > now);
+        if tat > now {
+            strays.insert(key.fp, tat);
+        }
+        self.has_strays.store(!strays.is_empty(), Ordering::Release);
+    }
+
+    /// The stray TAT of a key not in the table (0 if none).
+    #[inline]
+    fn stray(&self, key: SlotKey) -> Nanos {
+        if !self.has_strays.load(Ordering::Acquire) {
+            return 0;
+        }
+        self.stray_of(key)
+    }
+
+    #[cold]
+    fn stray_of(&self, key: SlotKey) -> Nanos {
+        self.strays.lock().get(&key.fp).copied().unwrap_or(0)
+    }
+
+    /// The key got a slot, with a state made from its stray TAT `tat`.
+    #[cold]
+    fn settled(&self, key: SlotKey, tat: Nanos) {
+        let mut strays = self.strays.lock();
+        if strays.get(&key.fp) == Some(&tat) {
+            strays.remove(&key.fp);
+        }
+        self.has_strays.store(!strays.is_empty(), Ordering::Release);
     }
 
     pub(super) fn live(&self, now: Nanos) -> usize {
