@@ -106,8 +106,10 @@ impl MemoryStore {
         self.inner.table.slots() as usize
     }
 
-    /// Keys that hold live state now (buckets not yet full again). This walks
-    /// the whole table: for tests and occasional metrics, not per request.
+    /// Slots that hold live state now (buckets not yet full again, requests
+    /// in flight): one per live limit of a key, so a key with a throttle and
+    /// a token bucket counts twice. This walks the whole table: for tests
+    /// and occasional metrics, not per request.
     pub fn tracked_keys(&self) -> usize {
         self.inner.table.live(self.inner.clock.nanos())
     }
