@@ -356,8 +356,12 @@ pub async fn serve_with(
         tokio::spawn(async move {
             // Telling HTTP/1 from HTTP/2 waits for the first bytes, before
             // hyper's header timeout runs: a client that sends nothing is
-            // dropped after the same time.
-            let first = tokio::time::timeout(header_timeout, stream.peek(&mut [0u8; 1])).await;
+            // dropped after the same time, or when the server stops.
+            let mut byte = [0u8; 1];
+            let first = tokio::select! {
+                first = tokio::time::timeout(header_timeout, stream.peek(&mut byte)) => first,
+                _ = stop.wait_for(|&stopping| stopping) => Ok(Ok(0)),
+            };
             if !matches!(first, Ok(Ok(1..))) {
                 drop(place);
                 return;
@@ -368,18 +372,28 @@ pub async fn serve_with(
                 .into_owned();
             let mut conn = std::pin::pin!(conn);
             let mut closing = false;
+            let mut stopped = false;
             let ended = loop {
                 tokio::select! {
+                    // The connection first: a head it has read begins a
+                    // request before the server's stop is looked at.
+                    biased;
                     ended = conn.as_mut() => break ended,
                     // Requests in flight finish; then the connection closes.
                     () = activity.idle_for(header_timeout), if !closing => {
                         conn.as_mut().graceful_shutdown();
                         closing = true;
                     }
-                    _ = stop.wait_for(|&stopping| stopping), if !closing => {
+                    _ = stop.wait_for(|&stopping| stopping), if !stopped => {
                         conn.as_mut().graceful_shutdown();
                         closing = true;
+                        stopped = true;
                     }
+                    // Stopping, with no request in flight: hyper keeps an
+                    // HTTP/1 connection halfway through a head open until
+                    // its header timeout, which would hold the drain for a
+                    // request never made. (An HTTP/2 client has its GOAWAY.)
+                    () = activity.idle_for(Duration::ZERO), if stopped => break Ok(()),
                     // A client that stopped reading an answer holds its
                     // place (and its request's) for nothing: dropped.
                     () = activity.stalled_for(write_timeout) => {

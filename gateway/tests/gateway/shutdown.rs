@@ -374,3 +374,35 @@ async fn drained_waits_for_the_settlement_redis_holds_back() {
         assert_eq!(held, "0", "{key} still holds a place");
     }
 }
+
+/// Connections that have no request in flight do not hold the drain: one
+/// that has sent nothing and one halfway through a request's head are
+/// closed at the signal, and the process exits 0 at once, well within a
+/// `--drain` shorter than the header timeout that would otherwise close
+/// them. (Before, both held the process until the deadline, which then
+/// reported requests in flight cut off and exited 1.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_request_do_not_hold_the_drain() {
+    use std::io::{Read, Write};
+    let mut server = ServerProcess::start(&["--drain", "2", "--header-timeout", "60"]);
+    let mut silent = std::net::TcpStream::connect(server.addr).unwrap();
+    let mut half = std::net::TcpStream::connect(server.addr).unwrap();
+    half.write_all(b"GET /health HTTP/1.1\r\nHost: gateway\r\n")
+        .unwrap();
+    // The server accepts in order: once a later connection is answered,
+    // both are being served.
+    let res = client().get(server.url("/health")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+
+    server.signal("TERM");
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status}\n{}", server.stderr());
+    assert!(!server.stderr().contains("cut off"), "{}", server.stderr());
+    for conn in [&mut silent, &mut half] {
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut rest = Vec::new();
+        // Closed without an answer: nothing was asked in full.
+        let _ = conn.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    }
+}
