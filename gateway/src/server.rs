@@ -638,7 +638,7 @@ async fn run() -> std::process::ExitCode {
         () = deadline => {
             // They end with the runtime: with Redis, what they reserved
             // stays charged (their settlement is not waited for).
-            eprintln!("requests still in flight {:?} after the signal: cut off", args.drain);
+            tracing::error!(drain = ?args.drain, "requests still in flight after the signal: cut off");
             Err(std::io::Error::other("drain deadline passed"))
         }
     };
@@ -650,7 +650,7 @@ async fn run() -> std::process::ExitCode {
     match served {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("server error: {e}");
+            tracing::error!(error = %e, "server error");
             std::process::ExitCode::FAILURE
         }
     }
@@ -672,7 +672,7 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + 
             _ = term.recv() => {}
             _ = interrupt.recv() => {}
         }
-        eprintln!("tollgate-gateway: shutting down, finishing the requests in flight");
+        tracing::info!("shutting down, finishing the requests in flight");
     })
 }
 
@@ -684,6 +684,6 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + 
             // No handler: run until killed rather than stop at once.
             std::future::pending::<()>().await;
         }
-        eprintln!("tollgate-gateway: shutting down, finishing the requests in flight");
+        tracing::info!("shutting down, finishing the requests in flight");
     })
 }

@@ -406,3 +406,41 @@ async fn connections_without_a_request_do_not_hold_the_drain() {
         assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     }
 }
+
+/// With `--log-json`, what the gateway says about its shutdown is in the
+/// log, one JSON object a line like every other event: the signal, and a
+/// stream cut off at the `--drain` deadline (an error). Before, both were
+/// plain text lines among the JSON ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_log_json_the_shutdown_is_logged_as_json() {
+    let dir = std::env::temp_dir().join(format!("tollgate-shutdown-{}-json", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = write_config(&dir);
+    let mut server = ServerProcess::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--drain",
+        "0.3",
+        "--log-json",
+    ]);
+    let (_stream, _) = open_stream(&server, "llm-key").await;
+    server.signal("TERM");
+    let status = server.wait_exit(Duration::from_secs(5));
+    assert!(!status.success(), "{status}");
+    let stderr = server.stderr();
+    let events: Vec<Value> = stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let said = |level: &str, what: &str| {
+        events.iter().any(|e| {
+            e["level"] == level
+                && e["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(what))
+        })
+    };
+    assert!(said("INFO", "shutting down"), "{stderr}");
+    assert!(said("ERROR", "cut off"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
