@@ -13,6 +13,16 @@
 //! without any byte taken means the client stopped reading; a client that
 //! reads slowly still takes bytes, and a body waiting on the model writes
 //! nothing and waits on nothing.
+//!
+//! On HTTP/2 a client that stops reading blocks no write: it stops opening
+//! the stream's flow-control window, and the server has nothing to send.
+//! There the answers' bodies ([`Guarded`]) tell instead when a piece was
+//! handed over and the next one not asked for, which is what a closed
+//! window does (hyper asks for the next piece once the window has room for
+//! more than it holds). No body asked for anything for a timeout while one
+//! waits to be asked is a client that stopped reading. (A client that
+//! reads, but opens its window only after it has read half of it, as h2
+//! does, must read that half within the timeout.)
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -37,6 +47,12 @@ pub(crate) struct Activity {
     blocked: AtomicBool,
     /// Milliseconds from `start` to when the write now waiting began to.
     blocked_since: AtomicU64,
+    /// HTTP/2 answers that handed over a piece and were not yet asked for
+    /// the next.
+    handed: AtomicUsize,
+    /// Milliseconds from `start` to when an HTTP/2 answer last handed over
+    /// a piece or was asked for one.
+    pulled: AtomicU64,
     start: Instant,
 }
 
@@ -47,6 +63,8 @@ impl Activity {
             last: AtomicU64::new(0),
             blocked: AtomicBool::new(false),
             blocked_since: AtomicU64::new(0),
+            handed: AtomicUsize::new(0),
+            pulled: AtomicU64::new(0),
             start: Instant::now(),
         })
     }
@@ -70,14 +88,34 @@ impl Activity {
     }
 
     /// Resolves once a write has waited `timeout` for the client to take a
-    /// byte: the client stopped reading.
+    /// byte, or an HTTP/2 answer has waited `timeout` to be asked for its
+    /// next piece with nothing asked meanwhile: the client stopped reading.
     pub(crate) async fn stalled_for(&self, timeout: Duration) {
         self.held_for(timeout, || {
-            self.blocked
+            let write = self
+                .blocked
                 .load(Ordering::Acquire)
-                .then(|| self.blocked_since.load(Ordering::Acquire))
+                .then(|| self.blocked_since.load(Ordering::Acquire));
+            let pull = (self.handed.load(Ordering::Acquire) > 0)
+                .then(|| self.pulled.load(Ordering::Acquire));
+            write.into_iter().chain(pull).min()
         })
         .await;
+    }
+
+    /// An HTTP/2 answer was asked for its next piece (`handed: false`) or
+    /// handed one over (`true`).
+    fn pull(&self, handed: bool) {
+        self.pulled.store(self.millis(), Ordering::Release);
+        if handed {
+            self.handed.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// An HTTP/2 answer that had handed over a piece is asked for the next,
+    /// or dropped.
+    fn taken(&self) {
+        self.handed.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Resolves once a state has held for `span`: `since` tells when it
@@ -184,15 +222,33 @@ impl Drop for Open {
     }
 }
 
-/// A response body that keeps its request open until it is done with.
+/// A response body that keeps its request open until it is done with,
+/// and on HTTP/2 tells its connection's [`Activity`] when it hands over a
+/// piece and when it is asked for the next.
 pub(crate) struct Guarded {
     body: Body,
-    _open: Open,
+    open: Open,
+    http2: bool,
+    /// A piece was handed over and the next not asked for yet.
+    handed: bool,
 }
 
 impl Guarded {
-    pub(crate) fn body(body: Body, open: Open) -> Body {
-        Body::new(Guarded { body, _open: open })
+    pub(crate) fn body(body: Body, open: Open, http2: bool) -> Body {
+        Body::new(Guarded {
+            body,
+            open,
+            http2,
+            handed: false,
+        })
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if self.handed {
+            self.open.0.taken();
+        }
     }
 }
 
@@ -204,7 +260,17 @@ impl http_body::Body for Guarded {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        if !self.http2 {
+            return Pin::new(&mut self.body).poll_frame(cx);
+        }
+        if std::mem::take(&mut self.handed) {
+            self.open.0.taken();
+        }
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let handed = matches!(&polled, Poll::Ready(Some(Ok(f))) if f.is_data());
+        self.handed = handed;
+        self.open.0.pull(handed);
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -254,5 +320,31 @@ mod tests {
         a.wrote(&Poll::<std::io::Result<usize>>::Pending);
         a.stalled_for(timeout).await;
         assert_eq!(before.elapsed(), timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_answer_is_stalled_only_while_no_piece_is_asked_for_the_whole_time() {
+        let a = Activity::new();
+        let timeout = Duration::from_secs(5);
+        // Asked and waiting on the model (nothing handed): never stalled.
+        a.pull(false);
+        let waited = tokio::time::timeout(Duration::from_secs(60), a.stalled_for(timeout)).await;
+        assert!(waited.is_err());
+        // A piece handed over; four seconds later the next is asked for (a
+        // window opened) and handed; a second answer asks meanwhile.
+        a.pull(true);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        a.taken();
+        a.pull(true);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        a.pull(false);
+        let before = Instant::now();
+        // Counted from the last time anything was asked.
+        a.stalled_for(timeout).await;
+        assert_eq!(before.elapsed(), timeout);
+        // Taken at last, and dropped: not stalled any more.
+        a.taken();
+        let waited = tokio::time::timeout(Duration::from_secs(60), a.stalled_for(timeout)).await;
+        assert!(waited.is_err());
     }
 }

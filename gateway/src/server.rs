@@ -247,7 +247,10 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// How long a request body may send nothing before it is cut off; and
     /// how long a write of an answer may wait for the client to take a byte
-    /// (it stopped reading) before its connection is dropped.
+    /// (it stopped reading) before its connection is dropped. On HTTP/2,
+    /// where such a client opens no flow-control window and so blocks no
+    /// write, how long an answer may wait to be asked for its next piece
+    /// with nothing asked on the connection meanwhile.
     pub body_timeout: Duration,
     /// HTTP/2: how often an idle connection is pinged; one that does not
     /// answer within as long again is closed.
@@ -342,11 +345,12 @@ pub async fn serve_with(
         let service = hyper::service::service_fn(move |mut req: axum::http::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
             let open = requests.begin();
+            let http2 = req.version() == axum::http::Version::HTTP_2;
             // A `Router` is always ready, and so is the timeout around it.
             let answer = service.clone().call(req);
             async move {
                 let res = answer.await?;
-                Ok::<_, std::convert::Infallible>(res.map(|body| Guarded::body(body, open)))
+                Ok::<_, std::convert::Infallible>(res.map(|body| Guarded::body(body, open, http2)))
             }
         });
         let builder = builder.clone();

@@ -507,3 +507,58 @@ async fn one_http2_connection_holds_the_bodies_of_a_bounded_number_of_streams() 
     assert!(grown < 100, "the gateway grew by {grown} MiB");
     drop(streams);
 }
+
+/// The same over HTTP/2, where a client that stops reading never blocks a
+/// write on the socket: it stops opening the stream's flow-control window
+/// (hyper's client does when its body is not read), and the server has
+/// nothing to send. The stream is cut off after the body timeout all the
+/// same; without that it held its connection's place, and the key's
+/// concurrency place, for as long as the client kept the connection.
+#[tokio::test]
+async fn an_http2_client_that_stops_reading_an_answer_is_cut_off_after_the_body_timeout() {
+    use http_body_util::{BodyExt, Full};
+
+    let (addr, _stop) = start(limits(
+        Duration::from_secs(10),
+        Duration::from_millis(300),
+        16,
+    ))
+    .await;
+    let (mut sender, _closed) = http2_client(addr).await;
+    // About 15 MB of events, far more than the client's windows (2 MiB a
+    // stream, 5 MiB the connection).
+    let body = r#"{"model":"m","prompt":"hi","max_tokens":16,"mock_completion_tokens":100000,"stream":true,"mock_token_ms":0}"#;
+    let req = http::Request::post(format!("http://{addr}/v1/completions"))
+        .header("x-api-key", "demo-free-key")
+        .header("content-type", "application/json")
+        .body(Full::new(axum::body::Bytes::from(body)))
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    // Unread for well past the timeout (see the HTTP/1 test for why so
+    // long), then read.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut body = res.into_body();
+    let mut got = 0usize;
+    let mut done = false;
+    let ended = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("the stream ends");
+        match frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    got += data.len();
+                    done |= String::from_utf8_lossy(data).contains("[DONE]");
+                }
+            }
+            Some(Err(e)) => break Err(e),
+            None => break Ok(()),
+        }
+    };
+    assert!(
+        ended.is_err() && !done,
+        "the whole answer came: {got} bytes"
+    );
+    assert!(got < 10_000_000, "{got} bytes");
+}
