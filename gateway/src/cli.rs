@@ -48,10 +48,11 @@ Options:
                          plan's failure mode decides it [default: 100]
   --drain SECS           how long the requests in flight may take to finish
                          after SIGTERM or SIGINT [default: 30]
-  --header-timeout SECS  how long a request's head may take to arrive, on a new
-                         connection or a kept-alive one; any connection (HTTP/2
-                         too) with no request open for as long is closed
-                         [default: 10]
+  --header-timeout SECS  how long a request's head may take to arrive, on a
+                         kept-alive connection or a new one (counted there from
+                         its first byte, which may take as long); any
+                         connection (HTTP/2 too) with no request open for as
+                         long is closed [default: 10]
   --body-timeout SECS    how long a request body may send nothing before it is
                          cut off, and an answer may go unread before its
                          connection is dropped [default: 30]

@@ -37,8 +37,9 @@
 //!   stands (name, family, size, window, remaining, reset), for the key it
 //!   sends; read without charging anything
 //!
-//! A request's head must arrive within `--header-timeout` (10 s), which on
-//! HTTP/1 also closes a connection idle that long; a body that sends nothing
+//! A request's head must arrive within `--header-timeout` (10 s; on a new
+//! connection counted from its first byte, which must come within as long),
+//! which on HTTP/1 also closes a connection idle that long; a body that sends nothing
 //! for `--body-timeout` (30 s) is cut off; at most `--max-connections` (1024)
 //! are served at once, more wait to be accepted. It logs to stderr, filtered
 //! by `RUST_LOG`, as JSON lines with `--log-json`.

@@ -240,8 +240,10 @@ async fn metrics() -> Response {
 #[non_exhaustive]
 pub struct Limits {
     /// HTTP/1: how long a request's head may take to arrive, counted from
-    /// when the connection is ready for it: on a new connection, and between
-    /// requests on a kept-alive one, so this also closes idle connections.
+    /// when the connection is ready for it between requests on a kept-alive
+    /// one, so this also closes idle connections, and from its first byte
+    /// on a new one (a connection that sends no byte for as long is
+    /// dropped).
     /// Any connection (HTTP/2's too, which may answer pings for ever) with
     /// no request open for as long is closed gracefully (HTTP/2: `GOAWAY`).
     pub header_timeout: Duration,
