@@ -81,7 +81,8 @@ Environment:
                          gateway the same one [default: none]
   TOLLGATE_UPSTREAM_KEY  the backend's key, as --upstream-key (which wins when
                          both are given); never logged [default: none]
-  RUST_LOG               the log filter
+  RUST_LOG               the log filter; empty is the default, one that does
+                         not parse an error
                          [default: warn,tollgate=info,tollgate_gateway=info]
 ";
 

@@ -436,11 +436,20 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (or [`DEFAULT_LOG`]).
-/// With `json`, one JSON object a line.
-fn init_logging(json: bool) {
+/// Logs to stderr, filtered by `RUST_LOG` (or [`DEFAULT_LOG`] when it is
+/// unset or empty). With `json`, one JSON object a line. A `RUST_LOG` that
+/// does not parse is an error, as a bad flag is: replaced by the default,
+/// or by nothing, it would hide what the operator asked to see.
+fn init_logging(json: bool) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG));
+    let filter = match std::env::var("RUST_LOG") {
+        Err(std::env::VarError::NotPresent) => EnvFilter::new(DEFAULT_LOG),
+        Err(std::env::VarError::NotUnicode(_)) => return Err("RUST_LOG is not UTF-8".to_owned()),
+        Ok(v) if v.trim().is_empty() => EnvFilter::new(DEFAULT_LOG),
+        Ok(v) => EnvFilter::builder()
+            .parse(&v)
+            .map_err(|e| format!("RUST_LOG `{v}`: {e}"))?,
+    };
     let log = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -449,6 +458,7 @@ fn init_logging(json: bool) {
     } else {
         log.init();
     }
+    Ok(())
 }
 
 /// How long the startup check waits for each Redis node.
@@ -536,7 +546,10 @@ async fn run() -> std::process::ExitCode {
         };
         args.upstream = Some(up);
     }
-    init_logging(args.log_json);
+    if let Err(msg) = init_logging(args.log_json) {
+        eprintln!("tollgate-gateway: {msg}");
+        return std::process::ExitCode::from(2);
+    }
     let config = match &args.config {
         Some(path) => Config::load(path),
         None => {

@@ -10,8 +10,14 @@ use crate::support::process::server_binary;
 /// Runs the binary with `args`; panics if it does not exit within 10 s (a
 /// gateway that started serving instead).
 fn run(args: &[&str]) -> Output {
+    run_with_env(args, &[])
+}
+
+/// [`run`] with the environment variables `env` set.
+fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut child = Command::new(server_binary())
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -168,4 +174,33 @@ fn an_unreachable_redis_cluster_at_startup_is_an_outage_with_status_1() {
         "redis://127.0.0.1:1/,not a url",
     ]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// `RUST_LOG` set but empty (as a deployment template leaves it) keeps the
+/// default filter, and one that does not parse is a clear error with status
+/// 2, as a bad flag is. Before, an empty one turned every warning off (a
+/// store failure's too), and a bad one was replaced by the default without
+/// a word.
+#[test]
+fn an_empty_rust_log_keeps_the_default_filter_and_a_bad_one_is_an_error() {
+    // Nothing listens on ports 1 and 2: a warning for each node, then exit.
+    let cluster = [
+        "--listen",
+        "127.0.0.1:0",
+        "--redis",
+        "redis://127.0.0.1:1/,redis://127.0.0.1:2/",
+    ];
+    let out = run_with_env(&cluster, &[("RUST_LOG", "")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("WARN") && err.contains("a Redis Cluster node cannot be reached"),
+        "{err}"
+    );
+    for bad in ["tollgate=verbose", "tollgate_gateway=info["] {
+        let out = run_with_env(&["--listen", "127.0.0.1:0"], &[("RUST_LOG", bad)]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("RUST_LOG `{bad}`")), "{bad}: {err}");
+    }
 }
