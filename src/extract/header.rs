@@ -9,11 +9,23 @@ use super::{DEFAULT_MAX_KEY_LEN, Key, KeyError, KeyExtractor, RequestView, valid
 /// The default header read by [`ApiKeyHeader`].
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
+/// The most headers [`single`] compares one by one rather than looks up.
+const SCANNED: usize = 6;
+
 /// Returns the only value of `name`, or an error if it is absent or repeated.
 ///
 /// A repeated header is ambiguous (which value is the key?), so it is
 /// rejected as malformed rather than resolved by picking one.
 fn single<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<&'a HeaderValue, KeyError> {
+    // A few names, none repeated, are compared in order: `get` hashes the
+    // name byte by byte first, which costs more than comparing a few
+    // (another name's length, or a standard name's tag, differs at once).
+    if headers.len() <= SCANNED && headers.len() == headers.keys_len() {
+        return match headers.iter().find(|&(n, _)| n == name) {
+            Some((_, value)) => Ok(value),
+            None => Err(KeyError::Missing),
+        };
+    }
     let value = headers.get(name).ok_or(KeyError::Missing)?;
     // A map with as many values as names repeats no header: the usual
     // request is answered without walking this name's values.
@@ -378,6 +390,43 @@ mod tests {
         // Another header repeated does not make a single key ambiguous.
         let headers: &[(&str, &[u8])] = &[("accept", b"a"), ("x-api-key", b"k"), ("accept", b"b")];
         assert_eq!(extract(&e, headers), Ok(b"k".to_vec()));
+    }
+
+    #[test]
+    fn api_key_found_among_few_and_many_headers() {
+        // Up to `SCANNED` names are compared in order, more are looked up:
+        // both find the key wherever it is, and neither takes another
+        // header's value.
+        let e = ApiKeyHeader::new();
+        let others = [
+            "accept",
+            "content-type",
+            "x-api-ke",
+            "x-api-keys",
+            "user-agent",
+            "x-request-id",
+            "authorization",
+            "host",
+            "x-forwarded-for",
+            "content-length",
+        ];
+        for count in [0, 1, SCANNED - 1, SCANNED, others.len()] {
+            for at in 0..=count {
+                let mut headers: Vec<(&str, &[u8])> = others[..count]
+                    .iter()
+                    .map(|n| (*n, &b"other"[..]))
+                    .collect();
+                assert_eq!(extract(&e, &headers), Err(KeyError::Missing), "{count}");
+                headers.insert(at, ("x-api-key", b"k"));
+                assert_eq!(extract(&e, &headers), Ok(b"k".to_vec()), "{count} {at}");
+                headers.insert(at, ("x-api-key", b"k"));
+                assert_eq!(
+                    extract(&e, &headers),
+                    Err(KeyError::Malformed),
+                    "{count} {at}"
+                );
+            }
+        }
     }
 
     #[test]
