@@ -149,6 +149,17 @@ impl HeaderStyle {
         self.prepare(report).write(headers);
     }
 
+    /// The headers for `report` (see [`prepare`](Self::prepare)); `None`
+    /// when the style sends none, so that the response future neither
+    /// formats nor writes nor drops anything for them.
+    #[inline]
+    pub(crate) fn prepared(&self, report: &Report) -> Option<Prepared> {
+        if !(self.ietf || self.x_ratelimit || self.openai) {
+            return None;
+        }
+        Some(self.prepare(report))
+    }
+
     /// The headers for `report`, formatted when the request is decided:
     /// every value in one shared buffer (see [`Prepared`]), so that a
     /// response future carries 64 bytes instead of the report, and no value

@@ -13,7 +13,7 @@ use super::read::{Reading, refuse_body, refuse_unread};
 use super::{Shared, Step};
 use crate::body::{Guard, RequestBody, ResponseBody, Unsettled};
 use crate::extract::{KeyExtractor, RequestView};
-use crate::headers::{HeaderStyle, Prepared};
+use crate::headers::Prepared;
 use crate::observe::Watch;
 use crate::plan::FailureMode;
 use crate::resolver::Lookup;
@@ -63,7 +63,8 @@ pin_project! {
         Called {
             #[pin]
             fut: S::Future,
-            headers: Prepared,
+            // `None` when the layer sends no rate-limit headers.
+            headers: Option<Prepared>,
             guard: Option<Guard>,
         },
         Rejected { response: Option<Response<Bytes>> },
@@ -85,20 +86,16 @@ where
     S: Service<Request<RequestBody<B>>>,
     St: Store,
 {
-    /// The future of a request allowed at once: `call` makes the inner
-    /// service's future in place (a future moved is a copy of all of it,
-    /// and every copy saved is measurable on this path).
+    /// The future of a request allowed at once. `call` passes the inner
+    /// service's future straight from the inner `call` (a future moved is a
+    /// copy of all of it, and every copy saved is measurable on this path):
+    /// made inside a closure called here, with the headers prepared before
+    /// it, it was copied once more.
     #[inline(always)]
-    pub(crate) fn called(
-        call: impl FnOnce() -> S::Future,
-        report: &Report,
-        headers: HeaderStyle,
-        guard: Option<Guard>,
-    ) -> Self {
-        let headers = headers.prepare(report);
+    pub(crate) fn called(fut: S::Future, headers: Option<Prepared>, guard: Option<Guard>) -> Self {
         ResponseFuture {
             state: State::Called {
-                fut: call(),
+                fut,
                 headers,
                 guard,
             },
@@ -177,7 +174,7 @@ where
                 State::Called {
                     guard: Guard::hold(&shared.store, report, reservation, &mut req),
                     fut: svc.call(req),
-                    headers: shared.headers.prepare(report),
+                    headers: shared.headers.prepared(report),
                 }
             }
             Step::Done(Err(refusal)) => {
@@ -319,7 +316,7 @@ where
                         Ok(report) => State::Called {
                             guard: Guard::hold(&shared.store, &report, reservation, &mut req),
                             fut: svc.call(req),
-                            headers: shared.headers.prepare(&report),
+                            headers: shared.headers.prepared(&report),
                         },
                         Err(refusal) => {
                             let (rejection, limit) = *refusal;
@@ -340,7 +337,9 @@ where
                     guard,
                 } => {
                     let mut res = ready!(fut.poll(cx))?;
-                    std::mem::take(headers).write(res.headers_mut());
+                    if let Some(headers) = headers.take() {
+                        headers.write(res.headers_mut());
+                    }
                     let guard = guard.take();
                     if let Some(g) = &guard {
                         g.read_response(&res);

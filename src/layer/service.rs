@@ -109,8 +109,8 @@ where
         match step {
             Step::Done(Ok(())) => {
                 let guard = Guard::hold(&self.shared.store, &report, reservation, &mut req);
-                let inner = &mut self.inner;
-                ResponseFuture::called(|| inner.call(req), &report, self.shared.headers, guard)
+                let headers = self.shared.headers.prepared(&report);
+                ResponseFuture::called(self.inner.call(req), headers, guard)
             }
             Step::Done(Err(refusal)) => {
                 let (rejection, limit) = *refusal;
