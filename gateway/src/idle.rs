@@ -36,6 +36,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+/// How often a state that does not hold yet is looked at again, at least.
+const RECHECK: Duration = Duration::from_millis(50);
+
 /// One connection's requests: how many are open, and when the last ended.
 #[derive(Debug)]
 pub(crate) struct Activity {
@@ -47,6 +50,9 @@ pub(crate) struct Activity {
     blocked: AtomicBool,
     /// Milliseconds from `start` to when the write now waiting began to.
     blocked_since: AtomicU64,
+    /// Milliseconds from `start` to when the last write that had waited
+    /// went through.
+    unblocked: AtomicU64,
     /// HTTP/2 answers that handed over a piece and were not yet asked for
     /// the next.
     handed: AtomicUsize,
@@ -63,6 +69,7 @@ impl Activity {
             last: AtomicU64::new(0),
             blocked: AtomicBool::new(false),
             blocked_since: AtomicU64::new(0),
+            unblocked: AtomicU64::new(0),
             handed: AtomicUsize::new(0),
             pulled: AtomicU64::new(0),
             start: Instant::now(),
@@ -83,6 +90,20 @@ impl Activity {
     pub(crate) async fn idle_for(&self, idle: Duration) {
         self.held_for(idle, || {
             (self.open.load(Ordering::Acquire) == 0).then(|| self.last.load(Ordering::Acquire))
+        })
+        .await;
+    }
+
+    /// Resolves once the connection has had no request open and no write
+    /// waiting for the client for `span`: what the client was sent has gone
+    /// to the socket, and what is left is at most a head not yet whole.
+    pub(crate) async fn quiet_for(&self, span: Duration) {
+        self.held_for(span, || {
+            let open = self.open.load(Ordering::Acquire) > 0;
+            (!open && !self.blocked.load(Ordering::Acquire)).then(|| {
+                let last = self.last.load(Ordering::Acquire);
+                last.max(self.unblocked.load(Ordering::Acquire))
+            })
         })
         .await;
     }
@@ -127,7 +148,9 @@ impl Activity {
             // `since` past it, and is seen on the next turn.
             let now = self.millis();
             let Some(began) = since() else {
-                tokio::time::sleep(span).await;
+                // Looked at again after a while: a span of nothing would
+                // wake the connection every tick.
+                tokio::time::sleep(span.max(RECHECK)).await;
                 continue;
             };
             let held = now.saturating_sub(began);
@@ -148,7 +171,12 @@ impl Activity {
                     self.blocked.store(true, Ordering::Release);
                 }
             }
-            Poll::Ready(_) => self.blocked.store(false, Ordering::Release),
+            Poll::Ready(_) => {
+                if self.blocked.load(Ordering::Acquire) {
+                    self.unblocked.store(self.millis(), Ordering::Release);
+                    self.blocked.store(false, Ordering::Release);
+                }
+            }
         }
     }
 }

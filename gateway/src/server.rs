@@ -395,11 +395,12 @@ pub async fn serve_with(
                         closing = true;
                         stopped = true;
                     }
-                    // Stopping, with no request in flight: hyper keeps an
+                    // Stopping, with no request in flight and every answer
+                    // handed to the socket a moment ago: hyper keeps an
                     // HTTP/1 connection halfway through a head open until
                     // its header timeout, which would hold the drain for a
                     // request never made. (An HTTP/2 client has its GOAWAY.)
-                    () = activity.idle_for(Duration::ZERO), if stopped => break Ok(()),
+                    () = activity.quiet_for(QUIET), if stopped => break Ok(()),
                     // A client that stopped reading an answer holds its
                     // place (and its request's) for nothing: dropped.
                     () = activity.stalled_for(write_timeout) => {
@@ -463,6 +464,11 @@ fn init_logging(json: bool) -> Result<(), String> {
 
 /// How long the startup check waits for each Redis node.
 const PING_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a connection, once the gateway is stopping, must have had no
+/// request open and no answer waiting on the socket before it is closed:
+/// long enough for hyper to hand the last answer's bytes to the socket.
+const QUIET: Duration = Duration::from_millis(50);
 
 /// Asks each Redis node for `PING`, and logs a warning for each that does
 /// not answer within [`PING_WAIT`]. Never fails: a single server's store

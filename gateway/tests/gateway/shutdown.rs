@@ -444,3 +444,71 @@ async fn with_log_json_the_shutdown_is_logged_as_json() {
     assert!(said("ERROR", "cut off"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An answer the gateway has made whole but the client has not read yet
+/// (its last bytes wait on the socket, behind a client slow to read) is
+/// delivered in full after SIGTERM: the connection is closed only once no
+/// answer waits on it, not as soon as its request is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_waiting_for_a_slow_reader_is_delivered_whole_after_sigterm() {
+    use std::io::{Read, Write};
+    let dir = std::env::temp_dir().join(format!("tollgate-shutdown-slow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("slow.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[plans]]
+name = "open"
+throttle = { rate = 100.0, burst = 100 }
+
+[[keys]]
+id = "k"
+value = "slow-reader-key"
+plan = "open"
+"#,
+    )
+    .unwrap();
+    let mut server = ServerProcess::start(&["--config", config.to_str().unwrap(), "--drain", "20"]);
+    // Some 100,000 events at once: megabytes, more than the sockets hold.
+    let body = serde_json::json!({
+        "model": "m",
+        "prompt": "hi",
+        "max_tokens": 100_000,
+        "mock_token_ms": 0,
+        "stream": true,
+    })
+    .to_string();
+    let mut conn = std::net::TcpStream::connect(server.addr).unwrap();
+    write!(
+        conn,
+        "POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nx-api-key: slow-reader-key\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // The answer is made and fills the sockets; nothing is read yet.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    server.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    conn.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = conn.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+    assert!(got.len() > 4_000_000, "{} bytes", got.len());
+    assert!(
+        text.ends_with("data: [DONE]\n\n\r\n0\r\n\r\n"),
+        "the answer was cut off after {} bytes: {:?}",
+        got.len(),
+        &text[text.len().saturating_sub(80)..]
+    );
+    let status = server.wait_exit(Duration::from_secs(25));
+    assert!(status.success(), "{status}\n{}", server.stderr());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
