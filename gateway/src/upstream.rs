@@ -776,7 +776,8 @@ fn event_end(b: &[u8], from: usize) -> Option<usize> {
 /// What a stream's events reported of its usage so far.
 #[derive(Default)]
 struct Reported {
-    /// A usage came: chunks are no longer counted.
+    /// A usage that settles the stream came (not the input alone of a
+    /// Messages stream's `message_start`): chunks are no longer counted.
     any: bool,
     /// The input tokens, which a Messages stream reports in its first event
     /// and its output tokens in a later one.
@@ -808,14 +809,21 @@ fn read_event(
     };
     let texts = chunk.texts();
     let choices = chunk.choices.unwrap_or_default();
+    // A Messages stream reports its input in the `message` of its first
+    // event (`message_start`), with an output of 0 or 1 that is not the
+    // answer's: the input is kept, and replaces its estimate, but the
+    // deltas are still counted until `message_delta` reports the output.
+    if let Some(input) = chunk.message.and_then(|m| m.usage?.input()) {
+        reported.input = Some(input);
+        if let Some(u) = usage.filter(|_| !reported.any) {
+            u.set(input);
+        }
+        return true;
+    }
     // A Responses API stream reports its usage in the `response` of its
     // last event (`response.completed`, `.incomplete` or `.failed`); a
-    // Messages stream in the `message` of its first (`message_start`), then
-    // its output in `message_delta`'s own.
-    let reported_usage = chunk
-        .usage
-        .or(chunk.response.and_then(|r| r.usage))
-        .or(chunk.message.and_then(|m| m.usage));
+    // Messages stream its output in `message_delta`'s own.
+    let reported_usage = chunk.usage.or(chunk.response.and_then(|r| r.usage));
     if let Some(found) = reported_usage {
         reported.input = found.input().or(reported.input);
         if let Some(total) = found.total(reported.input) {

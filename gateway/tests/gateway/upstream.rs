@@ -942,6 +942,43 @@ async fn a_messages_answer_is_estimated_and_settled_from_input_and_output_tokens
     assert_eq!(s.tokens_left(700).await, 700);
 }
 
+/// A Messages stream reports its input in `message_start`, with an output
+/// of 0 or 1 that is not the answer's: it does not settle the request.
+/// One cut off after some text, before the `message_delta` that reports
+/// the output, is charged its input and a token for each text delta sent,
+/// as other streams cut off are, not its input alone.
+#[tokio::test]
+async fn a_messages_stream_cut_before_its_output_is_reported_is_charged_its_deltas() {
+    let backend = Router::new().route(
+        "/v1/messages",
+        post(|| async {
+            let mut events = String::from(
+                "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"usage\":{\"input_tokens\":20,\"output_tokens\":1}}}\n\n\
+                 event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+            );
+            for _ in 0..5 {
+                events.push_str(
+                    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"tok \"}}\n\n",
+                );
+            }
+            ([("content-type", "text/event-stream")], events)
+        }),
+    );
+    let (backend, _stop) = serve(backend).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    let body = json!({
+        "model": "m", "max_tokens": 900, "stream": true,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+    });
+    let res = s.post("/v1/messages", &body).await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert!(!text.contains("message_delta"), "{text}");
+    // Its input (20) and the five deltas; not 21, as the output of 1 in
+    // `message_start` would have it.
+    assert_eq!(s.tokens_left(975).await, 975);
+}
+
 /// A backend's redirect is its answer, passed to the client as it came
 /// (status and `Location`), as any other: the gateway does not follow it
 /// with the client's request and its own credential.
