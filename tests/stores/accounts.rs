@@ -495,3 +495,48 @@ async fn redis_cluster_agrees_on_accounts() {
     token_settlement_reaches_the_account(&cluster).await;
     replacing_the_account_throttle_keeps_its_emptied_bucket_empty(&cluster).await;
 }
+
+/// On a Redis Cluster deciding on Redis `TIME` (not a frozen clock): the
+/// account is charged first, in its own slot, and the key's day count is
+/// made a moment later by the same request, in another. An over-estimate
+/// goes back to both: the key's count was made by this very charge, not
+/// before it.
+#[tokio::test]
+async fn redis_cluster_refunds_a_plans_token_day_beside_the_accounts_on_redis_time() {
+    if !require_redis() {
+        return;
+    }
+    let cluster = crate::support::redis::RedisCluster::start();
+    let store = tollgate::RedisStore::cluster_builder(cluster.urls())
+        .prefix("refund-time")
+        .timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(100.0, 100).unwrap())
+        .tokens(TokenBudget::new().per_day(100).unwrap());
+    let account = Account::new("acme").tokens(TokenBudget::new().per_day(1_000).unwrap());
+    let policy = Policy::builder()
+        .plan(plan)
+        .account(account)
+        .key(ApiKey::new("a", "va", "p").account("acme"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .store(store)
+        .estimator(tokens::estimate)
+        .build();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service_fn(tokens::report_actual);
+    // The first request of the key's day reserves 60 and uses 10: 50 go
+    // back to the plan's day, which then holds 90 more, not 40.
+    assert_eq!(send(&mut svc, "va", 60, Some(10)).await, (200, None));
+    refunds_land().await;
+    assert_eq!(send(&mut svc, "va", 90, Some(90)).await, (200, None));
+    assert_eq!(
+        send(&mut svc, "va", 1, None).await,
+        (429, Some("tokens-day".to_owned()))
+    );
+}

@@ -444,7 +444,11 @@ async fn decide_split(
                 all.reserved.until = all.reserved.until.or(r.until);
                 all.reserved.account_until = all.reserved.account_until.or(r.account_until);
                 all.reserved.model_until = all.reserved.model_until.or(r.model_until);
-                all.reserved.wall = all.reserved.wall.or(r.wall);
+                // The latest part's time: the key's own counts, decided
+                // last, may have been made by this very charge, a moment
+                // after the account's was charged in its slot; a refund
+                // checks its charge was no earlier than the count.
+                all.reserved.wall = r.wall.or(all.reserved.wall);
                 charged.parts.push((part, c));
             }
             Ok((Err(d), _)) => {
