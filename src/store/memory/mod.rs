@@ -30,8 +30,11 @@
 //! first of those slots goes idle). Keys already tracked are never evicted while
 //! they hold state: forgetting one would hand it a fresh burst, i.e. over-admit.
 //! For the same reason, tokens settled for a key whose slot went idle and was
-//! taken meanwhile, when no slot is free, are kept beside the table (one entry
-//! per such settlement, dropped once its TAT passes) until the key gets a slot.
+//! taken meanwhile, when no slot is free, are kept beside the table (one TAT
+//! per such key, until the key gets a slot; all dropped once the latest has
+//! passed, and until then only a key not in the table looks there, under a
+//! lock). At most 256 are kept: past that the earliest TAT is dropped, which
+//! errs toward admitting that key sooner.
 
 mod builder;
 mod kept;
@@ -210,7 +213,7 @@ impl MemoryStore {
                     }
                 }
             } else {
-                let n = in_flight(table.peek(slot));
+                let n = in_flight(table.peek(slot, now));
                 if !cap_has_room(n, c.limit, c.shadow) {
                     tally.deny_cap(Denied::concurrency(c.applied(n)));
                 } else {
@@ -545,7 +548,7 @@ impl MemoryStore {
         let slot = SlotKey::new(t.digest, t.limit.salt);
         let table = &self.inner.table;
         if peek {
-            return Ok(gcra.decide(table.peek(slot), now, cost));
+            return Ok(gcra.decide(table.peek(slot, now), now, cost));
         }
         table.update(slot, now, |tat| {
             let o = gcra.decide(tat, now, cost);
@@ -579,13 +582,23 @@ impl MemoryStore {
         }
     }
 
-    fn update_throttle(&self, t: &ThrottleRef<'_>, f: impl Fn(Nanos, Nanos) -> Nanos) {
+    /// Sets the throttle's TAT to `f(tat, now)`. Errs with that TAT and
+    /// `now` when the key is not in the table and no slot is free for it.
+    fn update_throttle(
+        &self,
+        t: &ThrottleRef<'_>,
+        f: impl Fn(Nanos, Nanos) -> Nanos,
+    ) -> Result<(), (Nanos, Nanos)> {
         let now = self.inner.clock.nanos();
         let slot = SlotKey::new(t.digest, t.limit.salt);
-        let _ = self
-            .inner
+        let mut new = 0;
+        self.inner
             .table
-            .update(slot, now, |tat| (Some(f(tat, now)), ()));
+            .update(slot, now, |tat| {
+                new = f(tat, now);
+                (Some(new), ())
+            })
+            .map_err(|_| (new, now))
     }
 }
 
@@ -706,21 +719,16 @@ impl Store for MemoryStore {
                     .unsigned_abs()
                     .saturating_mul(gcra.interval())
                     .min(MAX_SPAN);
-                let now = self.inner.clock.nanos();
-                let slot = SlotKey::new(t.digest, t.limit.salt);
-                let table = &self.inner.table;
-                let mut charged = 0;
-                let kept = table.update(slot, now, |tat| {
-                    charged = tat
-                        .max(now)
+                let kept = self.update_throttle(t, |tat, now| {
+                    tat.max(now)
                         .saturating_add(shift)
-                        .min(now.saturating_add(MAX_SPAN));
-                    (Some(charged), ())
+                        .min(now.saturating_add(MAX_SPAN))
                 });
                 // The key's slot went idle and was taken, and the table is
                 // full: the charge waits beside it, never lost.
-                if kept.is_err() {
-                    table.keep_stray(slot, charged, now);
+                if let Err((charged, now)) = kept {
+                    let slot = SlotKey::new(t.digest, t.limit.salt);
+                    self.inner.table.keep_stray(slot, charged, now);
                 }
             } else if let Some(until) = settlement.reserved.until {
                 // A bucket reset since the reservation refilled its share
@@ -731,7 +739,7 @@ impl Store for MemoryStore {
                 let slot = SlotKey::new(t.digest, t.limit.salt);
                 if !self.inner.resets.since(slot, at) {
                     let back = u32::try_from(delta.unsigned_abs()).unwrap_or(u32::MAX);
-                    self.update_throttle(t, |tat, now| gcra.refund(tat, now, until, back));
+                    let _ = self.update_throttle(t, |tat, now| gcra.refund(tat, now, until, back));
                 }
             }
         }
@@ -747,7 +755,7 @@ impl Store for MemoryStore {
     /// Converts the state at once: the share of the bucket in use is kept, so
     /// an emptied bucket stays empty and refills at the new rate.
     fn rescale(&self, old: &ThrottleRef<'_>, new: &ThrottleRef<'_>) {
-        self.update_throttle(new, |tat, now| {
+        let _ = self.update_throttle(new, |tat, now| {
             old.limit.gcra.rescale(tat, now, &new.limit.gcra)
         });
     }

@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::sync::Mutex;
 
@@ -59,6 +59,8 @@ const MOVED: u64 = 3;
 const SWEEP_PER_INSERT: u32 = 8;
 /// One move begun, in [`Table::moves`].
 const MOVE_BEGUN: u64 = 1 << 32;
+/// Stray TATs kept at most (see [`Table::keep_stray`]).
+const STRAYS: usize = 256;
 
 /// Where a (limit, key) lives: a fingerprint (bit 0 set, so never 0, the
 /// tag of an empty slot) and a hash position.
@@ -190,11 +192,13 @@ pub(super) struct Table {
     growing: Mutex<()>,
     /// TATs that found no slot (a charge settled after its key's slot went
     /// idle and was taken, at the cap), by fingerprint, until the key gets
-    /// a slot or the TAT passes: a key not in the table starts from its
-    /// stray TAT, so an extra charge is never lost for want of room.
+    /// a slot or the latest of them passes (one passed before counts as
+    /// idle): a key not in the table starts from its stray TAT, so an extra
+    /// charge is never lost for want of room (but past [`STRAYS`]).
     strays: Mutex<HashMap<u64, Nanos>>,
-    /// Whether `strays` may hold any: a key not found reads no lock otherwise.
-    has_strays: AtomicBool,
+    /// No stray TAT is later than this (0 while there are none): once it
+    /// has passed, none counts, and a key not found takes no lock.
+    strays_until: AtomicU64,
     stripes: Box<[Mutex<()>]>,
 }
 
@@ -235,7 +239,7 @@ impl Table {
             },
             growing: Mutex::new(()),
             strays: Mutex::new(HashMap::new()),
-            has_strays: AtomicBool::new(false),
+            strays_until: AtomicU64::new(0),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         }
     }
@@ -385,9 +389,9 @@ impl Table {
 
     /// The key's TAT (0 for a key not tracked), without changing anything.
     #[inline]
-    pub(super) fn peek(&self, key: SlotKey) -> Nanos {
+    pub(super) fn peek(&self, key: SlotKey, now: Nanos) -> Nanos {
         self.find(key, self.bits())
-            .map_or_else(|| self.stray(key), |(f, _)| f.word ^ key.fp)
+            .map_or_else(|| self.stray(key, now), |(f, _)| f.word ^ key.fp)
     }
 
     /// Applies `op` to the key's TAT (0 for a key not tracked): when it returns
@@ -442,7 +446,7 @@ impl Table {
                     _ => return Ok(r),
                 }
             }
-            let stray = self.stray(key);
+            let stray = self.stray(key, now);
             let (new, r) = op(stray);
             let Some(n) = new.filter(|&n| n != 0) else {
                 if !thorough {
@@ -751,21 +755,35 @@ impl Table {
     }
 
     /// Keeps `tat`, the TAT of a key that found no slot, for the key's next
-    /// change; drops the stray TATs that have passed.
+    /// change. All are dropped once the latest has passed. At most
+    /// [`STRAYS`] are kept: past that the earliest is dropped (a passed one
+    /// first), erring toward admitting its key sooner, by what of its
+    /// charge had not refilled yet.
     #[cold]
     pub(super) fn keep_stray(&self, key: SlotKey, tat: Nanos, now: Nanos) {
-        let mut strays = self.strays.lock();
-        strays.retain(|_, t| *t > now);
-        if tat > now {
-            strays.insert(key.fp, tat);
+        if tat <= now {
+            return;
         }
-        self.has_strays.store(!strays.is_empty(), Ordering::Release);
+        let mut strays = self.strays.lock();
+        let mut until = self.strays_until.load(Ordering::Relaxed);
+        if now >= until {
+            strays.clear();
+            until = 0;
+        }
+        strays.insert(key.fp, tat);
+        if strays.len() > STRAYS {
+            let earliest = strays.iter().min_by_key(|&(_, &t)| t).map(|(&fp, _)| fp);
+            if let Some(fp) = earliest {
+                strays.remove(&fp);
+            }
+        }
+        self.strays_until.store(until.max(tat), Ordering::Release);
     }
 
-    /// The stray TAT of a key not in the table (0 if none).
+    /// The stray TAT of a key not in the table (0 if none), at `now`.
     #[inline]
-    fn stray(&self, key: SlotKey) -> Nanos {
-        if !self.has_strays.load(Ordering::Acquire) {
+    fn stray(&self, key: SlotKey, now: Nanos) -> Nanos {
+        if now >= self.strays_until.load(Ordering::Acquire) {
             return 0;
         }
         self.stray_of(key)
@@ -783,7 +801,9 @@ impl Table {
         if strays.get(&key.fp) == Some(&tat) {
             strays.remove(&key.fp);
         }
-        self.has_strays.store(!strays.is_empty(), Ordering::Release);
+        if strays.is_empty() {
+            self.strays_until.store(0, Ordering::Release);
+        }
     }
 
     pub(super) fn live(&self, now: Nanos) -> usize {
@@ -833,4 +853,68 @@ enum Taken<'t> {
     /// Taken, and marked for the key.
     Slot(&'t Slot),
     Full(Nanos),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Once the latest stray TAT has passed, a key not found reads the bound
+    /// alone (no lock), and the next stray kept clears the others.
+    #[test]
+    fn passed_strays_take_no_lock_and_are_cleared() {
+        let t = Table::new(MIN_SLOTS);
+        let (a, b) = (SlotKey::at(1, 1), SlotKey::at(2, 1));
+        t.keep_stray(a, 1_000, 0);
+        t.keep_stray(b, 2_000, 0);
+        assert_eq!(t.strays_until.load(Ordering::Relaxed), 2_000);
+        assert_eq!(t.peek(a, 500), 1_000);
+        assert_eq!(t.peek(b, 1_500), 2_000);
+
+        // While the lock is held elsewhere, a look that took it would wait.
+        let t = &t;
+        std::thread::scope(|s| {
+            let _held = t.strays.lock();
+            let (tx, rx) = std::sync::mpsc::channel();
+            s.spawn(move || {
+                let _ = tx.send((t.peek(a, 2_000), t.update(b, 2_000, |tat| (None, tat))));
+            });
+            let looked = rx.recv_timeout(std::time::Duration::from_secs(10));
+            assert_eq!(
+                looked,
+                Ok((0, Ok(0))),
+                "a look at passed strays took the lock"
+            );
+        });
+
+        let c = SlotKey::at(3, 1);
+        t.keep_stray(c, 3_000, 2_500);
+        assert_eq!(t.strays.lock().len(), 1);
+        assert_eq!(t.strays_until.load(Ordering::Relaxed), 3_000);
+        assert_eq!(t.peek(c, 2_500), 3_000);
+    }
+
+    /// Past [`STRAYS`], the earliest TAT is dropped.
+    #[test]
+    fn strays_are_capped_dropping_the_earliest() {
+        let t = Table::new(MIN_SLOTS);
+        let key = |i: usize| SlotKey::at(i as u32, 1);
+        for i in 0..STRAYS + 10 {
+            // The 10 after the first are earlier than every other.
+            let tat = if (1..=10).contains(&i) {
+                100 + i
+            } else {
+                1_000 + i
+            };
+            t.keep_stray(key(i), tat as Nanos, 0);
+            assert!(t.strays.lock().len() <= STRAYS);
+        }
+        assert_eq!(t.strays.lock().len(), STRAYS);
+        for i in 1..=10 {
+            assert_eq!(t.peek(key(i), 0), 0, "{i}");
+        }
+        assert_eq!(t.peek(key(0), 0), 1_000);
+        let last = STRAYS + 9;
+        assert_eq!(t.peek(key(last), 0), (1_000 + last) as Nanos);
+    }
 }
