@@ -493,6 +493,20 @@ thread_local! {
     static ARENA: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
+/// Runs `f` on the thread's chunk, with room in it for one response's
+/// values.
+#[inline]
+fn in_arena<T>(f: impl FnOnce(&mut BytesMut) -> T) -> T {
+    ARENA.with(|arena| {
+        let mut buf = arena.borrow_mut();
+        if buf.capacity() - buf.len() < MAX_PREPARED {
+            // Reclaims the chunk when nothing else holds it.
+            buf.reserve(ARENA_CHUNK);
+        }
+        f(&mut buf)
+    })
+}
+
 impl Prepared {
     /// Formats the values `f` writes (in slot order) into the thread's
     /// chunk and takes them out as one shared buffer.
@@ -501,16 +515,11 @@ impl Prepared {
     /// still held by a response (a header map not yet dropped) is left to
     /// it, and a new chunk is allocated: one allocation for many responses.
     fn format(f: impl FnOnce(&mut Formatter<'_>)) -> Prepared {
-        ARENA.with(|arena| {
-            let mut buf = arena.borrow_mut();
-            if buf.capacity() - buf.len() < MAX_PREPARED {
-                // Reclaims the chunk when nothing else holds it.
-                buf.reserve(ARENA_CHUNK);
-            }
+        in_arena(|buf| {
             let mut p = Prepared::default();
             let mut out = Formatter {
                 start: buf.len(),
-                buf: &mut buf,
+                buf,
                 prepared: &mut p,
                 next: 0,
             };
@@ -548,12 +557,7 @@ impl Prepared {
         value.push(b";t=");
         value.int(ceil_secs(tight.reset));
         let value = value.as_bytes()?;
-        let values = ARENA.with(|arena| {
-            let mut buf = arena.borrow_mut();
-            if buf.capacity() - buf.len() < MAX_PREPARED {
-                // Reclaims the chunk when nothing else holds it.
-                buf.reserve(ARENA_CHUNK);
-            }
+        let values = in_arena(|buf| {
             buf.extend_from_slice(value);
             buf.split().freeze()
         });
