@@ -107,6 +107,19 @@ impl Buffer {
     }
 }
 
+/// What this thread logs at INFO and above, in a buffer, while the guard
+/// lives.
+fn capture_log() -> (Buffer, tracing::subscriber::DefaultGuard) {
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (buffer, tracing::subscriber::set_default(subscriber))
+}
+
 /// Units of a share borrowed before Redis went away are no answer from
 /// Redis: deciding from them while Redis is still down does not log the
 /// outage as over (and then as begun again), and the end is logged once
@@ -119,14 +132,7 @@ async fn decisions_from_a_share_do_not_end_an_outage_in_the_log() {
         return;
     }
     let _serial = SERIAL.lock().await;
-    let buffer = Buffer::default();
-    let writer = buffer.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (buffer, _guard) = capture_log();
 
     let mut redis = RedisServer::start();
     let store = RedisStore::builder(redis.url())
@@ -278,14 +284,7 @@ async fn the_registry_logs_an_outage_once_when_it_starts_and_once_when_it_ends()
         return;
     }
     let _serial = SERIAL.lock().await;
-    let buffer = Buffer::default();
-    let writer = buffer.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (buffer, _guard) = capture_log();
 
     let mut redis = RedisServer::start();
     let store = RedisStore::builder(redis.url())
@@ -343,14 +342,7 @@ async fn plans_of_both_failure_modes_log_one_outage_once() {
         return;
     }
     let _serial = SERIAL.lock().await;
-    let buffer = Buffer::default();
-    let writer = buffer.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (buffer, _guard) = capture_log();
 
     let mut redis = RedisServer::start();
     let store = RedisStore::builder(redis.url())
