@@ -40,6 +40,12 @@ impl QuotaSpec {
             limit
         }
     }
+
+    /// The limit of the window holding `now` (wall nanoseconds), as a
+    /// report of the quota in that window sizes it.
+    pub(crate) fn limit_at(&self, now: i64) -> u64 {
+        u64::try_from(self.limit_in(window(self.period, now))).unwrap_or(0)
+    }
 }
 
 /// How a quota stands after a decision.

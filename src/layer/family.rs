@@ -13,19 +13,24 @@ use crate::extract::{KeyError, KeyExtractor, RequestView};
 use crate::hash;
 use crate::headers::Families;
 use crate::plan::{AccountLimits, Limit, LimitKind, Plan, StageLimits, Tokens, method_limit};
+use crate::quota::QuotaSpec;
 use crate::resolver::Answer;
+use crate::store::Store;
 
 use super::Shared;
 
-impl<K: KeyExtractor, S> Shared<K, S> {
+impl<K: KeyExtractor, S: Store> Shared<K, S> {
     /// The defining limit of each family for the caller of `req`, found as
     /// the decision found its plan; nothing for a caller no longer found.
     pub(crate) fn families(&self, req: &RequestView<'_>) -> Families {
         let mut f = Families::default();
+        // A quota is as large as its current window (its plan's first
+        // holds `offset` fewer), as the responses allowed before said.
+        let now = self.store.clock().wall_nanos();
         let stage = self.policy.inner.stage.as_deref();
         if let Some(plan) = &self.fixed {
             if self.extractor.extract(req).is_ok() {
-                self.offer(&mut f, req, None, None, plan);
+                self.offer(&mut f, req, None, None, plan, now);
             }
             return f;
         }
@@ -33,7 +38,8 @@ impl<K: KeyExtractor, S> Shared<K, S> {
             Ok(key) => {
                 let key = key.as_bytes();
                 let found = self.policy.keys().with(key, |entry| {
-                    entry.map(|e| self.offer(&mut f, req, stage, e.account.as_deref(), &e.plan))
+                    entry
+                        .map(|e| self.offer(&mut f, req, stage, e.account.as_deref(), &e.plan, now))
                 });
                 if found.is_none()
                     && let Some(resolving) = &self.resolver
@@ -42,13 +48,13 @@ impl<K: KeyExtractor, S> Shared<K, S> {
                     let snap = self.policy.load();
                     if let Some(plan) = snap.plan_named(found.key.plan()) {
                         let account = found.key.get_account().and_then(|a| snap.account_named(a));
-                        self.offer(&mut f, req, stage, account.map(|a| &**a), plan);
+                        self.offer(&mut f, req, stage, account.map(|a| &**a), plan, now);
                     }
                 }
             }
             Err(KeyError::Missing) => {
                 if let Some(anon) = &self.policy.load().anonymous {
-                    self.offer(&mut f, req, stage, None, &anon.plan);
+                    self.offer(&mut f, req, stage, None, &anon.plan, now);
                 }
             }
             Err(_) => {}
@@ -62,7 +68,8 @@ impl<K, S> Shared<K, S> {
     /// account, stage, and the method overrides and model entry that `req`
     /// selects): the same limits the decision counted, so that a family
     /// reports the same limit on a rejection as on the responses allowed
-    /// before it, whichever limit denied.
+    /// before it, whichever limit denied; a quota as its window at `now`
+    /// holds.
     fn offer(
         &self,
         f: &mut Families,
@@ -70,19 +77,21 @@ impl<K, S> Shared<K, S> {
         stage: Option<&StageLimits>,
         account: Option<&AccountLimits>,
         plan: &Plan,
+        now: i64,
     ) {
         let throttle = |f: &mut Families, l: &Limit| f.offer(l.kind, u64::from(l.gcra.burst()));
+        let quota = |f: &mut Families, kind, q: &QuotaSpec| f.offer(kind, q.limit_at(now));
         let tokens = |f: &mut Families, t: &Tokens| {
             if let Some(m) = &t.minute {
                 throttle(f, m);
             }
             for (kind, q) in t.quotas().into_iter().flatten() {
-                f.offer(kind, q.limit);
+                quota(f, kind, q);
             }
         };
         plan.throttle.iter().for_each(|t| throttle(f, t));
         if let Some(q) = &plan.quota {
-            f.offer(LimitKind::Quota, q.limit);
+            quota(f, LimitKind::Quota, q);
         }
         plan.tokens.iter().for_each(|t| tokens(f, t));
         if let Some(m) = method_limit(&plan.methods, Some(req)) {
@@ -91,14 +100,14 @@ impl<K, S> Shared<K, S> {
         if let Some(m) = plan.model(self.model_name(Some(req))) {
             m.throttle.iter().for_each(|t| throttle(f, t));
             if let Some(q) = &m.quota {
-                f.offer(LimitKind::ModelQuota, q.limit);
+                quota(f, LimitKind::ModelQuota, q);
             }
             m.tokens.iter().for_each(|t| tokens(f, t));
         }
         if let Some(a) = account {
             a.throttle.iter().for_each(|t| throttle(f, t));
             if let Some(q) = &a.quota {
-                f.offer(LimitKind::AccountQuota, q.limit);
+                quota(f, LimitKind::AccountQuota, q);
             }
             a.tokens.iter().for_each(|t| tokens(f, t));
         }

@@ -14,7 +14,7 @@ use crate::plan::FailureMode;
 use crate::response::{
     Decision, RETRY_AFTER_MS, Reason, Rejection, Unchecked, X_SHOULD_RETRY, grpc_web_type, refused,
 };
-use crate::store::{Applied, Denied, StoreError, Verdict};
+use crate::store::{Applied, Denied, Store, StoreError, Verdict};
 
 impl<K, S> Shared<K, S> {
     /// Turns a store's answer into a decision; a failed store lets the
@@ -142,7 +142,7 @@ impl<K, S> Shared<K, S> {
     }
 }
 
-impl<K: KeyExtractor, S> Shared<K, S> {
+impl<K: KeyExtractor, S: Store> Shared<K, S> {
     /// The response for a rejected request: the rejection's response in the
     /// layer's style, `Retry-After`, `retry-after-ms` and `x-should-retry`
     /// unless a custom response set them, and the rate-limit headers of the

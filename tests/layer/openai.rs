@@ -581,6 +581,44 @@ async fn the_request_limit_reported_stays_when_a_quota_is_tighter() {
     assert_eq!(seen, want);
 }
 
+#[tokio::test]
+async fn a_quota_with_an_offset_reports_the_same_limit_when_it_denies() {
+    // A plan of a quota alone, created today with an offset: today's window
+    // holds 7 requests, and its denial reports the 7 its answers did.
+    let clock = ManualClock::new();
+    let plan = UsagePlan::new("offset")
+        .quota(Quota::new(10, Period::Day).unwrap().with_offset(3).unwrap());
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(plan)
+        .key(ApiKey::new("k1", KEY, "offset"))
+        .build()
+        .unwrap();
+    let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .store(store)
+        .estimator(OpenAiEstimator::new())
+        .openai()
+        .build();
+    let base = serve_api(layer).await;
+    let c = client();
+
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        let res = call(&c, &base, CHAT, 1).await;
+        seen.push((
+            res.status().as_u16(),
+            header(&res, "x-ratelimit-limit-requests").to_owned(),
+        ));
+    }
+    let want: Vec<_> = [200; 7]
+        .into_iter()
+        .chain([429])
+        .map(|s| (s, "7".to_owned()))
+        .collect();
+    assert_eq!(seen, want);
+}
+
 /// `plan` served on a chat route whose handler answers only once released:
 /// the base URL, and the handler's "entered" and "release" signals.
 async fn held_api(plan: UsagePlan, clock: &ManualClock) -> (String, Arc<Notify>, Arc<Notify>) {
