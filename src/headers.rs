@@ -36,7 +36,9 @@ const OPENAI_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-res
 ///
 /// `q` is the limit's size (a throttle's burst), `w` its window in seconds (the
 /// time an empty bucket takes to refill), `r` the units left and `t` the seconds
-/// until the limit is full again. `RateLimit-Policy` lists every limit that
+/// until the limit is full again. These are Structured Fields integers, which
+/// stop at 999,999,999,999,999: a larger number (a quota of up to 2^53) is
+/// sent as that, so that the field still parses. `RateLimit-Policy` lists every limit that
 /// applied; `RateLimit` shows the tightest one. The legacy
 /// `X-RateLimit-Limit` / `-Remaining` / `-Reset` (seconds) can be added, and
 /// all can be turned off.
@@ -240,7 +242,7 @@ impl HeaderStyle {
             buf.push(b"\"");
             buf.push(denied.name().as_bytes());
             buf.push(b"\";r=0;t=");
-            buf.int(ceil_secs(wait));
+            buf.int(sf_int(ceil_secs(wait)));
             if let Some(v) = buf.value() {
                 headers.insert(RATELIMIT, v);
             }
@@ -472,10 +474,10 @@ impl Formatter<'_> {
         self.buf.extend_from_slice(name.as_bytes());
         self.buf.extend_from_slice(b"\";r=");
         self.buf
-            .extend_from_slice(itoa::Buffer::new().format(remaining).as_bytes());
+            .extend_from_slice(itoa::Buffer::new().format(sf_int(remaining)).as_bytes());
         self.buf.extend_from_slice(b";t=");
         self.buf
-            .extend_from_slice(itoa::Buffer::new().format(reset_secs).as_bytes());
+            .extend_from_slice(itoa::Buffer::new().format(sf_int(reset_secs)).as_bytes());
         self.close();
     }
 
@@ -553,9 +555,9 @@ impl Prepared {
         value.push(b"\"");
         value.push(tight.name().as_bytes());
         value.push(b"\";r=");
-        value.int(tight.remaining);
+        value.int(sf_int(tight.remaining));
         value.push(b";t=");
-        value.int(ceil_secs(tight.reset));
+        value.int(sf_int(ceil_secs(tight.reset)));
         let value = value.as_bytes()?;
         let values = in_arena(|buf| {
             buf.extend_from_slice(value);
@@ -741,16 +743,26 @@ fn format_policy(items: &[Applied]) -> Option<HeaderValue> {
         buf.push(b"\"");
         buf.push(a.name().as_bytes());
         buf.push(b"\";q=");
-        buf.int(a.quota);
+        buf.int(sf_int(a.quota));
         if a.kind.is_concurrency() {
             // A cap on requests in flight has no window.
             buf.push(b";qu=\"concurrent-requests\"");
         } else {
             buf.push(b";w=");
-            buf.int(a.window_secs);
+            buf.int(sf_int(a.window_secs));
         }
     }
     buf.value()
+}
+
+/// The largest integer a Structured Field holds (RFC 9651, section 3.3.1).
+const SF_INT_MAX: u64 = 999_999_999_999_999;
+
+/// `n` as an IETF header's integer: at most [`SF_INT_MAX`], which a larger
+/// count is sent as (a strict parser refuses the whole field otherwise).
+#[inline(always)]
+fn sf_int(n: u64) -> u64 {
+    n.min(SF_INT_MAX)
 }
 
 /// A small stack buffer for formatting a header value without a `String`.
@@ -858,6 +870,27 @@ mod tests {
         let mut h = HeaderMap::new();
         HeaderStyle::none().write(&r, &mut h);
         assert!(h.is_empty());
+    }
+
+    /// A quota of 2^53 (the largest one) has 16 digits, one more than a
+    /// Structured Field's integer holds: both IETF values say the largest
+    /// integer instead, on the usual path and on the slots', and the
+    /// legacy headers (plain numbers) the number itself.
+    #[test]
+    fn ietf_numbers_past_a_structured_fields_integer_are_sent_as_its_largest() {
+        let big = 1u64 << 53;
+        let r = report(&[("quota", big, 86_400, big - 1, 3_600 * NANOS_PER_SEC)]);
+        let max = "999999999999999";
+        for style in [HeaderStyle::ietf(), HeaderStyle::ietf().x_ratelimit(true)] {
+            let mut h = HeaderMap::new();
+            style.write(&r, &mut h);
+            assert_eq!(h["ratelimit-policy"], format!("\"quota\";q={max};w=86400"));
+            assert_eq!(h["ratelimit"], format!("\"quota\";r={max};t=3600"));
+        }
+        let mut h = HeaderMap::new();
+        HeaderStyle::ietf().x_ratelimit(true).write(&r, &mut h);
+        assert_eq!(h["x-ratelimit-limit"], big.to_string());
+        assert_eq!(h["x-ratelimit-remaining"], (big - 1).to_string());
     }
 
     /// The `RateLimit-Policy` value of `items`, as a response gets it.
