@@ -41,7 +41,8 @@
 //! connection counted from its first byte, which must come within as long),
 //! which on HTTP/1 also closes a connection idle that long; a body that sends nothing
 //! for `--body-timeout` (30 s) is cut off; at most `--max-connections` (1024)
-//! are served at once, more wait to be accepted. It logs to stderr, filtered
+//! are served at once, more wait to be accepted; a request's head may be at
+//! most 16 KiB (431 beyond). It logs to stderr, filtered
 //! by `RUST_LOG`, as JSON lines with `--log-json`.
 //!
 //! Only requests that match a route and its method are limited: a 404 or a

@@ -265,6 +265,15 @@ pub struct Limits {
     /// connection makes the gateway hold, as HTTP/1's one request at a time
     /// does.
     pub http2_max_streams: u32,
+    /// HTTP/1: the most a connection buffers of a request's head (its
+    /// request line and headers), in bytes; a larger head is answered 431
+    /// and its connection closed. A head is read before any key is known,
+    /// so this bounds what a client without one makes the gateway hold for
+    /// a header timeout: hyper's own bound, about 400 KiB, let the
+    /// connections the cap admits hold some 400 MiB. HTTP/2 bounds a
+    /// request's header list at 16 KiB (hyper's default) in the same way.
+    /// At least 8 KiB (a smaller value counts as 8 KiB).
+    pub max_head: usize,
 }
 
 impl Default for Limits {
@@ -275,6 +284,7 @@ impl Default for Limits {
             http2_keep_alive: Duration::from_secs(20),
             max_connections: crate::cli::DEFAULT_MAX_CONNECTIONS,
             http2_max_streams: 32,
+            max_head: 16 * 1024,
         }
     }
 }
@@ -308,7 +318,9 @@ pub async fn serve_with(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+        .header_read_timeout(limits.header_timeout)
+        // hyper's smallest bound (it panics below it).
+        .max_buf_size(limits.max_head.max(8 * 1024));
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -331,6 +331,51 @@ async fn a_body_that_stops_sending_is_cut_off_and_costs_nothing() {
     }
 }
 
+/// Connections that have sent only part of a head (no key, nothing the
+/// gateway can hold a client to) keep at most a small buffer each: hyper's
+/// default let each grow to about 400 KiB, so the 1,024 connections the
+/// cap admits held some 400 MiB for a header timeout at a time. A head
+/// past `Limits::max_head` is answered 431 and its connection closed.
+#[tokio::test]
+async fn unfinished_heads_hold_little_memory_and_a_huge_head_is_refused() {
+    const CONNECTIONS: usize = 200;
+    const PAD: usize = 200 * 1024;
+
+    let server = ServerProcess::start(&[]);
+    let before = server.resident_kib();
+    let mut head = b"GET /health HTTP/1.1\r\nhost: x\r\nx-pad: ".to_vec();
+    head.resize(head.len() + PAD, b'a');
+    let mut held = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        // The gateway may refuse the head and close before all of it is
+        // written.
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&head)).await;
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown = server.resident_kib().saturating_sub(before) / 1024;
+    assert!(
+        grown < 16,
+        "{CONNECTIONS} unfinished heads of {PAD} bytes grew the gateway by {grown} MiB"
+    );
+    drop(held);
+    // A whole head past the bound is refused, one within it served.
+    for (pad, status) in [(64 * 1024, "431"), (8 * 1024, "200")] {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let head = format!(
+            "GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-pad: {}\r\n\r\n",
+            "a".repeat(pad)
+        );
+        let _ = stream.write_all(head.as_bytes()).await;
+        let (answer, _) = read_until_closed(&mut stream, "a large head").await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "a head with {pad} bytes of header: {answer}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn connections_beyond_the_cap_wait_for_a_place() {
     let (addr, _stop) = start(limits(Duration::from_secs(10), Duration::from_secs(30), 2)).await;
