@@ -239,11 +239,24 @@ pub(crate) fn key_info_json(k: &KeyInfo) -> serde_json::Value {
 }
 
 /// One key, or a batch of them (imported all or nothing).
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum NewKeys {
     One(NewKey),
     Many(Vec<NewKey>),
+}
+
+impl NewKeys {
+    /// A batch when the body is a JSON array, else one key. Told apart by
+    /// the first character, not as an untagged enum, whose error for a body
+    /// that is neither says only that it "did not match any variant": this
+    /// way a bad key is refused with serde's message, which names the field
+    /// and its line.
+    fn parse(body: &Bytes) -> Result<NewKeys, String> {
+        if body.trim_ascii_start().starts_with(b"[") {
+            parse_json(body).map(NewKeys::Many)
+        } else {
+            parse_json(body).map(NewKeys::One)
+        }
+    }
 }
 
 fn new_key(k: NewKey, value: String) -> ApiKey {
@@ -259,7 +272,7 @@ async fn add_key<S: Store>(
     State(s): State<AdminState<S>>,
     Styled(body): Styled<Bytes>,
 ) -> Response {
-    let keys: NewKeys = match parse_json(&body) {
+    let keys = match NewKeys::parse(&body) {
         Ok(k) => k,
         Err(msg) => return s.error(StatusCode::BAD_REQUEST, &msg),
     };

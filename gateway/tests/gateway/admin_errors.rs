@@ -246,3 +246,37 @@ async fn a_json_body_is_read_whatever_content_type_it_is_sent_with() {
     let (status, _, body) = send(&base, &c).await;
     assert_eq!((status, &body["enabled"]), (200, &json!(false)), "{body}");
 }
+
+#[tokio::test]
+async fn a_key_that_does_not_parse_is_refused_saying_what_is_wrong() {
+    let (base, _stop) = serve("openai").await;
+    let bodies = [
+        (
+            r#"{"id":"k-1","value":"k-value-1","plan":"tiny","colour":"red"}"#,
+            "unknown field `colour`",
+        ),
+        (
+            r#"{"id":"k-1","value":"k-value-1"}"#,
+            "missing field `plan`",
+        ),
+        (
+            r#"[{"id":"k-1","value":"k-value-1","plan":"tiny"},
+                {"id":"k-2","value":"k-value-2"}]"#,
+            "missing field `plan` at line 2",
+        ),
+        (
+            r#"[{"id":"k-1","value":"k-value-1","plan":"tiny"},
+                {"id":"k-2","value":"k-value-2","plan":"tiny","enabled":"yes"}]"#,
+            "expected a boolean at line 2",
+        ),
+    ];
+    for (body, says) in bodies {
+        let (status, _, answer) = send(&base, &case(Method::POST, "/admin/keys", body, 400)).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{body}: {answer}");
+    }
+    // Nothing was imported.
+    let (status, _, answer) = send(&base, &case(Method::GET, "/admin/keys/k-1", "", 404)).await;
+    assert_eq!(status, 404, "{answer}");
+}
