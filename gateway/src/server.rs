@@ -538,7 +538,16 @@ pub fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> std::process::ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
+    // `std::env::args` panics on an argument that is not UTF-8: such an
+    // argument is bad flags, answered as any other.
+    let args: Result<Vec<String>, String> = std::env::args_os()
+        .skip(1)
+        .map(|a| {
+            a.into_string()
+                .map_err(|a| format!("argument {a:?} is not UTF-8"))
+        })
+        .collect();
+    let args = match args.and_then(|args| parse_args(args.into_iter())) {
         Ok(Parsed::Run(a)) => *a,
         Ok(Parsed::Help) => {
             print!("{USAGE}");

@@ -2,6 +2,7 @@
 //! every flag, environment variable and default, and a clear error with exit
 //! status 2 for a bad flag or value.
 
+use std::ffi::OsStr;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ fn run(args: &[&str]) -> Output {
 }
 
 /// [`run`] with the environment variables `env` set.
-fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+fn run_with_env<A: AsRef<OsStr>>(args: &[A], env: &[(&str, &str)]) -> Output {
     let mut child = Command::new(server_binary())
         .args(args)
         .envs(env.iter().copied())
@@ -27,7 +28,8 @@ fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     while child.try_wait().expect("query the gateway").is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("`tollgate-gateway {}` did not exit", args.join(" "));
+            let args: Vec<&OsStr> = args.iter().map(AsRef::as_ref).collect();
+            panic!("`tollgate-gateway {args:?}` did not exit");
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -150,6 +152,27 @@ fn a_bad_flag_or_value_is_a_clear_error_with_status_2() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(message), "{args:?}: {err}");
         assert!(!err.contains("hunter22"), "{args:?}: {err}");
+    }
+}
+
+/// An argument that is not UTF-8 (a file name in another encoding, a
+/// mistyped flag) is a clear error with status 2, as any bad flag is: the
+/// gateway panicked reading it (status 101, a backtrace on stderr).
+#[cfg(unix)]
+#[test]
+fn an_argument_that_is_not_utf8_is_a_clear_error_with_status_2() {
+    use std::os::unix::ffi::OsStrExt;
+    let config: &[&OsStr] = &[
+        OsStr::new("--config"),
+        OsStr::from_bytes(b"/tmp/caf\xe9.toml"),
+    ];
+    let flag: &[&OsStr] = &[OsStr::from_bytes(b"--list\xe9n")];
+    for args in [config, flag] {
+        let out = run_with_env(args, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("is not UTF-8"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
 
