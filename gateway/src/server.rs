@@ -561,15 +561,20 @@ async fn run() -> std::process::ExitCode {
     let mut args = args;
     if let Some(up) = args.upstream.take() {
         // The flag wins; the variable keeps the key out of `ps`.
-        let up = match std::env::var("TOLLGATE_UPSTREAM_KEY") {
-            Ok(key) if !up.has_key() && !key.is_empty() => match up.key(&key) {
+        let up = match env_var("TOLLGATE_UPSTREAM_KEY") {
+            _ if up.has_key() => up,
+            Ok(Some(key)) if !key.is_empty() => match up.key(&key) {
                 Ok(up) => up,
                 Err(e) => {
                     eprintln!("tollgate-gateway: TOLLGATE_UPSTREAM_KEY: {e}");
                     return std::process::ExitCode::from(2);
                 }
             },
-            _ => up,
+            Ok(_) => up,
+            Err(msg) => {
+                eprintln!("tollgate-gateway: {msg}");
+                return std::process::ExitCode::from(2);
+            }
         };
         args.upstream = Some(up);
     }
@@ -602,13 +607,19 @@ async fn run() -> std::process::ExitCode {
     let app = match &args.redis {
         None => app_with(&config, MemoryStore::new(), args.upstream.as_ref()),
         Some(urls) => {
+            let secret = match env_var("TOLLGATE_KEY_SECRET") {
+                Ok(secret) => secret.unwrap_or_default(),
+                Err(msg) => {
+                    eprintln!("tollgate-gateway: {msg}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
             let urls: Vec<&str> = urls.split(',').map(str::trim).collect();
             ping_redis(&urls).await;
             let builder = match urls.as_slice() {
                 [url] => RedisStore::builder(*url),
                 nodes => RedisStore::cluster_builder(nodes.iter().copied()),
             };
-            let secret = std::env::var("TOLLGATE_KEY_SECRET").unwrap_or_default();
             match builder
                 .key_secret(secret)
                 .timeout(args.redis_timeout)
@@ -699,6 +710,17 @@ async fn run() -> std::process::ExitCode {
             tracing::error!(error = %e, "server error");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The environment variable `name`, `None` when it is not set. One that
+/// is not UTF-8 is an error, as a bad flag is: taken as unset, it would
+/// quietly serve as the operator did not ask.
+fn env_var(name: &str) -> Result<Option<String>, String> {
+    match std::env::var(name) {
+        Ok(value) => Ok(Some(value)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!("{name} is not UTF-8")),
     }
 }
 

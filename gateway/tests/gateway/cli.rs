@@ -10,15 +10,15 @@ use crate::support::process::server_binary;
 
 /// Runs the binary with `args`; panics if it does not exit within 10 s (a
 /// gateway that started serving instead).
-fn run(args: &[&str]) -> Output {
-    run_with_env(args, &[])
+fn run<A: AsRef<OsStr>>(args: &[A]) -> Output {
+    run_with_env::<_, &str>(args, &[])
 }
 
 /// [`run`] with the environment variables `env` set.
-fn run_with_env<A: AsRef<OsStr>>(args: &[A], env: &[(&str, &str)]) -> Output {
+fn run_with_env<A: AsRef<OsStr>, V: AsRef<OsStr>>(args: &[A], env: &[(&str, V)]) -> Output {
     let mut child = Command::new(server_binary())
         .args(args)
-        .envs(env.iter().copied())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -168,11 +168,44 @@ fn an_argument_that_is_not_utf8_is_a_clear_error_with_status_2() {
     ];
     let flag: &[&OsStr] = &[OsStr::from_bytes(b"--list\xe9n")];
     for args in [config, flag] {
-        let out = run_with_env(args, &[]);
+        let out = run(args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains("is not UTF-8"), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// An environment variable the gateway reads that is not UTF-8 is a clear
+/// error with status 2, as `RUST_LOG` is: `TOLLGATE_KEY_SECRET` was taken
+/// as unset (the names of the state in Redis then differ from those of the
+/// other gateways, which count the same clients apart), and
+/// `TOLLGATE_UPSTREAM_KEY` too (the backend was sent no credential).
+#[cfg(unix)]
+#[test]
+fn a_variable_that_is_not_utf8_is_a_clear_error_with_status_2() {
+    use std::os::unix::ffi::OsStrExt;
+    let garbled = OsStr::from_bytes(b"s\xe9cret-key");
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &["--listen", "127.0.0.1:0", "--redis", "redis://127.0.0.1:1/"],
+            "TOLLGATE_KEY_SECRET",
+        ),
+        (
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "http://127.0.0.1:1",
+            ],
+            "TOLLGATE_UPSTREAM_KEY",
+        ),
+    ];
+    for (args, var) in cases {
+        let out = run_with_env(args, &[(var, garbled)]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}: {err}");
+        assert!(err.contains(&format!("{var} is not UTF-8")), "{var}: {err}");
     }
 }
 
