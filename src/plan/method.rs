@@ -28,6 +28,20 @@ pub(crate) struct MethodPath {
     literal: Option<Box<str>>,
 }
 
+/// The methods an override may name (any other is a mistake: see
+/// [`MethodPath::parse`]).
+const STANDARD: [Method; 9] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::PATCH,
+    Method::OPTIONS,
+    Method::CONNECT,
+    Method::TRACE,
+];
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
     Literal(Box<str>),
@@ -49,9 +63,17 @@ impl MethodPath {
         let method = match method {
             "*" => None,
             "" => return Err(bad("must end with `/METHOD`")),
+            // HTTP's own methods only: `/v1/completions` (the method
+            // left out) would otherwise read as the extension method
+            // `COMPLETIONS` on `/v1`, an override no request ever meets.
             m => Some(
-                Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                    .map_err(|_| bad("the method is not a valid HTTP method"))?,
+                STANDARD
+                    .iter()
+                    .find(|s| s.as_str().eq_ignore_ascii_case(m))
+                    .cloned()
+                    .ok_or_else(|| {
+                        bad("must end with `/METHOD`: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, CONNECT, TRACE or `*`")
+                    })?,
             ),
         };
         let segments = match path {
@@ -435,6 +457,26 @@ mod tests {
                     })
                 ),
                 "{twice:?}"
+            );
+        }
+        // A methodPath without its method, or with one HTTP does not
+        // define, is refused rather than read as an extension method.
+        for bad in [
+            "/v1/completions",
+            "/v1/chat/completions",
+            "/a/FETCH",
+            "/a/G-T",
+        ] {
+            let e = compile_methods(&[(bad.to_owned(), t)], LimitKind::Method, "p");
+            assert!(
+                matches!(&e, Err(ConfigError::InvalidMethodPath { reason, .. }) if reason.contains("/METHOD")),
+                "{bad}: {e:?}"
+            );
+        }
+        for good in ["/v1/completions/post", "/a/OPTIONS", "/a/Patch", "/*/*"] {
+            assert!(
+                compile_methods(&[(good.to_owned(), t)], LimitKind::Method, "p").is_ok(),
+                "{good}"
             );
         }
         assert!(
