@@ -142,15 +142,16 @@ impl Args {
     }
 }
 
-/// The value of `flag` as a number of seconds above 0.
+/// The value of `flag` as a number of seconds, at least a millisecond (the
+/// timers' resolution: less would be no time at all to them).
 fn seconds(flag: &str, value: Option<String>) -> Result<Duration, String> {
     let value = value.ok_or_else(|| format!("{flag} needs a number of seconds"))?;
     value
         .parse::<f64>()
         .ok()
-        .filter(|s| *s > 0.0)
         .and_then(|s| Duration::try_from_secs_f64(s).ok())
-        .ok_or_else(|| format!("{flag} `{value}`: not a number of seconds above 0"))
+        .filter(|d| *d >= Duration::from_millis(1))
+        .ok_or_else(|| format!("{flag} `{value}`: not a number of seconds of at least 0.001"))
 }
 
 /// Reads the flags (without the program's name); the error says what is

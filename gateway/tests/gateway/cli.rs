@@ -144,6 +144,10 @@ fn a_bad_flag_or_value_is_a_clear_error_with_status_2() {
             &["--upstream", "http://h", "--upstream-connect-timeout", "x"],
             "--upstream-connect-timeout `x`",
         ),
+        // Below a millisecond, a timeout was zero to the timers: every
+        // connection was dropped at once.
+        (&["--header-timeout", "1e-10"], "--header-timeout `1e-10`"),
+        (&["--body-timeout", "0.0001"], "--body-timeout `0.0001`"),
     ];
     for (args, message) in cases {
         let out = run(args);
