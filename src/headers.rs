@@ -417,9 +417,10 @@ pub(crate) struct Prepared {
     ends: [u16; Slot::ALL.len()],
 }
 
-/// How many bytes the values of one response take at most: a policy not
-/// interned (at most [`HeaderBuf`]'s 256), `RateLimit` and the nine others,
-/// each a number or a duration of at most 20 bytes.
+/// How many bytes the values of one response usually take at most: a
+/// policy not interned (most are within 256 bytes; a longer one, of a
+/// request with many limits, makes the chunk grow), `RateLimit` and the
+/// nine others, each a number or a duration of at most 20 bytes.
 const MAX_PREPARED: usize = 256 + 64 + 9 * 24;
 
 /// A chunk of memory the values of a thread's responses are cut from.
@@ -734,25 +735,30 @@ fn policy_value(items: &[Applied], f: impl FnOnce(&Policy)) {
 }
 
 /// Formats a `RateLimit-Policy` value: `"throttle";q=5;w=3, "quota";q=1000;w=86400`.
+///
+/// On the heap: a request may be decided against [`MAX_LIMITS`] limits
+/// (stage, account, plan, method and model), some 1.3 KB of value, and a
+/// value is formatted only when a thread meets a new set of limits (see
+/// [`policy_value`]) or for a rejection.
 fn format_policy(items: &[Applied]) -> Option<HeaderValue> {
-    let mut buf = HeaderBuf::new();
+    let mut buf = Vec::with_capacity(items.len() * 48);
     for (i, a) in items.iter().enumerate() {
         if i > 0 {
-            buf.push(b", ");
+            buf.extend_from_slice(b", ");
         }
-        buf.push(b"\"");
-        buf.push(a.name().as_bytes());
-        buf.push(b"\";q=");
-        buf.int(sf_int(a.quota));
+        buf.push(b'"');
+        buf.extend_from_slice(a.name().as_bytes());
+        buf.extend_from_slice(b"\";q=");
+        buf.extend_from_slice(itoa::Buffer::new().format(sf_int(a.quota)).as_bytes());
         if a.kind.is_concurrency() {
             // A cap on requests in flight has no window.
-            buf.push(b";qu=\"concurrent-requests\"");
+            buf.extend_from_slice(b";qu=\"concurrent-requests\"");
         } else {
-            buf.push(b";w=");
-            buf.int(sf_int(a.window_secs));
+            buf.extend_from_slice(b";w=");
+            buf.extend_from_slice(itoa::Buffer::new().format(sf_int(a.window_secs)).as_bytes());
         }
     }
-    buf.value()
+    HeaderValue::from_maybe_shared(Bytes::from(buf)).ok()
 }
 
 /// The largest integer a Structured Field holds (RFC 9651, section 3.3.1).

@@ -762,3 +762,97 @@ async fn a_get_override_holds_head_requests_too() {
     }
     assert_eq!(head().await.unwrap().status(), 429);
 }
+
+/// A request decided against many limits (the stage's, its account's, its
+/// plan's and its model's) is told every one of them in `RateLimit-Policy`,
+/// however long the value.
+#[tokio::test]
+async fn the_policy_header_lists_every_limit_of_a_request_with_many() {
+    use tollgate::{
+        Account, ApiKey, ModelLimits, Period, Policy, Quota, Stage, Throttle, TokenBudget,
+        UsagePlan,
+    };
+    let (_clock, store) = frozen_store();
+    let tokens = || {
+        TokenBudget::new()
+            .per_minute(100_000)
+            .unwrap()
+            .per_day(1_000_000)
+            .unwrap()
+            .per_month(10_000_000)
+            .unwrap()
+    };
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(50.0, 100).unwrap())
+        .quota(Quota::new(100_000, Period::Month).unwrap())
+        .method("/v1/chat/completions/POST", Throttle::new(20.0, 40).unwrap())
+        .tokens(tokens())
+        .concurrency(8)
+        .model(
+            "big-model",
+            ModelLimits::new()
+                .throttle(Throttle::new(5.0, 10).unwrap())
+                .quota(Quota::new(10_000, Period::Day).unwrap())
+                .tokens(tokens())
+                .concurrency(2),
+        );
+    let policy = Policy::builder()
+        .plan(plan)
+        .account(
+            Account::new("acme")
+                .throttle(Throttle::new(100.0, 200).unwrap())
+                .quota(Quota::new(500_000, Period::Month).unwrap())
+                .tokens(tokens()),
+        )
+        .stage(Stage::new().throttle(Throttle::new(1_000.0, 2_000).unwrap()))
+        .key(ApiKey::new("k", "secret", "p").account("acme"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .store(store)
+        .estimator(|_: &tollgate::extract::RequestView<'_>| 10)
+        .model(|_| Some("big-model"))
+        .build();
+    let base = serve(
+        Router::new()
+            .route("/v1/chat/completions", post(ok))
+            .layer(layer),
+    )
+    .await;
+    let res = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .header("x-api-key", "secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let policy = header(&res, "ratelimit-policy");
+    let names: Vec<&str> = policy
+        .split(", ")
+        .map(|item| item.split('"').nth(1).unwrap())
+        .collect();
+    for name in [
+        "stage",
+        "account",
+        "account-tokens-minute",
+        "account-quota",
+        "account-tokens-day",
+        "account-tokens-month",
+        "throttle",
+        "method",
+        "tokens-minute",
+        "quota",
+        "tokens-day",
+        "tokens-month",
+        "model",
+        "model-tokens-minute",
+        "model-quota",
+        "model-tokens-day",
+        "model-tokens-month",
+        "concurrency",
+        "model-concurrency",
+    ] {
+        assert!(names.contains(&name), "{name} missing from {policy}");
+    }
+    assert_eq!(names.len(), 19, "{policy}");
+}
