@@ -463,6 +463,48 @@ async fn a_key_the_resolver_answers_keeps_the_accounts_history<B: Backend>(b: &B
     assert_eq!(usage.days, vec![[3, 7], [2, 8]]);
 }
 
+/// A key of an account under a plan whose request quota, token day and
+/// token month each have their twin in the account and in the plan's `"*"`
+/// model entry: nine quotas, the most one request can have, decided
+/// together (on a plan that answers a failed store 503).
+async fn a_request_under_nine_quotas_is_decided_with_all_of_them<B: Backend>(b: &B) {
+    use tollgate::{FailureMode, ModelLimits};
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let tokens = || {
+        TokenBudget::new()
+            .per_day(1_000)
+            .unwrap()
+            .per_month(10_000)
+            .unwrap()
+    };
+    let plan = UsagePlan::new("p")
+        .failure(FailureMode::Closed)
+        .quota(Quota::new(3, Period::Day).unwrap())
+        .tokens(tokens())
+        .model(
+            "*",
+            ModelLimits::new()
+                .quota(Quota::new(5, Period::Day).unwrap())
+                .tokens(tokens()),
+        );
+    let account = Account::new("acme")
+        .quota(Quota::new(100, Period::Month).unwrap())
+        .tokens(tokens());
+    let (mut svc, admin) = token_service(b, &clock, policy(&clock, plan, account)).await;
+    for _ in 0..3 {
+        assert_eq!(send(&mut svc, "va", 10, Some(10)).await, (200, None));
+    }
+    assert_eq!(
+        send(&mut svc, "va", 10, None).await,
+        (429, Some("quota".to_owned()))
+    );
+    refunds_land().await;
+    let day = Date::new(2024, 5, 6).unwrap();
+    let usage = admin.account_usage("acme", day, day).await.unwrap();
+    assert_eq!(usage.days, [[3, 97]], "the account counted the three let in");
+}
+
 on_each_backend!(
     "accounts":
     two_keys_together_never_pass_the_account_throttle_or_quota,
@@ -475,6 +517,7 @@ on_each_backend!(
     token_settlement_reaches_the_account,
     replacing_the_account_throttle_keeps_its_emptied_bucket_empty,
     a_key_the_resolver_answers_keeps_the_accounts_history,
+    a_request_under_nine_quotas_is_decided_with_all_of_them,
 );
 
 /// On a Redis Cluster, where the stage, each account and each key live in
@@ -494,6 +537,7 @@ async fn redis_cluster_agrees_on_accounts() {
     a_denial_by_the_account_charges_the_key_nothing(&cluster).await;
     token_settlement_reaches_the_account(&cluster).await;
     replacing_the_account_throttle_keeps_its_emptied_bucket_empty(&cluster).await;
+    a_request_under_nine_quotas_is_decided_with_all_of_them(&cluster).await;
 }
 
 /// On a Redis Cluster deciding on Redis `TIME` (not a frozen clock): the

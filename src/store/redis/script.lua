@@ -41,9 +41,10 @@
 -- "a" acquire. KEYS: t_1..t_n, then q_i, h_i for each quota.
 --   ARGV: "a", now_s, now_ns, cost, n, n times (interval_ns, burst, shadow,
 --   since_s, since_ns, cost_i),
---   then m (0..6) quotas (an account's and a plan's), m times (limit, period (D|W|M), week_start
---   (0 = Monday .. 6), offset, created_s, shadow, history_days, cost_i,
---   tokens), tokens = 1 for a token budget. A cost above a quota's whole
+--   then m (0..9) quotas (an account's, a plan's and a model's: a request
+--   quota, a token day and a token month each), m times (limit, period
+--   (D|W|M), week_start (0 = Monday .. 6), offset, created_s, shadow,
+--   history_days, cost_i, tokens), tokens = 1 for a token budget. A cost above a quota's whole
 --   limit fits no window's limit, only what a raise (UpdateUsage) left in
 --   this one: it is decided as any cost is (the caller names it).
 --   Each limit is charged its own cost_i (requests or tokens); ARGV[4], the
@@ -444,7 +445,7 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
     if #argv < qi then
       error({ tollgate = 'wrong number of arguments' })
     end
-    local m = int(argv[qi], 0, 6, 'quota count')
+    local m = int(argv[qi], 0, 9, 'quota count')
     local ci = qi + 1 + 9 * m
     if #argv < ci then
       error({ tollgate = 'wrong number of arguments' })
