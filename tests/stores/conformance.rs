@@ -597,6 +597,30 @@ async fn a_week_whose_first_day_changes_keeps_what_its_new_week_counted<B: Backe
     assert_eq!(passed(&l, b"vc", 5).await, 0);
 }
 
+/// A peek tells what remains of each limit after what requests used: on a
+/// store that lends this instance a share of a busy key's limits, the
+/// units it holds unused are not counted as used.
+async fn a_peek_counts_only_what_requests_used<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(0.01, 100).unwrap())
+        .quota(Quota::new(1_000, Period::Day).unwrap());
+    let l = layer(b, &clock, vec![plan], vec![ApiKey::new("k", "v", "p")]).await;
+    assert_eq!(passed(&l, b"v", 8).await, 8);
+    let standing = l.standing(b"v").await.unwrap();
+    let remaining: Vec<(&str, u64)> = standing
+        .limits()
+        .iter()
+        .map(|a| (a.name(), a.remaining()))
+        .collect();
+    assert_eq!(remaining, [("throttle", 92), ("quota", 992)]);
+    // The next requests are counted from there.
+    assert_eq!(passed(&l, b"v", 2).await, 2);
+    let standing = l.standing(b"v").await.unwrap();
+    assert_eq!(standing.limits()[1].remaining(), 990);
+}
+
 on_each_backend!(
     "conformance":
     burst_then_one_per_interval_and_costs_count_as_units,
@@ -626,6 +650,7 @@ on_each_backend!(
     nothing_is_admitted_before_its_exact_time,
     a_denial_is_never_replayed_after_a_request_passed,
     a_week_whose_first_day_changes_keeps_what_its_new_week_counted,
+    a_peek_counts_only_what_requests_used,
 );
 
 /// On a Redis Cluster: the behaviours that touch several slots (stage limits
@@ -650,6 +675,7 @@ async fn redis_cluster_agrees() {
     daily_token_budgets_count_settled_tokens(&cluster).await;
     a_full_concurrency_cap_denies_a_peek_and_a_peek_takes_no_place(&cluster).await;
     the_longest_wait_is_named_whichever_limit_asks_it(&cluster).await;
+    a_peek_counts_only_what_requests_used(&cluster).await;
 }
 
 /// The over-limit cache answers a denied key locally with the answer Redis

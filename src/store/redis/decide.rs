@@ -220,6 +220,18 @@ impl Store for RedisStore {
             };
             return inner.shared(id, take, own, lend, failure, context);
         }
+        // A peek reads what remains of its limits: the units this instance
+        // holds unused of a share of them go back to Redis first, as before
+        // an admin operation, or the peek would count them as used where
+        // the memory store (and the headers of the requests they admit)
+        // count them free.
+        let recall = (cost == 0 && request.borrow && !inner.max_age.is_zero()).then(|| {
+            let keys = [&stage, &account, &own]
+                .iter()
+                .flat_map(|p| p.call.keys.iter().cloned())
+                .collect();
+            inner.recall(keys)
+        });
         if let (Now::Redis, Some(deadline)) = (now, inner.deadline()) {
             stage.call.args[2] = deadline.to_string();
             account.call.args[2] = deadline.to_string();
@@ -231,6 +243,9 @@ impl Store for RedisStore {
         let in_flight = InFlight::new(inner, asked);
         let inner = Arc::clone(inner);
         Acquired::Pending(Box::pin(async move {
+            if let Some(recall) = recall {
+                recall.await;
+            }
             // A place Redis may have added is removed unless a response
             // holds it: the request's future dropped, the timeout, a lost
             // connection, a reply that makes no sense.
