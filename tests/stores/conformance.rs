@@ -621,6 +621,18 @@ async fn a_peek_counts_only_what_requests_used<B: Backend>(b: &B) {
     assert_eq!(standing.limits()[1].remaining(), 990);
 }
 
+/// A client that sends its next request as soon as its response ended
+/// finds its place under a cap of one free again: the place is given back
+/// before the next decision under the cap is made, whatever the store.
+async fn a_place_given_back_is_free_for_the_next_request_at_once<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let plan = UsagePlan::new("p").concurrency(1);
+    let (mut svc, _admin) = token_service(b, &clock, plan).await;
+    for i in 0..20 {
+        assert_eq!(send_tokens(&mut svc, 0, None).await, (200, None), "request {i}");
+    }
+}
+
 on_each_backend!(
     "conformance":
     burst_then_one_per_interval_and_costs_count_as_units,
@@ -651,6 +663,7 @@ on_each_backend!(
     a_denial_is_never_replayed_after_a_request_passed,
     a_week_whose_first_day_changes_keeps_what_its_new_week_counted,
     a_peek_counts_only_what_requests_used,
+    a_place_given_back_is_free_for_the_next_request_at_once,
 );
 
 /// On a Redis Cluster: the behaviours that touch several slots (stage limits
@@ -676,6 +689,7 @@ async fn redis_cluster_agrees() {
     a_full_concurrency_cap_denies_a_peek_and_a_peek_takes_no_place(&cluster).await;
     the_longest_wait_is_named_whichever_limit_asks_it(&cluster).await;
     a_peek_counts_only_what_requests_used(&cluster).await;
+    a_place_given_back_is_free_for_the_next_request_at_once(&cluster).await;
 }
 
 /// The over-limit cache answers a denied key locally with the answer Redis

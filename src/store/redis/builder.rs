@@ -293,6 +293,8 @@ impl RedisStoreBuilder {
                 max_age: self.max_age,
                 max_share: self.max_share,
                 local: Local::new(self.clock.clone().unwrap_or_default()),
+                releasing: crate::sync::Mutex::default(),
+                released: tokio::sync::Notify::new(),
                 failures: Failures::default(),
                 shared_registry: self.shared_registry,
                 registry_failing: AtomicBool::new(false),

@@ -237,6 +237,7 @@ impl Store for RedisStore {
             account.call.args[2] = deadline.to_string();
             own.call.args[2] = deadline.to_string();
         }
+        let places = inner.giving_back(&own);
         let Some(ticket) = Ticket::take(inner) else {
             return inner.past_bound(&asked, failure, [stage, account, own]);
         };
@@ -245,6 +246,12 @@ impl Store for RedisStore {
         Acquired::Pending(Box::pin(async move {
             if let Some(recall) = recall {
                 recall.await;
+            }
+            // A place this instance is giving back under the request's caps
+            // is gone before the request is decided (bounded: the `ZREM`
+            // is answered or times out within the timeout).
+            if !places.is_empty() {
+                let _ = tokio::time::timeout(inner.timeout, inner.given_back(&places)).await;
             }
             // A place Redis may have added is removed unless a response
             // holds it: the request's future dropped, the timeout, a lost
@@ -693,12 +700,21 @@ impl Inner {
     /// A `ZREM` is idempotent, so one that fails (a timeout on a loaded
     /// link, a reconnect) is sent again after a pause, a few times: a place
     /// left behind would refuse the key's requests until its lease lapses.
+    ///
+    /// Until the first `ZREM` is answered, decisions of this instance under
+    /// the same cap wait for it ([`given_back`](Self::given_back)): sent
+    /// before it, the next request of a client that waited for its response
+    /// to end would find its own place still taken.
     pub(super) fn remove_lease(self: &Arc<Self>, key: String, member: String) {
         let task = Arc::clone(self);
+        let mut giving = Some(GivingBack::new(self, &key));
         self.spawn(async move {
             let cmd = redis::cmd("ZREM").arg(key).arg(member).clone();
             for pause in LEASE_RETRIES {
-                match task.command::<i64>(cmd.clone()).await {
+                let result = task.command::<i64>(cmd.clone()).await;
+                // Answered (or timed out): the retries go on unwaited for.
+                drop(giving.take());
+                match result {
                     Ok(_) => return,
                     Err(e) if pause.is_zero() => {
                         tracing::debug!(error = %e, "lease not removed; it lapses by itself");
@@ -707,5 +723,66 @@ impl Inner {
                 }
             }
         });
+    }
+
+    /// Waits until Redis has answered the `ZREM` of every place this
+    /// instance gave back under the caps named by `keys`.
+    pub(super) async fn given_back(&self, keys: &[String]) {
+        loop {
+            let mut notified = std::pin::pin!(self.released.notified());
+            notified.as_mut().enable();
+            if !keys.iter().any(|k| self.releasing.lock().contains_key(k)) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The cap keys of `part` under which this instance is giving a place
+    /// back, if any (most often none, found without a key made).
+    fn giving_back(&self, part: &Part) -> Vec<String> {
+        if part.caps.is_empty() {
+            return Vec::new();
+        }
+        let releasing = self.releasing.lock();
+        if releasing.is_empty() {
+            return Vec::new();
+        }
+        part.caps
+            .iter()
+            .map(|c| self.cap_key(&c.permit))
+            .filter(|k| releasing.contains_key(k))
+            .collect()
+    }
+}
+
+/// A place of this instance's whose `ZREM` has not been answered yet:
+/// counted under its cap key until dropped (answered, or never sent).
+struct GivingBack {
+    inner: Arc<Inner>,
+    key: String,
+}
+
+impl GivingBack {
+    fn new(inner: &Arc<Inner>, key: &str) -> Self {
+        *inner.releasing.lock().entry(key.to_owned()).or_default() += 1;
+        GivingBack {
+            inner: Arc::clone(inner),
+            key: key.to_owned(),
+        }
+    }
+}
+
+impl Drop for GivingBack {
+    fn drop(&mut self) {
+        let mut releasing = self.inner.releasing.lock();
+        if let Some(n) = releasing.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                releasing.remove(&self.key);
+            }
+        }
+        drop(releasing);
+        self.inner.released.notify_waiters();
     }
 }

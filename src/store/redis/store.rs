@@ -1,9 +1,12 @@
 //! [`RedisStore`] and the state its clones share.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize};
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use super::background::Background;
 use super::builder::NamingKey;
@@ -93,6 +96,11 @@ pub(super) struct Inner {
     pub(super) max_share: u32,
     /// The copy of the limits a `Local` failure is decided by.
     pub(super) local: Local,
+    /// Places this instance gave back whose `ZREM` Redis has not answered
+    /// yet, counted by cap key, and a wake-up at each answer: a decision
+    /// under such a cap waits for them (see `Inner::given_back`).
+    pub(super) releasing: crate::sync::Mutex<HashMap<String, usize>>,
+    pub(super) released: Notify,
     /// Failures decided by the local copy: counted and logged.
     pub(super) failures: Failures,
     /// Whether keys, plans and accounts live in Redis too.
