@@ -785,7 +785,10 @@ async fn the_policy_header_lists_every_limit_of_a_request_with_many() {
     let plan = UsagePlan::new("p")
         .throttle(Throttle::new(50.0, 100).unwrap())
         .quota(Quota::new(100_000, Period::Month).unwrap())
-        .method("/v1/chat/completions/POST", Throttle::new(20.0, 40).unwrap())
+        .method(
+            "/v1/chat/completions/POST",
+            Throttle::new(20.0, 40).unwrap(),
+        )
         .tokens(tokens())
         .concurrency(8)
         .model(

@@ -502,7 +502,11 @@ async fn a_request_under_nine_quotas_is_decided_with_all_of_them<B: Backend>(b: 
     refunds_land().await;
     let day = Date::new(2024, 5, 6).unwrap();
     let usage = admin.account_usage("acme", day, day).await.unwrap();
-    assert_eq!(usage.days, [[3, 97]], "the account counted the three let in");
+    assert_eq!(
+        usage.days,
+        [[3, 97]],
+        "the account counted the three let in"
+    );
 }
 
 on_each_backend!(

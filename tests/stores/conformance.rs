@@ -629,8 +629,39 @@ async fn a_place_given_back_is_free_for_the_next_request_at_once<B: Backend>(b: 
     let plan = UsagePlan::new("p").concurrency(1);
     let (mut svc, _admin) = token_service(b, &clock, plan).await;
     for i in 0..20 {
-        assert_eq!(send_tokens(&mut svc, 0, None).await, (200, None), "request {i}");
+        assert_eq!(
+            send_tokens(&mut svc, 0, None).await,
+            (200, None),
+            "request {i}"
+        );
     }
+}
+
+/// A client that sends its next request as soon as its response ended
+/// finds that response's tokens settled: an under-estimate's debt holds
+/// the next request back, an over-estimate's refund lets it in, whatever
+/// the store.
+async fn a_settlement_counts_for_the_next_request_at_once<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 0));
+    let plan = UsagePlan::new("p").tokens(
+        TokenBudget::new()
+            .per_minute(100)
+            .unwrap()
+            .per_day(1_000)
+            .unwrap(),
+    );
+    let (mut svc, _admin) = token_service(b, &clock, plan).await;
+    // 5 reserved, 190 used: the bucket is 114 s ahead, past its minute.
+    assert_eq!(send_tokens(&mut svc, 5, Some(190)).await, (200, None));
+    assert_eq!(
+        send_tokens(&mut svc, 1, None).await,
+        (429, Some(Reason::Limited))
+    );
+    // Repaid; 100 reserved, 10 used: 90 come back at once.
+    clock.advance(Duration::from_secs(120));
+    assert_eq!(send_tokens(&mut svc, 100, Some(10)).await, (200, None));
+    assert_eq!(send_tokens(&mut svc, 90, None).await, (200, None));
 }
 
 on_each_backend!(
@@ -664,6 +695,7 @@ on_each_backend!(
     a_week_whose_first_day_changes_keeps_what_its_new_week_counted,
     a_peek_counts_only_what_requests_used,
     a_place_given_back_is_free_for_the_next_request_at_once,
+    a_settlement_counts_for_the_next_request_at_once,
 );
 
 /// On a Redis Cluster: the behaviours that touch several slots (stage limits
@@ -690,6 +722,7 @@ async fn redis_cluster_agrees() {
     the_longest_wait_is_named_whichever_limit_asks_it(&cluster).await;
     a_peek_counts_only_what_requests_used(&cluster).await;
     a_place_given_back_is_free_for_the_next_request_at_once(&cluster).await;
+    a_settlement_counts_for_the_next_request_at_once(&cluster).await;
 }
 
 /// The over-limit cache answers a denied key locally with the answer Redis

@@ -237,21 +237,29 @@ impl Store for RedisStore {
             account.call.args[2] = deadline.to_string();
             own.call.args[2] = deadline.to_string();
         }
-        let places = inner.giving_back(&own);
+        let behind = inner.unanswered(&[&stage, &account, &own]);
         let Some(ticket) = Ticket::take(inner) else {
             return inner.past_bound(&asked, failure, [stage, account, own]);
         };
         let in_flight = InFlight::new(inner, asked);
         let inner = Arc::clone(inner);
         Acquired::Pending(Box::pin(async move {
+            // The decision answers within the timeout, what it waits for
+            // first included.
+            let started = tokio::time::Instant::now();
             if let Some(recall) = recall {
                 recall.await;
             }
-            // A place this instance is giving back under the request's caps
-            // is gone before the request is decided (bounded: the `ZREM`
-            // is answered or times out within the timeout).
-            if !places.is_empty() {
-                let _ = tokio::time::timeout(inner.timeout, inner.given_back(&places)).await;
+            // What this instance wrote to the request's limits as earlier
+            // responses ended (a place given back, a settlement) is written
+            // before the request is decided, as the memory store has it.
+            if !behind.is_empty() {
+                let _ = inner
+                    .within_since(started, async {
+                        inner.answered(&behind).await;
+                        Ok(())
+                    })
+                    .await;
             }
             // A place Redis may have added is removed unless a response
             // holds it: the request's future dropped, the timeout, a lost
@@ -260,10 +268,10 @@ impl Store for RedisStore {
             let result = if split {
                 // Bounded by the timeout call by call, not as a whole: a
                 // denial known when it expires is the answer (see there).
-                decide_split(&inner, &[&stage, &account, &own], cost).await
+                decide_split(&inner, &[&stage, &account, &own], cost, started).await
             } else {
                 inner
-                    .within(async {
+                    .within_since(started, async {
                         let reply = Arc::clone(&inner).run(own.call.clone()).await?;
                         Ok(own.verdict(&reply, cost)?.0)
                     })
@@ -367,9 +375,13 @@ impl Store for RedisStore {
             return;
         }
         // Never waited for, and bounded by the timeout: a settlement that
-        // fails leaves the estimate charged.
+        // fails leaves the estimate charged. This instance's next decisions
+        // on the same limits wait for it.
+        let unanswered =
+            Unanswered::new(&inner, calls.iter().flat_map(|c| c.keys.clone()).collect());
         let task = Arc::clone(&inner);
         inner.spawn(async move {
+            let _unanswered = unanswered;
             for call in calls {
                 if let Err(e) = task.within(Arc::clone(&task).run(call)).await {
                     tracing::debug!(error = %e, "tokens not settled; the estimate stands");
@@ -439,8 +451,8 @@ async fn decide_split(
     inner: &Arc<Inner>,
     parts: &[&Part],
     cost: u32,
+    started: tokio::time::Instant,
 ) -> Result<Verdict, StoreError> {
-    let started = tokio::time::Instant::now();
     let run = |call: Call| inner.within_since(started, Arc::clone(inner).run(call));
     let parts: Vec<&Part> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
     let mut charged = Charges {
@@ -702,12 +714,12 @@ impl Inner {
     /// left behind would refuse the key's requests until its lease lapses.
     ///
     /// Until the first `ZREM` is answered, decisions of this instance under
-    /// the same cap wait for it ([`given_back`](Self::given_back)): sent
+    /// the same cap wait for it ([`answered`](Self::answered)): sent
     /// before it, the next request of a client that waited for its response
     /// to end would find its own place still taken.
     pub(super) fn remove_lease(self: &Arc<Self>, key: String, member: String) {
         let task = Arc::clone(self);
-        let mut giving = Some(GivingBack::new(self, &key));
+        let mut giving = Some(Unanswered::new(self, vec![key.clone()]));
         self.spawn(async move {
             let cmd = redis::cmd("ZREM").arg(key).arg(member).clone();
             for pause in LEASE_RETRIES {
@@ -725,64 +737,70 @@ impl Inner {
         });
     }
 
-    /// Waits until Redis has answered the `ZREM` of every place this
-    /// instance gave back under the caps named by `keys`.
-    pub(super) async fn given_back(&self, keys: &[String]) {
+    /// Waits until Redis has answered every write this instance sent in
+    /// the background to any of `keys`.
+    pub(super) async fn answered(&self, keys: &[String]) {
         loop {
-            let mut notified = std::pin::pin!(self.released.notified());
+            let mut notified = std::pin::pin!(self.answered.notified());
             notified.as_mut().enable();
-            if !keys.iter().any(|k| self.releasing.lock().contains_key(k)) {
+            if !keys.iter().any(|k| self.unanswered.lock().contains_key(k)) {
                 return;
             }
             notified.await;
         }
     }
 
-    /// The cap keys of `part` under which this instance is giving a place
-    /// back, if any (most often none, found without a key made).
-    fn giving_back(&self, part: &Part) -> Vec<String> {
-        if part.caps.is_empty() {
+    /// The keys of `parts` that a write this instance sent in the
+    /// background has not been answered on yet (most often none, found
+    /// without a key copied).
+    fn unanswered(&self, parts: &[&Part]) -> Vec<String> {
+        let unanswered = self.unanswered.lock();
+        if unanswered.is_empty() {
             return Vec::new();
         }
-        let releasing = self.releasing.lock();
-        if releasing.is_empty() {
-            return Vec::new();
-        }
-        part.caps
+        parts
             .iter()
-            .map(|c| self.cap_key(&c.permit))
-            .filter(|k| releasing.contains_key(k))
+            .flat_map(|p| &p.call.keys)
+            .filter(|k| unanswered.contains_key(*k))
+            .cloned()
             .collect()
     }
 }
 
-/// A place of this instance's whose `ZREM` has not been answered yet:
-/// counted under its cap key until dropped (answered, or never sent).
-struct GivingBack {
+/// A write sent in the background as a response ended (a place given
+/// back, a settlement), counted under the keys it writes until dropped
+/// (answered, or never sent).
+pub(super) struct Unanswered {
     inner: Arc<Inner>,
-    key: String,
+    keys: Vec<String>,
 }
 
-impl GivingBack {
-    fn new(inner: &Arc<Inner>, key: &str) -> Self {
-        *inner.releasing.lock().entry(key.to_owned()).or_default() += 1;
-        GivingBack {
+impl Unanswered {
+    pub(super) fn new(inner: &Arc<Inner>, keys: Vec<String>) -> Self {
+        let mut unanswered = inner.unanswered.lock();
+        for k in &keys {
+            *unanswered.entry(k.clone()).or_default() += 1;
+        }
+        drop(unanswered);
+        Unanswered {
             inner: Arc::clone(inner),
-            key: key.to_owned(),
+            keys,
         }
     }
 }
 
-impl Drop for GivingBack {
+impl Drop for Unanswered {
     fn drop(&mut self) {
-        let mut releasing = self.inner.releasing.lock();
-        if let Some(n) = releasing.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                releasing.remove(&self.key);
+        let mut unanswered = self.inner.unanswered.lock();
+        for k in &self.keys {
+            if let Some(n) = unanswered.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    unanswered.remove(k);
+                }
             }
         }
-        drop(releasing);
-        self.inner.released.notify_waiters();
+        drop(unanswered);
+        self.inner.answered.notify_waiters();
     }
 }

@@ -96,11 +96,12 @@ pub(super) struct Inner {
     pub(super) max_share: u32,
     /// The copy of the limits a `Local` failure is decided by.
     pub(super) local: Local,
-    /// Places this instance gave back whose `ZREM` Redis has not answered
-    /// yet, counted by cap key, and a wake-up at each answer: a decision
-    /// under such a cap waits for them (see `Inner::given_back`).
-    pub(super) releasing: crate::sync::Mutex<HashMap<String, usize>>,
-    pub(super) released: Notify,
+    /// Writes this instance sent in the background as a response ended (a
+    /// place given back, a settlement) that Redis has not answered yet,
+    /// counted by the keys they write, and a wake-up at each answer: a
+    /// decision on such a key waits for them (see `Inner::answered`).
+    pub(super) unanswered: crate::sync::Mutex<HashMap<String, usize>>,
+    pub(super) answered: Notify,
     /// Failures decided by the local copy: counted and logged.
     pub(super) failures: Failures,
     /// Whether keys, plans and accounts live in Redis too.
