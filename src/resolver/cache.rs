@@ -4,9 +4,11 @@
 //! never make way for keys in use.
 
 use std::fmt;
-use std::future::Future;
+use std::future::{Future, poll_fn};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use quick_cache::UnitWeighter;
@@ -284,7 +286,7 @@ impl Resolving {
                 Ok(Ok(entry)) => return entry.answer,
                 Ok(Err(guard)) => guard,
             };
-        let answer = match tokio::time::timeout_at(deadline, self.resolver.resolve(value)).await {
+        let answer = match tokio::time::timeout_at(deadline, self.ask(value)).await {
             Ok(result) => Answer::of(result),
             Err(_) => Answer::Failed(ResolveError::timeout()),
         };
@@ -317,6 +319,28 @@ impl Resolving {
             }
         }
         answer
+    }
+
+    /// The resolver's answer for `value`. A resolver that panics (making
+    /// its future or polling it) has failed: the request is answered as for
+    /// any failure (503, or the fallback), and the requests waiting for the
+    /// same lookup get that answer too, instead of the connection being cut
+    /// with no response. The panic's message is not kept: it may hold the
+    /// value.
+    async fn ask(&self, value: &str) -> Result<Resolution, ResolveError> {
+        let panicked = || ResolveError::new("the resolver panicked");
+        let Ok(mut resolving) = catch_unwind(AssertUnwindSafe(|| self.resolver.resolve(value)))
+        else {
+            return Err(panicked());
+        };
+        poll_fn(
+            |cx| match catch_unwind(AssertUnwindSafe(|| resolving.as_mut().poll(cx))) {
+                Ok(poll) => poll,
+                // Never polled again: the lookup has ended.
+                Err(_) => Poll::Ready(Err(panicked())),
+            },
+        )
+        .await
     }
 
     /// Every key found on `plan` that the cache holds, fresh or stale: a

@@ -16,7 +16,7 @@
 //!   its answer;
 //! - a lookup (and the wait for another request's) is bounded by
 //!   [`timeout`](Resolver::timeout) (1 s);
-//! - a lookup that fails or times out is answered
+//! - a lookup that fails, times out or panics is answered
 //!   `503 {"message":"Service Unavailable"}` (gRPC: `UNAVAILABLE`), or as
 //!   [`fallback`](Resolver::fallback) says; a failure is never cached.
 //!

@@ -487,3 +487,44 @@ async fn a_lookup_whose_request_goes_away_is_taken_over_by_a_waiting_one() {
     );
     assert_eq!(keys.queries(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolver_that_panics_is_a_failed_lookup() {
+    // Panics inside its future, and (for the second value) before it makes one.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let panics = move |value: String| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        assert_ne!(value, "panics-at-once", "resolver bug");
+        async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            panic!("resolver bug for a value of {} bytes", value.len());
+        }
+    };
+    let base = serve_with(Resolver::new(panics)).await;
+    // Concurrent requests with one value share the one lookup's failure.
+    let waiting: Vec<_> = (0..5)
+        .map(|_| {
+            let base = base.clone();
+            tokio::spawn(async move { get_with_key(&base, "panics-later").await })
+        })
+        .collect();
+    for w in waiting {
+        assert_body(w.await.unwrap(), 503, UNAVAILABLE).await;
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_body(
+        get_with_key(&base, "panics-at-once").await,
+        503,
+        UNAVAILABLE,
+    )
+    .await;
+    // Nothing was cached: the next request asks again.
+    assert_body(get_with_key(&base, "panics-later").await, 503, UNAVAILABLE).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+    let fallback = Resolver::new(|_: String| async { panic!("resolver bug") })
+        .fallback(ResolverFallback::UnknownKey);
+    let base = serve_with(fallback).await;
+    assert_body(get_with_key(&base, "db-secret-1").await, 403, FORBIDDEN).await;
+}
