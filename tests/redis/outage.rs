@@ -463,3 +463,53 @@ async fn a_request_let_through_open_still_finds_its_token_usage() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.text().await.unwrap(), "done");
 }
+
+/// A response that ends while Redis is unreachable for longer than a few
+/// seconds (a restart, a network partition) still gives its place under a
+/// concurrency cap back once Redis answers again: the place was Redis's, no
+/// response holds it, and left behind it refused the key's every request
+/// until its lease lapsed (5 minutes by default). Redis keeps its places
+/// across the restart (an append-only file), as a partitioned Redis keeps
+/// them while other instances go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_given_back_during_a_long_outage_is_removed_when_redis_returns() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let store = RedisStore::builder(redis.url())
+        .timeout(Duration::from_millis(500))
+        .shared_registry(false)
+        .build()
+        .await
+        .expect("a Redis store");
+    let app = capped_app(store.clone());
+    let held = app.clone().oneshot(capped_request()).await.unwrap();
+    assert_eq!(held.status(), 200, "Redis admits the first");
+    assert_eq!(store.local_decisions(), 0, "decided by Redis");
+
+    tokio::task::block_in_place(|| redis.kill());
+    // The response ends while Redis is down, and stays down a while.
+    drop(held);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::task::block_in_place(|| redis.restart());
+
+    // Within seconds (not the lease's minutes), Redis (not the local copy)
+    // finds the place free.
+    let start = std::time::Instant::now();
+    loop {
+        let before = store.local_decisions();
+        let res = app.clone().oneshot(capped_request()).await.unwrap();
+        if store.local_decisions() == before && res.status() == 200 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the place of the response that ended during the outage is still taken: {}",
+            res.status()
+        );
+        drop(res);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

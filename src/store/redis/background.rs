@@ -98,6 +98,28 @@ impl RedisStore {
 }
 
 impl Inner {
+    /// Sleeps `pause` inside a background call, not counted as running
+    /// meanwhile: [`RedisStore::drained`] waits for calls, not for the
+    /// pauses between a call's tries.
+    pub(super) async fn pause(&self, pause: std::time::Duration) {
+        /// Counts the call as running again when the pause ends, or when
+        /// the task is dropped during it (its `Running` then ends it).
+        struct Resume<'a>(&'a Background);
+
+        impl Drop for Resume<'_> {
+            fn drop(&mut self) {
+                self.0.running.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+
+        let background = &self.background;
+        if background.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            background.idle.notify_waiters();
+        }
+        let _resume = Resume(background);
+        tokio::time::sleep(pause).await;
+    }
+
     /// Runs `work` in a task of its own, counted until it ends (see
     /// [`RedisStore::drained`]): on the current Tokio runtime, or, called
     /// outside any (a response body dropped on a plain thread), on the one

@@ -690,14 +690,12 @@ impl Inner {
     }
 }
 
-/// Pauses before each new try of a lease's removal; the last (zero) ends
-/// the tries.
-const LEASE_RETRIES: [Duration; 4] = [
-    Duration::from_millis(100),
-    Duration::from_millis(500),
-    Duration::from_secs(2),
-    Duration::ZERO,
-];
+/// The pause before the second try of a lease's removal; each pause after
+/// it is twice the last, up to [`LEASE_RETRY_MAX`].
+const LEASE_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// The longest pause between two tries of a lease's removal: once Redis is
+/// back, a place is given back within about this long.
+const LEASE_RETRY_MAX: Duration = Duration::from_secs(2);
 
 impl Inner {
     /// Removes a place under a concurrency cap, in the background (never
@@ -710,8 +708,14 @@ impl Inner {
 
     /// Removes lease `member` from the sorted set `key`, in the background.
     /// A `ZREM` is idempotent, so one that fails (a timeout on a loaded
-    /// link, a reconnect) is sent again after a pause, a few times: a place
-    /// left behind would refuse the key's requests until its lease lapses.
+    /// link, Redis restarting or cut off) is sent again after a pause, until
+    /// the lease would have lapsed by itself: a place left behind would
+    /// refuse the key's requests until then, however short the outage was
+    /// past the first tries. Only Redis's own places are removed, so those
+    /// waiting are at most the places Redis granted within a lease. While it
+    /// pauses, the removal is no call in flight for
+    /// [`RedisStore::drained`], which does not wait out an outage for it
+    /// (the place then lapses with its lease, as after a crash).
     ///
     /// Until the first `ZREM` is answered, decisions of this instance under
     /// the same cap wait for it ([`answered`](Self::answered)): sent
@@ -720,18 +724,27 @@ impl Inner {
     pub(super) fn remove_lease(self: &Arc<Self>, key: String, member: String) {
         let task = Arc::clone(self);
         let mut giving = Some(Unanswered::new(self, vec![key.clone()]));
+        // A lease too long to add to now never lapses: tried until Redis answers.
+        let lapsed = tokio::time::Instant::now().checked_add(self.lease);
         self.spawn(async move {
             let cmd = redis::cmd("ZREM").arg(key).arg(member).clone();
-            for pause in LEASE_RETRIES {
+            let mut pause = LEASE_RETRY_FIRST;
+            loop {
                 let result = task.command::<i64>(cmd.clone()).await;
                 // Answered (or timed out): the retries go on unwaited for.
                 drop(giving.take());
                 match result {
                     Ok(_) => return,
-                    Err(e) if pause.is_zero() => {
+                    Err(e)
+                        if lapsed.is_some_and(|at| tokio::time::Instant::now() + pause >= at) =>
+                    {
                         tracing::debug!(error = %e, "lease not removed; it lapses by itself");
+                        return;
                     }
-                    Err(_) => tokio::time::sleep(pause).await,
+                    Err(_) => {
+                        task.pause(pause).await;
+                        pause = (pause * 2).min(LEASE_RETRY_MAX);
+                    }
                 }
             }
         });
