@@ -453,3 +453,47 @@ async fn past_the_bound_on_calls_in_flight_the_failure_mode_decides_at_once() {
     tokio::task::block_in_place(|| redis.resume());
     assert!(quick >= 18, "{quick} of 20 decided before half the timeout");
 }
+
+/// Admitted of `n` decisions of key `k` through `layer`, one at a time.
+async fn admitted(layer: &Layer, n: usize) -> usize {
+    let mut passed = 0;
+    for _ in 0..n {
+        passed += usize::from(layer.decide(b"k", 1).await.is_ok());
+    }
+    passed
+}
+
+/// A share borrowed half a second before midnight is not used after it: its
+/// units were counted in the day that ended, and the new day admits exactly
+/// its quota. As for the plan's quota, so for a model's (here the plan's
+/// `"*"` entry, which a decision without a model gets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_is_not_used_past_the_end_of_a_model_quota_window() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let plan_quota = UsagePlan::new("plan").quota(Quota::new(100, Period::Day).unwrap());
+    let model_quota = UsagePlan::new("model").model(
+        "*",
+        tollgate::ModelLimits::new().quota(Quota::new(100, Period::Day).unwrap()),
+    );
+    for (prefix, plan) in [("plan", plan_quota), ("model", model_quota)] {
+        let clock = ManualClock::new();
+        clock.set_wall(at(2024, 5, 6, 86_400) - Duration::from_millis(500));
+        let layer = instance(&redis.url(), plan, |b| {
+            b.prefix(prefix).clock(clock.clone())
+        })
+        .await;
+        // Two decisions: the second lends a share beyond its own unit.
+        assert_eq!(admitted(&layer, 2).await, 2, "{prefix}");
+        // Midnight passes while the share is younger than `max_age`.
+        clock.advance(Duration::from_millis(600));
+        assert_eq!(
+            admitted(&layer, 150).await,
+            100,
+            "{prefix}: the new day's quota, and no unit of the last day's share"
+        );
+    }
+}

@@ -38,7 +38,7 @@ use super::store::Inner;
 use super::time::Now;
 use crate::gcra::{NANOS_PER_SEC, Nanos};
 use crate::hash::BuildDigestHasher;
-use crate::plan::{FailureMode, LimitKind};
+use crate::plan::FailureMode;
 use crate::store::{Acquired, Applied, Denied, Report, StoreError, Verdict};
 
 /// Shards of the table, so that subjects on several threads rarely contend.
@@ -656,14 +656,13 @@ impl Inner {
                             inner.failures.answered();
                             inner.denials.answered();
                             // A share lasts its maximum age, and never past
-                            // the end of a quota window that counted it.
+                            // the end of a quota window that counted it:
+                            // any quota of the call, a model's too.
                             let age = inner.share_life();
                             let window = report
                                 .items()
                                 .iter()
-                                .filter(|a| {
-                                    matches!(a.kind, LimitKind::Quota | LimitKind::AccountQuota)
-                                })
+                                .filter(|a| part.quotas.iter().any(|q| q.kind == a.kind))
                                 .map(|a| a.reset)
                                 .min()
                                 .unwrap_or(u64::MAX);
