@@ -798,3 +798,55 @@ async fn on_a_cluster_a_peek_past_the_timeout_leaves_an_account_denial_standing(
     cluster.node_mut(key).resume();
     assert_eq!(layer.store_failures(), 0);
 }
+
+/// Requests of one key that share a call (a flight) are answered by it:
+/// when Redis grants fewer units than the call asked for the requests
+/// waiting, the ones left without a unit are denied as their own calls
+/// would have been, not sent to another flight that, on a link slow enough
+/// for two round trips to outlast the timeout (though one does not), ended
+/// in the failure mode: `open` let a burst of 40 through a quota with 4
+/// left. The burst's decisions are all made before the runtime (one thread)
+/// runs the call, so that the call asks for every one of them.
+#[tokio::test(flavor = "current_thread")]
+async fn a_burst_sharing_a_call_on_a_slow_link_is_denied_not_let_through_open() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    away_from_midnight().await;
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.addr()).await;
+    let policy = Policy::builder()
+        .plan(
+            UsagePlan::new("open")
+                .quota(Quota::new(5, Period::Day).expect("a valid quota"))
+                .failure(FailureMode::Open),
+        )
+        .key(ApiKey::new("open-1", "open-key", "open"))
+        .build()
+        .expect("a valid policy");
+    // One round trip (200 ms through the proxy) fits the timeout with room
+    // for a loaded machine; two do not, however fast the machine.
+    let store = RedisStore::builder(proxy.url())
+        .timeout(Duration::from_millis(350))
+        .shared_registry(false)
+        .build()
+        .await
+        .expect("a Redis store");
+    let layer = RateLimitLayer::builder(policy).store(store).build();
+    assert!(layer.decide(b"open-key", 1).await.is_ok(), "connected");
+    proxy.delay(100);
+    // Each decision joins the call when it is made.
+    let burst: Vec<_> = (0..40)
+        .map(|_| tokio::spawn(layer.decide(b"open-key", 1)))
+        .collect();
+    let mut admitted = 0;
+    for request in burst {
+        match request.await.expect("a request") {
+            Ok(()) => admitted += 1,
+            Err(r) => assert_eq!(r.status(), 429, "{r:?}"),
+        }
+    }
+    assert_eq!(admitted, 4, "what the quota had left, and none past it");
+    assert_eq!(layer.store_failures(), 0, "every request decided by Redis");
+}

@@ -455,6 +455,34 @@ impl Part {
     }
 }
 
+impl Part {
+    /// The denial Redis would have answered one more unit of the request in
+    /// the same call, after the `units` it granted (mode "b"; `reply`
+    /// without its count of units): each throttle's TAT and each quota's
+    /// count moved on by those units, and the limits replayed. `None` when
+    /// one more would have fitted.
+    pub(super) fn beyond(&self, reply: &[i64], units: u32) -> Option<Denied> {
+        let n = self.throttles.len();
+        let mut after = reply.to_vec();
+        *after.get_mut(2)? = 0;
+        for (i, t) in self.throttles.iter().enumerate() {
+            let step =
+                i64::try_from(u64::from(t.cost).checked_mul(t.limit.gcra.interval())?).ok()?;
+            let before = after.get_mut(3 + i)?;
+            *before = before.checked_add(step.checked_mul(i64::from(units))?)?;
+        }
+        for (i, q) in self.quotas.iter().enumerate() {
+            let used = after.get_mut(3 + n + 4 * i + 3)?;
+            *used = used.checked_add(i64::from(q.cost).checked_mul(i64::from(units))?)?;
+        }
+        // Replayed as denied: a verdict that would allow is no denial.
+        match self.verdict(&after, self.cost) {
+            Ok((Err(denied), _)) => Some(denied),
+            _ => None,
+        }
+    }
+}
+
 /// What a call charged: its time and, per throttle, the TAT offset stored.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Charged {

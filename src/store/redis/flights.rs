@@ -16,7 +16,9 @@
 //!
 //! When the flight lands, a denial answers every request that waited for
 //! it; granted units are taken one per request, first come first served,
-//! and the requests left without one start the next flight. A unit left
+//! and the requests left without one are denied when Redis would have
+//! denied one more unit in that call (as their own calls would have been),
+//! else start the next flight. A unit left
 //! over stays in the share until it is taken or the share is
 //! [`max_age`](crate::RedisStoreBuilder::max_age) old (or its quota window
 //! ends), and then goes back to Redis: each throttle gets back what of the
@@ -47,8 +49,13 @@ const SHARDS: usize = 16;
 /// How a flight ended, as every request that waited for it sees it.
 #[derive(Debug, Clone)]
 pub(super) enum End {
-    /// Units were granted: take one from the share.
-    Granted,
+    /// Units were granted: take one from the share. With the denial Redis
+    /// would have answered one more unit then, when it would not fit: a
+    /// request that finds no unit left is answered with it, as its own call
+    /// would have been, instead of waiting for another flight (which could
+    /// outlast its timeout, and let a request the limits deny reach the
+    /// failure mode).
+    Granted(Option<Denied>),
     /// Redis denied the request: so it does every request that waited.
     Denied(Denied),
     /// Redis could not decide: the plan's failure mode decides.
@@ -278,21 +285,10 @@ impl Flights {
             slot.arrivals = slot.arrivals.saturating_add(1);
             slot.seen = now;
         }
-        if let Some(share) = &mut slot.share {
-            let free = if waited && share.kept > 0 {
-                share.kept -= 1;
-                true
-            } else {
-                share.left > share.kept
-            };
-            if share.until > now && share.left > 0 && free {
-                let report = share.take();
-                let part = Arc::clone(&share.part);
-                if share.left == 0 {
-                    slot.share = None;
-                }
-                return Take::Unit(report, part);
-            }
+        if let Some((report, part)) = Self::unit_of(slot, now, waited) {
+            return Take::Unit(report, part);
+        }
+        if let Some(share) = &slot.share {
             if share.until <= now {
                 if let Some(old) = slot.share.take() {
                     if old.left > 0 {
@@ -328,6 +324,34 @@ impl Flights {
                 Take::Lead(f, demand)
             }
         }
+    }
+
+    /// A unit of `id`'s share for a request that waited for the flight that
+    /// brought it, if one is left; never a flight to wait for or lead.
+    pub(super) fn unit(&self, id: u64, now: Nanos) -> Option<(Report, Arc<Part>)> {
+        let mut shard = self.shard(id).lock();
+        Self::unit_of(shard.get_mut(&id)?, now, true)
+    }
+
+    /// A unit of `slot`'s share, if it holds one for this request (`waited`:
+    /// one that waited for the flight that brought it may take a kept unit).
+    fn unit_of(slot: &mut Slot, now: Nanos, waited: bool) -> Option<(Report, Arc<Part>)> {
+        let share = slot.share.as_mut()?;
+        let free = if waited && share.kept > 0 {
+            share.kept -= 1;
+            true
+        } else {
+            share.left > share.kept
+        };
+        if !(share.until > now && share.left > 0 && free) {
+            return None;
+        }
+        let report = share.take();
+        let part = Arc::clone(&share.part);
+        if share.left == 0 {
+            slot.share = None;
+        }
+        Some((report, part))
     }
 
     /// A flight of `id` landed: its share (if units were granted) takes the
@@ -569,7 +593,12 @@ impl Inner {
                     match flight.ended().await {
                         End::Denied(d) => return Ok(Err(d)),
                         End::Failed(e) => return Err(e),
-                        End::Granted => {}
+                        // The grant fell short of the requests waiting:
+                        // those left without a unit are denied.
+                        End::Granted(Some(d)) => {
+                            return Ok(inner.waited_unit(id).ok_or(d));
+                        }
+                        End::Granted(None) => {}
                     }
                     flight = match inner.next(id, true) {
                         Take::Unit(report, _) => return Ok(Ok(report)),
@@ -612,6 +641,15 @@ impl Inner {
         take
     }
 
+    /// A unit left of the share the flight `id`'s request waited for
+    /// brought, if any (counted by the local copy, as [`next`](Self::next)
+    /// counts one).
+    fn waited_unit(&self, id: u64) -> Option<Report> {
+        let (report, part) = self.flights.unit(id, self.clock.nanos())?;
+        self.local.mirror(&[&part], &report);
+        Some(report)
+    }
+
     /// Sends `flight`'s call in a task of its own, and lands it.
     fn launch(
         self: &Arc<Self>,
@@ -652,7 +690,7 @@ impl Inner {
                     let result = inner.within(inner.fly(&part)).await;
                     drop(ticket);
                     match result {
-                        Ok((Ok(report), charged, granted)) => {
+                        Ok((Ok(report), charged, granted, beyond)) => {
                             inner.failures.answered();
                             inner.denials.answered();
                             // A share lasts its maximum age, and never past
@@ -669,9 +707,9 @@ impl Inner {
                             let until = sent.saturating_add(age.min(window));
                             let share =
                                 Share::new(Arc::clone(&part), charged, report, granted, until);
-                            (End::Granted, Some(share))
+                            (End::Granted(beyond), Some(share))
                         }
-                        Ok((Err(denied), _, _)) => {
+                        Ok((Err(denied), _, _, _)) => {
                             inner.failures.answered();
                             let now = inner.clock.nanos();
                             inner.denials.denied(&context.asked, sent, now, denied);
@@ -695,9 +733,13 @@ impl Inner {
         });
     }
 
-    /// One flight's call: its verdict, what it charged, and the units
-    /// granted beyond the first.
-    async fn fly(self: &Arc<Self>, part: &Part) -> Result<(Verdict, Charged, u32), StoreError> {
+    /// One flight's call: its verdict, what it charged, the units granted
+    /// beyond the first, and the denial of one more unit when it would not
+    /// have fitted.
+    async fn fly(
+        self: &Arc<Self>,
+        part: &Part,
+    ) -> Result<(Verdict, Charged, u32, Option<Denied>), StoreError> {
         let reply = Arc::clone(self).run(part.call.clone()).await?;
         let (granted, reply) = reply
             .split_last()
@@ -705,7 +747,11 @@ impl Inner {
         let granted = u32::try_from(*granted)
             .map_err(|_| StoreError::new("redis: unexpected script reply"))?;
         let (verdict, charged) = part.verdict(reply, part.cost)?;
-        Ok((verdict, charged, granted))
+        let beyond = match verdict {
+            Ok(_) => part.beyond(reply, granted.saturating_add(1)),
+            Err(_) => None,
+        };
+        Ok((verdict, charged, granted, beyond))
     }
 }
 
@@ -755,7 +801,7 @@ mod tests {
             panic!()
         };
         let _ = take(&f, 11, false); // joins: two wait
-        let old = f.land(7, &flight, End::Granted, Some(share(3, 10 + AGE)));
+        let old = f.land(7, &flight, End::Granted(None), Some(share(3, 10 + AGE)));
         assert!(old.is_none());
         // Two units are kept for the two that waited; one is free.
         assert!(matches!(take(&f, 12, false), Take::Unit(..)));
@@ -773,7 +819,7 @@ mod tests {
         let Take::Lead(flight, _) = take(&f, 10, false) else {
             panic!()
         };
-        f.land(7, &flight, End::Granted, Some(share(5, 100)));
+        f.land(7, &flight, End::Granted(None), Some(share(5, 100)));
         assert!(matches!(take(&f, 20, false), Take::Unit(..)));
         let mut expired = Vec::new();
         let t = f.take(7, 100, false, AGE, &mut expired);
@@ -812,7 +858,7 @@ mod tests {
         let Take::Lead(flight, _) = take(&f, 10, false) else {
             panic!()
         };
-        f.land(7, &flight, End::Granted, Some(share(3, 10 + AGE)));
+        f.land(7, &flight, End::Granted(None), Some(share(3, 10 + AGE)));
         assert_eq!(
             f.sweep(20, true, AGE).len(),
             1,
