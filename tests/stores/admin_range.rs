@@ -7,7 +7,8 @@
 //! And what the other admin operations on a key's counters keep or forget,
 //! on every store: `reset_key` forgets every limit of the key under its
 //! plan (its models' too), and `put_plan` keeps the share of each bucket in
-//! use for the keys the resolver answered as for the registered ones.
+//! use for the keys the resolver answered as for the registered ones; and
+//! what a usage report keeps of a window that began before the history.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -233,10 +234,61 @@ async fn put_plan_keeps_a_resolved_keys_emptied_bucket_empty<B: Backend>(b: &B) 
     assert_eq!(burst().await, (1, 1));
 }
 
+/// A month's earliest days stay in the usage history after the day that
+/// opened the month has left it: what remained after that day's requests is
+/// what remains on the days after it in the month, whatever later days
+/// wrote. With 31 days of history, a month's use on January 1st and a
+/// request on February 1st (whose day takes January 1st's place) leave
+/// January 2nd, the oldest day kept, at 7 of 10 remaining, not at 10.
+async fn a_window_older_than_the_history_still_reports_what_remained<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 1, 1, 3_600));
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .history_days(31)
+        .plan(
+            UsagePlan::new("p")
+                .quota(Quota::new(10, Period::Month).unwrap())
+                .borrow(false),
+        )
+        .key(ApiKey::new("k", "v", "p"))
+        .build()
+        .unwrap();
+    let l = RateLimitLayer::builder(policy)
+        .store(b.store(&clock).await)
+        .build();
+    let days = |l: &RateLimitLayer<ApiKeyHeader, B::S>, first: Date, last: Date| {
+        let admin = l.admin();
+        async move {
+            admin
+                .usage("p", first, last, Some("k"))
+                .await
+                .unwrap()
+                .items["k"]
+                .clone()
+        }
+    };
+    let jan = |d: u8| Date::new(2024, 1, d).unwrap();
+    l.decide(b"v", 3).await.unwrap();
+    clock.advance(std::time::Duration::from_secs(31 * 86_400));
+    // February 1st, before and after its first request.
+    assert_eq!(days(&l, jan(2), jan(3)).await, [[0, 7], [0, 7]]);
+    l.decide(b"v", 1).await.unwrap();
+    assert_eq!(days(&l, jan(2), jan(3)).await, [[0, 7], [0, 7]]);
+    // February 2nd: February 1st is closed into the history.
+    clock.advance(std::time::Duration::from_secs(86_400));
+    l.decide(b"v", 1).await.unwrap();
+    let feb = |d: u8| Date::new(2024, 2, d).unwrap();
+    let mut want = vec![[0, 7]; 29];
+    want.extend([[1, 9], [1, 8]]);
+    assert_eq!(days(&l, jan(3), feb(2)).await, want);
+}
+
 on_each_backend!(
     "range":
     update_usage_takes_up_to_2_pow_53_and_refuses_more_before_the_store,
     a_store_asked_for_more_than_2_pow_53_refuses_it_alike,
     reset_key_forgets_the_models_limits_too,
     put_plan_keeps_a_resolved_keys_emptied_bucket_empty,
+    a_window_older_than_the_history_still_reports_what_remained,
 );

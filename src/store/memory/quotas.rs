@@ -119,8 +119,14 @@ struct Slow {
     /// What the window had counted when the day of the last change began:
     /// that day used the count less this.
     base: i64,
-    /// The closed days, one per day number modulo the length (the day of
-    /// the last change is in the window word, and would take its place).
+    /// The closed days, one per day number modulo the history's length
+    /// (the day of the last change is in the window word, and would take
+    /// its place); with history, then one more: what remained after the
+    /// latest day a later one took the place of (its use is forgotten
+    /// with it). That is what remains on the days after it in its window,
+    /// which may reach into the history kept (a month's first day leaves
+    /// a history of 31 days while the rest of the month is in it); the
+    /// Redis store keeps the same.
     days: Box<[DayRecord]>,
     /// When the count was last reset or set by UpdateUsage (wall
     /// nanoseconds; `i64::MIN` if never). A reset begins the count anew as
@@ -134,16 +140,34 @@ struct Slow {
     reset_at: i64,
 }
 
+/// Writes the record of a day closed into a counter's `days` (see
+/// [`Slow::days`]), in the place of the day the history's length before it,
+/// which is carried past the history if it is the latest so replaced.
+fn put_day(days: &mut [DayRecord], day: DayRecord) {
+    let ring = match days.len() {
+        1 => 1,
+        n => n - 1,
+    };
+    let at = day.day.rem_euclid(ring as i64) as usize;
+    let old = days[at];
+    if let Some(carried) = (days.get_mut(ring)).filter(|c| old.day != day.day && old.day > c.day) {
+        *carried = DayRecord { used: 0, ..old };
+    }
+    days[at] = day;
+}
+
 impl Counter {
     fn new(history_days: u32) -> Self {
         let days = history_days.max(1) as usize;
+        // With history, one more record (see `Slow::days`).
+        let len = if days > 1 { days + 1 } else { days };
         Counter {
             window: AtomicU64::new(Count::EMPTY.window_word()),
             used: AtomicI64::new(Count::EMPTY.used),
             history: days > 1,
             slow: Mutex::new(Slow {
                 base: 0,
-                days: vec![NO_DAY; days].into_boxed_slice(),
+                days: vec![NO_DAY; len].into_boxed_slice(),
                 reset_at: i64::MIN,
             }),
         }
@@ -261,8 +285,7 @@ impl Counter {
                         self.window.store(next_window, Ordering::Release);
                     }
                     if let Some(day) = rolled.closed {
-                        let len = slow.days.len() as i64;
-                        slow.days[day.day.rem_euclid(len) as usize] = day;
+                        put_day(&mut slow.days, day);
                     }
                     slow.base = if usage {
                         rolled.base.min(next.used)
@@ -325,8 +348,7 @@ impl Counter {
         let count = self.load(&slow);
         let mut days = slow.days.to_vec();
         if let Some(today) = count.today(spec, slow.base) {
-            let len = days.len() as i64;
-            days[today.day.rem_euclid(len) as usize] = today;
+            put_day(&mut days, today);
         }
         report(spec, &days, first, last)
     }
@@ -1082,10 +1104,12 @@ mod tests {
             assert!(take(&qs, &q, t(2024, 5, d, 0), u64::from(d)));
         }
         let first = Date::new(2024, 5, 1).unwrap().days();
-        // Days 1 and 2 are forgotten; what remained after day 2 is not.
+        // Days 1 and 2 are forgotten, but for what remained after day 2,
+        // the latest day forgotten: the days after it in its window, in
+        // the history, remain as much until they change it.
         assert_eq!(
             qs.report(&q, first, first + 4),
-            vec![[0, 100], [0, 100], [3, 94], [4, 90], [5, 85]]
+            vec![[0, 100], [0, 97], [3, 94], [4, 90], [5, 85]]
         );
     }
 

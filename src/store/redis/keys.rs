@@ -13,7 +13,7 @@
 //! hash tag, so they land in one Redis Cluster slot; an account's keys
 //! land in a slot of their own; no key name holds an API key's value or a client address. Throttle
 //! state expires when its bucket is full again, a quota's count a day after
-//! its window ends, the history after `history_days` without use, the
+//! its window ends, the history a month after `history_days` without use, the
 //! leases one lease after the last place was taken, and a reset mark the
 //! throttle's span after the reset.
 

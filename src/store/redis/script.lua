@@ -33,8 +33,9 @@
 -- was made (its first write after none, a reset or data lost: a restart
 -- without persistence, a failover)}, expiring a day after the window ends. History key: hash {u:<day> = used that
 -- UTC day, r:<day> = what remained in the window after the day's last change},
--- expiring history_days after its last write; days that fall out of the
--- history are deleted when a new day is first written.
+-- expiring history_days and a month after its last write; days that fall
+-- out of the history are deleted when a new day is first written, but for
+-- the r: of the latest of them.
 --
 -- Modes (ARGV[1]):
 --
@@ -417,15 +418,28 @@ local function quotas(int)
     -- new day drops the days that fell out of the history (once a day; it
     -- never touches today's fields).
     if redis.call('HSET', hist, 'r:' .. day, fmt('%d', remaining)) == 1 then
-      local cut = today - days
-      for _, f in ipairs(redis.call('HKEYS', hist)) do
+      -- What remained after the latest day cut is kept (its r: alone): it
+      -- is what remains on the days after it in its window, which may
+      -- reach into the history (a month's first day leaves a history of 31
+      -- days while the rest of the month is in it).
+      local cut, fields, kept = today - days, redis.call('HKEYS', hist), nil
+      for _, f in ipairs(fields) do
+        local d = tonumber(string.match(f, '^r:(%-?%d+)$'))
+        if d and d <= cut and (not kept or d > kept) then
+          kept = d
+        end
+      end
+      kept = kept and fmt('r:%d', kept)
+      for _, f in ipairs(fields) do
         local d = tonumber(string.match(f, '^[ur]:(%-?%d+)$'))
-        if d and d <= cut then
+        if d and d <= cut and f ~= kept then
           redis.call('HDEL', hist, f)
         end
       end
     end
-    redis.call('PEXPIRE', hist, fmt('%d', days * 86400000))
+    -- Kept a month (the longest window) past the history, for the same
+    -- reason.
+    redis.call('PEXPIRE', hist, fmt('%d', (days + 31) * 86400000))
   end
 
   return spec, roll, save
