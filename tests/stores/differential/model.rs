@@ -770,12 +770,17 @@ fn tightest(items: &[(&'static str, u64, Q, bool)]) -> Option<Header> {
         .filter(|i| i.1 == best.1 && i.2 == best.2)
         .map(|i| i.0)
         .collect();
+    // The header's numbers are Structured Fields integers, which stop at
+    // 999,999,999,999,999: a larger count (a quota of 2^53) is sent as that.
     Some(Header {
         names,
-        r: best.1,
-        t: ceil_secs(best.2),
+        r: best.1.min(SF_INT_MAX),
+        t: ceil_secs(best.2).min(SF_INT_MAX),
     })
 }
+
+/// The largest integer a Structured Field holds (RFC 9651, section 3.3.1).
+const SF_INT_MAX: u64 = 999_999_999_999_999;
 
 fn ceil_secs(ns: Q) -> u64 {
     let s = Q::new(ns.n, ns.d * NANOS_PER_SEC);
