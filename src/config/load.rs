@@ -594,7 +594,7 @@ mod tests {
         assert_eq!((e.line(), e.path()), (5, "plans[0].methods.\"/v1/x/post\""));
         assert!(e.message().contains("listed twice"), "{e}");
         let e = err(
-            "[stage]\n[stage.methods]\n\"/t0\" = { rate = 1.0, burst = 1 }\n\"//t0\" = { rate = 2.0, burst = 2 }\n",
+            "[stage]\n[stage.methods]\n\"/t0/GET\" = { rate = 1.0, burst = 1 }\n\"//t0/GET\" = { rate = 2.0, burst = 2 }\n",
         );
         assert!(e.message().contains("listed twice"), "{e}");
         assert!(e.path().starts_with("stage.methods."), "{e}");
