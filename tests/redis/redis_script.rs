@@ -670,19 +670,24 @@ async fn a_reset_on_a_clock_gone_back_keeps_the_later_mark() {
     assert!(!r.acquire(later, 1, &[], Some(q)).await.allowed);
 }
 
-/// A share's give-back ("g") reaches every quota its call charged: an
-/// account's, the plan's and a model's, three (a split decision gives back
-/// one at a time, a settlement at most two token quotas).
+/// A share's give-back ("g") reaches every quota its call charged: as many
+/// as a decision ("a") takes, nine (an account's, the plan's and a model's,
+/// each a request quota and a day's and a month's tokens; a split decision
+/// gives back one part at a time, a settlement at most two token quotas).
 #[tokio::test]
-async fn a_give_back_reaches_three_quotas() {
+async fn a_give_back_reaches_nine_quotas() {
     let Some(mut r) = redis().await else { return };
     let now = Now::on(2024, 5, 1, 3600);
-    let keys = ["q1", "h1", "q2", "h2", "q3", "h3"];
+    const N: usize = 9;
+    let names: Vec<String> = (1..=N)
+        .flat_map(|i| [format!("q{i}"), format!("h{i}")])
+        .collect();
+    let keys: Vec<&str> = names.iter().map(String::as_str).collect();
     let q = quota(10, "D");
     let mut args = vec!["a".to_owned()];
     args.extend(time_args(Some(now)));
-    args.extend(["4", "0", "3"].map(str::to_owned));
-    for _ in 0..3 {
+    args.extend(["4", "0", &N.to_string()].map(str::to_owned));
+    for _ in 0..N {
         args.extend(q.args());
         args.extend(["0", "31", "4", "0"].map(str::to_owned));
     }
@@ -691,8 +696,8 @@ async fn a_give_back_reaches_three_quotas() {
     assert_eq!(reply[2], 1, "{reply:?}");
     let mut args = vec!["g".to_owned()];
     args.extend(time_args(Some(now.plus(S))));
-    args.extend(["-3", "0", "3"].map(str::to_owned));
-    for _ in 0..3 {
+    args.extend(["-3", "0", &N.to_string()].map(str::to_owned));
+    for _ in 0..N {
         args.extend(q.args());
         args.push("31".to_owned());
     }
@@ -700,10 +705,11 @@ async fn a_give_back_reaches_three_quotas() {
     let reply = r
         .raw(&keys, &args)
         .await
-        .expect("a give-back of three quotas");
+        .expect("a give-back of nine quotas");
     assert_eq!(reply, [now.0 + 1, now.1]);
-    for key in ["q1", "q2", "q3"] {
-        assert!(r.hash(key).await.contains(&"n=1".to_owned()), "{key}");
+    for i in 1..=N {
+        let key = format!("q{i}");
+        assert!(r.hash(&key).await.contains(&"n=1".to_owned()), "{key}");
     }
 }
 
@@ -1448,7 +1454,7 @@ async fn bad_arguments_answer_an_error_reply() {
         ("t", "a 1 0 1 1 1000 0 0 0 0 1 0 0", "burst"),
         ("t", "a 1 0 1 1 1000 1 yes 0 0 1 0 0", "shadow"),
         ("t", "a 1 0 1 1 9007199254740991 2 0 0 0 1 0 0", "2^53"),
-        ("", "a 1 0 1 0 7", "quota count"),
+        ("", "a 1 0 1 0 10", "quota count"),
         ("q h", "a 1 0 1 0 1 5 D 0 0 0 0 31 1 0", "wrong number"),
         ("q", "a 1 0 1 0 1 5 D 0 0 0 0 31 1 0 0", "wrong number"),
         ("q h", "a 1 0 1 0 1 5 Y 0 0 0 0 31 1 0 0", "period"),

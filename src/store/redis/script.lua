@@ -708,10 +708,11 @@ if mode == 't' or mode == 'g' then
     end
     -- A settlement ("t") charges at most a request's two token quotas; a
     -- give-back ("g") of a borrowed share, every quota its call charged:
-    -- an account's, the plan's and a model's, as many as "a" takes (one
-    -- beyond two made every such give-back an error, so that the units
+    -- an account's, the plan's and a model's, each a request quota and a
+    -- day's and a month's tokens, as many as "a" takes (nine: one beyond
+    -- what "g" took made every such give-back an error, so that the units
     -- stayed charged).
-    local m = int(ARGV[qi], 0, exact and 6 or 2, 'quota count')
+    local m = int(ARGV[qi], 0, exact and 9 or 2, 'quota count')
     if (#ARGV ~= qi + 6 * m + 2 and (exact or #ARGV ~= qi + 6 * m))
       or #KEYS ~= n + 2 * m then
       error({ tollgate = 'wrong number of arguments' })
