@@ -10,6 +10,7 @@ mod borrowing;
 mod client;
 mod cluster;
 mod in_flight;
+mod lease;
 mod outage;
 mod overload;
 mod redis_faults;

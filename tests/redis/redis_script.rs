@@ -1415,6 +1415,90 @@ async fn two_caps_are_taken_together_or_not_at_all() {
     assert_eq!(in_flight, (1, 1));
 }
 
+/// A renewal ("l") moves the end of the leases still in the set to a lease
+/// from now, never sooner than it was, and never adds back one that is
+/// gone (given back, or lapsed and removed by a decision): its place may
+/// have been taken since.
+#[tokio::test]
+async fn a_renewal_extends_the_leases_still_held_and_adds_none_back() {
+    let Some(mut r) = redis().await else { return };
+    let args = |s: &str, lease: &str, members: &[&str]| -> Vec<String> {
+        let mut a = vec![
+            "l".to_owned(),
+            s.to_owned(),
+            "0".to_owned(),
+            lease.to_owned(),
+        ];
+        a.extend(members.iter().map(|m| (*m).to_owned()));
+        a
+    };
+    let take = |member: &str| -> Vec<String> {
+        ["a", "1", "0", "1", "0", "0", "1", "2", "1000", member, "0"]
+            .map(str::to_owned)
+            .to_vec()
+    };
+    // Two places taken at 1 s with leases of 1 s: they lapse at 2000 ms.
+    for member in ["a", "b"] {
+        let reply = r.raw(&["c"], &take(member)).await.expect("a decision");
+        assert_eq!(reply[2], 1, "{member} is let in");
+    }
+    let score = |member: &'static str| redis::cmd("ZSCORE").arg("c").arg(member).clone();
+    // "b" is given back; "a" and "b" are renewed at 1.5 s for 1 s.
+    let _: i64 = redis::cmd("ZREM")
+        .arg("c")
+        .arg("b")
+        .query_async(&mut r.conn)
+        .await
+        .unwrap();
+    let reply = r.raw(&["c"], &args("1", "1000", &["a", "b"])).await;
+    assert_eq!(reply.expect("a renewal")[2], 1, "one of the two is held");
+    let reply = r.raw(&["c"], &args("2", "500", &["a"])).await;
+    assert_eq!(reply.expect("a renewal")[2], 1, "a shorter renewal");
+    let (a, b): (Option<i64>, Option<i64>) = redis::pipe()
+        .add_command(score("a"))
+        .add_command(score("b"))
+        .query_async(&mut r.conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        (a, b),
+        (Some(2500), None),
+        "renewed to 2 s + 500 ms, not shortened"
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("c")
+        .query_async(&mut r.conn)
+        .await
+        .unwrap();
+    assert!(
+        ttl > 900,
+        "the set lasts a lease from the renewal: {ttl} ms"
+    );
+    // At 2.2 s "a" still holds the only place of a cap of 2 beside a new one,
+    // and a third is refused.
+    let at = |member: &str| -> Vec<String> {
+        let mut a = take(member);
+        a[1] = "2".to_owned();
+        a[2] = "200000000".to_owned();
+        a
+    };
+    assert_eq!(r.raw(&["c"], &at("c")).await.unwrap()[2], 1);
+    assert_eq!(
+        r.raw(&["c"], &at("d")).await.unwrap()[2],
+        0,
+        "a and c hold the cap"
+    );
+    // A renewal of members of which none is left writes nothing.
+    let reply = r.raw(&["gone"], &args("3", "1000", &["x"])).await;
+    assert_eq!(reply.expect("a renewal")[2], 0);
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("gone")
+        .query_async(&mut r.conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
+}
+
 #[tokio::test]
 async fn bad_arguments_answer_an_error_reply() {
     let Some(mut r) = redis().await else { return };
@@ -1489,6 +1573,9 @@ async fn bad_arguments_answer_an_error_reply() {
         ("q h", "s 1 0 5 10 D 0 0 0", "wrong number"),
         ("q h", "s 1 0 -5 10 D 0 0 0 31", "remaining"),
         ("q h", "s ~ ~ 5 10 M 0 x 0 31", "offset"),
+        ("c", "l 1 0 1000", "wrong number"),
+        ("c d", "l 1 0 1000 m", "wrong number"),
+        ("c", "l 1 0 0 m", "lease"),
     ];
     for (keys, args, expected) in cases {
         let keys: Vec<&str> = keys.split_whitespace().collect();

@@ -173,8 +173,11 @@ impl RedisStoreBuilder {
 
     /// How long a request's place under a concurrency cap is held in Redis
     /// when nobody gives it back (default 5 minutes): the instance that took
-    /// it crashed. A response that lasts longer loses its place early, so
-    /// set it above the longest stream you serve.
+    /// it crashed. While a response holds its place, the instance renews the
+    /// place's lease every third of it (one call per cap with places held,
+    /// whatever their number), so a response that lasts longer than the
+    /// lease keeps its place until it ends. A shorter lease frees a crashed
+    /// instance's places sooner, for more frequent renewals.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self
@@ -283,6 +286,7 @@ impl RedisStoreBuilder {
                     0x006c_6561_7365_u64,
                 )),
                 lease: self.lease,
+                held: Default::default(),
                 background: Background::new(tokio::runtime::Handle::try_current().ok()),
                 in_flight: AtomicUsize::new(0),
                 max_in_flight: self.max_in_flight.max(1),

@@ -93,13 +93,14 @@ impl Inner {
     /// every instance until their day or window ends, never admitted
     /// twice. A peek ("p") charges
     /// nothing, setting what remains ("s") sets the same value, and a
-    /// settlement that charges ("t", delta >= 0) at worst charges twice. A
+    /// settlement that charges ("t", delta >= 0) at worst charges twice, and
+    /// a renewal of leases ("l") renews them again. A
     /// refund (mode "r", "g", or "t" with a negative delta) is not sent again:
     /// run twice it would give back twice, which could admit more than the
     /// limits; failing, it leaves the request charged.
     pub(super) async fn run(self: Arc<Self>, call: Call) -> Result<Vec<i64>, StoreError> {
         let repeatable = match call.args.first().map(String::as_str) {
-            Some("a" | "b" | "p" | "s") => true,
+            Some("a" | "b" | "p" | "s" | "l") => true,
             Some("t") => call.args.get(3).is_some_and(|d| !d.starts_with('-')),
             _ => false,
         };

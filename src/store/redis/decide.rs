@@ -284,7 +284,11 @@ impl Store for RedisStore {
                     lease.keep();
                     let parts = [&stage, &account, &own];
                     match &verdict {
-                        Ok(report) => inner.local.mirror(&parts, report),
+                        Ok(report) => {
+                            // Its response holds its places from now on.
+                            inner.hold(report.permits());
+                            inner.local.mirror(&parts, report);
+                        }
                         Err(denied) => inner.local.learn_denial(&parts, denied),
                     }
                     inner.failures.answered();
@@ -701,6 +705,7 @@ impl Inner {
     /// Removes a place under a concurrency cap, in the background (never
     /// waited for: a lease that cannot be removed lapses by itself).
     pub(super) fn remove_place(self: &Arc<Self>, permit: Permit) {
+        self.unhold(&permit);
         let key = self.cap_key(&permit);
         let member = format!("{:016x}", permit.id);
         self.remove_lease(key, member);

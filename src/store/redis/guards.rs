@@ -1,6 +1,7 @@
 //! What a call to Redis holds while it runs: a ticket among the calls in
 //! flight (bounded per store), and the lease of a place it may add under a
-//! concurrency cap (removed in the background unless a response holds it).
+//! concurrency cap (removed in the background unless a response holds it,
+//! and then renewed while it does: see `held`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -14,7 +14,7 @@
 //! land in a slot of their own; no key name holds an API key's value or a client address. Throttle
 //! state expires when its bucket is full again, a quota's count a day after
 //! its window ends, the history a month after `history_days` without use, the
-//! leases one lease after the last place was taken, and a reset mark the
+//! leases one lease after the last place was taken or renewed, and a reset mark the
 //! throttle's span after the reset.
 
 use std::fmt::Write as _;

@@ -10,6 +10,7 @@ mod decide;
 mod denials;
 mod flights;
 mod guards;
+mod held;
 mod keys;
 mod local;
 // The local key registry (`Admin`) follows Redis through it; until it

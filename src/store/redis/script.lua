@@ -58,8 +58,9 @@
 --   lease_ms, member, shadow): KEYS ends with c_1..c_c, each a sorted set
 --   of the leases of requests in flight (member, expiry in ms); a request
 --   let in adds its lease to each, which its caller removes (ZREM) when the
---   response ends, and which lapses after lease_ms if the caller never
---   does.
+--   response ends, renews (mode "l") while it holds it, and which lapses
+--   after lease_ms if the caller stops renewing it (its process gone)
+--   without removing it.
 --   Reply: now_s, now_ns, allowed (1|0), before_1..before_n (ns the TAT was
 --   ahead of now, after conversion), then per quota: window start day,
 --   window end day, the window's limit, the count before this request; then
@@ -134,6 +135,15 @@
 --   refilled by then, and a refund gives back only what has not. Only
 --   admin resets and refunds read or write the mark, never a decision.
 --   Reply: now_s, now_ns.
+--
+-- "l" renew the leases of places this instance's live responses hold.
+--   KEYS: c (one cap's sorted set of leases). ARGV: "l", now_s, now_ns,
+--   lease_ms, member_1..member_k (k >= 1). Each member still in the set
+--   lapses lease_ms from now, never sooner than it would have; one no longer
+--   in it (given back, or lapsed and removed by a decision, which may have
+--   let another request take its place since) is not added back. The set
+--   expires no sooner than lease_ms from now while a member was renewed.
+--   Reply: now_s, now_ns, the number of members still in the set.
 --
 -- "s" set what remains of the quota (UpdateUsage). KEYS: q, h. ARGV: "s",
 --   now_s, now_ns, remaining, limit, period, week_start, offset, created_s,
@@ -875,6 +885,31 @@ if mode == 'z' then
       - now_s % 86400 * 1000 - (now_ns - now_ns % 1000000) / 1000000
     redis.call('PEXPIRE', KEYS[1], fmt('%d', ms > 1 and ms or 1))
     return { now_s, now_ns }
+  end
+end
+
+-- "l" renew leases.
+if mode == 'l' then
+  run = function(int, clock)
+    if #ARGV < 5 or #KEYS ~= 1 then
+      error({ tollgate = 'wrong number of arguments' })
+    end
+    local lease = int(ARGV[4], 1, 2 ^ 53 - 1, 'lease')
+    local now_s, now_ns = clock(int)
+    local fmt, key = string.format, KEYS[1]
+    local until_ms = fmt('%d', now_s * 1000 + (now_ns - now_ns % 1000000) / 1000000 + lease)
+    local held = 0
+    for i = 5, #ARGV do
+      -- XX: only a member still there; GT: never sooner than it was.
+      redis.call('ZADD', key, 'XX', 'GT', until_ms, ARGV[i])
+      if redis.call('ZSCORE', key, ARGV[i]) then
+        held = held + 1
+      end
+    end
+    if held > 0 then
+      redis.call('PEXPIRE', key, fmt('%d', lease), 'GT')
+    end
+    return { now_s, now_ns, held }
   end
 end
 

@@ -14,6 +14,7 @@ use super::cache::OverLimitCache;
 use super::conn::Conn;
 use super::denials::RecentDenials;
 use super::flights::Flights;
+use super::held::Held;
 use super::local::Local;
 use crate::clock::Clock;
 use crate::store::Failures;
@@ -37,7 +38,9 @@ use crate::store::Failures;
 /// denied the same request lately or denies it in a call in flight (see
 /// there): traffic the limits deny is never admitted past the bound. The connection recovers
 /// by itself when Redis comes back. A place under a concurrency cap is
-/// removed in the background whenever no response will hold it.
+/// removed in the background whenever no response will hold it, and its
+/// lease renewed in the background while a response holds it (see
+/// [`lease`](crate::RedisStoreBuilder::lease)).
 ///
 /// Limits: a throttle whose bucket spans more than about 104 days
 /// (`burst / rate`) cannot be kept exactly in the script's arithmetic, and
@@ -80,6 +83,8 @@ pub(super) struct Inner {
     /// The next lease id (a random start, so instances do not collide).
     pub(super) members: AtomicU64,
     pub(super) lease: Duration,
+    /// The places this instance's live responses hold, renewed until given back.
+    pub(super) held: Held,
     /// Calls sent in the background (settlements, lease releases, stage
     /// refunds) that have not finished, for [`RedisStore::drained`].
     pub(super) background: Background,
