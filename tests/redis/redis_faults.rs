@@ -850,3 +850,63 @@ async fn a_burst_sharing_a_call_on_a_slow_link_is_denied_not_let_through_open() 
     assert_eq!(admitted, 4, "what the quota had left, and none past it");
     assert_eq!(layer.store_failures(), 0, "every request decided by Redis");
 }
+
+/// Requests of one key that arrive while its shared call (a flight) is
+/// already on its way to Redis are not asked for by it: they wait for it to
+/// land and are decided by the next call, on a link slow enough for two
+/// round trips to outlast the timeout (though one does not). Their timeout
+/// counts from when the call that asks for them is sent: they are denied by
+/// it once the quota's 4 are taken, never sent to the failure mode by the
+/// wait for a call that was not theirs, where `open` let them all through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_behind_a_call_in_flight_are_denied_not_let_through_open() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    away_from_midnight().await;
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.addr()).await;
+    let policy = Policy::builder()
+        .plan(
+            UsagePlan::new("open")
+                .quota(Quota::new(5, Period::Day).expect("a valid quota"))
+                .failure(FailureMode::Open),
+        )
+        .key(ApiKey::new("open-1", "open-key", "open"))
+        .build()
+        .expect("a valid policy");
+    // One round trip (200 ms through the proxy) fits the timeout with room
+    // for a loaded machine; two do not, however fast the machine.
+    let store = RedisStore::builder(proxy.url())
+        .timeout(Duration::from_millis(350))
+        .shared_registry(false)
+        .build()
+        .await
+        .expect("a Redis store");
+    let layer = RateLimitLayer::builder(policy).store(store).build();
+    assert!(layer.decide(b"open-key", 1).await.is_ok(), "connected");
+    proxy.delay(100);
+    // One request starts a flight, which asks for it alone; the burst comes
+    // while the flight's call is on the link.
+    let first = tokio::spawn({
+        let layer = layer.clone();
+        async move { layer.decide(b"open-key", 1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    let burst: Vec<_> = (0..39)
+        .map(|_| {
+            let layer = layer.clone();
+            tokio::spawn(async move { layer.decide(b"open-key", 1).await })
+        })
+        .collect();
+    let mut admitted = usize::from(first.await.expect("a request").is_ok());
+    for request in burst {
+        match request.await.expect("a request") {
+            Ok(()) => admitted += 1,
+            Err(r) => assert_eq!(r.status(), 429, "{r:?}"),
+        }
+    }
+    assert_eq!(layer.store_failures(), 0, "every request decided by Redis");
+    assert_eq!(admitted, 4, "what the quota had left, and none past it");
+}

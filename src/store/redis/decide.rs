@@ -159,7 +159,7 @@ impl Store for RedisStore {
             && !request.has_caps()
             && tokio::runtime::Handle::try_current().is_ok();
         let take = if shares {
-            match inner.next(id, false) {
+            match inner.next(id) {
                 Take::Unit(report, _) => return Acquired::Ready(Ok(Ok(report))),
                 take => Some(take),
             }
