@@ -145,11 +145,7 @@ impl RedisStoreBuilder {
     /// in parts (the stage's and the account's limits in their own slots),
     /// a part that denied stands when the look at the later parts runs out
     /// of time, so that denied traffic never reaches a failure mode that
-    /// would admit it. A request that shares its key's call and comes while
-    /// that call is already on its way waits for it to land first: its
-    /// timeout counts from when the call that asks for it is sent, so it
-    /// may wait up to about twice this long, never reaching the failure
-    /// mode by the wait alone.
+    /// would admit it.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self

@@ -159,7 +159,7 @@ impl Store for RedisStore {
             && !request.has_caps()
             && tokio::runtime::Handle::try_current().is_ok();
         let take = if shares {
-            match inner.next(id) {
+            match inner.next(id, false) {
                 Take::Unit(report, _) => return Acquired::Ready(Ok(Ok(report))),
                 take => Some(take),
             }

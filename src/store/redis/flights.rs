@@ -15,13 +15,10 @@
 //! together never admit more than the limits.
 //!
 //! When the flight lands, a denial answers every request that waited for
-//! it; granted units are taken one per request, first come first served
-//! (the ones the call asked for, those that joined before it was sent,
-//! before any other), and the requests left without one are denied when
-//! Redis would have denied one more unit in that call (as their own calls
-//! would have been), else start the next flight. A request is bounded by
-//! the timeout of the call that asks for it, not by the wait for one sent
-//! before it came (see `Inner::shared`). A unit left
+//! it; granted units are taken one per request, first come first served,
+//! and the requests left without one are denied when Redis would have
+//! denied one more unit in that call (as their own calls would have been),
+//! else start the next flight. A unit left
 //! over stays in the share until it is taken or the share is
 //! [`max_age`](crate::RedisStoreBuilder::max_age) old (or its quota window
 //! ends), and then goes back to Redis: each throttle gets back what of the
@@ -72,9 +69,6 @@ pub(super) struct Flight {
     done: tokio::sync::Notify,
     /// Requests that joined it (its leader included).
     joined: AtomicU32,
-    /// Of them, the ones its call asks for (those that joined before it
-    /// was sent; 0 until then): the first `counted` to join.
-    counted: AtomicU32,
 }
 
 impl Flight {
@@ -98,21 +92,6 @@ impl Flight {
         self.joined.load(Ordering::Acquire)
     }
 
-    /// Fixes the requests its call asks for, as it is sent: the ones that
-    /// joined so far (its leader included), returned.
-    fn count(&self) -> u32 {
-        let joined = self.joined();
-        self.counted.store(joined, Ordering::Release);
-        joined
-    }
-
-    /// Whether its call asks for the request that joined it `at`th (the
-    /// leader first): one that joined after it was sent waits for it, and
-    /// is decided by the next.
-    fn counts(&self, at: u32) -> bool {
-        at <= self.counted.load(Ordering::Acquire)
-    }
-
     fn land(&self, end: End) {
         let _ = self.end.set(end);
         self.done.notify_waiters();
@@ -127,9 +106,8 @@ pub(super) enum Take {
     /// A unit of a share: the request is allowed, and this is its report
     /// (and the call whose grant it is).
     Unit(Report, Arc<Part>),
-    /// A call is in flight: wait for it (the request joined it this
-    /// many-th, its leader first).
-    Join(Arc<Flight>, u32),
+    /// A call is in flight: wait for it.
+    Join(Arc<Flight>),
     /// No call is in flight: this request starts one, asking to borrow at
     /// most this many units.
     Lead(Arc<Flight>, u32),
@@ -140,11 +118,9 @@ pub(super) enum Take {
 pub(super) struct Share {
     /// Units left.
     left: u32,
-    /// Of them, the units kept for the requests the flight that brought
-    /// them asked for: any other request (one that joined the flight after
-    /// it was sent, or arrives later) takes only the others, so that the
-    /// ones it asked for are never starved, and each of them is decided by
-    /// its own call.
+    /// Of them, the units kept for the requests that waited for the flight
+    /// that brought them: a request arriving later takes only the others,
+    /// so that the waiting ones are never starved by new ones.
     kept: u32,
     /// Units taken so far (the first one's report counts one).
     taken: u32,
@@ -292,16 +268,14 @@ impl Flights {
     }
 
     /// A unit of `id`'s share, or the flight to wait for, or a new one to
-    /// lead; `waited` tells a request that waited for a flight (no new
-    /// arrival), `counted` one that the flight that brought the share asked
-    /// for (it may take a kept unit). A share past its time is handed back
-    /// through `expired`.
+    /// lead; `waited` tells a request that waited for the flight that
+    /// brought the share (it may take a kept unit). A share past its time
+    /// is handed back through `expired`.
     pub(super) fn take(
         &self,
         id: u64,
         now: Nanos,
         waited: bool,
-        counted: bool,
         max_age: Nanos,
         expired: &mut Vec<Share>,
     ) -> Take {
@@ -311,7 +285,7 @@ impl Flights {
             slot.arrivals = slot.arrivals.saturating_add(1);
             slot.seen = now;
         }
-        if let Some((report, part)) = Self::unit_of(slot, now, counted) {
+        if let Some((report, part)) = Self::unit_of(slot, now, waited) {
             return Take::Unit(report, part);
         }
         if let Some(share) = &slot.share {
@@ -325,8 +299,8 @@ impl Flights {
         }
         match &slot.flight {
             Some(f) => {
-                let at = f.joined.fetch_add(1, Ordering::AcqRel) + 1;
-                Take::Join(Arc::clone(f), at)
+                f.joined.fetch_add(1, Ordering::AcqRel);
+                Take::Join(Arc::clone(f))
             }
             None => {
                 // What the key is likely to use in half a share's life, at
@@ -353,19 +327,17 @@ impl Flights {
     }
 
     /// A unit of `id`'s share for a request that waited for the flight that
-    /// brought it (`counted`: one the flight asked for), if one is left;
-    /// never a flight to wait for or lead.
-    pub(super) fn unit(&self, id: u64, now: Nanos, counted: bool) -> Option<(Report, Arc<Part>)> {
+    /// brought it, if one is left; never a flight to wait for or lead.
+    pub(super) fn unit(&self, id: u64, now: Nanos) -> Option<(Report, Arc<Part>)> {
         let mut shard = self.shard(id).lock();
-        Self::unit_of(shard.get_mut(&id)?, now, counted)
+        Self::unit_of(shard.get_mut(&id)?, now, true)
     }
 
-    /// A unit of `slot`'s share, if it holds one for this request
-    /// (`counted`: one the flight that brought it asked for may take a kept
-    /// unit).
-    fn unit_of(slot: &mut Slot, now: Nanos, counted: bool) -> Option<(Report, Arc<Part>)> {
+    /// A unit of `slot`'s share, if it holds one for this request (`waited`:
+    /// one that waited for the flight that brought it may take a kept unit).
+    fn unit_of(slot: &mut Slot, now: Nanos, waited: bool) -> Option<(Report, Arc<Part>)> {
         let share = slot.share.as_mut()?;
-        let free = if counted && share.kept > 0 {
+        let free = if waited && share.kept > 0 {
             share.kept -= 1;
             true
         } else {
@@ -404,7 +376,7 @@ impl Flights {
             }
             match share {
                 Some(mut s) => {
-                    s.kept = flight.counted.load(Ordering::Acquire).min(s.left);
+                    s.kept = flight.joined().min(s.left);
                     slot.share.replace(s)
                 }
                 None => None,
@@ -590,42 +562,12 @@ impl Inner {
     }
 }
 
-/// Lands a flight as failed when dropped before its task landed it.
-struct Unlanded(Option<(Arc<Inner>, u64, Arc<Flight>)>);
-
-impl Unlanded {
-    /// The task lands the flight itself.
-    fn disarm(&mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for Unlanded {
-    fn drop(&mut self) {
-        if let Some((inner, id, flight)) = self.0.take() {
-            let end = End::Failed(StoreError::new("redis: the call was dropped"));
-            // Without a share of its own, it replaces none.
-            let _ = inner.flights.land(id, &flight, end, None);
-        }
-    }
-}
-
 impl Inner {
     /// Decides a request that shares its call (see the module
     /// documentation), given what the table had for it (`take`): a unit of
     /// a share at once, else after the flight in progress or one it starts.
     /// `part` is its call; `lend`, the most units Redis may lend it beyond
     /// what waiting requests need.
-    ///
-    /// A request is bounded by the timeout of the call that asks for it,
-    /// counted from when that call is sent: every flight lands within the
-    /// timeout of its call (see [`launch`](Self::launch)). One that joined a
-    /// flight after its call was sent waits for it to land, and is then
-    /// answered by what it brought (a unit left free, the denial of one
-    /// more unit) or decided by the next flight, with a timeout of its own:
-    /// so it may wait up to about twice the timeout, but the wait for a call
-    /// that did not ask for it never sends it to the failure mode, where
-    /// `open` would admit requests the limits deny.
     pub(super) fn shared(
         self: &Arc<Self>,
         id: u64,
@@ -635,68 +577,54 @@ impl Inner {
         failure: FailureMode,
         context: Context,
     ) -> Acquired<Decided> {
-        let joined = match take {
+        let flight = match take {
             Take::Unit(report, _) => return Acquired::Ready(Ok(Ok(report))),
-            Take::Join(f, at) => (f, at),
+            Take::Join(f) => f,
             Take::Lead(f, demand) => {
                 self.launch(id, &f, &part, lend.min(demand), context);
-                (f, 1)
+                f
             }
         };
         let inner = Arc::clone(self);
         Acquired::Pending(Box::pin(async move {
             let work = async {
-                let (mut flight, mut at) = joined;
+                let mut flight = flight;
                 loop {
-                    let end = flight.ended().await;
-                    let counted = flight.counts(at);
-                    match end {
+                    match flight.ended().await {
                         End::Denied(d) => return Ok(Err(d)),
                         End::Failed(e) => return Err(e),
                         // The grant fell short of the requests waiting:
                         // those left without a unit are denied.
                         End::Granted(Some(d)) => {
-                            return Ok(inner.waited_unit(id, counted).ok_or(d));
+                            return Ok(inner.waited_unit(id).ok_or(d));
                         }
                         End::Granted(None) => {}
                     }
-                    (flight, at) = match inner.next_waited(id, counted) {
+                    flight = match inner.next(id, true) {
                         Take::Unit(report, _) => return Ok(Ok(report)),
-                        Take::Join(f, at) => (f, at),
+                        Take::Join(f) => f,
                         Take::Lead(f, demand) => {
                             inner.launch(id, &f, &part, lend.min(demand), context);
-                            (f, 1)
+                            f
                         }
                     };
                 }
             };
-            // Not bounded here: the flights it waits for are.
-            match work.await {
+            match inner.within(work).await {
                 Ok(verdict) => Ok(verdict),
                 Err(e) => inner.fail(e, failure, &[&part]),
             }
         }))
     }
 
-    /// What the table has for a request of `id` that has just come; a
-    /// share past its time goes back.
-    pub(super) fn next(self: &Arc<Self>, id: u64) -> Take {
-        self.take_from_table(id, false, false)
-    }
-
-    /// What the table has for a request of `id` that waited for a flight
-    /// (`counted`: one the flight asked for).
-    fn next_waited(self: &Arc<Self>, id: u64, counted: bool) -> Take {
-        self.take_from_table(id, true, counted)
-    }
-
-    fn take_from_table(self: &Arc<Self>, id: u64, waited: bool, counted: bool) -> Take {
+    /// What the table has for `id` now (`waited`: for a request that waited
+    /// for a flight); a share past its time goes back.
+    pub(super) fn next(self: &Arc<Self>, id: u64, waited: bool) -> Take {
         let mut expired = Vec::new();
         let take = self.flights.take(
             id,
             self.clock.nanos(),
             waited,
-            counted,
             self.share_life(),
             &mut expired,
         );
@@ -714,18 +642,15 @@ impl Inner {
     }
 
     /// A unit left of the share the flight `id`'s request waited for
-    /// brought, if any (`counted`: one the flight asked for may take a kept
-    /// one), counted by the local copy as [`next`](Self::next) counts one.
-    fn waited_unit(&self, id: u64, counted: bool) -> Option<Report> {
-        let (report, part) = self.flights.unit(id, self.clock.nanos(), counted)?;
+    /// brought, if any (counted by the local copy, as [`next`](Self::next)
+    /// counts one).
+    fn waited_unit(&self, id: u64) -> Option<Report> {
+        let (report, part) = self.flights.unit(id, self.clock.nanos())?;
         self.local.mirror(&[&part], &report);
         Some(report)
     }
 
-    /// Sends `flight`'s call in a task of its own, and lands it: within the
-    /// timeout of the call, and as failed if the task ends without an
-    /// answer (cancelled with its runtime), so that no request waits for
-    /// it longer.
+    /// Sends `flight`'s call in a task of its own, and lands it.
     fn launch(
         self: &Arc<Self>,
         id: u64,
@@ -737,11 +662,10 @@ impl Inner {
         let inner = Arc::clone(self);
         let flight = Arc::clone(flight);
         let mut part = part.clone();
-        let mut unlanded = Unlanded(Some((Arc::clone(&inner), id, Arc::clone(&flight))));
         tokio::spawn(async move {
             // Requests woken with this one join it before it is sent.
             tokio::task::yield_now().await;
-            let want = flight.count().saturating_sub(1);
+            let want = flight.joined().saturating_sub(1);
             part.call.args[0] = "b".to_owned();
             if let (Now::Redis, Some(deadline)) = (inner.now(), inner.deadline()) {
                 part.call.args[2] = deadline.to_string();
@@ -801,7 +725,6 @@ impl Inner {
                     }
                 }
             };
-            unlanded.disarm();
             if let Some(old) = inner.flights.land(id, &flight, end, share) {
                 inner.give_back(old);
             }
@@ -852,7 +775,7 @@ mod tests {
 
     fn take(f: &Flights, now: Nanos, waited: bool) -> Take {
         let mut expired = Vec::new();
-        let t = f.take(7, now, waited, waited, AGE, &mut expired);
+        let t = f.take(7, now, waited, AGE, &mut expired);
         assert!(expired.is_empty());
         t
     }
@@ -864,7 +787,7 @@ mod tests {
             panic!("the first request leads")
         };
         assert_eq!(demand, 0, "nothing is known of the key's rate yet");
-        let Take::Join(joined, 2) = take(&f, 11, false) else {
+        let Take::Join(joined) = take(&f, 11, false) else {
             panic!("the second joins")
         };
         assert!(Arc::ptr_eq(&lead, &joined));
@@ -872,22 +795,15 @@ mod tests {
     }
 
     #[test]
-    fn the_requests_a_call_asked_for_take_their_units_before_others() {
+    fn the_requests_that_waited_take_their_units_before_new_ones() {
         let f = Flights::default();
         let Take::Lead(flight, _) = take(&f, 10, false) else {
             panic!()
         };
         let _ = take(&f, 11, false); // joins: two wait
-        assert_eq!(flight.count(), 2, "the call asks for both");
-        // Joins after the call was sent: not asked for.
-        let Take::Join(_, late) = take(&f, 11, false) else {
-            panic!()
-        };
-        assert!(flight.counts(2) && !flight.counts(late));
         let old = f.land(7, &flight, End::Granted(None), Some(share(3, 10 + AGE)));
         assert!(old.is_none());
-        // Two units are kept for the two it asked for; one is free, to the
-        // late one or a new one.
+        // Two units are kept for the two that waited; one is free.
         assert!(matches!(take(&f, 12, false), Take::Unit(..)));
         assert!(
             matches!(take(&f, 13, false), Take::Lead(..)),
@@ -906,7 +822,7 @@ mod tests {
         f.land(7, &flight, End::Granted(None), Some(share(5, 100)));
         assert!(matches!(take(&f, 20, false), Take::Unit(..)));
         let mut expired = Vec::new();
-        let t = f.take(7, 100, false, false, AGE, &mut expired);
+        let t = f.take(7, 100, false, AGE, &mut expired);
         assert!(matches!(t, Take::Lead(..)));
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].left, 4, "the unused units go back");
@@ -920,7 +836,7 @@ mod tests {
         };
         // Nine more in the next 90 ms join the flight.
         for i in 1..10 {
-            assert!(matches!(take(&f, i * 10_000_000, false), Take::Join(..)));
+            assert!(matches!(take(&f, i * 10_000_000, false), Take::Join(_)));
         }
         f.land(
             7,

@@ -23,10 +23,7 @@ use crate::store::Failures;
 ///
 /// Clones share one connection. A decision takes at most one round trip,
 /// and most take none: requests of one key on one instance wait for one
-/// call together (one that comes while the call is already on its way
-/// waits for it to land, and is then decided by what it brought or by the
-/// next call, within the timeout counted from when that call is sent), and
-/// far from its limits a key borrows a share of them
+/// call together, and far from its limits a key borrows a share of them
 /// to decide from locally (see [`max_age`](crate::RedisStoreBuilder::max_age)
 /// for what that costs other instances); a key Redis denied for a used-up
 /// quota is answered locally until its window ends. On Redis Cluster a
