@@ -21,4 +21,5 @@ mod openai;
 mod resolver;
 mod spoofing;
 mod standing;
+mod streams;
 mod tokenizer;
