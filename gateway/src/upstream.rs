@@ -52,7 +52,8 @@ const MAX_EVENT: usize = 1024 * 1024;
 ///   the client did not, and then removes from what the client sees. A
 ///   stream that ends without one (the client left, the backend failed or
 ///   ignores `include_usage`) is charged its prompt as the layer estimated it
-///   plus one token for each chunk that carried text. A streamed Responses
+///   plus one token for each chunk that carried generated output (text,
+///   reasoning, a refusal, tool call arguments). A streamed Responses
 ///   API answer is settled from the usage of its `response.completed` event
 ///   (or its input and one token per text delta). A non-streamed answer the
 ///   client leaves before its end keeps its estimate.
@@ -869,33 +870,51 @@ impl Chunk {
             .kind
             .as_deref()
             .is_some_and(|k| k.ends_with(".delta") || k == "content_block_delta")
-            && self
-                .delta
-                .as_ref()
-                .and_then(|d| d.as_str().or_else(|| d.get("text")?.as_str()))
-                .is_some_and(|d| !d.is_empty());
+            // A Responses delta is a string; a Messages delta an object
+            // with its text, tool input (`partial_json`) or thinking.
+            && self.delta.as_ref().is_some_and(|d| {
+                has_text(Some(d))
+                    || ["text", "partial_json", "thinking"]
+                        .iter()
+                        .any(|k| has_text(d.get(k)))
+            });
         choices.iter().filter(|c| c.has_text()).count() + usize::from(delta)
     }
 }
 
 #[derive(Deserialize)]
 struct Choice {
-    delta: Option<Delta>,
-    text: Option<String>,
+    /// A chat completion chunk's; read as any JSON, so that a field of an
+    /// unexpected shape does not keep the chunk (and its usage) unread.
+    delta: Option<Value>,
+    text: Option<Value>,
 }
 
 impl Choice {
+    /// Whether the choice carries generated output: text, or a chat
+    /// delta's reasoning (`reasoning_content`, as vLLM and llama.cpp's
+    /// server stream it, or Ollama's `reasoning`), refusal, or tool call
+    /// (a function's name or arguments), which are generated as text is.
     fn has_text(&self) -> bool {
-        let content = self.delta.as_ref().and_then(|d| d.content.as_deref());
-        content
-            .or(self.text.as_deref())
-            .is_some_and(|t| !t.is_empty())
+        let call = |c: &Value| ["name", "arguments"].iter().any(|k| has_text(c.get(k)));
+        has_text(self.text.as_ref())
+            || self.delta.as_ref().is_some_and(|d| {
+                ["content", "reasoning_content", "reasoning", "refusal"]
+                    .iter()
+                    .any(|k| has_text(d.get(k)))
+                    || d.get("function_call").is_some_and(call)
+                    || d.get("tool_calls")
+                        .and_then(Value::as_array)
+                        .is_some_and(|calls| {
+                            calls.iter().filter_map(|c| c.get("function")).any(call)
+                        })
+            })
     }
 }
 
-#[derive(Deserialize)]
-struct Delta {
-    content: Option<String>,
+/// Whether `v` is a string that is not empty.
+fn has_text(v: Option<&Value>) -> bool {
+    v.and_then(Value::as_str).is_some_and(|t| !t.is_empty())
 }
 
 /// A usage as OpenAI reports it (`prompt_tokens`, `completion_tokens`,

@@ -1097,3 +1097,79 @@ async fn paths_with_encoded_letters_are_refused() {
     let res = s.post("/v1/x%20y", &completion(1, 1, false)).await;
     assert_eq!(res.status(), 404);
 }
+
+/// A backend that ignores `include_usage` (as older Ollama and llama.cpp
+/// servers do) and streams five chunks of what `user` names: text, tool
+/// call arguments or reasoning, in the chat completion's shapes or the
+/// Messages API's.
+fn five_deltas_backend() -> Router {
+    let chat = |axum::Json(body): axum::Json<Value>| async move {
+        let delta = match body["user"].as_str() {
+            Some("tools") => {
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\":"}}]})
+            }
+            Some("reasoning") => json!({"reasoning_content": "hmm "}),
+            Some("refusal") => json!({"refusal": "no "}),
+            _ => json!({"content": "tok "}),
+        };
+        let chunk = json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": null}]});
+        let events = format!("data: {chunk}\n\n").repeat(5) + "data: [DONE]\n\n";
+        ([("content-type", "text/event-stream")], events)
+    };
+    let messages = |axum::Json(body): axum::Json<Value>| async move {
+        let delta = match body["metadata"]["user_id"].as_str() {
+            Some("tools") => json!({"type": "input_json_delta", "partial_json": "{\"a\":"}),
+            Some("thinking") => json!({"type": "thinking_delta", "thinking": "hmm "}),
+            _ => json!({"type": "text_delta", "text": "tok "}),
+        };
+        let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"usage\":{\"input_tokens\":20,\"output_tokens\":1}}}\n\n";
+        let chunk = json!({"type": "content_block_delta", "index": 0, "delta": delta});
+        let events = format!("event: content_block_delta\ndata: {chunk}\n\n").repeat(5);
+        (
+            [("content-type", "text/event-stream")],
+            format!("{start}{events}"),
+        )
+    };
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/messages", post(messages))
+}
+
+/// A stream without a usage is charged a token for each chunk that carried
+/// generated output: tool call arguments, reasoning and refusals are
+/// generated as text is, so a client cannot have them for its prompt alone.
+#[tokio::test]
+async fn a_stream_without_usage_is_charged_its_tool_call_and_reasoning_chunks() {
+    let (backend, _stop) = serve(five_deltas_backend()).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    let chat = |user: &str| {
+        json!({"model": "m", "stream": true, "max_tokens": 100, "user": user,
+               "messages": [{"role": "user", "content": "hi"}]})
+    };
+    // The prompt's estimate and the five chunks of text.
+    let res = s.post("/v1/chat/completions", &chat("text")).await;
+    assert_eq!(res.status(), 200);
+    let _ = res.text().await.unwrap();
+    let left = s.tokens_left(0).await;
+    assert!(left <= 995, "{left}");
+    for user in ["tools", "reasoning", "refusal"] {
+        s.clock.advance(Duration::from_secs(60));
+        let res = s.post("/v1/chat/completions", &chat(user)).await;
+        assert_eq!(res.status(), 200);
+        let text = res.text().await.unwrap();
+        assert_eq!(events(&text).len(), 6, "{text}");
+        assert_eq!(s.tokens_left(left).await, left, "{user}");
+    }
+    // Messages: the input of `message_start` (20) and the five deltas.
+    for user in ["text", "tools", "thinking"] {
+        s.clock.advance(Duration::from_secs(60));
+        let body = json!({
+            "model": "m", "max_tokens": 100, "stream": true, "metadata": {"user_id": user},
+            "messages": [{"role": "user", "content": "hi"}],
+        });
+        let res = s.post("/v1/messages", &body).await;
+        assert_eq!(res.status(), 200);
+        let _ = res.text().await.unwrap();
+        assert_eq!(s.tokens_left(975).await, 975, "{user}");
+    }
+}
