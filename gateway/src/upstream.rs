@@ -561,7 +561,13 @@ fn relay(
         .unwrap_or("")
         .to_ascii_lowercase();
     let ok = status.is_success();
-    let kind = if content_type.starts_with("text/event-stream") {
+    // A body the backend compressed though it was not asked to (a proxy in
+    // front of it set to) cannot be read: it passes as it comes, as any
+    // other body the relay does not read.
+    let encoded = headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let kind = if !encoded && content_type.starts_with("text/event-stream") {
         // Events may be removed: the length changes.
         headers.remove(header::CONTENT_LENGTH);
         if let Some(u) = &usage {
@@ -573,7 +579,9 @@ fn relay(
             strip_usage,
             reported: Reported::default(),
         }
-    } else if content_type.starts_with("application/json") || content_type.contains("+json") {
+    } else if !encoded
+        && (content_type.starts_with("application/json") || content_type.contains("+json"))
+    {
         // Without a length the server reads the body to its end, where the
         // usage is settled; with one it would stop at the last byte.
         headers.remove(header::CONTENT_LENGTH);

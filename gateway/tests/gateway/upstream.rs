@@ -1173,3 +1173,70 @@ async fn a_stream_without_usage_is_charged_its_tool_call_and_reasoning_chunks() 
         assert_eq!(s.tokens_left(975).await, 975, "{user}");
     }
 }
+
+/// A backend that compresses its stream though it was not asked to (a
+/// proxy in front of it set to): the gateway cannot read the events, so
+/// it passes each piece on as it comes, not held back until the end in
+/// search of a blank line that compressed bytes never hold, and keeps the
+/// layer's estimate (the prompt and `max_tokens`), not the prompt alone.
+#[tokio::test]
+async fn a_compressed_stream_passes_as_it_comes_and_keeps_its_estimate() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // `data: {…"a"…}\n\n`, flushed, then `data: {…"b"…}\n\ndata: [DONE]\n\n`.
+    const FIRST: [u8; 72] = [
+        31, 139, 8, 0, 0, 0, 0, 0, 2, 3, 74, 73, 44, 73, 180, 82, 168, 86, 74, 206, 200, 207, 76,
+        78, 45, 86, 178, 138, 174, 86, 202, 204, 75, 73, 173, 80, 178, 50, 208, 81, 74, 73, 205,
+        41, 73, 84, 178, 2, 74, 231, 231, 149, 164, 230, 149, 40, 89, 41, 37, 42, 213, 214, 198,
+        214, 114, 113, 1, 0, 0, 0, 255, 255,
+    ];
+    const REST: [u8; 24] = [
+        75, 33, 85, 99, 18, 138, 198, 104, 23, 127, 63, 215, 88, 46, 46, 0, 229, 160, 234, 16, 128,
+        0, 0, 0,
+    ];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = format!("http://{}", listener.local_addr().unwrap());
+    let (first_seen_tx, first_seen_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let mut seen = Vec::new();
+        while !String::from_utf8_lossy(&seen).ends_with('}') {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let chunk = |b: &[u8]| [format!("{:x}\r\n", b.len()).as_bytes(), b, b"\r\n"].concat();
+        conn.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+              content-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        conn.write_all(&chunk(&FIRST)).await.unwrap();
+        // The rest only once the client has the first piece (or after 3 s).
+        let _ = tokio::time::timeout(Duration::from_secs(3), first_seen_rx).await;
+        conn.write_all(&[chunk(&REST), b"0\r\n\r\n".to_vec()].concat())
+            .await
+            .unwrap();
+    });
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    let body = json!({"model": "m", "stream": true, "max_tokens": 100,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let started = Instant::now();
+    let mut res = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-encoding"], "gzip");
+    let first = res.chunk().await.unwrap().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the first piece was held back"
+    );
+    let _ = first_seen_tx.send(());
+    let mut got = first.to_vec();
+    while let Some(c) = res.chunk().await.unwrap() {
+        got.extend_from_slice(&c);
+    }
+    assert_eq!(got, [&FIRST[..], &REST[..]].concat());
+    // The estimate: the prompt's token and `max_tokens`.
+    assert_eq!(s.tokens_left(899).await, 899);
+}
