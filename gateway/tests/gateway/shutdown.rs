@@ -222,7 +222,16 @@ async fn with_redis_the_stream_is_settled_and_its_place_given_back_before_exit()
     let redis = RedisServer::start();
     let config = write_config(redis.dir());
     let config = config.to_str().unwrap();
-    let mut a = ServerProcess::start(&["--redis", &redis.url(), "--config", config]);
+    // A store timeout well above the pause below, so that a loaded machine
+    // does not time the settlement out (which leaves the estimate charged).
+    let mut a = ServerProcess::start(&[
+        "--redis",
+        &redis.url(),
+        "--redis-timeout",
+        "1000",
+        "--config",
+        config,
+    ]);
     let (stream, first) = open_stream(&a, "llm-key").await;
     // Admitted: its whole estimate is reserved while it runs.
     assert_eq!(window_count(&redis, "tokens-day"), 101);
@@ -231,7 +240,7 @@ async fn with_redis_the_stream_is_settled_and_its_place_given_back_before_exit()
     a.wait_refused(Duration::from_secs(2));
     // Redis holds writes for 60 ms from one token before the end: the
     // settlement, sent when the stream ends 50 ms later, waits for Redis
-    // (well within the store's timeout of 100 ms). A process that exited
+    // (well within the store's timeout of 1 s). A process that exited
     // without waiting for it would lose it every time, not just when the
     // race goes badly.
     let addr = redis.addr();
