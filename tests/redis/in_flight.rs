@@ -19,46 +19,18 @@ use axum::response::Response;
 use axum::routing::get;
 use http::Request;
 use tokio::task::JoinSet;
-use tollgate::{
-    ApiKey, FailureMode, Policy, RateLimitLayer, RedisStore, Throttle, TokenBudget, UsagePlan,
-};
+use tollgate::{ApiKey, FailureMode, Policy, RateLimitLayer, RedisStore, TokenBudget, UsagePlan};
 use tower::ServiceExt;
 
-use crate::SERIAL;
 use crate::support::redis::{RedisServer, require_redis};
 use crate::support::tokens;
+use crate::{SERIAL, capped_app, capped_request};
 
 /// Requests sent at once: more than the default bound of 256 calls in flight.
 const BURST: usize = 300;
 /// What a loaded two-core machine may add to the store's timeout before a
 /// request counts as late (as in `redis_faults.rs`).
 const SLACK: Duration = Duration::from_millis(400);
-
-/// A router whose one key, `capped-key`, may have one request in flight
-/// (and a throttle far from its limit), under `failure`, on `store`.
-fn app(store: RedisStore, failure: FailureMode) -> Router {
-    let policy = Policy::builder()
-        .plan(
-            UsagePlan::new("capped")
-                .throttle(Throttle::new(1_000_000.0, 1_000_000).unwrap())
-                .concurrency(1)
-                .failure(failure),
-        )
-        .key(ApiKey::new("k1", "capped-key", "capped"))
-        .build()
-        .expect("a valid policy");
-    let layer = RateLimitLayer::builder(policy).store(store).build();
-    Router::new()
-        .route("/", get(|| async { "ok" }))
-        .layer(layer)
-}
-
-fn request() -> Request<Body> {
-    Request::get("/")
-        .header("x-api-key", "capped-key")
-        .body(Body::empty())
-        .unwrap()
-}
 
 /// `n` requests at once; every response, in the order they end. The bodies
 /// are not read, so an admitted response keeps its place while it is held.
@@ -68,7 +40,7 @@ async fn burst(app: &Router, n: usize) -> Vec<(Response, Duration)> {
     for _ in 0..n {
         let app = app.clone();
         set.spawn(async move {
-            let res = app.oneshot(request()).await.unwrap();
+            let res = app.oneshot(capped_request()).await.unwrap();
             (res, started.elapsed())
         });
     }
@@ -89,11 +61,11 @@ async fn admitted_while_the_cap_is_full(failure: FailureMode, warm: bool) -> usi
         .build()
         .await
         .expect("a Redis store");
-    let app = app(store, failure);
-    let held = app.clone().oneshot(request()).await.unwrap();
+    let app = capped_app(store, failure);
+    let held = app.clone().oneshot(capped_request()).await.unwrap();
     assert_eq!(held.status(), 200, "the place is free");
     if warm {
-        let lone = app.clone().oneshot(request()).await.unwrap();
+        let lone = app.clone().oneshot(capped_request()).await.unwrap();
         assert_eq!(lone.status(), 429, "a lone request while the cap is full");
     }
     let answers = burst(&app, BURST).await;
@@ -233,10 +205,10 @@ async fn a_stalled_redis_still_reaches_the_failure_mode_past_the_bound() {
         .build()
         .await
         .expect("a Redis store");
-    let app = app(store, FailureMode::Open);
-    let held = app.clone().oneshot(request()).await.unwrap();
+    let app = capped_app(store, FailureMode::Open);
+    let held = app.clone().oneshot(capped_request()).await.unwrap();
     assert_eq!(held.status(), 200, "the place is free");
-    let lone = app.clone().oneshot(request()).await.unwrap();
+    let lone = app.clone().oneshot(capped_request()).await.unwrap();
     assert_eq!(lone.status(), 429, "a lone request while the cap is full");
     tokio::task::block_in_place(|| redis.pause());
     // The denial is older than the timeout: Redis's answer no longer.
@@ -275,17 +247,17 @@ async fn a_place_is_given_back_when_its_response_ends_outside_a_runtime() {
         .build()
         .await
         .expect("a Redis store");
-    let app = app(store, FailureMode::Closed);
-    let held = app.clone().oneshot(request()).await.unwrap();
+    let app = capped_app(store, FailureMode::Closed);
+    let held = app.clone().oneshot(capped_request()).await.unwrap();
     assert_eq!(held.status(), 200, "the place is free");
-    let lone = app.clone().oneshot(request()).await.unwrap();
+    let lone = app.clone().oneshot(capped_request()).await.unwrap();
     assert_eq!(lone.status(), 429, "a request while the cap is full");
     std::thread::spawn(move || drop(held))
         .join()
         .expect("the thread that ends the response");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let res = app.clone().oneshot(request()).await.unwrap();
+        let res = app.clone().oneshot(capped_request()).await.unwrap();
         if res.status() == 200 {
             break;
         }

@@ -10,16 +10,12 @@
 
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::Body;
-use axum::routing::get;
-use http::Request;
 use http_body_util::BodyExt;
-use tollgate::{ApiKey, FailureMode, Policy, RateLimitLayer, RedisStore, Throttle, UsagePlan};
+use tollgate::{FailureMode, RedisStore};
 use tower::ServiceExt;
 
-use crate::SERIAL;
 use crate::support::redis::{RedisCluster, RedisServer, require_redis, scan};
+use crate::{SERIAL, capped_app, capped_request};
 
 /// The lease of every store here: a response outlives it several times.
 const LEASE: Duration = Duration::from_millis(1_200);
@@ -70,41 +66,15 @@ impl Server {
     }
 }
 
-/// A router whose one key, `capped-key`, may have one request in flight,
-/// under `failure = "open"`: a place Redis let lapse is the only way past
-/// the cap.
-fn app(store: RedisStore) -> Router {
-    let policy = Policy::builder()
-        .plan(
-            UsagePlan::new("capped")
-                .throttle(Throttle::new(1_000_000.0, 1_000_000).unwrap())
-                .concurrency(1)
-                .failure(FailureMode::Open),
-        )
-        .key(ApiKey::new("k1", "capped-key", "capped"))
-        .build()
-        .expect("a valid policy");
-    let layer = RateLimitLayer::builder(policy).store(store).build();
-    Router::new()
-        .route("/", get(|| async { "ok" }))
-        .layer(layer)
-}
-
-fn request() -> Request<Body> {
-    Request::get("/")
-        .header("x-api-key", "capped-key")
-        .body(Body::empty())
-        .unwrap()
-}
-
 /// Holds the first response's body open (unread) for four leases, on two
 /// instances: every request meanwhile is refused, and the place stays in
 /// Redis; once the body has been read to its end, the next is admitted and
 /// no place is left.
 async fn a_live_response_keeps_its_place_past_its_lease(server: Server, prefix: &str) {
-    let first = app(server.store(prefix).await);
-    let second = app(server.store(prefix).await);
-    let held = first.clone().oneshot(request()).await.unwrap();
+    // Under `open`, a place Redis let lapse is the only way past the cap.
+    let first = capped_app(server.store(prefix).await, FailureMode::Open);
+    let second = capped_app(server.store(prefix).await, FailureMode::Open);
+    let held = first.clone().oneshot(capped_request()).await.unwrap();
     assert_eq!(held.status(), 200, "the place is free");
     let taken = Instant::now();
     let until = taken + 4 * LEASE;
@@ -112,7 +82,12 @@ async fn a_live_response_keeps_its_place_past_its_lease(server: Server, prefix: 
     while Instant::now() < until {
         tokio::time::sleep(LEASE / 4).await;
         for app in [&first, &second] {
-            let status = app.clone().oneshot(request()).await.unwrap().status();
+            let status = app
+                .clone()
+                .oneshot(capped_request())
+                .await
+                .unwrap()
+                .status();
             assert_eq!(
                 status,
                 429,
@@ -127,10 +102,10 @@ async fn a_live_response_keeps_its_place_past_its_lease(server: Server, prefix: 
     // The body ends: the place is given back, and the next is admitted.
     let body = held.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"ok");
-    let next = first.clone().oneshot(request()).await.unwrap();
+    let next = first.clone().oneshot(capped_request()).await.unwrap();
     assert_eq!(next.status(), 200, "admitted once the first body ended");
     drop(next);
-    first.clone().oneshot(request()).await.unwrap();
+    first.clone().oneshot(capped_request()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(2);
     while server.places(prefix) != 0 {
         assert!(Instant::now() < deadline, "a place left in Redis");
@@ -150,8 +125,8 @@ async fn a_place_of_a_gone_process_lapses_with_its_lease(server: Server, prefix:
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let app = app(first.store(prefix).await);
-                let held = app.oneshot(request()).await.unwrap();
+                let app = capped_app(first.store(prefix).await, FailureMode::Open);
+                let held = app.oneshot(capped_request()).await.unwrap();
                 assert_eq!(held.status(), 200, "the place is free");
                 // Never ended, never dropped: as when the process crashes.
                 std::mem::forget(held);
@@ -163,11 +138,16 @@ async fn a_place_of_a_gone_process_lapses_with_its_lease(server: Server, prefix:
         .join()
         .unwrap()
     });
-    let other = app(server.store(prefix).await);
-    let status = other.clone().oneshot(request()).await.unwrap().status();
+    let other = capped_app(server.store(prefix).await, FailureMode::Open);
+    let status = other
+        .clone()
+        .oneshot(capped_request())
+        .await
+        .unwrap()
+        .status();
     assert_eq!(status, 429, "the place is still taken");
     loop {
-        let res = other.clone().oneshot(request()).await.unwrap();
+        let res = other.clone().oneshot(capped_request()).await.unwrap();
         if res.status() == 200 {
             break;
         }

@@ -23,3 +23,31 @@ mod shared_registry;
 /// time: they pause, kill and slow down Redis, and each would disturb the
 /// other's latency bounds.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A router whose one key, `capped-key`, may have one request in flight
+/// (and a throttle far from its limit), under `failure`, on `store`.
+fn capped_app(store: tollgate::RedisStore, failure: tollgate::FailureMode) -> axum::Router {
+    use tollgate::{ApiKey, Policy, RateLimitLayer, Throttle, UsagePlan};
+    let policy = Policy::builder()
+        .plan(
+            UsagePlan::new("capped")
+                .throttle(Throttle::new(1_000_000.0, 1_000_000).unwrap())
+                .concurrency(1)
+                .failure(failure),
+        )
+        .key(ApiKey::new("k1", "capped-key", "capped"))
+        .build()
+        .expect("a valid policy");
+    let layer = RateLimitLayer::builder(policy).store(store).build();
+    axum::Router::new()
+        .route("/", axum::routing::get(|| async { "ok" }))
+        .layer(layer)
+}
+
+/// A request of [`capped_app`]'s key.
+fn capped_request() -> http::Request<axum::body::Body> {
+    http::Request::get("/")
+        .header("x-api-key", "capped-key")
+        .body(axum::body::Body::empty())
+        .unwrap()
+}
