@@ -224,6 +224,16 @@ def openai_models():
         eq(m.object, "model", "object")
         check(isinstance(m.created, int), "created")
         check(m.owned_by, "owned_by")
+    one = client().models.retrieve(MODEL)
+    eq(one.id, MODEL, "retrieved id")
+    eq(one.object, "model", "retrieved object")
+    try:
+        client().models.retrieve("no-such-model")
+    except openai.NotFoundError as e:
+        eq(e.status_code, 404, "unknown model status")
+        eq(e.code, "model_not_found", "unknown model code")
+    else:
+        check(False, "an unknown model is a NotFoundError")
 
 
 def openai_bad_key():

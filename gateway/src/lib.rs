@@ -15,6 +15,8 @@
 //! - `POST /v1/completions` with `{"model":"m","prompt":"…","max_tokens":N,"stream":false}`
 //! - `POST /v1/chat/completions` with `"messages":[{"role":"user","content":"…"}]` instead of `prompt`
 //! - `GET /v1/models`: the models the config's plans name (`mock` when none)
+//! - `GET /v1/models/{model}`: one of them (a name with `/` in it too), or
+//!   OpenAI's 404 `model_not_found`
 //! - `GET /health`, never limited
 //!
 //! Answers have OpenAI's shapes: `id`, `object`, `created` and `model` on

@@ -84,7 +84,7 @@ pub fn app_with<S: Store>(
 }
 
 /// The gateway's routes: the inference routes behind `limit` (the mock
-/// answering `models` in `GET /v1/models`); `/health` and the admin routes
+/// answering `models` in `GET /v1/models` and `GET /v1/models/{model}`); `/health` and the admin routes
 /// (with the `dashboard`, whose traffic `limit` should observe) outside it.
 ///
 /// Only requests that match a route and one of its methods are limited: a
@@ -100,6 +100,7 @@ pub fn router<S: Store>(
     // nor a route's method fallback (405) goes through the limit, as they
     // would with `Router::layer` (both) or `Router::route_layer` (the 405).
     let limited = |route: MethodRouter| route.route_layer(limit.clone());
+    let models = mock::Models::new(models);
     let routes = Router::new()
         .route("/v1/completions", limited(post(mock::completions)))
         .route(
@@ -108,7 +109,11 @@ pub fn router<S: Store>(
         )
         .route(
             "/v1/models",
-            limited(get(mock::models).with_state(mock::Models::new(models))),
+            limited(get(mock::models).with_state(models.clone())),
+        )
+        .route(
+            "/v1/models/{*model}",
+            limited(get(mock::model).with_state(models)),
         )
         .merge(always(&limit, admin_key, dashboard));
     unrouted(routes, limit.style())

@@ -293,6 +293,33 @@ pub(crate) async fn models(State(models): State<Models>) -> Json<Value> {
     Json((*models.0).clone())
 }
 
+/// `GET /v1/models/{model}` (OpenAI's "retrieve model"): the listed model's
+/// object, or OpenAI's 404 `model_not_found` for a name the list does not
+/// hold. The name is the whole rest of the path, so that the names of
+/// Hugging Face models (`org/name`), which OpenAI SDKs put in the path as
+/// they are, are found.
+pub(crate) async fn model(
+    State(models): State<Models>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    let found = models.0["data"]
+        .as_array()
+        .and_then(|data| data.iter().find(|m| m["id"] == name.as_str()));
+    match found {
+        Some(m) => Json(m.clone()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": {
+                "message": format!("The model '{name}' does not exist"),
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found",
+            }})),
+        )
+            .into_response(),
+    }
+}
+
 type Usage = Option<Extension<TokenUsage>>;
 
 pub(crate) async fn completions(usage: Usage, body: Bytes) -> Response {

@@ -1014,6 +1014,61 @@ async fn models_are_listed_as_openai_lists_them_and_the_get_is_limited_not_refus
     assert_eq!(v["data"][0]["id"], "mock", "{v}");
 }
 
+/// Hugging Face style names (`org/name`), as OpenAI SDKs put them in the
+/// retrieve path, unescaped.
+const HF_MODELS_CONFIG: &str = r#"
+[[plans]]
+name = "p"
+throttle = { rate = 1.0, burst = 3 }
+[plans.models]
+"meta-llama/Llama-3.1-8B" = { throttle = { rate = 1.0, burst = 3 } }
+"small" = { throttle = { rate = 1.0, burst = 3 } }
+
+[[keys]]
+id = "k"
+value = "models-key"
+plan = "p"
+
+[response]
+style = "openai"
+"#;
+
+#[tokio::test]
+async fn a_model_is_retrieved_as_openai_answers_it_and_an_unknown_one_is_model_not_found() {
+    let s = start(HF_MODELS_CONFIG).await;
+    let get = |path: &str| {
+        s.client
+            .get(format!("{}/v1/models/{path}", s.base))
+            .header("authorization", "Bearer models-key")
+            .send()
+    };
+    for name in ["small", "meta-llama/Llama-3.1-8B"] {
+        let res = get(name).await.unwrap();
+        assert_eq!(res.status(), 200, "{name}");
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["id"], name, "{v}");
+        assert_eq!(v["object"], "model", "{v}");
+        assert!(v["created"].is_u64(), "{v}");
+        assert!(v["owned_by"].is_string(), "{v}");
+    }
+    let res = get("nope").await.unwrap();
+    assert_eq!(res.status(), 404);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    assert_eq!(v["error"]["param"], "model", "{v}");
+    // Limited like the list (a burst of 3 used above): the fourth is a 429.
+    assert_eq!(get("small").await.unwrap().status(), 429);
+    // Without a key, refused as a key problem, not answered.
+    let res = s
+        .client
+        .get(format!("{}/v1/models/small", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+}
+
 /// A 404 and a 405 are JSON errors in the config's style, as the layer's
 /// refusals are (an OpenAI client reads their message), naming the path but
 /// never the query; a 405 keeps its `Allow` header.
