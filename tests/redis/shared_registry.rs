@@ -921,3 +921,70 @@ async fn a_key_added_elsewhere_can_be_removed_before_it_arrives() {
         );
     }
 }
+
+/// Redis drops every client's connection (`CLIENT KILL`, a proxy or a
+/// load balancer timing connections out), or restarts with its data: the
+/// admin changes made through an instance just after are made, on the new
+/// connection, as they would be a moment later, and reach the other
+/// instance within a second. Redis is up; no change should fail for a
+/// connection the store has already begun to replace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_changes_just_after_redis_dropped_its_connections_are_made() {
+    if !require_redis() {
+        return;
+    }
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let a = instance(&redis, &[]).await;
+    let b = instance(&redis, &[]).await;
+    let drop_connections = |redis: &RedisServer| {
+        command(redis.addr(), &["CLIENT", "KILL", "TYPE", "normal"]).unwrap();
+        command(redis.addr(), &["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    };
+    let value = "value-of-k-nnnnnnnnnn";
+
+    drop_connections(&redis);
+    let added = a.admin().add_key(ApiKey::new("k", value, "free")).await;
+    assert_eq!(added, Ok(()), "added after the connections were dropped");
+    until("k reaches b", || b.admin().key("k").is_some()).await;
+
+    drop_connections(&redis);
+    let disabled = a.admin().set_enabled("k", false).await;
+    assert_eq!(
+        disabled,
+        Ok(()),
+        "disabled after the connections were dropped"
+    );
+    until("k disabled on b", || {
+        b.admin().key("k").is_some_and(|k| !k.enabled)
+    })
+    .await;
+
+    redis.restart();
+    let gold = UsagePlan::new("gold").throttle(Throttle::new(5.0, 5).unwrap());
+    let put = a.admin().put_plan(gold).await;
+    assert_eq!(put, Ok(()), "a plan put after Redis restarted");
+    until("gold reaches b", || b.admin().plan("gold").is_some()).await;
+
+    drop_connections(&redis);
+    let batch = [
+        ApiKey::new("i1", "value-of-i1-nnnnnnnnn", "gold"),
+        ApiKey::new("i2", "value-of-i2-nnnnnnnnn", "gold"),
+    ];
+    let imported = a.admin().import_keys(batch).await;
+    assert_eq!(
+        imported,
+        Ok(2),
+        "imported after the connections were dropped"
+    );
+    until("i2 reaches b", || b.admin().key("i2").is_some()).await;
+
+    drop_connections(&redis);
+    let removed = a.admin().remove_key("k").await;
+    assert_eq!(
+        removed,
+        Ok(()),
+        "removed after the connections were dropped"
+    );
+    until("k leaves b", || b.admin().key("k").is_none()).await;
+    assert!(b.decide(value.as_bytes(), 1).await.is_err());
+}

@@ -301,9 +301,19 @@ impl RedisStore {
                 args.extend(["C".to_owned(), name.clone(), encoded.clone()]);
             }
         }
-        // Not sent again when the connection drops: run twice, an add would
-        // be refused by its own first run.
-        let reply: Vec<String> = inner.within(inner.registry_eval(&args, false)).await?;
+        // Sent again when the connection was lost before the reply (Redis
+        // dropped it, or restarted: redis-rs has begun a new one), as the
+        // decisions are, rather than failing a change Redis is up to make.
+        // A removal, a plan or an account run twice sets the same again. An
+        // add or an import is sent again as such ('W'): keys Redis holds
+        // exactly as sent are its first run's, not a clash.
+        let mut again = args.clone();
+        if matches!(change, Change::AddKey(_) | Change::Import(_)) {
+            again[0] = "W".to_owned();
+        }
+        let reply: Vec<String> = inner
+            .within(inner.registry_eval(&args, Some(&again)))
+            .await?;
         written(reply)
     }
 
@@ -334,8 +344,11 @@ impl RedisStore {
         if let Some(account) = &update.account {
             args.extend(["account".to_owned(), codec::account(account.as_deref())]);
         }
-        // Not sent again when the connection drops, as other writes.
-        let reply: Vec<String> = inner.within(inner.registry_eval(&args, false)).await?;
+        // Sent again when the connection was lost before the reply, as
+        // other writes: run twice, it sets the same fields again.
+        let reply: Vec<String> = inner
+            .within(inner.registry_eval(&args, Some(&args)))
+            .await?;
         match <[String; 3]>::try_from(reply) {
             Ok([status, version, record]) if status == "ok" => {
                 let version = version.parse().map_err(|_| bad_reply())?;
@@ -419,13 +432,13 @@ impl RedisStore {
                     args.push(k.id.clone());
                     args.push(codec::record(k));
                 }
-                let reply: Vec<String> = inner.within(inner.registry_eval(&args, false)).await?;
+                let reply: Vec<String> = inner.within(inner.registry_eval(&args, None)).await?;
                 written(reply)?;
             }
             let mut cursor = "0".to_owned();
             loop {
                 let args = call("K", &[cursor, IMPORT_PART.to_string(), ttl.clone()]);
-                let reply: Vec<String> = inner.within(inner.registry_eval(&args, false)).await?;
+                let reply: Vec<String> = inner.within(inner.registry_eval(&args, None)).await?;
                 match <[String; 2]>::try_from(reply) {
                     Ok([status, next]) if status == "more" => cursor = next,
                     Ok(reply) => return written(reply.into()),
@@ -438,8 +451,9 @@ impl RedisStore {
             // A refused part forgot the import already; after a failure
             // this forgets what was staged (or, Redis unreachable, the
             // import expires).
+            let abort = call("X", &[]);
             let _ = inner
-                .within(inner.registry_eval::<Vec<String>>(&call("X", &[]), true))
+                .within(inner.registry_eval::<Vec<String>>(&abort, Some(&abort)))
                 .await;
         }
         result
@@ -615,15 +629,17 @@ impl Inner {
         .map(|name| format!("{tag}:{name}"))
     }
 
-    /// Runs the registry script (loading it when Redis lost it). A call
-    /// that may run twice is sent once more when its connection was lost.
+    /// Runs the registry script (loading it when Redis lost it). When the
+    /// connection was lost before the reply, `again` (the call as it may
+    /// run a second time, `None` for one that may not) is sent once more,
+    /// on the connection redis-rs has begun in its place.
     async fn registry_eval<T: FromRedisValue>(
         &self,
         args: &[String],
-        repeatable: bool,
+        again: Option<&[String]>,
     ) -> Result<T, StoreError> {
         let keys = self.registry_keys();
-        let cmd = |sha: bool| -> Cmd {
+        let cmd = |sha: bool, args: &[String]| -> Cmd {
             let mut cmd = if sha {
                 redis::cmd("EVALSHA").arg(SHA.as_str()).clone()
             } else {
@@ -632,26 +648,31 @@ impl Inner {
             cmd.arg(keys.len()).arg(&keys).arg(args);
             cmd
         };
+        let mut sent = args;
         let mut retried = false;
         loop {
             let mut conn = self.conn.clone();
-            let reply = match cmd(true).query_async(&mut conn).await {
+            let reply = match cmd(true, sent).query_async(&mut conn).await {
                 Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                    cmd(false).query_async(&mut conn).await
+                    cmd(false, sent).query_async(&mut conn).await
                 }
                 r => r,
             };
-            match reply {
-                Err(e) if repeatable && !retried && connection_lost(&e) => retried = true,
-                r => return r.map_err(|e| redis_error(&e)),
+            match (reply, again) {
+                (Err(e), Some(again)) if !retried && connection_lost(&e) => {
+                    tracing::debug!(error = %redis_error(&e), "connection lost; the registry call is sent again");
+                    sent = again;
+                    retried = true;
+                }
+                (r, _) => return r.map_err(|e| redis_error(&e)),
             }
         }
     }
 
     async fn registry_head(&self) -> Result<Head, StoreError> {
-        let (version, id, last): (u64, String, u64) = self
-            .within(self.registry_eval(&["h".to_owned()], true))
-            .await?;
+        let head = ["h".to_owned()];
+        let (version, id, last): (u64, String, u64) =
+            self.within(self.registry_eval(&head, Some(&head))).await?;
         Ok(Head {
             version,
             last: (!id.is_empty()).then_some((id, last)),

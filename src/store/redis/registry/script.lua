@@ -15,7 +15,8 @@
 --
 -- ARGV[1] = 'h' (head): returns {version, id of the last log entry or '',
 -- its version or 0}.
--- ARGV[1] = 'w' (write): ARGV[2] the log's length bound (MAXLEN ~), ARGV[3]
+-- ARGV[1] = 'w' (write), or 'W' (the same write sent again after its
+-- connection was lost; see the add below): ARGV[2] the log's length bound (MAXLEN ~), ARGV[3]
 -- the largest change logged as it is (a larger one is logged as 'R': read
 -- everything again), ARGV[4] the change (A add, I import, U update,
 -- D remove, P plan, C account), then its fields. Returns {'ok', version} or
@@ -60,9 +61,12 @@ if ARGV[1] == 'h' then
   return {tonumber(redis.call('GET', version) or '0'), id, v}
 end
 
-if ARGV[1] ~= 'w' then
+if ARGV[1] ~= 'w' and ARGV[1] ~= 'W' then
   return redis.error_reply('tollgate: unknown registry mode')
 end
+-- 'W': an add or an import sent again because the connection was lost
+-- before its reply; its first run may have been made.
+local again = ARGV[1] == 'W'
 
 local bound, largest, op = ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local function field(s)
@@ -201,6 +205,24 @@ if token then
 end
 
 if op == 'A' or op == 'I' then
+  -- Sent again ('W'): when Redis holds every entry exactly as sent (its id,
+  -- the record, and the value hash as that id's), the first run made it,
+  -- and the answer is the version as it is now. Otherwise it is checked as
+  -- the first run was (one script call: its entries are all there or none).
+  if again and #ARGV > 4 then
+    local held = true
+    for i = 5, #ARGV, 2 do
+      local id, record = ARGV[i], ARGV[i + 1]
+      if redis.call('HGET', keys, id) ~= record
+        or redis.call('HGET', values, string.sub(record, 1, 32)) ~= id then
+        held = false
+        break
+      end
+    end
+    if held then
+      return {'ok', tostring(redis.call('GET', version) or '0')}
+    end
+  end
   -- Every entry is checked before anything is written: all or nothing.
   local ids, hashes = {}, {}
   for i = 5, #ARGV, 2 do

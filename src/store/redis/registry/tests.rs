@@ -472,7 +472,7 @@ async fn a_large_import_is_staged_in_parts_and_made_live_at_once_or_not_at_all()
     ]
     .map(str::to_owned)
     .to_vec();
-    let _: Vec<String> = s.inner.registry_eval(&stage, false).await.unwrap();
+    let _: Vec<String> = s.inner.registry_eval(&stage, None).await.unwrap();
     let err = s
         .registry_write(&Change::AddKey(key(&s, "late", "late-value")))
         .await
@@ -481,7 +481,7 @@ async fn a_large_import_is_staged_in_parts_and_made_live_at_once_or_not_at_all()
     let abort: Vec<String> = ["w", "256", "262144", "X", token]
         .map(str::to_owned)
         .to_vec();
-    let _: Vec<String> = s.inner.registry_eval(&abort, false).await.unwrap();
+    let _: Vec<String> = s.inner.registry_eval(&abort, None).await.unwrap();
 
     // A good one: every key live, one version, one log entry saying "read
     // everything again", no Redis call longer than a part's.
@@ -693,4 +693,72 @@ async fn a_cluster_of_three_masters_keeps_one_registry() {
     );
     let (version, all) = build().await.registry_load().await.unwrap();
     assert_eq!((version, all.len()), (2, 20));
+}
+
+/// An add or an import sent again after its connection was lost ('W'):
+/// when Redis holds every entry exactly as sent, its first run made it, and
+/// it answers the version as it is, writing nothing; anything else is
+/// checked as a first run is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_add_sent_again_after_its_first_run_is_not_a_clash() {
+    if !require_redis() {
+        return;
+    }
+    let server = RedisServer::start();
+    let s = store(&server.url()).await;
+    let again = |op: &str, keys: &[KeyRecord]| {
+        let mut args = ["W", "256", "262144", op].map(str::to_owned).to_vec();
+        for k in keys {
+            args.push(k.id.clone());
+            args.push(codec::record(k));
+        }
+        args
+    };
+    let send = |args: Vec<String>| {
+        let s = s.clone();
+        async move {
+            let reply: Vec<String> = s.inner.registry_eval(&args, None).await.unwrap();
+            written(reply)
+        }
+    };
+    let (k1, k2) = (key(&s, "k1", "v1"), key(&s, "k2", "v2"));
+    assert_eq!(
+        s.registry_write(&Change::AddKey(k1.clone())).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        send(again("A", std::slice::from_ref(&k1))).await.unwrap(),
+        1
+    );
+    // Not every entry held: the one held is a clash, as on a first run.
+    assert!(matches!(
+        send(again("I", &[k1.clone(), k2.clone()])).await,
+        Err(RegistryError::Duplicate { id }) if id == "k1"
+    ));
+    let mut moved = k1.clone();
+    moved.plan = "pro".to_owned();
+    assert!(matches!(
+        send(again("A", &[moved])).await,
+        Err(RegistryError::Duplicate { id }) if id == "k1"
+    ));
+    let mut same_value = key(&s, "k3", "v1");
+    same_value.enabled = false;
+    assert!(matches!(
+        send(again("A", &[same_value])).await,
+        Err(RegistryError::DuplicateValue { id }) if id == "k3"
+    ));
+    // Its first run not made: made now.
+    assert_eq!(
+        send(again("I", std::slice::from_ref(&k2))).await.unwrap(),
+        2
+    );
+    assert_eq!(
+        send(again("I", std::slice::from_ref(&k2))).await.unwrap(),
+        2
+    );
+    let (version, all) = s.registry_load().await.unwrap();
+    assert_eq!(
+        (version, all),
+        (2, vec![Change::AddKey(k1), Change::AddKey(k2)])
+    );
 }
