@@ -328,8 +328,9 @@ impl UsagePlan {
     /// matches any one segment, a `*` method any method, and `"/*/*"` every
     /// route. When several overrides match, the most literal one applies.
     /// An override matches a request whose path matches it (the path the
-    /// client sent, percent-decoded: `/v1/%63ompletions` and
-    /// `/v1%2Fcompletions` are `/v1/completions`) or whose route as axum declared it (`MatchedPath`)
+    /// client sent, percent-decoded and its dot segments resolved:
+    /// `/v1/%63ompletions`, `/v1%2Fcompletions` and `/v1/x/../completions`
+    /// are `/v1/completions`) or whose route as axum declared it (`MatchedPath`)
     /// does: `"/users/{id}/GET"` and `"/users/42/GET"` both match a request
     /// for `/users/42` served by the route `/users/{id}`, and
     /// `"/v1/completions/POST"` matches it served by a catch-all `/v1/{*path}`.

@@ -3,10 +3,11 @@
 //! A pattern matches a request's route and method; among the method
 //! overrides that match a request, the most literal one applies. A pattern
 //! matches a request when it matches the request's path (the path the client
-//! sent, percent-decoded) or the route axum matched (`MatchedPath`, such as
-//! `/users/{id}`), so that an override holds for the path a client calls
-//! whatever routes serve it: a catch-all route forwarding `/v1/…`, an
-//! encoded letter or a doubled slash do not take a request out of it.
+//! sent, percent-decoded, its dot segments resolved) or the route axum
+//! matched (`MatchedPath`, such as `/users/{id}`), so that an override holds
+//! for the path a client calls whatever routes serve it: a catch-all route
+//! forwarding `/v1/…`, an encoded letter, a doubled slash or a `..` segment
+//! do not take a request out of it.
 
 use http::Method;
 
@@ -146,17 +147,36 @@ impl MethodPath {
         Self::matches_segments(segments, route)
     }
 
-    /// Whether `route`, split at `/`, is `segments`.
+    /// Whether `route`, split at `/` and its dot segments resolved, is
+    /// `segments`.
     fn matches_segments(segments: &[Segment], route: &str) -> bool {
         // Empty parts are ignored: "/v1/completions/" is "/v1/completions".
         // An encoded slash separates parts too, as the many servers that
-        // decode a path before routing it read it.
+        // decode a path before routing it read it. A `.` part is dropped
+        // and a `..` part drops the part before it, as an HTTP client
+        // building the URL of a forwarded request, or a server, resolves
+        // them (RFC 3986, 5.2.4): `/v1/x/../completions` reaches the
+        // backend's `/v1/completions`. Read from the end, a `..` is met
+        // before the part it drops, so nothing needs keeping.
+        let mut skip = 0usize;
         let mut parts = route
-            .split('/')
-            .flat_map(|p| p.split("%2F"))
-            .flat_map(|p| p.split("%2f"))
-            .filter(|p| !p.is_empty());
-        for seg in segments.iter() {
+            .rsplit('/')
+            .flat_map(|p| p.rsplit("%2F"))
+            .flat_map(|p| p.rsplit("%2f"))
+            .filter(move |p| match dots(p) {
+                _ if p.is_empty() => false,
+                1 => false,
+                2 => {
+                    skip += 1;
+                    false
+                }
+                _ if skip > 0 => {
+                    skip -= 1;
+                    false
+                }
+                _ => true,
+            });
+        for seg in segments.iter().rev() {
             match (seg, parts.next()) {
                 (_, None) => return false,
                 (Segment::Literal(lit), Some(part)) if !segment_is(part, lit) => return false,
@@ -165,6 +185,23 @@ impl MethodPath {
         }
         parts.next().is_none()
     }
+}
+
+/// How many dots the path part `part` is, when it is a dot segment (`.`
+/// or `..`, either dot maybe percent-encoded, as URL parsers read `%2e`):
+/// 1 or 2; else 0.
+fn dots(part: &str) -> usize {
+    let mut rest = part.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        rest = match rest {
+            [b'.', rest @ ..] => rest,
+            [b'%', b'2', b'e' | b'E', rest @ ..] => rest,
+            _ => return 0,
+        };
+        dots += 1;
+    }
+    if dots > 2 { 0 } else { dots }
 }
 
 /// Whether a pattern of method `pattern` takes a request of `method`: its
@@ -203,15 +240,16 @@ fn hex(digit: u8) -> Option<u8> {
 }
 
 /// Whether `route` is written plainly: `/` then parts separated by single
-/// slashes, with no slash at the end and nothing percent-encoded. Split at
-/// `/` with its empty parts left out, such a route is the string itself
-/// again, so it matches a pattern of literal segments exactly when it
-/// equals the pattern's route.
+/// slashes, with no slash at the end, no part that starts with a dot, and
+/// nothing percent-encoded. Split at `/` with its empty parts left out and
+/// its dot segments resolved, such a route is the string itself again, so
+/// it matches a pattern of literal segments exactly when it equals the
+/// pattern's route.
 fn is_plain(route: &str) -> bool {
     let bytes = route.as_bytes();
     bytes.first() == Some(&b'/')
         && bytes.last() != Some(&b'/')
-        && !bytes.windows(2).any(|w| w == b"//")
+        && !bytes.windows(2).any(|w| w == b"//" || w == b"/.")
         && !bytes.contains(&b'%')
 }
 
@@ -339,6 +377,17 @@ mod tests {
         assert!(!mp("/v1/*/POST").matches("/v1/chat%2Fcompletions", &post));
         assert!(!mp("/v1/completions/POST").matches("/v1/completions%", &post));
         assert!(!mp("/v1/completions/POST").matches("/v1/%6", &post));
+        // Dot segments are resolved, plainly or encoded.
+        assert!(mp("/v1/completions/POST").matches("/v1/./completions", &post));
+        assert!(mp("/v1/completions/POST").matches("/v1/x/../completions", &post));
+        assert!(mp("/v1/completions/POST").matches("/../v1/completions", &post));
+        assert!(mp("/v1/completions/POST").matches("/v1/x/%2e%2E/completions/.", &post));
+        assert!(mp("/v1/completions/POST").matches("/v1/a/b/../../completions", &post));
+        assert!(mp("/v1/*/POST").matches("/v1/chat/../completions", &post));
+        assert!(!mp("/v1/completions/POST").matches("/v1/completions/..", &post));
+        assert!(!mp("/v1/completions/POST").matches("/v1/completions/x/..x", &post));
+        assert!(!mp("/v1/completions/POST").matches("/v1/.../completions", &post));
+        assert!(!mp("/v1/*/POST").matches("/v1/chat/completions/./", &post));
         assert!(mp("/a%zz/GET").matches("/a%zz", &Method::GET));
         assert!(mp("/a b/GET").matches("/a%20b", &Method::GET));
         for bad in ["v1/POST", "/v1/", "/v1//x/POST", "/v1/PO ST"] {
@@ -377,6 +426,13 @@ mod tests {
             "/",
             "",
             "//",
+            "/v1/./completions",
+            "/v1/x/../completions",
+            "/v1/completions/..",
+            "/v1/.completions",
+            "/a/b/c/.",
+            "/a/x/../b/c",
+            "/..",
         ];
         for pattern in patterns {
             let p = mp(pattern);

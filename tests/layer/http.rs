@@ -763,6 +763,59 @@ async fn a_get_override_holds_head_requests_too() {
     assert_eq!(head().await.unwrap().status(), 429);
 }
 
+/// A route that forwards every `/v1/…` path (a proxy to an inference
+/// server) serves `/v1/x/../completions` as the server behind reads it once
+/// its HTTP client or router has resolved the dot segments: as
+/// `/v1/completions`. The override of that route holds it, spelt with `.`
+/// or `..` segments, plainly or percent-encoded.
+#[tokio::test]
+async fn dot_segments_do_not_take_a_request_out_of_its_override() {
+    use crate::support::server::{exchange, post_bytes};
+    use tollgate::{ApiKey, Policy, Throttle, UsagePlan};
+    let (_clock, store) = frozen_store();
+    let plan = UsagePlan::new("p")
+        .throttle(Throttle::new(1.0, 100).unwrap())
+        .method("/v1/completions/POST", Throttle::new(1.0, 2).unwrap());
+    let policy = Policy::builder()
+        .plan(plan)
+        .key(ApiKey::new("k1", KEY, "p"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy).store(store).build();
+    let app = Router::new().route("/v1/{*path}", post(ok)).layer(layer);
+    let base = serve(app).await;
+    let addr = base.trim_start_matches("http://").parse().unwrap();
+    let status = |path: &'static str| async move {
+        exchange(addr, &post_bytes(path, KEY, "{}"))
+            .await
+            .unwrap()
+            .status
+    };
+    assert_eq!(status("/v1/completions").await, 200);
+    assert_eq!(status("/v1/completions").await, 200);
+    for path in [
+        "/v1/completions",
+        "/v1/./completions",
+        "/v1/x/../completions",
+        "/v1/x/y/../../completions/.",
+        "/v1/%2e/completions",
+        "/v1/x/%2E%2e/completions",
+        "/v1/x/.%2E/completions",
+        "/v1/chat/x/../../completions",
+        "/v1/x%2F..%2Fcompletions",
+    ] {
+        assert_eq!(status(path).await, 429, "{path}");
+    }
+    // Other routes, dotted or not, are not held to it.
+    for path in [
+        "/v1/completions/../models",
+        "/v1/x/..",
+        "/v1/.../completions",
+    ] {
+        assert_eq!(status(path).await, 200, "{path}");
+    }
+}
+
 /// A request decided against many limits (the stage's, its account's, its
 /// plan's and its model's) is told every one of them in `RateLimit-Policy`,
 /// however long the value.
