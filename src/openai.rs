@@ -20,8 +20,10 @@
 //!   other parts as a chat's), not by the template's own text, which only
 //!   OpenAI holds; a body that has several of these counts them all,
 //!   whichever the server reads;
-//! - the answer: `max_completion_tokens`, else `max_tokens`, else
-//!   `max_output_tokens` (the Responses API's), else
+//! - the answer: the largest of `max_completion_tokens`, `max_tokens` and
+//!   `max_output_tokens` (the Responses API's) that the body states (servers
+//!   read different ones, so a small one beside a large one does not lower
+//!   the estimate), else
 //!   [`default_max_tokens`](OpenAiEstimator::default_max_tokens) (16, as
 //!   OpenAI's completions default), times `n` (default 1), times the number
 //!   of prompts of a completion given several; none for a request whose
@@ -191,8 +193,9 @@ impl OpenAiEstimator {
         self
     }
 
-    /// The answer's tokens when a request states no `max_completion_tokens`
-    /// nor `max_tokens` (default [`DEFAULT_MAX_TOKENS`]).
+    /// The answer's tokens when a request states none of
+    /// `max_completion_tokens`, `max_tokens` and `max_output_tokens`
+    /// (default [`DEFAULT_MAX_TOKENS`]).
     #[must_use]
     pub fn default_max_tokens(mut self, tokens: u32) -> Self {
         self.default_max_tokens = tokens;
@@ -328,13 +331,23 @@ impl OpenAiEstimator {
                 "the request body names no `model`: every completion, chat, embeddings and responses request names the model it is for",
             ));
         }
+        // Of several maximums, the largest: servers read different ones
+        // (vLLM's completions `max_tokens` alone, its Responses
+        // `max_output_tokens` alone, its chat `max_completion_tokens` unless
+        // it is 0; Ollama's chat `max_tokens`), so a small one beside a
+        // large one must not pass an answer that may take the large one.
         let max = if route == Route::Embeddings {
             0
         } else {
-            req.max_completion_tokens
-                .or(req.max_tokens)
-                .or(req.max_output_tokens)
-                .unwrap_or(self.default_max_tokens)
+            [
+                req.max_completion_tokens,
+                req.max_tokens,
+                req.max_output_tokens,
+            ]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(self.default_max_tokens)
         };
         let n = u64::from(req.n.unwrap_or(1).max(1));
         let tokens = prompt
@@ -707,14 +720,14 @@ mod tests {
             .unwrap();
         assert_eq!(
             e.tokens,
-            2 + 7 * 3,
-            "max_completion_tokens wins over max_tokens"
+            2 + 100 * 3,
+            "the larger of max_completion_tokens and max_tokens"
         );
         assert_eq!(e.model.as_deref(), Some("gpt-x"));
         let images = OpenAiEstimator::new().other_part_tokens(85);
         assert_eq!(
             images.estimate_json(body.as_bytes()).unwrap().tokens,
-            2 + 85 + 21
+            2 + 85 + 300
         );
     }
 

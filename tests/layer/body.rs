@@ -367,6 +367,48 @@ async fn an_embeddings_input_is_its_prompt_and_no_answer() {
     budget_is_whole(&layer, 100 - 2 - 11 - 6).await;
 }
 
+/// Servers read different maximums of the answer: vLLM's completions
+/// take `max_tokens` alone, its Responses `max_output_tokens` alone, and
+/// its chat reads `max_completion_tokens` only when it is not 0 (Python's
+/// `or`); Ollama's chat reads `max_tokens`. A body that states several is
+/// estimated at the largest, so that a small one beside a large one does
+/// not pass a request whose answer may take the large one.
+#[tokio::test]
+async fn an_answer_is_estimated_at_the_largest_maximum_the_body_states() {
+    let layer = layer(Some(1_000));
+    let call = |route: &str, body: &'static str| {
+        let mut req = post(Some(KEY), Full::new(Bytes::from_static(body.as_bytes())));
+        *req.uri_mut() = route.parse().unwrap();
+        echo(&layer).oneshot(req)
+    };
+    for (route, body, want) in [
+        (
+            "/v1/completions",
+            r#"{"model":"m","prompt":"abcd","max_completion_tokens":1,"max_tokens":50}"#,
+            "51",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":[{"role":"user","content":"abcd"}],"max_completion_tokens":0,"max_tokens":30}"#,
+            "31",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":[{"role":"user","content":"abcd"}],"max_tokens":2,"max_completion_tokens":20,"n":2}"#,
+            "41",
+        ),
+        (
+            "/v1/responses",
+            r#"{"model":"m","input":"abcd","max_tokens":1,"max_output_tokens":40}"#,
+            "41",
+        ),
+    ] {
+        let res = call(route, body).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{body}");
+        assert_eq!(res.headers()["x-estimate"], want, "{body}");
+    }
+}
+
 #[tokio::test]
 async fn the_estimate_from_the_body_is_charged() {
     let layer = layer(Some(100));
