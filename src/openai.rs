@@ -39,9 +39,10 @@
 //!
 //! The body's `model` is kept in the [`Estimate`]. A body that is JSON (or
 //! says it is, or says nothing of its type) is answered 400, charging
-//! nothing, when it is not valid JSON, is cut short, names no `model` (as
-//! OpenAI's API, which requires it, except of a Responses request naming a
-//! prompt template, whose template names the model), has a prompt template
+//! nothing, when it is not valid JSON, is cut short, names no `model` or an
+//! empty one (as OpenAI's API, which requires it, except of a Responses
+//! request naming a prompt template, whose template names the model; vLLM
+//! serves an empty one with its default model), has a prompt template
 //! on any other route, or has none of `prompt`, `messages` and `input`. A
 //! GET, a request with an empty body, or one whose body is not JSON and
 //! says it is something else (a `multipart/form-data` upload, a form) is
@@ -326,7 +327,11 @@ impl OpenAiEstimator {
         // A Responses request that names a prompt template may leave the
         // model to the template (OpenAI's own examples name none); it is
         // then limited as a model the plan does not name.
-        if req.model.is_none() && template.is_none() {
+        // An empty name is none: OpenAI refuses it as it does a missing
+        // one, and vLLM serves it with its default model, whichever the
+        // plan's limits name.
+        let model = req.model.filter(|m| !m.is_empty());
+        if model.is_none() && template.is_none() {
             return Err(BodyError::new(
                 "the request body names no `model`: every completion, chat, embeddings and responses request names the model it is for",
             ));
@@ -354,7 +359,7 @@ impl OpenAiEstimator {
             .total()
             .saturating_add(u64::from(max).saturating_mul(n).saturating_mul(answers));
         let mut estimate = Estimate::new(u32::try_from(tokens).unwrap_or(u32::MAX));
-        estimate.model = req.model;
+        estimate.model = model;
         Ok(estimate)
     }
 }
@@ -875,6 +880,7 @@ mod tests {
             br#"{"prompt":"abc","max_tokens":5}"#,
             br#"{"model":null,"prompt":"abc"}"#,
             br#"{"model":7,"prompt":"abc"}"#,
+            br#"{"model":"","prompt":"abc"}"#,
             b"\xff\xfe",
         ] {
             let err = e.estimate_json(body).unwrap_err();

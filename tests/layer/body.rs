@@ -625,6 +625,39 @@ async fn the_body_names_the_model_whose_limits_apply() {
     assert_eq!((status(&res), limit(&res).as_deref()), (429, Some("model")));
 }
 
+/// An empty `model` names no model: OpenAI refuses it as it refuses a
+/// missing one, and vLLM serves it with its default model, which may be the
+/// one the plan limits. It is refused as a body naming no model is, and
+/// costs nothing, rather than decided as a model the plan does not name.
+#[tokio::test]
+async fn an_empty_model_is_no_model() {
+    use tollgate::ModelLimits;
+    let plan = UsagePlan::new("llm")
+        .throttle(Throttle::new(100.0, 100).unwrap())
+        .model(
+            "big",
+            ModelLimits::new().throttle(Throttle::new(0.001, 1).unwrap()),
+        );
+    let policy = Policy::builder()
+        .plan(plan)
+        .key(ApiKey::new("k1", KEY, "llm"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .estimator(OpenAiEstimator::new())
+        .build();
+    let call = |model: &str| {
+        let body = format!(r#"{{"model":"{model}","prompt":"hi","max_tokens":1}}"#);
+        post(Some(KEY), Full::new(Bytes::from(body)))
+    };
+    for _ in 0..3 {
+        let res = echo(&layer).oneshot(call("")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    }
+    let res = echo(&layer).oneshot(call("big")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
 /// OpenAI's estimate, with its bodies checked under every plan.
 struct Checked(OpenAiEstimator);
 
