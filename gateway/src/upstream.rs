@@ -59,7 +59,7 @@ const MAX_EVENT: usize = 1024 * 1024;
 ///   client leaves before its end keeps its estimate.
 /// - Completion, chat completion, Responses, embeddings and Messages bodies
 ///   are read before the decision, for their estimate and their model's
-///   limits. A usage without `total_tokens` (the Messages API's) is its
+///   limits; one that is not JSON is refused whatever its `content-type`. A usage without `total_tokens` (the Messages API's) is its
 ///   input plus its output.
 /// - The backend's errors pass through, status and body, and cost what their
 ///   `usage` says (nothing without one); its redirects pass through
@@ -270,8 +270,27 @@ impl CostEstimator for UpstreamEstimator {
         self.reads_body(req)
     }
 
+    /// A body that is not JSON is refused whatever its `content-type`
+    /// says: the OpenAI estimate reads one that says it is something else
+    /// from its head (no tokens, no model), but these routes take JSON
+    /// alone, and llama.cpp's server and Ollama parse their bodies as JSON
+    /// whatever their type, accepting what the estimate cannot read (a
+    /// byte-order mark; bytes that are not UTF-8 or a lone surrogate in a
+    /// string), which would pass past the model's limits unestimated.
     fn estimate_body(&self, req: &RequestView<'_>, body: &[u8]) -> Result<Estimate, BodyError> {
-        self.0.estimate_body(req, body)
+        let estimate = self.0.estimate_body(req, body)?;
+        // Only an estimate naming no model may be of a body read as
+        // something else; a JSON one names its model (but for a Responses
+        // prompt template's), so the usual body is parsed once.
+        if estimate.model.is_none() && !body.iter().all(u8::is_ascii_whitespace) {
+            // Every string checked, as a `Value` does and skipping does not.
+            if let Err(e) = serde_json::from_slice::<Value>(body) {
+                return Err(BodyError::new(format!(
+                    "the request body is not valid JSON: {e}"
+                )));
+            }
+        }
+        Ok(estimate)
     }
 }
 

@@ -1240,3 +1240,91 @@ async fn a_compressed_stream_passes_as_it_comes_and_keeps_its_estimate() {
     // The estimate: the prompt's token and `max_tokens`.
     assert_eq!(s.tokens_left(899).await, 899);
 }
+
+/// llama.cpp's server and Ollama parse a completion's body as JSON whatever
+/// its `content-type` says, and accept what the estimate cannot read: a
+/// byte-order mark before it (llama.cpp), bytes that are not UTF-8 or a lone
+/// surrogate escape in a string (Go, Ollama's). Labelled `text/plain`, such
+/// a body was estimated from its head (no tokens, no model) and forwarded,
+/// past its model's limits and the token budget. On the routes whose bodies
+/// the gateway reads, a body that is not JSON is refused whatever its type,
+/// never forwarded, and costs nothing.
+#[tokio::test]
+async fn a_body_that_is_not_json_is_refused_whatever_its_content_type() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const MODELS: &str = r#"
+[[plans]]
+name = "llm"
+throttle = { rate = 1000.0, burst = 1000 }
+tokens = { per_minute = 1000 }
+[plans.models]
+"big-model" = { throttle = { rate = 0.001, burst = 1 } }
+
+[[keys]]
+id = "client"
+value = "client-key"
+plan = "llm"
+
+[response]
+style = "openai"
+"#;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&hits);
+    // Reads the body as JSON whatever its type, after a byte-order mark.
+    let backend = Router::new().route(
+        "/v1/chat/completions",
+        post(move |body: axum::body::Bytes| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let body = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&body).to_vec();
+            let text = String::from_utf8_lossy(&body).replace("\\ud800", "");
+            let parsed: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            async move {
+                axum::Json(json!({
+                    "model": parsed["model"],
+                    "choices": [],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }))
+            }
+        }),
+    );
+    let (backend, _stop) = serve(backend).await;
+    let s = front_with(MODELS, Upstream::new(&backend).unwrap()).await;
+    let chat = |content: &str| {
+        format!(
+            r#"{{"model":"big-model","messages":[{{"role":"user","content":"{content}"}}],"max_tokens":5000}}"#
+        )
+        .into_bytes()
+    };
+    let bom = [b"\xef\xbb\xbf".as_slice(), &chat("hi")].concat();
+    let not_utf8 = chat("hi \u{0}")
+        .into_iter()
+        .map(|b| if b == 0 { 0xff } else { b })
+        .collect();
+    for (ct, body) in [
+        ("text/plain", bom.clone()),
+        ("application/octet-stream", not_utf8),
+        ("text/plain", chat("\\ud800")),
+        ("application/json", bom),
+    ] {
+        let res = s
+            .client
+            .post(format!("{}/v1/chat/completions", s.base))
+            .header("authorization", "Bearer client-key")
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400, "{ct}");
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "nothing was forwarded");
+    // The model's burst of one is still whole.
+    let ok = json!({"model": "big-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5});
+    let res = s.post("/v1/chat/completions", &ok).await;
+    assert_eq!(res.status(), 200);
+    let _ = res.bytes().await;
+    assert_eq!(s.post("/v1/chat/completions", &ok).await.status(), 429);
+}
