@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use quick_cache::UnitWeighter;
 use quick_cache::sync::{Cache, DefaultLifecycle};
+use quick_cache::{UnitWeighter, Weighter};
 
 use super::{KeyResolver, Resolution, ResolveError, ResolvedKey};
 use crate::clock::Clock;
@@ -136,8 +136,8 @@ impl Resolver {
     pub(crate) fn build(self) -> Resolving {
         Resolving {
             resolver: self.resolver,
-            cache: bounded(self.capacity),
-            unknown: bounded(self.capacity),
+            cache: bounded(self.capacity, FoundWeighter),
+            unknown: bounded(self.capacity, UnitWeighter),
             positive_ttl: nanos(self.positive_ttl),
             negative_ttl: nanos(self.negative_ttl),
             timeout: self.timeout,
@@ -201,14 +201,32 @@ struct Entry {
     answer: Answer,
 }
 
-type AnswerCache = Cache<Digest, Entry, UnitWeighter, BuildDigestHasher>;
+/// Weighs the found keys' cache: a found key 1, any other answer 0. Another
+/// answer is there only for the requests that wait for its lookup, and is
+/// taken out by the lookup right after it is put there (with no wait in
+/// between); weighing nothing, it makes no found key make way for it, and
+/// a flood of guesses or failures pushes out none of the keys in use.
+#[derive(Clone, Copy)]
+struct FoundWeighter;
 
-/// A cache of at most `capacity` entries, keyed by digests.
-fn bounded<V: Clone>(capacity: usize) -> Cache<Digest, V, UnitWeighter, BuildDigestHasher> {
+impl Weighter<Digest, Entry> for FoundWeighter {
+    #[inline]
+    fn weight(&self, _: &Digest, entry: &Entry) -> u64 {
+        matches!(entry.answer, Answer::Found(_)).into()
+    }
+}
+
+type AnswerCache = Cache<Digest, Entry, FoundWeighter, BuildDigestHasher>;
+
+/// A cache of at most `capacity` entries of weight 1, keyed by digests.
+fn bounded<V: Clone, W: Weighter<Digest, V> + Clone>(
+    capacity: usize,
+    weighter: W,
+) -> Cache<Digest, V, W, BuildDigestHasher> {
     Cache::with(
         capacity,
         capacity as u64,
-        UnitWeighter,
+        weighter,
         BuildDigestHasher::default(),
         DefaultLifecycle::default(),
     )
@@ -471,6 +489,55 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 2_000);
         assert!(r.len() <= 100, "{} cached", r.len());
         assert!(r.len() >= 50, "{} cached", r.len());
+    }
+
+    /// A cache full of keys in use: values that are no key, and lookups
+    /// that fail, come and go without making any of the keys be asked again.
+    #[tokio::test]
+    async fn guesses_and_failures_push_no_key_out_of_a_full_cache() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let resolver = move |value: String| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match value.strip_prefix("key-") {
+                    Some(id) => Ok(Resolution::Found(ResolvedKey::new(id, "free"))),
+                    None if value.starts_with("fail-") => Err(ResolveError::new("down")),
+                    None => Ok(Resolution::Unknown),
+                }
+            }
+        };
+        let r = Arc::new(Resolver::new(resolver).capacity(64).build());
+        for i in 0..64 {
+            assert!(matches!(
+                look(&r, &format!("key-{i}")).await,
+                Answer::Found(_)
+            ));
+        }
+        // The keys the cache holds (its shards may leave a few out): in use.
+        let held: Vec<String> = (0..64)
+            .map(|i| format!("key-{i}"))
+            .filter(|k| r.cached(digest(k)).is_some())
+            .collect();
+        assert!(held.len() >= 48, "{}", held.len());
+        let before = calls.load(Ordering::SeqCst);
+        for i in 0..200 {
+            assert!(matches!(
+                look(&r, &format!("guess-{i}")).await,
+                Answer::Unknown
+            ));
+            assert!(matches!(
+                look(&r, &format!("fail-{i}")).await,
+                Answer::Failed(_)
+            ));
+            for k in &held {
+                if r.cached(digest(k)).is_none() {
+                    assert!(matches!(look(&r, k).await, Answer::Found(_)));
+                }
+            }
+        }
+        // One call per guess and per failure, none for the keys.
+        assert_eq!(calls.load(Ordering::SeqCst) - before, 400);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
