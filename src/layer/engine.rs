@@ -633,7 +633,8 @@ impl<K, S> Shared<K, S> {
     /// of the same id: its plan by name from `snap`, its state at the digest
     /// of its id. An unknown value, a disabled key, and a failed lookup are
     /// refused; a plan name the policy does not have is a failed lookup (and
-    /// logged when the answer is `fresh` from the resolver).
+    /// logged when the answer is `fresh` from the resolver), unless the key
+    /// is disabled: that is refused whatever it names.
     fn resolved<T>(
         &self,
         snap: &Snapshot,
@@ -647,7 +648,17 @@ impl<K, S> Shared<K, S> {
             Answer::Unknown => return Err(self.refuse(Reason::UnknownKey, Seen::maybe(req))),
             Answer::Failed(e) => return Err(self.unresolved(e, req)),
         };
-        let Some(plan) = snap.plan_named(found.key.plan()) else {
+        let plan = snap.plan_named(found.key.plan());
+        if !found.key.is_enabled() {
+            let seen = Seen {
+                plan: plan.map(|p| &**p),
+                key_id: Some(&found.id),
+                req: req.copied(),
+                model: None,
+            };
+            return Err(self.refuse(Reason::DisabledKey, seen));
+        }
+        let Some(plan) = plan else {
             if fresh {
                 tracing::warn!(
                     key_id = %found.id,
@@ -673,15 +684,6 @@ impl<K, S> Shared<K, S> {
                 }
             },
         };
-        if !found.key.is_enabled() {
-            let seen = Seen {
-                plan: Some(plan),
-                key_id: Some(&found.id),
-                req: req.copied(),
-                model: None,
-            };
-            return Err(self.refuse(Reason::DisabledKey, seen));
-        }
         let caller = Caller {
             stage: self.policy.inner.stage.as_deref(),
             account,

@@ -67,6 +67,13 @@ impl Keys {
             ("db-secret-off", "db-off", "free", None, false),
             ("db-secret-pro", "db-pro", "pro", None, true),
             ("db-secret-gone", "db-gone", "no-such-plan", None, true),
+            (
+                "db-secret-gone-off",
+                "db-gone-off",
+                "no-such-plan",
+                None,
+                false,
+            ),
         ] {
             sqlx::query("INSERT INTO api_keys VALUES (?1, ?2, ?3, ?4, ?5)")
                 .bind(sha256_hex(value))
@@ -241,6 +248,33 @@ async fn a_key_of_a_plan_the_policy_does_not_have_is_a_failed_lookup() {
         UNAVAILABLE,
     )
     .await;
+}
+
+/// A key the database says is disabled is refused as one, whatever plan
+/// it names: not a failed lookup (503, gRPC `UNAVAILABLE`), which a client
+/// retries, as if it could pass later.
+#[tokio::test]
+async fn a_disabled_database_key_of_a_plan_the_policy_does_not_have_is_403() {
+    let keys = Keys::new().await;
+    let base = serve_with(Resolver::new(keys.resolver("api_keys"))).await;
+    for _ in 0..2 {
+        assert_body(
+            get_with_key(&base, "db-secret-gone-off").await,
+            403,
+            FORBIDDEN,
+        )
+        .await;
+    }
+    let res = client()
+        .get(&base)
+        .header("x-api-key", "db-secret-gone-off")
+        .header("content-type", "application/grpc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "grpc-status"), "16");
+    assert_eq!(keys.queries(), 1);
 }
 
 #[tokio::test]
