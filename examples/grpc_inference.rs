@@ -41,7 +41,7 @@ use tollgate::{
     UsagePlan,
 };
 use tonic::body::Body;
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::server::NamedService;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -212,7 +212,10 @@ pub(crate) async fn charge_tokens(
 
 /// The `tonic::Status` for a rejection: its gRPC code and message and, for
 /// a limit, the retry delay and the limit that denied as error details,
-/// just as the layer sends them.
+/// and the wait as metadata (`grpc-retry-pushback-ms`, which gRPC's own
+/// retry policies obey, `retry-after`, `retry-after-ms`, and
+/// `x-should-retry: false` when a retry is not worth waiting for), just as
+/// the layer sends them.
 pub(crate) fn rejection_status(rejection: &Rejection) -> Status {
     let code = Code::from_i32(i32::from(rejection.grpc_status()));
     if code != Code::ResourceExhausted {
@@ -225,7 +228,23 @@ pub(crate) fn rejection_status(rejection: &Rejection) -> Status {
     if let Some(limit) = rejection.limit() {
         details.add_quota_failure_violation(limit, rejection.message());
     }
-    Status::with_error_details(code, rejection.message(), details)
+    let mut status = Status::with_error_details(code, rejection.message(), details);
+    let metadata = status.metadata_mut();
+    let ms = rejection.retry_after_ms();
+    if let (Some(secs), Some(ms)) = (rejection.retry_after_secs(), ms) {
+        metadata.insert("retry-after", secs.into());
+        metadata.insert("retry-after-ms", ms.into());
+    }
+    match ms {
+        Some(ms) if rejection.should_retry() => {
+            metadata.insert("grpc-retry-pushback-ms", ms.into());
+        }
+        _ => {
+            metadata.insert("grpc-retry-pushback-ms", MetadataValue::from_static("-1"));
+            metadata.insert("x-should-retry", MetadataValue::from_static("false"));
+        }
+    }
+    status
 }
 
 /// The interceptor form: every call of the wrapped service costs `cost`

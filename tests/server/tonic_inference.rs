@@ -238,6 +238,18 @@ async fn interceptor_rejects_like_the_layer() {
     let status = call(&channel, Some(KEY)).await.unwrap_err();
     assert_eq!(exhausted(&status), (interval(), "throttle".into()));
     assert_eq!(status.message(), "Too Many Requests");
+    // The retry metadata the layer sends, gRPC's own retry pushback first.
+    let trailer = |name: &str| {
+        status
+            .metadata()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let ms = interval().as_millis().to_string();
+    assert_eq!(trailer("grpc-retry-pushback-ms"), Some(ms.clone()));
+    assert_eq!(trailer("retry-after").as_deref(), Some("1"));
+    assert_eq!(trailer("retry-after-ms"), Some(ms));
+    assert_eq!(trailer("x-should-retry"), None);
 
     for key in [None, Some("not-registered"), Some(DISABLED_KEY)] {
         let status = call(&channel, key).await.unwrap_err();
