@@ -42,6 +42,27 @@ pub(crate) fn digest(bytes: &[u8]) -> Digest {
     Digest(u128::from(h.h1) << 64 | u128::from(h.h2))
 }
 
+/// The digest's bit that marks a registered subject's state (see
+/// [`registered`]).
+const REGISTERED: u128 = 1 << 127;
+
+/// The digest of a registered subject's state, from its name (a key's id,
+/// an account's name): [`digest`] with the top bit set, which
+/// [`state_digest`] always clears. The memory store keeps the two kinds in
+/// tables of their own by that bit, so that anonymous clients, which may
+/// come in any number, never take the room of a registered key.
+#[inline]
+pub(crate) fn id_digest(name: &[u8]) -> Digest {
+    Digest(digest(name).0 | REGISTERED)
+}
+
+/// Whether `d` is the state of a registered subject ([`id_digest`]), not
+/// of an anonymous one ([`state_digest`]).
+#[inline(always)]
+pub(crate) fn registered(d: Digest) -> bool {
+    d.0 & REGISTERED != 0
+}
+
 /// The keyed digest of a key that only places state (a per-key or client-IP
 /// key), from one 64-bit SipHash-1-3: half the work of [`digest`]. Two keys
 /// share state only if their 64-bit hashes collide (about 1 in 2^64 per pair,
@@ -53,10 +74,11 @@ pub(crate) fn digest(bytes: &[u8]) -> Digest {
 /// not through `Hash for [u8]`, which would add a length block and the
 /// `Hasher` trait's buffering: a third of the work for an 8-byte key.
 ///
-/// The high half is the hash times an odd constant (a bijection, so the
-/// digest is exactly as unique as the hash): state is placed by the low
-/// half alone, and one multiply beside the hash costs less than a
-/// finaliser's two on every decision.
+/// The high half is the hash times an odd constant, its top bit cleared
+/// (the low half is the whole hash, so the digest is exactly as unique as
+/// the hash; the cleared bit marks it anonymous, see [`registered`]):
+/// state is placed by the low half alone, and one multiply beside the hash
+/// costs less than a finaliser's two on every decision.
 #[inline]
 pub(crate) fn state_digest(bytes: &[u8]) -> Digest {
     static STATE: OnceLock<siphasher::sip::SipHasher13> = OnceLock::new();
@@ -68,7 +90,7 @@ pub(crate) fn state_digest(bytes: &[u8]) -> Digest {
         })
         .hash(bytes);
     let high = (h ^ 0x9e37_79b9_7f4a_7c15).wrapping_mul(0xff51_afd7_ed55_8ccd);
-    Digest(u128::from(high) << 64 | u128::from(h))
+    Digest((u128::from(high) << 64 | u128::from(h)) & !REGISTERED)
 }
 
 /// A hash that is the same in every process (SipHash-1-3 under a fixed key),
@@ -139,5 +161,15 @@ mod tests {
         assert_eq!(format!("{:?}", digest(b"secret")), "Digest(..)");
         let d = digest(b"k");
         assert_eq!(BuildDigestHasher::default().hash_one(d), d.0 as u64);
+    }
+
+    #[test]
+    fn registered_and_anonymous_state_are_told_apart() {
+        for i in 0..1_000u32 {
+            let name = i.to_le_bytes();
+            assert!(registered(id_digest(&name)));
+            assert!(!registered(state_digest(&name)));
+            assert_eq!(id_digest(&name).0 as u64, digest(&name).0 as u64);
+        }
     }
 }

@@ -52,7 +52,7 @@ impl KeyEntry {
     ) -> Self {
         KeyEntry {
             id: id.into(),
-            state: Key::from(hash::digest(id.as_bytes())),
+            state: Key::from(hash::id_digest(id.as_bytes())),
             plan,
             account,
             enabled,
@@ -239,7 +239,7 @@ pub(crate) struct Writer<'r> {
 impl Writer<'_> {
     /// The value digest and entry of the key with this id.
     pub(crate) fn by_id(&self, id: &str) -> Option<(Digest, &KeyEntry)> {
-        let state = Key::from(hash::digest(id.as_bytes()));
+        let state = Key::from(hash::id_digest(id.as_bytes()));
         let keys = self.keys;
         let value = self
             .index
@@ -331,7 +331,7 @@ impl Writer<'_> {
 
     /// Removes the key with this id; returns its entry.
     pub(crate) fn remove(&mut self, id: &str) -> Option<KeyEntry> {
-        let state = Key::from(hash::digest(id.as_bytes()));
+        let state = Key::from(hash::id_digest(id.as_bytes()));
         let keys = self.keys;
         let Ok(found) = self.index.by_id.find_entry(state.1, |v| {
             keys.get(v)

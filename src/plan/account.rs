@@ -143,7 +143,7 @@ impl AccountLimits {
                 .tokens
                 .as_ref()
                 .map(|t| Tokens::compile_as(t, &owner, created_at, ACCOUNT_TOKENS)),
-            digest: hash::digest(format!("\0account\0{}", account.name).as_bytes()),
+            digest: hash::id_digest(format!("\0account\0{}", account.name).as_bytes()),
             source: account.clone(),
         }
     }

@@ -185,7 +185,7 @@ impl Answer {
         match result {
             Ok(Resolution::Found(key)) => Answer::Found(Arc::new(Found {
                 id: key.id().into(),
-                state: hash::digest(key.id().as_bytes()),
+                state: hash::id_digest(key.id().as_bytes()),
                 key,
             })),
             Ok(Resolution::Unknown) => Answer::Unknown,
@@ -431,7 +431,7 @@ mod tests {
                 panic!("not found");
             };
             assert_eq!(&*found.id, "key-1");
-            assert_eq!(found.state, digest("key-1"));
+            assert_eq!(found.state, hash::id_digest(b"key-1"));
             assert_eq!(found.key.get_account(), Some("acme"));
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);

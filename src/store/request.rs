@@ -21,7 +21,7 @@ use crate::quota::QuotaSpec;
 use crate::window::Period;
 
 /// Stage limits are one state for every caller.
-const STAGE_KEY: Digest = Digest(0);
+const STAGE_KEY: Digest = Digest(1 << 127);
 
 /// Days of usage a token budget's daily or monthly quota keeps: none but the
 /// current day's (usage reports are of request quotas).

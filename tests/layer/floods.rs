@@ -156,3 +156,88 @@ async fn tokens_settled_when_the_table_is_full_are_still_charged() {
         .unwrap();
     assert!((130..=140).contains(&retry), "{retry}");
 }
+
+/// A flood of anonymous clients (one per address, behind a trusted proxy)
+/// fills every slot the cap leaves them, and is refused past it; a
+/// registered key that was idle meanwhile (so it held no slot) is still
+/// served, as are a second registered key and the account they share: the
+/// flood cannot lock paying clients out. It did: anonymous addresses and
+/// registered keys took slots of one table, and the keys were refused with
+/// the flood.
+#[tokio::test]
+async fn an_anonymous_flood_that_fills_the_table_does_not_lock_registered_keys_out() {
+    let config = tollgate::config::Config::from_toml(
+        r#"
+[[plans]]
+name = "paid"
+throttle = { rate = 1.0, burst = 5 }
+concurrency = 4
+
+[[accounts]]
+name = "acme"
+throttle = { rate = 1.0, burst = 50 }
+
+[[keys]]
+id = "one"
+value = "paid-key-one"
+plan = "paid"
+account = "acme"
+
+[[keys]]
+id = "two"
+value = "paid-key-two"
+plan = "paid"
+
+[stage]
+throttle = { rate = 1.0, burst = 100000 }
+
+[anonymous]
+mode = "ip"
+throttle = { rate = 0.001, burst = 5 }
+trusted_proxies = ["127.0.0.1/32"]
+"#,
+    )
+    .unwrap();
+    let clock = ManualClock::new();
+    let store = MemoryStore::builder()
+        .max_keys(MAX_KEYS)
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(config.policy_with_clock(clock.clone()).unwrap())
+        .store(store.clone())
+        .build();
+    let base = serve(Router::new().route("/", get(ok)).layer(layer)).await;
+    let c = client();
+    let mut refused = 0;
+    for i in 0..2_000u32 {
+        let res = c
+            .get(&base)
+            .header("x-forwarded-for", format!("10.{}.{}.1", i / 256, i % 256))
+            .send()
+            .await
+            .unwrap();
+        match res.status().as_u16() {
+            200 => {}
+            429 => refused += 1,
+            s => panic!("anonymous {i}: {s}"),
+        }
+    }
+    assert!(refused > 1_000, "the flood was never refused: {refused}");
+    for key in ["paid-key-one", "paid-key-two"] {
+        for n in 0..5 {
+            let res = c.get(&base).header("x-api-key", key).send().await.unwrap();
+            assert_eq!(res.status(), 200, "{key}, request {n}");
+        }
+        let res = c.get(&base).header("x-api-key", key).send().await.unwrap();
+        assert_eq!(res.status(), 429, "{key}: its burst is 5");
+    }
+    // The flood is still refused: the keys took none of its room.
+    let res = c
+        .get(&base)
+        .header("x-forwarded-for", "192.0.2.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+}

@@ -42,7 +42,10 @@ impl MemoryStoreBuilder {
     /// keys of one throttle each fit `n` with room to spare, and up to
     /// [`capacity`](MemoryStore::capacity) of them may when slots are free
     /// near their hash. A new key that finds no free slot in its window is refused
-    /// (429), never given a live key's slot. The table starts at 16,384 slots
+    /// (429), never given a live key's slot. Anonymous subjects (client IPs,
+    /// a per-key policy's keys) and registered ones (API keys, accounts,
+    /// the stage) each have a table of this size, so that clients without a
+    /// key never take a registered key's room. The table starts at 16,384 slots
     /// and doubles as keys come (half of its slots used), so a store
     /// used far below `n` holds about 32 to 64 bytes per key, not the whole
     /// table (see BENCHMARKS.md, "Memory").
@@ -71,7 +74,7 @@ impl MemoryStoreBuilder {
         Ok(MemoryStore {
             inner: Arc::new(Inner {
                 clock: self.clock.unwrap_or_default(),
-                table: Table::new(slots),
+                tables: [Table::new(slots), Table::new(slots)],
                 quotas: Quotas::new(self.max_keys),
                 resets: Resets::default(),
             }),

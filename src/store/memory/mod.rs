@@ -60,7 +60,7 @@ use super::{
 };
 use crate::clock::Clock;
 use crate::gcra::{MAX_SPAN, Nanos, Outcome};
-use crate::hash::Digest;
+use crate::hash::{self, Digest};
 use crate::plan::{Limit, LimitKind};
 use crate::quota::Count;
 use crate::window::Date;
@@ -83,13 +83,27 @@ pub struct MemoryStore {
 
 struct Inner {
     clock: Clock,
-    /// Throttle states and counts of requests in flight.
-    table: Table,
+    /// Throttle states and counts of requests in flight: of anonymous
+    /// subjects (client IPs, a per-key policy's keys) in the first table,
+    /// of registered ones (key ids, accounts, the stage) in the second
+    /// (see [`hash::registered`]). Each may grow to the store's cap, so that
+    /// a flood of anonymous clients, which may fill its own, never takes a
+    /// registered key's room.
+    tables: [Table; 2],
     /// Quota counters and their daily history.
     quotas: Quotas,
     /// When each token bucket was last reset: written by `reset`, read by
     /// `settle` alone, never by a decision.
     resets: Resets,
+}
+
+impl Inner {
+    /// The table of a subject's state: one for registered subjects, one for
+    /// anonymous ones.
+    #[inline(always)]
+    fn table(&self, d: Digest) -> &Table {
+        &self.tables[usize::from(hash::registered(d))]
+    }
 }
 
 impl MemoryStore {
@@ -105,8 +119,13 @@ impl MemoryStore {
 
     /// How many slots the table may grow to (twice the keys it is sized
     /// for); [`allocated_bytes`](Self::allocated_bytes) tells what it holds.
+    ///
+    /// Anonymous subjects (client IPs, a per-key policy's keys) and
+    /// registered ones (API keys, accounts, the stage) each have a table of
+    /// this size, so that a flood of clients without a key cannot take the
+    /// room of a key that has one.
     pub fn capacity(&self) -> usize {
-        self.inner.table.slots() as usize
+        self.inner.tables[0].slots() as usize
     }
 
     /// Slots that hold live state now (buckets not yet full again, requests
@@ -114,7 +133,8 @@ impl MemoryStore {
     /// a token bucket counts twice. This walks the whole table: for tests
     /// and occasional metrics, not per request.
     pub fn tracked_keys(&self) -> usize {
-        self.inner.table.live(self.inner.clock.nanos())
+        let now = self.inner.clock.nanos();
+        self.inner.tables.iter().map(|t| t.live(now)).sum()
     }
 
     /// Quota counters kept: one for each quota a subject has used (a
@@ -141,7 +161,7 @@ impl MemoryStore {
 
     /// Bytes of table allocated so far (pages are allocated on first touch).
     pub fn allocated_bytes(&self) -> usize {
-        self.inner.table.allocated_bytes()
+        self.inner.tables.iter().map(Table::allocated_bytes).sum()
     }
 
     /// Decides `req` against every throttle and the quota: all are charged,
@@ -175,7 +195,6 @@ impl MemoryStore {
         }
         let now = read.unwrap_or_else(|| clock.nanos());
         let cost = req.cost;
-        let table = &self.inner.table;
         // The TAT each throttle was charged to, for exact refunds.
         let mut charged = [None; MAX_THROTTLES];
         // A place under each concurrency cap (the plan's, the model's) is
@@ -187,6 +206,7 @@ impl MemoryStore {
         let mut tally = Tally::default();
         for (c, held) in req.caps().zip(&mut permits) {
             let slot = SlotKey::new(c.digest, c.salt);
+            let table = self.inner.table(c.digest);
             if R::HOLDS && cost > 0 && !tally.is_denied() {
                 let taken = table.update(slot, now, |v| {
                     let n = in_flight(v);
@@ -528,7 +548,7 @@ impl MemoryStore {
     fn refund_throttle(&self, t: &ThrottleRef<'_>, cost: u32, now: Nanos, mine: Nanos) {
         let limit = t.limit;
         let slot = SlotKey::new(t.digest, limit.salt);
-        let _ = self.inner.table.update(slot, now, |tat| {
+        let _ = self.inner.table(t.digest).update(slot, now, |tat| {
             (Some(limit.gcra.refund(tat, now, mine, cost)), ())
         });
     }
@@ -546,7 +566,7 @@ impl MemoryStore {
     ) -> Result<Outcome, Nanos> {
         let gcra = &t.limit.gcra;
         let slot = SlotKey::new(t.digest, t.limit.salt);
-        let table = &self.inner.table;
+        let table = self.inner.table(t.digest);
         if peek {
             return Ok(gcra.decide(table.peek(slot, now), now, cost));
         }
@@ -561,8 +581,9 @@ impl MemoryStore {
 
     /// Gives back a place under a concurrency cap.
     fn leave(&self, permit: Permit, now: Nanos) {
-        let slot = SlotKey::new(Digest(permit.place), permit.id);
-        let _ = self.inner.table.update(slot, now, |v| {
+        let place = Digest(permit.place);
+        let slot = SlotKey::new(place, permit.id);
+        let _ = self.inner.table(place).update(slot, now, |v| {
             (Some(with_in_flight(in_flight(v).saturating_sub(1))), ())
         });
     }
@@ -576,7 +597,7 @@ impl MemoryStore {
             let cost = req.cost_for(t.counts_tokens());
             let limit = t.limit;
             let slot = SlotKey::new(t.digest, limit.salt);
-            let _ = self.inner.table.update(slot, now, |tat| {
+            let _ = self.inner.table(t.digest).update(slot, now, |tat| {
                 (Some(limit.gcra.refund(tat, now, mine, cost)), ())
             });
         }
@@ -593,7 +614,7 @@ impl MemoryStore {
         let slot = SlotKey::new(t.digest, t.limit.salt);
         let mut new = 0;
         self.inner
-            .table
+            .table(t.digest)
             .update(slot, now, |tat| {
                 new = f(tat, now);
                 (Some(new), ())
@@ -676,7 +697,7 @@ impl Store for MemoryStore {
             let slot = SlotKey::new(t.digest, t.limit.salt);
             let _ = self
                 .inner
-                .table
+                .table(t.digest)
                 .update(slot, now, |tat| (Some(tat.min(now)), ()));
             // A token bucket's share reserved until now is refilled: a
             // settlement of it later gives nothing back (see `Resets`).
@@ -728,7 +749,7 @@ impl Store for MemoryStore {
                 // full: the charge waits beside it, never lost.
                 if let Err((charged, now)) = kept {
                     let slot = SlotKey::new(t.digest, t.limit.salt);
-                    self.inner.table.keep_stray(slot, charged, now);
+                    self.inner.table(t.digest).keep_stray(slot, charged, now);
                 }
             } else if let Some(until) = settlement.reserved.until {
                 // A bucket reset since the reservation refilled its share
@@ -853,7 +874,8 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::error::ConfigError;
-    use crate::hash::digest;
+    // Anonymous subjects' digests: the tests below look into the first table.
+    use crate::hash::state_digest as digest;
     use crate::plan::Throttle;
     use crate::quota::QuotaSpec;
     use crate::store::Report;
@@ -1066,6 +1088,22 @@ mod tests {
         }
         assert!(s.allocated_bytes() <= 256 * 16);
         assert_eq!(s.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn anonymous_subjects_that_fill_their_table_leave_registered_ones_room() {
+        let (s, _clock) = store(128);
+        let p = plan(1.0, 10);
+        let refused = (0..10_000u32)
+            .filter(|i| s.acquire_one(&p, digest(&i.to_le_bytes()), 1).is_err())
+            .count();
+        assert!(refused >= 10_000 - 256, "{refused}");
+        for i in 0..128u32 {
+            let k = crate::hash::id_digest(format!("key-{i}").as_bytes());
+            assert!(s.acquire_one(&p, k, 1).is_ok(), "registered key {i}");
+        }
+        assert!(s.acquire_one(&p, digest(b"one more"), 1).is_err());
+        assert_eq!(s.allocated_bytes(), 2 * 256 * 16, "each table at its cap");
     }
 
     #[test]
@@ -1337,7 +1375,7 @@ mod tests {
             );
         }
         assert_eq!(s.tracked_keys(), 40_000);
-        let mut fps = s.inner.table.fingerprints();
+        let mut fps = s.inner.tables[0].fingerprints();
         fps.sort_unstable();
         fps.dedup();
         assert_eq!(fps.len(), 40_000, "a key is stored twice");
@@ -1372,7 +1410,7 @@ mod tests {
         // 48,000 keys, 8 requests each, a bucket of 5: exactly 5 each.
         assert_eq!(admitted.into_inner(), 48_000 * 5);
         assert_eq!(s.tracked_keys(), 48_000);
-        let mut fps = s.inner.table.fingerprints();
+        let mut fps = s.inner.tables[0].fingerprints();
         let n = fps.len();
         fps.sort_unstable();
         fps.dedup();
@@ -1430,7 +1468,7 @@ mod tests {
             }
         }
         // It grew (80,000 keys from 16,384 slots), and both answers came.
-        assert!(s.inner.table.size() >= 1 << 17);
+        assert!(s.inner.tables[0].size() >= 1 << 17);
         assert!(allowed > 100_000 && denied > 10_000, "{allowed} / {denied}");
     }
 
