@@ -204,6 +204,16 @@ impl Count {
         }
     }
 
+    /// Whether the day of the last change is over at `now`, on a count
+    /// taken under `spec`'s period: [`roll`](Self::roll) under `spec` would
+    /// close that day into the history, as `spec` counts it.
+    pub(crate) fn day_over(self, spec: &QuotaSpec, now: i64) -> bool {
+        !self.is_empty()
+            && !self.is_retired()
+            && self.period == period_code(spec.period)
+            && day_of(now) > self.last_day()
+    }
+
     /// The day of the last change.
     #[inline]
     pub(crate) fn last_day(self) -> i64 {

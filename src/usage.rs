@@ -9,7 +9,7 @@ use crate::keys::{Clash, Edit, KeyEntry, Record, SharedRegistry, Update};
 use crate::plan::{ApiKey, LimitKind, Plan, UsagePlan};
 use crate::policy::{Policy, clash_error};
 use crate::resolver::Resolving;
-use crate::store::{MemoryStore, Store, StoreError, StoreFuture, Subject, ThrottleRef};
+use crate::store::{MemoryStore, QuotaRef, Store, StoreError, StoreFuture, Subject, ThrottleRef};
 use crate::window::Date;
 
 mod account;
@@ -414,7 +414,9 @@ impl<S: Store> Admin<S> {
     /// the registered keys and for the keys the resolver's cache holds on
     /// the plan; a resolved key no longer cached when the plan is put (its
     /// answer evicted) keeps its state as it was, read under the new
-    /// numbers, with a store that converts at once (the memory store).
+    /// numbers, with a store that converts at once (the memory store). A
+    /// usage report keeps what remained at the end of each day before the
+    /// change, under the limit of that day.
     ///
     /// A quota whose period changes (a week's first day among them) keeps a
     /// key's count in the window of the new period that holds the key's
@@ -430,6 +432,9 @@ impl<S: Store> Admin<S> {
         let now = self.now();
         // Checked before it is shared.
         Plan::compile(&plan, now)?;
+        // Before any request decides under the new numbers (the watcher may
+        // apply them as soon as they are shared).
+        self.requota_plan(&plan, now)?;
         let mut written = None;
         if let Some(shared) = self.shared() {
             let snap = self.policy.load();
@@ -495,6 +500,8 @@ impl<S: Store> Admin<S> {
     pub async fn put_account(&self, account: crate::Account) -> Result<(), AdminError> {
         self.registered()?;
         let now = self.now();
+        // As in `put_plan`.
+        self.requota_account(&account, now);
         let mut written = None;
         if let Some(shared) = self.shared() {
             let snap = self.policy.load();
@@ -521,6 +528,57 @@ impl<S: Store> Admin<S> {
                 .rescale(&compiled.throttle_ref(old), &compiled.throttle_ref(new));
         }
         Ok(())
+    }
+
+    /// Tells the store of each quota of the plan named as `plan` whose
+    /// numbers `plan` changes (not its period), for every registered key
+    /// ([`Store::requota`]): the days closed from now on are closed
+    /// under the numbers they were counted under, and a usage report keeps
+    /// what remained at each past day's end.
+    fn requota_plan(&self, plan: &UsagePlan, now: i64) -> Result<(), AdminError> {
+        let Some(old) = self.policy.load().plan_named(plan.name()).map(Arc::clone) else {
+            return Ok(());
+        };
+        // Dated as `Policy::put_plan` dates it.
+        let created = old.quota.map_or(now, |q| q.created_at);
+        let new = Plan::compile(plan, created)?;
+        let changed = changed_quotas(probe(&old).quotas(), || probe(&new).quotas());
+        if changed.is_empty() {
+            return Ok(());
+        }
+        // Every key, not only those on the plan now: a key moved away keeps
+        // its counters under the plan for when it comes back.
+        self.policy.keys().for_each(|entry| {
+            let subject = self.subject(&old, entry);
+            for q in subject.quotas().filter(|q| changed.contains(&q.spec.salt)) {
+                self.store.requota(&q);
+            }
+        });
+        Ok(())
+    }
+
+    /// [`requota_plan`](Self::requota_plan) for an account's quotas, which
+    /// its keys share.
+    fn requota_account(&self, account: &crate::Account, now: i64) {
+        let days = self.policy.inner.history_days as u32;
+        let Some(old) = self.policy.load().account_named(account.name()).cloned() else {
+            return;
+        };
+        let created = old.quota.map_or(now, |q| q.created_at);
+        let new = crate::plan::AccountLimits::compile(account, created);
+        fn quotas(a: &crate::plan::AccountLimits, days: u32) -> [Option<QuotaRef<'_>>; 3] {
+            let [day, month] = a.token_quotas();
+            [a.request_quota(days), day, month]
+        }
+        let old_quotas = quotas(&old, days);
+        let changed = changed_quotas(old_quotas.iter().flatten().copied(), || {
+            quotas(&new, days).into_iter().flatten()
+        });
+        for q in old_quotas.iter().flatten() {
+            if changed.contains(&q.spec.salt) {
+                self.store.requota(q);
+            }
+        }
     }
 
     /// The key with this id.
@@ -851,6 +909,32 @@ fn record(key: &ApiKey, digest: crate::hash::Digest) -> Record {
         plan: key.plan.clone(),
         account: key.account.clone(),
         enabled: key.enabled,
+    }
+}
+
+/// The salts of the quotas among `old` whose numbers differ in `new` (one
+/// with the same salt and period): those whose days a store must close
+/// under the old numbers ([`Store::requota`]).
+fn changed_quotas<'a, I>(old: impl Iterator<Item = QuotaRef<'a>>, new: impl Fn() -> I) -> Vec<u64>
+where
+    I: Iterator<Item = QuotaRef<'a>>,
+{
+    old.filter(|o| {
+        new().any(|n| {
+            n.spec.salt == o.spec.salt && n.spec.period == o.spec.period && n.spec != o.spec
+        })
+    })
+    .map(|o| o.spec.salt)
+    .collect()
+}
+
+/// `plan` counted for no one: its limits, to compare with another's.
+fn probe(plan: &Plan) -> Subject<'_> {
+    Subject {
+        plan,
+        name: b"",
+        digest: crate::hash::Digest(0),
+        history_days: 0,
     }
 }
 

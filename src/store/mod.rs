@@ -269,6 +269,18 @@ pub trait Store: Clone + Send + Sync + 'static {
         let _ = settlement;
     }
 
+    /// A quota's numbers (its limit, offset or creation) are about to
+    /// change from `old`'s while serving (a plan or account replaced). A
+    /// usage report keeps for each past day what remained at its end, under
+    /// the numbers of that day: a store that writes a day's record only
+    /// when a later day's first change closes it closes the day of `old`'s
+    /// last change now, if it is over, under `old`'s numbers. By default
+    /// nothing is done (a store that keeps each day's record as it changes,
+    /// as the Redis store does).
+    fn requota(&self, old: &QuotaRef<'_>) {
+        let _ = old;
+    }
+
     /// A throttle's numbers changed from `old` to `new` while serving (a plan
     /// replaced). A store may convert the state it keeps so that the share of
     /// the bucket in use carries over; by default nothing is done. The memory

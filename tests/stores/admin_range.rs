@@ -284,6 +284,45 @@ async fn a_window_older_than_the_history_still_reports_what_remained<B: Backend>
     assert_eq!(days(&l, jan(3), feb(2)).await, want);
 }
 
+/// A plan whose quota limit is put anew keeps what remained on the days
+/// before, for the keys on it and for a key moved away (whose counters
+/// under the plan are kept for its return): a past day reports what was
+/// left at its end under the limit of that day, not under the new one.
+async fn a_limit_put_anew_leaves_past_days_as_they_were<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let plan = |limit| {
+        UsagePlan::new("p")
+            .quota(Quota::new(limit, Period::Month).unwrap())
+            .borrow(false)
+    };
+    clock.set_wall(at(2024, 5, 1, 3_600));
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(plan(10))
+        .plan(UsagePlan::new("other").borrow(false))
+        .key(ApiKey::new("k", "v", "p"))
+        .key(ApiKey::new("away", "w", "p"))
+        .build()
+        .unwrap();
+    let l = RateLimitLayer::builder(policy)
+        .store(b.store(&clock).await)
+        .build();
+    let admin = l.admin();
+    let may = |d: u8| Date::new(2024, 5, d).unwrap();
+    l.decide(b"v", 3).await.unwrap();
+    l.decide(b"w", 4).await.unwrap();
+    admin.set_plan("away", "other").await.unwrap();
+    // Two days later the plan's limit goes up to 20.
+    clock.advance(std::time::Duration::from_secs(2 * 86_400));
+    admin.put_plan(plan(20)).await.unwrap();
+    l.decide(b"v", 1).await.unwrap();
+    admin.set_plan("away", "p").await.unwrap();
+    l.decide(b"w", 1).await.unwrap();
+    let report = admin.usage("p", may(1), may(3), None).await.unwrap();
+    assert_eq!(report.items["k"], [[3, 7], [0, 7], [1, 16]]);
+    assert_eq!(report.items["away"], [[4, 6], [0, 6], [1, 15]]);
+}
+
 on_each_backend!(
     "range":
     update_usage_takes_up_to_2_pow_53_and_refuses_more_before_the_store,
@@ -291,4 +330,5 @@ on_each_backend!(
     reset_key_forgets_the_models_limits_too,
     put_plan_keeps_a_resolved_keys_emptied_bucket_empty,
     a_window_older_than_the_history_still_reports_what_remained,
+    a_limit_put_anew_leaves_past_days_as_they_were,
 );

@@ -773,6 +773,14 @@ impl Store for MemoryStore {
         }
     }
 
+    /// Closes the day of the last change into the history now, under the
+    /// numbers it was counted under.
+    fn requota(&self, old: &QuotaRef<'_>) {
+        self.inner
+            .quotas
+            .close_day(old, self.inner.clock.wall_nanos());
+    }
+
     /// Converts the state at once: the share of the bucket in use is kept, so
     /// an emptied bucket stays empty and refills at the new rate.
     fn rescale(&self, old: &ThrottleRef<'_>, new: &ThrottleRef<'_>) {

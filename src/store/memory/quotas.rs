@@ -353,6 +353,17 @@ impl Counter {
         report(spec, &days, first, last)
     }
 
+    /// Closes the day of the last change into the history at `now`, if
+    /// that day is over, under `spec`: the numbers it was counted under,
+    /// before they change (see [`Quotas::close_day`]). What a charge at
+    /// `now` would do first, without the charge.
+    fn close_day(&self, spec: &QuotaSpec, now: i64) {
+        let mut slow = self.slow.lock();
+        if self.load(&slow).day_over(spec, now) {
+            let _ = self.change_held(&mut slow, now, spec, true, |count| (Some(count), ()));
+        }
+    }
+
     /// How the count stands (for a check that charges nothing).
     fn count(&self) -> Count {
         self.load(&self.slow.lock())
@@ -711,6 +722,18 @@ impl Quotas {
         match self.map.pin().get(&Self::key(q)) {
             Some(c) => self.counter(c).report(q.spec, first, last),
             None => report(q.spec, &[], first, last),
+        }
+    }
+
+    /// Closes the day of the last change of `q` into its history at `now`
+    /// (wall nanoseconds), if that day is over, under `q`'s numbers: those
+    /// of a quota about to change. A day is otherwise closed by the next
+    /// change on a later day, under the numbers then, which would rewrite
+    /// what remained at its end. A subject with no counter has no day to
+    /// close.
+    pub(super) fn close_day(&self, q: &QuotaRef<'_>, now: i64) {
+        if let Some(c) = self.map.pin().get(&Self::key(q)) {
+            self.counter(c).close_day(q.spec, now);
         }
     }
 
