@@ -1,6 +1,7 @@
 //! What the stores decide: the conformance suite run on the memory store and
 //! on a real `redis-server` (and Redis Cluster), stores written outside the
-//! crate, a differential test against a model of DESIGN, clock jumps, late
+//! crate, a differential test against a model of DESIGN, calendar quotas and
+//! usage reports against a second model of it, clock jumps, late
 //! settlement, the property tests that nothing is
 //! ever over-admitted, and hammers of concurrent deciders.
 //!
@@ -12,6 +13,7 @@ mod support;
 
 mod accounts;
 mod admin_range;
+mod calendar;
 mod clock_jumps;
 mod conformance;
 mod differential;
