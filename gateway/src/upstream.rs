@@ -50,8 +50,8 @@ const MAX_EVENT: usize = 1024 * 1024;
 ///   answer's `usage.total_tokens`, read as it passes; a stream's usage
 ///   chunk, which the gateway asks for (`stream_options.include_usage`) when
 ///   the client did not, and then removes from what the client sees. A
-///   stream that ends without one (the client left, the backend failed or
-///   ignores `include_usage`) is charged its prompt as the layer estimated it
+///   stream that ends without one (the client left, before the backend's
+///   first byte too, the backend failed or ignores `include_usage`) is charged its prompt as the layer estimated it
 ///   plus one token for each chunk that carried generated output (text,
 ///   reasoning, a refusal, tool call arguments). A streamed Responses
 ///   API answer is settled from the usage of its `response.completed` event
@@ -378,6 +378,8 @@ struct Prepared {
     /// body that names a `stream` other than `false` or `null`: the backend
     /// decides what it streams).
     prompt: u64,
+    /// The body names such a `stream`.
+    stream: bool,
 }
 
 fn prepare(f: &Forwarder, body: Bytes, completion: bool) -> Prepared {
@@ -385,6 +387,7 @@ fn prepare(f: &Forwarder, body: Bytes, completion: bool) -> Prepared {
         body,
         strip_usage: false,
         prompt: 0,
+        stream: false,
     };
     let Ok(Value::Object(mut req)) = serde_json::from_slice::<Value>(&prepared.body) else {
         // Not for the gateway to judge: the backend answers it.
@@ -399,6 +402,7 @@ fn prepare(f: &Forwarder, body: Bytes, completion: bool) -> Prepared {
     ) {
         return prepared;
     }
+    prepared.stream = true;
     prepared.prompt = {
         let mut prompt = req.clone();
         prompt.remove("max_tokens");
@@ -457,6 +461,7 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
     let mut headers = filter(&parts.headers, &NOT_FORWARDED, false);
     let mut strip_usage = false;
     let mut prompt = 0;
+    let mut stream = false;
     // The bodies the layer read (in memory already).
     let body = if is_estimated(&parts.method, parts.uri.path()) {
         let bytes = match axum::body::to_bytes(body, MAX_REQUEST_BODY).await {
@@ -466,6 +471,7 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
         let p = prepare(&f, bytes, is_completion(&parts.method, parts.uri.path()));
         strip_usage = p.strip_usage;
         prompt = p.prompt;
+        stream = p.stream;
         headers.remove(header::CONTENT_LENGTH);
         reqwest::Body::from(p.body)
     } else {
@@ -481,7 +487,12 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
         .headers(headers)
         .body(body)
         .send();
-    let res = match tokio::time::timeout(f.upstream.timeout, send).await {
+    // A stream whose client goes away before the backend answers (this
+    // future dropped) is charged its prompt, as one cut off after its head.
+    let waiting = Unanswered(usage.clone().filter(|_| stream).map(|u| (u, prompt)));
+    let sent = tokio::time::timeout(f.upstream.timeout, send).await;
+    waiting.answered();
+    let res = match sent {
         Ok(Ok(res)) => res,
         Ok(Err(e)) => return send_error(&f.upstream, &e, usage.as_ref()),
         Err(_) => {
@@ -498,6 +509,27 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
         }
     };
     relay(res, usage, strip_usage, prompt)
+}
+
+/// A streamed request waiting for the backend's answer: dropped before
+/// [`answered`](Self::answered) (the client went away, and the backend's
+/// request with it), the stream produced nothing, and its usage is its
+/// prompt, as a stream cut off after its head is charged.
+struct Unanswered(Option<(TokenUsage, u64)>);
+
+impl Unanswered {
+    /// The backend answered, or failed to: what follows settles the usage.
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some((usage, prompt)) = self.0.take() {
+            usage.set(prompt);
+        }
+    }
 }
 
 /// The answer when the client's body could not be read.

@@ -1328,3 +1328,61 @@ style = "openai"
     let _ = res.bytes().await;
     assert_eq!(s.post("/v1/chat/completions", &ok).await.status(), 429);
 }
+
+/// A streamed completion whose client goes away before the backend has
+/// sent a byte (a backend still queueing or reading the prompt) cancels the
+/// backend's request and is charged its prompt, as a stream cut off after
+/// its head is, plus the chunks it got: none. Its whole `max_tokens`, never
+/// produced, is not kept. A non-streamed one keeps its estimate (what the
+/// backend produced is unknown).
+#[tokio::test]
+async fn a_stream_whose_client_leaves_before_the_head_is_charged_its_prompt() {
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (dropped_tx, mut dropped) = tokio::sync::mpsc::unbounded_channel::<()>();
+    struct Dropped(tokio::sync::mpsc::UnboundedSender<()>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let slow = Router::new().route(
+        "/v1/completions",
+        post(move || {
+            let (started, dropped) = (started_tx.clone(), dropped_tx.clone());
+            async move {
+                let _dropped = Dropped(dropped);
+                let _ = started.send(());
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        }),
+    );
+    let (backend, _stop) = serve(slow).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    // 400 characters: 100 tokens of prompt, and 800 that are never produced.
+    let prompt = "abcd".repeat(100);
+    for stream in [true, false] {
+        let body = json!({"model": "m", "prompt": prompt, "max_tokens": 800, "stream": stream});
+        let client = s.client.clone();
+        let url = format!("{}/v1/completions", s.base);
+        let call = tokio::spawn(async move {
+            client
+                .post(url)
+                .header("authorization", "Bearer client-key")
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+        });
+        tokio::time::timeout(Duration::from_secs(5), started.recv())
+            .await
+            .unwrap();
+        call.abort();
+        let _ = call.await;
+        tokio::time::timeout(Duration::from_secs(5), dropped.recv())
+            .await
+            .expect("the backend's request was cancelled");
+        let left = if stream { 900 } else { 100 };
+        assert_eq!(s.tokens_left(left).await, left, "stream: {stream}");
+        s.clock.advance(Duration::from_secs(60));
+    }
+}
