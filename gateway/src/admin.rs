@@ -165,7 +165,55 @@ impl<S: Send + Sync> FromRequestParts<AdminState<S>> for Authorized {
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, String> {
-    serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))
+    serde_json::from_slice(body).map_err(|e| format!("invalid request body: {}", unquoted(&e)))
+}
+
+/// serde's message for a body that does not parse, without the value it
+/// quotes from the body. serde names what it found where it expected
+/// something else with the value itself (`invalid type: string "tg-…",
+/// expected a boolean`), and the value in an admin body may be a key's:
+/// it would be handed back in the answer, and to any log or proxy that
+/// keeps answers. The kind of value stays (`invalid type: string,
+/// expected a boolean at line 1 column 82`), and so do the names of
+/// fields, which come from the routes' types.
+fn unquoted(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    let Some((prefix, rest)) = ["invalid type: ", "invalid value: "]
+        .iter()
+        .find_map(|p| message.strip_prefix(p).map(|rest| (p, rest)))
+    else {
+        return message;
+    };
+    // serde writes a string with `{:?}` (quoted, `"` and `\` escaped),
+    // and every other value it quotes (a number, a boolean, a character)
+    // between backticks.
+    let (kind, after) = if let Some(s) = rest.strip_prefix("string \"") {
+        let mut escaped = false;
+        let end = s.char_indices().find_map(|(i, c)| match (escaped, c) {
+            (false, '"') => Some(i),
+            (false, '\\') => {
+                escaped = true;
+                None
+            }
+            _ => {
+                escaped = false;
+                None
+            }
+        });
+        match end {
+            Some(end) => ("string", &s[end + 1..]),
+            None => return format!("{prefix}string"),
+        }
+    } else {
+        match rest.split_once(" `") {
+            Some((kind, quoted)) if !kind.contains(',') => match quoted.split_once('`') {
+                Some((_, after)) => (kind, after),
+                None => return format!("{prefix}{kind}"),
+            },
+            _ => return message,
+        }
+    };
+    format!("{prefix}{kind}{after}")
 }
 
 /// The largest admin request body: a batch of keys to import.
@@ -431,5 +479,51 @@ async fn reset_key<S: Store>(
     match s.admin.reset_key(&id).await {
         Ok(()) => key_json(&s, &id),
         Err(e) => s.admin_error(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message_for<T: serde::de::DeserializeOwned>(body: &str) -> String {
+        parse_json::<T>(&Bytes::copy_from_slice(body.as_bytes()))
+            .err()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_parse_error_names_the_kind_of_value_never_the_value() {
+        let cases = [
+            (
+                message_for::<UsagePatch>(r#"{"remaining":"tg-secret"}"#),
+                "invalid request body: invalid type: string, expected u64",
+            ),
+            (
+                message_for::<UsagePatch>(r#"{"remaining":-12345}"#),
+                "invalid request body: invalid value: integer, expected u64",
+            ),
+            (
+                message_for::<KeyPatch>(r#"{"enabled":"a\"b\\c"}"#),
+                "invalid request body: invalid type: string, expected a boolean",
+            ),
+            (
+                message_for::<KeyPatch>(r#"{"enabled":null,"plan":true}"#),
+                "invalid request body: invalid type: boolean, expected a string",
+            ),
+            // Nothing quoted from the body: as serde says it.
+            (
+                message_for::<UsagePatch>(r#"{"remaining":null}"#),
+                "invalid request body: invalid type: null, expected u64",
+            ),
+            (
+                message_for::<UsagePatch>(r#"{"remaining":1,"colour":2}"#),
+                "invalid request body: unknown field `colour`, expected `remaining`",
+            ),
+        ];
+        for (got, want) in cases {
+            // Where it went wrong is told after the message.
+            assert_eq!(got.split(" at line 1").next(), Some(want), "{got}");
+        }
     }
 }

@@ -280,3 +280,79 @@ async fn a_key_that_does_not_parse_is_refused_saying_what_is_wrong() {
     let (status, _, answer) = send(&base, &case(Method::GET, "/admin/keys/k-1", "", 404)).await;
     assert_eq!(status, 404, "{answer}");
 }
+
+#[tokio::test]
+async fn a_body_that_does_not_parse_never_hands_a_key_value_back() {
+    // A key value where the route expected something else: serde's own
+    // message quotes what it found ("invalid type: string \"…\""), which
+    // would put the value in the answer, and in any log of it.
+    let secret = "tg-5eb63bbbe01eeed093cb22bb8f5acdc3";
+    let bodies = [
+        (
+            Method::POST,
+            "/admin/keys",
+            format!(r#""{secret}""#),
+            "expected struct",
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            format!(r#"["{secret}"]"#),
+            "expected struct",
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            format!(r#"{{"id":"k-1","value":"{secret}","plan":"tiny","enabled":"{secret}"}}"#),
+            "expected a boolean at line 1",
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            r#"{"id":"k-1","value":20240506123456789,"plan":"tiny"}"#.to_owned(),
+            "expected a string at line 1",
+        ),
+        (
+            Method::PATCH,
+            "/admin/keys/t-1",
+            // Quotes and backslashes, escaped in serde's quote of it.
+            json!({"enabled": format!("\"{secret}\\\", expected \\")}).to_string(),
+            "expected a boolean at line 1",
+        ),
+        (
+            Method::PATCH,
+            "/admin/keys/t-1/usage",
+            format!(r#"{{"remaining":"{secret}"}}"#),
+            "expected u64 at line 1",
+        ),
+    ];
+    for style in ["openai", "aws"] {
+        let (base, _stop) = serve(style).await;
+        for (method, path, body, says) in &bodies {
+            let c = Case {
+                method: method.clone(),
+                path,
+                key: Some("admin-secret"),
+                content_type: "application/json",
+                body: body.clone(),
+                status: 400,
+            };
+            let (status, _, answer) = send(&base, &c).await;
+            assert_eq!(status, 400, "{style} {path} {body}: {answer}");
+            let message = answer
+                .pointer("/error/message")
+                .or_else(|| answer.get("message"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            assert!(message.contains(says), "{style} {path} {body}: {answer}");
+            let text = answer.to_string();
+            for leak in [
+                secret,
+                "5eb63bbbe01eeed093cb22bb8f5acdc3",
+                "20240506123456789",
+            ] {
+                assert!(!text.contains(leak), "{style} {path} {body}: {answer}");
+            }
+        }
+    }
+}
