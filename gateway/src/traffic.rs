@@ -62,7 +62,22 @@ impl Kind {
     /// The group of a decision whose outcome is `outcome` and whose refusing
     /// limit (if any) is `limit`.
     pub(crate) fn of(outcome: Outcome, limit: Option<&str>) -> Kind {
-        let tokens = matches!(limit, Some("tokens-minute" | "tokens-day" | "tokens-month"));
+        // Every budget counted in tokens: the plan's, the account's and the
+        // model's (`LimitKind::counts_tokens`; the event names the limit).
+        let tokens = matches!(
+            limit,
+            Some(
+                "tokens-minute"
+                    | "tokens-day"
+                    | "tokens-month"
+                    | "account-tokens-minute"
+                    | "account-tokens-day"
+                    | "account-tokens-month"
+                    | "model-tokens-minute"
+                    | "model-tokens-day"
+                    | "model-tokens-month"
+            )
+        );
         match outcome {
             Outcome::Allowed => Kind::Allowed,
             Outcome::StoreFailed(_) => Kind::StoreFailure,
@@ -248,10 +263,24 @@ mod tests {
             of(Outcome::Rejected(Reason::Limited), Some("throttle")),
             Kind::Throttled
         );
-        assert_eq!(
-            of(Outcome::Rejected(Reason::Limited), Some("tokens-minute")),
-            Kind::Tokens
-        );
+        for limit in [
+            "tokens-minute",
+            "account-tokens-minute",
+            "model-tokens-minute",
+        ] {
+            assert_eq!(
+                of(Outcome::Rejected(Reason::Limited), Some(limit)),
+                Kind::Tokens,
+                "{limit}"
+            );
+        }
+        for limit in ["account", "model", "method", "stage"] {
+            assert_eq!(
+                of(Outcome::Rejected(Reason::Limited), Some(limit)),
+                Kind::Throttled,
+                "{limit}"
+            );
+        }
         assert_eq!(
             of(Outcome::Rejected(Reason::QuotaExceeded), Some("quota")),
             Kind::Quota

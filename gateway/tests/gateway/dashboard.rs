@@ -478,3 +478,61 @@ async fn ids_that_look_like_markup_are_refused_or_kept_as_plain_text() {
         .unwrap();
     assert_eq!(res.headers()["content-type"], "application/json");
 }
+
+#[tokio::test]
+async fn traffic_counts_an_accounts_or_a_models_token_budget_as_tokens() {
+    const TOKENS: &str = r#"
+[[plans]]
+name = "free"
+throttle = { rate = 1000.0, burst = 1000 }
+[plans.models]
+"big" = { tokens = { per_minute = 100 } }
+
+[[accounts]]
+name = "acme"
+tokens = { per_minute = 50 }
+
+[[keys]]
+id = "team-1"
+value = "team-key-1"
+plan = "free"
+account = "acme"
+
+[[keys]]
+id = "solo-1"
+value = "solo-key-1"
+plan = "free"
+
+[admin]
+key = "admin-secret"
+"#;
+    let (base, _stop) = crate::serve_config(TOKENS, MemoryStore::new()).await;
+    // 31 tokens each: the account's 50 take one, the model's 100 three.
+    let complete = |key: &'static str, model: &'static str| {
+        let base = base.clone();
+        async move {
+            reqwest::Client::new()
+                .post(format!("{base}/v1/completions"))
+                .header("authorization", format!("Bearer {key}"))
+                .json(&json!({"model": model, "prompt": "hi", "max_tokens": 30}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(complete("team-key-1", "small").await, 200);
+    assert_eq!(complete("team-key-1", "small").await, 429);
+    for _ in 0..3 {
+        assert_eq!(complete("solo-key-1", "big").await, 200);
+    }
+    assert_eq!(complete("solo-key-1", "big").await, 429);
+    let t = get(&base, "/admin/traffic?seconds=60").await;
+    assert_eq!(
+        t["totals"],
+        json!({"allowed": 4, "throttled": 0, "quota": 0, "tokens": 2, "concurrency": 0,
+               "store_failure": 0, "key": 0}),
+        "{t}"
+    );
+}
