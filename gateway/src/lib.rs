@@ -37,7 +37,8 @@
 //!   Prometheus text, never limited
 //! - `GET /v1/usage`: the caller's own plan and how each of its limits
 //!   stands (name, family, size, window, remaining, reset), for the key it
-//!   sends; read without charging anything
+//!   sends (without one, under `[anonymous] mode = "ip"`, for its address);
+//!   read without charging anything
 //!
 //! A request's head must arrive within `--header-timeout` (10 s; on a new
 //! connection counted from its first byte, which must come within as long),

@@ -1,6 +1,8 @@
 //! `GET /v1/usage`: the caller's own plan and how each of its limits stands,
 //! read without charging anything. A caller sees its own key's limits only:
-//! the key is the one it sends, taken as the inference routes take it.
+//! the key is the one it sends, taken as the inference routes take it. A
+//! caller without a key, which `[anonymous] mode = "ip"` lets in, sees the
+//! anonymous throttle of its own address.
 
 use axum::Json;
 use axum::body::Body;

@@ -313,6 +313,35 @@ impl<K, S: Store> Shared<K, S> {
         Step::of(result)
     }
 
+    /// [`peek_any`](Self::peek_any) for a request whose key the extractor
+    /// could not take (`error`): a request without one is limited by its
+    /// client's address under the policy's anonymous plan, as
+    /// [`decide`](Self::decide) limits it, when the policy has one; any
+    /// other is refused as the layer refuses it.
+    pub(crate) fn peek_keyless(
+        &self,
+        req: &RequestView<'_>,
+        error: KeyError,
+        report: &mut Report,
+        plan: &mut Option<Arc<str>>,
+    ) -> Step<S::Future> {
+        let refuse = |e| Step::Done(Err(refused(Rejection::key(Reason::Key(e)), None)));
+        let snap = self.policy.load();
+        let anon = match (&self.fixed, &snap.anonymous, error) {
+            (None, Some(anon), KeyError::Missing) => anon,
+            (_, _, error) => return refuse(error),
+        };
+        match anon.client_ip.extract(req) {
+            Ok(ip) => {
+                let stage = self.policy.inner.stage.as_deref();
+                let caller = Caller::unregistered(stage, &anon.plan, ip.as_bytes());
+                *plan = Some(anon.plan.name.clone());
+                self.acquire(&caller, None, 0, None, report)
+            }
+            Err(e) => refuse(e),
+        }
+    }
+
     /// [`peek_any`](Self::peek_any) for the registered key with this public
     /// id, enabled or not; `None` when no key has it.
     pub(crate) fn peek_id(

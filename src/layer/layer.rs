@@ -310,8 +310,12 @@ impl<K, S: Store> RateLimitLayer<K, S> {
 
     /// [`standing`](Self::standing) of the key the layer's extractor takes
     /// from `req`: a route that shows callers their own usage, with the key
-    /// they send to every other route. A request without a usable key is
-    /// refused as the layer refuses it (in its response style).
+    /// they send to every other route. A request without a key is read as
+    /// the layer limits it: under the policy's anonymous plan, by its
+    /// client's address, when the policy has one
+    /// ([`PolicyBuilder::anonymous`](crate::PolicyBuilder::anonymous)); a
+    /// request without a usable key is otherwise refused as the layer
+    /// refuses it (in its response style).
     ///
     /// ```
     /// use tollgate::{ApiKey, Policy, RateLimitLayer, Throttle, UsagePlan};
@@ -340,11 +344,13 @@ impl<K, S: Store> RateLimitLayer<K, S> {
         K: KeyExtractor,
     {
         let view = RequestView::new(req);
-        let standing = match self.shared.extractor.extract(&view) {
-            Ok(key) => Ok(self.standing(key.as_bytes())),
-            Err(e) => Err(self.shared.styled(Rejection::key(Reason::Key(e)))),
+        let mut report = Report::default();
+        let mut plan = None;
+        let step = match self.shared.extractor.extract(&view) {
+            Ok(key) => self.shared.peek_any(key.as_bytes(), &mut report, &mut plan),
+            Err(e) => self.shared.peek_keyless(&view, e, &mut report, &mut plan),
         };
-        async move { standing?.await }
+        stand(Arc::clone(&self.shared), step, report, plan)
     }
 
     /// A handle to change keys and plans while serving and to read usage

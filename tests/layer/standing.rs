@@ -165,3 +165,59 @@ async fn observers_are_not_told_of_a_peek() {
     layer.decide(b"secret", 1).await.unwrap();
     assert_eq!(seen.load(Ordering::Relaxed), 1);
 }
+
+/// A request without a key stands as the layer limits it: under the
+/// anonymous plan, by its client's address, when the policy has one; else
+/// it is refused as the layer refuses it.
+#[tokio::test]
+async fn a_request_without_a_key_stands_under_the_anonymous_plan() {
+    use std::net::SocketAddr;
+    use tollgate::Anonymous;
+    use tollgate::extract::ClientIp;
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let from = |addr: &str| {
+        let mut req = http::Request::new(());
+        let peer: SocketAddr = addr.parse().unwrap();
+        req.extensions_mut().insert(peer);
+        req
+    };
+    let anonymous = Anonymous::ByIp {
+        throttle: Throttle::new(1.0, 3).unwrap(),
+        client_ip: ClientIp::new(),
+    };
+    let with_anonymous = Policy::builder()
+        .clock(clock.clone())
+        .plan(UsagePlan::new("pro").throttle(Throttle::new(1.0, 5).unwrap()))
+        .key(ApiKey::new("pro-1", "secret", "pro"))
+        .anonymous(anonymous)
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(with_anonymous)
+        .store(Memory.store(&clock).await)
+        .build();
+    let fresh = layer.standing_of(&from("192.0.2.1:5000")).await.unwrap();
+    assert_eq!(fresh.plan(), "anonymous");
+    assert_eq!(of(&fresh, "throttle"), (3, 3));
+    // A key is still read as its own.
+    let mut keyed = from("192.0.2.1:5000");
+    keyed
+        .headers_mut()
+        .insert("x-api-key", http::HeaderValue::from_static("secret"));
+    assert_eq!(layer.standing_of(&keyed).await.unwrap().plan(), "pro");
+    // Without an address the request cannot be limited: refused, as the
+    // layer refuses it.
+    let nowhere = layer.standing_of(&http::Request::new(())).await;
+    assert!(nowhere.is_err());
+
+    // Without an anonymous plan, refused.
+    let layer = RateLimitLayer::builder(policy(&clock)).build();
+    let refused = layer
+        .standing_of(&from("192.0.2.1:5000"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.reason(),
+        Reason::Key(tollgate::extract::KeyError::Missing)
+    );
+}

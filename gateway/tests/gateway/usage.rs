@@ -202,3 +202,33 @@ async fn a_refusal_is_worded_as_the_429_would_word_it() {
         "Rate limit reached for tokens (tokens-minute)."
     );
 }
+
+#[tokio::test]
+async fn a_caller_without_a_key_limited_by_its_address_reads_its_own_limits() {
+    // `[anonymous] mode = "ip"`: requests without a key are served under
+    // the anonymous throttle, counted per client address; such a caller's
+    // own plan is that throttle, as the inference routes apply it.
+    let toml =
+        format!("{CONFIG}\n[anonymous]\nmode = \"ip\"\nthrottle = {{ rate = 0.001, burst = 3 }}\n");
+    let (base, _stop) = crate::serve_config(&toml, MemoryStore::new()).await;
+    let (status, fresh) = usage(&base, None).await;
+    assert_eq!(status, 200, "{fresh}");
+    assert_eq!(fresh["plan"], "anonymous", "{fresh}");
+    assert_eq!(of(&fresh, "throttle"), (3, 3));
+    let res = reqwest::Client::new()
+        .post(format!("{base}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let (status, used) = usage(&base, None).await;
+    assert_eq!(status, 200, "{used}");
+    assert_eq!(of(&used, "throttle"), (2, 3), "{used}");
+    // A key is still read as its own, and an unknown one still refused.
+    let (_, free) = usage(&base, Some(("x-api-key", "free-secret"))).await;
+    assert_eq!(free["plan"], "free");
+    let (status, _) = usage(&base, Some(("x-api-key", "nobody"))).await;
+    assert_eq!(status, 401);
+}
