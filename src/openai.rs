@@ -43,7 +43,14 @@
 //! empty one (as OpenAI's API, which requires it, except of a Responses
 //! request naming a prompt template, whose template names the model; vLLM
 //! serves an empty one with its default model), has a prompt template
-//! on any other route, or has none of `prompt`, `messages` and `input`. A
+//! on any other route, has none of `prompt`, `messages` and `input`, or
+//! holds a key that differs only in case from a field the estimate reads
+//! (`"Model"` or `"MAX_TOKENS"` beside the body's own, a message's
+//! `"Content"`, a part's `"Text"`; `stream` and `stream_options` too): Go's
+//! `encoding/json`, which Ollama's server uses, takes such a key for the
+//! field (the last one wins), where the estimate, as Python's and Rust's
+//! servers, reads the exact name alone, so the request would be limited as
+//! one model and served as another. A
 //! GET, a request with an empty body, or one whose body is not JSON and
 //! says it is something else (a `multipart/form-data` upload, a form) is
 //! estimated from its head as [`ExtensionEstimate`] does. Every
@@ -96,6 +103,7 @@ use std::sync::Arc;
 
 use http::Method;
 use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 #[cfg(feature = "tiktoken")]
 use tiktoken_rs::CoreBPE;
 
@@ -596,7 +604,7 @@ fn cut(text: &str, max: usize) -> usize {
 }
 
 /// The fields of a request body the estimate reads; the others are skipped.
-#[derive(Deserialize)]
+#[derive(Default)]
 struct Body {
     model: Option<String>,
     prompt: Option<PromptOf>,
@@ -608,6 +616,154 @@ struct Body {
     /// The Responses API's bound on the answer.
     max_output_tokens: Option<u32>,
     n: Option<u32>,
+}
+
+/// The keys of a body's top level the estimate reads or a server's answer
+/// depends on (`stream`, `stream_options`: whether it streams, and with its
+/// usage), in [`Body`]'s order.
+const BODY_FIELDS: &[&str] = &[
+    "model",
+    "prompt",
+    "messages",
+    "input",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n",
+    "stream",
+    "stream_options",
+];
+
+impl<'de> Deserialize<'de> for Body {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = Body;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a request body object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Body, A::Error> {
+                let mut body = Body::default();
+                let mut keys = Keys::new(BODY_FIELDS);
+                while let Some(field) = keys.next(&mut map)? {
+                    match field {
+                        Some(0) => body.model = map.next_value()?,
+                        Some(1) => body.prompt = map.next_value()?,
+                        Some(2) => body.messages = map.next_value()?,
+                        Some(3) => body.input = map.next_value()?,
+                        Some(4) => body.max_tokens = map.next_value()?,
+                        Some(5) => body.max_completion_tokens = map.next_value()?,
+                        Some(6) => body.max_output_tokens = map.next_value()?,
+                        Some(7) => body.n = map.next_value()?,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(body)
+            }
+        }
+        d.deserialize_map(Fields)
+    }
+}
+
+/// Reads the keys of an object the estimate reads: each of `names` at most
+/// once, and none that differs from one of them only in case.
+///
+/// Go's `encoding/json` (Ollama's server, and other Go servers) matches an
+/// object's keys to a struct's fields without regard to case, the last
+/// match winning, and folds the Kelvin sign `K` (U+212A) to `k` and the
+/// long `ſ` (U+017F) to `s` as well: to it `{"model":"a","Model":"b"}`
+/// names `b`. Python's and Rust's servers read the exact names alone. A
+/// key that one server reads as a field and another skips is refused, so
+/// that every server reads the fields the estimate read.
+struct Keys {
+    names: &'static [&'static str],
+    /// The fields seen so far, a bit each.
+    seen: u32,
+}
+
+impl Keys {
+    fn new(names: &'static [&'static str]) -> Self {
+        debug_assert!(names.len() <= 32);
+        Keys { names, seen: 0 }
+    }
+
+    /// The next key of `map`: `Some(Some(i))` for `names[i]`, `Some(None)`
+    /// for another, whose value the caller skips; `None` at the object's
+    /// end.
+    fn next<'de, A: MapAccess<'de>>(
+        &mut self,
+        map: &mut A,
+    ) -> Result<Option<Option<usize>>, A::Error> {
+        let key = map.next_key_seed(KeyOf(self.names))?;
+        if let Some(Some(i)) = key {
+            if self.seen & (1 << i) != 0 {
+                return Err(<A::Error as de::Error>::duplicate_field(self.names[i]));
+            }
+            self.seen |= 1 << i;
+        }
+        Ok(key)
+    }
+
+    /// Whether `names[i]` was seen.
+    fn has(&self, i: usize) -> bool {
+        self.seen & (1 << i) != 0
+    }
+}
+
+/// Reads a key as the index of the name in the slice it is, without
+/// keeping the key: `None` for a key that is none of them.
+struct KeyOf(&'static [&'static str]);
+
+impl<'de> DeserializeSeed<'de> for KeyOf {
+    type Value = Option<usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for KeyOf {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        if let Some(i) = self.0.iter().position(|&name| name == key) {
+            return Ok(Some(i));
+        }
+        match self.0.iter().find(|&&name| folds_to(key, name)) {
+            Some(name) => Err(E::custom(format_args!(
+                "the request body's key `{key}` differs from `{name}` only in case, \
+                 and servers disagree on whether it is `{name}`: spell it `{name}`"
+            ))),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Whether Go's `encoding/json` takes `key` for the field `name` (ASCII,
+/// lower case): the same letters whatever their case, with the Kelvin sign
+/// for `k` and the long `ſ` for `s` (the only characters outside ASCII
+/// that Unicode's simple case folding maps to an ASCII letter).
+fn folds_to(key: &str, name: &str) -> bool {
+    let mut name = name.bytes();
+    for c in key.chars() {
+        let c = match c {
+            '\u{212A}' => 'k',
+            '\u{17F}' => 's',
+            c => c.to_ascii_lowercase(),
+        };
+        if name.next().map(char::from) != Some(c) {
+            return false;
+        }
+    }
+    name.next().is_none()
 }
 
 #[derive(Deserialize)]
@@ -632,13 +788,41 @@ enum PromptOf {
 
 /// A prompt template stored at OpenAI, by its `id` (and `version`), with
 /// the `variables` that fill it in.
-#[derive(Deserialize)]
 struct Template {
-    /// Required, as OpenAI requires it; the estimate has no use for it.
-    #[serde(rename = "id")]
-    _id: serde::de::IgnoredAny,
-    #[serde(default)]
     variables: Option<std::collections::BTreeMap<String, Variable>>,
+}
+
+impl<'de> Deserialize<'de> for Template {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = Template;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a prompt template")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Template, A::Error> {
+                let mut template = Template { variables: None };
+                let mut keys = Keys::new(&["id", "variables"]);
+                while let Some(field) = keys.next(&mut map)? {
+                    match field {
+                        Some(1) => template.variables = map.next_value()?,
+                        // The id, required as OpenAI requires it, of no
+                        // use to the estimate; or another field.
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                if !keys.has(0) {
+                    return Err(<A::Error as de::Error>::missing_field("id"));
+                }
+                Ok(template)
+            }
+        }
+        d.deserialize_map(Fields)
+    }
 }
 
 /// A template variable's value: text, or an input part (`input_text`,
@@ -659,10 +843,37 @@ enum Prompt {
     IdLists(Vec<Vec<u32>>),
 }
 
-#[derive(Deserialize)]
+/// A chat's message, or a Responses request's item.
 struct Message {
-    #[serde(default)]
     content: Option<Content>,
+}
+
+impl<'de> Deserialize<'de> for Message {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = Message;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a message")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Message, A::Error> {
+                let mut message = Message { content: None };
+                let mut keys = Keys::new(&["content"]);
+                while let Some(field) = keys.next(&mut map)? {
+                    match field {
+                        Some(_) => message.content = map.next_value()?,
+                        None => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(message)
+            }
+        }
+        d.deserialize_map(Fields)
+    }
 }
 
 #[derive(Deserialize)]
@@ -672,11 +883,40 @@ enum Content {
     Parts(Vec<Part>),
 }
 
-#[derive(Deserialize)]
+/// A content part: its `type` and, of a text part, its `text`.
 struct Part {
-    #[serde(rename = "type")]
     kind: String,
     text: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Part {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = Part;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a content part")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Part, A::Error> {
+                let (mut kind, mut text) = (None, None);
+                let mut keys = Keys::new(&["type", "text"]);
+                while let Some(field) = keys.next(&mut map)? {
+                    match field {
+                        Some(0) => kind = Some(map.next_value::<String>()?),
+                        Some(_) => text = map.next_value()?,
+                        None => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                let kind = kind.ok_or_else(|| <A::Error as de::Error>::missing_field("type"))?;
+                Ok(Part { kind, text })
+            }
+        }
+        d.deserialize_map(Fields)
+    }
 }
 
 #[cfg(test)]

@@ -732,3 +732,119 @@ async fn a_body_checked_under_every_plan_is_400_and_costs_nothing_without_a_budg
     let res = echo(&layer).oneshot(call()).await.unwrap();
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
 }
+
+/// Go's `encoding/json` (Ollama's server) takes a key for a struct's field
+/// whatever its case (the Kelvin sign for `k` and the long `ſ` for `s`
+/// too), the last one winning: `{"model":"small","Model":"big"}` is `big`
+/// to it, and a message's `"Content"` its content. A body holding a key that
+/// differs from a field the estimate reads only in case, at any level, is
+/// refused with the reason, and costs nothing; keys of the objects the
+/// estimate does not read (a tool's parameters, metadata) are the client's.
+#[tokio::test]
+async fn a_key_that_differs_from_a_field_only_in_case_is_refused() {
+    let layer = RateLimitLayer::builder(policy(Some(100)))
+        .estimator(OpenAiEstimator::new())
+        .style(tollgate::ResponseStyle::OpenAi)
+        .build();
+    let call = |route: &str, body: &str| {
+        let mut req = post(Some(KEY), Full::new(Bytes::from(body.to_owned())));
+        *req.uri_mut() = route.parse().unwrap();
+        echo(&layer).oneshot(req)
+    };
+    for (route, body, key) in [
+        (
+            "/v1/chat/completions",
+            r#"{"model":"small","Model":"big","messages":[{"role":"user","content":"hi"}],"max_tokens":1}"#,
+            "Model",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"m","prompt":"hi","max_tokens":1,"MAX_TOKENS":500}"#,
+            "MAX_TOKENS",
+        ),
+        (
+            "/v1/completions",
+            "{\"model\":\"m\",\"prompt\":\"hi\",\"max_tokens\":1,\"max_to\u{212A}ens\":500}",
+            "max_to\u{212A}ens",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"Max_Completion_Tokens":500,"max_tokens":1}"#,
+            "Max_Completion_Tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1,"N":8}"#,
+            "N",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":[{"role":"user","content":"hi","Content":"a long text"}],"max_tokens":1}"#,
+            "Content",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","Messages":[{"role":"user","content":"a long text"}],"messages":[],"max_tokens":1}"#,
+            "Messages",
+        ),
+        (
+            "/v1/completions",
+            "{\"model\":\"m\",\"prompt\":\"hi\",\"max_tokens\":1,\"\u{17F}tream\":true}",
+            "\u{17F}tream",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"m","prompt":"hi","max_tokens":1,"stream":true,"Stream_Options":{"include_usage":false}}"#,
+            "Stream_Options",
+        ),
+        (
+            "/v1/responses",
+            r#"{"model":"m","input":"hi","Max_Output_Tokens":500,"max_output_tokens":1}"#,
+            "Max_Output_Tokens",
+        ),
+        (
+            "/v1/embeddings",
+            r#"{"model":"m","input":"hi","INPUT":"a long text"}"#,
+            "INPUT",
+        ),
+    ] {
+        let res = call(route, body).await.unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
+        let message = json["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("`{key}`")), "{body}: {message}");
+    }
+    // Nested in content parts and Responses items, refused all the same.
+    for (route, body) in [
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi","TEXT":"a long text"}]}],"max_tokens":1}"#,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":[{"role":"user","content":[{"Type":"text","type":"image_url","text":"a long text"}]}],"max_tokens":1}"#,
+        ),
+        (
+            "/v1/responses",
+            r#"{"model":"m","input":[{"role":"user","CONTENT":"a long text"}],"max_output_tokens":1}"#,
+        ),
+        (
+            "/v1/responses",
+            r#"{"prompt":{"id":"pmpt_1","Variables":{"a":"a long text"}},"max_output_tokens":1}"#,
+        ),
+    ] {
+        let res = call(route, body).await.unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{body}");
+    }
+    budget_is_whole(&layer, 100).await;
+    // The keys of a tool's parameters, or of metadata, are not the body's.
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1,
+        "metadata":{"Model":"x","N":"2"},
+        "tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object",
+            "properties":{"Model":{"type":"string"},"Content":{"type":"string"}}}}}]}"#;
+    let mut req = post(Some(KEY), Full::new(Bytes::from_static(body.as_bytes())));
+    *req.uri_mut() = "/v1/chat/completions".parse().unwrap();
+    let res = echo(&self::layer(Some(100))).oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-estimate"], "2");
+}

@@ -1386,3 +1386,129 @@ async fn a_stream_whose_client_leaves_before_the_head_is_charged_its_prompt() {
         s.clock.advance(Duration::from_secs(60));
     }
 }
+
+/// Go's `encoding/json` (Ollama's server) matches an object's keys to a
+/// struct's fields case-insensitively (folding the Kelvin sign `K` to `k`
+/// and the long `ſ` to `s` as well), the last match winning: a body
+/// `{"model":"small","Model":"big-model"}` is `big-model` to it. The
+/// gateway read such a body as its exactly spelled fields, so the request
+/// was limited as `small` (and its `"Max_tokens"` or a message's
+/// `"Content"` estimated as absent) and served as `big-model`. A body with
+/// a key that differs from a field the estimate reads only in case, at any
+/// level, is refused, never forwarded, and costs nothing.
+#[tokio::test]
+async fn a_key_spelled_in_another_case_is_refused_not_forwarded() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const MODELS: &str = r#"
+[[plans]]
+name = "llm"
+throttle = { rate = 1000.0, burst = 1000 }
+tokens = { per_minute = 1000 }
+[plans.models]
+"big-model" = { throttle = { rate = 0.001, burst = 1 } }
+
+[[keys]]
+id = "client"
+value = "client-key"
+plan = "llm"
+
+[response]
+style = "openai"
+"#;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&hits);
+    // Answers with the model it would serve, as Go would decode it.
+    let backend = Router::new().fallback(post(move |axum::Json(body): axum::Json<Value>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        let folded = |k: &str| {
+            k.chars()
+                .map(|c| match c {
+                    '\u{212A}' => 'k',
+                    '\u{17F}' => 's',
+                    c => c.to_ascii_lowercase(),
+                })
+                .collect::<String>()
+        };
+        let model = body
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| folded(k) == "model")
+            .map(|(_, v)| v.clone())
+            .next_back();
+        async move {
+            axum::Json(json!({
+                "model": model,
+                "choices": [],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }))
+        }
+    }));
+    let (backend, _stop) = serve(backend).await;
+    let s = front_with(MODELS, Upstream::new(&backend).unwrap()).await;
+    let long = "abcd".repeat(1000);
+    for (route, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"model": "small", "Model": "big-model", "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "small", "MODEL": "big-model", "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "small", "prompt": "hi", "max_tokens": 1, "Max_Tokens": 5000}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "small", "prompt": "hi", "max_tokens": 1, "max_to\u{212A}ens": 5000}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "small", "messages": [{"role": "user", "content": "hi"}], "Messages": [{"role": "user", "content": long}]}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "small", "messages": [{"role": "user", "content": "hi", "Content": long}]}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "small", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "Text": long}]}]}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "small", "prompt": "hi", "\u{17F}tream": true}),
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "small", "input": "hi", "Input": long}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "small", "input": [{"role": "user", "CONTENT": long}]}),
+        ),
+    ] {
+        let res = s.post(route, &body).await;
+        assert_eq!(res.status(), 400, "{route} {body}");
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "nothing was forwarded");
+    assert_eq!(s.tokens_left(1000).await, 1000);
+    // Keys of other objects (a tool's parameters) are the client's own.
+    let tool = json!({"model": "small", "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"Model": {"type": "string"}, "N": {"type": "integer"}}}}}]});
+    let res = s.post("/v1/chat/completions", &tool).await;
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["model"], "small");
+    // The model's burst of one is still whole.
+    let ok = json!({"model": "big-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5});
+    let res = s.post("/v1/chat/completions", &ok).await;
+    assert_eq!(res.status(), 200);
+    let _ = res.bytes().await;
+    assert_eq!(s.post("/v1/chat/completions", &ok).await.status(), 429);
+}
