@@ -20,10 +20,12 @@
 //!   other parts as a chat's), not by the template's own text, which only
 //!   OpenAI holds; a body that has several of these counts them all,
 //!   whichever the server reads;
-//! - the answer: the largest of `max_completion_tokens`, `max_tokens` and
-//!   `max_output_tokens` (the Responses API's) that the body states (servers
-//!   read different ones, so a small one beside a large one does not lower
-//!   the estimate), else
+//! - the answer: the largest of `max_completion_tokens`, `max_tokens`,
+//!   `max_output_tokens` (the Responses API's) and `n_predict` (llama.cpp's
+//!   server's, which it reads before `max_tokens`; a negative one, no bound,
+//!   counts as none stated) that the body states (servers read different
+//!   ones, so a small one beside a large one does not lower the estimate),
+//!   else
 //!   [`default_max_tokens`](OpenAiEstimator::default_max_tokens) (16, as
 //!   OpenAI's completions default), times `n` (default 1), times the number
 //!   of prompts of a completion given several; none for a request whose
@@ -203,8 +205,8 @@ impl OpenAiEstimator {
     }
 
     /// The answer's tokens when a request states none of
-    /// `max_completion_tokens`, `max_tokens` and `max_output_tokens`
-    /// (default [`DEFAULT_MAX_TOKENS`]).
+    /// `max_completion_tokens`, `max_tokens`, `max_output_tokens` and
+    /// `n_predict`, or a negative `n_predict` (default [`DEFAULT_MAX_TOKENS`]).
     #[must_use]
     pub fn default_max_tokens(mut self, tokens: u32) -> Self {
         self.default_max_tokens = tokens;
@@ -347,8 +349,17 @@ impl OpenAiEstimator {
         // Of several maximums, the largest: servers read different ones
         // (vLLM's completions `max_tokens` alone, its Responses
         // `max_output_tokens` alone, its chat `max_completion_tokens` unless
-        // it is 0; Ollama's chat `max_tokens`), so a small one beside a
-        // large one must not pass an answer that may take the large one.
+        // it is 0; Ollama's chat `max_tokens`; llama.cpp's `n_predict`
+        // before `max_tokens`), so a small one beside a large one must not
+        // pass an answer that may take the large one. A negative
+        // `n_predict` is llama.cpp's "no bound": as much as none stated.
+        let n_predict = req.n_predict.map(|n| {
+            u32::try_from(n).unwrap_or(if n < 0 {
+                self.default_max_tokens
+            } else {
+                u32::MAX
+            })
+        });
         let max = if route == Route::Embeddings {
             0
         } else {
@@ -356,6 +367,7 @@ impl OpenAiEstimator {
                 req.max_completion_tokens,
                 req.max_tokens,
                 req.max_output_tokens,
+                n_predict,
             ]
             .into_iter()
             .flatten()
@@ -616,6 +628,9 @@ struct Body {
     /// The Responses API's bound on the answer.
     max_output_tokens: Option<u32>,
     n: Option<u32>,
+    /// llama.cpp's server's bound on the answer, which it reads before
+    /// `max_tokens`; a negative one bounds it by the context alone.
+    n_predict: Option<i64>,
 }
 
 /// The keys of a body's top level the estimate reads or a server's answer
@@ -630,6 +645,7 @@ const BODY_FIELDS: &[&str] = &[
     "max_completion_tokens",
     "max_output_tokens",
     "n",
+    "n_predict",
     "stream",
     "stream_options",
 ];
@@ -657,6 +673,7 @@ impl<'de> Deserialize<'de> for Body {
                         Some(5) => body.max_completion_tokens = map.next_value()?,
                         Some(6) => body.max_output_tokens = map.next_value()?,
                         Some(7) => body.n = map.next_value()?,
+                        Some(8) => body.n_predict = map.next_value()?,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }

@@ -408,6 +408,7 @@ fn prepare(f: &Forwarder, body: Bytes, completion: bool) -> Prepared {
         prompt.remove("max_tokens");
         prompt.remove("max_completion_tokens");
         prompt.remove("max_output_tokens");
+        prompt.remove("n_predict");
         serde_json::to_vec(&prompt)
             .ok()
             .and_then(|b| f.prompt.estimate_json(&b).ok())
@@ -1089,6 +1090,9 @@ mod tests {
             (p.body.as_ref(), p.strip_usage, p.prompt),
             (lenient.as_bytes(), false, 2)
         );
+        // llama.cpp's bound on the answer is no part of the prompt.
+        let bounded = r#"{"model":"m","prompt":"abcdefgh","stream":"true","n_predict":500}"#;
+        assert_eq!(prepare(&f, Bytes::from(bounded), true).prompt, 2);
         let plain = r#"{"model":"m","prompt":"abcdefgh","stream":false}"#;
         assert_eq!(prepare(&f, Bytes::from(plain), true).prompt, 0);
         // A Responses stream is charged its input, and goes on as it came.

@@ -848,3 +848,56 @@ async fn a_key_that_differs_from_a_field_only_in_case_is_refused() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["x-estimate"], "2");
 }
+
+/// llama.cpp's server bounds the answer by `n_predict`, its own name, which
+/// wins over `max_tokens` when both are there (a negative one bounds it by
+/// nothing but the context). The estimate counts it as it counts the other
+/// maximums: a `"max_tokens": 1` beside `"n_predict": 500` does not pass a
+/// request whose answer may take 500 tokens as one of 1.
+#[tokio::test]
+async fn llama_cpps_n_predict_is_a_maximum_the_body_states() {
+    let layer = layer(Some(1_000));
+    let call = |route: &str, body: &'static str| {
+        let mut req = post(Some(KEY), Full::new(Bytes::from_static(body.as_bytes())));
+        *req.uri_mut() = route.parse().unwrap();
+        echo(&layer).oneshot(req)
+    };
+    for (route, body, want) in [
+        (
+            "/v1/completions",
+            r#"{"model":"m","prompt":"abcd","max_tokens":1,"n_predict":500}"#,
+            "501",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":[{"role":"user","content":"abcd"}],"n_predict":40}"#,
+            "41",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":[{"role":"user","content":"abcd"}],"max_tokens":30,"n_predict":5}"#,
+            "31",
+        ),
+        // Unbounded: at least what a body stating no maximum is estimated.
+        (
+            "/v1/completions",
+            r#"{"model":"m","prompt":"abcd","max_tokens":1,"n_predict":-1}"#,
+            "17",
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"m","prompt":"abcd","max_tokens":1,"n_predict":null}"#,
+            "2",
+        ),
+        // An embedding's answer is vectors, whatever the body says.
+        (
+            "/v1/embeddings",
+            r#"{"model":"m","input":"abcd","n_predict":500}"#,
+            "1",
+        ),
+    ] {
+        let res = call(route, body).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{body}");
+        assert_eq!(res.headers()["x-estimate"], want, "{body}");
+    }
+}
