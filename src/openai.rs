@@ -19,7 +19,9 @@
 //!   counted by its variables (strings, and `input_text` parts, as text;
 //!   other parts as a chat's), not by the template's own text, which only
 //!   OpenAI holds; a body that has several of these counts them all,
-//!   whichever the server reads;
+//!   whichever the server reads; and a system prompt beside them, a
+//!   Responses request's `instructions` or a Messages request's (Anthropic's
+//!   shape) `system`, text or text blocks;
 //! - the answer: the largest of `max_completion_tokens`, `max_tokens`,
 //!   `max_output_tokens` (the Responses API's) and `n_predict` (llama.cpp's
 //!   server's, which it reads before `max_tokens`; a negative one, no bound,
@@ -250,11 +252,17 @@ impl OpenAiEstimator {
     /// [`other_part_tokens`](Self::other_part_tokens) each.
     fn messages(&self, tally: &mut Tally<'_>, messages: &[Message]) {
         for m in messages {
-            match &m.content {
-                Some(Content::Text(t)) => tally.text(t),
-                Some(Content::Parts(parts)) => parts.iter().for_each(|p| self.part(tally, p)),
-                None => {}
+            if let Some(content) = &m.content {
+                self.content(tally, content);
             }
+        }
+    }
+
+    /// Counts a message's content: its text, or its parts.
+    fn content(&self, tally: &mut Tally<'_>, content: &Content) {
+        match content {
+            Content::Text(t) => tally.text(t),
+            Content::Parts(parts) => parts.iter().for_each(|p| self.part(tally, p)),
         }
     }
 
@@ -324,6 +332,10 @@ impl OpenAiEstimator {
         }
         if let Some(messages) = &req.messages {
             self.messages(&mut prompt, messages);
+        }
+        // The system message the server puts before the others.
+        for system in [&req.instructions, &req.system].into_iter().flatten() {
+            self.content(&mut prompt, system);
         }
         match input {
             // An input is one answer, however many texts it holds: an
@@ -631,6 +643,11 @@ struct Body {
     /// llama.cpp's server's bound on the answer, which it reads before
     /// `max_tokens`; a negative one bounds it by the context alone.
     n_predict: Option<i64>,
+    /// A Responses request's system message.
+    instructions: Option<Content>,
+    /// A Messages request's (Anthropic's shape) system prompt: text, or
+    /// text blocks.
+    system: Option<Content>,
 }
 
 /// The keys of a body's top level the estimate reads or a server's answer
@@ -646,6 +663,8 @@ const BODY_FIELDS: &[&str] = &[
     "max_output_tokens",
     "n",
     "n_predict",
+    "instructions",
+    "system",
     "stream",
     "stream_options",
 ];
@@ -674,6 +693,8 @@ impl<'de> Deserialize<'de> for Body {
                         Some(6) => body.max_output_tokens = map.next_value()?,
                         Some(7) => body.n = map.next_value()?,
                         Some(8) => body.n_predict = map.next_value()?,
+                        Some(9) => body.instructions = map.next_value()?,
+                        Some(10) => body.system = map.next_value()?,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }

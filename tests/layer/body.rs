@@ -901,3 +901,50 @@ async fn llama_cpps_n_predict_is_a_maximum_the_body_states() {
         assert_eq!(res.headers()["x-estimate"], want, "{body}");
     }
 }
+
+/// A Responses request's `instructions` and a Messages request's `system`
+/// are the prompt's first message to every server that serves them (vLLM,
+/// llama.cpp's server, Ollama): they are counted as its text, not left out
+/// of the estimate while the model reads them.
+#[tokio::test]
+async fn instructions_and_a_system_prompt_are_counted() {
+    let layer = layer(Some(1_000));
+    let call = |route: &str, body: String| {
+        let mut req = post(Some(KEY), Full::new(Bytes::from(body)));
+        *req.uri_mut() = route.parse().unwrap();
+        echo(&layer).oneshot(req)
+    };
+    let long = "abcd".repeat(100);
+    for (route, body, want) in [
+        (
+            "/v1/responses",
+            format!(
+                r#"{{"model":"m","input":"abcd","instructions":"{long}","max_output_tokens":5}}"#
+            ),
+            "106",
+        ),
+        (
+            "/v1/messages",
+            format!(
+                r#"{{"model":"m","system":"{long}","messages":[{{"role":"user","content":"abcd"}}],"max_tokens":5}}"#
+            ),
+            "106",
+        ),
+        (
+            "/v1/messages",
+            format!(
+                r#"{{"model":"m","system":[{{"type":"text","text":"{long}"}}],"messages":[{{"role":"user","content":"abcd"}}],"max_tokens":5}}"#
+            ),
+            "106",
+        ),
+        (
+            "/v1/responses",
+            r#"{"model":"m","input":"abcd","instructions":null,"max_output_tokens":5}"#.to_owned(),
+            "6",
+        ),
+    ] {
+        let res = call(route, body.clone()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{body}");
+        assert_eq!(res.headers()["x-estimate"], want, "{body}");
+    }
+}
