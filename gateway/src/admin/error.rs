@@ -21,7 +21,7 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
-use tollgate::{AdminError, ResponseStyle};
+use tollgate::{AdminError, ConfigError, ResponseStyle};
 
 use super::AdminState;
 
@@ -84,7 +84,19 @@ fn status(e: &AdminError) -> StatusCode {
         AdminError::UnknownKey(_) | AdminError::UnknownPlan(_) | AdminError::UnknownAccount(_) => {
             StatusCode::NOT_FOUND
         }
-        AdminError::Config(_) => StatusCode::CONFLICT,
+        // What the request names clashes with what is there: an id or a
+        // value taken, a plan or an account the gateway does not have.
+        AdminError::Config(
+            ConfigError::DuplicateKeyId(_)
+            | ConfigError::DuplicateKeyValue { .. }
+            | ConfigError::DuplicatePlan(_)
+            | ConfigError::DuplicateAccount(_)
+            | ConfigError::UnknownPlan { .. }
+            | ConfigError::UnknownAccount { .. },
+        ) => StatusCode::CONFLICT,
+        // Anything else is wrong in itself (an id or a value that is empty,
+        // too long or not visible ASCII): 400, whatever the gateway holds.
+        AdminError::Config(_) => StatusCode::BAD_REQUEST,
         AdminError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         // A value the request got wrong (`{"remaining": N}` above 2^53, a
         // date range), the same with every store.

@@ -113,6 +113,19 @@ fn cases() -> Vec<Case> {
             r#"{"id":"t-2","value":"tiny-key-2","plan":"platinum"}"#,
             409,
         ),
+        // An id that is wrong in itself is a bad request, not a conflict.
+        case(
+            Method::POST,
+            "/admin/keys",
+            r#"{"id":"t 2","value":"tiny-key-2","plan":"tiny"}"#,
+            400,
+        ),
+        case(
+            Method::POST,
+            "/admin/keys",
+            r#"{"id":"t-2","value":"tiny key 2","plan":"tiny"}"#,
+            400,
+        ),
         // And the admin key check.
         Case {
             key: None,

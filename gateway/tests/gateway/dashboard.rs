@@ -438,7 +438,7 @@ async fn ids_that_look_like_markup_are_refused_or_kept_as_plain_text() {
         Some(json!({"id": "x\"><img src=x onerror=alert(1)>", "plan": "free"})),
     )
     .await;
-    assert_eq!(status, 409, "{body}");
+    assert_eq!(status, 400, "{body}");
     assert!(
         body["message"].as_str().unwrap().contains("visible ASCII"),
         "{body}"
