@@ -34,6 +34,7 @@ use axum::body::{Body, Bytes};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 /// How often a state that does not hold yet is looked at again, at least.
@@ -60,10 +61,24 @@ pub(crate) struct Activity {
     /// a piece or was asked for one.
     pulled: AtomicU64,
     start: Instant,
+    /// The connection's place under the server's cap, given back when the
+    /// last holder of this value is dropped: the connection, and every
+    /// answer it began (HTTP/2 sends each from a task of its own, which
+    /// may outlive the connection by a moment). A server that waits for
+    /// every place waits for every answer, and so for what their ends give
+    /// back to the store.
+    _place: Option<OwnedSemaphorePermit>,
 }
 
 impl Activity {
+    #[cfg(test)]
     pub(crate) fn new() -> Arc<Activity> {
+        Activity::holding(None)
+    }
+
+    /// A new connection's activity, holding `place` until it and every
+    /// request it began are gone.
+    pub(crate) fn holding(place: Option<OwnedSemaphorePermit>) -> Arc<Activity> {
         Arc::new(Activity {
             open: AtomicUsize::new(0),
             last: AtomicU64::new(0),
@@ -73,6 +88,7 @@ impl Activity {
             handed: AtomicUsize::new(0),
             pulled: AtomicU64::new(0),
             start: Instant::now(),
+            _place: place,
         })
     }
 

@@ -105,7 +105,8 @@ pub use cli::{
 };
 pub use dashboard::Dashboard;
 pub use server::{
-    DEMO_CONFIG, Limits, app, app_with, main, router, serve, serve_with, upstream_router,
+    DEMO_CONFIG, Limits, app, app_with, main, router, serve, serve_until, serve_with,
+    upstream_router,
 };
 pub use traffic::Traffic;
 pub use upstream::Upstream;

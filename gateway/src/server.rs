@@ -314,6 +314,24 @@ pub async fn serve_with(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     limits: Limits,
 ) -> std::io::Result<()> {
+    serve_until(listener, router, shutdown, std::future::pending(), limits).await
+}
+
+/// [`serve_with`], whose wait for the requests in flight after `shutdown`
+/// ends when `cut_off` resolves (a deadline, a second signal): every
+/// connection still open is then closed and every answer still under way
+/// dropped, as when its client hangs up, so that each gives back its places
+/// and settles its tokens at what it produced; this returns once they are
+/// gone (or a moment later), with an error of kind
+/// [`TimedOut`](std::io::ErrorKind::TimedOut). `cut_off` is polled only
+/// once `shutdown` has resolved.
+pub async fn serve_until(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    cut_off: impl std::future::Future<Output = ()> + Send,
+    limits: Limits,
+) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
     use tower_service::Service as _;
@@ -335,6 +353,8 @@ pub async fn serve_with(
     // Told to every connection when the server stops, and read again by
     // the ones that begin meanwhile.
     let (stopping, stop) = tokio::sync::watch::channel(false);
+    // Told to every connection when the wait for them is cut off.
+    let (cutting, cut) = tokio::sync::watch::channel(false);
     let max_connections =
         u32::try_from(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
     let places = Arc::new(Semaphore::new(max_connections as usize));
@@ -359,7 +379,7 @@ pub async fn serve_with(
         // Small writes (a stream's events) go out at once.
         let _ = stream.set_nodelay(true);
         let service = service.clone();
-        let activity = Activity::new();
+        let activity = Activity::holding(Some(place));
         let requests = Arc::clone(&activity);
         let service = hyper::service::service_fn(move |mut req: axum::http::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
@@ -374,6 +394,7 @@ pub async fn serve_with(
         });
         let builder = builder.clone();
         let mut stop = stop.clone();
+        let mut cut = cut.clone();
         let header_timeout = limits.header_timeout;
         let write_timeout = limits.body_timeout;
         tokio::spawn(async move {
@@ -386,7 +407,6 @@ pub async fn serve_with(
                 _ = stop.wait_for(|&stopping| stopping) => Ok(Ok(0)),
             };
             if !matches!(first, Ok(Ok(1..))) {
-                drop(place);
                 return;
             }
             let socket = Watched::new(stream, Arc::clone(&activity));
@@ -418,6 +438,8 @@ pub async fn serve_with(
                     // its header timeout, which would hold the drain for a
                     // request never made. (An HTTP/2 client has its GOAWAY.)
                     () = activity.quiet_for(QUIET), if stopped => break Ok(()),
+                    // The drain is over: what is still under way is dropped.
+                    _ = cut.wait_for(|&cut| cut) => break Ok(()),
                     // A client that stopped reading an answer holds its
                     // place (and its request's) for nothing: dropped.
                     () = activity.stalled_for(write_timeout) => {
@@ -429,14 +451,29 @@ pub async fn serve_with(
             if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-            drop(place);
+            // Its place comes back once the connection and every answer
+            // it began are dropped (see `Activity::holding`).
         });
     }
     drop(listener);
     let _ = stopping.send(true);
-    // Every connection holds a place until it has ended.
-    let _all = places.acquire_many(max_connections).await;
-    Ok(())
+    // Every connection holds a place until it and its answers have ended.
+    let drained = tokio::select! {
+        _all = places.acquire_many(max_connections) => true,
+        () = cut_off => false,
+    };
+    if drained {
+        return Ok(());
+    }
+    let _ = cutting.send(true);
+    // Dropping a connection ends its answers at once; HTTP/2's, in tasks
+    // of their own, as soon as they run next. Bounded all the same: the
+    // process is stopping.
+    let _ = tokio::time::timeout(CUT_WAIT, places.acquire_many(max_connections)).await;
+    Err(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "requests in flight were cut off",
+    ))
 }
 
 /// After a failed `accept`: a connection the client gave up on is nothing;
@@ -486,6 +523,10 @@ const PING_WAIT: Duration = Duration::from_secs(1);
 /// request open and no answer waiting on the socket before it is closed:
 /// long enough for hyper to hand the last answer's bytes to the socket.
 const QUIET: Duration = Duration::from_millis(50);
+
+/// How long [`serve_until`], once it has cut the requests in flight off,
+/// waits for their connections and answers to be gone.
+const CUT_WAIT: Duration = Duration::from_secs(1);
 
 /// Asks each Redis node for `PING`, and logs a warning for each that does
 /// not answer within [`PING_WAIT`]. Never fails: a single server's store
@@ -694,18 +735,13 @@ async fn run() -> std::process::ExitCode {
             Ok(()) => tokio::time::sleep(args.drain).await,
             Err(_) => std::future::pending().await,
         }
+        // Dropped as a client that hangs up drops them: their places are
+        // given back and their tokens settled at what they produced.
+        tracing::error!(drain = ?args.drain, "requests still in flight after the signal: cut off");
     };
-    let served = tokio::select! {
-        served = serve_with(listener, app, shutdown, args.limits()) => served,
-        () = deadline => {
-            // They end with the runtime: with Redis, what they reserved
-            // stays charged (their settlement is not waited for).
-            tracing::error!(drain = ?args.drain, "requests still in flight after the signal: cut off");
-            Err(std::io::Error::other("drain deadline passed"))
-        }
-    };
-    // Every response has ended; the Redis store may still be settling the
-    // last ones' tokens in the background.
+    let served = serve_until(listener, app, shutdown, deadline, args.limits()).await;
+    // Every response has ended (or was cut off and dropped); the Redis
+    // store may still be settling the last ones' tokens in the background.
     if let Some(store) = redis {
         store.drained().await;
     }

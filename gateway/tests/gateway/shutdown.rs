@@ -297,6 +297,61 @@ async fn with_redis_the_stream_is_settled_and_its_place_given_back_before_exit()
     assert_eq!(window_count(&redis, "tokens-day"), STREAMED + 2);
 }
 
+/// A stream cut off at the `--drain` deadline, with the Redis store, is
+/// settled at what it produced and its place under the concurrency cap is
+/// given back before the process exits, as a client that hangs up has: the
+/// process is not crashing, it ends the response itself. Before, the
+/// stream ended with the runtime, after the store had been waited for: its
+/// whole estimate stayed charged and its place held the key's cap of one
+/// until its lease lapsed (minutes), so no other instance admitted the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_a_stream_cut_off_at_the_deadline_is_settled_and_its_place_given_back() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let config = write_config(redis.dir());
+    let config = config.to_str().unwrap();
+    let mut a = ServerProcess::start(&[
+        "--redis",
+        &redis.url(),
+        "--redis-timeout",
+        "1000",
+        "--config",
+        config,
+        "--drain",
+        "0.3",
+    ]);
+    let (_stream, _) = open_stream(&a, "llm-key").await;
+    assert_eq!(window_count(&redis, "tokens-day"), 101);
+    a.signal("TERM");
+    let status = a.wait_exit(Duration::from_secs(5));
+    assert!(!status.success(), "{status}");
+    assert!(a.stderr().contains("cut off"), "{}", a.stderr());
+    // Settled at what was streamed before the cut (the prompt's token and
+    // a few of the 30), not left at the estimate.
+    let settled = window_count(&redis, "tokens-day");
+    assert!(
+        settled < STREAMED,
+        "{settled} tokens charged\n{}",
+        a.stderr()
+    );
+    // The place under the cap of one is free: another instance admits the
+    // key at once.
+    let b = ServerProcess::start(&["--redis", &redis.url(), "--config", config]);
+    let res = client()
+        .post(b.url("/v1/completions"))
+        .header("x-api-key", "llm-key")
+        .header("content-type", "application/json")
+        .body(r#"{"model":"m","prompt":"hi","max_tokens":1}"#)
+        .send()
+        .await
+        .expect("a completion through B");
+    let status = res.status();
+    let body = res.text().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+}
+
 /// `RedisStore::drained` itself, in process: it waits for a settlement (and
 /// a release) that Redis holds back, and returns at once when nothing runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
