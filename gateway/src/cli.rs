@@ -47,7 +47,8 @@ Options:
   --redis-timeout MS     how long a decision may wait for Redis before the
                          plan's failure mode decides it [default: 100]
   --drain SECS           how long the requests in flight may take to finish
-                         after SIGTERM or SIGINT [default: 30]
+                         after SIGTERM or SIGINT (a second signal cuts them
+                         off at once) [default: 30]
   --header-timeout SECS  how long a request's head may take to arrive, on a
                          kept-alive connection or a new one (counted there from
                          its first byte, which may take as long); any

@@ -706,7 +706,7 @@ async fn run() -> std::process::ExitCode {
     };
     // Listening for the signals before saying so: a signal sent as soon as
     // the address is printed stops the server gracefully too.
-    let shutdown = match shutdown_signal() {
+    let mut signals = match Signals::new() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("cannot listen for shutdown signals: {e}");
@@ -724,22 +724,30 @@ async fn run() -> std::process::ExitCode {
         "tollgate-gateway listening on http://{}",
         listener.local_addr().map_or(args.listen, |a| a)
     );
-    // The drain deadline starts with the signal.
+    // The drain deadline starts with the first signal; a second one cuts
+    // the drain short (an operator pressing Ctrl-C again).
     let (stopping, stopped) = tokio::sync::oneshot::channel();
     let shutdown = async move {
-        shutdown.await;
-        let _ = stopping.send(());
+        signals.recv().await;
+        tracing::info!("shutting down, finishing the requests in flight");
+        let _ = stopping.send(signals);
     };
-    let deadline = async move {
-        match stopped.await {
-            Ok(()) => tokio::time::sleep(args.drain).await,
-            Err(_) => std::future::pending().await,
-        }
+    let cut_off = async move {
+        let Ok(mut signals) = stopped.await else {
+            return std::future::pending().await;
+        };
         // Dropped as a client that hangs up drops them: their places are
         // given back and their tokens settled at what they produced.
-        tracing::error!(drain = ?args.drain, "requests still in flight after the signal: cut off");
+        tokio::select! {
+            () = tokio::time::sleep(args.drain) => {
+                tracing::error!(drain = ?args.drain, "requests still in flight after the signal: cut off");
+            }
+            () = signals.recv() => {
+                tracing::error!("a second signal: the requests still in flight are cut off");
+            }
+        }
     };
-    let served = serve_until(listener, app, shutdown, deadline, args.limits()).await;
+    let served = serve_until(listener, app, shutdown, cut_off, args.limits()).await;
     // Every response has ended (or was cut off and dropped); the Redis
     // store may still be settling the last ones' tokens in the background.
     if let Some(store) = redis {
@@ -765,34 +773,51 @@ fn env_var(name: &str) -> Result<Option<String>, String> {
     }
 }
 
-/// Resolves on SIGTERM (what `kill`, systemd, Docker and Kubernetes send) or
-/// SIGINT (Ctrl-C). The handlers are installed now, not when first polled.
+/// SIGTERM (what `kill`, systemd, Docker and Kubernetes send) and SIGINT
+/// (Ctrl-C), listened for from when this is made.
 ///
-/// On either, [`serve`] stops accepting connections (the listening socket is
-/// closed: new connections are refused) and lets every request in flight
-/// finish, streams to their last event, so their tokens are settled.
-#[cfg(unix)]
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = interrupt.recv() => {}
-        }
-        tracing::info!("shutting down, finishing the requests in flight");
-    })
+/// On the first, [`serve`] stops accepting connections (the listening
+/// socket is closed: new connections are refused) and lets every request
+/// in flight finish, streams to their last event, so their tokens are
+/// settled; on a second, or at the `--drain` deadline, the requests still
+/// in flight are cut off.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
 }
 
-/// Resolves on Ctrl-C.
-#[cfg(not(unix))]
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
-    Ok(async {
+impl Signals {
+    #[cfg(unix)]
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn new() -> std::io::Result<Signals> {
+        Ok(Signals {})
+    }
+
+    /// Resolves on the next signal.
+    #[cfg(unix)]
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+
+    /// Resolves on the next Ctrl-C.
+    #[cfg(not(unix))]
+    async fn recv(&mut self) {
         if tokio::signal::ctrl_c().await.is_err() {
             // No handler: run until killed rather than stop at once.
             std::future::pending::<()>().await;
         }
-        tracing::info!("shutting down, finishing the requests in flight");
-    })
+    }
 }

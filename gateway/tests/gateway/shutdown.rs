@@ -203,6 +203,46 @@ async fn a_stream_past_the_drain_deadline_is_cut_off() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A second SIGTERM or SIGINT during the drain cuts it short, as the
+/// `--drain` deadline would: an operator who presses Ctrl-C again does not
+/// have to wait for the last stream (or send SIGKILL, which settles
+/// nothing). Before, the second signal was ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_cuts_the_drain_short() {
+    for (first, second) in [("TERM", "TERM"), ("INT", "INT"), ("TERM", "INT")] {
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-shutdown-{}-second-{first}-{second}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = write_config(&dir);
+        let mut server =
+            ServerProcess::start(&["--config", config.to_str().unwrap(), "--drain", "30"]);
+        let (mut stream, _) = open_stream(&server, "llm-key").await;
+        server.signal(first);
+        server.wait_refused(Duration::from_secs(2));
+        assert!(server.running(), "{}", server.stderr());
+        let signalled = Instant::now();
+        server.signal(second);
+        let status = server.wait_exit(Duration::from_secs(5));
+        let took = signalled.elapsed();
+        // The stream needs 1.5 s to end.
+        assert!(
+            took < Duration::from_millis(TOKENS * TOKEN_MS / 2),
+            "SIG{first} then SIG{second}: exited {took:?} after the second\n{}",
+            server.stderr()
+        );
+        assert!(!status.success(), "{status}");
+        assert!(server.stderr().contains("cut off"), "{}", server.stderr());
+        let mut rest = String::new();
+        while let Ok(Some(chunk)) = stream.chunk().await {
+            rest.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        assert!(!rest.contains("[DONE]"), "{rest}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
 /// The `n` of the quota hash named `*:q:<name>`: what the window counted.
 fn window_count(redis: &RedisServer, name: &str) -> u64 {
     let keys = command(redis.addr(), &["KEYS", &format!("tollgate:*:q:{name}")]).expect("KEYS");
