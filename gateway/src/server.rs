@@ -341,14 +341,14 @@ pub async fn serve_until(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
+        .header_read_timeout(limits.header_timeout.min(NEVER))
         // hyper's smallest bound (it panics below it).
         .max_buf_size(limits.max_head.max(8 * 1024));
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(limits.http2_keep_alive)
-        .keep_alive_timeout(limits.http2_keep_alive)
+        .keep_alive_interval(limits.http2_keep_alive.min(NEVER))
+        .keep_alive_timeout(limits.http2_keep_alive.min(NEVER))
         .max_concurrent_streams(limits.http2_max_streams);
     // Told to every connection when the server stops, and read again by
     // the ones that begin meanwhile.
@@ -523,6 +523,11 @@ const PING_WAIT: Duration = Duration::from_secs(1);
 /// request open and no answer waiting on the socket before it is closed:
 /// long enough for hyper to hand the last answer's bytes to the socket.
 const QUIET: Duration = Duration::from_millis(50);
+
+/// A time as good as never, for the timeouts hyper adds to the clock's
+/// time: a longer one (`--header-timeout 1e19`, `Duration::MAX`) would
+/// overflow the addition, a panic in every connection.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 /// How long [`serve_until`], once it has cut the requests in flight off,
 /// waits for their connections and answers to be gone.

@@ -376,6 +376,43 @@ async fn unfinished_heads_hold_little_memory_and_a_huge_head_is_refused() {
     }
 }
 
+/// Timeouts too long for the clock to add (`--header-timeout 1e19`, or
+/// `Duration::MAX` through [`Limits`]) mean "as good as never", not a panic:
+/// hyper added the header timeout to the time each head began, which
+/// overflowed, and every HTTP/1 connection's task panicked without an
+/// answer.
+#[tokio::test]
+async fn timeouts_too_long_for_the_clock_serve_as_never() {
+    use http_body_util::{BodyExt, Empty};
+
+    let mut l = limits(Duration::MAX, Duration::MAX, 16);
+    l.http2_keep_alive = Duration::MAX;
+    let (addr, _stop) = start(l).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (answer, _) = read_until_closed(&mut stream, "HTTP/1").await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer:?}");
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{addr}/health"))
+        .body(Empty::<axum::body::Bytes>::new())
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
+        .await
+        .expect("an HTTP/2 answer")
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], br#"{"status":"ok"}"#);
+}
+
 #[tokio::test]
 async fn connections_beyond_the_cap_wait_for_a_place() {
     let (addr, _stop) = start(limits(Duration::from_secs(10), Duration::from_secs(30), 2)).await;
