@@ -250,7 +250,9 @@ pub struct Limits {
     /// on a new one (a connection that sends no byte for as long is
     /// dropped).
     /// Any connection (HTTP/2's too, which may answer pings for ever) with
-    /// no request open for as long is closed gracefully (HTTP/2: `GOAWAY`).
+    /// no request open for as long is closed gracefully (HTTP/2: `GOAWAY`),
+    /// and dropped if it is still open, idle, as long again (a client that
+    /// ignores the `GOAWAY`).
     pub header_timeout: Duration,
     /// How long a request body may send nothing before it is cut off; and
     /// how long a write of an answer may wait for the client to take a byte
@@ -438,6 +440,12 @@ pub async fn serve_until(
                     // its header timeout, which would hold the drain for a
                     // request never made. (An HTTP/2 client has its GOAWAY.)
                     () = activity.quiet_for(QUIET), if stopped => break Ok(()),
+                    // Closed for idleness a timeout ago, and still open: an
+                    // HTTP/2 client that ignores its GOAWAY, whose closing
+                    // hyper holds until an unanswered ping times out.
+                    () = activity.quiet_for(header_timeout.saturating_mul(2)), if closing => {
+                        break Ok(());
+                    }
                     // The drain is over: what is still under way is dropped.
                     _ = cut.wait_for(|&cut| cut) => break Ok(()),
                     // A client that stopped reading an answer holds its

@@ -117,6 +117,29 @@ async fn an_http2_connection_with_no_request_open_is_closed_after_the_header_tim
     );
 }
 
+/// The same for an HTTP/2 client that ignores the `GOAWAY` and never
+/// answers a ping (here: the preface, an empty `SETTINGS`, then nothing but
+/// reading): it is dropped soon after the header timeout. Before, hyper
+/// kept the connection open after its `GOAWAY` until a keep-alive ping went
+/// unanswered, some 40 s later by default, so a client without a key held
+/// a place four times as long as an idle HTTP/1 one.
+#[tokio::test]
+async fn an_http2_client_ignoring_goaway_and_pings_is_dropped_soon_after_the_header_timeout() {
+    let (addr, _stop) = start(limits(
+        Duration::from_millis(300),
+        Duration::from_secs(30),
+        16,
+    ))
+    .await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let (_, took) = read_until_closed(&mut stream, "HTTP/2, no ping answered").await;
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+}
+
 /// An HTTP/2 client connection (hyper's, which answers pings and settings)
 /// to `addr`, and when the connection ends.
 async fn http2_client(
