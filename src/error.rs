@@ -68,6 +68,18 @@ pub enum ConfigError {
     InvalidHistory(usize),
     /// A plan's concurrency cap is zero.
     InvalidConcurrency,
+    /// A plan holds limits for one model under two names that a backend
+    /// serves as the same model (`big-model` and `Big-Model:latest`: model
+    /// names are compared as [`UsagePlan::model`](crate::UsagePlan::model)
+    /// describes).
+    DuplicateModel {
+        /// The plan.
+        plan: String,
+        /// The name added first.
+        first: String,
+        /// The name added later, for the same model.
+        second: String,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -99,6 +111,14 @@ impl fmt::Display for ConfigError {
             ConfigError::InvalidMethodPath { path, reason } => {
                 write!(f, "invalid method path `{path}`: {reason}")
             }
+            ConfigError::DuplicateModel {
+                plan,
+                first,
+                second,
+            } => write!(
+                f,
+                "plan `{plan}` has limits for model `{first}` twice: `{second}` is the same model"
+            ),
             ConfigError::InvalidConcurrency => {
                 f.write_str("invalid concurrency: the cap must be at least 1")
             }

@@ -130,6 +130,24 @@ impl Checker<'_> {
         for (mp, t) in self.methods(&f.methods, &path)? {
             plan = plan.method(mp, t);
         }
+        // A backend serves `Big-Model` and `big-model:latest` as
+        // `big-model`, and the plan's limits are found alike: two entries
+        // for one model are an error, named at the later one in the file.
+        let mut names: Vec<&Spanned<String>> = f.models.keys().collect();
+        names.sort_by_key(|n| n.span().start);
+        for (i, second) in names.iter().enumerate() {
+            if let Some(first) = names[..i]
+                .iter()
+                .find(|first| crate::plan::model::same_model(first.get_ref(), second.get_ref()))
+            {
+                let why = format!(
+                    "the same model as \"{}\" (names are compared without regard to ASCII case, `:latest` and `library/`): listed twice",
+                    first.get_ref()
+                );
+                let mp = format!("{path}.models.\"{}\"", second.get_ref());
+                return Err(self.err(second.span(), mp, why));
+            }
+        }
         for (name, m) in &f.models {
             let mp = format!("{path}.models.\"{}\"", name.get_ref());
             if name.get_ref().is_empty() {

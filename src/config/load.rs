@@ -600,6 +600,33 @@ mod tests {
         assert!(e.path().starts_with("stage.methods."), "{e}");
     }
 
+    /// A backend serves `Big-Model`, `big-model:latest` and
+    /// `library/big-model` as one model, and the plan's model limits are
+    /// looked up alike: two entries that would be the same one are refused,
+    /// naming the later entry's line and the earlier one.
+    #[test]
+    fn a_model_listed_twice_in_another_spelling_is_an_error() {
+        let e = err(
+            "[[plans]]\nname = \"p\"\n[plans.models]\n\"big-model\" = { throttle = { rate = 1.0, burst = 1 } }\n\"Big-Model:latest\" = { throttle = { rate = 100.0, burst = 100 } }\n",
+        );
+        assert_eq!(
+            (e.line(), e.path()),
+            (5, "plans[0].models.\"Big-Model:latest\"")
+        );
+        assert!(e.message().contains("listed twice"), "{e}");
+        assert!(e.message().contains("\"big-model\""), "{e}");
+        let e = err(
+            "[[plans]]\nname = \"p\"\n[plans.models]\n\"library/m\" = { concurrency = 1 }\n\"*\" = { concurrency = 2 }\n\"M\" = { concurrency = 3 }\n",
+        );
+        assert_eq!((e.line(), e.path()), (6, "plans[0].models.\"M\""));
+        assert!(e.message().contains("\"library/m\""), "{e}");
+        // Other tags and namespaces are other models.
+        Config::from_toml(
+            "[[plans]]\nname = \"p\"\n[plans.models]\n\"m\" = { concurrency = 1 }\n\"m:7b\" = { concurrency = 1 }\n\"me/m\" = { concurrency = 1 }\n\"*\" = { concurrency = 1 }\n",
+        )
+        .unwrap();
+    }
+
     /// An admin key is at least 8 characters, counted as characters, and
     /// one a client can send in the `x-admin-key` header: none that HTTP
     /// trims away around a value (a key of spaces would lock the admin

@@ -20,6 +20,8 @@
 //! [plans.models]                                    # limits per model, counted per key
 //! "big-model" = { throttle = { rate = 0.5, burst = 2 }, tokens = { per_minute = 10000 }, concurrency = 1 }
 //! "*" = { quota = { limit = 500, period = "DAY" } }  # every model the plan does not name
+//! # A model's entry holds its other spellings: "Big-Model", "big-model:latest",
+//! # "library/big-model"; naming one model twice so is an error.
 //!
 //! [[keys]]
 //! id = "free-1"                                     # required: public id

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::limits::{FailureMode, ModelLimits, Stage, Throttle, TokenBudget, UsagePlan};
 use super::method::{MethodLimit, compile_methods};
+use super::model;
 use crate::error::ConfigError;
 use crate::gcra::{Gcra, NANOS_PER_SEC};
 use crate::hash;
@@ -314,6 +315,9 @@ const MODEL_TOKENS: TokenKinds = [
 #[derive(Debug)]
 pub(crate) struct ModelEntry {
     pub(crate) name: Arc<str>,
+    /// What tells the name apart from other models' ([`model::core`]),
+    /// compared without regard to ASCII case.
+    core: Box<str>,
     pub(crate) throttle: Option<Limit>,
     pub(crate) quota: Option<QuotaSpec>,
     pub(crate) tokens: Option<Tokens>,
@@ -330,6 +334,7 @@ impl ModelEntry {
         let owner = format!("plan\0{plan}\0model\0{name}");
         Ok(ModelEntry {
             name: name.into(),
+            core: model::core(name).into(),
             throttle: m
                 .throttle
                 .as_ref()
@@ -361,10 +366,18 @@ pub(crate) struct Models {
 impl Models {
     /// The limits of a request to `model` (`None`: not known): its own
     /// entry, else the `"*"` one, if any.
+    ///
+    /// An entry holds every name a backend serves as the model it names
+    /// ([`model::core`]): `Big-Model`, `big-model:latest` and
+    /// `library/big-model` find the entry `"big-model"`, so that no
+    /// spelling of a model escapes its limits. No two entries of a plan
+    /// name the same model (refused when the plan is compiled), so the
+    /// entry found is the only one. Nothing is allocated.
     #[inline]
     pub(crate) fn get(&self, model: Option<&str>) -> Option<&ModelEntry> {
         model
-            .and_then(|m| self.named.iter().find(|e| &*e.name == m))
+            .map(model::core)
+            .and_then(|m| self.named.iter().find(|e| e.core.eq_ignore_ascii_case(m)))
             .or(self.other.as_ref())
     }
 
@@ -514,6 +527,20 @@ impl Plan {
 fn compile_models(plan: &UsagePlan, created_at: i64) -> Result<Option<Box<Models>>, ConfigError> {
     if plan.models.is_empty() {
         return Ok(None);
+    }
+    // Two entries that name one model would leave it to the order of the
+    // entries which one holds it.
+    for (i, (second, _)) in plan.models.iter().enumerate() {
+        if let Some((first, _)) = plan.models[..i]
+            .iter()
+            .find(|(first, _)| model::same_model(first, second))
+        {
+            return Err(ConfigError::DuplicateModel {
+                plan: plan.name.clone(),
+                first: first.clone(),
+                second: second.clone(),
+            });
+        }
     }
     let mut models = Models::default();
     let mut named = Vec::new();

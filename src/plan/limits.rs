@@ -364,6 +364,17 @@ impl UsagePlan {
     /// Adds limits for requests to the model `name` (see [`ModelLimits`]);
     /// `"*"` is the entry of every model the plan does not name. Adding a
     /// name twice replaces its limits.
+    ///
+    /// The entry holds every name a backend serves as the same model:
+    /// names are compared without regard to ASCII case, and a tag
+    /// `:latest`, an Ollama namespace `library/` (or
+    /// `registry.ollama.ai/library/`) and an `http://` or `https://` in
+    /// front are left out, as Ollama fills them in. `"big-model"` holds
+    /// requests for `Big-Model`, `big-model:latest` and
+    /// `library/big-model`; `big-model:70b` and `someone/big-model` are
+    /// other models. Two names of one plan that are the same model
+    /// (`"big-model"` and `"Big-Model:latest"`) are refused when the plan
+    /// is built ([`ConfigError::DuplicateModel`](crate::ConfigError::DuplicateModel)).
     #[must_use]
     pub fn model(mut self, name: impl Into<String>, limits: ModelLimits) -> Self {
         let name = name.into();
@@ -468,7 +479,8 @@ impl UsagePlan {
 /// models share (so that inventing model names never yields fresh limits);
 /// without a `"*"` entry, only the plan's limits apply to it. A request
 /// whose model cannot be determined counts as a model the plan does not
-/// name. Where the name comes from is the layer's
+/// name. A model's entry holds each spelling a backend serves as that
+/// model (`Big-Model`, `big-model:latest`: see [`UsagePlan::model`]). Where the name comes from is the layer's
 /// ([`RateLimitLayerBuilder::model`](crate::RateLimitLayerBuilder::model)).
 ///
 /// ```

@@ -4,6 +4,7 @@ mod account;
 mod compiled;
 mod limits;
 mod method;
+pub(crate) mod model;
 pub(crate) mod wire;
 
 pub use self::account::Account;

@@ -948,3 +948,71 @@ async fn instructions_and_a_system_prompt_are_counted() {
         assert_eq!(res.headers()["x-estimate"], want, "{body}");
     }
 }
+
+/// A backend serves one model under several spellings: Ollama reads model
+/// names without regard to ASCII case, a bare name as `name:latest`, and
+/// `library/name` or `registry.ollama.ai/library/name` as `name`. A model's
+/// limits hold for each of them, so no spelling escapes them; a spelling
+/// that names another model (another tag) is not held by them.
+#[tokio::test]
+async fn a_models_limits_hold_for_every_spelling_of_its_name() {
+    use tollgate::ModelLimits;
+    let one = |burst| ModelLimits::new().throttle(Throttle::new(0.001, burst).unwrap());
+    for star in [false, true] {
+        let mut plan = UsagePlan::new("llm")
+            .throttle(Throttle::new(100.0, 100).unwrap())
+            .model("big-model", one(1))
+            .model("Small:7B", one(1));
+        if star {
+            plan = plan.model("*", one(50));
+        }
+        let policy = Policy::builder()
+            .plan(plan)
+            .key(ApiKey::new("k1", KEY, "llm"))
+            .build()
+            .unwrap();
+        let layer = RateLimitLayer::builder(policy)
+            .estimator(OpenAiEstimator::new())
+            .build();
+        let call = |model: &str| {
+            let body = format!(r#"{{"model":"{model}","prompt":"hi","max_tokens":1}}"#);
+            post(Some(KEY), Full::new(Bytes::from(body)))
+        };
+        let limit = |res: &Response<_>| {
+            res.extensions()
+                .get::<tollgate::Rejection>()
+                .and_then(|r| r.limit())
+                .map(str::to_owned)
+        };
+        let res = echo(&layer).oneshot(call("big-model")).await.unwrap();
+        assert_eq!(res.status(), 200);
+        for spelling in [
+            "big-model",
+            "Big-Model",
+            "BIG-MODEL",
+            "big-model:latest",
+            "Big-Model:LATEST",
+            "library/big-model",
+            "registry.ollama.ai/library/big-model:latest",
+            "https://registry.ollama.ai/library/Big-Model",
+        ] {
+            let res = echo(&layer).oneshot(call(spelling)).await.unwrap();
+            assert_eq!(
+                (res.status().as_u16(), limit(&res).as_deref()),
+                (429, Some("model")),
+                "{spelling} (with \"*\": {star})"
+            );
+        }
+        let res = echo(&layer).oneshot(call("small:7b")).await.unwrap();
+        assert_eq!(res.status(), 200);
+        for spelling in ["SMALL:7b", "library/small:7B"] {
+            let res = echo(&layer).oneshot(call(spelling)).await.unwrap();
+            assert_eq!(res.status(), 429, "{spelling} (with \"*\": {star})");
+        }
+        // Other models: another tag, another namespace, another name.
+        for other in ["big-model:70b", "someone/big-model", "big-model-2", "small"] {
+            let res = echo(&layer).oneshot(call(other)).await.unwrap();
+            assert_eq!(res.status(), 200, "{other} (with \"*\": {star})");
+        }
+    }
+}

@@ -404,6 +404,50 @@ async fn the_observer_names_the_model_entry() {
     assert_eq!(*seen.lock().unwrap(), [Some("big".to_owned()), None]);
 }
 
+/// A plan's model limits are looked up as a backend reads model names
+/// (ASCII case aside, `name:latest` as `name`, `library/name` as `name`),
+/// so a plan that names one model twice in two spellings cannot be decided
+/// and is refused when built and when put while serving; the plan already
+/// in place goes on deciding.
+#[tokio::test]
+async fn a_plan_naming_one_model_twice_is_refused() {
+    let m = ModelLimits::new().throttle(Throttle::new(1.0, 1).unwrap());
+    let twice = |a: &str, b: &str| UsagePlan::new("p").model(a, m).model(b, m);
+    for (a, b) in [
+        ("big", "BIG"),
+        ("big", "big:latest"),
+        ("Big:Latest", "library/big"),
+        ("registry.ollama.ai/library/big", "big"),
+    ] {
+        let e = Policy::builder().plan(twice(a, b)).build().unwrap_err();
+        assert!(
+            matches!(&e, tollgate::ConfigError::DuplicateModel { plan, .. } if plan == "p"),
+            "{a} {b}: {e:?}"
+        );
+        let shown = e.to_string();
+        assert!(shown.contains(a) && shown.contains(b), "{shown}");
+    }
+    // Other tags and namespaces name other models.
+    Policy::builder()
+        .plan(twice("big", "big:7b").model("me/big", m).model("*", m))
+        .build()
+        .unwrap();
+    let policy = Policy::builder()
+        .plan(UsagePlan::new("p").model("big", m))
+        .key(ApiKey::new("a", "va", "p"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::new(policy);
+    let e = layer
+        .admin()
+        .put_plan(twice("big", "Big"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("Big"), "{e}");
+    let plan = layer.admin().plan("p").unwrap();
+    assert_eq!(plan.get_models().count(), 1);
+}
+
 #[cfg(feature = "config")]
 mod config {
     use tollgate::config::Config;

@@ -1512,3 +1512,76 @@ style = "openai"
     let _ = res.bytes().await;
     assert_eq!(s.post("/v1/chat/completions", &ok).await.status(), 429);
 }
+
+/// Ollama serves `Big-Model`, `big-model:latest` and `library/big-model` as
+/// `big-model`: a model's limits hold for every such spelling, whatever the
+/// plan's `"*"` entry allows, and the backend is never reached past them.
+#[tokio::test]
+async fn a_models_limits_hold_for_every_spelling_the_backend_serves_it_by() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const MODELS: &str = r#"
+[[plans]]
+name = "llm"
+throttle = { rate = 1000.0, burst = 1000 }
+[plans.models]
+"big-model" = { throttle = { rate = 0.001, burst = 1 } }
+"*" = { throttle = { rate = 1000.0, burst = 1000 } }
+
+[[keys]]
+id = "client"
+value = "client-key"
+plan = "llm"
+
+[response]
+style = "openai"
+"#;
+    let big = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&big);
+    // Ollama's reading of a model name: ASCII case aside, the default
+    // registry and namespace and the `latest` tag filled in.
+    let backend = Router::new().route(
+        "/v1/chat/completions",
+        post(move |axum::Json(body): axum::Json<Value>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let name = body["model"].as_str().unwrap().to_ascii_lowercase();
+                let name = name.trim_start_matches("registry.ollama.ai/");
+                let name = name.trim_start_matches("library/");
+                let name = name.strip_suffix(":latest").unwrap_or(name);
+                if name == "big-model" {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
+                let usage = json!({"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2});
+                axum::Json(json!({"object": "chat.completion", "choices": [], "usage": usage}))
+            }
+        }),
+    );
+    let (backend, _stop) = serve(backend).await;
+    let s = front_with(MODELS, Upstream::new(&backend).unwrap()).await;
+    let chat = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
+    let res = s.post("/v1/chat/completions", &chat("big-model")).await;
+    assert_eq!(res.status(), 200);
+    let _ = res.bytes().await;
+    for spelling in [
+        "Big-Model",
+        "BIG-MODEL",
+        "big-model:latest",
+        "big-model:LATEST",
+        "library/big-model",
+        "registry.ollama.ai/library/Big-Model:latest",
+    ] {
+        let res = s.post("/v1/chat/completions", &chat(spelling)).await;
+        assert_eq!(res.status(), 429, "{spelling}");
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded", "{spelling}: {v}");
+    }
+    assert_eq!(
+        big.load(Ordering::SeqCst),
+        1,
+        "the backend served big-model past its limit"
+    );
+    // Another model passes.
+    let res = s.post("/v1/chat/completions", &chat("small")).await;
+    assert_eq!(res.status(), 200);
+}

@@ -1,0 +1,113 @@
+//! Model names as inference servers read them, for finding a plan's limits
+//! per model.
+//!
+//! A backend may serve one model under several names: Ollama reads a model
+//! name without regard to ASCII case, fills in the tag `latest`, the
+//! namespace `library` and the registry `registry.ollama.ai` when they are
+//! left out, and drops an `http://` or `https://` in front. So `Big-Model`,
+//! `big-model:latest`, `library/big-model` and
+//! `registry.ollama.ai/library/big-model:latest` are all `big-model`. A
+//! plan's model limits are found by the same reading, so that no spelling
+//! escapes them; an entry then holds a few spellings another backend (vLLM,
+//! which compares names exactly) would serve as other models, which only
+//! makes limits apply more often. Other tags (`big-model:70b`) and other
+//! namespaces (`someone/big-model`) are other models.
+
+/// The part of a model name that tells it apart: `name` without an
+/// `http://` or `https://` in front, then without Ollama's default registry
+/// and namespace (`registry.ollama.ai/library/`, or `library/` alone), then
+/// without the default tag (`:latest`), each matched in any ASCII case.
+/// Two names are the same model when their cores are equal in any ASCII
+/// case ([`same_model`]). A name that would lose everything is its own core.
+/// Borrowed from `name`: nothing is allocated.
+pub(crate) fn core(name: &str) -> &str {
+    let mut s = strip_prefix(name, "https://")
+        .or_else(|| strip_prefix(name, "http://"))
+        .unwrap_or(name);
+    s = strip_prefix(s, "registry.ollama.ai/library/")
+        .or_else(|| strip_prefix(s, "library/"))
+        .unwrap_or(s);
+    if let Some(bare) = s
+        .len()
+        .checked_sub(":latest".len())
+        .filter(|&at| s.is_char_boundary(at) && s[at..].eq_ignore_ascii_case(":latest"))
+    {
+        s = &s[..bare];
+    }
+    if s.is_empty() { name } else { s }
+}
+
+/// Whether `a` and `b` name the same model ([`core`]).
+pub(crate) fn same_model(a: &str, b: &str) -> bool {
+    core(a).eq_ignore_ascii_case(core(b))
+}
+
+/// `s` without `prefix`, matched in any ASCII case.
+fn strip_prefix<'s>(s: &'s str, prefix: &str) -> Option<&'s str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spellings_a_backend_serves_as_one_model_are_one() {
+        for spelling in [
+            "big-model",
+            "Big-Model",
+            "BIG-MODEL",
+            "big-model:latest",
+            "big-model:LATEST",
+            "library/big-model",
+            "Library/Big-Model:Latest",
+            "registry.ollama.ai/library/big-model",
+            "REGISTRY.OLLAMA.AI/library/big-model:latest",
+            "https://registry.ollama.ai/library/big-model",
+            "http://library/big-model:latest",
+        ] {
+            assert!(same_model(spelling, "big-model"), "{spelling}");
+            assert!(same_model("BIG-MODEL:latest", spelling), "{spelling}");
+            assert!(
+                core(spelling).eq_ignore_ascii_case("big-model"),
+                "{spelling}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_tags_namespaces_and_names_are_other_models() {
+        for other in [
+            "big-model:7b",
+            "big-model:latest-q4",
+            "someone/big-model",
+            "registry.ollama.ai/big-model",
+            "example.com/library/big-model",
+            "library/library/big-model",
+            "big-model2",
+            "big-model ",
+            "ftp://big-model",
+            "big-modeł",
+        ] {
+            assert!(!same_model(other, "big-model"), "{other}");
+        }
+        assert!(same_model("Small:7B", "small:7b"));
+        assert!(!same_model("small:7b", "small"));
+        assert!(same_model("org/Model-8B", "ORG/model-8b"));
+    }
+
+    #[test]
+    fn a_name_that_would_lose_everything_is_its_own_core() {
+        for name in [":latest", "library/", "library/:latest", "https://", ""] {
+            assert_eq!(core(name), name);
+        }
+        assert!(!same_model(":latest", ""));
+        assert!(same_model(":LATEST", ":latest"));
+        // Multi-byte text is cut only at a character's edge.
+        assert_eq!(core("ü:latest"), "ü");
+        assert_eq!(core("ééééééé"), "ééééééé");
+        assert_eq!(core("libraryé/x"), "libraryé/x");
+    }
+}
