@@ -38,7 +38,14 @@
 //! - `GET /v1/usage`: the caller's own plan and how each of its limits
 //!   stands (name, family, size, window, remaining, reset), for the key it
 //!   sends (without one, under `[anonymous] mode = "ip"`, for its address);
-//!   read without charging anything
+//!   read without charging anything. `GET /v1/usage?model=NAME` shows the
+//!   limits a request for that model is decided under: the model's own
+//!   `[plans.models]` entry (found as a request's model is: `Big-Model:latest`
+//!   finds `"big-model"`), else the plan's `"*"` entry. The answer's `model`
+//!   names the entry shown (`null` when no model limits apply; `"*"` without
+//!   `?model=` when the plan has that entry), and so does each model limit's
+//!   `model`. A `model` that is empty or given twice is a 400, after the key
+//!   is checked
 //!
 //! A request's head must arrive within `--header-timeout` (10 s; on a new
 //! connection counted from its first byte, which must come within as long),

@@ -3,40 +3,90 @@
 //! the key is the one it sends, taken as the inference routes take it. A
 //! caller without a key, which `[anonymous] mode = "ip"` lets in, sees the
 //! anonymous throttle of its own address.
+//!
+//! `GET /v1/usage?model=NAME` reads the limits a request for the model
+//! `NAME` would be decided under: the model's own entry in the plan's
+//! `[plans.models]` (found as a request's model is: `Big-Model:latest`
+//! finds `"big-model"`), else the plan's `"*"` entry. The answer's `model`
+//! names the entry whose limits it shows (`"big-model"`, `"*"`, or `null`
+//! when no model limits apply), and so does each model limit's own `model`.
+//! Without `model`, the `"*"` entry's limits are shown, named so. No query
+//! reads another key's limits: other parameters are ignored.
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::HeaderValue;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tollgate::extract::BearerOrApiKey;
 use tollgate::store::{Applied, Store};
-use tollgate::{RateLimitLayer, Rejection, Standing};
+use tollgate::{RateLimitLayer, Rejection, ResponseStyle, Standing};
 
 /// The handler's state: the layer whose limits it reads.
 pub(crate) type Limit<S> = RateLimitLayer<BearerOrApiKey, S>;
 
+/// The query `GET /v1/usage` reads.
+#[derive(Deserialize)]
+struct UsageQuery {
+    /// The model whose limits to show.
+    model: Option<String>,
+}
+
 /// `GET /v1/usage`.
 pub(crate) async fn usage<S: Store>(State(limit): State<Limit<S>>, req: Request) -> Response {
-    match limit.standing_of(&req).await {
-        Ok(standing) => {
+    let model = match Query::<UsageQuery>::try_from_uri(req.uri()) {
+        Ok(Query(UsageQuery { model: Some(m) })) if m.is_empty() => Err(()),
+        Ok(Query(q)) => Ok(q.model),
+        // A `model` given twice, or not UTF-8.
+        Err(_) => Err(()),
+    };
+    let standing = match &model {
+        Ok(Some(model)) => limit.standing_of_model(&req, model).await,
+        // The key is checked first: a caller without a usable one learns
+        // nothing else.
+        Ok(None) | Err(()) => limit.standing_of(&req).await,
+    };
+    match (standing, model) {
+        (Err(rejection), _) => refused(&rejection),
+        (Ok(_), Err(())) => bad_query(limit.style()),
+        (Ok(standing), Ok(_)) => {
             let mut res = Json(body(&standing)).into_response();
             res.headers_mut()
                 .insert("cache-control", HeaderValue::from_static("no-store"));
             res
         }
-        Err(rejection) => refused(&rejection),
     }
+}
+
+/// A `model` that is not one model's name: 400, in the layer's style.
+fn bad_query(style: ResponseStyle) -> Response {
+    const MESSAGE: &str = "`model` must name one model: GET /v1/usage?model=NAME";
+    let body = match style {
+        ResponseStyle::OpenAi => json!({"error": {
+            "message": MESSAGE,
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": null,
+        }}),
+        _ => json!({ "message": MESSAGE }),
+    };
+    let mut res = (StatusCode::BAD_REQUEST, Json(body)).into_response();
+    res.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-store"));
+    res
 }
 
 /// The answer: the plan, and per limit its name, family (`requests` or
 /// `tokens`), size, window, what remains and when it is full again.
 fn body(standing: &Standing) -> Value {
-    let limits: Vec<Value> = standing.limits().iter().map(limit).collect();
+    let model = standing.model();
+    let limits: Vec<Value> = standing.limits().iter().map(|a| limit(a, model)).collect();
     json!({
         "object": "usage",
         "plan": standing.plan(),
+        "model": model,
         "limits": limits,
         "refused": standing.refused().map(|r| json!({
             "limit": r.limit(),
@@ -62,21 +112,27 @@ fn message(r: &Rejection) -> String {
         .to_owned()
 }
 
-fn limit(a: &Applied) -> Value {
+/// A limit of the answer; a model's limit also names the model entry
+/// (`model`) it belongs to.
+fn limit(a: &Applied, model: Option<&str>) -> Value {
     let family = if a.kind().counts_tokens() {
         "tokens"
     } else {
         "requests"
     };
     let reset = a.reset();
-    json!({
+    let mut v = json!({
         "name": a.name(),
         "family": family,
         "limit": a.limit(),
         "remaining": a.remaining(),
         "window_secs": a.window().as_secs(),
         "reset_ms": u64::try_from(reset.as_millis()).unwrap_or(u64::MAX),
-    })
+    });
+    if a.kind().is_model() {
+        v["model"] = json!(model);
+    }
+    v
 }
 
 /// A request without a usable key, answered as the layer answers one.

@@ -258,6 +258,26 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
     }
 }
 
+/// What a peek is asked and tells besides its report: the model whose
+/// limits it reads, and the plan and model entry it read them under.
+#[derive(Debug, Default)]
+pub(crate) struct Peek<'m> {
+    /// The model a request would be for (`None`: one the plan does not
+    /// name, whose limits are the plan's `"*"` entry).
+    pub(crate) model: Option<&'m str>,
+    /// The caller's plan.
+    pub(crate) plan: Option<Arc<str>>,
+    /// The plan's model entry whose limits apply, as the plan names it.
+    pub(crate) entry: Option<Arc<str>>,
+}
+
+impl Peek<'_> {
+    /// The plan and the model entry the peek found.
+    pub(crate) fn found(self) -> (Option<Arc<str>>, Option<Arc<str>>) {
+        (self.plan, self.entry)
+    }
+}
+
 /// What [`Shared::decide`] decides a caller's request with.
 struct Deciding<'s, 'r, 'v, K, S> {
     shared: &'s Shared<K, S>,
@@ -297,20 +317,24 @@ impl<K, S: Store> Shared<K, S> {
         &self,
         key: &[u8],
         report: &mut Report,
-        plan: &mut Option<Arc<str>>,
+        peek: &mut Peek<'_>,
     ) -> Step<S::Future> {
         let result = match &self.fixed {
             Some(p) => {
                 let caller = Caller::unregistered(None, p, key);
-                *plan = Some(p.name.clone());
-                Ok(self.acquire(&caller, None, 0, None, report))
+                Ok(self.peek(&caller, report, peek))
             }
-            None => self.registered(key, None, true, |c| {
-                *plan = Some(c.plan.name.clone());
-                self.acquire(c, None, 0, None, report)
-            }),
+            None => self.registered(key, None, true, |c| self.peek(c, report, peek)),
         };
         Step::of(result)
+    }
+
+    /// Peeks at `c`'s limits for [`peek`](Peek)'s model, and tells it the
+    /// caller's plan and the model entry that applies.
+    fn peek(&self, c: &Caller<'_>, report: &mut Report, peek: &mut Peek<'_>) -> Step<S::Future> {
+        peek.plan = Some(c.plan.name.clone());
+        peek.entry = c.plan.model(peek.model).map(|e| Arc::clone(&e.name));
+        self.acquire_for(c, None, peek.model, 0, None, report)
     }
 
     /// [`peek_any`](Self::peek_any) for a request whose key the extractor
@@ -323,7 +347,7 @@ impl<K, S: Store> Shared<K, S> {
         req: &RequestView<'_>,
         error: KeyError,
         report: &mut Report,
-        plan: &mut Option<Arc<str>>,
+        peek: &mut Peek<'_>,
     ) -> Step<S::Future> {
         let refuse = |e| Step::Done(Err(refused(Rejection::key(Reason::Key(e)), None)));
         let snap = self.policy.load();
@@ -335,8 +359,7 @@ impl<K, S: Store> Shared<K, S> {
             Ok(ip) => {
                 let stage = self.policy.inner.stage.as_deref();
                 let caller = Caller::unregistered(stage, &anon.plan, ip.as_bytes());
-                *plan = Some(anon.plan.name.clone());
-                self.acquire(&caller, None, 0, None, report)
+                self.peek(&caller, report, peek)
             }
             Err(e) => refuse(e),
         }
@@ -348,7 +371,7 @@ impl<K, S: Store> Shared<K, S> {
         &self,
         id: &str,
         report: &mut Report,
-        plan: &mut Option<Arc<str>>,
+        peek: &mut Peek<'_>,
     ) -> Option<Step<S::Future>> {
         self.policy.keys().by_id(id, |entry| {
             let entry = entry?;
@@ -364,8 +387,7 @@ impl<K, S: Store> Shared<K, S> {
                 },
                 id: Some(&entry.id),
             };
-            *plan = Some(entry.plan.name.clone());
-            Some(self.acquire(&caller, None, 0, None, report))
+            Some(self.peek(&caller, report, peek))
         })
     }
 
@@ -374,12 +396,9 @@ impl<K, S: Store> Shared<K, S> {
         &self,
         answer: &Answer,
         report: &mut Report,
-        plan: &mut Option<Arc<str>>,
+        peek: &mut Peek<'_>,
     ) -> Step<S::Future> {
-        let decide = |c: &Caller<'_>| {
-            *plan = Some(c.plan.name.clone());
-            self.acquire(c, None, 0, None, report)
-        };
+        let decide = |c: &Caller<'_>| self.peek(c, report, peek);
         let result = self.resolved(&self.policy.load(), answer, None, true, decide);
         result.unwrap_or_else(|rejection| Step::Done(Err(refused(rejection, None))))
     }
@@ -424,6 +443,22 @@ impl<K, S: Store> Shared<K, S> {
         reserve: Reserve<'_>,
         report: &mut Report,
     ) -> Step<S::Future> {
+        self.acquire_for(c, req, None, cost, reserve, report)
+    }
+
+    /// [`acquire`](Self::acquire) for a request to `model` when no request
+    /// names one (a peek at a model's limits); a request's own model, when
+    /// it names one, comes first.
+    #[inline]
+    fn acquire_for(
+        &self,
+        c: &Caller<'_>,
+        req: Option<&RequestView<'_>>,
+        model: Option<&str>,
+        cost: u32,
+        reserve: Reserve<'_>,
+        report: &mut Report,
+    ) -> Step<S::Future> {
         // A body the estimator checks under every plan is read before
         // anything is decided, so that one it refuses costs nothing.
         if self.body_checks && reserve.is_some() {
@@ -437,7 +472,7 @@ impl<K, S: Store> Shared<K, S> {
         // A plan without model limits looks nothing up.
         let model = match &c.plan.models {
             None => None,
-            Some(_) => c.plan.model(self.model_name(req)),
+            Some(_) => c.plan.model(self.model_name(req).or(model)),
         };
         let seen = c.seen(req, model);
         // A peek (cost 0 and no request: `standing`, `check(key, 0)`)

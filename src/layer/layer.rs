@@ -4,7 +4,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::engine::ModelOf;
-use super::{BodyLimits, RateLimit, Shared, SharedState, Step};
+use super::{BodyLimits, Peek, RateLimit, Shared, SharedState, Step};
 use crate::cost::{CostEstimator, ExtensionEstimate};
 use crate::extract::{ApiKeyHeader, BearerOrApiKey, KeyExtractor, RequestView};
 use crate::headers::HeaderStyle;
@@ -46,6 +46,7 @@ pub struct RateLimitLayer<K = ApiKeyHeader, S = MemoryStore> {
 #[derive(Debug, Clone)]
 pub struct Standing {
     plan: String,
+    model: Option<String>,
     limits: Vec<Applied>,
     refused: Option<Rejection>,
 }
@@ -54,6 +55,17 @@ impl Standing {
     /// The key's plan.
     pub fn plan(&self) -> &str {
         &self.plan
+    }
+
+    /// The plan's model entry whose limits the standing holds (`model`,
+    /// `model-tokens-minute`, …), named as the plan names it: the model's
+    /// own entry when the standing was asked for a model the plan names
+    /// ([`standing_of_model`](RateLimitLayer::standing_of_model); `"big-model"`
+    /// for `Big-Model:latest`, see [`UsagePlan::model`](crate::UsagePlan::model)),
+    /// else `"*"` when the plan has that entry; `None` when no model limits
+    /// apply.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
     }
 
     /// How each of its limits stands (its name, size, window, what remains
@@ -231,7 +243,9 @@ impl<K, S: Store> RateLimitLayer<K, S> {
     /// route that shows a caller its own usage (the gateway's
     /// `GET /v1/usage`). It is decided as [`decide`](Self::decide) decides a
     /// request of cost 0 (a peek: no route, so no method override; no
-    /// model, so a model's limits only through the plan's `"*"` entry): a
+    /// model, so a model's limits only through the plan's `"*"` entry,
+    /// which [`Standing::model`] names; one model's limits are
+    /// [`standing_of_model`](Self::standing_of_model)'s): a
     /// missing, unknown or disabled key is an `Err`; a peek that a limit
     /// refuses (a quota past its limit, a full concurrency cap) is a
     /// standing whose [`refused`](Standing::refused) says so, holding that
@@ -267,9 +281,9 @@ impl<K, S: Store> RateLimitLayer<K, S> {
         K: Send + Sync + 'static,
     {
         let mut report = Report::default();
-        let mut plan = None;
-        let step = self.shared.peek_any(key, &mut report, &mut plan);
-        stand(Arc::clone(&self.shared), step, report, plan)
+        let mut peek = Peek::default();
+        let step = self.shared.peek_any(key, &mut report, &mut peek);
+        stand(Arc::clone(&self.shared), step, report, peek.found(), None)
     }
 
     /// [`standing`](Self::standing) of the registered key with this public
@@ -300,12 +314,12 @@ impl<K, S: Store> RateLimitLayer<K, S> {
         K: Send + Sync + 'static,
     {
         let mut report = Report::default();
-        let mut plan = None;
+        let mut peek = Peek::default();
         let step = self
             .shared
-            .peek_id(id, &mut report, &mut plan)
+            .peek_id(id, &mut report, &mut peek)
             .unwrap_or_else(|| Step::Done(Err(refused(Rejection::key(Reason::UnknownKey), None))));
-        stand(Arc::clone(&self.shared), step, report, plan)
+        stand(Arc::clone(&self.shared), step, report, peek.found(), None)
     }
 
     /// [`standing`](Self::standing) of the key the layer's extractor takes
@@ -343,14 +357,79 @@ impl<K, S: Store> RateLimitLayer<K, S> {
     where
         K: KeyExtractor,
     {
+        self.standing_for(req, None)
+    }
+
+    /// [`standing_of`](Self::standing_of) for a request to `model`: the
+    /// limits that a request for `model` would be decided under, the
+    /// model's own (found as a request's model is: `Big-Model:latest` finds
+    /// the entry `"big-model"`, see [`UsagePlan::model`](crate::UsagePlan::model))
+    /// or else the plan's `"*"` entry, which [`Standing::model`] names.
+    /// Read without charging anything, for the key the request carries.
+    ///
+    /// ```
+    /// use tollgate::{ApiKey, ModelLimits, Policy, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let plan = UsagePlan::new("pro")
+    ///     .throttle(Throttle::new(10.0, 20)?)
+    ///     .model("big-model", ModelLimits::new().throttle(Throttle::new(0.5, 2)?))
+    ///     .model("*", ModelLimits::new().throttle(Throttle::new(5.0, 10)?));
+    /// let policy = Policy::builder()
+    ///     .plan(plan)
+    ///     .key(ApiKey::new("pro-1", "secret", "pro"))
+    ///     .build()?;
+    /// let layer = RateLimitLayer::openai(policy);
+    /// let req = http::Request::builder()
+    ///     .header("authorization", "Bearer secret")
+    ///     .body(())
+    ///     .unwrap();
+    /// let big = layer.standing_of_model(&req, "Big-Model").await.unwrap();
+    /// assert_eq!(big.model(), Some("big-model"));
+    /// let model = big.limits().iter().find(|l| l.name() == "model").unwrap();
+    /// assert_eq!(model.limit(), 2);
+    /// let other = layer.standing_of_model(&req, "small").await.unwrap();
+    /// assert_eq!(other.model(), Some("*"));
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn standing_of_model<B>(
+        &self,
+        req: &http::Request<B>,
+        model: &str,
+    ) -> impl Future<Output = Result<Standing, Rejection>> + Send + 'static
+    where
+        K: KeyExtractor,
+    {
+        self.standing_for(req, Some(model))
+    }
+
+    /// [`standing_of`](Self::standing_of) for a request to `model`, if any.
+    fn standing_for<B>(
+        &self,
+        req: &http::Request<B>,
+        model: Option<&str>,
+    ) -> impl Future<Output = Result<Standing, Rejection>> + Send + 'static
+    where
+        K: KeyExtractor,
+    {
         let view = RequestView::new(req);
         let mut report = Report::default();
-        let mut plan = None;
-        let step = match self.shared.extractor.extract(&view) {
-            Ok(key) => self.shared.peek_any(key.as_bytes(), &mut report, &mut plan),
-            Err(e) => self.shared.peek_keyless(&view, e, &mut report, &mut plan),
+        let mut peek = Peek {
+            model,
+            ..Peek::default()
         };
-        stand(Arc::clone(&self.shared), step, report, plan)
+        let step = match self.shared.extractor.extract(&view) {
+            Ok(key) => self.shared.peek_any(key.as_bytes(), &mut report, &mut peek),
+            Err(e) => self.shared.peek_keyless(&view, e, &mut report, &mut peek),
+        };
+        stand(
+            Arc::clone(&self.shared),
+            step,
+            report,
+            peek.found(),
+            model.map(str::to_owned),
+        )
     }
 
     /// A handle to change keys and plans while serving and to read usage
@@ -389,10 +468,18 @@ async fn stand<K, S: Store>(
     shared: SharedState<K, S>,
     step: Step<S::Future>,
     mut report: Report,
-    mut plan: Option<Arc<str>>,
+    (plan, entry): (Option<Arc<str>>, Option<Arc<str>>),
+    model: Option<String>,
 ) -> Result<Standing, Rejection> {
+    // A key the resolver is asked about is read after the lookup, for the
+    // same model.
+    let mut peek = Peek {
+        model: model.as_deref(),
+        plan,
+        entry,
+    };
     let step = match step {
-        Step::Resolve(lookup) => shared.peek_resolved(&lookup.await, &mut report, &mut plan),
+        Step::Resolve(lookup) => shared.peek_resolved(&lookup.await, &mut report, &mut peek),
         step => step,
     };
     let decided = match step {
@@ -407,16 +494,19 @@ async fn stand<K, S: Store>(
             shared.store.release(permit);
         }
     }
-    let plan = plan.map(|p| p.to_string()).unwrap_or_default();
+    let plan = peek.plan.map(|p| p.to_string()).unwrap_or_default();
+    let model = peek.entry.map(|e| e.to_string());
     match decided {
         Ok(report) => Ok(Standing {
             plan,
+            model,
             limits: report.items().to_vec(),
             refused: None,
         }),
         Err(refusal) => match *refusal {
             (rejection, Some(limit)) => Ok(Standing {
                 plan,
+                model,
                 limits: vec![limit],
                 refused: Some(shared.styled(rejection)),
             }),

@@ -13,4 +13,4 @@ pub use self::future::ResponseFuture;
 pub use self::layer::{RateLimitLayer, RateLimitLayerBuilder, Standing};
 pub use self::service::RateLimit;
 
-pub(crate) use self::engine::{BodyLimits, Shared, SharedState, Step};
+pub(crate) use self::engine::{BodyLimits, Peek, Shared, SharedState, Step};

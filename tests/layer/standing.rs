@@ -221,3 +221,110 @@ async fn a_request_without_a_key_stands_under_the_anonymous_plan() {
         Reason::Key(tollgate::extract::KeyError::Missing)
     );
 }
+
+/// How one model's limits stand for a key: the model's own entry, found as
+/// a request for the model finds it (in any spelling the backend serves it
+/// by), or the plan's `"*"` entry it falls under, each named; read without
+/// charging anything.
+async fn a_models_standing_names_its_entry<B: Backend>(b: &B) {
+    use tollgate::ModelLimits;
+    use tower::ServiceExt;
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = UsagePlan::new("llm")
+        .throttle(Throttle::new(1.0, 50).unwrap())
+        .model(
+            "big-model",
+            ModelLimits::new()
+                .throttle(Throttle::new(0.001, 2).unwrap())
+                .tokens(TokenBudget::new().per_minute(500).unwrap())
+                .concurrency(1),
+        )
+        .model(
+            "*",
+            ModelLimits::new().tokens(TokenBudget::new().per_minute(4_000).unwrap()),
+        );
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(plan)
+        .plan(UsagePlan::new("plain").throttle(Throttle::new(1.0, 5).unwrap()))
+        .key(ApiKey::new("llm-1", "secret", "llm"))
+        .key(ApiKey::new("plain-1", "plain", "plain"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .store(b.store(&clock).await)
+        .model(|r| r.headers.get("x-model")?.to_str().ok())
+        .build();
+    let keyed = |key: &'static str| {
+        http::Request::builder()
+            .header("x-api-key", key)
+            .body(())
+            .unwrap()
+    };
+    let req = keyed("secret");
+    // Without a model: the "*" entry's limits, named.
+    let any = layer.standing_of(&req).await.unwrap();
+    assert_eq!(any.model(), Some("*"));
+    assert_eq!(of(&any, "model-tokens-minute"), (4_000, 4_000));
+    for spelling in ["big-model", "Big-Model", "big-model:latest"] {
+        let big = layer.standing_of_model(&req, spelling).await.unwrap();
+        assert_eq!(big.plan(), "llm");
+        assert_eq!(big.model(), Some("big-model"), "{spelling}");
+        assert_eq!(of(&big, "throttle"), (50, 50));
+        assert_eq!(of(&big, "model"), (2, 2));
+        assert_eq!(of(&big, "model-tokens-minute"), (500, 500));
+        assert_eq!(of(&big, "model-concurrency"), (1, 1));
+    }
+    let other = layer.standing_of_model(&req, "other").await.unwrap();
+    assert_eq!(other.model(), Some("*"));
+    assert_eq!(of(&other, "model-tokens-minute"), (4_000, 4_000));
+    assert!(other.limits().iter().all(|l| l.name() != "model"));
+    // A request for the model is charged; reading is not.
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service_fn(|_| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+        });
+    let call = http::Request::builder()
+        .header("x-api-key", "secret")
+        .header("x-model", "big-model")
+        .body(String::new())
+        .unwrap();
+    let res = svc.oneshot(call).await.unwrap();
+    assert_eq!(res.status(), 200);
+    drop(res);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..5 {
+        let big = layer.standing_of_model(&req, "BIG-MODEL").await.unwrap();
+        assert_eq!(of(&big, "model"), (1, 2));
+        assert_eq!(of(&big, "throttle"), (49, 50));
+        assert_eq!(of(&big, "model-concurrency"), (1, 1));
+    }
+    // A plan without model limits has no entry to show.
+    let plain = layer
+        .standing_of_model(&keyed("plain"), "big-model")
+        .await
+        .unwrap();
+    assert_eq!(plain.model(), None);
+    assert_eq!(of(&plain, "throttle"), (5, 5));
+    // A key the layer does not know is refused, whatever the model.
+    let e = layer
+        .standing_of_model(&keyed("nobody"), "big-model")
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), Reason::UnknownKey);
+}
+
+#[tokio::test]
+async fn a_models_standing_on_the_memory_store() {
+    a_models_standing_names_its_entry(&Memory).await;
+}
+
+#[tokio::test]
+async fn a_models_standing_on_redis() {
+    if !require_redis() {
+        return;
+    }
+    a_models_standing_names_its_entry(&Redis::single("model-standing")).await;
+}

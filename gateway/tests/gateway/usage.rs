@@ -232,3 +232,114 @@ async fn a_caller_without_a_key_limited_by_its_address_reads_its_own_limits() {
     let (status, _) = usage(&base, Some(("x-api-key", "nobody"))).await;
     assert_eq!(status, 401);
 }
+
+/// `GET /v1/usage?model=NAME`: how the limits of a request for that model
+/// stand for the caller's own key: the model's own entry, found as a
+/// request for it finds it, or the `"*"` entry it falls under, named; read
+/// without charging anything. Without `model`, the `"*"` entry is named.
+#[tokio::test]
+async fn a_caller_reads_a_models_limits_by_name() {
+    let toml = r#"
+[[plans]]
+name = "llm"
+throttle = { rate = 1.0, burst = 50 }
+[plans.models]
+"big-model" = { throttle = { rate = 0.001, burst = 2 }, tokens = { per_minute = 500 } }
+"*" = { tokens = { per_minute = 4000 } }
+
+[[plans]]
+name = "plain"
+throttle = { rate = 1.0, burst = 5 }
+
+[[keys]]
+id = "llm-1"
+value = "llm-secret"
+plan = "llm"
+
+[[keys]]
+id = "plain-1"
+value = "plain-secret"
+plan = "plain"
+
+[response]
+style = "openai"
+"#;
+    let (base, _stop) = crate::serve_config(toml, MemoryStore::new()).await;
+    let bearer = ("authorization", "Bearer llm-secret");
+    let read = |query: &'static str, auth: (&'static str, &'static str)| {
+        let base = base.clone();
+        async move {
+            let res = reqwest::Client::new()
+                .get(format!("{base}/v1/usage{query}"))
+                .header(auth.0, auth.1)
+                .send()
+                .await
+                .unwrap();
+            let status = res.status().as_u16();
+            (status, res.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, any) = read("", bearer).await;
+    assert_eq!(status, 200, "{any}");
+    assert_eq!(any["model"], "*", "{any}");
+    assert_eq!(of(&any, "model-tokens-minute"), (4000, 4000));
+    let named = |body: &Value, name: &str| {
+        body["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap()["model"]
+            .clone()
+    };
+    assert_eq!(named(&any, "model-tokens-minute"), "*");
+    assert!(named(&any, "throttle").is_null());
+    for query in [
+        "?model=big-model",
+        "?model=Big-Model",
+        "?model=big-model%3Alatest",
+        "?model=library%2Fbig-model",
+    ] {
+        let (status, big) = read(query, bearer).await;
+        assert_eq!(status, 200, "{query}: {big}");
+        assert_eq!(big["plan"], "llm");
+        assert_eq!(big["model"], "big-model", "{query}: {big}");
+        assert_eq!(of(&big, "throttle"), (50, 50));
+        assert_eq!(of(&big, "model"), (2, 2));
+        assert_eq!(of(&big, "model-tokens-minute"), (500, 500));
+        assert_eq!(named(&big, "model"), "big-model");
+    }
+    let (_, other) = read("?model=small", bearer).await;
+    assert_eq!(other["model"], "*", "{other}");
+    // A request for the model is charged, reading is not.
+    let res = reqwest::Client::new()
+        .post(format!("{base}/v1/completions"))
+        .header("authorization", "Bearer llm-secret")
+        .header("content-type", "application/json")
+        .body(r#"{"model":"big-model","prompt":"abcdefgh","max_tokens":10}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let _ = res.bytes().await.unwrap();
+    for _ in 0..4 {
+        let (_, big) = read("?model=big-model", bearer).await;
+        assert_eq!(of(&big, "model"), (1, 2), "{big}");
+        assert_eq!(of(&big, "throttle"), (49, 50), "{big}");
+    }
+    // Another plan has no model limits; another key is refused as ever.
+    let (_, plain) = read("?model=big-model", ("x-api-key", "plain-secret")).await;
+    assert_eq!(plain["plan"], "plain");
+    assert!(plain["model"].is_null(), "{plain}");
+    let (status, _) = read("?model=big-model", ("x-api-key", "nobody")).await;
+    assert_eq!(status, 401);
+    // No query shows another key's limits.
+    let (_, own) = read("?key=plain-1&id=plain-1", bearer).await;
+    assert_eq!(own["plan"], "llm", "{own}");
+    // A model that is not one name is refused.
+    for query in ["?model=", "?model=a&model=b"] {
+        let (status, body) = read(query, bearer).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    }
+}
