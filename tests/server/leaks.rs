@@ -1023,7 +1023,7 @@ async fn redis_names_values_commands_and_the_gateway_hold_no_key() {
     answers
         .send(
             admin(Method::POST, "/admin/keys", Some(spaced)),
-            409,
+            400,
             "bad value",
         )
         .await;
