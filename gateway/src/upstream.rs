@@ -207,6 +207,12 @@ pub(crate) struct Forwarder {
 /// route pattern ends in Python's `$`, which matches before a last newline)
 /// a completion the layer did not estimate, past its route's limits.
 /// Nothing needs an unreserved or a control character escaped in a path.
+///
+/// One encoded slash is taken: in a model's name under `/v1/models/`,
+/// where OpenAI's SDKs send `org/model` (a Hugging Face name, as vLLM
+/// serves them) as `org%2Fmodel`. Decoded, such a path stays under
+/// `/v1/models/` as long as no part of the name between slashes, encoded
+/// or not, is empty, `.` or `..`, which is checked as for the path.
 fn forwardable(path: &str) -> bool {
     let Some(rest) = path.strip_prefix("/v1/") else {
         return false;
@@ -214,6 +220,7 @@ fn forwardable(path: &str) -> bool {
     if rest.contains('\\') {
         return false;
     }
+    let model = rest.starts_with("models/");
     let escaped = rest.split('%').skip(1).filter_map(|after| {
         after
             .get(..2)
@@ -222,13 +229,20 @@ fn forwardable(path: &str) -> bool {
     for byte in escaped {
         if byte.is_ascii_alphanumeric()
             || byte.is_ascii_control()
-            || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'/' | b'\\')
+            || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'\\')
+            || (byte == b'/' && !model)
         {
             return false;
         }
     }
-    rest.split('/')
-        .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+    let part = |p: &str| !p.is_empty() && p != "." && p != "..";
+    rest.split('/').all(|seg| {
+        if model {
+            seg.split("%2F").flat_map(|p| p.split("%2f")).all(part)
+        } else {
+            part(seg)
+        }
+    })
 }
 
 /// Whether a request is a completion or chat completion, whose body is read
@@ -445,7 +459,7 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
     if !forwardable(req.uri().path()) {
         return gateway_error(
             StatusCode::BAD_REQUEST,
-            "The path has an empty, `.` or `..` segment, a backslash, or an encoded slash, backslash, control character, letter, digit or `-._~`.",
+            "The path has an empty, `.` or `..` segment, a backslash, or an encoded slash (outside a model's name), backslash, control character, letter, digit or `-._~`.",
             "invalid_path",
             usage.as_ref(),
         );
@@ -1113,6 +1127,8 @@ mod tests {
             "/v1/models/llama3%3A8b",
             "/v1/files/a%20b",
             "/v1/files/%3A%40",
+            "/v1/models/org%2Fmodel",
+            "/v1/models/hf.co%2fuser%2Fm%3Aq4",
         ] {
             assert!(forwardable(ok), "{ok}");
         }
@@ -1123,6 +1139,13 @@ mod tests {
             "/v1/x/",
             "/v1/%2E%2E/x",
             "/v1/a%2fb",
+            "/v1/files/a%2Fb",
+            "/v1/models%2Fx",
+            "/v1/models/a%2F..%2Fchat%2Fcompletions",
+            "/v1/models/a%2F.",
+            "/v1/models/%2fa",
+            "/v1/models/a%2F%2Fb",
+            "/v1/models/a%2F",
             "/v1/a%5Cb",
             "/v1/a\\b",
             "/v1/files/%41",

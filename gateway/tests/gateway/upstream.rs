@@ -1585,3 +1585,47 @@ style = "openai"
     let res = s.post("/v1/chat/completions", &chat("small")).await;
     assert_eq!(res.status(), 200);
 }
+
+/// A model whose name holds a `/` (a Hugging Face name, as vLLM serves
+/// them) is retrieved as OpenAI's SDKs send it, the slash encoded
+/// (`GET /v1/models/meta-llama%2FLlama-3.1-8B`): it reaches the backend as
+/// it came, while an encoded slash that would resolve out of the model's
+/// name, or one anywhere else, is still refused.
+#[tokio::test]
+async fn a_model_named_with_a_slash_is_retrieved_from_the_upstream() {
+    let backend = Router::new().fallback(|uri: axum::http::Uri| async move {
+        axum::Json(json!({"id": uri.path(), "object": "model"}))
+    });
+    let (backend, _stop) = serve(backend).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    let get = |path: &'static str| {
+        s.client
+            .get(format!("{}{path}", s.base))
+            .header("authorization", "Bearer client-key")
+            .send()
+    };
+    for path in [
+        "/v1/models/meta-llama%2FLlama-3.1-8B",
+        "/v1/models/hf.co%2Fbartowski%2Fm-GGUF%3AQ4_K_M",
+    ] {
+        let res = get(path).await.unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["id"], path);
+    }
+    for path in [
+        "/v1/models/x%2F..%2Fchat%2Fcompletions",
+        "/v1/models/..%2Fx",
+        "/v1/models/%2Fx",
+        "/v1/models/x%2F",
+        "/v1/models/x%2F.",
+        "/v1/models%2Fx",
+        "/v1/files/a%2Fb",
+        "/v1/models/a%5Cb",
+    ] {
+        let res = get(path).await.unwrap();
+        assert_eq!(res.status(), 400, "{path}");
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_path", "{path}: {v}");
+    }
+}
