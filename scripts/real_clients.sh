@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The gateway's mock mode checked with real clients: the official `openai`
-# Python package and LiteLLM (scripts/real_clients.py says what is checked).
+# The gateway's mock and upstream modes checked with real clients: the
+# official `openai` Python package and LiteLLM (scripts/real_clients.py says
+# what is checked).
 #
 #   bash scripts/real_clients.sh
 #
 # Builds tollgate-gateway (debug), starts it on a free loopback port with its
 # embedded demo config, waits for GET /health, runs the checks, and stops the
-# gateway whatever happens. The clients live in a Python venv under the cargo
+# gateway whatever happens; real_clients.py starts the gateways in upstream
+# mode (with the same binary) and the vLLM-like backend one of them forwards
+# to, and stops them too. The clients live in a Python venv under the cargo
 # target dir (TOLLGATE_CLIENTS_VENV to put it elsewhere), installed with pip
 # the first time and whenever the pinned versions below change.
 #
@@ -94,7 +97,7 @@ sys.exit(f"real_clients: GET {sys.argv[1]} did not answer 200")
 EOF
 
 status=0
-TOLLGATE_BASE=$base "$venv/bin/python" scripts/real_clients.py || status=$?
+TOLLGATE_BASE=$base TOLLGATE_GATEWAY_BIN=$bin "$venv/bin/python" scripts/real_clients.py || status=$?
 if [[ $status -ne 0 ]]; then
     echo "real_clients: the gateway's log:" >&2
     tail -n 50 "$logs/err" >&2

@@ -1629,3 +1629,167 @@ async fn a_model_named_with_a_slash_is_retrieved_from_the_upstream() {
         assert_eq!(v["error"]["code"], "invalid_path", "{path}: {v}");
     }
 }
+
+/// An `async-openai` client of the gateway at `base` with the client's key,
+/// without the client's own retries.
+fn openai_client(
+    base: &str,
+    key: &str,
+) -> async_openai::Client<async_openai::config::OpenAIConfig> {
+    let config = async_openai::config::OpenAIConfig::new()
+        .with_api_base(format!("{base}/v1"))
+        .with_api_key(key);
+    let http = reqwest013::Client::builder().no_proxy().build().unwrap();
+    async_openai::Client::with_config(config)
+        .with_http_service(async_openai::middleware::ReqwestService::new(http))
+}
+
+/// The API error a call failed with; panics on success or any other error.
+fn api_error<T: std::fmt::Debug>(
+    result: Result<T, async_openai::error::OpenAIError>,
+) -> async_openai::error::ApiErrorResponse {
+    match result {
+        Err(async_openai::error::OpenAIError::ApiError(e)) => e,
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+/// `async-openai`, as a Rust application calls the gateway in front of a
+/// backend: answers plain and streamed, the usage chunk only when asked
+/// for, the backend's models, a bad key, and every answer settled from the
+/// usage the backend reported.
+#[tokio::test]
+async fn async_openai_through_upstream_mode() {
+    use async_openai::types::chat::{
+        ChatCompletionRequestUserMessage, ChatCompletionStreamOptions,
+        CreateChatCompletionRequestArgs, FinishReason, Role,
+    };
+    use async_openai::types::completions::CreateCompletionRequestArgs;
+    use tokio_stream::StreamExt;
+
+    let (s, _backend, _stop) = pair().await;
+    let c = openai_client(&s.base, "client-key");
+    // "Say hello, gateway." is 19 characters: 5 prompt tokens.
+    let chat = |max_tokens: u32, usage: Option<bool>| {
+        let mut args = CreateChatCompletionRequestArgs::default();
+        args.model("m")
+            .max_tokens(max_tokens)
+            .messages([ChatCompletionRequestUserMessage::from("Say hello, gateway.").into()]);
+        if let Some(include) = usage {
+            args.stream_options(ChatCompletionStreamOptions {
+                include_usage: Some(include),
+                include_obfuscation: None,
+            });
+        }
+        args.build().unwrap()
+    };
+    let mut spent = 0;
+
+    let answer = c.chat().create(chat(4, None)).await.unwrap();
+    assert_eq!(answer.object, "chat.completion");
+    assert_eq!(
+        answer.choices[0].message.content.as_deref(),
+        Some("tok tok tok tok ")
+    );
+    assert_eq!(answer.choices[0].finish_reason, Some(FinishReason::Length));
+    assert_eq!(answer.usage.as_ref().unwrap().total_tokens, 9);
+    spent += 9;
+    assert_eq!(s.tokens_left(1000 - spent).await, 1000 - spent);
+
+    let text = c
+        .completions()
+        .create(
+            CreateCompletionRequestArgs::default()
+                .model("m")
+                .prompt("Say hello, gateway.")
+                .max_tokens(3u32)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(text.object, "text_completion");
+    assert_eq!(text.choices[0].text, "tok tok tok ");
+    assert_eq!(text.usage.unwrap().total_tokens, 8);
+    spent += 8;
+    assert_eq!(s.tokens_left(1000 - spent).await, 1000 - spent);
+
+    // Streamed: the usage chunk the gateway asked for reaches the client
+    // only when it asked for it too (and `include_usage: false` is not
+    // asking); each stream is settled from it either way.
+    for usage in [None, Some(false), Some(true)] {
+        let mut stream = c.chat().create_stream(chat(6, usage)).await.unwrap();
+        let mut chunks = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            chunks.push(chunk.unwrap());
+        }
+        if usage == Some(true) {
+            let last = chunks.pop().unwrap();
+            assert!(last.choices.is_empty(), "{last:?}");
+            assert_eq!(last.usage.unwrap().total_tokens, 11);
+        }
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c.usage.is_none() && c.choices.len() == 1),
+            "{usage:?}: {chunks:?}"
+        );
+        assert_eq!(chunks[0].choices[0].delta.role, Some(Role::Assistant));
+        let content: String = chunks
+            .iter()
+            .filter_map(|c| c.choices[0].delta.content.as_deref())
+            .collect();
+        assert_eq!(content, "tok ".repeat(6), "{usage:?}");
+        assert_eq!(
+            chunks.last().unwrap().choices[0].finish_reason,
+            Some(FinishReason::Length)
+        );
+        spent += 11;
+        assert_eq!(s.tokens_left(1000 - spent).await, 1000 - spent, "{usage:?}");
+    }
+
+    let mut stream = c
+        .completions()
+        .create_stream(
+            CreateCompletionRequestArgs::default()
+                .model("m")
+                .prompt("Say hello, gateway.")
+                .max_tokens(2u32)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut text = String::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        assert!(
+            chunk.usage.is_none() && chunk.choices.len() == 1,
+            "{chunk:?}"
+        );
+        text.push_str(&chunk.choices[0].text);
+    }
+    assert_eq!(text, "tok tok ");
+    spent += 7;
+    assert_eq!(s.tokens_left(1000 - spent).await, 1000 - spent);
+
+    // The backend's models, and its 404 for one it does not serve.
+    let models = c.models().list().await.unwrap();
+    assert_eq!(models.object, "list");
+    assert!(models.data.iter().any(|m| m.id == "mock"), "{models:?}");
+    assert_eq!(c.models().retrieve("mock").await.unwrap().id, "mock");
+    let e = api_error(c.models().retrieve("no-such-model").await);
+    assert_eq!(e.status_code, 404);
+    assert_eq!(e.api_error.code.as_deref(), Some("model_not_found"));
+
+    // A key the gateway does not know never reaches the backend.
+    let e = api_error(
+        openai_client(&s.base, "not-a-key")
+            .chat()
+            .create(chat(1, None))
+            .await,
+    );
+    assert_eq!(e.status_code, 401);
+    assert_eq!(e.api_error.code.as_deref(), Some("invalid_api_key"));
+    assert_eq!(s.tokens_left(1000 - spent).await, 1000 - spent);
+}
