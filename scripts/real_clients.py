@@ -641,7 +641,13 @@ class VllmLike(http.server.BaseHTTPRequestHandler):
             self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
             self.wfile.flush()
 
+        options = req.get("stream_options") or {}
+        # vLLM's usage on every chunk, asked for beside include_usage.
+        continuous = options.get("include_usage") and options.get("continuous_usage_stats")
+
         def chunk(choice, **extra):
+            if continuous and choice:
+                extra = {"usage": usage}
             event(json.dumps(head | {"object": obj, "choices": [choice] if choice else []} | extra))
 
         if chat:
@@ -664,7 +670,6 @@ class VllmLike(http.server.BaseHTTPRequestHandler):
                 choice = {"index": 0, "text": "tok ", "logprobs": None,
                           "finish_reason": "length" if last else None, "stop_reason": None}
             chunk(choice)
-        options = req.get("stream_options") or {}
         if options.get("include_usage"):
             chunk(None, usage=usage)
         event("[DONE]")
@@ -693,10 +698,14 @@ def vllm_plain():
 def vllm_streams():
     """The usage chunk the gateway asked for never reaches a client that
     did not ask; one that asked gets it, once; both are settled from it."""
-    chunks = list(vllm_chat(stream=True))
-    eq([ch.usage for ch in chunks], [None] * (MAX_TOKENS + 1), "usage of each chunk")
-    check(all(ch.choices for ch in chunks), "every chunk has a choice")
-    eq("".join(ch.choices[0].delta.content or "" for ch in chunks), TEXT, "content")
+    for options in [None, {"continuous_usage_stats": True}]:
+        # vLLM reads `continuous_usage_stats` only beside `include_usage`:
+        # without it, no chunk carries a usage.
+        kwargs = {"stream_options": options} if options else {}
+        chunks = list(vllm_chat(stream=True, **kwargs))
+        eq([ch.usage for ch in chunks], [None] * (MAX_TOKENS + 1), f"usage of each chunk, {options}")
+        check(all(ch.choices for ch in chunks), "every chunk has a choice")
+        eq("".join(ch.choices[0].delta.content or "" for ch in chunks), TEXT, "content")
     *chunks, last = list(vllm_chat(stream=True, stream_options={"include_usage": True}))
     eq(last.choices, [], "the usage chunk's choices")
     eq(last.usage.total_tokens, VLLM_PROMPT_TOKENS + MAX_TOKENS, "usage.total_tokens")
@@ -708,7 +717,7 @@ def vllm_streams():
     )
     eq(len(chunks), MAX_TOKENS, "completion chunks")
     check(all(ch.usage is None and ch.choices for ch in chunks), "no usage chunk")
-    return 3 * (VLLM_PROMPT_TOKENS + MAX_TOKENS)
+    return 4 * (VLLM_PROMPT_TOKENS + MAX_TOKENS)
 
 
 def expect_error(kind, status, message, call):

@@ -49,9 +49,11 @@ const MAX_EVENT: usize = 1024 * 1024;
 /// - Tokens are settled from the backend's `usage`: a non-streamed JSON
 ///   answer's `usage.total_tokens`, read as it passes; a stream's usage
 ///   chunk, which the gateway asks for (`stream_options.include_usage`) when
-///   the client did not, and then removes from what the client sees. A
-///   stream that ends without one (the client left, before the backend's
-///   first byte too, the backend failed or ignores `include_usage`) is charged its prompt as the layer estimated it
+///   the client did not (turning vLLM's `continuous_usage_stats`, which
+///   it reads only beside it, off), and then removes from what the client
+///   sees. A stream that ends without one (the client left, before the
+///   backend's first byte too, the backend failed or ignores
+///   `include_usage`) is charged its prompt as the layer estimated it
 ///   plus one token for each chunk that carried generated output (text,
 ///   reasoning, a refusal, tool call arguments). A streamed Responses
 ///   API answer is settled from the usage of its `response.completed` event
@@ -442,6 +444,10 @@ fn prepare(f: &Forwarder, body: Bytes, completion: bool) -> Prepared {
     if let Value::Object(options) = options {
         if options.get("include_usage") != Some(&Value::Bool(true)) {
             options.insert("include_usage".to_owned(), Value::Bool(true));
+            // vLLM's usage on every chunk, which it reads only beside
+            // `include_usage`: asked for alone, it had no effect for the
+            // client, and must keep having none.
+            options.remove("continuous_usage_stats");
             prepared.strip_usage = true;
             if let Ok(body) = serde_json::to_vec(&req) {
                 prepared.body = Bytes::from(body);
@@ -1096,6 +1102,16 @@ mod tests {
         }
         let asked = format!(r#"{stream},"stream_options":{{"include_usage":true}}}}"#);
         assert_eq!(asks(&asked), (false, true));
+        // vLLM's `continuous_usage_stats` is off without `include_usage`:
+        // it stays off when the gateway asks for the usage chunk.
+        let body = format!(r#"{stream},"stream_options":{{"continuous_usage_stats":true}}}}"#);
+        let sent: Value =
+            serde_json::from_slice(&prepare(&f, Bytes::from(body), true).body).unwrap();
+        assert_eq!(sent["stream_options"], json!({"include_usage": true}));
+        let both = r#","stream_options":{"include_usage":true,"continuous_usage_stats":true}}"#;
+        let body = format!("{stream}{both}");
+        let p = prepare(&f, Bytes::from(body.clone()), true);
+        assert_eq!((p.body.as_ref(), p.strip_usage), (body.as_bytes(), false));
         // A `stream` that is not `true` goes on as it came, its prompt
         // counted in case the backend streams it all the same.
         let lenient = r#"{"model":"m","prompt":"abcdefgh","stream":"true","max_tokens":9}"#;

@@ -256,6 +256,56 @@ async fn a_stream_ends_without_the_usage_chunk_the_client_did_not_ask_for() {
     assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "0");
 }
 
+/// vLLM's `stream_options.continuous_usage_stats` puts a usage on every
+/// chunk, but only beside `include_usage`: a client that asks for it alone
+/// gets no usage from vLLM, and none through the gateway either, which
+/// asks for the usage chunk without turning on the client's own option.
+#[tokio::test]
+async fn a_continuous_usage_the_client_did_not_turn_on_stays_off() {
+    let backend = Router::new().route(
+        "/v1/chat/completions",
+        post(|axum::Json(req): axum::Json<Value>| async move {
+            let options = &req["stream_options"];
+            let usage = json!({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5});
+            let every =
+                options["include_usage"] == true && options["continuous_usage_stats"] == true;
+            let mut text = String::new();
+            for _ in 0..2 {
+                let mut chunk = json!({"object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": {"content": "tok "}}]});
+                if every {
+                    chunk["usage"] = usage.clone();
+                }
+                text.push_str(&format!("data: {chunk}\n\n"));
+            }
+            if options["include_usage"] == true {
+                let last =
+                    json!({"object": "chat.completion.chunk", "choices": [], "usage": usage});
+                text.push_str(&format!("data: {last}\n\n"));
+            }
+            text.push_str("data: [DONE]\n\n");
+            ([("content-type", "text/event-stream")], text)
+        }),
+    );
+    let (backend, _stop) = serve(backend).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    let chat = json!({
+        "model": "m", "messages": [{"role": "user", "content": "abcdefgh"}], "max_tokens": 500,
+        "stream": true, "stream_options": {"continuous_usage_stats": true},
+    });
+    let text = s
+        .post("/v1/chat/completions", &chat)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let events = events(&text);
+    assert_eq!(events.len(), 3, "{text}");
+    assert!(!text.contains("usage"), "{text}");
+    // Settled from the backend's usage all the same: 5 of 1000.
+    assert_eq!(s.tokens_left(995).await, 995);
+}
+
 #[tokio::test]
 async fn a_stream_keeps_the_usage_chunk_the_client_asked_for() {
     let (s, _backend, _stop) = pair().await;
