@@ -49,7 +49,7 @@
 //!
 //! A request's head must arrive within `--header-timeout` (10 s; on a new
 //! connection counted from its first byte, which must come within as long),
-//! which on HTTP/1 also closes a connection idle that long; a body that sends nothing
+//! which also closes a connection (HTTP/2 too) idle that long; a body that sends nothing
 //! for `--body-timeout` (30 s) is cut off; at most `--max-connections` (1024)
 //! are served at once, more wait to be accepted; a request's head may be at
 //! most 16 KiB (431 beyond). It logs to stderr, filtered

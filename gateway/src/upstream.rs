@@ -67,7 +67,7 @@ const MAX_EVENT: usize = 1024 * 1024;
 ///   `usage` says (nothing without one); its redirects pass through
 ///   unfollowed. A backend that cannot be reached is a 502, one that does
 ///   not answer within the timeout a 504, both with an OpenAI-style
-///   `{"error":{..}}` body, and both cost nothing.
+///   `{"error":{..}}` body, and both cost no tokens.
 /// - The client's key (`Authorization`, `x-api-key`) is never forwarded, nor
 ///   are hop-by-hop headers; the gateway sends its own credential when one
 ///   is configured. The backend's `ratelimit*` and `x-ratelimit-*` headers

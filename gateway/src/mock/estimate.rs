@@ -76,8 +76,8 @@ impl Message {
 #[derive(Deserialize)]
 struct Common {
     max_tokens: Option<u32>,
-    /// What OpenAI's chat API now names `max_tokens`; it wins over it, as in
-    /// the estimate.
+    /// What OpenAI's chat API now names `max_tokens`; it wins over it here
+    /// (the gateway's estimate, tollgate's, takes the larger of the two).
     max_completion_tokens: Option<u32>,
     /// `null` is its absence, as everywhere in OpenAI's API.
     stream: Option<bool>,
