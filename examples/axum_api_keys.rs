@@ -4,7 +4,7 @@
 //! key belongs to a usage plan: `free` allows 2 requests a second in bursts
 //! of 5 and 1000 a UTC day, with a slower limit on one route; `pro` allows
 //! 50 a second in bursts of 100. A missing or unknown key gets 403, a key
-//! over its limits 429 with `Retry-After`; every answer carries the
+//! over its limits 429 with `Retry-After`; every answer to a known key carries the
 //! `RateLimit-Policy` and `RateLimit` headers.
 //!
 //! ```sh
