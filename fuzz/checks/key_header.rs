@@ -95,8 +95,8 @@ fn expected_api_key<'a>(values: &[&'a [u8]], max_len: usize) -> Result<&'a [u8],
     }
 }
 
-/// `Authorization: Bearer <token>`: the scheme in any case, spaces, the token;
-/// another scheme is missing.
+/// `Authorization: Bearer <token>`: the scheme in any case, spaces or tabs,
+/// the token; another scheme is missing.
 fn expected_bearer<'a>(values: &[&'a [u8]], max_len: usize) -> Result<&'a [u8], KeyError> {
     let value = match values {
         [] => return Err(KeyError::Missing),
@@ -111,7 +111,7 @@ fn expected_bearer<'a>(values: &[&'a [u8]], max_len: usize) -> Result<&'a [u8], 
     }
     match rest.first() {
         None => Err(KeyError::Empty),
-        Some(b' ') => expected_key(rest.trim_ascii_start(), max_len),
+        Some(b' ' | b'\t') => expected_key(rest.trim_ascii_start(), max_len),
         Some(_) => Err(KeyError::Missing),
     }
 }

@@ -113,8 +113,11 @@ impl KeyExtractor for ApiKeyHeader {
 
 /// Uses the token of an `Authorization: Bearer <token>` header as the key.
 ///
-/// The scheme is matched case-insensitively, one or more spaces may separate
-/// it from the token, and whitespace around the credentials is ignored. A
+/// The scheme is matched case-insensitively, one or more spaces or tabs may
+/// separate it from the token, and whitespace around the credentials is
+/// ignored. (A tab is taken as a separator, not as part of another scheme,
+/// because many servers split the header on any whitespace: the service
+/// behind the layer must not read a token the layer did not limit.) A
 /// request without an `Authorization` header, or with another scheme (such as
 /// `Basic`), is rejected with [`KeyError::Missing`]; `Bearer` without a token
 /// with [`KeyError::Empty`]; several `Authorization` headers with
@@ -283,8 +286,10 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     match rest.first() {
         // `Bearer` alone: the scheme, without a token.
         None => Some(rest),
-        // The separator is one or more spaces; whatever follows is the token.
-        Some(b' ') => Some(rest.trim_ascii_start()),
+        // The separator is whitespace (one space by RFC 9110, but servers
+        // that split on any whitespace read a tab as one too, so this must
+        // be the same credential here); whatever follows is the token.
+        Some(b' ' | b'\t') => Some(rest.trim_ascii_start()),
         // Another scheme that starts with `bearer`, such as `BearerX`.
         Some(_) => None,
     }
@@ -441,6 +446,8 @@ mod tests {
             b"Bearer tok  ",
             b"Bearer tok\t",
             b"  Bearer tok",
+            b"Bearer\ttok",
+            b"Bearer \t tok",
         ] {
             assert_eq!(
                 extract(&e, &[("authorization", value)]),
@@ -504,8 +511,12 @@ mod tests {
             Err(KeyError::Malformed)
         );
         assert_eq!(
-            extract(&e, &[("authorization", b"Bearer\tab")]),
-            Err(KeyError::Missing)
+            extract(&e, &[("authorization", b"Bearer\ta\tb")]),
+            Err(KeyError::Malformed)
+        );
+        assert_eq!(
+            extract(&e, &[("authorization", b"Bearer\t")]),
+            Err(KeyError::Empty)
         );
         let headers: &[(&str, &[u8])] = &[
             ("authorization", b"Bearer a"),

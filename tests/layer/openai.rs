@@ -822,3 +822,66 @@ async fn bearer_and_x_api_key_agree_or_are_refused() {
         );
     }
 }
+
+/// A bearer token separated from its scheme by a tab (or spaces and tabs)
+/// is still a bearer credential: many servers split `Authorization` on any
+/// whitespace and would serve the request as that key. Taken as another
+/// scheme, it let a caller be limited as anonymous (by its address) or
+/// under its `x-api-key` while the service behind authenticated the token.
+#[tokio::test]
+async fn a_bearer_token_after_a_tab_is_the_callers_key() {
+    let policy = Policy::builder()
+        .plan(UsagePlan::new("small").throttle(Throttle::new(1.0, 2).unwrap()))
+        .key(ApiKey::new("k1", KEY, "small"))
+        .key(ApiKey::new("k2", "sk-other", "small"))
+        .anonymous(tollgate::Anonymous::ByIp {
+            throttle: Throttle::new(100.0, 100).unwrap(),
+            client_ip: tollgate::extract::ClientIp::new(),
+        })
+        .build()
+        .unwrap();
+    let (_clock, store) = frozen_store();
+    let base = serve_api(
+        RateLimitLayer::builder(policy)
+            .openai()
+            .store(store)
+            .build(),
+    )
+    .await;
+    let c = client();
+    let url = format!("{base}{COMPLETIONS}");
+    let body = json!({"model": "m", "prompt": "Hi", "max_tokens": 1});
+    let send = |auth: String, x: Option<&str>| {
+        let mut req = c.post(&url).json(&body).header("authorization", auth);
+        if let Some(k) = x {
+            req = req.header("x-api-key", k);
+        }
+        req.send()
+    };
+
+    // Limited as the key: its burst of 2, whatever the separator.
+    let mut got = Vec::new();
+    for sep in ["\t", " \t", "\t "] {
+        got.push(
+            send(format!("Bearer{sep}{KEY}"), None)
+                .await
+                .unwrap()
+                .status(),
+        );
+    }
+    assert_eq!(got, [200, 200, 429]);
+    // Beside a different `x-api-key`: two keys, refused.
+    let res = send(format!("Bearer\t{KEY}"), Some("sk-other"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(
+        error_of(res).await,
+        ("invalid_request_error".into(), "invalid_api_key".into())
+    );
+    // `x-api-key` alone still has its whole budget: nothing was charged to it.
+    for _ in 0..2 {
+        let res = c.post(&url).json(&body).header("x-api-key", "sk-other");
+        assert_eq!(res.send().await.unwrap().status(), 200);
+    }
+}
