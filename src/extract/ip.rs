@@ -80,10 +80,22 @@ impl ForwardedHeader {
 /// # Addresses
 ///
 /// IPv4-mapped IPv6 addresses (`::ffff:192.0.2.1`) are treated as the IPv4
-/// address, both when checking trust and in the key. IPv6 clients are grouped
-/// by their /64 network by default ([`ipv6_prefix`](Self::ipv6_prefix)),
-/// since a single host usually owns a whole /64 and could otherwise rotate
-/// addresses to evade a limit.
+/// address, both when checking trust and in the key: an IPv4 client that
+/// reaches a dual-stack listener (which reports it mapped) and an IPv4 one is
+/// one client with one budget. The deprecated IPv4-compatible form
+/// (`::192.0.2.1`) is an IPv6 address like any other. IPv6 clients are
+/// grouped by their /64 network by default
+/// ([`ipv6_prefix`](Self::ipv6_prefix)), since a single host usually owns a
+/// whole /64 and could otherwise rotate addresses to evade a limit; the
+/// grouping applies to an address taken from a forwarded header as to the
+/// peer's.
+///
+/// Forwarded entries are compared as addresses, not as text: IPv6 in any
+/// case, with or without leading zeros and `::` compression, is the same
+/// address. A zone id (`fe80::1%eth0`) makes an entry no address.
+///
+/// Only the configured header is read, never both (nor `X-Real-IP` and the
+/// like): a client cannot choose the one that suits it.
 ///
 /// ```
 /// use std::net::{IpAddr, SocketAddr};

@@ -261,3 +261,71 @@ async fn behind_a_trusted_proxy_forwarded_reads_only_the_rightmost_untrusted_ele
         [StatusCode::OK]
     );
 }
+
+/// One IPv4 client reaching the same layer through an IPv4 listener and a
+/// dual-stack IPv6 one (where it appears as `::ffff:127.0.0.1`) is one
+/// identity with one budget; a proxy trusted by its IPv4 network is trusted
+/// through either; and an address a trusted proxy forwards is the same
+/// identity however it is written (IPv4-mapped, with a port, IPv6 in any
+/// case or compression), grouped by /64 as a peer address is.
+#[tokio::test]
+async fn one_client_is_one_identity_over_ipv4_and_a_dual_stack_listener() {
+    let Ok(dual) = tokio::net::TcpListener::bind("[::]:0").await else {
+        eprintln!("no IPv6 on this machine: skipped");
+        return;
+    };
+    let app = ip_app(ClientIp::new().trust_proxy("127.0.0.1/32".parse().unwrap()));
+    let v4 = serve(app.clone()).await;
+    let port = dual.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        axum::serve(dual, app).await.unwrap();
+    });
+    // The same IPv4 connection source, reaching the dual-stack listener.
+    let v6 = format!("http://127.0.0.1:{port}");
+    let c = client_from("127.0.0.1");
+    if c.get(&v6).send().await.is_err() {
+        eprintln!("the [::] listener takes no IPv4 connections here: skipped");
+        return;
+    }
+    // One request already spent on the dual-stack listener.
+    let got = statuses(BURST as usize, |i| {
+        c.get(if i % 2 == 0 { &v4 } else { &v6 })
+    })
+    .await;
+    assert_eq!(got, pass_then_429(BURST as usize - 1, 1));
+
+    let forwarded = |i: usize, value: &'static str| {
+        c.get(if i % 2 == 0 { &v4 } else { &v6 })
+            .header("x-forwarded-for", value)
+    };
+    let same_v4 = [
+        "203.0.113.7",
+        "::ffff:203.0.113.7",
+        "203.0.113.7:1234",
+        "[::ffff:203.0.113.7]:80",
+        "198.51.100.1, 203.0.113.7",
+        "::FFFF:CB00:7107",
+    ];
+    let got = statuses(same_v4.len(), |i| forwarded(i, same_v4[i])).await;
+    assert_eq!(got, pass_then_429(BURST as usize, 1));
+    let same_64 = [
+        "2001:db8:1:2::1",
+        "2001:DB8:1:2::FFFF",
+        "2001:0db8:0001:0002:0000:0000:0000:0007",
+        "[2001:db8:1:2:aaaa::]:4711",
+        "2001:db8:1:2:1:2:3:4",
+        "[2001:db8:1:2::9]",
+    ];
+    let got = statuses(same_64.len(), |i| forwarded(i, same_64[i])).await;
+    assert_eq!(got, pass_then_429(BURST as usize, 1));
+    // Another /64 is another client.
+    assert_eq!(
+        forwarded(0, "2001:db8:1:3::1")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+}
