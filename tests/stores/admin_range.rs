@@ -323,6 +323,67 @@ async fn a_limit_put_anew_leaves_past_days_as_they_were<B: Backend>(b: &B) {
     assert_eq!(report.items["away"], [[4, 6], [0, 6], [1, 15]]);
 }
 
+/// The key `k` (value `v`) on plan `p`, whose quota's limit `plan` sets,
+/// from 2024-05-01 01:00.
+async fn monthly<B: Backend>(
+    b: &B,
+    clock: &ManualClock,
+) -> (
+    impl Fn(u64) -> UsagePlan,
+    RateLimitLayer<ApiKeyHeader, B::S>,
+) {
+    let plan = |limit| {
+        UsagePlan::new("p")
+            .quota(Quota::new(limit, Period::Month).unwrap())
+            .borrow(false)
+    };
+    let l = layer_on(clock, plan(10), b.store(clock).await);
+    (plan, l)
+}
+
+/// A limit put anew on the day of the key's last request shows in what
+/// remains today at once, before the key's next request.
+async fn a_limit_put_anew_shows_today_at_once<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let (plan, l) = monthly(b, &clock).await;
+    let admin = l.admin();
+    let may1 = Date::new(2024, 5, 1).unwrap();
+    l.decide(b"v", 3).await.unwrap();
+    admin.put_plan(plan(20)).await.unwrap();
+    assert_eq!(
+        admin.usage("p", may1, may1, None).await.unwrap().items["k"],
+        [[3, 17]]
+    );
+    admin.put_plan(plan(5)).await.unwrap();
+    assert_eq!(
+        admin.usage("p", may1, may1, None).await.unwrap().items["k"],
+        [[3, 2]]
+    );
+    l.decide(b"v", 1).await.unwrap();
+    assert_eq!(
+        admin.usage("p", may1, may1, None).await.unwrap().items["k"],
+        [[4, 1]]
+    );
+}
+
+/// A limit put anew days after the key's last request: the days before the
+/// change keep what remained under the old limit, the day of the change
+/// reports it under the new one before the key's next request.
+async fn a_limit_put_anew_between_requests_shows_from_its_day<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let (plan, l) = monthly(b, &clock).await;
+    let admin = l.admin();
+    let may = |d: u8| Date::new(2024, 5, d).unwrap();
+    l.decide(b"v", 3).await.unwrap();
+    clock.advance(std::time::Duration::from_secs(2 * 86_400));
+    admin.put_plan(plan(20)).await.unwrap();
+    let report = admin.usage("p", may(1), may(3), None).await.unwrap();
+    assert_eq!(report.items["k"], [[3, 7], [0, 7], [0, 17]]);
+    l.decide(b"v", 1).await.unwrap();
+    let report = admin.usage("p", may(1), may(3), None).await.unwrap();
+    assert_eq!(report.items["k"], [[3, 7], [0, 7], [1, 16]]);
+}
+
 on_each_backend!(
     "range":
     update_usage_takes_up_to_2_pow_53_and_refuses_more_before_the_store,
@@ -331,4 +392,6 @@ on_each_backend!(
     put_plan_keeps_a_resolved_keys_emptied_bucket_empty,
     a_window_older_than_the_history_still_reports_what_remained,
     a_limit_put_anew_leaves_past_days_as_they_were,
+    a_limit_put_anew_shows_today_at_once,
+    a_limit_put_anew_between_requests_shows_from_its_day,
 );

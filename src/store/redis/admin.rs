@@ -6,13 +6,17 @@ use std::sync::Arc;
 use super::call::{Call, quota_args};
 use super::keys::reset_mark;
 use super::store::Inner;
-use crate::quota::DayRecord;
+use crate::quota::{DayRecord, QuotaSpec};
 use crate::store::{QuotaRef, StoreError, StoreFuture, ThrottleRef};
-use crate::window::Date;
+use crate::window::{Date, NANOS_PER_DAY, window};
 
 impl Inner {
     /// [`Store::usage`](crate::store::Store::usage), read from the quota's
-    /// history hash.
+    /// history hash. Each day's record holds what remained after its last
+    /// change, under the numbers of that moment; today's is worked out from
+    /// the count and the quota's numbers now, as the memory store reports
+    /// it: a limit put anew since the key's last request shows at once,
+    /// with no write for each key when a plan is put.
     pub(super) fn usage(
         self: &Arc<Self>,
         quota: &QuotaRef<'_>,
@@ -20,13 +24,37 @@ impl Inner {
         last: Date,
     ) -> StoreFuture<Vec<[i64; 2]>> {
         let inner = Arc::clone(self);
-        let [_, key] = inner.quota_keys(quota);
+        let [count, key] = inner.quota_keys(quota);
         let spec = *quota.spec;
+        let now = inner.clock.wall_nanos();
+        let today = now.div_euclid(NANOS_PER_DAY);
         Box::pin(async move {
             let fields: Vec<(String, i64)> = inner
                 .command(redis::cmd("HGETALL").arg(key).clone())
                 .await?;
-            let records = day_records(&fields);
+            let mut records = day_records(&fields);
+            if (first.days()..=last.days()).contains(&today) {
+                let state: Vec<Option<String>> = inner
+                    .command(
+                        redis::cmd("HMGET")
+                            .arg(count)
+                            .arg("w")
+                            .arg("n")
+                            .arg("d")
+                            .clone(),
+                    )
+                    .await?;
+                if let Some(remaining) = remaining_today(&spec, &state, now) {
+                    match records.iter_mut().find(|r| r.day == today) {
+                        Some(r) => r.remaining = remaining,
+                        None => records.push(DayRecord {
+                            day: today,
+                            used: 0,
+                            remaining,
+                        }),
+                    }
+                }
+            }
             Ok(crate::quota::report(
                 &spec,
                 &records,
@@ -110,6 +138,22 @@ impl Inner {
             Ok(())
         })
     }
+}
+
+/// What remains today (the day of `now`) of a quota whose count (fields
+/// `w`, `n` and `d` in `state`) was last changed in today's window: the
+/// limit of the window now less its count. `None` when the count is of
+/// another window (or none), where the history tells.
+fn remaining_today(spec: &QuotaSpec, state: &[Option<String>], now: i64) -> Option<i64> {
+    let field = |i: usize| state.get(i)?.as_deref()?.parse::<i64>().ok();
+    let (start, count) = (field(0)?, field(1)?);
+    // A count written without the day of its last change was last changed
+    // on its window's first day (as the script reads it).
+    let last = field(2).unwrap_or(start);
+    let w = window(spec.period, now);
+    let today = now.div_euclid(NANOS_PER_DAY);
+    (start == w.start.div_euclid(NANOS_PER_DAY) && start <= last && last <= today)
+        .then(|| spec.limit_in(w).saturating_sub(count))
 }
 
 /// Day records from a history hash's fields (`u:<day>`, `r:<day>`).
