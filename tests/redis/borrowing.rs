@@ -497,3 +497,48 @@ async fn a_share_is_not_used_past_the_end_of_a_model_quota_window() {
         );
     }
 }
+
+/// A share borrowed late in a day and given back unused after midnight
+/// takes its unused units off the closed day's usage: the day reports only
+/// what was admitted (as the memory store, which never borrows, reports
+/// it), and the new day's count gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_given_back_after_its_day_leaves_that_day_what_was_admitted() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 86_399));
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(UsagePlan::new("q").quota(Quota::new(100, Period::Day).unwrap()))
+        .key(ApiKey::new("k-1", "k", "q"))
+        .build()
+        .expect("a valid policy");
+    let store = RedisStore::builder(redis.url())
+        .clock(clock.clone())
+        .timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .expect("a Redis store");
+    let l = RateLimitLayer::builder(policy).store(store).build();
+    for _ in 0..3 {
+        assert!(l.decide(b"k", 1).await.is_ok());
+    }
+    // Past midnight, the share unused but for the three.
+    clock.advance(Duration::from_secs(2));
+    l.store().drained().await;
+    let (may6, may7) = (
+        Date::new(2024, 5, 6).unwrap(),
+        Date::new(2024, 5, 7).unwrap(),
+    );
+    let usage = l.admin().usage("q", may6, may7, None).await.unwrap();
+    assert_eq!(usage.items["k-1"], [[3, 97], [0, 100]]);
+    // The new day starts whole: its count got nothing back either.
+    assert!(l.decide(b"k", 1).await.is_ok());
+    l.store().drained().await;
+    let usage = l.admin().usage("q", may6, may7, None).await.unwrap();
+    assert_eq!(usage.items["k-1"], [[3, 97], [1, 99]]);
+}

@@ -112,7 +112,11 @@
 --   UpdateUsage) goes back below 0, where "t" would stop at 0 and the
 --   denial would take the raise away. A quota whose count is gone
 --   (expired, or reset and not charged since), was reset after the
---   charge or made after it no longer counts it, and gets nothing.
+--   charge or made after it no longer counts it, and gets nothing. Nor
+--   does a window that began after the day of the charge (a borrowed
+--   share given back after midnight); that day's history, while it holds
+--   it, counts only what was admitted: the units come off its use and add
+--   to what remained at its end.
 --   Reply: now_s, now_ns.
 --
 -- "z" reset a quota (Admin::reset_key). KEYS: q, h. ARGV: "z", now_s,
@@ -804,6 +808,20 @@ if mode == 't' or mode == 'g' then
           redis.call('HINCRBY', hist, fmt('u:%d', day), fmt('%d', used - before))
           if day ~= today and redis.call('HEXISTS', hist, fmt('r:%d', day)) == 1 then
             redis.call('HINCRBY', hist, fmt('r:%d', day), fmt('%d', before - used))
+          end
+        end
+      elseif kept and exact and delta < 0 then
+        -- Given back ("g") after the window that charged it ended: the new
+        -- window's count gets nothing, but the day that was charged counts
+        -- only what was admitted (a share's unused units were not), while
+        -- the history still holds it: they come off its use and add to
+        -- what remained at its end.
+        local fmt = string.format
+        local u, r = fmt('u:%d', charged_day), fmt('r:%d', charged_day)
+        if redis.call('HEXISTS', hist, u) == 1 then
+          redis.call('HINCRBY', hist, u, fmt('%d', delta))
+          if redis.call('HEXISTS', hist, r) == 1 then
+            redis.call('HINCRBY', hist, r, fmt('%d', -delta))
           end
         end
       end
