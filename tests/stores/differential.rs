@@ -42,11 +42,12 @@ use http_body_util::BodyExt;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tokio::sync::oneshot;
-use tollgate::extract::{ApiKeyHeader, RequestView};
+use tollgate::extract::{ApiKeyHeader, ClientIp, RequestView};
 use tollgate::store::Store;
 use tollgate::{
-    Account, AdminError, ApiKey, ManualClock, MemoryStore, Period, Policy, Quota, RateLimitLayer,
-    Reason, RedisStore, Rejection, ResponseBody, Stage, Throttle, TokenBudget, UsagePlan, Weekday,
+    Account, AdminError, Anonymous, ApiKey, ManualClock, MemoryStore, ModelLimits, Period, Policy,
+    Quota, RateLimitLayer, Reason, RedisStore, Rejection, ResponseBody, Stage, Throttle,
+    TokenBudget, UsagePlan, Weekday,
 };
 use tower::{Layer, ServiceExt};
 
@@ -54,7 +55,7 @@ use self::model::{
     Answer, Ask, Bucket, CalendarQuota, Header, Limits, Model, NANOS_PER_DAY, Reservation, Why,
     window,
 };
-use crate::support::redis::{RedisServer, require_redis};
+use crate::support::redis::{RedisCluster, RedisServer, require_redis};
 
 /// The route of the method override (`"/v1/completions/POST"`).
 const ROUTE: &str = "/v1/completions";
@@ -90,6 +91,12 @@ enum Kind {
     /// DAY quota; admin operations on each key, moves to plan `"q"` among
     /// them (a key keeps its account on any plan).
     Shared,
+    /// Registered keys (two of an account) and anonymous clients (by IP)
+    /// together under a stage throttle, a plan with a named model's
+    /// throttle and quota that requests name in several spellings, and
+    /// the plan put anew with other numbers between requests, among admin
+    /// operations.
+    Mixed,
 }
 
 /// A rate of `num/den` per second and a burst.
@@ -176,19 +183,58 @@ struct Spec {
     keys: usize,
     /// Seconds into 2024-05-01 (UTC) at the start.
     start_secs: u64,
+    /// The named model of plan `"p"` ([`MODEL`]): a throttle, a DAY quota.
+    model: Option<(Rate, Option<u64>)>,
+    /// The throttle of anonymous clients, by IP; [`Spec::anons`] of them.
+    anonymous: Option<Rate>,
+    /// Anonymous clients `10.0.0.<n>` for n past the keys' indexes.
+    anons: usize,
 }
+
+/// The model plan `"p"` names.
+const MODEL: &str = "big-model";
+/// How requests name a model: spellings of [`MODEL`] (`true`) and others.
+const SPELLINGS: [(Option<&str>, bool); 9] = [
+    (None, false),
+    (Some("big-model"), true),
+    (Some("Big-Model"), true),
+    (Some("big-model:latest"), true),
+    (Some("library/big-model"), true),
+    (Some("REGISTRY.OLLAMA.AI/library/Big-Model:Latest"), true),
+    (Some("https://big-model"), true),
+    (Some("big-model:7b"), false),
+    (Some("small-model"), false),
+];
 
 impl Spec {
     fn plan(&self) -> UsagePlan {
+        self.plan_with(self.throttle, self.quota, self.model.and_then(|m| m.1))
+    }
+
+    /// Plan `"p"` with this throttle and these quotas (its own, its
+    /// model's).
+    fn plan_with(
+        &self,
+        throttle: Option<Rate>,
+        quota: Option<QuotaSpec>,
+        model_quota: Option<u64>,
+    ) -> UsagePlan {
         let mut p = UsagePlan::new("p");
-        if let Some(r) = self.throttle {
+        if let Some(r) = throttle {
             p = p.throttle(r.throttle());
         }
         if let Some(r) = self.method {
             p = p.method(format!("{ROUTE}/POST"), r.throttle());
         }
-        if let Some(q) = self.quota {
+        if let Some(q) = quota {
             p = p.quota(q.quota());
+        }
+        if let Some((r, _)) = self.model {
+            let mut m = ModelLimits::new().throttle(r.throttle());
+            if let Some(l) = model_quota {
+                m = m.quota(QuotaSpec::day(l).quota());
+            }
+            p = p.model(MODEL, m);
         }
         if self.tokens_minute.is_some() || self.tokens_day.is_some() {
             let mut b = TokenBudget::new();
@@ -227,6 +273,12 @@ impl Spec {
         if let Some(r) = self.stage {
             policy = policy.stage(Stage::new().throttle(r.throttle()));
         }
+        if let Some(r) = self.anonymous {
+            policy = policy.anonymous(Anonymous::ByIp {
+                throttle: r.throttle(),
+                client_ip: ClientIp::default(),
+            });
+        }
         for i in 0..self.keys {
             let mut key = ApiKey::new(format!("k{i}"), format!("v{i}"), "p");
             if self.in_account(i) {
@@ -260,6 +312,11 @@ impl Spec {
                 .tokens_day
                 .map(|l| CalendarQuota::new("tokens-day", l, model::Period::Day)),
             concurrency: self.concurrency.map(|c| (c, 0)),
+            model: self.model.map(|m| bucket("model", m.0)),
+            model_quota: self
+                .model
+                .and_then(|m| m.1)
+                .map(|l| QuotaSpec::day(l).model("model-quota", created)),
         };
         let mut plans = vec![plan];
         if let Some((r, limit)) = self.other {
@@ -281,11 +338,22 @@ impl Spec {
             }),
             keys: (0..self.keys)
                 .map(|i| model::Key {
+                    anonymous: false,
                     on: 0,
                     enabled: true,
                     account: self.in_account(i),
                     plans: plans.clone(),
                 })
+                .chain((0..self.anons).map(|_| model::Key {
+                    anonymous: true,
+                    on: 0,
+                    enabled: true,
+                    account: false,
+                    plans: vec![Limits {
+                        throttle: self.anonymous.map(|r| bucket("throttle", r)),
+                        ..Limits::default()
+                    }],
+                }))
                 .collect(),
             wall0: self.wall0(),
             now: 0,
@@ -304,9 +372,17 @@ impl Spec {
         let mut m = 0;
         let account = self.account.and_then(|a| a.0);
         let other = self.other.map(|o| o.0);
-        for r in [self.throttle, self.method, account, other, self.stage]
-            .into_iter()
-            .flatten()
+        let model = self.model.map(|m| m.0);
+        for r in [
+            self.throttle,
+            self.method,
+            account,
+            other,
+            self.stage,
+            model,
+        ]
+        .into_iter()
+        .flatten()
         {
             m = m.max(r.burst + 1);
         }
@@ -403,6 +479,9 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
         stage: None,
         keys: 1,
         start_secs: 0,
+        model: None,
+        anonymous: None,
+        anons: 0,
     };
     match kind {
         Kind::Throttle => (rate(), start_secs())
@@ -500,6 +579,34 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
                 ..base.clone()
             })
             .boxed(),
+        Kind::Mixed => (
+            (prop::option::of(rate()), 1..=6u64),
+            (prop::option::of(rate()), calendar_quota(1..=8)),
+            prop::option::of(rate()),
+            (rate(), prop::option::of(1..=4u64)),
+            (rate(), 1..=4u64),
+            rate(),
+        )
+            .prop_flat_map(|(plan, account, stage, model, other, anon)| {
+                let s = start_in(account.1.period);
+                (Just((plan, account, stage, model, other, anon)), s)
+            })
+            .prop_map(
+                move |(((r, day), (a, q), stage, model, other, anon), s)| Spec {
+                    throttle: r,
+                    quota: Some(QuotaSpec::day(day)),
+                    other: Some(other),
+                    account: Some((a, Some(q))),
+                    stage,
+                    keys: 3,
+                    start_secs: s,
+                    model: Some(model),
+                    anonymous: Some(anon),
+                    anons: 2,
+                    ..base.clone()
+                },
+            )
+            .boxed(),
     }
 }
 
@@ -519,6 +626,8 @@ enum Op {
         estimate: u32,
         actual: Option<u32>,
         hold: bool,
+        /// How the request names a model ([`SPELLINGS`]).
+        model: usize,
     },
     /// Ends the held response at this index (modulo how many are held).
     End(usize),
@@ -543,6 +652,13 @@ enum Op {
     Enable { key: usize, enabled: bool },
     /// Moves the key to plan `"q"`, or back to `"p"`.
     Move { key: usize },
+    /// Puts plan `"p"` anew with these limits of its DAY quota and its
+    /// model's, and (when it has one) this throttle.
+    PutPlan {
+        quota: u64,
+        model_quota: u64,
+        throttle: Rate,
+    },
 }
 
 fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
@@ -550,19 +666,26 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
     let max_tokens = s.max_tokens();
     let tokens = s.tokens();
     let keys = s.keys;
+    let spellings = if s.model.is_some() {
+        SPELLINGS.len()
+    } else {
+        1
+    };
     let http = (
-        0..keys,
+        0..keys + s.anons,
         any::<bool>(),
         0..=max_tokens,
         prop::option::of(0..=max_tokens.max(1) * 2),
         any::<bool>(),
+        0..spellings,
     )
-        .prop_map(|(key, on_route, estimate, actual, hold)| Op::Http {
+        .prop_map(|(key, on_route, estimate, actual, hold, model)| Op::Http {
             key,
             on_route,
             estimate,
             actual,
             hold,
+            model,
         });
     let direct = (0..keys, 0..=max_cost, any::<bool>()).prop_map(move |(key, cost, check)| {
         Op::Direct {
@@ -573,8 +696,11 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
             check,
         }
     });
-    let calendar = matches!(s.kind, Kind::Calendar | Kind::Admin | Kind::Shared);
-    let admin = matches!(s.kind, Kind::Admin | Kind::Shared);
+    let calendar = matches!(
+        s.kind,
+        Kind::Calendar | Kind::Admin | Kind::Shared | Kind::Mixed
+    );
+    let admin = matches!(s.kind, Kind::Admin | Kind::Shared | Kind::Mixed);
     let limit = s.quota.map_or(1, |q| q.limit);
     let mut op: Vec<(u32, BoxedStrategy<Op>)> = vec![
         (4, direct.boxed()),
@@ -632,6 +758,18 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
                 .boxed(),
         ));
         op.push((2, (0..keys).prop_map(|key| Op::Move { key }).boxed()));
+    }
+    if s.kind == Kind::Mixed {
+        op.push((
+            2,
+            (1..=8u64, 1..=5u64, rate(false))
+                .prop_map(|(quota, model_quota, throttle)| Op::PutPlan {
+                    quota,
+                    model_quota,
+                    throttle,
+                })
+                .boxed(),
+        ));
     }
     let op = proptest::strategy::Union::new_weighted(op);
     prop::collection::vec(op, 1..=if calendar { 40 } else { 30 })
@@ -734,6 +872,7 @@ impl<S: Drain> Side<S> {
         let layer = RateLimitLayer::builder(spec.policy(clock.clone()))
             .store(store)
             .estimator(estimate)
+            .model(|r| r.headers.get("x-model")?.to_str().ok())
             .build();
         Side {
             name,
@@ -763,7 +902,7 @@ impl<S: Drain> Side<S> {
     }
 
     /// An admin operation on key `key`: what it returned, if anything.
-    async fn admin(&mut self, op: &Op) -> Result<Option<u64>, AdminError> {
+    async fn admin(&mut self, spec: &Spec, op: &Op) -> Result<Option<u64>, AdminError> {
         let admin = self.layer.admin();
         let out = match *op {
             Op::SetRemaining { key, remaining } => admin
@@ -784,15 +923,31 @@ impl<S: Drain> Side<S> {
                 };
                 admin.set_plan(&id, to).await.map(|()| None)
             }
+            Op::PutPlan {
+                quota,
+                model_quota,
+                throttle,
+            } => {
+                let quota = spec.quota.map(|q| QuotaSpec { limit: quota, ..q });
+                let model_quota = spec.model.and_then(|m| m.1).map(|_| model_quota);
+                let throttle = spec.throttle.map(|_| throttle);
+                admin
+                    .put_plan(spec.plan_with(throttle, quota, model_quota))
+                    .await
+                    .map(|()| None)
+            }
             _ => unreachable!(),
         };
         self.layer.store().drain().await;
         out
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn http(
         &mut self,
         key: usize,
+        anonymous: bool,
+        model: Option<&str>,
         on_route: bool,
         estimate: u32,
         actual: Option<u32>,
@@ -816,8 +971,16 @@ impl<S: Drain> Side<S> {
         let mut req = http::Request::builder()
             .method(method)
             .uri(path)
-            .header("x-api-key", format!("v{key}"))
             .header("x-estimate", estimate.to_string());
+        if anonymous {
+            let peer = std::net::SocketAddr::from(([10, 0, 0, key as u8], 40_000));
+            req = req.extension(peer);
+        } else {
+            req = req.header("x-api-key", format!("v{key}"));
+        }
+        if let Some(m) = model {
+            req = req.header("x-model", m);
+        }
         if let Some(a) = actual {
             req = req.header("x-actual", a.to_string());
         }
@@ -1022,7 +1185,7 @@ impl Run {
 async fn run(
     spec: &Spec,
     ops: &[Op],
-    redis: Option<(&RedisServer, String)>,
+    redis: Option<(&Remote, String)>,
 ) -> Result<(), TestCaseError> {
     let start = std::time::UNIX_EPOCH
         + Duration::from_nanos((MAY_1 / 1_000_000_000) as u64 * 1_000_000_000)
@@ -1036,10 +1199,14 @@ async fn run(
         MemoryStore::builder().clock(clock).build().unwrap(),
     );
     let mut remote = match redis {
-        Some((server, prefix)) => {
+        Some((remote, prefix)) => {
             let clock = ManualClock::new();
             clock.set_wall(start);
-            let store = RedisStore::builder(server.url())
+            let builder = match remote {
+                Remote::Single(server) => RedisStore::builder(server.url()),
+                Remote::Cluster(cluster) => RedisStore::cluster_builder(cluster.urls()),
+            };
+            let store = builder
                 .prefix(prefix)
                 .timeout(Duration::from_secs(5))
                 .clock(clock.clone())
@@ -1121,8 +1288,11 @@ async fn run(
                 .push(format!("end held response #{i} (actual {actual:?})"));
             continue;
         }
-        if let Op::SetRemaining { .. } | Op::Reset { .. } | Op::Enable { .. } | Op::Move { .. } =
-            *op
+        if let Op::SetRemaining { .. }
+        | Op::Reset { .. }
+        | Op::Enable { .. }
+        | Op::Move { .. }
+        | Op::PutPlan { .. } = *op
         {
             // What the operation returns: what remains after UpdateUsage
             // (`Err`: the key's plan has no quota), nothing for the others.
@@ -1143,11 +1313,22 @@ async fn run(
                     r.model.set_plan(key, to);
                     Ok(None)
                 }
+                Op::PutPlan {
+                    quota,
+                    model_quota,
+                    throttle: t,
+                } => {
+                    let t = spec
+                        .throttle
+                        .map(|_| Bucket::per_second("throttle", t.num, t.den, t.burst));
+                    r.model.put_quotas(0, Some(quota), Some(model_quota), t);
+                    Ok(None)
+                }
                 _ => unreachable!(),
             };
-            let mut observed = vec![(memory.name, memory.admin(op).await)];
+            let mut observed = vec![(memory.name, memory.admin(spec, op).await)];
             if let Some(s) = &mut remote {
-                observed.push((s.name, s.admin(op).await));
+                observed.push((s.name, s.admin(spec, op).await));
             }
             r.log.push(format!("admin {op:?}: model {expected:?}"));
             for (name, o) in &observed {
@@ -1174,6 +1355,7 @@ async fn run(
                     on_route: false,
                     holds: false,
                     http: false,
+                    model: false,
                 };
                 let (expected, _) = r.model.decide(ask);
                 let mut observed = vec![(memory.name, memory.direct(key, cost, check).await)];
@@ -1189,10 +1371,13 @@ async fn run(
                 estimate,
                 actual,
                 hold,
+                model,
             } => {
                 let tokens = spec.tokens();
                 let estimate = if tokens { estimate } else { 0 };
                 let actual = actual.filter(|_| tokens);
+                let anonymous = key >= spec.keys;
+                let (model, named) = SPELLINGS[model];
                 let ask = Ask {
                     key,
                     cost: 1,
@@ -1200,6 +1385,7 @@ async fn run(
                     on_route,
                     holds: true,
                     http: true,
+                    model: named,
                 };
                 let (expected, reservation) = r.model.decide(ask);
                 if let Some(reservation) = reservation {
@@ -1211,10 +1397,15 @@ async fn run(
                 }
                 let mut observed = vec![(
                     memory.name,
-                    memory.http(key, on_route, estimate, actual, hold).await,
+                    memory
+                        .http(key, anonymous, model, on_route, estimate, actual, hold)
+                        .await,
                 )];
                 if let Some(s) = &mut remote {
-                    observed.push((s.name, s.http(key, on_route, estimate, actual, hold).await));
+                    let o = s
+                        .http(key, anonymous, model, on_route, estimate, actual, hold)
+                        .await;
+                    observed.push((s.name, o));
                 }
                 let route = if on_route {
                     "POST /v1/completions"
@@ -1227,10 +1418,15 @@ async fn run(
                     String::new()
                 };
                 let hold = if hold { ", held" } else { ", ended at once" };
+                let who = if anonymous {
+                    format!("10.0.0.{key}")
+                } else {
+                    format!("k{key}")
+                };
                 (
                     expected,
                     observed,
-                    format!("k{key}: HTTP {route}{tok}{hold}"),
+                    format!("{who}: HTTP {route} model {model:?}{tok}{hold}"),
                 )
             }
             _ => unreachable!(),
@@ -1281,6 +1477,14 @@ fn wall_str(ns: i128) -> String {
 const MEMORY_CASES: u32 = 96;
 const REDIS_CASES: u32 = 32;
 
+/// `DIFF_CASES=n` runs n cases per test instead (memory and Redis alike).
+fn cases(default: u32) -> u32 {
+    std::env::var("DIFF_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1291,7 +1495,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn memory(kind: Kind, fractional: bool) {
     let rt = runtime();
     let mut runner = TestRunner::new(Config {
-        cases: MEMORY_CASES,
+        cases: cases(MEMORY_CASES),
         failure_persistence: None,
         ..Config::default()
     });
@@ -1303,15 +1507,32 @@ fn memory(kind: Kind, fractional: bool) {
     }
 }
 
+/// A real Redis to run the stores on: one `redis-server`, or a cluster of
+/// three (accounts and the stage in slots of their own).
+enum Remote {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
 fn redis(kind: Kind, fractional: bool) {
     if !require_redis() {
         return;
     }
+    on_remote(kind, fractional, Remote::Single(RedisServer::start()));
+}
+
+fn redis_cluster(kind: Kind) {
+    if !require_redis() {
+        return;
+    }
+    on_remote(kind, false, Remote::Cluster(RedisCluster::start()));
+}
+
+fn on_remote(kind: Kind, fractional: bool, server: Remote) {
     static PREFIXES: AtomicUsize = AtomicUsize::new(0);
     let rt = runtime();
-    let server = RedisServer::start();
     let mut runner = TestRunner::new(Config {
-        cases: REDIS_CASES,
+        cases: cases(REDIS_CASES),
         failure_persistence: None,
         ..Config::default()
     });
@@ -1367,6 +1588,10 @@ mod memory {
     fn account_and_stage_shared() {
         memory(Kind::Shared, false);
     }
+    #[test]
+    fn anonymous_and_registered_models_and_plans_put_anew() {
+        memory(Kind::Mixed, false);
+    }
 }
 
 mod redis {
@@ -1412,6 +1637,29 @@ mod redis {
     fn account_and_stage_shared() {
         redis(Kind::Shared, false);
     }
+    #[test]
+    fn anonymous_and_registered_models_and_plans_put_anew() {
+        redis(Kind::Mixed, false);
+    }
+}
+
+/// On a Redis Cluster: the mixes whose limits live in several slots (an
+/// account's and the stage's in their own).
+mod redis_cluster {
+    use super::{Kind, redis_cluster};
+
+    #[test]
+    fn admin_between_requests() {
+        redis_cluster(Kind::Admin);
+    }
+    #[test]
+    fn account_and_stage_shared() {
+        redis_cluster(Kind::Shared);
+    }
+    #[test]
+    fn anonymous_and_registered_models_and_plans_put_anew() {
+        redis_cluster(Kind::Mixed);
+    }
 }
 
 /// Sequences the generated ones found, kept as they were found.
@@ -1426,7 +1674,7 @@ mod found {
         if !require_redis() {
             return;
         }
-        let server = RedisServer::start();
+        let server = Remote::Single(RedisServer::start());
         if let Err(e) = rt.block_on(run(&spec, &ops, Some((&server, "found:".to_owned())))) {
             panic!("{e}");
         }
@@ -1453,6 +1701,9 @@ mod found {
             stage: None,
             keys: 1,
             start_secs,
+            model: None,
+            anonymous: None,
+            anons: 0,
         }
     }
 
@@ -1496,6 +1747,7 @@ mod found {
             estimate: 0,
             actual: None,
             hold,
+            model: 0,
         };
         on_both(
             admin_spec(quota, 821_691),

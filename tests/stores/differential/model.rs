@@ -373,12 +373,19 @@ pub struct Limits {
     pub tokens_day: Option<CalendarQuota>,
     /// `(cap, places held)`.
     pub concurrency: Option<(u32, u32)>,
+    /// The throttle of the plan's one named model, applying to requests
+    /// to that model in any spelling that names it.
+    pub model: Option<Bucket>,
+    /// The request quota of the plan's one named model.
+    pub model_quota: Option<CalendarQuota>,
 }
 
 /// One key: the plan it is on and its state under each plan (counters
 /// belong to (plan, key): a key moved away and back finds them again).
 #[derive(Clone, Debug)]
 pub struct Key {
+    /// An anonymous client (by IP), under the anonymous plan alone.
+    pub anonymous: bool,
     pub on: usize,
     pub enabled: bool,
     /// Whether it belongs to the account.
@@ -417,6 +424,8 @@ pub struct Ask {
     pub holds: bool,
     /// The answer shows the `RateLimit` header.
     pub http: bool,
+    /// To the plan's named model.
+    pub model: bool,
 }
 
 /// What an admitted request holds until its response ends: a place under
@@ -445,11 +454,12 @@ type Item = (&'static str, u64, Q, bool);
 
 impl Limits {
     /// The buckets a request asks for, with their slot and cost.
-    fn buckets(&self, ask: &Ask) -> [(usize, Option<&Bucket>, u32); 3] {
+    fn buckets(&self, ask: &Ask) -> [(usize, Option<&Bucket>, u32); 4] {
         [
             (0, self.throttle.as_ref(), ask.cost),
             (1, self.method.as_ref().filter(|_| ask.on_route), ask.cost),
             (2, self.tokens_minute.as_ref(), ask.tokens),
+            (3, self.model.as_ref().filter(|_| ask.model), ask.cost),
         ]
     }
 
@@ -464,7 +474,12 @@ impl Limits {
                 Err(Some(w)) => denials.push((b.name, Why::Limited, Denial::Wait(w))),
             }
         }
-        for (q, cost) in [(&self.quota, ask.cost), (&self.tokens_day, ask.tokens)] {
+        let model_quota = self.model_quota.as_ref().filter(|_| ask.model);
+        for (q, cost) in [
+            (self.quota.as_ref(), ask.cost),
+            (self.tokens_day.as_ref(), ask.tokens),
+            (model_quota, ask.cost),
+        ] {
             let Some(q) = q else { continue };
             let cost = i128::from(cost);
             if q.used_at(wall) + cost <= q.limit_at(wall) {
@@ -505,7 +520,8 @@ impl Limits {
             let b = match i {
                 0 => self.throttle.as_mut(),
                 1 => self.method.as_mut(),
-                _ => self.tokens_minute.as_mut(),
+                2 => self.tokens_minute.as_mut(),
+                _ => self.model.as_mut(),
             }
             .unwrap();
             if cost > 0 {
@@ -514,9 +530,11 @@ impl Limits {
             let (r, reset) = b.status(now, t);
             items.push((b.name, r, reset, true));
         }
+        let model_quota = self.model_quota.as_mut().filter(|_| ask.model);
         for (q, cost) in [
-            (&mut self.quota, ask.cost),
-            (&mut self.tokens_day, ask.tokens),
+            (self.quota.as_mut(), ask.cost),
+            (self.tokens_day.as_mut(), ask.tokens),
+            (model_quota, ask.cost),
         ] {
             let Some(q) = q else { continue };
             if cost > 0 {
@@ -602,13 +620,14 @@ impl Limits {
             &mut self.throttle,
             &mut self.method,
             &mut self.tokens_minute,
+            &mut self.model,
         ]
         .into_iter()
         .flatten()
         {
             b.tat = None;
         }
-        for q in [&mut self.quota, &mut self.tokens_day]
+        for q in [&mut self.quota, &mut self.tokens_day, &mut self.model_quota]
             .into_iter()
             .flatten()
         {
@@ -744,6 +763,50 @@ impl Model {
 
     pub fn set_plan(&mut self, key: usize, plan: usize) {
         self.keys[key].on = plan;
+    }
+
+    /// Plan `plan` is put anew with other quota limits (the plan's request
+    /// quota and its model's): every key's counts carry over, read under
+    /// the new limits, and the offset still counts from the plan's first
+    /// creation.
+    /// With `throttle`, its throttle's numbers change too: a bucket keeps
+    /// the share of it in use at the change (an emptied bucket stays empty
+    /// and refills at the new rate, a full one stays full), rounded down to
+    /// a whole nanosecond.
+    pub fn put_quotas(
+        &mut self,
+        plan: usize,
+        quota: Option<u64>,
+        model_quota: Option<u64>,
+        throttle: Option<Bucket>,
+    ) {
+        let now = Q::int(self.now);
+        for k in &mut self.keys {
+            if k.anonymous {
+                continue;
+            }
+            let Some(p) = k.plans.get_mut(plan) else {
+                continue;
+            };
+            if let (Some(b), Some(new)) = (&mut p.throttle, &throttle) {
+                let (old, fresh) = (b.tolerance(), new.tolerance());
+                b.tat = b.tat.map(|tat| {
+                    if tat <= now {
+                        return tat;
+                    }
+                    let ahead = tat.sub(now).min(old);
+                    now.add(Q::int(ahead.mul(fresh.ceil()).div_floor(old)))
+                });
+                b.interval = new.interval;
+                b.burst = new.burst;
+            }
+            if let (Some(q), Some(l)) = (&mut p.quota, quota) {
+                q.limit = l;
+            }
+            if let (Some(q), Some(l)) = (&mut p.model_quota, model_quota) {
+                q.limit = l;
+            }
+        }
     }
 
     /// The period of the request quota `key` is counted under now.
