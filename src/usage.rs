@@ -407,7 +407,8 @@ impl<S: Store> Admin<S> {
     }
 
     /// Adds a plan, or replaces the limits of the plan with the same name.
-    /// Keys on the plan keep their counters: a throttle whose numbers change
+    /// Keys on the plan keep their counters (and so do keys moved away from
+    /// it, for when they come back): a throttle whose numbers change
     /// keeps the share of each key's bucket in use (an emptied bucket stays
     /// empty and refills at the new rate), quota counts carry over, and a
     /// quota's offset counts from the plan's first creation. That holds for
@@ -466,8 +467,12 @@ impl<S: Store> Admin<S> {
                         .rescale(&subject.throttle(old), &subject.throttle(new));
                 }
             };
+            // Every key, not only those on the plan now: a key moved away
+            // keeps its state under the plan for when it comes back, and
+            // finds it as full or as empty as it left it (a key that never
+            // was on the plan has no state there: nothing is converted).
             self.policy.keys().for_each(|entry| {
-                if entry.plan.name == compiled.name && done.insert(entry.state()) {
+                if done.insert(entry.state()) {
                     rescale(&self.subject(&compiled, entry));
                 }
             });

@@ -1732,6 +1732,53 @@ mod found {
         );
     }
 
+    /// A plan put anew with another throttle converts the bucket of a key
+    /// moved away from it too, as it does the buckets of the keys on it
+    /// (the memory store converted only those): the key, back on the plan,
+    /// finds its bucket as empty as it left it.
+    #[test]
+    fn a_plan_put_anew_converts_the_bucket_of_a_key_moved_away() {
+        let spec = Spec {
+            throttle: Some(Rate {
+                num: 1,
+                den: 1,
+                burst: 2,
+            }),
+            ..admin_spec(QuotaSpec::day(5), 3_600)
+        };
+        let http = Op::Http {
+            key: 0,
+            on_route: false,
+            estimate: 0,
+            actual: None,
+            hold: false,
+            model: 0,
+        };
+        on_both(
+            spec,
+            vec![
+                http.clone(),
+                http,
+                Op::Move { key: 0 },
+                Op::PutPlan {
+                    quota: 5,
+                    model_quota: 1,
+                    throttle: Rate {
+                        num: 1,
+                        den: 1,
+                        burst: 4,
+                    },
+                },
+                Op::Move { key: 0 },
+                Op::Direct {
+                    key: 0,
+                    cost: 1,
+                    check: false,
+                },
+            ],
+        );
+    }
+
     /// Redis gave a borrowed share back with a settlement's floor at zero,
     /// which took the raise away: the third request showed 3 remaining.
     #[test]
