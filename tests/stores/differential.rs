@@ -191,6 +191,27 @@ struct Spec {
     anons: usize,
 }
 
+/// The account `"acme"` with these limits.
+fn account(throttle: Option<Rate>, quota: Option<QuotaSpec>) -> Account {
+    let mut a = Account::new("acme");
+    if let Some(r) = throttle {
+        a = a.throttle(r.throttle());
+    }
+    if let Some(q) = quota {
+        a = a.quota(q.quota());
+    }
+    a
+}
+
+/// The account's quota put anew with the limit `limit` (above its offset).
+fn account_quota(spec: &Spec, limit: u64) -> Option<QuotaSpec> {
+    let q = spec.account.and_then(|a| a.1)?;
+    Some(QuotaSpec {
+        limit: limit.max(q.offset + 1),
+        ..q
+    })
+}
+
 /// The model plan `"p"` names.
 const MODEL: &str = "big-model";
 /// How requests name a model: spellings of [`MODEL`] (`true`) and others.
@@ -261,14 +282,7 @@ impl Spec {
             policy = policy.plan(q);
         }
         if let Some((throttle, quota)) = self.account {
-            let mut a = Account::new("acme");
-            if let Some(r) = throttle {
-                a = a.throttle(r.throttle());
-            }
-            if let Some(q) = quota {
-                a = a.quota(q.quota());
-            }
-            policy = policy.account(a);
+            policy = policy.account(account(throttle, quota));
         }
         if let Some(r) = self.stage {
             policy = policy.stage(Stage::new().throttle(r.throttle()));
@@ -659,6 +673,9 @@ enum Op {
         model_quota: u64,
         throttle: Rate,
     },
+    /// Puts the account anew with this quota limit (kept above its offset)
+    /// and (when it has one) this throttle.
+    PutAccount { quota: u64, throttle: Rate },
 }
 
 fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
@@ -768,6 +785,12 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
                     model_quota,
                     throttle,
                 })
+                .boxed(),
+        ));
+        op.push((
+            1,
+            (1..=8u64, rate(false))
+                .prop_map(|(quota, throttle)| Op::PutAccount { quota, throttle })
                 .boxed(),
         ));
     }
@@ -933,6 +956,13 @@ impl<S: Drain> Side<S> {
                 let throttle = spec.throttle.map(|_| throttle);
                 admin
                     .put_plan(spec.plan_with(throttle, quota, model_quota))
+                    .await
+                    .map(|()| None)
+            }
+            Op::PutAccount { quota, throttle } => {
+                let throttle = spec.account.and_then(|a| a.0).map(|_| throttle);
+                admin
+                    .put_account(account(throttle, account_quota(spec, quota)))
                     .await
                     .map(|()| None)
             }
@@ -1292,7 +1322,8 @@ async fn run(
         | Op::Reset { .. }
         | Op::Enable { .. }
         | Op::Move { .. }
-        | Op::PutPlan { .. } = *op
+        | Op::PutPlan { .. }
+        | Op::PutAccount { .. } = *op
         {
             // What the operation returns: what remains after UpdateUsage
             // (`Err`: the key's plan has no quota), nothing for the others.
@@ -1322,6 +1353,15 @@ async fn run(
                         .throttle
                         .map(|_| Bucket::per_second("throttle", t.num, t.den, t.burst));
                     r.model.put_quotas(0, Some(quota), Some(model_quota), t);
+                    Ok(None)
+                }
+                Op::PutAccount { quota, throttle: t } => {
+                    let t = spec
+                        .account
+                        .and_then(|a| a.0)
+                        .map(|_| Bucket::per_second("account", t.num, t.den, t.burst));
+                    let quota = account_quota(spec, quota).map(|q| q.limit);
+                    r.model.put_account(t, quota);
                     Ok(None)
                 }
                 _ => unreachable!(),

@@ -196,6 +196,21 @@ impl Bucket {
         }
     }
 
+    /// The bucket under `new`'s numbers, keeping the share in use at `now`
+    /// (rounded down to a whole nanosecond).
+    fn rescale(&mut self, now: Q, new: &Bucket) {
+        let (old, fresh) = (self.tolerance(), new.tolerance());
+        self.tat = self.tat.map(|tat| {
+            if tat <= now {
+                return tat;
+            }
+            let ahead = tat.sub(now).min(old);
+            now.add(Q::int(ahead.mul(fresh.ceil()).div_floor(old)))
+        });
+        self.interval = new.interval;
+        self.burst = new.burst;
+    }
+
     fn tolerance(&self) -> Q {
         self.interval.mul(i128::from(self.burst))
     }
@@ -789,16 +804,7 @@ impl Model {
                 continue;
             };
             if let (Some(b), Some(new)) = (&mut p.throttle, &throttle) {
-                let (old, fresh) = (b.tolerance(), new.tolerance());
-                b.tat = b.tat.map(|tat| {
-                    if tat <= now {
-                        return tat;
-                    }
-                    let ahead = tat.sub(now).min(old);
-                    now.add(Q::int(ahead.mul(fresh.ceil()).div_floor(old)))
-                });
-                b.interval = new.interval;
-                b.burst = new.burst;
+                b.rescale(now, new);
             }
             if let (Some(q), Some(l)) = (&mut p.quota, quota) {
                 q.limit = l;
@@ -806,6 +812,20 @@ impl Model {
             if let (Some(q), Some(l)) = (&mut p.model_quota, model_quota) {
                 q.limit = l;
             }
+        }
+    }
+
+    /// The account is put anew: its throttle (if it has one) with `throttle`'s
+    /// numbers, keeping the share in use, its quota with `quota` as limit,
+    /// its count carried over.
+    pub fn put_account(&mut self, throttle: Option<Bucket>, quota: Option<u64>) {
+        let now = Q::int(self.now);
+        let Some(a) = &mut self.account else { return };
+        if let (Some(b), Some(new)) = (&mut a.throttle, &throttle) {
+            b.rescale(now, new);
+        }
+        if let (Some(q), Some(l)) = (&mut a.quota, quota) {
+            q.limit = l;
         }
     }
 
