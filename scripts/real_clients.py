@@ -17,6 +17,7 @@ import http.server
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -477,11 +478,18 @@ class Gateway:
             env=os.environ | (env or {}),
         )
         self.base = None
+        # Stopped on any failure to start, or it would outlive this script.
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ready(self):
         ready, _, _ = select.select([self.proc.stdout], [], [], 10)
         line = self.proc.stdout.readline() if ready else ""
         prefix = "tollgate-gateway listening on "
         if not line.startswith(prefix):
-            self.stop()
             raise RuntimeError(f"the gateway did not start: {line!r}\n{self.logs()}")
         self.base = line[len(prefix):].strip()
         for _ in range(100):
@@ -490,8 +498,9 @@ class Gateway:
                     if res.status == 200:
                         return
             except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"GET {self.base}/health did not answer 200")
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"GET {self.base}/health did not answer 200\n{self.logs()}")
 
     def logs(self):
         self.log.seek(0)
@@ -908,4 +917,7 @@ def litellm_version():
 
 
 if __name__ == "__main__":
+    # A SIGTERM (a timeout, a CI run stopped) unwinds as an exception does,
+    # so that the gateways started here are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())
