@@ -297,11 +297,21 @@ pub(crate) async fn models(State(models): State<Models>) -> Json<Value> {
 /// object, or OpenAI's 404 `model_not_found` for a name the list does not
 /// hold. The name is the whole rest of the path, so that the names of
 /// Hugging Face models (`org/name`), which OpenAI SDKs put in the path as
-/// they are, are found.
+/// they are, are found. A name that is not UTF-8 once decoded (`%FF`) is
+/// no listed model's: named as it was sent.
 pub(crate) async fn model(
     State(models): State<Models>,
-    axum::extract::Path(name): axum::extract::Path<String>,
+    name: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+    uri: axum::http::Uri,
 ) -> Response {
+    let name = match name {
+        Ok(axum::extract::Path(name)) => name,
+        Err(_) => uri
+            .path()
+            .strip_prefix("/v1/models/")
+            .unwrap_or(uri.path())
+            .to_owned(),
+    };
     let found = models.0["data"]
         .as_array()
         .and_then(|data| data.iter().find(|m| m["id"] == name.as_str()));

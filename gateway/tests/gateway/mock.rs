@@ -1069,6 +1069,28 @@ async fn a_model_is_retrieved_as_openai_answers_it_and_an_unknown_one_is_model_n
     assert_eq!(res.status(), 401);
 }
 
+/// A retrieve path whose name is not UTF-8 once decoded (`%FF`) names no
+/// model the list holds: OpenAI's 404 `model_not_found`, as JSON. Before,
+/// axum's path extractor answered it with a plain-text 400 that no OpenAI
+/// client reads as an error object.
+#[tokio::test]
+async fn a_model_name_that_is_not_utf8_is_model_not_found_as_json() {
+    let s = start(HF_MODELS_CONFIG).await;
+    for path in ["%FF", "org%2F%C3"] {
+        let res = s
+            .client
+            .get(format!("{}/v1/models/{path}", s.base))
+            .header("authorization", "Bearer models-key")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 404, "{path}");
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    }
+}
+
 /// A 404 and a 405 are JSON errors in the config's style, as the layer's
 /// refusals are (an OpenAI client reads their message), naming the path but
 /// never the query; a 405 keeps its `Allow` header.
