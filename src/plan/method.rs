@@ -150,6 +150,27 @@ impl MethodPath {
     /// Whether `route`, split at `/` and its dot segments resolved, is
     /// `segments`.
     fn matches_segments(segments: &[Segment], route: &str) -> bool {
+        // A `..` after an empty part (`/v1/chat//../completions`) is read
+        // two ways: RFC 3986 (5.2.4), as a forwarding client's URL parser
+        // resolves it, drops the empty part (`/v1/chat/completions`); a
+        // server that merges slashes first drops the part before them
+        // (`/v1/completions`). Either may be the backend's, so the
+        // override holds under both; only such a path is read twice.
+        let mut ambiguous = false;
+        Self::resolved_is(segments, route, false, &mut ambiguous)
+            || (ambiguous && Self::resolved_is(segments, route, true, &mut false))
+    }
+
+    /// Whether `route`, split at `/` and its dot segments resolved, is
+    /// `segments`: with `empty_dropped`, a `..` drops an empty part before
+    /// it as RFC 3986 does, else it drops the last part that is not empty
+    /// (and `ambiguous` tells whether the two readings differed).
+    fn resolved_is(
+        segments: &[Segment],
+        route: &str,
+        empty_dropped: bool,
+        ambiguous: &mut bool,
+    ) -> bool {
         // Empty parts are ignored: "/v1/completions/" is "/v1/completions".
         // An encoded slash separates parts too, as the many servers that
         // decode a path before routing it read it. A `.` part is dropped
@@ -164,10 +185,16 @@ impl MethodPath {
             .flat_map(|p| p.rsplit("%2F"))
             .flat_map(|p| p.rsplit("%2f"))
             .filter(move |p| match dots(p) {
-                _ if p.is_empty() => false,
                 1 => false,
                 2 => {
                     skip += 1;
+                    false
+                }
+                _ if p.is_empty() => {
+                    if skip > 0 {
+                        *ambiguous = true;
+                        skip -= usize::from(empty_dropped);
+                    }
                     false
                 }
                 _ if skip > 0 => {
@@ -388,6 +415,13 @@ mod tests {
         assert!(!mp("/v1/completions/POST").matches("/v1/completions/x/..x", &post));
         assert!(!mp("/v1/completions/POST").matches("/v1/.../completions", &post));
         assert!(!mp("/v1/*/POST").matches("/v1/chat/completions/./", &post));
+        // `a//..` is `a/` to RFC 3986 (a forwarding client's URL parser)
+        // and `/` to a server that merges slashes first: both are read.
+        assert!(mp("/v1/chat/completions/POST").matches("/v1/chat//../completions", &post));
+        assert!(mp("/v1/completions/POST").matches("/v1/chat//../completions", &post));
+        assert!(mp("/v1/chat/completions/POST").matches("/v1/chat/completions//..", &post));
+        assert!(mp("/v1/chat/completions/POST").matches("/v1/chat%2F%2F..%2Fcompletions", &post));
+        assert!(!mp("/v1/x/completions/POST").matches("/v1/chat//../completions", &post));
         assert!(mp("/a%zz/GET").matches("/a%zz", &Method::GET));
         assert!(mp("/a b/GET").matches("/a%20b", &Method::GET));
         for bad in ["v1/POST", "/v1/", "/v1//x/POST", "/v1/PO ST"] {
