@@ -367,12 +367,13 @@ impl UsagePlan {
     ///
     /// The entry holds every name a backend serves as the same model:
     /// names are compared without regard to ASCII case, and a tag
-    /// `:latest`, an Ollama namespace `library/` (or
-    /// `registry.ollama.ai/library/`) and an `http://` or `https://` in
-    /// front are left out, as Ollama fills them in. `"big-model"` holds
-    /// requests for `Big-Model`, `big-model:latest` and
-    /// `library/big-model`; `big-model:70b` and `someone/big-model` are
-    /// other models. Two names of one plan that are the same model
+    /// `:latest`, an Ollama namespace `library/`, its registry
+    /// `registry.ollama.ai/` in front of a namespace and an `http://` or
+    /// `https://` in front are left out, as Ollama fills them in.
+    /// `"big-model"` holds requests for `Big-Model`, `big-model:latest` and
+    /// `library/big-model`, `"someone/big-model"` those for
+    /// `registry.ollama.ai/someone/big-model`; `big-model:70b` and
+    /// `someone/big-model` are other models than `big-model`. Two names of one plan that are the same model
     /// (`"big-model"` and `"Big-Model:latest"`) are refused when the plan
     /// is built ([`ConfigError::DuplicateModel`](crate::ConfigError::DuplicateModel)).
     #[must_use]

@@ -6,7 +6,8 @@
 //! namespace `library` and the registry `registry.ollama.ai` when they are
 //! left out, and drops an `http://` or `https://` in front. So `Big-Model`,
 //! `big-model:latest`, `library/big-model` and
-//! `registry.ollama.ai/library/big-model:latest` are all `big-model`. A
+//! `registry.ollama.ai/library/big-model:latest` are all `big-model`, and
+//! `registry.ollama.ai/someone/big-model` is `someone/big-model`. A
 //! plan's model limits are found by the same reading, so that no spelling
 //! escapes them; an entry then holds a few spellings another backend (vLLM,
 //! which compares names exactly) would serve as other models, which only
@@ -15,8 +16,10 @@
 
 /// The part of a model name that tells it apart: `name` without an
 /// `http://` or `https://` in front, then without Ollama's default registry
-/// and namespace (`registry.ollama.ai/library/`, or `library/` alone), then
-/// without the default tag (`:latest`), each matched in any ASCII case.
+/// in front of a namespace (`registry.ollama.ai/`, as in
+/// `registry.ollama.ai/someone/m`), then without its default namespace
+/// (`library/`), then without the default tag (`:latest`), each matched in
+/// any ASCII case.
 /// Two names are the same model when their cores are equal in any ASCII
 /// case ([`same_model`]). A name that would lose everything is its own core.
 /// Borrowed from `name`: nothing is allocated.
@@ -24,9 +27,12 @@ pub(crate) fn core(name: &str) -> &str {
     let mut s = strip_prefix(name, "https://")
         .or_else(|| strip_prefix(name, "http://"))
         .unwrap_or(name);
-    s = strip_prefix(s, "registry.ollama.ai/library/")
-        .or_else(|| strip_prefix(s, "library/"))
+    // The registry in front of a namespace (`registry.ollama.ai/x/m`); in
+    // front of a bare name (`registry.ollama.ai/m`) it is the namespace.
+    s = strip_prefix(s, "registry.ollama.ai/")
+        .filter(|rest| rest.contains('/'))
         .unwrap_or(s);
+    s = strip_prefix(s, "library/").unwrap_or(s);
     if let Some(bare) = s
         .len()
         .checked_sub(":latest".len())
@@ -96,6 +102,23 @@ mod tests {
         assert!(same_model("Small:7B", "small:7b"));
         assert!(!same_model("small:7b", "small"));
         assert!(same_model("org/Model-8B", "ORG/model-8b"));
+    }
+
+    /// Ollama fills in its registry in front of any namespace, not only
+    /// `library/`: `someone/big-model` is
+    /// `registry.ollama.ai/someone/big-model`.
+    #[test]
+    fn the_default_registry_before_a_namespace_is_left_out() {
+        for spelling in [
+            "registry.ollama.ai/someone/big-model",
+            "https://REGISTRY.ollama.ai/Someone/Big-Model:latest",
+        ] {
+            assert!(same_model(spelling, "someone/big-model"), "{spelling}");
+            assert!(!same_model(spelling, "big-model"), "{spelling}");
+        }
+        assert_eq!(core("registry.ollama.ai/someone/m:latest"), "someone/m");
+        // Before a bare name, the registry's name is a namespace.
+        assert!(!same_model("registry.ollama.ai/m", "m"));
     }
 
     #[test]
