@@ -869,13 +869,9 @@ async fn a_route_spelled_with_encoded_letters_never_reaches_the_upstream() {
     assert_eq!(hits.load(Ordering::SeqCst), 1);
 }
 
-/// A model's limits hold on every route that names the model in its body,
-/// not only on completions: an embeddings or Responses request for
-/// `big-model` is limited as a chat completion for it is, and a Responses
-/// request is estimated (its input and `max_output_tokens`) before it goes.
-#[tokio::test]
-async fn a_models_limits_hold_on_the_embeddings_and_responses_routes() {
-    const MODELS: &str = r#"
+/// A plan whose `big-model` has a burst of one, for the tests of a
+/// model's limits in upstream mode.
+const BIG_MODEL: &str = r#"
 [[plans]]
 name = "llm"
 throttle = { rate = 1000.0, burst = 1000 }
@@ -891,6 +887,14 @@ plan = "llm"
 [response]
 style = "openai"
 "#;
+
+/// A model's limits hold on every route that names the model in its body,
+/// not only on completions: an embeddings or Responses request for
+/// `big-model` is limited as a chat completion for it is, and a Responses
+/// request is estimated (its input and `max_output_tokens`) before it goes.
+#[tokio::test]
+async fn a_models_limits_hold_on_the_embeddings_and_responses_routes() {
+    const MODELS: &str = BIG_MODEL;
     let answer = || async {
         axum::Json(
             json!({"object": "list", "data": [], "usage": {"prompt_tokens": 1, "total_tokens": 1}}),
@@ -1303,22 +1307,7 @@ async fn a_compressed_stream_passes_as_it_comes_and_keeps_its_estimate() {
 async fn a_body_that_is_not_json_is_refused_whatever_its_content_type() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    const MODELS: &str = r#"
-[[plans]]
-name = "llm"
-throttle = { rate = 1000.0, burst = 1000 }
-tokens = { per_minute = 1000 }
-[plans.models]
-"big-model" = { throttle = { rate = 0.001, burst = 1 } }
-
-[[keys]]
-id = "client"
-value = "client-key"
-plan = "llm"
-
-[response]
-style = "openai"
-"#;
+    const MODELS: &str = BIG_MODEL;
     let hits = Arc::new(AtomicUsize::new(0));
     let seen = Arc::clone(&hits);
     // Reads the body as JSON whatever its type, after a byte-order mark.
@@ -1450,22 +1439,7 @@ async fn a_stream_whose_client_leaves_before_the_head_is_charged_its_prompt() {
 async fn a_key_spelled_in_another_case_is_refused_not_forwarded() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    const MODELS: &str = r#"
-[[plans]]
-name = "llm"
-throttle = { rate = 1000.0, burst = 1000 }
-tokens = { per_minute = 1000 }
-[plans.models]
-"big-model" = { throttle = { rate = 0.001, burst = 1 } }
-
-[[keys]]
-id = "client"
-value = "client-key"
-plan = "llm"
-
-[response]
-style = "openai"
-"#;
+    const MODELS: &str = BIG_MODEL;
     let hits = Arc::new(AtomicUsize::new(0));
     let seen = Arc::clone(&hits);
     // Answers with the model it would serve, as Go would decode it.
