@@ -136,6 +136,8 @@ pub fn upstream_router<S: Store>(
             any(upstream::forward).with_state(upstream.forwarder()),
         )
         .route_layer(limit.clone())
+        // Outside the limit: a path that is never forwarded costs nothing.
+        .route_layer(axum::middleware::from_fn(upstream::refuse_unforwardable))
         .merge(always(&limit, admin_key, dashboard));
     unrouted(routes, limit.style())
 }

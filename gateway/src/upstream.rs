@@ -367,6 +367,27 @@ fn filter(headers: &HeaderMap, drop: &[&str], limits: bool) -> HeaderMap {
 }
 
 /// An OpenAI-style error answer of the gateway's own, which costs nothing.
+/// The 400 of a path that is not forwarded (see [`forwardable`]).
+fn invalid_path(usage: Option<&TokenUsage>) -> Response {
+    gateway_error(
+        StatusCode::BAD_REQUEST,
+        "The path has an empty, `.` or `..` segment, a backslash, or an encoded slash (outside a model's name), backslash, control character, letter, digit or `-._~`.",
+        "invalid_path",
+        usage,
+    )
+}
+
+/// Refuses a path that [`forward`] would refuse before the limit sees the
+/// request, so that it costs nothing, as a 404 does: decided after the
+/// limit, it was charged a request of the throttle and the quota.
+pub(crate) async fn refuse_unforwardable(req: Request, next: axum::middleware::Next) -> Response {
+    if forwardable(req.uri().path()) {
+        next.run(req).await
+    } else {
+        invalid_path(None)
+    }
+}
+
 fn gateway_error(
     status: StatusCode,
     message: &str,
@@ -463,12 +484,7 @@ fn prepare(f: &Forwarder, body: Bytes, completion: bool) -> Prepared {
 pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Response {
     let usage = req.extensions().get::<TokenUsage>().cloned();
     if !forwardable(req.uri().path()) {
-        return gateway_error(
-            StatusCode::BAD_REQUEST,
-            "The path has an empty, `.` or `..` segment, a backslash, or an encoded slash (outside a model's name), backslash, control character, letter, digit or `-._~`.",
-            "invalid_path",
-            usage.as_ref(),
-        );
+        return invalid_path(usage.as_ref());
     }
     let (parts, body) = req.into_parts();
     let target = format!(

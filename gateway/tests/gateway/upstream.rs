@@ -575,6 +575,54 @@ async fn the_binary_takes_the_backends_key_from_the_environment_and_never_logs_i
     assert!(lonely.stderr().contains("the upstream request failed"));
 }
 
+/// A path refused as one that would escape `/v1/` costs nothing, as a 404
+/// does: it was charged a request of the throttle before it was refused.
+#[tokio::test]
+async fn a_path_refused_as_escaping_v1_costs_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (s, _backend, _stop) = pair().await;
+    let throttle_left = || async {
+        let v: Value = s
+            .client
+            .get(format!("{}/v1/usage", s.base))
+            .header("authorization", "Bearer client-key")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == "throttle")
+            .unwrap()["remaining"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = throttle_left().await;
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    for path in [
+        "/v1/../api/delete",
+        "/v1/x/../chat/completions",
+        "/v1//models",
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer client-key\r\nconnection: close\r\n\r\n"
+        );
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("invalid_path"), "{path}: {answer}");
+    }
+    // The clock is still: the throttle has refilled nothing meanwhile.
+    assert_eq!(throttle_left().await, before);
+}
+
 /// `GET /v1/usage` is the gateway's own in upstream mode too: answered from
 /// its limits, never forwarded (the backend does not know the client's key),
 /// and charging nothing.
@@ -1086,8 +1134,8 @@ async fn a_redirect_from_the_upstream_passes_through_unfollowed() {
 
 /// A method override names a route the client calls, though upstream mode
 /// serves every `/v1/…` path through one catch-all route: a plan's
-/// `"/v1/completions/POST"` throttle holds for `/v1/completions`, however
-/// its letters are encoded (the backend decodes them), and for no other
+/// `"/v1/completions/POST"` throttle holds for `/v1/completions` (a
+/// spelling with encoded letters is refused before it), and for no other
 /// path.
 #[tokio::test]
 async fn method_overrides_apply_to_the_forwarded_paths() {
@@ -1116,8 +1164,10 @@ style = "openai"
     assert_eq!(res.status(), 200);
     let res = s.post("/v1/completions", &completion(1, 1, false)).await;
     assert_eq!(res.status(), 429);
+    // Spelled with an encoded letter, it is never forwarded: refused before
+    // the limit, whose override it would not have escaped either.
     let res = s.post("/v1/%63ompletions", &completion(1, 1, false)).await;
-    assert_eq!(res.status(), 429);
+    assert_eq!(res.status(), 400);
     // Another route is not under the override.
     let chat =
         json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
