@@ -452,11 +452,26 @@ impl Unchecked for () {
 /// (`application/grpc-web`, `application/grpc-web-text+proto`, …) included,
 /// whose clients read a trailers-only answer's status from its headers too.
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    /// Whether `rest` ends a type there: nothing, a `+` suffix or a `;`
+    /// parameter.
+    fn ends(rest: &[u8]) -> bool {
+        matches!(rest.first(), None | Some(b'+' | b';'))
+    }
+    /// `rest` with `prefix` (in any case) taken off its front.
+    fn strip<'a>(rest: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+        let head = rest.get(..prefix.len())?;
+        head.eq_ignore_ascii_case(prefix)
+            .then(|| &rest[prefix.len()..])
+    }
     headers.get(CONTENT_TYPE).is_some_and(|v| {
-        let v = v.as_bytes();
-        v.len() >= 16
-            && v[..16].eq_ignore_ascii_case(b"application/grpc")
-            && matches!(v.get(16), None | Some(b'+' | b';' | b'-'))
+        let Some(rest) = strip(v.as_bytes(), b"application/grpc") else {
+            return false;
+        };
+        // `application/grpc`, then gRPC-Web's `-web` and `-web-text`: a
+        // type that only begins so (`application/grpc-webx`) is another.
+        ends(rest)
+            || strip(rest, b"-web")
+                .is_some_and(|web| ends(web) || strip(web, b"-text").is_some_and(ends))
     })
 }
 
@@ -586,6 +601,12 @@ mod tests {
             ("application/grpc-web", true),
             ("application/grpc-web+proto", true),
             ("application/grpc-web-text", true),
+            ("application/grpc-web-text+proto", true),
+            ("application/grpc; charset=utf-8", true),
+            ("application/grpc-webx", false),
+            ("application/grpc-web-textual", false),
+            ("application/grpc-foo", false),
+            ("application/grpc-", false),
             ("application/grpcx", false),
             ("application/grp", false),
             ("application/json", false),
