@@ -37,7 +37,7 @@ tollgate-gateway: a rate-limiting gateway for OpenAI-compatible inference APIs
 
 Usage: tollgate-gateway [OPTIONS]
 
-Options:
+Options (`--flag value` or `--flag=value`):
   --config FILE          plans, keys and limits (TOML)
                          [default: the embedded demo config, gateway/demo.toml]
   --listen ADDR          the address to serve on [default: 127.0.0.1:3000]
@@ -155,6 +155,21 @@ fn seconds(flag: &str, value: Option<String>) -> Result<Duration, String> {
         .ok_or_else(|| format!("{flag} `{value}`: not a number of seconds of at least 0.001"))
 }
 
+/// A flag's value: the one given inline (`--flag=value`) first, else the
+/// next argument.
+struct Values<'a, I> {
+    inline: Option<String>,
+    rest: &'a mut I,
+}
+
+impl<I: Iterator<Item = String>> Iterator for Values<'_, I> {
+    type Item = String;
+
+    fn next(&mut self) -> Option<String> {
+        self.inline.take().or_else(|| self.rest.next())
+    }
+}
+
 /// Reads the flags (without the program's name); the error says what is
 /// wrong with them.
 pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, String> {
@@ -172,6 +187,17 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
     let mut upstream_timeout = DEFAULT_UPSTREAM_TIMEOUT;
     let mut upstream_connect_timeout = DEFAULT_UPSTREAM_CONNECT_TIMEOUT;
     while let Some(arg) = args.next() {
+        // `--flag=value` is `--flag value`, as most command lines take it.
+        let (arg, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_owned(), Some(value.to_owned()))
+            }
+            _ => (arg, None),
+        };
+        let mut args = Values {
+            inline,
+            rest: &mut args,
+        };
         match arg.as_str() {
             "--drain" => {
                 let secs = args.next().ok_or("--drain needs a number of seconds")?;
@@ -217,8 +243,11 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
             "--upstream-connect-timeout" => {
                 upstream_connect_timeout = seconds("--upstream-connect-timeout", args.next())?;
             }
-            "-h" | "--help" => return Ok(Parsed::Help),
+            "-h" | "--help" if args.inline.is_none() => return Ok(Parsed::Help),
             other => return Err(format!("unknown argument `{other}` (try --help)")),
+        }
+        if args.inline.is_some() {
+            return Err(format!("{arg} takes no value"));
         }
     }
     let listen = listen

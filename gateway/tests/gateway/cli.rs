@@ -98,6 +98,11 @@ fn help_lists_every_flag_and_variable_with_its_default_on_stdout() {
 fn a_bad_flag_or_value_is_a_clear_error_with_status_2() {
     let cases: &[(&[&str], &str)] = &[
         (&["--colour"], "unknown argument `--colour`"),
+        // `--flag=value` is `--flag value`.
+        (&["--listen=localhost"], "--listen `localhost`"),
+        (&["--drain=soon"], "--drain `soon`: not a number of seconds"),
+        (&["--colour=red"], "unknown argument `--colour`"),
+        (&["--log-json=yes"], "--log-json takes no value"),
         (&["serve"], "unknown argument `serve`"),
         (&["--listen"], "--listen needs an address"),
         (&["--listen", "localhost"], "--listen `localhost`"),
