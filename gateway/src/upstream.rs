@@ -800,7 +800,7 @@ impl Relay {
                 // A blank line may straddle what was searched and the new
                 // chunk by at most 3 bytes (`\r\n\r\n`).
                 let mut from = scanned.saturating_sub(3);
-                while let Some(len) = event_end(&buf[start..], from - start) {
+                while let Some(len) = event_end(&buf[start..], from - start, false) {
                     let event = &buf[start..start + len];
                     if read_event(event, self.usage.as_ref(), *strip_usage, reported) {
                         out.extend_from_slice(event);
@@ -846,28 +846,63 @@ impl Relay {
                 }
                 Bytes::new()
             }
-            Kind::Sse { buf, .. } => Bytes::from(std::mem::take(buf)),
+            Kind::Sse {
+                buf,
+                strip_usage,
+                reported,
+                ..
+            } => {
+                // The last events, a CR at the very end ending a line now.
+                let mut out = Vec::new();
+                let mut start = 0;
+                while let Some(len) = event_end(&buf[start..], 0, true) {
+                    let event = &buf[start..start + len];
+                    if read_event(event, self.usage.as_ref(), *strip_usage, reported) {
+                        out.extend_from_slice(event);
+                    }
+                    start += len;
+                }
+                out.extend_from_slice(&buf[start..]);
+                buf.clear();
+                Bytes::from(out)
+            }
         }
     }
 }
 
 /// The length of the first whole event at the start of `b`, blank line
 /// included, searching from `from` (`b` holds no blank line that ends
-/// before `from`).
-fn event_end(b: &[u8], from: usize) -> Option<usize> {
-    let rest = &b[from..];
-    let lf = rest
-        .windows(2)
-        .position(|w| w == b"\n\n")
-        .map(|i| from + i + 2);
-    let crlf = rest
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| from + i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+/// before `from`). A blank line is a line ending right after another, and
+/// a line ends with CRLF, LF or CR, as the server-sent events format has
+/// it. A CR at the end of `b` may be the start of a CRLF: it ends a line
+/// only `at_end` of the stream.
+fn event_end(b: &[u8], from: usize, at_end: bool) -> Option<usize> {
+    // Where the line ending just read ended: a second one starting there
+    // ends the event.
+    let mut ended = None;
+    let mut i = from;
+    while let Some(&c) = b.get(i) {
+        let len = match c {
+            b'\n' => 1,
+            b'\r' => match b.get(i + 1) {
+                Some(b'\n') => 2,
+                Some(_) => 1,
+                None if at_end => 1,
+                None => return None,
+            },
+            _ => {
+                ended = None;
+                i += 1;
+                continue;
+            }
+        };
+        if ended == Some(i) {
+            return Some(i + len);
+        }
+        i += len;
+        ended = Some(i);
     }
+    None
 }
 
 /// What a stream's events reported of its usage so far.
@@ -893,7 +928,8 @@ fn read_event(
         return true;
     };
     let mut data = String::new();
-    for line in text.lines() {
+    // Lines end with CRLF, LF or CR (a CRLF leaves an empty line between).
+    for line in text.split(['\r', '\n']) {
         if let Some(d) = line.strip_prefix("data:") {
             if !data.is_empty() {
                 data.push('\n');
@@ -1199,10 +1235,55 @@ mod tests {
 
     #[test]
     fn events_split_at_blank_lines() {
-        assert_eq!(event_end(b"data: x\n\ndata: y", 0), Some(9));
-        assert_eq!(event_end(b"data: x\r\n\r\n", 0), Some(11));
-        assert_eq!(event_end(b"data: x\n", 0), None);
-        assert_eq!(event_end(b"data: x\r\n\r\n", 6), Some(11));
+        assert_eq!(event_end(b"data: x\n\ndata: y", 0, false), Some(9));
+        assert_eq!(event_end(b"data: x\r\n\r\n", 0, false), Some(11));
+        assert_eq!(event_end(b"data: x\n", 0, false), None);
+        assert_eq!(event_end(b"data: x\r\n\r\n", 6, false), Some(11));
+        // CR alone ends a line too, and endings may be mixed.
+        assert_eq!(event_end(b"data: x\r\rdata: y", 0, false), Some(9));
+        assert_eq!(event_end(b"data: x\n\r\n", 0, false), Some(10));
+        assert_eq!(event_end(b"data: x\r\n\n", 0, false), Some(10));
+        // One CRLF is one line ending, not two.
+        assert_eq!(event_end(b"data: x\r\ndata: y\r\n", 0, false), None);
+        // A CR at the end may be a CRLF's start, until the stream ends.
+        assert_eq!(event_end(b"data: x\r\r", 0, false), None);
+        assert_eq!(event_end(b"data: x\r\r", 0, true), Some(9));
+    }
+
+    /// A backend that ends its lines with CR alone: events are found as
+    /// they come, a byte at a time too, the unasked usage chunk left out and
+    /// its usage read, the last event read at the end of the stream. Its
+    /// events were held back to the end (or 1 MiB), and its usage missed.
+    #[test]
+    fn events_with_lines_ended_by_cr_alone_are_found() {
+        let first = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\r\r";
+        let usage_event = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\r\r";
+        let relay = |usage: &TokenUsage| Relay {
+            body: Box::pin(tokio_stream::empty()),
+            kind: Kind::Sse {
+                buf: Vec::new(),
+                scanned: 0,
+                strip_usage: true,
+                reported: Reported::default(),
+            },
+            usage: Some(usage.clone()),
+            done: false,
+        };
+        // A byte at a time: the first event goes out before the stream ends.
+        let usage = TokenUsage::new();
+        let mut r = relay(&usage);
+        let mut out = Vec::new();
+        for b in [first, "data: x"].concat().bytes() {
+            out.extend_from_slice(&r.pass(Bytes::copy_from_slice(&[b])));
+        }
+        assert_eq!(String::from_utf8(out).unwrap(), first);
+        // The usage event last, its final CR the stream's last byte.
+        let usage = TokenUsage::new();
+        let mut r = relay(&usage);
+        let mut out = r.pass(Bytes::from([first, usage_event].concat())).to_vec();
+        out.extend_from_slice(&r.finish());
+        assert_eq!(String::from_utf8(out).unwrap(), first);
+        assert_eq!(usage.get(), Some(3));
     }
 
     /// Events sent a byte at a time (blank lines of both kinds split across
