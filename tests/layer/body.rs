@@ -126,6 +126,17 @@ fn post<B>(key: Option<&str>, body: B) -> Request<B> {
     req.body(body).unwrap()
 }
 
+/// `body` posted to `route` with the key, through `layer` over [`echo`].
+async fn post_to(
+    layer: &RateLimitLayer,
+    route: &'static str,
+    body: &'static str,
+) -> Result<Response<tollgate::ResponseBody<Full<Bytes>>>, Infallible> {
+    let mut req = post(Some(KEY), Full::new(Bytes::from_static(body.as_bytes())));
+    *req.uri_mut() = route.parse().unwrap();
+    echo(layer).oneshot(req).await
+}
+
 async fn text(res: Response<tollgate::ResponseBody<Full<Bytes>>>) -> String {
     let bytes = res.into_body().collect().await.unwrap().to_bytes();
     String::from_utf8(bytes.to_vec()).unwrap()
@@ -332,11 +343,7 @@ async fn a_json_body_that_says_it_is_something_else_is_still_estimated() {
 #[tokio::test]
 async fn an_embeddings_input_is_its_prompt_and_no_answer() {
     let layer = layer(Some(100));
-    let call = |route: &str, body: &'static str| {
-        let mut req = post(Some(KEY), Full::new(Bytes::from_static(body.as_bytes())));
-        *req.uri_mut() = route.parse().unwrap();
-        echo(&layer).oneshot(req)
-    };
+    let call = |route: &'static str, body: &'static str| post_to(&layer, route, body);
     // 8 characters: 2 tokens, and an embedding answers none.
     let body = r#"{"model":"e","input":"abcdefgh"}"#;
     let res = call("/v1/embeddings", body).await.unwrap();
@@ -376,11 +383,7 @@ async fn an_embeddings_input_is_its_prompt_and_no_answer() {
 #[tokio::test]
 async fn an_answer_is_estimated_at_the_largest_maximum_the_body_states() {
     let layer = layer(Some(1_000));
-    let call = |route: &str, body: &'static str| {
-        let mut req = post(Some(KEY), Full::new(Bytes::from_static(body.as_bytes())));
-        *req.uri_mut() = route.parse().unwrap();
-        echo(&layer).oneshot(req)
-    };
+    let call = |route: &'static str, body: &'static str| post_to(&layer, route, body);
     for (route, body, want) in [
         (
             "/v1/completions",
@@ -857,11 +860,7 @@ async fn a_key_that_differs_from_a_field_only_in_case_is_refused() {
 #[tokio::test]
 async fn llama_cpps_n_predict_is_a_maximum_the_body_states() {
     let layer = layer(Some(1_000));
-    let call = |route: &str, body: &'static str| {
-        let mut req = post(Some(KEY), Full::new(Bytes::from_static(body.as_bytes())));
-        *req.uri_mut() = route.parse().unwrap();
-        echo(&layer).oneshot(req)
-    };
+    let call = |route: &'static str, body: &'static str| post_to(&layer, route, body);
     for (route, body, want) in [
         (
             "/v1/completions",
