@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 use crate::extract::KeyError;
@@ -291,7 +291,8 @@ impl Rejection {
     /// The default response: JSON in the rejection's [style](ResponseStyle)
     /// for HTTP, trailers-only for gRPC (with `grpc-status-details-bin` and
     /// `grpc-retry-pushback-ms` for limits), `Retry-After` and
-    /// `retry-after-ms` when the request can pass later, and
+    /// `retry-after-ms` when the request can pass later, `WWW-Authenticate`
+    /// on a 401 (the [`OpenAi`](ResponseStyle::OpenAi) style's key problems), and
     /// `x-should-retry: false` when a limit rejected it and it
     /// [should not be retried](Self::should_retry).
     pub fn default_response(&self) -> Response<Bytes> {
@@ -328,6 +329,10 @@ impl Rejection {
             *res.status_mut() = self.status();
             res.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            if res.status() == StatusCode::UNAUTHORIZED {
+                res.headers_mut()
+                    .insert(WWW_AUTHENTICATE, HeaderValue::from_static(self.challenge()));
+            }
             res
         };
         let h = res.headers_mut();
@@ -339,6 +344,18 @@ impl Rejection {
             h.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
         }
         res
+    }
+
+    /// The `WWW-Authenticate` challenge of a 401, which RFC 9110 requires:
+    /// `Bearer` for a request without a key, with RFC 6750's error code for
+    /// one whose key is there but cannot be used (two different keys: the
+    /// request is malformed; any other: the key is).
+    fn challenge(&self) -> &'static str {
+        match self.reason {
+            Reason::Key(KeyError::Missing) => "Bearer",
+            Reason::Key(KeyError::Conflicting) => r#"Bearer error="invalid_request""#,
+            _ => r#"Bearer error="invalid_token""#,
+        }
     }
 
     /// `grpc-retry-pushback-ms`: the wait, or `-1` (do not retry).

@@ -13,7 +13,7 @@ use crate::headers::Family;
 ///
 /// | case | [`Aws`](Self::Aws) (the default) | [`OpenAi`](Self::OpenAi) |
 /// |---|---|---|
-/// | missing, malformed, unknown or disabled key | 403 `{"message":"Forbidden"}` | 401, `type` `invalid_request_error`, `code` `invalid_api_key` |
+/// | missing, malformed, unknown or disabled key | 403 `{"message":"Forbidden"}` | 401, `type` `invalid_request_error`, `code` `invalid_api_key`, and a `WWW-Authenticate: Bearer` challenge (with `error="invalid_token"` when a key was sent, `error="invalid_request"` for two different keys) |
 /// | throttle, token budget, concurrency cap | 429 `{"message":"Too Many Requests"}` | 429, `type` `requests` or `tokens` (the family of the limit that denied), `code` `rate_limit_exceeded` |
 /// | cost above a whole limit | 429 `{"message":"Cost Exceeds Limit"}` | as a throttle's, with `x-should-retry: false` |
 /// | quota used up (requests or tokens) | 429 (configurable) `{"message":"Limit Exceeded"}` | the same status, `type` and `code` `insufficient_quota` |

@@ -885,3 +885,85 @@ async fn a_bearer_token_after_a_tab_is_the_callers_key() {
         assert_eq!(res.send().await.unwrap().status(), 200);
     }
 }
+
+/// A 401 carries a `WWW-Authenticate` challenge, as RFC 9110 requires of
+/// every 401: `Bearer` for a request without a key, and RFC 6750's error
+/// codes for a key that is there but unusable. (The AWS style's 403 and a
+/// gRPC call's trailers-only answer carry none.)
+#[tokio::test]
+async fn a_401_carries_a_bearer_challenge() {
+    let base = serve_api(RateLimitLayer::openai(policy(roomy()))).await;
+    let c = client();
+    let url = format!("{base}{COMPLETIONS}");
+    let body = json!({"model": "m", "prompt": "Hi", "max_tokens": 1});
+
+    /// A case's name, its headers and the challenge it is answered with.
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 6] = [
+        ("no key", &[], "Bearer"),
+        (
+            "another scheme",
+            &[("authorization", "Basic dXNlcg==")],
+            "Bearer",
+        ),
+        (
+            "unknown key",
+            &[("authorization", "Bearer sk-not-a-key")],
+            r#"Bearer error="invalid_token""#,
+        ),
+        (
+            "empty key",
+            &[("x-api-key", "")],
+            r#"Bearer error="invalid_token""#,
+        ),
+        (
+            "repeated header",
+            &[("x-api-key", KEY), ("x-api-key", KEY)],
+            r#"Bearer error="invalid_token""#,
+        ),
+        (
+            "two different keys",
+            &[("authorization", "Bearer sk-other"), ("x-api-key", KEY)],
+            r#"Bearer error="invalid_request""#,
+        ),
+    ];
+    for (case, headers, challenge) in cases {
+        let mut req = c.post(&url).json(&body);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status(), 401, "{case}");
+        assert_eq!(header(&res, "www-authenticate"), challenge, "{case}");
+        assert_eq!(
+            error_of(res).await,
+            ("invalid_request_error".into(), "invalid_api_key".into()),
+            "{case}"
+        );
+    }
+
+    // A key that passes gets no challenge, nor does the AWS style's 403.
+    let res = c
+        .post(&url)
+        .json(&body)
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("www-authenticate").is_none());
+    let aws = serve(
+        Router::new()
+            .route(COMPLETIONS, post(completions))
+            .layer(RateLimitLayer::new(policy(roomy()))),
+    )
+    .await;
+    let res = c
+        .post(format!("{aws}{COMPLETIONS}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    assert!(res.headers().get("www-authenticate").is_none());
+}
