@@ -192,7 +192,9 @@ pub(crate) async fn charge_tokens(
     let key = metadata
         .get("x-api-key")
         .ok_or_else(|| Status::unauthenticated("Forbidden"))?;
+    // A gRPC call is a POST: method overrides of the path apply to it.
     let req = http::Request::builder()
+        .method(http::Method::POST)
         .uri(COMPLETE)
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header("x-api-key", key.as_bytes())

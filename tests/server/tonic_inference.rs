@@ -259,3 +259,31 @@ async fn interceptor_rejects_like_the_layer() {
     clock.advance(interval());
     calls_pass(&channel, KEY, 1).await;
 }
+
+#[tokio::test]
+async fn method_charges_tokens_as_a_grpc_call_of_its_path() {
+    let (clock, store) = frozen_store();
+    // A budget far from used up, and an override of `Complete` (a gRPC
+    // call is a POST) that allows one call a second.
+    let tokens = Policy::builder()
+        .plan(
+            UsagePlan::new("tokens")
+                .tokens(TokenBudget::new().per_minute(10_000).unwrap())
+                .method(format!("{COMPLETE}/POST"), Throttle::new(1.0, 1).unwrap()),
+        )
+        .key(ApiKey::new("one", KEY, "tokens"))
+        .build()
+        .unwrap();
+    let tokens = RateLimitLayer::builder(tokens).store(store).build();
+    let inference = Inference::default().limit_tokens(tokens);
+    let channel = layered(RateLimitLayer::new(registered_policy()), inference).await;
+
+    calls_pass(&channel, KEY, 1).await;
+    let status = call(&channel, Some(KEY)).await.unwrap_err();
+    assert_eq!(
+        exhausted(&status),
+        (Duration::from_secs(1), "method".into())
+    );
+    clock.advance(Duration::from_secs(1));
+    calls_pass(&channel, KEY, 1).await;
+}
