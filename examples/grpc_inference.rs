@@ -23,7 +23,8 @@
 //!   a request; [`MetadataKeyLimit`] is a `tonic::service::Interceptor` that
 //!   uses it to limit every call of a service by its metadata key
 //!   (`--interceptor` serves that form), and [`rejection_status`] turns its
-//!   rejection into the same `tonic::Status` the layer sends.
+//!   rejection into the code, message, details and retry metadata the layer
+//!   sends (not its `RateLimit` headers: a `Rejection` holds no report).
 //!
 //! The demo makes a few calls with the demo key, prints what they got, and
 //! keeps serving on `--listen` (127.0.0.1:50051 by default) until Ctrl-C.
