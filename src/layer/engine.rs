@@ -22,10 +22,10 @@ use crate::store::Failures;
 use crate::store::{Acquire, Acquired, Denied, MemoryStore, Report, Store, Subject, ThrottleRef};
 
 /// Days of usage history the quotas of a subject nobody registered keep (a
-/// per-key policy's key, a client IP, a key a resolver answered): none but
-/// the current day's, so that a store can bound their counters (the memory
-/// store forgets one once its window has ended). Usage reports are of
-/// registered keys.
+/// per-key policy's key, a client IP, a key a resolver answered whose id is
+/// not registered): none but the current day's, so that a store can bound
+/// their counters (the memory store forgets one once its window has ended).
+/// Usage reports are of registered keys.
 const TRANSIENT_HISTORY_DAYS: u32 = 1;
 
 /// What every clone of a layer and its services share.
@@ -756,11 +756,28 @@ impl<K, S> Shared<K, S> {
                 plan,
                 name: found.id.as_bytes(),
                 digest: found.state,
-                history_days: TRANSIENT_HISTORY_DAYS,
+                history_days: self.resolved_history_days(plan, &found.id),
             },
             id: Some(&found.id),
         };
         Ok(decide(&caller))
+    }
+
+    /// Days of usage history the quotas of a key the resolver answered keep:
+    /// a key nobody registered keeps the current day only (its counters stay
+    /// bounded); one with a registered key's id is that key, and keeps the
+    /// policy's history, as the registered key does: a request of either
+    /// value must not make the key's counter one without history (memory
+    /// store) or cut the history the other wrote (Redis). Only a plan with
+    /// a request quota (its own, or a model's) keeps any history, so only
+    /// its keys are looked up by id (under the registry's lock).
+    fn resolved_history_days(&self, plan: &Plan, id: &str) -> u32 {
+        let history = plan.quota.is_some() || plan.models.is_some();
+        if history && self.policy.keys().by_id(id, |entry| entry.is_some()) {
+            self.history_days()
+        } else {
+            TRANSIENT_HISTORY_DAYS
+        }
     }
 
     /// The rejection of a key that could not be resolved: 503, or as the

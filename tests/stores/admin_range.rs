@@ -234,6 +234,54 @@ async fn put_plan_keeps_a_resolved_keys_emptied_bucket_empty<B: Backend>(b: &B) 
     assert_eq!(burst().await, (1, 1));
 }
 
+/// A key of the policy that the resolver also answers for another value
+/// (a key moving between the database and the registry): the requests of
+/// either value count in the one key's usage history, whichever comes first
+/// each day. Deciding a request of the database's value must not cut the
+/// registered key's history to the current day.
+async fn a_registered_keys_history_is_kept_when_its_id_is_resolved<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 1, 3_600));
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(
+            UsagePlan::new("p")
+                .quota(Quota::new(LIMIT, Period::Day).unwrap())
+                .borrow(false),
+        )
+        .key(ApiKey::new("k", "v", "p"))
+        .build()
+        .unwrap();
+    // "vr" is the key "k" too, as the database has it.
+    let lookup = |value: String| async move {
+        Ok(match value.as_str() {
+            "vr" => Resolution::Found(ResolvedKey::new("k", "p")),
+            _ => Resolution::Unknown,
+        })
+    };
+    let l = RateLimitLayer::builder(policy)
+        .store(b.store(&clock).await)
+        .resolver(Resolver::new(lookup).clock(clock.clone()))
+        .build();
+    // Each day the database's value first, then the registered one.
+    for (resolved, registered) in [(1, 2), (2, 1), (1, 3)] {
+        for _ in 0..resolved {
+            l.decide(b"vr", 1).await.unwrap();
+        }
+        for _ in 0..registered {
+            l.decide(b"v", 1).await.unwrap();
+        }
+        clock.advance(std::time::Duration::from_secs(86_400));
+    }
+    let may = |d: u8| Date::new(2024, 5, d).unwrap();
+    let report = l
+        .admin()
+        .usage("p", may(1), may(3), Some("k"))
+        .await
+        .unwrap();
+    assert_eq!(report.items["k"], [[3, 97], [3, 97], [4, 96]]);
+}
+
 /// A month's earliest days stay in the usage history after the day that
 /// opened the month has left it: what remained after that day's requests is
 /// what remains on the days after it in the month, whatever later days
@@ -390,6 +438,7 @@ on_each_backend!(
     a_store_asked_for_more_than_2_pow_53_refuses_it_alike,
     reset_key_forgets_the_models_limits_too,
     put_plan_keeps_a_resolved_keys_emptied_bucket_empty,
+    a_registered_keys_history_is_kept_when_its_id_is_resolved,
     a_window_older_than_the_history_still_reports_what_remained,
     a_limit_put_anew_leaves_past_days_as_they_were,
     a_limit_put_anew_shows_today_at_once,

@@ -53,8 +53,9 @@ pub(super) type Outcome = Result<Count, (u64, Count)>;
 /// usage reports) are kept as long as the store lives: they number as the
 /// ids ever registered do (a key removed keeps its counters, for when its
 /// id is added again). Counters that keep only the current day (a per-key
-/// policy's subjects, client IPs, keys a resolver answered, token budgets)
-/// are bounded: at most the store's `max_keys` of them. A counter whose
+/// policy's subjects, client IPs, keys a resolver answered whose id is not
+/// registered, token budgets) are bounded: at most the store's `max_keys` of
+/// them. A counter whose
 /// window has ended holds nothing a fresh one would not, so it is *idle*,
 /// and its place goes to the next new subject. When `max_keys` live counters
 /// are kept, a new subject is refused until the first of them goes idle (the
