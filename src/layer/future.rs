@@ -16,7 +16,7 @@ use crate::extract::{KeyExtractor, RequestView};
 use crate::headers::Prepared;
 use crate::observe::Watch;
 use crate::plan::FailureMode;
-use crate::resolver::Lookup;
+use crate::resolver::{Answer, Lookup};
 use crate::response::{Reason, Rejection, is_grpc};
 use crate::store::{Report, Store};
 
@@ -79,6 +79,11 @@ pub(crate) struct Parked<S, B, K, St> {
     pub(crate) failure: FailureMode,
     pub(crate) reservation: Option<Box<Unsettled>>,
     pub(crate) watch: Option<Box<Watch>>,
+    /// The resolver's answer for the request's key, once it has one: a
+    /// request decided again after its body is read is decided with it,
+    /// not looked up a second time (the answer may have left the cache
+    /// meanwhile, or never entered it).
+    pub(crate) answer: Option<Answer>,
 }
 
 impl<S, B, K, St> ResponseFuture<S, B, K, St>
@@ -240,6 +245,7 @@ where
                         &mut parked.reservation,
                         &mut report,
                     );
+                    parked.answer = Some(answer);
                     match step {
                         // A resolved key is never looked up again.
                         Step::Resolve(_) => {
@@ -281,11 +287,15 @@ where
                             parked.req.extensions_mut().insert(estimate);
                             *parked.req.body_mut() = RequestBody::read(data, trailers);
                             let mut report = Report::default();
-                            let step = shared.decide(
-                                &RequestView::new(&parked.req),
-                                &mut parked.reservation,
-                                &mut report,
-                            );
+                            let view = RequestView::new(&parked.req);
+                            let reservation = &mut parked.reservation;
+                            let step = match parked.answer.take() {
+                                // A key the resolver answered: by that answer.
+                                Some(answer) => {
+                                    shared.decide_resolved(&answer, &view, reservation, &mut report)
+                                }
+                                None => shared.decide(&view, reservation, &mut report),
+                            };
                             State::after(step, parked, &report)
                         }
                         Err(e) => State::Rejected {
@@ -310,6 +320,7 @@ where
                         failure,
                         reservation,
                         watch,
+                        ..
                     } = *parked;
                     let view = Some(RequestView::new(&req));
                     match shared.conclude_watched(result, failure, watch, view) {

@@ -104,6 +104,7 @@ where
                 failure,
                 reservation,
                 watch,
+                answer: None,
             }
         };
         match step {

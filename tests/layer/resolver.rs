@@ -562,3 +562,51 @@ async fn a_resolver_that_panics_is_a_failed_lookup() {
     let base = serve_with(fallback).await;
     assert_body(get_with_key(&base, "db-secret-1").await, 403, FORBIDDEN).await;
 }
+
+/// A database key on a plan with a token budget, whose requests' bodies the
+/// estimator reads once the key is found: one query per request, the
+/// answer it got deciding the request after the body is read. Found keys
+/// are not cached here (a positive TTL of 0), so that a second lookup
+/// would be a second query.
+#[tokio::test]
+async fn a_key_whose_body_is_read_is_looked_up_once() {
+    let keys = Keys::new().await;
+    sqlx::query("INSERT INTO api_keys VALUES (?1, 'db-llm', 'llm', NULL, TRUE)")
+        .bind(sha256_hex("db-secret-llm"))
+        .execute(&keys.pool)
+        .await
+        .unwrap();
+    let policy = Policy::builder()
+        .plan(
+            UsagePlan::new("llm")
+                .throttle(Throttle::new(1.0, 100).unwrap())
+                .tokens(tollgate::TokenBudget::new().per_minute(1_000).unwrap()),
+        )
+        .build()
+        .unwrap();
+    let (_clock, store) = frozen_store();
+    let resolver = Resolver::new(keys.resolver("api_keys")).positive_ttl(Duration::ZERO);
+    let layer = RateLimitLayer::builder(policy)
+        .store(store)
+        .estimator(tollgate::openai::OpenAiEstimator::new())
+        .resolver(resolver)
+        .build();
+    let base = serve(
+        Router::new()
+            .route("/v1/completions", axum::routing::post(ok))
+            .layer(layer),
+    )
+    .await;
+    for n in 1..=2 {
+        let res = client()
+            .post(format!("{base}/v1/completions"))
+            .header("x-api-key", "db-secret-llm")
+            .json(&serde_json::json!({"model": "m", "prompt": "hello", "max_tokens": 10}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.text().await.unwrap(), "ok");
+        assert_eq!(keys.queries(), n);
+    }
+}
