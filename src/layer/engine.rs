@@ -689,7 +689,13 @@ impl<K, S> Shared<K, S> {
         match std::str::from_utf8(key) {
             Ok(value) if wait => Err(Miss::Lookup(resolving.lookup(digest, value))),
             // Without waiting (`check`), a value not cached is unknown.
-            _ => Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)).into()),
+            Ok(_) => Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)).into()),
+            // The resolver takes text: a value that is not cannot be asked,
+            // and is no key it could know. Refused as malformed, which says
+            // why, rather than as a key the resolver does not hold.
+            Err(_) => Err(self
+                .refuse(Reason::Key(KeyError::Malformed), Seen::maybe(req))
+                .into()),
         }
     }
 

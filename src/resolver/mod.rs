@@ -16,6 +16,9 @@
 //!   its answer;
 //! - a lookup (and the wait for another request's) is bounded by
 //!   [`timeout`](Resolver::timeout) (1 s);
+//! - a value that is not UTF-8 is never asked (the resolver takes text): it
+//!   is refused as a malformed key
+//!   ([`KeyError::Malformed`](crate::extract::KeyError::Malformed));
 //! - a lookup that fails, times out or panics is answered
 //!   `503 {"message":"Service Unavailable"}` (gRPC: `UNAVAILABLE`), or as
 //!   [`fallback`](Resolver::fallback) says; a failure is never cached.

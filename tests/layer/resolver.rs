@@ -610,3 +610,28 @@ async fn a_key_whose_body_is_read_is_looked_up_once() {
         assert_eq!(keys.queries(), n);
     }
 }
+
+/// A key value that is not UTF-8 (from an extractor that takes any bytes)
+/// cannot be asked of the resolver, which takes text: it is refused as a
+/// malformed key, at once, not as a key the database does not hold.
+#[tokio::test]
+async fn a_key_that_is_not_utf8_is_malformed_and_never_asked() {
+    let keys = Keys::new().await;
+    let layer = RateLimitLayer::builder(policy())
+        .resolver(Resolver::new(keys.resolver("api_keys")))
+        .build();
+    let malformed = Reason::Key(tollgate::extract::KeyError::Malformed);
+    for value in [&b"db-secret-\xff"[..], b"\xc3", b"cl\xe9"] {
+        let refused = layer.decide(value, 1).await.unwrap_err();
+        assert_eq!(refused.reason(), malformed);
+        assert_eq!(refused.status(), 403);
+        assert_eq!(layer.check(value, 1).unwrap_err().reason(), malformed);
+    }
+    assert_eq!(keys.queries(), 0);
+    // Valid UTF-8 is asked as before.
+    assert_eq!(
+        layer.decide(b"not-a-key", 1).await.unwrap_err().reason(),
+        Reason::UnknownKey
+    );
+    assert_eq!(keys.queries(), 1);
+}
