@@ -635,3 +635,56 @@ async fn a_key_that_is_not_utf8_is_malformed_and_never_asked() {
     );
     assert_eq!(keys.queries(), 1);
 }
+
+/// Two instances on one Redis, each with its own resolver over the one
+/// database: a key found through either counts in the one state of its id,
+/// so the instances together admit its plan's burst once, and its
+/// registered value on either instance counts there too.
+#[tokio::test]
+async fn resolved_keys_share_their_state_between_instances_through_redis() {
+    if !crate::support::redis::require_redis() {
+        return;
+    }
+    let server = crate::support::redis::RedisServer::start();
+    let keys = Keys::new().await;
+    let clock = tollgate::ManualClock::new();
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let store = tollgate::RedisStore::builder(server.url())
+            .prefix("resolved")
+            .clock(clock.clone())
+            .build()
+            .await
+            .unwrap();
+        let layer = RateLimitLayer::builder(policy())
+            .store(store)
+            .resolver(Resolver::new(keys.resolver("api_keys")))
+            .build();
+        instances.push(layer);
+    }
+    // `db-2` (bursts of 2), found on both instances.
+    let mut passed = 0;
+    for _ in 0..3 {
+        for layer in &instances {
+            passed += usize::from(layer.decide(b"db-secret-2", 1).await.is_ok());
+        }
+    }
+    assert_eq!(passed, 2);
+    assert_eq!(keys.queries(), 2);
+    // `db-1`: found on one instance, registered on the other.
+    let mut passed = 0;
+    for _ in 0..3 {
+        passed += usize::from(instances[0].decide(b"db-secret-1", 1).await.is_ok());
+        passed += usize::from(
+            instances[1]
+                .decide(b"registered-value-of-db-1", 1)
+                .await
+                .is_ok(),
+        );
+    }
+    assert_eq!(passed, 2);
+    // A second later one more passes, on whichever instance.
+    clock.advance(Duration::from_secs(1));
+    assert!(instances[1].decide(b"db-secret-2", 1).await.is_ok());
+    assert!(instances[0].decide(b"db-secret-2", 1).await.is_err());
+}
