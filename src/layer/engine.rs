@@ -14,7 +14,7 @@ use crate::headers::HeaderStyle;
 use crate::observe::{Seen, SharedObserver, Watch};
 use crate::plan::{AccountLimits, FailureMode, ModelEntry, Plan, StageLimits, method_limit};
 use crate::policy::{Policy, Snapshot};
-use crate::resolver::{Answer, Lookup, ResolveError, ResolverFallback, Resolving};
+use crate::resolver::{Answer, Found, Lookup, ResolveError, ResolverFallback, Resolving};
 use crate::response::{
     Decision, Reason, Rejection, ResponseStyle, SharedOnRejection, is_grpc, refused,
 };
@@ -762,7 +762,7 @@ impl<K, S> Shared<K, S> {
                 plan,
                 name: found.id.as_bytes(),
                 digest: found.state,
-                history_days: self.resolved_history_days(plan, &found.id),
+                history_days: self.resolved_history_days(plan, found),
             },
             id: Some(&found.id),
         };
@@ -776,10 +776,17 @@ impl<K, S> Shared<K, S> {
     /// value must not make the key's counter one without history (memory
     /// store) or cut the history the other wrote (Redis). Only a plan with
     /// a request quota (its own, or a model's) keeps any history, so only
-    /// its keys are looked up by id (under the registry's lock).
-    fn resolved_history_days(&self, plan: &Plan, id: &str) -> u32 {
+    /// its keys are looked up by id, under the registry's lock, once per
+    /// answer the resolver's cache holds (an id registered later is seen
+    /// when the answer is asked for again).
+    fn resolved_history_days(&self, plan: &Plan, found: &Found) -> u32 {
         let history = plan.quota.is_some() || plan.models.is_some();
-        if history && self.policy.keys().by_id(id, |entry| entry.is_some()) {
+        let registered = || {
+            *found
+                .registered
+                .get_or_init(|| self.policy.keys().by_id(&found.id, |entry| entry.is_some()))
+        };
+        if history && registered() {
             self.history_days()
         } else {
             TRANSIENT_HISTORY_DAYS

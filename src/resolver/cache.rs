@@ -7,7 +7,7 @@ use std::fmt;
 use std::future::{Future, poll_fn};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -178,6 +178,10 @@ pub(crate) struct Found {
     /// Where the key's state lives: the digest of its id, as for a
     /// registered key.
     pub(crate) state: Digest,
+    /// Whether a registered key has this id, found out once per answer
+    /// (the registry finds ids under its lock, which a request must not
+    /// take each time): see the engine's `resolved_history_days`.
+    pub(crate) registered: OnceLock<bool>,
 }
 
 impl Answer {
@@ -186,6 +190,7 @@ impl Answer {
             Ok(Resolution::Found(key)) => Answer::Found(Arc::new(Found {
                 id: key.id().into(),
                 state: hash::id_digest(key.id().as_bytes()),
+                registered: OnceLock::new(),
                 key,
             })),
             Ok(Resolution::Unknown) => Answer::Unknown,

@@ -36,7 +36,7 @@ use std::pin::Pin;
 pub use self::answer::{Resolution, ResolveError, ResolvedKey};
 pub use self::cache::{Resolver, ResolverFallback};
 
-pub(crate) use self::cache::{Answer, Lookup, Resolving};
+pub(crate) use self::cache::{Answer, Found, Lookup, Resolving};
 
 /// The future a [`KeyResolver`] returns.
 pub type ResolveFuture<'a> =
