@@ -597,6 +597,60 @@ async fn a_week_whose_first_day_changes_keeps_what_its_new_week_counted<B: Backe
     assert_eq!(passed(&l, b"vc", 5).await, 0);
 }
 
+/// A quota put anew with the same limit but another period or offset is
+/// decided under its new numbers from the next request, even one right
+/// after a denial under the old numbers (the Redis store's over-limit
+/// cache, on by default, must not replay that denial).
+async fn a_quota_put_anew_decides_under_its_new_numbers_at_once<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    // Monday 2024-05-06: the week (from Monday) is used up.
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = |period, offset| {
+        let mut q = Quota::new(3, period).unwrap();
+        if offset > 0 {
+            q = q.with_offset(offset).unwrap();
+        }
+        UsagePlan::new("p").quota(q).borrow(false)
+    };
+    let l = layer(
+        b,
+        &clock,
+        vec![plan(Period::WEEK, 0)],
+        vec![ApiKey::new("k", "v", "p")],
+    )
+    .await;
+    let admin = l.admin();
+    assert_eq!(passed(&l, b"v", 4).await, 3);
+    // Wednesday the 8th: still the used-up week, until Monday the 13th.
+    clock.set_wall(at(2024, 5, 8, 3_600));
+    let r = l.decide(b"v", 1).await.unwrap_err();
+    assert_eq!(r.retry_after_secs(), Some(5 * 86_400 - 3_600));
+    // A day of 3 from now: today's window began after Monday's requests.
+    admin.put_plan(plan(Period::Day, 0)).await.unwrap();
+    assert_eq!(passed(&l, b"v", 4).await, 3);
+    let r = l.decide(b"v", 1).await.unwrap_err();
+    assert_eq!(r.retry_after_secs(), Some(86_400 - 3_600));
+    // A week again, with an offset of 1 in the window of the plan's
+    // creation (this one): 3 counted today, 2 allowed; then no offset: 3.
+    admin.put_plan(plan(Period::WEEK, 1)).await.unwrap();
+    let r = l.decide(b"v", 1).await.unwrap_err();
+    assert_eq!(r.retry_after_secs(), Some(5 * 86_400 - 3_600));
+    admin.put_plan(plan(Period::WEEK, 0)).await.unwrap();
+    let r = l.decide(b"v", 1).await.unwrap_err();
+    assert_eq!(r.retry_after_secs(), Some(5 * 86_400 - 3_600));
+    // A month whose creation window this is, with an offset of 2 (1
+    // allowed, 3 counted); then the offset goes: still 3 counted of 3.
+    admin.put_plan(plan(Period::Month, 2)).await.unwrap();
+    let r = l.decide(b"v", 1).await.unwrap_err();
+    assert_eq!(r.retry_after_secs(), Some(24 * 86_400 - 3_600));
+    // In shadow, the plan counts and never rejects.
+    admin
+        .put_plan(plan(Period::Month, 2).shadow(true))
+        .await
+        .unwrap();
+    assert_eq!(passed(&l, b"v", 2).await, 2);
+}
+
 /// A peek tells what remains of each limit after what requests used: on a
 /// store that lends this instance a share of a busy key's limits, the
 /// units it holds unused are not counted as used.
@@ -693,6 +747,7 @@ on_each_backend!(
     nothing_is_admitted_before_its_exact_time,
     a_denial_is_never_replayed_after_a_request_passed,
     a_week_whose_first_day_changes_keeps_what_its_new_week_counted,
+    a_quota_put_anew_decides_under_its_new_numbers_at_once,
     a_peek_counts_only_what_requests_used,
     a_place_given_back_is_free_for_the_next_request_at_once,
     a_settlement_counts_for_the_next_request_at_once,

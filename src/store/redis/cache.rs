@@ -13,7 +13,10 @@
 //! quota is never cached: another key's request may give it units back (a
 //! split decision's refund on a cluster, a share returned unused). Any other
 //! denial can change before its retry time (a cheaper request passing, a
-//! settlement giving tokens back) and is never cached. An admin
+//! settlement giving tokens back) and is never cached. An entry answers
+//! only a request under the same numbers (each limit's size, a quota's
+//! period, offset, creation and shadow flag), so a plan put anew is decided
+//! under its new numbers at once; any other admin
 //! change through this instance clears the cache; an entry lives at most
 //! `max_ttl`, which bounds how long a change made elsewhere (another
 //! instance raising a quota) can go unseen here.

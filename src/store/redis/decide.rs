@@ -62,7 +62,14 @@ fn identity(req: &Acquire<'_>, tokens: bool) -> (u64, Asked) {
         bytes.push(0);
         bytes.extend_from_slice(&(q.subject.len() as u64).to_le_bytes());
         bytes.extend_from_slice(q.subject);
+        // Everything the quota is decided under: a plan put anew with the
+        // same limit but another period, offset or creation, or in shadow,
+        // is another quota, whose denial under the old numbers says nothing.
         bytes.extend_from_slice(&q.spec.limit.to_le_bytes());
+        bytes.push(crate::quota::period_code(q.spec.period));
+        bytes.push(u8::from(q.shadow));
+        bytes.extend_from_slice(&q.spec.offset.to_le_bytes());
+        bytes.extend_from_slice(&q.spec.created_at.to_le_bytes());
     }
     for c in req.caps() {
         bytes.extend_from_slice(b"c");
