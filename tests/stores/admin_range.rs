@@ -432,6 +432,57 @@ async fn a_limit_put_anew_between_requests_shows_from_its_day<B: Backend>(b: &B)
     assert_eq!(report.items["k"], [[3, 7], [0, 7], [1, 16]]);
 }
 
+/// A quota whose period is put anew keeps the key's count in the window of
+/// the new period that holds its last request: what remains today in a
+/// usage report is what the next request finds, before that request and
+/// after it, whether the period changes on the day of the last request or
+/// days later.
+async fn a_period_put_anew_reports_today_what_the_next_request_finds<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let plan = |limit, period| {
+        UsagePlan::new("p")
+            .quota(Quota::new(limit, period).unwrap())
+            .borrow(false)
+    };
+    // Wednesday 2024-05-01.
+    let l = layer_on(&clock, plan(10, Period::Day), b.store(&clock).await);
+    let admin = l.admin();
+    let today = |d: u8| {
+        let admin = admin.clone();
+        async move {
+            let day = Date::new(2024, 5, d).unwrap();
+            admin.usage("p", day, day, Some("k")).await.unwrap().items["k"][0]
+        }
+    };
+    l.decide(b"v", 3).await.unwrap();
+    admin.put_plan(plan(20, Period::WEEK)).await.unwrap();
+    assert_eq!(today(1).await, [3, 17]);
+    l.decide(b"v", 1).await.unwrap();
+    assert_eq!(today(1).await, [4, 16]);
+    // Friday the 3rd: a month of 30, whose window holds the 1st.
+    clock.advance(std::time::Duration::from_secs(2 * 86_400));
+    admin.put_plan(plan(30, Period::Month)).await.unwrap();
+    assert_eq!(today(3).await, [0, 26]);
+    l.decide(b"v", 1).await.unwrap();
+    assert_eq!(today(3).await, [1, 25]);
+    // A day of 6: today's window holds the last request, and the whole
+    // count (5) is taken to be in it.
+    admin.put_plan(plan(6, Period::Day)).await.unwrap();
+    assert_eq!(today(3).await, [1, 1]);
+    l.decide(b"v", 1).await.unwrap();
+    assert_eq!(today(3).await, [2, 0]);
+    assert!(l.decide(b"v", 1).await.is_err());
+    // Saturday the 4th, weeks of 8 from Saturday: a new window.
+    clock.advance(std::time::Duration::from_secs(86_400));
+    admin
+        .put_plan(plan(8, Period::Week(tollgate::Weekday::Saturday)))
+        .await
+        .unwrap();
+    assert_eq!(today(4).await, [0, 8]);
+    l.decide(b"v", 1).await.unwrap();
+    assert_eq!(today(4).await, [1, 7]);
+}
+
 on_each_backend!(
     "range":
     update_usage_takes_up_to_2_pow_53_and_refuses_more_before_the_store,
@@ -443,4 +494,5 @@ on_each_backend!(
     a_limit_put_anew_leaves_past_days_as_they_were,
     a_limit_put_anew_shows_today_at_once,
     a_limit_put_anew_between_requests_shows_from_its_day,
+    a_period_put_anew_reports_today_what_the_next_request_finds,
 );

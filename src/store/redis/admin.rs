@@ -142,8 +142,12 @@ impl Inner {
 
 /// What remains today (the day of `now`) of a quota whose count (fields
 /// `w`, `n` and `d` in `state`) was last changed in today's window: the
-/// limit of the window now less its count. `None` when the count is of
-/// another window (or none), where the history tells.
+/// limit of the window now less its count, as the next request finds it.
+/// The count is in today's window when that window began on or before the
+/// day of the last change, as the script's `roll` keeps it: whatever the
+/// period it was counted under (a plan whose period changed keeps the count
+/// in the window of the new period that holds that day). `None` when the
+/// count is of an earlier window (or none), where the history tells.
 fn remaining_today(spec: &QuotaSpec, state: &[Option<String>], now: i64) -> Option<i64> {
     let field = |i: usize| state.get(i)?.as_deref()?.parse::<i64>().ok();
     let (start, count) = (field(0)?, field(1)?);
@@ -152,7 +156,7 @@ fn remaining_today(spec: &QuotaSpec, state: &[Option<String>], now: i64) -> Opti
     let last = field(2).unwrap_or(start);
     let w = window(spec.period, now);
     let today = now.div_euclid(NANOS_PER_DAY);
-    (start == w.start.div_euclid(NANOS_PER_DAY) && start <= last && last <= today)
+    (w.start.div_euclid(NANOS_PER_DAY) <= last && last <= today)
         .then(|| spec.limit_in(w).saturating_sub(count))
 }
 
