@@ -90,7 +90,8 @@ pub struct UsageReport {
     /// The last day reported (at most today).
     pub end: Date,
     /// By key id: `[used, remaining]` for each day from `start` to `end`,
-    /// where `remaining` is what was left of the quota window at the day's end.
+    /// where `remaining` is what was left of the quota window at the day's
+    /// end, under the limit in force then (see [`Admin::usage`]).
     pub items: BTreeMap<String, Vec<[i64; 2]>>,
 }
 
@@ -614,6 +615,23 @@ impl<S: Store> Admin<S> {
     /// Usage of the keys of `plan` (or of one key) per UTC day from `start`
     /// to `end` (AWS GetUsage). `end` is cut at today; `start` must lie within
     /// the kept history.
+    ///
+    /// Each day's `remaining` is what was left of its quota window at the
+    /// day's end, under the limit in force at that end: a plan put anew
+    /// with another limit (or offset) on a day counts that day and the days
+    /// after it under the new limit, the days before under the old, on
+    /// every store alike. A key that used 3 of 10 on May 1, whose plan was
+    /// put with 20 on May 1, reports `[3, 17]` for May 1 and `[0, 17]` after
+    /// it; put with 20 on May 3 instead, it reports `[3, 7]`, `[0, 7]`, then
+    /// `[0, 17]` from May 3. Today's shows a limit put today at once. A day
+    /// of a window in which the key had used nothing before it (and no
+    /// change of the limit found the key's count) reports the window's
+    /// limit as the plan has it now. Only changes made through
+    /// [`put_plan`](Self::put_plan) while the plan had registered keys are
+    /// known (the Redis store logs the numbers before each, a few bytes a
+    /// day for each quota, kept as long as the history): after a plan
+    /// changed by restarting with another configuration, the Redis store
+    /// reports the days before as they were counted.
     ///
     /// With a store that shares the registry, one key added through another
     /// instance that has not reached this one yet (within a poll of the

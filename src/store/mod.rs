@@ -270,13 +270,19 @@ pub trait Store: Clone + Send + Sync + 'static {
     }
 
     /// A quota's numbers (its limit, offset or creation) are about to
-    /// change from `old`'s while serving (a plan or account replaced). A
-    /// usage report keeps for each past day what remained at its end, under
-    /// the numbers of that day: a store that writes a day's record only
-    /// when a later day's first change closes it closes the day of `old`'s
-    /// last change now, if it is over, under `old`'s numbers. By default
-    /// nothing is done (a store that keeps each day's record as it changes,
-    /// as the Redis store does).
+    /// change from `old`'s while serving (a plan or account replaced);
+    /// called once for each registered key, `old` naming the key. A usage
+    /// report keeps for each past day what remained at its end, under the
+    /// numbers in force at its end, and reports the days from the change
+    /// under the new numbers: a store that writes a day's record only when
+    /// a later day's first change closes it (the memory store) closes the
+    /// day of `old`'s last change now, if it is over, under `old`'s
+    /// numbers, and moves the key's count to today. One that writes each
+    /// day's record as it changes, under the numbers of that moment (the
+    /// Redis store), must keep `old`'s numbers and the day they stopped
+    /// holding, to read the records under the numbers in force at each
+    /// day's end: the Redis store logs them once per quota, not per key.
+    /// By default nothing is done.
     fn requota(&self, old: &QuotaRef<'_>) {
         let _ = old;
     }

@@ -356,8 +356,14 @@ fn flag(on: bool) -> String {
 }
 
 /// The `u:`/`r:` history fields of a day.
-fn record(day: i64, used: i64, remaining: i64) -> [String; 2] {
-    [format!("r:{day}={remaining}"), format!("u:{day}={used}")]
+/// A day's history record: what it used, what remained in the window, and
+/// the window's limit that was worked out under.
+fn record(day: i64, used: i64, remaining: i64, limit: i64) -> [String; 3] {
+    [
+        format!("l:{day}={limit}"),
+        format!("r:{day}={remaining}"),
+        format!("u:{day}={used}"),
+    ]
 }
 
 #[tokio::test]
@@ -522,7 +528,7 @@ async fn shadow_limits_never_deny() {
     assert_eq!(r.admit(now, 3, &[], Some(q)).await, 3);
     let d = r.acquire(now, 1, &[], Some(q)).await;
     assert_eq!(d.quota, Some([today, today + 1, 1, 3]));
-    assert_eq!(r.hash("h").await, record(today, 4, -3));
+    assert_eq!(r.hash("h").await, record(today, 4, -3, 1));
     // A real quota on the same count denies.
     let d = r.acquire(now, 1, &[], Some(quota(1, "D"))).await;
     assert!(!d.allowed);
@@ -885,7 +891,7 @@ async fn history_records_days_and_prunes_old_ones() {
             .await
             .allowed
     );
-    assert_eq!(r.hash("h").await, record(mon, 4, 6));
+    assert_eq!(r.hash("h").await, record(mon, 4, 6, 10));
     assert!(
         r.acquire(Now::on(2024, 5, 7, 10), 2, &[], Some(q))
             .await
@@ -897,9 +903,9 @@ async fn history_records_days_and_prunes_old_ones() {
             .allowed
     );
     let mut three = [
-        record(mon, 4, 6),
-        record(mon + 1, 2, 4),
-        record(mon + 2, 0, 4),
+        record(mon, 4, 6, 10),
+        record(mon + 1, 2, 4, 10),
+        record(mon + 2, 0, 4, 10),
     ]
     .concat();
     three.sort();
@@ -915,12 +921,13 @@ async fn history_records_days_and_prunes_old_ones() {
             .allowed
     );
     let mut three = [
-        record(mon + 1, 2, 4),
-        record(mon + 2, 0, 4),
-        record(mon + 3, 1, 3),
+        record(mon + 1, 2, 4, 10),
+        record(mon + 2, 0, 4, 10),
+        record(mon + 3, 1, 3, 10),
     ]
     .concat();
     three.push(format!("r:{mon}=6"));
+    three.push(format!("l:{mon}=10"));
     three.sort();
     assert_eq!(r.hash("h").await, three);
     // A week later, only the new day is left, and what remained after the
@@ -930,8 +937,9 @@ async fn history_records_days_and_prunes_old_ones() {
             .await
             .allowed
     );
-    let mut left = record(mon + 10, 1, 9).to_vec();
+    let mut left = record(mon + 10, 1, 9, 10).to_vec();
     left.push(format!("r:{}=3", mon + 3));
+    left.push(format!("l:{}=10", mon + 3));
     left.sort();
     assert_eq!(r.hash("h").await, left);
     // A denied request records nothing.
@@ -1234,7 +1242,7 @@ async fn set_remaining_updates_the_count_and_history() {
     assert!(r.acquire(tue, 2, &[], Some(q)).await.allowed);
     // Above the limit: a one-off raise, the count goes below 0.
     assert_eq!(r.set_remaining(tue, 20, q).await, [mon, mon + 7, 10, -10]);
-    let mut history = [record(mon, 3, 7), record(mon + 1, 2, 20)].concat();
+    let mut history = [record(mon, 3, 7, 10), record(mon + 1, 2, 20, 10)].concat();
     history.sort();
     assert_eq!(r.hash("h").await, history);
     assert_eq!(r.admit(tue, 30, &[], Some(q)).await, 20);

@@ -483,6 +483,90 @@ async fn a_period_put_anew_reports_today_what_the_next_request_finds<B: Backend>
     assert_eq!(today(4).await, [1, 7]);
 }
 
+/// A limit put anew on the day of the key's last request, read on a later
+/// day: that day ends under the new limit, so it reports what remained
+/// under it, and so do the days after it in the window. (The Redis store
+/// kept the day as its last request had written it, under the old limit:
+/// `[[3, 7], [0, 17]]`.)
+async fn a_limit_put_anew_on_the_day_of_the_last_request_holds_on_later_days<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let (plan, l) = monthly(b, &clock).await;
+    let admin = l.admin();
+    let may = |d: u8| Date::new(2024, 5, d).unwrap();
+    l.decide(b"v", 3).await.unwrap();
+    admin.put_plan(plan(20)).await.unwrap();
+    clock.advance(std::time::Duration::from_secs(86_400));
+    let report = admin.usage("p", may(1), may(2), None).await.unwrap();
+    assert_eq!(report.items["k"], [[3, 17], [0, 17]]);
+    // Put twice on one day: the day ends under the second.
+    admin.put_plan(plan(30)).await.unwrap();
+    admin.put_plan(plan(25)).await.unwrap();
+    clock.advance(std::time::Duration::from_secs(2 * 86_400));
+    let report = admin.usage("p", may(1), may(4), None).await.unwrap();
+    assert_eq!(report.items["k"], [[3, 17], [0, 22], [0, 22], [0, 22]]);
+}
+
+/// Limits put anew on days without requests, read days later: each day
+/// reports what remained at its end under the limit in force then, the
+/// days before the first change under the old limit, the days from each
+/// change under its limit. (The Redis store reported every day after the
+/// last request under the old limit but today.)
+async fn limits_put_anew_between_requests_hold_on_later_days<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let (plan, l) = monthly(b, &clock).await;
+    let admin = l.admin();
+    let may = |d: u8| Date::new(2024, 5, d).unwrap();
+    let day = std::time::Duration::from_secs(86_400);
+    l.decide(b"v", 3).await.unwrap();
+    clock.advance(2 * day);
+    admin.put_plan(plan(20)).await.unwrap();
+    clock.advance(2 * day);
+    admin.put_plan(plan(30)).await.unwrap();
+    clock.advance(2 * day);
+    let report = admin.usage("p", may(1), may(7), None).await.unwrap();
+    assert_eq!(
+        report.items["k"],
+        [[3, 7], [0, 7], [0, 17], [0, 17], [0, 27], [0, 27], [0, 27]]
+    );
+    // A request after them changes only its own day.
+    l.decide(b"v", 2).await.unwrap();
+    clock.advance(day);
+    let report = admin.usage("p", may(1), may(8), None).await.unwrap();
+    assert_eq!(
+        report.items["k"],
+        [
+            [3, 7],
+            [0, 7],
+            [0, 17],
+            [0, 17],
+            [0, 27],
+            [0, 27],
+            [2, 25],
+            [0, 25]
+        ]
+    );
+}
+
+/// A limit put anew after the window of the key's last request ended: the
+/// days from the change report the limit put then, with nothing used in
+/// the new window, though a later change moved it again.
+async fn a_limit_put_anew_in_a_later_window_holds_from_its_day<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let (plan, l) = monthly(b, &clock).await;
+    let admin = l.admin();
+    let day = std::time::Duration::from_secs(86_400);
+    l.decide(b"v", 3).await.unwrap();
+    // June 3, then June 5.
+    clock.advance(33 * day);
+    admin.put_plan(plan(20)).await.unwrap();
+    clock.advance(2 * day);
+    admin.put_plan(plan(30)).await.unwrap();
+    clock.advance(day);
+    let june = |d: u8| Date::new(2024, 6, d).unwrap();
+    let report = admin.usage("p", june(3), june(6), None).await.unwrap();
+    assert_eq!(report.items["k"], [[0, 20], [0, 20], [0, 30], [0, 30]]);
+}
+
 on_each_backend!(
     "range":
     update_usage_takes_up_to_2_pow_53_and_refuses_more_before_the_store,
@@ -495,4 +579,7 @@ on_each_backend!(
     a_limit_put_anew_shows_today_at_once,
     a_limit_put_anew_between_requests_shows_from_its_day,
     a_period_put_anew_reports_today_what_the_next_request_finds,
+    a_limit_put_anew_on_the_day_of_the_last_request_holds_on_later_days,
+    limits_put_anew_between_requests_hold_on_later_days,
+    a_limit_put_anew_in_a_later_window_holds_from_its_day,
 );

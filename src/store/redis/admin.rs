@@ -4,19 +4,33 @@
 use std::sync::Arc;
 
 use super::call::{Call, quota_args};
+use super::decide::Unanswered;
 use super::keys::reset_mark;
 use super::store::Inner;
+use crate::gcra::NANOS_PER_SEC;
 use crate::quota::{DayRecord, QuotaSpec};
 use crate::store::{QuotaRef, StoreError, StoreFuture, ThrottleRef};
 use crate::window::{Date, NANOS_PER_DAY, window};
 
+/// The most (log, day, numbers) an instance remembers having logged before
+/// it forgets them all (see `Inner::requota`): a plan put anew logs each
+/// of its quotas once, for however many keys.
+const LOGGED_MEMO: usize = 1024;
+
 impl Inner {
     /// [`Store::usage`](crate::store::Store::usage), read from the quota's
-    /// history hash. Each day's record holds what remained after its last
-    /// change, under the numbers of that moment; today's is worked out from
-    /// the count and the quota's numbers now, as the memory store reports
-    /// it: a limit put anew since the key's last request shows at once,
-    /// with no write for each key when a plan is put.
+    /// history hash and its limit log. Each day's record holds what
+    /// remained after its last change and the window's limit it was worked
+    /// out under (`l:`); the log holds the quota's numbers before each day
+    /// they were changed on. A day is reported under the numbers in force
+    /// at its end, as the memory store closes it: what remained, less the
+    /// limit it was written under, plus the limit in force then. A change
+    /// on a day after a record stands for a record of its own (nothing
+    /// used; the count carried, or none in a later window), as the memory
+    /// store closes a key's last day and moves it to the day of the change.
+    /// Today's is worked out from the count and the quota's numbers now: a
+    /// limit put anew shows at once, with no write for each key when a plan
+    /// is put.
     pub(super) fn usage(
         self: &Arc<Self>,
         quota: &QuotaRef<'_>,
@@ -25,14 +39,21 @@ impl Inner {
     ) -> StoreFuture<Vec<[i64; 2]>> {
         let inner = Arc::clone(self);
         let [count, key] = inner.quota_keys(quota);
+        let log = inner.limit_log_key(quota);
         let spec = *quota.spec;
         let now = inner.clock.wall_nanos();
         let today = now.div_euclid(NANOS_PER_DAY);
         Box::pin(async move {
+            // A change this instance is logging is read with the rest.
+            inner.answered(std::slice::from_ref(&log)).await;
             let fields: Vec<(String, i64)> = inner
                 .command(redis::cmd("HGETALL").arg(key).clone())
                 .await?;
-            let mut records = day_records(&fields);
+            let logged: Vec<(String, String)> = inner
+                .command(redis::cmd("HGETALL").arg(log).clone())
+                .await?;
+            let log = limit_log(&logged, &spec);
+            let mut records = closed(day_records(&fields), &log, &spec, today);
             if (first.days()..=last.days()).contains(&today) {
                 let state: Vec<Option<String>> = inner
                     .command(
@@ -62,6 +83,53 @@ impl Inner {
                 last.days(),
             ))
         })
+    }
+
+    /// [`Store::requota`](crate::store::Store::requota): logs the quota's
+    /// numbers before the change under today, unless a change earlier today
+    /// did (script mode "k"), in the quota's limit log, one for all its
+    /// subjects: called for every key of a plan put anew, it is sent once.
+    /// In the background; a report this instance reads waits for it. A log
+    /// Redis did not take (unreachable) leaves the days before the change
+    /// reported under the numbers of the next change logged, or now's.
+    pub(super) fn requota(self: &Arc<Self>, old: &QuotaRef<'_>) {
+        let key = self.limit_log_key(old);
+        let spec = *old.spec;
+        let day = self.clock.wall_nanos().div_euclid(NANOS_PER_DAY);
+        let created = spec.created_at.div_euclid(NANOS_PER_SEC as i64);
+        let numbers = [
+            i64::try_from(spec.limit).unwrap_or(i64::MAX),
+            i64::try_from(spec.offset).unwrap_or(i64::MAX),
+            created,
+        ];
+        let memo = (key.clone(), day, numbers);
+        {
+            let mut logged = self.logged.lock();
+            if logged.contains(&memo) {
+                return;
+            }
+            if logged.len() >= LOGGED_MEMO {
+                logged.clear();
+            }
+            logged.insert(memo.clone());
+        }
+        let mut call = Call::new("k", &self.now());
+        call.keys.push(key.clone());
+        call.arg(spec.limit);
+        call.arg(spec.offset);
+        call.arg(created);
+        call.arg(old.history_days);
+        let unanswered = Unanswered::new(self, vec![key]);
+        let task = Arc::clone(self);
+        self.spawn(async move {
+            let _unanswered = unanswered;
+            if let Err(e) = task.within(Arc::clone(&task).run(call)).await {
+                // Sent again by the next change.
+                task.logged.lock().remove(&memo);
+                tracing::warn!(error = %e, "a quota's numbers before a change were not logged; \
+                    usage reports show the days before it under the later numbers");
+            }
+        });
     }
 
     /// [`Store::set_remaining`](crate::store::Store::set_remaining), by the
@@ -160,9 +228,19 @@ fn remaining_today(spec: &QuotaSpec, state: &[Option<String>], now: i64) -> Opti
         .then(|| spec.limit_in(w).saturating_sub(count))
 }
 
-/// Day records from a history hash's fields (`u:<day>`, `r:<day>`).
-fn day_records(fields: &[(String, i64)]) -> Vec<DayRecord> {
-    let mut days: Vec<DayRecord> = Vec::new();
+/// A day's record as the history hash holds it: what remained under
+/// `limit`, the window's limit it was written under (`None`: a record
+/// written before limits were kept beside it, taken as written under the
+/// numbers in force at its day's end).
+struct Written {
+    record: DayRecord,
+    limit: Option<i64>,
+}
+
+/// Day records from a history hash's fields (`u:<day>`, `r:<day>`,
+/// `l:<day>`).
+fn day_records(fields: &[(String, i64)]) -> Vec<Written> {
+    let mut days: Vec<Written> = Vec::new();
     for (field, value) in fields {
         let (kind, day) = match field.split_once(':') {
             Some((k, d)) => match d.parse::<i64>() {
@@ -171,22 +249,130 @@ fn day_records(fields: &[(String, i64)]) -> Vec<DayRecord> {
             },
             None => continue,
         };
-        let i = match days.iter().position(|r| r.day == day) {
+        let i = match days.iter().position(|w| w.record.day == day) {
             Some(i) => i,
             None => {
-                days.push(DayRecord {
-                    day,
-                    used: 0,
-                    remaining: 0,
+                days.push(Written {
+                    record: DayRecord {
+                        day,
+                        used: 0,
+                        remaining: 0,
+                    },
+                    limit: None,
                 });
                 days.len() - 1
             }
         };
         match kind {
-            "u" => days[i].used = u64::try_from(*value).unwrap_or(0),
-            "r" => days[i].remaining = *value,
+            "u" => days[i].record.used = u64::try_from(*value).unwrap_or(0),
+            "r" => days[i].record.remaining = *value,
+            "l" => days[i].limit = Some(*value),
             _ => {}
         }
+    }
+    days
+}
+
+/// A quota's numbers before they were changed on `day` (the day's first
+/// change), from its limit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Logged {
+    day: i64,
+    spec: QuotaSpec,
+}
+
+/// The entries of a limit log (fields `<day>`, values `"<limit> <offset>
+/// <created_s>"`), by day; `spec` gives what the log does not keep (the
+/// period, the quota's id), which a change logged never differs in.
+fn limit_log(fields: &[(String, String)], spec: &QuotaSpec) -> Vec<Logged> {
+    let mut log: Vec<Logged> = fields
+        .iter()
+        .filter_map(|(day, numbers)| {
+            let mut n = numbers.split(' ').map(str::parse::<i64>);
+            let (Some(Ok(limit)), Some(Ok(offset)), Some(Ok(created)), None) =
+                (n.next(), n.next(), n.next(), n.next())
+            else {
+                return None;
+            };
+            Some(Logged {
+                day: day.parse().ok()?,
+                spec: QuotaSpec {
+                    limit: u64::try_from(limit).ok()?,
+                    offset: u64::try_from(offset).ok()?,
+                    created_at: created.saturating_mul(NANOS_PER_SEC as i64),
+                    ..*spec
+                },
+            })
+        })
+        .collect();
+    log.sort_by_key(|l| l.day);
+    log
+}
+
+/// The numbers in force at the end of `day`: those logged before the first
+/// change after it, or now's.
+fn in_force<'a>(log: &'a [Logged], now: &'a QuotaSpec, day: i64) -> &'a QuotaSpec {
+    log.iter().find(|l| l.day > day).map_or(now, |l| &l.spec)
+}
+
+/// The limit of the window holding `day` under `spec`.
+fn limit_on(spec: &QuotaSpec, day: i64) -> i64 {
+    spec.limit_in(window(spec.period, day.saturating_mul(NANOS_PER_DAY)))
+}
+
+/// The day records a report reads, as the memory store closes them: each
+/// written day under the numbers in force at its end (as written, when no
+/// change was logged on or after it), and a record for
+/// each day a change was logged on after a record and before or on
+/// `today`, without one of its own (nothing used; what remained is the
+/// limit then less the count carried from the record before, or less
+/// nothing when that was in an earlier window).
+fn closed(written: Vec<Written>, log: &[Logged], now: &QuotaSpec, today: i64) -> Vec<DayRecord> {
+    let mut days: Vec<DayRecord> = written
+        .into_iter()
+        .map(|w| {
+            let day = w.record.day;
+            // A day no logged change came on or after was counted under
+            // the numbers now, or under numbers changed without a log (a
+            // restart with another configuration): as written.
+            let logged = log.last().is_some_and(|l| l.day >= day);
+            let remaining = match w.limit.filter(|_| logged) {
+                Some(limit) => w
+                    .record
+                    .remaining
+                    .saturating_sub(limit)
+                    .saturating_add(limit_on(in_force(log, now, day), day)),
+                None => w.record.remaining,
+            };
+            DayRecord {
+                remaining,
+                ..w.record
+            }
+        })
+        .collect();
+    for change in log.iter().filter(|l| l.day <= today) {
+        if days.iter().any(|r| r.day == change.day) {
+            continue;
+        }
+        let Some(before) = days
+            .iter()
+            .filter(|r| r.day < change.day)
+            .max_by_key(|r| r.day)
+            .copied()
+        else {
+            continue;
+        };
+        let w = window(now.period, change.day.saturating_mul(NANOS_PER_DAY));
+        let count = if before.day >= w.start.div_euclid(NANOS_PER_DAY) {
+            limit_on(in_force(log, now, before.day), before.day).saturating_sub(before.remaining)
+        } else {
+            0
+        };
+        days.push(DayRecord {
+            day: change.day,
+            used: 0,
+            remaining: limit_on(in_force(log, now, change.day), change.day).saturating_sub(count),
+        });
     }
     days
 }

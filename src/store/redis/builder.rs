@@ -299,6 +299,7 @@ impl RedisStoreBuilder {
                 local: Local::new(self.clock.clone().unwrap_or_default()),
                 unanswered: crate::sync::Mutex::default(),
                 answered: tokio::sync::Notify::new(),
+                logged: crate::sync::Mutex::default(),
                 failures: Failures::default(),
                 shared_registry: self.shared_registry,
                 registry_failing: AtomicBool::new(false),

@@ -401,6 +401,14 @@ impl Store for RedisStore {
         });
     }
 
+    /// Logs the quota's numbers before the change, once for all its keys
+    /// (see `Inner::requota`): a report reads each day's record under the
+    /// numbers in force at the day's end. Sent in the background, never on
+    /// a decision's way; a report this instance reads waits for it.
+    fn requota(&self, old: &QuotaRef<'_>) {
+        self.inner.requota(old);
+    }
+
     // An admin operation first takes back this instance's shares of the
     // limits it reads or changes (see `Inner::recall`).
 

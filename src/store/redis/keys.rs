@@ -4,7 +4,10 @@
 //! after it, the time of the throttle's last reset, see [`reset_mark`]),
 //! `{prefix}:{<tag>}:q` (a quota window's count), `{prefix}:{<tag>}:h`
 //! (daily usage history; a token budget's count and history add
-//! `:<budget name>`, a model's quotas `:<quota name>:<limit id>`) and `{prefix}:{<tag>}:c` (the leases of requests in
+//! `:<budget name>`, a model's quotas `:<quota name>:<limit id>`),
+//! `{prefix}:{<tag>}:l:<quota id>` (a quota's limit log, one per quota of a
+//! plan, tagged with a hash of `l\0<plan>`, or of an account, in the
+//! account's slot) and `{prefix}:{<tag>}:c` (the leases of requests in
 //! flight under a plan's concurrency cap; a model's adds `:<limit id>`), where the tag is a 128-bit hash of the
 //! plan and the subject (a key's public id, a client IP, a per-key key), of
 //! `stage` for the limits every caller shares, or of `a\0<name>` for an
@@ -13,7 +16,8 @@
 //! hash tag, so they land in one Redis Cluster slot; an account's keys
 //! land in a slot of their own; no key name holds an API key's value or a client address. Throttle
 //! state expires when its bucket is full again, a quota's count a day after
-//! its window ends, the history a month after `history_days` without use, the
+//! its window ends, the history and a limit log a month after `history_days`
+//! without use, the
 //! leases one lease after the last place was taken or renewed, and a reset mark the
 //! throttle's span after the reset.
 
@@ -82,6 +86,25 @@ impl Inner {
         } else {
             [format!("{tag}:q"), format!("{tag}:h")]
         }
+    }
+
+    /// The limit log of a quota (its numbers before each change, see
+    /// `Inner::requota`): one per quota of a plan or an account, shared by
+    /// all their subjects, in a slot of its own (an account's in the
+    /// account's).
+    pub(super) fn limit_log_key(&self, q: &QuotaRef<'_>) -> String {
+        let tag = match q.account {
+            Some(a) => self.account_tag(a),
+            None => {
+                let scope = [b"l\0", q.plan.as_bytes()].concat();
+                let hash = match self.naming {
+                    Some(NamingKey(k0, k1)) => hash::keyed(k0, k1, &scope),
+                    None => hash::stable(&scope),
+                };
+                format!("{}:{{{hash:032x}}}", self.prefix)
+            }
+        };
+        format!("{tag}:l:{:016x}", q.spec.salt)
     }
 
     pub(super) fn throttle_key(&self, t: &ThrottleRef<'_>) -> String {

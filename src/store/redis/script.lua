@@ -32,10 +32,20 @@
 -- (mode "z") or set (mode "s"), if any, b = "<s> <ns>" the time the count
 -- was made (its first write after none, a reset or data lost: a restart
 -- without persistence, a failover)}, expiring a day after the window ends. History key: hash {u:<day> = used that
--- UTC day, r:<day> = what remained in the window after the day's last change},
+-- UTC day, r:<day> = what remained in the window after the day's last change,
+-- l:<day> = the window's limit that r: was worked out under (a report reads
+-- r: under the limit in force at the day's end, see "k")},
 -- expiring history_days and a month after its last write; days that fall
 -- out of the history are deleted when a new day is first written, but for
--- the r: of the latest of them.
+-- the r: and l: of the latest of them.
+--
+-- Limit log key (one per quota of a plan or an account, not per key):
+-- hash {<day> = "<limit> <offset> <created_s>"}, the quota's numbers before
+-- they were changed on that UTC day (the first change of the day), written
+-- by mode "k" when a plan or account is put anew and read by usage reports
+-- only, never by a decision; days older than history_days and a month are
+-- deleted when a day is first written, and the key expires as long after
+-- its last write.
 --
 -- Modes (ARGV[1]):
 --
@@ -148,6 +158,13 @@
 --   let another request take its place since) is not added back. The set
 --   expires no sooner than lease_ms from now while a member was renewed.
 --   Reply: now_s, now_ns, the number of members still in the set.
+--
+-- "k" log a quota's numbers before a change (Store::requota). KEYS: the
+--   quota's limit log. ARGV: "k", now_s, now_ns, limit, offset, created_s,
+--   history_days. Writes the numbers under today's day unless a change
+--   earlier today did (what was in force before the day's first change is
+--   what the days before it ended under).
+--   Reply: now_s, now_ns.
 --
 -- "s" set what remains of the quota (UpdateUsage). KEYS: q, h. ARGV: "s",
 --   now_s, now_ns, remaining, limit, period, week_start, offset, created_s,
@@ -427,15 +444,18 @@ local function quotas(int)
     else
       redis.call('HSETNX', hist, 'u:' .. day, '0')
     end
-    -- u:<day> and r:<day> are always written together, so HSET counting
-    -- r:<day> as new tells the day's first write, as HSETNX's reply did: a
-    -- new day drops the days that fell out of the history (once a day; it
-    -- never touches today's fields).
-    if redis.call('HSET', hist, 'r:' .. day, fmt('%d', remaining)) == 1 then
-      -- What remained after the latest day cut is kept (its r: alone): it
-      -- is what remains on the days after it in its window, which may
-      -- reach into the history (a month's first day leaves a history of 31
-      -- days while the rest of the month is in it).
+    -- u:<day>, r:<day> and l:<day> are always written together, so HSET
+    -- counting r:<day> or l:<day> as new tells the day's first write, as
+    -- HSETNX's reply did: a new day drops the days that fell out of the
+    -- history (once a day; it never touches today's fields). l: is the
+    -- window's limit (what remains and the count add up to it): a report
+    -- reads r: under the limit in force at the day's end instead.
+    if redis.call('HSET', hist, 'r:' .. day, fmt('%d', remaining),
+      'l:' .. day, fmt('%d', remaining + n)) > 0 then
+      -- What remained after the latest day cut is kept (its r: and l:
+      -- alone): it is what remains on the days after it in its window,
+      -- which may reach into the history (a month's first day leaves a
+      -- history of 31 days while the rest of the month is in it).
       local cut, fields, kept = today - days, redis.call('HKEYS', hist), nil
       for _, f in ipairs(fields) do
         local d = tonumber(string.match(f, '^r:(%-?%d+)$'))
@@ -443,10 +463,11 @@ local function quotas(int)
           kept = d
         end
       end
+      local kept_l = kept and fmt('l:%d', kept)
       kept = kept and fmt('r:%d', kept)
       for _, f in ipairs(fields) do
-        local d = tonumber(string.match(f, '^[ur]:(%-?%d+)$'))
-        if d and d <= cut and f ~= kept then
+        local d = tonumber(string.match(f, '^[url]:(%-?%d+)$'))
+        if d and d <= cut and f ~= kept and f ~= kept_l then
           redis.call('HDEL', hist, f)
         end
       end
@@ -880,6 +901,36 @@ if mode == 's' then
     local x_s, x_ns = latest_mark(KEYS[1], now_s, now_ns)
     redis.call('HSET', KEYS[1], 'x', string.format('%d %d', x_s, x_ns))
     return { now_s, now_ns, start, stop, limit_in, used }
+  end
+end
+
+-- "k" log a quota's numbers before a change.
+if mode == 'k' then
+  run = function(int, clock)
+    if #ARGV ~= 7 or #KEYS ~= 1 then
+      error({ tollgate = 'wrong number of arguments' })
+    end
+    local limit = int(ARGV[4], 0, 2 ^ 53, 'limit')
+    local offset = int(ARGV[5], 0, 2 ^ 53, 'offset')
+    local created = int(ARGV[6], 1 - 2 ^ 53, 2 ^ 53 - 1, 'creation time')
+    local days = int(ARGV[7], 1, 100000, 'history days')
+    local now_s, now_ns = clock(int)
+    local today = (now_s - now_s % 86400) / 86400
+    local fmt, key = string.format, KEYS[1]
+    local entry = fmt('%d %d %d', limit, offset, created)
+    if redis.call('HSETNX', key, fmt('%d', today), entry) == 1 then
+      -- A day no report reads any more (its records are out of the
+      -- history and the month kept past it) is dropped, once a day.
+      local cut = today - days - 32
+      for _, f in ipairs(redis.call('HKEYS', key)) do
+        local d = tonumber(string.match(f, '^(%-?%d+)$'))
+        if not d or d < cut then
+          redis.call('HDEL', key, f)
+        end
+      end
+    end
+    redis.call('PEXPIRE', key, fmt('%d', (days + 33) * 86400000))
+    return { now_s, now_ns }
   end
 end
 

@@ -107,6 +107,10 @@ pub(super) struct Inner {
     /// decision on such a key waits for them (see `Inner::answered`).
     pub(super) unanswered: crate::sync::Mutex<HashMap<String, usize>>,
     pub(super) answered: Notify,
+    /// The quota numbers this instance logged before a change, by limit
+    /// log, day and numbers (see `Inner::requota`): a plan put anew logs
+    /// each quota once, not once per key. Cleared when it grows large.
+    pub(super) logged: crate::sync::Mutex<std::collections::HashSet<(String, i64, [i64; 3])>>,
     /// Failures decided by the local copy: counted and logged.
     pub(super) failures: Failures,
     /// Whether keys, plans and accounts live in Redis too.
