@@ -897,17 +897,22 @@ async fn history_records_days_and_prunes_old_ones() {
             .await
             .allowed
     );
+    let two = [record(mon, 4, 6, 10), record(mon + 1, 2, 4, 10)].concat();
+    // A decision of cost 0 charges nothing and records nothing.
     assert!(
         r.acquire(Now::on(2024, 5, 8, 10), 0, &[], Some(q))
             .await
             .allowed
     );
-    let mut three = [
-        record(mon, 4, 6, 10),
-        record(mon + 1, 2, 4, 10),
-        record(mon + 2, 0, 4, 10),
-    ]
-    .concat();
+    let mut sorted = two.clone();
+    sorted.sort();
+    assert_eq!(r.hash("h").await, sorted);
+    assert!(
+        r.acquire(Now::on(2024, 5, 8, 10), 1, &[], Some(q))
+            .await
+            .allowed
+    );
+    let mut three = [two, record(mon + 2, 1, 3, 10).to_vec()].concat();
     three.sort();
     assert_eq!(r.hash("h").await, three);
     // Kept a month (31 days) past the history.
@@ -922,8 +927,8 @@ async fn history_records_days_and_prunes_old_ones() {
     );
     let mut three = [
         record(mon + 1, 2, 4, 10),
-        record(mon + 2, 0, 4, 10),
-        record(mon + 3, 1, 3, 10),
+        record(mon + 2, 1, 3, 10),
+        record(mon + 3, 1, 2, 10),
     ]
     .concat();
     three.push(format!("r:{mon}=6"));
@@ -938,7 +943,7 @@ async fn history_records_days_and_prunes_old_ones() {
             .allowed
     );
     let mut left = record(mon + 10, 1, 9, 10).to_vec();
-    left.push(format!("r:{}=3", mon + 3));
+    left.push(format!("r:{}=2", mon + 3));
     left.push(format!("l:{}=10", mon + 3));
     left.sort();
     assert_eq!(r.hash("h").await, left);

@@ -567,6 +567,24 @@ async fn a_limit_put_anew_in_a_later_window_holds_from_its_day<B: Backend>(b: &B
     assert_eq!(report.items["k"], [[0, 20], [0, 20], [0, 30], [0, 30]]);
 }
 
+/// A peek (a decision of cost 0) charges nothing and leaves no record of
+/// its day: after a limit put anew, the day reports the window's limit now,
+/// as a day nobody used does. (The Redis store wrote the day's record of
+/// nothing used under the old limit: `[[0, 10], [0, 20], [0, 20]]`.)
+async fn a_peek_leaves_no_record_of_its_day<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let (plan, l) = monthly(b, &clock).await;
+    let admin = l.admin();
+    let may = |d: u8| Date::new(2024, 5, d).unwrap();
+    let day = std::time::Duration::from_secs(86_400);
+    l.decide(b"v", 0).await.unwrap();
+    clock.advance(day);
+    admin.put_plan(plan(20)).await.unwrap();
+    clock.advance(day);
+    let report = admin.usage("p", may(1), may(3), None).await.unwrap();
+    assert_eq!(report.items["k"], [[0, 20], [0, 20], [0, 20]]);
+}
+
 on_each_backend!(
     "range":
     update_usage_takes_up_to_2_pow_53_and_refuses_more_before_the_store,
@@ -582,4 +600,5 @@ on_each_backend!(
     a_limit_put_anew_on_the_day_of_the_last_request_holds_on_later_days,
     limits_put_anew_between_requests_hold_on_later_days,
     a_limit_put_anew_in_a_later_window_holds_from_its_day,
+    a_peek_leaves_no_record_of_its_day,
 );

@@ -667,7 +667,13 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
         if add and g > 0 then
           add = string.format('%d', cost_q)
         end
-        save(q, keys[n + 2 * i - 1], keys[n + 2 * i], add, limit_in - used, now_s, now_ns)
+        -- A quota charged nothing (a peek, a request that costs a token
+        -- budget nothing) is left as it is, as the memory store leaves it:
+        -- no count made, no day's record written (a record of nothing used
+        -- would stand for the day in a report, under the limit then).
+        if cost_q > 0 then
+          save(q, keys[n + 2 * i - 1], keys[n + 2 * i], add, limit_in - used, now_s, now_ns)
+        end
       end
     end
     if grant then
