@@ -418,13 +418,12 @@ impl<S: Store> Admin<S> {
     /// answer evicted) keeps its state as it was, read under the new
     /// numbers, with a store that converts at once (the memory store). A
     /// usage report keeps what remained at the end of each day before the
-    /// change, under the limit of that day, and shows today what the next
-    /// request finds. Two days may read otherwise: the Redis store keeps
-    /// each day's record as of the key's last request that day, so the day
-    /// of the change itself, if no request of the key followed the change
-    /// that day, reads under the old numbers; and when the period changes,
-    /// the memory store reads the day of the key's last request before the
-    /// change under the new numbers.
+    /// change, under the limit in force at that day's end, and shows today
+    /// what the next request finds, on every store alike. One day may read
+    /// otherwise: when the period changes (not only the limit), the day of
+    /// the key's last request before the change reads under the new
+    /// numbers on the memory store and under the old ones on the Redis
+    /// store.
     ///
     /// A quota whose period changes (a week's first day among them) keeps a
     /// key's count in the window of the new period that holds the key's
