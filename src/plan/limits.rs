@@ -368,8 +368,9 @@ impl UsagePlan {
     /// The entry holds every name a backend serves as the same model:
     /// names are compared without regard to ASCII case, and a tag
     /// `:latest`, an Ollama namespace `library/`, its registry
-    /// `registry.ollama.ai/` in front of a namespace and an `http://` or
-    /// `https://` in front are left out, as Ollama fills them in.
+    /// `registry.ollama.ai/` in front of a namespace and a scheme in front
+    /// (`https://`, `ftp://`: what comes up to the first `://`) are left
+    /// out, as Ollama reads them.
     /// `"big-model"` holds requests for `Big-Model`, `big-model:latest` and
     /// `library/big-model`, `"someone/big-model"` those for
     /// `registry.ollama.ai/someone/big-model`; `big-model:70b` and

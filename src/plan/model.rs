@@ -4,9 +4,10 @@
 //! A backend may serve one model under several names: Ollama reads a model
 //! name without regard to ASCII case, fills in the tag `latest`, the
 //! namespace `library` and the registry `registry.ollama.ai` when they are
-//! left out, and drops an `http://` or `https://` in front. So `Big-Model`,
-//! `big-model:latest`, `library/big-model` and
-//! `registry.ollama.ai/library/big-model:latest` are all `big-model`, and
+//! left out, and drops a scheme in front (`https://`, or any other: it cuts
+//! the name at its first `://`). So `Big-Model`, `big-model:latest`,
+//! `library/big-model` and `ftp://registry.ollama.ai/library/big-model:latest`
+//! are all `big-model`, and
 //! `registry.ollama.ai/someone/big-model` is `someone/big-model`. A
 //! plan's model limits are found by the same reading, so that no spelling
 //! escapes them; an entry then holds a few spellings another backend (vLLM,
@@ -14,19 +15,19 @@
 //! makes limits apply more often. Other tags (`big-model:70b`) and other
 //! namespaces (`someone/big-model`) are other models.
 
-/// The part of a model name that tells it apart: `name` without an
-/// `http://` or `https://` in front, then without Ollama's default registry
-/// in front of a namespace (`registry.ollama.ai/`, as in
-/// `registry.ollama.ai/someone/m`), then without its default namespace
+/// The part of a model name that tells it apart: `name` without what comes
+/// up to its first `://` (a scheme, `https://` or any other), then without
+/// Ollama's default registry in front of a namespace (`registry.ollama.ai/`,
+/// as in `registry.ollama.ai/someone/m`), then without its default namespace
 /// (`library/`), then without the default tag (`:latest`), each matched in
 /// any ASCII case.
 /// Two names are the same model when their cores are equal in any ASCII
 /// case ([`same_model`]). A name that would lose everything is its own core.
 /// Borrowed from `name`: nothing is allocated.
 pub(crate) fn core(name: &str) -> &str {
-    let mut s = strip_prefix(name, "https://")
-        .or_else(|| strip_prefix(name, "http://"))
-        .unwrap_or(name);
+    // Ollama cuts the name at its first `://` and drops what is before,
+    // whatever scheme it is (`ftp://registry.ollama.ai/library/m` is `m`).
+    let mut s = name.split_once("://").map_or(name, |(_, rest)| rest);
     // The registry in front of a namespace (`registry.ollama.ai/x/m`); in
     // front of a bare name (`registry.ollama.ai/m`) it is the namespace.
     s = strip_prefix(s, "registry.ollama.ai/")
@@ -94,7 +95,6 @@ mod tests {
             "library/library/big-model",
             "big-model2",
             "big-model ",
-            "ftp://big-model",
             "big-modeł",
         ] {
             assert!(!same_model(other, "big-model"), "{other}");
@@ -119,6 +119,34 @@ mod tests {
         assert_eq!(core("registry.ollama.ai/someone/m:latest"), "someone/m");
         // Before a bare name, the registry's name is a namespace.
         assert!(!same_model("registry.ollama.ai/m", "m"));
+    }
+
+    /// Ollama drops whatever scheme is written before a registry
+    /// (`strings.Cut(name, "://")`), not only `http` and `https`:
+    /// `ftp://registry.ollama.ai/library/big-model` is served as
+    /// `big-model`.
+    #[test]
+    fn any_scheme_in_front_is_left_out() {
+        for spelling in [
+            "ftp://registry.ollama.ai/library/big-model",
+            "s3://REGISTRY.ollama.ai/library/Big-Model:latest",
+            "x+y.z://registry.ollama.ai/library/big-model",
+            "://registry.ollama.ai/library/big-model",
+            "a/b://registry.ollama.ai/library/big-model",
+            "ftp://big-model",
+        ] {
+            assert!(same_model(spelling, "big-model"), "{spelling}");
+        }
+        assert!(same_model(
+            "ws://registry.ollama.ai/someone/big-model",
+            "someone/big-model"
+        ));
+        // Another registry is another model, whatever the scheme.
+        assert!(!same_model(
+            "ftp://example.com/library/big-model",
+            "big-model"
+        ));
+        assert_eq!(core("ftp://registry.ollama.ai/library/m:latest"), "m");
     }
 
     #[test]
