@@ -180,6 +180,8 @@ impl<'a> Subject<'a> {
                 account_until: None,
                 model_until: None,
                 wall: reserved.wall,
+                #[cfg(feature = "redis")]
+                local: reserved.local,
             },
         }
     }
@@ -290,6 +292,8 @@ impl AccountLimits {
                 account_until: None,
                 model_until: None,
                 wall: reserved.wall,
+                #[cfg(feature = "redis")]
+                local: reserved.local,
             },
         }
     }

@@ -127,6 +127,12 @@ pub(crate) struct Reservation {
     /// time line) the token quotas were charged at: a quota window that
     /// began after it gets nothing back.
     pub(crate) wall: Option<i64>,
+    /// Whether a remote store's local copy decided the request (the store
+    /// could not, under a [`Local`](crate::FailureMode::Local) failure
+    /// mode): the estimate was charged to the copy alone, so an
+    /// over-estimate goes back to the copy alone.
+    #[cfg(feature = "redis")]
+    pub(crate) local: bool,
 }
 
 impl Report {

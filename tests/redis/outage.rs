@@ -1,7 +1,8 @@
 //! A Redis store through an outage, against a real `redis-server`: the
 //! local copy that decides a plan whose failure mode is `local` bounds what
 //! one instance admits by the plan's limits, counting what it admitted
-//! through Redis before the outage; the outage is logged once when it
+//! through Redis before the outage (the tokens its responses really used
+//! included, settled there too); the outage is logged once when it
 //! starts, and its end only once Redis answers again.
 
 use std::io;
@@ -512,4 +513,207 @@ async fn a_place_given_back_during_a_long_outage_is_removed_when_redis_returns()
         drop(res);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A plan with a token budget whose failure mode is `local`, on one
+/// instance while Redis is down: the local copy decides, and what the
+/// responses really used is settled there. With the default estimate (0
+/// tokens: the actual cost is all charged after the response) or any
+/// under-estimate, a copy that saw only the estimates would admit tokens
+/// without bound through the outage, where DESIGN allows one instance at
+/// most the plan's limits. An over-estimate goes back to the copy that
+/// charged it, and never to Redis, which charged nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_used_during_an_outage_are_settled_in_the_local_copy() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start();
+    let store = RedisStore::builder(redis.url())
+        .shared_registry(false)
+        .timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .expect("a Redis store");
+    let policy = Policy::builder()
+        .plan(
+            UsagePlan::new("llm")
+                .tokens(TokenBudget::new().per_minute(100).unwrap())
+                .failure(FailureMode::Local),
+        )
+        .key(ApiKey::new("k1", "llm-key", "llm"))
+        .build()
+        .expect("a valid policy");
+    let layer = RateLimitLayer::builder(policy)
+        .store(store.clone())
+        .estimator(|req: &tollgate::extract::RequestView<'_>| {
+            req.headers
+                .get("x-estimate")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0)
+        })
+        .build();
+    let handler = |Extension(used): Extension<TokenUsage>, headers: http::HeaderMap| async move {
+        let n = headers
+            .get("x-used")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
+        used.set(n);
+        "done"
+    };
+    let base = support::serve(Router::new().route("/", post(handler)).layer(layer)).await;
+    let http = support::client();
+    let send = |estimate: u32, used: u64| {
+        http.post(format!("{base}/"))
+            .header("x-api-key", "llm-key")
+            .header("x-estimate", estimate.to_string())
+            .header("x-used", used.to_string())
+            .send()
+    };
+    // Redis decides the first: estimated at nothing, it used 60 of the 100
+    // a minute.
+    let res = send(0, 60).await.unwrap();
+    assert!(res.headers().contains_key("ratelimit"), "decided by Redis");
+    assert_eq!(res.text().await.unwrap(), "done");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::task::block_in_place(|| redis.kill());
+
+    // The copy has 40 left: one more request of 60 passes, into debt.
+    let mut admitted = 0;
+    for _ in 0..10 {
+        let res = send(0, 60).await.unwrap();
+        if res.status() == 200 {
+            admitted += 1;
+        }
+        let _ = res.text().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(store.local_decisions() >= 1, "decided by the local copy");
+    assert_eq!(
+        admitted, 1,
+        "requests of 60 tokens admitted in a second under 100 tokens a minute, \
+         60 used through Redis"
+    );
+}
+
+/// A response the local copy admitted while Redis was down, and that ends
+/// once Redis is back (a long stream, the client going away), used fewer
+/// tokens than it reserved: the reservation was charged to the copy alone,
+/// so the rest goes back there. Sent to Redis, which never counted it, it
+/// would free tokens that other requests used since, and Redis would admit
+/// more than the day's budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_estimate_the_local_copy_admitted_gives_redis_nothing() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    // Redis keeps its counts across the restart (an append-only file), as a
+    // partitioned Redis keeps them while this instance cannot reach it.
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let store = RedisStore::builder(redis.url())
+        .shared_registry(false)
+        .timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .expect("a Redis store");
+    let policy = Policy::builder()
+        .plan(
+            UsagePlan::new("llm")
+                .tokens(TokenBudget::new().per_day(100).unwrap())
+                .failure(FailureMode::Local),
+        )
+        .key(ApiKey::new("k1", "llm-key", "llm"))
+        .build()
+        .expect("a valid policy");
+    let layer = RateLimitLayer::builder(policy)
+        .store(store.clone())
+        .estimator(|req: &tollgate::extract::RequestView<'_>| {
+            req.headers
+                .get("x-estimate")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0)
+        })
+        .build();
+    // Reports what `x-used` says; streams without end when `x-stream` is set.
+    let handler = |Extension(used): Extension<TokenUsage>, headers: http::HeaderMap| async move {
+        let n = headers
+            .get("x-used")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
+        used.set(n);
+        if headers.contains_key("x-stream") {
+            let ticks = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(
+                    Duration::from_millis(20),
+                )),
+                |_| Ok::<_, std::convert::Infallible>(bytes::Bytes::from_static(b"x\n")),
+            );
+            Body::from_stream(ticks)
+        } else {
+            Body::from("done")
+        }
+    };
+    let base = support::serve(Router::new().route("/", post(handler)).layer(layer)).await;
+    let http = support::client();
+    let send = |estimate: u32, used: u64, stream: bool| {
+        let req = http
+            .post(format!("{base}/"))
+            .header("x-api-key", "llm-key")
+            .header("x-estimate", estimate.to_string())
+            .header("x-used", used.to_string());
+        if stream {
+            req.header("x-stream", "1")
+        } else {
+            req
+        }
+        .send()
+    };
+
+    // Redis counts a first request of 10 tokens.
+    let res = send(10, 10, false).await.unwrap();
+    assert!(res.headers().contains_key("ratelimit"), "decided by Redis");
+    assert_eq!(res.text().await.unwrap(), "done");
+
+    tokio::task::block_in_place(|| redis.kill());
+    // The copy admits a stream that reserves 80 and will use none.
+    let mut held = send(80, 0, true).await.unwrap();
+    assert_eq!(held.status(), 200);
+    assert!(store.local_decisions() >= 1, "decided by the local copy");
+    assert!(held.chunk().await.unwrap().is_some(), "the stream runs");
+
+    // Redis comes back with its count of 10, and admits a request that
+    // uses the day's other 90 tokens.
+    tokio::task::block_in_place(|| redis.restart());
+    let start = std::time::Instant::now();
+    loop {
+        let before = store.local_decisions();
+        let res = send(90, 90, false).await.unwrap();
+        let by_redis = store.local_decisions() == before;
+        let status = res.status();
+        let _ = res.text().await;
+        if by_redis && status == 200 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "Redis never decided: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The client of the stream goes away: its 80 unused tokens settle.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    store.drained().await;
+
+    let before = store.local_decisions();
+    let res = send(80, 80, false).await.unwrap();
+    assert_eq!(store.local_decisions(), before, "decided by Redis");
+    assert_eq!(
+        res.status(),
+        429,
+        "Redis admitted 80 tokens more after the day's 100 were used (10 + 0 + 90)"
+    );
 }

@@ -322,7 +322,17 @@ impl Store for RedisStore {
     /// not refilled yet (a refund, mode "r"): tokens that have refilled since
     /// may have been granted to later requests, and are not handed out twice.
     /// Neither gets anything when reset after the reservation.
+    ///
+    /// The local copy that decides `Local` failures is settled too (see
+    /// `Local::settle`). A request the copy decided was charged nothing in
+    /// Redis: an over-estimate goes back to the copy alone, never to Redis,
+    /// where it would free tokens other requests used; an under-estimate is
+    /// charged to both.
     fn settle(&self, settlement: &Settlement<'_>) {
+        self.inner.local.settle(settlement);
+        if settlement.reserved.local && settlement.delta < 0 {
+            return;
+        }
         let inner = Arc::clone(&self.inner);
         let now = inner.now();
         // The script's integers are exact below 2^53; a larger settlement

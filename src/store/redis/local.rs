@@ -20,8 +20,8 @@ use super::store::Inner;
 use crate::clock::Clock;
 use crate::plan::{FailureMode, LimitKind};
 use crate::store::{
-    Acquire, Applied, ConcurrencyRef, Denied, MemoryStore, Permit, QuotaRef, Report, StoreError,
-    ThrottleRef, Verdict,
+    Acquire, Applied, ConcurrencyRef, Denied, MemoryStore, Permit, QuotaRef, Report, Reservation,
+    Settlement, StoreError, ThrottleRef, Verdict,
 };
 
 /// The local copy of every limit, and the places it granted.
@@ -57,9 +57,11 @@ impl Local {
     /// first) from the local copy, as the memory store decides.
     pub(super) fn decide(&self, parts: &[&Part], failure: FailureMode) -> Verdict {
         let mut report = Report::default();
-        let verdict = with_acquire(parts, failure, true, |a| self.store.decide(a, &mut report))
+        let mut verdict = with_acquire(parts, failure, true, |a| self.store.decide(a, &mut report))
             .map(|()| report);
-        if let Ok(report) = &verdict {
+        if let Ok(report) = &mut verdict {
+            // Its tokens are settled here (see [`Local::settle`]).
+            report.reserved.local = true;
             for permit in report.permits() {
                 *self.held.lock().entry(permit).or_default() += 1;
                 self.count.fetch_add(1, Ordering::AcqRel);
@@ -127,6 +129,26 @@ impl Local {
             return;
         };
         self.store.quota_at_most(&q.local_ref(), item.remaining);
+    }
+
+    /// Settles the actual tokens of a request in the copy. An
+    /// under-estimate is charged whoever decided: the copy counts what its
+    /// instance admitted, and a copy that saw only estimates (0 by default,
+    /// the whole cost settled after the response) would admit tokens
+    /// without bound through an outage. An over-estimate goes back only
+    /// when the copy decided the request: one Redis decided charged the
+    /// copy as it stood then, on Redis's time line, and is left counted in
+    /// full (erring toward admitting less).
+    pub(super) fn settle(&self, settlement: &Settlement<'_>) {
+        use crate::store::Store as _;
+        if settlement.reserved.local {
+            self.store.settle(settlement);
+        } else if settlement.delta > 0 {
+            self.store.settle(&Settlement {
+                reserved: Reservation::default(),
+                ..*settlement
+            });
+        }
     }
 
     /// Gives back `permit` if the local copy granted it; `false` if it is
