@@ -542,3 +542,103 @@ async fn a_share_given_back_after_its_day_leaves_that_day_what_was_admitted() {
     let usage = l.admin().usage("q", may6, may7, None).await.unwrap();
     assert_eq!(usage.items["k-1"], [[3, 97], [1, 99]]);
 }
+
+/// The rate-limit headers of requests of one instance decided from a share
+/// are those the memory store sends for the same requests at the same
+/// times: each throttle refilled since the share was granted, each
+/// quota's window end closer. A share is Redis's answer to one request
+/// and its units are the next requests' answers: before, every unit showed
+/// the bucket as the share's first unit left it, less the units taken
+/// (after 27 requests over 0.75 s at 10/s: `r=73;t=1` where the memory
+/// store sends `r=79;t=3`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_headers_of_units_of_a_share_are_the_memory_stores() {
+    use tower::ServiceExt;
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let headers = tollgate::HeaderStyle::ietf().x_ratelimit(true).openai(true);
+    // The throttle is the tightest, then the quota.
+    let plans = [
+        UsagePlan::new("t")
+            .throttle(Throttle::new(10.0, 100).unwrap())
+            .quota(Quota::new(1_000, Period::Day).unwrap()),
+        UsagePlan::new("q")
+            .throttle(Throttle::new(10.0, 100).unwrap())
+            .quota(Quota::new(60, Period::Day).unwrap()),
+    ];
+    for plan in plans {
+        let name = plan.name().to_owned();
+        let policy = |clock: &ManualClock| {
+            Policy::builder()
+                .clock(clock.clone())
+                .plan(plan.clone())
+                .key(ApiKey::new("k-1", "k", name.clone()))
+                .build()
+                .expect("a valid policy")
+        };
+        // Nearly a second into an hour, so that whole seconds turn over.
+        let start = at(2024, 5, 6, 3_600) + Duration::from_millis(950);
+        let (on_memory, on_redis) = (ManualClock::new(), ManualClock::new());
+        on_memory.set_wall(start);
+        on_redis.set_wall(start);
+        let memory = RateLimitLayer::builder(policy(&on_memory))
+            .store(
+                tollgate::MemoryStore::builder()
+                    .clock(on_memory.clone())
+                    .build()
+                    .expect("a memory store"),
+            )
+            .headers(headers)
+            .build();
+        let store = RedisStore::builder(redis.url())
+            .prefix(&name)
+            .clock(on_redis.clone())
+            .timeout(Duration::from_secs(2))
+            .build()
+            .await
+            .expect("a Redis store");
+        let remote = RateLimitLayer::builder(policy(&on_redis))
+            .store(store.clone())
+            .headers(headers)
+            .build();
+        let app = || axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let (memory, remote) = (app().layer(memory), app().layer(remote));
+        let request = || {
+            http::Request::get("/")
+                .header("x-api-key", "k")
+                .body(axum::body::Body::empty())
+                .expect("a request")
+        };
+        let before = evalsha_calls(&redis);
+        for i in 0..40 {
+            let m = memory.clone().oneshot(request()).await.expect("an answer");
+            let r = remote.clone().oneshot(request()).await.expect("an answer");
+            assert_eq!(m.status(), 200);
+            assert_eq!(r.status(), 200);
+            let limits = |res: &http::Response<axum::body::Body>| {
+                let mut h: Vec<String> = res
+                    .headers()
+                    .iter()
+                    .filter(|(k, _)| k.as_str().contains("ratelimit"))
+                    .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
+                    .collect();
+                h.sort();
+                h
+            };
+            assert_eq!(limits(&r), limits(&m), "{name}: request {i}");
+            if i % 5 == 4 {
+                on_memory.advance(Duration::from_millis(150));
+                on_redis.advance(Duration::from_millis(150));
+            }
+        }
+        let calls = evalsha_calls(&redis) - before;
+        assert!(
+            calls < 20,
+            "{name}: most units came from shares ({calls} calls)"
+        );
+        assert_eq!(store.local_decisions(), 0);
+    }
+}

@@ -41,6 +41,7 @@ use super::time::Now;
 use crate::gcra::{NANOS_PER_SEC, Nanos};
 use crate::hash::BuildDigestHasher;
 use crate::plan::FailureMode;
+use crate::store::verdict::applied;
 use crate::store::{Acquired, Applied, Denied, Report, StoreError, Verdict};
 
 /// Shards of the table, so that subjects on several threads rarely contend.
@@ -126,7 +127,16 @@ pub(super) struct Share {
     taken: u32,
     /// When it must go back (the store clock's monotonic nanoseconds).
     until: Nanos,
-    /// How every limit stood after the first unit.
+    /// When it was granted, on the same time line: a unit's report shows
+    /// the time since (a quota's window closer, a throttle refilled).
+    at: Nanos,
+    /// Per throttle of the call, its TAT on the same time line after the
+    /// units taken so far, each taken as the memory store takes it (from
+    /// now once the bucket has refilled past it); `None` for a shadow
+    /// throttle that would have denied.
+    tats: Vec<Option<Nanos>>,
+    /// How every limit stood after the first unit: each throttle's, then
+    /// each quota's.
     report: Report,
     cost: u32,
     /// The call that granted it, what it charged and the units it granted
@@ -181,19 +191,28 @@ impl Default for Flights {
 
 impl Share {
     /// A share of the units a flight granted beyond the first, from the
-    /// call's `part`, its `reply` (without the grant) and what it charged.
+    /// call's `part`, its `reply` (without the grant) and what it charged,
+    /// granted `at` (when its call was answered).
     pub(super) fn new(
         part: Arc<Part>,
         charged: Charged,
         report: Report,
         granted: u32,
+        at: Nanos,
         until: Nanos,
     ) -> Share {
+        let tats = charged
+            .tats
+            .iter()
+            .map(|tat| tat.map(|ahead| at.saturating_add(ahead)))
+            .collect();
         Share {
             left: granted + 1,
             kept: 0,
             taken: 0,
             until,
+            at,
+            tats,
             report,
             cost: part.cost,
             part,
@@ -244,16 +263,39 @@ impl Share {
         back
     }
 
-    /// The report of the next unit: every limit has what the first unit
-    /// left, less the units taken since.
-    fn take(&mut self) -> Report {
+    /// The report of the next unit, taken `now`, as the memory store
+    /// reports a request of one instance: each throttle as its bucket
+    /// stands after this unit, refilled since the grant, and each quota
+    /// with what the first unit left, less the units taken since, its
+    /// window's end the time since the grant closer. (Reports of the
+    /// first unit alone showed every later unit a bucket that never
+    /// refilled and a reset that never moved.)
+    fn take(&mut self, now: Nanos) -> Report {
         let mut report = Report::default();
-        let less = u64::from(self.taken) * u64::from(self.cost);
-        for item in self.report.items() {
-            report.push(Applied {
-                remaining: item.remaining.saturating_sub(less),
-                ..*item
-            });
+        let taken = u64::from(self.taken);
+        let elapsed = now.saturating_sub(self.at);
+        let n = self.part.throttles.len();
+        for (i, item) in self.report.items().iter().enumerate() {
+            let item = if let Some(t) = self.part.throttles.get(i) {
+                match self.tats.get_mut(i) {
+                    Some(Some(tat)) => {
+                        if taken > 0 {
+                            let step = u64::from(t.cost) * t.limit.gcra.interval();
+                            *tat = (*tat).max(now).saturating_add(step);
+                        }
+                        applied(&t.limit, *tat, now)
+                    }
+                    _ => *item,
+                }
+            } else {
+                let cost = self.part.quotas.get(i - n).map_or(self.cost, |q| q.cost);
+                Applied {
+                    remaining: item.remaining.saturating_sub(taken * u64::from(cost)),
+                    reset: item.reset.saturating_sub(elapsed),
+                    ..*item
+                }
+            };
+            report.push(item);
         }
         self.left -= 1;
         self.kept = self.kept.min(self.left);
@@ -346,7 +388,7 @@ impl Flights {
         if !(share.until > now && share.left > 0 && free) {
             return None;
         }
-        let report = share.take();
+        let report = share.take(now);
         let part = Arc::clone(&share.part);
         if share.left == 0 {
             slot.share = None;
@@ -705,8 +747,11 @@ impl Inner {
                                 .min()
                                 .unwrap_or(u64::MAX);
                             let until = sent.saturating_add(age.min(window));
+                            // When Redis answered, at the latest: the
+                            // buckets refill in the units' reports from then.
+                            let at = inner.clock.nanos();
                             let share =
-                                Share::new(Arc::clone(&part), charged, report, granted, until);
+                                Share::new(Arc::clone(&part), charged, report, granted, at, until);
                             (End::Granted(beyond), Some(share))
                         }
                         Ok((Err(denied), _, _, _)) => {
@@ -767,6 +812,7 @@ mod tests {
             Charged::default(),
             Report::default(),
             units - 1,
+            0,
             until,
         )
     }
