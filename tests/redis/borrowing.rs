@@ -642,3 +642,43 @@ async fn the_headers_of_units_of_a_share_are_the_memory_stores() {
         assert_eq!(store.local_decisions(), 0);
     }
 }
+
+/// An instance dropped without [`RedisStore::drained`] (its last layer and
+/// store handle gone: a layer rebuilt, a test or a task ended) gives back
+/// the units of its shares it did not use, as a share past `max_age` goes
+/// back: the quota counts what was admitted, and the other instances get
+/// the rest. Before, the units stayed charged until the quota's window
+/// ended (a whole month for a monthly quota).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_instance_gives_its_shares_back() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let plan = UsagePlan::new("gone").quota(Quota::new(100, Period::Month).unwrap());
+    let mut layers = instances(&redis, &plan, 2).await;
+    let (b, a) = (layers.pop().expect("b"), layers.pop().expect("a"));
+    assert_eq!(admitted(&a, 10).await, 10);
+    let held = quota_count(&redis) - 10;
+    assert!(held > 0, "a holds a share");
+    drop(a);
+    let given_back = async {
+        while quota_count(&redis) != 10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), given_back)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the share of {held} stayed charged: {}",
+                quota_count(&redis)
+            )
+        });
+    assert_eq!(
+        admitted(&b, 100).await,
+        90,
+        "the other instance gets the rest"
+    );
+}

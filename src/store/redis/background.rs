@@ -43,12 +43,20 @@ impl Drop for Running {
     }
 }
 
+impl Background {
+    /// The runtime the store was built on, if any.
+    pub(super) fn home(&self) -> Option<tokio::runtime::Handle> {
+        self.home.clone()
+    }
+}
+
 impl RedisStore {
     /// Gives back every borrowed share, then waits until no call this store
     /// sends in the background is running: token settlements, releases of
     /// places under concurrency caps, returned shares, and (on Redis
     /// Cluster) stage refunds, which responses and decisions start without
-    /// waiting for them.
+    /// waiting for them. (A store whose last handle is dropped gives its
+    /// shares back too, in a task nobody waits for.)
     ///
     /// Await it before the process exits, after the server has stopped
     /// (axum's graceful shutdown returns once every response has ended), so

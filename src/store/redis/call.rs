@@ -72,6 +72,24 @@ impl Call {
     }
 }
 
+impl Call {
+    /// Sends the call on `conn` with no store around it (its last handle
+    /// is gone: see `Inner::give_back_on_drop`), loading the script when
+    /// Redis lost it; never sent again.
+    pub(super) async fn send_alone(self, mut conn: super::conn::Conn, sha: String) {
+        let reply: Result<redis::Value, _> = match self.cmd(Some(&sha)).query_async(&mut conn).await
+        {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.cmd(None).query_async(&mut conn).await
+            }
+            r => r,
+        };
+        if let Err(e) = reply {
+            tracing::debug!(error = %redis_error(&e), "share not given back; it stays charged");
+        }
+    }
+}
+
 impl Inner {
     /// Runs a script call; loads the script when Redis lost it. The caller
     /// bounds the whole decision by the timeout.

@@ -502,6 +502,40 @@ impl Inner {
         async move { inner.send_back(calls).await }
     }
 
+    /// Gives back the shares of a store whose last handle is dropped
+    /// (called as it drops; its calls in flight and in the background held
+    /// it, so none is left): sent on a clone of its connection, in a task
+    /// of the runtime it was dropped on or built on, each within the
+    /// timeout. Without it the unused units of every share stayed charged
+    /// until their quota windows ended; a runtime shutting down drops the
+    /// task, as it drops every background call.
+    pub(super) fn give_back_on_drop(&mut self) {
+        let calls: Vec<Call> = self
+            .flights
+            .sweep(0, true, u64::MAX)
+            .into_iter()
+            .flat_map(|s| self.giveback_calls(s))
+            .collect();
+        if calls.is_empty() {
+            return;
+        }
+        let Some(rt) = tokio::runtime::Handle::try_current()
+            .ok()
+            .or_else(|| self.background.home())
+        else {
+            return;
+        };
+        let (conn, sha, timeout) = (self.conn.clone(), self.sha.clone(), self.timeout);
+        rt.spawn(async move {
+            for call in calls {
+                let send = call.send_alone(conn.clone(), sha.clone());
+                if tokio::time::timeout(timeout, send).await.is_err() {
+                    tracing::debug!("share not given back in time; it stays charged");
+                }
+            }
+        });
+    }
+
     async fn send_back(self: &Arc<Self>, calls: Vec<Call>) {
         for call in calls {
             if let Err(e) = self.within(Arc::clone(self).run(call)).await {

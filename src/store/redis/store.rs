@@ -122,6 +122,12 @@ pub(super) struct Inner {
     pub(super) preloaded: crate::sync::Mutex<Option<(u64, Vec<super::registry::Change>)>>,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.give_back_on_drop();
+    }
+}
+
 impl RedisStore {
     /// The time a decision may take.
     pub fn timeout(&self) -> Duration {
