@@ -731,7 +731,11 @@ impl<S: Store> Admin<S> {
     /// back when a later limit denied it, a share of the quota another
     /// instance borrowed from the Redis store and returns unused) gives
     /// nothing, as after [`reset_key`](Self::reset_key); given back, they
-    /// would raise what remains past what was set.
+    /// would raise what remains past what was set. Until it goes back, such
+    /// a share is still decided from: for up to the Redis store's
+    /// `max_age` (`RedisStoreBuilder::max_age`) after the set, an
+    /// instance holding one may admit its unused units (at most
+    /// `max_share` each) beyond what was set. This instance's own shares go back before the set.
     ///
     /// With a store that shares the registry, a key added through another
     /// instance that has not reached this one yet is counted too, as
@@ -796,7 +800,10 @@ impl<S: Store> Admin<S> {
     /// split decision charged. For this a reset leaves a mark beside each
     /// bucket, kept for the bucket's span (past it, no share reserved before
     /// the reset has anything left to give back): a decision never reads
-    /// it, only a settlement or give-back does.
+    /// it, only a settlement or give-back does. Such a share is still
+    /// decided from until it is used or `max_age` old: for that long the
+    /// instance holding it may admit its unused units beyond the whole
+    /// limits the reset gave (as [`set_remaining`](Self::set_remaining)).
     ///
     /// With a store that shares the registry, a key added through another
     /// instance that has not reached this one yet is reset too, as

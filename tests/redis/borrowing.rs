@@ -682,3 +682,33 @@ async fn a_dropped_instance_gives_its_shares_back() {
         "the other instance gets the rest"
     );
 }
+
+/// What RELIABILITY.md and `Admin::set_remaining` say of a share held by
+/// another instance across an UpdateUsage: it is decided from until used
+/// (or `max_age` old), so its holder admits at most its unused units past
+/// what was set, and the instance that set it none; nothing goes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_held_elsewhere_admits_at_most_its_units_past_an_update_usage() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = UsagePlan::new("p").quota(Quota::new(100, Period::Day).unwrap());
+    let mut layers = Vec::new();
+    for _ in 0..2 {
+        let c = clock.clone();
+        layers.push(instance(&redis.url(), plan.clone(), move |b| b.clock(c)).await);
+    }
+    let (b, a) = (layers.pop().expect("b"), layers.pop().expect("a"));
+    assert_eq!(admitted(&a, 10).await, 10);
+    let held = quota_count(&redis) - 10;
+    assert!((1..=64).contains(&held), "a holds a share of {held}");
+    b.admin().set_remaining("k-1", 0).await.unwrap();
+    assert_eq!(admitted(&b, 10).await, 0, "nothing remains through b");
+    assert_eq!(admitted(&a, 100).await as i64, held, "a's share, no more");
+    a.store().drained().await;
+    assert_eq!(quota_count(&redis), 100, "what was set, nothing given back");
+}

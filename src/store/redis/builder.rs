@@ -222,7 +222,15 @@ impl RedisStoreBuilder {
     /// key seldom used), for at most `max_age`. With N instances at most N × `max_share` units of a
     /// subject, and less than what fitted, are idle at once. Limits shared
     /// by every caller (stage limits) are never lent, and neither are
-    /// token budgets nor places under concurrency caps.
+    /// token budgets nor places under concurrency caps, nor anything ahead
+    /// of demand to a key of an account (its share would be capacity the
+    /// account's other keys could not use).
+    ///
+    /// A share is decided from until it is used or `max_age` old, whatever
+    /// another instance changes meanwhile: after an UpdateUsage or a reset
+    /// made through another instance, an instance holding a share of the
+    /// key may still admit its unused units for that long (see
+    /// [`Admin::set_remaining`](crate::Admin::set_remaining)).
     pub fn max_age(mut self, max_age: Duration) -> Self {
         self.max_age = max_age;
         self
