@@ -426,22 +426,41 @@ async fn throttle_state_and_expiry() {
         r.get("t").await.as_deref(),
         Some("103 500000000 12500000005")
     );
-    // The key expires when the bucket is full again, rounded up to the ms.
+    // On a time the caller gives (a manual clock) the key lasts a day of
+    // the server's clock: real time is not the caller's.
     let pttl = r.pttl("t").await;
-    assert!((2_400..=2_501).contains(&pttl), "pttl {pttl}");
+    assert!(
+        (DAY * 1_000 - 1_000..=DAY * 1_000).contains(&pttl),
+        "pttl {pttl}"
+    );
     let d = r.acquire(now.plus(1), 2, &[t], None).await;
     assert_eq!(d.before, [2_500_000_000]);
     assert_eq!(
         r.get("t").await.as_deref(),
         Some("108 500000002 12500000005")
     );
-    let pttl = r.pttl("t").await;
-    assert!((7_400..=7_501).contains(&pttl), "pttl {pttl}");
-    // A bucket that is full again reads as full, even before the key expires.
+    // A bucket that is full again reads as full, the key still there.
     let d = r.acquire(Now(108, 500_000_002), 0, &[t], None).await;
     assert_eq!(d.before, [0]);
     let d = r.acquire(Now(108, 500_000_001), 0, &[t], None).await;
     assert_eq!(d.before, [1]);
+    // On the server's clock the key expires when the bucket is full again,
+    // rounded up to the ms.
+    let s = throttle("s", 2_500_000_001, 5);
+    let d = r
+        .try_acquire(None, 1, &[s], None)
+        .await
+        .expect("a decision");
+    assert!(d.allowed);
+    let pttl = r.pttl("s").await;
+    assert!((2_400..=2_501).contains(&pttl), "pttl {pttl}");
+    let d = r
+        .try_acquire(None, 2, &[s], None)
+        .await
+        .expect("a decision");
+    assert!(d.allowed);
+    let pttl = r.pttl("s").await;
+    assert!((7_400..=7_501).contains(&pttl), "pttl {pttl}");
 }
 
 #[tokio::test]
@@ -1160,8 +1179,12 @@ async fn refund_gives_back_only_what_is_still_ahead() {
         r.get("two").await.as_deref(),
         Some("20001 500000000 2000000000")
     );
+    // Kept a day, on a time the caller gives.
     let pttl = r.pttl("two").await;
-    assert!((900..=1_000).contains(&pttl), "pttl {pttl}");
+    assert!(
+        (DAY * 1_000 - 1_000..=DAY * 1_000).contains(&pttl),
+        "pttl {pttl}"
+    );
     // A key whose span changed since is left alone.
     let other = throttle("two", S / 2, 2);
     r.refund(zero.plus(S / 2), 1, &[(other, zero.plus(S))])
@@ -1197,8 +1220,12 @@ async fn a_charge_from_before_a_reset_comes_back_to_no_refilled_bucket() {
     r.fill(reset, t).await;
     assert_eq!(r.get("t").await, None);
     assert_eq!(r.get("t:x").await.as_deref(), Some("30000 100000000"));
+    // For a day, on a time the caller gives (the span, on the server's).
     let pttl = r.pttl("t:x").await;
-    assert!((4_900..=5_000).contains(&pttl), "pttl {pttl}");
+    assert!(
+        (DAY * 1_000 - 1_000..=DAY * 1_000).contains(&pttl),
+        "pttl {pttl}"
+    );
     let after = reset.plus(S / 10);
     assert_eq!(r.admit(after, 6, &[t], None).await, 5);
     let full = Some("30005 200000000 5000000000");
@@ -1369,6 +1396,13 @@ async fn concurrency_leases_cap_requests_in_flight_and_lapse() {
     }
     // In flight before each: 0, 1, then 2 (the cap): the third is refused.
     assert_eq!(admitted, [(1, 0), (1, 1), (0, 2)]);
+    // The leases lapse on the caller's time, not the server's: the set
+    // lasts a day of the server's clock.
+    let pttl = r.pttl("c").await;
+    assert!(
+        (DAY * 1_000 - 1_000..=DAY * 1_000).contains(&pttl),
+        "pttl {pttl}"
+    );
     // A peek charges nothing; a released lease frees its place.
     let reply = r.raw(&["c"], &args(1_000, "d", "p")).await.expect("a peek");
     assert_eq!((reply[2], reply[3]), (0, 2));

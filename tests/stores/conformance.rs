@@ -365,6 +365,27 @@ async fn replacing_a_throttle_keeps_the_share_of_each_bucket_in_use<B: Backend>(
     assert_eq!(reason(&l, b"v").await, None);
 }
 
+/// On a manual clock no time passes but the clock's: real time spent
+/// between requests (a slow machine, a long round trip) refills nothing. A
+/// bucket emptied at 100/s would be full again after 100 ms of real time
+/// if the store let its state lapse on its own clock.
+async fn a_manual_clock_standing_still_keeps_an_emptied_bucket_empty<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 1, 3_600));
+    let plan = UsagePlan::new("p").throttle(Throttle::new(100.0, 10).unwrap());
+    let l = layer(b, &clock, vec![plan], vec![ApiKey::new("k", "v", "p")]).await;
+    assert_eq!(passed(&l, b"v", 1).await, 1);
+    // More real time than the first request's 10 ms.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(passed(&l, b"v", 20).await, 9);
+    // More real time than the whole bucket's 100 ms.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(reason(&l, b"v").await, Some(Reason::Limited));
+    clock.advance(Duration::from_millis(10));
+    assert_eq!(reason(&l, b"v").await, None);
+    assert_eq!(reason(&l, b"v").await, Some(Reason::Limited));
+}
+
 async fn a_denial_names_the_limit_that_holds_the_request_longest<B: Backend>(b: &B) {
     let clock = ManualClock::new();
     clock.set_wall(at(2024, 5, 6, 3_600));
@@ -734,6 +755,7 @@ on_each_backend!(
     a_shadow_plan_decides_and_counts_but_never_rejects,
     a_shadow_plan_never_lifts_the_stage_limit,
     replacing_a_throttle_keeps_the_share_of_each_bucket_in_use,
+    a_manual_clock_standing_still_keeps_an_emptied_bucket_empty,
     a_denial_names_the_limit_that_holds_the_request_longest,
     a_shadow_plan_never_names_a_denial,
     a_used_up_quota_is_named_over_a_shorter_stage_wait,

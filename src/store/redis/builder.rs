@@ -154,7 +154,10 @@ impl RedisStoreBuilder {
     /// Decides on this clock instead of Redis `TIME` when it is a
     /// [`ManualClock`](crate::ManualClock) (tests about time); any clock also
     /// dates usage reports and ages the over-limit cache. Default: the
-    /// system clock, and Redis `TIME` for decisions.
+    /// system clock, and Redis `TIME` for decisions. On a manual clock only
+    /// the clock's moves change what is decided: real time spent between
+    /// calls refills nothing, and state Redis would expire (on its own
+    /// clock) when it runs out is kept a day at least.
     pub fn clock(mut self, clock: impl Into<Clock>) -> Self {
         self.clock = Some(clock.into());
         self

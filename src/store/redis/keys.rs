@@ -19,7 +19,9 @@
 //! its window ends, the history and a limit log a month after `history_days`
 //! without use, the
 //! leases one lease after the last place was taken or renewed, and a reset mark the
-//! throttle's span after the reset.
+//! throttle's span after the reset. Redis expires keys on its own clock: on
+//! a [`ManualClock`](crate::ManualClock)'s time, which real time does not
+//! move, a throttle, the leases and a reset mark last a day at least.
 
 use std::fmt::Write as _;
 

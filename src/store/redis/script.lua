@@ -18,14 +18,25 @@
 -- "" and "" for the server's TIME, or "" and a deadline in microseconds of the
 -- server's TIME past which the call decides nothing (error "expired").
 --
+-- Lifetimes: a key expires (PX) when its state has run out, worked out from
+-- the call's now. Redis expires keys on its own clock, which is the call's
+-- clock on the server's TIME but not a time the caller gives (a manual
+-- clock, for tests about time): that moves only when the caller moves it,
+-- and a key lapsing after so much real time would forget state still live
+-- at the caller's now (an emptied bucket full again, places in flight or a
+-- reset's mark gone, while the caller's clock stands still). So on a given
+-- time a key whose state runs out within a day lives a day of real time
+-- (state past its time reads as none all the same).
+--
 -- Throttle key: the string "<tat_s> <tat_ns> <tol>", tol the span
 -- (interval * burst, ns) the TAT was written under; missing = a full bucket.
--- It expires when the bucket is full again. A key read under another span is
--- converted as Gcra::rescale does, as of the instant the span changed (the
--- throttle's "since"; now when it is 0 0), so that a key converted when next
--- used ends where one converted at the change would; the conversion is stored
--- at once, whatever the verdict (left unstored, the old TAT would keep
--- draining at the old scale and refill the bucket early).
+-- It expires when the bucket is full again (see "Lifetimes"). A key read
+-- under another span is converted as Gcra::rescale does, as of the instant
+-- the span changed (the throttle's "since"; now when it is 0 0), so that a
+-- key converted when next used ends where one converted at the change
+-- would; the conversion is stored at once, whatever the verdict (left
+-- unstored, the old TAT would keep draining at the old scale and refill the
+-- bucket early).
 --
 -- Quota key: hash {w = window start (days since 1970-01-01), n = used in it,
 -- d = the day of the last change, x = "<s> <ns>" the time of the last reset
@@ -261,6 +272,9 @@ local function store(key, ahead, tol, now_s, now_ns)
   end
   local sub = small and ahead % 1e6 or math.fmod(ahead, 1e6)
   local ms = (ahead - sub) / 1e6 + (sub > 0 and 1 or 0)
+  if ARGV[2] ~= '' and ms < 86400000 then
+    ms = 86400000 -- a given time (see "Lifetimes")
+  end
   redis.call('SET', key, string.format('%d %d %d', s, ns, tol), 'PX', string.format('%d', ms))
 end
 
@@ -640,8 +654,10 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
       for i = 1, caps do
         local j = ci + 4 * (i - 1)
         local key = keys[n + 2 * m + i]
-        redis.call('ZADD', key, string.format('%d', now_ms + int(argv[j + 2], 1, 2 ^ 53 - 1, 'lease')), argv[j + 3])
-        redis.call('PEXPIRE', key, argv[j + 2]) -- lease_ms as written
+        local lease = int(argv[j + 2], 1, 2 ^ 53 - 1, 'lease')
+        redis.call('ZADD', key, string.format('%d', now_ms + lease), argv[j + 3])
+        -- lease_ms as written, or a day on a given time (see "Lifetimes")
+        redis.call('PEXPIRE', key, (argv[2] ~= '' and lease < 86400000) and '86400000' or argv[j + 2])
       end
     end
     for i = 1, n do
@@ -982,7 +998,9 @@ if mode == 'l' then
       end
     end
     if held > 0 then
-      redis.call('PEXPIRE', key, fmt('%d', lease), 'GT')
+      -- A day at least on a given time (see "Lifetimes").
+      local life = (ARGV[2] ~= '' and lease < 86400000) and 86400000 or lease
+      redis.call('PEXPIRE', key, fmt('%d', life), 'GT')
     end
     return { now_s, now_ns, held }
   end
@@ -1019,6 +1037,9 @@ if mode == 'f' then
     local sub = math.fmod(span, 1e6)
     local ms = (span - sub) / 1e6 + (sub > 0 and 1 or 0)
     local fmt = string.format
+    if ARGV[2] ~= '' and ms < 86400000 then
+      ms = 86400000 -- a given time (see "Lifetimes")
+    end
     redis.call('SET', KEYS[2], fmt('%d %d', s, ns), 'PX', fmt('%d', ms))
     return { now_s, now_ns }
   end
