@@ -93,11 +93,13 @@ mod redis_registry {
     use std::sync::atomic::Ordering;
 
     use super::{Edit, Record, SharedRegistry, Update};
+    use crate::Clock;
     use crate::error::ConfigError;
     use crate::hash::Digest;
     use crate::keys::{KeyEntry, Writer};
     use crate::plan::wire;
     use crate::policy::{Policy, Snapshot};
+    use crate::store::Store;
     use crate::store::redis::registry::{
         Change, KeyRecord, KeyUpdate, RegistryError, RegistryUpdate,
     };
@@ -163,7 +165,7 @@ mod redis_registry {
                 .await
                 .map_err(admin_error)?;
             if let Some(_applied) = policy.made(version) {
-                policy.apply(Change::UpdateKey(key));
+                policy.apply(Change::UpdateKey(key), self.store.clock());
             }
             Ok(())
         }
@@ -238,8 +240,11 @@ mod redis_registry {
             // The static configuration as built (under the shared hash
             // key): what a reload starts from, as a new instance does.
             let statics = self.keys().change(|w| w.entries());
+            // A change is dated on the store's clock, as `Admin` dates its
+            // own: a throttle converted lazily is converted as of then.
+            let clock = shared.store.clock().clone();
             let (version, all) = shared.store.take_preloaded().unwrap_or_default();
-            self.apply_all(all, None);
+            self.apply_all(all, None, &clock);
             *self.inner.applied.lock() = version;
             let policy = self.clone();
             shared.store.registry_watch(
@@ -251,12 +256,12 @@ mod redis_registry {
                     // arrived after this instance applied its own.
                     RegistryUpdate::Change { version, change } => {
                         let mut applied = policy.inner.applied.lock();
-                        policy.apply(change);
+                        policy.apply(change, &clock);
                         *applied = version;
                     }
                     RegistryUpdate::Reload { version, all } => {
                         let mut applied = policy.inner.applied.lock();
-                        policy.apply_all(all, Some(&statics));
+                        policy.apply_all(all, Some(&statics), &clock);
                         *applied = version;
                     }
                 }),
@@ -275,14 +280,16 @@ mod redis_registry {
         }
 
         /// Applies a change from the log, over the static configuration.
-        fn apply(&self, change: Change) {
-            self.apply_all(vec![change], None);
+        fn apply(&self, change: Change, clock: &Clock) {
+            self.apply_all(vec![change], None, clock);
         }
 
         /// Applies changes (the registry as loaded, or one change): plans
         /// and accounts first, then every key under one hold of the
         /// registry's write lock. A key whose plan or account this instance
-        /// does not know is skipped and logged.
+        /// does not know is skipped and logged. A plan or account changed is
+        /// dated on `clock` (the store's, as `Admin` dates its own changes):
+        /// a throttle converted lazily is converted as of then.
         ///
         /// A reload (`statics`: the static configuration's keys) is the
         /// whole registry as Redis holds it, and replaces what this instance
@@ -294,7 +301,12 @@ mod redis_registry {
         /// holds what a new one with its configuration loads. Plans and
         /// accounts are never removed (keys may still name them) and stay
         /// as they are.
-        fn apply_all(&self, changes: Vec<Change>, statics: Option<&[(Digest, KeyEntry)]>) {
+        fn apply_all(
+            &self,
+            changes: Vec<Change>,
+            statics: Option<&[(Digest, KeyEntry)]>,
+            clock: &Clock,
+        ) {
             let mut keys = Vec::new();
             for change in changes {
                 match change {
@@ -307,7 +319,7 @@ mod redis_registry {
                                 .plan_named(&name)
                                 .is_some_and(|p| p.source == plan) => {}
                         Ok((plan, created)) => {
-                            let now = crate::Clock::system().wall_nanos();
+                            let now = clock.wall_nanos();
                             if let Err(e) = self.put_plan(&plan, created, now) {
                                 tracing::warn!(plan = %name, error = %e, "a shared plan was not applied");
                             }
@@ -323,7 +335,7 @@ mod redis_registry {
                                 .account_named(&name)
                                 .is_some_and(|a| a.source == account) => {}
                         Ok((account, created)) => {
-                            let now = crate::Clock::system().wall_nanos();
+                            let now = clock.wall_nanos();
                             if let Err(e) = self.put_account(&account, created, now) {
                                 tracing::warn!(account = %name, error = %e, "a shared account was not applied");
                             }

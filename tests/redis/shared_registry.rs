@@ -988,3 +988,64 @@ async fn admin_changes_just_after_redis_dropped_its_connections_are_made() {
     until("k leaves b", || b.admin().key("k").is_none()).await;
     assert!(b.decide(value.as_bytes(), 1).await.is_err());
 }
+
+/// A plan put through one instance reaches another by its registry watcher,
+/// and the other converts a key's bucket as of the change on the stores'
+/// clock, as the instance that put it does: on a manual clock, the watcher
+/// dates the change on that clock, not on the system's. A bucket emptied at
+/// 100/s, now 1/s, is 10 s from full at the change: 999 ms later it still
+/// holds the next request back on either instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_put_elsewhere_converts_a_bucket_as_of_the_change_on_the_stores_clock() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let clock = tollgate::ManualClock::new();
+    let day = Date::new(2024, 5, 1).unwrap().days() as u64;
+    clock.set_wall(std::time::UNIX_EPOCH + Duration::from_secs(day * 86_400 + 3_600));
+    let instance = || async {
+        let store = RedisStore::builder(redis.url())
+            .timeout(Duration::from_secs(2))
+            .key_secret("shared-secret")
+            .clock(clock.clone())
+            .build()
+            .await
+            .unwrap();
+        let policy = Policy::builder()
+            .clock(clock.clone())
+            .plan(
+                UsagePlan::new("p")
+                    .throttle(Throttle::new(100.0, 10).unwrap())
+                    .borrow(false),
+            )
+            .key(ApiKey::new("k", "k-value-1", "p"))
+            .build()
+            .unwrap();
+        RateLimitLayer::builder(policy).store(store).build()
+    };
+    let a = instance().await;
+    let b = instance().await;
+    let mut passed = 0;
+    for _ in 0..20 {
+        passed += usize::from(b.decide(b"k-value-1", 1).await.is_ok());
+    }
+    assert_eq!(passed, 10);
+    let slower = UsagePlan::new("p")
+        .throttle(Throttle::new(1.0, 10).unwrap())
+        .borrow(false);
+    a.admin().put_plan(slower.clone()).await.unwrap();
+    until("the plan reaches b", || {
+        b.admin().plan("p") == Some(slower.clone())
+    })
+    .await;
+    clock.advance(Duration::from_millis(999));
+    assert!(
+        b.decide(b"k-value-1", 1).await.is_err(),
+        "b converted the bucket as of a later instant"
+    );
+    assert!(a.decide(b"k-value-1", 1).await.is_err());
+    clock.advance(Duration::from_millis(1));
+    assert!(b.decide(b"k-value-1", 1).await.is_ok());
+    assert!(a.decide(b"k-value-1", 1).await.is_err());
+}
