@@ -24,10 +24,11 @@
 //! reads, but opens its window only after it has read half of it, as h2
 //! does, must read that half within the timeout.)
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -315,6 +316,92 @@ impl http_body::Body for Guarded {
         self.handed = handed;
         self.open.0.pull(handed);
         polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A request body cut off once it has sent nothing for a timeout
+/// (`--body-timeout`): its next frame is then an error, which the layer
+/// answers 400 and an admin route 400 too, costing nothing.
+///
+/// It tells its size and its end as the body it wraps does. tower-http's
+/// `TimeoutBody`, used here before, told neither: a `content-length` over
+/// the layer's bound no longer reached the layer, which asked for the body
+/// (on HTTP/1 sending `100 Continue`) and read a megabyte of it before
+/// refusing it, instead of answering 413 at once.
+pub(crate) struct IdleTimeoutBody<B> {
+    body: B,
+    timeout: Duration,
+    /// Made when the body first waits; reset each time it waits anew.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// `sleep` runs: the body has sent nothing since it was (re)set.
+    armed: bool,
+}
+
+impl<B> IdleTimeoutBody<B> {
+    /// `body`, cut off after `timeout` without a frame (short enough to
+    /// be added to the clock's time).
+    pub(crate) fn new(body: B, timeout: Duration) -> IdleTimeoutBody<B> {
+        IdleTimeoutBody {
+            body,
+            timeout,
+            sleep: None,
+            armed: false,
+        }
+    }
+}
+
+/// What a request body that sent nothing for the body timeout fails with.
+#[derive(Debug)]
+pub(crate) struct BodyTimedOut;
+
+impl std::fmt::Display for BodyTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body sent nothing for the body timeout")
+    }
+}
+
+impl std::error::Error for BodyTimedOut {}
+
+impl<B> http_body::Body for IdleTimeoutBody<B>
+where
+    B: http_body::Body + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = B::Data;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, axum::BoxError>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            this.armed = false;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if !this.armed {
+            let deadline = tokio::time::Instant::now() + this.timeout;
+            match &mut this.sleep {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => this.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            this.armed = true;
+        }
+        match &mut this.sleep {
+            Some(sleep) => {
+                ready!(sleep.as_mut().poll(cx));
+                Poll::Ready(Some(Err(BodyTimedOut.into())))
+            }
+            None => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {

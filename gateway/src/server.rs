@@ -12,7 +12,6 @@ use hyper::body::Incoming;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::Semaphore;
 use tollgate::observe::MetricsObserver;
-use tower_http::timeout::RequestBodyTimeout;
 
 use axum::routing::{MethodRouter, any, get, post};
 use axum::{Json, Router};
@@ -25,7 +24,7 @@ use tollgate::{ConfigError, HeaderStyle, MemoryStore, RateLimitLayer, RedisStore
 
 use crate::cli::{DEFAULT_LOG, Parsed, USAGE, parse_args};
 use crate::dashboard::Dashboard;
-use crate::idle::{Activity, Guarded, Watched};
+use crate::idle::{Activity, Guarded, IdleTimeoutBody, Watched};
 use crate::mock::{self, MockEstimator};
 use crate::traffic::Both;
 use crate::upstream::{self, Upstream, UpstreamEstimator};
@@ -340,7 +339,9 @@ pub async fn serve_until(
     use hyper_util::server::conn::auto::Builder;
     use tower_service::Service as _;
 
-    let service = RequestBodyTimeout::new(router, limits.body_timeout);
+    let service = router;
+    // A request body that sends nothing for as long is cut off.
+    let body_timeout = limits.body_timeout.min(NEVER);
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -389,7 +390,8 @@ pub async fn serve_until(
             req.extensions_mut().insert(ConnectInfo(peer));
             let open = requests.begin();
             let http2 = req.version() == axum::http::Version::HTTP_2;
-            // A `Router` is always ready, and so is the timeout around it.
+            let req = req.map(|body| IdleTimeoutBody::new(body, body_timeout));
+            // A `Router` is always ready.
             let answer = service.clone().call(req);
             async move {
                 let res = answer.await?;

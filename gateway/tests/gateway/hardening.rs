@@ -354,6 +354,72 @@ async fn a_body_that_stops_sending_is_cut_off_and_costs_nothing() {
     }
 }
 
+/// A body whose `content-length` announces more than an estimate reads
+/// (1 MiB) is refused 413 at once, before a byte of it is asked for: on
+/// HTTP/1 no `100 Continue` invites a client that sent `Expect:
+/// 100-continue` (curl, for large bodies) to send it, and on HTTP/2 too.
+/// The gateway's body timeout hid the announced length from the layer (its
+/// body wrapper reported no size), so the gateway asked for the body, read
+/// a megabyte of it and only then refused it; a client that announced the
+/// body and waited for `100 Continue` waited for a 408.
+#[tokio::test]
+async fn a_body_announced_over_the_bound_is_refused_before_it_is_read() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    let (addr, _stop) = start(limits(Duration::from_secs(10), Duration::from_secs(10), 16)).await;
+    for (path, key) in [
+        ("/v1/completions", "x-api-key: demo-free-key"),
+        (
+            "/v1/chat/completions",
+            "authorization: Bearer demo-free-key",
+        ),
+    ] {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\n{key}\r\ncontent-type: application/json\r\n\
+             expect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+            (1 << 20) + 1
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let (answer, took) = read_until_closed(&mut stream, path).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 413 "),
+            "{path}: {answer:?} after {took:?}"
+        );
+        assert!(answer.contains("request_too_large"), "{path}: {answer}");
+        assert!(took < Duration::from_secs(3), "{path}: {took:?}");
+    }
+
+    type Chunk = Result<Frame<axum::body::Bytes>, std::convert::Infallible>;
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, StreamBody<ReceiverStream<Chunk>>>(io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // The body never sends a byte.
+    let (_tx, rx) = tokio::sync::mpsc::channel::<Chunk>(1);
+    let req = http::Request::post(format!("http://{addr}/v1/completions"))
+        .header("x-api-key", "demo-free-key")
+        .header("content-type", "application/json")
+        .header("content-length", (2 << 20).to_string())
+        .body(StreamBody::new(ReceiverStream::new(rx)))
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(3), sender.send_request(req))
+        .await
+        .expect("HTTP/2: an answer before the body")
+        .unwrap();
+    assert_eq!(res.status(), 413);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("request_too_large"),
+        "{body:?}"
+    );
+}
+
 /// Connections that have sent only part of a head (no key, nothing the
 /// gateway can hold a client to) keep at most a small buffer each: hyper's
 /// default let each grow to about 400 KiB, so the 1,024 connections the
