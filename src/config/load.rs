@@ -61,7 +61,7 @@ impl Config {
                 line,
                 column,
                 path: path_at(src, span),
-                message: e.message().trim_end().to_owned(),
+                message: unshown(e.message().trim_end()),
             }
         })?;
         let c = Checker { src };
@@ -362,6 +362,30 @@ impl Config {
     pub fn accounts(&self) -> &[Account] {
         &self.accounts
     }
+}
+
+/// serde's message without the value it shows: `invalid type: string
+/// "…", expected a boolean` becomes `invalid type: string, expected a
+/// boolean`. A value of the wrong type may be a secret in the wrong place
+/// (`admin = "…"`, an API key's value written as a number); the line and
+/// column point at it all the same.
+fn unshown(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        let Some(rest) = message.strip_prefix(prefix) else {
+            continue;
+        };
+        // The last one: a string shown may hold `, expected ` too.
+        let Some(at) = rest.rfind(", expected ") else {
+            continue;
+        };
+        let (shown, expected) = rest.split_at(at);
+        // `string "…"`, `integer `5``, `floating point `1.5``, `boolean
+        // `true``: the kind, then the value; `sequence` or `map` alone.
+        if let Some(value) = shown.find(['"', '`']) {
+            return format!("{prefix}{}{expected}", shown[..value].trim_end());
+        }
+    }
+    message.to_owned()
 }
 
 #[cfg(test)]
@@ -668,6 +692,59 @@ mod tests {
                 (3, "anonymous.throttle.rate"),
                 "{mode}"
             );
+        }
+    }
+
+    /// A value of the wrong type is named by its type, never shown: it may
+    /// be a secret written in the wrong place or shape (`admin = "…"` for
+    /// `[admin] key`, a key's value as a number or in `enabled`, the keys
+    /// as a list of values).
+    #[test]
+    fn a_value_of_the_wrong_type_is_never_shown() {
+        let keys = "[[plans]]\nname = \"free\"\n[[keys]]\nid = \"a\"\nplan = \"free\"\n";
+        for (src, secret, line, path) in [
+            (
+                "[admin]\nkey = 12345678901\n".to_owned(),
+                "12345678901",
+                2,
+                "admin.key",
+            ),
+            (
+                "admin = \"super-secret-admin\"\n".to_owned(),
+                "super-secret-admin",
+                1,
+                "admin",
+            ),
+            (
+                "keys = [\"sk-very-secret-1\"]\n".to_owned(),
+                "sk-very-secret-1",
+                1,
+                "keys[0]",
+            ),
+            (
+                format!("{keys}value = 98765432123\n"),
+                "98765432123",
+                6,
+                "keys[0].value",
+            ),
+            (
+                format!("{keys}value = 98765.4321\n"),
+                "98765.4321",
+                6,
+                "keys[0].value",
+            ),
+            (
+                format!("{keys}value = \"sk-x\"\nenabled = \"sk-y-secret, expected a string\"\n"),
+                "sk-y-secret",
+                7,
+                "keys[0].enabled",
+            ),
+        ] {
+            let e = err(&src);
+            assert_eq!((e.line(), e.path()), (line, path), "{e}");
+            assert!(e.message().starts_with("invalid type: "), "{e}");
+            assert!(e.message().contains(", expected "), "{e}");
+            assert!(!e.to_string().contains(secret), "{e}");
         }
     }
 

@@ -54,7 +54,9 @@
 //! again.
 //!
 //! Unknown fields and bad values are errors that name the line, the column
-//! and the field's path (`plans[0].throttle.rate`).
+//! and the field's path (`plans[0].throttle.rate`). A value of the wrong
+//! type is named by its type, never shown: it may be a secret in the wrong
+//! place.
 //!
 //! ```
 //! use tollgate::config::Config;
