@@ -748,6 +748,41 @@ mod tests {
         }
     }
 
+    /// A table defined twice is named by its header: the error named no
+    /// field (`[admin]` twice) or the table above it (`[plans.methods]`
+    /// twice in one plan named `plans[0]`).
+    #[test]
+    fn a_table_defined_twice_is_named_by_its_header() {
+        let key = "key = \"abcdefghij\"\n";
+        for (src, line, path) in [
+            (format!("[admin]\n{key}[admin]\n"), 3, "admin"),
+            (format!("[admin]\n{key}\n  [ admin ]  # again\n"), 4, "admin"),
+            ("[stage]\n[stage]\n".to_owned(), 2, "stage"),
+            (
+                "[stage]\nthrottle = { rate = 1.0, burst = 1 }\n[stage.throttle]\nrate = 2.0\n"
+                    .to_owned(),
+                3,
+                "stage.throttle",
+            ),
+            (
+                "[[plans]]\nname = \"a\"\n[plans.methods]\n\"/x/GET\" = { rate = 1.0, burst = 1 }\n[plans.methods]\n"
+                    .to_owned(),
+                5,
+                "plans[0].methods",
+            ),
+            (
+                "[[plans]]\nname = \"a\"\n[[plans]]\nname = \"b\"\n[plans.quota]\nlimit = 1\nperiod = \"DAY\"\n[plans.quota]\n"
+                    .to_owned(),
+                8,
+                "plans[1].quota",
+            ),
+        ] {
+            let e = err(&src);
+            assert_eq!((e.line(), e.path()), (line, path), "{src}: {e}");
+            assert!(e.message().contains("duplicate"), "{e}");
+        }
+    }
+
     #[test]
     fn load_names_the_file() {
         let e = Config::load("/nonexistent/tollgate.toml").unwrap_err();

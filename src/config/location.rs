@@ -28,13 +28,25 @@ pub(super) fn line_col(src: &str, offset: usize) -> (usize, usize) {
 /// the keys of the inline tables and the indices of the arrays that enclose
 /// it, then the key itself when the span is a key (an unknown field).
 ///
-/// A span that starts at a table header is in that table: serde reports a
-/// field missing from `[[keys]]` (or `[anonymous]`, or the first `[[plans]]`)
-/// at the header of the table it is missing from, not in the table above.
+/// A span that starts at or in a table header is in that table: serde
+/// reports a field missing from `[[keys]]` (or `[anonymous]`, or the first
+/// `[[plans]]`) at the header of the table it is missing from, not in the
+/// table above, and the parser a table defined twice at its name.
 pub(super) fn path_at(src: &str, span: Range<usize>) -> String {
     let mut start = span.start.min(src.len());
     while !src.is_char_boundary(start) {
         start -= 1;
+    }
+    // A span inside a table header (a table defined twice is reported at
+    // its name) is that table's.
+    let line = src[..start].rfind('\n').map_or(0, |p| p + 1);
+    if src[line..start].trim_start().starts_with('[') {
+        let mut scan = Scan::default();
+        scan.run(&src[..line]);
+        if scan.at_line_start() {
+            scan.header(src[line..].split('\n').next().unwrap_or_default());
+            return scan.header.join(".");
+        }
     }
     let mut scan = Scan::default();
     scan.run(&src[..start]);
