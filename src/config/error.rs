@@ -39,11 +39,11 @@ impl ConfigFileError {
 
 impl fmt::Display for ConfigFileError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(file) = &self.file {
-            write!(f, "{file}:")?;
-        }
-        if self.line > 0 {
-            write!(f, "{}:{}: ", self.line, self.column)?;
+        match (&self.file, self.line) {
+            (Some(file), 0) => write!(f, "{file}: ")?,
+            (Some(file), line) => write!(f, "{file}:{line}:{}: ", self.column)?,
+            (None, 0) => {}
+            (None, line) => write!(f, "{line}:{}: ", self.column)?,
         }
         if !self.path.is_empty() {
             write!(f, "{}: ", self.path)?;

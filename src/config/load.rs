@@ -289,13 +289,29 @@ impl Config {
     pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigFileError> {
         let path = path.as_ref();
         let name = path.display().to_string();
-        let src = std::fs::read_to_string(path).map_err(|e| ConfigFileError {
+        let bytes = std::fs::read(path).map_err(|e| ConfigFileError {
             file: Some(name.clone()),
             line: 0,
             column: 0,
             path: String::new(),
             message: format!("cannot read: {e}"),
         })?;
+        let src = match String::from_utf8(bytes) {
+            Ok(src) => src,
+            // Named where it stops being UTF-8, as any other error.
+            Err(e) => {
+                let valid = e.utf8_error().valid_up_to();
+                let before = std::str::from_utf8(&e.as_bytes()[..valid]).unwrap_or_default();
+                let (line, column) = line_col(before, valid);
+                return Err(ConfigFileError {
+                    file: Some(name),
+                    line,
+                    column,
+                    path: path_at(before, valid..valid),
+                    message: "not UTF-8 (a TOML file must be)".to_owned(),
+                });
+            }
+        };
         Config::from_toml(&src).map_err(|mut e| {
             e.file = Some(name);
             e
@@ -781,6 +797,27 @@ mod tests {
             assert_eq!((e.line(), e.path()), (line, path), "{src}: {e}");
             assert!(e.message().contains("duplicate"), "{e}");
         }
+    }
+
+    /// A file that is not UTF-8 is named at the line, column and field of
+    /// its first byte that is not, as any other error is.
+    #[test]
+    fn a_file_that_is_not_utf8_is_named_at_the_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("latin1.toml");
+        std::fs::write(&path, b"[[plans]]\nname = \"fr\xe9e\"\n").unwrap();
+        let e = Config::load(&path).unwrap_err();
+        assert_eq!(
+            (e.line(), e.column(), e.path()),
+            (2, 11, "plans[0].name"),
+            "{e}"
+        );
+        assert!(e.message().contains("UTF-8"), "{e}");
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with(&format!("{}:2:11: ", path.display())),
+            "{shown}"
+        );
     }
 
     #[test]
