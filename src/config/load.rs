@@ -286,6 +286,11 @@ impl Config {
     }
 
     /// Reads, parses and checks a configuration file; errors name the file.
+    ///
+    /// A file with nothing in it (empty, or only blank lines and comments)
+    /// is an error: it is more likely a deployment that failed to write it
+    /// than a wish for no plans, no keys and no admin key. A file that is not
+    /// UTF-8 is named at its first byte that is not.
     pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigFileError> {
         let path = path.as_ref();
         let name = path.display().to_string();
@@ -312,6 +317,18 @@ impl Config {
                 });
             }
         };
+        if src.lines().all(|l| {
+            let l = l.trim_start_matches('\u{feff}').trim();
+            l.is_empty() || l.starts_with('#')
+        }) {
+            return Err(ConfigFileError {
+                file: Some(name),
+                line: 1,
+                column: 1,
+                path: String::new(),
+                message: "the file is empty: it sets no plan, key or setting".to_owned(),
+            });
+        }
         Config::from_toml(&src).map_err(|mut e| {
             e.file = Some(name);
             e
@@ -818,6 +835,34 @@ mod tests {
             shown.starts_with(&format!("{}:2:11: ", path.display())),
             "{shown}"
         );
+    }
+
+    /// A file with nothing in it (empty, blank or only comments: a
+    /// deployment that failed to write it) is an error, not a gateway that
+    /// refuses every request and has no admin key to change that with.
+    #[test]
+    fn a_file_with_nothing_in_it_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [
+            ("empty.toml", ""),
+            ("blank.toml", "\n  \n\t\n"),
+            ("comments.toml", "# plans to come\n\n  # [[plans]]\n"),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            let e = Config::load(&path).unwrap_err();
+            assert_eq!(e.line(), 1, "{name}: {e}");
+            assert!(e.message().contains("empty"), "{name}: {e}");
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("{}:1:1: ", path.display())),
+                "{e}"
+            );
+        }
+        // A file that sets anything at all is read.
+        let path = dir.path().join("some.toml");
+        std::fs::write(&path, "# just the style\n[response]\nstyle = \"openai\"\n").unwrap();
+        assert_eq!(Config::load(&path).unwrap().style(), ResponseStyle::OpenAi);
     }
 
     #[test]
