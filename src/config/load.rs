@@ -397,11 +397,11 @@ impl Config {
     }
 }
 
-/// serde's message without the value it shows: `invalid type: string
-/// "…", expected a boolean` becomes `invalid type: string, expected a
-/// boolean`. A value of the wrong type may be a secret in the wrong place
-/// (`admin = "…"`, an API key's value written as a number); the line and
-/// column point at it all the same.
+/// serde's message in TOML's words and without the value it shows:
+/// `invalid type: string "…", expected struct AdminFile` becomes `invalid
+/// type: string, expected a table`. A value of the wrong type may be a
+/// secret in the wrong place (`admin = "…"`, an API key's value written as
+/// a number); the line and column point at it all the same.
 fn unshown(message: &str) -> String {
     for prefix in ["invalid type: ", "invalid value: "] {
         let Some(rest) = message.strip_prefix(prefix) else {
@@ -411,12 +411,36 @@ fn unshown(message: &str) -> String {
         let Some(at) = rest.rfind(", expected ") else {
             continue;
         };
-        let (shown, expected) = rest.split_at(at);
+        let (shown, expected) = (&rest[..at], &rest[at + ", expected ".len()..]);
         // `string "…"`, `integer `5``, `floating point `1.5``, `boolean
         // `true``: the kind, then the value; `sequence` or `map` alone.
-        if let Some(value) = shown.find(['"', '`']) {
-            return format!("{prefix}{}{expected}", shown[..value].trim_end());
-        }
+        let kind = match shown.find(['"', '`']) {
+            Some(value) => shown[..value].trim_end(),
+            None => shown,
+        };
+        let kind = match kind {
+            "sequence" => "array",
+            "map" => "table",
+            "floating point" => "float",
+            other => other,
+        };
+        let expected = match expected {
+            "i64" | "u64" | "u32" | "usize" => "an integer",
+            "f64" => "a number",
+            "a map" => "a table",
+            "a sequence" => "an array",
+            // The plans, keys, throttles…
+            e if e.starts_with("struct ") => "a table",
+            // `period`, `failure`, `mode`, `week_start`: named in a string.
+            e if e.starts_with("enum ") => "a string",
+            e => e,
+        };
+        return format!("{prefix}{kind}, expected {expected}");
+    }
+    // toml's own, for a value of the wrong type where a name is wanted
+    // (`period = 1`).
+    if message == "wanted string or table" {
+        return "invalid type, expected a string".to_owned();
     }
     message.to_owned()
 }
@@ -778,6 +802,67 @@ mod tests {
             assert!(e.message().starts_with("invalid type: "), "{e}");
             assert!(e.message().contains(", expected "), "{e}");
             assert!(!e.to_string().contains(secret), "{e}");
+        }
+    }
+
+    /// A value of the wrong type is told in TOML's words, not in those of
+    /// the Rust types it is read into (`expected i64`, `expected struct
+    /// AdminFile`, `invalid type: map`).
+    #[test]
+    fn a_wrong_type_is_told_in_toml_words() {
+        let plan = "[[plans]]\nname = \"free\"\n";
+        let key = format!("{plan}[[keys]]\nid = \"a\"\nplan = \"free\"\n");
+        for (src, message) in [
+            (
+                format!("{plan}concurrency = \"2\"\n"),
+                "invalid type: string, expected an integer",
+            ),
+            (
+                "history_days = 90.5\n".to_owned(),
+                "invalid type: float, expected an integer",
+            ),
+            (
+                format!("{plan}throttle = {{ rate = \"fast\", burst = 5 }}\n"),
+                "invalid type: string, expected a number",
+            ),
+            (
+                "admin = \"change-me\"\n".to_owned(),
+                "invalid type: string, expected a table",
+            ),
+            (
+                format!("{plan}methods = 5\n"),
+                "invalid type: integer, expected a table",
+            ),
+            (
+                format!("{plan}[plans.methods]\n\"/x/GET\" = 5\n"),
+                "invalid type: integer, expected a table",
+            ),
+            (
+                "keys = \"k\"\n".to_owned(),
+                "invalid type: string, expected an array",
+            ),
+            (
+                format!("{key}value = [\"k\"]\n"),
+                "invalid type: array, expected a string",
+            ),
+            (
+                format!("{key}value = {{ v = \"k\" }}\n"),
+                "invalid type: table, expected a string",
+            ),
+            (
+                format!("{plan}quota = {{ limit = 5, period = 1 }}\n"),
+                "invalid type, expected a string",
+            ),
+            (
+                format!("{plan}quota = {{ limit = 5, period = \"WEEK\", week_start = 1 }}\n"),
+                "invalid type, expected a string",
+            ),
+            (
+                format!("{plan}failure = true\n"),
+                "invalid type, expected a string",
+            ),
+        ] {
+            assert_eq!(err(&src).message(), message, "{src}");
         }
     }
 
