@@ -56,7 +56,10 @@ Options (`--flag value` or `--flag=value`):
                          long is closed [default: 10]
   --body-timeout SECS    how long a request body may send nothing before it is
                          cut off, and an answer may go unread before its
-                         connection is dropped [default: 30]
+                         connection is dropped; a body read for its estimate
+                         (completions, chat completions) may be at most 1 MiB
+                         (413, at once when its content-length says more) and
+                         must arrive whole within 10 s (408) [default: 30]
   --max-connections N    connections served at once; more wait to be accepted
                          [default: 1024]
   --upstream URL         forward /v1/* to this OpenAI-compatible backend (vLLM,

@@ -48,9 +48,13 @@
 //!   is checked
 //!
 //! A request's head must arrive within `--header-timeout` (10 s; on a new
-//! connection counted from its first byte, which must come within as long),
+//! connection counted from its first byte, which must come within as long;
+//! a head still unfinished then gets no answer, its connection is closed),
 //! which also closes a connection (HTTP/2 too) idle that long; a body that sends nothing
-//! for `--body-timeout` (30 s) is cut off; at most `--max-connections` (1024)
+//! for `--body-timeout` (30 s) is cut off (400 where the gateway was reading
+//! it); a body read for its estimate (completions, chat completions) may be
+//! at most 1 MiB (413, at once when its `content-length` says more) and must
+//! arrive whole within 10 s (408); at most `--max-connections` (1024)
 //! are served at once, more wait to be accepted; a request's head may be at
 //! most 16 KiB (431 beyond). It logs to stderr, filtered
 //! by `RUST_LOG`, as JSON lines with `--log-json`.
