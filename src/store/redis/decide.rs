@@ -16,7 +16,6 @@ use super::denials::{Asked, Ended, InFlight, PastBound};
 use super::flights::Take;
 use super::guards::{Lease, Ticket};
 use super::keys::reset_mark;
-use super::local::Reserved;
 use super::store::{Inner, RedisStore};
 use super::time::Now;
 use crate::clock::Clock;
@@ -228,13 +227,6 @@ impl Store for RedisStore {
             };
             return inner.shared(id, take, own, lend, failure, context);
         }
-        // The places the local copy granted during an outage and that are
-        // still held count against the caps, though Redis never counted
-        // them (see `Local::reserve`).
-        let reserved = match inner.local.reserve(&[&own]) {
-            Ok(places) => places.map(|p| Reserved::new(inner, p)),
-            Err(denied) => return Acquired::Ready(Ok(Err(denied))),
-        };
         // A peek reads what remains of its limits: the units this instance
         // holds unused of a share of them go back to Redis first, as before
         // an admin operation, or the peek would count them as used where
@@ -302,15 +294,9 @@ impl Store for RedisStore {
                         Ok(report) => {
                             // Its response holds its places from now on.
                             inner.hold(report.permits());
-                            match reserved {
-                                Some(r) => inner.local.mirror_reserved(&parts, report, r),
-                                None => inner.local.mirror(&parts, report),
-                            }
+                            inner.local.mirror(&parts, report);
                         }
-                        Err(denied) => {
-                            drop(reserved);
-                            inner.local.learn_denial(&parts, denied);
-                        }
+                        Err(denied) => inner.local.learn_denial(&parts, denied),
                     }
                     inner.failures.answered();
                     inner.remember(&verdict, &context);
@@ -318,8 +304,6 @@ impl Store for RedisStore {
                 }
                 Err(e) => {
                     in_flight.end(Ended::Failed);
-                    // The copy decides it whole, its places included.
-                    drop(reserved);
                     inner.fail(e, failure, &[&stage, &account, &own])
                 }
             }

@@ -9,9 +9,6 @@
 //! limits on N instances, never unlimited traffic. It counts what its
 //! instance admitted through Redis (the places under concurrency caps
 //! included, until their responses end), and is not merged back into Redis.
-//! The places it granted itself, whose responses outlast the outage, still
-//! count on this instance once Redis decides again: a request under the
-//! same cap takes its place in the copy too before Redis is asked.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -82,39 +79,15 @@ impl Local {
     /// until [`Local::release`] gives back Redis's: a response still held
     /// when Redis fails counts against the cap the copy then decides.
     pub(super) fn mirror(&self, parts: &[&Part], report: &Report) {
-        self.charge(parts, report);
-        for permit in report.permits() {
-            self.count_place(parts, permit);
-        }
-    }
-
-    /// [`mirror`](Self::mirror) but for the places.
-    fn charge(&self, parts: &[&Part], report: &Report) {
         let _ = with_acquire(parts, FailureMode::Local, false, |a| {
             self.store.decide::<()>(a, &mut ())
         });
         for item in report.items() {
             self.learn(parts, item);
         }
-    }
-
-    /// [`mirror`](Self::mirror) for a request whose places in the copy
-    /// were taken before Redis was asked (`reserved`): each is counted as
-    /// the copy's place for Redis's, given back with it.
-    pub(super) fn mirror_reserved(&self, parts: &[&Part], report: &Report, reserved: Reserved) {
-        self.charge(parts, report);
-        let mut places = reserved.take();
-        for redis in report.permits() {
-            match places.iter().position(|(r, _)| *r == redis) {
-                Some(i) => {
-                    let (_, mine) = places.swap_remove(i);
-                    self.mirrored.lock().insert(redis, mine);
-                    self.count.fetch_add(1, Ordering::AcqRel);
-                }
-                None => self.count_place(parts, redis),
-            }
+        for permit in report.permits() {
+            self.count_place(parts, permit);
         }
-        self.give_back(places);
     }
 
     /// Takes a place in the copy for the place `redis` granted, under the
@@ -127,67 +100,18 @@ impl Local {
         else {
             return;
         };
-        if let Ok(Some(mine)) = self.take_place(cap, 1) {
-            self.mirrored.lock().insert(redis, mine);
-            self.count.fetch_add(1, Ordering::AcqRel);
-        }
-    }
-
-    /// Takes a place under `cap` in the copy (none for a peek, `cost` 0,
-    /// which is only checked), or the copy's denial when it has none free.
-    fn take_place(&self, cap: &super::call::Cap, cost: u32) -> Result<Option<Permit>, Denied> {
         let alone = Part {
-            cost,
+            cost: 1,
             caps: vec![*cap],
             ..Part::default()
         };
         let mut report = Report::default();
-        with_acquire(&[&alone], FailureMode::Local, true, |a| {
+        let taken = with_acquire(&[&alone], FailureMode::Local, true, |a| {
             self.store.decide(a, &mut report)
-        })?;
-        Ok(report.permits().next())
-    }
-
-    /// Whether the copy holds places it granted itself (while Redis could
-    /// not decide) whose responses have not ended: places Redis never
-    /// counted.
-    fn holds_its_own(&self) -> bool {
-        self.count.load(Ordering::Acquire) > 0 && !self.held.lock().is_empty()
-    }
-
-    /// Before Redis decides a request with concurrency caps (`parts`): while
-    /// the copy holds places it granted itself, which Redis never counted
-    /// (responses admitted during an outage that outlast it), the request
-    /// takes its places in the copy first, and is denied when the copy has
-    /// none free. Otherwise one instance would hold, once Redis is back,
-    /// its outage's places and as many again from Redis: more than the cap
-    /// on one instance. `None` when there is nothing to take (the usual
-    /// case: no place of the copy's own, or no cap).
-    pub(super) fn reserve(&self, parts: &[&Part]) -> Result<Option<Vec<(Permit, Permit)>>, Denied> {
-        if parts.iter().all(|p| p.caps.is_empty()) || !self.holds_its_own() {
-            return Ok(None);
-        }
-        let mut places = Vec::new();
-        for part in parts {
-            for cap in &part.caps {
-                match self.take_place(cap, part.cost) {
-                    Ok(Some(mine)) => places.push((cap.permit, mine)),
-                    Ok(None) => {}
-                    Err(denied) => {
-                        self.give_back(places);
-                        return Err(denied);
-                    }
-                }
-            }
-        }
-        Ok(Some(places))
-    }
-
-    /// Gives back places the copy took for a request that holds none.
-    pub(super) fn give_back(&self, places: Vec<(Permit, Permit)>) {
-        use crate::store::Store as _;
-        for (_, mine) in places {
-            self.store.release(mine);
+        });
+        if let (Ok(()), Some(mine)) = (taken, report.permits().next()) {
+            self.mirrored.lock().insert(redis, mine);
+            self.count.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -252,36 +176,6 @@ impl Local {
         self.count.fetch_sub(1, Ordering::AcqRel);
         self.store.release(permit);
         true
-    }
-}
-
-/// Places the copy took for a request before Redis decides it (see
-/// [`Local::reserve`]): given back when dropped, unless Redis granted the
-/// request and they became the copy's places for Redis's
-/// ([`Local::mirror_reserved`]).
-pub(super) struct Reserved {
-    inner: std::sync::Arc<Inner>,
-    places: Vec<(Permit, Permit)>,
-}
-
-impl Reserved {
-    pub(super) fn new(inner: &std::sync::Arc<Inner>, places: Vec<(Permit, Permit)>) -> Self {
-        Reserved {
-            inner: std::sync::Arc::clone(inner),
-            places,
-        }
-    }
-
-    fn take(mut self) -> Vec<(Permit, Permit)> {
-        std::mem::take(&mut self.places)
-    }
-}
-
-impl Drop for Reserved {
-    fn drop(&mut self) {
-        if !self.places.is_empty() {
-            self.inner.local.give_back(std::mem::take(&mut self.places));
-        }
     }
 }
 
