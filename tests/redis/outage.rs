@@ -2,7 +2,8 @@
 //! local copy that decides a plan whose failure mode is `local` bounds what
 //! one instance admits by the plan's limits, counting what it admitted
 //! through Redis before the outage (the tokens its responses really used
-//! included, settled there too); the outage is logged once when it
+//! included, settled there too), and charges Redis with what it admitted
+//! on its own once Redis is back; the outage is logged once when it
 //! starts, and its end only once Redis answers again.
 
 use std::io;
@@ -600,9 +601,11 @@ async fn tokens_used_during_an_outage_are_settled_in_the_local_copy() {
 /// A response the local copy admitted while Redis was down, and that ends
 /// once Redis is back (a long stream, the client going away), used fewer
 /// tokens than it reserved: the reservation was charged to the copy alone,
-/// so the rest goes back there. Sent to Redis, which never counted it, it
+/// so the rest goes back there. Sent to Redis, which had not counted it, it
 /// would free tokens that other requests used since, and Redis would admit
-/// more than the day's budget.
+/// more than the day's budget. (The reservation is charged to Redis once it
+/// is back, as all the copy admitted; what was not used of a reservation
+/// already charged there stays charged, erring toward admitting less.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_over_estimate_the_local_copy_admitted_gives_redis_nothing() {
     if !require_redis() {
@@ -683,13 +686,14 @@ async fn an_over_estimate_the_local_copy_admitted_gives_redis_nothing() {
     assert!(store.local_decisions() >= 1, "decided by the local copy");
     assert!(held.chunk().await.unwrap().is_some(), "the stream runs");
 
-    // Redis comes back with its count of 10, and admits a request that
-    // uses the day's other 90 tokens.
+    // Redis comes back with its count of 10, and is charged the 80 the
+    // copy reserved for the stream (see
+    // `quota_units_the_local_copy_admitted_are_charged_to_redis_once_it_is_back`).
     tokio::task::block_in_place(|| redis.restart());
     let start = std::time::Instant::now();
     loop {
         let before = store.local_decisions();
-        let res = send(90, 90, false).await.unwrap();
+        let res = send(0, 0, false).await.unwrap();
         let by_redis = store.local_decisions() == before;
         let status = res.status();
         let _ = res.text().await;
@@ -703,6 +707,13 @@ async fn an_over_estimate_the_local_copy_admitted_gives_redis_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // 10 + 80 of the day's 100 are counted: Redis denies 90 and admits 10.
+    let res = send(90, 90, false).await.unwrap();
+    assert_eq!(res.status(), 429, "Redis admitted 90 past the copy's 80");
+    let res = send(10, 10, false).await.unwrap();
+    assert_eq!(res.status(), 200, "the day's last 10 tokens");
+    let _ = res.text().await;
+
     // The client of the stream goes away: its 80 unused tokens settle.
     drop(held);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -714,6 +725,234 @@ async fn an_over_estimate_the_local_copy_admitted_gives_redis_nothing() {
     assert_eq!(
         res.status(),
         429,
-        "Redis admitted 80 tokens more after the day's 100 were used (10 + 0 + 90)"
+        "Redis admitted 80 tokens more after the day's 100 were counted (10 + 80 + 10)"
+    );
+}
+
+/// A layer of one key, `k`, under a daily quota of 10 and the `local`
+/// failure mode, on a Redis store at `url`, both on `clock`. Borrowing is
+/// off: every request Redis decides is charged there one by one.
+async fn day_quota_layer(
+    url: String,
+    clock: &tollgate::ManualClock,
+) -> (RateLimitLayer<ApiKeyHeader, RedisStore>, RedisStore) {
+    let store = RedisStore::builder(url)
+        .shared_registry(false)
+        .clock(clock.clone())
+        .timeout(Duration::from_millis(300))
+        .over_limit_cache(Duration::ZERO)
+        .build()
+        .await
+        .expect("a Redis store");
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(
+            UsagePlan::new("q")
+                .quota(Quota::new(10, Period::Day).unwrap())
+                .failure(FailureMode::Local)
+                .borrow(false),
+        )
+        .key(ApiKey::new("k-1", "k", "q"))
+        .build()
+        .expect("a valid policy");
+    (
+        RateLimitLayer::builder(policy).store(store.clone()).build(),
+        store,
+    )
+}
+
+/// What the local copy admitted during an outage, on its own, is charged
+/// to Redis once Redis is back (with its data): with a daily quota of 10 on
+/// one instance, 5 through Redis, 5 by the copy while Redis is down, and
+/// after the restart the day is used up. Before, Redis never learnt of the
+/// copy's 5 and admitted 5 more: 15 in a day under a quota of 10 on one
+/// instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_units_the_local_copy_admitted_are_charged_to_redis_once_it_is_back() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let clock = tollgate::ManualClock::new();
+    clock.set_wall(crate::support::at(2024, 5, 6, 3_600));
+    let (layer, store) = day_quota_layer(redis.url(), &clock).await;
+    assert_eq!(allowed(&layer, b"k", 5).await, 5, "Redis admits 5");
+    assert_eq!(store.local_decisions(), 0);
+
+    tokio::task::block_in_place(|| redis.kill());
+    assert_eq!(
+        allowed(&layer, b"k", 5).await,
+        5,
+        "the copy admits the rest"
+    );
+    assert_eq!(store.local_decisions(), 5, "decided by the local copy");
+
+    tokio::task::block_in_place(|| redis.restart());
+    // Once Redis decides again, the day's 10 are used on this instance.
+    let start = std::time::Instant::now();
+    let admitted = loop {
+        let before = store.local_decisions();
+        let admitted = allowed(&layer, b"k", 1).await;
+        if store.local_decisions() == before {
+            break admitted;
+        }
+        assert_eq!(admitted, 0, "the copy admitted past its 10");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "Redis never decided"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(admitted, 0, "Redis admitted an 11th request of the day");
+    assert_eq!(
+        allowed(&layer, b"k", 10).await,
+        0,
+        "Redis admitted past the day's 10"
+    );
+    store.drained().await;
+
+    // Charged once: the next day admits its 10.
+    clock.advance(Duration::from_secs(86_400));
+    assert_eq!(allowed(&layer, b"k", 12).await, 10, "the next day's 10");
+    assert_eq!(store.local_decisions(), 5, "decided by Redis");
+}
+
+/// What the local copy admitted in a quota window that has ended when
+/// Redis is back is not charged to the window Redis then counts: the new
+/// day admits its 10 in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_units_the_local_copy_admitted_in_an_ended_window_are_dropped() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let clock = tollgate::ManualClock::new();
+    clock.set_wall(crate::support::at(2024, 5, 6, 86_000));
+    let (layer, store) = day_quota_layer(redis.url(), &clock).await;
+    assert_eq!(allowed(&layer, b"k", 5).await, 5, "Redis admits 5");
+
+    tokio::task::block_in_place(|| redis.kill());
+    assert_eq!(
+        allowed(&layer, b"k", 5).await,
+        5,
+        "the copy admits the rest"
+    );
+    assert_eq!(store.local_decisions(), 5, "decided by the local copy");
+
+    // Redis is back on the next day.
+    clock.advance(Duration::from_secs(1_000));
+    tokio::task::block_in_place(|| redis.restart());
+    let start = std::time::Instant::now();
+    let mut admitted = 0;
+    loop {
+        let before = store.local_decisions();
+        let n = allowed(&layer, b"k", 1).await;
+        if store.local_decisions() == before {
+            admitted += n;
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "Redis never decided"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    admitted += allowed(&layer, b"k", 12).await;
+    assert_eq!(
+        admitted, 10,
+        "the new day's 10, none taken by the last day's"
+    );
+}
+
+/// A response the local copy admitted, and that ended during the outage
+/// using fewer tokens than it reserved, is charged to Redis, once it is
+/// back, for what it used: with 10 of a daily 100 used through Redis and
+/// 20 of a reservation of 80 used during the outage, Redis admits 70 more
+/// and no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_the_local_copy_admitted_are_charged_to_redis_as_used() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let store = RedisStore::builder(redis.url())
+        .shared_registry(false)
+        .timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .expect("a Redis store");
+    let policy = Policy::builder()
+        .plan(
+            UsagePlan::new("llm")
+                .tokens(TokenBudget::new().per_day(100).unwrap())
+                .failure(FailureMode::Local),
+        )
+        .key(ApiKey::new("k1", "llm-key", "llm"))
+        .build()
+        .expect("a valid policy");
+    let layer = RateLimitLayer::builder(policy)
+        .store(store.clone())
+        .estimator(|req: &tollgate::extract::RequestView<'_>| {
+            req.headers
+                .get("x-estimate")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0)
+        })
+        .build();
+    let handler = |Extension(used): Extension<TokenUsage>, headers: http::HeaderMap| async move {
+        let n = headers
+            .get("x-used")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
+        used.set(n);
+        "done"
+    };
+    let base = support::serve(Router::new().route("/", post(handler)).layer(layer)).await;
+    let http = support::client();
+    let send = |estimate: u32, used: u64| {
+        http.post(format!("{base}/"))
+            .header("x-api-key", "llm-key")
+            .header("x-estimate", estimate.to_string())
+            .header("x-used", used.to_string())
+            .send()
+    };
+    let res = send(10, 10).await.unwrap();
+    assert!(res.headers().contains_key("ratelimit"), "decided by Redis");
+    let _ = res.text().await;
+    store.drained().await;
+
+    tokio::task::block_in_place(|| redis.kill());
+    let res = send(80, 20).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let _ = res.text().await;
+    assert_eq!(store.local_decisions(), 1, "decided by the local copy");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    tokio::task::block_in_place(|| redis.restart());
+    let start = std::time::Instant::now();
+    loop {
+        let before = store.local_decisions();
+        let res = send(0, 0).await.unwrap();
+        let _ = res.text().await;
+        if store.local_decisions() == before {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "Redis never decided"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    store.drained().await;
+    let res = send(71, 71).await.unwrap();
+    assert_eq!(res.status(), 429, "Redis admitted past 10 + 20 + 71");
+    let res = send(70, 70).await.unwrap();
+    assert_eq!(
+        res.status(),
+        200,
+        "Redis counts the 20 used, not the 80 reserved"
     );
 }

@@ -211,6 +211,8 @@ pub(super) struct Quota {
     tokens: bool,
     /// Its arguments to the script.
     pub(super) args: Vec<String>,
+    /// Where its key and its history's are in its part's call's keys.
+    pub(super) key_at: usize,
 }
 
 /// One script call's limits and what to make of its reply.
@@ -272,6 +274,7 @@ impl Part {
 
     pub(super) fn push_quota(&mut self, inner: &Inner, q: &QuotaRef<'_>, cost: u32) {
         let [key, hist] = inner.quota_keys(q);
+        let key_at = self.call.keys.len();
         self.call.keys.push(key);
         self.call.keys.push(hist);
         let mut args = Call::default();
@@ -290,6 +293,7 @@ impl Part {
             cost,
             tokens: q.counts_tokens(),
             args: args.args,
+            key_at,
         });
     }
 

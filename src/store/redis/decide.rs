@@ -127,6 +127,10 @@ impl Store for RedisStore {
             // Nothing to decide: no round trip.
             return Acquired::Ready(Ok(Ok(Report::default())));
         }
+        // What the local copy admitted on its own during an outage is
+        // charged to Redis first (one load when it owes nothing); this
+        // request's call waits for it when it shares a quota with it.
+        inner.repay();
         // A denial is cached as of the time the request was sent, so that it
         // never outlasts what Redis would answer.
         let sent = inner.local_now();
@@ -331,6 +335,16 @@ impl Store for RedisStore {
     fn settle(&self, settlement: &Settlement<'_>) {
         self.inner.local.settle(settlement);
         if settlement.reserved.local && settlement.delta < 0 {
+            // What the copy still owes Redis for the reservation is owed
+            // less by what was not used.
+            if let (true, Some(wall)) = (self.inner.local.owes(), settlement.reserved.wall) {
+                let day = wall.div_euclid(crate::window::NANOS_PER_DAY);
+                for q in settlement.quotas.iter().flatten() {
+                    let [key, _] = self.inner.quota_keys(q);
+                    let units = settlement.delta.unsigned_abs();
+                    self.inner.local.forgive(&key, day, units);
+                }
+            }
             return;
         }
         let inner = Arc::clone(&self.inner);
@@ -796,7 +810,7 @@ impl Inner {
     /// The keys of `parts` that a write this instance sent in the
     /// background has not been answered on yet (most often none, found
     /// without a key copied).
-    fn unanswered(&self, parts: &[&Part]) -> Vec<String> {
+    pub(super) fn unanswered(&self, parts: &[&Part]) -> Vec<String> {
         let unanswered = self.unanswered.lock();
         if unanswered.is_empty() {
             return Vec::new();

@@ -763,7 +763,18 @@ impl Inner {
                     // Before Redis reads its clock: a share dated from here
                     // ends no later than the quota window that counted it.
                     let sent = inner.clock.nanos();
-                    let result = inner.within(inner.fly(&part)).await;
+                    // What this instance wrote in the background to the
+                    // part's limits (what its local copy admitted during an
+                    // outage, see `Inner::repay`) is counted first.
+                    let behind = inner.unanswered(&[&part]);
+                    let result = inner
+                        .within(async {
+                            if !behind.is_empty() {
+                                inner.answered(&behind).await;
+                            }
+                            inner.fly(&part).await
+                        })
+                        .await;
                     drop(ticket);
                     match result {
                         Ok((Ok(report), charged, granted, beyond)) => {

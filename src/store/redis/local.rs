@@ -8,21 +8,27 @@
 //! store uses) from its own state: an outage admits at most N times the
 //! limits on N instances, never unlimited traffic. It counts what its
 //! instance admitted through Redis (the places under concurrency caps
-//! included, until their responses end), and is not merged back into Redis.
+//! included, until their responses end). What it admits on its own to a
+//! quota or a token budget is owed to Redis: once Redis answers again, it
+//! is charged there (see [`Inner::repay`]), in the window that counted it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::sync::Mutex;
 
-use super::call::{Part, Quota};
+use super::call::{Call, Part, Quota};
+use super::decide::Unanswered;
 use super::store::Inner;
 use crate::clock::Clock;
+use crate::gcra::NANOS_PER_SEC;
 use crate::plan::{FailureMode, LimitKind};
 use crate::store::{
     Acquire, Applied, ConcurrencyRef, Denied, MemoryStore, Permit, QuotaRef, Report, Reservation,
     Settlement, StoreError, ThrottleRef, Verdict,
 };
+use crate::window::NANOS_PER_DAY;
 
 /// The local copy of every limit, and the places it granted.
 #[derive(Debug)]
@@ -36,13 +42,35 @@ pub(super) struct Local {
     mirrored: Mutex<HashMap<Permit, Permit>>,
     /// How many there are of both: the common case (none) reads no lock.
     count: AtomicUsize,
+    /// What the copy admitted on its own to each quota, by its key in
+    /// Redis and the UTC day it admitted it: owed to Redis.
+    owed: Mutex<HashMap<(String, i64), Owed>>,
+    /// Whether `owed` may hold any: the common case (none) reads no lock.
+    owes: AtomicBool,
+    clock: Clock,
+}
+
+/// Units the local copy admitted on its own to one quota on one UTC day,
+/// to be charged to Redis once it answers again.
+#[derive(Debug, Clone)]
+pub(super) struct Owed {
+    /// The quota's history key.
+    hist: String,
+    /// The quota's parameters as a settlement (mode "t") takes them: its
+    /// spec, then its history's days.
+    args: Vec<String>,
+    units: u64,
+    /// When the copy admitted the latest of them (wall time, ns since the
+    /// epoch): a reset after it drops them all (erring toward admitting
+    /// less than a reset between them would).
+    at: i64,
 }
 
 impl Local {
     pub(super) fn new(clock: Clock) -> Self {
         // A builder with nothing but a clock cannot fail.
         let store = MemoryStore::builder()
-            .clock(clock)
+            .clock(clock.clone())
             .build()
             .unwrap_or_default();
         Local {
@@ -50,6 +78,9 @@ impl Local {
             held: Mutex::default(),
             mirrored: Mutex::default(),
             count: AtomicUsize::new(0),
+            owed: Mutex::default(),
+            owes: AtomicBool::new(false),
+            clock,
         }
     }
 
@@ -66,8 +97,87 @@ impl Local {
                 *self.held.lock().entry(permit).or_default() += 1;
                 self.count.fetch_add(1, Ordering::AcqRel);
             }
+            self.owe(parts);
         }
         verdict
+    }
+
+    /// Records what the copy charged each quota of `parts` for a request it
+    /// admitted on its own: Redis never counted it.
+    fn owe(&self, parts: &[&Part]) {
+        let mut at = None;
+        for part in parts {
+            for q in part.quotas.iter().filter(|q| q.cost > 0) {
+                let (Some(key), Some(hist)) = (
+                    part.call.keys.get(q.key_at),
+                    part.call.keys.get(q.key_at + 1),
+                ) else {
+                    continue;
+                };
+                // The spec's five, then (past the shadow flag) the history's
+                // days: see `Part::push_quota`.
+                let (Some(spec), Some(days)) = (q.args.get(..5), q.args.get(6)) else {
+                    continue;
+                };
+                let at = *at.get_or_insert_with(|| self.clock.wall_nanos());
+                let day = at.div_euclid(NANOS_PER_DAY);
+                let mut owed = self.owed.lock();
+                let o = owed.entry((key.clone(), day)).or_insert_with(|| Owed {
+                    hist: hist.clone(),
+                    args: spec.iter().chain([days]).cloned().collect(),
+                    units: 0,
+                    at,
+                });
+                o.units = o.units.saturating_add(u64::from(q.cost));
+                o.at = o.at.max(at);
+                self.owes.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Whether the copy may owe Redis anything (one load, no lock).
+    pub(super) fn owes(&self) -> bool {
+        self.owes.load(Ordering::Acquire)
+    }
+
+    /// Takes what the copy owes Redis, if anything.
+    fn take_owed(&self) -> Option<HashMap<(String, i64), Owed>> {
+        if !self.owes() {
+            return None;
+        }
+        let mut owed = self.owed.lock();
+        self.owes.store(false, Ordering::Release);
+        (!owed.is_empty()).then(|| std::mem::take(&mut *owed))
+    }
+
+    /// Records again what could not be charged to Redis.
+    fn owe_again(&self, key: (String, i64), again: Owed) {
+        let mut owed = self.owed.lock();
+        match owed.get_mut(&key) {
+            Some(o) => {
+                o.units = o.units.saturating_add(again.units);
+                o.at = o.at.max(again.at);
+            }
+            None => {
+                owed.insert(key, again);
+            }
+        }
+        self.owes.store(true, Ordering::Release);
+    }
+
+    /// Takes back `units` of what the copy owes the quota `key` for `day`
+    /// (tokens a request it admitted reserved and did not use), as far as
+    /// they are still owed. Those already charged to Redis stay charged
+    /// there (erring toward admitting less).
+    pub(super) fn forgive(&self, key: &str, day: i64, units: u64) {
+        let mut owed = self.owed.lock();
+        let k = (key.to_owned(), day);
+        if let Some(o) = owed.get_mut(&k) {
+            o.units = o.units.saturating_sub(units);
+            if o.units == 0 {
+                owed.remove(&k);
+            }
+        }
     }
 
     /// Charges the local copy with a request Redis (or a share of it) let
@@ -180,6 +290,60 @@ impl Local {
 }
 
 impl Inner {
+    /// Charges Redis with what the local copy admitted on its own while
+    /// Redis could not decide (nothing at all, and no call, when it owes
+    /// nothing: the usual case). Each quota is charged its units in one
+    /// settlement call (mode "t" with the time they were admitted) that may
+    /// take its count past the limit and is never refused, in the window
+    /// that admitted them only: a window that has ended, or a count reset
+    /// or set since, gets nothing. Sent in the background; the decisions of
+    /// this instance on the same quotas wait for it (within their timeout),
+    /// so the first request Redis decides after an outage counts them. What
+    /// is not answered (Redis still down) is owed again and sent with a
+    /// later request; what was charged is owed no more.
+    pub(super) fn repay(self: &Arc<Self>) {
+        let Some(owed) = self.local.take_owed() else {
+            return;
+        };
+        // The script's integers are exact below 2^53.
+        const EXACT: u64 = (1 << 53) - 1;
+        let now = self.now();
+        let mut keys = Vec::with_capacity(2 * owed.len());
+        let mut calls = Vec::with_capacity(owed.len());
+        for (k, o) in owed {
+            let mut call = Call::new("t", &now);
+            call.arg(o.units.min(EXACT));
+            call.arg(0);
+            call.arg(1);
+            call.keys.push(k.0.clone());
+            call.keys.push(o.hist.clone());
+            for a in &o.args {
+                call.arg(a);
+            }
+            call.arg(o.at.div_euclid(NANOS_PER_SEC as i64));
+            call.arg(o.at.rem_euclid(NANOS_PER_SEC as i64));
+            keys.extend(call.keys.iter().cloned());
+            calls.push((k, o, call));
+        }
+        let unanswered = Unanswered::new(self, keys);
+        let task = Arc::clone(self);
+        self.spawn(async move {
+            let _unanswered = unanswered;
+            let mut calls = calls.into_iter();
+            for (k, o, call) in calls.by_ref() {
+                if let Err(e) = task.within(Arc::clone(&task).run(call)).await {
+                    tracing::debug!(error = %e, "what the local copy admitted is owed again");
+                    task.local.owe_again(k, o);
+                    break;
+                }
+            }
+            // Redis did not answer: the rest waits for a later request.
+            for (k, o, _) in calls {
+                task.local.owe_again(k, o);
+            }
+        });
+    }
+
     /// Redis could not decide a request whose limits are `parts`: under
     /// [`Local`](FailureMode::Local) the local copy decides it (and the
     /// failure is counted and logged here); under `Open` and `Closed` the

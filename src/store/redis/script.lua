@@ -113,7 +113,11 @@
 --   for a refund), n, n times (interval_ns, burst), m, m times (limit,
 --   period, week_start, offset, created_s, history_days; m at most 2, at
 --   most 6 for "g"), then optionally
---   time the tokens were charged (charged_s, charged_ns). A throttle's
+--   time the tokens were charged (charged_s, charged_ns); a charge
+--   (delta > 0) with that time is what a local copy admitted during an
+--   outage, and goes only to the window that began on or before its day,
+--   to no count reset or set after it, and to that day in the history
+--   while it holds it. A throttle's
 --   TAT moves by delta * interval (a refund never below now; a charge may
 --   put the bucket in debt, past its span); a quota's count by delta (never
 --   below 0), except that a refund is not given to a window that began
@@ -814,11 +818,14 @@ if mode == 't' or mode == 'g' then
       local key, hist = KEYS[n + 2 * i - 1], KEYS[n + 2 * i]
       local p = qs[i]
       local kept = not exact or redis.call('HEXISTS', key, 'w') == 1
-      if kept and delta < 0 and charged_s then
+      if kept and charged_s then
         -- Reset or set (UpdateUsage) after the charge, or made after it
-        -- (the count that held it lost): the count does not hold it.
+        -- (the count that held it lost): the count does not hold it. A
+        -- charge ("t", delta > 0, with the time the local copy admitted
+        -- the units) is not counted after a reset or set since; a count
+        -- made since (data lost) takes it.
         local marks = redis.call('HMGET', key, 'x', 'b')
-        for j = 1, 2 do
+        for j = 1, delta < 0 and 2 or 1 do
           local x = marks[j]
           if x and kept then
             local xs, xns = string.match(x, '^(%-?%d+) (%d+)$')
@@ -831,7 +838,7 @@ if mode == 't' or mode == 'g' then
         end
       end
       local today, w, before, start, stop, limit_in = roll(key, now_s, unpack(p, 1, 5))
-      if kept and (delta >= 0 or not charged_day or charged_day >= start) then
+      if kept and (not charged_day or charged_day >= start) then
         local used
         if exact then
           used = math.max(before + delta, -2 ^ 53)
@@ -844,7 +851,7 @@ if mode == 't' or mode == 'g' then
           -- A refund comes off the day that was charged, while the history
           -- still holds it (and adds to what remained at that day's end).
           local day = today
-          if delta < 0 and charged_day and charged_day ~= today
+          if charged_day and charged_day ~= today
             and redis.call('HEXISTS', hist, fmt('u:%d', charged_day)) == 1 then
             day = charged_day
           end
