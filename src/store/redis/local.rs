@@ -322,6 +322,8 @@ impl Inner {
             }
             call.arg(o.at.div_euclid(NANOS_PER_SEC as i64));
             call.arg(o.at.rem_euclid(NANOS_PER_SEC as i64));
+            // Owed: what the copy admitted (see the script's mode "t").
+            call.arg("o");
             keys.extend(call.keys.iter().cloned());
             calls.push((k, o, call));
         }

@@ -113,9 +113,9 @@
 --   for a refund), n, n times (interval_ns, burst), m, m times (limit,
 --   period, week_start, offset, created_s, history_days; m at most 2, at
 --   most 6 for "g"), then optionally
---   time the tokens were charged (charged_s, charged_ns); a charge
---   (delta > 0) with that time is what a local copy admitted during an
---   outage, and goes only to the window that began on or before its day,
+--   time the tokens were charged (charged_s, charged_ns), then optionally
+--   "o": a charge (delta > 0) so marked is what a local copy admitted
+--   during an outage, owed to Redis, and goes only to the window that began on or before its day,
 --   to no count reset or set after it, and to that day in the history
 --   while it holds it. A throttle's
 --   TAT moves by delta * interval (a refund never below now; a charge may
@@ -774,14 +774,20 @@ if mode == 't' or mode == 'g' then
     -- what "g" took made every such give-back an error, so that the units
     -- stayed charged).
     local m = int(ARGV[qi], 0, exact and 9 or 2, 'quota count')
-    if (#ARGV ~= qi + 6 * m + 2 and (exact or #ARGV ~= qi + 6 * m))
+    local tail = #ARGV - (qi + 6 * m)
+    if (tail ~= 2 and (exact or (tail ~= 0 and tail ~= 3)))
       or #KEYS ~= n + 2 * m then
       error({ tollgate = 'wrong number of arguments' })
     end
     local charged_day, charged_s, charged_ns = nil, nil, nil
-    if #ARGV == qi + 6 * m + 2 then
-      charged_s = int(ARGV[#ARGV - 1], -2 ^ 40, 2 ^ 40, 'charge time')
-      charged_ns = int(ARGV[#ARGV], 0, 1e9 - 1, 'charge time')
+    -- Owed ("o" after the time): units a local copy admitted on its own.
+    local owed = tail == 3
+    if owed and ARGV[#ARGV] ~= 'o' then
+      error({ tollgate = 'wrong number of arguments' })
+    end
+    if tail >= 2 then
+      charged_s = int(ARGV[qi + 6 * m + 1], -2 ^ 40, 2 ^ 40, 'charge time')
+      charged_ns = int(ARGV[qi + 6 * m + 2], 0, 1e9 - 1, 'charge time')
       charged_day = (charged_s - charged_s % 86400) / 86400
     end
     local now_s, now_ns = clock(int)
@@ -818,7 +824,7 @@ if mode == 't' or mode == 'g' then
       local key, hist = KEYS[n + 2 * i - 1], KEYS[n + 2 * i]
       local p = qs[i]
       local kept = not exact or redis.call('HEXISTS', key, 'w') == 1
-      if kept and charged_s then
+      if kept and charged_s and (delta < 0 or owed) then
         -- Reset or set (UpdateUsage) after the charge, or made after it
         -- (the count that held it lost): the count does not hold it. A
         -- charge ("t", delta > 0, with the time the local copy admitted
@@ -838,7 +844,7 @@ if mode == 't' or mode == 'g' then
         end
       end
       local today, w, before, start, stop, limit_in = roll(key, now_s, unpack(p, 1, 5))
-      if kept and (not charged_day or charged_day >= start) then
+      if kept and ((delta >= 0 and not owed) or not charged_day or charged_day >= start) then
         local used
         if exact then
           used = math.max(before + delta, -2 ^ 53)
@@ -851,7 +857,7 @@ if mode == 't' or mode == 'g' then
           -- A refund comes off the day that was charged, while the history
           -- still holds it (and adds to what remained at that day's end).
           local day = today
-          if charged_day and charged_day ~= today
+          if (delta < 0 or owed) and charged_day and charged_day ~= today
             and redis.call('HEXISTS', hist, fmt('u:%d', charged_day)) == 1 then
             day = charged_day
           end
