@@ -531,7 +531,7 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
     waiting.answered();
     let res = match sent {
         Ok(Ok(res)) => res,
-        Ok(Err(e)) => return send_error(&f.upstream, &e, usage.as_ref()),
+        Ok(Err(e)) => return send_error(&f.upstream, e, usage.as_ref()),
         Err(_) => {
             tracing::warn!(upstream = %f.upstream.base, timeout = ?f.upstream.timeout, "the upstream did not answer in time");
             return gateway_error(
@@ -603,9 +603,12 @@ fn body_error(e: &axum::Error, usage: Option<&TokenUsage>) -> Response {
 
 /// The answer when the request could not be sent or its answer's head not
 /// read: a 502 (a 504 for a timeout), costing nothing.
-fn send_error(up: &Upstream, e: &reqwest::Error, usage: Option<&TokenUsage>) -> Response {
+fn send_error(up: &Upstream, e: reqwest::Error, usage: Option<&TokenUsage>) -> Response {
     use std::error::Error as _;
-    // The chain, for the log: reqwest's own message names only the URL.
+    // The chain, for the log: reqwest's own message names only the URL,
+    // and that URL is left out: its query is the client's, which may
+    // carry a secret (`?key=…`). The upstream is named on its own.
+    let e = e.without_url();
     let mut error = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -575,6 +575,57 @@ async fn the_binary_takes_the_backends_key_from_the_environment_and_never_logs_i
     assert!(lonely.stderr().contains("the upstream request failed"));
 }
 
+/// A request's query is the client's: it may carry a secret the client
+/// meant for the backend (`?key=…`, as some APIs take their keys). It is
+/// forwarded, but never written to the gateway's log, neither when the
+/// upstream cannot be reached nor when its answer breaks off: the lines
+/// name the upstream and what went wrong. reqwest's own message named the
+/// whole URL, query and all.
+#[tokio::test]
+async fn a_failing_upstream_is_logged_without_the_requests_query() {
+    use crate::support::process::ServerProcess;
+
+    const SECRET: &str = "query-secret-4c1d";
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let down = format!("http://{addr}");
+    let (backend, _stop) = mock_backend().await;
+    let up = format!("{backend}/v1");
+    let client = reqwest::Client::new();
+    for (upstream, stream) in [(&down, false), (&up, true)] {
+        let server = ServerProcess::start_with_env(
+            &["--upstream", upstream],
+            &[
+                ("TOLLGATE_UPSTREAM_KEY", "gateway-secret"),
+                ("RUST_LOG", "debug"),
+            ],
+        );
+        let mut body = completion(10, 10, stream);
+        // The backend (a gateway in mock mode) breaks its stream off.
+        body["mock_fail_after"] = json!(2);
+        let res = client
+            .post(server.url(&format!("/v1/completions?key={SECRET}&x=1")))
+            .header("x-api-key", "demo-free-key")
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), if stream { 200 } else { 502 });
+        let _ = res.bytes().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let log = server.stderr();
+        let failed = if stream {
+            "the upstream's answer broke off"
+        } else {
+            "the upstream request failed"
+        };
+        assert!(log.contains(failed), "{log}");
+        assert!(!log.contains(SECRET), "{log}");
+    }
+}
+
 /// A path refused as one that would escape `/v1/` costs nothing, as a 404
 /// does: it was charged a request of the throttle before it was refused.
 #[tokio::test]
