@@ -69,11 +69,14 @@ pub(crate) struct AdminState<S> {
 }
 
 impl<S> AdminState<S> {
-    /// Whether the request carries the admin key (in its first `x-admin-key`
-    /// header); see [`AdminKey::matches`].
+    /// Whether the request carries the admin key in its one `x-admin-key`
+    /// header; see [`AdminKey::matches`]. A request with several is
+    /// refused, whatever they hold: which one is meant is not told (a
+    /// proxy may have added one), as the layer refuses a repeated API key.
     fn allows(&self, headers: &HeaderMap) -> bool {
-        match (&self.key, headers.get("x-admin-key")) {
-            (Some(key), Some(sent)) => key.matches(sent.as_bytes()),
+        let mut sent = headers.get_all("x-admin-key").iter();
+        match (&self.key, sent.next(), sent.next()) {
+            (Some(key), Some(sent), None) => key.matches(sent.as_bytes()),
             _ => false,
         }
     }

@@ -179,6 +179,17 @@ async fn every_admin_route_refuses_a_wrong_key_of_every_shape() {
             .await
             .unwrap();
         refused(res, "the key in look-alike headers".into()).await;
+        // The key beside another `x-admin-key`, before or after it, or
+        // twice: which one is meant is not told, as with a repeated API key.
+        for pair in [("wrong-key", ADMIN), (ADMIN, "wrong-key"), (ADMIN, ADMIN)] {
+            let res = request()
+                .header("x-admin-key", pair.0)
+                .header("x-admin-key", pair.1)
+                .send()
+                .await
+                .unwrap();
+            refused(res, format!("two x-admin-key headers {pair:?}")).await;
+        }
         let sep = if path.contains('?') { '&' } else { '?' };
         let res = client
             .request(
