@@ -22,7 +22,11 @@ use super::Shared;
 impl<K: KeyExtractor, S: Store> Shared<K, S> {
     /// The defining limit of each family for the caller of `req`, found as
     /// the decision found its plan; nothing for a caller no longer found.
-    pub(crate) fn families(&self, req: &RequestView<'_>) -> Families {
+    /// `answer` is the resolver's answer the request was decided by, if it
+    /// was: its key's plan is the caller's, whether the answer is cached or
+    /// not (a positive TTL of 0, a cache too full to take it, an answer
+    /// gone from the cache since).
+    pub(crate) fn families(&self, req: &RequestView<'_>, answer: Option<&Answer>) -> Families {
         let mut f = Families::default();
         // A quota is as large as its current window (its plan's first
         // holds `offset` fewer), as the responses allowed before said.
@@ -41,10 +45,16 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
                     entry
                         .map(|e| self.offer(&mut f, req, stage, e.account.as_deref(), &e.plan, now))
                 });
-                if found.is_none()
-                    && let Some(resolving) = &self.resolver
-                    && let Some(Answer::Found(found)) = resolving.cached(hash::digest(key))
-                {
+                let cached;
+                let answer = match (found, answer, &self.resolver) {
+                    (Some(_), _, _) | (None, None, None) => None,
+                    (None, Some(answer), _) => Some(answer),
+                    (None, None, Some(resolving)) => {
+                        cached = resolving.cached(hash::digest(key));
+                        cached.as_ref()
+                    }
+                };
+                if let Some(Answer::Found(found)) = answer {
                     let snap = self.policy.load();
                     if let Some(plan) = snap.plan_named(found.key.plan()) {
                         let account = found.key.get_account().and_then(|a| snap.account_named(a));

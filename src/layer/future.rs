@@ -186,7 +186,12 @@ where
                 let (rejection, limit) = *refusal;
                 let rejection = rejection.with_grpc(is_grpc(parked.req.headers()));
                 State::Rejected {
-                    response: Some(shared.reject(rejection, limit, &RequestView::new(&parked.req))),
+                    response: Some(shared.reject(
+                        rejection,
+                        limit,
+                        &RequestView::new(&parked.req),
+                        parked.answer.as_ref(),
+                    )),
                 }
             }
             Step::Wait(decision, failure, watch) => {
@@ -256,6 +261,7 @@ where
                                     rejection,
                                     None,
                                     &RequestView::new(&parked.req),
+                                    None,
                                 )),
                             }
                         }
@@ -289,10 +295,10 @@ where
                             let mut report = Report::default();
                             let view = RequestView::new(&parked.req);
                             let reservation = &mut parked.reservation;
-                            let step = match parked.answer.take() {
+                            let step = match &parked.answer {
                                 // A key the resolver answered: by that answer.
                                 Some(answer) => {
-                                    shared.decide_resolved(&answer, &view, reservation, &mut report)
+                                    shared.decide_resolved(answer, &view, reservation, &mut report)
                                 }
                                 None => shared.decide(&view, reservation, &mut report),
                             };
@@ -320,7 +326,7 @@ where
                         failure,
                         reservation,
                         watch,
-                        ..
+                        answer,
                     } = *parked;
                     let view = Some(RequestView::new(&req));
                     match shared.conclude_watched(result, failure, watch, view) {
@@ -337,6 +343,7 @@ where
                                     rejection,
                                     limit,
                                     &RequestView::new(&req),
+                                    answer.as_ref(),
                                 )),
                             }
                         }

@@ -11,6 +11,7 @@ use crate::extract::{KeyExtractor, RequestView};
 use crate::headers::{Families, ceil_secs};
 use crate::observe::{Observer, Outcome, Seen, Watch, outcome};
 use crate::plan::FailureMode;
+use crate::resolver::Answer;
 use crate::response::{
     Decision, RETRY_AFTER_MS, Reason, Rejection, Unchecked, X_SHOULD_RETRY, grpc_web_type, refused,
 };
@@ -147,13 +148,15 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
     /// layer's style, `Retry-After`, `retry-after-ms` and `x-should-retry`
     /// unless a custom response set them, and the rate-limit headers of the
     /// limit that denied (with the defining limits of the caller's plan for
-    /// OpenAI's headers).
+    /// OpenAI's headers; `answer` is the resolver's answer the request was
+    /// decided by, if it was).
     #[cold]
     pub(crate) fn reject(
         &self,
         rejection: Rejection,
         limit: Option<Applied>,
         req: &RequestView<'_>,
+        answer: Option<&Answer>,
     ) -> Response<Bytes> {
         let rejection = self.styled(rejection);
         let mut res = match &self.on_rejection {
@@ -191,7 +194,7 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
         }
         if let Some(limit) = limit {
             let families = match self.headers.has_openai() {
-                true => self.families(req),
+                true => self.families(req, answer),
                 false => Families::default(),
             };
             let wait = wait.unwrap_or(limit.reset);

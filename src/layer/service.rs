@@ -121,6 +121,7 @@ where
                     rejection,
                     limit,
                     &RequestView::new(&req),
+                    None,
                 ))
             }
             // The failure mode is set when the key's plan is known.

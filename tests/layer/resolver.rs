@@ -688,3 +688,84 @@ async fn resolved_keys_share_their_state_between_instances_through_redis() {
     assert!(instances[1].decide(b"db-secret-2", 1).await.is_ok());
     assert!(instances[0].decide(b"db-secret-2", 1).await.is_err());
 }
+
+/// The OpenAI headers of a response, in order: limit, remaining, reset of
+/// each family, `-` for one that is missing.
+fn openai_headers(res: &reqwest::Response) -> Vec<String> {
+    ["requests", "tokens"]
+        .iter()
+        .flat_map(|family| {
+            ["limit", "remaining", "reset"].map(|what| {
+                let name = format!("x-ratelimit-{what}-{family}");
+                res.headers()
+                    .get(&name)
+                    .map_or("-".to_owned(), |v| v.to_str().unwrap().to_owned())
+            })
+        })
+        .collect()
+}
+
+/// With OpenAI's headers, a resolved key's first request (its answer just
+/// looked up) is answered with the `x-ratelimit-*` headers its later ones
+/// carry, allowed or rejected, and so is every request of a key whose
+/// answer is not cached (a positive TTL of 0, a cache too small to hold
+/// it). A rejection by the quota reports the family's defining limit, the
+/// plan's throttle, as the allowed responses before it did.
+#[tokio::test]
+async fn the_first_request_of_a_resolved_key_carries_the_openai_headers() {
+    let keys = Keys::new().await;
+    let pro = UsagePlan::new("pro")
+        .throttle(Throttle::new(1.0, 100).unwrap())
+        .quota(tollgate::Quota::new(2, tollgate::Period::Day).unwrap());
+    let policy = || {
+        Policy::builder()
+            .plan(pro.clone())
+            .key(ApiKey::new("db-pro", "registered-value-of-db-pro", "pro"))
+            .build()
+            .unwrap()
+    };
+    for ttl in [Duration::from_secs(60), Duration::ZERO] {
+        // A request of the key's registered value, then one of its
+        // database value (its first), rejected by the quota; and one of the
+        // database value alone, allowed, whose headers the rejection
+        // repeats.
+        let (_clock, store) = frozen_store();
+        let layer = RateLimitLayer::builder(policy())
+            .openai()
+            .store(store)
+            .resolver(Resolver::new(keys.resolver("api_keys")).positive_ttl(ttl))
+            .build();
+        let base = serve(Router::new().route("/", get(ok)).layer(layer)).await;
+        let res = get_with_key(&base, "db-secret-pro").await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(openai_headers(&res)[..2], ["100", "99"], "ttl {ttl:?}");
+        assert_eq!(
+            get_with_key(&base, "registered-value-of-db-pro")
+                .await
+                .status(),
+            200
+        );
+        let later = get_with_key(&base, "registered-value-of-db-pro").await;
+        assert_eq!(later.status(), 429);
+        assert_eq!(openai_headers(&later)[..2], ["100", "0"]);
+
+        let (_clock, store) = frozen_store();
+        let layer = RateLimitLayer::builder(policy())
+            .openai()
+            .store(store)
+            .resolver(Resolver::new(keys.resolver("api_keys")).positive_ttl(ttl))
+            .build();
+        let base = serve(Router::new().route("/", get(ok)).layer(layer)).await;
+        for _ in 0..2 {
+            let res = get_with_key(&base, "registered-value-of-db-pro").await;
+            assert_eq!(res.status(), 200);
+        }
+        let first = get_with_key(&base, "db-secret-pro").await;
+        assert_eq!(first.status(), 429);
+        assert_eq!(
+            openai_headers(&first),
+            openai_headers(&later),
+            "ttl {ttl:?}"
+        );
+    }
+}
