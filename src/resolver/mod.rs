@@ -19,6 +19,11 @@
 //! - a value that is not UTF-8 is never asked (the resolver takes text): it
 //!   is refused as a malformed key
 //!   ([`KeyError::Malformed`](crate::extract::KeyError::Malformed));
+//! - a key whose plan (or account) the policy does not have is answered as a
+//!   failed lookup; its answer is cached as any key's, and the plan is
+//!   looked up by name on every request: once the plan is put (through
+//!   [`Admin::put_plan`](crate::Admin::put_plan), or by another instance),
+//!   the key is served, without waiting for its answer to expire;
 //! - a lookup that fails, times out or panics is answered
 //!   `503 {"message":"Service Unavailable"}` (gRPC: `UNAVAILABLE`), or as
 //!   [`fallback`](Resolver::fallback) says; a failure is never cached.

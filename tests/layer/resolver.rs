@@ -769,3 +769,57 @@ async fn the_first_request_of_a_resolved_key_carries_the_openai_headers() {
         );
     }
 }
+/// A key whose answer names a plan the policy does not have yet is a
+/// failed lookup; once the plan is put, the key is served at once, not
+/// only after its answer's positive TTL.
+#[tokio::test]
+async fn a_key_of_a_plan_put_later_is_served_once_the_plan_is_there() {
+    let keys = Keys::new().await;
+    let clock = tollgate::ManualClock::new();
+    let resolver = Resolver::new(keys.resolver("api_keys"))
+        .positive_ttl(Duration::from_secs(60))
+        .clock(clock.clone());
+    let (_store_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(policy())
+        .store(store)
+        .resolver(resolver)
+        .build();
+    let admin = layer.admin();
+    let base = serve(Router::new().route("/", get(ok)).layer(layer)).await;
+    assert_body(
+        get_with_key(&base, "db-secret-gone").await,
+        503,
+        UNAVAILABLE,
+    )
+    .await;
+    admin
+        .put_plan(UsagePlan::new("no-such-plan").throttle(Throttle::new(1.0, 5).unwrap()))
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(1));
+    let res = get_with_key(&base, "db-secret-gone").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "ratelimit-policy"), r#""throttle";q=5;w=5"#);
+
+    // An account the policy does not have yet, likewise.
+    sqlx::query("INSERT INTO api_keys VALUES (?1, 'db-later', 'free', 'later', TRUE)")
+        .bind(sha256_hex("db-secret-later"))
+        .execute(&keys.pool)
+        .await
+        .unwrap();
+    assert_body(
+        get_with_key(&base, "db-secret-later").await,
+        503,
+        UNAVAILABLE,
+    )
+    .await;
+    admin
+        .put_account(tollgate::Account::new("later").throttle(Throttle::new(1.0, 1).unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(get_with_key(&base, "db-secret-later").await.status(), 200);
+    // The account's bucket of 1 is used up.
+    assert_eq!(get_with_key(&base, "db-secret-later").await.status(), 429);
+    // Each answer was asked for once.
+    assert_eq!(keys.queries(), 2);
+}
