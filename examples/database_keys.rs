@@ -79,9 +79,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .plan(UsagePlan::new("free").throttle(Throttle::new(1.0, 2)?))
         .account(Account::new("acme").quota(Quota::new(10_000, Period::Day)?))
         .build()?;
+    // At most 4 lookups at once: a flood of guessed values leaves the pool's
+    // other connections (of its default 10) to the rest of the application.
     let lookups = pool.clone();
     let resolver = Resolver::new(move |value| find_key(lookups.clone(), value))
-        .timeout(Duration::from_millis(500));
+        .timeout(Duration::from_millis(500))
+        .max_in_flight(4);
     let layer = RateLimitLayer::builder(policy).resolver(resolver).build();
     let app = Router::new()
         .route("/", get(|| async { "hello\n" }))

@@ -84,8 +84,8 @@ pub enum Resolution {
 }
 
 /// A [`KeyResolver`](crate::KeyResolver) could not answer: its source
-/// failed, it took longer than the timeout, or it named a plan the policy
-/// does not have.
+/// failed, it took longer than the timeout, it had its most lookups in
+/// flight, or it named a plan the policy does not have.
 ///
 /// A request whose key could not be resolved is answered 503, or as
 /// [`ResolverFallback`](crate::ResolverFallback) says.
@@ -106,6 +106,7 @@ pub struct ResolveError {
 enum Kind {
     Source(Arc<dyn Error + Send + Sync>),
     Timeout,
+    Busy,
     UnknownPlan,
 }
 
@@ -123,6 +124,10 @@ impl ResolveError {
         }
     }
 
+    pub(crate) fn busy() -> Self {
+        ResolveError { kind: Kind::Busy }
+    }
+
     pub(crate) fn unknown_plan() -> Self {
         ResolveError {
             kind: Kind::UnknownPlan,
@@ -133,6 +138,12 @@ impl ResolveError {
     pub fn is_timeout(&self) -> bool {
         matches!(self.kind, Kind::Timeout)
     }
+
+    /// Whether the value was not looked up because the resolver had its
+    /// most lookups in flight ([`Resolver::max_in_flight`](crate::Resolver::max_in_flight)).
+    pub fn is_busy(&self) -> bool {
+        matches!(self.kind, Kind::Busy)
+    }
 }
 
 impl fmt::Debug for ResolveError {
@@ -140,6 +151,7 @@ impl fmt::Debug for ResolveError {
         match &self.kind {
             Kind::Source(e) => f.debug_tuple("ResolveError").field(e).finish(),
             Kind::Timeout => f.write_str("ResolveError::Timeout"),
+            Kind::Busy => f.write_str("ResolveError::Busy"),
             Kind::UnknownPlan => f.write_str("ResolveError::UnknownPlan"),
         }
     }
@@ -150,6 +162,7 @@ impl fmt::Display for ResolveError {
         match &self.kind {
             Kind::Source(e) => write!(f, "key resolver failed: {e}"),
             Kind::Timeout => f.write_str("key resolver timed out"),
+            Kind::Busy => f.write_str("key resolver has its most lookups in flight"),
             Kind::UnknownPlan => f.write_str("key resolver named a plan the policy does not have"),
         }
     }
@@ -159,7 +172,7 @@ impl Error for ResolveError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match &self.kind {
             Kind::Source(e) => Some(&**e as &(dyn Error + 'static)),
-            Kind::Timeout | Kind::UnknownPlan => None,
+            Kind::Timeout | Kind::Busy | Kind::UnknownPlan => None,
         }
     }
 }
@@ -180,6 +193,11 @@ mod tests {
             "key resolver timed out"
         );
         assert!(ResolveError::unknown_plan().source().is_none());
+        assert!(ResolveError::busy().is_busy() && !ResolveError::busy().is_timeout());
+        assert_eq!(
+            ResolveError::busy().to_string(),
+            "key resolver has its most lookups in flight"
+        );
         assert_eq!(
             format!("{:?}", ResolveError::timeout()),
             "ResolveError::Timeout"

@@ -7,6 +7,7 @@ use std::fmt;
 use std::future::{Future, poll_fn};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::Duration;
@@ -27,6 +28,8 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(10);
 const CAPACITY: usize = 100_000;
 /// Default bound of a lookup.
 const TIMEOUT: Duration = Duration::from_secs(1);
+/// Default most lookups in flight.
+const MAX_IN_FLIGHT: usize = 32;
 
 /// How a request is answered when its key could not be resolved (the
 /// resolver failed or timed out).
@@ -67,6 +70,7 @@ pub struct Resolver {
     negative_ttl: Duration,
     capacity: usize,
     timeout: Duration,
+    max_in_flight: usize,
     fallback: ResolverFallback,
     clock: Option<Clock>,
 }
@@ -74,7 +78,8 @@ pub struct Resolver {
 impl Resolver {
     /// Asks `resolver` for key values the policy does not hold, caching found
     /// keys for 60 s and values that are no key for 10 s, at most 100 000
-    /// of each, each lookup bounded by 1 s, a failure answered 503.
+    /// of each, each lookup bounded by 1 s, at most 32 lookups in flight, a
+    /// failure answered 503.
     pub fn new(resolver: impl KeyResolver) -> Self {
         Resolver {
             resolver: Arc::new(resolver),
@@ -82,6 +87,7 @@ impl Resolver {
             negative_ttl: NEGATIVE_TTL,
             capacity: CAPACITY,
             timeout: TIMEOUT,
+            max_in_flight: MAX_IN_FLIGHT,
             fallback: ResolverFallback::default(),
             clock: None,
         }
@@ -118,6 +124,23 @@ impl Resolver {
         self
     }
 
+    /// The most lookups the resolver has in flight at once (default 32;
+    /// at least 1). A request whose value needs one more lookup makes none:
+    /// it is answered at once as a failed lookup is (503, or as
+    /// [`fallback`](Self::fallback) says), never queued behind lookups that
+    /// may answer after the timeout. A flood of values nobody registered,
+    /// each a lookup of its own, so holds at most this many lookups (and
+    /// connections of a database pool), however slow the source is; keys
+    /// whose answers are cached are decided as ever, and requests that wait
+    /// for a lookup of their own value already in flight make none. A
+    /// lookup counts until it answers, fails, panics or times out. Set it
+    /// to what the source serves at once, below the size of a database
+    /// pool that the rest of the application uses too.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
     /// How a request is answered when its key could not be resolved
     /// (default [`ResolverFallback::Unavailable`], 503).
     pub fn fallback(mut self, fallback: ResolverFallback) -> Self {
@@ -141,6 +164,7 @@ impl Resolver {
             positive_ttl: nanos(self.positive_ttl),
             negative_ttl: nanos(self.negative_ttl),
             timeout: self.timeout,
+            in_flight: InFlight::new(self.max_in_flight),
             fallback: self.fallback,
             clock: self.clock.unwrap_or_default(),
         }
@@ -154,6 +178,7 @@ impl fmt::Debug for Resolver {
             .field("negative_ttl", &self.negative_ttl)
             .field("capacity", &self.capacity)
             .field("timeout", &self.timeout)
+            .field("max_in_flight", &self.max_in_flight)
             .field("fallback", &self.fallback)
             .finish_non_exhaustive()
     }
@@ -255,8 +280,62 @@ pub(crate) struct Resolving {
     positive_ttl: Nanos,
     negative_ttl: Nanos,
     timeout: Duration,
+    /// The lookups in flight, and their bound.
+    in_flight: InFlight,
     pub(crate) fallback: ResolverFallback,
     clock: Clock,
+}
+
+/// Counts the lookups in flight against their bound.
+struct InFlight {
+    now: AtomicUsize,
+    max: usize,
+    /// Whether a lookup was refused since one last had room: the bound's
+    /// being reached is logged once when it starts and once when it ends.
+    full: AtomicBool,
+}
+
+impl InFlight {
+    fn new(max: usize) -> Self {
+        InFlight {
+            now: AtomicUsize::new(0),
+            max,
+            full: AtomicBool::new(false),
+        }
+    }
+
+    /// A place for one more lookup, given back when it is dropped; `None`
+    /// when all are taken.
+    fn take(&self) -> Option<Place<'_>> {
+        let taken = self
+            .now
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok();
+        if !taken {
+            if !self.full.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    max_in_flight = self.max,
+                    "key resolver has its most lookups in flight: values to look up are refused"
+                );
+            }
+            return None;
+        }
+        if self.full.load(Ordering::Relaxed) && self.full.swap(false, Ordering::Relaxed) {
+            tracing::info!("key resolver has room for lookups again");
+        }
+        Some(Place(&self.now))
+    }
+}
+
+/// A lookup's place among those in flight.
+struct Place<'a>(&'a AtomicUsize);
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Resolving {
@@ -309,9 +388,15 @@ impl Resolving {
                 Ok(Ok(entry)) => return entry.answer,
                 Ok(Err(guard)) => guard,
             };
-        let answer = match tokio::time::timeout_at(deadline, self.ask(value)).await {
-            Ok(result) => Answer::of(result),
-            Err(_) => Answer::Failed(ResolveError::timeout()),
+        // Past the bound, failed at once (the waiters with it): never
+        // queued behind lookups that may answer after the timeout. The place
+        // is held until the lookup has ended, or its future is dropped.
+        let answer = match self.in_flight.take() {
+            None => Answer::Failed(ResolveError::busy()),
+            Some(_place) => match tokio::time::timeout_at(deadline, self.ask(value)).await {
+                Ok(result) => Answer::of(result),
+                Err(_) => Answer::Failed(ResolveError::timeout()),
+            },
         };
         let ttl = match &answer {
             Answer::Found(_) => self.positive_ttl,
@@ -389,7 +474,6 @@ impl Resolving {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
 
     use super::*;
@@ -580,6 +664,51 @@ mod tests {
         assert_eq!(r.len(), 0);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lookups_past_the_bound_fail_at_once_and_give_their_place_back() {
+        let (calls, resolver) = counting(Duration::from_millis(200));
+        let r = Arc::new(Resolver::new(resolver).max_in_flight(3).build());
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let r = Arc::clone(&r);
+                tokio::spawn(
+                    async move { (look(&r, &format!("guess-{i}")).await, start.elapsed()) },
+                )
+            })
+            .collect();
+        let mut busy = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                (Answer::Unknown, took) => assert!(took >= Duration::from_millis(200)),
+                (Answer::Failed(e), took) => {
+                    assert!(e.is_busy(), "{e}");
+                    assert!(took < Duration::from_millis(150), "{took:?}");
+                    busy += 1;
+                }
+                (Answer::Found(_), _) => panic!("found"),
+            }
+        }
+        assert_eq!((calls.load(Ordering::SeqCst), busy), (3, 17));
+        // Nothing of the refused values was cached; the places are free.
+        assert_eq!(r.in_flight.now.load(Ordering::SeqCst), 0);
+        // A lookup that times out gives its place back too.
+        let hang = |_: String| std::future::pending::<Result<Resolution, ResolveError>>();
+        let r = Arc::new(
+            Resolver::new(hang)
+                .max_in_flight(1)
+                .timeout(Duration::from_millis(50))
+                .build(),
+        );
+        for _ in 0..3 {
+            let Answer::Failed(e) = look(&r, "good").await else {
+                panic!("answered");
+            };
+            assert!(e.is_timeout());
+        }
+        assert_eq!(r.in_flight.now.load(Ordering::SeqCst), 0);
+    }
+
     #[tokio::test]
     async fn a_failure_is_not_cached() {
         let calls = Arc::new(AtomicUsize::new(0));
@@ -606,7 +735,9 @@ mod tests {
         assert_eq!(r.negative_ttl, Duration::from_secs(10));
         assert_eq!(r.capacity, 100_000);
         assert_eq!(r.timeout, Duration::from_secs(1));
+        assert_eq!(r.max_in_flight, 32);
         assert_eq!(r.fallback, ResolverFallback::Unavailable);
-        assert_eq!(r.capacity(0).capacity, 1);
+        let r = r.capacity(0).max_in_flight(0);
+        assert_eq!((r.capacity, r.max_in_flight), (1, 1));
     }
 }

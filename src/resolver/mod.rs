@@ -16,6 +16,11 @@
 //!   its answer;
 //! - a lookup (and the wait for another request's) is bounded by
 //!   [`timeout`](Resolver::timeout) (1 s);
+//! - at most [`max_in_flight`](Resolver::max_in_flight) (32) lookups are in
+//!   flight at once: past that a value to look up is answered at once as a
+//!   failed lookup (never queued), so a flood of values nobody registered
+//!   holds no more of the source (a database pool) than that, and keys whose
+//!   answers are cached are decided as ever;
 //! - a value that is not UTF-8 is never asked (the resolver takes text): it
 //!   is refused as a malformed key
 //!   ([`KeyError::Malformed`](crate::extract::KeyError::Malformed));

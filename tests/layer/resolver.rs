@@ -823,3 +823,151 @@ async fn a_key_of_a_plan_put_later_is_served_once_the_plan_is_there() {
     // Each answer was asked for once.
     assert_eq!(keys.queries(), 2);
 }
+
+/// A database that answers after `delay`, and counts the lookups it is
+/// answering at once: the most there ever were.
+struct Busy {
+    keys: Keys,
+    now: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+}
+
+impl Busy {
+    async fn new() -> Busy {
+        Busy {
+            keys: Keys::new().await,
+            now: Arc::new(AtomicUsize::new(0)),
+            most: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn resolver(&self, delay: Duration) -> impl KeyResolver {
+        let inner = Arc::new(self.keys.slow_resolver("api_keys", delay));
+        let (now, most) = (Arc::clone(&self.now), Arc::clone(&self.most));
+        move |value: String| {
+            let (inner, now, most) = (Arc::clone(&inner), Arc::clone(&now), Arc::clone(&most));
+            async move {
+                /// Counts the lookup out however it ends (answered, or
+                /// dropped at the timeout).
+                struct Out(Arc<AtomicUsize>);
+                impl Drop for Out {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                let _out = Out(now);
+                most.fetch_max(n, Ordering::SeqCst);
+                inner.resolve(&value).await
+            }
+        }
+    }
+}
+
+/// A flood of values that are no key, each a fresh lookup of a slow
+/// database, holds at most the resolver's bound of lookups in flight; past
+/// it a value is answered at once as a failed lookup is (503, or the
+/// fallback), not queued; and a key whose answer is cached is served
+/// throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_unknown_values_holds_at_most_the_bound_of_lookups() {
+    let busy = Busy::new().await;
+    let resolver = Resolver::new(busy.resolver(Duration::from_millis(300)))
+        .max_in_flight(4)
+        .timeout(Duration::from_secs(2));
+    let (_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(policy())
+        .store(store)
+        .resolver(resolver)
+        .build();
+    // `db-pro` is looked up, and cached.
+    assert!(layer.decide(b"db-secret-pro", 1).await.is_ok());
+    assert_eq!(busy.keys.queries(), 1);
+    let base = serve(Router::new().route("/", get(ok)).layer(layer)).await;
+
+    let c = client();
+    let start = Instant::now();
+    let flood: Vec<_> = (0..200)
+        .map(|i| {
+            let req = c
+                .get(&base)
+                .header("x-api-key", format!("guess-{i}"))
+                .send();
+            tokio::spawn(async move {
+                let res = req.await.unwrap();
+                (res.status().as_u16(), Instant::now())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The cached key is served while the flood is on, at once.
+    for _ in 0..20 {
+        let t = Instant::now();
+        assert_eq!(get_with_key(&base, "db-secret-pro").await.status(), 200);
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    let (mut forbidden, mut unavailable) = (0, 0);
+    for f in flood {
+        let (status, at) = f.await.unwrap();
+        match status {
+            403 => forbidden += 1,
+            503 => {
+                unavailable += 1;
+                // Answered at once, not after waiting for a lookup.
+                assert!(at - start < Duration::from_millis(250), "{:?}", at - start);
+            }
+            other => panic!("{other}"),
+        }
+    }
+    assert!(
+        busy.most.load(Ordering::SeqCst) <= 4,
+        "{}",
+        busy.most.load(Ordering::SeqCst)
+    );
+    assert!(forbidden >= 4, "{forbidden}");
+    assert!(unavailable >= 100, "{unavailable}");
+    assert_eq!(busy.keys.queries(), 1 + forbidden);
+    // Once the flood is over, lookups go on.
+    assert_body(get_with_key(&base, "guess-again").await, 403, FORBIDDEN).await;
+    assert_eq!(get_with_key(&base, "db-secret-2").await.status(), 200);
+}
+
+/// Past the bound, a lookup is answered as the configured fallback says;
+/// requests that wait for a lookup in flight of their own value are no
+/// lookup of their own, and are answered with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn past_the_bound_of_lookups_the_fallback_answers_and_waiters_share_a_lookup() {
+    let busy = Busy::new().await;
+    let resolver = Resolver::new(busy.resolver(Duration::from_millis(300)))
+        .max_in_flight(1)
+        .fallback(ResolverFallback::UnknownKey);
+    let base = serve_with(resolver).await;
+    // Ten requests of one key: one lookup, which all of them wait for.
+    let waiting: Vec<_> = (0..10)
+        .map(|_| {
+            let base = base.clone();
+            tokio::spawn(async move { get_with_key(&base, "db-secret-pro").await.status() })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Another value finds the one lookup the bound allows taken.
+    let t = Instant::now();
+    assert_body(get_with_key(&base, "db-secret-2").await, 403, FORBIDDEN).await;
+    assert!(
+        t.elapsed() < Duration::from_millis(150),
+        "{:?}",
+        t.elapsed()
+    );
+    for w in waiting {
+        assert_eq!(w.await.unwrap(), 200);
+    }
+    assert_eq!(busy.keys.queries(), 1);
+    assert_eq!(busy.most.load(Ordering::SeqCst), 1);
+    // The refused value was not cached as no key: it is asked now.
+    assert_eq!(get_with_key(&base, "db-secret-2").await.status(), 200);
+    assert_eq!(busy.keys.queries(), 2);
+}
