@@ -70,7 +70,8 @@ pub enum Reason {
 /// In every style, a rejection that can pass later carries `Retry-After` (whole
 /// seconds, rounded up) and `retry-after-ms` (milliseconds, rounded up: the
 /// exact wait, which OpenAI's SDKs read first). A cost larger than a whole
-/// limit carries them too, the time until that limit is full again, and
+/// limit carries them too, the time until that limit is full again (at
+/// least 1 ms: a 429 never says `retry-after: 0`), and
 /// `x-should-retry: false`: it can never pass. So does a rejection whose
 /// retry lies beyond a bound (default 60 s, see
 /// [`max_retry`](crate::RateLimitLayerBuilder::max_retry)): a client should

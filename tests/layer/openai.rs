@@ -967,3 +967,264 @@ async fn a_401_carries_a_bearer_challenge() {
     assert_eq!(res.status(), 403);
     assert!(res.headers().get("www-authenticate").is_none());
 }
+
+/// How a 429's retry headers must agree, whatever limit denied and in
+/// either style: `retry-after` (whole seconds, rounded up) and
+/// `retry-after-ms` (exact) are there and never 0, the IETF `t` and the
+/// legacy `x-ratelimit-reset` say the seconds, OpenAI's reset the same
+/// wait, and `x-should-retry: false` is there exactly when the request can
+/// never pass or its wait is past 60 s.
+fn assert_retry_agrees(res: &reqwest::Response, never: bool, case: &str) {
+    assert_eq!(res.status(), 429, "{case}: {:?}", res.headers());
+    let (secs, ms) = (secs(res), ms(res));
+    assert!(secs >= 1 && ms >= 1, "{case}: retry-after {secs}, ms {ms}");
+    assert_eq!(secs, ms.div_ceil(1_000), "{case}");
+    assert_eq!(ietf_t(res), secs, "{case}: {}", header(res, "ratelimit"));
+    assert!(header(res, "ratelimit").contains(";r=0;"), "{case}");
+    assert_eq!(header(res, "x-ratelimit-reset"), secs.to_string(), "{case}");
+    let family = ["requests", "tokens"]
+        .into_iter()
+        .find(|f| {
+            res.headers()
+                .contains_key(format!("x-ratelimit-reset-{f}").as_str())
+        })
+        .unwrap_or_else(|| panic!("{case}: no OpenAI reset in {:?}", res.headers()));
+    assert_ne!(
+        header(res, &format!("x-ratelimit-reset-{family}")),
+        "0s",
+        "{case}"
+    );
+    let should_retry = res.headers().get("x-should-retry");
+    match never || ms > 60_000 {
+        true => assert_eq!(should_retry.unwrap(), "false", "{case}"),
+        false => assert!(should_retry.is_none(), "{case}"),
+    }
+}
+
+/// Every kind of limit that can deny a request with a wait, and a cost too
+/// large for it, full or in debt, in both styles: the retry headers agree
+/// (see [`assert_retry_agrees`]).
+#[tokio::test]
+async fn every_429_carries_agreeing_retry_headers_in_every_style() {
+    use tollgate::{Account, HeaderStyle, ResponseStyle, Stage};
+
+    let once = || Throttle::new(1.0, 1).unwrap();
+    let per_minute = || TokenBudget::new().per_minute(100).unwrap();
+    let per_day = || TokenBudget::new().per_day(100).unwrap();
+    let per_month = || TokenBudget::new().per_month(100).unwrap();
+    let day = || Quota::new(1, Period::Day).unwrap();
+    // (case, plan, account, stage, cost of the calls that fill the limit,
+    // and a cost that never fits it, if one exists).
+    type Case = (
+        &'static str,
+        UsagePlan,
+        Option<Account>,
+        Option<Stage>,
+        u32,
+        Option<u32>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "throttle",
+            roomy_plan().throttle(once()),
+            None,
+            None,
+            1,
+            None,
+        ),
+        ("quota", roomy().quota(day()), None, None, 1, None),
+        (
+            "tokens-minute",
+            roomy().tokens(per_minute()),
+            None,
+            None,
+            60,
+            Some(1_000),
+        ),
+        (
+            "tokens-day",
+            roomy().tokens(per_day()),
+            None,
+            None,
+            60,
+            Some(1_000),
+        ),
+        (
+            "tokens-month",
+            roomy().tokens(per_month()),
+            None,
+            None,
+            60,
+            Some(1_000),
+        ),
+        (
+            "method",
+            roomy().method(format!("{COMPLETIONS}/POST"), once()),
+            None,
+            None,
+            1,
+            None,
+        ),
+        (
+            "model throttle",
+            roomy().model("gpt-test", ModelLimits::new().throttle(once())),
+            None,
+            None,
+            1,
+            None,
+        ),
+        (
+            "model tokens",
+            roomy().model("gpt-test", ModelLimits::new().tokens(per_minute())),
+            None,
+            None,
+            60,
+            Some(1_000),
+        ),
+        (
+            "model quota",
+            roomy().model("gpt-test", ModelLimits::new().quota(day())),
+            None,
+            None,
+            1,
+            None,
+        ),
+        (
+            "stage",
+            roomy(),
+            None,
+            Some(Stage::new().throttle(once())),
+            1,
+            None,
+        ),
+        (
+            "stage method",
+            roomy(),
+            None,
+            Some(Stage::new().method(format!("{COMPLETIONS}/POST"), once())),
+            1,
+            None,
+        ),
+        (
+            "account throttle",
+            roomy(),
+            Some(Account::new("a").throttle(once())),
+            None,
+            1,
+            None,
+        ),
+        (
+            "account quota",
+            roomy(),
+            Some(Account::new("a").quota(day())),
+            None,
+            1,
+            None,
+        ),
+        (
+            "account tokens",
+            roomy(),
+            Some(Account::new("a").tokens(per_minute())),
+            None,
+            60,
+            Some(1_000),
+        ),
+    ];
+    let c = client();
+    for style in [ResponseStyle::Aws, ResponseStyle::OpenAi] {
+        for (name, plan, account, stage, fill, too_big) in &cases {
+            let case = format!("{name} ({})", style.name());
+            let clock = ManualClock::new();
+            // Noon: a day's window renews in 12 h, a month's later.
+            clock.set_wall(at(2025, 3, 10, 43_200));
+            let mut policy = Policy::builder().plan(plan.clone());
+            let mut key = ApiKey::new("k1", KEY, plan.name());
+            if let Some(account) = account {
+                policy = policy.account(account.clone());
+                key = key.account("a");
+            }
+            if let Some(stage) = stage {
+                policy = policy.stage(stage.clone());
+            }
+            let policy = policy.clock(clock.clone()).key(key).build().unwrap();
+            let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+            let layer = RateLimitLayer::builder(policy)
+                .store(store)
+                .estimator(OpenAiEstimator::new())
+                .openai()
+                .style(style)
+                .headers(HeaderStyle::ietf().x_ratelimit(true).openai(true))
+                .build();
+            let base = serve_api(layer).await;
+
+            // A cost that never fits a limit still untouched.
+            if let Some(big) = too_big {
+                let res = call(&c, &base, COMPLETIONS, *big).await;
+                assert_retry_agrees(&res, true, &format!("{case}, too big for a full limit"));
+            }
+            assert_eq!(
+                call(&c, &base, COMPLETIONS, *fill).await.status(),
+                200,
+                "{case}"
+            );
+            let res = call(&c, &base, COMPLETIONS, *fill).await;
+            assert_retry_agrees(&res, false, &case);
+            // A cost that never fits a limit used up.
+            if let Some(big) = too_big {
+                let res = call(&c, &base, COMPLETIONS, *big).await;
+                assert_retry_agrees(&res, true, &format!("{case}, too big for a used limit"));
+            }
+        }
+    }
+}
+
+/// A plan that lets through anything these tests send, with no throttle of
+/// its own (so that the one a case adds is the plan's).
+fn roomy_plan() -> UsagePlan {
+    UsagePlan::new("roomy")
+}
+
+/// `async-openai`'s own retry layer sleeps for `retry-after` before it
+/// tries again: a throttled call passes on its retry, and a cost that never
+/// fits a budget still full is retried only after a real wait (a
+/// `retry-after: 0` would send every retry at once), then fails with the
+/// same error.
+#[tokio::test]
+async fn async_openai_retries_wait_for_retry_after() {
+    use async_openai::middleware::retry::OpenAIRetryLayer;
+    use std::time::Instant;
+
+    fn retrying_client(base: &str) -> Client<OpenAIConfig> {
+        let config = OpenAIConfig::new()
+            .with_api_base(format!("{base}/v1"))
+            .with_api_key(KEY);
+        let http = reqwest013::Client::builder().no_proxy().build().unwrap();
+        let service = tower::ServiceBuilder::new()
+            .layer(OpenAIRetryLayer::new(1))
+            .service(ReqwestService::new(http));
+        Client::with_config(config).with_http_service(service)
+    }
+
+    // One call a second, on the real clock: the second passes on its retry.
+    let plan = UsagePlan::new("slow").throttle(Throttle::new(1.0, 1).unwrap());
+    let layer = RateLimitLayer::builder(policy(plan)).openai().build();
+    let c = retrying_client(&serve_api(layer).await);
+    c.chat().create(chat_request(1)).await.unwrap();
+    let started = Instant::now();
+    c.chat().create(chat_request(1)).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // 3 + 1000 tokens of a budget of 100 that nothing has used.
+    let plan = roomy().tokens(TokenBudget::new().per_minute(100).unwrap());
+    let c = retrying_client(&serve_api(token_layer(plan)).await);
+    let started = Instant::now();
+    let e = api_error(c.chat().create(chat_request(1_000)).await);
+    let waited = started.elapsed();
+    assert_eq!(e.status_code, 429);
+    assert_eq!(e.api_error.code.as_deref(), Some("rate_limit_exceeded"));
+    assert!(waited >= Duration::from_secs(1), "retried after {waited:?}");
+}
