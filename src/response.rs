@@ -78,7 +78,11 @@ pub enum Reason {
 /// not sleep that long in a retry loop.
 ///
 /// gRPC rejections are trailers-only: HTTP 200, an empty body, and
-/// `grpc-status` / `grpc-message` in the headers. A limit's rejection also
+/// `grpc-status` / `grpc-message` in the headers. Through the layer, the
+/// answer's `content-type` names the request's codec as gRPC servers do
+/// (`application/grpc+proto` for `application/grpc+proto`, plain
+/// `application/grpc` for a request without a `+` suffix), and gRPC-Web's
+/// is the request's own. A limit's rejection also
 /// carries `grpc-retry-pushback-ms`, which gRPC's own retry policies obey:
 /// the wait in milliseconds, or `-1` (do not retry) where HTTP says
 /// `x-should-retry: false`.
@@ -493,15 +497,37 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     })
 }
 
-/// The request's content type when it is gRPC-Web's: a trailers-only
-/// answer to it says the same, so that a gRPC-Web client reads it as its
-/// own protocol (a plain gRPC content type is not).
-pub(crate) fn grpc_web_type(headers: &HeaderMap) -> Option<&HeaderValue> {
-    headers.get(CONTENT_TYPE).filter(|v| {
-        v.as_bytes()
-            .get(..20)
-            .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc-web"))
-    })
+/// The content type of a trailers-only answer to a gRPC call with these
+/// headers, when it is not plain `application/grpc`: gRPC-Web's own as the
+/// request sent it, so that a gRPC-Web client reads the answer as its own
+/// protocol; or `application/grpc+` the request's codec (`+proto`,
+/// `+json`, lower-cased, parameters left out), as gRPC servers answer.
+/// Built only for a rejection.
+pub(crate) fn grpc_answer_type(headers: &HeaderMap) -> Option<HeaderValue> {
+    const BASE: &[u8] = b"application/grpc";
+    let v = headers.get(CONTENT_TYPE)?;
+    let bytes = v.as_bytes();
+    if bytes
+        .get(..20)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc-web"))
+    {
+        return Some(v.clone());
+    }
+    let rest = bytes
+        .get(..BASE.len())
+        .filter(|p| p.eq_ignore_ascii_case(BASE))
+        .and_then(|_| bytes[BASE.len()..].strip_prefix(b"+"))?;
+    let end = rest.iter().position(|&b| b == b';').unwrap_or(rest.len());
+    let codec = rest[..end].trim_ascii();
+    let token = |b: &u8| b.is_ascii_alphanumeric() || b"-._".contains(b);
+    if codec.is_empty() || !codec.iter().all(token) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(BASE.len() + 1 + codec.len());
+    out.extend_from_slice(BASE);
+    out.push(b'+');
+    out.extend(codec.iter().map(u8::to_ascii_lowercase));
+    HeaderValue::from_bytes(&out).ok()
 }
 
 #[cfg(test)]
@@ -607,6 +633,35 @@ mod tests {
         // Plain HTTP rejections do not carry it.
         let http = r.clone().with_grpc(false).default_response();
         assert!(!http.headers().contains_key("grpc-status-details-bin"));
+    }
+
+    #[test]
+    fn grpc_answers_name_the_requests_codec() {
+        let mut h = HeaderMap::new();
+        for (ct, answer) in [
+            ("application/grpc", None),
+            ("application/grpc;charset=utf-8", None),
+            ("application/grpc+", None),
+            ("application/grpc+;x=1", None),
+            ("application/grpc+a\"b", None),
+            ("application/grpc+proto", Some("application/grpc+proto")),
+            ("APPLICATION/GRPC+JSON", Some("application/grpc+json")),
+            (
+                "application/grpc+my-codec.v2 ; q=1",
+                Some("application/grpc+my-codec.v2"),
+            ),
+            ("application/grpc-web", Some("application/grpc-web")),
+            (
+                "application/grpc-web-text+proto",
+                Some("application/grpc-web-text+proto"),
+            ),
+            ("application/json", None),
+        ] {
+            h.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+            let got = grpc_answer_type(&h);
+            assert_eq!(got.as_ref().map(|v| v.to_str().unwrap()), answer, "{ct}");
+        }
+        assert_eq!(grpc_answer_type(&HeaderMap::new()), None);
     }
 
     #[test]

@@ -13,7 +13,8 @@ use crate::observe::{Observer, Outcome, Seen, Watch, outcome};
 use crate::plan::FailureMode;
 use crate::resolver::Answer;
 use crate::response::{
-    Decision, RETRY_AFTER_MS, Reason, Rejection, Unchecked, X_SHOULD_RETRY, grpc_web_type, refused,
+    Decision, RETRY_AFTER_MS, Reason, Rejection, Unchecked, X_SHOULD_RETRY, grpc_answer_type,
+    refused,
 };
 use crate::store::{Applied, Denied, Store, StoreError, Verdict};
 
@@ -165,12 +166,12 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
         };
         let headers = res.headers_mut();
         if rejection.is_grpc()
-            && let Some(web) = grpc_web_type(req.headers)
             && headers
                 .get(CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"application/grpc"))
+            && let Some(answer) = grpc_answer_type(req.headers)
         {
-            headers.insert(CONTENT_TYPE, web.clone());
+            headers.insert(CONTENT_TYPE, answer);
         }
         // The wait: until the request passes, or, for a cost that never
         // fits, until the limit is as full as it gets. Never 0, not even for
