@@ -55,7 +55,7 @@ Options (`--flag value` or `--flag=value`):
                          connection (HTTP/2 too) with no request open for as
                          long is closed [default: 10]
   --body-timeout SECS    how long a request body may send nothing before it is
-                         cut off, and an answer may go unread before its
+                         cut off (408), and an answer may go unread before its
                          connection is dropped; a body read for its estimate
                          (completions, chat completions) may be at most 1 MiB
                          (413, at once when its content-length says more) and

@@ -328,8 +328,11 @@ impl http_body::Body for Guarded {
 }
 
 /// A request body cut off once it has sent nothing for a timeout
-/// (`--body-timeout`): its next frame is then an error, which the layer
-/// answers 400 and an admin route 400 too, costing nothing.
+/// (`--body-timeout`): its next frame is then an error, and its [`Stall`]
+/// (in the request's extensions) says so, so that whatever was reading
+/// the body (the layer for its estimate, an admin route, the upstream's
+/// request) is answered 408 (see `answer_stalled` in `server`), costing
+/// nothing.
 ///
 /// It tells its size and its end as the body it wraps does. tower-http's
 /// `TimeoutBody`, used here before, told neither: a `content-length` over
@@ -343,18 +346,44 @@ pub(crate) struct IdleTimeoutBody<B> {
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     /// `sleep` runs: the body has sent nothing since it was (re)set.
     armed: bool,
+    /// Told when the body is cut off.
+    stall: Arc<Stall>,
 }
 
 impl<B> IdleTimeoutBody<B> {
     /// `body`, cut off after `timeout` without a frame (short enough to
-    /// be added to the clock's time).
-    pub(crate) fn new(body: B, timeout: Duration) -> IdleTimeoutBody<B> {
+    /// be added to the clock's time), telling `stall` when it is.
+    pub(crate) fn new(body: B, timeout: Duration, stall: Arc<Stall>) -> IdleTimeoutBody<B> {
         IdleTimeoutBody {
             body,
             timeout,
             sleep: None,
             armed: false,
+            stall,
         }
+    }
+}
+
+/// Whether a request's body was cut off for sending nothing for the body
+/// timeout: a request extension, shared with its [`IdleTimeoutBody`].
+#[derive(Debug)]
+pub(crate) struct Stall {
+    stalled: AtomicBool,
+    /// The body timeout, for the answer's message.
+    pub(crate) timeout: Duration,
+}
+
+impl Stall {
+    pub(crate) fn new(timeout: Duration) -> Arc<Stall> {
+        Arc::new(Stall {
+            stalled: AtomicBool::new(false),
+            timeout,
+        })
+    }
+
+    /// Whether the body was cut off.
+    pub(crate) fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Acquire)
     }
 }
 
@@ -398,6 +427,7 @@ where
         match &mut this.sleep {
             Some(sleep) => {
                 ready!(sleep.as_mut().poll(cx));
+                this.stall.stalled.store(true, Ordering::Release);
                 Poll::Ready(Some(Err(BodyTimedOut.into())))
             }
             None => Poll::Pending,

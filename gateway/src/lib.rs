@@ -51,8 +51,8 @@
 //! connection counted from its first byte, which must come within as long;
 //! a head still unfinished then gets no answer, its connection is closed),
 //! which also closes a connection (HTTP/2 too) idle that long; a body that sends nothing
-//! for `--body-timeout` (30 s) is cut off (400 where the gateway was reading
-//! it); a body read for its estimate (completions, chat completions) may be
+//! for `--body-timeout` (30 s) is cut off (408, costing nothing where the
+//! gateway was reading it for an estimate); a body read for its estimate (completions, chat completions) may be
 //! at most 1 MiB (413, at once when its `content-length` says more) and must
 //! arrive whole within 10 s (408); at most `--max-connections` (1024)
 //! are served at once, more wait to be accepted; a request's head may be at

@@ -24,7 +24,7 @@ use tollgate::{ConfigError, HeaderStyle, MemoryStore, RateLimitLayer, RedisStore
 
 use crate::cli::{DEFAULT_LOG, Parsed, USAGE, parse_args};
 use crate::dashboard::Dashboard;
-use crate::idle::{Activity, Guarded, IdleTimeoutBody, Watched};
+use crate::idle::{Activity, Guarded, IdleTimeoutBody, Stall, Watched};
 use crate::mock::{self, MockEstimator};
 use crate::traffic::Both;
 use crate::upstream::{self, Upstream, UpstreamEstimator};
@@ -150,6 +150,9 @@ pub fn upstream_router<S: Store>(
 ///
 /// Call it on the finished router: the 405 answer is set on the routes
 /// already there.
+///
+/// Every answer, those of the fallbacks included, goes through
+/// [`answer_stalled`].
 fn unrouted(router: Router, style: ResponseStyle) -> Router {
     router
         .fallback(move |method: Method, uri: Uri| async move {
@@ -158,6 +161,53 @@ fn unrouted(router: Router, style: ResponseStyle) -> Router {
         .method_not_allowed_fallback(move |method: Method, uri: Uri| async move {
             unrouted_answer(style, StatusCode::METHOD_NOT_ALLOWED, &method, &uri)
         })
+        .layer(axum::middleware::from_fn_with_state(style, answer_stalled))
+}
+
+/// The answer to a request whose body was cut off for sending nothing for
+/// the body timeout (`--body-timeout`, see [`Stall`]): a 408 in `style`,
+/// whatever was reading the body answered. That was a 400 from the layer
+/// (reading the body for its estimate, it takes any failure of the body
+/// for a client's error) and from an admin route, and a 502 from upstream
+/// mode (the backend's request failed with it); a body too slow is a
+/// timeout, as the layer answers one that does not arrive whole within its
+/// own bound. The layer charged nothing (it never decided); a body
+/// streamed to the backend was admitted first, and costs no tokens.
+/// The connection is closed: the rest of the body is not worth waiting for.
+async fn answer_stalled(
+    axum::extract::State(style): axum::extract::State<ResponseStyle>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let stall = req.extensions().get::<Arc<Stall>>().cloned();
+    let res = next.run(req).await;
+    match stall {
+        Some(stall) if stall.stalled() => body_timed_out(style, stall.timeout),
+        _ => res,
+    }
+}
+
+/// The 408 of [`answer_stalled`], shaped as the layer's own 408.
+fn body_timed_out(style: ResponseStyle, timeout: Duration) -> Response {
+    let message = format!(
+        "the request body sent nothing for {} ms",
+        timeout.as_millis()
+    );
+    let body = match style {
+        ResponseStyle::OpenAi => json!({"error": {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": null,
+            "code": "request_timeout",
+        }}),
+        _ => json!({ "message": message }),
+    };
+    (
+        StatusCode::REQUEST_TIMEOUT,
+        [(axum::http::header::CONNECTION, "close")],
+        Json(body),
+    )
+        .into_response()
 }
 
 /// The 404 or 405 of [`unrouted`]: in the OpenAI style OpenAI's own
@@ -390,7 +440,9 @@ pub async fn serve_until(
             req.extensions_mut().insert(ConnectInfo(peer));
             let open = requests.begin();
             let http2 = req.version() == axum::http::Version::HTTP_2;
-            let req = req.map(|body| IdleTimeoutBody::new(body, body_timeout));
+            let stall = Stall::new(body_timeout);
+            req.extensions_mut().insert(Arc::clone(&stall));
+            let req = req.map(|body| IdleTimeoutBody::new(body, body_timeout, stall));
             // A `Router` is always ready.
             let answer = service.clone().call(req);
             async move {

@@ -22,6 +22,8 @@ use tollgate::cost::{BodyError, CostEstimator, Estimate};
 use tollgate::extract::RequestView;
 use tollgate::openai::OpenAiEstimator;
 
+use crate::idle::Stall;
+
 /// The largest request body read to ask for the usage (the layer's own
 /// bound on the bodies it reads).
 const MAX_REQUEST_BODY: usize = 1024 * 1024;
@@ -486,6 +488,7 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
     if !forwardable(req.uri().path()) {
         return invalid_path(usage.as_ref());
     }
+    let stall = req.extensions().get::<Arc<Stall>>().cloned();
     let (parts, body) = req.into_parts();
     let target = format!(
         "{}{}",
@@ -531,6 +534,16 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
     waiting.answered();
     let res = match sent {
         Ok(Ok(res)) => res,
+        // The client's own body stopped arriving: its 408 is the
+        // server's (see `Stall`), and the backend did not fail.
+        Ok(Err(_)) if stall.as_ref().is_some_and(|s| s.stalled()) => {
+            return gateway_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body stopped arriving",
+                "request_timeout",
+                usage.as_ref(),
+            );
+        }
         Ok(Err(e)) => return send_error(&f.upstream, e, usage.as_ref()),
         Err(_) => {
             tracing::warn!(upstream = %f.upstream.base, timeout = ?f.upstream.timeout, "the upstream did not answer in time");

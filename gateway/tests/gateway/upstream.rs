@@ -11,7 +11,7 @@ use axum::routing::{any, post};
 use serde_json::{Value, json};
 use tollgate::config::Config;
 use tollgate::{ManualClock, MemoryStore};
-use tollgate_gateway::Upstream;
+use tollgate_gateway::{Limits, Upstream};
 
 /// The backend's own plan: it knows only the gateway's key, and counts the
 /// tokens the gateway's requests make it produce.
@@ -48,12 +48,23 @@ style = "openai"
 
 /// Serves `router` on a loopback port until the returned sender is dropped.
 async fn serve(router: Router) -> (String, tokio::sync::oneshot::Sender<()>) {
+    serve_with(router, Limits::default()).await
+}
+
+/// Serves `router` within `limits` on a loopback port until the returned
+/// sender is dropped.
+async fn serve_with(router: Router, limits: Limits) -> (String, tokio::sync::oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(tollgate_gateway::serve(listener, router, async {
-        let _ = rx.await;
-    }));
+    tokio::spawn(tollgate_gateway::serve_with(
+        listener,
+        router,
+        async {
+            let _ = rx.await;
+        },
+        limits,
+    ));
     (format!("http://{addr}"), tx)
 }
 
@@ -77,11 +88,16 @@ async fn front(upstream: Upstream) -> Front {
 
 /// The gateway with `config` in front of `upstream`.
 async fn front_with(config: &str, upstream: Upstream) -> Front {
+    front_limited(config, upstream, Limits::default()).await
+}
+
+/// The gateway with `config` in front of `upstream`, served within `limits`.
+async fn front_limited(config: &str, upstream: Upstream, limits: Limits) -> Front {
     let clock = ManualClock::new();
     let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
     let config = Config::from_toml(config).unwrap();
     let app = tollgate_gateway::app_with(&config, store, Some(&upstream)).unwrap();
-    let (base, stop) = serve(app).await;
+    let (base, stop) = serve_with(app, limits).await;
     Front {
         base,
         clock,
@@ -1917,4 +1933,46 @@ async fn async_openai_through_upstream_mode() {
     assert_eq!(e.status_code, 401);
     assert_eq!(e.api_error.code.as_deref(), Some("invalid_api_key"));
     assert_eq!(s.tokens_left(1000 - spent).await, 1000 - spent);
+}
+
+/// A body streamed to the backend (a route whose body is not read for an
+/// estimate) that stops sending mid-way is cut off by the body timeout and
+/// answered 408, as a body read for an estimate is: it was a 502, the
+/// backend's request having failed with it, and logged as the backend's
+/// failure.
+#[tokio::test]
+async fn a_streamed_body_that_stops_sending_is_a_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let backend = Router::new().route(
+        "/v1/files",
+        post(|body: axum::body::Bytes| async move { format!("{} bytes", body.len()) }),
+    );
+    let (backend, _stop) = serve(backend).await;
+    let mut limits = Limits::default();
+    limits.body_timeout = Duration::from_millis(300);
+    let s = front_limited(FRONT_CONFIG, Upstream::new(&backend).unwrap(), limits).await;
+    let addr = s.base.strip_prefix("http://").unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /v1/files HTTP/1.1\r\nhost: x\r\nauthorization: Bearer client-key\r\n\
+              content-type: application/octet-stream\r\ncontent-length: 100\r\n\r\nsome of it",
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer, and the connection closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 }
