@@ -18,6 +18,9 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default of `--body-timeout`.
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The default of `--body-deadline`: the layer's own default.
+pub const DEFAULT_BODY_DEADLINE: Duration = Duration::from_secs(10);
+
 /// The default of `--max-connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
@@ -58,8 +61,13 @@ Options (`--flag value` or `--flag=value`):
                          cut off (408), and an answer may go unread before its
                          connection is dropped; a body read for its estimate
                          (completions, chat completions) may be at most 1 MiB
-                         (413, at once when its content-length says more) and
-                         must arrive whole within 10 s (408) [default: 30]
+                         (413, at once when its content-length says more)
+                         [default: 30]
+  --body-deadline SECS   how long a body read for its estimate (completions,
+                         chat completions; upstream mode: also responses,
+                         embeddings, messages) may take to arrive whole,
+                         however steadily it comes (408 beyond, costing
+                         nothing) [default: 10]
   --max-connections N    connections served at once; more wait to be accepted
                          [default: 1024]
   --upstream URL         forward /v1/* to this OpenAI-compatible backend (vLLM,
@@ -123,6 +131,9 @@ pub struct Args {
     /// See [`Limits::body_timeout`](crate::Limits::body_timeout)
     /// (`--body-timeout`).
     pub body_timeout: Duration,
+    /// See [`Limits::body_deadline`](crate::Limits::body_deadline)
+    /// (`--body-deadline`).
+    pub body_deadline: Duration,
     /// See [`Limits::max_connections`](crate::Limits::max_connections)
     /// (`--max-connections`).
     pub max_connections: usize,
@@ -140,6 +151,7 @@ impl Args {
         crate::Limits {
             header_timeout: self.header_timeout,
             body_timeout: self.body_timeout,
+            body_deadline: self.body_deadline,
             max_connections: self.max_connections,
             ..crate::Limits::default()
         }
@@ -183,6 +195,7 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
     let mut drain = DEFAULT_DRAIN;
     let mut header_timeout = DEFAULT_HEADER_TIMEOUT;
     let mut body_timeout = DEFAULT_BODY_TIMEOUT;
+    let mut body_deadline = DEFAULT_BODY_DEADLINE;
     let mut max_connections = DEFAULT_MAX_CONNECTIONS;
     let mut log_json = false;
     let mut upstream = None;
@@ -228,6 +241,7 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
             }
             "--header-timeout" => header_timeout = seconds("--header-timeout", args.next())?,
             "--body-timeout" => body_timeout = seconds("--body-timeout", args.next())?,
+            "--body-deadline" => body_deadline = seconds("--body-deadline", args.next())?,
             "--max-connections" => {
                 let n = args
                     .next()
@@ -280,6 +294,7 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
         drain,
         header_timeout,
         body_timeout,
+        body_deadline,
         max_connections,
         log_json,
         upstream,

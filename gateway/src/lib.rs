@@ -54,7 +54,7 @@
 //! for `--body-timeout` (30 s) is cut off (408, costing nothing where the
 //! gateway was reading it for an estimate); a body read for its estimate (completions, chat completions) may be
 //! at most 1 MiB (413, at once when its `content-length` says more) and must
-//! arrive whole within 10 s (408); at most `--max-connections` (1024)
+//! arrive whole within `--body-deadline` (10 s; 408, costing nothing); at most `--max-connections` (1024)
 //! are served at once, more wait to be accepted; a request's head may be at
 //! most 16 KiB (431 beyond). It logs to stderr, filtered
 //! by `RUST_LOG`, as JSON lines with `--log-json`.
@@ -110,14 +110,14 @@ mod usage;
 
 pub use admin::AdminKey;
 pub use cli::{
-    Args, DEFAULT_BODY_TIMEOUT, DEFAULT_DRAIN, DEFAULT_HEADER_TIMEOUT, DEFAULT_LISTEN, DEFAULT_LOG,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_REDIS_TIMEOUT, DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
-    DEFAULT_UPSTREAM_TIMEOUT, Parsed, USAGE, parse_args,
+    Args, DEFAULT_BODY_DEADLINE, DEFAULT_BODY_TIMEOUT, DEFAULT_DRAIN, DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_LISTEN, DEFAULT_LOG, DEFAULT_MAX_CONNECTIONS, DEFAULT_REDIS_TIMEOUT,
+    DEFAULT_UPSTREAM_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_TIMEOUT, Parsed, USAGE, parse_args,
 };
 pub use dashboard::Dashboard;
 pub use server::{
-    DEMO_CONFIG, Limits, app, app_with, main, router, serve, serve_until, serve_with,
-    upstream_router,
+    DEMO_CONFIG, Limits, app, app_with, app_with_limits, main, router, serve, serve_until,
+    serve_with, upstream_router,
 };
 pub use traffic::Traffic;
 pub use upstream::Upstream;

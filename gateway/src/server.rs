@@ -44,6 +44,17 @@ pub fn app_with<S: Store>(
     store: S,
     upstream: Option<&Upstream>,
 ) -> Result<Router, ConfigError> {
+    app_with_limits(config, store, upstream, &Limits::default())
+}
+
+/// [`app_with`], reading the bodies it estimates within `limits`
+/// ([`Limits::body_deadline`]); serve it within the same `limits`.
+pub fn app_with_limits<S: Store>(
+    config: &Config,
+    store: S,
+    upstream: Option<&Upstream>,
+    limits: &Limits,
+) -> Result<Router, ConfigError> {
     let policy = config.policy_with_clock(store.clock().clone())?;
     let dashboard = Dashboard::new(config, store.clock().clone());
     // Installed before the first decision, so that every one is counted.
@@ -60,6 +71,7 @@ pub fn app_with<S: Store>(
         .style(config.style())
         .max_retry(config.max_retry())
         .headers(HeaderStyle::ietf().openai(true))
+        .body_timeout(limits.body_deadline.min(NEVER))
         .observer(Both(MetricsObserver::new(), dashboard.traffic().clone()));
     Ok(match upstream {
         None => {
@@ -312,6 +324,13 @@ pub struct Limits {
     /// write, how long an answer may wait to be asked for its next piece
     /// with nothing asked on the connection meanwhile.
     pub body_timeout: Duration,
+    /// How long a body read for its estimate (a completion's, a chat
+    /// completion's; in upstream mode a Responses, embeddings or Messages
+    /// request's too) may take to arrive whole, from when the layer starts
+    /// reading it, however steadily it comes: one still unfinished is
+    /// answered 408 and costs nothing. Applied by [`app_with_limits`] (the
+    /// other bounds here by the server).
+    pub body_deadline: Duration,
     /// HTTP/2: how often an idle connection is pinged; one that does not
     /// answer within as long again is closed.
     pub http2_keep_alive: Duration,
@@ -339,6 +358,7 @@ impl Default for Limits {
         Limits {
             header_timeout: crate::cli::DEFAULT_HEADER_TIMEOUT,
             body_timeout: crate::cli::DEFAULT_BODY_TIMEOUT,
+            body_deadline: crate::cli::DEFAULT_BODY_DEADLINE,
             http2_keep_alive: Duration::from_secs(20),
             max_connections: crate::cli::DEFAULT_MAX_CONNECTIONS,
             http2_max_streams: 32,
@@ -720,7 +740,12 @@ async fn run() -> std::process::ExitCode {
     // The Redis store, kept to wait for its last settlements at exit.
     let mut redis = None;
     let app = match &args.redis {
-        None => app_with(&config, MemoryStore::new(), args.upstream.as_ref()),
+        None => app_with_limits(
+            &config,
+            MemoryStore::new(),
+            args.upstream.as_ref(),
+            &args.limits(),
+        ),
         Some(urls) => {
             let secret = match env_var("TOLLGATE_KEY_SECRET") {
                 Ok(secret) => secret.unwrap_or_default(),
@@ -741,7 +766,12 @@ async fn run() -> std::process::ExitCode {
                 .build()
                 .await
             {
-                Ok(store) => app_with(&config, redis.insert(store).clone(), args.upstream.as_ref()),
+                Ok(store) => app_with_limits(
+                    &config,
+                    redis.insert(store).clone(),
+                    args.upstream.as_ref(),
+                    &args.limits(),
+                ),
                 // A cluster's slots are read now: a cluster that cannot be
                 // reached is an outage, not bad flags (exit code 1).
                 Err(e)

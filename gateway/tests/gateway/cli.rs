@@ -55,6 +55,7 @@ fn help_lists_every_flag_and_variable_with_its_default_on_stdout() {
             "--header-timeout SECS",
             "[default: 10]",
             "--body-timeout SECS",
+            "--body-deadline SECS",
             "--max-connections N",
             "[default: 1024]",
             "--log-json",
@@ -153,6 +154,11 @@ fn a_bad_flag_or_value_is_a_clear_error_with_status_2() {
         // connection was dropped at once.
         (&["--header-timeout", "1e-10"], "--header-timeout `1e-10`"),
         (&["--body-timeout", "0.0001"], "--body-timeout `0.0001`"),
+        (&["--body-deadline", "0"], "--body-deadline `0`"),
+        (
+            &["--body-deadline"],
+            "--body-deadline needs a number of seconds",
+        ),
     ];
     for (args, message) in cases {
         let out = run(args);

@@ -361,6 +361,59 @@ async fn a_body_that_stops_sending_is_cut_off_and_costs_nothing() {
     }
 }
 
+/// `--body-deadline` sets how long a body read for its estimate may take to
+/// arrive whole, however steadily it comes: a body that sends a byte every
+/// 50 ms (never idle for the body timeout) is answered 408 once the
+/// deadline has passed, and costs nothing. The bound was fixed at 10 s.
+#[tokio::test]
+async fn the_body_deadline_is_a_flag() {
+    let server = ServerProcess::start(&["--body-deadline", "0.3"]);
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-api-key: demo-free-key\r\n\
+              content-type: application/json\r\ncontent-length: 1000\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        tokio::select! {
+            n = stream.read(&mut buf) => {
+                let n = n.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                answer.extend_from_slice(&buf[..n]);
+            }
+            () = tokio::time::sleep(Duration::from_millis(50)) => {
+                assert!(started.elapsed() < Duration::from_secs(3), "no answer after 3 s");
+                // The gateway may have answered and closed meanwhile.
+                let _ = stream.write_all(b" ").await;
+            }
+        }
+    }
+    let took = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(answer.contains("within 300 ms"), "{answer}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // Charged nothing: the whole burst of 5 is there.
+    let client = reqwest::Client::new();
+    for i in 0..5 {
+        let res = client
+            .post(server.url("/v1/completions"))
+            .header("x-api-key", "demo-free-key")
+            .body(r#"{"model":"m","prompt":"hi"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{i}");
+    }
+}
+
 /// A body whose `content-length` announces more than an estimate reads
 /// (1 MiB) is refused 413 at once, before a byte of it is asked for: on
 /// HTTP/1 no `100 Continue` invites a client that sent `Expect:
