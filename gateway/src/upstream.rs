@@ -65,6 +65,11 @@ const MAX_EVENT: usize = 1024 * 1024;
 ///   are read before the decision, for their estimate and their model's
 ///   limits; one that is not JSON is refused whatever its `content-type`. A usage without `total_tokens` (the Messages API's) is its
 ///   input plus its output.
+/// - Every other body (a file upload, an audio transcription's) streams to
+///   the backend as it comes, once the request is admitted: the gateway
+///   holds only what is in flight, never the whole body, so it sets no
+///   bound on its length (the backend's own apply); one that sends nothing
+///   for the body timeout is cut off and answered 408.
 /// - The backend's errors pass through, status and body, and cost what their
 ///   `usage` says (nothing without one); its redirects pass through
 ///   unfollowed. A backend that cannot be reached is a 502, one that does

@@ -1976,3 +1976,80 @@ async fn a_streamed_body_that_stops_sending_is_a_408() {
         started.elapsed()
     );
 }
+
+/// A body the gateway does not read for an estimate (a file upload, an
+/// audio transcription) is streamed to the backend as it comes, never
+/// gathered first, and has no bound in bytes of the gateway's (the
+/// backend's own bounds apply): the backend has the first piece while the
+/// client still holds back the rest, and 4 MiB (four times an estimated
+/// body's bound) arrive whole, byte for byte. What the gateway holds of
+/// such a body is what is in flight, whatever its length.
+#[tokio::test]
+async fn a_body_not_estimated_streams_to_the_upstream_unbounded_and_unbuffered() {
+    use axum::body::Bytes;
+    use http_body_util::BodyExt;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    const PIECE: usize = 64 * 1024;
+    const PIECES: usize = 64;
+    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let backend = Router::new().route(
+        "/v1/files",
+        post(move |body: axum::body::Body| {
+            let got = got_tx.clone();
+            async move {
+                let mut body = body;
+                let (mut len, mut sum) = (0usize, 0u64);
+                while let Some(frame) = body.frame().await {
+                    let Ok(data) = frame.unwrap().into_data() else {
+                        continue;
+                    };
+                    len += data.len();
+                    sum = data
+                        .iter()
+                        .fold(sum, |s, &b| s.wrapping_mul(31).wrapping_add(u64::from(b)));
+                    let _ = got.send(len);
+                }
+                format!("{len} {sum}")
+            }
+        }),
+    );
+    let (backend, _stop) = serve(backend).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    let piece =
+        |i: usize| -> Vec<u8> { (0..PIECE).map(|j| ((i * 7 + j * 13) % 251) as u8).collect() };
+    let expected = (0..PIECES).fold(0u64, |s, i| {
+        piece(i)
+            .iter()
+            .fold(s, |s, &b| s.wrapping_mul(31).wrapping_add(u64::from(b)))
+    });
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    let client = s.client.clone();
+    let url = format!("{}/v1/files", s.base);
+    let call = tokio::spawn(async move {
+        client
+            .post(url)
+            .header("authorization", "Bearer client-key")
+            .header("content-type", "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(ReceiverStream::new(rx)))
+            .send()
+            .await
+            .unwrap()
+    });
+    tx.send(Ok(Bytes::from(piece(0)))).await.unwrap();
+    // The first piece reaches the backend before the rest is sent.
+    let first = tokio::time::timeout(Duration::from_secs(3), got.recv())
+        .await
+        .expect("the backend got nothing of the body before its end");
+    assert!(first.is_some_and(|n| n > 0));
+    for i in 1..PIECES {
+        tx.send(Ok(Bytes::from(piece(i)))).await.unwrap();
+    }
+    drop(tx);
+    let res = call.await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.text().await.unwrap(),
+        format!("{} {expected}", PIECE * PIECES)
+    );
+}
