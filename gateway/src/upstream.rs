@@ -59,8 +59,12 @@ const MAX_EVENT: usize = 1024 * 1024;
 ///   plus one token for each chunk that carried generated output (text,
 ///   reasoning, a refusal, tool call arguments). A streamed Responses
 ///   API answer is settled from the usage of its `response.completed` event
-///   (or its input and one token per text delta). A non-streamed answer the
-///   client leaves before its end keeps its estimate.
+///   (or its input and one token per text delta). A non-streamed answer
+///   whose client leaves before the backend's first byte is charged its
+///   prompt as the layer estimated it (the client got nothing, and what the
+///   backend generated before it was stopped is not known); one left after
+///   its head is settled from the `usage` passed on by then, else keeps its
+///   estimate (it was produced whole).
 /// - Completion, chat completion, Responses, embeddings and Messages bodies
 ///   are read before the decision, for their estimate and their model's
 ///   limits; one that is not JSON is refused whatever its `content-type`. A usage without `total_tokens` (the Messages API's) is its
@@ -447,17 +451,7 @@ fn prepare(f: &Forwarder, body: Bytes, completion: bool) -> Prepared {
         return prepared;
     }
     prepared.stream = true;
-    prepared.prompt = {
-        let mut prompt = req.clone();
-        prompt.remove("max_tokens");
-        prompt.remove("max_completion_tokens");
-        prompt.remove("max_output_tokens");
-        prompt.remove("n_predict");
-        serde_json::to_vec(&prompt)
-            .ok()
-            .and_then(|b| f.prompt.estimate_json(&b).ok())
-            .map_or(0, |e| u64::from(e.tokens))
-    };
+    prepared.prompt = prompt_of(f, &req);
     // Only a completion's stream the gateway knows for one is asked for its
     // usage: a backend refuses `stream_options` beside a `stream` it reads
     // as false. (A Responses stream always ends with its usage.)
@@ -487,6 +481,28 @@ fn prepare(f: &Forwarder, body: Bytes, completion: bool) -> Prepared {
     prepared
 }
 
+/// The estimated tokens of the prompt of `req`, a request body: its
+/// estimate without the answer's allowance.
+fn prompt_of(f: &Forwarder, req: &serde_json::Map<String, Value>) -> u64 {
+    let mut prompt = req.clone();
+    prompt.remove("max_tokens");
+    prompt.remove("max_completion_tokens");
+    prompt.remove("max_output_tokens");
+    prompt.remove("n_predict");
+    serde_json::to_vec(&prompt)
+        .ok()
+        .and_then(|b| f.prompt.estimate_json(&b).ok())
+        .map_or(0, |e| u64::from(e.tokens))
+}
+
+/// [`prompt_of`] a body as it came; 0 for one that is not a JSON object.
+fn prompt_of_body(f: &Forwarder, body: &[u8]) -> u64 {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(req)) => prompt_of(f, &req),
+        _ => 0,
+    }
+}
+
 /// Forwards the request to the backend and streams its answer back.
 pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Response {
     let usage = req.extensions().get::<TokenUsage>().cloned();
@@ -507,12 +523,17 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
     let mut strip_usage = false;
     let mut prompt = 0;
     let mut stream = false;
+    let estimated = is_estimated(&parts.method, parts.uri.path());
+    // An estimated body as it came, to count its prompt from if its client
+    // leaves before the answer.
+    let mut came = Bytes::new();
     // The bodies the layer read (in memory already).
-    let body = if is_estimated(&parts.method, parts.uri.path()) {
+    let body = if estimated {
         let bytes = match axum::body::to_bytes(body, MAX_REQUEST_BODY).await {
             Ok(b) => b,
             Err(e) => return body_error(&e, usage.as_ref()),
         };
+        came = bytes.clone();
         let p = prepare(&f, bytes, is_completion(&parts.method, parts.uri.path()));
         strip_usage = p.strip_usage;
         prompt = p.prompt;
@@ -532,9 +553,15 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
         .headers(headers)
         .body(body)
         .send();
-    // A stream whose client goes away before the backend answers (this
-    // future dropped) is charged its prompt, as one cut off after its head.
-    let waiting = Unanswered(usage.clone().filter(|_| stream).map(|u| (u, prompt)));
+    // A request whose client goes away before the backend answers (this
+    // future dropped) is charged its prompt, as a stream cut off after its
+    // head is: a plain answer's count too, only then.
+    let waiting = Unanswered {
+        usage: usage.clone().filter(|_| estimated),
+        prompt: stream.then_some(prompt),
+        body: came,
+        forwarder: &f,
+    };
     let sent = tokio::time::timeout(f.upstream.timeout, send).await;
     waiting.answered();
     let res = match sent {
@@ -566,22 +593,35 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
     relay(res, usage, strip_usage, prompt)
 }
 
-/// A streamed request waiting for the backend's answer: dropped before
-/// [`answered`](Self::answered) (the client went away, and the backend's
-/// request with it), the stream produced nothing, and its usage is its
-/// prompt, as a stream cut off after its head is charged.
-struct Unanswered(Option<(TokenUsage, u64)>);
+/// A request whose body was estimated, waiting for the backend's answer:
+/// dropped before [`answered`](Self::answered) (the client went away, and
+/// the backend's request with it), the client got nothing, and its usage
+/// is its prompt, as a stream cut off after its head is charged. What the
+/// backend generated before it stopped is not known (a plain answer comes
+/// whole or not at all), and went to nobody.
+struct Unanswered<'a> {
+    /// `None` once answered, or for a request that reserved no tokens.
+    usage: Option<TokenUsage>,
+    /// The prompt's tokens, when counted already (a stream's).
+    prompt: Option<u64>,
+    /// The body as it came, to count them from otherwise.
+    body: Bytes,
+    forwarder: &'a Forwarder,
+}
 
-impl Unanswered {
+impl Unanswered<'_> {
     /// The backend answered, or failed to: what follows settles the usage.
     fn answered(mut self) {
-        self.0 = None;
+        self.usage = None;
     }
 }
 
-impl Drop for Unanswered {
+impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
-        if let Some((usage, prompt)) = self.0.take() {
+        if let Some(usage) = self.usage.take() {
+            let prompt = self
+                .prompt
+                .unwrap_or_else(|| prompt_of_body(self.forwarder, &self.body));
             usage.set(prompt);
         }
     }
@@ -779,6 +819,19 @@ impl Stream for Relay {
                     return Poll::Ready((!rest.is_empty()).then_some(Ok(rest)));
                 }
             }
+        }
+    }
+}
+
+impl Drop for Relay {
+    /// A plain answer the client left before its end (the backend's answer
+    /// dropped with it) is settled from the `usage` already passed on, if
+    /// any; an error without one costs nothing, as a whole one; a success
+    /// without one keeps its estimate (it was produced whole). A stream's
+    /// usage stands as its events counted it.
+    fn drop(&mut self) {
+        if !self.done && matches!(self.kind, Kind::Json { .. }) {
+            self.finish();
         }
     }
 }

@@ -1485,14 +1485,14 @@ async fn a_body_that_is_not_json_is_refused_whatever_its_content_type() {
     assert_eq!(s.post("/v1/chat/completions", &ok).await.status(), 429);
 }
 
-/// A streamed completion whose client goes away before the backend has
-/// sent a byte (a backend still queueing or reading the prompt) cancels the
-/// backend's request and is charged its prompt, as a stream cut off after
-/// its head is, plus the chunks it got: none. Its whole `max_tokens`, never
-/// produced, is not kept. A non-streamed one keeps its estimate (what the
-/// backend produced is unknown).
+/// A completion whose client goes away before the backend has sent a byte
+/// (a backend still queueing, reading the prompt or generating a plain
+/// answer) cancels the backend's request and is charged its prompt, as a
+/// stream cut off after its head is, plus what the client got: nothing.
+/// Its whole `max_tokens`, never delivered, is not kept, streamed or not: a
+/// plain one kept its whole estimate.
 #[tokio::test]
-async fn a_stream_whose_client_leaves_before_the_head_is_charged_its_prompt() {
+async fn a_completion_whose_client_leaves_before_the_head_is_charged_its_prompt() {
     let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<()>();
     let (dropped_tx, mut dropped) = tokio::sync::mpsc::unbounded_channel::<()>();
     struct Dropped(tokio::sync::mpsc::UnboundedSender<()>);
@@ -1537,8 +1537,7 @@ async fn a_stream_whose_client_leaves_before_the_head_is_charged_its_prompt() {
         tokio::time::timeout(Duration::from_secs(5), dropped.recv())
             .await
             .expect("the backend's request was cancelled");
-        let left = if stream { 900 } else { 100 };
-        assert_eq!(s.tokens_left(left).await, left, "stream: {stream}");
+        assert_eq!(s.tokens_left(900).await, 900, "stream: {stream}");
         s.clock.advance(Duration::from_secs(60));
     }
 }
@@ -2052,4 +2051,59 @@ async fn a_body_not_estimated_streams_to_the_upstream_unbounded_and_unbuffered()
         res.text().await.unwrap(),
         format!("{} {expected}", PIECE * PIECES)
     );
+}
+
+/// A plain answer whose client goes away after its head, with its `usage`
+/// already passed on, is settled from that usage, and the backend's
+/// answer is dropped; before, its whole estimate was kept.
+#[tokio::test]
+async fn a_plain_answer_left_after_its_usage_is_settled_from_it() {
+    let (dropped_tx, mut dropped) = tokio::sync::mpsc::unbounded_channel::<()>();
+    struct Dropped(tokio::sync::mpsc::UnboundedSender<()>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let backend = Router::new().route(
+        "/v1/completions",
+        post(move || {
+            let dropped = Dropped(dropped_tx.clone());
+            async move {
+                let first = r#"{"object":"text_completion","usage":{"prompt_tokens":100,"completion_tokens":20,"total_tokens":120},"choices":["#;
+                // The rest never comes.
+                let rest = never_ending(dropped);
+                let body = tokio_stream::StreamExt::chain(
+                    tokio_stream::once(Ok::<_, std::io::Error>(axum::body::Bytes::from(first))),
+                    rest,
+                );
+                (
+                    [("content-type", "application/json")],
+                    axum::body::Body::from_stream(body),
+                )
+            }
+        }),
+    );
+    /// A stream that never yields, holding `guard` until it is dropped.
+    fn never_ending(
+        guard: Dropped,
+    ) -> impl tokio_stream::Stream<Item = Result<axum::body::Bytes, std::io::Error>> {
+        tokio_stream::StreamExt::map(tokio_stream::pending(), move |piece| {
+            let _held = &guard;
+            piece
+        })
+    }
+    let (backend, _stop) = serve(backend).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    // 100 tokens of prompt and 800 of answer reserved.
+    let body = json!({"model": "m", "prompt": "abcd".repeat(100), "max_tokens": 800});
+    let mut res = s.post("/v1/completions", &body).await;
+    assert_eq!(res.status(), 200);
+    let first = res.chunk().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("total_tokens"));
+    drop(res);
+    tokio::time::timeout(Duration::from_secs(5), dropped.recv())
+        .await
+        .expect("the backend's answer was dropped");
+    assert_eq!(s.tokens_left(880).await, 880);
 }
