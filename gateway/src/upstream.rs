@@ -719,8 +719,10 @@ fn relay(
     let kind = if !encoded && content_type.starts_with("text/event-stream") {
         // Events may be removed: the length changes.
         headers.remove(header::CONTENT_LENGTH);
+        // A stream is charged its prompt from its start; an error streamed
+        // costs what its usage says, nothing without one, as any error.
         if let Some(u) = &usage {
-            u.set(prompt);
+            u.set(if ok { prompt } else { 0 });
         }
         Kind::Sse {
             buf: Vec::new(),

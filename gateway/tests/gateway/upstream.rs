@@ -2107,3 +2107,31 @@ async fn a_plain_answer_left_after_its_usage_is_settled_from_it() {
         .expect("the backend's answer was dropped");
     assert_eq!(s.tokens_left(880).await, 880);
 }
+
+/// A backend error answered as server-sent events (an overloaded server
+/// refusing a stream in its own shape) passes through, status and body,
+/// and costs what its usage says: nothing without one, as an error in JSON
+/// does. It was charged the stream's prompt.
+#[tokio::test]
+async fn an_error_answered_as_a_stream_passes_through_and_costs_nothing() {
+    let backend = Router::new().route(
+        "/v1/completions",
+        post(|| async {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [("content-type", "text/event-stream")],
+                "data: {\"error\":{\"message\":\"overloaded\",\"code\":503}}\n\n",
+            )
+        }),
+    );
+    let (backend, _stop) = serve(backend).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    // 100 tokens of prompt.
+    let body =
+        json!({"model": "m", "prompt": "abcd".repeat(100), "max_tokens": 800, "stream": true});
+    let res = s.post("/v1/completions", &body).await;
+    assert_eq!(res.status(), 503);
+    let text = res.text().await.unwrap();
+    assert!(text.contains("overloaded"), "{text}");
+    assert_eq!(s.tokens_left(1000).await, 1000);
+}
