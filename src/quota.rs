@@ -466,11 +466,36 @@ impl Count {
     }
 }
 
+/// A quota's numbers before they were changed on `day` (the day's first
+/// change while serving, [`Store::requota`](crate::store::Store::requota)),
+/// as a store logs them for usage reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Logged {
+    pub(crate) day: i64,
+    pub(crate) spec: QuotaSpec,
+}
+
+/// The numbers in force at the end of `day`: those logged before the first
+/// change after it (`log` sorted by day), or now's.
+pub(crate) fn in_force<'a>(log: &'a [Logged], now: &'a QuotaSpec, day: i64) -> &'a QuotaSpec {
+    log.iter().find(|l| l.day > day).map_or(now, |l| &l.spec)
+}
+
 /// `[used, remaining]` for each day from `first` to `last` (day numbers,
 /// inclusive) from the day records `days`, as AWS GetUsage reports them. Days
 /// without a record report nothing used and what remained after the latest
-/// change earlier in the same window (the window's limit if none).
-pub(crate) fn report(spec: &QuotaSpec, days: &[DayRecord], first: i64, last: i64) -> Vec<[i64; 2]> {
+/// change earlier in the same window; with none, the window's limit under
+/// the numbers in force at the day's end (`log`, sorted by day: the
+/// quota's numbers before each change; `spec`, now's). So a record of
+/// nothing used that opened a window (a charge a later limit denied, given
+/// back) reads as no record does.
+pub(crate) fn report(
+    spec: &QuotaSpec,
+    days: &[DayRecord],
+    log: &[Logged],
+    first: i64,
+    last: i64,
+) -> Vec<[i64; 2]> {
     (first..=last)
         .map(|day| {
             let w = window(spec.period, day.saturating_mul(NANOS_PER_DAY));
@@ -482,7 +507,7 @@ pub(crate) fn report(spec: &QuotaSpec, days: &[DayRecord], first: i64, last: i64
                 .iter()
                 .filter(|r| r.day <= day && r.day >= w.start.div_euclid(NANOS_PER_DAY))
                 .max_by_key(|r| r.day)
-                .map_or_else(|| spec.limit_in(w), |r| r.remaining);
+                .map_or_else(|| in_force(log, spec, day).limit_in(w), |r| r.remaining);
             [used, remaining.max(0)]
         })
         .collect()

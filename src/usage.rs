@@ -625,12 +625,16 @@ impl<S: Store> Admin<S> {
     /// `[0, 17]` from May 3. Today's shows a limit put today at once. A day
     /// of a window in which the key had used nothing before it (and no
     /// change of the limit found the key's count) reports the window's
-    /// limit as the plan has it now. Only changes made through
-    /// [`put_plan`](Self::put_plan) while the plan had registered keys are
-    /// known (the Redis store logs the numbers before each, a few bytes a
-    /// day for each quota, kept as long as the history): after a plan
-    /// changed by restarting with another configuration, the Redis store
-    /// reports the days before as they were counted.
+    /// limit in force at that day's end, whether or not a request a later
+    /// limit denied charged and gave back that window: a denial leaves no
+    /// trace in a report, on every store alike. Only changes made through
+    /// [`put_plan`](Self::put_plan) (or, for an account,
+    /// [`put_account`](Self::put_account)) while the plan had registered
+    /// keys are known (each store logs the numbers before each, a few bytes
+    /// a day for each quota, kept as long as the history): after a plan
+    /// changed by restarting with another configuration, the days before
+    /// read under the numbers now in memory, and as they were counted on
+    /// the Redis store.
     ///
     /// With a store that shares the registry, one key added through another
     /// instance that has not reached this one yet (within a poll of the

@@ -282,7 +282,10 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Redis store), must keep `old`'s numbers and the day they stopped
     /// holding, to read the records under the numbers in force at each
     /// day's end: the Redis store logs them once per quota, not per key.
-    /// By default nothing is done.
+    /// Every store reads a day without a record in its window under the
+    /// numbers in force at its end (the memory store logs them too), so
+    /// that a record of nothing used (a charge a later limit denied, given
+    /// back) reads as no record. By default nothing is done.
     fn requota(&self, old: &QuotaRef<'_>) {
         let _ = old;
     }

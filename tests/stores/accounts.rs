@@ -509,6 +509,68 @@ async fn a_request_under_nine_quotas_is_decided_with_all_of_them<B: Backend>(b: 
     );
 }
 
+/// An account whose quota limit is put anew between requests: the days
+/// before the change keep what remained under the old limit, the days from
+/// it report the new one, on every store alike, as a plan's do.
+async fn an_account_limit_put_anew_shows_from_its_day<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = UsagePlan::new("p").borrow(false);
+    let account = |limit| Account::new("acme").quota(Quota::new(limit, Period::Month).unwrap());
+    let l = layer(b, &clock, policy(&clock, plan, account(10))).await;
+    let admin = l.admin();
+    let may = |d: u8| Date::new(2024, 5, d).unwrap();
+    for key in [b"va", b"vb", b"va"] {
+        assert_eq!(denied_by(&l, key).await, None);
+    }
+    // Two days later the account's limit goes up to 20.
+    clock.advance(Duration::from_secs(2 * 86_400));
+    admin.put_account(account(20)).await.unwrap();
+    let usage = admin.account_usage("acme", may(6), may(8)).await.unwrap();
+    assert_eq!(usage.days, [[3, 7], [0, 7], [0, 17]]);
+    assert_eq!(denied_by(&l, b"vb").await, None);
+    clock.advance(Duration::from_secs(86_400));
+    // And on the next day down to 5, read a day later.
+    admin.put_account(account(5)).await.unwrap();
+    clock.advance(Duration::from_secs(86_400));
+    let usage = admin.account_usage("acme", may(6), may(10)).await.unwrap();
+    assert_eq!(
+        usage.days,
+        [[3, 7], [0, 7], [1, 16], [0, 1], [0, 1]],
+        "each day under the account's limit in force at its end"
+    );
+}
+
+/// A request its plan denies on the first day of a new window of the
+/// account's quota charges the account nothing, and leaves its report as a
+/// day nobody used: after the account's limit is put anew, that day reads
+/// alike on every store (on Redis the account's part of a denied decision
+/// was never written, in memory it was charged and given back).
+async fn a_denied_request_in_a_new_account_window_reads_alike_after_a_change<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = UsagePlan::new("p")
+        .quota(Quota::new(1, Period::Month).unwrap())
+        .borrow(false);
+    let account = |limit| Account::new("acme").quota(Quota::new(limit, Period::Day).unwrap());
+    let l = layer(b, &clock, policy(&clock, plan, account(10))).await;
+    let admin = l.admin();
+    let may = |d: u8| Date::new(2024, 5, d).unwrap();
+    assert_eq!(denied_by(&l, b"va").await, None);
+    clock.advance(Duration::from_secs(86_400));
+    // The account's new day would hold it; the plan's month does not.
+    assert_eq!(denied_by(&l, b"va").await.as_deref(), Some("quota"));
+    refunds_land().await;
+    clock.advance(Duration::from_secs(86_400));
+    admin.put_account(account(20)).await.unwrap();
+    let usage = admin.account_usage("acme", may(6), may(8)).await.unwrap();
+    assert_eq!(
+        usage.days,
+        [[1, 9], [0, 10], [0, 20]],
+        "a day nobody used reads the limit in force at its end"
+    );
+}
+
 on_each_backend!(
     "accounts":
     two_keys_together_never_pass_the_account_throttle_or_quota,
@@ -522,6 +584,8 @@ on_each_backend!(
     replacing_the_account_throttle_keeps_its_emptied_bucket_empty,
     a_key_the_resolver_answers_keeps_the_accounts_history,
     a_request_under_nine_quotas_is_decided_with_all_of_them,
+    an_account_limit_put_anew_shows_from_its_day,
+    a_denied_request_in_a_new_account_window_reads_alike_after_a_change,
 );
 
 /// On a Redis Cluster, where the stage, each account and each key live in
@@ -542,6 +606,8 @@ async fn redis_cluster_agrees_on_accounts() {
     token_settlement_reaches_the_account(&cluster).await;
     replacing_the_account_throttle_keeps_its_emptied_bucket_empty(&cluster).await;
     a_request_under_nine_quotas_is_decided_with_all_of_them(&cluster).await;
+    an_account_limit_put_anew_shows_from_its_day(&cluster).await;
+    a_denied_request_in_a_new_account_window_reads_alike_after_a_change(&cluster).await;
 }
 
 /// On a Redis Cluster deciding on Redis `TIME` (not a frozen clock): the

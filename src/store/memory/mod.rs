@@ -774,11 +774,12 @@ impl Store for MemoryStore {
     }
 
     /// Closes the day of the last change into the history now, under the
-    /// numbers it was counted under.
+    /// numbers it was counted under, and logs those numbers for the
+    /// quota's days without a record (see [`Store::requota`]).
     fn requota(&self, old: &QuotaRef<'_>) {
-        self.inner
-            .quotas
-            .close_day(old, self.inner.clock.wall_nanos());
+        let wall = self.inner.clock.wall_nanos();
+        self.inner.quotas.log_change(old, wall);
+        self.inner.quotas.close_day(old, wall);
     }
 
     /// Converts the state at once: the share of the bucket in use is kept, so

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use super::kept::Kept;
 use crate::hash::BuildDigestHasher;
-use crate::quota::{Count, DayRecord, NO_DAY, QuotaSnapshot, QuotaSpec, report};
+use crate::quota::{Count, DayRecord, Logged, NO_DAY, QuotaSnapshot, QuotaSpec, report};
 use crate::store::QuotaRef;
 use crate::sync::Mutex;
 
@@ -88,6 +88,10 @@ pub(super) struct Quotas {
     /// Serialises making counters with history, so that threads making
     /// the same one do not each leave one in `kept` (the map keeps one).
     making: Mutex<()>,
+    /// Each quota's numbers before each change while serving (see
+    /// [`Quotas::log_change`]), by quota (a plan's or an account's, not a
+    /// subject's): what a report reads a day without a record under.
+    changes: Mutex<std::collections::HashMap<u128, Vec<Logged>>>,
 }
 
 /// A counter as the map holds it: in place, or, when it keeps history, its
@@ -344,14 +348,14 @@ impl Counter {
     }
 
     /// `[used, remaining]` for each day from `first` to `last`.
-    fn report(&self, spec: &QuotaSpec, first: i64, last: i64) -> Vec<[i64; 2]> {
+    fn report(&self, spec: &QuotaSpec, log: &[Logged], first: i64, last: i64) -> Vec<[i64; 2]> {
         let slow = self.slow.lock();
         let count = self.load(&slow);
         let mut days = slow.days.to_vec();
         if let Some(today) = count.today(spec, slow.base) {
             put_day(&mut days, today);
         }
-        report(spec, &days, first, last)
+        report(spec, &days, log, first, last)
     }
 
     /// Closes the day of the last change into the history at `now`, if
@@ -455,6 +459,7 @@ impl Quotas {
             next_idle: AtomicI64::new(i64::MIN),
             evicting: Mutex::new(()),
             making: Mutex::new(()),
+            changes: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -720,10 +725,43 @@ impl Quotas {
 
     /// `[used, remaining]` of `q` for each day from `first` to `last`.
     pub(super) fn report(&self, q: &QuotaRef<'_>, first: i64, last: i64) -> Vec<[i64; 2]> {
+        let log = self
+            .changes
+            .lock()
+            .get(&Self::log_key(q))
+            .cloned()
+            .unwrap_or_default();
         match self.map.pin().get(&Self::key(q)) {
-            Some(c) => self.counter(c).report(q.spec, first, last),
-            None => report(q.spec, &[], first, last),
+            Some(c) => self.counter(c).report(q.spec, &log, first, last),
+            None => report(q.spec, &[], &log, first, last),
         }
+    }
+
+    /// Where the numbers of `q`'s quota are logged: one place per quota of
+    /// a plan or an account, whichever subject `q` names.
+    fn log_key(q: &QuotaRef<'_>) -> u128 {
+        let owner = match q.account {
+            Some(a) => [b"a\0", a.as_bytes()].concat(),
+            None => [b"p\0", q.plan.as_bytes()].concat(),
+        };
+        crate::hash::stable(&owner) ^ u128::from(q.spec.salt)
+    }
+
+    /// Logs `q`'s numbers before they change today (`now`, wall
+    /// nanoseconds), unless a change earlier today did: the day's first
+    /// change keeps the numbers in force at the end of the day before, as
+    /// the Redis store's limit log does. Entries older than the history
+    /// are dropped (no report reaches their days).
+    pub(super) fn log_change(&self, q: &QuotaRef<'_>, now: i64) {
+        let day = now.div_euclid(crate::window::NANOS_PER_DAY);
+        let mut changes = self.changes.lock();
+        let log = changes.entry(Self::log_key(q)).or_default();
+        if log.last().is_some_and(|l| l.day >= day) {
+            return;
+        }
+        let oldest = day - i64::from(q.history_days.max(1));
+        log.retain(|l| l.day > oldest);
+        log.push(Logged { day, spec: *q.spec });
     }
 
     /// Closes the day of the last change of `q` into its history at `now`

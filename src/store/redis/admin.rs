@@ -8,7 +8,7 @@ use super::decide::Unanswered;
 use super::keys::reset_mark;
 use super::store::Inner;
 use crate::gcra::NANOS_PER_SEC;
-use crate::quota::{DayRecord, QuotaSpec};
+use crate::quota::{DayRecord, Logged, QuotaSpec, in_force};
 use crate::store::{QuotaRef, StoreError, StoreFuture, ThrottleRef};
 use crate::window::{Date, NANOS_PER_DAY, window};
 
@@ -79,6 +79,7 @@ impl Inner {
             Ok(crate::quota::report(
                 &spec,
                 &records,
+                &log,
                 first.days(),
                 last.days(),
             ))
@@ -273,14 +274,6 @@ fn day_records(fields: &[(String, i64)]) -> Vec<Written> {
     days
 }
 
-/// A quota's numbers before they were changed on `day` (the day's first
-/// change), from its limit log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Logged {
-    day: i64,
-    spec: QuotaSpec,
-}
-
 /// The entries of a limit log (fields `<day>`, values `"<limit> <offset>
 /// <created_s>"`), by day; `spec` gives what the log does not keep (the
 /// period, the quota's id), which a change logged never differs in.
@@ -307,12 +300,6 @@ fn limit_log(fields: &[(String, String)], spec: &QuotaSpec) -> Vec<Logged> {
         .collect();
     log.sort_by_key(|l| l.day);
     log
-}
-
-/// The numbers in force at the end of `day`: those logged before the first
-/// change after it, or now's.
-fn in_force<'a>(log: &'a [Logged], now: &'a QuotaSpec, day: i64) -> &'a QuotaSpec {
-    log.iter().find(|l| l.day > day).map_or(now, |l| &l.spec)
 }
 
 /// The limit of the window holding `day` under `spec`.
