@@ -244,6 +244,9 @@ mod redis_registry {
             // own: a throttle converted lazily is converted as of then.
             let clock = shared.store.clock().clone();
             let (version, all) = shared.store.take_preloaded().unwrap_or_default();
+            // The watcher keeps the registry as loaded: what it writes back
+            // should Redis lose it.
+            let loaded = all.clone();
             self.apply_all(all, None, &clock);
             *self.inner.applied.lock() = version;
             let policy = self.clone();
@@ -266,6 +269,7 @@ mod redis_registry {
                     }
                 }),
                 version,
+                &loaded,
             );
         }
 
@@ -394,10 +398,22 @@ mod redis_registry {
             }
         }
         let is_static: HashSet<&str> = statics.iter().map(|(_, e)| &*e.id).collect();
+        let mut dropped = 0usize;
         for (_, e) in w.entries() {
             if !named.contains(&*e.id) && !is_static.contains(&*e.id) {
                 w.remove(&e.id);
+                dropped += 1;
             }
+        }
+        if dropped > 0 {
+            // Never silent: Redis lost keys (a restart without persistence
+            // or a flush, written to before any instance could write its
+            // registry back; a failover that lost changes).
+            tracing::warn!(
+                keys = dropped,
+                "the key registry in Redis no longer holds keys this instance served: \
+                 they are no longer served"
+            );
         }
         for (digest, entry) in statics {
             if !named.contains(&*entry.id) && w.put(*digest, snap.fresh(entry.clone())).is_err() {

@@ -533,9 +533,13 @@ async fn a_new_instance_keeps_a_key_whose_value_a_removed_static_key_had() {
     assert!(c.decide(b"static-value-vvvvvvvvv", 1).await.is_ok());
 }
 
-/// Redis loses its data (FLUSHALL, or a failover that lost changes): an
+/// Redis loses its data (FLUSHALL, or a failover that lost changes) and is
+/// written to before any instance could write its registry back: an
 /// instance that reloads then drops the keys it had from Redis that Redis no
-/// longer holds, as a new instance does not know them; its static keys stay.
+/// longer holds (and says so in its log), as a new instance does not know
+/// them; its static keys stay. (Both watchers are held still until the
+/// change after the flush is made: one that read the emptied Redis first
+/// would write the registry back instead.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_after_redis_lost_its_data_drops_the_keys_it_no_longer_holds() {
     if !require_redis() {
@@ -543,33 +547,36 @@ async fn a_reload_after_redis_lost_its_data_drops_the_keys_it_no_longer_holds() 
     }
     let redis = RedisServer::start();
     let statics = [("s1", "static-value-ssssssss")];
-    let a = instance(&redis, &statics).await;
-    let b = instance(&redis, &statics).await;
-    a.admin()
-        .add_key(ApiKey::new("k1", "value-of-k1-aaaaaaaa", "free"))
-        .await
-        .unwrap();
-    a.admin().set_enabled("s1", false).await.unwrap();
-    until("k1 reaches b", || b.admin().key("k1").is_some()).await;
-    until("s1 disabled on b", || {
-        b.admin().key("s1").is_some_and(|k| !k.enabled)
-    })
-    .await;
-
-    // a's watcher reads its own changes first (a watcher that has read no
-    // entry yet cannot tell a log written again from the one it awaits).
+    {
+        let x = instance(&redis, &statics).await;
+        x.admin()
+            .add_key(ApiKey::new("k1", "value-of-k1-aaaaaaaa", "free"))
+            .await
+            .unwrap();
+        x.admin().set_enabled("s1", false).await.unwrap();
+    }
+    let (a, mut pa) = paused_instance(&redis, &statics).await;
+    let (b, mut pb) = paused_instance(&redis, &statics).await;
+    for l in [&a, &b] {
+        assert!(l.admin().key("k1").is_some());
+        assert!(l.admin().key("s1").is_some_and(|k| !k.enabled));
+    }
+    // x's watcher ends at its next poll, its store dropped.
     tokio::time::sleep(Duration::from_millis(500)).await;
     command(redis.addr(), &["FLUSHALL"]).unwrap();
-    // One more change after the flush, so that the log has moved on.
+    // One change after the flush, so that Redis holds a registry again.
     a.admin()
         .put_plan(UsagePlan::new("gold").throttle(Throttle::new(5.0, 5).unwrap()))
         .await
         .unwrap();
+    pa.resume();
+    pb.resume();
     until("b reloads (gold reaches b)", || {
         b.admin().plan("gold").is_some()
     })
     .await;
     until("a reloads (k1 leaves a)", || a.admin().key("k1").is_none()).await;
+    until("b reloads (k1 leaves b)", || b.admin().key("k1").is_none()).await;
 
     let c = instance(&redis, &statics).await;
     assert!(c.admin().key("k1").is_none(), "c: Redis holds no k1");
@@ -1048,4 +1055,77 @@ async fn a_plan_put_elsewhere_converts_a_bucket_as_of_the_change_on_the_stores_c
     clock.advance(Duration::from_millis(1));
     assert!(b.decide(b"k-value-1", 1).await.is_ok());
     assert!(a.decide(b"k-value-1", 1).await.is_err());
+}
+
+/// Redis restarts empty (it keeps nothing on disk here) while two instances
+/// serve a registry they hold from it: they keep serving every key, and
+/// the registry is written back to Redis, so that an instance started
+/// afterwards loads the same keys, tombstones and plans as they hold,
+/// and a change made after it reaches them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_redis_lost_in_a_restart_is_written_back_by_the_instances() {
+    if !require_redis() {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let statics = [
+        ("s1", "static-value-s1-ssssssss"),
+        ("s2", "static-value-s2-tttttttt"),
+    ];
+    let a = instance(&redis, &statics).await;
+    let b = instance(&redis, &statics).await;
+    a.admin()
+        .put_plan(UsagePlan::new("gold").throttle(Throttle::new(5.0, 5).unwrap()))
+        .await
+        .unwrap();
+    a.admin()
+        .add_key(ApiKey::new("k1", "value-of-k1-aaaaaaaa", "gold"))
+        .await
+        .unwrap();
+    let batch: Vec<ApiKey> = (0..2500)
+        .map(|i| ApiKey::new(format!("i{i}"), format!("imported-value-{i:05}-rr"), "pro"))
+        .collect();
+    b.admin().import_keys(batch).await.unwrap();
+    a.admin().set_enabled("s1", false).await.unwrap();
+    b.admin().remove_key("s2").await.unwrap();
+    let all_there = |l: &Layer| {
+        l.admin().key("k1").is_some_and(|k| k.plan == "gold")
+            && l.admin().key("i2499").is_some()
+            && l.admin().key("s1").is_some_and(|k| !k.enabled)
+            && l.admin().key("s2").is_none()
+    };
+    until("every change reaches a", || all_there(&a)).await;
+    until("every change reaches b", || all_there(&b)).await;
+
+    redis.restart();
+    // Both instances notice within a poll or two, and keep serving.
+    tokio::time::sleep(WAIT).await;
+    for (name, l) in [("a", &a), ("b", &b)] {
+        assert!(all_there(l), "{name} keeps its registry");
+        assert!(l.decide(b"value-of-k1-aaaaaaaa", 1).await.is_ok(), "{name}");
+        assert!(
+            l.decide(b"imported-value-00007-rr", 1).await.is_ok(),
+            "{name}"
+        );
+    }
+    let c = instance(&redis, &statics).await;
+    assert!(
+        all_there(&c),
+        "a new instance loads the registry written back"
+    );
+    assert!(c.admin().plan("gold").is_some());
+    assert_eq!(c.admin().keys().len(), a.admin().keys().len());
+    assert!(c.decide(b"value-of-k1-aaaaaaaa", 1).await.is_ok());
+    assert!(c.decide(b"static-value-s2-tttttttt", 1).await.is_err());
+
+    // And the registry goes on: a change through c reaches a and b.
+    c.admin().set_plan("k1", "pro").await.unwrap();
+    until("the move reaches a", || {
+        a.admin().key("k1").is_some_and(|k| k.plan == "pro")
+    })
+    .await;
+    until("the move reaches b", || {
+        b.admin().key("k1").is_some_and(|k| k.plan == "pro")
+    })
+    .await;
 }

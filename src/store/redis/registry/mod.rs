@@ -472,7 +472,7 @@ impl RedisStore {
     /// returned.
     pub(crate) async fn registry_load(&self) -> Result<(u64, Vec<Change>), StoreError> {
         let snapshot = self.inner.registry_snapshot().await?;
-        Ok((snapshot.cursor.version, snapshot.all))
+        Ok((snapshot.cursor.version, snapshot.state.into_changes()))
     }
 }
 
@@ -531,7 +531,18 @@ struct Cursor {
 #[derive(Debug)]
 struct Snapshot {
     cursor: Cursor,
-    all: Vec<Change>,
+    state: State,
+}
+
+/// What [`Inner::registry_restore`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Restore {
+    /// Wrote the registry back; the version Redis holds now.
+    Written(u64),
+    /// Redis holds a registry (maybe one written back by another instance).
+    Present,
+    /// Another instance is writing the registry back (or importing).
+    Busy,
 }
 
 /// The log's head: the version, and the last entry.
@@ -561,9 +572,9 @@ struct Entry {
     logged: Logged,
 }
 
-/// The registry being read: a map per kind.
-#[derive(Debug, Default)]
-struct State {
+/// The registry being read, or as an instance last read it: a map per kind.
+#[derive(Debug, Default, Clone)]
+pub(super) struct State {
     plans: BTreeMap<String, String>,
     accounts: BTreeMap<String, String>,
     keys: BTreeMap<String, KeyRecord>,
@@ -573,7 +584,7 @@ struct State {
 impl State {
     /// Applies a change as the script did: each one sets the records it
     /// names, so one already seen by the scan may be applied again.
-    fn apply(&mut self, change: Change) {
+    pub(super) fn apply(&mut self, change: Change) {
         match change {
             Change::AddKey(k) | Change::UpdateKey(k) => self.put(k),
             Change::Import(keys) => keys.into_iter().for_each(|k| self.put(k)),
@@ -593,6 +604,13 @@ impl State {
     fn put(&mut self, k: KeyRecord) {
         self.removed.remove(&k.id);
         self.keys.insert(k.id.clone(), k);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.plans.is_empty()
+            && self.accounts.is_empty()
+            && self.keys.is_empty()
+            && self.removed.is_empty()
     }
 
     fn into_changes(self) -> Vec<Change> {
@@ -783,6 +801,104 @@ impl Inner {
         }
     }
 
+    /// Writes `held` (the registry as this instance last read it, as of
+    /// `version`) back to Redis when Redis holds no registry: it restarted
+    /// empty (without persistence) or was flushed. Claims the write first,
+    /// so that one instance writes back and the others wait for it (their
+    /// claims answer busy); the keys are staged and committed as a large
+    /// import is, in parts, and the commit announces the registry to every
+    /// instance ("read everything again") at a version past `version`.
+    pub(super) async fn registry_restore(
+        &self,
+        held: &State,
+        version: u64,
+    ) -> Result<Restore, RegistryError> {
+        let token = format!(
+            "{:016x}{:016x}",
+            self.members
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            self.clock.wall_nanos()
+        );
+        let call = |op: &str, more: &[String]| {
+            let mut args = vec![
+                "w".to_owned(),
+                LOG_LEN.to_string(),
+                LARGEST_LOGGED.to_string(),
+                op.to_owned(),
+                token.clone(),
+            ];
+            args.extend_from_slice(more);
+            args
+        };
+        let ttl = IMPORT_TTL.as_millis().to_string();
+        let claim = call("E", std::slice::from_ref(&ttl));
+        let reply: Vec<String> = self.within(self.registry_eval(&claim, None)).await?;
+        match reply.first().map(String::as_str) {
+            Some("claimed") => {}
+            Some("present") => return Ok(Restore::Present),
+            Some("busy") => return Ok(Restore::Busy),
+            _ => return Err(bad_reply().into()),
+        }
+        let result = async {
+            let tombstones = held
+                .removed
+                .iter()
+                .map(|id| (id.clone(), version.to_string()));
+            let parts: [(&str, Vec<(String, String)>); 3] = [
+                ("P", held.plans.clone().into_iter().collect()),
+                ("C", held.accounts.clone().into_iter().collect()),
+                ("D", tombstones.collect()),
+            ];
+            for (kind, all) in parts {
+                for part in all.chunks(IMPORT_PART) {
+                    let mut args = call("T", &[kind.to_owned(), ttl.clone()]);
+                    for (name, text) in part {
+                        args.push(name.clone());
+                        args.push(text.clone());
+                    }
+                    let reply: Vec<String> = self.within(self.registry_eval(&args, None)).await?;
+                    written(reply)?;
+                }
+            }
+            let keys: Vec<&KeyRecord> = held.keys.values().collect();
+            for part in keys.chunks(IMPORT_PART) {
+                let mut args = call("S", std::slice::from_ref(&ttl));
+                for k in part {
+                    args.push(k.id.clone());
+                    args.push(codec::record(k));
+                }
+                let reply: Vec<String> = self.within(self.registry_eval(&args, None)).await?;
+                written(reply)?;
+            }
+            let mut cursor = "0".to_owned();
+            loop {
+                let args = call(
+                    "K",
+                    &[
+                        cursor,
+                        IMPORT_PART.to_string(),
+                        ttl.clone(),
+                        version.to_string(),
+                    ],
+                );
+                let reply: Vec<String> = self.within(self.registry_eval(&args, None)).await?;
+                match <[String; 2]>::try_from(reply) {
+                    Ok([status, next]) if status == "more" => cursor = next,
+                    Ok(reply) => return written(reply.into()).map(Restore::Written),
+                    Err(_) => return Err(bad_reply().into()),
+                }
+            }
+        }
+        .await;
+        if result.is_err() {
+            let abort = call("X", &[]);
+            let _ = self
+                .within(self.registry_eval::<Vec<String>>(&abort, Some(&abort)))
+                .await;
+        }
+        result
+    }
+
     /// The whole registry, consistent as of the cursor returned.
     async fn registry_snapshot(&self) -> Result<Snapshot, StoreError> {
         let [keys, _, plans, accounts, removed, ..] = self.registry_keys();
@@ -841,10 +957,7 @@ impl Inner {
                 }
             }
             if complete {
-                return Ok(Snapshot {
-                    cursor,
-                    all: state.into_changes(),
-                });
+                return Ok(Snapshot { cursor, state });
             }
         }
         Err(StoreError::new(

@@ -43,7 +43,14 @@
 -- an HSCAN cursor of the staged keys, '0' first; up to ARGV[7] staged keys
 -- become live; returns {'more', next cursor} until none is left, then bumps
 -- the version, logs "read everything again" and returns {'ok', version}) or
--- 'X' (abort: ARGV[5] the token). While an import is staged or committed,
+-- 'X' (abort: ARGV[5] the token). A registry Redis lost is written back the
+-- same way by an instance that holds it: 'E' claims it (ARGV[5] a token,
+-- ARGV[6] its time to live in ms; {'claimed'} only when Redis holds no
+-- version and nothing is being imported, {'present'} when it holds one,
+-- {'busy'} while another claim or import runs), 'T' writes back plans,
+-- accounts and tombstones under the claim, 'S' stages the keys and 'K'
+-- commits them, with ARGV[9] the version the registry goes on from.
+-- While an import is staged or committed,
 -- every other write is refused ('busy'), so nothing can clash with it between
 -- its checks and its commit. A refused stage forgets the whole import.
 
@@ -121,7 +128,7 @@ local function each_part(list, n, f)
   end
 end
 
-if op == 'S' or op == 'K' or op == 'X' then
+if op == 'S' or op == 'K' or op == 'X' or op == 'E' or op == 'T' then
   local mine = ARGV[5]
   if op == 'X' then
     if token == mine then
@@ -129,8 +136,44 @@ if op == 'S' or op == 'K' or op == 'X' then
     end
     return {'ok', '0'}
   end
+  if op == 'E' then
+    -- Claims writing back a registry Redis lost: only when Redis holds no
+    -- version (it restarted empty, or was flushed) and nobody else is
+    -- writing one back or importing. The claim is the import's token: every
+    -- other write is refused as busy until the commit.
+    if redis.call('EXISTS', version) == 1 then
+      return {'present', ''}
+    end
+    if token then
+      return {'busy', ''}
+    end
+    forget()
+    redis.call('SET', importing, mine, 'PX', ARGV[6])
+    return {'claimed', ''}
+  end
   if token and token ~= mine then
     return {'busy', ''}
+  end
+  if op == 'T' then
+    -- Writes back plans ('P'), accounts ('C') or tombstones ('D') under the
+    -- claim: ARGV[6] which, then name and text (for a tombstone, the id and
+    -- the version that removed it).
+    if not token then
+      return {'expired', ''}
+    end
+    local into = ({P = plans, C = accounts, D = removed})[ARGV[6]]
+    if not into then
+      return redis.error_reply('tollgate: unknown registry part')
+    end
+    redis.call('PEXPIRE', importing, ARGV[7])
+    if #ARGV > 7 then
+      local list = {}
+      for i = 8, #ARGV do
+        list[#list + 1] = ARGV[i]
+      end
+      each_part(list, 4000, function(...) redis.call('HSET', into, ...) end)
+    end
+    return {'ok', '0'}
   end
   if op == 'S' then
     if not token then
@@ -195,6 +238,10 @@ if op == 'S' or op == 'K' or op == 'X' then
     return {'more', scan[1]}
   end
   forget()
+  -- A registry written back goes on from the version its writer held.
+  if ARGV[9] and tonumber(redis.call('GET', version) or '0') < tonumber(ARGV[9]) then
+    redis.call('SET', version, ARGV[9])
+  end
   local v = redis.call('INCR', version)
   redis.call('XADD', log, 'MAXLEN', '~', bound, '*', 'v', v, 'c', 'R')
   return {'ok', tostring(v)}

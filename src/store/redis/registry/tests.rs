@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::watch::Position;
+use super::watch::{Held, Position};
 use super::*;
 
 #[path = "../../../../tests/support/redis.rs"]
@@ -69,7 +69,7 @@ async fn a_write_through_one_store_reaches_another_within_a_second() {
     let (version, all) = b.registry_load().await.unwrap();
     assert_eq!((version, all), (0, vec![]));
     let seen = Seen::default();
-    b.registry_watch(seen.callback(), version);
+    b.registry_watch(seen.callback(), version, &[]);
 
     let k = key(&a, "k1", "secret-1");
     let plan = Change::PutPlan {
@@ -213,7 +213,7 @@ async fn an_update_sets_its_fields_on_the_record_redis_holds() {
     let k = key(&a, "k", "value-k");
     a.registry_write(&Change::AddKey(k.clone())).await.unwrap();
     let seen = Seen::default();
-    b.registry_watch(seen.callback(), 1);
+    b.registry_watch(seen.callback(), 1, &[]);
 
     // a disables k; b, from its copy of k still enabled, moves it.
     let off = KeyUpdate {
@@ -537,7 +537,11 @@ async fn a_trimmed_log_or_an_emptied_redis_makes_a_reload() {
     s.registry_write(&Change::AddKey(key(&s, "k1", "v1")))
         .await
         .unwrap();
-    let mut at = s.inner.registry_step(Position::Start(1), &*on).await;
+    let mut held = Held::at(1);
+    let mut at = s
+        .inner
+        .registry_step(Position::Start(1), &mut held, &*on)
+        .await;
     assert!(seen.take().is_empty());
 
     // Three changes, of which the log keeps only the last.
@@ -551,7 +555,7 @@ async fn a_trimmed_log_or_an_emptied_redis_makes_a_reload() {
         &["XTRIM", "{tollgate:registry}:log", "MAXLEN", "1"],
     )
     .unwrap();
-    at = s.inner.registry_step(at, &*on).await;
+    at = s.inner.registry_step(at, &mut held, &*on).await;
     match &seen.take()[..] {
         [RegistryUpdate::Reload { version: 4, all }] => assert_eq!(all.len(), 4),
         other => panic!("{other:?}"),
@@ -566,7 +570,7 @@ async fn a_trimmed_log_or_an_emptied_redis_makes_a_reload() {
         .await
         .unwrap();
     }
-    at = s.inner.registry_step(at, &*on).await;
+    at = s.inner.registry_step(at, &mut held, &*on).await;
     match &seen.take()[..] {
         [RegistryUpdate::Reload { version: 5, all }] => assert_eq!(all.len(), 5),
         other => panic!("{other:?}"),
@@ -583,14 +587,17 @@ async fn a_trimmed_log_or_an_emptied_redis_makes_a_reload() {
         })
         .collect();
     assert_eq!(s.registry_write(&Change::Import(big)).await.unwrap(), 6);
-    at = s.inner.registry_step(at, &*on).await;
+    at = s.inner.registry_step(at, &mut held, &*on).await;
     match &seen.take()[..] {
         [RegistryUpdate::Reload { version: 6, all }] => assert_eq!(all.len(), 3005),
         other => panic!("{other:?}"),
     }
 
     // Started at a version Redis no longer has.
-    let _ = s.inner.registry_step(Position::Start(99), &*on).await;
+    let _ = s
+        .inner
+        .registry_step(Position::Start(99), &mut held, &*on)
+        .await;
     assert!(matches!(
         &seen.take()[..],
         [RegistryUpdate::Reload { version: 6, .. }]
@@ -607,7 +614,11 @@ async fn entries_delivered_twice_are_applied_once() {
     let s = store(&server.url()).await;
     let seen = Seen::default();
     let on = seen.callback();
-    let at = s.inner.registry_step(Position::Start(0), &*on).await;
+    let mut held = Held::at(0);
+    let at = s
+        .inner
+        .registry_step(Position::Start(0), &mut held, &*on)
+        .await;
     let (k1, k2) = (key(&s, "k1", "v1"), key(&s, "k2", "v2"));
     s.registry_write(&Change::AddKey(k1.clone())).await.unwrap();
     // The same entry again (a client that retried, a replayed log), and an
@@ -621,12 +632,12 @@ async fn entries_delivered_twice_are_applied_once() {
     };
     command(server.addr(), &["XADD", log, "*", "v", "1", "c", &text]).unwrap();
     command(server.addr(), &["XADD", log, "*", "v", "0", "c", "D1:z"]).unwrap();
-    let at = s.inner.registry_step(at, &*on).await;
+    let at = s.inner.registry_step(at, &mut held, &*on).await;
     assert_eq!(seen.take(), vec![change(1, Change::AddKey(k1))]);
     s.registry_write(&Change::AddKey(k2.clone())).await.unwrap();
     command(server.addr(), &["XADD", log, "*", "v", "2", "c", "D1:z"]).unwrap();
-    let at = s.inner.registry_step(at, &*on).await;
-    let at = s.inner.registry_step(at, &*on).await;
+    let at = s.inner.registry_step(at, &mut held, &*on).await;
+    let at = s.inner.registry_step(at, &mut held, &*on).await;
     assert_eq!(seen.take(), vec![change(2, Change::AddKey(k2))]);
     assert!(matches!(at, Position::At(Cursor { version: 2, .. })));
 }
@@ -639,7 +650,7 @@ async fn redis_killed_during_a_write_fails_it_and_writes_nothing() {
     let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let s = store(&server.url()).await;
     let seen = Seen::default();
-    s.registry_watch(seen.callback(), 0);
+    s.registry_watch(seen.callback(), 0, &[]);
     s.registry_write(&Change::AddKey(key(&s, "k1", "v1")))
         .await
         .unwrap();
@@ -690,7 +701,7 @@ async fn a_cluster_of_three_masters_keeps_one_registry() {
     let (a, b) = (build().await, build().await);
     let seen = Seen::default();
     let (version, _) = b.registry_load().await.unwrap();
-    b.registry_watch(seen.callback(), version);
+    b.registry_watch(seen.callback(), version, &[]);
     let keys: Vec<_> = (0..20)
         .map(|i| key(&a, &format!("k{i}"), &format!("v{i}")))
         .collect();

@@ -12,13 +12,20 @@
 //! gone: trimmed, or Redis restarted empty or failed over; a version is
 //! missing or went back) or a read fails, the watcher reads the whole
 //! registry again and delivers it as [`RegistryUpdate::Reload`].
+//!
+//! The watcher keeps the registry as it last read it from Redis. When Redis
+//! holds no registry at all (no version: it restarted empty, or was
+//! flushed) while this instance holds one, the instance writes it back
+//! before it reads everything again, so that it keeps serving its keys and
+//! every instance, a new one included, loads them again; one instance
+//! writes back, the others wait for it (see [`Inner::registry_restore`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use super::codec::Logged;
-use super::{Cursor, RegistryUpdate};
+use super::{Change, Cursor, RegistryUpdate, Restore, State};
 use crate::store::redis::store::{Inner, RedisStore};
 
 /// How often the log is read.
@@ -41,33 +48,55 @@ impl RedisStore {
     /// [`RegistryUpdate::Reload`] instead when changes may have been missed.
     /// `on` is called from one task, one update at a time, and should not
     /// block. The task ends when the last clone of the store is dropped.
-    /// Outside a Tokio runtime, nothing is watched.
+    /// Outside a Tokio runtime, nothing is watched. `loaded` is the registry
+    /// as of `from_version`: what the instance writes back should Redis
+    /// lose the registry before the watcher has read it again.
     pub(crate) fn registry_watch(
         &self,
         on: Arc<dyn Fn(RegistryUpdate) + Send + Sync>,
         from_version: u64,
+        loaded: &[Change],
     ) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             tracing::warn!("the key registry is not watched: no Tokio runtime");
             return;
         };
         let weak = Arc::downgrade(&self.inner);
-        rt.spawn(watch(weak, on, from_version));
+        let mut held = Held {
+            state: State::default(),
+            version: from_version,
+        };
+        loaded.iter().for_each(|c| held.state.apply(c.clone()));
+        rt.spawn(watch(weak, on, held));
+    }
+}
+
+/// The registry as the watcher last read it from Redis, and its version.
+#[derive(Debug)]
+pub(super) struct Held {
+    state: State,
+    version: u64,
+}
+
+impl Held {
+    /// Nothing held yet, at `version`.
+    #[cfg(test)]
+    pub(super) fn at(version: u64) -> Self {
+        Held {
+            state: State::default(),
+            version,
+        }
     }
 }
 
 /// The watcher's loop: holds the store only while it reads.
-async fn watch(
-    weak: Weak<Inner>,
-    on: Arc<dyn Fn(RegistryUpdate) + Send + Sync>,
-    from_version: u64,
-) {
-    let mut position = Position::Start(from_version);
+async fn watch(weak: Weak<Inner>, on: Arc<dyn Fn(RegistryUpdate) + Send + Sync>, mut held: Held) {
+    let mut position = Position::Start(held.version);
     loop {
         let Some(inner) = weak.upgrade() else {
             return;
         };
-        position = inner.registry_step(position, &*on).await;
+        position = inner.registry_step(position, &mut held, &*on).await;
         if !matches!(position, Position::Lost)
             && inner.registry_failing.swap(false, Ordering::AcqRel)
         {
@@ -84,6 +113,7 @@ impl Inner {
     pub(super) async fn registry_step(
         &self,
         position: Position,
+        held: &mut Held,
         on: &(dyn Fn(RegistryUpdate) + Send + Sync),
     ) -> Position {
         let mut cursor = match position {
@@ -96,39 +126,77 @@ impl Inner {
                 },
                 Ok(head) if head.version == version => head.cursor(),
                 // Behind the version given: Redis lost changes.
-                Ok(_) => return self.registry_reload(on).await,
+                Ok(_) => return self.registry_reload(held, on).await,
                 Err(e) => return self.lost(&e),
             },
-            Position::Lost => return self.registry_reload(on).await,
+            Position::Lost => return self.registry_reload(held, on).await,
         };
         match self.registry_read(&mut cursor).await {
             Ok(Some(entries)) => {
                 for e in entries {
                     match e.logged {
-                        Logged::Change(change) => on(RegistryUpdate::Change {
-                            version: e.version,
-                            change,
-                        }),
-                        Logged::Reload => return self.registry_reload(on).await,
+                        Logged::Change(change) => {
+                            held.state.apply(change.clone());
+                            held.version = e.version;
+                            on(RegistryUpdate::Change {
+                                version: e.version,
+                                change,
+                            });
+                        }
+                        Logged::Reload => return self.registry_reload(held, on).await,
                     }
                 }
                 Position::At(cursor)
             }
             Ok(None) => {
                 tracing::info!("the key registry's log has a gap; reading it all again");
-                self.registry_reload(on).await
+                self.registry_reload(held, on).await
             }
             Err(e) => self.lost(&e),
         }
     }
 
-    /// Reads the whole registry and delivers it.
-    async fn registry_reload(&self, on: &(dyn Fn(RegistryUpdate) + Send + Sync)) -> Position {
+    /// Reads the whole registry and delivers it; first writes back the
+    /// registry this instance holds when Redis holds none (it lost it), or
+    /// waits while another instance writes it back.
+    async fn registry_reload(
+        &self,
+        held: &mut Held,
+        on: &(dyn Fn(RegistryUpdate) + Send + Sync),
+    ) -> Position {
+        if held.version > 0 && !held.state.is_empty() {
+            match self.registry_restore(&held.state, held.version).await {
+                Ok(Restore::Present) => {}
+                Ok(Restore::Busy) => {
+                    // Another instance writes it back (or imports): this one
+                    // keeps serving what it holds and looks again next poll.
+                    tracing::debug!("the key registry is being written back to Redis; waiting");
+                    return Position::Lost;
+                }
+                Ok(Restore::Written(version)) => tracing::warn!(
+                    keys = held.state.keys.len(),
+                    plans = held.state.plans.len(),
+                    accounts = held.state.accounts.len(),
+                    removed = held.state.removed.len(),
+                    version,
+                    "Redis held no key registry (restarted empty, or flushed): \
+                     the registry this instance holds was written back"
+                ),
+                Err(super::RegistryError::Store(e)) => return self.lost(&e),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "Redis holds no key registry, and the one this instance holds \
+                     could not be written back: reading what Redis holds"
+                ),
+            }
+        }
         match self.registry_snapshot().await {
             Ok(snapshot) => {
+                held.state = snapshot.state.clone();
+                held.version = snapshot.cursor.version;
                 on(RegistryUpdate::Reload {
                     version: snapshot.cursor.version,
-                    all: snapshot.all,
+                    all: snapshot.state.into_changes(),
                 });
                 Position::At(snapshot.cursor)
             }
