@@ -1129,3 +1129,59 @@ async fn a_registry_redis_lost_in_a_restart_is_written_back_by_the_instances() {
     })
     .await;
 }
+
+/// No key value is in Redis in clear, neither in a key's name nor in any
+/// value: keys of a static configuration changed through an admin handle,
+/// keys added and imported (in one script call, and staged in parts)
+/// through it, each hash, string and stream read whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_key_value_is_in_redis_in_clear() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let statics = [("s1", "static-secret-s1-9f8e7d6c")];
+    let a = instance(&redis, &statics).await;
+    a.admin().set_enabled("s1", false).await.unwrap();
+    a.admin()
+        .add_key(ApiKey::new("k1", "added-secret-k1-1a2b3c4d", "free"))
+        .await
+        .unwrap();
+    let small: Vec<ApiKey> = (0..10)
+        .map(|i| ApiKey::new(format!("m{i}"), format!("small-secret-{i:04}-5e6f"), "pro"))
+        .collect();
+    a.admin().import_keys(small).await.unwrap();
+    let large: Vec<ApiKey> = (0..2100)
+        .map(|i| ApiKey::new(format!("l{i}"), format!("large-secret-{i:04}-7a8b"), "pro"))
+        .collect();
+    a.admin().import_keys(large).await.unwrap();
+    assert!(a.decide(b"added-secret-k1-1a2b3c4d", 1).await.is_ok());
+
+    let secrets = [
+        "static-secret",
+        "added-secret",
+        "small-secret",
+        "large-secret",
+    ];
+    let keys = crate::support::redis::scan(redis.addr(), "*");
+    assert!(keys.len() >= 4, "{keys:?}");
+    let mut read = 0;
+    for key in &keys {
+        let kind = command(redis.addr(), &["TYPE", key]).unwrap();
+        let dump = match kind.trim() {
+            "hash" => command(redis.addr(), &["HGETALL", key]).unwrap(),
+            "string" => command(redis.addr(), &["GET", key]).unwrap(),
+            "stream" => command(redis.addr(), &["XRANGE", key, "-", "+"]).unwrap(),
+            "zset" => command(redis.addr(), &["ZRANGE", key, "0", "-1", "WITHSCORES"]).unwrap(),
+            "set" => command(redis.addr(), &["SMEMBERS", key]).unwrap(),
+            "list" => command(redis.addr(), &["LRANGE", key, "0", "-1"]).unwrap(),
+            other => panic!("{key}: a {other} is not read"),
+        };
+        read += dump.len();
+        for secret in secrets {
+            assert!(!key.contains(secret), "a key value in a key name: {key}");
+            assert!(!dump.contains(secret), "a key value in {key}");
+        }
+    }
+    assert!(read > 2100 * 32, "every record was read ({read} bytes)");
+}
