@@ -317,6 +317,28 @@ pub enum Acquired<F> {
 pub struct StoreError {
     message: String,
     timeout: bool,
+    kind: FailureKind,
+    /// Whether the store may fail in part (a Redis Cluster with a node
+    /// down answers the other nodes' requests).
+    in_part: bool,
+}
+
+/// What kind of failure a [`StoreError`] is. Failures of different kinds
+/// are different failures: each is logged when it starts and when it ends
+/// (see `Failures`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) enum FailureKind {
+    /// The store, or a part of it, did not answer: unreachable, a lost
+    /// connection, no answer in time, a cluster node down or not serving
+    /// yet, more calls in flight than the store takes.
+    Unreachable = 1,
+    /// The store answered the call with an error of its own (out of memory,
+    /// read-only, a script error).
+    Refused = 2,
+    /// Anything else: a reply that makes no sense, a wrong argument.
+    Other = 3,
 }
 
 impl StoreError {
@@ -325,6 +347,8 @@ impl StoreError {
         StoreError {
             message: message.into(),
             timeout: false,
+            kind: FailureKind::Other,
+            in_part: false,
         }
     }
 
@@ -333,12 +357,39 @@ impl StoreError {
         StoreError {
             message: format!("no answer within {after:?}"),
             timeout: true,
+            kind: FailureKind::Unreachable,
+            in_part: false,
         }
     }
 
     /// Whether the store did not answer in time.
     pub fn is_timeout(&self) -> bool {
         self.timeout
+    }
+
+    /// The same error, of the kind `kind`.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn with_kind(mut self, kind: FailureKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// What kind of failure it is.
+    pub(crate) fn kind(&self) -> FailureKind {
+        self.kind
+    }
+
+    /// The same error, from a store that may fail in part: a Redis Cluster,
+    /// whose nodes that are up answer while one is down.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn in_part(mut self) -> Self {
+        self.in_part = true;
+        self
+    }
+
+    /// Whether the store that failed may fail in part.
+    pub(crate) fn is_in_part(&self) -> bool {
+        self.in_part
     }
 }
 

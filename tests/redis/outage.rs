@@ -24,7 +24,7 @@ use tower::ServiceExt;
 
 use crate::SERIAL;
 use crate::support;
-use crate::support::redis::{RedisServer, require_redis};
+use crate::support::redis::{RedisCluster, RedisServer, command, require_redis};
 
 /// A router whose one key, `capped-key`, may have one request in flight,
 /// under the default failure mode (`local`), on `store`.
@@ -954,5 +954,206 @@ async fn tokens_the_local_copy_admitted_are_charged_to_redis_as_used() {
         res.status(),
         200,
         "Redis counts the 20 used, not the 80 reserved"
+    );
+}
+
+/// A Redis Cluster with one node down fails the requests of the keys whose
+/// slots that node serves, and answers the others: one failure that lasts
+/// until the node is back. It is logged once when it starts and once when
+/// it ends, not as over whenever a few requests in a row reached the nodes
+/// that answer, and then as begun again.
+#[tokio::test(flavor = "current_thread")]
+async fn a_cluster_node_down_is_one_failure_in_the_log() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let (buffer, _guard) = capture_log();
+
+    let mut cluster = RedisCluster::start();
+    let store = RedisStore::cluster_builder(cluster.urls())
+        .shared_registry(false)
+        .timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .expect("a Redis store");
+    let mut policy = Policy::builder().plan(
+        UsagePlan::new("p")
+            .throttle(Throttle::new(1000.0, 1000).unwrap())
+            .failure(FailureMode::Closed)
+            .borrow(false),
+    );
+    let keys: Vec<String> = (0..12).map(|i| format!("key-{i}")).collect();
+    for (i, k) in keys.iter().enumerate() {
+        policy = policy.key(ApiKey::new(format!("id-{i}"), k.clone(), "p"));
+    }
+    let layer = RateLimitLayer::builder(policy.build().expect("a valid policy"))
+        .store(store)
+        .build();
+    for k in &keys {
+        layer
+            .decide(k.as_bytes(), 1)
+            .await
+            .expect("allowed by Redis");
+    }
+    cluster.node_mut(1).kill();
+    let (mut failed, mut answered) = (0, 0);
+    for _ in 0..4 {
+        for k in &keys {
+            match layer.decide(k.as_bytes(), 1).await {
+                Ok(()) => answered += 1,
+                Err(r) => {
+                    assert_eq!(r.status(), 503, "{r:?}");
+                    failed += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        failed > 0 && answered > 0,
+        "{failed} failed, {answered} answered"
+    );
+    let text = buffer.text();
+    assert_eq!(
+        text.matches("rate-limit store failing").count(),
+        1,
+        "one outage of one node, logged once: {text}"
+    );
+    assert!(
+        !text.contains("rate-limit store recovered"),
+        "the node is still down: {text}"
+    );
+
+    cluster.node_mut(1).restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut all = true;
+        for k in &keys {
+            all &= layer.decide(k.as_bytes(), 1).await.is_ok();
+        }
+        if all && buffer.text().contains("rate-limit store recovered") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not served again: {}",
+            buffer.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = buffer.text();
+    assert_eq!(
+        text.matches("rate-limit store failing").count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("rate-limit store recovered").count(),
+        1,
+        "{text}"
+    );
+}
+
+/// Failures of different kinds are different failures: Redis killed (its
+/// connection refused) and, once it answered again, out of memory (every
+/// call refused with `OOM`) are two, each logged when it starts and when it
+/// ends, even though Redis answered only once between them.
+#[tokio::test(flavor = "current_thread")]
+async fn a_different_failure_after_an_answer_is_logged_as_its_own() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let (buffer, _guard) = capture_log();
+
+    let mut redis = RedisServer::start();
+    let store = RedisStore::builder(redis.url())
+        .shared_registry(false)
+        .timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .expect("a Redis store");
+    let policy = Policy::builder()
+        .plan(
+            UsagePlan::new("p")
+                .throttle(Throttle::new(1000.0, 1000).unwrap())
+                .failure(FailureMode::Local)
+                .borrow(false),
+        )
+        .key(ApiKey::new("k-1", "key", "p"))
+        .build()
+        .expect("a valid policy");
+    let layer = RateLimitLayer::builder(policy).store(store.clone()).build();
+    layer.decide(b"key", 1).await.expect("allowed by Redis");
+    assert_eq!(store.local_decisions(), 0);
+
+    redis.kill();
+    layer
+        .decide(b"key", 1)
+        .await
+        .expect("allowed by the local copy");
+    assert_eq!(store.local_decisions(), 1);
+    redis.restart();
+    // Until Redis decides one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = store.local_decisions();
+        layer.decide(b"key", 1).await.expect("allowed");
+        if store.local_decisions() == before {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "Redis never decided");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Out of memory: Redis holds 2 MiB more than it may, and evicts nothing.
+    let addr = redis.addr();
+    let filler = "x".repeat(2 << 20);
+    command(addr, &["SET", "filler", &filler]).expect("SET filler");
+    command(addr, &["CONFIG", "SET", "maxmemory-policy", "noeviction"]).expect("CONFIG SET");
+    command(addr, &["CONFIG", "SET", "maxmemory", "1mb"]).expect("CONFIG SET maxmemory");
+    let before = store.local_decisions();
+    layer
+        .decide(b"key", 1)
+        .await
+        .expect("allowed by the local copy");
+    assert_eq!(
+        store.local_decisions(),
+        before + 1,
+        "Redis refused the call"
+    );
+    let text = buffer.text();
+    let failing: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("rate-limit store failing"))
+        .collect();
+    assert_eq!(
+        failing.len(),
+        2,
+        "out of memory after the outage is a failure of its own: {text}"
+    );
+    assert!(failing[1].contains("OOM"), "{text}");
+    assert_eq!(
+        text.matches("rate-limit store recovered").count(),
+        1,
+        "the outage ended when Redis answered: {text}"
+    );
+
+    command(addr, &["CONFIG", "SET", "maxmemory", "0"]).expect("CONFIG SET maxmemory 0");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while buffer.text().matches("rate-limit store recovered").count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no recovery logged: {}",
+            buffer.text()
+        );
+        let _ = layer.decide(b"key", 1).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = buffer.text();
+    assert_eq!(
+        text.matches("rate-limit store failing").count(),
+        2,
+        "{text}"
     );
 }

@@ -5,11 +5,11 @@ use std::future::Future;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, RedisError, RedisFuture, Value};
+use redis::{Cmd, ErrorKind, RedisError, RedisFuture, ServerErrorKind, Value};
 use tokio::time::Instant;
 
 use super::store::Inner;
-use crate::store::StoreError;
+use crate::store::{FailureKind, StoreError};
 
 #[derive(Clone)]
 pub(super) enum Conn {
@@ -55,7 +55,29 @@ pub(super) fn connection_lost(e: &RedisError) -> bool {
 
 /// A store error from a Redis error, without the command (which names keys).
 pub(super) fn redis_error(e: &RedisError) -> StoreError {
-    StoreError::new(format!("redis: {}", e.kind_name()))
+    StoreError::new(format!("redis: {}", e.kind_name())).with_kind(failure_kind(e))
+}
+
+/// What kind of failure a Redis error is: Redis (or the Cluster node that
+/// serves the slot) not reached or not serving, or an error Redis answered.
+fn failure_kind(e: &RedisError) -> FailureKind {
+    match e.kind() {
+        ErrorKind::Io
+        | ErrorKind::ClusterConnectionNotFound
+        | ErrorKind::Server(
+            ServerErrorKind::ClusterDown
+            | ServerErrorKind::TryAgain
+            | ServerErrorKind::MasterDown
+            | ServerErrorKind::BusyLoading
+            | ServerErrorKind::Moved
+            | ServerErrorKind::Ask,
+        ) => FailureKind::Unreachable,
+        _ if e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() => {
+            FailureKind::Unreachable
+        }
+        _ if e.code().is_some() => FailureKind::Refused,
+        _ => FailureKind::Other,
+    }
 }
 
 trait KindName {

@@ -22,8 +22,8 @@ use crate::clock::Clock;
 use crate::gcra::NANOS_PER_SEC;
 use crate::hash;
 use crate::store::{
-    Acquire, Acquired, Denied, Permit, QuotaRef, Report, Settlement, Store, StoreError,
-    StoreFuture, ThrottleRef, Verdict,
+    Acquire, Acquired, Denied, FailureKind, Permit, QuotaRef, Report, Settlement, Store,
+    StoreError, StoreFuture, ThrottleRef, Verdict,
 };
 use crate::window::Date;
 
@@ -710,7 +710,9 @@ impl Inner {
         failure: crate::FailureMode,
         parts: [Part; 3],
     ) -> Acquired<Decided> {
-        let e = || StoreError::new("redis: too many calls in flight");
+        let e = || {
+            StoreError::new("redis: too many calls in flight").with_kind(FailureKind::Unreachable)
+        };
         let wait = match self.denials.past_bound(asked, self.clock.nanos()) {
             PastBound::Denied(denied) => return Acquired::Ready(Ok(Err(denied))),
             PastBound::Fail => {

@@ -42,7 +42,7 @@ use crate::gcra::{NANOS_PER_SEC, Nanos};
 use crate::hash::BuildDigestHasher;
 use crate::plan::FailureMode;
 use crate::store::verdict::applied;
-use crate::store::{Acquired, Applied, Denied, Report, StoreError, Verdict};
+use crate::store::{Acquired, Applied, Denied, FailureKind, Report, StoreError, Verdict};
 
 /// Shards of the table, so that subjects on several threads rarely contend.
 const SHARDS: usize = 16;
@@ -755,7 +755,10 @@ impl Inner {
                 None => match inner.denials.fresh(&context.asked, inner.clock.nanos()) {
                     Some(denied) => (End::Denied(denied), None),
                     None => (
-                        End::Failed(StoreError::new("redis: too many calls in flight")),
+                        End::Failed(
+                            StoreError::new("redis: too many calls in flight")
+                                .with_kind(FailureKind::Unreachable),
+                        ),
                         None,
                     ),
                 },

@@ -349,13 +349,16 @@ impl Inner {
     /// Redis could not decide a request whose limits are `parts`: under
     /// [`Local`](FailureMode::Local) the local copy decides it (and the
     /// failure is counted and logged here); under `Open` and `Closed` the
-    /// error goes to the layer, which decides and logs.
+    /// error goes to the layer, which decides and logs. A Cluster's error
+    /// says that the store may fail in part (a node down, the others
+    /// answering), so that its failure is logged as one (see `Failures`).
     pub(super) fn fail(
         &self,
         e: StoreError,
         failure: FailureMode,
         parts: &[&Part],
     ) -> Result<Verdict, StoreError> {
+        let e = if self.cluster { e.in_part() } else { e };
         match failure {
             FailureMode::Local => {
                 self.failures.failed(&e);
