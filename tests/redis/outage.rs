@@ -1054,6 +1054,86 @@ async fn a_cluster_node_down_is_one_failure_in_the_log() {
     );
 }
 
+/// A place the local copy granted while Redis was down is one Redis never
+/// counted: once Redis is back (here with the data it had, an append-only
+/// file), a response the copy admitted and that still runs holds the one
+/// place of a cap of 1 on this instance, and a second request is refused,
+/// as it was during the outage. Once that response ends, Redis admits the
+/// next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_the_local_copy_granted_still_counts_once_redis_is_back() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let store = RedisStore::builder(redis.url())
+        .shared_registry(false)
+        .timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .expect("a Redis store");
+    // The capped key's plan, and a probe's that answers 503 unless Redis
+    // decides.
+    let policy = Policy::builder()
+        .plan(
+            UsagePlan::new("capped")
+                .concurrency(1)
+                .failure(FailureMode::Local),
+        )
+        .plan(
+            UsagePlan::new("probe")
+                .throttle(Throttle::new(1000.0, 1000).unwrap())
+                .failure(FailureMode::Closed)
+                .borrow(false),
+        )
+        .key(ApiKey::new("k1", "capped-key", "capped"))
+        .key(ApiKey::new("p1", "probe-key", "probe"))
+        .build()
+        .expect("a valid policy");
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(RateLimitLayer::builder(policy).store(store.clone()).build());
+    let first = app.clone().oneshot(capped_request()).await.unwrap();
+    assert_eq!(first.status(), 200, "Redis admits the first");
+    drop(first);
+    store.drained().await;
+
+    tokio::task::block_in_place(|| redis.kill());
+    let held = app.clone().oneshot(capped_request()).await.unwrap();
+    assert_eq!(held.status(), 200, "the local copy admits one");
+    assert_eq!(store.local_decisions(), 1, "decided by the local copy");
+
+    tokio::task::block_in_place(|| redis.restart());
+    let probe = || {
+        Request::get("/")
+            .header("x-api-key", "probe-key")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let start = std::time::Instant::now();
+    while app.clone().oneshot(probe()).await.unwrap().status() != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "Redis never decided"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = app.clone().oneshot(capped_request()).await.unwrap();
+    assert_eq!(
+        second.status(),
+        429,
+        "a second request in flight under a cap of 1 on one instance"
+    );
+    drop(second);
+
+    drop(held);
+    let next = app.clone().oneshot(capped_request()).await.unwrap();
+    assert_eq!(next.status(), 200, "the copy's place was given back");
+    assert!(next.headers().contains_key("ratelimit"));
+    assert_eq!(store.local_decisions(), 1, "decided by Redis");
+}
+
 /// Failures of different kinds are different failures: Redis killed (its
 /// connection refused) and, once it answered again, out of memory (every
 /// call refused with `OOM`) are two, each logged when it starts and when it

@@ -238,6 +238,19 @@ pub(super) struct Cap {
     pub(super) permit: Permit,
     pub(super) salt: u64,
     pub(super) digest: Digest,
+    /// Places under this cap the local copy granted on its own while Redis
+    /// could not decide, whose responses have not ended: Redis never
+    /// counted them, and the request's call counts them beside Redis's
+    /// (see [`Local::held_under`](super::local::Local::held_under)).
+    pub(super) local: u32,
+}
+
+impl Cap {
+    /// The places held under the cap, Redis's (`in_flight`) and the local
+    /// copy's own.
+    fn in_flight(&self, in_flight: u64) -> u64 {
+        in_flight.saturating_add(u64::from(self.local))
+    }
 }
 
 impl Part {
@@ -316,7 +329,25 @@ impl Part {
             permit,
             salt: c.salt,
             digest: c.digest,
+            local: inner.local.held_under(c),
         });
+    }
+
+    /// The denial of a request whose cap the local copy's own places fill
+    /// (see [`Cap::local`]): Redis could not let it in, so it is denied
+    /// without a call. `None` in the usual case, the copy holding none.
+    pub(super) fn full_here(&self) -> Option<Denied> {
+        let c = self
+            .caps
+            .iter()
+            .find(|c| !c.shadow && c.local > 0 && c.local >= c.limit)?;
+        Some(Denied::concurrency(Applied {
+            kind: c.kind,
+            quota: u64::from(c.limit),
+            window_secs: 0,
+            remaining: 0,
+            reset: 0,
+        }))
     }
 
     /// The arguments after the cost: throttles, the quotas, the caps.
@@ -338,7 +369,10 @@ impl Part {
         }
         call.arg(self.caps.len());
         for c in &self.caps {
-            call.arg(c.limit);
+            // The copy's own places are taken: Redis decides the rest (a
+            // cap they fill is denied before any call, see `full_here`;
+            // a shadow's never denies).
+            call.arg(c.limit.saturating_sub(c.local).max(1));
             call.arg(lease.as_millis().max(1));
             call.arg(format_args!("{:016x}", c.permit.id));
             call.arg(u8::from(c.shadow));
@@ -441,7 +475,7 @@ impl Part {
         let at = 3 + n + 4 * self.quotas.len();
         for (i, c) in self.caps.iter().enumerate() {
             let in_flight = *reply.get(at + i).ok_or_else(bad)?;
-            let in_flight = u64::try_from(in_flight).map_err(|_| bad())?;
+            let in_flight = c.in_flight(u64::try_from(in_flight).map_err(|_| bad())?);
             let item = |n: u64| Applied {
                 kind: c.kind,
                 quota: u64::from(c.limit),

@@ -205,6 +205,13 @@ impl Store for RedisStore {
         for c in request.caps() {
             own.push_cap(inner, c);
         }
+        // Places the local copy granted on its own during an outage, whose
+        // responses still run, count as taken (see `Local::held_under`):
+        // the call counts them beside Redis's, and a cap they fill denies
+        // at once, with no call.
+        if let Some(denied) = own.full_here() {
+            return Acquired::Ready(Ok(Err(denied)));
+        }
         stage.finish(inner.lease);
         account.finish(inner.lease);
         own.finish(inner.lease);

@@ -11,6 +11,9 @@
 //! included, until their responses end). What it admits on its own to a
 //! quota or a token budget is owed to Redis: once Redis answers again, it
 //! is charged there (see [`Inner::repay`]), in the window that counted it.
+//! The places it grants on its own under concurrency caps are not charged
+//! to Redis, but count on this instance until their responses end: Redis's
+//! decisions here count them beside its own (see [`Local::held_under`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +45,10 @@ pub(super) struct Local {
     mirrored: Mutex<HashMap<Permit, Permit>>,
     /// How many there are of both: the common case (none) reads no lock.
     count: AtomicUsize,
+    /// How many of them are in `held`: places Redis never counted, which
+    /// its decisions count beside its own while they last (none, the
+    /// common case, reads no lock).
+    own: AtomicUsize,
     /// What the copy admitted on its own to each quota, by its key in
     /// Redis and the UTC day it admitted it: owed to Redis.
     owed: Mutex<HashMap<(String, i64), Owed>>,
@@ -78,6 +85,7 @@ impl Local {
             held: Mutex::default(),
             mirrored: Mutex::default(),
             count: AtomicUsize::new(0),
+            own: AtomicUsize::new(0),
             owed: Mutex::default(),
             owes: AtomicBool::new(false),
             clock,
@@ -96,6 +104,7 @@ impl Local {
             for permit in report.permits() {
                 *self.held.lock().entry(permit).or_default() += 1;
                 self.count.fetch_add(1, Ordering::AcqRel);
+                self.own.fetch_add(1, Ordering::AcqRel);
             }
             self.owe(parts);
         }
@@ -225,6 +234,21 @@ impl Local {
         }
     }
 
+    /// How many places under the cap `c` the copy granted on its own (while
+    /// Redis could not decide) that are still held: responses admitted
+    /// during an outage that outlast it. Redis never counted them, so its
+    /// decisions on this instance count them beside its own: the cap is
+    /// never passed on one instance by the copy's places and Redis's
+    /// together. One load, and no lock, while the copy holds none.
+    pub(super) fn held_under(&self, c: &ConcurrencyRef<'_>) -> u32 {
+        if self.own.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
+        // The memory store's permit names the cap (see its `decide`).
+        let mine = Permit::new(c.digest.0, c.salt);
+        self.held.lock().get(&mine).copied().unwrap_or(0)
+    }
+
     /// Lowers the copy of the quota Redis denied to what remains of it.
     pub(super) fn learn_denial(&self, parts: &[&Part], denied: &Denied) {
         self.learn(parts, &denied.limit);
@@ -283,6 +307,7 @@ impl Local {
             held.remove(&permit);
         }
         drop(held);
+        self.own.fetch_sub(1, Ordering::AcqRel);
         self.count.fetch_sub(1, Ordering::AcqRel);
         self.store.release(permit);
         true
