@@ -1167,6 +1167,9 @@ async fn no_key_value_is_in_redis_in_clear() {
     assert!(keys.len() >= 4, "{keys:?}");
     let mut read = 0;
     for key in &keys {
+        for secret in secrets {
+            assert!(!key.contains(secret), "a key value in a key name: {key}");
+        }
         let kind = command(redis.addr(), &["TYPE", key]).unwrap();
         let dump = match kind.trim() {
             "hash" => command(redis.addr(), &["HGETALL", key]).unwrap(),
@@ -1175,11 +1178,13 @@ async fn no_key_value_is_in_redis_in_clear() {
             "zset" => command(redis.addr(), &["ZRANGE", key, "0", "-1", "WITHSCORES"]).unwrap(),
             "set" => command(redis.addr(), &["SMEMBERS", key]).unwrap(),
             "list" => command(redis.addr(), &["LRANGE", key, "0", "-1"]).unwrap(),
+            // Gone since the scan (a staged import's parts, a lapsed lease):
+            // its name was checked above.
+            "none" => String::new(),
             other => panic!("{key}: a {other} is not read"),
         };
         read += dump.len();
         for secret in secrets {
-            assert!(!key.contains(secret), "a key value in a key name: {key}");
             assert!(!dump.contains(secret), "a key value in {key}");
         }
     }
