@@ -39,7 +39,8 @@ const OPENAI_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-res
 /// until the limit is full again. These are Structured Fields integers, which
 /// stop at 999,999,999,999,999: a larger number (a quota of up to 2^53) is
 /// sent as that, so that the field still parses. `RateLimit-Policy` lists every limit that
-/// applied; `RateLimit` shows the tightest one. The legacy
+/// applies to the request, on an allowed response and a rejection alike;
+/// `RateLimit` shows the tightest one. The legacy
 /// `X-RateLimit-Limit` / `-Remaining` / `-Reset` (seconds) can be added, and
 /// all can be turned off.
 ///
@@ -71,9 +72,24 @@ const OPENAI_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-res
 /// the time until the request may pass; the other family is left out (its
 /// state was not read).
 ///
-/// On a rejection the IETF `RateLimit` names the limit that denied with
-/// `r=0` (nothing this request can use now) and `t` the retry, in whole
-/// seconds rounded up: it always agrees with `Retry-After`.
+/// On a rejection, `RateLimit-Policy` lists the same policies, in the same
+/// order and with the same sizes, as an allowed response of the same caller
+/// and route (whichever limit denied, in every response style and with
+/// every store): the IETF draft asks that the policies a server announces
+/// stay the same from one response to the next, and a client that learns
+/// them from a 429 learns them all. `RateLimit` names the limit that
+/// denied, alone, with `r=0` (nothing this request can use now) and `t` the
+/// retry, in whole seconds rounded up: it always agrees with `Retry-After`.
+/// (The draft lets `RateLimit` carry any of the policies; a denial reads
+/// the state of the limit that denied, and the others' `r` would be
+/// stale.)
+///
+/// ```text
+/// HTTP/1.1 429 Too Many Requests
+/// RateLimit-Policy: "throttle";q=5;w=3, "quota";q=1000;w=86400
+/// RateLimit: "throttle";r=0;t=1
+/// Retry-After: 1
+/// ```
 ///
 /// ```
 /// use tollgate::HeaderStyle;
@@ -184,23 +200,10 @@ impl HeaderStyle {
     /// The headers for `report`, whose tightest limit is `tight`, slot by
     /// slot: any style, any policy.
     fn prepare_slots(&self, report: &Report, tight: &Applied) -> Prepared {
-        let (mut requests, mut tokens) = (None, None);
-        if self.openai {
-            let (mut requests_rank, mut tokens_rank) = (u8::MAX, u8::MAX);
-            for a in report.items() {
-                let Some((family, rank)) = defining_rank(a.kind) else {
-                    continue;
-                };
-                let (slot, best) = match family {
-                    Family::Requests => (&mut requests, &mut requests_rank),
-                    Family::Tokens => (&mut tokens, &mut tokens_rank),
-                };
-                if rank < *best {
-                    *best = rank;
-                    *slot = Some(a);
-                }
-            }
-        }
+        let [requests, tokens] = match self.openai {
+            true => defining(report.items()),
+            false => [None, None],
+        };
         Prepared::format(|out| {
             if self.ietf {
                 policy_value(report.items(), |policy| match policy {
@@ -226,18 +229,29 @@ impl HeaderStyle {
 
     /// Writes the headers of a request rejected by `denied`, which may pass
     /// after `wait` (for a cost that never fits: when the limit is full
-    /// again); `families` holds the defining limits of the caller's plan.
+    /// again); `policies` holds every limit of the request (see
+    /// `Acquire::policies`), none when its caller is no longer found:
+    /// `RateLimit-Policy` announces them as an allowed response does, and
+    /// each family's defining limit is read from them.
     pub(crate) fn write_denied(
         &self,
         denied: &Applied,
         wait: Nanos,
-        families: &Families,
+        policies: &[Applied],
         headers: &mut HeaderMap,
     ) {
+        let policies = match policies {
+            [] => std::slice::from_ref(denied),
+            all => all,
+        };
         if self.ietf {
-            if let Some(v) = format_policy(std::slice::from_ref(denied)) {
+            policy_value(policies, |policy| {
+                let v = match policy {
+                    Policy::Interned(v) => (*v).clone(),
+                    Policy::Shared(v) => v.clone(),
+                };
                 headers.insert(RATELIMIT_POLICY, v);
-            }
+            });
             let mut buf = HeaderBuf::new();
             buf.push(b"\"");
             buf.push(denied.name().as_bytes());
@@ -253,13 +267,13 @@ impl HeaderStyle {
             headers.insert(X_RESET, HeaderValue::from(ceil_secs(wait)));
         }
         if self.openai {
-            let family = Family::of(denied.kind);
-            let (limit, first) = match family {
-                Family::Requests => (families.requests, Slot::LimitRequests),
-                Family::Tokens => (families.tokens, Slot::LimitTokens),
+            let [requests, tokens] = defining(policies);
+            let (defining, first) = match Family::of(denied.kind) {
+                Family::Requests => (requests, Slot::LimitRequests),
+                Family::Tokens => (tokens, Slot::LimitTokens),
             };
             let [limit_name, remaining, reset] = first.family().map(Slot::name);
-            let limit = limit.map_or(denied.quota, |(_, l)| l);
+            let limit = defining.map_or(denied.quota, |a| a.quota);
             headers.insert(limit_name, HeaderValue::from(limit));
             headers.insert(remaining, HeaderValue::from(0u64));
             let mut buf = HeaderBuf::new();
@@ -294,7 +308,7 @@ impl Family {
 /// A limit's family and its rank as the family's defining limit (lower
 /// ranks define first; see [`HeaderStyle`]); a concurrency cap defines no
 /// family: its count says nothing about a pace.
-pub(crate) fn defining_rank(kind: LimitKind) -> Option<(Family, u8)> {
+fn defining_rank(kind: LimitKind) -> Option<(Family, u8)> {
     use LimitKind::*;
     let rank = match kind {
         Throttle | TokensMinute => 0,
@@ -313,29 +327,25 @@ pub(crate) fn defining_rank(kind: LimitKind) -> Option<(Family, u8)> {
     Some((Family::of(kind), rank))
 }
 
-/// The defining limit of each family for one caller: its rank and size
-/// (see [`HeaderStyle`]), read from the plan for a rejection's headers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Families {
-    pub(crate) requests: Option<(u8, u64)>,
-    pub(crate) tokens: Option<(u8, u64)>,
-}
-
-impl Families {
-    /// Considers a limit of `kind` and size `limit`: it becomes its
-    /// family's defining limit if it ranks first so far.
-    pub(crate) fn offer(&mut self, kind: LimitKind, limit: u64) {
-        let Some((family, rank)) = defining_rank(kind) else {
-            return;
+/// The defining limit of each family among `items` (requests, then
+/// tokens; see [`HeaderStyle`]): of each family's limits, the one of the
+/// lowest rank.
+#[inline]
+fn defining(items: &[Applied]) -> [Option<&Applied>; 2] {
+    let mut best: [Option<(u8, &Applied)>; 2] = [None, None];
+    for a in items {
+        let Some((family, rank)) = defining_rank(a.kind) else {
+            continue;
         };
         let slot = match family {
-            Family::Requests => &mut self.requests,
-            Family::Tokens => &mut self.tokens,
+            Family::Requests => &mut best[0],
+            Family::Tokens => &mut best[1],
         };
         if slot.is_none_or(|(r, _)| rank < r) {
-            *slot = Some((rank, limit));
+            *slot = Some((rank, a));
         }
     }
+    best.map(|b| b.map(|(_, a)| a))
 }
 
 /// The headers a response can carry, in the order they are written
@@ -1027,6 +1037,39 @@ mod tests {
             assert_eq!(written(style.prepare(&r)), slots, "{set:?}");
             assert_eq!(slots.len(), 2);
         }
+    }
+
+    /// A rejection announces every policy it is given, as an allowed
+    /// response of them does, and names the limit that denied; given none
+    /// (a caller no longer found), the limit that denied alone.
+    #[test]
+    fn a_rejection_announces_every_policy_and_names_the_denial() {
+        let allowed = report(&[
+            ("throttle", 5, 3, 4, 500_000_000),
+            ("quota", 1000, 86_400, 2, 3_600 * NANOS_PER_SEC),
+            ("tokens-minute", 40_000, 60, 39_000, 1_500_000_000),
+        ]);
+        let mut want = HeaderMap::new();
+        HeaderStyle::ietf().write(&allowed, &mut want);
+        let policies = allowed.items();
+        let denied = Applied {
+            remaining: 0,
+            ..policies[1]
+        };
+        let style = HeaderStyle::ietf().openai(true);
+        let mut h = HeaderMap::new();
+        style.write_denied(&denied, 7 * NANOS_PER_SEC, policies, &mut h);
+        assert_eq!(h["ratelimit-policy"], want["ratelimit-policy"]);
+        assert_eq!(h["ratelimit"], "\"quota\";r=0;t=7");
+        // The requests family's defining limit is the throttle, not the
+        // quota that denied; the tokens family is left out.
+        assert_eq!(h["x-ratelimit-limit-requests"], "5");
+        assert_eq!(h["x-ratelimit-reset-requests"], "7s");
+        assert!(!h.contains_key("x-ratelimit-limit-tokens"));
+        let mut h = HeaderMap::new();
+        style.write_denied(&denied, 7 * NANOS_PER_SEC, &[], &mut h);
+        assert_eq!(h["ratelimit-policy"], "\"quota\";q=1000;w=86400");
+        assert_eq!(h["x-ratelimit-limit-requests"], "1000");
     }
 
     #[test]

@@ -41,10 +41,12 @@ impl QuotaSpec {
         }
     }
 
-    /// The limit of the window holding `now` (wall nanoseconds), as a
-    /// report of the quota in that window sizes it.
-    pub(crate) fn limit_at(&self, now: i64) -> u64 {
-        u64::try_from(self.limit_in(window(self.period, now))).unwrap_or(0)
+    /// How the quota stands at `now` (wall nanoseconds) with nothing used
+    /// in its window: its limit and window as any count of it reports them
+    /// then, without reading a count.
+    pub(crate) fn unused_at(&self, now: i64) -> QuotaSnapshot {
+        let w = window(self.period, now);
+        snapshot(w, self.limit_in(w), 0, now)
     }
 }
 

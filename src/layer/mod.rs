@@ -1,12 +1,12 @@
 //! The tower layer, service and future, and the engine they share.
 
 mod engine;
-mod family;
 mod future;
 #[allow(clippy::module_inception)]
 mod layer;
 mod outcome;
 mod read;
+mod rejected;
 mod service;
 
 pub use self::future::ResponseFuture;

@@ -7,8 +7,9 @@ use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response};
 
 use super::engine::Shared;
+use super::rejected::Policies;
 use crate::extract::{KeyExtractor, RequestView};
-use crate::headers::{Families, ceil_secs};
+use crate::headers::ceil_secs;
 use crate::observe::{Observer, Outcome, Seen, Watch, outcome};
 use crate::plan::FailureMode;
 use crate::resolver::Answer;
@@ -147,10 +148,10 @@ impl<K, S> Shared<K, S> {
 impl<K: KeyExtractor, S: Store> Shared<K, S> {
     /// The response for a rejected request: the rejection's response in the
     /// layer's style, `Retry-After`, `retry-after-ms` and `x-should-retry`
-    /// unless a custom response set them, and the rate-limit headers of the
-    /// limit that denied (with the defining limits of the caller's plan for
-    /// OpenAI's headers; `answer` is the resolver's answer the request was
-    /// decided by, if it was).
+    /// unless a custom response set them, and the rate-limit headers: the
+    /// limit that denied, with every policy of the request announced as an
+    /// allowed response announces them (`answer` is the resolver's answer
+    /// the request was decided by, if it was).
     #[cold]
     pub(crate) fn reject(
         &self,
@@ -197,12 +198,12 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
                 .or_insert_with(|| HeaderValue::from_static("false"));
         }
         if let Some(limit) = limit {
-            let families = match self.headers.has_openai() {
-                true => self.families(req, answer),
-                false => Families::default(),
+            let policies = match self.headers.has_ietf() || self.headers.has_openai() {
+                true => self.policies(req, answer),
+                false => Policies::new(),
             };
             let wait = wait.unwrap_or(limit.reset);
-            self.headers.write_denied(&limit, wait, &families, headers);
+            self.headers.write_denied(&limit, wait, &policies, headers);
         }
         res.extensions_mut().insert(rejection);
         res

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use arrayvec::ArrayVec;
 
-use super::verdict::{Applied, Reservation};
+use super::verdict::{Applied, Reservation, quota_applied};
 use super::{MAX_ACCOUNT_QUOTAS, MAX_MODEL_QUOTAS, MAX_THROTTLES};
 use crate::extract::RequestView;
 use crate::gcra::Nanos;
@@ -452,6 +452,33 @@ impl<'a> Acquire<'a> {
         if let Some(c) = &m.concurrency {
             self.model_concurrency = subject.cap(LimitKind::ModelConcurrency, c);
         }
+    }
+
+    /// Every limit of the request as a policy, its size and window (what
+    /// `RateLimit-Policy` announces), in the order a store reports how each
+    /// stands: the throttles, the calendar quotas (each sized as its window
+    /// at `wall` holds), the caps. Nothing of their state is read: units
+    /// left and resets are 0. A denial tells how the limit that denied
+    /// stands, and nothing of the others; a rejection announces them all
+    /// from here.
+    pub(crate) fn policies(&self, wall: i64) -> impl Iterator<Item = Applied> + '_ {
+        let throttles = self.throttles().map(|t| Applied {
+            kind: t.limit.kind,
+            quota: u64::from(t.limit.gcra.burst()),
+            window_secs: t.limit.window_secs,
+            remaining: 0,
+            reset: 0,
+        });
+        let quotas = self
+            .quotas()
+            .map(move |q| quota_applied(q.kind, &q.spec.unused_at(wall)))
+            .map(|a| Applied {
+                remaining: 0,
+                reset: 0,
+                ..a
+            });
+        let caps = self.caps().map(|c| c.applied(u64::from(c.limit)));
+        throttles.chain(quotas).chain(caps)
     }
 
     #[inline]

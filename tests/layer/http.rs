@@ -925,3 +925,56 @@ async fn the_policy_header_lists_every_limit_of_a_request_with_many() {
     }
     assert_eq!(names.len(), 19, "{policy}");
 }
+
+/// A 429 announces the policies an allowed response of the same caller and
+/// route does, however the caller was found: a per-key policy's key (its
+/// plan's throttle, quota and the route's override) and a client without
+/// a key, limited by its address under the anonymous plan and the stage.
+#[tokio::test]
+async fn a_rejection_announces_the_policies_of_per_key_and_anonymous_callers() {
+    use tollgate::{Anonymous, Period, Policy, Quota, Stage, Throttle, UsagePlan};
+
+    let per_key = Policy::per_key(
+        UsagePlan::new("p")
+            .throttle(Throttle::new(1.0, 1).unwrap())
+            .quota(Quota::new(1_000, Period::Day).unwrap())
+            .method("/limited/GET", Throttle::new(5.0, 10).unwrap()),
+    )
+    .unwrap();
+    let anonymous = Policy::builder()
+        .stage(Stage::new().throttle(Throttle::new(100.0, 200).unwrap()))
+        .anonymous(Anonymous::ByIp {
+            throttle: Throttle::new(1.0, 1).unwrap(),
+            client_ip: ClientIp::new(),
+        })
+        .build()
+        .unwrap();
+    let c = client();
+    for (case, policy, want) in [
+        (
+            "per key",
+            per_key,
+            r#""throttle";q=1;w=1, "method";q=10;w=2, "quota";q=1000;w=86400"#,
+        ),
+        (
+            "anonymous",
+            anonymous,
+            r#""stage";q=200;w=2, "throttle";q=1;w=1"#,
+        ),
+    ] {
+        let (_clock, store) = frozen_store();
+        let layer = RateLimitLayer::builder(policy).store(store).build();
+        let base = serve(Router::new().route("/limited", get(ok)).layer(layer)).await;
+        let send = || match case {
+            "anonymous" => c.get(format!("{base}/limited")),
+            _ => c.get(format!("{base}/limited")).header("x-api-key", KEY),
+        };
+        let allowed = send().send().await.unwrap();
+        assert_eq!(allowed.status(), 200, "{case}");
+        assert_eq!(header(&allowed, "ratelimit-policy"), want, "{case}");
+        let res = send().send().await.unwrap();
+        assert_eq!(res.status(), 429, "{case}");
+        assert_eq!(header(&res, "ratelimit-policy"), want, "{case}");
+        assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=1"#, "{case}");
+    }
+}

@@ -34,6 +34,7 @@ use tollgate::{
     TokenBudget, UsagePlan,
 };
 
+use crate::support::backend::{Backend, Memory, Redis};
 use crate::support::{at, client, frozen_store, header, serve};
 
 const KEY: &str = "sk-test-openai";
@@ -1227,4 +1228,241 @@ async fn async_openai_retries_wait_for_retry_after() {
     assert_eq!(e.status_code, 429);
     assert_eq!(e.api_error.code.as_deref(), Some("rate_limit_exceeded"));
     assert!(waited >= Duration::from_secs(1), "retried after {waited:?}");
+}
+
+/// The limits a request can be decided against, each named as the IETF
+/// headers name it; [`every_limit`] makes the one named here the tight one.
+const EVERY_LIMIT: [&str; 20] = [
+    "stage",
+    "stage-method",
+    "account",
+    "account-tokens-minute",
+    "throttle",
+    "method",
+    "tokens-minute",
+    "model",
+    "model-tokens-minute",
+    "account-quota",
+    "account-tokens-day",
+    "account-tokens-month",
+    "quota",
+    "tokens-day",
+    "tokens-month",
+    "model-quota",
+    "model-tokens-day",
+    "model-tokens-month",
+    "concurrency",
+    "model-concurrency",
+];
+
+/// A policy whose one key ([`KEY`], of account `acme`) is decided against
+/// every kind of limit at once on the completions route: the stage's (and
+/// its override of the route), the account's, the plan's (a quota with an
+/// offset, the route's override, a token budget, a concurrency cap) and
+/// the model `gpt-test`'s. All are roomy but `tight`: a throttle of one
+/// request, a quota of one a day, a token budget of 100, a cap of one.
+fn every_limit(tight: &str, clock: &ManualClock) -> Policy {
+    use tollgate::{Account, Stage};
+
+    let throttle = |name: &str, rate: f64, burst: u32| match name == tight {
+        true => Throttle::new(1.0, 1).unwrap(),
+        false => Throttle::new(rate, burst).unwrap(),
+    };
+    let quota = |name: &str, q: Quota| match name == tight {
+        true => Quota::new(1, Period::Day).unwrap(),
+        false => q,
+    };
+    let tokens = |prefix: &str| {
+        let n = |what: &str, roomy: u64| match format!("{prefix}tokens-{what}") == tight {
+            true => 100,
+            false => roomy,
+        };
+        TokenBudget::new()
+            .per_minute(n("minute", 100_000) as u32)
+            .unwrap()
+            .per_day(n("day", 1_000_000))
+            .unwrap()
+            .per_month(n("month", 10_000_000))
+            .unwrap()
+    };
+    let cap = |name: &str, n: u32| if name == tight { 1 } else { n };
+    let route = format!("{COMPLETIONS}/POST");
+    let plan = UsagePlan::new("p")
+        .throttle(throttle("throttle", 50.0, 100))
+        .method(&route, throttle("method", 20.0, 40))
+        .quota(quota(
+            "quota",
+            Quota::new(100_000, Period::Month)
+                .unwrap()
+                .with_offset(3)
+                .unwrap(),
+        ))
+        .tokens(tokens(""))
+        .concurrency(cap("concurrency", 8))
+        .model(
+            "gpt-test",
+            ModelLimits::new()
+                .throttle(throttle("model", 10.0, 20))
+                .quota(quota(
+                    "model-quota",
+                    Quota::new(10_000, Period::Day).unwrap(),
+                ))
+                .tokens(tokens("model-"))
+                .concurrency(cap("model-concurrency", 4)),
+        );
+    let account = Account::new("acme")
+        .throttle(throttle("account", 100.0, 200))
+        .quota(quota(
+            "account-quota",
+            Quota::new(500_000, Period::Month).unwrap(),
+        ))
+        .tokens(tokens("account-"));
+    let stage = Stage::new()
+        .throttle(throttle("stage", 1_000.0, 2_000))
+        .method(&route, throttle("stage-method", 500.0, 1_000));
+    Policy::builder()
+        .clock(clock.clone())
+        .plan(plan)
+        .account(account)
+        .stage(stage)
+        .key(ApiKey::new("k1", KEY, "p").account("acme"))
+        .build()
+        .unwrap()
+}
+
+/// The completions route behind `layer`, whose handler, for a request with
+/// an `x-hold` header, tells `entered` and answers only once `release` is
+/// told: the base URL.
+async fn holding_api(
+    layer: RateLimitLayer<BearerOrApiKey, impl tollgate::store::Store>,
+    entered: &Arc<Notify>,
+    release: &Arc<Notify>,
+) -> String {
+    let (e, r) = (Arc::clone(entered), Arc::clone(release));
+    let handler = post(move |req: axum::extract::Request| {
+        let (e, r) = (Arc::clone(&e), Arc::clone(&r));
+        async move {
+            if req.headers().contains_key("x-hold") {
+                e.notify_one();
+                r.notified().await;
+            }
+            "done"
+        }
+    });
+    serve(Router::new().route(COMPLETIONS, handler).layer(layer)).await
+}
+
+/// A completion call of `max_tokens` to `base`, held in its handler when
+/// `hold`.
+async fn completion(
+    c: &reqwest::Client,
+    base: &str,
+    max_tokens: u32,
+    hold: bool,
+) -> reqwest::Response {
+    let mut req = c
+        .post(format!("{base}{COMPLETIONS}"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "gpt-test", "prompt": "Hi", "max_tokens": max_tokens}));
+    if hold {
+        req = req.header("x-hold", "1");
+    }
+    req.send().await.unwrap()
+}
+
+/// `RateLimit-Policy` announces the server's policies, which the IETF draft
+/// says should stay the same from one response to the next: a 429 lists
+/// every limit of the request, in the order and with the sizes an allowed
+/// response of the same key and route lists them, whichever limit denied
+/// (each kind in turn, and a cost no token budget can ever hold), in both
+/// response styles. `RateLimit` names the limit that denied, with nothing
+/// left and the wait `Retry-After` says; OpenAI's headers report the same
+/// limit of the denied family as the allowed response did.
+async fn a_rejection_announces_the_policies_an_allowed_response_does<B: Backend>(b: &B) {
+    use tollgate::{HeaderStyle, ResponseStyle};
+
+    let c = client();
+    for style in [ResponseStyle::Aws, ResponseStyle::OpenAi] {
+        for tight in EVERY_LIMIT {
+            let case = format!("{tight} ({})", style.name());
+            let clock = ManualClock::new();
+            // Noon: a day's window renews in 12 h.
+            clock.set_wall(at(2025, 3, 10, 43_200));
+            let layer = RateLimitLayer::builder(every_limit(tight, &clock))
+                .store(b.store(&clock).await)
+                .extractor(BearerOrApiKey::new())
+                .estimator(OpenAiEstimator::new())
+                .style(style)
+                .headers(HeaderStyle::ietf().openai(true))
+                .build();
+            let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+            let base = holding_api(layer, &entered, &release).await;
+            // The first call leaves the tight limit no room for the second:
+            // 60 tokens fill a token budget of 100 as one request fills a
+            // throttle's burst of 1 or a quota of 1.
+            let cost = if tight.contains("tokens") { 59 } else { 1 };
+
+            let allowed = completion(&c, &base, cost, false).await;
+            assert_eq!(allowed.status(), 200, "{case}");
+            let policy = header(&allowed, "ratelimit-policy").to_owned();
+            assert_eq!(
+                policy.split(", ").count(),
+                EVERY_LIMIT.len(),
+                "{case}: {policy}"
+            );
+            let limits = |res: &reqwest::Response| {
+                ["requests", "tokens"].map(|f| {
+                    let name = format!("x-ratelimit-limit-{f}");
+                    res.headers()
+                        .get(&name)
+                        .map(|v| v.to_str().unwrap().to_owned())
+                })
+            };
+            let allowed_limits = limits(&allowed);
+            drop(allowed);
+
+            let held = tight.ends_with("concurrency").then(|| {
+                let (c, base) = (c.clone(), base.clone());
+                tokio::spawn(async move { completion(&c, &base, 1, true).await.status() })
+            });
+            if held.is_some() {
+                entered.notified().await;
+            }
+            let mut denied = vec![(case.clone(), completion(&c, &base, cost, false).await)];
+            if tight.contains("tokens") {
+                let big = completion(&c, &base, 1_000, false).await;
+                denied.push((format!("{case}, a cost that never fits"), big));
+            }
+            for (case, res) in denied {
+                assert_eq!(res.status(), 429, "{case}: {:?}", res.headers());
+                assert_eq!(header(&res, "ratelimit-policy"), policy, "{case}");
+                let ratelimit = header(&res, "ratelimit");
+                assert!(
+                    ratelimit.starts_with(&format!("\"{tight}\";r=0;t=")),
+                    "{case}: {ratelimit}"
+                );
+                assert_eq!(ietf_t(&res), secs(&res), "{case}");
+                let family = usize::from(tight.contains("tokens"));
+                assert_eq!(limits(&res)[family], allowed_limits[family], "{case}");
+            }
+            if let Some(held) = held {
+                release.notify_one();
+                assert_eq!(held.await.unwrap(), 200, "{case}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_rejection_announces_the_policies_an_allowed_response_does_memory() {
+    a_rejection_announces_the_policies_an_allowed_response_does(&Memory).await;
+}
+
+#[tokio::test]
+async fn a_rejection_announces_the_policies_an_allowed_response_does_redis() {
+    if !crate::support::redis::require_redis() {
+        return;
+    }
+    let redis = Redis::single("policies");
+    a_rejection_announces_the_policies_an_allowed_response_does(&redis).await;
 }

@@ -971,3 +971,22 @@ async fn past_the_bound_of_lookups_the_fallback_answers_and_waiters_share_a_look
     assert_eq!(get_with_key(&base, "db-secret-2").await.status(), 200);
     assert_eq!(busy.keys.queries(), 2);
 }
+
+/// A 429 for a key the resolver found announces the policies its allowed
+/// responses did: its account's and its plan's, not only the one that
+/// denied.
+#[tokio::test]
+async fn a_resolved_keys_rejection_announces_the_policies_of_its_answers() {
+    let keys = Keys::new().await;
+    let base = serve_with(Resolver::new(keys.resolver("api_keys"))).await;
+    let want = r#""account";q=1000;w=1000, "throttle";q=2;w=2"#;
+    for _ in 0..2 {
+        let res = get_with_key(&base, "db-secret-1").await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(header(&res, "ratelimit-policy"), want);
+    }
+    let res = get_with_key(&base, "db-secret-1").await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(header(&res, "ratelimit-policy"), want);
+    assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=1"#);
+}
