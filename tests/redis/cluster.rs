@@ -230,6 +230,86 @@ async fn a_slot_resharded_while_serving_keeps_its_counts() {
     assert_eq!(layer.store_failures(), 0);
 }
 
+/// Requests decided while their slot moves, with a timeout of 400 ms: a
+/// plan with a concurrency cap passes the script a key that does not exist
+/// between requests (the set of leases), so from the moment the slot is
+/// `MIGRATING` until `SETSLOT … NODE` Redis answers every decision of the
+/// key `TRYAGAIN` (on the source, some keys are there and one is not; on
+/// the target, after `ASK`, a key is missing). Each is sent again until the
+/// migration ends, within the timeout: none is decided by the failure mode
+/// (`closed`: a 503), none admitted beyond the limits, and the burst of 30
+/// and the quota's count carry over exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_during_a_slot_migration_are_decided_by_redis_within_the_timeout() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let cluster = RedisCluster::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let timeout = Duration::from_millis(400);
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(
+            UsagePlan::new("p")
+                .throttle(Throttle::new(0.001, 30).unwrap())
+                .quota(Quota::new(40, Period::Day).unwrap())
+                .concurrency(16)
+                .failure(FailureMode::Closed)
+                .borrow(false),
+        )
+        .key(ApiKey::new("k-1", "vk", "p"))
+        .build()
+        .unwrap();
+    let store = RedisStore::cluster_builder(cluster.urls())
+        .prefix("migrating")
+        .clock(clock.clone())
+        .timeout(timeout)
+        .build()
+        .await
+        .expect("a Redis store");
+    let layer = Arc::new(RateLimitLayer::builder(policy).store(store).build());
+    assert_eq!(passes(&layer, b"vk", 10).await, 10);
+    layer.store().drained().await;
+    let (slot, from) = slot_of(&cluster, "migrating:*");
+    let to = (from + 1) % 3;
+    let handle = tokio::runtime::Handle::current();
+    let mut tasks = Vec::new();
+    tokio::task::block_in_place(|| {
+        cluster.move_slot(slot, from, to, |moved, total| {
+            if moved < total {
+                for _ in 0..3 {
+                    let layer = Arc::clone(&layer);
+                    tasks.push(handle.spawn(async move {
+                        let started = std::time::Instant::now();
+                        (layer.decide(b"vk", 1).await, started.elapsed())
+                    }));
+                }
+                // The decisions reach Redis and are told to try again.
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        });
+    });
+    assert_eq!(cluster.owner_of(slot), to);
+    let mut passed = 0;
+    for task in tasks {
+        let (decided, took) = task.await.unwrap();
+        assert!(took < timeout + Duration::from_millis(200), "{took:?}");
+        match decided {
+            Ok(()) => passed += 1,
+            Err(r) => assert_eq!(r.status().as_u16(), 429, "decided by Redis: {r:?}"),
+        }
+    }
+    assert_eq!(passed, 9, "every request during the move passed");
+    assert_eq!(layer.store_failures(), 0);
+    let after = passes(&layer, b"vk", 40).await;
+    assert_eq!(10 + passed + after, 30, "the burst, exactly");
+    let day = Date::new(2024, 5, 6).unwrap();
+    let usage = layer.admin().usage("p", day, day, None).await.unwrap();
+    assert_eq!(usage.items["k-1"][0], [30, 10]);
+}
+
 /// A replica promoted by `CLUSTER FAILOVER` while serving: the store follows
 /// the slot to it (the old master answers `MOVED`, the new one has no script
 /// yet), and the counts it replicated carry over exactly.

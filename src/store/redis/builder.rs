@@ -12,7 +12,7 @@ use redis::cluster_async::ClusterConnection;
 use super::background::Background;
 use super::cache::OverLimitCache;
 use super::call::SCRIPT;
-use super::conn::{Conn, redis_error};
+use super::conn::{Conn, TRY_AGAIN_PAUSE, redis_error};
 use super::denials::RecentDenials;
 use super::flights::Flights;
 use super::local::Local;
@@ -402,12 +402,19 @@ impl RedisStore {
     /// [`ClusterClient`]: [`build`](RedisStoreBuilder::build) asks it for a
     /// connection (and the cluster for its slots) within the store's timeout
     /// (at least a second). The client's own timeouts and retries apply to
-    /// each command; the store's timeout bounds every decision.
+    /// each command; the store's timeout bounds every decision. Give it
+    /// short retry waits, as the store's own client has (1 to 16 ms): with
+    /// redis-rs's default (at least 1.28 s), a call Redis answers `TRYAGAIN`
+    /// while its slot migrates waits past the store's timeout, and the
+    /// plan's failure mode decides it.
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
     /// let client = redis::cluster::ClusterClient::builder(["redis://10.0.0.1:7000/"])
     ///     .retries(2)
+    ///     .min_retry_wait(1)
+    ///     .max_retry_wait(16)
+    ///     .retry_wait_formula(1, 2)
     ///     .build()?;
     /// let store = tollgate::RedisStore::cluster_client_builder(client)
     ///     .build()
@@ -455,9 +462,18 @@ impl RedisStoreBuilder {
             Some(Given::Client(client)) => self.manager(client),
             Some(Given::ClusterClient(client)) => self.cluster_connection(&client).await,
             None if self.cluster => {
+                // redis-rs waits at least 1.28 s before it sends again a
+                // call Redis answered `TRYAGAIN` (a slot migrating) or
+                // `CLUSTERDOWN`: longer than the store's timeout, so every
+                // decision of a migrating slot would go to the failure
+                // mode. Short waits let it try again within the timeout.
+                let wait = TRY_AGAIN_PAUSE.as_millis() as u64;
                 let client = ClusterClientBuilder::new(self.nodes.clone())
                     .connection_timeout(self.timeout)
                     .response_timeout(self.timeout)
+                    .min_retry_wait(1)
+                    .max_retry_wait(wait)
+                    .retry_wait_formula(1, 2)
                     .build()
                     .map_err(|e| redis_error(&e))?;
                 self.cluster_connection(&client).await

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use redis::{Cmd, ErrorKind, ServerErrorKind};
 
-use super::conn::redis_error;
+use super::conn::{TRY_AGAIN_PAUSE, redis_error};
 use super::store::Inner;
 use super::time::Now;
 use crate::gcra::{NANOS_PER_SEC, Nanos, Outcome};
@@ -123,6 +123,7 @@ impl Inner {
             _ => false,
         };
         let mut retried = false;
+        let mut pause = Duration::from_millis(1);
         let reply = loop {
             let mut conn = self.conn.clone();
             let reply = match call.cmd(Some(&self.sha)).query_async(&mut conn).await {
@@ -132,6 +133,15 @@ impl Inner {
                 r => r,
             };
             match reply {
+                // Redis ran the call nowhere: its keys are split between two
+                // nodes while their slot migrates (or, on the target, one of
+                // them does not exist yet), until the migration goes on. Any
+                // call, a refund too, is sent again after a short pause, as
+                // long as the caller's timeout lets it.
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::TryAgain) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(TRY_AGAIN_PAUSE);
+                }
                 Err(e) if repeatable && !retried && super::conn::connection_lost(&e) => {
                     let error = redis_error(&e);
                     tracing::debug!(error = %error, "connection lost; the call is sent again");

@@ -2,6 +2,7 @@
 //! plain commands within the timeout, and errors that name no keys.
 
 use std::future::Future;
+use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
@@ -10,6 +11,10 @@ use tokio::time::Instant;
 
 use super::store::Inner;
 use crate::store::{FailureKind, StoreError};
+
+/// The longest pause before a call Redis Cluster answered `TRYAGAIN` is sent
+/// again (the pauses start at 1 ms and double).
+pub(super) const TRY_AGAIN_PAUSE: Duration = Duration::from_millis(16);
 
 #[derive(Clone)]
 pub(super) enum Conn {
@@ -130,15 +135,21 @@ impl Inner {
         cmd: Cmd,
     ) -> Result<T, StoreError> {
         self.within(async {
-            let mut conn = self.conn.clone();
-            let reply = match cmd.query_async(&mut conn).await {
-                Err(e) if connection_lost(&e) => {
-                    let mut conn = self.conn.clone();
-                    cmd.query_async(&mut conn).await
+            let mut lost = false;
+            let mut pause = Duration::from_millis(1);
+            loop {
+                let mut conn = self.conn.clone();
+                match cmd.query_async(&mut conn).await {
+                    // Run nowhere while its keys' slot migrates (see
+                    // `Inner::run`): sent again after a short pause.
+                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::TryAgain) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(TRY_AGAIN_PAUSE);
+                    }
+                    Err(e) if connection_lost(&e) && !lost => lost = true,
+                    reply => return reply.map_err(|e| redis_error(&e)),
                 }
-                r => r,
-            };
-            reply.map_err(|e| redis_error(&e))
+            }
         })
         .await
     }
