@@ -346,6 +346,60 @@ async fn a_failover_to_a_replica_keeps_serving_with_the_counts() {
     assert_eq!(layer.store_failures(), 0);
 }
 
+/// The master of a key's slot killed, and its replica promoted in its place
+/// (`CLUSTER FAILOVER TAKEOVER`): the slot now lives at an address the store
+/// never saw serve it, and the old one refuses connections, so no node
+/// answers the store `MOVED` for it. The store finds the new master within
+/// a bounded time, without a new store, and the replicated counts carry
+/// over exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_replaced_by_its_replica_is_found_at_its_new_address() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut cluster = RedisCluster::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let layer = layer(&cluster, "takeover", &clock, resharded_policy(&clock)).await;
+    assert_eq!(passes(&layer, b"vk", 10).await, 10);
+    let (_, master) = slot_of(&cluster, "takeover:*");
+    let replica = tokio::task::block_in_place(|| cluster.add_replica(master));
+    // The replica has the counts (replication is asynchronous: WAIT).
+    command(cluster.nodes()[master].addr(), &["WAIT", "1", "2000"]).unwrap();
+    tokio::task::block_in_place(|| cluster.node_mut(master).kill());
+    let addr = cluster.nodes()[replica].addr();
+    command(addr, &["CLUSTER", "FAILOVER", "TAKEOVER"]).unwrap();
+    tokio::task::block_in_place(|| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !command(addr, &["ROLE"]).is_ok_and(|r| r.starts_with("master")) {
+            assert!(std::time::Instant::now() < deadline, "no takeover");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let started = tokio::time::Instant::now();
+    let mut passed = 0;
+    let mut failed = 0;
+    while passed == 0 {
+        match layer.decide(b"vk", 1).await {
+            Ok(()) => passed += 1,
+            Err(r) => {
+                assert_eq!(r.status().as_u16(), 503, "{r:?}");
+                failed += 1;
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never served again ({failed} failures)"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    eprintln!("served again after {:?}", started.elapsed());
+    passed += passes(&layer, b"vk", 40).await;
+    assert_eq!(10 + passed, 30, "the burst, exactly");
+}
+
 /// A node killed and restarted empty (no persistence) on its port, with its
 /// cluster configuration: while it is down its keys' requests are decided by
 /// the failure mode, and once it is back they are decided by Redis again,
