@@ -400,6 +400,77 @@ async fn a_killed_master_replaced_by_its_replica_is_found_at_its_new_address() {
     assert_eq!(10 + passed, 30, "the burst, exactly");
 }
 
+/// The whole cluster restarted empty and re-formed (every node forgets it,
+/// then `--cluster create` anew, with the slots dealt in another order, so
+/// the key's slot is served by another node at another address): while
+/// the nodes answer `CLUSTERDOWN`, each decision is answered by the failure
+/// mode (`closed`: 503) within the timeout, never hung; once the cluster is
+/// formed the store follows `MOVED` to the slot's new node and decides by
+/// Redis again, with a new burst, without a new store. The outage is
+/// logged once when it starts and once when it ends.
+// The default flavour runs the store's tasks on this thread, where the
+// subscriber is set.
+#[tokio::test(flavor = "current_thread")]
+async fn a_cluster_re_formed_with_its_slots_dealt_anew_is_served_again() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let (log, _guard) = crate::outage::capture_log();
+    let mut cluster = RedisCluster::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let timeout = Duration::from_millis(300);
+    let store = RedisStore::cluster_builder(cluster.urls())
+        .prefix("reformed")
+        .clock(clock.clone())
+        .timeout(timeout)
+        .build()
+        .await
+        .expect("a Redis store");
+    let policy = resharded_policy(&clock);
+    let layer = RateLimitLayer::builder(policy).store(store).build();
+    assert_eq!(passes(&layer, b"vk", 10).await, 10);
+    let (slot, node) = slot_of(&cluster, "reformed:*");
+    cluster.forget();
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let r = layer.decide(b"vk", 1).await.expect_err("closed");
+        assert_eq!(r.status().as_u16(), 503, "{r:?}");
+        let took = started.elapsed();
+        assert!(took < timeout + Duration::from_millis(300), "{took:?}");
+    }
+    cluster.reform(&[1, 2, 0]);
+    assert_ne!(cluster.owner_of(slot), node, "the slot moved");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut passed = 0;
+    while passed == 0 {
+        match layer.decide(b"vk", 1).await {
+            Ok(()) => passed += 1,
+            Err(r) => {
+                assert_eq!(r.status().as_u16(), 503, "{r:?}");
+                assert!(tokio::time::Instant::now() < deadline, "never served again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    passed += passes(&layer, b"vk", 40).await;
+    assert_eq!(passed, 30, "a new burst on the new cluster");
+    // The store's failures, and the shared registry's watcher's reads (every
+    // 200 ms): each logged once when they start and once when they end.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !log.text().contains("the key registry is read again") {
+        assert!(tokio::time::Instant::now() < deadline, "{}", log.text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = log.text();
+    let count = |what: &str| text.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(count(" WARN "), 2, "{text}");
+    assert_eq!(count("rate-limit store failing"), 1, "{text}");
+    assert_eq!(count("rate-limit store recovered"), 1, "{text}");
+    assert_eq!(count("the key registry is read again"), 1, "{text}");
+}
+
 /// A node killed and restarted empty (no persistence) on its port, with its
 /// cluster configuration: while it is down its keys' requests are decided by
 /// the failure mode, and once it is back they are decided by Redis again,

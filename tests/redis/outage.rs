@@ -90,7 +90,7 @@ async fn the_local_copy_counts_the_places_taken_through_redis() {
 
 /// A `tracing` writer into a shared buffer.
 #[derive(Clone, Default)]
-struct Buffer(Arc<Mutex<Vec<u8>>>);
+pub(crate) struct Buffer(Arc<Mutex<Vec<u8>>>);
 
 impl io::Write for Buffer {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -104,14 +104,14 @@ impl io::Write for Buffer {
 }
 
 impl Buffer {
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
     }
 }
 
 /// What this thread logs at INFO and above, in a buffer, while the guard
 /// lives.
-fn capture_log() -> (Buffer, tracing::subscriber::DefaultGuard) {
+pub(crate) fn capture_log() -> (Buffer, tracing::subscriber::DefaultGuard) {
     let buffer = Buffer::default();
     let writer = buffer.clone();
     let subscriber = tracing_subscriber::fmt()

@@ -546,9 +546,16 @@ impl RedisCluster {
     }
 
     fn create(&self) {
+        self.create_in(&[0, 1, 2]);
+    }
+
+    /// `redis-cli --cluster create` of the nodes in `order`, which gives
+    /// each its range of slots in that order.
+    fn create_in(&self, order: &[usize]) {
+        let ports = self.ports();
         let output = Command::new("redis-cli")
             .args(["--cluster", "create"])
-            .args(self.ports().iter().map(|port| format!("127.0.0.1:{port}")))
+            .args(order.iter().map(|&i| format!("127.0.0.1:{}", ports[i])))
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
@@ -715,6 +722,29 @@ impl RedisCluster {
                 &["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id],
             );
         }
+    }
+
+    /// Kills every node and starts it again on its port, empty and without
+    /// its cluster configuration (its `nodes-PORT.conf` removed): three
+    /// lone nodes with new ids and no slots, which answer `CLUSTERDOWN`
+    /// until [`reform`](Self::reform). Only for the three masters (no
+    /// replica added).
+    pub fn forget(&mut self) {
+        assert_eq!(self.nodes.len(), CLUSTER_NODES, "only three masters");
+        for node in &mut self.nodes {
+            node.kill();
+            let _ = fs::remove_file(node.dir.join(format!("nodes-{}.conf", node.port)));
+            node.restart();
+        }
+    }
+
+    /// Creates the cluster anew of the nodes [`forget`](Self::forget) left,
+    /// giving them their ranges of slots in `order` (another order than
+    /// the first, `[0, 1, 2]`, moves every key to another node), and waits
+    /// until it is ready.
+    pub fn reform(&self, order: &[usize]) {
+        self.create_in(order);
+        self.wait_ok();
     }
 
     /// Node `index`, for fault injection (pause, kill, restart).
