@@ -310,6 +310,105 @@ async fn requests_during_a_slot_migration_are_decided_by_redis_within_the_timeou
     assert_eq!(usage.items["k-1"][0], [30, 10]);
 }
 
+/// The stage's slot moved while requests that their own throttle denies
+/// keep coming: each charged the stage first (in its own slot) and gives it
+/// back. A refund names the throttle and its reset mark, a key that does
+/// not exist, so while the slot migrates Redis answers it `TRYAGAIN`; it
+/// is sent again until the migration ends. No charge of a denied request
+/// is lost: the stage still has exactly its burst less the one request
+/// admitted, for every other caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_refunded_while_its_slot_migrates_gets_every_charge_back() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let cluster = RedisCluster::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .stage(Stage::new().throttle(Throttle::new(0.001, 10).unwrap()))
+        .plan(UsagePlan::new("p").throttle(Throttle::new(0.001, 1).unwrap()))
+        .plan(UsagePlan::new("wide").throttle(Throttle::new(0.001, 100).unwrap()))
+        .key(ApiKey::new("k-1", "vk", "p"))
+        .key(ApiKey::new("w-1", "vw", "wide"))
+        .build()
+        .unwrap();
+    let store = RedisStore::cluster_builder(cluster.urls())
+        .prefix("refunded")
+        .clock(clock.clone())
+        .timeout(Duration::from_millis(400))
+        .build()
+        .await
+        .expect("a Redis store");
+    let layer = Arc::new(RateLimitLayer::builder(policy).store(store).build());
+    assert!(layer.decide(b"vk", 1).await.is_ok());
+    layer.store().drained().await;
+    // Two throttles are stored, the stage's and the key's: the stage's is
+    // the one another key's request charges too.
+    let throttles = |cluster: &RedisCluster| -> Vec<(String, String)> {
+        let mut found: Vec<_> = cluster
+            .addrs()
+            .into_iter()
+            .flat_map(|addr| {
+                scan(addr, "refunded:*:t:*")
+                    .into_iter()
+                    .map(move |k| (command(addr, &["GET", &k]).unwrap(), k))
+            })
+            .map(|(v, k)| (k, v))
+            .collect();
+        found.sort();
+        found
+    };
+    let before = throttles(&cluster);
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert!(layer.decide(b"vw", 1).await.is_ok());
+    let after = throttles(&cluster);
+    let stage = before
+        .iter()
+        .find(|(k, v)| after.iter().any(|(k2, v2)| k2 == k && v2 != v))
+        .map(|(k, _)| k.clone())
+        .expect("the stage's throttle");
+    let (slot, from) = slot_of(&cluster, &stage);
+    let to = (from + 1) % 3;
+    let handle = tokio::runtime::Handle::current();
+    let mut tasks = Vec::new();
+    tokio::task::block_in_place(|| {
+        cluster.move_slot(slot, from, to, |moved, total| {
+            if moved < total {
+                for _ in 0..5 {
+                    let layer = Arc::clone(&layer);
+                    tasks.push(handle.spawn(async move { layer.decide(b"vk", 1).await }));
+                }
+                // The stage is charged, the key's throttle denies, and the
+                // refunds are told to try again.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+    });
+    assert_eq!(cluster.owner_of(slot), to);
+    for task in tasks {
+        let denied = task.await.unwrap().expect_err("k-1's throttle denies");
+        assert_eq!(denied.limit(), Some("throttle"), "{denied:?}");
+    }
+    layer.store().drained().await;
+    let mut passed = 0;
+    let denied = loop {
+        match layer.decide(b"vw", 1).await {
+            Ok(()) => passed += 1,
+            Err(r) => break r,
+        }
+    };
+    assert_eq!(denied.limit(), Some("stage"), "{denied:?}");
+    assert_eq!(
+        passed,
+        10 - 2,
+        "the stage less k-1's and w-1's first requests"
+    );
+    assert_eq!(layer.store_failures(), 0);
+}
+
 /// A replica promoted by `CLUSTER FAILOVER` while serving: the store follows
 /// the slot to it (the old master answers `MOVED`, the new one has no script
 /// yet), and the counts it replicated carry over exactly.
