@@ -1,8 +1,10 @@
 //! The Redis store on a real Redis Cluster while the cluster changes under
 //! it, and several instances deciding shared limits at once: limits kept in
 //! several slots are refunded exactly, a slot resharded while serving keeps
-//! its counts, a failover to a replica keeps them, and a node that restarts
-//! empty is served again.
+//! its counts (decisions and refunds told `TRYAGAIN` during the move are
+//! sent again within the timeout), a failover to a replica keeps them (also
+//! when the old master is gone and no node answers `MOVED`), and a node
+//! that restarts empty, or a whole cluster re-formed, is served again.
 
 use std::sync::Arc;
 use std::time::Duration;
