@@ -13,7 +13,7 @@ use crate::error::ConfigError;
 use crate::extract::{ClientIp, DEFAULT_MAX_KEY_LEN, validate};
 use crate::keys::{Clash, KeyEntry, Registry, ValueHasher};
 use crate::plan::{
-    Account, AccountLimits, Anonymous, ApiKey, Limit, Plan, Stage, StageLimits, UsagePlan,
+    Account, AccountLimits, Anonymous, ApiKey, Earlier, Limit, Plan, Stage, StageLimits, UsagePlan,
 };
 
 /// Days of usage history kept per key by default.
@@ -604,8 +604,12 @@ fn mark_changed<'o, I: Iterator<Item = &'o Limit>>(
     let mut changed = Vec::new();
     for new in new {
         if let Some(o) = old().find(|o| o.salt == new.salt) {
-            new.since = if o.gcra == new.gcra { o.since } else { now };
-            if o.gcra != new.gcra {
+            if o.gcra == new.gcra {
+                new.since = o.since;
+                new.before = o.before.clone();
+            } else {
+                new.since = now;
+                new.before = Some(Earlier::after(o, now));
                 changed.push((o.clone(), new.clone()));
             }
         }

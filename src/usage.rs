@@ -417,6 +417,9 @@ impl<S: Store> Admin<S> {
     /// the plan; a resolved key no longer cached when the plan is put (its
     /// answer evicted) keeps its state as it was, read under the new
     /// numbers, with a store that converts at once (the memory store). A
+    /// key untouched through several changes ends as one converted at each
+    /// (the Redis store replays the last 16 it missed), the time between
+    /// them refilling at the numbers then in force. A
     /// usage report keeps what remained at the end of each day before the
     /// change, under the limit in force at that day's end, and shows today
     /// what the next request finds, on every store alike. One day may read

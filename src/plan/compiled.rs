@@ -186,6 +186,10 @@ pub(crate) struct Limit {
     /// When the limit's numbers last changed while serving (wall nanoseconds;
     /// 0 for never): a store that converts state lazily converts it as of then.
     pub(crate) since: i64,
+    /// The numbers in force before `since` (the last changes): a store
+    /// that converts lazily replays each change a key missed in turn, as a
+    /// store that converts at once did at each.
+    pub(crate) before: Option<Arc<Earlier>>,
 }
 
 impl Limit {
@@ -206,7 +210,74 @@ impl Limit {
             salt: hash::stable(&id) as u64,
             window_secs: t.gcra().span().div_ceil(NANOS_PER_SEC),
             since: 0,
+            before: None,
         }
+    }
+}
+
+/// The spans a throttle had before its latest change while serving, newest
+/// first, each with the instant it came into force (wall nanoseconds; 0:
+/// from the start) and how many changes came before it at that very
+/// instant: a key converted when next used goes through every change it
+/// missed, each rounded down where a store converting at once rounded it,
+/// the time between two changes draining at the scale in force then. The
+/// last [`Earlier::MAX`] are kept: a key untouched through more changes is
+/// converted from its own numbers at the latest change only.
+#[derive(Debug)]
+pub(crate) struct Earlier {
+    /// `"<tie> <span> <since_s> <since_ns> <tie> …"`: how many changes came
+    /// before the current numbers at their instant, then the spans newest
+    /// first. The argument the Redis script reads, made once per change
+    /// rather than per call.
+    encoded: Box<str>,
+}
+
+impl Earlier {
+    /// How many earlier spans are kept at most. Each is a few bytes more
+    /// in every call of a key on the limit, read only by a call that finds
+    /// a key written under other numbers.
+    pub(crate) const MAX: usize = 16;
+
+    /// What a limit changing from `old`'s numbers at `now` keeps.
+    pub(crate) fn after(old: &Limit, now: i64) -> Arc<Self> {
+        use std::fmt::Write as _;
+        let mut words = old.before.as_ref().map(|e| e.encoded.split(' '));
+        let old_tie: u64 = words
+            .as_mut()
+            .and_then(|w| w.next()?.parse().ok())
+            .unwrap_or(0);
+        let tie = if old.since == now { old_tie + 1 } else { 0 };
+        let sec = NANOS_PER_SEC as i64;
+        let since = old.since.max(0);
+        let mut encoded = format!(
+            "{tie} {} {} {} {old_tie}",
+            old.gcra.span(),
+            since / sec,
+            since % sec
+        );
+        // Whole entries of the older ones, the oldest dropped.
+        for _ in 1..Self::MAX {
+            let Some(w) = words.as_mut() else { break };
+            let (Some(span), Some(s), Some(ns), Some(t)) = (w.next(), w.next(), w.next(), w.next())
+            else {
+                break;
+            };
+            let _ = write!(encoded, " {span} {s} {ns} {t}");
+        }
+        Arc::new(Self {
+            encoded: encoded.into_boxed_str(),
+        })
+    }
+
+    /// How many spans it holds.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.encoded.split(' ').count() / 4
+    }
+
+    /// The Redis script's argument.
+    pub(crate) fn encoded(&self) -> &str {
+        &self.encoded
     }
 }
 
@@ -578,6 +649,43 @@ impl StageLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn earlier_spans_count_changes_at_one_instant_and_keep_the_last_sixteen() {
+        fn change(limit: &Limit, rate: f64, now: i64) -> Limit {
+            let t = Throttle::new(rate, 2).unwrap();
+            let mut new = Limit::new(LimitKind::Throttle, &t, "p", "");
+            new.since = now;
+            new.before = Some(Earlier::after(limit, now));
+            new
+        }
+        let encoded = |l: &Limit| l.before.as_ref().unwrap().encoded().to_owned();
+        let start = Limit::new(
+            LimitKind::Throttle,
+            &Throttle::new(1.0, 2).unwrap(),
+            "p",
+            "",
+        );
+        let mut limit = change(&start, 2.0, 5_000_000_001);
+        assert_eq!(encoded(&limit), "0 2000000000 0 0 0");
+        // Two more at that instant: each is told apart by its tie.
+        limit = change(&limit, 4.0, 5_000_000_001);
+        limit = change(&limit, 1.0, 5_000_000_001);
+        assert_eq!(
+            encoded(&limit),
+            "2 500000000 5 1 1 1000000000 5 1 0 2000000000 0 0 0"
+        );
+        limit = change(&limit, 2.0, 6_000_000_000);
+        assert!(encoded(&limit).starts_with("0 2000000000 5 1 2 "));
+        for i in 0..40 {
+            limit = change(
+                &limit,
+                if i % 2 == 0 { 1.0 } else { 2.0 },
+                7_000_000_000 + i,
+            );
+        }
+        assert_eq!(limit.before.as_ref().unwrap().len(), Earlier::MAX);
+    }
 
     #[test]
     fn salts_follow_the_plan_not_the_numbers() {

@@ -10,7 +10,7 @@ pub(crate) mod wire;
 pub use self::account::Account;
 pub(crate) use self::account::AccountLimits;
 pub use self::compiled::LimitKind;
-pub(crate) use self::compiled::{Concurrency, Limit, ModelEntry, Plan, StageLimits};
+pub(crate) use self::compiled::{Concurrency, Earlier, Limit, ModelEntry, Plan, StageLimits};
 pub use self::limits::{
     Anonymous, ApiKey, FailureMode, ModelLimits, Quota, Stage, Throttle, TokenBudget, UsagePlan,
 };

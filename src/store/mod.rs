@@ -294,7 +294,9 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// replaced). A store may convert the state it keeps so that the share of
     /// the bucket in use carries over; by default nothing is done. The memory
     /// store converts at once; the Redis store converts each key's state the
-    /// next time it is used.
+    /// next time it is used, replaying each change the key missed (the last
+    /// 16 of them) as the memory store made it, so that both end at the
+    /// same nanosecond.
     fn rescale(&self, old: &ThrottleRef<'_>, new: &ThrottleRef<'_>) {
         let _ = (old, new);
     }

@@ -52,6 +52,8 @@ struct T {
     shadow: bool,
     /// When the throttle's numbers changed (seconds, nanoseconds; 0 0 for never).
     since: (i64, i64),
+    /// The changes before: "<tie>" and the earlier spans (see the script).
+    before: &'static str,
 }
 
 fn throttle(key: &'static str, interval: i64, burst: i64) -> T {
@@ -61,6 +63,7 @@ fn throttle(key: &'static str, interval: i64, burst: i64) -> T {
         burst,
         shadow: false,
         since: (0, 0),
+        before: "",
     }
 }
 
@@ -77,6 +80,10 @@ impl T {
             since: (s, ns),
             ..self
         }
+    }
+
+    fn before(self, before: &'static str) -> T {
+        T { before, ..self }
     }
 }
 
@@ -187,6 +194,7 @@ impl Redis {
             args.push(t.since.0.to_string());
             args.push(t.since.1.to_string());
             args.push(cost.to_string());
+            args.push(t.before.to_owned());
         }
         match quota {
             None => args.push("0".to_owned()),
@@ -424,7 +432,7 @@ async fn throttle_state_and_expiry() {
     assert!(r.acquire(now, 1, &[t], None).await.allowed);
     assert_eq!(
         r.get("t").await.as_deref(),
-        Some("103 500000000 12500000005")
+        Some("103 500000000 12500000005 0 0 0")
     );
     // On a time the caller gives (a manual clock) the key lasts a day of
     // the server's clock: real time is not the caller's.
@@ -437,7 +445,7 @@ async fn throttle_state_and_expiry() {
     assert_eq!(d.before, [2_500_000_000]);
     assert_eq!(
         r.get("t").await.as_deref(),
-        Some("108 500000002 12500000005")
+        Some("108 500000002 12500000005 0 0 0")
     );
     // A bucket that is full again reads as full, the key still there.
     let d = r.acquire(Now(108, 500_000_002), 0, &[t], None).await;
@@ -535,7 +543,7 @@ async fn shadow_limits_never_deny() {
     // The shadow throttle was charged once, then only looked at.
     let d = r.acquire(now, 1, &[shadow, real], None).await;
     assert_eq!((d.allowed, d.before.as_slice()), (false, &[S, 3 * S][..]));
-    assert_eq!(r.get("s").await.as_deref(), Some("2001 0 1000000000"));
+    assert_eq!(r.get("s").await.as_deref(), Some("2001 0 1000000000 0 0 0"));
 
     // A shadow quota counts past its limit; the history has the overage.
     let q = Q {
@@ -1021,6 +1029,30 @@ async fn a_conversion_is_made_as_of_the_change() {
     assert_eq!((d.allowed, d.before.as_slice()), (false, &[20 * S][..]));
 }
 
+/// A key untouched through two changes is converted at each in turn, the
+/// time between them draining at the middle numbers: 1/s (burst 2) emptied
+/// at 100 s, 2/s from 100 s (1 s ahead of a 1 s span), 1/s again from
+/// 100.5 s (half a second ahead doubles to a whole one). Converted once,
+/// from the key's span, it would be 1.5 s.
+#[tokio::test]
+async fn a_conversion_replays_each_change_the_key_missed() {
+    let Some(mut r) = redis().await else { return };
+    let now = Now(100, 0);
+    assert_eq!(r.admit(now, 3, &[throttle("t", S, 2)], None).await, 2);
+    let again = throttle("t", S, 2)
+        .since(100, 500_000_000)
+        .before("0 1000000000 100 0 0 2000000000 0 0 0");
+    let d = r.acquire(now.plus(S / 2), 0, &[again], None).await;
+    assert_eq!(d.before, [S]);
+    assert_eq!(
+        r.get("t").await.as_deref(),
+        Some("101 500000000 2000000000 100 500000000 0")
+    );
+    // Stored under the current numbers: read as it is.
+    let d = r.acquire(now.plus(S / 2), 0, &[again], None).await;
+    assert_eq!(d.before, [S]);
+}
+
 #[tokio::test]
 async fn lazy_rescale_keeps_the_share_in_use() {
     let Some(mut r) = redis().await else { return };
@@ -1033,7 +1065,10 @@ async fn lazy_rescale_keeps_the_share_in_use() {
     // ahead == old span scales to exactly the new span (1e8 * 1e10 > 2^53).
     assert_eq!((d.allowed, d.before.as_slice()), (false, &[10 * S][..]));
     // The conversion is kept even though the request was denied.
-    assert_eq!(r.get("t").await.as_deref(), Some("50010 0 10000000000"));
+    assert_eq!(
+        r.get("t").await.as_deref(),
+        Some("50010 0 10000000000 0 0 0")
+    );
     assert!(!r.acquire(now.plus(S - 1), 1, &[slow], None).await.allowed);
     assert_eq!(r.admit(now.plus(S), 3, &[slow], None).await, 1);
     // Converting back a second later: 9 of 10 in use carry over.
@@ -1041,7 +1076,7 @@ async fn lazy_rescale_keeps_the_share_in_use() {
     assert_eq!(d.before, [S / 100 * 9]);
     assert_eq!(
         r.get("t").await.as_deref(),
-        Some("50002 90000000 100000000")
+        Some("50002 90000000 100000000 0 0 0")
     );
     let d = r.acquire(now.plus(2 * S), 0, &[fast], None).await;
     assert_eq!(d.before, [S / 100 * 9]);
@@ -1166,7 +1201,7 @@ async fn refund_gives_back_only_what_is_still_ahead() {
             .allowed
     );
     let stored = r.get("one").await;
-    assert_eq!(stored.as_deref(), Some("20002 200000000 1000000000"));
+    assert_eq!(stored.as_deref(), Some("20002 200000000 1000000000 0 0 0"));
     r.refund(zero.plus(1_500_000_000), 1, &[(one, zero.plus(S))])
         .await;
     assert_eq!(r.get("one").await, stored);
@@ -1177,7 +1212,7 @@ async fn refund_gives_back_only_what_is_still_ahead() {
     r.refund(zero.plus(S / 2), 1, &[(two, zero.plus(S))]).await;
     assert_eq!(
         r.get("two").await.as_deref(),
-        Some("20001 500000000 2000000000")
+        Some("20001 500000000 2000000000 0 0 0")
     );
     // Kept a day, on a time the caller gives.
     let pttl = r.pttl("two").await;
@@ -1191,7 +1226,7 @@ async fn refund_gives_back_only_what_is_still_ahead() {
         .await;
     assert_eq!(
         r.get("two").await.as_deref(),
-        Some("20001 500000000 2000000000")
+        Some("20001 500000000 2000000000 0 0 0")
     );
     // Several keys at once; a missing one is skipped.
     r.refund(
@@ -1200,7 +1235,10 @@ async fn refund_gives_back_only_what_is_still_ahead() {
         &[(two, zero.plus(S)), (throttle("none", S, 1), zero)],
     )
     .await;
-    assert_eq!(r.get("two").await.as_deref(), Some("20001 0 2000000000"));
+    assert_eq!(
+        r.get("two").await.as_deref(),
+        Some("20001 0 2000000000 0 0 0")
+    );
     assert_eq!(r.get("none").await, None);
 }
 
@@ -1228,7 +1266,7 @@ async fn a_charge_from_before_a_reset_comes_back_to_no_refilled_bucket() {
     );
     let after = reset.plus(S / 10);
     assert_eq!(r.admit(after, 6, &[t], None).await, 5);
-    let full = Some("30005 200000000 5000000000");
+    let full = Some("30005 200000000 5000000000 0 0 0");
     assert_eq!(r.get("t").await.as_deref(), full);
     r.refund_charged(after, before, 3, &[(t, before.plus(3 * S))])
         .await;
@@ -1237,13 +1275,13 @@ async fn a_charge_from_before_a_reset_comes_back_to_no_refilled_bucket() {
         .await;
     assert_eq!(
         r.get("t").await.as_deref(),
-        Some("30004 200000000 5000000000")
+        Some("30004 200000000 5000000000 0 0 0")
     );
     r.refund_charged(after, after, 1, &[(t, after.plus(5 * S))])
         .await;
     assert_eq!(
         r.get("t").await.as_deref(),
-        Some("30003 200000000 5000000000")
+        Some("30003 200000000 5000000000 0 0 0")
     );
     // A mark that is not the script's is an error when a refund reads it.
     r.set("t:x", "garbage").await;
@@ -1344,7 +1382,7 @@ async fn a_call_past_its_deadline_decides_nothing() {
         let deadline = deadline.to_string();
         let interval = S.to_string();
         [
-            "a", "", &deadline, "1", "1", &interval, "2", "0", "0", "0", "1", "0", "0",
+            "a", "", &deadline, "1", "1", &interval, "2", "0", "0", "0", "1", "", "0", "0",
         ]
         .map(str::to_owned)
         .to_vec()
@@ -1573,18 +1611,18 @@ async fn bad_arguments_answer_an_error_reply() {
         ),
         ("c", "a 1 0 1 0 0 1 0 100 m 0", "concurrency cap"),
         ("c", "a 1 0 1 0 0 1 2 100 m 0 x", "wrong number"),
-        ("t", "a 1 0 1.5 1 1000 1 0 0 0 1 0 0", "cost"),
-        ("t", "a 1 0 -1 1 1000 1 0 0 0 1 0 0", "cost"),
-        ("t", "a 1 0 01 1 1000 1 0 0 0 1 0 0", "cost"),
-        ("t", "a 1 0 1 1 1000 1 0 0 0 x 0 0", "cost"),
-        ("t", "a 1 1000000000 1 1 1000 1 0 0 0 1 0 0", "now"),
-        ("t", "a x 0 1 1 1000 1 0 0 0 1 0 0", "now"),
-        ("t", "a ~ 0 1 1 1000 1 0 0 0 1 0 0", "expired"),
-        ("t", "a 1 0 1 1 0 1 0 0 0 1 0 0", "interval"),
-        ("t", "a 1 0 1 1 1e3 1 0 0 0 1 0 0", "interval"),
-        ("t", "a 1 0 1 1 1000 0 0 0 0 1 0 0", "burst"),
-        ("t", "a 1 0 1 1 1000 1 yes 0 0 1 0 0", "shadow"),
-        ("t", "a 1 0 1 1 9007199254740991 2 0 0 0 1 0 0", "2^53"),
+        ("t", "a 1 0 1.5 1 1000 1 0 0 0 1 ~ 0 0", "cost"),
+        ("t", "a 1 0 -1 1 1000 1 0 0 0 1 ~ 0 0", "cost"),
+        ("t", "a 1 0 01 1 1000 1 0 0 0 1 ~ 0 0", "cost"),
+        ("t", "a 1 0 1 1 1000 1 0 0 0 x ~ 0 0", "cost"),
+        ("t", "a 1 1000000000 1 1 1000 1 0 0 0 1 ~ 0 0", "now"),
+        ("t", "a x 0 1 1 1000 1 0 0 0 1 ~ 0 0", "now"),
+        ("t", "a ~ 0 1 1 1000 1 0 0 0 1 ~ 0 0", "expired"),
+        ("t", "a 1 0 1 1 0 1 0 0 0 1 ~ 0 0", "interval"),
+        ("t", "a 1 0 1 1 1e3 1 0 0 0 1 ~ 0 0", "interval"),
+        ("t", "a 1 0 1 1 1000 0 0 0 0 1 ~ 0 0", "burst"),
+        ("t", "a 1 0 1 1 1000 1 yes 0 0 1 ~ 0 0", "shadow"),
+        ("t", "a 1 0 1 1 9007199254740991 2 0 0 0 1 ~ 0 0", "2^53"),
         ("", "a 1 0 1 0 10", "quota count"),
         ("q h", "a 1 0 1 0 1 5 D 0 0 0 0 31 1 0", "wrong number"),
         ("q", "a 1 0 1 0 1 5 D 0 0 0 0 31 1 0 0", "wrong number"),
@@ -1680,7 +1718,7 @@ async fn integers_are_taken_only_as_rust_writes_them() {
     // throttle's interval in turn take each spelling.
     let call = |cost: &str, interval: &str| -> Vec<String> {
         [
-            "a", "100", "0", cost, "1", interval, "10", "0", "0", "0", "1", "0", "0",
+            "a", "100", "0", cost, "1", interval, "10", "0", "0", "0", "1", "", "0", "0",
         ]
         .map(str::to_owned)
         .to_vec()
@@ -1722,7 +1760,7 @@ async fn integers_are_taken_only_as_rust_writes_them() {
     // 2^53 (and what rounds to it) is refused.
     let deadline = |d: &str| -> Vec<String> {
         [
-            "a", "", d, "0", "1", "1000", "10", "0", "0", "0", "0", "0", "0",
+            "a", "", d, "0", "1", "1000", "10", "0", "0", "0", "0", "", "0", "0",
         ]
         .map(str::to_owned)
         .to_vec()

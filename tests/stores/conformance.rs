@@ -365,6 +365,40 @@ async fn replacing_a_throttle_keeps_the_share_of_each_bucket_in_use<B: Backend>(
     assert_eq!(reason(&l, b"v").await, None);
 }
 
+/// Two changes of a throttle with no request between them: each converts
+/// the bucket as it stands at its own instant, the time between them
+/// drained under the middle numbers, and every store ends at the same
+/// nanosecond, whichever store converts when.
+async fn a_throttle_changed_twice_between_requests_converts_at_each_change<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let plan =
+        |rate: f64, burst: u32| UsagePlan::new("p").throttle(Throttle::new(rate, burst).unwrap());
+    let l = layer(
+        b,
+        &clock,
+        vec![plan(1.0, 2)],
+        vec![ApiKey::new("k", "v", "p")],
+    )
+    .await;
+    assert_eq!(passed(&l, b"v", 3).await, 2);
+    // Emptied: 2 s ahead of a 2 s span. Twice as fast, it is 1 s ahead of
+    // a 1 s span; half a second drains half of it.
+    l.admin().put_plan(plan(2.0, 2)).await.unwrap();
+    clock.advance(Duration::from_millis(500));
+    // Back to 1/s: the half second ahead doubles to a whole one.
+    l.admin().put_plan(plan(1.0, 2)).await.unwrap();
+    let r = l.decide(b"v", 2).await.unwrap_err();
+    assert_eq!(r.retry_after(), Some(Duration::from_secs(1)));
+    // Two changes at one instant round down once each: 1 s ahead of a 2 s
+    // span is 1_000_000_000 ns ahead of 2_000_000_001 (3 units of
+    // 666_666_667 ns), rounded down from 1_000_000_000.5, then
+    // 999_999_999 ns ahead of 2 s again, rounded down from 999_999_999.5.
+    l.admin().put_plan(plan(1.5, 3)).await.unwrap();
+    l.admin().put_plan(plan(1.0, 2)).await.unwrap();
+    let r = l.decide(b"v", 2).await.unwrap_err();
+    assert_eq!(r.retry_after(), Some(Duration::from_nanos(999_999_999)));
+}
+
 /// On a manual clock no time passes but the clock's: real time spent
 /// between requests (a slow machine, a long round trip) refills nothing. A
 /// bucket emptied at 100/s would be full again after 100 ms of real time
@@ -755,6 +789,7 @@ on_each_backend!(
     a_shadow_plan_decides_and_counts_but_never_rejects,
     a_shadow_plan_never_lifts_the_stage_limit,
     replacing_a_throttle_keeps_the_share_of_each_bucket_in_use,
+    a_throttle_changed_twice_between_requests_converts_at_each_change,
     a_manual_clock_standing_still_keeps_an_emptied_bucket_empty,
     a_denial_names_the_limit_that_holds_the_request_longest,
     a_shadow_plan_never_names_a_denial,

@@ -161,14 +161,14 @@ impl Inner {
         }
         if retried && call.args.first().is_some_and(|m| m == "a") && reply.get(2) == Some(&0) {
             // The leases of a decision ("a"): the caps' keys are the last
-            // keys, and their arguments follow the throttles' (6 each) and
+            // keys, and their arguments follow the throttles' (7 each) and
             // quotas' (9 each) as c, then c times (cap, lease_ms, member,
             // shadow).
             let a = &call.args;
             let leases = || -> Option<Vec<(String, String)>> {
                 let n: usize = a.get(4)?.parse().ok()?;
-                let m: usize = a.get(5 + 6 * n)?.parse().ok()?;
-                let at = 5 + 6 * n + 1 + 9 * m;
+                let m: usize = a.get(5 + 7 * n)?.parse().ok()?;
+                let at = 5 + 7 * n + 1 + 9 * m;
                 let c: usize = a.get(at)?.parse().ok()?;
                 let first = call.keys.len().checked_sub(c)?;
                 (0..c)
@@ -372,6 +372,7 @@ impl Part {
             call.arg(since / NANOS_PER_SEC as i64);
             call.arg(since % NANOS_PER_SEC as i64);
             call.arg(t.cost);
+            call.arg(t.limit.before.as_ref().map_or("", |e| e.encoded()));
         }
         call.arg(self.quotas.len());
         for q in &self.quotas {

@@ -28,15 +28,24 @@
 -- time a key whose state runs out within a day lives a day of real time
 -- (state past its time reads as none all the same).
 --
--- Throttle key: the string "<tat_s> <tat_ns> <tol>", tol the span
--- (interval * burst, ns) the TAT was written under; missing = a full bucket.
--- It expires when the bucket is full again (see "Lifetimes"). A key read
--- under another span is converted as Gcra::rescale does, as of the instant
--- the span changed (the throttle's "since"; now when it is 0 0), so that a
--- key converted when next used ends where one converted at the change
--- would; the conversion is stored at once, whatever the verdict (left
--- unstored, the old TAT would keep draining at the old scale and refill the
--- bucket early).
+-- Throttle key: the string "<tat_s> <tat_ns> <tol> <since_s> <since_ns>
+-- <tie>", tol the span (interval * burst, ns) the TAT was written under,
+-- since the instant those numbers came into force (the throttle's "since"
+-- when it was written) and tie how many changes came before them at that
+-- very instant (the last three are missing in a key written by mode "r" or
+-- "t" where there was none, or by an older version); missing = a full
+-- bucket. It expires when the bucket is full again (see "Lifetimes"). A
+-- key read under other numbers is converted as Gcra::rescale does at each
+-- change: when the throttle's earlier spans (the "before" argument) hold
+-- the key's, at each change since in turn, the time between two changes
+-- draining at the scale then, each rounded down as a store converting at
+-- once rounds it; otherwise (numbers this instance never had, or older
+-- than it keeps) from the key's span to the current one, as of the latest
+-- change (the throttle's "since"; now when it is 0 0). A key converted
+-- when next used thus ends where one converted at each change would; the
+-- conversion is stored at once, whatever the verdict (left unstored, the
+-- old TAT would keep draining at the old scale and refill the bucket
+-- early).
 --
 -- Quota key: hash {w = window start (days since 1970-01-01), n = used in it,
 -- d = the day of the last change, x = "<s> <ns>" the time of the last reset
@@ -62,7 +71,11 @@
 --
 -- "a" acquire. KEYS: t_1..t_n, then q_i, h_i for each quota.
 --   ARGV: "a", now_s, now_ns, cost, n, n times (interval_ns, burst, shadow,
---   since_s, since_ns, cost_i),
+--   since_s, since_ns, cost_i, before), before "" when the numbers never
+--   changed, else "<tie> " (how many changes came before them at since)
+--   and the spans in force before since, newest first, each "<span>
+--   <since_s> <since_ns> <tie>" (since it came into force), separated by
+--   spaces,
 --   then m (0..9) quotas (an account's, a plan's and a model's: a request
 --   quota, a token day and a token month each), m times (limit, period
 --   (D|W|M), week_start (0 = Monday .. 6), offset, created_s, shadow,
@@ -239,31 +252,42 @@ local function clock(int)
   return s, us * 1000
 end
 
--- A throttle key's TAT ahead of now in ns (may be <= 0), its span, and the
--- TAT itself; nil if missing. (s - now_s) * 1e9 is exact (a multiple of 2^9
--- far below 2^62); the sum is exact below 2^53, and above it only compares
--- as larger.
+-- A throttle key's TAT ahead of now in ns (may be <= 0), its span, the TAT
+-- itself, and since its numbers held (three nils if the key does not say);
+-- nil if missing. (s - now_s) * 1e9 is exact (a multiple of 2^9 far below
+-- 2^62); the sum is exact below 2^53, and above it only compares as larger.
 local function load(key, now_s, now_ns)
   local v = redis.call('GET', key)
   if not v then
     return nil
   end
-  local s, ns, tol = string.match(v, '^(%d+) (%d+) (%d+)$')
+  local s, ns, tol, rest = string.match(v, '^(%d+) (%d+) (%d+)(.*)$')
+  local vs, vns, vt
   if s then
     s, ns, tol = s + 0, ns + 0, tol + 0
+    if rest ~= '' then
+      vs, vns, vt = string.match(rest, '^ (%d+) (%d+) (%d+)$')
+      if vs then
+        vs, vns, vt = vs + 0, vns + 0, vt + 0
+      end
+      if not vs or vs > 2 ^ 40 or vns >= 1e9 then
+        s = nil
+      end
+    end
   end
   if not s or s >= 2 ^ 53 or ns >= 1e9 or tol < 1 or tol >= 2 ^ 53 then
     error({ tollgate = 'bad throttle state' })
   end
-  return (s - now_s) * 1e9 + (ns - now_ns), tol, s, ns
+  return (s - now_s) * 1e9 + (ns - now_ns), tol, s, ns, vs, vns, vt
 end
 
--- Stores the TAT now + ahead under span tol, expiring when the bucket is full
--- again (ceil to ms, at least 1); a TAT at or before now is no key at all.
+-- Stores the TAT now + ahead under span tol, in force since vs, vns after
+-- vt changes at that instant (nil: not said), expiring when the bucket is full again (ceil to ms, at least
+-- 1); a TAT at or before now is no key at all.
 -- For integers 0 <= x < 2^53, x % d (x - floor(x / d) * d) is exact while
 -- x / d cannot round up to the next integer, so below 2^52 here;
 -- math.fmod is exact everywhere, and slower.
-local function store(key, ahead, tol, now_s, now_ns)
+local function store(key, ahead, tol, vs, vns, vt, now_s, now_ns)
   if ahead <= 0 then
     redis.call('DEL', key)
     return
@@ -279,7 +303,94 @@ local function store(key, ahead, tol, now_s, now_ns)
   if ARGV[2] ~= '' and ms < 86400000 then
     ms = 86400000 -- a given time (see "Lifetimes")
   end
-  redis.call('SET', key, string.format('%d %d %d', s, ns, tol), 'PX', string.format('%d', ms))
+  local v
+  if vs then
+    v = string.format('%d %d %d %d %d %d', s, ns, tol, vs, vns, vt)
+  else
+    v = string.format('%d %d %d', s, ns, tol)
+  end
+  redis.call('SET', key, v, 'PX', string.format('%d', ms))
+end
+
+-- floor(a * b / c) exactly, for integers 0 <= a <= c, b >= 0, 0 < c, all
+-- below 2^53 while a * b need not be. With b = q * c + r it is a * q
+-- (exact: at most b) plus floor(a * r / c), built over the bits of a from
+-- the top as k * c + rem with 0 <= rem < c, so that no sum leaves the
+-- exact range.
+local function muldiv(a, b, c)
+  local r = math.fmod(b, c)
+  local q = a * ((b - r) / c)
+  local p, x, k, rem = 1, a, 0, 0
+  while p * 2 <= a do
+    p = p * 2
+  end
+  while p >= 1 do
+    k = k * 2 -- (k * c + rem) * 2
+    if rem >= c - rem then
+      rem, k = rem - (c - rem), k + 1
+    else
+      rem = rem * 2
+    end
+    if x >= p then -- + r
+      x = x - p
+      if rem >= c - r then
+        rem, k = rem - (c - r), k + 1
+      else
+        rem = rem + r
+      end
+    end
+    p = p / 2
+  end
+  return q + k
+end
+
+-- Gcra::rescale at each change of a throttle's numbers since the key's own
+-- (span old, in force since vs, vns after vt changes at that instant),
+-- when `before` (the earlier spans, newest first, "<span> <s> <ns> <tie>"
+-- each, after the current numbers' tie) holds them: at each change the TAT
+-- ahead of it (at most the span then: a bucket in debt is emptied) is
+-- scaled exactly to the next span, and the time to the next change drains
+-- it. Returns true and the TAT ahead of now under the current span (nil:
+-- full), or false when `before` does not hold the key's numbers, or the
+-- key was written after the first change it missed (by an instance still
+-- on the old numbers: converted as `rescale` does). Between changes the
+-- TAT is kept as an instant plus ns ahead of it, so that each difference is
+-- taken as `load` takes it: exact, or so large that the bucket is full.
+local function replay(before, old, vs, vns, vt, tol, since_s, since_ns, tat_s, tat_ns, now_s, now_ns)
+  local spans, ss, nss, at = {}, {}, {}, nil
+  for t, s, ns, tie in string.gmatch(before, ' (%d+) (%d+) (%d+) (%d+)') do
+    t, s, ns, tie = t + 0, s + 0, ns + 0, tie + 0
+    if t < 1 or t >= 2 ^ 53 or s > 2 ^ 40 or ns >= 1e9 then
+      error({ tollgate = 'bad earlier spans' })
+    end
+    local i = #spans + 1
+    spans[i], ss[i], nss[i] = t, s, ns
+    if t == old and s == vs and ns == vns and tie == vt then
+      at = i
+      break
+    end
+  end
+  if not at then
+    return false
+  end
+  -- The change out of span i is the coming into force of span i - 1 (of
+  -- the current numbers for i = 1).
+  local base_s, base_ns, ahead, from = tat_s, tat_ns, 0, old
+  for i = at, 1, -1 do
+    local cs, cns, to = since_s, since_ns, tol
+    if i > 1 then
+      cs, cns, to = ss[i - 1], nss[i - 1], spans[i - 1]
+    end
+    local a = (base_s - cs) * 1e9 + (base_ns - cns) + ahead
+    if a <= 0 then
+      return true, nil
+    end
+    if i == at and a > old then
+      return false
+    end
+    base_s, base_ns, ahead, from = cs, cns, muldiv(math.min(a, from), to, from), to
+  end
+  return true, (base_s - now_s) * 1e9 + (base_ns - now_ns) + ahead
 end
 
 -- Gcra::rescale at the change of a throttle's span from `old` to `tol`: the
@@ -289,38 +400,6 @@ end
 -- <= 0 either way. Returns the TAT ahead of now under the new span, or nil
 -- when the bucket was full at the change.
 local function rescale(ahead, old, tol, tat_s, tat_ns, since_s, since_ns, now_s, now_ns)
-  -- floor(a * b / c) exactly, for integers 0 <= a <= c, b >= 0, 0 < c, all
-  -- below 2^53 while a * b need not be. With b = q * c + r it is a * q
-  -- (exact: at most b) plus floor(a * r / c), built over the bits of a from
-  -- the top as k * c + rem with 0 <= rem < c, so that no sum leaves the
-  -- exact range.
-  local function muldiv(a, b, c)
-    local r = math.fmod(b, c)
-    local q = a * ((b - r) / c)
-    local p, x, k, rem = 1, a, 0, 0
-    while p * 2 <= a do
-      p = p * 2
-    end
-    while p >= 1 do
-      k = k * 2 -- (k * c + rem) * 2
-      if rem >= c - rem then
-        rem, k = rem - (c - rem), k + 1
-      else
-        rem = rem * 2
-      end
-      if x >= p then -- + r
-        x = x - p
-        if rem >= c - r then
-          rem, k = rem - (c - r), k + 1
-        else
-          rem = rem + r
-        end
-      end
-      p = p / 2
-    end
-    return q + k
-  end
-
   local elapsed = 0
   if since_s > 0 or since_ns > 0 then
     elapsed = math.max((now_s - since_s) * 1e9 + (now_ns - since_ns), 0)
@@ -504,11 +583,11 @@ local mode, run = ARGV[1], nil
 
 -- "a" acquire, "p" peek.
 if mode == 'a' or mode == 'p' or mode == 'b' then
-  run = function(int, clock, load, store, rescale, quotas)
+  run = function(int, clock, load, store, rescale, quotas, replay)
     local argv, keys = ARGV, KEYS -- locals: a global is found by name
     local cost = int(argv[4], 0, 2 ^ 53 - 1, 'cost')
     local n = int(argv[5], 0, #keys, 'throttle count')
-    local qi = 6 + 6 * n
+    local qi = 6 + 7 * n
     if #argv < qi then
       error({ tollgate = 'wrong number of arguments' })
     end
@@ -535,12 +614,14 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
     local reply = { now_s, now_ns, 1, nil, nil, nil, nil, nil, nil }
     local k = 3 + n -- its length
     local allowed = true
-    -- Per throttle i, at 3i-2 .. 3i: its span, the TAT ahead to store if
-    -- charged, and if not (a conversion); false where nothing is stored.
-    local plans = { false, false, false } -- room for one throttle
+    -- Per throttle i, at 5i-4 .. 5i: its span, the TAT ahead to store if
+    -- charged, and if not (a conversion); false where nothing is stored;
+    -- since when its numbers hold.
+    local plans = { false, false, false, false, false } -- room for one throttle
+    local ties = { 0 }
     local steps = grant and {} -- per throttle, ns one unit of the request takes
     for i = 1, n do
-      local j = 6 * i
+      local j = 7 * i - 1
       local interval = int(argv[j], 1, 2 ^ 53 - 1, 'interval')
       local burst = int(argv[j + 1], 1, 2 ^ 53 - 1, 'burst')
       local shadow = int(argv[j + 2], 0, 1, 'shadow flag') == 1
@@ -551,11 +632,30 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
       if tol >= 2 ^ 53 then
         error({ tollgate = 'throttle span of 2^53 ns or more' })
       end
-      local before, old, tat_s, tat_ns = load(keys[i], now_s, now_ns)
+      local earlier = argv[j + 6]
+      local tie = 0
+      if earlier ~= '' then
+        tie = string.match(earlier, '^%d+')
+        tie = tie and tie + 0
+        if not tie or tie >= 2 ^ 53 then
+          error({ tollgate = 'bad earlier spans' })
+        end
+      end
+      local before, old, tat_s, tat_ns, vs, vns, vt = load(keys[i], now_s, now_ns)
       local convert = false
-      if before and old ~= tol then
-        before = rescale(before, old, tol, tat_s, tat_ns, since_s, since_ns, now_s, now_ns)
-        convert = before or false
+      if before and (old ~= tol or vs and (vs ~= since_s or vns ~= since_ns or vt ~= tie)) then
+        local found, ahead = false, nil
+        if vs and earlier ~= '' then
+          found, ahead = replay(
+            earlier, old, vs, vns, vt, tol, since_s, since_ns, tat_s, tat_ns, now_s, now_ns
+          )
+        end
+        if found then
+          before, convert = ahead, ahead or false
+        elseif old ~= tol then
+          before = rescale(before, old, tol, tat_s, tat_ns, since_s, since_ns, now_s, now_ns)
+          convert = before or false
+        end
       end
       if not before or before < 0 then
         before = 0
@@ -568,7 +668,10 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
       elseif not shadow then
         allowed = false
       end
-      plans[3 * i - 2], plans[3 * i - 1], plans[3 * i] = tol, charge, convert
+      local p = 5 * i
+      plans[p - 4], plans[p - 3], plans[p - 2], plans[p - 1], plans[p] =
+        tol, charge, convert, since_s, since_ns
+      ties[i] = tie
       if grant then
         steps[i] = cost_i * interval
       end
@@ -623,9 +726,9 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
       local fit = 2 ^ 53
       for i = 1, n do
         if steps[i] > 0 then
-          local charge = plans[3 * i - 1]
+          local charge = plans[5 * i - 3]
           if charge then
-            local more = (plans[3 * i - 2] - charge - (plans[3 * i - 2] - charge) % steps[i]) / steps[i]
+            local more = (plans[5 * i - 4] - charge - (plans[5 * i - 4] - charge) % steps[i]) / steps[i]
             fit = math.min(fit, more)
           else
             fit = 0
@@ -645,8 +748,8 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
       g = g + math.min(lend, (rest - rest % 4) / 4)
       if g > 0 then
         for i = 1, n do
-          if plans[3 * i - 1] then
-            plans[3 * i - 1] = plans[3 * i - 1] + g * steps[i]
+          if plans[5 * i - 3] then
+            plans[5 * i - 3] = plans[5 * i - 3] + g * steps[i]
           end
         end
         for i = 1, m do
@@ -665,9 +768,10 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
       end
     end
     for i = 1, n do
-      local ahead = charging and plans[3 * i - 1] or plans[3 * i]
+      local p = 5 * i
+      local ahead = charging and plans[p - 3] or plans[p - 2]
       if ahead then
-        store(keys[i], ahead, plans[3 * i - 2], now_s, now_ns)
+        store(keys[i], ahead, plans[p - 4], plans[p - 1], plans[p], ties[i], now_s, now_ns)
       end
     end
     if not allowed then
@@ -729,7 +833,7 @@ if mode == 'r' then
     end
     for i = 1, n do
       local interval, burst, mine_s, mine_ns, cost = unpack(plan[i])
-      local ahead, tol = load(KEYS[i], now_s, now_ns)
+      local ahead, tol, _, _, vs, vns, vt = load(KEYS[i], now_s, now_ns)
       -- Nothing to give back to a full bucket, nor across a change of span.
       local give_back = ahead and ahead > 0 and tol == interval * burst
       if give_back then
@@ -750,7 +854,7 @@ if mode == 'r' then
         -- by it, but not below now.
         local mine = (mine_s - now_s) * 1e9 + (mine_ns - now_ns)
         local give = math.min(cost * interval, math.max(mine, 0))
-        store(KEYS[i], ahead - give, tol, now_s, now_ns)
+        store(KEYS[i], ahead - give, tol, vs, vns, vt, now_s, now_ns)
       end
     end
     return { now_s, now_ns }
@@ -808,15 +912,15 @@ if mode == 't' or mode == 'g' then
     end
     for i = 1, n do
       local interval, tol = unpack(throttles[i])
-      local ahead, old = load(KEYS[i], now_s, now_ns)
+      local ahead, old, _, _, vs, vns, vt = load(KEYS[i], now_s, now_ns)
       ahead = math.max(ahead or 0, 0)
       -- A key whose span changed since the decision is left alone.
       if not old or old == tol then
         local shift = math.min(math.abs(delta) * interval, 2 ^ 53 - 1)
         if delta > 0 then
-          store(KEYS[i], math.min(ahead + shift, 2 ^ 53 - 1), tol, now_s, now_ns)
+          store(KEYS[i], math.min(ahead + shift, 2 ^ 53 - 1), tol, vs, vns, vt, now_s, now_ns)
         elseif ahead > 0 then
-          store(KEYS[i], math.max(ahead - shift, 0), tol, now_s, now_ns)
+          store(KEYS[i], math.max(ahead - shift, 0), tol, vs, vns, vt, now_s, now_ns)
         end
       end
     end
@@ -1061,7 +1165,7 @@ end
 if not run then
   return redis.error_reply('tollgate: unknown mode')
 end
-local ok, res = pcall(run, int, clock, load, store, rescale, quotas)
+local ok, res = pcall(run, int, clock, load, store, rescale, quotas, replay)
 if ok then
   return res
 elseif type(res) == 'table' and res.tollgate then
