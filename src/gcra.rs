@@ -158,14 +158,17 @@ impl Gcra {
     }
 
     /// The TAT under `new` parameters that keeps the share of the bucket in
-    /// use: an emptied bucket stays empty, a full one stays full.
+    /// use: an emptied bucket stays empty, a full one stays full, and one in
+    /// debt (settled above its estimate, the TAT past the span) keeps its
+    /// debt, scaled as the rest: a change of numbers forgives nothing the
+    /// next requests owe.
     pub(crate) fn rescale(&self, tat: Nanos, now: Nanos, new: &Gcra) -> Nanos {
         if tat <= now {
             return tat;
         }
-        let ahead = u128::from((tat - now).min(self.tolerance));
+        let ahead = u128::from(tat - now);
         let scaled = ahead * u128::from(new.tolerance) / u128::from(self.tolerance);
-        now + scaled as Nanos
+        now.saturating_add(Nanos::try_from(scaled).unwrap_or(Nanos::MAX))
     }
 
     /// How a bucket with TAT `tat` stands at `now`.
@@ -390,5 +393,11 @@ mod tests {
         ));
         // A full bucket stays full.
         assert_eq!(fast.rescale(now - 1, now, &slow), now - 1);
+        // A bucket in debt (1.9 spans ahead) keeps its debt at any scale.
+        let minute = Gcra::new(100.0 / 60.0, 100).unwrap();
+        let more = Gcra::new(200.0 / 60.0, 200).unwrap();
+        let tat = now + 114 * S;
+        assert_eq!(minute.rescale(tat, now, &more), tat);
+        assert_eq!(fast.rescale(now + 2 * S, now, &slow), now + 200 * S);
     }
 }

@@ -1021,12 +1021,14 @@ async fn a_conversion_is_made_as_of_the_change() {
         .await;
     assert_eq!(d.before, [10 * S / 1000]);
     // A key written after the change (by an instance still on the old
-    // numbers) is converted as of now: emptied is still emptied.
+    // numbers) cannot be told from one in debt at the change: it converts
+    // as of the change, 110 s ahead of it, 220 s at twice the span, less
+    // the 100 s since.
     let old = throttle("w", S, 10);
     assert_eq!(r.admit(Now(500, 0), 10, &[old], None).await, 10);
     let new = throttle("w", S, 20).since(400, 0);
     let d = r.acquire(Now(500, 0), 1, &[new], None).await;
-    assert_eq!((d.allowed, d.before.as_slice()), (false, &[20 * S][..]));
+    assert_eq!((d.allowed, d.before.as_slice()), (false, &[120 * S][..]));
 }
 
 /// A key untouched through two changes is converted at each in turn, the
@@ -1137,7 +1139,9 @@ async fn rescale_is_exact_for_any_spans() {
         r.set("x", &format!("{} {} {old}", tat.0, tat.1)).await;
         let t = throttle("x", interval as i64, burst as i64);
         let d = r.acquire(now, 0, &[t], None).await;
-        let expected = u128::from(ahead.min(old)) * u128::from(new) / u128::from(old);
+        // Past the span (a bucket in debt) scales as the rest, up to the
+        // largest TAT ahead a key holds.
+        let expected = (u128::from(ahead) * u128::from(new) / u128::from(old)).min((1 << 53) - 1);
         assert_eq!(
             d.before,
             [expected as i64],

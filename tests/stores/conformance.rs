@@ -773,6 +773,50 @@ async fn a_settlement_counts_for_the_next_request_at_once<B: Backend>(b: &B) {
     assert_eq!(send_tokens(&mut svc, 90, None).await, (200, None));
 }
 
+/// A token budget in debt (settled above its estimate, the bucket past its
+/// minute) keeps its debt when its plan is put anew with another budget:
+/// a change of numbers forgives nothing the next requests owe, whether the
+/// span changes (7 a minute: 8_571_428_572 ns a token, a span 4 ns over the
+/// minute) or not (200 a minute), and whenever the store converts it.
+async fn a_budget_in_debt_keeps_its_debt_through_a_plan_put_anew<B: Backend>(b: &B) {
+    use http_body_util::BodyExt;
+    use tower::{Service, ServiceExt};
+    for (per_minute, wait_ns) in [
+        // 104 s ahead: 104_000_000_007 ns at the new span (rounded down
+        // from 114 s scaled, less the 10 s since), plus one token, less
+        // the span.
+        (7, 104_000_000_007 + 8_571_428_572 - 60_000_000_004u64),
+        (200, 104_000_000_000 + 300_000_000 - 60_000_000_000),
+    ] {
+        let clock = ManualClock::new();
+        clock.set_wall(at(2024, 5, 6, 0));
+        let budget = |n: u32| UsagePlan::new("p").tokens(TokenBudget::new().per_minute(n).unwrap());
+        let (mut svc, admin) = token_service(b, &clock, budget(100)).await;
+        // 5 reserved, 190 used: the bucket is 114 s ahead, 54 s past its minute.
+        assert_eq!(send_tokens(&mut svc, 5, Some(190)).await, (200, None));
+        admin.put_plan(budget(per_minute)).await.unwrap();
+        clock.advance(Duration::from_secs(10));
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(tokens::request("v", 1, None))
+            .await
+            .unwrap();
+        let ms = res
+            .headers()
+            .get("retry-after-ms")
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(res.status(), 429, "{per_minute} a minute");
+        assert_eq!(
+            ms,
+            Some(wait_ns.div_ceil(1_000_000).to_string()),
+            "{per_minute} a minute"
+        );
+        let _ = res.into_body().collect().await.unwrap();
+    }
+}
+
 on_each_backend!(
     "conformance":
     burst_then_one_per_interval_and_costs_count_as_units,
@@ -808,6 +852,7 @@ on_each_backend!(
     a_peek_counts_only_what_requests_used,
     a_place_given_back_is_free_for_the_next_request_at_once,
     a_settlement_counts_for_the_next_request_at_once,
+    a_budget_in_debt_keeps_its_debt_through_a_plan_put_anew,
 );
 
 /// On a Redis Cluster: the behaviours that touch several slots (stage limits

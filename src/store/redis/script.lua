@@ -344,16 +344,22 @@ local function muldiv(a, b, c)
   return q + k
 end
 
+-- floor(a * b / c) for any a >= 0 (a bucket in debt is ahead by more than
+-- its span c), at most 2^53 - 1 as a stored TAT is: a = qa * c + ra gives
+-- qa * b plus muldiv(ra, b, c).
+local function scale(a, b, c)
+  local ra = math.fmod(a, c)
+  return math.min((a - ra) / c * b + muldiv(ra, b, c), 2 ^ 53 - 1)
+end
+
 -- Gcra::rescale at each change of a throttle's numbers since the key's own
 -- (span old, in force since vs, vns after vt changes at that instant),
 -- when `before` (the earlier spans, newest first, "<span> <s> <ns> <tie>"
 -- each, after the current numbers' tie) holds them: at each change the TAT
--- ahead of it (at most the span then: a bucket in debt is emptied) is
--- scaled exactly to the next span, and the time to the next change drains
--- it. Returns true and the TAT ahead of now under the current span (nil:
--- full), or false when `before` does not hold the key's numbers, or the
--- key was written after the first change it missed (by an instance still
--- on the old numbers: converted as `rescale` does). Between changes the
+-- ahead of it (past the span then for a bucket in debt, which keeps its
+-- debt) is scaled exactly to the next span, and the time to the next change
+-- drains it. Returns true and the TAT ahead of now under the current span
+-- (nil: full), or false when `before` does not hold the key's numbers. Between changes the
 -- TAT is kept as an instant plus ns ahead of it, so that each difference is
 -- taken as `load` takes it: exact, or so large that the bucket is full.
 local function replay(before, old, vs, vns, vt, tol, since_s, since_ns, tat_s, tat_ns, now_s, now_ns)
@@ -385,18 +391,17 @@ local function replay(before, old, vs, vns, vt, tol, since_s, since_ns, tat_s, t
     if a <= 0 then
       return true, nil
     end
-    if i == at and a > old then
-      return false
-    end
-    base_s, base_ns, ahead, from = cs, cns, muldiv(math.min(a, from), to, from), to
+    base_s, base_ns, ahead, from = cs, cns, scale(a, to, from), to
   end
   return true, (base_s - now_s) * 1e9 + (base_ns - now_ns) + ahead
 end
 
 -- Gcra::rescale at the change of a throttle's span from `old` to `tol`: the
--- TAT ahead of `since` (at most the old span: the key was written before
--- the change), scaled exactly (ahead == old gives exactly tol), less the
--- time since the change. A huge `elapsed` is inexact but then the result is
+-- TAT ahead of `since` (past the old span for a bucket in debt, which keeps
+-- its debt), scaled exactly (ahead == old gives exactly tol), less the time
+-- since the change. A key written after the change by an instance still on
+-- the old numbers cannot be told from one in debt at it: it converts as of
+-- the change too. A huge `elapsed` is inexact but then the result is
 -- <= 0 either way. Returns the TAT ahead of now under the new span, or nil
 -- when the bucket was full at the change.
 local function rescale(ahead, old, tol, tat_s, tat_ns, since_s, since_ns, now_s, now_ns)
@@ -407,14 +412,9 @@ local function rescale(ahead, old, tol, tat_s, tat_ns, since_s, since_ns, now_s,
   local at_change = ahead + elapsed
   if elapsed > 0 then
     at_change = (tat_s - since_s) * 1e9 + (tat_ns - since_ns)
-    if at_change > old then
-      -- Written after the change, by an instance still on the old numbers:
-      -- convert as of now.
-      elapsed, at_change = 0, ahead
-    end
   end
   if at_change > 0 then
-    return muldiv(math.min(at_change, old), tol, old) - elapsed
+    return scale(at_change, tol, old) - elapsed
   end
 end
 

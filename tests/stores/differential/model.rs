@@ -197,14 +197,15 @@ impl Bucket {
     }
 
     /// The bucket under `new`'s numbers, keeping the share in use at `now`
-    /// (rounded down to a whole nanosecond).
+    /// (debt included), rounded down to a whole nanosecond.
     fn rescale(&mut self, now: Q, new: &Bucket) {
         let (old, fresh) = (self.tolerance(), new.tolerance());
         self.tat = self.tat.map(|tat| {
             if tat <= now {
                 return tat;
             }
-            let ahead = tat.sub(now).min(old);
+            // A bucket in debt keeps its debt, scaled as the rest.
+            let ahead = tat.sub(now);
             now.add(Q::int(ahead.mul(fresh.ceil()).div_floor(old)))
         });
         self.interval = new.interval;
