@@ -276,6 +276,7 @@ impl Earlier {
     }
 
     /// The Redis script's argument.
+    #[cfg(any(feature = "redis", test))]
     pub(crate) fn encoded(&self) -> &str {
         &self.encoded
     }
