@@ -206,14 +206,10 @@ impl Count {
         }
     }
 
-    /// Whether the day of the last change is over at `now`, on a count
-    /// taken under `spec`'s period: [`roll`](Self::roll) under `spec` would
-    /// close that day into the history, as `spec` counts it.
-    pub(crate) fn day_over(self, spec: &QuotaSpec, now: i64) -> bool {
-        !self.is_empty()
-            && !self.is_retired()
-            && self.period == period_code(spec.period)
-            && day_of(now) > self.last_day()
+    /// Whether the day of the last change is over at `now`: the next
+    /// change would close it into the history.
+    pub(crate) fn day_over(self, now: i64) -> bool {
+        !self.is_empty() && !self.is_retired() && day_of(now) > self.last_day()
     }
 
     /// The day of the last change.
@@ -330,12 +326,15 @@ impl Count {
         }
     }
 
-    /// The record of the day of the last change, as it stands.
+    /// The record of the day of the last change, as it stands under
+    /// `spec`: what remains in the window of `spec`'s period holding that
+    /// day, with the count in it (as the next request finds it on that day,
+    /// whatever period the count was taken under).
     fn close(self, spec: &QuotaSpec) -> Option<DayRecord> {
         (!self.is_empty() && !self.is_retired()).then(|| DayRecord {
             day: self.last_day(),
             used: 0,
-            remaining: spec.limit_in(self.window()).saturating_sub(self.used),
+            remaining: limit_on(spec, self.last_day()).saturating_sub(self.used),
         })
     }
 
@@ -468,9 +467,10 @@ impl Count {
     }
 }
 
-/// A quota's numbers before they were changed on `day` (the day's first
-/// change while serving, [`Store::requota`](crate::store::Store::requota)),
-/// as a store logs them for usage reports.
+/// A quota's numbers (its period among them) before they were changed on
+/// `day` (the day's first change while serving,
+/// [`Store::requota`](crate::store::Store::requota)), as a store logs them
+/// for usage reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Logged {
     pub(crate) day: i64,
@@ -483,14 +483,57 @@ pub(crate) fn in_force<'a>(log: &'a [Logged], now: &'a QuotaSpec, day: i64) -> &
     log.iter().find(|l| l.day > day).map_or(now, |l| &l.spec)
 }
 
+/// The limit of the window of `spec`'s period holding `day`.
+pub(crate) fn limit_on(spec: &QuotaSpec, day: i64) -> i64 {
+    spec.limit_in(window(spec.period, day.saturating_mul(NANOS_PER_DAY)))
+}
+
+/// Adds to `days` (each a day's record under the numbers in force at its
+/// end) a record for each day up to `today` a change was logged on (`log`,
+/// sorted by day) after a record and without one of its own: nothing used,
+/// and what the next request found after the change. That is the limit of
+/// the window then less the count of the latest day with a record, when
+/// the window of the period then holds that day (a decision carries the
+/// count as far as that, whatever the periods between), or less nothing.
+/// So a report reads the day of a change as it read then, the days before
+/// it under their own numbers and period, on every store alike.
+pub(crate) fn add_changes(days: &mut Vec<DayRecord>, log: &[Logged], now: &QuotaSpec, today: i64) {
+    let written = days.len();
+    for change in log.iter().filter(|l| l.day <= today) {
+        if days.iter().any(|r| r.day == change.day) {
+            continue;
+        }
+        let Some(before) = days[..written]
+            .iter()
+            .filter(|r| r.day < change.day)
+            .max_by_key(|r| r.day)
+            .copied()
+        else {
+            continue;
+        };
+        let then = in_force(log, now, change.day);
+        let w = window(then.period, change.day.saturating_mul(NANOS_PER_DAY));
+        let count = if before.day >= day_of(w.start) {
+            limit_on(in_force(log, now, before.day), before.day).saturating_sub(before.remaining)
+        } else {
+            0
+        };
+        days.push(DayRecord {
+            day: change.day,
+            used: 0,
+            remaining: limit_on(then, change.day).saturating_sub(count),
+        });
+    }
+}
+
 /// `[used, remaining]` for each day from `first` to `last` (day numbers,
 /// inclusive) from the day records `days`, as AWS GetUsage reports them. Days
 /// without a record report nothing used and what remained after the latest
-/// change earlier in the same window; with none, the window's limit under
-/// the numbers in force at the day's end (`log`, sorted by day: the
-/// quota's numbers before each change; `spec`, now's). So a record of
-/// nothing used that opened a window (a charge a later limit denied, given
-/// back) reads as no record does.
+/// change earlier in the same window; with none, the window's limit, both
+/// under the numbers (and period) in force at the day's end (`log`, sorted
+/// by day: the quota's numbers before each change; `spec`, now's). So a
+/// record of nothing used that opened a window (a charge a later limit
+/// denied, given back) reads as no record does.
 pub(crate) fn report(
     spec: &QuotaSpec,
     days: &[DayRecord],
@@ -500,7 +543,8 @@ pub(crate) fn report(
 ) -> Vec<[i64; 2]> {
     (first..=last)
         .map(|day| {
-            let w = window(spec.period, day.saturating_mul(NANOS_PER_DAY));
+            let then = in_force(log, spec, day);
+            let w = window(then.period, day.saturating_mul(NANOS_PER_DAY));
             let used = days
                 .iter()
                 .find(|r| r.day == day)
@@ -509,7 +553,7 @@ pub(crate) fn report(
                 .iter()
                 .filter(|r| r.day <= day && r.day >= w.start.div_euclid(NANOS_PER_DAY))
                 .max_by_key(|r| r.day)
-                .map_or_else(|| in_force(log, spec, day).limit_in(w), |r| r.remaining);
+                .map_or_else(|| then.limit_in(w), |r| r.remaining);
             [used, remaining.max(0)]
         })
         .collect()

@@ -420,17 +420,18 @@ impl<S: Store> Admin<S> {
     /// key untouched through several changes ends as one converted at each
     /// (the Redis store replays the last 16 it missed), the time between
     /// them refilling at the numbers then in force. A
-    /// usage report keeps what remained at the end of each day before the
-    /// change, under the limit in force at that day's end, and shows today
-    /// what the next request finds, on every store alike. One day may read
-    /// otherwise: when the period changes (not only the limit), the day of
-    /// the key's last request before the change reads under the new
-    /// numbers on the memory store and under the old ones on the Redis
-    /// store.
+    /// usage report reads each past day as a report read it at the day's
+    /// end: what remained then, under the limit and the period in force at
+    /// that day's end (the day of the key's last request before a change
+    /// on a later day under the old ones, a change on the day itself under
+    /// the new ones), and shows today what the next request finds, on
+    /// every store alike.
     ///
     /// A quota whose period changes (a week's first day among them) keeps a
     /// key's count in the window of the new period that holds the key's
-    /// last change, and starts from 0 in a window that began after it: a
+    /// last change (a request, not a change of the plan: a limit put anew
+    /// in between moves nothing), and starts from 0 in a window that began
+    /// after it: a
     /// key never gets more than the limit in a window of the new period,
     /// and one that used its quota up just before may wait past the end of
     /// the old window (what it used before the new window began is not told
@@ -545,7 +546,7 @@ impl<S: Store> Admin<S> {
     }
 
     /// Tells the store of each quota of the plan named as `plan` whose
-    /// numbers `plan` changes (not its period), for every registered key
+    /// numbers `plan` changes (its period among them), for every registered key
     /// ([`Store::requota`]): the days closed from now on are closed
     /// under the numbers they were counted under, and a usage report keeps
     /// what remained at each past day's end.
@@ -954,20 +955,16 @@ fn record(key: &ApiKey, digest: crate::hash::Digest) -> Record {
     }
 }
 
-/// The salts of the quotas among `old` whose numbers differ in `new` (one
-/// with the same salt and period): those whose days a store must close
+/// The salts of the quotas among `old` whose numbers (or period) differ in
+/// `new` (one with the same salt): those whose days a store must close
 /// under the old numbers ([`Store::requota`]).
 fn changed_quotas<'a, I>(old: impl Iterator<Item = QuotaRef<'a>>, new: impl Fn() -> I) -> Vec<u64>
 where
     I: Iterator<Item = QuotaRef<'a>>,
 {
-    old.filter(|o| {
-        new().any(|n| {
-            n.spec.salt == o.spec.salt && n.spec.period == o.spec.period && n.spec != o.spec
-        })
-    })
-    .map(|o| o.spec.salt)
-    .collect()
+    old.filter(|o| new().any(|n| n.spec.salt == o.spec.salt && n.spec != o.spec))
+        .map(|o| o.spec.salt)
+        .collect()
 }
 
 /// `plan` counted for no one: its limits, to compare with another's.

@@ -269,17 +269,20 @@ pub trait Store: Clone + Send + Sync + 'static {
         let _ = settlement;
     }
 
-    /// A quota's numbers (its limit, offset or creation) are about to
-    /// change from `old`'s while serving (a plan or account replaced);
+    /// A quota's numbers (its limit, offset, creation or period) are about
+    /// to change from `old`'s while serving (a plan or account replaced);
     /// called once for each registered key, `old` naming the key. A usage
     /// report keeps for each past day what remained at its end, under the
-    /// numbers in force at its end, and reports the days from the change
-    /// under the new numbers: a store that writes a day's record only when
-    /// a later day's first change closes it (the memory store) closes the
-    /// day of `old`'s last change now, if it is over, under `old`'s
-    /// numbers, and moves the key's count to today. One that writes each
-    /// day's record as it changes, under the numbers of that moment (the
-    /// Redis store), must keep `old`'s numbers and the day they stopped
+    /// numbers (and period) in force at its end, and reports the days from
+    /// the change under the new numbers, each day of a change as the next
+    /// request found it then: a store that writes a day's record only when
+    /// a later day's first change closes it (the memory store) writes the
+    /// record of the day of `old`'s last change now, if it is over, under
+    /// `old`'s numbers, and keeps it when the next change closes that day
+    /// again; the key's count is not moved, so no decision changes. One
+    /// that writes each day's record as it changes, under the numbers of
+    /// that moment (the Redis store), must keep `old`'s numbers and period
+    /// and the day they stopped
     /// holding, to read the records under the numbers in force at each
     /// day's end: the Redis store logs them once per quota, not per key.
     /// Every store reads a day without a record in its window under the

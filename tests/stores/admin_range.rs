@@ -585,6 +585,159 @@ async fn a_peek_leaves_no_record_of_its_day<B: Backend>(b: &B) {
     assert_eq!(report.items["k"], [[0, 10], [0, 20], [0, 20]]);
 }
 
+/// The plan `p` with a quota of `limit` per `period`, not borrowing.
+fn plan_of(limit: u64, period: Period) -> UsagePlan {
+    UsagePlan::new("p")
+        .quota(Quota::new(limit, period).unwrap())
+        .borrow(false)
+}
+
+/// Key `k`'s `[used, remaining]` on May `d` 2024, as a report reads it now.
+async fn on_may<S: Store>(l: &RateLimitLayer<ApiKeyHeader, S>, d: u8) -> [i64; 2] {
+    let day = Date::new(2024, 5, d).unwrap();
+    l.admin()
+        .usage("p", day, day, Some("k"))
+        .await
+        .unwrap()
+        .items["k"][0]
+}
+
+/// Key `k`'s days from May 1st to May `last` 2024, as a report reads them
+/// now.
+async fn may_until<S: Store>(l: &RateLimitLayer<ApiKeyHeader, S>, last: u8) -> Vec<[i64; 2]> {
+    let (first, last) = (
+        Date::new(2024, 5, 1).unwrap(),
+        Date::new(2024, 5, last).unwrap(),
+    );
+    let report = l.admin().usage("p", first, last, Some("k")).await;
+    report.unwrap().items["k"].clone()
+}
+
+/// Periods put anew days after the key's last request, one after another
+/// with no request between them: each past day reads as a report read it
+/// at its end, under the period and limit then (the day of the last request
+/// under the old period, the days of each change under the new one, the
+/// count carried where the new window holds the last request), and the
+/// next request finds what the last day reported.
+async fn periods_put_anew_between_requests_leave_past_days_as_they_were<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let day = std::time::Duration::from_secs(86_400);
+    // Wednesday 2024-05-01.
+    let l = layer_on(&clock, plan_of(10, Period::Day), b.store(&clock).await);
+    let admin = l.admin();
+    let mut then = Vec::new();
+    l.decide(b"v", 3).await.unwrap();
+    then.push(on_may(&l, 1).await);
+    clock.advance(day);
+    then.push(on_may(&l, 2).await);
+    // Friday the 3rd: a month of 30, which holds the 1st.
+    clock.advance(day);
+    admin.put_plan(plan_of(30, Period::Month)).await.unwrap();
+    then.push(on_may(&l, 3).await);
+    clock.advance(day);
+    then.push(on_may(&l, 4).await);
+    // Sunday the 5th: weeks of 8 from Monday, the first of which holds the
+    // 1st; then on the same day weeks of 9 from Sunday, which do not.
+    clock.advance(day);
+    admin.put_plan(plan_of(8, Period::WEEK)).await.unwrap();
+    assert_eq!(on_may(&l, 5).await, [0, 5]);
+    admin
+        .put_plan(plan_of(9, Period::Week(tollgate::Weekday::Sunday)))
+        .await
+        .unwrap();
+    then.push(on_may(&l, 5).await);
+    clock.advance(day);
+    then.push(on_may(&l, 6).await);
+    assert_eq!(then, [[3, 7], [0, 10], [0, 27], [0, 27], [0, 9], [0, 9]]);
+    assert_eq!(may_until(&l, 6).await, then);
+    // Days later, and after a request (whose week began on the 5th).
+    clock.advance(2 * day);
+    l.decide(b"v", 2).await.unwrap();
+    then.extend([[0, 9], [2, 7]]);
+    assert_eq!(may_until(&l, 8).await, then);
+}
+
+/// Periods and limits put anew between requests and on the days of
+/// requests: each past day reads as a report read it at its end, and what
+/// remains today is what the next request finds.
+async fn periods_put_anew_with_requests_leave_past_days_as_they_were<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let day = std::time::Duration::from_secs(86_400);
+    // Wednesday 2024-05-01.
+    let l = layer_on(&clock, plan_of(10, Period::Day), b.store(&clock).await);
+    let admin = l.admin();
+    let mut then = Vec::new();
+    // The 1st: a week of 20 after the day's first requests.
+    l.decide(b"v", 3).await.unwrap();
+    admin.put_plan(plan_of(20, Period::WEEK)).await.unwrap();
+    l.decide(b"v", 1).await.unwrap();
+    assert_eq!(on_may(&l, 1).await, [4, 16]);
+    then.push(on_may(&l, 1).await);
+    // The 2nd: a month of 30 after a request; the count carries.
+    clock.advance(day);
+    l.decide(b"v", 2).await.unwrap();
+    admin.put_plan(plan_of(30, Period::Month)).await.unwrap();
+    then.push(on_may(&l, 2).await);
+    // The 3rd: a day of 5 before a request.
+    clock.advance(day);
+    admin.put_plan(plan_of(5, Period::Day)).await.unwrap();
+    assert_eq!(on_may(&l, 3).await, [0, 5]);
+    l.decide(b"v", 1).await.unwrap();
+    then.push(on_may(&l, 3).await);
+    // The 4th: a month of 40, which holds the 3rd's request.
+    clock.advance(day);
+    admin.put_plan(plan_of(40, Period::Month)).await.unwrap();
+    then.push(on_may(&l, 4).await);
+    // Monday the 6th: weeks of 12, which begin after it; then 14.
+    clock.advance(2 * day);
+    admin.put_plan(plan_of(12, Period::WEEK)).await.unwrap();
+    admin.put_plan(plan_of(14, Period::WEEK)).await.unwrap();
+    then.push(on_may(&l, 6).await);
+    clock.advance(day);
+    assert_eq!(
+        then,
+        [[4, 16], [2, 24], [1, 4], [0, 39], [0, 14]],
+        "as read on each day"
+    );
+    let mut want = then.clone();
+    // The 5th, as read then: the month of 40.
+    want.insert(4, [0, 39]);
+    want.push([0, 14]);
+    assert_eq!(may_until(&l, 7).await, want);
+    // The next request finds what the 7th reports.
+    l.decide(b"v", 14).await.unwrap();
+    assert!(l.decide(b"v", 1).await.is_err());
+}
+
+/// A limit put anew days after the key's last request, then a period: the
+/// count is carried into a window of the new period only as far as that
+/// window holds the key's last request, not the day of the limit's change
+/// (on every store alike), and the report reads each day as it did then.
+async fn a_period_put_anew_after_a_limit_carries_from_the_last_request<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let day = std::time::Duration::from_secs(86_400);
+    // Wednesday 2024-05-01.
+    let l = layer_on(&clock, plan_of(10, Period::Month), b.store(&clock).await);
+    let admin = l.admin();
+    l.decide(b"v", 3).await.unwrap();
+    // Monday the 20th, then Tuesday the 21st: weeks of 4 from Monday, which
+    // begin after the 1st.
+    clock.advance(19 * day);
+    admin.put_plan(plan_of(20, Period::Month)).await.unwrap();
+    assert_eq!(on_may(&l, 20).await, [0, 17]);
+    clock.advance(day);
+    admin.put_plan(plan_of(4, Period::WEEK)).await.unwrap();
+    assert_eq!(on_may(&l, 21).await, [0, 4]);
+    for _ in 0..4 {
+        l.decide(b"v", 1).await.unwrap();
+    }
+    assert!(l.decide(b"v", 1).await.is_err());
+    let mut want = vec![[3, 7]];
+    want.extend([[0, 7]; 18]);
+    want.extend([[0, 17], [4, 0]]);
+    assert_eq!(may_until(&l, 21).await, want);
+}
+
 on_each_backend!(
     "range":
     update_usage_takes_up_to_2_pow_53_and_refuses_more_before_the_store,
@@ -601,4 +754,7 @@ on_each_backend!(
     limits_put_anew_between_requests_hold_on_later_days,
     a_limit_put_anew_in_a_later_window_holds_from_its_day,
     a_peek_leaves_no_record_of_its_day,
+    periods_put_anew_between_requests_leave_past_days_as_they_were,
+    periods_put_anew_with_requests_leave_past_days_as_they_were,
+    a_period_put_anew_after_a_limit_carries_from_the_last_request,
 );

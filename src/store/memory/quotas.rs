@@ -37,7 +37,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use super::kept::Kept;
 use crate::hash::BuildDigestHasher;
-use crate::quota::{Count, DayRecord, Logged, NO_DAY, QuotaSnapshot, QuotaSpec, report};
+use crate::quota::{
+    Count, DayRecord, Logged, NO_DAY, QuotaSnapshot, QuotaSpec, add_changes, report,
+};
 use crate::store::QuotaRef;
 use crate::sync::Mutex;
 
@@ -147,7 +149,11 @@ struct Slow {
 
 /// Writes the record of a day closed into a counter's `days` (see
 /// [`Slow::days`]), in the place of the day the history's length before it,
-/// which is carried past the history if it is the latest so replaced.
+/// which is carried past the history if it is the latest so replaced. A day
+/// already written keeps its record: the first is written under the
+/// numbers in force at the day's end (a quota about to change closes the
+/// day of the last change at once, [`Counter::close_day`], and the next
+/// change, under the new numbers, closes it again).
 fn put_day(days: &mut [DayRecord], day: DayRecord) {
     let ring = match days.len() {
         1 => 1,
@@ -155,6 +161,9 @@ fn put_day(days: &mut [DayRecord], day: DayRecord) {
     };
     let at = day.day.rem_euclid(ring as i64) as usize;
     let old = days[at];
+    if old.day == day.day {
+        return;
+    }
     if let Some(carried) = (days.get_mut(ring)).filter(|c| old.day != day.day && old.day > c.day) {
         *carried = DayRecord { used: 0, ..old };
     }
@@ -347,7 +356,9 @@ impl Counter {
         })
     }
 
-    /// `[used, remaining]` for each day from `first` to `last`.
+    /// `[used, remaining]` for each day from `first` to `last`: the days
+    /// closed, the day of the last change as it stands (unless closed), and
+    /// the days of the changes logged since ([`add_changes`]).
     fn report(&self, spec: &QuotaSpec, log: &[Logged], first: i64, last: i64) -> Vec<[i64; 2]> {
         let slow = self.slow.lock();
         let count = self.load(&slow);
@@ -355,17 +366,25 @@ impl Counter {
         if let Some(today) = count.today(spec, slow.base) {
             put_day(&mut days, today);
         }
+        days.retain(|r| r.day != NO_DAY.day);
+        add_changes(&mut days, log, spec, last);
         report(spec, &days, log, first, last)
     }
 
-    /// Closes the day of the last change into the history at `now`, if
-    /// that day is over, under `spec`: the numbers it was counted under,
-    /// before they change (see [`Quotas::close_day`]). What a charge at
-    /// `now` would do first, without the charge.
+    /// Writes the record of the day of the last change into the history
+    /// at `now`, if that day is over, under `spec`: the numbers (and
+    /// period) in force at its end, about to change (see
+    /// [`Quotas::close_day`]). The count is not moved: the next change
+    /// finds it where the last one left it, and decides as if no quota had
+    /// changed meanwhile (a count carried into a window of a new period
+    /// holds as far as that window holds the day of its last change).
     fn close_day(&self, spec: &QuotaSpec, now: i64) {
         let mut slow = self.slow.lock();
-        if self.load(&slow).day_over(spec, now) {
-            let _ = self.change_held(&mut slow, now, spec, true, |count| (Some(count), ()));
+        let count = self.load(&slow);
+        if count.day_over(now) {
+            if let Some(day) = count.today(spec, slow.base) {
+                put_day(&mut slow.days, day);
+            }
         }
     }
 
@@ -766,10 +785,11 @@ impl Quotas {
 
     /// Closes the day of the last change of `q` into its history at `now`
     /// (wall nanoseconds), if that day is over, under `q`'s numbers: those
-    /// of a quota about to change. A day is otherwise closed by the next
-    /// change on a later day, under the numbers then, which would rewrite
-    /// what remained at its end. A subject with no counter has no day to
-    /// close.
+    /// of a quota about to change, its period among them. A day is
+    /// otherwise closed by the next change on a later day, under the
+    /// numbers then, which would rewrite what remained at its end. The
+    /// count stays where it is (see [`Counter::close_day`]). A subject with
+    /// no counter has no day to close.
     pub(super) fn close_day(&self, q: &QuotaRef<'_>, now: i64) {
         if let Some(c) = self.map.pin().get(&Self::key(q)) {
             self.counter(c).close_day(q.spec, now);

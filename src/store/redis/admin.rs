@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use super::call::{Call, quota_args};
+use super::call::{Call, period_arg, quota_args};
 use super::decide::Unanswered;
 use super::keys::reset_mark;
 use super::store::Inner;
 use crate::gcra::NANOS_PER_SEC;
-use crate::quota::{DayRecord, Logged, QuotaSpec, in_force};
+use crate::quota::{DayRecord, Logged, QuotaSpec, add_changes, in_force, limit_on};
 use crate::store::{QuotaRef, StoreError, StoreFuture, ThrottleRef};
-use crate::window::{Date, NANOS_PER_DAY, window};
+use crate::window::{Date, NANOS_PER_DAY, Period, Weekday, window};
 
 /// The most (log, day, numbers) an instance remembers having logged before
 /// it forgets them all (see `Inner::requota`): a plan put anew logs each
@@ -87,7 +87,7 @@ impl Inner {
     }
 
     /// [`Store::requota`](crate::store::Store::requota): logs the quota's
-    /// numbers before the change under today, unless a change earlier today
+    /// numbers (its period among them) before the change under today, unless a change earlier today
     /// did (script mode "k"), in the quota's limit log, one for all its
     /// subjects: called for every key of a plan put anew, it is sent once.
     /// In the background; a report this instance reads waits for it. A log
@@ -102,6 +102,7 @@ impl Inner {
             i64::try_from(spec.limit).unwrap_or(i64::MAX),
             i64::try_from(spec.offset).unwrap_or(i64::MAX),
             created,
+            i64::from(crate::quota::period_code(spec.period)),
         ];
         let memo = (key.clone(), day, numbers);
         {
@@ -114,12 +115,15 @@ impl Inner {
             }
             logged.insert(memo.clone());
         }
+        let (period, week_start) = period_arg(spec.period);
         let mut call = Call::new("k", &self.now());
         call.keys.push(key.clone());
         call.arg(spec.limit);
         call.arg(spec.offset);
         call.arg(created);
         call.arg(old.history_days);
+        call.arg(period);
+        call.arg(week_start);
         let unanswered = Unanswered::new(self, vec![key]);
         let task = Arc::clone(self);
         self.spawn(async move {
@@ -275,17 +279,27 @@ fn day_records(fields: &[(String, i64)]) -> Vec<Written> {
 }
 
 /// The entries of a limit log (fields `<day>`, values `"<limit> <offset>
-/// <created_s>"`), by day; `spec` gives what the log does not keep (the
-/// period, the quota's id), which a change logged never differs in.
+/// <created_s> <period> <week_start>"`), by day; `spec` gives what the log
+/// does not keep (the quota's id, which a change logged never differs in;
+/// the period of an entry written without it: taken as now's).
 fn limit_log(fields: &[(String, String)], spec: &QuotaSpec) -> Vec<Logged> {
     let mut log: Vec<Logged> = fields
         .iter()
         .filter_map(|(day, numbers)| {
-            let mut n = numbers.split(' ').map(str::parse::<i64>);
-            let (Some(Ok(limit)), Some(Ok(offset)), Some(Ok(created)), None) =
-                (n.next(), n.next(), n.next(), n.next())
+            let mut n = numbers.split(' ');
+            let mut int = || n.next().map(str::parse::<i64>);
+            let (Some(Ok(limit)), Some(Ok(offset)), Some(Ok(created))) = (int(), int(), int())
             else {
                 return None;
+            };
+            let period = match (n.next(), n.next().map(str::parse::<i64>), n.next()) {
+                (None, None, None) => spec.period,
+                (Some("D"), Some(Ok(0)), None) => Period::Day,
+                (Some("W"), Some(Ok(first @ 0..=6)), None) => {
+                    Period::Week(Weekday::from_days_from_monday(first))
+                }
+                (Some("M"), Some(Ok(0)), None) => Period::Month,
+                _ => return None,
             };
             Some(Logged {
                 day: day.parse().ok()?,
@@ -293,6 +307,7 @@ fn limit_log(fields: &[(String, String)], spec: &QuotaSpec) -> Vec<Logged> {
                     limit: u64::try_from(limit).ok()?,
                     offset: u64::try_from(offset).ok()?,
                     created_at: created.saturating_mul(NANOS_PER_SEC as i64),
+                    period,
                     ..*spec
                 },
             })
@@ -302,18 +317,11 @@ fn limit_log(fields: &[(String, String)], spec: &QuotaSpec) -> Vec<Logged> {
     log
 }
 
-/// The limit of the window holding `day` under `spec`.
-fn limit_on(spec: &QuotaSpec, day: i64) -> i64 {
-    spec.limit_in(window(spec.period, day.saturating_mul(NANOS_PER_DAY)))
-}
-
 /// The day records a report reads, as the memory store closes them: each
-/// written day under the numbers in force at its end (as written, when no
-/// change was logged on or after it), and a record for
+/// written day under the numbers (and period) in force at its end (as
+/// written, when no change was logged on or after it), and a record for
 /// each day a change was logged on after a record and before or on
-/// `today`, without one of its own (nothing used; what remained is the
-/// limit then less the count carried from the record before, or less
-/// nothing when that was in an earlier window).
+/// `today`, without one of its own ([`add_changes`]).
 fn closed(written: Vec<Written>, log: &[Logged], now: &QuotaSpec, today: i64) -> Vec<DayRecord> {
     let mut days: Vec<DayRecord> = written
         .into_iter()
@@ -321,7 +329,10 @@ fn closed(written: Vec<Written>, log: &[Logged], now: &QuotaSpec, today: i64) ->
             let day = w.record.day;
             // A day no logged change came on or after was counted under
             // the numbers now, or under numbers changed without a log (a
-            // restart with another configuration): as written.
+            // restart with another configuration): as written. One a change
+            // came after ended with its count in the window of the period
+            // then that holds it (the count is what remained less the
+            // limit it was written under).
             let logged = log.last().is_some_and(|l| l.day >= day);
             let remaining = match w.limit.filter(|_| logged) {
                 Some(limit) => w
@@ -337,29 +348,6 @@ fn closed(written: Vec<Written>, log: &[Logged], now: &QuotaSpec, today: i64) ->
             }
         })
         .collect();
-    for change in log.iter().filter(|l| l.day <= today) {
-        if days.iter().any(|r| r.day == change.day) {
-            continue;
-        }
-        let Some(before) = days
-            .iter()
-            .filter(|r| r.day < change.day)
-            .max_by_key(|r| r.day)
-            .copied()
-        else {
-            continue;
-        };
-        let w = window(now.period, change.day.saturating_mul(NANOS_PER_DAY));
-        let count = if before.day >= w.start.div_euclid(NANOS_PER_DAY) {
-            limit_on(in_force(log, now, before.day), before.day).saturating_sub(before.remaining)
-        } else {
-            0
-        };
-        days.push(DayRecord {
-            day: change.day,
-            used: 0,
-            remaining: limit_on(in_force(log, now, change.day), change.day).saturating_sub(count),
-        });
-    }
+    add_changes(&mut days, log, now, today);
     days
 }

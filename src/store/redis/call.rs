@@ -576,14 +576,20 @@ pub(super) fn quota_args(call: &mut Call, q: &QuotaRef<'_>) {
     spec_args(call, q.spec);
 }
 
-/// A quota's parameters from its compiled numbers.
-pub(super) fn spec_args(call: &mut Call, spec: &QuotaSpec) {
-    call.arg(spec.limit);
-    let (period, week_start) = match spec.period {
+/// A period as the script takes it: `D`, `W` with the week's first day
+/// (0 for Monday), or `M`.
+pub(super) fn period_arg(period: Period) -> (&'static str, i64) {
+    match period {
         Period::Day => ("D", 0),
         Period::Week(first) => ("W", first.days_from_monday()),
         Period::Month => ("M", 0),
-    };
+    }
+}
+
+/// A quota's parameters from its compiled numbers.
+pub(super) fn spec_args(call: &mut Call, spec: &QuotaSpec) {
+    call.arg(spec.limit);
+    let (period, week_start) = period_arg(spec.period);
     call.arg(period);
     call.arg(week_start);
     call.arg(spec.offset);

@@ -60,8 +60,10 @@
 -- the r: and l: of the latest of them.
 --
 -- Limit log key (one per quota of a plan or an account, not per key):
--- hash {<day> = "<limit> <offset> <created_s>"}, the quota's numbers before
--- they were changed on that UTC day (the first change of the day), written
+-- hash {<day> = "<limit> <offset> <created_s> <period> <week_start>"}, the
+-- quota's numbers before they were changed on that UTC day (the first
+-- change of the day; entries written without the period were written
+-- under the period now), written
 -- by mode "k" when a plan or account is put anew and read by usage reports
 -- only, never by a decision; days older than history_days and a month are
 -- deleted when a day is first written, and the key expires as long after
@@ -189,7 +191,7 @@
 --
 -- "k" log a quota's numbers before a change (Store::requota). KEYS: the
 --   quota's limit log. ARGV: "k", now_s, now_ns, limit, offset, created_s,
---   history_days. Writes the numbers under today's day unless a change
+--   history_days, period, week_start. Writes the numbers under today's day unless a change
 --   earlier today did (what was in force before the day's first change is
 --   what the days before it ended under).
 --   Reply: now_s, now_ns.
@@ -1046,17 +1048,22 @@ end
 -- "k" log a quota's numbers before a change.
 if mode == 'k' then
   run = function(int, clock)
-    if #ARGV ~= 7 or #KEYS ~= 1 then
+    if #ARGV ~= 9 or #KEYS ~= 1 then
       error({ tollgate = 'wrong number of arguments' })
     end
     local limit = int(ARGV[4], 0, 2 ^ 53, 'limit')
     local offset = int(ARGV[5], 0, 2 ^ 53, 'offset')
     local created = int(ARGV[6], 1 - 2 ^ 53, 2 ^ 53 - 1, 'creation time')
     local days = int(ARGV[7], 1, 100000, 'history days')
+    local period = ARGV[8]
+    local week_start = int(ARGV[9], 0, 6, 'week start')
+    if period ~= 'D' and period ~= 'W' and period ~= 'M' then
+      error({ tollgate = 'bad period' })
+    end
     local now_s, now_ns = clock(int)
     local today = (now_s - now_s % 86400) / 86400
     local fmt, key = string.format, KEYS[1]
-    local entry = fmt('%d %d %d', limit, offset, created)
+    local entry = fmt('%d %d %d %s %d', limit, offset, created, period, week_start)
     if redis.call('HSETNX', key, fmt('%d', today), entry) == 1 then
       -- A day no report reads any more (its records are out of the
       -- history and the month kept past it) is dropped, once a day.

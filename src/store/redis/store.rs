@@ -110,7 +110,7 @@ pub(super) struct Inner {
     /// The quota numbers this instance logged before a change, by limit
     /// log, day and numbers (see `Inner::requota`): a plan put anew logs
     /// each quota once, not once per key. Cleared when it grows large.
-    pub(super) logged: crate::sync::Mutex<std::collections::HashSet<(String, i64, [i64; 3])>>,
+    pub(super) logged: crate::sync::Mutex<std::collections::HashSet<(String, i64, [i64; 4])>>,
     /// Failures decided by the local copy: counted and logged.
     pub(super) failures: Failures,
     /// Whether keys, plans and accounts live in Redis too.
