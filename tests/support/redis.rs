@@ -45,7 +45,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// How long a starting server has to answer `PING`.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(5);
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new cluster has to report `cluster_state:ok` on every node.
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Connect, read and write timeout of [`command`].
@@ -376,7 +376,13 @@ impl RedisServer {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(Startup::Failed(format!(
+                // Not ready in time (a loaded machine, or another server on
+                // the port): this one is stopped and another port is tried.
+                if let Some(mut child) = self.child.take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                return Err(Startup::Exited(format!(
                     "redis-server on port {} did not answer PING within {STARTUP_TIMEOUT:?}\n{}",
                     self.port,
                     self.logs()
