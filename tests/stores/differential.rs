@@ -17,7 +17,13 @@
 //! from nothing to past the limit), a reset, disabling and enabling the
 //! key, and moving it to another plan and back; and usage reports (AWS
 //! GetUsage) of the plans and the account, which the memory and Redis stores must answer
-//! alike (the model keeps no history). Plans carry quotas of every
+//! alike (the model keeps no history). With `DIFF_PLAN_CHANGES` set,
+//! calendar and admin sequences put the plan anew with a quota of another
+//! limit and period (DAY, WEEK from any day, MONTH), which a key's count
+//! survives only in the window of the new period holding its last change,
+//! and token sequences with another per-minute budget, on buckets in debt
+//! after settlements too (held responses end before the change: a
+//! settlement across a plan change is kept out). Plans carry quotas of every
 //! period with an AWS `offset`; an account's limits are shared by two keys
 //! and a stage throttle by every caller.
 //!
@@ -210,6 +216,17 @@ fn account_quota(spec: &Spec, limit: u64) -> Option<QuotaSpec> {
     let q = spec.account.and_then(|a| a.1)?;
     Some(QuotaSpec {
         limit: limit.max(q.offset + 1),
+        ..q
+    })
+}
+
+/// The plan's request quota put anew with the limit `limit` (above its
+/// offset) per `period`.
+fn period_quota(spec: &Spec, limit: u64, period: model::Period) -> Option<QuotaSpec> {
+    let q = spec.quota?;
+    Some(QuotaSpec {
+        limit: limit.max(q.offset + 1),
+        period,
         ..q
     })
 }
@@ -675,6 +692,14 @@ enum Op {
         model_quota: u64,
         throttle: Rate,
     },
+    /// Puts plan `"p"` anew with a token budget of this many per minute
+    /// (its `per_day` kept). Held responses end first (here and at
+    /// [`Op::PutPeriod`] on a plan with a token budget): a settlement of a
+    /// reservation made before a plan change is kept out of the sequences.
+    PutBudget { per_minute: u32 },
+    /// Puts plan `"p"` anew with its request quota of this limit (kept
+    /// above its offset) per this period.
+    PutPeriod { limit: u64, period: model::Period },
     /// Puts the account anew with this quota limit (kept above its offset)
     /// and (when it has one) this throttle.
     PutAccount { quota: u64, throttle: Rate },
@@ -785,6 +810,30 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
     if calendar {
         op.push((2, (0..40u8).prop_map(|back| Op::Usage { back }).boxed()));
     }
+    if plan_changes()
+        && (s.kind == Kind::Tokens || (s.kind == Kind::Admin && s.tokens_minute.is_some()))
+    {
+        op.push((
+            2,
+            prop::sample::select(vec![7u32, 30, 90, 100, 1000])
+                .prop_map(|per_minute| Op::PutBudget { per_minute })
+                .boxed(),
+        ));
+    }
+    if plan_changes() && matches!(s.kind, Kind::Calendar | Kind::Admin) {
+        let period = prop_oneof![
+            Just(model::Period::Day),
+            Just(model::Period::Week(0)),
+            (1..7u32).prop_map(model::Period::Week),
+            Just(model::Period::Month),
+        ];
+        op.push((
+            2,
+            (1..=6u64, period)
+                .prop_map(|(limit, period)| Op::PutPeriod { limit, period })
+                .boxed(),
+        ));
+    }
     if s.kind == Kind::Mixed {
         op.push((
             2,
@@ -805,6 +854,14 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
     }
     let op = proptest::strategy::Union::new_weighted(op);
     prop::collection::vec(op, 1..=if calendar { 40 } else { 30 })
+}
+
+/// Whether sequences put the plan anew with another token budget
+/// (`Op::PutBudget`) or quota period (`Op::PutPeriod`): only with
+/// `DIFF_PLAN_CHANGES` set, while the Redis store answers the sequences of
+/// `found::redis_*` (ignored) otherwise than the model and the memory store.
+fn plan_changes() -> bool {
+    std::env::var_os("DIFF_PLAN_CHANGES").is_some()
 }
 
 fn case(kind: Kind, fractional: bool) -> impl Strategy<Value = (Spec, Vec<Op>)> {
@@ -967,6 +1024,10 @@ impl<S: Drain> Side<S> {
                     .put_plan(spec.plan_with(throttle, quota, model_quota))
                     .await
                     .map(|()| None)
+            }
+            // `spec` is the plan as put by this operation.
+            Op::PutBudget { .. } | Op::PutPeriod { .. } => {
+                admin.put_plan(spec.plan()).await.map(|()| None)
             }
             Op::PutAccount { quota, throttle } => {
                 let throttle = spec.account.and_then(|a| a.0).map(|_| throttle);
@@ -1279,6 +1340,8 @@ async fn run(
         }
         None => None,
     };
+    // The spec as the plan was last put (by `Op::PutBudget`, `Op::PutPeriod`).
+    let mut current = spec.clone();
     let mut r = Run {
         model: spec.model(),
         held: Vec::new(),
@@ -1372,8 +1435,23 @@ async fn run(
         | Op::Enable { .. }
         | Op::Move { .. }
         | Op::PutPlan { .. }
+        | Op::PutBudget { .. }
+        | Op::PutPeriod { .. }
         | Op::PutAccount { .. } = *op
         {
+            if matches!(*op, Op::PutBudget { .. } | Op::PutPeriod { .. }) && spec.tokens() {
+                // Every held response ends before the change.
+                while !r.held.is_empty() {
+                    let (res, actual) = r.held.remove(0);
+                    r.model.end(res, actual);
+                    memory.end(0).await;
+                    if let Some(s) = &mut remote {
+                        s.end(0).await;
+                    }
+                    r.log
+                        .push(format!("end held response #0 (actual {actual:?})"));
+                }
+            }
             // What the operation returns: what remains after UpdateUsage
             // (`Err`: the key's plan has no quota), nothing for the others.
             let expected = match *op {
@@ -1404,6 +1482,17 @@ async fn run(
                     r.model.put_quotas(0, Some(quota), Some(model_quota), t);
                     Ok(None)
                 }
+                Op::PutBudget { per_minute } => {
+                    let b = Bucket::per_second("tokens-minute", per_minute, 60, per_minute);
+                    r.model.put_budget(0, &b);
+                    Ok(None)
+                }
+                Op::PutPeriod { limit, period } => {
+                    if let Some(q) = period_quota(spec, limit, period) {
+                        r.model.put_period(0, q.limit, q.period);
+                    }
+                    Ok(None)
+                }
                 Op::PutAccount { quota, throttle: t } => {
                     let t = spec
                         .account
@@ -1415,9 +1504,16 @@ async fn run(
                 }
                 _ => unreachable!(),
             };
-            let mut observed = vec![(memory.name, memory.admin(spec, op).await)];
+            match *op {
+                Op::PutBudget { per_minute } => current.tokens_minute = Some(per_minute),
+                Op::PutPeriod { limit, period } => {
+                    current.quota = period_quota(spec, limit, period);
+                }
+                _ => {}
+            }
+            let mut observed = vec![(memory.name, memory.admin(&current, op).await)];
             if let Some(s) = &mut remote {
-                observed.push((s.name, s.admin(spec, op).await));
+                observed.push((s.name, s.admin(&current, op).await));
             }
             r.log.push(format!("admin {op:?}: model {expected:?}"));
             for (name, o) in &observed {
@@ -1896,6 +1992,128 @@ mod found {
                 http(false),
                 http(true),
                 http(true),
+            ],
+        );
+    }
+
+    /// A request denied by the throttle charges the quota nothing, and
+    /// does not count as the quota's last change either: a week moved to
+    /// start on that day finds the key's count of the day before outside
+    /// it, and starts from 0.
+    #[test]
+    fn a_period_change_after_a_denied_request_starts_afresh() {
+        let spec = Spec {
+            kind: Kind::Calendar,
+            throttle: Some(Rate {
+                num: 1,
+                den: 2,
+                burst: 1,
+            }),
+            other: None,
+            ..admin_spec(
+                QuotaSpec {
+                    limit: 2,
+                    period: model::Period::Week(0),
+                    offset: 0,
+                },
+                86_399,
+            )
+        };
+        let decide = Op::Direct {
+            key: 0,
+            cost: 1,
+            check: false,
+        };
+        on_both(
+            spec,
+            vec![
+                Op::Advance(500_000_000),
+                decide.clone(),
+                // Into Thursday: the throttle denies.
+                Op::Advance(700_000_000),
+                decide.clone(),
+                Op::PutPeriod {
+                    limit: 1,
+                    period: model::Period::Week(3),
+                },
+                Op::Advance(3_000_000_000),
+                decide,
+            ],
+        );
+    }
+
+    /// Known divergence: a quota put anew from WEEK to MONTH, a request
+    /// it denies, the quota put to DAY (a request counted), then to MONTH
+    /// again, all on one day: the memory store (and the model) count the
+    /// one request of the day, the Redis store denies until the month's
+    /// end, as if the denial under the first MONTH still held.
+    #[test]
+    #[ignore = "known divergence of the Redis store"]
+    fn redis_period_changed_back_on_the_day_of_a_denial() {
+        let spec = Spec {
+            kind: Kind::Calendar,
+            other: None,
+            // 2024-05-06, a Monday.
+            ..admin_spec(
+                QuotaSpec {
+                    limit: 2,
+                    period: model::Period::Week(0),
+                    offset: 0,
+                },
+                5 * 86_400,
+            )
+        };
+        let decide = |cost| Op::Direct {
+            key: 0,
+            cost,
+            check: false,
+        };
+        let put = |period| Op::PutPeriod { limit: 2, period };
+        on_both(
+            spec,
+            vec![
+                decide(2),
+                Op::Advance(86_400_000_000_000),
+                put(model::Period::Month),
+                decide(1),
+                put(model::Period::Day),
+                decide(1),
+                put(model::Period::Month),
+                decide(1),
+            ],
+        );
+    }
+
+    /// Known divergence: a budget of 7 tokens a minute put anew at 30 on a
+    /// full bucket; a request of estimate 0 whose response reports 1 token:
+    /// the Redis store loses that settlement (the next request shows 30
+    /// remaining, not 29).
+    #[test]
+    #[ignore = "known divergence of the Redis store"]
+    fn redis_budget_put_anew_loses_a_settlement() {
+        let spec = Spec {
+            kind: Kind::Tokens,
+            quota: None,
+            other: None,
+            tokens_minute: Some(7),
+            ..admin_spec(QuotaSpec::day(1), 86_370)
+        };
+        let http = |estimate, actual| Op::Http {
+            key: 0,
+            on_route: false,
+            estimate,
+            actual,
+            hold: false,
+            model: 0,
+        };
+        on_both(
+            spec,
+            vec![
+                http(1, None),
+                Op::Advance(60_000_000_000),
+                Op::PutBudget { per_minute: 30 },
+                http(0, Some(1)),
+                http(0, None),
             ],
         );
     }

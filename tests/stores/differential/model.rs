@@ -320,7 +320,7 @@ pub struct CalendarQuota {
     /// `created`, the plan's creation.
     pub offset: u64,
     pub created: i128,
-    /// `(window start, used in it)`: used may exceed the limit (a settled
+    /// `(start of the day of the last change, used in its window)`: used may exceed the limit (a settled
     /// debt), or fall below 0 (UpdateUsage raised what remains above the
     /// limit).
     pub used: Option<(i128, i128)>,
@@ -353,15 +353,18 @@ impl CalendarQuota {
         }
     }
 
+    /// The count, if the window of the period in force at `wall` holds the
+    /// day of its last change (a period changed since keeps the count in
+    /// its window holding that day, and starts from 0 in a later one).
     fn used_at(&self, wall: i128) -> i128 {
         match self.used {
-            Some((start, u)) if start == self.window(wall).0 => u,
+            Some((last, u)) if self.window(wall).0 <= last => u,
             _ => 0,
         }
     }
 
     fn set_used(&mut self, wall: i128, used: i128) {
-        self.used = Some((self.window(wall).0, used));
+        self.used = Some((wall.div_euclid(NANOS_PER_DAY) * NANOS_PER_DAY, used));
     }
 
     /// What remains of the window holding `wall` (never below 0).
@@ -812,6 +815,31 @@ impl Model {
             }
             if let (Some(q), Some(l)) = (&mut p.model_quota, model_quota) {
                 q.limit = l;
+            }
+        }
+    }
+
+    /// Plan `plan` is put anew with a token budget of `per_minute`: each
+    /// key's per-minute bucket keeps the share in use (a debt included),
+    /// as a throttle does.
+    pub fn put_budget(&mut self, plan: usize, per_minute: &Bucket) {
+        let now = Q::int(self.now);
+        for k in &mut self.keys {
+            if let Some(b) = k.plans.get_mut(plan).and_then(|p| p.tokens_minute.as_mut()) {
+                b.rescale(now, per_minute);
+            }
+        }
+    }
+
+    /// Plan `plan` is put anew with a request quota of `limit` per
+    /// `period` (its offset kept, counting from the plan's creation): a
+    /// count carries over into the window of the new period that holds
+    /// its last change, a later window starts from 0.
+    pub fn put_period(&mut self, plan: usize, limit: u64, period: Period) {
+        for k in &mut self.keys {
+            if let Some(q) = k.plans.get_mut(plan).and_then(|p| p.quota.as_mut()) {
+                q.limit = limit;
+                q.period = period;
             }
         }
     }
