@@ -858,8 +858,8 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
 
 /// Whether sequences put the plan anew with another token budget
 /// (`Op::PutBudget`) or quota period (`Op::PutPeriod`): only with
-/// `DIFF_PLAN_CHANGES` set, while the Redis store answers the sequences of
-/// `found::redis_*` (ignored) otherwise than the model and the memory store.
+/// `DIFF_PLAN_CHANGES` set, while the stores answer the (ignored) sequences
+/// `found::redis_*` and `found::memory_*` otherwise than the model.
 fn plan_changes() -> bool {
     std::env::var_os("DIFF_PLAN_CHANGES").is_some()
 }
@@ -2114,6 +2114,52 @@ mod found {
                 Op::PutBudget { per_minute: 30 },
                 http(0, Some(1)),
                 http(0, None),
+            ],
+        );
+    }
+
+    /// Known divergence: a request the token budget's `per_day` refuses
+    /// (a cost it can never hold) after the request quota, raised by
+    /// UpdateUsage, was charged and given back: the memory store counts
+    /// that as the quota's last change, so the quota put anew as a DAY
+    /// finds the raise on the new day (1 remaining after a request); the
+    /// Redis store (and the model: a denial changes nothing) start the new
+    /// day from 0.
+    #[test]
+    #[ignore = "known divergence of the memory store"]
+    fn memory_denied_request_carries_a_raise_into_a_new_period() {
+        let spec = Spec {
+            quota: Some(QuotaSpec {
+                limit: 1,
+                period: model::Period::Month,
+                offset: 0,
+            }),
+            tokens_minute: Some(100),
+            tokens_day: Some(43),
+            ..admin_spec(QuotaSpec::day(1), 372_196)
+        };
+        let http = |estimate| Op::Http {
+            key: 0,
+            on_route: false,
+            estimate,
+            actual: None,
+            hold: false,
+            model: 0,
+        };
+        on_both(
+            spec,
+            vec![
+                Op::SetRemaining {
+                    key: 0,
+                    remaining: 2,
+                },
+                Op::Advance(86_400_000_000_000),
+                http(44),
+                Op::PutPeriod {
+                    limit: 1,
+                    period: model::Period::Day,
+                },
+                http(0),
             ],
         );
     }
