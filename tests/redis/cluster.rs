@@ -545,18 +545,29 @@ async fn a_cluster_re_formed_with_its_slots_dealt_anew_is_served_again() {
     assert_ne!(cluster.owner_of(slot), node, "the slot moved");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut passed = 0;
+    let mut failed = 0;
     while passed == 0 {
         match layer.decide(b"vk", 1).await {
             Ok(()) => passed += 1,
             Err(r) => {
                 assert_eq!(r.status().as_u16(), 503, "{r:?}");
+                failed += 1;
                 assert!(tokio::time::Instant::now() < deadline, "never served again");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
     passed += passes(&layer, b"vk", 40).await;
-    assert_eq!(passed, 30, "a new burst on the new cluster");
+    // Never more than a new burst. Less only by what errs toward admitting
+    // less: a call that timed out (503) while the new cluster was forming
+    // may still have run and charged its unit, and the first call on a
+    // connection the re-forming reset is sent once more (`Inner::run`), so
+    // its unit may be charged twice.
+    assert!(passed <= 30, "{passed} passed: more than a new burst");
+    assert!(
+        passed + failed + 1 >= 30,
+        "{passed} passed after {failed} failures: units lost beyond the calls that may have run twice"
+    );
     // The store's failures, and the shared registry's watcher's reads (every
     // 200 ms): each logged once when they start and once when they end.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
