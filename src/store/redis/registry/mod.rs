@@ -406,24 +406,8 @@ impl RedisStore {
     /// read the whole registry later see them.
     async fn import_staged(&self, keys: &[KeyRecord]) -> Result<u64, RegistryError> {
         let inner = &self.inner;
-        let token = format!(
-            "{:016x}{:016x}",
-            inner
-                .members
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            inner.clock.wall_nanos()
-        );
-        let call = |op: &str, more: &[String]| {
-            let mut args = vec![
-                "w".to_owned(),
-                LOG_LEN.to_string(),
-                LARGEST_LOGGED.to_string(),
-                op.to_owned(),
-                token.clone(),
-            ];
-            args.extend_from_slice(more);
-            args
-        };
+        let staged = inner.staged();
+        let call = |op: &str, more: &[String]| staged.args(op, more);
         let ttl = IMPORT_TTL.as_millis().to_string();
         let result = async {
             for part in keys.chunks(IMPORT_PART) {
@@ -628,7 +612,40 @@ impl State {
     }
 }
 
+/// A staged write of the registry (a large import, or the write-back of a
+/// registry Redis lost): its steps' script arguments carry one token.
+struct Staged {
+    token: String,
+}
+
+impl Staged {
+    /// The arguments of step `op`, then `more`.
+    fn args(&self, op: &str, more: &[String]) -> Vec<String> {
+        let mut args = vec![
+            "w".to_owned(),
+            LOG_LEN.to_string(),
+            LARGEST_LOGGED.to_string(),
+            op.to_owned(),
+            self.token.clone(),
+        ];
+        args.extend_from_slice(more);
+        args
+    }
+}
+
 impl Inner {
+    /// A new staged write, its token unique to this instance and moment.
+    fn staged(&self) -> Staged {
+        Staged {
+            token: format!(
+                "{:016x}{:016x}",
+                self.members
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                self.clock.wall_nanos()
+            ),
+        }
+    }
+
     /// The registry's Redis keys, in the script's order.
     fn registry_keys(&self) -> [String; 10] {
         let tag = format!("{{{}:registry}}", self.prefix);
@@ -813,23 +830,8 @@ impl Inner {
         held: &State,
         version: u64,
     ) -> Result<Restore, RegistryError> {
-        let token = format!(
-            "{:016x}{:016x}",
-            self.members
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            self.clock.wall_nanos()
-        );
-        let call = |op: &str, more: &[String]| {
-            let mut args = vec![
-                "w".to_owned(),
-                LOG_LEN.to_string(),
-                LARGEST_LOGGED.to_string(),
-                op.to_owned(),
-                token.clone(),
-            ];
-            args.extend_from_slice(more);
-            args
-        };
+        let staged = self.staged();
+        let call = |op: &str, more: &[String]| staged.args(op, more);
         let ttl = IMPORT_TTL.as_millis().to_string();
         let claim = call("E", std::slice::from_ref(&ttl));
         let reply: Vec<String> = self.within(self.registry_eval(&claim, None)).await?;
