@@ -134,7 +134,8 @@
 --   to no count reset or set after it, and to that day in the history
 --   while it holds it. A throttle's
 --   TAT moves by delta * interval (a refund never below now; a charge may
---   put the bucket in debt, past its span); a quota's count by delta (never
+--   put the bucket in debt, past its span; a key stored under other numbers
+--   is left alone, unless a charge finds its bucket full); a quota's count by delta (never
 --   below 0), except that a refund is not given to a window that began
 --   after the day the tokens were charged, nor to a count reset after the
 --   time they were charged, nor to one made after it (b: the count that
@@ -916,8 +917,12 @@ if mode == 't' or mode == 'g' then
       local interval, tol = unpack(throttles[i])
       local ahead, old, _, _, vs, vns, vt = load(KEYS[i], now_s, now_ns)
       ahead = math.max(ahead or 0, 0)
-      -- A key whose span changed since the decision is left alone.
-      if not old or old == tol then
+      -- A key whose span changed since the decision is left alone, unless
+      -- its bucket is full: a full bucket is full under any numbers (the
+      -- memory store's conversion leaves it so), and a charge on it is the
+      -- same under the new ones (a request estimated at 0, which stores
+      -- nothing, settled after its plan was put anew).
+      if not old or old == tol or (ahead == 0 and delta > 0) then
         local shift = math.min(math.abs(delta) * interval, 2 ^ 53 - 1)
         if delta > 0 then
           store(KEYS[i], math.min(ahead + shift, 2 ^ 53 - 1), tol, vs, vns, vt, now_s, now_ns)
