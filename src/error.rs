@@ -82,16 +82,37 @@ pub enum ConfigError {
     },
 }
 
+/// A rate as a person would write it: `2`, `0.5`, and `1e300` or `1e-12`
+/// for one far from 1, never the hundreds of digits of its decimal
+/// expansion.
+struct Rate(f64);
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.0;
+        if r.is_finite() && r != 0.0 && !(1e-6..1e15).contains(&r.abs()) {
+            write!(f, "{r:e}")
+        } else {
+            write!(f, "{r}")
+        }
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::InvalidRate(r) => {
-                write!(f, "invalid rate {r}: must be a finite number above zero")
+                write!(
+                    f,
+                    "invalid rate {}: must be a finite number above zero",
+                    Rate(*r)
+                )
             }
             ConfigError::ZeroBurst => f.write_str("invalid burst 0: must be at least 1"),
             ConfigError::SpanOutOfRange { rate, burst } => write!(
                 f,
-                "throttle out of range: rate {rate} with burst {burst} (rate at most 1e9/s, burst/rate at most ~146 years)"
+                "throttle out of range: rate {} with burst {burst} (rate at most 1e9/s, burst/rate at most ~146 years)",
+                Rate(*rate)
             ),
             ConfigError::DuplicatePlan(name) => write!(f, "duplicate plan name `{name}`"),
             ConfigError::DuplicateKeyId(id) => write!(f, "duplicate api key id `{id}`"),

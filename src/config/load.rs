@@ -543,6 +543,26 @@ mod tests {
         assert!(!shown.contains("s3cr3t"), "{shown}");
     }
 
+    /// A rate far out of range is named in a few characters, as written,
+    /// not as the hundreds of digits of its decimal expansion.
+    #[test]
+    fn a_rate_far_out_of_range_is_named_in_a_few_characters() {
+        for (rate, shown) in [
+            ("1e300", "1e300"),
+            ("1e-300", "1e-300"),
+            ("-1e300", "-1e300"),
+            ("2e9", "2000000000"),
+            ("1.5e-12", "1.5e-12"),
+        ] {
+            let e = err(&format!(
+                "[[plans]]\nname = \"free\"\nthrottle = {{ rate = {rate}, burst = 5 }}\n"
+            ));
+            assert_eq!((e.line(), e.path()), (3, "plans[0].throttle.rate"), "{e}");
+            assert!(e.message().contains(&format!("rate {shown}")), "{e}");
+            assert!(e.message().len() < 120, "{rate}: {e}");
+        }
+    }
+
     /// serde reports a field missing from a table at the table's header
     /// (or its inline table, or its dotted key): the path names that table,
     /// not the one above it.
