@@ -219,6 +219,23 @@ fn unquoted(e: &serde_json::Error) -> String {
     format!("{prefix}{kind}{after}")
 }
 
+/// The message for a query axum could not read: `needs`, what the route
+/// needs, rather than axum's wording of serde's first complaint; and a
+/// parameter given twice (`key=a&key=b`) is named, since the query has
+/// everything `needs` lists.
+pub(crate) fn query_message(e: &axum::extract::rejection::QueryRejection, needs: &str) -> String {
+    let text = e.body_text();
+    // serde's `duplicate field `key``: the name comes from the route's type.
+    let twice = text
+        .split_once("duplicate field `")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(name, _)| name);
+    match twice {
+        Some(name) => format!("`{name}` given twice; {needs}"),
+        None => needs.to_owned(),
+    }
+}
+
 /// The largest admin request body: a batch of keys to import.
 const ADMIN_BODY_LIMIT: usize = 64 << 20;
 
@@ -235,13 +252,12 @@ async fn usage<S: Store>(
     State(s): State<AdminState<S>>,
     q: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    // axum's message would name serde's first complaint; this one says
-    // what the route needs.
-    let Ok(Query(q)) = q else {
-        return s.error(
-            StatusCode::BAD_REQUEST,
-            "usage needs plan, start and end (YYYY-MM-DD)",
-        );
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            let why = query_message(&e, "usage needs plan, start and end (YYYY-MM-DD)");
+            return s.error(StatusCode::BAD_REQUEST, &why);
+        }
     };
     let (Some(start), Some(end)) = (Date::parse(&q.start), Date::parse(&q.end)) else {
         return s.error(

@@ -243,13 +243,12 @@ async fn account_usage<S: Store>(
     Styled(Path(name)): Styled<Path<String>>,
     q: Result<Query<RangeQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    // axum's message would name serde's first complaint; this one says
-    // what the route needs.
-    let Ok(Query(q)) = q else {
-        return s.error(
-            StatusCode::BAD_REQUEST,
-            "usage needs start and end (YYYY-MM-DD)",
-        );
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            let why = crate::admin::query_message(&e, "usage needs start and end (YYYY-MM-DD)");
+            return s.error(StatusCode::BAD_REQUEST, &why);
+        }
     };
     let (Some(start), Some(end)) = (Date::parse(&q.start), Date::parse(&q.end)) else {
         return s.error(

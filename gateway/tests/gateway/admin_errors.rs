@@ -369,3 +369,38 @@ async fn a_body_that_does_not_parse_never_hands_a_key_value_back() {
         }
     }
 }
+
+/// A usage query that names a parameter twice is told so: it has its plan,
+/// start and end, and an answer saying it needs them sends its author
+/// looking for what is there. One that lacks one is told what it needs.
+#[tokio::test]
+async fn a_usage_query_with_a_parameter_given_twice_says_so() {
+    let (base, _stop) = serve("aws").await;
+    for (path, says) in [
+        (
+            "/admin/usage?plan=tiny&start=2024-05-06&end=2024-05-06&key=t-1&key=t-2",
+            "`key` given twice",
+        ),
+        (
+            "/admin/usage?plan=tiny&plan=tiny&start=2024-05-06&end=2024-05-06",
+            "`plan` given twice",
+        ),
+        (
+            "/admin/accounts/acme/usage?start=2024-05-06&end=2024-05-06&end=2024-05-07",
+            "`end` given twice",
+        ),
+        (
+            "/admin/usage?plan=tiny&start=2024-05-06",
+            "usage needs plan, start and end",
+        ),
+        (
+            "/admin/accounts/acme/usage?start=2024-05-06",
+            "usage needs start and end",
+        ),
+    ] {
+        let (status, _, answer) = send(&base, &case(Method::GET, path, "", 400)).await;
+        assert_eq!(status, 400, "{path}: {answer}");
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{path}: {answer}");
+    }
+}
