@@ -10,6 +10,8 @@
 //! name = "free"                                     # required
 //! throttle = { rate = 2.0, burst = 5 }              # requests/s, bucket size
 //! quota = { limit = 1000, period = "DAY" }          # DAY | WEEK | MONTH; optional offset, created, week_start
+//! # A WEEK quota starts on Monday, or on `week_start`: "MONDAY" … "SUNDAY",
+//! # in capitals as the period (only a WEEK quota takes one).
 //! tokens = { per_minute = 40000 }                   # token budget (cost units); also per_day, per_month
 //! concurrency = 2                                   # in-flight cap per key
 //! failure = "local"                                 # local (default) | open | closed (store failures)
