@@ -392,6 +392,34 @@ def litellm_rate_limited():
     raise AssertionError(f"{served} requests in a row were served on the free plan")
 
 
+def prometheus_metrics():
+    """`GET /metrics`, after the checks above, is Prometheus text that
+    Prometheus's own Python parser reads: the decision counter, with every
+    label on every series, the refusals of a bad key counted, and no key
+    (value or id) in any label."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(BASE + "/metrics", timeout=10) as res:
+        eq(res.status, 200, "status")
+        check(res.headers["content-type"].startswith("text/plain"), "content-type")
+        text = res.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    decisions = families.get("tollgate_decisions")
+    check(decisions is not None, f"tollgate_decisions_total in:\n{text}")
+    eq(decisions.type, "counter", "type")
+    labels = {"plan", "route", "outcome", "reason", "limit"}
+    outcomes = set()
+    for sample in decisions.samples:
+        eq(set(sample.labels), labels, f"labels of {sample}")
+        outcomes.add((sample.labels["outcome"], sample.labels["reason"]))
+        for value in sample.labels.values():
+            for key in (PRO_KEY, FREE_KEY, LITELLM_KEY, LITELLM_FREE_KEY, UPSTREAM_KEY):
+                check(key not in value, f"a key in {sample}")
+    for seen in [("allowed", ""), ("rejected", "limited"), ("rejected", "unknown_key")]:
+        check(seen in outcomes, f"{seen} counted in:\n{text}")
+    return 0
+
+
 CHECKS = [
     openai_completion,
     openai_completion_stop,
@@ -412,6 +440,7 @@ CHECKS = [
     litellm_async_stream_include_usage,
     litellm_bad_key,
     litellm_rate_limited,
+    prometheus_metrics,
 ]
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The gateway's mock and upstream modes checked with real clients: the
-# official `openai` Python package and LiteLLM (scripts/real_clients.py says
-# what is checked).
+# official `openai` Python package and LiteLLM, and `GET /metrics` read by
+# Prometheus's Python parser (scripts/real_clients.py says what is checked).
 #
 #   bash scripts/real_clients.sh
 #
@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The major versions these checks were verified with.
-REQUIREMENTS=("openai>=3,<4" "litellm>=1.110,<2")
+REQUIREMENTS=("openai>=3,<4" "litellm>=1.110,<2" "prometheus_client>=0.20,<1")
 
 # Nothing reaches the network from LiteLLM: its bundled price list, no
 # telemetry, no hub look-ups.
