@@ -34,7 +34,8 @@
 //! 100,000.
 //!
 //! - `GET /metrics`: the decision counters (`tollgate_decisions_total`) in
-//!   Prometheus text, never limited
+//!   Prometheus text, never limited; requests to the limited routes only
+//!   (a read of `GET /v1/usage`, whatever key it sends, is no decision)
 //! - `GET /v1/usage`: the caller's own plan and how each of its limits
 //!   stands (name, family, size, window, remaining, reset), for the key it
 //!   sends (without one, under `[anonymous] mode = "ip"`, for its address);

@@ -26,7 +26,7 @@ use crate::cli::{DEFAULT_LOG, Parsed, USAGE, parse_args};
 use crate::dashboard::Dashboard;
 use crate::idle::{Activity, Guarded, IdleTimeoutBody, Stall, Watched};
 use crate::mock::{self, MockEstimator};
-use crate::traffic::Both;
+use crate::traffic::{Both, Requests};
 use crate::upstream::{self, Upstream, UpstreamEstimator};
 
 /// The embedded demo configuration (`gateway/demo.toml`).
@@ -72,7 +72,10 @@ pub fn app_with_limits<S: Store>(
         .max_retry(config.max_retry())
         .headers(HeaderStyle::ietf().openai(true))
         .body_timeout(limits.body_deadline.min(NEVER))
-        .observer(Both(MetricsObserver::new(), dashboard.traffic().clone()));
+        .observer(Both(
+            Requests(MetricsObserver::new()),
+            dashboard.traffic().clone(),
+        ));
     Ok(match upstream {
         None => {
             let layer = builder

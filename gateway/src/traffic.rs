@@ -228,6 +228,20 @@ impl Observer for Traffic {
     }
 }
 
+/// An observer told only of the decisions about requests: the layer also
+/// tells of a key it refuses while peeking without one (`GET /v1/usage`
+/// with an unknown or disabled key), which is no decision.
+#[derive(Debug, Clone)]
+pub(crate) struct Requests<O>(pub(crate) O);
+
+impl<O: Observer> Observer for Requests<O> {
+    fn on_decision(&self, event: &DecisionEvent<'_>) {
+        if event.method().is_some() {
+            self.0.on_decision(event);
+        }
+    }
+}
+
 /// Two observers, called one after the other.
 #[derive(Debug, Clone)]
 pub(crate) struct Both<A, B>(pub(crate) A, pub(crate) B);

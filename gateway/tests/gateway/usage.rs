@@ -9,6 +9,8 @@ use serde_json::Value;
 use tollgate::config::Config;
 use tollgate::{Date, ManualClock, MemoryStore};
 
+use crate::support::process::ServerProcess;
+
 const CONFIG: &str = r#"
 [[plans]]
 name = "free"
@@ -342,4 +344,82 @@ style = "openai"
         assert_eq!(status, 400, "{query}: {body}");
         assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     }
+}
+
+/// The `tollgate_decisions_total` series of a key refused for `reason`, in
+/// the Prometheus text `text`: (labels, count) of each.
+fn refusals<'t>(text: &'t str, reason: &str) -> Vec<(&'t str, f64)> {
+    let reason = format!(r#"reason="{reason}""#);
+    text.lines()
+        .filter(|l| l.starts_with("tollgate_decisions_total{") && l.contains(&reason))
+        .filter_map(|l| {
+            let (labels, n) = l.rsplit_once(' ')?;
+            Some((labels, n.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Reading `GET /v1/usage` is no decision, whatever key it is read with:
+/// `GET /metrics` counts none for it, as for a usable key. A read with an
+/// unknown or disabled key was counted as a refused request (under
+/// `route=""`), while one without a key, or with a usable one, was not.
+/// The gateway's binary, so that its metrics are its own.
+#[tokio::test]
+async fn reading_usage_with_a_refused_key_is_not_counted_as_a_decision() {
+    let dir = std::env::temp_dir().join(format!("tollgate-usage-metrics-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("gateway.toml");
+    let disabled =
+        "\n[[keys]]\nid = \"off-1\"\nvalue = \"off-secret\"\nplan = \"free\"\nenabled = false\n";
+    std::fs::write(&config, format!("{CONFIG}{disabled}")).unwrap();
+    let server = ServerProcess::start(&["--config", config.to_str().unwrap()]);
+    let client = reqwest::Client::new();
+    for key in ["nobody", "off-secret", "free-secret"] {
+        let res = client
+            .get(server.url("/v1/usage"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        let want = if key == "free-secret" { 200 } else { 401 };
+        assert_eq!(res.status(), want, "{key}");
+    }
+    let text = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(refusals(&text, "unknown_key"), [], "{text}");
+    assert_eq!(refusals(&text, "disabled_key"), [], "{text}");
+    assert!(!text.contains("tollgate_decisions_total{"), "{text}");
+    // A request to a limited route with the same keys is counted.
+    for key in ["nobody", "off-secret"] {
+        let res = client
+            .get(server.url("/v1/models"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401, "{key}");
+    }
+    let text = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let route = r#"route="/v1/models""#;
+    for reason in ["unknown_key", "disabled_key"] {
+        let counted = refusals(&text, reason);
+        assert_eq!(counted.len(), 1, "{reason}: {text}");
+        assert!(counted[0].0.contains(route), "{reason}: {text}");
+        assert_eq!(counted[0].1, 1.0, "{reason}: {text}");
+    }
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
