@@ -53,7 +53,8 @@ const MAX_EVENT: usize = 1024 * 1024;
 ///   chunk, which the gateway asks for (`stream_options.include_usage`) when
 ///   the client did not (turning vLLM's `continuous_usage_stats`, which
 ///   it reads only beside it, off), and then removes from what the client
-///   sees. A stream that ends without one (the client left, before the
+///   sees, with the `"usage": null` the backend then puts on every other
+///   chunk. A stream that ends without one (the client left, before the
 ///   backend's first byte too, the backend failed or ignores
 ///   `include_usage`) is charged its prompt as the layer estimated it
 ///   plus one token for each chunk that carried generated output (text,
@@ -879,7 +880,7 @@ impl Relay {
                 while let Some(len) = event_end(&buf[start..], from - start, false) {
                     let event = &buf[start..start + len];
                     if read_event(event, self.usage.as_ref(), *strip_usage, reported) {
-                        out.extend_from_slice(event);
+                        pass_event(&mut out, event, *strip_usage);
                     }
                     start += len;
                     from = start;
@@ -934,7 +935,7 @@ impl Relay {
                 while let Some(len) = event_end(&buf[start..], 0, true) {
                     let event = &buf[start..start + len];
                     if read_event(event, self.usage.as_ref(), *strip_usage, reported) {
-                        out.extend_from_slice(event);
+                        pass_event(&mut out, event, *strip_usage);
                     }
                     start += len;
                 }
@@ -977,6 +978,52 @@ fn event_end(b: &[u8], from: usize, at_end: bool) -> Option<usize> {
         }
         i += len;
         ended = Some(i);
+    }
+    None
+}
+
+/// Appends `event` to `out`; with `strip_usage` (the client did not ask for
+/// the usage), without the `"usage": null` that a backend asked for the
+/// usage chunk puts on every other chunk, as OpenAI's API does: the client
+/// gets the chunks it would have got from the backend directly.
+fn pass_event(out: &mut Vec<u8>, event: &[u8], strip_usage: bool) {
+    match null_usage(event).filter(|_| strip_usage) {
+        Some(span) => {
+            out.extend_from_slice(&event[..span.start]);
+            out.extend_from_slice(&event[span.end..]);
+        }
+        None => out.extend_from_slice(event),
+    }
+}
+
+/// The bytes of the first member `"usage": null` in `event`, one comma
+/// beside it included, so that what is left is the same JSON without it.
+/// A `"usage"` inside a string is never one: a string's quotes are escaped.
+fn null_usage(event: &[u8]) -> Option<std::ops::Range<usize>> {
+    const KEY: &[u8] = b"\"usage\"";
+    let space = |b: &u8| b.is_ascii_whitespace();
+    let mut from = 0;
+    while let Some(at) = event[from..].windows(KEY.len()).position(|w| w == KEY) {
+        let key = from + at;
+        from = key + KEY.len();
+        // `: null`, spaced or not.
+        let rest = &event[from..];
+        let colon = rest.iter().position(|b| !space(b))?;
+        if rest[colon] != b':' {
+            continue;
+        }
+        let value = colon + 1 + rest[colon + 1..].iter().position(|b| !space(b))?;
+        if !rest[value..].starts_with(b"null") {
+            continue;
+        }
+        let end = from + value + 4;
+        // The comma after it, else the one before it.
+        let after = event[end..].iter().position(|b| !space(b)).map(|i| end + i);
+        if let Some(comma) = after.filter(|&i| event[i] == b',') {
+            return Some(key..comma + 1);
+        }
+        let before = event[..key].iter().rposition(|b| !space(b))?;
+        return (event[before] == b',').then_some(before..end);
     }
     None
 }
@@ -1445,6 +1492,33 @@ mod tests {
             usage_in_tail(br#""usage" : {"total_tokens": 7} }"#),
             Some(7)
         );
+    }
+
+    #[test]
+    fn a_null_usage_is_cut_with_one_comma_beside_it() {
+        let cut = |e: &str| {
+            let mut out = Vec::new();
+            pass_event(&mut out, e.as_bytes(), true);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(cut(r#"data: {"a":1,"usage":null}"#), r#"data: {"a":1}"#);
+        assert_eq!(cut(r#"data: {"usage":null,"a":1}"#), r#"data: {"a":1}"#);
+        assert_eq!(
+            cut(r#"data: {"a": "usage", "usage" : null , "b": 2}"#),
+            r#"data: {"a": "usage",  "b": 2}"#
+        );
+        // Not a null usage, or a string.
+        for kept in [
+            r#"data: {"a":1,"usage":{"total_tokens":3}}"#,
+            r#"data: {"a":"\"usage\":null"}"#,
+            r#"data: {"usage":null}"#,
+            "data: [DONE]",
+        ] {
+            assert_eq!(cut(kept), kept);
+        }
+        let mut out = Vec::new();
+        pass_event(&mut out, br#"{"a":1,"usage":null}"#, false);
+        assert_eq!(out, br#"{"a":1,"usage":null}"#);
     }
 
     #[test]

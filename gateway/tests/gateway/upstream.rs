@@ -272,6 +272,72 @@ async fn a_stream_ends_without_the_usage_chunk_the_client_did_not_ask_for() {
     assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "0");
 }
 
+/// A backend asked for the usage chunk puts `"usage": null` on every other
+/// chunk, as OpenAI's API does: a client that did not ask for the usage
+/// gets chunks without it, as from the backend directly, whatever the
+/// backend's spacing. They passed with `"usage":null`, which a client that
+/// looks for the key (a field it never asked for) took for a usage.
+#[tokio::test]
+async fn a_stream_the_client_did_not_ask_the_usage_of_has_no_usage_field() {
+    // The mock's compact JSON, and a backend spacing it as Python does.
+    let spaced = Router::new().route(
+        "/v1/chat/completions",
+        post(|axum::Json(req): axum::Json<Value>| async move {
+            let asked = req["stream_options"]["include_usage"] == true;
+            let usage = if asked { "\"usage\": null" } else { "\"x\": 1" };
+            let mut text = String::new();
+            text.push_str(&format!(
+                "data: {{\"object\": \"chat.completion.chunk\", {usage}, \"choices\": [{{\"index\": 0, \"delta\": {{\"content\": \"usage\"}}}}]}}\n\n"
+            ));
+            text.push_str(&format!(
+                "data: {{{usage} , \"choices\": [{{\"index\": 0, \"delta\": {{}}, \"finish_reason\": \"stop\"}}]}}\n\n"
+            ));
+            if asked {
+                text.push_str("data: {\"choices\": [], \"usage\": {\"prompt_tokens\": 3, \"completion_tokens\": 1, \"total_tokens\": 4}}\n\n");
+            }
+            text.push_str("data: [DONE]\n\n");
+            ([("content-type", "text/event-stream")], text)
+        }),
+    );
+    let (spaced, _stop_spaced) = serve(spaced).await;
+    let (s, _backend, _stop) = pair().await;
+    let spaced = front(Upstream::new(&spaced).unwrap()).await;
+    let chat = json!({
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+        "stream": true, "mock_token_ms": 0,
+    });
+    for (front, chunks) in [(&s, 5), (&spaced, 2)] {
+        let res = front.post("/v1/chat/completions", &chat).await;
+        assert_eq!(res.status(), 200);
+        let text = res.text().await.unwrap();
+        let events = events(&text);
+        assert_eq!(events.len(), chunks + 1, "{text}");
+        assert_eq!(events.last().unwrap(), "[DONE]");
+        for event in &events[..chunks] {
+            let chunk: Value =
+                serde_json::from_str(event).unwrap_or_else(|e| panic!("{e}: {event}"));
+            assert!(chunk.get("usage").is_none(), "{text}");
+            assert_eq!(chunk["choices"].as_array().unwrap().len(), 1, "{text}");
+        }
+    }
+    // A client that asked for it gets `"usage": null` on every chunk, and
+    // the usage chunk, as the backend sent them.
+    let mut asked = chat.clone();
+    asked["stream_options"] = json!({"include_usage": true});
+    let text = s
+        .post("/v1/chat/completions", &asked)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let events = events(&text);
+    assert_eq!(events.len(), 7, "{text}");
+    for event in &events[..5] {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        assert_eq!(chunk.get("usage"), Some(&Value::Null), "{text}");
+    }
+}
+
 /// vLLM's `stream_options.continuous_usage_stats` puts a usage on every
 /// chunk, but only beside `include_usage`: a client that asks for it alone
 /// gets no usage from vLLM, and none through the gateway either, which
