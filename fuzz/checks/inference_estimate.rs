@@ -16,8 +16,8 @@ use super::estimate::{Job, MAX_CHOICES, MAX_TOKEN_MS, MAX_TOKENS_CAP};
 const MAX_BODY: usize = 1 << 20;
 
 /// Checks that an accepted body is estimated as documented,
-/// `ceil(prompt_chars / 4) + max_tokens × n`, within the caps, and never
-/// more than the body's size can account for.
+/// `ceil(prompt_chars / 4) + token_ids + max_tokens × choices`, within the
+/// caps, and never more than the body's size can account for.
 pub(crate) fn check(data: &[u8]) {
     let Some((&flags, body)) = data.split_first() else {
         return;
@@ -52,38 +52,64 @@ pub(crate) fn check(data: &[u8]) {
         .saturating_add(u64::from(job.max_tokens) * u64::from(job.choices))
         .min(u64::from(u32::MAX));
     assert_eq!(u64::from(job.estimate()), expected);
-    // A prompt character takes at least one byte of body: a client cannot
-    // make the estimate exceed what its body holds.
+    // A prompt character takes at least one byte of body (a quarter of a
+    // token), a token id at least two (a digit and a comma or bracket): a
+    // client cannot make the estimate exceed what its body holds.
     assert!(
-        u64::from(job.estimate()) <= (body.len() as u64).div_ceil(4) + u64::from(MAX_TOKENS_CAP)
+        u64::from(job.estimate()) <= (body.len() as u64).div_ceil(2) + u64::from(MAX_TOKENS_CAP)
     );
 }
 
 /// Checks the job against the prompt and `max_tokens` that `value` holds.
 fn agrees_with_plain_json(job: &Job, chat: bool, value: &Value) {
-    let chars = if chat {
-        value["messages"]
+    let (chars, ids, prompts) = if chat {
+        let chars = value["messages"]
             .as_array()
             .expect("a chat body has messages")
             .iter()
             .map(|m| content_chars(&m["content"]))
-            .sum::<usize>()
+            .sum::<usize>();
+        (chars, 0, 1)
     } else {
-        value["prompt"]
-            .as_str()
-            .expect("a completion body has a prompt")
-            .chars()
-            .count()
+        prompt_size(&value["prompt"])
     };
     let max_tokens = value
         .get("max_completion_tokens")
         .and_then(Value::as_u64)
         .or_else(|| value.get("max_tokens").and_then(Value::as_u64))
         .unwrap_or(16);
-    assert_eq!(job.prompt_tokens, (chars as u64).div_ceil(4));
+    assert_eq!(job.prompt_tokens, (chars as u64).div_ceil(4) + ids);
     assert_eq!(u64::from(job.max_tokens), max_tokens);
     let n = value.get("n").and_then(Value::as_u64).unwrap_or(1);
-    assert_eq!(u64::from(job.choices), n);
+    assert_eq!(u64::from(job.choices), n * prompts);
+}
+
+/// A completion's `prompt`: its characters, its token ids, and how many
+/// prompts it is (a string or token ids: one; strings or lists of token
+/// ids: each one).
+fn prompt_size(prompt: &Value) -> (usize, u64, u64) {
+    match prompt {
+        Value::String(s) => (s.chars().count(), 0, 1),
+        Value::Array(items) if items.iter().all(Value::is_string) => (
+            items
+                .iter()
+                .filter_map(Value::as_str)
+                .map(|s| s.chars().count())
+                .sum(),
+            0,
+            items.len() as u64,
+        ),
+        Value::Array(items) if items.iter().all(Value::is_u64) => (0, items.len() as u64, 1),
+        Value::Array(lists) => (
+            0,
+            lists
+                .iter()
+                .map(|l| l.as_array().expect("a list of token id lists").len() as u64)
+                .sum(),
+            lists.len() as u64,
+        ),
+        other => panic!("a completion's prompt is text, texts or token ids, not {other}"),
+    }
 }
 
 /// The characters of a chat message's `content`: a string's, the text parts'

@@ -12,7 +12,11 @@
 //! In mock mode (the default) it serves a mock OpenAI-style inference API
 //! behind tollgate:
 //!
-//! - `POST /v1/completions` with `{"model":"m","prompt":"…","max_tokens":N,"stream":false}`
+//! - `POST /v1/completions` with `{"model":"m","prompt":"…","max_tokens":N,"stream":false}`;
+//!   `prompt` may also be strings, token ids or lists of token ids, as
+//!   OpenAI takes it: each prompt of several is answered `n` times
+//!   (choices `0..n` the first's, `n..2n` the second's), and each token id
+//!   counts one prompt token
 //! - `POST /v1/chat/completions` with `"messages":[{"role":"user","content":"…"}]` instead of `prompt`
 //! - `GET /v1/models`: the models the config's plans name (`mock` when none)
 //! - `GET /v1/models/{model}`: one of them (a name with `/` in it too), or

@@ -11,16 +11,45 @@ use tollgate::TokenUsage;
 /// Limits on what one mock request may ask for, so that a request cannot make
 /// the mock work for minutes.
 pub(crate) const MAX_TOKENS_CAP: u32 = 100_000;
-/// The most choices one request may ask for (OpenAI's bound on `n`).
+/// The most choices one request may ask for (OpenAI's bound on `n`), over
+/// all its prompts: `n` times the number of prompts of a completion given
+/// several.
 pub(crate) const MAX_CHOICES: u32 = 128;
 pub(crate) const MAX_TOKEN_MS: u64 = 10_000;
 
 #[derive(Deserialize)]
 struct CompletionRequest {
     model: String,
-    prompt: String,
+    prompt: Prompt,
     #[serde(flatten)]
     common: Common,
+}
+
+/// A completion's `prompt`, in the shapes OpenAI's completions take it.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    /// One prompt.
+    Text(String),
+    /// Several prompts, each answered `n` times.
+    Texts(Vec<String>),
+    /// One prompt of token ids, one token each.
+    Ids(Vec<u32>),
+    /// Several prompts of token ids.
+    IdLists(Vec<Vec<u32>>),
+}
+
+impl Prompt {
+    /// The prompt's characters, its token ids, and how many prompts it is
+    /// (each answered `n` times).
+    fn size(&self) -> (usize, u64, usize) {
+        match self {
+            Prompt::Text(t) => (t.chars().count(), 0, 1),
+            Prompt::Texts(ts) => (ts.iter().map(|t| t.chars().count()).sum(), 0, ts.len()),
+            Prompt::Ids(ids) => (0, ids.len() as u64, 1),
+            Prompt::IdLists(lists) => (0, lists.iter().map(|l| l.len() as u64).sum(), lists.len()),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -107,7 +136,9 @@ pub(crate) struct Job {
     pub(crate) max_tokens: u32,
     /// Tokens of each choice.
     pub(crate) completion_tokens: u32,
-    /// Choices generated (`n`): each has `completion_tokens`.
+    /// Choices generated, each with `completion_tokens`: `n` for each
+    /// prompt (a completion may give several), choice `prompt × n + j`
+    /// answering prompt `prompt`, as OpenAI numbers them.
     pub(crate) choices: u32,
     pub(crate) token_ms: u64,
     pub(crate) stream: bool,
@@ -126,15 +157,15 @@ impl Job {
         if chat {
             let req: ChatRequest = serde_json::from_slice(body).map_err(bad)?;
             let chars = req.messages.iter().map(Message::chars).sum();
-            Job::new(true, req.model, chars, &req.common)
+            Job::new(true, req.model, (chars, 0, 1), &req.common)
         } else {
             let req: CompletionRequest = serde_json::from_slice(body).map_err(bad)?;
-            Job::new(false, req.model, req.prompt.chars().count(), &req.common)
+            Job::new(false, req.model, req.prompt.size(), &req.common)
         }
     }
 
     /// Tokens reserved before the call:
-    /// `ceil(prompt_chars / 4) + max_tokens × n`.
+    /// `ceil(prompt_chars / 4) + token_ids + max_tokens × choices`.
     #[allow(dead_code)]
     pub(crate) fn estimate(&self) -> u32 {
         u32::try_from(self.prompt_tokens)
@@ -142,20 +173,37 @@ impl Job {
             .saturating_add(self.max_tokens.saturating_mul(self.choices))
     }
 
-    fn new(chat: bool, model: String, prompt_chars: usize, c: &Common) -> Result<Job, String> {
+    /// The job of a request whose prompt has `chars` characters, `ids`
+    /// token ids, and is `prompts` prompts.
+    fn new(
+        chat: bool,
+        model: String,
+        (chars, ids, prompts): (usize, u64, usize),
+        c: &Common,
+    ) -> Result<Job, String> {
         let max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(16);
         let completion_tokens = c.mock_completion_tokens.unwrap_or(max_tokens);
-        let choices = c.n.unwrap_or(1);
-        if !(1..=MAX_CHOICES).contains(&choices) {
+        let n = c.n.unwrap_or(1);
+        if !(1..=MAX_CHOICES).contains(&n) {
             return Err(format!("n must be from 1 to {MAX_CHOICES}"));
         }
+        if prompts == 0 {
+            return Err("prompt must not be an empty list".to_owned());
+        }
+        let choices = u32::try_from(prompts)
+            .ok()
+            .and_then(|p| p.checked_mul(n))
+            .filter(|&c| c <= MAX_CHOICES)
+            .ok_or_else(|| {
+                format!("n times the number of prompts must be at most {MAX_CHOICES}")
+            })?;
         // Every choice may take `max_tokens`: what the answer may cost stays
-        // within the cap whatever `n`.
+        // within the cap whatever `n` and however many prompts.
         if max_tokens.saturating_mul(choices) > MAX_TOKENS_CAP
             || completion_tokens.saturating_mul(choices) > MAX_TOKENS_CAP
         {
             return Err(format!(
-                "max_tokens and mock_completion_tokens, times n, must be at most {MAX_TOKENS_CAP}"
+                "max_tokens and mock_completion_tokens, times n (for each prompt), must be at most {MAX_TOKENS_CAP}"
             ));
         }
         let token_ms = c.mock_token_ms.unwrap_or(5);
@@ -165,7 +213,7 @@ impl Job {
         Ok(Job {
             chat,
             model,
-            prompt_tokens: (prompt_chars as u64).div_ceil(4),
+            prompt_tokens: (chars as u64).div_ceil(4) + ids,
             max_tokens,
             completion_tokens,
             choices,

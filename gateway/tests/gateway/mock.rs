@@ -1597,3 +1597,83 @@ async fn a_dropped_stream_settles_the_tokens_it_produced() {
     assert_eq!(s.until("big-key", 951, 429).await.status(), 429);
     assert_eq!(s.tokens("big-key", 950, Some(0)).await.status(), 200);
 }
+
+/// A plan with a token budget of 1000 a minute and room for many requests.
+const PROMPTS_CONFIG: &str = r#"
+[[plans]]
+name = "llm"
+throttle = { rate = 100.0, burst = 100 }
+tokens = { per_minute = 1000 }
+
+[[keys]]
+id = "k"
+value = "prompts-key"
+plan = "llm"
+
+[response]
+style = "openai"
+"#;
+
+/// A completion's `prompt` in every shape OpenAI's completions take: a
+/// string, strings, token ids, lists of token ids. Each prompt is answered
+/// `n` times (choice `index` = prompt × n + j), the usage counts the
+/// prompt's characters (`ceil(chars / 4)`, all together) and its token ids
+/// (one each), and the estimate charged before the call is that prompt plus
+/// `max_tokens` for every choice.
+#[tokio::test]
+async fn a_completions_prompt_in_every_openai_shape_is_answered_and_counted() {
+    let s = start(PROMPTS_CONFIG).await;
+    // (prompt, n, choices, prompt tokens); max_tokens 2, produced 1.
+    let cases = [
+        (json!("abcdefgh"), 1, 1, 2),
+        (json!(["abcd", "éfgh", "i"]), 1, 3, 3),
+        (json!(["abcd", "efgh"]), 2, 4, 2),
+        (json!([1, 2, 3]), 2, 2, 3),
+        (json!([[1, 2], [3], []]), 1, 3, 3),
+        (json!([[1, 2], [3]]), 3, 6, 3),
+    ];
+    let mut used = 0;
+    for (prompt, n, choices, prompt_tokens) in cases {
+        let body = json!({"model": "m", "prompt": prompt, "max_tokens": 2, "n": n,
+            "mock_completion_tokens": 1});
+        let res = s
+            .post("/v1/completions", Some("prompts-key"), &body.to_string())
+            .await;
+        assert_eq!(res.status(), 200, "{body}");
+        let remaining: u64 = res.headers()["x-ratelimit-remaining-tokens"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let answer: Value = res.json().await.unwrap();
+        let estimate = prompt_tokens + 2 * choices;
+        assert_eq!(1000 - used - remaining, estimate, "estimate of {body}");
+        let got = answer["choices"].as_array().unwrap();
+        assert_eq!(got.len() as u64, choices, "{answer}");
+        for (i, c) in got.iter().enumerate() {
+            assert_eq!(c["index"], i, "{c}");
+            assert_eq!(c["text"], "tok ", "{c}");
+        }
+        let usage = &answer["usage"];
+        assert_eq!(usage["prompt_tokens"], prompt_tokens, "{body}");
+        assert_eq!(usage["completion_tokens"], choices, "{body}");
+        assert_eq!(usage["total_tokens"], prompt_tokens + choices, "{body}");
+        used += prompt_tokens + choices;
+    }
+    // An empty list of prompts, or a list of mixed shapes, is no prompt:
+    // a 400 that costs nothing.
+    for prompt in [json!([]), json!(["a", 1]), json!([["a"]])] {
+        let body = json!({"model": "m", "prompt": prompt}).to_string();
+        let res = s.post("/v1/completions", Some("prompts-key"), &body).await;
+        assert_eq!(res.status(), 400, "{body}");
+    }
+    let res = s
+        .post(
+            "/v1/completions",
+            Some("prompts-key"),
+            &completion(0, Some(0), false),
+        )
+        .await;
+    let remaining = &res.headers()["x-ratelimit-remaining-tokens"];
+    assert_eq!(remaining.to_str().unwrap(), (1000 - used).to_string());
+}
