@@ -250,6 +250,7 @@ mod redis_registry {
             self.apply_all(all, None, &clock);
             *self.inner.applied.lock() = version;
             let policy = self.clone();
+            let store = shared.store.clone();
             shared.store.registry_watch(
                 Arc::new(move |update| match update {
                     // Every change in version order, this instance's own
@@ -259,13 +260,22 @@ mod redis_registry {
                     // arrived after this instance applied its own.
                     RegistryUpdate::Change { version, change } => {
                         let mut applied = policy.inner.applied.lock();
+                        let limits =
+                            matches!(change, Change::PutPlan { .. } | Change::PutAccount { .. });
                         policy.apply(change, &clock);
                         *applied = version;
+                        // A plan put back to numbers it had is the same
+                        // identity in the over-limit cache, not the same
+                        // count: a denial cached before is forgotten.
+                        if limits {
+                            store.forget_denials();
+                        }
                     }
                     RegistryUpdate::Reload { version, all } => {
                         let mut applied = policy.inner.applied.lock();
                         policy.apply_all(all, Some(&statics), &clock);
                         *applied = version;
+                        store.forget_denials();
                     }
                 }),
                 version,

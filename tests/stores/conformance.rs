@@ -706,6 +706,44 @@ async fn a_quota_put_anew_decides_under_its_new_numbers_at_once<B: Backend>(b: &
     assert_eq!(passed(&l, b"v", 2).await, 2);
 }
 
+/// A quota put back to numbers it had earlier the same day is decided by
+/// the count as it stands, not by a denial under those numbers before:
+/// the Redis store's over-limit cache, keyed by the quota's numbers, must
+/// not answer with a denial given under a month that a day has replaced
+/// since.
+async fn a_period_put_back_is_decided_by_the_count_not_an_earlier_denial<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    // Monday 2024-05-06: the week (from Monday) is used up.
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = |period| {
+        UsagePlan::new("p")
+            .quota(Quota::new(2, period).unwrap())
+            .borrow(false)
+    };
+    let l = layer(
+        b,
+        &clock,
+        vec![plan(Period::WEEK)],
+        vec![ApiKey::new("k", "v", "p")],
+    )
+    .await;
+    let admin = l.admin();
+    assert_eq!(passed(&l, b"v", 2).await, 2);
+    // Tuesday: a month holds Monday's 2, and denies until the month ends.
+    clock.set_wall(at(2024, 5, 7, 3_600));
+    admin.put_plan(plan(Period::Month)).await.unwrap();
+    let r = l.decide(b"v", 1).await.unwrap_err();
+    assert_eq!(r.reason(), Reason::QuotaExceeded);
+    assert_eq!(r.retry_after_secs(), Some(25 * 86_400 - 3_600));
+    // A day began after Monday: one request counts in it.
+    admin.put_plan(plan(Period::Day)).await.unwrap();
+    assert_eq!(passed(&l, b"v", 1).await, 1);
+    // The month again: it holds today's count of 1 (Monday's was left in
+    // the day's window), so one more passes.
+    admin.put_plan(plan(Period::Month)).await.unwrap();
+    assert_eq!(passed(&l, b"v", 2).await, 1);
+}
+
 /// A peek tells what remains of each limit after what requests used: on a
 /// store that lends this instance a share of a busy key's limits, the
 /// units it holds unused are not counted as used.
@@ -849,6 +887,7 @@ on_each_backend!(
     a_denial_is_never_replayed_after_a_request_passed,
     a_week_whose_first_day_changes_keeps_what_its_new_week_counted,
     a_quota_put_anew_decides_under_its_new_numbers_at_once,
+    a_period_put_back_is_decided_by_the_count_not_an_earlier_denial,
     a_peek_counts_only_what_requests_used,
     a_place_given_back_is_free_for_the_next_request_at_once,
     a_settlement_counts_for_the_next_request_at_once,

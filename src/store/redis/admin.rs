@@ -93,7 +93,12 @@ impl Inner {
     /// In the background; a report this instance reads waits for it. A log
     /// Redis did not take (unreachable) leaves the days before the change
     /// reported under the numbers of the next change logged, or now's.
+    ///
+    /// Clears the over-limit cache, each time (numbers put back as they
+    /// were on the same day are logged once, but the count may have moved
+    /// under the numbers between: see `cache`).
     pub(super) fn requota(self: &Arc<Self>, old: &QuotaRef<'_>) {
+        self.forget_denials();
         let key = self.limit_log_key(old);
         let spec = *old.spec;
         let day = self.clock.wall_nanos().div_euclid(NANOS_PER_DAY);
@@ -135,6 +140,14 @@ impl Inner {
                     usage reports show the days before it under the later numbers");
             }
         });
+    }
+
+    /// Clears the over-limit cache: a limit's numbers or state changed in a
+    /// way a cached denial does not tell.
+    pub(crate) fn forget_denials(&self) {
+        if let Some(cache) = &self.cache {
+            cache.clear();
+        }
     }
 
     /// [`Store::set_remaining`](crate::store::Store::set_remaining), by the

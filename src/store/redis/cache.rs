@@ -16,12 +16,20 @@
 //! settlement giving tokens back) and is never cached. An entry answers
 //! only a request under the same numbers (each limit's size, a quota's
 //! period, offset, creation and shadow flag), so a plan put anew is decided
-//! under its new numbers at once; any other admin
-//! change through this instance clears the cache; an entry lives at most
-//! `max_ttl`, which bounds how long a change made elsewhere (another
-//! instance raising a quota) can go unseen here.
+//! under its new numbers at once. Numbers put back as they were (a month, a
+//! day, the month again) are the same identity, but not the same count:
+//! the requests decided under the numbers between may have moved it (a day
+//! that began after the month's requests starts from 0, and the month put
+//! back holds that count). So a quota's numbers changed through this
+//! instance, or applied here from the shared registry, clear the cache, as
+//! any other admin change through this instance does; and a denial whose
+//! call was sent before a clear is not cached when it lands after it. An
+//! entry lives at most `max_ttl`, which bounds how long a change made
+//! elsewhere and not seen here (another instance raising a quota) can go
+//! unseen.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::sync::Mutex;
 
@@ -59,6 +67,9 @@ pub(super) struct OverLimitCache {
     shards: Box<[Mutex<Shard>]>,
     per_shard: usize,
     max_ttl: Nanos,
+    /// How many times the cache was cleared: a denial is cached only if no
+    /// clear came between its call being sent and its landing.
+    generation: AtomicU64,
 }
 
 impl OverLimitCache {
@@ -76,6 +87,7 @@ impl OverLimitCache {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             per_shard: capacity.div_ceil(SHARDS),
             max_ttl,
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -95,26 +107,46 @@ impl OverLimitCache {
         }
     }
 
-    /// Remembers that `id` was denied at `now`.
-    /// Caches `denied`, given at `now`, until its retry time less `margin`
-    /// (the longest wait a limit shared with other callers could come to
-    /// ask, which would then be named instead); nothing when that leaves no
-    /// time.
-    pub(super) fn insert(&self, id: u64, now: Nanos, denied: Denied, margin: Nanos) {
+    /// The generation to send a call under: [`insert`](Self::insert)
+    /// caches its denial only if the cache was not cleared since.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Caches `denied`, given at `now` by a call sent under `generation`,
+    /// until its retry time less `margin` (the longest wait a limit shared
+    /// with other callers could come to ask, which would then be named
+    /// instead); nothing when that leaves no time, or when the cache was
+    /// cleared since the call was sent (the denial may be of numbers, or a
+    /// count, changed since).
+    pub(super) fn insert(
+        &self,
+        id: u64,
+        now: Nanos,
+        denied: Denied,
+        margin: Nanos,
+        generation: u64,
+    ) {
         let Some(wait) = denied.retry_after() else {
             return;
         };
         let wait = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
         if let Some(ttl) = wait.checked_sub(margin).filter(|&t| t > 0) {
-            self.put(id, now, ttl.min(self.max_ttl), denied);
+            self.put(id, now, ttl.min(self.max_ttl), denied, generation);
         }
     }
 
-    fn put(&self, id: u64, now: Nanos, ttl: Nanos, denied: Denied) {
+    fn put(&self, id: u64, now: Nanos, ttl: Nanos, denied: Denied, generation: u64) {
         if ttl == 0 || self.per_shard == 0 {
             return;
         }
         let mut shard = self.shard(id).lock();
+        // Under the shard's lock: a clear counts its generation before it
+        // takes each shard's lock, so an entry put after the count is
+        // refused here, and one put before it is cleared.
+        if self.generation.load(Ordering::Acquire) != generation {
+            return;
+        }
         if shard.entries.len() >= self.per_shard && !shard.entries.contains_key(&id) {
             shard.refused += 1;
             if shard.refused < SWEEP_EVERY {
@@ -134,8 +166,10 @@ impl OverLimitCache {
         shard.entries.insert(id, entry);
     }
 
-    /// Forgets every denial (an admin change made through this instance).
+    /// Forgets every denial (an admin change made through this instance, a
+    /// quota's numbers changed), and every denial of a call sent before.
     pub(super) fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         for shard in self.shards.iter() {
             shard.lock().entries.clear();
         }
@@ -191,7 +225,7 @@ mod tests {
     #[test]
     fn answers_until_the_retry_time_with_a_shrinking_wait() {
         let c = OverLimitCache::new(64, u64::MAX);
-        c.insert(7, 1_000, denied(10), 0);
+        c.insert(7, 1_000, denied(10), 0, 0);
         let d = c.get(7, 1_000 + 4_000_000).unwrap();
         assert_eq!(d.retry_after(), Some(Duration::from_millis(6)));
         assert!(c.get(7, 1_000 + 10_000_000).is_none());
@@ -201,23 +235,34 @@ mod tests {
     #[test]
     fn max_ttl_and_capacity_bound_it() {
         let c = OverLimitCache::new(SHARDS, 1_000);
-        c.insert(1, 0, denied(10_000), 0);
+        c.insert(1, 0, denied(10_000), 0, 0);
         assert!(c.get(1, 999).is_some());
         assert!(c.get(1, 1_000).is_none());
         // One entry per shard: a second id in the same shard is not kept
         // while the first is live.
-        c.insert(1, 0, denied(10_000), 0);
-        c.insert(2, 0, denied(10_000), 0);
+        c.insert(1, 0, denied(10_000), 0, 0);
+        c.insert(2, 0, denied(10_000), 0, 0);
         assert!(c.get(2, 10).is_none());
         // Once entry 1 has expired, a full shard is swept, but only every
         // SWEEP_EVERY refusals.
         for _ in 0..SWEEP_EVERY - 2 {
-            c.insert(2, 2_000, denied(10_000), 0);
+            c.insert(2, 2_000, denied(10_000), 0, 0);
         }
         assert!(c.get(2, 2_001).is_none());
-        c.insert(2, 2_000, denied(10_000), 0);
+        c.insert(2, 2_000, denied(10_000), 0, 0);
         assert!(c.get(2, 2_001).is_some());
         c.clear();
         assert!(c.get(2, 2_001).is_none());
+    }
+
+    #[test]
+    fn a_denial_sent_before_a_clear_is_not_cached() {
+        let c = OverLimitCache::new(64, u64::MAX);
+        let sent = c.generation();
+        c.clear();
+        c.insert(7, 1_000, denied(10), 0, sent);
+        assert!(c.get(7, 2_000).is_none());
+        c.insert(7, 1_000, denied(10), 0, c.generation());
+        assert!(c.get(7, 2_000).is_some());
     }
 }

@@ -219,6 +219,7 @@ impl Store for RedisStore {
             sent,
             shared_span,
             cache_id: (!tokens && inner.cache.is_some()).then_some(id),
+            cache_generation: inner.cache.as_ref().map_or(0, |c| c.generation()),
             asked,
         };
         if let Some(take) = take {
@@ -690,6 +691,8 @@ pub(super) struct Context {
     pub(super) shared_span: crate::gcra::Nanos,
     /// Its identity in the over-limit cache, when there is one.
     pub(super) cache_id: Option<u64>,
+    /// The cache's generation when it was sent (see `OverLimitCache::insert`).
+    pub(super) cache_generation: u64,
     /// The request as the denials remembered past the bound know it.
     pub(super) asked: Asked,
 }
@@ -699,7 +702,13 @@ impl Inner {
     pub(super) fn remember(&self, verdict: &Verdict, context: &Context) {
         if let (Err(denied), Some(id), Some(cache)) = (verdict, context.cache_id, &self.cache) {
             if OverLimitCache::holds(denied) {
-                cache.insert(id, context.sent, *denied, context.shared_span);
+                cache.insert(
+                    id,
+                    context.sent,
+                    *denied,
+                    context.shared_span,
+                    context.cache_generation,
+                );
             }
         }
     }

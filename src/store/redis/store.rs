@@ -147,6 +147,13 @@ impl RedisStore {
     pub fn local_decisions(&self) -> u64 {
         self.inner.failures.count()
     }
+
+    /// Clears the over-limit cache: a plan or account from the shared
+    /// registry was applied here, and a denial cached under its numbers
+    /// before may not be what Redis answers now (see `cache`).
+    pub(crate) fn forget_denials(&self) {
+        self.inner.forget_denials();
+    }
 }
 
 impl fmt::Debug for RedisStore {
