@@ -744,6 +744,37 @@ async fn a_period_put_back_is_decided_by_the_count_not_an_earlier_denial<B: Back
     assert_eq!(passed(&l, b"v", 2).await, 1);
 }
 
+/// A request a token budget refuses outright (a cost it can never hold)
+/// changes nothing, not even which day the request quota last changed on:
+/// a raise by UpdateUsage stays in the day it was made, and the quota put
+/// anew as a DAY starts the next day from nothing, not from the raise.
+async fn a_refused_request_leaves_a_raise_on_its_own_day<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let plan = |period| {
+        UsagePlan::new("p")
+            .quota(Quota::new(1, period).unwrap())
+            .tokens(TokenBudget::new().per_day(43).unwrap())
+            .borrow(false)
+    };
+    let (mut svc, admin) = token_service(b, &clock, plan(Period::Month)).await;
+    // Monday: 2 remain of a month of 1.
+    assert_eq!(admin.set_remaining("k", 2).await.unwrap(), 2);
+    // Tuesday: 44 tokens never fit a day of 43.
+    clock.set_wall(at(2024, 5, 7, 3_600));
+    assert_eq!(
+        send_tokens(&mut svc, 44, None).await,
+        (429, Some(Reason::CostExceedsLimit))
+    );
+    // A day of 1 from now: Tuesday's window began after the raise.
+    admin.put_plan(plan(Period::Day)).await.unwrap();
+    assert_eq!(send_tokens(&mut svc, 1, Some(1)).await, (200, None));
+    assert_eq!(
+        send_tokens(&mut svc, 1, None).await,
+        (429, Some(Reason::QuotaExceeded))
+    );
+}
+
 /// A peek tells what remains of each limit after what requests used: on a
 /// store that lends this instance a share of a busy key's limits, the
 /// units it holds unused are not counted as used.
@@ -888,6 +919,7 @@ on_each_backend!(
     a_week_whose_first_day_changes_keeps_what_its_new_week_counted,
     a_quota_put_anew_decides_under_its_new_numbers_at_once,
     a_period_put_back_is_decided_by_the_count_not_an_earlier_denial,
+    a_refused_request_leaves_a_raise_on_its_own_day,
     a_peek_counts_only_what_requests_used,
     a_place_given_back_is_free_for_the_next_request_at_once,
     a_settlement_counts_for_the_next_request_at_once,

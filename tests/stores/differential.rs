@@ -2117,15 +2117,13 @@ mod found {
         );
     }
 
-    /// Known divergence: a request the token budget's `per_day` refuses
-    /// (a cost it can never hold) after the request quota, raised by
-    /// UpdateUsage, was charged and given back: the memory store counts
-    /// that as the quota's last change, so the quota put anew as a DAY
-    /// finds the raise on the new day (1 remaining after a request); the
-    /// Redis store (and the model: a denial changes nothing) start the new
-    /// day from 0.
+    /// A request the token budget's `per_day` refuses (a cost it can never
+    /// hold) changes nothing: the memory store charged the request quota,
+    /// raised by UpdateUsage the day before, and gave it back, which left
+    /// the new day as the quota's last change, so the quota put anew as a
+    /// DAY found the raise on the new day (1 remaining after a request);
+    /// the Redis store (and the model) start the new day from 0.
     #[test]
-    #[ignore = "known divergence of the memory store"]
     fn memory_denied_request_carries_a_raise_into_a_new_period() {
         let spec = Spec {
             quota: Some(QuotaSpec {

@@ -264,33 +264,40 @@ impl MemoryStore {
             }
             tally.deny(d);
         }
-        // The quotas, each charged by its own compare-and-swap: those
-        // charged before a later one denies are given back.
+        // The quotas: each looked at first, and charged (each by its own
+        // compare-and-swap) only once no limit denies. A charge given back
+        // restores the count, but not the day of its last change when the
+        // charge moved it to a new day: so a denial found by looking
+        // charges nothing at all. Those charged before a later one denies
+        // (a decision racing this one took the last units) are given back.
         let mut quotas_charged = [false; MAX_QUOTAS];
         if req.quotas().next().is_some() {
             let wall = self.inner.clock.wall_nanos_at(now);
             let quotas = &self.inner.quotas;
-            for (i, q) in req.quotas().enumerate() {
+            for q in req.quotas() {
                 let cost = u64::from(req.cost_for(q.counts_tokens()));
-                // A cost above the whole limit fits no window's limit: it is
-                // refused with no retry, unless UpdateUsage raised what
-                // remains of this window above the limit and it fits there
-                // (then it is decided as any cost is).
-                if !ever_fits(cost, q.spec.limit) && !q.shadow {
-                    if let Err((_, snap)) = quotas.check(q, wall, cost) {
+                match quotas.check(q, wall, cost) {
+                    Ok(_) => {}
+                    Err(_) if q.shadow => {}
+                    // A cost above the whole limit fits no window's limit:
+                    // it is refused with no retry, unless UpdateUsage raised
+                    // what remains of this window above the limit and it
+                    // fits there (then it is decided as any cost is).
+                    Err((_, snap)) if !ever_fits(cost, q.spec.limit) => {
                         tally.deny(Denied::too_costly(quota_applied(q.kind, &snap)));
-                        continue;
                     }
-                }
-                let looking = tally.is_denied();
-                let outcome = match looking {
-                    true => Ok(quotas.check(q, wall, cost)),
-                    false => quotas.acquire(q, wall, cost, q.shadow).map(|o| {
-                        o.map(|c| c.snapshot(q.spec, wall))
-                            .map_err(|(retry, c)| (retry, c.snapshot(q.spec, wall)))
+                    Err((retry_after, snap)) => tally.deny(Denied {
+                        denial: Denial::Quota { retry_after },
+                        limit: quota_applied(q.kind, &snap),
                     }),
-                };
-                let outcome = match outcome {
+                }
+            }
+            for (i, q) in req.quotas().enumerate() {
+                if tally.is_denied() {
+                    break;
+                }
+                let cost = u64::from(req.cost_for(q.counts_tokens()));
+                let outcome = match quotas.acquire(q, wall, cost, q.shadow) {
                     Ok(outcome) => outcome,
                     // No room for another subject's counter: refused until
                     // one goes idle, as a new key at the table's cap is.
@@ -300,9 +307,7 @@ impl MemoryStore {
                         if q.shadow {
                             // A shadow quota never denies: uncounted, it
                             // reports a fresh window.
-                            if !looking {
-                                report.push(|| quota_applied(q.kind, &fresh));
-                            }
+                            report.push(|| quota_applied(q.kind, &fresh));
                             continue;
                         }
                         tally.deny(Denied {
@@ -315,21 +320,26 @@ impl MemoryStore {
                     }
                 };
                 match outcome {
-                    Ok(snap) if !looking => {
+                    Ok(count) => {
                         quotas_charged[i] = true;
                         if q.counts_tokens() {
                             report.reserve(|r| r.wall = Some(wall));
                         }
-                        report.push(|| quota_applied(q.kind, &snap));
+                        report.push(|| quota_applied(q.kind, &count.snapshot(q.spec, wall)));
                     }
-                    Ok(_) => {}
+                    // A shadow quota is charged even past its limit.
                     Err(_) if q.shadow => {}
-                    Err((retry_after, snap)) => {
-                        let d = Denied {
-                            denial: Denial::Quota { retry_after },
-                            limit: quota_applied(q.kind, &snap),
-                        };
-                        tally.deny(d);
+                    Err((retry_after, count)) => {
+                        let snap = count.snapshot(q.spec, wall);
+                        let cost = u64::from(req.cost_for(q.counts_tokens()));
+                        tally.deny(if ever_fits(cost, q.spec.limit) {
+                            Denied {
+                                denial: Denial::Quota { retry_after },
+                                limit: quota_applied(q.kind, &snap),
+                            }
+                        } else {
+                            Denied::too_costly(quota_applied(q.kind, &snap))
+                        });
                     }
                 }
             }
@@ -405,8 +415,10 @@ impl MemoryStore {
                     cleared = false;
                     break;
                 }
-                match self.inner.quotas.acquire(q, wall, cost, false) {
-                    Ok(Ok(count)) => {
+                // Only on the count's day: a charge that moves it to a new
+                // day is made once every limit is known to allow (below).
+                match self.inner.quotas.acquire_on_its_day(q, wall, cost) {
+                    Ok(Some(Ok(count))) => {
                         quotas_charged += 1;
                         if q.counts_tokens() {
                             report.reserve(|r| r.wall = Some(wall));

@@ -243,6 +243,35 @@ impl Counter {
         }
     }
 
+    /// [`acquire`](Self::acquire) on the day of the last change alone,
+    /// without the counter's lock: `Some(None)` when the decision would
+    /// move the count to a new day or window (or it was never charged), a
+    /// change left to a caller that knows the request is allowed. `None`
+    /// when the counter was let go.
+    #[inline]
+    fn acquire_on_its_day(&self, spec: &QuotaSpec, now: i64, cost: u64) -> Option<Option<Outcome>> {
+        let window = self.window.load(Ordering::Acquire);
+        let mut used = self.used.load(Ordering::Acquire);
+        loop {
+            if used == LET_GO {
+                return None;
+            }
+            match Count::from_words(window, used).acquire_today(spec, now, cost, false) {
+                Some(Ok(next)) => match self.used.compare_exchange_weak(
+                    used,
+                    next.used,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return Some(Some(Ok(next))),
+                    Err(current) => used = current,
+                },
+                Some(Err(denied)) => return Some(Some(Err(denied))),
+                None => return Some(None),
+            }
+        }
+    }
+
     /// Applies `op` to the count moved to `now` ([`Count::roll`]) under the
     /// counter's lock; when it returns a new count, stores it (retrying on
     /// a decision that changed the count meanwhile) and writes the day it
@@ -665,6 +694,27 @@ impl Quotas {
             return Ok(self.peek(q, now, force));
         }
         self.with(q, now, true, |c| c.acquire(q.spec, now, cost, force))
+    }
+
+    /// [`acquire`](Self::acquire) (not forced) if it needs no change of
+    /// day or window: `Ok(None)` when it would (or the count was never
+    /// charged). A decision whose other limits may still deny it charges
+    /// this way first: a charge given back leaves the count as it was, but
+    /// one that moved it to a new day would leave that day as its last
+    /// change (a denial changes nothing: the window a period put anew
+    /// carries the count into is the one holding the day of its last real
+    /// change).
+    #[inline]
+    pub(super) fn acquire_on_its_day(
+        &self,
+        q: &QuotaRef<'_>,
+        now: i64,
+        cost: u64,
+    ) -> Result<Option<Outcome>, i64> {
+        if cost == 0 {
+            return Ok(Some(self.peek(q, now, false)));
+        }
+        self.with(q, now, true, |c| c.acquire_on_its_day(q.spec, now, cost))
     }
 
     /// [`acquire`](Self::acquire) of cost 0: the count as it stands, moved
