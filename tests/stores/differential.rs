@@ -858,8 +858,7 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
 
 /// Whether sequences put the plan anew with another token budget
 /// (`Op::PutBudget`) or quota period (`Op::PutPeriod`): only with
-/// `DIFF_PLAN_CHANGES` set, while the stores answer the (ignored) sequences
-/// `found::redis_*` and `found::memory_*` otherwise than the model.
+/// `DIFF_PLAN_CHANGES` set. The sequences they found are kept in `found`.
 fn plan_changes() -> bool {
     std::env::var_os("DIFF_PLAN_CHANGES").is_some()
 }
