@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use crate::extract::KeyError;
 use crate::headers::ceil_secs;
 use crate::plan::LimitKind;
-use crate::store::{Applied, Denial, Report};
+use crate::store::{Applied, Denial, Denied, Report};
 
 mod grpc;
 mod style;
@@ -457,11 +457,21 @@ pub(crate) fn refused(rejection: Rejection, limit: Option<Applied>) -> Refused {
 /// through unchecked.
 pub(crate) trait Unchecked {
     fn unchecked() -> Self;
+
+    /// What the request's shadow limits would have denied, when the sink
+    /// keeps it.
+    fn shadow_denied(&self) -> Option<Denied> {
+        None
+    }
 }
 
 impl Unchecked for Report {
     fn unchecked() -> Self {
         Report::unchecked()
+    }
+
+    fn shadow_denied(&self) -> Option<Denied> {
+        Report::shadow_denied(self)
     }
 }
 

@@ -487,6 +487,9 @@ impl<K, S: Store> Shared<K, S> {
         };
         let decide = |acquire: &Acquire<'_>, report: &mut Report| {
             if let Some(verdict) = self.store.decide_now(acquire, report) {
+                if report.shadow.is_denied() && !peek {
+                    return Step::Done(self.conclude_overrun(verdict, failure, report, seen));
+                }
                 return now(verdict);
             }
             match self.store.acquire(acquire) {

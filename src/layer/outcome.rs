@@ -17,7 +17,7 @@ use crate::response::{
     Decision, RETRY_AFTER_MS, Reason, Rejection, Unchecked, X_SHOULD_RETRY, grpc_answer_type,
     refused,
 };
-use crate::store::{Applied, Denied, Store, StoreError, Verdict};
+use crate::store::{Applied, Denied, Report, Store, StoreError, Verdict};
 
 impl<K, S> Shared<K, S> {
     /// Turns a store's answer into a decision; a failed store lets the
@@ -87,6 +87,23 @@ impl<K, S> Shared<K, S> {
         decision
     }
 
+    /// [`conclude_seen`](Shared::conclude_seen) for a decision the store made
+    /// at once, over a shadow limit (which `report` holds): the observer is
+    /// told the request went over it.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn conclude_overrun(
+        &self,
+        verdict: Result<(), Denied>,
+        failure: FailureMode,
+        report: &Report,
+        seen: Seen<'_>,
+    ) -> Decision<()> {
+        let verdict = verdict.map(|()| Overrun(report.shadow_denied()));
+        self.conclude_seen(Ok(verdict), failure, false, seen)
+            .map(|_| ())
+    }
+
     /// What a request that waits for the store keeps for the observer:
     /// nothing without one. Boxed, as it rides in every [`Step`], which is
     /// kept to a few words.
@@ -142,6 +159,20 @@ impl<K, S> Shared<K, S> {
             };
             observer.on_decision(&event);
         }
+    }
+}
+
+/// What a shadow limit would have denied, for the observer of a decision
+/// whose report stays where the store wrote it.
+struct Overrun(Option<Denied>);
+
+impl Unchecked for Overrun {
+    fn unchecked() -> Self {
+        Overrun(None)
+    }
+
+    fn shadow_denied(&self) -> Option<Denied> {
+        self.0
     }
 }
 

@@ -15,9 +15,9 @@ pub const DECISIONS_TOTAL: &str = "tollgate_decisions_total";
 /// |---|---|
 /// | `plan` | the plan's name; `""` when the key failed before a plan was known |
 /// | `route` | the route axum matched (`MatchedPath`, e.g. `/users/{id}`); `""` without one; left out with [`route_label(false)`](Self::route_label) |
-/// | `outcome` | `allowed`, `rejected`, `failed_open`, `failed_closed`, `failed_local` |
-/// | `reason` | `""` unless rejected; else `limited`, `quota_exceeded`, `concurrency_limited`, `cost_exceeds_limit`, `key_capacity`, `missing_key`, `empty_key`, `malformed_key`, `key_too_long`, `unknown_key`, `disabled_key`, `missing_peer_addr`, `store_unavailable` |
-/// | `limit` | `""` unless a limit rejected; else `throttle`, `method`, `quota`, `stage`, `stage-method`, `concurrency`, `tokens-minute`, `tokens-day`, `tokens-month` |
+/// | `outcome` | `allowed`, `shadow_rejected` (over a limit of a shadow plan, let through), `rejected`, `failed_open`, `failed_closed`, `failed_local` |
+/// | `reason` | `""` unless rejected (or shadow-rejected); else `limited`, `quota_exceeded`, `concurrency_limited`, `cost_exceeds_limit`, `key_capacity`, `missing_key`, `empty_key`, `malformed_key`, `key_too_long`, `unknown_key`, `disabled_key`, `missing_peer_addr`, `store_unavailable` |
+/// | `limit` | `""` unless a limit rejected (or would have, under a shadow plan); else `throttle`, `method`, `quota`, `stage`, `stage-method`, `concurrency`, `tokens-minute`, `tokens-day`, `tokens-month` |
 ///
 /// **Cardinality.** Every label takes values from a set the application
 /// fixes: the plans of its policy, the routes of its router and the short

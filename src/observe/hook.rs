@@ -7,7 +7,9 @@ use std::sync::Arc;
 use super::{DecisionEvent, Observer, Outcome};
 use crate::extract::RequestView;
 use crate::plan::{FailureMode, Plan};
-use crate::response::Decision;
+use http::StatusCode;
+
+use crate::response::{Decision, Rejection, Unchecked};
 
 pub(crate) type SharedObserver = Arc<dyn Observer>;
 
@@ -99,13 +101,23 @@ impl Watch {
 
 /// The outcome of a settled decision; `failed` when the store failed (the
 /// failure mode then decided).
-pub(crate) fn outcome<R>(
+pub(crate) fn outcome<R: Unchecked>(
     decision: &Decision<R>,
     failed: Option<FailureMode>,
 ) -> (Outcome, Option<&'static str>) {
     match (failed, decision) {
         (Some(mode), _) => (Outcome::StoreFailed(mode), None),
-        (None, Ok(_)) => (Outcome::Allowed, None),
+        (None, Ok(report)) => match report.shadow_denied() {
+            None => (Outcome::Allowed, None),
+            Some(d) => {
+                let rejection =
+                    Rejection::denied(d.denial, &d.limit, StatusCode::TOO_MANY_REQUESTS);
+                (
+                    Outcome::ShadowRejected(rejection.reason()),
+                    rejection.limit(),
+                )
+            }
+        },
         (None, Err(refusal)) => {
             let (rejection, _) = &**refusal;
             (Outcome::Rejected(rejection.reason()), rejection.limit())

@@ -129,7 +129,8 @@ impl<'a> DecisionEvent<'a> {
     }
 
     /// Whether the plan is a shadow plan (it decides and counts, but never
-    /// rejects: an over-limit request of a shadow plan is [`Outcome::Allowed`]).
+    /// rejects: an over-limit request of a shadow plan goes on, as
+    /// [`Outcome::ShadowRejected`]).
     pub fn is_shadow(&self) -> bool {
         self.shadow
     }
@@ -185,11 +186,13 @@ impl<'a> DecisionEvent<'a> {
         self.outcome
     }
 
-    /// The limit that rejected the request, as [`Rejection::limit`](crate::Rejection::limit)
+    /// The limit that rejected the request (or, under a shadow plan, would
+    /// have: [`Outcome::ShadowRejected`]), as [`Rejection::limit`](crate::Rejection::limit)
     /// names it (`"throttle"`, `"method"`, `"quota"`, `"stage"`,
     /// `"stage-method"`, `"concurrency"`, `"tokens-minute"`, `"tokens-day"`,
     /// `"tokens-month"`); `None` when the request was
-    /// allowed or no limit decided (key problems, store failures).
+    /// allowed within its limits or no limit decided (key problems, store
+    /// failures).
     pub fn limit(&self) -> Option<&'static str> {
         self.limit
     }
@@ -212,8 +215,14 @@ impl fmt::Debug for DecisionEvent<'_> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Outcome {
-    /// The request goes on (under a shadow plan, also when it was over a limit).
+    /// The request goes on, within its limits.
     Allowed,
+    /// The request goes on, over a limit of its shadow plan: it would have
+    /// been rejected for this reason, were the plan not a shadow. The event's
+    /// [`limit`](DecisionEvent::limit) names the limit, as a rejection's
+    /// would. Counting these is what a shadow plan is for: how many requests
+    /// its limits would turn away.
+    ShadowRejected(Reason),
     /// The request was answered with a rejection, for this reason.
     Rejected(Reason),
     /// The store failed (unreachable, too slow) and the plan's failure mode
@@ -230,15 +239,16 @@ impl Outcome {
     pub fn is_allowed(&self) -> bool {
         matches!(
             self,
-            Outcome::Allowed | Outcome::StoreFailed(FailureMode::Open)
+            Outcome::Allowed | Outcome::ShadowRejected(_) | Outcome::StoreFailed(FailureMode::Open)
         )
     }
 
-    /// A short name: `"allowed"`, `"rejected"`, `"failed_open"`,
-    /// `"failed_closed"` or `"failed_local"`.
+    /// A short name: `"allowed"`, `"shadow_rejected"`, `"rejected"`,
+    /// `"failed_open"`, `"failed_closed"` or `"failed_local"`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Outcome::Allowed => "allowed",
+            Outcome::ShadowRejected(_) => "shadow_rejected",
             Outcome::Rejected(_) => "rejected",
             Outcome::StoreFailed(FailureMode::Open) => "failed_open",
             Outcome::StoreFailed(FailureMode::Closed) => "failed_closed",
@@ -246,11 +256,14 @@ impl Outcome {
         }
     }
 
-    /// Why the request was rejected, as a short name (`"limited"`,
-    /// `"unknown_key"`…); `None` unless it was.
+    /// Why the request was rejected (or, under a shadow plan, would have
+    /// been), as a short name (`"limited"`, `"unknown_key"`…); `None` unless
+    /// it was.
     pub fn reason(&self) -> Option<&'static str> {
         match self {
-            Outcome::Rejected(reason) => Some(reason_name(*reason)),
+            Outcome::Rejected(reason) | Outcome::ShadowRejected(reason) => {
+                Some(reason_name(*reason))
+            }
             Outcome::StoreFailed(FailureMode::Closed | FailureMode::Local) => {
                 Some(reason_name(Reason::StoreUnavailable))
             }

@@ -105,6 +105,10 @@ pub struct Report {
     pub(crate) unchecked: bool,
     /// Where the request's estimated tokens were charged, for settling them.
     pub(crate) reserved: Reservation,
+    /// What the request's shadow limits would have denied, weighed as the
+    /// limits that deny are: a shadow plan lets the request through, and
+    /// the observer is told it went over.
+    pub(crate) shadow: Tally,
 }
 
 /// Where a request's estimated tokens were charged, so that settling an
@@ -147,6 +151,22 @@ impl Report {
     #[inline]
     pub fn items(&self) -> &[Applied] {
         &self.items
+    }
+
+    /// Records a shadow limit over which the request went (`cap`: a
+    /// concurrency cap), which would have denied it were it not a shadow.
+    #[cold]
+    pub(crate) fn overran(&mut self, cap: bool, d: Denied) {
+        match cap {
+            true => self.shadow.deny_cap(d),
+            false => self.shadow.deny(d),
+        }
+    }
+
+    /// What the request's shadow limits would have denied, when it went over
+    /// one: the denial that would stand, were the plan not a shadow.
+    pub(crate) fn shadow_denied(&self) -> Option<Denied> {
+        self.shadow.verdict()
     }
 
     /// The report of a request let through unchecked by a failed store.
@@ -213,6 +233,10 @@ pub(crate) trait Sink: Default {
     /// Records where the request's tokens were charged.
     fn reserve(&mut self, f: impl FnOnce(&mut Reservation));
 
+    /// Records a shadow limit over which the request went (`cap`: a
+    /// concurrency cap), which would have denied it were it not a shadow.
+    fn overrun(&mut self, cap: bool, d: impl FnOnce() -> Denied);
+
     /// What the sink holds now, to [`rewind`](Self::rewind) to.
     type Mark: Copy;
 
@@ -242,6 +266,11 @@ impl Sink for Report {
         f(&mut self.reserved);
     }
 
+    #[inline]
+    fn overrun(&mut self, cap: bool, d: impl FnOnce() -> Denied) {
+        self.overran(cap, d());
+    }
+
     type Mark = (u8, Reservation);
 
     #[inline]
@@ -267,6 +296,9 @@ impl Sink for () {
 
     #[inline]
     fn reserve(&mut self, _f: impl FnOnce(&mut Reservation)) {}
+
+    #[inline]
+    fn overrun(&mut self, _cap: bool, _d: impl FnOnce() -> Denied) {}
 
     type Mark = ();
 
@@ -409,7 +441,7 @@ impl Denied {
 /// shadow and denies makes the request denied, so that nothing is charged;
 /// of several denials, the one that holds the request longest is named
 /// ([`Denied::longest`]).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Tally {
     denied: Option<Denied>,
     /// The cap's denial, weighed after every other limit's.

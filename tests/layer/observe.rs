@@ -662,3 +662,113 @@ async fn tracing_events_name_plan_key_id_route_and_outcome_never_the_key() {
     assert!(!unknown.contains("key_id="), "{unknown}");
     assert_no_secret_in(&text);
 }
+
+/// A shadow plan never rejects, but what it would have rejected is what it
+/// is for: the observer (and so the decision metrics) sees each such request
+/// as [`Outcome::ShadowRejected`], naming the limit, on every store; the
+/// client gets its answer all the same.
+async fn a_shadow_plans_would_be_rejections_are_seen<B: crate::support::backend::Backend>(b: &B) {
+    use tower::{Service, ServiceExt};
+    let clock = tollgate::ManualClock::new();
+    clock.set_wall(crate::support::at(2024, 5, 6, 3_600));
+    let plans = [
+        UsagePlan::new("t").throttle(Throttle::new(1.0, 1).unwrap()),
+        UsagePlan::new("q").quota(tollgate::Quota::new(1, tollgate::Period::Day).unwrap()),
+        UsagePlan::new("c").concurrency(1),
+    ];
+    let mut policy = Policy::builder().clock(clock.clone());
+    for plan in plans {
+        let name = plan.name().to_owned();
+        policy = policy
+            .plan(plan.shadow(true))
+            .key(ApiKey::new(name.clone(), name.clone(), name));
+    }
+    let recorder = Recorder::default();
+    let layer = RateLimitLayer::builder(policy.build().unwrap())
+        .store(b.store(&clock).await)
+        .observer(recorder.observer())
+        .build();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service_fn(|_| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("held")))
+        });
+    let mut send = async |key: &str| {
+        let req = http::Request::builder()
+            .header("x-api-key", key)
+            .body(String::new())
+            .unwrap();
+        let res = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(res.status(), 200, "a shadow plan never rejects");
+        res
+    };
+    let outcomes = |r: &Recorder| {
+        r.take()
+            .into_iter()
+            .map(|s| (s.plan.unwrap(), s.outcome, s.limit))
+            .collect::<Vec<_>>()
+    };
+    let allowed = |p: &str| (p.to_owned(), Outcome::Allowed, None);
+    let over =
+        |p: &str, reason, limit| (p.to_owned(), Outcome::ShadowRejected(reason), Some(limit));
+    for key in ["t", "q"] {
+        drop(send(key).await);
+        drop(send(key).await);
+    }
+    let held = send("c").await;
+    drop(send("c").await);
+    assert_eq!(
+        outcomes(&recorder),
+        [
+            allowed("t"),
+            over("t", Reason::Limited, "throttle"),
+            allowed("q"),
+            over("q", Reason::QuotaExceeded, "quota"),
+            allowed("c"),
+            over("c", Reason::ConcurrencyLimited, "concurrency"),
+        ]
+    );
+    assert!(Outcome::ShadowRejected(Reason::Limited).is_allowed());
+    assert_eq!(
+        Outcome::ShadowRejected(Reason::Limited).as_str(),
+        "shadow_rejected"
+    );
+    // Once the place is back, the cap has room again (a remote store is
+    // given it back in the background).
+    drop(held);
+    let mut freed = false;
+    for _ in 0..200 {
+        drop(send("c").await);
+        if outcomes(&recorder) == [allowed("c")] {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(freed, "the shadow cap's place came back");
+}
+
+mod shadow {
+    use super::a_shadow_plans_would_be_rejections_are_seen as seen;
+    use crate::support::backend::{Memory, Redis};
+    use crate::support::redis::require_redis;
+
+    #[tokio::test]
+    async fn on_the_memory_store() {
+        seen(&Memory).await;
+    }
+
+    #[tokio::test]
+    async fn on_redis() {
+        if require_redis() {
+            seen(&Redis::single("shadow-seen")).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn on_a_redis_cluster() {
+        if require_redis() {
+            seen(&Redis::cluster("shadow-seen")).await;
+        }
+    }
+}

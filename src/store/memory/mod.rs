@@ -218,6 +218,10 @@ impl MemoryStore {
                 });
                 match taken {
                     Ok(Ok(n)) => {
+                        if n > u64::from(c.limit) {
+                            // Past a shadow cap: taken, and told.
+                            report.overrun(true, || Denied::concurrency(c.applied(n - 1)));
+                        }
                         *held = Some((Some(Permit::new(c.digest.0, c.salt)), c.applied(n)));
                     }
                     Ok(Err(n)) => tally.deny_cap(Denied::concurrency(c.applied(n))),
@@ -237,6 +241,9 @@ impl MemoryStore {
                 if !cap_has_room(n, c.limit, c.shadow) {
                     tally.deny_cap(Denied::concurrency(c.applied(n)));
                 } else {
+                    if n >= u64::from(c.limit) && !tally.is_denied() {
+                        report.overrun(true, || Denied::concurrency(c.applied(n)));
+                    }
                     *held = Some((None, c.applied(n + u64::from(cost > 0))));
                 }
             }
@@ -259,6 +266,7 @@ impl MemoryStore {
                 // A shadow limit never denies, nor names another's denial.
                 if !tally.is_denied() {
                     report.push(|| d.limit);
+                    report.overrun(false, || d);
                 }
                 continue;
             }
@@ -297,6 +305,20 @@ impl MemoryStore {
                     break;
                 }
                 let cost = u64::from(req.cost_for(q.counts_tokens()));
+                if q.shadow {
+                    // A shadow quota counts past its limit: told whether
+                    // this request goes over it, as a quota would deny it.
+                    if let Err((retry_after, snap)) = quotas.check(q, wall, cost) {
+                        let limit = quota_applied(q.kind, &snap);
+                        report.overrun(false, || match ever_fits(cost, q.spec.limit) {
+                            true => Denied {
+                                denial: Denial::Quota { retry_after },
+                                limit,
+                            },
+                            false => Denied::too_costly(limit),
+                        });
+                    }
+                }
                 let outcome = match quotas.acquire(q, wall, cost, q.shadow) {
                     Ok(outcome) => outcome,
                     // No room for another subject's counter: refused until

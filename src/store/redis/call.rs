@@ -441,6 +441,7 @@ impl Part {
                     let d = throttle_denial(limit, o);
                     if t.shadow {
                         report.push(d.limit);
+                        report.overran(false, d);
                     } else {
                         tally.deny(d);
                     }
@@ -467,7 +468,8 @@ impl Part {
                 remaining: limit.saturating_sub(used).max(0) as u64,
                 reset,
             };
-            let over = used.saturating_add(cost) > limit && !q.shadow;
+            let past = used.saturating_add(cost) > limit;
+            let over = past && !q.shadow;
             // A cost above the whole limit that does not fit now fits no
             // window (one that fits what a raise by UpdateUsage left in
             // this window passes).
@@ -477,6 +479,17 @@ impl Part {
                 let d = Denied::quota(item(used), Duration::from_nanos(reset.max(1)));
                 tally.deny(d);
             } else {
+                if past {
+                    // A shadow quota counts past its limit: told, as it
+                    // would deny.
+                    report.overran(
+                        false,
+                        match ever_fits(u64::from(q.cost), q.whole) {
+                            true => Denied::quota(item(used), Duration::from_nanos(reset.max(1))),
+                            false => Denied::too_costly(item(used)),
+                        },
+                    );
+                }
                 report.push(item(used.saturating_add(cost)));
                 if q.tokens {
                     report.reserved.wall = Some(now);
@@ -496,7 +509,13 @@ impl Part {
             };
             if !cap_has_room(in_flight, c.limit, c.shadow) {
                 tally.deny_cap(Denied::concurrency(item(in_flight)));
-            } else if cost > 0 {
+                continue;
+            }
+            if in_flight >= u64::from(c.limit) {
+                // Past a shadow cap: a place is taken all the same, and told.
+                report.overran(true, Denied::concurrency(item(in_flight)));
+            }
+            if cost > 0 {
                 caps.push((item(in_flight + 1), Some(c.permit)));
             } else {
                 // A peek takes no place: the report shows the free ones.

@@ -297,6 +297,9 @@ impl Share {
             };
             report.push(item);
         }
+        // A shadow limit the first unit went over grants no unit beyond it:
+        // what it would have denied is the first unit's alone.
+        report.shadow = self.report.shadow;
         self.left -= 1;
         self.kept = self.kept.min(self.left);
         self.taken += 1;
