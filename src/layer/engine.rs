@@ -19,7 +19,9 @@ use crate::response::{
     Decision, Reason, Rejection, ResponseStyle, SharedOnRejection, is_grpc, refused,
 };
 use crate::store::Failures;
-use crate::store::{Acquire, Acquired, Denied, MemoryStore, Report, Store, Subject, ThrottleRef};
+use crate::store::{
+    Acquire, Acquired, Denied, MemoryStore, Overruns, Report, Store, Subject, ThrottleRef,
+};
 
 /// Days of usage history the quotas of a subject nobody registered keep (a
 /// per-key policy's key, a client IP, a key a resolver answered whose id is
@@ -886,6 +888,9 @@ impl<K> Shared<K, MemoryStore> {
                 return self.check_allowed(c, cost);
             }
         }
+        if c.plan.shadow && cost > 0 && self.observer.is_some() {
+            return self.check_shadow(c, cost, denied);
+        }
         let account = c.account.map(|a| &**a);
         let model = c.plan.model(None);
         let history = self.history_days();
@@ -903,6 +908,33 @@ impl<K> Shared<K, MemoryStore> {
         match result {
             Ok(()) => self.check_allowed(c, cost),
             Err(d) => self.check_refused(c, cost, d, denied),
+        }
+    }
+
+    /// [`check_caller`](Self::check_caller) under a shadow plan, with an
+    /// observer: it is told when the request went over a shadow limit.
+    #[cold]
+    #[inline(never)]
+    fn check_shadow(&self, c: &Caller<'_>, cost: u32, denied: &mut Option<Denied>) {
+        let mut overruns = Overruns::default();
+        let result = Acquire::gather(
+            c.stage,
+            c.account.map(|a| &**a),
+            self.history_days(),
+            &c.subject,
+            None,
+            c.plan.model(None),
+            cost,
+            0,
+            |a| self.store.decide(a, &mut overruns),
+        );
+        match (result, overruns.0.verdict()) {
+            (Ok(()), Some(over)) => {
+                let seen = c.seen(None, c.plan.model(None));
+                self.checked_overrun(over, seen);
+            }
+            (Ok(()), None) => self.check_allowed(c, cost),
+            (Err(d), _) => self.check_refused(c, cost, d, denied),
         }
     }
 

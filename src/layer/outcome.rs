@@ -146,6 +146,17 @@ impl<K, S> Shared<K, S> {
     }
 
     /// The observer, if any, sees a decision of the memory store made
+    /// directly ([`check`](crate::RateLimitLayer::check)) that let a request
+    /// over a shadow limit through.
+    pub(crate) fn checked_overrun(&self, over: Denied, seen: Seen<'_>) {
+        if let Some(observer) = &self.observer {
+            let rejection = Rejection::denied(over.denial, &over.limit, self.quota_status);
+            let outcome = Outcome::ShadowRejected(rejection.reason());
+            observer.on_decision(&seen.event(outcome, rejection.limit()));
+        }
+    }
+
+    /// The observer, if any, sees a decision of the memory store made
     /// directly ([`check`](crate::RateLimitLayer::check)).
     #[inline]
     pub(crate) fn checked(&self, result: &Result<(), Denied>, seen: Seen<'_>) {

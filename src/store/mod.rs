@@ -111,7 +111,7 @@ pub use self::redis::{RedisStore, RedisStoreBuilder};
 pub(crate) use self::request::Subject;
 pub use self::request::{Acquire, ConcurrencyRef, Permit, QuotaRef, Settlement, ThrottleRef};
 pub use self::verdict::{Applied, Denied, Report};
-pub(crate) use self::verdict::{Denial, Reservation, Sink};
+pub(crate) use self::verdict::{Denial, Overruns, Reservation, Sink};
 pub use crate::plan::LimitKind;
 
 use std::fmt;

@@ -285,6 +285,46 @@ impl Sink for Report {
     }
 }
 
+/// The sink of a decision without a request whose observer is told of
+/// shadow limits gone over ([`RateLimitLayer::check`](crate::RateLimitLayer::check)
+/// under a shadow plan): it takes no place, as `()` does, and keeps only
+/// what a shadow limit would have denied.
+#[derive(Debug, Default)]
+pub(crate) struct Overruns(pub(crate) Tally);
+
+impl Sink for Overruns {
+    const HOLDS: bool = false;
+
+    #[inline]
+    fn push(&mut self, _item: impl FnOnce() -> Applied) {}
+
+    #[inline]
+    fn hold(&mut self, _permit: Permit) {}
+
+    #[inline]
+    fn reserve(&mut self, _f: impl FnOnce(&mut Reservation)) {}
+
+    #[inline]
+    fn overrun(&mut self, cap: bool, d: impl FnOnce() -> Denied) {
+        match cap {
+            true => self.0.deny_cap(d()),
+            false => self.0.deny(d()),
+        }
+    }
+
+    type Mark = Tally;
+
+    #[inline]
+    fn mark(&self) -> Tally {
+        self.0
+    }
+
+    #[inline]
+    fn rewind(&mut self, mark: Tally) {
+        self.0 = mark;
+    }
+}
+
 impl Sink for () {
     const HOLDS: bool = false;
 

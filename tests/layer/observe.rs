@@ -772,3 +772,59 @@ mod shadow {
         }
     }
 }
+
+/// `check` (the memory store's direct decision) tells the observer of a
+/// shadow plan's would-be rejections as a request through the layer does.
+#[tokio::test]
+async fn a_shadow_plans_would_be_rejections_are_seen_through_check() {
+    let clock = tollgate::ManualClock::new();
+    clock.set_wall(crate::support::at(2024, 5, 6, 3_600));
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(
+            UsagePlan::new("t")
+                .throttle(Throttle::new(1.0, 1).unwrap())
+                .shadow(true),
+        )
+        .plan(
+            UsagePlan::new("q")
+                .quota(tollgate::Quota::new(1, tollgate::Period::Day).unwrap())
+                .shadow(true),
+        )
+        .key(ApiKey::new("t", "t", "t"))
+        .key(ApiKey::new("q", "q", "q"))
+        .build()
+        .unwrap();
+    let recorder = Recorder::default();
+    let layer = RateLimitLayer::builder(policy)
+        .store(MemoryStore::builder().clock(clock).build().unwrap())
+        .observer(recorder.observer())
+        .build();
+    for key in [b"t", b"q"] {
+        assert!(layer.check(key, 1).is_ok());
+        assert!(layer.check(key, 1).is_ok(), "a shadow plan never rejects");
+    }
+    let seen: Vec<_> = recorder
+        .take()
+        .into_iter()
+        .map(|s| (s.plan.unwrap(), s.outcome, s.limit))
+        .collect();
+    let plan = |p: &str| p.to_owned();
+    assert_eq!(
+        seen,
+        [
+            (plan("t"), Outcome::Allowed, None),
+            (
+                plan("t"),
+                Outcome::ShadowRejected(Reason::Limited),
+                Some("throttle")
+            ),
+            (plan("q"), Outcome::Allowed, None),
+            (
+                plan("q"),
+                Outcome::ShadowRejected(Reason::QuotaExceeded),
+                Some("quota")
+            ),
+        ]
+    );
+}
