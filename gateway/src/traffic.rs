@@ -79,7 +79,8 @@ impl Kind {
             )
         );
         match outcome {
-            Outcome::Allowed => Kind::Allowed,
+            // A shadow plan's request over a limit goes through.
+            Outcome::Allowed | Outcome::ShadowRejected(_) => Kind::Allowed,
             Outcome::StoreFailed(_) => Kind::StoreFailure,
             Outcome::Rejected(reason) => match reason {
                 Reason::QuotaExceeded => Kind::Quota,
@@ -308,6 +309,11 @@ mod tests {
             Kind::StoreFailure
         );
         assert_eq!(of(Outcome::Rejected(Reason::DisabledKey), None), Kind::Key);
+        // A shadow plan's request over a limit went through.
+        assert_eq!(
+            of(Outcome::ShadowRejected(Reason::Limited), Some("throttle")),
+            Kind::Allowed
+        );
     }
 
     #[test]
