@@ -161,6 +161,12 @@ impl HeaderStyle {
         self.x_ratelimit
     }
 
+    /// Whether any rate-limit header is sent on an allowed response.
+    #[inline]
+    pub(crate) const fn sends_any(&self) -> bool {
+        self.ietf || self.x_ratelimit || self.openai
+    }
+
     /// Writes the headers for `report` into `headers`.
     #[cfg(test)]
     pub(crate) fn write(&self, report: &Report, headers: &mut HeaderMap) {
@@ -172,7 +178,7 @@ impl HeaderStyle {
     /// formats nor writes nor drops anything for them.
     #[inline]
     pub(crate) fn prepared(&self, report: &Report) -> Option<Prepared> {
-        if !(self.ietf || self.x_ratelimit || self.openai) {
+        if !self.sends_any() {
             return None;
         }
         Some(self.prepare(report))

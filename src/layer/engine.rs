@@ -512,7 +512,15 @@ impl<K, S: Store> Shared<K, S> {
         if let Some(first) = c.clear() {
             let (second, quota) = (c.method(req), c.subject.request_quota());
             if second.is_none() && quota.is_none() {
-                // The common plan, a throttle alone.
+                // The common plan, a throttle alone. A request through a
+                // layer that sends no headers reads nothing of its report
+                // (a lone throttle holds no place and reserves no tokens):
+                // the store need not write one.
+                if reserve.is_some() && !self.headers.sends_any() {
+                    if let Some(verdict) = self.store.decide_throttle_unreported(&first, cost) {
+                        return now(verdict);
+                    }
+                }
                 if let Some(verdict) = self.store.decide_throttle_now(&first, cost, report) {
                     return now(verdict);
                 }

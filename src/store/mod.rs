@@ -216,6 +216,22 @@ pub trait Store: Clone + Send + Sync + 'static {
         None
     }
 
+    /// [`decide_throttle_now`](Store::decide_throttle_now) for a caller that
+    /// reads no report (a request through a layer that sends no rate-limit
+    /// headers): the store need not describe how the throttle stands.
+    /// `None`, the default, sends the request through
+    /// `decide_throttle_now`. A store that answers here must answer exactly
+    /// as `decide_throttle_now` would.
+    #[inline]
+    fn decide_throttle_unreported(
+        &self,
+        throttle: &ThrottleRef<'_>,
+        cost: u32,
+    ) -> Option<Result<(), Denied>> {
+        let _ = (throttle, cost);
+        None
+    }
+
     /// [`decide_now`](Store::decide_now) for a request whose limits are the
     /// throttle `first` (a plan's), `second` (the method override the
     /// request's route matches), if any, and `quota`, if any, none a shadow,

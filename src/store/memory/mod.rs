@@ -702,6 +702,15 @@ impl Store for MemoryStore {
         Some(self.decide_throttle(throttle, cost, report))
     }
 
+    #[inline]
+    fn decide_throttle_unreported(
+        &self,
+        throttle: &ThrottleRef<'_>,
+        cost: u32,
+    ) -> Option<Result<(), Denied>> {
+        Some(self.decide_throttle(throttle, cost, &mut ()))
+    }
+
     fn usage(&self, quota: &QuotaRef<'_>, first: Date, last: Date) -> StoreFuture<Vec<[i64; 2]>> {
         let (first, last) = (first.days(), last.days());
         let days = self.inner.quotas.report(quota, first, last);
