@@ -153,8 +153,7 @@ impl Gcra {
     /// later requests may have been granted, is not handed out twice. The TAT
     /// never moves below `now`, so a refund never overfills the bucket.
     pub(crate) fn refund(&self, tat: Nanos, now: Nanos, mine: Nanos, cost: u32) -> Nanos {
-        let give = (u64::from(cost) * self.interval).min(mine.saturating_sub(now));
-        tat.saturating_sub(give).max(now.min(tat))
+        Self::refund_span(tat, now, mine, u64::from(cost) * self.interval)
     }
 
     /// The TAT under `new` parameters that keeps the share of the bucket in
@@ -169,6 +168,24 @@ impl Gcra {
         let ahead = u128::from(tat - now);
         let scaled = ahead * u128::from(new.tolerance) / u128::from(self.tolerance);
         now.saturating_add(Nanos::try_from(scaled).unwrap_or(Nanos::MAX))
+    }
+
+    /// A stretch of a bucket's time line (a settlement's share, in
+    /// nanoseconds under these numbers) under `new` parameters, scaled as
+    /// [`rescale`](Self::rescale) scales the share in use (a debt
+    /// included), rounded down: a settlement made after a change weighs
+    /// what it would have weighed in the bucket converted at the change.
+    pub(crate) fn rescale_span(&self, span: Nanos, new: &Gcra) -> Nanos {
+        let scaled = u128::from(span) * u128::from(new.tolerance) / u128::from(self.tolerance);
+        Nanos::try_from(scaled).unwrap_or(Nanos::MAX)
+    }
+
+    /// [`refund`](Self::refund) of a share of `give` nanoseconds rather
+    /// than of a cost in units: what of `mine` is still ahead of `now`
+    /// bounds it, and the TAT never moves below `now`.
+    pub(crate) fn refund_span(tat: Nanos, now: Nanos, mine: Nanos, give: Nanos) -> Nanos {
+        let give = give.min(mine.saturating_sub(now));
+        tat.saturating_sub(give).max(now.min(tat))
     }
 
     /// How a bucket with TAT `tat` stands at `now`.
@@ -362,6 +379,39 @@ mod tests {
             panic!("a full refund restores the whole bucket")
         };
         assert_eq!(g.status(after, now).remaining, 0);
+    }
+
+    #[test]
+    fn a_settlement_scales_as_the_share_in_use() {
+        // 100 a minute to 3,999,999,999 a minute: a span of 60 s to one of
+        // 63.999999984 s; 18 s of the first weigh 19.199999995 s of the
+        // second, rounded down, as a TAT 18 s ahead is converted.
+        let minute = Gcra::new(100.0 / 60.0, 100).unwrap();
+        let many = Gcra::new(3_999_999_999.0 / 60.0, 3_999_999_999).unwrap();
+        assert_eq!(minute.rescale_span(18 * S, &many), 19_199_999_995);
+        let now = 50 * S;
+        assert_eq!(
+            minute.rescale(now + 18 * S, now, &many) - now,
+            minute.rescale_span(18 * S, &many)
+        );
+        // A refund of a span gives back no more than is ahead of `mine`,
+        // and never moves the TAT below now.
+        assert_eq!(
+            Gcra::refund_span(now + 30 * S, now, now + 10 * S, 18 * S),
+            now + 20 * S
+        );
+        assert_eq!(
+            Gcra::refund_span(now + 30 * S, now, now + 40 * S, 18 * S),
+            now + 12 * S
+        );
+        assert_eq!(
+            Gcra::refund_span(now + 5 * S, now, now + 40 * S, 18 * S),
+            now
+        );
+        assert_eq!(
+            Gcra::refund_span(now - S, now, now + 40 * S, 18 * S),
+            now - S
+        );
     }
 
     #[test]

@@ -269,6 +269,14 @@ impl Earlier {
         })
     }
 
+    /// How many changes came before the current numbers at their instant
+    /// (with the instant, what tells two sets of numbers in force one
+    /// after the other apart).
+    pub(crate) fn tie(&self) -> u64 {
+        let word = self.encoded.split(' ').next();
+        word.and_then(|w| w.parse().ok()).unwrap_or(0)
+    }
+
     /// How many spans it holds.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {

@@ -886,6 +886,76 @@ async fn a_budget_in_debt_keeps_its_debt_through_a_plan_put_anew<B: Backend>(b: 
     }
 }
 
+/// A reservation made under a budget's old numbers and settled after the
+/// budget was put anew is converted to the numbers in force first, as the
+/// bucket's own share was at the change, then applied, whether or not the
+/// bucket was used under the new numbers in between: 50 of 100 reserved
+/// (30 s of the minute's span), the budget put at 3,999,999,999 a minute
+/// (16 ns a token, a span of 63.999999984 s: the share becomes
+/// 31.999999992 s), then settled at 80 (18 s more, scaled as the share:
+/// 19.199999995 s) or at 20 (as much back, within the reservation's own
+/// share). With the budget put back at 100 on the way, the share comes
+/// back to 30 s and the settlement, rounded down at each change, to
+/// 17.999999999 s: 20 tokens remain after the charge, 79 after the refund
+/// (a refund never gives back more than the reservation weighed).
+async fn a_settlement_after_a_budget_put_anew_is_converted_to_the_new_numbers<B: Backend>(b: &B) {
+    use http_body_util::BodyExt;
+    use tower::{Service, ServiceExt};
+    // Whether the budget is put back, whether a request of the key comes
+    // between the change and the settlement (Redis converts its bucket
+    // then), the tokens used, what remains.
+    for (back, between, actual, remaining) in [
+        (false, false, 80, 799_999_999),
+        (false, false, 20, 3_199_999_999u64),
+        (true, false, 80, 20),
+        (true, false, 20, 79),
+        (false, true, 80, 799_999_999),
+        (false, true, 20, 3_199_999_999),
+        (true, true, 20, 79),
+    ] {
+        let clock = ManualClock::new();
+        clock.set_wall(at(2024, 5, 6, 0));
+        let budget = |n: u32| UsagePlan::new("p").tokens(TokenBudget::new().per_minute(n).unwrap());
+        let (mut svc, admin) = token_service(b, &clock, budget(100)).await;
+        let held = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(tokens::request("v", 50, Some(actual)))
+            .await
+            .unwrap();
+        assert_eq!(held.status(), 200);
+        admin.put_plan(budget(3_999_999_999)).await.unwrap();
+        if back {
+            admin.put_plan(budget(100)).await.unwrap();
+        }
+        if between {
+            assert_eq!(send_tokens(&mut svc, 0, None).await, (200, None));
+        }
+        let _ = held.into_body().collect().await.unwrap();
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(tokens::request("v", 0, None))
+            .await
+            .unwrap();
+        let header = res
+            .headers()
+            .get("ratelimit")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let what = format!("settled at {actual}, put back: {back}, between: {between}");
+        assert_eq!(res.status(), 200, "{what}");
+        assert!(
+            header
+                .as_deref()
+                .is_some_and(|h| h.contains(&format!(";r={remaining};"))),
+            "{what}: {header:?}"
+        );
+        let _ = res.into_body().collect().await.unwrap();
+    }
+}
+
 on_each_backend!(
     "conformance":
     burst_then_one_per_interval_and_costs_count_as_units,
@@ -924,6 +994,7 @@ on_each_backend!(
     a_place_given_back_is_free_for_the_next_request_at_once,
     a_settlement_counts_for_the_next_request_at_once,
     a_budget_in_debt_keeps_its_debt_through_a_plan_put_anew,
+    a_settlement_after_a_budget_put_anew_is_converted_to_the_new_numbers,
 );
 
 /// On a Redis Cluster: the behaviours that touch several slots (stage limits

@@ -22,8 +22,8 @@
 //! limit and period (DAY, WEEK from any day, MONTH), which a key's count
 //! survives only in the window of the new period holding its last change,
 //! and token sequences with another per-minute budget, on buckets in debt
-//! after settlements too (held responses end before the change: a
-//! settlement across a plan change is kept out). Plans carry quotas of every
+//! after settlements too, and with responses held across the change (their
+//! settlement converted to the new numbers). Plans carry quotas of every
 //! period with an AWS `offset`; an account's limits are shared by two keys
 //! and a stage throttle by every caller.
 //!
@@ -693,9 +693,9 @@ enum Op {
         throttle: Rate,
     },
     /// Puts plan `"p"` anew with a token budget of this many per minute
-    /// (its `per_day` kept). Held responses end first (here and at
-    /// [`Op::PutPeriod`] on a plan with a token budget): a settlement of a
-    /// reservation made before a plan change is kept out of the sequences.
+    /// (its `per_day` kept). Held responses stay held: a reservation made
+    /// before the change is settled after it, converted to the new numbers.
+    /// (At [`Op::PutPeriod`] on a plan with a token budget they end first.)
     PutBudget { per_minute: u32 },
     /// Puts plan `"p"` anew with its request quota of this limit (kept
     /// above its offset) per this period.
@@ -1438,8 +1438,9 @@ async fn run(
         | Op::PutPeriod { .. }
         | Op::PutAccount { .. } = *op
         {
-            if matches!(*op, Op::PutBudget { .. } | Op::PutPeriod { .. }) && spec.tokens() {
-                // Every held response ends before the change.
+            if matches!(*op, Op::PutPeriod { .. }) && spec.tokens() {
+                // Every held response ends before the change of period (a
+                // budget's settlement across it is not what is tested).
                 while !r.held.is_empty() {
                     let (res, actual) = r.held.remove(0);
                     r.model.end(res, actual);
@@ -2114,6 +2115,78 @@ mod found {
                 http(0, None),
             ],
         );
+    }
+
+    /// A response held across a budget put anew from 30 to 7 a minute,
+    /// settled at 31 tokens over an estimate of 0: the memory store
+    /// charged the 31 tokens at the old interval (2 s) to a bucket kept
+    /// under the new numbers, 4 ns short of the charge converted as the
+    /// bucket was (the next request waited 1,999,999,996 ns, not 2 s).
+    #[test]
+    fn a_settlement_after_a_budget_put_anew_is_converted_to_it() {
+        let spec = Spec {
+            kind: Kind::Tokens,
+            quota: None,
+            other: None,
+            tokens_minute: Some(30),
+            ..admin_spec(QuotaSpec::day(1), 86_370)
+        };
+        on_both(
+            spec,
+            vec![
+                Op::Http {
+                    key: 0,
+                    on_route: false,
+                    estimate: 0,
+                    actual: Some(31),
+                    hold: true,
+                    model: 0,
+                },
+                Op::PutBudget { per_minute: 7 },
+                Op::End(0),
+                Op::Direct {
+                    key: 0,
+                    cost: 0,
+                    check: false,
+                },
+            ],
+        );
+    }
+
+    /// A response held across a budget put anew from 100 to 7 a minute,
+    /// with a request between the change and its end: Redis converted the
+    /// bucket at that request, then found it under other numbers than the
+    /// reservation's and dropped the settlement (a charge of 30 tokens, or
+    /// a refund of 30).
+    #[test]
+    fn redis_settlement_on_a_bucket_converted_since_is_applied() {
+        for actual in [80, 20] {
+            let spec = Spec {
+                kind: Kind::Tokens,
+                quota: None,
+                other: None,
+                tokens_minute: Some(100),
+                ..admin_spec(QuotaSpec::day(1), 3_600)
+            };
+            let http = |estimate, actual, hold| Op::Http {
+                key: 0,
+                on_route: false,
+                estimate,
+                actual,
+                hold,
+                model: 0,
+            };
+            on_both(
+                spec,
+                vec![
+                    http(50, Some(actual), true),
+                    Op::PutBudget { per_minute: 7 },
+                    http(0, None, false),
+                    Op::End(0),
+                    http(0, None, false),
+                ],
+            );
+        }
     }
 
     /// A request the token budget's `per_day` refuses (a cost it can never

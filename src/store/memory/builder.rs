@@ -77,6 +77,7 @@ impl MemoryStoreBuilder {
                 tables: [Table::new(slots), Table::new(slots)],
                 quotas: Quotas::new(self.max_keys),
                 resets: Resets::default(),
+                changes: Default::default(),
             }),
         })
     }

@@ -37,6 +37,7 @@
 //! errs toward admitting that key sooner.
 
 mod builder;
+mod changes;
 mod kept;
 mod quotas;
 mod resets;
@@ -50,6 +51,7 @@ use super::verdict::{Tally, cap_has_room, ever_fits, quota_applied};
 use std::fmt;
 use std::sync::Arc;
 
+use self::changes::Changes;
 use self::quotas::Quotas;
 use self::resets::Resets;
 use self::table::{SlotKey, Table};
@@ -59,7 +61,7 @@ use super::{
     Settlement, Sink, Store, StoreError, StoreFuture, ThrottleRef, Verdict,
 };
 use crate::clock::Clock;
-use crate::gcra::{MAX_SPAN, Nanos, Outcome};
+use crate::gcra::{Gcra, MAX_SPAN, Nanos, Outcome};
 use crate::hash::{self, Digest};
 use crate::plan::{Limit, LimitKind};
 use crate::quota::Count;
@@ -95,6 +97,9 @@ struct Inner {
     /// When each token bucket was last reset: written by `reset`, read by
     /// `settle` alone, never by a decision.
     resets: Resets,
+    /// Each token bucket's changes of numbers while serving: written by
+    /// `rescale`, read by `settle` alone, never by a decision.
+    changes: Changes,
 }
 
 impl Inner {
@@ -777,12 +782,21 @@ impl Store for MemoryStore {
             return;
         }
         if let Some(t) = &settlement.throttle {
-            let gcra = t.limit.gcra;
+            let mut shift = delta
+                .unsigned_abs()
+                .saturating_mul(t.limit.gcra.interval())
+                .min(MAX_SPAN);
+            let mut until = settlement.reserved.until;
+            // Reserved under numbers changed since: converted to the
+            // current ones first, as the bucket was at each change.
+            let converted = self
+                .inner
+                .changes
+                .convert(t.limit.salt, t.limit, shift, until);
+            if let Some(c) = converted {
+                (shift, until) = (c.shift.min(MAX_SPAN), c.until);
+            }
             if delta > 0 {
-                let shift = delta
-                    .unsigned_abs()
-                    .saturating_mul(gcra.interval())
-                    .min(MAX_SPAN);
                 let kept = self.update_throttle(t, |tat, now| {
                     tat.max(now)
                         .saturating_add(shift)
@@ -794,7 +808,7 @@ impl Store for MemoryStore {
                     let slot = SlotKey::new(t.digest, t.limit.salt);
                     self.inner.table(t.digest).keep_stray(slot, charged, now);
                 }
-            } else if let Some(until) = settlement.reserved.until {
+            } else if let Some(until) = until {
                 // A bucket reset since the reservation refilled its share
                 // already: given back, it would be granted twice. (Without
                 // a decision time, which only an overflow leaves, any reset
@@ -802,8 +816,8 @@ impl Store for MemoryStore {
                 let at = settlement.reserved_at().unwrap_or(0);
                 let slot = SlotKey::new(t.digest, t.limit.salt);
                 if !self.inner.resets.since(slot, at) {
-                    let back = u32::try_from(delta.unsigned_abs()).unwrap_or(u32::MAX);
-                    let _ = self.update_throttle(t, |tat, now| gcra.refund(tat, now, until, back));
+                    let _ = self
+                        .update_throttle(t, |tat, now| Gcra::refund_span(tat, now, until, shift));
                 }
             }
         }
@@ -831,6 +845,14 @@ impl Store for MemoryStore {
         let _ = self.update_throttle(new, |tat, now| {
             old.limit.gcra.rescale(tat, now, &new.limit.gcra)
         });
+        // A token bucket's settlements made after the change are converted
+        // as its state was (see `Changes`).
+        if new.counts_tokens() {
+            let now = self.inner.clock.nanos();
+            self.inner
+                .changes
+                .log(new.limit.salt, old.limit, new.limit, now);
+        }
     }
 }
 

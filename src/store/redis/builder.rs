@@ -308,6 +308,7 @@ impl RedisStoreBuilder {
                 max_age: self.max_age,
                 max_share: self.max_share,
                 local: Local::new(self.clock.clone().unwrap_or_default()),
+                numbers: Default::default(),
                 unanswered: crate::sync::Mutex::default(),
                 answered: tokio::sync::Notify::new(),
                 logged: crate::sync::Mutex::default(),

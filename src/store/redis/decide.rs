@@ -322,6 +322,17 @@ impl Store for RedisStore {
         }))
     }
 
+    /// Converts nothing here: each key is converted the next time it is
+    /// used (see the script's mode "a"). The numbers of a token bucket are
+    /// noted for the settlements of requests reserved under the old ones,
+    /// which are converted to them.
+    fn rescale(&self, old: &ThrottleRef<'_>, new: &ThrottleRef<'_>) {
+        let _ = old;
+        if new.counts_tokens() {
+            self.inner.numbers.note(new.limit);
+        }
+    }
+
     fn release(&self, permit: Permit) {
         if !self.inner.local.release(permit) {
             self.inner.remove_place(permit);
@@ -379,6 +390,9 @@ impl Store for RedisStore {
             call.keys.push(inner.throttle_key(t));
             call.arg(t.limit.gcra.interval());
             call.arg(t.limit.gcra.burst());
+            // Converted to the numbers in force first, when they changed
+            // since the reservation.
+            call.args.extend(inner.numbers.args(t.limit));
         }
         call.arg(quotas.iter().flatten().count());
         for q in quotas.iter().flatten() {
@@ -412,6 +426,9 @@ impl Store for RedisStore {
             let at = settlement.reserved_at().unwrap_or(0);
             call.arg(at / NANOS_PER_SEC);
             call.arg(at % NANOS_PER_SEC);
+            // Converted to the numbers in force first, when they changed
+            // since the reservation.
+            call.args.extend(inner.numbers.args(t.limit));
             calls.push(call);
         }
         if calls.is_empty() {

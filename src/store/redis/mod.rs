@@ -13,6 +13,7 @@ mod guards;
 mod held;
 mod keys;
 mod local;
+mod numbers;
 // The local key registry (`Admin`) follows Redis through it; until it
 // does, only the tests call it.
 #[allow(dead_code)]

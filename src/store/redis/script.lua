@@ -32,8 +32,8 @@
 -- <tie>", tol the span (interval * burst, ns) the TAT was written under,
 -- since the instant those numbers came into force (the throttle's "since"
 -- when it was written) and tie how many changes came before them at that
--- very instant (the last three are missing in a key written by mode "r" or
--- "t" where there was none, or by an older version); missing = a full
+-- very instant (the last three are missing in a key written by mode "r"
+-- without the numbers in force, or by an older version); missing = a full
 -- bucket. It expires when the bucket is full again (see "Lifetimes"). A
 -- key read under other numbers is converted as Gcra::rescale does at each
 -- change: when the throttle's earlier spans (the "before" argument) hold
@@ -117,25 +117,34 @@
 --   throttle's reset mark (see "f"). ARGV: "r", now_s, now_ns, cost, n, n
 --   times (interval_ns, burst, mine_s, mine_ns, cost_i), then charged_s,
 --   charged_ns; mine the TAT this request stored, charged the time of the
---   call that charged it. A key whose span changed since is left alone, and
---   so is one reset after the charge (its mark later than it; a charge at
---   the reset's very instant is taken as made after it): the reset refilled
---   the charge already, and given back it would be granted twice.
+--   call that charged it; then optionally, n times, the numbers the charge
+--   was made under and those in force: since_s, since_ns, tie (of the
+--   charge's numbers), interval_ns, burst, since_s, since_ns, before (the
+--   numbers in force, as "a" takes them). With them, the key is converted
+--   to the numbers in force and so is what is given back (cost * interval
+--   and mine, see `converted`) before it is given; without them, a key
+--   whose span changed since is left alone. A key reset after the charge
+--   is left alone (its mark later than it; a charge at the reset's very
+--   instant is taken as made after it): the reset refilled the charge
+--   already, and given back it would be granted twice.
 --   Reply: now_s, now_ns.
 --
 -- "t" settle a request's actual tokens. KEYS: t_1..t_n (0 or 1), then q_i,
 --   h_i for each quota. ARGV: "t", now_s, now_ns, delta (tokens, negative
---   for a refund), n, n times (interval_ns, burst), m, m times (limit,
+--   for a refund), n, n times (interval_ns, burst, since_s, since_ns, tie,
+--   then the numbers in force: interval_ns, burst, since_s, since_ns,
+--   before, as "a" takes them), m, m times (limit,
 --   period, week_start, offset, created_s, history_days; m at most 2, at
 --   most 6 for "g"), then optionally
 --   time the tokens were charged (charged_s, charged_ns), then optionally
 --   "o": a charge (delta > 0) so marked is what a local copy admitted
 --   during an outage, owed to Redis, and goes only to the window that began on or before its day,
 --   to no count reset or set after it, and to that day in the history
---   while it holds it. A throttle's
---   TAT moves by delta * interval (a refund never below now; a charge may
---   put the bucket in debt, past its span; a key stored under other numbers
---   is left alone, unless a charge finds its bucket full); a quota's count by delta (never
+--   while it holds it. A throttle's key is converted to the numbers in
+--   force and its TAT moves by delta * interval converted to them as the
+--   bucket's share was at each change since the request's numbers (see
+--   `converted`; a refund never below now; a charge may put the bucket in
+--   debt, past its span); a quota's count by delta (never
 --   below 0), except that a refund is not given to a window that began
 --   after the day the tokens were charged, nor to a count reset after the
 --   time they were charged, nor to one made after it (b: the count that
@@ -418,6 +427,81 @@ local function rescale(ahead, old, tol, tat_s, tat_ns, since_s, since_ns, now_s,
   end
   if at_change > 0 then
     return scale(at_change, tol, old) - elapsed
+  end
+end
+
+-- A settlement ("t" charging a throttle, "r" giving back to one) of a
+-- request reserved under numbers that may have changed since: the key
+-- converted to the current numbers as "a" converts it, and the
+-- settlement's shift (ns of the bucket's time line under the reservation's
+-- span tol_s, in force since ss, sns after st changes at that instant) and
+-- the end of the reservation's own share (u_s, u_ns; nil for none)
+-- converted to the current span tol_c (since cs, cns, earlier spans
+-- before_c, whose first word is its tie) as the bucket's share in use was
+-- at each change: at each change the shift scaled exactly to the next
+-- span, rounded down, the share's end as a TAT (Gcra::rescale_span,
+-- Gcra::rescale); from tol_s to tol_c as of the latest change when
+-- before_c does not hold the reservation's numbers. Returns the key's TAT
+-- ahead of now (nil: full), the shift, the share's end ahead of now (nil:
+-- refilled, or none), and the current numbers' tie. Made only for "t" and
+-- "r".
+local converted = nil
+if ARGV[1] == 't' or ARGV[1] == 'r' then
+  converted = function(load, rescale, replay, key, now_s, now_ns, tol_s, ss, sns, st,
+      tol_c, cs, cns, before_c, shift, u_s, u_ns)
+    local ct = 0
+    if before_c ~= '' then
+      ct = string.match(before_c, '^%d+')
+      ct = ct and ct + 0
+      if not ct or ct >= 2 ^ 53 then
+        error({ tollgate = 'bad earlier spans' })
+      end
+    end
+    local ahead, old, tat_s, tat_ns, vs, vns, vt = load(key, now_s, now_ns)
+    if ahead and (old ~= tol_c or vs and (vs ~= cs or vns ~= cns or vt ~= ct)) then
+      local found, a = false, nil
+      if vs and before_c ~= '' then
+        found, a = replay(before_c, old, vs, vns, vt, tol_c, cs, cns, tat_s, tat_ns, now_s, now_ns)
+      end
+      if found then
+        ahead = a
+      elseif old ~= tol_c then
+        ahead = rescale(ahead, old, tol_c, tat_s, tat_ns, cs, cns, now_s, now_ns)
+      end
+    end
+    local ends = u_s and (u_s - now_s) * 1e9 + (u_ns - now_ns)
+    if tol_s == tol_c and ss == cs and sns == cns and st == ct then
+      return ahead, shift, ends, ct
+    end
+    -- The spans from the reservation's to the current ones (newest first
+    -- in before_c, after its tie), as replay reads them.
+    local spans, at = {}, nil
+    for t, s, ns, tie in string.gmatch(before_c, ' (%d+) (%d+) (%d+) (%d+)') do
+      t, s, ns, tie = t + 0, s + 0, ns + 0, tie + 0
+      spans[#spans + 1] = t
+      if t == tol_s and s == ss and ns == sns and tie == st then
+        at = #spans
+        break
+      end
+    end
+    if at then
+      local from = tol_s
+      for i = at, 1, -1 do
+        local to = i > 1 and spans[i - 1] or tol_c
+        shift = scale(shift, to, from)
+        from = to
+      end
+      if u_s then
+        local _, a = replay(before_c, tol_s, ss, sns, st, tol_c, cs, cns, u_s, u_ns, now_s, now_ns)
+        ends = a
+      end
+    else
+      shift = scale(shift, tol_c, tol_s)
+      if u_s then
+        ends = rescale(ends, tol_s, tol_c, u_s, u_ns, cs, cns, now_s, now_ns)
+      end
+    end
+    return ahead, shift, ends, ct
   end
 end
 
@@ -812,10 +896,13 @@ end
 
 -- "r" refund.
 if mode == 'r' then
-  run = function(int, clock, load, store)
+  run = function(int, clock, load, store, rescale, _, replay)
     int(ARGV[4], 0, 2 ^ 53 - 1, 'cost')
     local n = int(ARGV[5], 0, #KEYS, 'throttle count')
-    if #ARGV ~= 7 + 5 * n or #KEYS ~= 2 * n then
+    -- The numbers each throttle's charge was made under and those in
+    -- force, after the charge time, when the caller knows them.
+    local numbered = #ARGV == 7 + 13 * n
+    if (#ARGV ~= 7 + 5 * n and not numbered) or #KEYS ~= 2 * n then
       error({ tollgate = 'wrong number of arguments' })
     end
     local charged_s = int(ARGV[6 + 5 * n], 0, 2 ^ 40, 'charge time')
@@ -833,12 +920,45 @@ if mode == 'r' then
         error({ tollgate = 'throttle span of 2^53 ns or more' })
       end
       plan[i] = { interval, burst, mine_s, mine_ns, cost }
+      if numbered then
+        local k = 8 + 5 * n + 8 * (i - 1)
+        local c_interval = int(ARGV[k + 3], 1, 2 ^ 53 - 1, 'interval')
+        local c_burst = int(ARGV[k + 4], 1, 2 ^ 53 - 1, 'burst')
+        if c_interval * c_burst >= 2 ^ 53 then
+          error({ tollgate = 'throttle span of 2^53 ns or more' })
+        end
+        plan[i][6] = {
+          int(ARGV[k], 0, 2 ^ 40, 'since'), int(ARGV[k + 1], 0, 1e9 - 1, 'since'),
+          int(ARGV[k + 2], 0, 2 ^ 53 - 1, 'tie'), c_interval * c_burst,
+          int(ARGV[k + 5], 0, 2 ^ 40, 'since'), int(ARGV[k + 6], 0, 1e9 - 1, 'since'),
+          ARGV[k + 7],
+        }
+      end
     end
     for i = 1, n do
-      local interval, burst, mine_s, mine_ns, cost = unpack(plan[i])
-      local ahead, tol, _, _, vs, vns, vt = load(KEYS[i], now_s, now_ns)
-      -- Nothing to give back to a full bucket, nor across a change of span.
-      local give_back = ahead and ahead > 0 and tol == interval * burst
+      local interval, burst, mine_s, mine_ns, cost, numbers = unpack(plan[i])
+      local ahead, tol, vs, vns, vt, give, _
+      if numbers then
+        -- Converted to the numbers in force first (see `converted`).
+        local ss, sns, st, tol_c, cs, cns, before_c = unpack(numbers)
+        local ends, ct
+        ahead, give, ends, ct = converted(load, rescale, replay, KEYS[i], now_s, now_ns,
+          interval * burst, ss, sns, st, tol_c, cs, cns, before_c,
+          math.min(cost * interval, 2 ^ 53 - 1), mine_s, mine_ns)
+        give = math.min(give, math.max(ends or 0, 0))
+        tol, vs, vns, vt = tol_c, cs, cns, ct
+      else
+        ahead, tol, _, _, vs, vns, vt = load(KEYS[i], now_s, now_ns)
+        -- give = min(cost * interval, max(mine - now, 0)); nothing across
+        -- a change of span.
+        local mine = (mine_s - now_s) * 1e9 + (mine_ns - now_ns)
+        give = math.min(cost * interval, math.max(mine, 0))
+        if tol ~= interval * burst then
+          ahead = nil
+        end
+      end
+      -- Nothing to give back to a full bucket.
+      local give_back = ahead and ahead > 0
       if give_back then
         -- Nor to a bucket reset after the charge (read only when there is
         -- something to give).
@@ -853,10 +973,7 @@ if mode == 'r' then
         end
       end
       if give_back then
-        -- give = min(cost * interval, max(mine - now, 0)); the TAT moves back
-        -- by it, but not below now.
-        local mine = (mine_s - now_s) * 1e9 + (mine_ns - now_ns)
-        local give = math.min(cost * interval, math.max(mine, 0))
+        -- The TAT moves back by it, but not below now.
         store(KEYS[i], ahead - give, tol, vs, vns, vt, now_s, now_ns)
       end
     end
@@ -866,11 +983,11 @@ end
 
 -- "t" settle, "g" give back.
 if mode == 't' or mode == 'g' then
-  run = function(int, clock, load, store, _, quotas)
+  run = function(int, clock, load, store, rescale, quotas, replay)
     local exact = ARGV[1] == 'g'
     local delta = int(ARGV[4], 1 - 2 ^ 53, exact and 0 or 2 ^ 53 - 1, 'delta')
     local n = int(ARGV[5], 0, exact and 0 or 1, 'throttle count')
-    local qi = 6 + 2 * n
+    local qi = 6 + 10 * n
     if #ARGV < qi then
       error({ tollgate = 'wrong number of arguments' })
     end
@@ -901,12 +1018,21 @@ if mode == 't' or mode == 'g' then
     local spec, roll, save = quotas(int)
     local throttles, qs = {}, {}
     for i = 1, n do
-      local interval = int(ARGV[4 + 2 * i], 1, 2 ^ 53 - 1, 'interval')
-      local burst = int(ARGV[5 + 2 * i], 1, 2 ^ 53 - 1, 'burst')
-      if interval * burst >= 2 ^ 53 then
+      local j = 6 + 10 * (i - 1)
+      local interval = int(ARGV[j], 1, 2 ^ 53 - 1, 'interval')
+      local burst = int(ARGV[j + 1], 1, 2 ^ 53 - 1, 'burst')
+      local c_interval = int(ARGV[j + 5], 1, 2 ^ 53 - 1, 'interval')
+      local c_burst = int(ARGV[j + 6], 1, 2 ^ 53 - 1, 'burst')
+      if interval * burst >= 2 ^ 53 or c_interval * c_burst >= 2 ^ 53 then
         error({ tollgate = 'throttle span of 2^53 ns or more' })
       end
-      throttles[i] = { interval, interval * burst }
+      throttles[i] = {
+        interval, interval * burst,
+        int(ARGV[j + 2], 0, 2 ^ 40, 'since'), int(ARGV[j + 3], 0, 1e9 - 1, 'since'),
+        int(ARGV[j + 4], 0, 2 ^ 53 - 1, 'tie'), c_interval * c_burst,
+        int(ARGV[j + 7], 0, 2 ^ 40, 'since'), int(ARGV[j + 8], 0, 1e9 - 1, 'since'),
+        ARGV[j + 9],
+      }
     end
     for i = 1, m do
       local j = qi + 1 + 6 * (i - 1)
@@ -914,21 +1040,17 @@ if mode == 't' or mode == 'g' then
       qs[i][6] = int(ARGV[j + 5], 1, 100000, 'history days')
     end
     for i = 1, n do
-      local interval, tol = unpack(throttles[i])
-      local ahead, old, _, _, vs, vns, vt = load(KEYS[i], now_s, now_ns)
+      local interval, tol_s, ss, sns, st, tol_c, cs, cns, before_c = unpack(throttles[i])
+      -- Converted to the numbers in force first (see `converted`): the key
+      -- and the settlement's share.
+      local ahead, shift, _, ct = converted(load, rescale, replay, KEYS[i], now_s, now_ns,
+        tol_s, ss, sns, st, tol_c, cs, cns, before_c,
+        math.min(math.abs(delta) * interval, 2 ^ 53 - 1), nil, nil)
       ahead = math.max(ahead or 0, 0)
-      -- A key whose span changed since the decision is left alone, unless
-      -- its bucket is full: a full bucket is full under any numbers (the
-      -- memory store's conversion leaves it so), and a charge on it is the
-      -- same under the new ones (a request estimated at 0, which stores
-      -- nothing, settled after its plan was put anew).
-      if not old or old == tol or (ahead == 0 and delta > 0) then
-        local shift = math.min(math.abs(delta) * interval, 2 ^ 53 - 1)
-        if delta > 0 then
-          store(KEYS[i], math.min(ahead + shift, 2 ^ 53 - 1), tol, vs, vns, vt, now_s, now_ns)
-        elseif ahead > 0 then
-          store(KEYS[i], math.max(ahead - shift, 0), tol, vs, vns, vt, now_s, now_ns)
-        end
+      if delta > 0 then
+        store(KEYS[i], math.min(ahead + shift, 2 ^ 53 - 1), tol_c, cs, cns, ct, now_s, now_ns)
+      elseif ahead > 0 then
+        store(KEYS[i], math.max(ahead - shift, 0), tol_c, cs, cns, ct, now_s, now_ns)
       end
     end
     for i = 1, m do

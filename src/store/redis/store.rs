@@ -101,6 +101,9 @@ pub(super) struct Inner {
     pub(super) max_share: u32,
     /// The copy of the limits a `Local` failure is decided by.
     pub(super) local: Local,
+    /// The numbers in force of each token bucket changed while serving,
+    /// for settlements reserved under older ones.
+    pub(super) numbers: super::numbers::Numbers,
     /// Writes this instance sent in the background as a response ended (a
     /// place given back, a settlement) that Redis has not answered yet,
     /// counted by the keys they write, and a wake-up at each answer: a

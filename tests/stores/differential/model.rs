@@ -181,6 +181,10 @@ pub struct Bucket {
     pub burst: u32,
     /// `None`: a key never seen, a full bucket.
     pub tat: Option<Q>,
+    /// Each change of its numbers: when, and its tolerance before and
+    /// after (a settlement reserved before a change is converted through
+    /// it).
+    pub changes: Vec<(Q, Q, Q)>,
 }
 
 impl Bucket {
@@ -193,6 +197,7 @@ impl Bucket {
             interval: Q::int(Q::new(NANOS_PER_SEC * i128::from(den), i128::from(num)).ceil()),
             burst,
             tat: None,
+            changes: Vec::new(),
         }
     }
 
@@ -208,8 +213,25 @@ impl Bucket {
             let ahead = tat.sub(now);
             now.add(Q::int(ahead.mul(fresh.ceil()).div_floor(old)))
         });
+        self.changes.push((now, old, fresh));
         self.interval = new.interval;
         self.burst = new.burst;
+    }
+
+    /// A settlement reserved when the bucket had seen `seen` changes of its
+    /// numbers, of `shift` ns of its time line then and whose own share
+    /// ended at `share_end`, converted through each change since as the
+    /// share in use was: the shift scaled to the new tolerance, the end of
+    /// the share as a TAT, each rounded down to a whole nanosecond.
+    fn convert(&self, seen: usize, shift: Q, share_end: Q) -> (Q, Q) {
+        let (mut shift, mut end) = (shift, share_end);
+        for &(at, old, fresh) in &self.changes[seen..] {
+            shift = Q::int(shift.mul(fresh.ceil()).div_floor(old));
+            if end > at {
+                end = at.add(Q::int(end.sub(at).mul(fresh.ceil()).div_floor(old)));
+            }
+        }
+        (shift, end)
     }
 
     fn tolerance(&self) -> Q {
@@ -458,6 +480,10 @@ pub struct Reservation {
     pub estimate: u32,
     /// The start of the token quota's window at the decision.
     pub window: i128,
+    /// The per-minute bucket's emission interval at the decision, and how
+    /// many changes of its numbers it had seen.
+    pub interval: Q,
+    pub changes: usize,
 }
 
 enum Denial {
@@ -587,11 +613,19 @@ impl Limits {
             return;
         };
         let delta = i128::from(actual) - i128::from(res.estimate);
+        // The settlement as the reservation's numbers weigh it, converted
+        // to the numbers in force (a plan put anew since): the difference
+        // on the bucket's time line, and the end of the estimate's share.
+        let converted = self.tokens_minute.as_ref().map(|b| {
+            let shift = res.interval.mul(delta.abs());
+            let share_end = Q::int(res.at).add(res.interval.mul(i128::from(res.estimate)));
+            b.convert(res.changes, shift, share_end)
+        });
         if delta > 0 {
             // An under-estimate is charged past the limit: a debt.
-            if let Some(b) = &mut self.tokens_minute {
+            if let (Some(b), Some((shift, _))) = (&mut self.tokens_minute, converted) {
                 let base = b.base(now);
-                b.tat = Some(base.add(b.interval.mul(delta)));
+                b.tat = Some(base.add(shift));
             }
             if let Some(q) = &mut self.tokens_day {
                 let used = q.used_at(wall) + delta;
@@ -602,13 +636,9 @@ impl Limits {
             // Only the estimate's own share not yet refilled comes back
             // (what refilled since may have been granted again), and never
             // beyond a full bucket.
-            if let Some(b) = &mut self.tokens_minute {
+            if let (Some(b), Some((shift, share_end))) = (&mut self.tokens_minute, converted) {
                 if let Some(tat) = b.tat {
-                    let share_end = Q::int(res.at).add(b.interval.mul(i128::from(res.estimate)));
-                    let give = b
-                        .interval
-                        .mul(refund)
-                        .min(share_end.sub(now).max(Q::int(0)));
+                    let give = shift.min(share_end.sub(now).max(Q::int(0)));
                     b.tat = Some(tat.sub(give).max(now.min(tat)));
                 }
             }
@@ -744,12 +774,18 @@ impl Model {
             .tokens_day
             .as_ref()
             .map_or(0, |q| q.window(wall).0);
+        let (interval, changes) = k.plans[k.on]
+            .tokens_minute
+            .as_ref()
+            .map_or((Q::int(0), 0), |b| (b.interval, b.changes.len()));
         let reservation = ask.holds.then_some(Reservation {
             key: ask.key,
             plan: k.on,
             at: self.now,
             estimate: ask.tokens,
             window,
+            interval,
+            changes,
         });
         (Answer::Allowed { header }, reservation)
     }
