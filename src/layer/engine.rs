@@ -30,6 +30,14 @@ use crate::store::{
 /// Usage reports are of registered keys.
 const TRANSIENT_HISTORY_DAYS: u32 = 1;
 
+/// A key refused for a request is told to observers (the `TOLD` parameter
+/// of the key lookups).
+const TOLD: bool = true;
+/// A key refused for a peek (a decision of cost 0 without a request: a
+/// standing, `check` or `decide` of cost 0) is not: a peek decides nothing.
+/// A parameter known when compiled, so a request's path reads no flag.
+pub(crate) const PEEK: bool = false;
+
 /// What every clone of a layer and its services share.
 pub(crate) struct Shared<K, S> {
     pub(crate) extractor: K,
@@ -236,7 +244,7 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
         } else {
             match self.extractor.extract(req) {
                 // A registered key is decided from its entry alone.
-                Ok(ref key) => self.registered(key.as_bytes(), Some(req), true, decide),
+                Ok(ref key) => self.registered::<TOLD, _>(key.as_bytes(), Some(req), true, decide),
                 Err(KeyError::Missing) => match &self.policy.load().anonymous {
                     Some(anon) => match anon.client_ip.extract(req) {
                         Ok(ip) => {
@@ -306,7 +314,12 @@ impl<K, S: Store> Shared<K, S> {
                 let caller = Caller::unregistered(None, plan, key);
                 Ok(self.acquire(&caller, None, cost, None, report))
             }
-            None => self.registered(key, None, true, |c| {
+            // A peek (cost 0) decides nothing: a key it refuses is not
+            // told to observers either.
+            None if cost == 0 => self.registered::<PEEK, _>(key, None, true, |c| {
+                self.acquire(c, None, cost, None, report)
+            }),
+            None => self.registered::<TOLD, _>(key, None, true, |c| {
                 self.acquire(c, None, cost, None, report)
             }),
         };
@@ -326,7 +339,7 @@ impl<K, S: Store> Shared<K, S> {
                 let caller = Caller::unregistered(None, p, key);
                 Ok(self.peek(&caller, report, peek))
             }
-            None => self.registered(key, None, true, |c| self.peek(c, report, peek)),
+            None => self.registered::<PEEK, _>(key, None, true, |c| self.peek(c, report, peek)),
         };
         Step::of(result)
     }
@@ -401,7 +414,7 @@ impl<K, S: Store> Shared<K, S> {
         peek: &mut Peek<'_>,
     ) -> Step<S::Future> {
         let decide = |c: &Caller<'_>| self.peek(c, report, peek);
-        let result = self.resolved(&self.policy.load(), answer, None, true, decide);
+        let result = self.resolved::<PEEK, _>(&self.policy.load(), answer, None, true, decide);
         result.unwrap_or_else(|rejection| Step::Done(Err(refused(rejection, None))))
     }
 
@@ -415,7 +428,7 @@ impl<K, S: Store> Shared<K, S> {
         report: &mut Report,
     ) -> Step<S::Future> {
         let decide = |c: &Caller<'_>| self.acquire(c, Some(req), 1, Some(reserve), report);
-        let result = self.resolved(&self.policy.load(), answer, Some(req), true, decide);
+        let result = self.resolved::<TOLD, _>(&self.policy.load(), answer, Some(req), true, decide);
         result.unwrap_or_else(|rejection| Step::Done(Err(refused(rejection, None))))
     }
 
@@ -427,7 +440,10 @@ impl<K, S: Store> Shared<K, S> {
         report: &mut Report,
     ) -> Step<S::Future> {
         let decide = |c: &Caller<'_>| self.acquire(c, None, cost, None, report);
-        let result = self.resolved(&self.policy.load(), answer, None, true, decide);
+        let result = match cost {
+            0 => self.resolved::<PEEK, _>(&self.policy.load(), answer, None, true, decide),
+            _ => self.resolved::<TOLD, _>(&self.policy.load(), answer, None, true, decide),
+        };
         result.unwrap_or_else(|rejection| Step::Done(Err(refused(rejection, None))))
     }
 
@@ -641,7 +657,7 @@ impl<K, S> Shared<K, S> {
     /// through a [`Miss::Lookup`]. A per-key policy never gets here: it is
     /// decided through `fixed`.
     #[inline]
-    fn registered<T>(
+    fn registered<const TOLD: bool, T>(
         &self,
         key: &[u8],
         req: Option<&RequestView<'_>>,
@@ -659,7 +675,9 @@ impl<K, S> Shared<K, S> {
                     req: req.copied(),
                     model: None,
                 };
-                return Some(Err(self.refuse(Reason::DisabledKey, seen).into()));
+                return Some(Err(self
+                    .refuse_if::<TOLD>(Reason::DisabledKey, seen)
+                    .into()));
             }
             let caller = Caller {
                 stage: self.policy.inner.stage.as_deref(),
@@ -677,15 +695,19 @@ impl<K, S> Shared<K, S> {
         });
         match (registered, decide) {
             (Some(result), _) => result,
-            (None, Some(decide)) => self.unregistered(hash::digest(key), key, req, wait, decide),
-            (None, None) => Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)).into()),
+            (None, Some(decide)) => {
+                self.unregistered::<TOLD, T>(hash::digest(key), key, req, wait, decide)
+            }
+            (None, None) => Err(self
+                .refuse_if::<TOLD>(Reason::UnknownKey, Seen::maybe(req))
+                .into()),
         }
     }
 
     /// A key the policy does not hold: refused as unknown without a
     /// resolver, decided from the resolver's cache, or to be looked up.
     #[inline(never)]
-    fn unregistered<T>(
+    fn unregistered<const TOLD: bool, T>(
         &self,
         digest: hash::Digest,
         key: &[u8],
@@ -694,20 +716,30 @@ impl<K, S> Shared<K, S> {
         decide: impl FnOnce(&Caller<'_>) -> T,
     ) -> Result<T, Miss> {
         let Some(resolving) = &self.resolver else {
-            return Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)).into());
+            return Err(self
+                .refuse_if::<TOLD>(Reason::UnknownKey, Seen::maybe(req))
+                .into());
         };
         if let Some(answer) = resolving.cached(digest) {
-            return Ok(self.resolved(&self.policy.load(), &answer, req, false, decide)?);
+            return Ok(self.resolved::<TOLD, T>(
+                &self.policy.load(),
+                &answer,
+                req,
+                false,
+                decide,
+            )?);
         }
         match std::str::from_utf8(key) {
             Ok(value) if wait => Err(Miss::Lookup(resolving.lookup(digest, value))),
             // Without waiting (`check`), a value not cached is unknown.
-            Ok(_) => Err(self.refuse(Reason::UnknownKey, Seen::maybe(req)).into()),
+            Ok(_) => Err(self
+                .refuse_if::<TOLD>(Reason::UnknownKey, Seen::maybe(req))
+                .into()),
             // The resolver takes text: a value that is not cannot be asked,
             // and is no key it could know. Refused as malformed, which says
             // why, rather than as a key the resolver does not hold.
             Err(_) => Err(self
-                .refuse(Reason::Key(KeyError::Malformed), Seen::maybe(req))
+                .refuse_if::<TOLD>(Reason::Key(KeyError::Malformed), Seen::maybe(req))
                 .into()),
         }
     }
@@ -718,7 +750,7 @@ impl<K, S> Shared<K, S> {
     /// refused; a plan name the policy does not have is a failed lookup (and
     /// logged when the answer is `fresh` from the resolver), unless the key
     /// is disabled: that is refused whatever it names.
-    fn resolved<T>(
+    fn resolved<const TOLD: bool, T>(
         &self,
         snap: &Snapshot,
         answer: &Answer,
@@ -728,8 +760,10 @@ impl<K, S> Shared<K, S> {
     ) -> Result<T, Rejection> {
         let found = match answer {
             Answer::Found(found) => found,
-            Answer::Unknown => return Err(self.refuse(Reason::UnknownKey, Seen::maybe(req))),
-            Answer::Failed(e) => return Err(self.unresolved(e, req)),
+            Answer::Unknown => {
+                return Err(self.refuse_if::<TOLD>(Reason::UnknownKey, Seen::maybe(req)));
+            }
+            Answer::Failed(e) => return Err(self.unresolved::<TOLD>(e, req)),
         };
         let plan = snap.plan_named(found.key.plan());
         if !found.key.is_enabled() {
@@ -739,7 +773,7 @@ impl<K, S> Shared<K, S> {
                 req: req.copied(),
                 model: None,
             };
-            return Err(self.refuse(Reason::DisabledKey, seen));
+            return Err(self.refuse_if::<TOLD>(Reason::DisabledKey, seen));
         }
         let Some(plan) = plan else {
             if fresh {
@@ -749,7 +783,7 @@ impl<K, S> Shared<K, S> {
                     "key resolver named a plan the policy does not have"
                 );
             }
-            return Err(self.unresolved(&ResolveError::unknown_plan(), req));
+            return Err(self.unresolved::<TOLD>(&ResolveError::unknown_plan(), req));
         };
         let account = match found.key.get_account() {
             None => None,
@@ -763,7 +797,7 @@ impl<K, S> Shared<K, S> {
                             "key resolver named an account the policy does not have"
                         );
                     }
-                    return Err(self.unresolved(&ResolveError::unknown_plan(), req));
+                    return Err(self.unresolved::<TOLD>(&ResolveError::unknown_plan(), req));
                 }
             },
         };
@@ -809,14 +843,18 @@ impl<K, S> Shared<K, S> {
     /// The rejection of a key that could not be resolved: 503, or as the
     /// resolver's fallback says.
     #[cold]
-    fn unresolved(&self, error: &ResolveError, req: Option<&RequestView<'_>>) -> Rejection {
+    fn unresolved<const TOLD: bool>(
+        &self,
+        error: &ResolveError,
+        req: Option<&RequestView<'_>>,
+    ) -> Rejection {
         tracing::debug!(%error, "key not resolved");
         let fallback = self.resolver.as_ref().map(|r| r.fallback);
         let reason = match fallback.unwrap_or_default() {
             ResolverFallback::UnknownKey => Reason::UnknownKey,
             ResolverFallback::Unavailable => Reason::ResolverUnavailable,
         };
-        self.refuse(reason, Seen::maybe(req))
+        self.refuse_if::<TOLD>(reason, Seen::maybe(req))
     }
 }
 
@@ -846,7 +884,13 @@ impl<K> Shared<K, MemoryStore> {
             denied: None,
         };
         let decide = |c: &Caller<'_>| checking.decide(c);
-        if let Err(miss) = self.registered(key, None, false, decide) {
+        let registered = match cost {
+            // A peek decides nothing: a key it refuses is not told to
+            // observers either.
+            0 => self.registered::<PEEK, _>(key, None, false, decide),
+            _ => self.registered::<TOLD, _>(key, None, false, decide),
+        };
+        if let Err(miss) = registered {
             return Err(self.missed(miss));
         }
         match checking.denied {

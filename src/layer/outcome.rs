@@ -138,8 +138,16 @@ impl<K, S> Shared<K, S> {
     /// seen by the observer.
     #[inline]
     pub(crate) fn refuse(&self, reason: Reason, seen: Seen<'_>) -> Rejection {
+        self.refuse_if::<true>(reason, seen)
+    }
+
+    /// [`refuse`](Self::refuse), the observer told only when `TOLD`: a
+    /// peek (see [`PEEK`](super::engine::PEEK)) decides nothing, and
+    /// observers are told of no peek, not even of one whose key is refused.
+    #[inline]
+    pub(crate) fn refuse_if<const TOLD: bool>(&self, reason: Reason, seen: Seen<'_>) -> Rejection {
         let rejection = Rejection::key(reason);
-        if let Some(observer) = &self.observer {
+        if let (true, Some(observer)) = (TOLD, &self.observer) {
             observer.on_decision(&seen.event(Outcome::Rejected(reason), None));
         }
         rejection

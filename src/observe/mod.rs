@@ -84,11 +84,12 @@ use crate::plan::FailureMode;
 use crate::response::Reason;
 
 /// Sees every decision of a layer (see the [module documentation](self)).
-/// A peek at a known, enabled key's limits, which decides nothing (a cost
-/// of 0 without a request:
-/// [`RateLimitLayer::standing`](crate::RateLimitLayer::standing),
-/// `check(key, 0)`), is not reported; a missing, unknown or disabled key is
-/// reported as refused, as for any other call.
+/// A peek, which decides nothing (a cost of 0 without a request:
+/// [`RateLimitLayer::standing`](crate::RateLimitLayer::standing) and the
+/// other standings, `check(key, 0)`, `decide(key, 0)`), is never reported,
+/// not even when its key is refused (unknown, disabled, malformed, or not
+/// resolved); a missing, unknown or disabled key of any other call is
+/// reported as refused.
 ///
 /// Implemented for closures `Fn(&DecisionEvent<'_>)`. Set one with
 /// [`RateLimitLayerBuilder::observer`](crate::RateLimitLayerBuilder::observer).

@@ -18,8 +18,8 @@ use tollgate::store::{
     Acquire, Acquired, QuotaRef, Store, StoreError, StoreFuture, ThrottleRef, Verdict,
 };
 use tollgate::{
-    ApiKey, Clock, Date, FailureMode, MemoryStore, Policy, RateLimitLayer, Reason, Throttle,
-    UsagePlan,
+    ApiKey, Clock, Date, FailureMode, MemoryStore, Policy, RateLimitLayer, Reason, Resolution,
+    ResolveError, Resolver, Throttle, UsagePlan,
 };
 
 use crate::support::{
@@ -827,4 +827,67 @@ async fn a_shadow_plans_would_be_rejections_are_seen_through_check() {
             ),
         ]
     );
+}
+
+/// An observer that counts the decisions it is told of.
+fn counting() -> (Arc<AtomicU64>, impl Observer) {
+    let count = Arc::new(AtomicU64::new(0));
+    let seen = Arc::clone(&count);
+    (count, move |_: &DecisionEvent<'_>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+    })
+}
+
+/// A peek (a decision of cost 0 without a request: a standing, a
+/// `decide` or `check` of cost 0) decides nothing, so no observer is told
+/// of it, not even when its key is refused: unknown, disabled, or answered
+/// unknown by the resolver. A request with the same keys is told.
+#[tokio::test]
+async fn a_peek_at_a_refused_key_is_never_seen() {
+    let (count, observer) = counting();
+    let layer = RateLimitLayer::builder(registered_policy())
+        .store(frozen_store().1)
+        .observer(observer)
+        .build();
+    for key in [b"not-registered".as_slice(), DISABLED_KEY.as_bytes()] {
+        assert!(layer.standing(key).await.is_err());
+        assert!(layer.decide(key, 0).await.is_err());
+        assert!(layer.check(key, 0).is_err());
+    }
+    let req = |key: &str| {
+        http::Request::builder()
+            .header("x-api-key", key)
+            .body(())
+            .unwrap()
+    };
+    assert!(layer.standing_of(&req("not-registered")).await.is_err());
+    assert!(layer.standing_of(&req(DISABLED_KEY)).await.is_err());
+    assert_eq!(count.load(Ordering::SeqCst), 0, "a peek is no decision");
+    assert!(layer.decide(b"not-registered", 1).await.is_err());
+    assert!(layer.check(DISABLED_KEY.as_bytes(), 1).is_err());
+    assert_eq!(count.load(Ordering::SeqCst), 2, "a request is a decision");
+
+    // Keys the resolver answers unknown, or cannot answer.
+    let (count, observer) = counting();
+    let resolver = |value: String| async move {
+        match value.as_str() {
+            "broken" => Err(ResolveError::new(io::Error::other("database down"))),
+            _ => Ok(Resolution::Unknown),
+        }
+    };
+    let layer = RateLimitLayer::builder(registered_policy())
+        .store(frozen_store().1)
+        .resolver(Resolver::new(resolver))
+        .observer(observer)
+        .build();
+    for key in [b"nobody".as_slice(), b"broken"] {
+        assert!(layer.standing(key).await.is_err());
+        // Answered from the resolver's cache now.
+        assert!(layer.standing(key).await.is_err());
+        assert!(layer.decide(key, 0).await.is_err());
+    }
+    assert!(layer.standing(&[0xff, 0xfe]).await.is_err(), "malformed");
+    assert_eq!(count.load(Ordering::SeqCst), 0, "a peek is no decision");
+    assert!(layer.decide(b"nobody", 1).await.is_err());
+    assert_eq!(count.load(Ordering::SeqCst), 1, "a request is a decision");
 }
