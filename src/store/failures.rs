@@ -74,6 +74,21 @@ impl Failures {
     #[cold]
     pub(crate) fn failed(&self, e: &StoreError) {
         let before = self.count.fetch_add(1, Ordering::Relaxed);
+        self.note(before, e);
+    }
+
+    /// A call the store makes of its own failed (a settlement or a place
+    /// given back in the background): logged as a decision's failure is
+    /// (it begins a failure, or is part of the one going on), but not
+    /// counted, since no request was decided by a failure mode.
+    #[cold]
+    #[cfg(feature = "redis")]
+    pub(crate) fn failed_aside(&self, e: &StoreError) {
+        self.note(self.count.load(Ordering::Relaxed), e);
+    }
+
+    /// Notes a failure `e`, the `count` before it `before`.
+    fn note(&self, before: u64, e: &StoreError) {
         let answers = self.streak.swap(0, Ordering::Relaxed);
         let kind = e.kind() as u8;
         let earlier = self.kind.swap(kind, Ordering::Relaxed);

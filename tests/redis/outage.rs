@@ -1237,3 +1237,177 @@ async fn a_different_failure_after_an_answer_is_logged_as_its_own() {
         "{text}"
     );
 }
+
+/// A stream Redis admitted ends while Redis is down: its settlement (it
+/// used 70 tokens of a daily 100, estimated at 10: 60 more to charge) and
+/// the give-back of its place under a cap of 1 cannot reach Redis then.
+/// Once Redis is back (with its data: an append-only file, as a
+/// partitioned Redis keeps it), both are there within seconds: the place is
+/// free, and Redis counts 70 tokens, so it admits 30 more and denies the
+/// next one. The failure is logged once when it starts (no request came
+/// during the outage: the settlement's failure begins it) and once when it
+/// ends. Before, the settlement was tried once and lost: Redis counted 10
+/// and admitted 60 tokens past the day's 100, and nothing was logged.
+// The default flavour runs the store's tasks on this thread, where the
+// subscriber is set.
+#[tokio::test(flavor = "current_thread")]
+async fn a_settlement_made_during_an_outage_reaches_redis_once_it_is_back() {
+    settled_through(Outage::Killed).await;
+}
+
+/// As [`a_settlement_made_during_an_outage_reaches_redis_once_it_is_back`],
+/// Redis paused (SIGSTOP) instead: the settlement and each try again wait
+/// unanswered in its connection, and all run once it goes on. The
+/// settlement is applied once: Redis counts 70 tokens, not 70 more per try.
+#[tokio::test(flavor = "current_thread")]
+async fn a_settlement_sent_again_to_a_paused_redis_is_applied_once() {
+    settled_through(Outage::Paused).await;
+}
+
+/// How Redis is away.
+#[derive(Clone, Copy)]
+enum Outage {
+    Killed,
+    Paused,
+}
+
+async fn settled_through(outage: Outage) {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let (buffer, _guard) = capture_log();
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let store = RedisStore::builder(redis.url())
+        .shared_registry(false)
+        .timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .expect("a Redis store");
+    let policy = Policy::builder()
+        .plan(
+            UsagePlan::new("llm")
+                .tokens(TokenBudget::new().per_day(100).unwrap())
+                .concurrency(1)
+                .failure(FailureMode::Local),
+        )
+        .key(ApiKey::new("k1", "llm-key", "llm"))
+        .build()
+        .expect("a valid policy");
+    let layer = RateLimitLayer::builder(policy)
+        .store(store.clone())
+        .estimator(|req: &tollgate::extract::RequestView<'_>| {
+            req.headers
+                .get("x-estimate")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0)
+        })
+        .build();
+    // The stream's body: chunks sent through `tx`, ending when it is dropped.
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    let rx = Arc::new(Mutex::new(Some(rx)));
+    let handler = move |Extension(used): Extension<TokenUsage>, headers: http::HeaderMap| {
+        let rx = Arc::clone(&rx);
+        async move {
+            let n = headers
+                .get("x-used")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0);
+            used.set(n);
+            match headers.contains_key("x-stream") {
+                true => {
+                    let rx = rx.lock().unwrap().take().expect("one stream");
+                    let chunks = tokio_stream::StreamExt::map(
+                        tokio_stream::wrappers::ReceiverStream::new(rx),
+                        Ok::<_, std::convert::Infallible>,
+                    );
+                    Body::from_stream(chunks)
+                }
+                false => Body::from("done"),
+            }
+        }
+    };
+    let app = Router::new().route("/", post(handler)).layer(layer);
+    let request = |estimate: u32, used: u64, stream: bool| {
+        let mut req = Request::post("/")
+            .header("x-api-key", "llm-key")
+            .header("x-estimate", estimate.to_string())
+            .header("x-used", used.to_string());
+        if stream {
+            req = req.header("x-stream", "1");
+        }
+        req.body(Body::empty()).unwrap()
+    };
+    let send = |estimate: u32, used: u64| {
+        let app = app.clone();
+        async move {
+            let res = app.oneshot(request(estimate, used, false)).await.unwrap();
+            let status = res.status();
+            let _ = http_body_util::BodyExt::collect(res.into_body()).await;
+            status
+        }
+    };
+
+    let held = app.clone().oneshot(request(10, 70, true)).await.unwrap();
+    assert_eq!(held.status(), 200);
+    assert_eq!(store.local_decisions(), 0, "decided by Redis");
+    tx.send(bytes::Bytes::from_static(b"x")).await.unwrap();
+
+    match outage {
+        Outage::Killed => redis.kill(),
+        Outage::Paused => redis.pause(),
+    }
+    // The stream ends while Redis is down, and Redis stays down a while.
+    drop(tx);
+    let body = http_body_util::BodyExt::collect(held.into_body())
+        .await
+        .unwrap();
+    assert_eq!(&body.to_bytes()[..], b"x");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let text = buffer.text();
+    assert_eq!(
+        text.matches("rate-limit store failing").count(),
+        1,
+        "the settlement's failure begins the outage in the log: {text}"
+    );
+    assert!(!text.contains("rate-limit store recovered"), "{text}");
+    match outage {
+        Outage::Killed => redis.restart(),
+        Outage::Paused => redis.resume(),
+    }
+
+    // Within seconds, Redis (not the local copy) finds the place free.
+    let start = std::time::Instant::now();
+    loop {
+        let before = store.local_decisions();
+        let status = send(0, 0).await;
+        if store.local_decisions() == before && status == 200 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the place of the stream that ended during the outage is still taken: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Redis counts the 70 tokens the stream used: 30 more fit, then none.
+    let before = store.local_decisions();
+    assert_eq!(send(30, 30).await, 200, "the day's last 30 tokens");
+    assert_eq!(
+        send(1, 1).await,
+        429,
+        "Redis admitted tokens past the day's 100: the settlement was lost"
+    );
+    assert_eq!(store.local_decisions(), before, "decided by Redis");
+    let text = buffer.text();
+    assert_eq!(
+        text.matches("rate-limit store failing").count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("rate-limit store recovered").count(),
+        1,
+        "{text}"
+    );
+}

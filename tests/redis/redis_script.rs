@@ -1658,6 +1658,9 @@ async fn bad_arguments_answer_an_error_reply() {
         ("t", "t 1 0 5 1 1000", "wrong number"),
         ("t", "t 1 0 x 1 1000 1 0", "delta"),
         ("t", "t 1 0 5 2 1000 1 0", "throttle count"),
+        ("", "t! 1 0 5 0 0 60000", "bad marker"),
+        ("m", "t! 1 0 5 0 0 x", "bad marker"),
+        ("m", "t!", "bad marker"),
         ("q h", "t 1 0 5 0 1 5 D 0 0 0 0", "history days"),
         ("q h", "s 1 0 5 10 D 0 0 0", "wrong number"),
         ("q h", "s 1 0 -5 10 D 0 0 0 31", "remaining"),
@@ -1775,4 +1778,42 @@ async fn integers_are_taken_only_as_rust_writes_them() {
     }
     let reply = r.raw(&["t"], &deadline("9007199254740991")).await;
     assert_eq!(reply.expect("a deadline far ahead")[2], 1);
+}
+
+/// A settlement sent "once" ("t!", "g!", "r!": its last key a marker, its
+/// last argument the marker's life) is applied by its first run alone: sent
+/// again because its reply was lost, it changes nothing while the marker
+/// lasts, and another settlement (another marker) still applies.
+#[tokio::test]
+async fn a_settlement_sent_once_is_applied_once() {
+    let Some(mut r) = redis().await else { return };
+    let q = quota(10, "D");
+    let now = Now::on(2024, 5, 1, 10);
+    assert!(r.acquire(now, 1, &[], Some(q)).await.allowed);
+    let settle = |marker: &'static str| {
+        let mut args = vec!["t!".to_owned()];
+        args.extend(time_args(Some(now)));
+        args.extend(["4".to_owned(), "0".to_owned(), "1".to_owned()]);
+        args.extend(q.args());
+        args.push(q.history_days.to_string());
+        args.push("60000".to_owned());
+        (vec![QUOTA_KEY, HISTORY_KEY, marker], args)
+    };
+    for _ in 0..3 {
+        let (keys, args) = settle("m1");
+        let reply = r.raw(&keys, &args).await.expect("a settlement");
+        assert_eq!(reply, [now.0, now.1]);
+    }
+    assert!((59_000..=60_000).contains(&r.pttl("m1").await));
+    // 1 + 4 of 10 counted: 5 fit, the sixth does not.
+    assert_eq!(r.admit(now, 6, &[], Some(q)).await, 5);
+    r.del(&[QUOTA_KEY, HISTORY_KEY]).await;
+    assert!(r.acquire(now, 1, &[], Some(q)).await.allowed);
+    let (keys, args) = settle("m2");
+    r.raw(&keys, &args).await.expect("a settlement");
+    assert_eq!(
+        r.admit(now, 6, &[], Some(q)).await,
+        5,
+        "a new marker applies"
+    );
 }

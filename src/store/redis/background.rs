@@ -65,7 +65,9 @@ impl RedisStore {
     /// [timeout](crate::RedisStoreBuilder::timeout), so this returns within about
     /// that long once no new calls start; a call that fails leaves what it
     /// would have changed as it was (the estimate stands, the place lapses
-    /// with its lease).
+    /// with its lease). Settlements and places given back that wait for an
+    /// unreachable Redis to answer again are not waited for: they are sent
+    /// again while the runtime runs.
     ///
     /// ```no_run
     /// use tollgate::{Policy, RateLimitLayer, RedisStore, Throttle, UsagePlan};
@@ -110,6 +112,12 @@ impl Inner {
     /// meanwhile: [`RedisStore::drained`] waits for calls, not for the
     /// pauses between a call's tries.
     pub(super) async fn pause(&self, pause: std::time::Duration) {
+        self.paused(tokio::time::sleep(pause)).await;
+    }
+
+    /// Awaits `wait` inside a background call, not counted as running
+    /// meanwhile (see [`pause`](Self::pause)).
+    pub(super) async fn paused<T>(&self, wait: impl Future<Output = T>) -> T {
         /// Counts the call as running again when the pause ends, or when
         /// the task is dropped during it (its `Running` then ends it).
         struct Resume<'a>(&'a Background);
@@ -125,7 +133,7 @@ impl Inner {
             background.idle.notify_waiters();
         }
         let _resume = Resume(background);
-        tokio::time::sleep(pause).await;
+        wait.await
     }
 
     /// Runs `work` in a task of its own, counted until it ends (see

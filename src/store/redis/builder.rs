@@ -311,6 +311,7 @@ impl RedisStoreBuilder {
                 numbers: Default::default(),
                 unanswered: crate::sync::Mutex::default(),
                 answered: tokio::sync::Notify::new(),
+                retries: super::retry::Retries::default(),
                 logged: crate::sync::Mutex::default(),
                 failures: Failures::default(),
                 shared_registry: self.shared_registry,

@@ -115,10 +115,14 @@ impl Inner {
     /// a renewal of leases ("l") renews them again. A
     /// refund (mode "r", "g", or "t" with a negative delta) is not sent again:
     /// run twice it would give back twice, which could admit more than the
-    /// limits; failing, it leaves the request charged.
+    /// limits; failing, it leaves the request charged. A call sent once
+    /// (its mode with `!` after it, a settlement: see `retry`) is sent
+    /// again whatever it does, since a second run changes nothing.
     pub(super) async fn run(self: Arc<Self>, call: Call) -> Result<Vec<i64>, StoreError> {
         let repeatable = match call.args.first().map(String::as_str) {
             Some("a" | "b" | "p" | "s" | "l") => true,
+            // Applied once however often it is sent (see `retry`).
+            Some(m) if m.ends_with('!') => true,
             Some("t") => call.args.get(3).is_some_and(|d| !d.starts_with('-')),
             _ => false,
         };

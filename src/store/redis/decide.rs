@@ -434,20 +434,10 @@ impl Store for RedisStore {
         if calls.is_empty() {
             return;
         }
-        // Never waited for, and bounded by the timeout: a settlement that
-        // fails leaves the estimate charged. This instance's next decisions
-        // on the same limits wait for it.
-        let unanswered =
-            Unanswered::new(&inner, calls.iter().flat_map(|c| c.keys.clone()).collect());
-        let task = Arc::clone(&inner);
-        inner.spawn(async move {
-            let _unanswered = unanswered;
-            for call in calls {
-                if let Err(e) = task.within(Arc::clone(&task).run(call)).await {
-                    tracing::debug!(error = %e, "tokens not settled; the estimate stands");
-                }
-            }
-        });
+        // Never waited for, each try bounded by the timeout; one Redis does
+        // not answer is sent again once it does (see `retry`). This
+        // instance's next decisions on the same limits wait for it.
+        inner.settle_in_background(calls);
     }
 
     /// Logs the quota's numbers before the change, once for all its keys
@@ -812,6 +802,12 @@ impl Inner {
                 let result = task.command::<i64>(cmd.clone()).await;
                 // Answered (or timed out): the retries go on unwaited for.
                 drop(giving.take());
+                match &result {
+                    Ok(_) => task.failures.answered(),
+                    // A failure of the store as a decision's is: logged
+                    // when it starts and when it ends.
+                    Err(e) => task.failures.failed_aside(e),
+                }
                 match result {
                     Ok(_) => return,
                     Err(e)
@@ -832,6 +828,8 @@ impl Inner {
     /// Waits until Redis has answered every write this instance sent in
     /// the background to any of `keys`.
     pub(super) async fn answered(&self, keys: &[String]) {
+        // A settlement waiting for Redis is sent again now.
+        self.retry_now();
         loop {
             let mut notified = std::pin::pin!(self.answered.notified());
             notified.as_mut().enable();

@@ -7,8 +7,10 @@
 //! `:<budget name>`, a model's quotas `:<quota name>:<limit id>`),
 //! `{prefix}:{<tag>}:l:<quota id>` (a quota's limit log, one per quota of a
 //! plan, tagged with a hash of `l\0<plan>`, or of an account, in the
-//! account's slot) and `{prefix}:{<tag>}:c` (the leases of requests in
-//! flight under a plan's concurrency cap; a model's adds `:<limit id>`), where the tag is a 128-bit hash of the
+//! account's slot), `{prefix}:{<tag>}:c` (the leases of requests in
+//! flight under a plan's concurrency cap; a model's adds `:<limit id>`) and
+//! `{prefix}:{<tag>}:s:<id>` (the marker of a settlement sent once, for 60 s:
+//! see `retry`), where the tag is a 128-bit hash of the
 //! plan and the subject (a key's public id, a client IP, a per-key key), of
 //! `stage` for the limits every caller shares, or of `a\0<name>` for an
 //! account's limits, which all its keys share (no plan or key hashes to

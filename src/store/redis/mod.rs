@@ -18,6 +18,7 @@ mod numbers;
 // does, only the tests call it.
 #[allow(dead_code)]
 pub(crate) mod registry;
+mod retry;
 mod store;
 mod time;
 

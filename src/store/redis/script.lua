@@ -664,6 +664,28 @@ local function quotas(int)
   return spec, roll, save
 end
 
+-- A call sent once ("t!", "r!", "g!": a settlement that is sent again when
+-- Redis did not answer it, and may have run): its last key is a marker in
+-- the slot of its keys, and its last argument the marker's life in ms. The
+-- first run sets the marker and runs the mode; a run that finds it set
+-- changes nothing.
+local once = ARGV[1]
+if once and #once == 2 and string.sub(once, 2) == '!' then
+  local marker, life = KEYS[#KEYS], ARGV[#ARGV]
+  if not marker or #ARGV < 4 or not string.find(life, '^[1-9]%d*$') then
+    return redis.error_reply('tollgate: bad marker')
+  end
+  KEYS[#KEYS], ARGV[#ARGV] = nil, nil
+  ARGV[1] = string.sub(ARGV[1], 1, 1)
+  if not redis.call('SET', marker, '1', 'NX', 'PX', life) then
+    if ARGV[2] ~= '' then
+      return { ARGV[2] + 0, ARGV[3] + 0 }
+    end
+    local t = redis.call('TIME')
+    return { t[1] + 0, t[2] * 1000 }
+  end
+end
+
 -- The mode's function: only the one asked for is made. It gets the helpers
 -- as arguments (see Cost).
 local mode, run = ARGV[1], nil

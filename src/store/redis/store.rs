@@ -110,6 +110,8 @@ pub(super) struct Inner {
     /// decision on such a key waits for them (see `Inner::answered`).
     pub(super) unanswered: crate::sync::Mutex<HashMap<String, usize>>,
     pub(super) answered: Notify,
+    /// Settlements Redis did not answer, waiting to be sent again.
+    pub(super) retries: super::retry::Retries,
     /// The quota numbers this instance logged before a change, by limit
     /// log, day and numbers (see `Inner::requota`): a plan put anew logs
     /// each quota once, not once per key. Cleared when it grows large.
