@@ -1411,3 +1411,54 @@ async fn settled_through(outage: Outage) {
         "{text}"
     );
 }
+
+/// A plan put anew while Redis is down: the local copy decides under the
+/// new throttle as the memory store does, the share of each bucket in use
+/// carried over (converted at the change). 5 of a bucket of 10 used
+/// through Redis, then the bucket grown to 20 at the same rate: half of it
+/// is in use, 10 pass. Read under the new numbers unconverted, the copy's
+/// bucket was 5 s into a span of 20 s and admitted 15; the other way (a
+/// faster throttle of 10 a second), half a bucket of 10 is 5 left, where
+/// the unconverted copy admitted none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_put_anew_during_an_outage_is_decided_by_the_copy_under_its_new_numbers() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let plan = |rate: f64, burst: u32| {
+        UsagePlan::new("t")
+            .throttle(Throttle::new(rate, burst).unwrap())
+            .failure(FailureMode::Local)
+            .borrow(false)
+    };
+    for (new, expected) in [((1.0, 20), 10), ((10.0, 10), 5)] {
+        let mut redis = RedisServer::start();
+        let clock = tollgate::ManualClock::new();
+        let store = RedisStore::builder(redis.url())
+            .shared_registry(false)
+            .clock(clock.clone())
+            .timeout(Duration::from_millis(300))
+            .over_limit_cache(Duration::ZERO)
+            .build()
+            .await
+            .expect("a Redis store");
+        let policy = Policy::builder()
+            .clock(clock.clone())
+            .plan(plan(1.0, 10))
+            .key(ApiKey::new("k-1", "k", "t"))
+            .build()
+            .expect("a valid policy");
+        let layer = RateLimitLayer::builder(policy).store(store.clone()).build();
+        assert_eq!(allowed(&layer, b"k", 5).await, 5, "Redis admits 5");
+        assert_eq!(store.local_decisions(), 0);
+        tokio::task::block_in_place(|| redis.kill());
+        layer.admin().put_plan(plan(new.0, new.1)).await.unwrap();
+        assert_eq!(
+            allowed(&layer, b"k", 30).await,
+            expected,
+            "admitted by the copy under {new:?}, half of the bucket in use"
+        );
+        assert!(store.local_decisions() > 0, "decided by the local copy");
+    }
+}

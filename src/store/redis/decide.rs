@@ -322,12 +322,15 @@ impl Store for RedisStore {
         }))
     }
 
-    /// Converts nothing here: each key is converted the next time it is
+    /// Converts nothing in Redis: each key is converted the next time it is
     /// used (see the script's mode "a"). The numbers of a token bucket are
     /// noted for the settlements of requests reserved under the old ones,
-    /// which are converted to them.
+    /// which are converted to them. The local copy that decides `Local`
+    /// failures is converted at once, as the memory store is: through an
+    /// outage it decides under the new numbers with the share of each
+    /// bucket in use carried over, not a bucket kept under the old ones.
     fn rescale(&self, old: &ThrottleRef<'_>, new: &ThrottleRef<'_>) {
-        let _ = old;
+        self.inner.local.rescale(old, new);
         if new.counts_tokens() {
             self.inner.numbers.note(new.limit);
         }

@@ -285,6 +285,15 @@ impl Local {
         }
     }
 
+    /// Converts the copy's bucket of a throttle whose numbers changed from
+    /// `old` to `new` (a plan or account put anew), as the memory store
+    /// converts its own (see [`Store::rescale`](crate::store::Store::rescale)):
+    /// the copy keys a bucket by the same digest and place (salt).
+    pub(super) fn rescale(&self, old: &ThrottleRef<'_>, new: &ThrottleRef<'_>) {
+        use crate::store::Store as _;
+        self.store.rescale(old, new);
+    }
+
     /// Gives back `permit` if the local copy granted it; `false` if it is
     /// Redis's (whose place in the copy, if it took one, goes back here).
     pub(super) fn release(&self, permit: Permit) -> bool {
