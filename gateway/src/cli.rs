@@ -21,6 +21,9 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The default of `--body-deadline`: the layer's own default.
 pub const DEFAULT_BODY_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The default of `--body-memory`, in bytes.
+pub const DEFAULT_BODY_MEMORY: usize = 64 << 20;
+
 /// The default of `--max-connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
@@ -68,6 +71,10 @@ Options (`--flag value` or `--flag=value`):
                          embeddings, messages) may take to arrive whole,
                          however steadily it comes (408 beyond, costing
                          nothing) [default: 10]
+  --body-memory MIB      the most the bodies being read for their estimates may
+                         hold together, in MiB; a body past it is answered 503
+                         at once (retry-after: 1, costing nothing)
+                         [default: 64]
   --max-connections N    connections served at once; more wait to be accepted
                          [default: 1024]
   --upstream URL         forward /v1/* to this OpenAI-compatible backend (vLLM,
@@ -134,6 +141,9 @@ pub struct Args {
     /// See [`Limits::body_deadline`](crate::Limits::body_deadline)
     /// (`--body-deadline`).
     pub body_deadline: Duration,
+    /// See [`Limits::body_memory`](crate::Limits::body_memory)
+    /// (`--body-memory`, given in MiB).
+    pub body_memory: usize,
     /// See [`Limits::max_connections`](crate::Limits::max_connections)
     /// (`--max-connections`).
     pub max_connections: usize,
@@ -152,6 +162,7 @@ impl Args {
             header_timeout: self.header_timeout,
             body_timeout: self.body_timeout,
             body_deadline: self.body_deadline,
+            body_memory: self.body_memory,
             max_connections: self.max_connections,
             ..crate::Limits::default()
         }
@@ -196,6 +207,7 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
     let mut header_timeout = DEFAULT_HEADER_TIMEOUT;
     let mut body_timeout = DEFAULT_BODY_TIMEOUT;
     let mut body_deadline = DEFAULT_BODY_DEADLINE;
+    let mut body_memory = DEFAULT_BODY_MEMORY;
     let mut max_connections = DEFAULT_MAX_CONNECTIONS;
     let mut log_json = false;
     let mut upstream = None;
@@ -242,6 +254,15 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
             "--header-timeout" => header_timeout = seconds("--header-timeout", args.next())?,
             "--body-timeout" => body_timeout = seconds("--body-timeout", args.next())?,
             "--body-deadline" => body_deadline = seconds("--body-deadline", args.next())?,
+            "--body-memory" => {
+                let mib = args.next().ok_or("--body-memory needs a number of MiB")?;
+                body_memory = mib
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .and_then(|n| n.checked_mul(1 << 20))
+                    .ok_or_else(|| format!("--body-memory `{mib}`: not a number of MiB above 0"))?;
+            }
             "--max-connections" => {
                 let n = args
                     .next()
@@ -295,6 +316,7 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
         header_timeout,
         body_timeout,
         body_deadline,
+        body_memory,
         max_connections,
         log_json,
         upstream,

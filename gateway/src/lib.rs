@@ -59,7 +59,9 @@
 //! for `--body-timeout` (30 s) is cut off (408, costing nothing where the
 //! gateway was reading it for an estimate); a body read for its estimate (completions, chat completions) may be
 //! at most 1 MiB (413, at once when its `content-length` says more) and must
-//! arrive whole within `--body-deadline` (10 s; 408, costing nothing); at most `--max-connections` (1024)
+//! arrive whole within `--body-deadline` (10 s; 408, costing nothing); the
+//! bodies being read hold at most `--body-memory` MiB together (64; past it
+//! 503 with `retry-after: 1`, costing nothing); at most `--max-connections` (1024)
 //! are served at once, more wait to be accepted; a request's head may be at
 //! most 16 KiB (431 beyond). It logs to stderr, filtered
 //! by `RUST_LOG`, as JSON lines with `--log-json`.
@@ -115,9 +117,10 @@ mod usage;
 
 pub use admin::AdminKey;
 pub use cli::{
-    Args, DEFAULT_BODY_DEADLINE, DEFAULT_BODY_TIMEOUT, DEFAULT_DRAIN, DEFAULT_HEADER_TIMEOUT,
-    DEFAULT_LISTEN, DEFAULT_LOG, DEFAULT_MAX_CONNECTIONS, DEFAULT_REDIS_TIMEOUT,
-    DEFAULT_UPSTREAM_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_TIMEOUT, Parsed, USAGE, parse_args,
+    Args, DEFAULT_BODY_DEADLINE, DEFAULT_BODY_MEMORY, DEFAULT_BODY_TIMEOUT, DEFAULT_DRAIN,
+    DEFAULT_HEADER_TIMEOUT, DEFAULT_LISTEN, DEFAULT_LOG, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_REDIS_TIMEOUT, DEFAULT_UPSTREAM_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_TIMEOUT, Parsed,
+    USAGE, parse_args,
 };
 pub use dashboard::Dashboard;
 pub use server::{

@@ -72,6 +72,7 @@ pub fn app_with_limits<S: Store>(
         .max_retry(config.max_retry())
         .headers(HeaderStyle::ietf().openai(true))
         .body_timeout(limits.body_deadline.min(NEVER))
+        .max_body_bytes_held(limits.body_memory)
         .observer(Both(
             Requests(MetricsObserver::new()),
             dashboard.traffic().clone(),
@@ -334,6 +335,17 @@ pub struct Limits {
     /// answered 408 and costs nothing. Applied by [`app_with_limits`] (the
     /// other bounds here by the server).
     pub body_deadline: Duration,
+    /// The most bytes the bodies being read for their estimates may hold
+    /// together, across every connection (`--body-memory`, default 64 MiB).
+    /// Each body is bounded (1 MiB, [`body_deadline`](Self::body_deadline)),
+    /// but the connections the cap admits, each with its HTTP/2 streams,
+    /// could otherwise hold 1 MiB apiece for the whole deadline (some
+    /// 32 GiB with the defaults), with a valid key and before any limit is
+    /// charged. A body whose next piece would take the total past this is
+    /// answered 503 at once, with `retry-after: 1`, costing nothing (an
+    /// OpenAI client retries it); the bytes come back as soon as a body has
+    /// been read. Applied by [`app_with_limits`].
+    pub body_memory: usize,
     /// HTTP/2: how often an idle connection is pinged; one that does not
     /// answer within as long again is closed.
     pub http2_keep_alive: Duration,
@@ -343,7 +355,7 @@ pub struct Limits {
     /// opens the streams past it as earlier ones end. Each request may hold
     /// a body read for its estimate (up to 1 MiB), so this bounds what one
     /// connection makes the gateway hold, as HTTP/1's one request at a time
-    /// does.
+    /// does ([`body_memory`](Self::body_memory) bounds what they all hold).
     pub http2_max_streams: u32,
     /// HTTP/1: the most a connection buffers of a request's head (its
     /// request line and headers), in bytes; a larger head is answered 431
@@ -362,6 +374,7 @@ impl Default for Limits {
             header_timeout: crate::cli::DEFAULT_HEADER_TIMEOUT,
             body_timeout: crate::cli::DEFAULT_BODY_TIMEOUT,
             body_deadline: crate::cli::DEFAULT_BODY_DEADLINE,
+            body_memory: crate::cli::DEFAULT_BODY_MEMORY,
             http2_keep_alive: Duration::from_secs(20),
             max_connections: crate::cli::DEFAULT_MAX_CONNECTIONS,
             http2_max_streams: 32,

@@ -61,6 +61,9 @@ pub(crate) struct Shared<K, S> {
     pub(crate) body_checks: bool,
     /// How much of a body, and for how long, an estimator may read.
     pub(crate) body_limits: BodyLimits,
+    /// The bytes the bodies being read may still take, of
+    /// [`BodyLimits::max_held`]; shared by every clone of the layer.
+    pub(crate) body_memory: Arc<tokio::sync::Semaphore>,
     pub(crate) failures: Failures,
     pub(crate) observer: Option<SharedObserver>,
     /// Asked for key values the policy does not hold.
@@ -104,6 +107,8 @@ pub(crate) enum Step<F> {
 pub(crate) struct BodyLimits {
     pub(crate) max_bytes: usize,
     pub(crate) timeout: Duration,
+    /// The most bytes the bodies being read hold together.
+    pub(crate) max_held: usize,
 }
 
 impl Default for BodyLimits {
@@ -111,6 +116,7 @@ impl Default for BodyLimits {
         BodyLimits {
             max_bytes: 1 << 20,
             timeout: Duration::from_secs(10),
+            max_held: 64 << 20,
         }
     }
 }

@@ -152,7 +152,11 @@ fn read_body<S, B, K, St>(parked: &mut Parked<S, B, K, St>) -> Pin<Box<Reading<B
     let body = body
         .into_streaming()
         .expect("a parked request's body is read once");
-    Box::pin(Reading::new(body, parked.shared.body_limits))
+    Box::pin(Reading::new(
+        body,
+        parked.shared.body_limits,
+        Arc::clone(&parked.shared.body_memory),
+    ))
 }
 
 impl<S, B, K, St> State<S, B, K, St>

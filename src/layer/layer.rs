@@ -651,6 +651,23 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
         self
     }
 
+    /// The most bytes the bodies being read for an estimator that
+    /// [reads bodies](CostEstimator::reads_body) may hold together, across
+    /// every request in flight through this layer and its clones (default
+    /// 64 MiB). Each body is bounded by
+    /// [`max_body_bytes`](Self::max_body_bytes) and
+    /// [`body_timeout`](Self::body_timeout), but many slow ones at once could
+    /// hold their sum for as long: a body whose next piece would take the
+    /// total past this bound is answered 503 at once, with `retry-after: 1`,
+    /// without charging any limit. The bytes are counted as they arrive,
+    /// never from what `content-length` announces, and given back when the
+    /// body has been read (or refused). Keep it at least `max_body_bytes`,
+    /// or the largest bodies are never read.
+    pub fn max_body_bytes_held(mut self, bytes: usize) -> Self {
+        self.body_limits.max_held = bytes;
+        self
+    }
+
     /// Which rate-limit headers to send (default: [`HeaderStyle::ietf`]).
     pub fn headers(mut self, headers: HeaderStyle) -> Self {
         self.headers = headers;
@@ -854,6 +871,11 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
                 estimator: self.estimator,
                 body_checks: self.body_checks,
                 body_limits: self.body_limits,
+                body_memory: Arc::new(tokio::sync::Semaphore::new(
+                    self.body_limits
+                        .max_held
+                        .min(tokio::sync::Semaphore::MAX_PERMITS),
+                )),
                 failures: Failures::default(),
                 observer: self.observer,
                 resolver: self.resolver.map(|r| Arc::new(r.build())),

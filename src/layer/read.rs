@@ -4,12 +4,14 @@
 use crate::response::ResponseStyle;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body::Body;
 use pin_project_lite::pin_project;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
 use super::engine::BodyLimits;
@@ -28,6 +30,10 @@ pin_project! {
         // The first chunk alone, kept without a copy.
         first: Option<Bytes>,
         trailers: Option<HeaderMap>,
+        // What every body being read may still hold (one permit a byte),
+        // and this body's share of it, given back when the reading ends.
+        memory: Arc<Semaphore>,
+        held: Option<OwnedSemaphorePermit>,
     }
 }
 
@@ -40,10 +46,13 @@ pub(crate) enum Unread {
     TimedOut,
     /// The body failed (the client reset the stream): 400.
     Failed,
+    /// The bodies being read already hold
+    /// [`BodyLimits::max_held`] bytes: 503.
+    Busy,
 }
 
 impl<B> Reading<B> {
-    pub(crate) fn new(body: B, limits: BodyLimits) -> Self {
+    pub(crate) fn new(body: B, limits: BodyLimits, memory: Arc<Semaphore>) -> Self {
         Reading {
             body,
             deadline: None,
@@ -51,6 +60,8 @@ impl<B> Reading<B> {
             buf: BytesMut::new(),
             first: None,
             trailers: None,
+            memory,
+            held: None,
         }
     }
 }
@@ -96,6 +107,16 @@ where
                     if data.is_empty() {
                         continue;
                     }
+                    // Taken before the bytes are kept, never waited for: a
+                    // request that would wait holds its piece meanwhile.
+                    let taken = u32::try_from(data.len())
+                        .ok()
+                        .and_then(|n| Arc::clone(this.memory).try_acquire_many_owned(n).ok());
+                    match (taken, this.held.as_mut()) {
+                        (None, _) => return Poll::Ready(Err(Unread::Busy)),
+                        (Some(taken), Some(held)) => held.merge(taken),
+                        (Some(taken), None) => *this.held = Some(taken),
+                    }
                     if held == 0 {
                         *this.first = Some(data);
                     } else {
@@ -138,7 +159,13 @@ pub(crate) fn refuse_body(
         ResponseStyle::OpenAi => {
             body.push_str(r#"{"error":{"message":""#);
             escape_into(&mut body, message);
-            body.push_str(r#"","type":"invalid_request_error","param":null,"code":""#);
+            // OpenAI's SDKs tell the server's failures from the client's
+            // mistakes by `type`.
+            body.push_str(if status.is_server_error() {
+                r#"","type":"server_error","param":null,"code":""#
+            } else {
+                r#"","type":"invalid_request_error","param":null,"code":""#
+            });
             escape_into(&mut body, code);
             body.push_str(r#""}}"#);
         }
@@ -191,6 +218,17 @@ pub(crate) fn refuse_unread(
             "the request body could not be read",
             "invalid_body",
         ),
+        Unread::Busy => {
+            let mut res = refuse_body(
+                style,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is reading too many request bodies at once; retry shortly",
+                "server_busy",
+            );
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            res
+        }
     }
 }
 
@@ -228,5 +266,47 @@ mod tests {
             br#"{"error":{"message":"a \"b\"\\\n\u0001","type":"invalid_request_error","param":null,"code":"c"}}"#
         );
         assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
+    }
+
+    type Frames = std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::io::Error>>;
+
+    /// A body of two pieces, each of `piece` bytes.
+    fn two_pieces(piece: usize) -> http_body_util::StreamBody<tokio_stream::Iter<Frames>> {
+        let frames = vec![
+            Ok(http_body::Frame::data(Bytes::from(vec![b' '; piece]))),
+            Ok(http_body::Frame::data(Bytes::from(vec![b' '; piece]))),
+        ];
+        http_body_util::StreamBody::new(tokio_stream::iter(frames))
+    }
+
+    /// The bodies being read hold at most `max_held` bytes together: a piece
+    /// past it is refused (503), and what a body held is given back when its
+    /// reading ends, whichever way.
+    #[tokio::test]
+    async fn the_bodies_being_read_hold_at_most_max_held_together() {
+        let limits = BodyLimits {
+            max_held: 10,
+            ..BodyLimits::default()
+        };
+        let memory = Arc::new(Semaphore::new(limits.max_held));
+        let read = |piece| {
+            let mut reading =
+                Box::pin(Reading::new(two_pieces(piece), limits, Arc::clone(&memory)));
+            async move { std::future::poll_fn(|cx| reading.as_mut().poll_read(cx)).await }
+        };
+        // 12 bytes in all: the second piece finds 4 left.
+        assert_eq!(read(6).await.unwrap_err(), Unread::Busy);
+        assert_eq!(memory.available_permits(), 10);
+        let (data, _) = read(5).await.unwrap();
+        assert_eq!(data.len(), 10);
+        assert_eq!(memory.available_permits(), 10);
+        let res = refuse_unread(ResponseStyle::OpenAi, Unread::Busy, limits);
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()[header::RETRY_AFTER], "1");
+        assert!(
+            std::str::from_utf8(res.body())
+                .unwrap()
+                .contains(r#""type":"server_error""#)
+        );
     }
 }

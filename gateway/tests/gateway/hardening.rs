@@ -793,3 +793,83 @@ async fn an_http2_client_that_stops_reading_an_answer_is_cut_off_after_the_body_
     );
     assert!(got < 10_000_000, "{got} bytes");
 }
+
+/// Starts a completion whose body announces `len` bytes and sends `sent` of
+/// them (JSON whitespace after the fields, so the estimate stays small),
+/// leaving the rest unsent.
+async fn partial_completion(addr: SocketAddr, len: usize, sent: usize) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let fields = br#"{"model":"m","prompt":"hi""#;
+    let mut bytes = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-api-key: demo-free-key\r\n\
+         content-type: application/json\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    bytes.extend_from_slice(fields);
+    bytes.resize(bytes.len() + sent - fields.len(), b' ');
+    stream.write_all(&bytes).await.unwrap();
+    stream
+}
+
+/// The status line's code of an answer read whole.
+fn status_of(answer: &str) -> u16 {
+    answer
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no answer: {answer:?}"))
+}
+
+/// The bodies read for estimates hold at most `--body-memory` MiB together:
+/// many slow bodies, each within its own 1 MiB bound and its deadline, held
+/// their sum (1024 connections × 32 streams × 1 MiB for 10 s). Past the
+/// bound a body is answered 503 at once (`retry-after: 1`, costing
+/// nothing), while small requests still pass and the memory comes back
+/// when a body has been read.
+#[tokio::test]
+async fn the_bodies_being_read_hold_at_most_the_body_memory_together() {
+    let server = ServerProcess::start(&["--body-memory", "1"]);
+    let len = 1_000_000;
+    let first = partial_completion(server.addr, len, 700_000).await;
+    // A small request passes beside it (and the first body's bytes are
+    // read meanwhile).
+    let client = reqwest::Client::new();
+    let small = || {
+        client
+            .post(server.url("/v1/completions"))
+            .header("x-api-key", "demo-free-key")
+            .body(r#"{"model":"m","prompt":"hi"}"#)
+            .send()
+    };
+    assert_eq!(small().await.unwrap().status(), 200);
+    let second = partial_completion(server.addr, len, 700_000).await;
+    // Whichever body crossed the bound is answered at once, long before the
+    // 10 s body deadline; the other is still being read.
+    let (mut first, mut second) = (first, second);
+    let started = Instant::now();
+    let (busy, which) = tokio::select! {
+        r = read_until_closed(&mut first, "first") => (r.0, 0),
+        r = read_until_closed(&mut second, "second") => (r.0, 1),
+    };
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(status_of(&busy), 503, "{busy}");
+    assert!(busy.contains("server_busy"), "{busy}");
+    assert!(
+        busy.to_ascii_lowercase().contains("retry-after: 1\r\n"),
+        "{busy}"
+    );
+    let mut survivor = if which == 0 { second } else { first };
+    survivor
+        .write_all(&vec![b' '; len - 700_001])
+        .await
+        .unwrap();
+    survivor.write_all(b"}").await.unwrap();
+    let (answer, _) = read_until_closed(&mut survivor, "survivor").await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    // Read, its bytes are given back: another large body passes whole; and
+    // the 503 charged nothing (3 of the burst of 5 used, 2 left).
+    let mut last = partial_completion(server.addr, len, len - 1).await;
+    last.write_all(b"}").await.unwrap();
+    let (answer, _) = read_until_closed(&mut last, "last").await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    assert_eq!(small().await.unwrap().status(), 200);
+}
