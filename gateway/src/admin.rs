@@ -16,7 +16,7 @@ use serde_json::json;
 use tollgate::store::Store;
 use tollgate::{Admin, AdminError, ApiKey, Date, KeyInfo, ResponseStyle};
 
-pub(crate) use self::error::Styled;
+pub(crate) use self::error::{BodyDeadline, Styled};
 use crate::dashboard::{self, Dashboard};
 use crate::usage::Limit;
 

@@ -68,9 +68,9 @@ Options (`--flag value` or `--flag=value`):
                          [default: 30]
   --body-deadline SECS   how long a body read for its estimate (completions,
                          chat completions; upstream mode: also responses,
-                         embeddings, messages) may take to arrive whole,
-                         however steadily it comes (408 beyond, costing
-                         nothing) [default: 10]
+                         embeddings, messages) or an admin request's body may
+                         take to arrive whole, however steadily it comes (408
+                         beyond, costing nothing) [default: 10]
   --body-memory MIB      the most the bodies being read for their estimates may
                          hold together, in MiB; a body past it is answered 503
                          at once (retry-after: 1, costing nothing)

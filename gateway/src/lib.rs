@@ -84,7 +84,10 @@
 //!     `/admin/accounts/NAME/usage?start=…&end=…` and `/admin/traffic[?seconds=N]`
 //!
 //!   Their errors, the key check's 403 and a path, query or body axum cannot
-//!   read included, are JSON in the config's response style.
+//!   read included, are JSON in the config's response style. A body (read
+//!   only after the admin key is checked) may be at most 2 MB, 64 MiB for
+//!   `POST /admin/keys` (a batch import; 413 beyond), and must arrive whole
+//!   within `--body-deadline` (408 beyond), as an estimate's body must.
 //!
 //! With `--redis URL` the limits live in Redis, shared by every gateway
 //! started with the same URL (several comma-separated URLs name the nodes of

@@ -22,6 +22,7 @@ use tollgate::openai::OpenAiEstimator;
 use tollgate::store::Store;
 use tollgate::{ConfigError, HeaderStyle, MemoryStore, RateLimitLayer, RedisStore, ResponseStyle};
 
+use crate::admin::BodyDeadline;
 use crate::cli::{DEFAULT_LOG, Parsed, USAGE, parse_args};
 use crate::dashboard::Dashboard;
 use crate::idle::{Activity, Guarded, IdleTimeoutBody, Stall, Watched};
@@ -333,7 +334,9 @@ pub struct Limits {
     /// request's too) may take to arrive whole, from when the layer starts
     /// reading it, however steadily it comes: one still unfinished is
     /// answered 408 and costs nothing. Applied by [`app_with_limits`] (the
-    /// other bounds here by the server).
+    /// other bounds here by the server). An admin request's body (with the
+    /// admin key) must arrive whole within it too (408), applied by the
+    /// server.
     pub body_deadline: Duration,
     /// The most bytes the bodies being read for their estimates may hold
     /// together, across every connection (`--body-memory`, default 64 MiB).
@@ -428,6 +431,8 @@ pub async fn serve_until(
     let service = router;
     // A request body that sends nothing for as long is cut off.
     let body_timeout = limits.body_timeout.min(NEVER);
+    // An admin body must arrive whole within it, as an estimate's must.
+    let body_deadline = limits.body_deadline.min(NEVER);
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -478,6 +483,7 @@ pub async fn serve_until(
             let http2 = req.version() == axum::http::Version::HTTP_2;
             let stall = Stall::new(body_timeout);
             req.extensions_mut().insert(Arc::clone(&stall));
+            req.extensions_mut().insert(BodyDeadline(body_deadline));
             let req = req.map(|body| IdleTimeoutBody::new(body, body_timeout, stall));
             // A `Router` is always ready.
             let answer = service.clone().call(req);

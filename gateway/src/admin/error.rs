@@ -69,6 +69,7 @@ fn code(status: StatusCode) -> &'static str {
         StatusCode::NOT_FOUND => "not_found",
         StatusCode::CONFLICT => "conflict",
         StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
         StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
         s if s.is_server_error() => "server_error",
         _ => "invalid_request",
@@ -162,7 +163,15 @@ where
     }
 }
 
-/// The body, read up to the route's bound (413 past it).
+/// How long a request's body may take to arrive whole (`--body-deadline`),
+/// set on each request by the server.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyDeadline(pub(crate) std::time::Duration);
+
+/// The body, read up to the route's bound (413 past it) and within the
+/// request's [`BodyDeadline`] (408 past it, the connection closed), as a
+/// body read for an estimate is: an admin body is the admin's, but a
+/// trickle of one still holds a connection and what it sent.
 impl<S> FromRequest<AdminState<S>> for Styled<Bytes>
 where
     S: Send + Sync,
@@ -170,9 +179,25 @@ where
     type Rejection = Response;
 
     async fn from_request(req: Request, s: &AdminState<S>) -> Result<Self, Response> {
-        match Bytes::from_request(req, s).await {
-            Ok(b) => Ok(Styled(b)),
-            Err(r) => Err(s.error(r.status(), &r.message())),
+        let deadline = req
+            .extensions()
+            .get::<BodyDeadline>()
+            .map_or(crate::cli::DEFAULT_BODY_DEADLINE, |d| d.0);
+        match tokio::time::timeout(deadline, Bytes::from_request(req, s)).await {
+            Ok(Ok(b)) => Ok(Styled(b)),
+            Ok(Err(r)) => Err(s.error(r.status(), &r.message())),
+            Err(_) => {
+                let message = format!(
+                    "the request body did not arrive within {} ms",
+                    deadline.as_millis()
+                );
+                let mut res = s.error(StatusCode::REQUEST_TIMEOUT, &message);
+                res.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+                Err(res)
+            }
         }
     }
 }

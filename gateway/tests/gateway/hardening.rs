@@ -873,3 +873,50 @@ async fn the_bodies_being_read_hold_at_most_the_body_memory_together() {
     assert_eq!(status_of(&answer), 200, "{answer}");
     assert_eq!(small().await.unwrap().status(), 200);
 }
+
+/// An admin body (with the admin key) must arrive whole within
+/// `--body-deadline`, as a body read for an estimate must: one that sends a
+/// byte every 50 ms, never idle for the body timeout, is answered 408 once
+/// the deadline has passed. It had only the body timeout between bytes, so
+/// a trickle held its connection for as long as it kept trickling.
+#[tokio::test]
+async fn an_admin_body_must_arrive_within_the_body_deadline() {
+    let server = ServerProcess::start(&["--body-deadline", "0.3"]);
+    for path in ["/admin/keys", "/admin/keys/free-1"] {
+        let method = if path == "/admin/keys" {
+            "POST"
+        } else {
+            "PATCH"
+        };
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\nx-admin-key: change-me\r\n\
+             content-type: application/json\r\ncontent-length: 1000\r\n\r\n{{"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let started = Instant::now();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            tokio::select! {
+                n = stream.read(&mut buf) => {
+                    let n = n.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    answer.extend_from_slice(&buf[..n]);
+                }
+                () = tokio::time::sleep(Duration::from_millis(50)) => {
+                    assert!(started.elapsed() < Duration::from_secs(3), "{path}: no answer after 3 s");
+                    let _ = stream.write_all(b" ").await;
+                }
+            }
+        }
+        let took = started.elapsed();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{path}: {answer}");
+        assert!(answer.contains("request_timeout"), "{path}: {answer}");
+        assert!(answer.contains("within 300 ms"), "{path}: {answer}");
+        assert!(took < Duration::from_secs(2), "{path}: {took:?}");
+    }
+}
