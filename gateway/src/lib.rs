@@ -70,6 +70,12 @@
 //! 405 costs nothing (it is a JSON error in the config's response style,
 //! OpenAI's `Invalid URL (POST /v1/x)` in the demo), and only the POST
 //! routes' bodies are read.
+//! In upstream mode every `/v1/…` path and method is one matched route (an
+//! AWS proxy resource, `/{proxy+}` with `ANY`): a request forwarded counts
+//! against the throttle and quota whatever the backend answers, its own 404
+//! or 405 included (it cost the backend work), and costs no tokens; the
+//! gateway's own 404 (outside `/v1/`) and its refusals before forwarding
+//! cost nothing.
 //! - `/admin/…` usage and key administration, guarded by the `x-admin-key` header:
 //!   - `GET /admin/usage?plan=NAME&start=YYYY-MM-DD&end=YYYY-MM-DD[&key=ID]` (AWS GetUsage)
 //!   - `PATCH /admin/keys/ID/usage` with `{"remaining": N}` (AWS UpdateUsage)

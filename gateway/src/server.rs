@@ -137,6 +137,16 @@ pub fn router<S: Store>(
 
 /// The routes of upstream mode: every `/v1/…` path and method forwarded to
 /// `upstream` behind `limit`; `/health` and the admin routes outside it.
+///
+/// `/v1/{*path}` with every method is one matched route, as an AWS proxy
+/// resource (`/{proxy+}`, `ANY`) is: a request forwarded is limited and
+/// counted whatever the backend answers, its 404 or 405 included. The
+/// gateway cannot know the backend's routes (vLLM, llama.cpp and Ollama
+/// each add their own), and a backend's 404 costs it work all the same:
+/// given back, it would let a client probe the backend without limit. Its
+/// tokens are settled at nothing, as any error's. Only what the gateway
+/// answers itself costs nothing: a path outside `/v1/` (404) or one it
+/// never forwards (400).
 pub fn upstream_router<S: Store>(
     limit: RateLimitLayer<BearerOrApiKey, S>,
     admin_key: Option<&str>,

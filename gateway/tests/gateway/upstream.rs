@@ -2201,3 +2201,47 @@ async fn an_error_answered_as_a_stream_passes_through_and_costs_nothing() {
     assert!(text.contains("overloaded"), "{text}");
     assert_eq!(s.tokens_left(1000).await, 1000);
 }
+
+/// Upstream mode forwards every `/v1/…` path and method, as an AWS proxy
+/// resource (`/{proxy+}`, `ANY`) does: the gateway's route is matched, the
+/// request reaches the backend, and it counts against the throttle and
+/// quota whatever the backend answers, its 404 and 405 included (each costs
+/// the backend work, so not counting them would let a client probe it
+/// without limit). A path the gateway itself answers 404 (outside `/v1/`)
+/// or refuses before forwarding costs nothing.
+#[tokio::test]
+async fn a_backends_404_counts_as_a_request_and_the_gateways_own_does_not() {
+    let config = FRONT_CONFIG.replace(
+        "tokens = { per_minute = 1000 }",
+        "tokens = { per_minute = 1000 }\nquota = { limit = 3, period = \"DAY\" }",
+    );
+    let (backend, _stop) = mock_backend().await;
+    let upstream = Upstream::new(&format!("{backend}/v1"))
+        .unwrap()
+        .key("gateway-secret")
+        .unwrap();
+    let s = front_with(&config, upstream).await;
+    let get = |path: &str| {
+        s.client
+            .get(format!("{}{path}", s.base))
+            .header("authorization", "Bearer client-key")
+            .send()
+    };
+    // The gateway's own 404s, free however many.
+    for _ in 0..5 {
+        assert_eq!(get("/nope").await.unwrap().status(), 404);
+        assert_eq!(get("/v1/chat%2Fcompletions").await.unwrap().status(), 400);
+    }
+    // The backend's 404s, passed through and counted: 2 of the 3.
+    for _ in 0..2 {
+        let res = get("/v1/nope").await.unwrap();
+        assert_eq!(res.status(), 404);
+        assert!(res.headers().contains_key("ratelimit"), "{res:?}");
+    }
+    let res = s.post("/v1/completions", &completion(1, 1, false)).await;
+    assert_eq!(res.status(), 200);
+    let res = s.post("/v1/completions", &completion(1, 1, false)).await;
+    assert_eq!(res.status(), 429);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "insufficient_quota", "{v}");
+}
