@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use crate::clock::Clock;
 use crate::error::ConfigError;
 use crate::extract::{ClientIp, DEFAULT_MAX_KEY_LEN, validate};
-use crate::keys::{Clash, KeyEntry, Registry, ValueHasher};
+use crate::keys::{Applied, Clash, KeyEntry, Registry, ValueHasher};
 use crate::plan::{
     Account, AccountLimits, Anonymous, ApiKey, Earlier, Limit, Plan, Stage, StageLimits, UsagePlan,
 };
@@ -75,12 +75,12 @@ pub(crate) struct PolicyInner {
     /// Whether the registry is shared through a store already.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) attached: AtomicBool,
-    /// The version of a shared registry the watcher has applied, every
-    /// change up to it in version order (this instance's own among them).
-    /// Held while a change is applied, by the watcher and by `Admin`
-    /// applying its own write at once, so that the two never interleave.
+    /// How far the watcher has applied a shared registry, and what `Admin`
+    /// applied ahead of it. Held while a change is applied, by the watcher
+    /// and by `Admin` applying its own write at once, so that the two never
+    /// interleave.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) applied: Mutex<u64>,
+    pub(crate) applied: Mutex<Applied>,
 }
 
 /// A key of the policy as it was built: its id and value.
@@ -170,7 +170,7 @@ impl Policy {
                 history_days,
                 statics: Mutex::new(Some(statics)),
                 attached: AtomicBool::new(false),
-                applied: Mutex::new(0),
+                applied: Mutex::new(Applied::default()),
             }),
         }
     }

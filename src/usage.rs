@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::error::ConfigError;
-use crate::keys::{Clash, Edit, KeyEntry, Record, SharedRegistry, Update};
+use crate::keys::{Clash, Edit, Item, KeyEntry, Record, SharedRegistry, Update};
 use crate::plan::{ApiKey, LimitKind, Plan, UsagePlan};
 use crate::policy::{Policy, clash_error};
 use crate::resolver::Resolving;
@@ -220,7 +220,7 @@ impl<S: Store> Admin<S> {
             let v = shared.write(Edit::Add(record(&key, digest))).await?;
             // Accepted for every instance: applied here at once, unless the
             // watcher applied it (and what came after it) first.
-            if let Some(_applied) = self.policy.made(v) {
+            if let Some(_applied) = self.policy.made(v, [Item::Key(key.id.clone())]) {
                 keys.change(|w| w.put(digest, self.policy.load().fresh(checked.entry)))
                     .map_err(|c| clash_error(c, &key.id))?;
             }
@@ -301,7 +301,10 @@ impl<S: Store> Admin<S> {
         let n = keys.len();
         // Applied here at once, unless the watcher applied it (and what
         // came after it) first.
-        let _applied = match written.map(|v| self.policy.made(v)) {
+        let _applied = match written.map(|v| {
+            self.policy
+                .made(v, keys.iter().map(|k| Item::Key(k.id.clone())))
+        }) {
             Some(None) => return Ok(n),
             Some(applied) => applied,
             None => None,
@@ -362,7 +365,7 @@ impl<S: Store> Admin<S> {
             let v = shared.write(Edit::Remove(id.to_owned())).await?;
             // Removed for every instance: here at once, unless the watcher
             // applied it (and what came after it) first.
-            if let Some(_applied) = self.policy.made(v) {
+            if let Some(_applied) = self.policy.made(v, [Item::Key(id.to_owned())]) {
                 self.policy.keys().change(|w| w.remove(id));
             }
             return Ok(());
@@ -459,11 +462,12 @@ impl<S: Store> Admin<S> {
         }
         // Applied here at once, unless the watcher applied it (and what came
         // after it) first.
-        let _applied = match written.map(|v| self.policy.made(v)) {
-            Some(None) => return Ok(()),
-            Some(applied) => applied,
-            None => None,
-        };
+        let _applied =
+            match written.map(|v| self.policy.made(v, [Item::Plan(plan.name().to_owned())])) {
+                Some(None) => return Ok(()),
+                Some(applied) => applied,
+                None => None,
+            };
         let (compiled, changed) = self.policy.put_plan(&plan, now, now)?;
         // Throttles kept at the same place (salt) with new numbers: convert
         // each key's state so the share of its bucket in use carries over,
@@ -530,7 +534,10 @@ impl<S: Store> Admin<S> {
         }
         // Applied here at once, unless the watcher applied it (and what came
         // after it) first.
-        let _applied = match written.map(|v| self.policy.made(v)) {
+        let _applied = match written.map(|v| {
+            self.policy
+                .made(v, [Item::Account(account.name().to_owned())])
+        }) {
             Some(None) => return Ok(()),
             Some(applied) => applied,
             None => None,

@@ -21,7 +21,7 @@ use crate::plan::{AccountLimits, Plan};
 mod shared;
 
 pub use self::shared::SharedRegistry;
-pub(crate) use self::shared::{Edit, Record, Update};
+pub(crate) use self::shared::{Applied, Edit, Item, Record, Update};
 
 /// A registered key as the hot path sees it.
 #[derive(Debug, Clone)]

@@ -5,6 +5,7 @@
 //! change log and applies it too. A layer built on such a store loads the
 //! current registry and follows the log from then on.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use crate::hash::Digest;
@@ -62,6 +63,41 @@ pub(crate) enum Edit {
     Account { name: String, encoded: String },
 }
 
+/// What one change to a shared registry sets whole: a key (by id), a plan
+/// or an account (by name).
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[derive(Debug)]
+pub(crate) enum Item {
+    Key(String),
+    Plan(String),
+    Account(String),
+}
+
+/// How far this instance has applied a shared registry.
+///
+/// The watcher applies the store's changes in version order; `Admin`
+/// applies a change of its own at once, ahead of the watcher, which may
+/// still be reading (or be about to deliver) earlier changes of the same
+/// key, plan or account. Such an earlier change, applied after the later
+/// one, would undo it until the watcher reached the later one again (a
+/// poll later): a plan put back to its old numbers, a key back on the plan
+/// it was moved from. So the items `Admin` applied ahead are kept here with
+/// the version of their change, and the watcher leaves them alone until it
+/// has passed that version.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[derive(Debug, Default)]
+pub(crate) struct Applied {
+    /// The version the watcher has applied, every change up to it in
+    /// version order (this instance's own among them).
+    version: u64,
+    /// Keys (by id), plans and accounts (by name) `Admin` applied from its
+    /// own writes past `version`, each with the version of its write (the
+    /// latest, when several). Maps: an import applies thousands of keys.
+    keys: HashMap<String, u64>,
+    plans: HashMap<String, u64>,
+    accounts: HashMap<String, u64>,
+}
+
 #[cfg(not(feature = "redis"))]
 impl SharedRegistry {
     pub(crate) async fn write(&self, _edit: Edit) -> Result<u64, AdminError> {
@@ -81,18 +117,18 @@ impl SharedRegistry {
 impl Policy {
     pub(crate) fn attach(&self, _shared: &SharedRegistry) {}
 
-    pub(crate) fn made(&self, _version: u64) -> Option<()> {
+    pub(crate) fn made(&self, _version: u64, _items: impl IntoIterator<Item = Item>) -> Option<()> {
         Some(())
     }
 }
 
 #[cfg(feature = "redis")]
 mod redis_registry {
-    use std::collections::HashSet;
+    use std::collections::{HashMap, HashSet};
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
 
-    use super::{Edit, Record, SharedRegistry, Update};
+    use super::{Applied, Edit, Item, Record, SharedRegistry, Update};
     use crate::Clock;
     use crate::error::ConfigError;
     use crate::hash::Digest;
@@ -164,7 +200,7 @@ mod redis_registry {
                 .registry_update(&update)
                 .await
                 .map_err(admin_error)?;
-            if let Some(_applied) = policy.made(version) {
+            if let Some(_applied) = policy.made(version, [Item::Key(key.id.clone())]) {
                 policy.apply(Change::UpdateKey(key), self.store.clock());
             }
             Ok(())
@@ -247,55 +283,99 @@ mod redis_registry {
             // The watcher keeps the registry as loaded: what it writes back
             // should Redis lose it.
             let loaded = all.clone();
-            self.apply_all(all, None, &clock);
-            *self.inner.applied.lock() = version;
+            self.apply_all(all, None, &[], &clock);
+            self.inner.applied.lock().version = version;
             let policy = self.clone();
             let store = shared.store.clone();
             shared.store.registry_watch(
-                Arc::new(move |update| match update {
-                    // Every change in version order, this instance's own
-                    // too (applying one again changes nothing): the last
-                    // applied is the one of the highest version, as in
-                    // Redis, though an older change of another instance
-                    // arrived after this instance applied its own.
-                    RegistryUpdate::Change { version, change } => {
-                        let mut applied = policy.inner.applied.lock();
-                        let limits =
-                            matches!(change, Change::PutPlan { .. } | Change::PutAccount { .. });
-                        policy.apply(change, &clock);
-                        *applied = version;
-                        // A plan put back to numbers it had is the same
-                        // identity in the over-limit cache, not the same
-                        // count: a denial cached before is forgotten.
-                        if limits {
-                            store.forget_denials();
-                        }
-                    }
-                    RegistryUpdate::Reload { version, all } => {
-                        let mut applied = policy.inner.applied.lock();
-                        policy.apply_all(all, Some(&statics), &clock);
-                        *applied = version;
-                        store.forget_denials();
-                    }
-                }),
+                Arc::new(move |update| policy.follow(update, &statics, &clock, &store)),
                 version,
                 &loaded,
             );
         }
 
-        /// This instance wrote the change of `version`: the hold under which
-        /// `Admin` applies it at once, so that it is served here without
-        /// waiting for the log. `None` when the watcher has applied that
-        /// version already (and maybe a later change of the same key, which
-        /// applying this one now would undo): the change is in place.
-        pub(crate) fn made(&self, version: u64) -> Option<MutexGuard<'_, u64>> {
-            let applied = self.inner.applied.lock();
-            (*applied < version).then_some(applied)
+        /// Applies what the watcher delivers: every change in version
+        /// order, this instance's own too (applying one again changes
+        /// nothing), so that the last applied is the one of the highest
+        /// version, as in Redis, though an older change of another instance
+        /// arrived after this instance applied its own. A key, plan or
+        /// account this instance applied ahead of the watcher from a write
+        /// of its own is left as it is until the watcher passes that write
+        /// (see [`Applied`]).
+        pub(crate) fn follow(
+            &self,
+            update: RegistryUpdate,
+            statics: &[(Digest, KeyEntry)],
+            clock: &Clock,
+            store: &crate::RedisStore,
+        ) {
+            let mut applied = self.inner.applied.lock();
+            match update {
+                RegistryUpdate::Change { version, change } => {
+                    let limits =
+                        matches!(change, Change::PutPlan { .. } | Change::PutAccount { .. });
+                    if let Some(change) = applied.behind(change, version) {
+                        self.apply(change, clock);
+                    }
+                    applied.passed(version);
+                    // A plan put back to numbers it had is the same
+                    // identity in the over-limit cache, not the same
+                    // count: a denial cached before is forgotten.
+                    if limits {
+                        store.forget_denials();
+                    }
+                }
+                RegistryUpdate::Reload { version, all } => {
+                    let all = all
+                        .into_iter()
+                        .filter_map(|c| applied.behind(c, version))
+                        .collect();
+                    // Keys applied ahead stay as they are: neither removed
+                    // nor put back as configured.
+                    let kept: Vec<&str> = applied
+                        .keys
+                        .iter()
+                        .filter(|(_, v)| **v > version)
+                        .map(|(id, _)| id.as_str())
+                        .collect();
+                    self.apply_all(all, Some(statics), &kept, clock);
+                    applied.passed(version);
+                    store.forget_denials();
+                }
+            }
+        }
+
+        /// This instance wrote the change of `version`, which sets `items`:
+        /// the hold under which `Admin` applies it at once, so that it is
+        /// served here without waiting for the log (the items are kept as
+        /// applied ahead of the watcher, see [`Applied`]). `None` when the
+        /// watcher has applied that version already (and maybe a later
+        /// change of the same key, which applying this one now would undo):
+        /// the change is in place.
+        pub(crate) fn made(
+            &self,
+            version: u64,
+            items: impl IntoIterator<Item = Item>,
+        ) -> Option<MutexGuard<'_, Applied>> {
+            let mut applied = self.inner.applied.lock();
+            if applied.version >= version {
+                return None;
+            }
+            for item in items {
+                let (ahead, name) = match item {
+                    Item::Key(id) => (&mut applied.keys, id),
+                    Item::Plan(name) => (&mut applied.plans, name),
+                    Item::Account(name) => (&mut applied.accounts, name),
+                };
+                let v = ahead.entry(name).or_insert(version);
+                *v = (*v).max(version);
+            }
+            Some(applied)
         }
 
         /// Applies a change from the log, over the static configuration.
         fn apply(&self, change: Change, clock: &Clock) {
-            self.apply_all(vec![change], None, clock);
+            self.apply_all(vec![change], None, &[], clock);
         }
 
         /// Applies changes (the registry as loaded, or one change): plans
@@ -314,11 +394,13 @@ mod redis_registry {
         /// it made through Redis was lost with the rest). The instance then
         /// holds what a new one with its configuration loads. Plans and
         /// accounts are never removed (keys may still name them) and stay
-        /// as they are.
+        /// as they are, and so do the keys a reload leaves `kept` (applied
+        /// here after it was read).
         fn apply_all(
             &self,
             changes: Vec<Change>,
             statics: Option<&[(Digest, KeyEntry)]>,
+            kept: &[&str],
             clock: &Clock,
         ) {
             let mut keys = Vec::new();
@@ -368,7 +450,7 @@ mod redis_registry {
                 // Under the lock plan and account changes hold too.
                 let snap = self.load();
                 if let Some(statics) = statics {
-                    restart(w, &snap, statics, &keys);
+                    restart(w, &snap, statics, &keys, kept);
                 }
                 for change in keys {
                     match change {
@@ -386,15 +468,16 @@ mod redis_registry {
 
     /// Brings the registry back to its static configuration before a
     /// reload's `keys` are applied: removes every key neither static nor
-    /// named by the reload, and puts back every static key it does not
-    /// name.
+    /// named by the reload nor `kept`, and puts back every static key it
+    /// does not name and that is not `kept`.
     fn restart(
         w: &mut Writer<'_>,
         snap: &Snapshot,
         statics: &[(Digest, KeyEntry)],
         keys: &[Change],
+        kept: &[&str],
     ) {
-        let mut named = HashSet::new();
+        let mut named: HashSet<&str> = kept.iter().copied().collect();
         for change in keys {
             match change {
                 Change::AddKey(r) | Change::UpdateKey(r) => {
@@ -428,6 +511,42 @@ mod redis_registry {
         for (digest, entry) in statics {
             if !named.contains(&*entry.id) && w.put(*digest, snap.fresh(entry.clone())).is_err() {
                 tracing::warn!(key = %entry.id, "a static key's value is another key's here: not put back");
+            }
+        }
+    }
+
+    impl Applied {
+        /// What of `change` (of `version`) the watcher applies: `None` when
+        /// it sets only items applied ahead from a later write (an import,
+        /// without its keys so applied).
+        fn behind(&self, change: Change, version: u64) -> Option<Change> {
+            let later = |ahead: &HashMap<String, u64>, name: &str| {
+                ahead.get(name).is_some_and(|v| *v > version)
+            };
+            match change {
+                Change::AddKey(ref r) | Change::UpdateKey(ref r) if later(&self.keys, &r.id) => {
+                    None
+                }
+                Change::RemoveKey { ref id } if later(&self.keys, id) => None,
+                Change::PutPlan { ref name, .. } if later(&self.plans, name) => None,
+                Change::PutAccount { ref name, .. } if later(&self.accounts, name) => None,
+                Change::Import(rs) => {
+                    let rs: Vec<KeyRecord> = rs
+                        .into_iter()
+                        .filter(|r| !later(&self.keys, &r.id))
+                        .collect();
+                    (!rs.is_empty()).then_some(Change::Import(rs))
+                }
+                other => Some(other),
+            }
+        }
+
+        /// The watcher has applied every change up to `version`: the items
+        /// applied ahead up to it are its own again.
+        fn passed(&mut self, version: u64) {
+            self.version = version;
+            for ahead in [&mut self.keys, &mut self.plans, &mut self.accounts] {
+                ahead.retain(|_, v| *v > version);
             }
         }
     }

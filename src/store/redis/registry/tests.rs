@@ -790,3 +790,95 @@ async fn an_add_sent_again_after_its_first_run_is_not_a_clash() {
         (2, vec![Change::AddKey(k1), Change::AddKey(k2)])
     );
 }
+
+/// The watcher's read of the log may be answered just before a change this
+/// instance writes, and be applied after `Admin` applied that change at
+/// once: the older changes it delivers then must not undo the later one of
+/// the same plan or key (a plan back at its old numbers, a key back on the
+/// plan it was moved from, until the next poll), nor may a reload read
+/// before it.
+#[test]
+fn a_change_delivered_late_does_not_undo_a_later_one_applied_at_once() {
+    use crate::store::Store;
+    use crate::{ApiKey, Policy, RateLimitLayer, Throttle, UsagePlan};
+
+    if !require_redis() {
+        return;
+    }
+    let server = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = rt.block_on(store(&server.url()));
+    let plan = |burst| UsagePlan::new("p").throttle(Throttle::new(1.0, burst).unwrap());
+    let policy = Policy::builder()
+        .plan(plan(1))
+        .plan(UsagePlan::new("q").throttle(Throttle::new(2.0, 1).unwrap()))
+        .key(ApiKey::new("k0", "v0", "p"))
+        .build()
+        .unwrap();
+    // Built outside the runtime: no watcher of its own, this test is it.
+    let layer = RateLimitLayer::builder(policy.clone())
+        .store(s.clone())
+        .build();
+    let admin = layer.admin();
+    let plan_p = || policy.load().plan_named("p").unwrap().source.clone();
+    let plan_of = |id| admin.key(id).unwrap().plan;
+    let seen = Seen::default();
+    let on = seen.callback();
+    let follow = |updates: Vec<RegistryUpdate>| {
+        for u in updates {
+            policy.follow(u, &[], s.clock(), &s);
+        }
+    };
+
+    let mut held = Held::at(0);
+    let at = rt.block_on(async {
+        let at = s
+            .inner
+            .registry_step(Position::Start(0), &mut held, &*on)
+            .await;
+        admin.put_plan(plan(2)).await.unwrap();
+        admin.set_plan("k0", "q").await.unwrap();
+        // The watcher reads versions 1 and 2 …
+        s.inner.registry_step(at, &mut held, &*on).await
+    });
+    let late = seen.take();
+    assert_eq!(late.len(), 2);
+    // … and this instance changes the plan and the key again before they
+    // are applied.
+    rt.block_on(async {
+        admin.put_plan(plan(3)).await.unwrap();
+        admin.set_plan("k0", "p").await.unwrap();
+    });
+    assert_eq!((plan_p(), plan_of("k0")), (plan(3), "p".to_owned()));
+    follow(late.clone());
+    assert_eq!((plan_p(), plan_of("k0")), (plan(3), "p".to_owned()));
+
+    // A reload read at version 2 leaves them too.
+    let stale = late
+        .iter()
+        .filter_map(|u| match u {
+            RegistryUpdate::Change { change, .. } => Some(change.clone()),
+            RegistryUpdate::Reload { .. } => None,
+        })
+        .collect();
+    follow(vec![RegistryUpdate::Reload {
+        version: 2,
+        all: stale,
+    }]);
+    assert_eq!((plan_p(), plan_of("k0")), (plan(3), "p".to_owned()));
+
+    // The watcher reaches them (applied again, nothing changes); later
+    // changes, this instance's or another's, are applied as they come.
+    rt.block_on(s.inner.registry_step(at, &mut held, &*on));
+    follow(seen.take());
+    assert_eq!((plan_p(), plan_of("k0")), (plan(3), "p".to_owned()));
+    let moved = Change::UpdateKey(KeyRecord {
+        plan: "q".to_owned(),
+        ..key(&s, "k0", "v0")
+    });
+    follow(vec![change(5, moved)]);
+    assert_eq!(plan_of("k0"), "q");
+}
