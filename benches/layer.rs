@@ -16,6 +16,8 @@
 //!   throttle, a DAY quota of 2^53 requests and a method override on the
 //!   request's route (`/v1/completions/POST`, the same numbers as the
 //!   throttle): three limits decided per request;
+//! - `tollgate_full_plan_no_headers`: `tollgate_full_plan` with
+//!   `HeaderStyle::none()`;
 //! - `tower_governor`: a key extractor reading the same `x-api-key` header,
 //!   `use_headers()` (`x-ratelimit-limit` / `-remaining` response headers).
 //!
@@ -189,6 +191,13 @@ fn layer(c: &mut Criterion) {
     let tollgate_full_plan = ServiceBuilder::new()
         .layer(RateLimitLayer::new(full_plan_policy()))
         .service_fn(ok);
+    let tollgate_full_plan_no_headers = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::builder(full_plan_policy())
+                .headers(HeaderStyle::none())
+                .build(),
+        )
+        .service_fn(ok);
     let per_key = || Policy::per_key(UsagePlan::new("bench").throttle(throttle())).unwrap();
     let tollgate_per_key = ServiceBuilder::new()
         .layer(RateLimitLayer::new(per_key()))
@@ -238,13 +247,21 @@ fn layer(c: &mut Criterion) {
             assert_eq!(res.status(), StatusCode::OK);
             assert!(res.headers().contains_key("ratelimit"), "{res:?}");
         }
-        let res = tollgate_no_headers
-            .clone()
-            .oneshot(req.clone())
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-        assert!(!res.headers().contains_key("ratelimit"), "{res:?}");
+        for res in [
+            tollgate_no_headers
+                .clone()
+                .oneshot(req.clone())
+                .await
+                .unwrap(),
+            tollgate_full_plan_no_headers
+                .clone()
+                .oneshot(req.clone())
+                .await
+                .unwrap(),
+        ] {
+            assert_eq!(res.status(), StatusCode::OK);
+            assert!(!res.headers().contains_key("ratelimit"), "{res:?}");
+        }
         for res in [
             governor_headers.clone().oneshot(req.clone()).await.unwrap(),
             governor_ip_headers
@@ -287,6 +304,13 @@ fn layer(c: &mut Criterion) {
             runs,
             rt,
             req,
+            "tollgate_full_plan_no_headers",
+            tollgate_full_plan_no_headers
+        );
+        timed!(
+            runs,
+            rt,
+            req,
             "tower_governor_key_headers",
             governor_headers
         );
@@ -318,6 +342,13 @@ fn layer(c: &mut Criterion) {
     variant!(group, rt, req, "tower_governor_key", governor_key);
     variant!(group, rt, req, "tollgate_per_key", tollgate_per_key);
     variant!(group, rt, req, "tollgate_full_plan", tollgate_full_plan);
+    variant!(
+        group,
+        rt,
+        req,
+        "tollgate_full_plan_no_headers",
+        tollgate_full_plan_no_headers
+    );
     variant!(
         group,
         rt,
