@@ -30,16 +30,77 @@ pin_project! {
     pub struct ResponseBody<B> {
         #[pin]
         kind: Kind<B>,
-        guard: Option<Guard>,
+    }
+}
+
+pin_project! {
+    // At most one pointer more than `B`, often nothing more (when `B` has a
+    // niche, the pointer fits beside it): a response is moved whole through
+    // every service of a stack, and above 128 bytes each move is a `memcpy`
+    // call. Most responses are the inner service's body alone; the others
+    // (a guarded body, a rejection's) are made where the request has
+    // allocated already.
+    #[project = KindProj]
+    #[derive(Debug)]
+    enum Kind<B> {
+        Inner { #[pin] body: B },
+        Other { other: Pin<Box<Other<B>>> },
+    }
+}
+
+pin_project! {
+    #[project = OtherProj]
+    #[derive(Debug)]
+    enum Other<B> {
+        // The inner service's body of a request that holds places or
+        // tokens until the body ends.
+        Guarded {
+            #[pin]
+            body: B,
+            guard: Option<Guard>,
+        },
+        // A rejection's body.
+        Full { data: Option<Bytes> },
     }
 }
 
 /// Ends a request's hold on its limits when dropped: gives back its place
 /// under a concurrency cap and settles its tokens.
-pub(crate) struct Guard {
-    end: Option<Box<dyn FnOnce() + Send + Sync>>,
+///
+/// One pointer to what is held, so that a response future carries 16 bytes
+/// for it (`None` for most requests).
+pub(crate) struct Guard(Box<dyn Hold>);
+
+/// What a [`Guard`] holds, whatever its store.
+trait Hold: Send + Sync {
     /// Where the handler reports the tokens used, when the request reserved some.
+    fn usage(&self) -> Option<&TokenUsage>;
+}
+
+/// A request's places and reservation in `S`: given back and settled when
+/// dropped.
+struct Held<S: Store> {
+    store: S,
+    permits: [Option<Permit>; 2],
+    reservation: Option<Box<Unsettled>>,
     usage: Option<TokenUsage>,
+}
+
+impl<S: Store> Hold for Held<S> {
+    fn usage(&self) -> Option<&TokenUsage> {
+        self.usage.as_ref()
+    }
+}
+
+impl<S: Store> Drop for Held<S> {
+    fn drop(&mut self) {
+        if let Some(r) = self.reservation.take() {
+            r.settle(&self.store);
+        }
+        for p in self.permits.into_iter().flatten() {
+            self.store.release(p);
+        }
+    }
 }
 
 impl Guard {
@@ -52,19 +113,13 @@ impl Guard {
         if permits == [None, None] && reservation.is_none() {
             return None;
         }
-        let store = store.clone();
         let usage = reservation.as_ref().map(|r| r.usage.clone());
-        Some(Guard {
-            end: Some(Box::new(move || {
-                if let Some(r) = reservation {
-                    r.settle(&store);
-                }
-                for p in permits.into_iter().flatten() {
-                    store.release(p);
-                }
-            })),
+        Some(Guard(Box::new(Held {
+            store: store.clone(),
+            permits,
+            reservation,
             usage,
-        })
+        })))
     }
 
     /// The guard of an allowed request, which goes to the inner service as
@@ -107,16 +162,8 @@ impl Guard {
 
     /// Takes the actual tokens from a [`UsedTokens`] response extension.
     pub(crate) fn read_response<B>(&self, res: &http::Response<B>) {
-        if let (Some(usage), Some(UsedTokens(n))) = (&self.usage, res.extensions().get()) {
+        if let (Some(usage), Some(UsedTokens(n))) = (self.0.usage(), res.extensions().get()) {
             usage.set(*n);
-        }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(end) = self.end.take() {
-            end();
         }
     }
 }
@@ -194,29 +241,24 @@ impl fmt::Debug for Unsettled {
     }
 }
 
-pin_project! {
-    #[project = KindProj]
-    #[derive(Debug)]
-    enum Kind<B> {
-        Inner { #[pin] body: B },
-        Full { data: Option<Bytes> },
-    }
-}
-
 impl<B> ResponseBody<B> {
     pub(crate) fn inner(body: B, guard: Option<Guard>) -> Self {
-        ResponseBody {
-            kind: Kind::Inner { body },
-            guard,
-        }
+        let kind = match guard {
+            None => Kind::Inner { body },
+            guard => Kind::Other {
+                other: Box::pin(Other::Guarded { body, guard }),
+            },
+        };
+        ResponseBody { kind }
     }
 
     pub(crate) fn full(data: Bytes) -> Self {
         ResponseBody {
-            kind: Kind::Full {
-                data: (!data.is_empty()).then_some(data),
+            kind: Kind::Other {
+                other: Box::pin(Other::Full {
+                    data: (!data.is_empty()).then_some(data),
+                }),
             },
-            guard: None,
         }
     }
 }
@@ -232,33 +274,41 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
-        match this.kind.project() {
-            KindProj::Inner { body } => {
-                let frame = body.poll_frame(cx);
-                // The end of the body, or its failure, ends the request.
-                if matches!(frame, Poll::Ready(None | Some(Err(_)))) {
-                    this.guard.take();
+        match self.project().kind.project() {
+            KindProj::Inner { body } => body.poll_frame(cx),
+            KindProj::Other { other } => match other.as_mut().project() {
+                OtherProj::Guarded { body, guard } => {
+                    let frame = body.poll_frame(cx);
+                    // The end of the body, or its failure, ends the request.
+                    if matches!(frame, Poll::Ready(None | Some(Err(_)))) {
+                        guard.take();
+                    }
+                    frame
                 }
-                frame
-            }
-            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+                OtherProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
-            Kind::Full { data } => data.is_none(),
+            Kind::Other { other } => match &**other {
+                Other::Guarded { body, .. } => body.is_end_stream(),
+                Other::Full { data } => data.is_none(),
+            },
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Inner { body } => body.size_hint(),
-            Kind::Full { data } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
+            Kind::Other { other } => match &**other {
+                Other::Guarded { body, .. } => body.size_hint(),
+                Other::Full { data } => {
+                    SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+                }
+            },
         }
     }
 }
@@ -366,5 +416,54 @@ where
                 SizeHint::with_exact(read.data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty, Full};
+
+    use super::*;
+
+    /// A response is moved whole through every service of a stack: the
+    /// layer's body adds at most one pointer to the inner service's, and
+    /// nothing to a boxed body's (axum's), so that the layer's response is as
+    /// large as the bare service's, and moved as cheaply.
+    #[test]
+    fn the_response_body_adds_at_most_a_pointer() {
+        fn at_most_a_pointer<B>() {
+            assert!(
+                size_of::<ResponseBody<B>>() <= size_of::<B>() + size_of::<usize>(),
+                "{} bytes for a body of {}",
+                size_of::<ResponseBody<B>>(),
+                size_of::<B>(),
+            );
+        }
+        at_most_a_pointer::<Full<Bytes>>();
+        at_most_a_pointer::<Empty<Bytes>>();
+        at_most_a_pointer::<String>();
+        at_most_a_pointer::<axum::body::Body>();
+        assert_eq!(
+            size_of::<http::Response<ResponseBody<axum::body::Body>>>(),
+            size_of::<http::Response<axum::body::Body>>()
+        );
+        assert_eq!(size_of::<Option<Guard>>(), 2 * size_of::<usize>());
+    }
+
+    /// A rejection's body and the inner service's, guarded or not, stream
+    /// what they hold and end.
+    #[tokio::test]
+    async fn every_kind_of_response_body_streams_what_it_holds() {
+        let full = ResponseBody::<Empty<Bytes>>::full(Bytes::from_static(b"denied"));
+        assert_eq!(full.size_hint().exact(), Some(6));
+        assert_eq!(full.collect().await.unwrap().to_bytes(), "denied");
+        let empty = ResponseBody::<Empty<Bytes>>::full(Bytes::new());
+        assert!(empty.is_end_stream());
+        let inner = ResponseBody::inner(Full::new(Bytes::from_static(b"ok")), None);
+        assert_eq!(inner.size_hint().exact(), Some(2));
+        assert_eq!(inner.collect().await.unwrap().to_bytes(), "ok");
     }
 }
