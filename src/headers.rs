@@ -213,7 +213,7 @@ impl HeaderStyle {
         Prepared::format(|out| {
             if self.ietf {
                 policy_value(report.items(), |policy| match policy {
-                    Policy::Interned(v) => out.prepared.policy = Some(v),
+                    Policy::Interned(v) => out.policy = Some(v),
                     Policy::Shared(v) => out.value(Slot::Policy, v.as_bytes()),
                 });
                 out.ratelimit(tight.name(), tight.remaining, ceil_secs(tight.reset));
@@ -421,32 +421,47 @@ impl Slot {
 /// Every value lies in one buffer, a slice of a per-thread chunk of memory
 /// that later responses' values share (see [`ARENA`]): a response's values
 /// cost no allocation of their own, and the response future holds only the
-/// buffer and where each value ends.
+/// buffer (40 bytes with the policy's pointer: every byte of a response
+/// future is copied as it is moved).
+///
+/// The buffer holds either the `RateLimit` value alone (the usual response,
+/// see [`ietf`](Self::ietf)), which opens with `"`, or [`SLOTTED`], then
+/// where each slot's value ends (see [`Ends`]), then the values.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Prepared {
     /// The `RateLimit-Policy` value when it is interned (see
     /// [`policy_value`]); one that is not is in `values`.
     policy: Option<&'static HeaderValue>,
     values: Bytes,
-    /// Where each slot's value ends in `values`: it starts where the
-    /// previous slot's ends. A slot without a header has an empty value.
-    ends: [u16; Slot::ALL.len()],
 }
+
+/// Where each slot's value ends among the values: it starts where the
+/// previous slot's ends. A slot without a header has an empty value.
+type Ends = [u16; Slot::ALL.len()];
+
+/// The first byte of a buffer of values by slot, which no `RateLimit`
+/// value (a quoted name first) opens with.
+const SLOTTED: u8 = 0;
+
+/// The bytes ahead of the values in a buffer of values by slot: [`SLOTTED`],
+/// then the [`Ends`], little-endian.
+const SLOTTED_HEAD: usize = 1 + 2 * Slot::ALL.len();
 
 /// How many bytes the values of one response usually take at most: a
 /// policy not interned (most are within 256 bytes; a longer one, of a
 /// request with many limits, makes the chunk grow), `RateLimit` and the
-/// nine others, each a number or a duration of at most 20 bytes.
-const MAX_PREPARED: usize = 256 + 64 + 9 * 24;
+/// nine others, each a number or a duration of at most 20 bytes, and the
+/// head of a buffer of values by slot.
+const MAX_PREPARED: usize = 256 + 64 + 9 * 24 + SLOTTED_HEAD;
 
 /// A chunk of memory the values of a thread's responses are cut from.
 const ARENA_CHUNK: usize = 4 * 1024;
 
 /// Writes the values of one [`Prepared`] into the thread's arena.
 struct Formatter<'a> {
-    /// The response's headers, built in place (a copy of a half-written
-    /// struct costs more here than the formatting).
-    prepared: &'a mut Prepared,
+    /// The interned `RateLimit-Policy` value, if any.
+    policy: Option<&'static HeaderValue>,
+    ends: Ends,
     buf: &'a mut BytesMut,
     start: usize,
     /// The next slot that may be written: slots are written in order.
@@ -458,7 +473,7 @@ impl Formatter<'_> {
     #[inline]
     fn open(&mut self, slot: Slot) {
         let at = (self.buf.len() - self.start) as u16;
-        for end in &mut self.prepared.ends[self.next..slot as usize] {
+        for end in &mut self.ends[self.next..slot as usize] {
             *end = at;
         }
         self.next = slot as usize;
@@ -467,7 +482,7 @@ impl Formatter<'_> {
     /// Ends the value opened last.
     #[inline]
     fn close(&mut self) {
-        self.prepared.ends[self.next] = (self.buf.len() - self.start) as u16;
+        self.ends[self.next] = (self.buf.len() - self.start) as u16;
         self.next += 1;
     }
 
@@ -535,21 +550,30 @@ impl Prepared {
     /// it, and a new chunk is allocated: one allocation for many responses.
     fn format(f: impl FnOnce(&mut Formatter<'_>)) -> Prepared {
         in_arena(|buf| {
-            let mut p = Prepared::default();
+            // The head, filled in once the values are written.
+            let head = buf.len();
+            buf.extend_from_slice(&[SLOTTED; SLOTTED_HEAD]);
             let mut out = Formatter {
                 start: buf.len(),
                 buf,
-                prepared: &mut p,
+                policy: None,
+                ends: [0; Slot::ALL.len()],
                 next: 0,
             };
             f(&mut out);
             let at = (out.buf.len() - out.start) as u16;
-            let next = out.next;
-            for end in &mut p.ends[next..] {
+            let (next, policy, mut ends) = (out.next, out.policy, out.ends);
+            for end in &mut ends[next..] {
                 *end = at;
             }
-            p.values = buf.split().freeze();
-            p
+            let table = &mut buf[head + 1..head + SLOTTED_HEAD];
+            for (bytes, end) in table.chunks_exact_mut(2).zip(ends) {
+                bytes.copy_from_slice(&end.to_le_bytes());
+            }
+            Prepared {
+                policy,
+                values: buf.split().freeze(),
+            }
         })
     }
 
@@ -580,15 +604,9 @@ impl Prepared {
             buf.extend_from_slice(value);
             buf.split().freeze()
         });
-        // `RateLimit` is the only value: every slot after it ends where it does.
-        let end = values.len() as u16;
-        let mut ends = [end; Slot::ALL.len()];
-        ends[Slot::Policy as usize] = 0;
-        Some(Prepared {
-            policy,
-            values,
-            ends,
-        })
+        // `RateLimit` is the only value, and the buffer opens with it.
+        debug_assert_ne!(values.first(), Some(&SLOTTED));
+        Some(Prepared { policy, values })
     }
 
     /// Writes the headers into `headers`.
@@ -596,21 +614,27 @@ impl Prepared {
         if let Some(policy) = self.policy {
             headers.insert(RATELIMIT_POLICY, policy.clone());
         }
-        if self.values.is_empty() {
+        let Some(&first) = self.values.first() else {
             return;
-        }
+        };
         // The usual response: `RateLimit` is the only value in the buffer.
-        if self.ends[Slot::Policy as usize] == 0
-            && usize::from(self.ends[Slot::RateLimit as usize]) == self.values.len()
-        {
+        if first != SLOTTED {
             if let Ok(v) = HeaderValue::from_maybe_shared(self.values) {
                 headers.insert(RATELIMIT, v);
             }
             return;
         }
+        let mut ends: Ends = [0; Slot::ALL.len()];
+        for (end, bytes) in ends
+            .iter_mut()
+            .zip(self.values[1..SLOTTED_HEAD].chunks_exact(2))
+        {
+            *end = u16::from_le_bytes([bytes[0], bytes[1]]);
+        }
         let mut rest = self.values;
+        bytes::Buf::advance(&mut rest, SLOTTED_HEAD);
         let mut start = 0;
-        for (slot, &end) in Slot::ALL.iter().zip(&self.ends) {
+        for (slot, &end) in Slot::ALL.iter().zip(&ends) {
             let len = usize::from(end) - start;
             start = usize::from(end);
             if len == 0 {
