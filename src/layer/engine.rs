@@ -548,11 +548,18 @@ impl<K, S: Store> Shared<K, S> {
                 }
                 return Acquire::lone(first, cost, c.plan, |a| decide(a, report));
             }
-            // The common full plan, when all its limits allow.
-            if let Some(verdict) =
+            // The common full plan, when all its limits allow; without a
+            // report when nobody reads it (as for a lone throttle: a clear
+            // plan holds no place and reserves no tokens).
+            let (second, quota) = (second.as_ref(), quota.as_ref());
+            let clear = if reserve.is_some() && !self.headers.sends_any() {
                 self.store
-                    .decide_clear_now(&first, second.as_ref(), quota.as_ref(), cost, report)
-            {
+                    .decide_clear_unreported(&first, second, quota, cost)
+            } else {
+                self.store
+                    .decide_clear_now(&first, second, quota, cost, report)
+            };
+            if let Some(verdict) = clear {
                 return now(verdict);
             }
         }

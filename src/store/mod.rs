@@ -254,6 +254,22 @@ pub trait Store: Clone + Send + Sync + 'static {
         None
     }
 
+    /// [`decide_clear_now`](Store::decide_clear_now) for a caller that
+    /// reads no report (a request through a layer that sends no rate-limit
+    /// headers): the store need not describe how the limits stand. The
+    /// default asks `decide_clear_now` with a report nobody reads. A store
+    /// that answers here must answer exactly as `decide_clear_now` would.
+    #[inline]
+    fn decide_clear_unreported(
+        &self,
+        first: &ThrottleRef<'_>,
+        second: Option<&ThrottleRef<'_>>,
+        quota: Option<&QuotaRef<'_>>,
+        cost: u32,
+    ) -> Option<Result<(), Denied>> {
+        self.decide_clear_now(first, second, quota, cost, &mut Report::default())
+    }
+
     /// Where this store keeps a key registry its instances share, if it
     /// does: a layer built on it loads the keys, plans and accounts kept
     /// there and follows their changes, and its

@@ -698,6 +698,18 @@ impl Store for MemoryStore {
     }
 
     #[inline]
+    fn decide_clear_unreported(
+        &self,
+        first: &ThrottleRef<'_>,
+        second: Option<&ThrottleRef<'_>>,
+        quota: Option<&QuotaRef<'_>>,
+        cost: u32,
+    ) -> Option<Result<(), Denied>> {
+        self.decide_clear_of(first, second, quota, cost, &mut ())
+            .then_some(Ok(()))
+    }
+
+    #[inline]
     fn decide_throttle_now(
         &self,
         throttle: &ThrottleRef<'_>,
@@ -1054,6 +1066,29 @@ mod tests {
         assert!(!s.decide_clear_of(&t, None, Some(&q), 1, &mut ()));
         assert!(decide_in_full(&s, t, q).is_ok());
         assert!(decide_in_full(&s, t, q).is_err());
+    }
+
+    /// A full plan decided for a caller that reads no report (a layer
+    /// sending no headers) is decided as one decided with a report: the
+    /// same verdicts, request by request, until the quota is spent.
+    #[test]
+    fn a_clear_plan_unreported_is_decided_as_reported() {
+        let (reported, _) = store(1024);
+        let (unreported, _) = store(1024);
+        let (p, spec, k) = (plan(1_000.0, 1_000), day_quota(5), digest(b"k"));
+        let (t, q) = (throttle_ref(&p, k), quota_ref(&spec, LimitKind::Quota, k));
+        let mut verdicts = Vec::new();
+        for _ in 0..8 {
+            let mut report = Report::default();
+            let with = reported.decide_clear_now(&t, None, Some(&q), 1, &mut report);
+            let without = unreported.decide_clear_unreported(&t, None, Some(&q), 1);
+            assert_eq!(with.is_some(), without.is_some());
+            verdicts.push(without.is_some());
+        }
+        assert_eq!(
+            verdicts,
+            [true, true, true, true, true, false, false, false]
+        );
     }
 
     /// A DAY quota of `limit`.
