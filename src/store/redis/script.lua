@@ -444,9 +444,10 @@ end
 -- before_c does not hold the reservation's numbers. Returns the key's TAT
 -- ahead of now (nil: full), the shift, the share's end ahead of now (nil:
 -- refilled, or none), and the current numbers' tie. Made only for "t" and
--- "r".
+-- "r" (sent once or not: "t!" and "r!" are read as "t" and "r" further
+-- down).
 local converted = nil
-if ARGV[1] == 't' or ARGV[1] == 'r' then
+if ARGV[1] == 't' or ARGV[1] == 'r' or ARGV[1] == 't!' or ARGV[1] == 'r!' then
   converted = function(load, rescale, replay, key, now_s, now_ns, tol_s, ss, sns, st,
       tol_c, cs, cns, before_c, shift, u_s, u_ns)
     local ct = 0
