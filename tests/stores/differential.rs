@@ -24,8 +24,9 @@
 //! and token sequences with another per-minute budget, on buckets in debt
 //! after settlements too, and with responses held across the change (their
 //! settlement converted to the new numbers). Plans carry quotas of every
-//! period with an AWS `offset`; an account's limits are shared by two keys
-//! and a stage throttle by every caller.
+//! period with an AWS `offset`; an account's limits (a throttle, a quota, a
+//! token budget whose estimates are settled as the plan's are) are shared
+//! by two keys and a stage throttle by every caller.
 //!
 //! The conformance suite checks chosen sequences; this one checks the rules
 //! across limits (one atomic decision, the longest-holding limit named, a
@@ -99,6 +100,12 @@ enum Kind {
     /// DAY quota; admin operations on each key, moves to plan `"q"` among
     /// them (a key keeps its account on any plan).
     Shared,
+    /// Three keys, two of them of an account with a token budget (per
+    /// minute, perhaps per day) and perhaps a throttle, on a plan with or
+    /// without a token budget of its own and a concurrency cap, perhaps
+    /// under a stage throttle: estimates settled on the account's budget
+    /// and the plan's alike, responses held across others' requests.
+    AccountTokens,
     /// Registered keys (two of an account) and anonymous clients (by IP)
     /// together under a stage throttle, a plan with a named model's
     /// throttle and quota that requests name in several spellings, and
@@ -185,6 +192,8 @@ struct Spec {
     other: Option<(Rate, u64)>,
     /// The account `"acme"` of keys 0 and 1: a throttle, a quota.
     account: Option<(Option<Rate>, Option<QuotaSpec>)>,
+    /// The account's token budget: per minute, perhaps per day.
+    account_tokens: Option<(u32, Option<u64>)>,
     /// The stage throttle, shared by every caller.
     stage: Option<Rate>,
     /// Keys `k0`, `k1`, … (values `v0`, `v1`, …), on plan `"p"`.
@@ -200,8 +209,19 @@ struct Spec {
 }
 
 /// The account `"acme"` with these limits.
-fn account(throttle: Option<Rate>, quota: Option<QuotaSpec>) -> Account {
+fn account(
+    throttle: Option<Rate>,
+    quota: Option<QuotaSpec>,
+    tokens: Option<(u32, Option<u64>)>,
+) -> Account {
     let mut a = Account::new("acme");
+    if let Some((per_minute, per_day)) = tokens {
+        let mut b = TokenBudget::new().per_minute(per_minute).unwrap();
+        if let Some(n) = per_day {
+            b = b.per_day(n).unwrap();
+        }
+        a = a.tokens(b);
+    }
     if let Some(r) = throttle {
         a = a.throttle(r.throttle());
     }
@@ -301,7 +321,7 @@ impl Spec {
             policy = policy.plan(q);
         }
         if let Some((throttle, quota)) = self.account {
-            policy = policy.account(account(throttle, quota));
+            policy = policy.account(account(throttle, quota, self.account_tokens));
         }
         if let Some(r) = self.stage {
             policy = policy.stage(Stage::new().throttle(r.throttle()));
@@ -367,6 +387,13 @@ impl Spec {
             account: self.account.map(|(r, q)| Limits {
                 throttle: r.map(|r| bucket("account", r)),
                 quota: q.map(|q| q.model("account-quota", created)),
+                tokens_minute: self
+                    .account_tokens
+                    .map(|(n, _)| Bucket::per_second("account-tokens-minute", n, 60, n)),
+                tokens_day: self
+                    .account_tokens
+                    .and_then(|(_, d)| d)
+                    .map(|l| CalendarQuota::new("account-tokens-day", l, model::Period::Day)),
                 ..Limits::default()
             }),
             keys: (0..self.keys)
@@ -396,7 +423,7 @@ impl Spec {
     /// Whether requests carry token estimates (and direct decisions only
     /// peek).
     fn tokens(&self) -> bool {
-        self.tokens_minute.is_some() || self.tokens_day.is_some()
+        self.tokens_minute.is_some() || self.tokens_day.is_some() || self.account_tokens.is_some()
     }
 
     /// The largest cost worth trying on the request limits: one past what
@@ -434,6 +461,9 @@ impl Spec {
         }
         if let Some(n) = self.tokens_day {
             m = m.max(n as u32 + 2);
+        }
+        if let Some((n, d)) = self.account_tokens {
+            m = m.max(n + 2).max(d.map_or(0, |d| d as u32 + 2));
         }
         m
     }
@@ -509,6 +539,7 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
         concurrency: None,
         other: None,
         account: None,
+        account_tokens: None,
         stage: None,
         keys: 1,
         start_secs: 0,
@@ -606,6 +637,28 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
                 quota: day.map(QuotaSpec::day),
                 other: Some(other),
                 account: Some((account, Some(q))),
+                stage,
+                keys: 3,
+                start_secs: s,
+                ..base.clone()
+            })
+            .boxed(),
+        Kind::AccountTokens => (
+            (
+                per_minute(fractional),
+                prop::option::of(prop::sample::select(vec![20u64, 50, 150])),
+            ),
+            prop::option::of(per_minute(fractional)),
+            prop::option::of(1..=2u32),
+            prop::option::of(rate()),
+            prop::option::of(rate()),
+            start_secs(),
+        )
+            .prop_map(move |(tokens, plan, c, account, stage, s)| Spec {
+                tokens_minute: plan,
+                concurrency: c,
+                account: Some((account, None)),
+                account_tokens: Some(tokens),
                 stage,
                 keys: 3,
                 start_secs: s,
@@ -811,7 +864,8 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
         op.push((2, (0..40u8).prop_map(|back| Op::Usage { back }).boxed()));
     }
     if plan_changes()
-        && (s.kind == Kind::Tokens || (s.kind == Kind::Admin && s.tokens_minute.is_some()))
+        && (s.kind == Kind::Tokens
+            || (matches!(s.kind, Kind::Admin | Kind::AccountTokens) && s.tokens_minute.is_some()))
     {
         op.push((
             2,
@@ -1031,7 +1085,11 @@ impl<S: Drain> Side<S> {
             Op::PutAccount { quota, throttle } => {
                 let throttle = spec.account.and_then(|a| a.0).map(|_| throttle);
                 admin
-                    .put_account(account(throttle, account_quota(spec, quota)))
+                    .put_account(account(
+                        throttle,
+                        account_quota(spec, quota),
+                        spec.account_tokens,
+                    ))
                     .await
                     .map(|()| None)
             }
@@ -1774,6 +1832,14 @@ mod memory {
         memory(Kind::Shared, false);
     }
     #[test]
+    fn account_token_budget() {
+        memory(Kind::AccountTokens, false);
+    }
+    #[test]
+    fn account_token_budget_with_fractional_intervals() {
+        memory(Kind::AccountTokens, true);
+    }
+    #[test]
     fn anonymous_and_registered_models_and_plans_put_anew() {
         memory(Kind::Mixed, false);
     }
@@ -1823,6 +1889,14 @@ mod redis {
         redis(Kind::Shared, false);
     }
     #[test]
+    fn account_token_budget() {
+        redis(Kind::AccountTokens, false);
+    }
+    #[test]
+    fn account_token_budget_with_fractional_intervals() {
+        redis(Kind::AccountTokens, true);
+    }
+    #[test]
     fn anonymous_and_registered_models_and_plans_put_anew() {
         redis(Kind::Mixed, false);
     }
@@ -1840,6 +1914,10 @@ mod redis_cluster {
     #[test]
     fn account_and_stage_shared() {
         redis_cluster(Kind::Shared);
+    }
+    #[test]
+    fn account_token_budget() {
+        redis_cluster(Kind::AccountTokens);
     }
     #[test]
     fn anonymous_and_registered_models_and_plans_put_anew() {
@@ -1883,6 +1961,7 @@ mod found {
                 4,
             )),
             account: None,
+            account_tokens: None,
             stage: None,
             keys: 1,
             start_secs,

@@ -478,12 +478,38 @@ pub struct Reservation {
     pub plan: usize,
     pub at: i128,
     pub estimate: u32,
+    /// The plan's token budget as the decision found it.
+    pub share: Share,
+    /// The account's token budget as the decision found it, when the key
+    /// belongs to the account (its tokens are settled there too).
+    pub account: Option<Share>,
+}
+
+/// A token budget (a plan's or an account's) as a decision found it: what
+/// its settlement is weighed by.
+#[derive(Clone, Copy, Debug)]
+pub struct Share {
     /// The start of the token quota's window at the decision.
     pub window: i128,
     /// The per-minute bucket's emission interval at the decision, and how
     /// many changes of its numbers it had seen.
     pub interval: Q,
     pub changes: usize,
+}
+
+impl Share {
+    fn of(limits: &Limits, wall: i128) -> Share {
+        let window = limits.tokens_day.as_ref().map_or(0, |q| q.window(wall).0);
+        let (interval, changes) = limits
+            .tokens_minute
+            .as_ref()
+            .map_or((Q::int(0), 0), |b| (b.interval, b.changes.len()));
+        Share {
+            window,
+            interval,
+            changes,
+        }
+    }
 }
 
 enum Denial {
@@ -603,12 +629,16 @@ impl Limits {
         self.tokens_minute.is_some() || self.tokens_day.is_some()
     }
 
-    /// A response ends: its place under the cap comes back and its tokens
-    /// are settled at `actual` (none reported: the estimate stands).
-    fn end(&mut self, now: Q, wall: i128, res: &Reservation, actual: Option<u32>) {
-        if let Some((_, held)) = &mut self.concurrency {
-            *held -= 1;
-        }
+    /// A response ends: its tokens are settled at `actual` (none reported:
+    /// the estimate stands), as `share` weighs them.
+    fn settle(
+        &mut self,
+        now: Q,
+        wall: i128,
+        res: &Reservation,
+        share: &Share,
+        actual: Option<u32>,
+    ) {
         let Some(actual) = actual.filter(|_| self.budget()) else {
             return;
         };
@@ -617,9 +647,9 @@ impl Limits {
         // to the numbers in force (a plan put anew since): the difference
         // on the bucket's time line, and the end of the estimate's share.
         let converted = self.tokens_minute.as_ref().map(|b| {
-            let shift = res.interval.mul(delta.abs());
-            let share_end = Q::int(res.at).add(res.interval.mul(i128::from(res.estimate)));
-            b.convert(res.changes, shift, share_end)
+            let shift = share.interval.mul(delta.abs());
+            let share_end = Q::int(res.at).add(share.interval.mul(i128::from(res.estimate)));
+            b.convert(share.changes, shift, share_end)
         });
         if delta > 0 {
             // An under-estimate is charged past the limit: a debt.
@@ -645,7 +675,7 @@ impl Limits {
             // A quota gets back only what its own window counted, never
             // below nothing.
             if let Some(q) = &mut self.tokens_day {
-                if q.window(wall).0 == res.window {
+                if q.window(wall).0 == share.window {
                     let used = (q.used_at(wall) - refund).max(0);
                     q.set_used(wall, used);
                 }
@@ -770,22 +800,17 @@ impl Model {
         }
         let header = ask.http.then(|| tightest(&items)).flatten();
         let k = &self.keys[ask.key];
-        let window = k.plans[k.on]
-            .tokens_day
-            .as_ref()
-            .map_or(0, |q| q.window(wall).0);
-        let (interval, changes) = k.plans[k.on]
-            .tokens_minute
-            .as_ref()
-            .map_or((Q::int(0), 0), |b| (b.interval, b.changes.len()));
+        let account = match &self.account {
+            Some(a) if k.account => Some(Share::of(a, wall)),
+            _ => None,
+        };
         let reservation = ask.holds.then_some(Reservation {
             key: ask.key,
             plan: k.on,
             at: self.now,
             estimate: ask.tokens,
-            window,
-            interval,
-            changes,
+            share: Share::of(&k.plans[k.on], wall),
+            account,
         });
         (Answer::Allowed { header }, reservation)
     }
@@ -796,7 +821,14 @@ impl Model {
     pub fn end(&mut self, res: Reservation, actual: Option<u32>) {
         let now = Q::int(self.now);
         let wall = self.wall();
-        self.keys[res.key].plans[res.plan].end(now, wall, &res, actual);
+        let plan = &mut self.keys[res.key].plans[res.plan];
+        if let Some((_, held)) = &mut plan.concurrency {
+            *held -= 1;
+        }
+        plan.settle(now, wall, &res, &res.share, actual);
+        if let (Some(a), Some(share)) = (&mut self.account, &res.account) {
+            a.settle(now, wall, &res, share, actual);
+        }
     }
 
     /// UpdateUsage on `key`'s current plan: `None` when it has no quota.
