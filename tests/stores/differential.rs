@@ -26,7 +26,9 @@
 //! settlement converted to the new numbers). Plans carry quotas of every
 //! period with an AWS `offset`; an account's limits (a throttle, a quota, a
 //! token budget whose estimates are settled as the plan's are) are shared
-//! by two keys and a stage throttle by every caller.
+//! by two keys and a stage throttle by every caller; a named model's limits
+//! (a throttle, a quota, a token budget, a concurrency cap) apply besides
+//! the plan's to the requests that name it.
 //!
 //! The conformance suite checks chosen sequences; this one checks the rules
 //! across limits (one atomic decision, the longest-holding limit named, a
@@ -106,6 +108,12 @@ enum Kind {
     /// under a stage throttle: estimates settled on the account's budget
     /// and the plan's alike, responses held across others' requests.
     AccountTokens,
+    /// A named model with a throttle (perhaps a DAY quota), a token budget
+    /// per minute and perhaps a concurrency cap of its own, on a plan with
+    /// or without a budget and a cap, two of three keys of an account with
+    /// perhaps a token budget: requests name the model in several
+    /// spellings, so that some pass the model's limits and some do not.
+    ModelTokens,
     /// Registered keys (two of an account) and anonymous clients (by IP)
     /// together under a stage throttle, a plan with a named model's
     /// throttle and quota that requests name in several spellings, and
@@ -202,6 +210,9 @@ struct Spec {
     start_secs: u64,
     /// The named model of plan `"p"` ([`MODEL`]): a throttle, a DAY quota.
     model: Option<(Rate, Option<u64>)>,
+    /// The named model's token budget per minute, and its concurrency cap.
+    model_tokens: Option<u32>,
+    model_concurrency: Option<u32>,
     /// The throttle of anonymous clients, by IP; [`Spec::anons`] of them.
     anonymous: Option<Rate>,
     /// Anonymous clients `10.0.0.<n>` for n past the keys' indexes.
@@ -294,6 +305,12 @@ impl Spec {
             if let Some(l) = model_quota {
                 m = m.quota(QuotaSpec::day(l).quota());
             }
+            if let Some(n) = self.model_tokens {
+                m = m.tokens(TokenBudget::new().per_minute(n).unwrap());
+            }
+            if let Some(c) = self.model_concurrency {
+                m = m.concurrency(c);
+            }
             p = p.model(MODEL, m);
         }
         if self.tokens_minute.is_some() || self.tokens_day.is_some() {
@@ -370,6 +387,19 @@ impl Spec {
                 .model
                 .and_then(|m| m.1)
                 .map(|l| QuotaSpec::day(l).model("model-quota", created)),
+            named_model: false,
+        };
+        let models = if self.model_tokens.is_some() || self.model_concurrency.is_some() {
+            vec![Limits {
+                tokens_minute: self
+                    .model_tokens
+                    .map(|n| Bucket::per_second("model-tokens-minute", n, 60, n)),
+                concurrency: self.model_concurrency.map(|c| (c, 0)),
+                named_model: true,
+                ..Limits::default()
+            }]
+        } else {
+            Vec::new()
         };
         let mut plans = vec![plan];
         if let Some((r, limit)) = self.other {
@@ -403,6 +433,7 @@ impl Spec {
                     enabled: true,
                     account: self.in_account(i),
                     plans: plans.clone(),
+                    models: models.clone(),
                 })
                 .chain((0..self.anons).map(|_| model::Key {
                     anonymous: true,
@@ -413,6 +444,7 @@ impl Spec {
                         throttle: self.anonymous.map(|r| bucket("throttle", r)),
                         ..Limits::default()
                     }],
+                    models: Vec::new(),
                 }))
                 .collect(),
             wall0: self.wall0(),
@@ -423,7 +455,10 @@ impl Spec {
     /// Whether requests carry token estimates (and direct decisions only
     /// peek).
     fn tokens(&self) -> bool {
-        self.tokens_minute.is_some() || self.tokens_day.is_some() || self.account_tokens.is_some()
+        self.tokens_minute.is_some()
+            || self.tokens_day.is_some()
+            || self.account_tokens.is_some()
+            || self.model_tokens.is_some()
     }
 
     /// The largest cost worth trying on the request limits: one past what
@@ -464,6 +499,9 @@ impl Spec {
         }
         if let Some((n, d)) = self.account_tokens {
             m = m.max(n + 2).max(d.map_or(0, |d| d as u32 + 2));
+        }
+        if let Some(n) = self.model_tokens {
+            m = m.max(n + 2);
         }
         m
     }
@@ -544,6 +582,8 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
         keys: 1,
         start_secs: 0,
         model: None,
+        model_tokens: None,
+        model_concurrency: None,
         anonymous: None,
         anons: 0,
     };
@@ -664,6 +704,33 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
                 start_secs: s,
                 ..base.clone()
             })
+            .boxed(),
+        Kind::ModelTokens => (
+            (rate(), prop::option::of(1..=4u64), per_minute(fractional)),
+            prop::option::of(1..=2u32),
+            (
+                prop::option::of(per_minute(fractional)),
+                prop::option::of(1..=2u32),
+            ),
+            prop::option::of(rate()),
+            prop::option::of(per_minute(fractional)),
+            start_secs(),
+        )
+            .prop_map(
+                move |((m, mq, mt), mc, (pt, pc), throttle, account, s)| Spec {
+                    throttle,
+                    tokens_minute: pt,
+                    concurrency: pc,
+                    account: account.map(|_| (None, None)),
+                    account_tokens: account.map(|n| (n, None)),
+                    keys: 3,
+                    start_secs: s,
+                    model: Some((m, mq)),
+                    model_tokens: Some(mt),
+                    model_concurrency: mc,
+                    ..base.clone()
+                },
+            )
             .boxed(),
         Kind::Mixed => (
             (prop::option::of(rate()), 1..=6u64),
@@ -865,7 +932,10 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
     }
     if plan_changes()
         && (s.kind == Kind::Tokens
-            || (matches!(s.kind, Kind::Admin | Kind::AccountTokens) && s.tokens_minute.is_some()))
+            || (matches!(
+                s.kind,
+                Kind::Admin | Kind::AccountTokens | Kind::ModelTokens
+            ) && s.tokens_minute.is_some()))
     {
         op.push((
             2,
@@ -1836,6 +1906,14 @@ mod memory {
         memory(Kind::AccountTokens, false);
     }
     #[test]
+    fn model_token_budget_and_cap() {
+        memory(Kind::ModelTokens, false);
+    }
+    #[test]
+    fn model_token_budget_with_fractional_intervals() {
+        memory(Kind::ModelTokens, true);
+    }
+    #[test]
     fn account_token_budget_with_fractional_intervals() {
         memory(Kind::AccountTokens, true);
     }
@@ -1893,6 +1971,14 @@ mod redis {
         redis(Kind::AccountTokens, false);
     }
     #[test]
+    fn model_token_budget_and_cap() {
+        redis(Kind::ModelTokens, false);
+    }
+    #[test]
+    fn model_token_budget_with_fractional_intervals() {
+        redis(Kind::ModelTokens, true);
+    }
+    #[test]
     fn account_token_budget_with_fractional_intervals() {
         redis(Kind::AccountTokens, true);
     }
@@ -1918,6 +2004,10 @@ mod redis_cluster {
     #[test]
     fn account_token_budget() {
         redis_cluster(Kind::AccountTokens);
+    }
+    #[test]
+    fn model_token_budget_and_cap() {
+        redis_cluster(Kind::ModelTokens);
     }
     #[test]
     fn anonymous_and_registered_models_and_plans_put_anew() {
@@ -1966,6 +2056,8 @@ mod found {
             keys: 1,
             start_secs,
             model: None,
+            model_tokens: None,
+            model_concurrency: None,
             anonymous: None,
             anons: 0,
         }

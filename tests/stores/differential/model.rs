@@ -419,6 +419,9 @@ pub struct Limits {
     pub model: Option<Bucket>,
     /// The request quota of the plan's one named model.
     pub model_quota: Option<CalendarQuota>,
+    /// These are the limits of the plan's named model (its token budget,
+    /// its cap), counted per (plan, key, model), not the plan's own.
+    pub named_model: bool,
 }
 
 /// One key: the plan it is on and its state under each plan (counters
@@ -432,6 +435,10 @@ pub struct Key {
     /// Whether it belongs to the account.
     pub account: bool,
     pub plans: Vec<Limits>,
+    /// Under each plan, the limits of its named model a request to that
+    /// model passes besides (a token budget, a concurrency cap); empty
+    /// when there are none.
+    pub models: Vec<Limits>,
 }
 
 /// The plans, the account and the stage under test, and the state of
@@ -483,6 +490,9 @@ pub struct Reservation {
     /// The account's token budget as the decision found it, when the key
     /// belongs to the account (its tokens are settled there too).
     pub account: Option<Share>,
+    /// The named model's, when the request was to it and the plan gives
+    /// it a token budget or a cap (its place and tokens come back there).
+    pub model: Option<Share>,
 }
 
 /// A token budget (a plan's or an account's) as a decision found it: what
@@ -567,7 +577,7 @@ impl Limits {
         if let Some((cap, held)) = self.concurrency {
             if held >= cap {
                 denials.push((
-                    "concurrency",
+                    self.cap_name(),
                     Why::ConcurrencyLimited,
                     Denial::Wait(Q::int(i128::from(CONCURRENCY_RETRY_NS))),
                 ));
@@ -586,6 +596,7 @@ impl Limits {
         tats: &[(usize, Q)],
         items: &mut Vec<Item>,
     ) {
+        let cap_name = self.cap_name();
         for &(i, t) in tats {
             let cost = if i == 2 { ask.tokens } else { ask.cost };
             let b = match i {
@@ -621,7 +632,15 @@ impl Limits {
             if ask.holds {
                 *held = after;
             }
-            items.push(("concurrency", u64::from(*cap - after), Q::int(0), false));
+            items.push((cap_name, u64::from(*cap - after), Q::int(0), false));
+        }
+    }
+
+    fn cap_name(&self) -> &'static str {
+        if self.named_model {
+            "model-concurrency"
+        } else {
+            "concurrency"
         }
     }
 
@@ -725,9 +744,10 @@ impl Model {
     }
 
     /// The limits a request of `key` must pass, in decision order: stage →
-    /// account → plan (the method override and the key's own limits are
-    /// the plan's).
-    fn parts(&mut self, key: usize) -> Vec<&mut Limits> {
+    /// account → plan → model (the method override and the key's own
+    /// limits are the plan's; the named model's budget and cap apply to a
+    /// request to it).
+    fn parts(&mut self, key: usize, model: bool) -> Vec<&mut Limits> {
         let Model {
             stage,
             account,
@@ -740,6 +760,9 @@ impl Model {
             parts.extend(account.iter_mut());
         }
         parts.push(&mut k.plans[k.on]);
+        if model {
+            parts.extend(k.models.get_mut(k.on));
+        }
         parts
     }
 
@@ -752,7 +775,7 @@ impl Model {
         let now = Q::int(self.now);
         let wall = self.wall();
         let mut denials: Vec<Found> = Vec::new();
-        let mut parts = self.parts(ask.key);
+        let mut parts = self.parts(ask.key, ask.model);
         let tats: Vec<Vec<(usize, Q)>> = parts
             .iter()
             .map(|p| p.check(now, wall, &ask, &mut denials))
@@ -811,6 +834,11 @@ impl Model {
             estimate: ask.tokens,
             share: Share::of(&k.plans[k.on], wall),
             account,
+            model: k
+                .models
+                .get(k.on)
+                .filter(|_| ask.model)
+                .map(|m| Share::of(m, wall)),
         });
         (Answer::Allowed { header }, reservation)
     }
@@ -828,6 +856,13 @@ impl Model {
         plan.settle(now, wall, &res, &res.share, actual);
         if let (Some(a), Some(share)) = (&mut self.account, &res.account) {
             a.settle(now, wall, &res, share, actual);
+        }
+        if let Some(share) = &res.model {
+            let m = &mut self.keys[res.key].models[res.plan];
+            if let Some((_, held)) = &mut m.concurrency {
+                *held -= 1;
+            }
+            m.settle(now, wall, &res, share, actual);
         }
     }
 
