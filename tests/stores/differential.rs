@@ -26,9 +26,9 @@
 //! settlement converted to the new numbers). Plans carry quotas of every
 //! period with an AWS `offset`; an account's limits (a throttle, a quota, a
 //! token budget whose estimates are settled as the plan's are) are shared
-//! by two keys and a stage throttle by every caller; a named model's limits
-//! (a throttle, a quota, a token budget, a concurrency cap) apply besides
-//! the plan's to the requests that name it.
+//! by two keys, and a stage throttle and method override by every caller;
+//! a named model's limits (a throttle, a quota, a token budget, a
+//! concurrency cap) apply besides the plan's to the requests that name it.
 //!
 //! The conformance suite checks chosen sequences; this one checks the rules
 //! across limits (one atomic decision, the longest-holding limit named, a
@@ -98,9 +98,10 @@ enum Kind {
     /// admitted them).
     Admin,
     /// Three keys, two of them of an account (a throttle, a calendar
-    /// quota), all under a stage throttle, on a plan of a throttle or a
-    /// DAY quota; admin operations on each key, moves to plan `"q"` among
-    /// them (a key keeps its account on any plan).
+    /// quota), all under a stage throttle and a stage method override, on
+    /// a plan of a throttle or a DAY quota; admin operations on each key,
+    /// moves to plan `"q"` among them (a key keeps its account on any
+    /// plan).
     Shared,
     /// Three keys, two of them of an account with a token budget (per
     /// minute, perhaps per day) and perhaps a throttle, on a plan with or
@@ -204,6 +205,9 @@ struct Spec {
     account_tokens: Option<(u32, Option<u64>)>,
     /// The stage throttle, shared by every caller.
     stage: Option<Rate>,
+    /// The stage's method override on [`ROUTE`] (POST), shared by every
+    /// caller's requests on that route.
+    stage_method: Option<Rate>,
     /// Keys `k0`, `k1`, … (values `v0`, `v1`, …), on plan `"p"`.
     keys: usize,
     /// Seconds into 2024-05-01 (UTC) at the start.
@@ -340,8 +344,15 @@ impl Spec {
         if let Some((throttle, quota)) = self.account {
             policy = policy.account(account(throttle, quota, self.account_tokens));
         }
-        if let Some(r) = self.stage {
-            policy = policy.stage(Stage::new().throttle(r.throttle()));
+        if self.stage.is_some() || self.stage_method.is_some() {
+            let mut stage = Stage::new();
+            if let Some(r) = self.stage {
+                stage = stage.throttle(r.throttle());
+            }
+            if let Some(r) = self.stage_method {
+                stage = stage.method(format!("{ROUTE}/POST"), r.throttle());
+            }
+            policy = policy.stage(stage);
         }
         if let Some(r) = self.anonymous {
             policy = policy.anonymous(Anonymous::ByIp {
@@ -410,8 +421,9 @@ impl Spec {
             });
         }
         Model {
-            stage: self.stage.map(|r| Limits {
-                throttle: Some(bucket("stage", r)),
+            stage: (self.stage.is_some() || self.stage_method.is_some()).then(|| Limits {
+                throttle: self.stage.map(|r| bucket("stage", r)),
+                method: self.stage_method.map(|r| bucket("stage-method", r)),
                 ..Limits::default()
             }),
             account: self.account.map(|(r, q)| Limits {
@@ -474,6 +486,7 @@ impl Spec {
             account,
             other,
             self.stage,
+            self.stage_method,
             model,
         ]
         .into_iter()
@@ -579,6 +592,7 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
         account: None,
         account_tokens: None,
         stage: None,
+        stage_method: None,
         keys: 1,
         start_secs: 0,
         model: None,
@@ -666,7 +680,7 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
             (prop::option::of(rate()), prop::option::of(1..=6u64)),
             prop::option::of(rate()),
             calendar_quota(1..=8),
-            prop::option::of(rate()),
+            (prop::option::of(rate()), prop::option::of(rate())),
             (rate(), 1..=4u64),
         )
             .prop_flat_map(|(plan, account, q, stage, other)| {
@@ -677,7 +691,8 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
                 quota: day.map(QuotaSpec::day),
                 other: Some(other),
                 account: Some((account, Some(q))),
-                stage,
+                stage: stage.0,
+                stage_method: stage.1,
                 keys: 3,
                 start_secs: s,
                 ..base.clone()
@@ -735,7 +750,7 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
         Kind::Mixed => (
             (prop::option::of(rate()), 1..=6u64),
             (prop::option::of(rate()), calendar_quota(1..=8)),
-            prop::option::of(rate()),
+            (prop::option::of(rate()), prop::option::of(rate())),
             (rate(), prop::option::of(1..=4u64)),
             (rate(), 1..=4u64),
             rate(),
@@ -750,7 +765,8 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
                     quota: Some(QuotaSpec::day(day)),
                     other: Some(other),
                     account: Some((a, Some(q))),
-                    stage,
+                    stage: stage.0,
+                    stage_method: stage.1,
                     keys: 3,
                     start_secs: s,
                     model: Some(model),
@@ -2053,6 +2069,7 @@ mod found {
             account: None,
             account_tokens: None,
             stage: None,
+            stage_method: None,
             keys: 1,
             start_secs,
             model: None,
