@@ -115,6 +115,15 @@ pub enum AdminError {
     Store(StoreError),
     /// The dates asked for are out of range.
     BadRange(&'static str),
+    /// A report of one plan's usage asked for a key on another plan.
+    KeyNotInPlan {
+        /// The key's id.
+        key: String,
+        /// The plan asked for.
+        plan: String,
+        /// The plan the key is on.
+        on: String,
+    },
     /// The policy limits every key under one plan; it has no registered keys.
     NotRegistered,
     /// One key of a batch could not be imported, so none was.
@@ -146,6 +155,9 @@ impl fmt::Display for AdminError {
             AdminError::NoAccountQuota(a) => write!(f, "account `{a}` has no quota"),
             AdminError::NoQuota(p) => write!(f, "plan `{p}` has no quota"),
             AdminError::BadRange(why) => write!(f, "bad date range: {why}"),
+            AdminError::KeyNotInPlan { key, plan, on } => {
+                write!(f, "api key `{key}` is on plan `{on}`, not `{plan}`")
+            }
             AdminError::Store(e) => e.fmt(f),
             AdminError::NotRegistered => f.write_str("the policy has no registered keys"),
             AdminError::Import { index, id, error } => write!(
@@ -647,6 +659,11 @@ impl<S: Store> Admin<S> {
     /// read under the numbers now in memory, and as they were counted on
     /// the Redis store.
     ///
+    /// One key (`key`) on another plan than `plan` is
+    /// [`AdminError::KeyNotInPlan`], which names the plan it is on: as AWS
+    /// GetUsage, a report holds only the keys of the plan asked for, and a
+    /// report of none would read as a key that used nothing.
+    ///
     /// With a store that shares the registry, one key added through another
     /// instance that has not reached this one yet (within a poll of the
     /// registry's log) is reported too, on the plan the store's record of
@@ -705,6 +722,11 @@ impl<S: Store> Admin<S> {
                     .policy
                     .keys()
                     .by_id(id, |e| match e.or(elsewhere.as_ref()) {
+                        Some(e) if e.plan.name != p.name => Err(AdminError::KeyNotInPlan {
+                            key: id.to_owned(),
+                            plan: plan.to_owned(),
+                            on: e.plan.name.to_string(),
+                        }),
                         Some(e) => {
                             read(e);
                             Ok(())

@@ -82,9 +82,13 @@ fn status(e: &AdminError) -> StatusCode {
         // A batch import fails as its entry at fault would alone; which
         // entry, the answer says beside the message.
         AdminError::Import { error, .. } => status(error),
-        AdminError::UnknownKey(_) | AdminError::UnknownPlan(_) | AdminError::UnknownAccount(_) => {
-            StatusCode::NOT_FOUND
-        }
+        // What the path or the query names is not there: the key, the plan
+        // or the account whose usage is asked, or the key's usage in the
+        // plan asked (it is on another).
+        AdminError::UnknownKey(_)
+        | AdminError::UnknownPlan(_)
+        | AdminError::UnknownAccount(_)
+        | AdminError::KeyNotInPlan { .. } => StatusCode::NOT_FOUND,
         // What the request names clashes with what is there: an id or a
         // value taken, a plan or an account the gateway does not have.
         AdminError::Config(

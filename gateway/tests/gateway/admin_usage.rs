@@ -2,6 +2,7 @@
 //! past the edge of UpdateUsage's range (2^53), on the memory store and on a
 //! real `redis-server`: the same status and body from both, a 400 with a
 //! clear message for a count out of range, never a 503 that blames the store.
+//! And `GET /admin/usage` for a key on another plan than the one asked.
 
 use serde_json::{Value, json};
 use tollgate::store::Store;
@@ -14,6 +15,10 @@ const CONFIG: &str = r#"
 [[plans]]
 name = "tiny"
 quota = { limit = 3, period = "DAY" }
+
+[[plans]]
+name = "big"
+quota = { limit = 300, period = "DAY" }
 
 [[keys]]
 id = "t-1"
@@ -113,4 +118,39 @@ async fn update_usage_out_of_range_is_the_same_400_on_the_redis_store() {
     check(&on_redis);
     let memory = MemoryStore::builder().clock(clock).build().unwrap();
     assert_eq!(on_redis, answers(memory).await);
+}
+
+/// `GET /admin/usage?plan=big&key=t-1` of a key on plan `tiny`: a 404 that
+/// names the plan the key is on, as AWS GetUsage reports only the keys of
+/// the plan asked, never a 200 whose empty `items` reads as "no such usage"
+/// (or, to a client that looks the key up in it, as a missing key).
+#[tokio::test]
+async fn usage_of_a_key_on_another_plan_says_which_plan_it_is_on() {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 36_000));
+    let store = MemoryStore::builder().clock(clock).build().unwrap();
+    let (base, _stop) = serve(store).await;
+    let get = |query: &'static str| {
+        let base = base.clone();
+        async move {
+            let res = reqwest::Client::new()
+                .get(format!("{base}/admin/usage?{query}"))
+                .header("x-admin-key", "admin-secret")
+                .send()
+                .await
+                .unwrap();
+            (res.status().as_u16(), res.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = get("plan=big&start=2024-05-06&end=2024-05-06&key=t-1").await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(
+        body,
+        json!({"message": "api key `t-1` is on plan `tiny`, not `big`"})
+    );
+    // On its own plan, and the whole plan without `key`, as before.
+    let (status, body) = get("plan=tiny&start=2024-05-06&end=2024-05-06&key=t-1").await;
+    assert_eq!((status, &body["items"]), (200, &json!({"t-1": [[0, 3]]})));
+    let (status, body) = get("plan=big&start=2024-05-06&end=2024-05-06").await;
+    assert_eq!((status, &body["items"]), (200, &json!({})));
 }
