@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 use tollgate::store::Store;
-use tollgate::{Admin, AdminError, ApiKey, Date, KeyInfo, ResponseStyle};
+use tollgate::{Admin, AdminError, ApiKey, ConfigError, Date, KeyInfo, ResponseStyle};
 
 pub(crate) use self::error::{BodyDeadline, Styled};
 use crate::dashboard::{self, Dashboard};
@@ -456,8 +456,19 @@ async fn patch_key<S: Store>(
         Err(msg) => return s.error(StatusCode::BAD_REQUEST, &msg),
     };
     if let Some(plan) = &p.plan {
-        if let Err(e) = s.admin.set_plan(&id, plan).await {
-            return s.admin_error(&e);
+        match s.admin.set_plan(&id, plan).await {
+            Ok(()) => {}
+            // A plan the gateway does not have, named in the body: the
+            // conflict `POST /admin/keys` answers for it, in its words. A
+            // 404 here would say that the key of the path is missing.
+            Err(AdminError::UnknownPlan(plan)) => {
+                let e = ConfigError::UnknownPlan {
+                    key: id.clone(),
+                    plan,
+                };
+                return s.admin_error(&AdminError::Config(e));
+            }
+            Err(e) => return s.admin_error(&e),
         }
     }
     if let Some(enabled) = p.enabled {

@@ -94,7 +94,11 @@
 //!     `/admin/accounts/NAME/usage?start=…&end=…` and `/admin/traffic[?seconds=N]`
 //!
 //!   Their errors, the key check's 403 and a path, query or body axum cannot
-//!   read included, are JSON in the config's response style. A body (read
+//!   read included, are JSON in the config's response style. A key, plan or
+//!   account named by the path or the query that is not there is a 404; a
+//!   body that names a plan or an account the gateway does not have, or an
+//!   id or a value already taken (`POST /admin/keys`, `PATCH
+//!   /admin/keys/ID`), is a 409. A body (read
 //!   only after the admin key is checked) may be at most 2 MB, 64 MiB for
 //!   `POST /admin/keys` (a batch import; 413 beyond), and must arrive whole
 //!   within `--body-deadline` (408 beyond), as an estimate's body must.

@@ -113,6 +113,15 @@ fn cases() -> Vec<Case> {
             r#"{"id":"t-2","value":"tiny-key-2","plan":"platinum"}"#,
             409,
         ),
+        // A plan the gateway does not have, named by a change of plan: the
+        // same conflict as when a new key names it (the key is there: 404
+        // would say it is not).
+        case(
+            Method::PATCH,
+            "/admin/keys/t-1",
+            r#"{"plan":"platinum"}"#,
+            409,
+        ),
         // An id that is wrong in itself is a bad request, not a conflict.
         case(
             Method::POST,
