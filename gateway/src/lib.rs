@@ -29,13 +29,25 @@
 //! is server-sent events: for chat a `role` delta first, one chunk per token,
 //! a chunk with the `finish_reason`, with `stream_options.include_usage` a
 //! last chunk with `"choices": []` and the usage, then `data: [DONE]`. The
-//! mock generates `max_tokens` tokens (default 16), or
+//! mock generates `max_tokens` tokens (default 16; `max_completion_tokens`,
+//! the chat API's newer name for it, is read first when both are given, as
+//! vLLM reads them), or
 //! `mock_completion_tokens` when the request names it, `mock_token_ms` apart
 //! (default 5) when streaming; `mock_fail_after: N` cuts a stream off after
 //! N tokens, as a broken model would. `n` (1 to 128) asks for that many
 //! choices, each with its `index` (streamed, each chunk carries one), and
 //! the usage counts every choice's tokens; `max_tokens × n` may be at most
 //! 100,000.
+//!
+//! The tokens reserved before the call are the answer's `prompt_tokens`
+//! plus the maximum for every choice, the larger of `max_tokens` and
+//! `max_completion_tokens` when both are given (a body that gives both is
+//! never reserved less than either: servers differ in which they read).
+//! A body the estimate would count otherwise than the mock serves it is a
+//! 400 costing nothing, as OpenAI refuses it: a chat message part of the
+//! Responses API (`input_text`, `output_text`), or a field of another API
+//! (`system`, `instructions`, `max_output_tokens`, `n_predict`, `prompt`
+//! beside a chat's `messages`, `messages` beside a completion's `prompt`).
 //!
 //! - `GET /metrics`: the decision counters (`tollgate_decisions_total`) in
 //!   Prometheus text, never limited; requests to the limited routes only

@@ -6,6 +6,7 @@
 //! gateway: they include it with `#[path]`.
 
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 use tollgate::TokenUsage;
 
 /// Limits on what one mock request may ask for, so that a request cannot make
@@ -23,6 +24,10 @@ struct CompletionRequest {
     prompt: Prompt,
     #[serde(flatten)]
     common: Common,
+    /// A chat's field: see [`Unserved`].
+    messages: Option<IgnoredAny>,
+    #[serde(flatten)]
+    unserved: Unserved,
 }
 
 /// A completion's `prompt`, in the shapes OpenAI's completions take it.
@@ -58,6 +63,47 @@ struct ChatRequest {
     messages: Vec<Message>,
     #[serde(flatten)]
     common: Common,
+    /// A completion's field: see [`Unserved`].
+    prompt: Option<IgnoredAny>,
+    #[serde(flatten)]
+    unserved: Unserved,
+}
+
+/// Fields that the gateway's estimate (tollgate's `OpenAiEstimator`) counts
+/// but OpenAI's completions and chat completions do not take, so the mock
+/// would not serve them: a Responses request's `instructions` and
+/// `max_output_tokens`, a Messages request's `system`, llama.cpp's
+/// `n_predict`, and the other route's prompt (`messages` beside a
+/// completion's `prompt`, `prompt` beside a chat's `messages`). Such a
+/// body is refused, as OpenAI refuses an argument it does not recognise,
+/// so that the estimate made before the call and the usage the mock
+/// answers count the same prompt and the same maximum. `null` is absence.
+#[derive(Deserialize)]
+struct Unserved {
+    instructions: Option<IgnoredAny>,
+    system: Option<IgnoredAny>,
+    max_output_tokens: Option<IgnoredAny>,
+    n_predict: Option<IgnoredAny>,
+}
+
+impl Unserved {
+    /// The first field given, with `other`, the other route's prompt.
+    fn first(&self, other: (&'static str, &Option<IgnoredAny>)) -> Option<&'static str> {
+        [
+            other,
+            ("instructions", &self.instructions),
+            ("system", &self.system),
+            ("max_output_tokens", &self.max_output_tokens),
+            ("n_predict", &self.n_predict),
+        ]
+        .into_iter()
+        .find_map(|(name, v)| v.is_some().then_some(name))
+    }
+}
+
+/// OpenAI's answer to an argument its route does not take.
+fn unrecognized(name: &str) -> String {
+    format!("Unrecognized request argument supplied: {name}")
 }
 
 #[derive(Deserialize)]
@@ -79,7 +125,9 @@ enum Content {
 
 /// A content part: `{"type":"text","text":…}` counts its text; other parts
 /// (images, audio, files) count nothing, as tollgate's `OpenAiEstimator`
-/// counts them by default.
+/// counts them by default. The Responses API's text parts (`input_text`,
+/// `output_text`), which that estimator counts as text, are refused, as
+/// OpenAI's chat completions refuse them.
 #[derive(Deserialize)]
 struct Part {
     #[serde(rename = "type")]
@@ -87,7 +135,22 @@ struct Part {
     text: Option<String>,
 }
 
+/// The Responses API's text parts, which a chat message does not take.
+const RESPONSES_TEXT_PARTS: [&str; 2] = ["input_text", "output_text"];
+
 impl Message {
+    /// A part of a type the chat API does not take but the estimate
+    /// counts as text.
+    fn responses_part(&self) -> Option<&str> {
+        match &self.content {
+            Some(Content::Parts(parts)) => parts
+                .iter()
+                .map(|p| p.kind.as_str())
+                .find(|k| RESPONSES_TEXT_PARTS.contains(k)),
+            _ => None,
+        }
+    }
+
     fn chars(&self) -> usize {
         match &self.content {
             Some(Content::Text(t)) => t.chars().count(),
@@ -156,10 +219,21 @@ impl Job {
         let bad = |e: serde_json::Error| format!("invalid request body: {e}");
         if chat {
             let req: ChatRequest = serde_json::from_slice(body).map_err(bad)?;
+            if let Some(name) = req.unserved.first(("prompt", &req.prompt)) {
+                return Err(unrecognized(name));
+            }
+            if let Some(kind) = req.messages.iter().find_map(Message::responses_part) {
+                return Err(format!(
+                    "Invalid value: '{kind}'. A chat message's text part is of type 'text'"
+                ));
+            }
             let chars = req.messages.iter().map(Message::chars).sum();
             Job::new(true, req.model, (chars, 0, 1), &req.common)
         } else {
             let req: CompletionRequest = serde_json::from_slice(body).map_err(bad)?;
+            if let Some(name) = req.unserved.first(("messages", &req.messages)) {
+                return Err(unrecognized(name));
+            }
             Job::new(false, req.model, req.prompt.size(), &req.common)
         }
     }

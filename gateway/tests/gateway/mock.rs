@@ -1484,35 +1484,36 @@ async fn a_token_budget_spent_by_large_requests_leaves_other_keys_alone() {
     assert_eq!(s.tokens("big-key", 400, None).await.status(), 200);
 }
 
-/// A chat whose body also carries a `prompt` is estimated from its messages
-/// too: a stray `"prompt": ""` does not make a request larger than the whole
-/// budget look like one of no tokens (the mock, as a chat server, answers
-/// the messages, which would then be charged after the fact).
+/// A chat whose body also carries a `prompt` is not one of no tokens: a
+/// stray `"prompt": ""` does not make a request larger than the whole
+/// budget pass (the mock, as a chat server, would answer the messages,
+/// which would then be charged after the fact). The estimate counts the
+/// messages too, and the mock refuses the stray field, as OpenAI does.
 #[tokio::test]
 async fn a_stray_prompt_does_not_hide_a_chats_messages_from_the_estimate() {
     let s = start(TOKENS_CONFIG).await;
     // 4,004 characters: 1,001 tokens, more than the 1,000 a minute.
     let messages = json!([{"role": "user", "content": "a".repeat(4004)}]);
-    for (what, body) in [
-        (
-            "messages alone",
-            json!({"model": "m", "messages": messages, "max_tokens": 0}),
-        ),
-        (
-            "messages and an empty prompt",
-            json!({"model": "m", "prompt": "", "messages": messages, "max_tokens": 0}),
-        ),
-    ] {
-        let res = s
-            .post("/v1/chat/completions", Some("big-key"), &body.to_string())
-            .await;
-        assert_eq!(res.status(), 429, "{what}");
-        assert_eq!(res.headers()["x-should-retry"], "false");
-        assert_eq!(
-            res.text().await.unwrap(),
-            r#"{"message":"Cost Exceeds Limit"}"#
-        );
-    }
+    let body = json!({"model": "m", "messages": messages, "max_tokens": 0});
+    let res = s
+        .post("/v1/chat/completions", Some("big-key"), &body.to_string())
+        .await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["x-should-retry"], "false");
+    assert_eq!(
+        res.text().await.unwrap(),
+        r#"{"message":"Cost Exceeds Limit"}"#
+    );
+    let body = json!({"model": "m", "prompt": "", "messages": messages, "max_tokens": 0});
+    let res = s
+        .post("/v1/chat/completions", Some("big-key"), &body.to_string())
+        .await;
+    assert_eq!(res.status(), 400);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(
+        v["message"], "Unrecognized request argument supplied: prompt",
+        "{v}"
+    );
     // Neither was charged: the whole budget is still there.
     assert_eq!(s.tokens("big-key", 1000, Some(0)).await.status(), 200);
 }
@@ -1676,4 +1677,95 @@ async fn a_completions_prompt_in_every_openai_shape_is_answered_and_counted() {
         .await;
     let remaining = &res.headers()["x-ratelimit-remaining-tokens"];
     assert_eq!(remaining.to_str().unwrap(), (1000 - used).to_string());
+}
+
+/// The estimate the gateway charges before the call and the usage the mock
+/// answers count the same prompt: for every body the mock serves, what the
+/// token budget lost at once is the answer's `prompt_tokens` plus
+/// `max_tokens` (the mock generates all of it). A body with text the
+/// estimate would count and the mock would not (a Responses API text part
+/// in a chat message, a Messages request's `system`, the other route's
+/// prompt) or a maximum the mock would not honour is refused instead, as
+/// OpenAI refuses it: a 400 in OpenAI's shape that costs nothing.
+#[tokio::test]
+async fn the_estimate_and_the_mocks_usage_count_the_same_prompt() {
+    let s = start(PROMPTS_CONFIG).await;
+    let user = |content: Value| json!([{"role": "user", "content": content}]);
+    let bodies = [
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": user(json!("abcdefgh")), "max_tokens": 2}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "max_tokens": 2, "messages":
+                user(json!([{"type": "input_text", "text": "abcdefgh"}]))}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "max_tokens": 2, "messages":
+                user(json!([{"type": "output_text", "text": "abcdefgh"}]))}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "max_tokens": 2, "messages": user(json!("ab")),
+                "system": "be brief, be kind"}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "max_tokens": 2, "messages": user(json!("ab")),
+                "instructions": "be brief, be kind"}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "max_tokens": 2, "messages": user(json!("ab")),
+                "prompt": "abcdefghijklmnop"}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "max_tokens": 2, "messages": user(json!("ab")),
+                "max_output_tokens": 50}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "max_tokens": 2, "prompt": "ab", "n_predict": 50}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "max_tokens": 2, "prompt": "ab",
+                "messages": user(json!("abcdefghijklmnop"))}),
+        ),
+        // `null` is absence, as everywhere in OpenAI's API.
+        (
+            "/v1/completions",
+            json!({"model": "m", "max_tokens": 2, "prompt": "abcd", "system": null,
+                "messages": null, "n_predict": null}),
+        ),
+    ];
+    let mut used = 0;
+    let mut served = 0;
+    for (route, body) in bodies {
+        let res = s.post(route, Some("prompts-key"), &body.to_string()).await;
+        let status = res.status();
+        let remaining: Option<u64> = res
+            .headers()
+            .get("x-ratelimit-remaining-tokens")
+            .map(|v| v.to_str().unwrap().parse().unwrap());
+        let answer: Value = res.json().await.unwrap();
+        if status == 200 {
+            served += 1;
+            let remaining = remaining.unwrap();
+            let prompt = answer["usage"]["prompt_tokens"].as_u64().unwrap();
+            assert_eq!(answer["usage"]["completion_tokens"], 2, "{answer}");
+            assert_eq!(1000 - used - remaining, prompt + 2, "{route} {body}");
+            used += prompt + 2;
+        } else {
+            // Costing nothing: the next body served finds all of `used`.
+            assert_eq!(status, 400, "{route} {body}: {answer}");
+            let error = &answer["error"];
+            assert_eq!(error["type"], "invalid_request_error", "{answer}");
+            assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+    assert_eq!(served, 2, "the plain chat and the completion with nulls");
 }
