@@ -473,52 +473,15 @@ impl<S: Store> Admin<S> {
             written = Some(shared.write(Edit::Plan { name, encoded }).await?);
         }
         // Applied here at once, unless the watcher applied it (and what came
-        // after it) first.
+        // after it) first, and converted the state then.
         let _applied =
             match written.map(|v| self.policy.made(v, [Item::Plan(plan.name().to_owned())])) {
                 Some(None) => return Ok(()),
                 Some(applied) => applied,
                 None => None,
             };
-        let (compiled, changed) = self.policy.put_plan(&plan, now, now)?;
-        // Throttles kept at the same place (salt) with new numbers: convert
-        // each key's state so the share of its bucket in use carries over,
-        // once per state (a resolved key may have a registered key's id,
-        // and two cached values may name one key).
-        if !changed.is_empty() {
-            let mut done = std::collections::HashSet::new();
-            let rescale = |subject: &Subject<'_>| {
-                for (old, new) in &changed {
-                    self.store
-                        .rescale(&subject.throttle(old), &subject.throttle(new));
-                }
-            };
-            // Every key, not only those on the plan now: a key moved away
-            // keeps its state under the plan for when it comes back, and
-            // finds it as full or as empty as it left it (a key that never
-            // was on the plan has no state there: nothing is converted).
-            self.policy.keys().for_each(|entry| {
-                if done.insert(entry.state()) {
-                    rescale(&self.subject(&compiled, entry));
-                }
-            });
-            // Copied out of the cache first: no lock of it is held while
-            // the store converts.
-            let found = match &self.resolver {
-                Some(r) => r.found_on(&compiled.name),
-                None => Vec::new(),
-            };
-            for f in found {
-                if done.insert(f.state) {
-                    rescale(&Subject {
-                        plan: &compiled,
-                        name: f.id.as_bytes(),
-                        digest: f.state,
-                        history_days: self.policy.inner.history_days as u32,
-                    });
-                }
-            }
-        }
+        let put = self.policy.put_plan(&plan, now, now)?;
+        rescale_plan(&self.policy, &self.store, self.resolver.as_deref(), &put);
         Ok(())
     }
 
@@ -545,7 +508,7 @@ impl<S: Store> Admin<S> {
             written = Some(shared.write(Edit::Account { name, encoded }).await?);
         }
         // Applied here at once, unless the watcher applied it (and what came
-        // after it) first.
+        // after it) first, and converted the state then.
         let _applied = match written.map(|v| {
             self.policy
                 .made(v, [Item::Account(account.name().to_owned())])
@@ -554,13 +517,8 @@ impl<S: Store> Admin<S> {
             Some(applied) => applied,
             None => None,
         };
-        let (compiled, changed) = self.policy.put_account(&account, now, now)?;
-        // The account's state is its own, shared by all its keys (whoever
-        // registered or resolved them): converted once.
-        for (old, new) in &changed {
-            self.store
-                .rescale(&compiled.throttle_ref(old), &compiled.throttle_ref(new));
-        }
+        let put = self.policy.put_account(&account, now, now)?;
+        rescale_account(&self.store, &put);
         Ok(())
     }
 
@@ -964,6 +922,69 @@ impl<S: Store> Admin<S> {
             w.replace(self.policy.load().fresh(new));
             Ok(())
         })
+    }
+}
+
+/// Converts the state `store` keeps of each throttle of a plan put anew
+/// (`put`: the plan compiled, and its throttles whose numbers changed,
+/// old and new) kept at the same place (salt), so that the share of each
+/// key's bucket in use carries over; once per state (a resolved key may
+/// have a registered key's id, and two cached values may name one key).
+/// Every way a plan put anew reaches an instance converts through here,
+/// once: its own [`Admin`] applying its change, and the shared registry's
+/// log or a full read of it applying another instance's.
+pub(crate) fn rescale_plan<S: Store>(
+    policy: &Policy,
+    store: &S,
+    resolver: Option<&Resolving>,
+    put: &crate::policy::PutPlan,
+) {
+    let (compiled, changed) = put;
+    if changed.is_empty() {
+        return;
+    }
+    let history_days = policy.inner.history_days as u32;
+    let mut done = std::collections::HashSet::new();
+    let rescale = |subject: &Subject<'_>| {
+        for (old, new) in changed {
+            store.rescale(&subject.throttle(old), &subject.throttle(new));
+        }
+    };
+    // Every key, not only those on the plan now: a key moved away keeps its
+    // state under the plan for when it comes back, and finds it as full or
+    // as empty as it left it (a key that never was on the plan has no state
+    // there: nothing is converted).
+    policy.keys().for_each(|entry| {
+        if done.insert(entry.state()) {
+            rescale(&Subject {
+                plan: compiled,
+                name: entry.id.as_bytes(),
+                digest: entry.state(),
+                history_days,
+            });
+        }
+    });
+    // Copied out of the cache first: no lock of it is held while the store
+    // converts.
+    let found = resolver.map_or_else(Vec::new, |r| r.found_on(&compiled.name));
+    for f in found {
+        if done.insert(f.state) {
+            rescale(&Subject {
+                plan: compiled,
+                name: f.id.as_bytes(),
+                digest: f.state,
+                history_days,
+            });
+        }
+    }
+}
+
+/// [`rescale_plan`] for an account put anew: its state is its own, shared
+/// by all its keys (whoever registered or resolved them), converted once.
+pub(crate) fn rescale_account<S: Store>(store: &S, put: &crate::policy::PutAccount) {
+    let (compiled, changed) = put;
+    for (old, new) in changed {
+        store.rescale(&compiled.throttle_ref(old), &compiled.throttle_ref(new));
     }
 }
 

@@ -115,7 +115,12 @@ impl SharedRegistry {
 
 #[cfg(not(feature = "redis"))]
 impl Policy {
-    pub(crate) fn attach(&self, _shared: &SharedRegistry) {}
+    pub(crate) fn attach(
+        &self,
+        _shared: &SharedRegistry,
+        _resolver: Option<std::sync::Arc<crate::resolver::Resolving>>,
+    ) {
+    }
 
     pub(crate) fn made(&self, _version: u64, _items: impl IntoIterator<Item = Item>) -> Option<()> {
         Some(())
@@ -129,17 +134,18 @@ mod redis_registry {
     use std::sync::atomic::Ordering;
 
     use super::{Applied, Edit, Item, Record, SharedRegistry, Update};
-    use crate::Clock;
     use crate::error::ConfigError;
     use crate::hash::Digest;
     use crate::keys::{KeyEntry, Writer};
     use crate::plan::wire;
     use crate::policy::{Policy, Snapshot};
+    use crate::resolver::Resolving;
     use crate::store::Store;
     use crate::store::redis::registry::{
         Change, KeyRecord, KeyUpdate, RegistryError, RegistryUpdate,
     };
     use crate::usage::AdminError;
+    use crate::usage::{rescale_account, rescale_plan};
     use std::sync::MutexGuard;
 
     impl SharedRegistry {
@@ -201,7 +207,7 @@ mod redis_registry {
                 .await
                 .map_err(admin_error)?;
             if let Some(_applied) = policy.made(version, [Item::Key(key.id.clone())]) {
-                policy.apply(Change::UpdateKey(key), self.store.clock());
+                policy.apply(Change::UpdateKey(key), &self.store, None);
             }
             Ok(())
         }
@@ -256,8 +262,9 @@ mod redis_registry {
         /// Shares this policy's registry through `shared`: hashes key values
         /// under the shared key, applies what the store holds, and follows
         /// its changes. Done once per policy; a second layer built on the
-        /// same policy shares the first one's.
-        pub(crate) fn attach(&self, shared: &SharedRegistry) {
+        /// same policy shares the first one's. A plan put anew converts the
+        /// state of the keys `resolver` holds on it too, as `Admin` does.
+        pub(crate) fn attach(&self, shared: &SharedRegistry, resolver: Option<Arc<Resolving>>) {
             if self.inner.attached.swap(true, Ordering::AcqRel) {
                 return;
             }
@@ -276,19 +283,18 @@ mod redis_registry {
             // The static configuration as built (under the shared hash
             // key): what a reload starts from, as a new instance does.
             let statics = self.keys().change(|w| w.entries());
-            // A change is dated on the store's clock, as `Admin` dates its
-            // own: a throttle converted lazily is converted as of then.
-            let clock = shared.store.clock().clone();
             let (version, all) = shared.store.take_preloaded().unwrap_or_default();
             // The watcher keeps the registry as loaded: what it writes back
             // should Redis lose it.
             let loaded = all.clone();
-            self.apply_all(all, None, &[], &clock);
+            self.apply_all(all, None, &[], &shared.store, resolver.as_deref());
             self.inner.applied.lock().version = version;
             let policy = self.clone();
             let store = shared.store.clone();
             shared.store.registry_watch(
-                Arc::new(move |update| policy.follow(update, &statics, &clock, &store)),
+                Arc::new(move |update| {
+                    policy.follow(update, &statics, &store, resolver.as_deref())
+                }),
                 version,
                 &loaded,
             );
@@ -301,13 +307,15 @@ mod redis_registry {
         /// arrived after this instance applied its own. A key, plan or
         /// account this instance applied ahead of the watcher from a write
         /// of its own is left as it is until the watcher passes that write
-        /// (see [`Applied`]).
+        /// (see [`Applied`]). A plan or account put anew converts the state
+        /// `store` keeps under it (see [`rescale_plan`]), `resolver`'s keys
+        /// included.
         pub(crate) fn follow(
             &self,
             update: RegistryUpdate,
             statics: &[(Digest, KeyEntry)],
-            clock: &Clock,
             store: &crate::RedisStore,
+            resolver: Option<&Resolving>,
         ) {
             let mut applied = self.inner.applied.lock();
             match update {
@@ -315,7 +323,7 @@ mod redis_registry {
                     let limits =
                         matches!(change, Change::PutPlan { .. } | Change::PutAccount { .. });
                     if let Some(change) = applied.behind(change, version) {
-                        self.apply(change, clock);
+                        self.apply(change, store, resolver);
                     }
                     applied.passed(version);
                     // A plan put back to numbers it had is the same
@@ -338,7 +346,7 @@ mod redis_registry {
                         .filter(|(_, v)| **v > version)
                         .map(|(id, _)| id.as_str())
                         .collect();
-                    self.apply_all(all, Some(statics), &kept, clock);
+                    self.apply_all(all, Some(statics), &kept, store, resolver);
                     applied.passed(version);
                     store.forget_denials();
                 }
@@ -374,16 +382,21 @@ mod redis_registry {
         }
 
         /// Applies a change from the log, over the static configuration.
-        fn apply(&self, change: Change, clock: &Clock) {
-            self.apply_all(vec![change], None, &[], clock);
+        fn apply(&self, change: Change, store: &crate::RedisStore, resolver: Option<&Resolving>) {
+            self.apply_all(vec![change], None, &[], store, resolver);
         }
 
         /// Applies changes (the registry as loaded, or one change): plans
         /// and accounts first, then every key under one hold of the
         /// registry's write lock. A key whose plan or account this instance
         /// does not know is skipped and logged. A plan or account changed is
-        /// dated on `clock` (the store's, as `Admin` dates its own changes):
-        /// a throttle converted lazily is converted as of then.
+        /// dated on `store`'s clock (as `Admin` dates its own changes): a
+        /// throttle converted lazily is converted as of then. The state
+        /// `store` keeps at once (the local copy that decides `Local`
+        /// failures) is converted here, as `Admin` converts it for a change
+        /// of its own: once, since a change applied already (this
+        /// instance's own, or one a full read carries again) is not put
+        /// again.
         ///
         /// A reload (`statics`: the static configuration's keys) is the
         /// whole registry as Redis holds it, and replaces what this instance
@@ -401,8 +414,10 @@ mod redis_registry {
             changes: Vec<Change>,
             statics: Option<&[(Digest, KeyEntry)]>,
             kept: &[&str],
-            clock: &Clock,
+            store: &crate::RedisStore,
+            resolver: Option<&Resolving>,
         ) {
+            let clock = store.clock();
             let mut keys = Vec::new();
             for change in changes {
                 match change {
@@ -416,8 +431,11 @@ mod redis_registry {
                                 .is_some_and(|p| p.source == plan) => {}
                         Ok((plan, created)) => {
                             let now = clock.wall_nanos();
-                            if let Err(e) = self.put_plan(&plan, created, now) {
-                                tracing::warn!(plan = %name, error = %e, "a shared plan was not applied");
+                            match self.put_plan(&plan, created, now) {
+                                Ok(put) => rescale_plan(self, store, resolver, &put),
+                                Err(e) => {
+                                    tracing::warn!(plan = %name, error = %e, "a shared plan was not applied")
+                                }
                             }
                         }
                         Err(e) => {
@@ -432,8 +450,11 @@ mod redis_registry {
                                 .is_some_and(|a| a.source == account) => {}
                         Ok((account, created)) => {
                             let now = clock.wall_nanos();
-                            if let Err(e) = self.put_account(&account, created, now) {
-                                tracing::warn!(account = %name, error = %e, "a shared account was not applied");
+                            match self.put_account(&account, created, now) {
+                                Ok(put) => rescale_account(store, &put),
+                                Err(e) => {
+                                    tracing::warn!(account = %name, error = %e, "a shared account was not applied")
+                                }
                             }
                         }
                         Err(e) => {

@@ -853,8 +853,11 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
 
     /// Builds the layer and its shared state.
     pub fn build(self) -> RateLimitLayer<K, S> {
+        let resolver = self.resolver.map(|r| Arc::new(r.build()));
         match self.store.shared_registry() {
-            Some(shared) => self.policy.attach(&shared),
+            // A plan put anew through another instance converts the state
+            // of the keys the resolver holds, as one put through `Admin`.
+            Some(shared) => self.policy.attach(&shared, resolver.clone()),
             None => self.policy.seal(),
         }
         RateLimitLayer {
@@ -878,7 +881,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
                 )),
                 failures: Failures::default(),
                 observer: self.observer,
-                resolver: self.resolver.map(|r| Arc::new(r.build())),
+                resolver,
                 model: self.model,
             }),
         }

@@ -8,12 +8,10 @@
 //! and the script converts it to the numbers in force, as the bucket's own
 //! share was at each change, before applying it (modes "t" and "r"). The
 //! settlement carries the reservation's numbers only, so the numbers in
-//! force come from here: noted when this instance's `Admin` changes them
-//! ([`Store::rescale`](crate::store::Store::rescale)) and whenever a
-//! decision is made under numbers changed while serving. Instances that
-//! learn a change through the shared registry note it with their first
-//! decision under it; until then their settlements are applied under the
-//! numbers they were reserved under.
+//! force come from here: noted when a change reaches this instance (its own
+//! `Admin`, or the shared registry's log or a full read of it, through
+//! [`Store::rescale`](crate::store::Store::rescale)) and whenever a
+//! decision is made under numbers changed while serving.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -799,7 +799,6 @@ async fn an_add_sent_again_after_its_first_run_is_not_a_clash() {
 /// before it.
 #[test]
 fn a_change_delivered_late_does_not_undo_a_later_one_applied_at_once() {
-    use crate::store::Store;
     use crate::{ApiKey, Policy, RateLimitLayer, Throttle, UsagePlan};
 
     if !require_redis() {
@@ -829,7 +828,7 @@ fn a_change_delivered_late_does_not_undo_a_later_one_applied_at_once() {
     let on = seen.callback();
     let follow = |updates: Vec<RegistryUpdate>| {
         for u in updates {
-            policy.follow(u, &[], s.clock(), &s);
+            policy.follow(u, &[], &s, None);
         }
     };
 
