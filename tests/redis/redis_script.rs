@@ -1817,3 +1817,47 @@ async fn a_settlement_sent_once_is_applied_once() {
         "a new marker applies"
     );
 }
+
+/// A settlement or a give-back that names as in force numbers older than
+/// the key's own (sent by an instance yet to learn of a change) never
+/// converts the key back to them: the key keeps its numbers, and what is
+/// settled is converted to them from the reservation's, as of their coming
+/// into force. Before, the key was converted back to the older span (its 3
+/// s ahead of 20 halved), and the next decision under the new numbers
+/// converted it forward again as of their change.
+#[tokio::test]
+async fn a_settlement_under_older_numbers_never_converts_the_key_back() {
+    let Some(mut r) = redis().await else { return };
+    // 1/s, burst 10 until 100 s, burst 20 since.
+    let new = throttle("t", S, 20)
+        .since(100, 0)
+        .before("0 10000000000 0 0 0");
+    let now = Now(101, 0);
+    assert_eq!(r.admit(now, 3, &[new], None).await, 3);
+    let kept = |tat: i64| Some(format!("{tat} 0 20000000000 100 0 0"));
+    assert_eq!(r.get("t").await, kept(104));
+    // The old numbers (interval, burst, since, tie), as reserved and as in
+    // force: no earlier spans.
+    let old = ["1000000000", "10", "0", "0", "0"].map(String::from);
+    let in_force = |args: &mut Vec<String>| {
+        args.extend(["1000000000", "10", "0", "0", ""].map(String::from));
+    };
+    // A charge of 1 unit under them: 1 s of 10, so 2 s of 20.
+    let mut args = vec!["t".to_owned()];
+    args.extend(time_args(Some(now)));
+    args.extend(["1", "1"].map(String::from));
+    args.extend(old.clone());
+    in_force(&mut args);
+    args.push("0".to_owned());
+    r.raw(&["t"], &args).await.expect("a settlement");
+    assert_eq!(r.get("t").await, kept(106));
+    // A give-back of 1 unit charged under them (its share ending far
+    // ahead): 2 s back.
+    let mut args = vec!["r".to_owned()];
+    args.extend(time_args(Some(now)));
+    args.extend(["1", "1", "1000000000", "10", "200", "0", "1", "100", "0"].map(String::from));
+    args.extend(["0", "0", "0"].map(String::from));
+    in_force(&mut args);
+    r.raw(&["t", &mark("t")], &args).await.expect("a give-back");
+    assert_eq!(r.get("t").await, kept(104));
+}

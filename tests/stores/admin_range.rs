@@ -234,6 +234,35 @@ async fn put_plan_keeps_a_resolved_keys_emptied_bucket_empty<B: Backend>(b: &B) 
     assert_eq!(burst().await, (1, 1));
 }
 
+/// A throttle put anew while a share of it borrowed under the old numbers
+/// is unused: once the share goes back, the key finds what the memory
+/// store (which never borrows) leaves it, the share of the bucket in use
+/// carried over (2 of 10 used at 1/s are 4 of 20). Before, a share given
+/// back to a key a decision had converted already was not given back at
+/// all: 4 units (its 2 at twice the span) stayed charged.
+async fn a_share_borrowed_before_a_throttle_is_put_anew_goes_back_converted<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let plan = |burst| UsagePlan::new("p").throttle(Throttle::new(1.0, burst).unwrap());
+    let l = layer_on(&clock, plan(10), b.store(&clock).await);
+    // On Redis the second request borrows a share beside its unit.
+    for _ in 0..2 {
+        assert_eq!(denied_by(&l, b"v").await, None);
+    }
+    l.admin().put_plan(plan(20)).await.unwrap();
+    // Converts the key in Redis before the share goes back.
+    assert_eq!(denied_by(&l, b"v").await, None);
+    b.drain(l.store()).await;
+    let mut passed = 0;
+    while passed < 40 && denied_by(&l, b"v").await.is_none() {
+        passed += 1;
+    }
+    assert_eq!(
+        passed,
+        20 - 4 - 1,
+        "4 of 20 were in use, and one more since"
+    );
+}
+
 /// A key of the policy that the resolver also answers for another value
 /// (a key moving between the database and the registry): the requests of
 /// either value count in the one key's usage history, whichever comes first
@@ -744,6 +773,7 @@ on_each_backend!(
     a_store_asked_for_more_than_2_pow_53_refuses_it_alike,
     reset_key_forgets_the_models_limits_too,
     put_plan_keeps_a_resolved_keys_emptied_bucket_empty,
+    a_share_borrowed_before_a_throttle_is_put_anew_goes_back_converted,
     a_registered_keys_history_is_kept_when_its_id_is_resolved,
     a_window_older_than_the_history_still_reports_what_remained,
     a_limit_put_anew_leaves_past_days_as_they_were,

@@ -22,6 +22,12 @@ pub trait Backend {
     type S: Store;
     /// A new store, empty, on `clock`.
     async fn store(&self, clock: &ManualClock) -> Self::S;
+    /// Waits until `store` has sent everything it sends in the background
+    /// (a Redis store's borrowed shares given back first).
+    #[allow(dead_code)]
+    async fn drain(&self, store: &Self::S) {
+        let _ = store;
+    }
 }
 
 pub struct Memory;
@@ -105,6 +111,10 @@ impl Backend for Redis {
             .build()
             .await
             .unwrap()
+    }
+
+    async fn drain(&self, store: &RedisStore) {
+        store.drained().await;
     }
 }
 

@@ -289,8 +289,9 @@ impl Part {
     pub(super) fn push_throttle(&mut self, inner: &Inner, t: &ThrottleRef<'_>, cost: u32) {
         self.call.keys.push(inner.throttle_key(t));
         // Numbers changed while serving: the ones a later settlement of a
-        // reservation under older ones is converted to.
-        if t.counts_tokens() && t.limit.before.is_some() {
+        // reservation under older ones (or a give-back of a share borrowed
+        // under them) is converted to.
+        if t.limit.before.is_some() {
             inner.numbers.note(t.limit);
         }
         self.throttles.push(Throttle {

@@ -323,17 +323,17 @@ impl Store for RedisStore {
     }
 
     /// Converts nothing in Redis: each key is converted the next time it is
-    /// used (see the script's mode "a"). The numbers of a token bucket are
-    /// noted for the settlements of requests reserved under the old ones,
-    /// which are converted to them. The local copy that decides `Local`
-    /// failures is converted at once, as the memory store is: through an
-    /// outage it decides under the new numbers with the share of each
-    /// bucket in use carried over, not a bucket kept under the old ones.
+    /// used (see the script's mode "a"). The numbers are noted for the
+    /// settlements of requests reserved under the old ones and the
+    /// give-backs of what was charged under them (a borrowed share, a split
+    /// decision's refund), which are converted to them. The local copy
+    /// that decides `Local` failures is converted at once, as the memory
+    /// store is: through an outage it decides under the new numbers with
+    /// the share of each bucket in use carried over, not a bucket kept
+    /// under the old ones.
     fn rescale(&self, old: &ThrottleRef<'_>, new: &ThrottleRef<'_>) {
         self.inner.local.rescale(old, new);
-        if new.counts_tokens() {
-            self.inner.numbers.note(new.limit);
-        }
+        self.inner.numbers.note(new.limit);
     }
 
     fn release(&self, permit: Permit) {

@@ -40,7 +40,7 @@ use super::store::Inner;
 use super::time::Now;
 use crate::gcra::{NANOS_PER_SEC, Nanos};
 use crate::hash::BuildDigestHasher;
-use crate::plan::FailureMode;
+use crate::plan::{FailureMode, Limit};
 use crate::store::verdict::applied;
 use crate::store::{Acquired, Applied, Denied, FailureKind, Report, StoreError, Verdict};
 
@@ -149,9 +149,10 @@ pub(super) struct Share {
 /// What giving a share's units back to Redis needs.
 #[derive(Debug, Default)]
 pub(super) struct Giveback {
-    /// Per throttle: key, interval, burst, the TAT the grant stored
-    /// (seconds, nanoseconds of Redis time), units of the request charged.
-    throttles: Vec<(String, u64, u32, i64, i64, u32)>,
+    /// Per throttle: key, the numbers the grant was charged under, the TAT
+    /// it stored (seconds, nanoseconds of Redis time), units of the
+    /// request charged.
+    throttles: Vec<(String, Limit, i64, i64, u32)>,
     /// Per quota: its count and history keys, its parameters.
     quotas: Vec<([String; 2], Vec<String>, u32)>,
     /// When the units were charged (seconds, nanoseconds of Redis time):
@@ -244,8 +245,7 @@ impl Share {
                 .saturating_add(ahead);
             back.throttles.push((
                 key.clone(),
-                t.limit.gcra.interval(),
-                t.limit.gcra.burst(),
+                t.limit.clone(),
                 charged.now_s + (total / NANOS_PER_SEC) as i64,
                 (total % NANOS_PER_SEC) as i64,
                 t.cost,
@@ -570,14 +570,14 @@ impl Inner {
             call.arg(units);
             call.arg(back.throttles.len());
             let mut marks = Vec::with_capacity(back.throttles.len());
-            for (key, interval, burst, s, ns, cost) in back.throttles {
-                marks.push(reset_mark(&key));
-                call.keys.push(key);
-                call.arg(interval);
-                call.arg(burst);
+            for (key, limit, s, ns, cost) in &back.throttles {
+                marks.push(reset_mark(key));
+                call.keys.push(key.clone());
+                call.arg(limit.gcra.interval());
+                call.arg(limit.gcra.burst());
                 call.arg(s);
                 call.arg(ns);
-                call.arg(u64::from(cost) * u64::from(units));
+                call.arg(u64::from(*cost) * u64::from(units));
             }
             // When the share was charged: a throttle reset since (by
             // another instance's `Admin::reset_key`; this one's takes its
@@ -585,6 +585,13 @@ impl Inner {
             call.keys.extend(marks);
             call.arg(back.charged.0);
             call.arg(back.charged.1);
+            // Converted to the numbers in force first, when the throttle
+            // was put anew since the share was borrowed, as a settlement
+            // is: given back as it was charged, it would weigh under the
+            // old numbers on a bucket kept under the new ones.
+            for (_, limit, ..) in &back.throttles {
+                call.args.extend(self.numbers.args(limit));
+            }
             calls.push(call);
         }
         if !back.quotas.is_empty() {

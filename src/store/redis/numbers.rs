@@ -1,8 +1,11 @@
-//! The numbers in force of each token bucket, as this instance last saw
-//! them, for the settlements of requests reserved under older ones.
+//! The numbers in force of each throttle and token bucket, as this
+//! instance last saw them, for the settlements of requests reserved under
+//! older ones and the give-backs of what was charged under them (a
+//! borrowed share's unused units, what one slot of a split decision
+//! charged).
 //!
-//! A plan put anew with another token budget converts each key's bucket in
-//! Redis lazily, the next time the key is used (see the script's mode "a").
+//! A plan put anew with another throttle or token budget converts each
+//! key's bucket in Redis lazily, the next time the key is used (see the script's mode "a").
 //! A request reserved under the old numbers may settle after the change:
 //! its settlement is worked out under the numbers it was reserved under,
 //! and the script converts it to the numbers in force, as the bucket's own
@@ -19,8 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::plan::Limit;
 use crate::sync::Mutex;
 
-/// The latest numbers seen of each token bucket changed while serving, by
-/// the limit's salt.
+/// The latest numbers seen of each bucket changed while serving, by the
+/// limit's salt.
 #[derive(Debug, Default)]
 pub(super) struct Numbers {
     latest: Mutex<HashMap<u64, Limit>>,

@@ -121,8 +121,9 @@
 --   was made under and those in force: since_s, since_ns, tie (of the
 --   charge's numbers), interval_ns, burst, since_s, since_ns, before (the
 --   numbers in force, as "a" takes them). With them, the key is converted
---   to the numbers in force and so is what is given back (cost * interval
---   and mine, see `converted`) before it is given; without them, a key
+--   to the numbers in force (never back from newer ones of its own) and so
+--   is what is given back (cost * interval and mine, see `converted`)
+--   before it is given; without them, a key
 --   whose span changed since is left alone. A key reset after the charge
 --   is left alone (its mark later than it; a charge at the reset's very
 --   instant is taken as made after it): the reset refilled the charge
@@ -464,10 +465,15 @@ end
 -- at each change: at each change the shift scaled exactly to the next
 -- span, rounded down, the share's end as a TAT (Gcra::rescale_span,
 -- Gcra::rescale); from tol_s to tol_c as of the latest change when
--- before_c does not hold the reservation's numbers. Returns the key's TAT
--- ahead of now (nil: full), the shift, the share's end ahead of now (nil:
--- refilled, or none), and the current numbers' tie. Made only for "t" and
--- "r".
+-- before_c does not hold the reservation's numbers. A key under numbers
+-- newer than those the caller names as in force (an instance yet to learn
+-- of a change, a share given back after it) is never converted back to
+-- them: it keeps its own, and the settlement is converted to those from
+-- the reservation's as of their coming into force, as when before_c does
+-- not hold them. Returns the key's TAT ahead of now (nil: full), the
+-- shift, the share's end ahead of now (nil: refilled, or none), and the
+-- numbers the key is kept under: span, since (s, ns) and tie. Made only
+-- for "t" and "r".
 local converted = nil
 if ARGV[1] == 't' or ARGV[1] == 'r' then
   converted = function(load, rescale, replay, key, now_s, now_ns, tol_s, ss, sns, st,
@@ -481,6 +487,9 @@ if ARGV[1] == 't' or ARGV[1] == 'r' then
       end
     end
     local ahead, old, tat_s, tat_ns, vs, vns, vt = load(key, now_s, now_ns)
+    if ahead and vs and (vs > cs or vs == cs and (vns > cns or vns == cns and vt > ct)) then
+      tol_c, cs, cns, ct, before_c = old, vs, vns, vt, ''
+    end
     if ahead and (old ~= tol_c or vs and (vs ~= cs or vns ~= cns or vt ~= ct)) then
       local found, a = false, nil
       if vs and before_c ~= '' then
@@ -494,7 +503,7 @@ if ARGV[1] == 't' or ARGV[1] == 'r' then
     end
     local ends = u_s and (u_s - now_s) * 1e9 + (u_ns - now_ns)
     if tol_s == tol_c and ss == cs and sns == cns and st == ct then
-      return ahead, shift, ends, ct
+      return ahead, shift, ends, tol_c, cs, cns, ct
     end
     -- The spans from the reservation's to the current ones (newest first
     -- in before_c, after its tie), as replay reads them.
@@ -524,7 +533,7 @@ if ARGV[1] == 't' or ARGV[1] == 'r' then
         ends = rescale(ends, tol_s, tol_c, u_s, u_ns, cs, cns, now_s, now_ns)
       end
     end
-    return ahead, shift, ends, ct
+    return ahead, shift, ends, tol_c, cs, cns, ct
   end
 end
 
@@ -964,12 +973,11 @@ if mode == 'r' then
       if numbers then
         -- Converted to the numbers in force first (see `converted`).
         local ss, sns, st, tol_c, cs, cns, before_c = unpack(numbers)
-        local ends, ct
-        ahead, give, ends, ct = converted(load, rescale, replay, KEYS[i], now_s, now_ns,
-          interval * burst, ss, sns, st, tol_c, cs, cns, before_c,
+        local ends
+        ahead, give, ends, tol, vs, vns, vt = converted(load, rescale, replay, KEYS[i],
+          now_s, now_ns, interval * burst, ss, sns, st, tol_c, cs, cns, before_c,
           math.min(cost * interval, 2 ^ 53 - 1), mine_s, mine_ns)
         give = math.min(give, math.max(ends or 0, 0))
-        tol, vs, vns, vt = tol_c, cs, cns, ct
       else
         ahead, tol, _, _, vs, vns, vt = load(KEYS[i], now_s, now_ns)
         -- give = min(cost * interval, max(mine - now, 0)); nothing across
@@ -1066,14 +1074,14 @@ if mode == 't' or mode == 'g' then
       local interval, tol_s, ss, sns, st, tol_c, cs, cns, before_c = unpack(throttles[i])
       -- Converted to the numbers in force first (see `converted`): the key
       -- and the settlement's share.
-      local ahead, shift, _, ct = converted(load, rescale, replay, KEYS[i], now_s, now_ns,
-        tol_s, ss, sns, st, tol_c, cs, cns, before_c,
+      local ahead, shift, _, tol, vs, vns, vt = converted(load, rescale, replay, KEYS[i],
+        now_s, now_ns, tol_s, ss, sns, st, tol_c, cs, cns, before_c,
         math.min(math.abs(delta) * interval, 2 ^ 53 - 1), nil, nil)
       ahead = math.max(ahead or 0, 0)
       if delta > 0 then
-        store(KEYS[i], math.min(ahead + shift, 2 ^ 53 - 1), tol_c, cs, cns, ct, now_s, now_ns)
+        store(KEYS[i], math.min(ahead + shift, 2 ^ 53 - 1), tol, vs, vns, vt, now_s, now_ns)
       elseif ahead > 0 then
-        store(KEYS[i], math.max(ahead - shift, 0), tol_c, cs, cns, ct, now_s, now_ns)
+        store(KEYS[i], math.max(ahead - shift, 0), tol, vs, vns, vt, now_s, now_ns)
       end
     end
     for i = 1, m do
