@@ -765,3 +765,97 @@ async fn three_borrowing_instances_admit_exactly_the_quota_under_bursts() {
     let failures: u64 = layers.iter().map(|l| l.store().local_decisions()).sum();
     assert_eq!(failures, 0);
 }
+
+/// An account's throttle put anew while a request charged it under the old
+/// numbers and waits on its key's slot: when that request is given up, the
+/// account gets its charge back converted to the new numbers, as a
+/// settlement is (the share in use scaled to the new span), and the
+/// account's other keys find what they would had it never been charged.
+/// Before, the refund named only the old numbers, and a bucket a later
+/// decision had converted since got nothing back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_across_a_change_of_the_accounts_throttle_is_converted() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut cluster = RedisCluster::start();
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let acme = |burst| Account::new("acme").throttle(Throttle::new(1.0, burst).unwrap());
+    let node_of = |cluster: &RedisCluster, key: &str| {
+        let addrs = cluster.addrs();
+        (0..addrs.len())
+            .find(|&i| command(addrs[i], &["EXISTS", key]).as_deref() == Ok("1"))
+            .unwrap_or_else(|| panic!("{key} is nowhere"))
+    };
+    // The account's throttle and k-1's own limits must live on two nodes:
+    // prefixes are tried until their slots fall apart.
+    let mut apart = None;
+    for i in 0..16 {
+        let policy = Policy::builder()
+            .clock(clock.clone())
+            .plan(
+                UsagePlan::new("p")
+                    .throttle(Throttle::new(0.001, 100).unwrap())
+                    .quota(Quota::new(100, Period::Day).unwrap())
+                    .failure(FailureMode::Closed),
+            )
+            .plan(UsagePlan::new("open").failure(FailureMode::Closed))
+            .account(acme(10))
+            .key(ApiKey::new("k-1", "vk", "p").account("acme"))
+            .key(ApiKey::new("w-1", "vw", "open").account("acme"))
+            .build()
+            .unwrap();
+        let prefix = format!("converted-{i}");
+        let store = RedisStore::cluster_builder(cluster.urls())
+            .prefix(prefix.clone())
+            .clock(clock.clone())
+            .timeout(Duration::from_secs(2))
+            .shared_registry(false)
+            .build()
+            .await
+            .expect("a Redis store");
+        let layer = RateLimitLayer::builder(policy).store(store).build();
+        assert!(layer.decide(b"vk", 1).await.is_ok());
+        let keys: Vec<_> = cluster
+            .addrs()
+            .into_iter()
+            .flat_map(|addr| scan(addr, &format!("{prefix}:*")))
+            .collect();
+        let count = keys.iter().find(|k| k.ends_with(":q")).expect("a count");
+        let tag = &count[..count.len() - 2];
+        let account = keys
+            .iter()
+            .find(|k| k.contains(":t:") && !k.starts_with(tag))
+            .expect("the account's throttle");
+        let key = node_of(&cluster, count);
+        if node_of(&cluster, account) != key {
+            apart = Some((Arc::new(layer), key));
+            break;
+        }
+    }
+    let (layer, key) = apart.expect("the account's slot apart from the key's");
+    // 1 of 10 used. The next request of k-1 charges the account (2 of 10)
+    // and waits on its key's node.
+    cluster.node_mut(key).pause();
+    let waiting = {
+        let layer = Arc::clone(&layer);
+        tokio::spawn(async move { layer.decide(b"vk", 1).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "k-1's node is paused");
+    // Twice the span: 2 of 10 are 4 of 20, and w-1's request a fifth.
+    layer.admin().put_account(acme(20)).await.unwrap();
+    assert!(layer.decide(b"vw", 1).await.is_ok());
+    // Given up: its charge (1 of 10, so 2 of 20) goes back.
+    waiting.abort();
+    let _ = waiting.await;
+    cluster.node_mut(key).resume();
+    layer.store().drained().await;
+    let mut passed = 0;
+    while passed < 40 && layer.decide(b"vw", 1).await.is_ok() {
+        passed += 1;
+    }
+    assert_eq!(passed, 20 - 2 - 1, "k-1's first request and w-1's one");
+}

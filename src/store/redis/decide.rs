@@ -642,6 +642,7 @@ fn refund_calls(inner: &Arc<Inner>, part: &Part, charged: &Charged, cost: u32) -
     call.arg(cost);
     let mut args: Vec<String> = Vec::new();
     let mut marks: Vec<String> = Vec::new();
+    let mut numbers: Vec<String> = Vec::new();
     let n = part.throttles.len();
     for ((t, tat), key) in part
         .throttles
@@ -659,6 +660,7 @@ fn refund_calls(inner: &Arc<Inner>, part: &Part, charged: &Charged, cost: u32) -
         args.push((charged.now_s + (total / NANOS_PER_SEC) as i64).to_string());
         args.push((total % NANOS_PER_SEC).to_string());
         args.push(t.cost.to_string());
+        numbers.extend(inner.numbers.args(&t.limit));
     }
     if !call.keys.is_empty() {
         call.arg(call.keys.len());
@@ -668,6 +670,9 @@ fn refund_calls(inner: &Arc<Inner>, part: &Part, charged: &Charged, cost: u32) -
         call.keys.extend(marks);
         call.arg(charged.now_s);
         call.arg(charged.now_ns);
+        // Converted to the numbers in force first, when the throttle was
+        // put anew since the part charged it, as a settlement is.
+        call.args.extend(numbers);
         calls.push(call);
     }
     for (i, q) in part.quotas.iter().enumerate() {
