@@ -712,3 +712,41 @@ async fn a_share_held_elsewhere_admits_at_most_its_units_past_an_update_usage() 
     a.store().drained().await;
     assert_eq!(quota_count(&redis), 100, "what was set, nothing given back");
 }
+
+/// A share given back while Redis is down goes back once Redis is up again,
+/// as a settlement does: sent again from the instance's queue, applied
+/// once. Before, the give-back was tried once and the units stayed charged
+/// until the quota's window ended (here a month), lost to every instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_given_back_while_redis_is_down_goes_back_when_it_returns() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let plan = UsagePlan::new("down").quota(Quota::new(100, Period::Month).unwrap());
+    let layer = instance(&redis.url(), plan, |b| {
+        b.timeout(Duration::from_millis(300)).shared_registry(false)
+    })
+    .await;
+    assert_eq!(admitted(&layer, 10).await, 10);
+    let held = quota_count(&redis) - 10;
+    assert!(held > 0, "the instance holds a share");
+    tokio::task::block_in_place(|| redis.kill());
+    // The share goes back while Redis is down.
+    layer.store().drained().await;
+    tokio::task::block_in_place(|| redis.restart());
+    let given_back = async {
+        while quota_count(&redis) != 10 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(6), given_back)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the share of {held} stayed charged: {}",
+                quota_count(&redis)
+            )
+        });
+}

@@ -616,17 +616,15 @@ impl Drop for Charges<'_> {
     }
 }
 
-/// Refunds a part in a task of its own, within its own timeout; a refund
-/// that fails leaves the part charged (it errs toward admitting less).
+/// Refunds a part in the background, as a settlement is sent: applied
+/// once, and sent again once Redis answers when it did not (see `retry`);
+/// a refund Redis answers with an error leaves the part charged (it errs
+/// toward admitting less).
 fn spawn_refund(inner: &Arc<Inner>, part: Part, charged: Charged, cost: u32) {
-    let task = Arc::clone(inner);
-    inner.spawn(async move {
-        for call in refund_calls(&task, &part, &charged, cost) {
-            if let Err(e) = task.within(Arc::clone(&task).run(call)).await {
-                tracing::debug!(error = %e, "refund failed; the limits stay charged");
-            }
-        }
-    });
+    let calls = refund_calls(inner, &part, &charged, cost);
+    if !calls.is_empty() {
+        inner.give_back_in_background(calls);
+    }
 }
 
 /// The calls that give a part back what one request charged it: its

@@ -479,20 +479,24 @@ impl Flights {
 }
 
 impl Inner {
-    /// Gives a share's unused units back to Redis, in the background.
+    /// Gives a share's unused units back to Redis, in the background, as
+    /// a settlement is sent: applied once, and sent again once Redis
+    /// answers when it did not (see `retry`).
     pub(super) fn give_back(self: &Arc<Self>, share: Share) {
         let calls = self.giveback_calls(share);
         if calls.is_empty() {
             return;
         }
-        let task = Arc::clone(self);
-        self.spawn(async move { task.send_back(calls).await });
+        self.give_back_in_background(calls);
     }
 
     /// Takes back this instance's shares of limits stored under any of
     /// `keys` and gives them back to Redis before an admin operation reads
     /// or changes those limits, so that it sees (and its change is not
-    /// undone by) no unit this instance holds unused.
+    /// undone by) no unit this instance holds unused: the operation waits
+    /// (within the timeout) until Redis has answered every write of this
+    /// instance to `keys`. A give-back Redis does not answer is sent again
+    /// once it does, as a settlement is.
     pub(super) fn recall(self: &Arc<Self>, keys: Vec<String>) -> impl Future<Output = ()> + use<> {
         let shares = self
             .flights
@@ -501,8 +505,19 @@ impl Inner {
             .into_iter()
             .flat_map(|s| self.giveback_calls(s))
             .collect();
+        if !calls.is_empty() {
+            self.settle_in_background(calls);
+        }
         let inner = Arc::clone(self);
-        async move { inner.send_back(calls).await }
+        async move {
+            let answered = async {
+                inner.answered(&keys).await;
+                Ok(())
+            };
+            if inner.within(answered).await.is_err() {
+                tracing::debug!("shares not given back in time; they are sent again later");
+            }
+        }
     }
 
     /// Gives back the shares of a store whose last handle is dropped
@@ -537,14 +552,6 @@ impl Inner {
                 }
             }
         });
-    }
-
-    async fn send_back(self: &Arc<Self>, calls: Vec<Call>) {
-        for call in calls {
-            if let Err(e) = self.within(Arc::clone(self).run(call)).await {
-                tracing::debug!(error = %e, "share not given back; it stays charged");
-            }
-        }
     }
 
     /// The calls that give a share's unused units back: each throttle what

@@ -1,16 +1,18 @@
 //! Settlements Redis did not answer, sent again once it does.
 //!
 //! A settlement (the tokens a response used beyond or below its estimate,
-//! sent in the background as the response ends) that finds Redis
-//! unreachable (down, paused, its connection dropped, no answer in time) is
-//! not lost: it waits in a queue of this instance, and one task sends the
-//! waiting calls again, oldest first, after 100 ms, then twice as long each
-//! time up to 2 s apart, at once when a decision of this instance needs one
-//! of their keys (it waits for them, as for any settlement on its way), and
-//! goes on with the next as soon as Redis answers. At most [`MAX_WAITING`]
-//! calls wait: past the bound a new one is dropped (its estimate stands, as
-//! before), counted, and the count logged, so an endless outage cannot grow
-//! memory.
+//! sent in the background as the response ends), and likewise a give-back
+//! (a borrowed share's unused units, what one slot of a split decision
+//! charged a request another slot refused), that finds Redis unreachable
+//! (down, paused, its connection dropped, no answer in time) is not lost:
+//! it waits in a queue of this instance, and one task sends the waiting
+//! calls again, oldest first, after 100 ms, then twice as long each time
+//! up to 2 s apart, at once when a decision of this instance needs one of
+//! their keys (it waits for a settlement, as for any on its way, but not
+//! for a give-back), and goes on with the next as soon as Redis answers.
+//! At most [`MAX_WAITING`] calls wait: past the bound a new one is dropped
+//! (its estimate stands, or what it gives back stays charged, as before),
+//! counted, and the count logged, so an endless outage cannot grow memory.
 //!
 //! A call whose reply is lost may have run (Redis paused with it queued, or
 //! the connection dropped after it ran): each settlement is therefore sent
@@ -62,10 +64,11 @@ struct State {
 }
 
 /// A settlement waiting, counted under its keys until sent or dropped (a
-/// decision on them waits for it).
+/// decision on them waits for it), unless it is a give-back no decision
+/// waits for.
 struct Waiting {
     call: Call,
-    _unanswered: Unanswered,
+    _unanswered: Option<Unanswered>,
 }
 
 /// Marks the task as ended when dropped before it ended by itself
@@ -95,10 +98,24 @@ impl Inner {
     /// rest to be sent again (see the module documentation). A decision of
     /// this instance on their keys waits for them meanwhile.
     pub(super) fn settle_in_background(self: &Arc<Self>, calls: Vec<Call>) {
-        let calls: Vec<(Call, Unanswered)> = calls
+        self.send_in_background(calls, true);
+    }
+
+    /// Gives back in the background what was charged and not used (a
+    /// borrowed share's units, a split decision's refund), each call
+    /// applied once however often it is sent, as a settlement is; but a
+    /// decision does not wait for it: one sent before it lands errs toward
+    /// admitting less, while waiting would delay every decision on a shared
+    /// bucket (a stage's) behind the refunds of the requests it denies.
+    pub(super) fn give_back_in_background(self: &Arc<Self>, calls: Vec<Call>) {
+        self.send_in_background(calls, false);
+    }
+
+    fn send_in_background(self: &Arc<Self>, calls: Vec<Call>, waited: bool) {
+        let calls: Vec<(Call, Option<Unanswered>)> = calls
             .into_iter()
             .map(|mut call| {
-                let unanswered = Unanswered::new(self, call.keys.clone());
+                let unanswered = waited.then(|| Unanswered::new(self, call.keys.clone()));
                 self.once(&mut call);
                 (call, unanswered)
             })
@@ -112,7 +129,7 @@ impl Inner {
                     Err(e) => {
                         task.failures.failed_aside(&e);
                         if !unreached(&e) {
-                            tracing::debug!(error = %e, "tokens not settled; the estimate stands");
+                            tracing::debug!(error = %e, "not settled nor given back");
                             continue;
                         }
                         task.wait_for_redis(call, unanswered);
@@ -141,7 +158,7 @@ impl Inner {
     }
 
     /// Queues `call` to be sent again once Redis answers, within the bound.
-    fn wait_for_redis(self: &Arc<Self>, call: Call, unanswered: Unanswered) {
+    fn wait_for_redis(self: &Arc<Self>, call: Call, unanswered: Option<Unanswered>) {
         let mut state = self.retries.state.lock();
         if state.queue.len() >= MAX_WAITING {
             state.dropped += 1;
@@ -210,7 +227,7 @@ impl Inner {
                         // Redis answered it with an error: sent again, it
                         // would be answered so again.
                         self.failures.failed_aside(&e);
-                        tracing::debug!(error = %e, "tokens not settled; the estimate stands");
+                        tracing::debug!(error = %e, "not settled nor given back");
                         self.retries.state.lock().queue.pop_front();
                     }
                 }
