@@ -289,7 +289,11 @@ async fn the_registry_logs_an_outage_once_when_it_starts_and_once_when_it_ends()
     let (buffer, _guard) = capture_log();
 
     let mut redis = RedisServer::start();
+    // A read of a Redis that is down fails at once (the connection is
+    // refused); the long timeout keeps a read of a Redis that is back but
+    // slow on a loaded machine from counting as a second outage.
     let store = RedisStore::builder(redis.url())
+        .timeout(Duration::from_secs(2))
         .build()
         .await
         .expect("a Redis store");
