@@ -43,6 +43,15 @@
 //!   workloads with the store on `Clock::coarse(1 ms)`, which reads the time a
 //!   background thread keeps instead of the CPU counter.
 //!
+//! With `TOLLGATE_COUNT=<workload>` set, the bench times nothing: it makes
+//! `TOLLGATE_CALLS` decisions (default 10,000) on one key in `counted`, after
+//! as many in `warm`, for callgrind to count (`--collect-atstart=no
+//! --toggle-collect='decision::counted*'`). The workloads are `per_key_str`
+//! (`Policy::per_key`, the key `key-00000000`) and `registered_str` (the
+//! same string, one of 10,000 registered keys), each with a throttle alone;
+//! both stores read a [`ManualClock`] that never moves, so that neither
+//! count depends on a ticker thread, unless `TOLLGATE_CLOCK=system`.
+//!
 //! Keys are generated once and inserted before measuring; the loop cycles
 //! through them in order (or through the Zipf sequence). A key tollgate's store
 //! refuses at insertion (every slot of its window holds a live key) is left out
@@ -91,7 +100,9 @@ use governor::clock::DefaultClock;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use registered::registered_policy;
-use tollgate::{Clock, MemoryStore, Period, Policy, RateLimitLayer, Throttle, UsagePlan};
+use tollgate::{
+    Clock, ManualClock, MemoryStore, Period, Policy, RateLimitLayer, Throttle, UsagePlan,
+};
 
 /// Requests per second of the limit under test.
 const RATE: f64 = 1.0;
@@ -660,7 +671,61 @@ fn decision(c: &mut Criterion) {
     coarse(c, &ids, &strings);
 }
 
+/// Makes `calls` decisions on `key`, none of them counted: the store's
+/// state and the caches are warm when `counted` begins.
+#[inline(never)]
+fn warm(layer: &RateLimitLayer, key: &[u8], calls: usize) -> usize {
+    counted_loop(layer, key, calls)
+}
+
+/// Makes `calls` decisions on `key`: the function callgrind counts.
+#[inline(never)]
+fn counted(layer: &RateLimitLayer, key: &[u8], calls: usize) -> usize {
+    counted_loop(layer, key, calls)
+}
+
+/// The decisions `calls` of `check` on `key` allowed.
+#[inline(always)]
+fn counted_loop(layer: &RateLimitLayer, key: &[u8], calls: usize) -> usize {
+    let mut allowed = 0;
+    for _ in 0..calls {
+        allowed += usize::from(layer.check(black_box(key), 1).is_ok());
+    }
+    allowed
+}
+
+/// `TOLLGATE_COUNT=<workload>`: decisions on one key for callgrind to
+/// count, no timing (see the module's documentation).
+fn count(workload: &str) {
+    let calls: usize = std::env::var("TOLLGATE_CALLS")
+        .map(|n| n.parse().expect("TOLLGATE_CALLS: a number of calls"))
+        .unwrap_or(10_000);
+    let clock = match std::env::var("TOLLGATE_CLOCK").as_deref() {
+        Ok("system") => Clock::system(),
+        Ok("manual") | Err(_) => Clock::from(ManualClock::new()),
+        Ok(other) => panic!("TOLLGATE_CLOCK: `manual` or `system`, not {other:?}"),
+    };
+    let store = MemoryStore::builder()
+        .clock(clock)
+        .build()
+        .expect("a valid store");
+    let strings: Vec<String> = (0..SOME).map(|i| format!("key-{i:08}")).collect();
+    let policy = match workload {
+        "per_key_str" => Policy::per_key(plan()).expect("a valid policy"),
+        "registered_str" => registered_policy(&strings, plan()),
+        other => panic!("TOLLGATE_COUNT: `per_key_str` or `registered_str`, not {other:?}"),
+    };
+    let layer = RateLimitLayer::builder(policy).store(store).build();
+    let key = strings[0].as_bytes();
+    let allowed = warm(&layer, key, calls) + counted(&layer, key, calls);
+    assert_eq!(allowed, 2 * calls, "a check was denied");
+    println!("{workload}: {calls} decisions counted");
+}
+
 fn main() {
+    if let Ok(workload) = std::env::var("TOLLGATE_COUNT") {
+        return count(&workload);
+    }
     let mut c = Criterion::default().configure_from_args();
     decision(&mut c);
     c.final_summary();
