@@ -21,7 +21,8 @@
 //! calendar and admin sequences put the plan anew with a quota of another
 //! limit and period (DAY, WEEK from any day, MONTH), which a key's count
 //! survives only in the window of the new period holding its last change,
-//! and token sequences with another per-minute budget, on buckets in debt
+//! and token sequences with another per-minute budget (the plan's, or the
+//! account's while its keys' settlements are pending), on buckets in debt
 //! after settlements too, and with responses held across the change (their
 //! settlement converted to the new numbers). Plans carry quotas of every
 //! period with an AWS `offset`; an account's limits (a throttle, a quota, a
@@ -839,6 +840,10 @@ enum Op {
     /// Puts the account anew with this quota limit (kept above its offset)
     /// and (when it has one) this throttle.
     PutAccount { quota: u64, throttle: Rate },
+    /// Puts the account anew with a token budget of this many per minute
+    /// (its `per_day`, throttle and quota kept). Held responses stay held:
+    /// their settlement on the account is converted to the new numbers.
+    PutAccountBudget { per_minute: u32 },
     /// Usage reports (AWS GetUsage) of plans `"p"` and `"q"` and of the
     /// account, from `back` days before today (never before the first day)
     /// to today: the memory and Redis stores must report alike.
@@ -957,6 +962,14 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
             2,
             prop::sample::select(vec![7u32, 30, 90, 100, 1000])
                 .prop_map(|per_minute| Op::PutBudget { per_minute })
+                .boxed(),
+        ));
+    }
+    if plan_changes() && s.kind == Kind::AccountTokens {
+        op.push((
+            2,
+            prop::sample::select(vec![7u32, 30, 90, 100, 1000])
+                .prop_map(|per_minute| Op::PutAccountBudget { per_minute })
                 .boxed(),
         ));
     }
@@ -1167,6 +1180,13 @@ impl<S: Drain> Side<S> {
             // `spec` is the plan as put by this operation.
             Op::PutBudget { .. } | Op::PutPeriod { .. } => {
                 admin.put_plan(spec.plan()).await.map(|()| None)
+            }
+            Op::PutAccountBudget { .. } => {
+                let (throttle, quota) = spec.account.unwrap();
+                admin
+                    .put_account(account(throttle, quota, spec.account_tokens))
+                    .await
+                    .map(|()| None)
             }
             Op::PutAccount { quota, throttle } => {
                 let throttle = spec.account.and_then(|a| a.0).map(|_| throttle);
@@ -1580,7 +1600,8 @@ async fn run(
         | Op::PutPlan { .. }
         | Op::PutBudget { .. }
         | Op::PutPeriod { .. }
-        | Op::PutAccount { .. } = *op
+        | Op::PutAccount { .. }
+        | Op::PutAccountBudget { .. } = *op
         {
             if matches!(*op, Op::PutPeriod { .. }) && spec.tokens() {
                 // Every held response ends before the change of period (a
@@ -1637,6 +1658,11 @@ async fn run(
                     }
                     Ok(None)
                 }
+                Op::PutAccountBudget { per_minute } => {
+                    let b = Bucket::per_second("account-tokens-minute", per_minute, 60, per_minute);
+                    r.model.put_account_budget(&b);
+                    Ok(None)
+                }
                 Op::PutAccount { quota, throttle: t } => {
                     let t = spec
                         .account
@@ -1650,6 +1676,10 @@ async fn run(
             };
             match *op {
                 Op::PutBudget { per_minute } => current.tokens_minute = Some(per_minute),
+                Op::PutAccountBudget { per_minute } => {
+                    let per_day = current.account_tokens.and_then(|t| t.1);
+                    current.account_tokens = Some((per_minute, per_day));
+                }
                 Op::PutPeriod { limit, period } => {
                     current.quota = period_quota(spec, limit, period);
                 }

@@ -961,6 +961,16 @@ impl Model {
         }
     }
 
+    /// The account is put anew with a token budget of `per_minute`: its
+    /// per-minute bucket keeps the share in use (a debt included), as a
+    /// plan's does, and settlements reserved before are converted.
+    pub fn put_account_budget(&mut self, per_minute: &Bucket) {
+        let now = Q::int(self.now);
+        if let Some(b) = self.account.as_mut().and_then(|a| a.tokens_minute.as_mut()) {
+            b.rescale(now, per_minute);
+        }
+    }
+
     /// The period of the request quota `key` is counted under now.
     pub fn period(&self, key: usize) -> Option<Period> {
         let k = &self.keys[key];
