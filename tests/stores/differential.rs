@@ -21,8 +21,9 @@
 //! calendar and admin sequences put the plan anew with a quota of another
 //! limit and period (DAY, WEEK from any day, MONTH), which a key's count
 //! survives only in the window of the new period holding its last change,
-//! and token sequences with another per-minute budget (the plan's, or the
-//! account's while its keys' settlements are pending), on buckets in debt
+//! and token sequences with another per-minute budget (the plan's, its
+//! named model's, or the account's while its keys' settlements are
+//! pending), on buckets in debt
 //! after settlements too, and with responses held across the change (their
 //! settlement converted to the new numbers). Plans carry quotas of every
 //! period with an AWS `offset`; an account's limits (a throttle, a quota, a
@@ -840,6 +841,10 @@ enum Op {
     /// Puts the account anew with this quota limit (kept above its offset)
     /// and (when it has one) this throttle.
     PutAccount { quota: u64, throttle: Rate },
+    /// Puts plan `"p"` anew with its named model's token budget of this
+    /// many per minute (the plan's own limits kept). Held responses stay
+    /// held: their settlement on the model is converted to the new numbers.
+    PutModelBudget { per_minute: u32 },
     /// Puts the account anew with a token budget of this many per minute
     /// (its `per_day`, throttle and quota kept). Held responses stay held:
     /// their settlement on the account is converted to the new numbers.
@@ -962,6 +967,14 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
             2,
             prop::sample::select(vec![7u32, 30, 90, 100, 1000])
                 .prop_map(|per_minute| Op::PutBudget { per_minute })
+                .boxed(),
+        ));
+    }
+    if plan_changes() && s.kind == Kind::ModelTokens {
+        op.push((
+            2,
+            prop::sample::select(vec![7u32, 30, 90, 100, 1000])
+                .prop_map(|per_minute| Op::PutModelBudget { per_minute })
                 .boxed(),
         ));
     }
@@ -1178,7 +1191,7 @@ impl<S: Drain> Side<S> {
                     .map(|()| None)
             }
             // `spec` is the plan as put by this operation.
-            Op::PutBudget { .. } | Op::PutPeriod { .. } => {
+            Op::PutBudget { .. } | Op::PutPeriod { .. } | Op::PutModelBudget { .. } => {
                 admin.put_plan(spec.plan()).await.map(|()| None)
             }
             Op::PutAccountBudget { .. } => {
@@ -1601,7 +1614,8 @@ async fn run(
         | Op::PutBudget { .. }
         | Op::PutPeriod { .. }
         | Op::PutAccount { .. }
-        | Op::PutAccountBudget { .. } = *op
+        | Op::PutAccountBudget { .. }
+        | Op::PutModelBudget { .. } = *op
         {
             if matches!(*op, Op::PutPeriod { .. }) && spec.tokens() {
                 // Every held response ends before the change of period (a
@@ -1658,6 +1672,11 @@ async fn run(
                     }
                     Ok(None)
                 }
+                Op::PutModelBudget { per_minute } => {
+                    let b = Bucket::per_second("model-tokens-minute", per_minute, 60, per_minute);
+                    r.model.put_model_budget(0, &b);
+                    Ok(None)
+                }
                 Op::PutAccountBudget { per_minute } => {
                     let b = Bucket::per_second("account-tokens-minute", per_minute, 60, per_minute);
                     r.model.put_account_budget(&b);
@@ -1676,6 +1695,7 @@ async fn run(
             };
             match *op {
                 Op::PutBudget { per_minute } => current.tokens_minute = Some(per_minute),
+                Op::PutModelBudget { per_minute } => current.model_tokens = Some(per_minute),
                 Op::PutAccountBudget { per_minute } => {
                     let per_day = current.account_tokens.and_then(|t| t.1);
                     current.account_tokens = Some((per_minute, per_day));

@@ -934,6 +934,22 @@ impl Model {
         }
     }
 
+    /// Plan `plan` is put anew with its named model's token budget of
+    /// `per_minute`: each key's bucket for the model keeps the share in use
+    /// (a debt included), as the plan's own does.
+    pub fn put_model_budget(&mut self, plan: usize, per_minute: &Bucket) {
+        let now = Q::int(self.now);
+        for k in &mut self.keys {
+            if let Some(b) = k
+                .models
+                .get_mut(plan)
+                .and_then(|m| m.tokens_minute.as_mut())
+            {
+                b.rescale(now, per_minute);
+            }
+        }
+    }
+
     /// Plan `plan` is put anew with a request quota of `limit` per
     /// `period` (its offset kept, counting from the plan's creation): a
     /// count carries over into the window of the new period that holds
