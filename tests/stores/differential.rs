@@ -29,8 +29,10 @@
 //! period with an AWS `offset`; an account's limits (a throttle, a quota, a
 //! token budget whose estimates are settled as the plan's are) are shared
 //! by two keys, and a stage throttle and method override by every caller;
-//! a named model's limits (a throttle, a quota, a token budget, a
-//! concurrency cap) apply besides the plan's to the requests that name it.
+//! a named model's limits (a throttle, a quota, a token budget per minute
+//! and per day, a concurrency cap) apply besides the plan's to the requests
+//! that name it. A plan's token budget may hold a `per_month` quota too,
+//! from starts close to the month's end.
 //!
 //! The conformance suite checks chosen sequences; this one checks the rules
 //! across limits (one atomic decision, the longest-holding limit named, a
@@ -86,7 +88,7 @@ enum Kind {
     ThrottleQuota,
     /// A throttle and a method override on [`ROUTE`] (POST).
     Method,
-    /// A token budget: per minute and per day.
+    /// A token budget: per minute, perhaps per day and per month.
     Tokens,
     /// A concurrency cap, with or without a throttle.
     Concurrency,
@@ -112,10 +114,11 @@ enum Kind {
     /// and the plan's alike, responses held across others' requests.
     AccountTokens,
     /// A named model with a throttle (perhaps a DAY quota), a token budget
-    /// per minute and perhaps a concurrency cap of its own, on a plan with
-    /// or without a budget and a cap, two of three keys of an account with
-    /// perhaps a token budget: requests name the model in several
-    /// spellings, so that some pass the model's limits and some do not.
+    /// per minute (perhaps per day) and perhaps a concurrency cap of its
+    /// own, on a plan with or without a budget and a cap, two of three keys
+    /// of an account with perhaps a token budget: requests name the model
+    /// in several spellings, so that some pass the model's limits and some
+    /// do not.
     ModelTokens,
     /// Registered keys (two of an account) and anonymous clients (by IP)
     /// together under a stage throttle, a plan with a named model's
@@ -197,6 +200,8 @@ struct Spec {
     quota: Option<QuotaSpec>,
     tokens_minute: Option<u32>,
     tokens_day: Option<u64>,
+    /// The plan's token budget per month.
+    tokens_month: Option<u64>,
     concurrency: Option<u32>,
     /// A second plan, `"q"` (a throttle and a DAY quota), that admin
     /// operations move keys to and back.
@@ -218,6 +223,8 @@ struct Spec {
     model: Option<(Rate, Option<u64>)>,
     /// The named model's token budget per minute, and its concurrency cap.
     model_tokens: Option<u32>,
+    /// The named model's token budget per day (beside its per-minute one).
+    model_tokens_day: Option<u64>,
     model_concurrency: Option<u32>,
     /// The throttle of anonymous clients, by IP; [`Spec::anons`] of them.
     anonymous: Option<Rate>,
@@ -312,20 +319,28 @@ impl Spec {
                 m = m.quota(QuotaSpec::day(l).quota());
             }
             if let Some(n) = self.model_tokens {
-                m = m.tokens(TokenBudget::new().per_minute(n).unwrap());
+                let mut b = TokenBudget::new().per_minute(n).unwrap();
+                if let Some(d) = self.model_tokens_day {
+                    b = b.per_day(d).unwrap();
+                }
+                m = m.tokens(b);
             }
             if let Some(c) = self.model_concurrency {
                 m = m.concurrency(c);
             }
             p = p.model(MODEL, m);
         }
-        if self.tokens_minute.is_some() || self.tokens_day.is_some() {
+        if self.tokens_minute.is_some() || self.tokens_day.is_some() || self.tokens_month.is_some()
+        {
             let mut b = TokenBudget::new();
             if let Some(n) = self.tokens_minute {
                 b = b.per_minute(n).unwrap();
             }
             if let Some(n) = self.tokens_day {
                 b = b.per_day(n).unwrap();
+            }
+            if let Some(n) = self.tokens_month {
+                b = b.per_month(n).unwrap();
             }
             p = p.tokens(b);
         }
@@ -394,6 +409,9 @@ impl Spec {
             tokens_day: self
                 .tokens_day
                 .map(|l| CalendarQuota::new("tokens-day", l, model::Period::Day)),
+            tokens_month: self
+                .tokens_month
+                .map(|l| CalendarQuota::new("tokens-month", l, model::Period::Month)),
             concurrency: self.concurrency.map(|c| (c, 0)),
             model: self.model.map(|m| bucket("model", m.0)),
             model_quota: self
@@ -407,6 +425,9 @@ impl Spec {
                 tokens_minute: self
                     .model_tokens
                     .map(|n| Bucket::per_second("model-tokens-minute", n, 60, n)),
+                tokens_day: self
+                    .model_tokens_day
+                    .map(|l| CalendarQuota::new("model-tokens-day", l, model::Period::Day)),
                 concurrency: self.model_concurrency.map(|c| (c, 0)),
                 named_model: true,
                 ..Limits::default()
@@ -471,6 +492,7 @@ impl Spec {
     fn tokens(&self) -> bool {
         self.tokens_minute.is_some()
             || self.tokens_day.is_some()
+            || self.tokens_month.is_some()
             || self.account_tokens.is_some()
             || self.model_tokens.is_some()
     }
@@ -509,7 +531,10 @@ impl Spec {
         if let Some(n) = self.tokens_minute {
             m = m.max(n + 2);
         }
-        if let Some(n) = self.tokens_day {
+        for n in [self.tokens_day, self.tokens_month, self.model_tokens_day]
+            .into_iter()
+            .flatten()
+        {
             m = m.max(n as u32 + 2);
         }
         if let Some((n, d)) = self.account_tokens {
@@ -589,6 +614,7 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
         quota: None,
         tokens_minute: None,
         tokens_day: None,
+        tokens_month: None,
         concurrency: None,
         other: None,
         account: None,
@@ -599,6 +625,7 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
         start_secs: 0,
         model: None,
         model_tokens: None,
+        model_tokens_day: None,
         model_concurrency: None,
         anonymous: None,
         anons: 0,
@@ -630,11 +657,13 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
         Kind::Tokens => (
             per_minute(fractional),
             prop::option::of(prop::sample::select(vec![20u64, 50, 150])),
-            start_secs(),
+            prop::option::of(prop::sample::select(vec![40u64, 120, 400])),
+            prop_oneof![start_secs(), start_in(model::Period::Month)],
         )
-            .prop_map(move |(m, d, s)| Spec {
+            .prop_map(move |(m, d, month, s)| Spec {
                 tokens_minute: Some(m),
                 tokens_day: d,
+                tokens_month: month,
                 start_secs: s,
                 ..base.clone()
             })
@@ -723,7 +752,10 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
             })
             .boxed(),
         Kind::ModelTokens => (
-            (rate(), prop::option::of(1..=4u64), per_minute(fractional)),
+            (
+                (rate(), prop::option::of(1..=4u64), per_minute(fractional)),
+                prop::option::of(prop::sample::select(vec![20u64, 50, 150])),
+            ),
             prop::option::of(1..=2u32),
             (
                 prop::option::of(per_minute(fractional)),
@@ -734,7 +766,7 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
             start_secs(),
         )
             .prop_map(
-                move |((m, mq, mt), mc, (pt, pc), throttle, account, s)| Spec {
+                move |(((m, mq, mt), md), mc, (pt, pc), throttle, account, s)| Spec {
                     throttle,
                     tokens_minute: pt,
                     concurrency: pc,
@@ -744,6 +776,7 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
                     start_secs: s,
                     model: Some((m, mq)),
                     model_tokens: Some(mt),
+                    model_tokens_day: md,
                     model_concurrency: mc,
                     ..base.clone()
                 },
@@ -2107,6 +2140,7 @@ mod found {
             quota: Some(quota),
             tokens_minute: None,
             tokens_day: None,
+            tokens_month: None,
             concurrency: None,
             other: Some((
                 Rate {
@@ -2124,6 +2158,7 @@ mod found {
             start_secs,
             model: None,
             model_tokens: None,
+            model_tokens_day: None,
             model_concurrency: None,
             anonymous: None,
             anons: 0,

@@ -412,6 +412,8 @@ pub struct Limits {
     pub tokens_minute: Option<Bucket>,
     pub quota: Option<CalendarQuota>,
     pub tokens_day: Option<CalendarQuota>,
+    /// The token budget's `per_month`: a calendar quota counted in tokens.
+    pub tokens_month: Option<CalendarQuota>,
     /// `(cap, places held)`.
     pub concurrency: Option<(u32, u32)>,
     /// The throttle of the plan's one named model, applying to requests
@@ -499,8 +501,10 @@ pub struct Reservation {
 /// its settlement is weighed by.
 #[derive(Clone, Copy, Debug)]
 pub struct Share {
-    /// The start of the token quota's window at the decision.
+    /// The start of the token quotas' windows at the decision: the day's,
+    /// the month's.
     pub window: i128,
+    pub month: i128,
     /// The per-minute bucket's emission interval at the decision, and how
     /// many changes of its numbers it had seen.
     pub interval: Q,
@@ -510,12 +514,14 @@ pub struct Share {
 impl Share {
     fn of(limits: &Limits, wall: i128) -> Share {
         let window = limits.tokens_day.as_ref().map_or(0, |q| q.window(wall).0);
+        let month = limits.tokens_month.as_ref().map_or(0, |q| q.window(wall).0);
         let (interval, changes) = limits
             .tokens_minute
             .as_ref()
             .map_or((Q::int(0), 0), |b| (b.interval, b.changes.len()));
         Share {
             window,
+            month,
             interval,
             changes,
         }
@@ -559,6 +565,7 @@ impl Limits {
         for (q, cost) in [
             (self.quota.as_ref(), ask.cost),
             (self.tokens_day.as_ref(), ask.tokens),
+            (self.tokens_month.as_ref(), ask.tokens),
             (model_quota, ask.cost),
         ] {
             let Some(q) = q else { continue };
@@ -616,6 +623,7 @@ impl Limits {
         for (q, cost) in [
             (self.quota.as_mut(), ask.cost),
             (self.tokens_day.as_mut(), ask.tokens),
+            (self.tokens_month.as_mut(), ask.tokens),
             (model_quota, ask.cost),
         ] {
             let Some(q) = q else { continue };
@@ -645,7 +653,7 @@ impl Limits {
     }
 
     fn budget(&self) -> bool {
-        self.tokens_minute.is_some() || self.tokens_day.is_some()
+        self.tokens_minute.is_some() || self.tokens_day.is_some() || self.tokens_month.is_some()
     }
 
     /// A response ends: its tokens are settled at `actual` (none reported:
@@ -676,7 +684,10 @@ impl Limits {
                 let base = b.base(now);
                 b.tat = Some(base.add(shift));
             }
-            if let Some(q) = &mut self.tokens_day {
+            for q in [&mut self.tokens_day, &mut self.tokens_month]
+                .into_iter()
+                .flatten()
+            {
                 let used = q.used_at(wall) + delta;
                 q.set_used(wall, used);
             }
@@ -693,8 +704,12 @@ impl Limits {
             }
             // A quota gets back only what its own window counted, never
             // below nothing.
-            if let Some(q) = &mut self.tokens_day {
-                if q.window(wall).0 == share.window {
+            for (q, window) in [
+                (&mut self.tokens_day, share.window),
+                (&mut self.tokens_month, share.month),
+            ] {
+                let Some(q) = q else { continue };
+                if q.window(wall).0 == window {
                     let used = (q.used_at(wall) - refund).max(0);
                     q.set_used(wall, used);
                 }
@@ -725,9 +740,14 @@ impl Limits {
         {
             b.tat = None;
         }
-        for q in [&mut self.quota, &mut self.tokens_day, &mut self.model_quota]
-            .into_iter()
-            .flatten()
+        for q in [
+            &mut self.quota,
+            &mut self.tokens_day,
+            &mut self.tokens_month,
+            &mut self.model_quota,
+        ]
+        .into_iter()
+        .flatten()
         {
             q.used = None;
         }
