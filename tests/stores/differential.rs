@@ -31,7 +31,9 @@
 //! by two keys, and a stage throttle and method override by every caller;
 //! a named model's limits (a throttle, a quota, a token budget per minute
 //! and per day, a concurrency cap) apply besides the plan's to the requests
-//! that name it. A plan's token budget may hold a `per_month` quota too,
+//! that name it, and the plan's `"*"` entry's (a throttle, perhaps a quota
+//! and a token budget) to those naming another model or none, direct
+//! decisions included. A plan's token budget may hold a `per_month` quota too,
 //! from starts close to the month's end.
 //!
 //! The conformance suite checks chosen sequences; this one checks the rules
@@ -118,7 +120,7 @@ enum Kind {
     /// own, on a plan with or without a budget and a cap, two of three keys
     /// of an account with perhaps a token budget: requests name the model
     /// in several spellings, so that some pass the model's limits and some
-    /// do not.
+    /// do not; perhaps a `"*"` entry, which the others share.
     ModelTokens,
     /// Registered keys (two of an account) and anonymous clients (by IP)
     /// together under a stage throttle, a plan with a named model's
@@ -226,6 +228,9 @@ struct Spec {
     /// The named model's token budget per day (beside its per-minute one).
     model_tokens_day: Option<u64>,
     model_concurrency: Option<u32>,
+    /// The plan's `"*"` entry, of every model it does not name: a
+    /// throttle, perhaps a DAY quota and a token budget per minute.
+    star: Option<(Rate, Option<u64>, Option<u32>)>,
     /// The throttle of anonymous clients, by IP; [`Spec::anons`] of them.
     anonymous: Option<Rate>,
     /// Anonymous clients `10.0.0.<n>` for n past the keys' indexes.
@@ -329,6 +334,16 @@ impl Spec {
                 m = m.concurrency(c);
             }
             p = p.model(MODEL, m);
+        }
+        if let Some((r, quota, tokens)) = self.star {
+            let mut m = ModelLimits::new().throttle(r.throttle());
+            if let Some(l) = quota {
+                m = m.quota(QuotaSpec::day(l).quota());
+            }
+            if let Some(n) = tokens {
+                m = m.tokens(TokenBudget::new().per_minute(n).unwrap());
+            }
+            p = p.model("*", m);
         }
         if self.tokens_minute.is_some() || self.tokens_day.is_some() || self.tokens_month.is_some()
         {
@@ -435,6 +450,17 @@ impl Spec {
         } else {
             Vec::new()
         };
+        let others: Vec<Limits> = self
+            .star
+            .map(|(r, quota, tokens)| Limits {
+                throttle: Some(bucket("model", r)),
+                quota: quota.map(|l| QuotaSpec::day(l).model("model-quota", created)),
+                tokens_minute: tokens.map(|n| Bucket::per_second("model-tokens-minute", n, 60, n)),
+                named_model: true,
+                ..Limits::default()
+            })
+            .into_iter()
+            .collect();
         let mut plans = vec![plan];
         if let Some((r, limit)) = self.other {
             plans.push(Limits {
@@ -469,6 +495,7 @@ impl Spec {
                     account: self.in_account(i),
                     plans: plans.clone(),
                     models: models.clone(),
+                    others: others.clone(),
                 })
                 .chain((0..self.anons).map(|_| model::Key {
                     anonymous: true,
@@ -480,6 +507,7 @@ impl Spec {
                         ..Limits::default()
                     }],
                     models: Vec::new(),
+                    others: Vec::new(),
                 }))
                 .collect(),
             wall0: self.wall0(),
@@ -495,6 +523,7 @@ impl Spec {
             || self.tokens_month.is_some()
             || self.account_tokens.is_some()
             || self.model_tokens.is_some()
+            || self.star.is_some_and(|s| s.2.is_some())
     }
 
     /// The largest cost worth trying on the request limits: one past what
@@ -504,7 +533,9 @@ impl Spec {
         let account = self.account.and_then(|a| a.0);
         let other = self.other.map(|o| o.0);
         let model = self.model.map(|m| m.0);
+        let star = self.star.map(|s| s.0);
         for r in [
+            star,
             self.throttle,
             self.method,
             account,
@@ -519,7 +550,8 @@ impl Spec {
             m = m.max(r.burst + 1);
         }
         let account = self.account.and_then(|a| a.1);
-        for q in [self.quota, account].into_iter().flatten() {
+        let star = self.star.and_then(|s| s.1).map(QuotaSpec::day);
+        for q in [self.quota, account, star].into_iter().flatten() {
             m = m.max(q.limit as u32 + 1);
         }
         m.max(2)
@@ -540,7 +572,10 @@ impl Spec {
         if let Some((n, d)) = self.account_tokens {
             m = m.max(n + 2).max(d.map_or(0, |d| d as u32 + 2));
         }
-        if let Some(n) = self.model_tokens {
+        for n in [self.model_tokens, self.star.and_then(|s| s.2)]
+            .into_iter()
+            .flatten()
+        {
             m = m.max(n + 2);
         }
         m
@@ -627,6 +662,7 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
         model_tokens: None,
         model_tokens_day: None,
         model_concurrency: None,
+        star: None,
         anonymous: None,
         anons: 0,
     };
@@ -764,9 +800,14 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
             prop::option::of(rate()),
             prop::option::of(per_minute(fractional)),
             start_secs(),
+            prop::option::of((
+                rate(),
+                prop::option::of(1..=4u64),
+                prop::option::of(per_minute(fractional)),
+            )),
         )
             .prop_map(
-                move |(((m, mq, mt), md), mc, (pt, pc), throttle, account, s)| Spec {
+                move |(((m, mq, mt), md), mc, (pt, pc), throttle, account, s, star)| Spec {
                     throttle,
                     tokens_minute: pt,
                     concurrency: pc,
@@ -777,6 +818,7 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
                     model: Some((m, mq)),
                     model_tokens: Some(mt),
                     model_tokens_day: md,
+                    star,
                     model_concurrency: mc,
                     ..base.clone()
                 },
@@ -1768,6 +1810,8 @@ async fn run(
                     holds: false,
                     http: false,
                     model: false,
+                    // No model named: the plan's `"*"` entry applies.
+                    other_model: true,
                 };
                 let (expected, _) = r.model.decide(ask);
                 let mut observed = vec![(memory.name, memory.direct(key, cost, check).await)];
@@ -1798,6 +1842,7 @@ async fn run(
                     holds: true,
                     http: true,
                     model: named,
+                    other_model: !named,
                 };
                 let (expected, reservation) = r.model.decide(ask);
                 if let Some(reservation) = reservation {
@@ -2160,6 +2205,7 @@ mod found {
             model_tokens: None,
             model_tokens_day: None,
             model_concurrency: None,
+            star: None,
             anonymous: None,
             anons: 0,
         }

@@ -441,6 +441,10 @@ pub struct Key {
     /// model passes besides (a token budget, a concurrency cap); empty
     /// when there are none.
     pub models: Vec<Limits>,
+    /// Under each plan, the limits of its `"*"` entry, which every model
+    /// the plan does not name shares (a request naming no model
+    /// included); empty when there are none.
+    pub others: Vec<Limits>,
 }
 
 /// The plans, the account and the stage under test, and the state of
@@ -476,6 +480,9 @@ pub struct Ask {
     pub http: bool,
     /// To the plan's named model.
     pub model: bool,
+    /// To a model the plan does not name (or none): its `"*"` entry
+    /// applies, if it has one.
+    pub other_model: bool,
 }
 
 /// What an admitted request holds until its response ends: a place under
@@ -495,6 +502,9 @@ pub struct Reservation {
     /// The named model's, when the request was to it and the plan gives
     /// it a token budget or a cap (its place and tokens come back there).
     pub model: Option<Share>,
+    /// The `"*"` entry's, when the request was to a model the plan does
+    /// not name and the plan has that entry.
+    pub other: Option<Share>,
 }
 
 /// A token budget (a plan's or an account's) as a decision found it: what
@@ -767,7 +777,7 @@ impl Model {
     /// account → plan → model (the method override and the key's own
     /// limits are the plan's; the named model's budget and cap apply to a
     /// request to it).
-    fn parts(&mut self, key: usize, model: bool) -> Vec<&mut Limits> {
+    fn parts(&mut self, key: usize, model: bool, other: bool) -> Vec<&mut Limits> {
         let Model {
             stage,
             account,
@@ -783,6 +793,9 @@ impl Model {
         if model {
             parts.extend(k.models.get_mut(k.on));
         }
+        if other {
+            parts.extend(k.others.get_mut(k.on));
+        }
         parts
     }
 
@@ -795,7 +808,7 @@ impl Model {
         let now = Q::int(self.now);
         let wall = self.wall();
         let mut denials: Vec<Found> = Vec::new();
-        let mut parts = self.parts(ask.key, ask.model);
+        let mut parts = self.parts(ask.key, ask.model, ask.other_model);
         let tats: Vec<Vec<(usize, Q)>> = parts
             .iter()
             .map(|p| p.check(now, wall, &ask, &mut denials))
@@ -859,6 +872,11 @@ impl Model {
                 .get(k.on)
                 .filter(|_| ask.model)
                 .map(|m| Share::of(m, wall)),
+            other: k
+                .others
+                .get(k.on)
+                .filter(|_| ask.other_model)
+                .map(|m| Share::of(m, wall)),
         });
         (Answer::Allowed { header }, reservation)
     }
@@ -879,6 +897,13 @@ impl Model {
         }
         if let Some(share) = &res.model {
             let m = &mut self.keys[res.key].models[res.plan];
+            if let Some((_, held)) = &mut m.concurrency {
+                *held -= 1;
+            }
+            m.settle(now, wall, &res, share, actual);
+        }
+        if let Some(share) = &res.other {
+            let m = &mut self.keys[res.key].others[res.plan];
             if let Some((_, held)) = &mut m.concurrency {
                 *held -= 1;
             }
