@@ -9,8 +9,9 @@
 //! (cost 0 is a peek), HTTP requests through the layer as a tower service
 //! (token estimates whose actual usage is settled when the response ends,
 //! responses held open to keep a concurrency place, requests on the route
-//! of a method override), ending held responses, and manual-clock steps:
-//! small, exactly to the retry a denial gave (and one nanosecond short of
+//! of a method override, or on routes that overrides with wildcard routes
+//! and methods match, the most specific applying), ending held responses,
+//! and manual-clock steps: small, exactly to the retry a denial gave (and one nanosecond short of
 //! it), to just around UTC midnight or the quota window's end (a week from
 //! Monday or another day, a month), hours and days long. Between requests,
 //! admin operations through the layer's `Admin`: UpdateUsage (what remains,
@@ -76,6 +77,26 @@ use crate::support::redis::{RedisCluster, RedisServer, require_redis};
 
 /// The route of the method override (`"/v1/completions/POST"`).
 const ROUTE: &str = "/v1/completions";
+/// What HTTP requests ask for: another route, the override's, and routes
+/// that method overrides with wildcards match or not.
+const ROUTES: [(&str, &str); 5] = [
+    ("GET", "/other"),
+    ("POST", ROUTE),
+    ("GET", ROUTE),
+    ("POST", "/v1/models"),
+    ("POST", "/v2/completions"),
+];
+/// Method overrides with wildcards, no two of them tied for a request
+/// of [`ROUTES`] (AWS: the most specific one applies).
+const PATTERNS: [&str; 7] = [
+    "/v1/completions/POST",
+    "/v1/completions/*",
+    "/v1/*/POST",
+    "/v1/*/*",
+    "/*/POST",
+    "/*/*",
+    "/other/GET",
+];
 /// 2024-05-01T00:00:00Z in nanoseconds since the Unix epoch.
 const MAY_1: i128 = 1_714_521_600 * 1_000_000_000;
 
@@ -90,6 +111,10 @@ enum Kind {
     ThrottleQuota,
     /// A throttle and a method override on [`ROUTE`] (POST).
     Method,
+    /// Perhaps a throttle, and method overrides of several [`PATTERNS`]
+    /// (wildcard routes and methods), each with its own throttle, on
+    /// requests for several [`ROUTES`]: the most specific match applies.
+    Wildcards,
     /// A token budget: per minute, perhaps per day and per month.
     Tokens,
     /// A concurrency cap, with or without a throttle.
@@ -221,6 +246,8 @@ struct Spec {
     keys: usize,
     /// Seconds into 2024-05-01 (UTC) at the start.
     start_secs: u64,
+    /// Method overrides of plan `"p"`: [`PATTERNS`] with their throttles.
+    overrides: Vec<(&'static str, Rate)>,
     /// The named model of plan `"p"` ([`MODEL`]): a throttle, a DAY quota.
     model: Option<(Rate, Option<u64>)>,
     /// The named model's token budget per minute, and its concurrency cap.
@@ -314,6 +341,9 @@ impl Spec {
         }
         if let Some(r) = self.method {
             p = p.method(format!("{ROUTE}/POST"), r.throttle());
+        }
+        for (pattern, r) in &self.overrides {
+            p = p.method(*pattern, r.throttle());
         }
         if let Some(q) = quota {
             p = p.quota(q.quota());
@@ -417,6 +447,11 @@ impl Spec {
         let plan = Limits {
             throttle: self.throttle.map(|r| bucket("throttle", r)),
             method: self.method.map(|r| bucket("method", r)),
+            overrides: self
+                .overrides
+                .iter()
+                .map(|(p, r)| (model::MethodPath::parse(p), bucket("method", *r)))
+                .collect(),
             tokens_minute: self
                 .tokens_minute
                 .map(|n| Bucket::per_second("tokens-minute", n, 60, n)),
@@ -535,6 +570,7 @@ impl Spec {
         let model = self.model.map(|m| m.0);
         let star = self.star.map(|s| s.0);
         for r in [
+            self.overrides.iter().map(|o| o.1).max_by_key(|r| r.burst),
             star,
             self.throttle,
             self.method,
@@ -662,6 +698,7 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
         model_tokens: None,
         model_tokens_day: None,
         model_concurrency: None,
+        overrides: Vec::new(),
         star: None,
         anonymous: None,
         anons: 0,
@@ -686,6 +723,19 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
             .prop_map(move |(r, m, s)| Spec {
                 throttle: Some(r),
                 method: Some(m),
+                start_secs: s,
+                ..base.clone()
+            })
+            .boxed(),
+        Kind::Wildcards => (
+            prop::option::of(rate()),
+            prop::sample::subsequence(PATTERNS.to_vec(), 1..=PATTERNS.len()),
+            prop::collection::vec(rate(), PATTERNS.len()),
+            start_secs(),
+        )
+            .prop_map(move |(r, patterns, rates, s)| Spec {
+                throttle: r,
+                overrides: patterns.into_iter().zip(rates).collect(),
                 start_secs: s,
                 ..base.clone()
             })
@@ -868,7 +918,7 @@ enum Op {
     /// response reports; `hold` keeps its response open until an `End`.
     Http {
         key: usize,
-        on_route: bool,
+        route: usize,
         estimate: u32,
         actual: Option<u32>,
         hold: bool,
@@ -940,17 +990,24 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
     } else {
         1
     };
+    // The route of the override and another, or (with method overrides
+    // of every pattern) others that some patterns match and some do not.
+    let routes = if s.overrides.is_empty() {
+        2
+    } else {
+        ROUTES.len()
+    };
     let http = (
         0..keys + s.anons,
-        any::<bool>(),
+        0..routes,
         0..=max_tokens,
         prop::option::of(0..=max_tokens.max(1) * 2),
         any::<bool>(),
         0..spellings,
     )
-        .prop_map(|(key, on_route, estimate, actual, hold, model)| Op::Http {
+        .prop_map(|(key, route, estimate, actual, hold, model)| Op::Http {
             key,
-            on_route,
+            route,
             estimate,
             actual,
             hold,
@@ -1319,7 +1376,7 @@ impl<S: Drain> Side<S> {
         key: usize,
         anonymous: bool,
         model: Option<&str>,
-        on_route: bool,
+        route: usize,
         estimate: u32,
         actual: Option<u32>,
         hold: bool,
@@ -1334,11 +1391,8 @@ impl<S: Drain> Side<S> {
                 Ok::<_, Infallible>(http::Response::new(Gate(rx)))
             }
         });
-        let (method, path) = if on_route {
-            (http::Method::POST, ROUTE)
-        } else {
-            (http::Method::GET, "/other")
-        };
+        let (method, path) = ROUTES[route];
+        let method = http::Method::from_bytes(method.as_bytes()).unwrap();
         let mut req = http::Request::builder()
             .method(method)
             .uri(path)
@@ -1807,6 +1861,8 @@ async fn run(
                     cost,
                     tokens: 0,
                     on_route: false,
+                    method: "",
+                    path: "",
                     holds: false,
                     http: false,
                     model: false,
@@ -1823,12 +1879,14 @@ async fn run(
             }
             Op::Http {
                 key,
-                on_route,
+                route,
                 estimate,
                 actual,
                 hold,
                 model,
             } => {
+                let (method, path) = ROUTES[route];
+                let on_route = route == 1;
                 let tokens = spec.tokens();
                 let estimate = if tokens { estimate } else { 0 };
                 let actual = actual.filter(|_| tokens);
@@ -1839,6 +1897,8 @@ async fn run(
                     cost: 1,
                     tokens: estimate,
                     on_route,
+                    method,
+                    path,
                     holds: true,
                     http: true,
                     model: named,
@@ -1855,20 +1915,16 @@ async fn run(
                 let mut observed = vec![(
                     memory.name,
                     memory
-                        .http(key, anonymous, model, on_route, estimate, actual, hold)
+                        .http(key, anonymous, model, route, estimate, actual, hold)
                         .await,
                 )];
                 if let Some(s) = &mut remote {
                     let o = s
-                        .http(key, anonymous, model, on_route, estimate, actual, hold)
+                        .http(key, anonymous, model, route, estimate, actual, hold)
                         .await;
                     observed.push((s.name, o));
                 }
-                let route = if on_route {
-                    "POST /v1/completions"
-                } else {
-                    "GET /other"
-                };
+                let route = format!("{method} {path}");
                 let tok = if tokens {
                     format!(", estimate {estimate}, actual {actual:?}")
                 } else {
@@ -2018,6 +2074,10 @@ mod memory {
         memory(Kind::Method, false);
     }
     #[test]
+    fn method_overrides_with_wildcards() {
+        memory(Kind::Wildcards, false);
+    }
+    #[test]
     fn token_budget() {
         memory(Kind::Tokens, false);
     }
@@ -2081,6 +2141,10 @@ mod redis {
     #[test]
     fn throttle_and_method_override() {
         redis(Kind::Method, false);
+    }
+    #[test]
+    fn method_overrides_with_wildcards() {
+        redis(Kind::Wildcards, false);
     }
     #[test]
     fn token_budget() {
@@ -2205,6 +2269,7 @@ mod found {
             model_tokens: None,
             model_tokens_day: None,
             model_concurrency: None,
+            overrides: Vec::new(),
             star: None,
             anonymous: None,
             anons: 0,
@@ -2252,7 +2317,7 @@ mod found {
         };
         let http = Op::Http {
             key: 0,
-            on_route: false,
+            route: 0,
             estimate: 0,
             actual: None,
             hold: false,
@@ -2294,7 +2359,7 @@ mod found {
         };
         let http = |hold| Op::Http {
             key: 0,
-            on_route: true,
+            route: 1,
             estimate: 0,
             actual: None,
             hold,
@@ -2418,7 +2483,7 @@ mod found {
         };
         let http = |estimate, actual| Op::Http {
             key: 0,
-            on_route: false,
+            route: 0,
             estimate,
             actual,
             hold: false,
@@ -2455,7 +2520,7 @@ mod found {
             vec![
                 Op::Http {
                     key: 0,
-                    on_route: false,
+                    route: 0,
                     estimate: 0,
                     actual: Some(31),
                     hold: true,
@@ -2489,7 +2554,7 @@ mod found {
             };
             let http = |estimate, actual, hold| Op::Http {
                 key: 0,
-                on_route: false,
+                route: 0,
                 estimate,
                 actual,
                 hold,
@@ -2528,7 +2593,7 @@ mod found {
         };
         let http = |estimate| Op::Http {
             key: 0,
-            on_route: false,
+            route: 0,
             estimate,
             actual: None,
             hold: false,

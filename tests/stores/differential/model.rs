@@ -331,6 +331,57 @@ pub fn window(period: Period, wall: i128) -> (i128, i128) {
     (first * NANOS_PER_DAY, next * NANOS_PER_DAY)
 }
 
+/// An AWS methodPath: `"/v1/completions/POST"`, a `*` segment for any
+/// one segment, `"/*"` for every route, a `*` method for every method.
+#[derive(Clone, Debug)]
+pub struct MethodPath {
+    /// `None`: every route; else each segment, `None` for `*`.
+    pub segments: Option<Vec<Option<&'static str>>>,
+    /// `None`: every method.
+    pub method: Option<&'static str>,
+}
+
+impl MethodPath {
+    pub fn parse(s: &'static str) -> MethodPath {
+        let (path, method) = s.rsplit_once('/').unwrap();
+        MethodPath {
+            segments: (path != "/*").then(|| {
+                path[1..]
+                    .split('/')
+                    .map(|seg| (seg != "*").then_some(seg))
+                    .collect()
+            }),
+            method: (method != "*").then_some(method),
+        }
+    }
+
+    fn matches(&self, method: &str, path: &str) -> bool {
+        if self.method.is_some_and(|m| m != method) {
+            return false;
+        }
+        let Some(segments) = &self.segments else {
+            return true;
+        };
+        let parts: Vec<&str> = path[1..].split('/').collect();
+        parts.len() == segments.len()
+            && segments
+                .iter()
+                .zip(&parts)
+                .all(|(s, p)| s.is_none_or(|s| s == *p))
+    }
+
+    /// How specific the pattern is (AWS: the most specific setting wins):
+    /// a route over every route, then more literal segments, then a named
+    /// method over `*`.
+    fn rank(&self) -> (bool, usize, bool) {
+        let literal = self
+            .segments
+            .as_ref()
+            .map_or(0, |s| s.iter().filter(|s| s.is_some()).count());
+        (self.segments.is_some(), literal, self.method.is_some())
+    }
+}
+
 /// A calendar quota: the request quota (a plan's or an account's) or a
 /// token budget's `per_day`.
 #[derive(Clone, Debug)]
@@ -408,6 +459,10 @@ pub struct Limits {
     pub throttle: Option<Bucket>,
     /// A method override's throttle, applying to requests on its route.
     pub method: Option<Bucket>,
+    /// Method overrides by AWS methodPath, wildcards included: of those
+    /// matching a request, the most specific one applies (its bucket
+    /// besides the plan-wide throttle).
+    pub overrides: Vec<(MethodPath, Bucket)>,
     /// The token budget's per-minute bucket.
     pub tokens_minute: Option<Bucket>,
     pub quota: Option<CalendarQuota>,
@@ -473,6 +528,10 @@ pub struct Ask {
     pub tokens: u32,
     /// On the route of the method override.
     pub on_route: bool,
+    /// The request's HTTP method and path (`""`: no route, a direct
+    /// decision, which no method override holds).
+    pub method: &'static str,
+    pub path: &'static str,
     /// Takes a place under the concurrency cap until its response ends
     /// (a request through the layer); a direct decision gives it back at once.
     pub holds: bool,
@@ -551,13 +610,37 @@ type Item = (&'static str, u64, Q, bool);
 
 impl Limits {
     /// The buckets a request asks for, with their slot and cost.
-    fn buckets(&self, ask: &Ask) -> [(usize, Option<&Bucket>, u32); 4] {
+    fn buckets(&self, ask: &Ask) -> [(usize, Option<&Bucket>, u32); 5] {
+        let chosen = self.chosen(ask);
         [
             (0, self.throttle.as_ref(), ask.cost),
             (1, self.method.as_ref().filter(|_| ask.on_route), ask.cost),
             (2, self.tokens_minute.as_ref(), ask.tokens),
             (3, self.model.as_ref().filter(|_| ask.model), ask.cost),
+            (
+                4 + chosen.unwrap_or(0),
+                chosen.map(|i| &self.overrides[i].1),
+                ask.cost,
+            ),
         ]
+    }
+
+    /// The override that applies to the request: the most specific of
+    /// those matching it.
+    fn chosen(&self, ask: &Ask) -> Option<usize> {
+        if ask.path.is_empty() {
+            return None;
+        }
+        let matching = self
+            .overrides
+            .iter()
+            .enumerate()
+            .filter(|(_, (p, _))| p.matches(ask.method, ask.path));
+        let best = matching.clone().map(|(_, (p, _))| p.rank()).max()?;
+        let mut ties = matching.filter(|(_, (p, _))| p.rank() == best);
+        let first = ties.next().map(|(i, _)| i);
+        assert!(ties.next().is_none(), "overrides tied for a request");
+        first
     }
 
     /// Checks every limit; returns the new TATs of the buckets that pass.
@@ -620,7 +703,8 @@ impl Limits {
                 0 => self.throttle.as_mut(),
                 1 => self.method.as_mut(),
                 2 => self.tokens_minute.as_mut(),
-                _ => self.model.as_mut(),
+                3 => self.model.as_mut(),
+                i => Some(&mut self.overrides[i - 4].1),
             }
             .unwrap();
             if cost > 0 {
@@ -748,6 +832,9 @@ impl Limits {
         .into_iter()
         .flatten()
         {
+            b.tat = None;
+        }
+        for (_, b) in &mut self.overrides {
             b.tat = None;
         }
         for q in [
