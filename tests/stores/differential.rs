@@ -35,7 +35,9 @@
 //! that name it, and the plan's `"*"` entry's (a throttle, perhaps a quota
 //! and a token budget) to those naming another model or none, direct
 //! decisions included. A plan's token budget may hold a `per_month` quota too,
-//! from starts close to the month's end.
+//! from starts close to the month's end. A shadow plan's limits (a
+//! throttle, a method override, a quota, a cap) decide, count and report
+//! but never reject, while an account's and the stage's still do.
 //!
 //! The conformance suite checks chosen sequences; this one checks the rules
 //! across limits (one atomic decision, the longest-holding limit named, a
@@ -111,6 +113,11 @@ enum Kind {
     ThrottleQuota,
     /// A throttle and a method override on [`ROUTE`] (POST).
     Method,
+    /// A shadow plan (perhaps a throttle, a method override, a calendar
+    /// quota, a concurrency cap), three keys of which two of an account
+    /// with perhaps a throttle, perhaps under a stage throttle: the plan's
+    /// limits never reject, the account's and the stage's do.
+    Shadow,
     /// Perhaps a throttle, and method overrides of several [`PATTERNS`]
     /// (wildcard routes and methods), each with its own throttle, on
     /// requests for several [`ROUTES`]: the most specific match applies.
@@ -246,6 +253,8 @@ struct Spec {
     keys: usize,
     /// Seconds into 2024-05-01 (UTC) at the start.
     start_secs: u64,
+    /// Plan `"p"` is a shadow plan.
+    shadow: bool,
     /// Method overrides of plan `"p"`: [`PATTERNS`] with their throttles.
     overrides: Vec<(&'static str, Rate)>,
     /// The named model of plan `"p"` ([`MODEL`]): a throttle, a DAY quota.
@@ -335,7 +344,7 @@ impl Spec {
         quota: Option<QuotaSpec>,
         model_quota: Option<u64>,
     ) -> UsagePlan {
-        let mut p = UsagePlan::new("p");
+        let mut p = UsagePlan::new("p").shadow(self.shadow);
         if let Some(r) = throttle {
             p = p.throttle(r.throttle());
         }
@@ -469,6 +478,7 @@ impl Spec {
                 .and_then(|m| m.1)
                 .map(|l| QuotaSpec::day(l).model("model-quota", created)),
             named_model: false,
+            shadow: self.shadow,
         };
         let models = if self.model_tokens.is_some() || self.model_concurrency.is_some() {
             vec![Limits {
@@ -699,6 +709,7 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
         model_tokens_day: None,
         model_concurrency: None,
         overrides: Vec::new(),
+        shadow: false,
         star: None,
         anonymous: None,
         anons: 0,
@@ -724,6 +735,26 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
                 throttle: Some(r),
                 method: Some(m),
                 start_secs: s,
+                ..base.clone()
+            })
+            .boxed(),
+        Kind::Shadow => (
+            (prop::option::of(rate()), prop::option::of(rate())),
+            prop::option::of(calendar_quota(1..=4)),
+            prop::option::of(1..=2u32),
+            (prop::option::of(rate()), prop::option::of(rate())),
+            start_secs(),
+        )
+            .prop_map(move |((r, m), q, c, (stage, account), s)| Spec {
+                throttle: r,
+                method: m,
+                quota: q,
+                concurrency: c,
+                stage,
+                account: account.map(|a| (Some(a), None)),
+                keys: 3,
+                start_secs: s,
+                shadow: true,
                 ..base.clone()
             })
             .boxed(),
@@ -2078,6 +2109,10 @@ mod memory {
         memory(Kind::Wildcards, false);
     }
     #[test]
+    fn shadow_plan() {
+        memory(Kind::Shadow, false);
+    }
+    #[test]
     fn token_budget() {
         memory(Kind::Tokens, false);
     }
@@ -2147,6 +2182,10 @@ mod redis {
         redis(Kind::Wildcards, false);
     }
     #[test]
+    fn shadow_plan() {
+        redis(Kind::Shadow, false);
+    }
+    #[test]
     fn token_budget() {
         redis(Kind::Tokens, false);
     }
@@ -2210,6 +2249,10 @@ mod redis_cluster {
         redis_cluster(Kind::Shared);
     }
     #[test]
+    fn shadow_plan_under_account_and_stage() {
+        redis_cluster(Kind::Shadow);
+    }
+    #[test]
     fn account_token_budget() {
         redis_cluster(Kind::AccountTokens);
     }
@@ -2270,6 +2313,7 @@ mod found {
             model_tokens_day: None,
             model_concurrency: None,
             overrides: Vec::new(),
+            shadow: false,
             star: None,
             anonymous: None,
             anons: 0,

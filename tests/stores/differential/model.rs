@@ -479,6 +479,13 @@ pub struct Limits {
     /// These are the limits of the plan's named model (its token budget,
     /// its cap), counted per (plan, key, model), not the plan's own.
     pub named_model: bool,
+    /// A shadow plan's limits (DESIGN "shadow mode"): decided, counted and
+    /// reported, never rejecting. A request one of them would deny passes:
+    /// a throttle that would deny is not charged (the request is decided
+    /// as if enforced, so that what the shadow reports is what enforcing
+    /// would do), a quota counts it past its limit, a cap takes a place
+    /// past it; each is reported as it stands.
+    pub shadow: bool,
 }
 
 /// One key: the plan it is on and its state under each plan (counters
@@ -697,6 +704,17 @@ impl Limits {
         items: &mut Vec<Item>,
     ) {
         let cap_name = self.cap_name();
+        if self.shadow {
+            // A shadow throttle that would deny is not charged: reported
+            // as it stands.
+            for (i, b, _) in self.buckets(ask) {
+                let Some(b) = b else { continue };
+                if tats.iter().all(|&(j, _)| j != i) {
+                    let (r, reset) = b.status(now, b.base(now));
+                    items.push((b.name, r, reset, true));
+                }
+            }
+        }
         for &(i, t) in tats {
             let cost = if i == 2 { ask.tokens } else { ask.cost };
             let b = match i {
@@ -734,7 +752,13 @@ impl Limits {
             if ask.holds {
                 *held = after;
             }
-            items.push((cap_name, u64::from(*cap - after), Q::int(0), false));
+            // Past a shadow cap, none remain.
+            items.push((
+                cap_name,
+                u64::from(cap.saturating_sub(after)),
+                Q::int(0),
+                false,
+            ));
         }
     }
 
@@ -898,7 +922,12 @@ impl Model {
         let mut parts = self.parts(ask.key, ask.model, ask.other_model);
         let tats: Vec<Vec<(usize, Q)>> = parts
             .iter()
-            .map(|p| p.check(now, wall, &ask, &mut denials))
+            .map(|p| {
+                // A shadow limit never denies, nor names a denial.
+                let mut unheard = Vec::new();
+                let denials = if p.shadow { &mut unheard } else { &mut denials };
+                p.check(now, wall, &ask, denials)
+            })
             .collect();
         if !denials.is_empty() {
             // A cost no limit can ever hold wins, with no retry; else the
