@@ -171,7 +171,9 @@ impl<'a> Subject<'a> {
         reserved: Reservation,
     ) -> Settlement<'a> {
         Settlement {
-            throttle: self.model_token_throttle(model),
+            throttle: self
+                .model_token_throttle(model)
+                .filter(|t| charged(t, reserved.model_until)),
             quotas: self.model_token_quotas(model),
             estimate,
             delta,
@@ -196,13 +198,24 @@ impl<'a> Subject<'a> {
         reserved: Reservation,
     ) -> Settlement<'a> {
         Settlement {
-            throttle: self.token_throttle(),
+            throttle: self.token_throttle().filter(|t| charged(t, reserved.until)),
             quotas: self.token_quotas(),
             estimate,
             delta,
             reserved,
         }
     }
+}
+
+/// Whether a decision charged the estimate to the per-minute bucket `t`,
+/// `until` being when the share it reserved there refills. A shadow bucket
+/// that would have denied the estimate did not charge it (the request is
+/// one enforcing would have refused): its settlement, the difference
+/// between the actual tokens and that estimate, has nothing to adjust
+/// there, and charging it would count part of a request the bucket does
+/// not count. Any other bucket charged what it allowed.
+fn charged(t: &ThrottleRef<'_>, until: Option<Nanos>) -> bool {
+    !t.shadow || until.is_some()
 }
 
 /// An account's limits, counted under the account's own state: the subject

@@ -2660,4 +2660,33 @@ mod found {
             ],
         );
     }
+
+    /// A shadow plan's token bucket that would have denied a request's
+    /// estimate did not charge it, and the request's settlement then
+    /// charged the bucket the difference between its actual tokens and that
+    /// estimate (18 of a request of 38): the next request showed 1 token
+    /// remaining where enforcing would have left 19. Both stores did so.
+    #[test]
+    fn a_shadow_bucket_that_did_not_charge_an_estimate_settles_nothing() {
+        let spec = Spec {
+            kind: Kind::Shadow,
+            quota: None,
+            other: None,
+            tokens_minute: Some(30),
+            shadow: true,
+            ..admin_spec(QuotaSpec::day(1), 3_600)
+        };
+        let http = |estimate, actual| Op::Http {
+            key: 0,
+            route: 0,
+            estimate,
+            actual,
+            hold: false,
+            model: 0,
+        };
+        on_both(
+            spec,
+            vec![http(0, Some(11)), http(20, Some(38)), http(0, None)],
+        );
+    }
 }

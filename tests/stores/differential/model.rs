@@ -585,6 +585,10 @@ pub struct Share {
     /// many changes of its numbers it had seen.
     pub interval: Q,
     pub changes: usize,
+    /// Whether the per-minute bucket was charged the estimate: a shadow
+    /// bucket that would have denied it was not, and the settlement of a
+    /// request enforcing would have refused changes nothing there.
+    pub charged: bool,
 }
 
 impl Share {
@@ -596,6 +600,7 @@ impl Share {
             .as_ref()
             .map_or((Q::int(0), 0), |b| (b.interval, b.changes.len()));
         Share {
+            charged: true,
             window,
             month,
             interval,
@@ -791,11 +796,15 @@ impl Limits {
         // The settlement as the reservation's numbers weigh it, converted
         // to the numbers in force (a plan put anew since): the difference
         // on the bucket's time line, and the end of the estimate's share.
-        let converted = self.tokens_minute.as_ref().map(|b| {
-            let shift = share.interval.mul(delta.abs());
-            let share_end = Q::int(res.at).add(share.interval.mul(i128::from(res.estimate)));
-            b.convert(share.changes, shift, share_end)
-        });
+        let converted = self
+            .tokens_minute
+            .as_ref()
+            .filter(|_| share.charged)
+            .map(|b| {
+                let shift = share.interval.mul(delta.abs());
+                let share_end = Q::int(res.at).add(share.interval.mul(i128::from(res.estimate)));
+                b.convert(share.changes, shift, share_end)
+            });
         if delta > 0 {
             // An under-estimate is charged past the limit: a debt.
             if let (Some(b), Some((shift, _))) = (&mut self.tokens_minute, converted) {
@@ -919,6 +928,13 @@ impl Model {
         let now = Q::int(self.now);
         let wall = self.wall();
         let mut denials: Vec<Found> = Vec::new();
+        let k = &self.keys[ask.key];
+        let plan = &k.plans[k.on];
+        let uncharged = plan.shadow
+            && plan
+                .tokens_minute
+                .as_ref()
+                .is_some_and(|b| b.check(now, ask.tokens).is_err());
         let mut parts = self.parts(ask.key, ask.model, ask.other_model);
         let tats: Vec<Vec<(usize, Q)>> = parts
             .iter()
@@ -981,7 +997,10 @@ impl Model {
             plan: k.on,
             at: self.now,
             estimate: ask.tokens,
-            share: Share::of(&k.plans[k.on], wall),
+            share: Share {
+                charged: !uncharged,
+                ..Share::of(&k.plans[k.on], wall)
+            },
             account,
             model: k
                 .models
