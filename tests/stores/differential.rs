@@ -36,8 +36,9 @@
 //! and a token budget) to those naming another model or none, direct
 //! decisions included. A plan's token budget may hold a `per_month` quota too,
 //! from starts close to the month's end. A shadow plan's limits (a
-//! throttle, a method override, a quota, a cap) decide, count and report
-//! but never reject, while an account's and the stage's still do.
+//! throttle, a method override, a token budget, a quota, a cap) decide,
+//! count and report but never reject, while an account's and the stage's
+//! still do.
 //!
 //! The conformance suite checks chosen sequences; this one checks the rules
 //! across limits (one atomic decision, the longest-holding limit named, a
@@ -113,8 +114,8 @@ enum Kind {
     ThrottleQuota,
     /// A throttle and a method override on [`ROUTE`] (POST).
     Method,
-    /// A shadow plan (perhaps a throttle, a method override, a calendar
-    /// quota, a concurrency cap), three keys of which two of an account
+    /// A shadow plan (perhaps a throttle, a method override, a token
+    /// budget, a calendar quota, a concurrency cap), three keys of which two of an account
     /// with perhaps a throttle, perhaps under a stage throttle: the plan's
     /// limits never reject, the account's and the stage's do.
     Shadow,
@@ -739,15 +740,20 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
             })
             .boxed(),
         Kind::Shadow => (
-            (prop::option::of(rate()), prop::option::of(rate())),
+            (
+                prop::option::of(rate()),
+                prop::option::of(rate()),
+                prop::option::of(per_minute(fractional)),
+            ),
             prop::option::of(calendar_quota(1..=4)),
             prop::option::of(1..=2u32),
             (prop::option::of(rate()), prop::option::of(rate())),
             start_secs(),
         )
-            .prop_map(move |((r, m), q, c, (stage, account), s)| Spec {
+            .prop_map(move |((r, m, t), q, c, (stage, account), s)| Spec {
                 throttle: r,
                 method: m,
+                tokens_minute: t,
                 quota: q,
                 concurrency: c,
                 stage,
