@@ -72,9 +72,10 @@ Options (`--flag value` or `--flag=value`):
                          take to arrive whole, however steadily it comes (408
                          beyond, costing nothing) [default: 10]
   --body-memory MIB      the most the bodies being read for their estimates may
-                         hold together, in MiB; a body past it is answered 503
-                         at once (retry-after: 1, costing nothing)
-                         [default: 64]
+                         hold together, in MiB, one key or client at most a
+                         sixteenth of it (at least one body); a body past
+                         either is answered 503 at once (retry-after: 1,
+                         costing nothing) [default: 64]
   --max-connections N    connections served at once; more wait to be accepted
                          [default: 1024]
   --upstream URL         forward /v1/* to this OpenAI-compatible backend (vLLM,

@@ -72,7 +72,8 @@
 //! gateway was reading it for an estimate); a body read for its estimate (completions, chat completions) may be
 //! at most 1 MiB (413, at once when its `content-length` says more) and must
 //! arrive whole within `--body-deadline` (10 s; 408, costing nothing); the
-//! bodies being read hold at most `--body-memory` MiB together (64; past it
+//! bodies being read hold at most `--body-memory` MiB together (64), one key
+//! or client at most a sixteenth of it but at least one body (past either,
 //! 503 with `retry-after: 1`, costing nothing); at most `--max-connections` (1024)
 //! are served at once, more wait to be accepted; a request's head may be at
 //! most 16 KiB (431 beyond). It logs to stderr, filtered

@@ -357,7 +357,9 @@ pub struct Limits {
     /// charged. A body whose next piece would take the total past this is
     /// answered 503 at once, with `retry-after: 1`, costing nothing (an
     /// OpenAI client retries it); the bytes come back as soon as a body has
-    /// been read. Applied by [`app_with_limits`].
+    /// been read. One key (or client address) holds at most a sixteenth of
+    /// it, but at least one whole body, so that its slow bodies cannot take
+    /// every other caller's room. Applied by [`app_with_limits`].
     pub body_memory: usize,
     /// HTTP/2: how often an idle connection is pinged; one that does not
     /// answer within as long again is closed.

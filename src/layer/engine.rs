@@ -62,8 +62,9 @@ pub(crate) struct Shared<K, S> {
     /// How much of a body, and for how long, an estimator may read.
     pub(crate) body_limits: BodyLimits,
     /// The bytes the bodies being read may still take, of
-    /// [`BodyLimits::max_held`]; shared by every clone of the layer.
-    pub(crate) body_memory: Arc<tokio::sync::Semaphore>,
+    /// [`BodyLimits::max_held`] in all and of each caller's share; shared
+    /// by every clone of the layer.
+    pub(crate) body_memory: Arc<super::read::BodyMemory>,
     pub(crate) failures: Failures,
     pub(crate) observer: Option<SharedObserver>,
     /// Asked for key values the policy does not hold.
@@ -98,8 +99,12 @@ pub(crate) enum Step<F> {
     Resolve(Lookup),
     /// The estimator needs the request's body, whose key is good: nothing
     /// is decided yet. The request is decided again once the body is read
-    /// and its [`Estimate`] is in the request's extensions.
-    Read,
+    /// and its [`Estimate`] is in the request's extensions. The number is
+    /// the caller's (the low half of its state digest): its bodies being
+    /// read hold at most its share of the memory for bodies. (The half
+    /// keeps the step three words; two callers whose halves collide, about
+    /// 1 in 2^64 a pair, share one share.)
+    Read(u64),
 }
 
 /// How much of a request's body, and for how long, an estimator may read.
@@ -109,6 +114,20 @@ pub(crate) struct BodyLimits {
     pub(crate) timeout: Duration,
     /// The most bytes the bodies being read hold together.
     pub(crate) max_held: usize,
+    /// The most bytes one caller's bodies being read hold together (`None`:
+    /// see [`per_caller`](Self::per_caller)).
+    pub(crate) max_held_per_caller: Option<usize>,
+}
+
+impl BodyLimits {
+    /// The most bytes one caller's bodies being read hold together: as set,
+    /// or a sixteenth of [`max_held`](Self::max_held) but at least one
+    /// whole body, and never more than `max_held`.
+    pub(crate) fn per_caller(&self) -> usize {
+        self.max_held_per_caller
+            .unwrap_or((self.max_held / 16).max(self.max_bytes))
+            .min(self.max_held)
+    }
 }
 
 impl Default for BodyLimits {
@@ -117,6 +136,7 @@ impl Default for BodyLimits {
             max_bytes: 1 << 20,
             timeout: Duration::from_secs(10),
             max_held: 64 << 20,
+            max_held_per_caller: None,
         }
     }
 }
@@ -488,7 +508,7 @@ impl<K, S: Store> Shared<K, S> {
         if self.body_checks && reserve.is_some() {
             if let Some(req) = req {
                 if self.checks_body(req) {
-                    return Step::Read;
+                    return Step::Read(c.subject.digest.0 as u64);
                 }
             }
         }
@@ -564,7 +584,7 @@ impl<K, S: Store> Shared<K, S> {
             }
         }
         let Some(tokens) = self.reserve(c, req, model, reserve) else {
-            return Step::Read;
+            return Step::Read(c.subject.digest.0 as u64);
         };
         let account = c.account.map(|a| &**a);
         Acquire::gather(

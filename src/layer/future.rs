@@ -126,10 +126,10 @@ where
 
     /// Reads the parked request's body (still the request's own), then
     /// decides it.
-    pub(crate) fn reading(mut parked: Parked<S, B, K, St>) -> Self {
+    pub(crate) fn reading(mut parked: Parked<S, B, K, St>, caller: u64) -> Self {
         ResponseFuture {
             state: State::Reading {
-                read: read_body(&mut parked),
+                read: read_body(&mut parked, caller),
                 parked: Some(Box::new(parked)),
             },
         }
@@ -147,7 +147,7 @@ where
 
 /// Takes the parked request's own body out to be read; a read body takes its
 /// place once it has ended.
-fn read_body<S, B, K, St>(parked: &mut Parked<S, B, K, St>) -> Pin<Box<Reading<B>>> {
+fn read_body<S, B, K, St>(parked: &mut Parked<S, B, K, St>, caller: u64) -> Pin<Box<Reading<B>>> {
     let body = std::mem::replace(parked.req.body_mut(), RequestBody::read(Bytes::new(), None));
     let body = body
         .into_streaming()
@@ -156,6 +156,7 @@ fn read_body<S, B, K, St>(parked: &mut Parked<S, B, K, St>) -> Pin<Box<Reading<B
         body,
         parked.shared.body_limits,
         Arc::clone(&parked.shared.body_memory),
+        caller,
     ))
 }
 
@@ -212,11 +213,11 @@ where
             },
             // Only a request whose body is still its own is read (a read one
             // has its estimate, and is never asked for its body again).
-            Step::Read if !parked.req.body().is_read() => State::Reading {
-                read: read_body(&mut parked),
+            Step::Read(caller) if !parked.req.body().is_read() => State::Reading {
+                read: read_body(&mut parked, caller),
                 parked: Some(parked),
             },
-            Step::Read => State::Rejected {
+            Step::Read(_) => State::Rejected {
                 response: Some(refuse_body(
                     shared.style,
                     http::StatusCode::INTERNAL_SERVER_ERROR,

@@ -224,7 +224,7 @@ impl<K, S: Store> RateLimitLayer<K, S> {
                 // A resolved key is never looked up again.
                 Step::Resolve(_) => Err(refused(Rejection::key(Reason::ResolverUnavailable), None)),
                 // Without a request there is no body to read: never asked.
-                Step::Read => Ok(std::mem::take(&mut held.report)),
+                Step::Read(_) => Ok(std::mem::take(&mut held.report)),
             };
             // Without a response to hold it through, a place under a
             // concurrency cap is given back at once.
@@ -486,7 +486,7 @@ async fn stand<K, S: Store>(
         Step::Done(d) => d.map(|()| report),
         Step::Wait(f, failure, watch) => shared.conclude_watched(f.await, failure, watch, None),
         Step::Resolve(_) => Err(refused(Rejection::key(Reason::ResolverUnavailable), None)),
-        Step::Read => Ok(report),
+        Step::Read(_) => Ok(report),
     };
     // A peek takes no place; a store that took one anyway gets it back.
     if let Ok(report) = &decided {
@@ -663,8 +663,41 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
     /// never from what `content-length` announces, and given back when the
     /// body has been read (or refused). Keep it at least `max_body_bytes`,
     /// or the largest bodies are never read.
+    ///
+    /// One caller (a key, or a client address under an anonymous plan) holds
+    /// at most its share of it: see
+    /// [`max_body_bytes_held_per_caller`](Self::max_body_bytes_held_per_caller).
     pub fn max_body_bytes_held(mut self, bytes: usize) -> Self {
         self.body_limits.max_held = bytes;
+        self
+    }
+
+    /// The most bytes one caller's bodies being read for an estimator may
+    /// hold together, of [`max_body_bytes_held`](Self::max_body_bytes_held)
+    /// (default: a sixteenth of it, but at least one whole body of
+    /// [`max_body_bytes`](Self::max_body_bytes)). Bodies are read before
+    /// any limit is decided, so neither a key's throttle nor its
+    /// concurrency cap bounds how many it sends at once: without a share,
+    /// one key (or one address) sending slow bodies could hold all the
+    /// memory for bodies and have every other caller's body answered 503.
+    /// A body that would take its caller past its share is answered 503 at
+    /// once, with `retry-after: 1`, without charging any limit. A caller is
+    /// the subject whose limits apply: a registered key's id, a per-key or
+    /// client-address value.
+    ///
+    /// ```
+    /// use tollgate::{Policy, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// let policy = Policy::per_key(UsagePlan::new("p").throttle(Throttle::new(10.0, 10)?))?;
+    /// let layer = RateLimitLayer::builder(policy)
+    ///     .max_body_bytes_held(64 << 20)
+    ///     .max_body_bytes_held_per_caller(8 << 20)
+    ///     .build();
+    /// # let _ = layer;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn max_body_bytes_held_per_caller(mut self, bytes: usize) -> Self {
+        self.body_limits.max_held_per_caller = Some(bytes);
         self
     }
 
@@ -874,11 +907,7 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
                 estimator: self.estimator,
                 body_checks: self.body_checks,
                 body_limits: self.body_limits,
-                body_memory: Arc::new(tokio::sync::Semaphore::new(
-                    self.body_limits
-                        .max_held
-                        .min(tokio::sync::Semaphore::MAX_PERMITS),
-                )),
+                body_memory: Arc::new(super::read::BodyMemory::new(&self.body_limits)),
                 failures: Failures::default(),
                 observer: self.observer,
                 resolver,

@@ -2,6 +2,8 @@
 //! and the answers when it cannot be read.
 
 use crate::response::ResponseStyle;
+use crate::sync::Mutex;
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -32,8 +34,88 @@ pin_project! {
         trailers: Option<HeaderMap>,
         // What every body being read may still hold (one permit a byte),
         // and this body's share of it, given back when the reading ends.
-        memory: Arc<Semaphore>,
         held: Option<OwnedSemaphorePermit>,
+        // What this body holds of its caller's share.
+        share: Share,
+    }
+}
+
+/// What the bodies being read for estimates hold: in all (one permit a
+/// byte), and by caller, so that one caller's slow bodies cannot take the
+/// room of everyone else's.
+#[derive(Debug)]
+pub(crate) struct BodyMemory {
+    total: Arc<Semaphore>,
+    per_caller: usize,
+    /// The bytes held by each caller with a body being read; a caller
+    /// leaves when it holds nothing, so this holds at most one entry per
+    /// body being read.
+    callers: Mutex<HashMap<u64, usize>>,
+}
+
+impl BodyMemory {
+    pub(crate) fn new(limits: &BodyLimits) -> Self {
+        BodyMemory {
+            total: Arc::new(Semaphore::new(limits.max_held.min(Semaphore::MAX_PERMITS))),
+            per_caller: limits.per_caller(),
+            callers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes `n` bytes of `caller`'s share; `false` when it would hold more
+    /// than its share.
+    fn take(&self, caller: u64, n: usize) -> bool {
+        let mut callers = self.callers.lock();
+        let held = callers.entry(caller).or_insert(0);
+        if held.saturating_add(n) > self.per_caller {
+            if *held == 0 {
+                callers.remove(&caller);
+            }
+            return false;
+        }
+        *held += n;
+        true
+    }
+
+    /// Gives back `n` bytes `caller` held.
+    fn give(&self, caller: u64, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut callers = self.callers.lock();
+        if let Some(held) = callers.get_mut(&caller) {
+            *held = held.saturating_sub(n);
+            if *held == 0 {
+                callers.remove(&caller);
+            }
+        }
+    }
+
+    /// How many bytes the bodies being read may still take in all.
+    #[cfg(test)]
+    pub(crate) fn available(&self) -> usize {
+        self.total.available_permits()
+    }
+
+    /// How many callers hold a part of a body being read.
+    #[cfg(test)]
+    pub(crate) fn callers(&self) -> usize {
+        self.callers.lock().len()
+    }
+}
+
+/// One body's part of its caller's share, given back when the body is
+/// dropped (read, refused or abandoned).
+#[derive(Debug)]
+struct Share {
+    memory: Arc<BodyMemory>,
+    caller: u64,
+    bytes: usize,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.memory.give(self.caller, self.bytes);
     }
 }
 
@@ -46,13 +128,15 @@ pub(crate) enum Unread {
     TimedOut,
     /// The body failed (the client reset the stream): 400.
     Failed,
-    /// The bodies being read already hold
-    /// [`BodyLimits::max_held`] bytes: 503.
+    /// The bodies being read already hold [`BodyLimits::max_held`]
+    /// bytes, or the caller's bodies its share of them: 503.
     Busy,
 }
 
 impl<B> Reading<B> {
-    pub(crate) fn new(body: B, limits: BodyLimits, memory: Arc<Semaphore>) -> Self {
+    /// A body of `caller` (the low half of its key's or client's state
+    /// digest) to be read within `limits`, holding its bytes in `memory`.
+    pub(crate) fn new(body: B, limits: BodyLimits, memory: Arc<BodyMemory>, caller: u64) -> Self {
         Reading {
             body,
             deadline: None,
@@ -60,8 +144,12 @@ impl<B> Reading<B> {
             buf: BytesMut::new(),
             first: None,
             trailers: None,
-            memory,
             held: None,
+            share: Share {
+                memory,
+                caller,
+                bytes: 0,
+            },
         }
     }
 }
@@ -109,9 +197,18 @@ where
                     }
                     // Taken before the bytes are kept, never waited for: a
                     // request that would wait holds its piece meanwhile.
-                    let taken = u32::try_from(data.len())
-                        .ok()
-                        .and_then(|n| Arc::clone(this.memory).try_acquire_many_owned(n).ok());
+                    // The caller's share first: a caller past it takes
+                    // nothing from the others' room.
+                    let share = &mut *this.share;
+                    if !share.memory.take(share.caller, data.len()) {
+                        return Poll::Ready(Err(Unread::Busy));
+                    }
+                    share.bytes += data.len();
+                    let taken = u32::try_from(data.len()).ok().and_then(|n| {
+                        Arc::clone(&share.memory.total)
+                            .try_acquire_many_owned(n)
+                            .ok()
+                    });
                     match (taken, this.held.as_mut()) {
                         (None, _) => return Poll::Ready(Err(Unread::Busy)),
                         (Some(taken), Some(held)) => held.merge(taken),
@@ -288,18 +385,24 @@ mod tests {
             max_held: 10,
             ..BodyLimits::default()
         };
-        let memory = Arc::new(Semaphore::new(limits.max_held));
-        let read = |piece| {
-            let mut reading =
-                Box::pin(Reading::new(two_pieces(piece), limits, Arc::clone(&memory)));
+        let memory = Arc::new(BodyMemory::new(&limits));
+        let read = |piece, caller: u64| {
+            let mut reading = Box::pin(Reading::new(
+                two_pieces(piece),
+                limits,
+                Arc::clone(&memory),
+                caller,
+            ));
             async move { std::future::poll_fn(|cx| reading.as_mut().poll_read(cx)).await }
         };
         // 12 bytes in all: the second piece finds 4 left.
-        assert_eq!(read(6).await.unwrap_err(), Unread::Busy);
-        assert_eq!(memory.available_permits(), 10);
-        let (data, _) = read(5).await.unwrap();
+        assert_eq!(read(6, 1).await.unwrap_err(), Unread::Busy);
+        assert_eq!(memory.available(), 10);
+        assert_eq!(memory.callers(), 0);
+        let (data, _) = read(5, 1).await.unwrap();
         assert_eq!(data.len(), 10);
-        assert_eq!(memory.available_permits(), 10);
+        assert_eq!(memory.available(), 10);
+        assert_eq!(memory.callers(), 0);
         let res = refuse_unread(ResponseStyle::OpenAi, Unread::Busy, limits);
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(res.headers()[header::RETRY_AFTER], "1");
@@ -308,5 +411,56 @@ mod tests {
                 .unwrap()
                 .contains(r#""type":"server_error""#)
         );
+    }
+
+    /// One caller's bodies being read hold at most its share of the memory
+    /// for bodies: the rest stays for everyone else, and the share is given
+    /// back when its bodies are dropped unread.
+    #[tokio::test]
+    async fn one_callers_bodies_hold_at_most_its_share() {
+        let limits = BodyLimits {
+            max_bytes: 8,
+            max_held: 64,
+            ..BodyLimits::default()
+        };
+        // A sixteenth of 64 is 4, less than one whole body: the share is 8.
+        assert_eq!(limits.per_caller(), 8);
+        let memory = Arc::new(BodyMemory::new(&limits));
+        let (slow, other) = (7, 8);
+        let stalled = |piece| {
+            // One piece, then nothing: the body holds its piece.
+            use tokio_stream::StreamExt as _;
+            let frames: Frames =
+                vec![Ok(http_body::Frame::data(Bytes::from(vec![b' '; piece])))].into_iter();
+            let body = http_body_util::StreamBody::new(
+                tokio_stream::iter(frames).chain(tokio_stream::pending()),
+            );
+            Box::pin(Reading::new(body, limits, Arc::clone(&memory), slow))
+        };
+        let poll_once = |r: &mut Pin<Box<Reading<_>>>| {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            r.as_mut().poll_read(&mut cx).is_pending()
+        };
+        let mut first = stalled(5);
+        let mut second = stalled(5);
+        assert!(poll_once(&mut first));
+        assert!(!poll_once(&mut second), "past the caller's share");
+        assert_eq!(memory.available(), 64 - 5);
+        // Another caller's body is read whole meanwhile.
+        let mut reading = Box::pin(Reading::new(
+            two_pieces(4),
+            limits,
+            Arc::clone(&memory),
+            other,
+        ));
+        let (data, _) = std::future::poll_fn(|cx| reading.as_mut().poll_read(cx))
+            .await
+            .unwrap();
+        assert_eq!(data.len(), 8);
+        drop(reading);
+        drop(second);
+        drop(first);
+        assert_eq!(memory.available(), 64);
+        assert_eq!(memory.callers(), 0);
     }
 }

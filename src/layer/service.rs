@@ -131,13 +131,10 @@ where
             ),
             // The key is good and the estimator needs the body: nothing is
             // decided until it is read.
-            Step::Read => ResponseFuture::reading(park(
-                &mut self.inner,
-                req,
-                FailureMode::Closed,
-                reservation,
-                None,
-            )),
+            Step::Read(caller) => ResponseFuture::reading(
+                park(&mut self.inner, req, FailureMode::Closed, reservation, None),
+                caller,
+            ),
             Step::Wait(decision, failure, watch) => ResponseFuture::waiting(
                 decision,
                 park(&mut self.inner, req, failure, reservation, watch),

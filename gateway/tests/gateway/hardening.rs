@@ -874,6 +874,53 @@ async fn the_bodies_being_read_hold_at_most_the_body_memory_together() {
     assert_eq!(small().await.unwrap().status(), 200);
 }
 
+/// One caller cannot take the whole `--body-memory` for itself: its slow
+/// bodies hold at most its share (a sixteenth, at least one whole body), and
+/// past it its next body is answered 503, while another key's body is still
+/// read and served. Before, one key holding two slow bodies of 700 KB
+/// filled a budget of 2 MiB, and every other key's large body got 503.
+#[tokio::test]
+async fn one_callers_slow_bodies_leave_the_body_memory_to_the_others() {
+    let server = ServerProcess::start(&["--body-memory", "2"]);
+    let client = reqwest::Client::new();
+    let added = client
+        .post(server.url("/admin/keys"))
+        .header("x-admin-key", "change-me")
+        .json(&serde_json::json!({"id": "other-1", "value": "other-key-value", "plan": "pro"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), 201, "{}", added.text().await.unwrap());
+    let len = 1_000_000;
+    let mut first = partial_completion(server.addr, len, 700_000).await;
+    // Its bytes are read before the second body comes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut second = partial_completion(server.addr, len, 700_000).await;
+    let started = Instant::now();
+    let (busy, _) = read_until_closed(&mut second, "second").await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(status_of(&busy), 503, "{busy}");
+    assert!(busy.contains("server_busy"), "{busy}");
+    // Another key's large body is read whole and served meanwhile.
+    let mut body = br#"{"model":"m","prompt":"hi""#.to_vec();
+    body.resize(len - 1, b' ');
+    body.push(b'}');
+    let other = client
+        .post(server.url("/v1/completions"))
+        .header("x-api-key", "other-key-value")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200, "{}", other.text().await.unwrap());
+    // The first caller's body, finished, is served too.
+    first.write_all(&vec![b' '; len - 700_001]).await.unwrap();
+    first.write_all(b"}").await.unwrap();
+    let (answer, _) = read_until_closed(&mut first, "first").await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+}
+
 /// An admin body (with the admin key) must arrive whole within
 /// `--body-deadline`, as a body read for an estimate must: one that sends a
 /// byte every 50 ms, never idle for the body timeout, is answered 408 once
