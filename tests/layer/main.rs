@@ -19,6 +19,7 @@ mod hyper_server;
 mod observe;
 mod openai;
 mod resolver;
+mod resolver_postgres;
 mod spoofing;
 mod standing;
 mod streams;

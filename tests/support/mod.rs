@@ -19,6 +19,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub(crate) mod backend;
+pub(crate) mod postgres;
 pub(crate) mod redis;
 pub(crate) mod server;
 pub(crate) mod tokens;
