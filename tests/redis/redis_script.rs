@@ -1861,3 +1861,68 @@ async fn a_settlement_under_older_numbers_never_converts_the_key_back() {
     r.raw(&["t", &mark("t")], &args).await.expect("a give-back");
     assert_eq!(r.get("t").await, kept(104));
 }
+
+/// A decision that names numbers older than the key's own (made by an
+/// instance yet to learn of a change) never converts the key back to them:
+/// it is decided on the key's share in use expressed in its numbers, and
+/// what it charges is converted to the key's, as the memory store decides
+/// every request after the change under the new numbers. 1/s (burst 10)
+/// until 100 s, 2/s since: 4 requests at 101 s leave the key 2 s ahead of
+/// a 5 s span, so 6 more fit whoever decides them, and the bucket is full
+/// for the new numbers too. Before, the key was converted back (4 s of
+/// 10), charged 6 s there, and converted forward again as of the change
+/// (11 s at 100 s, 5.5 s): half a request gained at each round trip.
+#[tokio::test]
+async fn a_decision_under_older_numbers_never_converts_the_key_back() {
+    let Some(mut r) = redis().await else { return };
+    let new = throttle("t", S / 2, 10)
+        .since(100, 0)
+        .before("0 10000000000 0 0 0");
+    let old = throttle("t", S, 10);
+    let now = Now(101, 0);
+    assert_eq!(r.admit(now, 4, &[new], None).await, 4);
+    let kept = |tat: i64, ns: i64| Some(format!("{tat} {ns} 5000000000 100 0 0"));
+    assert_eq!(r.get("t").await, kept(103, 0));
+    // The key's 2 s of 5, told as 4 s of the caller's 10; charged 0.5 s.
+    let d = r.acquire(now, 1, &[old], None).await;
+    assert_eq!((d.allowed, d.before.as_slice()), (true, &[4 * S][..]));
+    assert_eq!(r.get("t").await, kept(103, 500_000_000));
+    // A peek converts nothing either.
+    let d = r.acquire(now, 0, &[old], None).await;
+    assert_eq!(d.before, [5 * S]);
+    assert_eq!(r.get("t").await, kept(103, 500_000_000));
+    assert_eq!(r.admit(now, 10, &[old], None).await, 5);
+    assert_eq!(r.get("t").await, kept(106, 0));
+    assert_eq!(r.admit(now, 1, &[new], None).await, 0);
+    // Half a second later, one more under either numbers.
+    assert_eq!(r.admit(now.plus(S / 2), 2, &[old], None).await, 1);
+    assert_eq!(r.admit(now.plus(S / 2), 1, &[new], None).await, 0);
+    assert_eq!(r.get("t").await, kept(106, 500_000_000));
+}
+
+/// A decision under older numbers whose burst differs from the key's is
+/// charged its share of the old bucket converted to the key's span, as a
+/// settlement under them is (the key's interval is not in Redis): 1 of
+/// burst 10 over 10 s is a tenth of the key's 20 s.
+#[tokio::test]
+async fn a_decision_under_an_older_burst_is_charged_its_share_of_the_key() {
+    let Some(mut r) = redis().await else { return };
+    let new = throttle("t", S, 20)
+        .since(100, 0)
+        .before("0 10000000000 0 0 0");
+    let old = throttle("t", S, 10);
+    let now = Now(101, 0);
+    assert_eq!(r.admit(now, 3, &[new], None).await, 3);
+    assert_eq!(
+        r.get("t").await.as_deref(),
+        Some("104 0 20000000000 100 0 0")
+    );
+    // 3 s of 20, told as 1.5 s of 10: 8 fit (1.5 + 8 <= 10), 2 s each.
+    assert_eq!(r.admit(now, 10, &[old], None).await, 8);
+    assert_eq!(
+        r.get("t").await.as_deref(),
+        Some("120 0 20000000000 100 0 0")
+    );
+    // The key's last second (9.5 s of 10 as told) fits one under its own.
+    assert_eq!(r.admit(now, 2, &[new], None).await, 1);
+}

@@ -1190,3 +1190,92 @@ async fn no_key_value_is_in_redis_in_clear() {
     }
     assert!(read > 2100 * 32, "every record was read ({read} bytes)");
 }
+
+/// A plan put anew through a, with twice the rate, while b has not yet
+/// received it (its watcher paused) and decides under the old numbers: one
+/// budget shared by both, under the new numbers from the change, as one
+/// memory store holds it. The bucket, emptied at 1/s (burst 10), is 5 s of
+/// 5 at the change; a second later 4 s, so two requests of 0.5 s fit,
+/// whoever decides them: a's converts the key, and b's, under the old
+/// numbers, neither converts it back nor finds more room. Before, b
+/// converted the key back to 1/s (9 s of 10), and a converted it forward
+/// again as of the change (from 11 s ahead of it): a third request fitted,
+/// and the key's numbers flipped with each instance that used it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_on_an_instance_yet_to_learn_of_a_plan_put_anew_keeps_the_new_numbers() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let clock = tollgate::ManualClock::new();
+    let day = Date::new(2024, 5, 1).unwrap().days() as u64;
+    clock.set_wall(std::time::UNIX_EPOCH + Duration::from_secs(day * 86_400 + 3_600));
+    let plan = |rate: f64| {
+        UsagePlan::new("p")
+            .throttle(Throttle::new(rate, 10).unwrap())
+            .borrow(false)
+    };
+    let policy = || {
+        Policy::builder()
+            .clock(clock.clone())
+            .plan(plan(1.0))
+            .key(ApiKey::new("k", "k-value-1", "p"))
+            .build()
+            .unwrap()
+    };
+    let store = || async {
+        RedisStore::builder(redis.url())
+            .timeout(Duration::from_secs(2))
+            .key_secret("shared-secret")
+            .clock(clock.clone())
+            .build()
+            .await
+            .unwrap()
+    };
+    let a = RateLimitLayer::builder(policy())
+        .store(store().await)
+        .build();
+    let b_store = store().await;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let b = {
+        let _entered = runtime.enter();
+        RateLimitLayer::builder(policy()).store(b_store).build()
+    };
+    let _paused = Paused {
+        runtime: Some(runtime),
+        stop: None,
+    };
+    let admitted = |l: &Layer, n: usize| {
+        let l = l.clone();
+        async move {
+            let mut passed = 0;
+            for _ in 0..n {
+                passed += usize::from(l.decide(b"k-value-1", 1).await.is_ok());
+            }
+            passed
+        }
+    };
+    assert_eq!(admitted(&b, 20).await, 10);
+    a.admin().put_plan(plan(2.0)).await.unwrap();
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(admitted(&a, 1).await, 1, "4 s of 5 at 0.5 s each");
+    assert_eq!(
+        b.admin().plan("p"),
+        Some(plan(1.0)),
+        "b learnt of the change"
+    );
+    assert_eq!(admitted(&b, 3).await, 1, "b finds the key's room, no more");
+    let keys = command(redis.addr(), &["KEYS", "*:t:*"]).unwrap();
+    let key = keys
+        .lines()
+        .find(|k| !k.ends_with(":x"))
+        .expect("the bucket's key");
+    let state = command(redis.addr(), &["GET", key]).unwrap();
+    let fields: Vec<&str> = state.split(' ').collect();
+    assert_eq!(fields.get(2), Some(&"5000000000"), "the new span: {state}");
+    assert_eq!(admitted(&a, 3).await, 0, "the bucket is full");
+    assert_eq!(admitted(&b, 3).await, 0, "the bucket is full");
+}

@@ -47,6 +47,21 @@
 -- old TAT would keep draining at the old scale and refill the bucket
 -- early).
 --
+-- Key newer than the call: a key whose numbers came into force after the
+-- call's (later since, or the same and a larger tie; an instance yet to
+-- learn of a change) is never converted back to the call's, which every
+-- later call under the newer ones would convert forward again, a share
+-- lost or gained to rounding at each round trip. "a", "p" and "b" decide
+-- on the key's TAT ahead of now told in the call's span (scaled, rounded
+-- up: the call never finds more room than the key has) and reply that;
+-- what is charged is scaled to the key's span (rounded down) and stored
+-- under the key's numbers: the request's share of the bucket, as a
+-- settlement under older numbers ("t", "r", see `converted`) is. Where
+-- only the rate changed that is exactly what the new numbers charge; the
+-- key holds its span, not its interval, so where the burst changed too the
+-- request is charged its share of the old bucket, until the caller learns
+-- of the change.
+--
 -- Quota key: hash {w = window start (days since 1970-01-01), n = used in it,
 -- d = the day of the last change, x = "<s> <ns>" the time of the last reset
 -- (mode "z") or set (mode "s"), if any, b = "<s> <ns>" the time the count
@@ -377,15 +392,17 @@ local function muldiv(a, b, c)
     end
     p = p / 2
   end
-  return q + k
+  return q + k, rem
 end
 
 -- floor(a * b / c) for any a >= 0 (a bucket in debt is ahead by more than
 -- its span c), at most 2^53 - 1 as a stored TAT is: a = qa * c + ra gives
--- qa * b plus muldiv(ra, b, c).
+-- qa * b plus muldiv(ra, b, c). Also returns the remainder of the division
+-- (0: exact), which muldiv leaves.
 local function scale(a, b, c)
   local ra = math.fmod(a, c)
-  return math.min((a - ra) / c * b + muldiv(ra, b, c), 2 ^ 53 - 1)
+  local k, rem = muldiv(ra, b, c)
+  return math.min((a - ra) / c * b + k, 2 ^ 53 - 1), rem
 end
 
 -- Gcra::rescale at each change of a throttle's numbers since the key's own
@@ -702,7 +719,7 @@ local mode, run = ARGV[1], nil
 
 -- "a" acquire, "p" peek.
 if mode == 'a' or mode == 'p' or mode == 'b' then
-  run = function(int, clock, load, store, rescale, quotas, replay)
+  run = function(int, clock, load, store, rescale, quotas, replay, scale)
     local argv, keys = ARGV, KEYS -- locals: a global is found by name
     local cost = int(argv[4], 0, 2 ^ 53 - 1, 'cost')
     local n = int(argv[5], 0, #keys, 'throttle count')
@@ -738,6 +755,10 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
     -- since when its numbers hold.
     local plans = { false, false, false, false, false } -- room for one throttle
     local ties = { 0 }
+    -- Per throttle whose key holds newer numbers than the call's: its TAT
+    -- ahead of now (at least 0), that told in the call's span, and the
+    -- key's numbers (span, since, tie).
+    local keyed = {}
     local steps = grant and {} -- per throttle, ns one unit of the request takes
     for i = 1, n do
       local j = 7 * i - 1
@@ -762,7 +783,22 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
       end
       local before, old, tat_s, tat_ns, vs, vns, vt = load(keys[i], now_s, now_ns)
       local convert = false
-      if before and (old ~= tol or vs and (vs ~= since_s or vns ~= since_ns or vt ~= tie)) then
+      if before and vs and (vs > since_s or vs == since_s
+          and (vns > since_ns or vns == since_ns and vt > tie)) then
+        -- The key's numbers are newer than the caller's (an instance yet
+        -- to learn of a change): it is never converted back to them. The
+        -- request is decided on the key's share in use, told in the
+        -- caller's span (rounded up: never more room than the key has),
+        -- and what it charges is converted to the key's span as the
+        -- bucket's share (see "Key newer than the call").
+        local ahead = math.max(before, 0)
+        local told, rem = scale(ahead, tol, old)
+        if rem > 0 then
+          told = told + 1
+        end
+        keyed[i] = { ahead, told, old, vs, vns, vt }
+        before = told
+      elseif before and (old ~= tol or vs and (vs ~= since_s or vns ~= since_ns or vt ~= tie)) then
         local found, ahead = false, nil
         if vs and earlier ~= '' then
           found, ahead = replay(
@@ -889,7 +925,13 @@ if mode == 'a' or mode == 'p' or mode == 'b' then
     for i = 1, n do
       local p = 5 * i
       local ahead = charging and plans[p - 3] or plans[p - 2]
-      if ahead then
+      local k_i = keyed[i]
+      if ahead and k_i then
+        -- Charged in the key's span, under its numbers.
+        local own, told, span = k_i[1], k_i[2], k_i[3]
+        local add = scale(ahead - told, span, plans[p - 4])
+        store(keys[i], math.min(own + add, 2 ^ 53 - 1), span, k_i[4], k_i[5], k_i[6], now_s, now_ns)
+      elseif ahead then
         store(keys[i], ahead, plans[p - 4], plans[p - 1], plans[p], ties[i], now_s, now_ns)
       end
     end
@@ -1330,7 +1372,7 @@ end
 if not run then
   return redis.error_reply('tollgate: unknown mode')
 end
-local ok, res = pcall(run, int, clock, load, store, rescale, quotas, replay)
+local ok, res = pcall(run, int, clock, load, store, rescale, quotas, replay, scale)
 if ok then
   return res
 elseif type(res) == 'table' and res.tollgate then
