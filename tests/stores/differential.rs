@@ -13,7 +13,9 @@
 //! and methods match, the most specific applying), ending held responses,
 //! and manual-clock steps: small, exactly to the retry a denial gave (and one nanosecond short of
 //! it), to just around UTC midnight or the quota window's end (a week from
-//! Monday or another day, a month), hours and days long. Between requests,
+//! Monday or another day, a month), hours and days long. Calendar sequences
+//! start in May 2024 or around the leap day 2028-02-29 and the end of March
+//! 2028 (31 days, then April's 30), close to a window's end. Between requests,
 //! admin operations through the layer's `Admin`: UpdateUsage (what remains,
 //! from nothing to past the limit), a reset, disabling and enabling the
 //! key, and moving it to another plan and back; and usage reports (AWS
@@ -252,7 +254,8 @@ struct Spec {
     stage_method: Option<Rate>,
     /// Keys `k0`, `k1`, … (values `v0`, `v1`, …), on plan `"p"`.
     keys: usize,
-    /// Seconds into 2024-05-01 (UTC) at the start.
+    /// Seconds from 2024-05-01 00:00 UTC at the start (years on for
+    /// calendar sequences: see [`ANCHOR_DAYS`]).
     start_secs: u64,
     /// Plan `"p"` is a shadow plan.
     shadow: bool,
@@ -678,13 +681,25 @@ fn calendar_quota(limits: std::ops::RangeInclusive<u64>) -> impl Strategy<Value 
         })
 }
 
-/// Mostly close to the end of the quota's first window (a week or a month
-/// after 2024-05-01, a Wednesday), so that sequences cross it; else
-/// anywhere in the 40 days from 2024-05-01.
+/// Days (from 2024-05-01) that calendar sequences start from: May 2024
+/// (31 days, then June's 30), Monday 2028-02-28 (the day before a leap
+/// day), the leap day itself (a Tuesday), and 2028-03-31 and 2028-04-10
+/// (March's 31 days, then April's 30).
+const ANCHOR_DAYS: [u64; 5] = [0, 1398, 1399, 1430, 1440];
+
+/// Mostly close to the end of the quota's first window after one of
+/// [`ANCHOR_DAYS`] (a day, a week from any day, a month), so that sequences
+/// cross it; else anywhere in the 40 days from one of them.
 fn start_in(period: model::Period) -> impl Strategy<Value = u64> {
-    let end = (window(period, MAY_1).1 - MAY_1) / 1_000_000_000;
-    let end = end as u64;
-    prop_oneof![end - 30..end, 0..40 * 86_400u64]
+    let anchor = prop::sample::select(ANCHOR_DAYS.to_vec());
+    let near_end = anchor.prop_flat_map(move |day| {
+        let from = MAY_1 + i128::from(day) * NANOS_PER_DAY;
+        let end = ((window(period, from).1 - MAY_1) / 1_000_000_000) as u64;
+        end - 30..end
+    });
+    let anywhere = prop::sample::select(ANCHOR_DAYS.to_vec())
+        .prop_flat_map(|day| day * 86_400..(day + 40) * 86_400);
+    prop_oneof![near_end, anywhere]
 }
 
 fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
@@ -2013,10 +2028,10 @@ fn faults(f: &[String]) -> String {
 }
 
 fn wall_str(ns: i128) -> String {
-    let day = ns.div_euclid(NANOS_PER_DAY) - MAY_1 / NANOS_PER_DAY;
+    let (y, m, d) = model::civil(ns.div_euclid(NANOS_PER_DAY));
     let rem = ns.rem_euclid(NANOS_PER_DAY);
     format!(
-        "May 1 +{day}d {}.{:09}s",
+        "{y}-{m:02}-{d:02} {}.{:09}s",
         rem / 1_000_000_000,
         rem % 1_000_000_000
     )
