@@ -10,7 +10,8 @@
 //! (token estimates whose actual usage is settled when the response ends,
 //! responses held open to keep a concurrency place, requests on the route
 //! of a method override, or on routes that overrides with wildcard routes
-//! and methods match, the most specific applying), ending held responses,
+//! and methods match, the plan's and the stage's, HEAD requests among them,
+//! the most specific applying), ending held responses,
 //! and manual-clock steps: small, exactly to the retry a denial gave (and one nanosecond short of
 //! it), to just around UTC midnight or the quota window's end (a week from
 //! Monday or another day, a month), hours and days long. Calendar sequences
@@ -83,17 +84,21 @@ use crate::support::redis::{RedisCluster, RedisServer, require_redis};
 /// The route of the method override (`"/v1/completions/POST"`).
 const ROUTE: &str = "/v1/completions";
 /// What HTTP requests ask for: another route, the override's, and routes
-/// that method overrides with wildcards match or not.
-const ROUTES: [(&str, &str); 5] = [
+/// that method overrides with wildcards match or not, HEAD requests among
+/// them (which a GET override holds, a HEAD one more specifically).
+const ROUTES: [(&str, &str); 8] = [
     ("GET", "/other"),
     ("POST", ROUTE),
     ("GET", ROUTE),
     ("POST", "/v1/models"),
     ("POST", "/v2/completions"),
+    ("HEAD", "/v1/models"),
+    ("HEAD", ROUTE),
+    ("GET", "/v1/models"),
 ];
 /// Method overrides with wildcards, no two of them tied for a request
 /// of [`ROUTES`] (AWS: the most specific one applies).
-const PATTERNS: [&str; 7] = [
+const PATTERNS: [&str; 9] = [
     "/v1/completions/POST",
     "/v1/completions/*",
     "/v1/*/POST",
@@ -101,6 +106,8 @@ const PATTERNS: [&str; 7] = [
     "/*/POST",
     "/*/*",
     "/other/GET",
+    "/v1/models/GET",
+    "/v1/*/HEAD",
 ];
 /// 2024-05-01T00:00:00Z in nanoseconds since the Unix epoch.
 const MAY_1: i128 = 1_714_521_600 * 1_000_000_000;
@@ -122,8 +129,11 @@ enum Kind {
     /// limits never reject, the account's and the stage's do.
     Shadow,
     /// Perhaps a throttle, and method overrides of several [`PATTERNS`]
-    /// (wildcard routes and methods), each with its own throttle, on
-    /// requests for several [`ROUTES`]: the most specific match applies.
+    /// (wildcard routes and methods), each with its own throttle, on the
+    /// plan and on the stage (a stage override is one bucket for both
+    /// keys); requests for several [`ROUTES`], HEAD among them (a GET
+    /// override holds it, a HEAD one more specifically): on each, the most
+    /// specific match applies.
     Wildcards,
     /// A token budget: per minute, perhaps per day and per month.
     Tokens,
@@ -252,6 +262,9 @@ struct Spec {
     /// The stage's method override on [`ROUTE`] (POST), shared by every
     /// caller's requests on that route.
     stage_method: Option<Rate>,
+    /// The stage's method overrides: [`PATTERNS`] with their throttles,
+    /// each one bucket shared by every caller.
+    stage_overrides: Vec<(&'static str, Rate)>,
     /// Keys `k0`, `k1`, … (values `v0`, `v1`, …), on plan `"p"`.
     keys: usize,
     /// Seconds from 2024-05-01 00:00 UTC at the start (years on for
@@ -419,13 +432,16 @@ impl Spec {
         if let Some((throttle, quota)) = self.account {
             policy = policy.account(account(throttle, quota, self.account_tokens));
         }
-        if self.stage.is_some() || self.stage_method.is_some() {
+        if self.stage.is_some() || self.stage_method.is_some() || !self.stage_overrides.is_empty() {
             let mut stage = Stage::new();
             if let Some(r) = self.stage {
                 stage = stage.throttle(r.throttle());
             }
             if let Some(r) = self.stage_method {
                 stage = stage.method(format!("{ROUTE}/POST"), r.throttle());
+            }
+            for (pattern, r) in &self.stage_overrides {
+                stage = stage.method(*pattern, r.throttle());
             }
             policy = policy.stage(stage);
         }
@@ -519,9 +535,17 @@ impl Spec {
             });
         }
         Model {
-            stage: (self.stage.is_some() || self.stage_method.is_some()).then(|| Limits {
+            stage: (self.stage.is_some()
+                || self.stage_method.is_some()
+                || !self.stage_overrides.is_empty())
+            .then(|| Limits {
                 throttle: self.stage.map(|r| bucket("stage", r)),
                 method: self.stage_method.map(|r| bucket("stage-method", r)),
+                overrides: self
+                    .stage_overrides
+                    .iter()
+                    .map(|(p, r)| (model::MethodPath::parse(p), bucket("stage-method", *r)))
+                    .collect(),
                 ..Limits::default()
             }),
             account: self.account.map(|(r, q)| Limits {
@@ -585,6 +609,10 @@ impl Spec {
         let star = self.star.map(|s| s.0);
         for r in [
             self.overrides.iter().map(|o| o.1).max_by_key(|r| r.burst),
+            self.stage_overrides
+                .iter()
+                .map(|o| o.1)
+                .max_by_key(|r| r.burst),
             star,
             self.throttle,
             self.method,
@@ -718,6 +746,7 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
         account_tokens: None,
         stage: None,
         stage_method: None,
+        stage_overrides: Vec::new(),
         keys: 1,
         start_secs: 0,
         model: None,
@@ -781,13 +810,20 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
             .boxed(),
         Kind::Wildcards => (
             prop::option::of(rate()),
-            prop::sample::subsequence(PATTERNS.to_vec(), 1..=PATTERNS.len()),
+            prop::sample::subsequence(PATTERNS.to_vec(), 0..=PATTERNS.len()),
             prop::collection::vec(rate(), PATTERNS.len()),
+            prop::sample::subsequence(PATTERNS.to_vec(), 0..=3),
+            prop::collection::vec(rate(), 3),
             start_secs(),
         )
-            .prop_map(move |(r, patterns, rates, s)| Spec {
+            .prop_filter("some override", |(_, patterns, _, stage, _, _)| {
+                !patterns.is_empty() || !stage.is_empty()
+            })
+            .prop_map(move |(r, patterns, rates, stage, stage_rates, s)| Spec {
                 throttle: r,
                 overrides: patterns.into_iter().zip(rates).collect(),
+                stage_overrides: stage.into_iter().zip(stage_rates).collect(),
+                keys: 2,
                 start_secs: s,
                 ..base.clone()
             })
@@ -1044,7 +1080,7 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
     };
     // The route of the override and another, or (with method overrides
     // of every pattern) others that some patterns match and some do not.
-    let routes = if s.overrides.is_empty() {
+    let routes = if s.overrides.is_empty() && s.stage_overrides.is_empty() {
         2
     } else {
         ROUTES.len()
@@ -2327,6 +2363,7 @@ mod found {
             account_tokens: None,
             stage: None,
             stage_method: None,
+            stage_overrides: Vec::new(),
             keys: 1,
             start_secs,
             model: None,

@@ -355,8 +355,16 @@ impl MethodPath {
         }
     }
 
+    /// Whether the pattern's method takes a request of `method`: its own,
+    /// and a `GET` pattern a `HEAD` request too (axum answers HEAD with the
+    /// GET handler: the crate documents that a GET override holds it).
+    fn serves(&self, method: &str) -> bool {
+        self.method
+            .is_none_or(|m| m == method || (m == "GET" && method == "HEAD"))
+    }
+
     fn matches(&self, method: &str, path: &str) -> bool {
-        if self.method.is_some_and(|m| m != method) {
+        if !self.serves(method) {
             return false;
         }
         let Some(segments) = &self.segments else {
@@ -370,15 +378,21 @@ impl MethodPath {
                 .all(|(s, p)| s.is_none_or(|s| s == *p))
     }
 
-    /// How specific the pattern is (AWS: the most specific setting wins):
-    /// a route over every route, then more literal segments, then a named
-    /// method over `*`.
-    fn rank(&self) -> (bool, usize, bool) {
+    /// How specific the pattern is for a request of `method` (AWS: the
+    /// most specific setting wins): a route over every route, then more
+    /// literal segments, then the request's own method over `GET` (for a
+    /// `HEAD` request) over `*`.
+    fn rank(&self, method: &str) -> (bool, usize, u8) {
         let literal = self
             .segments
             .as_ref()
             .map_or(0, |s| s.iter().filter(|s| s.is_some()).count());
-        (self.segments.is_some(), literal, self.method.is_some())
+        let own = match self.method {
+            Some(m) if m == method => 2,
+            Some(_) => 1,
+            None => 0,
+        };
+        (self.segments.is_some(), literal, own)
     }
 }
 
@@ -648,8 +662,11 @@ impl Limits {
             .iter()
             .enumerate()
             .filter(|(_, (p, _))| p.matches(ask.method, ask.path));
-        let best = matching.clone().map(|(_, (p, _))| p.rank()).max()?;
-        let mut ties = matching.filter(|(_, (p, _))| p.rank() == best);
+        let best = matching
+            .clone()
+            .map(|(_, (p, _))| p.rank(ask.method))
+            .max()?;
+        let mut ties = matching.filter(|(_, (p, _))| p.rank(ask.method) == best);
         let first = ties.next().map(|(i, _)| i);
         assert!(ties.next().is_none(), "overrides tied for a request");
         first
