@@ -39,7 +39,8 @@
 //! and a token budget) to those naming another model or none, direct
 //! decisions included. A plan's token budget may hold a `per_month` quota too,
 //! from starts close to the month's end. A shadow plan's limits (a
-//! throttle, a method override, a token budget, a quota, a cap) decide,
+//! throttle, a method override, a token budget, a quota, a cap, and its
+//! named model's and `"*"` entry's) decide,
 //! count and report but never reject, while an account's and the stage's
 //! still do.
 //!
@@ -124,7 +125,9 @@ enum Kind {
     /// A throttle and a method override on [`ROUTE`] (POST).
     Method,
     /// A shadow plan (perhaps a throttle, a method override, a token
-    /// budget, a calendar quota, a concurrency cap), three keys of which two of an account
+    /// budget, a calendar quota, a concurrency cap, a named model's
+    /// throttle, DAY quota, token budget and cap, a `"*"` entry's throttle,
+    /// quota and budget), three keys of which two of an account
     /// with perhaps a throttle, perhaps under a stage throttle: the plan's
     /// limits never reject, the account's and the stage's do.
     Shadow,
@@ -510,6 +513,7 @@ impl Spec {
                     .map(|l| CalendarQuota::new("model-tokens-day", l, model::Period::Day)),
                 concurrency: self.model_concurrency.map(|c| (c, 0)),
                 named_model: true,
+                shadow: self.shadow,
                 ..Limits::default()
             }]
         } else {
@@ -522,6 +526,7 @@ impl Spec {
                 quota: quota.map(|l| QuotaSpec::day(l).model("model-quota", created)),
                 tokens_minute: tokens.map(|n| Bucket::per_second("model-tokens-minute", n, 60, n)),
                 named_model: true,
+                shadow: self.shadow,
                 ..Limits::default()
             })
             .into_iter()
@@ -793,20 +798,38 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
             prop::option::of(1..=2u32),
             (prop::option::of(rate()), prop::option::of(rate())),
             start_secs(),
+            (
+                prop::option::of((
+                    (rate(), prop::option::of(1..=3u64)),
+                    prop::option::of(per_minute(fractional)),
+                    prop::option::of(1..=2u32),
+                )),
+                prop::option::of((
+                    rate(),
+                    prop::option::of(1..=3u64),
+                    prop::option::of(per_minute(fractional)),
+                )),
+            ),
         )
-            .prop_map(move |((r, m, t), q, c, (stage, account), s)| Spec {
-                throttle: r,
-                method: m,
-                tokens_minute: t,
-                quota: q,
-                concurrency: c,
-                stage,
-                account: account.map(|a| (Some(a), None)),
-                keys: 3,
-                start_secs: s,
-                shadow: true,
-                ..base.clone()
-            })
+            .prop_map(
+                move |((r, m, t), q, c, (stage, account), s, (model, star))| Spec {
+                    throttle: r,
+                    method: m,
+                    tokens_minute: t,
+                    quota: q,
+                    concurrency: c,
+                    stage,
+                    account: account.map(|a| (Some(a), None)),
+                    keys: 3,
+                    start_secs: s,
+                    shadow: true,
+                    model: model.map(|m| m.0),
+                    model_tokens: model.and_then(|m| m.1),
+                    model_concurrency: model.and_then(|m| m.2),
+                    star,
+                    ..base.clone()
+                },
+            )
             .boxed(),
         Kind::Wildcards => (
             prop::option::of(rate()),

@@ -946,12 +946,21 @@ impl Model {
         let wall = self.wall();
         let mut denials: Vec<Found> = Vec::new();
         let k = &self.keys[ask.key];
-        let plan = &k.plans[k.on];
-        let uncharged = plan.shadow
-            && plan
-                .tokens_minute
-                .as_ref()
-                .is_some_and(|b| b.check(now, ask.tokens).is_err());
+        // A shadow token bucket that would deny the estimate is not
+        // charged it (the plan's, its named model's, its `"*"` entry's).
+        let charges = |l: Option<&Limits>| {
+            !l.is_some_and(|l| {
+                l.shadow
+                    && l.tokens_minute
+                        .as_ref()
+                        .is_some_and(|b| b.check(now, ask.tokens).is_err())
+            })
+        };
+        let charged = [
+            charges(Some(&k.plans[k.on])),
+            charges(k.models.get(k.on)),
+            charges(k.others.get(k.on)),
+        ];
         let mut parts = self.parts(ask.key, ask.model, ask.other_model);
         let tats: Vec<Vec<(usize, Q)>> = parts
             .iter()
@@ -1015,20 +1024,22 @@ impl Model {
             at: self.now,
             estimate: ask.tokens,
             share: Share {
-                charged: !uncharged,
+                charged: charged[0],
                 ..Share::of(&k.plans[k.on], wall)
             },
             account,
-            model: k
-                .models
-                .get(k.on)
-                .filter(|_| ask.model)
-                .map(|m| Share::of(m, wall)),
+            model: k.models.get(k.on).filter(|_| ask.model).map(|m| Share {
+                charged: charged[1],
+                ..Share::of(m, wall)
+            }),
             other: k
                 .others
                 .get(k.on)
                 .filter(|_| ask.other_model)
-                .map(|m| Share::of(m, wall)),
+                .map(|m| Share {
+                    charged: charged[2],
+                    ..Share::of(m, wall)
+                }),
         });
         (Answer::Allowed { header }, reservation)
     }
