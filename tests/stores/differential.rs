@@ -146,10 +146,12 @@ enum Kind {
     /// month) with an AWS `offset`, with or without a throttle.
     Calendar,
     /// A calendar quota (with an offset), a throttle, a concurrency cap or a
-    /// token budget, and admin operations between requests: UpdateUsage, a
-    /// reset, disabling and enabling the key, moving it to plan `"q"` and
-    /// back (with responses in flight, settled under the plan that
-    /// admitted them).
+    /// token budget, perhaps a `"*"` model entry (a throttle, perhaps a DAY
+    /// quota) that every request passes, and admin operations between
+    /// requests: UpdateUsage, a reset (of the `"*"` entry's limits too),
+    /// disabling and enabling the key, moving it to plan `"q"` (which has
+    /// no `"*"` entry) and back (with responses in flight, settled under
+    /// the plan that admitted them).
     Admin,
     /// Three keys, two of them of an account (a throttle, a calendar
     /// quota), all under a stage throttle and a stage method override, on
@@ -172,9 +174,12 @@ enum Kind {
     ModelTokens,
     /// Registered keys (two of an account) and anonymous clients (by IP)
     /// together under a stage throttle, a plan with a named model's
-    /// throttle and quota that requests name in several spellings, and
-    /// the plan put anew with other numbers between requests, among admin
-    /// operations.
+    /// throttle and quota that requests name in several spellings, perhaps
+    /// a `"*"` entry (a throttle, perhaps a quota) of the others, and the
+    /// plan put anew with other numbers (the `"*"` entry's too) between
+    /// requests, among admin operations: a reset (the `"*"` entry's limits
+    /// with the plan's), UpdateUsage, moves to plan `"q"`, which has no
+    /// `"*"` entry, and back.
     Mixed,
 }
 
@@ -353,16 +358,22 @@ const SPELLINGS: [(Option<&str>, bool); 9] = [
 
 impl Spec {
     fn plan(&self) -> UsagePlan {
-        self.plan_with(self.throttle, self.quota, self.model.and_then(|m| m.1))
+        self.plan_with(
+            self.throttle,
+            self.quota,
+            self.model.and_then(|m| m.1),
+            self.star,
+        )
     }
 
     /// Plan `"p"` with this throttle and these quotas (its own, its
-    /// model's).
+    /// model's), and this `"*"` entry.
     fn plan_with(
         &self,
         throttle: Option<Rate>,
         quota: Option<QuotaSpec>,
         model_quota: Option<u64>,
+        star: Option<(Rate, Option<u64>, Option<u32>)>,
     ) -> UsagePlan {
         let mut p = UsagePlan::new("p").shadow(self.shadow);
         if let Some(r) = throttle {
@@ -394,7 +405,7 @@ impl Spec {
             }
             p = p.model(MODEL, m);
         }
-        if let Some((r, quota, tokens)) = self.star {
+        if let Some((r, quota, tokens)) = star {
             let mut m = ModelLimits::new().throttle(r.throttle());
             if let Some(l) = quota {
                 m = m.quota(QuotaSpec::day(l).quota());
@@ -889,11 +900,12 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
             rate(),
             1..=4u64,
             prop::option::of((per_minute(fractional), prop::option::of(20..=60u64))),
+            prop::option::of((rate(), prop::option::of(1..=4u64))),
         )
-            .prop_flat_map(|(r, q, c, other, l, t)| {
-                (Just((r, q, c, other, l, t)), start_in(q.period))
+            .prop_flat_map(|(r, q, c, other, l, t, star)| {
+                (Just((r, q, c, other, l, t, star)), start_in(q.period))
             })
-            .prop_map(move |((r, q, c, other, l, t), s)| Spec {
+            .prop_map(move |((r, q, c, other, l, t, star), s)| Spec {
                 throttle: r,
                 quota: Some(q),
                 tokens_minute: t.map(|t| t.0),
@@ -901,6 +913,7 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
                 concurrency: c,
                 other: Some((other, l)),
                 start_secs: s,
+                star: star.map(|(r, q)| (r, q, None)),
                 ..base.clone()
             })
             .boxed(),
@@ -992,13 +1005,14 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
             (rate(), prop::option::of(1..=4u64)),
             (rate(), 1..=4u64),
             rate(),
+            prop::option::of((rate(), prop::option::of(1..=4u64))),
         )
-            .prop_flat_map(|(plan, account, stage, model, other, anon)| {
+            .prop_flat_map(|(plan, account, stage, model, other, anon, star)| {
                 let s = start_in(account.1.period);
-                (Just((plan, account, stage, model, other, anon)), s)
+                (Just((plan, account, stage, model, other, anon, star)), s)
             })
             .prop_map(
-                move |(((r, day), (a, q), stage, model, other, anon), s)| Spec {
+                move |(((r, day), (a, q), stage, model, other, anon, star), s)| Spec {
                     throttle: r,
                     quota: Some(QuotaSpec::day(day)),
                     other: Some(other),
@@ -1008,6 +1022,7 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
                     keys: 3,
                     start_secs: s,
                     model: Some(model),
+                    star: star.map(|(r, q)| (r, q, None)),
                     anonymous: Some(anon),
                     anons: 2,
                     ..base.clone()
@@ -1060,11 +1075,14 @@ enum Op {
     /// Moves the key to plan `"q"`, or back to `"p"`.
     Move { key: usize },
     /// Puts plan `"p"` anew with these limits of its DAY quota and its
-    /// model's, and (when it has one) this throttle.
+    /// model's, and (when it has one) this throttle; and (when it has one)
+    /// its `"*"` entry with this throttle and (when it has one) quota limit.
     PutPlan {
         quota: u64,
         model_quota: u64,
         throttle: Rate,
+        star_quota: u64,
+        star_throttle: Rate,
     },
     /// Puts plan `"p"` anew with a token budget of this many per minute
     /// (its `per_day` kept). Held responses stay held: a reservation made
@@ -1246,12 +1264,16 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
     if s.kind == Kind::Mixed {
         op.push((
             2,
-            (1..=8u64, 1..=5u64, rate(false))
-                .prop_map(|(quota, model_quota, throttle)| Op::PutPlan {
-                    quota,
-                    model_quota,
-                    throttle,
-                })
+            (1..=8u64, 1..=5u64, rate(false), 1..=5u64, rate(false))
+                .prop_map(
+                    |(quota, model_quota, throttle, star_quota, star_throttle)| Op::PutPlan {
+                        quota,
+                        model_quota,
+                        throttle,
+                        star_quota,
+                        star_throttle,
+                    },
+                )
                 .boxed(),
         ));
         op.push((
@@ -1424,12 +1446,17 @@ impl<S: Drain> Side<S> {
                 quota,
                 model_quota,
                 throttle,
+                star_quota,
+                star_throttle,
             } => {
                 let quota = spec.quota.map(|q| QuotaSpec { limit: quota, ..q });
                 let model_quota = spec.model.and_then(|m| m.1).map(|_| model_quota);
                 let throttle = spec.throttle.map(|_| throttle);
+                let star = spec
+                    .star
+                    .map(|(_, q, t)| (star_throttle, q.map(|_| star_quota), t));
                 admin
-                    .put_plan(spec.plan_with(throttle, quota, model_quota))
+                    .put_plan(spec.plan_with(throttle, quota, model_quota, star))
                     .await
                     .map(|()| None)
             }
@@ -1894,11 +1921,18 @@ async fn run(
                     quota,
                     model_quota,
                     throttle: t,
+                    star_quota,
+                    star_throttle: st,
                 } => {
                     let t = spec
                         .throttle
                         .map(|_| Bucket::per_second("throttle", t.num, t.den, t.burst));
-                    r.model.put_quotas(0, Some(quota), Some(model_quota), t);
+                    let star = spec.star.map_or((None, None), |(_, q, _)| {
+                        let b = Bucket::per_second("model", st.num, st.den, st.burst);
+                        (Some(b), q.map(|_| star_quota))
+                    });
+                    r.model
+                        .put_quotas(0, Some(quota), Some(model_quota), t, star);
                     Ok(None)
                 }
                 Op::PutBudget { per_minute } => {
@@ -2461,6 +2495,12 @@ mod found {
                         num: 1,
                         den: 1,
                         burst: 4,
+                    },
+                    star_quota: 1,
+                    star_throttle: Rate {
+                        num: 1,
+                        den: 1,
+                        burst: 1,
                     },
                 },
                 Op::Move { key: 0 },

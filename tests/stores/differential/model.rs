@@ -1081,10 +1081,17 @@ impl Model {
         k.plans[k.on].set_remaining(wall, remaining)
     }
 
-    /// Resets `key` under its current plan.
+    /// Resets `key` under its current plan: the plan's own limits, its
+    /// named model's and its `"*"` entry's (every limit of the plan).
     pub fn reset(&mut self, key: usize) {
         let k = &mut self.keys[key];
         k.plans[k.on].reset();
+        for m in [k.models.get_mut(k.on), k.others.get_mut(k.on)]
+            .into_iter()
+            .flatten()
+        {
+            m.reset();
+        }
     }
 
     pub fn set_enabled(&mut self, key: usize, enabled: bool) {
@@ -1102,18 +1109,28 @@ impl Model {
     /// With `throttle`, its throttle's numbers change too: a bucket keeps
     /// the share of it in use at the change (an emptied bucket stays empty
     /// and refills at the new rate, a full one stays full), rounded down to
-    /// a whole nanosecond.
+    /// a whole nanosecond. `star` is its `"*"` entry's throttle and quota
+    /// limit, changed alike.
     pub fn put_quotas(
         &mut self,
         plan: usize,
         quota: Option<u64>,
         model_quota: Option<u64>,
         throttle: Option<Bucket>,
+        star: (Option<Bucket>, Option<u64>),
     ) {
         let now = Q::int(self.now);
         for k in &mut self.keys {
             if k.anonymous {
                 continue;
+            }
+            if let Some(o) = k.others.get_mut(plan) {
+                if let (Some(b), Some(new)) = (&mut o.throttle, &star.0) {
+                    b.rescale(now, new);
+                }
+                if let (Some(q), Some(l)) = (&mut o.quota, star.1) {
+                    q.limit = l;
+                }
             }
             let Some(p) = k.plans.get_mut(plan) else {
                 continue;
