@@ -2227,6 +2227,10 @@ mod memory {
         memory(Kind::Shadow, false);
     }
     #[test]
+    fn shadow_plan_with_fractional_intervals() {
+        memory(Kind::Shadow, true);
+    }
+    #[test]
     fn token_budget() {
         memory(Kind::Tokens, false);
     }
@@ -2300,6 +2304,10 @@ mod redis {
         redis(Kind::Shadow, false);
     }
     #[test]
+    fn shadow_plan_with_fractional_intervals() {
+        redis(Kind::Shadow, true);
+    }
+    #[test]
     fn token_budget() {
         redis(Kind::Tokens, false);
     }
@@ -2365,6 +2373,10 @@ mod redis_cluster {
     #[test]
     fn shadow_plan_under_account_and_stage() {
         redis_cluster(Kind::Shadow);
+    }
+    #[test]
+    fn method_overrides_with_wildcards_on_plan_and_stage() {
+        redis_cluster(Kind::Wildcards);
     }
     #[test]
     fn account_token_budget() {
