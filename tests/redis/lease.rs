@@ -51,7 +51,7 @@ impl Server {
         addrs
             .into_iter()
             .flat_map(|addr| {
-                scan(addr, &format!("{prefix}:*:c*"))
+                scan(addr, &format!("{prefix}:*}}:c*"))
                     .into_iter()
                     .map(move |key| (addr, key))
             })
