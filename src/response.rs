@@ -57,7 +57,7 @@ pub enum Reason {
 /// | missing, malformed, unknown or disabled key | 403 `{"message":"Forbidden"}` | `grpc-status: 16` (UNAUTHENTICATED) |
 /// | throttled | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8` (RESOURCE_EXHAUSTED), `RetryInfo` and `QuotaFailure` details |
 /// | quota used up | 429 (configurable, e.g. 403) `{"message":"Limit Exceeded"}`, `Retry-After` until the window ends | `grpc-status: 8`, `RetryInfo` until the window ends, `QuotaFailure` |
-/// | cost larger than a whole limit | 429 `{"message":"Cost Exceeds Limit"}`, `x-should-retry: false` (it never fits; through the layer, `Retry-After` says when the limit is full again) | `grpc-status: 8`, `QuotaFailure` only, `grpc-retry-pushback-ms: -1` |
+/// | cost larger than a whole limit | 429 `{"message":"Cost Exceeds Limit"}`, `x-should-retry: false` (it never fits; `Retry-After` says when the limit is full again) | `grpc-status: 8`, `QuotaFailure` only, `grpc-retry-pushback-ms: -1` |
 /// | store cannot track another key | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8`, `RetryInfo`, `QuotaFailure` |
 /// | too many requests of the key in flight (plan's `concurrency`) | 429 `{"message":"Too Many Requests"}`, `Retry-After: 1` | `grpc-status: 8`, `RetryInfo`, `QuotaFailure` |
 /// | no peer address for [`ClientIp`](crate::extract::ClientIp) | 500 with the fix in the message | `grpc-status: 13` (INTERNAL) |
@@ -107,6 +107,9 @@ pub struct Rejection {
     limit: Option<&'static str>,
     kind: Option<LimitKind>,
     retry_after: Option<Duration>,
+    /// The wait `Retry-After` says: the retry, or for a cost no limit can
+    /// ever hold, the time until the limit that refused it is full again.
+    wait: Option<Duration>,
     grpc: bool,
     style: ResponseStyle,
     max_retry: Duration,
@@ -125,6 +128,7 @@ impl Rejection {
             limit: None,
             kind: None,
             retry_after: None,
+            wait: None,
             grpc: false,
             style: ResponseStyle::Aws,
             max_retry: DEFAULT_MAX_RETRY,
@@ -138,6 +142,7 @@ impl Rejection {
             limit: None,
             kind: None,
             retry_after: None,
+            wait: None,
             grpc: false,
             style: ResponseStyle::Aws,
             max_retry: DEFAULT_MAX_RETRY,
@@ -173,12 +178,17 @@ impl Rejection {
             Reason::QuotaExceeded => quota_status,
             _ => StatusCode::TOO_MANY_REQUESTS,
         };
+        // Never 0, not even for a limit already full: a 429 that says
+        // "retry at once" sends a client that reads only `Retry-After`
+        // round in a tight loop.
+        let wait = retry.unwrap_or(limit.reset).max(1);
         Rejection {
             reason,
             status,
             limit: Some(limit.name()),
             kind: Some(limit.kind()),
             retry_after: retry.map(Duration::from_nanos),
+            wait: Some(Duration::from_nanos(wait)),
             grpc: false,
             style: ResponseStyle::Aws,
             max_retry: DEFAULT_MAX_RETRY,
@@ -224,6 +234,11 @@ impl Rejection {
     /// ```
     pub fn should_retry(&self) -> bool {
         self.retry_after.is_some_and(|d| d <= self.max_retry)
+    }
+
+    /// The wait `Retry-After` says (see [`retry_after_secs`](Self::retry_after_secs)).
+    pub(crate) fn wait(&self) -> Option<Duration> {
+        self.wait
     }
 
     /// The style the default response is answered in.
@@ -278,15 +293,18 @@ impl Rejection {
         }
     }
 
-    /// `Retry-After` in whole seconds, rounded up.
+    /// `Retry-After` in whole seconds, rounded up: the
+    /// [retry](Self::retry_after), or for a cost larger than a whole limit,
+    /// which never passes, the time until that limit is full again.
     pub fn retry_after_secs(&self) -> Option<u64> {
-        self.retry_after
+        self.wait
             .map(|d| ceil_secs(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)).max(1))
     }
 
-    /// `retry-after-ms`: the wait in milliseconds, rounded up.
+    /// `retry-after-ms`: the wait of [`retry_after_secs`](Self::retry_after_secs)
+    /// in milliseconds, rounded up.
     pub fn retry_after_ms(&self) -> Option<u64> {
-        self.retry_after.map(|d| {
+        self.wait.map(|d| {
             u64::try_from(d.as_nanos().div_ceil(1_000_000))
                 .unwrap_or(u64::MAX)
                 .max(1)
@@ -571,11 +589,56 @@ mod tests {
         );
         assert_eq!(r.retry_after_secs(), Some(2));
         r.retry_after = Some(Duration::from_nanos(1));
+        r.wait = r.retry_after;
         assert_eq!(r.retry_after_secs(), Some(1));
         let res = r.default_response();
         assert_eq!(res.status(), 429);
         assert_eq!(res.headers()["retry-after"], "1");
         assert_eq!(res.body(), r#"{"message":"Too Many Requests"}"#);
+    }
+
+    /// A cost no limit can ever hold is answered, by a rejection's own
+    /// response as through the layer, with `Retry-After` and
+    /// `retry-after-ms` saying when the limit is full again (every 429
+    /// carries them) and `x-should-retry: false`; its `retry_after` stays
+    /// `None`: it never passes.
+    #[test]
+    fn a_cost_that_never_fits_says_when_the_limit_is_full_again() {
+        use crate::{ManualClock, MemoryStore, Policy, RateLimitLayer, Throttle, UsagePlan};
+
+        let clock = ManualClock::new();
+        let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+        let plan = UsagePlan::new("p").throttle(Throttle::new(0.4, 2).unwrap());
+        let layer = RateLimitLayer::builder(Policy::per_key(plan).unwrap())
+            .store(store)
+            .build();
+        // Full: 3 never fits a bucket of 2, which is full now (at least 1 ms).
+        let r = layer.check(b"k", 3).unwrap_err();
+        assert_eq!(r.reason(), Reason::CostExceedsLimit);
+        assert_eq!(r.retry_after(), None);
+        assert!(!r.should_retry());
+        assert_eq!(
+            (r.retry_after_secs(), r.retry_after_ms()),
+            (Some(1), Some(1))
+        );
+        // One used: full again in 2.5 s.
+        layer.check(b"k", 1).unwrap();
+        let r = layer.check(b"k", 3).unwrap_err();
+        assert_eq!(
+            (r.retry_after_secs(), r.retry_after_ms()),
+            (Some(3), Some(2_500))
+        );
+        for grpc in [false, true] {
+            let res = r.clone().with_grpc(grpc).default_response();
+            assert_eq!(res.headers()["retry-after"], "3", "grpc {grpc}");
+            assert_eq!(res.headers()["retry-after-ms"], "2500", "grpc {grpc}");
+            if grpc {
+                assert_eq!(res.headers()["grpc-retry-pushback-ms"], "-1");
+            } else {
+                assert_eq!(res.status(), 429);
+                assert_eq!(res.headers()["x-should-retry"], "false");
+            }
+        }
     }
 
     #[test]

@@ -225,15 +225,10 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
             headers.insert(CONTENT_TYPE, answer);
         }
         // The wait: until the request passes, or, for a cost that never
-        // fits, until the limit is as full as it gets. Never 0, not even for
-        // a limit already full: a 429 that says "retry at once" sends a
-        // client that reads only `Retry-After` round in a tight loop.
-        let wait = match (rejection.retry_after(), &limit) {
-            (Some(d), _) => Some(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
-            (None, Some(l)) if rejection.reason() == Reason::CostExceedsLimit => Some(l.reset),
-            _ => None,
-        }
-        .map(|w| w.max(1));
+        // fits, until the limit is as full as it gets; never 0.
+        let wait = rejection
+            .wait()
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1));
         if let Some(wait) = wait {
             headers
                 .entry(RETRY_AFTER)
