@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::error::ConfigError;
+use crate::hash::Digest;
 use crate::keys::{Clash, Edit, Item, KeyEntry, Record, SharedRegistry, Update};
 use crate::plan::{ApiKey, LimitKind, Plan, UsagePlan};
 use crate::policy::{Policy, clash_error};
@@ -872,12 +873,7 @@ impl<S: Store> Admin<S> {
 
     /// A registered key under `plan`, as the store counts it.
     fn subject<'a>(&self, plan: &'a Plan, entry: &'a KeyEntry) -> Subject<'a> {
-        Subject {
-            plan,
-            name: entry.id.as_bytes(),
-            digest: entry.state(),
-            history_days: self.policy.inner.history_days as u32,
-        }
+        key_subject(&self.policy, plan, &entry.id, entry.state())
     }
 
     /// Sets `fields` on the key with this id; its other fields stay.
@@ -943,39 +939,40 @@ pub(crate) fn rescale_plan<S: Store>(
     if changed.is_empty() {
         return;
     }
-    let history_days = policy.inner.history_days as u32;
     let mut done = std::collections::HashSet::new();
-    let rescale = |subject: &Subject<'_>| {
-        for (old, new) in changed {
-            store.rescale(&subject.throttle(old), &subject.throttle(new));
+    let mut rescale = |id: &str, state| {
+        if done.insert(state) {
+            let subject = key_subject(policy, compiled, id, state);
+            for (old, new) in changed {
+                store.rescale(&subject.throttle(old), &subject.throttle(new));
+            }
         }
     };
     // Every key, not only those on the plan now: a key moved away keeps its
     // state under the plan for when it comes back, and finds it as full or
     // as empty as it left it (a key that never was on the plan has no state
     // there: nothing is converted).
-    policy.keys().for_each(|entry| {
-        if done.insert(entry.state()) {
-            rescale(&Subject {
-                plan: compiled,
-                name: entry.id.as_bytes(),
-                digest: entry.state(),
-                history_days,
-            });
-        }
-    });
+    policy
+        .keys()
+        .for_each(|entry| rescale(&entry.id, entry.state()));
     // Copied out of the cache first: no lock of it is held while the store
     // converts.
     let found = resolver.map_or_else(Vec::new, |r| r.found_on(&compiled.name));
     for f in found {
-        if done.insert(f.state) {
-            rescale(&Subject {
-                plan: compiled,
-                name: f.id.as_bytes(),
-                digest: f.state,
-                history_days,
-            });
-        }
+        rescale(&f.id, f.state);
+    }
+}
+
+/// The key with public id `id` (whose state lives at `state`, the digest of
+/// the id) under `plan`, as the store counts a registered key, with the
+/// policy's usage history (a throttle, the only state `rescale_plan`
+/// converts for a resolved key, keeps none).
+fn key_subject<'a>(policy: &Policy, plan: &'a Plan, id: &'a str, state: Digest) -> Subject<'a> {
+    Subject {
+        plan,
+        name: id.as_bytes(),
+        digest: state,
+        history_days: policy.inner.history_days as u32,
     }
 }
 
@@ -995,7 +992,7 @@ struct KeyFields {
 }
 
 /// A key as a shared registry keeps it.
-fn record(key: &ApiKey, digest: crate::hash::Digest) -> Record {
+fn record(key: &ApiKey, digest: Digest) -> Record {
     Record {
         id: key.id.clone(),
         digest,
@@ -1022,7 +1019,7 @@ fn probe(plan: &Plan) -> Subject<'_> {
     Subject {
         plan,
         name: b"",
-        digest: crate::hash::Digest(0),
+        digest: Digest(0),
         history_days: 0,
     }
 }
