@@ -348,7 +348,9 @@ impl<S: Store> Admin<S> {
         })
     }
 
-    /// Removes a key: its next request is answered as an unknown key's.
+    /// Removes a key: its next request is answered as an unknown key's. A
+    /// value a [`KeyResolver`](crate::KeyResolver) answered with its id has
+    /// its cached answer dropped: it is asked of the resolver again.
     /// Requests it has in flight finish, and their token settlements and
     /// concurrency places are still given back. Its counters stay in the
     /// store (a key added again with its id finds them).
@@ -389,7 +391,9 @@ impl<S: Store> Admin<S> {
         }
     }
 
-    /// Enables or disables a key (a disabled key is answered 403).
+    /// Enables or disables a key (a disabled key is answered 403), and so
+    /// every value a [`KeyResolver`](crate::KeyResolver) answers with its
+    /// id, cached or not.
     ///
     /// With a store that shares the registry, only the flag is written, on
     /// the key as the store holds it: a plan change made through another
@@ -403,7 +407,9 @@ impl<S: Store> Admin<S> {
         self.change_key(id, fields).await
     }
 
-    /// Moves a key to another plan. Its counters under the old plan are kept
+    /// Moves a key to another plan (and with it every value a
+    /// [`KeyResolver`](crate::KeyResolver) answers with its id, whatever
+    /// plan the answer names). Its counters under the old plan are kept
     /// for when it comes back; under the new plan it starts where it left off
     /// there, or fresh.
     ///

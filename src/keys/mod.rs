@@ -9,6 +9,7 @@
 //! id index. Replacing a plan or an account re-points the entries on it.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::sync::Mutex;
@@ -134,6 +135,10 @@ pub(crate) struct Registry {
     /// handle read it).
     index: Mutex<Index>,
     hasher: ValueHasher,
+    /// Counts the changes (bumped under the write lock, after each): a
+    /// reader that found a key by id under an earlier count looks it up
+    /// again (see [`place_of`](Self::place_of)).
+    generation: AtomicU64,
 }
 
 /// The id index: value digests, placed by the digest of their key's id (the
@@ -153,6 +158,7 @@ impl Registry {
                 by_id: HashTable::with_capacity(capacity),
             }),
             hasher,
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -184,7 +190,44 @@ impl Registry {
             keys: &keys,
             hasher: &self.hasher,
         };
-        f(&mut w)
+        let changed = f(&mut w);
+        self.generation.fetch_add(1, Ordering::Release);
+        changed
+    }
+
+    /// How many changes the registry has had: the place of a key found by
+    /// id ([`place_of`](Self::place_of)) holds while this stays the same.
+    #[inline]
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The place (the digest of its value) of the key with this id, if one
+    /// has it, with the [`generation`](Self::generation) that holds for;
+    /// `None` when `wait` is false and a change holds the write lock (an
+    /// import of many keys may hold it long): the caller goes on with what
+    /// it last found, and asks again later.
+    pub(crate) fn place_of(&self, id: &str, wait: bool) -> Option<(u64, Option<Key>)> {
+        let mut index = match wait {
+            true => self.index.lock(),
+            false => self.index.try_lock()?,
+        };
+        let keys = self.keys.pin();
+        let w = Writer {
+            index: &mut index,
+            keys: &keys,
+            hasher: &self.hasher,
+        };
+        let at = w.by_id(id).map(|(digest, _)| Key::from(digest));
+        Some((self.generation(), at))
+    }
+
+    /// Reads the entry at `place` (from [`place_of`](Self::place_of)),
+    /// without a lock.
+    #[inline]
+    pub(crate) fn at<T>(&self, place: Key, f: impl FnOnce(Option<&KeyEntry>) -> T) -> T {
+        let keys = self.keys.pin();
+        f(keys.get(&place))
     }
 
     /// Every entry, in no order (for reports and admin listings).

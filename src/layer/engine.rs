@@ -11,10 +11,13 @@ use crate::cost::{CostEstimator, Estimate, TokenUsage};
 use crate::extract::{KeyError, KeyExtractor, RequestView};
 use crate::hash;
 use crate::headers::HeaderStyle;
+use crate::keys::{Key, KeyEntry};
 use crate::observe::{Seen, SharedObserver, Watch};
 use crate::plan::{AccountLimits, FailureMode, ModelEntry, Plan, StageLimits, method_limit};
 use crate::policy::{Policy, Snapshot};
-use crate::resolver::{Answer, Found, Lookup, ResolveError, ResolverFallback, Resolving};
+use crate::resolver::{
+    Answer, Found, Lookup, Registered, ResolveError, ResolverFallback, Resolving,
+};
 use crate::response::{
     Decision, Reason, Rejection, ResponseStyle, SharedOnRejection, is_grpc, refused,
 };
@@ -700,31 +703,10 @@ impl<K, S> Shared<K, S> {
         let mut decide = Some(decide);
         let registered = self.policy.keys().with(key, |entry| {
             let entry = entry?;
-            let plan = &entry.plan;
-            if !entry.enabled {
-                let seen = Seen {
-                    plan: Some(plan),
-                    key_id: Some(&entry.id),
-                    req: req.copied(),
-                    model: None,
-                };
-                return Some(Err(self
-                    .refuse_if::<TOLD>(Reason::DisabledKey, seen)
-                    .into()));
-            }
-            let caller = Caller {
-                stage: self.policy.inner.stage.as_deref(),
-                account: entry.account.as_ref(),
-                plan,
-                subject: Subject {
-                    plan,
-                    name: entry.id.as_bytes(),
-                    digest: entry.state(),
-                    history_days: self.history_days(),
-                },
-                id: Some(&entry.id),
-            };
-            Some(Ok(decide.take()?(&caller)))
+            Some(
+                self.entry::<TOLD, T>(entry, true, req, decide.take()?)
+                    .map_err(Miss::from),
+            )
         });
         match (registered, decide) {
             (Some(result), _) => result,
@@ -735,6 +717,42 @@ impl<K, S> Shared<K, S> {
                 .refuse_if::<TOLD>(Reason::UnknownKey, Seen::maybe(req))
                 .into()),
         }
+    }
+
+    /// Hands a registered key's `entry` to `decide`, unless it is disabled
+    /// or `enabled` is false (a value the resolver answered disabled, with
+    /// the entry's id): that is refused.
+    #[inline]
+    fn entry<const TOLD: bool, T>(
+        &self,
+        entry: &KeyEntry,
+        enabled: bool,
+        req: Option<&RequestView<'_>>,
+        decide: impl FnOnce(&Caller<'_>) -> T,
+    ) -> Result<T, Rejection> {
+        let plan = &entry.plan;
+        if !(entry.enabled && enabled) {
+            let seen = Seen {
+                plan: Some(plan),
+                key_id: Some(&entry.id),
+                req: req.copied(),
+                model: None,
+            };
+            return Err(self.refuse_if::<TOLD>(Reason::DisabledKey, seen));
+        }
+        let caller = Caller {
+            stage: self.policy.inner.stage.as_deref(),
+            account: entry.account.as_ref(),
+            plan,
+            subject: Subject {
+                plan,
+                name: entry.id.as_bytes(),
+                digest: entry.state(),
+                history_days: self.history_days(),
+            },
+            id: Some(&entry.id),
+        };
+        Ok(decide(&caller))
     }
 
     /// A key the policy does not hold: refused as unknown without a
@@ -753,14 +771,25 @@ impl<K, S> Shared<K, S> {
                 .refuse_if::<TOLD>(Reason::UnknownKey, Seen::maybe(req))
                 .into());
         };
-        if let Some(answer) = resolving.cached(digest) {
-            return Ok(self.resolved::<TOLD, T>(
-                &self.policy.load(),
-                &answer,
-                req,
-                false,
-                decide,
-            )?);
+        match resolving.cached(digest) {
+            // Decided as the registered key of its id until that key was
+            // removed: the answer is of no registered key now, and is
+            // looked up again (a key the resolver alone knows is served
+            // for its answer's positive TTL; one removed from the registry
+            // is asked of the resolver at once).
+            Some(Answer::Found(found)) if self.unregistered_since(&found) => {
+                resolving.forget(digest, &found);
+            }
+            Some(answer) => {
+                return Ok(self.resolved::<TOLD, T>(
+                    &self.policy.load(),
+                    &answer,
+                    req,
+                    false,
+                    decide,
+                )?);
+            }
+            None => {}
         }
         match std::str::from_utf8(key) {
             Ok(value) if wait => Err(Miss::Lookup(resolving.lookup(digest, value))),
@@ -777,12 +806,48 @@ impl<K, S> Shared<K, S> {
         }
     }
 
-    /// Hands a key the resolver answered to `decide`, as a registered key
-    /// of the same id: its plan by name from `snap`, its state at the digest
-    /// of its id. An unknown value, a disabled key, and a failed lookup are
-    /// refused; a plan name the policy does not have is a failed lookup (and
-    /// logged when the answer is `fresh` from the resolver), unless the key
-    /// is disabled: that is refused whatever it names.
+    /// Where the registered key with `found`'s id is now, if one has it,
+    /// and where it was when last asked: found in the registry's index
+    /// (under its lock) when the registry has changed since it was last
+    /// asked, else as it was then. The first time for an answer it waits
+    /// for the lock; later, a change that holds it (an import) is not
+    /// waited for: the answer is decided as it was, and the next request
+    /// asks again.
+    #[inline]
+    fn registered_place(&self, found: &Found) -> (Option<Key>, Option<Key>) {
+        let keys = self.policy.keys();
+        let seen = **found.registered.load();
+        if seen.generation == Some(keys.generation()) {
+            return (seen.place, seen.place);
+        }
+        match keys.place_of(&found.id, seen.generation.is_none()) {
+            Some((generation, place)) => {
+                found.registered.store(Arc::new(Registered {
+                    generation: Some(generation),
+                    place,
+                }));
+                (seen.place, place)
+            }
+            None => (seen.place, seen.place),
+        }
+    }
+
+    /// Whether `found`'s id was a registered key's when the answer was last
+    /// decided, and is no longer.
+    fn unregistered_since(&self, found: &Found) -> bool {
+        matches!(self.registered_place(found), (Some(_), None))
+    }
+
+    /// Hands a key the resolver answered to `decide`. A key whose id is a
+    /// registered key's is that key: decided by the registered entry (its
+    /// plan, account, and whether it is enabled, as [`Admin`](crate::Admin)
+    /// changed them on any instance), and refused too when the resolver
+    /// answered it disabled. Any other is decided by the answer: its plan by
+    /// name from `snap`, its state at the digest of its id. An unknown
+    /// value, a disabled key, and a failed lookup are refused; a plan name
+    /// the policy does not have is a failed lookup (and logged when the
+    /// answer is `fresh` from the resolver), unless the key is disabled:
+    /// that is refused whatever it names.
     fn resolved<const TOLD: bool, T>(
         &self,
         snap: &Snapshot,
@@ -797,6 +862,22 @@ impl<K, S> Shared<K, S> {
                 return Err(self.refuse_if::<TOLD>(Reason::UnknownKey, Seen::maybe(req)));
             }
             Answer::Failed(e) => return Err(self.unresolved::<TOLD>(e, req)),
+        };
+        let mut decide = Some(decide);
+        if let (_, Some(place)) = self.registered_place(found) {
+            let registered = self.policy.keys().at(place, |entry| {
+                // Gone (or another key's, the id's removed a moment ago):
+                // decided by the answer.
+                let entry = entry.filter(|e| *e.id == *found.id)?;
+                Some(self.entry::<TOLD, T>(entry, found.key.is_enabled(), req, decide.take()?))
+            });
+            if let Some(result) = registered {
+                return result;
+            }
+        }
+        // Taken only by a registered key that decided.
+        let Some(decide) = decide else {
+            return Err(self.refuse_if::<TOLD>(Reason::UnknownKey, Seen::maybe(req)));
         };
         let plan = snap.plan_named(found.key.plan());
         if !found.key.is_enabled() {
@@ -842,35 +923,11 @@ impl<K, S> Shared<K, S> {
                 plan,
                 name: found.id.as_bytes(),
                 digest: found.state,
-                history_days: self.resolved_history_days(plan, found),
+                history_days: TRANSIENT_HISTORY_DAYS,
             },
             id: Some(&found.id),
         };
         Ok(decide(&caller))
-    }
-
-    /// Days of usage history the quotas of a key the resolver answered keep:
-    /// a key nobody registered keeps the current day only (its counters stay
-    /// bounded); one with a registered key's id is that key, and keeps the
-    /// policy's history, as the registered key does: a request of either
-    /// value must not make the key's counter one without history (memory
-    /// store) or cut the history the other wrote (Redis). Only a plan with
-    /// a request quota (its own, or a model's) keeps any history, so only
-    /// its keys are looked up by id, under the registry's lock, once per
-    /// answer the resolver's cache holds (an id registered later is seen
-    /// when the answer is asked for again).
-    fn resolved_history_days(&self, plan: &Plan, found: &Found) -> u32 {
-        let history = plan.quota.is_some() || plan.models.is_some();
-        let registered = || {
-            *found
-                .registered
-                .get_or_init(|| self.policy.keys().by_id(&found.id, |entry| entry.is_some()))
-        };
-        if history && registered() {
-            self.history_days()
-        } else {
-            TRANSIENT_HISTORY_DAYS
-        }
     }
 
     /// The rejection of a key that could not be resolved: 503, or as the

@@ -10,7 +10,12 @@ use std::sync::Arc;
 ///
 /// The id names the key's state: a resolved key shares its counters with a
 /// key of the same id registered in the [`Policy`](crate::Policy), now or
-/// later.
+/// later. While a key with its id is registered, it is that key: decided
+/// under the registered key's plan and account, and refused when that key
+/// is disabled (or when this answer says it is), as
+/// [`Admin`](crate::Admin) changes them, at once, even while this answer
+/// is cached; when that key is removed, the answer is dropped and asked for
+/// again.
 ///
 /// ```
 /// use tollgate::ResolvedKey;

@@ -7,11 +7,12 @@ use std::fmt;
 use std::future::{Future, poll_fn};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use quick_cache::sync::{Cache, DefaultLifecycle};
 use quick_cache::{UnitWeighter, Weighter};
 
@@ -19,6 +20,7 @@ use super::{KeyResolver, Resolution, ResolveError, ResolvedKey};
 use crate::clock::Clock;
 use crate::gcra::Nanos;
 use crate::hash::{self, BuildDigestHasher, Digest};
+use crate::keys::Key;
 
 /// Default time a found key is cached.
 const POSITIVE_TTL: Duration = Duration::from_secs(60);
@@ -203,10 +205,21 @@ pub(crate) struct Found {
     /// Where the key's state lives: the digest of its id, as for a
     /// registered key.
     pub(crate) state: Digest,
-    /// Whether a registered key has this id, found out once per answer
-    /// (the registry finds ids under its lock, which a request must not
-    /// take each time): see the engine's `resolved_history_days`.
-    pub(crate) registered: OnceLock<bool>,
+    /// Where the registered key with this id is, if one has it, as last
+    /// found (the registry finds ids under its lock, which a request must
+    /// not take each time): found again only once the registry has changed.
+    /// See the engine's `registered_place`.
+    pub(crate) registered: ArcSwap<Registered>,
+}
+
+/// Where a found key's id is registered, as the registry was at one
+/// [`generation`](crate::keys::Registry::generation).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Registered {
+    /// The registry's generation then; `None` before it was first asked.
+    pub(crate) generation: Option<u64>,
+    /// The place of the registered key with the id, if one had it.
+    pub(crate) place: Option<Key>,
 }
 
 impl Answer {
@@ -215,7 +228,10 @@ impl Answer {
             Ok(Resolution::Found(key)) => Answer::Found(Arc::new(Found {
                 id: key.id().into(),
                 state: hash::id_digest(key.id().as_bytes()),
-                registered: OnceLock::new(),
+                registered: ArcSwap::from_pointee(Registered {
+                    generation: None,
+                    place: None,
+                }),
                 key,
             })),
             Ok(Resolution::Unknown) => Answer::Unknown,
@@ -449,6 +465,16 @@ impl Resolving {
             },
         )
         .await
+    }
+
+    /// Drops the cached answer `found` for the value of `digest` (not an
+    /// answer another request put there since): the value is looked up
+    /// again.
+    pub(crate) fn forget(&self, digest: Digest, found: &Arc<Found>) {
+        self.cache.remove_if(
+            &digest,
+            |e| matches!(&e.answer, Answer::Found(f) if Arc::ptr_eq(f, found)),
+        );
     }
 
     /// Every key found on `plan` that the cache holds, fresh or stale: a

@@ -33,6 +33,19 @@
 //!   `503 {"message":"Service Unavailable"}` (gRPC: `UNAVAILABLE`), or as
 //!   [`fallback`](Resolver::fallback) says; a failure is never cached.
 //!
+//! - a key whose id is a registered key's is that key (one id, one key): it
+//!   is decided under the registered key's plan and account, and refused
+//!   while that key is disabled, whatever its cached answer says, so that
+//!   [`Admin::set_enabled`](crate::Admin::set_enabled) and
+//!   [`Admin::set_plan`](crate::Admin::set_plan) of the id (through any
+//!   instance, with the Redis store's shared registry) hold for it at once;
+//!   once the registered key is removed
+//!   ([`Admin::remove_key`](crate::Admin::remove_key)), the value's cached
+//!   answer is dropped and the resolver asked again. An id only the
+//!   resolver knows is no key of `Admin`'s ([`AdminError::UnknownKey`](crate::AdminError::UnknownKey)):
+//!   to refuse one at once, before its answer expires, add a disabled key
+//!   with its id.
+//!
 //! The cache is keyed by a keyed hash of the value, never the value itself.
 //! A request whose value is cached is decided as a registered key is, without
 //! waiting; only a miss waits for the resolver.
@@ -46,7 +59,7 @@ use std::pin::Pin;
 pub use self::answer::{Resolution, ResolveError, ResolvedKey};
 pub use self::cache::{Resolver, ResolverFallback};
 
-pub(crate) use self::cache::{Answer, Found, Lookup, Resolving};
+pub(crate) use self::cache::{Answer, Found, Lookup, Registered, Resolving};
 
 /// The future a [`KeyResolver`] returns.
 pub type ResolveFuture<'a> =

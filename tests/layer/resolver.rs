@@ -990,3 +990,135 @@ async fn a_resolved_keys_rejection_announces_the_policies_of_its_answers() {
     assert_eq!(header(&res, "ratelimit-policy"), want);
     assert_eq!(header(&res, "ratelimit"), r#""throttle";r=0;t=1"#);
 }
+
+/// A value the resolver answers with the id of a registered key is that
+/// key: what `Admin` does to the id applies to the value's cached answer at
+/// once. Disabled, it is refused; enabled again, admitted; moved, decided
+/// under the new plan. Removed, the id is no registered key any more: the
+/// value's cached answer is dropped and the database asked again.
+#[tokio::test]
+async fn admin_changes_of_a_registered_id_apply_to_its_resolved_values_at_once() {
+    let keys = Keys::new().await;
+    let (_clock, store) = frozen_store();
+    let layer = RateLimitLayer::builder(policy())
+        .store(store)
+        .resolver(Resolver::new(keys.resolver("api_keys")))
+        .build();
+    let admin = layer.admin();
+    let base = serve(Router::new().route("/", get(ok)).layer(layer)).await;
+    assert_eq!(get_with_key(&base, "db-secret-1").await.status(), 200);
+
+    admin.set_enabled("db-1", false).await.unwrap();
+    assert_body(get_with_key(&base, "db-secret-1").await, 403, FORBIDDEN).await;
+    assert_body(
+        get_with_key(&base, "registered-value-of-db-1").await,
+        403,
+        FORBIDDEN,
+    )
+    .await;
+
+    admin.set_enabled("db-1", true).await.unwrap();
+    let res = get_with_key(&base, "db-secret-1").await;
+    assert_eq!(res.status(), 200);
+    // Both values of `db-1` used up its burst of 2 under `free`.
+    assert_eq!(get_with_key(&base, "db-secret-1").await.status(), 429);
+
+    // Moved to `pro` (bursts of 1000): the database still says `free`, the
+    // registry's word for the id holds.
+    admin.set_plan("db-1", "pro").await.unwrap();
+    let res = get_with_key(&base, "db-secret-1").await;
+    assert_eq!(res.status(), 200);
+    assert!(
+        header(&res, "ratelimit-policy").contains("q=1000"),
+        "{}",
+        header(&res, "ratelimit-policy")
+    );
+    assert_eq!(keys.queries(), 1);
+
+    admin.remove_key("db-1").await.unwrap();
+    // Asked again, and decided under the database's answer (`free`, whose
+    // burst `db-1` used up).
+    assert_eq!(get_with_key(&base, "db-secret-1").await.status(), 429);
+    assert_eq!(keys.queries(), 2);
+    assert_body(
+        get_with_key(&base, "registered-value-of-db-1").await,
+        403,
+        FORBIDDEN,
+    )
+    .await;
+
+    // An id only the resolver knows is no key of the registry; a disabled
+    // key added with its id refuses every value of it at once.
+    assert_eq!(get_with_key(&base, "db-secret-pro").await.status(), 200);
+    assert!(matches!(
+        admin.set_enabled("db-pro", false).await,
+        Err(tollgate::AdminError::UnknownKey(_))
+    ));
+    admin
+        .add_key(ApiKey::new("db-pro", "blocked-value-of-db-pro", "pro").enabled(false))
+        .await
+        .unwrap();
+    assert_body(get_with_key(&base, "db-secret-pro").await, 403, FORBIDDEN).await;
+    // `db-1`'s two values after its removal, and `db-pro`'s once.
+    assert_eq!(keys.queries(), 4);
+}
+
+/// With the Redis store's shared registry, a registered id disabled, moved
+/// or removed through one instance applies within a second to its values
+/// another instance resolved and cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_changes_through_another_instance_apply_to_cached_resolved_values() {
+    if !crate::support::redis::require_redis() {
+        return;
+    }
+    let server = crate::support::redis::RedisServer::start();
+    let keys = Keys::new().await;
+    let clock = tollgate::ManualClock::new();
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let store = tollgate::RedisStore::builder(server.url())
+            .key_secret("shared-secret")
+            .clock(clock.clone())
+            .build()
+            .await
+            .unwrap();
+        let layer = RateLimitLayer::builder(policy())
+            .store(store)
+            .resolver(Resolver::new(keys.resolver("api_keys")))
+            .build();
+        instances.push(layer);
+    }
+    let (a, b) = (&instances[0], &instances[1]);
+    assert!(b.decide(b"db-secret-1", 1).await.is_ok());
+
+    let until = async |what: &str, ok: bool| {
+        let t = Instant::now();
+        while b.decide(b"db-secret-1", 0).await.is_ok() != ok {
+            assert!(t.elapsed() < Duration::from_secs(3), "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    a.admin().set_enabled("db-1", false).await.unwrap();
+    until("disabled through a reaches b", false).await;
+    let refused = b.decide(b"db-secret-1", 1).await.unwrap_err();
+    assert_eq!(refused.reason(), Reason::DisabledKey);
+
+    a.admin().set_enabled("db-1", true).await.unwrap();
+    until("enabled through a reaches b", true).await;
+    a.admin().set_plan("db-1", "pro").await.unwrap();
+    let t = Instant::now();
+    while b.standing(b"db-secret-1").await.unwrap().plan() != "pro" {
+        assert!(t.elapsed() < Duration::from_secs(3), "moved through a");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(keys.queries(), 1);
+
+    a.admin().remove_key("db-1").await.unwrap();
+    let t = Instant::now();
+    while keys.queries() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(3), "removed through a");
+        let _ = b.decide(b"db-secret-1", 0).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(b.standing(b"db-secret-1").await.unwrap().plan(), "free");
+}
