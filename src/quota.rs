@@ -436,10 +436,13 @@ impl Count {
     /// the raise away. Charges and give-backs only add to the count, so
     /// decisions charging and giving back at once sum to the same count in
     /// any order. `None` when the window began after `charged_at`: it never
-    /// counted the charge.
+    /// counted the charge; and for a cost of 0 (a peek): nothing was
+    /// charged, so nothing changes, not even the day of the last change a
+    /// store would move the count to (a period put anew carries the count
+    /// into the window holding the day of its last real change).
     #[inline]
     pub(crate) fn give_back(self, cost: u64, charged_at: i64) -> Option<Count> {
-        if charged_at < self.window().start {
+        if cost == 0 || charged_at < self.window().start {
             return None;
         }
         Some(Count {

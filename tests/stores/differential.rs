@@ -2794,6 +2794,66 @@ mod found {
         );
     }
 
+    /// A request on the leap day 2028-02-29 under a MONTH quota (its
+    /// response held into March 1, settled over the daily token budget),
+    /// the quota put anew as a MONTH of 1, a peek on March 1 that the
+    /// daily budget denies, then the quota put anew as a WEEK from Monday
+    /// (February 28 to March 6): the week holds the day of the request,
+    /// the quota's last change, so its count carries over and the next
+    /// request is denied by the quota until the week's end. The memory
+    /// store gave the peek's charge of nothing back to the request quota
+    /// when the budget denied it, which moved the count into March's
+    /// window (0 used, changed last on March 1) and lost it: 1 remained,
+    /// and the request was denied by the daily budget alone.
+    #[test]
+    fn memory_denied_peek_keeps_the_last_change_of_a_quota() {
+        let spec = Spec {
+            kind: Kind::Admin,
+            quota: Some(QuotaSpec {
+                limit: 5,
+                period: model::Period::Month,
+                offset: 0,
+            }),
+            tokens_minute: Some(30),
+            tokens_day: Some(54),
+            // 2028-02-29 23:59:59 UTC.
+            ..admin_spec(QuotaSpec::day(1), 1399 * 86_400 + 86_399)
+        };
+        let http = |estimate, actual, hold| Op::Http {
+            key: 0,
+            route: 0,
+            estimate,
+            actual,
+            hold,
+            model: 0,
+        };
+        let hour = 3_600_000_000_000;
+        on_both(
+            spec,
+            vec![
+                http(0, Some(55), true),
+                Op::Advance(hour),
+                Op::End(0),
+                Op::PutPeriod {
+                    limit: 1,
+                    period: model::Period::Month,
+                },
+                Op::Advance(hour),
+                Op::Direct {
+                    key: 0,
+                    cost: 0,
+                    check: false,
+                },
+                Op::PutPeriod {
+                    limit: 1,
+                    period: model::Period::Week(0),
+                },
+                Op::Usage { back: 1 },
+                http(0, None, false),
+            ],
+        );
+    }
+
     /// A shadow plan's token bucket that would have denied a request's
     /// estimate did not charge it, and the request's settlement then
     /// charged the bucket the difference between its actual tokens and that

@@ -758,8 +758,12 @@ impl Quotas {
     /// Gives back to `q` the `cost` a decision at `at` (wall nanoseconds)
     /// charged before a later limit denied it (see [`Counter::give_back`]).
     /// A counter no longer in the map was let go, and the charge with it: no
-    /// counter is made for it.
+    /// counter is made for it. A peek (cost 0) charged nothing and gets
+    /// nothing: its count is left as it stands, not moved to `at`.
     pub(super) fn give_back(&self, q: &QuotaRef<'_>, at: i64, cost: u64) {
+        if cost == 0 {
+            return;
+        }
         if let Some(held) = self.map.pin().get(&Self::key(q)) {
             self.counter(held).give_back(q.spec, at, cost);
         }
@@ -1031,6 +1035,27 @@ mod tests {
         assert!(take(&qs, &q, t(2024, 5, 2, 10), 2));
         assert!(!take(&qs, &q, t(2024, 5, 1, 86_000), 1));
         assert!(!take(&qs, &q, t(2024, 5, 2, 20), 1));
+    }
+
+    /// A peek a later limit denies gives back its charge of nothing, which
+    /// leaves the count where the last charge left it: not moved into the
+    /// window of the peek, where a period put anew would look for it.
+    #[test]
+    fn a_peek_given_back_leaves_the_count_in_its_window() {
+        let qs = Quotas::new(16);
+        let s = spec(5, Period::Month);
+        let q = quota(&s, digest(b"k"), 62);
+        assert!(take(&qs, &q, t(2028, 2, 29, 100), 1));
+        let before = qs.count(&q);
+        let peek = t(2028, 3, 1, 3_600);
+        let peeked = qs.acquire_on_its_day(&q, peek, 0).unwrap().unwrap();
+        assert_eq!(peeked.unwrap().snapshot(&s, peek).remaining, 5);
+        qs.give_back(&q, peek, 0);
+        assert_eq!(qs.count(&q), before);
+        // The week from Monday February 28 holds the day of the charge.
+        let week = spec(1, Period::WEEK);
+        let wq = quota(&week, digest(b"k"), 62);
+        assert!(!take(&qs, &wq, peek, 1));
     }
 
     #[test]
