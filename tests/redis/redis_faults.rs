@@ -8,7 +8,8 @@
 //! side), so that each request's latency is the decision's.
 //!
 //! What holds: every request is answered within the store's configured
-//! timeout plus [`SLACK`], as the plan's failure mode says (`open`: let
+//! timeout plus [`SLACK`] (the slowed link's test: wider margins, see
+//! [`SLOWED_TIMEOUT`]), as the plan's failure mode says (`open`: let
 //! through without rate-limit headers; `closed`: 503); decisions resume by
 //! themselves; a call Redis runs after its deadline charges nothing, so a
 //! quota's count after an outage is the count before it plus nothing; a call
@@ -49,6 +50,23 @@ const TIMEOUT: Duration = Duration::from_millis(250);
 /// What a loaded two-core machine may add to the store's timeout before a
 /// request counts as hanging (as in `redis_store.rs`).
 const SLACK: Duration = Duration::from_millis(400);
+/// The store's timeout in the slowed-link test: far above the slow round
+/// trip it must still decide within, so that the scheduling delays of a
+/// loaded machine fit between the two (with other builds running, requests
+/// took up to 1.9 s against a timeout of 250 ms, and 3 s against 1 s).
+const SLOWED_TIMEOUT: Duration = Duration::from_secs(2);
+/// What the slowed-link test allows a loaded machine to add to
+/// [`SLOWED_TIMEOUT`]: their sum stays below [`SLOWED_ABOVE_MS`]'s round
+/// trip, so a request answered within it was not waiting for Redis.
+const SLOWED_SLACK: Duration = Duration::from_secs(5);
+/// Each way's delay of the link slowed below the timeout: a round trip of
+/// 100 ms, a twentieth of [`SLOWED_TIMEOUT`].
+const SLOWED_BELOW_MS: u64 = 50;
+/// Each way's delay of the link slowed above the timeout: a round trip of
+/// 20 s, far above [`SLOWED_TIMEOUT`] plus [`SLOWED_SLACK`]. (It costs no
+/// time: each request is answered at the timeout, and what the link holds is
+/// let go at once when the delay is removed.)
+const SLOWED_ABOVE_MS: u64 = 10_000;
 /// The longest decisions may take to resume once Redis is reachable.
 const RECOVERY: Duration = Duration::from_secs(10);
 /// The daily quota of the `open` and `closed` plans.
@@ -238,6 +256,10 @@ fn policy(quota: u64) -> Policy {
 struct Gate {
     layer: RateLimitLayer<ApiKeyHeader, RedisStore>,
     router: Router,
+    /// The store's timeout.
+    timeout: Duration,
+    /// What a request may take beyond `timeout` before it counts as hanging.
+    slack: Duration,
 }
 
 /// What a test needs of one response.
@@ -251,18 +273,28 @@ struct Answer {
 }
 
 impl Gate {
+    /// With the store's timeout [`TIMEOUT`] and [`SLACK`].
     async fn new(url: &str, quota: u64) -> Gate {
+        Gate::with_timeout(url, quota, TIMEOUT, SLACK).await
+    }
+
+    async fn with_timeout(url: &str, quota: u64, timeout: Duration, slack: Duration) -> Gate {
         let store = RedisStore::builder(url)
-            .timeout(TIMEOUT)
+            .timeout(timeout)
             .build()
             .await
             .expect("a Redis store");
-        assert_eq!(store.timeout(), TIMEOUT);
+        assert_eq!(store.timeout(), timeout);
         let layer = RateLimitLayer::builder(policy(quota)).store(store).build();
         let router = Router::new()
             .route("/", post(|| async { "ok" }))
             .layer(layer.clone());
-        Gate { layer, router }
+        Gate {
+            layer,
+            router,
+            timeout,
+            slack,
+        }
     }
 
     async fn send(&self, key: &str) -> Answer {
@@ -310,7 +342,10 @@ impl Gate {
                 ans.status == 200 && ans.decided,
                 "{key}, request {i} {what}: {ans:?}"
             );
-            assert!(ans.took < TIMEOUT, "{key}, request {i} {what}: {ans:?}");
+            assert!(
+                ans.took < self.timeout,
+                "{key}, request {i} {what}: {ans:?}"
+            );
         }
     }
 
@@ -363,7 +398,7 @@ impl Gate {
             );
             for ans in [&open, &closed] {
                 assert!(
-                    ans.took < TIMEOUT + SLACK,
+                    ans.took < self.timeout + self.slack,
                     "request {i} while Redis is {what} took {:?}",
                     ans.took
                 );
@@ -380,7 +415,7 @@ impl Gate {
         loop {
             let ans = self.send("probe-key").await;
             assert!(
-                ans.took < TIMEOUT + SLACK,
+                ans.took < self.timeout + self.slack,
                 "a probe after Redis {what} took {:?}",
                 ans.took
             );
@@ -422,10 +457,19 @@ async fn away_from_midnight() {
 /// `quota` a day on the proxied store, deciding. Waits past midnight first
 /// (see [`away_from_midnight`]).
 async fn behind_a_proxy(quota: u64) -> (RedisServer, Proxy, Gate) {
+    behind_a_proxy_within(quota, TIMEOUT, SLACK).await
+}
+
+/// As [`behind_a_proxy`], with the store's timeout `timeout` and `slack`.
+async fn behind_a_proxy_within(
+    quota: u64,
+    timeout: Duration,
+    slack: Duration,
+) -> (RedisServer, Proxy, Gate) {
     away_from_midnight().await;
     let redis = RedisServer::start();
     let proxy = Proxy::start(redis.addr()).await;
-    let gate = Gate::new(&proxy.url(), quota).await;
+    let gate = Gate::with_timeout(&proxy.url(), quota, timeout, slack).await;
     gate.wait_for_decisions("started").await;
     (redis, proxy, gate)
 }
@@ -436,21 +480,37 @@ async fn behind_a_proxy(quota: u64) -> (RedisServer, Proxy, Gate) {
 
 /// A link slowed below the store's timeout: every decision is still made by
 /// Redis (and is seen to wait for the delay). Slowed above it: every request
-/// is answered within the timeout plus slack, by its plan's failure mode,
-/// and the calls Redis runs late (after their deadline) charge nothing.
-/// The delay removed, decisions resume by themselves.
+/// is answered by its plan's failure mode within the timeout plus slack, well
+/// before Redis's reply could come, and the calls Redis runs late (after
+/// their deadline) charge nothing. The delay removed, decisions resume by
+/// themselves.
+///
+/// The margins are wide so that they hold on a loaded machine, where a
+/// request can wait seconds for a worker: the slow round trip below the
+/// timeout is a twentieth of it ([`SLOWED_BELOW_MS`] each way against
+/// [`SLOWED_TIMEOUT`]), and the one above it is longer than the timeout plus
+/// [`SLOWED_SLACK`] ([`SLOWED_ABOVE_MS`] each way), so an answer within the
+/// bound cannot have waited for Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowed_redis_decides_below_the_timeout_and_fails_by_the_plan_above_it() {
     if !require_redis() {
         return;
     }
     let _serial = SERIAL.lock().await;
-    let (_redis, proxy, gate) = behind_a_proxy(1_000).await;
+    let (_redis, proxy, gate) = behind_a_proxy_within(1_000, SLOWED_TIMEOUT, SLOWED_SLACK).await;
+    const { assert!(SLOWED_BELOW_MS * 2 * 20 <= SLOWED_TIMEOUT.as_millis() as u64) };
+    const {
+        assert!(
+            SLOWED_ABOVE_MS * 2
+                > SLOWED_TIMEOUT.as_millis() as u64 + SLOWED_SLACK.as_millis() as u64
+        )
+    };
 
     gate.spend_both(10, "on a fast link").await;
 
-    // 50 ms each way: a round trip of 100 ms, below the 250 ms timeout.
-    proxy.delay(50);
+    // A round trip of 100 ms, a twentieth of the timeout: decided by Redis.
+    proxy.delay(SLOWED_BELOW_MS);
+    let round_trip = Duration::from_millis(2 * SLOWED_BELOW_MS);
     for key in ["open-key", "closed-key"] {
         for i in 0..10 {
             let ans = gate.send(key).await;
@@ -459,16 +519,17 @@ async fn a_slowed_redis_decides_below_the_timeout_and_fails_by_the_plan_above_it
                 "{key}, request {i} on a link slowed below the timeout: {ans:?}"
             );
             assert!(
-                ans.took >= Duration::from_millis(100) && ans.took < TIMEOUT,
-                "{key}, request {i} on a link slowed to 100 ms a round trip took {:?}",
+                ans.took >= round_trip && ans.took < SLOWED_TIMEOUT + SLOWED_SLACK,
+                "{key}, request {i} on a link slowed to {round_trip:?} a round trip took {:?}",
                 ans.took
             );
         }
     }
 
-    // 400 ms each way: every call reaches Redis after its deadline.
-    proxy.delay(400);
-    let slowest = gate.outage(8, "slowed above the timeout").await;
+    // A round trip of 20 s: every call reaches Redis after its deadline, and
+    // each request is answered by the failure mode long before the reply.
+    proxy.delay(SLOWED_ABOVE_MS);
+    let slowest = gate.outage(4, "slowed above the timeout").await;
 
     proxy.delay(0);
     let resumed = gate.wait_for_decisions("slowed").await;
@@ -478,17 +539,17 @@ async fn a_slowed_redis_decides_below_the_timeout_and_fails_by_the_plan_above_it
     assert_eq!(
         gate.used("open", "open-1").await,
         30,
-        "the open plan's count is its 30 requests Redis decided: the 8 let through \
+        "the open plan's count is its 30 requests Redis decided: the 4 let through \
          unchecked while the link was slow are not charged when Redis runs them late"
     );
     assert_eq!(
         gate.used("closed", "closed-1").await,
         30,
-        "the closed plan's count is its 30 requests Redis decided: the 8 refused \
+        "the closed plan's count is its 30 requests Redis decided: the 4 refused \
          while the link was slow are not charged when Redis runs them late"
     );
     eprintln!(
-        "slowed: slowest request {slowest:?} above the timeout; \
+        "slowed: slowest request {slowest:?} above the timeout of {SLOWED_TIMEOUT:?}; \
          decisions resumed {resumed:?} after the delay was removed"
     );
 }
