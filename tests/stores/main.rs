@@ -26,3 +26,4 @@ mod per_key_quotas;
 mod redis_registry;
 mod reset_settlement;
 mod store;
+mod usage_reports;
