@@ -415,13 +415,28 @@ impl<S: Store> Admin<S> {
     ///
     /// With a store that shares the registry, only the plan is written, as
     /// [`set_enabled`](Self::set_enabled) writes only the flag.
+    ///
+    /// A key that is not there is [`AdminError::UnknownKey`], whatever plan
+    /// is named: what the change is about is missing first (AWS answers
+    /// NotFound for it); a plan this instance does not know, for a key that
+    /// is there, is [`AdminError::UnknownPlan`].
     pub async fn set_plan(&self, id: &str, plan: &str) -> Result<(), AdminError> {
-        let to = Arc::clone(
-            self.policy
-                .load()
-                .plan_named(plan)
-                .ok_or_else(|| AdminError::UnknownPlan(plan.to_owned()))?,
-        );
+        let to = self.policy.load().plan_named(plan).map(Arc::clone);
+        let Some(to) = to else {
+            self.registered()?;
+            if self.policy.keys().by_id(id, |e| e.is_none()) {
+                // Not held here: one added through another instance a
+                // moment ago, if the store holds it.
+                let elsewhere = match self.shared() {
+                    Some(shared) => shared.key(id).await?.is_some(),
+                    None => false,
+                };
+                if !elsewhere {
+                    return Err(AdminError::UnknownKey(id.to_owned()));
+                }
+            }
+            return Err(AdminError::UnknownPlan(plan.to_owned()));
+        };
         let fields = KeyFields {
             enabled: None,
             plan: Some(to),

@@ -536,6 +536,36 @@ async fn an_accounts_usage_and_its_keys<B: Backend>(b: &B) {
     );
 }
 
+/// A change of a key that is not there is refused for the key, whatever
+/// the change names: moving an unknown key to an unknown plan is
+/// `UnknownKey` (a gateway's 404 for the key of its path, as AWS answers
+/// NotFound), not `UnknownPlan` (a 409 that reads as if the key existed).
+/// A key that is there, moved to an unknown plan, is `UnknownPlan`.
+async fn an_unknown_key_moved_to_an_unknown_plan_is_an_unknown_key<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let l = layer(
+        b,
+        &clock,
+        at(2024, 5, 6, 3_600),
+        vec![plan("w", 10, Period::WEEK)],
+        vec![ApiKey::new("k", "v", "w")],
+    )
+    .await;
+    let admin = l.admin();
+    assert_eq!(
+        admin.set_plan("nobody", "nope").await,
+        Err(AdminError::UnknownKey("nobody".into()))
+    );
+    assert_eq!(
+        admin.set_plan("nobody", "w").await,
+        Err(AdminError::UnknownKey("nobody".into()))
+    );
+    assert_eq!(
+        admin.set_plan("k", "nope").await,
+        Err(AdminError::UnknownPlan("nope".into()))
+    );
+}
+
 on_each_backend!(
     "usage":
     a_week_with_days_before_the_key_without_traffic_and_to_come,
@@ -548,4 +578,5 @@ on_each_backend!(
     a_week_from_sunday_across_its_boundary,
     a_reset_and_an_update_usage_belong_to_the_plan_the_key_is_on,
     an_accounts_usage_and_its_keys,
+    an_unknown_key_moved_to_an_unknown_plan_is_an_unknown_key,
 );

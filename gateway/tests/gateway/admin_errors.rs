@@ -122,6 +122,15 @@ fn cases() -> Vec<Case> {
             r#"{"plan":"platinum"}"#,
             409,
         ),
+        // A key that is not there, whatever plan the change names: the
+        // key of the path is missing (404), not a conflict that reads as if
+        // it were there.
+        case(
+            Method::PATCH,
+            "/admin/keys/nobody",
+            r#"{"plan":"platinum"}"#,
+            404,
+        ),
         // An id that is wrong in itself is a bad request, not a conflict.
         case(
             Method::POST,
