@@ -82,7 +82,7 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `axum` | yes | [`extract::ClientIp`] reads axum's `ConnectInfo<SocketAddr>`; method overrides match axum's `MatchedPath` as well as the path |
-//! | `config` | no | `tollgate::config`: plans and keys from a TOML file, errors with line and field |
+//! | `config` | no | `tollgate::config`: plans and keys from a TOML file, errors with line and field; `RateLimitLayerBuilder::config` answers as the file says |
 //! | `redis` | no | `RedisStore`: limits shared by every instance through Redis or Redis Cluster, one round trip per decision |
 //! | `redis-tls` | no | `redis`, and TLS to Redis and Redis Cluster (`rediss://` URLs) through redis-rs's rustls support |
 //! | `openai` | no | `tollgate::openai::OpenAiEstimator`: token estimates read from OpenAI-style JSON bodies, once the key is checked |

@@ -63,14 +63,13 @@ pub fn app_with_limits<S: Store>(
     // OpenAI's SDKs send `Authorization: Bearer`, wait `retry-after-ms`,
     // obey `x-should-retry` and read `code`/`type` from `{"error":{..}}`
     // bodies: keys from Bearer or `x-api-key`, and the style the config
-    // names (`[response] style = "openai"` in the demo). The
-    // `x-ratelimit-*-{requests,tokens}` headers are for people and dashboards.
+    // names (`[response] style = "openai"` in the demo), with the rest of
+    // what it says of the answers. The `x-ratelimit-*-{requests,tokens}`
+    // headers are for people and dashboards, in either style.
     let builder = RateLimitLayer::builder(policy)
         .store(store)
         .extractor(BearerOrApiKey::new())
-        .quota_status(config.quota_status())
-        .style(config.style())
-        .max_retry(config.max_retry())
+        .config(config)
         .headers(HeaderStyle::ietf().openai(true))
         .body_timeout(limits.body_deadline.min(NEVER))
         .max_body_bytes_held(limits.body_memory)

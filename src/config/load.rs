@@ -368,20 +368,24 @@ impl Config {
         self.admin_key.as_deref()
     }
 
-    /// The status of a request rejected by a used-up quota.
+    /// The status of a request rejected by a used-up quota (`quota_status`,
+    /// default 429). [`RateLimitLayerBuilder::config`](crate::RateLimitLayerBuilder::config)
+    /// gives it to the layer, with the rest of what the file says of its answers.
     pub fn quota_status(&self) -> StatusCode {
         self.quota_status
     }
 
-    /// How rejections are answered (`[response] style`, default `"aws"`);
-    /// give it to [`RateLimitLayerBuilder::style`](crate::RateLimitLayerBuilder::style).
+    /// How rejections are answered (`[response] style`, default `"aws"`).
+    /// [`RateLimitLayerBuilder::config`](crate::RateLimitLayerBuilder::config)
+    /// gives it to the layer, with OpenAI's headers for `"openai"`.
     pub fn style(&self) -> ResponseStyle {
         self.style
     }
 
     /// The longest retry worth waiting for (`[response] max_retry_secs`,
-    /// default 60); give it to
-    /// [`RateLimitLayerBuilder::max_retry`](crate::RateLimitLayerBuilder::max_retry).
+    /// default 60).
+    /// [`RateLimitLayerBuilder::config`](crate::RateLimitLayerBuilder::config)
+    /// gives it to the layer.
     pub fn max_retry(&self) -> Duration {
         self.max_retry
     }
@@ -461,6 +465,65 @@ mod tests {
 
     fn err(src: &str) -> ConfigFileError {
         Config::from_toml(src).unwrap_err()
+    }
+
+    /// A layer given the file answers as its `[response]` table and
+    /// `quota_status` say: the style, the bound on a retry worth waiting
+    /// for, the status of a used-up quota, and with `style = "openai"`
+    /// OpenAI's `x-ratelimit-*` headers; a file that says nothing of them
+    /// gives the defaults, whatever the builder was told before.
+    #[test]
+    fn a_layer_given_the_config_answers_as_the_file_says() {
+        use crate::{RateLimitLayer, Reason};
+        use tower::{ServiceBuilder, ServiceExt};
+
+        let plans = "[[plans]]\nname = \"slow\"\nthrottle = { rate = 0.1, burst = 1 }\n[[plans]]\nname = \"day\"\nquota = { limit = 1, period = \"DAY\" }\n[[keys]]\nid = \"s\"\nvalue = \"slow-key\"\nplan = \"slow\"\n[[keys]]\nid = \"d\"\nvalue = \"day-key\"\nplan = \"day\"\n";
+        let file = format!(
+            "quota_status = 403\n[response]\nstyle = \"openai\"\nmax_retry_secs = 5\n{plans}"
+        );
+        let config = Config::from_toml(&file).unwrap();
+        let layer = RateLimitLayer::builder(config.policy().unwrap())
+            .config(&config)
+            .build();
+        layer.check(b"slow-key", 1).unwrap();
+        let throttled = layer.check(b"slow-key", 1).unwrap_err();
+        assert_eq!(throttled.style(), ResponseStyle::OpenAi);
+        // 10 s away, past the file's 5 s.
+        assert!(!throttled.should_retry());
+        layer.check(b"day-key", 1).unwrap();
+        let used_up = layer.check(b"day-key", 1).unwrap_err();
+        assert_eq!(used_up.reason(), Reason::QuotaExceeded);
+        assert_eq!(used_up.status(), StatusCode::FORBIDDEN);
+
+        // OpenAI's headers, on a layer that takes keys from `x-api-key`.
+        let svc = ServiceBuilder::new().layer(layer).service_fn(
+            |_req: http::Request<crate::RequestBody<String>>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+            },
+        );
+        let req = http::Request::builder()
+            .header("x-api-key", "slow-key")
+            .body(String::new())
+            .unwrap();
+        let res = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(svc.oneshot(req))
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(res.headers()["x-ratelimit-limit-requests"], "1");
+
+        // A file without `[response]` answers in the default style.
+        let config = Config::from_toml(plans).unwrap();
+        let layer = RateLimitLayer::builder(config.policy().unwrap())
+            .openai()
+            .config(&config)
+            .build();
+        layer.check(b"slow-key", 1).unwrap();
+        let throttled = layer.check(b"slow-key", 1).unwrap_err();
+        assert_eq!(throttled.style(), ResponseStyle::Aws);
+        assert!(throttled.should_retry());
     }
 
     #[test]

@@ -79,6 +79,56 @@
 //!     .unwrap_err();
 //! assert_eq!((err.line(), err.path()), (3, "plans[0].throttle.rate"));
 //! ```
+//!
+//! # Building the layer
+//!
+//! [`Config::policy`] holds the plans, accounts and keys;
+//! [`RateLimitLayerBuilder::config`](crate::RateLimitLayerBuilder::config)
+//! gives the layer what the file says of its answers: `quota_status`,
+//! `[response] style` and `max_retry_secs`, and with `style = "openai"`
+//! OpenAI's `x-ratelimit-*-{requests,tokens}` headers. Where keys come from
+//! is the builder's choice, not the file's (the extractor is a type): a file
+//! with `style = "openai"` goes with
+//! [`openai()`](crate::RateLimitLayerBuilder::openai) before `config`, so
+//! that keys come from `Authorization: Bearer` as OpenAI's SDKs send them
+//! (or `x-api-key`). `config` sets each of its settings as the file says,
+//! the defaults of those it leaves out included (a file without
+//! `[response]` answers in the `aws` style): call the builder's own
+//! [`style`](crate::RateLimitLayerBuilder::style),
+//! [`quota_status`](crate::RateLimitLayerBuilder::quota_status),
+//! [`max_retry`](crate::RateLimitLayerBuilder::max_retry) or
+//! [`headers`](crate::RateLimitLayerBuilder::headers) after it to override
+//! the file.
+//!
+//! ```
+//! use tollgate::config::Config;
+//! use tollgate::{RateLimitLayer, ResponseStyle};
+//!
+//! let config = Config::from_toml(r#"
+//! quota_status = 403
+//!
+//! [[plans]]
+//! name = "free"
+//! quota = { limit = 1, period = "DAY" }
+//!
+//! [[keys]]
+//! id = "free-1"
+//! value = "sk-demo"
+//! plan = "free"
+//!
+//! [response]
+//! style = "openai"
+//! "#)?;
+//! let layer = RateLimitLayer::builder(config.policy()?)
+//!     .openai() // keys from `Authorization: Bearer` or `x-api-key`
+//!     .config(&config) // the file's style, quota status and retry bound
+//!     .build();
+//! layer.check(b"sk-demo", 1).unwrap();
+//! let rejected = layer.check(b"sk-demo", 1).unwrap_err();
+//! assert_eq!(rejected.style(), ResponseStyle::OpenAi);
+//! assert_eq!(rejected.status(), 403);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod check;
 mod document;

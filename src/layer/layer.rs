@@ -756,6 +756,58 @@ impl<K, S: Store> RateLimitLayerBuilder<K, S> {
         self
     }
 
+    /// Answers as the configuration file says: its `quota_status`
+    /// ([`quota_status`](Self::quota_status)), its `[response]` table's
+    /// `style` ([`style`](Self::style)) and `max_retry_secs`
+    /// ([`max_retry`](Self::max_retry)), and with `style = "openai"`
+    /// OpenAI's `x-ratelimit-*-{requests,tokens}` headers added to those
+    /// configured. Each is set as the file says, the default of one it
+    /// leaves out included (a file without `[response]` answers in the
+    /// [`Aws`](ResponseStyle::Aws) style): a builder method called after
+    /// this one overrides the file.
+    ///
+    /// Where keys come from is not the file's to say (the extractor is a
+    /// type): a file with `style = "openai"` goes with
+    /// [`openai`](Self::openai) before this call, so that keys come from
+    /// `Authorization: Bearer` (or `x-api-key`) as OpenAI's SDKs send them.
+    ///
+    /// ```
+    /// use tollgate::config::Config;
+    /// use tollgate::{RateLimitLayer, ResponseStyle};
+    ///
+    /// let config = Config::from_toml(r#"
+    /// [[plans]]
+    /// name = "free"
+    /// throttle = { rate = 1.0, burst = 1 }
+    ///
+    /// [[keys]]
+    /// id = "free-1"
+    /// value = "sk-demo"
+    /// plan = "free"
+    ///
+    /// [response]
+    /// style = "openai"
+    /// "#)?;
+    /// let layer = RateLimitLayer::builder(config.policy()?)
+    ///     .openai()
+    ///     .config(&config)
+    ///     .build();
+    /// layer.check(b"sk-demo", 1).unwrap();
+    /// assert_eq!(layer.check(b"sk-demo", 1).unwrap_err().style(), ResponseStyle::OpenAi);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(feature = "config")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+    pub fn config(mut self, config: &crate::config::Config) -> Self {
+        let style = config.style();
+        if style == ResponseStyle::OpenAi {
+            self.headers = self.headers.openai(true);
+        }
+        self.quota_status(config.quota_status())
+            .style(style)
+            .max_retry(config.max_retry())
+    }
+
     /// Everything OpenAI's clients expect: keys from `Authorization: Bearer`
     /// or `x-api-key` ([`BearerOrApiKey`]), the
     /// [`OpenAi`](ResponseStyle::OpenAi) style, and OpenAI's
