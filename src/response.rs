@@ -60,7 +60,7 @@ pub enum Reason {
 /// | cost larger than a whole limit | 429 `{"message":"Cost Exceeds Limit"}`, `x-should-retry: false` (it never fits; `Retry-After` says when the limit is full again) | `grpc-status: 8`, `QuotaFailure` only, `grpc-retry-pushback-ms: -1` |
 /// | store cannot track another key | 429 `{"message":"Too Many Requests"}`, `Retry-After` | `grpc-status: 8`, `RetryInfo`, `QuotaFailure` |
 /// | too many requests of the key in flight (plan's `concurrency`) | 429 `{"message":"Too Many Requests"}`, `Retry-After: 1` | `grpc-status: 8`, `RetryInfo`, `QuotaFailure` |
-/// | no peer address for [`ClientIp`](crate::extract::ClientIp) | 500 with the fix in the message | `grpc-status: 13` (INTERNAL) |
+/// | no peer address for [`ClientIp`](crate::extract::ClientIp) | 500 with the fix in the message, `x-should-retry: false` (a configuration mistake: no retry passes) | `grpc-status: 13` (INTERNAL) |
 /// | store failed, plan `failure = "closed"` | 503 `{"message":"Service Unavailable"}` | `grpc-status: 14` (UNAVAILABLE) |
 /// | key resolver failed or timed out (default [`ResolverFallback`](crate::ResolverFallback)) | 503 `{"message":"Service Unavailable"}` | `grpc-status: 14` (UNAVAILABLE) |
 ///
@@ -75,7 +75,9 @@ pub enum Reason {
 /// `x-should-retry: false`: it can never pass. So does a rejection whose
 /// retry lies beyond a bound (default 60 s, see
 /// [`max_retry`](crate::RateLimitLayerBuilder::max_retry)): a client should
-/// not sleep that long in a retry loop.
+/// not sleep that long in a retry loop. So does the 500 of a configuration
+/// mistake, which OpenAI's SDKs would otherwise retry; a 503 (a failed
+/// store or key resolver) may pass on a retry and says nothing of it.
 ///
 /// gRPC rejections are trailers-only: HTTP 200, an empty body, and
 /// `grpc-status` / `grpc-message` in the headers. Through the layer, the
@@ -219,7 +221,8 @@ impl Rejection {
     /// pass later, and no later than the layer's bound on a retry worth
     /// waiting for (default 60 s). The default responses say
     /// `x-should-retry: false` (gRPC: `grpc-retry-pushback-ms: -1`) when a
-    /// limit rejected and this is false.
+    /// limit rejected and this is false, and `x-should-retry: false` for a
+    /// configuration mistake (a 500 no retry passes).
     ///
     /// ```
     /// use tollgate::{Policy, RateLimitLayer, Throttle, UsagePlan};
@@ -234,6 +237,17 @@ impl Rejection {
     /// ```
     pub fn should_retry(&self) -> bool {
         self.retry_after.is_some_and(|d| d <= self.max_retry)
+    }
+
+    /// Whether the answer says `x-should-retry: false`: no retry can pass
+    /// (a configuration mistake, a cost no limit holds) or the retry lies
+    /// beyond the bound on one worth waiting for. A failed store or key
+    /// resolver (503) may pass on a retry: it says nothing.
+    pub(crate) fn says_do_not_retry(&self) -> bool {
+        match self.reason {
+            Reason::Key(e) => e.is_configuration(),
+            _ => self.limit.is_some() && !self.should_retry(),
+        }
     }
 
     /// The wait `Retry-After` says (see [`retry_after_secs`](Self::retry_after_secs)).
@@ -317,7 +331,8 @@ impl Rejection {
     /// `retry-after-ms` when the request can pass later, `WWW-Authenticate`
     /// on a 401 (the [`OpenAi`](ResponseStyle::OpenAi) style's key problems), and
     /// `x-should-retry: false` when a limit rejected it and it
-    /// [should not be retried](Self::should_retry).
+    /// [should not be retried](Self::should_retry) or it is a configuration
+    /// mistake (a 500 that no retry passes).
     pub fn default_response(&self) -> Response<Bytes> {
         let mut res = if self.grpc {
             let mut res = Response::new(Bytes::new());
@@ -363,7 +378,7 @@ impl Rejection {
             h.insert(RETRY_AFTER, HeaderValue::from(secs));
             h.insert(RETRY_AFTER_MS, HeaderValue::from(ms));
         }
-        if self.limit.is_some() && !self.should_retry() {
+        if self.says_do_not_retry() {
             h.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
         }
         res
@@ -637,6 +652,41 @@ mod tests {
             } else {
                 assert_eq!(res.status(), 429);
                 assert_eq!(res.headers()["x-should-retry"], "false");
+            }
+        }
+    }
+
+    /// A configuration mistake (no peer address for `ClientIp`) is a 500
+    /// that no retry can pass: it says `x-should-retry: false`, in every
+    /// style, since OpenAI's SDKs retry a 500. A failed store or resolver
+    /// (503) may pass on a retry, and says nothing of it.
+    #[test]
+    fn a_configuration_mistake_says_do_not_retry_and_an_outage_does_not() {
+        let mistake = Rejection::key(Reason::Key(KeyError::MissingPeerAddr));
+        for style in [ResponseStyle::Aws, ResponseStyle::OpenAi] {
+            for grpc in [false, true] {
+                let res = mistake
+                    .clone()
+                    .with_style(style, DEFAULT_MAX_RETRY)
+                    .with_grpc(grpc)
+                    .default_response();
+                if !grpc {
+                    assert_eq!(res.status(), 500, "{style:?}");
+                }
+                assert_eq!(res.headers()["x-should-retry"], "false", "{style:?} {grpc}");
+            }
+        }
+        for outage in [
+            Rejection::unavailable(),
+            Rejection::key(Reason::ResolverUnavailable),
+        ] {
+            for style in [ResponseStyle::Aws, ResponseStyle::OpenAi] {
+                let res = outage
+                    .clone()
+                    .with_style(style, DEFAULT_MAX_RETRY)
+                    .default_response();
+                assert_eq!(res.status(), 503, "{style:?}");
+                assert!(res.headers().get("x-should-retry").is_none(), "{style:?}");
             }
         }
     }

@@ -237,7 +237,7 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
                 .entry(RETRY_AFTER_MS)
                 .or_insert_with(|| HeaderValue::from(wait.div_ceil(1_000_000)));
         }
-        if limit.is_some() && !rejection.should_retry() {
+        if rejection.says_do_not_retry() {
             headers
                 .entry(X_SHOULD_RETRY)
                 .or_insert_with(|| HeaderValue::from_static("false"));

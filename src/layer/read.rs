@@ -1,7 +1,7 @@
 //! Reading a request's body for an estimator, bounded in bytes and in time,
 //! and the answers when it cannot be read.
 
-use crate::response::ResponseStyle;
+use crate::response::{ResponseStyle, X_SHOULD_RETRY};
 use crate::sync::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
@@ -279,6 +279,12 @@ pub(crate) fn refuse_body(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    // The layer's own failure: no retry of the request passes, and
+    // OpenAI's SDKs retry a 500 unless told not to.
+    if status == StatusCode::INTERNAL_SERVER_ERROR {
+        res.headers_mut()
+            .insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
+    }
     // The rest of an unread body is not worth waiting for.
     if status != StatusCode::BAD_REQUEST {
         res.headers_mut()
@@ -363,6 +369,25 @@ mod tests {
             br#"{"error":{"message":"a \"b\"\\\n\u0001","type":"invalid_request_error","param":null,"code":"c"}}"#
         );
         assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
+    }
+
+    /// The layer's own failure (a 500, which OpenAI's SDKs retry) says
+    /// `x-should-retry: false`; a server busy reading bodies (503,
+    /// `retry-after: 1`) is worth the retry and says nothing of it.
+    #[test]
+    fn a_500_says_do_not_retry_and_a_busy_503_does_not() {
+        for style in [ResponseStyle::Aws, ResponseStyle::OpenAi] {
+            let res = refuse_body(
+                style,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the request body was asked for twice",
+                "internal_error",
+            );
+            assert_eq!(res.headers()["x-should-retry"], "false");
+            let res = refuse_unread(style, Unread::Busy, BodyLimits::default());
+            assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert!(res.headers().get("x-should-retry").is_none());
+        }
     }
 
     type Frames = std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::io::Error>>;

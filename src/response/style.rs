@@ -18,7 +18,7 @@ use crate::headers::Family;
 /// | cost above a whole limit | 429 `{"message":"Cost Exceeds Limit"}` | as a throttle's, with `x-should-retry: false` |
 /// | quota used up (requests or tokens) | 429 (configurable) `{"message":"Limit Exceeded"}` | the same status, `type` and `code` `insufficient_quota` |
 /// | store or key resolver unavailable | 503 `{"message":"Service Unavailable"}` | 503, `type` `server_error`, `code` `service_unavailable` |
-/// | no peer address (a configuration mistake) | 500 with the fix in the message | 500, `type` `server_error`, `code` `configuration_error` |
+/// | no peer address (a configuration mistake) | 500 with the fix in the message, `x-should-retry: false` | 500, `type` `server_error`, `code` `configuration_error`, `x-should-retry: false` |
 ///
 /// An OpenAI-style body is what OpenAI's SDKs decode into their error type:
 ///

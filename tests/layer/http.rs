@@ -304,6 +304,8 @@ async fn client_ip_without_connect_info_is_a_clear_500() {
     assert_eq!(res.status(), 500);
     assert_eq!(header(&res, "content-type"), "application/json");
     assert!(res.headers().get("retry-after").is_none());
+    // OpenAI's SDKs retry a 500: no retry of this one can pass.
+    assert_eq!(header(&res, "x-should-retry"), "false");
     let body: serde_json::Value = res.json().await.unwrap();
     let message = body["message"].as_str().unwrap();
     assert!(
@@ -321,6 +323,7 @@ async fn client_ip_without_connect_info_is_a_clear_500() {
     assert_eq!(res.status(), 200);
     assert_eq!(header(&res, "grpc-status"), "13");
     assert!(header(&res, "grpc-message").contains("into_make_service_with_connect_info"));
+    assert_eq!(header(&res, "x-should-retry"), "false");
 }
 
 #[tokio::test]
