@@ -154,6 +154,20 @@ impl Checker<'_> {
                 return Err(self.err(name.span(), mp, "a model's name must not be empty"));
             }
             let m = m.get_ref();
+            // A named model without limits of its own is not under `"*"`
+            // (and the gateway lists it); a `"*"` without any limits nothing.
+            if name.get_ref() == "*"
+                && m.throttle.is_none()
+                && m.quota.is_none()
+                && m.tokens.is_none()
+                && m.concurrency.is_none()
+            {
+                return Err(self.err(
+                    name.span(),
+                    mp,
+                    "sets no limit: give it a throttle, quota, tokens or concurrency, or leave it out",
+                ));
+            }
             let mut limits = ModelLimits::new();
             if let Some(t) = &m.throttle {
                 limits = limits.throttle(self.throttle(t, &format!("{mp}.throttle"))?);
@@ -233,6 +247,13 @@ impl Checker<'_> {
     /// The token budget of the plan or account at `path` (`plans[0]`).
     fn tokens(&self, t: &Spanned<TokensFile>, path: &str) -> Result<TokenBudget, ConfigFileError> {
         let tf = t.get_ref();
+        if tf.per_minute.is_none() && tf.per_day.is_none() && tf.per_month.is_none() {
+            return Err(self.err(
+                t.span(),
+                format!("{path}.tokens"),
+                "sets no limit: give it per_minute, per_day or per_month, or leave it out",
+            ));
+        }
         let mut budget = TokenBudget::new();
         if let Some(v) = &tf.per_minute {
             let field = format!("{path}.tokens.per_minute");

@@ -750,6 +750,53 @@ mod tests {
         assert_eq!((e.line(), e.path()), (2, "accounts[0].name"));
     }
 
+    /// A token budget that sets no limit (`tokens = {}`), on a plan, an
+    /// account or a model, and a `"*"` model entry with no limit limit
+    /// nothing: whoever wrote them meant a limit, so they are errors that
+    /// name the line and the field. A named model without limits of its own
+    /// means something (it is not under `"*"`, and the gateway lists it):
+    /// it is read.
+    #[test]
+    fn a_budget_or_a_star_entry_that_sets_no_limit_is_an_error() {
+        for (src, line, path) in [
+            (
+                "[[plans]]\nname = \"p\"\ntokens = {}\n",
+                3,
+                "plans[0].tokens",
+            ),
+            (
+                "[[plans]]\nname = \"p\"\n[plans.tokens]\n",
+                3,
+                "plans[0].tokens",
+            ),
+            (
+                "[[accounts]]\nname = \"a\"\ntokens = {}\n",
+                3,
+                "accounts[0].tokens",
+            ),
+            (
+                "[[plans]]\nname = \"p\"\n[plans.models]\n\"m\" = { tokens = {} }\n",
+                4,
+                "plans[0].models.\"m\".tokens",
+            ),
+            (
+                "[[plans]]\nname = \"p\"\n[plans.models]\n\"*\" = {}\n",
+                4,
+                "plans[0].models.\"*\"",
+            ),
+        ] {
+            let e = err(src);
+            assert_eq!((e.line(), e.path()), (line, path), "{src}: {e}");
+            assert!(e.message().contains("sets no limit"), "{e}");
+        }
+        let config = Config::from_toml(
+            "[[plans]]\nname = \"p\"\n[plans.models]\n\"small\" = {}\n\"*\" = { concurrency = 1 }\n",
+        )
+        .unwrap();
+        let names: Vec<_> = config.plans()[0].get_models().map(|(n, _)| n).collect();
+        assert_eq!(names, ["*", "small"]);
+    }
+
     #[test]
     fn a_method_path_listed_twice_in_another_spelling_is_an_error() {
         let e = err(

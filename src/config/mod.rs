@@ -24,6 +24,8 @@
 //! "*" = { quota = { limit = 500, period = "DAY" } }  # every model the plan does not name
 //! # A model's entry holds its other spellings: "Big-Model", "big-model:latest",
 //! # "library/big-model"; naming one model twice so is an error.
+//! # "small-model" = {} names a model without limits of its own: "*" does not
+//! # apply to it. A "*" entry or a `tokens` table that sets no limit is an error.
 //!
 //! [[keys]]
 //! id = "free-1"                                     # required: public id
