@@ -142,7 +142,7 @@ pub use crate::error::ConfigError;
 pub use crate::headers::HeaderStyle;
 pub use crate::keys::SharedRegistry;
 pub use crate::layer::{
-    RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseFuture, Standing,
+    MethodStanding, RateLimit, RateLimitLayer, RateLimitLayerBuilder, ResponseFuture, Standing,
 };
 pub use crate::plan::{
     Account, Anonymous, ApiKey, FailureMode, ModelLimits, Quota, Stage, Throttle, TokenBudget,

@@ -12,6 +12,13 @@
 //! when no model limits apply), and so does each model limit's own `model`.
 //! Without `model`, the `"*"` entry's limits are shown, named so. No query
 //! reads another key's limits: other parameters are ignored.
+//!
+//! After those limits come the method overrides of the caller's stage
+//! (`[stage.methods]`, named `"stage-method"`) and plan (`[plans.methods]`,
+//! named `"method"`), as the rate-limit headers name them, each with its
+//! methodPath as configured in `method` (`"/v1/chat/completions/POST"`,
+//! `"/*/*"`): every override, since a request meets only the most literal
+//! one its route matches of each. Each is read alone, at cost 0.
 
 use axum::Json;
 use axum::body::Body;
@@ -79,10 +86,17 @@ fn bad_query(style: ResponseStyle) -> Response {
 }
 
 /// The answer: the plan, and per limit its name, family (`requests` or
-/// `tokens`), size, window, what remains and when it is full again.
+/// `tokens`), size, window, what remains and when it is full again; then
+/// each method override of the stage and the plan, named as the headers
+/// name it (`stage-method`, `method`), with its methodPath (`method`).
 fn body(standing: &Standing) -> Value {
     let model = standing.model();
-    let limits: Vec<Value> = standing.limits().iter().map(|a| limit(a, model)).collect();
+    let mut limits: Vec<Value> = standing.limits().iter().map(|a| limit(a, model)).collect();
+    limits.extend(standing.methods().iter().map(|m| {
+        let mut v = limit(m.limit(), model);
+        v["method"] = json!(m.method());
+        v
+    }));
     json!({
         "object": "usage",
         "plan": standing.plan(),

@@ -298,9 +298,9 @@ impl<K: KeyExtractor, S: Store> Shared<K, S> {
 }
 
 /// What a peek is asked and tells besides its report: the model whose
-/// limits it reads, and the plan and model entry it read them under.
-#[derive(Debug, Default)]
-pub(crate) struct Peek<'m> {
+/// limits it reads, the plan and model entry it read them under, and how
+/// the method overrides of the caller's stage and plan stand.
+pub(crate) struct Peek<'m, F> {
     /// The model a request would be for (`None`: one the plan does not
     /// name, whose limits are the plan's `"*"` entry).
     pub(crate) model: Option<&'m str>,
@@ -308,13 +308,41 @@ pub(crate) struct Peek<'m> {
     pub(crate) plan: Option<Arc<str>>,
     /// The plan's model entry whose limits apply, as the plan names it.
     pub(crate) entry: Option<Arc<str>>,
+    /// Each method override of the caller's stage, then of its plan, peeked
+    /// at alone (a peek has no route: none is among its limits).
+    pub(crate) methods: Vec<MethodPeek<F>>,
 }
 
-impl Peek<'_> {
-    /// The plan and the model entry the peek found.
-    pub(crate) fn found(self) -> (Option<Arc<str>>, Option<Arc<str>>) {
-        (self.plan, self.entry)
+impl<F> Default for Peek<'_, F> {
+    fn default() -> Self {
+        Peek {
+            model: None,
+            plan: None,
+            entry: None,
+            methods: Vec::new(),
+        }
     }
+}
+
+impl<F> Peek<'_, F> {
+    /// What the peek found (the plan, the model entry, the method
+    /// overrides), without the model it was asked for.
+    pub(crate) fn found(self) -> Peek<'static, F> {
+        Peek {
+            model: None,
+            plan: self.plan,
+            entry: self.entry,
+            methods: self.methods,
+        }
+    }
+}
+
+/// A method override peeked at: its methodPath as configured, and the
+/// store's answer, now or to come.
+pub(crate) struct MethodPeek<F> {
+    pub(crate) written: Arc<str>,
+    pub(crate) failure: FailureMode,
+    pub(crate) answer: Acquired<F>,
 }
 
 /// What [`Shared::decide`] decides a caller's request with.
@@ -361,7 +389,7 @@ impl<K, S: Store> Shared<K, S> {
         &self,
         key: &[u8],
         report: &mut Report,
-        peek: &mut Peek<'_>,
+        peek: &mut Peek<'_, S::Future>,
     ) -> Step<S::Future> {
         let result = match &self.fixed {
             Some(p) => {
@@ -375,10 +403,43 @@ impl<K, S: Store> Shared<K, S> {
 
     /// Peeks at `c`'s limits for [`peek`](Peek)'s model, and tells it the
     /// caller's plan and the model entry that applies.
-    fn peek(&self, c: &Caller<'_>, report: &mut Report, peek: &mut Peek<'_>) -> Step<S::Future> {
+    fn peek(
+        &self,
+        c: &Caller<'_>,
+        report: &mut Report,
+        peek: &mut Peek<'_, S::Future>,
+    ) -> Step<S::Future> {
         peek.plan = Some(c.plan.name.clone());
         peek.entry = c.plan.model(peek.model).map(|e| Arc::clone(&e.name));
+        self.peek_methods(c, &mut peek.methods);
         self.acquire_for(c, None, peek.model, 0, None, report)
+    }
+
+    /// Peeks at each method override of `c`'s stage and plan alone, at cost
+    /// 0, as the requests its routes match are counted (the stage's shared
+    /// by every caller, the plan's per caller): the answers go to
+    /// `methods`, to be read after the peek's own. Apart, because the
+    /// overrides of one plan are many (a request meets one) and one that
+    /// refused a peek (a bucket in debt) would hide how the others stand.
+    fn peek_methods(&self, c: &Caller<'_>, methods: &mut Vec<MethodPeek<S::Future>>) {
+        let stage = c.stage.map_or(&[][..], |s| &s.methods[..]);
+        let stage = stage.iter().map(|m| (m, ThrottleRef::stage(&m.limit)));
+        let plan = c.plan.methods.iter();
+        let plan = plan.map(|m| (m, c.subject.throttle(&m.limit)));
+        for (m, throttle) in stage.chain(plan) {
+            let answer = Acquire::lone(throttle, 0, c.plan, |a| {
+                let mut report = Report::default();
+                match self.store.decide_now(a, &mut report) {
+                    Some(verdict) => Acquired::Ready(Ok(verdict.map(|()| report))),
+                    None => self.store.acquire(a),
+                }
+            });
+            methods.push(MethodPeek {
+                written: Arc::clone(&m.written),
+                failure: c.plan.failure,
+                answer,
+            });
+        }
     }
 
     /// [`peek_any`](Self::peek_any) for a request whose key the extractor
@@ -391,7 +452,7 @@ impl<K, S: Store> Shared<K, S> {
         req: &RequestView<'_>,
         error: KeyError,
         report: &mut Report,
-        peek: &mut Peek<'_>,
+        peek: &mut Peek<'_, S::Future>,
     ) -> Step<S::Future> {
         let refuse = |e| Step::Done(Err(refused(Rejection::key(Reason::Key(e)), None)));
         let snap = self.policy.load();
@@ -415,7 +476,7 @@ impl<K, S: Store> Shared<K, S> {
         &self,
         id: &str,
         report: &mut Report,
-        peek: &mut Peek<'_>,
+        peek: &mut Peek<'_, S::Future>,
     ) -> Option<Step<S::Future>> {
         self.policy.keys().by_id(id, |entry| {
             let entry = entry?;
@@ -440,7 +501,7 @@ impl<K, S: Store> Shared<K, S> {
         &self,
         answer: &Answer,
         report: &mut Report,
-        peek: &mut Peek<'_>,
+        peek: &mut Peek<'_, S::Future>,
     ) -> Step<S::Future> {
         let decide = |c: &Caller<'_>| self.peek(c, report, peek);
         let result = self.resolved::<PEEK, _>(&self.policy.load(), answer, None, true, decide);

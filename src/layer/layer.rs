@@ -1,8 +1,11 @@
 use std::fmt;
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::Poll;
 
 use tower_layer::Layer;
 
+use super::engine::MethodPeek;
 use super::engine::ModelOf;
 use super::{BodyLimits, Peek, RateLimit, Shared, SharedState, Step};
 use crate::cost::{CostEstimator, ExtensionEstimate};
@@ -13,7 +16,7 @@ use crate::policy::Policy;
 use crate::resolver::Resolver;
 use crate::response::{DEFAULT_MAX_RETRY, OnRejection, Reason, Rejection, ResponseStyle, refused};
 use crate::store::Failures;
-use crate::store::{Applied, MemoryStore, Report, Store};
+use crate::store::{Acquired, Applied, MemoryStore, Report, Store};
 use crate::usage::Admin;
 use http::StatusCode;
 use std::time::Duration;
@@ -48,7 +51,32 @@ pub struct Standing {
     plan: String,
     model: Option<String>,
     limits: Vec<Applied>,
+    methods: Vec<MethodStanding>,
     refused: Option<Rejection>,
+}
+
+/// How one method override of a key's stage or plan stands
+/// ([`Standing::methods`]).
+#[derive(Debug, Clone)]
+pub struct MethodStanding {
+    method: Arc<str>,
+    limit: Applied,
+}
+
+impl MethodStanding {
+    /// The override's methodPath as configured, wildcards as written
+    /// (`"/v1/chat/completions/POST"`, `"/*/*"`).
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// How it stands: its kind ([`LimitKind::Method`](crate::store::LimitKind::Method)
+    /// for the plan's, [`LimitKind::StageMethod`](crate::store::LimitKind::StageMethod)
+    /// for the stage's, named in headers `"method"` and `"stage-method"`),
+    /// size, window, what remains and when it is full again.
+    pub fn limit(&self) -> &Applied {
+        &self.limit
+    }
 }
 
 impl Standing {
@@ -73,6 +101,51 @@ impl Standing {
     /// the refusing limit when [`refused`](Self::refused).
     pub fn limits(&self) -> &[Applied] {
         &self.limits
+    }
+
+    /// How each method override of the key's stage and plan stands, the
+    /// stage's first, each in the order configured: every override, not
+    /// only one route's (a standing has no route, so none is among
+    /// [`limits`](Self::limits)). A request meets the most literal override
+    /// its route matches, of the stage's and of the plan's. Each is read
+    /// alone, at cost 0; one in debt shows nothing left and when it is
+    /// full again, and refuses nothing else.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use tower::{ServiceBuilder, ServiceExt};
+    /// use tollgate::{ApiKey, Policy, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let plan = UsagePlan::new("free")
+    ///     .throttle(Throttle::new(1.0, 10)?)
+    ///     .method("/v1/chat/completions/POST", Throttle::new(0.1, 2)?);
+    /// let policy = Policy::builder()
+    ///     .plan(plan)
+    ///     .key(ApiKey::new("free-1", "secret", "free"))
+    ///     .build()?;
+    /// let layer = RateLimitLayer::new(policy);
+    /// let svc = ServiceBuilder::new()
+    ///     .layer(layer.clone())
+    ///     .service_fn(|_req: Request<tollgate::RequestBody<String>>| async {
+    ///         Ok::<_, Infallible>(Response::new(String::new()))
+    ///     });
+    /// let chat = Request::post("/v1/chat/completions")
+    ///     .header("x-api-key", "secret")
+    ///     .body(String::new())
+    ///     .unwrap();
+    /// svc.oneshot(chat).await.unwrap();
+    /// let standing = layer.standing(b"secret").await.unwrap();
+    /// let chat = &standing.methods()[0];
+    /// assert_eq!(chat.method(), "/v1/chat/completions/POST");
+    /// assert_eq!(chat.limit().name(), "method");
+    /// assert_eq!((chat.limit().limit(), chat.limit().remaining()), (2, 1));
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn methods(&self) -> &[MethodStanding] {
+        &self.methods
     }
 
     /// Why a request would be refused now, when a limit refuses even a
@@ -242,14 +315,16 @@ impl<K, S: Store> RateLimitLayer<K, S> {
     /// How the limits of `key` stand, read without charging anything: for a
     /// route that shows a caller its own usage (the gateway's
     /// `GET /v1/usage`). It is decided as [`decide`](Self::decide) decides a
-    /// request of cost 0 (a peek: no route, so no method override; no
-    /// model, so a model's limits only through the plan's `"*"` entry,
-    /// which [`Standing::model`] names; one model's limits are
+    /// request of cost 0 (a peek: no route, so no method override among
+    /// its limits; no model, so a model's limits only through the plan's
+    /// `"*"` entry, which [`Standing::model`] names; one model's limits are
     /// [`standing_of_model`](Self::standing_of_model)'s): a
     /// missing, unknown or disabled key is an `Err`; a peek that a limit
     /// refuses (a quota past its limit, a full concurrency cap) is a
     /// standing whose [`refused`](Standing::refused) says so, holding that
-    /// limit.
+    /// limit. Every method override of the key's stage and plan is read
+    /// besides, each alone at cost 0 ([`Standing::methods`]); with a
+    /// remote store, its calls are in flight together with the peek's.
     ///
     /// ```
     /// use tollgate::{ApiKey, Period, Policy, Quota, RateLimitLayer, Throttle, UsagePlan};
@@ -463,37 +538,48 @@ impl<K, S: Store> RateLimitLayer<K, S> {
 }
 
 /// How a key stands after a peek's first `step` (the rest of
-/// [`RateLimitLayer::standing`]).
+/// [`RateLimitLayer::standing`]); `found` is what the peek found.
 async fn stand<K, S: Store>(
     shared: SharedState<K, S>,
     step: Step<S::Future>,
     mut report: Report,
-    (plan, entry): (Option<Arc<str>>, Option<Arc<str>>),
+    found: Peek<'static, S::Future>,
     model: Option<String>,
 ) -> Result<Standing, Rejection> {
     // A key the resolver is asked about is read after the lookup, for the
     // same model.
     let mut peek = Peek {
         model: model.as_deref(),
-        plan,
-        entry,
+        ..found
     };
     let step = match step {
         Step::Resolve(lookup) => shared.peek_resolved(&lookup.await, &mut report, &mut peek),
         step => step,
     };
-    let decided = match step {
-        Step::Done(d) => d.map(|()| report),
-        Step::Wait(f, failure, watch) => shared.conclude_watched(f.await, failure, watch, None),
-        Step::Resolve(_) => Err(refused(Rejection::key(Reason::ResolverUnavailable), None)),
-        Step::Read(_) => Ok(report),
+    let decided = async {
+        match step {
+            Step::Done(d) => d.map(|()| report),
+            Step::Wait(f, failure, watch) => shared.conclude_watched(f.await, failure, watch, None),
+            Step::Resolve(_) => Err(refused(Rejection::key(Reason::ResolverUnavailable), None)),
+            Step::Read(_) => Ok(report),
+        }
     };
+    // The method overrides are read while the peek's own answer is awaited:
+    // with a remote store, every call is in flight at once.
+    let methods = methods(&shared, std::mem::take(&mut peek.methods));
+    let (decided, methods) = both(decided, methods).await;
     // A peek takes no place; a store that took one anyway gets it back.
     if let Ok(report) = &decided {
         for permit in report.permits() {
             shared.store.release(permit);
         }
     }
+    let methods = match (&decided, methods) {
+        (_, Ok(methods)) => methods,
+        // A key refused is refused as such, whatever the store answered.
+        (Err(refusal), Err(_)) if refusal.1.is_none() => Vec::new(),
+        (_, Err(rejection)) => return Err(shared.styled(rejection)),
+    };
     let plan = peek.plan.map(|p| p.to_string()).unwrap_or_default();
     let model = peek.entry.map(|e| e.to_string());
     match decided {
@@ -501,6 +587,7 @@ async fn stand<K, S: Store>(
             plan,
             model,
             limits: report.items().to_vec(),
+            methods,
             refused: None,
         }),
         Err(refusal) => match *refusal {
@@ -508,11 +595,94 @@ async fn stand<K, S: Store>(
                 plan,
                 model,
                 limits: vec![limit],
+                methods,
                 refused: Some(shared.styled(rejection)),
             }),
             (rejection, None) => Err(shared.styled(rejection)),
         },
     }
+}
+
+/// How the method overrides peeked at stand, their stores' answers awaited
+/// together (with a remote store, the calls are in flight at once). A
+/// failed store is answered as the peek's own failure is, by the plan's
+/// failure mode: an override a failure let through unchecked is left out,
+/// one it refused refuses the standing.
+async fn methods<K, S: Store>(
+    shared: &Shared<K, S>,
+    peeked: Vec<MethodPeek<S::Future>>,
+) -> Result<Vec<MethodStanding>, Rejection> {
+    let mut methods = Vec::with_capacity(peeked.len());
+    let mut answers = Vec::with_capacity(peeked.len());
+    let mut pending = Vec::with_capacity(peeked.len());
+    for m in peeked {
+        match m.answer {
+            Acquired::Ready(result) => answers.push(Some((result, false))),
+            Acquired::Pending(f) => {
+                answers.push(None);
+                pending.push((answers.len() - 1, Box::pin(f)));
+            }
+        }
+        methods.push((m.written, m.failure));
+    }
+    std::future::poll_fn(|cx| {
+        pending.retain_mut(|(i, f)| match f.as_mut().poll(cx) {
+            Poll::Ready(result) => {
+                answers[*i] = Some((result, true));
+                false
+            }
+            Poll::Pending => true,
+        });
+        if pending.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    let mut standing = Vec::with_capacity(methods.len());
+    for ((method, failure), answer) in methods.into_iter().zip(answers) {
+        let Some((result, waited)) = answer else {
+            continue;
+        };
+        let limit = match shared.conclude(result, failure, waited) {
+            Ok(report) => report.items().first().copied(),
+            Err(refusal) => match *refusal {
+                (_, Some(limit)) => Some(limit),
+                (rejection, None) => return Err(rejection),
+            },
+        };
+        if let Some(limit) = limit {
+            standing.push(MethodStanding { method, limit });
+        }
+    }
+    Ok(standing)
+}
+
+/// Both futures' outputs, the two polled in turn until both are ready.
+async fn both<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let (mut a, mut b) = (pin!(a), pin!(b));
+    let (mut out_a, mut out_b) = (None, None);
+    std::future::poll_fn(|cx| {
+        if out_a.is_none() {
+            if let Poll::Ready(v) = a.as_mut().poll(cx) {
+                out_a = Some(v);
+            }
+        }
+        if out_b.is_none() {
+            if let Poll::Ready(v) = b.as_mut().poll(cx) {
+                out_b = Some(v);
+            }
+        }
+        match (out_a.take(), out_b.take()) {
+            (Some(a), Some(b)) => Poll::Ready((a, b)),
+            (a, b) => {
+                (out_a, out_b) = (a, b);
+                Poll::Pending
+            }
+        }
+    })
+    .await
 }
 
 impl<K, S> Clone for RateLimitLayer<K, S> {

@@ -10,7 +10,7 @@ mod rejected;
 mod service;
 
 pub use self::future::ResponseFuture;
-pub use self::layer::{RateLimitLayer, RateLimitLayerBuilder, Standing};
+pub use self::layer::{MethodStanding, RateLimitLayer, RateLimitLayerBuilder, Standing};
 pub use self::service::RateLimit;
 
 pub(crate) use self::engine::{BodyLimits, Peek, Shared, SharedState, Step};

@@ -9,6 +9,8 @@
 //! forwarding `/v1/…`, an encoded letter, a doubled slash or a `..` segment
 //! do not take a request out of it.
 
+use std::sync::Arc;
+
 use http::Method;
 
 use super::compiled::{Limit, LimitKind};
@@ -285,6 +287,9 @@ fn is_plain(route: &str) -> bool {
 pub(crate) struct MethodLimit {
     pub(crate) path: MethodPath,
     pub(crate) limit: Limit,
+    /// The methodPath as configured (`"/v1/completions/POST"`, `"/*/*"`):
+    /// what a usage report names the override by.
+    pub(crate) written: Arc<str>,
 }
 
 /// The most literal override matching `path` or `route` (when the request
@@ -326,6 +331,7 @@ pub(super) fn compile_methods(
         compiled.push(MethodLimit {
             path: parsed,
             limit: Limit::new(kind, t, owner, path),
+            written: path.as_str().into(),
         });
     }
     Ok(compiled.into_boxed_slice())

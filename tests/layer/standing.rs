@@ -328,3 +328,131 @@ async fn a_models_standing_on_redis() {
     }
     a_models_standing_names_its_entry(&Redis::single("model-standing")).await;
 }
+
+/// How the method override `method` of kind `name` stands: (remaining, limit).
+fn method_of(standing: &tollgate::Standing, name: &str, method: &str) -> (u64, u64) {
+    let found: Vec<_> = standing
+        .methods()
+        .iter()
+        .filter(|m| m.limit().name() == name && m.method() == method)
+        .collect();
+    assert_eq!(found.len(), 1, "{name} {method}: {:?}", standing.methods());
+    (found[0].limit().remaining(), found[0].limit().limit())
+}
+
+/// A standing lists every method override of the key's stage and plan,
+/// each read alone at cost 0 as the requests its routes match count it (a
+/// stage's for every caller, a plan's per key): on every store alike, on
+/// a Redis Cluster (where the stage lives in its own slot) and under a
+/// plan whose Redis limits are lent to the instance in shares.
+async fn a_standing_lists_method_overrides<B: Backend>(b: &B) {
+    use tollgate::Stage;
+    use tower::ServiceExt;
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let chat = "/v1/chat/completions/POST";
+    let slow = |burst| Throttle::new(0.001, burst).unwrap();
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .stage(Stage::new().throttle(slow(100)).method(chat, slow(10)))
+        .plan(
+            UsagePlan::new("staged")
+                .throttle(slow(50))
+                .method(chat, slow(4))
+                .method("/*/*", slow(20)),
+        )
+        .key(ApiKey::new("s-1", "staged", "staged"))
+        .build()
+        .unwrap();
+    let store = b.store(&clock).await;
+    let layer = RateLimitLayer::builder(policy).store(store.clone()).build();
+    // A second policy without a stage, on the same store: its plan's limits
+    // may be lent in shares on Redis.
+    let lent = Policy::builder()
+        .clock(clock.clone())
+        .plan(
+            UsagePlan::new("lent")
+                .throttle(slow(50))
+                .method(chat, slow(4)),
+        )
+        .key(ApiKey::new("l-1", "lent", "lent"))
+        .build()
+        .unwrap();
+    let lent = RateLimitLayer::builder(lent).store(store.clone()).build();
+    let fresh = layer.standing(b"staged").await.unwrap();
+    assert_eq!(method_of(&fresh, "stage-method", chat), (10, 10));
+    assert_eq!(method_of(&fresh, "method", chat), (4, 4));
+    assert_eq!(method_of(&fresh, "method", "/*/*"), (20, 20));
+    let names: Vec<_> = fresh.methods().iter().map(|m| m.limit().name()).collect();
+    assert_eq!(names, ["stage-method", "method", "method"]);
+    // No override is among the route-less limits.
+    assert!(fresh.limits().iter().all(|l| !l.name().contains("method")));
+    let call = |layer: &RateLimitLayer<_, B::S>, key: &'static str, path: &'static str| {
+        let svc = tower::ServiceBuilder::new()
+            .layer(layer.clone())
+            .service_fn(|_| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+            });
+        let req = http::Request::post(path)
+            .header("x-api-key", key)
+            .body(String::new())
+            .unwrap();
+        async move { svc.oneshot(req).await.unwrap().status().as_u16() }
+    };
+    for path in ["/v1/chat/completions", "/v1/chat/completions", "/v1/models"] {
+        assert_eq!(call(&layer, "staged", path).await, 200, "{path}");
+    }
+    for _ in 0..3 {
+        assert_eq!(call(&lent, "lent", "/v1/chat/completions").await, 200);
+    }
+    for _ in 0..3 {
+        let used = layer.standing(b"staged").await.unwrap();
+        assert_eq!(method_of(&used, "stage-method", chat), (8, 10));
+        assert_eq!(method_of(&used, "method", chat), (2, 4));
+        assert_eq!(method_of(&used, "method", "/*/*"), (19, 20));
+        assert_eq!(of(&used, "stage"), (97, 100));
+        assert_eq!(of(&used, "throttle"), (47, 50));
+        let by_id = layer.standing_by_id("s-1").await.unwrap();
+        assert_eq!(method_of(&by_id, "method", chat), (2, 4));
+        let lent = lent.standing(b"lent").await.unwrap();
+        assert_eq!(method_of(&lent, "method", chat), (1, 4));
+        assert_eq!(of(&lent, "throttle"), (47, 50));
+    }
+    // Past the override, the route is refused; the standing reads it empty
+    // and is refused by nothing.
+    for _ in 0..2 {
+        assert_eq!(call(&layer, "staged", "/v1/chat/completions").await, 200);
+    }
+    assert_eq!(call(&layer, "staged", "/v1/chat/completions").await, 429);
+    // On a cluster the stage's slot, charged first, is refunded in the
+    // background when the plan denies.
+    b.drain(&store).await;
+    let empty = layer.standing(b"staged").await.unwrap();
+    assert!(empty.refused().is_none());
+    assert_eq!(method_of(&empty, "method", chat), (0, 4));
+    assert_eq!(method_of(&empty, "stage-method", chat), (6, 10));
+    // A key refused shows nothing.
+    let e = layer.standing(b"nobody").await.unwrap_err();
+    assert_eq!(e.reason(), Reason::UnknownKey);
+}
+
+#[tokio::test]
+async fn method_overrides_stand_on_the_memory_store() {
+    a_standing_lists_method_overrides(&Memory).await;
+}
+
+#[tokio::test]
+async fn method_overrides_stand_on_redis() {
+    if !require_redis() {
+        return;
+    }
+    a_standing_lists_method_overrides(&Redis::single("method-standing")).await;
+}
+
+#[tokio::test]
+async fn method_overrides_stand_on_a_redis_cluster() {
+    if !require_redis() {
+        return;
+    }
+    a_standing_lists_method_overrides(&Redis::cluster("method-standing-cluster")).await;
+}

@@ -423,3 +423,172 @@ async fn reading_usage_with_a_refused_key_is_not_counted_as_a_decision() {
     drop(server);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A plan and a stage with method overrides, a model's `"*"` entry and an
+/// account, for [`method_overrides_are_read_with_the_other_limits`].
+const OVERRIDES: &str = r#"
+[[plans]]
+name = "free"
+throttle = { rate = 0.01, burst = 50 }
+quota = { limit = 100, period = "DAY" }
+[plans.methods]
+"/v1/chat/completions/POST" = { rate = 0.01, burst = 4 }
+"/*/*" = { rate = 0.01, burst = 20 }
+[plans.models]
+"*" = { throttle = { rate = 0.01, burst = 30 } }
+
+[[accounts]]
+name = "acme"
+throttle = { rate = 0.01, burst = 60 }
+
+[[keys]]
+id = "free-1"
+value = "free-secret"
+plan = "free"
+account = "acme"
+
+[stage]
+throttle = { rate = 0.01, burst = 100 }
+[stage.methods]
+"/v1/chat/completions/POST" = { rate = 0.01, burst = 10 }
+
+[response]
+style = "openai"
+"#;
+
+/// The limits named `name` whose `method` is `method` in a usage answer.
+fn overrides<'b>(body: &'b Value, name: &str, method: &str) -> Vec<&'b Value> {
+    body["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["name"] == name && l["method"] == method)
+        .collect()
+}
+
+/// (remaining, limit) of the override named `name` of `method`.
+fn override_of(body: &Value, name: &str, method: &str) -> (u64, u64) {
+    let found = overrides(body, name, method);
+    assert_eq!(found.len(), 1, "{name} {method}: {body}");
+    let l = found[0];
+    assert_eq!(l["family"], "requests", "{l}");
+    assert!(l["window_secs"].as_u64().unwrap() > 0, "{l}");
+    assert!(l["reset_ms"].is_u64(), "{l}");
+    (
+        l["remaining"].as_u64().unwrap(),
+        l["limit"].as_u64().unwrap(),
+    )
+}
+
+/// `GET /v1/usage` lists every method override of the caller's plan and
+/// stage, each named as the rate-limit headers name it (`method`,
+/// `stage-method`) with its methodPath as configured (`/*/*` as written),
+/// beside the stage, account, plan and model limits; each shows what the
+/// requests to its routes used.
+async fn method_overrides_are_read_with_the_other_limits(store: impl tollgate::store::Store) {
+    let app = tollgate_gateway::app(&Config::from_toml(OVERRIDES).unwrap(), store).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (_stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(tollgate_gateway::serve(listener, app, async {
+        let _ = rx.await;
+    }));
+    let bearer = ("authorization", "Bearer free-secret");
+    let chat = "/v1/chat/completions/POST";
+    let (status, fresh) = usage(&base, Some(bearer)).await;
+    assert_eq!(status, 200, "{fresh}");
+    assert_eq!(override_of(&fresh, "method", chat), (4, 4));
+    assert_eq!(override_of(&fresh, "method", "/*/*"), (20, 20));
+    assert_eq!(override_of(&fresh, "stage-method", chat), (10, 10));
+    // Two chat completions (the chat override) and one completion (`/*/*`).
+    let client = reqwest::Client::new();
+    let chat_body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":4}"#;
+    for (path, body) in [
+        ("/v1/chat/completions", chat_body),
+        ("/v1/chat/completions", chat_body),
+        ("/v1/completions", BODY),
+    ] {
+        let res = client
+            .post(format!("{base}{path}"))
+            .header("authorization", "Bearer free-secret")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        let _ = res.bytes().await.unwrap();
+    }
+    let (status, used) = usage(&base, Some(bearer)).await;
+    assert_eq!(status, 200, "{used}");
+    assert_eq!(override_of(&used, "method", chat), (2, 4));
+    assert_eq!(override_of(&used, "method", "/*/*"), (19, 20));
+    assert_eq!(override_of(&used, "stage-method", chat), (8, 10));
+    // The other limits are still there, and no override is told twice.
+    assert_eq!(of(&used, "stage"), (97, 100));
+    assert_eq!(of(&used, "account"), (57, 60));
+    assert_eq!(of(&used, "throttle"), (47, 50));
+    assert_eq!(of(&used, "quota"), (97, 100));
+    assert_eq!(of(&used, "model"), (27, 30));
+    let named = |name: &str| {
+        let limits = used["limits"].as_array().unwrap();
+        limits.iter().filter(|l| l["name"] == name).count()
+    };
+    assert_eq!((named("method"), named("stage-method")), (2, 1), "{used}");
+    // A limit that is no override has no `method`.
+    let throttle = used["limits"].as_array().unwrap();
+    let throttle = throttle.iter().find(|l| l["name"] == "throttle").unwrap();
+    assert!(throttle.get("method").is_none(), "{throttle}");
+    // Reading them charged nothing.
+    let (_, again) = usage(&base, Some(bearer)).await;
+    assert_eq!(override_of(&again, "method", chat), (2, 4));
+    assert_eq!(override_of(&again, "stage-method", chat), (8, 10));
+    // Past its chat override, a chat completion is refused by it; usage
+    // shows the override empty.
+    for _ in 0..2 {
+        let res = client
+            .post(format!("{base}/v1/chat/completions"))
+            .header("authorization", "Bearer free-secret")
+            .header("content-type", "application/json")
+            .body(chat_body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let _ = res.bytes().await.unwrap();
+    }
+    let res = client
+        .post(format!("{base}/v1/chat/completions"))
+        .header("authorization", "Bearer free-secret")
+        .header("content-type", "application/json")
+        .body(chat_body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    let (_, empty) = usage(&base, Some(bearer)).await;
+    assert_eq!(override_of(&empty, "method", chat), (0, 4));
+    assert_eq!(override_of(&empty, "stage-method", chat), (6, 10));
+    assert!(empty["refused"].is_null(), "{empty}");
+}
+
+#[tokio::test]
+async fn method_overrides_are_read_on_the_memory_store() {
+    let clock = ManualClock::new();
+    clock.set_wall(crate::support::at(2024, 5, 6, 36_000));
+    let store = MemoryStore::builder().clock(clock).build().unwrap();
+    method_overrides_are_read_with_the_other_limits(store).await;
+}
+
+#[tokio::test]
+async fn method_overrides_are_read_alike_on_the_redis_store() {
+    if !crate::support::redis::require_redis() {
+        return;
+    }
+    let redis = crate::support::redis::RedisServer::start();
+    let store = tollgate::RedisStore::builder(redis.url())
+        .build()
+        .await
+        .unwrap();
+    method_overrides_are_read_with_the_other_limits(store).await;
+}
