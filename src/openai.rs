@@ -21,7 +21,12 @@
 //!   OpenAI holds; a body that has several of these counts them all,
 //!   whichever the server reads; and a system prompt beside them, a
 //!   Responses request's `instructions` or a Messages request's (Anthropic's
-//!   shape) `system`, text or text blocks;
+//!   shape) `system`, text or text blocks; and the tools, text the model
+//!   reads (a chat template writes them into the prompt, and OpenAI counts
+//!   them in `prompt_tokens`): each definition of `tools` (and of a chat's
+//!   legacy `functions`) as its JSON written compactly, and each call of an
+//!   assistant turn (`tool_calls`' `function` or `custom`, or a legacy
+//!   `function_call`) as its `name`, `arguments` and `input`, as text;
 //! - the answer: the largest of `max_completion_tokens`, `max_tokens`,
 //!   `max_output_tokens` (the Responses API's) and `n_predict` (llama.cpp's
 //!   server's, which it reads before `max_tokens`; a negative one, no bound,
@@ -108,6 +113,7 @@ use std::sync::Arc;
 use http::Method;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::Value;
 #[cfg(feature = "tiktoken")]
 use tiktoken_rs::CoreBPE;
 
@@ -255,6 +261,20 @@ impl OpenAiEstimator {
             if let Some(content) = &m.content {
                 self.content(tally, content);
             }
+            if let Some(Value::Array(calls)) = &m.tool_calls {
+                for call in calls {
+                    for f in ["function", "custom"]
+                        .map(|k| call.get(k))
+                        .into_iter()
+                        .flatten()
+                    {
+                        called(tally, f);
+                    }
+                }
+            }
+            if let Some(f) = &m.function_call {
+                called(tally, f);
+            }
         }
     }
 
@@ -336,6 +356,10 @@ impl OpenAiEstimator {
         // The system message the server puts before the others.
         for system in [&req.instructions, &req.system].into_iter().flatten() {
             self.content(&mut prompt, system);
+        }
+        // And the tools it describes to the model.
+        for tools in [&req.tools, &req.functions].into_iter().flatten() {
+            defined(&mut prompt, tools);
         }
         match input {
             // An input is one answer, however many texts it holds: an
@@ -475,6 +499,34 @@ impl Route {
             Route::Responses
         } else {
             Route::Any
+        }
+    }
+}
+
+/// Counts tool definitions (`tools`, `functions`): each one's JSON, written
+/// compactly, as text; a value that is not an array, as one definition.
+fn defined(tally: &mut Tally<'_>, tools: &Value) {
+    match tools {
+        Value::Array(tools) => tools
+            .iter()
+            .filter(|t| !t.is_null())
+            .for_each(|t| tally.text(&t.to_string())),
+        Value::Null => {}
+        tool => tally.text(&tool.to_string()),
+    }
+}
+
+/// Counts a tool call the model made (a `tool_calls` entry's `function` or
+/// `custom` object, or a legacy `function_call`): its `name`, `arguments`
+/// and `input` (a custom tool's), strings as text, other values (Ollama's
+/// arguments as an object) as their JSON written compactly. A call of
+/// another shape counts nothing: the estimate reads it, it does not judge it.
+fn called(tally: &mut Tally<'_>, call: &Value) {
+    for field in ["name", "arguments", "input"] {
+        match call.get(field) {
+            Some(Value::String(text)) => tally.text(text),
+            None | Some(Value::Null) => {}
+            Some(other) => tally.text(&other.to_string()),
         }
     }
 }
@@ -648,6 +700,11 @@ struct Body {
     /// A Messages request's (Anthropic's shape) system prompt: text, or
     /// text blocks.
     system: Option<Content>,
+    /// The tools the model may call (chat, Responses and Messages
+    /// requests): each definition is text the model reads.
+    tools: Option<Value>,
+    /// A chat's legacy function definitions, as `tools`.
+    functions: Option<Value>,
 }
 
 /// The keys of a body's top level the estimate reads or a server's answer
@@ -665,6 +722,8 @@ const BODY_FIELDS: &[&str] = &[
     "n_predict",
     "instructions",
     "system",
+    "tools",
+    "functions",
     "stream",
     "stream_options",
 ];
@@ -695,6 +754,8 @@ impl<'de> Deserialize<'de> for Body {
                         Some(8) => body.n_predict = map.next_value()?,
                         Some(9) => body.instructions = map.next_value()?,
                         Some(10) => body.system = map.next_value()?,
+                        Some(11) => body.tools = map.next_value()?,
+                        Some(12) => body.functions = map.next_value()?,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -884,6 +945,11 @@ enum Prompt {
 /// A chat's message, or a Responses request's item.
 struct Message {
     content: Option<Content>,
+    /// An assistant turn's calls of tools (`tool_calls`), each read as
+    /// the model wrote it: `{"function":{"name":…,"arguments":…}}`.
+    tool_calls: Option<Value>,
+    /// An assistant turn's legacy call (`{"name":…,"arguments":…}`).
+    function_call: Option<Value>,
 }
 
 impl<'de> Deserialize<'de> for Message {
@@ -897,11 +963,17 @@ impl<'de> Deserialize<'de> for Message {
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Message, A::Error> {
-                let mut message = Message { content: None };
-                let mut keys = Keys::new(&["content"]);
+                let mut message = Message {
+                    content: None,
+                    tool_calls: None,
+                    function_call: None,
+                };
+                let mut keys = Keys::new(&["content", "tool_calls", "function_call"]);
                 while let Some(field) = keys.next(&mut map)? {
                     match field {
-                        Some(_) => message.content = map.next_value()?,
+                        Some(0) => message.content = map.next_value()?,
+                        Some(1) => message.tool_calls = map.next_value()?,
+                        Some(_) => message.function_call = map.next_value()?,
                         None => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -1047,6 +1119,65 @@ mod tests {
         // And a completion's prompts still set how many answers it asks for.
         let body = r#"{"prompt":["ab","cd"],"messages":[{"content":"efgh"}],"max_tokens":3}"#;
         assert_eq!(tokens(body), 2 + 3 * 2);
+    }
+
+    #[test]
+    fn tool_definitions_and_calls_are_prompt_text() {
+        // A tool's definition is rendered into the prompt the model reads
+        // (OpenAI counts it as prompt tokens, vLLM's chat templates write it
+        // out): its JSON, written compactly, counts as text, each tool's
+        // apart; so do a call's name and arguments in an assistant turn.
+        let tool = r#"{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}"#;
+        let chars = tool.chars().count();
+        let body = format!(
+            r#"{{"messages":[{{"role":"user","content":"abcd"}}],"tools":[{tool}, {tool}],"tool_choice":"auto","max_tokens":0}}"#
+        );
+        assert_eq!(tokens(&body) as usize, (4 + 2 * chars).div_ceil(4));
+        // Pretty-printed, it counts the same.
+        let pretty = body.replace(r#"{"type":"object"}"#, "{\n   \"type\" :  \"object\"\n}");
+        assert_eq!(tokens(&pretty), tokens(&body));
+        // The legacy `functions` are the definitions alone.
+        let body = r#"{"messages":[{"role":"user","content":"abcd"}],"functions":[{"name":"f","parameters":{"type":"object"}}],"max_tokens":0}"#;
+        assert_eq!(
+            tokens(body) as usize,
+            (4 + r#"{"name":"f","parameters":{"type":"object"}}"#.len()).div_ceil(4)
+        );
+        // "get" + "{\"c\":1}" (7) + "h" + "{}", beside "abcd": 17 characters.
+        let body = r#"{"messages":[
+            {"role":"user","content":"abcd"},
+            {"role":"assistant","content":null,"tool_calls":[
+                {"id":"c1","type":"function","function":{"name":"get","arguments":"{\"c\":1}"}}]},
+            {"role":"assistant","content":null,"function_call":{"name":"h","arguments":"{}"}},
+            {"role":"tool","tool_call_id":"c1","content":"sunny"}
+        ],"max_tokens":0}"#;
+        assert_eq!(tokens(body), (17 + 5_u32).div_ceil(4));
+        // Shapes other servers send are counted, not refused: arguments as
+        // an object (Ollama's), a custom tool's input, nulls.
+        let body = r#"{"messages":[{"role":"assistant","tool_calls":[
+                {"function":{"name":"get","arguments":{"c":1}}},
+                {"type":"custom","custom":{"name":"sh","input":"ls"}},
+                {"function":null}, 7],
+            "function_call":null}],"tools":null,"functions":null,"max_tokens":0}"#;
+        assert_eq!(tokens(body), (3 + 7 + 2 + 2_u32).div_ceil(4));
+        // A custom counter counts each text apart.
+        let words = OpenAiEstimator::new().count_tokens(|_| 1);
+        let body = with_model(&format!(
+            r#"{{"messages":[{{"content":"a","tool_calls":[{{"function":{{"name":"g","arguments":"{{}}"}}}}]}}],"tools":[{tool}],"max_tokens":0}}"#
+        ));
+        assert_eq!(words.estimate_json(body.as_bytes()).unwrap().tokens, 4);
+        // A key that differs from one of these only in case is refused, as
+        // for the other fields the estimate reads.
+        for body in [
+            r#"{"messages":[],"tools":[],"Tools":[{"a":1}]}"#,
+            r#"{"messages":[{"content":"a","tool_calls":[],"Tool_Calls":[]}]}"#,
+        ] {
+            assert!(
+                OpenAiEstimator::new()
+                    .estimate_json(with_model(body).as_bytes())
+                    .is_err(),
+                "{body}"
+            );
+        }
     }
 
     #[test]

@@ -53,11 +53,11 @@ pub(crate) fn check(data: &[u8]) {
         .min(u64::from(u32::MAX));
     assert_eq!(u64::from(job.estimate()), expected);
     // A prompt character takes at least one byte of body (a quarter of a
-    // token), a token id at least two (a digit and a comma or bracket): a
-    // client cannot make the estimate exceed what its body holds.
-    assert!(
-        u64::from(job.estimate()) <= (body.len() as u64).div_ceil(2) + u64::from(MAX_TOKENS_CAP)
-    );
+    // token), a token id at least two (a digit and a comma or bracket), a
+    // tool definition's character, written compactly, at least a quarter
+    // of one (`1e15,` is `1000000000000000.0,`): a client cannot make the
+    // estimate exceed what its body holds.
+    assert!(u64::from(job.estimate()) <= body.len() as u64 + u64::from(MAX_TOKENS_CAP));
 }
 
 /// Checks the job against the prompt and `max_tokens` that `value` holds.
@@ -67,8 +67,10 @@ fn agrees_with_plain_json(job: &Job, chat: bool, value: &Value) {
             .as_array()
             .expect("a chat body has messages")
             .iter()
-            .map(|m| content_chars(&m["content"]))
-            .sum::<usize>();
+            .map(|m| content_chars(&m["content"]) + calls_chars(m))
+            .sum::<usize>()
+            + defined_chars(&value["tools"])
+            + defined_chars(&value["functions"]);
         (chars, 0, 1)
     } else {
         prompt_size(&value["prompt"])
@@ -126,4 +128,43 @@ fn content_chars(content: &Value) -> usize {
         Value::Null => 0,
         other => panic!("a message's content is a string, parts or null, not {other}"),
     }
+}
+
+/// The characters of tool definitions: each one's JSON, written compactly.
+fn defined_chars(tools: &Value) -> usize {
+    let chars = |t: &Value| t.to_string().chars().count();
+    match tools {
+        Value::Array(tools) => tools.iter().filter(|t| !t.is_null()).map(chars).sum(),
+        Value::Null => 0,
+        tool => chars(tool),
+    }
+}
+
+/// The characters of a message's calls of tools: each call's name,
+/// arguments and input (strings as text, other values as JSON).
+fn calls_chars(message: &Value) -> usize {
+    let call = |c: &Value| -> usize {
+        ["name", "arguments", "input"]
+            .iter()
+            .map(|f| match &c[f] {
+                Value::String(s) => s.chars().count(),
+                Value::Null => 0,
+                other => other.to_string().chars().count(),
+            })
+            .sum()
+    };
+    let tool_calls: usize = message["tool_calls"].as_array().map_or(0, |calls| {
+        calls
+            .iter()
+            .flat_map(|c| [&c["function"], &c["custom"]])
+            .filter(|f| !f.is_null())
+            .map(call)
+            .sum()
+    });
+    let legacy = if message["function_call"].is_null() {
+        0
+    } else {
+        call(&message["function_call"])
+    };
+    tool_calls + legacy
 }

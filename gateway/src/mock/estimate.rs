@@ -7,6 +7,7 @@
 
 use serde::Deserialize;
 use serde::de::IgnoredAny;
+use serde_json::Value;
 use tollgate::TokenUsage;
 
 /// Limits on what one mock request may ask for, so that a request cannot make
@@ -26,6 +27,9 @@ struct CompletionRequest {
     common: Common,
     /// A chat's field: see [`Unserved`].
     messages: Option<IgnoredAny>,
+    /// A chat's tools, which OpenAI's completions do not take.
+    tools: Option<IgnoredAny>,
+    functions: Option<IgnoredAny>,
     #[serde(flatten)]
     unserved: Unserved,
 }
@@ -65,8 +69,37 @@ struct ChatRequest {
     common: Common,
     /// A completion's field: see [`Unserved`].
     prompt: Option<IgnoredAny>,
+    /// The tools the model may call, and the legacy functions: each
+    /// definition's JSON, written compactly, is prompt text.
+    tools: Option<Value>,
+    functions: Option<Value>,
     #[serde(flatten)]
     unserved: Unserved,
+}
+
+/// The characters of tool definitions (`tools`, `functions`): each one's
+/// JSON, written compactly; a value that is not an array, as one.
+fn defined_chars(tools: &Option<Value>) -> usize {
+    let chars = |t: &Value| t.to_string().chars().count();
+    match tools {
+        Some(Value::Array(tools)) => tools.iter().filter(|t| !t.is_null()).map(chars).sum(),
+        None | Some(Value::Null) => 0,
+        Some(tool) => chars(tool),
+    }
+}
+
+/// The characters of a call the model made (a `tool_calls` entry's
+/// `function` or `custom` object, or a legacy `function_call`): its `name`,
+/// `arguments` and `input`, strings as text, other values as their JSON.
+fn called_chars(call: &Value) -> usize {
+    ["name", "arguments", "input"]
+        .iter()
+        .map(|field| match call.get(field) {
+            Some(Value::String(text)) => text.chars().count(),
+            None | Some(Value::Null) => 0,
+            Some(other) => other.to_string().chars().count(),
+        })
+        .sum()
 }
 
 /// Fields that the gateway's estimate (tollgate's `OpenAiEstimator`) counts
@@ -114,6 +147,11 @@ struct Message {
     /// that only calls tools), as OpenAI's chat messages take it.
     #[serde(default)]
     content: Option<Content>,
+    /// An assistant turn's calls of tools: their names and arguments are
+    /// prompt text.
+    tool_calls: Option<Value>,
+    /// An assistant turn's legacy call.
+    function_call: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -152,6 +190,20 @@ impl Message {
     }
 
     fn chars(&self) -> usize {
+        let calls: usize = match &self.tool_calls {
+            Some(Value::Array(calls)) => calls
+                .iter()
+                .flat_map(|c| [c.get("function"), c.get("custom")])
+                .flatten()
+                .map(called_chars)
+                .sum(),
+            _ => 0,
+        };
+        let legacy = self.function_call.as_ref().map_or(0, called_chars);
+        calls + legacy + self.content_chars()
+    }
+
+    fn content_chars(&self) -> usize {
         match &self.content {
             Some(Content::Text(t)) => t.chars().count(),
             Some(Content::Parts(parts)) => parts
@@ -227,11 +279,19 @@ impl Job {
                     "Invalid value: '{kind}'. A chat message's text part is of type 'text'"
                 ));
             }
-            let chars = req.messages.iter().map(Message::chars).sum();
+            let chars = req.messages.iter().map(Message::chars).sum::<usize>()
+                + defined_chars(&req.tools)
+                + defined_chars(&req.functions);
             Job::new(true, req.model, (chars, 0, 1), &req.common)
         } else {
             let req: CompletionRequest = serde_json::from_slice(body).map_err(bad)?;
             if let Some(name) = req.unserved.first(("messages", &req.messages)) {
+                return Err(unrecognized(name));
+            }
+            if let Some(name) = [("tools", &req.tools), ("functions", &req.functions)]
+                .into_iter()
+                .find_map(|(name, v)| v.is_some().then_some(name))
+            {
                 return Err(unrecognized(name));
             }
             Job::new(false, req.model, req.prompt.size(), &req.common)

@@ -869,7 +869,8 @@ async fn chat_bodies_of_real_clients_are_answered() {
         "max_tokens": 1,
     }))
     .await;
-    // "weather?" and "sunny": 13 characters, 4 tokens.
+    // "weather?", the call's "w" and "{}", and "sunny": 16 characters,
+    // 4 tokens.
     assert_eq!(v["usage"]["prompt_tokens"], 4, "{v}");
 
     // A streamed answer honours max_completion_tokens too.
@@ -1768,4 +1769,100 @@ async fn the_estimate_and_the_mocks_usage_count_the_same_prompt() {
         }
     }
     assert_eq!(served, 2, "the plain chat and the completion with nulls");
+}
+
+/// Posts `body` to `route` with the prompts key: the status, the tokens the
+/// budget lost at once (from `x-ratelimit-remaining-tokens`, given what
+/// was `used` before), and the answer.
+async fn charged(s: &Running, route: &str, body: &Value, used: u64) -> (u16, Option<u64>, Value) {
+    let res = s.post(route, Some("prompts-key"), &body.to_string()).await;
+    let status = res.status().as_u16();
+    let reserved = res
+        .headers()
+        .get("x-ratelimit-remaining-tokens")
+        .map(|v| 1000 - used - v.to_str().unwrap().parse::<u64>().unwrap());
+    let answer = if status == 200 && body["stream"] == true {
+        let text = res.text().await.unwrap();
+        let events = sse_events(&text);
+        serde_json::from_str(events[events.len() - 2]).unwrap()
+    } else {
+        res.json().await.unwrap()
+    };
+    (status, reserved, answer)
+}
+
+/// Tools are prompt text the model reads: OpenAI counts their definitions
+/// in `prompt_tokens`, and a chat template writes them into the prompt. A
+/// chat's `tools` (and legacy `functions`) count each definition's JSON,
+/// written compactly, and an assistant turn's calls their names and
+/// arguments: the gateway's estimate and the mock's usage alike, streamed
+/// or not. A completion, which takes no tools, is refused them, costing
+/// nothing.
+#[tokio::test]
+async fn tool_definitions_and_calls_are_prompt_tokens_estimated_and_answered() {
+    let s = start(PROMPTS_CONFIG).await;
+    let tool = json!({"type": "function", "function": {"name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}});
+    let tool_chars = tool.to_string().chars().count() as u64;
+    let user = json!({"role": "user", "content": "weather?"});
+    let call = json!({"role": "assistant", "content": null, "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]});
+    let legacy = json!({"role": "assistant", "content": null,
+        "function_call": {"name": "get_weather", "arguments": "{\"city\":\"Rome\"}"}});
+    let answer = json!({"role": "tool", "tool_call_id": "c1", "content": "sunny"});
+    // (body, prompt characters)
+    let cases = [
+        (
+            json!({"model": "m", "messages": [user], "tools": [tool, tool],
+                "tool_choice": "auto", "parallel_tool_calls": false, "max_tokens": 2}),
+            8 + 2 * tool_chars,
+        ),
+        (
+            json!({"model": "m", "messages": [user], "functions": [tool["function"]],
+                "function_call": "auto", "max_tokens": 2}),
+            8 + tool["function"].to_string().chars().count() as u64,
+        ),
+        // "get_weather" and `{"city":"Paris"}`: 11 + 16; "sunny": 5.
+        (
+            json!({"model": "m", "messages": [user, call, answer], "tools": [tool],
+                "max_tokens": 2, "stream": true, "stream_options": {"include_usage": true},
+                "mock_token_ms": 0}),
+            8 + 27 + 5 + tool_chars,
+        ),
+        // "get_weather" and `{"city":"Rome"}`: 11 + 15.
+        (
+            json!({"model": "m", "messages": [user, legacy], "max_tokens": 2}),
+            8 + 26,
+        ),
+    ];
+    let mut used = 0;
+    for (body, chars) in cases {
+        let (status, reserved, answer) = charged(&s, "/v1/chat/completions", &body, used).await;
+        assert_eq!(status, 200, "{body}: {answer}");
+        let prompt = chars.div_ceil(4);
+        assert_eq!(answer["usage"]["prompt_tokens"], prompt, "{body}: {answer}");
+        assert_eq!(reserved, Some(prompt + 2), "{body}");
+        used += prompt + 2;
+    }
+    for tools in [
+        json!({"tools": [tool]}),
+        json!({"functions": [tool["function"]]}),
+    ] {
+        let mut body = json!({"model": "m", "prompt": "ab", "max_tokens": 2});
+        body.as_object_mut()
+            .unwrap()
+            .extend(tools.as_object().unwrap().clone());
+        let (status, _, answer) = charged(&s, "/v1/completions", &body, used).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("Unrecognized")
+        );
+    }
+    let body = json!({"model": "m", "prompt": "", "max_tokens": 0});
+    assert_eq!(charged(&s, "/v1/completions", &body, used).await.1, Some(0));
 }
