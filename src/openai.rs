@@ -26,7 +26,8 @@
 //!   them in `prompt_tokens`): each definition of `tools` (and of a chat's
 //!   legacy `functions`) as its JSON written compactly, and each call of an
 //!   assistant turn (`tool_calls`' `function` or `custom`, or a legacy
-//!   `function_call`) as its `name`, `arguments` and `input`, as text;
+//!   `function_call`) as its `name`, `arguments` and `input`, as text; a
+//!   completion's `suffix` as text too;
 //! - the answer: the largest of `max_completion_tokens`, `max_tokens`,
 //!   `max_output_tokens` (the Responses API's) and `n_predict` (llama.cpp's
 //!   server's, which it reads before `max_tokens`; a negative one, no bound,
@@ -34,7 +35,8 @@
 //!   ones, so a small one beside a large one does not lower the estimate),
 //!   else
 //!   [`default_max_tokens`](OpenAiEstimator::default_max_tokens) (16, as
-//!   OpenAI's completions default), times `n` (default 1), times the number
+//!   OpenAI's completions default), times `n` (default 1; a completion's
+//!   `best_of` when larger, the candidates generated), times the number
 //!   of prompts of a completion given several; none for a request whose
 //!   route ends in `/embeddings` (its answer is vectors).
 //!
@@ -357,6 +359,10 @@ impl OpenAiEstimator {
         for system in [&req.instructions, &req.system].into_iter().flatten() {
             self.content(&mut prompt, system);
         }
+        // A completion's suffix, which the model reads after the prompt.
+        if let Some(suffix) = &req.suffix {
+            prompt.text(suffix);
+        }
         // And the tools it describes to the model.
         for tools in [&req.tools, &req.functions].into_iter().flatten() {
             defined(&mut prompt, tools);
@@ -410,7 +416,9 @@ impl OpenAiEstimator {
             .max()
             .unwrap_or(self.default_max_tokens)
         };
-        let n = u64::from(req.n.unwrap_or(1).max(1));
+        // `best_of` candidates are generated for each prompt, and billed,
+        // `n` of them returned.
+        let n = u64::from(req.n.unwrap_or(1).max(req.best_of.unwrap_or(1)).max(1));
         let tokens = prompt
             .total()
             .saturating_add(u64::from(max).saturating_mul(n).saturating_mul(answers));
@@ -705,6 +713,11 @@ struct Body {
     tools: Option<Value>,
     /// A chat's legacy function definitions, as `tools`.
     functions: Option<Value>,
+    /// A completion's text after the insertion, which the model reads.
+    suffix: Option<String>,
+    /// A completion's candidates generated for each prompt, `n` of them
+    /// returned.
+    best_of: Option<u32>,
 }
 
 /// The keys of a body's top level the estimate reads or a server's answer
@@ -724,6 +737,8 @@ const BODY_FIELDS: &[&str] = &[
     "system",
     "tools",
     "functions",
+    "suffix",
+    "best_of",
     "stream",
     "stream_options",
 ];
@@ -756,6 +771,8 @@ impl<'de> Deserialize<'de> for Body {
                         Some(10) => body.system = map.next_value()?,
                         Some(11) => body.tools = map.next_value()?,
                         Some(12) => body.functions = map.next_value()?,
+                        Some(13) => body.suffix = map.next_value()?,
+                        Some(14) => body.best_of = map.next_value()?,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -1119,6 +1136,34 @@ mod tests {
         // And a completion's prompts still set how many answers it asks for.
         let body = r#"{"prompt":["ab","cd"],"messages":[{"content":"efgh"}],"max_tokens":3}"#;
         assert_eq!(tokens(body), 2 + 3 * 2);
+    }
+
+    #[test]
+    fn a_completions_suffix_and_best_of_are_counted() {
+        // The suffix is text the model reads (after its insertion): prompt
+        // "abcd" and suffix "efgh", 2 tokens.
+        assert_eq!(
+            tokens(r#"{"prompt":"abcd","suffix":"efgh","max_tokens":0}"#),
+            2
+        );
+        // `best_of` candidates are generated (and billed) for each prompt,
+        // `n` of them returned: the answers are the larger of the two.
+        assert_eq!(
+            tokens(r#"{"prompt":"abcd","best_of":3,"max_tokens":5}"#),
+            1 + 15
+        );
+        assert_eq!(
+            tokens(r#"{"prompt":["abcd","efgh"],"best_of":3,"n":2,"max_tokens":5}"#),
+            2 + 2 * 15
+        );
+        assert_eq!(
+            tokens(r#"{"prompt":"abcd","best_of":1,"n":2,"max_tokens":5}"#),
+            1 + 10
+        );
+        assert_eq!(
+            tokens(r#"{"prompt":"abcd","best_of":null,"suffix":null,"max_tokens":5}"#),
+            1 + 5
+        );
     }
 
     #[test]

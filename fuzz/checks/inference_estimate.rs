@@ -16,7 +16,7 @@ use super::estimate::{Job, MAX_CHOICES, MAX_TOKEN_MS, MAX_TOKENS_CAP};
 const MAX_BODY: usize = 1 << 20;
 
 /// Checks that an accepted body is estimated as documented,
-/// `ceil(prompt_chars / 4) + token_ids + max_tokens × choices`, within the
+/// `ceil(prompt_chars / 4) + token_ids + max_tokens × candidates`, within the
 /// caps, and never more than the body's size can account for.
 pub(crate) fn check(data: &[u8]) {
     let Some((&flags, body)) = data.split_first() else {
@@ -34,8 +34,12 @@ pub(crate) fn check(data: &[u8]) {
         }
     };
     assert!((1..=MAX_CHOICES).contains(&job.choices));
-    assert!(u64::from(job.max_tokens) * u64::from(job.choices) <= u64::from(MAX_TOKENS_CAP));
-    assert!(u64::from(job.completion_tokens) * u64::from(job.choices) <= u64::from(MAX_TOKENS_CAP));
+    assert!((job.choices..=MAX_CHOICES).contains(&job.candidates));
+    assert!(!job.stream || job.candidates == job.choices);
+    assert!(u64::from(job.max_tokens) * u64::from(job.candidates) <= u64::from(MAX_TOKENS_CAP));
+    assert!(
+        u64::from(job.completion_tokens) * u64::from(job.candidates) <= u64::from(MAX_TOKENS_CAP)
+    );
     assert!(job.token_ms <= MAX_TOKEN_MS);
 
     // The same body read as plain JSON gives the same prompt and maximum.
@@ -49,7 +53,7 @@ pub(crate) fn check(data: &[u8]) {
 
     let expected = job
         .prompt_tokens
-        .saturating_add(u64::from(job.max_tokens) * u64::from(job.choices))
+        .saturating_add(u64::from(job.max_tokens) * u64::from(job.candidates))
         .min(u64::from(u32::MAX));
     assert_eq!(u64::from(job.estimate()), expected);
     // A prompt character takes at least one byte of body (a quarter of a
@@ -73,7 +77,9 @@ fn agrees_with_plain_json(job: &Job, chat: bool, value: &Value) {
             + defined_chars(&value["functions"]);
         (chars, 0, 1)
     } else {
-        prompt_size(&value["prompt"])
+        let (chars, ids, prompts) = prompt_size(&value["prompt"]);
+        let suffix = value["suffix"].as_str().map_or(0, |s| s.chars().count());
+        (chars + suffix, ids, prompts)
     };
     let max_tokens = value
         .get("max_completion_tokens")
@@ -84,6 +90,8 @@ fn agrees_with_plain_json(job: &Job, chat: bool, value: &Value) {
     assert_eq!(u64::from(job.max_tokens), max_tokens);
     let n = value.get("n").and_then(Value::as_u64).unwrap_or(1);
     assert_eq!(u64::from(job.choices), n * prompts);
+    let best_of = value.get("best_of").and_then(Value::as_u64).unwrap_or(n);
+    assert_eq!(u64::from(job.candidates), best_of * prompts);
 }
 
 /// A completion's `prompt`: its characters, its token ids, and how many

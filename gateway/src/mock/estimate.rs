@@ -30,6 +30,11 @@ struct CompletionRequest {
     /// A chat's tools, which OpenAI's completions do not take.
     tools: Option<IgnoredAny>,
     functions: Option<IgnoredAny>,
+    /// Text after the insertion, which the model reads: prompt text.
+    suffix: Option<String>,
+    /// Candidates generated for each prompt, `n` of them returned; at
+    /// least `n`, and not streamed beyond it.
+    best_of: Option<u32>,
     #[serde(flatten)]
     unserved: Unserved,
 }
@@ -67,8 +72,10 @@ struct ChatRequest {
     messages: Vec<Message>,
     #[serde(flatten)]
     common: Common,
-    /// A completion's field: see [`Unserved`].
+    /// A completion's fields: see [`Unserved`].
     prompt: Option<IgnoredAny>,
+    suffix: Option<IgnoredAny>,
+    best_of: Option<IgnoredAny>,
     /// The tools the model may call, and the legacy functions: each
     /// definition's JSON, written compactly, is prompt text.
     tools: Option<Value>,
@@ -251,10 +258,13 @@ pub(crate) struct Job {
     pub(crate) max_tokens: u32,
     /// Tokens of each choice.
     pub(crate) completion_tokens: u32,
-    /// Choices generated, each with `completion_tokens`: `n` for each
+    /// Choices answered, each with `completion_tokens`: `n` for each
     /// prompt (a completion may give several), choice `prompt × n + j`
     /// answering prompt `prompt`, as OpenAI numbers them.
     pub(crate) choices: u32,
+    /// Choices generated (and counted in the usage): a completion's
+    /// `best_of` candidates for each prompt, or `choices`.
+    pub(crate) candidates: u32,
     pub(crate) token_ms: u64,
     pub(crate) stream: bool,
     /// `stream_options.include_usage`: a streamed answer ends with a chunk
@@ -274,6 +284,12 @@ impl Job {
             if let Some(name) = req.unserved.first(("prompt", &req.prompt)) {
                 return Err(unrecognized(name));
             }
+            if let Some(name) = [("suffix", &req.suffix), ("best_of", &req.best_of)]
+                .into_iter()
+                .find_map(|(name, v)| v.is_some().then_some(name))
+            {
+                return Err(unrecognized(name));
+            }
             if let Some(kind) = req.messages.iter().find_map(Message::responses_part) {
                 return Err(format!(
                     "Invalid value: '{kind}'. A chat message's text part is of type 'text'"
@@ -282,7 +298,7 @@ impl Job {
             let chars = req.messages.iter().map(Message::chars).sum::<usize>()
                 + defined_chars(&req.tools)
                 + defined_chars(&req.functions);
-            Job::new(true, req.model, (chars, 0, 1), &req.common)
+            Job::new(true, req.model, (chars, 0, 1), None, &req.common)
         } else {
             let req: CompletionRequest = serde_json::from_slice(body).map_err(bad)?;
             if let Some(name) = req.unserved.first(("messages", &req.messages)) {
@@ -294,17 +310,25 @@ impl Job {
             {
                 return Err(unrecognized(name));
             }
-            Job::new(false, req.model, req.prompt.size(), &req.common)
+            let (chars, ids, prompts) = req.prompt.size();
+            let suffix = req.suffix.as_deref().map_or(0, |s| s.chars().count());
+            Job::new(
+                false,
+                req.model,
+                (chars + suffix, ids, prompts),
+                req.best_of,
+                &req.common,
+            )
         }
     }
 
     /// Tokens reserved before the call:
-    /// `ceil(prompt_chars / 4) + token_ids + max_tokens × choices`.
+    /// `ceil(prompt_chars / 4) + token_ids + max_tokens × candidates`.
     #[allow(dead_code)]
     pub(crate) fn estimate(&self) -> u32 {
         u32::try_from(self.prompt_tokens)
             .unwrap_or(u32::MAX)
-            .saturating_add(self.max_tokens.saturating_mul(self.choices))
+            .saturating_add(self.max_tokens.saturating_mul(self.candidates))
     }
 
     /// The job of a request whose prompt has `chars` characters, `ids`
@@ -313,6 +337,7 @@ impl Job {
         chat: bool,
         model: String,
         (chars, ids, prompts): (usize, u64, usize),
+        best_of: Option<u32>,
         c: &Common,
     ) -> Result<Job, String> {
         let max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(16);
@@ -324,17 +349,30 @@ impl Job {
         if prompts == 0 {
             return Err("prompt must not be an empty list".to_owned());
         }
-        let choices = u32::try_from(prompts)
-            .ok()
-            .and_then(|p| p.checked_mul(n))
-            .filter(|&c| c <= MAX_CHOICES)
-            .ok_or_else(|| {
-                format!("n times the number of prompts must be at most {MAX_CHOICES}")
-            })?;
-        // Every choice may take `max_tokens`: what the answer may cost stays
-        // within the cap whatever `n` and however many prompts.
-        if max_tokens.saturating_mul(choices) > MAX_TOKENS_CAP
-            || completion_tokens.saturating_mul(choices) > MAX_TOKENS_CAP
+        let best_of = best_of.unwrap_or(n);
+        if best_of < n {
+            return Err("best_of must be greater than or equal to n".to_owned());
+        }
+        let stream = c.stream.unwrap_or(false);
+        if stream && best_of > n {
+            return Err("best_of greater than n cannot be streamed".to_owned());
+        }
+        let of = |per_prompt: u32| {
+            u32::try_from(prompts)
+                .ok()
+                .and_then(|p| p.checked_mul(per_prompt))
+                .filter(|&c| c <= MAX_CHOICES)
+                .ok_or_else(|| {
+                    format!(
+                        "n (or best_of) times the number of prompts must be at most {MAX_CHOICES}"
+                    )
+                })
+        };
+        let (choices, candidates) = (of(n)?, of(best_of)?);
+        // Every candidate may take `max_tokens`: what the answer may cost
+        // stays within the cap whatever `n` and however many prompts.
+        if max_tokens.saturating_mul(candidates) > MAX_TOKENS_CAP
+            || completion_tokens.saturating_mul(candidates) > MAX_TOKENS_CAP
         {
             return Err(format!(
                 "max_tokens and mock_completion_tokens, times n (for each prompt), must be at most {MAX_TOKENS_CAP}"
@@ -351,8 +389,9 @@ impl Job {
             max_tokens,
             completion_tokens,
             choices,
+            candidates,
             token_ms,
-            stream: c.stream.unwrap_or(false),
+            stream,
             include_usage: c
                 .stream_options
                 .as_ref()

@@ -57,9 +57,10 @@ impl CostEstimator for MockEstimator {
 }
 
 impl Job {
-    /// Tokens generated, over every choice.
+    /// Tokens generated, over every candidate (`best_of` of them for each
+    /// prompt, `n` returned).
     fn generated(&self) -> u64 {
-        u64::from(self.completion_tokens) * u64::from(self.choices)
+        u64::from(self.completion_tokens) * u64::from(self.candidates)
     }
 
     fn total_tokens(&self) -> u64 {

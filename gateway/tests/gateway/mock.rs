@@ -1866,3 +1866,83 @@ async fn tool_definitions_and_calls_are_prompt_tokens_estimated_and_answered() {
     let body = json!({"model": "m", "prompt": "", "max_tokens": 0});
     assert_eq!(charged(&s, "/v1/completions", &body, used).await.1, Some(0));
 }
+
+/// A completion's `suffix` is prompt text, and its `best_of` candidates are
+/// generated and billed for each prompt, `n` of them returned, as OpenAI
+/// does: the estimate and the mock's usage count both alike. What OpenAI
+/// refuses (`best_of` below `n`, or streamed beyond `n`; either field on a
+/// chat) is a 400 costing nothing.
+#[tokio::test]
+async fn a_completions_suffix_and_best_of_are_estimated_and_answered() {
+    let s = start(PROMPTS_CONFIG).await;
+    // (body, prompt tokens, choices returned, candidates generated)
+    let cases = [
+        (
+            json!({"model": "m", "prompt": "abcd", "suffix": "efghijkl", "max_tokens": 2}),
+            3,
+            1,
+            1,
+        ),
+        (
+            json!({"model": "m", "prompt": "abcd", "best_of": 3, "max_tokens": 2}),
+            1,
+            1,
+            3,
+        ),
+        (
+            json!({"model": "m", "prompt": ["abcd", "efgh"], "best_of": 3, "n": 2,
+                "echo": true, "logprobs": 1, "max_tokens": 2}),
+            2,
+            4,
+            6,
+        ),
+        (
+            json!({"model": "m", "prompt": "abcd", "best_of": 2, "n": 2, "stream": true,
+                "stream_options": {"include_usage": true}, "mock_token_ms": 0, "max_tokens": 2}),
+            1,
+            2,
+            2,
+        ),
+    ];
+    let mut used = 0;
+    for (body, prompt, choices, candidates) in cases {
+        let (status, reserved, answer) = charged(&s, "/v1/completions", &body, used).await;
+        assert_eq!(status, 200, "{body}: {answer}");
+        assert_eq!(reserved, Some(prompt + 2 * candidates), "{body}");
+        let usage = &answer["usage"];
+        assert_eq!(usage["prompt_tokens"], prompt, "{body}: {answer}");
+        assert_eq!(
+            usage["completion_tokens"],
+            2 * candidates,
+            "{body}: {answer}"
+        );
+        if body["stream"] != true {
+            assert_eq!(answer["choices"].as_array().unwrap().len() as u64, choices);
+        }
+        used += prompt + 2 * candidates;
+    }
+    let refused = [
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": "ab", "best_of": 1, "n": 2}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": "ab", "best_of": 2, "stream": true}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": "ab"}], "suffix": "cd"}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": "ab"}], "best_of": 2}),
+        ),
+    ];
+    for (route, body) in refused {
+        let (status, _, answer) = charged(&s, route, &body, used).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+    }
+    let body = json!({"model": "m", "prompt": "", "max_tokens": 0});
+    assert_eq!(charged(&s, "/v1/completions", &body, used).await.1, Some(0));
+}
