@@ -782,8 +782,10 @@ impl<K, S> Shared<K, S> {
 
     /// Hands a registered key's `entry` to `decide`, unless it is disabled
     /// or `enabled` is false (a value the resolver answered disabled, with
-    /// the entry's id): that is refused.
-    #[inline]
+    /// the entry's id): that is refused. Always inlined: the registered
+    /// key's decision is on every request, and a call here moved its result
+    /// through memory (about 24 instructions a request, callgrind).
+    #[inline(always)]
     fn entry<const TOLD: bool, T>(
         &self,
         entry: &KeyEntry,
