@@ -849,7 +849,11 @@ async fn a_key_that_differs_from_a_field_only_in_case_is_refused() {
     *req.uri_mut() = "/v1/chat/completions".parse().unwrap();
     let res = echo(&self::layer(Some(100))).oneshot(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(res.headers()["x-estimate"], "2");
+    // "hi" and the tool's definition, written compactly, are the prompt
+    // (metadata is not): ceil((2 + 143) / 4) = 37, and 1 to answer.
+    let tool = r#"{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"Model":{"type":"string"},"Content":{"type":"string"}}}}}"#;
+    assert_eq!(tool.len(), 143);
+    assert_eq!(res.headers()["x-estimate"], "38");
 }
 
 /// llama.cpp's server bounds the answer by `n_predict`, its own name, which
