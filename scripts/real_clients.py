@@ -154,7 +154,8 @@ def openai_chat_real_bodies():
     c = client().chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=3)
     eq(c.choices[0].message.content, "tok " * 3, "content")
     eq(c.choices[0].finish_reason, "length", "finish_reason")
-    chars = len("Be brief.") + len(PROMPT) + len("42")
+    # The assistant's call is prompt text too: its name and arguments.
+    chars = len("Be brief.") + len(PROMPT) + len("f") + len("{}") + len("42")
     eq(c.usage.prompt_tokens, -(-chars // 4), "usage.prompt_tokens")
     eq(c.usage.completion_tokens, 3, "usage.completion_tokens")
     return c.usage.prompt_tokens + 3
