@@ -362,20 +362,9 @@ impl<S: Store> Admin<S> {
     /// store may never have held). An id neither holds is
     /// [`AdminError::UnknownKey`], and nothing is written for it.
     pub async fn remove_key(&self, id: &str) -> Result<(), AdminError> {
-        self.registered()?;
-        if self.policy.keys().by_id(id, |e| e.is_none()) {
-            // Not held here: a key added through another instance a moment
-            // ago, if the store holds it. Asked first, as the removal
-            // itself cannot say: it tombstones any id, whether a key had it
-            // or not.
-            let elsewhere = match self.shared() {
-                Some(shared) => shared.key(id).await?.is_some(),
-                None => false,
-            };
-            if !elsewhere {
-                return Err(AdminError::UnknownKey(id.to_owned()));
-            }
-        }
+        // Asked first, as the removal itself cannot say: it tombstones any
+        // id, whether a key had it or not.
+        self.key_is_there(id).await?;
         if let Some(shared) = self.shared() {
             let v = shared.write(Edit::Remove(id.to_owned())).await?;
             // Removed for every instance: here at once, unless the watcher
@@ -388,6 +377,21 @@ impl<S: Store> Admin<S> {
         match self.policy.keys().change(|w| w.remove(id)) {
             Some(_) => Ok(()),
             None => Err(AdminError::UnknownKey(id.to_owned())),
+        }
+    }
+
+    /// [`AdminError::UnknownKey`] unless a key has this id: held here (a key
+    /// of the static configuration, which the store may never have held), or,
+    /// with a store that shares the registry, added through another instance
+    /// a moment ago and not yet received here.
+    async fn key_is_there(&self, id: &str) -> Result<(), AdminError> {
+        self.registered()?;
+        if self.policy.keys().by_id(id, |e| e.is_some()) {
+            return Ok(());
+        }
+        match self.shared() {
+            Some(shared) if shared.key(id).await?.is_some() => Ok(()),
+            _ => Err(AdminError::UnknownKey(id.to_owned())),
         }
     }
 
@@ -423,18 +427,7 @@ impl<S: Store> Admin<S> {
     pub async fn set_plan(&self, id: &str, plan: &str) -> Result<(), AdminError> {
         let to = self.policy.load().plan_named(plan).map(Arc::clone);
         let Some(to) = to else {
-            self.registered()?;
-            if self.policy.keys().by_id(id, |e| e.is_none()) {
-                // Not held here: one added through another instance a
-                // moment ago, if the store holds it.
-                let elsewhere = match self.shared() {
-                    Some(shared) => shared.key(id).await?.is_some(),
-                    None => false,
-                };
-                if !elsewhere {
-                    return Err(AdminError::UnknownKey(id.to_owned()));
-                }
-            }
+            self.key_is_there(id).await?;
             return Err(AdminError::UnknownPlan(plan.to_owned()));
         };
         let fields = KeyFields {
