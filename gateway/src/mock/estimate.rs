@@ -10,8 +10,8 @@ use serde::de::IgnoredAny;
 use serde_json::Value;
 use tollgate::TokenUsage;
 
-/// Limits on what one mock request may ask for, so that a request cannot make
-/// the mock work for minutes.
+/// Limits on what one mock request may make the mock generate, so that a
+/// request cannot make it work for minutes.
 pub(crate) const MAX_TOKENS_CAP: u32 = 100_000;
 /// The most choices one request may ask for (OpenAI's bound on `n`), over
 /// all its prompts: `n` times the number of prompts of a completion given
@@ -369,13 +369,14 @@ impl Job {
                 })
         };
         let (choices, candidates) = (of(n)?, of(best_of)?);
-        // Every candidate may take `max_tokens`: what the answer may cost
-        // stays within the cap whatever `n` and however many prompts.
-        if max_tokens.saturating_mul(candidates) > MAX_TOKENS_CAP
-            || completion_tokens.saturating_mul(candidates) > MAX_TOKENS_CAP
-        {
+        // What the mock generates, for every candidate, stays within the
+        // cap whatever `n` and however many prompts. `max_tokens` alone is
+        // not capped: a client may allow a model's whole context (128,000
+        // for some) and ask the mock for a short answer; the estimate
+        // charges what it allows.
+        if completion_tokens.saturating_mul(candidates) > MAX_TOKENS_CAP {
             return Err(format!(
-                "max_tokens and mock_completion_tokens, times n (for each prompt), must be at most {MAX_TOKENS_CAP}"
+                "the tokens generated (mock_completion_tokens, or max_tokens without it), times n (for each prompt), must be at most {MAX_TOKENS_CAP}"
             ));
         }
         let token_ms = c.mock_token_ms.unwrap_or(5);

@@ -1946,3 +1946,47 @@ async fn a_completions_suffix_and_best_of_are_estimated_and_answered() {
     let body = json!({"model": "m", "prompt": "", "max_tokens": 0});
     assert_eq!(charged(&s, "/v1/completions", &body, used).await.1, Some(0));
 }
+
+/// A model's whole context as `max_completion_tokens` (128,000 for some of
+/// OpenAI's), with a short answer asked of the mock: answered, since the
+/// mock generates only `mock_completion_tokens`; the cap is on what it
+/// generates, so a request that would make it generate more than 100,000
+/// tokens is still a 400 that costs nothing.
+#[tokio::test]
+async fn a_large_max_tokens_with_a_short_mock_answer_is_answered() {
+    let s = start(ROOMY_CONFIG).await;
+    for field in ["max_tokens", "max_completion_tokens"] {
+        let body = json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            field: 128_000,
+            "mock_completion_tokens": 3,
+        });
+        let res = s
+            .post("/v1/chat/completions", Some("roomy-key"), &body.to_string())
+            .await;
+        assert_eq!(res.status(), 200, "{field}");
+        let answer: Value = res.json().await.unwrap();
+        assert_eq!(answer["usage"]["completion_tokens"], 3, "{field}");
+        assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{field}");
+    }
+    // What the mock would generate past its cap: refused, at no cost.
+    for body in [
+        json!({"model": "m", "prompt": "hi", "max_tokens": 128_000}),
+        json!({"model": "m", "prompt": "hi", "max_tokens": 16, "mock_completion_tokens": 100_001}),
+        json!({"model": "m", "prompt": "hi", "max_tokens": 16, "mock_completion_tokens": 50_001, "n": 2}),
+    ] {
+        let res = s
+            .post("/v1/completions", Some("roomy-key"), &body.to_string())
+            .await;
+        assert_eq!(res.status(), 400, "{body}");
+        let error: Value = res.json().await.unwrap();
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("100000"),
+            "{error}"
+        );
+    }
+}
