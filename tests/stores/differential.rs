@@ -42,7 +42,13 @@
 //! throttle, a method override, a token budget, a quota, a cap, and its
 //! named model's and `"*"` entry's) decide,
 //! count and report but never reject, while an account's and the stage's
-//! still do.
+//! still do. One kind stacks every request limit in one decision (stage,
+//! account, plan, method override, the named model's throttle, calendar
+//! quota with an offset and concurrency cap, the `"*"` entry), or names the
+//! model with no limits (`{}`, which keeps the `"*"` entry off it). Between
+//! requests, a key's standing (a peek at cost 0) must show what each limit
+//! has left and when it is full again, a cap's free places included, or
+//! the refusal a full cap, a used-up quota or a bucket in debt gives.
 //!
 //! The conformance suite checks chosen sequences; this one checks the rules
 //! across limits (one atomic decision, the longest-holding limit named, a
@@ -181,6 +187,16 @@ enum Kind {
     /// with the plan's), UpdateUsage, moves to plan `"q"`, which has no
     /// `"*"` entry, and back.
     Mixed,
+    /// Every kind of request limit in one decision: perhaps a stage
+    /// throttle and method override, an account (perhaps a throttle, a
+    /// calendar quota with an offset) of two of three keys, a plan with
+    /// perhaps a throttle, a method override, a calendar quota and a
+    /// concurrency cap, its named model with a throttle, a calendar quota
+    /// (a week from any day, a month, with an offset) and a concurrency
+    /// cap of its own, or named with no limits at all (`{}`, which keeps
+    /// the `"*"` entry off it), or not named; perhaps a `"*"` entry (a
+    /// throttle, perhaps a quota); admin operations between requests.
+    Stack,
 }
 
 /// A rate of `num/den` per second and a burst.
@@ -296,6 +312,12 @@ struct Spec {
     anonymous: Option<Rate>,
     /// Anonymous clients `10.0.0.<n>` for n past the keys' indexes.
     anons: usize,
+    /// The period and offset of the named model's quota (a DAY without
+    /// one when `None`).
+    model_period: Option<(model::Period, u64)>,
+    /// Plan `"p"` names [`MODEL`] with no limits (`{}`): requests to it
+    /// pass the plan's limits alone, its `"*"` entry's not.
+    model_empty: bool,
 }
 
 /// The account `"acme"` with these limits.
@@ -357,6 +379,18 @@ const SPELLINGS: [(Option<&str>, bool); 9] = [
 ];
 
 impl Spec {
+    /// The named model's quota of `limit` (its offset kept below it).
+    fn model_quota(&self, limit: u64) -> QuotaSpec {
+        match self.model_period {
+            Some((period, offset)) => QuotaSpec {
+                limit,
+                period,
+                offset: offset.min(limit - 1),
+            },
+            None => QuotaSpec::day(limit),
+        }
+    }
+
     fn plan(&self) -> UsagePlan {
         self.plan_with(
             self.throttle,
@@ -391,7 +425,7 @@ impl Spec {
         if let Some((r, _)) = self.model {
             let mut m = ModelLimits::new().throttle(r.throttle());
             if let Some(l) = model_quota {
-                m = m.quota(QuotaSpec::day(l).quota());
+                m = m.quota(self.model_quota(l).quota());
             }
             if let Some(n) = self.model_tokens {
                 let mut b = TokenBudget::new().per_minute(n).unwrap();
@@ -404,6 +438,9 @@ impl Spec {
                 m = m.concurrency(c);
             }
             p = p.model(MODEL, m);
+        }
+        if self.model_empty {
+            p = p.model(MODEL, ModelLimits::new());
         }
         if let Some((r, quota, tokens)) = star {
             let mut m = ModelLimits::new().throttle(r.throttle());
@@ -510,7 +547,7 @@ impl Spec {
             model_quota: self
                 .model
                 .and_then(|m| m.1)
-                .map(|l| QuotaSpec::day(l).model("model-quota", created)),
+                .map(|l| self.model_quota(l).model("model-quota", created)),
             named_model: false,
             shadow: self.shadow,
         };
@@ -774,6 +811,8 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
         star: None,
         anonymous: None,
         anons: 0,
+        model_period: None,
+        model_empty: false,
     };
     match kind {
         Kind::Throttle => (rate(), start_secs())
@@ -1029,6 +1068,53 @@ fn spec(kind: Kind, fractional: bool) -> BoxedStrategy<Spec> {
                 },
             )
             .boxed(),
+        Kind::Stack => (
+            (prop::option::of(rate()), prop::option::of(rate())),
+            (prop::option::of(rate()), calendar_quota(1..=8)),
+            (
+                prop::option::of(rate()),
+                prop::option::of(rate()),
+                calendar_quota(1..=6),
+                prop::option::of(1..=2u32),
+            ),
+            prop_oneof![
+                2 => (rate(), calendar_quota(1..=4), 1..=2u32).prop_map(Some),
+                1 => Just(None),
+            ],
+            any::<bool>(),
+            prop::option::of((rate(), prop::option::of(1..=4u64))),
+            (rate(), 1..=4u64),
+        )
+            .prop_flat_map(|(stage, account, plan, model, empty, star, other)| {
+                let s = start_in(plan.2.period);
+                (Just((stage, account, plan, model, empty, star, other)), s)
+            })
+            .prop_map(
+                move |(
+                    ((stage, stage_method), (a, aq), (r, m, q, c), model, empty, star, other),
+                    s,
+                )| {
+                    Spec {
+                        throttle: r,
+                        method: m,
+                        quota: Some(q),
+                        concurrency: c,
+                        other: Some(other),
+                        account: Some((a, Some(aq))),
+                        stage,
+                        stage_method,
+                        keys: 3,
+                        start_secs: s,
+                        model: model.map(|(r, mq, _)| (r, Some(mq.limit))),
+                        model_period: model.map(|(_, mq, _)| (mq.period, mq.offset)),
+                        model_concurrency: model.map(|(_, _, c)| c),
+                        model_empty: model.is_none() && empty,
+                        star: star.map(|(r, q)| (r, q, None)),
+                        ..base.clone()
+                    }
+                },
+            )
+            .boxed(),
     }
 }
 
@@ -1107,6 +1193,10 @@ enum Op {
     /// account, from `back` days before today (never before the first day)
     /// to today: the memory and Redis stores must report alike.
     Usage { back: u8 },
+    /// How the key's limits stand (`RateLimitLayer::standing`, a peek):
+    /// each limit's name, what remains (a cap's free places included) and
+    /// when it is full again, or the refusal a request of cost 0 meets.
+    Standing { key: usize },
 }
 
 fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
@@ -1114,7 +1204,7 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
     let max_tokens = s.max_tokens();
     let tokens = s.tokens();
     let keys = s.keys;
-    let spellings = if s.model.is_some() {
+    let spellings = if s.model.is_some() || s.model_empty {
         SPELLINGS.len()
     } else {
         1
@@ -1153,9 +1243,12 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
     });
     let calendar = matches!(
         s.kind,
-        Kind::Calendar | Kind::Admin | Kind::Shared | Kind::Mixed
+        Kind::Calendar | Kind::Admin | Kind::Shared | Kind::Mixed | Kind::Stack
     );
-    let admin = matches!(s.kind, Kind::Admin | Kind::Shared | Kind::Mixed);
+    let admin = matches!(
+        s.kind,
+        Kind::Admin | Kind::Shared | Kind::Mixed | Kind::Stack
+    );
     let limit = s.quota.map_or(1, |q| q.limit);
     let mut op: Vec<(u32, BoxedStrategy<Op>)> = vec![
         (4, direct.boxed()),
@@ -1217,6 +1310,8 @@ fn ops(s: &Spec) -> impl Strategy<Value = Vec<Op>> + use<> {
     if calendar {
         op.push((2, (0..40u8).prop_map(|back| Op::Usage { back }).boxed()));
     }
+    op.push((1, (0..keys).prop_map(|key| Op::Standing { key }).boxed()));
+
     if plan_changes()
         && (s.kind == Kind::Tokens
             || (matches!(
@@ -1508,6 +1603,35 @@ impl<S: Drain> Side<S> {
         out
     }
 
+    /// How key `key`'s limits stand, sorted by name, or its refusal.
+    async fn standing(&mut self, key: usize) -> Observed<Standing> {
+        let result = self.layer.standing(format!("v{key}").as_bytes()).await;
+        self.layer.store().drain().await;
+        let answer = match result {
+            Ok(s) => match s.refused() {
+                Some(r) => Err(denied(r)),
+                None => {
+                    let mut limits: Vec<_> = s
+                        .limits()
+                        .iter()
+                        .map(|l| {
+                            let reset = u64::try_from(l.reset().as_nanos()).unwrap();
+                            (l.name(), l.remaining(), reset)
+                        })
+                        .collect();
+                    limits.sort_unstable();
+                    Ok(limits)
+                }
+            },
+            Err(r) => Err(denied(&r)),
+        };
+        let mut observed = Observed::ok(answer);
+        if self.layer.store_failures() > 0 {
+            observed.faults.push("the store failed".to_owned());
+        }
+        observed
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn http(
         &mut self,
@@ -1595,13 +1719,17 @@ async fn finish(held: Held) {
 
 /// What a store answered, and anything its response got wrong by itself
 /// (headers that disagree with the rejection they carry).
-struct Observed {
-    answer: Answer,
+struct Observed<A = Answer> {
+    answer: A,
     faults: Vec<String>,
 }
 
-impl Observed {
-    fn ok(answer: Answer) -> Self {
+/// How a key's limits stand: `(name, remaining, ns to full)` of each,
+/// sorted, or the refusal of a request of cost 0.
+type Standing = Result<Vec<(&'static str, u64, u64)>, Answer>;
+
+impl<A> Observed<A> {
+    fn ok(answer: A) -> Self {
         Observed {
             answer,
             faults: Vec::new(),
@@ -1867,6 +1995,38 @@ async fn run(
                         spec,
                         format!(
                             "the stores report usage differently from day {first} to {last}:\n  memory: {mine:?}\n  redis:  {theirs:?}"
+                        ),
+                    ));
+                }
+            }
+            continue;
+        }
+        if let Op::Standing { key } = *op {
+            let expected = r.model.standing(key).map(|mut l| {
+                l.sort_unstable();
+                l
+            });
+            let mut observed = vec![(memory.name, memory.standing(key).await)];
+            if let Some(s) = &mut remote {
+                observed.push((s.name, s.standing(key).await));
+            }
+            r.log.push(format!("k{key}: standing: model {expected:?}"));
+            for (name, o) in &observed {
+                let agrees = match (&expected, &o.answer) {
+                    (Ok(m), Ok(g)) => m == g,
+                    (Err(m), Err(g)) => agrees(m, g),
+                    _ => false,
+                };
+                if !agrees || !o.faults.is_empty() {
+                    let others: Vec<String> = observed
+                        .iter()
+                        .map(|(n, o)| format!("{n}: {:?}{}", o.answer, faults(&o.faults)))
+                        .collect();
+                    return Err(r.fail(
+                        spec,
+                        format!(
+                            "{name} disagrees with the model at `k{key}: standing`:\n  model: {expected:?}\n  {}",
+                            others.join("\n  ")
                         ),
                     ));
                 }
@@ -2278,6 +2438,10 @@ mod memory {
     fn anonymous_and_registered_models_and_plans_put_anew() {
         memory(Kind::Mixed, false);
     }
+    #[test]
+    fn every_limit_in_one_decision() {
+        memory(Kind::Stack, false);
+    }
 }
 
 mod redis {
@@ -2355,6 +2519,10 @@ mod redis {
     fn anonymous_and_registered_models_and_plans_put_anew() {
         redis(Kind::Mixed, false);
     }
+    #[test]
+    fn every_limit_in_one_decision() {
+        redis(Kind::Stack, false);
+    }
 }
 
 /// On a Redis Cluster: the mixes whose limits live in several slots (an
@@ -2389,6 +2557,10 @@ mod redis_cluster {
     #[test]
     fn anonymous_and_registered_models_and_plans_put_anew() {
         redis_cluster(Kind::Mixed);
+    }
+    #[test]
+    fn every_limit_in_one_decision() {
+        redis_cluster(Kind::Stack);
     }
 }
 
@@ -2444,6 +2616,8 @@ mod found {
             star: None,
             anonymous: None,
             anons: 0,
+            model_period: None,
+            model_empty: false,
         }
     }
 

@@ -938,9 +938,42 @@ impl Model {
 
     /// One decision over every limit, atomically.
     pub fn decide(&mut self, ask: Ask) -> (Answer, Option<Reservation>) {
+        let (answer, reservation, _) = self.decide_standing(ask);
+        (answer, reservation)
+    }
+
+    /// How `key`'s limits stand (DESIGN "peek": a decision of cost 0
+    /// through no route, naming no model, so that its plan's `"*"` entry
+    /// applies): `Ok` with each limit's `(name, remaining, ns to full)`,
+    /// the cap's free places included, or the refusal of a request of
+    /// cost 0 (a full cap, a quota used up, a bucket in debt).
+    pub fn standing(&mut self, key: usize) -> Result<Vec<(&'static str, u64, u64)>, Answer> {
+        let ask = Ask {
+            key,
+            cost: 0,
+            tokens: 0,
+            on_route: false,
+            method: "",
+            path: "",
+            holds: false,
+            http: false,
+            model: false,
+            other_model: true,
+        };
+        match self.decide_standing(ask) {
+            (Answer::Allowed { .. }, _, items) => Ok(items
+                .iter()
+                .map(|&(name, r, reset, _)| (name, r, reset.ceil().max(0) as u64))
+                .collect()),
+            (answer, _, _) => Err(answer),
+        }
+    }
+
+    /// [`decide`](Self::decide), with how each limit stands after it.
+    fn decide_standing(&mut self, ask: Ask) -> (Answer, Option<Reservation>, Vec<Item>) {
         if !self.keys[ask.key].enabled {
             // A disabled key is refused before any limit is asked.
-            return (Answer::Forbidden, None);
+            return (Answer::Forbidden, None, Vec::new());
         }
         let now = Q::int(self.now);
         let wall = self.wall();
@@ -987,6 +1020,7 @@ impl Model {
                         retry_ns: None,
                     },
                     None,
+                    Vec::new(),
                 );
             }
             let wait = |d: &Denial| match d {
@@ -1005,6 +1039,7 @@ impl Model {
                     retry_ns: Some(longest as u64),
                 },
                 None,
+                Vec::new(),
             );
         }
         // Allowed: charge everything.
@@ -1041,7 +1076,7 @@ impl Model {
                     ..Share::of(m, wall)
                 }),
         });
-        (Answer::Allowed { header }, reservation)
+        (Answer::Allowed { header }, reservation, items)
     }
 
     /// A response ends: its place under the cap of the plan that admitted
