@@ -49,8 +49,11 @@
 //! each message.
 //!
 //! The body's `model` is kept in the [`Estimate`]. A body that is JSON (or
-//! says it is, or says nothing of its type) is answered 400, charging
-//! nothing, when it is not valid JSON, is cut short, names no `model` or an
+//! says it is, or says nothing of its type, or opens as a JSON object,
+//! after whitespace and a byte-order mark, whatever type it says) is
+//! answered 400, charging nothing, when it is not valid JSON (llama.cpp's
+//! server and Ollama read such an object whatever its type, a byte-order
+//! mark, bytes that are not UTF-8 or a lone surrogate included), is cut short, names no `model` or an
 //! empty one (as OpenAI's API, which requires it, except of a Responses
 //! request naming a prompt template, whose template names the model; vLLM
 //! serves an empty one with its default model), has a prompt template
@@ -62,9 +65,10 @@
 //! field (the last one wins), where the estimate, as Python's and Rust's
 //! servers, reads the exact name alone, so the request would be limited as
 //! one model and served as another. A
-//! GET, a request with an empty body, or one whose body is not JSON and
-//! says it is something else (a `multipart/form-data` upload, a form) is
-//! estimated from its head as [`ExtensionEstimate`] does. Every
+//! GET, a request with an empty body, or one whose body is not JSON, says
+//! it is something else (a `multipart/form-data` upload, a form) and does
+//! not open as an object is estimated from its head as
+//! [`ExtensionEstimate`] does. Every
 //! POST, PUT and PATCH body is read, up to the layer's
 //! [`max_body_bytes`](crate::RateLimitLayerBuilder::max_body_bytes), whatever
 //! its type (a server may parse it as JSON whatever it says): a larger
@@ -464,10 +468,11 @@ impl CostEstimator for OpenAiEstimator {
         matches!(*req.method, Method::POST | Method::PUT | Method::PATCH)
     }
 
-    /// An empty body, or one that is not JSON and says it is something else
-    /// (`multipart/form-data`, a form, bytes), is estimated from the head as
+    /// An empty body, or one that is not JSON, says it is something else
+    /// (`multipart/form-data`, a form, bytes) and does not open as a JSON
+    /// object, is estimated from the head as
     /// [`estimate`](CostEstimator::estimate) does. A body that is JSON, or
-    /// says it is (or says nothing), is estimated by
+    /// says it is (or says nothing), or opens as an object, is estimated by
     /// [`estimate_json`](OpenAiEstimator::estimate_json).
     fn estimate_body(&self, req: &RequestView<'_>, body: &[u8]) -> Result<Estimate, BodyError> {
         if body.iter().all(u8::is_ascii_whitespace) {
@@ -475,7 +480,7 @@ impl CostEstimator for OpenAiEstimator {
         }
         match serde_json::from_slice(body) {
             Ok(parsed) => self.estimate_parsed(parsed, Route::of(req)),
-            Err(e) if e.is_data() || says_json(req) => Err(not_json(e)),
+            Err(e) if e.is_data() || says_json(req) || opens_object(body) => Err(not_json(e)),
             Err(_) => Ok(Estimate::new(self.estimate(req))),
         }
     }
@@ -542,6 +547,17 @@ fn called(tally: &mut Tally<'_>, call: &Value) {
 /// The client's error for a body that is not the JSON of a completion.
 fn not_json(e: serde_json::Error) -> BodyError {
     BodyError::new(format!("the request body is not valid JSON: {e}"))
+}
+
+/// Whether `body` opens as a JSON object: `{` after whitespace and a UTF-8
+/// byte-order mark, if any. Servers that parse a body as JSON whatever its
+/// type read more than serde does: llama.cpp's server skips a byte-order
+/// mark, and Go's `encoding/json` (Ollama's) reads bytes that are not UTF-8
+/// and lone surrogates in strings as U+FFFD. Such a body that serde cannot
+/// read is refused, not estimated from its head as no completion at all.
+fn opens_object(body: &[u8]) -> bool {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    body.trim_ascii_start().first() == Some(&b'{')
 }
 
 /// Whether a request says its body is JSON (`application/json`,

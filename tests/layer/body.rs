@@ -1019,3 +1019,98 @@ async fn a_models_limits_hold_for_every_spelling_of_its_name() {
         }
     }
 }
+
+/// A body that opens as a JSON object is estimated as JSON whatever its
+/// `content-type` says, and refused (400, costing nothing) when the
+/// estimate cannot read it. llama.cpp's server and Ollama parse every body
+/// as JSON whatever its type, and read what serde's parser refuses: a
+/// byte-order mark before the object (llama.cpp's parser skips it), a lone
+/// surrogate or bytes that are not UTF-8 in a string (Go's `encoding/json`
+/// reads them as U+FFFD); and one cut short is refused as it is when it
+/// says it is JSON. Such a body sent as `text/plain` was estimated
+/// from its head: 0 tokens and no model, so a request for `"big"` with an
+/// answer of 5,000 tokens passed under a budget of 100 tokens and past the
+/// model's own limit, served by a real server on loopback.
+#[tokio::test]
+async fn a_body_that_opens_as_a_json_object_is_json_whatever_it_is_said_to_be() {
+    use tollgate::ModelLimits;
+    let plan = UsagePlan::new("llm")
+        .throttle(Throttle::new(100.0, 100).unwrap())
+        .tokens(TokenBudget::new().per_minute(100).unwrap())
+        .model(
+            "big",
+            ModelLimits::new().throttle(Throttle::new(0.001, 1).unwrap()),
+        );
+    let policy = Policy::builder()
+        .plan(plan)
+        .key(ApiKey::new("k1", KEY, "llm"))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .estimator(OpenAiEstimator::new())
+        .build();
+    let served = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&served);
+    let app = axum::Router::new()
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(move |_: Bytes| async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                "served"
+            }),
+        )
+        .layer(layer);
+    let base = crate::support::serve(app).await;
+    let client = crate::support::client();
+    let send = |content_type: &'static str, body: Vec<u8>| {
+        client
+            .post(format!("{base}/v1/chat/completions"))
+            .header("x-api-key", KEY)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let chat = |content: &[u8]| {
+        [
+            br#"{"model":"big","messages":[{"role":"user","content":"hi"#.as_slice(),
+            content,
+            br#""}],"max_tokens":5000}"#,
+        ]
+        .concat()
+    };
+    let cases: [(&str, Vec<u8>); 4] = [
+        (
+            "a byte-order mark",
+            [b"\xEF\xBB\xBF".as_slice(), &chat(b"")].concat(),
+        ),
+        ("a lone surrogate", chat(br"\ud800")),
+        ("a byte that is not UTF-8", chat(b"\xFF")),
+        (
+            "whitespace, then a body cut short",
+            [b" \r\n\t".as_slice(), &chat(b"")[..40]].concat(),
+        ),
+    ];
+    for content_type in ["text/plain", "application/octet-stream"] {
+        for (what, body) in &cases {
+            let res = send(content_type, body.clone()).await.unwrap();
+            assert_eq!(res.status(), 400, "{what} as {content_type}");
+            assert_eq!(res.headers()["content-type"], "application/json");
+            let json: serde_json::Value = res.json().await.unwrap();
+            let message = json["message"].as_str().unwrap();
+            assert!(message.contains("not valid JSON"), "{what}: {message}");
+        }
+    }
+    assert_eq!(served.load(Ordering::SeqCst), 0, "none was served");
+    // Nothing was charged: the whole budget, and the model's one request.
+    // "hi" is 1 token: 100 in all.
+    let whole = br#"{"model":"big","messages":[{"role":"user","content":"hi"}],"max_tokens":99}"#;
+    let res = send("text/plain", whole.to_vec()).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+    // A body that does not open as an object, and says it is not JSON, is
+    // still estimated from its head.
+    let res = send("application/octet-stream", b"\xEF\xBB\xBF[1]".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
