@@ -60,12 +60,18 @@ const MAX_EVENT: usize = 1024 * 1024;
 ///   plus one token for each chunk that carried generated output (text,
 ///   reasoning, a refusal, tool call arguments). A streamed Responses
 ///   API answer is settled from the usage of its `response.completed` event
-///   (or its input and one token per text delta). A non-streamed answer
-///   whose client leaves before the backend's first byte is charged its
-///   prompt as the layer estimated it (the client got nothing, and what the
-///   backend generated before it was stopped is not known); one left after
-///   its head is settled from the `usage` passed on by then, else keeps its
-///   estimate (it was produced whole).
+///   (or its input and one token per text delta). A whole non-streamed
+///   completion or chat completion without a `usage` is charged as a stream
+///   without one: its prompt as the layer estimated it plus the tokens of
+///   the text it generated (content, reasoning, a refusal, tool call names
+///   and arguments), counted as the estimate counts a prompt. A
+///   non-streamed answer whose client leaves before the backend's first
+///   byte is charged its prompt as the layer estimated it (the client got
+///   nothing, and what the backend generated before it was stopped is not
+///   known); one left after its head is settled from the `usage` passed on
+///   by then, else keeps its estimate (it was produced whole). Any other
+///   success without a usage (embeddings, a body that is not JSON) keeps
+///   its estimate.
 /// - Completion, chat completion, Responses, embeddings and Messages bodies
 ///   are read before the decision, for their estimate and their model's
 ///   limits; one that is not JSON is refused whatever its `content-type`. A usage without `total_tokens` (the Messages API's) is its
@@ -525,6 +531,7 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
     let mut prompt = 0;
     let mut stream = false;
     let estimated = is_estimated(&parts.method, parts.uri.path());
+    let completion = is_completion(&parts.method, parts.uri.path());
     // An estimated body as it came, to count its prompt from if its client
     // leaves before the answer.
     let mut came = Bytes::new();
@@ -535,7 +542,7 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
             Err(e) => return body_error(&e, usage.as_ref()),
         };
         came = bytes.clone();
-        let p = prepare(&f, bytes, is_completion(&parts.method, parts.uri.path()));
+        let p = prepare(&f, bytes, completion);
         strip_usage = p.strip_usage;
         prompt = p.prompt;
         stream = p.stream;
@@ -557,6 +564,12 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
     // A request whose client goes away before the backend answers (this
     // future dropped) is charged its prompt, as a stream cut off after its
     // head is: a plain answer's count too, only then.
+    // A completion answered in JSON without a usage is charged its prompt
+    // and its text, counted from the body as it came.
+    let counted = completion.then(|| Counted {
+        forwarder: Arc::clone(&f),
+        body: came.clone(),
+    });
     let waiting = Unanswered {
         usage: usage.clone().filter(|_| estimated),
         prompt: stream.then_some(prompt),
@@ -591,7 +604,7 @@ pub(crate) async fn forward(State(f): State<Arc<Forwarder>>, req: Request) -> Re
             );
         }
     };
-    relay(res, usage, strip_usage, prompt)
+    relay(res, usage, strip_usage, prompt, counted)
 }
 
 /// A request whose body was estimated, waiting for the backend's answer:
@@ -702,6 +715,7 @@ fn relay(
     usage: Option<TokenUsage>,
     strip_usage: bool,
     prompt: u64,
+    counted: Option<Counted>,
 ) -> Response {
     let status = res.status();
     let mut headers = filter(res.headers(), &NOT_RETURNED, true);
@@ -741,6 +755,7 @@ fn relay(
             seen: Vec::new(),
             whole: true,
             ok,
+            counted,
         }
     } else {
         if let Some(u) = usage.as_ref().filter(|_| !ok) {
@@ -790,6 +805,9 @@ enum Kind {
         seen: Vec<u8>,
         whole: bool,
         ok: bool,
+        /// A completion's: what its text is counted with when it has no
+        /// usage.
+        counted: Option<Counted>,
     },
     /// Anything else, passed on as it is.
     Plain,
@@ -901,7 +919,12 @@ impl Relay {
     fn finish(&mut self) -> Bytes {
         match &mut self.kind {
             Kind::Plain => Bytes::new(),
-            Kind::Json { seen, whole, ok } => {
+            Kind::Json {
+                seen,
+                whole,
+                ok,
+                counted,
+            } => {
                 let total = if *whole {
                     serde_json::from_slice::<Answer>(seen)
                         .ok()
@@ -909,6 +932,12 @@ impl Relay {
                         // An answer that is not an object of its own (an
                         // object then bytes?) is read as its tail would be.
                         .or_else(|| usage_in_tail(seen))
+                        // A whole completion without one: its prompt and
+                        // its text, as a stream without one is charged.
+                        .or_else(|| {
+                            let c = counted.as_ref().filter(|_| *ok)?;
+                            c.produced(seen)
+                        })
                 } else {
                     usage_in_tail(seen)
                 };
@@ -1026,6 +1055,70 @@ fn null_usage(event: &[u8]) -> Option<std::ops::Range<usize>> {
         return (event[before] == b',').then_some(before..end);
     }
     None
+}
+
+/// What a completion answered without a usage is charged from: the request
+/// body as it came (its prompt) and the estimate's way of counting text.
+pub(crate) struct Counted {
+    forwarder: Arc<Forwarder>,
+    body: Bytes,
+}
+
+impl Counted {
+    /// The prompt as estimated plus the tokens of the text `answer` (a
+    /// whole completion or chat completion) generated, counted as the
+    /// estimate counts a prompt; `None` for an answer that has no
+    /// `choices`.
+    fn produced(&self, answer: &[u8]) -> Option<u64> {
+        let answer: Value = serde_json::from_slice(answer).ok()?;
+        let choices = answer.get("choices")?.as_array()?;
+        let mut text = String::new();
+        let mut add = |v: Option<&Value>| {
+            if let Some(t) = v.and_then(Value::as_str) {
+                text.push_str(t);
+            }
+        };
+        for choice in choices {
+            add(choice.get("text"));
+            let Some(m) = choice.get("message") else {
+                continue;
+            };
+            for k in ["content", "reasoning_content", "reasoning", "refusal"] {
+                add(m.get(k));
+            }
+            // Content given as parts.
+            for part in m
+                .get("content")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                add(part.get("text"));
+            }
+            let calls = m.get("tool_calls").and_then(Value::as_array);
+            let functions = calls
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.get("function"))
+                .chain(m.get("function_call"));
+            for f in functions {
+                add(f.get("name"));
+                add(f.get("arguments"));
+            }
+        }
+        let f = &self.forwarder;
+        let generated = f
+            .prompt
+            // The estimate of a completion of that text alone, its own way
+            // of counting (a model named only to make it one).
+            .estimate_json(
+                json!({ "model": "-", "prompt": text })
+                    .to_string()
+                    .as_bytes(),
+            )
+            .map_or(0, |e| u64::from(e.tokens));
+        Some(prompt_of_body(f, &self.body).saturating_add(generated))
+    }
 }
 
 /// What a stream's events reported of its usage so far.
@@ -1450,6 +1543,7 @@ mod tests {
                 seen: Vec::new(),
                 whole: true,
                 ok: true,
+                counted: None,
             },
             usage: Some(usage.clone()),
             done: false,

@@ -2245,3 +2245,66 @@ async fn a_backends_404_counts_as_a_request_and_the_gateways_own_does_not() {
     let v: Value = res.json().await.unwrap();
     assert_eq!(v["error"]["code"], "insufficient_quota", "{v}");
 }
+
+/// A plain completion answered without a `usage` (a server that reports
+/// none) is settled as a stream without one is: its prompt as estimated
+/// and the tokens of what it generated (its text, counted as the estimate
+/// counts a prompt: a token for every four characters), whatever the
+/// request reserved. It kept the estimate: a client that named no
+/// `max_tokens` had any length of answer for its prompt and 16 tokens, and
+/// one that named a large one paid all of it for a short answer.
+#[tokio::test]
+async fn a_plain_completion_without_usage_is_charged_its_prompt_and_its_text() {
+    let backend = Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(|axum::Json(req): axum::Json<Value>| async move {
+                let chars = req["user"].as_str().unwrap().parse::<usize>().unwrap();
+                axum::Json(json!({
+                    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": "x".repeat(chars)}}],
+                }))
+            }),
+        )
+        .route(
+            "/v1/completions",
+            post(|| async {
+                axum::Json(json!({"object": "text_completion", "choices": [
+                    {"index": 0, "text": "y".repeat(40), "finish_reason": "stop"},
+                    {"index": 1, "text": "z".repeat(40), "finish_reason": "stop"},
+                ], "usage": null}))
+            }),
+        );
+    let (backend, _stop) = serve(backend).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    // 100 tokens of prompt, no `max_tokens` (16 reserved), 2000 characters
+    // of answer: 100 + 500.
+    let chat = |chars: usize, max_tokens: Option<u32>| {
+        let mut c = json!({"model": "m", "user": chars.to_string(),
+            "messages": [{"role": "user", "content": "abcd".repeat(100)}]});
+        if let Some(m) = max_tokens {
+            c["max_tokens"] = json!(m);
+        }
+        c
+    };
+    let res = s.post("/v1/chat/completions", &chat(2000, None)).await;
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "x".repeat(2000));
+    assert_eq!(s.tokens_left(400).await, 400);
+    // 800 reserved, 40 characters of answer: 100 + 10.
+    s.clock.advance(Duration::from_secs(60));
+    let res = s.post("/v1/chat/completions", &chat(40, Some(800))).await;
+    assert_eq!(res.status(), 200);
+    let _ = res.text().await.unwrap();
+    assert_eq!(s.tokens_left(890).await, 890);
+    // A completion of two choices and `"usage": null`: 10 + 10, and its
+    // prompt (2).
+    s.clock.advance(Duration::from_secs(60));
+    let body = json!({"model": "m", "prompt": "abcdefgh", "max_tokens": 300, "n": 2});
+    let res = s.post("/v1/completions", &body).await;
+    assert_eq!(res.status(), 200);
+    let _ = res.text().await.unwrap();
+    assert_eq!(s.tokens_left(978).await, 978);
+}
