@@ -54,11 +54,17 @@ const MAX_EVENT: usize = 1024 * 1024;
 ///   the client did not (turning vLLM's `continuous_usage_stats`, which
 ///   it reads only beside it, off), and then removes from what the client
 ///   sees, with the `"usage": null` the backend then puts on every other
-///   chunk. A stream that ends without one (the client left, before the
-///   backend's first byte too, the backend failed or ignores
-///   `include_usage`) is charged its prompt as the layer estimated it
-///   plus one token for each chunk that carried generated output (text,
-///   reasoning, a refusal, tool call arguments). A streamed Responses
+///   chunk (also where a backend sends it unasked). A chunk with choices is
+///   never removed, whatever it carries (older llama.cpp servers put the
+///   usage on the finish chunk), nor one the client asked for; llama.cpp's
+///   `timings`, which it puts on its last chunk, leave with the usage
+///   chunk the gateway asked for. A stream that ends without one (the
+///   client left, before the backend's first byte too, the backend failed
+///   or ignores `include_usage`) is charged its prompt as the layer
+///   estimated it plus one token for each chunk that carried generated
+///   output (text, reasoning, a refusal, tool call arguments). Error events
+///   in a stream (vLLM's and llama.cpp's `{"error":…}`, TGI's
+///   `{"error":…,"error_type":…}`) pass as any other. A streamed Responses
 ///   API answer is settled from the usage of its `response.completed` event
 ///   (or its input and one token per text delta). A whole non-streamed
 ///   completion or chat completion without a `usage` is charged as a stream

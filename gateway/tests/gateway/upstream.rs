@@ -2308,3 +2308,485 @@ async fn a_plain_completion_without_usage_is_charged_its_prompt_and_its_text() {
     let _ = res.text().await.unwrap();
     assert_eq!(s.tokens_left(978).await, 978);
 }
+
+// The wire behaviour of the servers upstream mode is made for: vLLM,
+// llama.cpp's `llama-server`, Ollama's `/v1` layer and TGI, each answered as
+// the server itself does (shapes taken from their serializers), and the
+// framing an SSE library may add (CRLF line ends, `: ping` comments).
+
+/// How one real server frames a chat completion stream.
+#[derive(Clone, Copy, Debug)]
+struct Wire {
+    name: &'static str,
+    /// What ends an event (`\n\n`, or sse-starlette's `\r\n\r\n`).
+    end: &'static str,
+    /// `data: `, or `data:` without the space (axum 0.6's `json_data`,
+    /// TGI's).
+    data: &'static str,
+    /// `"usage": null` on every chunk once the usage is asked for (Ollama,
+    /// OpenAI); TGI serializes it always.
+    null_usage: Usage0,
+    /// llama.cpp's `timings`, on the last chunk it sends.
+    timings: bool,
+    /// A `: ping` comment event between chunks (sse-starlette's keep-alive).
+    ping: bool,
+    /// The usage on the finish chunk, asked for or not, and no usage chunk
+    /// (llama.cpp's server before late 2025).
+    usage_on_finish: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Usage0 {
+    Never,
+    WhenAsked,
+    Always,
+}
+
+const WIRES: [Wire; 6] = [
+    Wire {
+        name: "vllm",
+        end: "\n\n",
+        data: "data: ",
+        null_usage: Usage0::Never,
+        timings: false,
+        ping: false,
+        usage_on_finish: false,
+    },
+    Wire {
+        name: "llama.cpp",
+        end: "\n\n",
+        data: "data: ",
+        null_usage: Usage0::Never,
+        timings: true,
+        ping: false,
+        usage_on_finish: false,
+    },
+    Wire {
+        name: "llama.cpp-2025",
+        end: "\n\n",
+        data: "data: ",
+        null_usage: Usage0::Never,
+        timings: true,
+        ping: false,
+        usage_on_finish: true,
+    },
+    Wire {
+        name: "ollama",
+        end: "\n\n",
+        data: "data: ",
+        null_usage: Usage0::WhenAsked,
+        timings: false,
+        ping: false,
+        usage_on_finish: false,
+    },
+    Wire {
+        name: "tgi",
+        end: "\n\n",
+        data: "data:",
+        null_usage: Usage0::Always,
+        timings: false,
+        ping: false,
+        usage_on_finish: false,
+    },
+    Wire {
+        name: "sse-starlette",
+        end: "\r\n\r\n",
+        data: "data: ",
+        null_usage: Usage0::Never,
+        timings: false,
+        ping: true,
+        usage_on_finish: false,
+    },
+];
+
+/// The events of a chat completion stream of three pieces of text, as
+/// `wire` sends them, the usage chunk only when `asked`: a role chunk, the
+/// text, the finish, the usage (10 prompt tokens, 3 generated), `[DONE]`.
+fn wire_events(wire: Wire, asked: bool) -> Vec<String> {
+    let usage = json!({"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13});
+    let timings = json!({"prompt_n": 10, "prompt_ms": 5.5, "predicted_n": 3, "predicted_ms": 30.1});
+    let chunk = |choices: Value| {
+        let mut c = json!({"id": "chatcmpl-1", "object": "chat.completion.chunk",
+            "created": 1, "model": "m", "choices": choices});
+        if wire.null_usage == Usage0::Always || (asked && wire.null_usage == Usage0::WhenAsked) {
+            c["usage"] = Value::Null;
+        }
+        c
+    };
+    let mut chunks = vec![chunk(
+        json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
+    )];
+    for text in ["Hel", "lo", "!"] {
+        chunks.push(chunk(
+            json!([{"index": 0, "delta": {"content": text}, "finish_reason": null}]),
+        ));
+    }
+    chunks.push(chunk(
+        json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+    ));
+    if wire.usage_on_finish {
+        chunks.last_mut().unwrap()["usage"] = usage;
+    } else if asked {
+        let mut last = chunk(json!([]));
+        last["usage"] = usage;
+        chunks.push(last);
+    }
+    if wire.timings {
+        chunks.last_mut().unwrap()["timings"] = timings;
+    }
+    let mut events: Vec<String> = chunks
+        .iter()
+        .map(|c| format!("{}{c}{}", wire.data, wire.end))
+        .collect();
+    events.push(format!("{}[DONE]{}", wire.data, wire.end));
+    if wire.ping {
+        let ping = format!(": ping - 2025-01-01 00:00:00.000000+00:00{}", wire.end);
+        events = events.into_iter().flat_map(|e| [ping.clone(), e]).collect();
+    }
+    events
+}
+
+/// A backend answering `/v1/chat/completions` streams as `wire` does, each
+/// event sent in two pieces cut in the middle of its line, a few
+/// milliseconds apart.
+fn wire_backend(wire: Wire) -> Router {
+    Router::new().route(
+        "/v1/chat/completions",
+        post(move |axum::Json(req): axum::Json<Value>| async move {
+            let asked = req["stream_options"]["include_usage"] == true;
+            let mut pieces = Vec::new();
+            for event in wire_events(wire, asked) {
+                let (a, b) = event.split_at(event.len() / 2);
+                pieces.push(a.to_owned());
+                pieces.push(b.to_owned());
+            }
+            let body = tokio_stream::StreamExt::then(tokio_stream::iter(pieces), |p| async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                Ok::<_, std::io::Error>(axum::body::Bytes::from(p))
+            });
+            (
+                [("content-type", "text/event-stream; charset=utf-8")],
+                axum::body::Body::from_stream(body),
+            )
+        }),
+    )
+}
+
+/// Through the gateway, each server's stream reaches a client that did not
+/// ask for the usage as the server would have sent it without the usage
+/// chunk: every event with choices, comments and `[DONE]` kept, in order and
+/// byte for byte (but a `"usage": null`), and
+/// the usage chunk (with llama.cpp's `timings` on it) removed; a client that
+/// asked gets every event as the server sent it. Both are settled from the
+/// server's usage, 13 tokens.
+#[tokio::test]
+async fn each_servers_stream_passes_as_it_sent_it_and_is_settled_from_its_usage() {
+    for wire in WIRES {
+        let (backend, _stop) = serve(wire_backend(wire)).await;
+        let s = front(Upstream::new(&format!("{backend}/v1")).unwrap()).await;
+        for asked in [false, true] {
+            s.clock.advance(Duration::from_secs(60));
+            let mut chat = json!({
+                "model": "m", "messages": [{"role": "user", "content": "x".repeat(400)}],
+                "max_tokens": 500, "stream": true,
+            });
+            if asked {
+                chat["stream_options"] = json!({"include_usage": true});
+            }
+            let res = s.post("/v1/chat/completions", &chat).await;
+            assert_eq!(res.status(), 200, "{}", wire.name);
+            let text = res.text().await.unwrap();
+            // A client that asked gets what the server sent. One that did not
+            // gets what the server sent the gateway, which asked, without
+            // the usage chunk and the `"usage": null` the asking brought (a
+            // server that sends it always, as TGI, loses it too: the gateway
+            // cannot tell it from one it asked for, and it means what its
+            // absence does).
+            let expected = if asked {
+                wire_events(wire, true).concat()
+            } else {
+                wire_events(wire, true)
+                    .into_iter()
+                    .filter(|e| !e.contains("\"choices\":[]"))
+                    .collect::<String>()
+                    .replace(",\"usage\":null", "")
+            };
+            if wire.timings && !asked && !wire.usage_on_finish {
+                // llama.cpp puts its `timings` on the last chunk it sends:
+                // the usage chunk once the usage is asked for, and they
+                // leave with it (a client without the gateway would have
+                // had them on the finish chunk).
+                assert!(!text.contains("timings"), "{}: {text}", wire.name);
+            }
+            assert_eq!(text, expected, "{} asked={asked}", wire.name);
+            // The usage reaches a client that did not ask for it only on a
+            // chunk with choices, which is never removed.
+            assert_eq!(
+                text.contains("total_tokens"),
+                asked || wire.usage_on_finish,
+                "{}: {text}",
+                wire.name
+            );
+            assert_eq!(s.tokens_left(987).await, 987, "{} asked={asked}", wire.name);
+        }
+    }
+}
+
+/// Each server's refusals, as it sends them: vLLM's context length 400 and
+/// unknown model 404 (`{"object":"error",…}`), llama.cpp's context size 400
+/// and its 503 while the model loads, Ollama's 404 for a model not pulled,
+/// TGI's 422 validation error and 429 when overloaded (`{"error":"…",
+/// "error_type":…}`). Each reaches the client with its status, its headers
+/// (`retry-after` included) and its body byte for byte, for a plain request
+/// and a streamed one, and costs no tokens.
+#[tokio::test]
+async fn each_servers_errors_pass_through_and_cost_nothing() {
+    const ERRORS: [(&str, u16, &str); 7] = [
+        (
+            "vllm-context",
+            400,
+            r#"{"object":"error","message":"This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (4000 in the messages, 1000 in the completion). Please reduce the length of the messages or completion.","type":"BadRequestError","param":null,"code":400}"#,
+        ),
+        (
+            "vllm-model",
+            404,
+            r#"{"object":"error","message":"The model `nope` does not exist.","type":"NotFoundError","param":null,"code":404}"#,
+        ),
+        (
+            "llama.cpp-context",
+            400,
+            r#"{"error":{"code":400,"message":"the request exceeds the available context size, try increasing it","type":"exceed_context_size_error","n_prompt_tokens":5000,"n_ctx":4096}}"#,
+        ),
+        (
+            "llama.cpp-loading",
+            503,
+            r#"{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}"#,
+        ),
+        (
+            "ollama-model",
+            404,
+            r#"{"error":{"message":"model \"nope\" not found, try pulling it first","type":"api_error","param":null,"code":null}}"#,
+        ),
+        (
+            "tgi-validation",
+            422,
+            r#"{"error":"Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given: 5000 `inputs` tokens and 16 `max_new_tokens`","error_type":"validation"}"#,
+        ),
+        (
+            "tgi-overloaded",
+            429,
+            r#"{"error":"Model is overloaded","error_type":"overloaded"}"#,
+        ),
+    ];
+    let backend = Router::new().route(
+        "/v1/chat/completions",
+        post(|axum::Json(req): axum::Json<Value>| async move {
+            let (_, status, body) = ERRORS
+                .into_iter()
+                .find(|(name, ..)| req["model"] == *name)
+                .unwrap();
+            (
+                StatusCode::from_u16(status).unwrap(),
+                [
+                    ("content-type", "application/json"),
+                    ("retry-after", "7"),
+                    ("x-backend", "real"),
+                ],
+                body,
+            )
+        }),
+    );
+    let (backend, _stop) = serve(backend).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    for (name, status, body) in ERRORS {
+        for stream in [false, true] {
+            // 100 tokens of prompt and 800 of answer reserved.
+            let chat = json!({
+                "model": name, "messages": [{"role": "user", "content": "abcd".repeat(100)}],
+                "max_tokens": 800, "stream": stream,
+            });
+            let res = s.post("/v1/chat/completions", &chat).await;
+            assert_eq!(res.status(), status, "{name}");
+            assert_eq!(res.headers()["retry-after"], "7", "{name}");
+            assert_eq!(res.headers()["x-backend"], "real", "{name}");
+            assert_eq!(res.text().await.unwrap(), body, "{name}");
+            assert_eq!(s.tokens_left(1000).await, 1000, "{name} stream={stream}");
+        }
+    }
+}
+
+/// A failure in the middle of a stream, as each server reports it: an event
+/// `data: {"error":…}` (vLLM, then `[DONE]`; llama.cpp), TGI's
+/// `data:{"error":"…","error_type":"generation"}`, or the `error: {…}` line
+/// older llama.cpp servers wrote. The client gets every event as it came,
+/// the error included, and the stream is charged what was produced: the
+/// prompt as estimated and one token for each chunk of text sent before it.
+#[tokio::test]
+async fn an_error_in_the_middle_of_each_servers_stream_passes_and_charges_what_was_sent() {
+    const FAILURES: [(&str, &str); 4] = [
+        (
+            "vllm",
+            "data: {\"error\": {\"object\": \"error\", \"message\": \"CUDA out of memory\", \"type\": \"InternalServerError\", \"param\": null, \"code\": 500}}\n\ndata: [DONE]\n\n",
+        ),
+        (
+            "llama.cpp",
+            "data: {\"error\":{\"code\":500,\"message\":\"failed to decode the batch\",\"type\":\"server_error\"}}\n\n",
+        ),
+        (
+            "tgi",
+            "data:{\"error\":\"Request failed during generation: Server error: CUDA out of memory\",\"error_type\":\"generation\"}\n\n",
+        ),
+        (
+            "llama.cpp-old",
+            "error: {\"code\":500,\"message\":\"failed to decode the batch\",\"type\":\"server_error\"}\n\n",
+        ),
+    ];
+    let text_chunk = |t: &str| {
+        format!(
+            "data: {}\n\n",
+            json!({"object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": null}]})
+        )
+    };
+    let stream_of = move |failure: &str| {
+        ["a", "b", "c"]
+            .iter()
+            .map(|t| text_chunk(t))
+            .collect::<String>()
+            + failure
+    };
+    let backend = Router::new().route(
+        "/v1/chat/completions",
+        post(move |axum::Json(req): axum::Json<Value>| async move {
+            let (_, failure) = FAILURES
+                .into_iter()
+                .find(|(name, _)| req["model"] == *name)
+                .unwrap();
+            ([("content-type", "text/event-stream")], stream_of(failure))
+        }),
+    );
+    let (backend, _stop) = serve(backend).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    for (name, failure) in FAILURES {
+        s.clock.advance(Duration::from_secs(60));
+        // 100 tokens of prompt, 800 of answer reserved.
+        let chat = json!({
+            "model": name, "messages": [{"role": "user", "content": "abcd".repeat(100)}],
+            "max_tokens": 800, "stream": true,
+        });
+        let res = s.post("/v1/chat/completions", &chat).await;
+        assert_eq!(res.status(), 200, "{name}");
+        assert_eq!(res.text().await.unwrap(), stream_of(failure), "{name}");
+        // The prompt as estimated (100) and the three chunks of text.
+        assert_eq!(s.tokens_left(897).await, 897, "{name}");
+    }
+}
+
+/// A stream passes each event on as the backend sends it, never holding
+/// one back for the next: the client has the backend's first chunk of text
+/// while the backend still waits to send its second (as llama.cpp's server
+/// and vLLM do between tokens, or while a queued request waits for its
+/// prefill). And a client that goes away then, with the backend silent (no
+/// write to the client to fail), still cancels the backend's request.
+#[tokio::test]
+async fn a_stream_passes_each_event_as_it_comes_and_a_client_leaving_a_silent_one_cancels_it() {
+    let (gate_tx, gate_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let gate = std::sync::Arc::new(tokio::sync::Mutex::new(gate_rx));
+    let (dropped_tx, mut dropped) = tokio::sync::mpsc::unbounded_channel::<()>();
+    struct Dropped(tokio::sync::mpsc::UnboundedSender<()>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let chunk = |t: &str| {
+        format!(
+            "data: {}\n\n",
+            json!({"object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": null}]})
+        )
+    };
+    let first = chunk("first");
+    let second = chunk("second");
+    let backend = Router::new().route(
+        "/v1/chat/completions",
+        post(move || {
+            let (gate, dropped) = (gate.clone(), Dropped(dropped_tx.clone()));
+            let (first, second) = (first.clone(), second.clone());
+            async move {
+                // The first event, then the second only once the gate opens
+                // (if it ever does); the guard drops with the body.
+                let body = async_body(move |tx| async move {
+                    let _held = dropped;
+                    let _ = tx.send(first).await;
+                    if gate.lock().await.recv().await.is_some() {
+                        let _ = tx.send(second).await;
+                        let _ = tx.send("data: [DONE]\n\n".to_owned()).await;
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                });
+                ([("content-type", "text/event-stream")], body)
+            }
+        }),
+    );
+    /// A body fed by `feed` through a channel, dropped (and `feed` with it)
+    /// when the body is.
+    fn async_body<F, Fut>(feed: F) -> axum::body::Body
+    where
+        F: FnOnce(tokio::sync::mpsc::Sender<String>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::mpsc::channel::<String>(1);
+        let task = tokio::spawn(feed(tx));
+        struct Abort(tokio::task::JoinHandle<()>);
+        impl Drop for Abort {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let abort = Abort(task);
+        let stream = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            move |s| {
+                let _held = &abort;
+                Ok::<_, std::io::Error>(axum::body::Bytes::from(s))
+            },
+        );
+        axum::body::Body::from_stream(stream)
+    }
+    let (backend, _stop) = serve(backend).await;
+    let s = front(Upstream::new(&backend).unwrap()).await;
+    let chat = json!({
+        "model": "m", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 100, "stream": true,
+    });
+    // The first event arrives while the backend holds the second.
+    let mut res = s.post("/v1/chat/completions", &chat).await;
+    assert_eq!(res.status(), 200);
+    let got = tokio::time::timeout(Duration::from_secs(5), res.chunk())
+        .await
+        .expect("the first event was held back")
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&got).contains("first"), "{got:?}");
+    gate_tx.send(()).unwrap();
+    let rest = res.text().await.unwrap();
+    assert!(
+        rest.contains("second") && rest.ends_with("[DONE]\n\n"),
+        "{rest}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), dropped.recv())
+        .await
+        .unwrap();
+    // A client that leaves while the backend sends nothing: the backend's
+    // answer is dropped all the same.
+    let mut res = s.post("/v1/chat/completions", &chat).await;
+    assert_eq!(res.status(), 200);
+    let got = res.chunk().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&got).contains("first"), "{got:?}");
+    drop(res);
+    tokio::time::timeout(Duration::from_secs(5), dropped.recv())
+        .await
+        .expect("the backend's answer was kept after its client left");
+}
