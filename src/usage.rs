@@ -88,7 +88,8 @@ pub struct UsageReport {
     pub plan: String,
     /// The first day reported.
     pub start: Date,
-    /// The last day reported (at most today).
+    /// The last day reported: the `end` asked for, or today if that is
+    /// earlier; never before `start`.
     pub end: Date,
     /// By key id: `[used, remaining]` for each day from `start` to `end`,
     /// where `remaining` is what was left of the quota window at the day's
@@ -609,7 +610,16 @@ impl<S: Store> Admin<S> {
 
     /// Usage of the keys of `plan` (or of one key) per UTC day from `start`
     /// to `end` (AWS GetUsage). `end` is cut at today; `start` must lie within
-    /// the kept history.
+    /// the kept history, and not after today: a range that starts after
+    /// `end`, after today or before the kept history is
+    /// [`AdminError::BadRange`] (today is the UTC day by the store's clock,
+    /// which for the Redis store is Redis `TIME`). So a report always holds
+    /// `end - start + 1` days for each key, the first of them `start`.
+    ///
+    /// A day before the key existed (or before its plan did) reads as a day
+    /// without traffic: `[0, remaining]`, with what the window had left at
+    /// that day's end, its whole limit when nothing counted in it yet, as
+    /// AWS reports a subscriber that used none of its quota.
     ///
     /// Each day's `remaining` is what was left of its quota window at the
     /// day's end, under the limit in force at that end: a plan put anew
@@ -653,6 +663,7 @@ impl<S: Store> Admin<S> {
             return Err(AdminError::BadRange("start is after end"));
         }
         let today = Date::of_nanos(self.now());
+        check_not_after_today(start, today)?;
         let end = end.min(today);
         // A key this instance has not received yet, as the store holds it:
         // read before the policy is loaded, which is not held across a
@@ -662,7 +673,7 @@ impl<S: Store> Admin<S> {
             None => None,
         };
         // The store's reads start here; the policy is not held across them.
-        let mut pending: Vec<(String, Option<DaysFuture>)> = Vec::new();
+        let mut pending: Vec<(String, DaysFuture)> = Vec::new();
         {
             let snap = self.policy.load();
             let place = snap
@@ -683,11 +694,8 @@ impl<S: Store> Admin<S> {
                 if entry.plan.name != p.name {
                     return;
                 }
-                let days = (start <= end).then(|| {
-                    let q = self.subject(p, entry).quota(LimitKind::Quota, spec);
-                    self.store.usage(&q, start, end)
-                });
-                pending.push((entry.id.to_string(), days));
+                let q = self.subject(p, entry).quota(LimitKind::Quota, spec);
+                pending.push((entry.id.to_string(), self.store.usage(&q, start, end)));
             };
             match key {
                 // This instance's copy first, if it arrived meanwhile.
@@ -711,11 +719,7 @@ impl<S: Store> Admin<S> {
         }
         let mut items = BTreeMap::new();
         for (id, days) in pending {
-            let days = match days {
-                Some(f) => f.await?,
-                None => Vec::new(),
-            };
-            items.insert(id, days);
+            items.insert(id, days.await?);
         }
         Ok(UsageReport {
             plan: plan.to_owned(),
@@ -1036,6 +1040,16 @@ fn probe(plan: &Plan) -> Subject<'_> {
         digest: Digest(0),
         history_days: 0,
     }
+}
+
+/// [`AdminError::BadRange`] when `start` is after `today`: such a range
+/// has no day to report, and its report's end, cut at today, would come
+/// before its start.
+pub(crate) fn check_not_after_today(start: Date, today: Date) -> Result<(), AdminError> {
+    if start > today {
+        return Err(AdminError::BadRange("start is after today (UTC)"));
+    }
+    Ok(())
 }
 
 /// A key's daily usage, being read from the store.

@@ -91,10 +91,11 @@
 //! cost nothing.
 //! - `/admin/…` usage and key administration, guarded by the `x-admin-key` header:
 //!   - `GET /admin/usage?plan=NAME&start=YYYY-MM-DD&end=YYYY-MM-DD[&key=ID]` (AWS GetUsage):
-//!     `end` is cut at today (the store's UTC day), so a `start` after
-//!     today answers each key with no days; a `start` after `end`, or
-//!     before the kept history, is a 400; a `key` on another plan than
-//!     `plan` a 404 that names the plan it is on
+//!     `end` is cut at today (the store's UTC day), so that each key has
+//!     one `[used, remaining]` per day from `start` to the answer's `end`;
+//!     a `start` after `end`, after today or before the kept history is a
+//!     400; a `key` on another plan than `plan` a 404 that names the plan
+//!     it is on
 //!   - `PATCH /admin/keys/ID/usage` with `{"remaining": N}` (AWS UpdateUsage)
 //!   - `POST /admin/keys` with `{"id":…,"value":…,"plan":…}` adds a key (without `value`
 //!     the gateway generates one and answers it once); with an array of

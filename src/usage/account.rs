@@ -3,7 +3,7 @@
 use crate::store::Store;
 use crate::window::Date;
 
-use super::{Admin, AdminError, MAX_REMAINING};
+use super::{Admin, AdminError, MAX_REMAINING, check_not_after_today};
 
 /// Usage of an account's request quota per UTC day, as
 /// [`Admin::account_usage`] reports it: all the account's keys together.
@@ -14,7 +14,8 @@ pub struct AccountUsage {
     pub account: String,
     /// The first day reported.
     pub start: Date,
-    /// The last day reported (at most today).
+    /// The last day reported: the `end` asked for, or today if that is
+    /// earlier; never before `start`.
     pub end: Date,
     /// `[used, remaining]` for each day from `start` to `end`, where
     /// `remaining` is what was left of the quota window at the day's end.
@@ -24,7 +25,8 @@ pub struct AccountUsage {
 impl<S: Store> Admin<S> {
     /// Usage of `account`'s quota per UTC day from `start` to `end`, all
     /// its keys together (AWS GetUsage, for an account). `end` is cut at
-    /// today; `start` must lie within the kept history.
+    /// today; `start` must lie within the kept history and not after today,
+    /// as for [`usage`](Self::usage).
     ///
     /// ```
     /// use tollgate::{Account, ApiKey, Date, Period, Policy, Quota, RateLimitLayer, UsagePlan};
@@ -58,6 +60,7 @@ impl<S: Store> Admin<S> {
         }
         let days = self.policy.inner.history_days as u32;
         let today = Date::of_nanos(self.store.clock().wall_nanos());
+        check_not_after_today(start, today)?;
         let end = end.min(today);
         let pending = {
             let snap = self.policy.load();
@@ -73,12 +76,9 @@ impl<S: Store> Admin<S> {
                     "start is before the kept usage history",
                 ));
             }
-            (start <= end).then(|| self.store.usage(&q, start, end))
+            self.store.usage(&q, start, end)
         };
-        let days = match pending {
-            Some(f) => f.await?,
-            None => Vec::new(),
-        };
+        let days = pending.await?;
         Ok(AccountUsage {
             account: account.to_owned(),
             start,

@@ -82,7 +82,7 @@ async fn report<S: Store>(
 /// before it existed (the plan's and before the plan's) and the days
 /// without traffic report the window's whole limit or what remained at the
 /// end of the day before; a new week starts whole; an end past today is
-/// cut at today, and a range wholly to come reports no day.
+/// cut at today.
 async fn a_week_with_days_before_the_key_without_traffic_and_to_come<B: Backend>(b: &B) {
     let clock = ManualClock::new();
     // Wednesday 2024-05-01.
@@ -127,12 +127,8 @@ async fn a_week_with_days_before_the_key_without_traffic_and_to_come<B: Backend>
         report(&l, "w", d(2024, 5, 3), d(2024, 5, 3), "k").await,
         [[3, 7]]
     );
-    // A range wholly to come: no day.
-    let r = admin
-        .usage("w", d(2024, 5, 7), d(2024, 5, 9), Some("k"))
-        .await
-        .unwrap();
-    assert_eq!(r.items["k"], Vec::<[i64; 2]>::new());
+    // A range wholly to come: see
+    // `a_range_that_starts_after_today_is_a_bad_range`.
     // Start after end.
     assert!(matches!(
         admin
@@ -530,9 +526,12 @@ async fn an_accounts_usage_and_its_keys<B: Backend>(b: &B) {
         admin.account_usage("nobody", today, today).await,
         Err(AdminError::UnknownAccount(_))
     ));
+    // A range to come has no day to report.
     assert_eq!(
-        acme(d(2024, 5, 8), d(2024, 5, 9)).await,
-        Vec::<[i64; 2]>::new()
+        admin
+            .account_usage("acme", d(2024, 5, 8), d(2024, 5, 9))
+            .await,
+        Err(AdminError::BadRange("start is after today (UTC)"))
     );
 }
 
@@ -566,6 +565,58 @@ async fn an_unknown_key_moved_to_an_unknown_plan_is_an_unknown_key<B: Backend>(b
     );
 }
 
+/// A range that starts after today (UTC, by the store's clock) has no day
+/// to report: it is refused as a bad range, for a plan's keys and for an
+/// account, rather than answered with an `end` (cut at today) before its
+/// `start`, which a client counting days from `start` to `end` reads as a
+/// negative number of days. A range that starts today is answered, and an
+/// end to come is cut at today, as before.
+async fn a_range_that_starts_after_today_is_a_bad_range<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(plan("w", 10, Period::WEEK))
+        .account(tollgate::Account::new("acme").quota(Quota::new(5, Period::Day).unwrap()))
+        .key(ApiKey::new("k", "v", "w").account("acme"))
+        .key(ApiKey::new("k2", "v2", "w"));
+    clock.set_wall(at(2024, 5, 6, 3_600));
+    let store = b.store(&clock).await;
+    let l = RateLimitLayer::builder(policy.build().unwrap())
+        .store(store)
+        .build();
+    pass(&l, b"v", 2).await;
+    let admin = l.admin();
+    let today = d(2024, 5, 6);
+    let tomorrow = d(2024, 5, 7);
+    for key in [Some("k"), None] {
+        for (start, end) in [(tomorrow, tomorrow), (tomorrow, d(2024, 6, 1))] {
+            assert_eq!(
+                admin.usage("w", start, end, key).await,
+                Err(AdminError::BadRange("start is after today (UTC)")),
+                "{start}..{end} of {key:?}"
+            );
+        }
+    }
+    assert_eq!(
+        admin.account_usage("acme", tomorrow, tomorrow).await,
+        Err(AdminError::BadRange("start is after today (UTC)"))
+    );
+    // From today on: today alone, never an end before the start.
+    let r = admin.usage("w", today, d(2024, 6, 1), None).await.unwrap();
+    assert_eq!((r.start, r.end), (today, today));
+    assert_eq!(r.items["k"], [[2, 8]]);
+    assert_eq!(r.items["k2"], [[0, 10]]);
+    let a = admin.account_usage("acme", today, tomorrow).await.unwrap();
+    assert_eq!((a.start, a.end, a.days), (today, today, vec![[2, 3]]));
+    // The day after, what was tomorrow is today.
+    clock.advance(DAY);
+    let r = admin
+        .usage("w", tomorrow, tomorrow, Some("k"))
+        .await
+        .unwrap();
+    assert_eq!(r.items["k"], [[0, 8]]);
+}
+
 on_each_backend!(
     "usage":
     a_week_with_days_before_the_key_without_traffic_and_to_come,
@@ -579,4 +630,5 @@ on_each_backend!(
     a_reset_and_an_update_usage_belong_to_the_plan_the_key_is_on,
     an_accounts_usage_and_its_keys,
     an_unknown_key_moved_to_an_unknown_plan_is_an_unknown_key,
+    a_range_that_starts_after_today_is_a_bad_range,
 );

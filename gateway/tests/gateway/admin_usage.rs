@@ -154,3 +154,73 @@ async fn usage_of_a_key_on_another_plan_says_which_plan_it_is_on() {
     let (status, body) = get("plan=big&start=2024-05-06&end=2024-05-06").await;
     assert_eq!((status, &body["items"]), (200, &json!({})));
 }
+
+/// Status and JSON body of `GET {path}` with the admin key.
+async fn get(base: &str, path: &str) -> (u16, Value) {
+    let res = reqwest::Client::new()
+        .get(format!("{base}{path}"))
+        .header("x-admin-key", "admin-secret")
+        .send()
+        .await
+        .unwrap();
+    (
+        res.status().as_u16(),
+        res.json().await.unwrap_or(Value::Null),
+    )
+}
+
+/// What `GET /admin/usage` answers ranges around today (2024-05-06 by the
+/// store's clock), one key's and the plan's.
+async fn ranges<S: Store>(store: S) -> Vec<(u16, Value)> {
+    let (base, _stop) = serve(store).await;
+    let mut out = Vec::new();
+    for query in [
+        "plan=tiny&start=2024-05-07&end=2024-05-07&key=t-1",
+        "plan=tiny&start=2024-05-07&end=2024-06-01",
+        "plan=tiny&start=2024-05-06&end=2024-06-01",
+        "plan=tiny&start=2024-05-06&end=2024-05-05",
+    ] {
+        out.push(get(&base, &format!("/admin/usage?{query}")).await);
+    }
+    out
+}
+
+/// A range that starts after today (UTC) is a 400, as one whose end comes
+/// before its start is, never a 200 whose `end` (cut at today) comes before
+/// its `start`: a client counting the days from `start` to `end` would
+/// count a negative number. The same on the memory store and on a real
+/// `redis-server`.
+#[tokio::test]
+async fn usage_of_a_range_after_today_is_a_400_on_both_stores() {
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 36_000));
+    let memory = ranges(MemoryStore::builder().clock(clock.clone()).build().unwrap()).await;
+    let after_today = json!({"message": "bad date range: start is after today (UTC)"});
+    assert_eq!(memory[0], (400, after_today.clone()));
+    assert_eq!(memory[1], (400, after_today));
+    assert_eq!(
+        memory[2],
+        (
+            200,
+            json!({"plan": "tiny", "start": "2024-05-06", "end": "2024-05-06",
+                   "items": {"t-1": [[0, 3]]}})
+        )
+    );
+    assert_eq!(
+        memory[3],
+        (
+            400,
+            json!({"message": "bad date range: start is after end"})
+        )
+    );
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let store = RedisStore::builder(redis.url())
+        .clock(clock)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(ranges(store).await, memory);
+}
