@@ -156,7 +156,7 @@ pub use crate::response::{DefaultOnRejection, OnRejection, Reason, Rejection, Re
 pub use crate::store::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 pub use crate::store::{RedisStore, RedisStoreBuilder};
-pub use crate::usage::{AccountUsage, Admin, AdminError, KeyInfo, UsageReport};
+pub use crate::usage::{AccountUsage, Admin, AdminError, KeyChange, KeyInfo, UsageReport};
 pub use crate::window::{Date, Period, Weekday};
 
 /// The README's examples, compiled and run as doctests.

@@ -80,6 +80,36 @@ pub struct KeyInfo {
     pub account: Option<String>,
 }
 
+/// What [`Admin::update_key`] changes of a key, in one change: each field
+/// left unset is kept as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyChange {
+    /// Whether the key is enabled.
+    pub enabled: Option<bool>,
+    /// The name of the plan the key moves to.
+    pub plan: Option<String>,
+}
+
+impl KeyChange {
+    /// A change of nothing.
+    pub fn new() -> Self {
+        KeyChange::default()
+    }
+
+    /// Enables or disables the key.
+    pub fn enabled(mut self, enabled: bool) -> Self {
+        self.enabled = Some(enabled);
+        self
+    }
+
+    /// Moves the key to the plan named `plan`.
+    pub fn plan(mut self, plan: impl Into<String>) -> Self {
+        self.plan = Some(plan.into());
+        self
+    }
+}
+
 /// Usage per key per UTC day, as AWS GetUsage reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -396,6 +426,58 @@ impl<S: Store> Admin<S> {
         }
     }
 
+    /// Changes a key's plan and whether it is enabled in one change: every
+    /// request, on this instance and (with a store that shares the
+    /// registry) on every other, finds the key as it was or with all of
+    /// `change` applied, never with one field changed and not the other. A
+    /// change that names nothing changes nothing, once the key is found
+    /// there. The fields mean what [`set_enabled`](Self::set_enabled) and
+    /// [`set_plan`](Self::set_plan) make them mean, and a key that is not
+    /// there is [`AdminError::UnknownKey`] whatever plan is named; a plan
+    /// this instance does not know, [`AdminError::UnknownPlan`], with
+    /// nothing changed.
+    ///
+    /// ```
+    /// use tollgate::{ApiKey, KeyChange, Policy, RateLimitLayer, Throttle, UsagePlan};
+    ///
+    /// let plan = |name| UsagePlan::new(name).throttle(Throttle::new(1.0, 5).unwrap());
+    /// let policy = Policy::builder()
+    ///     .plan(plan("free"))
+    ///     .plan(plan("pro"))
+    ///     .key(ApiKey::new("k1", "secret-1", "free"));
+    /// let admin = RateLimitLayer::new(policy.build()?).admin();
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// // Moved to `pro` and disabled at once: never enabled on `pro`.
+    /// let change = KeyChange::new().plan("pro").enabled(false);
+    /// admin.update_key("k1", change).await.unwrap();
+    /// let k1 = admin.key("k1").unwrap();
+    /// assert_eq!((k1.plan.as_str(), k1.enabled), ("pro", false));
+    /// # });
+    /// # Ok::<(), tollgate::ConfigError>(())
+    /// ```
+    pub async fn update_key(&self, id: &str, change: KeyChange) -> Result<(), AdminError> {
+        if change.enabled.is_none() && change.plan.is_none() {
+            // Nothing to write, to the store or here.
+            return self.key_is_there(id).await;
+        }
+        let plan = match change.plan {
+            None => None,
+            Some(name) => {
+                let to = self.policy.load().plan_named(&name).map(Arc::clone);
+                let Some(to) = to else {
+                    self.key_is_there(id).await?;
+                    return Err(AdminError::UnknownPlan(name));
+                };
+                Some(to)
+            }
+        };
+        let fields = KeyFields {
+            enabled: change.enabled,
+            plan,
+        };
+        self.change_key(id, fields).await
+    }
+
     /// Enables or disables a key (a disabled key is answered 403), and so
     /// every value a [`KeyResolver`](crate::KeyResolver) answers with its
     /// id, cached or not.
@@ -405,11 +487,7 @@ impl<S: Store> Admin<S> {
     /// instance a moment ago, not yet received here, is kept. A key added
     /// through another instance and not yet received here is changed too.
     pub async fn set_enabled(&self, id: &str, enabled: bool) -> Result<(), AdminError> {
-        let fields = KeyFields {
-            enabled: Some(enabled),
-            plan: None,
-        };
-        self.change_key(id, fields).await
+        self.update_key(id, KeyChange::new().enabled(enabled)).await
     }
 
     /// Moves a key to another plan (and with it every value a
@@ -426,16 +504,7 @@ impl<S: Store> Admin<S> {
     /// NotFound for it); a plan this instance does not know, for a key that
     /// is there, is [`AdminError::UnknownPlan`].
     pub async fn set_plan(&self, id: &str, plan: &str) -> Result<(), AdminError> {
-        let to = self.policy.load().plan_named(plan).map(Arc::clone);
-        let Some(to) = to else {
-            self.key_is_there(id).await?;
-            return Err(AdminError::UnknownPlan(plan.to_owned()));
-        };
-        let fields = KeyFields {
-            enabled: None,
-            plan: Some(to),
-        };
-        self.change_key(id, fields).await
+        self.update_key(id, KeyChange::new().plan(plan)).await
     }
 
     /// Adds a plan, or replaces the limits of the plan with the same name.

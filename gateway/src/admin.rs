@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 use tollgate::store::Store;
-use tollgate::{Admin, AdminError, ApiKey, ConfigError, Date, KeyInfo, ResponseStyle};
+use tollgate::{Admin, AdminError, ApiKey, ConfigError, Date, KeyChange, KeyInfo, ResponseStyle};
 
 pub(crate) use self::error::{BodyDeadline, Styled};
 use crate::dashboard::{self, Dashboard};
@@ -455,28 +455,30 @@ async fn patch_key<S: Store>(
         Ok(p) => p,
         Err(msg) => return s.error(StatusCode::BAD_REQUEST, &msg),
     };
-    if let Some(plan) = &p.plan {
-        match s.admin.set_plan(&id, plan).await {
-            Ok(()) => {}
-            // A plan the gateway does not have, named in the body: the
-            // conflict `POST /admin/keys` answers for it, in its words. A
-            // 404 here would say that the key of the path is missing.
-            Err(AdminError::UnknownPlan(plan)) => {
-                let e = ConfigError::UnknownPlan {
-                    key: id.clone(),
-                    plan,
-                };
-                return s.admin_error(&AdminError::Config(e));
-            }
-            Err(e) => return s.admin_error(&e),
-        }
+    // One change of the key, whichever fields the body names: a PATCH is
+    // applied whole, and no request (on any instance) finds the key with
+    // one field changed and not the other.
+    let mut change = KeyChange::new();
+    if let Some(plan) = p.plan {
+        change = change.plan(plan);
     }
     if let Some(enabled) = p.enabled {
-        if let Err(e) = s.admin.set_enabled(&id, enabled).await {
-            return s.admin_error(&e);
-        }
+        change = change.enabled(enabled);
     }
-    key_json(&s, &id)
+    match s.admin.update_key(&id, change).await {
+        Ok(()) => key_json(&s, &id),
+        // A plan the gateway does not have, named in the body: the
+        // conflict `POST /admin/keys` answers for it, in its words. A 404
+        // here would say that the key of the path is missing.
+        Err(AdminError::UnknownPlan(plan)) => {
+            let e = ConfigError::UnknownPlan {
+                key: id.clone(),
+                plan,
+            };
+            s.admin_error(&AdminError::Config(e))
+        }
+        Err(e) => s.admin_error(&e),
+    }
 }
 
 #[derive(Deserialize)]

@@ -101,7 +101,8 @@
 //!     the gateway generates one and answers it once); with an array of
 //!     them imports them all or none (the first bad one named: `index`, `id`)
 //!   - `GET /admin/keys/ID` shows a key (never its value); `DELETE /admin/keys/ID` removes it
-//!   - `PATCH /admin/keys/ID` with `{"enabled": false}` or `{"plan": "pro"}`
+//!   - `PATCH /admin/keys/ID` with `{"enabled": false}`, `{"plan": "pro"}` or both, applied
+//!     as one change (no request finds the key with one changed and not the other)
 //!   - `POST /admin/keys/ID/reset` forgets the key's usage in its current window
 //!   - `GET /admin/ui`: the usage dashboard (see [`Dashboard`]), a page that asks for the
 //!     admin key and reads `GET /admin/plans`, `/admin/accounts`, `/admin/keys[?q=TEXT]`,

@@ -2,7 +2,9 @@
 //! past the edge of UpdateUsage's range (2^53), on the memory store and on a
 //! real `redis-server`: the same status and body from both, a 400 with a
 //! clear message for a count out of range, never a 503 that blames the store.
-//! And `GET /admin/usage` for a key on another plan than the one asked.
+//! And `GET /admin/usage` for a key on another plan than the one asked and
+//! for a range after today, and `PATCH /admin/keys/ID` of a plan and
+//! `enabled` together.
 
 use serde_json::{Value, json};
 use tollgate::store::Store;
@@ -223,4 +225,54 @@ async fn usage_of_a_range_after_today_is_a_400_on_both_stores() {
         .await
         .unwrap();
     assert_eq!(ranges(store).await, memory);
+}
+
+/// `PATCH /admin/keys/ID` with a plan and `enabled` together is one change
+/// of the key, as a PATCH is applied whole: on the Redis store's shared
+/// registry it is one entry of the log, so no instance ever serves the key
+/// with one field changed and not the other (here, enabled on `big`, which
+/// the body asked to disable). A body whose plan is unknown changes nothing.
+#[tokio::test]
+async fn patch_of_plan_and_enabled_is_one_change() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let store = RedisStore::builder(redis.url()).build().await.unwrap();
+    let (base, _stop) = serve(store).await;
+    let log_len = || {
+        crate::support::redis::command(redis.addr(), &["XLEN", "{tollgate:registry}:log"])
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let patch = |body: Value| {
+        let base = base.clone();
+        async move {
+            let res = reqwest::Client::new()
+                .patch(format!("{base}/admin/keys/t-1"))
+                .header("x-admin-key", "admin-secret")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (res.status().as_u16(), res.json::<Value>().await.unwrap())
+        }
+    };
+    let before = log_len();
+    let (status, body) = patch(json!({"plan": "big", "enabled": false})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["plan"], &body["enabled"]),
+        (&json!("big"), &json!(false))
+    );
+    assert_eq!(log_len(), before + 1, "one entry for both fields");
+    let (status, _) = patch(json!({"plan": "nope", "enabled": true})).await;
+    assert_eq!(status, 409);
+    assert_eq!(log_len(), before + 1, "nothing written");
+    let (_, body) = get(&base, "/admin/keys/t-1").await;
+    assert_eq!(
+        (&body["plan"], &body["enabled"]),
+        (&json!("big"), &json!(false))
+    );
 }
