@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use crate::error::ConfigError;
@@ -125,6 +126,10 @@ pub struct UsageReport {
     /// where `remaining` is what was left of the quota window at the day's
     /// end, under the limit in force then (see [`Admin::usage`]).
     pub items: BTreeMap<String, Vec<[i64; 2]>>,
+    /// Where the next page starts, for a page of a report
+    /// ([`Admin::usage_page`]) after which keys remain (AWS GetUsage's
+    /// `position`); `None` for the last page and for a whole report.
+    pub position: Option<String>,
 }
 
 /// An admin operation that cannot be done.
@@ -728,6 +733,48 @@ impl<S: Store> Admin<S> {
         end: Date,
         key: Option<&str>,
     ) -> Result<UsageReport, AdminError> {
+        self.report(plan, start, end, key, None).await
+    }
+
+    /// One page of [`usage`](Self::usage)'s report (AWS GetUsage's `limit`
+    /// and `position`): at most `limit` keys of `plan`, in the order of
+    /// their ids, the first of them the first whose id comes after
+    /// `position` (from the first key when `None`). While keys remain
+    /// after the page, its [`UsageReport::position`] is the position to ask
+    /// for the next one (the page's last id); the last page has none. The
+    /// pages together hold every key of the plan that was there throughout;
+    /// a key added or removed between pages is in a page or not as its id
+    /// falls, and a position whose key was removed still resumes after it.
+    ///
+    /// Only the page's keys are read from the store (a whole report reads
+    /// every key of the plan); finding them sorts the ids of the plan's
+    /// registered keys, for each page. One key (`key`) is reported as by
+    /// [`usage`](Self::usage), when its id comes after `position`, with no
+    /// position. Every refusal is [`usage`](Self::usage)'s.
+    pub async fn usage_page(
+        &self,
+        plan: &str,
+        start: Date,
+        end: Date,
+        key: Option<&str>,
+        limit: NonZeroUsize,
+        position: Option<&str>,
+    ) -> Result<UsageReport, AdminError> {
+        self.report(plan, start, end, key, Some((limit, position)))
+            .await
+    }
+
+    /// A usage report, whole (`page` `None`) or one page of it.
+    async fn report(
+        &self,
+        plan: &str,
+        start: Date,
+        end: Date,
+        key: Option<&str>,
+        page: Option<(NonZeroUsize, Option<&str>)>,
+    ) -> Result<UsageReport, AdminError> {
+        let after = page.and_then(|(_, position)| position);
+        let comes = |id: &str| after.is_none_or(|after| id > after);
         if start > end {
             return Err(AdminError::BadRange("start is after end"));
         }
@@ -743,6 +790,7 @@ impl<S: Store> Admin<S> {
         };
         // The store's reads start here; the policy is not held across them.
         let mut pending: Vec<(String, DaysFuture)> = Vec::new();
+        let mut position = None;
         {
             let snap = self.policy.load();
             let place = snap
@@ -759,13 +807,8 @@ impl<S: Store> Admin<S> {
                     "start is before the kept usage history",
                 ));
             }
-            let mut read = |entry: &KeyEntry| {
-                if entry.plan.name != p.name {
-                    return;
-                }
-                let q = self.subject(p, entry).quota(LimitKind::Quota, spec);
-                pending.push((entry.id.to_string(), self.store.usage(&q, start, end)));
-            };
+            // The keys to report: each one's id and where its state lives.
+            let mut found: Vec<(String, Digest)> = Vec::new();
             match key {
                 // This instance's copy first, if it arrived meanwhile.
                 Some(id) => self
@@ -778,12 +821,30 @@ impl<S: Store> Admin<S> {
                             on: e.plan.name.to_string(),
                         }),
                         Some(e) => {
-                            read(e);
+                            if comes(&e.id) {
+                                found.push((e.id.to_string(), e.state()));
+                            }
                             Ok(())
                         }
                         None => Err(AdminError::UnknownKey(id.to_owned())),
                     })?,
-                None => self.policy.keys().for_each(read),
+                None => self.policy.keys().for_each(|e| {
+                    if e.plan.name == p.name && comes(&e.id) {
+                        found.push((e.id.to_string(), e.state()));
+                    }
+                }),
+            }
+            if let Some((limit, _)) = page {
+                if found.len() > limit.get() {
+                    found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                    found.truncate(limit.get());
+                    position = found.last().map(|(id, _)| id.clone());
+                }
+            }
+            for (id, state) in found {
+                let q = key_subject(&self.policy, p, &id, state).quota(LimitKind::Quota, spec);
+                let days = self.store.usage(&q, start, end);
+                pending.push((id, days));
             }
         }
         let mut items = BTreeMap::new();
@@ -795,6 +856,7 @@ impl<S: Store> Admin<S> {
             start,
             end,
             items,
+            position,
         })
     }
     /// Sets what remains of the key's quota in the current window (AWS

@@ -245,6 +245,22 @@ struct UsageQuery {
     start: String,
     end: String,
     key: Option<String>,
+    /// At most this many keys (AWS GetUsage's `limit`); all without it.
+    limit: Option<String>,
+    /// Where the page starts (AWS GetUsage's `position`), as the page
+    /// before answered it.
+    position: Option<String>,
+}
+
+/// AWS GetUsage's largest page.
+const MAX_USAGE_PAGE: usize = 500;
+
+/// `limit`, a whole number from 1 to [`MAX_USAGE_PAGE`].
+fn usage_limit(limit: &str) -> Option<std::num::NonZeroUsize> {
+    limit
+        .parse()
+        .ok()
+        .filter(|n: &std::num::NonZeroUsize| n.get() <= MAX_USAGE_PAGE)
 }
 
 async fn usage<S: Store>(
@@ -265,14 +281,41 @@ async fn usage<S: Store>(
             "start and end must be dates as YYYY-MM-DD",
         );
     };
-    match s.admin.usage(&q.plan, start, end, q.key.as_deref()).await {
-        Ok(r) => Json(json!({
-            "plan": r.plan,
-            "start": r.start.to_string(),
-            "end": r.end.to_string(),
-            "items": r.items,
-        }))
-        .into_response(),
+    let limit = match q.limit.as_deref().map(usage_limit) {
+        None => None,
+        Some(Some(limit)) => Some(limit),
+        Some(None) => {
+            let why = format!("limit must be a whole number from 1 to {MAX_USAGE_PAGE}");
+            return s.error(StatusCode::BAD_REQUEST, &why);
+        }
+    };
+    let key = q.key.as_deref();
+    let report = match (limit, q.position.as_deref()) {
+        (None, None) => s.admin.usage(&q.plan, start, end, key).await,
+        // A position without a limit: the rest of the report, whole.
+        (limit, position) => {
+            let limit = limit.unwrap_or(std::num::NonZeroUsize::MAX);
+            let admin = &s.admin;
+            admin
+                .usage_page(&q.plan, start, end, key, limit, position)
+                .await
+        }
+    };
+    match report {
+        Ok(r) => {
+            let mut body = json!({
+                "plan": r.plan,
+                "start": r.start.to_string(),
+                "end": r.end.to_string(),
+                "items": r.items,
+            });
+            // Only while keys remain after the page, as AWS answers it: a
+            // client that asks for no page sees the shape it always had.
+            if let Some(position) = r.position {
+                body["position"] = position.into();
+            }
+            Json(body).into_response()
+        }
         Err(e) => s.admin_error(&e),
     }
 }

@@ -95,7 +95,10 @@
 //!     one `[used, remaining]` per day from `start` to the answer's `end`;
 //!     a `start` after `end`, after today or before the kept history is a
 //!     400; a `key` on another plan than `plan` a 404 that names the plan
-//!     it is on
+//!     it is on. `&limit=N` (1 to 500) answers at most N keys, by id, and
+//!     a `"position"` to pass back as `&position=…` for the next page while
+//!     keys remain (AWS's `limit` and `position`); without them the report
+//!     is whole and has no `position`
 //!   - `PATCH /admin/keys/ID/usage` with `{"remaining": N}` (AWS UpdateUsage)
 //!   - `POST /admin/keys` with `{"id":…,"value":…,"plan":…}` adds a key (without `value`
 //!     the gateway generates one and answers it once); with an array of

@@ -617,6 +617,96 @@ async fn a_range_that_starts_after_today_is_a_bad_range<B: Backend>(b: &B) {
     assert_eq!(r.items["k"], [[0, 8]]);
 }
 
+/// A report in pages (AWS GetUsage's `limit` and `position`): at most
+/// `limit` keys of the plan, by id, and the position to ask for the next
+/// page while keys remain; the pages together are the whole report, and a
+/// report asked without a page is whole and has no position. A position
+/// whose key was removed meanwhile still resumes after it.
+async fn a_report_in_pages<B: Backend>(b: &B) {
+    let clock = ManualClock::new();
+    let keys = ["a", "b", "c", "d", "e"]
+        .map(|id| ApiKey::new(id, format!("v-{id}"), "p"))
+        .into_iter()
+        .chain([ApiKey::new("x", "v-x", "other")])
+        .collect();
+    let l = layer(
+        b,
+        &clock,
+        at(2024, 5, 6, 3_600),
+        vec![plan("p", 10, Period::Day), plan("other", 10, Period::Day)],
+        keys,
+    )
+    .await;
+    pass(&l, b"v-c", 3).await;
+    let admin = l.admin();
+    let today = d(2024, 5, 6);
+    let whole = admin.usage("p", today, today, None).await.unwrap();
+    assert_eq!(whole.position, None);
+    assert_eq!(
+        whole.items.keys().collect::<Vec<_>>(),
+        ["a", "b", "c", "d", "e"]
+    );
+    let page = |limit: usize, position: Option<&'static str>| {
+        let admin = admin.clone();
+        async move {
+            let limit = std::num::NonZeroUsize::new(limit).unwrap();
+            let r = admin
+                .usage_page("p", today, today, None, limit, position)
+                .await
+                .unwrap();
+            (r.items.into_iter().collect::<Vec<_>>(), r.position)
+        }
+    };
+    let one = |id: &str, days: [i64; 2]| (id.to_owned(), vec![days]);
+    assert_eq!(
+        page(2, None).await,
+        (
+            vec![one("a", [0, 10]), one("b", [0, 10])],
+            Some("b".to_owned())
+        )
+    );
+    assert_eq!(
+        page(2, Some("b")).await,
+        (
+            vec![one("c", [3, 7]), one("d", [0, 10])],
+            Some("d".to_owned())
+        )
+    );
+    assert_eq!(page(2, Some("d")).await, (vec![one("e", [0, 10])], None));
+    // Exactly the keys left: no position, no empty page after it.
+    assert_eq!(
+        page(3, Some("b")).await,
+        (
+            vec![one("c", [3, 7]), one("d", [0, 10]), one("e", [0, 10])],
+            None
+        )
+    );
+    assert_eq!(page(500, None).await.0.len(), 5);
+    admin.remove_key("c").await.unwrap();
+    assert_eq!(
+        page(1, Some("c")).await,
+        (vec![one("d", [0, 10])], Some("d".to_owned()))
+    );
+    // One key: a page of it, never a position.
+    let limit = std::num::NonZeroUsize::new(1).unwrap();
+    let r = admin
+        .usage_page("p", today, today, Some("a"), limit, None)
+        .await
+        .unwrap();
+    assert_eq!((r.items.len(), r.position), (1, None));
+    // What a whole report refuses, a page refuses.
+    assert_eq!(
+        admin
+            .usage_page("p", today, today, Some("x"), limit, None)
+            .await,
+        Err(AdminError::KeyNotInPlan {
+            key: "x".into(),
+            plan: "p".into(),
+            on: "other".into()
+        })
+    );
+}
+
 on_each_backend!(
     "usage":
     a_week_with_days_before_the_key_without_traffic_and_to_come,
@@ -631,4 +721,5 @@ on_each_backend!(
     an_accounts_usage_and_its_keys,
     an_unknown_key_moved_to_an_unknown_plan_is_an_unknown_key,
     a_range_that_starts_after_today_is_a_bad_range,
+    a_report_in_pages,
 );

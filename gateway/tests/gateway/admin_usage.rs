@@ -276,3 +276,87 @@ async fn patch_of_plan_and_enabled_is_one_change() {
         (&json!("big"), &json!(false))
     );
 }
+
+/// `GET /admin/usage` in pages, as AWS GetUsage's `limit` and `position`:
+/// a client that asks for no page gets the whole report in the shape it
+/// always had (no `position`); one that asks gets at most `limit` keys and
+/// a `position` to pass back while keys remain, on both stores alike. A
+/// `limit` that is not a whole number from 1 to 500 (AWS's largest page)
+/// is a 400 that says so.
+#[tokio::test]
+async fn usage_in_pages_on_both_stores() {
+    const MANY: &str = r#"
+[[plans]]
+name = "tiny"
+quota = { limit = 3, period = "DAY" }
+
+[[keys]]
+id = "a"
+value = "key-a"
+plan = "tiny"
+
+[[keys]]
+id = "b"
+value = "key-b"
+plan = "tiny"
+
+[[keys]]
+id = "c"
+value = "key-c"
+plan = "tiny"
+
+[admin]
+key = "admin-secret"
+"#;
+    async fn pages<S: Store>(store: S) -> Vec<(u16, Value)> {
+        let (base, _stop) = crate::serve_config(MANY, store).await;
+        let range = "plan=tiny&start=2024-05-06&end=2024-05-06";
+        let mut out = Vec::new();
+        for query in [
+            String::new(),
+            "&limit=2".into(),
+            "&limit=2&position=b".into(),
+            "&position=a".into(),
+            "&limit=3".into(),
+            "&limit=2&key=b".into(),
+            "&limit=0".into(),
+            "&limit=501".into(),
+            "&limit=two".into(),
+        ] {
+            out.push(get(&base, &format!("/admin/usage?{range}{query}")).await);
+        }
+        out
+    }
+    let clock = ManualClock::new();
+    clock.set_wall(at(2024, 5, 6, 36_000));
+    let memory = pages(MemoryStore::builder().clock(clock.clone()).build().unwrap()).await;
+    let report = |items: Value| json!({"plan": "tiny", "start": "2024-05-06", "end": "2024-05-06", "items": items});
+    let day = json!([[0, 3]]);
+    let mut first = report(json!({"a": day, "b": day}));
+    first["position"] = json!("b");
+    let bad_limit = json!({"message": "limit must be a whole number from 1 to 500"});
+    assert_eq!(
+        memory,
+        vec![
+            (200, report(json!({"a": day, "b": day, "c": day}))),
+            (200, first),
+            (200, report(json!({"c": day}))),
+            (200, report(json!({"b": day, "c": day}))),
+            (200, report(json!({"a": day, "b": day, "c": day}))),
+            (200, report(json!({"b": day}))),
+            (400, bad_limit.clone()),
+            (400, bad_limit.clone()),
+            (400, bad_limit),
+        ]
+    );
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let store = RedisStore::builder(redis.url())
+        .clock(clock)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(pages(store).await, memory);
+}
