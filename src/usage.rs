@@ -695,6 +695,32 @@ impl<S: Store> Admin<S> {
     /// that day's end, its whole limit when nothing counted in it yet, as
     /// AWS reports a subscriber that used none of its quota.
     ///
+    /// What a report holds, by decision:
+    ///
+    /// - The keys registered on `plan` (in the policy, through `Admin`, or
+    ///   with the Redis store in its shared registry). A removed key is in
+    ///   none (asked by id, it is [`AdminError::UnknownKey`]); its counters
+    ///   stay, and a key added again with its id reports them. A key only a
+    ///   [`KeyResolver`](crate::KeyResolver) knows is in none either: a
+    ///   resolver is asked by key value, never by id, so which ids it would
+    ///   answer, and on which plan, cannot be listed, and a report of the
+    ///   answers its cache happens to hold would change with the cache; and
+    ///   its quota keeps no history but the current day's (so that a store
+    ///   bounds what unregistered subjects hold). Its counts live under its
+    ///   id, as a registered key's with that id would: registering the id on
+    ///   the key's plan (with a value of its own that nobody sends, such as
+    ///   a generated one) keeps them, and its history from then on, and
+    ///   puts it in the reports; the resolver's values with that id are then
+    ///   decided as the registered key.
+    /// - The plan's request quota, as AWS GetUsage's `[used, remaining]`
+    ///   pairs count requests. A plan without one is
+    ///   [`AdminError::NoQuota`]. Token budgets (`per_minute`, `per_day`,
+    ///   `per_month`) are not in reports, which keep AWS's shape: what
+    ///   remains of them now is read with
+    ///   [`RateLimitLayer::standing`](crate::RateLimitLayer::standing) (by
+    ///   the key's value, a resolved key's too) or
+    ///   [`standing_by_id`](crate::RateLimitLayer::standing_by_id).
+    ///
     /// Each day's `remaining` is what was left of its quota window at the
     /// day's end, under the limit in force at that end: a plan put anew
     /// with another limit (or offset) on a day counts that day and the days

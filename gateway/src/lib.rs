@@ -98,7 +98,10 @@
 //!     it is on. `&limit=N` (1 to 500) answers at most N keys, by id, and
 //!     a `"position"` to pass back as `&position=…` for the next page while
 //!     keys remain (AWS's `limit` and `position`); without them the report
-//!     is whole and has no `position`
+//!     is whole and has no `position`. It holds the plan's registered keys
+//!     (a day before a key existed reads `[0, remaining]`, as a day without
+//!     traffic) and counts requests, as AWS's does: token budgets are read
+//!     in `GET /admin/keys` and `GET /v1/usage`
 //!   - `PATCH /admin/keys/ID/usage` with `{"remaining": N}` (AWS UpdateUsage)
 //!   - `POST /admin/keys` with `{"id":…,"value":…,"plan":…}` adds a key (without `value`
 //!     the gateway generates one and answers it once); with an array of
