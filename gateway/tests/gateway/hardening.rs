@@ -755,7 +755,7 @@ async fn an_http2_client_that_stops_reading_an_answer_is_cut_off_after_the_body_
         16,
     ))
     .await;
-    let (mut sender, _closed) = http2_client(addr).await;
+    let (mut sender, closed) = http2_client(addr).await;
     // About 15 MB of events, far more than the client's windows (2 MiB a
     // stream, 5 MiB the connection).
     let body = r#"{"model":"m","prompt":"hi","max_tokens":16,"mock_completion_tokens":100000,"stream":true,"mock_token_ms":0}"#;
@@ -766,9 +766,15 @@ async fn an_http2_client_that_stops_reading_an_answer_is_cut_off_after_the_body_
         .unwrap();
     let res = sender.send_request(req).await.unwrap();
     assert_eq!(res.status(), 200);
-    // Unread for well past the timeout (see the HTTP/1 test for why so
-    // long), then read.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Unread until the gateway drops the connection: once the client's
+    // windows are full, after the body timeout. Waited for rather than
+    // slept on: on a starved machine the mock may take seconds to fill
+    // the windows, and a client that reads before then never stalled.
+    let cut = tokio::time::timeout(Duration::from_secs(60), closed).await;
+    assert!(
+        matches!(cut, Ok(Ok(_))),
+        "the gateway kept the connection of a client that stopped reading"
+    );
     let mut body = res.into_body();
     let mut got = 0usize;
     let mut done = false;
