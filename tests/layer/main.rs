@@ -13,6 +13,7 @@ mod body;
 mod floods;
 mod fuzz_corpora;
 mod grpc;
+mod grpc_streams;
 mod hostile;
 mod http;
 mod hyper_server;
