@@ -822,6 +822,82 @@ async fn quota_units_the_local_copy_admitted_are_charged_to_redis_once_it_is_bac
     assert_eq!(store.local_decisions(), 5, "decided by Redis");
 }
 
+/// What the local copy admitted during an outage to a throttle whose bucket
+/// refills slowly is charged to Redis once it is back too: with a burst of
+/// 10 an hour on one instance, the clock standing still, 5 through Redis
+/// and 5 by the copy, Redis admits nothing more after its restart. Before,
+/// Redis never learnt of the copy's 5 and admitted 5 more: 15 under a
+/// burst of 10 on one instance, within the hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttle_units_the_local_copy_admitted_are_charged_to_redis_once_it_is_back() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let clock = tollgate::ManualClock::new();
+    clock.set_wall(crate::support::at(2024, 5, 6, 3_600));
+    let store = RedisStore::builder(redis.url())
+        .shared_registry(false)
+        .clock(clock.clone())
+        .timeout(Duration::from_millis(300))
+        .over_limit_cache(Duration::ZERO)
+        .build()
+        .await
+        .expect("a Redis store");
+    let policy = Policy::builder()
+        .clock(clock.clone())
+        .plan(
+            UsagePlan::new("t")
+                .throttle(Throttle::new(10.0 / 3_600.0, 10).unwrap())
+                .failure(FailureMode::Local)
+                .borrow(false),
+        )
+        .key(ApiKey::new("k-1", "k", "t"))
+        .build()
+        .expect("a valid policy");
+    let layer = RateLimitLayer::builder(policy).store(store.clone()).build();
+    assert_eq!(allowed(&layer, b"k", 5).await, 5, "Redis admits 5");
+    assert_eq!(store.local_decisions(), 0);
+
+    tokio::task::block_in_place(|| redis.kill());
+    assert_eq!(
+        allowed(&layer, b"k", 5).await,
+        5,
+        "the copy admits the rest of the burst"
+    );
+    assert_eq!(store.local_decisions(), 5, "decided by the local copy");
+
+    tokio::task::block_in_place(|| redis.restart());
+    let start = std::time::Instant::now();
+    let mut admitted = 0;
+    loop {
+        let before = store.local_decisions();
+        let n = allowed(&layer, b"k", 1).await;
+        if store.local_decisions() == before {
+            admitted += n;
+            break;
+        }
+        assert_eq!(n, 0, "the copy admitted past the burst");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "Redis never decided"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    admitted += allowed(&layer, b"k", 10).await;
+    assert_eq!(
+        admitted, 0,
+        "Redis admitted past the burst of 10 on one instance"
+    );
+    store.drained().await;
+
+    // Charged as of when the copy admitted them: an hour later, the bucket
+    // is full again.
+    clock.advance(Duration::from_secs(3_600));
+    assert_eq!(allowed(&layer, b"k", 12).await, 10, "a full bucket");
+}
+
 /// What the local copy admitted in a quota window that has ended when
 /// Redis is back is not charged to the window Redis then counts: the new
 /// day admits its 10 in full.

@@ -159,6 +159,18 @@ impl MemoryStore {
         self.inner.quotas.at_most(quota, wall, remaining);
     }
 
+    /// How far ahead of now the TAT of throttle `t` stands here: the time
+    /// until its bucket is full again (0 when it is; nothing charged).
+    #[cfg(feature = "redis")]
+    pub(crate) fn throttle_ahead(&self, t: &ThrottleRef<'_>) -> Nanos {
+        let now = self.inner.clock.nanos();
+        let slot = SlotKey::new(t.digest, t.limit.salt);
+        self.inner
+            .table(t.digest)
+            .peek(slot, now)
+            .saturating_sub(now)
+    }
+
     /// The store's clock.
     pub fn clock(&self) -> &Clock {
         &self.inner.clock

@@ -359,13 +359,17 @@ impl Store for RedisStore {
         if settlement.reserved.local && settlement.delta < 0 {
             // What the copy still owes Redis for the reservation is owed
             // less by what was not used.
+            let units = settlement.delta.unsigned_abs();
             if let (true, Some(wall)) = (self.inner.local.owes(), settlement.reserved.wall) {
                 let day = wall.div_euclid(crate::window::NANOS_PER_DAY);
                 for q in settlement.quotas.iter().flatten() {
                     let [key, _] = self.inner.quota_keys(q);
-                    let units = settlement.delta.unsigned_abs();
                     self.inner.local.forgive(&key, day, units);
                 }
+            }
+            if let (true, Some(t)) = (self.inner.local.owes(), &settlement.throttle) {
+                let key = self.inner.throttle_key(t);
+                self.inner.local.forgive_throttle(&key, units);
             }
             return;
         }

@@ -10,7 +10,9 @@
 //! instance admitted through Redis (the places under concurrency caps
 //! included, until their responses end). What it admits on its own to a
 //! quota or a token budget is owed to Redis: once Redis answers again, it
-//! is charged there (see [`Inner::repay`]), in the window that counted it.
+//! is charged there (see [`Inner::repay`]), in the window that counted it;
+//! what it admits on its own to a throttle is charged there too, as far as
+//! it has not refilled in the copy's bucket by then.
 //! The places it grants on its own under concurrency caps are not charged
 //! to Redis, but count on this instance until their responses end: Redis's
 //! decisions here count them beside its own (see [`Local::held_under`]).
@@ -52,7 +54,12 @@ pub(super) struct Local {
     /// What the copy admitted on its own to each quota, by its key in
     /// Redis and the UTC day it admitted it: owed to Redis.
     owed: Mutex<HashMap<(String, i64), Owed>>,
-    /// Whether `owed` may hold any: the common case (none) reads no lock.
+    /// What the copy admitted on its own to each throttle, by its key in
+    /// Redis: owed to Redis as far as it has not refilled when Redis
+    /// answers again.
+    owed_throttles: Mutex<HashMap<String, OwedThrottle>>,
+    /// Whether `owed` or `owed_throttles` may hold any: the common case
+    /// (none) reads no lock.
     owes: AtomicBool,
     clock: Clock,
 }
@@ -73,6 +80,29 @@ pub(super) struct Owed {
     at: i64,
 }
 
+/// Units the local copy admitted on its own to one throttle, to be charged
+/// to Redis once it answers again, as far as they have not refilled by
+/// then (see [`Inner::repay`]).
+#[derive(Debug, Clone)]
+pub(super) struct OwedThrottle {
+    /// The throttle's numbers as the copy charged them, and its digest:
+    /// where the copy keeps its bucket.
+    limit: crate::plan::Limit,
+    digest: crate::hash::Digest,
+    units: u64,
+}
+
+/// One charge of what the local copy owes Redis, kept to be owed again
+/// when Redis does not answer it.
+enum Owing {
+    Quota((String, i64), Owed),
+    Throttle(String, OwedThrottle),
+}
+
+/// What the local copy owes Redis: units admitted to quotas, by quota key
+/// and day, and to throttles, by key.
+type AllOwed = (HashMap<(String, i64), Owed>, HashMap<String, OwedThrottle>);
+
 impl Local {
     pub(super) fn new(clock: Clock) -> Self {
         // A builder with nothing but a clock cannot fail.
@@ -87,6 +117,7 @@ impl Local {
             count: AtomicUsize::new(0),
             own: AtomicUsize::new(0),
             owed: Mutex::default(),
+            owed_throttles: Mutex::default(),
             owes: AtomicBool::new(false),
             clock,
         }
@@ -111,11 +142,27 @@ impl Local {
         verdict
     }
 
-    /// Records what the copy charged each quota of `parts` for a request it
-    /// admitted on its own: Redis never counted it.
+    /// Records what the copy charged each throttle and quota of `parts` for
+    /// a request it admitted on its own: Redis never counted it.
     fn owe(&self, parts: &[&Part]) {
         let mut at = None;
         for part in parts {
+            // A part's throttles' keys come first in its call's.
+            for (t, key) in part.throttles.iter().zip(&part.call.keys) {
+                if t.cost == 0 {
+                    continue;
+                }
+                let mut owed = self.owed_throttles.lock();
+                let o = owed.entry(key.clone()).or_insert_with(|| OwedThrottle {
+                    limit: t.limit.clone(),
+                    digest: t.digest,
+                    units: 0,
+                });
+                o.units = o.units.saturating_add(u64::from(t.cost));
+                // Charged under the numbers the copy decides by now.
+                o.limit = t.limit.clone();
+                self.owes.store(true, Ordering::Release);
+            }
             for q in part.quotas.iter().filter(|q| q.cost > 0) {
                 let (Some(key), Some(hist)) = (
                     part.call.keys.get(q.key_at),
@@ -150,17 +197,70 @@ impl Local {
     }
 
     /// Takes what the copy owes Redis, if anything.
-    fn take_owed(&self) -> Option<HashMap<(String, i64), Owed>> {
+    fn take_owed(&self) -> Option<AllOwed> {
         if !self.owes() {
             return None;
         }
         let mut owed = self.owed.lock();
+        let mut throttles = self.owed_throttles.lock();
         self.owes.store(false, Ordering::Release);
-        (!owed.is_empty()).then(|| std::mem::take(&mut *owed))
+        (!owed.is_empty() || !throttles.is_empty())
+            .then(|| (std::mem::take(&mut *owed), std::mem::take(&mut *throttles)))
+    }
+
+    /// Records again what could not be charged to a throttle in Redis.
+    fn owe_throttle_again(&self, key: String, again: OwedThrottle) {
+        let mut owed = self.owed_throttles.lock();
+        match owed.get_mut(&key) {
+            Some(o) => o.units = o.units.saturating_add(again.units),
+            None => {
+                owed.insert(key, again);
+            }
+        }
+        self.owes.store(true, Ordering::Release);
+    }
+
+    /// What of `o`'s units has not refilled in the copy's bucket: the
+    /// units the copy admitted on its own, at most as many as the bucket
+    /// still holds (a bucket full again owes nothing, however much it
+    /// admitted during a long outage).
+    fn unrefilled(&self, o: &OwedThrottle) -> u64 {
+        let t = ThrottleRef {
+            limit: &o.limit,
+            plan: Some(""),
+            account: None,
+            subject: b"",
+            digest: o.digest,
+            shadow: false,
+        };
+        let ahead = self.store.throttle_ahead(&t);
+        let interval = o.limit.gcra.interval().max(1);
+        o.units.min(ahead.div_ceil(interval))
+    }
+
+    /// Takes back `units` of what the copy owes the throttle `key` (tokens
+    /// a request it admitted reserved and did not use), as far as they are
+    /// still owed.
+    pub(super) fn forgive_throttle(&self, key: &str, units: u64) {
+        let mut owed = self.owed_throttles.lock();
+        if let Some(o) = owed.get_mut(key) {
+            o.units = o.units.saturating_sub(units);
+            if o.units == 0 {
+                owed.remove(key);
+            }
+        }
     }
 
     /// Records again what could not be charged to Redis.
-    fn owe_again(&self, key: (String, i64), again: Owed) {
+    fn owe_again(&self, owing: Owing) {
+        match owing {
+            Owing::Quota(key, again) => self.owe_quota_again(key, again),
+            Owing::Throttle(key, again) => self.owe_throttle_again(key, again),
+        }
+    }
+
+    /// Records again what could not be charged to a quota in Redis.
+    fn owe_quota_again(&self, key: (String, i64), again: Owed) {
         let mut owed = self.owed.lock();
         match owed.get_mut(&key) {
             Some(o) => {
@@ -326,7 +426,9 @@ impl Local {
 impl Inner {
     /// Charges Redis with what the local copy admitted on its own while
     /// Redis could not decide (nothing at all, and no call, when it owes
-    /// nothing: the usual case). Each quota is charged its units in one
+    /// nothing: the usual case). Each throttle is charged what of those
+    /// units has not refilled in the copy's bucket (see
+    /// [`Local::unrefilled`]). Each quota is charged its units in one
     /// settlement call (mode "t" with the time they were admitted) that may
     /// take its count past the limit and is never refused, in the window
     /// that admitted them only: a window that has ended, or a count reset
@@ -336,14 +438,35 @@ impl Inner {
     /// is not answered (Redis still down) is owed again and sent with a
     /// later request; what was charged is owed no more.
     pub(super) fn repay(self: &Arc<Self>) {
-        let Some(owed) = self.local.take_owed() else {
+        let Some((owed, throttles)) = self.local.take_owed() else {
             return;
         };
         // The script's integers are exact below 2^53.
         const EXACT: u64 = (1 << 53) - 1;
         let now = self.now();
-        let mut keys = Vec::with_capacity(2 * owed.len());
-        let mut calls = Vec::with_capacity(owed.len());
+        let mut keys = Vec::with_capacity(2 * owed.len() + throttles.len());
+        let mut calls = Vec::with_capacity(owed.len() + throttles.len());
+        // Each throttle is charged, as a settlement of an under-estimate
+        // is (mode "t", which may put its bucket in debt), what of the
+        // copy's own units has not refilled in the copy's bucket: Redis
+        // then holds what the copy would have. Charged in full, a long
+        // outage's units would have held the key back for as long again.
+        for (key, o) in throttles {
+            let units = self.local.unrefilled(&o).min(EXACT);
+            if units == 0 {
+                continue;
+            }
+            let mut call = Call::new("t", &now);
+            call.arg(units);
+            call.arg(1);
+            call.keys.push(key.clone());
+            call.arg(o.limit.gcra.interval());
+            call.arg(o.limit.gcra.burst());
+            call.args.extend(self.numbers.args(&o.limit));
+            call.arg(0);
+            keys.push(key.clone());
+            calls.push((Owing::Throttle(key, o), call));
+        }
         for (k, o) in owed {
             let mut call = Call::new("t", &now);
             call.arg(o.units.min(EXACT));
@@ -359,23 +482,26 @@ impl Inner {
             // Owed: what the copy admitted (see the script's mode "t").
             call.arg("o");
             keys.extend(call.keys.iter().cloned());
-            calls.push((k, o, call));
+            calls.push((Owing::Quota(k, o), call));
+        }
+        if calls.is_empty() {
+            return;
         }
         let unanswered = Unanswered::new(self, keys);
         let task = Arc::clone(self);
         self.spawn(async move {
             let _unanswered = unanswered;
             let mut calls = calls.into_iter();
-            for (k, o, call) in calls.by_ref() {
+            for (owing, call) in calls.by_ref() {
                 if let Err(e) = task.within(Arc::clone(&task).run(call)).await {
                     tracing::debug!(error = %e, "what the local copy admitted is owed again");
-                    task.local.owe_again(k, o);
+                    task.local.owe_again(owing);
                     break;
                 }
             }
             // Redis did not answer: the rest waits for a later request.
-            for (k, o, _) in calls {
-                task.local.owe_again(k, o);
+            for (owing, _) in calls {
+                task.local.owe_again(owing);
             }
         });
     }
