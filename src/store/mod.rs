@@ -358,6 +358,9 @@ pub struct StoreError {
     /// Whether the store may fail in part (a Redis Cluster with a node
     /// down answers the other nodes' requests).
     in_part: bool,
+    /// Whether the call certainly changed nothing in the store: it never
+    /// reached it (the connection refused), or the store refused to run it.
+    unrun: bool,
 }
 
 /// What kind of failure a [`StoreError`] is. Failures of different kinds
@@ -386,6 +389,7 @@ impl StoreError {
             timeout: false,
             kind: FailureKind::Other,
             in_part: false,
+            unrun: false,
         }
     }
 
@@ -396,6 +400,7 @@ impl StoreError {
             timeout: true,
             kind: FailureKind::Unreachable,
             in_part: false,
+            unrun: false,
         }
     }
 
@@ -427,6 +432,23 @@ impl StoreError {
     /// Whether the store that failed may fail in part.
     pub(crate) fn is_in_part(&self) -> bool {
         self.in_part
+    }
+
+    /// The same error, of a call that certainly changed nothing in the
+    /// store (see [`StoreError::is_unrun`]).
+    #[cfg(feature = "redis")]
+    pub(crate) fn unrun(mut self) -> Self {
+        self.unrun = true;
+        self
+    }
+
+    /// Whether the call certainly changed nothing in the store: it never
+    /// reached it, or the store refused it before running it. A call that
+    /// timed out, or whose connection dropped after it was sent, may have
+    /// run.
+    #[cfg(feature = "redis")]
+    pub(crate) fn is_unrun(&self) -> bool {
+        self.unrun
     }
 }
 

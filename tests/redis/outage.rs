@@ -520,6 +520,63 @@ async fn a_place_given_back_during_a_long_outage_is_removed_when_redis_returns()
     }
 }
 
+/// `ZREM` calls Redis has run since it started.
+fn zrem_calls(redis: &RedisServer) -> u64 {
+    let info = command(redis.addr(), &["INFO", "commandstats"]).expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_zrem:calls="))
+        .and_then(|l| l.split(',').next())
+        .map_or(0, |n| n.parse().expect("a call count"))
+}
+
+/// A request decided by the local copy because its call never reached
+/// Redis (nothing listening: the connection refused) took no place there,
+/// so it leaves nothing to remove: a flood of such requests during an
+/// outage leaves no removal behind, sent again and again for the lease's
+/// minutes and all at once when Redis is back. Before, each left a task
+/// retrying its `ZREM` until its lease would have lapsed (5 minutes by
+/// default): a flood of denied requests during an outage grew the
+/// process by one task per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_never_reached_redis_leaves_no_place_to_remove() {
+    if !require_redis() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start();
+    let store = RedisStore::builder(redis.url())
+        .timeout(Duration::from_secs(2))
+        .shared_registry(false)
+        .build()
+        .await
+        .expect("a Redis store");
+    let app = capped_app(store.clone());
+    let held = app.clone().oneshot(capped_request()).await.unwrap();
+    assert_eq!(held.status(), 200, "Redis admits the first");
+    assert_eq!(store.local_decisions(), 0, "decided by Redis");
+
+    tokio::task::block_in_place(|| redis.kill());
+    // The cap's one place is held: the copy denies every one of these
+    // (each waits for a refused reconnection or two, some 300 ms).
+    for _ in 0..30 {
+        let res = app.clone().oneshot(capped_request()).await.unwrap();
+        assert_eq!(res.status(), 429, "the copy counts the held place");
+    }
+    assert!(store.local_decisions() >= 30, "decided by the local copy");
+    tokio::task::block_in_place(|| redis.restart());
+    // Removals waiting would all be sent within 2 s of Redis answering.
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let zrem = zrem_calls(&redis);
+    assert!(
+        zrem <= 1,
+        "{zrem} places removed that no call of this store could have taken"
+    );
+    drop(held);
+}
+
 /// A plan with a token budget whose failure mode is `local`, on one
 /// instance while Redis is down: the local copy decides, and what the
 /// responses really used is settled there. With the default estimate (0

@@ -127,6 +127,12 @@ impl Inner {
             _ => false,
         };
         let mut retried = false;
+        // Whether a try may have run: each failed try that Redis certainly
+        // did not run (see `conn::unrun`) leaves it unknown, so a failure
+        // of the call says whether it changed nothing. A Cluster's client
+        // sends a call again by itself after errors (a lost connection
+        // among them) and tells only the last try's: any of them may have.
+        let mut ran = self.cluster;
         let mut pause = Duration::from_millis(1);
         let reply = loop {
             let mut conn = self.conn.clone();
@@ -136,6 +142,9 @@ impl Inner {
                 }
                 r => r,
             };
+            if let Err(e) = &reply {
+                ran |= !super::conn::unrun(e);
+            }
             match reply {
                 // Redis ran the call nowhere: its keys are split between two
                 // nodes while their slot migrates (or, on the target, one of
@@ -158,7 +167,8 @@ impl Inner {
             if e.to_string().contains("tollgate: expired") || e.detail() == Some("expired") {
                 self.forget_offset();
             }
-            redis_error(&e)
+            let error = redis_error(&e);
+            if ran { error } else { error.unrun() }
         })?;
         if let [s, ns, ..] = reply[..] {
             self.observe(s, ns);

@@ -58,6 +58,31 @@ pub(super) fn connection_lost(e: &RedisError) -> bool {
     e.is_io_error() && !e.is_timeout()
 }
 
+/// Whether Redis certainly did not run a call that failed with `e`: the
+/// connection was refused (it never reached Redis), or Redis refused the
+/// call before running it (a script is declared a write, so a replica
+/// answers `READONLY` and Redis out of memory `OOM` before it runs; and
+/// `LOADING`, `BUSY`, `MASTERDOWN`, a Cluster's redirections and
+/// `CLUSTERDOWN`, `TRYAGAIN`, `NOSCRIPT` run nothing). A call that timed
+/// out, or whose connection dropped after it was sent, may have run.
+pub(super) fn unrun(e: &RedisError) -> bool {
+    e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::ReadOnly
+                    | ServerErrorKind::BusyLoading
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::Moved
+                    | ServerErrorKind::Ask
+                    | ServerErrorKind::NoScript
+            )
+        )
+        || matches!(e.code(), Some("OOM" | "BUSY"))
+}
+
 /// A store error from a Redis error, without the command (which names keys).
 pub(super) fn redis_error(e: &RedisError) -> StoreError {
     StoreError::new(format!("redis: {}", e.kind_name())).with_kind(failure_kind(e))

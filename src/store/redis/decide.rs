@@ -316,6 +316,14 @@ impl Store for RedisStore {
                 }
                 Err(e) => {
                     in_flight.end(Ended::Failed);
+                    if e.is_unrun() {
+                        // Redis never ran the call that would have taken
+                        // the places (or the one before it, on a cluster):
+                        // there is none to remove. Removals sent anyway
+                        // were retried until the lease ran out, one task
+                        // per request through a whole outage.
+                        lease.keep();
+                    }
                     inner.fail(e, failure, &[&stage, &account, &own])
                 }
             }

@@ -38,7 +38,10 @@ impl Drop for Ticket {
 /// holds the places, or Redis denied and added none), they are removed when
 /// dropped, by an idempotent `ZREM` each, sent in the background: the
 /// request's future was dropped before Redis answered, the timeout fired
-/// after the script ran, or the connection failed mid-call. On one
+/// after the script ran, or the connection failed mid-call. A call Redis
+/// certainly never ran (its connection refused, or refused by Redis before
+/// it ran: out of memory, a replica, loading) took none, and its lease is
+/// kept too: nothing to remove. On one
 /// connection the removal reaches Redis after the call, so it also removes
 /// a place the call adds later.
 pub(super) struct Lease {
