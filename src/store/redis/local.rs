@@ -103,6 +103,19 @@ enum Owing {
 /// and day, and to throttles, by key.
 type AllOwed = (HashMap<(String, i64), Owed>, HashMap<String, OwedThrottle>);
 
+/// The most quotas (by day) and the most throttles whose use by the local
+/// copy is owed to Redis, each: an outage under a flood of distinct
+/// subjects (client IPs) would otherwise grow them without bound, where
+/// the copy itself is bounded. Past it, what the copy admits to a subject
+/// not owed yet is not charged to Redis afterwards (that subject may be
+/// admitted up to twice its limits across the outage).
+const MAX_OWED: usize = 1 << 16;
+
+/// Whether `key` may be owed in `owed`: it is already, or there is room.
+fn room_for<K: std::hash::Hash + Eq, V>(owed: &HashMap<K, V>, key: &K) -> bool {
+    owed.len() < MAX_OWED || owed.contains_key(key)
+}
+
 impl Local {
     pub(super) fn new(clock: Clock) -> Self {
         // A builder with nothing but a clock cannot fail.
@@ -153,6 +166,9 @@ impl Local {
                     continue;
                 }
                 let mut owed = self.owed_throttles.lock();
+                if !room_for(&owed, key) {
+                    continue;
+                }
                 let o = owed.entry(key.clone()).or_insert_with(|| OwedThrottle {
                     limit: t.limit.clone(),
                     digest: t.digest,
@@ -178,7 +194,11 @@ impl Local {
                 let at = *at.get_or_insert_with(|| self.clock.wall_nanos());
                 let day = at.div_euclid(NANOS_PER_DAY);
                 let mut owed = self.owed.lock();
-                let o = owed.entry((key.clone(), day)).or_insert_with(|| Owed {
+                let owed_key = (key.clone(), day);
+                if !room_for(&owed, &owed_key) {
+                    continue;
+                }
+                let o = owed.entry(owed_key).or_insert_with(|| Owed {
                     hist: hist.clone(),
                     args: spec.iter().chain([days]).cloned().collect(),
                     units: 0,
@@ -595,5 +615,24 @@ impl Quota {
             shadow: self.shadow,
             history_days: self.history_days,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_owed_is_bounded_and_an_owed_key_is_owed_more() {
+        let mut owed: HashMap<String, u64> = HashMap::new();
+        for i in 0..MAX_OWED {
+            let key = format!("k{i}");
+            assert!(room_for(&owed, &key));
+            owed.insert(key, 1);
+        }
+        assert!(!room_for(&owed, &"new".to_owned()), "past the bound");
+        assert!(room_for(&owed, &"k0".to_owned()), "already owed");
+        owed.remove("k7");
+        assert!(room_for(&owed, &"new".to_owned()), "room again");
     }
 }
