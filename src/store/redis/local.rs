@@ -166,17 +166,22 @@ impl Local {
                     continue;
                 }
                 let mut owed = self.owed_throttles.lock();
-                if !room_for(&owed, key) {
+                // Found by the borrowed key: its name is copied once per
+                // outage, not once per request the copy admits.
+                if let Some(o) = owed.get_mut(key.as_str()) {
+                    o.units = o.units.saturating_add(u64::from(t.cost));
+                    // Charged under the numbers the copy decides by now.
+                    o.limit = t.limit.clone();
+                } else if room_for(&owed, key) {
+                    let o = OwedThrottle {
+                        limit: t.limit.clone(),
+                        digest: t.digest,
+                        units: u64::from(t.cost),
+                    };
+                    owed.insert(key.clone(), o);
+                } else {
                     continue;
                 }
-                let o = owed.entry(key.clone()).or_insert_with(|| OwedThrottle {
-                    limit: t.limit.clone(),
-                    digest: t.digest,
-                    units: 0,
-                });
-                o.units = o.units.saturating_add(u64::from(t.cost));
-                // Charged under the numbers the copy decides by now.
-                o.limit = t.limit.clone();
                 self.owes.store(true, Ordering::Release);
             }
             for q in part.quotas.iter().filter(|q| q.cost > 0) {
