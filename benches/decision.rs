@@ -48,9 +48,10 @@
 //! as many in `warm`, for callgrind to count (`--collect-atstart=no
 //! --toggle-collect='decision::counted*'`). The workloads are `per_key_str`
 //! (`Policy::per_key`, the key `key-00000000`) and `registered_str` (the
-//! same string, one of 10,000 registered keys), each with a throttle alone;
-//! both stores read a [`ManualClock`] that never moves, so that neither
-//! count depends on a ticker thread, unless `TOLLGATE_CLOCK=system`.
+//! same string, one of 10,000 registered keys), each with a throttle alone,
+//! and `full_plan` (that registered key on `full_plan/1`'s plan: the
+//! throttle, a DAY quota and a method override, for target 2); the stores
+//! read a [`ManualClock`] that never moves, so that no count depends on a ticker thread, unless `TOLLGATE_CLOCK=system`.
 //!
 //! Keys are generated once and inserted before measuring; the loop cycles
 //! through them in order (or through the Zipf sequence). A key tollgate's store
@@ -713,7 +714,10 @@ fn count(workload: &str) {
     let policy = match workload {
         "per_key_str" => Policy::per_key(plan()).expect("a valid policy"),
         "registered_str" => registered_policy(&strings, plan()),
-        other => panic!("TOLLGATE_COUNT: `per_key_str` or `registered_str`, not {other:?}"),
+        "full_plan" => registered_policy(&strings, day_plan()),
+        other => {
+            panic!("TOLLGATE_COUNT: `per_key_str`, `registered_str` or `full_plan`, not {other:?}")
+        }
     };
     let layer = RateLimitLayer::builder(policy).store(store).build();
     let key = strings[0].as_bytes();
