@@ -4,6 +4,9 @@
 //! key), reads the keys, the chart and the live traffic after a known
 //! sequence of requests, adds a key through the page and uses it, disables
 //! it and sees it refused, and checks that the browser logged no error.
+//! A second browser runs 14 hours ahead of UTC (Pacific/Kiritimati), late
+//! in the gateway's UTC day, and must still ask for and show the gateway's
+//! UTC days.
 //!
 //! Each view is saved as a PNG under `target/tmp/dashboard/`. Without
 //! `chromium` and `chromedriver` the test fails with how to install them,
@@ -57,6 +60,12 @@ struct Driver {
 
 impl Driver {
     fn start() -> Driver {
+        Driver::start_in(None)
+    }
+
+    /// `chromedriver`, and the browsers it starts, in the time zone `tz`
+    /// (the `TZ` variable) when given, else in this process's.
+    fn start_in(tz: Option<&str>) -> Driver {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -67,6 +76,9 @@ impl Driver {
         // even when the test fails before closing its session.
         #[cfg(unix)]
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        if let Some(tz) = tz {
+            cmd.env("TZ", tz);
+        }
         let child = cmd
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -523,6 +535,166 @@ async fn the_dashboard_in_chromium() {
         .unwrap();
     wait_text(&c, "#plans-table tbody", |t| t.contains("free")).await;
 
+    let errors = console_errors(&c).await;
+    assert!(errors.is_empty(), "the browser logged errors: {errors:?}");
+    c.close().await.unwrap();
+}
+
+/// The request paths the page has fetched that hold `part`.
+async fn fetched(c: &Client, part: &str) -> Vec<String> {
+    let names = c
+        .execute(
+            "return performance.getEntriesByType('resource').map((e) => e.name);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    names
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.as_str())
+        .filter(|n| n.contains(part))
+        .map(|n| n.split_once("/admin/").map_or(n, |(_, p)| p).to_owned())
+        .collect()
+}
+
+/// The dashboard in a browser 14 hours ahead of UTC (Pacific/Kiritimati),
+/// late in the gateway's UTC day, when the browser's own date is already
+/// the next one. The page's days are the gateway's UTC days: the default
+/// range ends on the gateway's today (a range taken from the browser's
+/// date would start or end a day late, and a report refuses a start after
+/// today with a 400), and the key's and the account's usage both show,
+/// not an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_ahead_of_utc() {
+    if !require_browser() {
+        return;
+    }
+    // 20:00 UTC on 2026-12-06, which is 10:00 on 2026-12-07 in Kiritimati.
+    let clock = ManualClock::new();
+    clock.set_wall(at(2026, 12, 6, 72_000));
+    let store = MemoryStore::builder().clock(clock.clone()).build().unwrap();
+    let config = Config::from_toml(super::dashboard::CONFIG).unwrap();
+    let app = tollgate_gateway::app(&config, store).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let base = format!("http://{addr}");
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(tollgate_gateway::serve(listener, app, async {
+        let _ = stopped.await;
+    }));
+    for _ in 0..2 {
+        assert_eq!(complete(&base, "pro-key-1").await, 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(complete(&base, "free-key-1").await, 200);
+    }
+
+    let driver = Driver::start_in(Some("Pacific/Kiritimati"));
+    let c = driver.connect().await;
+    c.goto(&format!("{base}/admin/ui")).await.unwrap();
+    // The browser is in Kiritimati, where the gateway's instant falls on
+    // the next day.
+    let zone = c
+        .execute(
+            "return [Intl.DateTimeFormat().resolvedOptions().timeZone, \
+             new Date().getTimezoneOffset(), new Date(Date.UTC(2026, 11, 6, 20)).getDate()];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(zone, json!(["Pacific/Kiritimati", -840, 7]));
+
+    c.find(Locator::Id("admin-key"))
+        .await
+        .unwrap()
+        .send_keys(ADMIN)
+        .await
+        .unwrap();
+    click(&c, "#signin-form button[type=submit]").await;
+    wait_text(&c, "#plans-table tbody", |t| t.contains("free")).await;
+    assert_eq!(
+        rows(&c, "#plans-table").await[0][3],
+        "2026-12-07 00:00:00 UTC"
+    );
+    assert_eq!(
+        rows(&c, "#accounts-table").await[0][..5],
+        ["acme", "—", "50,000 / MONTH", "3", "49,997"]
+    );
+    // The header's clock: the browser's time, in UTC.
+    let utc_date = "return new Date().toISOString().slice(0, 10);";
+    let before = c.execute(utc_date, vec![]).await.unwrap();
+    let shown = wait_text(&c, "#clock", |t| t.ends_with(" UTC")).await;
+    let after = c.execute(utc_date, vec![]).await.unwrap();
+    assert!(
+        [before, after]
+            .iter()
+            .any(|d| d.as_str() == Some(&shown[..10])),
+        "{shown}"
+    );
+
+    click(&c, "#nav [data-view=keys]").await;
+    wait_text(&c, "#keys-date", |t| !t.is_empty()).await;
+    assert_eq!(
+        wait_text(&c, "#keys-date", |_| true).await,
+        "Today: 2026-12-06 (UTC)"
+    );
+
+    // The key's usage over the default range: the gateway's last seven
+    // UTC days.
+    click(&c, "tr[data-key='pro-1'] button.chart-key").await;
+    wait_text(&c, "#usage-table tbody", |t| t.contains("2026-12-0")).await;
+    let range = c
+        .execute(
+            "return [document.getElementById('usage-start').value, \
+             document.getElementById('usage-end').value];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(range, json!(["2026-11-30", "2026-12-06"]));
+    let table = rows(&c, "#usage-table").await;
+    let days: Vec<&str> = table.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(
+        days,
+        [
+            "2026-11-30",
+            "2026-12-01",
+            "2026-12-02",
+            "2026-12-03",
+            "2026-12-04",
+            "2026-12-05",
+            "2026-12-06"
+        ]
+    );
+    assert_eq!(table[6], ["2026-12-06", "2", "99,998"]);
+    assert_eq!(wait_text(&c, "#status", |_| true).await, "");
+
+    // The account's, over the same range.
+    c.find(Locator::Id("usage-subject"))
+        .await
+        .unwrap()
+        .select_by_value("account:acme")
+        .await
+        .unwrap();
+    click(&c, "#usage-form button[type=submit]").await;
+    wait_text(&c, "#usage-caption", |t| t.starts_with("account acme")).await;
+    let table = rows(&c, "#usage-table").await;
+    assert_eq!(table.len(), 7);
+    assert_eq!(table[0], ["2026-11-30", "0", "50,000"]);
+    assert_eq!(table[6], ["2026-12-06", "3", "49,997"]);
+    assert_eq!(wait_text(&c, "#status", |_| true).await, "");
+    screenshot(&c, "9-usage-ahead-of-utc").await;
+
+    // What the page asked for: the gateway's UTC days, for both reports.
+    assert_eq!(
+        fetched(&c, "/usage?").await,
+        [
+            "usage?plan=pro&start=2026-11-30&end=2026-12-06&key=pro-1",
+            "accounts/acme/usage?start=2026-11-30&end=2026-12-06",
+        ]
+    );
     let errors = console_errors(&c).await;
     assert!(errors.is_empty(), "the browser logged errors: {errors:?}");
     c.close().await.unwrap();
