@@ -5,7 +5,7 @@
 mod error;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,7 +16,7 @@ use serde_json::json;
 use tollgate::store::Store;
 use tollgate::{Admin, AdminError, ApiKey, ConfigError, Date, KeyChange, KeyInfo, ResponseStyle};
 
-pub(crate) use self::error::{BodyDeadline, Styled};
+pub(crate) use self::error::{BodyDeadline, BodyLimit, Styled};
 use crate::dashboard::{self, Dashboard};
 use crate::usage::Limit;
 
@@ -38,12 +38,13 @@ pub(crate) fn routes<S: Store>(
     Router::new()
         .route("/admin/usage", get(usage::<S>))
         // A batch import of 100,000 keys is some 10 MB of JSON; the body is
-        // read only once the admin key has been checked.
+        // read only once the admin key has been checked (the other routes'
+        // bodies are bounded by `BodyLimit::DEFAULT`).
         .route(
             "/admin/keys",
             get(dashboard::keys::<S>)
                 .post(add_key::<S>)
-                .layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT)),
+                .layer(axum::Extension(BodyLimit(ADMIN_BODY_LIMIT))),
         )
         .route(
             "/admin/keys/{id}",

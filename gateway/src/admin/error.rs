@@ -15,11 +15,12 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
+use http_body::Body as _;
 use serde_json::{Map, Value, json};
 use tollgate::{AdminError, ConfigError, ResponseStyle};
 
@@ -149,7 +150,7 @@ macro_rules! rejected {
     )*};
 }
 
-rejected!(PathRejection, QueryRejection, BytesRejection);
+rejected!(PathRejection, QueryRejection);
 
 impl<S, E> FromRequestParts<AdminState<S>> for Styled<E>
 where
@@ -172,10 +173,35 @@ where
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BodyDeadline(pub(crate) std::time::Duration);
 
-/// The body, read up to the route's bound (413 past it) and within the
-/// request's [`BodyDeadline`] (408 past it, the connection closed), as a
+/// The bound on an admin route's body, set on the route as an
+/// [`Extension`](axum::Extension); [`BodyLimit::DEFAULT`] where none is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyLimit(pub(crate) usize);
+
+impl BodyLimit {
+    /// The bound of a route that sets none: 2 MiB, axum's default, which
+    /// the admin routes had before they read their bodies themselves.
+    pub(crate) const DEFAULT: BodyLimit = BodyLimit(2 << 20);
+}
+
+/// Why a body was not read whole.
+enum Unread {
+    /// It passed the route's bound.
+    TooLarge,
+    /// The connection failed while it was being read.
+    Failed(axum::Error),
+}
+
+/// The body, read up to the route's [`BodyLimit`] (413 past it) and within
+/// the request's [`BodyDeadline`] (408 past it, the connection closed), as a
 /// body read for an estimate is: an admin body is the admin's, but a
 /// trickle of one still holds a connection and what it sent.
+///
+/// A body whose `content-length` (or whose size hint) says it is larger
+/// than the bound is refused before a byte of it is asked for: no `100
+/// Continue` invites it, and a client sending it slowly is answered at once
+/// rather than at the deadline. One without a length is refused as soon as
+/// it passes the bound, having held no more than the bound.
 impl<S> FromRequest<AdminState<S>> for Styled<Bytes>
 where
     S: Send + Sync,
@@ -187,21 +213,85 @@ where
             .extensions()
             .get::<BodyDeadline>()
             .map_or(crate::cli::DEFAULT_BODY_DEADLINE, |d| d.0);
-        match tokio::time::timeout(deadline, Bytes::from_request(req, s)).await {
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .copied()
+            .unwrap_or(BodyLimit::DEFAULT)
+            .0;
+        let announced = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let body = req.into_body();
+        let bound = u64::try_from(limit).unwrap_or(u64::MAX);
+        if announced.max(body.size_hint().lower()) > bound {
+            return Err(too_large(s, limit));
+        }
+        match tokio::time::timeout(deadline, read(body, limit)).await {
             Ok(Ok(b)) => Ok(Styled(b)),
-            Ok(Err(r)) => Err(s.error(r.status(), &r.message())),
+            Ok(Err(Unread::TooLarge)) => Err(too_large(s, limit)),
+            Ok(Err(Unread::Failed(e))) => Err(s.error(
+                StatusCode::BAD_REQUEST,
+                &format!("the request body could not be read: {e}"),
+            )),
             Err(_) => {
                 let message = format!(
                     "the request body did not arrive within {} ms",
                     deadline.as_millis()
                 );
-                let mut res = s.error(StatusCode::REQUEST_TIMEOUT, &message);
-                res.headers_mut().insert(
-                    axum::http::header::CONNECTION,
-                    axum::http::HeaderValue::from_static("close"),
-                );
-                Err(res)
+                Err(closing(s.error(StatusCode::REQUEST_TIMEOUT, &message)))
             }
         }
     }
+}
+
+/// The answer to a body larger than `limit` bytes: 413, the connection
+/// closed (the rest of the body is not worth waiting for).
+fn too_large<S>(s: &AdminState<S>, limit: usize) -> Response {
+    let message = format!("the request body is larger than {limit} bytes");
+    closing(s.error(StatusCode::PAYLOAD_TOO_LARGE, &message))
+}
+
+/// `res`, closing its connection after it.
+fn closing(mut res: Response) -> Response {
+    res.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    res
+}
+
+/// `body` whole, if it holds at most `limit` bytes. What is kept never
+/// passes `limit`: a frame that would pass it is refused before it is
+/// copied, and the buffer grows to the announced length at most, or by
+/// doubling up to `limit`.
+async fn read(mut body: axum::body::Body, limit: usize) -> Result<Bytes, Unread> {
+    use http_body_util::BodyExt;
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(Unread::Failed)?;
+        // Trailers are not part of the body.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let needed = buf.len() + data.len();
+        if needed > limit {
+            return Err(Unread::TooLarge);
+        }
+        if needed > buf.capacity() {
+            // The rest a length announced: reserved at once, up to the
+            // bound it was checked against.
+            let rest = usize::try_from(body.size_hint().lower()).unwrap_or(limit);
+            let want = needed
+                .saturating_add(rest)
+                .max(buf.capacity() * 2)
+                .min(limit);
+            buf.reserve_exact(want - buf.len());
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(buf))
 }

@@ -973,3 +973,143 @@ async fn an_admin_body_must_arrive_within_the_body_deadline() {
         assert!(took < Duration::from_secs(2), "{path}: {took:?}");
     }
 }
+
+/// An admin body whose `content-length` announces more than its route
+/// takes (64 MiB for `POST /admin/keys`, a batch import; 2 MiB elsewhere)
+/// is refused 413 at once, as JSON in the config's style, before a byte of
+/// it is asked for: a client that waits for `100 Continue` gets no
+/// invitation to send it, and one that sends it slowly waits for nothing.
+/// The body was read until the limit passed, so such a request was held
+/// until the body deadline and answered 408. A request without the admin
+/// key is refused 403 before its body is looked at, whatever it announces.
+#[tokio::test]
+async fn an_admin_body_announced_over_the_bound_is_refused_before_it_is_read() {
+    let (addr, _stop) = start(limits(Duration::from_secs(10), Duration::from_secs(10), 16)).await;
+    let cases = [
+        (
+            "POST",
+            "/admin/keys",
+            65usize << 20,
+            "x-admin-key: change-me",
+            413,
+        ),
+        (
+            "PATCH",
+            "/admin/keys/free-1",
+            3 << 20,
+            "x-admin-key: change-me",
+            413,
+        ),
+        (
+            "POST",
+            "/admin/keys",
+            65 << 20,
+            "x-admin-key: wrong-key!",
+            403,
+        ),
+        ("POST", "/admin/keys", 65 << 20, "x-other: none", 403),
+    ];
+    for (method, path, len, key, status) in cases {
+        for expect in ["", "expect: 100-continue\r\n"] {
+            let what = format!("{method} {path} {key} {expect:?}");
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "{method} {path} HTTP/1.1\r\nhost: x\r\n{key}\r\n\
+                 content-type: application/json\r\n{expect}content-length: {len}\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).await.unwrap();
+            // The body, sent slowly (a byte every 100 ms) unless the client
+            // waits for `100 Continue`.
+            let started = Instant::now();
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 1024];
+            loop {
+                tokio::select! {
+                    n = stream.read(&mut buf) => {
+                        let n = n.unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        answer.extend_from_slice(&buf[..n]);
+                    }
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {
+                        assert!(
+                            started.elapsed() < Duration::from_secs(3),
+                            "{what}: no answer after 3 s: {:?}",
+                            String::from_utf8_lossy(&answer)
+                        );
+                        if expect.is_empty() {
+                            let _ = stream.write_all(b" ").await;
+                        }
+                    }
+                }
+            }
+            let took = started.elapsed();
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{what}: {answer}"
+            );
+            assert!(!answer.contains("100 Continue"), "{what}: {answer}");
+            let code = if status == 413 {
+                "request_too_large"
+            } else {
+                "invalid_admin_key"
+            };
+            assert!(answer.contains(code), "{what}: {answer}");
+            assert!(
+                answer.contains("content-type: application/json"),
+                "{what}: {answer}"
+            );
+            assert!(took < Duration::from_secs(3), "{what}: {took:?}");
+        }
+    }
+}
+
+/// An admin body sent without a length (chunked) is refused 413 as soon as
+/// it passes its route's bound, though it is not finished: the bytes past
+/// the bound are never kept, and the client need not send the rest.
+#[tokio::test]
+async fn a_chunked_admin_body_is_refused_as_soon_as_it_passes_the_bound() {
+    let (addr, _stop) = start(limits(Duration::from_secs(10), Duration::from_secs(10), 16)).await;
+    for (method, path, bound) in [
+        ("PATCH", "/admin/keys/free-1", 2usize << 20),
+        ("POST", "/admin/keys", 64 << 20),
+    ] {
+        let what = format!("{method} {path}");
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\nx-admin-key: change-me\r\n\
+             content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        // Chunks of 1 MiB up to the bound, then one byte more; the body is
+        // never ended.
+        let chunk = vec![b' '; 1 << 20];
+        for _ in 0..bound / chunk.len() {
+            stream
+                .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                .await
+                .unwrap();
+            stream.write_all(&chunk).await.unwrap();
+            stream.write_all(b"\r\n").await.unwrap();
+        }
+        stream.write_all(b"1\r\n ").await.unwrap();
+        let (answer, took) = read_until_closed(&mut stream, &what).await;
+        assert!(answer.starts_with("HTTP/1.1 413 "), "{what}: {answer}");
+        assert!(answer.contains("request_too_large"), "{what}: {answer}");
+        assert!(took < Duration::from_secs(3), "{what}: {took:?}");
+    }
+    // Within the bound the same chunked framing is read whole.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let body = br#"{"enabled":true}"#;
+    let mut request = b"PATCH /admin/keys/free-1 HTTP/1.1\r\nhost: x\r\nx-admin-key: change-me\r\n\
+         content-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        .to_vec();
+    request.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+    request.extend_from_slice(body);
+    request.extend_from_slice(b"\r\n0\r\n\r\n");
+    stream.write_all(&request).await.unwrap();
+    let (answer, _) = read_until_closed(&mut stream, "within the bound").await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+}
