@@ -18,6 +18,7 @@
 //! decisions here count them beside its own (see [`Local::held_under`]).
 
 use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -53,7 +54,7 @@ pub(super) struct Local {
     own: AtomicUsize,
     /// What the copy admitted on its own to each quota, by its key in
     /// Redis and the UTC day it admitted it: owed to Redis.
-    owed: Mutex<HashMap<(String, i64), Owed>>,
+    owed: Mutex<OwedQuotas>,
     /// What the copy admitted on its own to each throttle, by its key in
     /// Redis: owed to Redis as far as it has not refilled when Redis
     /// answers again.
@@ -92,6 +93,24 @@ pub(super) struct OwedThrottle {
     units: u64,
 }
 
+/// What the local copy admitted on its own to each quota, by the quota's
+/// key in Redis and the UTC day it admitted it. Searched with a borrowed
+/// [`QuotaDay`], so that finding a quota already owed copies nothing.
+type OwedQuotas = hashbrown::HashMap<(String, i64), Owed, RandomState>;
+
+/// A quota's key in Redis and a UTC day, borrowed: an entry of
+/// [`OwedQuotas`] found without copying the name. It hashes as the map's
+/// `(String, i64)` does (a `String` hashes as its `str`, a tuple and a
+/// tuple struct field by field).
+#[derive(Hash)]
+struct QuotaDay<'a>(&'a str, i64);
+
+impl hashbrown::Equivalent<(String, i64)> for QuotaDay<'_> {
+    fn equivalent(&self, key: &(String, i64)) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
+}
+
 /// One charge of what the local copy owes Redis, kept to be owed again
 /// when Redis does not answer it.
 enum Owing {
@@ -101,7 +120,7 @@ enum Owing {
 
 /// What the local copy owes Redis: units admitted to quotas, by quota key
 /// and day, and to throttles, by key.
-type AllOwed = (HashMap<(String, i64), Owed>, HashMap<String, OwedThrottle>);
+type AllOwed = (OwedQuotas, HashMap<String, OwedThrottle>);
 
 /// The most quotas (by day) and the most throttles whose use by the local
 /// copy is owed to Redis, each: an outage under a flood of distinct
@@ -113,7 +132,44 @@ const MAX_OWED: usize = 1 << 16;
 
 /// Whether `key` may be owed in `owed`: it is already, or there is room.
 fn room_for<K: std::hash::Hash + Eq, V>(owed: &HashMap<K, V>, key: &K) -> bool {
-    owed.len() < MAX_OWED || owed.contains_key(key)
+    room(owed.len()) || owed.contains_key(key)
+}
+
+/// Whether a map of `len` owed entries has room for one more.
+fn room(len: usize) -> bool {
+    len < MAX_OWED
+}
+
+/// Owes the quota `key` on `day` `units` more, admitted at `at` (wall time,
+/// ns since the epoch): found by the borrowed key, so that its name is
+/// copied once per day it is owed, not once per request the copy admits.
+/// A quota not owed yet that day gets an entry of its own, its history key
+/// and arguments from `new`, while [`MAX_OWED`] leaves room; `false` when
+/// it does not.
+fn owe_quota(
+    owed: &mut OwedQuotas,
+    key: &str,
+    day: i64,
+    units: u64,
+    at: i64,
+    new: impl FnOnce() -> (String, Vec<String>),
+) -> bool {
+    if let Some(o) = owed.get_mut(&QuotaDay(key, day)) {
+        o.units = o.units.saturating_add(units);
+        o.at = o.at.max(at);
+    } else if room(owed.len()) {
+        let (hist, args) = new();
+        let o = Owed {
+            hist,
+            args,
+            units,
+            at,
+        };
+        owed.insert((key.to_owned(), day), o);
+    } else {
+        return false;
+    }
+    true
 }
 
 impl Local {
@@ -199,19 +255,10 @@ impl Local {
                 let at = *at.get_or_insert_with(|| self.clock.wall_nanos());
                 let day = at.div_euclid(NANOS_PER_DAY);
                 let mut owed = self.owed.lock();
-                let owed_key = (key.clone(), day);
-                if !room_for(&owed, &owed_key) {
-                    continue;
+                let new = || (hist.clone(), spec.iter().chain([days]).cloned().collect());
+                if owe_quota(&mut owed, key, day, u64::from(q.cost), at, new) {
+                    self.owes.store(true, Ordering::Release);
                 }
-                let o = owed.entry(owed_key).or_insert_with(|| Owed {
-                    hist: hist.clone(),
-                    args: spec.iter().chain([days]).cloned().collect(),
-                    units: 0,
-                    at,
-                });
-                o.units = o.units.saturating_add(u64::from(q.cost));
-                o.at = o.at.max(at);
-                self.owes.store(true, Ordering::Release);
             }
         }
     }
@@ -305,7 +352,7 @@ impl Local {
     /// there (erring toward admitting less).
     pub(super) fn forgive(&self, key: &str, day: i64, units: u64) {
         let mut owed = self.owed.lock();
-        let k = (key.to_owned(), day);
+        let k = QuotaDay(key, day);
         if let Some(o) = owed.get_mut(&k) {
             o.units = o.units.saturating_sub(units);
             if o.units == 0 {
@@ -639,5 +686,71 @@ mod tests {
         assert!(room_for(&owed, &"k0".to_owned()), "already owed");
         owed.remove("k7");
         assert!(room_for(&owed, &"new".to_owned()), "room again");
+    }
+
+    /// An entry for a quota not owed yet that day: its history key and
+    /// arguments.
+    fn entry() -> (String, Vec<String>) {
+        ("hist".to_owned(), vec!["spec".to_owned()])
+    }
+
+    /// Made for a quota already owed that day: it must not be.
+    fn none() -> (String, Vec<String>) {
+        panic!("a quota already owed was given a new entry")
+    }
+
+    #[test]
+    fn an_owed_quota_is_found_by_its_borrowed_key_and_owed_more() {
+        use std::hash::BuildHasher;
+        let mut owed = OwedQuotas::default();
+        // The borrowed key hashes as the map's own: it finds its entry.
+        let hasher = owed.hasher();
+        assert_eq!(
+            hasher.hash_one(QuotaDay("q", 7)),
+            hasher.hash_one(("q".to_owned(), 7_i64))
+        );
+        assert!(owe_quota(&mut owed, "q", 7, 2, 100, entry));
+        assert!(owe_quota(&mut owed, "q", 7, 3, 50, none));
+        assert!(owe_quota(&mut owed, "q", 7, 1, 120, none));
+        assert_eq!(owed.len(), 1);
+        let o = &owed[&QuotaDay("q", 7)];
+        assert_eq!((o.units, o.at), (6, 120), "owed more, at its latest");
+        assert_eq!(
+            (o.hist.as_str(), o.args.as_slice()),
+            ("hist", &["spec".to_owned()][..])
+        );
+        // Another day, or another quota, is owed apart.
+        assert!(owe_quota(&mut owed, "q", 8, 4, 200, entry));
+        assert!(owe_quota(&mut owed, "q2", 7, 5, 100, entry));
+        assert_eq!(owed.len(), 3);
+        assert_eq!(owed[&QuotaDay("q", 7)].units, 6);
+        assert_eq!(owed[&QuotaDay("q", 8)].units, 4);
+        assert_eq!(owed[&QuotaDay("q2", 7)].units, 5);
+    }
+
+    #[test]
+    fn owed_quotas_are_bounded_and_an_owed_one_is_owed_more_at_the_bound() {
+        let local = Local::new(Clock::default());
+        {
+            let mut owed = local.owed.lock();
+            for i in 0..MAX_OWED {
+                assert!(owe_quota(&mut owed, &format!("k{i}"), 1, 1, 0, entry));
+            }
+            assert!(
+                !owe_quota(&mut owed, "new", 1, 1, 0, entry),
+                "past the bound"
+            );
+            assert!(!owe_quota(&mut owed, "k0", 2, 1, 0, entry), "a new day too");
+            assert_eq!(owed.len(), MAX_OWED);
+            assert!(owe_quota(&mut owed, "k0", 1, 2, 0, none), "already owed");
+            assert_eq!(owed[&QuotaDay("k0", 1)].units, 3);
+        }
+        // Forgiven whole, an entry leaves room for another.
+        local.forgive("k0", 1, 2);
+        assert_eq!(local.owed.lock()[&QuotaDay("k0", 1)].units, 1);
+        local.forgive("k0", 1, 1);
+        let mut owed = local.owed.lock();
+        assert_eq!(owed.len(), MAX_OWED - 1);
+        assert!(owe_quota(&mut owed, "new", 1, 1, 0, entry), "room again");
     }
 }
