@@ -693,13 +693,30 @@ mod tests {
     fn system_and_coarse_wall_time_follow_the_system() {
         for clock in [Clock::system(), Clock::coarse(Duration::from_millis(1))] {
             for _ in 0..3 {
-                let before = system_wall_nanos();
-                let wall = clock.wall_nanos();
-                let after = system_wall_nanos();
                 // Carried forward on the monotonic clock: off by the two
                 // clocks' drift, and a coarse clock's lag (generous bounds).
-                assert!(wall > before - 50_000_000 && wall < after + 50_000_000);
-                assert!((nanos_since_epoch(clock.wall()) - wall).abs() < 50_000_000);
+                // Never ahead of the system's; behind by more only while
+                // this thread, or the coarse clock's ticker, was not run
+                // (a loaded machine): then it must follow within a few
+                // tries, each a fresh reading.
+                let mut tries = 0;
+                loop {
+                    let before = system_wall_nanos();
+                    let wall = clock.wall_nanos();
+                    let again = nanos_since_epoch(clock.wall());
+                    let after = system_wall_nanos();
+                    assert!(wall < after + 50_000_000 && again < after + 50_000_000);
+                    let close = wall > before - 50_000_000 && (again - wall).abs() < 50_000_000;
+                    tries += 1;
+                    if close {
+                        break;
+                    }
+                    assert!(
+                        tries < 20,
+                        "{tries} readings lagged the system's by 50 ms or more"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 std::thread::sleep(Duration::from_millis(60));
             }
         }
