@@ -12,7 +12,7 @@ use std::ops::Range;
 use toml::Spanned;
 
 use super::document::{
-    AccountFile, FailureFile, PeriodFile, PlanFile, QuotaFile, ThrottleFile, TokensFile,
+    AccountFile, FailureFile, Int, PeriodFile, PlanFile, QuotaFile, ThrottleFile, TokensFile,
 };
 use super::error::ConfigFileError;
 use super::location::line_col;
@@ -50,7 +50,7 @@ impl Checker<'_> {
         path: &str,
     ) -> Result<Throttle, ConfigFileError> {
         let v = t.get_ref();
-        let burst = u32::try_from(*v.burst.get_ref()).map_err(|_| {
+        let burst = u32::try_from(v.burst.get_ref().0).map_err(|_| {
             self.err(
                 v.burst.span(),
                 format!("{path}.burst"),
@@ -66,8 +66,8 @@ impl Checker<'_> {
         })
     }
 
-    fn positive(&self, n: &Spanned<i64>, path: String) -> Result<u64, ConfigFileError> {
-        u64::try_from(*n.get_ref())
+    fn positive(&self, n: &Spanned<Int>, path: String) -> Result<u64, ConfigFileError> {
+        u64::try_from(n.get_ref().0)
             .ok()
             .filter(|&n| n > 0)
             .ok_or_else(|| self.err(n.span(), path, "must be a whole number above zero"))
@@ -187,7 +187,7 @@ impl Checker<'_> {
     }
 
     /// The concurrency cap of the plan or model at `path`.
-    fn cap(&self, c: &Spanned<i64>, path: &str) -> Result<u32, ConfigFileError> {
+    fn cap(&self, c: &Spanned<Int>, path: &str) -> Result<u32, ConfigFileError> {
         let n = self.positive(c, format!("{path}.concurrency"))?;
         u32::try_from(n)
             .map_err(|_| self.err(c.span(), format!("{path}.concurrency"), "is too large"))
@@ -212,7 +212,7 @@ impl Checker<'_> {
         let mut quota = Quota::new(limit, period)
             .map_err(|e| self.err(qf.limit.span(), format!("{qp}.limit"), e))?;
         if let Some(offset) = &qf.offset {
-            let o = u64::try_from(*offset.get_ref()).map_err(|_| {
+            let o = u64::try_from(offset.get_ref().0).map_err(|_| {
                 self.err(
                     offset.span(),
                     format!("{qp}.offset"),

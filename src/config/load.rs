@@ -234,7 +234,7 @@ impl Config {
         let history_days = match &file.history_days {
             None => None,
             Some(d) => Some(
-                usize::try_from(*d.get_ref())
+                usize::try_from(d.get_ref().0)
                     .ok()
                     .filter(|&n| (31..=3660).contains(&n))
                     .ok_or_else(|| c.err(d.span(), "history_days", "must be 31 to 3660"))?,
@@ -242,7 +242,7 @@ impl Config {
         };
         let quota_status = match &file.quota_status {
             None => StatusCode::TOO_MANY_REQUESTS,
-            Some(s) => u16::try_from(*s.get_ref())
+            Some(s) => u16::try_from(s.get_ref().0)
                 .ok()
                 .and_then(|n| StatusCode::from_u16(n).ok())
                 .filter(|s| s.is_client_error())
@@ -258,7 +258,7 @@ impl Config {
         };
         let max_retry = match response.and_then(|r| r.max_retry_secs.as_ref()) {
             None => DEFAULT_MAX_RETRY,
-            Some(n) => u64::try_from(*n.get_ref())
+            Some(n) => u64::try_from(n.get_ref().0)
                 .ok()
                 .filter(|&n| n <= 31 * 86_400)
                 .map(Duration::from_secs)
@@ -623,6 +623,64 @@ mod tests {
             assert_eq!((e.line(), e.path()), (3, "plans[0].throttle.rate"), "{e}");
             assert!(e.message().contains(&format!("rate {shown}")), "{e}");
             assert!(e.message().len() < 120, "{rate}: {e}");
+        }
+    }
+
+    /// An integer beyond 64 bits is named by the range of its field, as
+    /// any other out of range: it was "invalid type: integer, expected an
+    /// integer", which says nothing a user can act on.
+    #[test]
+    fn an_integer_beyond_64_bits_is_named_by_its_fields_range() {
+        let plan = "[[plans]]\nname = \"free\"\n";
+        for n in [
+            "9223372036854775808",
+            "18446744073709551615",
+            "99999999999999999999",
+            "-9223372036854775809",
+            "0xffffffffffffffffff",
+            "-170141183460469231731687303715884105728",
+            "340282366920938463463374607431768211455",
+        ] {
+            for (src, line, path, message) in [
+                (
+                    format!("{plan}throttle = {{ rate = 1.0, burst = {n} }}\n"),
+                    3,
+                    "plans[0].throttle.burst",
+                    "between 1 and 4294967295",
+                ),
+                (
+                    format!("{plan}quota = {{ limit = {n}, period = \"DAY\" }}\n"),
+                    3,
+                    "plans[0].quota.limit",
+                    if n.starts_with('-') {
+                        "above zero"
+                    } else {
+                        "between 1 and 2^53"
+                    },
+                ),
+                (
+                    format!("history_days = {n}\n"),
+                    1,
+                    "history_days",
+                    "31 to 3660",
+                ),
+                (
+                    format!("quota_status = {n}\n"),
+                    1,
+                    "quota_status",
+                    "4xx status code",
+                ),
+                (
+                    format!("[response]\nmax_retry_secs = {n}\n"),
+                    2,
+                    "response.max_retry_secs",
+                    "0 to 2678400",
+                ),
+            ] {
+                let e = err(&src);
+                assert_eq!((e.line(), e.path()), (line, path), "{src}: {e}");
+                assert!(e.message().contains(message), "{src}: {e}");
+            }
         }
     }
 
