@@ -186,11 +186,22 @@ impl Checker<'_> {
         Ok(plan)
     }
 
+    /// A whole number above zero that fits a `u32`; one above it names the
+    /// bound.
+    fn positive_u32(&self, n: &Spanned<Int>, path: String) -> Result<u32, ConfigFileError> {
+        let m = self.positive(n, path.clone())?;
+        u32::try_from(m).map_err(|_| {
+            self.err(
+                n.span(),
+                path,
+                format!("must be a whole number from 1 to {}", u32::MAX),
+            )
+        })
+    }
+
     /// The concurrency cap of the plan or model at `path`.
     fn cap(&self, c: &Spanned<Int>, path: &str) -> Result<u32, ConfigFileError> {
-        let n = self.positive(c, format!("{path}.concurrency"))?;
-        u32::try_from(n)
-            .map_err(|_| self.err(c.span(), format!("{path}.concurrency"), "is too large"))
+        self.positive_u32(c, format!("{path}.concurrency"))
     }
 
     /// A quota at `qp` (`plans[0].quota`).
@@ -257,9 +268,7 @@ impl Checker<'_> {
         let mut budget = TokenBudget::new();
         if let Some(v) = &tf.per_minute {
             let field = format!("{path}.tokens.per_minute");
-            let n = self.positive(v, field.clone())?;
-            let n =
-                u32::try_from(n).map_err(|_| self.err(v.span(), field.clone(), "is too large"))?;
+            let n = self.positive_u32(v, field.clone())?;
             budget = budget
                 .per_minute(n)
                 .map_err(|e| self.err(v.span(), field, e))?;

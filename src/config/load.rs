@@ -596,7 +596,7 @@ mod tests {
         assert_eq!((e.line(), e.path()), (3, "plans[0].tokens.per_minute"));
         let e = err("[[plans]]\nname = \"free\"\ntokens = { per_minute = 5000000000 }\n");
         assert_eq!((e.line(), e.path()), (3, "plans[0].tokens.per_minute"));
-        assert!(e.message().contains("too large"), "{e}");
+        assert!(e.message().contains("1 to 4294967295"), "{e}");
         let e = err("[[plans]]\nname = \"free\"\n\ntokens = { per_month = -1 }\n");
         assert_eq!((e.line(), e.path()), (4, "plans[0].tokens.per_month"));
         let e = err("[[plans]]\nname = \"free\"\ntokens = { per_hour = 10 }\n");
@@ -682,6 +682,41 @@ mod tests {
                 assert!(e.message().contains(message), "{src}: {e}");
             }
         }
+    }
+
+    /// A number above its field's range names the bound, as one below it
+    /// does: "is too large" left the user guessing how large is allowed.
+    #[test]
+    fn a_number_too_large_names_its_bound() {
+        let plan = "[[plans]]\nname = \"free\"\n";
+        for (src, path) in [
+            (
+                format!("{plan}concurrency = 4294967296\n"),
+                "plans[0].concurrency",
+            ),
+            (
+                format!("{plan}tokens = {{ per_minute = 5000000000 }}\n"),
+                "plans[0].tokens.per_minute",
+            ),
+            (
+                "[[accounts]]\nname = \"a\"\ntokens = { per_minute = 9223372036854775807 }\n"
+                    .to_owned(),
+                "accounts[0].tokens.per_minute",
+            ),
+        ] {
+            let e = err(&src);
+            assert_eq!((e.line(), e.path()), (3, path), "{src}: {e}");
+            assert!(e.message().contains("1 to 4294967295"), "{src}: {e}");
+        }
+        let e = err(&format!(
+            "{plan}[plans.models]\n\"m\" = {{ concurrency = 99999999999 }}\n"
+        ));
+        assert_eq!(
+            (e.line(), e.path()),
+            (4, "plans[0].models.\"m\".concurrency"),
+            "{e}"
+        );
+        assert!(e.message().contains("1 to 4294967295"), "{e}");
     }
 
     /// serde reports a field missing from a table at the table's header
