@@ -182,6 +182,52 @@ fn seconds(flag: &str, value: Option<String>) -> Result<Duration, String> {
         .ok_or_else(|| format!("{flag} `{value}`: not a number of seconds of at least 0.001"))
 }
 
+/// Checks that every node of `--redis` is a Redis URL, before anything
+/// connects: a typo is bad flags, not a store that is unavailable.
+fn check_redis(urls: &str) -> Result<(), String> {
+    let nodes: Vec<&str> = urls.split(',').map(str::trim).collect();
+    let n = nodes.len();
+    for (i, url) in nodes.iter().enumerate() {
+        if url.is_empty() {
+            return Err(match n {
+                1 => "--redis: the URL is empty".to_owned(),
+                _ => format!("--redis: URL {} of {n} is empty", i + 1),
+            });
+        }
+        if let Err(e) = redis::Client::open(*url) {
+            let which = match n {
+                1 => String::new(),
+                _ => format!(" (URL {} of {n})", i + 1),
+            };
+            // The crate's words, without its error kind's name, when they
+            // say more than that the URL did not parse.
+            let why = e.to_string().replace(&format!(" - {:?}", e.kind()), "");
+            let why = match why.as_str() {
+                "Redis URL did not parse" => String::new(),
+                _ => format!(": {why}"),
+            };
+            return Err(format!(
+                "--redis `{}`{which}: not a Redis URL{why} \
+                 (redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] or unix:///PATH)",
+                shown_url(url)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `url` as an error may show it: what may hold a password (from `://` to
+/// the last `@`) is left out.
+fn shown_url(url: &str) -> String {
+    let Some(at) = url.rfind('@') else {
+        return url.to_owned();
+    };
+    match url.find("://") {
+        Some(scheme) if scheme < at => format!("{}…{}", &url[..scheme + 3], &url[at..]),
+        _ => format!("…{}", &url[at..]),
+    }
+}
+
 /// A flag's value: the one given inline (`--flag=value`) first, else the
 /// next argument.
 struct Values<'a, I> {
@@ -288,6 +334,9 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
         if args.inline.is_some() {
             return Err(format!("{arg} takes no value"));
         }
+    }
+    if let Some(urls) = &redis {
+        check_redis(urls)?;
     }
     let listen = listen
         .parse()

@@ -113,6 +113,27 @@ fn a_bad_flag_or_value_is_a_clear_error_with_status_2() {
         ),
         (&["--config"], "--config needs a file"),
         (&["--redis"], "--redis needs a URL"),
+        // A URL that is not Redis's is bad flags, named before anything
+        // connects, its password left out: it was "store unavailable".
+        (&["--redis", "nope"], "--redis `nope`: not a Redis URL"),
+        (
+            &["--redis", "http://127.0.0.1:6379/"],
+            "--redis `http://127.0.0.1:6379/`: not a Redis URL",
+        ),
+        (
+            &["--redis", "redis://127.0.0.1:6379/x"],
+            "Invalid database number",
+        ),
+        (&["--redis", "redis://me:hunter22@@/"], "`redis://…@/`"),
+        (&["--redis", ""], "--redis: the URL is empty"),
+        (
+            &["--redis", "redis://127.0.0.1:1/,"],
+            "--redis: URL 2 of 2 is empty",
+        ),
+        (
+            &["--redis", "redis://127.0.0.1:1/, nope"],
+            "--redis `nope` (URL 2 of 2): not a Redis URL",
+        ),
         (
             &["--drain", "soon"],
             "--drain `soon`: not a number of seconds",
@@ -167,6 +188,8 @@ fn a_bad_flag_or_value_is_a_clear_error_with_status_2() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(message), "{args:?}: {err}");
         assert!(!err.contains("hunter22"), "{args:?}: {err}");
+        assert!(!err.contains("store unavailable"), "{args:?}: {err}");
+        assert!(!err.contains("cannot be reached"), "{args:?}: {err}");
     }
 }
 
