@@ -43,7 +43,7 @@ tollgate-gateway: a rate-limiting gateway for OpenAI-compatible inference APIs
 
 Usage: tollgate-gateway [OPTIONS]
 
-Options (`--flag value` or `--flag=value`):
+Options (`--flag value` or `--flag=value`, each flag at most once):
   --config FILE          plans, keys and limits (TOML)
                          [default: the embedded demo config, gateway/demo.toml]
   --listen ADDR          the address to serve on [default: 127.0.0.1:3000]
@@ -261,6 +261,7 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
     let mut upstream_key = None;
     let mut upstream_timeout = DEFAULT_UPSTREAM_TIMEOUT;
     let mut upstream_connect_timeout = DEFAULT_UPSTREAM_CONNECT_TIMEOUT;
+    let mut seen = std::collections::HashSet::new();
     while let Some(arg) = args.next() {
         // `--flag=value` is `--flag value`, as most command lines take it.
         let (arg, inline) = match arg.split_once('=') {
@@ -269,6 +270,11 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, Stri
             }
             _ => (arg, None),
         };
+        // One of two values would be dropped without a word (a wrapper's
+        // `--config` after the operator's): which one was meant is unknown.
+        if !matches!(arg.as_str(), "-h" | "--help") && !seen.insert(arg.clone()) {
+            return Err(format!("{arg} is given twice: give each flag once"));
+        }
         let mut args = Values {
             inline,
             rest: &mut args,

@@ -193,6 +193,83 @@ fn a_bad_flag_or_value_is_a_clear_error_with_status_2() {
     }
 }
 
+/// A flag given twice is an error naming it: one of the two was taken and
+/// the other dropped without a word (`--config prod.toml` then a wrapper's
+/// `--config demo.toml` served the demo's public keys).
+#[test]
+fn a_flag_given_twice_is_an_error() {
+    let cases: &[&[&str]] = &[
+        &["--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"],
+        &["--config", "a.toml", "--config=b.toml"],
+        &["--drain", "5", "--drain", "10"],
+        &[
+            "--redis",
+            "redis://127.0.0.1:1/",
+            "--redis",
+            "redis://127.0.0.1:2/",
+        ],
+        &["--redis-timeout", "100", "--redis-timeout", "200"],
+        &["--header-timeout", "1", "--header-timeout", "2"],
+        &["--body-timeout", "1", "--body-timeout", "2"],
+        &["--body-deadline", "1", "--body-deadline", "2"],
+        &["--body-memory", "1", "--body-memory", "2"],
+        &["--max-connections", "1", "--max-connections", "2"],
+        &["--log-json", "--log-json"],
+        &["--upstream", "http://h", "--upstream", "http://g"],
+        &[
+            "--upstream",
+            "http://h",
+            "--upstream-key",
+            "k1",
+            "--upstream-key",
+            "k2",
+        ],
+        &[
+            "--upstream",
+            "http://h",
+            "--upstream-timeout",
+            "1",
+            "--upstream-timeout",
+            "2",
+        ],
+        &[
+            "--upstream",
+            "http://h",
+            "--upstream-connect-timeout",
+            "1",
+            "--upstream-connect-timeout",
+            "2",
+        ],
+    ];
+    for args in cases {
+        let flag = args[args.len() - 1]
+            .split('=')
+            .next()
+            .filter(|a| a.starts_with("--"))
+            .unwrap_or(args[args.len() - 2]);
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("{flag} is given twice")),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("k1") && !err.contains("k2"),
+            "{args:?}: {err}"
+        );
+    }
+    // As an unknown flag, one given twice before `--help` is an error; help
+    // asked twice is help.
+    assert_eq!(
+        run(&["--drain", "1", "--drain", "2", "--help"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(run(&["--help", "--help"]).status.code(), Some(0));
+}
+
 /// An argument that is not UTF-8 (a file name in another encoding, a
 /// mistyped flag) is a clear error with status 2, as any bad flag is: the
 /// gateway panicked reading it (status 101, a backtrace on stderr).
