@@ -46,9 +46,27 @@ impl fmt::Display for ConfigFileError {
             (None, line) => write!(f, "{line}:{}: ", self.column)?,
         }
         if !self.path.is_empty() {
-            write!(f, "{}: ", self.path)?;
+            write!(f, "{}: ", Printable(&self.path))?;
         }
-        f.write_str(&self.message)
+        write!(f, "{}", Printable(&self.message))
+    }
+}
+
+/// Text from the file as a terminal may be given it: a control character
+/// (which a TOML string may hold escaped, and a file that is no TOML raw)
+/// is written as its escape, `\u{1b}`.
+struct Printable<'a>(&'a str);
+
+impl fmt::Display for Printable<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for part in self.0.split_inclusive(char::is_control) {
+            let mut chars = part.chars();
+            match chars.next_back() {
+                Some(c) if c.is_control() => write!(f, "{}{}", chars.as_str(), c.escape_unicode())?,
+                _ => f.write_str(part)?,
+            }
+        }
+        Ok(())
     }
 }
 

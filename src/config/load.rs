@@ -719,6 +719,44 @@ mod tests {
         assert!(e.message().contains("1 to 4294967295"), "{e}");
     }
 
+    /// The path of a syntax error is read from the text, which may be
+    /// anything: a control character in it is written escaped (a raw ESC
+    /// or NUL reached the terminal), and a path of thousands of keys is
+    /// shortened in its middle (a header of 100,000 dotted keys made an
+    /// error of 200 KB).
+    #[test]
+    fn a_path_read_from_the_text_is_printable_and_short() {
+        for src in [
+            "[admin]\nkey = \"change-me\"\n\u{1b}[2J = 1\n".to_owned(),
+            "[response]\nstyle = \"aws\"\n\0\n".to_owned(),
+            "[\"a\u{7f}b\"]\nx = 1\n".to_owned(),
+            "\u{1b}]0;title\u{7}x = 1\n".to_owned(),
+            format!("[{}]\n", vec!["a"; 100_000].join(".")),
+            format!("x = {}1\n", "{a=".repeat(100_000)),
+        ] {
+            let e = err(&src);
+            let shown = e.to_string();
+            assert!(!shown.chars().any(char::is_control), "{shown:?}");
+            assert!(
+                shown.len() < 400,
+                "{} bytes: {}",
+                shown.len(),
+                &shown[..400]
+            );
+        }
+        let e = err("[admin]\nkey = \"change-me\"\n\u{1b}[2J = 1\n");
+        assert_eq!(e.line(), 3, "{e}");
+        assert!(e.to_string().contains(" admin.\\u{1b}"), "{e}");
+        // The checks' own errors, which name what the file holds.
+        let e = err(
+            "[[plans]]\nname = \"p\"\n[[keys]]\nid = \"k\"\nvalue = \"v\"\nplan = \"p\\u001b[2J\"\n",
+        );
+        assert_eq!((e.line(), e.path()), (6, "keys[0].plan"), "{e}");
+        assert!(e.to_string().ends_with("unknown plan `p\\u{1b}[2J`"), "{e}");
+        let e = err("[[plans]]\nname = \"p\"\n[plans.methods]\n\"/\\u0000/GET\" = 5\n");
+        assert!(!e.to_string().chars().any(char::is_control), "{e:?}");
+    }
+
     /// serde reports a field missing from a table at the table's header
     /// (or its inline table, or its dotted key): the path names that table,
     /// not the one above it.

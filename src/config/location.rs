@@ -32,7 +32,29 @@ pub(super) fn line_col(src: &str, offset: usize) -> (usize, usize) {
 /// reports a field missing from `[[keys]]` (or `[anonymous]`, or the first
 /// `[[plans]]`) at the header of the table it is missing from, not in the
 /// table above, and the parser a table defined twice at its name.
+///
+/// A path longer than a reader can use (a header of thousands of dotted
+/// keys, arrays nested as deep as the parser allows) is shortened in its
+/// middle.
 pub(super) fn path_at(src: &str, span: Range<usize>) -> String {
+    shortened(full_path_at(src, span))
+}
+
+/// `path`, its middle left out when it is longer than 2 × [`KEPT`] characters.
+fn shortened(path: String) -> String {
+    let n = path.chars().count();
+    if n <= 2 * KEPT + 1 {
+        return path;
+    }
+    let head: String = path.chars().take(KEPT).collect();
+    let tail: String = path.chars().skip(n - KEPT).collect();
+    format!("{head}…{tail}")
+}
+
+/// The characters kept at each end of a long path.
+const KEPT: usize = 80;
+
+fn full_path_at(src: &str, span: Range<usize>) -> String {
     let mut start = span.start.min(src.len());
     while !src.is_char_boundary(start) {
         start -= 1;
