@@ -757,6 +757,117 @@ mod tests {
         assert!(!e.to_string().chars().any(char::is_control), "{e:?}");
     }
 
+    /// Every field's bad values not tried elsewhere: each names its line and
+    /// its field, and says what is wrong in the user's words.
+    #[test]
+    fn each_bad_value_names_its_line_and_field() {
+        let plan = "[[plans]]\nname = \"free\"\n";
+        let key = "[[keys]]\nid = \"k\"\nvalue = \"v\"\nplan = \"free\"\n";
+        for (src, line, path, message) in [
+            (
+                format!("{plan}{plan}"),
+                4,
+                "plans[1].name",
+                "duplicate plan name `free`",
+            ),
+            (
+                format!("{plan}{key}{}", key.replace("\"v\"", "\"w\"")),
+                8,
+                "keys[1].id",
+                "duplicate api key id `k`",
+            ),
+            (
+                format!("{plan}quota = {{ limit = 5, period = \"DAY\", offset = -1 }}\n"),
+                3,
+                "plans[0].quota.offset",
+                "must not be negative",
+            ),
+            (
+                format!("{plan}quota = {{ limit = 5, period = \"DAY\", offset = 5 }}\n"),
+                3,
+                "plans[0].quota.offset",
+                "offset must be below the limit",
+            ),
+            (
+                format!("{plan}quota = {{ limit = 5, period = \"DAY\", week_start = \"SUNDAY\" }}\n"),
+                3,
+                "plans[0].quota.week_start",
+                "only a WEEK quota has a start day",
+            ),
+            (
+                format!("{plan}tokens = {{ per_day = 9007199254740993 }}\n"),
+                3,
+                "plans[0].tokens.per_day",
+                "between 1 and 2^53",
+            ),
+            (
+                format!("{plan}throttle = {{ rate = nan, burst = 5 }}\n"),
+                3,
+                "plans[0].throttle.rate",
+                "finite number above zero",
+            ),
+            (
+                format!("{plan}throttle = {{ rate = inf, burst = 5 }}\n"),
+                3,
+                "plans[0].throttle.rate",
+                "finite number above zero",
+            ),
+            (
+                format!("{plan}throttle = {{ rate = -inf, burst = 5 }}\n"),
+                3,
+                "plans[0].throttle.rate",
+                "finite number above zero",
+            ),
+            (
+                format!("{plan}failure = \"fail\"\n"),
+                3,
+                "plans[0].failure",
+                "expected one of `local`, `open`, `closed`",
+            ),
+            (
+                "[anonymous]\nmode = \"allow\"\n".to_owned(),
+                2,
+                "anonymous.mode",
+                "expected `forbid` or `ip`",
+            ),
+            (
+                "[anonymous]\nmode = \"forbid\"\ntrusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n"
+                    .to_owned(),
+                3,
+                "anonymous.trusted_proxies[1]",
+                "is not an IP address or CIDR",
+            ),
+            (
+                "history_days = 30\n".to_owned(),
+                1,
+                "history_days",
+                "must be 31 to 3660",
+            ),
+            (
+                "quota_status = 600\n".to_owned(),
+                1,
+                "quota_status",
+                "must be a 4xx status code",
+            ),
+            (
+                format!("{plan}[plans.models]\n\"m\" = {{ failure = \"open\" }}\n"),
+                4,
+                "plans[0].models.\"m\".failure",
+                "unknown field `failure`",
+            ),
+            (
+                format!("{plan}[plans.methods]\n\"/v1/x\" = {{ rate = 1.0, burst = 1 }}\n"),
+                4,
+                "plans[0].methods.\"/v1/x\"",
+                "must end with `/METHOD`",
+            ),
+        ] {
+            let e = err(&src);
+            assert_eq!((e.line(), e.path()), (line, path), "{src}: {e}");
+            assert!(e.message().contains(message), "{src}: {e}");
+        }
+    }
+
     /// serde reports a field missing from a table at the table's header
     /// (or its inline table, or its dotted key): the path names that table,
     /// not the one above it.

@@ -145,6 +145,7 @@ fn a_bad_flag_or_value_is_a_clear_error_with_status_2() {
             &["--config", "/nonexistent/tollgate.toml"],
             "/nonexistent/tollgate.toml",
         ),
+        (&["--config", "/"], "/: cannot read"),
         (&["--upstream"], "--upstream needs a URL"),
         (
             &["--upstream", "localhost:8000"],
