@@ -434,6 +434,14 @@ impl StoreError {
         self.in_part
     }
 
+    /// The same error, of a call the store did not answer in time (see
+    /// [`StoreError::is_timeout`]).
+    #[cfg(feature = "redis")]
+    pub(crate) fn timed_out(mut self) -> Self {
+        self.timeout = true;
+        self
+    }
+
     /// The same error, of a call that certainly changed nothing in the
     /// store (see [`StoreError::is_unrun`]).
     #[cfg(feature = "redis")]

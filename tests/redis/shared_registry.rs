@@ -453,6 +453,49 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A store built while Redis answers later than the store's timeout (a
+/// machine busy with other work, a large page of a large registry) still
+/// loads the registry before its first request: a read of the registry that
+/// timed out is asked again for a while, instead of leaving the new instance
+/// without the shared keys (each answered 403 until its watcher read them
+/// all again, when Redis answered a read in time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_built_while_redis_answers_late_loads_the_registry() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let a = instance(&redis, &[]).await;
+    a.admin()
+        .add_key(ApiKey::new("late-1", "late-key-value-1", "free"))
+        .await
+        .unwrap();
+    // Redis answers 300 ms late; the new store waits 100 ms for a reply.
+    redis.pause();
+    let pid = redis.pid().unwrap().to_string();
+    let resume = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let status = std::process::Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -CONT: {status}");
+    });
+    let store = RedisStore::builder(redis.url())
+        .timeout(Duration::from_millis(100))
+        .key_secret("shared-secret")
+        .build()
+        .await
+        .unwrap();
+    resume.join().unwrap();
+    let b = RateLimitLayer::builder(policy(&[])).store(store).build();
+    assert!(
+        b.admin().key("late-1").is_some(),
+        "the new instance does not hold the registry's key"
+    );
+    assert!(b.decide(b"late-key-value-1", 1).await.is_ok());
+}
+
 /// A key record edited by hand so that it is not UTF-8 is skipped; every
 /// other key is still read, by a new instance and by one that must read the
 /// whole registry again (after a change too large to log).

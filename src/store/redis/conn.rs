@@ -85,7 +85,14 @@ pub(super) fn unrun(e: &RedisError) -> bool {
 
 /// A store error from a Redis error, without the command (which names keys).
 pub(super) fn redis_error(e: &RedisError) -> StoreError {
-    StoreError::new(format!("redis: {}", e.kind_name())).with_kind(failure_kind(e))
+    let error = StoreError::new(format!("redis: {}", e.kind_name())).with_kind(failure_kind(e));
+    // The connection's own timeout (the store's, for a reply): a timeout as
+    // the store's `within` is.
+    if e.is_timeout() {
+        error.timed_out()
+    } else {
+        error
+    }
 }
 
 /// What kind of failure a Redis error is: Redis (or the Cluster node that

@@ -30,6 +30,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::future::Future;
 use std::sync::LazyLock;
 
 use redis::{Cmd, ErrorKind, FromRedisValue, ServerErrorKind};
@@ -59,6 +60,13 @@ const IMPORT_PART: usize = 2_000;
 const IMPORT_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 /// How many entries or fields one read asks for.
 const PAGE: usize = 1000;
+/// How long a read of the registry is asked again while Redis answers it
+/// later than the store's timeout (the timeout itself, when longer). The
+/// timeout bounds what a request waits for; nothing waits for these reads
+/// but the registry itself, and one of the hundred pages of a large registry
+/// that misses it (a machine busy with other work) would otherwise fail the
+/// whole read: a new instance would start without the shared keys.
+const READ_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A registered API key as the registry keeps it: never its value, only
 /// the value's keyed hash.
@@ -450,8 +458,9 @@ impl RedisStore {
     /// configuration in this order: the tombstones first, so that a value
     /// hash a removed static key held is free for the live key that has it.
     ///
-    /// Read in pages, each bounded by the store's timeout, so Redis is never
-    /// held up by a large registry; changes made meanwhile are read from the
+    /// Read in pages, each bounded by the store's timeout (and asked again
+    /// while Redis answers it late, for up to [`READ_PATIENCE`]), so Redis
+    /// is never held up by a large registry; changes made meanwhile are read from the
     /// log and applied, so the result is the registry as of the version
     /// returned.
     pub(crate) async fn registry_load(&self) -> Result<(u64, Vec<Change>), StoreError> {
@@ -704,10 +713,36 @@ impl Inner {
         }
     }
 
+    /// `read` (a read of the registry, the same when sent twice), asked
+    /// again when Redis does not answer it within the store's timeout,
+    /// until [`READ_PATIENCE`] has passed since it was first asked.
+    async fn registry_reading<T, F>(&self, read: impl Fn() -> F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, StoreError>>,
+    {
+        let started = tokio::time::Instant::now();
+        let patience = self.timeout.max(READ_PATIENCE);
+        loop {
+            match read().await {
+                Err(e) if e.is_timeout() && started.elapsed() < patience => {
+                    tracing::debug!(error = %e, "a read of the key registry is asked again");
+                }
+                reply => return reply,
+            }
+        }
+    }
+
+    /// Runs a plain command that reads the registry (see
+    /// [`registry_reading`](Self::registry_reading)).
+    async fn registry_command<T: FromRedisValue>(&self, cmd: Cmd) -> Result<T, StoreError> {
+        self.registry_reading(|| self.command(cmd.clone())).await
+    }
+
     async fn registry_head(&self) -> Result<Head, StoreError> {
         let head = ["h".to_owned()];
-        let (version, id, last): (u64, String, u64) =
-            self.within(self.registry_eval(&head, Some(&head))).await?;
+        let (version, id, last): (u64, String, u64) = self
+            .registry_reading(|| self.within(self.registry_eval(&head, Some(&head))))
+            .await?;
         Ok(Head {
             version,
             last: (!id.is_empty()).then_some((id, last)),
@@ -728,7 +763,7 @@ impl Inner {
                 .arg("COUNT")
                 .arg(PAGE)
                 .clone();
-            let (next, fields): (String, Fields) = self.command(cmd).await?;
+            let (next, fields): (String, Fields) = self.registry_command(cmd).await?;
             all.extend(fields);
             if next == "0" {
                 return Ok(all);
@@ -747,7 +782,7 @@ impl Inner {
             .arg("COUNT")
             .arg(count)
             .clone();
-        let entries: Vec<(String, Vec<(String, String)>)> = self.command(cmd).await?;
+        let entries: Vec<(String, Vec<(String, String)>)> = self.registry_command(cmd).await?;
         Ok(entries
             .into_iter()
             .map(|(id, fields)| {
@@ -777,7 +812,9 @@ impl Inner {
             // whether Redis went back. A plain `GET`, not the script, so
             // that an idle watcher adds no script call to Redis's counts.
             let [.., version, _, _, _, _] = self.registry_keys();
-            let now: Option<u64> = self.command(redis::cmd("GET").arg(version).clone()).await?;
+            let now: Option<u64> = self
+                .registry_command(redis::cmd("GET").arg(version).clone())
+                .await?;
             if now.unwrap_or(0) < cursor.version {
                 return Ok(None);
             }
