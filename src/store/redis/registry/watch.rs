@@ -10,8 +10,12 @@
 //! the delay well within the second a change may take to arrive. When the
 //! log cannot continue from where the watcher is (the entry it read last is
 //! gone: trimmed, or Redis restarted empty or failed over; a version is
-//! missing or went back) or a read fails, the watcher reads the whole
-//! registry again and delivers it as [`RegistryUpdate::Reload`].
+//! missing or went back), the watcher reads the whole registry again and
+//! delivers it as [`RegistryUpdate::Reload`]. A read that fails (Redis did
+//! not answer, or not in time) leaves the watcher where it was: the log
+//! itself tells, on the next read, whether it still goes on from there, and
+//! reading the whole of a large registry again takes longer than the second
+//! a change may take, with no change arriving meanwhile.
 //!
 //! The watcher keeps the registry as it last read it from Redis. When Redis
 //! holds no registry at all (no version: it restarted empty, or was
@@ -26,6 +30,7 @@ use std::time::Duration;
 
 use super::codec::Logged;
 use super::{Change, Cursor, RegistryUpdate, Restore, State};
+use crate::store::StoreError;
 use crate::store::redis::store::{Inner, RedisStore};
 
 /// How often the log is read.
@@ -37,7 +42,8 @@ pub(super) enum Position {
     /// Told to start after this version, not yet read.
     Start(u64),
     At(Cursor),
-    /// Lost (a read failed, or the log cannot continue): read everything.
+    /// Lost (the log cannot continue from where the watcher was, or a full
+    /// read failed): read everything.
     Lost,
 }
 
@@ -97,11 +103,6 @@ async fn watch(weak: Weak<Inner>, on: Arc<dyn Fn(RegistryUpdate) + Send + Sync>,
             return;
         };
         position = inner.registry_step(position, &mut held, &*on).await;
-        if !matches!(position, Position::Lost)
-            && inner.registry_failing.swap(false, Ordering::AcqRel)
-        {
-            tracing::info!("the key registry is read again");
-        }
         drop(inner);
         tokio::time::sleep(POLL).await;
     }
@@ -109,13 +110,35 @@ async fn watch(weak: Weak<Inner>, on: Arc<dyn Fn(RegistryUpdate) + Send + Sync>,
 
 impl Inner {
     /// One read of the log from `position`: delivers what it finds, and
-    /// returns where the watcher is then.
+    /// returns where the watcher is then: where it was, when a read failed.
     pub(super) async fn registry_step(
         &self,
         position: Position,
         held: &mut Held,
         on: &(dyn Fn(RegistryUpdate) + Send + Sync),
     ) -> Position {
+        match self.registry_try(position, held, on).await {
+            Ok(position) => {
+                if !matches!(position, Position::Lost)
+                    && self.registry_failing.swap(false, Ordering::AcqRel)
+                {
+                    tracing::info!("the key registry is read again");
+                }
+                position
+            }
+            Err((kept, e)) => self.lost(&e, kept),
+        }
+    }
+
+    /// [`registry_step`](Self::registry_step), with a failed read's error
+    /// and the position to keep: the one it started from, unless it had to
+    /// read the whole registry.
+    async fn registry_try(
+        &self,
+        position: Position,
+        held: &mut Held,
+        on: &(dyn Fn(RegistryUpdate) + Send + Sync),
+    ) -> Result<Position, (Position, StoreError)> {
         let mut cursor = match position {
             Position::At(cursor) => cursor,
             Position::Start(version) => match self.registry_head().await {
@@ -127,10 +150,13 @@ impl Inner {
                 Ok(head) if head.version == version => head.cursor(),
                 // Behind the version given: Redis lost changes.
                 Ok(_) => return self.registry_reload(held, on).await,
-                Err(e) => return self.lost(&e),
+                Err(e) => return Err((Position::Start(version), e)),
             },
             Position::Lost => return self.registry_reload(held, on).await,
         };
+        // Read from a copy: a read that fails after some pages delivers
+        // none of them, and the next goes on from here again.
+        let from = cursor.clone();
         match self.registry_read(&mut cursor).await {
             Ok(Some(entries)) => {
                 for e in entries {
@@ -146,13 +172,13 @@ impl Inner {
                         Logged::Reload => return self.registry_reload(held, on).await,
                     }
                 }
-                Position::At(cursor)
+                Ok(Position::At(cursor))
             }
             Ok(None) => {
                 tracing::info!("the key registry's log has a gap; reading it all again");
                 self.registry_reload(held, on).await
             }
-            Err(e) => self.lost(&e),
+            Err(e) => Err((Position::At(from), e)),
         }
     }
 
@@ -163,7 +189,7 @@ impl Inner {
         &self,
         held: &mut Held,
         on: &(dyn Fn(RegistryUpdate) + Send + Sync),
-    ) -> Position {
+    ) -> Result<Position, (Position, StoreError)> {
         if held.version > 0 && !held.state.is_empty() {
             match self.registry_restore(&held.state, held.version).await {
                 Ok(Restore::Present) => {}
@@ -171,7 +197,7 @@ impl Inner {
                     // Another instance writes it back (or imports): this one
                     // keeps serving what it holds and looks again next poll.
                     tracing::debug!("the key registry is being written back to Redis; waiting");
-                    return Position::Lost;
+                    return Ok(Position::Lost);
                 }
                 Ok(Restore::Written(version)) => tracing::warn!(
                     keys = held.state.keys.len(),
@@ -182,7 +208,7 @@ impl Inner {
                     "Redis held no key registry (restarted empty, or flushed): \
                      the registry this instance holds was written back"
                 ),
-                Err(super::RegistryError::Store(e)) => return self.lost(&e),
+                Err(super::RegistryError::Store(e)) => return Err((Position::Lost, e)),
                 Err(e) => tracing::warn!(
                     error = %e,
                     "Redis holds no key registry, and the one this instance holds \
@@ -198,23 +224,24 @@ impl Inner {
                     version: snapshot.cursor.version,
                     all: snapshot.state.into_changes(),
                 });
-                Position::At(snapshot.cursor)
+                Ok(Position::At(snapshot.cursor))
             }
-            Err(e) => self.lost(&e),
+            Err(e) => Err((Position::Lost, e)),
         }
     }
 
     /// A read failed: logged when reads start failing (Redis is down), not
     /// on each of those that follow every [`POLL`] until one succeeds.
-    fn lost(&self, e: &crate::store::StoreError) -> Position {
+    /// Returns `kept`, where the next read starts.
+    fn lost(&self, e: &StoreError, kept: Position) -> Position {
         if self.registry_failing.swap(true, Ordering::AcqRel) {
             tracing::debug!(error = %e, "the key registry could not be read");
         } else {
             tracing::warn!(
                 error = %e,
-                "the key registry could not be read; it will be read again in full"
+                "the key registry could not be read; it will be read again when Redis answers"
             );
         }
-        Position::Lost
+        kept
     }
 }
